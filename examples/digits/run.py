@@ -1,0 +1,70 @@
+"""Digits demo, end to end: train with checkpoints → featurize → fit → top-k helpful/harmful.
+
+    python examples/digits/run.py [--out runs/digits] [--queries 5] [--top-k 5]
+
+Prints, for a few test digits, the most helpful and most harmful training digits with their
+labels and SOURCE scores, and writes a picture of them (``OUT/topk.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import digits  # noqa: E402
+
+import source_proj as sp  # noqa: E402
+from source_proj.report import topk_figure  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/digits", help="directory for the run, the store and the picture")
+    parser.add_argument("--queries", type=int, default=5, help="number of test digits to explain")
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--dim", type=int, default=1024, help="projection dimension k")
+    args = parser.parse_args()
+    torch.set_num_threads(min(4, torch.get_num_threads()))
+    out = Path(args.out)
+    train_set, test_set = digits.load_split()
+
+    t0 = time.perf_counter()
+    model = digits.train(train_set, run_dir=out / "run")
+    acc = (model(test_set.tensors[0]).argmax(1) == test_set.tensors[1]).float().mean()
+    print(f"trained MLP on {len(train_set)} digits: test accuracy {acc:.3f} ({time.perf_counter() - t0:.1f}s)")
+
+    t0 = time.perf_counter()
+    queries = torch.utils.data.Subset(test_set, range(args.queries))
+    result = sp.attribute(out / "run", digits.build_model(), digits.build_task(), train_set, queries,
+                          out / "digits.sp", top_k=args.top_k, projection=sp.ProjectionArguments(dim=args.dim),
+                          options=sp.FeaturizeArguments(batch_size=256))
+    print(f"featurize + fit + query: {time.perf_counter() - t0:.1f}s (store: {out / 'digits.sp'})\n")
+
+    labels = train_set.tensors[1].numpy()
+    for q in range(args.queries):
+        label = int(test_set.tensors[1][q])
+        pred = int(model(test_set.tensors[0][q : q + 1]).argmax())
+        print(f"query {q}: a test '{label}' (predicted {pred})")
+        for kind, ids, scores in (("helpful", result.helpful_ids[q], result.helpful_scores[q]),
+                                  ("harmful", result.harmful_ids[q], result.harmful_scores[q])):
+            cells = "  ".join(f"#{i}:'{labels[i]}' {s:+.2e}" for i, s in zip(ids, scores, strict=True))
+            print(f"  {kind:8s} {cells}")
+    picture = topk_figure(
+        [x.reshape(8, 8).numpy() for x in test_set.tensors[0][: args.queries]],
+        [f"test '{int(y)}'" for y in test_set.tensors[1][: args.queries]],
+        lambda i: train_set.tensors[0][i].reshape(8, 8).numpy(),
+        lambda i: f"'{labels[i]}'",
+        result, out / "topk.png")
+    print(f"\npicture of the top-{args.top_k}: {picture}")
+    print(f"share of helpful examples with the query's label: "
+          f"{np.mean(labels[result.helpful_ids] == test_set.tensors[1][: args.queries, None].numpy()):.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""query: query features at the final checkpoint, scores, and top-k through a FAISS index.
+
+score(q, z) = ⟨q̃, T(z)⟩ with q̃ = P ∇f(q; θ_T) (for SOURCE; a method's ``query`` recipe may use
+several checkpoints, e.g. TracIn). Positive = z helps q. The most helpful examples are the top-k
+of the inner product; the most harmful are the top-k for −q̃.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from .errors import StoreError, TaskError
+from .featurize import default_device
+from .gradients import PerExampleGradients, move_batch
+from .projection import Projector, make_projector
+from .store import Store
+from .task import Task
+from .trajectory import Trajectory
+
+
+def projector_from_meta(meta: dict[str, Any]) -> Projector:
+    """Rebuild the store's projection from its metadata."""
+    desc = meta["projection"]
+    shapes = [(name, tuple(shape)) for name, shape in meta["params"]]
+    projector = make_projector(desc["kind"], shapes, desc.get("dim"), desc.get("seed", 0))
+    if projector.describe() != desc:
+        raise StoreError(
+            f"The store's projection {desc} cannot be rebuilt by this library version (got {projector.describe()}); "
+            "re-create the store with featurize --force."
+        )
+    return projector
+
+
+@dataclass(frozen=True)
+class StageRows:
+    """Where a stage's examples sit among the rows of a method's feature matrix."""
+
+    stage: str
+    offset: int
+    size: int
+
+
+def method_meta(store: Store, method: str) -> dict[str, Any]:
+    """A fitted method's description; refuses a missing or unfinished one."""
+    methods = store.meta.get("methods") or {}
+    if method not in methods:
+        raise StoreError(
+            f"The store at {store.path} has no fitted method {method!r} (it has {sorted(methods)}); run "
+            f"`source-proj fit {store.path}` first."
+        )
+    if not methods[method].get("complete"):
+        raise StoreError(f"Method {method!r} in {store.path} is unfinished; re-run fit to complete it.")
+    return methods[method]
+
+
+def method_rows(store: Store, method: str) -> list[StageRows]:
+    """Row layout (stage, offset, size) of a method's training features, in stage order."""
+    rows, offset = [], 0
+    sizes = {s["name"]: s["dataset_size"] for s in store.meta["trajectory"]["stages"]}
+    for stage in method_meta(store, method)["stages"]:
+        rows.append(StageRows(stage, offset, sizes[stage]))
+        offset += sizes[stage]
+    return rows
+
+
+def train_features(store: Store, method: str = "source") -> np.ndarray:
+    """The cached training features of a method, all attributed stages stacked: float32 ``[N, d]``."""
+    return np.concatenate([store.read(f"methods/{method}/train/{r.stage}") for r in method_rows(store, method)])
+
+
+def _batches(queries: Dataset | Sequence[Any], batch_size: int) -> Iterator[Any]:
+    if isinstance(queries, (tuple, list)) and queries and all(isinstance(t, torch.Tensor) for t in queries):
+        queries = TensorDataset(*queries)
+    yield from DataLoader(queries, batch_size=batch_size, shuffle=False)  # type: ignore[arg-type]
+
+
+class Attributor:
+    """Scores queries against a fitted store; keeps the query model and the index between calls.
+
+    Args:
+        store: a featurized and fitted store (or its path).
+        model: the architecture; the store's final checkpoint is loaded into a copy of it.
+        task: the task the store was featurized with.
+        method: which fitted method to use (``"source"`` by default).
+        trajectory: the run (default: the directory recorded in the store).
+        device: where query gradients are computed.
+        batch_size: queries per gradient batch.
+    """
+
+    def __init__(
+        self,
+        store: Store | str | Path,
+        model: nn.Module,
+        task: Task,
+        *,
+        method: str = "source",
+        trajectory: Trajectory | str | Path | None = None,
+        device: str | None = None,
+        batch_size: int = 64,
+    ) -> None:
+        self.store = store if isinstance(store, Store) else Store.open(store)
+        meta = self.store.meta
+        self.method = method
+        self.recipe = method_meta(self.store, method)["query"]
+        self.rows = method_rows(self.store, method)
+        if trajectory is None:
+            trajectory = meta["trajectory"]["path"]
+        self.trajectory = trajectory if isinstance(trajectory, Trajectory) else Trajectory.load(trajectory)
+        if self.trajectory.fingerprint() != meta["trajectory"]["fingerprint"]:
+            raise StoreError(
+                f"The trajectory at {self.trajectory.path} is not the one the store was featurized from "
+                "(fingerprints differ); pass the original run directory."
+            )
+        self.device = default_device(device)
+        self.model = copy.deepcopy(model).to(self.device)
+        self.task = task
+        names = [name for name, _ in meta["params"]]
+        if task.describe() != meta["task"]:
+            raise TaskError(f"The task {task.describe()} differs from the store's {meta['task']}; use the same task.")
+        params = dict(self.model.named_parameters())
+        mismatched = [n for n, shape in meta["params"] if n not in params or list(params[n].shape) != shape]
+        if mismatched:
+            raise TaskError(
+                f"The model's parameters {mismatched[:3]} do not match the store's; build the same architecture."
+            )
+        self.projector = projector_from_meta(meta)
+        self.param_names = names
+        self.batch_size = batch_size
+        self._index: faiss.Index | None = None
+
+    def query_features(self, queries: Dataset | Sequence[Any]) -> torch.Tensor:
+        """q̃ for every query: float32 ``[Q, d]`` (concatenated over the recipe's checkpoints)."""
+        steps, weights = self.recipe["checkpoints"], self.recipe["weights"]
+        by_step = {c.step: c for c in self.trajectory.checkpoints}
+        parts = []
+        for step, weight in zip(steps, weights, strict=True):
+            self.trajectory.load_into(self.model, by_step[step])
+            grads_fn = PerExampleGradients(self.model, self.task, self.param_names)
+            feats = [self.projector.project(grads_fn(move_batch(b, self.device), "measurement")).cpu()
+                     for b in _batches(queries, self.batch_size)]
+            parts.append(torch.cat(feats) * weight)
+        return torch.cat(parts, dim=1)
+
+    def index(self) -> faiss.Index:
+        """Exact inner-product FAISS index over the training features (built once)."""
+        if self._index is None:
+            feats = np.ascontiguousarray(train_features(self.store, self.method), dtype=np.float32)
+            self._index = faiss.IndexFlatIP(feats.shape[1])
+            self._index.add(feats)
+        return self._index
+
+    def scores(self, queries: Dataset | Sequence[Any]) -> np.ndarray:
+        """The full score matrix ``[Q, N]`` (rows: queries; columns: training rows, see ``rows``)."""
+        q = self.query_features(queries).numpy()
+        return q @ train_features(self.store, self.method).T
+
+    def top_k(self, queries: Dataset | Sequence[Any], k: int = 10) -> QueryResult:
+        """The k most helpful and k most harmful training examples of each query."""
+        q = np.ascontiguousarray(self.query_features(queries).numpy(), dtype=np.float32)
+        return search(self.index(), q, k, self.rows)
+
+
+def search(index: faiss.Index, query_features: np.ndarray, k: int, rows: Sequence[StageRows]) -> QueryResult:
+    """Top-k helpful (largest ⟨q, T⟩) and harmful (smallest) rows of an inner-product index."""
+    k = min(k, index.ntotal)
+    if k < 1:
+        raise TaskError("top-k needs k ≥ 1 and a non-empty index.")
+    help_scores, help_ids = index.search(query_features, k)
+    harm_scores, harm_ids = index.search(-query_features, k)
+    return QueryResult(help_ids, help_scores, harm_ids, -harm_scores, list(rows))
+
+
+@dataclass
+class QueryResult:
+    """Top-k results. ids are rows of the method's feature matrix; ``locate`` maps them to (stage, index).
+
+    Attributes:
+        helpful_ids, helpful_scores: ``[Q, k]``, scores decreasing (most helpful first).
+        harmful_ids, harmful_scores: ``[Q, k]``, scores increasing (most harmful first).
+        rows: stage layout of the feature rows.
+    """
+
+    helpful_ids: np.ndarray
+    helpful_scores: np.ndarray
+    harmful_ids: np.ndarray
+    harmful_scores: np.ndarray
+    rows: list[StageRows]
+
+    def locate(self, row: int) -> tuple[str, int]:
+        """(stage, index within the stage's dataset) of a feature row."""
+        for r in self.rows:
+            if r.offset <= row < r.offset + r.size:
+                return r.stage, row - r.offset
+        raise IndexError(row)
+
+    def records(self) -> list[dict[str, Any]]:
+        """One dict per (query, kind, rank): query, kind, rank, stage, index, score."""
+        out = []
+        for kind, ids, scores in (("helpful", self.helpful_ids, self.helpful_scores),
+                                  ("harmful", self.harmful_ids, self.harmful_scores)):
+            for q in range(ids.shape[0]):
+                for rank in range(ids.shape[1]):
+                    stage, index = self.locate(int(ids[q, rank]))
+                    out.append({"query": q, "kind": kind, "rank": rank + 1, "stage": stage, "index": index,
+                                "score": float(scores[q, rank])})
+        return out
