@@ -95,7 +95,9 @@ def as_stage_datasets(data: Dataset | Mapping[str, Dataset], trajectory: Traject
     for stage in trajectory.stages:
         size = len(data[stage.name])  # type: ignore[arg-type]
         if size == 0:
-            raise TaskError(f"The training dataset of stage {stage.name!r} is empty; pass the data the stage was trained on.")
+            raise TaskError(
+                f"The training dataset of stage {stage.name!r} is empty; pass the data the stage was trained on."
+            )
         if size != stage.dataset_size:
             raise TaskError(
                 f"Stage {stage.name!r} was trained on {stage.dataset_size} examples but its dataset has {size}; "
@@ -165,10 +167,18 @@ def featurize(
         "params": [[n, list(s)] for n, s in shapes],
         "projection": projector.describe(),
         "task": task.describe(),
-        "featurize": {**asdict(options), "device": None, "num_workers": None, "fisher_directions": directions},
-        "trajectory": {"path": str(Path(trajectory.path).resolve()), "fingerprint": trajectory.fingerprint(),
-                       "stages": [asdict(s) for s in trajectory.stages],
-                       "checkpoints": [c.step for c in trajectory.checkpoints]},
+        "featurize": {
+            "chunk_rows": options.chunk_rows,
+            "fisher": options.fisher,
+            "seed": options.seed,
+            "fisher_directions": directions,
+        },
+        "trajectory": {
+            "path": str(Path(trajectory.path).resolve()),
+            "fingerprint": trajectory.fingerprint(),
+            "stages": [asdict(s) for s in trajectory.stages],
+            "checkpoints": [c.step for c in trajectory.checkpoints],
+        },
         "spec": spec,
     }
     store = _open_or_create(store_path, meta, overwrite)
@@ -183,8 +193,12 @@ def featurize(
             gname = f"grads/{stage}/{ckpt_key(ckpt.step)}"
             store.require_array(gname, (n, k), options.chunk_rows, "float32")
             if options.fisher != "empirical":
-                store.require_array(f"fisher/{stage}/{ckpt_key(ckpt.step)}", (n * directions, k),
-                                    options.chunk_rows * directions, "float32")
+                store.require_array(
+                    f"fisher/{stage}/{ckpt_key(ckpt.step)}",
+                    (n * directions, k),
+                    options.chunk_rows * directions,
+                    "float32",
+                )
             pending = store.pending_chunks(gname)
             if options.fisher != "empirical":
                 pending = sorted(set(pending) | set(store.pending_chunks(f"fisher/{stage}/{ckpt_key(ckpt.step)}")))
@@ -201,8 +215,18 @@ def featurize(
         generator = torch.Generator().manual_seed(int(seed.generate_state(1, dtype=np.uint64)[0] >> 1))
         start = chunk * options.chunk_rows
         stop = min(len(datasets[stage]), start + options.chunk_rows)  # type: ignore[arg-type]
-        feats, fisher = _featurize_rows(grads_fn, projector, task, datasets[stage], start, stop, options,
-                                        generator, device, where=f"checkpoint {ckpt.file}, stage {stage!r}")
+        feats, fisher = _featurize_rows(
+            grads_fn,
+            projector,
+            task,
+            datasets[stage],
+            start,
+            stop,
+            options,
+            generator,
+            device,
+            where=f"checkpoint {ckpt.file}, stage {stage!r}",
+        )
         key = ckpt_key(ckpt.step)
         if fisher is not None:
             store.write_chunk(f"fisher/{stage}/{key}", chunk, fisher)
@@ -222,14 +246,17 @@ def _open_or_create(path: str | Path, meta: dict[str, Any], overwrite: bool) -> 
     if overwrite:
         return Store.create(path, meta, overwrite=True)
     raise StoreError(
-        f"The store at {path} was featurized with other {', '.join(differing)}; pass --force (overwrite=True) "
-        "to replace it, or use another store path."
+        f"The store at {path} was featurized with other settings ({', '.join(differing)}); pass --force "
+        "(overwrite=True) to replace it, or use another store path."
     )
 
 
 def _fisher_directions(
-    grads_fn: PerExampleGradients, task: Task, datasets: Mapping[str, Dataset],
-    options: FeaturizeArguments, device: torch.device,
+    grads_fn: PerExampleGradients,
+    task: Task,
+    datasets: Mapping[str, Dataset],
+    options: FeaturizeArguments,
+    device: torch.device,
 ) -> int:
     if options.fisher == "empirical":
         return 0
@@ -254,8 +281,13 @@ def _featurize_rows(
     device: torch.device,
     where: str,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=options.batch_size, shuffle=False,
-                        num_workers=options.num_workers, pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        Subset(dataset, range(start, stop)),
+        batch_size=options.batch_size,
+        shuffle=False,
+        num_workers=options.num_workers,
+        pin_memory=device.type == "cuda",
+    )
     feats, fisher = [], []
     row = start
     for batch in loader:

@@ -53,8 +53,14 @@ def param_sizes(meta: dict[str, Any]) -> dict[str, int]:
 def store_segments(store: Store, args: FitArguments) -> list[Segment]:
     """The segments a fit with ``args`` uses on this store."""
     meta = store.meta
-    return make_segments(trajectory_stages(meta), meta["trajectory"]["checkpoints"], store.read("trajectory/lr"),
-                         param_sizes(meta), per_stage=args.segments_per_stage, boundaries=args.boundaries)
+    return make_segments(
+        trajectory_stages(meta),
+        meta["trajectory"]["checkpoints"],
+        store.read("trajectory/lr"),
+        param_sizes(meta),
+        per_stage=args.segments_per_stage,
+        boundaries=args.boundaries,
+    )
 
 
 def checkpoint_curvature(store: Store, stage: str, step: int) -> torch.Tensor:
@@ -71,8 +77,10 @@ def checkpoint_curvature(store: Store, stage: str, step: int) -> torch.Tensor:
     size = next(s["dataset_size"] for s in meta["trajectory"]["stages"] if s["name"] == stage)
     curvature = total / size
     if not torch.isfinite(curvature).all():
-        raise NumericalError(f"The curvature of checkpoint {ckpt_key(step)} on stage {stage!r} is not finite; "
-                             "re-run featurize --force on that store.")
+        raise NumericalError(
+            f"The curvature of checkpoint {ckpt_key(step)} on stage {stage!r} is not finite; "
+            "re-run featurize --force on that store."
+        )
     return curvature
 
 
@@ -112,9 +120,14 @@ def fit(
     if unknown:
         raise TaskError(f"Unknown stage(s) {unknown}; the trajectory's stages are {stage_names}.")
     segments = store_segments(store, args)
-    description = {"kind": "source", "arguments": asdict(args), "segments": [s.describe() for s in segments],
-                   "stages": attributed, "dim": meta["projection"]["dim"],
-                   "query": {"checkpoints": [meta["trajectory"]["checkpoints"][-1]], "weights": [1.0]}}
+    description = {
+        "kind": "source",
+        "arguments": asdict(args),
+        "segments": [s.describe() for s in segments],
+        "stages": attributed,
+        "dim": meta["projection"]["dim"],
+        "query": {"checkpoints": [meta["trajectory"]["checkpoints"][-1]], "weights": [1.0]},
+    }
     _claim_method(store, args.method, description, overwrite)
 
     operators = segment_operators(store, segments)
@@ -132,14 +145,16 @@ def fit(
         work.extend((stage, chunk) for chunk in store.pending_chunks(name))
     for stage, chunk in tqdm(work, desc="fit", unit="chunk", disable=not progress):
         size = next(s["dataset_size"] for s in meta["trajectory"]["stages"] if s["name"] == stage)
-        store.write_chunk(f"methods/{args.method}/train/{stage}", chunk,
-                          _fold_chunk(store, stage, chunk, size, segments, folded))
+        store.write_chunk(
+            f"methods/{args.method}/train/{stage}", chunk, _fold_chunk(store, stage, chunk, size, segments, folded)
+        )
     _finish_method(store, args.method)
     return store
 
 
-def _fold_chunk(store: Store, stage: str, chunk: int, size: int, segments: Sequence[Segment],
-                folded: Sequence[torch.Tensor]) -> np.ndarray:
+def _fold_chunk(
+    store: Store, stage: str, chunk: int, size: int, segments: Sequence[Segment], folded: Sequence[torch.Tensor]
+) -> np.ndarray:
     total: torch.Tensor | None = None
     for seg, a in zip(segments, folded, strict=True):
         if seg.stage != stage:

@@ -35,8 +35,9 @@ def attribute(
 
     A finished store at ``store_path`` with the same settings is reused as it is.
     """
-    store: Store = featurize(trajectory, model, task, train_data, store_path, projection=projection,
-                             options=options, progress=progress)
+    store: Store = featurize(
+        trajectory, model, task, train_data, store_path, projection=projection, options=options, progress=progress
+    )
     fit(store, fit_args, progress=progress)
     attributor = Attributor(store, model, task, method=fit_args.method, trajectory=trajectory, device=options.device)
     return attributor.top_k(queries, top_k)

@@ -90,8 +90,13 @@ class RademacherProjector(Projector):
         self._cached_bytes = 0
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "rademacher", "dim": self.dim, "seed": self.seed,
-                "block_rows": self.block_rows, "generator": _GENERATOR_ID}
+        return {
+            "kind": "rademacher",
+            "dim": self.dim,
+            "seed": self.seed,
+            "block_rows": self.block_rows,
+            "generator": _GENERATOR_ID,
+        }
 
     def signs(self, block: int) -> np.ndarray:
         """The ±1 signs of block ``block`` as int8 ``[rows, k]`` (rows of Pᵀ, before 1/√k)."""
@@ -159,9 +164,7 @@ class IdentityProjector(Projector):
         return torch.cat([grads[name].reshape(batch, size).float() for name, _, size in self.spans], dim=1)
 
 
-def make_projector(
-    kind: str, shapes: Sequence[tuple[str, Sequence[int]]], dim: int | None, seed: int
-) -> Projector:
+def make_projector(kind: str, shapes: Sequence[tuple[str, Sequence[int]]], dim: int | None, seed: int) -> Projector:
     """Build a projector from its kind (``"rademacher"`` or ``"identity"``)."""
     if kind == "identity":
         return IdentityProjector(shapes)

@@ -146,8 +146,10 @@ class Attributor:
         for step, weight in zip(steps, weights, strict=True):
             self.trajectory.load_into(self.model, by_step[step])
             grads_fn = PerExampleGradients(self.model, self.task, self.param_names)
-            feats = [self.projector.project(grads_fn(move_batch(b, self.device), "measurement")).cpu()
-                     for b in _batches(queries, self.batch_size)]
+            feats = [
+                self.projector.project(grads_fn(move_batch(b, self.device), "measurement")).cpu()
+                for b in _batches(queries, self.batch_size)
+            ]
             parts.append(torch.cat(feats) * weight)
         return torch.cat(parts, dim=1)
 
@@ -206,11 +208,21 @@ class QueryResult:
     def records(self) -> list[dict[str, Any]]:
         """One dict per (query, kind, rank): query, kind, rank, stage, index, score."""
         out = []
-        for kind, ids, scores in (("helpful", self.helpful_ids, self.helpful_scores),
-                                  ("harmful", self.harmful_ids, self.harmful_scores)):
+        for kind, ids, scores in (
+            ("helpful", self.helpful_ids, self.helpful_scores),
+            ("harmful", self.harmful_ids, self.harmful_scores),
+        ):
             for q in range(ids.shape[0]):
                 for rank in range(ids.shape[1]):
                     stage, index = self.locate(int(ids[q, rank]))
-                    out.append({"query": q, "kind": kind, "rank": rank + 1, "stage": stage, "index": index,
-                                "score": float(scores[q, rank])})
+                    out.append(
+                        {
+                            "query": q,
+                            "kind": kind,
+                            "rank": rank + 1,
+                            "stage": stage,
+                            "index": index,
+                            "score": float(scores[q, rank]),
+                        }
+                    )
         return out

@@ -35,17 +35,20 @@ def topk_figure(
     fig, axes = plt.subplots(queries, 2 * k + 1, figsize=(1.3 * (2 * k + 1), 1.5 * queries), squeeze=False)
     for q in range(queries):
         cells = [(query_images[q], query_titles[q], "black")]
-        cells += [(train_image(int(i)), f"{train_title(int(i))}\n{s:+.1e}", "green")
-                  for i, s in zip(result.helpful_ids[q], result.helpful_scores[q], strict=True)]
-        cells += [(train_image(int(i)), f"{train_title(int(i))}\n{s:+.1e}", "red")
-                  for i, s in zip(result.harmful_ids[q], result.harmful_scores[q], strict=True)]
+        cells += [
+            (train_image(int(i)), f"{train_title(int(i))}\n{s:+.1e}", "green")
+            for i, s in zip(result.helpful_ids[q], result.helpful_scores[q], strict=True)
+        ]
+        cells += [
+            (train_image(int(i)), f"{train_title(int(i))}\n{s:+.1e}", "red")
+            for i, s in zip(result.harmful_ids[q], result.harmful_scores[q], strict=True)
+        ]
         for ax, (image, title, colour) in zip(axes[q], cells, strict=True):
             ax.imshow(image, cmap="gray_r" if image.ndim == 2 else None)
             ax.set_title(title, fontsize=7, color=colour)
             ax.set_xticks([])
             ax.set_yticks([])
-    axes[0][1].annotate("most helpful →", (0, 1.45), xycoords="axes fraction", fontsize=8, color="green")
-    axes[0][k + 1].annotate("most harmful →", (0, 1.45), xycoords="axes fraction", fontsize=8, color="red")
+    fig.suptitle("query  |  most helpful (green, score > 0)  |  most harmful (red, score < 0)", fontsize=9)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ is merged into the next segment of its stage (the previous one for the last), wi
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -50,9 +51,14 @@ class Segment:
         return self.mean_lr * self.num_steps
 
     def describe(self) -> dict[str, Any]:
-        return {"stage": self.stage, "start_step": self.start_step, "end_step": self.end_step,
-                "checkpoints": list(self.checkpoints), "mean_lr": self.mean_lr,
-                "weight_decay": self.weight_decay}
+        return {
+            "stage": self.stage,
+            "start_step": self.start_step,
+            "end_step": self.end_step,
+            "checkpoints": list(self.checkpoints),
+            "mean_lr": self.mean_lr,
+            "weight_decay": self.weight_decay,
+        }
 
 
 def sgd_settings(stage: Stage, param_sizes: Mapping[str, int]) -> tuple[float, float]:
@@ -116,15 +122,23 @@ def make_segments(
             parts = min(per_stage, end - start)
             cuts = sorted({start + round(i * (end - start) / parts) for i in range(1, parts)})
         edges = [start, *cuts, end]
-        ranges = [(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+        ranges = [(a, b) for a, b in itertools.pairwise(edges) if b > a]
         members = [[s for s in checkpoint_steps if a <= s < b] for a, b in ranges]
         if not members[-1] and end in checkpoint_steps:
             members[-1].append(end)
         ranges, members = _merge_empty(stage.name, ranges, members)
         factor, decay = sgd_settings(stage, param_sizes)
         for (a, b), ckpts in zip(ranges, members, strict=True):
-            segments.append(Segment(stage=stage.name, start_step=a, end_step=b, checkpoints=tuple(ckpts),
-                                    mean_lr=factor * float(np.mean(lr[a:b])), weight_decay=decay))
+            segments.append(
+                Segment(
+                    stage=stage.name,
+                    start_step=a,
+                    end_step=b,
+                    checkpoints=tuple(ckpts),
+                    mean_lr=factor * float(np.mean(lr[a:b])),
+                    weight_decay=decay,
+                )
+            )
     if not segments:
         raise TrajectoryError("The trajectory has no optimiser steps to attribute through.")
     return segments

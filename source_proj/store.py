@@ -51,7 +51,8 @@ class Store:
         """Create a new store; an existing one is refused unless ``overwrite``."""
         if _exists(path) and not overwrite:
             raise StoreError(
-                f"A store already exists at {path}; pass --force (overwrite=True) to replace it, or choose another path."
+                f"A store already exists at {path}; pass --force (overwrite=True) to replace it, "
+                "or choose another path."
             )
         group = zarr.open_group(str(path), mode="w")
         group.attrs["source_proj"] = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
@@ -65,10 +66,14 @@ class Store:
         try:
             group = zarr.open_group(str(path), mode="r+" if writable else "r")
         except Exception as err:
-            raise StoreError(f"{path} is not a readable zarr store ({err}); re-create it with featurize --force.") from err
+            raise StoreError(
+                f"{path} is not a readable zarr store ({err}); re-create it with featurize --force."
+            ) from err
         meta = group.attrs.get("source_proj")
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise StoreError(f"{path} is a zarr group but not a source-proj store; point to a store written by featurize.")
+            raise StoreError(
+                f"{path} is a zarr group but not a source-proj store; point to a store written by featurize."
+            )
         if meta.get("format_version") != FORMAT_VERSION:
             raise StoreError(
                 f"{path} was written in store format {meta.get('format_version')} but this library reads format "
@@ -98,7 +103,9 @@ class Store:
         try:
             arr = self.group[name]
         except KeyError as err:
-            raise StoreError(f"The store at {self.path} has no array {name!r}; run the step that writes it first.") from err
+            raise StoreError(
+                f"The store at {self.path} has no array {name!r}; run the step that writes it first."
+            ) from err
         if not isinstance(arr, zarr.Array):
             raise StoreError(f"{name!r} in {self.path} is a group, not an array.")
         return arr
@@ -114,8 +121,7 @@ class Store:
                 )
             return arr
         chunks = (max(1, min(chunk_rows, shape[0])), *shape[1:])
-        return self.group.create_array(name, shape=shape, chunks=chunks, dtype=dtype,
-                                       compressors=None, fill_value=0)
+        return self.group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=None, fill_value=0)
 
     def delete(self, name: str) -> None:
         """Remove an array or group (and its progress entries) if present."""
@@ -129,8 +135,9 @@ class Store:
         key = f"progress/{name}"
         if self.has(key):
             return self.array(key)
-        return self.group.create_array(key, shape=(num_chunks, 2), chunks=(1, 2), dtype="uint32",
-                                       compressors=None, fill_value=0)
+        return self.group.create_array(
+            key, shape=(num_chunks, 2), chunks=(1, 2), dtype="uint32", compressors=None, fill_value=0
+        )
 
     def pending_chunks(self, name: str) -> list[int]:
         """Row chunks of array ``name`` not yet marked complete."""
@@ -147,7 +154,9 @@ class Store:
         stop = min(arr.shape[0], start + rows)
         values = np.ascontiguousarray(values, dtype=arr.dtype)
         if values.shape != (stop - start, *arr.shape[1:]):
-            raise ValueError(f"chunk {chunk} of {name} needs shape {(stop - start, *arr.shape[1:])}, got {values.shape}")
+            raise ValueError(
+                f"chunk {chunk} of {name} needs shape {(stop - start, *arr.shape[1:])}, got {values.shape}"
+            )
         arr[start:stop] = values
         num_chunks = -(-arr.shape[0] // rows)
         self._progress(name, num_chunks)[chunk] = np.array([1, zlib.crc32(values.tobytes())], dtype=np.uint32)

@@ -132,8 +132,11 @@ class Task(ABC):
 
     def describe(self) -> dict[str, Any]:
         """JSON-serialisable identity of the task, stored in the store's metadata."""
-        return {"name": self.name, "class": f"{type(self).__module__}.{type(self).__qualname__}",
-                "parameters": self.parameters.describe()}
+        return {
+            "name": self.name,
+            "class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "parameters": self.parameters.describe(),
+        }
 
 
 def _replace_target(batch: Batch, target: Tensor) -> Batch:
@@ -185,10 +188,7 @@ class ClassificationTask(Task):
             sampled = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1)
             return [(torch.ones_like(probs[:, 0]), _replace_target(batch, sampled.to(outputs.device)))]
         classes = probs.shape[-1]
-        return [
-            (probs[:, c], _replace_target(batch, torch.full_like(batch[1], c)))
-            for c in range(classes)
-        ]
+        return [(probs[:, c], _replace_target(batch, torch.full_like(batch[1], c))) for c in range(classes)]
 
 
 @dataclass
@@ -223,4 +223,3 @@ class RegressionTask(Task):
         else:
             shift = torch.full_like(pred, 1.0 / math.sqrt(2.0))
         return [(torch.ones_like(pred), _replace_target(batch, pred - shift))]
-

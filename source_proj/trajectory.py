@@ -80,8 +80,7 @@ def describe_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> di
     keys = ("momentum", "dampening", "nesterov", "weight_decay", "betas", "eps", "amsgrad")
     groups = []
     for group in optimizer.param_groups:
-        entry: dict[str, Any] = {"params": [names.get(id(p), "?") for p in group["params"]],
-                                 "lr": float(group["lr"])}
+        entry: dict[str, Any] = {"params": [names.get(id(p), "?") for p in group["params"]], "lr": float(group["lr"])}
         for key in keys:
             if key in group:
                 value = group[key]
@@ -169,9 +168,7 @@ class TrajectoryRecorder:
         self._checkpoints: list[dict[str, Any]] = []
         self._complete = False
 
-    def begin_stage(
-        self, name: str, dataset_size: int, optimizer: torch.optim.Optimizer | None = None
-    ) -> None:
+    def begin_stage(self, name: str, dataset_size: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Start a stage trained on ``dataset_size`` examples; ends the previous one."""
         if self._stages and self._stages[-1]["end_step"] is None:
             self.end_stage()
@@ -181,9 +178,15 @@ class TrajectoryRecorder:
             raise TrajectoryError(f"Stage {name!r} needs a positive dataset size, not {dataset_size}.")
         if optimizer is not None:
             self.optimizer = optimizer
-        self._stages.append({"name": name, "start_step": self.global_step, "end_step": None,
-                             "dataset_size": int(dataset_size),
-                             "optimizer": describe_optimizer(self.optimizer, self.model)})
+        self._stages.append(
+            {
+                "name": name,
+                "start_step": self.global_step,
+                "end_step": None,
+                "dataset_size": int(dataset_size),
+                "optimizer": describe_optimizer(self.optimizer, self.model),
+            }
+        )
         self._save()
 
     def step(self) -> None:
@@ -198,7 +201,9 @@ class TrajectoryRecorder:
             )
         lr = rates.pop()
         if not math.isfinite(lr) or lr < 0:
-            raise TrajectoryError(f"Step {self.global_step} used learning rate {lr}; it must be finite and non-negative.")
+            raise TrajectoryError(
+                f"Step {self.global_step} used learning rate {lr}; it must be finite and non-negative."
+            )
         self._lr.append(lr)
         self.global_step += 1
         if self.global_step % self.save_every == 0:
@@ -244,13 +249,25 @@ class TrajectoryRecorder:
             buffer.seek(0)
             data = buffer.read()
         _atomic_write_bytes(path, data)
-        self._checkpoints.append({"step": self.global_step, "file": rel,
-                                  "sha256": hashlib.sha256(data).hexdigest(), "optimizer_state": save_opt})
+        self._checkpoints.append(
+            {
+                "step": self.global_step,
+                "file": rel,
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "optimizer_state": save_opt,
+            }
+        )
         self._write_index()
 
     def _write_index(self) -> None:
-        index = {"format": FORMAT, "version": VERSION, "complete": self._complete, "lr": self._lr,
-                 "stages": self._stages, "checkpoints": self._checkpoints}
+        index = {
+            "format": FORMAT,
+            "version": VERSION,
+            "complete": self._complete,
+            "lr": self._lr,
+            "stages": self._stages,
+            "checkpoints": self._checkpoints,
+        }
         _atomic_write_bytes(self.run_dir / "trajectory.json", json.dumps(index, indent=1).encode())
 
 
@@ -280,7 +297,9 @@ class Trajectory:
         try:
             index = json.loads(index_file.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise TrajectoryError(f"{index_file} is not readable JSON ({err}); restore it from the training run.") from err
+            raise TrajectoryError(
+                f"{index_file} is not readable JSON ({err}); restore it from the training run."
+            ) from err
         _validate_index(index, index_file)
         return cls(path, index)
 
@@ -336,8 +355,10 @@ class Trajectory:
         return iter(self.checkpoints)
 
     def __repr__(self) -> str:
-        return (f"Trajectory({str(self.path)!r}, steps={self.num_steps}, stages={[s.name for s in self.stages]}, "
-                f"checkpoints={len(self.checkpoints)}, complete={self.complete})")
+        return (
+            f"Trajectory({str(self.path)!r}, steps={self.num_steps}, stages={[s.name for s in self.stages]}, "
+            f"checkpoints={len(self.checkpoints)}, complete={self.complete})"
+        )
 
 
 def _validate_index(index: Any, where: Path) -> None:

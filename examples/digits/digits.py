@@ -46,6 +46,15 @@ def load_split(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
     return TensorDataset(x[:cut], y[:cut]), TensorDataset(x[cut:], y[cut:])
 
 
+def raw_images(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The unstandardised 8×8 images in the order of ``load_split``: (train, test)."""
+    digits = load_digits()
+    order = torch.randperm(len(digits.target), generator=torch.Generator().manual_seed(seed)).numpy()
+    images = digits.images[order]
+    cut = int(0.8 * len(order))
+    return images[:cut], images[cut:]
+
+
 def build_model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
@@ -82,8 +91,7 @@ def train(
     """
     x, y = data.tensors
     model = build_model(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                          weight_decay=config.weight_decay)
+    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     n = len(y)
     mask = torch.ones(n, dtype=torch.bool)
@@ -94,8 +102,9 @@ def train(
     recorder = None
     if run_dir is not None:
         total = steps_per_epoch * config.epochs
-        recorder = TrajectoryRecorder(run_dir, model, opt, save_every=max(1, total // config.checkpoints),
-                                      overwrite=True)
+        recorder = TrajectoryRecorder(
+            run_dir, model, opt, save_every=max(1, total // config.checkpoints), overwrite=True
+        )
         recorder.begin_stage("main", dataset_size=int(mask.sum()))
     for _ in range(config.epochs):
         order = torch.randperm(n, generator=gen)

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import digits  # noqa: E402
+import digits
 
-import source_proj as sp  # noqa: E402
-from source_proj.report import topk_figure  # noqa: E402
+import source_proj as sp
+from source_proj.report import topk_figure
 
 
 def main() -> None:
@@ -41,9 +41,17 @@ def main() -> None:
 
     t0 = time.perf_counter()
     queries = torch.utils.data.Subset(test_set, range(args.queries))
-    result = sp.attribute(out / "run", digits.build_model(), digits.build_task(), train_set, queries,
-                          out / "digits.sp", top_k=args.top_k, projection=sp.ProjectionArguments(dim=args.dim),
-                          options=sp.FeaturizeArguments(batch_size=256))
+    result = sp.attribute(
+        out / "run",
+        digits.build_model(),
+        digits.build_task(),
+        train_set,
+        queries,
+        out / "digits.sp",
+        top_k=args.top_k,
+        projection=sp.ProjectionArguments(dim=args.dim),
+        options=sp.FeaturizeArguments(batch_size=256),
+    )
     print(f"featurize + fit + query: {time.perf_counter() - t0:.1f}s (store: {out / 'digits.sp'})\n")
 
     labels = train_set.tensors[1].numpy()
@@ -51,19 +59,26 @@ def main() -> None:
         label = int(test_set.tensors[1][q])
         pred = int(model(test_set.tensors[0][q : q + 1]).argmax())
         print(f"query {q}: a test '{label}' (predicted {pred})")
-        for kind, ids, scores in (("helpful", result.helpful_ids[q], result.helpful_scores[q]),
-                                  ("harmful", result.harmful_ids[q], result.harmful_scores[q])):
+        for kind, ids, scores in (
+            ("helpful", result.helpful_ids[q], result.helpful_scores[q]),
+            ("harmful", result.harmful_ids[q], result.harmful_scores[q]),
+        ):
             cells = "  ".join(f"#{i}:'{labels[i]}' {s:+.2e}" for i, s in zip(ids, scores, strict=True))
             print(f"  {kind:8s} {cells}")
+    train_images, test_images = digits.raw_images()
     picture = topk_figure(
-        [x.reshape(8, 8).numpy() for x in test_set.tensors[0][: args.queries]],
+        list(test_images[: args.queries]),
         [f"test '{int(y)}'" for y in test_set.tensors[1][: args.queries]],
-        lambda i: train_set.tensors[0][i].reshape(8, 8).numpy(),
+        lambda i: train_images[i],
         lambda i: f"'{labels[i]}'",
-        result, out / "topk.png")
+        result,
+        out / "topk.png",
+    )
     print(f"\npicture of the top-{args.top_k}: {picture}")
-    print(f"share of helpful examples with the query's label: "
-          f"{np.mean(labels[result.helpful_ids] == test_set.tensors[1][: args.queries, None].numpy()):.2f}")
+    print(
+        f"share of helpful examples with the query's label: "
+        f"{np.mean(labels[result.helpful_ids] == test_set.tensors[1][: args.queries, None].numpy()):.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,80 @@
+"""Experiment specs: a Python file that tells the CLI how to build the model, task and data.
+
+A spec file defines::
+
+    def build_model() -> torch.nn.Module          # the architecture (weights come from checkpoints)
+    def build_task() -> source_proj.Task
+    def train_data(stage: str) -> Dataset         # the stage's training set, in training order
+    def query_data() -> Dataset                   # examples to explain (for `source-proj query`)
+    def describe(stage: str, index: int) -> str   # optional: a short text for a training example
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from torch import nn
+from torch.utils.data import Dataset
+
+from .errors import TaskError
+from .task import Task
+
+_REQUIRED = ("build_model", "build_task", "train_data")
+
+
+@dataclass
+class Spec:
+    """A loaded spec file (see the module docstring)."""
+
+    path: Path
+    module: ModuleType
+
+    def build_model(self) -> nn.Module:
+        return self.module.build_model()
+
+    def build_task(self) -> Task:
+        task = self.module.build_task()
+        if not isinstance(task, Task):
+            raise TaskError(f"build_task() in {self.path} returned {type(task).__name__}, not a source_proj.Task.")
+        return task
+
+    def train_data(self, stage: str) -> Dataset:
+        return self.module.train_data(stage)
+
+    def query_data(self) -> Dataset:
+        if not hasattr(self.module, "query_data"):
+            raise TaskError(f"{self.path} defines no query_data(); add one returning the examples to explain.")
+        return self.module.query_data()
+
+    def describe(self, stage: str, index: int) -> str:
+        fn: Any = getattr(self.module, "describe", None)
+        return "" if fn is None else str(fn(stage, index))
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Import a spec file by path; refuses a missing file or one without the required functions."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise TaskError(
+            f"Spec file {path} does not exist; pass the path of a Python file defining {', '.join(_REQUIRED)}."
+        )
+    name = f"source_proj_spec_{abs(hash(str(path)))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise TaskError(f"{path} cannot be imported as Python; pass a .py spec file.")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent))
+    try:
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    missing = [f for f in _REQUIRED if not callable(getattr(module, f, None))]
+    if missing:
+        raise TaskError(f"Spec file {path} does not define {', '.join(missing)}; see `source-proj featurize --help`.")
+    return Spec(path, module)

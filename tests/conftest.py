@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny models, data and recorded trajectories."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from source_proj import TrajectoryRecorder
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples" / "digits"))
+
+torch.set_num_threads(2)
+
+
+def full_batch_run(
+    run_dir: Path,
+    model: nn.Module,
+    data: TensorDataset,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    lr: float,
+    steps: int,
+    save_every: int = 1,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+) -> nn.Module:
+    """Full-batch SGD on ``data`` with the recorder (checkpoints at 0, save_every, …, steps)."""
+    x, y = data.tensors
+    opt = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=weight_decay, momentum=momentum)
+    rec = TrajectoryRecorder(run_dir, model, opt, save_every=save_every)
+    rec.begin_stage("main", dataset_size=len(y))
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn(model(x), y).mean().backward()
+        opt.step()
+        rec.step()
+    rec.close()
+    return model
+
+
+@pytest.fixture
+def regression_data() -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 3, generator=g)
+    y = x @ torch.tensor([1.0, -2.0, 0.5]) + 0.3 * torch.randn(12, generator=g)
+    return TensorDataset(x, y)
+
+
+@pytest.fixture
+def classification_data() -> TensorDataset:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(30, 4, generator=g)
+    y = torch.randint(0, 3, (30,), generator=g)
+    return TensorDataset(x, y)

@@ -1,0 +1,130 @@
+"""The CLI runs featurize → fit → query → info and turns library errors into one-line messages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from source_proj.cli.main import main
+
+import source_proj as sp
+
+from .conftest import full_batch_run
+
+SPEC = """
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+import source_proj as sp
+
+def _data(seed):
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(40, 5, generator=g), torch.randint(0, 3, (40,), generator=g))
+
+def build_model():
+    return nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+
+def build_task():
+    return sp.ClassificationTask()
+
+def train_data(stage):
+    return _data(0)
+
+def query_data():
+    return _data(1)
+
+def describe(stage, index):
+    return f"label {int(_data(0).tensors[1][index])}"
+"""
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> tuple[Path, Path]:
+    spec = tmp_path / "spec.py"
+    spec.write_text(SPEC)
+    module = sp.spec.load_spec(spec)
+    torch.manual_seed(0)
+    full_batch_run(
+        tmp_path / "run",
+        module.build_model(),
+        module.train_data("main"),
+        lambda o, t: F.cross_entropy(o, t, reduction="none"),
+        lr=0.2,
+        steps=12,
+        save_every=3,
+    )
+    return tmp_path / "run", spec
+
+
+def test_featurize_fit_query_info(tmp_path: Path, run: tuple[Path, Path]) -> None:
+    run_dir, spec = run
+    store = tmp_path / "s.sp"
+    cli = CliRunner()
+    out = cli.invoke(
+        main,
+        [
+            "featurize",
+            "--ckpts",
+            str(run_dir),
+            "--spec",
+            str(spec),
+            "--out",
+            str(store),
+            "--dim",
+            "16",
+            "--batch-size",
+            "8",
+            "--chunk-rows",
+            "16",
+        ],
+    )
+    assert out.exit_code == 0, out.output
+    out = cli.invoke(main, ["fit", str(store), "--segments", "2"])
+    assert out.exit_code == 0, out.output
+    assert "segment main steps [0, 6)" in out.output and "segment main steps [6, 12)" in out.output
+    out = cli.invoke(
+        main, ["query", str(store), "--queries", "0:4", "--top-k", "3", "--out", str(tmp_path / "r.jsonl")]
+    )
+    assert out.exit_code == 0, out.output
+    assert "query 0" in out.output and "label" in out.output
+    rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 * 2 * 3
+    spec_module = sp.spec.load_spec(spec)
+    scores = sp.Attributor(store, spec_module.build_model(), spec_module.build_task()).scores(
+        torch.utils.data.Subset(spec_module.query_data(), range(4))
+    )
+    for row in rows:
+        assert np.isclose(row["score"], scores[row["query"], row["index"]], rtol=1e-4, atol=1e-7)
+        if row["kind"] == "helpful" and row["rank"] == 1:
+            assert row["index"] == int(np.argmax(scores[row["query"]]))
+    out = cli.invoke(main, ["query", str(store), "--queries", "1", "--top-k", "2", "--out", str(tmp_path / "r.csv")])
+    assert out.exit_code == 0 and (tmp_path / "r.csv").read_text().startswith("query,kind,rank,stage,index,score")
+    out = cli.invoke(main, ["info", str(store), "--json"])
+    summary = json.loads(out.output)
+    assert (
+        summary["projection"]["dim"] == 16 and summary["featurized_chunks"] == "15/15"
+    )  # 5 checkpoints × ⌈40/16⌉ chunks
+    assert summary["methods"]["source"]["complete"] is True
+
+
+def test_errors_are_one_line_messages(tmp_path: Path, run: tuple[Path, Path]) -> None:
+    run_dir, spec = run
+    cli = CliRunner()
+    out = cli.invoke(main, ["fit", str(tmp_path / "missing.sp")])
+    assert out.exit_code == 1 and out.output.startswith("Error: No store at") and "Traceback" not in out.output
+    out = cli.invoke(
+        main, ["featurize", "--ckpts", str(tmp_path / "nope"), "--spec", str(spec), "--out", str(tmp_path / "s.sp")]
+    )
+    assert out.exit_code == 1 and "is not a directory" in out.output
+    store = tmp_path / "s.sp"
+    args = ["featurize", "--ckpts", str(run_dir), "--spec", str(spec), "--out", str(store), "--dim", "16"]
+    assert cli.invoke(main, args).exit_code == 0
+    out = cli.invoke(main, [*args[:-1], "8"])
+    assert out.exit_code == 1 and "other settings (projection)" in out.output and "--force" in out.output
+    assert cli.invoke(main, [*args[:-1], "8", "--force"]).exit_code == 0
+    assert sp.Store.open(store).meta["projection"]["dim"] == 8

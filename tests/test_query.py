@@ -1,0 +1,106 @@
+"""Query: FAISS top-k agrees with brute force on the score matrix; results locate the right rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import source_proj as sp
+from source_proj.query import StageRows, search
+
+from .conftest import full_batch_run
+
+
+def test_faiss_top_k_equals_a_brute_force_sort() -> None:
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((500, 16)).astype(np.float32)
+    queries = rng.standard_normal((7, 16)).astype(np.float32)
+    index = faiss.IndexFlatIP(16)
+    index.add(feats)
+    result = search(index, queries, 10, [StageRows("a", 0, 200), StageRows("b", 200, 300)])
+    scores = queries @ feats.T
+    order = np.argsort(-scores, axis=1)
+    assert np.array_equal(result.helpful_ids, order[:, :10])
+    assert np.array_equal(result.harmful_ids, order[:, ::-1][:, :10])
+    assert np.allclose(result.helpful_scores, np.take_along_axis(scores, order[:, :10], 1), rtol=1e-5)
+    assert np.allclose(result.harmful_scores, np.take_along_axis(scores, order[:, ::-1][:, :10], 1), rtol=1e-5)
+    assert result.locate(199) == ("a", 199) and result.locate(200) == ("b", 0)
+    records = result.records()
+    assert len(records) == 2 * 7 * 10
+    assert records[0]["kind"] == "helpful" and records[0]["rank"] == 1
+
+
+def test_top_k_through_the_pipeline_matches_the_score_matrix(tmp_path: Path, classification_data) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    full_batch_run(
+        tmp_path / "run",
+        model,
+        classification_data,
+        lambda o, t: F.cross_entropy(o, t, reduction="none"),
+        lr=0.1,
+        steps=30,
+        save_every=5,
+    )
+    queries = TensorDataset(
+        torch.randn(6, 4, generator=torch.Generator().manual_seed(2)), torch.tensor([0, 1, 2, 0, 1, 2])
+    )
+    arch = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    sp.featurize(
+        tmp_path / "run",
+        arch,
+        sp.ClassificationTask(),
+        classification_data,
+        tmp_path / "s.sp",
+        projection=sp.ProjectionArguments(dim=32),
+        options=sp.FeaturizeArguments(batch_size=7, chunk_rows=9),
+        progress=False,
+    )
+    sp.fit(tmp_path / "s.sp", progress=False)
+    attributor = sp.Attributor(tmp_path / "s.sp", arch, sp.ClassificationTask())
+    scores = attributor.scores(queries)
+    result = attributor.top_k(queries, 5)
+    assert scores.shape == (6, 30)
+    assert np.array_equal(result.helpful_ids, np.argsort(-scores, axis=1)[:, :5])
+    assert np.array_equal(result.harmful_ids, np.argsort(scores, axis=1)[:, :5])
+    # a query batch given as tensors gives the same features as the dataset
+    assert torch.allclose(attributor.query_features(queries.tensors), attributor.query_features(queries))
+
+
+def test_top_k_larger_than_the_training_set_returns_every_example() -> None:
+    index = faiss.IndexFlatIP(2)
+    index.add(np.eye(2, dtype=np.float32))
+    result = search(index, np.ones((1, 2), dtype=np.float32), 50, [StageRows("a", 0, 2)])
+    assert result.helpful_ids.shape == (1, 2)
+
+
+def test_a_store_without_a_fitted_method_is_refused(tmp_path: Path, classification_data) -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    full_batch_run(
+        tmp_path / "run",
+        model,
+        classification_data,
+        lambda o, t: F.cross_entropy(o, t, reduction="none"),
+        lr=0.1,
+        steps=4,
+        save_every=2,
+    )
+    sp.featurize(
+        tmp_path / "run",
+        nn.Linear(4, 3),
+        sp.ClassificationTask(),
+        classification_data,
+        tmp_path / "s.sp",
+        projection=sp.ProjectionArguments(dim=8),
+        progress=False,
+    )
+    with pytest.raises(sp.StoreError, match="no fitted method 'source'"):
+        sp.Attributor(tmp_path / "s.sp", nn.Linear(4, 3), sp.ClassificationTask())

@@ -1,0 +1,94 @@
+"""Tasks: margins, parameter selection and Fisher targets whose expectation is the Gauss–Newton matrix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev
+
+import source_proj as sp
+from source_proj.gradients import PerExampleGradients
+
+
+def test_margin_is_correct_logit_minus_logsumexp_of_the_others() -> None:
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+    labels = torch.tensor([0, 1])
+    margin = sp.ClassificationTask().measurement(logits, (None, labels))
+    expected = torch.tensor(
+        [2.0 - torch.logsumexp(torch.tensor([0.0, -1.0]), 0), 0.5 - torch.logsumexp(torch.tensor([0.5, 3.0]), 0)]
+    )
+    assert torch.allclose(margin, expected)
+
+
+def test_labels_out_of_range_are_named() -> None:
+    with pytest.raises(sp.TaskError, match=r"lie in \[0, 2\].*from 0 to 5"):
+        sp.ClassificationTask().loss(torch.zeros(2, 3), (None, torch.tensor([0, 5])))
+
+
+def test_parameter_selection_by_pattern_and_module_type() -> None:
+    model = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    assert sp.ParameterSelection().select(model) == [
+        "0.weight",
+        "1.weight",
+        "1.bias",
+        "2.weight",
+        "2.bias",
+        "3.weight",
+        "3.bias",
+    ]
+    assert sp.ParameterSelection(skip_norm=True, skip_embedding=True).select(model) == [
+        "1.weight",
+        "1.bias",
+        "3.weight",
+        "3.bias",
+    ]
+    assert sp.ParameterSelection(include=("*.weight",), exclude=("0.*",)).select(model) == [
+        "1.weight",
+        "2.weight",
+        "3.weight",
+    ]
+    with pytest.raises(sp.TaskError, match="keeps no trainable parameter"):
+        sp.ParameterSelection(include=("nothing",)).select(model)
+
+
+@pytest.mark.parametrize("task", [sp.ClassificationTask(), sp.RegressionTask()], ids=["classification", "regression"])
+def test_exact_fisher_targets_give_the_gauss_newton_matrix(task: sp.Task) -> None:
+    torch.manual_seed(0)
+    outputs = 3 if isinstance(task, sp.ClassificationTask) else 1
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, outputs)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,)) if outputs == 3 else torch.randn(5, dtype=torch.float64)
+    batch = (x, y)
+    grads = PerExampleGradients(model, task, sp.ParameterSelection().select(model))
+    flat = lambda g: torch.cat([v.reshape(v.shape[0], -1) for v in g.values()], dim=1)  # noqa: E731
+    fisher = sum(
+        flat(grads(b, "loss")).T @ (w[:, None] * flat(grads(b, "loss")))
+        for w, b in task.fisher_targets(grads.outputs(batch), batch, None)
+    )
+
+    # Gauss–Newton: Σ_i J_iᵀ ∇²_out loss J_i, with J the Jacobian of the outputs.
+    params = dict(model.named_parameters())
+    jac = jacrev(lambda p: functional_call(model, p, (x,)))({k: v.detach() for k, v in params.items()})
+    j = torch.cat([v.reshape(5, outputs, -1) for v in jac.values()], dim=2)
+    out = model(x).detach()
+    gn = 0
+    for i in range(5):
+        if outputs == 3:
+            p = torch.softmax(out[i], 0)
+            h_out = torch.diag(p) - torch.outer(p, p)
+        else:
+            h_out = torch.full((1, 1), 2.0, dtype=torch.float64)
+        gn = gn + j[i].T @ h_out @ j[i]
+    assert torch.allclose(fisher, gn, atol=1e-10)
+
+
+def test_sampled_fisher_targets_are_unbiased() -> None:
+    task = sp.ClassificationTask()
+    logits = torch.tensor([[1.0, 0.0, -1.0]])
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.zeros(3)
+    for _ in range(4000):
+        ((weight, batch),) = task.fisher_targets(logits, (None, torch.tensor([0])), gen)
+        counts[batch[1]] += weight
+    assert torch.allclose(counts / 4000, torch.softmax(logits[0], 0), atol=0.03)

@@ -1,0 +1,104 @@
+"""The recorder writes what SOURCE needs; the loader reads it back and refuses what it cannot use."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import source_proj as sp
+
+
+def _record(run: Path, steps_per_stage=(5, 3), save_every: int = 2, momentum: float = 0.9) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum, weight_decay=1e-3)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    rec = sp.TrajectoryRecorder(run, model, opt, save_every=save_every)
+    for i, steps in enumerate(steps_per_stage):
+        rec.begin_stage(f"s{i}", dataset_size=10 + i)
+        for _ in range(steps):
+            opt.zero_grad()
+            model(torch.randn(4, 3)).sum().backward()
+            opt.step()
+            rec.step()
+            sched.step()
+    rec.close()
+    return model
+
+
+def test_recorder_round_trip(tmp_path: Path) -> None:
+    model = _record(tmp_path / "run")
+    traj = sp.Trajectory.load(tmp_path / "run")
+    assert traj.complete and traj.num_steps == 8
+    assert np.allclose(traj.lr, [0.1, 0.1, 0.05, 0.05, 0.025, 0.025, 0.0125, 0.0125])
+    assert [(s.name, s.start_step, s.end_step, s.dataset_size) for s in traj.stages] == [
+        ("s0", 0, 5, 10),
+        ("s1", 5, 8, 11),
+    ]
+    # stage starts and ends, and every second step
+    assert [c.step for c in traj.checkpoints] == [0, 2, 4, 5, 6, 8]
+    assert traj.stages[0].optimizer["kind"] == "sgd"
+    assert traj.stages[0].optimizer["groups"][0]["momentum"] == 0.9
+    assert traj.stages[0].optimizer["groups"][0]["params"] == ["weight", "bias"]
+    restored = traj.load_into(nn.Linear(3, 2), traj.final_checkpoint)
+    assert all(
+        torch.equal(a, b) for a, b in zip(restored.state_dict().values(), model.state_dict().values(), strict=True)
+    )
+
+
+def test_recorder_refuses_to_overwrite_an_existing_run(tmp_path: Path) -> None:
+    _record(tmp_path / "run")
+    with pytest.raises(sp.TrajectoryError, match="already holds files"):
+        sp.TrajectoryRecorder(
+            tmp_path / "run", nn.Linear(1, 1), torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=1), save_every=1
+        )
+
+
+def test_fingerprint_changes_with_any_checkpoint(tmp_path: Path) -> None:
+    _record(tmp_path / "a")
+    _record(tmp_path / "b", steps_per_stage=(5, 4))
+    assert sp.Trajectory.load(tmp_path / "a").fingerprint() != sp.Trajectory.load(tmp_path / "b").fingerprint()
+
+
+def test_changed_checkpoint_file_is_detected(tmp_path: Path) -> None:
+    _record(tmp_path / "run")
+    traj = sp.Trajectory.load(tmp_path / "run")
+    path = tmp_path / "run" / traj.checkpoints[1].file
+    torch.save({"model": nn.Linear(3, 2).state_dict()}, path)
+    with pytest.raises(sp.TrajectoryError, match="does not match the sha256"):
+        traj.load_state(traj.checkpoints[1])
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path: Path) -> None:
+    _record(tmp_path / "run")
+    traj = sp.Trajectory.load(tmp_path / "run")
+    with pytest.raises(sp.TrajectoryError, match="does not fit the model"):
+        traj.load_into(nn.Linear(4, 2), traj.final_checkpoint)
+
+
+def test_trajectory_without_learning_rates_is_refused(tmp_path: Path) -> None:
+    _record(tmp_path / "run")
+    index = json.loads((tmp_path / "run" / "trajectory.json").read_text())
+    index["lr"] = []
+    (tmp_path / "run" / "trajectory.json").write_text(json.dumps(index))
+    with pytest.raises(sp.TrajectoryError, match="records no learning rates"):
+        sp.Trajectory.load(tmp_path / "run")
+
+
+def test_missing_directory_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(sp.TrajectoryError, match="not a directory"):
+        sp.Trajectory.load(tmp_path / "nowhere")
+
+
+def test_parameter_groups_with_different_rates_are_refused(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.1}, {"params": model[1].parameters(), "lr": 0.2}])
+    rec = sp.TrajectoryRecorder(tmp_path / "run", model, opt, save_every=1)
+    rec.begin_stage("main", dataset_size=3)
+    with pytest.raises(sp.TrajectoryError, match="different learning rates"):
+        rec.step()
