@@ -197,7 +197,7 @@ def featurize(
             "checkpoints": [c.step for c in trajectory.checkpoints],
         },
         "spec": spec,
-        "provenance": describe_provenance(model, trajectory, device),
+        "provenance": describe_provenance(model, trajectory, device, options.batch_size),
     }
     store = _open_or_create(store_path, meta, overwrite)
     if not store.meta.get("featurized"):

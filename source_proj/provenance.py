@@ -31,8 +31,11 @@ from .task import Task
 from .trajectory import Trajectory
 
 
-def describe_provenance(model: nn.Module, trajectory: Trajectory, device: torch.device) -> dict[str, Any]:
-    """How a store is produced (informative: not compared when a store is resumed)."""
+def describe_provenance(
+    model: nn.Module, trajectory: Trajectory, device: torch.device, batch_size: int
+) -> dict[str, Any]:
+    """How a store is produced (informative: not compared when a store is resumed). The device and
+    batch size matter for bit-identical recomputation (``verify --repair`` prints them back)."""
     final = trajectory.final_checkpoint
     return {
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
@@ -46,6 +49,7 @@ def describe_provenance(model: nn.Module, trajectory: Trajectory, device: torch.
             "zarr": zarr.__version__,
         },
         "device": device.type,
+        "batch_size": batch_size,
     }
 
 

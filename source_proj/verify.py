@@ -30,7 +30,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .durable import PARTIAL_SUFFIX, remove_partial_files
+from .durable import PARTIAL_SUFFIX
 from .errors import SourceProjError, StoreError
 from .featurize import checkpoint_stages
 from .locking import writing
@@ -60,6 +60,7 @@ class VerifyReport:
         notes: harmless findings (leftover temporary files, arrays nothing refers to).
         repaired: what ``repair`` changed.
         next_steps: commands that finish or recompute the store.
+        unusable: the metadata itself is broken: nothing can be repaired, only re-created.
     """
 
     path: str
@@ -72,11 +73,12 @@ class VerifyReport:
     notes: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
     next_steps: list[str] = field(default_factory=list)
+    unusable: bool = False
 
     @property
     def status(self) -> str:
         """``"damaged"`` (unrepaired damage or inconsistency), ``"incomplete"`` (resumable) or ``"ok"``."""
-        if (self.damaged or self.problems) and not self.repaired:
+        if (self.damaged or self.problems) and (self.unusable or not self.repaired):
             return "damaged"
         if self.pending or self.damaged or self.problems:
             return "incomplete"
@@ -96,6 +98,7 @@ class VerifyReport:
             "notes": self.notes,
             "repaired": self.repaired,
             "next_steps": self.next_steps,
+            "unusable": self.unusable,
         }
 
     def lines(self) -> list[str]:
@@ -136,6 +139,9 @@ def featurize_command(store: Store) -> str:
     if proj["kind"] != "identity":
         args += [f"--dim {proj['dim']}", f"--seed {proj['seed']}"]
     args += [f"--fisher {feat['fisher']}", f"--chunk-rows {feat['chunk_rows']}"]
+    provenance = meta.get("provenance", {})
+    if "batch_size" in provenance:
+        args += [f"--batch-size {provenance['batch_size']}", f"--device {provenance['device']}"]
     return " ".join(args)
 
 
@@ -178,12 +184,16 @@ def verify_store(path: str | Path, *, repair: bool = False, progress: bool = Tru
     """
     if not repair:
         return _verify(Store.open(path), repair=False, progress=progress)
-    with writing(path):
+    leftovers = _leftovers(path)
+    with writing(path):  # removes the leftovers under the exclusive lock
         report = _verify(Store.open(path, writable=True), repair=True, progress=progress)
-        removed = remove_partial_files(path)
-        if removed:
-            report.repaired.append(f"removed {removed} temporary file(s) of interrupted writes")
-        return report
+    if leftovers:
+        report.repaired.append(f"removed {leftovers} temporary file(s) of interrupted writes")
+    return report
+
+
+def _leftovers(path: str | Path) -> int:
+    return sum(1 for _ in Path(path).rglob(f"*{PARTIAL_SUFFIX}"))
 
 
 def _verify(store: Store, *, repair: bool, progress: bool) -> VerifyReport:
@@ -195,12 +205,14 @@ def _verify(store: Store, *, repair: bool, progress: bool) -> VerifyReport:
                 f"the metadata has no valid {key!r}, so the store cannot be used; re-create it with featurize --force"
             )
     if report.problems:
+        report.unusable = True
         return report
     try:
         projector_from_meta(meta)
         expected = expected_features(meta)
     except (SourceProjError, KeyError, TypeError, ValueError) as err:
         report.problems.append(f"the metadata is inconsistent ({err}); re-create the store with featurize --force")
+        report.unusable = True
         return report
 
     featurize_unfinished = _check_expected(store, meta, expected, report, repair)
@@ -212,6 +224,7 @@ def _verify(store: Store, *, repair: bool, progress: bool) -> VerifyReport:
         report.problems.append(
             f"the progress metadata is unreadable ({type(err).__name__}); re-create the store with featurize --force"
         )
+        report.unusable = True
         return report
     for name in tqdm(names, desc="verify", unit="array", disable=not progress):
         method = next((m for p, m in method_prefixes.items() if name.startswith(p)), None)
@@ -225,13 +238,14 @@ def _verify(store: Store, *, repair: bool, progress: bool) -> VerifyReport:
             report.notes.append(f"{name!r} is not part of featurize's output or of a fitted method")
     broken_methods |= _check_methods(store, meta, report)
 
-    leftovers = sum(1 for _ in Path(store.path).rglob(f"*{PARTIAL_SUFFIX}"))
+    leftovers = _leftovers(store.path)
     if leftovers and not repair:
         report.notes.append(f"{leftovers} temporary file(s) of interrupted writes (harmless; --repair removes them)")
 
     if repair:
         if featurize_unfinished and meta.get("featurized"):
             store.update_meta(featurized=False)
+            report.repaired.append("featurize marked unfinished (re-running it writes what is missing)")
         for method in sorted(broken_methods):
             methods = dict(store.meta["methods"])
             if methods[method].get("complete"):

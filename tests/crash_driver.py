@@ -1,7 +1,7 @@
 """SIGKILL featurize and fit at random moments, resume them, and compare with an uninterrupted run.
 
 Run as a script (its own interpreter, one torch thread, so that forking is safe and the results
-are deterministic)::
+are deterministic); the tests also import its tiny problem::
 
     python tests/crash_driver.py WORKDIR --kills 20 --fit-kills 5 --seed 0
 
@@ -15,13 +15,9 @@ the child was still writing, trials, stores identical to the reference, seconds.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("MKL_NUM_THREADS", "1")
-
 import argparse
 import json
+import os
 import random
 import signal
 import sys
@@ -35,8 +31,6 @@ from torch.utils.data import TensorDataset
 
 import source_proj as sp
 from source_proj.durable import LOCK_FILE, PARTIAL_SUFFIX
-
-torch.set_num_threads(1)
 
 DIM = 12
 OPTIONS = sp.FeaturizeArguments(batch_size=4, chunk_rows=4, device="cpu")
@@ -66,21 +60,22 @@ def record(run: Path) -> None:
     rec.close()
 
 
+def featurize(run: Path, store: Path, **kwargs: object) -> sp.Store:
+    """featurize of the tiny problem (the call the tests interrupt)."""
+    arguments: dict = {"projection": sp.ProjectionArguments(dim=DIM, seed=3), "options": OPTIONS, "progress": False}
+    arguments.update(kwargs)
+    return sp.featurize(run, build_model(), sp.ClassificationTask(), data(), store, **arguments)
+
+
+FIT = sp.FitArguments(segments_per_stage=2)
+
+
 def featurize_and_fit(run: Path, store: Path, what: str) -> None:
     """The command under test: the same call every time."""
     if what == "featurize":
-        sp.featurize(
-            run,
-            build_model(),
-            sp.ClassificationTask(),
-            data(),
-            store,
-            projection=sp.ProjectionArguments(dim=DIM, seed=3),
-            options=OPTIONS,
-            progress=False,
-        )
+        featurize(run, store)
     else:
-        sp.fit(store, sp.FitArguments(segments_per_stage=2), progress=False)
+        sp.fit(store, FIT, progress=False)
 
 
 def in_child(run: Path, store: Path, what: str) -> int:
@@ -148,6 +143,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-trials", type=int, default=200)
     args = parser.parse_args()
+    torch.set_num_threads(1)  # one thread: forking is safe and every run computes the same bits
     rng = random.Random(args.seed)
     start = time.perf_counter()
     run = args.workdir / "run"
