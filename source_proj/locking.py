@@ -38,7 +38,7 @@ from typing import Any, Literal, TypeVar
 
 from .durable import LOCK_FILE, remove_partial_files
 from .errors import StoreError
-from .store import Store, is_store, refuse_foreign_directory
+from .store import Store, is_remote, is_store, refuse_foreign_directory
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -180,6 +180,11 @@ def _write_holder(fd: int, mode: LockMode) -> None:
 
 def store_lock(path: str | os.PathLike[str], mode: LockMode = "exclusive") -> StoreLock:
     """The lock guarding writes to the store at ``path`` (a local directory: :class:`FileStoreLock`)."""
+    if is_remote(path):
+        raise StoreError(
+            f"{path} is on object storage, where this version cannot lock a store against a second writer; "
+            "write the store to a local directory."
+        )
     return FileStoreLock(path, mode)
 
 

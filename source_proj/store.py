@@ -63,9 +63,9 @@ class Store:
                 "or choose another path."
             )
         refuse_foreign_directory(path)
-        with _io(path, "the new store"):
-            group = zarr.open_group(store=DurableLocalStore(path), mode="w")
-            group.attrs["source_proj"] = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
+        attributes = {"source_proj": {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}}
+        with _io(path, "the new store"):  # one write of the root metadata: a store exists whole or not at all
+            group = zarr.open_group(store=_zarr_store(path, read_only=False), mode="w", attributes=attributes)
         return cls(path, group)
 
     @classmethod
@@ -74,8 +74,7 @@ class Store:
         if not is_store(path):
             raise StoreError(f"No store at {path}; create one with `source-proj featurize` (source_proj.featurize).")
         try:
-            zstore = DurableLocalStore(path, read_only=not writable)
-            group = zarr.open_group(store=zstore, mode="r+" if writable else "r")
+            group = zarr.open_group(store=_zarr_store(path, read_only=not writable), mode="r+" if writable else "r")
         except Exception as err:
             raise StoreError(
                 f"{path} is not a readable zarr store ({err}); re-create it with featurize --force."
@@ -174,6 +173,8 @@ class Store:
 
     def progress_entries(self, name: str) -> np.ndarray:
         """uint32 ``[chunks, 2]``: (1, crc32) for every complete row chunk; an unreadable entry reads (0, 0)."""
+        if self.group.store.read_only and not self.has(f"progress/{name}"):
+            return np.zeros((self.num_chunks(name), 2), dtype=np.uint32)  # created, never written
         progress = self._progress(name, self.num_chunks(name))
         try:
             return np.asarray(progress[...])
@@ -316,6 +317,16 @@ class Store:
         self.delete(name)
         self.require_array(name, tuple(values.shape), max(1, values.shape[0]), str(values.dtype))
         self.write_chunk(name, 0, values)
+
+
+def is_remote(path: str | Path) -> bool:
+    """Whether ``path`` names object storage (``s3://…``, ``gs://…``) rather than a local directory."""
+    return "://" in str(path)
+
+
+def _zarr_store(path: str | Path, *, read_only: bool) -> zarr.abc.store.Store | str:
+    """Local directories are written durably; a URL is left to zarr (and fsspec) to resolve."""
+    return str(path) if is_remote(path) else DurableLocalStore(path, read_only=read_only)
 
 
 def is_store(path: str | Path) -> bool:

@@ -13,6 +13,9 @@ Checked, in order:
    segments and query checkpoints exist, and a method marked complete has no pending chunk.
 5. leftover temporary files of killed writers.
 
+A store without featurize's metadata (another writer's, e.g. a cache built on :class:`Store`) gets
+checks 3 and 5 only.
+
 ``repair=True`` (``verify --repair``) takes the store's exclusive lock, marks damaged chunks
 pending (and the methods and featurize state that relied on them unfinished), drops arrays whose
 metadata is unreadable or whose shape is wrong, and deletes leftover temporary files; re-running
@@ -113,6 +116,8 @@ class VerifyReport:
         out += [f"  repaired {r}" for r in self.repaired]
         if self.status == "damaged":
             out.append(f"status: DAMAGED; run `source-proj verify {shlex.quote(self.path)} --repair`")
+        elif self.status == "incomplete" and not self.next_steps:
+            out.append("status: intact but incomplete; re-run the command that writes it to finish it")
         elif self.status == "incomplete":
             out.append("status: intact but incomplete; to finish it run:")
         else:
@@ -199,8 +204,9 @@ def _leftovers(path: str | Path) -> int:
 def _verify(store: Store, *, repair: bool, progress: bool) -> VerifyReport:
     report = VerifyReport(store.path)
     meta = store.meta
+    featurized = any(key in meta for key in _REQUIRED_META)
     for key, kind in _REQUIRED_META.items():
-        if not isinstance(meta.get(key), kind):
+        if featurized and not isinstance(meta.get(key), kind):
             report.problems.append(
                 f"the metadata has no valid {key!r}, so the store cannot be used; re-create it with featurize --force"
             )
@@ -208,14 +214,17 @@ def _verify(store: Store, *, repair: bool, progress: bool) -> VerifyReport:
         report.unusable = True
         return report
     try:
-        projector_from_meta(meta)
-        expected = expected_features(meta)
+        if featurized:
+            projector_from_meta(meta)
+        expected = expected_features(meta) if featurized else {}
     except (SourceProjError, KeyError, TypeError, ValueError) as err:
         report.problems.append(f"the metadata is inconsistent ({err}); re-create the store with featurize --force")
         report.unusable = True
         return report
+    if not featurized:
+        report.notes.append("the store holds no featurize output (another writer's store): its chunks were checked")
 
-    featurize_unfinished = _check_expected(store, meta, expected, report, repair)
+    featurize_unfinished = featurized and _check_expected(store, meta, expected, report, repair)
     method_prefixes = {f"methods/{m}/": m for m in meta.get("methods") or {}}
     broken_methods: set[str] = set()
     try:
@@ -229,14 +238,15 @@ def _verify(store: Store, *, repair: bool, progress: bool) -> VerifyReport:
     for name in tqdm(names, desc="verify", unit="array", disable=not progress):
         method = next((m for p, m in method_prefixes.items() if name.startswith(p)), None)
         if not _check_array(store, name, report, repair):
-            if name in expected or name == "trajectory/lr":
+            if featurized and (name in expected or name == "trajectory/lr"):
                 featurize_unfinished = True
             if method is not None:
                 broken_methods.add(method)
         known = name in expected or name == "trajectory/lr" or method is not None
-        if not known:
+        if featurized and not known:
             report.notes.append(f"{name!r} is not part of featurize's output or of a fitted method")
-    broken_methods |= _check_methods(store, meta, report)
+    if featurized:
+        broken_methods |= _check_methods(store, meta, report)
 
     leftovers = _leftovers(store.path)
     if leftovers and not repair:

@@ -62,3 +62,18 @@ def test_the_lock_file_and_leftover_temporaries_are_invisible_to_zarr(tmp_path: 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert sorted(k for k, _ in group.members(max_depth=None)) == ["grads", "grads/a"]
+
+
+def test_a_new_store_is_its_root_metadata_written_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A kill between an empty root group and its attributes used to leave a store nobody could open.
+    writes = []
+    real_set = DurableLocalStore.set
+
+    async def spy(self: DurableLocalStore, key: str, value) -> None:
+        writes.append(key)
+        await real_set(self, key, value)
+
+    monkeypatch.setattr(DurableLocalStore, "set", spy)
+    sp.Store.create(tmp_path / "s.sp", {"x": 1})
+    assert writes == ["zarr.json"]
+    assert sp.Store.open(tmp_path / "s.sp").meta["x"] == 1
