@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +48,18 @@ JSON = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
     max_leaves=10,
 )
-RUN = Path(tempfile.mkdtemp(prefix="source-proj-fuzz-"))
 
 
-def _load(text: bytes) -> None:
-    (RUN / "trajectory.json").write_bytes(text)
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One run directory whose trajectory.json every example overwrites."""
+    return tmp_path_factory.mktemp("fuzz")
+
+
+def _load(run: Path, text: bytes) -> None:
+    (run / "trajectory.json").write_bytes(text)
     try:
-        trajectory = sp.Trajectory.load(RUN)
+        trajectory = sp.Trajectory.load(run)
     except sp.TrajectoryError as err:
         assert "\n" not in str(err)
         return
@@ -89,40 +93,40 @@ def _mutate(index: Any, data: st.DataObject) -> Any:
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def test_the_valid_index_loads() -> None:
-    _load(json.dumps(VALID).encode())
-    assert sp.Trajectory.load(RUN).num_steps == 4
+def test_the_valid_index_loads(run: Path) -> None:
+    _load(run, json.dumps(VALID).encode())
+    assert sp.Trajectory.load(run).num_steps == 4
 
 
 @pytest.mark.parametrize("where", ["lr", "momentum"])
-def test_a_number_too_large_for_a_float_is_refused(where: str) -> None:
+def test_a_number_too_large_for_a_float_is_refused(run: Path, where: str) -> None:
     index = copy.deepcopy(VALID)
     if where == "lr":
         index["lr"][1] = 10**400
     else:
         index["stages"][0]["optimizer"]["groups"][0]["momentum"] = -(10**400)
-    (RUN / "trajectory.json").write_text(json.dumps(index))
+    (run / "trajectory.json").write_text(json.dumps(index))
     with pytest.raises(sp.TrajectoryError, match="malformed"):
-        sp.Trajectory.load(RUN)
+        sp.Trajectory.load(run)
 
 
 @FUZZ
 @given(st.data())
-def test_a_mutated_index_loads_or_raises_trajectory_error(data: st.DataObject) -> None:
+def test_a_mutated_index_loads_or_raises_trajectory_error(run: Path, data: st.DataObject) -> None:
     index = copy.deepcopy(VALID)
     for _ in range(data.draw(st.integers(1, 3))):
         index = _mutate(index, data)
-    _load(json.dumps(index).encode())
+    _load(run, json.dumps(index).encode())
 
 
 @FUZZ
 @given(JSON)
-def test_any_json_loads_or_raises_trajectory_error(value: Any) -> None:
-    _load(json.dumps(value).encode())
+def test_any_json_loads_or_raises_trajectory_error(run: Path, value: Any) -> None:
+    _load(run, json.dumps(value).encode())
 
 
 @settings(max_examples=100, deadline=None)
 @given(st.binary(max_size=80) | st.integers(1, 50_000).map(lambda n: b"[" * n))
 @example(b"[" * 20_000)
-def test_any_bytes_load_or_raise_trajectory_error(raw: bytes) -> None:
-    _load(raw)
+def test_any_bytes_load_or_raise_trajectory_error(run: Path, raw: bytes) -> None:
+    _load(run, raw)
