@@ -15,6 +15,7 @@ import source_proj as sp
 from source_proj.info import store_summary
 from source_proj.query import method_meta
 from source_proj.spec import Spec, load_spec
+from source_proj.verify import verify_store
 
 
 def _fail(err: Exception) -> None:
@@ -54,6 +55,7 @@ def main() -> None:
     source-proj fit STORE                                          segments, SOURCE operators, cached features
     source-proj query STORE --top-k 50                             most helpful / harmful training examples
     source-proj info STORE                                         what a store holds
+    source-proj verify STORE [--repair]                            check every chunk; repair damage
     """
 
 
@@ -282,6 +284,22 @@ def info(store_path: Path, as_json: bool) -> None:
                 f"  {seg['stage']} [{seg['start_step']}, {seg['end_step']}) checkpoints {seg['checkpoints']} "
                 f"η̄K={seg['time']:.4g} λ={seg['weight_decay']:.3g}"
             )
+
+
+@main.command(cls=_Command)
+@click.argument("store_path", type=click.Path(path_type=Path))
+@click.option("--repair", is_flag=True, help="Mark damaged chunks pending so the writing command recomputes them.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def verify(store_path: Path, repair: bool, as_json: bool) -> None:
+    """Check STORE end to end: metadata, shapes, every chunk's crc, completeness, fitted methods.
+
+    Exits with 1 while damage or an inconsistency remains (after --repair: 0, and the report says
+    which command recomputes what was lost).
+    """
+    report = verify_store(store_path, repair=repair)
+    click.echo(json.dumps(report.as_dict(), indent=2) if as_json else "\n".join(report.lines()))
+    if report.status == "damaged":
+        sys.exit(1)
 
 
 if __name__ == "__main__":

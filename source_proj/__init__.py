@@ -7,9 +7,11 @@ helps query ``q`` (removing ``z`` would lower the measurement).
 
 __version__ = "0.1.0"
 
+from .durable import atomic_write_bytes
 from .errors import NumericalError, SourceProjError, StoreError, TaskError, TrajectoryError
 from .featurize import FeaturizeArguments, ProjectionArguments, featurize
 from .fit import FitArguments, fit
+from .locking import StoreLock, store_lock
 from .pipeline import attribute
 from .projection import IdentityProjector, Projector, RademacherProjector
 from .query import Attributor, QueryResult
@@ -17,6 +19,7 @@ from .segments import Segment, make_segments
 from .store import Store
 from .task import ClassificationTask, ParameterSelection, RegressionTask, Task
 from .trajectory import Trajectory, TrajectoryRecorder
+from .verify import VerifyReport, verify_store
 
 __all__ = [
     "Attributor",
@@ -35,14 +38,19 @@ __all__ = [
     "SourceProjError",
     "Store",
     "StoreError",
+    "StoreLock",
     "Task",
     "TaskError",
     "Trajectory",
     "TrajectoryError",
     "TrajectoryRecorder",
+    "VerifyReport",
     "__version__",
+    "atomic_write_bytes",
     "attribute",
     "featurize",
     "fit",
     "make_segments",
+    "store_lock",
+    "verify_store",
 ]

@@ -25,8 +25,10 @@ from tqdm.auto import tqdm
 from . import __version__
 from .errors import NumericalError, StoreError, TaskError
 from .gradients import PerExampleGradients, move_batch
+from .locking import writes_store
 from .projection import Projector, make_projector
-from .store import Store, ckpt_key
+from .provenance import check_checkpoints, describe_provenance
+from .store import Store, ckpt_key, is_store
 from .task import Task
 from .trajectory import Checkpoint, Trajectory
 
@@ -114,6 +116,16 @@ def checkpoint_stages(trajectory: Trajectory, checkpoint: Checkpoint) -> list[st
     return [s.name for s in trajectory.stages if s.start_step <= checkpoint.step <= s.end_step]
 
 
+def _has_features(path: str) -> bool:
+    """Whether the store at ``path`` holds a finished work unit (kept when a new store's run fails)."""
+    try:
+        store = Store.open(path)
+        return any(len(store.pending_chunks(n)) < store.num_chunks(n) for n in store.progress_arrays("grads/"))
+    except Exception:
+        return is_store(path)
+
+
+@writes_store("store_path", keep_new=_has_features)
 def featurize(
     trajectory: Trajectory | str | Path,
     model: nn.Module,
@@ -143,6 +155,11 @@ def featurize(
 
     Returns:
         The store, with ``grads/<stage>/<ckpt>`` of shape ``[N_stage, k]`` for every checkpoint.
+
+    Every checkpoint is checked (present, intact, fitting the model, finite) before anything is
+    written. The store is locked while featurize runs; a resumed run first re-checks the crc of the
+    chunks already written and recomputes damaged ones. If the call fails before it finishes a
+    work unit of a new store, the store is removed.
     """
     if not isinstance(trajectory, Trajectory):
         trajectory = Trajectory.load(trajectory)
@@ -154,7 +171,7 @@ def featurize(
     datasets = as_stage_datasets(train_data, trajectory)
     device = default_device(options.device)
     work_model = copy.deepcopy(model).to(device)
-    trajectory.load_into(work_model, trajectory.final_checkpoint)
+    check_checkpoints(trajectory, work_model)
     names = task.select_parameters(work_model)
     params = dict(work_model.named_parameters())
     shapes = [(n, tuple(params[n].shape)) for n in names]
@@ -180,9 +197,12 @@ def featurize(
             "checkpoints": [c.step for c in trajectory.checkpoints],
         },
         "spec": spec,
+        "provenance": describe_provenance(model, trajectory, device, options.batch_size),
     }
     store = _open_or_create(store_path, meta, overwrite)
-    if not store.has("trajectory/lr"):
+    if not store.meta.get("featurized"):
+        store.heal("grads/", "fisher/")
+    if not store.is_complete("trajectory/lr"):
         store.write_whole("trajectory/lr", trajectory.lr.astype(np.float64))
 
     k = projector.dim
@@ -231,6 +251,8 @@ def featurize(
         if fisher is not None:
             store.write_chunk(f"fisher/{stage}/{key}", chunk, fisher)
         store.write_chunk(f"grads/{stage}/{key}", chunk, feats)
+    if not store.meta.get("featurized"):
+        store.update_meta(featurized=True)
     return store
 
 
@@ -240,7 +262,8 @@ def _open_or_create(path: str | Path, meta: dict[str, Any], overwrite: bool) -> 
     except StoreError:
         return Store.create(path, meta, overwrite=overwrite)
     old = existing.meta
-    differing = [key for key in meta if key not in ("library_version", "spec") and old.get(key) != meta[key]]
+    informative = ("library_version", "spec", "provenance")
+    differing = [key for key in meta if key not in informative and old.get(key) != meta[key]]
     if not differing:
         return existing
     if overwrite:

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import NumericalError, StoreError, TaskError
+from .locking import writes_store
 from .segments import Segment, make_segments
 from .source import SegmentOperator, fold
 from .store import Store, ckpt_key
@@ -98,6 +99,7 @@ def segment_operators(store: Store, segments: Sequence[Segment]) -> list[Segment
     return operators
 
 
+@writes_store("store")
 def fit(
     store: Store | str | Path,
     args: FitArguments = FitArguments(),
@@ -109,7 +111,8 @@ def fit(
 
     The cached feature of training example z is T(z) = −Σ_{ℓ: z∈D_ℓ} (1/N_ℓ) A_ℓ ḡ̃_ℓ(z), so
     score(q, z) = ⟨P ∇f(q; θ_T), T(z)⟩ (positive = helpful). An interrupted fit resumes; a fit
-    with other arguments over an existing method needs ``overwrite``.
+    with other arguments over an existing method needs ``overwrite``. The store is locked while
+    fit runs, and a resumed fit recomputes cached chunks whose crc no longer matches.
     """
     if not isinstance(store, Store):
         store = Store.open(store, writable=True)
@@ -129,6 +132,7 @@ def fit(
         "query": {"checkpoints": [meta["trajectory"]["checkpoints"][-1]], "weights": [1.0]},
     }
     _claim_method(store, args.method, description, overwrite)
+    store.heal(f"methods/{args.method}/")
 
     operators = segment_operators(store, segments)
     folded = fold(operators)
@@ -161,9 +165,7 @@ def _fold_chunk(
             continue
         mean = None
         for step in seg.checkpoints:
-            arr = store.array(f"grads/{stage}/{ckpt_key(step)}")
-            rows = arr.chunks[0]
-            g = torch.from_numpy(np.asarray(arr[chunk * rows : (chunk + 1) * rows])).double()
+            g = torch.from_numpy(store.read_chunk(f"grads/{stage}/{ckpt_key(step)}", chunk)).double()
             mean = g if mean is None else mean + g
         assert mean is not None
         mean /= len(seg.checkpoints)

@@ -23,6 +23,7 @@ from .errors import StoreError, TaskError
 from .featurize import default_device
 from .gradients import PerExampleGradients, move_batch
 from .projection import Projector, make_projector
+from .provenance import check_query_model
 from .store import Store
 from .task import Task
 from .trajectory import Trajectory
@@ -87,6 +88,9 @@ def _batches(queries: Dataset | Sequence[Any], batch_size: int) -> Iterator[Any]
 class Attributor:
     """Scores queries against a fitted store; keeps the query model and the index between calls.
 
+    Queries are scored at the store's final checkpoint θ_T, never at the weights ``model`` holds;
+    a model, task or run that is not the store's is refused (see ``provenance.check_query_model``).
+
     Args:
         store: a featurized and fitted store (or its path).
         model: the architecture; the store's final checkpoint is loaded into a copy of it.
@@ -116,23 +120,11 @@ class Attributor:
         if trajectory is None:
             trajectory = meta["trajectory"]["path"]
         self.trajectory = trajectory if isinstance(trajectory, Trajectory) else Trajectory.load(trajectory)
-        if self.trajectory.fingerprint() != meta["trajectory"]["fingerprint"]:
-            raise StoreError(
-                f"The trajectory at {self.trajectory.path} is not the one the store was featurized from "
-                "(fingerprints differ); pass the original run directory."
-            )
+        check_query_model(meta, model, task, self.trajectory)
         self.device = default_device(device)
         self.model = copy.deepcopy(model).to(self.device)
         self.task = task
         names = [name for name, _ in meta["params"]]
-        if task.describe() != meta["task"]:
-            raise TaskError(f"The task {task.describe()} differs from the store's {meta['task']}; use the same task.")
-        params = dict(self.model.named_parameters())
-        mismatched = [n for n, shape in meta["params"] if n not in params or list(params[n].shape) != shape]
-        if mismatched:
-            raise TaskError(
-                f"The model's parameters {mismatched[:3]} do not match the store's; build the same architecture."
-            )
         self.projector = projector_from_meta(meta)
         self.param_names = names
         self.batch_size = batch_size

@@ -37,25 +37,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from .durable import atomic_write_bytes
 from .errors import TrajectoryError
 
 FORMAT = "source-proj-trajectory"
 VERSION = 1
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that the file is either the old or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _sha256_file(path: Path) -> str:
@@ -248,7 +234,7 @@ class TrajectoryRecorder:
             torch.save(payload, buffer)
             buffer.seek(0)
             data = buffer.read()
-        _atomic_write_bytes(path, data)
+        atomic_write_bytes(path, data)
         self._checkpoints.append(
             {
                 "step": self.global_step,
@@ -268,7 +254,7 @@ class TrajectoryRecorder:
             "stages": self._stages,
             "checkpoints": self._checkpoints,
         }
-        _atomic_write_bytes(self.run_dir / "trajectory.json", json.dumps(index, indent=1).encode())
+        atomic_write_bytes(self.run_dir / "trajectory.json", json.dumps(index, indent=1).encode())
 
 
 class Trajectory:
@@ -296,7 +282,7 @@ class Trajectory:
             )
         try:
             index = json.loads(index_file.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
             raise TrajectoryError(
                 f"{index_file} is not readable JSON ({err}); restore it from the training run."
             ) from err
@@ -328,15 +314,26 @@ class Trajectory:
         file = self.path / checkpoint.file
         if not file.is_file():
             raise TrajectoryError(f"Checkpoint {file} is missing; restore it or re-run training.")
-        if verify and _sha256_file(file) != checkpoint.sha256:
-            raise TrajectoryError(
-                f"Checkpoint {file} does not match the sha256 recorded in trajectory.json (changed or "
-                "corrupted after training); restore the original file."
-            )
         try:
-            return torch.load(file, map_location="cpu", weights_only=True)
+            if verify and _sha256_file(file) != checkpoint.sha256:
+                raise TrajectoryError(
+                    f"Checkpoint {file} does not match the sha256 recorded in trajectory.json (changed or "
+                    "corrupted after training); restore the original file."
+                )
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        except OSError as err:
+            raise TrajectoryError(
+                f"Checkpoint {file} cannot be read ({err.strerror or err}); check its permissions and the disk."
+            ) from err
+        except TrajectoryError:
+            raise
         except Exception as err:
             raise TrajectoryError(f"Checkpoint {file} cannot be read by torch.load ({err}); restore it.") from err
+        if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+            raise TrajectoryError(
+                f"Checkpoint {file} holds no {{'model': state_dict}}; save checkpoints with TrajectoryRecorder."
+            )
+        return state
 
     def load_into(self, model: nn.Module, checkpoint: Checkpoint) -> nn.Module:
         """Load a checkpoint's weights into ``model`` (in place); refuses a mismatched architecture."""
@@ -361,21 +358,60 @@ class Trajectory:
         )
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite JSON number that fits a float64."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+_GROUP_NUMBERS = ("lr", "momentum", "dampening", "weight_decay", "eps")
+_GROUP_FLAGS = ("nesterov", "amsgrad")
+
+
+def _group_problem(group: Any) -> str | None:
+    """What is wrong with an optimiser parameter group's description, if anything."""
+    if not isinstance(group, dict):
+        return "is not an object"
+    params = group.get("params", [])
+    if not isinstance(params, list) or not all(isinstance(p, str) for p in params):
+        return "has 'params' that are not a list of parameter names"
+    for key in _GROUP_NUMBERS:
+        if key in group and not _is_number(group[key]):
+            return f"has a non-numeric {key!r}"
+    for key in _GROUP_FLAGS:
+        if key in group and not isinstance(group[key], bool):
+            return f"has a non-boolean {key!r}"
+    betas = group.get("betas", [0.0, 0.0])
+    if not isinstance(betas, list) or len(betas) != 2 or not all(_is_number(b) for b in betas):
+        return "has 'betas' that are not two numbers"
+    return None
+
+
 def _validate_index(index: Any, where: Path) -> None:
     def bad(reason: str) -> TrajectoryError:
         return TrajectoryError(f"{where} is malformed: {reason}; re-record the run or fix the file.")
 
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise bad(f"it is not a {FORMAT} file")
-    if index.get("version") != VERSION:
+    if not _is_int(index.get("version")) or index.get("version") != VERSION:
         raise bad(f"version {index.get('version')!r} is not {VERSION}, the version this library reads")
+    if not isinstance(index.get("complete", False), bool):
+        raise bad("'complete' must be true or false")
     lr = index.get("lr")
     if not isinstance(lr, list) or not lr:
         raise TrajectoryError(
             f"{where} records no learning rates; SOURCE needs the rate of every step, so record "
             "the run with TrajectoryRecorder.step() after each optimizer.step()."
         )
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in lr):
+    if not all(_is_number(v) and v >= 0 for v in lr):
         raise bad("'lr' must hold finite, non-negative numbers")
     stages = index.get("stages")
     if not isinstance(stages, list) or not stages:
@@ -389,7 +425,7 @@ def _validate_index(index: Any, where: Path) -> None:
             raise bad("stage names must be distinct strings")
         names.add(s["name"])
         for key in ("start_step", "end_step", "dataset_size"):
-            if not isinstance(s[key], int) or isinstance(s[key], bool):
+            if not _is_int(s[key]):
                 raise bad(f"stage {s['name']!r} has a non-integer {key}")
         if s["start_step"] != expected_start or s["end_step"] < s["start_step"]:
             raise bad(f"stage {s['name']!r} does not start where the previous one ended")
@@ -398,6 +434,10 @@ def _validate_index(index: Any, where: Path) -> None:
         opt = s["optimizer"]
         if not isinstance(opt, dict) or not isinstance(opt.get("kind"), str) or not isinstance(opt.get("groups"), list):
             raise bad(f"stage {s['name']!r} has no optimizer description")
+        for group in opt["groups"]:
+            problem = _group_problem(group)
+            if problem is not None:
+                raise bad(f"an optimizer parameter group of stage {s['name']!r} {problem}")
         expected_start = s["end_step"]
     if expected_start != len(lr):
         raise bad(f"the stages cover {expected_start} steps but {len(lr)} learning rates are recorded")
@@ -408,8 +448,10 @@ def _validate_index(index: Any, where: Path) -> None:
     for c in checkpoints:
         if not isinstance(c, dict) or set(c) != {"step", "file", "sha256", "optimizer_state"}:
             raise bad("each checkpoint needs exactly step, file, sha256 and optimizer_state")
-        if not isinstance(c["step"], int) or isinstance(c["step"], bool) or not last < c["step"] <= len(lr):
+        if not _is_int(c["step"]) or not last < c["step"] <= len(lr):
             raise bad("checkpoint steps must increase and lie within the recorded steps")
         if not isinstance(c["file"], str) or not isinstance(c["sha256"], str) or ".." in Path(c["file"]).parts:
             raise bad("checkpoint file and sha256 must be strings inside the run directory")
+        if Path(c["file"]).is_absolute() or "\0" in c["file"] or not isinstance(c["optimizer_state"], bool):
+            raise bad("checkpoint files must be relative paths and optimizer_state true or false")
         last = c["step"]

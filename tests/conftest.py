@@ -11,7 +11,9 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from source_proj import TrajectoryRecorder
+from source_proj import TrajectoryRecorder, fit
+
+from .crash_driver import FIT, featurize, record
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples" / "digits"))
@@ -59,3 +61,20 @@ def classification_data() -> TensorDataset:
     x = torch.randn(30, 4, generator=g)
     y = torch.randint(0, 3, (30,), generator=g)
     return TensorDataset(x, y)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The crash tests' tiny run (12 examples, checkpoints at steps 0, 4, 8); do not modify it."""
+    run = tmp_path_factory.mktemp("tiny") / "run"
+    record(run)
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted featurize + fit of ``tiny_run`` (copy it before changing it)."""
+    store = tmp_path_factory.mktemp("tiny-reference") / "reference.sp"
+    featurize(tiny_run, store)
+    fit(store, FIT, progress=False)
+    return store

@@ -1,0 +1,246 @@
+"""Who may write a store: an advisory lock that a killed process cannot leave stuck.
+
+Every command that writes a store (featurize, fit, ``verify --repair``) holds the store's lock
+for as long as it writes. Two modes:
+
+- **exclusive** (the default): one writer; a second process is refused with a message naming
+  the holder. Needed to create, overwrite or repair a store.
+- **cooperative**: several processes that write *disjoint* row chunks of one existing store (the
+  ranks of a distributed job) hold the lock together; an exclusive writer is refused while any
+  of them runs, and they are refused while an exclusive writer runs. Create the store (and its
+  arrays) under the exclusive lock first, then let the ranks write their chunks cooperatively.
+
+:class:`FileStoreLock` implements both with ``fcntl.flock`` on ``STORE/.source-proj.lock``
+(``LOCK_EX`` / ``LOCK_SH``). The kernel drops a flock when its holder dies, however it dies, so a
+lock left by a SIGKILLed process never blocks the resume. The lock is per process (re-entrant
+inside one process). Other backends (object storage, where there is no flock) implement
+:class:`StoreLock` and are returned by :func:`store_lock`.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import functools
+import inspect
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, TypeVar
+
+from .durable import LOCK_FILE, remove_partial_files
+from .errors import StoreError
+from .store import Store, is_remote, is_store, refuse_foreign_directory
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+LockMode = Literal["exclusive", "cooperative"]
+
+
+class StoreLock(ABC):
+    """The right to write a store, held from :meth:`acquire` to :meth:`release` (or as a context)."""
+
+    path: str
+    mode: LockMode
+
+    @abstractmethod
+    def acquire(self) -> None:
+        """Take the lock now or raise :class:`StoreError` saying who holds it (never waits)."""
+
+    @abstractmethod
+    def release(self) -> None:
+        """Give the lock back (idempotent)."""
+
+    def __enter__(self) -> StoreLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+
+# path → [fd, mode, count]: the locks this process holds (flock is per open file, not per process).
+_held: dict[str, list[Any]] = {}
+
+
+class FileStoreLock(StoreLock):
+    """``fcntl.flock`` on ``<store>/.source-proj.lock`` (see the module docstring).
+
+    Args:
+        path: the store directory (created if missing).
+        mode: ``"exclusive"`` or ``"cooperative"``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], mode: LockMode = "exclusive") -> None:
+        if mode not in ("exclusive", "cooperative"):
+            raise StoreError(f"Unknown lock mode {mode!r}; use 'exclusive' or 'cooperative'.")
+        self.path = str(path)
+        self.mode = mode
+        self._key = str(Path(path).resolve())
+        self._owned = False
+
+    @property
+    def file(self) -> Path:
+        return Path(self.path) / LOCK_FILE
+
+    def acquire(self) -> None:
+        if self._owned:
+            return
+        held = _held.get(self._key)
+        if held is not None:
+            if held[1] == "cooperative" and self.mode == "exclusive":
+                raise StoreError(
+                    f"The store at {self.path} is held cooperatively by this process, which cannot also write it "
+                    "exclusively; finish the cooperative writing first."
+                )
+            held[2] += 1
+            self._owned = True
+            return
+        Path(self.path).mkdir(parents=True, exist_ok=True)
+        operation = (fcntl.LOCK_EX if self.mode == "exclusive" else fcntl.LOCK_SH) | fcntl.LOCK_NB
+        for _ in range(10):
+            fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, operation)
+            except OSError as err:
+                os.close(fd)
+                if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise StoreError(f"The store at {self.path} cannot be locked ({err}); check the path.") from err
+                raise StoreError(self._refusal()) from None
+            # The file may have been removed (a discarded store) between open and flock: retry.
+            try:
+                same = os.stat(self.file).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        else:
+            raise StoreError(f"The store at {self.path} keeps disappearing while being locked; is it being deleted?")
+        _write_holder(fd, self.mode)
+        _held[self._key] = [fd, self.mode, 1]
+        self._owned = True
+
+    def release(self) -> None:
+        if not self._owned:
+            return
+        self._owned = False
+        held = _held[self._key]
+        held[2] -= 1
+        if held[2] == 0:
+            del _held[self._key]
+            os.close(held[0])  # closing the last descriptor drops the flock
+
+    def held_exclusively(self) -> bool:
+        """Whether this process holds the lock, exclusively (the only writer)."""
+        held = _held.get(self._key)
+        return held is not None and held[1] == "exclusive"
+
+    def _refusal(self) -> str:
+        try:
+            holder = json.loads(self.file.read_text() or "{}")
+        except (OSError, ValueError):
+            holder = {}
+        if not isinstance(holder, dict) or "pid" not in holder:
+            who = "by another process"
+        else:
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("time", 0)))
+            command = holder.get("command", "?")
+            who = f"by process {holder['pid']} on {holder.get('host', '?')} since {since} ({command})"
+            if holder.get("mode") == "cooperative":
+                who = f"cooperatively (last joined {who})"
+        return (
+            f"The store at {self.path} is being written {who}; wait for that to finish (a killed writer releases "
+            "the lock at once), or write to another path."
+        )
+
+
+def _write_holder(fd: int, mode: LockMode) -> None:
+    """Record who holds the lock (read only to explain a refusal)."""
+    info = {
+        "mode": mode,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "time": time.time(),
+        "command": " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))[:200],
+    }
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(info).encode(), 0)
+
+
+def store_lock(path: str | os.PathLike[str], mode: LockMode = "exclusive") -> StoreLock:
+    """The lock guarding writes to the store at ``path`` (a local directory: :class:`FileStoreLock`)."""
+    if is_remote(path):
+        raise StoreError(
+            f"{path} is on object storage, where this version cannot lock a store against a second writer; "
+            "write the store to a local directory."
+        )
+    return FileStoreLock(path, mode)
+
+
+@contextmanager
+def writing(
+    path: str | os.PathLike[str],
+    mode: LockMode = "exclusive",
+    *,
+    keep_new: Callable[[str], bool] = is_store,
+) -> Iterator[StoreLock]:
+    """Hold the store's lock while writing it; undo the creation of a store that came to nothing.
+
+    Refuses a directory of other files. Under the exclusive lock, the temporary files of killed
+    writers are removed first. If the block raises and the store did not exist before, the path
+    is put back as it was (removed, or emptied if it was an empty directory) unless
+    ``keep_new(path)`` says that completed work is worth keeping (by default: any store).
+    """
+    refuse_foreign_directory(path)
+    root = Path(path)
+    dir_existed = root.is_dir()
+    store_existed = is_store(path)
+    with store_lock(path, mode) as lock:
+        if mode == "exclusive":
+            remove_partial_files(root)
+        try:
+            yield lock
+        except BaseException:
+            if not store_existed and not keep_new(str(path)):
+                _discard(root, keep_dir=dir_existed)
+            raise
+
+
+def _discard(root: Path, *, keep_dir: bool) -> None:
+    if not keep_dir:
+        shutil.rmtree(root, ignore_errors=True)
+        return
+    for entry in list(root.iterdir()):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def writes_store(argument: str, *, keep_new: Callable[[str], bool] = is_store) -> Callable[[F], F]:
+    """Decorator: run the function inside :func:`writing` (exclusive) for the store passed as ``argument``
+    (a path or a :class:`~source_proj.store.Store`)."""
+
+    def decorate(fn: F) -> F:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            target = signature.bind(*args, **kwargs).arguments[argument]
+            with writing(target.path if isinstance(target, Store) else target, keep_new=keep_new):
+                return fn(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate

@@ -1,0 +1,190 @@
+"""Every bad input gets a one-sentence error and leaves no partial result behind.
+
+"No partial result": a store that featurize was creating is removed when the call fails before a
+work unit is finished; one that already holds finished work keeps exactly that work (complete,
+crc-checked chunks) and nothing half-written.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import source_proj as sp
+
+from .crash_driver import FIT, build_model, data, featurize, files
+
+
+def _copy_run(tiny_run: Path, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    return run
+
+
+def _rewrite_checkpoint(run: Path, index: int, payload: bytes) -> Path:
+    """Replace checkpoint ``index``'s file by ``payload`` and record its sha256 (a run edited by hand)."""
+    trajectory = json.loads((run / "trajectory.json").read_text())
+    entry = trajectory["checkpoints"][index]
+    (run / entry["file"]).write_bytes(payload)
+    entry["sha256"] = hashlib.sha256(payload).hexdigest()
+    (run / "trajectory.json").write_text(json.dumps(trajectory))
+    return run / entry["file"]
+
+
+def _one_sentence(err: pytest.ExceptionInfo[BaseException]) -> str:
+    message = str(err.value)
+    assert "\n" not in message and message.endswith((".", ".)")), message
+    return message
+
+
+def test_missing_checkpoint_file(tmp_path: Path, tiny_run: Path) -> None:
+    run = _copy_run(tiny_run, tmp_path)
+    (run / "checkpoints" / "step-00000004.pt").unlink()
+    with pytest.raises(sp.TrajectoryError, match=r"step-00000004\.pt is missing; restore it") as err:
+        featurize(run, tmp_path / "s.sp")
+    _one_sentence(err)
+    assert not (tmp_path / "s.sp").exists()
+
+
+def test_changed_checkpoint_file(tmp_path: Path, tiny_run: Path) -> None:
+    run = _copy_run(tiny_run, tmp_path)
+    path = run / "checkpoints" / "step-00000008.pt"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(sp.TrajectoryError, match=r"step-00000008\.pt does not match the sha256") as err:
+        featurize(run, tmp_path / "s.sp")
+    _one_sentence(err)
+    assert not (tmp_path / "s.sp").exists()
+
+
+def test_unreadable_checkpoint_file(tmp_path: Path, tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = _copy_run(tiny_run, tmp_path)
+    denied = run / "checkpoints" / "step-00000004.pt"
+    real_open = Path.open
+
+    def open_(self: Path, *args, **kwargs):  # the tests run as root, which chmod cannot lock out
+        if self == denied:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_)
+    with pytest.raises(sp.TrajectoryError, match=r"step-00000004\.pt cannot be read \(Permission denied\)") as err:
+        featurize(run, tmp_path / "s.sp")
+    _one_sentence(err)
+    assert not (tmp_path / "s.sp").exists()
+
+
+def test_checkpoint_torch_cannot_read(tmp_path: Path, tiny_run: Path) -> None:
+    run = _copy_run(tiny_run, tmp_path)
+    _rewrite_checkpoint(run, 1, b"not a torch file")
+    with pytest.raises(sp.TrajectoryError, match=r"cannot be read by torch\.load"):
+        featurize(run, tmp_path / "s.sp")
+    assert not (tmp_path / "s.sp").exists()
+
+
+def test_checkpoint_with_non_finite_weights(tmp_path: Path, tiny_run: Path) -> None:
+    run = _copy_run(tiny_run, tmp_path)
+    state = build_model().state_dict()
+    state["2.weight"][0, 0] = float("inf")
+    buffer = tmp_path / "diverged.pt"
+    torch.save({"model": state}, buffer)
+    _rewrite_checkpoint(run, 2, buffer.read_bytes())
+    with pytest.raises(sp.TrajectoryError, match=r"step-00000008\.pt holds NaN or infinite values in '2\.weight'"):
+        featurize(run, tmp_path / "s.sp")
+    assert not (tmp_path / "s.sp").exists()
+
+
+def test_trajectory_without_learning_rates(tmp_path: Path, tiny_run: Path) -> None:
+    run = _copy_run(tiny_run, tmp_path)
+    trajectory = json.loads((run / "trajectory.json").read_text())
+    del trajectory["lr"]
+    (run / "trajectory.json").write_text(json.dumps(trajectory))
+    with pytest.raises(sp.TrajectoryError, match="records no learning rates; SOURCE needs the rate of every step"):
+        featurize(run, tmp_path / "s.sp")
+    assert not (tmp_path / "s.sp").exists()
+
+
+def test_empty_dataset(tmp_path: Path, tiny_run: Path) -> None:
+    empty = TensorDataset(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(sp.TaskError, match="The training dataset of stage 'main' is empty") as err:
+        sp.featurize(tiny_run, build_model(), sp.ClassificationTask(), empty, tmp_path / "s.sp", progress=False)
+    _one_sentence(err)
+    assert not (tmp_path / "s.sp").exists()
+
+
+def _with_label(index: int, label: int) -> TensorDataset:
+    x, y = data().tensors
+    y = y.clone()
+    y[index] = label
+    return TensorDataset(x, y)
+
+
+def test_labels_out_of_range(tmp_path: Path, tiny_run: Path) -> None:
+    with pytest.raises(sp.TaskError, match=r"Labels must lie in \[0, 2\] .* labels from 0 to 7") as err:
+        sp.featurize(tiny_run, build_model(), sp.ClassificationTask(), _with_label(1, 7), tmp_path / "a.sp",
+                     projection=sp.ProjectionArguments(dim=12), options=sp.FeaturizeArguments(chunk_rows=4),
+                     progress=False)  # fmt: skip
+    _one_sentence(err)
+    assert not (tmp_path / "a.sp").exists()
+    # A bad label in the third chunk: the two chunks before it are finished work and stay, complete.
+    with pytest.raises(sp.TaskError, match="Labels must lie"):
+        sp.featurize(tiny_run, build_model(), sp.ClassificationTask(), _with_label(9, -1), tmp_path / "b.sp",
+                     projection=sp.ProjectionArguments(dim=12), options=sp.FeaturizeArguments(chunk_rows=4),
+                     progress=False)  # fmt: skip
+    store = sp.Store.open(tmp_path / "b.sp")
+    assert store.pending_chunks("grads/main/step-00000000") == [2]
+    report = sp.verify_store(store.path, progress=False)
+    assert report.status == "incomplete" and report.damaged == [] and report.problems == []
+
+
+def test_projection_dimension_larger_than_the_parameter_count(tmp_path: Path, tiny_run: Path) -> None:
+    with pytest.raises(sp.TaskError, match=r"dimension 100 is larger than the 75 selected parameters") as err:
+        featurize(tiny_run, tmp_path / "s.sp", projection=sp.ProjectionArguments(dim=100))
+    _one_sentence(err)
+    assert not (tmp_path / "s.sp").exists()
+
+
+def test_non_finite_gradient_names_the_checkpoint_and_the_example(tmp_path: Path, tiny_run: Path) -> None:
+    x, y = data().tensors
+    x = x.clone()
+    x[2, 3] = float("nan")
+    with pytest.raises(sp.NumericalError) as err:
+        sp.featurize(tiny_run, build_model(), sp.ClassificationTask(), TensorDataset(x, y), tmp_path / "s.sp",
+                     projection=sp.ProjectionArguments(dim=12), options=sp.FeaturizeArguments(chunk_rows=4),
+                     progress=False)  # fmt: skip
+    message = _one_sentence(err)
+    assert "training-loss gradient of training example 2 at checkpoint checkpoints/step-00000000.pt" in message
+    assert not (tmp_path / "s.sp").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bit flip"])
+def test_damaged_chunk_is_named_with_the_repair_command(
+    tmp_path: Path, tiny_run: Path, tiny_reference: Path, damage: str
+) -> None:
+    store = tmp_path / "s.sp"
+    shutil.copytree(tiny_reference, store)
+    chunk = store / "fisher" / "main" / "step-00000004" / "c" / "1" / "0"
+    raw = bytearray(chunk.read_bytes())
+    if damage == "truncated":
+        raw = raw[:-6]
+    else:
+        raw[9] ^= 0x10
+    chunk.write_bytes(bytes(raw))
+    before = files(store)
+    reason = "unreadable" if damage == "truncated" else "its crc32 differs from the one recorded"
+    with pytest.raises(sp.StoreError) as err:
+        sp.fit(store, FIT, progress=False)
+    message = _one_sentence(err)
+    assert message.startswith(f"Chunk 1 (rows 4–7) of 'fisher/main/step-00000004' in {store} is damaged ({reason}")
+    assert f"run `source-proj verify {store} --repair`, then re-run the command that wrote it" in message
+    assert files(store) == before  # fit wrote nothing
+    assert sp.verify_store(store, repair=True, progress=False).repaired
+    featurize(tiny_run, store)
+    sp.fit(store, FIT, progress=False)
+    assert files(store) == files(tiny_reference)

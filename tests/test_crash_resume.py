@@ -1,0 +1,165 @@
+"""Killed at any moment, out of disk, or hit by a lost write, featurize and fit resume with the same
+command and end bit-identical to an uninterrupted run."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+import source_proj as sp
+from source_proj.durable import PARTIAL_SUFFIX, DurableLocalStore
+
+from .crash_driver import FIT, featurize, files
+
+DRIVER = Path(__file__).with_name("crash_driver.py")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _scratch(tmp_path: Path) -> Path:
+    """A RAM disk when there is one: a SIGKILL keeps the page cache, so the kill semantics are the
+    same as on disk, and the loop runs several times faster without the fsyncs' latency."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        return Path(tempfile.mkdtemp(dir=shm, prefix="source-proj-kills-"))
+    return tmp_path
+
+
+def test_sigkilled_featurize_and_fit_resume_bit_identical(tmp_path: Path) -> None:
+    work = _scratch(tmp_path)
+    try:
+        out = subprocess.run(
+            [sys.executable, str(DRIVER), str(work), "--kills", "20", "--fit-kills", "5", "--seed", "0"],
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    # The driver compares every file of every resumed store with the reference and fails otherwise.
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.splitlines()[-1])
+    assert result["featurize"]["kills"] >= 20 and result["fit"]["kills"] >= 5
+    assert result["featurize"]["identical"] == result["featurize"]["trials"] >= 1
+
+
+SPEC = """
+import sys
+sys.path.insert(0, {root!r})
+import source_proj as sp
+from tests.crash_driver import build_model, data
+
+def build_task():
+    return sp.ClassificationTask()
+
+def train_data(stage):
+    return data()
+"""
+
+
+def test_the_same_cli_command_resumes_a_killed_featurize(tmp_path: Path, tiny_run: Path) -> None:
+    spec = tmp_path / "spec.py"
+    spec.write_text(SPEC.format(root=str(ROOT)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def command(store: Path) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "source_proj.cli.main",
+            "featurize",
+            "--ckpts",
+            str(tiny_run),
+            "--spec",
+            str(spec),
+            "--out",
+            str(store),
+            "--dim",
+            "12",
+            "--seed",
+            "3",
+            "--batch-size",
+            "4",
+            "--chunk-rows",
+            "4",
+        ]
+
+    reference = tmp_path / "reference.sp"
+    assert subprocess.run(command(reference), env=env, capture_output=True, timeout=120).returncode == 0
+    store = tmp_path / "killed.sp"
+    child = subprocess.Popen(command(store), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(store.glob("progress/grads/main/*/c/1/0")) and time.monotonic() < deadline:
+        time.sleep(0.002)
+    child.send_signal(signal.SIGKILL)
+    assert child.wait() == -signal.SIGKILL
+    assert sp.verify_store(store, progress=False).status == "incomplete"  # killed mid-run, lock left behind
+    resumed = subprocess.run(command(store), env=env, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert files(store) == files(reference)
+
+
+def test_resume_recomputes_a_completed_chunk_a_crash_damaged(
+    tmp_path: Path, tiny_run: Path, tiny_reference: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = tmp_path / "s.sp"
+    original = sp.Store.write_chunk
+    written = []
+
+    def interrupted(self: sp.Store, name: str, chunk: int, values) -> None:
+        if len(written) == 6:
+            raise KeyboardInterrupt
+        original(self, name, chunk, values)
+        written.append((name, chunk))
+
+    monkeypatch.setattr(sp.Store, "write_chunk", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        featurize(tiny_run, store)
+    monkeypatch.undo()
+    # A write the disk lost at power failure, although its progress entry survived.
+    name, chunk = next(w for w in written if w[0].startswith("grads/"))
+    (store / name / "c" / str(chunk) / "0").write_bytes(b"\0" * 5)
+    with pytest.warns(UserWarning, match=rf"damaged \(first: chunk {chunk} of '{name}'\); they are recomputed"):
+        featurize(tiny_run, store)
+    sp.fit(store, FIT, progress=False)
+    assert files(store) == files(tiny_reference)
+
+
+def test_disk_full_is_one_sentence_and_the_same_command_resumes(
+    tmp_path: Path, tiny_run: Path, tiny_reference: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = tmp_path / "s.sp"
+    original = DurableLocalStore.set
+    chunk_writes = []
+
+    async def full_disk(self: DurableLocalStore, key: str, value) -> None:
+        if "/c/" in key:
+            chunk_writes.append(key)
+            if len(chunk_writes) > 9:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.root / key))
+        await original(self, key, value)
+
+    monkeypatch.setattr(DurableLocalStore, "set", full_disk)
+    with pytest.raises(sp.StoreError) as err:
+        featurize(tiny_run, store)
+    monkeypatch.undo()
+    message = str(err.value)
+    assert (
+        message.startswith("Writing chunk ") and "failed because the disk is full (No space left on device)" in message
+    )
+    assert message.endswith("re-run the same command: it resumes, and nothing half-written was kept.")
+    report = sp.verify_store(store, progress=False)
+    assert report.damaged == [] and report.problems == [] and report.pending > 0 and report.complete > 0
+    assert not list(store.rglob(f"*{PARTIAL_SUFFIX}"))
+    featurize(tiny_run, store)
+    sp.fit(store, FIT, progress=False)
+    assert files(store) == files(tiny_reference)

@@ -1,0 +1,79 @@
+"""Durable writes: a file is old or new, never half; a chunk's data reach the disk before its
+progress entry does."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+import source_proj as sp
+from source_proj import durable
+from source_proj.durable import LOCK_FILE, PARTIAL_SUFFIX, DurableLocalStore
+
+
+def test_atomic_write_replaces_the_file_or_leaves_it_untouched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "new" / "deeper" / "cache.bin"
+    sp.atomic_write_bytes(target, b"first")
+    assert target.read_bytes() == b"first"
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError):
+        sp.atomic_write_bytes(target, b"second, longer content")
+    assert target.read_bytes() == b"first"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["cache.bin"]
+
+
+def test_a_chunk_is_on_disk_before_its_progress_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = sp.Store.create(tmp_path / "s.sp", {"x": 1})
+    store.require_array("grads/a", (10, 3), 4, "float32")
+    store.pending_chunks("grads/a")  # creates the progress entries
+    events: list[tuple[str, str]] = []
+    for name in ("fsync_file", "fsync_dir"):
+        real = getattr(durable, name)
+        monkeypatch.setattr(durable, name, lambda p, real=real, name=name: (events.append((name, str(p))), real(p)))
+    store.write_chunk("grads/a", 1, np.ones((4, 3), np.float32))
+    root = str(tmp_path / "s.sp")
+    data, entry = f"{root}/grads/a/c/1/0", f"{root}/progress/grads/a/c/1/0"
+    order = [e for e in events if e in {("fsync_file", data), ("fsync_dir", f"{root}/grads/a/c/1"),
+                                        ("fsync_dir", f"{root}/grads/a/c"), ("fsync_file", entry)}]  # fmt: skip
+    assert order == [
+        ("fsync_file", data),  # the chunk's bytes
+        ("fsync_dir", f"{root}/grads/a/c/1"),  # its name
+        ("fsync_dir", f"{root}/grads/a/c"),  # the directory the write created
+        ("fsync_file", entry),  # only then the progress entry
+    ]
+    assert np.array_equal(store.read_chunk("grads/a", 1), np.ones((4, 3), np.float32))
+
+
+def test_the_lock_file_and_leftover_temporaries_are_invisible_to_zarr(tmp_path: Path) -> None:
+    store = sp.Store.create(tmp_path / "s.sp", {"x": 1})
+    store.require_array("grads/a", (4, 2), 4, "float32")
+    (tmp_path / "s.sp" / LOCK_FILE).write_text("{}")
+    (tmp_path / "s.sp" / "grads" / f"zarr.1234{PARTIAL_SUFFIX}").write_text("killed")
+    group = zarr.open_group(store=DurableLocalStore(tmp_path / "s.sp", read_only=True), mode="r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sorted(k for k, _ in group.members(max_depth=None)) == ["grads", "grads/a"]
+
+
+def test_a_new_store_is_its_root_metadata_written_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A kill between an empty root group and its attributes used to leave a store nobody could open.
+    writes = []
+    real_set = DurableLocalStore.set
+
+    async def spy(self: DurableLocalStore, key: str, value) -> None:
+        writes.append(key)
+        await real_set(self, key, value)
+
+    monkeypatch.setattr(DurableLocalStore, "set", spy)
+    sp.Store.create(tmp_path / "s.sp", {"x": 1})
+    assert writes == ["zarr.json"]
+    assert sp.Store.open(tmp_path / "s.sp").meta["x"] == 1

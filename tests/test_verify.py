@@ -1,0 +1,112 @@
+"""``verify`` finds every damaged chunk and inconsistency; ``--repair`` plus the printed commands
+recompute exactly what was lost, back to the uninterrupted store's bytes."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from source_proj.cli.main import main
+
+import source_proj as sp
+
+from .crash_driver import FIT, featurize, files
+from .test_crash_resume import ROOT, SPEC
+
+
+def _flip(chunk: Path) -> None:
+    raw = bytearray(chunk.read_bytes())
+    raw[3] ^= 0x01
+    chunk.write_bytes(bytes(raw))
+
+
+def test_an_intact_store_verifies_ok(tiny_reference: Path) -> None:
+    report = sp.verify_store(tiny_reference, progress=False)
+    # lr (1 chunk) + grads and fisher of 3 checkpoints (3 chunks each) + 2 eigvals (1 each) + train (3)
+    assert (report.arrays, report.chunks, report.complete) == (10, 24, 24)
+    assert report.status == "ok" and report.damaged == report.problems == report.notes == []
+    assert report.lines()[-1] == "status: OK (complete, every chunk matches its crc)"
+
+
+def _cli_store(tmp_path: Path, tiny_run: Path, name: str) -> tuple[Path, list[str]]:
+    spec = tmp_path / "spec.py"
+    spec.write_text(SPEC.format(root=str(ROOT)))
+    store = tmp_path / name
+    args = ["featurize", "--ckpts", str(tiny_run), "--spec", str(spec), "--out", str(store), "--dim", "12"]
+    args += ["--seed", "3", "--batch-size", "4", "--chunk-rows", "4"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    assert CliRunner().invoke(main, ["fit", str(store), "--segments", "2"]).exit_code == 0
+    return store, args
+
+
+def test_verify_repair_and_the_printed_commands_recompute_exactly_the_damage(tmp_path: Path, tiny_run: Path) -> None:
+    reference, _ = _cli_store(tmp_path, tiny_run, "reference.sp")
+    store = tmp_path / "s.sp"
+    shutil.copytree(reference, store)
+    _flip(store / "grads/main/step-00000004/c/2/0")
+    (store / "methods/source/train/main/c/0/0").write_bytes(b"\0" * 7)
+    (store / "fisher/main/zarr.abc123.partial").write_bytes(b"left by a killed writer")
+    cli = CliRunner()
+
+    out = cli.invoke(main, ["verify", str(store)])
+    assert out.exit_code == 1
+    assert "DAMAGED  chunk 2 of grads/main/step-00000004: rows 8–11: its crc32 differs" in out.stdout
+    assert "DAMAGED  chunk 0 of methods/source/train/main: rows 0–3: unreadable" in out.stdout
+    assert "note     1 temporary file(s) of interrupted writes" in out.stdout
+    assert out.stdout.splitlines()[-1] == f"status: DAMAGED; run `source-proj verify {store} --repair`"
+
+    out = cli.invoke(main, ["verify", str(store), "--repair"])
+    assert out.exit_code == 0, out.stdout
+    assert "repaired 1 damaged chunk(s) of 'grads/main/step-00000004' marked pending" in out.stdout
+    assert "repaired method 'source' marked unfinished" in out.stdout
+    assert "repaired removed 1 temporary file(s) of interrupted writes" in out.stdout
+    opened = sp.Store.open(store)
+    assert opened.pending_chunks("grads/main/step-00000004") == [2]
+    assert opened.pending_chunks("methods/source/train/main") == [0]
+    steps = out.stdout.splitlines()[-2:]
+    assert steps[0].startswith("  source-proj featurize --ckpts ") and "--dim 12 --seed 3" in steps[0]
+    assert steps[1] == f"  source-proj fit {store} --method source --segments 2"
+    for step in steps:
+        assert cli.invoke(main, shlex.split(step)[1:]).exit_code == 0
+    assert files(store) == files(reference)
+    assert cli.invoke(main, ["verify", str(store)]).stdout.splitlines()[-1].startswith("status: OK")
+
+
+def test_an_interrupted_store_is_reported_incomplete_with_the_command_that_finishes_it(
+    tmp_path: Path, tiny_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = sp.Store.write_chunk
+    calls = []
+
+    def interrupted(self: sp.Store, name: str, chunk: int, values) -> None:
+        calls.append(name)
+        if len(calls) > 5:
+            raise KeyboardInterrupt
+        original(self, name, chunk, values)
+
+    monkeypatch.setattr(sp.Store, "write_chunk", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        featurize(tiny_run, tmp_path / "s.sp")
+    report = sp.verify_store(tmp_path / "s.sp", progress=False)
+    assert report.status == "incomplete" and report.damaged == [] and report.problems == []
+    assert report.complete == 5 and report.pending == report.chunks - 5
+    assert report.next_steps == ["re-run source_proj.featurize(...) with the arguments that created the store"]
+
+
+def test_a_missing_array_of_a_finished_store_is_found_and_rewritten(
+    tmp_path: Path, tiny_run: Path, tiny_reference: Path
+) -> None:
+    store = tmp_path / "s.sp"
+    shutil.copytree(tiny_reference, store)
+    shutil.rmtree(store / "grads/main/step-00000004")
+    shutil.rmtree(store / "progress/grads/main/step-00000004")
+    report = sp.verify_store(store, progress=False)
+    assert report.status == "damaged"
+    assert report.problems == ["'grads/main/step-00000004' is missing although featurize finished"]
+    assert sp.verify_store(store, repair=True, progress=False).status == "incomplete"
+    featurize(tiny_run, store)
+    sp.fit(store, FIT, progress=False)
+    assert files(store) == files(tiny_reference)
