@@ -7,13 +7,14 @@ helps query ``q`` (removing ``z`` would lower the measurement).
 
 __version__ = "0.1.0"
 
+from .autosegment import TrajectoryView
 from .errors import NumericalError, SourceProjError, StoreError, TaskError, TrajectoryError
 from .featurize import FeaturizeArguments, ProjectionArguments, featurize
 from .fit import FitArguments, fit
 from .pipeline import attribute
 from .projection import IdentityProjector, Projector, RademacherProjector
 from .query import Attributor, QueryResult
-from .segments import Segment, make_segments
+from .segments import Segment, SegmentationArguments, make_segments
 from .store import Store
 from .task import ClassificationTask, ParameterSelection, RegressionTask, Task
 from .trajectory import Trajectory, TrajectoryRecorder
@@ -32,6 +33,7 @@ __all__ = [
     "RademacherProjector",
     "RegressionTask",
     "Segment",
+    "SegmentationArguments",
     "SourceProjError",
     "Store",
     "StoreError",
@@ -40,6 +42,7 @@ __all__ = [
     "Trajectory",
     "TrajectoryError",
     "TrajectoryRecorder",
+    "TrajectoryView",
     "__version__",
     "attribute",
     "featurize",
