@@ -81,28 +81,35 @@ def param_sizes(meta: dict[str, Any]) -> dict[str, int]:
 
 def store_segments(store: Store, args: FitArguments) -> list[Segment]:
     """The segments a fit with ``args`` uses on this store (see :class:`FitArguments`)."""
+    return resolve_segments(store, args)[0]
+
+
+def resolve_segments(store: Store, args: FitArguments) -> tuple[list[Segment], TrajectoryView | None]:
+    """The segments a fit with ``args`` uses, and the trajectory view when they were placed automatically."""
     meta = store.meta
     recorded = meta.get("segmentation")
     requested = args.segmentation()
     if recorded is not None and (requested is None or requested.describe() == recorded["arguments"]):
-        return [Segment.from_description(d) for d in recorded["segments"]]
+        view = TrajectoryView.from_description(recorded["view"]) if recorded.get("view") else None
+        return [Segment.from_description(d) for d in recorded["segments"]], view
     requested = requested or SegmentationArguments()
     stages = trajectory_stages(meta)
     steps = meta["trajectory"]["checkpoints"]
     lr = store.read("trajectory/lr")
     bound = args.fast or any(s.get("preconditioner") for s in (recorded or {}).get("segments", []))
     if requested.auto is not None and not bound:
-        return make_segments(stages, steps, lr, param_sizes(meta), boundaries=store_view(store, requested.auto).cuts)
+        view = store_view(store, requested.auto)
+        return make_segments(stages, steps, lr, param_sizes(meta), boundaries=view.cuts), view
     segments = make_segments(
         stages, steps, lr, param_sizes(meta), per_stage=requested.per_stage, boundaries=requested.boundaries
     )
     if recorded is None or not bound:
-        return segments
+        return segments, None
     extent = [(s.stage, s.start_step, s.end_step, s.checkpoints) for s in segments]
     if requested.auto is None and extent == [
         (d["stage"], d["start_step"], d["end_step"], tuple(d["checkpoints"])) for d in recorded["segments"]
     ]:
-        return [Segment.from_description(d) for d in recorded["segments"]]
+        return [Segment.from_description(d) for d in recorded["segments"]], None
     why = "Fast-SOURCE features" if args.fast else "Adam-preconditioned features"
     raise StoreError(
         f"The store at {store.path} holds {why} computed for the segmentation {recorded['arguments']}, so it cannot be "
@@ -191,7 +198,7 @@ def fit(
     unknown = [s for s in attributed if s not in stage_names]
     if unknown:
         raise TaskError(f"Unknown stage(s) {unknown}; the trajectory's stages are {stage_names}.")
-    segments = store_segments(store, args)
+    segments, view = resolve_segments(store, args)
     keys = feature_keys(segments, args.fast)
     needed = sorted({f"grads/{seg.stage}/{k}" for seg, ks in zip(segments, keys, strict=True) for k in ks})
     missing = [name for name in needed if not store.has(name)]
@@ -209,6 +216,8 @@ def fit(
         "dim": meta["projection"]["dim"],
         "query": query,
     }
+    if view is not None:
+        description["view"] = view.describe()
     method = args.name
     _claim_method(store, method, description, overwrite)
 
