@@ -29,6 +29,7 @@ between consecutive checkpoints and the chosen cuts, as a table and as a PNG.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,8 +275,10 @@ def optimal_partition(gram: np.ndarray, labels: Sequence[str], budget: int) -> t
     diag = np.concatenate([[0.0], np.cumsum(np.diag(gram))])
     tie = 1e-9 * max(float(np.trace(gram)), 1e-300) / n**2
 
+    runs = np.cumsum([0] + [int(a != b) for a, b in itertools.pairwise(labels)])
+
     def cost(i: int, j: int) -> float:
-        if labels[i] != labels[j]:
+        if runs[i] != runs[j]:
             return np.inf
         block = prefix[j + 1, j + 1] - prefix[i, j + 1] - prefix[j + 1, i] + prefix[i, i]
         size = j - i + 1
