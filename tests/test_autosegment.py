@@ -132,7 +132,7 @@ def test_adam_run_chooses_automatic_cuts_before_featurize_and_keeps_them(tmp_pat
 def test_budget_outside_the_checkpoints_is_refused(tmp_path: Path) -> None:
     _run(tmp_path / "run")
     store = _store(tmp_path / "run", tmp_path / "s.sp")
-    with pytest.raises(sp.TrajectoryError, match="between 1 .* and 20"):
+    with pytest.raises(sp.TrajectoryError, match=r"between 1 .* and 20"):
         sp.fit(store, sp.FitArguments(auto_segments=25), progress=False)
     out = CliRunner().invoke(
         main, ["fit", str(tmp_path / "s.sp"), "--segments", "auto:3", "--plot", str(tmp_path / "fit.png")]

@@ -64,7 +64,7 @@ def _unrolled_first_stage(queries: TensorDataset, fine_steps: int) -> np.ndarray
             x, y = (t.double() for t in data[name].tensors)
             weights = w if name == "pre" else torch.ones(len(y), dtype=torch.float64)
             for _ in range(steps):
-                g = grad(lambda t: (weights * _squared(functional_call(net, t, (x,)), y)).mean())(theta)
+                g = grad(lambda t, w=weights, x=x, y=y: (w * _squared(functional_call(net, t, (x,)), y)).mean())(theta)
                 theta = {n: theta[n] - LR * g[n] for n in theta}
         return (functional_call(net, theta, (qx,)).squeeze(-1) - qy).abs()
 
