@@ -97,7 +97,7 @@ class TrajectoryView:
 
     def table(self) -> str:
         """A terminal table: each checkpoint, its rate, the change to the next one, and the cuts."""
-        lines = [f"{'stage':<12} {'step':>8} {'lr':>10} {'Δcurv':>8} {'Δgrad':>8}  change"]
+        lines = [f"{'stage':<12} {'step':>8} {'η (eff.)':>10} {'Δcurv':>8} {'Δgrad':>8}  change"]
         peak = np.nanmax([*self.curvature_change, *self.gradient_change, 1e-12])
         for i, step in enumerate(self.steps):
             starts = i == 0 or self.stages[i] != self.stages[i - 1]

@@ -60,9 +60,10 @@ def _adam_run(run: Path, data: TensorDataset, lr: float, steps: int, kind: str, 
         opt.zero_grad()
         _squared(model(x), y).mean().backward()
         if hold:
+            level = 3 * max(float(p.grad.abs().max()) for p in model.parameters()) + 1.0
             for p in model.parameters():
                 g = p.grad + (decay * p.detach() if kind == "adam" else 0)
-                spread = 2 * g.abs() + 0.1 if hold == "anisotropic" else torch.full_like(g, 3.0)
+                spread = 2 * g.abs() + 0.1 if hold == "anisotropic" else torch.full_like(g, level)
                 target.setdefault(p, spread**2)
                 state = opt.state[p]
                 if not state:
