@@ -387,3 +387,9 @@ def test_hand_written_trajectory_with_per_group_rates_is_refused(tmp_path: Path,
     (tmp_path / "run" / "trajectory.json").write_text(json.dumps(index))
     with pytest.raises(sp.TrajectoryError, match="different learning rates"):
         _featurize(tmp_path / "run", regression_data, tmp_path / "s.sp")
+
+
+def test_recorded_maximising_run_is_refused(tmp_path: Path, regression_data) -> None:
+    _small_run(tmp_path / "run", regression_data, lambda p: torch.optim.SGD(p, lr=0.01, maximize=True))
+    with pytest.raises(sp.TrajectoryError, match="maximize=True"):
+        _featurize(tmp_path / "run", regression_data, tmp_path / "s.sp")
