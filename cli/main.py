@@ -12,6 +12,7 @@ import click
 import torch
 
 import source_proj as sp
+from source_proj.fit import store_view
 from source_proj.info import store_summary
 from source_proj.query import method_meta
 from source_proj.spec import Spec, load_spec
@@ -56,6 +57,7 @@ def main() -> None:
     source-proj query STORE --top-k 50                             most helpful / harmful training examples
     source-proj info STORE                                         what a store holds
     source-proj verify STORE [--repair]                            check every chunk; repair damage
+    source-proj trajectory STORE --segments auto:3 --plot t.png    change between checkpoints, automatic cuts
     """
 
 
@@ -89,6 +91,15 @@ def main() -> None:
 @click.option("--chunk-rows", default=1024, show_default=True, help="Examples per store chunk (unit of resumption).")
 @click.option("--device", default=None, help="cuda, cpu, ... (default: cuda when available).")
 @click.option("--workers", default=0, show_default=True, help="DataLoader worker processes.")
+@click.option(
+    "--segments",
+    "segmentation",
+    default=None,
+    help="Fix the segmentation now: 3 (parts per stage), auto:L or at:STEP,STEP. Adam runs and --fast need it "
+    "(default 3 per stage); fit then keeps it.",
+)
+@click.option("--fast", is_flag=True, help="Also featurize each segment's averaged parameters (Fast-SOURCE).")
+@click.option("--fast-only", is_flag=True, help="Featurize only the segments' averaged parameters (cheap mode).")
 @click.option("--force", is_flag=True, help="Replace an existing store written with other settings.")
 def featurize(
     run_dir: Path,
@@ -102,6 +113,9 @@ def featurize(
     chunk_rows: int,
     device: str | None,
     workers: int,
+    segmentation: str | None,
+    fast: bool,
+    fast_only: bool,
     force: bool,
 ) -> None:
     """Project per-example training gradients of every checkpoint into STORE (resumes if interrupted)."""
@@ -116,36 +130,103 @@ def featurize(
         store_path,
         projection=sp.ProjectionArguments(dim=dim, seed=seed, kind=projection),
         options=sp.FeaturizeArguments(
-            batch_size=batch_size, chunk_rows=chunk_rows, fisher=fisher, device=device, num_workers=workers
+            batch_size=batch_size,
+            chunk_rows=chunk_rows,
+            fisher=fisher,
+            device=device,
+            num_workers=workers,
+            segmentation=sp.SegmentationArguments.parse(segmentation) if segmentation else None,
+            checkpoints=not fast_only,
+            segment_means=fast or fast_only,
         ),
         overwrite=force,
         spec=str(spec.path),
     )
     click.echo(f"featurized {len(trajectory.checkpoints)} checkpoints into {store.path}")
+    recorded = store.meta.get("segmentation")
+    if recorded is not None:
+        click.echo(f"segmentation fixed for this store: {recorded['arguments']}")
+        if recorded.get("view"):
+            click.echo(sp.TrajectoryView.from_description(recorded["view"]).table())
 
 
 @main.command(cls=_Command)
 @click.argument("store_path", type=click.Path(path_type=Path))
-@click.option("--segments", default=3, show_default=True, help="Equal segments per stage.")
+@click.option(
+    "--segments",
+    default=None,
+    help="Equal segments per stage (3), or auto:L for L segments placed automatically (default: the store's, else 3).",
+)
 @click.option(
     "--boundaries", default=None, help="Explicit global steps to cut at, e.g. 100,200 (overrides --segments)."
 )
 @click.option("--stages", default=None, help="Attribute to these stages' data only, e.g. pretrain (default: all).")
-@click.option("--method", default="source", show_default=True, help="Name to store the result under.")
+@click.option("--fast", is_flag=True, help="Fast-SOURCE: features at each segment's averaged parameters.")
+@click.option("--method", default=None, help="Name to store the result under [default: source, fast-source].")
+@click.option("--plot", "plot_path", default=None, type=click.Path(path_type=Path), help="PNG of the trajectory view.")
 @click.option("--force", is_flag=True, help="Replace a method fitted with other settings.")
-def fit(store_path: Path, segments: int, boundaries: str | None, stages: str | None, method: str, force: bool) -> None:
+def fit(
+    store_path: Path,
+    segments: str | None,
+    boundaries: str | None,
+    stages: str | None,
+    fast: bool,
+    method: str | None,
+    plot_path: Path | None,
+    force: bool,
+) -> None:
     """Segment the trajectory, build SOURCE's operators and cache the training features in STORE."""
+    seg = sp.SegmentationArguments.parse(segments) if segments else None
     args = sp.FitArguments(
-        segments_per_stage=segments, boundaries=_ints(boundaries), stages=_names(stages), method=method
+        segments_per_stage=seg.per_stage if seg and seg.auto is None and seg.boundaries is None else None,
+        boundaries=_ints(boundaries) or (seg.boundaries if seg else None),
+        auto_segments=seg.auto if seg else None,
+        stages=_names(stages),
+        method=method,
+        fast=fast,
     )
     store = sp.fit(store_path, args, overwrite=force)
-    for seg in method_meta(store, method)["segments"]:
-        t = seg["mean_lr"] * (seg["end_step"] - seg["start_step"])
+    described = method_meta(store, args.name)
+    if described.get("view"):
+        view = sp.TrajectoryView.from_description(described["view"])
+        click.echo(view.table())
+        if plot_path is not None:
+            click.echo(f"wrote {view.plot(plot_path)}")
+    for seg_desc in described["segments"]:
+        t = seg_desc["mean_lr"] * (seg_desc["end_step"] - seg_desc["start_step"])
         click.echo(
-            f"segment {seg['stage']} steps [{seg['start_step']}, {seg['end_step']}) "
-            f"checkpoints {seg['checkpoints']}  η̄K = {t:.4g}  λ = {seg['weight_decay']:.3g}"
+            f"segment {seg_desc['stage']} steps [{seg_desc['start_step']}, {seg_desc['end_step']}) "
+            f"checkpoints {seg_desc['checkpoints']}  η̄K = {t:.4g}  λ = {seg_desc['weight_decay']:.3g}"
         )
-    click.echo(f"fitted {method!r} in {store.path}")
+    click.echo(f"fitted {args.name!r} ({described['kind']}) in {store.path}; attributes stages {described['stages']}")
+
+
+@main.command(cls=_Command)
+@click.argument("store_path", type=click.Path(path_type=Path))
+@click.option("--segments", default=None, help="auto:L — place L segments (default: the store's automatic cuts).")
+@click.option("--plot", "plot_path", default=None, type=click.Path(path_type=Path), help="Write the view as a PNG.")
+def trajectory(store_path: Path, segments: str | None, plot_path: Path | None) -> None:
+    """Show how curvature and gradients change between checkpoints, and where automatic segments cut."""
+    store = sp.Store.open(store_path)
+    view = _trajectory_view(store, segments)
+    click.echo(view.table())
+    if plot_path is not None:
+        click.echo(f"wrote {view.plot(plot_path)}")
+
+
+def _trajectory_view(store: sp.Store, segments: str | None) -> sp.TrajectoryView:
+    if segments:
+        seg = sp.SegmentationArguments.parse(segments)
+        if seg.auto is None:
+            raise click.BadParameter("the trajectory view places automatic cuts: write auto:L", param_hint="--segments")
+        return store_view(store, seg.auto)
+    meta = store.meta
+    recorded = [(meta.get("segmentation") or {}).get("view")]
+    recorded += [m.get("view") for m in (meta.get("methods") or {}).values()]
+    views = [v for v in recorded if v]
+    if not views:
+        raise click.UsageError("The store holds no automatic segmentation yet; pass --segments auto:L.")
+    return sp.TrajectoryView.from_description(views[0])
 
 
 def _select(n: int, spec: str | None) -> list[int]:

@@ -7,6 +7,7 @@ helps query ``q`` (removing ``z`` would lower the measurement).
 
 __version__ = "0.1.0"
 
+from .autosegment import TrajectoryView
 from .durable import atomic_write_bytes
 from .errors import NumericalError, SourceProjError, StoreError, TaskError, TrajectoryError
 from .featurize import FeaturizeArguments, ProjectionArguments, featurize
@@ -15,7 +16,7 @@ from .locking import StoreLock, store_lock
 from .pipeline import attribute
 from .projection import IdentityProjector, Projector, RademacherProjector
 from .query import Attributor, QueryResult
-from .segments import Segment, make_segments
+from .segments import Segment, SegmentationArguments, make_segments
 from .store import Store
 from .task import ClassificationTask, ParameterSelection, RegressionTask, Task
 from .trajectory import Trajectory, TrajectoryRecorder
@@ -35,6 +36,7 @@ __all__ = [
     "RademacherProjector",
     "RegressionTask",
     "Segment",
+    "SegmentationArguments",
     "SourceProjError",
     "Store",
     "StoreError",
@@ -44,6 +46,7 @@ __all__ = [
     "Trajectory",
     "TrajectoryError",
     "TrajectoryRecorder",
+    "TrajectoryView",
     "VerifyReport",
     "__version__",
     "atomic_write_bytes",

@@ -24,11 +24,14 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .errors import NumericalError, StoreError, TaskError
+from .featurize_plan import PROBE, FeaturizePlan, featurize_plan
 from .gradients import PerExampleGradients, move_batch
 from .locking import writes_store
+from .preconditioner import precondition_gradients
 from .projection import Projector, make_projector
 from .provenance import check_checkpoints, describe_provenance
-from .store import Store, ckpt_key, is_store
+from .segments import SegmentationArguments
+from .store import Store, is_store
 from .task import Task
 from .trajectory import Checkpoint, Trajectory
 
@@ -64,6 +67,13 @@ class FeaturizeArguments:
         device: ``"cuda"``, ``"cpu"``…; default: CUDA when available.
         num_workers: DataLoader workers overlapping data loading with compute.
         vmap_chunk: examples per vectorised gradient chunk (bounds memory); ``None`` = the batch.
+        segmentation: fix the segmentation now (recorded in the store; fit then uses it and refuses
+            another). Needed when a stage was trained with Adam/AdamW (the preconditioner D_ℓ is a
+            segment mean) or with ``segment_means``; ``None`` there means 3 equal parts per stage.
+            Plain SGD stores leave the choice to fit.
+        checkpoints: featurize every checkpoint (SOURCE; the baselines use them too).
+        segment_means: featurize each segment's averaged parameters (Fast-SOURCE, SOURCE_MATH §7);
+            with ``checkpoints=False`` this is the cheap mode: L instead of C gradient passes.
     """
 
     batch_size: int = 64
@@ -73,6 +83,9 @@ class FeaturizeArguments:
     device: str | None = None
     num_workers: int = 0
     vmap_chunk: int | None = None
+    segmentation: SegmentationArguments | None = None
+    checkpoints: bool = True
+    segment_means: bool = False
 
 
 def default_device(device: str | None) -> torch.device:
@@ -201,59 +214,76 @@ def featurize(
     }
     store = _open_or_create(store_path, meta, overwrite)
     if not store.meta.get("featurized"):
-        store.heal("grads/", "fisher/")
-    if not store.is_complete("trajectory/lr"):
-        store.write_whole("trajectory/lr", trajectory.lr.astype(np.float64))
+        store.heal("grads/", "fisher/", PROBE)
+    plan = featurize_plan(trajectory, store, datasets, names, options, overwrite)
+    if not plan.store.is_complete("trajectory/lr"):
+        plan.store.write_whole("trajectory/lr", trajectory.lr.astype(np.float64))
+    if plan.probe:
+        _featurize_units(plan, grads_fn, projector, task, options, directions, device, work_model, progress)
+        plan = featurize_plan(trajectory, plan.store, datasets, names, options, overwrite)
+    _featurize_units(plan, grads_fn, projector, task, options, directions, device, work_model, progress)
+    if not plan.store.meta.get("featurized"):
+        plan.store.update_meta(featurized=True)
+    return plan.store
 
-    k = projector.dim
+
+def _featurize_units(
+    plan: FeaturizePlan,
+    grads_fn: PerExampleGradients,
+    projector: Projector,
+    task: Task,
+    options: FeaturizeArguments,
+    directions: int,
+    device: torch.device,
+    work_model: nn.Module,
+    progress: bool,
+) -> None:
+    """Compute and write every unfinished row chunk of the plan's units."""
+    store, k = plan.store, projector.dim
     work = []
-    for ckpt in trajectory.checkpoints:
-        for stage in checkpoint_stages(trajectory, ckpt):
-            n = len(datasets[stage])  # type: ignore[arg-type]
-            gname = f"grads/{stage}/{ckpt_key(ckpt.step)}"
-            store.require_array(gname, (n, k), options.chunk_rows, "float32")
-            if options.fisher != "empirical":
-                store.require_array(
-                    f"fisher/{stage}/{ckpt_key(ckpt.step)}",
-                    (n * directions, k),
-                    options.chunk_rows * directions,
-                    "float32",
-                )
-            pending = store.pending_chunks(gname)
-            if options.fisher != "empirical":
-                pending = sorted(set(pending) | set(store.pending_chunks(f"fisher/{stage}/{ckpt_key(ckpt.step)}")))
-            work.extend((ckpt, stage, chunk) for chunk in pending)
+    for unit in plan.units:
+        n = len(unit.dataset)  # type: ignore[arg-type]
+        gname = f"{unit.prefix}grads/{unit.stage}/{unit.key}"
+        fname = f"{unit.prefix}fisher/{unit.stage}/{unit.key}"
+        store.require_array(gname, (n, k), options.chunk_rows, "float32")
+        pending = store.pending_chunks(gname)
+        if options.fisher != "empirical":
+            store.require_array(fname, (n * directions, k), options.chunk_rows * directions, "float32")
+            pending = sorted(set(pending) | set(store.pending_chunks(fname)))
+        work.extend((unit, chunk) for chunk in pending)
 
-    loaded: Checkpoint | None = None
-    stage_index = {s.name: i for i, s in enumerate(trajectory.stages)}
-    ckpt_index = {c.step: i for i, c in enumerate(trajectory.checkpoints)}
-    for ckpt, stage, chunk in tqdm(work, desc="featurize", unit="chunk", disable=not progress):
-        if loaded != ckpt:
-            trajectory.load_into(work_model, ckpt)
-            loaded = ckpt
-        seed = np.random.SeedSequence([options.seed, ckpt_index[ckpt.step], stage_index[stage], chunk])
+    loaded: tuple[Any, ...] | None = None
+    scale: dict[str, torch.Tensor] | None = None
+    scale_name: str | None = None
+    stage_index = {s.name: i for i, s in enumerate(plan.trajectory.stages)}
+    desc = "featurize (segmentation probe)" if plan.probe else "featurize"
+    for unit, chunk in tqdm(work, desc=desc, unit="chunk", disable=not progress):
+        if loaded != unit.point:
+            plan.load(work_model, unit.point)
+            loaded = unit.point
+        if scale_name != unit.scale:
+            scale = plan.scale(unit.scale, device)
+            scale_name = unit.scale
+        seed = np.random.SeedSequence([options.seed, *unit.seed, stage_index[unit.stage], chunk])
         generator = torch.Generator().manual_seed(int(seed.generate_state(1, dtype=np.uint64)[0] >> 1))
         start = chunk * options.chunk_rows
-        stop = min(len(datasets[stage]), start + options.chunk_rows)  # type: ignore[arg-type]
+        stop = min(len(unit.dataset), start + options.chunk_rows)  # type: ignore[arg-type]
         feats, fisher = _featurize_rows(
             grads_fn,
             projector,
             task,
-            datasets[stage],
+            unit.dataset,
             start,
             stop,
             options,
             generator,
             device,
-            where=f"checkpoint {ckpt.file}, stage {stage!r}",
+            where=f"{unit.where}, stage {unit.stage!r}",
+            scale=scale,
         )
-        key = ckpt_key(ckpt.step)
         if fisher is not None:
-            store.write_chunk(f"fisher/{stage}/{key}", chunk, fisher)
-        store.write_chunk(f"grads/{stage}/{key}", chunk, feats)
-    if not store.meta.get("featurized"):
-        store.update_meta(featurized=True)
-    return store
+            store.write_chunk(f"{unit.prefix}fisher/{unit.stage}/{unit.key}", chunk, fisher)
+        store.write_chunk(f"{unit.prefix}grads/{unit.stage}/{unit.key}", chunk, feats)
 
 
 def _open_or_create(path: str | Path, meta: dict[str, Any], overwrite: bool) -> Store:
@@ -303,6 +333,7 @@ def _featurize_rows(
     generator: torch.Generator,
     device: torch.device,
     where: str,
+    scale: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     loader = DataLoader(
         Subset(dataset, range(start, stop)),
@@ -317,14 +348,15 @@ def _featurize_rows(
         batch = move_batch(batch, device)
         outputs = grads_fn.outputs(batch)
         task.loss(outputs, batch)  # validates targets (label ranges) outside vmap
-        projected = projector.project(grads_fn(batch, "loss"))
+        projected = projector.project(precondition_gradients(grads_fn(batch, "loss"), scale))
         _check_finite(projected, row, where, "training-loss gradient")
         feats.append(projected.cpu())
         if options.fisher != "empirical":
             gen = generator if options.fisher == "sampled" else None
             per_direction = []
             for weight, target_batch in task.fisher_targets(outputs.detach(), batch, gen):
-                u = projector.project(grads_fn(target_batch, "loss")) * weight.sqrt().unsqueeze(-1).float()
+                u = projector.project(precondition_gradients(grads_fn(target_batch, "loss"), scale))
+                u = u * weight.sqrt().unsqueeze(-1).float()
                 _check_finite(u, row, where, "Fisher (sampled-label) gradient")
                 per_direction.append(u.cpu())
             fisher.append(torch.stack(per_direction, dim=1).reshape(-1, projector.dim))

@@ -1,8 +1,9 @@
 """query: query features at the final checkpoint, scores, and top-k through a FAISS index.
 
 score(q, z) = ⟨q̃, T(z)⟩ with q̃ = P ∇f(q; θ_T) (for SOURCE; a method's ``query`` recipe may use
-several checkpoints, e.g. TracIn). Positive = z helps q. The most helpful examples are the top-k
-of the inner product; the most harmful are the top-k for −q̃.
+several checkpoints, e.g. TracIn, and an optional ``scales`` list naming the stored D^{-1/2} each
+checkpoint's gradients are multiplied by before projection: Adam runs). Positive = z helps q.
+The most helpful examples are the top-k of the inner product; the most harmful are the top-k for −q̃.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from .errors import StoreError, TaskError
 from .featurize import default_device
 from .gradients import PerExampleGradients, move_batch
+from .preconditioner import precondition_gradients, read_scale
 from .projection import Projector, make_projector
 from .provenance import check_query_model
 from .store import Store
@@ -133,13 +135,18 @@ class Attributor:
     def query_features(self, queries: Dataset | Sequence[Any]) -> torch.Tensor:
         """q̃ for every query: float32 ``[Q, d]`` (concatenated over the recipe's checkpoints)."""
         steps, weights = self.recipe["checkpoints"], self.recipe["weights"]
+        scales = self.recipe.get("scales") or [None] * len(steps)
         by_step = {c.step: c for c in self.trajectory.checkpoints}
+        shapes = self.store.meta["params"]
         parts = []
-        for step, weight in zip(steps, weights, strict=True):
+        for step, weight, scale_name in zip(steps, weights, scales, strict=True):
             self.trajectory.load_into(self.model, by_step[step])
             grads_fn = PerExampleGradients(self.model, self.task, self.param_names)
+            scale = read_scale(self.store, scale_name, shapes, self.device)
             feats = [
-                self.projector.project(grads_fn(move_batch(b, self.device), "measurement")).cpu()
+                self.projector.project(
+                    precondition_gradients(grads_fn(move_batch(b, self.device), "measurement"), scale)
+                ).cpu()
                 for b in _batches(queries, self.batch_size)
             ]
             parts.append(torch.cat(feats) * weight)

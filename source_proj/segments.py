@@ -22,6 +22,49 @@ from .trajectory import Stage
 
 
 @dataclass(frozen=True)
+class SegmentationArguments:
+    """How a trajectory is cut into segments (stage boundaries always cut).
+
+    Attributes:
+        per_stage: equal parts (by step) each stage is cut into (the paper uses 3).
+        boundaries: explicit global steps to cut at (overrides ``per_stage``).
+        auto: a budget of L segments in all, placed where the projected curvature and gradients
+            change most between checkpoints (see ``autosegment.py``; overrides both).
+        probe_rows: examples per stage whose gradients decide ``auto`` cuts when they must be
+            chosen before featurize (Adam runs, Fast-SOURCE); fit-time cuts use every stored row.
+    """
+
+    per_stage: int = 3
+    boundaries: tuple[int, ...] | None = None
+    auto: int | None = None
+    probe_rows: int = 256
+
+    @classmethod
+    def parse(cls, text: str) -> SegmentationArguments:
+        """``"3"`` (equal parts per stage), ``"auto:4"`` (4 automatic segments) or ``"at:100,200"``."""
+        text = text.strip()
+        try:
+            if text.startswith("auto:"):
+                return cls(auto=int(text[5:]))
+            if text.startswith("at:"):
+                return cls(boundaries=tuple(int(v) for v in text[3:].split(",") if v.strip()))
+            return cls(per_stage=int(text))
+        except ValueError as err:
+            raise TrajectoryError(
+                f"Cannot read the segmentation {text!r}; write a number per stage (3), auto:L (auto:4) or "
+                "at:STEP,STEP (at:100,200)."
+            ) from err
+
+    def describe(self) -> dict[str, Any]:
+        """JSON form (what a store records); ``probe_rows`` only matters for ``auto``."""
+        if self.auto is not None:
+            return {"auto": self.auto, "probe_rows": self.probe_rows}
+        if self.boundaries is not None:
+            return {"boundaries": sorted(int(b) for b in self.boundaries)}
+        return {"per_stage": self.per_stage}
+
+
+@dataclass(frozen=True)
 class Segment:
     """One segment ℓ: its steps, checkpoints and optimiser quantities.
 
@@ -30,7 +73,10 @@ class Segment:
         start_step, end_step: global optimiser steps ``[start_step, end_step)``.
         checkpoints: steps of the checkpoints averaged in the segment (C_ℓ).
         mean_lr: η̄_ℓ, the mean effective learning rate (momentum folded in: η(1−d)/(1−β)).
-        weight_decay: λ, added as λ·I to the segment's curvature.
+        weight_decay: λ, added as λ·I to the segment's curvature (for Adam, in its preconditioned
+            coordinates; see ``preconditioner.py``).
+        preconditioner: store array holding D_ℓ^{-1/2} (flat, float32 ``[p]``) for Adam/AdamW
+            stages, ``None`` for SGD.
     """
 
     stage: str
@@ -39,6 +85,7 @@ class Segment:
     checkpoints: tuple[int, ...]
     mean_lr: float
     weight_decay: float
+    preconditioner: str | None = None
 
     @property
     def num_steps(self) -> int:
@@ -50,6 +97,11 @@ class Segment:
         """η̄_ℓ·K_ℓ: the segment's training time, which sets SOURCE's implied damping 1/(η̄K)."""
         return self.mean_lr * self.num_steps
 
+    @property
+    def mean_key(self) -> str:
+        """Store key of the features at the segment's averaged parameters (Fast-SOURCE)."""
+        return f"mean-{self.start_step:08d}-{self.end_step:08d}"
+
     def describe(self) -> dict[str, Any]:
         return {
             "stage": self.stage,
@@ -58,36 +110,101 @@ class Segment:
             "checkpoints": list(self.checkpoints),
             "mean_lr": self.mean_lr,
             "weight_decay": self.weight_decay,
+            "preconditioner": self.preconditioner,
         }
 
+    @classmethod
+    def from_description(cls, desc: Mapping[str, Any]) -> Segment:
+        """Inverse of :meth:`describe`."""
+        return cls(**{**desc, "checkpoints": tuple(desc["checkpoints"])})
 
-def sgd_settings(stage: Stage, param_sizes: Mapping[str, int]) -> tuple[float, float]:
-    """(learning-rate factor, weight decay) of a stage's SGD optimiser.
 
-    The factor turns the recorded rate into the effective rate of heavy-ball momentum,
-    (1 − dampening)/(1 − momentum); both are averaged over parameter groups, weighted by the
-    number of attributed parameters in each group.
+_SUPPORTED = "SGD (heavy-ball or Nesterov momentum, dampening, weight decay), Adam, AdamW"
+
+
+@dataclass(frozen=True)
+class OptimizerRule:
+    """How one stage's optimiser maps onto SOURCE's gradient descent (SOURCE_MATH.md §6).
+
+    Attributes:
+        kind: ``"sgd"``, ``"adam"`` (L2 decay coupled into the gradient) or ``"adamw"`` (decoupled).
+        lr_factor: recorded rate → effective rate. Heavy-ball SGD: (1 − dampening)/(1 − β), its
+            terminal velocity under a steady gradient; Nesterov SGD reaches the same terminal step
+            η·g/(1 − β) (g + β·g/(1 − β)); Adam: 1 (its first moment is an average, m̂ → g).
+        decay: λ of every parameter named in the optimiser's groups.
+        weight_decay: the isotropic λ·I added to the curvature: the mean of ``decay`` over the
+            attributed coordinates (a group without decay, e.g. biases and norms, counts as 0).
+            A diagonal term is represented by its mean because the projected engine adds damping
+            as λ·I_k (SOURCE_MATH.md §4); exact when every group has the same λ.
     """
-    kind = stage.optimizer.get("kind")
-    if kind != "sgd":
+
+    kind: str
+    lr_factor: float
+    decay: Mapping[str, float]
+    weight_decay: float
+
+    @property
+    def preconditioned(self) -> bool:
+        """Adam and AdamW: gradients are scaled by D^{-1/2} (``preconditioner.py``)."""
+        return self.kind in ("adam", "adamw")
+
+
+def optimizer_rule(stage: Stage, param_sizes: Mapping[str, int]) -> OptimizerRule:
+    """Read a stage's optimiser description; refuse, with a reason, what SOURCE cannot model.
+
+    Group factors and decays are averaged with weights = attributed parameters in each group.
+    """
+    opt = stage.optimizer
+    kind = opt.get("kind")
+    where = f"Stage {stage.name!r}"
+    if kind not in ("sgd", "adam", "adamw"):
         raise TrajectoryError(
-            f"Stage {stage.name!r} was trained with {kind!r}; this version attributes SGD (with momentum and "
-            "weight decay) only, so re-train with torch.optim.SGD or wait for Adam support."
+            f"{where} was trained with {kind!r}, whose update SOURCE cannot model; it attributes {_SUPPORTED} "
+            "runs, so re-train with one of them."
         )
-    groups = stage.optimizer["groups"]
+    groups = opt["groups"]
+    rates = {float(g["lr"]) for g in groups if "lr" in g}
+    if len(rates) > 1:
+        raise TrajectoryError(
+            f"{where}'s parameter groups use different learning rates {sorted(rates)}; SOURCE needs one rate per "
+            "step, so give every group the same rate (a per-group schedule is not supported)."
+        )
+    if any(g.get("maximize") for g in groups):
+        raise TrajectoryError(f"{where} maximised its objective (maximize=True); SOURCE attributes minimisation only.")
     weights = np.array([sum(param_sizes.get(n, 0) for n in g.get("params", [])) for g in groups], dtype=float)
     if weights.sum() == 0:
         weights = np.ones(len(groups))
     weights /= weights.sum()
-    factors, decays = [], []
+    factors, decays, decay = [], [], {}
     for g in groups:
-        momentum = float(g.get("momentum", 0.0))
-        dampening = float(g.get("dampening", 0.0)) if momentum else 0.0
-        if not 0.0 <= momentum < 1.0:
-            raise TrajectoryError(f"Stage {stage.name!r} has momentum {momentum}; SOURCE needs 0 ≤ momentum < 1.")
-        factors.append((1.0 - dampening) / (1.0 - momentum))
+        if kind == "sgd":
+            factors.append(_sgd_factor(g, where))
+        else:
+            _check_adam_group(g, where)
+            factors.append(1.0)
         decays.append(float(g.get("weight_decay", 0.0)))
-    return float(weights @ factors), float(weights @ decays)
+        decay.update({name: decays[-1] for name in g.get("params", [])})
+    return OptimizerRule(kind, float(weights @ factors), decay, float(weights @ decays))
+
+
+def _sgd_factor(group: Mapping[str, Any], where: str) -> float:
+    momentum = float(group.get("momentum", 0.0))
+    dampening = float(group.get("dampening", 0.0)) if momentum else 0.0
+    if not 0.0 <= momentum < 1.0:
+        raise TrajectoryError(f"{where} has momentum {momentum}; SOURCE needs 0 ≤ momentum < 1.")
+    if group.get("nesterov") and dampening:
+        raise TrajectoryError(f"{where} uses Nesterov momentum with dampening {dampening}; use dampening 0.")
+    return (1.0 - dampening) / (1.0 - momentum)
+
+
+def _check_adam_group(group: Mapping[str, Any], where: str) -> None:
+    betas = group.get("betas")
+    if not isinstance(betas, (list, tuple)) or len(betas) != 2 or "eps" not in group:
+        raise TrajectoryError(
+            f"{where} is described as Adam without its betas and eps; record the run with TrajectoryRecorder."
+        )
+    if not all(0.0 <= float(b) < 1.0 for b in betas):
+        raise TrajectoryError(f"{where} has Adam betas {list(betas)}; SOURCE needs 0 ≤ β < 1.")
 
 
 def make_segments(
@@ -127,7 +244,7 @@ def make_segments(
         if not members[-1] and end in checkpoint_steps:
             members[-1].append(end)
         ranges, members = _merge_empty(stage.name, ranges, members)
-        factor, decay = sgd_settings(stage, param_sizes)
+        rule = optimizer_rule(stage, param_sizes)
         for (a, b), ckpts in zip(ranges, members, strict=True):
             segments.append(
                 Segment(
@@ -135,8 +252,8 @@ def make_segments(
                     start_step=a,
                     end_step=b,
                     checkpoints=tuple(ckpts),
-                    mean_lr=factor * float(np.mean(lr[a:b])),
-                    weight_decay=decay,
+                    mean_lr=rule.lr_factor * float(np.mean(lr[a:b])),
+                    weight_decay=rule.weight_decay,
                 )
             )
     if not segments:

@@ -63,7 +63,7 @@ def describe_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> di
         kind = "sgd"
     else:
         kind = type(optimizer).__name__
-    keys = ("momentum", "dampening", "nesterov", "weight_decay", "betas", "eps", "amsgrad")
+    keys = ("momentum", "dampening", "nesterov", "weight_decay", "betas", "eps", "amsgrad", "maximize")
     groups = []
     for group in optimizer.param_groups:
         entry: dict[str, Any] = {"params": [names.get(id(p), "?") for p in group["params"]], "lr": float(group["lr"])}

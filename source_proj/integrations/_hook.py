@@ -1,0 +1,55 @@
+"""What both framework callbacks share: unwrap the torch optimizer and record each of its steps."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import TrajectoryError
+from ..trajectory import TrajectoryRecorder
+
+
+def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The ``torch.optim.Optimizer`` inside a framework's wrapper (accelerate, Lightning)."""
+    seen = 0  # wrappers (accelerate's AcceleratedOptimizer subclasses Optimizer) keep the real one in .optimizer
+    while getattr(optimizer, "optimizer", None) is not None and optimizer.optimizer is not optimizer and seen < 8:
+        optimizer, seen = optimizer.optimizer, seen + 1
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TrajectoryError(
+            f"The trainer's optimizer {type(optimizer).__name__} is not a torch.optim optimizer; SOURCE reads the "
+            "learning rate and Adam state from one, so train with torch.optim.SGD, Adam or AdamW."
+        )
+    return optimizer
+
+
+def start_recording(
+    run_dir: str | os.PathLike[str],
+    model: nn.Module,
+    optimizer: Any,
+    *,
+    stage: str,
+    dataset_size: int,
+    save_every: int,
+    overwrite: bool,
+) -> tuple[TrajectoryRecorder, Any]:
+    """A recorder with its first stage begun, stepping after every optimizer step; returns it and the hook handle."""
+    inner = torch_optimizer(optimizer)
+    recorder = TrajectoryRecorder(run_dir, model, inner, save_every=save_every, overwrite=overwrite)
+    recorder.begin_stage(stage, dataset_size=dataset_size)
+    handle = inner.register_step_post_hook(lambda *_: recorder.step())
+    return recorder, handle
+
+
+def dataset_size(given: int | None, dataloader: Any, where: str) -> int:
+    """The training set size: given, or the length of the dataloader's dataset."""
+    if given is not None:
+        return given
+    try:
+        return len(dataloader.dataset)
+    except (AttributeError, TypeError) as err:
+        raise TrajectoryError(
+            f"{where} cannot tell the training set size from its dataloader; pass dataset_size=N to the callback."
+        ) from err

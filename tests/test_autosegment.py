@@ -1,0 +1,143 @@
+"""Automatic segmentation: the optimal partition is exact, and cuts land on planted changes."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from source_proj.cli.main import main
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import source_proj as sp
+from source_proj.autosegment import optimal_partition
+
+
+def test_optimal_partition_matches_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    points = rng.normal(size=(9, 4)) + np.repeat(rng.normal(size=(3, 4)) * 3, 3, axis=0)
+    labels = ["a"] * 4 + ["b"] * 5
+    gram = points @ points.T
+
+    def dispersion(groups: list[tuple[int, int]]) -> float:
+        return sum(((points[a : b + 1] - points[a : b + 1].mean(0)) ** 2).sum() for a, b in groups)
+
+    for budget in (2, 3, 5):
+        best = None
+        for cuts in itertools.combinations(range(1, 9), budget - 1):
+            edges = [0, *cuts, 9]
+            groups = [(a, b - 1) for a, b in itertools.pairwise(edges)]
+            if any(labels[a] != labels[b] for a, b in groups):
+                continue
+            value = dispersion(groups)
+            if best is None or value < best[0]:
+                best = (value, groups)
+        groups, value = optimal_partition(gram, labels, budget)
+        assert groups == best[1] and np.isclose(value, best[0])
+    with pytest.raises(sp.TrajectoryError, match="without straddling"):
+        optimal_partition(gram, ["a", "b", "a"] + ["b"] * 6, 2)
+
+
+def _data() -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 5, generator=g)
+    return TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long())
+
+
+def _run(run: Path, *, lr_after: float = 0.2, classes_before: tuple[int, ...] | None = None, adam: bool = False):
+    """200 mini-batch steps, checkpoints every 10; at step 100 the rate or the data change."""
+    data = _data()
+    x, y = data.tensors
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01) if adam else torch.optim.SGD(model.parameters(), lr=0.2)
+    rec = sp.TrajectoryRecorder(run, model, opt, save_every=10)
+    rec.begin_stage("main", dataset_size=len(y))
+    g = torch.Generator().manual_seed(1)
+    pool = torch.arange(len(y))
+    early = pool if classes_before is None else pool[torch.isin(y, torch.tensor(classes_before))]
+    for step in range(200):
+        if step == 100:
+            for group in opt.param_groups:
+                group["lr"] = group["lr"] * lr_after / 0.2
+        source = early if step < 100 else pool
+        idx = source[torch.randint(len(source), (16,), generator=g)]
+        opt.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+        rec.step()
+    rec.close()
+    return model
+
+
+def _store(run: Path, store: Path, **options) -> sp.Store:
+    torch.manual_seed(0)
+    arch = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+    return sp.featurize(
+        run,
+        arch,
+        sp.ClassificationTask(),
+        _data(),
+        store,
+        projection=sp.ProjectionArguments(dim=64),
+        options=sp.FeaturizeArguments(batch_size=60, chunk_rows=60, **options),
+        progress=False,
+    )
+
+
+def test_automatic_cut_lands_on_a_planted_learning_rate_drop(tmp_path: Path) -> None:
+    _run(tmp_path / "run", lr_after=0.02)
+    store = _store(tmp_path / "run", tmp_path / "s.sp")
+    sp.fit(store, sp.FitArguments(auto_segments=2), progress=False)
+    method = store.meta["methods"]["source"]
+    assert [(s["start_step"], s["end_step"]) for s in method["segments"]] == [(0, 100), (100, 200)]
+    assert method["view"]["cuts"] == [100]
+
+
+def test_automatic_cut_lands_on_a_planted_change_of_data(tmp_path: Path) -> None:
+    _run(tmp_path / "run", classes_before=(0, 1))
+    store = _store(tmp_path / "run", tmp_path / "s.sp")
+    sp.fit(store, sp.FitArguments(auto_segments=2), progress=False)
+    # the checkpoint at step 100 still holds the parameters trained on the old data: the change shows from 110
+    [cut] = store.meta["methods"]["source"]["view"]["cuts"]
+    assert cut in (100, 110), cut
+    # a stationary run gives no reason to cut there: the same budget goes elsewhere
+    _run(tmp_path / "plain")
+    plain = _store(tmp_path / "plain", tmp_path / "p.sp")
+    sp.fit(plain, sp.FitArguments(auto_segments=2), progress=False)
+    assert plain.meta["methods"]["source"]["view"]["cuts"][0] not in (100, 110)
+
+
+def test_adam_run_chooses_automatic_cuts_before_featurize_and_keeps_them(tmp_path: Path) -> None:
+    _run(tmp_path / "run", lr_after=0.02, adam=True)
+    store = _store(tmp_path / "run", tmp_path / "s.sp", segmentation=sp.SegmentationArguments(auto=2, probe_rows=40))
+    recorded = store.meta["segmentation"]
+    assert recorded["arguments"] == {"auto": 2, "probe_rows": 40} and recorded["view"]["cuts"] == [100]
+    assert store.array("probe/grads/main/step-00000000").shape == (40, 64)
+    sp.fit(store, progress=False)
+    assert [s["end_step"] for s in store.meta["methods"]["source"]["segments"]] == [100, 200]
+    with pytest.raises(sp.StoreError, match="Adam-preconditioned features"):
+        sp.fit(store, sp.FitArguments(auto_segments=3, method="other"), progress=False)
+
+    out = CliRunner().invoke(main, ["trajectory", str(tmp_path / "s.sp"), "--plot", str(tmp_path / "t.png")])
+    assert out.exit_code == 0, out.output
+    assert "cut at step 100" in out.output and (tmp_path / "t.png").stat().st_size > 10_000
+
+
+def test_budget_outside_the_checkpoints_is_refused(tmp_path: Path) -> None:
+    _run(tmp_path / "run")
+    store = _store(tmp_path / "run", tmp_path / "s.sp")
+    with pytest.raises(sp.TrajectoryError, match=r"between 1 .* and 20"):
+        sp.fit(store, sp.FitArguments(auto_segments=25), progress=False)
+    out = CliRunner().invoke(
+        main, ["fit", str(tmp_path / "s.sp"), "--segments", "auto:3", "--plot", str(tmp_path / "fit.png")]
+    )
+    assert out.exit_code == 0, out.output
+    assert "3 segments, cuts at steps" in out.output and (tmp_path / "fit.png").exists()
+    out = CliRunner().invoke(main, ["trajectory", str(tmp_path / "s.sp"), "--segments", "3"])
+    assert out.exit_code != 0 and "auto:L" in out.output

@@ -1,0 +1,130 @@
+"""Fast-SOURCE (SOURCE_MATH.md §7): gradients and curvature once per segment, at its averaged parameters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import source_proj as sp
+
+from .conftest import full_batch_run
+
+
+def _featurize(run: Path, model: nn.Module, task: sp.Task, data, store: Path, **options) -> sp.Store:
+    return sp.featurize(
+        run,
+        model,
+        task,
+        data,
+        store,
+        projection=sp.ProjectionArguments(kind="identity"),
+        options=sp.FeaturizeArguments(batch_size=16, chunk_rows=16, fisher="exact", **options),
+        progress=False,
+    )
+
+
+def test_fast_source_equals_source_when_gradients_are_affine_in_the_parameters(tmp_path: Path, regression_data) -> None:
+    """Linear regression: ∇ℓ(z; θ) is affine in θ and the Gauss–Newton matrix constant, so averaging parameters
+    (Fast-SOURCE) and averaging gradients and curvatures (SOURCE) coincide."""
+    torch.manual_seed(0)
+    full_batch_run(
+        tmp_path / "run",
+        nn.Linear(3, 1),
+        regression_data,
+        lambda o, y: (o.squeeze(-1) - y) ** 2,
+        lr=0.05,
+        steps=30,
+        save_every=3,
+    )
+    queries = TensorDataset(torch.randn(4, 3, generator=torch.Generator().manual_seed(5)), torch.zeros(4))
+    task = sp.RegressionTask()
+    store = _featurize(tmp_path / "run", nn.Linear(3, 1), task, regression_data, tmp_path / "s.sp", segment_means=True)
+    assert store.meta["segmentation"]["arguments"] == {"per_stage": 3}
+    assert [len(s["checkpoints"]) for s in store.meta["segmentation"]["segments"]] == [4, 3, 3]
+    sp.fit(store, progress=False)
+    sp.fit(store, sp.FitArguments(fast=True), progress=False)
+    assert store.meta["methods"]["fast-source"]["kind"] == "fast-source"
+    source = sp.Attributor(store, nn.Linear(3, 1), task).scores(queries)
+    fast = sp.Attributor(store, nn.Linear(3, 1), task, method="fast-source").scores(queries)
+    assert np.allclose(fast, source, rtol=1e-4, atol=1e-6 * np.abs(source).max())
+
+
+def test_fast_only_mode_featurizes_the_averaged_parameters_and_nothing_else(
+    tmp_path: Path, classification_data
+) -> None:
+    torch.manual_seed(0)
+    arch = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    full_batch_run(
+        tmp_path / "run",
+        arch,
+        classification_data,
+        lambda o, t: F.cross_entropy(o, t, reduction="none"),
+        lr=0.5,
+        steps=20,
+        save_every=5,
+    )
+    task = sp.ClassificationTask()
+    store = _featurize(
+        tmp_path / "run",
+        arch,
+        task,
+        classification_data,
+        tmp_path / "s.sp",
+        checkpoints=False,
+        segment_means=True,
+        segmentation=sp.SegmentationArguments(per_stage=2),
+    )
+    assert not store.has("grads/main/step-00000000")
+    segments = store.meta["segmentation"]["segments"]
+    assert [s["checkpoints"] for s in segments] == [[0, 5], [10, 15]]
+
+    # brute force: the mean of the checkpoints' parameters, one example at a time
+    traj = sp.Trajectory.load(tmp_path / "run")
+    states = [traj.load_state(c)["model"] for c in traj.checkpoints if c.step in (10, 15)]
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    net.load_state_dict({k: (states[0][k] + states[1][k]) / 2 for k in states[0]})
+    x, y = classification_data.tensors
+    expected = torch.stack(
+        [
+            torch.cat(
+                [
+                    g.reshape(-1)
+                    for g in torch.autograd.grad(
+                        F.cross_entropy(net(x[i : i + 1]), y[i : i + 1]), list(net.parameters())
+                    )
+                ]
+            )
+            for i in range(len(y))
+        ]
+    )
+    assert torch.allclose(torch.from_numpy(store.read("grads/main/mean-00000010-00000020")), expected, atol=1e-5)
+
+    sp.fit(store, sp.FitArguments(fast=True), progress=False)
+    result = sp.Attributor(store, arch, task, method="fast-source").top_k(classification_data, 3)
+    assert result.helpful_ids.shape == (30, 3)
+    with pytest.raises(sp.StoreError, match="lacks the features"):
+        sp.fit(store, progress=False)
+    with pytest.raises(sp.StoreError, match="Fast-SOURCE features computed for the segmentation"):
+        sp.fit(store, sp.FitArguments(fast=True, segments_per_stage=1, method="one"), progress=False)
+
+
+def test_fast_source_on_a_store_without_segment_means_is_refused(tmp_path: Path, regression_data) -> None:
+    torch.manual_seed(0)
+    full_batch_run(
+        tmp_path / "run",
+        nn.Linear(3, 1),
+        regression_data,
+        lambda o, y: (o.squeeze(-1) - y) ** 2,
+        lr=0.05,
+        steps=6,
+        save_every=2,
+    )
+    store = _featurize(tmp_path / "run", nn.Linear(3, 1), sp.RegressionTask(), regression_data, tmp_path / "s.sp")
+    with pytest.raises(sp.StoreError, match=r"lacks the features .* featurize with segment_means=True"):
+        sp.fit(store, sp.FitArguments(fast=True), progress=False)

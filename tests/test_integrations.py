@@ -1,0 +1,192 @@
+"""Recorder integrations: a transformers.Trainer callback and a Lightning callback record runs that SOURCE
+attributes; without those packages, source_proj and its integrations module still import."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+import source_proj as sp
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tiny models are built from configs: nothing may be downloaded
+
+
+def _tokens(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 30, (n, 6), generator=g)
+    return ids, (ids[:, 0] > 15).long()
+
+
+class _Dicts(Dataset):
+    def __init__(self, ids: torch.Tensor, labels: torch.Tensor) -> None:
+        self.ids, self.labels = ids, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+class _SequenceClassification(sp.ClassificationTask):
+    def forward(self, model, batch):
+        return model(input_ids=batch[0]).logits
+
+
+def _tiny_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=32,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=8,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return BertForSequenceClassification(config)
+
+
+def test_transformers_trainer_callback_records_an_attributable_run(tmp_path: Path) -> None:
+    from transformers import Trainer, TrainingArguments, get_linear_schedule_with_warmup
+
+    from source_proj.integrations import HuggingFaceRecorder
+
+    ids, labels = _tokens(24, 0)
+    model = _tiny_bert()
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"),
+        per_device_train_batch_size=8,
+        num_train_epochs=3,
+        learning_rate=1e-3,
+        warmup_steps=2,
+        lr_scheduler_type="linear",
+        weight_decay=0.01,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_strategy="no",
+        seed=0,
+    )
+    callback = HuggingFaceRecorder(tmp_path / "run", save_every=3)
+    Trainer(model=model, args=args, train_dataset=_Dicts(ids, labels), callbacks=[callback]).train()
+
+    traj = sp.Trajectory.load(tmp_path / "run")
+    assert traj.complete and traj.num_steps == 9 and traj.stages[0].dataset_size == 24
+    assert [c.step for c in traj.checkpoints] == [0, 3, 6, 9]
+    opt = traj.stages[0].optimizer
+    assert opt["kind"] == "adamw" and {g["weight_decay"] for g in opt["groups"]} == {0.0, 0.01}
+    dummy = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1e-3)
+    schedule = get_linear_schedule_with_warmup(dummy, 2, 9)
+    expected = []
+    for _ in range(9):
+        expected.append(dummy.param_groups[0]["lr"])
+        dummy.step()
+        schedule.step()
+    assert np.allclose(traj.lr, expected)  # the rate each step used, not the scheduler's next one
+    final = traj.load_state(traj.final_checkpoint)["model"]
+    assert all(torch.equal(final[k], v) for k, v in model.state_dict().items())
+
+    task = _SequenceClassification(parameters=sp.ParameterSelection(include=("classifier.*", "bert.pooler.*")))
+    store = sp.featurize(
+        tmp_path / "run",
+        _tiny_bert(),
+        task,
+        TensorDataset(ids, labels),
+        tmp_path / "s.sp",
+        projection=sp.ProjectionArguments(dim=32),
+        options=sp.FeaturizeArguments(batch_size=8, chunk_rows=8),
+        progress=False,
+    )
+    sp.fit(store, progress=False)
+    scores = sp.Attributor(store, _tiny_bert(), task).scores(TensorDataset(*_tokens(3, 1)))
+    assert scores.shape == (3, 24) and np.isfinite(scores).all() and np.abs(scores).max() > 0
+
+
+def test_lightning_callback_records_an_attributable_run(tmp_path: Path, classification_data) -> None:
+    import lightning.pytorch as pl
+
+    from source_proj.integrations import LightningRecorder
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch, _):
+            return F.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    module = Module()
+    loader = torch.utils.data.DataLoader(classification_data, batch_size=10, shuffle=True)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[LightningRecorder(tmp_path / "run", save_every=2)],
+    )
+    trainer.fit(module, loader)
+
+    traj = sp.Trajectory.load(tmp_path / "run")
+    assert traj.num_steps == 6 and traj.stages[0].dataset_size == 30
+    assert np.allclose(traj.lr, [0.1, 0.1, 0.05, 0.05, 0.025, 0.025])
+    assert traj.stages[0].optimizer["groups"][0]["momentum"] == 0.9
+    final = traj.load_state(traj.final_checkpoint)["model"]
+    assert all(torch.equal(final[k], v) for k, v in module.state_dict().items())
+    store = sp.featurize(
+        tmp_path / "run",
+        Module(),
+        sp.ClassificationTask(),
+        classification_data,
+        tmp_path / "s.sp",
+        projection=sp.ProjectionArguments(dim=16),
+        progress=False,
+    )
+    sp.fit(store, progress=False)
+    assert store.meta["methods"]["source"]["segments"][0]["mean_lr"] == pytest.approx(0.1 / (1 - 0.9))
+
+
+def test_integrations_import_without_the_frameworks_and_say_what_to_install() -> None:
+    """Simulate both packages missing (an import of them fails) in a fresh interpreter."""
+    script = """
+import sys
+sys.modules["transformers"] = None
+sys.modules["lightning"] = None
+import source_proj, source_proj.integrations as integrations
+for name, package in (("HuggingFaceRecorder", "transformers"), ("LightningRecorder", "lightning")):
+    try:
+        getattr(integrations, name)
+    except integrations.MissingIntegrationError as err:
+        assert isinstance(err, (ImportError, source_proj.SourceProjError))
+        assert "pip install source-proj[integrations]" in str(err) and repr(package) in str(err), str(err)
+    else:
+        raise SystemExit(f"{name} imported without {package}")
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -1,0 +1,395 @@
+"""Optimizers (SOURCE_MATH.md §6): Adam/AdamW through their preconditioner, momentum's effective rate,
+and a clear refusal of everything SOURCE cannot model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jacrev
+from torch.utils.data import TensorDataset
+
+import source_proj as sp
+from source_proj.preconditioner import checkpoint_preconditioner, coupled_decay
+from source_proj.segments import optimizer_rule
+from source_proj.trajectory import Stage
+
+
+def _squared(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (out.squeeze(-1) - y) ** 2
+
+
+def _identity_scores(
+    run: Path, data: TensorDataset, queries: TensorDataset, store: Path, options: sp.FeaturizeArguments, **fit
+) -> np.ndarray:
+    torch.manual_seed(0)
+    sp.featurize(
+        run,
+        nn.Linear(3, 1),
+        sp.RegressionTask(),
+        data,
+        store,
+        projection=sp.ProjectionArguments(kind="identity"),
+        options=options,
+        progress=False,
+    )
+    args = sp.FitArguments(**fit)
+    sp.fit(store, args, progress=False)
+    return sp.Attributor(store, nn.Linear(3, 1), sp.RegressionTask(), method=args.name).scores(queries)
+
+
+def _adam_run(run: Path, data: TensorDataset, lr: float, steps: int, kind: str, decay: float, hold: str | None):
+    """Full-batch torch Adam/AdamW (β1 = 0) recorded every step; returns the model, θ_0 and the D_k of every
+    step. With ``hold`` the second moment is set before each step so that D stays at a fixed D*, different
+    per coordinate (``"anisotropic"``) or the same for all (``"isotropic"``)."""
+    x, y = data.tensors
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    theta0 = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
+    beta2 = 0.5 if hold else 0.999
+    opt = cls(model.parameters(), lr=lr, betas=(0.0, beta2), eps=1e-8, weight_decay=decay)
+    rec = sp.TrajectoryRecorder(run, model, opt, save_every=1)
+    rec.begin_stage("main", dataset_size=len(y))
+    precond, target = [], {}
+    for t in range(1, steps + 1):
+        opt.zero_grad()
+        _squared(model(x), y).mean().backward()
+        if hold:
+            level = 3 * max(float(p.grad.abs().max()) for p in model.parameters()) + 1.0
+            for p in model.parameters():
+                g = p.grad + (decay * p.detach() if kind == "adam" else 0)
+                spread = 2 * g.abs() + 0.1 if hold == "anisotropic" else torch.full_like(g, level)
+                target.setdefault(p, spread**2)
+                state = opt.state[p]
+                if not state:
+                    state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                state["exp_avg_sq"] = (target[p] * (1 - beta2**t) - (1 - beta2) * g**2) / beta2
+                assert (state["exp_avg_sq"] >= 0).all()
+        opt.step()
+        rec.step()
+        precond.append(
+            {
+                n: (opt.state[p]["exp_avg_sq"].double() / (1 - beta2**t)).sqrt() + 1e-8
+                for n, p in model.named_parameters()
+            }
+        )
+    rec.close()
+    return model, theta0, precond
+
+
+def _unrolled_adam(data, queries, theta0, precond, lr: float, kind: str, decay: float) -> tuple[np.ndarray, dict]:
+    """score(q, z) = ∂f(q; θ_T(w))/∂w_z through θ ← θ − η D_k⁻¹ ∇L_w (D_k held fixed), float64."""
+    x, y = (t.double() for t in data.tensors)
+    qx, qy = (t.double() for t in queries.tensors)
+    net = nn.Linear(3, 1).double()
+
+    def final(w: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        theta = dict(theta0)
+        for d in precond:
+            g = grad(lambda t: (w * _squared(functional_call(net, t, (x,)), y)).mean())(theta)
+            if kind == "adam":
+                g = {n: g[n] + decay * theta[n] for n in theta}
+            shrink = 1 - lr * decay if kind == "adamw" else 1.0
+            theta = {n: shrink * theta[n] - lr * g[n] / d[n] for n in theta}
+        return (functional_call(net, theta, (qx,)).squeeze(-1) - qy).abs(), theta
+
+    ones = torch.ones(len(y), dtype=torch.float64)
+    return jacrev(lambda w: final(w)[0])(ones).numpy(), final(ones)[1]
+
+
+_adam_errors: dict[tuple[str, float, float], float] = {}
+
+
+@pytest.mark.parametrize("lr", [0.004, 0.002])
+@pytest.mark.parametrize(
+    ("kind", "decay", "hold"), [("adam", 0.0, "anisotropic"), ("adamw", 0.5, "anisotropic"), ("adam", 0.5, "isotropic")]
+)
+def test_adam_with_one_segment_per_step_matches_the_unrolled_derivative(
+    tmp_path: Path, regression_data, kind: str, decay: float, hold: str, lr: float
+) -> None:
+    """Preconditioner held fixed (D* set through the optimizer state): exp(−ηH_u) vs (I − ηD⁻¹H) is O(η²) per
+    step. Coupled Adam decay λD⁻¹ is represented by λ·mean(1/D): exact for an isotropic D*."""
+    rel = _adam_error(tmp_path, regression_data, lr, kind, decay, hold=hold)
+    assert rel < lr, rel
+    _adam_errors[(kind, decay, lr)] = rel
+
+
+def test_adam_error_is_first_order_in_the_learning_rate() -> None:
+    if len(_adam_errors) != 6:
+        pytest.fail("run together with test_adam_with_one_segment_per_step_matches_the_unrolled_derivative")
+    for kind, decay, lr in _adam_errors:
+        if lr == 0.004:
+            ratio = _adam_errors[(kind, decay, 0.002)] / _adam_errors[(kind, decay, lr)]
+            assert 0.35 < ratio < 0.65, (kind, decay, ratio)
+
+
+def test_real_adam_run_stays_close_to_the_unrolled_derivative(tmp_path: Path, regression_data) -> None:
+    """Plain Adam (β2 = 0.999, D drifting as v̂ averages): only the drift of D between segments is left."""
+    assert _adam_error(tmp_path, regression_data, 0.004, "adam", 0.0, hold=None) < 0.05
+
+
+def _adam_error(tmp_path: Path, data: TensorDataset, lr: float, kind: str, decay: float, hold: str | None) -> float:
+    steps = int(0.12 / lr)
+    queries = TensorDataset(torch.randn(4, 3, generator=torch.Generator().manual_seed(5)), torch.zeros(4))
+    model, theta0, precond = _adam_run(tmp_path / "run", data, lr, steps, kind, decay, hold)
+    exact, theta_t = _unrolled_adam(data, queries, theta0, precond, lr, kind, decay)
+    # the replay with D_k held fixed is the recorded run itself
+    assert all(torch.allclose(theta_t[n].float(), p, atol=1e-5) for n, p in model.named_parameters())
+    options = sp.FeaturizeArguments(
+        batch_size=8,
+        chunk_rows=8,
+        fisher="exact",
+        segmentation=sp.SegmentationArguments(boundaries=tuple(range(1, steps))),
+    )
+    ours = _identity_scores(tmp_path / "run", data, queries, tmp_path / "s.sp", options)
+    return float(np.linalg.norm(ours - exact) / np.linalg.norm(exact))
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_preconditioner_read_from_the_state_reproduces_each_adam_update(tmp_path: Path, amsgrad: bool) -> None:
+    """θ_t − θ_{t−1} = −η m̂_t / D_t with D_t read from the state saved at step t (bias correction, amsgrad)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01, betas=(0.8, 0.95), eps=1e-6, amsgrad=amsgrad)
+    rec = sp.TrajectoryRecorder(tmp_path / "run", model, opt, save_every=2)
+    rec.begin_stage("main", dataset_size=8)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(6):
+        opt.zero_grad()
+        model(torch.randn(8, 3, generator=g)).pow(2).mean().backward()
+        opt.step()
+        rec.step()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.zero_grad()
+    model(torch.randn(8, 3, generator=g)).pow(2).mean().backward()
+    opt.step()
+    rec.step()
+    rec.close()
+    traj = sp.Trajectory.load(tmp_path / "run")
+    names = [n for n, _ in model.named_parameters()]
+    d = checkpoint_preconditioner(traj, traj.final_checkpoint, traj.stages[0], names)
+    state = traj.load_state(traj.final_checkpoint)["optimizer"]["state"]
+    for i, (name, p) in enumerate(model.named_parameters()):
+        m_hat = state[i]["exp_avg"].double() / (1 - 0.8 ** float(state[i]["step"]))
+        assert torch.allclose((p.detach() - before[name]).double(), -0.01 * m_hat / d[name], atol=1e-7)
+
+
+def _quadratic_at_optimum(data: TensorDataset) -> nn.Linear:
+    x, y = (t.double() for t in data.tensors)
+    solution = torch.linalg.lstsq(torch.cat([x, torch.ones(len(y), 1, dtype=torch.float64)], 1), y[:, None]).solution
+    model = nn.Linear(3, 1)
+    with torch.no_grad():
+        model.weight.copy_(solution[:3, 0][None])
+        model.bias.copy_(solution[3])
+    return model
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_momentum_effective_rate_matches_unrolling_on_a_quadratic(
+    tmp_path: Path, regression_data, nesterov: bool
+) -> None:
+    """At the optimum of a quadratic, H and every ∇ℓ(z) are constant: one SOURCE segment with η/(1−β) must match
+    the derivative unrolled through (Nesterov) heavy-ball momentum, and the raw rate η must not."""
+    lr, beta, steps = 0.002, 0.8, 150
+    x, y = regression_data.tensors
+    model = _quadratic_at_optimum(regression_data)
+    theta0 = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=beta, nesterov=nesterov)
+    rec = sp.TrajectoryRecorder(tmp_path / "run", model, opt, save_every=50)
+    rec.begin_stage("main", dataset_size=len(y))
+    for _ in range(steps):
+        opt.zero_grad()
+        _squared(model(x), y).mean().backward()
+        opt.step()
+        rec.step()
+    rec.close()
+    queries = TensorDataset(torch.randn(4, 3, generator=torch.Generator().manual_seed(5)), torch.ones(4))
+    ours = _identity_scores(
+        tmp_path / "run",
+        regression_data,
+        queries,
+        tmp_path / "s.sp",
+        sp.FeaturizeArguments(batch_size=12, chunk_rows=12, fisher="exact"),
+        segments_per_stage=1,
+    )
+
+    xd, yd = x.double(), y.double()
+    qx, qy = (t.double() for t in queries.tensors)
+    net = nn.Linear(3, 1).double()
+
+    def final(w: torch.Tensor) -> torch.Tensor:
+        theta, buf = dict(theta0), {n: torch.zeros_like(v) for n, v in theta0.items()}
+        for _ in range(steps):
+            g = grad(lambda t: (w * _squared(functional_call(net, t, (xd,)), yd)).mean())(theta)
+            buf = {n: beta * buf[n] + g[n] for n in theta}
+            step = {n: g[n] + beta * buf[n] for n in theta} if nesterov else buf
+            theta = {n: theta[n] - lr * step[n] for n in theta}
+        return (functional_call(net, theta, (qx,)).squeeze(-1) - qy).abs()
+
+    exact = jacrev(final)(torch.ones(len(y), dtype=torch.float64)).numpy()
+    features = torch.cat([xd, torch.ones(len(y), 1, dtype=torch.float64)], 1)
+    hessian = 2 * features.T @ features / len(y)
+    residual = features @ torch.cat([theta0["weight"][0], theta0["bias"]]) - yd
+    per_example = 2 * residual[:, None] * features
+    qfeat = torch.cat([qx, torch.ones(4, 1, dtype=torch.float64)], 1)
+    q_grad = torch.sign(qfeat @ torch.cat([theta0["weight"][0], theta0["bias"]]) - qy)[:, None] * qfeat
+
+    def closed_form(rate: float) -> np.ndarray:
+        response = (
+            torch.eye(4, dtype=torch.float64) - torch.linalg.matrix_exp(-rate * steps * hessian)
+        ) @ torch.inverse(hessian)
+        return -(q_grad @ response @ per_example.T / len(y)).numpy()
+
+    def rel(a: np.ndarray) -> float:
+        return float(np.linalg.norm(a - exact) / np.linalg.norm(exact))
+
+    assert rel(ours) < 0.03, rel(ours)
+    assert np.allclose(ours, closed_form(lr / (1 - beta)), rtol=1e-3, atol=1e-6 * np.abs(ours).max())
+    assert rel(closed_form(lr)) > 10 * rel(ours)
+
+
+def _stage(kind: str, **group) -> Stage:
+    return Stage("main", 0, 4, 4, {"kind": kind, "groups": [{"params": ["w", "b"], "lr": 0.1, **group}]})
+
+
+def test_groups_without_decay_count_as_zero_in_the_mean_decay() -> None:
+    """No decay on biases/norms (a common recipe): λ·I uses the mean λ over the attributed coordinates."""
+    stage = Stage(
+        "main",
+        0,
+        4,
+        4,
+        {
+            "kind": "adamw",
+            "groups": [
+                {"params": ["w"], "lr": 0.1, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.1},
+                {"params": ["b"], "lr": 0.1, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
+            ],
+        },
+    )
+    rule = optimizer_rule(stage, {"w": 30, "b": 10})
+    assert rule.kind == "adamw" and rule.lr_factor == 1.0 and rule.preconditioned
+    assert np.isclose(rule.weight_decay, 0.1 * 30 / 40) and rule.decay == {"w": 0.1, "b": 0.0}
+    d = {"w": torch.full((30,), 2.0, dtype=torch.float64), "b": torch.full((10,), 4.0, dtype=torch.float64)}
+    assert np.isclose(coupled_decay(rule.decay, d, ["w", "b"]), 0.1 * 30 * 0.5 / 40)
+    nesterov = optimizer_rule(_stage("sgd", momentum=0.9, nesterov=True), {"w": 1, "b": 1})
+    assert np.isclose(nesterov.lr_factor, 10.0)
+
+
+@pytest.mark.parametrize(
+    ("stage", "message"),
+    [
+        (_stage("RMSprop", alpha=0.99), "'RMSprop', whose update SOURCE cannot model"),
+        (_stage("Adagrad"), "'Adagrad', whose update SOURCE cannot model"),
+        (_stage("sgd", maximize=True), "maximize=True"),
+        (_stage("sgd", momentum=1.0), "0 ≤ momentum < 1"),
+        (_stage("sgd", momentum=0.9, nesterov=True, dampening=0.1), "Nesterov momentum with dampening"),
+        (_stage("adam", eps=1e-8), "without its betas and eps"),
+        (_stage("adam", betas=[0.9, 1.0], eps=1e-8), "0 ≤ β < 1"),
+        (
+            Stage(
+                "main", 0, 4, 4, {"kind": "sgd", "groups": [{"params": ["w"], "lr": 0.1}, {"params": ["b"], "lr": 0.2}]}
+            ),
+            "different learning rates",
+        ),
+    ],
+)
+def test_optimizers_it_cannot_model_are_refused_with_a_reason(stage: Stage, message: str) -> None:
+    with pytest.raises(sp.TrajectoryError, match=message):
+        optimizer_rule(stage, {"w": 3, "b": 1})
+
+
+def _small_run(run: Path, data: TensorDataset, opt_factory, steps: int = 6, **recorder) -> None:
+    x, y = data.tensors
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    opt = opt_factory(model.parameters())
+    rec = sp.TrajectoryRecorder(run, model, opt, save_every=2, **recorder)
+    rec.begin_stage("main", dataset_size=len(y))
+    for _ in range(steps):
+        opt.zero_grad()
+        _squared(model(x), y).mean().backward()
+        opt.step()
+        rec.step()
+    rec.close()
+
+
+def _featurize(run: Path, data: TensorDataset, store: Path, **options) -> sp.Store:
+    return sp.featurize(
+        run,
+        nn.Linear(3, 1),
+        sp.RegressionTask(),
+        data,
+        store,
+        projection=sp.ProjectionArguments(kind="identity"),
+        options=sp.FeaturizeArguments(batch_size=12, chunk_rows=12, **options),
+        progress=False,
+    )
+
+
+def test_featurize_refuses_an_rmsprop_run_instead_of_treating_it_as_sgd(tmp_path: Path, regression_data) -> None:
+    _small_run(tmp_path / "run", regression_data, lambda p: torch.optim.RMSprop(p, lr=0.01))
+    with pytest.raises(sp.TrajectoryError, match="'RMSprop', whose update SOURCE cannot model"):
+        _featurize(tmp_path / "run", regression_data, tmp_path / "s.sp")
+
+
+def test_adam_run_without_optimizer_state_is_refused(tmp_path: Path, regression_data) -> None:
+    _small_run(tmp_path / "run", regression_data, lambda p: torch.optim.Adam(p, lr=0.01), save_optimizer_state=False)
+    with pytest.raises(sp.TrajectoryError, match="has no optimizer state"):
+        _featurize(tmp_path / "run", regression_data, tmp_path / "s.sp")
+
+
+def test_adam_store_keeps_its_segmentation(tmp_path: Path, regression_data) -> None:
+    _small_run(tmp_path / "run", regression_data, lambda p: torch.optim.AdamW(p, lr=0.01), steps=12)
+    store = _featurize(tmp_path / "run", regression_data, tmp_path / "s.sp")
+    recorded = store.meta["segmentation"]
+    assert recorded["arguments"] == {"per_stage": 3}
+    assert [s["preconditioner"] for s in recorded["segments"]] == [f"preconditioner/{i}" for i in range(3)]
+    sp.fit(store, progress=False)
+    sp.fit(store, sp.FitArguments(segments_per_stage=3, method="same-cuts"), progress=False)
+    with pytest.raises(sp.StoreError, match=r"Adam-preconditioned features computed for the segmentation"):
+        sp.fit(store, sp.FitArguments(segments_per_stage=2, method="other"), progress=False)
+    with pytest.raises(sp.StoreError, match="was featurized for the segmentation"):
+        _featurize(
+            tmp_path / "run", regression_data, tmp_path / "s.sp", segmentation=sp.SegmentationArguments(per_stage=2)
+        )
+    method = store.meta["methods"]["source"]
+    assert method["query"]["scales"] == ["preconditioner/2"]
+
+
+def test_attributed_parameter_outside_the_adam_optimizer_is_refused(tmp_path: Path, regression_data) -> None:
+    _small_run(tmp_path / "run", regression_data, lambda p: torch.optim.Adam([next(iter(p))], lr=0.01))
+    with pytest.raises(sp.TrajectoryError, match="not optimised"):
+        _featurize(tmp_path / "run", regression_data, tmp_path / "s.sp")
+
+
+def test_segmentation_text_is_parsed_or_refused() -> None:
+    assert sp.SegmentationArguments.parse("auto:4").auto == 4
+    assert sp.SegmentationArguments.parse("at:10,20").boundaries == (10, 20)
+    assert sp.SegmentationArguments.parse("2").per_stage == 2
+    with pytest.raises(sp.TrajectoryError, match="Cannot read the segmentation"):
+        sp.SegmentationArguments.parse("auto:x")
+
+
+def test_hand_written_trajectory_with_per_group_rates_is_refused(tmp_path: Path, regression_data) -> None:
+    _small_run(tmp_path / "run", regression_data, lambda p: torch.optim.SGD(p, lr=0.01))
+    index = json.loads((tmp_path / "run" / "trajectory.json").read_text())
+    group = index["stages"][0]["optimizer"]["groups"][0]
+    index["stages"][0]["optimizer"]["groups"] = [
+        {**group, "params": ["weight"]},
+        {**group, "params": ["bias"], "lr": 1.0},
+    ]
+    (tmp_path / "run" / "trajectory.json").write_text(json.dumps(index))
+    with pytest.raises(sp.TrajectoryError, match="different learning rates"):
+        _featurize(tmp_path / "run", regression_data, tmp_path / "s.sp")
+
+
+def test_recorded_maximising_run_is_refused(tmp_path: Path, regression_data) -> None:
+    _small_run(tmp_path / "run", regression_data, lambda p: torch.optim.SGD(p, lr=0.01, maximize=True))
+    with pytest.raises(sp.TrajectoryError, match="maximize=True"):
+        _featurize(tmp_path / "run", regression_data, tmp_path / "s.sp")
