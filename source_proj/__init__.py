@@ -7,6 +7,8 @@ helps query ``q`` (removing ``z`` would lower the measurement).
 
 __version__ = "0.1.0"
 
+from .baselines import BASELINES, BaselineArguments, fit_baseline
+from .ensemble import Ensemble
 from .errors import NumericalError, SourceProjError, StoreError, TaskError, TrajectoryError
 from .featurize import FeaturizeArguments, ProjectionArguments, featurize
 from .fit import FitArguments, fit
@@ -19,8 +21,11 @@ from .task import ClassificationTask, ParameterSelection, RegressionTask, Task
 from .trajectory import Trajectory, TrajectoryRecorder
 
 __all__ = [
+    "BASELINES",
     "Attributor",
+    "BaselineArguments",
     "ClassificationTask",
+    "Ensemble",
     "FeaturizeArguments",
     "FitArguments",
     "IdentityProjector",
@@ -44,5 +49,6 @@ __all__ = [
     "attribute",
     "featurize",
     "fit",
+    "fit_baseline",
     "make_segments",
 ]

@@ -3,7 +3,9 @@
 For every checkpoint c and every example z_i of the stage the checkpoint belongs to, the store
 receives G̃_c[i] = P ∇ℓ(z_i; θ_c) and the Fisher factors ũ_i = P ∇ℓ(x_i, ŷ_i; θ_c) with ŷ_i drawn
 from the model's predictive distribution (SOURCE_MATH.md §4). The final checkpoint is featurized
-on every stage's data (baselines such as TRAK use it). Work is done in row chunks that are
+on every stage's data (baselines such as TRAK use it), and there the measurement gradients
+P ∇f(z_i; θ_T) of the training examples are stored too (TRAK's Gauss–Newton of the margin). Work is
+done in row chunks that are
 written whole and then marked complete, so an interrupted run resumes where it stopped and ends
 bit-identical to an uninterrupted one.
 """
@@ -62,6 +64,8 @@ class FeaturizeArguments:
         device: ``"cuda"``, ``"cpu"``…; default: CUDA when available.
         num_workers: DataLoader workers overlapping data loading with compute.
         vmap_chunk: examples per vectorised gradient chunk (bounds memory); ``None`` = the batch.
+        measurement: also store ``measurement/<stage>/<final ckpt>`` = P ∇f(z; θ_T) for every training
+            example (TRAK's curvature, see baselines.py): one more gradient per example at one checkpoint.
     """
 
     batch_size: int = 64
@@ -71,6 +75,7 @@ class FeaturizeArguments:
     device: str | None = None
     num_workers: int = 0
     vmap_chunk: int | None = None
+    measurement: bool = True
 
 
 def default_device(device: str | None) -> torch.device:
@@ -172,6 +177,7 @@ def featurize(
             "fisher": options.fisher,
             "seed": options.seed,
             "fisher_directions": directions,
+            "measurement": options.measurement,
         },
         "trajectory": {
             "path": str(Path(trajectory.path).resolve()),
@@ -202,6 +208,10 @@ def featurize(
             pending = store.pending_chunks(gname)
             if options.fisher != "empirical":
                 pending = sorted(set(pending) | set(store.pending_chunks(f"fisher/{stage}/{ckpt_key(ckpt.step)}")))
+            if _measures(ckpt, trajectory, options):
+                mname = f"measurement/{stage}/{ckpt_key(ckpt.step)}"
+                store.require_array(mname, (n, k), options.chunk_rows, "float32")
+                pending = sorted(set(pending) | set(store.pending_chunks(mname)))
             work.extend((ckpt, stage, chunk) for chunk in pending)
 
     loaded: Checkpoint | None = None
@@ -215,7 +225,7 @@ def featurize(
         generator = torch.Generator().manual_seed(int(seed.generate_state(1, dtype=np.uint64)[0] >> 1))
         start = chunk * options.chunk_rows
         stop = min(len(datasets[stage]), start + options.chunk_rows)  # type: ignore[arg-type]
-        feats, fisher = _featurize_rows(
+        feats, fisher, measured = _featurize_rows(
             grads_fn,
             projector,
             task,
@@ -226,12 +236,19 @@ def featurize(
             generator,
             device,
             where=f"checkpoint {ckpt.file}, stage {stage!r}",
+            measure=_measures(ckpt, trajectory, options),
         )
         key = ckpt_key(ckpt.step)
         if fisher is not None:
             store.write_chunk(f"fisher/{stage}/{key}", chunk, fisher)
+        if measured is not None:
+            store.write_chunk(f"measurement/{stage}/{key}", chunk, measured)
         store.write_chunk(f"grads/{stage}/{key}", chunk, feats)
     return store
+
+
+def _measures(checkpoint: Checkpoint, trajectory: Trajectory, options: FeaturizeArguments) -> bool:
+    return options.measurement and checkpoint == trajectory.final_checkpoint
 
 
 def _open_or_create(path: str | Path, meta: dict[str, Any], overwrite: bool) -> Store:
@@ -280,7 +297,8 @@ def _featurize_rows(
     generator: torch.Generator,
     device: torch.device,
     where: str,
-) -> tuple[np.ndarray, np.ndarray | None]:
+    measure: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     loader = DataLoader(
         Subset(dataset, range(start, stop)),
         batch_size=options.batch_size,
@@ -288,7 +306,7 @@ def _featurize_rows(
         num_workers=options.num_workers,
         pin_memory=device.type == "cuda",
     )
-    feats, fisher = [], []
+    feats, fisher, measured = [], [], []
     row = start
     for batch in loader:
         batch = move_batch(batch, device)
@@ -305,8 +323,16 @@ def _featurize_rows(
                 _check_finite(u, row, where, "Fisher (sampled-label) gradient")
                 per_direction.append(u.cpu())
             fisher.append(torch.stack(per_direction, dim=1).reshape(-1, projector.dim))
+        if measure:
+            m = projector.project(grads_fn(batch, "measurement"))
+            _check_finite(m, row, where, "measurement gradient")
+            measured.append(m.cpu())
         row += projected.shape[0]
-    return (torch.cat(feats).numpy(), torch.cat(fisher).numpy() if fisher else None)
+    return (
+        torch.cat(feats).numpy(),
+        torch.cat(fisher).numpy() if fisher else None,
+        torch.cat(measured).numpy() if measured else None,
+    )
 
 
 def _check_finite(values: torch.Tensor, first_row: int, where: str, what: str) -> None:

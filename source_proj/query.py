@@ -1,8 +1,13 @@
 """query: query features at the final checkpoint, scores, and top-k through a FAISS index.
 
-score(q, z) = ⟨q̃, T(z)⟩ with q̃ = P ∇f(q; θ_T) (for SOURCE; a method's ``query`` recipe may use
-several checkpoints, e.g. TracIn). Positive = z helps q. The most helpful examples are the top-k
-of the inner product; the most harmful are the top-k for −q̃.
+score(q, z) = ⟨q̃, T(z)⟩ with q̃ = P ∇f(q; θ_T) (for SOURCE). Positive = z helps q. The most
+helpful examples are the top-k of the inner product; the most harmful are the top-k for −q̃.
+
+A fitted method's ``query`` recipe says how q̃ is built::
+
+    {"checkpoints": [steps], "weights": [w_c],        q̃ = concat_c w_c · x_c(q)   (TracIn-CP: several)
+     "features": "gradient" | "representation",       x_c = P ∇f(q; θ_c) (default) or Task.representation
+     "normalize": false | true}                       x_c / ‖x_c‖ (Grad-Cos, RepSim)
 """
 
 from __future__ import annotations
@@ -39,6 +44,19 @@ def projector_from_meta(meta: dict[str, Any]) -> Projector:
             "re-create the store with featurize --force."
         )
     return projector
+
+
+def store_trajectory(meta: dict[str, Any], trajectory: Trajectory | str | Path | None = None) -> Trajectory:
+    """The run a store was featurized from (default: the directory it records), checked by fingerprint."""
+    if trajectory is None:
+        trajectory = meta["trajectory"]["path"]
+    loaded = trajectory if isinstance(trajectory, Trajectory) else Trajectory.load(trajectory)
+    if loaded.fingerprint() != meta["trajectory"]["fingerprint"]:
+        raise StoreError(
+            f"The trajectory at {loaded.path} is not the one the store was featurized from "
+            "(fingerprints differ); pass the original run directory."
+        )
+    return loaded
 
 
 @dataclass(frozen=True)
@@ -113,14 +131,7 @@ class Attributor:
         self.method = method
         self.recipe = method_meta(self.store, method)["query"]
         self.rows = method_rows(self.store, method)
-        if trajectory is None:
-            trajectory = meta["trajectory"]["path"]
-        self.trajectory = trajectory if isinstance(trajectory, Trajectory) else Trajectory.load(trajectory)
-        if self.trajectory.fingerprint() != meta["trajectory"]["fingerprint"]:
-            raise StoreError(
-                f"The trajectory at {self.trajectory.path} is not the one the store was featurized from "
-                "(fingerprints differ); pass the original run directory."
-            )
+        self.trajectory = store_trajectory(meta, trajectory)
         self.device = default_device(device)
         self.model = copy.deepcopy(model).to(self.device)
         self.task = task
@@ -141,16 +152,26 @@ class Attributor:
     def query_features(self, queries: Dataset | Sequence[Any]) -> torch.Tensor:
         """q̃ for every query: float32 ``[Q, d]`` (concatenated over the recipe's checkpoints)."""
         steps, weights = self.recipe["checkpoints"], self.recipe["weights"]
+        representation = self.recipe.get("features", "gradient") == "representation"
         by_step = {c.step: c for c in self.trajectory.checkpoints}
         parts = []
         for step, weight in zip(steps, weights, strict=True):
             self.trajectory.load_into(self.model, by_step[step])
-            grads_fn = PerExampleGradients(self.model, self.task, self.param_names)
-            feats = [
-                self.projector.project(grads_fn(move_batch(b, self.device), "measurement")).cpu()
-                for b in _batches(queries, self.batch_size)
-            ]
-            parts.append(torch.cat(feats) * weight)
+            if representation:
+                feats = [
+                    self.task.representation(self.model.eval(), move_batch(b, self.device)).cpu()
+                    for b in _batches(queries, self.batch_size)
+                ]
+            else:
+                grads_fn = PerExampleGradients(self.model, self.task, self.param_names)
+                feats = [
+                    self.projector.project(grads_fn(move_batch(b, self.device), "measurement")).cpu()
+                    for b in _batches(queries, self.batch_size)
+                ]
+            part = torch.cat(feats)
+            if self.recipe.get("normalize", False):
+                part = torch.nn.functional.normalize(part, dim=1)
+            parts.append(part * weight)
         return torch.cat(parts, dim=1)
 
     def index(self) -> faiss.Index:
