@@ -7,6 +7,7 @@ and one pass over the stored gradients folds every operator into T(z) (see sourc
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -128,6 +129,7 @@ def fit(
         "dim": meta["projection"]["dim"],
         "query": {"checkpoints": [meta["trajectory"]["checkpoints"][-1]], "weights": [1.0]},
     }
+    description = json.loads(json.dumps(description))  # as stored (tuples become lists), so a re-run matches
     _claim_method(store, args.method, description, overwrite)
 
     operators = segment_operators(store, segments)
