@@ -72,7 +72,8 @@ def prepare(s: settings.Setting, out: Path, models: int, dim: int) -> list[Path]
 
 def all_scores(s: settings.Setting, stores: list[Path]) -> tuple[dict[str, np.ndarray], list[sp.query.StageRows]]:
     """Single-model (model 0) and ensemble scores ``[Q, N]`` of every fitted method."""
-    methods = [m for m in sp.Store.open(stores[0]).meta["methods"]]
+    fitted = sp.Store.open(stores[0]).meta["methods"]
+    methods = [m for m in ("source", "source-L1", *BASELINES) if m in fitted]
     scores: dict[str, np.ndarray] = {}
     rows = None
     for method in methods:
@@ -141,9 +142,15 @@ def main() -> None:
             truths.append(ev.lds_ground_truth(settings.Retrain(name), rows, out / "retrains", lds_args))
         results = ev.compare(scores, truths)
         table = ev.format_table(results, alphas)
+        # Noise ceiling: how well half of the repeats predicts the other half (Spearman over subsets).
+        ceiling = ", ".join(
+            f"α={t.alpha:g}: {ev.correlate(t.measurements[:, ::2].mean(1), t.measurements[:, 1::2].mean(1))}"
+            for t in truths
+        )
         header = (
             f"## {name}: N={sum(r.size for r in rows)} attributed, {len(s.queries)} queries, k={args.dim}, "
             f"M={args.subsets}, R={args.repeats}, models={args.models}\n"
+            f"ground truth split-half reliability (R/2 vs R/2 repeats): {ceiling}\n"
             f"(prepare: {prep_s:.0f}s, total {time.perf_counter() - t0:.0f}s)\n"
         )
         print(header + table + "\n", flush=True)

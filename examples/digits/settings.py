@@ -10,7 +10,8 @@
   settings); queries are test digits rotated by 45°; attribution (and every LDS subset) is to the
   first stage only, SOURCE with one segment per stage (the paper's L = 2).
 
-Queries are the first 100 test digits of each setting, fixed before any result was seen.
+Queries are the first 100 test digits of each setting, fixed before any result was seen; the next
+100 (``validation=True``) serve diagnostics, so that nothing is ever chosen on the reported queries.
 Everything here is importable by worker processes: :class:`Retrain` is the picklable training
 function handed to the LDS.
 """
@@ -77,12 +78,13 @@ def _rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
 
 
 @functools.cache
-def setting(name: str) -> Setting:
-    """The setting called ``name`` (built once per process)."""
+def setting(name: str, validation: bool = False) -> Setting:
+    """The setting called ``name`` (built once per process); ``validation`` swaps in the next 100 queries."""
     train_set, test_set = load_split()
     x, y = train_set.tensors
-    tx, ty = test_set.tensors
-    queries = TensorDataset(tx[:QUERIES], ty[:QUERIES])
+    picked = slice(QUERIES, 2 * QUERIES) if validation else slice(0, QUERIES)
+    tx, ty = test_set.tensors[0][picked], test_set.tensors[1][picked]
+    queries = TensorDataset(tx, ty)
     if name == "converged":
         return Setting(name, (Stage("main", train_set, TrainConfig()),), "main", queries, 3)
     if name == "noisy":
@@ -92,7 +94,7 @@ def setting(name: str) -> Setting:
     if name == "two-stage":
         first = TensorDataset(x[:1000], y[:1000])
         second = TensorDataset(_rotate(x[1000:], 45.0), y[1000:])
-        rotated_queries = TensorDataset(_rotate(tx[:QUERIES], 45.0), ty[:QUERIES])
+        rotated_queries = TensorDataset(_rotate(tx, 45.0), ty)
         stages = (Stage("upright", first, TrainConfig()), Stage("rotated", second, TrainConfig(epochs=5)))
         return Setting(name, stages, "upright", rotated_queries, 1)
     raise ValueError(f"unknown setting {name!r}; choose one of {SETTINGS}")
@@ -103,7 +105,8 @@ class Retrain:
     """``retrain(keep, seed) -> margins of the queries`` for one setting (picklable for worker processes)."""
 
     name: str
+    validation: bool = False
 
     def __call__(self, keep: dict[str, np.ndarray], seed: int) -> np.ndarray:
-        s = setting(self.name)
+        s = setting(self.name, self.validation)
         return margins(s.train(seed, keep[s.attributed]), s.queries)
