@@ -173,7 +173,11 @@ def main() -> None:
         if args.removal:
             single = {m: v for m, v in scores.items() if "×" not in m and m != "source-L1"}
             removal = ev.subset_removal(
-                single, settings.Retrain(name), rows, out / "retrains", ev.RemovalArguments(workers=args.workers)
+                single,
+                settings.Retrain(name, decision=True),
+                rows,
+                out / "retrains-decision",
+                ev.RemovalArguments(workers=args.workers),
             )
             for m, r in removal.items():
                 print(

@@ -100,13 +100,28 @@ def setting(name: str, validation: bool = False) -> Setting:
     raise ValueError(f"unknown setting {name!r}; choose one of {SETTINGS}")
 
 
+def decision_margins(model: nn.Module, data: TensorDataset) -> np.ndarray:
+    """logit_y − max_{c≠y} logit_c of every example: positive exactly when it is classified correctly."""
+    x, y = data.tensors
+    with torch.no_grad():
+        logits = model(x)
+    correct = logits.gather(1, y[:, None]).squeeze(1)
+    return (correct - logits.scatter(1, y[:, None], float("-inf")).amax(1)).numpy()
+
+
 @dataclass(frozen=True)
 class Retrain:
-    """``retrain(keep, seed) -> margins of the queries`` for one setting (picklable for worker processes)."""
+    """``retrain(keep, seed) -> [Q]`` for one setting (picklable for worker processes).
+
+    Returns the task's margins (the LDS measurement), or with ``decision=True`` the decision margins
+    whose sign is correctness (for subset removal, which counts misclassifications).
+    """
 
     name: str
     validation: bool = False
+    decision: bool = False
 
     def __call__(self, keep: dict[str, np.ndarray], seed: int) -> np.ndarray:
         s = setting(self.name, self.validation)
-        return margins(s.train(seed, keep[s.attributed]), s.queries)
+        model = s.train(seed, keep[s.attributed])
+        return (decision_margins if self.decision else margins)(model, s.queries)

@@ -176,7 +176,7 @@ def plot_lds(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for name, rs in results.items():
         mean = np.array([r.mean for r in rs])
         err = np.array([[r.mean - r.low for r in rs], [r.high - r.mean for r in rs]])
@@ -185,7 +185,7 @@ def plot_lds(
     ax.set_ylabel("LDS (mean Spearman, 95% CI)")
     ax.axhline(0.0, color="grey", lw=0.5)
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

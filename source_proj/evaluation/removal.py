@@ -1,10 +1,15 @@
 """Subset-removal counterfactuals (SOURCE paper §5.4, App. B.3).
 
 Train on the full data with each seed and keep the queries that every model classifies correctly
-(measurement > threshold: margin > 0). For each method and each k in increasing order, remove the k
-training examples it scores most helpful for a query, retrain with each seed, and count the query as
-*flipped* when its mean retrained measurement falls to the threshold or below (misclassified on
-average). A query that flips at k is not retried at larger k, so the reported curve is the fraction
+(returned value > threshold). For each method and each k in increasing order, remove the k training
+examples it scores most helpful for a query, retrain with each seed, and count the query as
+*flipped* when its mean retrained value falls to the threshold or below (misclassified on average).
+
+The training function must return a value whose sign is correctness, e.g. the decision margin
+logit_y − max_{c≠y} logit_c. The task's margin logit_y − logsumexp_{c≠y} logit_c = log(p_y/(1 − p_y))
+is not one for more than two classes: it is negative whenever p_y < ½, even for a correct argmax.
+
+A query that flips at k is not retried at larger k, so the reported curve is the fraction
 of queries flipped by removing at most k examples. Retrains are cached and shared between methods
 that remove the same examples.
 """
@@ -29,7 +34,7 @@ class RemovalArguments:
     Attributes:
         ks: removal sizes, increasing.
         seeds: training seeds; a query must be correct under all of them to be evaluated.
-        threshold: a query counts as flipped when its mean measurement is ≤ this (0 for the margin).
+        threshold: a query counts as flipped when its mean returned value is ≤ this (0 for a decision margin).
         workers: parallel worker processes for retraining.
         threads_per_worker: torch threads per worker process.
     """
@@ -114,13 +119,13 @@ def plot_removal(results: Mapping[str, RemovalResult], path: str | Path, title: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for name, r in results.items():
         ax.plot(r.ks, r.fraction, marker="o", label=name)
     ax.set_xlabel("k (most helpful training examples removed)")
     ax.set_ylabel("fraction of queries misclassified")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
