@@ -12,6 +12,7 @@ import click
 import torch
 
 import source_proj as sp
+from source_proj import evaluation as ev
 from source_proj.fit import store_view
 from source_proj.info import store_summary
 from source_proj.query import method_meta
@@ -58,6 +59,9 @@ def main() -> None:
     source-proj info STORE                                         what a store holds
     source-proj verify STORE [--repair]                            check every chunk; repair damage
     source-proj trajectory STORE --segments auto:3 --plot t.png    change between checkpoints, automatic cuts
+    source-proj baseline STORE --kind trak,if,tracin               baselines fitted into the same store
+    source-proj compare STORE [STORE ...] --methods source,trak    LDS table of methods (several stores: ensemble)
+    source-proj lds STORE --method source --alpha 0.25,0.5,0.75    LDS of one method against α, with a plot
     """
 
 
@@ -381,6 +385,145 @@ def verify(store_path: Path, repair: bool, as_json: bool) -> None:
     click.echo(json.dumps(report.as_dict(), indent=2) if as_json else "\n".join(report.lines()))
     if report.status == "damaged":
         sys.exit(1)
+
+
+@main.command(cls=_Command)
+@click.argument("store_path", type=click.Path(path_type=Path))
+@click.option("--kind", "kinds", required=True, help=f"Comma-separated baselines: {','.join(sp.BASELINES)}.")
+@click.option("--stages", default=None, help="Attribute to these stages' data only (default: all).")
+@click.option("--damping-factor", default=0.1, show_default=True, help="IF: damping = factor × mean eigenvalue.")
+@click.option("--spec", "spec_path", default=None, type=click.Path(path_type=Path), help="Spec file (RepSim).")
+@click.option("--device", default=None)
+@click.option("--force", is_flag=True, help="Replace a baseline fitted with other settings.")
+def baseline(
+    store_path: Path,
+    kinds: str,
+    stages: str | None,
+    damping_factor: float,
+    spec_path: Path | None,
+    device: str | None,
+    force: bool,
+) -> None:
+    """Fit baselines (TRAK, IF, TracIn-CP, Grad-Dot, Grad-Cos, RepSim) into STORE, next to SOURCE."""
+    store = sp.Store.open(store_path, writable=True)
+    for kind in _names(kinds) or ():
+        extra: dict[str, Any] = {}
+        if kind == "repsim":
+            spec = _spec_of(store, spec_path)
+            names = [s["name"] for s in store.meta["trajectory"]["stages"]]
+            data = {n: spec.train_data(n) for n in names}
+            extra = dict(model=spec.build_model(), task=spec.build_task(), train_data=data)
+        args = sp.BaselineArguments(kind=kind, stages=_names(stages), damping_factor=damping_factor)
+        sp.fit_baseline(store, args, device=device, overwrite=force, **extra)
+        click.echo(f"fitted {kind!r} in {store.path}")
+
+
+def _evaluation_options(fn: Any) -> Any:
+    options = [
+        click.argument("store_paths", nargs=-1, required=True, type=click.Path(path_type=Path)),
+        click.option("--alpha", "alphas", default="0.5", show_default=True, help="Kept fraction(s), e.g. 0.25,0.5."),
+        click.option("--subsets", default=100, show_default=True, help="M, random subsets per α."),
+        click.option("--repeats", default=5, show_default=True, help="R, retrains per subset (averaged)."),
+        click.option("--seed", default=0, show_default=True, help="Seed of the subsets and retrain seeds."),
+        click.option("--workers", default=1, show_default=True, help="Parallel retraining processes."),
+        click.option("--queries", "which", default=None, help="Query indices: 0:100, 3,5,8 (default: all)."),
+        click.option("--cache", "cache", default=None, type=click.Path(path_type=Path),
+                     help="Directory of finished retrains (default: FIRST_STORE.retrains); resumes."),
+        click.option("--spec", "spec_path", default=None, type=click.Path(path_type=Path),
+                     help="Spec file with retrain(keep, seed) (default: the one recorded by featurize)."),
+        click.option("--out", "out_path", default=None, type=click.Path(path_type=Path),
+                     help="Write per-query correlations (.csv or .jsonl)."),
+        click.option("--device", default=None),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _lds_table(
+    store_paths: tuple[Path, ...],
+    methods: list[str],
+    alphas: str,
+    subsets: int,
+    repeats: int,
+    seed: int,
+    workers: int,
+    which: str | None,
+    cache: Path | None,
+    spec_path: Path | None,
+    out_path: Path | None,
+    device: str | None,
+) -> tuple[dict[str, list[Any]], list[float]]:
+    try:
+        levels = [float(a) for a in alphas.split(",")]
+    except ValueError as err:
+        raise click.BadParameter(f"expected comma-separated fractions, got {alphas!r}", param_hint="--alpha") from err
+    first = sp.Store.open(store_paths[0])
+    spec = _spec_of(first, spec_path)
+    queries = spec.query_data()
+    indices = _select(len(queries), which)
+    subset = torch.utils.data.Subset(queries, indices)
+    model, task = spec.build_model(), spec.build_task()
+    scores, rows = {}, None
+    for method in methods:
+        scorer = sp.Ensemble.open(store_paths, model, task, method=method, device=device)
+        rows = scorer.rows
+        scores[method] = scorer.scores(subset)
+    cache_dir = cache or Path(str(store_paths[0]).rstrip("/") + ".retrains")
+    truths = []
+    for alpha in levels:
+        args = ev.LDSArguments(alpha=alpha, num_subsets=subsets, repeats=repeats, seed=seed, workers=workers)
+        truth = ev.lds_ground_truth(spec.retrainer(), rows, cache_dir, args)
+        if truth.measurements.shape[2] != len(queries):
+            raise click.ClickException(
+                f"retrain() in {spec.path} returned {truth.measurements.shape[2]} measurements but query_data() has "
+                f"{len(queries)} examples; return one measurement per query_data() example."
+            )
+        truths.append(truth.select(indices))
+    results = ev.compare(scores, truths, ev.LDSArguments(seed=seed))
+    if out_path is not None:
+        records = [
+            {"method": m, "alpha": a, "query": indices[q], "spearman": float(r.per_query[q])}
+            for m, rs in results.items()
+            for a, r in zip(levels, rs, strict=True)
+            for q in range(len(indices))
+        ]
+        _write(records, out_path)
+        click.echo(f"wrote {len(records)} rows to {out_path}")
+    ensemble = f" (ensemble of {len(store_paths)} models)" if len(store_paths) > 1 else ""
+    click.echo(f"LDS over {len(indices)} queries, M={subsets} subsets, R={repeats} retrains each{ensemble}:")
+    click.echo(ev.format_table(results, levels))
+    return results, levels
+
+
+@main.command(cls=_Command)
+@_evaluation_options
+@click.option("--methods", default=None, help="Fitted methods to compare (default: every fitted method).")
+def compare(store_paths: tuple[Path, ...], methods: str | None, **options: Any) -> None:
+    """LDS of several fitted methods on the same retrained ground truth: a table of methods × LDS [95% CI].
+
+    Several STOREs (one per independently trained model) evaluate the ensemble of each method.
+    """
+    fitted = sorted(sp.Store.open(store_paths[0]).meta.get("methods") or {})
+    chosen = list(_names(methods) or fitted)
+    if not chosen:
+        raise click.UsageError("The store has no fitted method; run `source-proj fit` or `source-proj baseline` first.")
+    _lds_table(store_paths, chosen, **options)
+
+
+@main.command(cls=_Command)
+@_evaluation_options
+@click.option("--method", default="source", show_default=True, help="The fitted method to evaluate.")
+@click.option("--plot", "plot_path", default=None, type=click.Path(path_type=Path), help="PNG of LDS against α.")
+def lds(store_paths: tuple[Path, ...], method: str, plot_path: Path | None, **options: Any) -> None:
+    """Linear datamodeling score of one fitted method (Park et al. 2023), at one or several α.
+
+    STORE's spec file must define retrain(keep, seed); finished retrains are cached (see --cache),
+    so an interrupted run resumes where it stopped. Several STOREs evaluate an ensemble.
+    """
+    results, levels = _lds_table(store_paths, [method], **options)
+    if plot_path is not None:
+        click.echo(f"plot: {ev.plot_lds(results, levels, plot_path, title=method)}")
 
 
 if __name__ == "__main__":

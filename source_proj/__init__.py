@@ -8,7 +8,9 @@ helps query ``q`` (removing ``z`` would lower the measurement).
 __version__ = "0.1.0"
 
 from .autosegment import TrajectoryView
+from .baselines import BASELINES, BaselineArguments, fit_baseline
 from .durable import atomic_write_bytes
+from .ensemble import Ensemble
 from .errors import NumericalError, SourceProjError, StoreError, TaskError, TrajectoryError
 from .featurize import FeaturizeArguments, ProjectionArguments, featurize
 from .fit import FitArguments, fit
@@ -23,8 +25,11 @@ from .trajectory import Trajectory, TrajectoryRecorder
 from .verify import VerifyReport, verify_store
 
 __all__ = [
+    "BASELINES",
     "Attributor",
+    "BaselineArguments",
     "ClassificationTask",
+    "Ensemble",
     "FeaturizeArguments",
     "FitArguments",
     "IdentityProjector",
@@ -53,6 +58,7 @@ __all__ = [
     "attribute",
     "featurize",
     "fit",
+    "fit_baseline",
     "make_segments",
     "store_lock",
     "verify_store",

@@ -3,7 +3,9 @@
 For every checkpoint c and every example z_i of the stage the checkpoint belongs to, the store
 receives G̃_c[i] = P ∇ℓ(z_i; θ_c) and the Fisher factors ũ_i = P ∇ℓ(x_i, ŷ_i; θ_c) with ŷ_i drawn
 from the model's predictive distribution (SOURCE_MATH.md §4). The final checkpoint is featurized
-on every stage's data (baselines such as TRAK use it). Work is done in row chunks that are
+on every stage's data (baselines such as TRAK use it), and there the measurement gradients
+P ∇f(z_i; θ_T) of the training examples are stored too (TRAK's Gauss–Newton of the margin). Work is
+done in row chunks that are
 written whole and then marked complete, so an interrupted run resumes where it stopped and ends
 bit-identical to an uninterrupted one.
 """
@@ -24,14 +26,14 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .errors import NumericalError, StoreError, TaskError
-from .featurize_plan import PROBE, FeaturizePlan, featurize_plan
+from .featurize_plan import PROBE, FeaturizePlan, Unit, featurize_plan
 from .gradients import PerExampleGradients, move_batch
 from .locking import writes_store
 from .preconditioner import precondition_gradients
 from .projection import Projector, make_projector
 from .provenance import check_checkpoints, describe_provenance
 from .segments import SegmentationArguments
-from .store import Store, is_store
+from .store import Store, ckpt_key, is_store
 from .task import Task
 from .trajectory import Checkpoint, Trajectory
 
@@ -74,6 +76,8 @@ class FeaturizeArguments:
         checkpoints: featurize every checkpoint (SOURCE; the baselines use them too).
         segment_means: featurize each segment's averaged parameters (Fast-SOURCE, SOURCE_MATH §7);
             with ``checkpoints=False`` this is the cheap mode: L instead of C gradient passes.
+        measurement: also store ``measurement/<stage>/<final ckpt>`` = P ∇f(z; θ_T) for every training
+            example (TRAK's curvature, see baselines.py): one more gradient per example at one checkpoint.
     """
 
     batch_size: int = 64
@@ -86,6 +90,7 @@ class FeaturizeArguments:
     segmentation: SegmentationArguments | None = None
     checkpoints: bool = True
     segment_means: bool = False
+    measurement: bool = True
 
 
 def default_device(device: str | None) -> torch.device:
@@ -202,6 +207,7 @@ def featurize(
             "fisher": options.fisher,
             "seed": options.seed,
             "fisher_directions": directions,
+            "measurement": options.measurement,
         },
         "trajectory": {
             "path": str(Path(trajectory.path).resolve()),
@@ -222,8 +228,11 @@ def featurize(
         _featurize_units(plan, grads_fn, projector, task, options, directions, device, work_model, progress)
         plan = featurize_plan(trajectory, plan.store, datasets, names, options, overwrite)
     _featurize_units(plan, grads_fn, projector, task, options, directions, device, work_model, progress)
-    if not plan.store.meta.get("featurized"):
-        plan.store.update_meta(featurized=True)
+    old = plan.store.meta.get("products") or {}
+    products = {"checkpoints": bool(old.get("checkpoints")) or options.checkpoints,
+                "segment_means": bool(old.get("segment_means")) or options.segment_means}
+    if not plan.store.meta.get("featurized") or old != products:
+        plan.store.update_meta(featurized=True, products=products)
     return plan.store
 
 
@@ -241,6 +250,7 @@ def _featurize_units(
     """Compute and write every unfinished row chunk of the plan's units."""
     store, k = plan.store, projector.dim
     work = []
+    final = ckpt_key(plan.trajectory.final_checkpoint.step)
     for unit in plan.units:
         n = len(unit.dataset)  # type: ignore[arg-type]
         gname = f"{unit.prefix}grads/{unit.stage}/{unit.key}"
@@ -250,6 +260,10 @@ def _featurize_units(
         if options.fisher != "empirical":
             store.require_array(fname, (n * directions, k), options.chunk_rows * directions, "float32")
             pending = sorted(set(pending) | set(store.pending_chunks(fname)))
+        if _measures(unit, final, options):
+            mname = f"measurement/{unit.stage}/{unit.key}"
+            store.require_array(mname, (n, k), options.chunk_rows, "float32")
+            pending = sorted(set(pending) | set(store.pending_chunks(mname)))
         work.extend((unit, chunk) for chunk in pending)
 
     loaded: tuple[Any, ...] | None = None
@@ -268,7 +282,7 @@ def _featurize_units(
         generator = torch.Generator().manual_seed(int(seed.generate_state(1, dtype=np.uint64)[0] >> 1))
         start = chunk * options.chunk_rows
         stop = min(len(unit.dataset), start + options.chunk_rows)  # type: ignore[arg-type]
-        feats, fisher = _featurize_rows(
+        feats, fisher, measured = _featurize_rows(
             grads_fn,
             projector,
             task,
@@ -280,10 +294,18 @@ def _featurize_units(
             device,
             where=f"{unit.where}, stage {unit.stage!r}",
             scale=scale,
+            measure=_measures(unit, final, options),
         )
         if fisher is not None:
             store.write_chunk(f"{unit.prefix}fisher/{unit.stage}/{unit.key}", chunk, fisher)
+        if measured is not None:
+            store.write_chunk(f"measurement/{unit.stage}/{unit.key}", chunk, measured)
         store.write_chunk(f"{unit.prefix}grads/{unit.stage}/{unit.key}", chunk, feats)
+
+
+def _measures(unit: Unit, final: str, options: FeaturizeArguments) -> bool:
+    """Whether a unit also stores P ∇f(z; θ_T): the final checkpoint's own unit, when asked."""
+    return options.measurement and not unit.prefix and unit.key == final
 
 
 def _open_or_create(path: str | Path, meta: dict[str, Any], overwrite: bool) -> Store:
@@ -334,7 +356,8 @@ def _featurize_rows(
     device: torch.device,
     where: str,
     scale: Mapping[str, torch.Tensor] | None = None,
-) -> tuple[np.ndarray, np.ndarray | None]:
+    measure: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     loader = DataLoader(
         Subset(dataset, range(start, stop)),
         batch_size=options.batch_size,
@@ -342,7 +365,7 @@ def _featurize_rows(
         num_workers=options.num_workers,
         pin_memory=device.type == "cuda",
     )
-    feats, fisher = [], []
+    feats, fisher, measured = [], [], []
     row = start
     for batch in loader:
         batch = move_batch(batch, device)
@@ -360,8 +383,16 @@ def _featurize_rows(
                 _check_finite(u, row, where, "Fisher (sampled-label) gradient")
                 per_direction.append(u.cpu())
             fisher.append(torch.stack(per_direction, dim=1).reshape(-1, projector.dim))
+        if measure:
+            m = projector.project(precondition_gradients(grads_fn(batch, "measurement"), scale))
+            _check_finite(m, row, where, "measurement gradient")
+            measured.append(m.cpu())
         row += projected.shape[0]
-    return (torch.cat(feats).numpy(), torch.cat(fisher).numpy() if fisher else None)
+    return (
+        torch.cat(feats).numpy(),
+        torch.cat(fisher).numpy() if fisher else None,
+        torch.cat(measured).numpy() if measured else None,
+    )
 
 
 def _check_finite(values: torch.Tensor, first_row: int, where: str, what: str) -> None:

@@ -87,8 +87,8 @@ def _parameter_mismatch(stored: list[tuple[str, list[int]]], actual: list[tuple[
     return "; ".join(parts)
 
 
-def check_query_model(meta: dict[str, Any], model: nn.Module, task: Task, trajectory: Trajectory) -> None:
-    """Refuse a query model, task or run that is not the store's (see the module docstring)."""
+def check_run(meta: dict[str, Any], trajectory: Trajectory) -> None:
+    """Refuse a run that is not the one the store was featurized from (its final checkpoint is the query model)."""
     recorded = meta["trajectory"]
     if trajectory.fingerprint() != recorded["fingerprint"]:
         steps = [c.step for c in trajectory.checkpoints]
@@ -100,6 +100,11 @@ def check_query_model(meta: dict[str, Any], model: nn.Module, task: Task, trajec
             f"The run at {trajectory.path} is not the one the store was featurized from ({why}), so its final "
             "checkpoint is not the store's query model; pass the original run, or featurize this one into a new store."
         )
+
+
+def check_query_model(meta: dict[str, Any], model: nn.Module, task: Task, trajectory: Trajectory) -> None:
+    """Refuse a query model, task or run that is not the store's (see the module docstring)."""
+    check_run(meta, trajectory)
     if task.describe() != meta["task"]:
         raise TaskError(
             f"The task {task.describe()} is not the store's {meta['task']}; query with the task the store was "

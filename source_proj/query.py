@@ -1,9 +1,15 @@
 """query: query features at the final checkpoint, scores, and top-k through a FAISS index.
 
-score(q, z) = ⟨q̃, T(z)⟩ with q̃ = P ∇f(q; θ_T) (for SOURCE; a method's ``query`` recipe may use
-several checkpoints, e.g. TracIn, and an optional ``scales`` list naming the stored D^{-1/2} each
-checkpoint's gradients are multiplied by before projection: Adam runs). Positive = z helps q.
-The most helpful examples are the top-k of the inner product; the most harmful are the top-k for −q̃.
+score(q, z) = ⟨q̃, T(z)⟩ with q̃ = P ∇f(q; θ_T) (for SOURCE). Positive = z helps q. The most
+helpful examples are the top-k of the inner product; the most harmful are the top-k for −q̃.
+
+A fitted method's ``query`` recipe says how q̃ is built::
+
+    {"checkpoints": [steps], "weights": [w_c],        q̃ = concat_c w_c · x_c(q)   (TracIn-CP: several)
+     "features": "gradient" | "representation",       x_c = P ∇f(q; θ_c) (default) or Task.representation
+     "normalize": false | true,                       x_c / ‖x_c‖ (Grad-Cos, RepSim)
+     "scales": [name | null]}                         stored D^{-1/2} multiplying θ_c's gradients before
+                                                      projection (Adam runs); absent = none
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from .featurize import default_device
 from .gradients import PerExampleGradients, move_batch
 from .preconditioner import precondition_gradients, read_scale
 from .projection import Projector, make_projector
-from .provenance import check_query_model
+from .provenance import check_query_model, check_run
 from .store import Store
 from .task import Task
 from .trajectory import Trajectory
@@ -42,6 +48,15 @@ def projector_from_meta(meta: dict[str, Any]) -> Projector:
             "re-create the store with featurize --force."
         )
     return projector
+
+
+def store_trajectory(meta: dict[str, Any], trajectory: Trajectory | str | Path | None = None) -> Trajectory:
+    """The run a store was featurized from (default: the directory it records), checked by fingerprint."""
+    if trajectory is None:
+        trajectory = meta["trajectory"]["path"]
+    loaded = trajectory if isinstance(trajectory, Trajectory) else Trajectory.load(trajectory)
+    check_run(meta, loaded)
+    return loaded
 
 
 @dataclass(frozen=True)
@@ -119,9 +134,7 @@ class Attributor:
         self.method = method
         self.recipe = method_meta(self.store, method)["query"]
         self.rows = method_rows(self.store, method)
-        if trajectory is None:
-            trajectory = meta["trajectory"]["path"]
-        self.trajectory = trajectory if isinstance(trajectory, Trajectory) else Trajectory.load(trajectory)
+        self.trajectory = store_trajectory(meta, trajectory)
         check_query_model(meta, model, task, self.trajectory)
         self.device = default_device(device)
         self.model = copy.deepcopy(model).to(self.device)
@@ -136,20 +149,30 @@ class Attributor:
         """q̃ for every query: float32 ``[Q, d]`` (concatenated over the recipe's checkpoints)."""
         steps, weights = self.recipe["checkpoints"], self.recipe["weights"]
         scales = self.recipe.get("scales") or [None] * len(steps)
+        representation = self.recipe.get("features", "gradient") == "representation"
         by_step = {c.step: c for c in self.trajectory.checkpoints}
         shapes = self.store.meta["params"]
         parts = []
         for step, weight, scale_name in zip(steps, weights, scales, strict=True):
             self.trajectory.load_into(self.model, by_step[step])
-            grads_fn = PerExampleGradients(self.model, self.task, self.param_names)
-            scale = read_scale(self.store, scale_name, shapes, self.device)
-            feats = [
-                self.projector.project(
-                    precondition_gradients(grads_fn(move_batch(b, self.device), "measurement"), scale)
-                ).cpu()
-                for b in _batches(queries, self.batch_size)
-            ]
-            parts.append(torch.cat(feats) * weight)
+            if representation:
+                feats = [
+                    self.task.representation(self.model.eval(), move_batch(b, self.device)).cpu()
+                    for b in _batches(queries, self.batch_size)
+                ]
+            else:
+                grads_fn = PerExampleGradients(self.model, self.task, self.param_names)
+                scale = read_scale(self.store, scale_name, shapes, self.device)
+                feats = [
+                    self.projector.project(
+                        precondition_gradients(grads_fn(move_batch(b, self.device), "measurement"), scale)
+                    ).cpu()
+                    for b in _batches(queries, self.batch_size)
+                ]
+            part = torch.cat(feats)
+            if self.recipe.get("normalize", False):
+                part = torch.nn.functional.normalize(part, dim=1)
+            parts.append(part * weight)
         return torch.cat(parts, dim=1)
 
     def index(self) -> faiss.Index:

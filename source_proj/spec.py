@@ -7,10 +7,17 @@ A spec file defines::
     def train_data(stage: str) -> Dataset         # the stage's training set, in training order
     def query_data() -> Dataset                   # examples to explain (for `source-proj query`)
     def describe(stage: str, index: int) -> str   # optional: a short text for a training example
+    def retrain(keep: dict[str, np.ndarray], seed: int) -> np.ndarray
+        # optional, for `source-proj lds` / `compare`: train from scratch on the kept examples
+        # (keep: stage → sorted indices within that stage's dataset; stages not named are kept
+        # whole) with fresh randomness from `seed`, exactly as the attributed run was trained, and
+        # return the measurement of every query_data() example, shape [Q]. Worker processes import
+        # the spec file by path, so it must not depend on state built elsewhere.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
 from dataclasses import dataclass
@@ -18,6 +25,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -54,6 +62,30 @@ class Spec:
     def describe(self, stage: str, index: int) -> str:
         fn: Any = getattr(self.module, "describe", None)
         return "" if fn is None else str(fn(stage, index))
+
+    def retrainer(self) -> SpecRetrain:
+        """The spec's ``retrain`` as a picklable function (worker processes re-import the spec by path)."""
+        if not callable(getattr(self.module, "retrain", None)):
+            raise TaskError(
+                f"{self.path} defines no retrain(keep, seed); add one that trains on the kept examples and returns "
+                "the measurement of every query_data() example (see source_proj/spec.py)."
+            )
+        return SpecRetrain(str(self.path))
+
+
+@dataclass(frozen=True)
+class SpecRetrain:
+    """``retrain(keep, seed) -> [Q]`` of a spec file, loaded (once per process) from its path."""
+
+    path: str
+
+    def __call__(self, keep: dict[str, np.ndarray], seed: int) -> np.ndarray:
+        return np.asarray(_loaded(self.path).module.retrain(keep, seed))
+
+
+@functools.cache
+def _loaded(path: str) -> Spec:
+    return load_spec(path)
 
 
 def load_spec(path: str | Path) -> Spec:

@@ -130,6 +130,28 @@ class Task(ABC):
         """Names of the parameters attributed through (see :class:`ParameterSelection`)."""
         return self.parameters.select(model)
 
+    def representation(self, model: nn.Module, batch: Batch) -> Tensor:
+        """The last hidden representation h of each example, float ``[B, h]`` (RepSim compares these).
+
+        The default runs :meth:`forward` and returns the input of the model's last ``nn.Linear``
+        module (the activations before the output layer), flattened per example. Override it for
+        models whose output layer is not the last ``nn.Linear``.
+        """
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise TaskError(
+                f"{type(model).__name__} has no nn.Linear layer, so its last hidden representation is unknown; "
+                "override Task.representation for this model."
+            )
+        captured: list[Tensor] = []
+        handle = linears[-1].register_forward_pre_hook(lambda _, args: captured.append(args[0].detach()))
+        try:
+            with torch.no_grad():
+                self.forward(model, batch)
+        finally:
+            handle.remove()
+        return captured[-1].reshape(captured[-1].shape[0], -1).float()
+
     def describe(self) -> dict[str, Any]:
         """JSON-serialisable identity of the task, stored in the store's metadata."""
         return {

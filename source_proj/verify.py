@@ -31,13 +31,16 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from .durable import PARTIAL_SUFFIX
 from .errors import SourceProjError, StoreError
 from .featurize import checkpoint_stages
+from .featurize_plan import PROBE
 from .locking import writing
 from .query import projector_from_meta
+from .segments import Segment
 from .store import Store, ckpt_key
 from .trajectory import Checkpoint, Stage
 
@@ -144,6 +147,17 @@ def featurize_command(store: Store) -> str:
     if proj["kind"] != "identity":
         args += [f"--dim {proj['dim']}", f"--seed {proj['seed']}"]
     args += [f"--fisher {feat['fisher']}", f"--chunk-rows {feat['chunk_rows']}"]
+    segmentation = (meta.get("segmentation") or {}).get("arguments")
+    if segmentation:
+        if "auto" in segmentation:
+            args.append(f"--segments auto:{segmentation['auto']}")
+        elif "boundaries" in segmentation:
+            args.append(f"--segments at:{','.join(str(b) for b in segmentation['boundaries'])}")
+        else:
+            args.append(f"--segments {segmentation['per_stage']}")
+    products = meta.get("products") or {}
+    if products.get("segment_means"):
+        args.append("--fast" if products.get("checkpoints", True) else "--fast-only")
     provenance = meta.get("provenance", {})
     if "batch_size" in provenance:
         args += [f"--batch-size {provenance['batch_size']}", f"--device {provenance['device']}"]
@@ -172,12 +186,23 @@ def expected_features(meta: dict[str, Any]) -> dict[str, tuple[int, int]]:
     sizes = {s.name: s.dataset_size for s in stages}
     k = meta["projection"]["dim"]
     directions = meta["featurize"]["fisher_directions"]
-    expected = {}
-    for ckpt in checkpoints:
-        for stage in checkpoint_stages(run, ckpt):  # type: ignore[arg-type]
-            expected[f"grads/{stage}/{ckpt_key(ckpt.step)}"] = (sizes[stage], k)
-            if directions:
-                expected[f"fisher/{stage}/{ckpt_key(ckpt.step)}"] = (sizes[stage] * directions, k)
+    products = meta.get("products") or {"checkpoints": True, "segment_means": False}
+    points: list[tuple[str, str]] = []
+    if products["checkpoints"]:
+        points += [(stage, ckpt_key(c.step)) for c in checkpoints for stage in checkpoint_stages(run, c)]  # type: ignore[arg-type]
+    segments = [Segment.from_description(d) for d in (meta.get("segmentation") or {}).get("segments", [])]
+    if products["segment_means"]:
+        points += [(seg.stage, seg.mean_key) for seg in segments]
+    expected: dict[str, tuple[int, ...]] = {}
+    for stage, key in points:
+        expected[f"grads/{stage}/{key}"] = (sizes[stage], k)
+        if directions:
+            expected[f"fisher/{stage}/{key}"] = (sizes[stage] * directions, k)
+    if products["checkpoints"] and meta["featurize"].get("measurement"):
+        final = ckpt_key(checkpoints[-1].step)
+        expected.update({f"measurement/{s.name}/{final}": (sizes[s.name], k) for s in stages})
+    params = sum(int(np.prod(shape)) for _, shape in meta["params"])
+    expected.update({seg.preconditioner: (params,) for seg in segments if seg.preconditioner})
     return expected
 
 
@@ -242,7 +267,7 @@ def _verify(store: Store, *, repair: bool, progress: bool) -> VerifyReport:
                 featurize_unfinished = True
             if method is not None:
                 broken_methods.add(method)
-        known = name in expected or name == "trajectory/lr" or method is not None
+        known = name in expected or name == "trajectory/lr" or name.startswith(PROBE) or method is not None
         if featurized and not known:
             report.notes.append(f"{name!r} is not part of featurize's output or of a fitted method")
     if featurized:

@@ -362,6 +362,36 @@ def test_adam_store_keeps_its_segmentation(tmp_path: Path, regression_data) -> N
     assert method["query"]["scales"] == ["preconditioner/2"]
 
 
+def test_baselines_on_an_adam_store_query_in_the_same_preconditioned_coordinates(
+    tmp_path: Path, regression_data
+) -> None:
+    _small_run(tmp_path / "run", regression_data, lambda p: torch.optim.AdamW(p, lr=0.01), steps=12)
+    store = _featurize(tmp_path / "run", regression_data, tmp_path / "s.sp")
+    sp.fit_baseline(store, sp.BaselineArguments(kind="grad-dot"), progress=False)
+    assert store.meta["methods"]["grad-dot"]["query"]["scales"] == ["preconditioner/2"]
+    queries = TensorDataset(torch.randn(3, 3, generator=torch.Generator().manual_seed(4)), torch.zeros(3))
+    ours = sp.Attributor(store, nn.Linear(3, 1), sp.RegressionTask(), method="grad-dot").scores(queries)
+
+    # Brute force: −⟨D^{-1/2}∇f(q; θ_T), D^{-1/2}∇ℓ(z; θ_T)⟩ with the last segment's D (as featurize scaled z).
+    from source_proj.preconditioner import read_scale
+
+    scale = read_scale(store, "preconditioner/2", store.meta["params"])
+    traj = sp.Trajectory.load(tmp_path / "run")
+    net = traj.load_into(nn.Linear(3, 1), traj.final_checkpoint)
+
+    def scaled(value: torch.Tensor) -> torch.Tensor:
+        grads = torch.autograd.grad(value, [net.weight, net.bias])
+        return torch.cat([(g * scale[n]).reshape(-1) for g, n in zip(grads, ["weight", "bias"], strict=True)])
+
+    task = sp.RegressionTask()
+    q = torch.stack(
+        [scaled(task.measurement(net(xq[None]), (xq[None], yq[None]))[0]) for xq, yq in zip(*queries.tensors, strict=True)]
+    )
+    x, y = regression_data.tensors
+    g = torch.stack([scaled(task.loss(net(xi[None]), (xi[None], yi[None]))[0]) for xi, yi in zip(x, y, strict=True)])
+    assert np.allclose(ours, -(q @ g.T).numpy(), rtol=1e-4, atol=1e-6)
+
+
 def test_attributed_parameter_outside_the_adam_optimizer_is_refused(tmp_path: Path, regression_data) -> None:
     _small_run(tmp_path / "run", regression_data, lambda p: torch.optim.Adam([next(iter(p))], lr=0.01))
     with pytest.raises(sp.TrajectoryError, match="not optimised"):

@@ -25,8 +25,9 @@ def _flip(chunk: Path) -> None:
 
 def test_an_intact_store_verifies_ok(tiny_reference: Path) -> None:
     report = sp.verify_store(tiny_reference, progress=False)
-    # lr (1 chunk) + grads and fisher of 3 checkpoints (3 chunks each) + 2 eigvals (1 each) + train (3)
-    assert (report.arrays, report.chunks, report.complete) == (10, 24, 24)
+    # lr (1 chunk) + grads and fisher of 3 checkpoints (3 chunks each) + the final checkpoint's
+    # measurement gradients (3) + 2 eigvals (1 each) + train (3)
+    assert (report.arrays, report.chunks, report.complete) == (11, 27, 27)
     assert report.status == "ok" and report.damaged == report.problems == report.notes == []
     assert report.lines()[-1] == "status: OK (complete, every chunk matches its crc)"
 
@@ -110,3 +111,28 @@ def test_a_missing_array_of_a_finished_store_is_found_and_rewritten(
     featurize(tiny_run, store)
     sp.fit(store, FIT, progress=False)
     assert files(store) == files(tiny_reference)
+
+
+def test_a_fast_source_store_verifies_ok_and_its_repair_command_keeps_the_segmentation(
+    tmp_path: Path, tiny_run: Path
+) -> None:
+    from dataclasses import replace
+
+    from .crash_driver import OPTIONS
+
+    store = tmp_path / "fast.sp"
+    options = replace(OPTIONS, segment_means=True, segmentation=sp.SegmentationArguments(per_stage=2))
+    featurize(tiny_run, store, options=options)
+    sp.fit(store, sp.FitArguments(fast=True), progress=False)
+    report = sp.verify_store(store, progress=False)
+    assert report.status == "ok" and report.notes == [] and report.problems == []
+    # besides the checkpoints' arrays: the 2 segment means' and the final checkpoint's measurement
+    names = sp.verify.expected_features(sp.Store.open(store).meta)
+    assert sum(n.startswith("grads/main/mean-") for n in names) == 2
+    assert "measurement/main/step-00000008" in names
+    sp.Store.open(store, writable=True).update_meta(spec="spec.py")  # as a CLI-made store records it
+    command = sp.verify.featurize_command(sp.Store.open(store))
+    assert "--segments 2 --fast " in command, command
+    (store / "grads/main" / next(n.split("/")[-1] for n in names if "mean-" in n) / "c/0/0").write_bytes(b"\0")
+    damaged = sp.verify_store(store, progress=False)
+    assert damaged.status == "damaged" and any("mean-" in str(entry) for entry in damaged.damaged)

@@ -1,8 +1,8 @@
 """Digits: an MLP on scikit-learn's bundled 8×8 digits, trained with the trajectory recorder.
 
 This file is also the experiment *spec* the CLI reads (``--spec examples/digits/digits.py``):
-it defines ``build_model``, ``build_task``, ``train_data(stage)``, ``query_data()`` and
-``describe(stage, index)``.
+it defines ``build_model``, ``build_task``, ``train_data(stage)``, ``query_data()``,
+``describe(stage, index)`` and ``retrain(keep, seed)`` (for ``source-proj lds`` / ``compare``).
 """
 
 from __future__ import annotations
@@ -89,39 +89,72 @@ def train(
     ``keep`` trains on a subset (the same shuffle with the other examples dropped from every
     batch), for counterfactual retraining.
     """
-    x, y = data.tensors
-    model = build_model(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return train_stages([Stage("main", data, config, keep)], seed=seed, run_dir=run_dir)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage: its data, recipe, and the kept examples (None = all)."""
+
+    name: str
+    data: TensorDataset
+    config: TrainConfig = TrainConfig()
+    keep: Sequence[int] | None = None
+
+
+def train_stages(
+    stages: Sequence[Stage], *, seed: int = 0, run_dir: str | Path | None = None, model: nn.Module | None = None
+) -> nn.Module:
+    """Train through the stages in turn (a fresh SGD optimiser each), from ``model`` or a new MLP.
+
+    The shuffles come from one generator seeded by ``seed``; a recorded run saves checkpoints evenly
+    (``config.checkpoints`` per stage, the shortest stage deciding) and at every stage boundary.
+    """
+    model = build_model(seed) if model is None else model
     gen = torch.Generator().manual_seed(seed)
-    n = len(y)
-    mask = torch.ones(n, dtype=torch.bool)
-    if keep is not None:
-        mask[:] = False
-        mask[torch.as_tensor(keep)] = True
-    steps_per_epoch = -(-n // config.batch_size)
     recorder = None
     if run_dir is not None:
-        total = steps_per_epoch * config.epochs
+        every = min(max(1, _steps(st) * st.config.epochs // st.config.checkpoints) for st in stages)
         recorder = TrajectoryRecorder(
-            run_dir, model, opt, save_every=max(1, total // config.checkpoints), overwrite=True
+            run_dir, model, torch.optim.SGD(model.parameters()), save_every=every, overwrite=True
         )
-        recorder.begin_stage("main", dataset_size=int(mask.sum()))
-    for _ in range(config.epochs):
-        order = torch.randperm(n, generator=gen)
-        for b in range(steps_per_epoch):
-            idx = order[b * config.batch_size : (b + 1) * config.batch_size]
-            idx = idx[mask[idx]]
-            if len(idx) == 0:
-                continue
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if recorder is not None:
-                recorder.step()
+    for st in stages:
+        x, y = st.data.tensors
+        cfg = st.config
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        n = len(y)
+        mask = torch.ones(n, dtype=torch.bool)
+        if st.keep is not None:
+            mask[:] = False
+            mask[torch.as_tensor(st.keep, dtype=torch.long)] = True
+        if recorder is not None:
+            recorder.begin_stage(st.name, dataset_size=n, optimizer=opt)
+        for _ in range(cfg.epochs):
+            order = torch.randperm(n, generator=gen)
+            for b in range(_steps(st)):
+                idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+                idx = idx[mask[idx]]
+                if len(idx) == 0:
+                    continue
+                loss = F.cross_entropy(model(x[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if recorder is not None:
+                    recorder.step()
     if recorder is not None:
         recorder.close()
     return model.eval()
+
+
+def _steps(stage: Stage) -> int:
+    return -(-len(stage.data) // stage.config.batch_size)
+
+
+def retrain(keep: dict[str, np.ndarray], seed: int) -> np.ndarray:
+    """Spec hook for `source-proj lds/compare`: retrain on the kept digits, margins of every query."""
+    train_set, test_set = load_split()
+    return margins(train(train_set, seed=seed, keep=keep["main"]), test_set)
 
 
 def margins(model: nn.Module, data: TensorDataset) -> np.ndarray:

@@ -1,0 +1,119 @@
+"""The further-training gold standard for the final-model-only setting (Wei et al.; REFERENCES.md).
+
+Start from the final model θ_f. For each seed ξ, continue training on the full data D and on D∖{i}
+(the same shuffle with i dropped from every batch) and measure the queries. The gold-standard
+attribution of example i is the mean over seeds of the difference,
+
+    score_gold(q, i) = −mean_ξ [ f(q; θ_ξ(D∖{i})) − f(q; θ_ξ(D)) ]
+
+(the minus sign gives the project's convention: positive = i helps q). Methods are compared with it
+per query, over the left-out examples, by Spearman correlation (with a bootstrap interval over the
+examples) and cosine similarity. The user's ``further_train(keep, seed) -> [Q]`` continues training
+the final model on the kept examples (see retrain.py for ``keep``); its length and learning rate
+(e.g. a tenth of the original rate, a few epochs) are part of the gold standard's definition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import TaskError
+from ..query import StageRows
+from .metrics import Correlation, correlate, cosine
+from .retrain import Job, RetrainCache, RetrainFunction, keep_from_mask, run_retrains
+
+
+@dataclass(frozen=True)
+class FurtherTrainingArguments:
+    """Attributes:
+    seeds: further-training seeds averaged (Wei et al. used 100; 10–20 give most of the benefit).
+    workers: parallel worker processes.
+    threads_per_worker: torch threads per worker process.
+    resamples, confidence: bootstrap interval of the mean Spearman correlation.
+    """
+
+    seeds: tuple[int, ...] = tuple(range(10))
+    workers: int = 1
+    threads_per_worker: int = 1
+    resamples: int = 1000
+    confidence: float = 0.95
+
+
+@dataclass(frozen=True)
+class FurtherTraining:
+    """Attributes:
+    examples: ``[E]`` training rows left out one at a time.
+    scores: ``[Q, E]`` gold-standard scores (positive = helpful).
+    """
+
+    examples: np.ndarray
+    scores: np.ndarray
+
+
+def further_training_ground_truth(
+    further_train: RetrainFunction,
+    rows: Sequence[StageRows],
+    examples: Sequence[int],
+    cache_dir: str | Path,
+    args: FurtherTrainingArguments = FurtherTrainingArguments(),
+    *,
+    progress: bool = True,
+) -> FurtherTraining:
+    """Continue training without each example, per seed (cached, resumable); average the differences."""
+    total = sum(r.size for r in rows)
+    examples = np.asarray(examples, dtype=int)
+    if examples.size == 0 or examples.min() < 0 or examples.max() >= total:
+        raise TaskError(f"Left-out examples must be training rows in [0, {total}); got {examples.size} of them.")
+    everyone = np.ones(total, dtype=bool)
+    jobs = [Job(keep_from_mask(rows, everyone), s) for s in args.seeds]
+    for i in examples:
+        mask = everyone.copy()
+        mask[i] = False
+        jobs.extend(Job(keep_from_mask(rows, mask), s) for s in args.seeds)
+    values = run_retrains(
+        further_train,
+        jobs,
+        RetrainCache(cache_dir),
+        workers=args.workers,
+        threads_per_worker=args.threads_per_worker,
+        progress=progress,
+        desc="further training",
+    )
+    seeds = len(args.seeds)
+    full = values[:seeds]
+    left_out = values[seeds:].reshape(len(examples), seeds, -1)
+    return FurtherTraining(examples, -(left_out - full[None]).mean(axis=1).T)
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How well a method's scores match the further-training gold standard.
+
+    Attributes:
+        spearman: mean per-query Spearman correlation over the left-out examples, with bootstrap CI.
+        cosine: mean per-query cosine similarity.
+        cosine_per_query: ``[Q]``.
+    """
+
+    spearman: Correlation
+    cosine: float
+    cosine_per_query: np.ndarray
+
+
+def agreement(
+    scores: np.ndarray, truth: FurtherTraining, args: FurtherTrainingArguments = FurtherTrainingArguments()
+) -> Agreement:
+    """Compare a score matrix ``[Q, N]`` with the gold standard on its left-out examples."""
+    predicted = np.asarray(scores, dtype=np.float64)[:, truth.examples]
+    if predicted.shape != truth.scores.shape:
+        raise TaskError(f"Scores cover {scores.shape[0]} queries but the gold standard {truth.scores.shape[0]}.")
+    cos = cosine(predicted, truth.scores, axis=1)
+    return Agreement(
+        correlate(predicted.T, truth.scores.T, resamples=args.resamples, confidence=args.confidence),
+        float(np.nanmean(cos)),
+        cos,
+    )

@@ -1,0 +1,194 @@
+"""The linear datamodeling score (Park et al. 2023, as in the SOURCE paper).
+
+1. Sample M subsets S_m of the attributed training rows, each of ⌊αN⌉ examples drawn uniformly.
+2. Retrain on each subset R times with fresh randomness; record the measurement of every query;
+   the ground truth is its mean over the R runs, ``[M, Q]``.
+3. For each query, the Spearman correlation over the M subsets between the group prediction
+   Σ_{z∈S_m} score(q, z) and the ground truth; the LDS is its mean over queries, with a 95%
+   bootstrap interval that resamples the subsets.
+
+The ground truth does not depend on the attribution method: compute it once and score every
+method (and ensemble) against it. Retrains are cached (see retrain.py), so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import TaskError
+from ..query import StageRows
+from .metrics import Correlation, correlate, group_predictions
+from .retrain import Job, RetrainCache, RetrainFunction, keep_from_mask, run_retrains
+
+
+@dataclass(frozen=True)
+class LDSArguments:
+    """How the LDS ground truth is built and summarised.
+
+    Attributes:
+        alpha: fraction of the training rows kept in each subset (the paper reports α = 0.5).
+        num_subsets: M, the number of subsets (the paper uses 100).
+        repeats: R, trainings per subset with different seeds, averaged (the paper: 5–100).
+        seed: seed of the subset sampling and of the retrain seeds.
+        workers: parallel worker processes for retraining (1 = in this process).
+        threads_per_worker: torch threads per worker process.
+        resamples: bootstrap resamples of the confidence interval.
+        confidence: coverage of the interval.
+    """
+
+    alpha: float = 0.5
+    num_subsets: int = 100
+    repeats: int = 5
+    seed: int = 0
+    workers: int = 1
+    threads_per_worker: int = 1
+    resamples: int = 1000
+    confidence: float = 0.95
+
+
+def sample_subsets(num_rows: int, num_subsets: int, alpha: float, seed: int = 0) -> np.ndarray:
+    """M random subsets of ⌊α·N⌉ rows each, as a boolean mask ``[M, N]`` (reproducible from the seed)."""
+    if not 0.0 < alpha < 1.0:
+        raise TaskError(f"The subset ratio alpha must lie strictly between 0 and 1, not {alpha}.")
+    if num_subsets < 3:
+        raise TaskError(f"The LDS needs at least 3 subsets to rank, not {num_subsets}.")
+    size = round(alpha * num_rows)
+    if not 0 < size < num_rows:
+        raise TaskError(f"alpha={alpha} keeps {size} of {num_rows} rows; choose alpha so that 0 < αN < N.")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, round(alpha * 1e6)]))
+    masks = np.zeros((num_subsets, num_rows), dtype=bool)
+    for m in range(num_subsets):
+        masks[m, rng.choice(num_rows, size=size, replace=False)] = True
+    return masks
+
+
+def retrain_seed(seed: int, subset: int, repeat: int) -> int:
+    """The training seed of repeat r on subset m: independent across subsets and repeats."""
+    return int(np.random.SeedSequence([seed, 7919, subset, repeat]).generate_state(1)[0] >> 1)
+
+
+@dataclass(frozen=True)
+class Counterfactuals:
+    """The LDS ground truth at one α.
+
+    Attributes:
+        alpha: the kept fraction.
+        masks: boolean ``[M, N]`` kept rows of each subset.
+        measurements: ``[M, R, Q]`` measurement of each query after each retrain.
+    """
+
+    alpha: float
+    masks: np.ndarray
+    measurements: np.ndarray
+
+    @property
+    def mean(self) -> np.ndarray:
+        """``[M, Q]`` measurements averaged over the repeats."""
+        return self.measurements.mean(axis=1)
+
+    def select(self, queries: Sequence[int]) -> Counterfactuals:
+        """The same ground truth restricted to some queries (columns)."""
+        return Counterfactuals(self.alpha, self.masks, self.measurements[:, :, list(queries)])
+
+
+def lds_ground_truth(
+    retrain: RetrainFunction,
+    rows: Sequence[StageRows],
+    cache_dir: str | Path,
+    args: LDSArguments = LDSArguments(),
+    *,
+    progress: bool = True,
+) -> Counterfactuals:
+    """Retrain on M subsets × R seeds (cached, resumable, in parallel) and collect the measurements.
+
+    Args:
+        retrain: ``retrain(keep, seed) -> [Q]`` (see retrain.py).
+        rows: the attributed training rows (``Attributor.rows``): subsets are drawn over them.
+        cache_dir: where finished retrains are kept (one directory per training function).
+        args: α, M, R, seeds, workers.
+    """
+    total = sum(r.size for r in rows)
+    masks = sample_subsets(total, args.num_subsets, args.alpha, args.seed)
+    jobs = [
+        Job(keep_from_mask(rows, masks[m]), retrain_seed(args.seed, m, r))
+        for m in range(args.num_subsets)
+        for r in range(args.repeats)
+    ]
+    values = run_retrains(
+        retrain,
+        jobs,
+        RetrainCache(cache_dir),
+        workers=args.workers,
+        threads_per_worker=args.threads_per_worker,
+        progress=progress,
+        desc=f"LDS retrain α={args.alpha:g}",
+    )
+    return Counterfactuals(args.alpha, masks, values.reshape(args.num_subsets, args.repeats, -1))
+
+
+def lds(scores: np.ndarray, truth: Counterfactuals, args: LDSArguments = LDSArguments()) -> Correlation:
+    """The LDS of a score matrix ``[Q, N]`` (positive = helpful) against a ground truth.
+
+    Returns the mean per-query Spearman correlation with its bootstrap interval (over subsets) and
+    the per-query values.
+    """
+    if scores.shape[0] != truth.measurements.shape[2]:
+        raise TaskError(
+            f"The scores cover {scores.shape[0]} queries but the ground truth measures {truth.measurements.shape[2]}; "
+            "score the same queries the retrain function measures."
+        )
+    return correlate(
+        group_predictions(scores, truth.masks),
+        truth.mean,
+        resamples=args.resamples,
+        confidence=args.confidence,
+        seed=args.seed,
+    )
+
+
+def compare(
+    scores: Mapping[str, np.ndarray], truths: Sequence[Counterfactuals], args: LDSArguments = LDSArguments()
+) -> dict[str, list[Correlation]]:
+    """LDS of every method (name → ``[Q, N]`` scores) at every α of ``truths``."""
+    return {name: [lds(s, t, args) for t in truths] for name, s in scores.items()}
+
+
+def format_table(results: Mapping[str, Sequence[Correlation]], alphas: Sequence[float]) -> str:
+    """A plain-text table: one row per method, one column per α, ``LDS [95% CI]``."""
+    head = ["method", *(f"LDS α={a:g} [95% CI]" for a in alphas)]
+    body = [[name, *(str(r) for r in rs)] for name, rs in results.items()]
+    widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in [head, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def plot_lds(
+    results: Mapping[str, Sequence[Correlation]], alphas: Sequence[float], path: str | Path, title: str = ""
+) -> Path:
+    """Save a PNG of LDS against α for each method, with the bootstrap intervals as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for name, rs in results.items():
+        mean = np.array([r.mean for r in rs])
+        err = np.array([[r.mean - r.low for r in rs], [r.high - r.mean for r in rs]])
+        ax.errorbar(alphas, mean, yerr=err, marker="o", capsize=3, label=name)
+    ax.set_xlabel("α (fraction of training data kept)")
+    ax.set_ylabel("LDS (mean Spearman, 95% CI)")
+    ax.axhline(0.0, color="grey", lw=0.5)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

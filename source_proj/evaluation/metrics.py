@@ -1,0 +1,165 @@
+"""Pure metric functions: ranks, Spearman correlation, group predictions, bootstrap intervals.
+
+No retraining, no I/O: every function maps arrays to arrays, so each is tested against scipy on
+fixed data. Score convention: ``scores[q, z] = −Δf(q, z)``, positive = z helps q; the prediction
+for a kept subset S is Σ_{z∈S} scores[q, z].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import TaskError
+
+
+def rank(values: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Ranks 1..n along ``axis``; tied values share their average rank (as ``scipy.stats.rankdata``)."""
+    x = np.moveaxis(np.asarray(values, dtype=np.float64), axis, -1)
+    if np.isnan(x).any():
+        raise TaskError("Cannot rank values that contain NaN; check the scores and measurements for NaNs.")
+    n = x.shape[-1]
+    order = np.argsort(x, axis=-1, kind="stable")
+    ordered = np.take_along_axis(x, order, axis=-1)
+    position = np.broadcast_to(np.arange(n), x.shape)
+    differs = ordered[..., 1:] != ordered[..., :-1]
+    first = np.concatenate([np.ones((*x.shape[:-1], 1), bool), differs], axis=-1)
+    last = np.concatenate([differs, np.ones((*x.shape[:-1], 1), bool)], axis=-1)
+    start = np.maximum.accumulate(np.where(first, position, 0), axis=-1)
+    end = np.flip(np.minimum.accumulate(np.flip(np.where(last, position, n), axis=-1), axis=-1), axis=-1)
+    ranks = np.empty_like(ordered)
+    np.put_along_axis(ranks, order, (start + end) / 2.0 + 1.0, axis=-1)
+    return np.moveaxis(ranks, -1, axis)
+
+
+def pearson(x: np.ndarray, y: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Pearson correlation along ``axis``; NaN where either side is constant."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    xc = x - x.mean(axis=axis, keepdims=True)
+    yc = y - y.mean(axis=axis, keepdims=True)
+    num = (xc * yc).sum(axis=axis)
+    den = np.sqrt((xc**2).sum(axis=axis) * (yc**2).sum(axis=axis))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def spearman(x: np.ndarray, y: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Spearman rank correlation along ``axis`` (Pearson of average ranks); NaN where a side is constant."""
+    return pearson(rank(x, axis), rank(y, axis), axis)
+
+
+def cosine(x: np.ndarray, y: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Cosine similarity along ``axis``; NaN where a side is zero."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    den = np.linalg.norm(x, axis=axis) * np.linalg.norm(y, axis=axis)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (x * y).sum(axis=axis) / np.where(den > 0, den, 1.0), np.nan)
+
+
+def group_predictions(scores: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Predicted measurement of each kept subset, up to a constant: Σ_{z∈S_m} scores[q, z].
+
+    Args:
+        scores: ``[Q, N]`` attribution scores (positive = helpful).
+        masks: boolean ``[M, N]``, True where a training row is kept in subset m.
+
+    Returns:
+        ``[M, Q]``.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    masks = np.asarray(masks)
+    if scores.ndim != 2 or masks.ndim != 2 or scores.shape[1] != masks.shape[1]:
+        raise TaskError(
+            f"Scores {scores.shape} and subset masks {masks.shape} do not match: both need one column per training row."
+        )
+    return masks.astype(np.float64) @ scores.T
+
+
+def bootstrap_ci(
+    statistic: Callable[[np.ndarray], np.ndarray],
+    n: int,
+    *,
+    resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    batch: int = 100,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of a statistic of n resampled units.
+
+    Args:
+        statistic: maps resampled unit indices ``[B, n]`` (drawn with replacement) to ``[B]`` values.
+        n: number of units (e.g. LDS subsets).
+        resamples: bootstrap resamples.
+        confidence: coverage of the interval (0.95 → 2.5th and 97.5th percentiles).
+        seed: seed of the resampling.
+        batch: resamples evaluated per call of ``statistic`` (bounds memory).
+    """
+    if not 0.0 < confidence < 1.0:
+        raise TaskError(f"The confidence level must lie in (0, 1), not {confidence}.")
+    rng = np.random.default_rng(seed)
+    values = []
+    for begin in range(0, resamples, batch):
+        idx = rng.integers(0, n, size=(min(batch, resamples - begin), n))
+        values.append(np.asarray(statistic(idx), dtype=np.float64))
+    stats = np.concatenate(values)
+    stats = stats[np.isfinite(stats)]
+    tail = (1.0 - confidence) / 2.0
+    return float(np.quantile(stats, tail)), float(np.quantile(stats, 1.0 - tail))
+
+
+@dataclass(frozen=True)
+class Correlation:
+    """Mean per-query rank correlation between predictions and ground truth, with its bootstrap interval.
+
+    Attributes:
+        mean: mean over queries of the per-query Spearman correlation (queries whose ground truth or
+            prediction is constant are left out).
+        low, high: bootstrap confidence interval of ``mean`` (resampling the units: subsets for LDS).
+        per_query: ``[Q]`` Spearman correlation of each query (NaN where undefined).
+        units: number of units correlated over (subsets M, or left-out examples).
+    """
+
+    mean: float
+    low: float
+    high: float
+    per_query: np.ndarray
+    units: int
+
+    def __str__(self) -> str:
+        return f"{self.mean:.3f} [{self.low:.3f}, {self.high:.3f}]"
+
+
+def correlate(
+    predicted: np.ndarray,
+    actual: np.ndarray,
+    *,
+    resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Correlation:
+    """Per-query Spearman of ``predicted`` vs ``actual`` (both ``[units, Q]``), averaged, with a bootstrap CI.
+
+    The interval resamples the units (rows) with replacement, as the SOURCE paper's LDS does with
+    its data subsets.
+    """
+    predicted = np.asarray(predicted, dtype=np.float64)
+    actual = np.asarray(actual, dtype=np.float64)
+    if predicted.shape != actual.shape or predicted.ndim != 2:
+        raise TaskError(f"Predictions {predicted.shape} and ground truth {actual.shape} must both be [units, queries].")
+    if predicted.shape[0] < 3:
+        raise TaskError(f"A rank correlation needs at least 3 units, not {predicted.shape[0]}; use more subsets.")
+    per_query = spearman(predicted, actual, axis=0)
+    if not np.isfinite(per_query).any():
+        raise TaskError("Every query's prediction or ground truth is constant, so no correlation is defined.")
+
+    def statistic(idx: np.ndarray) -> np.ndarray:
+        rho = spearman(predicted[idx], actual[idx], axis=1)
+        with np.errstate(invalid="ignore"):
+            return np.nanmean(np.where(np.isfinite(rho), rho, np.nan), axis=1)
+
+    low, high = bootstrap_ci(statistic, predicted.shape[0], resamples=resamples, confidence=confidence, seed=seed)
+    return Correlation(float(np.nanmean(per_query)), low, high, per_query, predicted.shape[0])

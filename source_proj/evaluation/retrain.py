@@ -1,0 +1,203 @@
+"""Running a user's training function on many kept subsets, in parallel, with every result cached.
+
+A *retrain function* ``retrain(keep, seed) -> measurements`` trains a model on the kept training
+examples with the randomness of ``seed`` and returns the measurement of every query, ``[Q]``.
+``keep`` maps each attributed stage to the sorted indices (within that stage's dataset) of its
+kept examples; stages it does not name are kept whole.
+
+Every finished retrain is written at once, atomically (a temporary file renamed into place), to
+``CACHE/retrains/<key>.npy``, the key being a hash of the kept sets and the seed. An interrupted
+evaluation therefore resumes without retraining any finished model, and evaluations that share a
+cache directory share their retrains. Use one cache directory per training function.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..errors import NumericalError, TaskError
+from ..query import StageRows
+
+Keep = Mapping[str, np.ndarray]
+"""Stage name → sorted indices (within that stage's dataset) of the kept training examples."""
+
+RetrainFunction = Callable[[Keep, int], np.ndarray]
+"""``retrain(keep, seed) -> [Q]``: train on the kept examples with ``seed``; measure every query."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training run: which examples are kept, and the seed."""
+
+    keep: dict[str, np.ndarray]
+    seed: int
+
+    def key(self) -> str:
+        """Content hash of the kept sets and the seed (the cache file name)."""
+        digest = hashlib.sha256(f"seed={self.seed}".encode())
+        for stage in sorted(self.keep):
+            digest.update(f";{stage}:".encode())
+            digest.update(np.ascontiguousarray(self.keep[stage], dtype=np.int64).tobytes())
+        return digest.hexdigest()[:32]
+
+
+def keep_from_mask(rows: Sequence[StageRows], mask: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-stage kept indices from a boolean mask over a method's training rows ``[N]``."""
+    mask = np.asarray(mask, dtype=bool)
+    total = sum(r.size for r in rows)
+    if mask.shape != (total,):
+        raise TaskError(f"A subset mask needs one entry per training row ({total}), not shape {mask.shape}.")
+    return {r.stage: np.flatnonzero(mask[r.offset : r.offset + r.size]) for r in rows}
+
+
+class RetrainCache:
+    """Finished retrains on disk: ``DIRECTORY/retrains/<job key>.npy`` (float64 measurements)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        (self.directory / "retrains").mkdir(parents=True, exist_ok=True)
+
+    def path(self, job: Job) -> Path:
+        return self.directory / "retrains" / f"{job.key()}.npy"
+
+    def get(self, job: Job) -> np.ndarray | None:
+        """The cached measurements of a job, or None if it has not finished."""
+        path = self.path(job)
+        return np.load(path) if path.exists() else None
+
+    def put(self, job: Job, values: np.ndarray) -> None:
+        """Write a job's measurements atomically (never a half-written file)."""
+        _atomic_save(self.path(job), values)
+
+
+def _atomic_save(path: Path, values: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, values)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _checked(values: object, job: Job) -> np.ndarray:
+    out = np.asarray(values, dtype=np.float64)
+    if out.ndim != 1:
+        raise TaskError(
+            f"The retrain function returned an array of shape {out.shape} for seed {job.seed}; it must return one "
+            "measurement per query, shape [Q]."
+        )
+    if not np.isfinite(out).all():
+        raise NumericalError(
+            f"The retrain function returned non-finite measurements for seed {job.seed} (training diverged?); "
+            "check its learning rate and data."
+        )
+    return out
+
+
+def _run(retrain: RetrainFunction, job: Job, path: str) -> np.ndarray:
+    values = _checked(retrain(job.keep, job.seed), job)
+    _atomic_save(Path(path), values)
+    return values
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run_retrains(
+    retrain: RetrainFunction,
+    jobs: Sequence[Job],
+    cache: RetrainCache,
+    *,
+    workers: int = 1,
+    threads_per_worker: int = 1,
+    progress: bool = True,
+    desc: str = "retrain",
+) -> np.ndarray:
+    """Measurements of every job, ``[len(jobs), Q]``: cached ones are read, the others trained.
+
+    Args:
+        retrain: the training function (module-level, so that worker processes can import it).
+        jobs: the runs to do.
+        cache: where finished runs are (and are written as soon as each one ends).
+        workers: parallel worker processes (started with ``spawn``); 1 trains in this process.
+        threads_per_worker: torch threads in each worker process.
+        progress: show a progress bar.
+    """
+    results: dict[int, np.ndarray] = {}
+    todo: list[int] = []
+    for i, job in enumerate(jobs):
+        cached = cache.get(job)
+        if cached is None:
+            todo.append(i)
+        else:
+            results[i] = cached
+    bar = tqdm(total=len(jobs), initial=len(results), desc=desc, unit="model", disable=not progress)
+    try:
+        if workers <= 1:
+            for i in todo:
+                results[i] = _run(retrain, jobs[i], str(cache.path(jobs[i])))
+                bar.update()
+        elif todo:
+            _run_parallel(retrain, jobs, todo, cache, workers, threads_per_worker, results, bar)
+    finally:
+        bar.close()
+    lengths = {r.shape[0] for r in results.values()}
+    if len(lengths) > 1:
+        raise TaskError(
+            f"The retrains return different numbers of measurements {sorted(lengths)}; the cache at "
+            f"{cache.directory} mixes training functions or query sets, so use a fresh cache directory."
+        )
+    return np.stack([results[i] for i in range(len(jobs))])
+
+
+def _run_parallel(
+    retrain: RetrainFunction,
+    jobs: Sequence[Job],
+    todo: list[int],
+    cache: RetrainCache,
+    workers: int,
+    threads: int,
+    results: dict[int, np.ndarray],
+    bar: tqdm,
+) -> None:
+    try:
+        pickle.dumps(retrain)
+    except Exception as err:
+        raise TaskError(
+            f"The retrain function cannot be sent to worker processes ({err}); define it at module level "
+            "(not a lambda or closure) or use workers=1."
+        ) from err
+    pool = ProcessPoolExecutor(
+        max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(threads,)
+    )
+    running: dict[Future[np.ndarray], int] = {}
+    try:
+        for i in todo:
+            running[pool.submit(_run, retrain, jobs[i], str(cache.path(jobs[i])))] = i
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                results[running.pop(future)] = future.result()
+                bar.update()
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()

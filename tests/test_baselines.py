@@ -1,0 +1,210 @@
+"""Every baseline equals its textbook formula computed by brute force on the full parameters.
+
+With the identity projection the engine works on the full gradients, so the only gap is float32
+storage. The brute force never touches the engine: per-example gradients, the Gauss–Newton matrix,
+probabilities and hidden activations are computed here from scratch in float64.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, jacrev, vmap
+from torch.utils.data import TensorDataset
+
+import source_proj as sp
+
+from .conftest import full_batch_run
+
+LR, STEPS, EVERY = 0.5, 12, 4
+
+
+def _arch() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def _data(n: int, seed: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, TensorDataset, TensorDataset]:
+    tmp = tmp_path_factory.mktemp("baselines")
+    train, queries = _data(80, 0), _data(6, 1)
+    ce = lambda o, t: F.cross_entropy(o, t, reduction="none")  # noqa: E731
+    full_batch_run(tmp / "run", _arch(), train, ce, lr=LR, steps=STEPS, save_every=EVERY)
+    store = sp.featurize(
+        tmp / "run",
+        _arch(),
+        sp.ClassificationTask(),
+        train,
+        tmp / "s.sp",
+        projection=sp.ProjectionArguments(kind="identity"),
+        options=sp.FeaturizeArguments(batch_size=16, chunk_rows=32, fisher="exact"),
+        progress=False,
+    )
+    for kind in sp.BASELINES:
+        sp.fit_baseline(
+            store,
+            sp.BaselineArguments(kind=kind),
+            model=_arch(),
+            task=sp.ClassificationTask(),
+            train_data=train,
+            progress=False,
+        )
+    return tmp / "run", tmp / "s.sp", train, queries
+
+
+def _flat(net: nn.Module) -> tuple[torch.Tensor, callable]:
+    names = [n for n, _ in net.named_parameters()]
+    shapes = [p.shape for p in net.parameters()]
+    theta = torch.cat([p.detach().double().reshape(-1) for p in net.parameters()])
+
+    def unflat(v: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, i = {}, 0
+        for n, s in zip(names, shapes, strict=True):
+            out[n] = v[i : i + s.numel()].reshape(s)
+            i += s.numel()
+        return out
+
+    return theta, unflat
+
+
+class Brute:
+    """Full-parameter float64 quantities at one checkpoint."""
+
+    def __init__(self, run: Path, step: int, train: TensorDataset, queries: TensorDataset) -> None:
+        traj = sp.Trajectory.load(run)
+        net = _arch()
+        traj.load_into(net, next(c for c in traj.checkpoints if c.step == step))
+        self.net = net.double()
+        theta, unflat = _flat(self.net)
+        x, y = train.tensors[0].double(), train.tensors[1]
+        qx, qy = queries.tensors[0].double(), queries.tensors[1]
+
+        def logits(v: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
+            return functional_call(self.net, unflat(v), (xi[None],))[0]
+
+        def loss(v, xi, yi):
+            return F.cross_entropy(logits(v, xi)[None], yi[None])
+
+        def margin(v, xi, yi):
+            out = logits(v, xi)
+            label = torch.arange(3) == yi
+            return (out * label).sum() - torch.logsumexp(out.masked_fill(label, -torch.inf), 0)
+
+        self.g = vmap(grad(loss), in_dims=(None, 0, 0))(theta, x, y)  # [N, p]
+        self.q = vmap(grad(margin), in_dims=(None, 0, 0))(theta, qx, qy)  # [Q, p]
+        self.phi = vmap(grad(margin), in_dims=(None, 0, 0))(theta, x, y)  # [N, p]
+        jac = vmap(jacrev(logits), in_dims=(None, 0))(theta, x)  # [N, C, p]
+        probs = torch.softmax(vmap(logits, in_dims=(None, 0))(theta, x), -1)
+        self.p_label = probs.gather(1, y[:, None]).squeeze(1)
+        lam = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
+        self.gauss_newton = torch.einsum("ncp,ncd,ndq->pq", jac, lam, jac) / len(y)
+        with torch.no_grad():
+            self.h_train = torch.tanh(self.net[0](x))
+            self.h_query = torch.tanh(self.net[0](qx))
+
+
+def _engine(run: Path, store: Path, queries: TensorDataset, method: str) -> np.ndarray:
+    return sp.Attributor(store, _arch(), sp.ClassificationTask(), method=method).scores(queries)
+
+
+def _close(ours: np.ndarray, expected: np.ndarray) -> None:
+    assert ours.shape == expected.shape
+    np.testing.assert_allclose(ours, expected, rtol=2e-3, atol=2e-4 * np.abs(expected).max())
+
+
+def test_grad_dot_is_minus_the_final_gradient_inner_product(fitted) -> None:
+    run, store, train, queries = fitted
+    b = Brute(run, STEPS, train, queries)
+    _close(_engine(run, store, queries, "grad-dot"), -(b.q @ b.g.T).numpy())
+
+
+def test_grad_cos_is_minus_the_cosine_of_the_final_gradients(fitted) -> None:
+    run, store, train, queries = fitted
+    b = Brute(run, STEPS, train, queries)
+    expected = -(F.normalize(b.q, dim=1) @ F.normalize(b.g, dim=1).T).numpy()
+    _close(_engine(run, store, queries, "grad-cos"), expected)
+
+
+def test_tracin_sums_learning_rate_weighted_gradient_products_over_checkpoints(fitted) -> None:
+    run, store, train, queries = fitted
+    expected = 0
+    for step in (4, 8, 12):  # checkpoints saved during training; each stands for EVERY steps at LR
+        b = Brute(run, step, train, queries)
+        expected = expected - (LR * EVERY / len(train)) * (b.q @ b.g.T)
+    _close(_engine(run, store, queries, "tracin"), expected.numpy())
+
+
+def test_influence_function_uses_the_damped_gauss_newton_at_the_final_checkpoint(fitted) -> None:
+    run, store, train, queries = fitted
+    b = Brute(run, STEPS, train, queries)
+    h = b.gauss_newton
+    damping = 0.1 * float(torch.linalg.eigvalsh(h).clamp_min(0).mean())
+    inverse = torch.linalg.inv(h + damping * torch.eye(len(h), dtype=torch.float64))
+    expected = -(b.q @ inverse @ b.g.T / len(train)).numpy()
+    _close(_engine(run, store, queries, "if"), expected)
+    assert sp.Store.open(store).meta["methods"]["if"]["damping"] == pytest.approx(damping, rel=1e-4)
+
+
+def test_trak_is_the_margin_gauss_newton_estimator_with_its_one_minus_p_weights(fitted) -> None:
+    run, store, train, queries = fitted
+    b = Brute(run, STEPS, train, queries)
+    # TRAK (Park et al. 2023): φ(q)ᵀ (ΦᵀΦ)⁻¹ Φᵀ diag(1 − p), φ = margin gradient, p = probability of the label.
+    # The margin ignores a shift of all logits, so ΦᵀΦ is singular along the output layer's shift
+    # directions (to which every gradient is orthogonal): the inverse is the pseudo-inverse.
+    gram = b.phi.T @ b.phi
+    assert torch.linalg.matrix_rank(gram, hermitian=True) < len(gram)
+    inverse = torch.linalg.pinv(gram, hermitian=True, rtol=1e-10)
+    expected = (b.q @ inverse @ (b.phi * (1 - b.p_label)[:, None]).T).numpy()
+    _close(_engine(run, store, queries, "trak"), expected)
+
+
+def test_repsim_is_the_cosine_of_the_last_hidden_activations(fitted) -> None:
+    run, store, train, queries = fitted
+    b = Brute(run, STEPS, train, queries)
+    expected = (F.normalize(b.h_query, dim=1) @ F.normalize(b.h_train, dim=1).T).numpy()
+    _close(_engine(run, store, queries, "repsim"), expected)
+
+
+def test_an_ensemble_averages_the_scores_of_its_models_and_its_top_k_is_exact(fitted, tmp_path: Path) -> None:
+    run, store, train, queries = fitted
+    ce = lambda o, t: F.cross_entropy(o, t, reduction="none")  # noqa: E731
+    torch.manual_seed(1)
+    other = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    full_batch_run(tmp_path / "run2", other, train, ce, lr=LR, steps=STEPS, save_every=EVERY)
+    second = sp.featurize(
+        tmp_path / "run2",
+        _arch(),
+        sp.ClassificationTask(),
+        train,
+        tmp_path / "s2.sp",
+        projection=sp.ProjectionArguments(kind="identity"),
+        options=sp.FeaturizeArguments(batch_size=16, chunk_rows=32, fisher="exact"),
+        progress=False,
+    )
+    sp.fit(second, progress=False)
+    sp.fit(sp.Store.open(store, writable=True), progress=False)
+    singles = [_engine(r, s, queries, "source") for r, s in ((run, store), (tmp_path / "run2", tmp_path / "s2.sp"))]
+    ensemble = sp.Ensemble.open([store, second], _arch(), sp.ClassificationTask())
+    scores = ensemble.scores(queries)
+    np.testing.assert_allclose(scores, (singles[0] + singles[1]) / 2, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(singles[0], singles[1], rtol=0.05)  # the two models really differ
+    top = ensemble.top_k(queries, 5)
+    np.testing.assert_array_equal(top.helpful_ids, np.argsort(-scores, axis=1, kind="stable")[:, :5])
+
+
+def test_repsim_without_a_model_and_an_unknown_kind_are_refused(fitted) -> None:
+    _, store, _, _ = fitted
+    with pytest.raises(sp.TaskError, match="needs model"):
+        sp.fit_baseline(store, sp.BaselineArguments(kind="repsim", method="r2"), progress=False)
+    with pytest.raises(sp.TaskError, match="Unknown baseline"):
+        sp.fit_baseline(store, sp.BaselineArguments(kind="datamodels"), progress=False)

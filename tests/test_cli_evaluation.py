@@ -1,0 +1,134 @@
+"""`source-proj baseline`, `compare` and `lds`: the same numbers as the library, retrains cached."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from source_proj.cli.main import main
+
+import source_proj as sp
+from source_proj import evaluation as ev
+from source_proj.spec import load_spec
+
+SPEC = """
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+import source_proj as sp
+
+def _data(seed):
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(40, 5, generator=g), torch.randint(0, 3, (40,), generator=g))
+
+def build_model():
+    return nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+
+def build_task():
+    return sp.ClassificationTask()
+
+def train_data(stage):
+    return _data(0)
+
+def query_data():
+    return _data(1)
+
+def train(seed, keep=None, run_dir=None):
+    torch.manual_seed(seed)
+    model = build_model()
+    x, y = _data(0).tensors
+    if keep is not None:
+        x, y = x[keep], y[keep]
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    recorder = None
+    if run_dir is not None:
+        recorder = sp.TrajectoryRecorder(run_dir, model, opt, save_every=3)
+        recorder.begin_stage("main", dataset_size=len(y))
+    for _ in range(12):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        if recorder is not None:
+            recorder.step()
+    if recorder is not None:
+        recorder.close()
+    return model
+
+def retrain(keep, seed):
+    model = train(seed, keep=torch.as_tensor(keep["main"]))
+    x, y = query_data().tensors
+    with torch.no_grad():
+        return build_task().measurement(model(x), (x, y)).numpy()
+"""
+
+
+@pytest.fixture
+def fitted(tmp_path: Path) -> tuple[Path, Path]:
+    spec_path = tmp_path / "spec.py"
+    spec_path.write_text(SPEC)
+    load_spec(spec_path).module.train(0, run_dir=tmp_path / "run")
+    runner = CliRunner()
+    store = tmp_path / "s.sp"
+    out = runner.invoke(
+        main,
+        ["featurize", "--ckpts", str(tmp_path / "run"), "--spec", str(spec_path), "--out", str(store), "--dim", "16"],
+    )
+    assert out.exit_code == 0, out.output
+    assert runner.invoke(main, ["fit", str(store)]).exit_code == 0
+    out = runner.invoke(main, ["baseline", str(store), "--kind", "grad-dot,trak,repsim"])
+    assert out.exit_code == 0, out.output
+    return spec_path, store
+
+
+def test_compare_prints_the_library_lds_of_every_method_and_caches_the_retrains(fitted, tmp_path: Path) -> None:
+    spec_path, store = fitted
+    cache = tmp_path / "cache"
+    args = ["compare", str(store), "--subsets", "8", "--repeats", "2", "--queries", "0:10", "--cache", str(cache)]
+    out = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "per_query.csv")])
+    assert out.exit_code == 0, out.output
+    assert len(list((cache / "retrains").glob("*.npy"))) == 16
+
+    spec = load_spec(spec_path)
+    queries = torch.utils.data.Subset(spec.query_data(), range(10))
+    truth = ev.lds_ground_truth(
+        spec.retrainer(),
+        sp.Attributor(store, spec.build_model(), spec.build_task()).rows,
+        cache,
+        ev.LDSArguments(num_subsets=8, repeats=2),
+        progress=False,
+    ).select(range(10))
+    for method in ("source", "grad-dot", "trak", "repsim"):
+        scores = sp.Attributor(store, spec.build_model(), spec.build_task(), method=method).scores(queries)
+        line = next(line for line in out.output.splitlines() if line.startswith(method + " "))
+        assert str(ev.lds(scores, truth)) in line, (method, line)
+    assert len((tmp_path / "per_query.csv").read_text().splitlines()) == 1 + 4 * 10
+
+
+def test_lds_against_alpha_reuses_finished_retrains_and_draws_the_plot(fitted, tmp_path: Path) -> None:
+    _, store = fitted
+    cache = tmp_path / "cache"
+    base = ["lds", str(store), "--subsets", "6", "--repeats", "1", "--cache", str(cache)]
+    assert CliRunner().invoke(main, [*base, "--alpha", "0.5"]).exit_code == 0
+    first = {p.name: p.stat().st_mtime_ns for p in (cache / "retrains").glob("*.npy")}
+    out = CliRunner().invoke(main, [*base, "--alpha", "0.3,0.5", "--plot", str(tmp_path / "lds.png")])
+    assert out.exit_code == 0, out.output
+    after = {p.name: p.stat().st_mtime_ns for p in (cache / "retrains").glob("*.npy")}
+    assert len(after) == 12 and all(after[name] == t for name, t in first.items())  # α=0.5 was not retrained
+    assert (tmp_path / "lds.png").stat().st_size > 1000
+    values = re.findall(r"-?\d\.\d{3} \[-?\d\.\d{3}, -?\d\.\d{3}\]", out.output)
+    assert len(values) == 2 and all(np.isfinite(float(v.split()[0])) for v in values)
+
+
+def test_lds_without_a_retrain_function_says_what_to_add(fitted, tmp_path: Path) -> None:
+    spec_path, store = fitted
+    bare = tmp_path / "bare.py"
+    bare.write_text(spec_path.read_text().split("def retrain")[0])
+    out = CliRunner().invoke(main, ["lds", str(store), "--spec", str(bare), "--subsets", "4"])
+    assert out.exit_code == 1
+    assert "defines no retrain(keep, seed)" in out.output and "Traceback" not in out.output

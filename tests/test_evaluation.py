@@ -1,0 +1,158 @@
+"""LDS, subset removal and further training on training functions whose counterfactuals are known.
+
+``ridge_retrain`` fits ridge regression on the kept rows (a real, cheap training procedure whose
+answer moves smoothly with the data); ``linear_retrain`` measures a sum of known per-example
+effects, so the exact attribution is known in closed form.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from source_proj import NumericalError, TaskError
+from source_proj import evaluation as ev
+from source_proj.query import StageRows
+
+N, Q = 40, 20
+ROWS = [StageRows("main", 0, N)]
+_rng = np.random.default_rng(0)
+X = _rng.normal(size=(N, 3))
+Y = X @ np.array([1.0, -2.0, 0.5]) + 0.5 * _rng.normal(size=N)
+XQ = _rng.normal(size=(Q, 3))
+EFFECTS = _rng.normal(size=(Q, N))
+
+
+def ridge_retrain(keep: dict[str, np.ndarray], seed: int) -> np.ndarray:
+    """Ridge fit on the kept rows; the query predictions, plus a little seed-dependent 'training noise'."""
+    idx = keep["main"]
+    theta = np.linalg.solve(X[idx].T @ X[idx] + 1.0 * np.eye(3), X[idx].T @ Y[idx])
+    return XQ @ theta + 1e-3 * np.random.default_rng(seed).normal(size=Q)
+
+
+def linear_retrain(keep: dict[str, np.ndarray], seed: int) -> np.ndarray:
+    """Measurement = 1 + Σ_{removed z} (−EFFECTS[q, z]), plus seed noise that cancels in differences."""
+    removed = np.setdiff1d(np.arange(N), keep["main"])
+    return 1.0 - EFFECTS[:, removed].sum(axis=1) + 0.1 * np.random.default_rng(seed).normal(size=Q)
+
+
+def _datamodel_scores(cache: Path) -> np.ndarray:
+    """The retrained measurements' own linear fit: least squares of measurements on subset masks."""
+    fit = ev.lds_ground_truth(
+        ridge_retrain, ROWS, cache, ev.LDSArguments(num_subsets=400, repeats=1, seed=99), progress=False
+    )
+    design = np.hstack([fit.masks.astype(float), np.ones((len(fit.masks), 1))])
+    coef, *_ = np.linalg.lstsq(design, fit.mean, rcond=None)
+    return coef[:N].T  # [Q, N]
+
+
+def test_lds_of_the_linear_datamodel_fit_is_near_one_and_of_random_scores_near_zero(tmp_path: Path) -> None:
+    args = ev.LDSArguments(num_subsets=60, repeats=2, seed=0, resamples=500)
+    truth = ev.lds_ground_truth(ridge_retrain, ROWS, tmp_path / "cache", args, progress=False)
+    assert truth.measurements.shape == (60, 2, Q)
+    perfect = ev.lds(_datamodel_scores(tmp_path / "cache"), truth, args)
+    assert perfect.mean > 0.9, perfect
+    assert perfect.low <= perfect.mean <= perfect.high
+    # A fixed random score matrix correlates with the truth by chance; over draws the LDS averages 0.
+    rng = np.random.default_rng(5)
+    random = [ev.lds(rng.normal(size=(Q, N)), truth, args).mean for _ in range(10)]
+    assert max(abs(r) for r in random) < 0.15 and abs(np.mean(random)) < 0.05, random
+    flipped = ev.lds(-_datamodel_scores(tmp_path / "cache"), truth, args)
+    assert flipped.mean < -0.9  # the sign convention matters: helpful must be positive
+
+
+def test_subsets_have_the_requested_size_and_are_reproducible() -> None:
+    masks = ev.sample_subsets(N, 7, 0.25, seed=3)
+    assert masks.shape == (7, N) and (masks.sum(axis=1) == 10).all()
+    np.testing.assert_array_equal(masks, ev.sample_subsets(N, 7, 0.25, seed=3))
+    assert not np.array_equal(masks, ev.sample_subsets(N, 7, 0.25, seed=4))
+    with pytest.raises(TaskError, match="alpha"):
+        ev.sample_subsets(N, 7, 1.0)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_lds_resumes_without_retraining_finished_models(tmp_path: Path) -> None:
+    args = ev.LDSArguments(num_subsets=6, repeats=3, seed=1)
+    finished: list[tuple[bytes, int]] = []
+
+    def dies_after_seven(keep: dict[str, np.ndarray], seed: int) -> np.ndarray:
+        if len(finished) == 7:
+            raise _Interrupted
+        finished.append((keep["main"].tobytes(), seed))
+        return ridge_retrain(keep, seed)
+
+    with pytest.raises(_Interrupted):
+        ev.lds_ground_truth(dies_after_seven, ROWS, tmp_path / "cache", args, progress=False)
+    assert len(list((tmp_path / "cache" / "retrains").glob("*.npy"))) == 7
+    assert not list((tmp_path / "cache" / "retrains").glob(".*"))  # no half-written file left behind
+
+    resumed: list[tuple[bytes, int]] = []
+
+    def counting(keep: dict[str, np.ndarray], seed: int) -> np.ndarray:
+        resumed.append((keep["main"].tobytes(), seed))
+        return ridge_retrain(keep, seed)
+
+    truth = ev.lds_ground_truth(counting, ROWS, tmp_path / "cache", args, progress=False)
+    assert len(resumed) == 6 * 3 - 7
+    assert not set(resumed) & set(finished)
+    fresh = ev.lds_ground_truth(ridge_retrain, ROWS, tmp_path / "fresh", args, progress=False)
+    np.testing.assert_array_equal(truth.measurements, fresh.measurements)
+    resumed.clear()
+    ev.lds_ground_truth(counting, ROWS, tmp_path / "cache", args, progress=False)
+    assert resumed == []  # everything is cached now
+
+
+@pytest.mark.slow
+def test_parallel_workers_give_the_same_ground_truth_as_one_process(tmp_path: Path) -> None:
+    one = ev.LDSArguments(num_subsets=5, repeats=2, seed=2, workers=1)
+    two = ev.LDSArguments(num_subsets=5, repeats=2, seed=2, workers=2)
+    a = ev.lds_ground_truth(ridge_retrain, ROWS, tmp_path / "a", one, progress=False)
+    b = ev.lds_ground_truth(ridge_retrain, ROWS, tmp_path / "b", two, progress=False)
+    np.testing.assert_array_equal(a.measurements, b.measurements)
+    with pytest.raises(TaskError, match="module level"):
+        ev.lds_ground_truth(lambda keep, seed: ridge_retrain(keep, seed), ROWS, tmp_path / "c", two, progress=False)
+
+
+def test_subset_removal_flips_a_query_at_the_first_k_whose_top_effects_exceed_its_margin(tmp_path: Path) -> None:
+    ks = (2, 4, 8)
+    args = ev.RemovalArguments(ks=ks, seeds=(0, 1, 2), threshold=0.0)
+    exact = ev.subset_removal(
+        {"exact": EFFECTS, "reversed": -EFFECTS}, linear_retrain, ROWS, tmp_path / "cache", args, progress=False
+    )
+    # The full-data margin is 1 + seed noise; queries correct under all seeds are evaluated.
+    full = np.stack([linear_retrain({"main": np.arange(N)}, s) for s in args.seeds])
+    eligible = np.flatnonzero((full > 0).all(axis=0))
+    np.testing.assert_array_equal(exact["exact"].queries, eligible)
+    noise = full.mean(axis=0) - 1.0
+    expected = []
+    for q in eligible:
+        drops = np.cumsum(np.sort(EFFECTS[q])[::-1])
+        expected.append(next((k for k in ks if 1.0 + noise[q] - drops[k - 1] <= 0), 0))
+    np.testing.assert_array_equal(exact["exact"].flipped_at, expected)
+    np.testing.assert_allclose(exact["exact"].fraction, [np.mean([0 < e <= k for e in expected]) for k in ks])
+    assert exact["exact"].fraction[-1] > 0.5
+    assert (exact["reversed"].fraction == 0).all()  # removing harmful examples never flips
+
+
+def test_further_training_gold_standard_recovers_known_effects(tmp_path: Path) -> None:
+    examples = [3, 17, 25, 31, 8]
+    args = ev.FurtherTrainingArguments(seeds=(0, 1, 2), resamples=200)
+    gold = ev.further_training_ground_truth(linear_retrain, ROWS, examples, tmp_path / "cache", args, progress=False)
+    np.testing.assert_allclose(gold.scores, EFFECTS[:, examples], atol=1e-12)
+    perfect = ev.agreement(EFFECTS, gold, args)
+    assert perfect.spearman.mean == pytest.approx(1.0) and perfect.cosine == pytest.approx(1.0)
+    opposite = ev.agreement(-EFFECTS, gold, args)
+    assert opposite.spearman.mean == pytest.approx(-1.0) and opposite.cosine == pytest.approx(-1.0)
+
+
+def test_a_retrain_that_returns_the_wrong_shape_or_nan_is_refused(tmp_path: Path) -> None:
+    args = ev.LDSArguments(num_subsets=3, repeats=1)
+    with pytest.raises(TaskError, match="one measurement per query"):
+        ev.lds_ground_truth(lambda k, s: np.zeros((2, 2)), ROWS, tmp_path / "a", args, progress=False)
+    with pytest.raises(NumericalError, match="non-finite"):
+        ev.lds_ground_truth(lambda k, s: np.full(Q, np.nan), ROWS, tmp_path / "b", args, progress=False)
