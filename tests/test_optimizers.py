@@ -384,9 +384,8 @@ def test_baselines_on_an_adam_store_query_in_the_same_preconditioned_coordinates
         return torch.cat([(g * scale[n]).reshape(-1) for g, n in zip(grads, ["weight", "bias"], strict=True)])
 
     task = sp.RegressionTask()
-    q = torch.stack(
-        [scaled(task.measurement(net(xq[None]), (xq[None], yq[None]))[0]) for xq, yq in zip(*queries.tensors, strict=True)]
-    )
+    qx, qy = queries.tensors
+    q = torch.stack([scaled(task.measurement(net(a[None]), (a[None], b[None]))[0]) for a, b in zip(qx, qy, strict=True)])
     x, y = regression_data.tensors
     g = torch.stack([scaled(task.loss(net(xi[None]), (xi[None], yi[None]))[0]) for xi, yi in zip(x, y, strict=True)])
     assert np.allclose(ours, -(q @ g.T).numpy(), rtol=1e-4, atol=1e-6)
