@@ -385,7 +385,8 @@ def test_baselines_on_an_adam_store_query_in_the_same_preconditioned_coordinates
 
     task = sp.RegressionTask()
     qx, qy = queries.tensors
-    q = torch.stack([scaled(task.measurement(net(a[None]), (a[None], b[None])).sum()) for a, b in zip(qx, qy)])
+    pairs = zip(qx, qy, strict=True)
+    q = torch.stack([scaled(task.measurement(net(a[None]), (a[None], b[None])).sum()) for a, b in pairs])
     x, y = regression_data.tensors
     g = torch.stack([scaled(task.loss(net(xi[None]), (xi[None], yi[None]))[0]) for xi, yi in zip(x, y, strict=True)])
     assert np.allclose(ours, -(q @ g.T).numpy(), rtol=1e-4, atol=1e-6)
