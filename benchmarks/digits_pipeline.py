@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "digits"))
-import digits  # noqa: E402
+import digits
 
-import source_proj as sp  # noqa: E402
+import source_proj as sp
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .errors import NumericalError, StoreError, TaskError
-from .gradients import PerExampleGradients, move_batch
+from .gradients import PerExampleGradients, Precision, move_batch
 from .projection import Projector, make_projector
 from .store import Store, ckpt_key
 from .task import Task
@@ -40,7 +40,11 @@ class ProjectionArguments:
     Attributes:
         dim: k, the projection dimension (ignored by ``"identity"``).
         seed: the projection's seed; the same seed gives the same P everywhere.
-        kind: ``"rademacher"`` (±1/√k entries, the default) or ``"identity"`` (no projection, k = p).
+        kind: ``"rademacher"`` (±1/√k entries, the default), ``"factored"`` (per-layer Kronecker
+            P_out ⊗ P_in of Linear/Conv layers, no per-example gradients materialised; see
+            ``factored.py``), ``"fast_jl"`` (TRAK's CUDA kernel, its own matrix), ``"auto"``
+            (fast_jl where CUDA and fast_jl are present, else rademacher) or ``"identity"``
+            (no projection, k = p). The store records the kind used; queries rebuild it.
     """
 
     dim: int = 1024
@@ -62,6 +66,8 @@ class FeaturizeArguments:
         device: ``"cuda"``, ``"cpu"``…; default: CUDA when available.
         num_workers: DataLoader workers overlapping data loading with compute.
         vmap_chunk: examples per vectorised gradient chunk (bounds memory); ``None`` = the batch.
+        precision: ``"fp32"`` (default) or ``"bf16"``: forward and backward under bfloat16
+            autocast, projections accumulated in fp32 (faster on GPUs; see README "GPU and speed").
     """
 
     batch_size: int = 64
@@ -71,6 +77,7 @@ class FeaturizeArguments:
     device: str | None = None
     num_workers: int = 0
     vmap_chunk: int | None = None
+    precision: Precision = "fp32"
 
 
 def default_device(device: str | None) -> torch.device:
@@ -158,8 +165,10 @@ def featurize(
     names = task.select_parameters(work_model)
     params = dict(work_model.named_parameters())
     shapes = [(n, tuple(params[n].shape)) for n in names]
-    projector = make_projector(projection.kind, shapes, projection.dim, projection.seed)
-    grads_fn = PerExampleGradients(work_model, task, names, vmap_chunk=options.vmap_chunk)
+    projector = make_projector(projection.kind, shapes, projection.dim, projection.seed, model=work_model)
+    grads_fn = PerExampleGradients(
+        work_model, task, names, vmap_chunk=options.vmap_chunk, precision=options.precision
+    )
     directions = _fisher_directions(grads_fn, task, datasets, options, device)
 
     meta = {
@@ -171,6 +180,7 @@ def featurize(
             "chunk_rows": options.chunk_rows,
             "fisher": options.fisher,
             "seed": options.seed,
+            "precision": options.precision,
             "fisher_directions": directions,
         },
         "trajectory": {
@@ -289,24 +299,27 @@ def _featurize_rows(
         pin_memory=device.type == "cuda",
     )
     feats, fisher = [], []
-    row = start
     for batch in loader:
         batch = move_batch(batch, device)
         outputs = grads_fn.outputs(batch)
         task.loss(outputs, batch)  # validates targets (label ranges) outside vmap
-        projected = projector.project(grads_fn(batch, "loss"))
-        _check_finite(projected, row, where, "training-loss gradient")
-        feats.append(projected.cpu())
+        projected = projector.project_batch(grads_fn, batch, "loss")
+        feats.append(projected)
         if options.fisher != "empirical":
             gen = generator if options.fisher == "sampled" else None
             per_direction = []
             for weight, target_batch in task.fisher_targets(outputs.detach(), batch, gen):
-                u = projector.project(grads_fn(target_batch, "loss")) * weight.sqrt().unsqueeze(-1).float()
-                _check_finite(u, row, where, "Fisher (sampled-label) gradient")
-                per_direction.append(u.cpu())
+                u = projector.project_batch(grads_fn, target_batch, "loss") * weight.sqrt().unsqueeze(-1).float()
+                per_direction.append(u)
             fisher.append(torch.stack(per_direction, dim=1).reshape(-1, projector.dim))
-        row += projected.shape[0]
-    return (torch.cat(feats).numpy(), torch.cat(fisher).numpy() if fisher else None)
+    # Features stay on the device until the chunk is done: one copy and one check per chunk.
+    all_feats = torch.cat(feats)
+    _check_finite(all_feats, start, where, "training-loss gradient")
+    if not fisher:
+        return all_feats.cpu().numpy(), None
+    all_fisher = torch.cat(fisher)
+    _check_finite(all_fisher.reshape(all_feats.shape[0], -1), start, where, "Fisher (sampled-label) gradient")
+    return all_feats.cpu().numpy(), all_fisher.cpu().numpy()
 
 
 def _check_finite(values: torch.Tensor, first_row: int, where: str, what: str) -> None:
