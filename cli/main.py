@@ -152,13 +152,22 @@ def featurize(
 )
 @click.option("--stages", default=None, help="Attribute to these stages' data only, e.g. pretrain (default: all).")
 @click.option("--method", default="source", show_default=True, help="Name to store the result under.")
+@click.option("--device", default=None, help="Where the k×k algebra runs (default: cuda when available).")
 @click.option("--force", is_flag=True, help="Replace a method fitted with other settings.")
-def fit(store_path: Path, segments: int, boundaries: str | None, stages: str | None, method: str, force: bool) -> None:
+def fit(
+    store_path: Path,
+    segments: int,
+    boundaries: str | None,
+    stages: str | None,
+    method: str,
+    device: str | None,
+    force: bool,
+) -> None:
     """Segment the trajectory, build SOURCE's operators and cache the training features in STORE."""
     args = sp.FitArguments(
         segments_per_stage=segments, boundaries=_ints(boundaries), stages=_names(stages), method=method
     )
-    store = sp.fit(store_path, args, overwrite=force)
+    store = sp.fit(store_path, args, overwrite=force, device=device)
     for seg in method_meta(store, method)["segments"]:
         t = seg["mean_lr"] * (seg["end_step"] - seg["start_step"])
         click.echo(

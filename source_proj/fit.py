@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import NumericalError, StoreError, TaskError
+from .featurize import default_device
 from .segments import Segment, make_segments
 from .source import SegmentOperator, fold
 from .store import Store, ckpt_key
@@ -63,15 +64,15 @@ def store_segments(store: Store, args: FitArguments) -> list[Segment]:
     )
 
 
-def checkpoint_curvature(store: Store, stage: str, step: int) -> torch.Tensor:
-    """H̃_c = (1/N) Σ_i ũ_i ũ_iᵀ for checkpoint ``step`` on ``stage``'s data, float64 ``[k, k]``."""
+def checkpoint_curvature(store: Store, stage: str, step: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """H̃_c = (1/N) Σ_i ũ_i ũ_iᵀ for checkpoint ``step`` on ``stage``'s data, float64 ``[k, k]`` on ``device``."""
     meta = store.meta
     directions = meta["featurize"]["fisher_directions"]
     source = "grads" if directions == 0 else "fisher"
     name = f"{source}/{stage}/{ckpt_key(step)}"
     total: torch.Tensor | None = None
     for _, rows in store.iter_chunks(name):
-        x = torch.from_numpy(rows).double()
+        x = torch.from_numpy(rows).to(device).double()
         total = x.T @ x if total is None else total.addmm_(x.T, x)
     assert total is not None
     size = next(s["dataset_size"] for s in meta["trajectory"]["stages"] if s["name"] == stage)
@@ -84,17 +85,20 @@ def checkpoint_curvature(store: Store, stage: str, step: int) -> torch.Tensor:
     return curvature
 
 
-def segment_operators(store: Store, segments: Sequence[Segment]) -> list[SegmentOperator]:
-    """One eigendecomposition of H̄_ℓ = mean_c H̃_c + λI per segment."""
-    cache: dict[tuple[str, int], torch.Tensor] = {}
+def segment_operators(
+    store: Store, segments: Sequence[Segment], device: torch.device | str = "cpu"
+) -> list[SegmentOperator]:
+    """One eigendecomposition of H̄_ℓ = mean_c H̃_c + λI per segment.
+
+    The mean is accumulated checkpoint by checkpoint: memory is two k × k matrices whatever the
+    number of checkpoints.
+    """
     operators = []
     for seg in segments:
-        mats = []
-        for step in seg.checkpoints:
-            if (seg.stage, step) not in cache:
-                cache[(seg.stage, step)] = checkpoint_curvature(store, seg.stage, step)
-            mats.append(cache[(seg.stage, step)])
-        operators.append(SegmentOperator.from_curvature(torch.stack(mats).mean(0), seg.time, seg.weight_decay))
+        total = checkpoint_curvature(store, seg.stage, seg.checkpoints[0], device)
+        for step in seg.checkpoints[1:]:
+            total += checkpoint_curvature(store, seg.stage, step, device)
+        operators.append(SegmentOperator.from_curvature(total / len(seg.checkpoints), seg.time, seg.weight_decay))
     return operators
 
 
@@ -104,12 +108,15 @@ def fit(
     *,
     overwrite: bool = False,
     progress: bool = True,
+    device: str | None = None,
 ) -> Store:
     """Compute SOURCE's operators and cache the training features ``methods/<method>/train/<stage>``.
 
     The cached feature of training example z is T(z) = −Σ_{ℓ: z∈D_ℓ} (1/N_ℓ) A_ℓ ḡ̃_ℓ(z), so
     score(q, z) = ⟨P ∇f(q; θ_T), T(z)⟩ (positive = helpful). An interrupted fit resumes; a fit
-    with other arguments over an existing method needs ``overwrite``.
+    with other arguments over an existing method needs ``overwrite``. ``device`` runs the k × k
+    products and eigendecompositions there (default: CUDA when available); memory is bounded by one
+    row chunk and a few k × k matrices, not by N or the number of checkpoints.
     """
     if not isinstance(store, Store):
         store = Store.open(store, writable=True)
@@ -130,12 +137,12 @@ def fit(
     }
     _claim_method(store, args.method, description, overwrite)
 
-    operators = segment_operators(store, segments)
+    operators = segment_operators(store, segments, default_device(device))
     folded = fold(operators)
     for index, op in enumerate(operators):
         name = f"methods/{args.method}/operators/{index}/eigvals"
         if not store.is_complete(name):
-            store.write_whole(name, op.eigvals.numpy())
+            store.write_whole(name, op.eigvals.cpu().numpy())
 
     work = []
     for stage in attributed:
@@ -163,7 +170,7 @@ def _fold_chunk(
         for step in seg.checkpoints:
             arr = store.array(f"grads/{stage}/{ckpt_key(step)}")
             rows = arr.chunks[0]
-            g = torch.from_numpy(np.asarray(arr[chunk * rows : (chunk + 1) * rows])).double()
+            g = torch.from_numpy(np.asarray(arr[chunk * rows : (chunk + 1) * rows])).to(a.device).double()
             mean = g if mean is None else mean + g
         assert mean is not None
         mean /= len(seg.checkpoints)
@@ -171,7 +178,7 @@ def _fold_chunk(
         total = contribution if total is None else total + contribution
     if total is None:
         raise TaskError(f"Stage {stage!r} has no segment with checkpoints, so its examples cannot be attributed.")
-    return (-total / size).float().numpy()
+    return (-total / size).float().cpu().numpy()
 
 
 def _claim_method(store: Store, method: str, description: dict[str, Any], overwrite: bool) -> None:

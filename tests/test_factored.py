@@ -278,7 +278,7 @@ def test_dimensions_without_a_near_square_split_are_refused() -> None:
 
 def test_a_model_without_linear_or_conv_layers_is_refused() -> None:
     model = nn.Sequential(nn.LayerNorm(4))
-    with pytest.raises(TaskError, match="no nn.Linear or nn.Conv layer"):
+    with pytest.raises(TaskError, match=r"no nn\.Linear or nn\.Conv layer"):
         _projector(model, 4)
 
 
