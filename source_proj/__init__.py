@@ -8,6 +8,8 @@ helps query ``q`` (removing ``z`` would lower the measurement).
 __version__ = "0.1.0"
 
 from .errors import NumericalError, SourceProjError, StoreError, TaskError, TrajectoryError
+from .factored import FactoredProjector
+from .fastjl import FastJLProjector
 from .featurize import FeaturizeArguments, ProjectionArguments, featurize
 from .fit import FitArguments, fit
 from .pipeline import attribute
@@ -21,6 +23,8 @@ from .trajectory import Trajectory, TrajectoryRecorder
 __all__ = [
     "Attributor",
     "ClassificationTask",
+    "FactoredProjector",
+    "FastJLProjector",
     "FeaturizeArguments",
     "FitArguments",
     "IdentityProjector",
