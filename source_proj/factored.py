@@ -70,7 +70,7 @@ _CHECK_TOLERANCE = 1e-3
 def factor_split(dim: int) -> tuple[int, int]:
     """``(k_out, k_in)`` with k_out·k_in = dim: k_in the largest divisor of dim not above √dim."""
     k_in = next(d for d in range(math.isqrt(dim), 0, -1) if dim % d == 0)
-    if 4 * k_in < math.isqrt(dim):
+    if 16 * k_in * k_in < dim:  # k_in < √k / 4
         raise TaskError(
             f"The factored projection splits k into k_out × k_in, but {dim} has no near-square factorisation "
             f"(best {dim // k_in} × {k_in}); use a dimension such as 1024, 2048 or 4096."

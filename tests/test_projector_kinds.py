@@ -119,3 +119,42 @@ def test_bf16_featurize_records_its_precision_and_keeps_scores(
     g32 = sp.Store.open(stores["fp32"]).read("grads/main/step-00000030")
     g16 = sp.Store.open(stores["bf16"]).read("grads/main/step-00000030")
     assert np.linalg.norm(g16 - g32) / np.linalg.norm(g32) < 0.05
+
+
+def test_cli_factored_bf16_featurize_and_streamed_query(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from source_proj.cli.main import main
+
+    from .test_cli import SPEC
+
+    spec = tmp_path / "spec.py"
+    spec.write_text(SPEC)
+    module = sp.spec.load_spec(spec)
+    torch.manual_seed(0)
+    full_batch_run(
+        tmp_path / "run",
+        module.build_model(),
+        module.train_data("main"),
+        lambda o, t: F.cross_entropy(o, t, reduction="none"),
+        lr=0.2,
+        steps=6,
+        save_every=3,
+    )
+    store = tmp_path / "s.sp"
+    cli = CliRunner()
+    args = ["featurize", "--ckpts", str(tmp_path / "run"), "--spec", str(spec), "--out", str(store)]
+    out = cli.invoke(main, [*args, "--dim", "16", "--projection", "factored", "--precision", "bf16"])
+    assert out.exit_code == 0, out.output
+    meta = sp.Store.open(store).meta
+    assert meta["projection"]["kind"] == "factored" and meta["featurize"]["precision"] == "bf16"
+    assert cli.invoke(main, ["fit", str(store), "--device", "cpu"]).exit_code == 0
+    results = {}
+    for backend in ("stream", "faiss"):
+        out = cli.invoke(
+            main, ["query", str(store), "--top-k", "3", "--search", backend, "--out", str(tmp_path / f"{backend}.csv")]
+        )
+        assert out.exit_code == 0, out.output
+        results[backend] = (tmp_path / f"{backend}.csv").read_text().splitlines()
+    assert [r.split(",")[:5] for r in results["stream"]] == [r.split(",")[:5] for r in results["faiss"]]
+    out = cli.invoke(main, [*args, "--dim", "17", "--projection", "factored", "--force"])
+    assert out.exit_code == 1 and "near-square" in out.output
