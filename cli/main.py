@@ -15,8 +15,10 @@ import source_proj as sp
 from source_proj import evaluation as ev
 from source_proj.fit import store_view
 from source_proj.info import store_summary
+from source_proj.projection import PROJECTION_KINDS
 from source_proj.query import method_meta
 from source_proj.spec import Spec, load_spec
+from source_proj.topk import SEARCH_BACKENDS
 from source_proj.verify import verify_store
 
 
@@ -83,7 +85,21 @@ def main() -> None:
 @click.option("--out", "store_path", required=True, type=click.Path(path_type=Path), help="Store to write (or resume).")
 @click.option("--dim", default=1024, show_default=True, help="Projection dimension k.")
 @click.option("--seed", default=0, show_default=True, help="Projection seed.")
-@click.option("--projection", type=click.Choice(["rademacher", "identity"]), default="rademacher", show_default=True)
+@click.option(
+    "--projection",
+    type=click.Choice([*PROJECTION_KINDS, "auto"]),
+    default="rademacher",
+    show_default=True,
+    help="factored: per-layer Kronecker (fast, no per-example gradients); fast_jl: TRAK's CUDA kernel; "
+    "auto: fast_jl when available, else rademacher.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "bf16"]),
+    default="fp32",
+    show_default=True,
+    help="bf16: forward/backward under bfloat16 autocast, projections accumulated in fp32.",
+)
 @click.option(
     "--fisher",
     type=click.Choice(["sampled", "exact", "empirical"]),
@@ -112,6 +128,7 @@ def featurize(
     dim: int,
     seed: int,
     projection: str,
+    precision: str,
     fisher: str,
     batch_size: int,
     chunk_rows: int,
@@ -142,6 +159,7 @@ def featurize(
             segmentation=sp.SegmentationArguments.parse(segmentation) if segmentation else None,
             checkpoints=not fast_only,
             segment_means=fast or fast_only,
+            precision=precision,
         ),
         overwrite=force,
         spec=str(spec.path),
@@ -168,6 +186,7 @@ def featurize(
 @click.option("--fast", is_flag=True, help="Fast-SOURCE: features at each segment's averaged parameters.")
 @click.option("--method", default=None, help="Name to store the result under [default: source, fast-source].")
 @click.option("--plot", "plot_path", default=None, type=click.Path(path_type=Path), help="PNG of the trajectory view.")
+@click.option("--device", default=None, help="Where the k×k algebra runs (default: cuda when available).")
 @click.option("--force", is_flag=True, help="Replace a method fitted with other settings.")
 def fit(
     store_path: Path,
@@ -177,6 +196,7 @@ def fit(
     fast: bool,
     method: str | None,
     plot_path: Path | None,
+    device: str | None,
     force: bool,
 ) -> None:
     """Segment the trajectory, build SOURCE's operators and cache the training features in STORE."""
@@ -189,7 +209,7 @@ def fit(
         method=method,
         fast=fast,
     )
-    store = sp.fit(store_path, args, overwrite=force)
+    store = sp.fit(store_path, args, overwrite=force, device=device)
     described = method_meta(store, args.name)
     if described.get("view"):
         view = sp.TrajectoryView.from_description(described["view"])
@@ -292,6 +312,14 @@ def _write(records: list[dict[str, Any]], path: Path) -> None:
 )
 @click.option("--show", default=5, show_default=True, help="Queries to print on the terminal.")
 @click.option("--device", default=None)
+@click.option(
+    "--search",
+    "search_backend",
+    type=click.Choice(list(SEARCH_BACKENDS)),
+    default="auto",
+    show_default=True,
+    help="Top-k search: FAISS, torch matmul+top-k on the device, or stream store chunks (bounded memory).",
+)
 def query(
     store_path: Path,
     spec_path: Path | None,
@@ -301,13 +329,16 @@ def query(
     out_path: Path | None,
     show: int,
     device: str | None,
+    search_backend: str,
 ) -> None:
     """Print the most helpful and most harmful training examples of each query."""
     store = sp.Store.open(store_path)
     spec = _spec_of(store, spec_path)
     queries = spec.query_data()
     indices = _select(len(queries), which)
-    attributor = sp.Attributor(store, spec.build_model(), spec.build_task(), method=method, device=device)
+    attributor = sp.Attributor(
+        store, spec.build_model(), spec.build_task(), method=method, device=device, search_backend=search_backend
+    )
     result = attributor.top_k(torch.utils.data.Subset(queries, indices), top_k)
     records = result.records()
     for r in records:

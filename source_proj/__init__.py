@@ -12,6 +12,8 @@ from .baselines import BASELINES, BaselineArguments, fit_baseline
 from .durable import atomic_write_bytes
 from .ensemble import Ensemble
 from .errors import NumericalError, SourceProjError, StoreError, TaskError, TrajectoryError
+from .factored import FactoredProjector
+from .fastjl import FastJLProjector
 from .featurize import FeaturizeArguments, ProjectionArguments, featurize
 from .fit import FitArguments, fit
 from .locking import StoreLock, store_lock
@@ -30,6 +32,8 @@ __all__ = [
     "BaselineArguments",
     "ClassificationTask",
     "Ensemble",
+    "FactoredProjector",
+    "FastJLProjector",
     "FeaturizeArguments",
     "FitArguments",
     "IdentityProjector",

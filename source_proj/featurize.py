@@ -27,9 +27,8 @@ from tqdm.auto import tqdm
 from . import __version__
 from .errors import NumericalError, StoreError, TaskError
 from .featurize_plan import PROBE, FeaturizePlan, Unit, featurize_plan
-from .gradients import PerExampleGradients, move_batch
+from .gradients import PerExampleGradients, Precision, move_batch
 from .locking import writes_store
-from .preconditioner import precondition_gradients
 from .projection import Projector, make_projector
 from .provenance import check_checkpoints, describe_provenance
 from .segments import SegmentationArguments
@@ -47,7 +46,11 @@ class ProjectionArguments:
     Attributes:
         dim: k, the projection dimension (ignored by ``"identity"``).
         seed: the projection's seed; the same seed gives the same P everywhere.
-        kind: ``"rademacher"`` (±1/√k entries, the default) or ``"identity"`` (no projection, k = p).
+        kind: ``"rademacher"`` (±1/√k entries, the default), ``"factored"`` (per-layer Kronecker
+            P_out ⊗ P_in of Linear/Conv layers, no per-example gradients materialised; see
+            ``factored.py``), ``"fast_jl"`` (TRAK's CUDA kernel, its own matrix), ``"auto"``
+            (fast_jl where CUDA and fast_jl are present, else rademacher) or ``"identity"``
+            (no projection, k = p). The store records the kind used; queries rebuild it.
     """
 
     dim: int = 1024
@@ -78,6 +81,8 @@ class FeaturizeArguments:
             with ``checkpoints=False`` this is the cheap mode: L instead of C gradient passes.
         measurement: also store ``measurement/<stage>/<final ckpt>`` = P ∇f(z; θ_T) for every training
             example (TRAK's curvature, see baselines.py): one more gradient per example at one checkpoint.
+        precision: ``"fp32"`` (default) or ``"bf16"``: forward and backward under bfloat16
+            autocast, projections accumulated in fp32 (faster on GPUs; see README "GPU and speed").
     """
 
     batch_size: int = 64
@@ -91,6 +96,7 @@ class FeaturizeArguments:
     checkpoints: bool = True
     segment_means: bool = False
     measurement: bool = True
+    precision: Precision = "fp32"
 
 
 def default_device(device: str | None) -> torch.device:
@@ -193,8 +199,10 @@ def featurize(
     names = task.select_parameters(work_model)
     params = dict(work_model.named_parameters())
     shapes = [(n, tuple(params[n].shape)) for n in names]
-    projector = make_projector(projection.kind, shapes, projection.dim, projection.seed)
-    grads_fn = PerExampleGradients(work_model, task, names, vmap_chunk=options.vmap_chunk)
+    projector = make_projector(projection.kind, shapes, projection.dim, projection.seed, model=work_model)
+    grads_fn = PerExampleGradients(
+        work_model, task, names, vmap_chunk=options.vmap_chunk, precision=options.precision
+    )
     directions = _fisher_directions(grads_fn, task, datasets, options, device)
 
     meta = {
@@ -206,6 +214,7 @@ def featurize(
             "chunk_rows": options.chunk_rows,
             "fisher": options.fisher,
             "seed": options.seed,
+            "precision": options.precision,
             "fisher_directions": directions,
             "measurement": options.measurement,
         },
@@ -371,28 +380,32 @@ def _featurize_rows(
         batch = move_batch(batch, device)
         outputs = grads_fn.outputs(batch)
         task.loss(outputs, batch)  # validates targets (label ranges) outside vmap
-        projected = projector.project(precondition_gradients(grads_fn(batch, "loss"), scale))
+        projected = projector.project_batch(grads_fn, batch, "loss", scale=scale)
+        # Checked per batch, before labels are sampled from outputs a non-finite example would poison.
         _check_finite(projected, row, where, "training-loss gradient")
-        feats.append(projected.cpu())
+        feats.append(projected)
+        row += projected.shape[0]
         if options.fisher != "empirical":
             gen = generator if options.fisher == "sampled" else None
             per_direction = []
             for weight, target_batch in task.fisher_targets(outputs.detach(), batch, gen):
-                u = projector.project(precondition_gradients(grads_fn(target_batch, "loss"), scale))
-                u = u * weight.sqrt().unsqueeze(-1).float()
-                _check_finite(u, row, where, "Fisher (sampled-label) gradient")
-                per_direction.append(u.cpu())
+                u = projector.project_batch(grads_fn, target_batch, "loss", scale=scale)
+                per_direction.append(u * weight.sqrt().unsqueeze(-1).float())
             fisher.append(torch.stack(per_direction, dim=1).reshape(-1, projector.dim))
         if measure:
-            m = projector.project(precondition_gradients(grads_fn(batch, "measurement"), scale))
-            _check_finite(m, row, where, "measurement gradient")
-            measured.append(m.cpu())
-        row += projected.shape[0]
-    return (
-        torch.cat(feats).numpy(),
-        torch.cat(fisher).numpy() if fisher else None,
-        torch.cat(measured).numpy() if measured else None,
-    )
+            measured.append(projector.project_batch(grads_fn, batch, "measurement", scale=scale))
+    # Features stay on the device until the chunk is done: one copy per chunk.
+    all_feats = torch.cat(feats)
+    out_fisher = out_measured = None
+    if fisher:
+        all_fisher = torch.cat(fisher)
+        _check_finite(all_fisher.reshape(all_feats.shape[0], -1), start, where, "Fisher (sampled-label) gradient")
+        out_fisher = all_fisher.cpu().numpy()
+    if measured:
+        all_measured = torch.cat(measured)
+        _check_finite(all_measured, start, where, "measurement gradient")
+        out_measured = all_measured.cpu().numpy()
+    return all_feats.cpu().numpy(), out_fisher, out_measured
 
 
 def _check_finite(values: torch.Tensor, first_row: int, where: str, what: str) -> None:

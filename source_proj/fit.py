@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .autosegment import TrajectoryView, trajectory_view
 from .errors import NumericalError, StoreError, TaskError
+from .featurize import default_device
 from .locking import writes_store
 from .segments import Segment, SegmentationArguments, make_segments
 from .source import SegmentOperator, fold
@@ -134,9 +135,11 @@ def store_view(store: Store, budget: int) -> TrajectoryView:
     )
 
 
-def checkpoint_curvature(store: Store, stage: str, step: int | str) -> torch.Tensor:
+def checkpoint_curvature(
+    store: Store, stage: str, step: int | str, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """H̃_c = (1/N) Σ_i ũ_i ũ_iᵀ for checkpoint ``step`` (or a feature key such as a segment mean's)
-    on ``stage``'s data, float64 ``[k, k]``."""
+    on ``stage``'s data, float64 ``[k, k]`` on ``device``."""
     meta = store.meta
     directions = meta["featurize"]["fisher_directions"]
     source = "grads" if directions == 0 else "fisher"
@@ -144,7 +147,7 @@ def checkpoint_curvature(store: Store, stage: str, step: int | str) -> torch.Ten
     name = f"{source}/{stage}/{key}"
     total: torch.Tensor | None = None
     for _, rows in store.iter_chunks(name):
-        x = torch.from_numpy(rows).double()
+        x = torch.from_numpy(rows).to(device).double()
         total = x.T @ x if total is None else total.addmm_(x.T, x)
     assert total is not None
     size = next(s["dataset_size"] for s in meta["trajectory"]["stages"] if s["name"] == stage)
@@ -163,19 +166,23 @@ def feature_keys(segments: Sequence[Segment], fast: bool = False) -> list[list[s
 
 
 def segment_operators(
-    store: Store, segments: Sequence[Segment], keys: Sequence[Sequence[str]] | None = None
+    store: Store,
+    segments: Sequence[Segment],
+    keys: Sequence[Sequence[str]] | None = None,
+    device: torch.device | str = "cpu",
 ) -> list[SegmentOperator]:
     """One eigendecomposition of H̄_ℓ = mean_c H̃_c + λI per segment (``keys``: its feature points,
-    default its checkpoints)."""
-    cache: dict[tuple[str, str], torch.Tensor] = {}
+    default its checkpoints).
+
+    The mean is accumulated point by point: memory is two k × k matrices whatever the number of
+    checkpoints.
+    """
     operators = []
     for seg, points in zip(segments, keys or feature_keys(segments), strict=True):
-        mats = []
-        for key in points:
-            if (seg.stage, key) not in cache:
-                cache[(seg.stage, key)] = checkpoint_curvature(store, seg.stage, key)
-            mats.append(cache[(seg.stage, key)])
-        operators.append(SegmentOperator.from_curvature(torch.stack(mats).mean(0), seg.time, seg.weight_decay))
+        total = checkpoint_curvature(store, seg.stage, points[0], device)
+        for key in points[1:]:
+            total += checkpoint_curvature(store, seg.stage, key, device)
+        operators.append(SegmentOperator.from_curvature(total / len(points), seg.time, seg.weight_decay))
     return operators
 
 
@@ -186,13 +193,16 @@ def fit(
     *,
     overwrite: bool = False,
     progress: bool = True,
+    device: str | None = None,
 ) -> Store:
     """Compute SOURCE's operators and cache the training features ``methods/<method>/train/<stage>``.
 
     The cached feature of training example z is T(z) = −Σ_{ℓ: z∈D_ℓ} (1/N_ℓ) A_ℓ ḡ̃_ℓ(z), so
     score(q, z) = ⟨P ∇f(q; θ_T), T(z)⟩ (positive = helpful). An interrupted fit resumes; a fit
     with other arguments over an existing method needs ``overwrite``. The store is locked while
-    fit runs, and a resumed fit recomputes cached chunks whose crc no longer matches.
+    fit runs, and a resumed fit recomputes cached chunks whose crc no longer matches. ``device``
+    runs the k × k products and eigendecompositions there (default: CUDA when available); memory is
+    bounded by one row chunk and a few k × k matrices, not by N or the number of checkpoints.
     """
     if not isinstance(store, Store):
         store = Store.open(store, writable=True)
@@ -226,12 +236,12 @@ def fit(
     _claim_method(store, method, description, overwrite)
     store.heal(f"methods/{method}/")
 
-    operators = segment_operators(store, segments, keys)
+    operators = segment_operators(store, segments, keys, default_device(device))
     folded = fold(operators)
     for index, op in enumerate(operators):
         name = f"methods/{method}/operators/{index}/eigvals"
         if not store.is_complete(name):
-            store.write_whole(name, op.eigvals.numpy())
+            store.write_whole(name, op.eigvals.cpu().numpy())
 
     work = []
     for stage in attributed:
@@ -263,7 +273,7 @@ def _fold_chunk(
             continue
         mean = None
         for key in points:
-            g = torch.from_numpy(store.read_chunk(f"grads/{stage}/{key}", chunk)).double()
+            g = torch.from_numpy(store.read_chunk(f"grads/{stage}/{key}", chunk)).to(a.device).double()
             mean = g if mean is None else mean + g
         assert mean is not None
         mean /= len(points)
@@ -271,7 +281,7 @@ def _fold_chunk(
         total = contribution if total is None else total + contribution
     if total is None:
         raise TaskError(f"Stage {stage!r} has no segment with checkpoints, so its examples cannot be attributed.")
-    return (-total / size).float().numpy()
+    return (-total / size).float().cpu().numpy()
 
 
 def _claim_method(store: Store, method: str, description: dict[str, Any], overwrite: bool) -> None:

@@ -10,9 +10,11 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_map
 
+from .errors import TaskError
 from .task import Batch, Task
 
 Quantity = Literal["loss", "measurement"]
+Precision = Literal["fp32", "bf16"]
 
 
 def move_batch(batch: Batch, device: torch.device) -> Batch:
@@ -39,10 +41,18 @@ class PerExampleGradients:
         task: defines forward, loss and measurement.
         param_names: the parameters θ, in projection order.
         vmap_chunk: examples per vectorised chunk (bounds memory); ``None`` = whole batch.
+        precision: ``"fp32"``, or ``"bf16"`` to run forward and backward under bfloat16 autocast
+            (gradients still come out in the parameters' dtype; projections accumulate in fp32).
     """
 
     def __init__(
-        self, model: nn.Module, task: Task, param_names: Sequence[str], *, vmap_chunk: int | None = None
+        self,
+        model: nn.Module,
+        task: Task,
+        param_names: Sequence[str],
+        *,
+        vmap_chunk: int | None = None,
+        precision: Precision = "fp32",
     ) -> None:
         self.model = model.eval()
         self.task = task
@@ -52,11 +62,22 @@ class PerExampleGradients:
         self.frozen = {n: p.detach() for n, p in named.items() if n not in self.params}
         self.frozen.update({n: b for n, b in model.named_buffers()})
         self.vmap_chunk = vmap_chunk
+        if precision not in ("fp32", "bf16"):
+            raise TaskError(f"Unknown precision {precision!r}; use 'fp32' or 'bf16'.")
+        self.precision = precision
+        self.device = next(iter(self.params.values())).device
         self._fns = {q: self._vectorised(q) for q in ("loss", "measurement")}
 
+    def autocast(self) -> torch.autocast:
+        """The autocast context of this precision (a no-op for fp32)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
     def _call(self, params: Mapping[str, Tensor]) -> Callable[..., Any]:
+        # ``params`` may be a subset of θ (the one differentiated); the rest of θ stays constant.
+        merged = params if len(params) == len(self.params) else {**self.params, **params}
+
         def call(*args: Any, **kwargs: Any) -> Any:
-            return functional_call(self.model, (params, self.frozen), args, kwargs, strict=False)
+            return functional_call(self.model, (merged, self.frozen), args, kwargs, strict=False)
 
         return call
 
@@ -75,6 +96,34 @@ class PerExampleGradients:
 
         return vmap(grad(single), in_dims=(None, 0), chunk_size=self.vmap_chunk)
 
-    def __call__(self, batch: Batch, quantity: Quantity = "loss") -> dict[str, Tensor]:
-        """Per-example gradients of ``quantity``: a dict ``name → [B, *param.shape]``."""
-        return self._fns[quantity](self.params, batch)
+    def values(self, batch: Batch, quantity: Quantity = "loss") -> Tensor:
+        """Per-example ``quantity`` ``[B]`` from one ordinary (not vectorised) forward pass.
+
+        Autograd stays on, but the parameters θ are constants of the graph: the caller
+        differentiates with respect to intermediate values (see ``factored.py``).
+        """
+        value = self.task.loss if quantity == "loss" else self.task.measurement
+        with torch.enable_grad(), self.autocast():
+            return value(self.task.forward(self._call(self.params), batch), batch)
+
+    def __call__(
+        self, batch: Batch, quantity: Quantity = "loss", names: Sequence[str] | None = None
+    ) -> dict[str, Tensor]:
+        """Per-example gradients of ``quantity``: a dict ``name → [B, *param.shape]``.
+
+        ``names`` restricts the gradients to a subset of the parameters (the others stay fixed).
+        """
+        params = self.params if names is None else {n: self.params[n] for n in names}
+        with self.autocast():
+            return self._fns[quantity](params, batch)
+
+
+def precondition_gradients(grads: Mapping[str, Tensor], scale: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+    """Per-example gradients ``name → [B, *shape]`` multiplied elementwise by ``scale`` (``name → shape``,
+    e.g. Adam's D^{-1/2}); a parameter absent from ``scale``, or ``scale=None`` (SGD), is left as it is.
+    Apply before any projection."""
+    if scale is None:
+        return dict(grads)
+    return {
+        name: g * scale[name].to(device=g.device, dtype=g.dtype) if name in scale else g for name, g in grads.items()
+    }

@@ -38,6 +38,6 @@ def attribute(
     store: Store = featurize(
         trajectory, model, task, train_data, store_path, projection=projection, options=options, progress=progress
     )
-    fit(store, fit_args, progress=progress)
+    fit(store, fit_args, progress=progress, device=options.device)
     attributor = Attributor(store, model, task, method=fit_args.name, trajectory=trajectory, device=options.device)
     return attributor.top_k(queries, top_k)

@@ -5,7 +5,7 @@ With D = diag(√v̂ + ε), v̂ = exp_avg_sq / (1 − β₂ᵗ) (``max_exp_avg_s
 with ∇_u = D^{-1/2} ∇_θ and curvature D^{-1/2} H D^{-1/2}. Holding D fixed within a segment
 (its mean D_ℓ), SOURCE applies unchanged in those coordinates: every per-example gradient —
 training, Fisher pseudo-label and query — is multiplied elementwise by D_ℓ^{-1/2} *before*
-projection. :func:`precondition_gradients` is the one place that does it (the scaling does not
+projection. :func:`source_proj.gradients.precondition_gradients` is the one place that does it (the scaling does not
 factor through a Kronecker/per-layer projection, so it stays at the gradient level).
 
 Which optimizer state gives D_ℓ: a checkpoint saved after ``s`` steps holds the second moment of
@@ -135,11 +135,3 @@ def read_scale(
     if name is None:
         return None
     return {n: t.to(device) for n, t in unflatten(torch.from_numpy(store.read(name)), shapes).items()}
-
-
-def precondition_gradients(grads: Mapping[str, Tensor], scale: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
-    """Per-example gradients ``name → [B, *shape]`` multiplied elementwise by D^{-1/2} (``scale``,
-    ``name → shape``); ``None`` (SGD) returns them unchanged. Apply before any projection."""
-    if scale is None:
-        return dict(grads)
-    return {name: g * scale[name].to(device=g.device, dtype=g.dtype) for name, g in grads.items()}

@@ -15,15 +15,37 @@ import math
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .errors import TaskError
+from .gradients import precondition_gradients
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .gradients import PerExampleGradients, Quantity
+    from .task import Batch
 
 _GENERATOR_ID = "numpy-philox-4x64-v1"
+
+PROJECTION_KINDS = ("rademacher", "identity", "factored", "fast_jl")
+"""Every projector kind ``make_projector`` builds (and ``ProjectionArguments.kind`` accepts)."""
+
+
+def rademacher_signs(seed: int, block: int, rows: int, dim: int) -> np.ndarray:
+    """±1 signs as int8 ``[rows, dim]`` from numpy's Philox keyed by ``(seed, block)``.
+
+    The little-endian bits of ``ceil(rows·dim / 64)`` raw 64-bit words, in row-major order, 1 → +1
+    and 0 → −1. Every stored projection is defined by this function: never change it.
+    """
+    bitgen = np.random.Philox(key=np.array([seed, block], dtype=np.uint64))
+    words = bitgen.random_raw(-(-rows * dim // 64))
+    bits = np.unpackbits(words.view(np.uint8), bitorder="little")[: rows * dim]
+    return (bits.astype(np.int8) * 2 - 1).reshape(rows, dim)
 
 
 class Projector(ABC):
@@ -38,6 +60,23 @@ class Projector(ABC):
     @abstractmethod
     def describe(self) -> dict[str, Any]:
         """JSON-serialisable identity; two projectors with equal descriptions are the same map."""
+
+    def project_batch(
+        self,
+        grads_fn: PerExampleGradients,
+        batch: Batch,
+        quantity: Quantity = "loss",
+        *,
+        scale: Mapping[str, Tensor] | None = None,
+    ) -> Tensor:
+        """P (s ⊙ ∇quantity(z; θ)) for every example z of a batch: float32 ``[B, k]``.
+
+        ``scale`` maps parameter names to elementwise multipliers of the parameter's shape applied
+        to every per-example gradient before projection (e.g. Adam's preconditioner D^{-1/2},
+        SOURCE_MATH §6); ``None`` means 1. This default materialises the per-example gradients;
+        projectors that need not (the factored one) override it.
+        """
+        return self.project(precondition_gradients(grads_fn(batch, quantity), scale))
 
 
 def _flat_spans(shapes: Sequence[tuple[str, Sequence[int]]]) -> list[tuple[str, int, int]]:
@@ -59,6 +98,8 @@ class RademacherProjector(Projector):
         seed: the projection's seed; every checkpoint, model and query must use the same one.
         block_rows: parameters per generated block (part of the projection's identity).
         cache_bytes: at most this many bytes of generated blocks kept on the device.
+        allow_wide: accept ``dim`` above the number of parameters (the factored projection's
+            dense part for the few parameters it cannot factor, projected into its k coordinates).
     """
 
     def __init__(
@@ -69,12 +110,13 @@ class RademacherProjector(Projector):
         *,
         block_rows: int = 4096,
         cache_bytes: int = 512 * 2**20,
+        allow_wide: bool = False,
     ) -> None:
         self.spans = _flat_spans(shapes)
         self.num_params = sum(size for _, _, size in self.spans)
         if dim < 1:
             raise TaskError(f"The projection dimension must be at least 1, not {dim}.")
-        if dim > self.num_params:
+        if dim > self.num_params and not allow_wide:
             raise TaskError(
                 f"The projection dimension {dim} is larger than the {self.num_params} selected "
                 f"parameters; use a dimension of at most {self.num_params} or the exact "
@@ -103,10 +145,7 @@ class RademacherProjector(Projector):
         rows = min(self.block_rows, self.num_params - block * self.block_rows)
         if rows <= 0:
             raise IndexError(f"block {block} is past the last parameter")
-        bitgen = np.random.Philox(key=np.array([self.seed, block], dtype=np.uint64))
-        words = bitgen.random_raw(-(-rows * self.dim // 64))
-        bits = np.unpackbits(words.view(np.uint8), bitorder="little")[: rows * self.dim]
-        return (bits.astype(np.int8) * 2 - 1).reshape(rows, self.dim)
+        return rademacher_signs(self.seed, block, rows, self.dim)
 
     def block(self, block: int, device: torch.device | str = "cpu") -> Tensor:
         """Block ``block`` of Pᵀ as float32 ``[rows, k]`` with entries ±1/√k, on ``device``."""
@@ -164,12 +203,38 @@ class IdentityProjector(Projector):
         return torch.cat([grads[name].reshape(batch, size).float() for name, _, size in self.spans], dim=1)
 
 
-def make_projector(kind: str, shapes: Sequence[tuple[str, Sequence[int]]], dim: int | None, seed: int) -> Projector:
-    """Build a projector from its kind (``"rademacher"`` or ``"identity"``)."""
+def make_projector(
+    kind: str,
+    shapes: Sequence[tuple[str, Sequence[int]]],
+    dim: int | None,
+    seed: int,
+    *,
+    model: nn.Module | None = None,
+    feature_tiles: int | None = None,
+) -> Projector:
+    """Build a projector from its kind (one of ``PROJECTION_KINDS``, or ``"auto"``).
+
+    ``"auto"`` is ``"fast_jl"`` where a CUDA GPU and fast_jl are present (and k is a multiple of
+    512), else ``"rademacher"``; the store records the kind actually used. ``"factored"`` needs the
+    ``model`` (its layers); ``feature_tiles`` rebuilds a recorded ``"fast_jl"`` projection.
+    """
+    from .fastjl import FastJLProjector, fast_jl_available
+
     if kind == "identity":
         return IdentityProjector(shapes)
+    if dim is None:
+        raise TaskError(f"The {kind!r} projection needs a dimension; pass `dim` (e.g. 1024).")
+    if kind == "auto":
+        kind = "fast_jl" if fast_jl_available() and dim % 512 == 0 and seed < 2**32 else "rademacher"
     if kind == "rademacher":
-        if dim is None:
-            raise TaskError("The Rademacher projection needs a dimension; pass `dim` (e.g. 1024).")
         return RademacherProjector(shapes, dim, seed)
-    raise TaskError(f"Unknown projection kind {kind!r}; use 'rademacher' or 'identity'.")
+    if kind == "fast_jl":
+        return FastJLProjector(shapes, dim, seed, feature_tiles=feature_tiles)
+    if kind == "factored":
+        from .factored import FactoredProjector, factorable_layers
+
+        if model is None:
+            raise TaskError("The 'factored' projection is built from the model's layers; pass the model.")
+        layers, _ = factorable_layers(model, [name for name, _ in shapes])
+        return FactoredProjector(shapes, layers, dim, seed)
+    raise TaskError(f"Unknown projection kind {kind!r}; use one of {', '.join(PROJECTION_KINDS)} or 'auto'.")

@@ -29,19 +29,22 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from .errors import StoreError, TaskError
 from .featurize import default_device
 from .gradients import PerExampleGradients, move_batch
-from .preconditioner import precondition_gradients, read_scale
+from .preconditioner import read_scale
 from .projection import Projector, make_projector
 from .provenance import check_query_model, check_run
 from .store import Store
 from .task import Task
+from .topk import SearchBackend, TorchIndex, build_index
 from .trajectory import Trajectory
 
 
-def projector_from_meta(meta: dict[str, Any]) -> Projector:
-    """Rebuild the store's projection from its metadata."""
+def projector_from_meta(meta: dict[str, Any], model: nn.Module | None = None) -> Projector:
+    """Rebuild the store's projection from its metadata (the ``factored`` kind needs the model)."""
     desc = meta["projection"]
     shapes = [(name, tuple(shape)) for name, shape in meta["params"]]
-    projector = make_projector(desc["kind"], shapes, desc.get("dim"), desc.get("seed", 0))
+    projector = make_projector(
+        desc["kind"], shapes, desc.get("dim"), desc.get("seed", 0), model=model, feature_tiles=desc.get("feature_tiles")
+    )
     if projector.describe() != desc:
         raise StoreError(
             f"The store's projection {desc} cannot be rebuilt by this library version (got {projector.describe()}); "
@@ -116,6 +119,9 @@ class Attributor:
         trajectory: the run (default: the directory recorded in the store).
         device: where query gradients are computed.
         batch_size: queries per gradient batch.
+        search_backend: top-k search (see ``topk.build_index``): ``"auto"`` (FAISS-GPU, else torch on
+            a CUDA device, else FAISS), ``"faiss"``, ``"torch"`` (resident on ``device``) or
+            ``"stream"`` (store chunk by chunk: memory bounded by the chunk size).
     """
 
     def __init__(
@@ -128,6 +134,7 @@ class Attributor:
         trajectory: Trajectory | str | Path | None = None,
         device: str | None = None,
         batch_size: int = 64,
+        search_backend: SearchBackend = "auto",
     ) -> None:
         self.store = store if isinstance(store, Store) else Store.open(store)
         meta = self.store.meta
@@ -140,10 +147,11 @@ class Attributor:
         self.model = copy.deepcopy(model).to(self.device)
         self.task = task
         names = [name for name, _ in meta["params"]]
-        self.projector = projector_from_meta(meta)
+        self.projector = projector_from_meta(meta, self.model)
         self.param_names = names
         self.batch_size = batch_size
-        self._index: faiss.Index | None = None
+        self.search_backend = search_backend
+        self._index: faiss.Index | TorchIndex | None = None
 
     def query_features(self, queries: Dataset | Sequence[Any]) -> torch.Tensor:
         """q̃ for every query: float32 ``[Q, d]`` (concatenated over the recipe's checkpoints)."""
@@ -164,9 +172,7 @@ class Attributor:
                 grads_fn = PerExampleGradients(self.model, self.task, self.param_names)
                 scale = read_scale(self.store, scale_name, shapes, self.device)
                 feats = [
-                    self.projector.project(
-                        precondition_gradients(grads_fn(move_batch(b, self.device), "measurement"), scale)
-                    ).cpu()
+                    self.projector.project_batch(grads_fn, move_batch(b, self.device), "measurement", scale=scale).cpu()
                     for b in _batches(queries, self.batch_size)
                 ]
             part = torch.cat(feats)
@@ -175,12 +181,24 @@ class Attributor:
             parts.append(part * weight)
         return torch.cat(parts, dim=1)
 
-    def index(self) -> faiss.Index:
-        """Exact inner-product FAISS index over the training features (built once)."""
+    def index(self) -> faiss.Index | TorchIndex:
+        """Exact inner-product index over the training features (built once; see ``search_backend``)."""
         if self._index is None:
-            feats = np.ascontiguousarray(train_features(self.store, self.method), dtype=np.float32)
-            self._index = faiss.IndexFlatIP(feats.shape[1])
-            self._index.add(feats)
+            names = [f"methods/{self.method}/train/{r.stage}" for r in self.rows]
+
+            def blocks() -> Iterator[tuple[int, np.ndarray]]:
+                for r, name in zip(self.rows, names, strict=True):
+                    for start, rows in self.store.iter_chunks(name):
+                        yield r.offset + start, rows
+
+            self._index = build_index(
+                lambda: train_features(self.store, self.method),
+                blocks,
+                sum(r.size for r in self.rows),
+                int(self.store.array(names[0]).shape[1]),
+                self.device,
+                self.search_backend,
+            )
         return self._index
 
     def scores(self, queries: Dataset | Sequence[Any]) -> np.ndarray:
@@ -194,7 +212,9 @@ class Attributor:
         return search(self.index(), q, k, self.rows)
 
 
-def search(index: faiss.Index, query_features: np.ndarray, k: int, rows: Sequence[StageRows]) -> QueryResult:
+def search(
+    index: faiss.Index | TorchIndex, query_features: np.ndarray, k: int, rows: Sequence[StageRows]
+) -> QueryResult:
     """Top-k helpful (largest ⟨q, T⟩) and harmful (smallest) rows of an inner-product index."""
     k = min(k, index.ntotal)
     if k < 1:

@@ -1,0 +1,299 @@
+"""The factored (per-layer Kronecker) projection: a normalised JL map equal to P_out ⊗ P_in on
+materialised per-example gradients, computed without them, with the variance derived in factored.py."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from source_proj import ClassificationTask, TaskError
+from source_proj.factored import FactoredLayer, FactoredProjector, factor_split, factorable_layers
+from source_proj.gradients import PerExampleGradients
+from source_proj.projection import make_projector, rademacher_signs
+
+
+def _projector(model: nn.Module, dim: int, seed: int = 0) -> FactoredProjector:
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    projector = make_projector("factored", shapes, dim, seed, model=model)
+    assert isinstance(projector, FactoredProjector) and [n for n, _ in projector.shapes] == names
+    return projector
+
+
+def _flat(grads: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
+    return torch.cat([grads[n].reshape(grads[n].shape[0], -1) for n in names], dim=1)
+
+
+def _kron_oracle(projector: FactoredProjector, names: list[str], shapes: dict[str, tuple[int, ...]]) -> torch.Tensor:
+    """The k × p matrix built column by column from torch.kron of each layer's factors."""
+    columns = {}
+    for index, layer in enumerate(projector.layers):
+        p_out, p_in = projector.factors(index)
+        full = torch.kron(p_out, p_in)  # columns ordered (o, i), i over [weight inputs | bias]
+        cols = [o * layer.in_rows + i for o in range(layer.out_features) for i in range(layer.in_features)]
+        columns[layer.weight] = full[:, cols]
+        if layer.bias:
+            columns[layer.bias] = full[:, [o * layer.in_rows + layer.in_features for o in range(layer.out_features)]]
+    if projector.rest is not None:
+        rest = projector.rest.dense()
+        for name, offset, size in projector.rest.spans:
+            columns[name] = rest[:, offset : offset + size]
+    for name in names:
+        assert columns[name].shape[1] == math.prod(shapes[name])
+    return torch.cat([columns[n] for n in names], dim=1)
+
+
+class _Mixed(nn.Module):
+    """Linear with and without bias, in-place ReLU, a LayerNorm (dense part) and a tied weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 9)
+        self.norm = nn.LayerNorm(9)
+        self.fc2 = nn.Linear(9, 7, bias=False)
+        self.act = nn.ReLU(inplace=True)
+        self.head = nn.Linear(7, 3)
+        self.tied = nn.Linear(7, 3)
+        self.tied.weight = self.head.weight  # held by two modules: projected densely
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.fc2(self.norm(self.fc1(x))))
+        return self.head(h) + 0.5 * self.tied(h)
+
+
+class _Conv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 5, 3, stride=2, padding=1, dilation=1)
+        self.c2 = nn.Conv2d(5, 4, 3, padding="same", padding_mode="reflect", bias=False)
+        self.c3 = nn.Conv2d(4, 4, 2, dilation=2)
+        self.grouped = nn.Conv2d(4, 4, 1, groups=2)  # not factorable: dense part
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.c1(x))
+        h = F.relu(self.c2(h))
+        h = self.grouped(F.relu(self.c3(h)))
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+class _Sequence(nn.Module):
+    """Token inputs [B, T, d] through Linear layers (a position-wise MLP) and a Conv1d over time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(5, 8)
+        self.conv = nn.Conv1d(8, 6, 3, padding=1)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.embed(x))  # [B, T, 8]
+        h = torch.tanh(self.conv(h.transpose(1, 2))).transpose(1, 2)  # [B, T, 6]
+        return self.out(h).sum(dim=1)
+
+
+CASES = {
+    "mixed": (_Mixed, lambda g: torch.randn(5, 6, generator=g)),
+    "conv": (_Conv, lambda g: torch.randn(5, 3, 9, 9, generator=g)),
+    "sequence": (_Sequence, lambda g: torch.randn(5, 7, 5, generator=g)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_layer_path_equals_kronecker_matrix_on_materialised_gradients(case: str) -> None:
+    build, inputs = CASES[case]
+    torch.manual_seed(0)
+    model = build()
+    g = torch.Generator().manual_seed(1)
+    batch = (inputs(g), torch.randint(0, 3, (5,), generator=g))
+    projector = _projector(model, 64, seed=3)
+    names = [n for n, _ in projector.shapes]
+    grads_fn = PerExampleGradients(model, ClassificationTask(), names)
+    grads = grads_fn(batch, "loss")
+    oracle = _flat(grads, names) @ _kron_oracle(projector, names, dict(projector.shapes)).T
+    materialised = projector.project(grads)
+    no_materialising = projector.project_batch(grads_fn, batch, "loss")
+    scale = oracle.norm()
+    assert float((materialised - oracle).norm() / scale) < 1e-5
+    assert float((no_materialising - oracle).norm() / scale) < 1e-5
+    assert torch.allclose(projector.dense(), _kron_oracle(projector, names, dict(projector.shapes)))
+    measured = projector.project_batch(grads_fn, batch, "measurement")
+    assert torch.allclose(measured, projector.project(grads_fn(batch, "measurement")), rtol=1e-4, atol=1e-6)
+
+
+def test_layers_found_and_the_rest_projected_densely() -> None:
+    layers, rest = factorable_layers(_Mixed(), [n for n, _ in _Mixed().named_parameters()])
+    assert [(la.module, la.bias) for la in layers] == [("fc1", "fc1.bias"), ("fc2", None)]
+    assert rest == ["norm.weight", "norm.bias", "head.weight", "head.bias", "tied.bias"]  # tied weight: dense
+    conv_layers, conv_rest = factorable_layers(_Conv(), [n for n, _ in _Conv().named_parameters()])
+    assert [la.module for la in conv_layers] == ["c1", "c2", "c3", "fc"]
+    assert conv_layers[0].in_features == 3 * 3 * 3 and conv_rest == ["grouped.weight", "grouped.bias"]
+
+
+def test_factors_are_independent_rademacher_from_the_block_generator() -> None:
+    layer = FactoredLayer("fc", "fc.weight", "fc.bias", 12, 20)
+    projector = FactoredProjector([("fc.weight", (12, 20)), ("fc.bias", (12,))], [layer], 32, seed=5)
+    assert (projector.k_out, projector.k_in) == (8, 4)
+    p_out, p_in = projector.factors(0)
+    assert p_out.shape == (8, 12) and p_in.shape == (4, 21)
+    assert torch.equal(p_in, torch.from_numpy(rademacher_signs(5, 2**63, 21, 4)).float().T / 2)
+    assert torch.equal(p_out, torch.from_numpy(rademacher_signs(5, 2**63 + 1, 12, 8)).float().T / math.sqrt(8))
+    dense = projector.dense()
+    assert torch.allclose(dense.abs(), torch.full_like(dense, 1 / math.sqrt(32)))
+    again = FactoredProjector([("fc.weight", (12, 20)), ("fc.bias", (12,))], [layer], 32, seed=5)
+    assert torch.equal(again.dense(), dense)
+    other = FactoredProjector([("fc.weight", (12, 20)), ("fc.bias", (12,))], [layer], 32, seed=6)
+    assert not torch.equal(other.dense(), dense)
+
+
+def test_rademacher_generator_is_the_documented_philox_stream() -> None:
+    # An independent reading of the spec in projection.py: little-endian bits of Philox words.
+    words = np.random.Philox(key=np.array([7, 3], dtype=np.uint64)).random_raw(2)
+    bits = [(int(w) >> b) & 1 for w in words for b in range(64)][: 10 * 12]
+    expected = np.array([2 * b - 1 for b in bits], dtype=np.int8).reshape(10, 12)
+    assert np.array_equal(rademacher_signs(7, 3, 10, 12), expected)
+
+
+def test_expected_gram_is_identity_over_seeds() -> None:
+    shapes = [("fc.weight", (3, 2)), ("fc.bias", (3,)), ("norm", (2,))]
+    layer = FactoredLayer("fc", "fc.weight", "fc.bias", 3, 2)
+    seeds = 600
+    mean = sum((lambda d: d.T @ d)(FactoredProjector(shapes, [layer], 4, seed=s).dense()) for s in range(seeds)) / seeds
+    # entries of PᵀP are means of k products of ±1/k: each has standard deviation 1/√(seeds·k)
+    assert torch.allclose(mean, torch.eye(11), atol=5 / math.sqrt(seeds * 4))
+
+
+def _factored_inner_products(u: torch.Tensor, v: torch.Tensor, dim: int, seeds: range) -> torch.Tensor:
+    d_out, d_in = u.shape
+    layer = FactoredLayer("fc", "fc.weight", None, d_out, d_in)
+    values = []
+    for s in seeds:
+        projector = FactoredProjector([("fc.weight", (d_out, d_in))], [layer], dim, seed=s)
+        pu, pv = projector.project({"fc.weight": torch.stack([u, v])}).double()
+        values.append(float(pu @ pv))
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def _rademacher_variance(x: torch.Tensor, y: torch.Tensor, k: int) -> float:
+    return float((x.norm() ** 2 * y.norm() ** 2 + (x @ y) ** 2 - 2 * (x**2 * y**2).sum()) / k)
+
+
+def test_single_position_variance_matches_the_derived_formula() -> None:
+    g = torch.Generator().manual_seed(0)
+    a, a2 = torch.rand(12, generator=g).double(), torch.rand(12, generator=g).double()  # post-ReLU-like
+    d, d2 = torch.randn(10, generator=g).double(), torch.randn(10, generator=g).double()
+    u, v = torch.outer(d, a).float(), torch.outer(d2, a2).float()
+    k = 64
+    k_out, k_in = factor_split(k)
+    values = _factored_inner_products(u, v, k, range(1500))
+    m_a, m_d = float(a @ a2), float(d @ d2)
+    s_a, s_d = _rademacher_variance(a, a2, k_in), _rademacher_variance(d, d2, k_out)
+    exact = (m_a**2 + s_a) * (m_d**2 + s_d) - m_a**2 * m_d**2
+    truth = float((u.double() * v.double()).sum())
+    sd = math.sqrt(exact / len(values))
+    assert abs(float(values.mean()) - truth) < 5 * sd  # unbiased
+    assert 0.8 < float(values.var()) / exact < 1.25  # the derived variance (1,500 draws: ±4% s.e.)
+    dense = _rademacher_variance(u.double().flatten(), v.double().flatten(), k)
+    assert exact > dense  # aligned inputs: the price of factoring, as documented
+
+
+def test_sequence_variance_is_within_the_derived_bound() -> None:
+    g = torch.Generator().manual_seed(2)
+    u = sum(torch.outer(torch.randn(10, generator=g), torch.rand(12, generator=g)) for _ in range(6))
+    v = sum(torch.outer(torch.randn(10, generator=g), torch.rand(12, generator=g)) for _ in range(6))
+    k = 64
+    k_out, k_in = factor_split(k)
+    values = _factored_inner_products(u, v, k, range(800))
+    bound = float(u.norm() ** 2 * v.norm() ** 2) * (2 / k_out + 2 / k_in + 4 / k)
+    truth = float((u.double() * v.double()).sum())
+    assert abs(float(values.mean()) - truth) < 5 * math.sqrt(bound / len(values))
+    assert float(values.var()) < 1.2 * bound
+
+
+def test_a_weight_used_outside_its_layer_is_detected() -> None:
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) + F.linear(x, self.fc.weight)  # the weight also used functionally
+
+    model = Functional()
+    projector = _projector(model, 4)
+    grads_fn = PerExampleGradients(model, ClassificationTask(), ["fc.weight", "fc.bias"])
+    batch = (torch.randn(3, 4), torch.tensor([0, 1, 2]))
+    with pytest.raises(TaskError, match="used outside that layer's forward"):
+        projector.project_batch(grads_fn, batch)
+
+
+def test_a_layer_that_mixes_examples_into_its_first_dimension_is_refused() -> None:
+    class Flattening(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.reshape(-1, 4)).reshape(x.shape[0], -1, 3).sum(1)
+
+    model = Flattening()
+    projector = _projector(model, 4)
+    grads_fn = PerExampleGradients(model, ClassificationTask(), ["fc.weight", "fc.bias"])
+    with pytest.raises(TaskError, match="examples along the first dimension"):
+        projector.project_batch(grads_fn, (torch.randn(3, 2, 4), torch.tensor([0, 1, 2])))
+
+
+def test_rank_one_scaling_is_applied_and_adams_elementwise_scaling_is_refused() -> None:
+    torch.manual_seed(0)
+    model = _Mixed()
+    projector = _projector(model, 16)
+    names = [n for n, _ in projector.shapes]
+    grads_fn = PerExampleGradients(model, ClassificationTask(), names)
+    batch = (torch.randn(4, 6), torch.tensor([0, 1, 2, 0]))
+    row, col = torch.rand(9) + 0.5, torch.rand(6) + 0.5
+    scale = {"fc1.weight": torch.outer(row, col), "fc1.bias": row * 2.0, "norm.weight": torch.full((9,), 3.0)}
+    expected = projector.project({n: g * scale[n] if n in scale else g for n, g in grads_fn(batch).items()})
+    got = projector.project_batch(grads_fn, batch, scale=scale)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6)
+    adam = {"fc1.weight": torch.rand(9, 6) + 0.5}
+    with pytest.raises(TaskError, match="not a rank-one outer product"):
+        projector.project_batch(grads_fn, batch, scale=adam)
+    dense = make_projector("rademacher", projector.shapes, 16, 0)
+    assert torch.allclose(  # the default (materialising) path applies any elementwise scaling
+        dense.project_batch(grads_fn, batch, scale=adam),
+        dense.project({n: g * adam[n] if n in adam else g for n, g in grads_fn(batch).items()}),
+    )
+
+
+def test_dimensions_without_a_near_square_split_are_refused() -> None:
+    assert factor_split(4096) == (64, 64) and factor_split(2048) == (64, 32) and factor_split(1000) == (40, 25)
+    with pytest.raises(TaskError, match="no near-square factorisation"):
+        factor_split(2 * 1009)
+
+
+def test_a_model_without_linear_or_conv_layers_is_refused() -> None:
+    model = nn.Sequential(nn.LayerNorm(4))
+    with pytest.raises(TaskError, match=r"no nn\.Linear or nn\.Conv layer"):
+        _projector(model, 4)
+
+
+def test_bf16_autocast_features_agree_with_fp32() -> None:
+    torch.manual_seed(0)
+    model = _Conv()
+    g = torch.Generator().manual_seed(3)
+    batch = (torch.randn(16, 3, 9, 9, generator=g), torch.randint(0, 3, (16,), generator=g))
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    for kind in ("factored", "rademacher"):
+        projector = make_projector(kind, shapes, 64, 0, model=model)
+        fp32 = projector.project_batch(PerExampleGradients(model, ClassificationTask(), names), batch)
+        bf16 = projector.project_batch(PerExampleGradients(model, ClassificationTask(), names, precision="bf16"), batch)
+        assert bf16.dtype == torch.float32
+        assert float((bf16 - fp32).norm() / fp32.norm()) < 0.05, kind
+        gram32, gram16 = fp32 @ fp32.T, bf16 @ bf16.T  # inner products (what scores are made of)
+        assert float((gram16 - gram32).norm() / gram32.norm()) < 0.05, kind

@@ -1,0 +1,106 @@
+"""GPU paths against their CPU references (run wherever a CUDA device exists; CI has none)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from source_proj import ClassificationTask
+from source_proj.fastjl import fast_jl_available
+from source_proj.gradients import PerExampleGradients
+from source_proj.projection import make_projector
+from source_proj.topk import TorchIndex, faiss_gpu_available
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA device (the GPU paths' CPU fallbacks are tested elsewhere)"
+    ),
+]
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    ).eval()
+
+
+def _batch(device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(32, 3, 16, 16, generator=g).to(device), torch.randint(0, 10, (32,), generator=g).to(device)
+
+
+@pytest.mark.parametrize("kind", ["factored", "rademacher"])
+def test_cuda_features_equal_cpu_features(kind: str) -> None:
+    out = {}
+    for device in ("cpu", "cuda"):
+        model = _model().to(device)
+        names = [n for n, _ in model.named_parameters()]
+        shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+        projector = make_projector(kind, shapes, 256, 0, model=model)
+        grads_fn = PerExampleGradients(model, ClassificationTask(), names)
+        out[device] = projector.project_batch(grads_fn, _batch(device)).cpu()
+        if kind == "factored":  # factors are drawn on the CPU and moved: bit-identical
+            assert torch.equal(projector.factors(0, device)[1].cpu(), projector.factors(0, "cpu")[1])
+    assert float((out["cuda"] - out["cpu"]).norm() / out["cpu"].norm()) < 1e-4
+
+
+def test_bf16_on_cuda_agrees_with_fp32() -> None:
+    model = _model().cuda()
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    projector = make_projector("factored", shapes, 256, 0, model=model)
+    fp32 = projector.project_batch(PerExampleGradients(model, ClassificationTask(), names), _batch("cuda"))
+    bf16 = projector.project_batch(
+        PerExampleGradients(model, ClassificationTask(), names, precision="bf16"), _batch("cuda")
+    )
+    assert float((bf16 - fp32).norm() / fp32.norm()) < 0.05
+
+
+def test_torch_index_on_cuda_equals_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((20_000, 64)).astype(np.float32)
+    queries = rng.standard_normal((100, 64)).astype(np.float32)
+    scores, ids = TorchIndex.resident(feats, "cuda", block_rows=3000).search(queries, 50)
+    exact = queries.astype(np.float64) @ feats.astype(np.float64).T
+    order = np.argsort(-exact, axis=1)[:, :50]
+    assert np.array_equal(ids, order)
+    assert np.allclose(scores, np.take_along_axis(exact, order, 1), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not fast_jl_available(), reason="fast_jl is not installed (pip install source-proj[cuda])")
+def test_fast_jl_is_a_normalised_reproducible_projection() -> None:
+    shapes = [("w", (3000,))]
+    projector = make_projector("fast_jl", shapes, 512, 7)
+    eye = torch.eye(3000, device="cuda")[:64]
+    columns = projector.project({"w": eye})  # rows: P e_i, entries must be ±1/√k
+    assert torch.allclose(columns.abs(), torch.full_like(columns, 1 / math.sqrt(512)), rtol=1e-3)
+    again = make_projector("fast_jl", shapes, 512, 7, feature_tiles=projector.describe()["feature_tiles"])
+    x = torch.randn(16, 3000, device="cuda")
+    assert torch.equal(projector.project({"w": x}), again.project({"w": x}))
+    u, v = torch.randn(2, 3000, device="cuda")
+    pu, pv = projector.project({"w": torch.stack([u, v])})
+    assert abs(float(pu @ pv - u @ v)) < 5 * math.sqrt(2 / 512) * float(u.norm() * v.norm())
+
+
+@pytest.mark.skipif(not faiss_gpu_available(), reason="this FAISS build has no GPU support")
+def test_faiss_gpu_index_equals_torch_index() -> None:
+    from source_proj.topk import build_index
+
+    rng = np.random.default_rng(1)
+    feats = rng.standard_normal((5000, 32)).astype(np.float32)
+    q = rng.standard_normal((10, 32)).astype(np.float32)
+    gpu = build_index(lambda: feats, lambda: iter(()), 5000, 32, torch.device("cuda"), "auto")
+    _, ids = gpu.search(q, 20)
+    _, expected = TorchIndex.resident(feats, "cuda").search(q, 20)
+    assert np.array_equal(ids, expected)

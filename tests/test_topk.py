@@ -1,0 +1,113 @@
+"""The torch top-k search (the GPU query path, run here on the CPU) equals FAISS and brute force."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import source_proj as sp
+from source_proj.query import StageRows, search
+from source_proj.topk import TorchIndex, build_index
+
+from .conftest import full_batch_run
+
+
+def _brute(queries: np.ndarray, feats: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    scores = queries.astype(np.float64) @ feats.astype(np.float64).T
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, 1), order
+
+
+@pytest.mark.parametrize(("block_rows", "query_batch"), [(1000, 4096), (37, 5), (1, 64)])
+def test_blocked_search_with_exact_merge_equals_brute_force(block_rows: int, query_batch: int) -> None:
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((600, 24)).astype(np.float32)
+    queries = rng.standard_normal((13, 24)).astype(np.float32)
+    index = TorchIndex.resident(feats, "cpu", block_rows=block_rows)
+    index.query_batch = query_batch
+    for k in (1, 10, 50):
+        scores, ids = index.search(queries, k)
+        expected_scores, expected_ids = _brute(queries, feats, k)
+        assert np.array_equal(ids, expected_ids)
+        assert np.allclose(scores, expected_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_faiss_and_streamed_backends_agree_through_search() -> None:
+    rng = np.random.default_rng(1)
+    feats = rng.standard_normal((500, 16)).astype(np.float32)
+    queries = rng.standard_normal((7, 16)).astype(np.float32)
+    rows = [StageRows("a", 0, 200), StageRows("b", 200, 300)]
+
+    def blocks():  # store-like chunks of 64 rows
+        for start in range(0, 500, 64):
+            yield start, feats[start : start + 64]
+
+    results = {
+        backend: search(build_index(lambda: feats, blocks, 500, 16, torch.device("cpu"), backend), queries, 10, rows)
+        for backend in ("faiss", "torch", "stream")
+    }
+    for backend in ("torch", "stream"):
+        assert np.array_equal(results[backend].helpful_ids, results["faiss"].helpful_ids), backend
+        assert np.array_equal(results[backend].harmful_ids, results["faiss"].harmful_ids), backend
+        assert np.allclose(results[backend].harmful_scores, results["faiss"].harmful_scores, rtol=1e-5)
+    assert isinstance(build_index(lambda: feats, blocks, 500, 16, torch.device("cpu"), "auto"), faiss.Index)
+    with pytest.raises(sp.TaskError, match="Unknown search backend"):
+        build_index(lambda: feats, blocks, 500, 16, torch.device("cpu"), "gpu")  # type: ignore[arg-type]
+
+
+def test_streamed_search_reads_one_chunk_at_a_time() -> None:
+    feats = np.random.default_rng(2).standard_normal((300, 8)).astype(np.float32)
+    seen: list[int] = []
+
+    def blocks():
+        for start in range(0, 300, 50):
+            seen.append(start)
+            yield start, feats[start : start + 50]
+
+    index = TorchIndex(blocks, 300, 8, "cpu")
+    _, ids = index.search(feats[:3], 1)
+    assert seen == list(range(0, 300, 50))
+    assert list(ids[:, 0]) == [int(np.argmax(feats[i] @ feats.T)) for i in range(3)]
+
+
+def test_attributor_search_backends_give_the_same_top_k(tmp_path: Path, classification_data) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    full_batch_run(
+        tmp_path / "run",
+        model,
+        classification_data,
+        lambda o, t: F.cross_entropy(o, t, reduction="none"),
+        lr=0.1,
+        steps=20,
+        save_every=5,
+    )
+    arch = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    sp.featurize(
+        tmp_path / "run",
+        arch,
+        sp.ClassificationTask(),
+        classification_data,
+        tmp_path / "s.sp",
+        projection=sp.ProjectionArguments(dim=32),
+        options=sp.FeaturizeArguments(batch_size=7, chunk_rows=8),
+        progress=False,
+    )
+    sp.fit(tmp_path / "s.sp", progress=False)
+    queries = TensorDataset(
+        torch.randn(5, 4, generator=torch.Generator().manual_seed(3)), torch.tensor([0, 1, 2, 0, 1])
+    )
+    results = {
+        b: sp.Attributor(tmp_path / "s.sp", arch, sp.ClassificationTask(), search_backend=b).top_k(queries, 6)
+        for b in ("faiss", "torch", "stream")
+    }
+    for b in ("torch", "stream"):
+        assert np.array_equal(results[b].helpful_ids, results["faiss"].helpful_ids)
+        assert np.array_equal(results[b].harmful_ids, results["faiss"].harmful_ids)
