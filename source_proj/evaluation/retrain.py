@@ -14,9 +14,8 @@ cache directory share their retrains. Use one cache directory per training funct
 from __future__ import annotations
 
 import hashlib
-import os
+import io
 import pickle
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..durable import atomic_write_bytes
 from ..errors import NumericalError, TaskError
 from ..query import StageRows
 
@@ -78,20 +78,14 @@ class RetrainCache:
 
     def put(self, job: Job, values: np.ndarray) -> None:
         """Write a job's measurements atomically (never a half-written file)."""
-        _atomic_save(self.path(job), values)
+        _save(self.path(job), values)
 
 
-def _atomic_save(path: Path, values: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, values)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _save(path: Path, values: np.ndarray) -> None:
+    """Write measurements as .npy durably: the file is whole or absent, even after a crash."""
+    buffer = io.BytesIO()
+    np.save(buffer, values)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _checked(values: object, job: Job) -> np.ndarray:
@@ -111,7 +105,7 @@ def _checked(values: object, job: Job) -> np.ndarray:
 
 def _run(retrain: RetrainFunction, job: Job, path: str) -> np.ndarray:
     values = _checked(retrain(job.keep, job.seed), job)
-    _atomic_save(Path(path), values)
+    _save(Path(path), values)
     return values
 
 
