@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from .errors import TrajectoryError
+from .figures import pyplot, save_figure
 from .segments import optimizer_rule
 from .store import Store, ckpt_key
 from .trajectory import Stage
@@ -116,10 +117,7 @@ class TrajectoryView:
 
     def plot(self, path: str | Path) -> Path:
         """Save a PNG: change between consecutive checkpoints, the learning rate, and the cuts."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         steps = np.asarray(self.steps, dtype=float)
         fig, ax = plt.subplots(figsize=(8, 3.6))
@@ -144,12 +142,7 @@ class TrajectoryView:
         twin.set_ylabel("learning rate η", color="tab:green")
         ax.legend(loc="upper right", fontsize=8)
         ax.set_title(f"trajectory: {self.budget} automatic segments", fontsize=10)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path, dpi=110)
 
 
 def checkpoint_units(stages: Sequence[Stage], checkpoint_steps: Sequence[int]) -> list[tuple[Stage, int]]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .figures import pyplot, save_figure
 from .query import QueryResult
 
 
@@ -26,10 +27,7 @@ def topk_figure(
         result: the top-k result (row ids and scores).
         path: where the PNG goes.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     queries, k = result.helpful_ids.shape
     fig, axes = plt.subplots(queries, 2 * k + 1, figsize=(1.3 * (2 * k + 1), 1.5 * queries), squeeze=False)
@@ -49,9 +47,4 @@ def topk_figure(
             ax.set_xticks([])
             ax.set_yticks([])
     fig.suptitle("query  |  most helpful (green, score > 0)  |  most harmful (red, score < 0)", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import TaskError
+from ..figures import pyplot, save_figure
 from ..query import StageRows
 from .metrics import Correlation, correlate, group_predictions
 from .retrain import Job, RetrainCache, RetrainFunction, keep_from_mask, run_retrains
@@ -171,10 +172,7 @@ def plot_lds(
     results: Mapping[str, Sequence[Correlation]], alphas: Sequence[float], path: str | Path, title: str = ""
 ) -> Path:
     """Save a PNG of LDS against α for each method, with the bootstrap intervals as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for name, rs in results.items():
@@ -186,9 +184,4 @@ def plot_lds(
     ax.axhline(0.0, color="grey", lw=0.5)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import TaskError
+from ..figures import pyplot, save_figure
 from ..query import StageRows
 from .retrain import Job, RetrainCache, RetrainFunction, keep_from_mask, run_retrains
 
@@ -114,10 +115,7 @@ def subset_removal(
 
 def plot_removal(results: Mapping[str, RemovalResult], path: str | Path, title: str = "") -> Path:
     """Save a PNG of the fraction of flipped queries against k for each method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for name, r in results.items():
@@ -126,9 +124,4 @@ def plot_removal(results: Mapping[str, RemovalResult], path: str | Path, title: 
     ax.set_ylabel("fraction of queries misclassified")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)

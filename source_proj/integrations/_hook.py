@@ -12,6 +12,27 @@ from ..errors import TrajectoryError
 from ..trajectory import TrajectoryRecorder
 
 
+class RecorderSettings:
+    """The settings both framework callbacks take (see their docstrings), and the recorder they start."""
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        *,
+        save_every: int,
+        stage: str = "main",
+        dataset_size: int | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        self.run_dir = run_dir
+        self.save_every = save_every
+        self.stage = stage
+        self.dataset_size = dataset_size
+        self.overwrite = overwrite
+        self.recorder: TrajectoryRecorder | None = None
+        self._handle: Any = None
+
+
 def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """The ``torch.optim.Optimizer`` inside a framework's wrapper (accelerate, Lightning)."""
     seen = 0  # wrappers (accelerate's AcceleratedOptimizer subclasses Optimizer) keep the real one in .optimizer

@@ -12,16 +12,14 @@ be the batch mean of the task's per-example loss (the default for HF models' ``l
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from transformers import TrainerCallback
 
-from ..trajectory import TrajectoryRecorder
-from ._hook import dataset_size, start_recording
+from ._hook import RecorderSettings, dataset_size, start_recording
 
 
-class HuggingFaceRecorder(TrainerCallback):
+class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
     """Records checkpoints, every optimizer step's learning rate and the optimizer of a ``Trainer`` run.
 
     Args:
@@ -31,23 +29,6 @@ class HuggingFaceRecorder(TrainerCallback):
         dataset_size: the training set size (default: ``len`` of the trainer's training dataset).
         overwrite: replace an existing trajectory in ``run_dir``.
     """
-
-    def __init__(
-        self,
-        run_dir: str | os.PathLike[str],
-        *,
-        save_every: int,
-        stage: str = "main",
-        dataset_size: int | None = None,
-        overwrite: bool = False,
-    ) -> None:
-        self.run_dir = run_dir
-        self.save_every = save_every
-        self.stage = stage
-        self.dataset_size = dataset_size
-        self.overwrite = overwrite
-        self.recorder: TrajectoryRecorder | None = None
-        self._handle: Any = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         size = dataset_size(self.dataset_size, kwargs.get("train_dataloader"), "HuggingFaceRecorder")

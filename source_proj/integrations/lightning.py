@@ -12,17 +12,15 @@ One optimizer only; the stage's dataset size is ``len(train_dataloader.dataset)`
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from lightning.pytorch import Callback
 
 from ..errors import TrajectoryError
-from ..trajectory import TrajectoryRecorder
-from ._hook import dataset_size, start_recording
+from ._hook import RecorderSettings, dataset_size, start_recording
 
 
-class LightningRecorder(Callback):
+class LightningRecorder(RecorderSettings, Callback):
     """Records checkpoints, every optimizer step's learning rate and the optimizer of a Lightning run.
 
     Args:
@@ -32,23 +30,6 @@ class LightningRecorder(Callback):
         dataset_size: the training set size (default: ``len`` of the training dataloader's dataset).
         overwrite: replace an existing trajectory in ``run_dir``.
     """
-
-    def __init__(
-        self,
-        run_dir: str | os.PathLike[str],
-        *,
-        save_every: int,
-        stage: str = "main",
-        dataset_size: int | None = None,
-        overwrite: bool = False,
-    ) -> None:
-        self.run_dir = run_dir
-        self.save_every = save_every
-        self.stage = stage
-        self.dataset_size = dataset_size
-        self.overwrite = overwrite
-        self.recorder: TrajectoryRecorder | None = None
-        self._handle: Any = None
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if len(trainer.optimizers) != 1:
