@@ -58,6 +58,7 @@ class ObjectStoreLock(StoreLock):
         fs, root = filesystem(self.path)
         folder = f"{root}/{LOCK_FILE}"
         self._marker = f"{folder}/{self.mode}-{uuid.uuid4().hex}.json"
+        fs.makedirs(folder, exist_ok=True)  # a no-op on object storage (no directories)
         self._write_marker(fs)
         holder = self._conflict(fs, folder)
         if holder is not None:
