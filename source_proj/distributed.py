@@ -137,14 +137,6 @@ class Ranks:
         if error is not None:
             raise error
 
-    def any(self, flag: bool) -> bool:
-        """Whether ``flag`` holds on any rank (this rank's flag when the ranks are independent)."""
-        if not self.coordinated:
-            return flag
-        value = torch.tensor([int(flag)], device=self._device())
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
-
     def broadcast(self, tensor: torch.Tensor, source: int) -> torch.Tensor:
         """``tensor`` as held by rank ``source``, on every rank (on ``tensor``'s device)."""
         device = self._device()

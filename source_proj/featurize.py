@@ -219,46 +219,61 @@ class _Featurize:
         progress: bool,
         group: Ranks,
     ) -> None:
-        self.trajectory, self.task, self.options, self.path = trajectory, task, options, path
+        self.trajectory, self.model, self.task, self.options, self.path = trajectory, model, task, options, path
+        self.projection, self.spec = projection, spec
         self.datasets = as_stage_datasets(train_data, trajectory)
         self.device = rank_device(default_device(options.device), group)
         self.work_model = copy.deepcopy(model).to(self.device)
-        self.names = task.select_parameters(self.work_model)
-        params = dict(self.work_model.named_parameters())
-        shapes = [(n, tuple(params[n].shape)) for n in self.names]
-        self.projector = make_projector(
-            projection.kind, shapes, projection.dim, projection.seed, model=self.work_model
-        )
-        self.grads_fn = PerExampleGradients(
-            self.work_model, task, self.names, vmap_chunk=options.vmap_chunk, precision=options.precision
-        )
-        self.directions = _fisher_directions(self.grads_fn, task, self.datasets, options, self.device)
         # Ranks of a process group show one progress bar (rank 0's); independent shards each show theirs.
         self.progress = progress and (group.leader or not group.coordinated)
-        self.meta = {
-            "library_version": __version__,
-            "params": [[n, list(s)] for n, s in shapes],
-            "projection": self.projector.describe(),
-            "task": task.describe(),
-            "featurize": {
-                "chunk_rows": options.chunk_rows,
-                "fisher": options.fisher,
-                "seed": options.seed,
-                "precision": options.precision,
-                "fisher_directions": self.directions,
-                "measurement": options.measurement,
-            },
-            "trajectory": {
-                "path": str(Path(trajectory.path).resolve()),
-                "fingerprint": trajectory.fingerprint(),
-                "stages": [asdict(s) for s in trajectory.stages],
-                "checkpoints": [c.step for c in trajectory.checkpoints],
-            },
-            "spec": spec,
-            "provenance": describe_provenance(model, trajectory, self.device, options.batch_size),
-        }
+        self._meta: dict[str, Any] | None = None
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The store's metadata for these inputs."""
+        return self._setup()
+
+    def _setup(self) -> dict[str, Any]:
+        """Build the projector and gradients (once; after ``prepare`` has checked the checkpoints,
+        so a bad checkpoint is reported before a setting the checkpoints do not fit) and the metadata."""
+        if self._meta is None:
+            options, trajectory = self.options, self.trajectory
+            self.names = self.task.select_parameters(self.work_model)
+            params = dict(self.work_model.named_parameters())
+            shapes = [(n, tuple(params[n].shape)) for n in self.names]
+            self.projector = make_projector(
+                self.projection.kind, shapes, self.projection.dim, self.projection.seed, model=self.work_model
+            )
+            self.grads_fn = PerExampleGradients(
+                self.work_model, self.task, self.names, vmap_chunk=options.vmap_chunk, precision=options.precision
+            )
+            self.directions = _fisher_directions(self.grads_fn, self.task, self.datasets, options, self.device)
+            self._meta = {
+                "library_version": __version__,
+                "params": [[n, list(s)] for n, s in shapes],
+                "projection": self.projector.describe(),
+                "task": self.task.describe(),
+                "featurize": {
+                    "chunk_rows": options.chunk_rows,
+                    "fisher": options.fisher,
+                    "seed": options.seed,
+                    "precision": options.precision,
+                    "fisher_directions": self.directions,
+                    "measurement": options.measurement,
+                },
+                "trajectory": {
+                    "path": str(Path(trajectory.path).resolve()),
+                    "fingerprint": trajectory.fingerprint(),
+                    "stages": [asdict(s) for s in trajectory.stages],
+                    "checkpoints": [c.step for c in trajectory.checkpoints],
+                },
+                "spec": self.spec,
+                "provenance": describe_provenance(self.model, trajectory, self.device, options.batch_size),
+            }
+        return self._meta
 
     def _plan(self, store: Store, overwrite: bool = False, record: bool = False) -> FeaturizePlan:
+        self._setup()
         return featurize_plan(self.trajectory, store, self.datasets, self.names, self.options, overwrite, record=record)
 
     def prepare(self, overwrite: bool) -> None:

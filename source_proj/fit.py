@@ -307,9 +307,6 @@ class _Fit:
         pending = {stage: set(store.pending_chunks(name)) for stage, name in names.items()}
         work = [(stage, chunk) for stage, chunk in mine if chunk in pending[stage]]
         segments = [Segment.from_description(d) for d in description["segments"]]
-        eigvals = [f"methods/{self.method}/operators/{i}/eigvals" for i in range(len(segments))]
-        if not group.any(bool(work) or not all(store.is_complete(name) for name in eigvals)):
-            return
         keys = feature_keys(segments, self.args.fast)
         self._operators = segment_operators(
             store, segments, keys, self.device, _shared_curvature(store, segments, keys, self.device, group)
