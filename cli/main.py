@@ -13,6 +13,7 @@ import torch
 
 import source_proj as sp
 from source_proj import evaluation as ev
+from source_proj.distributed import Shard, launched
 from source_proj.fit import store_view
 from source_proj.info import store_summary
 from source_proj.projection import PROJECTION_KINDS
@@ -82,7 +83,7 @@ def main() -> None:
     type=click.Path(path_type=Path),
     help="Python file defining build_model, build_task, train_data(stage), query_data().",
 )
-@click.option("--out", "store_path", required=True, type=click.Path(path_type=Path), help="Store to write (or resume).")
+@click.option("--out", "store_path", required=True, help="Store to write (or resume): a directory or a URL (s3://…).")
 @click.option("--dim", default=1024, show_default=True, help="Projection dimension k.")
 @click.option("--seed", default=0, show_default=True, help="Projection seed.")
 @click.option(
@@ -120,11 +121,17 @@ def main() -> None:
 )
 @click.option("--fast", is_flag=True, help="Also featurize each segment's averaged parameters (Fast-SOURCE).")
 @click.option("--fast-only", is_flag=True, help="Featurize only the segments' averaged parameters (cheap mode).")
+@click.option(
+    "--shard",
+    default=None,
+    help="i/n: compute shard i of n as an independent process (slurm: from the SLURM array task). Under "
+    "torchrun the ranks split the work without it.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing store written with other settings.")
 def featurize(
     run_dir: Path,
     spec_path: Path,
-    store_path: Path,
+    store_path: str,
     dim: int,
     seed: int,
     projection: str,
@@ -137,33 +144,43 @@ def featurize(
     segmentation: str | None,
     fast: bool,
     fast_only: bool,
+    shard: str | None,
     force: bool,
 ) -> None:
-    """Project per-example training gradients of every checkpoint into STORE (resumes if interrupted)."""
+    """Project per-example training gradients of every checkpoint into STORE (resumes if interrupted).
+
+    Run it under torchrun (torchrun --nproc-per-node G -m source_proj.cli featurize ...) or as n
+    independent processes with --shard i/n to split the work; see the README (Beyond one machine).
+    """
     spec = load_spec(spec_path)
     trajectory = sp.Trajectory.load(run_dir)
     data = {s.name: spec.train_data(s.name) for s in trajectory.stages}
-    store = sp.featurize(
-        trajectory,
-        spec.build_model(),
-        spec.build_task(),
-        data,
-        store_path,
-        projection=sp.ProjectionArguments(dim=dim, seed=seed, kind=projection),
-        options=sp.FeaturizeArguments(
-            batch_size=batch_size,
-            chunk_rows=chunk_rows,
-            fisher=fisher,
-            device=device,
-            num_workers=workers,
-            segmentation=sp.SegmentationArguments.parse(segmentation) if segmentation else None,
-            checkpoints=not fast_only,
-            segment_means=fast or fast_only,
-            precision=precision,
-        ),
-        overwrite=force,
-        spec=str(spec.path),
-    )
+    with launched(device):
+        store = sp.featurize(
+            trajectory,
+            spec.build_model(),
+            spec.build_task(),
+            data,
+            store_path,
+            projection=sp.ProjectionArguments(dim=dim, seed=seed, kind=projection),
+            options=sp.FeaturizeArguments(
+                batch_size=batch_size,
+                chunk_rows=chunk_rows,
+                fisher=fisher,
+                device=device,
+                num_workers=workers,
+                segmentation=sp.SegmentationArguments.parse(segmentation) if segmentation else None,
+                checkpoints=not fast_only,
+                segment_means=fast or fast_only,
+                precision=precision,
+            ),
+            overwrite=force,
+            spec=str(spec.path),
+            shard=Shard.parse(shard) if shard else None,
+        )
+    if not store.meta.get("featurized"):
+        click.echo(f"featurized shard {shard} of {store.path}; the store is finished once every shard has run")
+        return
     click.echo(f"featurized {len(trajectory.checkpoints)} checkpoints into {store.path}")
     recorded = store.meta.get("segmentation")
     if recorded is not None:
@@ -173,7 +190,7 @@ def featurize(
 
 
 @main.command(cls=_Command)
-@click.argument("store_path", type=click.Path(path_type=Path))
+@click.argument("store_path")
 @click.option(
     "--segments",
     default=None,
@@ -187,9 +204,15 @@ def featurize(
 @click.option("--method", default=None, help="Name to store the result under [default: source, fast-source].")
 @click.option("--plot", "plot_path", default=None, type=click.Path(path_type=Path), help="PNG of the trajectory view.")
 @click.option("--device", default=None, help="Where the k×k algebra runs (default: cuda when available).")
+@click.option(
+    "--shard",
+    default=None,
+    help="i/n: compute shard i of n as an independent process (slurm: from the SLURM array task). Under "
+    "torchrun the ranks split the work without it.",
+)
 @click.option("--force", is_flag=True, help="Replace a method fitted with other settings.")
 def fit(
-    store_path: Path,
+    store_path: str,
     segments: str | None,
     boundaries: str | None,
     stages: str | None,
@@ -197,9 +220,14 @@ def fit(
     method: str | None,
     plot_path: Path | None,
     device: str | None,
+    shard: str | None,
     force: bool,
 ) -> None:
-    """Segment the trajectory, build SOURCE's operators and cache the training features in STORE."""
+    """Segment the trajectory, build SOURCE's operators and cache the training features in STORE.
+
+    Under torchrun the ranks split the checkpoints' curvature and the cached chunks; --shard i/n
+    writes one shard as an independent process.
+    """
     seg = sp.SegmentationArguments.parse(segments) if segments else None
     args = sp.FitArguments(
         segments_per_stage=seg.per_stage if seg and seg.auto is None and seg.boundaries is None else None,
@@ -209,7 +237,11 @@ def fit(
         method=method,
         fast=fast,
     )
-    store = sp.fit(store_path, args, overwrite=force, device=device)
+    with launched(device):
+        store = sp.fit(store_path, args, overwrite=force, device=device, shard=Shard.parse(shard) if shard else None)
+    if not (store.meta.get("methods") or {}).get(args.name, {}).get("complete"):
+        click.echo(f"fitted shard {shard} of {args.name!r} in {store.path}; it is finished once every shard has run")
+        return
     described = method_meta(store, args.name)
     if described.get("view"):
         view = sp.TrajectoryView.from_description(described["view"])
@@ -226,10 +258,10 @@ def fit(
 
 
 @main.command(cls=_Command)
-@click.argument("store_path", type=click.Path(path_type=Path))
+@click.argument("store_path")
 @click.option("--segments", default=None, help="auto:L — place L segments (default: the store's automatic cuts).")
 @click.option("--plot", "plot_path", default=None, type=click.Path(path_type=Path), help="Write the view as a PNG.")
-def trajectory(store_path: Path, segments: str | None, plot_path: Path | None) -> None:
+def trajectory(store_path: str, segments: str | None, plot_path: Path | None) -> None:
     """Show how curvature and gradients change between checkpoints, and where automatic segments cut."""
     store = sp.Store.open(store_path)
     view = _trajectory_view(store, segments)
@@ -292,7 +324,7 @@ def _write(records: list[dict[str, Any]], path: Path) -> None:
 
 
 @main.command(cls=_Command)
-@click.argument("store_path", type=click.Path(path_type=Path))
+@click.argument("store_path")
 @click.option(
     "--spec",
     "spec_path",
@@ -320,8 +352,14 @@ def _write(records: list[dict[str, Any]], path: Path) -> None:
     show_default=True,
     help="Top-k search: FAISS, torch matmul+top-k on the device, or stream store chunks (bounded memory).",
 )
+@click.option(
+    "--search-devices",
+    default=None,
+    help="Shard the index over these devices, e.g. cuda:0,cuda:1 (default: --device, or every GPU when the "
+    "features do not fit on it).",
+)
 def query(
-    store_path: Path,
+    store_path: str,
     spec_path: Path | None,
     which: str | None,
     top_k: int,
@@ -330,6 +368,7 @@ def query(
     show: int,
     device: str | None,
     search_backend: str,
+    search_devices: str | None,
 ) -> None:
     """Print the most helpful and most harmful training examples of each query."""
     store = sp.Store.open(store_path)
@@ -337,7 +376,13 @@ def query(
     queries = spec.query_data()
     indices = _select(len(queries), which)
     attributor = sp.Attributor(
-        store, spec.build_model(), spec.build_task(), method=method, device=device, search_backend=search_backend
+        store,
+        spec.build_model(),
+        spec.build_task(),
+        method=method,
+        device=device,
+        search_backend=search_backend,
+        search_devices=_names(search_devices),
     )
     result = attributor.top_k(torch.utils.data.Subset(queries, indices), top_k)
     records = result.records()
@@ -372,9 +417,9 @@ def _spec_of(store: sp.Store, spec_path: Path | None) -> Spec:
 
 
 @main.command(cls=_Command)
-@click.argument("store_path", type=click.Path(path_type=Path))
+@click.argument("store_path")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def info(store_path: Path, as_json: bool) -> None:
+def info(store_path: str, as_json: bool) -> None:
     """Describe a store: what produced it, how far featurize got, and its fitted methods."""
     summary = store_summary(sp.Store.open(store_path))
     if as_json:
@@ -403,10 +448,10 @@ def info(store_path: Path, as_json: bool) -> None:
 
 
 @main.command(cls=_Command)
-@click.argument("store_path", type=click.Path(path_type=Path))
+@click.argument("store_path")
 @click.option("--repair", is_flag=True, help="Mark damaged chunks pending so the writing command recomputes them.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def verify(store_path: Path, repair: bool, as_json: bool) -> None:
+def verify(store_path: str, repair: bool, as_json: bool) -> None:
     """Check STORE end to end: metadata, shapes, every chunk's crc, completeness, fitted methods.
 
     Exits with 1 while damage or an inconsistency remains (after --repair: 0, and the report says
@@ -419,7 +464,7 @@ def verify(store_path: Path, repair: bool, as_json: bool) -> None:
 
 
 @main.command(cls=_Command)
-@click.argument("store_path", type=click.Path(path_type=Path))
+@click.argument("store_path")
 @click.option("--kind", "kinds", required=True, help=f"Comma-separated baselines: {','.join(sp.BASELINES)}.")
 @click.option("--stages", default=None, help="Attribute to these stages' data only (default: all).")
 @click.option("--damping-factor", default=0.1, show_default=True, help="IF: damping = factor × mean eigenvalue.")
@@ -427,7 +472,7 @@ def verify(store_path: Path, repair: bool, as_json: bool) -> None:
 @click.option("--device", default=None)
 @click.option("--force", is_flag=True, help="Replace a baseline fitted with other settings.")
 def baseline(
-    store_path: Path,
+    store_path: str,
     kinds: str,
     stages: str | None,
     damping_factor: float,
@@ -451,7 +496,7 @@ def baseline(
 
 def _evaluation_options(fn: Any) -> Any:
     options = [
-        click.argument("store_paths", nargs=-1, required=True, type=click.Path(path_type=Path)),
+        click.argument("store_paths", nargs=-1, required=True),
         click.option("--alpha", "alphas", default="0.5", show_default=True, help="Kept fraction(s), e.g. 0.25,0.5."),
         click.option("--subsets", default=100, show_default=True, help="M, random subsets per α."),
         click.option("--repeats", default=5, show_default=True, help="R, retrains per subset (averaged)."),
@@ -472,7 +517,7 @@ def _evaluation_options(fn: Any) -> Any:
 
 
 def _lds_table(
-    store_paths: tuple[Path, ...],
+    store_paths: tuple[str, ...],
     methods: list[str],
     alphas: str,
     subsets: int,
@@ -530,7 +575,7 @@ def _lds_table(
 @main.command(cls=_Command)
 @_evaluation_options
 @click.option("--methods", default=None, help="Fitted methods to compare (default: every fitted method).")
-def compare(store_paths: tuple[Path, ...], methods: str | None, **options: Any) -> None:
+def compare(store_paths: tuple[str, ...], methods: str | None, **options: Any) -> None:
     """LDS of several fitted methods on the same retrained ground truth: a table of methods × LDS [95% CI].
 
     Several STOREs (one per independently trained model) evaluate the ensemble of each method.
@@ -546,7 +591,7 @@ def compare(store_paths: tuple[Path, ...], methods: str | None, **options: Any) 
 @_evaluation_options
 @click.option("--method", default="source", show_default=True, help="The fitted method to evaluate.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(path_type=Path), help="PNG of LDS against α.")
-def lds(store_paths: tuple[Path, ...], method: str, plot_path: Path | None, **options: Any) -> None:
+def lds(store_paths: tuple[str, ...], method: str, plot_path: Path | None, **options: Any) -> None:
     """Linear datamodeling score of one fitted method (Park et al. 2023), at one or several α.
 
     STORE's spec file must define retrain(keep, seed); finished retrains are cached (see --cache),

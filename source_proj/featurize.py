@@ -13,7 +13,7 @@ bit-identical to an uninterrupted one.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -25,10 +25,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from . import __version__
+from .distributed import Ranks, Shard, rank_device, ranks, run_sharded
 from .errors import NumericalError, StoreError, TaskError
-from .featurize_plan import PROBE, FeaturizePlan, Unit, featurize_plan
+from .featurize_plan import FeaturizePlan, NotPrepared, Unit, featurize_plan
 from .gradients import PerExampleGradients, Precision, move_batch
-from .locking import writes_store
 from .projection import Projector, make_projector
 from .provenance import check_checkpoints, describe_provenance
 from .segments import SegmentationArguments
@@ -149,7 +149,6 @@ def _has_features(path: str) -> bool:
         return is_store(path)
 
 
-@writes_store("store_path", keep_new=_has_features)
 def featurize(
     trajectory: Trajectory | str | Path,
     model: nn.Module,
@@ -162,6 +161,7 @@ def featurize(
     overwrite: bool = False,
     spec: str | None = None,
     progress: bool = True,
+    shard: Shard | None = None,
 ) -> Store:
     """Project every checkpoint's per-example training gradients into a store.
 
@@ -170,15 +170,20 @@ def featurize(
         model: the architecture; each checkpoint's weights are loaded into a copy of it.
         task: loss, measurement and parameter selection.
         train_data: the training set (or a dict ``stage → dataset``), in training order.
-        store_path: where the store is written; an unfinished store there is resumed.
+        store_path: where the store is written (a directory, or a URL such as ``s3://bucket/run.sp``);
+            an unfinished store there is resumed.
         projection: projection kind, dimension and seed.
         options: batch sizes, chunking, Fisher mode, device.
         overwrite: replace an existing store of other settings, or a finished one.
         spec: path of the experiment spec file that built the inputs (lets the CLI re-create them).
         progress: show a progress bar.
+        shard: compute only this shard of the work, as one of several independent processes
+            (a SLURM array task). Under an initialised ``torch.distributed`` process group with
+            several ranks (torchrun) the ranks split the work without it. See ``distributed.py``.
 
     Returns:
-        The store, with ``grads/<stage>/<ckpt>`` of shape ``[N_stage, k]`` for every checkpoint.
+        The store, with ``grads/<stage>/<ckpt>`` of shape ``[N_stage, k]`` for every checkpoint
+        (once every shard has finished).
 
     Every checkpoint is checked (present, intact, fitting the model, finite) before anything is
     written. The store is locked while featurize runs; a resumed run first re-checks the crc of the
@@ -192,89 +197,178 @@ def featurize(
             f"The trajectory at {trajectory.path} is incomplete (training was interrupted or close() was not called); "
             "finish training or call TrajectoryRecorder.close()."
         )
-    datasets = as_stage_datasets(train_data, trajectory)
-    device = default_device(options.device)
-    work_model = copy.deepcopy(model).to(device)
-    check_checkpoints(trajectory, work_model)
-    names = task.select_parameters(work_model)
-    params = dict(work_model.named_parameters())
-    shapes = [(n, tuple(params[n].shape)) for n in names]
-    projector = make_projector(projection.kind, shapes, projection.dim, projection.seed, model=work_model)
-    grads_fn = PerExampleGradients(
-        work_model, task, names, vmap_chunk=options.vmap_chunk, precision=options.precision
-    )
-    directions = _fisher_directions(grads_fn, task, datasets, options, device)
+    group = ranks(shard)
+    job = _Featurize(trajectory, model, task, train_data, str(store_path), projection, options, spec, progress, group)
+    run_sharded(job.path, job, group, overwrite=overwrite, keep_new=_has_features)
+    return Store.open(job.path, writable=True)
 
-    meta = {
-        "library_version": __version__,
-        "params": [[n, list(s)] for n, s in shapes],
-        "projection": projector.describe(),
-        "task": task.describe(),
-        "featurize": {
-            "chunk_rows": options.chunk_rows,
-            "fisher": options.fisher,
-            "seed": options.seed,
-            "precision": options.precision,
-            "fisher_directions": directions,
-            "measurement": options.measurement,
-        },
-        "trajectory": {
-            "path": str(Path(trajectory.path).resolve()),
-            "fingerprint": trajectory.fingerprint(),
-            "stages": [asdict(s) for s in trajectory.stages],
-            "checkpoints": [c.step for c in trajectory.checkpoints],
-        },
-        "spec": spec,
-        "provenance": describe_provenance(model, trajectory, device, options.batch_size),
-    }
-    store = _open_or_create(store_path, meta, overwrite)
-    if not store.meta.get("featurized"):
-        store.heal("grads/", "fisher/", PROBE)
-    plan = featurize_plan(trajectory, store, datasets, names, options, overwrite)
-    if not plan.store.is_complete("trajectory/lr"):
-        plan.store.write_whole("trajectory/lr", trajectory.lr.astype(np.float64))
-    if plan.probe:
-        _featurize_units(plan, grads_fn, projector, task, options, directions, device, work_model, progress)
-        plan = featurize_plan(trajectory, plan.store, datasets, names, options, overwrite)
-    _featurize_units(plan, grads_fn, projector, task, options, directions, device, work_model, progress)
-    old = plan.store.meta.get("products") or {}
-    products = {"checkpoints": bool(old.get("checkpoints")) or options.checkpoints,
-                "segment_means": bool(old.get("segment_means")) or options.segment_means}
-    if not plan.store.meta.get("featurized") or old != products:
-        plan.store.update_meta(featurized=True, products=products)
-    return plan.store
+
+class _Featurize:
+    """featurize as a sharded job (``distributed.ShardedJob``): everything but the store is built here."""
+
+    def __init__(
+        self,
+        trajectory: Trajectory,
+        model: nn.Module,
+        task: Task,
+        train_data: Dataset | Mapping[str, Dataset],
+        path: str,
+        projection: ProjectionArguments,
+        options: FeaturizeArguments,
+        spec: str | None,
+        progress: bool,
+        group: Ranks,
+    ) -> None:
+        self.trajectory, self.model, self.task, self.options, self.path = trajectory, model, task, options, path
+        self.projection, self.spec = projection, spec
+        self.datasets = as_stage_datasets(train_data, trajectory)
+        self.device = rank_device(default_device(options.device), group)
+        self.work_model = copy.deepcopy(model).to(self.device)
+        # Ranks of a process group show one progress bar (rank 0's); independent shards each show theirs.
+        self.progress = progress and (group.leader or not group.coordinated)
+        self._meta: dict[str, Any] | None = None
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The store's metadata for these inputs."""
+        return self._setup()
+
+    def _setup(self) -> dict[str, Any]:
+        """Build the projector and gradients (once; after ``prepare`` has checked the checkpoints,
+        so a bad checkpoint is reported before a setting the checkpoints do not fit) and the metadata."""
+        if self._meta is None:
+            options, trajectory = self.options, self.trajectory
+            self.names = self.task.select_parameters(self.work_model)
+            params = dict(self.work_model.named_parameters())
+            shapes = [(n, tuple(params[n].shape)) for n in self.names]
+            self.projector = make_projector(
+                self.projection.kind, shapes, self.projection.dim, self.projection.seed, model=self.work_model
+            )
+            self.grads_fn = PerExampleGradients(
+                self.work_model, self.task, self.names, vmap_chunk=options.vmap_chunk, precision=options.precision
+            )
+            self.directions = _fisher_directions(self.grads_fn, self.task, self.datasets, options, self.device)
+            self._meta = {
+                "library_version": __version__,
+                "params": [[n, list(s)] for n, s in shapes],
+                "projection": self.projector.describe(),
+                "task": self.task.describe(),
+                "featurize": {
+                    "chunk_rows": options.chunk_rows,
+                    "fisher": options.fisher,
+                    "seed": options.seed,
+                    "precision": options.precision,
+                    "fisher_directions": self.directions,
+                    "measurement": options.measurement,
+                },
+                "trajectory": {
+                    "path": str(Path(trajectory.path).resolve()),
+                    "fingerprint": trajectory.fingerprint(),
+                    "stages": [asdict(s) for s in trajectory.stages],
+                    "checkpoints": [c.step for c in trajectory.checkpoints],
+                },
+                "spec": self.spec,
+                "provenance": describe_provenance(self.model, trajectory, self.device, options.batch_size),
+            }
+        return self._meta
+
+    def _plan(self, store: Store, overwrite: bool = False, record: bool = False) -> FeaturizePlan:
+        self._setup()
+        return featurize_plan(self.trajectory, store, self.datasets, self.names, self.options, overwrite, record=record)
+
+    def prepare(self, overwrite: bool) -> None:
+        check_checkpoints(self.trajectory, self.work_model)
+        store = _open_or_create(self.path, self.meta, overwrite)
+        plan = self._plan(store, overwrite, record=True)
+        if not plan.store.is_complete("trajectory/lr"):
+            plan.store.write_whole("trajectory/lr", self.trajectory.lr.astype(np.float64))
+        if plan.probe:  # the automatic segmentation's probe (a few hundred rows): computed here, whole
+            self._compute(plan, self._items(plan, create=True), heal=True)
+            plan = self._plan(plan.store, overwrite, record=True)
+        self._items(plan, create=True)
+
+    def ready(self) -> bool:
+        if not is_store(self.path):
+            return False
+        store = Store.open(self.path)
+        _refuse_other_settings(self.path, store.meta, self.meta)
+        try:
+            plan = self._plan(store)
+        except NotPrepared:
+            return False
+        return all(
+            store.has(name) and store.has(f"progress/{name}")
+            for unit in plan.units
+            for name, _, _ in self._arrays(unit)
+        )
+
+    def work(self, group: Ranks) -> None:
+        store = Store.open(self.path, writable=True)
+        _refuse_other_settings(self.path, store.meta, self.meta)
+        plan = self._plan(store)
+        self._compute(plan, group.shard.take(self._items(plan)), heal=not store.meta.get("featurized"))
+
+    def finish(self) -> bool:
+        store = Store.open(self.path, writable=True)
+        plan = self._plan(store)
+        if any(store.pending_chunks(name) for unit in plan.units for name, _, _ in self._arrays(unit)):
+            return False
+        old = store.meta.get("products") or {}
+        products = {"checkpoints": bool(old.get("checkpoints")) or self.options.checkpoints,
+                    "segment_means": bool(old.get("segment_means")) or self.options.segment_means}
+        if not store.meta.get("featurized") or old != products:
+            store.update_meta(featurized=True, products=products)
+        return True
+
+    def _arrays(self, unit: Unit) -> list[tuple[str, tuple[int, int], int]]:
+        """``(name, shape, chunk rows)`` of the arrays a unit writes (row chunk i of each belongs to chunk i)."""
+        n, k, rows = len(unit.dataset), self.projector.dim, self.options.chunk_rows  # type: ignore[arg-type]
+        arrays = [(f"{unit.prefix}grads/{unit.stage}/{unit.key}", (n, k), rows)]
+        if self.options.fisher != "empirical":
+            fisher = f"{unit.prefix}fisher/{unit.stage}/{unit.key}"
+            arrays.append((fisher, (n * self.directions, k), rows * self.directions))
+        if _measures(unit, ckpt_key(self.trajectory.final_checkpoint.step), self.options):
+            arrays.append((f"measurement/{unit.stage}/{unit.key}", (n, k), rows))
+        return arrays
+
+    def _items(self, plan: FeaturizePlan, create: bool = False) -> list[tuple[Unit, int]]:
+        """Every (unit, row chunk) of the plan in a fixed order; ``create``: also create the arrays and
+        progress entries still missing."""
+        items = []
+        for unit in plan.units:
+            for name, shape, rows in self._arrays(unit) if create else ():
+                plan.store.require_array(name, shape, rows, "float32")
+                plan.store.pending_chunks(name)
+            chunks = -(-len(unit.dataset) // self.options.chunk_rows)  # type: ignore[arg-type]
+            items.extend((unit, chunk) for chunk in range(chunks))
+        return items
+
+    def _compute(self, plan: FeaturizePlan, items: Sequence[tuple[Unit, int]], heal: bool) -> None:
+        """Compute and write the unfinished chunks among ``items`` (after re-checking the finished
+        ones' crc when ``heal``)."""
+        store = plan.store
+        if heal:
+            store.heal_chunks([(name, chunk) for unit, chunk in items for name, _, _ in self._arrays(unit)])
+        pending = {name: set(store.pending_chunks(name)) for unit in plan.units for name, _, _ in self._arrays(unit)}
+        work = [(unit, chunk) for unit, chunk in items if any(chunk in pending[n] for n, _, _ in self._arrays(unit))]
+        _featurize_units(plan, work, self.grads_fn, self.projector, self.task, self.options, self.device,
+                         self.work_model, self.progress)
 
 
 def _featurize_units(
     plan: FeaturizePlan,
+    work: Sequence[tuple[Unit, int]],
     grads_fn: PerExampleGradients,
     projector: Projector,
     task: Task,
     options: FeaturizeArguments,
-    directions: int,
     device: torch.device,
     work_model: nn.Module,
     progress: bool,
 ) -> None:
-    """Compute and write every unfinished row chunk of the plan's units."""
-    store, k = plan.store, projector.dim
-    work = []
+    """Compute and write the row chunks ``work`` of the plan's units."""
+    store = plan.store
     final = ckpt_key(plan.trajectory.final_checkpoint.step)
-    for unit in plan.units:
-        n = len(unit.dataset)  # type: ignore[arg-type]
-        gname = f"{unit.prefix}grads/{unit.stage}/{unit.key}"
-        fname = f"{unit.prefix}fisher/{unit.stage}/{unit.key}"
-        store.require_array(gname, (n, k), options.chunk_rows, "float32")
-        pending = store.pending_chunks(gname)
-        if options.fisher != "empirical":
-            store.require_array(fname, (n * directions, k), options.chunk_rows * directions, "float32")
-            pending = sorted(set(pending) | set(store.pending_chunks(fname)))
-        if _measures(unit, final, options):
-            mname = f"measurement/{unit.stage}/{unit.key}"
-            store.require_array(mname, (n, k), options.chunk_rows, "float32")
-            pending = sorted(set(pending) | set(store.pending_chunks(mname)))
-        work.extend((unit, chunk) for chunk in pending)
-
     loaded: tuple[Any, ...] | None = None
     scale: dict[str, torch.Tensor] | None = None
     scale_name: str | None = None
@@ -322,17 +416,26 @@ def _open_or_create(path: str | Path, meta: dict[str, Any], overwrite: bool) -> 
         existing = Store.open(path, writable=True)
     except StoreError:
         return Store.create(path, meta, overwrite=overwrite)
-    old = existing.meta
-    informative = ("library_version", "spec", "provenance")
-    differing = [key for key in meta if key not in informative and old.get(key) != meta[key]]
-    if not differing:
+    if not _differing(existing.meta, meta):
         return existing
     if overwrite:
         return Store.create(path, meta, overwrite=True)
-    raise StoreError(
-        f"The store at {path} was featurized with other settings ({', '.join(differing)}); pass --force "
-        "(overwrite=True) to replace it, or use another store path."
-    )
+    _refuse_other_settings(path, existing.meta, meta)
+    return existing
+
+
+def _differing(old: dict[str, Any], meta: dict[str, Any]) -> list[str]:
+    informative = ("library_version", "spec", "provenance")
+    return [key for key in meta if key not in informative and old.get(key) != meta[key]]
+
+
+def _refuse_other_settings(path: str | Path, old: dict[str, Any], meta: dict[str, Any]) -> None:
+    differing = _differing(old, meta)
+    if differing:
+        raise StoreError(
+            f"The store at {path} was featurized with other settings ({', '.join(differing)}); pass --force "
+            "(overwrite=True) to replace it, or use another store path."
+        )
 
 
 def _fisher_directions(

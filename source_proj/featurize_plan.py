@@ -42,6 +42,10 @@ if TYPE_CHECKING:
 PROBE = "probe/"
 
 
+class NotPrepared(StoreError):
+    """The store's segmentation is not recorded yet (a sharded featurize's first process records it)."""
+
+
 @dataclass(frozen=True)
 class Unit:
     """One parameter point on one stage's data (the arrays ``{prefix}grads|fisher/<stage>/<key>``)."""
@@ -96,9 +100,12 @@ def featurize_plan(
     names: Sequence[str],
     options: FeaturizeArguments,
     overwrite: bool,
+    *,
+    record: bool = True,
 ) -> FeaturizePlan:
     """Settle the segmentation (recording it) and list the units; when an automatic segmentation
-    still needs its probe, return the probe's units only (``plan.probe``) — call again once they are done."""
+    still needs its probe, return the probe's units only (``plan.probe``) — call again once they are done.
+    With ``record=False`` nothing is written: a segmentation still to be recorded raises :class:`NotPrepared`."""
     from .featurize import checkpoint_stages
 
     meta = store.meta
@@ -120,6 +127,8 @@ def featurize_plan(
             store = Store.create(store.path, {k: v for k, v in meta.items() if k != "segmentation"}, overwrite=True)
             recorded = None
         if recorded is None:
+            if not record:
+                raise NotPrepared(f"The store at {store.path} has no segmentation recorded yet.")
             requested = requested or SegmentationArguments()
             if requested.auto is not None and not _probe_done(store, trajectory):
                 return FeaturizePlan(

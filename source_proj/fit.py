@@ -8,8 +8,9 @@ and one pass over the stored gradients folds every operator into T(z) (see sourc
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .autosegment import TrajectoryView, trajectory_view
+from .distributed import Ranks, Shard, rank_device, ranks, run_sharded
 from .errors import NumericalError, StoreError, TaskError
 from .featurize import default_device
-from .locking import writes_store
 from .segments import Segment, SegmentationArguments, make_segments
 from .source import SegmentOperator, fold
-from .store import Store, ckpt_key
+from .store import Store, ckpt_key, is_store
 from .trajectory import Stage
 
 
@@ -170,23 +171,26 @@ def segment_operators(
     segments: Sequence[Segment],
     keys: Sequence[Sequence[str]] | None = None,
     device: torch.device | str = "cpu",
+    curvature: Callable[[str, str], torch.Tensor] | None = None,
 ) -> list[SegmentOperator]:
     """One eigendecomposition of H̄_ℓ = mean_c H̃_c + λI per segment (``keys``: its feature points,
-    default its checkpoints).
+    default its checkpoints; ``curvature(stage, key)``: H̃ of one point, default
+    :func:`checkpoint_curvature`).
 
     The mean is accumulated point by point: memory is two k × k matrices whatever the number of
     checkpoints.
     """
+    if curvature is None:
+        curvature = partial(checkpoint_curvature, store, device=device)
     operators = []
     for seg, points in zip(segments, keys or feature_keys(segments), strict=True):
-        total = checkpoint_curvature(store, seg.stage, points[0], device)
+        total = curvature(seg.stage, points[0])
         for key in points[1:]:
-            total += checkpoint_curvature(store, seg.stage, key, device)
+            total += curvature(seg.stage, key)
         operators.append(SegmentOperator.from_curvature(total / len(points), seg.time, seg.weight_decay))
     return operators
 
 
-@writes_store("store")
 def fit(
     store: Store | str | Path,
     args: FitArguments = FitArguments(),
@@ -194,6 +198,7 @@ def fit(
     overwrite: bool = False,
     progress: bool = True,
     device: str | None = None,
+    shard: Shard | None = None,
 ) -> Store:
     """Compute SOURCE's operators and cache the training features ``methods/<method>/train/<stage>``.
 
@@ -203,59 +208,153 @@ def fit(
     fit runs, and a resumed fit recomputes cached chunks whose crc no longer matches. ``device``
     runs the k × k products and eigendecompositions there (default: CUDA when available); memory is
     bounded by one row chunk and a few k × k matrices, not by N or the number of checkpoints.
+
+    Sharded (``shard``, or the ranks of an initialised ``torch.distributed`` process group, see
+    ``distributed.py``), every rank writes its block of the cached chunks. With a process group,
+    the checkpoints' curvatures are split between the ranks and broadcast in a fixed order, so
+    every rank (and a one-process fit) sums exactly the same matrices in the same order: the
+    result is bit-identical to a one-process fit. Independent shards each compute every curvature.
     """
-    if not isinstance(store, Store):
-        store = Store.open(store, writable=True)
-    meta = store.meta
-    stage_names = [s["name"] for s in meta["trajectory"]["stages"]]
-    attributed = list(args.stages) if args.stages is not None else stage_names
-    unknown = [s for s in attributed if s not in stage_names]
-    if unknown:
-        raise TaskError(f"Unknown stage(s) {unknown}; the trajectory's stages are {stage_names}.")
-    segments, view = resolve_segments(store, args)
-    keys = feature_keys(segments, args.fast)
-    needed = sorted({f"grads/{seg.stage}/{k}" for seg, ks in zip(segments, keys, strict=True) for k in ks})
-    missing = [name for name in needed if not store.has(name)]
-    if missing:
-        hint = "featurize with segment_means=True (--fast)" if args.fast else "run featurize with checkpoints=True"
-        raise StoreError(f"The store at {store.path} lacks the features {missing[:2]} this fit needs; {hint} first.")
-    query = {"checkpoints": [meta["trajectory"]["checkpoints"][-1]], "weights": [1.0]}
-    if segments[-1].preconditioner is not None:
-        query["scales"] = [segments[-1].preconditioner]
-    description = {
-        "kind": "fast-source" if args.fast else "source",
-        "arguments": asdict(args),
-        "segments": [s.describe() for s in segments],
-        "stages": attributed,
-        "dim": meta["projection"]["dim"],
-        "query": query,
-    }
-    if view is not None:
-        description["view"] = view.describe()
-    method = args.name
-    _claim_method(store, method, description, overwrite)
-    store.heal(f"methods/{method}/")
+    path = store.path if isinstance(store, Store) else str(store)
+    group = ranks(shard)
+    job = _Fit(path, args, progress and (group.leader or not group.coordinated), default_device(device), group)
+    run_sharded(path, job, group, overwrite=overwrite, keep_new=is_store)
+    if isinstance(store, Store):
+        store.refresh()
+        return store
+    return Store.open(path, writable=True)
 
-    operators = segment_operators(store, segments, keys, default_device(device))
-    folded = fold(operators)
-    for index, op in enumerate(operators):
-        name = f"methods/{method}/operators/{index}/eigvals"
-        if not store.is_complete(name):
-            store.write_whole(name, op.eigvals.cpu().numpy())
 
-    work = []
-    for stage in attributed:
-        size = next(s["dataset_size"] for s in meta["trajectory"]["stages"] if s["name"] == stage)
-        name = f"methods/{method}/train/{stage}"
-        store.require_array(name, (size, description["dim"]), meta["featurize"]["chunk_rows"], "float32")
-        work.extend((stage, chunk) for chunk in store.pending_chunks(name))
-    for stage, chunk in tqdm(work, desc="fit", unit="chunk", disable=not progress):
-        size = next(s["dataset_size"] for s in meta["trajectory"]["stages"] if s["name"] == stage)
-        store.write_chunk(
-            f"methods/{method}/train/{stage}", chunk, _fold_chunk(store, stage, chunk, size, segments, keys, folded)
+class _Fit:
+    """fit as a sharded job (``distributed.ShardedJob``)."""
+
+    def __init__(self, path: str, args: FitArguments, progress: bool, device: torch.device, group: Ranks) -> None:
+        self.path, self.args, self.progress = path, args, progress
+        self.device = rank_device(device, group)
+        self.method = args.name
+        self._operators: list[SegmentOperator] | None = None
+
+    def _describe(self, store: Store) -> tuple[dict[str, Any], list[Segment]]:
+        """The method's description (what ``_claim_method`` records) and its segments; refuses bad arguments."""
+        meta = store.meta
+        stage_names = [s["name"] for s in meta["trajectory"]["stages"]]
+        attributed = list(self.args.stages) if self.args.stages is not None else stage_names
+        unknown = [s for s in attributed if s not in stage_names]
+        if unknown:
+            raise TaskError(f"Unknown stage(s) {unknown}; the trajectory's stages are {stage_names}.")
+        segments, view = resolve_segments(store, self.args)
+        keys = feature_keys(segments, self.args.fast)
+        needed = sorted({f"grads/{seg.stage}/{k}" for seg, ks in zip(segments, keys, strict=True) for k in ks})
+        missing = [name for name in needed if not store.has(name)]
+        if missing:
+            hint = "run featurize with checkpoints=True"
+            if self.args.fast:
+                hint = "featurize with segment_means=True (--fast)"
+            raise StoreError(
+                f"The store at {store.path} lacks the features {missing[:2]} this fit needs; {hint} first."
+            )
+        query = {"checkpoints": [meta["trajectory"]["checkpoints"][-1]], "weights": [1.0]}
+        if segments[-1].preconditioner is not None:
+            query["scales"] = [segments[-1].preconditioner]
+        description = {
+            "kind": "fast-source" if self.args.fast else "source",
+            "arguments": asdict(self.args),
+            "segments": [s.describe() for s in segments],
+            "stages": attributed,
+            "dim": meta["projection"]["dim"],
+            "query": query,
+        }
+        if view is not None:
+            description["view"] = view.describe()
+        return description, segments
+
+    def _items(self, store: Store, description: dict[str, Any], create: bool = False) -> list[tuple[str, int]]:
+        """Every (stage, row chunk) of the cached features in a fixed order (``create``: create the arrays)."""
+        sizes = {s["name"]: s["dataset_size"] for s in store.meta["trajectory"]["stages"]}
+        rows = store.meta["featurize"]["chunk_rows"]
+        items = []
+        for stage in description["stages"]:
+            if create:
+                name = f"methods/{self.method}/train/{stage}"
+                store.require_array(name, (sizes[stage], description["dim"]), rows, "float32")
+                store.pending_chunks(name)
+            items.extend((stage, chunk) for chunk in range(-(-sizes[stage] // rows)))
+        return items
+
+    def prepare(self, overwrite: bool) -> None:
+        store = Store.open(self.path, writable=True)
+        description, _ = self._describe(store)
+        _claim_method(store, self.method, description, overwrite)
+        store.heal(f"methods/{self.method}/operators/")
+        self._items(store, description, create=True)
+
+    def ready(self) -> bool:
+        if not is_store(self.path):
+            return False
+        store = Store.open(self.path)
+        existing = (store.meta.get("methods") or {}).get(self.method)
+        if existing is None or _identity(existing) != _identity(self._describe(store)[0]):
+            return False
+        names = [f"methods/{self.method}/train/{stage}" for stage in existing["stages"]]
+        return all(store.has(name) and store.has(f"progress/{name}") for name in names)
+
+    def work(self, group: Ranks) -> None:
+        store = Store.open(self.path, writable=True)
+        description = store.meta["methods"][self.method]
+        mine = group.shard.take(self._items(store, description))
+        names = {stage: f"methods/{self.method}/train/{stage}" for stage in description["stages"]}
+        store.heal_chunks([(names[stage], chunk) for stage, chunk in mine])
+        pending = {stage: set(store.pending_chunks(name)) for stage, name in names.items()}
+        work = [(stage, chunk) for stage, chunk in mine if chunk in pending[stage]]
+        segments = [Segment.from_description(d) for d in description["segments"]]
+        keys = feature_keys(segments, self.args.fast)
+        self._operators = segment_operators(
+            store, segments, keys, self.device, _shared_curvature(store, segments, keys, self.device, group)
         )
-    _finish_method(store, method)
-    return store
+        folded = fold(self._operators)
+        sizes = {s["name"]: s["dataset_size"] for s in store.meta["trajectory"]["stages"]}
+        for stage, chunk in tqdm(work, desc="fit", unit="chunk", disable=not self.progress):
+            values = _fold_chunk(store, stage, chunk, sizes[stage], segments, keys, folded)
+            store.write_chunk(names[stage], chunk, values)
+
+    def finish(self) -> bool:
+        store = Store.open(self.path, writable=True)
+        description = store.meta["methods"][self.method]
+        if any(store.pending_chunks(f"methods/{self.method}/train/{stage}") for stage in description["stages"]):
+            return False
+        for index, op in enumerate(self._operators or []):
+            name = f"methods/{self.method}/operators/{index}/eigvals"
+            if not store.is_complete(name):
+                store.write_whole(name, op.eigvals.cpu().numpy())
+        _finish_method(store, self.method)
+        return True
+
+
+def _shared_curvature(
+    store: Store, segments: Sequence[Segment], keys: Sequence[Sequence[str]], device: torch.device, group: Ranks
+) -> Callable[[str, str], torch.Tensor] | None:
+    """H̃ of each feature point with the points split between the ranks of a process group: each
+    rank computes its block (in parallel), then every point is broadcast from its rank in the fixed
+    order of ``segment_operators``. ``None`` (every point computed here) without a process group."""
+    if not group.coordinated:
+        return None
+    points = list(dict.fromkeys((seg.stage, key) for seg, ks in zip(segments, keys, strict=True) for key in ks))
+    owner = {p: rank for rank in range(group.shard.world) for p in Shard(rank, group.shard.world).take(points)}
+    own: dict[tuple[str, str], torch.Tensor] = {}
+    error = None
+    try:
+        own = {p: checkpoint_curvature(store, *p, device=device) for p in group.shard.take(points)}
+    except Exception as err:
+        error = err
+    group.agree(error)
+    dim = int(store.meta["projection"]["dim"])
+
+    def curvature(stage: str, key: str) -> torch.Tensor:
+        point = (stage, key)
+        held = own.get(point, torch.empty((dim, dim), dtype=torch.float64, device=device))
+        return group.broadcast(held, owner[point]).clone()
+
+    return curvature
 
 
 def _fold_chunk(

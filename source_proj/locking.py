@@ -13,8 +13,8 @@ for as long as it writes. Two modes:
 :class:`FileStoreLock` implements both with ``fcntl.flock`` on ``STORE/.source-proj.lock``
 (``LOCK_EX`` / ``LOCK_SH``). The kernel drops a flock when its holder dies, however it dies, so a
 lock left by a SIGKILLed process never blocks the resume. The lock is per process (re-entrant
-inside one process). Other backends (object storage, where there is no flock) implement
-:class:`StoreLock` and are returned by :func:`store_lock`.
+inside one process). On object storage, where there is no flock, :func:`store_lock` returns
+:class:`~source_proj.leaselock.ObjectStoreLock` (lease markers, same two modes).
 """
 
 from __future__ import annotations
@@ -36,13 +36,18 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
+from . import objectstore
 from .durable import LOCK_FILE, remove_partial_files
 from .errors import StoreError
-from .store import Store, is_remote, is_store, refuse_foreign_directory
+from .store import Store, is_remote, is_store, local_path, refuse_foreign_directory
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 LockMode = Literal["exclusive", "cooperative"]
+
+
+class LockHeld(StoreError):
+    """The store's lock is held by another process (the message names it)."""
 
 
 class StoreLock(ABC):
@@ -116,7 +121,7 @@ class FileStoreLock(StoreLock):
                 os.close(fd)
                 if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                     raise StoreError(f"The store at {self.path} cannot be locked ({err}); check the path.") from err
-                raise StoreError(self._refusal()) from None
+                raise LockHeld(self._refusal()) from None
             # The file may have been removed (a discarded store) between open and flock: retry.
             try:
                 same = os.stat(self.file).st_ino == os.fstat(fd).st_ino
@@ -151,41 +156,47 @@ class FileStoreLock(StoreLock):
             holder = json.loads(self.file.read_text() or "{}")
         except (OSError, ValueError):
             holder = {}
-        if not isinstance(holder, dict) or "pid" not in holder:
-            who = "by another process"
-        else:
-            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("time", 0)))
-            command = holder.get("command", "?")
-            who = f"by process {holder['pid']} on {holder.get('host', '?')} since {since} ({command})"
-            if holder.get("mode") == "cooperative":
-                who = f"cooperatively (last joined {who})"
-        return (
-            f"The store at {self.path} is being written {who}; wait for that to finish (a killed writer releases "
-            "the lock at once), or write to another path."
-        )
+        return refusal(self.path, holder, "a killed writer releases the lock at once")
 
 
-def _write_holder(fd: int, mode: LockMode) -> None:
-    """Record who holds the lock (read only to explain a refusal)."""
-    info = {
+def holder_info(mode: LockMode) -> dict[str, Any]:
+    """Who takes a lock: mode, process, host, time and command (read only to explain a refusal)."""
+    return {
         "mode": mode,
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "time": time.time(),
         "command": " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))[:200],
     }
+
+
+def refusal(path: str, holder: Any, release: str) -> str:
+    """The message refusing a writer because ``holder`` (its :func:`holder_info`) writes the store."""
+    if not isinstance(holder, dict) or "pid" not in holder:
+        who = "by another process"
+    else:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("time", 0)))
+        command = holder.get("command", "?")
+        who = f"by process {holder['pid']} on {holder.get('host', '?')} since {since} ({command})"
+        if holder.get("mode") == "cooperative":
+            who = f"cooperatively (last joined {who})"
+    return f"The store at {path} is being written {who}; wait for that to finish ({release}), or write to another path."
+
+
+def _write_holder(fd: int, mode: LockMode) -> None:
+    """Record who holds the lock (read only to explain a refusal)."""
     os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(info).encode(), 0)
+    os.pwrite(fd, json.dumps(holder_info(mode)).encode(), 0)
 
 
 def store_lock(path: str | os.PathLike[str], mode: LockMode = "exclusive") -> StoreLock:
-    """The lock guarding writes to the store at ``path`` (a local directory: :class:`FileStoreLock`)."""
+    """The lock guarding writes to the store at ``path``: :class:`FileStoreLock` for a local directory
+    (or ``file://`` URL), :class:`~source_proj.leaselock.ObjectStoreLock` on object storage."""
     if is_remote(path):
-        raise StoreError(
-            f"{path} is on object storage, where this version cannot lock a store against a second writer; "
-            "write the store to a local directory."
-        )
-    return FileStoreLock(path, mode)
+        from .leaselock import ObjectStoreLock
+
+        return ObjectStoreLock(str(path), mode)
+    return FileStoreLock(local_path(path), mode)
 
 
 @contextmanager
@@ -203,17 +214,21 @@ def writing(
     ``keep_new(path)`` says that completed work is worth keeping (by default: any store).
     """
     refuse_foreign_directory(path)
-    root = Path(path)
-    dir_existed = root.is_dir()
+    remote = is_remote(path)
+    root = local_path(path)
+    dir_existed = objectstore.exists(str(path)) if remote else root.is_dir()
     store_existed = is_store(path)
     with store_lock(path, mode) as lock:
-        if mode == "exclusive":
+        if mode == "exclusive" and not remote:
             remove_partial_files(root)
         try:
             yield lock
         except BaseException:
             if not store_existed and not keep_new(str(path)):
-                _discard(root, keep_dir=dir_existed)
+                if remote:
+                    objectstore.remove(str(path))
+                else:
+                    _discard(root, keep_dir=dir_existed)
             raise
 
 

@@ -122,6 +122,8 @@ class Attributor:
         search_backend: top-k search (see ``topk.build_index``): ``"auto"`` (FAISS-GPU, else torch on
             a CUDA device, else FAISS), ``"faiss"``, ``"torch"`` (resident on ``device``) or
             ``"stream"`` (store chunk by chunk: memory bounded by the chunk size).
+        search_devices: devices the index is sharded over (e.g. ``["cuda:0", "cuda:1"]``); default
+            ``device``, or every GPU when the features do not fit on it.
     """
 
     def __init__(
@@ -135,6 +137,7 @@ class Attributor:
         device: str | None = None,
         batch_size: int = 64,
         search_backend: SearchBackend = "auto",
+        search_devices: Sequence[str] | None = None,
     ) -> None:
         self.store = store if isinstance(store, Store) else Store.open(store)
         meta = self.store.meta
@@ -151,6 +154,7 @@ class Attributor:
         self.param_names = names
         self.batch_size = batch_size
         self.search_backend = search_backend
+        self.search_devices = search_devices
         self._index: faiss.Index | TorchIndex | None = None
 
     def query_features(self, queries: Dataset | Sequence[Any]) -> torch.Tensor:
@@ -198,6 +202,7 @@ class Attributor:
                 int(self.store.array(names[0]).shape[1]),
                 self.device,
                 self.search_backend,
+                self.search_devices,
             )
         return self._index
 

@@ -16,8 +16,10 @@ Arrays are written in row chunks. A chunk counts as written only once its progre
 set, after its data; an interrupted command therefore recomputes exactly the unfinished chunks.
 Every progress entry lives in its own zarr chunk, so processes writing disjoint row chunks never
 touch the same file. Local stores write through :class:`~source_proj.durable.DurableLocalStore`
-(fsync before a write counts), and every chunk read is checked against the crc32 of its progress
-entry, so a chunk damaged after it was written is reported by name instead of being used.
+(fsync before a write counts), URLs (``s3://``, ``memory://``…) through zarr's fsspec store
+(:mod:`source_proj.objectstore`: atomic PUTs, nothing to fsync), and every chunk read is checked
+against the crc32 of its progress entry, so a chunk damaged after it was written is reported by
+name instead of being used.
 Writers hold the store's lock (:mod:`source_proj.locking`).
 """
 
@@ -27,7 +29,7 @@ import errno
 import os
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -35,8 +37,10 @@ from typing import Any
 import numpy as np
 import zarr
 
+from . import objectstore
 from .durable import LOCK_FILE, DurableLocalStore
 from .errors import StoreError
+from .objectstore import RemoteStore, is_remote
 
 FORMAT = "source-proj-store"
 FORMAT_VERSION = 1
@@ -48,7 +52,7 @@ def ckpt_key(step: int) -> str:
 
 
 class Store:
-    """A feature store on disk (any zarr v3 store path)."""
+    """A feature store: a local directory (or ``file://`` URL), or a URL of any fsspec filesystem."""
 
     def __init__(self, path: str | Path, group: zarr.Group) -> None:
         self.path = str(path)
@@ -91,6 +95,10 @@ class Store:
                 "source-proj version or re-create the store with `source-proj featurize --force`."
             )
         return cls(path, group)
+
+    def refresh(self) -> None:
+        """Re-read the store's metadata (after other processes or Store objects changed it)."""
+        self.group = Store.open(self.path, writable=not self.group.store.read_only).group
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -262,13 +270,30 @@ class Store:
         (a lost write on a disk that ignored fsync) is recomputed instead of trusted. Returns the
         ``(array, chunk)`` pairs marked pending.
         """
+        return self.heal_chunks(
+            (name, chunk)
+            for prefix in prefixes
+            for name in self.progress_arrays(prefix)
+            for chunk in range(self.num_chunks(name))
+        )
+
+    def heal_chunks(self, chunks: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
+        """:meth:`heal` restricted to these ``(array, chunk)`` pairs (a shard of a distributed writer
+        heals only its own chunks, which no other process writes)."""
+        wanted: dict[str, list[int]] = {}
+        for name, chunk in chunks:
+            wanted.setdefault(name, []).append(chunk)
         healed = []
-        for prefix in prefixes:
-            for name in self.progress_arrays(prefix):
-                damaged = sorted(self.damaged_chunks(name))
-                if damaged:
-                    self.mark_pending(name, damaged)
-                    healed.extend((name, chunk) for chunk in damaged)
+        for name, indices in wanted.items():
+            entries = self.progress_entries(name)
+            damaged = [
+                c
+                for c in indices
+                if entries[c, 0] == 1 and isinstance(self.check_chunk(name, c, int(entries[c, 1])), str)
+            ]
+            if damaged:
+                self.mark_pending(name, damaged)
+                healed.extend((name, chunk) for chunk in damaged)
         if healed:
             name, chunk = healed[0]
             warnings.warn(
@@ -319,24 +344,36 @@ class Store:
         self.write_chunk(name, 0, values)
 
 
-def is_remote(path: str | Path) -> bool:
-    """Whether ``path`` names object storage (``s3://…``, ``gs://…``) rather than a local directory."""
-    return "://" in str(path)
+def local_path(path: str | Path) -> Path:
+    """The directory of a local store path or ``file://`` URL."""
+    text = str(path)
+    return Path(text.removeprefix("file://")) if text.startswith("file://") else Path(path)
 
 
-def _zarr_store(path: str | Path, *, read_only: bool) -> zarr.abc.store.Store | str:
-    """Local directories are written durably; a URL is left to zarr (and fsspec) to resolve."""
-    return str(path) if is_remote(path) else DurableLocalStore(path, read_only=read_only)
+def _zarr_store(path: str | Path, *, read_only: bool) -> zarr.abc.store.Store:
+    """Local directories are written durably; a URL goes through zarr's fsspec store (see objectstore.py)."""
+    if is_remote(path):
+        return RemoteStore.open_url(str(path), read_only=read_only)
+    return DurableLocalStore(local_path(path), read_only=read_only)
 
 
 def is_store(path: str | Path) -> bool:
     """Whether ``path`` holds a store (its root metadata exists)."""
-    return (Path(path) / "zarr.json").exists()
+    if is_remote(path):
+        return objectstore.exists(str(path), "zarr.json")
+    return (local_path(path) / "zarr.json").exists()
 
 
 def refuse_foreign_directory(path: str | Path) -> None:
     """Refuse to turn a directory holding other files into a store (it would be emptied)."""
-    root = Path(path)
+    if is_remote(path):
+        if not is_store(path) and objectstore.contents(str(path)):
+            raise StoreError(
+                f"{path} already holds objects that are not a source-proj store; choose a new or empty location for "
+                "the store."
+            )
+        return
+    root = local_path(path)
     if root.exists() and not root.is_dir():
         raise StoreError(f"{path} is a file, not a store directory; choose another path for the store.")
     if not root.is_dir() or is_store(root) or (root / LOCK_FILE).exists() or not any(root.iterdir()):

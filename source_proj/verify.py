@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from . import objectstore
 from .durable import PARTIAL_SUFFIX
 from .errors import SourceProjError, StoreError
 from .featurize import checkpoint_stages
@@ -41,7 +42,7 @@ from .featurize_plan import PROBE
 from .locking import writing
 from .query import projector_from_meta
 from .segments import Segment
-from .store import Store, ckpt_key
+from .store import Store, ckpt_key, is_remote, local_path
 from .trajectory import Checkpoint, Stage
 
 _REQUIRED_META = {
@@ -223,7 +224,8 @@ def verify_store(path: str | Path, *, repair: bool = False, progress: bool = Tru
 
 
 def _leftovers(path: str | Path) -> int:
-    return sum(1 for _ in Path(path).rglob(f"*{PARTIAL_SUFFIX}"))
+    """Temporary files of killed writers (none on object storage, whose PUTs are atomic)."""
+    return 0 if is_remote(path) else sum(1 for _ in local_path(path).rglob(f"*{PARTIAL_SUFFIX}"))
 
 
 def _verify(store: Store, *, repair: bool, progress: bool) -> VerifyReport:
@@ -325,7 +327,10 @@ def _check_expected(
 def _drop(store: Store, name: str) -> None:
     """Delete an array and its progress entries even when its metadata is unreadable."""
     for key in (name, f"progress/{name}"):
-        shutil.rmtree(Path(store.path) / key, ignore_errors=True)
+        if is_remote(store.path):
+            objectstore.remove(store.path, key)
+        else:
+            shutil.rmtree(local_path(store.path) / key, ignore_errors=True)
 
 
 def _check_array(store: Store, name: str, report: VerifyReport, repair: bool) -> bool:

@@ -1,0 +1,289 @@
+"""Sharded commands: featurize and fit split over processes that write one store.
+
+Two ways to run several processes:
+
+- **torchrun** (or any launcher that initialises a ``torch.distributed`` process group with
+  several ranks): the ranks meet through the process group (gloo on CPUs, NCCL on GPUs). Rank 0
+  prepares the store (metadata, arrays, progress entries) under the exclusive lock, every rank
+  writes its shard under the cooperative lock, and rank 0 marks the store finished; failures are
+  agreed on, so every rank stops with the error. fit reduces its curvature across ranks.
+- **independent shards** (a SLURM array, or ``--shard i/n`` by hand): the processes never talk.
+  Whichever process finds the store unprepared prepares it (the others wait for it), each writes
+  its shard under the cooperative lock, and the last to finish marks the store finished.
+
+A shard is the block ``items[r·n/w : (r+1)·n/w]`` of the command's work items — (work unit, row
+chunk) pairs for featurize, (stage, row chunk) for fit — listed in a fixed order that depends on
+the store's plan only, never on progress. A shard is therefore recomputable from (rank, world
+size) alone: a rank that died is re-run alone (``--shard r/w``) and writes exactly its missing
+chunks; a job resumed with another world size recomputes every pending chunk exactly once, since
+the shards of any world size partition the items. Every chunk is computed by the same code from
+the same inputs whoever computes it (the Fisher's labels are seeded per chunk), so the store is
+bit-identical to a one-process run on the same kind of device with the same batch size and thread
+count per process (torchrun sets one thread per process unless ``OMP_NUM_THREADS`` says otherwise).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Protocol, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from .errors import StoreError
+from .locking import LockHeld, store_lock, writing
+
+T = TypeVar("T")
+
+PREPARE_WAIT_SECONDS = 3600.0
+"""How long an independent shard waits for another process to prepare the store."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Rank ``rank`` of ``world`` processes sharing one command's work.
+
+    Attributes:
+        rank: this process's index, ``0 ≤ rank < world``.
+        world: how many processes share the work.
+    """
+
+    rank: int = 0
+    world: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world:
+            raise StoreError(f"Shard {self.rank}/{self.world} does not exist; use i/n with 0 ≤ i < n.")
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """``"i/n"``, or ``"slurm"``: the task of a SLURM array (``SLURM_ARRAY_TASK_ID`` counted from
+        ``SLURM_ARRAY_TASK_MIN`` of ``SLURM_ARRAY_TASK_COUNT``), else the task of an srun step
+        (``SLURM_PROCID`` of ``SLURM_NTASKS``)."""
+        if text == "slurm":
+            return cls.slurm()
+        try:
+            rank, world = (int(part) for part in text.split("/"))
+        except ValueError:
+            raise StoreError(f"--shard takes i/n (e.g. 0/4) or slurm, not {text!r}.") from None
+        return cls(rank, world)
+
+    @classmethod
+    def slurm(cls) -> Shard:
+        """This SLURM task's shard (see :meth:`parse`)."""
+        env = os.environ
+        if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+            first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+            return cls(int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"]))
+        if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+            return cls(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]))
+        raise StoreError(
+            "--shard slurm needs SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT (sbatch --array) or "
+            "SLURM_PROCID/SLURM_NTASKS (srun); run it inside a SLURM job, or pass --shard i/n."
+        )
+
+    def take(self, items: Sequence[T]) -> list[T]:
+        """This shard's contiguous block of ``items`` (the shards of all ranks partition them)."""
+        n = len(items)
+        return list(items[self.rank * n // self.world : (self.rank + 1) * n // self.world])
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """The processes of one sharded command, and how they meet.
+
+    Attributes:
+        shard: this process's rank and the world size.
+        coordinated: a ``torch.distributed`` process group joins the ranks (collectives work);
+            otherwise the ranks are independent processes.
+    """
+
+    shard: Shard = Shard()
+    coordinated: bool = False
+
+    @property
+    def single(self) -> bool:
+        """One process does everything."""
+        return self.shard.world == 1
+
+    @property
+    def leader(self) -> bool:
+        return self.shard.rank == 0
+
+    def _device(self) -> torch.device:
+        if dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def agree(self, error: BaseException | None) -> None:
+        """Every rank learns whether any rank failed: a failed rank re-raises its error, the others
+        raise a :class:`StoreError` naming the first failed rank. Independent ranks just re-raise."""
+        if self.coordinated:
+            world = self.shard.world
+            first = torch.tensor([self.shard.rank if error is not None else world], device=self._device())
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+            failed = int(first.item())
+            if error is None and failed < world:
+                raise StoreError(
+                    f"Rank {failed} of {world} failed (its error is in its output); the finished chunks are kept: fix "
+                    "the cause and re-run the same command to resume."
+                )
+        if error is not None:
+            raise error
+
+    def broadcast(self, tensor: torch.Tensor, source: int) -> torch.Tensor:
+        """``tensor`` as held by rank ``source``, on every rank (on ``tensor``'s device)."""
+        device = self._device()
+        held = tensor.to(device)
+        dist.broadcast(held, src=source)
+        return held.to(tensor.device)
+
+
+def ranks(shard: Shard | None = None) -> Ranks:
+    """The ranks of this command: ``shard`` (independent processes), else those of an initialised
+    ``torch.distributed`` process group with several ranks, else one process."""
+    grouped = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if shard is not None:
+        if grouped:
+            raise StoreError(
+                "A torch.distributed process group already splits this command between its ranks; drop --shard "
+                "(shard), or run without torchrun."
+            )
+        return Ranks(shard)
+    if grouped:
+        return Ranks(Shard(dist.get_rank(), dist.get_world_size()), coordinated=True)
+    return Ranks()
+
+
+def rank_device(device: torch.device, group: Ranks) -> torch.device:
+    """The device of this rank: with ranks joined by a process group, an unnumbered ``cuda`` becomes
+    ``cuda:LOCAL_RANK`` (one GPU per rank on each node)."""
+    if device.type == "cuda" and device.index is None and group.coordinated:
+        local = int(os.environ.get("LOCAL_RANK", group.shard.rank % max(1, torch.cuda.device_count())))
+        return torch.device("cuda", local)
+    return device
+
+
+@contextmanager
+def launched(device: str | None) -> Iterator[None]:
+    """Join the process group a launcher such as torchrun describes (``WORLD_SIZE`` > 1 in the
+    environment; NCCL when the ranks compute on CUDA, else gloo) for the duration of a command."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or dist.is_initialized():
+        yield
+        return
+    cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # Ranks wait for each other only at a handful of barriers, possibly for hours (uneven shards).
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(days=7))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+class ShardedJob(Protocol):
+    """A command in four phases (see :func:`run_sharded`)."""
+
+    def prepare(self, overwrite: bool) -> None:
+        """Create or check the store and every array and progress entry the ranks write (exclusive lock)."""
+
+    def ready(self) -> bool:
+        """Whether the store is prepared for this job (read-only; raises if it belongs to other settings)."""
+
+    def work(self, group: Ranks) -> None:
+        """Write this rank's shard (cooperative lock)."""
+
+    def finish(self) -> bool:
+        """Mark the store finished if every shard is done (exclusive lock); returns whether it was."""
+
+
+def run_sharded(
+    path: str,
+    job: ShardedJob,
+    group: Ranks,
+    *,
+    overwrite: bool,
+    keep_new: Callable[[str], bool],
+    wait: float = PREPARE_WAIT_SECONDS,
+) -> None:
+    """Run ``job`` on the store at ``path`` as one of ``group``'s ranks (see the module docstring).
+
+    One process holds the exclusive lock throughout, as every writing command does. Ranks of a
+    process group: rank 0 prepares, all write, rank 0 finishes, agreeing on failures in between.
+    Independent ranks: prepared by whichever finds the store unprepared (the others wait up to
+    ``wait`` seconds), finished by whichever finds every shard done.
+    """
+    if group.single:
+        with writing(path, keep_new=keep_new):
+            job.prepare(overwrite)
+            job.work(group)
+            job.finish()
+        return
+    if group.coordinated:
+        _in_turn(group, group.leader, lambda: _prepare(path, job, overwrite, keep_new))
+        _in_turn(group, True, lambda: _cooperatively(path, job, group))
+        _in_turn(group, group.leader, lambda: _finish(path, job))
+        return
+    if overwrite:
+        raise StoreError(
+            "--force (overwrite) cannot be combined with --shard: independent shards would each replace the store; "
+            "replace it with one process first, then run the shards."
+        )
+    _independent(path, job, group, keep_new, wait)
+    try:
+        _finish(path, job)
+    except LockHeld:
+        pass  # another shard still writes; the last one to finish marks the store finished
+
+
+def _in_turn(group: Ranks, mine: bool, step: Callable[[], object]) -> None:
+    error = None
+    if mine:
+        try:
+            step()
+        except Exception as err:
+            error = err
+    group.agree(error)
+
+
+def _prepare(path: str, job: ShardedJob, overwrite: bool, keep_new: Callable[[str], bool]) -> None:
+    with writing(path, keep_new=keep_new):
+        job.prepare(overwrite)
+
+
+def _cooperatively(path: str, job: ShardedJob, group: Ranks) -> None:
+    with store_lock(path, "cooperative"):
+        job.work(group)
+
+
+def _finish(path: str, job: ShardedJob) -> None:
+    with store_lock(path):
+        job.finish()
+
+
+def _independent(path: str, job: ShardedJob, group: Ranks, keep_new: Callable[[str], bool], wait: float) -> None:
+    """Write this shard once the store is prepared, preparing it if nobody else does."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            with store_lock(path, "cooperative"):
+                if job.ready():
+                    job.work(group)
+                    return
+            _prepare(path, job, False, keep_new)
+            continue
+        except LockHeld as busy:
+            if time.monotonic() > deadline:
+                raise StoreError(
+                    f"Shard {group.shard.rank}/{group.shard.world} waited {wait:.0f} s for the store at {path} to be "
+                    f"prepared ({busy}); run every shard with the same command and options."
+                ) from None
+        time.sleep(0.2 + random.random())

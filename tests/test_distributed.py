@@ -1,0 +1,190 @@
+"""Several processes write one store: torchrun ranks (gloo on loopback) and independent shards end
+with stores bit-identical to a one-process run, and a killed shard re-run alone completes its store."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import source_proj as sp
+from source_proj.distributed import Shard, ranks
+
+from .crash_driver import files
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SPEC = """
+import os
+import sys
+import time
+
+from torch.utils.data import Dataset
+
+sys.path.insert(0, {root!r})
+import source_proj as sp
+from tests.crash_driver import build_model, data
+
+
+class Slow(Dataset):
+    # Loading an example takes SLOW_EXAMPLE_SECONDS: a shard is still running when the test kills it.
+    def __init__(self, base, delay):
+        self.base, self.delay = base, delay
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        time.sleep(self.delay)
+        return self.base[i]
+
+
+def build_task():
+    return sp.ClassificationTask()
+
+
+def train_data(stage):
+    delay = float(os.environ.get("SLOW_EXAMPLE_SECONDS", "0"))
+    return Slow(data(), delay) if delay else data()
+
+
+def query_data():
+    return data()
+"""
+
+# The crash tests' tiny problem: 3 checkpoints × 3 row chunks of 4 examples = 9 work items.
+FEATURIZE = ["--dim", "12", "--seed", "3", "--batch-size", "4", "--chunk-rows", "4", "--device", "cpu"]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **extra}
+
+
+def _cli(*args: str, ranks: int = 1) -> list[str]:
+    launcher = [sys.executable]
+    if ranks > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+    return [*launcher, "-m", "source_proj.cli", *args]
+
+
+def _run(command: list[str], timeout: float = 120, **env: str) -> str:
+    out = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_env(**env))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("spec") / "spec.py"
+    path.write_text(SPEC.format(root=str(ROOT)))
+    return path
+
+
+def _featurize(run: Path, spec: Path, store: Path, *args: str, ranks: int = 1) -> list[str]:
+    return _cli("featurize", "--ckpts", str(run), "--spec", str(spec), "--out", str(store), *FEATURIZE, *args,
+                ranks=ranks)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path, spec: Path) -> Path:
+    """The store one process writes with the CLI (copy it before changing it)."""
+    store = tmp_path_factory.mktemp("one") / "one.sp"
+    _run(_featurize(tiny_run, spec, store))
+    return store
+
+
+def test_two_and_four_gloo_ranks_write_the_store_a_single_process_writes(
+    tmp_path: Path, tiny_run: Path, spec: Path, one_process: Path
+) -> None:
+    reference = files(one_process)
+    for count in (2, 4):
+        _run(_featurize(tiny_run, spec, tmp_path / f"{count}.sp", ranks=count))
+        assert files(tmp_path / f"{count}.sp") == reference, f"{count} ranks"
+    # fit: the ranks split the checkpoints' curvature (broadcast in a fixed order) and the cached chunks.
+    shutil.copytree(one_process, tmp_path / "one.sp")
+    _run(_cli("fit", str(tmp_path / "one.sp"), "--segments", "2"))
+    out = _run(_cli("fit", str(tmp_path / "2.sp"), "--segments", "2", ranks=2))
+    assert "fitted 'source'" in out
+    fitted = files(tmp_path / "one.sp")
+    assert any(name.startswith("methods/source/train/") for name in fitted)
+    assert files(tmp_path / "2.sp") == fitted
+
+
+def test_a_killed_shard_re_run_alone_completes_the_store(
+    tmp_path: Path, tiny_run: Path, spec: Path, one_process: Path
+) -> None:
+    def command(store: Path, *shard: str) -> list[str]:
+        return _featurize(tiny_run, spec, store, *shard)
+
+    reference = files(one_process)
+
+    store = tmp_path / "sharded.sp"
+    # Three independent processes race to prepare the store; shard 1 of 3 holds checkpoint 4's chunks.
+    slow = _env(SLOW_EXAMPLE_SECONDS="0.15")
+    procs = [
+        subprocess.Popen(command(store, "--shard", f"{i}/3"), env=slow, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+        for i in range(3)
+    ]
+    first_of_victim = store / "progress" / "grads" / "main" / "step-00000004" / "c" / "0" / "0"
+    deadline = time.monotonic() + 90
+    while not first_of_victim.exists():
+        assert procs[1].poll() is None and time.monotonic() < deadline, procs[1].communicate()
+        time.sleep(0.01)
+    procs[1].kill()
+    procs[1].wait()
+    for proc in (procs[0], procs[2]):
+        stdout, stderr = proc.communicate(timeout=90)
+        assert proc.returncode == 0, stderr[-3000:]
+        assert "the store is finished once every shard has run" in stdout
+
+    unfinished = sp.Store.open(store)
+    assert not unfinished.meta.get("featurized")
+    assert unfinished.pending_chunks("grads/main/step-00000004") != []
+    assert unfinished.pending_chunks("grads/main/step-00000000") == []
+    assert unfinished.pending_chunks("grads/main/step-00000008") == []
+
+    out = _run(command(store, "--shard", "1/3"))
+    assert "featurized 3 checkpoints" in out  # the last shard to finish marks the store finished
+    assert files(store) == reference
+
+
+def test_any_world_size_partitions_the_work_so_a_resume_may_change_it() -> None:
+    items = list(range(23))
+    for world in (1, 2, 3, 4, 7, 23, 30):
+        shards = [Shard(rank, world).take(items) for rank in range(world)]
+        assert [i for shard in shards for i in shard] == items  # disjoint, complete, in order
+        assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_shards_are_read_from_the_command_line_and_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Shard.parse("2/5") == Shard(2, 5)
+    for bad in ("5/5", "-1/2", "two/3"):
+        with pytest.raises(sp.StoreError, match="i/n"):
+            Shard.parse(bad)
+    slurm = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_PROCID", "SLURM_NTASKS")
+    for key in slurm:
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(sp.StoreError, match="inside a SLURM job"):
+        Shard.parse("slurm")
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    assert Shard.parse("slurm") == Shard(3, 8)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "11")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "10")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    assert Shard.parse("slurm") == Shard(1, 4)
+    assert ranks(Shard(1, 4)).coordinated is False and ranks().single
+
+
+def test_independent_shards_refuse_overwrite(tmp_path: Path, tiny_run: Path) -> None:
+    from .crash_driver import featurize
+
+    with pytest.raises(sp.StoreError, match="cannot be combined with --shard"):
+        featurize(tiny_run, tmp_path / "s.sp", overwrite=True, shard=Shard(0, 2))
+    assert not (tmp_path / "s.sp" / "zarr.json").exists()
