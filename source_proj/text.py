@@ -251,7 +251,7 @@ def _call_model(model: Callable[..., Any], inputs: dict[str, Tensor], kind: Mode
     try:
         return _logits(model(**inputs))
     except RuntimeError as err:
-        if "vmap" not in str(err):
+        if "data-dependent control flow" not in str(err):
             raise
         raise TaskError(
             f"{kind.name} branches on the values of its inputs (`if mask.any():`, `.item()`), which "
