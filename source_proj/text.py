@@ -247,11 +247,15 @@ def _logits(output: Any) -> Tensor:
     )
 
 
+# torch.func.vmap's messages for a forward that branches on tensor values or calls .item().
+_VMAP_BRANCH_ERRORS = ("data-dependent control flow", "calling .item() on a Tensor")
+
+
 def _call_model(model: Callable[..., Any], inputs: dict[str, Tensor], kind: ModelKind) -> Tensor:
     try:
         return _logits(model(**inputs))
     except RuntimeError as err:
-        if "data-dependent control flow" not in str(err):
+        if not any(sign in str(err) for sign in _VMAP_BRANCH_ERRORS):
             raise
         raise TaskError(
             f"{kind.name} branches on the values of its inputs (`if mask.any():`, `.item()`), which "

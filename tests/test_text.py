@@ -290,8 +290,15 @@ class _Branching(PlainTransformer):
         return super().forward(input_ids, attention_mask)
 
 
-def test_a_model_that_branches_on_its_inputs_gets_a_clear_error() -> None:
-    model, task = _Branching(True, VOCAB), _lm()
+class _CallsItem(PlainTransformer):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        length = int(attention_mask.sum().item())  # .item(): vmap cannot batch it either
+        return super().forward(input_ids[..., :length], attention_mask[..., :length])
+
+
+@pytest.mark.parametrize("model_class", [_Branching, _CallsItem])
+def test_a_model_that_branches_on_its_inputs_gets_a_clear_error(model_class: type) -> None:
+    model, task = model_class(True, VOCAB), _lm()
     grads = PerExampleGradients(model, task, task.select_parameters(model))
     with pytest.raises(sp.TaskError, match=r"branches on the values of its inputs.*torch.where"):
         grads(_batch(SEQUENCES, length=LENGTH))
