@@ -19,6 +19,7 @@ from source_proj.info import store_summary
 from source_proj.projection import PROJECTION_KINDS
 from source_proj.query import method_meta
 from source_proj.spec import Spec, load_spec
+from source_proj.text_report import text_report
 from source_proj.topk import SEARCH_BACKENDS
 from source_proj.verify import verify_store
 
@@ -343,6 +344,13 @@ def _write(records: list[dict[str, Any]], path: Path) -> None:
     help="Write all results (.csv, .jsonl, .parquet).",
 )
 @click.option("--show", default=5, show_default=True, help="Queries to print on the terminal.")
+@click.option(
+    "--html",
+    "html_path",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Write an HTML report: each query's text and its top training examples' texts (spec's describe).",
+)
 @click.option("--device", default=None)
 @click.option(
     "--search",
@@ -366,6 +374,7 @@ def query(
     method: str,
     out_path: Path | None,
     show: int,
+    html_path: Path | None,
     device: str | None,
     search_backend: str,
     search_devices: str | None,
@@ -375,10 +384,11 @@ def query(
     spec = _spec_of(store, spec_path)
     queries = spec.query_data()
     indices = _select(len(queries), which)
+    task = spec.build_task()
     attributor = sp.Attributor(
         store,
         spec.build_model(),
-        spec.build_task(),
+        task,
         method=method,
         device=device,
         search_backend=search_backend,
@@ -389,9 +399,14 @@ def query(
     for r in records:
         r["query"] = indices[r["query"]]
         r["description"] = spec.describe(r["stage"], r["index"])
-    for q, qi in enumerate(indices[:show]):
+    labels = getattr(task, "score_labels", ("helpful", "harmful"))  # what score > 0 and < 0 mean
+    short = [label.split(" (")[0] for label in labels]
+    text_layout = any(len(r["description"]) > 22 for r in records)
+    if text_layout:  # texts: one line per example
+        _echo_texts(result, indices[:show], spec, short)
+    for q, qi in enumerate([] if text_layout else indices[:show]):
         click.echo(f"\nquery {qi}")
-        click.echo(f"  {'rank':>4}  {'helpful':<34} {'harmful':<34}")
+        click.echo(f"  {'rank':>4}  {short[0][:34]:<34} {short[1][:34]:<34}")
         for rank in range(result.helpful_ids.shape[1]):
             cells = []
             for ids, scores in (
@@ -407,6 +422,26 @@ def query(
     if out_path is not None:
         _write(records, out_path)
         click.echo(f"wrote {len(records)} rows to {out_path}")
+    if html_path is not None:
+        texts = [spec.describe_query(i) or f"query {i}" for i in indices]
+        report = text_report(result, texts, spec.describe, html_path, title=f"{store_path}: {method}",
+                             score_labels=labels, query_names=[f"query {i}" for i in indices])  # fmt: skip
+        click.echo(f"wrote {report}")
+
+
+def _echo_texts(result: sp.QueryResult, indices: list[int], spec: Spec, labels: list[str]) -> None:
+    """Each query's text, then its top examples' scores, stages and texts (100 characters each)."""
+    width = max(len(label) for label in labels)
+    for q, qi in enumerate(indices):
+        click.echo(f"\nquery {qi}: {spec.describe_query(qi)[:100]}")
+        for label, ids, scores in (
+            (labels[0], result.helpful_ids, result.helpful_scores),
+            (labels[1], result.harmful_ids, result.harmful_scores),
+        ):
+            for row, score in zip(ids[q], scores[q], strict=True):
+                stage, index = result.locate(int(row))
+                text = " ".join(spec.describe(stage, index).split())
+                click.echo(f"  {label:<{width}} {score:+.3e}  {stage}[{index}]  {text[:100]}")
 
 
 def _spec_of(store: sp.Store, spec_path: Path | None) -> Spec:

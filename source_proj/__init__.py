@@ -23,6 +23,7 @@ from .query import Attributor, QueryResult
 from .segments import Segment, SegmentationArguments, make_segments
 from .store import Store
 from .task import ClassificationTask, ParameterSelection, RegressionTask, Task
+from .text import LanguageModelingTask, ModuleSelection, SequenceClassificationTask, TextDataset
 from .trajectory import Trajectory, TrajectoryRecorder
 from .verify import VerifyReport, verify_store
 
@@ -37,6 +38,8 @@ __all__ = [
     "FeaturizeArguments",
     "FitArguments",
     "IdentityProjector",
+    "LanguageModelingTask",
+    "ModuleSelection",
     "NumericalError",
     "ParameterSelection",
     "ProjectionArguments",
@@ -46,12 +49,14 @@ __all__ = [
     "RegressionTask",
     "Segment",
     "SegmentationArguments",
+    "SequenceClassificationTask",
     "SourceProjError",
     "Store",
     "StoreError",
     "StoreLock",
     "Task",
     "TaskError",
+    "TextDataset",
     "Trajectory",
     "TrajectoryError",
     "TrajectoryRecorder",

@@ -55,7 +55,7 @@ class PerExampleGradients:
         precision: Precision = "fp32",
     ) -> None:
         self.model = model.eval()
-        self.task = task
+        self.task = task.bind(model)
         self.param_names = list(param_names)
         named = dict(model.named_parameters())
         self.params = {n: named[n].detach() for n in self.param_names}

@@ -7,6 +7,7 @@ A spec file defines::
     def train_data(stage: str) -> Dataset         # the stage's training set, in training order
     def query_data() -> Dataset                   # examples to explain (for `source-proj query`)
     def describe(stage: str, index: int) -> str   # optional: a short text for a training example
+    def describe_query(index: int) -> str         # optional: the text of a query_data() example
     def retrain(keep: dict[str, np.ndarray], seed: int) -> np.ndarray
         # optional, for `source-proj lds` / `compare`: train from scratch on the kept examples
         # (keep: stage → sorted indices within that stage's dataset; stages not named are kept
@@ -62,6 +63,10 @@ class Spec:
     def describe(self, stage: str, index: int) -> str:
         fn: Any = getattr(self.module, "describe", None)
         return "" if fn is None else str(fn(stage, index))
+
+    def describe_query(self, index: int) -> str:
+        fn: Any = getattr(self.module, "describe_query", None)
+        return "" if fn is None else str(fn(index))
 
     def retrainer(self) -> SpecRetrain:
         """The spec's ``retrain`` as a picklable function (worker processes re-import the spec by path)."""

@@ -126,6 +126,12 @@ class Task(ABC):
         ``outputs`` are detached.
         """
 
+    def bind(self, model: nn.Module) -> Task:
+        """The task to compute with on ``model`` (default: this task itself). A task whose forward depends
+        on the model's structure returns a copy that knows it (the text tasks build attention masks);
+        the gradient engine binds its task to the module it differentiates."""
+        return self
+
     def select_parameters(self, model: nn.Module) -> list[str]:
         """Names of the parameters attributed through (see :class:`ParameterSelection`)."""
         return self.parameters.select(model)

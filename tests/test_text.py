@@ -1,0 +1,304 @@
+"""Text tasks: padded per-example gradients equal unpadded ones (Hugging Face GPT-2, Llama, BERT and plain
+torch.nn transformers), the LM measurement and training loss equal the model's own loss, the LM Fisher
+targets give the Gauss–Newton matrix at the loss's scale, module selection, and every refusal."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import pytest
+import torch
+import transformers
+from torch import nn
+from torch.func import functional_call, jacrev
+
+import source_proj as sp
+from source_proj.gradients import PerExampleGradients
+from source_proj.text import attention_bias, loss_positions
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model is built from a config: nothing may be downloaded
+transformers.logging.set_verbosity_error()
+
+VOCAB, LENGTH = 23, 8
+SEQUENCES = [[5, 9, 2, 17, 3, 11, 8], [4, 12, 6, 21], [7, 1, 19, 13, 10, 15]]
+CLASSES = [2, 0, 1]
+
+
+def _gpt2(attn: str = "eager", classes: int | None = None, layers: int = 2, embd: int = 16) -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=LENGTH, n_embd=embd, n_layer=layers, n_head=2, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0, num_labels=classes or 2,
+        attn_implementation=attn,
+    )  # fmt: skip
+    return (transformers.GPT2ForSequenceClassification if classes else transformers.GPT2LMHeadModel)(config)
+
+
+def _bert(attn: str = "eager") -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=LENGTH, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        attn_implementation=attn,
+    )  # fmt: skip
+    return transformers.BertForSequenceClassification(config)
+
+
+def _llama() -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=LENGTH, attn_implementation="eager",
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config)
+
+
+class PlainTransformer(nn.Module):
+    """A plain torch.nn transformer: causal LM (logits per position) or mean-pooled classifier."""
+
+    def __init__(self, causal: bool, outputs: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.causal = causal
+        self.embed, self.position = nn.Embedding(VOCAB, 16), nn.Embedding(LENGTH, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.norm, self.head = nn.LayerNorm(16), nn.Linear(16, outputs)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        length = input_ids.shape[1]
+        h = self.embed(input_ids) + self.position(torch.arange(length, device=input_ids.device))
+        padding = torch.zeros(attention_mask.shape, dtype=h.dtype).masked_fill(attention_mask == 0, float("-inf"))
+        causal = nn.Transformer.generate_square_subsequent_mask(length) if self.causal else None
+        h = self.norm(self.encoder(h, mask=causal, src_key_padding_mask=padding, is_causal=self.causal))
+        if self.causal:
+            return self.head(h)
+        weights = attention_mask[..., None].to(h)
+        return self.head((h * weights).sum(1) / weights.sum(1))
+
+
+def _batch(sequences: list[list[int]], labels: list[int] | None = None, length: int | None = None) -> dict:
+    data = sp.TextDataset(sequences, labels=labels, length=length)
+    return {key: torch.stack([data[i][key] for i in range(len(data))]) for key in data[0]}
+
+
+def _lm() -> sp.LanguageModelingTask:
+    return sp.LanguageModelingTask(tokens_per_sequence=4.5)
+
+
+CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], sp.Task], bool]] = {
+    "gpt2-lm-eager": (lambda: _gpt2("eager"), _lm, False),
+    "gpt2-lm-sdpa": (lambda: _gpt2("sdpa"), _lm, False),
+    "llama-lm-eager": (_llama, _lm, False),
+    "nn-causal-lm": (lambda: PlainTransformer(True, VOCAB), _lm, False),
+    "gpt2-classifier": (lambda: _gpt2(classes=3), sp.SequenceClassificationTask, True),
+    "bert-classifier-eager": (lambda: _bert("eager"), sp.SequenceClassificationTask, True),
+    "bert-classifier-sdpa": (lambda: _bert("sdpa"), sp.SequenceClassificationTask, True),
+    "nn-bidirectional-classifier": (lambda: PlainTransformer(False, 3), sp.SequenceClassificationTask, True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_padded_per_example_gradients_equal_single_sequences(case: str) -> None:
+    build, make_task, classify = CASES[case]
+    model, task = build(), make_task()
+    names = task.select_parameters(model)
+    grads = PerExampleGradients(model, task, names)
+    labels = CLASSES if classify else None
+    batch = _batch(SEQUENCES, labels, LENGTH)
+    grads.outputs(batch)  # outside vmap: the task checks its mask against the model's own masking
+    for quantity in ("loss", "measurement"):
+        padded = grads(batch, quantity)
+        for i, seq in enumerate(SEQUENCES):
+            alone = grads(_batch([seq], None if labels is None else [labels[i]]), quantity)
+            scale = max(float(alone[n].abs().max()) for n in names)
+            error = max(float((padded[n][i] - alone[n][0]).abs().max()) for n in names)
+            assert scale > 1e-4, "the gradient must not vanish, or the comparison proves nothing"
+            assert error <= 2e-5 * scale, f"{quantity} of sequence {i}: {error:.2e} vs scale {scale:.2e}"
+
+
+def test_lm_measurement_and_loss_equal_the_models_own_loss() -> None:
+    model = _gpt2().eval()
+    task = sp.LanguageModelingTask(tokens_per_sequence=LENGTH - 1)
+    batch = _batch(SEQUENCES, length=LENGTH)
+    labels = batch["input_ids"].clone()
+    labels[0, 3] = -100  # a position the model is not asked to predict
+    batch["labels"] = labels
+    with torch.no_grad():
+        measured = task.measurement(task.forward(model, batch), batch)
+        counts = loss_positions(batch).sum(-1)
+        assert counts.tolist() == [5, 3, 5]
+        for i, seq in enumerate(SEQUENCES):  # the model's own loss is the mean over the predicted tokens
+            own = model(input_ids=torch.tensor([seq]), labels=labels[i : i + 1, : len(seq)]).loss
+            assert torch.allclose(measured[i], own * counts[i], rtol=1e-5)
+        hf_labels = labels.masked_fill(batch["attention_mask"] == 0, -100)  # a collator's padded labels
+        own = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=hf_labels).loss
+        assert torch.allclose(measured.sum() / counts.sum(), own, rtol=1e-5)
+
+        # Equal-length sequences: the batch mean of the task's loss is exactly the model's training loss.
+        ids = torch.randint(1, VOCAB, (4, LENGTH), generator=torch.Generator().manual_seed(0))
+        full = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        own = model(input_ids=ids, labels=ids).loss
+        assert torch.allclose(task.loss(task.forward(model, full), full).mean(), own, rtol=1e-5)
+        # "own": ℓ = s/n(z), the mean of per-sequence mean token losses.
+        each = sp.LanguageModelingTask(tokens_per_sequence="own")
+        per_sequence = torch.stack([model(input_ids=torch.tensor([s]), labels=torch.tensor([s])).loss
+                                    for s in SEQUENCES])  # fmt: skip
+        unlabelled = _batch(SEQUENCES, length=LENGTH)
+        assert torch.allclose(each.loss(each.forward(model, unlabelled), unlabelled), per_sequence, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [3.0, "own"])
+def test_exact_lm_fisher_targets_give_the_gauss_newton_matrix_of_the_loss(tokens: float | str) -> None:
+    model = _gpt2(layers=1, embd=8).double().eval()
+    task = sp.LanguageModelingTask(tokens_per_sequence=tokens, parameters=sp.ModuleSelection(include=("*.mlp.*",)))
+    names = task.select_parameters(model)
+    batch = _batch([[5, 9, 2, 17, 3], [4, 12, 6]], length=5)
+    batch["labels"] = batch["input_ids"].clone()
+    batch["labels"][0, 2] = -100
+    grads = PerExampleGradients(model, task, names)
+    flat = lambda g: torch.cat([v.reshape(v.shape[0], -1) for v in g.values()], dim=1)  # noqa: E731
+    fisher = sum(
+        flat(grads(b, "loss")).T @ (w[:, None].double() * flat(grads(b, "loss")))
+        for w, b in task.fisher_targets(grads.outputs(batch), batch, None)
+    )
+
+    # Gauss–Newton of ℓ = s/n: Σ_b (1/n_b) Σ_t J_btᵀ (diag p − ppᵀ) J_bt over the positions carrying loss.
+    params = {n: p.detach() for n, p in model.named_parameters() if n in names}
+    bias = attention_bias(batch["attention_mask"], True, torch.float64)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": bias}
+    jac = jacrev(lambda p: functional_call(model, p, (), inputs).logits)(params)
+    j = torch.cat([jac[n].reshape(2, 5, VOCAB, -1) for n in names], dim=3)
+    logits = model(**inputs).logits.detach()
+    keep = loss_positions(batch)
+    counts = keep.sum(-1)
+    gn = torch.zeros_like(fisher)
+    for b in range(2):
+        n = float(counts[b]) if tokens == "own" else tokens
+        for t in range(4):
+            if keep[b, t]:
+                p = torch.softmax(logits[b, t], 0)
+                gn += j[b, t].T @ (torch.diag(p) - torch.outer(p, p)) @ j[b, t] / n
+    assert torch.allclose(fisher, gn, atol=1e-12, rtol=1e-8)
+
+
+def test_sampled_lm_fisher_targets_draw_from_the_model_at_loss_positions_only() -> None:
+    task = sp.LanguageModelingTask(tokens_per_sequence=2.5)
+    batch = _batch([[3, 4, 5, 6], [7, 8]], length=4)
+    batch["labels"] = batch["input_ids"].clone()
+    batch["labels"][0, 2] = -100
+    logits = torch.randn(2, 4, 5, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+    counts = torch.zeros(5)
+    for _ in range(3000):
+        ((weight, sampled),) = task.fisher_targets(logits, batch, gen)
+        labels = sampled["labels"]
+        assert torch.equal(weight, torch.full((2,), 2.5))
+        assert (labels[0, [0, 2]] == -100).all() and (labels[1, [0, 2, 3]] == -100).all()
+        assert (labels[0, [1, 3]] >= 0).all() and labels[1, 1] >= 0
+        counts[labels[0, 3]] += 1
+    assert torch.allclose(counts / 3000, torch.softmax(logits[0, 2], 0), atol=0.03)
+
+
+def test_module_selection_includes_and_excludes_exactly_what_it_says() -> None:
+    gpt2_blocks = [
+        f"transformer.h.{i}.{m}.{p}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+        for p in ("weight", "bias")
+    ]  # fmt: skip
+    lm = _gpt2()
+    assert sp.ModuleSelection().select(lm) == gpt2_blocks
+    # Every linear layer: the LM head is tied to the token embedding, so it is still left out.
+    assert sp.ModuleSelection(blocks_only=False).select(lm) == gpt2_blocks
+    assert lm.lm_head.weight is lm.transformer.wte.weight
+    assert sp.ModuleSelection(include=("*.mlp.*",), bias=False).select(lm) == [
+        f"transformer.h.{i}.mlp.{m}.weight" for i in range(2) for m in ("c_fc", "c_proj")
+    ]
+    assert sp.ModuleSelection(exclude=("transformer.h.0.*",)).select(lm) == gpt2_blocks[8:]
+
+    bert_blocks = [
+        f"bert.encoder.layer.{i}.{m}.{p}" for i in range(2)
+        for m in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+                  "intermediate.dense", "output.dense")
+        for p in ("weight", "bias")
+    ]  # fmt: skip
+    bert = _bert()
+    assert sp.ModuleSelection().select(bert) == bert_blocks
+    assert sp.ModuleSelection(blocks_only=False).select(bert) == [
+        *bert_blocks, "bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias"
+    ]
+
+    plain = PlainTransformer(True, VOCAB)
+    assert sp.ModuleSelection().select(plain) == [
+        f"encoder.layers.{i}.{p}" for i in range(2)
+        for p in ("self_attn.in_proj_weight", "self_attn.in_proj_bias", "self_attn.out_proj.weight",
+                  "self_attn.out_proj.bias", "linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias")
+    ]  # fmt: skip
+    assert sp.ModuleSelection(bias=False, include=("*.self_attn*",)).select(plain) == [
+        f"encoder.layers.{i}.self_attn.{p}" for i in range(2) for p in ("in_proj_weight", "out_proj.weight")
+    ]
+    never = ("embed", "wte", "wpe", "embeddings", "norm", "ln_", "LayerNorm", "position")
+    for model in (lm, bert, plain):
+        assert not any(word in name for name in sp.ModuleSelection().select(model) for word in never)
+    with pytest.raises(sp.TaskError, match="keeps no trainable linear layer"):
+        sp.ModuleSelection(include=("nothing*",)).select(lm)
+    assert sp.LanguageModelingTask(tokens_per_sequence=1).select_parameters(lm) == gpt2_blocks
+
+
+def test_attention_implementations_that_cannot_run_under_vmap_are_refused_with_the_fix() -> None:
+    model = _gpt2()
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(sp.TaskError, match=r"flash_attention_2.*set_attn_implementation\(\"eager\"\)"):
+        PerExampleGradients(model, _lm(), ["transformer.h.0.mlp.c_fc.weight"])
+
+
+def test_a_mask_that_does_not_reproduce_the_models_own_is_refused() -> None:
+    model = _bert()
+    task = sp.SequenceClassificationTask(attention="causal")  # BERT attends both ways
+    grads = PerExampleGradients(model, task, task.select_parameters(model))
+    with pytest.raises(sp.TaskError, match=r"causal attention mask .* does not reproduce.*'bidirectional'"):
+        grads.outputs(_batch(SEQUENCES, CLASSES, LENGTH))
+
+
+def test_bad_text_input_is_refused_with_a_sentence() -> None:
+    model = _gpt2()
+    task = _lm()
+    grads = PerExampleGradients(model, task, task.select_parameters(model))
+    left = _batch(SEQUENCES, length=LENGTH)
+    left["input_ids"], left["attention_mask"] = left["input_ids"].flip(1), left["attention_mask"].flip(1)
+    with pytest.raises(sp.TaskError, match="right-padded"):
+        grads.outputs(left)
+    with pytest.raises(sp.TaskError, match="dicts with 'input_ids'"):
+        grads.outputs((torch.ones(2, 4, dtype=torch.long),))
+    with pytest.raises(sp.TaskError, match="attends bidirectionally"):
+        task.bind(_bert())
+    with pytest.raises(sp.TaskError, match="positive number"):
+        sp.LanguageModelingTask(tokens_per_sequence=0)
+    with pytest.raises(sp.TaskError, match="more than length=3"):
+        sp.TextDataset([[1, 2, 3, 4]], length=3)
+    big = _batch([[1, 2, VOCAB + 3]])
+    with pytest.raises(sp.TaskError, match=rf"lie in \[0, {VOCAB - 1}\]"):
+        task.loss(grads.outputs({**big, "input_ids": big["input_ids"].clamp_max(VOCAB - 1)}), big)
+    with pytest.raises(sp.TaskError, match="needs 'labels'"):
+        sp.SequenceClassificationTask().loss(torch.zeros(3, 3), _batch(SEQUENCES))
+
+
+class _Branching(PlainTransformer):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if attention_mask.all():  # data-dependent control flow: vmap cannot batch it
+            attention_mask = torch.ones_like(attention_mask)
+        return super().forward(input_ids, attention_mask)
+
+
+class _CallsItem(PlainTransformer):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        length = int(attention_mask.sum().item())  # .item(): vmap cannot batch it either
+        return super().forward(input_ids[..., :length], attention_mask[..., :length])
+
+
+@pytest.mark.parametrize("model_class", [_Branching, _CallsItem])
+def test_a_model_that_branches_on_its_inputs_gets_a_clear_error(model_class: type) -> None:
+    model, task = model_class(True, VOCAB), _lm()
+    grads = PerExampleGradients(model, task, task.select_parameters(model))
+    with pytest.raises(sp.TaskError, match=r"branches on the values of its inputs.*torch.where"):
+        grads(_batch(SEQUENCES, length=LENGTH))

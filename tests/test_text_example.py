@@ -1,0 +1,159 @@
+"""The text example end to end at a tiny size: two stages (AdamW, warm-up) recorded, featurized with the
+language-modelling task, fitted, and the query results shown as text (HTML report and CLI)."""
+
+from __future__ import annotations
+
+import html
+import os
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from source_proj.cli.main import main
+
+import source_proj as sp
+from source_proj.text_report import ShadedText, text_report
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "text"
+sys.path.insert(0, str(EXAMPLE))
+import lm  # noqa: E402
+
+TINY = lm.Config(length=10, pretrain_size=24, finetune_size=16, queries=4, n_embd=16, n_layer=1, n_head=2,
+                 batch_size=8, pretrain_epochs=2, finetune_epochs=2, warmup=0.5, checkpoints=2)  # fmt: skip
+SPEC = f"""
+import sys
+sys.path.insert(0, {str(EXAMPLE)!r})
+import lm
+TINY = lm.{TINY!r}
+
+def build_model():
+    return lm.build_model(0, TINY)
+
+def build_task():
+    return lm.build_task(TINY)
+
+def train_data(stage):
+    return lm.corpus(TINY).train[stage]
+
+def query_data():
+    return lm.corpus(TINY).queries
+
+def describe(stage, index):
+    return lm.corpus(TINY).train[stage].text(index)
+
+def describe_query(index):
+    return lm.corpus(TINY).queries.text(index)
+"""
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("text")
+    (root / "spec.py").write_text(SPEC)
+    lm.train(TINY, seed=0, run_dir=root / "run")
+    store = sp.featurize(
+        root / "run", lm.build_model(0, TINY), lm.build_task(TINY), lm.corpus(TINY).train, root / "model.sp",
+        projection=sp.ProjectionArguments(dim=64), options=sp.FeaturizeArguments(batch_size=8, chunk_rows=8),
+        spec=str(root / "spec.py"), progress=False,
+    )  # fmt: skip
+    sp.fit(store, progress=False)
+    return root, root / "model.sp"
+
+
+def test_two_stage_adamw_run_with_warmup_is_recorded_and_attributed(fitted: tuple[Path, Path]) -> None:
+    root, store = fitted
+    trajectory = sp.Trajectory.load(root / "run")
+    assert [(s.name, s.start_step, s.end_step, s.dataset_size) for s in trajectory.stages] == [
+        ("pretrain", 0, 6, 24), ("finetune", 6, 10, 16)
+    ]
+    assert all(s.optimizer["kind"] == "adamw" for s in trajectory.stages)
+    assert trajectory.lr[0] < trajectory.lr[1] and trajectory.lr[6] < trajectory.lr[7]  # each stage warms up
+    meta = sp.Store.open(store).meta
+    assert meta["task"]["class"] == "source_proj.text.LanguageModelingTask"
+    assert meta["task"]["tokens_per_sequence"] == TINY.length - 1
+    assert all(".h.0." in name for name, _ in meta["params"])  # attention and MLP layers only
+    attributor = sp.Attributor(store, lm.build_model(0, TINY), lm.build_task(TINY))
+    scores = attributor.scores(lm.corpus(TINY).queries)
+    assert scores.shape == (4, 40) and np.isfinite(scores).all() and np.abs(scores).max() > 0
+    assert [(r.stage, r.offset, r.size) for r in attributor.rows] == [("pretrain", 0, 24), ("finetune", 24, 16)]
+
+
+def test_html_report_shows_query_and_training_texts(fitted: tuple[Path, Path], tmp_path: Path) -> None:
+    _, store = fitted
+    task = lm.build_task(TINY)
+    data = lm.corpus(TINY)
+    result = sp.Attributor(store, lm.build_model(0, TINY), task).top_k(data.queries, 3)
+    first = ShadedText(["alpha", "beta<"], [0.0, 2.0])
+    path = text_report(result, [first, data.queries.text(1), "q2", "q3"], lambda s, i: data.train[s].text(i),
+                       tmp_path / "report.html", score_labels=task.score_labels, shading="next-token loss")  # fmt: skip
+    page = path.read_text()
+    stage, index = result.locate(int(result.harmful_ids[1, 0]))
+    assert html.escape(data.train[stage].text(index)).split("&")[0][:20] in page
+    assert "beta&lt;" in page and "rgba(220, 80, 40, 0.75)" in page  # escaped; the largest value is darkest
+    assert html.escape(task.score_labels[1]) in page and "<mark>" in page
+    with pytest.raises(sp.TaskError, match="give one each"):
+        text_report(result, ["only one"], lambda s, i: "", tmp_path / "bad.html")
+
+
+def test_cli_query_prints_texts_and_writes_the_html_report(fitted: tuple[Path, Path], tmp_path: Path) -> None:
+    _, store = fitted
+    out = tmp_path / "report.html"
+    result = CliRunner().invoke(main, ["query", str(store), "--queries", "0:2", "--top-k", "2", "--html", str(out)])
+    assert result.exit_code == 0, result.output
+    data = lm.corpus(TINY)
+    assert f"query 0: {data.queries.text(0)[:60]}" in result.output
+    assert "raised the query's loss" in result.output and "lowered the query's loss" in result.output
+    shown = [line for line in result.output.splitlines() if "pretrain[" in line or "finetune[" in line]
+    assert len(shown) == 8  # 2 queries × (2 + 2)
+    stage, index = re.search(r"(pretrain|finetune)\[(\d+)\]", shown[0]).groups()
+    assert " ".join(data.train[stage].text(int(index)).split())[:40] in shown[0]
+    assert out.exists() and html.escape(data.queries.text(1))[:30] in out.read_text()
+
+
+def test_the_example_trains_with_the_models_own_loss_at_the_tasks_scale() -> None:
+    data = lm.corpus(TINY).train["finetune"]
+    model = lm.build_model(0, TINY)
+    task = lm.build_task(TINY)
+    batch = {"input_ids": data.input_ids[:5], "attention_mask": data.attention_mask[:5]}
+    with torch.no_grad():
+        own = model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+        assert torch.allclose(task.loss(task.forward(model, batch), batch).mean(), own, rtol=1e-5)
+    assert sp.text.mean_predicted_tokens(data) == TINY.length - 1
+
+
+def test_a_padded_bert_classifier_trained_by_the_hf_trainer_is_attributed(tmp_path: Path) -> None:
+    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+
+    from source_proj.integrations import HuggingFaceRecorder
+
+    def bert() -> torch.nn.Module:
+        torch.manual_seed(0)
+        config = BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=32, max_position_embeddings=8, num_labels=2, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0)  # fmt: skip
+        return BertForSequenceClassification(config)
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 9, (24,), generator=g).tolist()
+    sequences = [torch.randint(1, 30, (n,), generator=g).tolist() for n in lengths]
+    labels = [int(s[0] > 15) for s in sequences]
+    data = sp.TextDataset(sequences, labels=labels, length=8)
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=8, num_train_epochs=2,
+                             learning_rate=1e-3, warmup_steps=2, save_strategy="no", report_to=[], use_cpu=True,
+                             disable_tqdm=True, logging_strategy="no", seed=0)  # fmt: skip
+    Trainer(model=bert(), args=args, train_dataset=data, callbacks=[HuggingFaceRecorder(tmp_path / "run", save_every=2)]
+            ).train()  # fmt: skip
+    task = sp.SequenceClassificationTask()
+    store = sp.featurize(tmp_path / "run", bert(), task, data, tmp_path / "s.sp",
+                         projection=sp.ProjectionArguments(dim=32),
+                         options=sp.FeaturizeArguments(batch_size=8, chunk_rows=8), progress=False)  # fmt: skip
+    sp.fit(store, progress=False)
+    assert all(".encoder.layer.0." in name for name, _ in store.meta["params"])
+    queries = sp.TextDataset(sequences[:3], labels=labels[:3], length=8)
+    scores = sp.Attributor(store, bert(), task).scores(queries)
+    assert scores.shape == (3, 24) and np.isfinite(scores).all() and np.abs(scores).max() > 0
