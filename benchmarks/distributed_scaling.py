@@ -40,7 +40,8 @@ def files(store: Path) -> dict[str, bytes]:
 
 
 def run(command: list[str], threads: int) -> float:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": path}
     start = time.perf_counter()
     out = subprocess.run(command, capture_output=True, text=True, env=env)
     if out.returncode != 0:

@@ -147,6 +147,7 @@ def run_ours(
         device=str(device),
         precision=args.precision,
         num_workers=args.workers,
+        measurement=args.measurement,
     )
     feat_s, feat_peak = timer(
         lambda: sp.featurize(
@@ -252,6 +253,13 @@ def main() -> None:
         help="leave BatchNorm parameters out (default; else the factored kind projects them densely)",
     )
     parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument(
+        "--measurement",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also store the final checkpoint's measurement gradients (the TRAK baseline's input): 1.5× the "
+        "gradients of traker's featurize with 2 checkpoints; off by default so both do the same work",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
@@ -290,7 +298,8 @@ def main() -> None:
     print(
         f"# {platform.processor() or platform.machine()}, GPU {gpu}, torch {torch.__version__}, "
         f"{args.threads} threads; ResNet-9 width {args.width} ({params:,} parameters), N={args.n}, "
-        f"queries={args.queries}, batch {args.batch}, {args.precision}, skip_norm={args.skip_norm}"
+        f"queries={args.queries}, batch {args.batch}, {args.precision}, skip_norm={args.skip_norm}, "
+        f"measurement={args.measurement}"
     )
     print("| method | k | project ex/s | featurize s (ex·ckpt/s) | fit s | query s (top-50) | peak GPU GiB |")
     print("|---|---|---|---|---|---|---|")

@@ -13,7 +13,8 @@ bit-identical to an uninterrupted one.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm.auto import tqdm
 
 from . import __version__
@@ -374,36 +375,70 @@ def _featurize_units(
     scale_name: str | None = None
     stage_index = {s.name: i for i, s in enumerate(plan.trajectory.stages)}
     desc = "featurize (segmentation probe)" if plan.probe else "featurize"
-    for unit, chunk in tqdm(work, desc=desc, unit="chunk", disable=not progress):
-        if loaded != unit.point:
-            plan.load(work_model, unit.point)
-            loaded = unit.point
-        if scale_name != unit.scale:
-            scale = plan.scale(unit.scale, device)
-            scale_name = unit.scale
-        seed = np.random.SeedSequence([options.seed, *unit.seed, stage_index[unit.stage], chunk])
-        generator = torch.Generator().manual_seed(int(seed.generate_state(1, dtype=np.uint64)[0] >> 1))
-        start = chunk * options.chunk_rows
-        stop = min(len(unit.dataset), start + options.chunk_rows)  # type: ignore[arg-type]
-        feats, fisher, measured = _featurize_rows(
-            grads_fn,
-            projector,
-            task,
-            unit.dataset,
-            start,
-            stop,
-            options,
-            generator,
-            device,
-            where=f"{unit.where}, stage {unit.stage!r}",
-            scale=scale,
-            measure=_measures(unit, final, options),
-        )
-        if fisher is not None:
-            store.write_chunk(f"{unit.prefix}fisher/{unit.stage}/{unit.key}", chunk, fisher)
-        if measured is not None:
-            store.write_chunk(f"measurement/{unit.stage}/{unit.key}", chunk, measured)
-        store.write_chunk(f"{unit.prefix}grads/{unit.stage}/{unit.key}", chunk, feats)
+    rows = options.chunk_rows
+    with tqdm(total=len(work), desc=desc, unit="chunk", disable=not progress) as bar:
+        # One DataLoader per run of consecutive chunks of a unit: its workers start once and read ahead
+        # across the run's chunks (a loader per chunk would restart them every chunk).
+        for unit, run in itertools.groupby(work, key=lambda item: item[0]):
+            chunks = [chunk for _, chunk in run]
+            if loaded != unit.point:
+                plan.load(work_model, unit.point)
+                loaded = unit.point
+            if scale_name != unit.scale:
+                scale = plan.scale(unit.scale, device)
+                scale_name = unit.scale
+            size = len(unit.dataset)  # type: ignore[arg-type]
+            spans = [(c * rows, min(size, (c + 1) * rows)) for c in chunks]
+            batches = iter(_chunk_loader(unit.dataset, spans, options, device))
+            for chunk, (start, stop) in zip(chunks, spans, strict=True):
+                seed = np.random.SeedSequence([options.seed, *unit.seed, stage_index[unit.stage], chunk])
+                generator = torch.Generator().manual_seed(int(seed.generate_state(1, dtype=np.uint64)[0] >> 1))
+                feats, fisher, measured = _featurize_rows(
+                    grads_fn,
+                    projector,
+                    task,
+                    itertools.islice(batches, -(-(stop - start) // options.batch_size)),
+                    start,
+                    options,
+                    generator,
+                    device,
+                    where=f"{unit.where}, stage {unit.stage!r}",
+                    scale=scale,
+                    measure=_measures(unit, final, options),
+                )
+                if fisher is not None:
+                    store.write_chunk(f"{unit.prefix}fisher/{unit.stage}/{unit.key}", chunk, fisher)
+                if measured is not None:
+                    store.write_chunk(f"measurement/{unit.stage}/{unit.key}", chunk, measured)
+                store.write_chunk(f"{unit.prefix}grads/{unit.stage}/{unit.key}", chunk, feats)
+                bar.update()
+
+
+class _ChunkBatches(Sampler[list[int]]):
+    """Batches of ``batch_size`` consecutive rows that never straddle a chunk: each chunk's rows are
+    batched exactly as a loader over that chunk alone would batch them."""
+
+    def __init__(self, spans: Sequence[tuple[int, int]], batch_size: int) -> None:
+        self.batches = [
+            list(range(i, min(i + batch_size, stop))) for start, stop in spans for i in range(start, stop, batch_size)
+        ]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _chunk_loader(
+    dataset: Dataset, spans: Sequence[tuple[int, int]], options: FeaturizeArguments, device: torch.device
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_sampler=_ChunkBatches(spans, options.batch_size),
+        num_workers=options.num_workers,
+        pin_memory=device.type == "cuda",
+    )
 
 
 def _measures(unit: Unit, final: str, options: FeaturizeArguments) -> bool:
@@ -460,9 +495,8 @@ def _featurize_rows(
     grads_fn: PerExampleGradients,
     projector: Projector,
     task: Task,
-    dataset: Dataset,
+    batches: Iterable[Any],
     start: int,
-    stop: int,
     options: FeaturizeArguments,
     generator: torch.Generator,
     device: torch.device,
@@ -470,16 +504,11 @@ def _featurize_rows(
     scale: Mapping[str, torch.Tensor] | None = None,
     measure: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    loader = DataLoader(
-        Subset(dataset, range(start, stop)),
-        batch_size=options.batch_size,
-        shuffle=False,
-        num_workers=options.num_workers,
-        pin_memory=device.type == "cuda",
-    )
+    """Projected gradients (and Fisher factors, measurement gradients) of one chunk's ``batches``,
+    whose first row is ``start``."""
     feats, fisher, measured = [], [], []
     row = start
-    for batch in loader:
+    for batch in batches:
         batch = move_batch(batch, device)
         outputs = grads_fn.outputs(batch)
         task.loss(outputs, batch)  # validates targets (label ranges) outside vmap

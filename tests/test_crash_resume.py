@@ -3,6 +3,7 @@ command and end bit-identical to an uninterrupted run."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -19,7 +20,7 @@ import pytest
 import source_proj as sp
 from source_proj.durable import PARTIAL_SUFFIX, DurableLocalStore
 
-from .crash_driver import FIT, featurize, files
+from .crash_driver import FIT, OPTIONS, featurize, files
 
 DRIVER = Path(__file__).with_name("crash_driver.py")
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,3 +164,23 @@ def test_disk_full_is_one_sentence_and_the_same_command_resumes(
     featurize(tiny_run, store)
     sp.fit(store, FIT, progress=False)
     assert files(store) == files(tiny_reference)
+
+
+def test_loader_workers_write_the_store_one_process_writes(
+    tmp_path: Path, tiny_run: Path, tiny_reference: Path
+) -> None:
+    """featurize with DataLoader workers (one loader per run of chunks) writes the reference's bytes."""
+    store = tmp_path / "workers.sp"
+    featurize(tiny_run, store, options=dataclasses.replace(OPTIONS, num_workers=2))
+    ours, reference = files(store), files(tiny_reference)
+    arrays = ("grads/", "fisher/", "progress/grads/", "progress/fisher/")
+    featurized = [name for name in reference if name.startswith(arrays)]
+    assert len(featurized) > 10
+    assert all(ours.get(name) == reference[name] for name in featurized)
+
+
+def test_chunk_batches_never_straddle_a_chunk() -> None:
+    from source_proj.featurize import _ChunkBatches
+
+    assert list(_ChunkBatches([(0, 4), (8, 10)], 3)) == [[0, 1, 2], [3], [8, 9]]
+    assert len(_ChunkBatches([(4, 8)], 4)) == 1
