@@ -34,12 +34,49 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 import source_proj as sp
 from source_proj.fastjl import fast_jl_available
 from source_proj.gradients import PerExampleGradients, move_batch
 from source_proj.projection import make_projector
+
+
+class PNGImages(Dataset):
+    """The images as PNG files in memory, decoded, randomly cropped (4-pixel padding), flipped and
+    normalised in ``__getitem__``: the CPU work of a usual CIFAR input pipeline, so that DataLoader
+    workers have something to overlap. The crop and flip are seeded by the index (reproducible)."""
+
+    def __init__(self, data: TensorDataset) -> None:
+        import io
+
+        from PIL import Image
+
+        x, self.labels = data.tensors
+        pixels = ((x - x.min()) / (x.max() - x.min()) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        self.files = []
+        for image in pixels:
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, format="PNG")
+            self.files.append(buffer.getvalue())
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        image = np.asarray(Image.open(io.BytesIO(self.files[i])).convert("RGB"), dtype=np.float32) / 255
+        rng = np.random.default_rng(i)
+        dy, dx = rng.integers(0, 9, 2)
+        image = np.pad(image, ((4, 4), (4, 4), (0, 0)), mode="reflect")[dy : dy + 32, dx : dx + 32]
+        if rng.random() < 0.5:
+            image = image[:, ::-1]
+        image = (image - 0.5) / 0.25
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), self.labels[i]
 
 
 def conv_bn(c_in: int, c_out: int, pool: bool = False) -> nn.Sequential:
@@ -149,12 +186,13 @@ def run_ours(
         num_workers=args.workers,
         measurement=args.measurement,
     )
+    train = PNGImages(data) if args.data == "png" else data
     feat_s, feat_peak = timer(
         lambda: sp.featurize(
             tmp / "run",
             resnet9(args.width),
             task,
-            data,
+            train,
             store,
             projection=sp.ProjectionArguments(dim=dim, kind=kind),
             options=options,
@@ -252,7 +290,14 @@ def main() -> None:
         default=True,
         help="leave BatchNorm parameters out (default; else the factored kind projects them densely)",
     )
-    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of our featurize")
+    parser.add_argument(
+        "--data",
+        choices=["tensors", "png"],
+        default="tensors",
+        help="training data for our featurize: tensors in memory, or PNG files decoded and augmented per "
+        "example (CPU work for --workers to overlap; no traker row then)",
+    )
     parser.add_argument(
         "--measurement",
         action=argparse.BooleanOptionalAction,
@@ -286,7 +331,9 @@ def main() -> None:
                     continue
                 rows.append(run_ours(kind, dim, args, data, queries, tmp, device, timer))
                 print(rows[-1], file=sys.stderr)
-            if importlib.util.find_spec("trak") is None:
+            if args.data == "png":
+                notes.append("--data png: no traker row (traker is timed on tensors in memory only).")
+            elif importlib.util.find_spec("trak") is None:
                 notes.append("traker not installed: no TRAK row (`pip install traker[fast]` on a CUDA machine).")
             else:
                 if device.type != "cuda":
@@ -299,7 +346,7 @@ def main() -> None:
         f"# {platform.processor() or platform.machine()}, GPU {gpu}, torch {torch.__version__}, "
         f"{args.threads} threads; ResNet-9 width {args.width} ({params:,} parameters), N={args.n}, "
         f"queries={args.queries}, batch {args.batch}, {args.precision}, skip_norm={args.skip_norm}, "
-        f"measurement={args.measurement}"
+        f"measurement={args.measurement}, data={args.data}, workers={args.workers}"
     )
     print("| method | k | project ex/s | featurize s (ex·ckpt/s) | fit s | query s (top-50) | peak GPU GiB |")
     print("|---|---|---|---|---|---|---|")

@@ -379,8 +379,9 @@ def _featurize_units(
     with tqdm(total=len(work), desc=desc, unit="chunk", disable=not progress) as bar:
         # One DataLoader per run of consecutive chunks of a unit: its workers start once and read ahead
         # across the run's chunks (a loader per chunk would restart them every chunk).
-        for unit, run in itertools.groupby(work, key=lambda item: item[0]):
-            chunks = [chunk for _, chunk in run]
+        for _, group in itertools.groupby(work, key=lambda item: id(item[0])):
+            run = list(group)
+            unit, chunks = run[0][0], [chunk for _, chunk in run]
             if loaded != unit.point:
                 plan.load(work_model, unit.point)
                 loaded = unit.point

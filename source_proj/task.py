@@ -143,12 +143,19 @@ class Task(ABC):
         module (the activations before the output layer), flattened per example. Override it for
         models whose output layer is not the last ``nn.Linear``.
         """
-        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-        if not linears:
+        hidden = self._last_linear_input(model, batch)
+        if hidden is None:
             raise TaskError(
                 f"{type(model).__name__} has no nn.Linear layer, so its last hidden representation is unknown; "
                 "override Task.representation for this model."
             )
+        return hidden.reshape(hidden.shape[0], -1)
+
+    def _last_linear_input(self, model: nn.Module, batch: Batch) -> Tensor | None:
+        """The float input of the model's last ``nn.Linear`` in :meth:`forward` (None: the model has none)."""
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            return None
         captured: list[Tensor] = []
         handle = linears[-1].register_forward_pre_hook(lambda _, args: captured.append(args[0].detach()))
         try:
@@ -156,7 +163,7 @@ class Task(ABC):
                 self.forward(model, batch)
         finally:
             handle.remove()
-        return captured[-1].reshape(captured[-1].shape[0], -1).float()
+        return captured[-1].float()
 
     def describe(self) -> dict[str, Any]:
         """JSON-serialisable identity of the task, stored in the store's metadata."""

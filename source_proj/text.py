@@ -342,17 +342,9 @@ class _TextTask(Task):
     def representation(self, model: nn.Module, batch: Batch) -> Tensor:
         """The input of the model's last ``nn.Linear`` (its last hidden states), averaged over the tokens of
         each sequence when it is per position: float ``[B, h]`` (RepSim compares these)."""
-        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-        if not linears:
+        hidden = self._last_linear_input(model, batch)
+        if hidden is None:
             return super().representation(model, batch)
-        captured: list[Tensor] = []
-        handle = linears[-1].register_forward_pre_hook(lambda _, args: captured.append(args[0].detach()))
-        try:
-            with torch.no_grad():
-                self.forward(model, batch)
-        finally:
-            handle.remove()
-        hidden = captured[-1].float()
         if hidden.dim() == 3:
             weights = _padding_mask(batch).to(hidden)[..., None]
             return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)

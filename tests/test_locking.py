@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -13,28 +10,12 @@ import pytest
 import source_proj as sp
 
 from .crash_driver import featurize, files
+from .forked import held_in_child
 
 
-@contextmanager
-def _held_by_another_process(path: Path, mode: str = "exclusive") -> Iterator[int]:
+def _held_by_another_process(path: Path, mode: str = "exclusive") -> AbstractContextManager[int]:
     """A forked process that takes the store's lock and sleeps until it is SIGKILLed; yields its pid."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            sp.store_lock(path, mode).acquire()  # type: ignore[arg-type]
-            os.write(write, b"1")
-            signal.pause()
-        finally:
-            os._exit(0)
-    os.close(write)
-    assert os.read(read, 1) == b"1"
-    os.close(read)
-    try:
-        yield pid
-    finally:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+    return held_in_child(lambda: sp.store_lock(path, mode).acquire())  # type: ignore[arg-type]
 
 
 def test_a_second_writer_is_refused_and_a_killed_one_blocks_nothing(tmp_path: Path, tiny_run: Path) -> None:

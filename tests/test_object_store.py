@@ -3,12 +3,9 @@ local durable store; lease locks refuse a second writer and release a killed one
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import fsspec
@@ -20,6 +17,7 @@ from source_proj.leaselock import ObjectStoreLock
 from source_proj.locking import LockHeld
 
 from .crash_driver import FIT, build_model, data, featurize, files
+from .forked import held_in_child
 
 
 def test_a_memory_url_store_runs_featurize_fit_query_exactly_like_a_local_one(
@@ -66,26 +64,9 @@ def test_a_file_url_is_the_local_durable_store(tmp_path: Path, tiny_run: Path, t
     assert (store / ".source-proj.lock").is_file()  # flock, not lease markers
 
 
-@contextmanager
-def _held_elsewhere(url: str, mode: str, lease: float) -> Iterator[int]:
+def _held_elsewhere(url: str, mode: str, lease: float) -> AbstractContextManager[int]:
     """A forked process holding an ObjectStoreLock until SIGKILLed; yields its pid."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            ObjectStoreLock(url, mode, lease=lease).acquire()  # type: ignore[arg-type]
-            os.write(write, b"1")
-            signal.pause()
-        finally:
-            os._exit(0)
-    os.close(write)
-    assert os.read(read, 1) == b"1"
-    os.close(read)
-    try:
-        yield pid
-    finally:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+    return held_in_child(lambda: ObjectStoreLock(url, mode, lease=lease).acquire())  # type: ignore[arg-type]
 
 
 def test_lease_locks_refuse_a_second_writer_and_a_killed_one_blocks_for_one_lease(tmp_path: Path) -> None:
