@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -90,10 +91,8 @@ class ObjectStoreLock(StoreLock):
         fs.pipe_file(self._marker, json.dumps(info).encode())
 
     def _delete_marker(self, fs: fsspec.AbstractFileSystem) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):  # lapsed and removed by another writer
             fs.rm(self._marker)
-        except FileNotFoundError:
-            pass
 
     def _conflict(self, fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, Any] | None:
         """The holder of a live marker that excludes this one (``None``: the lock is ours)."""

@@ -25,6 +25,7 @@ directory and gets the local, fsync'ed store) is read and written through zarr's
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import fsspec
@@ -74,10 +75,8 @@ def remove(url: str, key: str = "") -> None:
     fs, root = filesystem(url)
     targets = [f"{root}/{key}"] if key else [f"{root}/{name}" for name in contents(url)]
     for target in targets:
-        try:
+        with contextlib.suppress(FileNotFoundError):  # already gone: nothing to delete
             fs.rm(target, recursive=True)
-        except FileNotFoundError:
-            pass
 
 
 class RemoteStore(FsspecStore):
