@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 import source_proj as sp
 from source_proj import evaluation as ev
 from source_proj.distributed import Shard, launched
+from source_proj.durable import atomic_write_bytes
 from source_proj.fit import store_view
 from source_proj.info import store_summary
 from source_proj.projection import PROJECTION_KINDS
@@ -303,14 +305,16 @@ def _select(n: int, spec: str | None) -> list[int]:
 
 
 def _write(records: list[dict[str, Any]], path: Path) -> None:
+    """Write the results in the format of ``path``'s suffix, atomically (never a half-written file)."""
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(records[0]))
-            writer.writeheader()
-            writer.writerows(records)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+        data = text.getvalue().encode()
     elif suffix == ".jsonl":
-        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        data = "".join(json.dumps(r) + "\n" for r in records).encode()
     elif suffix == ".parquet":
         try:
             import pyarrow as pa
@@ -319,9 +323,12 @@ def _write(records: list[dict[str, Any]], path: Path) -> None:
             raise click.ClickException(
                 "Writing parquet needs pyarrow; `pip install source-proj[parquet]` or use .csv/.jsonl."
             ) from err
-        pq.write_table(pa.Table.from_pylist(records), path)
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist(records), sink)
+        data = sink.getvalue().to_pybytes()
     else:
         raise click.BadParameter(f"unknown output format {suffix!r}; use .csv, .jsonl or .parquet", param_hint="--out")
+    atomic_write_bytes(path, data)
 
 
 @main.command(cls=_Command)

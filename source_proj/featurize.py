@@ -515,7 +515,7 @@ def _featurize_rows(
         task.loss(outputs, batch)  # validates targets (label ranges) outside vmap
         projected = projector.project_batch(grads_fn, batch, "loss", scale=scale)
         # Checked per batch, before labels are sampled from outputs a non-finite example would poison.
-        _check_finite(projected, row, where, "training-loss gradient")
+        check_finite(projected, row, where, "training-loss gradient")
         feats.append(projected)
         row += projected.shape[0]
         if options.fisher != "empirical":
@@ -532,20 +532,23 @@ def _featurize_rows(
     out_fisher = out_measured = None
     if fisher:
         all_fisher = torch.cat(fisher)
-        _check_finite(all_fisher.reshape(all_feats.shape[0], -1), start, where, "Fisher (sampled-label) gradient")
+        check_finite(all_fisher.reshape(all_feats.shape[0], -1), start, where, "Fisher (sampled-label) gradient")
         out_fisher = all_fisher.cpu().numpy()
     if measured:
         all_measured = torch.cat(measured)
-        _check_finite(all_measured, start, where, "measurement gradient")
+        check_finite(all_measured, start, where, "measurement gradient")
         out_measured = all_measured.cpu().numpy()
     return all_feats.cpu().numpy(), out_fisher, out_measured
 
 
-def _check_finite(values: torch.Tensor, first_row: int, where: str, what: str) -> None:
+def check_finite(
+    values: torch.Tensor, first_row: int, where: str, what: str, example: str = "training example"
+) -> None:
+    """Raise a :class:`NumericalError` naming the first row of ``values`` (``[rows, k]``) that is not finite."""
     bad = ~torch.isfinite(values).all(dim=1)
     if bad.any():
-        example = first_row + int(torch.nonzero(bad)[0, 0])
+        row = first_row + int(torch.nonzero(bad)[0, 0])
         raise NumericalError(
-            f"The {what} of training example {example} at {where} is NaN or infinite; check that example's "
+            f"The {what} of {example} {row} at {where} is NaN or infinite; check that example's "
             "input and label, and the checkpoint's weights."
         )

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .errors import StoreError, TaskError
-from .featurize import default_device
+from .featurize import check_finite, default_device
 from .gradients import PerExampleGradients, move_batch
 from .preconditioner import read_scale
 from .projection import Projector, make_projector
@@ -180,6 +180,8 @@ class Attributor:
                     for b in _batches(queries, self.batch_size)
                 ]
             part = torch.cat(feats)
+            what = "representation" if representation else "measurement gradient"
+            check_finite(part, 0, f"checkpoint step {step}", what, example="query")
             if self.recipe.get("normalize", False):
                 part = torch.nn.functional.normalize(part, dim=1)
             parts.append(part * weight)

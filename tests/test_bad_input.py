@@ -163,6 +163,16 @@ def test_non_finite_gradient_names_the_checkpoint_and_the_example(tmp_path: Path
     assert not (tmp_path / "s.sp").exists()
 
 
+def test_non_finite_query_names_the_query(tiny_reference: Path) -> None:
+    x, y = data().tensors
+    x = x[:5].clone()
+    x[3, 0] = float("inf")
+    attributor = sp.Attributor(tiny_reference, build_model(), sp.ClassificationTask())
+    with pytest.raises(sp.NumericalError) as err:
+        attributor.top_k(TensorDataset(x, y[:5]), 2)
+    assert "measurement gradient of query 3 at checkpoint step 8 is NaN or infinite" in _one_sentence(err)
+
+
 @pytest.mark.parametrize("damage", ["truncated", "bit flip"])
 def test_damaged_chunk_is_named_with_the_repair_command(
     tmp_path: Path, tiny_run: Path, tiny_reference: Path, damage: str
