@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
+import source_proj as sp
 from source_proj import TrajectoryRecorder, fit
 
 from .crash_driver import FIT, featurize, record
@@ -77,4 +79,38 @@ def tiny_reference(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     store = tmp_path_factory.mktemp("tiny-reference") / "reference.sp"
     featurize(tiny_run, store)
     fit(store, FIT, progress=False)
+    return store
+
+
+def mlp() -> nn.Module:
+    """The 4-16-3 MLP of :func:`fitted_mlp_store` (any initialisation: stores load their checkpoints)."""
+    return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+@pytest.fixture
+def fitted_mlp_store(tmp_path: Path, classification_data: TensorDataset) -> Path:
+    """A 4-16-3 MLP trained full-batch on ``classification_data`` (30 steps, checkpoints every 5),
+    featurized at k = 32 in row chunks of 9 (the last one partial) and fitted with SOURCE."""
+    torch.manual_seed(0)
+    full_batch_run(
+        tmp_path / "run",
+        mlp(),
+        classification_data,
+        lambda o, t: F.cross_entropy(o, t, reduction="none"),
+        lr=0.1,
+        steps=30,
+        save_every=5,
+    )
+    store = tmp_path / "s.sp"
+    sp.featurize(
+        tmp_path / "run",
+        mlp(),
+        sp.ClassificationTask(),
+        classification_data,
+        store,
+        projection=sp.ProjectionArguments(dim=32),
+        options=sp.FeaturizeArguments(batch_size=7, chunk_rows=9),
+        progress=False,
+    )
+    fit(store, progress=False)
     return store

@@ -15,7 +15,7 @@ from torch.utils.data import TensorDataset
 import source_proj as sp
 from source_proj.query import StageRows, search
 
-from .conftest import full_batch_run
+from .conftest import full_batch_run, mlp
 
 
 def test_faiss_top_k_equals_a_brute_force_sort() -> None:
@@ -37,34 +37,11 @@ def test_faiss_top_k_equals_a_brute_force_sort() -> None:
     assert records[0]["kind"] == "helpful" and records[0]["rank"] == 1
 
 
-def test_top_k_through_the_pipeline_matches_the_score_matrix(tmp_path: Path, classification_data) -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
-    full_batch_run(
-        tmp_path / "run",
-        model,
-        classification_data,
-        lambda o, t: F.cross_entropy(o, t, reduction="none"),
-        lr=0.1,
-        steps=30,
-        save_every=5,
-    )
+def test_top_k_through_the_pipeline_matches_the_score_matrix(fitted_mlp_store: Path) -> None:
     queries = TensorDataset(
         torch.randn(6, 4, generator=torch.Generator().manual_seed(2)), torch.tensor([0, 1, 2, 0, 1, 2])
     )
-    arch = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
-    sp.featurize(
-        tmp_path / "run",
-        arch,
-        sp.ClassificationTask(),
-        classification_data,
-        tmp_path / "s.sp",
-        projection=sp.ProjectionArguments(dim=32),
-        options=sp.FeaturizeArguments(batch_size=7, chunk_rows=9),
-        progress=False,
-    )
-    sp.fit(tmp_path / "s.sp", progress=False)
-    attributor = sp.Attributor(tmp_path / "s.sp", arch, sp.ClassificationTask())
+    attributor = sp.Attributor(fitted_mlp_store, mlp(), sp.ClassificationTask())
     scores = attributor.scores(queries)
     result = attributor.top_k(queries, 5)
     assert scores.shape == (6, 30)

@@ -8,15 +8,13 @@ import faiss
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import TensorDataset
 
 import source_proj as sp
 from source_proj.query import StageRows, search
 from source_proj.topk import TorchIndex, build_index
 
-from .conftest import full_batch_run
+from .conftest import mlp
 
 
 def _brute(queries: np.ndarray, feats: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -77,35 +75,12 @@ def test_streamed_search_reads_one_chunk_at_a_time() -> None:
     assert list(ids[:, 0]) == [int(np.argmax(feats[i] @ feats.T)) for i in range(3)]
 
 
-def test_attributor_search_backends_give_the_same_top_k(tmp_path: Path, classification_data) -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
-    full_batch_run(
-        tmp_path / "run",
-        model,
-        classification_data,
-        lambda o, t: F.cross_entropy(o, t, reduction="none"),
-        lr=0.1,
-        steps=20,
-        save_every=5,
-    )
-    arch = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
-    sp.featurize(
-        tmp_path / "run",
-        arch,
-        sp.ClassificationTask(),
-        classification_data,
-        tmp_path / "s.sp",
-        projection=sp.ProjectionArguments(dim=32),
-        options=sp.FeaturizeArguments(batch_size=7, chunk_rows=8),
-        progress=False,
-    )
-    sp.fit(tmp_path / "s.sp", progress=False)
+def test_attributor_search_backends_give_the_same_top_k(fitted_mlp_store: Path) -> None:
     queries = TensorDataset(
         torch.randn(5, 4, generator=torch.Generator().manual_seed(3)), torch.tensor([0, 1, 2, 0, 1])
     )
     results = {
-        b: sp.Attributor(tmp_path / "s.sp", arch, sp.ClassificationTask(), search_backend=b).top_k(queries, 6)
+        b: sp.Attributor(fitted_mlp_store, mlp(), sp.ClassificationTask(), search_backend=b).top_k(queries, 6)
         for b in ("faiss", "torch", "stream")
     }
     for b in ("torch", "stream"):
