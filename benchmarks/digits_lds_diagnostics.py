@@ -29,8 +29,8 @@ import settings
 
 import source_proj as sp
 from source_proj import evaluation as ev
-from source_proj.fit import _fold_chunk, segment_operators, store_segments
-from source_proj.source import fold
+from source_proj.methods.fit import _fold_chunk, segment_operators, store_segments
+from source_proj.methods.source import fold
 
 
 def scaled_source_features(store: sp.Store, args: sp.FitArguments, scale: float) -> np.ndarray:

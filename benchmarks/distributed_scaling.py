@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "digits"))
 import digits
 
-from source_proj.durable import LOCK_FILE
+from source_proj.store.durable import LOCK_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -25,7 +25,7 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
-from source_proj.durable import DurableLocalStore
+from source_proj.store.durable import DurableLocalStore
 
 DRIVER = Path(__file__).resolve().parents[1] / "tests" / "crash_driver.py"
 

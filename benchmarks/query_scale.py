@@ -23,8 +23,8 @@ import faiss
 import numpy as np
 import torch
 
-from source_proj.query import StageRows, search
-from source_proj.topk import TorchIndex, faiss_gpu_available
+from source_proj.query.attributor import StageRows, search
+from source_proj.query.topk import TorchIndex, faiss_gpu_available
 
 
 def timed(fn, device: torch.device) -> float:

@@ -37,9 +37,9 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 import source_proj as sp
-from source_proj.fastjl import fast_jl_available
-from source_proj.gradients import PerExampleGradients, move_batch
-from source_proj.projection import make_projector
+from source_proj.projection.factory import make_projector
+from source_proj.projection.fastjl import fast_jl_available
+from source_proj.tasks.gradients import PerExampleGradients, move_batch
 
 
 class PNGImages(Dataset):

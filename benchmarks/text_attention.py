@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "text"))
 import lm
 
-from source_proj.gradients import PerExampleGradients
-from source_proj.projection import make_projector
+from source_proj.projection.factory import make_projector
+from source_proj.tasks.gradients import PerExampleGradients
 
 
 def main() -> None:

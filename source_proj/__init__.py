@@ -7,25 +7,27 @@ helps query ``q`` (removing ``z`` would lower the measurement).
 
 __version__ = "0.1.0"
 
-from .autosegment import TrajectoryView
-from .baselines import BASELINES, BaselineArguments, fit_baseline
-from .durable import atomic_write_bytes
-from .ensemble import Ensemble
-from .errors import NumericalError, SourceProjError, StoreError, TaskError, TrajectoryError
-from .factored import FactoredProjector
-from .fastjl import FastJLProjector
-from .featurize import FeaturizeArguments, ProjectionArguments, featurize
-from .fit import FitArguments, fit
-from .locking import StoreLock, store_lock
-from .pipeline import attribute
-from .projection import IdentityProjector, Projector, RademacherProjector
-from .query import Attributor, QueryResult
-from .segments import Segment, SegmentationArguments, make_segments
-from .store import Store
-from .task import ClassificationTask, ParameterSelection, RegressionTask, Task
-from .text import LanguageModelingTask, ModuleSelection, SequenceClassificationTask, TextDataset
-from .trajectory import Trajectory, TrajectoryRecorder
-from .verify import VerifyReport, verify_store
+from source_proj.errors import NumericalError, SourceProjError, StoreError, TaskError, TrajectoryError
+from source_proj.featurize.arguments import FeaturizeArguments, ProjectionArguments
+from source_proj.featurize.featurize import featurize
+from source_proj.methods.baselines import BASELINES, BaselineArguments, fit_baseline
+from source_proj.methods.fit import FitArguments, fit
+from source_proj.pipeline import attribute
+from source_proj.projection.base import IdentityProjector, Projector, RademacherProjector
+from source_proj.projection.factored import FactoredProjector
+from source_proj.projection.fastjl import FastJLProjector
+from source_proj.query.attributor import Attributor, QueryResult
+from source_proj.query.ensemble import Ensemble
+from source_proj.store.durable import atomic_write_bytes
+from source_proj.store.locking import StoreLock
+from source_proj.store.store import Store
+from source_proj.store.verify import VerifyReport, verify_store
+from source_proj.store.writing import store_lock
+from source_proj.tasks.task import ClassificationTask, ParameterSelection, RegressionTask, Task
+from source_proj.tasks.text import LanguageModelingTask, ModuleSelection, SequenceClassificationTask, TextDataset
+from source_proj.trajectory.autosegment import TrajectoryView
+from source_proj.trajectory.recorder import Trajectory, TrajectoryRecorder
+from source_proj.trajectory.segments import Segment, SegmentationArguments, make_segments
 
 __all__ = [
     "BASELINES",

@@ -36,8 +36,9 @@ from typing import Protocol, TypeVar
 import torch
 import torch.distributed as dist
 
-from .errors import StoreError
-from .locking import LockHeld, store_lock, writing
+from source_proj.errors import StoreError
+from source_proj.store.locking import LockHeld
+from source_proj.store.writing import store_lock, writing
 
 T = TypeVar("T")
 

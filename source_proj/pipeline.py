@@ -9,12 +9,13 @@ from typing import Any
 from torch import nn
 from torch.utils.data import Dataset
 
-from .featurize import FeaturizeArguments, ProjectionArguments, featurize
-from .fit import FitArguments, fit
-from .query import Attributor, QueryResult
-from .store import Store
-from .task import Task
-from .trajectory import Trajectory
+from source_proj.featurize.arguments import FeaturizeArguments, ProjectionArguments
+from source_proj.featurize.featurize import featurize
+from source_proj.methods.fit import FitArguments, fit
+from source_proj.query.attributor import Attributor, QueryResult
+from source_proj.store.store import Store
+from source_proj.tasks.task import Task
+from source_proj.trajectory.recorder import Trajectory
 
 
 def attribute(

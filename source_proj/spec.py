@@ -30,8 +30,8 @@ import numpy as np
 from torch import nn
 from torch.utils.data import Dataset
 
-from .errors import TaskError
-from .task import Task
+from source_proj.errors import TaskError
+from source_proj.tasks.task import Task
 
 _REQUIRED = ("build_model", "build_task", "train_data")
 

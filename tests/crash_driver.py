@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import source_proj as sp
-from source_proj.durable import LOCK_FILE, PARTIAL_SUFFIX
+from source_proj.store.durable import LOCK_FILE, PARTIAL_SUFFIX
 
 DIM = 12
 OPTIONS = sp.FeaturizeArguments(batch_size=4, chunk_rows=4, device="cpu")

@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from source_proj.cli.main import main
 from torch import nn
 from torch.utils.data import TensorDataset
 
 import source_proj as sp
-from source_proj.autosegment import optimal_partition
+from source_proj.cli.main import main
+from source_proj.trajectory.autosegment import optimal_partition
 
 
 def test_optimal_partition_matches_brute_force() -> None:

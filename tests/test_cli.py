@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from source_proj.cli.main import main
 
 import source_proj as sp
+from source_proj.cli.main import main
 
 from .conftest import full_batch_run
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from source_proj.cli.main import main
 
 import source_proj as sp
 from source_proj import evaluation as ev
+from source_proj.cli.main import main
 from source_proj.spec import load_spec
 
 SPEC = """

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import source_proj as sp
-from source_proj.durable import PARTIAL_SUFFIX, DurableLocalStore
+from source_proj.store.durable import PARTIAL_SUFFIX, DurableLocalStore
 
 from .crash_driver import FIT, OPTIONS, featurize, files
 
@@ -180,7 +180,7 @@ def test_loader_workers_write_the_store_one_process_writes(
 
 
 def test_chunk_batches_never_straddle_a_chunk() -> None:
-    from source_proj.featurize import _ChunkBatches
+    from source_proj.featurize.featurize import _ChunkBatches
 
     assert list(_ChunkBatches([(0, 4), (8, 10)], 3)) == [[0, 1, 2], [3], [8, 9]]
     assert len(_ChunkBatches([(4, 8)], 4)) == 1

@@ -12,8 +12,8 @@ import pytest
 import zarr
 
 import source_proj as sp
-from source_proj import durable
-from source_proj.durable import LOCK_FILE, PARTIAL_SUFFIX, DurableLocalStore
+from source_proj.store import durable
+from source_proj.store.durable import LOCK_FILE, PARTIAL_SUFFIX, DurableLocalStore
 
 
 def test_atomic_write_replaces_the_file_or_leaves_it_untouched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

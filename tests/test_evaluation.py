@@ -14,7 +14,7 @@ import pytest
 
 from source_proj import NumericalError, TaskError
 from source_proj import evaluation as ev
-from source_proj.query import StageRows
+from source_proj.query.attributor import StageRows
 
 N, Q = 40, 20
 ROWS = [StageRows("main", 0, N)]

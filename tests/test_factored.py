@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from source_proj import ClassificationTask, TaskError
-from source_proj.factored import FactoredLayer, FactoredProjector, factor_split, factorable_layers
-from source_proj.gradients import PerExampleGradients
-from source_proj.projection import make_projector, rademacher_signs
+from source_proj.projection.base import rademacher_signs
+from source_proj.projection.factored import FactoredLayer, FactoredProjector, factor_split, factorable_layers
+from source_proj.projection.factory import make_projector
+from source_proj.tasks.gradients import PerExampleGradients
 
 
 def _projector(model: nn.Module, dim: int, seed: int = 0) -> FactoredProjector:

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from source_proj import ClassificationTask
-from source_proj.fastjl import fast_jl_available
-from source_proj.gradients import PerExampleGradients
-from source_proj.projection import make_projector
-from source_proj.topk import TorchIndex, faiss_gpu_available
+from source_proj.projection.factory import make_projector
+from source_proj.projection.fastjl import fast_jl_available
+from source_proj.query.topk import TorchIndex, faiss_gpu_available
+from source_proj.tasks.gradients import PerExampleGradients
 
 pytestmark = [
     pytest.mark.gpu,
@@ -95,7 +95,7 @@ def test_fast_jl_is_a_normalised_reproducible_projection() -> None:
 
 @pytest.mark.skipif(not faiss_gpu_available(), reason="this FAISS build has no GPU support")
 def test_faiss_gpu_index_equals_torch_index() -> None:
-    from source_proj.topk import build_index
+    from source_proj.query.topk import build_index
 
     rng = np.random.default_rng(1)
     feats = rng.standard_normal((5000, 32)).astype(np.float32)

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from source_proj.cli.main import main
 from torch import nn
 from torch.func import functional_call, grad, jacrev
 from torch.utils.data import TensorDataset
 
 import source_proj as sp
+from source_proj.cli.main import main
 
 
 def _squared(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

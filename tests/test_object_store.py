@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import source_proj as sp
-from source_proj.leaselock import ObjectStoreLock
-from source_proj.locking import LockHeld
+from source_proj.store.leaselock import ObjectStoreLock
+from source_proj.store.locking import LockHeld
 
 from .crash_driver import FIT, build_model, data, featurize, files
 from .forked import held_in_child

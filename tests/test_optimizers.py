@@ -14,9 +14,9 @@ from torch.func import functional_call, grad, jacrev
 from torch.utils.data import TensorDataset
 
 import source_proj as sp
-from source_proj.preconditioner import checkpoint_preconditioner, coupled_decay
-from source_proj.segments import optimizer_rule
-from source_proj.trajectory import Stage
+from source_proj.trajectory.preconditioner import checkpoint_preconditioner, coupled_decay
+from source_proj.trajectory.recorder import Stage
+from source_proj.trajectory.segments import optimizer_rule
 
 
 def _squared(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -373,7 +373,7 @@ def test_baselines_on_an_adam_store_query_in_the_same_preconditioned_coordinates
     ours = sp.Attributor(store, nn.Linear(3, 1), sp.RegressionTask(), method="grad-dot").scores(queries)
 
     # Brute force: −⟨D^{-1/2}∇f(q; θ_T), D^{-1/2}∇ℓ(z; θ_T)⟩ with the last segment's D (as featurize scaled z).
-    from source_proj.preconditioner import read_scale
+    from source_proj.trajectory.preconditioner import read_scale
 
     scale = read_scale(store, "preconditioner/2", store.meta["params"])
     traj = sp.Trajectory.load(tmp_path / "run")

@@ -14,9 +14,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import source_proj as sp
-from source_proj.fastjl import fast_jl_available
-from source_proj.projection import make_projector
-from source_proj.query import projector_from_meta
+from source_proj.projection.factory import make_projector, projector_from_meta
+from source_proj.projection.fastjl import fast_jl_available
 
 from .conftest import full_batch_run
 
@@ -123,6 +122,7 @@ def test_bf16_featurize_records_its_precision_and_keeps_scores(
 
 def test_cli_factored_bf16_featurize_and_streamed_query(tmp_path: Path) -> None:
     from click.testing import CliRunner
+
     from source_proj.cli.main import main
 
     from .test_cli import SPEC

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import source_proj as sp
-from source_proj.query import StageRows, search
+from source_proj.query.attributor import StageRows, search
 
 from .conftest import full_batch_run, mlp
 

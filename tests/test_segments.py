@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import source_proj as sp
-from source_proj.trajectory import Stage
+from source_proj.trajectory.recorder import Stage
 
 
 def _stage(name: str, start: int, end: int, momentum: float = 0.0, decay: float = 0.0) -> Stage:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import source_proj as sp
-from source_proj.topk import TorchIndex, build_index, faiss_shards
+from source_proj.query.topk import TorchIndex, build_index, faiss_shards
 
 from .crash_driver import build_model, data
 

@@ -14,7 +14,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 from torch.utils.data import TensorDataset
 
 import source_proj as sp
-from source_proj.source import SegmentOperator, fold, phi
+from source_proj.methods.source import SegmentOperator, fold, phi
 
 from .conftest import full_batch_run
 

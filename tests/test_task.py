@@ -8,7 +8,7 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 import source_proj as sp
-from source_proj.gradients import PerExampleGradients
+from source_proj.tasks.gradients import PerExampleGradients
 
 
 def test_margin_is_correct_logit_minus_logsumexp_of_the_others() -> None:

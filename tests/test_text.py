@@ -14,8 +14,8 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 import source_proj as sp
-from source_proj.gradients import PerExampleGradients
-from source_proj.text import attention_bias, loss_positions
+from source_proj.tasks.gradients import PerExampleGradients
+from source_proj.tasks.text import attention_bias, loss_positions
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model is built from a config: nothing may be downloaded
 transformers.logging.set_verbosity_error()

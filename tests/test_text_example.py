@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from source_proj.cli.main import main
 
 import source_proj as sp
-from source_proj.text_report import ShadedText, text_report
+from source_proj.cli.main import main
+from source_proj.query.text_report import ShadedText, text_report
+from source_proj.tasks.text import mean_predicted_tokens
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "text"
@@ -74,7 +75,7 @@ def test_two_stage_adamw_run_with_warmup_is_recorded_and_attributed(fitted: tupl
     assert all(s.optimizer["kind"] == "adamw" for s in trajectory.stages)
     assert trajectory.lr[0] < trajectory.lr[1] and trajectory.lr[6] < trajectory.lr[7]  # each stage warms up
     meta = sp.Store.open(store).meta
-    assert meta["task"]["class"] == "source_proj.text.LanguageModelingTask"
+    assert meta["task"]["class"] == "source_proj.tasks.text.LanguageModelingTask"
     assert meta["task"]["tokens_per_sequence"] == TINY.length - 1
     assert all(".h.0." in name for name, _ in meta["params"])  # attention and MLP layers only
     attributor = sp.Attributor(store, lm.build_model(0, TINY), lm.build_task(TINY))
@@ -123,7 +124,7 @@ def test_the_example_trains_with_the_models_own_loss_at_the_tasks_scale() -> Non
     with torch.no_grad():
         own = model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
         assert torch.allclose(task.loss(task.forward(model, batch), batch).mean(), own, rtol=1e-5)
-    assert sp.text.mean_predicted_tokens(data) == TINY.length - 1
+    assert mean_predicted_tokens(data) == TINY.length - 1
 
 
 def test_a_padded_bert_classifier_trained_by_the_hf_trainer_is_attributed(tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 import source_proj as sp
-from source_proj.query import StageRows, search
-from source_proj.topk import TorchIndex, build_index
+from source_proj.query.attributor import StageRows, search
+from source_proj.query.topk import TorchIndex, build_index
 
 from .conftest import mlp
 

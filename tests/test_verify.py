@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from source_proj.cli.main import main
 
 import source_proj as sp
+from source_proj.cli.main import main
+from source_proj.store import verify
 
 from .crash_driver import FIT, featurize, files
 from .test_crash_resume import ROOT, SPEC
@@ -127,11 +128,11 @@ def test_a_fast_source_store_verifies_ok_and_its_repair_command_keeps_the_segmen
     report = sp.verify_store(store, progress=False)
     assert report.status == "ok" and report.notes == [] and report.problems == []
     # besides the checkpoints' arrays: the 2 segment means' and the final checkpoint's measurement
-    names = sp.verify.expected_features(sp.Store.open(store).meta)
+    names = verify.expected_features(sp.Store.open(store).meta)
     assert sum(n.startswith("grads/main/mean-") for n in names) == 2
     assert "measurement/main/step-00000008" in names
     sp.Store.open(store, writable=True).update_meta(spec="spec.py")  # as a CLI-made store records it
-    command = sp.verify.featurize_command(sp.Store.open(store))
+    command = verify.featurize_command(sp.Store.open(store))
     assert "--segments 2 --fast " in command, command
     (store / "grads/main" / next(n.split("/")[-1] for n in names if "mean-" in n) / "c/0/0").write_bytes(b"\0")
     damaged = sp.verify_store(store, progress=False)

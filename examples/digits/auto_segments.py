@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import digits
 
 import source_proj as sp
-from source_proj.query import method_meta
+from source_proj.query.attributor import method_meta
 
 
 def main() -> None:

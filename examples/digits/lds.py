@@ -31,6 +31,7 @@ import settings
 
 import source_proj as sp
 from source_proj import evaluation as ev
+from source_proj.query.attributor import StageRows
 
 BASELINES = ("trak", "if", "tracin", "grad-dot", "grad-cos", "repsim")
 
@@ -70,7 +71,7 @@ def prepare(s: settings.Setting, out: Path, models: int, dim: int) -> list[Path]
     return stores
 
 
-def all_scores(s: settings.Setting, stores: list[Path]) -> tuple[dict[str, np.ndarray], list[sp.query.StageRows]]:
+def all_scores(s: settings.Setting, stores: list[Path]) -> tuple[dict[str, np.ndarray], list[StageRows]]:
     """Single-model (model 0) and ensemble scores ``[Q, N]`` of every fitted method."""
     fitted = sp.Store.open(stores[0]).meta["methods"]
     methods = [m for m in ("source", "source-L1", *BASELINES) if m in fitted]

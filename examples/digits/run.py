@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import digits
 
 import source_proj as sp
-from source_proj.report import topk_figure
+from source_proj.query.report import topk_figure
 
 
 def main() -> None:

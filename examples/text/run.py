@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lm
 
 import source_proj as sp
-from source_proj.text_report import ShadedText, text_report
+from source_proj.query.text_report import ShadedText, text_report
 
 
 def prepare(out: Path, dim: int, config: lm.Config = lm.CONFIG) -> Path:

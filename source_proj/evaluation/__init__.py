@@ -5,14 +5,14 @@ helpful) and a user-supplied training function ``retrain(keep, seed) -> [Q]`` (s
 any fitted method (SOURCE, a baseline, an ensemble, Fast-SOURCE) is evaluated the same way.
 """
 
-from .further_training import (
+from source_proj.evaluation.further_training import (
     Agreement,
     FurtherTraining,
     FurtherTrainingArguments,
     agreement,
     further_training_ground_truth,
 )
-from .lds import (
+from source_proj.evaluation.lds import (
     Counterfactuals,
     LDSArguments,
     compare,
@@ -22,9 +22,17 @@ from .lds import (
     plot_lds,
     sample_subsets,
 )
-from .metrics import Correlation, bootstrap_ci, correlate, cosine, group_predictions, rank, spearman
-from .removal import RemovalArguments, RemovalResult, plot_removal, subset_removal
-from .retrain import Job, RetrainCache, RetrainFunction, keep_from_mask, run_retrains
+from source_proj.evaluation.metrics import (
+    Correlation,
+    bootstrap_ci,
+    correlate,
+    cosine,
+    group_predictions,
+    rank,
+    spearman,
+)
+from source_proj.evaluation.removal import RemovalArguments, RemovalResult, plot_removal, subset_removal
+from source_proj.evaluation.retrain import Job, RetrainCache, RetrainFunction, keep_from_mask, run_retrains
 
 __all__ = [
     "Agreement",

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import TaskError
-from ..query import StageRows
-from .metrics import Correlation, correlate, cosine
-from .retrain import Job, RetrainCache, RetrainFunction, keep_from_mask, run_retrains
+from source_proj.errors import TaskError
+from source_proj.evaluation.metrics import Correlation, correlate, cosine
+from source_proj.evaluation.retrain import Job, RetrainCache, RetrainFunction, keep_from_mask, run_retrains
+from source_proj.query.attributor import StageRows
 
 
 @dataclass(frozen=True)

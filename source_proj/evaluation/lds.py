@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import TaskError
-from ..figures import pyplot, save_figure
-from ..query import StageRows
-from .metrics import Correlation, correlate, group_predictions
-from .retrain import Job, RetrainCache, RetrainFunction, keep_from_mask, run_retrains
+from source_proj.errors import TaskError
+from source_proj.evaluation.metrics import Correlation, correlate, group_predictions
+from source_proj.evaluation.retrain import Job, RetrainCache, RetrainFunction, keep_from_mask, run_retrains
+from source_proj.figures import pyplot, save_figure
+from source_proj.query.attributor import StageRows
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import TaskError
+from source_proj.errors import TaskError
 
 
 def rank(values: np.ndarray, axis: int = 0) -> np.ndarray:

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import TaskError
-from ..figures import pyplot, save_figure
-from ..query import StageRows
-from .retrain import Job, RetrainCache, RetrainFunction, keep_from_mask, run_retrains
+from source_proj.errors import TaskError
+from source_proj.evaluation.retrain import Job, RetrainCache, RetrainFunction, keep_from_mask, run_retrains
+from source_proj.figures import pyplot, save_figure
+from source_proj.query.attributor import StageRows
 
 
 @dataclass(frozen=True)

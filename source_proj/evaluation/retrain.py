@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..durable import atomic_write_bytes
-from ..errors import NumericalError, TaskError
-from ..query import StageRows
+from source_proj.errors import NumericalError, TaskError
+from source_proj.query.attributor import StageRows
+from source_proj.store.durable import atomic_write_bytes
 
 Keep = Mapping[str, np.ndarray]
 """Stage name → sorted indices (within that stage's dataset) of the kept training examples."""

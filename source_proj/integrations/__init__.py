@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ..errors import SourceProjError
+from source_proj.errors import SourceProjError
 
 _PROVIDERS = {
     "HuggingFaceRecorder": (".huggingface", "transformers"),

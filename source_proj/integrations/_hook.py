@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import TrajectoryError
-from ..trajectory import TrajectoryRecorder
+from source_proj.errors import TrajectoryError
+from source_proj.trajectory.recorder import TrajectoryRecorder
 
 
 class RecorderSettings:

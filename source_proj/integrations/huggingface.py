@@ -16,7 +16,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from ._hook import RecorderSettings, dataset_size, start_recording
+from source_proj.integrations._hook import RecorderSettings, dataset_size, start_recording
 
 
 class HuggingFaceRecorder(RecorderSettings, TrainerCallback):

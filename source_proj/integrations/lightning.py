@@ -16,8 +16,8 @@ from typing import Any
 
 from lightning.pytorch import Callback
 
-from ..errors import TrajectoryError
-from ._hook import RecorderSettings, dataset_size, start_recording
+from source_proj.errors import TrajectoryError
+from source_proj.integrations._hook import RecorderSettings, dataset_size, start_recording
 
 
 class LightningRecorder(RecorderSettings, Callback):

@@ -1,0 +1,648 @@
+"""``source-proj``: featurize → fit → query from the shell. Parses options and calls the library."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+import source_proj as sp
+from source_proj import evaluation as ev
+from source_proj.distributed import Shard, launched
+from source_proj.methods.fit import store_view
+from source_proj.projection.factory import PROJECTION_KINDS
+from source_proj.query.attributor import method_meta
+from source_proj.query.text_report import text_report
+from source_proj.query.topk import SEARCH_BACKENDS
+from source_proj.spec import Spec, load_spec
+from source_proj.store.durable import atomic_write_bytes
+from source_proj.store.info import store_summary
+from source_proj.store.verify import verify_store
+
+
+def _fail(err: Exception) -> None:
+    raise click.ClickException(str(err)) from err
+
+
+class _Command(click.Command):
+    """Turns the library's errors into one-line messages (exit code 1) instead of tracebacks."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except sp.SourceProjError as err:
+            _fail(err)
+
+
+def _ints(value: str | None) -> tuple[int, ...] | None:
+    if not value:
+        return None
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError as err:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from err
+
+
+def _names(value: str | None) -> tuple[str, ...] | None:
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(sp.__version__, prog_name="source-proj")
+def main() -> None:
+    """Training data attribution with SOURCE: which training examples made the model do that.
+
+    \b
+    source-proj featurize --ckpts RUN --spec spec.py --out STORE   per-example gradients, projected
+    source-proj fit STORE                                          segments, SOURCE operators, cached features
+    source-proj query STORE --top-k 50                             most helpful / harmful training examples
+    source-proj info STORE                                         what a store holds
+    source-proj verify STORE [--repair]                            check every chunk; repair damage
+    source-proj trajectory STORE --segments auto:3 --plot t.png    change between checkpoints, automatic cuts
+    source-proj baseline STORE --kind trak,if,tracin               baselines fitted into the same store
+    source-proj compare STORE [STORE ...] --methods source,trak    LDS table of methods (several stores: ensemble)
+    source-proj lds STORE --method source --alpha 0.25,0.5,0.75    LDS of one method against α, with a plot
+    """
+
+
+@main.command(cls=_Command)
+@click.option(
+    "--ckpts",
+    "run_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Run directory written by TrajectoryRecorder (trajectory.json + checkpoints/).",
+)
+@click.option(
+    "--spec",
+    "spec_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Python file defining build_model, build_task, train_data(stage), query_data().",
+)
+@click.option("--out", "store_path", required=True, help="Store to write (or resume): a directory or a URL (s3://…).")
+@click.option("--dim", default=1024, show_default=True, help="Projection dimension k.")
+@click.option("--seed", default=0, show_default=True, help="Projection seed.")
+@click.option(
+    "--projection",
+    type=click.Choice([*PROJECTION_KINDS, "auto"]),
+    default="rademacher",
+    show_default=True,
+    help="factored: per-layer Kronecker (fast, no per-example gradients); fast_jl: TRAK's CUDA kernel; "
+    "auto: fast_jl when available, else rademacher.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "bf16"]),
+    default="fp32",
+    show_default=True,
+    help="bf16: forward/backward under bfloat16 autocast, projections accumulated in fp32.",
+)
+@click.option(
+    "--fisher",
+    type=click.Choice(["sampled", "exact", "empirical"]),
+    default="sampled",
+    show_default=True,
+    help="Curvature: Fisher with sampled labels (true Fisher), enumerated exactly, or empirical.",
+)
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--chunk-rows", default=1024, show_default=True, help="Examples per store chunk (unit of resumption).")
+@click.option("--device", default=None, help="cuda, cpu, ... (default: cuda when available).")
+@click.option("--workers", default=0, show_default=True, help="DataLoader worker processes.")
+@click.option(
+    "--segments",
+    "segmentation",
+    default=None,
+    help="Fix the segmentation now: 3 (parts per stage), auto:L or at:STEP,STEP. Adam runs and --fast need it "
+    "(default 3 per stage); fit then keeps it.",
+)
+@click.option("--fast", is_flag=True, help="Also featurize each segment's averaged parameters (Fast-SOURCE).")
+@click.option("--fast-only", is_flag=True, help="Featurize only the segments' averaged parameters (cheap mode).")
+@click.option(
+    "--shard",
+    default=None,
+    help="i/n: compute shard i of n as an independent process (slurm: from the SLURM array task). Under "
+    "torchrun the ranks split the work without it.",
+)
+@click.option("--force", is_flag=True, help="Replace an existing store written with other settings.")
+def featurize(
+    run_dir: Path,
+    spec_path: Path,
+    store_path: str,
+    dim: int,
+    seed: int,
+    projection: str,
+    precision: str,
+    fisher: str,
+    batch_size: int,
+    chunk_rows: int,
+    device: str | None,
+    workers: int,
+    segmentation: str | None,
+    fast: bool,
+    fast_only: bool,
+    shard: str | None,
+    force: bool,
+) -> None:
+    """Project per-example training gradients of every checkpoint into STORE (resumes if interrupted).
+
+    Run it under torchrun (torchrun --nproc-per-node G -m source_proj.cli featurize ...) or as n
+    independent processes with --shard i/n to split the work; see the README (Beyond one machine).
+    """
+    spec = load_spec(spec_path)
+    trajectory = sp.Trajectory.load(run_dir)
+    data = {s.name: spec.train_data(s.name) for s in trajectory.stages}
+    with launched(device):
+        store = sp.featurize(
+            trajectory,
+            spec.build_model(),
+            spec.build_task(),
+            data,
+            store_path,
+            projection=sp.ProjectionArguments(dim=dim, seed=seed, kind=projection),
+            options=sp.FeaturizeArguments(
+                batch_size=batch_size,
+                chunk_rows=chunk_rows,
+                fisher=fisher,
+                device=device,
+                num_workers=workers,
+                segmentation=sp.SegmentationArguments.parse(segmentation) if segmentation else None,
+                checkpoints=not fast_only,
+                segment_means=fast or fast_only,
+                precision=precision,
+            ),
+            overwrite=force,
+            spec=str(spec.path),
+            shard=Shard.parse(shard) if shard else None,
+        )
+    if not store.meta.get("featurized"):
+        click.echo(f"featurized shard {shard} of {store.path}; the store is finished once every shard has run")
+        return
+    click.echo(f"featurized {len(trajectory.checkpoints)} checkpoints into {store.path}")
+    recorded = store.meta.get("segmentation")
+    if recorded is not None:
+        click.echo(f"segmentation fixed for this store: {recorded['arguments']}")
+        if recorded.get("view"):
+            click.echo(sp.TrajectoryView.from_description(recorded["view"]).table())
+
+
+@main.command(cls=_Command)
+@click.argument("store_path")
+@click.option(
+    "--segments",
+    default=None,
+    help="Equal segments per stage (3), or auto:L for L segments placed automatically (default: the store's, else 3).",
+)
+@click.option(
+    "--boundaries", default=None, help="Explicit global steps to cut at, e.g. 100,200 (overrides --segments)."
+)
+@click.option("--stages", default=None, help="Attribute to these stages' data only, e.g. pretrain (default: all).")
+@click.option("--fast", is_flag=True, help="Fast-SOURCE: features at each segment's averaged parameters.")
+@click.option("--method", default=None, help="Name to store the result under [default: source, fast-source].")
+@click.option("--plot", "plot_path", default=None, type=click.Path(path_type=Path), help="PNG of the trajectory view.")
+@click.option("--device", default=None, help="Where the k×k algebra runs (default: cuda when available).")
+@click.option(
+    "--shard",
+    default=None,
+    help="i/n: compute shard i of n as an independent process (slurm: from the SLURM array task). Under "
+    "torchrun the ranks split the work without it.",
+)
+@click.option("--force", is_flag=True, help="Replace a method fitted with other settings.")
+def fit(
+    store_path: str,
+    segments: str | None,
+    boundaries: str | None,
+    stages: str | None,
+    fast: bool,
+    method: str | None,
+    plot_path: Path | None,
+    device: str | None,
+    shard: str | None,
+    force: bool,
+) -> None:
+    """Segment the trajectory, build SOURCE's operators and cache the training features in STORE.
+
+    Under torchrun the ranks split the checkpoints' curvature and the cached chunks; --shard i/n
+    writes one shard as an independent process.
+    """
+    seg = sp.SegmentationArguments.parse(segments) if segments else None
+    args = sp.FitArguments(
+        segments_per_stage=seg.per_stage if seg and seg.auto is None and seg.boundaries is None else None,
+        boundaries=_ints(boundaries) or (seg.boundaries if seg else None),
+        auto_segments=seg.auto if seg else None,
+        stages=_names(stages),
+        method=method,
+        fast=fast,
+    )
+    with launched(device):
+        store = sp.fit(store_path, args, overwrite=force, device=device, shard=Shard.parse(shard) if shard else None)
+    if not (store.meta.get("methods") or {}).get(args.name, {}).get("complete"):
+        click.echo(f"fitted shard {shard} of {args.name!r} in {store.path}; it is finished once every shard has run")
+        return
+    described = method_meta(store, args.name)
+    if described.get("view"):
+        view = sp.TrajectoryView.from_description(described["view"])
+        click.echo(view.table())
+        if plot_path is not None:
+            click.echo(f"wrote {view.plot(plot_path)}")
+    for seg_desc in described["segments"]:
+        t = seg_desc["mean_lr"] * (seg_desc["end_step"] - seg_desc["start_step"])
+        click.echo(
+            f"segment {seg_desc['stage']} steps [{seg_desc['start_step']}, {seg_desc['end_step']}) "
+            f"checkpoints {seg_desc['checkpoints']}  η̄K = {t:.4g}  λ = {seg_desc['weight_decay']:.3g}"
+        )
+    click.echo(f"fitted {args.name!r} ({described['kind']}) in {store.path}; attributes stages {described['stages']}")
+
+
+@main.command(cls=_Command)
+@click.argument("store_path")
+@click.option("--segments", default=None, help="auto:L — place L segments (default: the store's automatic cuts).")
+@click.option("--plot", "plot_path", default=None, type=click.Path(path_type=Path), help="Write the view as a PNG.")
+def trajectory(store_path: str, segments: str | None, plot_path: Path | None) -> None:
+    """Show how curvature and gradients change between checkpoints, and where automatic segments cut."""
+    store = sp.Store.open(store_path)
+    view = _trajectory_view(store, segments)
+    click.echo(view.table())
+    if plot_path is not None:
+        click.echo(f"wrote {view.plot(plot_path)}")
+
+
+def _trajectory_view(store: sp.Store, segments: str | None) -> sp.TrajectoryView:
+    if segments:
+        seg = sp.SegmentationArguments.parse(segments)
+        if seg.auto is None:
+            raise click.BadParameter("the trajectory view places automatic cuts: write auto:L", param_hint="--segments")
+        return store_view(store, seg.auto)
+    meta = store.meta
+    recorded = [(meta.get("segmentation") or {}).get("view")]
+    recorded += [m.get("view") for m in (meta.get("methods") or {}).values()]
+    views = [v for v in recorded if v]
+    if not views:
+        raise click.UsageError("The store holds no automatic segmentation yet; pass --segments auto:L.")
+    return sp.TrajectoryView.from_description(views[0])
+
+
+def _select(n: int, spec: str | None) -> list[int]:
+    if not spec:
+        return list(range(n))
+    out: list[int] = []
+    for part in spec.split(","):
+        if ":" in part:
+            a, b = part.split(":", 1)
+            out.extend(range(int(a or 0), min(n, int(b or n))))
+        else:
+            out.append(int(part))
+    bad = [i for i in out if not 0 <= i < n]
+    if bad:
+        raise click.BadParameter(f"query indices {bad[:5]} are outside the {n} query examples")
+    return out
+
+
+def _write(records: list[dict[str, Any]], path: Path) -> None:
+    """Write the results in the format of ``path``'s suffix, atomically (never a half-written file)."""
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+        data = text.getvalue().encode()
+    elif suffix == ".jsonl":
+        data = "".join(json.dumps(r) + "\n" for r in records).encode()
+    elif suffix == ".parquet":
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError as err:
+            raise click.ClickException(
+                "Writing parquet needs pyarrow; `pip install source-proj[parquet]` or use .csv/.jsonl."
+            ) from err
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist(records), sink)
+        data = sink.getvalue().to_pybytes()
+    else:
+        raise click.BadParameter(f"unknown output format {suffix!r}; use .csv, .jsonl or .parquet", param_hint="--out")
+    atomic_write_bytes(path, data)
+
+
+@main.command(cls=_Command)
+@click.argument("store_path")
+@click.option(
+    "--spec",
+    "spec_path",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Spec file (default: the one recorded by featurize).",
+)
+@click.option("--queries", "which", default=None, help="Query indices: 0:10, 3,5,8 (default: all).")
+@click.option("--top-k", default=10, show_default=True)
+@click.option("--method", default="source", show_default=True)
+@click.option(
+    "--out",
+    "out_path",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Write all results (.csv, .jsonl, .parquet).",
+)
+@click.option("--show", default=5, show_default=True, help="Queries to print on the terminal.")
+@click.option(
+    "--html",
+    "html_path",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Write an HTML report: each query's text and its top training examples' texts (spec's describe).",
+)
+@click.option("--device", default=None)
+@click.option(
+    "--search",
+    "search_backend",
+    type=click.Choice(list(SEARCH_BACKENDS)),
+    default="auto",
+    show_default=True,
+    help="Top-k search: FAISS, torch matmul+top-k on the device, or stream store chunks (bounded memory).",
+)
+@click.option(
+    "--search-devices",
+    default=None,
+    help="Shard the index over these devices, e.g. cuda:0,cuda:1 (default: --device, or every GPU when the "
+    "features do not fit on it).",
+)
+def query(
+    store_path: str,
+    spec_path: Path | None,
+    which: str | None,
+    top_k: int,
+    method: str,
+    out_path: Path | None,
+    show: int,
+    html_path: Path | None,
+    device: str | None,
+    search_backend: str,
+    search_devices: str | None,
+) -> None:
+    """Print the most helpful and most harmful training examples of each query."""
+    store = sp.Store.open(store_path)
+    spec = _spec_of(store, spec_path)
+    queries = spec.query_data()
+    indices = _select(len(queries), which)
+    task = spec.build_task()
+    attributor = sp.Attributor(
+        store,
+        spec.build_model(),
+        task,
+        method=method,
+        device=device,
+        search_backend=search_backend,
+        search_devices=_names(search_devices),
+    )
+    result = attributor.top_k(torch.utils.data.Subset(queries, indices), top_k)
+    records = result.records()
+    for r in records:
+        r["query"] = indices[r["query"]]
+        r["description"] = spec.describe(r["stage"], r["index"])
+    labels = getattr(task, "score_labels", ("helpful", "harmful"))  # what score > 0 and < 0 mean
+    short = [label.split(" (")[0] for label in labels]
+    text_layout = any(len(r["description"]) > 22 for r in records)
+    if text_layout:  # texts: one line per example
+        _echo_texts(result, indices[:show], spec, short)
+    for q, qi in enumerate([] if text_layout else indices[:show]):
+        click.echo(f"\nquery {qi}")
+        click.echo(f"  {'rank':>4}  {short[0][:34]:<34} {short[1][:34]:<34}")
+        for rank in range(result.helpful_ids.shape[1]):
+            cells = []
+            for ids, scores in (
+                (result.helpful_ids, result.helpful_scores),
+                (result.harmful_ids, result.harmful_scores),
+            ):
+                stage, index = result.locate(int(ids[q, rank]))
+                label = f"{stage}[{index}] {spec.describe(stage, index)}"[:22]
+                cells.append(f"{label:<22} {scores[q, rank]:+.3e}")
+            click.echo(f"  {rank + 1:>4}  {cells[0]:<34} {cells[1]:<34}")
+    if len(indices) > show:
+        click.echo(f"\n({len(indices) - show} more queries not shown; use --out to save all)")
+    if out_path is not None:
+        _write(records, out_path)
+        click.echo(f"wrote {len(records)} rows to {out_path}")
+    if html_path is not None:
+        texts = [spec.describe_query(i) or f"query {i}" for i in indices]
+        report = text_report(result, texts, spec.describe, html_path, title=f"{store_path}: {method}",
+                             score_labels=labels, query_names=[f"query {i}" for i in indices])  # fmt: skip
+        click.echo(f"wrote {report}")
+
+
+def _echo_texts(result: sp.QueryResult, indices: list[int], spec: Spec, labels: list[str]) -> None:
+    """Each query's text, then its top examples' scores, stages and texts (100 characters each)."""
+    width = max(len(label) for label in labels)
+    for q, qi in enumerate(indices):
+        click.echo(f"\nquery {qi}: {spec.describe_query(qi)[:100]}")
+        for label, ids, scores in (
+            (labels[0], result.helpful_ids, result.helpful_scores),
+            (labels[1], result.harmful_ids, result.harmful_scores),
+        ):
+            for row, score in zip(ids[q], scores[q], strict=True):
+                stage, index = result.locate(int(row))
+                text = " ".join(spec.describe(stage, index).split())
+                click.echo(f"  {label:<{width}} {score:+.3e}  {stage}[{index}]  {text[:100]}")
+
+
+def _spec_of(store: sp.Store, spec_path: Path | None) -> Spec:
+    path = spec_path or store.meta.get("spec")
+    if path is None:
+        raise click.UsageError("The store records no spec file; pass --spec.")
+    return load_spec(path)
+
+
+@main.command(cls=_Command)
+@click.argument("store_path")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def info(store_path: str, as_json: bool) -> None:
+    """Describe a store: what produced it, how far featurize got, and its fitted methods."""
+    summary = store_summary(sp.Store.open(store_path))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    proj = summary["projection"]
+    traj = summary["trajectory"]
+    click.echo(f"store       {summary['path']}  (source-proj {summary['library_version']})")
+    click.echo(
+        f"parameters  {summary['parameters']:,} in {summary['parameter_tensors']} tensors; task {summary['task']}"
+    )
+    click.echo(f"projection  {proj['kind']} k={proj['dim']}" + (f" seed={proj['seed']}" if "seed" in proj else ""))
+    click.echo(f"trajectory  {traj['path']} ({traj['fingerprint']}…)")
+    for s in traj["stages"]:
+        click.echo(f"  stage {s['name']}: steps [{s['start_step']}, {s['end_step']}), {s['dataset_size']} examples")
+    click.echo(f"  checkpoints at steps {traj['checkpoints']}")
+    click.echo(f"featurized  {summary['featurized_chunks']} chunks (Fisher: {summary['fisher']})")
+    for name, m in summary["methods"].items():
+        state = "complete" if m["complete"] else "UNFINISHED (re-run fit)"
+        click.echo(f"method {name}: {m['kind']}, {state}, attributes stages {m['stages']}")
+        for seg in m["segments"]:
+            click.echo(
+                f"  {seg['stage']} [{seg['start_step']}, {seg['end_step']}) checkpoints {seg['checkpoints']} "
+                f"η̄K={seg['time']:.4g} λ={seg['weight_decay']:.3g}"
+            )
+
+
+@main.command(cls=_Command)
+@click.argument("store_path")
+@click.option("--repair", is_flag=True, help="Mark damaged chunks pending so the writing command recomputes them.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def verify(store_path: str, repair: bool, as_json: bool) -> None:
+    """Check STORE end to end: metadata, shapes, every chunk's crc, completeness, fitted methods.
+
+    Exits with 1 while damage or an inconsistency remains (after --repair: 0, and the report says
+    which command recomputes what was lost).
+    """
+    report = verify_store(store_path, repair=repair)
+    click.echo(json.dumps(report.as_dict(), indent=2) if as_json else "\n".join(report.lines()))
+    if report.status == "damaged":
+        sys.exit(1)
+
+
+@main.command(cls=_Command)
+@click.argument("store_path")
+@click.option("--kind", "kinds", required=True, help=f"Comma-separated baselines: {','.join(sp.BASELINES)}.")
+@click.option("--stages", default=None, help="Attribute to these stages' data only (default: all).")
+@click.option("--damping-factor", default=0.1, show_default=True, help="IF: damping = factor × mean eigenvalue.")
+@click.option("--spec", "spec_path", default=None, type=click.Path(path_type=Path), help="Spec file (RepSim).")
+@click.option("--device", default=None)
+@click.option("--force", is_flag=True, help="Replace a baseline fitted with other settings.")
+def baseline(
+    store_path: str,
+    kinds: str,
+    stages: str | None,
+    damping_factor: float,
+    spec_path: Path | None,
+    device: str | None,
+    force: bool,
+) -> None:
+    """Fit baselines (TRAK, IF, TracIn-CP, Grad-Dot, Grad-Cos, RepSim) into STORE, next to SOURCE."""
+    store = sp.Store.open(store_path, writable=True)
+    for kind in _names(kinds) or ():
+        extra: dict[str, Any] = {}
+        if kind == "repsim":
+            spec = _spec_of(store, spec_path)
+            names = [s["name"] for s in store.meta["trajectory"]["stages"]]
+            data = {n: spec.train_data(n) for n in names}
+            extra = dict(model=spec.build_model(), task=spec.build_task(), train_data=data)
+        args = sp.BaselineArguments(kind=kind, stages=_names(stages), damping_factor=damping_factor)
+        sp.fit_baseline(store, args, device=device, overwrite=force, **extra)
+        click.echo(f"fitted {kind!r} in {store.path}")
+
+
+def _evaluation_options(fn: Any) -> Any:
+    options = [
+        click.argument("store_paths", nargs=-1, required=True),
+        click.option("--alpha", "alphas", default="0.5", show_default=True, help="Kept fraction(s), e.g. 0.25,0.5."),
+        click.option("--subsets", default=100, show_default=True, help="M, random subsets per α."),
+        click.option("--repeats", default=5, show_default=True, help="R, retrains per subset (averaged)."),
+        click.option("--seed", default=0, show_default=True, help="Seed of the subsets and retrain seeds."),
+        click.option("--workers", default=1, show_default=True, help="Parallel retraining processes."),
+        click.option("--queries", "which", default=None, help="Query indices: 0:100, 3,5,8 (default: all)."),
+        click.option("--cache", "cache", default=None, type=click.Path(path_type=Path),
+                     help="Directory of finished retrains (default: FIRST_STORE.retrains); resumes."),
+        click.option("--spec", "spec_path", default=None, type=click.Path(path_type=Path),
+                     help="Spec file with retrain(keep, seed) (default: the one recorded by featurize)."),
+        click.option("--out", "out_path", default=None, type=click.Path(path_type=Path),
+                     help="Write per-query correlations (.csv or .jsonl)."),
+        click.option("--device", default=None),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _lds_table(
+    store_paths: tuple[str, ...],
+    methods: list[str],
+    alphas: str,
+    subsets: int,
+    repeats: int,
+    seed: int,
+    workers: int,
+    which: str | None,
+    cache: Path | None,
+    spec_path: Path | None,
+    out_path: Path | None,
+    device: str | None,
+) -> tuple[dict[str, list[Any]], list[float]]:
+    try:
+        levels = [float(a) for a in alphas.split(",")]
+    except ValueError as err:
+        raise click.BadParameter(f"expected comma-separated fractions, got {alphas!r}", param_hint="--alpha") from err
+    first = sp.Store.open(store_paths[0])
+    spec = _spec_of(first, spec_path)
+    queries = spec.query_data()
+    indices = _select(len(queries), which)
+    subset = torch.utils.data.Subset(queries, indices)
+    model, task = spec.build_model(), spec.build_task()
+    scores, rows = {}, None
+    for method in methods:
+        scorer = sp.Ensemble.open(store_paths, model, task, method=method, device=device)
+        rows = scorer.rows
+        scores[method] = scorer.scores(subset)
+    cache_dir = cache or Path(str(store_paths[0]).rstrip("/") + ".retrains")
+    truths = []
+    for alpha in levels:
+        args = ev.LDSArguments(alpha=alpha, num_subsets=subsets, repeats=repeats, seed=seed, workers=workers)
+        truth = ev.lds_ground_truth(spec.retrainer(), rows, cache_dir, args)
+        if truth.measurements.shape[2] != len(queries):
+            raise click.ClickException(
+                f"retrain() in {spec.path} returned {truth.measurements.shape[2]} measurements but query_data() has "
+                f"{len(queries)} examples; return one measurement per query_data() example."
+            )
+        truths.append(truth.select(indices))
+    results = ev.compare(scores, truths, ev.LDSArguments(seed=seed))
+    if out_path is not None:
+        records = [
+            {"method": m, "alpha": a, "query": indices[q], "spearman": float(r.per_query[q])}
+            for m, rs in results.items()
+            for a, r in zip(levels, rs, strict=True)
+            for q in range(len(indices))
+        ]
+        _write(records, out_path)
+        click.echo(f"wrote {len(records)} rows to {out_path}")
+    ensemble = f" (ensemble of {len(store_paths)} models)" if len(store_paths) > 1 else ""
+    click.echo(f"LDS over {len(indices)} queries, M={subsets} subsets, R={repeats} retrains each{ensemble}:")
+    click.echo(ev.format_table(results, levels))
+    return results, levels
+
+
+@main.command(cls=_Command)
+@_evaluation_options
+@click.option("--methods", default=None, help="Fitted methods to compare (default: every fitted method).")
+def compare(store_paths: tuple[str, ...], methods: str | None, **options: Any) -> None:
+    """LDS of several fitted methods on the same retrained ground truth: a table of methods × LDS [95% CI].
+
+    Several STOREs (one per independently trained model) evaluate the ensemble of each method.
+    """
+    fitted = sorted(sp.Store.open(store_paths[0]).meta.get("methods") or {})
+    chosen = list(_names(methods) or fitted)
+    if not chosen:
+        raise click.UsageError("The store has no fitted method; run `source-proj fit` or `source-proj baseline` first.")
+    _lds_table(store_paths, chosen, **options)
+
+
+@main.command(cls=_Command)
+@_evaluation_options
+@click.option("--method", default="source", show_default=True, help="The fitted method to evaluate.")
+@click.option("--plot", "plot_path", default=None, type=click.Path(path_type=Path), help="PNG of LDS against α.")
+def lds(store_paths: tuple[str, ...], method: str, plot_path: Path | None, **options: Any) -> None:
+    """Linear datamodeling score of one fitted method (Park et al. 2023), at one or several α.
+
+    STORE's spec file must define retrain(keep, seed); finished retrains are cached (see --cache),
+    so an interrupted run resumes where it stopped. Several STOREs evaluate an ensemble.
+    """
+    results, levels = _lds_table(store_paths, [method], **options)
+    if plot_path is not None:
+        click.echo(f"plot: {ev.plot_lds(results, levels, plot_path, title=method)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""What featurize is asked to do: projection and featurize arguments, devices, and which stage's
+data each checkpoint is featurized on."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch.utils.data import Dataset
+
+from source_proj.errors import TaskError
+from source_proj.tasks.gradients import Precision
+from source_proj.trajectory.recorder import Checkpoint, Trajectory
+from source_proj.trajectory.segments import SegmentationArguments
+
+FisherMode = Literal["sampled", "exact", "empirical"]
+
+
+@dataclass(frozen=True)
+class ProjectionArguments:
+    """How gradients are projected.
+
+    Attributes:
+        dim: k, the projection dimension (ignored by ``"identity"``).
+        seed: the projection's seed; the same seed gives the same P everywhere.
+        kind: ``"rademacher"`` (±1/√k entries, the default), ``"factored"`` (per-layer Kronecker
+            P_out ⊗ P_in of Linear/Conv layers, no per-example gradients materialised; see
+            ``factored.py``), ``"fast_jl"`` (TRAK's CUDA kernel, its own matrix), ``"auto"``
+            (fast_jl where CUDA and fast_jl are present, else rademacher) or ``"identity"``
+            (no projection, k = p). The store records the kind used; queries rebuild it.
+    """
+
+    dim: int = 1024
+    seed: int = 0
+    kind: str = "rademacher"
+
+
+@dataclass(frozen=True)
+class FeaturizeArguments:
+    """How featurize computes and stores gradients.
+
+    Attributes:
+        batch_size: examples per forward/backward batch.
+        chunk_rows: examples per store chunk (the unit of resumption); a multiple of ``batch_size`` is best.
+        fisher: ``"sampled"`` true Fisher with labels drawn from the model (default, SOURCE_MATH §4);
+            ``"exact"`` the Gauss–Newton expectation enumerated (one gradient per class: small tasks);
+            ``"empirical"`` the observed-label gradients (no extra storage, cheaper, biased).
+        seed: seed of the Fisher's label sampling.
+        device: ``"cuda"``, ``"cpu"``…; default: CUDA when available.
+        num_workers: DataLoader workers overlapping data loading with compute.
+        vmap_chunk: examples per vectorised gradient chunk (bounds memory); ``None`` = the batch.
+        segmentation: fix the segmentation now (recorded in the store; fit then uses it and refuses
+            another). Needed when a stage was trained with Adam/AdamW (the preconditioner D_ℓ is a
+            segment mean) or with ``segment_means``; ``None`` there means 3 equal parts per stage.
+            Plain SGD stores leave the choice to fit.
+        checkpoints: featurize every checkpoint (SOURCE; the baselines use them too).
+        segment_means: featurize each segment's averaged parameters (Fast-SOURCE, SOURCE_MATH §7);
+            with ``checkpoints=False`` this is the cheap mode: L instead of C gradient passes.
+        measurement: also store ``measurement/<stage>/<final ckpt>`` = P ∇f(z; θ_T) for every training
+            example (TRAK's curvature, see baselines.py): one more gradient per example at one checkpoint.
+        precision: ``"fp32"`` (default) or ``"bf16"``: forward and backward under bfloat16
+            autocast, projections accumulated in fp32 (faster on GPUs; see README "GPU and speed").
+    """
+
+    batch_size: int = 64
+    chunk_rows: int = 1024
+    fisher: FisherMode = "sampled"
+    seed: int = 0
+    device: str | None = None
+    num_workers: int = 0
+    vmap_chunk: int | None = None
+    segmentation: SegmentationArguments | None = None
+    checkpoints: bool = True
+    segment_means: bool = False
+    measurement: bool = True
+    precision: Precision = "fp32"
+
+
+def default_device(device: str | None) -> torch.device:
+    """``device``, or CUDA when available, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def as_stage_datasets(data: Dataset | Mapping[str, Dataset], trajectory: Trajectory) -> dict[str, Dataset]:
+    """Map each stage name to its dataset; a single dataset serves a single-stage trajectory."""
+    names = [s.name for s in trajectory.stages]
+    if not isinstance(data, Mapping):
+        if len(names) != 1:
+            raise TaskError(
+                f"The trajectory has stages {names}; pass a dict mapping each stage name to its training dataset."
+            )
+        data = {names[0]: data}
+    missing = [n for n in names if n not in data]
+    if missing:
+        raise TaskError(f"No training dataset was given for stage(s) {missing}; pass one per stage.")
+    for stage in trajectory.stages:
+        size = len(data[stage.name])  # type: ignore[arg-type]
+        if size == 0:
+            raise TaskError(
+                f"The training dataset of stage {stage.name!r} is empty; pass the data the stage was trained on."
+            )
+        if size != stage.dataset_size:
+            raise TaskError(
+                f"Stage {stage.name!r} was trained on {stage.dataset_size} examples but its dataset has {size}; "
+                "pass the same training set, in the same order."
+            )
+    return {n: data[n] for n in names}
+
+
+def checkpoint_stages(trajectory: Trajectory, checkpoint: Checkpoint) -> list[str]:
+    """Stages whose data a checkpoint is featurized on: the stage it lies in, the stage it closes,
+    and every stage for the final checkpoint."""
+    if checkpoint == trajectory.final_checkpoint:
+        return [s.name for s in trajectory.stages]
+    return [s.name for s in trajectory.stages if s.start_step <= checkpoint.step <= s.end_step]

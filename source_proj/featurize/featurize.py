@@ -1,0 +1,457 @@
+"""featurize: per-checkpoint projected training gradients and Fisher factors into a store.
+
+For every checkpoint c and every example z_i of the stage the checkpoint belongs to, the store
+receives G̃_c[i] = P ∇ℓ(z_i; θ_c) and the Fisher factors ũ_i = P ∇ℓ(x_i, ŷ_i; θ_c) with ŷ_i drawn
+from the model's predictive distribution (SOURCE_MATH.md §4). The final checkpoint is featurized
+on every stage's data (baselines such as TRAK use it), and there the measurement gradients
+P ∇f(z_i; θ_T) of the training examples are stored too (TRAK's Gauss–Newton of the margin). Work is
+done in row chunks that are
+written whole and then marked complete, so an interrupted run resumes where it stopped and ends
+bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from tqdm.auto import tqdm
+
+from source_proj import __version__
+from source_proj.distributed import Ranks, Shard, rank_device, ranks, run_sharded
+from source_proj.errors import NumericalError, StoreError, TaskError
+from source_proj.featurize.arguments import (
+    FeaturizeArguments,
+    ProjectionArguments,
+    as_stage_datasets,
+    default_device,
+)
+from source_proj.featurize.plan import FeaturizePlan, NotPrepared, Unit, featurize_plan
+from source_proj.projection.base import Projector
+from source_proj.projection.factory import make_projector
+from source_proj.store.provenance import check_checkpoints, describe_provenance
+from source_proj.store.store import Store, ckpt_key, is_store
+from source_proj.tasks.gradients import PerExampleGradients, move_batch
+from source_proj.tasks.task import Task
+from source_proj.trajectory.recorder import Trajectory
+
+
+def _has_features(path: str) -> bool:
+    """Whether the store at ``path`` holds a finished work unit (kept when a new store's run fails)."""
+    try:
+        store = Store.open(path)
+        return any(len(store.pending_chunks(n)) < store.num_chunks(n) for n in store.progress_arrays("grads/"))
+    except Exception:
+        return is_store(path)
+
+
+def featurize(
+    trajectory: Trajectory | str | Path,
+    model: nn.Module,
+    task: Task,
+    train_data: Dataset | Mapping[str, Dataset],
+    store_path: str | Path,
+    *,
+    projection: ProjectionArguments = ProjectionArguments(),
+    options: FeaturizeArguments = FeaturizeArguments(),
+    overwrite: bool = False,
+    spec: str | None = None,
+    progress: bool = True,
+    shard: Shard | None = None,
+) -> Store:
+    """Project every checkpoint's per-example training gradients into a store.
+
+    Args:
+        trajectory: the recorded run (or its directory).
+        model: the architecture; each checkpoint's weights are loaded into a copy of it.
+        task: loss, measurement and parameter selection.
+        train_data: the training set (or a dict ``stage → dataset``), in training order.
+        store_path: where the store is written (a directory, or a URL such as ``s3://bucket/run.sp``);
+            an unfinished store there is resumed.
+        projection: projection kind, dimension and seed.
+        options: batch sizes, chunking, Fisher mode, device.
+        overwrite: replace an existing store of other settings, or a finished one.
+        spec: path of the experiment spec file that built the inputs (lets the CLI re-create them).
+        progress: show a progress bar.
+        shard: compute only this shard of the work, as one of several independent processes
+            (a SLURM array task). Under an initialised ``torch.distributed`` process group with
+            several ranks (torchrun) the ranks split the work without it. See ``distributed.py``.
+
+    Returns:
+        The store, with ``grads/<stage>/<ckpt>`` of shape ``[N_stage, k]`` for every checkpoint
+        (once every shard has finished).
+
+    Every checkpoint is checked (present, intact, fitting the model, finite) before anything is
+    written. The store is locked while featurize runs; a resumed run first re-checks the crc of the
+    chunks already written and recomputes damaged ones. If the call fails before it finishes a
+    work unit of a new store, the store is removed.
+    """
+    if not isinstance(trajectory, Trajectory):
+        trajectory = Trajectory.load(trajectory)
+    if not trajectory.complete:
+        raise StoreError(
+            f"The trajectory at {trajectory.path} is incomplete (training was interrupted or close() was not called); "
+            "finish training or call TrajectoryRecorder.close()."
+        )
+    group = ranks(shard)
+    job = _Featurize(trajectory, model, task, train_data, str(store_path), projection, options, spec, progress, group)
+    run_sharded(job.path, job, group, overwrite=overwrite, keep_new=_has_features)
+    return Store.open(job.path, writable=True)
+
+
+class _Featurize:
+    """featurize as a sharded job (``distributed.ShardedJob``): everything but the store is built here."""
+
+    def __init__(
+        self,
+        trajectory: Trajectory,
+        model: nn.Module,
+        task: Task,
+        train_data: Dataset | Mapping[str, Dataset],
+        path: str,
+        projection: ProjectionArguments,
+        options: FeaturizeArguments,
+        spec: str | None,
+        progress: bool,
+        group: Ranks,
+    ) -> None:
+        self.trajectory, self.model, self.task, self.options, self.path = trajectory, model, task, options, path
+        self.projection, self.spec = projection, spec
+        self.datasets = as_stage_datasets(train_data, trajectory)
+        self.device = rank_device(default_device(options.device), group)
+        self.work_model = copy.deepcopy(model).to(self.device)
+        # Ranks of a process group show one progress bar (rank 0's); independent shards each show theirs.
+        self.progress = progress and (group.leader or not group.coordinated)
+        self._meta: dict[str, Any] | None = None
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The store's metadata for these inputs."""
+        return self._setup()
+
+    def _setup(self) -> dict[str, Any]:
+        """Build the projector and gradients (once; after ``prepare`` has checked the checkpoints,
+        so a bad checkpoint is reported before a setting the checkpoints do not fit) and the metadata."""
+        if self._meta is None:
+            options, trajectory = self.options, self.trajectory
+            self.names = self.task.select_parameters(self.work_model)
+            params = dict(self.work_model.named_parameters())
+            shapes = [(n, tuple(params[n].shape)) for n in self.names]
+            self.projector = make_projector(
+                self.projection.kind, shapes, self.projection.dim, self.projection.seed, model=self.work_model
+            )
+            self.grads_fn = PerExampleGradients(
+                self.work_model, self.task, self.names, vmap_chunk=options.vmap_chunk, precision=options.precision
+            )
+            self.directions = _fisher_directions(self.grads_fn, self.task, self.datasets, options, self.device)
+            self._meta = {
+                "library_version": __version__,
+                "params": [[n, list(s)] for n, s in shapes],
+                "projection": self.projector.describe(),
+                "task": self.task.describe(),
+                "featurize": {
+                    "chunk_rows": options.chunk_rows,
+                    "fisher": options.fisher,
+                    "seed": options.seed,
+                    "precision": options.precision,
+                    "fisher_directions": self.directions,
+                    "measurement": options.measurement,
+                },
+                "trajectory": {
+                    "path": str(Path(trajectory.path).resolve()),
+                    "fingerprint": trajectory.fingerprint(),
+                    "stages": [asdict(s) for s in trajectory.stages],
+                    "checkpoints": [c.step for c in trajectory.checkpoints],
+                },
+                "spec": self.spec,
+                "provenance": describe_provenance(self.model, trajectory, self.device, options.batch_size),
+            }
+        return self._meta
+
+    def _plan(self, store: Store, overwrite: bool = False, record: bool = False) -> FeaturizePlan:
+        self._setup()
+        return featurize_plan(self.trajectory, store, self.datasets, self.names, self.options, overwrite, record=record)
+
+    def prepare(self, overwrite: bool) -> None:
+        check_checkpoints(self.trajectory, self.work_model)
+        store = _open_or_create(self.path, self.meta, overwrite)
+        plan = self._plan(store, overwrite, record=True)
+        if not plan.store.is_complete("trajectory/lr"):
+            plan.store.write_whole("trajectory/lr", self.trajectory.lr.astype(np.float64))
+        if plan.probe:  # the automatic segmentation's probe (a few hundred rows): computed here, whole
+            self._compute(plan, self._items(plan, create=True), heal=True)
+            plan = self._plan(plan.store, overwrite, record=True)
+        self._items(plan, create=True)
+
+    def ready(self) -> bool:
+        if not is_store(self.path):
+            return False
+        store = Store.open(self.path)
+        _refuse_other_settings(self.path, store.meta, self.meta)
+        try:
+            plan = self._plan(store)
+        except NotPrepared:
+            return False
+        return all(
+            store.has(name) and store.has(f"progress/{name}")
+            for unit in plan.units
+            for name, _, _ in self._arrays(unit)
+        )
+
+    def work(self, group: Ranks) -> None:
+        store = Store.open(self.path, writable=True)
+        _refuse_other_settings(self.path, store.meta, self.meta)
+        plan = self._plan(store)
+        self._compute(plan, group.shard.take(self._items(plan)), heal=not store.meta.get("featurized"))
+
+    def finish(self) -> bool:
+        store = Store.open(self.path, writable=True)
+        plan = self._plan(store)
+        if any(store.pending_chunks(name) for unit in plan.units for name, _, _ in self._arrays(unit)):
+            return False
+        old = store.meta.get("products") or {}
+        products = {"checkpoints": bool(old.get("checkpoints")) or self.options.checkpoints,
+                    "segment_means": bool(old.get("segment_means")) or self.options.segment_means}
+        if not store.meta.get("featurized") or old != products:
+            store.update_meta(featurized=True, products=products)
+        return True
+
+    def _arrays(self, unit: Unit) -> list[tuple[str, tuple[int, int], int]]:
+        """``(name, shape, chunk rows)`` of the arrays a unit writes (row chunk i of each belongs to chunk i)."""
+        n, k, rows = len(unit.dataset), self.projector.dim, self.options.chunk_rows  # type: ignore[arg-type]
+        arrays = [(f"{unit.prefix}grads/{unit.stage}/{unit.key}", (n, k), rows)]
+        if self.options.fisher != "empirical":
+            fisher = f"{unit.prefix}fisher/{unit.stage}/{unit.key}"
+            arrays.append((fisher, (n * self.directions, k), rows * self.directions))
+        if _measures(unit, ckpt_key(self.trajectory.final_checkpoint.step), self.options):
+            arrays.append((f"measurement/{unit.stage}/{unit.key}", (n, k), rows))
+        return arrays
+
+    def _items(self, plan: FeaturizePlan, create: bool = False) -> list[tuple[Unit, int]]:
+        """Every (unit, row chunk) of the plan in a fixed order; ``create``: also create the arrays and
+        progress entries still missing."""
+        items = []
+        for unit in plan.units:
+            for name, shape, rows in self._arrays(unit) if create else ():
+                plan.store.require_array(name, shape, rows, "float32")
+                plan.store.pending_chunks(name)
+            chunks = -(-len(unit.dataset) // self.options.chunk_rows)  # type: ignore[arg-type]
+            items.extend((unit, chunk) for chunk in range(chunks))
+        return items
+
+    def _compute(self, plan: FeaturizePlan, items: Sequence[tuple[Unit, int]], heal: bool) -> None:
+        """Compute and write the unfinished chunks among ``items`` (after re-checking the finished
+        ones' crc when ``heal``)."""
+        store = plan.store
+        if heal:
+            store.heal_chunks([(name, chunk) for unit, chunk in items for name, _, _ in self._arrays(unit)])
+        pending = {name: set(store.pending_chunks(name)) for unit in plan.units for name, _, _ in self._arrays(unit)}
+        work = [(unit, chunk) for unit, chunk in items if any(chunk in pending[n] for n, _, _ in self._arrays(unit))]
+        _featurize_units(plan, work, self.grads_fn, self.projector, self.task, self.options, self.device,
+                         self.work_model, self.progress)
+
+
+def _featurize_units(
+    plan: FeaturizePlan,
+    work: Sequence[tuple[Unit, int]],
+    grads_fn: PerExampleGradients,
+    projector: Projector,
+    task: Task,
+    options: FeaturizeArguments,
+    device: torch.device,
+    work_model: nn.Module,
+    progress: bool,
+) -> None:
+    """Compute and write the row chunks ``work`` of the plan's units."""
+    store = plan.store
+    final = ckpt_key(plan.trajectory.final_checkpoint.step)
+    loaded: tuple[Any, ...] | None = None
+    scale: dict[str, torch.Tensor] | None = None
+    scale_name: str | None = None
+    stage_index = {s.name: i for i, s in enumerate(plan.trajectory.stages)}
+    desc = "featurize (segmentation probe)" if plan.probe else "featurize"
+    rows = options.chunk_rows
+    with tqdm(total=len(work), desc=desc, unit="chunk", disable=not progress) as bar:
+        # One DataLoader per run of consecutive chunks of a unit: its workers start once and read ahead
+        # across the run's chunks (a loader per chunk would restart them every chunk).
+        for _, group in itertools.groupby(work, key=lambda item: id(item[0])):
+            run = list(group)
+            unit, chunks = run[0][0], [chunk for _, chunk in run]
+            if loaded != unit.point:
+                plan.load(work_model, unit.point)
+                loaded = unit.point
+            if scale_name != unit.scale:
+                scale = plan.scale(unit.scale, device)
+                scale_name = unit.scale
+            size = len(unit.dataset)  # type: ignore[arg-type]
+            spans = [(c * rows, min(size, (c + 1) * rows)) for c in chunks]
+            batches = iter(_chunk_loader(unit.dataset, spans, options, device))
+            for chunk, (start, stop) in zip(chunks, spans, strict=True):
+                seed = np.random.SeedSequence([options.seed, *unit.seed, stage_index[unit.stage], chunk])
+                generator = torch.Generator().manual_seed(int(seed.generate_state(1, dtype=np.uint64)[0] >> 1))
+                feats, fisher, measured = _featurize_rows(
+                    grads_fn,
+                    projector,
+                    task,
+                    itertools.islice(batches, -(-(stop - start) // options.batch_size)),
+                    start,
+                    options,
+                    generator,
+                    device,
+                    where=f"{unit.where}, stage {unit.stage!r}",
+                    scale=scale,
+                    measure=_measures(unit, final, options),
+                )
+                if fisher is not None:
+                    store.write_chunk(f"{unit.prefix}fisher/{unit.stage}/{unit.key}", chunk, fisher)
+                if measured is not None:
+                    store.write_chunk(f"measurement/{unit.stage}/{unit.key}", chunk, measured)
+                store.write_chunk(f"{unit.prefix}grads/{unit.stage}/{unit.key}", chunk, feats)
+                bar.update()
+
+
+class _ChunkBatches(Sampler[list[int]]):
+    """Batches of ``batch_size`` consecutive rows that never straddle a chunk: each chunk's rows are
+    batched exactly as a loader over that chunk alone would batch them."""
+
+    def __init__(self, spans: Sequence[tuple[int, int]], batch_size: int) -> None:
+        self.batches = [
+            list(range(i, min(i + batch_size, stop))) for start, stop in spans for i in range(start, stop, batch_size)
+        ]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _chunk_loader(
+    dataset: Dataset, spans: Sequence[tuple[int, int]], options: FeaturizeArguments, device: torch.device
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_sampler=_ChunkBatches(spans, options.batch_size),
+        num_workers=options.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+
+
+def _measures(unit: Unit, final: str, options: FeaturizeArguments) -> bool:
+    """Whether a unit also stores P ∇f(z; θ_T): the final checkpoint's own unit, when asked."""
+    return options.measurement and not unit.prefix and unit.key == final
+
+
+def _open_or_create(path: str | Path, meta: dict[str, Any], overwrite: bool) -> Store:
+    try:
+        existing = Store.open(path, writable=True)
+    except StoreError:
+        return Store.create(path, meta, overwrite=overwrite)
+    if not _differing(existing.meta, meta):
+        return existing
+    if overwrite:
+        return Store.create(path, meta, overwrite=True)
+    _refuse_other_settings(path, existing.meta, meta)
+    return existing
+
+
+def _differing(old: dict[str, Any], meta: dict[str, Any]) -> list[str]:
+    informative = ("library_version", "spec", "provenance")
+    return [key for key in meta if key not in informative and old.get(key) != meta[key]]
+
+
+def _refuse_other_settings(path: str | Path, old: dict[str, Any], meta: dict[str, Any]) -> None:
+    differing = _differing(old, meta)
+    if differing:
+        raise StoreError(
+            f"The store at {path} was featurized with other settings ({', '.join(differing)}); pass --force "
+            "(overwrite=True) to replace it, or use another store path."
+        )
+
+
+def _fisher_directions(
+    grads_fn: PerExampleGradients,
+    task: Task,
+    datasets: Mapping[str, Dataset],
+    options: FeaturizeArguments,
+    device: torch.device,
+) -> int:
+    if options.fisher == "empirical":
+        return 0
+    if options.fisher not in ("sampled", "exact"):
+        raise TaskError(f"Unknown Fisher mode {options.fisher!r}; use 'sampled', 'exact' or 'empirical'.")
+    if options.fisher == "sampled":
+        return 1
+    first = next(iter(datasets.values()))
+    batch = move_batch(next(iter(DataLoader(Subset(first, [0]), batch_size=1))), device)
+    return len(task.fisher_targets(grads_fn.outputs(batch), batch, None))
+
+
+def _featurize_rows(
+    grads_fn: PerExampleGradients,
+    projector: Projector,
+    task: Task,
+    batches: Iterable[Any],
+    start: int,
+    options: FeaturizeArguments,
+    generator: torch.Generator,
+    device: torch.device,
+    where: str,
+    scale: Mapping[str, torch.Tensor] | None = None,
+    measure: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Projected gradients (and Fisher factors, measurement gradients) of one chunk's ``batches``,
+    whose first row is ``start``."""
+    feats, fisher, measured = [], [], []
+    row = start
+    for batch in batches:
+        batch = move_batch(batch, device)
+        outputs = grads_fn.outputs(batch)
+        task.loss(outputs, batch)  # validates targets (label ranges) outside vmap
+        projected = projector.project_batch(grads_fn, batch, "loss", scale=scale)
+        # Checked per batch, before labels are sampled from outputs a non-finite example would poison.
+        check_finite(projected, row, where, "training-loss gradient")
+        feats.append(projected)
+        row += projected.shape[0]
+        if options.fisher != "empirical":
+            gen = generator if options.fisher == "sampled" else None
+            per_direction = []
+            for weight, target_batch in task.fisher_targets(outputs.detach(), batch, gen):
+                u = projector.project_batch(grads_fn, target_batch, "loss", scale=scale)
+                per_direction.append(u * weight.sqrt().unsqueeze(-1).float())
+            fisher.append(torch.stack(per_direction, dim=1).reshape(-1, projector.dim))
+        if measure:
+            measured.append(projector.project_batch(grads_fn, batch, "measurement", scale=scale))
+    # Features stay on the device until the chunk is done: one copy per chunk.
+    all_feats = torch.cat(feats)
+    out_fisher = out_measured = None
+    if fisher:
+        all_fisher = torch.cat(fisher)
+        check_finite(all_fisher.reshape(all_feats.shape[0], -1), start, where, "Fisher (sampled-label) gradient")
+        out_fisher = all_fisher.cpu().numpy()
+    if measured:
+        all_measured = torch.cat(measured)
+        check_finite(all_measured, start, where, "measurement gradient")
+        out_measured = all_measured.cpu().numpy()
+    return all_feats.cpu().numpy(), out_fisher, out_measured
+
+
+def check_finite(
+    values: torch.Tensor, first_row: int, where: str, what: str, example: str = "training example"
+) -> None:
+    """Raise a :class:`NumericalError` naming the first row of ``values`` (``[rows, k]``) that is not finite."""
+    bad = ~torch.isfinite(values).all(dim=1)
+    if bad.any():
+        row = first_row + int(torch.nonzero(bad)[0, 0])
+        raise NumericalError(
+            f"The {what} of {example} {row} at {where} is NaN or infinite; check that example's "
+            "input and label, and the checkpoint's weights."
+        )

@@ -1,0 +1,332 @@
+"""Baselines fitted into the same store as SOURCE, with the same score sign.
+
+Every baseline is a fitted method like SOURCE: cached training features ``methods/<name>/train/<stage>``
+and a query recipe in ``meta["methods"][name]`` (see query.py), so that score(q, z) = ⟨q̃, T(z)⟩,
+positive = z helps q, and the :class:`~source_proj.query.attributor.Attributor`, its FAISS top-k and the
+evaluation serve them unchanged. With g̃_c(z) = P ∇ℓ(z; θ_c) and Φ̃ = [P ∇f(z_i; θ_T)]_i (stored by
+featurize), q̃_c = P ∇f(q; θ_c), T the final checkpoint and N the attributed stage's size::
+
+    grad-dot  T(z) = −g̃_T(z)                       q̃ = q̃_T             score = −∇f(q)·∇ℓ(z)
+    grad-cos  T(z) = −g̃_T(z)/‖g̃_T(z)‖               q̃ = q̃_T/‖q̃_T‖       score = −cos(∇f(q), ∇ℓ(z))
+    tracin    T(z) = concat_c −(√w_c/N) g̃_c(z)      q̃ = concat_c √w_c q̃_c
+              score = −(1/N) Σ_c w_c ∇f(q; θ_c)·∇ℓ(z; θ_c)   (TracIn-CP, Pruthi et al. 2020)
+    if        T(z) = −(1/N)(H̃ + δI)⁻¹ g̃_T(z)        H̃ = Fisher at θ_T, δ = damping_factor · mean eig(H̃)
+    trak      T(z) = −(Φ̃ᵀΦ̃)⁻¹ g̃_T(z)                (Park et al. 2023, Gauss–Newton of the margin)
+    repsim    T(z) = h(z)/‖h(z)‖                    q̃ = h(q)/‖h(q)‖      h = Task.representation at θ_T
+
+**TRAK.** Its estimator is φ(q)ᵀ(ΦᵀΦ)⁻¹ φ(z)(1 − p_z), φ the margin gradient and p_z the probability
+of z's label. For cross-entropy ℓ = log(1 + e^{−f}) of the margin f, so ∇ℓ(z) = −(1 − p_z) ∇f(z)
+exactly: the reweighted feature φ(z)(1 − p_z) *is* −∇ℓ(z), which featurize already stores, and
+which keeps full precision where p_z → 1. (For a task whose loss is not a function of its
+measurement this is TRAK with the loss gradient as the reweighted feature.) No damping, as in TRAK,
+but a pseudo-inverse: eigenvalues below ``rcond``·σ_max (default 1e-6, the float32 rounding level of
+the stored gradients) count as zero. ΦᵀΦ is exactly singular whenever k exceeds its rank (k ≥ N, or
+the identity projection: the margin ignores a common shift of all logits), and every gradient is
+orthogonal to that null space.
+
+**TracIn-CP.** Checkpoints c saved during a stage (start < c ≤ end, so the last is the stage's final
+parameters); w_c is the sum of the recorded learning rates of the steps since the previous such
+checkpoint (or the stage start), i.e. η_c times the steps c stands for: w_c ∝ η_c for evenly spaced
+checkpoints, as in Pruthi et al.
+
+**IF and TRAK with several stages** cannot separate them: their curvature uses the data of all
+``curvature_stages`` combined (default: every stage, as in the SOURCE paper) and N is their total size.
+
+**Influence-function damping** (never tuned on test queries): δ = ``damping_factor`` × the mean
+eigenvalue of the projected Fisher (kronfluence's heuristic with its factor 0.1, applied in the space
+where the inverse is taken).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from source_proj.errors import StoreError, TaskError
+from source_proj.featurize.arguments import as_stage_datasets, default_device
+from source_proj.featurize.plan import segment_for
+from source_proj.methods.fit import _claim_method, _finish_method, checkpoint_curvature
+from source_proj.query.attributor import store_trajectory
+from source_proj.store.store import Store, ckpt_key
+from source_proj.tasks.gradients import move_batch
+from source_proj.tasks.task import Task
+from source_proj.trajectory.segments import Segment
+
+BASELINES = ("trak", "if", "tracin", "grad-dot", "grad-cos", "repsim")
+"""The baseline kinds :func:`fit_baseline` knows."""
+
+
+@dataclass(frozen=True)
+class BaselineArguments:
+    """Which baseline to fit and how.
+
+    Attributes:
+        kind: one of :data:`BASELINES`.
+        method: name it is stored under (``methods/<method>``); default: the kind.
+        stages: attribute to these stages' examples only; default all.
+        curvature_stages: IF and TRAK: the stages whose data form the curvature; default all (the
+            SOURCE paper's choice for baselines that cannot separate stages).
+        damping_factor: IF: δ = damping_factor × mean eigenvalue of the projected Fisher.
+        rcond: IF and TRAK: eigenvalues below rcond × the largest count as zero (pseudo-inverse); 1e-6 is
+            the float32 rounding level of the stored gradients.
+    """
+
+    kind: str
+    method: str | None = None
+    stages: tuple[str, ...] | None = None
+    curvature_stages: tuple[str, ...] | None = None
+    damping_factor: float = 0.1
+    rcond: float = 1e-6
+
+
+ChunkFn = Callable[[str, int, int], np.ndarray]
+"""(stage, first row, stop row) → training features of those rows, ``[rows, d]``."""
+
+
+def _query_scales(meta: dict[str, Any], steps: Sequence[int]) -> list[str | None] | None:
+    """D^{-1/2} names for query gradients at ``steps`` on an Adam store (``None`` when nothing is scaled).
+
+    featurize scaled checkpoint c's training gradients on stage s by the preconditioner of the stage-s
+    segment holding c; the query at c takes the last stage's (the same approximation SOURCE makes
+    for its query, README "Optimizers").
+    """
+    described = (meta.get("segmentation") or {}).get("segments") or []
+    segments = [Segment.from_description(d) for d in described]
+    if not any(seg.preconditioner for seg in segments):
+        return None
+    last = meta["trajectory"]["stages"][-1]["name"]
+    return [segment_for(segments, last, step).preconditioner for step in steps]
+
+
+def fit_baseline(
+    store: Store | str | Path,
+    args: BaselineArguments,
+    *,
+    model: nn.Module | None = None,
+    task: Task | None = None,
+    train_data: Dataset | Mapping[str, Dataset] | None = None,
+    device: str | None = None,
+    batch_size: int = 64,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Store:
+    """Fit a baseline into a featurized store: ``methods/<name>/train/<stage>`` and its query recipe.
+
+    Every baseline but RepSim reads only the store. RepSim computes the training examples' last hidden
+    representations at the final checkpoint, so it needs ``model``, ``task`` and ``train_data`` (the
+    dataset, or a dict ``stage → dataset``, as given to featurize). An interrupted fit resumes; a fit
+    with other arguments over an existing method needs ``overwrite``.
+
+    Returns:
+        The store; score(q, z) = ⟨q̃, T(z)⟩ with the method's recipe (positive = z helps q).
+    """
+    if not isinstance(store, Store):
+        store = Store.open(store, writable=True)
+    if args.kind not in BASELINES:
+        raise TaskError(f"Unknown baseline {args.kind!r}; choose one of {', '.join(BASELINES)}.")
+    meta = store.meta
+    sizes = {s["name"]: s["dataset_size"] for s in meta["trajectory"]["stages"]}
+    attributed = _stages(args.stages, sizes)
+    final = meta["trajectory"]["checkpoints"][-1]
+    name = args.method or args.kind
+    if args.kind == "repsim":
+        dim, recipe, chunk_fn = _repsim(store, model, task, train_data, device, batch_size)
+        extra: dict[str, Any] = {}
+    elif args.kind == "tracin":
+        dim, recipe, chunk_fn, extra = _tracin(store, attributed, sizes)
+    else:
+        dim, recipe, chunk_fn, extra = _final_checkpoint(store, args, attributed, sizes, final)
+    if recipe.get("features", "gradient") == "gradient":
+        scales = _query_scales(meta, recipe["checkpoints"])
+        if scales is not None:
+            recipe = {**recipe, "scales": scales}
+    description = json.loads(
+        json.dumps(
+            {
+                "kind": args.kind,
+                "arguments": asdict(args),
+                "stages": attributed,
+                "dim": dim,
+                "query": recipe,
+                **extra,
+            }
+        )
+    )
+    _claim_method(store, name, description, overwrite)
+    chunk_rows = meta["featurize"]["chunk_rows"]
+    work = []
+    for stage in attributed:
+        array = f"methods/{name}/train/{stage}"
+        store.require_array(array, (sizes[stage], dim), chunk_rows, "float32")
+        work.extend((stage, chunk) for chunk in store.pending_chunks(array))
+    for stage, chunk in tqdm(work, desc=f"fit {name}", unit="chunk", disable=not progress):
+        start = chunk * chunk_rows
+        stop = min(sizes[stage], start + chunk_rows)
+        store.write_chunk(f"methods/{name}/train/{stage}", chunk, chunk_fn(stage, start, stop))
+    _finish_method(store, name)
+    return store
+
+
+def _stages(requested: tuple[str, ...] | None, sizes: Mapping[str, int]) -> list[str]:
+    chosen = list(requested) if requested is not None else list(sizes)
+    unknown = [s for s in chosen if s not in sizes]
+    if unknown or not chosen:
+        raise TaskError(f"Unknown or no stage(s) {unknown or chosen}; the trajectory's stages are {list(sizes)}.")
+    return chosen
+
+
+def _rows(store: Store, array: str, start: int, stop: int) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(store.array(array)[start:stop])).double()
+
+
+def _require_complete(store: Store, arrays: list[str], why: str) -> None:
+    missing = [a for a in arrays if not store.is_complete(a)]
+    if missing:
+        raise StoreError(
+            f"The store at {store.path} lacks {missing[0]!r} ({why}); re-run featurize on it (with the "
+            "measurement product enabled for TRAK) to finish or add it."
+        )
+
+
+def _inverse(curvature: torch.Tensor, damping: float, rcond: float) -> torch.Tensor:
+    """(H + δI)⁻¹ of a symmetric PSD ``[k, k]`` matrix; eigenvalues below rcond·max count as zero."""
+    sigma, u = torch.linalg.eigh(0.5 * (curvature + curvature.T))
+    sigma = sigma.clamp_min(0.0) + damping
+    keep = sigma > rcond * float(sigma.max())
+    inv = torch.where(keep, 1.0 / torch.where(keep, sigma, torch.ones_like(sigma)), torch.zeros_like(sigma))
+    return (u * inv) @ u.T
+
+
+def _final_checkpoint(
+    store: Store, args: BaselineArguments, attributed: list[str], sizes: Mapping[str, int], final: int
+) -> tuple[int, dict[str, Any], ChunkFn, dict[str, Any]]:
+    """Grad-Dot, Grad-Cos, IF and TRAK: a k×k operator applied to the final checkpoint's gradients."""
+    key = ckpt_key(final)
+    k = store.meta["projection"]["dim"]
+    _require_complete(store, [f"grads/{s}/{key}" for s in attributed], "training gradients at the final checkpoint")
+    extra: dict[str, Any] = {}
+    operator: torch.Tensor | None = None
+    if args.kind in ("if", "trak"):
+        curv = _stages(args.curvature_stages, sizes)
+        total = sum(sizes[s] for s in curv)
+        extra["curvature_stages"] = curv
+        if args.kind == "if":
+            fisher = sum(sizes[s] * checkpoint_curvature(store, s, final) for s in curv) / total
+            eigvals = torch.linalg.eigvalsh(fisher).clamp_min(0.0)
+            damping = args.damping_factor * float(eigvals.mean())
+            operator = _inverse(fisher, damping, args.rcond) / total
+            extra["damping"] = damping
+        else:
+            arrays = [f"measurement/{s}/{key}" for s in curv]
+            _require_complete(store, arrays, "measurement gradients of the training examples for TRAK")
+            gram = torch.zeros(k, k, dtype=torch.float64)
+            for array in arrays:
+                for _, rows in store.iter_chunks(array):
+                    x = torch.from_numpy(rows).double()
+                    gram.addmm_(x.T, x)
+            operator = _inverse(gram, 0.0, args.rcond)
+    normalize = args.kind == "grad-cos"
+
+    def chunk(stage: str, start: int, stop: int) -> np.ndarray:
+        g = _rows(store, f"grads/{stage}/{key}", start, stop)
+        if operator is not None:
+            g = g @ operator
+        elif normalize:
+            g = torch.nn.functional.normalize(g, dim=1)
+        return (-g).float().numpy()
+
+    recipe = {"checkpoints": [final], "weights": [1.0], "features": "gradient", "normalize": normalize}
+    return k, recipe, chunk, extra
+
+
+def _tracin(
+    store: Store, attributed: list[str], sizes: Mapping[str, int]
+) -> tuple[int, dict[str, Any], ChunkFn, dict[str, Any]]:
+    """TracIn-CP: √w_c-scaled gradients of the checkpoints saved during each attributed stage."""
+    meta = store.meta
+    k = meta["projection"]["dim"]
+    lr = store.read("trajectory/lr")
+    stages = {s["name"]: s for s in meta["trajectory"]["stages"]}
+    used: dict[str, list[tuple[int, float]]] = {}
+    for stage in attributed:
+        start, end = stages[stage]["start_step"], stages[stage]["end_step"]
+        steps = [c for c in meta["trajectory"]["checkpoints"] if start < c <= end]
+        if not steps:
+            raise TaskError(
+                f"Stage {stage!r} has no checkpoint saved after its first step, so TracIn-CP has nothing to sum; "
+                "save checkpoints during the stage."
+            )
+        bounds = [start, *steps]
+        used[stage] = [(c, float(lr[a:c].sum())) for a, c in zip(bounds[:-1], steps, strict=True)]
+    order = sorted((c, w) for pairs in used.values() for c, w in pairs)
+    slot = {c: i for i, (c, _) in enumerate(order)}
+    _require_complete(
+        store,
+        [f"grads/{s}/{ckpt_key(c)}" for s, pairs in used.items() for c, _ in pairs],
+        "training gradients at the checkpoints TracIn-CP sums over",
+    )
+
+    def chunk(stage: str, start: int, stop: int) -> np.ndarray:
+        out = torch.zeros(stop - start, k * len(order), dtype=torch.float64)
+        for c, w in used[stage]:
+            g = _rows(store, f"grads/{stage}/{ckpt_key(c)}", start, stop)
+            out[:, slot[c] * k : (slot[c] + 1) * k] = -(w**0.5 / sizes[stage]) * g
+        return out.float().numpy()
+
+    recipe = {
+        "checkpoints": [c for c, _ in order],
+        "weights": [w**0.5 for _, w in order],
+        "features": "gradient",
+        "normalize": False,
+    }
+    return k * len(order), recipe, chunk, {"checkpoint_weights": [w for _, w in order]}
+
+
+def _repsim(
+    store: Store,
+    model: nn.Module | None,
+    task: Task | None,
+    train_data: Dataset | Mapping[str, Dataset] | None,
+    device: str | None,
+    batch_size: int,
+) -> tuple[int, dict[str, Any], ChunkFn]:
+    """RepSim: unit-normalised last hidden representations at the final checkpoint."""
+    if model is None or task is None or train_data is None:
+        raise TaskError(
+            "RepSim compares representations computed by the model, so fit_baseline needs model=, task= and "
+            "train_data= for kind 'repsim'."
+        )
+    meta = store.meta
+    if task.describe() != meta["task"]:
+        raise TaskError(f"The task {task.describe()} differs from the store's {meta['task']}; use the same task.")
+    trajectory = store_trajectory(meta)
+    datasets = as_stage_datasets(train_data, trajectory)
+    where = default_device(device)
+    net = copy.deepcopy(model).to(where)
+    trajectory.load_into(net, trajectory.final_checkpoint)
+    net.eval()
+
+    def chunk(stage: str, start: int, stop: int) -> np.ndarray:
+        loader = DataLoader(Subset(datasets[stage], range(start, stop)), batch_size=batch_size, shuffle=False)
+        reps = [task.representation(net, move_batch(b, where)).cpu() for b in loader]
+        return torch.nn.functional.normalize(torch.cat(reps).double(), dim=1).float().numpy()
+
+    first = next(iter(DataLoader(Subset(next(iter(datasets.values())), [0]), batch_size=1)))
+    dim = int(task.representation(net, move_batch(first, where)).shape[1])
+    recipe = {
+        "checkpoints": [meta["trajectory"]["checkpoints"][-1]],
+        "weights": [1.0],
+        "features": "representation",
+        "normalize": True,
+    }
+    return dim, recipe, chunk

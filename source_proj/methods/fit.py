@@ -1,0 +1,413 @@
+"""fit: per-segment curvature, SOURCE operators, and the cached training-feature matrix.
+
+Reads only the store (no model, no data): the projected Fisher factors give each checkpoint's
+curvature H̃_c = (1/N) Σ_i ũ_i ũ_iᵀ, segments average them (+ λI) and are eigendecomposed once,
+and one pass over the stored gradients folds every operator into T(z) (see source.py).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from source_proj.distributed import Ranks, Shard, rank_device, ranks, run_sharded
+from source_proj.errors import NumericalError, StoreError, TaskError
+from source_proj.featurize.arguments import default_device
+from source_proj.methods.source import SegmentOperator, fold
+from source_proj.store.store import Store, ckpt_key, is_store
+from source_proj.trajectory.autosegment import TrajectoryView, trajectory_view
+from source_proj.trajectory.recorder import Stage
+from source_proj.trajectory.segments import Segment, SegmentationArguments, make_segments
+
+
+@dataclass(frozen=True)
+class FitArguments:
+    """How the trajectory is segmented and which data are attributed.
+
+    With none of ``segments_per_stage``, ``boundaries``, ``auto_segments`` given, fit uses the
+    segmentation recorded by featurize, else 3 equal parts per stage. A store whose features
+    depend on the segmentation (Adam/AdamW runs, Fast-SOURCE) refuses any other.
+
+    Attributes:
+        segments_per_stage: equal parts (by step) each stage is cut into (the paper uses 3).
+        boundaries: explicit global steps to cut at instead (stage boundaries are always cut).
+        auto_segments: L, a budget of segments placed automatically where the projected curvature
+            and gradients change most (``autosegment.py``).
+        stages: attribute to these stages' examples only (e.g. the pre-training data); default all.
+            An example of stage s is credited through the segments that trained on it and carried
+            to θ_T by every later segment's survival S (SOURCE_MATH.md §3).
+        fast: Fast-SOURCE: gradients and curvature at each segment's averaged parameters (needs
+            featurize with ``segment_means=True``).
+        method: name under which the result is stored (``methods/<method>``); default
+            ``"fast-source"`` with ``fast``, else ``"source"``.
+    """
+
+    segments_per_stage: int | None = None
+    boundaries: tuple[int, ...] | None = None
+    stages: tuple[str, ...] | None = None
+    method: str | None = None
+    auto_segments: int | None = None
+    fast: bool = False
+
+    @property
+    def name(self) -> str:
+        """The method name the result is stored under."""
+        return self.method or ("fast-source" if self.fast else "source")
+
+    def segmentation(self) -> SegmentationArguments | None:
+        """The segmentation asked for, or ``None`` (the store's, else the default)."""
+        if self.auto_segments is not None:
+            return SegmentationArguments(auto=self.auto_segments)
+        if self.boundaries is not None:
+            return SegmentationArguments(boundaries=tuple(self.boundaries))
+        if self.segments_per_stage is not None:
+            return SegmentationArguments(per_stage=self.segments_per_stage)
+        return None
+
+
+def trajectory_stages(meta: dict[str, Any]) -> list[Stage]:
+    """The stages recorded in a store's metadata."""
+    return [Stage(**s) for s in meta["trajectory"]["stages"]]
+
+
+def param_sizes(meta: dict[str, Any]) -> dict[str, int]:
+    """Number of attributed parameters per parameter name, from a store's metadata."""
+    return {name: int(np.prod(shape)) for name, shape in meta["params"]}
+
+
+def store_segments(store: Store, args: FitArguments) -> list[Segment]:
+    """The segments a fit with ``args`` uses on this store (see :class:`FitArguments`)."""
+    return resolve_segments(store, args)[0]
+
+
+def resolve_segments(store: Store, args: FitArguments) -> tuple[list[Segment], TrajectoryView | None]:
+    """The segments a fit with ``args`` uses, and the trajectory view when they were placed automatically."""
+    meta = store.meta
+    recorded = meta.get("segmentation")
+    requested = args.segmentation()
+    if recorded is not None and (requested is None or requested.describe() == recorded["arguments"]):
+        view = TrajectoryView.from_description(recorded["view"]) if recorded.get("view") else None
+        return [Segment.from_description(d) for d in recorded["segments"]], view
+    requested = requested or SegmentationArguments()
+    stages = trajectory_stages(meta)
+    steps = meta["trajectory"]["checkpoints"]
+    lr = store.read("trajectory/lr")
+    bound = args.fast or any(s.get("preconditioner") for s in (recorded or {}).get("segments", []))
+    if requested.auto is not None and not bound:
+        view = store_view(store, requested.auto)
+        return make_segments(stages, steps, lr, param_sizes(meta), boundaries=view.cuts), view
+    segments = make_segments(
+        stages, steps, lr, param_sizes(meta), per_stage=requested.per_stage, boundaries=requested.boundaries
+    )
+    if recorded is None or not bound:
+        return segments, None
+    extent = [(s.stage, s.start_step, s.end_step, s.checkpoints) for s in segments]
+    if requested.auto is None and extent == [
+        (d["stage"], d["start_step"], d["end_step"], tuple(d["checkpoints"])) for d in recorded["segments"]
+    ]:
+        return [Segment.from_description(d) for d in recorded["segments"]], None
+    why = "Fast-SOURCE features" if args.fast else "Adam-preconditioned features"
+    raise StoreError(
+        f"The store at {store.path} holds {why} computed for the segmentation {recorded['arguments']}, so it cannot be "
+        f"fitted with {requested.describe()}; fit without --segments/--boundaries, or re-run featurize with the new "
+        "segmentation into another store (or with --force)."
+    )
+
+
+def store_view(store: Store, budget: int) -> TrajectoryView:
+    """The automatic segmentation of a featurized store into ``budget`` segments, from its stored
+    per-checkpoint gradients and Fisher factors (see ``autosegment.py``)."""
+    meta = store.meta
+    return trajectory_view(
+        store,
+        trajectory_stages(meta),
+        meta["trajectory"]["checkpoints"],
+        store.read("trajectory/lr"),
+        param_sizes(meta),
+        budget,
+    )
+
+
+def checkpoint_curvature(
+    store: Store, stage: str, step: int | str, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """H̃_c = (1/N) Σ_i ũ_i ũ_iᵀ for checkpoint ``step`` (or a feature key such as a segment mean's)
+    on ``stage``'s data, float64 ``[k, k]`` on ``device``."""
+    meta = store.meta
+    directions = meta["featurize"]["fisher_directions"]
+    source = "grads" if directions == 0 else "fisher"
+    key = ckpt_key(step) if isinstance(step, int) else step
+    name = f"{source}/{stage}/{key}"
+    total: torch.Tensor | None = None
+    for _, rows in store.iter_chunks(name):
+        x = torch.from_numpy(rows).to(device).double()
+        total = x.T @ x if total is None else total.addmm_(x.T, x)
+    assert total is not None
+    size = next(s["dataset_size"] for s in meta["trajectory"]["stages"] if s["name"] == stage)
+    curvature = total / size
+    if not torch.isfinite(curvature).all():
+        raise NumericalError(
+            f"The curvature of checkpoint {key} on stage {stage!r} is not finite; "
+            "re-run featurize --force on that store."
+        )
+    return curvature
+
+
+def feature_keys(segments: Sequence[Segment], fast: bool = False) -> list[list[str]]:
+    """The stored feature points averaged in each segment: its checkpoints, or (Fast-SOURCE) its mean."""
+    return [[seg.mean_key] if fast else [ckpt_key(s) for s in seg.checkpoints] for seg in segments]
+
+
+def segment_operators(
+    store: Store,
+    segments: Sequence[Segment],
+    keys: Sequence[Sequence[str]] | None = None,
+    device: torch.device | str = "cpu",
+    curvature: Callable[[str, str], torch.Tensor] | None = None,
+) -> list[SegmentOperator]:
+    """One eigendecomposition of H̄_ℓ = mean_c H̃_c + λI per segment (``keys``: its feature points,
+    default its checkpoints; ``curvature(stage, key)``: H̃ of one point, default
+    :func:`checkpoint_curvature`).
+
+    The mean is accumulated point by point: memory is two k × k matrices whatever the number of
+    checkpoints.
+    """
+    if curvature is None:
+        curvature = partial(checkpoint_curvature, store, device=device)
+    operators = []
+    for seg, points in zip(segments, keys or feature_keys(segments), strict=True):
+        total = curvature(seg.stage, points[0])
+        for key in points[1:]:
+            total += curvature(seg.stage, key)
+        operators.append(SegmentOperator.from_curvature(total / len(points), seg.time, seg.weight_decay))
+    return operators
+
+
+def fit(
+    store: Store | str | Path,
+    args: FitArguments = FitArguments(),
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    device: str | None = None,
+    shard: Shard | None = None,
+) -> Store:
+    """Compute SOURCE's operators and cache the training features ``methods/<method>/train/<stage>``.
+
+    The cached feature of training example z is T(z) = −Σ_{ℓ: z∈D_ℓ} (1/N_ℓ) A_ℓ ḡ̃_ℓ(z), so
+    score(q, z) = ⟨P ∇f(q; θ_T), T(z)⟩ (positive = helpful). An interrupted fit resumes; a fit
+    with other arguments over an existing method needs ``overwrite``. The store is locked while
+    fit runs, and a resumed fit recomputes cached chunks whose crc no longer matches. ``device``
+    runs the k × k products and eigendecompositions there (default: CUDA when available); memory is
+    bounded by one row chunk and a few k × k matrices, not by N or the number of checkpoints.
+
+    Sharded (``shard``, or the ranks of an initialised ``torch.distributed`` process group, see
+    ``distributed.py``), every rank writes its block of the cached chunks. With a process group,
+    the checkpoints' curvatures are split between the ranks and broadcast in a fixed order, so
+    every rank (and a one-process fit) sums exactly the same matrices in the same order: the
+    result is bit-identical to a one-process fit. Independent shards each compute every curvature.
+    """
+    path = store.path if isinstance(store, Store) else str(store)
+    group = ranks(shard)
+    job = _Fit(path, args, progress and (group.leader or not group.coordinated), default_device(device), group)
+    run_sharded(path, job, group, overwrite=overwrite, keep_new=is_store)
+    if isinstance(store, Store):
+        store.refresh()
+        return store
+    return Store.open(path, writable=True)
+
+
+class _Fit:
+    """fit as a sharded job (``distributed.ShardedJob``)."""
+
+    def __init__(self, path: str, args: FitArguments, progress: bool, device: torch.device, group: Ranks) -> None:
+        self.path, self.args, self.progress = path, args, progress
+        self.device = rank_device(device, group)
+        self.method = args.name
+        self._operators: list[SegmentOperator] | None = None
+
+    def _describe(self, store: Store) -> tuple[dict[str, Any], list[Segment]]:
+        """The method's description (what ``_claim_method`` records) and its segments; refuses bad arguments."""
+        meta = store.meta
+        stage_names = [s["name"] for s in meta["trajectory"]["stages"]]
+        attributed = list(self.args.stages) if self.args.stages is not None else stage_names
+        unknown = [s for s in attributed if s not in stage_names]
+        if unknown:
+            raise TaskError(f"Unknown stage(s) {unknown}; the trajectory's stages are {stage_names}.")
+        segments, view = resolve_segments(store, self.args)
+        keys = feature_keys(segments, self.args.fast)
+        needed = sorted({f"grads/{seg.stage}/{k}" for seg, ks in zip(segments, keys, strict=True) for k in ks})
+        missing = [name for name in needed if not store.has(name)]
+        if missing:
+            hint = "run featurize with checkpoints=True"
+            if self.args.fast:
+                hint = "featurize with segment_means=True (--fast)"
+            raise StoreError(
+                f"The store at {store.path} lacks the features {missing[:2]} this fit needs; {hint} first."
+            )
+        query = {"checkpoints": [meta["trajectory"]["checkpoints"][-1]], "weights": [1.0]}
+        if segments[-1].preconditioner is not None:
+            query["scales"] = [segments[-1].preconditioner]
+        description = {
+            "kind": "fast-source" if self.args.fast else "source",
+            "arguments": asdict(self.args),
+            "segments": [s.describe() for s in segments],
+            "stages": attributed,
+            "dim": meta["projection"]["dim"],
+            "query": query,
+        }
+        if view is not None:
+            description["view"] = view.describe()
+        return description, segments
+
+    def _items(self, store: Store, description: dict[str, Any], create: bool = False) -> list[tuple[str, int]]:
+        """Every (stage, row chunk) of the cached features in a fixed order (``create``: create the arrays)."""
+        sizes = {s["name"]: s["dataset_size"] for s in store.meta["trajectory"]["stages"]}
+        rows = store.meta["featurize"]["chunk_rows"]
+        items = []
+        for stage in description["stages"]:
+            if create:
+                name = f"methods/{self.method}/train/{stage}"
+                store.require_array(name, (sizes[stage], description["dim"]), rows, "float32")
+                store.pending_chunks(name)
+            items.extend((stage, chunk) for chunk in range(-(-sizes[stage] // rows)))
+        return items
+
+    def prepare(self, overwrite: bool) -> None:
+        store = Store.open(self.path, writable=True)
+        description, _ = self._describe(store)
+        _claim_method(store, self.method, description, overwrite)
+        store.heal(f"methods/{self.method}/operators/")
+        self._items(store, description, create=True)
+
+    def ready(self) -> bool:
+        if not is_store(self.path):
+            return False
+        store = Store.open(self.path)
+        existing = (store.meta.get("methods") or {}).get(self.method)
+        if existing is None or _identity(existing) != _identity(self._describe(store)[0]):
+            return False
+        names = [f"methods/{self.method}/train/{stage}" for stage in existing["stages"]]
+        return all(store.has(name) and store.has(f"progress/{name}") for name in names)
+
+    def work(self, group: Ranks) -> None:
+        store = Store.open(self.path, writable=True)
+        description = store.meta["methods"][self.method]
+        mine = group.shard.take(self._items(store, description))
+        names = {stage: f"methods/{self.method}/train/{stage}" for stage in description["stages"]}
+        store.heal_chunks([(names[stage], chunk) for stage, chunk in mine])
+        pending = {stage: set(store.pending_chunks(name)) for stage, name in names.items()}
+        work = [(stage, chunk) for stage, chunk in mine if chunk in pending[stage]]
+        segments = [Segment.from_description(d) for d in description["segments"]]
+        keys = feature_keys(segments, self.args.fast)
+        self._operators = segment_operators(
+            store, segments, keys, self.device, _shared_curvature(store, segments, keys, self.device, group)
+        )
+        folded = fold(self._operators)
+        sizes = {s["name"]: s["dataset_size"] for s in store.meta["trajectory"]["stages"]}
+        for stage, chunk in tqdm(work, desc="fit", unit="chunk", disable=not self.progress):
+            values = _fold_chunk(store, stage, chunk, sizes[stage], segments, keys, folded)
+            store.write_chunk(names[stage], chunk, values)
+
+    def finish(self) -> bool:
+        store = Store.open(self.path, writable=True)
+        description = store.meta["methods"][self.method]
+        if any(store.pending_chunks(f"methods/{self.method}/train/{stage}") for stage in description["stages"]):
+            return False
+        for index, op in enumerate(self._operators or []):
+            name = f"methods/{self.method}/operators/{index}/eigvals"
+            if not store.is_complete(name):
+                store.write_whole(name, op.eigvals.cpu().numpy())
+        _finish_method(store, self.method)
+        return True
+
+
+def _shared_curvature(
+    store: Store, segments: Sequence[Segment], keys: Sequence[Sequence[str]], device: torch.device, group: Ranks
+) -> Callable[[str, str], torch.Tensor] | None:
+    """H̃ of each feature point with the points split between the ranks of a process group: each
+    rank computes its block (in parallel), then every point is broadcast from its rank in the fixed
+    order of ``segment_operators``. ``None`` (every point computed here) without a process group."""
+    if not group.coordinated:
+        return None
+    points = list(dict.fromkeys((seg.stage, key) for seg, ks in zip(segments, keys, strict=True) for key in ks))
+    owner = {p: rank for rank in range(group.shard.world) for p in Shard(rank, group.shard.world).take(points)}
+    own: dict[tuple[str, str], torch.Tensor] = {}
+    error = None
+    try:
+        own = {p: checkpoint_curvature(store, *p, device=device) for p in group.shard.take(points)}
+    except Exception as err:
+        error = err
+    group.agree(error)
+    dim = int(store.meta["projection"]["dim"])
+
+    def curvature(stage: str, key: str) -> torch.Tensor:
+        point = (stage, key)
+        held = own.get(point, torch.empty((dim, dim), dtype=torch.float64, device=device))
+        return group.broadcast(held, owner[point]).clone()
+
+    return curvature
+
+
+def _fold_chunk(
+    store: Store,
+    stage: str,
+    chunk: int,
+    size: int,
+    segments: Sequence[Segment],
+    keys: Sequence[Sequence[str]],
+    folded: Sequence[torch.Tensor],
+) -> np.ndarray:
+    total: torch.Tensor | None = None
+    for seg, points, a in zip(segments, keys, folded, strict=True):
+        if seg.stage != stage:
+            continue
+        mean = None
+        for key in points:
+            g = torch.from_numpy(store.read_chunk(f"grads/{stage}/{key}", chunk)).to(a.device).double()
+            mean = g if mean is None else mean + g
+        assert mean is not None
+        mean /= len(points)
+        contribution = mean @ a.T
+        total = contribution if total is None else total + contribution
+    if total is None:
+        raise TaskError(f"Stage {stage!r} has no segment with checkpoints, so its examples cannot be attributed.")
+    return (-total / size).float().cpu().numpy()
+
+
+def _claim_method(store: Store, method: str, description: dict[str, Any], overwrite: bool) -> None:
+    methods = dict(store.meta.get("methods") or {})
+    existing = methods.get(method)
+    if existing is not None:
+        same = _identity(existing) == _identity(description)
+        if same and not overwrite:
+            return
+        if not same and not overwrite:
+            raise StoreError(
+                f"Method {method!r} in {store.path} was fitted with other settings; pass --force (overwrite=True) "
+                "to replace it, or fit under another --method name."
+            )
+        store.delete(f"methods/{method}")
+    methods[method] = {**description, "complete": False}
+    store.update_meta(methods=methods)
+
+
+def _identity(description: dict[str, Any]) -> Any:
+    """What determines a fitted method's result: its description without the raw arguments (two
+    spellings of the same request, e.g. a default left out or given, fit the same method) and
+    without its completion flag, normalised through JSON (tuples and lists compare equal)."""
+    return json.loads(json.dumps({k: v for k, v in description.items() if k not in ("arguments", "complete")}))
+
+
+def _finish_method(store: Store, method: str) -> None:
+    methods = dict(store.meta["methods"])
+    methods[method] = {**methods[method], "complete": True}
+    store.update_meta(methods=methods)

@@ -1,0 +1,64 @@
+"""Building a projector from its kind, and rebuilding a store's projector from its metadata."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from source_proj.errors import StoreError, TaskError
+from source_proj.projection.base import IdentityProjector, Projector, RademacherProjector
+from source_proj.projection.factored import FactoredProjector, factorable_layers
+from source_proj.projection.fastjl import FastJLProjector, fast_jl_available
+
+PROJECTION_KINDS = ("rademacher", "identity", "factored", "fast_jl")
+"""Every projector kind ``make_projector`` builds (and ``ProjectionArguments.kind`` accepts)."""
+
+
+def make_projector(
+    kind: str,
+    shapes: Sequence[tuple[str, Sequence[int]]],
+    dim: int | None,
+    seed: int,
+    *,
+    model: nn.Module | None = None,
+    feature_tiles: int | None = None,
+) -> Projector:
+    """Build a projector from its kind (one of ``PROJECTION_KINDS``, or ``"auto"``).
+
+    ``"auto"`` is ``"fast_jl"`` where a CUDA GPU and fast_jl are present (and k is a multiple of
+    512), else ``"rademacher"``; the store records the kind actually used. ``"factored"`` needs the
+    ``model`` (its layers); ``feature_tiles`` rebuilds a recorded ``"fast_jl"`` projection.
+    """
+    if kind == "identity":
+        return IdentityProjector(shapes)
+    if dim is None:
+        raise TaskError(f"The {kind!r} projection needs a dimension; pass `dim` (e.g. 1024).")
+    if kind == "auto":
+        kind = "fast_jl" if fast_jl_available() and dim % 512 == 0 and seed < 2**32 else "rademacher"
+    if kind == "rademacher":
+        return RademacherProjector(shapes, dim, seed)
+    if kind == "fast_jl":
+        return FastJLProjector(shapes, dim, seed, feature_tiles=feature_tiles)
+    if kind == "factored":
+        if model is None:
+            raise TaskError("The 'factored' projection is built from the model's layers; pass the model.")
+        layers, _ = factorable_layers(model, [name for name, _ in shapes])
+        return FactoredProjector(shapes, layers, dim, seed)
+    raise TaskError(f"Unknown projection kind {kind!r}; use one of {', '.join(PROJECTION_KINDS)} or 'auto'.")
+
+
+def projector_from_meta(meta: dict[str, Any], model: nn.Module | None = None) -> Projector:
+    """Rebuild the store's projection from its metadata (the ``factored`` kind needs the model)."""
+    desc = meta["projection"]
+    shapes = [(name, tuple(shape)) for name, shape in meta["params"]]
+    projector = make_projector(
+        desc["kind"], shapes, desc.get("dim"), desc.get("seed", 0), model=model, feature_tiles=desc.get("feature_tiles")
+    )
+    if projector.describe() != desc:
+        raise StoreError(
+            f"The store's projection {desc} cannot be rebuilt by this library version (got {projector.describe()}); "
+            "re-create the store with featurize --force."
+        )
+    return projector

@@ -1,0 +1,263 @@
+"""query: query features at the final checkpoint, scores, and top-k through a FAISS index.
+
+score(q, z) = ⟨q̃, T(z)⟩ with q̃ = P ∇f(q; θ_T) (for SOURCE). Positive = z helps q. The most
+helpful examples are the top-k of the inner product; the most harmful are the top-k for −q̃.
+
+A fitted method's ``query`` recipe says how q̃ is built::
+
+    {"checkpoints": [steps], "weights": [w_c],        q̃ = concat_c w_c · x_c(q)   (TracIn-CP: several)
+     "features": "gradient" | "representation",       x_c = P ∇f(q; θ_c) (default) or Task.representation
+     "normalize": false | true,                       x_c / ‖x_c‖ (Grad-Cos, RepSim)
+     "scales": [name | null]}                         stored D^{-1/2} multiplying θ_c's gradients before
+                                                      projection (Adam runs); absent = none
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from source_proj.errors import StoreError, TaskError
+from source_proj.featurize.arguments import default_device
+from source_proj.featurize.featurize import check_finite
+from source_proj.projection.factory import projector_from_meta
+from source_proj.query.topk import SearchBackend, TorchIndex, build_index
+from source_proj.store.provenance import check_query_model, check_run
+from source_proj.store.store import Store
+from source_proj.tasks.gradients import PerExampleGradients, move_batch
+from source_proj.tasks.task import Task
+from source_proj.trajectory.preconditioner import read_scale
+from source_proj.trajectory.recorder import Trajectory
+
+
+def store_trajectory(meta: dict[str, Any], trajectory: Trajectory | str | Path | None = None) -> Trajectory:
+    """The run a store was featurized from (default: the directory it records), checked by fingerprint."""
+    if trajectory is None:
+        trajectory = meta["trajectory"]["path"]
+    loaded = trajectory if isinstance(trajectory, Trajectory) else Trajectory.load(trajectory)
+    check_run(meta, loaded)
+    return loaded
+
+
+@dataclass(frozen=True)
+class StageRows:
+    """Where a stage's examples sit among the rows of a method's feature matrix."""
+
+    stage: str
+    offset: int
+    size: int
+
+
+def method_meta(store: Store, method: str) -> dict[str, Any]:
+    """A fitted method's description; refuses a missing or unfinished one."""
+    methods = store.meta.get("methods") or {}
+    if method not in methods:
+        raise StoreError(
+            f"The store at {store.path} has no fitted method {method!r} (it has {sorted(methods)}); run "
+            f"`source-proj fit {store.path}` first."
+        )
+    if not methods[method].get("complete"):
+        raise StoreError(f"Method {method!r} in {store.path} is unfinished; re-run fit to complete it.")
+    return methods[method]
+
+
+def method_rows(store: Store, method: str) -> list[StageRows]:
+    """Row layout (stage, offset, size) of a method's training features, in stage order."""
+    rows, offset = [], 0
+    sizes = {s["name"]: s["dataset_size"] for s in store.meta["trajectory"]["stages"]}
+    for stage in method_meta(store, method)["stages"]:
+        rows.append(StageRows(stage, offset, sizes[stage]))
+        offset += sizes[stage]
+    return rows
+
+
+def train_features(store: Store, method: str = "source") -> np.ndarray:
+    """The cached training features of a method, all attributed stages stacked: float32 ``[N, d]``."""
+    return np.concatenate([store.read(f"methods/{method}/train/{r.stage}") for r in method_rows(store, method)])
+
+
+def _batches(queries: Dataset | Sequence[Any], batch_size: int) -> Iterator[Any]:
+    if isinstance(queries, (tuple, list)) and queries and all(isinstance(t, torch.Tensor) for t in queries):
+        queries = TensorDataset(*queries)
+    yield from DataLoader(queries, batch_size=batch_size, shuffle=False)  # type: ignore[arg-type]
+
+
+class Attributor:
+    """Scores queries against a fitted store; keeps the query model and the index between calls.
+
+    Queries are scored at the store's final checkpoint θ_T, never at the weights ``model`` holds;
+    a model, task or run that is not the store's is refused (see ``provenance.check_query_model``).
+
+    Args:
+        store: a featurized and fitted store (or its path).
+        model: the architecture; the store's final checkpoint is loaded into a copy of it.
+        task: the task the store was featurized with.
+        method: which fitted method to use (``"source"`` by default).
+        trajectory: the run (default: the directory recorded in the store).
+        device: where query gradients are computed.
+        batch_size: queries per gradient batch.
+        search_backend: top-k search (see ``topk.build_index``): ``"auto"`` (FAISS-GPU, else torch on
+            a CUDA device, else FAISS), ``"faiss"``, ``"torch"`` (resident on ``device``) or
+            ``"stream"`` (store chunk by chunk: memory bounded by the chunk size).
+        search_devices: devices the index is sharded over (e.g. ``["cuda:0", "cuda:1"]``); default
+            ``device``, or every GPU when the features do not fit on it.
+    """
+
+    def __init__(
+        self,
+        store: Store | str | Path,
+        model: nn.Module,
+        task: Task,
+        *,
+        method: str = "source",
+        trajectory: Trajectory | str | Path | None = None,
+        device: str | None = None,
+        batch_size: int = 64,
+        search_backend: SearchBackend = "auto",
+        search_devices: Sequence[str] | None = None,
+    ) -> None:
+        self.store = store if isinstance(store, Store) else Store.open(store)
+        meta = self.store.meta
+        self.method = method
+        self.recipe = method_meta(self.store, method)["query"]
+        self.rows = method_rows(self.store, method)
+        self.trajectory = store_trajectory(meta, trajectory)
+        check_query_model(meta, model, task, self.trajectory)
+        self.device = default_device(device)
+        self.model = copy.deepcopy(model).to(self.device)
+        self.task = task
+        names = [name for name, _ in meta["params"]]
+        self.projector = projector_from_meta(meta, self.model)
+        self.param_names = names
+        self.batch_size = batch_size
+        self.search_backend = search_backend
+        self.search_devices = search_devices
+        self._index: faiss.Index | TorchIndex | None = None
+
+    def query_features(self, queries: Dataset | Sequence[Any]) -> torch.Tensor:
+        """q̃ for every query: float32 ``[Q, d]`` (concatenated over the recipe's checkpoints)."""
+        steps, weights = self.recipe["checkpoints"], self.recipe["weights"]
+        scales = self.recipe.get("scales") or [None] * len(steps)
+        representation = self.recipe.get("features", "gradient") == "representation"
+        by_step = {c.step: c for c in self.trajectory.checkpoints}
+        shapes = self.store.meta["params"]
+        parts = []
+        for step, weight, scale_name in zip(steps, weights, scales, strict=True):
+            self.trajectory.load_into(self.model, by_step[step])
+            if representation:
+                feats = [
+                    self.task.representation(self.model.eval(), move_batch(b, self.device)).cpu()
+                    for b in _batches(queries, self.batch_size)
+                ]
+            else:
+                grads_fn = PerExampleGradients(self.model, self.task, self.param_names)
+                scale = read_scale(self.store, scale_name, shapes, self.device)
+                feats = [
+                    self.projector.project_batch(grads_fn, move_batch(b, self.device), "measurement", scale=scale).cpu()
+                    for b in _batches(queries, self.batch_size)
+                ]
+            part = torch.cat(feats)
+            what = "representation" if representation else "measurement gradient"
+            check_finite(part, 0, f"checkpoint step {step}", what, example="query")
+            if self.recipe.get("normalize", False):
+                part = torch.nn.functional.normalize(part, dim=1)
+            parts.append(part * weight)
+        return torch.cat(parts, dim=1)
+
+    def index(self) -> faiss.Index | TorchIndex:
+        """Exact inner-product index over the training features (built once; see ``search_backend``)."""
+        if self._index is None:
+            names = [f"methods/{self.method}/train/{r.stage}" for r in self.rows]
+
+            def blocks() -> Iterator[tuple[int, np.ndarray]]:
+                for r, name in zip(self.rows, names, strict=True):
+                    for start, rows in self.store.iter_chunks(name):
+                        yield r.offset + start, rows
+
+            self._index = build_index(
+                lambda: train_features(self.store, self.method),
+                blocks,
+                sum(r.size for r in self.rows),
+                int(self.store.array(names[0]).shape[1]),
+                self.device,
+                self.search_backend,
+                self.search_devices,
+            )
+        return self._index
+
+    def scores(self, queries: Dataset | Sequence[Any]) -> np.ndarray:
+        """The full score matrix ``[Q, N]`` (rows: queries; columns: training rows, see ``rows``)."""
+        q = self.query_features(queries).numpy()
+        return q @ train_features(self.store, self.method).T
+
+    def top_k(self, queries: Dataset | Sequence[Any], k: int = 10) -> QueryResult:
+        """The k most helpful and k most harmful training examples of each query."""
+        q = np.ascontiguousarray(self.query_features(queries).numpy(), dtype=np.float32)
+        return search(self.index(), q, k, self.rows)
+
+
+def search(
+    index: faiss.Index | TorchIndex, query_features: np.ndarray, k: int, rows: Sequence[StageRows]
+) -> QueryResult:
+    """Top-k helpful (largest ⟨q, T⟩) and harmful (smallest) rows of an inner-product index."""
+    k = min(k, index.ntotal)
+    if k < 1:
+        raise TaskError("top-k needs k ≥ 1 and a non-empty index.")
+    help_scores, help_ids = index.search(query_features, k)
+    harm_scores, harm_ids = index.search(-query_features, k)
+    return QueryResult(help_ids, help_scores, harm_ids, -harm_scores, list(rows))
+
+
+@dataclass
+class QueryResult:
+    """Top-k results. ids are rows of the method's feature matrix; ``locate`` maps them to (stage, index).
+
+    Attributes:
+        helpful_ids, helpful_scores: ``[Q, k]``, scores decreasing (most helpful first).
+        harmful_ids, harmful_scores: ``[Q, k]``, scores increasing (most harmful first).
+        rows: stage layout of the feature rows.
+    """
+
+    helpful_ids: np.ndarray
+    helpful_scores: np.ndarray
+    harmful_ids: np.ndarray
+    harmful_scores: np.ndarray
+    rows: list[StageRows]
+
+    def locate(self, row: int) -> tuple[str, int]:
+        """(stage, index within the stage's dataset) of a feature row."""
+        for r in self.rows:
+            if r.offset <= row < r.offset + r.size:
+                return r.stage, row - r.offset
+        raise IndexError(row)
+
+    def records(self) -> list[dict[str, Any]]:
+        """One dict per (query, kind, rank): query, kind, rank, stage, index, score."""
+        out = []
+        for kind, ids, scores in (
+            ("helpful", self.helpful_ids, self.helpful_scores),
+            ("harmful", self.harmful_ids, self.harmful_scores),
+        ):
+            for q in range(ids.shape[0]):
+                for rank in range(ids.shape[1]):
+                    stage, index = self.locate(int(ids[q, rank]))
+                    out.append(
+                        {
+                            "query": q,
+                            "kind": kind,
+                            "rank": rank + 1,
+                            "stage": stage,
+                            "index": index,
+                            "score": float(scores[q, rank]),
+                        }
+                    )
+        return out

@@ -1,0 +1,84 @@
+"""Ensembles: one method's scores averaged over M independently trained models (SOURCE_MATH.md §5).
+
+Each model has its own store (its own trajectory, featurized and fitted as usual). The ensemble
+concatenates the per-model query features q̃_m and training features T_m(z)/M, so that one inner
+product averages the scores, score(q, z) = (1/M) Σ_m ⟨q̃_m, T_m(z)⟩ (positive = z helps q), and one
+FAISS index serves the top-k. Any fitted method name works, SOURCE's and every baseline's alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+from torch import nn
+from torch.utils.data import Dataset
+
+from source_proj.errors import TaskError
+from source_proj.query.attributor import Attributor, QueryResult, search, train_features
+from source_proj.store.store import Store
+from source_proj.tasks.task import Task
+
+
+class Ensemble:
+    """A method's scores averaged over several models; the same interface as :class:`Attributor`.
+
+    Args:
+        attributors: one per model, all for the same method and the same training rows.
+    """
+
+    def __init__(self, attributors: Sequence[Attributor]) -> None:
+        if not attributors:
+            raise TaskError("An ensemble needs at least one model's store.")
+        layouts = {tuple((r.stage, r.size) for r in a.rows) for a in attributors}
+        if len(layouts) != 1:
+            raise TaskError(
+                f"The ensemble's stores attribute different training rows {sorted(layouts)}; fit the same method "
+                "on the same stages and datasets in every store."
+            )
+        self.attributors = list(attributors)
+        self.rows = self.attributors[0].rows
+        self._index: faiss.Index | None = None
+
+    @classmethod
+    def open(
+        cls,
+        stores: Sequence[Store | str | Path],
+        model: nn.Module,
+        task: Task,
+        *,
+        method: str = "source",
+        device: str | None = None,
+        batch_size: int = 64,
+    ) -> Ensemble:
+        """An ensemble over stores (one per trained model) of the same architecture."""
+        return cls([Attributor(s, model, task, method=method, device=device, batch_size=batch_size) for s in stores])
+
+    def query_features(self, queries: Dataset | Sequence[Any]) -> np.ndarray:
+        """Concatenated q̃_m of every model: float32 ``[Q, Σ_m d_m]``."""
+        return np.concatenate([a.query_features(queries).numpy() for a in self.attributors], axis=1)
+
+    def train_features(self) -> np.ndarray:
+        """Concatenated T_m(z)/M of every model: float32 ``[N, Σ_m d_m]``."""
+        scale = 1.0 / len(self.attributors)
+        return np.concatenate([train_features(a.store, a.method) * scale for a in self.attributors], axis=1)
+
+    def scores(self, queries: Dataset | Sequence[Any]) -> np.ndarray:
+        """The averaged score matrix ``[Q, N]`` (positive = helpful)."""
+        return self.query_features(queries) @ self.train_features().T
+
+    def index(self) -> faiss.Index:
+        """Exact inner-product FAISS index over the concatenated training features (built once)."""
+        if self._index is None:
+            feats = np.ascontiguousarray(self.train_features(), dtype=np.float32)
+            self._index = faiss.IndexFlatIP(feats.shape[1])
+            self._index.add(feats)
+        return self._index
+
+    def top_k(self, queries: Dataset | Sequence[Any], k: int = 10) -> QueryResult:
+        """The k most helpful and k most harmful training examples of each query, by averaged score."""
+        q = np.ascontiguousarray(self.query_features(queries), dtype=np.float32)
+        return search(self.index(), q, k, self.rows)

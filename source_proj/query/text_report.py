@@ -1,0 +1,129 @@
+"""An HTML report of text attribution results: each query with its top training sequences.
+
+For every query: its text (optionally shaded token by token, e.g. by the next-token loss the
+measurement sums), then its training sequences with the largest and the most negative scores,
+with their stage, index, score and text. Words a training text shares with its query are marked,
+to help a reader see what connects them (a reading aid, not part of the score). The page is
+self-contained (no scripts, no external files).
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from source_proj.errors import TaskError
+from source_proj.query.attributor import QueryResult
+from source_proj.store.durable import atomic_write_bytes
+
+_WORD = re.compile(r"\w+")
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em; max-width: 80em; color: #222; }
+h1 { font-size: 1.4em; } h2 { font-size: 1.1em; margin-top: 2em; border-bottom: 1px solid #ccc; }
+.query { background: #f6f6f6; padding: .6em; border-radius: 4px; line-height: 1.8; }
+.cols { display: flex; gap: 1.5em; } .cols > div { flex: 1; min-width: 0; }
+table { border-collapse: collapse; width: 100%; font-size: .9em; }
+td { border-top: 1px solid #eee; padding: .3em; vertical-align: top; }
+td.score { white-space: nowrap; font-family: monospace; } td.where { white-space: nowrap; color: #666; }
+h3.pos { color: #1a7f37; } h3.neg { color: #b42318; } mark { background: #fff3a3; }
+.tok { border-radius: 2px; } .legend { color: #555; font-size: .9em; }
+"""
+
+
+@dataclass(frozen=True)
+class ShadedText:
+    """A text as pieces with one value each (e.g. tokens and their loss); pieces are joined with spaces
+    and shaded in proportion to value / the largest value of the report."""
+
+    pieces: Sequence[str]
+    values: Sequence[float]
+
+
+def text_report(
+    result: QueryResult,
+    queries: Sequence[str | ShadedText],
+    train_text: Callable[[str, int], str],
+    path: str | Path,
+    *,
+    title: str = "Training data attribution",
+    score_labels: tuple[str, str] = ("helpful", "harmful"),
+    query_names: Sequence[str] | None = None,
+    shading: str = "",
+) -> Path:
+    """Write the HTML report; returns its path.
+
+    Args:
+        result: top-k of the queries (``[Q, k]`` helpful and harmful rows and scores).
+        queries: each query's text, or a :class:`ShadedText`, in the order of the result's rows.
+        train_text: the text of training example ``(stage, index)``.
+        path: the ``.html`` file to write (replaced atomically).
+        title: the page heading.
+        score_labels: what a positive and a negative score mean for this task's measurement
+            (the tasks' ``score_labels``; score = −Δf, SOURCE_MATH.md §1).
+        query_names: a heading per query (default ``query 0``, ``query 1``, …).
+        shading: what the shading of :class:`ShadedText` queries shows (for the legend).
+    """
+    count = result.helpful_ids.shape[0]
+    if len(queries) != count:
+        raise TaskError(f"{len(queries)} query texts were given for the {count} queries of the result; give one each.")
+    names = list(query_names) if query_names is not None else [f"query {q}" for q in range(count)]
+    shaded = [q for q in queries if isinstance(q, ShadedText)]
+    top = max((max(q.values, default=0.0) for q in shaded), default=0.0)
+    legend = [
+        "score = −(predicted change of the query's measurement if the training sequence were left out): "
+        f"score &gt; 0 = {html.escape(score_labels[0])}; score &lt; 0 = {html.escape(score_labels[1])}.",
+        "<mark>marked</mark> words also occur in the query (a reading aid, not part of the score).",
+    ]
+    if shaded and shading:
+        legend.append(f"Query shading: {html.escape(shading)} (darker = larger, up to {top:.3g}).")
+    parts = [f"<h1>{html.escape(title)}</h1>", *(f'<p class="legend">{line}</p>' for line in legend)]
+    for q in range(count):
+        query = queries[q]
+        plain = " ".join(query.pieces) if isinstance(query, ShadedText) else query
+        words = {w.lower() for w in _WORD.findall(plain)}
+        body = _shaded(query, top) if isinstance(query, ShadedText) else html.escape(query)
+        parts.append(f"<h2>{html.escape(names[q])}</h2><div class='query'>{body}</div><div class='cols'>")
+        for css, label, ids, scores in (
+            ("pos", score_labels[0], result.helpful_ids[q], result.helpful_scores[q]),
+            ("neg", score_labels[1], result.harmful_ids[q], result.harmful_scores[q]),
+        ):
+            rows = []
+            for row, score in zip(ids, scores, strict=True):
+                stage, index = result.locate(int(row))
+                rows.append(
+                    f"<tr><td class='score'>{score:+.3e}</td><td class='where'>{html.escape(stage)}[{index}]</td>"
+                    f"<td>{_marked(train_text(stage, index), words)}</td></tr>"
+                )
+            parts.append(f"<div><h3 class='{css}'>{html.escape(label)}</h3><table>{''.join(rows)}</table></div>")
+        parts.append("</div>")
+    page = (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>\n"
+    )
+    atomic_write_bytes(path, page.encode("utf-8"))
+    return Path(path)
+
+
+def _marked(text: str, words: set[str]) -> str:
+    """HTML of ``text`` with the words in ``words`` (lower-cased) marked."""
+    out, last = [], 0
+    for match in _WORD.finditer(text):
+        if match.group().lower() in words:
+            out.append(html.escape(text[last : match.start()]) + f"<mark>{html.escape(match.group())}</mark>")
+            last = match.end()
+    out.append(html.escape(text[last:]))
+    return "".join(out)
+
+
+def _shaded(text: ShadedText, top: float) -> str:
+    spans = []
+    for piece, value in zip(text.pieces, text.values, strict=True):
+        alpha = 0.0 if top <= 0 else max(0.0, min(1.0, value / top))
+        spans.append(
+            f"<span class='tok' style='background: rgba(220, 80, 40, {0.75 * alpha:.2f})' "
+            f"title='{value:.3g}'>{html.escape(piece)}</span>"
+        )
+    return " ".join(spans)

@@ -1,0 +1,210 @@
+"""Exact top-k inner-product search on any torch device (the GPU query path), and index choice.
+
+``TorchIndex`` searches row blocks of the cached feature matrix with one matmul and one
+``torch.topk`` per (query batch, block) and merges the per-block winners exactly: the global
+top-k of a row is always among the union of the blocks' top-k. It has the two members
+``query.search`` uses of a FAISS index (``ntotal`` and ``search``), so either serves.
+Memory: resident, the N × d features live on the device, or split into shards over several
+devices (``TorchIndex.sharded``) when they do not fit one; streamed, only one store chunk at a
+time (plus ``query_batch × block`` scores and ``Q × k`` winners), scored on one or several devices.
+``faiss_shards`` is the FAISS counterpart (``IndexShards`` of GPU flat indexes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Literal
+
+import faiss
+import numpy as np
+import torch
+from torch import Tensor
+
+from source_proj.errors import TaskError
+
+SearchBackend = Literal["auto", "faiss", "torch", "stream"]
+SEARCH_BACKENDS = ("auto", "faiss", "torch", "stream")
+
+
+class TorchIndex:
+    """Exact maximum-inner-product search by blocked matmul + top-k on one or several devices.
+
+    Args:
+        blocks: returns the feature rows as ``(first_row, float32 [rows, d])`` blocks, in order;
+            called once per search.
+        ntotal: number of rows N.
+        dim: feature dimension d.
+        device: where the products run: a device, or several. A block already on one of them is
+            scored there; another block (a host chunk read from the store) is sent to the devices in
+            turn. The per-block winners are merged exactly on the first device.
+        query_batch: queries per product (bounds the ``query_batch × rows`` score block).
+    """
+
+    def __init__(
+        self,
+        blocks: Callable[[], Iterable[tuple[int, np.ndarray | Tensor]]],
+        ntotal: int,
+        dim: int,
+        device: torch.device | str | Sequence[torch.device | str],
+        *,
+        query_batch: int = 4096,
+    ) -> None:
+        self._blocks = blocks
+        self.ntotal = ntotal
+        self.d = dim
+        self.devices = [torch.device(d) for d in ([device] if isinstance(device, (str, torch.device)) else device)]
+        self.device = self.devices[0]
+        self.query_batch = query_batch
+
+    @classmethod
+    def resident(
+        cls, features: np.ndarray | Tensor, device: torch.device | str, *, block_rows: int = 65536
+    ) -> TorchIndex:
+        """An index holding ``features`` ``[N, d]`` on ``device`` (copied once)."""
+        rows, dim = features.shape
+        return cls.sharded(lambda: [(0, features)], rows, dim, [device], block_rows=block_rows)
+
+    @classmethod
+    def sharded(
+        cls,
+        blocks: Callable[[], Iterable[tuple[int, np.ndarray | Tensor]]],
+        ntotal: int,
+        dim: int,
+        devices: Sequence[torch.device | str],
+        *,
+        block_rows: int = 65536,
+    ) -> TorchIndex:
+        """An index whose rows are split into ``len(devices)`` contiguous shards, one held on each
+        device, filled from ``blocks`` read once (the host holds one block at a time): for feature
+        matrices larger than one GPU. Searches score every shard on its own device."""
+        places = [torch.device(d) for d in devices]
+        bounds = [i * ntotal // len(places) for i in range(len(places) + 1)]
+        shards = [
+            torch.empty((hi - lo, dim), dtype=torch.float32, device=place)
+            for lo, hi, place in zip(bounds, bounds[1:], places, strict=False)
+        ]
+        for first, rows in blocks():
+            rows = torch.as_tensor(rows, dtype=torch.float32)
+            for shard, lo, hi in zip(shards, bounds, bounds[1:], strict=False):
+                start, stop = max(first, lo), min(first + rows.shape[0], hi)
+                if start < stop:
+                    shard[start - lo : stop - lo] = rows[start - first : stop - first].to(shard.device)
+
+        def held() -> Iterator[tuple[int, Tensor]]:
+            for shard, lo in zip(shards, bounds, strict=False):
+                for start in range(0, shard.shape[0], block_rows):
+                    yield lo + start, shard[start : start + block_rows]
+
+        return cls(held, ntotal, dim, places)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k largest ⟨q, row⟩ of every query: (scores float32 ``[Q, k]`` decreasing, ids int64 ``[Q, k]``)."""
+        if not 1 <= k <= self.ntotal:
+            raise TaskError(f"top-k needs 1 ≤ k ≤ {self.ntotal} (the number of training rows), not {k}.")
+        q = torch.as_tensor(np.ascontiguousarray(queries), dtype=torch.float32)
+        q_on = {place: q.to(place) for place in self.devices}
+        best_scores = torch.full((q.shape[0], 0), float("-inf"), device=self.device)
+        best_ids = torch.zeros((q.shape[0], 0), dtype=torch.int64, device=self.device)
+        for index, (first, rows) in enumerate(self._blocks()):
+            rows = torch.as_tensor(rows, dtype=torch.float32)
+            place = rows.device if rows.device in q_on else self.devices[index % len(self.devices)]
+            rows = rows.to(place, non_blocking=True)
+            merged_scores, merged_ids = [], []
+            for start in range(0, q.shape[0], self.query_batch):
+                stop = start + self.query_batch
+                scores = q_on[place][start:stop] @ rows.T
+                top, where = scores.topk(min(k, rows.shape[0]), dim=1)
+                candidates = torch.cat([best_scores[start:stop], top.to(self.device)], dim=1)
+                ids = torch.cat([best_ids[start:stop], where.to(self.device) + first], dim=1)
+                top, where = candidates.topk(min(k, candidates.shape[1]), dim=1)
+                merged_scores.append(top)
+                merged_ids.append(ids.gather(1, where))
+            best_scores, best_ids = torch.cat(merged_scores), torch.cat(merged_ids)
+        return best_scores.cpu().numpy(), best_ids.cpu().numpy()
+
+
+def faiss_gpu_available() -> bool:
+    """True when this FAISS build has GPU support and sees a GPU."""
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def search_devices(device: torch.device, nbytes: int) -> list[torch.device]:
+    """Where a resident index of ``nbytes`` goes: ``device``, or every visible GPU when the features
+    do not fit in 80 % of ``device``'s free memory and there are several."""
+    if device.type != "cuda" or torch.cuda.device_count() < 2:
+        return [device]
+    free, _ = torch.cuda.mem_get_info(device)
+    if nbytes <= 0.8 * free:
+        return [device]
+    return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+
+
+def faiss_shards(
+    blocks: Callable[[], Iterable[tuple[int, np.ndarray]]], ntotal: int, dim: int, gpus: Sequence[int] | None = None
+) -> faiss.Index:
+    """One exact FAISS inner-product index over ``ntotal`` rows split into contiguous shards
+    (``faiss.IndexShards``, searched in parallel, ids continuing from shard to shard), filled from
+    ``blocks`` read once: one shard per GPU of ``gpus`` (FAISS with GPU support), or ``gpus=None``:
+    two CPU shards (the same code, testable without a GPU)."""
+    count = len(gpus) if gpus else 2
+    bounds = [i * ntotal // count for i in range(count + 1)]
+    index = faiss.IndexShards(dim, True, True)
+    parts: list[faiss.Index] = []
+    kept: list[object] = []
+    for i in range(count):
+        if gpus:
+            resources = faiss.StandardGpuResources()
+            config = faiss.GpuIndexFlatConfig()
+            config.device = int(gpus[i])
+            parts.append(faiss.GpuIndexFlatIP(resources, dim, config))
+            kept.append(resources)
+        else:
+            parts.append(faiss.IndexFlatIP(dim))
+    for first, rows in blocks():
+        for part, lo, hi in zip(parts, bounds, bounds[1:], strict=False):
+            start, stop = max(first, lo), min(first + rows.shape[0], hi)
+            if start < stop:
+                part.add(np.ascontiguousarray(rows[start - first : stop - first], dtype=np.float32))
+    for part in parts:
+        index.add_shard(part)
+    index.referenced_objects = parts + kept  # the shards (and GPU resources) must live as long as the index
+    return index
+
+
+def build_index(
+    features: Callable[[], np.ndarray],
+    blocks: Callable[[], Iterable[tuple[int, np.ndarray]]],
+    ntotal: int,
+    dim: int,
+    device: torch.device,
+    backend: SearchBackend = "auto",
+    devices: Sequence[torch.device | str] | None = None,
+) -> faiss.Index | TorchIndex:
+    """An exact inner-product index over the training features.
+
+    ``"auto"``: FAISS on the GPU where this FAISS build has GPU support, else the torch index
+    resident on a CUDA ``device``, else FAISS on the CPU. ``"faiss"``: FAISS (CPU, all features in
+    memory). ``"torch"``: the torch index resident on ``device``. ``"stream"``: the torch index
+    reading ``blocks`` (store chunks) at every search, so memory stays bounded by one chunk.
+    ``devices``: several devices to shard the GPU index over (torch or FAISS-GPU: contiguous
+    shards filled from ``blocks``; ``stream``: chunks scored on the devices in turn); default
+    ``device``, or every GPU when the features do not fit on ``device`` (:func:`search_devices`).
+    """
+    if backend not in SEARCH_BACKENDS:
+        raise TaskError(f"Unknown search backend {backend!r}; use one of {', '.join(SEARCH_BACKENDS)}.")
+    places = [torch.device(d) for d in devices] if devices else search_devices(device, ntotal * dim * 4)
+    if backend == "stream":
+        return TorchIndex(blocks, ntotal, dim, places)
+    on_gpu = device.type == "cuda"
+    if backend == "torch" or (backend == "auto" and on_gpu and not faiss_gpu_available()):
+        return TorchIndex.sharded(blocks, ntotal, dim, places)
+    if backend == "auto" and on_gpu and len(places) > 1:
+        return faiss_shards(blocks, ntotal, dim, [p.index or 0 for p in places])
+    index = faiss.IndexFlatIP(dim)
+    index.add(np.ascontiguousarray(features(), dtype=np.float32))
+    if backend == "auto" and on_gpu:
+        resources = faiss.StandardGpuResources()
+        gpu_index = faiss.index_cpu_to_gpu(resources, places[0].index or 0, index)
+        gpu_index.referenced_objects = [resources]  # the GPU index must not outlive its resources
+        return gpu_index
+    return index

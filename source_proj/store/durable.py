@@ -1,0 +1,185 @@
+"""Durable writes: files and zarr chunks that are complete or absent after SIGKILL or power loss.
+
+A write is durable when its bytes and the directory entry that names them are on stable storage
+before the writer goes on. The recipe (used by everything source-proj writes):
+
+1. write the bytes to a temporary file in the destination directory and ``fsync`` it;
+2. ``rename`` it over the destination (atomic: readers see the old file or the new one);
+3. ``fsync`` the directory, and every directory the write had to create, so the name survives.
+
+:func:`atomic_write_bytes` does this for one file (trajectories, caches, reports).
+:class:`DurableLocalStore` is a zarr ``LocalStore`` whose every key write (chunks, ``zarr.json``)
+is followed by steps 1–3, so a progress entry written after a chunk is durable only once the
+chunk is. It also hides the store's lock file and the ``*.partial`` temporary files a killed
+writer leaves behind from zarr's listings; :func:`remove_partial_files` deletes those.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from zarr.core.buffer import Buffer
+from zarr.storage import LocalStore
+
+LOCK_FILE = ".source-proj.lock"
+"""Name of the lock file inside a store directory (see :mod:`source_proj.store.locking`)."""
+
+PARTIAL_SUFFIX = ".partial"
+"""Suffix of the temporary files of an unfinished write (zarr's and :func:`atomic_write_bytes`')."""
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make the entries of directory ``path`` (created, renamed or deleted files) durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """Flush a file's data and metadata to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_parents(directory: Path) -> list[Path]:
+    """Create ``directory`` and its missing parents; returns the parents of what was created."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for d in reversed(missing):
+        d.mkdir(exist_ok=True)
+    return [d.parent for d in missing]
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Replace ``path`` by ``data`` durably: afterwards, even after a crash, the file holds either
+    its old content or ``data``, never a mix, and survives power loss once this returns."""
+    path = Path(path)
+    created = _make_parents(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    for directory in [path.parent, *created]:
+        fsync_dir(directory)
+
+
+def remove_partial_files(root: str | os.PathLike[str]) -> int:
+    """Delete the temporary files of interrupted writes under ``root``; returns how many.
+
+    Only safe while no other process writes below ``root`` (hold the store's exclusive lock).
+    """
+    removed = 0
+    for tmp in Path(root).rglob(f"*{PARTIAL_SUFFIX}"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+class DurableLocalStore(LocalStore):
+    """A zarr ``LocalStore`` whose writes are durable (see the module docstring).
+
+    zarr already writes each key through a temporary file and a rename; this store adds the
+    ``fsync`` of the file, of its directory and of every directory the write created, before
+    the write counts as done. Deletions and ``clear`` keep the store's lock file.
+    """
+
+    def __init__(self, root: Path | str, *, read_only: bool = False) -> None:
+        super().__init__(root, read_only=read_only)
+        self._durable_dirs: set[Path] = set()
+
+    def _sync_key(self, key: str) -> None:
+        path = self.root / key
+        if not path.exists():
+            return  # zarr skipped writing an all-fill-value chunk
+        fsync_file(path)
+        directory = path.parent
+        fsync_dir(directory)
+        # Directories created by this write must be durable in their parents too.
+        while directory != self.root and directory not in self._durable_dirs:
+            fsync_dir(directory.parent)
+            self._durable_dirs.add(directory)
+            directory = directory.parent
+
+    async def set(self, key: str, value: Buffer) -> None:
+        await super().set(key, value)
+        await asyncio.to_thread(self._sync_key, key)
+
+    async def set_if_not_exists(self, key: str, value: Buffer) -> None:
+        if (self.root / key).exists():
+            return
+        await super().set_if_not_exists(key, value)
+        await asyncio.to_thread(self._sync_key, key)
+
+    def set_sync(self, key: str, value: Buffer) -> None:
+        super().set_sync(key, value)
+        self._sync_key(key)
+
+    async def delete(self, key: str) -> None:
+        await super().delete(key)
+        parent = (self.root / key).parent
+        if parent.is_dir():
+            await asyncio.to_thread(fsync_dir, parent)
+
+    async def delete_dir(self, prefix: str) -> None:
+        if not prefix.strip("/"):
+            await self.clear()
+            return
+        await super().delete_dir(prefix)
+        parent = (self.root / prefix).parent
+        if parent.is_dir():
+            await asyncio.to_thread(fsync_dir, parent)
+        self._durable_dirs = {d for d in self._durable_dirs if d.exists()}
+
+    async def clear(self) -> None:
+        """Delete every key (the root ``zarr.json`` first, so an interrupted clear leaves no store)."""
+        self._check_writable()
+        await asyncio.to_thread(self._clear_keeping_lock)
+
+    def _clear_keeping_lock(self) -> None:
+        (self.root / "zarr.json").unlink(missing_ok=True)
+        fsync_dir(self.root)
+        for entry in self.root.iterdir():
+            if entry.name == LOCK_FILE:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        fsync_dir(self.root)
+        self._durable_dirs.clear()
+
+    async def list_dir(self, prefix: str) -> AsyncIterator[str]:
+        async for key in super().list_dir(prefix):
+            if key != LOCK_FILE and not key.endswith(PARTIAL_SUFFIX):
+                yield key
+
+    async def list(self) -> AsyncIterator[str]:
+        async for key in super().list():
+            name = key.rsplit("/", 1)[-1]
+            if name != LOCK_FILE and not name.endswith(PARTIAL_SUFFIX):
+                yield key
+
+    async def list_prefix(self, prefix: str) -> AsyncIterator[str]:
+        async for key in super().list_prefix(prefix):
+            name = key.rsplit("/", 1)[-1]
+            if name != LOCK_FILE and not name.endswith(PARTIAL_SUFFIX):
+                yield key

@@ -1,0 +1,52 @@
+"""A readable summary of what a store holds and how far each step got."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from source_proj.store.store import Store, ckpt_key
+
+
+def store_summary(store: Store) -> dict[str, Any]:
+    """What produced the store, its progress, and its fitted methods (JSON-serialisable)."""
+    meta = store.meta
+    traj = meta["trajectory"]
+    chunks_done = chunks_total = 0
+    for step in traj["checkpoints"]:
+        for stage in (s["name"] for s in traj["stages"]):
+            name = f"grads/{stage}/{ckpt_key(step)}"
+            if store.has(name):
+                arr = store.array(name)
+                total = -(-arr.shape[0] // arr.chunks[0])
+                chunks_total += total
+                chunks_done += total - len(store.pending_chunks(name))
+    methods = {}
+    for name, method in (meta.get("methods") or {}).items():
+        methods[name] = {
+            "kind": method["kind"],
+            "complete": method["complete"],
+            "stages": method["stages"],
+            "segments": [
+                {**s, "time": s["mean_lr"] * (s["end_step"] - s["start_step"])} for s in method.get("segments", [])
+            ],
+        }
+    return {
+        "path": store.path,
+        "library_version": meta["library_version"],
+        "parameters": int(sum(np.prod(shape) for _, shape in meta["params"])),
+        "parameter_tensors": len(meta["params"]),
+        "projection": meta["projection"],
+        "task": meta["task"]["name"],
+        "trajectory": {
+            "path": traj["path"],
+            "fingerprint": traj["fingerprint"][:16],
+            "stages": [{k: s[k] for k in ("name", "start_step", "end_step", "dataset_size")} for s in traj["stages"]],
+            "checkpoints": traj["checkpoints"],
+        },
+        "fisher": meta["featurize"]["fisher"],
+        "featurized_chunks": f"{chunks_done}/{chunks_total}",
+        "spec": meta.get("spec"),
+        "methods": methods,
+    }

@@ -1,0 +1,188 @@
+"""Who may write a store: an advisory lock that a killed process cannot leave stuck.
+
+Every command that writes a store (featurize, fit, ``verify --repair``) holds the store's lock
+for as long as it writes. Two modes:
+
+- **exclusive** (the default): one writer; a second process is refused with a message naming
+  the holder. Needed to create, overwrite or repair a store.
+- **cooperative**: several processes that write *disjoint* row chunks of one existing store (the
+  ranks of a distributed job) hold the lock together; an exclusive writer is refused while any
+  of them runs, and they are refused while an exclusive writer runs. Create the store (and its
+  arrays) under the exclusive lock first, then let the ranks write their chunks cooperatively.
+
+:class:`FileStoreLock` implements both with ``fcntl.flock`` on ``STORE/.source-proj.lock``
+(``LOCK_EX`` / ``LOCK_SH``). The kernel drops a flock when its holder dies, however it dies, so a
+lock left by a SIGKILLed process never blocks the resume. The lock is per process (re-entrant
+inside one process). On object storage, where there is no flock, :func:`store_lock` returns
+:class:`~source_proj.store.leaselock.ObjectStoreLock` (lease markers, same two modes).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+from source_proj.errors import StoreError
+from source_proj.store.durable import LOCK_FILE
+
+LockMode = Literal["exclusive", "cooperative"]
+
+
+class LockHeld(StoreError):
+    """The store's lock is held by another process (the message names it)."""
+
+
+class StoreLock(ABC):
+    """The right to write a store, held from :meth:`acquire` to :meth:`release` (or as a context)."""
+
+    path: str
+    mode: LockMode
+
+    @abstractmethod
+    def acquire(self) -> None:
+        """Take the lock now or raise :class:`StoreError` saying who holds it (never waits)."""
+
+    @abstractmethod
+    def release(self) -> None:
+        """Give the lock back (idempotent)."""
+
+    def __enter__(self) -> StoreLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+
+# path → [fd, mode, count]: the locks this process holds (flock is per open file, not per process).
+_held: dict[str, list[Any]] = {}
+
+
+class FileStoreLock(StoreLock):
+    """``fcntl.flock`` on ``<store>/.source-proj.lock`` (see the module docstring).
+
+    Args:
+        path: the store directory (created if missing).
+        mode: ``"exclusive"`` or ``"cooperative"``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], mode: LockMode = "exclusive") -> None:
+        if mode not in ("exclusive", "cooperative"):
+            raise StoreError(f"Unknown lock mode {mode!r}; use 'exclusive' or 'cooperative'.")
+        self.path = str(path)
+        self.mode = mode
+        self._key = str(Path(path).resolve())
+        self._owned = False
+
+    @property
+    def file(self) -> Path:
+        return Path(self.path) / LOCK_FILE
+
+    def acquire(self) -> None:
+        if self._owned:
+            return
+        held = _held.get(self._key)
+        if held is not None:
+            if held[1] == "cooperative" and self.mode == "exclusive":
+                raise StoreError(
+                    f"The store at {self.path} is held cooperatively by this process, which cannot also write it "
+                    "exclusively; finish the cooperative writing first."
+                )
+            held[2] += 1
+            self._owned = True
+            return
+        Path(self.path).mkdir(parents=True, exist_ok=True)
+        operation = (fcntl.LOCK_EX if self.mode == "exclusive" else fcntl.LOCK_SH) | fcntl.LOCK_NB
+        for _ in range(10):
+            fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, operation)
+            except OSError as err:
+                os.close(fd)
+                if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise StoreError(f"The store at {self.path} cannot be locked ({err}); check the path.") from err
+                raise LockHeld(self._refusal()) from None
+            # The file may have been removed (a discarded store) between open and flock: retry.
+            try:
+                same = os.stat(self.file).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        else:
+            raise StoreError(f"The store at {self.path} keeps disappearing while being locked; is it being deleted?")
+        _write_holder(fd, self.mode)
+        _held[self._key] = [fd, self.mode, 1]
+        self._owned = True
+
+    def release(self) -> None:
+        if not self._owned:
+            return
+        self._owned = False
+        held = _held[self._key]
+        held[2] -= 1
+        if held[2] == 0:
+            del _held[self._key]
+            os.close(held[0])  # closing the last descriptor drops the flock
+
+    def held_exclusively(self) -> bool:
+        """Whether this process holds the lock, exclusively (the only writer)."""
+        held = _held.get(self._key)
+        return held is not None and held[1] == "exclusive"
+
+    def _refusal(self) -> str:
+        try:
+            holder = json.loads(self.file.read_text() or "{}")
+        except (OSError, ValueError):
+            holder = {}
+        return refusal(self.path, holder, "a killed writer releases the lock at once")
+
+
+def holder_info(mode: LockMode) -> dict[str, Any]:
+    """Who takes a lock: mode, process, host, time and command (read only to explain a refusal)."""
+    return {
+        "mode": mode,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "time": time.time(),
+        "command": " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))[:200],
+    }
+
+
+def refusal(path: str, holder: Any, release: str) -> str:
+    """The message refusing a writer because ``holder`` (its :func:`holder_info`) writes the store."""
+    if not isinstance(holder, dict) or "pid" not in holder:
+        who = "by another process"
+    else:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("time", 0)))
+        command = holder.get("command", "?")
+        who = f"by process {holder['pid']} on {holder.get('host', '?')} since {since} ({command})"
+        if holder.get("mode") == "cooperative":
+            who = f"cooperatively (last joined {who})"
+    return f"The store at {path} is being written {who}; wait for that to finish ({release}), or write to another path."
+
+
+def _write_holder(fd: int, mode: LockMode) -> None:
+    """Record who holds the lock (read only to explain a refusal)."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(holder_info(mode)).encode(), 0)
+
+
+
+
+
+
+
+

@@ -1,0 +1,394 @@
+"""``source-proj verify``: check a store end to end, and repair what can be recomputed.
+
+Checked, in order:
+
+1. **metadata**: the format and version, and every field featurize records (parameters,
+   projection, task, trajectory, featurize settings); the projection can be rebuilt from it.
+2. **shapes**: every array featurize must write (``trajectory/lr``, ``grads/<stage>/<ckpt>`` and,
+   unless the Fisher is empirical, ``fisher/<stage>/<ckpt>`` for each checkpoint and the stages it
+   is featurized on) exists with the shape the metadata implies.
+3. **chunks**: every row chunk marked complete is read back and its crc32 compared with its
+   progress entry (a truncated or altered chunk is *damaged*); unmarked chunks are *pending*.
+4. **methods**: each fitted method's cached features have one row per attributed example, its
+   segments and query checkpoints exist, and a method marked complete has no pending chunk.
+5. leftover temporary files of killed writers.
+
+A store without featurize's metadata (another writer's, e.g. a cache built on :class:`Store`) gets
+checks 3 and 5 only.
+
+``repair=True`` (``verify --repair``) takes the store's exclusive lock, marks damaged chunks
+pending (and the methods and featurize state that relied on them unfinished), drops arrays whose
+metadata is unreadable or whose shape is wrong, and deletes leftover temporary files; re-running
+the command that wrote the store then recomputes exactly what was lost (:attr:`VerifyReport.next_steps`).
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from source_proj.errors import SourceProjError, StoreError
+from source_proj.featurize.arguments import checkpoint_stages
+from source_proj.featurize.plan import PROBE
+from source_proj.projection.factory import projector_from_meta
+from source_proj.store import objectstore
+from source_proj.store.durable import PARTIAL_SUFFIX
+from source_proj.store.store import Store, ckpt_key, is_remote, local_path
+from source_proj.store.writing import writing
+from source_proj.trajectory.recorder import Checkpoint, Stage
+from source_proj.trajectory.segments import Segment
+
+_REQUIRED_META = {
+    "params": list,
+    "projection": dict,
+    "task": dict,
+    "trajectory": dict,
+    "featurize": dict,
+}
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify`` found (and, with ``repair``, did).
+
+    Attributes:
+        path: the store.
+        arrays: row-chunked arrays checked.
+        chunks: row chunks in them; ``complete``/``pending`` of them, and ``damaged``
+            ``(array, chunk, reason)`` among the complete ones.
+        problems: inconsistencies (metadata, shapes, methods), one sentence each.
+        notes: harmless findings (leftover temporary files, arrays nothing refers to).
+        repaired: what ``repair`` changed.
+        next_steps: commands that finish or recompute the store.
+        unusable: the metadata itself is broken: nothing can be repaired, only re-created.
+    """
+
+    path: str
+    arrays: int = 0
+    chunks: int = 0
+    complete: int = 0
+    pending: int = 0
+    damaged: list[tuple[str, int, str]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+    next_steps: list[str] = field(default_factory=list)
+    unusable: bool = False
+
+    @property
+    def status(self) -> str:
+        """``"damaged"`` (unrepaired damage or inconsistency), ``"incomplete"`` (resumable) or ``"ok"``."""
+        if (self.damaged or self.problems) and (self.unusable or not self.repaired):
+            return "damaged"
+        if self.pending or self.damaged or self.problems:
+            return "incomplete"
+        return "ok"
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form (``verify --json``)."""
+        return {
+            "path": self.path,
+            "status": self.status,
+            "arrays": self.arrays,
+            "chunks": self.chunks,
+            "complete": self.complete,
+            "pending": self.pending,
+            "damaged": [{"array": a, "chunk": c, "reason": r} for a, c, r in self.damaged],
+            "problems": self.problems,
+            "notes": self.notes,
+            "repaired": self.repaired,
+            "next_steps": self.next_steps,
+            "unusable": self.unusable,
+        }
+
+    def lines(self) -> list[str]:
+        """The human-readable report."""
+        out = [
+            f"store {self.path}: {self.arrays} arrays, {self.chunks} chunks "
+            f"({self.complete} complete and crc-checked, {self.pending} pending, {len(self.damaged)} damaged)"
+        ]
+        out += [f"  DAMAGED  chunk {c} of {a}: {r}" for a, c, r in self.damaged]
+        out += [f"  PROBLEM  {p}" for p in self.problems]
+        out += [f"  note     {n}" for n in self.notes]
+        out += [f"  repaired {r}" for r in self.repaired]
+        if self.status == "damaged":
+            out.append(f"status: DAMAGED; run `source-proj verify {shlex.quote(self.path)} --repair`")
+        elif self.status == "incomplete" and not self.next_steps:
+            out.append("status: intact but incomplete; re-run the command that writes it to finish it")
+        elif self.status == "incomplete":
+            out.append("status: intact but incomplete; to finish it run:")
+        else:
+            out.append("status: OK (complete, every chunk matches its crc)")
+        if self.status != "damaged":
+            out += [f"  {step}" for step in self.next_steps]
+        return out
+
+
+def featurize_command(store: Store) -> str:
+    """The CLI command that resumes (or recomputes chunks of) a store's featurize."""
+    meta = store.meta
+    spec = meta.get("spec")
+    if spec is None:
+        return "re-run source_proj.featurize(...) with the arguments that created the store"
+    proj, feat = meta["projection"], meta["featurize"]
+    args = [
+        "source-proj featurize",
+        f"--ckpts {shlex.quote(meta['trajectory']['path'])}",
+        f"--spec {shlex.quote(spec)}",
+        f"--out {shlex.quote(store.path)}",
+        f"--projection {proj['kind']}",
+    ]
+    if proj["kind"] != "identity":
+        args += [f"--dim {proj['dim']}", f"--seed {proj['seed']}"]
+    args += [f"--fisher {feat['fisher']}", f"--chunk-rows {feat['chunk_rows']}"]
+    segmentation = (meta.get("segmentation") or {}).get("arguments")
+    if segmentation:
+        if "auto" in segmentation:
+            args.append(f"--segments auto:{segmentation['auto']}")
+        elif "boundaries" in segmentation:
+            args.append(f"--segments at:{','.join(str(b) for b in segmentation['boundaries'])}")
+        else:
+            args.append(f"--segments {segmentation['per_stage']}")
+    products = meta.get("products") or {}
+    if products.get("segment_means"):
+        args.append("--fast" if products.get("checkpoints", True) else "--fast-only")
+    provenance = meta.get("provenance", {})
+    if "batch_size" in provenance:
+        args += [f"--batch-size {provenance['batch_size']}", f"--device {provenance['device']}"]
+    return " ".join(args)
+
+
+def fit_command(store: Store, method: str) -> str:
+    """The CLI command that resumes a method's fit."""
+    arguments = store.meta["methods"][method].get("arguments", {})
+    args = ["source-proj fit", shlex.quote(store.path), f"--method {shlex.quote(method)}"]
+    if arguments.get("boundaries"):
+        args.append(f"--boundaries {','.join(str(b) for b in arguments['boundaries'])}")
+    elif "segments_per_stage" in arguments:
+        args.append(f"--segments {arguments['segments_per_stage']}")
+    if arguments.get("stages"):
+        args.append(f"--stages {','.join(arguments['stages'])}")
+    return " ".join(args)
+
+
+def expected_features(meta: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """Every array featurize writes, with its shape: ``{name: (rows, k)}``."""
+    traj = meta["trajectory"]
+    stages = [Stage(**s) for s in traj["stages"]]
+    checkpoints = [Checkpoint(step, "", "", False) for step in traj["checkpoints"]]
+    run = SimpleNamespace(stages=stages, checkpoints=checkpoints, final_checkpoint=checkpoints[-1])
+    sizes = {s.name: s.dataset_size for s in stages}
+    k = meta["projection"]["dim"]
+    directions = meta["featurize"]["fisher_directions"]
+    products = meta.get("products") or {"checkpoints": True, "segment_means": False}
+    points: list[tuple[str, str]] = []
+    if products["checkpoints"]:
+        points += [(stage, ckpt_key(c.step)) for c in checkpoints for stage in checkpoint_stages(run, c)]  # type: ignore[arg-type]
+    segments = [Segment.from_description(d) for d in (meta.get("segmentation") or {}).get("segments", [])]
+    if products["segment_means"]:
+        points += [(seg.stage, seg.mean_key) for seg in segments]
+    expected: dict[str, tuple[int, ...]] = {}
+    for stage, key in points:
+        expected[f"grads/{stage}/{key}"] = (sizes[stage], k)
+        if directions:
+            expected[f"fisher/{stage}/{key}"] = (sizes[stage] * directions, k)
+    if products["checkpoints"] and meta["featurize"].get("measurement"):
+        final = ckpt_key(checkpoints[-1].step)
+        expected.update({f"measurement/{s.name}/{final}": (sizes[s.name], k) for s in stages})
+    params = sum(int(np.prod(shape)) for _, shape in meta["params"])
+    expected.update({seg.preconditioner: (params,) for seg in segments if seg.preconditioner})
+    return expected
+
+
+def verify_store(path: str | Path, *, repair: bool = False, progress: bool = True) -> VerifyReport:
+    """Check the store at ``path`` end to end (see the module docstring); ``repair`` fixes what it can.
+
+    Raises:
+        StoreError: the path holds no readable store of this format (nothing to check or repair).
+    """
+    if not repair:
+        return _verify(Store.open(path), repair=False, progress=progress)
+    leftovers = _leftovers(path)
+    with writing(path):  # removes the leftovers under the exclusive lock
+        report = _verify(Store.open(path, writable=True), repair=True, progress=progress)
+    if leftovers:
+        report.repaired.append(f"removed {leftovers} temporary file(s) of interrupted writes")
+    return report
+
+
+def _leftovers(path: str | Path) -> int:
+    """Temporary files of killed writers (none on object storage, whose PUTs are atomic)."""
+    return 0 if is_remote(path) else sum(1 for _ in local_path(path).rglob(f"*{PARTIAL_SUFFIX}"))
+
+
+def _verify(store: Store, *, repair: bool, progress: bool) -> VerifyReport:
+    report = VerifyReport(store.path)
+    meta = store.meta
+    featurized = any(key in meta for key in _REQUIRED_META)
+    for key, kind in _REQUIRED_META.items():
+        if featurized and not isinstance(meta.get(key), kind):
+            report.problems.append(
+                f"the metadata has no valid {key!r}, so the store cannot be used; re-create it with featurize --force"
+            )
+    if report.problems:
+        report.unusable = True
+        return report
+    try:
+        if featurized:
+            projector_from_meta(meta)
+        expected = expected_features(meta) if featurized else {}
+    except (SourceProjError, KeyError, TypeError, ValueError) as err:
+        report.problems.append(f"the metadata is inconsistent ({err}); re-create the store with featurize --force")
+        report.unusable = True
+        return report
+    if not featurized:
+        report.notes.append("the store holds no featurize output (another writer's store): its chunks were checked")
+
+    featurize_unfinished = featurized and _check_expected(store, meta, expected, report, repair)
+    method_prefixes = {f"methods/{m}/": m for m in meta.get("methods") or {}}
+    broken_methods: set[str] = set()
+    try:
+        names = store.progress_arrays()
+    except Exception as err:
+        report.problems.append(
+            f"the progress metadata is unreadable ({type(err).__name__}); re-create the store with featurize --force"
+        )
+        report.unusable = True
+        return report
+    for name in tqdm(names, desc="verify", unit="array", disable=not progress):
+        method = next((m for p, m in method_prefixes.items() if name.startswith(p)), None)
+        if not _check_array(store, name, report, repair):
+            if featurized and (name in expected or name == "trajectory/lr"):
+                featurize_unfinished = True
+            if method is not None:
+                broken_methods.add(method)
+        known = name in expected or name == "trajectory/lr" or name.startswith(PROBE) or method is not None
+        if featurized and not known:
+            report.notes.append(f"{name!r} is not part of featurize's output or of a fitted method")
+    if featurized:
+        broken_methods |= _check_methods(store, meta, report)
+
+    leftovers = _leftovers(store.path)
+    if leftovers and not repair:
+        report.notes.append(f"{leftovers} temporary file(s) of interrupted writes (harmless; --repair removes them)")
+
+    if repair:
+        if featurize_unfinished and meta.get("featurized"):
+            store.update_meta(featurized=False)
+            report.repaired.append("featurize marked unfinished (re-running it writes what is missing)")
+        for method in sorted(broken_methods):
+            methods = dict(store.meta["methods"])
+            if methods[method].get("complete"):
+                methods[method] = {**methods[method], "complete": False}
+                store.update_meta(methods=methods)
+                report.repaired.append(f"method {method!r} marked unfinished")
+    if featurize_unfinished:
+        report.next_steps.append(featurize_command(store))
+    for method in sorted(set(meta.get("methods") or {})):
+        if method in broken_methods or not meta["methods"][method].get("complete"):
+            report.next_steps.append(fit_command(store, method))
+    return report
+
+
+def _check_expected(
+    store: Store, meta: dict[str, Any], expected: dict[str, tuple[int, int]], report: VerifyReport, repair: bool
+) -> bool:
+    """Existence and shapes of featurize's arrays; returns whether featurize must run again."""
+    unfinished = False
+    steps = meta["trajectory"]["stages"][-1]["end_step"]
+    for name, shape in [("trajectory/lr", (steps,)), *expected.items()]:
+        try:
+            present = store.has(name)
+            actual = tuple(store.array(name).shape) if present else None
+        except StoreError:
+            present, actual = True, None
+        if not present:
+            unfinished = True
+            if meta.get("featurized"):
+                report.problems.append(f"{name!r} is missing although featurize finished")
+            continue
+        if actual != shape:
+            unfinished = True
+            what = "has unreadable metadata" if actual is None else f"has shape {actual}, not {shape}"
+            report.problems.append(f"{name!r} {what}")
+            if repair:
+                _drop(store, name)
+                report.repaired.append(f"dropped {name!r} (featurize writes it again)")
+    return unfinished
+
+
+def _drop(store: Store, name: str) -> None:
+    """Delete an array and its progress entries even when its metadata is unreadable."""
+    for key in (name, f"progress/{name}"):
+        if is_remote(store.path):
+            objectstore.remove(store.path, key)
+        else:
+            shutil.rmtree(local_path(store.path) / key, ignore_errors=True)
+
+
+def _check_array(store: Store, name: str, report: VerifyReport, repair: bool) -> bool:
+    """crc-check every complete chunk of one array; returns whether it is complete and intact."""
+    try:
+        entries = store.progress_entries(name)
+        chunks = store.num_chunks(name)
+    except StoreError as err:
+        report.problems.append(f"{name!r} cannot be checked: {err}")
+        if repair:
+            _drop(store, name)
+            report.repaired.append(f"dropped {name!r} (its writer writes it again)")
+        return False
+    if entries.shape[0] != chunks:
+        report.problems.append(f"{name!r} has {entries.shape[0]} progress entries for {chunks} chunks")
+        if repair:
+            _drop(store, name)
+            report.repaired.append(f"dropped {name!r} (its writer writes it again)")
+        return False
+    report.arrays += 1
+    report.chunks += chunks
+    damaged = store.damaged_chunks(name)
+    pending = int((entries[:, 0] != 1).sum())
+    report.pending += pending
+    report.complete += chunks - pending - len(damaged)
+    for chunk, reason in sorted(damaged.items()):
+        start, stop = store.chunk_rows(name, chunk)
+        report.damaged.append((name, chunk, f"rows {start}–{stop - 1}: {reason}"))
+    if damaged and repair:
+        store.mark_pending(name, sorted(damaged))
+        report.repaired.append(f"{len(damaged)} damaged chunk(s) of {name!r} marked pending")
+    return not damaged and not pending
+
+
+def _check_methods(store: Store, meta: dict[str, Any], report: VerifyReport) -> set[str]:
+    """Consistency of every fitted method's description with the store; returns broken methods."""
+    broken = set()
+    sizes = {s["name"]: s["dataset_size"] for s in meta["trajectory"]["stages"]}
+    steps = set(meta["trajectory"]["checkpoints"])
+    for method, desc in (meta.get("methods") or {}).items():
+        problems = []
+        for stage in desc.get("stages", []):
+            name = f"methods/{method}/train/{stage}"
+            if stage not in sizes:
+                problems.append(f"attributes unknown stage {stage!r}")
+            elif not store.has(name):
+                if desc.get("complete"):
+                    problems.append(f"has no {name!r}")
+            elif store.array(name).shape[0] != sizes[stage] or store.array(name).shape[1:] != (desc.get("dim"),):
+                problems.append(f"has {name!r} of shape {store.array(name).shape}")
+            elif desc.get("complete") and store.pending_chunks(name):
+                problems.append(f"is marked complete but {name!r} has pending chunks")
+        used = {s for seg in desc.get("segments", []) for s in seg.get("checkpoints", [])}
+        used |= set(desc.get("query", {}).get("checkpoints", []))
+        if used - steps:
+            problems.append(f"uses checkpoints {sorted(used - steps)} the store's run does not have")
+        for problem in problems:
+            report.problems.append(f"method {method!r} {problem}")
+        if problems:
+            broken.add(method)
+    return broken

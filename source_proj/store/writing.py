@@ -1,0 +1,91 @@
+"""Writing a store under its lock: the lock of a path (file or object store), and the write
+session that undoes a store creation that came to nothing."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from source_proj.store import objectstore
+from source_proj.store.durable import remove_partial_files
+from source_proj.store.leaselock import ObjectStoreLock
+from source_proj.store.locking import FileStoreLock, LockMode, StoreLock
+from source_proj.store.store import Store, is_remote, is_store, local_path, refuse_foreign_directory
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def store_lock(path: str | os.PathLike[str], mode: LockMode = "exclusive") -> StoreLock:
+    """The lock guarding writes to the store at ``path``: :class:`FileStoreLock` for a local directory
+    (or ``file://`` URL), :class:`~source_proj.store.leaselock.ObjectStoreLock` on object storage."""
+    if is_remote(path):
+        return ObjectStoreLock(str(path), mode)
+    return FileStoreLock(local_path(path), mode)
+
+
+@contextmanager
+def writing(
+    path: str | os.PathLike[str],
+    mode: LockMode = "exclusive",
+    *,
+    keep_new: Callable[[str], bool] = is_store,
+) -> Iterator[StoreLock]:
+    """Hold the store's lock while writing it; undo the creation of a store that came to nothing.
+
+    Refuses a directory of other files. Under the exclusive lock, the temporary files of killed
+    writers are removed first. If the block raises and the store did not exist before, the path
+    is put back as it was (removed, or emptied if it was an empty directory) unless
+    ``keep_new(path)`` says that completed work is worth keeping (by default: any store).
+    """
+    refuse_foreign_directory(path)
+    remote = is_remote(path)
+    root = local_path(path)
+    dir_existed = objectstore.exists(str(path)) if remote else root.is_dir()
+    store_existed = is_store(path)
+    with store_lock(path, mode) as lock:
+        if mode == "exclusive" and not remote:
+            remove_partial_files(root)
+        try:
+            yield lock
+        except BaseException:
+            if not store_existed and not keep_new(str(path)):
+                if remote:
+                    objectstore.remove(str(path))
+                else:
+                    _discard(root, keep_dir=dir_existed)
+            raise
+
+
+def _discard(root: Path, *, keep_dir: bool) -> None:
+    if not keep_dir:
+        shutil.rmtree(root, ignore_errors=True)
+        return
+    for entry in list(root.iterdir()):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def writes_store(argument: str, *, keep_new: Callable[[str], bool] = is_store) -> Callable[[F], F]:
+    """Decorator: run the function inside :func:`writing` (exclusive) for the store passed as ``argument``
+    (a path or a :class:`~source_proj.store.store.Store`)."""
+
+    def decorate(fn: F) -> F:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            target = signature.bind(*args, **kwargs).arguments[argument]
+            with writing(target.path if isinstance(target, Store) else target, keep_new=keep_new):
+                return fn(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate

@@ -1,0 +1,260 @@
+"""The one place where a user says what the model computes, what it is trained on and what we measure.
+
+A :class:`Task` works on *batches*: pytrees (tuples, lists or dicts) of tensors whose first
+dimension is the example. Per-example gradients are taken with ``torch.func.vmap`` over that
+dimension, so every method must treat a batch of one like any other batch and must not mix
+examples (no batch statistics: models run in ``eval()`` mode).
+
+Score convention (SOURCE_MATH.md §1): ``score(q, z) = -Δf(q, z)``; positive means the training
+example ``z`` helps the query ``q`` (removing ``z`` lowers the measurement ``f``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from source_proj.errors import TaskError
+
+Batch = Any
+"""A pytree (tuple, list or dict) of tensors whose first dimension indexes examples."""
+
+_NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    nn.RMSNorm,
+)
+_EMBEDDING_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
+
+
+@dataclass(frozen=True)
+class ParameterSelection:
+    """Which parameters of the model form θ (the others are held fixed).
+
+    Attributes:
+        include: glob patterns on parameter names (``"fc*.weight"``); ``None`` keeps all.
+        exclude: glob patterns removed after ``include``.
+        skip_norm: drop parameters of normalisation layers (BatchNorm, LayerNorm, GroupNorm, RMSNorm).
+        skip_embedding: drop parameters of ``nn.Embedding`` / ``nn.EmbeddingBag`` layers.
+    """
+
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+    skip_norm: bool = False
+    skip_embedding: bool = False
+
+    def select(self, model: nn.Module) -> list[str]:
+        """Names of the selected trainable parameters, in ``model.named_parameters()`` order."""
+        skipped: set[str] = set()
+        for module_name, module in model.named_modules():
+            if (self.skip_norm and isinstance(module, _NORM_TYPES)) or (
+                self.skip_embedding and isinstance(module, _EMBEDDING_TYPES)
+            ):
+                prefix = f"{module_name}." if module_name else ""
+                skipped.update(prefix + n for n, _ in module.named_parameters(recurse=False))
+        names = []
+        for name, param in model.named_parameters():
+            if not param.requires_grad or name in skipped:
+                continue
+            if self.include is not None and not any(fnmatch.fnmatchcase(name, p) for p in self.include):
+                continue
+            if any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
+                continue
+            names.append(name)
+        if not names:
+            raise TaskError(
+                "The parameter selection keeps no trainable parameter of the model; "
+                "loosen `include`/`exclude` or the skip flags."
+            )
+        return names
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-serialisable description, stored in the store's metadata."""
+        return {
+            "include": list(self.include) if self.include is not None else None,
+            "exclude": list(self.exclude),
+            "skip_norm": self.skip_norm,
+            "skip_embedding": self.skip_embedding,
+        }
+
+
+class Task(ABC):
+    """What the model, its per-example training loss and the measurement are.
+
+    Subclass it for your own model; the built-ins are :class:`ClassificationTask` and
+    :class:`RegressionTask`. The training objective must be the *mean* of :meth:`loss` over the
+    batch (the scale of the loss sets the scale of the curvature, which SOURCE's matrix
+    functions depend on).
+    """
+
+    name: str = "task"
+    parameters: ParameterSelection = ParameterSelection()
+
+    def forward(self, model: Callable[..., Tensor], batch: Batch) -> Tensor:
+        """Model outputs for a batch. The default calls ``model(batch[0])``."""
+        return model(batch[0])
+
+    @abstractmethod
+    def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
+        """Per-example training loss, shape ``[B]``; the optimiser minimised its mean."""
+
+    @abstractmethod
+    def measurement(self, outputs: Tensor, batch: Batch) -> Tensor:
+        """Per-example measurement f(q; θ) whose change we predict, shape ``[B]``."""
+
+    @abstractmethod
+    def fisher_targets(
+        self, outputs: Tensor, batch: Batch, generator: torch.Generator | None
+    ) -> list[tuple[Tensor, Batch]]:
+        """Pseudo-targets whose loss gradients give the Gauss–Newton (true Fisher) matrix.
+
+        Returns a list of ``(weight [B], batch with replaced targets)`` such that
+        ``Σ_s weight_s · ∇loss_s ∇loss_sᵀ`` has expectation equal to the Gauss–Newton matrix of
+        :meth:`loss` for each example. With a ``generator`` the targets are sampled from the
+        model's predictive distribution (one sample, weight 1); with ``None`` the expectation is
+        enumerated exactly where the task can (used by the ``"exact"`` Fisher mode).
+        ``outputs`` are detached.
+        """
+
+    def bind(self, model: nn.Module) -> Task:
+        """The task to compute with on ``model`` (default: this task itself). A task whose forward depends
+        on the model's structure returns a copy that knows it (the text tasks build attention masks);
+        the gradient engine binds its task to the module it differentiates."""
+        return self
+
+    def select_parameters(self, model: nn.Module) -> list[str]:
+        """Names of the parameters attributed through (see :class:`ParameterSelection`)."""
+        return self.parameters.select(model)
+
+    def representation(self, model: nn.Module, batch: Batch) -> Tensor:
+        """The last hidden representation h of each example, float ``[B, h]`` (RepSim compares these).
+
+        The default runs :meth:`forward` and returns the input of the model's last ``nn.Linear``
+        module (the activations before the output layer), flattened per example. Override it for
+        models whose output layer is not the last ``nn.Linear``.
+        """
+        hidden = self._last_linear_input(model, batch)
+        if hidden is None:
+            raise TaskError(
+                f"{type(model).__name__} has no nn.Linear layer, so its last hidden representation is unknown; "
+                "override Task.representation for this model."
+            )
+        return hidden.reshape(hidden.shape[0], -1)
+
+    def _last_linear_input(self, model: nn.Module, batch: Batch) -> Tensor | None:
+        """The float input of the model's last ``nn.Linear`` in :meth:`forward` (None: the model has none)."""
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            return None
+        captured: list[Tensor] = []
+        handle = linears[-1].register_forward_pre_hook(lambda _, args: captured.append(args[0].detach()))
+        try:
+            with torch.no_grad():
+                self.forward(model, batch)
+        finally:
+            handle.remove()
+        return captured[-1].float()
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-serialisable identity of the task, stored in the store's metadata."""
+        return {
+            "name": self.name,
+            "class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "parameters": self.parameters.describe(),
+        }
+
+
+def _replace_target(batch: Batch, target: Tensor) -> Batch:
+    """The batch ``(inputs, targets, *rest)`` with ``targets`` replaced."""
+    return (batch[0], target, *batch[2:])
+
+
+def _check_labels(logits: Tensor, labels: Tensor) -> None:
+    # vmap hands us batched tensors whose values cannot be inspected; the data loader checks
+    # ranges up front (see featurize), so only plain tensors are checked here.
+    if torch._C._functorch.is_functorch_wrapped_tensor(labels) or labels.numel() == 0:
+        return
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= logits.shape[-1]:
+        raise TaskError(
+            f"Labels must lie in [0, {logits.shape[-1] - 1}] for a model with {logits.shape[-1]} "
+            f"outputs, but the data hold labels from {lo} to {hi}; fix the labels or the model's output size."
+        )
+
+
+@dataclass
+class ClassificationTask(Task):
+    """Multi-class classification trained with cross-entropy; measurement = margin.
+
+    Batches are ``(inputs, labels, ...)``; the model maps inputs to logits ``[B, C]``.
+    margin(q) = logit_y − logsumexp_{c≠y} logit_c.
+    """
+
+    parameters: ParameterSelection = field(default_factory=ParameterSelection)
+    name: str = "classification"
+
+    def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
+        labels = batch[1]
+        _check_labels(outputs, labels)
+        return F.cross_entropy(outputs, labels, reduction="none")
+
+    def measurement(self, outputs: Tensor, batch: Batch) -> Tensor:
+        labels = batch[1]
+        _check_labels(outputs, labels)
+        correct = outputs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        others = outputs.scatter(-1, labels.unsqueeze(-1), float("-inf"))
+        return correct - torch.logsumexp(others, dim=-1)
+
+    def fisher_targets(
+        self, outputs: Tensor, batch: Batch, generator: torch.Generator | None
+    ) -> list[tuple[Tensor, Batch]]:
+        probs = torch.softmax(outputs.float(), dim=-1)
+        if generator is not None:
+            sampled = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1)
+            return [(torch.ones_like(probs[:, 0]), _replace_target(batch, sampled.to(outputs.device)))]
+        classes = probs.shape[-1]
+        return [(probs[:, c], _replace_target(batch, torch.full_like(batch[1], c))) for c in range(classes)]
+
+
+@dataclass
+class RegressionTask(Task):
+    """Scalar regression trained with squared error ``(ŷ − y)²``; measurement = |ŷ − y|.
+
+    Batches are ``(inputs, targets, ...)``; the model returns ``[B]`` or ``[B, 1]``.
+    """
+
+    parameters: ParameterSelection = field(default_factory=ParameterSelection)
+    name: str = "regression"
+
+    @staticmethod
+    def _prediction(outputs: Tensor) -> Tensor:
+        return outputs.squeeze(-1) if outputs.dim() > 1 else outputs
+
+    def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
+        return (self._prediction(outputs) - batch[1].to(outputs.dtype)) ** 2
+
+    def measurement(self, outputs: Tensor, batch: Batch) -> Tensor:
+        return (self._prediction(outputs) - batch[1].to(outputs.dtype)).abs()
+
+    def fisher_targets(
+        self, outputs: Tensor, batch: Batch, generator: torch.Generator | None
+    ) -> list[tuple[Tensor, Batch]]:
+        # Gauss–Newton of (ŷ − y)² is 2·JᵀJ. A target y' = ŷ − s gives gradient 2s·J, so
+        # E[(2s)²] must be 2: s ~ N(0, 1/2) when sampling, or the fixed s = 1/√2 exactly.
+        pred = self._prediction(outputs).detach()
+        if generator is not None:
+            noise = torch.randn(pred.shape, generator=generator, dtype=pred.dtype).to(pred.device)
+            shift = noise / math.sqrt(2.0)
+        else:
+            shift = torch.full_like(pred, 1.0 / math.sqrt(2.0))
+        return [(torch.ones_like(pred), _replace_target(batch, pred - shift))]

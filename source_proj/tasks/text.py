@@ -1,0 +1,631 @@
+"""Text: tasks for transformers (sequence classification, language modelling) and their parameters.
+
+**Batches** are dicts of tensors, as Hugging Face models take them: ``input_ids`` ``[B, T]``,
+``attention_mask`` ``[B, T]`` (1 = token, 0 = padding; sequences are *right*-padded), ``labels``
+(``[B]`` class ids for classification; ``[B, T]`` token ids for language modelling, −100 = not
+predicted, default ``input_ids``), and any other model input (``token_type_ids``…), passed on as it
+is. :class:`TextDataset` builds such examples from token ids.
+
+**Masks.** Per-example gradients run the model under ``torch.func.vmap``, where Hugging Face's own
+mask code fails: it branches on the mask's values (``padding_mask.all()``, to skip the mask when
+nothing is padded). The tasks therefore build the 4-D additive mask ``[B, 1, T, T]`` themselves
+(0 where a query position may attend to a key, the dtype's minimum elsewhere; causal for causal
+models), which transformers passes through untouched. That runs under vmap with the ``"eager"`` and
+``"sdpa"`` attention implementations; others (flash attention, flex attention) are refused with
+the one-line fix. Whether a model is causal is read from its attention modules' ``is_causal``
+flags (what transformers itself dispatches on) unless the task says so, and the first batch a
+task sees outside vmap checks that the mask reproduces the model's own masking exactly. Plain
+``torch.nn`` models receive the 2-D ``attention_mask`` and build what they need (vmap-safe ops
+only: ``masked_fill``/``where``, never ``if mask.any():``).
+
+**Parameters** (:class:`ModuleSelection`, kronfluence-style): by default the linear layers inside
+the model's numbered blocks, i.e. every transformer layer's attention and MLP projections
+(``nn.Linear``, transformers' GPT-2 ``Conv1D``, ``nn.MultiheadAttention``); embeddings, position
+tables, layer norms, poolers and output heads — tied or not — are left out, as in the SOURCE paper.
+
+Score convention (SOURCE_MATH.md §1): score(q, z) = −Δf(q, z). For classification f is the margin,
+so a positive score means z raised the margin (helped). For language modelling f is the query's
+summed token *loss*, so a positive score means removing z would lower the query's loss: z raised
+it. ``score_labels`` on each task names the two signs in these terms for reports.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from source_proj.errors import TaskError
+from source_proj.tasks.task import Batch, ClassificationTask, ParameterSelection, Task
+
+IGNORE_INDEX = -100
+"""Label of a position that is not predicted (Hugging Face's convention)."""
+
+VMAP_ATTENTION = ("eager", "sdpa")
+"""Hugging Face attention implementations that run under ``torch.func.vmap`` with the tasks' masks."""
+
+AttentionKind = Literal["auto", "causal", "bidirectional"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter selection by module name
+
+
+@dataclass(frozen=True)
+class ModuleSelection:
+    """θ = the parameters of linear layers chosen by module name (kronfluence's tracked modules).
+
+    A linear layer is an ``nn.Linear`` (and subclasses), transformers' ``Conv1D`` (GPT-2) or an
+    ``nn.MultiheadAttention`` (its packed input projection; its ``out_proj`` is an ``nn.Linear`` of
+    its own). Nothing else is ever selected: embeddings, norms and position tables are excluded by
+    construction, and a weight shared with another module (a tied LM head) only under its first name.
+
+    Attributes:
+        include: glob patterns on module names (``"*.mlp.*"``, ``"transformer.h.1.*"``).
+        exclude: glob patterns removed after ``include``.
+        blocks_only: keep only modules inside a numbered block (a name component that is an integer,
+            ``transformer.h.0.attn.c_attn``, ``encoder.layer.3.output.dense``): the attention and MLP
+            projections of every transformer layer, without poolers and output heads.
+        bias: also the layers' biases.
+    """
+
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    blocks_only: bool = True
+    bias: bool = True
+
+    def modules(self, model: nn.Module) -> list[str]:
+        """Names of the selected linear modules, in ``model.named_modules()`` order."""
+        return [name for name, module in model.named_modules() if _is_linear(module) and self._keeps(name)]
+
+    def _keeps(self, name: str) -> bool:
+        if self.blocks_only and not any(part.isdigit() for part in name.split(".")[:-1]):
+            return False
+        if not any(fnmatch.fnmatchcase(name, p) for p in self.include):
+            return False
+        return not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
+
+    def select(self, model: nn.Module) -> list[str]:
+        """Names of the selected trainable parameters, in ``model.named_parameters()`` order."""
+        canonical = {name for name, _ in model.named_parameters()}  # a tied weight keeps its first name
+        wanted: set[str] = set()
+        for module_name in self.modules(model):
+            module = model.get_submodule(module_name)
+            for local, param in module.named_parameters(recurse=False):
+                full = f"{module_name}.{local}"
+                if full in canonical and param.requires_grad and (self.bias or not _is_bias(local)):
+                    wanted.add(full)
+        names = [name for name, _ in model.named_parameters() if name in wanted]
+        if not names:
+            raise TaskError(
+                f"The module selection {self.describe()} keeps no trainable linear layer of {type(model).__name__}; "
+                "loosen include/exclude, set blocks_only=False, or select by parameter name with sp.ParameterSelection."
+            )
+        return names
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-serialisable description, stored in the store's metadata."""
+        return {
+            "kind": "modules",
+            "include": list(self.include),
+            "exclude": list(self.exclude),
+            "blocks_only": self.blocks_only,
+            "bias": self.bias,
+        }
+
+
+def _is_linear(module: nn.Module) -> bool:
+    if isinstance(module, (nn.Linear, nn.MultiheadAttention)):
+        return True
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+
+
+def _is_bias(local_name: str) -> bool:
+    return local_name == "bias" or local_name.endswith("_bias") or local_name in ("bias_k", "bias_v")
+
+
+# ---------------------------------------------------------------------------------------------
+# The model: Hugging Face or plain, causal or not, and the attention mask it gets
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """What a text task needs to know about its model.
+
+    Attributes:
+        hugging_face: a transformers ``PreTrainedModel`` (gets the task's 4-D mask); else a plain
+            module (gets the 2-D ``attention_mask``).
+        causal: whether its self-attention is causal (``None`` for plain modules: their own business).
+        dtype: the dtype of its parameters (the additive mask's dtype).
+        name: the model's class name, for messages.
+    """
+
+    hugging_face: bool
+    causal: bool | None
+    dtype: torch.dtype
+    name: str
+
+
+def inspect_model(model: nn.Module, attention: AttentionKind = "auto") -> ModelKind:
+    """Classify ``model`` for the text tasks; refuses what cannot run under ``torch.func.vmap``.
+
+    A Hugging Face model must use an attention implementation of :data:`VMAP_ATTENTION`; its
+    causality is ``attention`` when given, else read from its attention modules' ``is_causal``.
+    """
+    params = list(model.parameters())
+    dtype = params[0].dtype if params and params[0].is_floating_point() else torch.float32
+    config = getattr(model, "config", None)
+    implementation = getattr(config, "_attn_implementation", None)
+    if config is None or implementation is None:
+        return ModelKind(False, None, dtype, type(model).__name__)
+    name = type(model).__name__
+    if implementation not in VMAP_ATTENTION:
+        raise TaskError(
+            f"{name} uses the attention implementation {implementation!r}, which cannot compute per-example "
+            "gradients under torch.func.vmap; switch it (the weights stay as they are) with "
+            '`model.set_attn_implementation("eager")`, or build it with attn_implementation="eager".'
+        )
+    if attention != "auto":
+        return ModelKind(True, attention == "causal", dtype, name)
+    flags = {m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)}
+    if not flags:
+        raise TaskError(
+            f"Cannot tell whether {name} attends causally (none of its modules has an is_causal flag); "
+            "pass attention='causal' or attention='bidirectional' to the task."
+        )
+    causal = True in flags and getattr(config, "is_causal", True) is not False
+    return ModelKind(True, causal, dtype, name)
+
+
+def attention_bias(attention_mask: Tensor, causal: bool, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The additive 4-D mask ``[B, 1, T, T]`` of a ``[B, T]`` padding mask (1 = token, 0 = padding).
+
+    Entry ``[b, 0, i, j]`` is 0 where position i may attend to key j (j is a token, and j ≤ i when
+    ``causal``) and the minimum of ``dtype`` elsewhere (finite, so a fully masked row stays finite).
+    Pure tensor operations: safe under ``torch.func.vmap``.
+    """
+    length = attention_mask.shape[-1]
+    allowed = attention_mask[:, None, None, :].bool()
+    if causal:
+        allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril()
+    allowed = allowed.expand(attention_mask.shape[0], 1, length, length)
+    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+
+def _plain(tensor: Tensor) -> bool:
+    """Whether ``tensor`` holds values we may inspect (not a functorch-batched tensor under vmap)."""
+    return not torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+
+
+def _padding_mask(batch: Mapping[str, Tensor]) -> Tensor:
+    mask = batch.get("attention_mask")
+    return torch.ones_like(batch["input_ids"]) if mask is None else mask
+
+
+def _check_batch(batch: Batch) -> None:
+    """Refuse, outside vmap, a batch that is not a dict with right-padded 0/1 attention masks."""
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        raise TaskError(
+            "Text tasks take batches as dicts with 'input_ids' (and 'attention_mask', 'labels'); got "
+            f"{type(batch).__name__}: return dicts of tensors from the dataset (see sp.TextDataset)."
+        )
+    mask = batch.get("attention_mask")
+    if mask is None or not _plain(mask) or mask.numel() == 0:
+        return
+    if mask.dim() != 2:
+        raise TaskError(f"'attention_mask' must have shape [B, T] (1 = token, 0 = padding), not {list(mask.shape)}.")
+    if ((mask != 0) & (mask != 1)).any():
+        raise TaskError("'attention_mask' must hold only 0 (padding) and 1 (token); pass the tokenizer's mask.")
+    left = (mask[:, 1:] > mask[:, :-1]).any(dim=1)
+    if left.any():
+        row = int(torch.nonzero(left)[0, 0])
+        raise TaskError(
+            f"Example {row} of the batch has padding before a token; the text tasks need right-padded sequences "
+            "(tokenizer.padding_side = 'right'), so that positions match the unpadded sequence."
+        )
+
+
+def _logits(output: Any) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TaskError(
+        f"The model returned {type(output).__name__}; a text task needs logits: a tensor, a tuple starting with "
+        "one, or an object with .logits."
+    )
+
+
+# torch.func.vmap's messages for a forward that branches on tensor values or calls .item().
+_VMAP_BRANCH_ERRORS = ("data-dependent control flow", "calling .item() on a Tensor")
+
+
+def _call_model(model: Callable[..., Any], inputs: dict[str, Tensor], kind: ModelKind) -> Tensor:
+    try:
+        return _logits(model(**inputs))
+    except RuntimeError as err:
+        if not any(sign in str(err) for sign in _VMAP_BRANCH_ERRORS):
+            raise
+        raise TaskError(
+            f"{kind.name} branches on the values of its inputs (`if mask.any():`, `.item()`), which "
+            "torch.func.vmap cannot run per example; replace the branch by tensor operations (torch.where, "
+            "masked_fill). For a Hugging Face model, use an attention implementation of "
+            f"{list(VMAP_ATTENTION)} and let the task build the mask (do not pass your own)."
+        ) from err
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks
+
+
+class _TextTask(Task):
+    """Forward, masks and binding shared by the text tasks (they are dataclasses with ``attention``)."""
+
+    attention: AttentionKind
+    _kind: ModelKind | None
+    _mask_checked: bool
+    score_labels: ClassVar[tuple[str, str]] = ("helpful", "harmful")
+
+    def bind(self, model: nn.Module) -> _TextTask:
+        """A copy of the task that knows ``model``'s kind (Hugging Face or plain, causal or not)."""
+        bound = copy.copy(self)
+        bound._kind = self._resolve(model)
+        bound._mask_checked = False
+        return bound
+
+    def _resolve(self, model: nn.Module) -> ModelKind:
+        return inspect_model(model, self.attention)
+
+    def forward(self, model: Callable[..., Any], batch: Batch) -> Tensor:
+        """Logits of the batch: ``[B, C]`` (classification) or ``[B, T, V]`` (language modelling).
+
+        ``model`` is the module itself, or (inside the gradient engine) a functional call of the
+        module the task was bound to (see :meth:`bind`).
+        """
+        _check_batch(batch)
+        bound = self._kind is not None
+        if isinstance(model, nn.Module):
+            kind = self._resolve(model)
+        elif self._kind is not None:
+            kind = self._kind
+        else:
+            raise TaskError(
+                f"This {type(self).__name__} has not seen its model; call task.bind(model) before calling forward "
+                "with a functional model (featurize, Attributor and PerExampleGradients do this)."
+            )
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        if kind.hugging_face:
+            inputs["attention_mask"] = attention_bias(_padding_mask(batch), bool(kind.causal), kind.dtype)
+        logits = _call_model(model, inputs, kind)
+        if bound and kind.hugging_face and not self._mask_checked and _plain(batch["input_ids"]):
+            self._check_mask(model, batch, logits, kind)
+        return logits
+
+    def _check_mask(self, model: Callable[..., Any], batch: Batch, logits: Tensor, kind: ModelKind) -> None:
+        """Refuse a mask that does not reproduce the model's own masking (compared once, outside vmap)."""
+        own_inputs = {key: value for key, value in batch.items() if key != "labels"}
+        own_inputs["attention_mask"] = _padding_mask(batch)
+        with torch.no_grad():
+            own = _logits(model(**own_inputs)).float()
+        ours = logits.detach().float()
+        if own.shape != ours.shape:
+            raise TaskError(f"{kind.name} returned logits of shape {list(own.shape)} with its own mask and "
+                            f"{list(ours.shape)} with the task's; subclass the task and override forward.")
+        if own.dim() == 3:  # compare token positions only: what padding positions compute is never used
+            keep = _padding_mask(batch).bool()
+            own, ours = own[keep], ours[keep]
+        scale = float(own.abs().max()) if own.numel() else 0.0
+        error = float((own - ours).abs().max()) if own.numel() else 0.0
+        # Relative to the logits' own scale: a random-initialised model's logits can be ~1e-3 in all, and a
+        # wrong mask then moves them by ~1e-4; rounding alone moves them by ~1e-7 of the scale.
+        if error > 1e-3 * scale + 1e-6:
+            style = "causal" if kind.causal else "bidirectional"
+            raise TaskError(
+                f"The {style} attention mask the task builds does not reproduce {kind.name}'s own masking "
+                f"(logits differ by {error:.3g}); if the model attends the other way pass attention="
+                f"{'bidirectional' if kind.causal else 'causal'!r}, and for other patterns (sliding windows, "
+                "prefixes) subclass the task and override forward."
+            )
+        self._mask_checked = True
+
+    def representation(self, model: nn.Module, batch: Batch) -> Tensor:
+        """The input of the model's last ``nn.Linear`` (its last hidden states), averaged over the tokens of
+        each sequence when it is per position: float ``[B, h]`` (RepSim compares these)."""
+        hidden = self._last_linear_input(model, batch)
+        if hidden is None:
+            return super().representation(model, batch)
+        if hidden.dim() == 3:
+            weights = _padding_mask(batch).to(hidden)[..., None]
+            return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        return hidden.reshape(hidden.shape[0], -1)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "attention": self.attention}
+
+
+@dataclass
+class SequenceClassificationTask(_TextTask, ClassificationTask):
+    """Sequence classification trained with cross-entropy (the mean over the batch, as Hugging Face's
+    ``*ForSequenceClassification`` loss); measurement = margin logit_y − logsumexp_{c≠y} logit_c.
+
+    Batches: ``{"input_ids", "attention_mask", "labels" [B], ...}``; the model returns logits ``[B, C]``.
+    A positive score means z raised the query's margin (helped it).
+
+    Attributes:
+        parameters: which parameters are attributed (default: attention and MLP linear layers).
+        attention: for Hugging Face models, how the mask is built: ``"auto"`` (from the model),
+            ``"causal"`` (GPT-2-style classifiers) or ``"bidirectional"`` (BERT-style).
+    """
+
+    parameters: ModuleSelection | ParameterSelection = field(default_factory=ModuleSelection)
+    name: str = "sequence-classification"
+    attention: AttentionKind = "auto"
+    _kind: ModelKind | None = field(default=None, init=False, repr=False, compare=False)
+    _mask_checked: bool = field(default=False, init=False, repr=False, compare=False)
+    score_labels: ClassVar[tuple[str, str]] = ("raised the margin (helpful)", "lowered the margin (harmful)")
+
+    def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
+        return super().loss(outputs, (None, _labels(batch)))
+
+    def measurement(self, outputs: Tensor, batch: Batch) -> Tensor:
+        return super().measurement(outputs, (None, _labels(batch)))
+
+    def fisher_targets(
+        self, outputs: Tensor, batch: Batch, generator: torch.Generator | None
+    ) -> list[tuple[Tensor, Batch]]:
+        pairs = super().fisher_targets(outputs, (None, _labels(batch)), generator)
+        return [(weight, {**batch, "labels": targets[1]}) for weight, targets in pairs]
+
+
+def _labels(batch: Batch) -> Tensor:
+    _check_batch(batch)
+    if "labels" not in batch:
+        raise TaskError("A sequence-classification batch needs 'labels' [B] (class ids); add them to the examples.")
+    return batch["labels"]
+
+
+def loss_positions(batch: Batch) -> Tensor:
+    """Which next-token predictions carry loss: bool ``[B, T−1]``, entry t for predicting token t+1.
+
+    Token t+1 is predicted from position t when both are tokens (attention mask 1) and its label is
+    not −100. Labels default to ``input_ids``.
+    """
+    mask = _padding_mask(batch).bool()
+    labels = batch.get("labels", batch["input_ids"])
+    return mask[:, 1:] & mask[:, :-1] & (labels[:, 1:] != IGNORE_INDEX)
+
+
+@dataclass
+class LanguageModelingTask(_TextTask):
+    """Next-token prediction with a causal model.
+
+    measurement f(q) = s(q), the summed token loss of the query sequence (as in the SOURCE paper):
+    Σ_t −log p(x_{t+1} | x_{≤t}) over the positions of :func:`loss_positions`. A positive score
+    means removing z would lower the query's loss (z raised it); the sequences that taught the model
+    the query have the most negative scores.
+
+    The per-example training loss is ℓ(z) = s(z)/n. SOURCE's operators depend on the absolute scale
+    of the curvature, so ℓ must be the loss whose batch mean the optimiser minimised:
+
+    * Hugging Face's causal-LM loss (``model(..., labels=...).loss``, the Trainer) is the mean over
+      every predicted token of the batch, Σ_b s(z_b) / Σ_b n(z_b). Pass ``tokens_per_sequence`` =
+      n̄, the mean number of predicted tokens per training sequence (:func:`mean_predicted_tokens`):
+      the batch mean of ℓ is then Σ s / (B·n̄), *equal* to the model's loss whenever every batch
+      predicts the same number of tokens (fixed-length blocks, the ``run_clm`` recipe), and its
+      first-order approximation otherwise (relative error of the order of the squared coefficient of
+      variation of the batch token count).
+    * ``tokens_per_sequence=1``: the summed loss (a loop minimising the mean of s).
+    * ``tokens_per_sequence="own"``: each sequence's own count, ℓ = s(z)/n(z) (a loop averaging the
+      sequences' mean token losses).
+
+    Batches: ``{"input_ids", "attention_mask", "labels" [B, T] (optional, −100 = not predicted), ...}``,
+    right-padded; the model returns logits ``[B, T, V]``. Fisher targets sample a token from the
+    model's predictive distribution at every position that carries loss.
+
+    Attributes:
+        tokens_per_sequence: n̄ (a number) or ``"own"``, see above.
+        parameters: which parameters are attributed (default: attention and MLP linear layers).
+    """
+
+    tokens_per_sequence: float | Literal["own"]
+    parameters: ModuleSelection | ParameterSelection = field(default_factory=ModuleSelection)
+    name: str = "language-modeling"
+    attention: ClassVar[AttentionKind] = "causal"
+    _kind: ModelKind | None = field(default=None, init=False, repr=False, compare=False)
+    _mask_checked: bool = field(default=False, init=False, repr=False, compare=False)
+    score_labels: ClassVar[tuple[str, str]] = (
+        "raised the query's loss (removing it lowers the loss)",
+        "lowered the query's loss (removing it raises the loss)",
+    )
+
+    def __post_init__(self) -> None:
+        n = self.tokens_per_sequence
+        if n != "own" and (isinstance(n, str) or not float(n) > 0):
+            raise TaskError(
+                f"tokens_per_sequence must be a positive number (the mean predicted tokens per training sequence, "
+                f"see mean_predicted_tokens) or 'own', not {n!r}."
+            )
+
+    def _resolve(self, model: nn.Module) -> ModelKind:
+        kind = inspect_model(model, "auto") if _has_causal_flags(model) else inspect_model(model, "causal")
+        if kind.hugging_face and not kind.causal:
+            raise TaskError(
+                f"{kind.name} attends bidirectionally, so it cannot be attributed as a next-token language model; "
+                "use a causal model (e.g. *ForCausalLM), or SequenceClassificationTask."
+            )
+        return kind
+
+    def token_losses(self, outputs: Tensor, batch: Batch) -> Tensor:
+        """Per-position next-token loss ``[B, T−1]`` (0 where no loss is carried): entry t is
+        −log p(token t+1 | tokens ≤ t)."""
+        _check_batch(batch)
+        labels = batch.get("labels", batch["input_ids"])
+        keep = loss_positions(batch)
+        logits = _upcast(outputs[:, :-1])
+        targets = torch.where(keep, labels[:, 1:], torch.zeros_like(labels[:, 1:]))
+        _check_tokens(targets, logits.shape[-1])
+        picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        return torch.where(keep, torch.logsumexp(logits, dim=-1) - picked, torch.zeros_like(picked))
+
+    def _scale(self, batch: Batch) -> Tensor | float:
+        """n of ℓ = s/n: the constant n̄ or each sequence's own count ``[B]``."""
+        if self.tokens_per_sequence == "own":
+            return loss_positions(batch).sum(-1).clamp_min(1).float()
+        return float(self.tokens_per_sequence)
+
+    def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
+        return self.token_losses(outputs, batch).sum(-1) / self._scale(batch)
+
+    def measurement(self, outputs: Tensor, batch: Batch) -> Tensor:
+        return self.token_losses(outputs, batch).sum(-1)
+
+    def fisher_targets(
+        self, outputs: Tensor, batch: Batch, generator: torch.Generator | None
+    ) -> list[tuple[Tensor, Batch]]:
+        """Sampled: one token per loss-carrying position from the model's predictive distribution,
+        weight n (ℓ = s/n, so E[n·∇ℓ∇ℓᵀ] = (1/n)Σ_t J_tᵀ(diag p_t − p_t p_tᵀ)J_t, the Gauss–Newton of ℓ;
+        cross-position terms vanish in expectation). Exact (``generator=None``): one direction per
+        (position, token), (T−1)·V of them (tiny vocabularies only), weight p·n'²/n where n' is the
+        direction's own normaliser (1 with ``"own"``: a single position carries its loss)."""
+        keep = loss_positions(batch)
+        probs = torch.softmax(_upcast(outputs[:, :-1]), dim=-1)
+        observed = self._normalizers(batch).to(probs)
+        ignored = torch.full_like(batch["input_ids"], IGNORE_INDEX)
+        if generator is not None:
+            # Inverse-CDF sampling: one uniform per position (torch.multinomial is ~100× slower per row).
+            cdf = probs.cpu().double().cumsum(-1)
+            uniform = torch.rand(cdf.shape[:-1], generator=generator, dtype=torch.float64) * cdf[..., -1]
+            drawn = torch.searchsorted(cdf, uniform.unsqueeze(-1), right=True).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
+            labels = ignored.clone()
+            labels[:, 1:] = torch.where(keep, drawn.to(labels.device), IGNORE_INDEX)
+            return [(observed, {**batch, "labels": labels})]
+        directions = []
+        for t in range(keep.shape[1]):
+            labels = ignored.clone()
+            labels[:, t + 1] = torch.where(keep[:, t], 0, IGNORE_INDEX)
+            own = self._normalizers({**batch, "labels": labels}).to(probs)
+            for token in range(probs.shape[-1]):
+                labels = ignored.clone()
+                labels[:, t + 1] = torch.where(keep[:, t], token, IGNORE_INDEX)
+                weight = probs[:, t, token] * keep[:, t] * own**2 / observed
+                directions.append((weight, {**batch, "labels": labels}))
+        return directions
+
+    def _normalizers(self, batch: Batch) -> Tensor:
+        """n of ℓ = s/n for every example ``[B]``."""
+        scale = self._scale(batch)
+        return scale if isinstance(scale, Tensor) else torch.full((batch["input_ids"].shape[0],), scale)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "tokens_per_sequence": self.tokens_per_sequence}
+
+
+def _upcast(logits: Tensor) -> Tensor:
+    """Half-precision logits in float32 for the softmax; float32 and float64 stay as they are."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
+def _has_causal_flags(model: nn.Module) -> bool:
+    return any(isinstance(getattr(m, "is_causal", None), bool) for m in model.modules())
+
+
+def _check_tokens(targets: Tensor, vocab: int) -> None:
+    if not _plain(targets) or targets.numel() == 0:
+        return
+    lo, hi = int(targets.min()), int(targets.max())
+    if lo < 0 or hi >= vocab:
+        raise TaskError(
+            f"Token labels must lie in [0, {vocab - 1}] (or be -100, not predicted) for a model with {vocab} "
+            f"outputs, but they hold {lo} to {hi}; check the tokenizer against the model's vocabulary."
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+class TextDataset(Dataset):
+    """Token sequences right-padded to one length, as dict examples the text tasks take.
+
+    ``dataset[i]`` is ``{"input_ids": [T], "attention_mask": [T]}`` plus ``"labels"``: the class id
+    for classification, or nothing for language modelling (the task predicts the input ids).
+
+    Args:
+        sequences: token ids of each example (at least one token each).
+        labels: class ids, one per sequence (sequence classification), or ``None``.
+        length: T; default the longest sequence. Longer sequences are refused, not cut.
+        pad_id: the id written at padded positions (never attended to, never predicted).
+        texts: the text of each example, kept for reports (:meth:`text`).
+    """
+
+    def __init__(
+        self,
+        sequences: Sequence[Sequence[int]],
+        *,
+        labels: Sequence[int] | None = None,
+        length: int | None = None,
+        pad_id: int = 0,
+        texts: Sequence[str] | None = None,
+    ) -> None:
+        if not sequences:
+            raise TaskError("A TextDataset needs at least one sequence.")
+        lengths = [len(s) for s in sequences]
+        if min(lengths) == 0:
+            raise TaskError(f"Sequence {lengths.index(0)} is empty; drop it or give it at least one token.")
+        length = max(lengths) if length is None else length
+        if max(lengths) > length:
+            raise TaskError(
+                f"Sequence {int(np.argmax(lengths))} has {max(lengths)} tokens, more than length={length}; "
+                "split it or raise length."
+            )
+        for what, values in (("labels", labels), ("texts", texts)):
+            if values is not None and len(values) != len(sequences):
+                raise TaskError(f"{len(values)} {what} were given for {len(sequences)} sequences; give one each.")
+        self.input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+        self.attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+        for i, seq in enumerate(sequences):
+            self.input_ids[i, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+            self.attention_mask[i, : len(seq)] = 1
+        self.labels = None if labels is None else torch.as_tensor(list(labels), dtype=torch.long)
+        self.texts = None if texts is None else list(texts)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        example = {"input_ids": self.input_ids[index], "attention_mask": self.attention_mask[index]}
+        if self.labels is not None:
+            example["labels"] = self.labels[index]
+        return example
+
+    def text(self, index: int) -> str:
+        """The text of example ``index`` (as given), or its token ids when no texts were given."""
+        if self.texts is not None:
+            return self.texts[index]
+        return " ".join(str(int(t)) for t in self.input_ids[index][self.attention_mask[index].bool()])
+
+
+def predicted_tokens(dataset: Dataset) -> np.ndarray:
+    """Number of next-token predictions carrying loss in each example (:func:`loss_positions`): int ``[N]``."""
+    counts = [int(loss_positions(_batched(dataset[i])).sum()) for i in range(len(dataset))]  # type: ignore[arg-type]
+    return np.asarray(counts, dtype=np.int64)
+
+
+def mean_predicted_tokens(dataset: Dataset) -> float:
+    """n̄ for :class:`LanguageModelingTask`: the mean number of predicted tokens per training sequence."""
+    return float(predicted_tokens(dataset).mean())
+
+
+def _batched(example: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {key: torch.as_tensor(value).unsqueeze(0) for key, value in example.items()}

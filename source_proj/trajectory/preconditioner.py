@@ -1,0 +1,137 @@
+"""Adam and AdamW as gradient descent in preconditioned coordinates (SOURCE_MATH.md §6).
+
+With D = diag(√v̂ + ε), v̂ = exp_avg_sq / (1 − β₂ᵗ) (``max_exp_avg_sq`` with amsgrad), Adam's step
+θ ← θ − η D⁻¹ m̂ is, in the coordinates u = D^{1/2} θ, plain gradient descent u ← u − η ∇_u L
+with ∇_u = D^{-1/2} ∇_θ and curvature D^{-1/2} H D^{-1/2}. Holding D fixed within a segment
+(its mean D_ℓ), SOURCE applies unchanged in those coordinates: every per-example gradient —
+training, Fisher pseudo-label and query — is multiplied elementwise by D_ℓ^{-1/2} *before*
+projection. :func:`source_proj.tasks.gradients.precondition_gradients` is the one place that does it (the scaling
+does not factor through a Kronecker/per-layer projection, so it stays at the gradient level).
+
+Which optimizer state gives D_ℓ: a checkpoint saved after ``s`` steps holds the second moment of
+the step ``s − 1`` has just taken, so the preconditioners *used by* a segment's steps
+``[a, b)`` are those saved at checkpoints ``a < s ≤ b``; D_ℓ is their mean. Where no checkpoint
+lies in ``(a, b]`` the first later checkpoint of the same stage stands in (the recorder always
+saves one at a stage's end).
+
+Weight decay in those coordinates (both added as an isotropic λ·I, the mean over attributed
+coordinates of a diagonal term, as SGD's per-group decay is):
+
+- AdamW (decoupled): θ ← (1 − ηλ)θ is u ← (1 − ηλ)u: exactly λ per coordinate.
+- Adam (coupled L2, ``weight_decay`` added to the gradient): the step is u ← u − η(∇_u L + λD⁻¹u),
+  a diagonal λ/D_i; it is represented by λ·mean(1/D) over the attributed coordinates (exact when
+  D is uniform; an approximation otherwise, documented in the README).
+
+The query is scaled with the last segment's D_L: the final model is read in the coordinates of
+the last segment (a documented approximation where D changes between segments).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from source_proj.errors import TrajectoryError
+from source_proj.store.store import Store
+from source_proj.trajectory.recorder import Checkpoint, Stage, Trajectory
+
+
+def checkpoint_preconditioner(
+    trajectory: Trajectory, checkpoint: Checkpoint, stage: Stage, names: Sequence[str]
+) -> dict[str, Tensor]:
+    """D = √v̂ + ε of every parameter in ``names`` from the Adam state saved with ``checkpoint``.
+
+    Returns float64 tensors shaped like the parameters. A parameter that has no state yet (it
+    never received a gradient, so Adam never moved it) gets D = ∞ (scale 0).
+    """
+    payload = trajectory.load_state(checkpoint)
+    state = payload.get("optimizer")
+    if not checkpoint.optimizer_state or not isinstance(state, Mapping):
+        raise TrajectoryError(
+            f"Checkpoint {checkpoint.file} of Adam stage {stage.name!r} has no optimizer state, which SOURCE reads "
+            "the preconditioner from; record the run with TrajectoryRecorder (it saves the state for Adam)."
+        )
+    groups = state["param_groups"]
+    described = stage.optimizer["groups"]
+    if len(groups) != len(described) or any(
+        len(g["params"]) != len(d.get("params", [])) for g, d in zip(groups, described, strict=False)
+    ):
+        raise TrajectoryError(
+            f"The optimizer state in {checkpoint.file} does not have the parameter groups stage {stage.name!r} "
+            "describes; record the stage with the optimizer it was trained with."
+        )
+    model = payload["model"]
+    out: dict[str, Tensor] = {}
+    wanted = set(names)
+    for group, desc in zip(groups, described, strict=True):
+        beta2, eps = float(group["betas"][1]), float(group["eps"])
+        for index, name in zip(group["params"], desc["params"], strict=True):
+            if name not in wanted:
+                continue
+            entry = state["state"].get(index)
+            if not entry:
+                out[name] = torch.full(tuple(model[name].shape), float("inf"), dtype=torch.float64)
+                continue
+            second = entry["max_exp_avg_sq"] if group.get("amsgrad") else entry["exp_avg_sq"]
+            steps = float(entry["step"])
+            v_hat = second.double() / (1.0 - beta2**steps)
+            out[name] = v_hat.sqrt() + eps
+    missing = [n for n in names if n not in out]
+    if missing:
+        raise TrajectoryError(
+            f"Parameters {missing[:3]} are attributed but not optimised in stage {stage.name!r}; exclude them with "
+            "ParameterSelection or add them to the optimizer."
+        )
+    return out
+
+
+def steps_preconditioner(
+    trajectory: Trajectory, stage: Stage, start: int, end: int, names: Sequence[str]
+) -> dict[str, Tensor]:
+    """D used by the steps ``[start, end)`` of ``stage``: the mean of the states saved at ``start < s ≤ end``
+    (or the first later checkpoint of the stage), float64, per parameter name."""
+    later = [c for c in trajectory.checkpoints if start < c.step <= stage.end_step]
+    chosen = [c for c in later if c.step <= end] or later[:1]
+    if not chosen:
+        raise TrajectoryError(
+            f"Adam stage {stage.name!r} has no checkpoint after step {start}, so the preconditioner of its steps "
+            "is unknown; save a checkpoint at the stage's end (TrajectoryRecorder does)."
+        )
+    total: dict[str, Tensor] = {}
+    for ckpt in chosen:
+        for name, d in checkpoint_preconditioner(trajectory, ckpt, stage, names).items():
+            total[name] = d if name not in total else total[name] + d
+    return {name: d / len(chosen) for name, d in total.items()}
+
+
+def flat_inverse_sqrt(d: Mapping[str, Tensor], names: Sequence[str]) -> np.ndarray:
+    """D^{-1/2} of the parameters ``names``, flattened in that (projection) order: float32 ``[p]``."""
+    return torch.cat([d[n].reshape(-1).rsqrt() for n in names]).float().numpy()
+
+
+def coupled_decay(decay: Mapping[str, float], d: Mapping[str, Tensor], names: Sequence[str]) -> float:
+    """λ·mean(1/D) over the attributed coordinates: Adam's coupled L2 decay as an isotropic term."""
+    total = sum(float(decay.get(n, 0.0)) * float(d[n].reciprocal().sum()) for n in names)
+    return total / sum(d[n].numel() for n in names)
+
+
+def unflatten(flat: Tensor, shapes: Sequence[tuple[str, Sequence[int]]]) -> dict[str, Tensor]:
+    """Split a flat ``[p]`` vector into tensors shaped like the parameters (in ``shapes`` order)."""
+    out, offset = {}, 0
+    for name, shape in shapes:
+        size = int(np.prod(shape))
+        out[name] = flat[offset : offset + size].reshape(tuple(shape))
+        offset += size
+    return out
+
+
+def read_scale(
+    store: Store, name: str | None, shapes: Sequence[tuple[str, Sequence[int]]], device: torch.device | str = "cpu"
+) -> dict[str, Tensor] | None:
+    """A stored D^{-1/2} (``preconditioner/<ℓ>``) as tensors shaped like the parameters; ``None`` → ``None``."""
+    if name is None:
+        return None
+    return {n: t.to(device) for n, t in unflatten(torch.from_numpy(store.read(name)), shapes).items()}

@@ -1,0 +1,457 @@
+"""Training trajectories: a recorder called from an ordinary training loop, and its loader.
+
+On-disk format (a directory; ``trajectory.json`` is rewritten atomically after every checkpoint,
+so an interrupted training run leaves a readable, incomplete trajectory)::
+
+    RUN_DIR/
+      trajectory.json
+      checkpoints/step-00000000.pt      torch.save({"model": state_dict, "optimizer": state_dict?})
+
+``trajectory.json``::
+
+    {"format": "source-proj-trajectory", "version": 1, "complete": true,
+     "lr": [η_0, η_1, ...],                        one learning rate per optimiser step
+     "stages": [{"name": "main", "start_step": 0, "end_step": 300, "dataset_size": 1437,
+                 "optimizer": {"kind": "sgd", "groups": [{"params": [...], "lr": .., "momentum": ..,
+                               "dampening": .., "nesterov": .., "weight_decay": ..}]}}],
+     "checkpoints": [{"step": 0, "file": "checkpoints/step-00000000.pt", "sha256": "..",
+                      "optimizer_state": false}, ...]}
+
+``step`` counts optimiser steps taken before the checkpoint was saved (global across stages);
+stage ``s`` owns steps ``start_step ≤ t < end_step``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from source_proj.errors import TrajectoryError
+from source_proj.store.durable import atomic_write_bytes
+
+FORMAT = "source-proj-trajectory"
+VERSION = 1
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
+    """What SOURCE needs to know of an optimiser: its kind and each parameter group's settings."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    if isinstance(optimizer, torch.optim.AdamW):
+        kind = "adamw"
+    elif isinstance(optimizer, torch.optim.Adam):
+        kind = "adamw" if optimizer.defaults.get("decoupled_weight_decay") else "adam"
+    elif isinstance(optimizer, torch.optim.SGD):
+        kind = "sgd"
+    else:
+        kind = type(optimizer).__name__
+    keys = ("momentum", "dampening", "nesterov", "weight_decay", "betas", "eps", "amsgrad", "maximize")
+    groups = []
+    for group in optimizer.param_groups:
+        entry: dict[str, Any] = {"params": [names.get(id(p), "?") for p in group["params"]], "lr": float(group["lr"])}
+        for key in keys:
+            if key in group:
+                value = group[key]
+                entry[key] = [float(v) for v in value] if isinstance(value, tuple) else value
+        groups.append(entry)
+    return {"kind": kind, "groups": groups}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One saved checkpoint: parameters after ``step`` optimiser steps."""
+
+    step: int
+    file: str
+    sha256: str
+    optimizer_state: bool
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A training stage: its own dataset of ``dataset_size`` examples and optimiser."""
+
+    name: str
+    start_step: int
+    end_step: int
+    dataset_size: int
+    optimizer: dict[str, Any]
+
+
+class TrajectoryRecorder:
+    """Records what SOURCE needs from an ordinary training loop.
+
+    Usage::
+
+        rec = TrajectoryRecorder("runs/mlp", model, optimizer, save_every=50)
+        rec.begin_stage("main", dataset_size=len(train_set))
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y)      # mean of the task's per-example loss
+            optimizer.zero_grad(); loss.backward(); optimizer.step()
+            rec.step()                               # after optimizer.step(), before scheduler.step()
+        rec.close()
+
+    A checkpoint is saved at the start of every stage, every ``save_every`` steps and at the end
+    of every stage. ``begin_stage`` may be called again (with a new optimiser) for a
+    multi-stage pipeline.
+
+    Args:
+        run_dir: directory to create; an existing non-empty one is refused unless ``overwrite``.
+        model: the model being trained.
+        optimizer: its optimiser (SGD, Adam or AdamW for attribution).
+        save_every: save a checkpoint every this many optimiser steps.
+        save_optimizer_state: save the optimiser state with each checkpoint (default: for Adam
+            and AdamW, whose preconditioner SOURCE reads).
+        overwrite: replace an existing trajectory in ``run_dir``.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        save_every: int,
+        save_optimizer_state: bool | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        if save_every < 1:
+            raise TrajectoryError(f"save_every must be a positive number of steps, not {save_every}.")
+        self.run_dir = Path(run_dir)
+        if self.run_dir.exists() and any(self.run_dir.iterdir()) and not overwrite:
+            raise TrajectoryError(
+                f"{self.run_dir} already holds files; choose a new directory or pass overwrite=True to replace it."
+            )
+        if overwrite and (self.run_dir / "trajectory.json").exists():
+            for old in (self.run_dir / "checkpoints").glob("*.pt"):
+                old.unlink()
+            (self.run_dir / "trajectory.json").unlink()
+        self.model = model
+        self.optimizer = optimizer
+        self.save_every = save_every
+        self._save_optimizer_state = save_optimizer_state
+        self.global_step = 0
+        self._lr: list[float] = []
+        self._stages: list[dict[str, Any]] = []
+        self._checkpoints: list[dict[str, Any]] = []
+        self._complete = False
+
+    def begin_stage(self, name: str, dataset_size: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Start a stage trained on ``dataset_size`` examples; ends the previous one."""
+        if self._stages and self._stages[-1]["end_step"] is None:
+            self.end_stage()
+        if any(s["name"] == name for s in self._stages):
+            raise TrajectoryError(f"A stage named {name!r} was already recorded; give each stage its own name.")
+        if dataset_size < 1:
+            raise TrajectoryError(f"Stage {name!r} needs a positive dataset size, not {dataset_size}.")
+        if optimizer is not None:
+            self.optimizer = optimizer
+        self._stages.append(
+            {
+                "name": name,
+                "start_step": self.global_step,
+                "end_step": None,
+                "dataset_size": int(dataset_size),
+                "optimizer": describe_optimizer(self.optimizer, self.model),
+            }
+        )
+        self._save()
+
+    def step(self) -> None:
+        """Record one optimiser step (call right after ``optimizer.step()``)."""
+        if not self._stages or self._stages[-1]["end_step"] is not None:
+            raise TrajectoryError("Call begin_stage(name, dataset_size) before recording steps.")
+        rates = {float(g["lr"]) for g in self.optimizer.param_groups}
+        if len(rates) != 1:
+            raise TrajectoryError(
+                f"The optimiser's parameter groups use different learning rates {sorted(rates)}; "
+                "SOURCE needs one learning rate per step, so give all groups the same rate."
+            )
+        lr = rates.pop()
+        if not math.isfinite(lr) or lr < 0:
+            raise TrajectoryError(
+                f"Step {self.global_step} used learning rate {lr}; it must be finite and non-negative."
+            )
+        self._lr.append(lr)
+        self.global_step += 1
+        if self.global_step % self.save_every == 0:
+            self._save()
+
+    def end_stage(self) -> None:
+        """End the current stage, saving its final checkpoint."""
+        if not self._stages or self._stages[-1]["end_step"] is not None:
+            raise TrajectoryError("There is no open stage to end; call begin_stage first.")
+        self._stages[-1]["end_step"] = self.global_step
+        self._save()
+
+    def close(self) -> None:
+        """End the last stage and mark the trajectory complete."""
+        if self._stages and self._stages[-1]["end_step"] is None:
+            self.end_stage()
+        if not self._stages:
+            raise TrajectoryError("Nothing was recorded; call begin_stage and step before close.")
+        self._complete = True
+        self._write_index()
+
+    def __enter__(self) -> TrajectoryRecorder:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is None:
+            self.close()
+
+    def _save(self) -> None:
+        if self._checkpoints and self._checkpoints[-1]["step"] == self.global_step:
+            self._write_index()
+            return
+        save_opt = self._save_optimizer_state
+        if save_opt is None:
+            save_opt = self._stages[-1]["optimizer"]["kind"] in ("adam", "adamw")
+        payload: dict[str, Any] = {"model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}}
+        if save_opt:
+            payload["optimizer"] = self.optimizer.state_dict()
+        rel = f"checkpoints/step-{self.global_step:08d}.pt"
+        path = self.run_dir / rel
+        with tempfile.SpooledTemporaryFile() as buffer:
+            torch.save(payload, buffer)
+            buffer.seek(0)
+            data = buffer.read()
+        atomic_write_bytes(path, data)
+        self._checkpoints.append(
+            {
+                "step": self.global_step,
+                "file": rel,
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "optimizer_state": save_opt,
+            }
+        )
+        self._write_index()
+
+    def _write_index(self) -> None:
+        index = {
+            "format": FORMAT,
+            "version": VERSION,
+            "complete": self._complete,
+            "lr": self._lr,
+            "stages": self._stages,
+            "checkpoints": self._checkpoints,
+        }
+        atomic_write_bytes(self.run_dir / "trajectory.json", json.dumps(index, indent=1).encode())
+
+
+class Trajectory:
+    """A recorded training run, read back from its directory (see the module docstring)."""
+
+    def __init__(self, path: Path, index: dict[str, Any]) -> None:
+        self.path = path
+        self.complete: bool = bool(index.get("complete", False))
+        self.lr = np.asarray(index["lr"], dtype=np.float64)
+        self.stages = tuple(Stage(**s) for s in index["stages"])
+        self.checkpoints = tuple(Checkpoint(**c) for c in index["checkpoints"])
+        self._index = index
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Trajectory:
+        """Read and validate ``path/trajectory.json``."""
+        path = Path(path)
+        index_file = path / "trajectory.json"
+        if not path.is_dir():
+            raise TrajectoryError(f"{path} is not a directory; pass the run directory written by TrajectoryRecorder.")
+        if not index_file.is_file():
+            raise TrajectoryError(
+                f"{path} has no trajectory.json; record the run with TrajectoryRecorder or write the file "
+                "as the README's 'Trajectory format' section describes."
+            )
+        try:
+            index = json.loads(index_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+            raise TrajectoryError(
+                f"{index_file} is not readable JSON ({err}); restore it from the training run."
+            ) from err
+        _validate_index(index, index_file)
+        return cls(path, index)
+
+    @property
+    def final_checkpoint(self) -> Checkpoint:
+        """θ_T: the checkpoint saved last."""
+        return self.checkpoints[-1]
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.lr)
+
+    def stage(self, name: str) -> Stage:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise TrajectoryError(f"The trajectory has no stage {name!r}; its stages are {[s.name for s in self.stages]}.")
+
+    def fingerprint(self) -> str:
+        """sha256 of the run's learning rates, stages and checkpoint contents."""
+        canonical = json.dumps({k: self._index[k] for k in ("lr", "stages", "checkpoints")}, sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def load_state(self, checkpoint: Checkpoint, *, verify: bool = True) -> dict[str, Any]:
+        """The saved payload (``{"model": state_dict, "optimizer"?: state_dict}``) of a checkpoint."""
+        file = self.path / checkpoint.file
+        if not file.is_file():
+            raise TrajectoryError(f"Checkpoint {file} is missing; restore it or re-run training.")
+        try:
+            if verify and _sha256_file(file) != checkpoint.sha256:
+                raise TrajectoryError(
+                    f"Checkpoint {file} does not match the sha256 recorded in trajectory.json (changed or "
+                    "corrupted after training); restore the original file."
+                )
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        except OSError as err:
+            raise TrajectoryError(
+                f"Checkpoint {file} cannot be read ({err.strerror or err}); check its permissions and the disk."
+            ) from err
+        except TrajectoryError:
+            raise
+        except Exception as err:
+            raise TrajectoryError(f"Checkpoint {file} cannot be read by torch.load ({err}); restore it.") from err
+        if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+            raise TrajectoryError(
+                f"Checkpoint {file} holds no {{'model': state_dict}}; save checkpoints with TrajectoryRecorder."
+            )
+        return state
+
+    def load_into(self, model: nn.Module, checkpoint: Checkpoint) -> nn.Module:
+        """Load a checkpoint's weights into ``model`` (in place); refuses a mismatched architecture."""
+        state = self.load_state(checkpoint)["model"]
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()
+            raise TrajectoryError(
+                f"Checkpoint {checkpoint.file} does not fit the model ({' '.join(first[:2])}); "
+                "build the model exactly as in training."
+            ) from err
+        return model
+
+    def __iter__(self) -> Iterator[Checkpoint]:
+        return iter(self.checkpoints)
+
+    def __repr__(self) -> str:
+        return (
+            f"Trajectory({str(self.path)!r}, steps={self.num_steps}, stages={[s.name for s in self.stages]}, "
+            f"checkpoints={len(self.checkpoints)}, complete={self.complete})"
+        )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite JSON number that fits a float64."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+_GROUP_NUMBERS = ("lr", "momentum", "dampening", "weight_decay", "eps")
+_GROUP_FLAGS = ("nesterov", "amsgrad")
+
+
+def _group_problem(group: Any) -> str | None:
+    """What is wrong with an optimiser parameter group's description, if anything."""
+    if not isinstance(group, dict):
+        return "is not an object"
+    params = group.get("params", [])
+    if not isinstance(params, list) or not all(isinstance(p, str) for p in params):
+        return "has 'params' that are not a list of parameter names"
+    for key in _GROUP_NUMBERS:
+        if key in group and not _is_number(group[key]):
+            return f"has a non-numeric {key!r}"
+    for key in _GROUP_FLAGS:
+        if key in group and not isinstance(group[key], bool):
+            return f"has a non-boolean {key!r}"
+    betas = group.get("betas", [0.0, 0.0])
+    if not isinstance(betas, list) or len(betas) != 2 or not all(_is_number(b) for b in betas):
+        return "has 'betas' that are not two numbers"
+    return None
+
+
+def _validate_index(index: Any, where: Path) -> None:
+    def bad(reason: str) -> TrajectoryError:
+        return TrajectoryError(f"{where} is malformed: {reason}; re-record the run or fix the file.")
+
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise bad(f"it is not a {FORMAT} file")
+    if not _is_int(index.get("version")) or index.get("version") != VERSION:
+        raise bad(f"version {index.get('version')!r} is not {VERSION}, the version this library reads")
+    if not isinstance(index.get("complete", False), bool):
+        raise bad("'complete' must be true or false")
+    lr = index.get("lr")
+    if not isinstance(lr, list) or not lr:
+        raise TrajectoryError(
+            f"{where} records no learning rates; SOURCE needs the rate of every step, so record "
+            "the run with TrajectoryRecorder.step() after each optimizer.step()."
+        )
+    if not all(_is_number(v) and v >= 0 for v in lr):
+        raise bad("'lr' must hold finite, non-negative numbers")
+    stages = index.get("stages")
+    if not isinstance(stages, list) or not stages:
+        raise bad("'stages' must be a non-empty list")
+    expected_start = 0
+    names = set()
+    for s in stages:
+        if not isinstance(s, dict) or set(s) != {"name", "start_step", "end_step", "dataset_size", "optimizer"}:
+            raise bad("each stage needs exactly name, start_step, end_step, dataset_size and optimizer")
+        if not isinstance(s["name"], str) or s["name"] in names:
+            raise bad("stage names must be distinct strings")
+        names.add(s["name"])
+        for key in ("start_step", "end_step", "dataset_size"):
+            if not _is_int(s[key]):
+                raise bad(f"stage {s['name']!r} has a non-integer {key}")
+        if s["start_step"] != expected_start or s["end_step"] < s["start_step"]:
+            raise bad(f"stage {s['name']!r} does not start where the previous one ended")
+        if s["dataset_size"] < 1:
+            raise bad(f"stage {s['name']!r} has no examples")
+        opt = s["optimizer"]
+        if not isinstance(opt, dict) or not isinstance(opt.get("kind"), str) or not isinstance(opt.get("groups"), list):
+            raise bad(f"stage {s['name']!r} has no optimizer description")
+        for group in opt["groups"]:
+            problem = _group_problem(group)
+            if problem is not None:
+                raise bad(f"an optimizer parameter group of stage {s['name']!r} {problem}")
+        expected_start = s["end_step"]
+    if expected_start != len(lr):
+        raise bad(f"the stages cover {expected_start} steps but {len(lr)} learning rates are recorded")
+    checkpoints = index.get("checkpoints")
+    if not isinstance(checkpoints, list) or not checkpoints:
+        raise bad("it lists no checkpoints")
+    last = -1
+    for c in checkpoints:
+        if not isinstance(c, dict) or set(c) != {"step", "file", "sha256", "optimizer_state"}:
+            raise bad("each checkpoint needs exactly step, file, sha256 and optimizer_state")
+        if not _is_int(c["step"]) or not last < c["step"] <= len(lr):
+            raise bad("checkpoint steps must increase and lie within the recorded steps")
+        if not isinstance(c["file"], str) or not isinstance(c["sha256"], str) or ".." in Path(c["file"]).parts:
+            raise bad("checkpoint file and sha256 must be strings inside the run directory")
+        if Path(c["file"]).is_absolute() or "\0" in c["file"] or not isinstance(c["optimizer_state"], bool):
+            raise bad("checkpoint files must be relative paths and optimizer_state true or false")
+        last = c["step"]

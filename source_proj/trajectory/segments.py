@@ -1,0 +1,292 @@
+"""Cutting a trajectory into SOURCE segments (SOURCE_MATH.md §2).
+
+A segment covers optimiser steps ``start_step ≤ t < end_step`` of one stage. Its checkpoints are
+the parameters its own steps start from: those saved after ``s`` steps with
+``start_step ≤ s < end_step``. A stage's closing checkpoint (``s = end_step``) joins the stage's
+last segment only when that segment has no checkpoint of its own. A segment with no checkpoint
+is merged into the next segment of its stage (the previous one for the last), with a warning.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from source_proj.errors import TrajectoryError
+from source_proj.trajectory.recorder import Stage
+
+
+@dataclass(frozen=True)
+class SegmentationArguments:
+    """How a trajectory is cut into segments (stage boundaries always cut).
+
+    Attributes:
+        per_stage: equal parts (by step) each stage is cut into (the paper uses 3).
+        boundaries: explicit global steps to cut at (overrides ``per_stage``).
+        auto: a budget of L segments in all, placed where the projected curvature and gradients
+            change most between checkpoints (see ``autosegment.py``; overrides both).
+        probe_rows: examples per stage whose gradients decide ``auto`` cuts when they must be
+            chosen before featurize (Adam runs, Fast-SOURCE); fit-time cuts use every stored row.
+    """
+
+    per_stage: int = 3
+    boundaries: tuple[int, ...] | None = None
+    auto: int | None = None
+    probe_rows: int = 256
+
+    @classmethod
+    def parse(cls, text: str) -> SegmentationArguments:
+        """``"3"`` (equal parts per stage), ``"auto:4"`` (4 automatic segments) or ``"at:100,200"``."""
+        text = text.strip()
+        try:
+            if text.startswith("auto:"):
+                return cls(auto=int(text[5:]))
+            if text.startswith("at:"):
+                return cls(boundaries=tuple(int(v) for v in text[3:].split(",") if v.strip()))
+            return cls(per_stage=int(text))
+        except ValueError as err:
+            raise TrajectoryError(
+                f"Cannot read the segmentation {text!r}; write a number per stage (3), auto:L (auto:4) or "
+                "at:STEP,STEP (at:100,200)."
+            ) from err
+
+    def describe(self) -> dict[str, Any]:
+        """JSON form (what a store records); ``probe_rows`` only matters for ``auto``."""
+        if self.auto is not None:
+            return {"auto": self.auto, "probe_rows": self.probe_rows}
+        if self.boundaries is not None:
+            return {"boundaries": sorted(int(b) for b in self.boundaries)}
+        return {"per_stage": self.per_stage}
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One segment ℓ: its steps, checkpoints and optimiser quantities.
+
+    Attributes:
+        stage: the stage (dataset D_ℓ) the segment trains on.
+        start_step, end_step: global optimiser steps ``[start_step, end_step)``.
+        checkpoints: steps of the checkpoints averaged in the segment (C_ℓ).
+        mean_lr: η̄_ℓ, the mean effective learning rate (momentum folded in: η(1−d)/(1−β)).
+        weight_decay: λ, added as λ·I to the segment's curvature (for Adam, in its preconditioned
+            coordinates; see ``preconditioner.py``).
+        preconditioner: store array holding D_ℓ^{-1/2} (flat, float32 ``[p]``) for Adam/AdamW
+            stages, ``None`` for SGD.
+    """
+
+    stage: str
+    start_step: int
+    end_step: int
+    checkpoints: tuple[int, ...]
+    mean_lr: float
+    weight_decay: float
+    preconditioner: str | None = None
+
+    @property
+    def num_steps(self) -> int:
+        """K_ℓ."""
+        return self.end_step - self.start_step
+
+    @property
+    def time(self) -> float:
+        """η̄_ℓ·K_ℓ: the segment's training time, which sets SOURCE's implied damping 1/(η̄K)."""
+        return self.mean_lr * self.num_steps
+
+    @property
+    def mean_key(self) -> str:
+        """Store key of the features at the segment's averaged parameters (Fast-SOURCE)."""
+        return f"mean-{self.start_step:08d}-{self.end_step:08d}"
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "start_step": self.start_step,
+            "end_step": self.end_step,
+            "checkpoints": list(self.checkpoints),
+            "mean_lr": self.mean_lr,
+            "weight_decay": self.weight_decay,
+            "preconditioner": self.preconditioner,
+        }
+
+    @classmethod
+    def from_description(cls, desc: Mapping[str, Any]) -> Segment:
+        """Inverse of :meth:`describe`."""
+        return cls(**{**desc, "checkpoints": tuple(desc["checkpoints"])})
+
+
+_SUPPORTED = "SGD (heavy-ball or Nesterov momentum, dampening, weight decay), Adam, AdamW"
+
+
+@dataclass(frozen=True)
+class OptimizerRule:
+    """How one stage's optimiser maps onto SOURCE's gradient descent (SOURCE_MATH.md §6).
+
+    Attributes:
+        kind: ``"sgd"``, ``"adam"`` (L2 decay coupled into the gradient) or ``"adamw"`` (decoupled).
+        lr_factor: recorded rate → effective rate. Heavy-ball SGD: (1 − dampening)/(1 − β), its
+            terminal velocity under a steady gradient; Nesterov SGD reaches the same terminal step
+            η·g/(1 − β) (g + β·g/(1 − β)); Adam: 1 (its first moment is an average, m̂ → g).
+        decay: λ of every parameter named in the optimiser's groups.
+        weight_decay: the isotropic λ·I added to the curvature: the mean of ``decay`` over the
+            attributed coordinates (a group without decay, e.g. biases and norms, counts as 0).
+            A diagonal term is represented by its mean because the projected engine adds damping
+            as λ·I_k (SOURCE_MATH.md §4); exact when every group has the same λ.
+    """
+
+    kind: str
+    lr_factor: float
+    decay: Mapping[str, float]
+    weight_decay: float
+
+    @property
+    def preconditioned(self) -> bool:
+        """Adam and AdamW: gradients are scaled by D^{-1/2} (``preconditioner.py``)."""
+        return self.kind in ("adam", "adamw")
+
+
+def optimizer_rule(stage: Stage, param_sizes: Mapping[str, int]) -> OptimizerRule:
+    """Read a stage's optimiser description; refuse, with a reason, what SOURCE cannot model.
+
+    Group factors and decays are averaged with weights = attributed parameters in each group.
+    """
+    opt = stage.optimizer
+    kind = opt.get("kind")
+    where = f"Stage {stage.name!r}"
+    if kind not in ("sgd", "adam", "adamw"):
+        raise TrajectoryError(
+            f"{where} was trained with {kind!r}, whose update SOURCE cannot model; it attributes {_SUPPORTED} "
+            "runs, so re-train with one of them."
+        )
+    groups = opt["groups"]
+    rates = {float(g["lr"]) for g in groups if "lr" in g}
+    if len(rates) > 1:
+        raise TrajectoryError(
+            f"{where}'s parameter groups use different learning rates {sorted(rates)}; SOURCE needs one rate per "
+            "step, so give every group the same rate (a per-group schedule is not supported)."
+        )
+    if any(g.get("maximize") for g in groups):
+        raise TrajectoryError(f"{where} maximised its objective (maximize=True); SOURCE attributes minimisation only.")
+    weights = np.array([sum(param_sizes.get(n, 0) for n in g.get("params", [])) for g in groups], dtype=float)
+    if weights.sum() == 0:
+        weights = np.ones(len(groups))
+    weights /= weights.sum()
+    factors, decays, decay = [], [], {}
+    for g in groups:
+        if kind == "sgd":
+            factors.append(_sgd_factor(g, where))
+        else:
+            _check_adam_group(g, where)
+            factors.append(1.0)
+        decays.append(float(g.get("weight_decay", 0.0)))
+        decay.update({name: decays[-1] for name in g.get("params", [])})
+    return OptimizerRule(kind, float(weights @ factors), decay, float(weights @ decays))
+
+
+def _sgd_factor(group: Mapping[str, Any], where: str) -> float:
+    momentum = float(group.get("momentum", 0.0))
+    dampening = float(group.get("dampening", 0.0)) if momentum else 0.0
+    if not 0.0 <= momentum < 1.0:
+        raise TrajectoryError(f"{where} has momentum {momentum}; SOURCE needs 0 ≤ momentum < 1.")
+    if group.get("nesterov") and dampening:
+        raise TrajectoryError(f"{where} uses Nesterov momentum with dampening {dampening}; use dampening 0.")
+    return (1.0 - dampening) / (1.0 - momentum)
+
+
+def _check_adam_group(group: Mapping[str, Any], where: str) -> None:
+    betas = group.get("betas")
+    if not isinstance(betas, (list, tuple)) or len(betas) != 2 or "eps" not in group:
+        raise TrajectoryError(
+            f"{where} is described as Adam without its betas and eps; record the run with TrajectoryRecorder."
+        )
+    if not all(0.0 <= float(b) < 1.0 for b in betas):
+        raise TrajectoryError(f"{where} has Adam betas {list(betas)}; SOURCE needs 0 ≤ β < 1.")
+
+
+def make_segments(
+    stages: Sequence[Stage],
+    checkpoint_steps: Sequence[int],
+    lr: np.ndarray,
+    param_sizes: Mapping[str, int],
+    *,
+    per_stage: int = 3,
+    boundaries: Sequence[int] | None = None,
+) -> list[Segment]:
+    """Cut every stage into segments.
+
+    Args:
+        stages: the trajectory's stages, in order.
+        checkpoint_steps: steps of the available checkpoints, increasing.
+        lr: the recorded learning rate of every step.
+        param_sizes: number of attributed parameters per name (weights optimiser groups).
+        per_stage: equal parts (by step) per stage when ``boundaries`` is not given.
+        boundaries: explicit global steps to cut at (stage boundaries are always cut).
+    """
+    if boundaries is None and per_stage < 1:
+        raise TrajectoryError(f"Each stage needs at least one segment, not {per_stage}.")
+    segments: list[Segment] = []
+    for stage in stages:
+        start, end = stage.start_step, stage.end_step
+        if end == start:
+            continue
+        if boundaries is not None:
+            cuts = sorted({int(b) for b in boundaries if start < b < end})
+        else:
+            parts = min(per_stage, end - start)
+            cuts = sorted({start + round(i * (end - start) / parts) for i in range(1, parts)})
+        edges = [start, *cuts, end]
+        ranges = [(a, b) for a, b in itertools.pairwise(edges) if b > a]
+        members = [[s for s in checkpoint_steps if a <= s < b] for a, b in ranges]
+        if not members[-1] and end in checkpoint_steps:
+            members[-1].append(end)
+        ranges, members = _merge_empty(stage.name, ranges, members)
+        rule = optimizer_rule(stage, param_sizes)
+        for (a, b), ckpts in zip(ranges, members, strict=True):
+            segments.append(
+                Segment(
+                    stage=stage.name,
+                    start_step=a,
+                    end_step=b,
+                    checkpoints=tuple(ckpts),
+                    mean_lr=rule.lr_factor * float(np.mean(lr[a:b])),
+                    weight_decay=rule.weight_decay,
+                )
+            )
+    if not segments:
+        raise TrajectoryError("The trajectory has no optimiser steps to attribute through.")
+    return segments
+
+
+def _merge_empty(
+    stage: str, ranges: list[tuple[int, int]], members: list[list[int]]
+) -> tuple[list[tuple[int, int]], list[list[int]]]:
+    if not any(members):
+        raise TrajectoryError(
+            f"Stage {stage!r} has no checkpoint inside its steps; save checkpoints during the stage "
+            "(TrajectoryRecorder saves one at every stage start)."
+        )
+    merged_r: list[tuple[int, int]] = []
+    merged_m: list[list[int]] = []
+    pending: tuple[int, int] | None = None
+    for (a, b), ckpts in zip(ranges, members, strict=True):
+        if pending is not None:
+            a = pending[0]
+            pending = None
+        if not ckpts:
+            pending = (a, b)
+            continue
+        merged_r.append((a, b))
+        merged_m.append(list(ckpts))
+    if pending is not None:
+        merged_r[-1] = (merged_r[-1][0], pending[1])
+    if len(merged_r) < len(ranges):
+        warnings.warn(
+            f"Stage {stage!r}: {len(ranges) - len(merged_r)} segment(s) held no checkpoint and were merged into a "
+            "neighbour; save checkpoints more often for finer segments.",
+            stacklevel=3,
+        )
+    return merged_r, merged_m
