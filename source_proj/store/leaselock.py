@@ -1,4 +1,4 @@
-"""The store lock on object storage: lease markers instead of flock (see :mod:`source_proj.store.objectstore`)."""
+"""The store lock on object storage: lease markers instead of flock (see [`source_proj.store.objectstore`][])."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ Checked, in order:
    segments and query checkpoints exist, and a method marked complete has no pending chunk.
 5. leftover temporary files of killed writers.
 
-A store without featurize's metadata (another writer's, e.g. a cache built on :class:`Store`) gets
+A store without featurize's metadata (another writer's, e.g. a cache built on [`Store`][]) gets
 checks 3 and 5 only.
 
 ``repair=True`` (``verify --repair``) takes the store's exclusive lock, marks damaged chunks
