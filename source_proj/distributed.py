@@ -215,7 +215,7 @@ def run_sharded(
     keep_new: Callable[[str], bool],
     wait: float = PREPARE_WAIT_SECONDS,
 ) -> None:
-    """Run ``job`` on the store at ``path`` as one of ``group``'s ranks (see the module docstring).
+    """Run ``job`` on the store at ``path`` as one of ``group``'s ranks (see docs/howto/distributed.md).
 
     One process holds the exclusive lock throughout, as every writing command does. Ranks of a
     process group: rank 0 prepares, all write, rank 0 finishes, agreeing on failures in between.

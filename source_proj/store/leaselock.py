@@ -24,7 +24,7 @@ _held: dict[str, list[Any]] = {}
 
 
 class ObjectStoreLock(StoreLock):
-    """Lease markers under ``STORE/.source-proj.lock/`` (see the module docstring).
+    """Lease markers under ``STORE/.source-proj.lock/`` (see docs/howto/distributed.md).
 
     Args:
         path: the store's URL.

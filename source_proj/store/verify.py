@@ -208,7 +208,7 @@ def expected_features(meta: dict[str, Any]) -> dict[str, tuple[int, int]]:
 
 
 def verify_store(path: str | Path, *, repair: bool = False, progress: bool = True) -> VerifyReport:
-    """Check the store at ``path`` end to end (see the module docstring); ``repair`` fixes what it can.
+    """Check the store at ``path`` end to end (the checks: docs/howto/reliability.md); ``repair`` fixes what it can.
 
     Raises:
         StoreError: the path holds no readable store of this format (nothing to check or repair).

@@ -260,7 +260,7 @@ class TrajectoryRecorder:
 
 
 class Trajectory:
-    """A recorded training run, read back from its directory (see the module docstring)."""
+    """A recorded training run, read back from its directory (format: docs/reference/store-format.md)."""
 
     def __init__(self, path: Path, index: dict[str, Any]) -> None:
         self.path = path
