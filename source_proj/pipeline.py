@@ -38,8 +38,7 @@ def attribute(
     is resumed. Scores follow score(q, z) = −Δf(q, z): positive = z helps q.
 
     Args:
-        trajectory: the run recorded by [`TrajectoryRecorder`][]
-            (or its directory).
+        trajectory: the run recorded by [`TrajectoryRecorder`][] (or its directory).
         model: the architecture (its weights are replaced by each checkpoint's).
         task: what the model computes, its per-example loss and the measurement.
         train_data: the data the run was trained on (``dataset_size`` examples); a mapping
