@@ -153,7 +153,7 @@ def featurize(
     """Project per-example training gradients of every checkpoint into STORE (resumes if interrupted).
 
     Run it under torchrun (torchrun --nproc-per-node G -m source_proj.cli featurize ...) or as n
-    independent processes with --shard i/n to split the work; see the README (Beyond one machine).
+    independent processes with --shard i/n to split the work; see docs/howto/distributed.md.
     """
     spec = load_spec(spec_path)
     trajectory = sp.Trajectory.load(run_dir)

@@ -61,7 +61,7 @@ class FeaturizeArguments:
         measurement: also store ``measurement/<stage>/<final ckpt>`` = P ∇f(z; θ_T) for every training
             example (TRAK's curvature, see baselines.py): one more gradient per example at one checkpoint.
         precision: ``"fp32"`` (default) or ``"bf16"``: forward and backward under bfloat16
-            autocast, projections accumulated in fp32 (faster on GPUs; see README "GPU and speed").
+            autocast, projections accumulated in fp32 (faster on GPUs; see docs/howto/gpu.md).
     """
 
     batch_size: int = 64

@@ -447,7 +447,7 @@ def _featurize_rows(
 def check_finite(
     values: torch.Tensor, first_row: int, where: str, what: str, example: str = "training example"
 ) -> None:
-    """Raise a :class:`NumericalError` naming the first row of ``values`` (``[rows, k]``) that is not finite."""
+    """Raise a [`NumericalError`][] naming the first row of ``values`` (``[rows, k]``) that is not finite."""
     bad = ~torch.isfinite(values).all(dim=1)
     if bad.any():
         row = first_row + int(torch.nonzero(bad)[0, 0])

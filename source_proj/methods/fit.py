@@ -84,7 +84,7 @@ def param_sizes(meta: dict[str, Any]) -> dict[str, int]:
 
 
 def store_segments(store: Store, args: FitArguments) -> list[Segment]:
-    """The segments a fit with ``args`` uses on this store (see :class:`FitArguments`)."""
+    """The segments a fit with ``args`` uses on this store (see [`FitArguments`][])."""
     return resolve_segments(store, args)[0]
 
 
@@ -175,7 +175,7 @@ def segment_operators(
 ) -> list[SegmentOperator]:
     """One eigendecomposition of H̄_ℓ = mean_c H̃_c + λI per segment (``keys``: its feature points,
     default its checkpoints; ``curvature(stage, key)``: H̃ of one point, default
-    :func:`checkpoint_curvature`).
+    [`checkpoint_curvature`][]).
 
     The mean is accumulated point by point: memory is two k × k matrices whatever the number of
     checkpoints.

@@ -36,7 +36,7 @@ cosines of the inputs and of the output gradients: for nearly orthogonal gradien
 projection is as accurate as the dense one, for aligned ones (norms, ρ = 1) its relative variance
 is 2/k_in + 2/k_out instead of 2/k. Post-ReLU inputs are positively aligned (large ρ_a), so the
 output side gets the larger factor: k_in is the largest divisor of k not above √k and k_out = k/k_in.
-See README "GPU and speed"; the measured error is in BENCHMARKS.md.
+See docs/howto/gpu.md; the measured error is in BENCHMARKS.md.
 
 The factor matrices come from the same seeded block generator as the dense projection
 (``projection.rademacher_signs``), keyed by ``(seed, 2**63 + 2·layer + side)``, so CPU and GPU
@@ -165,8 +165,8 @@ class FactoredProjector(Projector):
 
     Args:
         shapes: ``(name, shape)`` of every projected parameter, in projection order.
-        layers: the factorable layers (from :func:`factorable_layers`).
-        dim: k = k_out·k_in, the same for every layer (see :func:`factor_split`).
+        layers: the factorable layers (from ``factorable_layers``).
+        dim: k = k_out·k_in, the same for every layer (see ``factor_split``).
         seed: the projection's seed.
 
     ``project`` maps materialised per-example gradients (any code path); ``project_batch``

@@ -222,8 +222,10 @@ class QueryResult:
     """Top-k results. ids are rows of the method's feature matrix; ``locate`` maps them to (stage, index).
 
     Attributes:
-        helpful_ids, helpful_scores: ``[Q, k]``, scores decreasing (most helpful first).
-        harmful_ids, harmful_scores: ``[Q, k]``, scores increasing (most harmful first).
+        helpful_ids: ``[Q, k]`` feature rows of the most helpful examples, most helpful first.
+        helpful_scores: ``[Q, k]`` their scores, decreasing (positive = helpful).
+        harmful_ids: ``[Q, k]`` feature rows of the most harmful examples, most harmful first.
+        harmful_scores: ``[Q, k]`` their scores, increasing (negative = harmful).
         rows: stage layout of the feature rows.
     """
 

@@ -23,7 +23,7 @@ its first step starts from), and ties (e.g. an exactly stationary stretch) are b
 equal parts by a vanishing penalty on squared segment sizes.
 
 A planted change of learning rate shows up at once (η_c jumps); a change of data or of the
-optimisation regime shows up in H̃ and G̃. :class:`TrajectoryView` shows the user the change
+optimisation regime shows up in H̃ and G̃. [`TrajectoryView`][] shows the user the change
 between consecutive checkpoints and the chosen cuts, as a table and as a PNG.
 """
 

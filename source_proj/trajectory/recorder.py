@@ -99,15 +99,17 @@ class Stage:
 class TrajectoryRecorder:
     """Records what SOURCE needs from an ordinary training loop.
 
-    Usage::
+    Usage:
 
-        rec = TrajectoryRecorder("runs/mlp", model, optimizer, save_every=50)
-        rec.begin_stage("main", dataset_size=len(train_set))
-        for x, y in loader:
-            loss = F.cross_entropy(model(x), y)      # mean of the task's per-example loss
-            optimizer.zero_grad(); loss.backward(); optimizer.step()
-            rec.step()                               # after optimizer.step(), before scheduler.step()
-        rec.close()
+    ```python
+    rec = TrajectoryRecorder("runs/mlp", model, optimizer, save_every=50)
+    rec.begin_stage("main", dataset_size=len(train_set))
+    for x, y in loader:
+        loss = F.cross_entropy(model(x), y)      # mean of the task's per-example loss
+        optimizer.zero_grad(); loss.backward(); optimizer.step()
+        rec.step()                               # after optimizer.step(), before scheduler.step()
+    rec.close()
+    ```
 
     A checkpoint is saved at the start of every stage, every ``save_every`` steps and at the end
     of every stage. ``begin_stage`` may be called again (with a new optimiser) for a
@@ -258,7 +260,7 @@ class TrajectoryRecorder:
 
 
 class Trajectory:
-    """A recorded training run, read back from its directory (see the module docstring)."""
+    """A recorded training run, read back from its directory (format: docs/reference/store-format.md)."""
 
     def __init__(self, path: Path, index: dict[str, Any]) -> None:
         self.path = path
@@ -278,7 +280,7 @@ class Trajectory:
         if not index_file.is_file():
             raise TrajectoryError(
                 f"{path} has no trajectory.json; record the run with TrajectoryRecorder or write the file "
-                "as the README's 'Trajectory format' section describes."
+                "as docs/reference/store-format.md describes."
             )
         try:
             index = json.loads(index_file.read_text())

@@ -70,7 +70,8 @@ class Segment:
 
     Attributes:
         stage: the stage (dataset D_ℓ) the segment trains on.
-        start_step, end_step: global optimiser steps ``[start_step, end_step)``.
+        start_step: the first global optimiser step of the segment.
+        end_step: the step after its last one (the segment is ``[start_step, end_step)``).
         checkpoints: steps of the checkpoints averaged in the segment (C_ℓ).
         mean_lr: η̄_ℓ, the mean effective learning rate (momentum folded in: η(1−d)/(1−β)).
         weight_decay: λ, added as λ·I to the segment's curvature (for Adam, in its preconditioned
@@ -115,7 +116,7 @@ class Segment:
 
     @classmethod
     def from_description(cls, desc: Mapping[str, Any]) -> Segment:
-        """Inverse of :meth:`describe`."""
+        """Inverse of ``describe``."""
         return cls(**{**desc, "checkpoints": tuple(desc["checkpoints"])})
 
 
