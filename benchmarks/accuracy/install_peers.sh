@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The peer libraries in their own virtualenv (never a dependency of source-proj):
+#   benchmarks/accuracy/install_peers.sh [VENV]        (default .venv-peers)
+# kronfluence 1.0.1 and dattri 0.3.0 live beside the CPU torch 2.13.0 and this project (installed
+# editable, for the settings and the cached trajectories). Then:
+#   VENV/bin/python benchmarks/accuracy/peers.py --settings early,converged,two-stage,early-fast
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+VENV="${1:-.venv-peers}"
+if [ ! -x "$VENV/bin/python" ]; then "${PYTHON:-python3}" -m venv "$VENV"; fi
+# The CPU build first: a bare torch requirement pulls a multi-GB CUDA build.
+"$VENV/bin/python" -m pip install -q torch==2.13.0
+"$VENV/bin/python" -m pip install -q -e . "scikit-learn>=1.3" kronfluence==1.0.1 dattri==0.3.0
+"$VENV/bin/python" -c "import kronfluence, dattri; print('peers ready:', kronfluence.__version__ if hasattr(kronfluence, '__version__') else 'kronfluence', 'dattri')"

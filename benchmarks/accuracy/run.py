@@ -1,0 +1,150 @@
+"""This library's methods at their defaults (and the peers' scores, where computed) by LDS on the
+issue-12 settings: a markdown table for BENCHMARKS.md.
+
+    python benchmarks/accuracy/run.py [--settings early,converged,two-stage,early-fast] [--root runs/accuracy]
+        [--dim 1024] [--models 3] [--refit] [--mnist DIR] [--out runs/accuracy/table.md]
+
+For each setting (``harness.prepare``: models and ground truth, cached): featurize every attributed
+model at the library's defaults (dense Rademacher, k = 1024, sampled Fisher), fit ``source`` with the
+default segmentation (3 segments per stage), ``source-L1`` (1 segment per stage) and every baseline
+of ``source_proj/methods/baselines.py`` at its defaults, all attributing the attributed stage only.
+Single model = model 0; ``×3`` = the mean of the 3 models' scores (what ``sp.Ensemble`` computes).
+Peers' scores written by ``peers.py`` into ``<setting folder>/peers/<method>/seed-<i>-<query set>.npy``
+are scored by the same LDS code. ``--refit`` refits every method (after a change to the methods'
+code); the features are reused while the store matches its inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness
+
+import source_proj as sp
+
+OURS = ("source", "source-L1", *sp.BASELINES)
+
+
+def fit_ours(h: harness.Prepared, dim: int, refit: bool) -> tuple[list[Path], float]:
+    """Featurize and fit every method of ours on each attributed model; returns the stores and seconds."""
+    start = time.perf_counter()
+    stores = []
+    stages = (h.setting.attributed,)
+    for seed, run in enumerate(h.runs):
+        store = h.folder / f"model-{seed}-k{dim}.sp"
+        sp.featurize(
+            run,
+            h.build_model(),
+            h.task,
+            h.train_data,
+            store,
+            projection=sp.ProjectionArguments(dim=dim),
+            progress=False,
+        )
+        sp.fit(store, sp.FitArguments(stages=stages), overwrite=refit, progress=False)
+        sp.fit(
+            store,
+            sp.FitArguments(segments_per_stage=1, stages=stages, method="source-L1"),
+            overwrite=refit,
+            progress=False,
+        )
+        for kind in sp.BASELINES:
+            sp.fit_baseline(
+                store,
+                sp.BaselineArguments(kind=kind, stages=stages),
+                model=h.build_model(),
+                task=h.task,
+                train_data=h.train_data,
+                overwrite=refit,
+                progress=False,
+            )
+        stores.append(store)
+    return stores, time.perf_counter() - start
+
+
+def our_scores(h: harness.Prepared, stores: list[Path], queries: str) -> dict[str, list[np.ndarray]]:
+    """Method → per-model score matrices ``[Q, N]`` on one query set."""
+    data = h.query_data(queries)
+    out = {}
+    for method in OURS:
+        ensemble = sp.Ensemble.open(stores, h.build_model(), h.task, method=method, batch_size=256)
+        out[method] = [a.scores(data) for a in ensemble.attributors]
+    return out
+
+
+def peer_scores(h: harness.Prepared, queries: str, models: int) -> dict[str, list[np.ndarray]]:
+    """Peer method → per-model score matrices, for the peers whose scores exist for every model."""
+    out = {}
+    for folder in sorted((h.folder / "peers").glob("*")):
+        files = [folder / f"seed-{i}-{queries}.npy" for i in range(models)]
+        if all(f.exists() for f in files):
+            out[folder.name] = [np.load(f) for f in files]
+    return out
+
+
+def table(rows: dict[str, dict[str, str]], columns: list[str]) -> str:
+    lines = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {m} | " + " | ".join(cells.get(c, "") for c in columns) + " |" for m, cells in rows.items()]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", default="early,converged,two-stage,early-fast")
+    parser.add_argument("--root", default=str(harness.ROOT))
+    parser.add_argument("--dim", type=int, default=1024, help="projection dimension k (the library's default)")
+    parser.add_argument("--models", type=int, default=3)
+    parser.add_argument("--subsets", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--mnist", default=None, help="folder of the MNIST IDX files (MNIST settings)")
+    parser.add_argument("--refit", action="store_true", help="refit every method (after a change to its code)")
+    parser.add_argument("--out", default=None, help="write the markdown table here too")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    rows: dict[str, dict[str, str]] = {}
+    columns, notes = [], []
+    for name in args.settings.split(","):
+        h = harness.prepare(
+            name, root=args.root, mnist=args.mnist, models=args.models, subsets=args.subsets, repeats=args.repeats
+        )
+        stores, seconds = fit_ours(h, args.dim, args.refit)
+        results: dict[str, dict[str, float]] = {}
+        for queries in h.query_sets:
+            column = name if len(h.query_sets) == 1 else f"{name} ({queries})"
+            columns.append(column)
+            r, ceiling = h.reliability(queries)
+            notes.append(
+                f"{column}: ground-truth split-half reliability {r:.3f} (Spearman–Brown, all "
+                f"{h.lds_args.repeats} retrains: {ceiling:.3f})"
+            )
+            scores = {**our_scores(h, stores, queries), **peer_scores(h, queries, args.models)}
+            for method, per_model in scores.items():
+                single, ensemble = h.lds(per_model[0], queries), h.lds(np.mean(per_model, axis=0), queries)
+                rows.setdefault(method, {})[column] = f"{single.mean:.3f} / {ensemble.mean:.3f}"
+                results[f"{method}|{queries}"] = {
+                    "single": single.mean,
+                    "single_low": single.low,
+                    "single_high": single.high,
+                    "ensemble": ensemble.mean,
+                    "ensemble_low": ensemble.low,
+                    "ensemble_high": ensemble.high,
+                }
+                print(f"{column:28s} {method:24s} single {single}  ×{len(per_model)} {ensemble}", flush=True)
+        (h.folder / f"results-k{args.dim}.json").write_text(json.dumps(results, indent=1))
+        print(f"{name}: featurize + fit of {len(stores)} models {seconds:.0f} s; folder {h.folder}", flush=True)
+    text = table(rows, columns) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
