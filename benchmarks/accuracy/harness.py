@@ -102,19 +102,40 @@ class Prepared:
         return ev.lds(scores, self.truth_for(queries), self.lds_args)
 
     def reliability(self, queries: str | None = None) -> tuple[float, float]:
-        """Split-half reliability of the ground truth: Spearman (over subsets, mean over queries) of the
-        mean of the first half of the retrains against the second half, and its Spearman–Brown
-        extrapolation to all of them (the ceiling an attribution's LDS can reach)."""
+        """Split-half reliability of the ground truth and the LDS ceiling it implies.
+
+        r = Spearman (over subsets, mean over queries) between the mean of the first half of the
+        retrains and the mean of the second half; Spearman–Brown gives the reliability of the mean of
+        all of them, ρ = 2r/(1+r), and a perfect predictor of the expected measurement correlates
+        with that noisy mean at about √ρ: the ceiling of any method's LDS. Returns (r, √ρ).
+        """
         m = self.truth_for(queries or self.query_sets[0]).measurements
         half = m.shape[1] // 2
         r = float(np.nanmean(ev.spearman(m[:, :half].mean(1), m[:, half : 2 * half].mean(1), axis=0)))
-        return r, 2 * r / (1 + r)
+        return r, float(np.sqrt(max(0.0, 2 * r / (1 + r))))
 
     def difference(self, a: np.ndarray, b: np.ndarray, queries: str | None = None) -> tuple[float, float, float]:
         """LDS(a) − LDS(b) on the same queries with its paired bootstrap 95 % interval over queries."""
         delta = self.lds(a, queries).per_query - self.lds(b, queries).per_query
         low, high = ev.query_interval(delta, self.lds_args)
         return float(np.nanmean(delta)), low, high
+
+
+def locate(
+    name: str, *, root: str | Path = ROOT, mnist: str | Path | None = None, models: int = 3
+) -> tuple[settings_module.Setting, Path, list[Path]]:
+    """A setting, its cache folder and its attributed models' trajectories (trained once, then reused)."""
+    s = settings_module.setting(name, mnist)
+    folder = Path(root) / f"{name}-{s.key}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "setting.json").write_text(json.dumps({"name": name, **s.description}, indent=1))
+    runs = []
+    for seed in range(models):
+        run = folder / f"run-{seed}"
+        if not (run / "trajectory.json").exists() or not sp.Trajectory.load(run).complete:
+            s.train_recorded(seed, run)
+        runs.append(run)
+    return s, folder, runs
 
 
 def prepare(
@@ -140,16 +161,7 @@ def prepare(
         models_per_call: copies trained at once by the batched retraining.
         device: where the batched retraining runs (``"cuda"`` on a GPU machine).
     """
-    s = settings_module.setting(name, mnist)
-    folder = Path(root) / f"{name}-{s.key}"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "setting.json").write_text(json.dumps({"name": name, **s.description}, indent=1))
-    runs = []
-    for seed in range(models):
-        run = folder / f"run-{seed}"
-        if not (run / "trajectory.json").exists() or not sp.Trajectory.load(run).complete:
-            s.train_recorded(seed, run)
-        runs.append(run)
+    s, folder, runs = locate(name, root=root, mnist=mnist, models=models)
     args = ev.LDSArguments(alpha=0.5, num_subsets=subsets, repeats=repeats, resample="queries")
     retrain = ev.BatchedRetrain(
         ev.BatchedSGD(s.build_model, sp.ClassificationTask(), s.stages, device=device),
@@ -160,3 +172,43 @@ def prepare(
     start = time.perf_counter()
     truth = ev.lds_ground_truth(retrain, [StageRows(s.attributed, 0, size)], folder, args, progress=progress)
     return Prepared(s, folder, runs, truth, args, time.perf_counter() - start)
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Train the attributed models and build the LDS ground truths.")
+    parser.add_argument("--settings", default="early,early-fast,converged,two-stage")
+    parser.add_argument("--root", default=str(ROOT))
+    parser.add_argument("--mnist", default=None, help="folder of the MNIST IDX files (MNIST settings)")
+    parser.add_argument("--models", type=int, default=3)
+    parser.add_argument("--subsets", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--models-per-call", type=int, default=200)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    for name in args.settings.split(","):
+        h = prepare(
+            name,
+            root=args.root,
+            mnist=args.mnist,
+            models=args.models,
+            subsets=args.subsets,
+            repeats=args.repeats,
+            models_per_call=args.models_per_call,
+            device=args.device,
+        )
+        for queries in h.query_sets:
+            r, ceiling = h.reliability(queries)
+            print(
+                f"{name} ({queries}): {h.truth.measurements.shape[0]} subsets × {h.truth.measurements.shape[1]} "
+                f"retrains, split-half reliability {r:.3f}, LDS ceiling {ceiling:.3f}; "
+                f"retraining took {h.seconds:.0f} s in this call; {h.folder}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -147,8 +147,7 @@ class BatchedSGD:
                     idx = orders[:, b * stage.batch_size : (b + 1) * stage.batch_size]
                     weight = torch.gather(kept, 1, idx).to(dtype)
                     active = weight.sum(1) > 0
-                    grads = step(params, x[idx], y[idx], weight)
-                    params, momentum = _sgd(params, momentum, grads, active, stage)
+                    _sgd(params, momentum, step(params, x[idx], y[idx], weight), active, stage)
         return params
 
     def measure(self, params: Mapping[str, Tensor], inputs: Tensor, targets: Tensor) -> Tensor:
@@ -182,17 +181,25 @@ def _mask(keep: Keep, stage: SGDStage) -> np.ndarray:
 
 def _sgd(
     params: dict[str, Tensor], momentum: dict[str, Tensor], grads: dict[str, Tensor], active: Tensor, stage: SGDStage
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """One ``torch.optim.SGD`` step for the active copies; the others keep parameters and momentum."""
-    new_params, new_momentum = {}, {}
+) -> None:
+    """One ``torch.optim.SGD`` step, in place, for the active copies; the others keep parameters and momentum."""
+    everyone = bool(active.all())
     for name, p in params.items():
-        on = active.view(-1, *([1] * (p.dim() - 1)))
-        d = grads[name].add(p, alpha=stage.weight_decay) if stage.weight_decay else grads[name]
-        # torch's first step sets buf = d; with buf starting at zero, β·0 + d is the same value.
-        buf = momentum[name].mul(stage.momentum).add_(d) if stage.momentum else d
-        new_params[name] = torch.where(on, p.add(buf, alpha=-stage.lr), p)
-        new_momentum[name] = torch.where(on, buf, momentum[name])
-    return new_params, new_momentum
+        d = grads[name]
+        if stage.weight_decay:
+            d.add_(p, alpha=stage.weight_decay)
+        if stage.momentum:
+            # torch's first step sets buf = d; with buf starting at zero, β·0 + d is the same value.
+            buf = momentum[name]
+            if everyone:
+                d = buf.mul_(stage.momentum).add_(d)
+            else:
+                on = active.view(-1, *([1] * (p.dim() - 1)))
+                buf.copy_(torch.where(on, buf * stage.momentum + d, buf))
+                d = torch.where(on, buf, 0.0)
+        elif not everyone:
+            d = torch.where(active.view(-1, *([1] * (p.dim() - 1))), d, 0.0)
+        p.add_(d, alpha=-stage.lr)
 
 
 @dataclass
