@@ -133,8 +133,9 @@ def main() -> None:
     parser.add_argument("--mnist", default=None, help="folder of the MNIST IDX files (MNIST settings)")
     parser.add_argument("--refit", action="store_true", help="refit every method (after a change to its code)")
     parser.add_argument("--out", default=None, help="write the markdown table here too")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    torch.set_num_threads(args.threads)
     rows: dict[str, dict[str, str]] = {}
     columns, notes = [], []
     for name in args.settings.split(","):
