@@ -7,7 +7,8 @@
 For each setting and attributed model (``harness.locate``: the recorded trajectories the library's
 own methods use), writes ``<setting folder>/peers/<method>/seed-<i>-<query set>.npy``: ``[Q, N]``
 scores of the attributed stage's examples in this project's sign (positive = helpful); ``run.py``
-scores them by the same LDS code against the same ground truth.
+scores them by the same LDS code against the same ground truth. A model whose scores were all written
+is skipped on a re-run (``--force`` recomputes).
 
 - kronfluence (``kf-ekfac``, ``kf-kfac``, ``kf-diagonal``): influence functions at the final
   checkpoint; the true Fisher (labels sampled from the model), factors fitted on every stage's
@@ -165,12 +166,16 @@ def main() -> None:
     parser.add_argument("--mnist", default=None)
     parser.add_argument("--models", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--force", action="store_true", help="recompute models whose peer scores exist")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     peers = args.peers.split(",")
     for name in args.settings.split(","):
         s, folder, runs = harness.locate(name, root=args.root, mnist=args.mnist, models=args.models)
         for seed, run in enumerate(runs):
+            done = folder / "peers" / f"done-{seed}-{'-'.join(peers)}"
+            if done.exists() and not args.force:
+                continue
             start = time.perf_counter()
             results: dict[str, dict[str, np.ndarray]] = {}
             if "kronfluence" in peers:
@@ -181,6 +186,7 @@ def main() -> None:
                 (folder / "peers" / method).mkdir(parents=True, exist_ok=True)
                 for queries, scores in per_query_set.items():
                     np.save(folder / "peers" / method / f"seed-{seed}-{queries}.npy", scores)
+            done.touch()
             seconds = time.perf_counter() - start
             print(f"{name} model {seed}: {len(results)} peer methods in {seconds:.0f} s", flush=True)
 

@@ -82,25 +82,31 @@ def our_scores(h: harness.Prepared, stores: list[Path], queries: str) -> dict[st
 
 
 def peer_scores(h: harness.Prepared, queries: str, models: int) -> dict[str, list[np.ndarray]]:
-    """Peer method → per-model score matrices, for the peers whose scores exist for every model."""
+    """Peer method → per-model score matrices of the models 0, 1, … whose peer scores exist."""
     out = {}
-    for folder in sorted((h.folder / "peers").glob("*")):
-        files = [folder / f"seed-{i}-{queries}.npy" for i in range(models)]
-        if all(f.exists() for f in files):
-            out[folder.name] = [np.load(f) for f in files]
+    for folder in sorted(p for p in (h.folder / "peers").glob("*") if p.is_dir()):
+        found = []
+        for i in range(models):
+            if not (folder / f"seed-{i}-{queries}.npy").exists():
+                break
+            found.append(np.load(folder / f"seed-{i}-{queries}.npy"))
+        if found:
+            out[folder.name] = found
     return out
 
 
 def summarise(
-    h: harness.Prepared, queries: str, scores: dict[str, list[np.ndarray]]
-) -> dict[str, tuple[sp_ev.Correlation, sp_ev.Correlation]]:
-    """Row name → (single-model LDS, ensemble LDS). Peers' damping variants ``method@λ`` become
+    h: harness.Prepared, queries: str, scores: dict[str, list[np.ndarray]], models: int
+) -> dict[str, tuple[sp_ev.Correlation, sp_ev.Correlation | None]]:
+    """Row name → (single-model LDS, ensemble LDS or None where fewer than ``models`` models were
+    scored). Peers' damping variants ``method@λ`` become
     ``method (default)`` (kronfluence's 1e-8), ``method (heuristic)`` (0.1 × mean eigenvalue) and
     ``method (best of 5: λ)``, λ of the grid with the best single-model LDS."""
-    out: dict[str, tuple[sp_ev.Correlation, sp_ev.Correlation]] = {}
-    grids: dict[str, list[tuple[str, tuple[sp_ev.Correlation, sp_ev.Correlation]]]] = {}
+    out: dict[str, tuple[sp_ev.Correlation, sp_ev.Correlation | None]] = {}
+    grids: dict[str, list[tuple[str, tuple[sp_ev.Correlation, sp_ev.Correlation | None]]]] = {}
     for method, per_model in scores.items():
-        pair = (h.lds(per_model[0], queries), h.lds(np.mean(per_model, axis=0), queries))
+        ensemble = h.lds(np.mean(per_model, axis=0), queries) if len(per_model) == models else None
+        pair = (h.lds(per_model[0], queries), ensemble)
         base, _, damping = method.partition("@")
         if not damping:
             out[method] = pair
@@ -153,21 +159,17 @@ def main() -> None:
                 f"reliability {r:.3f}, LDS ceiling ≈ {ceiling:.3f} (√ of its Spearman–Brown reliability)"
             )
             scores = {**our_scores(h, stores, queries), **peer_scores(h, queries, args.models)}
-            for method, (single, ensemble) in summarise(h, queries, scores).items():
+            for method, (single, ensemble) in summarise(h, queries, scores, args.models).items():
                 row, _, chosen = method.partition(" (best of ")
-                cell = f"{single} / {ensemble.mean:.3f}"
+                cell = f"{single} / " + ("–" if ensemble is None else f"{ensemble.mean:.3f}")
                 if chosen:
                     row, cell = f"{row} (best λ)", f"{cell} (λ={chosen.split(': ')[1].rstrip(')')})"
                 rows.setdefault(row, {})[column] = cell
                 results[f"{method}|{queries}"] = {
-                    "single": single.mean,
-                    "single_low": single.low,
-                    "single_high": single.high,
-                    "ensemble": ensemble.mean,
-                    "ensemble_low": ensemble.low,
-                    "ensemble_high": ensemble.high,
+                    "single": [single.mean, single.low, single.high],
+                    "ensemble": None if ensemble is None else [ensemble.mean, ensemble.low, ensemble.high],
                 }
-                print(f"{column:28s} {method:36s} single {single}  ensemble {ensemble}", flush=True)
+                print(f"{column:28s} {method:36s} single {single}  ensemble {ensemble or '–'}", flush=True)
         (h.folder / f"results-k{args.dim}.json").write_text(json.dumps(results, indent=1))
         print(f"{name}: featurize + fit of {len(stores)} models {seconds:.0f} s; folder {h.folder}", flush=True)
     text = table(rows, columns) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
