@@ -85,12 +85,12 @@ def test_transformers_trainer_callback_records_an_attributable_run(tmp_path: Pat
         seed=0,
     )
 
-    class Norms(TrainerCallback):  # the Trainer logs each step's pre-clipping gradient norm
-        norms: list[float] = []
+    norms: list[float] = []
 
+    class Norms(TrainerCallback):  # the Trainer logs each step's pre-clipping gradient norm
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "grad_norm" in logs:
-                self.norms.append(float(logs["grad_norm"]))
+                norms.append(float(logs["grad_norm"]))
 
     callback = HuggingFaceRecorder(tmp_path / "run", save_every=3)
     Trainer(model=model, args=args, train_dataset=_Dicts(ids, labels), callbacks=[callback, Norms()]).train()
@@ -108,8 +108,8 @@ def test_transformers_trainer_callback_records_an_attributable_run(tmp_path: Pat
         dummy.step()
         schedule.step()
     assert np.allclose(traj.rates, expected)  # the rate each step used, not the scheduler's next one
-    clip = np.minimum(1.0, 0.1 / (np.asarray(Norms.norms) + 1e-6))  # the Trainer clips at max_grad_norm
-    assert len(Norms.norms) == 9 and clip.min() < 0.6 and clip.max() == 1.0
+    clip = np.minimum(1.0, 0.1 / (np.asarray(norms) + 1e-6))  # the Trainer clips at max_grad_norm
+    assert len(norms) == 9 and clip.min() < 0.6 and clip.max() == 1.0
     assert np.allclose(traj.clip, clip, rtol=2e-3)  # the logged norms have 4 significant digits
     assert np.allclose(traj.lr, traj.rates * clip)
     final = traj.load_state(traj.final_checkpoint)["model"]

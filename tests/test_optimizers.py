@@ -464,7 +464,9 @@ def test_clipped_sgd_matches_the_unrolled_derivative_with_the_recorded_clipping_
     exact = jacrev(final)(torch.ones(len(y), dtype=torch.float64)).numpy()
     options = sp.FeaturizeArguments(batch_size=12, chunk_rows=12, fisher="exact")
     boundaries = tuple(range(1, steps))
-    ours = _identity_scores(tmp_path / "run", regression_data, queries, tmp_path / "s.sp", options, boundaries=boundaries)
+    ours = _identity_scores(
+        tmp_path / "run", regression_data, queries, tmp_path / "s.sp", options, boundaries=boundaries
+    )
     index = json.loads((tmp_path / "run" / "trajectory.json").read_text())
     del index["clip"]
     (tmp_path / "run" / "trajectory.json").write_text(json.dumps(index))
