@@ -113,8 +113,24 @@ def test_low_rank_is_the_truncated_svd_and_exact_at_full_rank() -> None:
             assert u.shape == (rank, shape[0]) and v.shape == (rank, shape[1])
             truncated = u_full[:, :rank] @ torch.diag(s_full[:rank]) @ vh_full[:rank]
             assert torch.allclose(u.T @ v, truncated, atol=1e-10)
+            uniform = low_rank(grid, rank, weights=torch.full(shape, 3.0))  # equal weights: the same optimum
+            assert torch.allclose(uniform[0].T @ uniform[1], truncated, atol=1e-8)
         assert torch.allclose(u.T @ v, grid, atol=1e-10)  # rank 4 = min(shape): exact
         assert (low_rank(grid, 1)[0] > 0).all() and (low_rank(grid, 1)[1] > 0).all()  # Perron: a positive pair
+
+
+def test_weighted_low_rank_ignores_what_carries_no_weight() -> None:
+    """A rank-one grid with one huge entry of weight 0 (Adam: a coordinate it never moved, D^{-1/2} = ε^{-1/2}):
+    the weighted approximation recovers the grid elsewhere exactly, the plain SVD is pulled towards the entry."""
+    g = torch.Generator().manual_seed(1)
+    grid = torch.outer(torch.rand(7, generator=g) + 0.5, torch.rand(5, generator=g) + 0.5).double()
+    weights = torch.ones_like(grid)
+    grid[2, 3], weights[2, 3] = 1e4, 0.0
+    u, v = low_rank(grid, 1, weights=weights)
+    mask = weights > 0
+    assert torch.allclose((u.T @ v)[mask], grid[mask], rtol=1e-6)
+    plain = low_rank(grid, 1)
+    assert float(((plain[0].T @ plain[1] - grid)[mask]).abs().max()) > 1.0
 
 
 def test_scaling_at_full_rank_is_the_exact_elementwise_scaling_on_every_layer_kind() -> None:
@@ -171,7 +187,7 @@ def test_adams_rank_r_scaling_error_is_bounded_and_shrinks_with_r() -> None:
         approx = gram(scaling_transform(scale, layers, rank))
         errors[rank] = float((approx - exact).norm() / exact.norm())
     assert errors[16] < 1e-6  # rank 16 covers every layer here (min(d_out, d_in + 1) ≤ 16): exact
-    assert errors[1] < 0.08 and errors[4] < 0.03, errors  # measured: 0.039, 0.034, 0.014 for R = 1, 2, 4
+    assert errors[1] < 0.1 and errors[4] < 0.03, errors  # measured: 0.061, 0.029, 0.015 for R = 1, 2, 4
     assert errors[1] > errors[2] > errors[4], errors
     assert float((gram(GradientTransform()) - exact).norm() / exact.norm()) > 3 * errors[1]  # far better than none
 

@@ -64,6 +64,9 @@ class FeaturizeArguments:
             segment mean) or with ``segment_means``; ``None`` there means 3 equal parts per stage.
             Plain SGD stores leave the choice to fit.
         checkpoints: featurize every checkpoint (SOURCE; the baselines use them too).
+        checkpoint_steps: featurize only the checkpoints saved at these steps (the final one is
+            always added): SOURCE then averages each segment over the chosen checkpoints inside it,
+            and an Adam segment's D_ℓ over their optimizer states. ``None``: every checkpoint.
         segment_means: featurize each segment's averaged parameters (Fast-SOURCE, SOURCE_MATH §7);
             with ``checkpoints=False`` this is the cheap mode: L instead of C gradient passes.
         measurement: also store ``measurement/<stage>/<final ckpt>`` = P ∇f(z; θ_T) for every training
@@ -81,6 +84,7 @@ class FeaturizeArguments:
     vmap_chunk: int | None = None
     segmentation: SegmentationArguments | None = None
     checkpoints: bool = True
+    checkpoint_steps: tuple[int, ...] | None = None
     segment_means: bool = False
     measurement: bool = True
     precision: Precision = "fp32"

@@ -88,7 +88,7 @@ def featurize(
 
     Returns:
         The store, with ``grads/<stage>/<ckpt>`` of shape ``[N_stage, k]`` for every checkpoint
-        (once every shard has finished).
+        (``options.checkpoint_steps``: every chosen one; once every shard has finished).
 
     Every checkpoint is checked (present, intact, fitting the model, finite) before anything is
     written. The store is locked while featurize runs; a resumed run first re-checks the crc of the
@@ -97,6 +97,8 @@ def featurize(
     """
     if not isinstance(trajectory, Trajectory):
         trajectory = Trajectory.load(trajectory)
+    if options.checkpoint_steps is not None:
+        trajectory = trajectory.select(options.checkpoint_steps)
     if not trajectory.complete:
         raise StoreError(
             f"The trajectory at {trajectory.path} is incomplete (training was interrupted or close() was not called); "

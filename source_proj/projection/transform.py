@@ -15,10 +15,14 @@ it projects with the R factor pairs (P_out L_r, P_in R_r), precomputed once per 
 projections that materialise gradients apply the same map to them (:meth:`GradientTransform.apply`).
 
 **Adam and AdamW** (SOURCE_MATH §6): D^{-1/2} is an elementwise grid S (``d_out × d_in'``) on a layer.
-:func:`scaling_transform` replaces it by its best rank-R approximation in the Frobenius norm,
-S ≈ S_R = Σ_r u_r v_rᵀ (the truncated SVD), i.e. L_r = diag(u_r), R_r = diag(v_r): the transformed
-gradient is S_R ⊙ G instead of S ⊙ G. R = 1 is Adafactor's row × column factorisation; R = min(d_out,
-d_in') is exact. The error is measured in BENCHMARKS.md ("Adam on the factored projection").
+:func:`scaling_transform` replaces it by a rank-R approximation S ≈ S_R = Σ_r u_r v_rᵀ, i.e.
+L_r = diag(u_r), R_r = diag(v_r): the transformed gradient is S_R ⊙ G instead of S ⊙ G. R = 1 is
+Adafactor's row × column factorisation; R = min(d_out, d_in') is exact. What matters is the error of
+the scaled gradients, E‖(S − S_R) ⊙ g‖² = Σ_ij (S − S_R)_ij² E[g_ij²], and Adam's own second moment
+is that E[g²]: v̂ = (D − ε)² ≈ S⁻⁴. So S_R minimises Σ_ij S_ij⁻⁴ (S − S_R)_ij², not the plain Frobenius
+error, which coordinates Adam barely moved (v̂ ≈ 0, S ≈ ε^{-1/2}: dead units, unused rows) would
+dominate although their gradients are ≈ 0. The error is measured in BENCHMARKS.md ("Adam on the
+factored projection").
 """
 
 from __future__ import annotations
@@ -187,23 +191,50 @@ class GradientTransform:
         return cls(layers, scales)
 
 
-def low_rank(grid: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """``(u [R, m], v [R, n])`` with Σ_r u_r v_rᵀ the best rank-R approximation of ``grid`` ``[m, n]``.
+def low_rank(grid: Tensor, rank: int, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(u [R, m], v [R, n])`` with Σ_r u_r v_rᵀ a rank-R approximation of ``grid`` ``[m, n]``.
 
-    The truncated SVD in float64, through the eigendecomposition of the smaller Gram matrix (fast
-    for a tall embedding grid, deterministic on every machine). A rank of at least min(m, n) is exact.
+    Without ``weights`` the best one in the Frobenius norm: the truncated SVD, computed in float64
+    through the eigendecomposition of the smaller Gram matrix (fast for a tall embedding grid,
+    deterministic on every machine). With ``weights`` (``[m, n]``, non-negative) it minimises
+    Σ w_ij (grid_ij − Σ_r u_ir v_jr)² by alternating least squares started from the truncated SVD of
+    √w ⊙ grid (each half-step solves an R × R system per row or column, so the error never grows).
+    A rank of at least min(m, n) is exact either way.
     """
     s = grid.double().cpu()
+    rank = min(rank, *s.shape)
+    if weights is None or rank == min(s.shape):
+        return _svd(s, rank)
+    w = weights.double().cpu()
+    w = w / w.max().clamp_min(1e-300)
+    _, v = _svd(w.sqrt() * s, rank)
+    ridge = 1e-12
+    for _ in range(_ALS_STEPS):
+        u = _weighted_solve(w, s, v, ridge)
+        v = _weighted_solve(w.T, s.T, u, ridge)
+    sign = torch.where(v.sum(1, keepdim=True) < 0, -1.0, 1.0).to(v)
+    return (u * sign).contiguous(), (v * sign).contiguous()
+
+
+_ALS_STEPS = 30
+
+
+def _weighted_solve(w: Tensor, s: Tensor, v: Tensor, ridge: float) -> Tensor:
+    """Rows u_i = argmin Σ_j w_ij (s_ij − u_iᵀ v_j)² for fixed ``v`` ``[R, n]``: ``[R, m]``."""
+    gram = torch.einsum("ij,rj,qj->irq", w, v, v)  # [m, R, R]
+    target = torch.einsum("ij,rj->ir", w * s, v)  # [m, R]
+    scale = gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-300)  # rows without weight get u_i = 0
+    gram = gram + ridge * scale[:, None, None] * torch.eye(v.shape[0], dtype=v.dtype)
+    return torch.linalg.solve(gram, target).T
+
+
+def _svd(s: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """The truncated SVD as ``(u [R, m], v [R, n])`` (singular values folded into u), float64."""
     m, n = s.shape
     wide = m < n
-    gram = s @ s.T if wide else s.T @ s
-    _, vectors = torch.linalg.eigh(gram)
-    rank = min(rank, min(m, n))
+    _, vectors = torch.linalg.eigh(s @ s.T if wide else s.T @ s)
     basis = vectors[:, -rank:].flip(1)  # top-R singular vectors of the smaller side
-    if wide:
-        u, v = basis, s.T @ basis  # S ≈ U Uᵀ S
-    else:
-        u, v = s @ basis, basis  # S ≈ S V Vᵀ
+    u, v = (basis, s.T @ basis) if wide else (s @ basis, basis)
     sign = torch.where(v.sum(0) < 0, -1.0, 1.0).to(v)  # a positive grid gets positive first factors
     return (u * sign).T.contiguous(), (v * sign).T.contiguous()
 
@@ -213,10 +244,10 @@ def scaling_transform(
 ) -> GradientTransform:
     """An elementwise gradient scaling (Adam's D^{-1/2}: ``name → multiplier`` of the parameter's shape).
 
-    On each of ``layers`` the [weight | bias] grid of multipliers is replaced by its best rank-``rank``
-    approximation (:func:`low_rank`) as diagonal Kronecker terms; ``rank=None`` keeps the exact
-    elementwise scaling on every parameter (for projections that materialise gradients).
-    A parameter absent from ``scale`` is multiplied by 1.
+    On each of ``layers`` the [weight | bias] grid S of multipliers is replaced by its rank-``rank``
+    approximation weighted by S⁻⁴ (Adam's second moment; :func:`low_rank`, module docstring) as
+    diagonal Kronecker terms; ``rank=None`` keeps the exact elementwise scaling on every parameter
+    (for projections that materialise gradients). A parameter absent from ``scale`` is multiplied by 1.
     """
     if rank is None or not layers:
         return GradientTransform(elementwise=dict(scale))
@@ -228,7 +259,7 @@ def scaling_transform(
         if not any(n in scale for n in names):
             continue
         grid = _grid(layer, scale)
-        u, v = low_rank(grid, rank)
+        u, v = low_rank(grid, rank, weights=torch.where(grid > 0, grid, torch.inf) ** -4)
         terms.append(LayerTransform(layer, u.float(), v.float()))
         done.update(names)
     return GradientTransform(tuple(terms), {n: s for n, s in scale.items() if n not in done})

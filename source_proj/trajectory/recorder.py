@@ -37,12 +37,13 @@ process sees its local gradients, so pass the factor to :meth:`TrajectoryRecorde
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -409,6 +410,23 @@ class Trajectory:
             if stage.name == name:
                 return stage
         raise TrajectoryError(f"The trajectory has no stage {name!r}; its stages are {[s.name for s in self.stages]}.")
+
+    def select(self, steps: Sequence[int]) -> Trajectory:
+        """The same run with only the checkpoints at ``steps`` (and the final one, θ_T, always).
+
+        Everything else is shared, the fingerprint included: a store featurized from the selection
+        belongs to this run. Refuses a step at which no checkpoint was saved.
+        """
+        saved = [c.step for c in self.checkpoints]
+        missing = sorted(set(steps) - set(saved))
+        if missing:
+            raise TrajectoryError(
+                f"The run saved no checkpoint at step(s) {missing}; choose among the saved steps {saved}."
+            )
+        keep = {*steps, self.final_checkpoint.step}
+        selected = copy.copy(self)
+        selected.checkpoints = tuple(c for c in self.checkpoints if c.step in keep)
+        return selected
 
     def fingerprint(self) -> str:
         """sha256 of the run's learning rates (and clipping factors), stages and checkpoint contents."""
