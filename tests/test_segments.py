@@ -93,7 +93,7 @@ def test_featurize_of_chosen_checkpoints_averages_only_them(tmp_path, fitted_mlp
     with pytest.raises(sp.TrajectoryError, match=r"no checkpoint at step\(s\) \[7\]"):
         sp.featurize(run, mlp(), sp.ClassificationTask(), classification_data, tmp_path / "bad.sp",
                      options=sp.FeaturizeArguments(checkpoint_steps=(7,)), progress=False)  # fmt: skip
+    other = sp.FeaturizeArguments(batch_size=7, chunk_rows=9, checkpoint_steps=(10,))
     with pytest.raises(sp.StoreError, match="other settings"):  # another choice is another store
         sp.featurize(run, mlp(), sp.ClassificationTask(), classification_data, tmp_path / "chosen.sp",
-                     projection=sp.ProjectionArguments(dim=32),
-                     options=sp.FeaturizeArguments(batch_size=7, chunk_rows=9, checkpoint_steps=(10,)), progress=False)  # fmt: skip
+                     projection=sp.ProjectionArguments(dim=32), options=other, progress=False)  # fmt: skip
