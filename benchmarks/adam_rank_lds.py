@@ -81,8 +81,8 @@ def main() -> None:
                      f"{seconds[name]:.1f} |")  # fmt: skip
     print("\n".join(lines))
     (out / "results.json").write_text(json.dumps(
-        {n: {"lds": r[0].mean, "low": r[0].low, "high": r[0].high, "featurize_s": seconds[n]} for n, r in table.items()},
-        indent=1))  # fmt: skip
+        {n: {"lds": r[0].mean, "low": r[0].low, "high": r[0].high, "featurize_s": seconds[n]}
+         for n, r in table.items()}, indent=1))  # fmt: skip
 
 
 if __name__ == "__main__":

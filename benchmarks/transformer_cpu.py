@@ -72,7 +72,7 @@ def build_model(config: dict) -> torch.nn.Module:
     return transformers.GPT2LMHeadModel(gpt2)
 
 
-def build_task():  # noqa: ANN201
+def build_task():
     import source_proj as sp
 
     # the blocks' Conv1D weights, without biases: bergson's default, so that every method attributes the same θ
@@ -171,7 +171,7 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _projection(method: str, dim: int):  # noqa: ANN202
+def _projection(method: str, dim: int):
     import source_proj as sp
 
     if method == "rademacher":
@@ -181,7 +181,7 @@ def _projection(method: str, dim: int):  # noqa: ANN202
     return sp.ProjectionArguments(dim=dim, kind="factored", module_dims={"*": dim // (4 * CONFIG["layers"])})
 
 
-def _source_proj(method: str, out: Path, ids: torch.Tensor, few: torch.Tensor, config: dict, result: dict):  # noqa: ANN202
+def _source_proj(method: str, out: Path, ids: torch.Tensor, few: torch.Tensor, config: dict, result: dict):
     import source_proj as sp
     from source_proj.projection.factory import projector_from_meta
     from source_proj.tasks.gradients import PerExampleGradients
@@ -206,7 +206,7 @@ def _source_proj(method: str, out: Path, ids: torch.Tensor, few: torch.Tensor, c
     return torch.cat([projector.project_batch(grads_fn, batch) for batch in _batches(few, 8)])
 
 
-def _bergson(out: Path, ids: torch.Tensor, few: torch.Tensor, config: dict, result: dict):  # noqa: ANN202
+def _bergson(out: Path, ids: torch.Tensor, few: torch.Tensor, config: dict, result: dict):
     try:
         from bergson import InMemoryCollector
         from bergson.collector.collector import CollectorComputer
@@ -263,6 +263,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--dim", type=int, default=1024, help="total projection dimension k (per-module: k/16 each)")
     parser.add_argument("--pairs-of", type=int, default=64, help="sequences whose pairwise inner products are compared")
+    parser.add_argument("--train-steps", type=int, default=32, help="AdamW steps recorded (batches of 16)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--out", type=Path, default=Path("runs/transformer-cpu"))
     parser.add_argument("--smoke", action="store_true", help="toy sizes (a few seconds per method)")
@@ -270,7 +271,7 @@ def main() -> None:
     args = parser.parse_args()
     config = dict(SMOKE if args.smoke else CONFIG)
     if not args.smoke:
-        config["length"] = args.length
+        config |= {"length": args.length, "train_steps": args.train_steps}
     config |= {"dim": 64 if args.smoke else args.dim, "pairs_of": 8 if args.smoke else args.pairs_of}
     CONFIG.update(config)
     sequences = 16 if args.smoke else args.sequences
@@ -287,7 +288,8 @@ def main() -> None:
     results = {}
     for method in args.methods.split(","):
         command = [sys.executable, __file__, "--worker", method, "--out", str(args.out), "--dim", str(args.dim),
-                   "--pairs-of", str(args.pairs_of), "--length", str(args.length)] + (["--smoke"] if args.smoke else [])  # fmt: skip
+                   "--pairs-of", str(args.pairs_of), "--length", str(args.length), "--train-steps", str(args.train_steps)]
+        command += ["--smoke"] if args.smoke else []
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             results[method] = {"method": method, "error": done.stderr.strip().splitlines()[-1]}
