@@ -11,10 +11,10 @@ the blocks are attributed (their weights, 3.15M parameters, as bergson attribute
 memory is its own), on the same final checkpoint, tokens, batch size and threads:
 
 - ``train-step``: one forward and one backward pass per batch, the floor every method pays;
-- ``rademacher``, ``factored``, ``factored-per-module``: ``sp.featurize`` of the final checkpoint at
-  k = ``--dim`` (one gradient per sequence: empirical Fisher, no measurement gradients; the run is AdamW,
-  so D^{-1/2} is applied: exactly by the dense projection, as its rank-1 form by the factored ones);
-  per-module: 16 layers × k/16 coordinates, bergson's layout;
+- ``rademacher``, ``factored``, ``factored-per-module``: the projection engine featurize runs per batch
+  (``Projector.project_batch``: per-example loss gradients of the final checkpoint projected to
+  k = ``--dim``; the store's writes are not timed, nor AdamW's D^{-1/2}, which bergson does not apply
+  either); per-module: 16 layers × k/16 coordinates, bergson's layout;
 - ``bergson``: bergson's in-memory gradient collector, per-module projection of 16 modules × √(k/16)²
   (8 × 8 = 64 at k = 1,024).
 
@@ -182,27 +182,23 @@ def _projection(method: str, dim: int):
 
 
 def _source_proj(method: str, out: Path, ids: torch.Tensor, few: torch.Tensor, config: dict, result: dict):
-    import source_proj as sp
-    from source_proj.projection.factory import projector_from_meta
+    """Time the projection engine itself (what featurize does per batch, without the store): raw loss gradients."""
+    from source_proj.projection.factory import make_projector
     from source_proj.tasks.gradients import PerExampleGradients
 
-    run = out / "run"
-    final = sp.Trajectory.load(run).final_checkpoint.step
-    options = sp.FeaturizeArguments(
-        batch_size=config["batch"], chunk_rows=256, fisher="empirical", measurement=False,
-        checkpoint_steps=(final,), device="cpu",
-    )  # fmt: skip
-    store = out / f"{method}.sp"
-    architecture = build_model(config)  # imports done before the clock starts
+    model, task = _final_model(out / "run", config), build_task()
+    names = task.select_parameters(model)
+    params = dict(model.named_parameters())
+    projection = _projection(method, config["dim"])
+    projector = make_projector(projection.kind, [(n, tuple(params[n].shape)) for n in names], projection.dim, 0,
+                               model=model, module_dims=projection.module_dims)  # fmt: skip
+    grads_fn = PerExampleGradients(model, task, names)
+    projector.project_batch(grads_fn, _batches(ids[:2], 2)[0])  # the one-time check of the factored path
     start = time.perf_counter()
-    sp.featurize(run, architecture, build_task(), _Sequences(ids), store,
-                 projection=_projection(method, config["dim"]), options=options, overwrite=True, progress=False)  # fmt: skip
+    for batch in _batches(ids, config["batch"]):
+        projector.project_batch(grads_fn, batch)
     result["seconds"] = time.perf_counter() - start
-    meta = sp.Store.open(store).meta
-    result["dim"] = meta["projection"]["dim"]
-    model, task = _final_model(run, config), build_task()
-    projector = projector_from_meta(meta, model)
-    grads_fn = PerExampleGradients(model, task, task.select_parameters(model))
+    result["dim"] = projector.dim
     return torch.cat([projector.project_batch(grads_fn, batch) for batch in _batches(few, 8)])
 
 
@@ -267,6 +263,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--out", type=Path, default=Path("runs/transformer-cpu"))
     parser.add_argument("--smoke", action="store_true", help="toy sizes (a few seconds per method)")
+    parser.add_argument("--reuse-run", action="store_true", help="keep OUT/run and OUT/tokens.npy if complete")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     config = dict(SMOKE if args.smoke else CONFIG)
@@ -279,12 +276,18 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.out, config)))
         return
     args.out.mkdir(parents=True, exist_ok=True)
-    ids = torch.from_numpy(stdlib_tokens(sequences * config["length"], config["vocab"])).reshape(sequences, -1)
-    np.save(args.out / "tokens.npy", ids.numpy())
     torch.set_num_threads(THREADS)
-    start = time.perf_counter()
-    train(args.out, ids, config)
-    print(f"trained {config['train_steps']} AdamW steps in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    trained = (args.out / "run" / "trajectory.json").exists() and json.loads(
+        (args.out / "run" / "trajectory.json").read_text()
+    )["complete"]
+    if args.reuse_run and trained:
+        ids = torch.from_numpy(np.load(args.out / "tokens.npy"))[:sequences]
+    else:
+        ids = torch.from_numpy(stdlib_tokens(sequences * config["length"], config["vocab"])).reshape(sequences, -1)
+        start = time.perf_counter()
+        train(args.out, ids, config)
+        print(f"trained {config['train_steps']} AdamW steps in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    np.save(args.out / "tokens.npy", ids.numpy())
     results = {}
     for method in args.methods.split(","):
         command = [sys.executable, __file__, "--worker", method, "--out", str(args.out), "--dim", str(args.dim),
