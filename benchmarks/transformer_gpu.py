@@ -31,13 +31,15 @@ from torch.utils.data import Dataset
 
 import source_proj as sp
 
+_LLAMA_1B = {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+             "num_attention_heads": 32, "num_key_value_heads": 8}  # fmt: skip
+_TOY_LLAMA = {"vocab_size": 97, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "num_key_value_heads": 1}  # fmt: skip
 MODELS = {  # name → (family, config): GPT-2 small and a Llama-3.2-1B-like shape with a 32k vocabulary (1.1B)
     "gpt2-124m": ("gpt2", {"vocab_size": 50257, "n_embd": 768, "n_layer": 12, "n_head": 12}),
-    "llama-1b": ("llama", {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 8192,
-                           "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8}),  # fmt: skip
+    "llama-1b": ("llama", _LLAMA_1B),
     "toy-gpt2": ("gpt2", {"vocab_size": 97, "n_embd": 16, "n_layer": 2, "n_head": 2}),
-    "toy-llama": ("llama", {"vocab_size": 97, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
-                            "num_attention_heads": 2, "num_key_value_heads": 1}),  # fmt: skip
+    "toy-llama": ("llama", _TOY_LLAMA),
 }
 
 

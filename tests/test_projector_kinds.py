@@ -200,7 +200,8 @@ def test_adam_run_on_the_factored_projection_scales_each_layer_by_its_rank_r_pre
     for rank in (32, 1):
         store = sp.featurize(
             tmp_path / "run", _arch(), sp.ClassificationTask(), classification_data, tmp_path / f"r{rank}.sp",
-            projection=sp.ProjectionArguments(dim=64, kind="factored", adam_rank=rank), options=options, progress=False,
+            projection=sp.ProjectionArguments(dim=64, kind="factored", adam_rank=rank), options=options,
+            progress=False,
         )  # fmt: skip
         assert store.meta["projection"].get("adam_rank", 1) == rank
         features[rank] = store.read("grads/main/step-00000040")
