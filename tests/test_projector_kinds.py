@@ -161,7 +161,8 @@ def test_cli_factored_bf16_featurize_and_streamed_query(tmp_path: Path) -> None:
     assert [r.split(",")[:5] for r in results["stream"]] == [r.split(",")[:5] for r in results["faiss"]]
     out = cli.invoke(main, [*args, "--dim", "17", "--projection", "factored", "--force"])
     assert out.exit_code == 1 and "near-square" in out.output
-    blocks = [*args[:-1], str(tmp_path / "blocks.sp"), "--projection", "factored", "--dim", "16", "--fisher", "empirical"]
+    blocks = [*args[:-1], str(tmp_path / "blocks.sp"), "--projection", "factored", "--dim", "16"]
+    blocks += ["--fisher", "empirical"]
     out = cli.invoke(main, [*blocks, "--module-dim", "16", "--module-dim", "0=4", "--checkpoints", "3"])
     assert out.exit_code == 0, out.output
     meta = sp.Store.open(tmp_path / "blocks.sp").meta
