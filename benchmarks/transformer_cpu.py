@@ -1,14 +1,15 @@
 """GPT-2 on the CPU, side by side with bergson: throughput, peak memory and faithfulness of projected gradients.
 
     python benchmarks/transformer_cpu.py [--sequences 512] [--length 128] [--dim 1024] [--out runs/transformer-cpu]
-    python benchmarks/transformer_cpu.py --smoke          # toy sizes, seconds (what the test runs)
+    python benchmarks/transformer_cpu.py --smoke          # toy sizes (checks that every method runs)
 
 The workload of issue 13: a GPT-2 configuration (4 layers × 256 wide, 4 heads, a 4,096-word vocabulary)
 trained from random initialisation by the Hugging Face Trainer with ``HuggingFaceRecorder`` (AdamW,
 warm-up and cosine decay, clipping at norm 1.0) on ``--sequences`` blocks of ``--length`` tokens of the
 Python standard library's own sources (nothing downloaded); the attention and MLP ``Conv1D`` layers of
-the blocks are attributed (their weights, 3.15M parameters, as bergson attributes them by default). Then, each in its own process (so that its peak resident
-memory is its own), on the same final checkpoint, tokens, batch size and threads:
+the blocks are attributed (their weights, 3.15M parameters, as bergson attributes them by default).
+Then, each in its own process (so that its peak resident memory is its own), on the same final
+checkpoint, tokens, batch size and threads:
 
 - ``train-step``: one forward and one backward pass per batch, the floor every method pays;
 - ``rademacher``, ``factored``, ``factored-per-module``: the projection engine featurize runs per batch
@@ -219,7 +220,7 @@ def _bergson(out: Path, ids: torch.Tensor, few: torch.Tensor, config: dict, resu
 
     result["version"] = bergson.__version__
     model = _final_model(out / "run", config)
-    side = int(round((config["dim"] // (4 * config["layers"])) ** 0.5))  # a side × side block per module
+    side = round((config["dim"] // (4 * config["layers"])) ** 0.5)  # a side × side block per module
     modules = {name for name, m in model.base_model.named_modules() if type(m).__name__ == "Conv1D"}
 
     def collect(tokens: torch.Tensor) -> torch.Tensor:
@@ -230,8 +231,10 @@ def _bergson(out: Path, ids: torch.Tensor, few: torch.Tensor, config: dict, resu
             model=model.base_model, data=data, cfg=cfg, target_modules=modules,
             processor=GradientProcessor(projection_dim=side),
         )  # fmt: skip
-        batches = [list(range(i, min(i + config["batch"], len(tokens)))) for i in range(0, len(tokens), config["batch"])]
-        CollectorComputer(model=model, data=data, collector=collector, batches=batches, cfg=cfg).run_with_collector_hooks(
+        size = config["batch"]
+        batches = [list(range(i, min(i + size, len(tokens)))) for i in range(0, len(tokens), size)]
+        computer = CollectorComputer(model=model, data=data, collector=collector, batches=batches, cfg=cfg)
+        computer.run_with_collector_hooks(
             desc="bergson"
         )
         return torch.cat([collector.gradients[name].float() for name in sorted(collector.gradients)], dim=1)
@@ -294,7 +297,8 @@ def main() -> None:
     results = {}
     for method in args.methods.split(","):
         command = [sys.executable, __file__, "--worker", method, "--out", str(args.out), "--dim", str(args.dim),
-                   "--pairs-of", str(args.pairs_of), "--length", str(args.length), "--train-steps", str(args.train_steps)]
+                   "--pairs-of", str(args.pairs_of), "--length", str(args.length),
+                   "--train-steps", str(args.train_steps)]
         command += ["--smoke"] if args.smoke else []
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
