@@ -37,6 +37,7 @@ from source_proj.featurize.arguments import (
 from source_proj.featurize.plan import FeaturizePlan, NotPrepared, Unit, featurize_plan
 from source_proj.projection.base import Projector
 from source_proj.projection.factory import make_projector
+from source_proj.projection.transform import GradientTransform
 from source_proj.store.provenance import check_checkpoints, describe_provenance
 from source_proj.store.store import Store, ckpt_key, is_store
 from source_proj.tasks.gradients import PerExampleGradients, move_batch
@@ -87,7 +88,7 @@ def featurize(
 
     Returns:
         The store, with ``grads/<stage>/<ckpt>`` of shape ``[N_stage, k]`` for every checkpoint
-        (once every shard has finished).
+        (``options.checkpoint_steps``: every chosen one; once every shard has finished).
 
     Every checkpoint is checked (present, intact, fitting the model, finite) before anything is
     written. The store is locked while featurize runs; a resumed run first re-checks the crc of the
@@ -96,6 +97,8 @@ def featurize(
     """
     if not isinstance(trajectory, Trajectory):
         trajectory = Trajectory.load(trajectory)
+    if options.checkpoint_steps is not None:
+        trajectory = trajectory.select(options.checkpoint_steps)
     if not trajectory.complete:
         raise StoreError(
             f"The trajectory at {trajectory.path} is incomplete (training was interrupted or close() was not called); "
@@ -145,8 +148,15 @@ class _Featurize:
             self.names = self.task.select_parameters(self.work_model)
             params = dict(self.work_model.named_parameters())
             shapes = [(n, tuple(params[n].shape)) for n in self.names]
+            projection = self.projection
             self.projector = make_projector(
-                self.projection.kind, shapes, self.projection.dim, self.projection.seed, model=self.work_model
+                projection.kind,
+                shapes,
+                projection.dim,
+                projection.seed,
+                model=self.work_model,
+                module_dims=projection.module_dims,
+                adam_rank=projection.adam_rank,
             )
             self.grads_fn = PerExampleGradients(
                 self.work_model, self.task, self.names, vmap_chunk=options.vmap_chunk, precision=options.precision
@@ -274,7 +284,7 @@ def _featurize_units(
     store = plan.store
     final = ckpt_key(plan.trajectory.final_checkpoint.step)
     loaded: tuple[Any, ...] | None = None
-    scale: dict[str, torch.Tensor] | None = None
+    transform: GradientTransform | None = None
     scale_name: str | None = None
     stage_index = {s.name: i for i, s in enumerate(plan.trajectory.stages)}
     desc = "featurize (segmentation probe)" if plan.probe else "featurize"
@@ -290,6 +300,7 @@ def _featurize_units(
                 loaded = unit.point
             if scale_name != unit.scale:
                 scale = plan.scale(unit.scale, device)
+                transform = None if scale is None else projector.scaling(scale)
                 scale_name = unit.scale
             size = len(unit.dataset)  # type: ignore[arg-type]
             spans = [(c * rows, min(size, (c + 1) * rows)) for c in chunks]
@@ -307,7 +318,7 @@ def _featurize_units(
                     generator,
                     device,
                     where=f"{unit.where}, stage {unit.stage!r}",
-                    scale=scale,
+                    transform=transform,
                     measure=_measures(unit, final, options),
                 )
                 if fisher is not None:
@@ -405,7 +416,7 @@ def _featurize_rows(
     generator: torch.Generator,
     device: torch.device,
     where: str,
-    scale: Mapping[str, torch.Tensor] | None = None,
+    transform: GradientTransform | None = None,
     measure: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Projected gradients (and Fisher factors, measurement gradients) of one chunk's ``batches``,
@@ -416,7 +427,7 @@ def _featurize_rows(
         batch = move_batch(batch, device)
         outputs = grads_fn.outputs(batch)
         task.loss(outputs, batch)  # validates targets (label ranges) outside vmap
-        projected = projector.project_batch(grads_fn, batch, "loss", scale=scale)
+        projected = projector.project_batch(grads_fn, batch, "loss", transform=transform)
         # Checked per batch, before labels are sampled from outputs a non-finite example would poison.
         check_finite(projected, row, where, "training-loss gradient")
         feats.append(projected)
@@ -425,11 +436,11 @@ def _featurize_rows(
             gen = generator if options.fisher == "sampled" else None
             per_direction = []
             for weight, target_batch in task.fisher_targets(outputs.detach(), batch, gen):
-                u = projector.project_batch(grads_fn, target_batch, "loss", scale=scale)
+                u = projector.project_batch(grads_fn, target_batch, "loss", transform=transform)
                 per_direction.append(u * weight.sqrt().unsqueeze(-1).float())
             fisher.append(torch.stack(per_direction, dim=1).reshape(-1, projector.dim))
         if measure:
-            measured.append(projector.project_batch(grads_fn, batch, "measurement", scale=scale))
+            measured.append(projector.project_batch(grads_fn, batch, "measurement", transform=transform))
     # Features stay on the device until the chunk is done: one copy per chunk.
     all_feats = torch.cat(feats)
     out_fisher = out_measured = None

@@ -161,8 +161,11 @@ class Attributor:
             else:
                 grads_fn = PerExampleGradients(self.model, self.task, self.param_names)
                 scale = read_scale(self.store, scale_name, shapes, self.device)
+                transform = None if scale is None else self.projector.scaling(scale)
                 feats = [
-                    self.projector.project_batch(grads_fn, move_batch(b, self.device), "measurement", scale=scale).cpu()
+                    self.projector.project_batch(
+                        grads_fn, move_batch(b, self.device), "measurement", transform=transform
+                    ).cpu()
                     for b in _batches(queries, self.batch_size)
                 ]
             part = torch.cat(feats)

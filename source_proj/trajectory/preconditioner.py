@@ -5,8 +5,9 @@ With D = diag(√v̂ + ε), v̂ = exp_avg_sq / (1 − β₂ᵗ) (``max_exp_avg_s
 with ∇_u = D^{-1/2} ∇_θ and curvature D^{-1/2} H D^{-1/2}. Holding D fixed within a segment
 (its mean D_ℓ), SOURCE applies unchanged in those coordinates: every per-example gradient —
 training, Fisher pseudo-label and query — is multiplied elementwise by D_ℓ^{-1/2} *before*
-projection. [`source_proj.tasks.gradients.precondition_gradients`][] is the one place that does it (the scaling
-does not factor through a Kronecker/per-layer projection, so it stays at the gradient level).
+projection. The projection applies it as a gradient transform (``projection/transform.py``, built by
+`Projector.scaling`): exactly on materialised gradients (the dense projections), as its rank-R
+approximation on each layer of the factored projection (``ProjectionArguments.adam_rank``).
 
 Which optimizer state gives D_ℓ: a checkpoint saved after ``s`` steps holds the second moment of
 the step ``s − 1`` has just taken, so the preconditioners *used by* a segment's steps
