@@ -18,6 +18,7 @@ from source_proj.projection.factored import FactoredProjector
 from source_proj.projection.fastjl import FastJLProjector
 from source_proj.query.attributor import Attributor, QueryResult
 from source_proj.query.ensemble import Ensemble
+from source_proj.query.topk import IVFArguments
 from source_proj.store.durable import atomic_write_bytes
 from source_proj.store.locking import StoreLock
 from source_proj.store.store import Store
@@ -39,6 +40,7 @@ __all__ = [
     "FastJLProjector",
     "FeaturizeArguments",
     "FitArguments",
+    "IVFArguments",
     "IdentityProjector",
     "LanguageModelingTask",
     "ModuleSelection",

@@ -365,7 +365,8 @@ def _write(records: list[dict[str, Any]], path: Path) -> None:
     type=click.Choice(list(SEARCH_BACKENDS)),
     default="auto",
     show_default=True,
-    help="Top-k search: FAISS, torch matmul+top-k on the device, or stream store chunks (bounded memory).",
+    help="Top-k search: FAISS, torch matmul+top-k on the device, stream store chunks (bounded memory), or ivf "
+    "(approximate: FAISS inverted file, see --nprobe).",
 )
 @click.option(
     "--search-devices",
@@ -373,6 +374,9 @@ def _write(records: list[dict[str, Any]], path: Path) -> None:
     help="Shard the index over these devices, e.g. cuda:0,cuda:1 (default: --device, or every GPU when the "
     "features do not fit on it).",
 )
+@click.option("--nlist", type=int, default=None, help="--search ivf: cells (default 4·√N).")
+@click.option("--nprobe", type=int, default=32, show_default=True, help="--search ivf: cells scanned per query.")
+@click.option("--ivf-fp16", is_flag=True, help="--search ivf: hold the rows in float16 (half the memory).")
 def query(
     store_path: str,
     spec_path: Path | None,
@@ -385,6 +389,9 @@ def query(
     device: str | None,
     search_backend: str,
     search_devices: str | None,
+    nlist: int | None,
+    nprobe: int,
+    ivf_fp16: bool,
 ) -> None:
     """Print the most helpful and most harmful training examples of each query."""
     store = sp.Store.open(store_path)
@@ -400,6 +407,7 @@ def query(
         device=device,
         search_backend=search_backend,
         search_devices=_names(search_devices),
+        search_ivf=sp.IVFArguments(nlist=nlist, nprobe=nprobe, fp16=ivf_fp16),
     )
     result = attributor.top_k(torch.utils.data.Subset(queries, indices), top_k)
     records = result.records()

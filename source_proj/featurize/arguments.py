@@ -62,6 +62,9 @@ class FeaturizeArguments:
             example (TRAK's curvature, see baselines.py): one more gradient per example at one checkpoint.
         precision: ``"fp32"`` (default) or ``"bf16"``: forward and backward under bfloat16
             autocast, projections accumulated in fp32 (faster on GPUs; see README "GPU and speed").
+        shard_chunks: row chunks kept in one file (a zarr v3 shard) when a new store is created;
+            ``None``: as many as fit in 256 MiB (``store.SHARD_BYTES``), 1: a file per chunk. An
+            existing store keeps the layout it was created with.
     """
 
     batch_size: int = 64
@@ -76,6 +79,7 @@ class FeaturizeArguments:
     segment_means: bool = False
     measurement: bool = True
     precision: Precision = "fp32"
+    shard_chunks: int | None = None
 
 
 def default_device(device: str | None) -> torch.device:

@@ -38,7 +38,7 @@ from source_proj.featurize.plan import FeaturizePlan, NotPrepared, Unit, featuri
 from source_proj.projection.base import Projector
 from source_proj.projection.factory import make_projector
 from source_proj.store.provenance import check_checkpoints, describe_provenance
-from source_proj.store.store import Store, ckpt_key, is_store
+from source_proj.store.store import Store, ckpt_key, is_store, shard_chunks_for
 from source_proj.tasks.gradients import PerExampleGradients, move_batch
 from source_proj.tasks.task import Task
 from source_proj.trajectory.recorder import Trajectory
@@ -152,6 +152,7 @@ class _Featurize:
                 self.work_model, self.task, self.names, vmap_chunk=options.vmap_chunk, precision=options.precision
             )
             self.directions = _fisher_directions(self.grads_fn, self.task, self.datasets, options, self.device)
+            k = self.projector.dim
             self._meta = {
                 "library_version": __version__,
                 "params": [[n, list(s)] for n, s in shapes],
@@ -173,6 +174,7 @@ class _Featurize:
                 },
                 "spec": self.spec,
                 "provenance": describe_provenance(self.model, trajectory, self.device, options.batch_size),
+                "layout": {"shard_chunks": options.shard_chunks or shard_chunks_for(4 * options.chunk_rows * k)},
             }
         return self._meta
 
@@ -210,13 +212,18 @@ class _Featurize:
         store = Store.open(self.path, writable=True)
         _refuse_other_settings(self.path, store.meta, self.meta)
         plan = self._plan(store)
-        self._compute(plan, group.shard.take(self._items(plan)), heal=not store.meta.get("featurized"))
+        per_shard = store.shard_chunks  # a shard file is written by one process: split at shard boundaries
+        mine = group.shard.take_groups(self._items(plan), lambda item: (id(item[0]), item[1] // per_shard))
+        self._compute(plan, mine, heal=not store.meta.get("featurized"))
 
     def finish(self) -> bool:
         store = Store.open(self.path, writable=True)
         plan = self._plan(store)
         if any(store.pending_chunks(name) for unit in plan.units for name, _, _ in self._arrays(unit)):
             return False
+        for name in store.progress_arrays():
+            if not name.startswith("methods/"):
+                store.pack(name)  # shards a kill left unpacked, then the staged chunks go
         old = store.meta.get("products") or {}
         products = {"checkpoints": bool(old.get("checkpoints")) or self.options.checkpoints,
                     "segment_means": bool(old.get("segment_means")) or self.options.segment_means}
@@ -364,7 +371,7 @@ def _open_or_create(path: str | Path, meta: dict[str, Any], overwrite: bool) -> 
 
 
 def _differing(old: dict[str, Any], meta: dict[str, Any]) -> list[str]:
-    informative = ("library_version", "spec", "provenance")
+    informative = ("library_version", "spec", "provenance", "layout")  # a store keeps the layout it was created with
     return [key for key in meta if key not in informative and old.get(key) != meta[key]]
 
 

@@ -186,7 +186,7 @@ def _stages(requested: tuple[str, ...] | None, sizes: Mapping[str, int]) -> list
 
 
 def _rows(store: Store, array: str, start: int, stop: int) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(store.array(array)[start:stop])).double()
+    return torch.from_numpy(store.read_rows(array, start, stop)).double()
 
 
 def _require_complete(store: Store, arrays: list[str], why: str) -> None:

@@ -301,7 +301,8 @@ class _Fit:
     def work(self, group: Ranks) -> None:
         store = Store.open(self.path, writable=True)
         description = store.meta["methods"][self.method]
-        mine = group.shard.take(self._items(store, description))
+        per_shard = store.shard_chunks  # a shard file is written by one process: split at shard boundaries
+        mine = group.shard.take_groups(self._items(store, description), lambda item: (item[0], item[1] // per_shard))
         names = {stage: f"methods/{self.method}/train/{stage}" for stage in description["stages"]}
         store.heal_chunks([(names[stage], chunk) for stage, chunk in mine])
         pending = {stage: set(store.pending_chunks(name)) for stage, name in names.items()}
@@ -409,5 +410,7 @@ def _identity(description: dict[str, Any]) -> Any:
 
 def _finish_method(store: Store, method: str) -> None:
     methods = dict(store.meta["methods"])
+    for stage in methods[method]["stages"]:
+        store.pack(f"methods/{method}/train/{stage}")
     methods[method] = {**methods[method], "complete": True}
     store.update_meta(methods=methods)
