@@ -147,6 +147,12 @@ class Ranks:
         if error is not None:
             raise error
 
+    def most(self, value: int) -> int:
+        """The largest ``value`` any rank holds (a collective: every rank calls it)."""
+        held = torch.tensor([value], device=self._device())
+        dist.all_reduce(held, op=dist.ReduceOp.MAX)
+        return int(held.item())
+
     def broadcast(self, tensor: torch.Tensor, source: int) -> torch.Tensor:
         """``tensor`` as held by rank ``source``, on every rank (on ``tensor``'s device)."""
         device = self._device()

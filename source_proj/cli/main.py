@@ -130,6 +130,19 @@ def main() -> None:
     help="i/n: compute shard i of n as an independent process (slurm: from the SLURM array task). Under "
     "torchrun the ranks split the work without it.",
 )
+@click.option(
+    "--shard-parameters",
+    is_flag=True,
+    help="Under torchrun: keep 1/W of the model's parameters on each rank, gathering a layer's only while it runs "
+    "(models larger than one device; --projection factored).",
+)
+@click.option(
+    "--shard-chunks",
+    type=int,
+    default=None,
+    help="Row chunks per store file (zarr shard) of a new store (default: as many as fit in 256 MiB; 1: a file per "
+    "chunk).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing store written with other settings.")
 def featurize(
     run_dir: Path,
@@ -148,6 +161,8 @@ def featurize(
     fast: bool,
     fast_only: bool,
     shard: str | None,
+    shard_parameters: bool,
+    shard_chunks: int | None,
     force: bool,
 ) -> None:
     """Project per-example training gradients of every checkpoint into STORE (resumes if interrupted).
@@ -176,6 +191,8 @@ def featurize(
                 checkpoints=not fast_only,
                 segment_means=fast or fast_only,
                 precision=precision,
+                shard_chunks=shard_chunks,
+                shard_parameters=shard_parameters,
             ),
             overwrite=force,
             spec=str(spec.path),
