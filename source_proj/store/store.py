@@ -436,9 +436,9 @@ class Store:
             progress[first:last] = np.column_stack([np.full(last - first, PACKED, dtype=np.uint32), entries[:, 1]])
             staged = self._staging(name)
             for chunk in range(first, last):
-                if entries[chunk - first, 0] == WRITTEN:  # all-zero rows: zarr deletes the staged chunk's file
-                    begin, end = self.chunk_rows(name, chunk)
-                    staged[begin:end] = np.zeros((end - begin, *arr.shape[1:]), dtype=arr.dtype)
+                if entries[chunk - first, 0] == WRITTEN:
+                    key = staged.metadata.encode_chunk_key((chunk, *[0] * (arr.ndim - 1)))
+                    sync(self.group.store.delete(f"{staged.path}/{key}"))
         return True
 
     def pack(self, name: str) -> bool:
