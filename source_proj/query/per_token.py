@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from source_proj.errors import TaskError
 from source_proj.featurize.arguments import as_stage_datasets
@@ -92,6 +93,7 @@ def token_scores(
     rows: Sequence[int],
     *,
     batch_size: int = 8,
+    progress: bool = True,
 ) -> TokenScores:
     """Per-token scores of the training sequences at feature ``rows`` (e.g. a query's top-k ids) for
     every query, from the method's training recipe (see the module docstring).
@@ -102,6 +104,7 @@ def token_scores(
         train_data: the training set (or a dict ``stage → dataset``) as given to featurize.
         rows: rows of the method's feature matrix.
         batch_size: training sequences per forward/backward.
+        progress: show a progress bar (one step per feature point and stage).
 
     Returns:
         :class:`TokenScores` with ``tokens`` ``[Q, len(rows), T]``.
@@ -113,6 +116,11 @@ def token_scores(
             f"Method {attributor.method!r} records no training recipe, so its scores cannot be split by token; use "
             "source, fast-source, grad-dot or tracin fitted by this version (re-fit with --force)."
         )
+    if store.meta["projection"]["kind"] == "fast_jl":
+        raise TaskError(
+            "Per-token scores pull the query back through the projection, which TRAK's fast_jl kernel cannot do; "
+            "featurize with the 'rademacher' or 'factored' projection."
+        )
     datasets = as_stage_datasets(train_data, attributor.trajectory)
     places = [_locate(attributor, int(row)) for row in rows]
     query = attributor.query_features(queries).double()
@@ -122,7 +130,8 @@ def token_scores(
     unplaced = torch.zeros(query.shape[0], size, dtype=torch.float64)
     by_step = {c.step: c for c in attributor.trajectory.checkpoints}
     loaded = None
-    for (point, scale_name, stage), w in sorted(_pullbacks(attributor, recipe, query).items(), key=str):
+    pullbacks = sorted(_pullbacks(attributor, recipe, query).items(), key=str)
+    for (point, scale_name, stage), w in tqdm(pullbacks, desc="per-token scores", unit="point", disable=not progress):
         chosen = [i for i, (s, _) in enumerate(places) if s == stage]
         if not chosen:
             continue
