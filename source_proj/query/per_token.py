@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from source_proj.errors import TaskError
 from source_proj.featurize.arguments import as_stage_datasets
+from source_proj.projection.base import Projector
 from source_proj.query.attributor import Attributor, method_meta
 from source_proj.tasks.gradients import move_batch
 from source_proj.tasks.task import Batch
@@ -139,7 +140,7 @@ def token_scores(
             _load_point(attributor, point, by_step)
             loaded = point
         scale = read_scale(store, scale_name, store.meta["params"], attributor.device)
-        u = _adjoint(attributor, w.to(attributor.device), scale)
+        u = adjoint(attributor.projector, store.meta["params"], w.to(attributor.device), scale)
         for start in range(0, len(chosen), batch_size):
             part = chosen[start : start + batch_size]
             sub = move_batch({key: value[part] for key, value in batch.items()}, attributor.device)
@@ -206,14 +207,13 @@ def _load_point(attributor: Attributor, point: tuple[Any, ...], by_step: Mapping
     model.load_state_dict(mean)
 
 
-def _adjoint(attributor: Attributor, w: Tensor, scale: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
-    """u = s ⊙ Pᵀ w for every query: ``name → [Q, *shape]`` (autograd through the projector's map)."""
-    params = dict(attributor.model.named_parameters())
-    grads = {
-        name: torch.zeros(w.shape[0], *params[name].shape, device=w.device, requires_grad=True)
-        for name in attributor.param_names
-    }
-    projected = attributor.projector.project(grads)
+def adjoint(
+    projector: Projector, shapes: Sequence[tuple[str, Sequence[int]]], w: Tensor, scale: Mapping[str, Tensor] | None
+) -> dict[str, Tensor]:
+    """u = s ⊙ Pᵀ w for every row of ``w`` ``[Q, k]``: ``name → [Q, *shape]`` for the parameters ``shapes``
+    (autograd through the projector's own map, so any projector whose ``project`` is differentiable serves)."""
+    grads = {name: torch.zeros(w.shape[0], *shape, device=w.device, requires_grad=True) for name, shape in shapes}
+    projected = projector.project(grads)
     pulled = torch.autograd.grad(projected, list(grads.values()), grad_outputs=w.to(projected.dtype))
     u = dict(zip(grads, pulled, strict=True))
     if scale is not None:
