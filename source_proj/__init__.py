@@ -18,6 +18,8 @@ from source_proj.projection.factored import FactoredProjector
 from source_proj.projection.fastjl import FastJLProjector
 from source_proj.query.attributor import Attributor, QueryResult
 from source_proj.query.ensemble import Ensemble
+from source_proj.query.per_token import TokenScores, single_token_query, token_scores
+from source_proj.query.topk import IVFArguments
 from source_proj.store.durable import atomic_write_bytes
 from source_proj.store.locking import StoreLock
 from source_proj.store.store import Store
@@ -39,6 +41,7 @@ __all__ = [
     "FastJLProjector",
     "FeaturizeArguments",
     "FitArguments",
+    "IVFArguments",
     "IdentityProjector",
     "LanguageModelingTask",
     "ModuleSelection",
@@ -59,6 +62,7 @@ __all__ = [
     "Task",
     "TaskError",
     "TextDataset",
+    "TokenScores",
     "Trajectory",
     "TrajectoryError",
     "TrajectoryRecorder",
@@ -71,6 +75,8 @@ __all__ = [
     "fit",
     "fit_baseline",
     "make_segments",
+    "single_token_query",
     "store_lock",
+    "token_scores",
     "verify_store",
 ]

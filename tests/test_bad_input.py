@@ -20,6 +20,7 @@ from torch.utils.data import TensorDataset
 import source_proj as sp
 
 from .crash_driver import FIT, build_model, data, featurize, files
+from .crash_driver import damage as damage_chunk
 
 
 def _copy_run(tiny_run: Path, tmp_path: Path) -> Path:
@@ -179,19 +180,17 @@ def test_damaged_chunk_is_named_with_the_repair_command(
 ) -> None:
     store = tmp_path / "s.sp"
     shutil.copytree(tiny_reference, store)
-    chunk = store / "fisher" / "main" / "step-00000004" / "c" / "1" / "0"
-    raw = bytearray(chunk.read_bytes())
-    if damage == "truncated":
-        raw = raw[:-6]
-    else:
-        raw[9] ^= 0x10
-    chunk.write_bytes(bytes(raw))
+    damage_chunk(store, "fisher/main/step-00000004", 1, "truncate" if damage == "truncated" else "flip")
     before = files(store)
+    # A truncated shard file loses the index of all its chunks (the first is named); a flipped bit, one chunk.
+    chunk, rows = (0, "0–3") if damage == "truncated" else (1, "4–7")
     reason = "unreadable" if damage == "truncated" else "its crc32 differs from the one recorded"
     with pytest.raises(sp.StoreError) as err:
         sp.fit(store, FIT, progress=False)
     message = _one_sentence(err)
-    assert message.startswith(f"Chunk 1 (rows 4–7) of 'fisher/main/step-00000004' in {store} is damaged ({reason}")
+    assert message.startswith(
+        f"Chunk {chunk} (rows {rows}) of 'fisher/main/step-00000004' in {store} is damaged ({reason}"
+    )
     assert f"run `source-proj verify {store} --repair`, then re-run the command that wrote it" in message
     assert files(store) == before  # fit wrote nothing
     assert sp.verify_store(store, repair=True, progress=False).repaired

@@ -20,7 +20,7 @@ def test_the_store_records_what_produced_it(tiny_run: Path, tiny_reference: Path
     meta = sp.Store.open(tiny_reference).meta
     trajectory = sp.Trajectory.load(tiny_run)
     model = build_model()
-    assert meta["format"] == "source-proj-store" and meta["format_version"] == 1
+    assert meta["format"] == "source-proj-store" and meta["format_version"] == 2
     assert meta["library_version"] == sp.__version__ and meta["featurized"] is True
     assert meta["params"] == [[n, list(p.shape)] for n, p in model.named_parameters()]
     assert meta["projection"] == {
@@ -121,11 +121,11 @@ def test_a_store_of_an_incompatible_format_is_refused(tmp_path: Path, tiny_refer
     store = tmp_path / "s.sp"
     shutil.copytree(tiny_reference, store)
     root = json.loads((store / "zarr.json").read_text())
-    root["attributes"]["source_proj"]["format_version"] = 2
+    root["attributes"]["source_proj"]["format_version"] = 3
     (store / "zarr.json").write_text(json.dumps(root))
     expected = (
-        rf"{re.escape(str(store))} was written in store format 2 \(by source-proj {sp.__version__}\) but this "
-        "library reads format 1; use a matching source-proj version or re-create the store"
+        rf"{re.escape(str(store))} was written in store format 3 \(by source-proj {sp.__version__}\) but this "
+        "library reads formats 1 and 2; use a matching source-proj version or re-create the store"
     )
     for use in (
         lambda: sp.Attributor(store, build_model(), sp.ClassificationTask()),

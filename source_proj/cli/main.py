@@ -149,6 +149,19 @@ def main() -> None:
     help="i/n: compute shard i of n as an independent process (slurm: from the SLURM array task). Under "
     "torchrun the ranks split the work without it.",
 )
+@click.option(
+    "--shard-parameters",
+    is_flag=True,
+    help="Under torchrun: keep 1/W of the model's parameters on each rank, gathering a layer's only while it runs "
+    "(models larger than one device; --projection factored).",
+)
+@click.option(
+    "--shard-chunks",
+    type=int,
+    default=None,
+    help="Row chunks per store file (zarr shard) of a new store (default: as many as fit in 256 MiB; 1: a file per "
+    "chunk).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing store written with other settings.")
 def featurize(
     run_dir: Path,
@@ -170,6 +183,8 @@ def featurize(
     fast: bool,
     fast_only: bool,
     shard: str | None,
+    shard_parameters: bool,
+    shard_chunks: int | None,
     force: bool,
 ) -> None:
     """Project per-example training gradients of every checkpoint into STORE (resumes if interrupted).
@@ -201,6 +216,8 @@ def featurize(
                 checkpoint_steps=_ints(checkpoint_steps),
                 segment_means=fast or fast_only,
                 precision=precision,
+                shard_chunks=shard_chunks,
+                shard_parameters=shard_parameters,
             ),
             overwrite=force,
             spec=str(spec.path),
@@ -401,7 +418,8 @@ def _write(records: list[dict[str, Any]], path: Path) -> None:
     type=click.Choice(list(SEARCH_BACKENDS)),
     default="auto",
     show_default=True,
-    help="Top-k search: FAISS, torch matmul+top-k on the device, or stream store chunks (bounded memory).",
+    help="Top-k search: FAISS, torch matmul+top-k on the device, stream store chunks (bounded memory), or ivf "
+    "(approximate: FAISS inverted file, see --nprobe).",
 )
 @click.option(
     "--search-devices",
@@ -409,6 +427,9 @@ def _write(records: list[dict[str, Any]], path: Path) -> None:
     help="Shard the index over these devices, e.g. cuda:0,cuda:1 (default: --device, or every GPU when the "
     "features do not fit on it).",
 )
+@click.option("--nlist", type=int, default=None, help="--search ivf: cells (default 4·√N).")
+@click.option("--nprobe", type=int, default=32, show_default=True, help="--search ivf: cells scanned per query.")
+@click.option("--ivf-fp16", is_flag=True, help="--search ivf: hold the rows in float16 (half the memory).")
 def query(
     store_path: str,
     spec_path: Path | None,
@@ -421,6 +442,9 @@ def query(
     device: str | None,
     search_backend: str,
     search_devices: str | None,
+    nlist: int | None,
+    nprobe: int,
+    ivf_fp16: bool,
 ) -> None:
     """Print the most helpful and most harmful training examples of each query."""
     store = sp.Store.open(store_path)
@@ -436,6 +460,7 @@ def query(
         device=device,
         search_backend=search_backend,
         search_devices=_names(search_devices),
+        search_ivf=sp.IVFArguments(nlist=nlist, nprobe=nprobe, fp16=ivf_fp16),
     )
     result = attributor.top_k(torch.utils.data.Subset(queries, indices), top_k)
     records = result.records()

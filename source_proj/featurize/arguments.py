@@ -73,6 +73,14 @@ class FeaturizeArguments:
             example (TRAK's curvature, see baselines.py): one more gradient per example at one checkpoint.
         precision: ``"fp32"`` (default) or ``"bf16"``: forward and backward under bfloat16
             autocast, projections accumulated in fp32 (faster on GPUs; see docs/howto/gpu.md).
+        shard_chunks: row chunks kept in one file (a zarr v3 shard) when a new store is created;
+            ``None``: as many as fit in 256 MiB (``store.SHARD_BYTES``), 1: a file per chunk. An
+            existing store keeps the layout it was created with.
+        shard_parameters: under torchrun, keep 1/W of the model's parameters on each of the W ranks and
+            gather a layer's only while it runs (``sharded.py``): featurize models larger than one
+            device. Needs the ``factored`` projection covering every attributed parameter, the
+            sampled or empirical Fisher and a segmentation not placed automatically; one process
+            ignores it.
     """
 
     batch_size: int = 64
@@ -88,6 +96,8 @@ class FeaturizeArguments:
     segment_means: bool = False
     measurement: bool = True
     precision: Precision = "fp32"
+    shard_chunks: int | None = None
+    shard_parameters: bool = False
 
 
 def default_device(device: str | None) -> torch.device:

@@ -12,6 +12,7 @@ bit-identical to an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -35,11 +36,12 @@ from source_proj.featurize.arguments import (
     default_device,
 )
 from source_proj.featurize.plan import FeaturizePlan, NotPrepared, Unit, featurize_plan
+from source_proj.featurize.sharded import ShardedParameters
 from source_proj.projection.base import Projector
 from source_proj.projection.factory import make_projector
 from source_proj.projection.transform import GradientTransform
 from source_proj.store.provenance import check_checkpoints, describe_provenance
-from source_proj.store.store import Store, ckpt_key, is_store
+from source_proj.store.store import Store, ckpt_key, is_store, shard_chunks_for
 from source_proj.tasks.gradients import PerExampleGradients, move_batch
 from source_proj.tasks.task import Task
 from source_proj.trajectory.recorder import Trajectory
@@ -130,7 +132,14 @@ class _Featurize:
         self.projection, self.spec = projection, spec
         self.datasets = as_stage_datasets(train_data, trajectory)
         self.device = rank_device(default_device(options.device), group)
-        self.work_model = copy.deepcopy(model).to(self.device)
+        self.lockstep = group if options.shard_parameters and not group.single else None
+        self.shards: ShardedParameters | None = None
+        if self.lockstep is not None:
+            _check_shardable(group, projection, options)
+            self.work_model = copy.deepcopy(model).cpu()
+            self.shards = ShardedParameters(self.work_model, self.device)
+        else:
+            self.work_model = copy.deepcopy(model).to(self.device)
         # Ranks of a process group show one progress bar (rank 0's); independent shards each show theirs.
         self.progress = progress and (group.leader or not group.coordinated)
         self._meta: dict[str, Any] | None = None
@@ -161,7 +170,14 @@ class _Featurize:
             self.grads_fn = PerExampleGradients(
                 self.work_model, self.task, self.names, vmap_chunk=options.vmap_chunk, precision=options.precision
             )
+            if self.shards is not None:
+                _check_factored(self.projector)
+                self.grads_fn.device = self.device  # the parameters are placeholders between layers
+                # The once-per-projector check materialises every layer's per-example gradients, which sharded
+                # parameters never hold; a weight used outside its layer fails on its placeholder instead.
+                self.projector._checked = True  # type: ignore[attr-defined]
             self.directions = _fisher_directions(self.grads_fn, self.task, self.datasets, options, self.device)
+            k = self.projector.dim
             self._meta = {
                 "library_version": __version__,
                 "params": [[n, list(s)] for n, s in shapes],
@@ -183,6 +199,7 @@ class _Featurize:
                 },
                 "spec": self.spec,
                 "provenance": describe_provenance(self.model, trajectory, self.device, options.batch_size),
+                "layout": {"shard_chunks": options.shard_chunks or shard_chunks_for(4 * options.chunk_rows * k)},
             }
         return self._meta
 
@@ -191,7 +208,7 @@ class _Featurize:
         return featurize_plan(self.trajectory, store, self.datasets, self.names, self.options, overwrite, record=record)
 
     def prepare(self, overwrite: bool) -> None:
-        check_checkpoints(self.trajectory, self.work_model)
+        check_checkpoints(self.trajectory, self.work_model if self.shards is None else copy.deepcopy(self.model).cpu())
         store = _open_or_create(self.path, self.meta, overwrite)
         plan = self._plan(store, overwrite, record=True)
         if not plan.store.is_complete("trajectory/lr"):
@@ -220,13 +237,27 @@ class _Featurize:
         store = Store.open(self.path, writable=True)
         _refuse_other_settings(self.path, store.meta, self.meta)
         plan = self._plan(store)
-        self._compute(plan, group.shard.take(self._items(plan)), heal=not store.meta.get("featurized"))
+        per_shard = store.shard_chunks  # a shard file is written by one process: split at shard boundaries
+
+        def file(item: tuple[Unit, int]) -> tuple[int, int]:
+            return id(item[0]), item[1] // per_shard
+
+        items = self._items(plan)
+        if self.lockstep is None:
+            mine = group.shard.take_groups(items, file)
+        else:  # the ranks go through the units together: each takes its part of every unit
+            runs = [list(run) for _, run in itertools.groupby(items, key=lambda item: id(item[0]))]
+            mine = [item for run in runs for item in group.shard.take_groups(run, file)]
+        self._compute(plan, mine, heal=not store.meta.get("featurized"))
 
     def finish(self) -> bool:
         store = Store.open(self.path, writable=True)
         plan = self._plan(store)
         if any(store.pending_chunks(name) for unit in plan.units for name, _, _ in self._arrays(unit)):
             return False
+        for name in store.progress_arrays():
+            if not name.startswith("methods/"):
+                store.pack(name)  # shards a kill left unpacked, then the staged chunks go
         old = store.meta.get("products") or {}
         products = {"checkpoints": bool(old.get("checkpoints")) or self.options.checkpoints,
                     "segment_means": bool(old.get("segment_means")) or self.options.segment_means}
@@ -266,7 +297,7 @@ class _Featurize:
         pending = {name: set(store.pending_chunks(name)) for unit in plan.units for name, _, _ in self._arrays(unit)}
         work = [(unit, chunk) for unit, chunk in items if any(chunk in pending[n] for n, _, _ in self._arrays(unit))]
         _featurize_units(plan, work, self.grads_fn, self.projector, self.task, self.options, self.device,
-                         self.work_model, self.progress)
+                         self.work_model, self.progress, lockstep=self.lockstep, shards=self.shards)
 
 
 def _featurize_units(
@@ -279,8 +310,15 @@ def _featurize_units(
     device: torch.device,
     work_model: nn.Module,
     progress: bool,
+    *,
+    lockstep: Ranks | None = None,
+    shards: ShardedParameters | None = None,
 ) -> None:
-    """Compute and write the row chunks ``work`` of the plan's units."""
+    """Compute and write the row chunks ``work`` of the plan's units.
+
+    With ``lockstep`` (sharded parameters) every rank visits every unit and runs as many batches of it
+    as the busiest rank, discarding the ones it has no rows for: the ranks gather each layer together.
+    """
     store = plan.store
     final = ckpt_key(plan.trajectory.final_checkpoint.step)
     loaded: tuple[Any, ...] | None = None
@@ -289,12 +327,14 @@ def _featurize_units(
     stage_index = {s.name: i for i, s in enumerate(plan.trajectory.stages)}
     desc = "featurize (segmentation probe)" if plan.probe else "featurize"
     rows = options.chunk_rows
+    runs = [(unit, [chunk for u, chunk in work if u is unit]) for unit in plan.units]
+    saving = shards.saving if shards is not None else contextlib.nullcontext
     with tqdm(total=len(work), desc=desc, unit="chunk", disable=not progress) as bar:
         # One DataLoader per run of consecutive chunks of a unit: its workers start once and read ahead
         # across the run's chunks (a loader per chunk would restart them every chunk).
-        for _, group in itertools.groupby(work, key=lambda item: id(item[0])):
-            run = list(group)
-            unit, chunks = run[0][0], [chunk for _, chunk in run]
+        for unit, chunks in runs:
+            if not chunks and lockstep is None:
+                continue
             if loaded != unit.point:
                 plan.load(work_model, unit.point)
                 loaded = unit.point
@@ -304,29 +344,38 @@ def _featurize_units(
                 scale_name = unit.scale
             size = len(unit.dataset)  # type: ignore[arg-type]
             spans = [(c * rows, min(size, (c + 1) * rows)) for c in chunks]
+            own = sum(-(-(stop - start) // options.batch_size) for start, stop in spans)
+            idle = lockstep.most(own) - own if lockstep is not None else 0
             batches = iter(_chunk_loader(unit.dataset, spans, options, device))
+            where = f"{unit.where}, stage {unit.stage!r}"
             for chunk, (start, stop) in zip(chunks, spans, strict=True):
                 seed = np.random.SeedSequence([options.seed, *unit.seed, stage_index[unit.stage], chunk])
                 generator = torch.Generator().manual_seed(int(seed.generate_state(1, dtype=np.uint64)[0] >> 1))
-                feats, fisher, measured = _featurize_rows(
-                    grads_fn,
-                    projector,
-                    task,
-                    itertools.islice(batches, -(-(stop - start) // options.batch_size)),
-                    start,
-                    options,
-                    generator,
-                    device,
-                    where=f"{unit.where}, stage {unit.stage!r}",
-                    transform=transform,
-                    measure=_measures(unit, final, options),
-                )
+                with saving():
+                    feats, fisher, measured = _featurize_rows(
+                        grads_fn,
+                        projector,
+                        task,
+                        itertools.islice(batches, -(-(stop - start) // options.batch_size)),
+                        start,
+                        options,
+                        generator,
+                        device,
+                        where=where,
+                        transform=transform,
+                        measure=_measures(unit, final, options),
+                    )
                 if fisher is not None:
                     store.write_chunk(f"{unit.prefix}fisher/{unit.stage}/{unit.key}", chunk, fisher)
                 if measured is not None:
                     store.write_chunk(f"measurement/{unit.stage}/{unit.key}", chunk, measured)
                 store.write_chunk(f"{unit.prefix}grads/{unit.stage}/{unit.key}", chunk, feats)
                 bar.update()
+            if idle:  # the other ranks' batches gather every layer with this rank: take part, keep nothing
+                spare = _chunk_loader(unit.dataset, [(0, min(size, options.batch_size))], options, device)
+                with saving():
+                    _featurize_rows(grads_fn, projector, task, list(spare) * idle, 0, options, torch.Generator(),
+                                    device, where=where, transform=transform, measure=_measures(unit, final, options))
 
 
 class _ChunkBatches(Sampler[list[int]]):
@@ -356,6 +405,34 @@ def _chunk_loader(
     )
 
 
+def _check_shardable(group: Ranks, projection: ProjectionArguments, options: FeaturizeArguments) -> None:
+    """Refuse sharded parameters where the ranks cannot gather layers together, or the work needs whole weights."""
+    if not group.coordinated:
+        raise TaskError(
+            "Sharded parameters need the ranks of one torchrun process group (they gather each layer together); run "
+            "featurize under torchrun without --shard, or without --shard-parameters."
+        )
+    reasons = {
+        "the 'factored' projection (it needs no parameter gradient)": projection.kind != "factored",
+        "the sampled or empirical Fisher": options.fisher == "exact",
+        "a segmentation not placed automatically (its probe runs on one process)": bool(
+            options.segmentation is not None and options.segmentation.auto is not None
+        ),
+    }
+    missing = [need for need, lacking in reasons.items() if lacking]
+    if missing:
+        raise TaskError(f"Sharded parameters need {' and '.join(missing)}; change these options or drop sharding.")
+
+
+def _check_factored(projector: Projector) -> None:
+    rest = getattr(projector, "rest_names", None)
+    if rest:
+        raise TaskError(
+            f"Sharded parameters need every attributed parameter on a factored layer, but {rest[:3]} are not; select "
+            "the linear layers only (sp.ModuleSelection), or featurize unsharded."
+        )
+
+
 def _measures(unit: Unit, final: str, options: FeaturizeArguments) -> bool:
     """Whether a unit also stores P ∇f(z; θ_T): the final checkpoint's own unit, when asked."""
     return options.measurement and not unit.prefix and unit.key == final
@@ -375,7 +452,7 @@ def _open_or_create(path: str | Path, meta: dict[str, Any], overwrite: bool) -> 
 
 
 def _differing(old: dict[str, Any], meta: dict[str, Any]) -> list[str]:
-    informative = ("library_version", "spec", "provenance")
+    informative = ("library_version", "spec", "provenance", "layout")  # a store keeps the layout it was created with
     return [key for key in meta if key not in informative and old.get(key) != meta[key]]
 
 

@@ -186,7 +186,7 @@ def _stages(requested: tuple[str, ...] | None, sizes: Mapping[str, int]) -> list
 
 
 def _rows(store: Store, array: str, start: int, stop: int) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(store.array(array)[start:stop])).double()
+    return torch.from_numpy(store.read_rows(array, start, stop)).double()
 
 
 def _require_complete(store: Store, arrays: list[str], why: str) -> None:
@@ -246,6 +246,8 @@ def _final_checkpoint(
         return (-g).float().numpy()
 
     recipe = {"checkpoints": [final], "weights": [1.0], "features": "gradient", "normalize": normalize}
+    if args.kind == "grad-dot":
+        extra["train"] = {"terms": [_term(store.meta, s, [final], [0, k], -1.0) for s in attributed]}
     return k, recipe, chunk, extra
 
 
@@ -289,7 +291,23 @@ def _tracin(
         "features": "gradient",
         "normalize": False,
     }
-    return k * len(order), recipe, chunk, {"checkpoint_weights": [w for _, w in order]}
+    train = {
+        "terms": [
+            _term(meta, stage, [c], [slot[c] * k, (slot[c] + 1) * k], -(w**0.5) / sizes[stage])
+            for stage, pairs in used.items()
+            for c, w in pairs
+        ]
+    }
+    return k * len(order), recipe, chunk, {"checkpoint_weights": [w for _, w in order], "train": train}
+
+
+def _term(meta: dict[str, Any], stage: str, steps: list[int], columns: list[int], weight: float) -> dict[str, Any]:
+    """One term of a method's training recipe (see ``fit._Fit._train_recipe``): the stored gradients of
+    ``stage`` at ``steps`` (scaled as featurize scaled them), times ``weight``, in feature ``columns``."""
+    segments = [Segment.from_description(d) for d in (meta.get("segmentation") or {}).get("segments", [])]
+    scales = [segment_for(segments, stage, step).preconditioner if segments else None for step in steps]
+    points = [{"point": ["checkpoint", step], "scale": scale} for step, scale in zip(steps, scales, strict=True)]
+    return {"stage": stage, "columns": columns, "weight": weight, "operator": None, "points": points}
 
 
 def _repsim(

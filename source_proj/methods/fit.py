@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from source_proj.distributed import Ranks, Shard, rank_device, ranks, run_sharded
 from source_proj.errors import NumericalError, StoreError, TaskError
 from source_proj.featurize.arguments import default_device
+from source_proj.featurize.plan import segment_for
 from source_proj.methods.source import SegmentOperator, fold
 from source_proj.store.store import Store, ckpt_key, is_store
 from source_proj.trajectory.autosegment import TrajectoryView, trajectory_view
@@ -263,10 +264,38 @@ class _Fit:
             "stages": attributed,
             "dim": meta["projection"]["dim"],
             "query": query,
+            "train": self._train_recipe(meta, segments, attributed),
         }
         if view is not None:
             description["view"] = view.describe()
         return description, segments
+
+    def _train_recipe(self, meta: dict[str, Any], segments: Sequence[Segment], stages: Sequence[str]) -> dict[str, Any]:
+        """How T(z) is made of gradients at feature points (``query.per_token`` recomputes them per token):
+        T(z) = Σ_terms weight · operator · Σ_points P(s ⊙ ∇ℓ(z; θ_point)), here one term per segment
+        with operator A_ℓ (stored by :meth:`finish`) and weight −1/(N · points)."""
+        recorded = [Segment.from_description(d) for d in (meta.get("segmentation") or {}).get("segments", [])]
+        sizes = {s["name"]: s["dataset_size"] for s in meta["trajectory"]["stages"]}
+        terms = []
+        for index, seg in enumerate(segments):
+            if seg.stage not in stages:
+                continue
+            if self.args.fast:
+                points = [{"point": ["mean", list(seg.checkpoints)], "scale": seg.preconditioner}]
+            else:
+                points = [
+                    {"point": ["checkpoint", step],
+                     "scale": segment_for(recorded, seg.stage, step).preconditioner if recorded else None}
+                    for step in seg.checkpoints
+                ]  # fmt: skip
+            terms.append({
+                "stage": seg.stage,
+                "columns": [0, meta["projection"]["dim"]],
+                "weight": -1.0 / (sizes[seg.stage] * len(points)),
+                "operator": f"methods/{self.method}/operators/{index}/folded",
+                "points": points,
+            })  # fmt: skip
+        return {"terms": terms}
 
     def _items(self, store: Store, description: dict[str, Any], create: bool = False) -> list[tuple[str, int]]:
         """Every (stage, row chunk) of the cached features in a fixed order (``create``: create the arrays)."""
@@ -301,7 +330,8 @@ class _Fit:
     def work(self, group: Ranks) -> None:
         store = Store.open(self.path, writable=True)
         description = store.meta["methods"][self.method]
-        mine = group.shard.take(self._items(store, description))
+        per_shard = store.shard_chunks  # a shard file is written by one process: split at shard boundaries
+        mine = group.shard.take_groups(self._items(store, description), lambda item: (item[0], item[1] // per_shard))
         names = {stage: f"methods/{self.method}/train/{stage}" for stage in description["stages"]}
         store.heal_chunks([(names[stage], chunk) for stage, chunk in mine])
         pending = {stage: set(store.pending_chunks(name)) for stage, name in names.items()}
@@ -322,10 +352,13 @@ class _Fit:
         description = store.meta["methods"][self.method]
         if any(store.pending_chunks(f"methods/{self.method}/train/{stage}") for stage in description["stages"]):
             return False
-        for index, op in enumerate(self._operators or []):
-            name = f"methods/{self.method}/operators/{index}/eigvals"
-            if not store.is_complete(name):
-                store.write_whole(name, op.eigvals.cpu().numpy())
+        operators = self._operators or []
+        for index, (op, folded) in enumerate(zip(operators, fold(operators), strict=True)):
+            name = f"methods/{self.method}/operators/{index}"
+            if not store.is_complete(f"{name}/eigvals"):
+                store.write_whole(f"{name}/eigvals", op.eigvals.cpu().numpy())
+            if not store.is_complete(f"{name}/folded"):  # A_ℓ, for per-token scores (the train recipe)
+                store.write_whole(f"{name}/folded", folded.float().cpu().numpy())
         _finish_method(store, self.method)
         return True
 
@@ -404,10 +437,13 @@ def _identity(description: dict[str, Any]) -> Any:
     """What determines a fitted method's result: its description without the raw arguments (two
     spellings of the same request, e.g. a default left out or given, fit the same method) and
     without its completion flag, normalised through JSON (tuples and lists compare equal)."""
-    return json.loads(json.dumps({k: v for k, v in description.items() if k not in ("arguments", "complete")}))
+    described = {k: v for k, v in description.items() if k not in ("arguments", "complete", "train")}
+    return json.loads(json.dumps(described))
 
 
 def _finish_method(store: Store, method: str) -> None:
     methods = dict(store.meta["methods"])
+    for stage in methods[method]["stages"]:
+        store.pack(f"methods/{method}/train/{stage}")
     methods[method] = {**methods[method], "complete": True}
     store.update_meta(methods=methods)

@@ -30,7 +30,7 @@ from source_proj.errors import StoreError, TaskError
 from source_proj.featurize.arguments import default_device
 from source_proj.featurize.featurize import check_finite
 from source_proj.projection.factory import projector_from_meta
-from source_proj.query.topk import SearchBackend, TorchIndex, build_index
+from source_proj.query.topk import IVFArguments, SearchBackend, TorchIndex, build_index
 from source_proj.store.provenance import check_query_model, check_run
 from source_proj.store.store import Store
 from source_proj.tasks.gradients import PerExampleGradients, move_batch
@@ -106,10 +106,12 @@ class Attributor:
         device: where query gradients are computed.
         batch_size: queries per gradient batch.
         search_backend: top-k search (see ``topk.build_index``): ``"auto"`` (FAISS-GPU, else torch on
-            a CUDA device, else FAISS), ``"faiss"``, ``"torch"`` (resident on ``device``) or
-            ``"stream"`` (store chunk by chunk: memory bounded by the chunk size).
+            a CUDA device, else FAISS), ``"faiss"``, ``"torch"`` (resident on ``device``),
+            ``"stream"`` (store chunk by chunk: memory bounded by the chunk size), or ``"ivf"``
+            (approximate: FAISS inverted file, see ``search_ivf``).
         search_devices: devices the index is sharded over (e.g. ``["cuda:0", "cuda:1"]``); default
             ``device``, or every GPU when the features do not fit on it.
+        search_ivf: the approximate index's settings (``search_backend="ivf"``).
     """
 
     def __init__(
@@ -124,6 +126,7 @@ class Attributor:
         batch_size: int = 64,
         search_backend: SearchBackend = "auto",
         search_devices: Sequence[str] | None = None,
+        search_ivf: IVFArguments = IVFArguments(),
     ) -> None:
         self.store = store if isinstance(store, Store) else Store.open(store)
         meta = self.store.meta
@@ -141,6 +144,7 @@ class Attributor:
         self.batch_size = batch_size
         self.search_backend = search_backend
         self.search_devices = search_devices
+        self.search_ivf = search_ivf
         self._index: faiss.Index | TorchIndex | None = None
 
     def query_features(self, queries: Dataset | Sequence[Any]) -> torch.Tensor:
@@ -194,6 +198,7 @@ class Attributor:
                 self.device,
                 self.search_backend,
                 self.search_devices,
+                self.search_ivf,
             )
         return self._index
 

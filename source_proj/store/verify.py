@@ -40,7 +40,7 @@ from source_proj.featurize.plan import PROBE
 from source_proj.projection.factory import projector_from_meta
 from source_proj.store import objectstore
 from source_proj.store.durable import PARTIAL_SUFFIX
-from source_proj.store.store import Store, ckpt_key, is_remote, local_path
+from source_proj.store.store import STAGING, Store, ckpt_key, is_done, is_remote, local_path
 from source_proj.store.writing import writing
 from source_proj.trajectory.recorder import Checkpoint, Stage
 from source_proj.trajectory.segments import Segment
@@ -326,7 +326,7 @@ def _check_expected(
 
 def _drop(store: Store, name: str) -> None:
     """Delete an array and its progress entries even when its metadata is unreadable."""
-    for key in (name, f"progress/{name}"):
+    for key in (name, f"progress/{name}", f"{STAGING}{name}"):
         if is_remote(store.path):
             objectstore.remove(store.path, key)
         else:
@@ -353,7 +353,7 @@ def _check_array(store: Store, name: str, report: VerifyReport, repair: bool) ->
     report.arrays += 1
     report.chunks += chunks
     damaged = store.damaged_chunks(name)
-    pending = int((entries[:, 0] != 1).sum())
+    pending = int((~is_done(entries)).sum())
     report.pending += pending
     report.complete += chunks - pending - len(damaged)
     for chunk, reason in sorted(damaged.items()):
