@@ -121,7 +121,6 @@ def test_only_printed_or_written_rows_are_described_each_once(cli_reference: tup
         ("", "is a directory; give a file name ending in .csv, .jsonl or .parquet"),
         ("results.txt", "results.txt has no known format (.txt); end it in .csv, .jsonl or .parquet"),
         ("results", "results has no known format (no suffix)"),
-        ("missing/results.csv", "missing does not exist; create it or write elsewhere"),
     ],
 )
 def test_query_out_that_cannot_be_written_is_refused(

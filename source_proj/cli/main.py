@@ -370,9 +370,6 @@ def _write(records: list[dict[str, Any]], path: Path) -> None:
     if path.is_dir():
         raise click.BadParameter(f"{path} is a directory; give a file name ending in .csv, .jsonl or .parquet",
                                  param_hint="--out")  # fmt: skip
-    if not path.parent.is_dir():
-        raise click.BadParameter(f"the directory {path.parent} does not exist; create it or write elsewhere",
-                                 param_hint="--out")  # fmt: skip
     if suffix == ".csv":
         text = io.StringIO(newline="")
         writer = csv.DictWriter(text, fieldnames=list(records[0]))

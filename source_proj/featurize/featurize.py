@@ -44,6 +44,7 @@ from source_proj.store.provenance import (
     check_model_values,
     data_fingerprint,
     describe_provenance,
+    model_errors,
     model_fingerprint,
     reference_batch,
     save_reference_batch,
@@ -161,9 +162,9 @@ class _Featurize:
             self.grads_fn = PerExampleGradients(
                 self.work_model, self.task, self.names, vmap_chunk=options.vmap_chunk, precision=options.precision
             )
-            self.directions = _fisher_directions(self.grads_fn, self.task, self.datasets, options, self.device)
             # What θ_T computes on a fixed reference batch, and what the data hold (see provenance.py).
-            self.reference = reference_batch(self.datasets)
+            with model_errors("the training examples"):
+                self.reference = reference_batch(self.datasets)
             trajectory.load_into(self.work_model, trajectory.final_checkpoint)
             fingerprint = {
                 "model": {
@@ -172,6 +173,7 @@ class _Featurize:
                 },
                 "data": data_fingerprint(self.datasets),
             }
+            self.directions = _fisher_directions(self.grads_fn, self.task, self.datasets, options, self.device)
             self._meta = {
                 "library_version": __version__,
                 "params": [[n, list(s)] for n, s in shapes],

@@ -32,7 +32,7 @@ from source_proj.featurize.arguments import default_device
 from source_proj.featurize.featurize import check_finite
 from source_proj.projection.factory import projector_from_meta
 from source_proj.query.topk import SearchBackend, TorchIndex, build_index
-from source_proj.store.provenance import check_model, check_query_model, check_run
+from source_proj.store.provenance import check_model, check_query_model, check_run, model_errors
 from source_proj.store.store import Store
 from source_proj.store.writing import current_writer
 from source_proj.tasks.gradients import PerExampleGradients, move_batch
@@ -185,17 +185,17 @@ class Attributor:
         for step, weight, scale_name in zip(steps, weights, scales, strict=True):
             self._load(step)
             feats = []
-            if representation:
-                for b in _batches(queries, self.batch_size):
-                    feats.append(self.task.representation(self.model.eval(), move_batch(b, self.device)).cpu())
-                    bar.update()
-            else:
-                grads_fn = PerExampleGradients(self.model, self.task, self.param_names)
-                scale = read_scale(self.store, scale_name, shapes, self.device)
-                for b in _batches(queries, self.batch_size):
-                    batch = move_batch(b, self.device)
-                    feats.append(self.projector.project_batch(grads_fn, batch, "measurement", scale=scale).cpu())
-                    bar.update()
+            grads_fn = None if representation else PerExampleGradients(self.model, self.task, self.param_names)
+            scale = None if representation else read_scale(self.store, scale_name, shapes, self.device)
+            for b in _batches(queries, self.batch_size):
+                batch = move_batch(b, self.device)
+                with model_errors(f"the query batch starting at example {len(feats) * self.batch_size}"):
+                    if grads_fn is None:
+                        feats.append(self.task.representation(self.model.eval(), batch).cpu())
+                    else:
+                        grads_fn.task.measurement(grads_fn.outputs(batch), batch)  # checks labels outside vmap
+                        feats.append(self.projector.project_batch(grads_fn, batch, "measurement", scale=scale).cpu())
+                bar.update()
             part = torch.cat(feats)
             what = "representation" if representation else "measurement gradient"
             check_finite(part, 0, f"checkpoint step {step}", what, example="query")

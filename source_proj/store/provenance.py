@@ -35,7 +35,8 @@ import io
 import math
 import platform
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -45,7 +46,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from source_proj import __version__
-from source_proj.errors import StoreError, TaskError, TrajectoryError
+from source_proj.errors import SourceProjError, StoreError, TaskError, TrajectoryError, first_line
 from source_proj.store.store import Store
 from source_proj.tasks.gradients import move_batch
 from source_proj.tasks.task import Task
@@ -178,7 +179,7 @@ def model_fingerprint(model: nn.Module, task: Task, batch: Any, device: torch.de
     model.eval()
     bound = task.bind(model)
     batch = move_batch(batch, device)
-    with torch.no_grad():
+    with torch.no_grad(), model_errors("the training examples"):
         outputs = bound.forward(model, batch)
         values = {"loss": bound.loss(outputs, batch), "measurement": bound.measurement(outputs, batch)}
     flat = outputs.detach().double().reshape(outputs.shape[0], -1)
@@ -187,6 +188,20 @@ def model_fingerprint(model: nn.Module, task: Task, batch: Any, device: torch.de
         name: [float(v) if math.isfinite(v) else None for v in tensor.double().cpu().tolist()]
         for name, tensor in values.items()
     }
+
+
+@contextmanager
+def model_errors(what: str) -> Iterator[None]:
+    """Turn the model failing on ``what`` (inputs of another shape or type) into a :class:`TaskError`."""
+    try:
+        yield
+    except (SourceProjError, torch.OutOfMemoryError):
+        raise
+    except (RuntimeError, TypeError, ValueError, IndexError, KeyError) as err:
+        raise TaskError(
+            f"The model cannot run on {what} ({type(err).__name__}: {first_line(err)}); pass examples shaped and "
+            "typed as the model was trained on."
+        ) from err
 
 
 def save_reference_batch(store: Store, batch: Any) -> None:
