@@ -81,11 +81,16 @@ def test_unreadable_checkpoint_file(tmp_path: Path, tiny_run: Path, monkeypatch:
     assert not (tmp_path / "s.sp").exists()
 
 
-def test_checkpoint_torch_cannot_read(tmp_path: Path, tiny_run: Path) -> None:
+@pytest.mark.parametrize("payload", ["not a torch file", "truncated"])
+def test_checkpoint_torch_cannot_read(tmp_path: Path, tiny_run: Path, payload: str) -> None:
     run = _copy_run(tiny_run, tmp_path)
-    _rewrite_checkpoint(run, 1, b"not a torch file")
-    with pytest.raises(sp.TrajectoryError, match=r"cannot be read by torch\.load"):
+    original = (run / "checkpoints" / "step-00000004.pt").read_bytes()
+    _rewrite_checkpoint(run, 1, b"not a torch file" if payload != "truncated" else original[: len(original) // 2])
+    with pytest.raises(sp.TrajectoryError) as err:
         featurize(run, tmp_path / "s.sp")
+    message = _one_sentence(err)  # torch reports the truncated archive as an OSError: not a permissions problem
+    assert "step-00000004.pt cannot be read by torch.load (" in message
+    assert message.endswith("so it is truncated or not a torch checkpoint; restore it from training.")
     assert not (tmp_path / "s.sp").exists()
 
 
@@ -127,7 +132,7 @@ def _with_label(index: int, label: int) -> TensorDataset:
 
 
 def test_labels_out_of_range(tmp_path: Path, tiny_run: Path) -> None:
-    with pytest.raises(sp.TaskError, match=r"Labels must lie in \[0, 2\] .* labels from 0 to 7") as err:
+    with pytest.raises(sp.TaskError, match=r"Labels must lie in \[0, 2\] .* labels from \d to 7") as err:
         sp.featurize(tiny_run, build_model(), sp.ClassificationTask(), _with_label(1, 7), tmp_path / "a.sp",
                      projection=sp.ProjectionArguments(dim=12), options=sp.FeaturizeArguments(chunk_rows=4),
                      progress=False)  # fmt: skip

@@ -21,8 +21,9 @@ from .test_crash_resume import ROOT, SPEC
 def test_an_intact_store_verifies_ok(tiny_reference: Path) -> None:
     report = sp.verify_store(tiny_reference, progress=False)
     # lr (1 chunk) + grads and fisher of 3 checkpoints (3 chunks each) + the final checkpoint's
-    # measurement gradients (3) + 2 eigvals and 2 folded operators (1 each) + train (3)
-    assert (report.arrays, report.chunks, report.complete) == (13, 29, 29)
+    # measurement gradients (3) + 2 eigvals and 2 folded operators (1 each) + train (3) + the reference
+    # batch of the model's fingerprint (1)
+    assert (report.arrays, report.chunks, report.complete) == (14, 30, 30)
     assert report.status == "ok" and report.damaged == report.problems == report.notes == []
     assert report.lines()[-1] == "status: OK (complete, every chunk matches its crc)"
 

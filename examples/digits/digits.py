@@ -7,6 +7,7 @@ it defines ``build_model``, ``build_task``, ``train_data(stage)``, ``query_data(
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,8 +73,13 @@ def query_data() -> TensorDataset:
     return load_split()[1]
 
 
+@functools.cache
+def _train_labels() -> np.ndarray:
+    return load_split()[0].tensors[1].numpy()
+
+
 def describe(stage: str, index: int) -> str:
-    return f"digit {int(load_split()[0].tensors[1][index])}"
+    return f"digit {int(_train_labels()[index])}"
 
 
 def train(

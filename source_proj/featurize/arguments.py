@@ -3,6 +3,7 @@ data each checkpoint is featurized on."""
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -43,6 +44,10 @@ class ProjectionArguments:
     kind: str = "rademacher"
     module_dims: Mapping[str, int] = field(default_factory=dict)
     adam_rank: int = 1
+
+    def __post_init__(self) -> None:
+        _positive(self, "dim")
+        _positive(self, "seed", minimum=0)
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,21 @@ class FeaturizeArguments:
     precision: Precision = "fp32"
     shard_chunks: int | None = None
     shard_parameters: bool = False
+
+    def __post_init__(self) -> None:
+        _positive(self, "batch_size")
+        _positive(self, "chunk_rows")
+        _positive(self, "seed", minimum=0)
+        _positive(self, "num_workers", minimum=0)
+        if self.vmap_chunk is not None:
+            _positive(self, "vmap_chunk")
+
+
+def _positive(arguments: object, field: str, minimum: int = 1) -> None:
+    """Refuse a field of ``arguments`` that is not an integer ≥ ``minimum``."""
+    value = getattr(arguments, field)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise TaskError(f"{type(arguments).__name__}.{field} is {value!r}; pass a whole number ≥ {minimum}.")
 
 
 def default_device(device: str | None) -> torch.device:

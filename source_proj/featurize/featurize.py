@@ -40,7 +40,18 @@ from source_proj.featurize.sharded import ShardedParameters
 from source_proj.projection.base import Projector
 from source_proj.projection.factory import make_projector
 from source_proj.projection.transform import GradientTransform
-from source_proj.store.provenance import check_checkpoints, describe_provenance
+from source_proj.store.provenance import (
+    REFERENCE_BATCH,
+    check_checkpoints,
+    check_data,
+    check_model_values,
+    data_fingerprint,
+    describe_provenance,
+    model_errors,
+    model_fingerprint,
+    reference_batch,
+    save_reference_batch,
+)
 from source_proj.store.store import Store, ckpt_key, is_store, shard_chunks_for
 from source_proj.tasks.gradients import PerExampleGradients, move_batch
 from source_proj.tasks.task import Task
@@ -176,6 +187,21 @@ class _Featurize:
                 # The once-per-projector check materialises every layer's per-example gradients, which sharded
                 # parameters never hold; a weight used outside its layer fails on its placeholder instead.
                 self.projector._checked = True  # type: ignore[attr-defined]
+            # What θ_T computes on a fixed reference batch, and what the data hold (see provenance.py).
+            with model_errors("the training examples"):
+                self.reference = reference_batch(self.datasets)
+            # Sharded parameters are placeholders between layers: the fingerprint runs a whole copy.
+            whole = self.work_model if self.shards is None else copy.deepcopy(self.model).cpu()
+            trajectory.load_into(whole, trajectory.final_checkpoint)
+            fingerprint = {
+                "model": {
+                    "step": trajectory.final_checkpoint.step,
+                    "values": model_fingerprint(
+                        whole, self.task, self.reference, self.device if self.shards is None else torch.device("cpu")
+                    ),
+                },
+                "data": data_fingerprint(self.datasets),
+            }
             self.directions = _fisher_directions(self.grads_fn, self.task, self.datasets, options, self.device)
             k = self.projector.dim
             self._meta = {
@@ -200,6 +226,7 @@ class _Featurize:
                 "spec": self.spec,
                 "provenance": describe_provenance(self.model, trajectory, self.device, options.batch_size),
                 "layout": {"shard_chunks": options.shard_chunks or shard_chunks_for(4 * options.chunk_rows * k)},
+                "fingerprint": fingerprint,
             }
         return self._meta
 
@@ -209,10 +236,12 @@ class _Featurize:
 
     def prepare(self, overwrite: bool) -> None:
         check_checkpoints(self.trajectory, self.work_model if self.shards is None else copy.deepcopy(self.model).cpu())
-        store = _open_or_create(self.path, self.meta, overwrite)
+        store = self._open_or_create(overwrite)
         plan = self._plan(store, overwrite, record=True)
         if not plan.store.is_complete("trajectory/lr"):
             plan.store.write_whole("trajectory/lr", self.trajectory.lr.astype(np.float64))
+        if "model" in (plan.store.meta.get("fingerprint") or {}) and not plan.store.is_complete(REFERENCE_BATCH):
+            save_reference_batch(plan.store, self.reference)
         if plan.probe:  # the automatic segmentation's probe (a few hundred rows): computed here, whole
             self._compute(plan, self._items(plan, create=True), heal=True)
             plan = self._plan(plan.store, overwrite, record=True)
@@ -222,7 +251,7 @@ class _Featurize:
         if not is_store(self.path):
             return False
         store = Store.open(self.path)
-        _refuse_other_settings(self.path, store.meta, self.meta)
+        self._refuse_other_settings(store.meta)
         try:
             plan = self._plan(store)
         except NotPrepared:
@@ -235,7 +264,7 @@ class _Featurize:
 
     def work(self, group: Ranks) -> None:
         store = Store.open(self.path, writable=True)
-        _refuse_other_settings(self.path, store.meta, self.meta)
+        self._refuse_other_settings(store.meta)
         plan = self._plan(store)
         per_shard = store.shard_chunks  # a shard file is written by one process: split at shard boundaries
 
@@ -264,6 +293,38 @@ class _Featurize:
         if not store.meta.get("featurized") or old != products:
             store.update_meta(featurized=True, products=products)
         return True
+
+    def _open_or_create(self, overwrite: bool) -> Store:
+        """The store to write: created (replacing any store there with ``overwrite``), or the existing
+        one if it was featurized with these settings, this model and these data."""
+        if overwrite:
+            return Store.create(self.path, self.meta, overwrite=True)
+        try:
+            existing = Store.open(self.path, writable=True)
+        except StoreError:
+            return Store.create(self.path, self.meta)
+        self._refuse_other_settings(existing.meta)
+        return existing
+
+    def _refuse_other_settings(self, old: dict[str, Any]) -> None:
+        """Refuse to resume or reuse a store written with other settings, another library version, a model
+        that computes something else, or other training data."""
+        meta = self.meta
+        differing = _differing(old, meta)
+        if "library_version" in differing:
+            raise StoreError(
+                f"The store at {self.path} was featurized by source-proj {old.get('library_version')}, this is "
+                f"{__version__}, whose numbers may differ; pass --force (overwrite=True) to featurize it anew, or use "
+                "another store path."
+            )
+        if differing:
+            raise StoreError(
+                f"The store at {self.path} was featurized with other settings ({', '.join(differing)}); pass --force "
+                "(overwrite=True) to replace it, or use another store path."
+            )
+        # The data first: the model's fingerprint is computed on a batch of them.
+        if check_data(self.path, old, self.datasets, fingerprint=meta["fingerprint"]["data"]):
+            check_model_values(self.path, old, meta["fingerprint"]["model"]["values"])
 
     def _arrays(self, unit: Unit) -> list[tuple[str, tuple[int, int], int]]:
         """``(name, shape, chunk rows)`` of the arrays a unit writes (row chunk i of each belongs to chunk i)."""
@@ -438,31 +499,10 @@ def _measures(unit: Unit, final: str, options: FeaturizeArguments) -> bool:
     return options.measurement and not unit.prefix and unit.key == final
 
 
-def _open_or_create(path: str | Path, meta: dict[str, Any], overwrite: bool) -> Store:
-    try:
-        existing = Store.open(path, writable=True)
-    except StoreError:
-        return Store.create(path, meta, overwrite=overwrite)
-    if not _differing(existing.meta, meta):
-        return existing
-    if overwrite:
-        return Store.create(path, meta, overwrite=True)
-    _refuse_other_settings(path, existing.meta, meta)
-    return existing
-
-
 def _differing(old: dict[str, Any], meta: dict[str, Any]) -> list[str]:
-    informative = ("library_version", "spec", "provenance", "layout")  # a store keeps the layout it was created with
+    """The settings (metadata fields compared exactly) in which ``meta`` differs from a store's ``old``."""
+    informative = ("spec", "provenance", "fingerprint", "layout")  # a store keeps the layout it was created with
     return [key for key in meta if key not in informative and old.get(key) != meta[key]]
-
-
-def _refuse_other_settings(path: str | Path, old: dict[str, Any], meta: dict[str, Any]) -> None:
-    differing = _differing(old, meta)
-    if differing:
-        raise StoreError(
-            f"The store at {path} was featurized with other settings ({', '.join(differing)}); pass --force "
-            "(overwrite=True) to replace it, or use another store path."
-        )
 
 
 def _fisher_directions(

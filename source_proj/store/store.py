@@ -41,22 +41,22 @@ Writers hold the store's lock ([`source_proj.store.locking`][]).
 
 from __future__ import annotations
 
-import errno
-import os
+import json
 import warnings
 import zlib
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.group import GroupMetadata
 from zarr.core.sync import sync
 
 from source_proj.errors import StoreError
 from source_proj.store import objectstore
-from source_proj.store.durable import LOCK_FILE, DurableLocalStore
+from source_proj.store.durable import LOCK_FILE, DurableLocalStore, atomic_write_bytes, io_errors
 from source_proj.store.objectstore import RemoteStore, is_remote
 
 FORMAT = "source-proj-store"
@@ -102,7 +102,7 @@ class Store:
             )
         refuse_foreign_directory(path)
         attributes = {"source_proj": {**meta, "format": FORMAT, "format_version": FORMAT_VERSION}}
-        with _io(path, "the new store"):  # one write of the root metadata: a store exists whole or not at all
+        with io_errors(path, "the new store"):  # one write of the root metadata: a store exists whole or not at all
             group = zarr.open_group(store=_zarr_store(path, read_only=False), mode="w", attributes=attributes)
         return cls(path, group)
 
@@ -150,7 +150,7 @@ class Store:
         """Replace top-level metadata fields."""
         meta = self.meta
         meta.update(fields)
-        with _io(self.path, "the store's metadata"):
+        with io_errors(self.path, "the store's metadata"):
             self.group.attrs["source_proj"] = meta
 
     def has(self, name: str) -> bool:
@@ -175,6 +175,11 @@ class Store:
         except KeyError as err:
             raise StoreError(
                 f"The store at {self.path} has no array {name!r}; run the step that writes it first."
+            ) from err
+        except Exception as err:
+            raise StoreError(
+                f"The metadata of {name!r} in {self.path} is unreadable ({type(err).__name__}); run "
+                f"`source-proj verify {self.path} --repair` and re-run the command that wrote it."
             ) from err
         if not isinstance(arr, zarr.Array):
             raise StoreError(f"{name!r} in {self.path} is a group, not an array.")
@@ -212,7 +217,7 @@ class Store:
     ) -> zarr.Array:
         """Create an uncompressed array, its parent groups first (zarr writes them concurrently
         otherwise, and a kill in between would leave an array without its parents' metadata)."""
-        with _io(self.path, f"array {name!r}"):
+        with io_errors(self.path, f"array {name!r}"):
             parts = name.split("/")[:-1]
             for depth in range(1, len(parts) + 1):
                 self.group.require_group("/".join(parts[:depth]))
@@ -247,7 +252,7 @@ class Store:
         self._forget(name)
         for key in (name, f"progress/{name}", f"{STAGING}{name}"):
             if self.has(key):
-                with _io(self.path, f"the deletion of {key!r}"):
+                with io_errors(self.path, f"the deletion of {key!r}"):
                     del self.group[key]
 
     # -- progress of row-chunked writes ------------------------------------------------------
@@ -330,19 +335,58 @@ class Store:
     def mark_pending(self, name: str, chunks: list[int]) -> None:
         """Forget that these chunks were written, so the writing command recomputes them."""
         progress = self._progress(name, self.num_chunks(name))
-        with _io(self.path, f"the progress entries of {name!r}"):
+        with io_errors(self.path, f"the progress entries of {name!r}"):
             for chunk in chunks:
                 progress[chunk] = np.zeros(2, dtype=np.uint32)
 
     def progress_arrays(self, prefix: str = "") -> list[str]:
-        """Names of the row-chunked arrays (those with progress entries) under ``prefix``, sorted."""
-        if not self.has("progress"):
-            return []
-        group = self.group["progress"]
-        with warnings.catch_warnings():  # directories a killed writer left without metadata
-            warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
-            names = [key for key, node in group.members(max_depth=None) if isinstance(node, zarr.Array)]
+        """Names of the row-chunked arrays (those with progress entries) under ``prefix``, sorted.
+
+        Read from the storage listing, so an array whose progress metadata is unreadable is listed
+        too (reading its entries then raises :class:`StoreError`); directories a killed writer left
+        without metadata are not.
+        """
+        nodes = self.nodes("progress/")
+        parents = {name.rsplit("/", 1)[0] for name in nodes}
+        leaves = [name for name in nodes if name not in parents and name != "progress"]
+        names = [name.removeprefix("progress/") for name in leaves if self.node_type(name) != "group"]
         return sorted(n for n in names if n.startswith(prefix))
+
+    def _files(self) -> tuple[Any, str]:
+        """The fsspec filesystem holding the store, and the store's root on it."""
+        return objectstore.filesystem(str(local_path(self.path).resolve()) if not is_remote(self.path) else self.path)
+
+    def nodes(self, prefix: str = "") -> list[str]:
+        """Names of every array and group below ``prefix`` that has a metadata file (``zarr.json``),
+        read from the storage listing (a node whose metadata is unreadable is listed too), sorted."""
+        fs, root = self._files()
+        try:
+            keys = fs.find(f"{root}/{prefix}".rstrip("/"))
+        except FileNotFoundError:
+            return []
+        suffix = "/zarr.json"
+        names = {str(k)[len(root) + 1 : -len(suffix)] for k in keys if str(k).endswith(suffix)}
+        return sorted(n for n in names if n and not n.startswith(LOCK_FILE))
+
+    def node_type(self, name: str) -> str | None:
+        """``"array"`` or ``"group"`` as a node's metadata says, or ``None`` if it is unreadable."""
+        fs, root = self._files()
+        try:
+            meta = json.loads(fs.cat_file(f"{root}/{name}/zarr.json"))
+        except (OSError, ValueError):
+            return None
+        kind = meta.get("node_type") if isinstance(meta, dict) else None
+        return kind if kind in ("array", "group") else None
+
+    def write_group_metadata(self, name: str) -> None:
+        """Replace a group's metadata by that of an empty group (what every group below the root holds)."""
+        data = GroupMetadata(zarr_format=3).to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
+        with io_errors(self.path, f"the metadata of group {name!r}"):
+            if is_remote(self.path):
+                fs, root = self._files()
+                fs.pipe_file(f"{root}/{name}/zarr.json", data)
+            else:
+                atomic_write_bytes(local_path(self.path) / name / "zarr.json", data)
 
     def damaged_chunks(self, name: str) -> dict[int, str]:
         """Chunks marked complete whose data no longer match their crc32: ``{chunk: reason}``."""
@@ -407,7 +451,7 @@ class Store:
         num_chunks = -(-arr.shape[0] // rows)
         progress = self._progress(name, num_chunks)
         target = arr if arr.shards is None else self._staging(name)
-        with _io(self.path, f"chunk {chunk} of {name!r}"):
+        with io_errors(self.path, f"chunk {chunk} of {name!r}"):
             target[start:stop] = values
             progress[chunk] = np.array([WRITTEN, zlib.crc32(values.tobytes())], dtype=np.uint32)
         if arr.shards is not None:
@@ -426,7 +470,7 @@ class Store:
             return True
         values = np.concatenate([self.read_chunk(name, chunk) for chunk in range(first, last)])
         start, stop = self.chunk_rows(name, first)[0], self.chunk_rows(name, last - 1)[1]
-        with _io(self.path, f"shard {shard} of {name!r}"):
+        with io_errors(self.path, f"shard {shard} of {name!r}"):
             try:
                 arr[start:stop] = values
             except ValueError:  # zarr merges a partial (last) shard into the old file, which is damaged: drop it
@@ -468,7 +512,7 @@ class Store:
 
         if sync(present()):
             self._forget(prefix)
-            with _io(self.path, f"the deletion of {prefix!r}"):
+            with io_errors(self.path, f"the deletion of {prefix!r}"):
                 sync(store.delete_dir(prefix))
 
     def is_complete(self, name: str) -> bool:
@@ -544,25 +588,3 @@ def refuse_foreign_directory(path: str | Path) -> None:
     raise StoreError(
         f"{path} already holds files that are not a source-proj store; choose a new or empty directory for the store."
     )
-
-
-_IO_REASONS = {
-    errno.ENOSPC: "the disk is full",
-    errno.EDQUOT: "the disk quota is exhausted",
-    errno.EROFS: "the file system is read-only",
-    errno.EACCES: "permission is denied",
-    errno.EPERM: "permission is denied",
-}
-
-
-@contextmanager
-def _io(path: str | Path, what: str) -> Iterator[None]:
-    """Turn an operating-system error while writing ``what`` into a [`StoreError`][]."""
-    try:
-        yield
-    except OSError as err:
-        reason = _IO_REASONS.get(err.errno or 0, os.strerror(err.errno) if err.errno else str(err))
-        raise StoreError(
-            f"Writing {what} to {path} failed because {reason} ({err.strerror or err}); fix that and re-run the "
-            "same command: it resumes, and nothing half-written was kept."
-        ) from err

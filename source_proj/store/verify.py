@@ -40,6 +40,7 @@ from source_proj.featurize.plan import PROBE
 from source_proj.projection.factory import projector_from_meta
 from source_proj.store import objectstore
 from source_proj.store.durable import PARTIAL_SUFFIX
+from source_proj.store.provenance import REFERENCE_BATCH
 from source_proj.store.store import STAGING, Store, ckpt_key, is_done, is_remote, local_path
 from source_proj.store.writing import writing
 from source_proj.trajectory.recorder import Checkpoint, Stage
@@ -169,12 +170,16 @@ def fit_command(store: Store, method: str) -> str:
     """The CLI command that resumes a method's fit."""
     arguments = store.meta["methods"][method].get("arguments", {})
     args = ["source-proj fit", shlex.quote(store.path), f"--method {shlex.quote(method)}"]
-    if arguments.get("boundaries"):
+    if arguments.get("auto_segments") is not None:
+        args.append(f"--segments auto:{arguments['auto_segments']}")
+    elif arguments.get("boundaries"):
         args.append(f"--boundaries {','.join(str(b) for b in arguments['boundaries'])}")
-    elif "segments_per_stage" in arguments:
+    elif arguments.get("segments_per_stage") is not None:
         args.append(f"--segments {arguments['segments_per_stage']}")
     if arguments.get("stages"):
         args.append(f"--stages {','.join(arguments['stages'])}")
+    if arguments.get("fast"):
+        args.append("--fast")
     return " ".join(args)
 
 
@@ -251,7 +256,10 @@ def _verify(store: Store, *, repair: bool, progress: bool) -> VerifyReport:
     if not featurized:
         report.notes.append("the store holds no featurize output (another writer's store): its chunks were checked")
 
-    featurize_unfinished = featurized and _check_expected(store, meta, expected, report, repair)
+    _check_groups(store, report, repair)
+    featurize_unfinished, reported = False, set()
+    if featurized:
+        featurize_unfinished, reported = _check_expected(store, meta, expected, report, repair)
     method_prefixes = {f"methods/{m}/": m for m in meta.get("methods") or {}}
     broken_methods: set[str] = set()
     try:
@@ -262,14 +270,15 @@ def _verify(store: Store, *, repair: bool, progress: bool) -> VerifyReport:
         )
         report.unusable = True
         return report
-    for name in tqdm(names, desc="verify", unit="array", disable=not progress):
+    own = ("trajectory/lr", REFERENCE_BATCH)  # featurize's arrays besides the features
+    for name in tqdm([n for n in names if n not in reported], desc="verify", unit="array", disable=not progress):
         method = next((m for p, m in method_prefixes.items() if name.startswith(p)), None)
         if not _check_array(store, name, report, repair):
-            if featurized and (name in expected or name == "trajectory/lr"):
+            if featurized and (name in expected or name in own):
                 featurize_unfinished = True
             if method is not None:
                 broken_methods.add(method)
-        known = name in expected or name == "trajectory/lr" or name.startswith(PROBE) or method is not None
+        known = name in expected or name in own or name.startswith(PROBE) or method is not None
         if featurized and not known:
             report.notes.append(f"{name!r} is not part of featurize's output or of a fitted method")
     if featurized:
@@ -299,9 +308,11 @@ def _verify(store: Store, *, repair: bool, progress: bool) -> VerifyReport:
 
 def _check_expected(
     store: Store, meta: dict[str, Any], expected: dict[str, tuple[int, int]], report: VerifyReport, repair: bool
-) -> bool:
-    """Existence and shapes of featurize's arrays; returns whether featurize must run again."""
+) -> tuple[bool, set[str]]:
+    """Existence and shapes of featurize's arrays; returns whether featurize must run again, and the
+    arrays found unreadable or misshapen (reported here, not checked further)."""
     unfinished = False
+    reported = set()
     steps = meta["trajectory"]["stages"][-1]["end_step"]
     for name, shape in [("trajectory/lr", (steps,)), *expected.items()]:
         try:
@@ -318,10 +329,32 @@ def _check_expected(
             unfinished = True
             what = "has unreadable metadata" if actual is None else f"has shape {actual}, not {shape}"
             report.problems.append(f"{name!r} {what}")
+            reported.add(name)
             if repair:
                 _drop(store, name)
                 report.repaired.append(f"dropped {name!r} (featurize writes it again)")
-    return unfinished
+    return unfinished, reported
+
+
+def _reason(err: StoreError) -> str:
+    """Why an array cannot be read, in a few words."""
+    cause = err.__cause__
+    return f"unreadable metadata: {type(cause).__name__}" if cause is not None else "it is missing"
+
+
+def _check_groups(store: Store, report: VerifyReport, repair: bool) -> None:
+    """Every group's metadata is readable (arrays are checked with their chunks); ``repair`` rewrites
+    an unreadable one (groups below the root hold no attributes)."""
+    nodes = store.nodes()
+    parents = {name.rsplit("/", 1)[0] for name in nodes if "/" in name}
+    for group in sorted(parents):
+        if store.node_type(group) == "group":
+            continue
+        if repair:
+            store.write_group_metadata(group)
+            report.repaired.append(f"rewrote the unreadable metadata of group {group!r}")
+        else:
+            report.problems.append(f"the metadata of group {group!r} is unreadable")
 
 
 def _drop(store: Store, name: str) -> None:
@@ -339,7 +372,7 @@ def _check_array(store: Store, name: str, report: VerifyReport, repair: bool) ->
         entries = store.progress_entries(name)
         chunks = store.num_chunks(name)
     except StoreError as err:
-        report.problems.append(f"{name!r} cannot be checked: {err}")
+        report.problems.append(f"{name!r} cannot be checked ({_reason(err)})")
         if repair:
             _drop(store, name)
             report.repaired.append(f"dropped {name!r} (its writer writes it again)")
@@ -371,24 +404,35 @@ def _check_methods(store: Store, meta: dict[str, Any], report: VerifyReport) -> 
     sizes = {s["name"]: s["dataset_size"] for s in meta["trajectory"]["stages"]}
     steps = set(meta["trajectory"]["checkpoints"])
     for method, desc in (meta.get("methods") or {}).items():
-        problems = []
-        for stage in desc.get("stages", []):
-            name = f"methods/{method}/train/{stage}"
-            if stage not in sizes:
-                problems.append(f"attributes unknown stage {stage!r}")
-            elif not store.has(name):
-                if desc.get("complete"):
-                    problems.append(f"has no {name!r}")
-            elif store.array(name).shape[0] != sizes[stage] or store.array(name).shape[1:] != (desc.get("dim"),):
-                problems.append(f"has {name!r} of shape {store.array(name).shape}")
-            elif desc.get("complete") and store.pending_chunks(name):
-                problems.append(f"is marked complete but {name!r} has pending chunks")
-        used = {s for seg in desc.get("segments", []) for s in seg.get("checkpoints", [])}
-        used |= set(desc.get("query", {}).get("checkpoints", []))
-        if used - steps:
-            problems.append(f"uses checkpoints {sorted(used - steps)} the store's run does not have")
+        try:
+            problems = _method_problems(store, method, desc, sizes, steps)
+        except StoreError as err:
+            problems = [f"cannot be checked ({_reason(err)})"]
         for problem in problems:
             report.problems.append(f"method {method!r} {problem}")
         if problems:
             broken.add(method)
     return broken
+
+
+def _method_problems(
+    store: Store, method: str, desc: dict[str, Any], sizes: dict[str, int], steps: set[int]
+) -> list[str]:
+    """What is inconsistent between one fitted method's description and the store."""
+    problems = []
+    for stage in desc.get("stages", []):
+        name = f"methods/{method}/train/{stage}"
+        if stage not in sizes:
+            problems.append(f"attributes unknown stage {stage!r}")
+        elif not store.has(name):
+            if desc.get("complete"):
+                problems.append(f"has no {name!r}")
+        elif store.array(name).shape[0] != sizes[stage] or store.array(name).shape[1:] != (desc.get("dim"),):
+            problems.append(f"has {name!r} of shape {store.array(name).shape}")
+        elif desc.get("complete") and store.pending_chunks(name):
+            problems.append(f"is marked complete but {name!r} has pending chunks")
+    used = {s for seg in desc.get("segments", []) for s in seg.get("checkpoints", [])}
+    used |= set(desc.get("query", {}).get("checkpoints", []))
+    if used - steps:
+        problems.append(f"uses checkpoints {sorted(used - steps)} the store's run does not have")
+    return problems

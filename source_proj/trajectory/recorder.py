@@ -38,6 +38,7 @@ process sees its local gradients, so pass the factor to :meth:`TrajectoryRecorde
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import json
 import math
@@ -52,7 +53,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from source_proj.errors import TrajectoryError
+from source_proj.errors import TrajectoryError, first_line
 from source_proj.store.durable import atomic_write_bytes
 
 FORMAT = "source-proj-trajectory"
@@ -447,15 +448,17 @@ class Trajectory:
                     f"Checkpoint {file} does not match the sha256 recorded in trajectory.json (changed or "
                     "corrupted after training); restore the original file."
                 )
-            state = torch.load(file, map_location="cpu", weights_only=True)
         except OSError as err:
+            raise _unreadable(file, err) from err
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch reports a truncated archive as OSError (EINVAL) or RuntimeError
+            if isinstance(err, OSError) and err.errno != errno.EINVAL:
+                raise _unreadable(file, err) from err
             raise TrajectoryError(
-                f"Checkpoint {file} cannot be read ({err.strerror or err}); check its permissions and the disk."
+                f"Checkpoint {file} cannot be read by torch.load ({type(err).__name__}: {first_line(err)}), so it is "
+                "truncated or not a torch checkpoint; restore it from training."
             ) from err
-        except TrajectoryError:
-            raise
-        except Exception as err:
-            raise TrajectoryError(f"Checkpoint {file} cannot be read by torch.load ({err}); restore it.") from err
         if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
             raise TrajectoryError(
                 f"Checkpoint {file} holds no {{'model': state_dict}}; save checkpoints with TrajectoryRecorder."
@@ -483,6 +486,12 @@ class Trajectory:
             f"Trajectory({str(self.path)!r}, steps={self.num_steps}, stages={[s.name for s in self.stages]}, "
             f"checkpoints={len(self.checkpoints)}, complete={self.complete})"
         )
+
+
+def _unreadable(file: Path, err: OSError) -> TrajectoryError:
+    return TrajectoryError(
+        f"Checkpoint {file} cannot be read ({err.strerror or err}); check its permissions and the disk."
+    )
 
 
 def _is_int(value: Any) -> bool:
