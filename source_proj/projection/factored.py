@@ -46,7 +46,8 @@ build bit-identical factors; the dense part uses the ordinary blocks ``(seed, b)
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -277,8 +278,7 @@ class FactoredProjector(Projector):
         P_out diag(r) and P_in diag(c) are used); Adam's own elementwise preconditioner is not,
         and is refused: use the dense ``rademacher`` projection for Adam-trained runs.
         """
-        if not self._checked:
-            self._check_against_materialised(grads_fn, batch, quantity)
+        self.check_layers(grads_fn, batch, quantity)
         features = self._layer_features(grads_fn, batch, quantity, scale)
         if self.rest is not None:
             rest = grads_fn(batch, quantity, names=self.rest_names)
@@ -297,25 +297,53 @@ class FactoredProjector(Projector):
         size = batch_size(batch)
         device = grads_fn.device
         dtype = torch.bfloat16 if grads_fn.precision == "bf16" else torch.float32
-        modules = dict(grads_fn.model.named_modules())
         out = torch.zeros(size, self.dim, dtype=torch.float32, device=device)
         probe = torch.zeros((), device=device, requires_grad=True)
-        handles = []
-        for index, layer in enumerate(self.layers):
-            p_out, p_in = self.factors(index, device)
-            if scale is not None:
-                row, col = _rank_one(layer, scale)
-                p_out, p_in = p_out * row.to(device), p_in * col.to(device)
-            hook = _LayerHook(layer, modules[layer.module], p_out.to(dtype), p_in.to(dtype), size, probe, out)
-            handles.append(modules[layer.module].register_forward_hook(hook))
-        try:
+        with self.tapped(grads_fn.model, lambda: out, probe, dtype=dtype, scale=scale):
             total = grads_fn.values(batch, quantity).sum()
             if total.requires_grad:
                 torch.autograd.grad(total, probe, allow_unused=True)
+        return out
+
+    @contextmanager
+    def tapped(
+        self,
+        model: nn.Module,
+        target: Callable[[], Tensor | None],
+        probe: Tensor,
+        *,
+        dtype: torch.dtype = torch.float32,
+        scale: Mapping[str, Tensor] | None = None,
+    ) -> Iterator[None]:
+        """Forward hooks on every factored layer of ``model`` while the context is open.
+
+        At each forward of a layer, ``target()`` names where its backward adds each example's
+        P_out G P_inᵀ: a float32 ``[B, k]`` tensor (B the batch size the layer sees), or ``None``
+        to leave that forward untapped. The layer path of :meth:`project_batch`, and in-run capture
+        (``featurize/capture.py``) where the backward is the training step's own. ``probe`` (a
+        scalar with ``requires_grad``) makes every tapped output part of the graph even when the
+        parameters are constants; differentiate with respect to it to run the taps alone.
+        """
+        modules = dict(model.named_modules())
+        device = probe.device
+        handles = []
+        try:
+            for index, layer in enumerate(self.layers):
+                p_out, p_in = self.factors(index, device)
+                if scale is not None:
+                    row, col = _rank_one(layer, scale)
+                    p_out, p_in = p_out * row.to(device), p_in * col.to(device)
+                hook = _LayerHook(layer, modules[layer.module], p_out.to(dtype), p_in.to(dtype), probe, target)
+                handles.append(modules[layer.module].register_forward_hook(hook))
+            yield
         finally:
             for handle in handles:
                 handle.remove()
-        return out
+
+    def check_layers(self, grads_fn: PerExampleGradients, batch: Batch, quantity: Quantity = "loss") -> None:
+        """Refuse a model whose layer path differs from the materialised map (run once per projector)."""
+        if not self._checked:
+            self._check_against_materialised(grads_fn, batch, quantity)
 
     def _check_against_materialised(self, grads_fn: PerExampleGradients, batch: Batch, quantity: Quantity) -> None:
         """Once per projector: the layer path must equal the materialised map on two examples (fp32).
@@ -339,7 +367,8 @@ class FactoredProjector(Projector):
 
 
 class _LayerHook:
-    """Forward hook of one factored layer: records P_in a_t, taps δ_t, accumulates the outer products."""
+    """Forward hook of one factored layer: records P_in a_t, taps δ_t, accumulates the outer products
+    into the tensor ``target()`` names at the forward (none: the forward is not tapped)."""
 
     def __init__(
         self,
@@ -347,24 +376,26 @@ class _LayerHook:
         module: nn.Module,
         p_out: Tensor,
         p_in: Tensor,
-        batch: int,
         probe: Tensor,
-        out: Tensor,
+        target: Callable[[], Tensor | None],
     ) -> None:
         self.layer, self.module, self.p_out, self.p_in = layer, module, p_out, p_in
-        self.batch, self.probe, self.out = batch, probe, out
+        self.probe, self.target = probe, target
 
-    def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor:
+    def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor | None:
+        out = self.target()
+        if out is None:
+            return None
         x = inputs[0]
-        if x.shape[0] != self.batch:
+        if x.shape[0] != out.shape[0]:
             raise TaskError(
                 f"Layer {self.layer.module!r} sees inputs of first dimension {x.shape[0]}, not the batch size "
-                f"{self.batch}: the factored projection needs examples along the first dimension of every layer's "
+                f"{out.shape[0]}: the factored projection needs examples along the first dimension of every layer's "
                 "input; use the 'rademacher' projection for this model."
             )
         with torch.no_grad():
             projected_inputs = self._inputs(x.detach())
-        return _Tap.apply(output, self.probe, lambda grad: self._accumulate(projected_inputs, grad))
+        return _Tap.apply(output, self.probe, lambda grad: self._accumulate(out, projected_inputs, grad))
 
     def _inputs(self, x: Tensor) -> Tensor:
         """P_in a_t for every position: ``[B, T, k_in]``."""
@@ -372,7 +403,7 @@ class _LayerHook:
         x = x.to(p_in.dtype)
         weight = p_in[:, : layer.in_features]
         if isinstance(self.module, nn.Linear):
-            a = x.reshape(self.batch, -1, layer.in_features) @ weight.T
+            a = x.reshape(x.shape[0], -1, layer.in_features) @ weight.T
         else:
             kernel = weight.reshape(-1, *self.module.weight.shape[1:])
             a = self.module._conv_forward(x, kernel, None).flatten(2).transpose(1, 2)
@@ -380,14 +411,14 @@ class _LayerHook:
             a = a + p_in[:, layer.in_features]
         return a
 
-    def _accumulate(self, projected_inputs: Tensor, grad: Tensor) -> None:
+    def _accumulate(self, out: Tensor, projected_inputs: Tensor, grad: Tensor) -> None:
         with torch.no_grad():
             grad = grad.to(self.p_out.dtype)
             if isinstance(self.module, nn.Linear):
-                d = (grad.reshape(self.batch, -1, self.layer.out_features) @ self.p_out.T).transpose(1, 2)
+                d = (grad.reshape(out.shape[0], -1, self.layer.out_features) @ self.p_out.T).transpose(1, 2)
             else:
                 d = torch.einsum("bct,kc->bkt", grad.flatten(2), self.p_out)
-            self.out += torch.bmm(d.float(), projected_inputs.float()).reshape(self.batch, -1)
+            out += torch.bmm(d.float(), projected_inputs.float()).reshape(out.shape[0], -1)
 
 
 def _rank_one(layer: FactoredLayer, scale: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
