@@ -345,6 +345,10 @@ class GradientCapture:
         self._probe.grad = None
         return rest
 
+    def end_forward(self) -> None:
+        """The begun batch's forward is over: later forwards (evaluation) are not tapped; its backward still is."""
+        self._target = None
+
     def commit(self) -> None:
         """Add the begun batch's captured gradients to the current window (its backward must have run)."""
         if self._pending is None:
