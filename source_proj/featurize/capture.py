@@ -49,6 +49,7 @@ from torch.utils.data import Dataset
 from source_proj import __version__
 from source_proj.errors import NumericalError, StoreError, TaskError
 from source_proj.featurize.arguments import ProjectionArguments
+from source_proj.featurize.grow import record_growth
 from source_proj.featurize.windows import PREFIX, WINDOW_ARRAYS, window_array
 from source_proj.projection.factored import FactoredProjector
 from source_proj.projection.factory import make_projector
@@ -266,13 +267,9 @@ class GradientCapture:
                     f"The store at {self.path} lacks the captured window of stage {stage!r} from step {start} that the "
                     "resumed run has already trained through; capture the run from its start into a new store."
                 )
-            if old.get("captured"):
-                growth = [*old.get("growth", []), {"checkpoints": old["trajectory"]["checkpoints"],
-                                                   "fingerprint": old["trajectory"]["fingerprint"],
-                                                   "dropped_methods": sorted(old.get("methods") or {})}]
-                for method in old.get("methods") or {}:
-                    store.delete(f"methods/{method}")
-                store.update_meta(captured=False, methods={}, growth=growth)
+            if old.get("captured"):  # a finished run trains further: the store grows with it
+                record_growth(store)
+                store.update_meta(captured=False)
 
     def _write_window(self, stage: str, start: int, sums: Tensor, visits: Tensor, fisher: Tensor, count: float) -> None:
         bad = ~torch.isfinite(sums).all(dim=1)

@@ -34,6 +34,7 @@ from source_proj.featurize.arguments import (
     as_stage_datasets,
     default_device,
 )
+from source_proj.featurize.grow import growth_refusal, record_growth
 from source_proj.featurize.plan import FeaturizePlan, NotPrepared, Unit, featurize_plan
 from source_proj.projection.base import Projector
 from source_proj.projection.factory import make_projector
@@ -66,6 +67,7 @@ def featurize(
     spec: str | None = None,
     progress: bool = True,
     shard: Shard | None = None,
+    grow: bool = False,
 ) -> Store:
     """Project every checkpoint's per-example training gradients into a store.
 
@@ -84,6 +86,9 @@ def featurize(
         shard: compute only this shard of the work, as one of several independent processes
             (a SLURM array task). Under an initialised ``torch.distributed`` process group with
             several ranks (torchrun) the ranks split the work without it. See ``distributed.py``.
+        grow: the store holds an earlier part of this run (it trained further: more checkpoints, new
+            stages): add what is new, computing only the new checkpoints' work (see ``grow.py``). The
+            fitted methods are dropped; fit again.
 
     Returns:
         The store, with ``grads/<stage>/<ckpt>`` of shape ``[N_stage, k]`` for every checkpoint
@@ -102,7 +107,9 @@ def featurize(
             "finish training or call TrajectoryRecorder.close()."
         )
     group = ranks(shard)
-    job = _Featurize(trajectory, model, task, train_data, str(store_path), projection, options, spec, progress, group)
+    job = _Featurize(
+        trajectory, model, task, train_data, str(store_path), projection, options, spec, progress, group, grow
+    )
     run_sharded(job.path, job, group, overwrite=overwrite, keep_new=_has_features)
     return Store.open(job.path, writable=True)
 
@@ -122,8 +129,10 @@ class _Featurize:
         spec: str | None,
         progress: bool,
         group: Ranks,
+        grow: bool,
     ) -> None:
         self.trajectory, self.model, self.task, self.options, self.path = trajectory, model, task, options, path
+        self.grow = grow
         self.projection, self.spec = projection, spec
         self.datasets = as_stage_datasets(train_data, trajectory)
         self.device = rank_device(default_device(options.device), group)
@@ -182,7 +191,7 @@ class _Featurize:
 
     def prepare(self, overwrite: bool) -> None:
         check_checkpoints(self.trajectory, self.work_model)
-        store = _open_or_create(self.path, self.meta, overwrite)
+        store = _open_or_create(self.path, self.meta, overwrite, self.trajectory if self.grow else None)
         plan = self._plan(store, overwrite, record=True)
         if not plan.store.is_complete("trajectory/lr"):
             plan.store.write_whole("trajectory/lr", self.trajectory.lr.astype(np.float64))
@@ -195,6 +204,8 @@ class _Featurize:
         if not is_store(self.path):
             return False
         store = Store.open(self.path)
+        if self.grow and _differing(store.meta, self.meta) == ["trajectory"]:
+            return False  # the store grows when it is prepared
         _refuse_other_settings(self.path, store.meta, self.meta)
         try:
             plan = self._plan(store)
@@ -350,15 +361,28 @@ def _measures(unit: Unit, final: str, options: FeaturizeArguments) -> bool:
     return options.measurement and not unit.prefix and unit.key == final
 
 
-def _open_or_create(path: str | Path, meta: dict[str, Any], overwrite: bool) -> Store:
+def _open_or_create(path: str | Path, meta: dict[str, Any], overwrite: bool, grow: Trajectory | None) -> Store:
+    """The store for ``meta``: new, resumed, replaced (``overwrite``) or grown into the run ``grow``."""
     try:
         existing = Store.open(path, writable=True)
     except StoreError:
         return Store.create(path, meta, overwrite=overwrite)
-    if not _differing(existing.meta, meta):
+    differing = _differing(existing.meta, meta)
+    if not differing:
         return existing
     if overwrite:
         return Store.create(path, meta, overwrite=True)
+    if grow is not None and differing == ["trajectory"]:
+        why = growth_refusal(existing.meta, grow)
+        if why is not None:
+            raise StoreError(
+                f"The store at {path} cannot grow into the run at {grow.path}: {why}; featurize that run into a new "
+                "store (or pass --force to replace this one)."
+            )
+        record_growth(existing)
+        existing.delete("trajectory/lr")
+        existing.update_meta(trajectory=meta["trajectory"], provenance=meta["provenance"], featurized=False)
+        return existing
     _refuse_other_settings(path, existing.meta, meta)
     return existing
 
@@ -370,6 +394,12 @@ def _differing(old: dict[str, Any], meta: dict[str, Any]) -> list[str]:
 
 def _refuse_other_settings(path: str | Path, old: dict[str, Any], meta: dict[str, Any]) -> None:
     differing = _differing(old, meta)
+    if differing == ["trajectory"]:
+        raise StoreError(
+            f"The store at {path} was featurized from another run (or an earlier part of this one); pass --grow "
+            "(grow=True) if this run continued the store's, --force (overwrite=True) to replace it, or use another "
+            "store path."
+        )
     if differing:
         raise StoreError(
             f"The store at {path} was featurized with other settings ({', '.join(differing)}); pass --force "

@@ -428,6 +428,20 @@ class Trajectory:
                 return stage
         raise TrajectoryError(f"The trajectory has no stage {name!r}; its stages are {[s.name for s in self.stages]}.")
 
+    def truncated(self, steps: int) -> Trajectory:
+        """The run as it stood after ``steps`` optimiser steps: its learning rates, the stages (and parts of
+        stages) trained by then and the checkpoints saved by then (a finished run that later trained
+        further had exactly this trajectory, fingerprint included)."""
+        stages = [
+            {**s, "end_step": min(s["end_step"], steps)}
+            for s in self._index["stages"]
+            if s["start_step"] < steps
+        ]
+        checkpoints = [c for c in self._index["checkpoints"] if c["step"] <= steps]
+        index = {**self._index, "complete": True, "lr": self._index["lr"][:steps], "stages": stages,
+                 "checkpoints": checkpoints}
+        return Trajectory(self.path, index)
+
     def fingerprint(self) -> str:
         """sha256 of the run's learning rates, stages and checkpoint contents."""
         canonical = json.dumps({k: self._index[k] for k in ("lr", "stages", "checkpoints")}, sort_keys=True)
