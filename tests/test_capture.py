@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 import source_proj as sp
 from source_proj.featurize.windows import window_array
@@ -236,3 +236,54 @@ def test_killed_captured_run_resumes_into_the_store_of_an_uninterrupted_run(
         assert np.array_equal(expected[name], got[name]), name
     meta = sp.Store.open(tmp_path / "b.sp").meta
     assert meta["captured"] and meta["trajectory"]["fingerprint"] == a.fingerprint()
+
+
+def test_verify_checks_a_captured_store_and_a_damaged_window_stops_fit(tmp_path: Path, classification_data) -> None:
+    _train(tmp_path / "run", tmp_path / "cap.sp", classification_data, steps=8, batch=10, save_every=4,
+           options=sp.CaptureArguments(chunk_rows=16))
+    report = sp.verify_store(tmp_path / "cap.sp", progress=False)
+    assert report.status == "ok" and report.arrays == 9 and not report.notes  # 2 windows × 4 arrays + lr
+    grads = tmp_path / "cap.sp" / "capture" / "grads" / "main" / "step-00000004" / "c" / "1" / "0"
+    grads.write_bytes(bytes(len(grads.read_bytes())))
+    report = sp.verify_store(tmp_path / "cap.sp", repair=True, progress=False)
+    assert [d[:2] for d in report.damaged] == [("capture/grads/main/step-00000004", 1)]
+    assert "capture the run again" in report.next_steps[0]
+    with pytest.raises(sp.StoreError, match="still being captured"):
+        sp.fit(tmp_path / "cap.sp", progress=False)
+
+
+def test_a_captured_store_grows_with_a_run_that_trains_a_new_stage_on_new_examples(
+    tmp_path: Path, classification_data
+) -> None:
+    """A finished captured run is resumed and trains a second stage on more data: the store keeps the first
+    stage's windows as they were, adds the new ones, drops the fitted method and records the growth."""
+    options = sp.CaptureArguments(chunk_rows=64)
+    _train(tmp_path / "run", tmp_path / "cap.sp", classification_data, steps=6, batch=10, save_every=3, options=options)
+    before = _store_arrays(tmp_path / "cap.sp")
+    sp.fit(tmp_path / "cap.sp", progress=False)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    rec = sp.TrajectoryRecorder.resume(tmp_path / "run", model, opt, save_every=3)
+    cap = sp.GradientCapture(rec, tmp_path / "cap.sp", sp.ClassificationTask(), projection=_projection(),
+                             options=options)
+    more = TensorDataset(torch.randn(12, 4), torch.randint(0, 3, (12,)))
+    rec.begin_stage("more", dataset_size=len(more))
+    for batch in DataLoader(sp.IndexedDataset(more), batch_size=4, shuffle=True):
+        with cap.batch(batch) as (x, y):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+        opt.step()
+        rec.step()
+    rec.close()
+    store = sp.Store.open(tmp_path / "cap.sp")
+    after = _store_arrays(tmp_path / "cap.sp")
+    assert all(np.array_equal(before[name], after[name]) for name in before)
+    added = {window_array(kind, "more", 6) for kind in ("fisher", "fisher-count", "grads", "visits")}
+    assert set(after) - set(before) == added
+    assert (after[window_array("visits", "more", 6)] == 1).all()
+    assert store.meta["growth"][0] == {"checkpoints": [0, 3, 6], "fingerprint": store.meta["growth"][0]["fingerprint"],
+                                       "dropped_methods": ["source"]}
+    assert store.meta["trajectory"]["checkpoints"] == [0, 3, 6, 9] and not store.meta["methods"]
+    fitted = sp.fit(store, sp.FitArguments(segments_per_stage=1), progress=False)
+    assert fitted.read("methods/source/train/more").shape == (12, DIM)
+    assert sp.verify_store(store.path, progress=False).status == "ok"

@@ -12,8 +12,9 @@ first checkpoint (``step-<c>``, as post-hoc features are keyed by checkpoint)::
 θ_t are the parameters the visit's step started from (the gradient the step used); ũ = P ∇ℓ(x, ŷ; θ_t)
 with ŷ drawn from the model (sampled Fisher), or the captured gradient itself (empirical Fisher).
 
-fit's segment ℓ of stage s takes the windows of s that start at one of its checkpoints C_ℓ (the
-steps post-hoc SOURCE lets the gradient at c stand for), and uses
+fit cuts a captured run at window boundaries only (:func:`window_cuts`: the requested cuts moved to the
+nearest checkpoint), so each segment ℓ of stage s is a run of whole windows, those starting at its
+checkpoints C_ℓ, and uses
 
     ḡ_ℓ(z) = Σ_w grads_w(z) / Σ_w visits_w(z)     the example's gradients averaged over its visits in ℓ
     H̃_ℓ    = Σ_w fisher_w / Σ_w fisher-count_w    the Fisher averaged over the segment's visits
@@ -67,6 +68,22 @@ def expected_windows(meta: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], s
             out[window_array("fisher", stage["name"], start)] = ((k, k), "float64")
             out[window_array("fisher-count", stage["name"], start)] = ((1,), "float64")
     return out
+
+
+def window_cuts(meta: dict[str, Any], per_stage: int, boundaries: Sequence[int] | None = None) -> tuple[int, ...]:
+    """Segment boundaries of a captured run: the equal cuts of every stage (or ``boundaries``) moved to the
+    nearest checkpoint inside the stage, so that every segment is made of whole windows."""
+    cuts = set()
+    for stage in meta["trajectory"]["stages"]:
+        start, end = stage["start_step"], stage["end_step"]
+        inner = [c for c in stage_windows(meta, stage["name"]) if c > start]
+        if boundaries is not None:
+            wanted = [b for b in boundaries if start < b < end]
+        else:
+            parts = max(1, min(per_stage, end - start))
+            wanted = [start + round(i * (end - start) / parts) for i in range(1, parts)]
+        cuts.update(min(inner, key=lambda c: (abs(c - w), c)) for w in wanted if inner)
+    return tuple(sorted(cuts))
 
 
 def segment_windows(meta: dict[str, Any], segment: Segment) -> list[int]:

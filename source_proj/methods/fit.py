@@ -21,7 +21,13 @@ from tqdm.auto import tqdm
 from source_proj.distributed import Ranks, Shard, rank_device, ranks, run_sharded
 from source_proj.errors import NumericalError, StoreError, TaskError
 from source_proj.featurize.arguments import default_device
-from source_proj.featurize.windows import WindowGradients, expected_windows, is_captured, window_curvature
+from source_proj.featurize.windows import (
+    WindowGradients,
+    expected_windows,
+    is_captured,
+    window_curvature,
+    window_cuts,
+)
 from source_proj.methods.source import SegmentOperator, fold
 from source_proj.store.store import Store, ckpt_key, is_store
 from source_proj.trajectory.autosegment import TrajectoryView, trajectory_view
@@ -107,6 +113,9 @@ def resolve_segments(store: Store, args: FitArguments) -> tuple[list[Segment], T
             f"The store at {store.path} was captured during training, and automatic segments need per-checkpoint "
             "features; fit it with --segments N (equal parts per stage) or explicit boundaries."
         )
+    if is_captured(meta):
+        cuts = window_cuts(meta, requested.per_stage, requested.boundaries)
+        return make_segments(stages, steps, lr, param_sizes(meta), boundaries=cuts), None
     if requested.auto is not None and not bound:
         view = store_view(store, requested.auto)
         return make_segments(stages, steps, lr, param_sizes(meta), boundaries=view.cuts), view
