@@ -60,6 +60,7 @@ from source_proj.tasks.gradients import PerExampleGradients, batch_size
 from source_proj.tasks.task import Batch, Task
 from source_proj.trajectory.recorder import Trajectory, TrajectoryRecorder, describe_optimizer
 
+_FOLD_EVERY = 64
 INDEX_KEY = "source_proj_index"
 """The key :class:`IndexedDataset` adds to dict items (a batch's dataset row indices)."""
 
@@ -362,8 +363,7 @@ class GradientCapture:
         self._sums.index_add_(0, where, grads.to(self.buffer_device))
         self._visits.index_add_(0, where, torch.ones_like(where, dtype=torch.int32))
         if self.options.fisher == "empirical":
-            self._fisher.add_(grads.T @ grads)
-            self._count += rows.numel()
+            self._add_fisher(grads)
         self._batches += 1
 
     def _open_stage(self, name: str, size: int) -> None:
@@ -377,6 +377,8 @@ class GradientCapture:
         self._sums = torch.zeros(size, self.dim, dtype=torch.float32, device=self.buffer_device)
         self._visits = torch.zeros(size, dtype=torch.int32, device=self.buffer_device)
         self._fisher = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
+        self._fisher32 = torch.zeros(self.dim, self.dim, dtype=torch.float32, device=self.device)
+        self._pending_fisher = 0
         self._count = 0
         self._batches = 0
 
@@ -411,9 +413,20 @@ class GradientCapture:
             self._target = None
             for module, mode in modes:
                 module.training = mode
-        u = out * weight.to(out).sqrt()[:, None]
-        self._fisher.add_(u.T @ u)
-        self._count += count
+        self._add_fisher(out * weight.to(out).sqrt()[:, None])
+
+    def _add_fisher(self, u: Tensor) -> None:
+        """Add ũũᵀ of a batch's Fisher vectors ``[B, k]``: fp32 products, folded into fp64 every 64 batches."""
+        self._fisher32.addmm_(u.T, u)
+        self._count += u.shape[0]
+        self._pending_fisher += 1
+        if self._pending_fisher == _FOLD_EVERY:
+            self._fold_fisher()
+
+    def _fold_fisher(self) -> None:
+        self._fisher += self._fisher32
+        self._fisher32.zero_()
+        self._pending_fisher = 0
 
     # -- the recorder's events ----------------------------------------------------------------
 
@@ -428,6 +441,7 @@ class GradientCapture:
                 f"Steps {start}–{step - 1} were recorded without a captured batch; wrap every training batch in "
                 "GradientCapture.batch (or use the framework's capture callback)."
             )
+        self._fold_fisher()
         self._write_window(self._stage[0], start, self._sums, self._visits, self._fisher, float(self._count))
         self._open_stage(*self._stage)
 
