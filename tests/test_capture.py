@@ -301,3 +301,39 @@ def test_a_captured_store_grows_with_a_run_that_trains_a_new_stage_on_new_exampl
     fitted = sp.fit(store, sp.FitArguments(segments_per_stage=1), progress=False)
     assert fitted.read("methods/source/train/more").shape == (12, DIM)
     assert sp.verify_store(store.path, progress=False).status == "ok"
+
+
+def test_capture_refuses_what_it_cannot_capture_with_a_sentence(tmp_path: Path, classification_data) -> None:
+    x, y = classification_data.tensors
+    task = sp.ClassificationTask()
+
+    def recorder(model: nn.Module, name: str, optimizer: torch.optim.Optimizer | None = None) -> sp.TrajectoryRecorder:
+        return sp.TrajectoryRecorder(tmp_path / name, model, optimizer or torch.optim.SGD(model.parameters(), lr=0.1),
+                                     save_every=2)
+
+    model = _mlp()
+    with pytest.raises(sp.TaskError, match="kind='factored'"):
+        sp.GradientCapture(recorder(model, "a"), tmp_path / "a.sp", task, projection=sp.ProjectionArguments(dim=16))
+    normed = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+    with pytest.raises(sp.TaskError, match=r"Linear and Conv layers only.*skip_norm=True"):
+        sp.GradientCapture(recorder(normed, "b"), tmp_path / "b.sp", task, projection=_projection())
+    adam = recorder(model, "c", torch.optim.Adam(model.parameters()))
+    cap = sp.GradientCapture(adam, tmp_path / "c.sp", task, projection=_projection())
+    adam.begin_stage("main", dataset_size=len(y))
+    with pytest.raises(sp.TaskError, match="'adam'; capture supports SGD stages"):
+        cap.begin((x[:4], y[:4]), indices=range(4))
+    rec = recorder(model, "d")
+    cap = sp.GradientCapture(rec, tmp_path / "d.sp", task, projection=_projection())
+    rec.begin_stage("main", dataset_size=len(y))
+    with pytest.raises(sp.TaskError, match=r"wrap the training set in sp\.IndexedDataset"):
+        cap.begin((x[:4], y[:4]))
+    with pytest.raises(sp.TaskError, match=r"must lie in \[0, 29\]"):
+        cap.begin((x[:4], y[:4]), indices=[0, 1, 2, 30])
+    rec.step()
+    with pytest.raises(sp.TaskError, match="recorded without a captured batch"):
+        rec.step()  # the checkpoint at step 2 closes a window no batch was captured in
+    with pytest.raises(sp.TaskError, match="steps since its last checkpoint"):
+        sp.GradientCapture(rec, tmp_path / "e.sp", task, projection=_projection())
+    with pytest.raises(sp.StoreError, match="holds captured windows of an earlier run"):
+        _train(tmp_path / "f", tmp_path / "f.sp", classification_data, steps=4, batch=10, save_every=2)
+        _train(tmp_path / "f", tmp_path / "f.sp", classification_data, steps=4, batch=10, save_every=2)

@@ -215,9 +215,15 @@ class GradientCapture:
             },
             "spec": spec,
         }
+        steps = recorder.checkpoint_steps
+        if steps and recorder.global_step != steps[-1]:
+            raise TaskError(
+                f"The recorder has taken {recorder.global_step - steps[-1]} steps since its last checkpoint; start "
+                "capture before training, or right after TrajectoryRecorder.resume."
+            )
         self._open_store(overwrite)
         self._stage: tuple[str, int] | None = None
-        steps = recorder.checkpoint_steps
+        self._closed = False
         self._window_start: int | None = steps[-1] if steps else None
         self._pending: tuple[Tensor, Tensor, float] | None = None
         self._target: Tensor | None = None
@@ -233,6 +239,11 @@ class GradientCapture:
         """Create the store, or take up the one this run was captured into (dropping what no checkpoint closed)."""
         with writing(self.path):
             if not is_store(self.path) or overwrite:
+                if _closed_windows(self.recorder):
+                    raise StoreError(
+                        f"The run at {self.recorder.run_dir} has trained through checkpoints no store captured; "
+                        "capture a run from its start (or resume it with the store it was captured into)."
+                    )
                 Store.create(self.path, self._meta, overwrite=overwrite)
                 return
             store = Store.open(self.path, writable=True)
@@ -432,6 +443,8 @@ class GradientCapture:
 
     def before_checkpoint(self, step: int) -> None:
         """Write the window this checkpoint closes (called by the recorder before it saves the checkpoint)."""
+        if self._closed:
+            return
         self.commit()
         start, self._window_start = self._window_start, step
         if start is None or self._stage is None or start >= step:
@@ -447,8 +460,10 @@ class GradientCapture:
 
     def after_close(self) -> None:
         """Finish the store: the run's learning rates and description (called by the recorder's close)."""
+        if self._closed:
+            return
         self.commit()
-        self._hooks.close()
+        self.close()
         trajectory = Trajectory.load(self.recorder.run_dir)
         with store_lock(self.path):
             store = Store.open(self.path, writable=True)
@@ -465,8 +480,10 @@ class GradientCapture:
             )
 
     def close(self) -> None:
-        """Remove the layer hooks without finishing the store (training stopped early; resume later)."""
+        """Remove the layer hooks and stop listening, without finishing the store (training stopped early:
+        resume it later); the recorder's own close finishes the store instead."""
         self._pending = self._target = None
+        self._closed = True
         self._hooks.close()
 
 
