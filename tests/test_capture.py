@@ -337,3 +337,33 @@ def test_capture_refuses_what_it_cannot_capture_with_a_sentence(tmp_path: Path, 
     with pytest.raises(sp.StoreError, match="holds captured windows of an earlier run"):
         _train(tmp_path / "f", tmp_path / "f.sp", classification_data, steps=4, batch=10, save_every=2)
         _train(tmp_path / "f", tmp_path / "f.sp", classification_data, steps=4, batch=10, save_every=2)
+
+
+def test_segment_gradients_average_visits_and_stand_in_for_unvisited_examples(
+    tmp_path: Path, classification_data
+) -> None:
+    """A window per step of 10 of 30 examples: a segment of two windows misses some examples, which take their
+    mean over the stage's visits; visited ones average their own visits in the segment (one or two)."""
+    from source_proj.featurize.windows import WindowGradients
+    from source_proj.methods.fit import store_segments
+
+    _train(tmp_path / "run", tmp_path / "cap.sp", classification_data, steps=6, batch=10, save_every=1,
+           options=sp.CaptureArguments(fisher="empirical", chunk_rows=64))
+    store = sp.Store.open(tmp_path / "cap.sp")
+    segments = store_segments(store, sp.FitArguments(segments_per_stage=3))
+    assert [seg.checkpoints for seg in segments] == [(0, 1), (2, 3), (4, 5)]
+    sums = {t: store.read(window_array("grads", "main", t)).astype(np.float64) for t in range(6)}
+    visits = {t: store.read(window_array("visits", "main", t)).astype(np.float64) for t in range(6)}
+    overall = sum(sums.values()) / np.maximum(sum(visits.values()), 1)[:, None]
+    reader = WindowGradients(store, segments)
+    with pytest.warns(UserWarning, match="pairs had no visit inside their segment"):
+        got = reader("main", 0, segments)
+        reader.warn()
+    counts = []
+    for seg, mean in zip(segments, got, strict=True):
+        total = sum(sums[t] for t in seg.checkpoints)
+        count = sum(visits[t] for t in seg.checkpoints)
+        expected = np.where((count > 0)[:, None], total / np.maximum(count, 1)[:, None], overall)
+        assert np.allclose(mean.numpy(), expected)
+        counts.append(count)
+    assert {0, 1, 2} <= set(np.concatenate(counts).tolist())
