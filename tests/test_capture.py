@@ -141,10 +141,14 @@ class _ArgmaxFisher(sp.ClassificationTask):
         return [(torch.full_like(outputs[:, 0], 2.0), (batch[0], outputs.argmax(-1), *batch[2:]))]
 
 
-def test_captured_windows_sum_each_visits_materialised_gradient_and_fisher(tmp_path: Path, classification_data) -> None:
+@pytest.mark.parametrize("fisher_every", [1, 2])
+def test_captured_windows_sum_each_visits_materialised_gradient_and_fisher(
+    tmp_path: Path, classification_data, fisher_every: int
+) -> None:
     """Mini-batch SGD with momentum, 3 steps per window, dropout in the model: each window holds, per example,
     the sum over its visits of P ∇ℓ(z; θ_t) of the training-mode step, its visit count, and the sum of
-    2·P∇ℓ(x, argmax)P∇ℓ(x, argmax)ᵀ taken in eval mode (brute force: materialised per-example gradients)."""
+    2·P∇ℓ(x, argmax)P∇ℓ(x, argmax)ᵀ taken in eval mode on every ``fisher_every``-th batch of the window
+    (brute force: materialised per-example gradients)."""
     x, y = classification_data.tensors
     n, batch, save_every, steps = len(y), 8, 3, 10
     projector = sp.FactoredProjector(
@@ -156,12 +160,15 @@ def test_captured_windows_sum_each_visits_materialised_gradient_and_fisher(tmp_p
 
     def brute_force(model: nn.Module, rows: torch.Tensor) -> None:
         window = len(expected_steps) // save_every * save_every
+        fisher_batch = (len(expected_steps) - window) % fisher_every == 0
         expected_steps.append(rows)
         sums, visits, fisher, count = expected.setdefault(window, [torch.zeros(n, DIM), torch.zeros(n), 0.0, 0])
         drop = masks.pop()
         g = torch.stack([_projected_gradient(projector, model, x[r], y[r], drop[i]) for i, r in enumerate(rows)])
         sums.index_add_(0, rows, g)
         visits.index_add_(0, rows, torch.ones(len(rows)))
+        if not fisher_batch:
+            return
         eval_net = copy.deepcopy(model).eval()
         labels = eval_net(x[rows]).argmax(-1)
         names = [name for name, _ in model.named_parameters()]
@@ -174,7 +181,8 @@ def test_captured_windows_sum_each_visits_materialised_gradient_and_fisher(tmp_p
     model = _mlp(dropout=0.5)
     model[2].register_forward_hook(lambda m, _, out: masks.append((out != 0).float() / 0.5) if m.training else None)
     _train(tmp_path / "run", tmp_path / "cap.sp", classification_data, steps=steps, batch=batch, save_every=save_every,
-           options=sp.CaptureArguments(chunk_rows=64), model=model, on_batch=brute_force, task=_ArgmaxFisher())
+           options=sp.CaptureArguments(chunk_rows=64, fisher_every=fisher_every), model=model, on_batch=brute_force,
+           task=_ArgmaxFisher())
     store = sp.Store.open(tmp_path / "cap.sp")
     assert sorted(expected) == [0, 3, 6, 9]
     for start, (sums, visits, fisher, count) in expected.items():

@@ -24,7 +24,8 @@ statistics), where post-hoc featurize takes eval-mode gradients at the saved che
 mode, with labels drawn from the model (the true Fisher, as featurize), on every ``fisher_every``-th
 batch; it touches neither the parameters' gradients, nor batch-norm statistics, nor the global random
 state, so training is exactly what it would be without capture. ``fisher="empirical"``: the captured
-gradients themselves (free, biased). Only the k × k sum of ũũᵀ per window is kept.
+gradients themselves (no extra pass; biased). Only the k × k sum of ũũᵀ per window is kept (B·k²
+multiply-adds per Fisher batch).
 
 **Crash safety.** A window is written (chunks, then progress entries) just before the checkpoint that
 closes it is saved. A killed run resumed with :meth:`TrajectoryRecorder.resume` and the same store
@@ -71,8 +72,9 @@ class CaptureArguments:
 
     Attributes:
         fisher: ``"sampled"`` (labels drawn from the model: the true Fisher, one extra eval-mode
-            forward and backward per Fisher batch) or ``"empirical"`` (the captured gradients: free).
-        fisher_every: the sampled Fisher on every n-th batch only (its cost divided by n).
+            forward and backward per Fisher batch) or ``"empirical"`` (the captured gradients: no extra pass).
+        fisher_every: the Fisher on every n-th batch of a window only (its cost divided by n; the curvature is
+            an average, which needs far fewer samples than the per-example gradients).
         seed: seed of the Fisher's label sampling.
         reduction: ``"mean"`` when the training loss is the batch mean of the task's per-example loss
             (the default everywhere in source-proj), ``"sum"`` when it is their sum.
@@ -226,6 +228,7 @@ class GradientCapture:
         self._closed = False
         self._window_start: int | None = steps[-1] if steps else None
         self._pending: tuple[Tensor, Tensor, float] | None = None
+        self._fisher_batch = False
         self._target: Tensor | None = None
         self._checked = False
         self._probe = torch.zeros((), device=self.device, requires_grad=True)
@@ -345,7 +348,8 @@ class GradientCapture:
             )
         if not self._checked:
             self._check(rest)
-        if self.options.fisher == "sampled" and self._batches % self.options.fisher_every == 0:
+        self._fisher_batch = self._batches % self.options.fisher_every == 0
+        if self.options.fisher == "sampled" and self._fisher_batch:
             self._fisher_pass(rest, count)
         factor = float(scale) if scale is not None else float(count if self.options.reduction == "mean" else 1)
         out = torch.zeros(count, self.dim, dtype=torch.float32, device=self.device)
@@ -373,7 +377,7 @@ class GradientCapture:
         where = rows.to(self.buffer_device)
         self._sums.index_add_(0, where, grads.to(self.buffer_device))
         self._visits.index_add_(0, where, torch.ones_like(where, dtype=torch.int32))
-        if self.options.fisher == "empirical":
+        if self.options.fisher == "empirical" and self._fisher_batch:
             self._add_fisher(grads)
         self._batches += 1
 
