@@ -14,6 +14,9 @@ factorable: attention and MLP projections; embeddings and norms are left out), r
 - ``capture, sampled Fisher / 4`` plus the true Fisher's extra eval-mode pass on every 4th batch;
 - ``capture, sampled Fisher``   that pass on every batch.
 
+The variants take their steps in turn (round robin), so that a load which changes over time (a
+shared machine) slows all of them alike.
+
 Reported: the median time of a training step that saves no checkpoint (forward, backward, optimiser step,
 recorder; CUDA-synchronised), the overhead against the baseline, and the mean time of a step that saves
 a checkpoint (for capture: and writes the window it closes). The first --warmup steps are not timed.
@@ -98,38 +101,46 @@ def build(args: argparse.Namespace) -> tuple[nn.Module, sp.Task, int, callable]:
     return model, task, n, batch
 
 
-def run(args: argparse.Namespace, options: sp.CaptureArguments | None, folder: Path) -> dict[str, float]:
-    model, task, n, batch = build(args)
-    model.to(args.device)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    rec = sp.TrajectoryRecorder(folder / "run", model, opt, save_every=args.save_every)
-    cap = None
-    if options is not None:
-        projection = sp.ProjectionArguments(dim=args.dim, kind="factored")
-        cap = sp.GradientCapture(rec, folder / "store.sp", task, projection=projection, options=options)
-    rec.begin_stage("main", dataset_size=n)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-    step_times, checkpoint_times = [], []
-    for step in range(args.warmup + args.steps):
-        rows = order[(step * args.batch) % n :][: args.batch]
-        b, loss_fn = batch(rows)
-        sync(args.device)
+class Variant:
+    """One training loop (its own model, optimiser, recorder and capture), stepped by :meth:`step`."""
+
+    def __init__(self, args: argparse.Namespace, options: sp.CaptureArguments | None, folder: Path) -> None:
+        self.args = args
+        self.model, task, self.n, self.batch = build(args)
+        self.model.to(args.device)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
+        self.rec = sp.TrajectoryRecorder(folder / "run", self.model, self.opt, save_every=args.save_every)
+        self.cap = None
+        if options is not None:
+            projection = sp.ProjectionArguments(dim=args.dim, kind="factored")
+            self.cap = sp.GradientCapture(self.rec, folder / "store.sp", task, projection=projection, options=options)
+        self.rec.begin_stage("main", dataset_size=self.n)
+        self.order = torch.randperm(self.n, generator=torch.Generator().manual_seed(0))
+        self.step_times: list[float] = []
+        self.checkpoint_times: list[float] = []
+
+    def step(self, step: int) -> None:
+        rows = self.order[(step * self.args.batch) % self.n :][: self.args.batch]
+        b, loss_fn = self.batch(rows)
+        sync(self.args.device)
         t0 = time.perf_counter()
-        with cap.batch(b, rows) if cap is not None else contextlib.nullcontext():
-            loss = loss_fn(model)
-            opt.zero_grad()
+        with self.cap.batch(b, rows) if self.cap is not None else contextlib.nullcontext():
+            loss = loss_fn(self.model)
+            self.opt.zero_grad()
             loss.backward()
-        opt.step()
-        rec.step()
-        sync(args.device)
-        if step >= args.warmup:
-            saved = rec.global_step % args.save_every == 0
-            (checkpoint_times if saved else step_times).append(time.perf_counter() - t0)
-    rec.close()
-    return {
-        "step_ms": 1000 * statistics.median(step_times),
-        "checkpoint_step_ms": 1000 * statistics.mean(checkpoint_times) if checkpoint_times else float("nan"),
-    }
+        self.opt.step()
+        self.rec.step()
+        sync(self.args.device)
+        if step >= self.args.warmup:
+            saved = self.rec.global_step % self.args.save_every == 0
+            (self.checkpoint_times if saved else self.step_times).append(time.perf_counter() - t0)
+
+    def result(self) -> dict[str, float]:
+        self.rec.close()
+        return {
+            "step_ms": 1000 * statistics.median(self.step_times),
+            "checkpoint_step_ms": 1000 * statistics.mean(self.checkpoint_times) if self.checkpoint_times else 0.0,
+        }
 
 
 def sync(device: str) -> None:
@@ -161,10 +172,12 @@ def main() -> None:
         "capture, sampled Fisher / 4": sp.CaptureArguments(fisher_every=4),
         "capture, sampled Fisher": sp.CaptureArguments(),
     }
-    results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, options) in enumerate(variants.items()):
-            results[name] = run(args, options, Path(tmp) / str(i))
+        loops = {name: Variant(args, options, Path(tmp) / str(i)) for i, (name, options) in enumerate(variants.items())}
+        for step in range(args.warmup + args.steps):
+            for loop in loops.values():  # round robin: a load that changes over time hits every variant alike
+                loop.step(step)
+        results = {name: loop.result() for name, loop in loops.items()}
     base = results["recorder only"]["step_ms"]
     params = sum(p.numel() for p in build(args)[0].parameters())
     print(f"{args.model} ({params:,} parameters), k={args.dim}, batch {args.batch}, {args.device}, "
