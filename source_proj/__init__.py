@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 from source_proj.errors import NumericalError, SourceProjError, StoreError, TaskError, TrajectoryError
 from source_proj.featurize.arguments import FeaturizeArguments, ProjectionArguments
+from source_proj.featurize.capture import CaptureArguments, GradientCapture, IndexedDataset
 from source_proj.featurize.featurize import featurize
 from source_proj.methods.baselines import BASELINES, BaselineArguments, fit_baseline
 from source_proj.methods.fit import FitArguments, fit
@@ -35,14 +36,17 @@ __all__ = [
     "BASELINES",
     "Attributor",
     "BaselineArguments",
+    "CaptureArguments",
     "ClassificationTask",
     "Ensemble",
     "FactoredProjector",
     "FastJLProjector",
     "FeaturizeArguments",
     "FitArguments",
+    "GradientCapture",
     "IVFArguments",
     "IdentityProjector",
+    "IndexedDataset",
     "LanguageModelingTask",
     "ModuleSelection",
     "NumericalError",

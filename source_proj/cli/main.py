@@ -204,6 +204,11 @@ def main() -> None:
     "chunk).",
 )
 @click.option("--force", is_flag=True, help="Replace an existing store (even a finished one with the same settings).")
+@click.option(
+    "--grow",
+    is_flag=True,
+    help="The store holds an earlier part of this run (it trained further): add only what is new, then re-fit.",
+)
 def featurize(
     run_dir: Path,
     spec_path: Path,
@@ -227,6 +232,7 @@ def featurize(
     shard_parameters: bool,
     shard_chunks: int | None,
     force: bool,
+    grow: bool,
 ) -> None:
     """Project per-example training gradients of every checkpoint into STORE (resumes if interrupted).
 
@@ -263,6 +269,7 @@ def featurize(
             overwrite=force,
             spec=str(spec.path),
             shard=Shard.parse(shard) if shard else None,
+            grow=grow,
         )
     if not store.meta.get("featurized"):
         click.echo(f"featurized shard {shard} of {store.path}; the store is finished once every shard has run")
@@ -654,7 +661,12 @@ def info(store_path: str, as_json: bool) -> None:
     for s in traj["stages"]:
         click.echo(f"  stage {s['name']}: steps [{s['start_step']}, {s['end_step']}), {s['dataset_size']} examples")
     click.echo(f"  checkpoints at steps {traj['checkpoints']}")
-    click.echo(f"featurized  {summary['featurized_chunks']} chunks (Fisher: {summary['fisher']})")
+    click.echo(
+        f"features    {summary['features']}: {summary['featurized_chunks']} chunks (Fisher: {summary['fisher']})"
+    )
+    for grown in summary["growth"]:
+        dropped = f"; re-fit {', '.join(grown['dropped_methods'])}" if grown["dropped_methods"] else ""
+        click.echo(f"  grown from the run with checkpoints {grown['checkpoints']}{dropped}")
     for name, m in summary["methods"].items():
         state = "complete" if m["complete"] else "UNFINISHED (re-run fit)"
         click.echo(f"method {name}: {m['kind']}, {state}, attributes stages {m['stages']}")

@@ -35,6 +35,7 @@ from source_proj.featurize.arguments import (
     as_stage_datasets,
     default_device,
 )
+from source_proj.featurize.grow import growth_refusal, record_growth
 from source_proj.featurize.plan import FeaturizePlan, NotPrepared, Unit, featurize_plan
 from source_proj.featurize.sharded import ShardedParameters
 from source_proj.projection.base import Projector
@@ -80,6 +81,7 @@ def featurize(
     spec: str | None = None,
     progress: bool = True,
     shard: Shard | None = None,
+    grow: bool = False,
 ) -> Store:
     """Project every checkpoint's per-example training gradients into a store.
 
@@ -98,6 +100,9 @@ def featurize(
         shard: compute only this shard of the work, as one of several independent processes
             (a SLURM array task). Under an initialised ``torch.distributed`` process group with
             several ranks (torchrun) the ranks split the work without it. See ``distributed.py``.
+        grow: the store holds an earlier part of this run (it trained further: more checkpoints, new
+            stages): add what is new, computing only the new checkpoints' work (see ``grow.py``). The
+            fitted methods are dropped; fit again.
 
     Returns:
         The store, with ``grads/<stage>/<ckpt>`` of shape ``[N_stage, k]`` for every checkpoint
@@ -118,7 +123,9 @@ def featurize(
             "finish training or call TrajectoryRecorder.close()."
         )
     group = ranks(shard)
-    job = _Featurize(trajectory, model, task, train_data, str(store_path), projection, options, spec, progress, group)
+    job = _Featurize(
+        trajectory, model, task, train_data, str(store_path), projection, options, spec, progress, group, grow
+    )
     run_sharded(job.path, job, group, overwrite=overwrite, keep_new=_has_features)
     return Store.open(job.path, writable=True)
 
@@ -138,8 +145,10 @@ class _Featurize:
         spec: str | None,
         progress: bool,
         group: Ranks,
+        grow: bool,
     ) -> None:
         self.trajectory, self.model, self.task, self.options, self.path = trajectory, model, task, options, path
+        self.grow = grow
         self.projection, self.spec = projection, spec
         self.datasets = as_stage_datasets(train_data, trajectory)
         self.device = rank_device(default_device(options.device), group)
@@ -251,6 +260,8 @@ class _Featurize:
         if not is_store(self.path):
             return False
         store = Store.open(self.path)
+        if self.grow and _differing(store.meta, self.meta) == ["trajectory"]:
+            return False  # the store grows when it is prepared
         self._refuse_other_settings(store.meta)
         try:
             plan = self._plan(store)
@@ -303,6 +314,21 @@ class _Featurize:
             existing = Store.open(self.path, writable=True)
         except StoreError:
             return Store.create(self.path, self.meta)
+        if self.grow and _differing(existing.meta, self.meta) == ["trajectory"]:
+            why = growth_refusal(existing.meta, self.trajectory)
+            if why is not None:
+                raise StoreError(
+                    f"The store at {self.path} cannot grow into the run at {self.trajectory.path}: {why}; featurize "
+                    "that run into a new store (or pass --force to replace this one)."
+                )
+            record_growth(existing)
+            existing.delete("trajectory/lr")
+            meta = self.meta  # θ_T moved, and a new stage brings new data: the fingerprints follow the grown run
+            existing.update_meta(
+                trajectory=meta["trajectory"], provenance=meta["provenance"], fingerprint=meta["fingerprint"],
+                featurized=False,
+            )
+            return existing
         self._refuse_other_settings(existing.meta)
         return existing
 
@@ -311,6 +337,12 @@ class _Featurize:
         that computes something else, or other training data."""
         meta = self.meta
         differing = _differing(old, meta)
+        if differing == ["trajectory"]:
+            raise StoreError(
+                f"The store at {self.path} was featurized from another run (or an earlier part of this one); pass "
+                "--grow (grow=True) if this run continued the store's, --force (overwrite=True) to replace it, or use "
+                "another store path."
+            )
         if "library_version" in differing:
             raise StoreError(
                 f"The store at {self.path} was featurized by source-proj {old.get('library_version')}, this is "

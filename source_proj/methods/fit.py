@@ -22,6 +22,13 @@ from source_proj.distributed import Ranks, Shard, rank_device, ranks, run_sharde
 from source_proj.errors import NumericalError, StoreError, TaskError
 from source_proj.featurize.arguments import default_device
 from source_proj.featurize.plan import segment_for
+from source_proj.featurize.windows import (
+    WindowGradients,
+    expected_windows,
+    is_captured,
+    window_curvature,
+    window_cuts,
+)
 from source_proj.methods.source import SegmentOperator, fold
 from source_proj.store.store import Store, ckpt_key, is_store
 from source_proj.trajectory.autosegment import TrajectoryView, trajectory_view
@@ -102,6 +109,14 @@ def resolve_segments(store: Store, args: FitArguments) -> tuple[list[Segment], T
     steps = meta["trajectory"]["checkpoints"]
     lr = store.read("trajectory/lr")
     bound = args.fast or any(s.get("preconditioner") for s in (recorded or {}).get("segments", []))
+    if requested.auto is not None and is_captured(meta):
+        raise StoreError(
+            f"The store at {store.path} was captured during training, and automatic segments need per-checkpoint "
+            "features; fit it with --segments N (equal parts per stage) or explicit boundaries."
+        )
+    if is_captured(meta):
+        cuts = window_cuts(meta, requested.per_stage, requested.boundaries)
+        return make_segments(stages, steps, lr, param_sizes(meta), boundaries=cuts), None
     if requested.auto is not None and not bound:
         view = store_view(store, requested.auto)
         return make_segments(stages, steps, lr, param_sizes(meta), boundaries=view.cuts), view
@@ -244,8 +259,19 @@ class _Fit:
         if unknown:
             raise TaskError(f"Unknown stage(s) {unknown}; the trajectory's stages are {stage_names}.")
         segments, view = resolve_segments(store, self.args)
+        captured = is_captured(meta)
+        if captured and not meta.get("captured"):
+            raise StoreError(
+                f"The store at {store.path} is still being captured (its training run has not closed its recorder); "
+                "finish or resume training, then fit."
+            )
+        if captured and self.args.fast:
+            raise StoreError(f"The store at {store.path} was captured during training; Fast-SOURCE needs featurize.")
         keys = feature_keys(segments, self.args.fast)
-        needed = sorted({f"grads/{seg.stage}/{k}" for seg, ks in zip(segments, keys, strict=True) for k in ks})
+        if captured:
+            needed = sorted(expected_windows(meta))
+        else:
+            needed = sorted({f"grads/{seg.stage}/{k}" for seg, ks in zip(segments, keys, strict=True) for k in ks})
         missing = [name for name in needed if not store.has(name)]
         if missing:
             hint = "run featurize with checkpoints=True"
@@ -268,6 +294,8 @@ class _Fit:
         }
         if view is not None:
             description["view"] = view.describe()
+        if captured:
+            description["features"] = "captured"
         return description, segments
 
     def _train_recipe(self, meta: dict[str, Any], segments: Sequence[Segment], stages: Sequence[str]) -> dict[str, Any]:
@@ -337,15 +365,34 @@ class _Fit:
         pending = {stage: set(store.pending_chunks(name)) for stage, name in names.items()}
         work = [(stage, chunk) for stage, chunk in mine if chunk in pending[stage]]
         segments = [Segment.from_description(d) for d in description["segments"]]
-        keys = feature_keys(segments, self.args.fast)
-        self._operators = segment_operators(
-            store, segments, keys, self.device, _shared_curvature(store, segments, keys, self.device, group)
-        )
-        folded = fold(self._operators)
+        means: Callable[[str, int, Sequence[Segment]], list[torch.Tensor]]
+        windows = None
+        if is_captured(store.meta):
+            windows = WindowGradients(store, segments)
+            self._operators = [
+                SegmentOperator.from_curvature(window_curvature(store, seg, self.device), seg.time, seg.weight_decay)
+                for seg in segments
+            ]
+            means = windows
+        else:
+            keys = feature_keys(segments, self.args.fast)
+            self._operators = segment_operators(
+                store, segments, keys, self.device, _shared_curvature(store, segments, keys, self.device, group)
+            )
+            means = partial(_checkpoint_means, store, dict(zip(segments, keys, strict=True)))
+        folded = dict(zip(segments, fold(self._operators), strict=True))
         sizes = {s["name"]: s["dataset_size"] for s in store.meta["trajectory"]["stages"]}
         for stage, chunk in tqdm(work, desc="fit", unit="chunk", disable=not self.progress):
-            values = _fold_chunk(store, stage, chunk, sizes[stage], segments, keys, folded)
-            store.write_chunk(names[stage], chunk, values)
+            own = [seg for seg in segments if seg.stage == stage]
+            if not own:
+                raise TaskError(
+                    f"Stage {stage!r} has no segment with checkpoints, so its examples cannot be attributed."
+                )
+            total = sum(g.to(self.device) @ folded[seg].T for seg, g in zip(own, means(stage, chunk, own), strict=True))
+            assert isinstance(total, torch.Tensor)
+            store.write_chunk(names[stage], chunk, (-total / sizes[stage]).float().cpu().numpy())
+        if windows is not None:
+            windows.warn()
 
     def finish(self) -> bool:
         store = Store.open(self.path, writable=True)
@@ -390,30 +437,17 @@ def _shared_curvature(
     return curvature
 
 
-def _fold_chunk(
-    store: Store,
-    stage: str,
-    chunk: int,
-    size: int,
-    segments: Sequence[Segment],
-    keys: Sequence[Sequence[str]],
-    folded: Sequence[torch.Tensor],
-) -> np.ndarray:
-    total: torch.Tensor | None = None
-    for seg, points, a in zip(segments, keys, folded, strict=True):
-        if seg.stage != stage:
-            continue
-        mean = None
-        for key in points:
-            g = torch.from_numpy(store.read_chunk(f"grads/{stage}/{key}", chunk)).to(a.device).double()
-            mean = g if mean is None else mean + g
-        assert mean is not None
-        mean /= len(points)
-        contribution = mean @ a.T
-        total = contribution if total is None else total + contribution
-    if total is None:
-        raise TaskError(f"Stage {stage!r} has no segment with checkpoints, so its examples cannot be attributed.")
-    return (-total / size).float().cpu().numpy()
+def _checkpoint_means(
+    store: Store, keys: dict[Segment, Sequence[str]], stage: str, chunk: int, segments: Sequence[Segment]
+) -> list[torch.Tensor]:
+    """ḡ_ℓ(z) = mean over the segment's feature points of the stored gradients, float64 ``[rows, k]`` per segment."""
+    out = []
+    for seg in segments:
+        points = keys[seg]
+        total = sum(torch.from_numpy(store.read_chunk(f"grads/{stage}/{key}", chunk)).double() for key in points)
+        assert isinstance(total, torch.Tensor)
+        out.append(total / len(points))
+    return out
 
 
 def _claim_method(store: Store, method: str, description: dict[str, Any], overwrite: bool) -> None:

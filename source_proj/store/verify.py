@@ -37,6 +37,8 @@ from tqdm.auto import tqdm
 from source_proj.errors import SourceProjError, StoreError
 from source_proj.featurize.arguments import checkpoint_stages
 from source_proj.featurize.plan import PROBE
+from source_proj.featurize.windows import PREFIX as CAPTURED
+from source_proj.featurize.windows import expected_windows, is_captured
 from source_proj.projection.factory import projector_from_meta
 from source_proj.store import objectstore
 from source_proj.store.durable import PARTIAL_SUFFIX
@@ -135,6 +137,11 @@ class VerifyReport:
 def featurize_command(store: Store) -> str:
     """The CLI command that resumes (or recomputes chunks of) a store's featurize."""
     meta = store.meta
+    if is_captured(meta):
+        return (
+            "capture the run again into a new store (a captured window is recomputed only by training through it), "
+            "or featurize the run after training into a new store (source-proj featurize --projection factored)"
+        )
     spec = meta.get("spec")
     if spec is None:
         return "re-run source_proj.featurize(...) with the arguments that created the store"
@@ -183,8 +190,10 @@ def fit_command(store: Store, method: str) -> str:
     return " ".join(args)
 
 
-def expected_features(meta: dict[str, Any]) -> dict[str, tuple[int, int]]:
-    """Every array featurize writes, with its shape: ``{name: (rows, k)}``."""
+def expected_features(meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every array featurize writes, with its shape: ``{name: (rows, k)}`` (a captured store: its windows)."""
+    if is_captured(meta):
+        return {name: shape for name, (shape, _) in expected_windows(meta).items()}
     traj = meta["trajectory"]
     stages = [Stage(**s) for s in traj["stages"]]
     checkpoints = [Checkpoint(step, "", "", False) for step in traj["checkpoints"]]
@@ -246,7 +255,7 @@ def _verify(store: Store, *, repair: bool, progress: bool) -> VerifyReport:
         report.unusable = True
         return report
     try:
-        if featurized:
+        if featurized and meta["projection"].get("kind") != "factored":  # a factored one needs the model's layers
             projector_from_meta(meta)
         expected = expected_features(meta) if featurized else {}
     except (SourceProjError, KeyError, TypeError, ValueError) as err:
@@ -255,10 +264,16 @@ def _verify(store: Store, *, repair: bool, progress: bool) -> VerifyReport:
         return report
     if not featurized:
         report.notes.append("the store holds no featurize output (another writer's store): its chunks were checked")
+    capturing = is_captured(meta) and not meta.get("captured")
+    if capturing:
+        report.notes.append(
+            "capture has not finished (training runs, or was interrupted: resume it with TrajectoryRecorder.resume); "
+            "the windows written so far were checked"
+        )
 
     _check_groups(store, report, repair)
     featurize_unfinished, reported = False, set()
-    if featurized:
+    if featurized and not capturing:
         featurize_unfinished, reported = _check_expected(store, meta, expected, report, repair)
     method_prefixes = {f"methods/{m}/": m for m in meta.get("methods") or {}}
     broken_methods: set[str] = set()
@@ -279,6 +294,7 @@ def _verify(store: Store, *, repair: bool, progress: bool) -> VerifyReport:
             if method is not None:
                 broken_methods.add(method)
         known = name in expected or name in own or name.startswith(PROBE) or method is not None
+        known = known or (capturing and name.startswith(CAPTURED))
         if featurized and not known:
             report.notes.append(f"{name!r} is not part of featurize's output or of a fitted method")
     if featurized:
@@ -289,6 +305,9 @@ def _verify(store: Store, *, repair: bool, progress: bool) -> VerifyReport:
         report.notes.append(f"{leftovers} temporary file(s) of interrupted writes (harmless; --repair removes them)")
 
     if repair:
+        if featurize_unfinished and meta.get("captured"):
+            store.update_meta(captured=False)
+            report.repaired.append("capture marked unfinished (fit refuses it until the run is captured again)")
         if featurize_unfinished and meta.get("featurized"):
             store.update_meta(featurized=False)
             report.repaired.append("featurize marked unfinished (re-running it writes what is missing)")
@@ -307,7 +326,7 @@ def _verify(store: Store, *, repair: bool, progress: bool) -> VerifyReport:
 
 
 def _check_expected(
-    store: Store, meta: dict[str, Any], expected: dict[str, tuple[int, int]], report: VerifyReport, repair: bool
+    store: Store, meta: dict[str, Any], expected: dict[str, tuple[int, ...]], report: VerifyReport, repair: bool
 ) -> tuple[bool, set[str]]:
     """Existence and shapes of featurize's arrays; returns whether featurize must run again, and the
     arrays found unreadable or misshapen (reported here, not checked further)."""
@@ -322,8 +341,9 @@ def _check_expected(
             present, actual = True, None
         if not present:
             unfinished = True
-            if meta.get("featurized"):
-                report.problems.append(f"{name!r} is missing although featurize finished")
+            if meta.get("featurized") or meta.get("captured"):
+                writer = "capture" if meta.get("captured") else "featurize"
+                report.problems.append(f"{name!r} is missing although {writer} finished")
             continue
         if actual != shape:
             unfinished = True
