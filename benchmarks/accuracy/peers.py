@@ -3,6 +3,8 @@
     benchmarks/accuracy/install_peers.sh                       # .venv-peers: kronfluence 1.0.1, dattri 0.3.0
     .venv-peers/bin/python benchmarks/accuracy/peers.py [--settings early,converged,two-stage,early-fast]
         [--peers kronfluence,dattri] [--root runs/accuracy] [--models 3]
+    benchmarks/accuracy/install_peers.sh --bergson .venv       # bergson 2.5.1 beside the project
+    .venv/bin/python benchmarks/accuracy/peers.py --settings early,two-stage --peers bergson
 
 For each setting and attributed model (``harness.locate``: the recorded trajectories the library's
 own methods use), writes ``<setting folder>/peers/<method>/seed-<i>-<query set>.npy``: ``[Q, N]``
@@ -335,7 +337,7 @@ def bergson_scores(s: settings_module.Setting, run: Path, out: Path) -> dict[str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", default="early,converged,two-stage,early-fast")
-    parser.add_argument("--peers", default="kronfluence,dattri")
+    parser.add_argument("--peers", default="kronfluence,dattri", help="any of kronfluence, dattri, bergson")
     parser.add_argument("--root", default=str(harness.ROOT))
     parser.add_argument("--mnist", default=None)
     parser.add_argument("--models", type=int, default=3)
