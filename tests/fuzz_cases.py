@@ -5,8 +5,8 @@ fitted store, spec files) and :func:`judge` runs it: the outcome is a *clear err
 exits ≠ 0 with exactly one ``Error:`` line (``verify`` may instead print its DAMAGED report) or the
 API raises a one-line :class:`~source_proj.SourceProjError`; a *traceback* when anything else
 escapes (or the CLI's catch-all names a bug); *silent* when the bad input is accepted; and *data
-lost* when any file the workspace held before changed. ``benchmarks/reliability.py`` runs the same
-catalogue for BENCHMARKS.md's reliability table.
+lost* when any file the workspace held before changed. BENCHMARKS.md's reliability table (issue 14)
+is this catalogue's test run, grouped by the kinds below.
 """
 
 from __future__ import annotations

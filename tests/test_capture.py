@@ -375,3 +375,15 @@ def test_segment_gradients_average_visits_and_stand_in_for_unvisited_examples(
         assert np.allclose(mean.numpy(), expected)
         counts.append(count)
     assert {0, 1, 2} <= set(np.concatenate(counts).tolist())
+
+
+def test_scoring_a_captured_store_says_it_cannot_be_checked_without_advising_to_featurize(
+    tmp_path: Path, classification_data
+) -> None:
+    """Capture records no model or data fingerprint: the warning says so, and does not advise
+    ``featurize --force``, which would replace the captured store by a post-hoc one."""
+    _train(tmp_path / "run", tmp_path / "cap.sp", classification_data, steps=8, batch=10, save_every=4)
+    sp.fit(tmp_path / "cap.sp", sp.FitArguments(segments_per_stage=1), progress=False)
+    with pytest.warns(UserWarning, match="captured during training, which records no fingerprint") as seen:
+        sp.Attributor(tmp_path / "cap.sp", _mlp(), sp.ClassificationTask(), progress=False)
+    assert not any("featurize" in str(w.message) for w in seen)

@@ -237,12 +237,17 @@ _UNCHECKED: set[str] = set()
 """Stores already named as unfingerprinted in this process (the warning is given once per store)."""
 
 
-def _unchecked(path: str) -> None:
+def _unchecked(path: str, meta: Mapping[str, Any]) -> None:
     if path not in _UNCHECKED:
         _UNCHECKED.add(path)
+        if meta.get("capture") is not None:  # captured during training (featurize.windows.is_captured)
+            why, advice = "was captured during training, which records no fingerprint of", "."
+        else:
+            why = "was written before source-proj fingerprinted"
+            advice = "; re-run featurize --force to record them."
         warnings.warn(
-            f"The store at {path} was written before source-proj fingerprinted its model and training data, so a "
-            "model or data changed since cannot be detected; re-run featurize --force to record them.",
+            f"The store at {path} {why} its model and training data, so a model or data changed since cannot be "
+            f"detected{advice}",
             stacklevel=3,
         )
 
@@ -251,7 +256,7 @@ def check_model(store: Store, model: nn.Module, task: Task, device: torch.device
     """Refuse a model (holding the store's final checkpoint θ_T) that computes something other than the
     store's model on the reference batch, e.g. the same layers with another activation."""
     if not store.has(REFERENCE_BATCH):
-        _unchecked(store.path)
+        _unchecked(store.path, store.meta)
         return
     raw = store.read(REFERENCE_BATCH).tobytes()
     batch = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
@@ -262,7 +267,7 @@ def check_model_values(path: str, meta: Mapping[str, Any], values: Mapping[str, 
     """Refuse model fingerprint ``values`` (see :func:`model_fingerprint`) that differ from the store's."""
     recorded = (meta.get("fingerprint") or {}).get("model")
     if recorded is None:
-        _unchecked(path)
+        _unchecked(path, meta)
         return
     difference = _model_difference(recorded["values"], values)
     if difference is not None:
@@ -338,7 +343,7 @@ def check_data(
     every time (random augmentation), which is let through with a warning."""
     recorded = (meta.get("fingerprint") or {}).get("data")
     if recorded is None:
-        _unchecked(path)
+        _unchecked(path, meta)
         return False
     now = fingerprint or data_fingerprint(datasets, quick=quick)
     key = "quick" if quick else "sha256"
