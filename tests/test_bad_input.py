@@ -179,7 +179,7 @@ def test_damaged_chunk_is_named_with_the_repair_command(
 ) -> None:
     store = tmp_path / "s.sp"
     shutil.copytree(tiny_reference, store)
-    chunk = store / "fisher" / "main" / "step-00000004" / "c" / "1" / "0"
+    chunk = store / "kfac" / "main" / "step-00000004" / "0" / "a" / "c" / "1" / "0" / "0"
     raw = bytearray(chunk.read_bytes())
     if damage == "truncated":
         raw = raw[:-6]
@@ -191,7 +191,7 @@ def test_damaged_chunk_is_named_with_the_repair_command(
     with pytest.raises(sp.StoreError) as err:
         sp.fit(store, FIT, progress=False)
     message = _one_sentence(err)
-    assert message.startswith(f"Chunk 1 (rows 4–7) of 'fisher/main/step-00000004' in {store} is damaged ({reason}")
+    assert message.startswith(f"Chunk 1 (rows 1–1) of 'kfac/main/step-00000004/0/a' in {store} is damaged ({reason}")
     assert f"run `source-proj verify {store} --repair`, then re-run the command that wrote it" in message
     assert files(store) == before  # fit wrote nothing
     assert sp.verify_store(store, repair=True, progress=False).repaired

@@ -50,7 +50,7 @@ def test_verify_repair_and_the_printed_commands_recompute_exactly_the_damage(tmp
     shutil.copytree(reference, store)
     _flip(store / "grads/main/step-00000004/c/2/0")
     (store / "methods/source/train/main/c/0/0").write_bytes(b"\0" * 7)
-    (store / "fisher/main/zarr.abc123.partial").write_bytes(b"left by a killed writer")
+    (store / "grads/main/zarr.abc123.partial").write_bytes(b"left by a killed writer")
     cli = CliRunner()
 
     out = cli.invoke(main, ["verify", str(store)])

@@ -16,6 +16,7 @@ from source_proj.trajectory.recorder import Checkpoint, Trajectory
 from source_proj.trajectory.segments import SegmentationArguments
 
 FisherMode = Literal["sampled", "exact", "empirical"]
+CurvatureKind = Literal["kfac", "projected", "both"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,11 @@ class FeaturizeArguments:
             example (TRAK's curvature, see baselines.py): one more gradient per example at one checkpoint.
         precision: ``"fp32"`` (default) or ``"bf16"``: forward and backward under bfloat16
             autocast, projections accumulated in fp32 (faster on GPUs; see README "GPU and speed").
+        curvature: what featurize stores for fit's curvature. ``"kfac"`` (default): per-layer Kronecker
+            factors of the Fisher in the full parameter space (``featurize/factors.py``, one ordinary
+            forward and backward per batch instead of projected pseudo-label gradients); ``"projected"``:
+            the pseudo-label gradients projected to k dimensions (the k × k projected Gauss–Newton);
+            ``"both"``: both (to compare them on one store).
     """
 
     batch_size: int = 64
@@ -76,6 +82,7 @@ class FeaturizeArguments:
     segment_means: bool = False
     measurement: bool = True
     precision: Precision = "fp32"
+    curvature: CurvatureKind = "kfac"
 
 
 def default_device(device: str | None) -> torch.device:

@@ -34,6 +34,14 @@ from source_proj.featurize.arguments import (
     as_stage_datasets,
     default_device,
 )
+from source_proj.featurize.factors import (
+    ChunkFactors,
+    FactorCollector,
+    chunk_values,
+    describe_layers,
+    factor_arrays,
+    kronecker_layers,
+)
 from source_proj.featurize.plan import FeaturizePlan, NotPrepared, Unit, featurize_plan
 from source_proj.projection.base import Projector
 from source_proj.projection.factory import make_projector
@@ -152,6 +160,12 @@ class _Featurize:
                 self.work_model, self.task, self.names, vmap_chunk=options.vmap_chunk, precision=options.precision
             )
             self.directions = _fisher_directions(self.grads_fn, self.task, self.datasets, options, self.device)
+            self.collector = None
+            kronecker = None
+            if options.curvature in ("kfac", "both"):
+                layers, diagonal = kronecker_layers(self.work_model, self.names)
+                self.collector = FactorCollector(self.grads_fn, layers, diagonal)
+                kronecker = describe_layers(layers, diagonal)
             self._meta = {
                 "library_version": __version__,
                 "params": [[n, list(s)] for n, s in shapes],
@@ -164,6 +178,8 @@ class _Featurize:
                     "precision": options.precision,
                     "fisher_directions": self.directions,
                     "measurement": options.measurement,
+                    "curvature": options.curvature,
+                    "kronecker": kronecker,
                 },
                 "trajectory": {
                     "path": str(Path(trajectory.path).resolve()),
@@ -228,9 +244,14 @@ class _Featurize:
         """``(name, shape, chunk rows)`` of the arrays a unit writes (row chunk i of each belongs to chunk i)."""
         n, k, rows = len(unit.dataset), self.projector.dim, self.options.chunk_rows  # type: ignore[arg-type]
         arrays = [(f"{unit.prefix}grads/{unit.stage}/{unit.key}", (n, k), rows)]
-        if self.options.fisher != "empirical":
+        if self.options.fisher != "empirical" and (self.options.curvature != "kfac" or unit.prefix):
             fisher = f"{unit.prefix}fisher/{unit.stage}/{unit.key}"
             arrays.append((fisher, (n * self.directions, k), rows * self.directions))
+        if self.collector is not None and not unit.prefix:
+            chunks = -(-n // rows)
+            shapes = dict(self.collector.shapes)
+            for suffix, shape in factor_arrays(self.collector.layers, self.collector.diagonal, shapes):
+                arrays.append((f"kfac/{unit.stage}/{unit.key}/{suffix}", (chunks, *shape), 1))
         if _measures(unit, ckpt_key(self.trajectory.final_checkpoint.step), self.options):
             arrays.append((f"measurement/{unit.stage}/{unit.key}", (n, k), rows))
         return arrays
@@ -256,7 +277,7 @@ class _Featurize:
         pending = {name: set(store.pending_chunks(name)) for unit in plan.units for name, _, _ in self._arrays(unit)}
         work = [(unit, chunk) for unit, chunk in items if any(chunk in pending[n] for n, _, _ in self._arrays(unit))]
         _featurize_units(plan, work, self.grads_fn, self.projector, self.task, self.options, self.device,
-                         self.work_model, self.progress)
+                         self.work_model, self.progress, self.collector)
 
 
 def _featurize_units(
@@ -269,8 +290,10 @@ def _featurize_units(
     device: torch.device,
     work_model: nn.Module,
     progress: bool,
+    collector: FactorCollector | None = None,
 ) -> None:
-    """Compute and write the row chunks ``work`` of the plan's units."""
+    """Compute and write the row chunks ``work`` of the plan's units (and their Kronecker factors when a
+    ``collector`` is given)."""
     store = plan.store
     final = ckpt_key(plan.trajectory.final_checkpoint.step)
     loaded: tuple[Any, ...] | None = None
@@ -297,7 +320,8 @@ def _featurize_units(
             for chunk, (start, stop) in zip(chunks, spans, strict=True):
                 seed = np.random.SeedSequence([options.seed, *unit.seed, stage_index[unit.stage], chunk])
                 generator = torch.Generator().manual_seed(int(seed.generate_state(1, dtype=np.uint64)[0] >> 1))
-                feats, fisher, measured = _featurize_rows(
+                factors = collector if collector is not None and not unit.prefix else None
+                feats, fisher, measured, sums = _featurize_rows(
                     grads_fn,
                     projector,
                     task,
@@ -309,9 +333,14 @@ def _featurize_units(
                     where=f"{unit.where}, stage {unit.stage!r}",
                     scale=scale,
                     measure=_measures(unit, final, options),
+                    collector=factors,
+                    projected_fisher=options.curvature != "kfac" or bool(unit.prefix),
                 )
                 if fisher is not None:
                     store.write_chunk(f"{unit.prefix}fisher/{unit.stage}/{unit.key}", chunk, fisher)
+                if sums is not None and factors is not None:
+                    for suffix, values in chunk_values(sums, factors.layers, factors.diagonal).items():
+                        store.write_chunk(f"kfac/{unit.stage}/{unit.key}/{suffix}", chunk, values)
                 if measured is not None:
                     store.write_chunk(f"measurement/{unit.stage}/{unit.key}", chunk, measured)
                 store.write_chunk(f"{unit.prefix}grads/{unit.stage}/{unit.key}", chunk, feats)
@@ -407,10 +436,13 @@ def _featurize_rows(
     where: str,
     scale: Mapping[str, torch.Tensor] | None = None,
     measure: bool = False,
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Projected gradients (and Fisher factors, measurement gradients) of one chunk's ``batches``,
-    whose first row is ``start``."""
+    collector: FactorCollector | None = None,
+    projected_fisher: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, ChunkFactors | None]:
+    """Projected gradients (and projected Fisher factors, Kronecker factor sums, measurement gradients)
+    of one chunk's ``batches``, whose first row is ``start``."""
     feats, fisher, measured = [], [], []
+    sums = collector.empty() if collector is not None else None
     row = start
     for batch in batches:
         batch = move_batch(batch, device)
@@ -421,13 +453,19 @@ def _featurize_rows(
         check_finite(projected, row, where, "training-loss gradient")
         feats.append(projected)
         row += projected.shape[0]
-        if options.fisher != "empirical":
+        if options.fisher == "empirical":
+            targets = [(torch.ones(projected.shape[0], device=device), batch)]
+        else:
             gen = generator if options.fisher == "sampled" else None
+            targets = task.fisher_targets(outputs.detach(), batch, gen)
+        if projected_fisher and options.fisher != "empirical":
             per_direction = []
-            for weight, target_batch in task.fisher_targets(outputs.detach(), batch, gen):
+            for weight, target_batch in targets:
                 u = projector.project_batch(grads_fn, target_batch, "loss", scale=scale)
                 per_direction.append(u * weight.sqrt().unsqueeze(-1).float())
             fisher.append(torch.stack(per_direction, dim=1).reshape(-1, projector.dim))
+        if collector is not None and sums is not None:
+            collector.add(sums, targets)
         if measure:
             measured.append(projector.project_batch(grads_fn, batch, "measurement", scale=scale))
     # Features stay on the device until the chunk is done: one copy per chunk.
@@ -441,7 +479,19 @@ def _featurize_rows(
         all_measured = torch.cat(measured)
         check_finite(all_measured, start, where, "measurement gradient")
         out_measured = all_measured.cpu().numpy()
-    return all_feats.cpu().numpy(), out_fisher, out_measured
+    if sums is not None:
+        _check_factors(sums, start, where)
+    return all_feats.cpu().numpy(), out_fisher, out_measured, sums
+
+
+def _check_factors(sums: ChunkFactors, first_row: int, where: str) -> None:
+    """Refuse non-finite Kronecker factor sums (a NaN example poisons its whole chunk's factors)."""
+    finite = all(bool(torch.isfinite(m).all()) for m in (*sums.a, *sums.b, *sums.diagonal.values()))
+    if not finite:
+        raise NumericalError(
+            f"The Fisher factors of the chunk starting at training example {first_row} at {where} are NaN or "
+            "infinite; check those examples' inputs and labels, and the checkpoint's weights."
+        )
 
 
 def check_finite(

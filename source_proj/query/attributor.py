@@ -29,14 +29,17 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from source_proj.errors import StoreError, TaskError
 from source_proj.featurize.arguments import default_device
 from source_proj.featurize.featurize import check_finite
+from source_proj.methods.fit import read_curvature
+from source_proj.methods.kronecker import KroneckerCurvature, source_query_directions
 from source_proj.projection.factory import projector_from_meta
 from source_proj.query.topk import SearchBackend, TorchIndex, build_index
 from source_proj.store.provenance import check_query_model, check_run
 from source_proj.store.store import Store
-from source_proj.tasks.gradients import PerExampleGradients, move_batch
+from source_proj.tasks.gradients import PerExampleGradients, move_batch, precondition_gradients
 from source_proj.tasks.task import Task
 from source_proj.trajectory.preconditioner import read_scale
 from source_proj.trajectory.recorder import Trajectory
+from source_proj.trajectory.segments import Segment
 
 
 def store_trajectory(meta: dict[str, Any], trajectory: Trajectory | str | Path | None = None) -> Trajectory:
@@ -142,6 +145,8 @@ class Attributor:
         self.search_backend = search_backend
         self.search_devices = search_devices
         self._index: faiss.Index | TorchIndex | None = None
+        self._curvatures: list[KroneckerCurvature] | None = None
+        self._times: list[float] = []
 
     def query_features(self, queries: Dataset | Sequence[Any]) -> torch.Tensor:
         """q̃ for every query: float32 ``[Q, d]`` (concatenated over the recipe's checkpoints)."""
@@ -150,6 +155,8 @@ class Attributor:
         representation = self.recipe.get("features", "gradient") == "representation"
         by_step = {c.step: c for c in self.trajectory.checkpoints}
         shapes = self.store.meta["params"]
+        if "operators" in self.recipe:
+            return self._operator_features(queries, by_step[steps[0]], scales[0])
         parts = []
         for step, weight, scale_name in zip(steps, weights, scales, strict=True):
             self.trajectory.load_into(self.model, by_step[step])
@@ -172,6 +179,32 @@ class Attributor:
                 part = torch.nn.functional.normalize(part, dim=1)
             parts.append(part * weight)
         return torch.cat(parts, dim=1)
+
+    def _operator_features(
+        self, queries: Dataset | Sequence[Any], checkpoint: Any, scale_name: str | None
+    ) -> torch.Tensor:
+        """Query features of a method whose operators act on the query gradient (``curvature="kfac"``):
+        [P A_ℓᵀ ∇f(q; θ_T)]_ℓ over the method's blocks (``methods/kronecker.py``), float32 ``[Q, blocks·k]``."""
+        operators = self.recipe["operators"]
+        if self._curvatures is None:
+            described = method_meta(self.store, self.method)["segments"]
+            self._times = [Segment.from_description(d).time for d in described]
+            self._curvatures = [
+                read_curvature(self.store, f"{operators['prefix']}/{i}", d["weight_decay"])
+                for i, d in enumerate(described)
+            ]
+        shapes = {name: tuple(shape) for name, shape in self.store.meta["params"]}
+        self.trajectory.load_into(self.model, checkpoint)
+        grads_fn = PerExampleGradients(self.model, self.task, self.param_names)
+        scale = read_scale(self.store, scale_name, self.store.meta["params"], self.device)
+        feats = []
+        for batch in _batches(queries, self.batch_size):
+            grads = precondition_gradients(grads_fn(move_batch(batch, self.device), "measurement"), scale)
+            directions = source_query_directions(grads, self._curvatures, self._times, shapes)
+            feats.append(torch.cat([self.projector.project(directions[i]) for i in operators["blocks"]], dim=1).cpu())
+        part = torch.cat(feats)
+        check_finite(part, 0, f"checkpoint step {checkpoint.step}", "measurement gradient", example="query")
+        return part
 
     def index(self) -> faiss.Index | TorchIndex:
         """Exact inner-product index over the training features (built once; see ``search_backend``)."""

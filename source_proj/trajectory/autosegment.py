@@ -210,7 +210,7 @@ def trajectory_view(
     prefix: str = "",
 ) -> TrajectoryView:
     """Signatures of every checkpoint unit from the store's arrays ``{prefix}grads/<stage>/<ckpt>`` and
-    ``{prefix}fisher/…`` (the gradients themselves when the store keeps no Fisher factors), and the
+    ``{prefix}fisher/…`` (the gradients themselves when the store keeps no projected Fisher factors), and the
     optimal partition into ``budget`` segments."""
     units = checkpoint_units(stages, checkpoint_steps)
     active = sorted({stage.name for stage, _ in units}, key=[s.name for s in stages].index)
@@ -220,7 +220,10 @@ def trajectory_view(
             f"stage) and {len(units)} (one per checkpoint); choose a budget in that range."
         )
     rates = np.asarray(unit_rates(units, lr, param_sizes))
-    fisher = bool(store.meta["featurize"].get("fisher_directions", 0))
+    first = units[0]
+    fisher = bool(store.meta["featurize"].get("fisher_directions", 0)) and store.has(
+        f"{prefix}fisher/{first[0].name}/{ckpt_key(first[1])}"
+    )
     gram = np.zeros((len(units), len(units)))
     parts: dict[str, np.ndarray] = {}
     for stage_name in active:
