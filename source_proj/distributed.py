@@ -77,7 +77,7 @@ class Shard:
 
     @classmethod
     def slurm(cls) -> Shard:
-        """This SLURM task's shard (see :meth:`parse`)."""
+        """This SLURM task's shard (see [`parse`][])."""
         env = os.environ
         if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
             first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
@@ -124,7 +124,7 @@ class Ranks:
 
     def agree(self, error: BaseException | None) -> None:
         """Every rank learns whether any rank failed: a failed rank re-raises its error, the others
-        raise a :class:`StoreError` naming the first failed rank. Independent ranks just re-raise."""
+        raise a [`StoreError`][] naming the first failed rank. Independent ranks just re-raise."""
         if self.coordinated:
             world = self.shard.world
             first = torch.tensor([self.shard.rank if error is not None else world], device=self._device())
@@ -191,7 +191,7 @@ def launched(device: str | None) -> Iterator[None]:
 
 
 class ShardedJob(Protocol):
-    """A command in four phases (see :func:`run_sharded`)."""
+    """A command in four phases (see [`run_sharded`][])."""
 
     def prepare(self, overwrite: bool) -> None:
         """Create or check the store and every array and progress entry the ranks write (exclusive lock)."""
@@ -215,7 +215,7 @@ def run_sharded(
     keep_new: Callable[[str], bool],
     wait: float = PREPARE_WAIT_SECONDS,
 ) -> None:
-    """Run ``job`` on the store at ``path`` as one of ``group``'s ranks (see the module docstring).
+    """Run ``job`` on the store at ``path`` as one of ``group``'s ranks (see docs/howto/distributed.md).
 
     One process holds the exclusive lock throughout, as every writing command does. Ranks of a
     process group: rank 0 prepares, all write, rank 0 finishes, agreeing on failures in between.

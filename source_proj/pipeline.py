@@ -34,7 +34,25 @@ def attribute(
 ) -> QueryResult:
     """Featurize (or resume), fit and return the top-k helpful and harmful training examples.
 
-    A finished store at ``store_path`` with the same settings is reused as it is.
+    A finished store at ``store_path`` with the same settings is reused as it is; an interrupted one
+    is resumed. Scores follow score(q, z) = −Δf(q, z): positive = z helps q.
+
+    Args:
+        trajectory: the run recorded by [`TrajectoryRecorder`][] (or its directory).
+        model: the architecture (its weights are replaced by each checkpoint's).
+        task: what the model computes, its per-example loss and the measurement.
+        train_data: the data the run was trained on (``dataset_size`` examples); a mapping
+            ``{stage: dataset}`` for several stages. Example i of a stage is its row i in the results.
+        queries: the examples to explain (a dataset, or a tuple of batched tensors).
+        store_path: where the features go (a directory, or a URL such as ``s3://…``).
+        top_k: how many helpful and harmful examples to return per query.
+        projection: the projection's kind, dimension k and seed.
+        options: featurize's options (batch size, device, Fisher mode, …).
+        fit_args: fit's options (segments, stages attributed, Fast-SOURCE).
+        progress: show progress bars.
+
+    Returns:
+        ``[Q, top_k]`` ids and scores of the most helpful and most harmful examples of each query.
     """
     store: Store = featurize(
         trajectory, model, task, train_data, store_path, projection=projection, options=options, progress=progress

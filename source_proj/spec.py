@@ -13,7 +13,9 @@ A spec file defines::
         # (keep: stage → sorted indices within that stage's dataset; stages not named are kept
         # whole) with fresh randomness from `seed`, exactly as the attributed run was trained, and
         # return the measurement of every query_data() example, shape [Q]. Worker processes import
-        # the spec file by path, so it must not depend on state built elsewhere.
+        # the spec file by path, so it must not depend on state built elsewhere. `retrain` may
+        # instead be a source_proj.evaluation.BatchedRetrain (many small models per call, in the
+        # CLI's own process; see docs/howto/evaluate.md).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from source_proj.errors import TaskError
+from source_proj.evaluation.retrain import BatchedRetrainFunction
 from source_proj.tasks.task import Task
 
 _REQUIRED = ("build_model", "build_task", "train_data")
@@ -68,9 +71,13 @@ class Spec:
         fn: Any = getattr(self.module, "describe_query", None)
         return "" if fn is None else str(fn(index))
 
-    def retrainer(self) -> SpecRetrain:
-        """The spec's ``retrain`` as a picklable function (worker processes re-import the spec by path)."""
-        if not callable(getattr(self.module, "retrain", None)):
+    def retrainer(self) -> SpecRetrain | BatchedRetrainFunction:
+        """The spec's ``retrain`` as a picklable function (worker processes re-import the spec by path),
+        or the spec's batched retrain function itself (it trains in this process)."""
+        retrain = getattr(self.module, "retrain", None)
+        if isinstance(retrain, BatchedRetrainFunction):
+            return retrain
+        if not callable(retrain):
             raise TaskError(
                 f"{self.path} defines no retrain(keep, seed); add one that trains on the kept examples and returns "
                 "the measurement of every query_data() example (see source_proj/spec.py)."

@@ -132,3 +132,33 @@ def test_lds_without_a_retrain_function_says_what_to_add(fitted, tmp_path: Path)
     out = CliRunner().invoke(main, ["lds", str(store), "--spec", str(bare), "--subsets", "4"])
     assert out.exit_code == 1
     assert "defines no retrain(keep, seed)" in out.output and "Traceback" not in out.output
+
+
+BATCHED = """
+from source_proj import evaluation as ev
+
+def _seeded(seed):
+    torch.manual_seed(seed)
+    return build_model()
+
+# full-batch gradient descent as train() does: one batch of all 40 examples per epoch
+retrain = ev.BatchedRetrain(
+    ev.BatchedSGD(_seeded, build_task(), [ev.SGDStage("main", *_data(0).tensors, epochs=12, lr=0.2, batch_size=40)]),
+    *query_data().tensors,
+    models_per_call=5,
+)
+"""
+
+
+def test_lds_with_a_batched_retrain_in_the_spec_retrains_the_same_models(fitted, tmp_path: Path) -> None:
+    spec_path, store = fitted
+    batched = tmp_path / "batched.py"
+    batched.write_text(spec_path.read_text().split("def retrain")[0] + BATCHED)
+    base = ["lds", str(store), "--subsets", "6", "--repeats", "2"]
+    out = CliRunner().invoke(main, [*base, "--spec", str(batched), "--cache", str(tmp_path / "b")])
+    assert out.exit_code == 0, out.output
+    assert CliRunner().invoke(main, [*base, "--cache", str(tmp_path / "p")]).exit_code == 0
+    files = sorted((tmp_path / "p" / "retrains").glob("*.npy"))
+    assert len(files) == 12
+    for plain in files:  # same job keys: the same (kept subset, seed) in both caches
+        np.testing.assert_allclose(np.load(tmp_path / "b" / "retrains" / plain.name), np.load(plain), atol=1e-4)

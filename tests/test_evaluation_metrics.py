@@ -7,7 +7,18 @@ import pytest
 from scipy import stats
 
 from source_proj import TaskError
-from source_proj.evaluation import bootstrap_ci, correlate, cosine, group_predictions, rank, spearman
+from source_proj.evaluation import (
+    Counterfactuals,
+    LDSArguments,
+    bootstrap_ci,
+    correlate,
+    cosine,
+    group_predictions,
+    lds,
+    query_interval,
+    rank,
+    spearman,
+)
 
 
 def _tied(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -80,3 +91,34 @@ def test_correlate_reports_the_mean_per_query_spearman_and_an_interval_around_it
     assert result.mean == pytest.approx(np.mean(per_query))
     assert result.low < result.mean < result.high
     assert result.units == 80
+
+
+def test_query_interval_is_scipys_percentile_bootstrap_of_the_mean_over_queries_without_nans() -> None:
+    rng = np.random.default_rng(5)
+    per_query = rng.normal(0.5, 0.2, size=40)
+    args = LDSArguments(resamples=20000)
+    low, high = query_interval(np.concatenate([per_query, [np.nan, np.nan]]), args)
+    ref = stats.bootstrap(
+        (per_query,),
+        np.mean,
+        n_resamples=20000,
+        confidence_level=0.95,
+        method="percentile",
+        rng=np.random.default_rng(1),
+    ).confidence_interval
+    assert abs(low - ref.low) < 0.01 and abs(high - ref.high) < 0.01, (low, high, ref)
+    assert query_interval(np.full(10, 0.3)) == pytest.approx((0.3, 0.3))
+
+
+def test_lds_bootstraps_over_queries_when_asked_with_the_same_mean() -> None:
+    rng = np.random.default_rng(6)
+    masks = rng.random((30, 20)) < 0.5
+    scores = rng.normal(size=(8, 20))
+    measurements = (masks @ scores.T + rng.normal(scale=2.0, size=(30, 8)))[:, None, :]
+    truth = Counterfactuals(0.5, masks, measurements)
+    by_subsets = lds(scores, truth, LDSArguments())
+    by_queries = lds(scores, truth, LDSArguments(resample="queries"))
+    assert by_queries.mean == by_subsets.mean
+    assert (by_queries.low, by_queries.high) == query_interval(by_subsets.per_query)
+    with pytest.raises(TaskError, match="resamples 'subsets' or 'queries'"):
+        lds(scores, truth, LDSArguments(resample="models"))  # type: ignore[arg-type]

@@ -3,25 +3,35 @@ materialised per-example gradients, computed without them, with the variance der
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 
+import source_proj as sp
 from source_proj import ClassificationTask, TaskError
 from source_proj.projection.base import rademacher_signs
-from source_proj.projection.factored import FactoredLayer, FactoredProjector, factor_split, factorable_layers
+from source_proj.projection.factored import FactoredProjector, factor_split
 from source_proj.projection.factory import make_projector
+from source_proj.projection.layers import FactoredLayer, factorable_layers
+from source_proj.projection.transform import GradientTransform
 from source_proj.tasks.gradients import PerExampleGradients
 
 
-def _projector(model: nn.Module, dim: int, seed: int = 0) -> FactoredProjector:
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
-    projector = make_projector("factored", shapes, dim, seed, model=model)
+def _projector(
+    model: nn.Module, dim: int, seed: int = 0, names: list[str] | None = None, **kwargs: Any
+) -> FactoredProjector:
+    params = dict(model.named_parameters())
+    names = names or list(params)
+    shapes = [(n, tuple(params[n].shape)) for n in names]
+    projector = make_projector("factored", shapes, dim, seed, model=model, **kwargs)
     assert isinstance(projector, FactoredProjector) and [n for n, _ in projector.shapes] == names
     return projector
 
@@ -31,19 +41,25 @@ def _flat(grads: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
 
 
 def _kron_oracle(projector: FactoredProjector, names: list[str], shapes: dict[str, tuple[int, ...]]) -> torch.Tensor:
-    """The k × p matrix built column by column from torch.kron of each layer's factors."""
+    """The k × p matrix built column by column from torch.kron of each layer's factors, placed in its block."""
     columns = {}
     for index, layer in enumerate(projector.layers):
         p_out, p_in = projector.factors(index)
-        full = torch.kron(p_out, p_in)  # columns ordered (o, i), i over [weight inputs | bias]
-        cols = [o * layer.in_rows + i for o in range(layer.out_features) for i in range(layer.in_features)]
+        block = projector.blocks[index]
+        full = torch.zeros(projector.dim, layer.out_features * layer.in_rows)
+        full[block.offset : block.offset + block.k_out * block.k_in] = torch.kron(p_out, p_in)  # columns (o, i)
+        if layer.kind == "hf_conv1d":  # GPT-2's Conv1D stores the weight as [in, out]
+            cols = [o * layer.in_rows + i for i in range(layer.in_features) for o in range(layer.out_features)]
+        else:
+            cols = [o * layer.in_rows + i for o in range(layer.out_features) for i in range(layer.in_features)]
         columns[layer.weight] = full[:, cols]
         if layer.bias:
             columns[layer.bias] = full[:, [o * layer.in_rows + layer.in_features for o in range(layer.out_features)]]
     if projector.rest is not None:
         rest = projector.rest.dense()
         for name, offset, size in projector.rest.spans:
-            columns[name] = rest[:, offset : offset + size]
+            columns[name] = torch.zeros(projector.dim, size)
+            columns[name][: projector.shared_dim] = rest[:, offset : offset + size]
     for name in names:
         assert columns[name].shape[1] == math.prod(shapes[name])
     return torch.cat([columns[n] for n in names], dim=1)
@@ -98,23 +114,71 @@ class _Sequence(nn.Module):
         return self.out(h).sum(dim=1)
 
 
-CASES = {
-    "mixed": (_Mixed, lambda g: torch.randn(5, 6, generator=g)),
-    "conv": (_Conv, lambda g: torch.randn(5, 3, 9, 9, generator=g)),
-    "sequence": (_Sequence, lambda g: torch.randn(5, 7, 5, generator=g)),
+class _Tokens(nn.Module):
+    """An embedding with a padding row, a position table shared by the batch, and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 6, padding_idx=0)
+        self.positions = nn.Embedding(7, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        where = torch.arange(x.shape[1]).unsqueeze(0)  # [1, T]: broadcast over the batch
+        return self.head(torch.tanh(self.embed(x) + self.positions(where))).mean(dim=1)
+
+
+def _classify(inputs: Callable[[torch.Generator], torch.Tensor]) -> Callable[[torch.Generator], tuple]:
+    """A batch maker for a classifier: ``generator → (batch, task)``."""
+    return lambda g: ((inputs(g), torch.randint(0, 3, (5,), generator=g)), ClassificationTask())
+
+
+def _text(g: torch.Generator) -> tuple[dict[str, torch.Tensor], sp.Task]:
+    """Token batches for a language model, every parameter attributed."""
+    ids = torch.randint(1, 23, (5, 8), generator=g)
+    task = sp.LanguageModelingTask(tokens_per_sequence=7, parameters=sp.ParameterSelection())
+    return {"input_ids": ids, "attention_mask": torch.ones(5, 8, dtype=torch.long)}, task
+
+
+def _gpt2() -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=23, n_positions=8, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        attn_implementation="eager",
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(config)  # wte tied to lm_head, Conv1D layers, wpe over [1, T] positions
+
+
+def _llama() -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=23, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=8, attn_implementation="eager", pad_token_id=3,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config)
+
+
+CASES = {  # model, batch and task, module_dims
+    "mixed": (_Mixed, _classify(lambda g: torch.randn(5, 6, generator=g)), None),
+    "conv": (_Conv, _classify(lambda g: torch.randn(5, 3, 9, 9, generator=g)), None),
+    "sequence": (_Sequence, _classify(lambda g: torch.randn(5, 7, 5, generator=g)), None),
+    "tokens": (_Tokens, _classify(lambda g: torch.randint(0, 11, (5, 7), generator=g)), None),
+    "tokens-per-module": (_Tokens, _classify(lambda g: torch.randint(0, 11, (5, 7), generator=g)), {"*": 16}),
+    "gpt2": (_gpt2, _text, None),
+    "gpt2-per-module": (_gpt2, _text, {"*.attn.*": 16, "transformer.wte": 64}),
+    "llama": (_llama, _text, None),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_layer_path_equals_kronecker_matrix_on_materialised_gradients(case: str) -> None:
-    build, inputs = CASES[case]
+    build, inputs, module_dims = CASES[case]
     torch.manual_seed(0)
     model = build()
-    g = torch.Generator().manual_seed(1)
-    batch = (inputs(g), torch.randint(0, 3, (5,), generator=g))
-    projector = _projector(model, 64, seed=3)
-    names = [n for n, _ in projector.shapes]
-    grads_fn = PerExampleGradients(model, ClassificationTask(), names)
+    batch, task = inputs(torch.Generator().manual_seed(1))
+    names = task.select_parameters(model)
+    projector = _projector(model, 64, seed=3, names=names, module_dims=module_dims)
+    grads_fn = PerExampleGradients(model, task, names)
     grads = grads_fn(batch, "loss")
     oracle = _flat(grads, names) @ _kron_oracle(projector, names, dict(projector.shapes)).T
     materialised = projector.project(grads)
@@ -124,13 +188,35 @@ def test_layer_path_equals_kronecker_matrix_on_materialised_gradients(case: str)
     assert float((no_materialising - oracle).norm() / scale) < 1e-5
     assert torch.allclose(projector.dense(), _kron_oracle(projector, names, dict(projector.shapes)))
     measured = projector.project_batch(grads_fn, batch, "measurement")
-    assert torch.allclose(measured, projector.project(grads_fn(batch, "measurement")), rtol=1e-4, atol=1e-6)
+    assert torch.allclose(measured, projector.project(grads_fn(batch, "measurement")), rtol=1e-4, atol=1e-5)
+    if module_dims:  # matched layers: blocks of their own, one after the other, after the shared k if used
+        shared = [b for b in projector.blocks if b.offset == 0 and b.k_out * b.k_in == 64]
+        own = [b for b in projector.blocks if b not in shared]
+        start = 64 if shared or projector.rest is not None else 0
+        sizes = [b.k_out * b.k_in for b in own]
+        assert own and [b.offset for b in own] == list(itertools.accumulate([start, *sizes]))[:-1]
+        assert projector.dim == start + sum(b.k_out * b.k_in for b in own)
+
+
+def test_transformer_layers_are_all_factored() -> None:
+    layers, rest = factorable_layers(_gpt2(), [n for n, _ in _gpt2().named_parameters()])
+    kinds = {la.module: (la.kind, la.tied) for la in layers}
+    assert kinds["transformer.wte"] == ("embedding", (("lm_head", "linear"),))  # tied to the LM head
+    assert kinds["transformer.wpe"] == ("embedding", ())
+    assert kinds["transformer.h.0.attn.c_attn"] == ("hf_conv1d", ())
+    assert len(layers) == 2 + 2 * 4 and all(".ln_" in n for n in rest)  # only the layer norms are dense
+    c_attn = next(la for la in layers if la.module == "transformer.h.0.attn.c_attn")
+    assert (c_attn.out_features, c_attn.in_features, c_attn.bias) == (48, 16, "transformer.h.0.attn.c_attn.bias")
 
 
 def test_layers_found_and_the_rest_projected_densely() -> None:
     layers, rest = factorable_layers(_Mixed(), [n for n, _ in _Mixed().named_parameters()])
-    assert [(la.module, la.bias) for la in layers] == [("fc1", "fc1.bias"), ("fc2", None)]
-    assert rest == ["norm.weight", "norm.bias", "head.weight", "head.bias", "tied.bias"]  # tied weight: dense
+    assert [(la.module, la.bias, la.tied) for la in layers] == [
+        ("fc1", "fc1.bias", ()),
+        ("fc2", None, ()),
+        ("head", None, (("tied", "linear"),)),  # one weight used by two modules: one layer, two uses
+    ]
+    assert rest == ["norm.weight", "norm.bias", "head.bias", "tied.bias"]
     conv_layers, conv_rest = factorable_layers(_Conv(), [n for n, _ in _Conv().named_parameters()])
     assert [la.module for la in conv_layers] == ["c1", "c2", "c3", "fc"]
     assert conv_layers[0].in_features == 3 * 3 * 3 and conv_rest == ["grouped.weight", "grouped.bias"]
@@ -249,24 +335,22 @@ def test_a_layer_that_mixes_examples_into_its_first_dimension_is_refused() -> No
         projector.project_batch(grads_fn, (torch.randn(3, 2, 4), torch.tensor([0, 1, 2])))
 
 
-def test_rank_one_scaling_is_applied_and_adams_elementwise_scaling_is_refused() -> None:
+def test_elementwise_scaling_on_a_factored_layer_is_refused_and_its_rank_r_form_applied() -> None:
     torch.manual_seed(0)
     model = _Mixed()
     projector = _projector(model, 16)
     names = [n for n, _ in projector.shapes]
     grads_fn = PerExampleGradients(model, ClassificationTask(), names)
     batch = (torch.randn(4, 6), torch.tensor([0, 1, 2, 0]))
-    row, col = torch.rand(9) + 0.5, torch.rand(6) + 0.5
-    scale = {"fc1.weight": torch.outer(row, col), "fc1.bias": row * 2.0, "norm.weight": torch.full((9,), 3.0)}
-    expected = projector.project({n: g * scale[n] if n in scale else g for n, g in grads_fn(batch).items()})
-    got = projector.project_batch(grads_fn, batch, scale=scale)
-    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6)
-    adam = {"fc1.weight": torch.rand(9, 6) + 0.5}
-    with pytest.raises(TaskError, match="not a rank-one outer product"):
-        projector.project_batch(grads_fn, batch, scale=adam)
+    adam = {"fc1.weight": torch.rand(9, 6) + 0.5, "norm.weight": torch.full((9,), 3.0)}
+    with pytest.raises(TaskError, match="cannot apply an elementwise scaling"):
+        projector.project_batch(grads_fn, batch, transform=GradientTransform(elementwise=adam))
+    exact_rank = projector.scaling(adam)  # rank 1 < 6: approximated; fc1's bias column is scaled by 1
+    got = projector.project_batch(grads_fn, batch, transform=exact_rank)
+    assert torch.allclose(got, projector.project(exact_rank.apply(grads_fn(batch))), rtol=1e-4, atol=1e-6)
     dense = make_projector("rademacher", projector.shapes, 16, 0)
-    assert torch.allclose(  # the default (materialising) path applies any elementwise scaling
-        dense.project_batch(grads_fn, batch, scale=adam),
+    assert torch.allclose(  # the materialising path applies the exact elementwise scaling
+        dense.project_batch(grads_fn, batch, transform=dense.scaling(adam)),
         dense.project({n: g * adam[n] if n in adam else g for n, g in grads_fn(batch).items()}),
     )
 
@@ -279,7 +363,7 @@ def test_dimensions_without_a_near_square_split_are_refused() -> None:
 
 def test_a_model_without_linear_or_conv_layers_is_refused() -> None:
     model = nn.Sequential(nn.LayerNorm(4))
-    with pytest.raises(TaskError, match=r"no nn\.Linear or nn\.Conv layer"):
+    with pytest.raises(TaskError, match=r"no factorable layer"):
         _projector(model, 4)
 
 

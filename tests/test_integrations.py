@@ -61,7 +61,7 @@ def _tiny_bert():
 
 
 def test_transformers_trainer_callback_records_an_attributable_run(tmp_path: Path) -> None:
-    from transformers import Trainer, TrainingArguments, get_linear_schedule_with_warmup
+    from transformers import Trainer, TrainerCallback, TrainingArguments, get_linear_schedule_with_warmup
 
     from source_proj.integrations import HuggingFaceRecorder
 
@@ -79,11 +79,21 @@ def test_transformers_trainer_callback_records_an_attributable_run(tmp_path: Pat
         report_to=[],
         use_cpu=True,
         disable_tqdm=True,
-        logging_strategy="no",
+        logging_strategy="steps",
+        logging_steps=1,
+        max_grad_norm=0.1,
         seed=0,
     )
+
+    norms: list[float] = []
+
+    class Norms(TrainerCallback):  # the Trainer logs each step's pre-clipping gradient norm
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "grad_norm" in logs:
+                norms.append(float(logs["grad_norm"]))
+
     callback = HuggingFaceRecorder(tmp_path / "run", save_every=3)
-    Trainer(model=model, args=args, train_dataset=_Dicts(ids, labels), callbacks=[callback]).train()
+    Trainer(model=model, args=args, train_dataset=_Dicts(ids, labels), callbacks=[callback, Norms()]).train()
 
     traj = sp.Trajectory.load(tmp_path / "run")
     assert traj.complete and traj.num_steps == 9 and traj.stages[0].dataset_size == 24
@@ -97,7 +107,11 @@ def test_transformers_trainer_callback_records_an_attributable_run(tmp_path: Pat
         expected.append(dummy.param_groups[0]["lr"])
         dummy.step()
         schedule.step()
-    assert np.allclose(traj.lr, expected)  # the rate each step used, not the scheduler's next one
+    assert np.allclose(traj.rates, expected)  # the rate each step used, not the scheduler's next one
+    clip = np.minimum(1.0, 0.1 / (np.asarray(norms) + 1e-6))  # the Trainer clips at max_grad_norm
+    assert len(norms) == 9 and clip.min() < 0.6 and clip.max() == 1.0
+    assert np.allclose(traj.clip, clip, rtol=2e-3)  # the logged norms have 4 significant digits
+    assert np.allclose(traj.lr, traj.rates * clip)
     final = traj.load_state(traj.final_checkpoint)["model"]
     assert all(torch.equal(final[k], v) for k, v in model.state_dict().items())
 

@@ -70,7 +70,7 @@ def test_positions_rebuild_every_layers_per_example_gradient() -> None:
     for layer in layers:
         inputs, out_grad = captured[layer.module]
         a = _positions(modules[layer.module], inputs, layer).reshape(len(x), -1, layer.in_rows)
-        d = _output_positions(modules[layer.module], out_grad).reshape(len(x), -1, layer.out_features)
+        d = _output_positions(modules[layer.module], out_grad, layer).reshape(len(x), -1, layer.out_features)
         rebuilt = torch.einsum("bto,bti->boi", d, a)
         torch.testing.assert_close(rebuilt, layer_matrix(exact, layer), rtol=1e-5, atol=1e-6)
 
@@ -104,7 +104,7 @@ def test_collected_factors_equal_brute_force_sums() -> None:
             F.cross_entropy(model(x[n : n + 1]), y[n : n + 1]).backward()
             handle.remove()
             a = _positions(modules[layer.module], seen["a"], layer).double()
-            d = _output_positions(modules[layer.module], seen["d"]).double()
+            d = _output_positions(modules[layer.module], seen["d"], layer).double()
             a_total += a.T @ a
             b_total += weight[n].double() * d.T @ d
         torch.testing.assert_close(sums.a[i], a_total, rtol=1e-5, atol=1e-8)
@@ -275,12 +275,23 @@ def test_query_directions_reduce_to_the_influence_function_and_to_grad_dot() -> 
         torch.testing.assert_close(short[name], 1e-7 * grads[name], rtol=1e-4, atol=1e-12)
 
 
-def test_rank_one_fit_recovers_an_exact_row_column_product() -> None:
-    """Adam's D^{-1/2} enters the Kronecker factors through its best rank-one fit r cᵀ (fit.rank_one): exact
-    when the grid is such a product, and positive."""
-    from source_proj.methods.fit import rank_one
+def test_adam_scaling_enters_the_factors_exactly_when_it_is_a_row_column_product() -> None:
+    """Adam's D^{-1/2} enters the Kronecker factors through its weighted rank-one fit r cᵀ: for a scaling that
+    is such a product, (r cᵀ) ⊙ G = diag(r) G diag(c), so the factors of the scaled gradients are
+    diag(c) A diag(c) and diag(r) B diag(r) exactly (checked against factors of explicitly scaled gradients)."""
+    from source_proj.projection.transform import scaling_transform
 
-    grid = torch.outer(torch.tensor([1.0, 2.0, 0.5]), torch.tensor([0.3, 1.0, 4.0, 2.0]))
-    row, col = rank_one(grid)
-    torch.testing.assert_close(torch.outer(row, col), grid.double(), rtol=1e-10, atol=1e-12)
-    assert bool((row > 0).all() and (col > 0).all())
+    torch.manual_seed(0)
+    layer = FactoredLayer("fc", "fc.weight", "fc.bias", 3, 4)
+    row, col = torch.tensor([1.0, 2.0, 0.5]), torch.tensor([0.3, 1.0, 4.0, 2.0, 0.7])
+    scale = {"fc.weight": torch.outer(row, col[:4]), "fc.bias": row * col[4]}
+    terms = scaling_transform(scale, [layer], rank=1).layer("fc.weight")
+    r, c = terms.left[0].double(), terms.right[0].double()
+    # Per-example gradients of a linear layer at one position: G = δ āᵀ.
+    a_bar = torch.cat([torch.randn(50, 4), torch.ones(50, 1)], 1).double()
+    delta = torch.randn(50, 3).double()
+    scaled_a, scaled_d = a_bar * (col.double()), delta * row.double()
+    torch.testing.assert_close(torch.outer(r, c), torch.outer(row, col).double(), rtol=1e-6, atol=1e-8)
+    a, b = a_bar.T @ a_bar / 50, delta.T @ delta / 50
+    torch.testing.assert_close(a * torch.outer(c, c) * (b * torch.outer(r, r))[0, 0],
+                               (scaled_a.T @ scaled_a / 50) * (scaled_d.T @ scaled_d / 50)[0, 0], rtol=1e-6, atol=1e-8)

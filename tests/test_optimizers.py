@@ -423,3 +423,59 @@ def test_recorded_maximising_run_is_refused(tmp_path: Path, regression_data) -> 
     _small_run(tmp_path / "run", regression_data, lambda p: torch.optim.SGD(p, lr=0.01, maximize=True))
     with pytest.raises(sp.TrajectoryError, match="maximize=True"):
         _featurize(tmp_path / "run", regression_data, tmp_path / "s.sp")
+
+
+def test_clipped_sgd_matches_the_unrolled_derivative_with_the_recorded_clipping_factors(
+    tmp_path: Path, regression_data
+) -> None:
+    """Full-batch SGD clipped at norm 1.5 (factors α_k from 0.3 to 1): SOURCE with one segment per step
+    and step sizes η_k·α_k matches the derivative unrolled through θ ← θ − η α_k ∇L_w(θ) (α_k held fixed);
+    the same run with the factors dropped from its trajectory does not."""
+    lr, steps, max_norm = 0.05, 30, 1.5
+    x, y = regression_data.tensors
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    theta0 = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    rec = sp.TrajectoryRecorder(tmp_path / "run", model, opt, save_every=1)
+    rec.begin_stage("main", dataset_size=len(y))
+    for _ in range(steps):
+        opt.zero_grad()
+        _squared(model(x), y).mean().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        opt.step()
+        rec.step()
+    rec.close()
+    alphas = sp.Trajectory.load(tmp_path / "run").clip
+    assert alphas.min() < 0.35 and alphas.max() == 1.0  # clipped hard early, unclipped near the optimum
+
+    xd, yd = x.double(), y.double()
+    queries = TensorDataset(torch.randn(4, 3, generator=torch.Generator().manual_seed(5)), torch.zeros(4))
+    qx, qy = (t.double() for t in queries.tensors)
+    net = nn.Linear(3, 1).double()
+
+    def final(w: torch.Tensor) -> torch.Tensor:
+        theta = dict(theta0)
+        for alpha in alphas:
+            g = grad(lambda t: (w * _squared(functional_call(net, t, (xd,)), yd)).mean())(theta)
+            theta = {n: theta[n] - lr * float(alpha) * g[n] for n in theta}
+        return (functional_call(net, theta, (qx,)).squeeze(-1) - qy).abs()
+
+    exact = jacrev(final)(torch.ones(len(y), dtype=torch.float64)).numpy()
+    options = sp.FeaturizeArguments(batch_size=12, chunk_rows=12, fisher="exact")
+    boundaries = tuple(range(1, steps))
+    ours = _identity_scores(
+        tmp_path / "run", regression_data, queries, tmp_path / "s.sp", options, boundaries=boundaries
+    )
+    index = json.loads((tmp_path / "run" / "trajectory.json").read_text())
+    del index["clip"]
+    (tmp_path / "run" / "trajectory.json").write_text(json.dumps(index))
+    ignored = _identity_scores(
+        tmp_path / "run", regression_data, queries, tmp_path / "s2.sp", options, boundaries=boundaries
+    )
+
+    def rel(a: np.ndarray) -> float:
+        return float(np.linalg.norm(a - exact) / np.linalg.norm(exact))
+
+    assert rel(ours) < 0.03, rel(ours)
+    assert rel(ignored) > 5 * rel(ours), (rel(ignored), rel(ours))

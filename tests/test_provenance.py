@@ -88,6 +88,8 @@ def test_a_run_whose_final_checkpoint_is_not_the_stores_is_refused(
     index = json.loads((run / "trajectory.json").read_text())
     shutil.copy(run / "checkpoints" / "step-00000008.pt", run / "checkpoints" / "step-00000012.pt")
     index["lr"] += [0.2] * 4
+    if "clip" in index:
+        index["clip"] += [1.0] * 4
     index["stages"][0]["end_step"] = 12
     index["checkpoints"].append({**index["checkpoints"][-1], "step": 12, "file": "checkpoints/step-00000012.pt"})
     (run / "trajectory.json").write_text(json.dumps(index))

@@ -8,6 +8,8 @@ import pytest
 import source_proj as sp
 from source_proj.trajectory.recorder import Stage
 
+from .conftest import mlp
+
 
 def _stage(name: str, start: int, end: int, momentum: float = 0.0, decay: float = 0.0) -> Stage:
     return Stage(
@@ -61,3 +63,37 @@ def test_optimizer_it_cannot_handle_is_refused() -> None:
     stage = Stage("main", 0, 5, 10, {"kind": "RMSprop", "groups": [{"params": ["w"], "lr": 0.1}]})
     with pytest.raises(sp.TrajectoryError, match="RMSprop"):
         sp.make_segments([stage], [0], np.ones(5), {"w": 1})
+
+
+def test_featurize_of_chosen_checkpoints_averages_only_them(tmp_path, fitted_mlp_store, classification_data) -> None:
+    """Checkpoints at 0, 5, …, 30: featurizing steps 10 and 20 (θ_T = 30 is always added) writes exactly
+    the full store's features of those checkpoints, and SOURCE's segments average only them (θ_T, saved
+    after the last step, is in no segment, as with every checkpoint featurized)."""
+    full = sp.Store.open(fitted_mlp_store)
+    run = full.meta["trajectory"]["path"]
+    options = sp.FeaturizeArguments(batch_size=7, chunk_rows=9, checkpoint_steps=(10, 20))
+    store = sp.featurize(
+        run, mlp(), sp.ClassificationTask(), classification_data, tmp_path / "chosen.sp",
+        projection=sp.ProjectionArguments(dim=32), options=options, progress=False,
+    )  # fmt: skip
+    assert store.meta["trajectory"]["checkpoints"] == [10, 20, 30]
+    assert store.meta["trajectory"]["fingerprint"] == full.meta["trajectory"]["fingerprint"]
+    for step in (10, 20, 30):
+        name = f"grads/main/step-{step:08d}"
+        assert np.array_equal(store.read(name), full.read(name))
+    assert not store.has("grads/main/step-00000005")
+    sp.fit(store, sp.FitArguments(segments_per_stage=2), progress=False)
+    segments = store.meta["methods"]["source"]["segments"]
+    full_segments = sp.fit(fitted_mlp_store, sp.FitArguments(segments_per_stage=2, method="two"), progress=False)
+    averaged = sorted(s for seg in full_segments.meta["methods"]["two"]["segments"] for s in seg["checkpoints"])
+    assert averaged == [0, 5, 10, 15, 20, 25]  # every checkpoint before θ_T, when all are featurized
+    assert sorted(s for seg in segments for s in seg["checkpoints"]) == [10, 20]
+    scores = sp.Attributor(store, mlp(), sp.ClassificationTask()).scores(classification_data)
+    assert scores.shape == (30, 30) and np.isfinite(scores).all()
+    with pytest.raises(sp.TrajectoryError, match=r"no checkpoint at step\(s\) \[7\]"):
+        sp.featurize(run, mlp(), sp.ClassificationTask(), classification_data, tmp_path / "bad.sp",
+                     options=sp.FeaturizeArguments(checkpoint_steps=(7,)), progress=False)  # fmt: skip
+    other = sp.FeaturizeArguments(batch_size=7, chunk_rows=9, checkpoint_steps=(10,))
+    with pytest.raises(sp.StoreError, match="other settings"):  # another choice is another store
+        sp.featurize(run, mlp(), sp.ClassificationTask(), classification_data, tmp_path / "chosen.sp",
+                     projection=sp.ProjectionArguments(dim=32), options=other, progress=False)  # fmt: skip

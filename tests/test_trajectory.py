@@ -102,3 +102,59 @@ def test_parameter_groups_with_different_rates_are_refused(tmp_path: Path) -> No
     rec.begin_stage("main", dataset_size=3)
     with pytest.raises(sp.TrajectoryError, match="different learning rates"):
         rec.step()
+
+
+def _clipped_run(run: Path, max_norm: float, scaler: torch.amp.GradScaler | None, pass_scaler: bool) -> list[float]:
+    """12 SGD steps of 2 accumulated micro-batches each, clipped at ``max_norm``; returns min(1, c/‖g‖) per step."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(48, 4, generator=g), torch.randn(48, generator=g) * 3
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    rec = sp.TrajectoryRecorder(run, model, opt, save_every=4, grad_scaler=scaler if pass_scaler else None)
+    rec.begin_stage("main", dataset_size=48)
+    expected = []
+    for step in range(12):
+        opt.zero_grad()
+        for half in range(2):
+            rows = slice(4 * step + 2 * half, 4 * step + 2 * half + 2)
+            loss = ((model(x[rows]).squeeze(-1) - y[rows]) ** 2).mean() / 2
+            (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.unscale_(opt)
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+        expected.append(min(1.0, max_norm / (norm + 1e-6)))
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        rec.step()
+    rec.close()
+    return expected
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_gradient_clipping_factor_is_measured_every_step(tmp_path: Path, scaled: bool) -> None:
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if scaled else None
+    expected = _clipped_run(tmp_path / "run", 4.0, scaler, pass_scaler=True)
+    traj = sp.Trajectory.load(tmp_path / "run")
+    assert 0 < min(expected) < 0.6 and max(expected) == 1.0  # some steps clipped hard, some not at all
+    assert np.allclose(traj.clip, expected, rtol=1e-4)
+    assert np.allclose(traj.lr, 0.05 * np.asarray(expected))  # SOURCE's step sizes: η_k·α_k
+    assert np.array_equal(traj.rates, np.full(12, 0.05))
+    assert traj.clip[np.asarray(expected) == 1.0].tolist() == [1.0] * int(sum(e == 1.0 for e in expected))
+
+
+def test_a_loss_scaler_the_recorder_does_not_know_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(sp.TrajectoryError, match="loss scaler"):
+        _clipped_run(tmp_path / "run", 1e6, torch.amp.GradScaler("cpu", init_scale=2.0**12), pass_scaler=False)
+
+
+def test_clipping_factors_outside_zero_one_are_refused(tmp_path: Path) -> None:
+    _clipped_run(tmp_path / "run", 0.8, None, pass_scaler=False)
+    index = json.loads((tmp_path / "run" / "trajectory.json").read_text())
+    index["clip"][3] = 1.5
+    (tmp_path / "run" / "trajectory.json").write_text(json.dumps(index))
+    with pytest.raises(sp.TrajectoryError, match="one clipping factor in"):
+        sp.Trajectory.load(tmp_path / "run")

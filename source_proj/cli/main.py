@@ -98,6 +98,25 @@ def main() -> None:
     "auto: fast_jl when available, else rademacher.",
 )
 @click.option(
+    "--module-dim",
+    "module_dims",
+    multiple=True,
+    help="factored: PATTERN=K projects the layers whose module name matches the glob PATTERN into K coordinates "
+    "of their own (repeatable; a bare K: every layer, like bergson's per-module projection); the rest share --dim.",
+)
+@click.option(
+    "--adam-rank",
+    default=1,
+    show_default=True,
+    help="factored, Adam/AdamW runs: rank R of each layer's approximation of D^-1/2 (R times the projection cost).",
+)
+@click.option(
+    "--checkpoints",
+    "checkpoint_steps",
+    default=None,
+    help="Featurize only the checkpoints saved at these steps, e.g. 100,200,300 (the final one is always added).",
+)
+@click.option(
     "--precision",
     type=click.Choice(["fp32", "bf16"]),
     default="fp32",
@@ -119,7 +138,7 @@ def main() -> None:
     "--segments",
     "segmentation",
     default=None,
-    help="Fix the segmentation now: 3 (parts per stage), auto:L or at:STEP,STEP. Adam runs and --fast need it "
+    help="Fix the segmentation now: 3 (parts per stage), auto, auto:L or at:STEP,STEP. Adam runs and --fast need it "
     "(default 3 per stage); fit then keeps it.",
 )
 @click.option("--fast", is_flag=True, help="Also featurize each segment's averaged parameters (Fast-SOURCE).")
@@ -138,6 +157,9 @@ def featurize(
     dim: int,
     seed: int,
     projection: str,
+    module_dims: tuple[str, ...],
+    adam_rank: int,
+    checkpoint_steps: str | None,
     precision: str,
     fisher: str,
     batch_size: int,
@@ -153,7 +175,7 @@ def featurize(
     """Project per-example training gradients of every checkpoint into STORE (resumes if interrupted).
 
     Run it under torchrun (torchrun --nproc-per-node G -m source_proj.cli featurize ...) or as n
-    independent processes with --shard i/n to split the work; see the README (Beyond one machine).
+    independent processes with --shard i/n to split the work; see docs/howto/distributed.md.
     """
     spec = load_spec(spec_path)
     trajectory = sp.Trajectory.load(run_dir)
@@ -165,7 +187,9 @@ def featurize(
             spec.build_task(),
             data,
             store_path,
-            projection=sp.ProjectionArguments(dim=dim, seed=seed, kind=projection),
+            projection=sp.ProjectionArguments(
+                dim=dim, seed=seed, kind=projection, module_dims=_module_dims(module_dims), adam_rank=adam_rank
+            ),
             options=sp.FeaturizeArguments(
                 batch_size=batch_size,
                 chunk_rows=chunk_rows,
@@ -174,6 +198,7 @@ def featurize(
                 num_workers=workers,
                 segmentation=sp.SegmentationArguments.parse(segmentation) if segmentation else None,
                 checkpoints=not fast_only,
+                checkpoint_steps=_ints(checkpoint_steps),
                 segment_means=fast or fast_only,
                 precision=precision,
             ),
@@ -184,7 +209,7 @@ def featurize(
     if not store.meta.get("featurized"):
         click.echo(f"featurized shard {shard} of {store.path}; the store is finished once every shard has run")
         return
-    click.echo(f"featurized {len(trajectory.checkpoints)} checkpoints into {store.path}")
+    click.echo(f"featurized {len(store.meta['trajectory']['checkpoints'])} checkpoints into {store.path}")
     recorded = store.meta.get("segmentation")
     if recorded is not None:
         click.echo(f"segmentation fixed for this store: {recorded['arguments']}")
@@ -192,12 +217,23 @@ def featurize(
             click.echo(sp.TrajectoryView.from_description(recorded["view"]).table())
 
 
+def _module_dims(values: tuple[str, ...]) -> dict[str, int]:
+    """``PATTERN=K`` (or a bare ``K`` for every layer) as ``{pattern: K}``."""
+    dims = {}
+    for value in values:
+        pattern, _, k = value.rpartition("=")
+        if not k.isdigit():
+            raise click.BadParameter(f"expected PATTERN=K or K, K a whole number (e.g. '*.mlp.*=256'), not {value!r}")
+        dims[pattern or "*"] = int(k)
+    return dims
+
+
 @main.command(cls=_Command)
 @click.argument("store_path")
 @click.option(
     "--segments",
     default=None,
-    help="Equal segments per stage (3), or auto:L for L segments placed automatically (default: the store's, else 3).",
+    help="Equal segments per stage (3), auto:L for L segments placed automatically, or auto to choose L too (default: the store's, else 3).",
 )
 @click.option(
     "--boundaries", default=None, help="Explicit global steps to cut at, e.g. 100,200 (overrides --segments)."

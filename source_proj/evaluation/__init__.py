@@ -1,10 +1,12 @@
 """Counterfactual evaluation of attribution scores: LDS, subset removal, further training.
 
 Everything takes score matrices ``[Q, N]`` in the project's convention (score = −Δf, positive =
-helpful) and a user-supplied training function ``retrain(keep, seed) -> [Q]`` (see retrain.py), so
+helpful) and a user-supplied training function ``retrain(keep, seed) -> [Q]`` (see retrain.py; or a
+batched one training many copies of a small model at once, see batched.py), so
 any fitted method (SOURCE, a baseline, an ensemble, Fast-SOURCE) is evaluated the same way.
 """
 
+from source_proj.evaluation.batched import BatchedRetrain, BatchedSGD, SGDStage
 from source_proj.evaluation.further_training import (
     Agreement,
     FurtherTraining,
@@ -20,6 +22,7 @@ from source_proj.evaluation.lds import (
     lds,
     lds_ground_truth,
     plot_lds,
+    query_interval,
     sample_subsets,
 )
 from source_proj.evaluation.metrics import (
@@ -32,10 +35,20 @@ from source_proj.evaluation.metrics import (
     spearman,
 )
 from source_proj.evaluation.removal import RemovalArguments, RemovalResult, plot_removal, subset_removal
-from source_proj.evaluation.retrain import Job, RetrainCache, RetrainFunction, keep_from_mask, run_retrains
+from source_proj.evaluation.retrain import (
+    BatchedRetrainFunction,
+    Job,
+    RetrainCache,
+    RetrainFunction,
+    keep_from_mask,
+    run_retrains,
+)
 
 __all__ = [
     "Agreement",
+    "BatchedRetrain",
+    "BatchedRetrainFunction",
+    "BatchedSGD",
     "Correlation",
     "Counterfactuals",
     "FurtherTraining",
@@ -46,6 +59,7 @@ __all__ = [
     "RemovalResult",
     "RetrainCache",
     "RetrainFunction",
+    "SGDStage",
     "agreement",
     "bootstrap_ci",
     "compare",
@@ -59,6 +73,7 @@ __all__ = [
     "lds_ground_truth",
     "plot_lds",
     "plot_removal",
+    "query_interval",
     "rank",
     "run_retrains",
     "sample_subsets",

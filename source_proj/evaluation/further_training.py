@@ -29,11 +29,14 @@ from source_proj.query.attributor import StageRows
 
 @dataclass(frozen=True)
 class FurtherTrainingArguments:
-    """Attributes:
-    seeds: further-training seeds averaged (Wei et al. used 100; 10–20 give most of the benefit).
-    workers: parallel worker processes.
-    threads_per_worker: torch threads per worker process.
-    resamples, confidence: bootstrap interval of the mean Spearman correlation.
+    """How the further-training gold standard is computed.
+
+    Attributes:
+        seeds: further-training seeds averaged (Wei et al. used 100; 10–20 give most of the benefit).
+        workers: parallel worker processes.
+        threads_per_worker: torch threads per worker process.
+        resamples: bootstrap resamples for the interval of the mean Spearman correlation.
+        confidence: the level of that interval.
     """
 
     seeds: tuple[int, ...] = tuple(range(10))

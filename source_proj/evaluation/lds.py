@@ -16,11 +16,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from source_proj.errors import TaskError
-from source_proj.evaluation.metrics import Correlation, correlate, group_predictions
+from source_proj.evaluation.metrics import Correlation, bootstrap_ci, correlate, group_predictions
 from source_proj.evaluation.retrain import Job, RetrainCache, RetrainFunction, keep_from_mask, run_retrains
 from source_proj.figures import pyplot, save_figure
 from source_proj.query.attributor import StageRows
@@ -39,6 +40,8 @@ class LDSArguments:
         threads_per_worker: torch threads per worker process.
         resamples: bootstrap resamples of the confidence interval.
         confidence: coverage of the interval.
+        resample: what the bootstrap resamples: ``"subsets"`` (the SOURCE paper's interval) or
+            ``"queries"`` (how much the LDS depends on which queries were drawn).
     """
 
     alpha: float = 0.5
@@ -49,6 +52,7 @@ class LDSArguments:
     threads_per_worker: int = 1
     resamples: int = 1000
     confidence: float = 0.95
+    resample: Literal["subsets", "queries"] = "subsets"
 
 
 def sample_subsets(num_rows: int, num_subsets: int, alpha: float, seed: int = 0) -> np.ndarray:
@@ -134,17 +138,41 @@ def lds_ground_truth(
 def lds(scores: np.ndarray, truth: Counterfactuals, args: LDSArguments = LDSArguments()) -> Correlation:
     """The LDS of a score matrix ``[Q, N]`` (positive = helpful) against a ground truth.
 
-    Returns the mean per-query Spearman correlation with its bootstrap interval (over subsets) and
-    the per-query values.
+    Returns the mean per-query Spearman correlation with its bootstrap interval (over subsets, or
+    over queries with ``args.resample == "queries"``) and the per-query values.
     """
     if scores.shape[0] != truth.measurements.shape[2]:
         raise TaskError(
             f"The scores cover {scores.shape[0]} queries but the ground truth measures {truth.measurements.shape[2]}; "
             "score the same queries the retrain function measures."
         )
-    return correlate(
+    result = correlate(
         group_predictions(scores, truth.masks),
         truth.mean,
+        resamples=args.resamples,
+        confidence=args.confidence,
+        seed=args.seed,
+    )
+    if args.resample == "subsets":
+        return result
+    if args.resample != "queries":
+        raise TaskError(f"The LDS bootstrap resamples 'subsets' or 'queries', not {args.resample!r}.")
+    return Correlation(result.mean, *query_interval(result.per_query, args), result.per_query, result.units)
+
+
+def query_interval(per_query: np.ndarray, args: LDSArguments = LDSArguments()) -> tuple[float, float]:
+    """Bootstrap interval of the mean of per-query values ``[Q]`` (NaNs left out), resampling the queries.
+
+    Given the difference of two methods' per-query correlations it is a paired interval: the LDS
+    difference on the same queries, with their shared difficulty cancelled.
+    """
+    values = np.asarray(per_query, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size < 2:
+        raise TaskError("A bootstrap over queries needs at least two queries with a defined correlation.")
+    return bootstrap_ci(
+        lambda idx: values[idx].mean(axis=1),
+        values.size,
         resamples=args.resamples,
         confidence=args.confidence,
         seed=args.seed,

@@ -118,7 +118,8 @@ class Correlation:
     Attributes:
         mean: mean over queries of the per-query Spearman correlation (queries whose ground truth or
             prediction is constant are left out).
-        low, high: bootstrap confidence interval of ``mean`` (resampling the units: subsets for LDS).
+        low: lower end of the bootstrap confidence interval of ``mean`` (resampling the units: subsets for LDS).
+        high: upper end of that interval.
         per_query: ``[Q]`` Spearman correlation of each query (NaN where undefined).
         units: number of units correlated over (subsets M, or left-out examples).
     """

@@ -5,6 +5,10 @@ examples with the randomness of ``seed`` and returns the measurement of every qu
 ``keep`` maps each attributed stage to the sorted indices (within that stage's dataset) of its
 kept examples; stages it does not name are kept whole.
 
+A *batched* retrain function (:class:`BatchedRetrainFunction`, e.g. ``batched.BatchedRetrain``) also
+has ``retrain_many(keeps, seeds) -> [M, Q]``: :func:`run_retrains` then hands it the unfinished jobs
+in groups of ``models_per_call``, in this process (its parallelism is the group, not worker processes).
+
 Every finished retrain is written at once, atomically (a temporary file renamed into place), to
 ``CACHE/retrains/<key>.npy``, the key being a hash of the kept sets and the seed. An interrupted
 evaluation therefore resumes without retraining any finished model, and evaluations that share a
@@ -21,6 +25,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -34,6 +39,21 @@ Keep = Mapping[str, np.ndarray]
 
 RetrainFunction = Callable[[Keep, int], np.ndarray]
 """``retrain(keep, seed) -> [Q]``: train on the kept examples with ``seed``; measure every query."""
+
+
+@runtime_checkable
+class BatchedRetrainFunction(Protocol):
+    """A retrain function that also trains many models in one call (see ``batched.py``)."""
+
+    models_per_call: int
+
+    def retrain_many(self, keeps: Sequence[Keep], seeds: Sequence[int]) -> np.ndarray:
+        """``[len(seeds), Q]``: one row of measurements per (kept subset, seed)."""
+        ...
+
+    def __call__(self, keep: Keep, seed: int) -> np.ndarray:
+        """``[Q]``: train one model on ``keep`` with ``seed`` and measure every query."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -131,7 +151,8 @@ def run_retrains(
         retrain: the training function (module-level, so that worker processes can import it).
         jobs: the runs to do.
         cache: where finished runs are (and are written as soon as each one ends).
-        workers: parallel worker processes (started with ``spawn``); 1 trains in this process.
+        workers: parallel worker processes (started with ``spawn``); 1 trains in this process. A batched
+            retrain function always trains in this process, ``models_per_call`` models at a time.
         threads_per_worker: torch threads in each worker process.
         progress: show a progress bar.
     """
@@ -145,7 +166,9 @@ def run_retrains(
             results[i] = cached
     bar = tqdm(total=len(jobs), initial=len(results), desc=desc, unit="model", disable=not progress)
     try:
-        if workers <= 1:
+        if isinstance(retrain, BatchedRetrainFunction):
+            _run_batched(retrain, jobs, todo, cache, results, bar)
+        elif workers <= 1:
             for i in todo:
                 results[i] = _run(retrain, jobs[i], str(cache.path(jobs[i])))
                 bar.update()
@@ -160,6 +183,37 @@ def run_retrains(
             f"{cache.directory} mixes training functions or query sets, so use a fresh cache directory."
         )
     return np.stack([results[i] for i in range(len(jobs))])
+
+
+def _run_batched(
+    retrain: BatchedRetrainFunction,
+    jobs: Sequence[Job],
+    todo: list[int],
+    cache: RetrainCache,
+    results: dict[int, np.ndarray],
+    bar: tqdm,
+) -> None:
+    if retrain.models_per_call < 1:
+        raise TaskError(f"A batched retrain must train at least one model per call, not {retrain.models_per_call}.")
+    for begin in range(0, len(todo), retrain.models_per_call):
+        group = todo[begin : begin + retrain.models_per_call]
+        values = np.asarray(retrain.retrain_many([jobs[i].keep for i in group], [jobs[i].seed for i in group]))
+        if values.ndim != 2 or values.shape[0] != len(group):
+            raise TaskError(
+                f"retrain_many returned shape {values.shape} for {len(group)} models; it must return one row of "
+                "measurements per model, [models, Q]."
+            )
+        failure: Exception | None = None
+        for i, row in zip(group, values, strict=True):
+            try:
+                results[i] = _checked(row, jobs[i])
+            except NumericalError as err:
+                failure = failure or err
+                continue
+            cache.put(jobs[i], results[i])
+        bar.update(len(group))
+        if failure is not None:
+            raise failure
 
 
 def _run_parallel(

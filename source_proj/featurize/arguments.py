@@ -4,7 +4,7 @@ data each checkpoint is featurized on."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -27,15 +27,23 @@ class ProjectionArguments:
         dim: k, the projection dimension (ignored by ``"identity"``).
         seed: the projection's seed; the same seed gives the same P everywhere.
         kind: ``"rademacher"`` (±1/√k entries, the default), ``"factored"`` (per-layer Kronecker
-            P_out ⊗ P_in of Linear/Conv layers, no per-example gradients materialised; see
-            ``factored.py``), ``"fast_jl"`` (TRAK's CUDA kernel, its own matrix), ``"auto"``
-            (fast_jl where CUDA and fast_jl are present, else rademacher) or ``"identity"``
-            (no projection, k = p). The store records the kind used; queries rebuild it.
+            P_out ⊗ P_in of Linear, Conv, GPT-2 Conv1D and Embedding layers, no per-example gradients
+            materialised; see ``factored.py``), ``"fast_jl"`` (TRAK's CUDA kernel, its own matrix),
+            ``"auto"`` (fast_jl where CUDA and fast_jl are present, else rademacher) or
+            ``"identity"`` (no projection, k = p). The store records the kind used; queries rebuild it.
+        module_dims: ``"factored"`` only: glob pattern on module names → k_m; each matching layer is
+            projected into its own k_m coordinates (appended after the ``dim`` shared ones, which
+            the other layers and the unfactored parameters use). The store's k is the total.
+        adam_rank: ``"factored"`` only: on a run trained with Adam/AdamW, each layer's elementwise
+            D^{-1/2} is replaced by its best rank-R approximation (Adafactor-like for R = 1), at R
+            times the projection cost; the dense ``"rademacher"`` kind applies it exactly.
     """
 
     dim: int = 1024
     seed: int = 0
     kind: str = "rademacher"
+    module_dims: Mapping[str, int] = field(default_factory=dict)
+    adam_rank: int = 1
 
 
 @dataclass(frozen=True)
@@ -57,12 +65,15 @@ class FeaturizeArguments:
             segment mean) or with ``segment_means``; ``None`` there means 3 equal parts per stage.
             Plain SGD stores leave the choice to fit.
         checkpoints: featurize every checkpoint (SOURCE; the baselines use them too).
+        checkpoint_steps: featurize only the checkpoints saved at these steps (the final one is
+            always added): SOURCE then averages each segment over the chosen checkpoints inside it,
+            and an Adam segment's D_ℓ over their optimizer states. ``None``: every checkpoint.
         segment_means: featurize each segment's averaged parameters (Fast-SOURCE, SOURCE_MATH §7);
             with ``checkpoints=False`` this is the cheap mode: L instead of C gradient passes.
         measurement: also store ``measurement/<stage>/<final ckpt>`` = P ∇f(z; θ_T) for every training
             example (TRAK's curvature, see baselines.py): one more gradient per example at one checkpoint.
         precision: ``"fp32"`` (default) or ``"bf16"``: forward and backward under bfloat16
-            autocast, projections accumulated in fp32 (faster on GPUs; see README "GPU and speed").
+            autocast, projections accumulated in fp32 (faster on GPUs; see docs/howto/gpu.md).
         curvature: what featurize stores for fit's curvature. ``"kfac"`` (default): per-layer Kronecker
             factors of the Fisher in the full parameter space (``featurize/factors.py``, one ordinary
             forward and backward per batch instead of projected pseudo-label gradients); ``"projected"``:
@@ -79,6 +90,7 @@ class FeaturizeArguments:
     vmap_chunk: int | None = None
     segmentation: SegmentationArguments | None = None
     checkpoints: bool = True
+    checkpoint_steps: tuple[int, ...] | None = None
     segment_means: bool = False
     measurement: bool = True
     precision: Precision = "fp32"

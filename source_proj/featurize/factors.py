@@ -24,17 +24,32 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from source_proj.errors import TaskError
-from source_proj.projection.factored import FactoredLayer, _Tap, factorable_layers
+from source_proj.projection.factored import _Tap
+from source_proj.projection.layers import FactoredLayer, factorable_layers
 from source_proj.tasks.gradients import PerExampleGradients
 from source_proj.tasks.task import Batch
 
 
+MAX_FACTOR_SIDE = 8192
+"""The largest side of a Kronecker factor (a 8192² float64 factor is 512 MiB); larger layers take the diagonal."""
+
+
 def kronecker_layers(model: nn.Module, names: Sequence[str]) -> tuple[list[FactoredLayer], list[str]]:
-    """The layers whose curvature is Kronecker-factored (``nn.Linear``, ``nn.Conv1d/2d`` with groups=1)
-    and the parameters that get a diagonal instead, in ``names`` order."""
+    """The layers whose curvature is Kronecker-factored (``nn.Linear``, GPT-2's ``Conv1D``, ``nn.Conv1d/2d``
+    with groups=1) and the parameters that get a diagonal instead, in ``names`` order. Embeddings and tied
+    weights take the diagonal: an embedding's input factor is the V × V diagonal of token counts, which
+    the diagonal of the Fisher holds exactly and at O(V·d). So does a layer with a side above
+    ``MAX_FACTOR_SIDE`` (an untied LM head's V × V output factor would not fit in memory)."""
     layers, rest = factorable_layers(model, names)
     modules = dict(model.named_modules())
-    kept = [layer for layer in layers if not isinstance(modules[layer.module], nn.Conv3d)]
+    kept = [
+        layer
+        for layer in layers
+        if layer.kind in ("linear", "hf_conv1d", "conv")
+        and not layer.tied
+        and not isinstance(modules[layer.module], nn.Conv3d)
+        and max(layer.out_features, layer.in_rows) <= MAX_FACTOR_SIDE
+    ]
     dropped = [n for layer in layers if layer not in kept for n in (layer.weight, layer.bias) if n]
     return kept, [n for n in names if n in set(rest) | set(dropped)]
 
@@ -46,7 +61,7 @@ def describe_layers(layers: Sequence[FactoredLayer], diagonal: Sequence[str]) ->
 
 def layers_from_description(desc: Mapping[str, Any]) -> tuple[list[FactoredLayer], list[str]]:
     """Inverse of :func:`describe_layers`."""
-    return [FactoredLayer(*d) for d in desc["layers"]], list(desc["diagonal"])
+    return [FactoredLayer.from_description(d) for d in desc["layers"]], list(desc["diagonal"])
 
 
 @dataclass
@@ -145,7 +160,7 @@ class FactorCollector:
             inputs[index] = _positions(module, x.detach().float(), layer)
 
             def record(grad: Tensor) -> None:
-                deltas[index] = _output_positions(module, grad.detach().float())
+                deltas[index] = _output_positions(module, grad.detach().float(), layer)
 
             return _Tap.apply(output, probe, record)
 
@@ -154,7 +169,7 @@ class FactorCollector:
 
 def _positions(module: nn.Module, x: Tensor, layer: FactoredLayer) -> Tensor:
     """ā at every position, ``[B·T, d_in']`` (convolutions: their im2col patches)."""
-    if isinstance(module, nn.Linear):
+    if layer.kind in ("linear", "hf_conv1d"):
         a = x.reshape(-1, layer.in_features)
     else:
         conv = module
@@ -181,9 +196,9 @@ def _positions(module: nn.Module, x: Tensor, layer: FactoredLayer) -> Tensor:
     return a
 
 
-def _output_positions(module: nn.Module, grad: Tensor) -> Tensor:
+def _output_positions(module: nn.Module, grad: Tensor, layer: FactoredLayer) -> Tensor:
     """δ at every position, ``[B·T, d_out]``."""
-    if isinstance(module, nn.Linear):
+    if layer.kind in ("linear", "hf_conv1d"):
         return grad.reshape(-1, grad.shape[-1])
     return grad.flatten(2).transpose(1, 2).reshape(-1, grad.shape[1])
 

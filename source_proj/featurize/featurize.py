@@ -45,6 +45,7 @@ from source_proj.featurize.factors import (
 from source_proj.featurize.plan import FeaturizePlan, NotPrepared, Unit, featurize_plan
 from source_proj.projection.base import Projector
 from source_proj.projection.factory import make_projector
+from source_proj.projection.transform import GradientTransform
 from source_proj.store.provenance import check_checkpoints, describe_provenance
 from source_proj.store.store import Store, ckpt_key, is_store
 from source_proj.tasks.gradients import PerExampleGradients, move_batch
@@ -95,7 +96,7 @@ def featurize(
 
     Returns:
         The store, with ``grads/<stage>/<ckpt>`` of shape ``[N_stage, k]`` for every checkpoint
-        (once every shard has finished).
+        (``options.checkpoint_steps``: every chosen one; once every shard has finished).
 
     Every checkpoint is checked (present, intact, fitting the model, finite) before anything is
     written. The store is locked while featurize runs; a resumed run first re-checks the crc of the
@@ -104,6 +105,8 @@ def featurize(
     """
     if not isinstance(trajectory, Trajectory):
         trajectory = Trajectory.load(trajectory)
+    if options.checkpoint_steps is not None:
+        trajectory = trajectory.select(options.checkpoint_steps)
     if not trajectory.complete:
         raise StoreError(
             f"The trajectory at {trajectory.path} is incomplete (training was interrupted or close() was not called); "
@@ -153,8 +156,15 @@ class _Featurize:
             self.names = self.task.select_parameters(self.work_model)
             params = dict(self.work_model.named_parameters())
             shapes = [(n, tuple(params[n].shape)) for n in self.names]
+            projection = self.projection
             self.projector = make_projector(
-                self.projection.kind, shapes, self.projection.dim, self.projection.seed, model=self.work_model
+                projection.kind,
+                shapes,
+                projection.dim,
+                projection.seed,
+                model=self.work_model,
+                module_dims=projection.module_dims,
+                adam_rank=projection.adam_rank,
             )
             self.grads_fn = PerExampleGradients(
                 self.work_model, self.task, self.names, vmap_chunk=options.vmap_chunk, precision=options.precision
@@ -297,7 +307,7 @@ def _featurize_units(
     store = plan.store
     final = ckpt_key(plan.trajectory.final_checkpoint.step)
     loaded: tuple[Any, ...] | None = None
-    scale: dict[str, torch.Tensor] | None = None
+    transform: GradientTransform | None = None
     scale_name: str | None = None
     stage_index = {s.name: i for i, s in enumerate(plan.trajectory.stages)}
     desc = "featurize (segmentation probe)" if plan.probe else "featurize"
@@ -313,6 +323,7 @@ def _featurize_units(
                 loaded = unit.point
             if scale_name != unit.scale:
                 scale = plan.scale(unit.scale, device)
+                transform = None if scale is None else projector.scaling(scale)
                 scale_name = unit.scale
             size = len(unit.dataset)  # type: ignore[arg-type]
             spans = [(c * rows, min(size, (c + 1) * rows)) for c in chunks]
@@ -331,7 +342,7 @@ def _featurize_units(
                     generator,
                     device,
                     where=f"{unit.where}, stage {unit.stage!r}",
-                    scale=scale,
+                    transform=transform,
                     measure=_measures(unit, final, options),
                     collector=factors,
                     projected_fisher=options.curvature != "kfac" or bool(unit.prefix),
@@ -434,7 +445,7 @@ def _featurize_rows(
     generator: torch.Generator,
     device: torch.device,
     where: str,
-    scale: Mapping[str, torch.Tensor] | None = None,
+    transform: GradientTransform | None = None,
     measure: bool = False,
     collector: FactorCollector | None = None,
     projected_fisher: bool = True,
@@ -448,7 +459,7 @@ def _featurize_rows(
         batch = move_batch(batch, device)
         outputs = grads_fn.outputs(batch)
         task.loss(outputs, batch)  # validates targets (label ranges) outside vmap
-        projected = projector.project_batch(grads_fn, batch, "loss", scale=scale)
+        projected = projector.project_batch(grads_fn, batch, "loss", transform=transform)
         # Checked per batch, before labels are sampled from outputs a non-finite example would poison.
         check_finite(projected, row, where, "training-loss gradient")
         feats.append(projected)
@@ -461,13 +472,13 @@ def _featurize_rows(
         if projected_fisher and options.fisher != "empirical":
             per_direction = []
             for weight, target_batch in targets:
-                u = projector.project_batch(grads_fn, target_batch, "loss", scale=scale)
+                u = projector.project_batch(grads_fn, target_batch, "loss", transform=transform)
                 per_direction.append(u * weight.sqrt().unsqueeze(-1).float())
             fisher.append(torch.stack(per_direction, dim=1).reshape(-1, projector.dim))
         if collector is not None and sums is not None:
             collector.add(sums, targets)
         if measure:
-            measured.append(projector.project_batch(grads_fn, batch, "measurement", scale=scale))
+            measured.append(projector.project_batch(grads_fn, batch, "measurement", transform=transform))
     # Features stay on the device until the chunk is done: one copy per chunk.
     all_feats = torch.cat(feats)
     out_fisher = out_measured = None
@@ -497,7 +508,7 @@ def _check_factors(sums: ChunkFactors, first_row: int, where: str) -> None:
 def check_finite(
     values: torch.Tensor, first_row: int, where: str, what: str, example: str = "training example"
 ) -> None:
-    """Raise a :class:`NumericalError` naming the first row of ``values`` (``[rows, k]``) that is not finite."""
+    """Raise a [`NumericalError`][] naming the first row of ``values`` (``[rows, k]``) that is not finite."""
     bad = ~torch.isfinite(values).all(dim=1)
     if bad.any():
         row = first_row + int(torch.nonzero(bad)[0, 0])

@@ -112,7 +112,7 @@ def featurize_plan(
 ) -> FeaturizePlan:
     """Settle the segmentation (recording it) and list the units; when an automatic segmentation
     still needs its probe, return the probe's units only (``plan.probe``) — call again once they are done.
-    With ``record=False`` nothing is written: a segmentation still to be recorded raises :class:`NotPrepared`."""
+    With ``record=False`` nothing is written: a segmentation still to be recorded raises [`NotPrepared`][]."""
     meta = store.meta
     shapes = [(n, list(s)) for n, s in meta["params"]]
     sizes = {n: int(np.prod(s)) for n, s in shapes}

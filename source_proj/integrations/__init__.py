@@ -1,6 +1,6 @@
 """Recorder integrations for training frameworks (``pip install source-proj[integrations]``).
 
-- a plain loop: :class:`source_proj.TrajectoryRecorder` itself;
+- a plain loop: [`source_proj.TrajectoryRecorder`][] itself;
 - Hugging Face ``transformers.Trainer``: ``HuggingFaceRecorder`` (a ``TrainerCallback``);
 - Lightning: ``LightningRecorder`` (a ``lightning.pytorch.Callback``).
 

@@ -55,10 +55,17 @@ def start_recording(
     dataset_size: int,
     save_every: int,
     overwrite: bool,
+    grad_scaler: Any | None = None,
 ) -> tuple[TrajectoryRecorder, Any]:
-    """A recorder with its first stage begun, stepping after every optimizer step; returns it and the hook handle."""
+    """A recorder with its first stage begun, stepping after every optimizer step; returns it and the hook handle.
+
+    The recorder measures each step's gradient-clipping factor (``recorder.py``); ``grad_scaler`` is the
+    framework's loss scaler of an fp16 run, whose unscaling is not clipping.
+    """
     inner = torch_optimizer(optimizer)
-    recorder = TrajectoryRecorder(run_dir, model, inner, save_every=save_every, overwrite=overwrite)
+    recorder = TrajectoryRecorder(
+        run_dir, model, inner, save_every=save_every, overwrite=overwrite, grad_scaler=grad_scaler
+    )
     recorder.begin_stage(stage, dataset_size=dataset_size)
     handle = inner.register_step_post_hook(lambda *_: recorder.step())
     return recorder, handle

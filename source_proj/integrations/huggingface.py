@@ -7,7 +7,9 @@ Usage::
     trainer.train()            # runs/hf now holds trajectory.json and the checkpoints
 
 The stage's dataset size is ``len(train_dataset)`` unless given; the loss the Trainer minimises must
-be the batch mean of the task's per-example loss (the default for HF models' ``labels`` loss).
+be the batch mean of the task's per-example loss (the default for HF models' ``labels`` loss). The
+Trainer clips gradients at ``max_grad_norm`` (1.0 by default): the recorder measures each step's
+clipping factor and SOURCE's step sizes include it (fp16's loss scaling is taken out).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
             dataset_size=size,
             save_every=self.save_every,
             overwrite=self.overwrite,
+            grad_scaler=getattr(kwargs["optimizer"], "scaler", None),  # accelerate's optimizer holds the fp16 scaler
         )
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

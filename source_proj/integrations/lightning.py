@@ -46,6 +46,7 @@ class LightningRecorder(RecorderSettings, Callback):
             dataset_size=size,
             save_every=self.save_every,
             overwrite=self.overwrite,
+            grad_scaler=getattr(trainer.precision_plugin, "scaler", None),  # fp16 mixed precision's loss scaler
         )
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:

@@ -2,7 +2,7 @@
 
 Every baseline is a fitted method like SOURCE: cached training features ``methods/<name>/train/<stage>``
 and a query recipe in ``meta["methods"][name]`` (see query.py), so that score(q, z) = ⟨q̃, T(z)⟩,
-positive = z helps q, and the :class:`~source_proj.query.attributor.Attributor`, its FAISS top-k and the
+positive = z helps q, and the [`Attributor`][], its FAISS top-k and the
 evaluation serve them unchanged. With g̃_c(z) = P ∇ℓ(z; θ_c) and Φ̃ = [P ∇f(z_i; θ_T)]_i (stored by
 featurize), q̃_c = P ∇f(q; θ_c), T the final checkpoint and N the attributed stage's size::
 
@@ -63,7 +63,7 @@ from source_proj.tasks.task import Task
 from source_proj.trajectory.segments import Segment
 
 BASELINES = ("trak", "if", "tracin", "grad-dot", "grad-cos", "repsim")
-"""The baseline kinds :func:`fit_baseline` knows."""
+"""The baseline kinds [`fit_baseline`][] knows."""
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ def _query_scales(meta: dict[str, Any], steps: Sequence[int]) -> list[str | None
 
     featurize scaled checkpoint c's training gradients on stage s by the preconditioner of the stage-s
     segment holding c; the query at c takes the last stage's (the same approximation SOURCE makes
-    for its query, README "Optimizers").
+    for its query, docs/howto/adam.md).
     """
     described = (meta.get("segmentation") or {}).get("segments") or []
     segments = [Segment.from_description(d) for d in described]

@@ -22,7 +22,8 @@ from source_proj.distributed import Ranks, Shard, rank_device, ranks, run_sharde
 from source_proj.errors import NumericalError, StoreError, TaskError
 from source_proj.featurize.arguments import default_device
 from source_proj.featurize.factors import layers_from_description
-from source_proj.methods.kronecker import KroneckerCurvature, LayerFactors, layer_matrix
+from source_proj.methods.kronecker import KroneckerCurvature, LayerFactors
+from source_proj.projection.transform import scaling_transform
 from source_proj.methods.source import SegmentOperator, fold
 from source_proj.store.store import Store, ckpt_key, is_store
 from source_proj.trajectory.autosegment import TrajectoryView, trajectory_view
@@ -43,7 +44,7 @@ class FitArguments:
         segments_per_stage: equal parts (by step) each stage is cut into (the paper uses 3).
         boundaries: explicit global steps to cut at instead (stage boundaries are always cut).
         auto_segments: L, a budget of segments placed automatically where the projected curvature
-            and gradients change most (``autosegment.py``).
+            and gradients change most (``autosegment.py``); ``0``: their number is chosen too.
         stages: attribute to these stages' examples only (e.g. the pre-training data); default all.
             An example of stage s is credited through the segments that trained on it and carried
             to θ_T by every later segment's survival S (SOURCE_MATH.md §3).
@@ -110,7 +111,7 @@ def param_sizes(meta: dict[str, Any]) -> dict[str, int]:
 
 
 def store_segments(store: Store, args: FitArguments) -> list[Segment]:
-    """The segments a fit with ``args`` uses on this store (see :class:`FitArguments`)."""
+    """The segments a fit with ``args`` uses on this store (see [`FitArguments`][])."""
     return resolve_segments(store, args)[0]
 
 
@@ -201,7 +202,7 @@ def segment_operators(
 ) -> list[SegmentOperator]:
     """One eigendecomposition of H̄_ℓ = mean_c H̃_c + λI per segment (``keys``: its feature points,
     default its checkpoints; ``curvature(stage, key)``: H̃ of one point, default
-    :func:`checkpoint_curvature`).
+    [`checkpoint_curvature`][]).
 
     The mean is accumulated point by point: memory is two k × k matrices whatever the number of
     checkpoints.
@@ -475,7 +476,8 @@ def kronecker_curvature(store: Store, segment: Segment, keys: Sequence[str]) -> 
     """One segment's Kronecker curvature from the factor sums featurize stored for its feature points
     (``kfac/<stage>/<key>/…``): A and B averaged over the points' positions and examples, eigendecomposed;
     in Adam's coordinates (SOURCE_MATH §6) when the segment has a preconditioner: the factors of
-    D^{-1/2} ⊙ G with D^{-1/2} ≈ r cᵀ per layer (its best rank-one fit), and D^{-1} times the diagonal."""
+    D^{-1/2} ⊙ G with D^{-1/2} ≈ r cᵀ per layer (its rank-one fit weighted by Adam's second moment, as the
+    factored projection's ``adam_rank=1``), and D^{-1} times the diagonal."""
     meta = store.meta
     layers, diagonal = layers_from_description(meta["featurize"]["kronecker"])
     a_sum = [np.zeros((layer.in_rows, layer.in_rows)) for layer in layers]
@@ -502,7 +504,9 @@ def kronecker_curvature(store: Store, segment: Segment, keys: Sequence[str]) -> 
         a = torch.from_numpy(a_sum[i] / max(positions[i], 1.0))
         b = torch.from_numpy(b_sum[i] / max(examples, 1.0))
         if scale is not None:
-            row, col = rank_one(layer_matrix({n: s[None] for n, s in scale.items()}, layer)[0])
+            terms = scaling_transform(scale, [layer], rank=1).layer(layer.weight)
+            assert terms is not None
+            row, col = terms.left[0].double(), terms.right[0].double()
             a = a * torch.outer(col, col)
             b = b * torch.outer(row, row)
         factors.append(LayerFactors.from_factors(a, b))
@@ -541,14 +545,6 @@ def read_curvature(store: Store, prefix: str, damping: float) -> KroneckerCurvat
         factors.append(LayerFactors(parts["qa"], parts["la"], parts["qb"], parts["lb"]))
     diag = {name: torch.from_numpy(store.read(f"{prefix}/diagonal/{name}")).reshape(shapes[name]) for name in diagonal}
     return KroneckerCurvature(tuple(layers), tuple(factors), diag, damping)
-
-
-def rank_one(grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(r, c)`` with r cᵀ the best rank-one fit of a positive ``[d_out, d_in']`` grid (its leading singular
-    pair, signs made positive)."""
-    u, s, vh = torch.linalg.svd(grid.double(), full_matrices=False)
-    row, col = u[:, 0].abs() * s[0].sqrt(), vh[0].abs() * s[0].sqrt()
-    return row, col
 
 
 def _segment_blocks(

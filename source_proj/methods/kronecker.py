@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from source_proj.methods.source import phi, survival
-from source_proj.projection.factored import FactoredLayer
+from source_proj.projection.layers import FactoredLayer
 
 SpectralFunction = Callable[[Tensor], Tensor]
 """σ ↦ g(σ), applied elementwise to eigenvalues (float64)."""
@@ -41,21 +41,12 @@ SpectralFunction = Callable[[Tensor], Tensor]
 
 def layer_matrix(grads: Mapping[str, Tensor], layer: FactoredLayer) -> Tensor:
     """A layer's per-example gradients as matrices ``[B, d_out, d_in']`` (bias as the last column)."""
-    g = grads[layer.weight]
-    batch = g.shape[0]
-    mat = g.reshape(batch, layer.out_features, layer.in_features)
-    if layer.bias:
-        mat = torch.cat([mat, grads[layer.bias].reshape(batch, layer.out_features, 1)], dim=2)
-    return mat
+    return layer.matrix(grads)
 
 
 def split_layer_matrix(mat: Tensor, layer: FactoredLayer, shapes: Mapping[str, Sequence[int]]) -> dict[str, Tensor]:
-    """Inverse of :func:`layer_matrix`: ``name → [B, *param_shape]``."""
-    batch = mat.shape[0]
-    out = {layer.weight: mat[:, :, : layer.in_features].reshape(batch, *shapes[layer.weight])}
-    if layer.bias:
-        out[layer.bias] = mat[:, :, layer.in_features].reshape(batch, *shapes[layer.bias])
-    return out
+    """Inverse of [`layer_matrix`][source_proj.methods.kronecker.layer_matrix]: ``name → [B, *param_shape]``."""
+    return layer.split(mat, shapes)
 
 
 @dataclass(frozen=True)

@@ -22,16 +22,13 @@ import torch
 from torch import Tensor
 
 from source_proj.errors import TaskError
-from source_proj.tasks.gradients import precondition_gradients
+from source_proj.projection.transform import GradientTransform, scaling_transform
 
 if TYPE_CHECKING:
-
     from source_proj.tasks.gradients import PerExampleGradients, Quantity
     from source_proj.tasks.task import Batch
 
 _GENERATOR_ID = "numpy-philox-4x64-v1"
-
-
 
 def rademacher_signs(seed: int, block: int, rows: int, dim: int) -> np.ndarray:
     """±1 signs as int8 ``[rows, dim]`` from numpy's Philox keyed by ``(seed, block)``.
@@ -64,16 +61,22 @@ class Projector(ABC):
         batch: Batch,
         quantity: Quantity = "loss",
         *,
-        scale: Mapping[str, Tensor] | None = None,
+        transform: GradientTransform | None = None,
     ) -> Tensor:
-        """P (s ⊙ ∇quantity(z; θ)) for every example z of a batch: float32 ``[B, k]``.
+        """P T(∇quantity(z; θ)) for every example z of a batch: float32 ``[B, k]``.
 
-        ``scale`` maps parameter names to elementwise multipliers of the parameter's shape applied
-        to every per-example gradient before projection (e.g. Adam's preconditioner D^{-1/2},
-        SOURCE_MATH §6); ``None`` means 1. This default materialises the per-example gradients;
-        projectors that need not (the factored one) override it.
+        ``transform`` (``transform.py``) is a linear map applied to every per-example gradient
+        before projection (Adam's D^{-1/2}, SOURCE_MATH §6: build it with :meth:`scaling`); ``None``
+        is the identity. This default materialises the per-example gradients; projectors that need
+        not (the factored one) override it.
         """
-        return self.project(precondition_gradients(grads_fn(batch, quantity), scale))
+        grads = grads_fn(batch, quantity)
+        return self.project(grads if transform is None else transform.apply(grads))
+
+    def scaling(self, scale: Mapping[str, Tensor]) -> GradientTransform:
+        """An elementwise gradient scaling (Adam's D^{-1/2}, ``name → multiplier`` of the parameter's
+        shape) as the transform this projection applies: exactly, on materialised gradients."""
+        return scaling_transform(scale)
 
 
 def _flat_spans(shapes: Sequence[tuple[str, Sequence[int]]]) -> list[tuple[str, int, int]]:

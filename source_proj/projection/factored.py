@@ -1,21 +1,31 @@
 """Per-layer factored (Kronecker) projection: per-example gradients are never materialised.
 
-For an ``nn.Linear`` or a convolution (``groups=1``) the per-example gradient of the weight is
-G = Σ_t δ_t a_tᵀ (``d_out × d_in``): a_t is the layer's input at position t (a token, or an
-im2col patch of a convolution) and δ_t the gradient of the example's loss with respect to the
-layer's output there. A bias is the column of an extra constant input 1. With independent
-Rademacher factors P_in (``k_in × d_in``, entries ±1/√k_in) and P_out (``k_out × d_out``,
-entries ±1/√k_out), k = k_out·k_in,
+For a factorable layer (``layers.py``: ``nn.Linear``, a ``groups=1`` convolution, transformers'
+GPT-2 ``Conv1D``, an ``nn.Embedding``, and a token embedding tied to its LM head) the per-example
+gradient is a matrix G = Σ_t δ_t a_tᵀ (``d_out × d_in'``; a bias is the column of an extra constant
+input 1). With independent Rademacher factors P_in (``k_in × d_in'``, entries ±1/√k_in) and P_out
+(``k_out × d_out``, entries ±1/√k_out), k = k_out·k_in,
 
     (P_out ⊗ P_in) vec(G) = vec(P_out G P_inᵀ) = vec(Σ_t (P_out δ_t)(P_in a_t)ᵀ),
 
 so each example costs two small projections per position and one ``k_out × k_in`` outer-product
-sum (LoGra-style). P_out ⊗ P_in has entries ±1/√k and E[PᵀP] = E[P_outᵀP_out] ⊗ E[P_inᵀP_in] = I:
-it is a projection in the sense of SOURCE_MATH §4. Every factorable layer is projected into the
-*same* k coordinates and the layers are summed (each layer keeps the full k = k_out·k_in; the
-cross-layer terms have mean zero), and the parameters no layer factors (norm layers, embeddings,
-tied weights) are added through a dense Rademacher projection of their materialised per-example
-gradients. The whole map is one k × p matrix with E[PᵀP] = I.
+sum (LoGra-style): hooks record P_in a_t in the forward pass (for an embedding the column of P_out
+at the token) and P_out δ_t in the backward pass, which computes no weight gradient at all.
+P_out ⊗ P_in has entries ±1/√k and E[PᵀP] = E[P_outᵀP_out] ⊗ E[P_inᵀP_in] = I: it is a projection in
+the sense of SOURCE_MATH §4.
+
+**Where the layers go.** By default every factorable layer is projected into the *same* k
+coordinates and the layers are summed (each keeps the full k = k_out·k_in; the cross-layer terms
+have mean zero). With ``module_dims`` (glob pattern on the module name → k_m) a matching layer gets
+its own block of k_m coordinates instead (bergson/LoGra's per-module layout: no cross-layer terms,
+but each layer sees only k_m): the features are the concatenation [shared k | block 1 | block 2 …],
+and scores can be split by module. The parameters no layer factors (norms, unfactorable
+leftovers) are added to the shared coordinates through a dense Rademacher projection of their
+materialised per-example gradients. The whole map is one matrix with E[PᵀP] = I.
+
+**Gradient transforms** (``transform.py``: Adam's D^{-1/2}, curvature bases) enter as R factor pairs
+(P_out L_r, P_in R_r) per layer, at R times the plain cost. Adam's elementwise D^{-1/2} is replaced
+on each layer by its rank-``adam_rank`` approximation (:meth:`FactoredProjector.scaling`).
 
 Error against the dense Rademacher projection (Rademacher entries; u = vec U, v = vec V two
 gradients of one layer, A = P_inᵀP_in, B = P_outᵀP_out, X = ⟨Pu, Pv⟩ = tr(Uᵀ B V A)):
@@ -36,7 +46,7 @@ cosines of the inputs and of the output gradients: for nearly orthogonal gradien
 projection is as accurate as the dense one, for aligned ones (norms, ρ = 1) its relative variance
 is 2/k_in + 2/k_out instead of 2/k. Post-ReLU inputs are positively aligned (large ρ_a), so the
 output side gets the larger factor: k_in is the largest divisor of k not above √k and k_out = k/k_in.
-See README "GPU and speed"; the measured error is in BENCHMARKS.md.
+See docs/howto/gpu.md; the measured error is in BENCHMARKS.md.
 
 The factor matrices come from the same seeded block generator as the dense projection
 (``projection.rademacher_signs``), keyed by ``(seed, 2**63 + 2·layer + side)``, so CPU and GPU
@@ -45,6 +55,7 @@ build bit-identical factors; the dense part uses the ordinary blocks ``(seed, b)
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -56,6 +67,8 @@ from torch.utils._pytree import tree_map
 
 from source_proj.errors import TaskError
 from source_proj.projection.base import _GENERATOR_ID, Projector, RademacherProjector, rademacher_signs
+from source_proj.projection.layers import FactoredLayer, LayerKind
+from source_proj.projection.transform import GradientTransform, LayerTransform, scaling_transform
 from source_proj.tasks.gradients import PerExampleGradients, batch_size
 
 if TYPE_CHECKING:
@@ -63,7 +76,6 @@ if TYPE_CHECKING:
     from source_proj.tasks.task import Batch
 
 _FACTOR_KEY = 2**63
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CHECK_EXAMPLES = 2
 _CHECK_TOLERANCE = 1e-3
 
@@ -74,72 +86,22 @@ def factor_split(dim: int) -> tuple[int, int]:
     if 16 * k_in * k_in < dim:  # k_in < √k / 4
         raise TaskError(
             f"The factored projection splits k into k_out × k_in, but {dim} has no near-square factorisation "
-            f"(best {dim // k_in} × {k_in}); use a dimension such as 1024, 2048 or 4096."
+            f"(best {dim // k_in} × {k_in}); use a dimension such as 64, 1024, 2048 or 4096."
         )
     return dim // k_in, k_in
 
 
 @dataclass(frozen=True)
-class FactoredLayer:
-    """A layer whose weight gradient is projected as P_out G P_inᵀ.
+class _Block:
+    """Where a layer's features go: columns ``[offset, offset + k_out·k_in)`` of the features."""
 
-    Attributes:
-        module: the module's name in ``model.named_modules()``.
-        weight: the weight's parameter name.
-        bias: the bias's parameter name when it is projected as an extra input column, else ``None``.
-        out_features: d_out (output features or channels).
-        in_features: d_in without the bias column (input features, or C_in·∏kernel for a convolution).
-    """
-
-    module: str
-    weight: str
-    bias: str | None
-    out_features: int
-    in_features: int
+    offset: int
+    k_out: int
+    k_in: int
 
     @property
-    def in_rows(self) -> int:
-        """Columns of G: d_in, plus one for the bias."""
-        return self.in_features + (self.bias is not None)
-
-    def describe(self) -> list[Any]:
-        return [self.module, self.weight, self.bias, self.out_features, self.in_features]
-
-
-def factorable_layers(model: nn.Module, names: Sequence[str]) -> tuple[list[FactoredLayer], list[str]]:
-    """Split the selected parameters into factorable layers and the rest (in ``names`` order).
-
-    A layer factors when it is an ``nn.Linear`` or a ``groups=1`` ``nn.Conv1d/2d/3d`` whose weight
-    is selected and held by no other module; its bias joins as an input column when it is selected
-    and held by no other module too. Everything else is projected densely.
-    """
-    selected = set(names)
-    owners: dict[int, set[int]] = {}
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            owners.setdefault(id(param), set()).add(id(module))
-    layers: list[FactoredLayer] = []
-    for module_name, module in model.named_modules():
-        is_conv = isinstance(module, _CONVS) and module.groups == 1
-        if not (isinstance(module, nn.Linear) or is_conv):
-            continue
-        prefix = f"{module_name}." if module_name else ""
-        weight = module.weight
-        if prefix + "weight" not in selected or len(owners[id(weight)]) != 1:
-            continue
-        bias = module.bias
-        with_bias = bias is not None and prefix + "bias" in selected and len(owners[id(bias)]) == 1
-        layers.append(
-            FactoredLayer(
-                module_name,
-                prefix + "weight",
-                prefix + "bias" if with_bias else None,
-                int(weight.shape[0]),
-                int(math.prod(weight.shape[1:])),
-            )
-        )
-    factored = {layer.weight for layer in layers} | {layer.bias for layer in layers if layer.bias}
-    return layers, [n for n in names if n not in factored]
+    def columns(self) -> slice:
+        return slice(self.offset, self.offset + self.k_out * self.k_in)
 
 
 class _Tap(torch.autograd.Function):
@@ -165,40 +127,77 @@ class FactoredProjector(Projector):
 
     Args:
         shapes: ``(name, shape)`` of every projected parameter, in projection order.
-        layers: the factorable layers (from :func:`factorable_layers`).
-        dim: k = k_out·k_in, the same for every layer (see :func:`factor_split`).
+        layers: the factorable layers (from ``factorable_layers``).
+        dim: k = k_out·k_in of the coordinates the layers share (see ``factor_split``).
         seed: the projection's seed.
+        module_dims: glob pattern on module names → k_m: a matching layer (first pattern that
+            matches) is projected into its own k_m coordinates, appended after the shared ones.
+            ``None``: every layer shares the ``dim`` coordinates.
+        adam_rank: R of the rank-R approximation of an elementwise gradient scaling (Adam's
+            D^{-1/2}) on each layer (:meth:`scaling`); R times the plain cost.
 
     ``project`` maps materialised per-example gradients (any code path); ``project_batch``
     computes the same map from each layer's inputs and output gradients without materialising
-    them. Features are float32 ``[B, k]``; inner products of features approximate inner products
-    of gradients (unbiased), so the score sign is that of the gradients' inner product.
+    them. Features are float32 ``[B, dim]`` with ``dim`` = shared k + Σ k_m; inner products of
+    features approximate inner products of gradients (unbiased), so the score sign is that of the
+    gradients' inner product.
     """
 
     def __init__(
-        self, shapes: Sequence[tuple[str, Sequence[int]]], layers: Sequence[FactoredLayer], dim: int, seed: int = 0
+        self,
+        shapes: Sequence[tuple[str, Sequence[int]]],
+        layers: Sequence[FactoredLayer],
+        dim: int,
+        seed: int = 0,
+        *,
+        module_dims: Mapping[str, int] | None = None,
+        adam_rank: int = 1,
     ) -> None:
         if not layers:
             raise TaskError(
-                "The factored projection found no nn.Linear or nn.Conv layer among the selected parameters; "
-                "use the 'rademacher' projection for this model."
+                "The factored projection found no factorable layer (nn.Linear, nn.Conv, GPT-2 Conv1D, nn.Embedding) "
+                "among the selected parameters; use the 'rademacher' projection for this model."
             )
         if not 0 <= seed < 2**63:
             raise TaskError(f"The projection seed must be a non-negative 63-bit integer, not {seed}.")
-        self.dim = dim
+        if adam_rank < 1:
+            raise TaskError(f"adam_rank must be at least 1, not {adam_rank}.")
         self.seed = seed
+        self.shared_dim = dim
+        self.module_dims = dict(module_dims or {})
+        self.adam_rank = adam_rank
         self.k_out, self.k_in = factor_split(dim)
         self.layers = list(layers)
         self.shapes = [(name, tuple(shape)) for name, shape in shapes]
         factored = {layer.weight for layer in self.layers} | {layer.bias for layer in self.layers if layer.bias}
         rest = [(name, shape) for name, shape in self.shapes if name not in factored]
         self.rest_names = [name for name, _ in rest]
+        self.blocks, self.dim = self._layout(bool(rest))
         self.rest = RademacherProjector(rest, dim, seed, allow_wide=True) if rest else None
         self._factors: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
+        self._stacked: tuple[GradientTransform | None, str, list[tuple[Tensor, Tensor]]] | None = None
         self._checked = False
 
+    def _layout(self, has_rest: bool) -> tuple[list[_Block], int]:
+        """Each layer's block, and the total dimension: [shared k (if anything shares it) | own blocks]."""
+        own = [self._own_dim(layer) for layer in self.layers]
+        shares = has_rest or any(k is None for k in own)
+        offset = self.shared_dim if shares else 0
+        blocks = []
+        for k in own:
+            if k is None:
+                blocks.append(_Block(0, self.k_out, self.k_in))
+                continue
+            k_out, k_in = factor_split(k)
+            blocks.append(_Block(offset, k_out, k_in))
+            offset += k
+        return blocks, offset
+
+    def _own_dim(self, layer: FactoredLayer) -> int | None:
+        return next((k for p, k in self.module_dims.items() if fnmatch.fnmatchcase(layer.module, p)), None)
+
     def describe(self) -> dict[str, Any]:
-        return {
+        desc: dict[str, Any] = {
             "kind": "factored",
             "dim": self.dim,
             "seed": self.seed,
@@ -207,34 +206,45 @@ class FactoredProjector(Projector):
             "layers": [layer.describe() for layer in self.layers],
             "dense": self.rest.describe() | {"params": self.rest_names} if self.rest else None,
         }
+        if self.module_dims:  # absent from the stores of the shared layout (as before module_dims existed)
+            desc |= {"shared_dim": self.shared_dim, "module_dims": [[p, k] for p, k in self.module_dims.items()]}
+        if self.adam_rank != 1:
+            desc["adam_rank"] = self.adam_rank
+        return desc
 
     def factors(self, index: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
         """``(P_out [k_out, d_out], P_in [k_in, d_in(+1)])`` of layer ``index``, float32 on ``device``."""
         key = (index, str(device))
         if key not in self._factors:
-            layer = self.layers[index]
-            p_in = rademacher_signs(self.seed, _FACTOR_KEY + 2 * index, layer.in_rows, self.k_in)
-            p_out = rademacher_signs(self.seed, _FACTOR_KEY + 2 * index + 1, layer.out_features, self.k_out)
+            layer, block = self.layers[index], self.blocks[index]
+            p_in = rademacher_signs(self.seed, _FACTOR_KEY + 2 * index, layer.in_rows, block.k_in)
+            p_out = rademacher_signs(self.seed, _FACTOR_KEY + 2 * index + 1, layer.out_features, block.k_out)
             self._factors[key] = (
-                torch.from_numpy(p_out.T.copy()).to(device=device, dtype=torch.float32) / math.sqrt(self.k_out),
-                torch.from_numpy(p_in.T.copy()).to(device=device, dtype=torch.float32) / math.sqrt(self.k_in),
+                torch.from_numpy(p_out.T.copy()).to(device=device, dtype=torch.float32) / math.sqrt(block.k_out),
+                torch.from_numpy(p_in.T.copy()).to(device=device, dtype=torch.float32) / math.sqrt(block.k_in),
             )
         return self._factors[key]
 
     def dense(self) -> Tensor:
-        """The whole matrix P as float32 ``[k, p]`` (columns in ``shapes`` order): for tests only."""
+        """The whole matrix P as float32 ``[dim, p]`` (columns in ``shapes`` order): for tests only."""
+        shapes = dict(self.shapes)
         columns: dict[str, Tensor] = {}
-        for index, layer in enumerate(self.layers):
+        for index, (layer, block) in enumerate(zip(self.layers, self.blocks, strict=True)):
             p_out, p_in = self.factors(index)
-            kron = torch.kron(p_out, p_in).reshape(self.dim, layer.out_features, layer.in_rows)
-            columns[layer.weight] = kron[:, :, : layer.in_features].reshape(self.dim, -1)
-            if layer.bias:
-                columns[layer.bias] = kron[:, :, layer.in_features]
+            kron = torch.zeros(self.dim, layer.out_features, layer.in_rows)
+            kron[block.columns] = torch.kron(p_out, p_in).reshape(-1, layer.out_features, layer.in_rows)
+            columns |= {n: c.reshape(self.dim, -1) for n, c in layer.split(kron, shapes).items()}
         if self.rest is not None:
             rest = self.rest.dense()
             for name, offset, size in self.rest.spans:
-                columns[name] = rest[:, offset : offset + size]
+                columns[name] = torch.zeros(self.dim, size)
+                columns[name][: self.shared_dim] = rest[:, offset : offset + size]
         return torch.cat([columns[name] for name, _ in self.shapes], dim=1)
+
+    def scaling(self, scale: Mapping[str, Tensor]) -> GradientTransform:
+        """Adam's elementwise D^{-1/2} as a transform this projection applies: on every layer its
+        rank-``adam_rank`` approximation (``transform.scaling_transform``), exact on the dense part."""
+        return scaling_transform(scale, self.layers, self.adam_rank)
 
     # -- the map on materialised per-example gradients -----------------------------------------
 
@@ -245,18 +255,17 @@ class FactoredProjector(Projector):
         first = next(iter(grads.values()))
         batch, device = first.shape[0], first.device
         out = torch.zeros(batch, self.dim, dtype=torch.float32, device=device)
-        for index, layer in enumerate(self.layers):
+        for index, (layer, block) in enumerate(zip(self.layers, self.blocks, strict=True)):
             p_out, p_in = self.factors(index, device)
-            g = grads[layer.weight].reshape(batch, layer.out_features, layer.in_features).float()
-            if layer.bias:
-                g = torch.cat([g, grads[layer.bias].reshape(batch, layer.out_features, 1).float()], dim=2)
-            out += (p_out @ g @ p_in.T).reshape(batch, self.dim)
+            out[:, block.columns] += (p_out @ layer.matrix(grads).float() @ p_in.T).reshape(batch, -1)
         return out
 
-    def _project_rest(self, grads: Mapping[str, Tensor]) -> Tensor | float:
-        if self.rest is None:
-            return 0.0
-        return self.rest.project({name: grads[name] for name in self.rest_names})
+    def _project_rest(self, grads: Mapping[str, Tensor]) -> Tensor:
+        first = next(iter(grads.values()))
+        out = torch.zeros(first.shape[0], self.dim, dtype=torch.float32, device=first.device)
+        if self.rest is not None:
+            out[:, : self.shared_dim] = self.rest.project({name: grads[name] for name in self.rest_names})
+        return out
 
     # -- the map from layer inputs and output gradients ----------------------------------------
 
@@ -266,33 +275,48 @@ class FactoredProjector(Projector):
         batch: Batch,
         quantity: Quantity = "loss",
         *,
-        scale: Mapping[str, Tensor] | None = None,
+        transform: GradientTransform | None = None,
     ) -> Tensor:
-        """P (s ⊙ ∇quantity) per example, float32 ``[B, k]``, without per-example gradients of the layers.
+        """P T(∇quantity) per example, float32 ``[B, dim]``, without per-example gradients of the layers.
 
-        One forward pass records P_in a_t at every factorable layer, one backward pass P_out δ_t,
-        and their outer products are summed in fp32. The dense part (parameters no layer factors)
-        is projected from its materialised per-example gradients. ``scale`` (Adam's D^{-1/2}) must
-        be a rank-one outer product r cᵀ on each factored layer's [weight | bias] matrix (then
-        P_out diag(r) and P_in diag(c) are used); Adam's own elementwise preconditioner is not,
-        and is refused: use the dense ``rademacher`` projection for Adam-trained runs.
+        One forward pass records P_in R_r a_t at every factorable layer, one backward pass P_out L_r δ_t,
+        and their outer products are summed in fp32. The dense part (parameters no layer factors) is
+        projected from its materialised per-example gradients, transformed by ``transform``. A
+        transform's elementwise scale on a factored layer cannot be applied without materialising
+        its gradient and is refused: build the transform with :meth:`scaling`.
         """
         if not self._checked:
             self._check_against_materialised(grads_fn, batch, quantity)
-        features = self._layer_features(grads_fn, batch, quantity, scale)
+        features = self._layer_features(grads_fn, batch, quantity, transform)
         if self.rest is not None:
             rest = grads_fn(batch, quantity, names=self.rest_names)
-            if scale is not None:
-                rest = {name: g * scale[name] if name in scale else g for name, g in rest.items()}
-            features += self.rest.project(rest)
+            if transform is not None:
+                rest = transform.apply(rest)
+            features[:, : self.shared_dim] += self.rest.project(rest)
         return features
+
+    def _stacks(self, transform: GradientTransform | None, device: torch.device) -> list[tuple[Tensor, Tensor]]:
+        """Per layer ``(Σ-stacked P_out L_r [R·k_out, d_out], P_in R_r [R·k_in, d_in'])``, for the last transform."""
+        if self._stacked is not None and self._stacked[0] is transform and self._stacked[1] == str(device):
+            return self._stacked[2]
+        stacks = []
+        for index, layer in enumerate(self.layers):
+            p_out, p_in = self.factors(index, device)
+            terms = _layer_terms(layer, transform)
+            if terms is None:
+                stacks.append((p_out, p_in))
+                continue
+            left, right = terms.to(device).project_factors(p_out, p_in)
+            stacks.append((left.reshape(-1, layer.out_features), right.reshape(-1, layer.in_rows)))
+        self._stacked = (transform, str(device), stacks)
+        return stacks
 
     def _layer_features(
         self,
         grads_fn: PerExampleGradients,
         batch: Batch,
         quantity: Quantity,
-        scale: Mapping[str, Tensor] | None,
+        transform: GradientTransform | None,
     ) -> Tensor:
         size = batch_size(batch)
         device = grads_fn.device
@@ -301,13 +325,10 @@ class FactoredProjector(Projector):
         out = torch.zeros(size, self.dim, dtype=torch.float32, device=device)
         probe = torch.zeros((), device=device, requires_grad=True)
         handles = []
-        for index, layer in enumerate(self.layers):
-            p_out, p_in = self.factors(index, device)
-            if scale is not None:
-                row, col = _rank_one(layer, scale)
-                p_out, p_in = p_out * row.to(device), p_in * col.to(device)
-            hook = _LayerHook(layer, modules[layer.module], p_out.to(dtype), p_in.to(dtype), size, probe, out)
-            handles.append(modules[layer.module].register_forward_hook(hook))
+        for layer, block, (left, right) in zip(self.layers, self.blocks, self._stacks(transform, device), strict=True):
+            for name, kind in layer.uses:
+                hook = _LayerHook(layer, block, kind, modules[name], left.to(dtype), right.to(dtype), size, probe, out)
+                handles.append(modules[name].register_forward_hook(hook))
         try:
             total = grads_fn.values(batch, quantity).sum()
             if total.requires_grad:
@@ -320,8 +341,8 @@ class FactoredProjector(Projector):
     def _check_against_materialised(self, grads_fn: PerExampleGradients, batch: Batch, quantity: Quantity) -> None:
         """Once per projector: the layer path must equal the materialised map on two examples (fp32).
 
-        This catches a weight that the model also uses outside its module's forward (a tied or
-        functional use), which the layer path cannot see.
+        This catches a weight that the model also uses outside its modules' forward (a functional
+        use), which the layer path cannot see.
         """
         exact = PerExampleGradients(grads_fn.model, grads_fn.task, grads_fn.param_names)
         few = tree_map(lambda t: t[:_CHECK_EXAMPLES] if isinstance(t, Tensor) else t, batch)
@@ -338,24 +359,62 @@ class FactoredProjector(Projector):
         self._checked = True
 
 
+def _layer_terms(layer: FactoredLayer, transform: GradientTransform | None) -> LayerTransform | None:
+    """The layer's Kronecker terms in ``transform``; refuses what the hooks cannot apply."""
+    if transform is None:
+        return None
+    terms = transform.layer(layer.weight)
+    if terms is None:
+        scaled = [n for n in (layer.weight, layer.bias) if n and n in transform.elementwise]
+        if scaled:
+            raise TaskError(
+                f"The factored projection cannot apply an elementwise scaling to layer {layer.module!r} without "
+                "materialising its gradients; build the transform with FactoredProjector.scaling (a rank-R "
+                "approximation), or use the dense 'rademacher' projection for the exact scaling."
+            )
+        return None
+    if (terms.layer.bias, terms.layer.out_features, terms.layer.in_rows) != (
+        layer.bias,
+        layer.out_features,
+        layer.in_rows,
+    ):
+        raise TaskError(
+            f"The transform of layer {layer.module!r} was built for another layout ({terms.layer.describe()}, not "
+            f"{layer.describe()}); build it from this projector's layers."
+        )
+    return terms
+
+
 class _LayerHook:
-    """Forward hook of one factored layer: records P_in a_t, taps δ_t, accumulates the outer products."""
+    """Forward hook of one use of a factored layer: records its forward side, taps the backward side,
+    and accumulates Σ_t Σ_r (P_out L_r δ_t)(P_in R_r a_t)ᵀ into the layer's feature columns.
+
+    ``left`` ``[R·k_out, d_out]`` and ``right`` ``[R·k_in, d_in']`` are the stacked factor pairs. For
+    linear layers and convolutions the input gives the right side and the output gradient the left
+    one; for an embedding the token gives the left side (a column of ``left``) and the output
+    gradient the right one.
+    """
 
     def __init__(
         self,
         layer: FactoredLayer,
+        block: _Block,
+        kind: LayerKind,
         module: nn.Module,
-        p_out: Tensor,
-        p_in: Tensor,
+        left: Tensor,
+        right: Tensor,
         batch: int,
         probe: Tensor,
         out: Tensor,
     ) -> None:
-        self.layer, self.module, self.p_out, self.p_in = layer, module, p_out, p_in
-        self.batch, self.probe, self.out = batch, probe, out
+        self.layer, self.block, self.kind, self.module, self.left, self.right = layer, block, kind, module, left, right
+        self.batch, self.probe, self.out = batch, probe, out[:, block.columns]
 
     def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor:
         x = inputs[0]
+        if self.kind == "embedding" and x.shape[0] == 1 < self.batch:
+            # Positions shared by the batch ([1, T]): one row per example, so the tap sees per-example gradients.
+            x, output = x.expand(self.batch, *x.shape[1:]), output.expand(self.batch, *output.shape[1:])
         if x.shape[0] != self.batch:
             raise TaskError(
                 f"Layer {self.layer.module!r} sees inputs of first dimension {x.shape[0]}, not the batch size "
@@ -363,46 +422,42 @@ class _LayerHook:
                 "input; use the 'rademacher' projection for this model."
             )
         with torch.no_grad():
-            projected_inputs = self._inputs(x.detach())
-        return _Tap.apply(output, self.probe, lambda grad: self._accumulate(projected_inputs, grad))
+            recorded = self._forward_side(x.detach())
+        return _Tap.apply(output, self.probe, lambda grad: self._accumulate(recorded, grad))
 
-    def _inputs(self, x: Tensor) -> Tensor:
-        """P_in a_t for every position: ``[B, T, k_in]``."""
-        layer, p_in = self.layer, self.p_in
-        x = x.to(p_in.dtype)
-        weight = p_in[:, : layer.in_features]
-        if isinstance(self.module, nn.Linear):
-            a = x.reshape(self.batch, -1, layer.in_features) @ weight.T
-        else:
+    def _forward_side(self, x: Tensor) -> Tensor:
+        """``[B, T, R·k]``: P_in R_r a_t (layers) or the column of P_out L_r at token x_t (embeddings)."""
+        layer, right = self.layer, self.right
+        if self.kind == "embedding":
+            side = self.left.T[x.reshape(self.batch, -1)]
+            padding = self.module.padding_idx
+            if padding is not None:  # torch gives the padding row no gradient
+                side = side.masked_fill((x.reshape(self.batch, -1) == padding).unsqueeze(-1), 0)
+            return side
+        x = x.to(right.dtype)
+        weight = right[:, : layer.in_features]
+        if self.kind == "conv":
             kernel = weight.reshape(-1, *self.module.weight.shape[1:])
             a = self.module._conv_forward(x, kernel, None).flatten(2).transpose(1, 2)
+        else:
+            a = x.reshape(self.batch, -1, layer.in_features) @ weight.T
         if layer.bias:
-            a = a + p_in[:, layer.in_features]
+            a = a + right[:, layer.in_features]
         return a
 
-    def _accumulate(self, projected_inputs: Tensor, grad: Tensor) -> None:
+    def _backward_side(self, grad: Tensor) -> Tensor:
+        """``[B, T, R·k]``: P_out L_r δ_t (layers) or P_in R_r δ_t (embeddings)."""
+        if self.kind == "embedding":
+            return grad.reshape(self.batch, -1, self.layer.in_features) @ self.right.T
+        if self.kind == "conv":
+            return torch.einsum("bct,kc->btk", grad.flatten(2), self.left)
+        return grad.reshape(self.batch, -1, self.layer.out_features) @ self.left.T
+
+    def _accumulate(self, recorded: Tensor, grad: Tensor) -> None:
         with torch.no_grad():
-            grad = grad.to(self.p_out.dtype)
-            if isinstance(self.module, nn.Linear):
-                d = (grad.reshape(self.batch, -1, self.layer.out_features) @ self.p_out.T).transpose(1, 2)
-            else:
-                d = torch.einsum("bct,kc->bkt", grad.flatten(2), self.p_out)
-            self.out += torch.bmm(d.float(), projected_inputs.float()).reshape(self.batch, -1)
-
-
-def _rank_one(layer: FactoredLayer, scale: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """``(r [d_out], c [d_in(+1)])`` with r cᵀ equal to the layer's [weight | bias] scale matrix."""
-    s = torch.ones(layer.out_features, layer.in_rows)
-    if layer.weight in scale:
-        s[:, : layer.in_features] = scale[layer.weight].reshape(layer.out_features, -1).cpu().float()
-    if layer.bias and layer.bias in scale:
-        s[:, layer.in_features] = scale[layer.bias].reshape(-1).cpu().float()
-    i, j = divmod(int(s.abs().argmax()), s.shape[1])
-    row, col = s[:, j].clone(), s[i] / s[i, j]
-    if not torch.allclose(torch.outer(row, col), s, rtol=1e-5, atol=1e-12 * float(s.abs().max())):
-        raise TaskError(
-            f"The factored projection cannot apply an elementwise gradient scaling (e.g. Adam's preconditioner) to "
-            f"layer {layer.module!r}: it is not a rank-one outer product over the layer's rows and columns; use the "
-            "dense 'rademacher' projection for this run."
-        )
-    return row, col
+            other = self._backward_side(grad.to(self.left.dtype))
+            d, a = (recorded, other) if self.kind == "embedding" else (other, recorded)
+            # [B, T, R·k] → [B, T·R, k]: the sum over positions and terms is one batched product.
+            d = d.reshape(self.batch, -1, self.block.k_out).float()
+            a = a.reshape(self.batch, -1, self.block.k_in).float()
+            self.out += torch.bmm(d.transpose(1, 2), a).reshape(self.batch, -1)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
 from source_proj.errors import StoreError, TaskError
 from source_proj.projection.base import IdentityProjector, Projector, RademacherProjector
-from source_proj.projection.factored import FactoredProjector, factorable_layers
+from source_proj.projection.factored import FactoredProjector
 from source_proj.projection.fastjl import FastJLProjector, fast_jl_available
+from source_proj.projection.layers import FactoredLayer, factorable_layers
 
 PROJECTION_KINDS = ("rademacher", "identity", "factored", "fast_jl")
 """Every projector kind ``make_projector`` builds (and ``ProjectionArguments.kind`` accepts)."""
@@ -24,13 +25,20 @@ def make_projector(
     *,
     model: nn.Module | None = None,
     feature_tiles: int | None = None,
+    module_dims: Mapping[str, int] | None = None,
+    adam_rank: int = 1,
 ) -> Projector:
     """Build a projector from its kind (one of ``PROJECTION_KINDS``, or ``"auto"``).
 
     ``"auto"`` is ``"fast_jl"`` where a CUDA GPU and fast_jl are present (and k is a multiple of
     512), else ``"rademacher"``; the store records the kind actually used. ``"factored"`` needs the
-    ``model`` (its layers); ``feature_tiles`` rebuilds a recorded ``"fast_jl"`` projection.
+    ``model`` (its layers) and takes ``module_dims`` and ``adam_rank`` (see ``FactoredProjector``);
+    ``feature_tiles`` rebuilds a recorded ``"fast_jl"`` projection.
     """
+    if kind != "factored" and (module_dims or adam_rank != 1):
+        raise TaskError(
+            f"module_dims and adam_rank set the 'factored' projection, not {kind!r}; use kind='factored' or drop them."
+        )
     if kind == "identity":
         return IdentityProjector(shapes)
     if dim is None:
@@ -45,17 +53,36 @@ def make_projector(
         if model is None:
             raise TaskError("The 'factored' projection is built from the model's layers; pass the model.")
         layers, _ = factorable_layers(model, [name for name, _ in shapes])
-        return FactoredProjector(shapes, layers, dim, seed)
+        return FactoredProjector(shapes, layers, dim, seed, module_dims=module_dims, adam_rank=adam_rank)
     raise TaskError(f"Unknown projection kind {kind!r}; use one of {', '.join(PROJECTION_KINDS)} or 'auto'.")
 
 
 def projector_from_meta(meta: dict[str, Any], model: nn.Module | None = None) -> Projector:
-    """Rebuild the store's projection from its metadata (the ``factored`` kind needs the model)."""
+    """Rebuild the store's projection from its metadata.
+
+    A ``factored`` projection is rebuilt from the layers of ``model`` (whose hooks it needs to
+    project new gradients); without a model, from the recorded layers (enough for its matrix and for
+    projecting materialised gradients, e.g. to verify a store).
+    """
     desc = meta["projection"]
     shapes = [(name, tuple(shape)) for name, shape in meta["params"]]
-    projector = make_projector(
-        desc["kind"], shapes, desc.get("dim"), desc.get("seed", 0), model=model, feature_tiles=desc.get("feature_tiles")
-    )
+    dim, seed = desc.get("shared_dim", desc.get("dim")), desc.get("seed", 0)
+    module_dims, adam_rank = dict(desc.get("module_dims") or []), desc.get("adam_rank", 1)
+    projector: Projector
+    if desc["kind"] == "factored" and model is None:
+        layers = [FactoredLayer.from_description(layer) for layer in desc["layers"]]
+        projector = FactoredProjector(shapes, layers, dim, seed, module_dims=module_dims, adam_rank=adam_rank)
+    else:
+        projector = make_projector(
+            desc["kind"],
+            shapes,
+            dim,
+            seed,
+            model=model,
+            feature_tiles=desc.get("feature_tiles"),
+            module_dims=module_dims,
+            adam_rank=adam_rank,
+        )
     if projector.describe() != desc:
         raise StoreError(
             f"The store's projection {desc} cannot be rebuilt by this library version (got {projector.describe()}); "

@@ -1,7 +1,7 @@
 """TRAK's ``fast_jl`` CUDA projection kernel as a projector (``pip install source-proj[cuda]``).
 
 fast_jl draws its ±1 matrix inside the kernel from its own CUDA Philox stream keyed by the seed:
-it is *not* the matrix of :class:`~source_proj.projection.base.RademacherProjector` (numpy Philox),
+it is *not* the matrix of [`RademacherProjector`][] (numpy Philox),
 so it is a distinct projector kind, ``"fast_jl"``, recorded in the store; queries of such a store
 need fast_jl on a CUDA GPU too. Its outputs are scaled by 1/√k here, so that E[PᵀP] = I as
 SOURCE_MATH §4 requires (fast_jl itself returns the unnormalised ±1 projection).

@@ -32,10 +32,11 @@ from source_proj.featurize.featurize import check_finite
 from source_proj.methods.fit import read_curvature
 from source_proj.methods.kronecker import KroneckerCurvature, source_query_directions
 from source_proj.projection.factory import projector_from_meta
+from source_proj.projection.transform import scaling_transform
 from source_proj.query.topk import SearchBackend, TorchIndex, build_index
 from source_proj.store.provenance import check_query_model, check_run
 from source_proj.store.store import Store
-from source_proj.tasks.gradients import PerExampleGradients, move_batch, precondition_gradients
+from source_proj.tasks.gradients import PerExampleGradients, move_batch
 from source_proj.tasks.task import Task
 from source_proj.trajectory.preconditioner import read_scale
 from source_proj.trajectory.recorder import Trajectory
@@ -168,8 +169,11 @@ class Attributor:
             else:
                 grads_fn = PerExampleGradients(self.model, self.task, self.param_names)
                 scale = read_scale(self.store, scale_name, shapes, self.device)
+                transform = None if scale is None else self.projector.scaling(scale)
                 feats = [
-                    self.projector.project_batch(grads_fn, move_batch(b, self.device), "measurement", scale=scale).cpu()
+                    self.projector.project_batch(
+                        grads_fn, move_batch(b, self.device), "measurement", transform=transform
+                    ).cpu()
                     for b in _batches(queries, self.batch_size)
                 ]
             part = torch.cat(feats)
@@ -199,7 +203,9 @@ class Attributor:
         scale = read_scale(self.store, scale_name, self.store.meta["params"], self.device)
         feats = []
         for batch in _batches(queries, self.batch_size):
-            grads = precondition_gradients(grads_fn(move_batch(batch, self.device), "measurement"), scale)
+            grads = grads_fn(move_batch(batch, self.device), "measurement")
+            if scale is not None:  # exactly, elementwise: the operators act on materialised gradients
+                grads = scaling_transform(scale).apply(grads)
             directions = source_query_directions(grads, self._curvatures, self._times, shapes)
             feats.append(torch.cat([self.projector.project(directions[i]) for i in operators["blocks"]], dim=1).cpu())
         part = torch.cat(feats)
@@ -255,8 +261,10 @@ class QueryResult:
     """Top-k results. ids are rows of the method's feature matrix; ``locate`` maps them to (stage, index).
 
     Attributes:
-        helpful_ids, helpful_scores: ``[Q, k]``, scores decreasing (most helpful first).
-        harmful_ids, harmful_scores: ``[Q, k]``, scores increasing (most harmful first).
+        helpful_ids: ``[Q, k]`` feature rows of the most helpful examples, most helpful first.
+        helpful_scores: ``[Q, k]`` their scores, decreasing (positive = helpful).
+        harmful_ids: ``[Q, k]`` feature rows of the most harmful examples, most harmful first.
+        harmful_scores: ``[Q, k]`` their scores, increasing (negative = harmful).
         rows: stage layout of the feature rows.
     """
 

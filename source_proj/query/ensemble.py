@@ -24,7 +24,7 @@ from source_proj.tasks.task import Task
 
 
 class Ensemble:
-    """A method's scores averaged over several models; the same interface as :class:`Attributor`.
+    """A method's scores averaged over several models; the same interface as [`Attributor`][].
 
     Args:
         attributors: one per model, all for the same method and the same training rows.

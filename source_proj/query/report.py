@@ -22,8 +22,10 @@ def topk_figure(
     """Save a PNG: one row per query — the query, then its top-k helpful (green) and harmful (red).
 
     Args:
-        query_images, query_titles: one 2-D (or H×W×3) image and caption per query.
-        train_image, train_title: image and caption of a feature row id of the result.
+        query_images: one 2-D (or H×W×3) image per query.
+        query_titles: one caption per query.
+        train_image: the image of a feature row id of the result.
+        train_title: the caption of a feature row id of the result.
         result: the top-k result (row ids and scores).
         path: where the PNG goes.
     """

@@ -57,14 +57,14 @@ def text_report(
 
     Args:
         result: top-k of the queries (``[Q, k]`` helpful and harmful rows and scores).
-        queries: each query's text, or a :class:`ShadedText`, in the order of the result's rows.
+        queries: each query's text, or a [`ShadedText`][], in the order of the result's rows.
         train_text: the text of training example ``(stage, index)``.
         path: the ``.html`` file to write (replaced atomically).
         title: the page heading.
         score_labels: what a positive and a negative score mean for this task's measurement
             (the tasks' ``score_labels``; score = −Δf, SOURCE_MATH.md §1).
         query_names: a heading per query (default ``query 0``, ``query 1``, …).
-        shading: what the shading of :class:`ShadedText` queries shows (for the legend).
+        shading: what the shading of [`ShadedText`][] queries shows (for the legend).
     """
     count = result.helpful_ids.shape[0]
     if len(queries) != count:

@@ -188,7 +188,7 @@ def build_index(
     reading ``blocks`` (store chunks) at every search, so memory stays bounded by one chunk.
     ``devices``: several devices to shard the GPU index over (torch or FAISS-GPU: contiguous
     shards filled from ``blocks``; ``stream``: chunks scored on the devices in turn); default
-    ``device``, or every GPU when the features do not fit on ``device`` (:func:`search_devices`).
+    ``device``, or every GPU when the features do not fit on ``device`` (``search_devices``).
     """
     if backend not in SEARCH_BACKENDS:
         raise TaskError(f"Unknown search backend {backend!r}; use one of {', '.join(SEARCH_BACKENDS)}.")

@@ -7,11 +7,11 @@ before the writer goes on. The recipe (used by everything source-proj writes):
 2. ``rename`` it over the destination (atomic: readers see the old file or the new one);
 3. ``fsync`` the directory, and every directory the write had to create, so the name survives.
 
-:func:`atomic_write_bytes` does this for one file (trajectories, caches, reports).
-:class:`DurableLocalStore` is a zarr ``LocalStore`` whose every key write (chunks, ``zarr.json``)
+[`atomic_write_bytes`][] does this for one file (trajectories, caches, reports).
+[`DurableLocalStore`][] is a zarr ``LocalStore`` whose every key write (chunks, ``zarr.json``)
 is followed by steps 1–3, so a progress entry written after a chunk is durable only once the
 chunk is. It also hides the store's lock file and the ``*.partial`` temporary files a killed
-writer leaves behind from zarr's listings; :func:`remove_partial_files` deletes those.
+writer leaves behind from zarr's listings; [`remove_partial_files`][] deletes those.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from zarr.core.buffer import Buffer
 from zarr.storage import LocalStore
 
 LOCK_FILE = ".source-proj.lock"
-"""Name of the lock file inside a store directory (see :mod:`source_proj.store.locking`)."""
+"""Name of the lock file inside a store directory (see [`source_proj.store.locking`][])."""
 
 PARTIAL_SUFFIX = ".partial"
-"""Suffix of the temporary files of an unfinished write (zarr's and :func:`atomic_write_bytes`')."""
+"""Suffix of the temporary files of an unfinished write (zarr's and [`atomic_write_bytes`][]')."""
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

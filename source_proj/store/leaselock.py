@@ -1,4 +1,4 @@
-"""The store lock on object storage: lease markers instead of flock (see :mod:`source_proj.store.objectstore`)."""
+"""The store lock on object storage: lease markers instead of flock (see [`source_proj.store.objectstore`][])."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ _held: dict[str, list[Any]] = {}
 
 
 class ObjectStoreLock(StoreLock):
-    """Lease markers under ``STORE/.source-proj.lock/`` (see the module docstring).
+    """Lease markers under ``STORE/.source-proj.lock/`` (see docs/howto/distributed.md).
 
     Args:
         path: the store's URL.

@@ -10,11 +10,11 @@ for as long as it writes. Two modes:
   of them runs, and they are refused while an exclusive writer runs. Create the store (and its
   arrays) under the exclusive lock first, then let the ranks write their chunks cooperatively.
 
-:class:`FileStoreLock` implements both with ``fcntl.flock`` on ``STORE/.source-proj.lock``
+[`FileStoreLock`][] implements both with ``fcntl.flock`` on ``STORE/.source-proj.lock``
 (``LOCK_EX`` / ``LOCK_SH``). The kernel drops a flock when its holder dies, however it dies, so a
 lock left by a SIGKILLed process never blocks the resume. The lock is per process (re-entrant
-inside one process). On object storage, where there is no flock, :func:`store_lock` returns
-:class:`~source_proj.store.leaselock.ObjectStoreLock` (lease markers, same two modes).
+inside one process). On object storage, where there is no flock, ``store_lock`` returns
+[`ObjectStoreLock`][] (lease markers, same two modes).
 """
 
 from __future__ import annotations
@@ -42,14 +42,14 @@ class LockHeld(StoreError):
 
 
 class StoreLock(ABC):
-    """The right to write a store, held from :meth:`acquire` to :meth:`release` (or as a context)."""
+    """The right to write a store, held from [`acquire`][] to [`release`][] (or as a context)."""
 
     path: str
     mode: LockMode
 
     @abstractmethod
     def acquire(self) -> None:
-        """Take the lock now or raise :class:`StoreError` saying who holds it (never waits)."""
+        """Take the lock now or raise [`StoreError`][] saying who holds it (never waits)."""
 
     @abstractmethod
     def release(self) -> None:
@@ -162,7 +162,7 @@ def holder_info(mode: LockMode) -> dict[str, Any]:
 
 
 def refusal(path: str, holder: Any, release: str) -> str:
-    """The message refusing a writer because ``holder`` (its :func:`holder_info`) writes the store."""
+    """The message refusing a writer because ``holder`` (its [`holder_info`][]) writes the store."""
     if not isinstance(holder, dict) or "pid" not in holder:
         who = "by another process"
     else:

@@ -10,7 +10,7 @@ directory and gets the local, fsync'ed store) is read and written through zarr's
   awaits it before the progress entry is PUT, so the local guarantee carries over unchanged: a
   chunk counts only once its progress entry exists, and then its bytes exist whole.
   No temporary files are left by a killed writer.
-- **Locking.** Object stores have no flock. :class:`~source_proj.store.leaselock.ObjectStoreLock` keeps the same
+- **Locking.** Object stores have no flock. [`ObjectStoreLock`][] keeps the same
   two modes (exclusive, cooperative) with *lease markers*: a writer PUTs ``STORE/.source-proj.lock/<id>.json``
   (who, mode, lease expiry), then lists the markers; if another live marker conflicts, it deletes
   its own and is refused with the holder's name. Two writers racing both see each other and both

@@ -7,9 +7,9 @@ every checkpoint's sha256), the featurize settings, the store format and library
 module adds how it was produced (``provenance``: model class, final checkpoint, software versions)
 and holds the checks made before anything is written or scored:
 
-- :func:`check_checkpoints`: every checkpoint exists, is intact (sha256), loads, fits the model
+- [`check_checkpoints`][]: every checkpoint exists, is intact (sha256), loads, fits the model
   and holds finite weights: featurize refuses a bad one before it writes anything.
-- :func:`check_query_model`: the model, task and run given to the :class:`~source_proj.Attributor`
+- [`check_query_model`][]: the model, task and run given to the [`Attributor`][]
   are the store's. Queries are always scored at the store's final checkpoint θ_T: the model
   passed in supplies the architecture, and its weights are replaced by θ_T's, which must still be
   the file featurize used (same run fingerprint, same sha256).

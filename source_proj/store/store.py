@@ -15,12 +15,12 @@ directions per example: 1 when sampled)::
 Arrays are written in row chunks. A chunk counts as written only once its progress entry is
 set, after its data; an interrupted command therefore recomputes exactly the unfinished chunks.
 Every progress entry lives in its own zarr chunk, so processes writing disjoint row chunks never
-touch the same file. Local stores write through :class:`~source_proj.store.durable.DurableLocalStore`
+touch the same file. Local stores write through [`DurableLocalStore`][]
 (fsync before a write counts), URLs (``s3://``, ``memory://``…) through zarr's fsspec store
-(:mod:`source_proj.store.objectstore`: atomic PUTs, nothing to fsync), and every chunk read is checked
+([`source_proj.store.objectstore`][]: atomic PUTs, nothing to fsync), and every chunk read is checked
 against the crc32 of its progress entry, so a chunk damaged after it was written is reported by
 name instead of being used.
-Writers hold the store's lock (:mod:`source_proj.store.locking`).
+Writers hold the store's lock ([`source_proj.store.locking`][]).
 """
 
 from __future__ import annotations
@@ -278,7 +278,7 @@ class Store:
         )
 
     def heal_chunks(self, chunks: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
-        """:meth:`heal` restricted to these ``(array, chunk)`` pairs (a shard of a distributed writer
+        """[`heal`][] restricted to these ``(array, chunk)`` pairs (a shard of a distributed writer
         heals only its own chunks, which no other process writes)."""
         wanted: dict[str, list[int]] = {}
         for name, chunk in chunks:
@@ -394,7 +394,7 @@ _IO_REASONS = {
 
 @contextmanager
 def _io(path: str | Path, what: str) -> Iterator[None]:
-    """Turn an operating-system error while writing ``what`` into a :class:`StoreError`."""
+    """Turn an operating-system error while writing ``what`` into a [`StoreError`][]."""
     try:
         yield
     except OSError as err:

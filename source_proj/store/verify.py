@@ -13,7 +13,7 @@ Checked, in order:
    segments and query checkpoints exist, and a method marked complete has no pending chunk.
 5. leftover temporary files of killed writers.
 
-A store without featurize's metadata (another writer's, e.g. a cache built on :class:`Store`) gets
+A store without featurize's metadata (another writer's, e.g. a cache built on [`Store`][]) gets
 checks 3 and 5 only.
 
 ``repair=True`` (``verify --repair``) takes the store's exclusive lock, marks damaged chunks
@@ -208,7 +208,7 @@ def expected_features(meta: dict[str, Any]) -> dict[str, tuple[int, int]]:
 
 
 def verify_store(path: str | Path, *, repair: bool = False, progress: bool = True) -> VerifyReport:
-    """Check the store at ``path`` end to end (see the module docstring); ``repair`` fixes what it can.
+    """Check the store at ``path`` end to end (the checks: docs/howto/reliability.md); ``repair`` fixes what it can.
 
     Raises:
         StoreError: the path holds no readable store of this format (nothing to check or repair).

@@ -22,8 +22,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def store_lock(path: str | os.PathLike[str], mode: LockMode = "exclusive") -> StoreLock:
-    """The lock guarding writes to the store at ``path``: :class:`FileStoreLock` for a local directory
-    (or ``file://`` URL), :class:`~source_proj.store.leaselock.ObjectStoreLock` on object storage."""
+    """The lock guarding writes to the store at ``path``: ``FileStoreLock`` for a local directory
+    (or ``file://`` URL), [`ObjectStoreLock`][] on object storage."""
     if is_remote(path):
         return ObjectStoreLock(str(path), mode)
     return FileStoreLock(local_path(path), mode)
@@ -74,8 +74,8 @@ def _discard(root: Path, *, keep_dir: bool) -> None:
 
 
 def writes_store(argument: str, *, keep_new: Callable[[str], bool] = is_store) -> Callable[[F], F]:
-    """Decorator: run the function inside :func:`writing` (exclusive) for the store passed as ``argument``
-    (a path or a :class:`~source_proj.store.store.Store`)."""
+    """Decorator: run the function inside [`writing`][] (exclusive) for the store passed as ``argument``
+    (a path or a [`Store`][])."""
 
     def decorate(fn: F) -> F:
         signature = inspect.signature(fn)

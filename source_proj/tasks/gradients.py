@@ -116,14 +116,3 @@ class PerExampleGradients:
         params = self.params if names is None else {n: self.params[n] for n in names}
         with self.autocast():
             return self._fns[quantity](params, batch)
-
-
-def precondition_gradients(grads: Mapping[str, Tensor], scale: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
-    """Per-example gradients ``name → [B, *shape]`` multiplied elementwise by ``scale`` (``name → shape``,
-    e.g. Adam's D^{-1/2}); a parameter absent from ``scale``, or ``scale=None`` (SGD), is left as it is.
-    Apply before any projection."""
-    if scale is None:
-        return dict(grads)
-    return {
-        name: g * scale[name].to(device=g.device, dtype=g.dtype) if name in scale else g for name, g in grads.items()
-    }

@@ -1,6 +1,6 @@
 """The one place where a user says what the model computes, what it is trained on and what we measure.
 
-A :class:`Task` works on *batches*: pytrees (tuples, lists or dicts) of tensors whose first
+A [`Task`][] works on *batches*: pytrees (tuples, lists or dicts) of tensors whose first
 dimension is the example. Per-example gradients are taken with ``torch.func.vmap`` over that
 dimension, so every method must treat a batch of one like any other batch and must not mix
 examples (no batch statistics: models run in ``eval()`` mode).
@@ -91,8 +91,8 @@ class ParameterSelection:
 class Task(ABC):
     """What the model, its per-example training loss and the measurement are.
 
-    Subclass it for your own model; the built-ins are :class:`ClassificationTask` and
-    :class:`RegressionTask`. The training objective must be the *mean* of :meth:`loss` over the
+    Subclass it for your own model; the built-ins are [`ClassificationTask`][] and
+    [`RegressionTask`][]. The training objective must be the *mean* of [`loss`][] over the
     batch (the scale of the loss sets the scale of the curvature, which SOURCE's matrix
     functions depend on).
     """
@@ -120,7 +120,7 @@ class Task(ABC):
 
         Returns a list of ``(weight [B], batch with replaced targets)`` such that
         ``Σ_s weight_s · ∇loss_s ∇loss_sᵀ`` has expectation equal to the Gauss–Newton matrix of
-        :meth:`loss` for each example. With a ``generator`` the targets are sampled from the
+        [`loss`][] for each example. With a ``generator`` the targets are sampled from the
         model's predictive distribution (one sample, weight 1); with ``None`` the expectation is
         enumerated exactly where the task can (used by the ``"exact"`` Fisher mode).
         ``outputs`` are detached.
@@ -133,13 +133,13 @@ class Task(ABC):
         return self
 
     def select_parameters(self, model: nn.Module) -> list[str]:
-        """Names of the parameters attributed through (see :class:`ParameterSelection`)."""
+        """Names of the parameters attributed through (see [`ParameterSelection`][])."""
         return self.parameters.select(model)
 
     def representation(self, model: nn.Module, batch: Batch) -> Tensor:
         """The last hidden representation h of each example, float ``[B, h]`` (RepSim compares these).
 
-        The default runs :meth:`forward` and returns the input of the model's last ``nn.Linear``
+        The default runs [`forward`][] and returns the input of the model's last ``nn.Linear``
         module (the activations before the output layer), flattened per example. Override it for
         models whose output layer is not the last ``nn.Linear``.
         """
@@ -152,7 +152,7 @@ class Task(ABC):
         return hidden.reshape(hidden.shape[0], -1)
 
     def _last_linear_input(self, model: nn.Module, batch: Batch) -> Tensor | None:
-        """The float input of the model's last ``nn.Linear`` in :meth:`forward` (None: the model has none)."""
+        """The float input of the model's last ``nn.Linear`` in [`forward`][] (None: the model has none)."""
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
         if not linears:
             return None

@@ -4,7 +4,7 @@
 ``attention_mask`` ``[B, T]`` (1 = token, 0 = padding; sequences are *right*-padded), ``labels``
 (``[B]`` class ids for classification; ``[B, T]`` token ids for language modelling, −100 = not
 predicted, default ``input_ids``), and any other model input (``token_type_ids``…), passed on as it
-is. :class:`TextDataset` builds such examples from token ids.
+is. [`TextDataset`][] builds such examples from token ids.
 
 **Masks.** Per-example gradients run the model under ``torch.func.vmap``, where Hugging Face's own
 mask code fails: it branches on the mask's values (``padding_mask.all()``, to skip the mask when
@@ -18,7 +18,7 @@ task sees outside vmap checks that the mask reproduces the model's own masking e
 ``torch.nn`` models receive the 2-D ``attention_mask`` and build what they need (vmap-safe ops
 only: ``masked_fill``/``where``, never ``if mask.any():``).
 
-**Parameters** (:class:`ModuleSelection`, kronfluence-style): by default the linear layers inside
+**Parameters** ([`ModuleSelection`][], kronfluence-style): by default the linear layers inside
 the model's numbered blocks, i.e. every transformer layer's attention and MLP projections
 (``nn.Linear``, transformers' GPT-2 ``Conv1D``, ``nn.MultiheadAttention``); embeddings, position
 tables, layer norms, poolers and output heads — tied or not — are left out, as in the SOURCE paper.
@@ -291,7 +291,7 @@ class _TextTask(Task):
         """Logits of the batch: ``[B, C]`` (classification) or ``[B, T, V]`` (language modelling).
 
         ``model`` is the module itself, or (inside the gradient engine) a functional call of the
-        module the task was bound to (see :meth:`bind`).
+        module the task was bound to (see [`bind`][]).
         """
         _check_batch(batch)
         bound = self._kind is not None
@@ -411,7 +411,7 @@ class LanguageModelingTask(_TextTask):
     """Next-token prediction with a causal model.
 
     measurement f(q) = s(q), the summed token loss of the query sequence (as in the SOURCE paper):
-    Σ_t −log p(x_{t+1} | x_{≤t}) over the positions of :func:`loss_positions`. A positive score
+    Σ_t −log p(x_{t+1} | x_{≤t}) over the positions of ``loss_positions``. A positive score
     means removing z would lower the query's loss (z raised it); the sequences that taught the model
     the query have the most negative scores.
 
@@ -420,7 +420,7 @@ class LanguageModelingTask(_TextTask):
 
     * Hugging Face's causal-LM loss (``model(..., labels=...).loss``, the Trainer) is the mean over
       every predicted token of the batch, Σ_b s(z_b) / Σ_b n(z_b). Pass ``tokens_per_sequence`` =
-      n̄, the mean number of predicted tokens per training sequence (:func:`mean_predicted_tokens`):
+      n̄, the mean number of predicted tokens per training sequence ([`mean_predicted_tokens`][]):
       the batch mean of ℓ is then Σ s / (B·n̄), *equal* to the model's loss whenever every batch
       predicts the same number of tokens (fixed-length blocks, the ``run_clm`` recipe), and its
       first-order approximation otherwise (relative error of the order of the squared coefficient of
@@ -566,7 +566,7 @@ class TextDataset(Dataset):
         labels: class ids, one per sequence (sequence classification), or ``None``.
         length: T; default the longest sequence. Longer sequences are refused, not cut.
         pad_id: the id written at padded positions (never attended to, never predicted).
-        texts: the text of each example, kept for reports (:meth:`text`).
+        texts: the text of each example, kept for reports ([`text`][]).
     """
 
     def __init__(
@@ -617,13 +617,13 @@ class TextDataset(Dataset):
 
 
 def predicted_tokens(dataset: Dataset) -> np.ndarray:
-    """Number of next-token predictions carrying loss in each example (:func:`loss_positions`): int ``[N]``."""
+    """Number of next-token predictions carrying loss in each example (``loss_positions``): int ``[N]``."""
     counts = [int(loss_positions(_batched(dataset[i])).sum()) for i in range(len(dataset))]  # type: ignore[arg-type]
     return np.asarray(counts, dtype=np.int64)
 
 
 def mean_predicted_tokens(dataset: Dataset) -> float:
-    """n̄ for :class:`LanguageModelingTask`: the mean number of predicted tokens per training sequence."""
+    """n̄ for [`LanguageModelingTask`][]: the mean number of predicted tokens per training sequence."""
     return float(predicted_tokens(dataset).mean())
 
 

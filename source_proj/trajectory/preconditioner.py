@@ -5,8 +5,9 @@ With D = diag(√v̂ + ε), v̂ = exp_avg_sq / (1 − β₂ᵗ) (``max_exp_avg_s
 with ∇_u = D^{-1/2} ∇_θ and curvature D^{-1/2} H D^{-1/2}. Holding D fixed within a segment
 (its mean D_ℓ), SOURCE applies unchanged in those coordinates: every per-example gradient —
 training, Fisher pseudo-label and query — is multiplied elementwise by D_ℓ^{-1/2} *before*
-projection. :func:`source_proj.tasks.gradients.precondition_gradients` is the one place that does it (the scaling
-does not factor through a Kronecker/per-layer projection, so it stays at the gradient level).
+projection. The projection applies it as a gradient transform (``projection/transform.py``, built by
+`Projector.scaling`): exactly on materialised gradients (the dense projections), as its rank-R
+approximation on each layer of the factored projection (``ProjectionArguments.adam_rank``).
 
 Which optimizer state gives D_ℓ: a checkpoint saved after ``s`` steps holds the second moment of
 the step ``s − 1`` has just taken, so the preconditioners *used by* a segment's steps
@@ -20,7 +21,7 @@ coordinates of a diagonal term, as SGD's per-group decay is):
 - AdamW (decoupled): θ ← (1 − ηλ)θ is u ← (1 − ηλ)u: exactly λ per coordinate.
 - Adam (coupled L2, ``weight_decay`` added to the gradient): the step is u ← u − η(∇_u L + λD⁻¹u),
   a diagonal λ/D_i; it is represented by λ·mean(1/D) over the attributed coordinates (exact when
-  D is uniform; an approximation otherwise, documented in the README).
+  D is uniform; an approximation otherwise, documented in docs/howto/adam.md).
 
 The query is scaled with the last segment's D_L: the final model is read in the coordinates of
 the last segment (a documented approximation where D changes between segments).

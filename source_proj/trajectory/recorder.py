@@ -11,6 +11,8 @@ so an interrupted training run leaves a readable, incomplete trajectory)::
 
     {"format": "source-proj-trajectory", "version": 1, "complete": true,
      "lr": [η_0, η_1, ...],                        one learning rate per optimiser step
+     "clip": [α_0, α_1, ...],                      optional: the factor gradient clipping scaled each
+                                                   step's gradient by (1 = not clipped)
      "stages": [{"name": "main", "start_step": 0, "end_step": 300, "dataset_size": 1437,
                  "optimizer": {"kind": "sgd", "groups": [{"params": [...], "lr": .., "momentum": ..,
                                "dampening": .., "nesterov": .., "weight_decay": ..}]}}],
@@ -19,16 +21,29 @@ so an interrupted training run leaves a readable, incomplete trajectory)::
 
 ``step`` counts optimiser steps taken before the checkpoint was saved (global across stages);
 stage ``s`` owns steps ``start_step ≤ t < end_step``.
+
+**Gradient clipping** (``clip_grad_norm_``, the Hugging Face Trainer's ``max_grad_norm``, 1.0 by
+default) multiplies step k's gradient by α_k = min(1, c/‖g_k‖), so the step an example's gradient
+takes is η_k α_k: SOURCE's step sizes are :attr:`Trajectory.lr` = η_k·α_k. (The dependence of α_k
+on the example itself, through ‖g_k‖, is second order and ignored.) The recorder measures α_k
+itself: it keeps the norm of every parameter's gradient as backward accumulates it (a
+post-accumulate-grad hook, so gradient accumulation is covered) and compares it with the norm
+the optimiser is handed (a step pre-hook). Anything that rescales all gradients between backward
+and the step is thus recorded, whatever clipped them; a loss scaler's unscaling is taken out
+when the scaler is given (``grad_scaler``). Value clipping (``clip_grad_value_``) changes the
+gradient's direction and is recorded only as its change of norm. In a multi-process run each
+process sees its local gradients, so pass the factor to :meth:`TrajectoryRecorder.step` instead.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,15 +114,17 @@ class Stage:
 class TrajectoryRecorder:
     """Records what SOURCE needs from an ordinary training loop.
 
-    Usage::
+    Usage:
 
-        rec = TrajectoryRecorder("runs/mlp", model, optimizer, save_every=50)
-        rec.begin_stage("main", dataset_size=len(train_set))
-        for x, y in loader:
-            loss = F.cross_entropy(model(x), y)      # mean of the task's per-example loss
-            optimizer.zero_grad(); loss.backward(); optimizer.step()
-            rec.step()                               # after optimizer.step(), before scheduler.step()
-        rec.close()
+    ```python
+    rec = TrajectoryRecorder("runs/mlp", model, optimizer, save_every=50)
+    rec.begin_stage("main", dataset_size=len(train_set))
+    for x, y in loader:
+        loss = F.cross_entropy(model(x), y)      # mean of the task's per-example loss
+        optimizer.zero_grad(); loss.backward(); optimizer.step()
+        rec.step()                               # after optimizer.step(), before scheduler.step()
+    rec.close()
+    ```
 
     A checkpoint is saved at the start of every stage, every ``save_every`` steps and at the end
     of every stage. ``begin_stage`` may be called again (with a new optimiser) for a
@@ -121,6 +138,10 @@ class TrajectoryRecorder:
         save_optimizer_state: save the optimiser state with each checkpoint (default: for Adam
             and AdamW, whose preconditioner SOURCE reads).
         overwrite: replace an existing trajectory in ``run_dir``.
+        grad_scaler: the ``torch.amp.GradScaler`` of a mixed-precision run (anything with
+            ``get_scale()``), so that its unscaling is not mistaken for clipping.
+        watch_clipping: measure each step's clipping factor (see the module docstring); ``False``
+            in a multi-process run, where the factor is passed to :meth:`step` instead.
     """
 
     def __init__(
@@ -132,6 +153,8 @@ class TrajectoryRecorder:
         save_every: int,
         save_optimizer_state: bool | None = None,
         overwrite: bool = False,
+        grad_scaler: Any | None = None,
+        watch_clipping: bool = True,
     ) -> None:
         if save_every < 1:
             raise TrajectoryError(f"save_every must be a positive number of steps, not {save_every}.")
@@ -150,9 +173,11 @@ class TrajectoryRecorder:
         self._save_optimizer_state = save_optimizer_state
         self.global_step = 0
         self._lr: list[float] = []
+        self._clip: list[float | torch.Tensor] = []
         self._stages: list[dict[str, Any]] = []
         self._checkpoints: list[dict[str, Any]] = []
         self._complete = False
+        self._clipping = _ClipWatch(model, optimizer, grad_scaler) if watch_clipping else None
 
     def begin_stage(self, name: str, dataset_size: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Start a stage trained on ``dataset_size`` examples; ends the previous one."""
@@ -164,6 +189,8 @@ class TrajectoryRecorder:
             raise TrajectoryError(f"Stage {name!r} needs a positive dataset size, not {dataset_size}.")
         if optimizer is not None:
             self.optimizer = optimizer
+            if self._clipping is not None:
+                self._clipping.watch(optimizer)
         self._stages.append(
             {
                 "name": name,
@@ -175,8 +202,13 @@ class TrajectoryRecorder:
         )
         self._save()
 
-    def step(self) -> None:
-        """Record one optimiser step (call right after ``optimizer.step()``)."""
+    def step(self, clip: float | None = None) -> None:
+        """Record one optimiser step (call right after ``optimizer.step()``).
+
+        ``clip``: the factor α = min(1, max_norm/‖g‖) gradient clipping scaled this step's gradient by
+        (``clip_grad_norm_`` returns ‖g‖); by default the factor the recorder measured (1 if nothing
+        rescaled the gradients).
+        """
         if not self._stages or self._stages[-1]["end_step"] is not None:
             raise TrajectoryError("Call begin_stage(name, dataset_size) before recording steps.")
         rates = {float(g["lr"]) for g in self.optimizer.param_groups}
@@ -190,7 +222,11 @@ class TrajectoryRecorder:
             raise TrajectoryError(
                 f"Step {self.global_step} used learning rate {lr}; it must be finite and non-negative."
             )
+        measured = self._clipping.take() if self._clipping is not None else None
+        if clip is not None and not (math.isfinite(clip) and 0 <= clip <= 1):
+            raise TrajectoryError(f"Step {self.global_step}'s clipping factor {clip} must lie in [0, 1].")
         self._lr.append(lr)
+        self._clip.append(clip if clip is not None else 1.0 if measured is None else measured)
         self.global_step += 1
         if self.global_step % self.save_every == 0:
             self._save()
@@ -209,6 +245,8 @@ class TrajectoryRecorder:
         if not self._stages:
             raise TrajectoryError("Nothing was recorded; call begin_stage and step before close.")
         self._complete = True
+        if self._clipping is not None:
+            self._clipping.remove()
         self._write_index()
 
     def __enter__(self) -> TrajectoryRecorder:
@@ -251,19 +289,90 @@ class TrajectoryRecorder:
             "version": VERSION,
             "complete": self._complete,
             "lr": self._lr,
+            "clip": self._clip_factors(),
             "stages": self._stages,
             "checkpoints": self._checkpoints,
         }
         atomic_write_bytes(self.run_dir / "trajectory.json", json.dumps(index, indent=1).encode())
 
 
+    def _clip_factors(self) -> list[float]:
+        """The factors recorded so far as numbers (measured ones are tensors until written: no device sync per step)."""
+        factors = [float(c) for c in self._clip]
+        for step, factor in enumerate(factors):
+            if not (math.isfinite(factor) and factor <= 1 + 1e-4):
+                raise TrajectoryError(
+                    f"Between backward and optimizer step {step} the gradients grew by {factor:.3g}× (or became "
+                    "non-finite): a loss scaler whose scale the recorder does not know? Pass grad_scaler=… to the "
+                    "recorder, or the clipping factor to step(clip=…)."
+                )
+            if 0 < factor < 1e-3 and abs(math.log2(factor) - round(math.log2(factor))) < 1e-6:
+                raise TrajectoryError(
+                    f"Between backward and optimizer step {step} the gradients shrank by exactly 2^"
+                    f"{round(math.log2(factor))}: a loss scaler unscaling them? Pass grad_scaler=… to the recorder, "
+                    "or the clipping factor to step(clip=…)."
+                )
+        self._clip = list(factors)
+        return [min(factor, 1.0) for factor in factors]
+
+
+class _ClipWatch:
+    """Measures the factor by which something (gradient clipping) rescaled the gradients between
+    backward and the optimiser step: ‖g at the step‖ / ‖g as backward accumulated it‖ (× the loss scale)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_scaler: Any | None) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.scaler = grad_scaler
+        self.accumulated: dict[int, torch.Tensor] = {}
+        self.factor: torch.Tensor | None = None
+        self.handles = [p.register_post_accumulate_grad_hook(self._accumulated) for p in self.params]
+        self.step_handle: Any = None
+        self.watch(optimizer)
+
+    def watch(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.step_handle is not None:
+            self.step_handle.remove()
+        self.step_handle = optimizer.register_step_pre_hook(lambda *_: self._before_step())
+
+    def _accumulated(self, param: torch.Tensor) -> None:
+        if param.grad is not None:
+            self.accumulated[id(param)] = _squared_norm(param.grad)
+
+    def _before_step(self) -> None:
+        pairs = [(self.accumulated.pop(id(p)), _squared_norm(p.grad)) for p in self.params
+                 if p.grad is not None and id(p) in self.accumulated]
+        if not pairs:
+            self.factor = None
+            return
+        before = torch.stack([b.to(pairs[0][0].device) for b, _ in pairs]).sum()
+        after = torch.stack([a.to(pairs[0][0].device) for _, a in pairs]).sum()
+        scale = float(self.scaler.get_scale()) if self.scaler is not None else 1.0
+        self.factor = torch.where(before > 0, (after / before).sqrt() * scale, torch.ones_like(before))
+
+    def take(self) -> torch.Tensor | None:
+        """The factor of the step just taken (``None`` if no gradient reached the optimiser)."""
+        factor, self.factor = self.factor, None
+        return factor
+
+    def remove(self) -> None:
+        for handle in [*self.handles, self.step_handle]:
+            handle.remove()
+
+
+def _squared_norm(grad: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(grad.detach(), dtype=torch.float32) ** 2
+
+
 class Trajectory:
-    """A recorded training run, read back from its directory (see the module docstring)."""
+    """A recorded training run, read back from its directory (format: docs/reference/store-format.md)."""
 
     def __init__(self, path: Path, index: dict[str, Any]) -> None:
         self.path = path
         self.complete: bool = bool(index.get("complete", False))
-        self.lr = np.asarray(index["lr"], dtype=np.float64)
+        self.rates = np.asarray(index["lr"], dtype=np.float64)
+        self.clip = np.asarray(index.get("clip") or [1.0] * len(self.rates), dtype=np.float64)
+        self.lr = self.rates * self.clip
+        """SOURCE's step sizes η_k·α_k: each step's learning rate times its clipping factor."""
         self.stages = tuple(Stage(**s) for s in index["stages"])
         self.checkpoints = tuple(Checkpoint(**c) for c in index["checkpoints"])
         self._index = index
@@ -278,7 +387,7 @@ class Trajectory:
         if not index_file.is_file():
             raise TrajectoryError(
                 f"{path} has no trajectory.json; record the run with TrajectoryRecorder or write the file "
-                "as the README's 'Trajectory format' section describes."
+                "as docs/reference/store-format.md describes."
             )
         try:
             index = json.loads(index_file.read_text())
@@ -304,9 +413,27 @@ class Trajectory:
                 return stage
         raise TrajectoryError(f"The trajectory has no stage {name!r}; its stages are {[s.name for s in self.stages]}.")
 
+    def select(self, steps: Sequence[int]) -> Trajectory:
+        """The same run with only the checkpoints at ``steps`` (and the final one, θ_T, always).
+
+        Everything else is shared, the fingerprint included: a store featurized from the selection
+        belongs to this run. Refuses a step at which no checkpoint was saved.
+        """
+        saved = [c.step for c in self.checkpoints]
+        missing = sorted(set(steps) - set(saved))
+        if missing:
+            raise TrajectoryError(
+                f"The run saved no checkpoint at step(s) {missing}; choose among the saved steps {saved}."
+            )
+        keep = {*steps, self.final_checkpoint.step}
+        selected = copy.copy(self)
+        selected.checkpoints = tuple(c for c in self.checkpoints if c.step in keep)
+        return selected
+
     def fingerprint(self) -> str:
-        """sha256 of the run's learning rates, stages and checkpoint contents."""
-        canonical = json.dumps({k: self._index[k] for k in ("lr", "stages", "checkpoints")}, sort_keys=True)
+        """sha256 of the run's learning rates (and clipping factors), stages and checkpoint contents."""
+        keys = ("lr", "clip", "stages", "checkpoints") if self._index.get("clip") else ("lr", "stages", "checkpoints")
+        canonical = json.dumps({k: self._index[k] for k in keys}, sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def load_state(self, checkpoint: Checkpoint, *, verify: bool = True) -> dict[str, Any]:
@@ -413,6 +540,11 @@ def _validate_index(index: Any, where: Path) -> None:
         )
     if not all(_is_number(v) and v >= 0 for v in lr):
         raise bad("'lr' must hold finite, non-negative numbers")
+    clip = index.get("clip")
+    if clip is not None and (
+        not isinstance(clip, list) or len(clip) != len(lr) or not all(_is_number(v) and 0 <= v <= 1 for v in clip)
+    ):
+        raise bad("'clip' must hold one clipping factor in [0, 1] per learning rate")
     stages = index.get("stages")
     if not isinstance(stages, list) or not stages:
         raise bad("'stages' must be a non-empty list")

@@ -29,7 +29,9 @@ class SegmentationArguments:
         per_stage: equal parts (by step) each stage is cut into (the paper uses 3).
         boundaries: explicit global steps to cut at (overrides ``per_stage``).
         auto: a budget of L segments in all, placed where the projected curvature and gradients
-            change most between checkpoints (see ``autosegment.py``; overrides both).
+            change most between checkpoints (see ``autosegment.py``; overrides both); ``0``: no budget,
+            the number of segments is chosen too (``AUTO_KEEP``: the fewest that leave at most a
+            quarter of the dispersion one segment per stage leaves).
         probe_rows: examples per stage whose gradients decide ``auto`` cuts when they must be
             chosen before featurize (Adam runs, Fast-SOURCE); fit-time cuts use every stored row.
     """
@@ -41,9 +43,12 @@ class SegmentationArguments:
 
     @classmethod
     def parse(cls, text: str) -> SegmentationArguments:
-        """``"3"`` (equal parts per stage), ``"auto:4"`` (4 automatic segments) or ``"at:100,200"``."""
+        """``"3"`` (equal parts per stage), ``"auto:4"`` (4 automatic segments), ``"auto"`` (automatic
+        segments, their number chosen too) or ``"at:100,200"``."""
         text = text.strip()
         try:
+            if text == "auto":
+                return cls(auto=0)
             if text.startswith("auto:"):
                 return cls(auto=int(text[5:]))
             if text.startswith("at:"):
@@ -51,8 +56,8 @@ class SegmentationArguments:
             return cls(per_stage=int(text))
         except ValueError as err:
             raise TrajectoryError(
-                f"Cannot read the segmentation {text!r}; write a number per stage (3), auto:L (auto:4) or "
-                "at:STEP,STEP (at:100,200)."
+                f"Cannot read the segmentation {text!r}; write a number per stage (3), auto, auto:L (auto:4) "
+                "or at:STEP,STEP (at:100,200)."
             ) from err
 
     def describe(self) -> dict[str, Any]:
@@ -70,7 +75,8 @@ class Segment:
 
     Attributes:
         stage: the stage (dataset D_ℓ) the segment trains on.
-        start_step, end_step: global optimiser steps ``[start_step, end_step)``.
+        start_step: the first global optimiser step of the segment.
+        end_step: the step after its last one (the segment is ``[start_step, end_step)``).
         checkpoints: steps of the checkpoints averaged in the segment (C_ℓ).
         mean_lr: η̄_ℓ, the mean effective learning rate (momentum folded in: η(1−d)/(1−β)).
         weight_decay: λ, added as λ·I to the segment's curvature (for Adam, in its preconditioned
@@ -115,7 +121,7 @@ class Segment:
 
     @classmethod
     def from_description(cls, desc: Mapping[str, Any]) -> Segment:
-        """Inverse of :meth:`describe`."""
+        """Inverse of ``describe``."""
         return cls(**{**desc, "checkpoints": tuple(desc["checkpoints"])})
 
 

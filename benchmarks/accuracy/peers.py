@@ -1,0 +1,195 @@
+"""The peer libraries on the same checkpoints as ours: score matrices for the accuracy harness.
+
+    benchmarks/accuracy/install_peers.sh                       # .venv-peers: kronfluence 1.0.1, dattri 0.3.0
+    .venv-peers/bin/python benchmarks/accuracy/peers.py [--settings early,converged,two-stage,early-fast]
+        [--peers kronfluence,dattri] [--root runs/accuracy] [--models 3]
+
+For each setting and attributed model (``harness.locate``: the recorded trajectories the library's
+own methods use), writes ``<setting folder>/peers/<method>/seed-<i>-<query set>.npy``: ``[Q, N]``
+scores of the attributed stage's examples in this project's sign (positive = helpful); ``run.py``
+scores them by the same LDS code against the same ground truth. A model whose scores were all written
+is skipped on a re-run (``--force`` recomputes).
+
+- kronfluence (``kf-ekfac``, ``kf-kfac``, ``kf-diagonal``): influence functions at the final
+  checkpoint; the true Fisher (labels sampled from the model), factors fitted on every stage's
+  data (as our IF baseline's curvature); measurement = the margin. One file per damping:
+  ``@1e-08`` is kronfluence's default ``damping_factor``, ``@heuristic`` its "0.1 × mean
+  eigenvalue" (``damping_factor=None``), and the grid 1e-4 … 1 from which ``run.py`` reports the best
+  (chosen on the reported queries: an optimistic figure for the peer).
+  kronfluence's score is ∇f(q)ᵀ(H + λI)⁻¹∇ℓ(z) for the loss ℓ, which predicts the change of f when
+  z is *up*-weighted with the opposite sign; removing z changes f by about +score/N, so our score is
+  −score.
+- dattri (``dattri-tracin-k512``, ``dattri-tracin-full``): TracIn-CP over the checkpoints saved
+  while the attributed stage trained (the initialisation excluded), weights = the learning rate of
+  each checkpoint (dattri's ``weight_list``), target = the margin, with dattri's default random
+  projection (k = 512, seed 0) or none. dattri's score Σ_c η_c ∇ℓ(z; θ_c)·∇f(q; θ_c) is the first-
+  order change of f under a gradient step *against* ∇ℓ(z) with the opposite sign, so our score is
+  −score. (dattri replaces ``projector_kwargs=None`` by its default projector; the full-gradient
+  variant clears the attribute after construction.)
+
+bergson 2.5.1 is not run here: see BENCHMARKS.md, "Accuracy harness (issue 12)".
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness
+import settings as settings_module
+
+import source_proj as sp
+
+GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+STRATEGIES = ("ekfac", "kfac", "diagonal")
+
+
+def margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    correct = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return correct - torch.logsumexp(logits.scatter(-1, labels.unsqueeze(-1), float("-inf")), dim=-1)
+
+
+def final_model(s: settings_module.Setting, run: Path) -> torch.nn.Module:
+    trajectory = sp.Trajectory.load(run)
+    return trajectory.load_into(s.build_model(0), trajectory.final_checkpoint).eval()
+
+
+def attributed_data(s: settings_module.Setting) -> TensorDataset:
+    return s.train_data[s.attributed]
+
+
+def kronfluence_scores(s: settings_module.Setting, run: Path, out: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Method → query set → ``[Q, N]`` (our sign) for every strategy and damping."""
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.task import Task
+
+    class MarginTask(Task):
+        def compute_train_loss(self, batch, model, sample=False):  # type: ignore[no-untyped-def]
+            x, y = batch
+            logits = model(x)
+            if sample:
+                with torch.no_grad():
+                    y = torch.multinomial(torch.softmax(logits.detach(), -1), 1).squeeze(-1)
+            return F.cross_entropy(logits, y, reduction="sum")
+
+        def compute_measurement(self, batch, model):  # type: ignore[no-untyped-def]
+            x, y = batch
+            return margin(model(x), y).sum()
+
+    task = MarginTask()
+    model = prepare_model(final_model(s, run), task)
+    analyzer = Analyzer("peers", model, task, cpu=True, disable_tqdm=True, output_dir=str(out))
+    curvature_data = ConcatDataset(list(s.train_data.values()))
+    results: dict[str, dict[str, np.ndarray]] = {}
+    for strategy in STRATEGIES:
+        torch.manual_seed(0)
+        analyzer.fit_all_factors(
+            factors_name=strategy,
+            dataset=curvature_data,
+            per_device_batch_size=256,
+            factor_args=FactorArguments(strategy=strategy),
+            overwrite_output_dir=True,
+        )
+        for damping in (1e-8, None, *GRID):
+            label = "heuristic" if damping is None else f"{damping:g}"
+            method = f"kf-{strategy}@{label}"
+            for queries in s.queries:
+                name = f"{strategy}-{label}-{queries}"
+                analyzer.compute_pairwise_scores(
+                    scores_name=name,
+                    factors_name=strategy,
+                    query_dataset=s.query_data(queries),
+                    train_dataset=attributed_data(s),
+                    per_device_query_batch_size=256,
+                    per_device_train_batch_size=256,
+                    score_args=ScoreArguments(damping_factor=damping),
+                    overwrite_output_dir=True,
+                )
+                raw = analyzer.load_pairwise_scores(name)["all_modules"]
+                results.setdefault(method, {})[queries] = -raw.double().numpy()
+    return results
+
+
+def dattri_scores(s: settings_module.Setting, run: Path) -> dict[str, dict[str, np.ndarray]]:
+    """TracIn-CP through dattri, projected (k = 512) and with full gradients."""
+    from dattri.algorithm.tracin import TracInAttributor
+    from dattri.task import AttributionTask
+
+    template = s.build_model(0)
+
+    def loss(params, data):  # type: ignore[no-untyped-def]
+        x, y = data
+        return F.cross_entropy(torch.func.functional_call(template, params, x.unsqueeze(0)), y.unsqueeze(0))
+
+    def target(params, data):  # type: ignore[no-untyped-def]
+        x, y = data
+        return margin(torch.func.functional_call(template, params, x.unsqueeze(0)), y.unsqueeze(0)).squeeze(0)
+
+    trajectory = sp.Trajectory.load(run)
+    stage = trajectory.stage(s.attributed)
+    checkpoints = [c for c in trajectory if stage.start_step < c.step <= stage.end_step]
+    states = [trajectory.load_state(c)["model"] for c in checkpoints]
+    lr = next(st.lr for st in s.stages if st.name == s.attributed)
+    task = AttributionTask(loss_func=loss, model=template, checkpoints=states, target_func=target)
+    train = DataLoader(attributed_data(s), batch_size=256, shuffle=False)
+    results: dict[str, dict[str, np.ndarray]] = {}
+    for method, projected in (("dattri-tracin-k512", True), ("dattri-tracin-full", False)):
+        attributor = TracInAttributor(
+            task=task,
+            weight_list=torch.full((len(states),), lr),
+            normalized_grad=False,
+            projector_kwargs={"proj_dim": 512, "proj_seed": 0, "device": "cpu"} if projected else None,
+        )
+        if not projected:
+            attributor.projector_kwargs = None
+        for queries in s.queries:
+            test = DataLoader(s.query_data(queries), batch_size=256, shuffle=False)
+            raw = attributor.attribute(train, test)  # [N, Q]
+            results.setdefault(method, {})[queries] = -raw.T.double().numpy()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", default="early,converged,two-stage,early-fast")
+    parser.add_argument("--peers", default="kronfluence,dattri")
+    parser.add_argument("--root", default=str(harness.ROOT))
+    parser.add_argument("--mnist", default=None)
+    parser.add_argument("--models", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--force", action="store_true", help="recompute models whose peer scores exist")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    peers = args.peers.split(",")
+    for name in args.settings.split(","):
+        s, folder, runs = harness.locate(name, root=args.root, mnist=args.mnist, models=args.models)
+        for seed, run in enumerate(runs):
+            done = folder / "peers" / f"done-{seed}-{'-'.join(peers)}"
+            if done.exists() and not args.force:
+                continue
+            start = time.perf_counter()
+            results: dict[str, dict[str, np.ndarray]] = {}
+            if "kronfluence" in peers:
+                results.update(kronfluence_scores(s, run, folder / "peers-work" / f"kronfluence-{seed}"))
+            if "dattri" in peers:
+                results.update(dattri_scores(s, run))
+            for method, per_query_set in results.items():
+                (folder / "peers" / method).mkdir(parents=True, exist_ok=True)
+                for queries, scores in per_query_set.items():
+                    np.save(folder / "peers" / method / f"seed-{seed}-{queries}.npy", scores)
+            done.touch()
+            seconds = time.perf_counter() - start
+            print(f"{name} model {seed}: {len(results)} peer methods in {seconds:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

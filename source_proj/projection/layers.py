@@ -1,0 +1,175 @@
+"""Which layers factor, and how each one's per-example gradient is laid out as a matrix.
+
+A *factorable layer* is a weight whose per-example gradient is a sum of outer products
+G = Σ_t δ_t a_tᵀ (``d_out × d_in``) that forward and backward hooks on its module(s) can see, with a
+bias as the column of an extra constant input 1 (G is then ``d_out × (d_in + 1)``). The kinds:
+
+- ``linear``: ``nn.Linear``; a_t the input at position t, δ_t the output gradient there.
+- ``conv``: ``nn.Conv1d/2d/3d`` with ``groups=1``; a_t an im2col patch (``d_in = C_in·∏kernel``).
+- ``hf_conv1d``: transformers' GPT-2 ``Conv1D`` (``y = x W + b`` with W stored ``d_in × d_out``);
+  G is the gradient of Wᵀ, so the layer reads like an ``nn.Linear``.
+- ``embedding``: ``nn.Embedding`` (W stored ``V × d``); the one-hot e_{x_t} of the token is the row
+  side and the output gradient δ_t the column side: G = Σ_t e_{x_t} δ_tᵀ (``V × d``).
+
+A weight held by several modules (GPT-2's token embedding tied to its LM head, both ``V × d``) is
+one layer with several *uses*: each adds its outer products to the same G. Its bias, if any, is
+left to the dense part. Everything else (norms, packed attention projections used functionally,
+grouped convolutions) is not a factorable layer.
+
+:meth:`FactoredLayer.matrix` and :meth:`FactoredLayer.split` convert between the parameters'
+materialised per-example gradients and G: the projections and gradient transforms use them on the
+materialising path, and the tests use them as the oracle of the hook path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+LayerKind = Literal["linear", "conv", "hf_conv1d", "embedding"]
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def layer_kind(module: nn.Module) -> LayerKind | None:
+    """The factorable kind of a module, or ``None``."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, _CONVS) and module.groups == 1:
+        return "conv"
+    if isinstance(module, nn.Embedding) and module.max_norm is None and not module.scale_grad_by_freq:
+        return "embedding"
+    cls = type(module)
+    if cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") and hasattr(module, "nf"):
+        return "hf_conv1d"
+    return None
+
+
+@dataclass(frozen=True)
+class FactoredLayer:
+    """A weight whose per-example gradient matrix G (``out_features × in_rows``) is seen by hooks.
+
+    Attributes:
+        module: the name of the (first) module using the weight in ``model.named_modules()``.
+        weight: the weight's parameter name.
+        bias: the bias's parameter name when it is projected as an extra input column, else ``None``.
+        out_features: d_out, the rows of G (output features or channels; the vocabulary of an embedding).
+        in_features: d_in without the bias column (input features, C_in·∏kernel, an embedding's width).
+        kind: how the module uses the weight (see the module docstring).
+        tied: ``(module name, kind)`` of further modules using the same weight (a tied LM head).
+    """
+
+    module: str
+    weight: str
+    bias: str | None
+    out_features: int
+    in_features: int
+    kind: LayerKind = "linear"
+    tied: tuple[tuple[str, LayerKind], ...] = ()
+
+    @property
+    def in_rows(self) -> int:
+        """Columns of G: d_in, plus one for the bias."""
+        return self.in_features + (self.bias is not None)
+
+    @property
+    def uses(self) -> tuple[tuple[str, LayerKind], ...]:
+        """``(module name, kind)`` of every module whose forward uses the weight."""
+        return ((self.module, self.kind), *self.tied)
+
+    def describe(self) -> list[Any]:
+        """JSON identity; plain Linear and convolution layers keep the five fields older stores recorded."""
+        base: list[Any] = [self.module, self.weight, self.bias, self.out_features, self.in_features]
+        if self.kind in ("linear", "conv") and not self.tied:
+            return base
+        return [*base, self.kind, [list(use) for use in self.tied]]
+
+    @classmethod
+    def from_description(cls, desc: Sequence[Any], model: nn.Module | None = None) -> FactoredLayer:
+        """Rebuild a layer from :meth:`describe` (the kind of a five-field entry is read from ``model``)."""
+        module, weight, bias, out_features, in_features = desc[:5]
+        if len(desc) > 5:
+            tied = tuple((str(name), kind) for name, kind in desc[6])
+            return cls(module, weight, bias, int(out_features), int(in_features), desc[5], tied)
+        kind = layer_kind(model.get_submodule(module)) if model is not None else "linear"
+        return cls(module, weight, bias, int(out_features), int(in_features), kind or "linear")
+
+    def matrix(self, grads: Mapping[str, Tensor]) -> Tensor:
+        """G of every example, ``[B, out_features, in_rows]``, from materialised per-example gradients."""
+        w = grads[self.weight]
+        batch = w.shape[0]
+        if self.kind == "hf_conv1d":
+            g = w.transpose(1, 2)
+        else:
+            g = w.reshape(batch, self.out_features, self.in_features)
+        if self.bias is not None:
+            g = torch.cat([g, grads[self.bias].reshape(batch, self.out_features, 1).to(g.dtype)], dim=2)
+        return g
+
+    def split(self, g: Tensor, shapes: Mapping[str, Sequence[int]]) -> dict[str, Tensor]:
+        """The inverse of :meth:`matrix`: ``[B, out_features, in_rows]`` back to parameter-shaped gradients."""
+        batch = g.shape[0]
+        weight = g[:, :, : self.in_features]
+        if self.kind == "hf_conv1d":
+            weight = weight.transpose(1, 2)
+        out = {self.weight: weight.reshape(batch, *shapes[self.weight])}
+        if self.bias is not None:
+            out[self.bias] = g[:, :, self.in_features].reshape(batch, *shapes[self.bias])
+        return out
+
+
+def factorable_layers(model: nn.Module, names: Sequence[str]) -> tuple[list[FactoredLayer], list[str]]:
+    """Split the selected parameters into factorable layers and the rest (in ``names`` order).
+
+    A weight factors when it is selected and every module holding it is of a factorable kind (see
+    the module docstring) with the same row × column layout: one module, or embeddings and linear
+    layers sharing a ``V × d`` weight (tied). A bias joins as an input column when it is selected,
+    held by its layer's only module and the weight is not tied. Everything else is projected densely.
+    """
+    selected = set(names)
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    holders: dict[int, list[tuple[str, nn.Module]]] = {}
+    for module_name, module in model.named_modules():
+        for param in module.parameters(recurse=False):
+            holders.setdefault(id(param), []).append((module_name, module))
+    layers: list[FactoredLayer] = []
+    for module_name, module in model.named_modules():
+        kind = layer_kind(module)
+        weight = getattr(module, "weight", None)
+        if kind is None or not isinstance(weight, nn.Parameter) or canonical.get(id(weight)) not in selected:
+            continue
+        uses = holders[id(weight)]
+        if uses[0][0] != module_name:  # a tied weight is one layer, found at its first module
+            continue
+        kinds = [layer_kind(m) for _, m in uses]
+        if len(uses) > 1 and not all(k in ("linear", "embedding") for k in kinds):
+            continue
+        bias = getattr(module, "bias", None)
+        bias_name = canonical.get(id(bias)) if isinstance(bias, nn.Parameter) else None
+        with_bias = len(uses) == 1 and bias_name in selected and len(holders[id(bias)]) == 1
+        out_features, in_features = _layout(module, kind)
+        layers.append(
+            FactoredLayer(
+                module_name,
+                canonical[id(weight)],
+                bias_name if with_bias else None,
+                out_features,
+                in_features,
+                kind,
+                tuple((name, k) for (name, _), k in zip(uses[1:], kinds[1:], strict=True)),  # type: ignore[misc]
+            )
+        )
+    factored = {layer.weight for layer in layers} | {layer.bias for layer in layers if layer.bias}
+    return layers, [n for n in names if n not in factored]
+
+
+def _layout(module: nn.Module, kind: LayerKind) -> tuple[int, int]:
+    weight = module.weight
+    if kind == "hf_conv1d":
+        return int(weight.shape[1]), int(weight.shape[0])
+    return int(weight.shape[0]), int(math.prod(weight.shape[1:]))

@@ -1,0 +1,122 @@
+"""Batched retraining (torch.func) equals the plain sequential SGD loop, copy by copy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import source_proj as sp
+from source_proj import evaluation as ev
+from source_proj.evaluation.batched import BatchedRetrain, BatchedSGD, SGDStage
+from source_proj.query.attributor import StageRows
+
+
+def build(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def stages() -> list[SGDStage]:
+    g = torch.Generator().manual_seed(1)
+    xa, xb = torch.randn(13, 6, generator=g), torch.randn(7, 6, generator=g)
+    ya, yb = torch.randint(0, 3, (13,), generator=g), torch.randint(0, 3, (7,), generator=g)
+    return [
+        SGDStage("a", xa, ya, epochs=3, lr=0.1, batch_size=4, momentum=0.9, weight_decay=1e-2),
+        SGDStage("b", xb, yb, epochs=2, lr=0.05, batch_size=3, momentum=0.5),
+    ]
+
+
+def sequential(keep: dict[str, np.ndarray], seed: int) -> nn.Module:
+    """The reference: torch.optim.SGD, the same shuffle with the dropped examples removed from every batch."""
+    model = build(seed)
+    gen = torch.Generator().manual_seed(seed)
+    for st in stages():
+        opt = torch.optim.SGD(model.parameters(), lr=st.lr, momentum=st.momentum, weight_decay=st.weight_decay)
+        mask = torch.ones(st.size, dtype=torch.bool)
+        if st.name in keep:
+            mask[:] = False
+            mask[torch.as_tensor(keep[st.name], dtype=torch.long)] = True
+        for _ in range(st.epochs):
+            order = torch.randperm(st.size, generator=gen)
+            for b in range(st.steps_per_epoch):
+                idx = order[b * st.batch_size : (b + 1) * st.batch_size]
+                idx = idx[mask[idx]]
+                if len(idx) == 0:
+                    continue
+                loss = F.cross_entropy(model(st.inputs[idx]), st.targets[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    return model
+
+
+# Copy 2 keeps two examples of stage "a": most of its batches are empty and must make no step
+# (and leave the momentum alone); copy 3 keeps everything.
+KEEPS = [
+    {"a": np.array([0, 2, 3, 5, 8, 9, 12])},
+    {"a": np.array([1, 4, 6, 7, 10, 11])},
+    {"a": np.array([4, 9])},
+    {},
+]
+SEEDS = [3, 11, 2**40 + 7, 0]
+
+
+def test_batched_sgd_equals_sequential_training_copy_by_copy() -> None:
+    trainer = BatchedSGD(build, sp.ClassificationTask(), stages())
+    params = trainer.train(KEEPS, SEEDS)
+    for m, (keep, seed) in enumerate(zip(KEEPS, SEEDS, strict=True)):
+        reference = dict(sequential(keep, seed).named_parameters())
+        untrained = dict(build(seed).named_parameters())
+        for name, p in params.items():
+            torch.testing.assert_close(p[m], reference[name].detach(), rtol=1e-5, atol=1e-6)
+            assert not torch.allclose(p[m], untrained[name])
+    queries = torch.randn(5, 6), torch.tensor([0, 1, 2, 1, 0])
+    measured = trainer.measure(params, *queries)
+    for m, (keep, seed) in enumerate(zip(KEEPS, SEEDS, strict=True)):
+        model = sequential(keep, seed)
+        with torch.no_grad():
+            expected = sp.ClassificationTask().measurement(model(queries[0]), queries)
+        torch.testing.assert_close(measured[m], expected, rtol=1e-5, atol=1e-5)
+
+
+class Counting(BatchedRetrain):
+    calls = 0
+
+    def retrain_many(self, keeps, seeds):  # type: ignore[no-untyped-def]
+        Counting.calls += 1
+        return super().retrain_many(keeps, seeds)
+
+
+def test_lds_ground_truth_with_a_batched_retrain_equals_the_plain_one_and_resumes(tmp_path) -> None:
+    queries = torch.randn(4, 6, generator=torch.Generator().manual_seed(5)), torch.tensor([0, 1, 2, 0])
+
+    def plain(keep: dict[str, np.ndarray], seed: int) -> np.ndarray:
+        model = sequential(keep, seed)
+        with torch.no_grad():
+            return sp.ClassificationTask().measurement(model(queries[0]), queries).numpy()
+
+    rows = [StageRows("a", 0, 13)]
+    args = ev.LDSArguments(num_subsets=4, repeats=2)
+    batched = Counting(BatchedSGD(build, sp.ClassificationTask(), stages()), *queries, models_per_call=3)
+    truth = ev.lds_ground_truth(batched, rows, tmp_path / "batched", args, progress=False)
+    assert Counting.calls == 3  # 8 models in groups of 3
+    reference = ev.lds_ground_truth(plain, rows, tmp_path / "plain", args, progress=False)
+    np.testing.assert_allclose(truth.measurements, reference.measurements, rtol=1e-4, atol=1e-5)
+    again = ev.lds_ground_truth(batched, rows, tmp_path / "batched", args, progress=False)
+    assert Counting.calls == 3  # every model came from the cache
+    np.testing.assert_array_equal(again.measurements, truth.measurements)
+    np.testing.assert_allclose(batched({"a": np.arange(5)}, 9), plain({"a": np.arange(5)}, 9), rtol=1e-4, atol=1e-5)
+
+
+def test_batched_training_refuses_batchnorm_and_bad_subsets() -> None:
+    def with_norm(seed: int) -> nn.Module:
+        return nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
+
+    with pytest.raises(sp.TaskError, match="without buffers or dropout"):
+        BatchedSGD(with_norm, sp.ClassificationTask(), stages())
+    trainer = BatchedSGD(build, sp.ClassificationTask(), stages())
+    with pytest.raises(sp.TaskError, match=r"outside 0\.\.12"):
+        trainer.train([{"a": np.array([13])}], [0])

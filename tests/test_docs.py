@@ -1,0 +1,138 @@
+"""The documentation: the site builds strictly (so a broken link, a page left out of the nav or a stale API
+name fails), the build really is strict, the reference covers the whole public API and every command, and
+the names, commands, options and scripts used in the README's and the docs' code blocks exist."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+import yaml
+
+import source_proj as sp
+from source_proj import evaluation as ev
+from source_proj.cli.main import main as cli
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = sorted((ROOT / "docs").rglob("*.md"))
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
+
+
+def _mkdocs_build(config: Path, site: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(config), "--site-dir", str(site)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The site, built once with ``mkdocs build --strict`` (the test fails here with mkdocs' warnings)."""
+    out = tmp_path_factory.mktemp("site")
+    built = _mkdocs_build(ROOT / "mkdocs.yml", out)
+    assert built.returncode == 0, f"mkdocs build --strict failed:\n{built.stdout}\n{built.stderr}"
+    return out
+
+
+def test_site_builds_strictly_with_every_public_name_and_command(site: Path) -> None:
+    api = "".join(p.read_text() for p in (site / "reference").rglob("*.html"))
+    public = {f"source_proj.{n}": getattr(sp, n) for n in sp.__all__ if n != "__version__"}
+    public |= {f"source_proj.evaluation.{n}": getattr(ev, n) for n in ev.__all__}
+    canonical = {name: f"{getattr(o, '__module__', '')}.{getattr(o, '__qualname__', '')}" for name, o in public.items()}
+    missing = [name for name in public if f'id="{name}"' not in api and f'id="{canonical[name]}"' not in api]
+    assert not missing, f"public names without an entry in the API reference (docs/reference/api/): {missing}"
+    cli_page = (site / "reference" / "cli" / "index.html").read_text()
+    assert isinstance(cli, click.Group)
+    absent = [name for name in cli.commands if f"source-proj {name}" not in cli_page]
+    assert not absent, f"commands missing from the generated CLI reference: {absent}"
+    benchmarks = (site / "benchmarks" / "index.html").read_text()
+    first_section = re.search(r"^## (.+)$", (ROOT / "BENCHMARKS.md").read_text(), re.MULTILINE)
+    assert first_section and first_section.group(1) in benchmarks  # BENCHMARKS.md is included, not copied
+
+
+def test_a_broken_link_a_stale_api_name_or_a_page_outside_the_nav_fails_the_build(tmp_path: Path) -> None:
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "index.md").write_text("# Stale\n\n[The guide](howto/nowhere.md), [`fit`][source_proj.NoSuchName].\n")
+    (docs / "orphan.md").write_text("# Not in the nav\n")
+    config.update(docs_dir=str(docs), nav=[{"Home": "index.md"}])
+    (tmp_path / "mkdocs.yml").write_text(yaml.safe_dump(config))
+    built = _mkdocs_build(tmp_path / "mkdocs.yml", tmp_path / "site")
+    log = built.stdout + built.stderr
+    assert built.returncode != 0
+    assert "howto/nowhere.md" in log and "source_proj.NoSuchName" in log and "orphan.md" in log
+
+
+def _code_blocks(path: Path) -> list[tuple[str, str]]:
+    return [(m.group(1), m.group(2)) for m in FENCE.finditer(path.read_text())]
+
+
+def _resolve(dotted: str) -> bool:
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for part in parts[cut:]:
+            if not hasattr(obj, part):
+                return False
+            obj = getattr(obj, part)
+        return True
+    return False
+
+
+def _python_names(code: str) -> set[str]:
+    aliases = {"sp": "source_proj", "ev": "source_proj.evaluation"}
+    names = {f"{aliases[a]}.{rest}" for a, rest in re.findall(r"(?<![\w.])(sp|ev)\.([A-Za-z_][\w.]*\w)", code)}
+    names |= set(re.findall(r"(?<![\w.])(source_proj(?:\.[A-Za-z_]\w*)+)", code))
+    for module, imported in re.findall(r"from (source_proj[\w.]*) import ([\w, ]+)", code):
+        names |= {f"{module}.{name.split(' as ')[0].strip()}" for name in imported.split(",") if name.strip()}
+    return names
+
+
+def _cli_uses(code: str) -> list[tuple[str, list[str]]]:
+    uses = []
+    for line in code.splitlines():
+        command_part = re.split(r"\s#", line)[0]  # a comment may mention the command; its options count
+        found = re.search(r"(?:source-proj|-m source_proj\.cli)\s+([a-z]+)(.*)", line)
+        if found and found.start() < len(command_part):
+            uses.append((found.group(1), re.findall(r"(?<![\w-])(--[a-z][\w-]*)", found.group(2))))
+    return uses
+
+
+@pytest.mark.parametrize("page", [ROOT / "README.md", *PAGES], ids=lambda p: str(p.relative_to(ROOT)))
+def test_code_blocks_name_what_exists(page: Path) -> None:
+    stale: list[str] = []
+    for language, code in _code_blocks(page):
+        if language == "python":
+            stale += [f"{name} (Python)" for name in sorted(_python_names(code)) if not _resolve(name)]
+        if language in ("bash", "python"):
+            stale += [f"{s} (file)" for s in re.findall(r"\b((?:examples|benchmarks|tests)/[\w/]+\.py)", code)
+                      if not (ROOT / s).is_file()]
+        for command, flags in _cli_uses(code) if language == "bash" else []:
+            if command not in cli.commands:  # type: ignore[attr-defined]
+                stale.append(f"source-proj {command} (command)")
+                continue
+            options = {o for p in cli.commands[command].params for o in p.opts}  # type: ignore[attr-defined]
+            stale += [f"source-proj {command} {f} (option)" for f in flags if f not in options | {"--help"}]
+    assert not stale, f"{page.relative_to(ROOT)} shows names that do not exist: {stale}"
+
+
+def test_readme_links_point_at_files_that_exist() -> None:
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", (ROOT / "README.md").read_text())
+    local = [t for t in targets if "://" not in t]
+    assert local, "the README links into the docs"
+    assert not [t for t in local if not (ROOT / t).exists()]
