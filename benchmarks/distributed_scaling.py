@@ -2,6 +2,8 @@
 
     python benchmarks/distributed_scaling.py                      # CPU: gloo ranks, digits MLP
     python benchmarks/distributed_scaling.py --device cuda --procs 1,2,4,8 --workers 0,2,4,8 --threads 1
+    python benchmarks/distributed_scaling.py --procs 1,2 --workers 0 \
+        --featurize-args "--projection factored --shard-parameters"    # sharded parameters
 
 Trains the digits MLP once (1,437 examples, 8 checkpoints), then runs the same
 ``source-proj featurize`` command (k = ``--dim``, row chunks of ``--chunk-rows``) as ``torchrun
@@ -58,6 +60,7 @@ def main() -> None:
     parser.add_argument("--chunk-rows", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--featurize-args", default="", help="more featurize options, e.g. --shard-parameters")
     args = parser.parse_args()
     spec = ROOT / "examples" / "digits" / "digits.py"
     rows = []
@@ -66,7 +69,7 @@ def main() -> None:
         digits.train(digits.load_split()[0], run_dir=run_dir)
         featurize = ["-m", "source_proj.cli", "featurize", "--ckpts", str(run_dir), "--spec", str(spec),
                      "--dim", str(args.dim), "--chunk-rows", str(args.chunk_rows), "--batch-size",
-                     str(args.batch_size), "--device", args.device]
+                     str(args.batch_size), "--device", args.device, *args.featurize_args.split()]
         start = run([sys.executable, "-m", "source_proj.cli", "--help"], args.threads)
         reference = None
         for procs in (int(p) for p in args.procs.split(",")):
@@ -84,8 +87,8 @@ def main() -> None:
             rows.append((f"{workers} loader worker(s)", 1, workers, wall, files(store) == reference))
     base = rows[0][3]
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"device {args.device}, {args.threads} thread(s) per process, k={args.dim}, chunk rows {args.chunk_rows}; "
-          f"process start ≈ {start:.1f} s")
+          f"device {args.device}, {args.threads} thread(s) per process, k={args.dim}, chunk rows {args.chunk_rows}, "
+          f"options {args.featurize_args or 'none'}; process start ≈ {start:.1f} s")
     print("| run | processes | loader workers | wall (s) | speed-up | store identical to 1 process |")
     print("|---|---|---|---|---|---|")
     for name, procs, workers, wall, same in rows:

@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 from source_proj.errors import NumericalError, SourceProjError, StoreError, TaskError, TrajectoryError
 from source_proj.featurize.arguments import FeaturizeArguments, ProjectionArguments
+from source_proj.featurize.capture import CaptureArguments, GradientCapture, IndexedDataset
 from source_proj.featurize.featurize import featurize
 from source_proj.methods.baselines import BASELINES, BaselineArguments, fit_baseline
 from source_proj.methods.fit import FitArguments, fit
@@ -18,6 +19,8 @@ from source_proj.projection.factored import FactoredProjector
 from source_proj.projection.fastjl import FastJLProjector
 from source_proj.query.attributor import Attributor, QueryResult
 from source_proj.query.ensemble import Ensemble
+from source_proj.query.per_token import TokenScores, single_token_query, token_scores
+from source_proj.query.topk import IVFArguments
 from source_proj.store.durable import atomic_write_bytes
 from source_proj.store.locking import StoreLock
 from source_proj.store.store import Store
@@ -33,13 +36,17 @@ __all__ = [
     "BASELINES",
     "Attributor",
     "BaselineArguments",
+    "CaptureArguments",
     "ClassificationTask",
     "Ensemble",
     "FactoredProjector",
     "FastJLProjector",
     "FeaturizeArguments",
     "FitArguments",
+    "GradientCapture",
+    "IVFArguments",
     "IdentityProjector",
+    "IndexedDataset",
     "LanguageModelingTask",
     "ModuleSelection",
     "NumericalError",
@@ -59,6 +66,7 @@ __all__ = [
     "Task",
     "TaskError",
     "TextDataset",
+    "TokenScores",
     "Trajectory",
     "TrajectoryError",
     "TrajectoryRecorder",
@@ -71,6 +79,8 @@ __all__ = [
     "fit",
     "fit_baseline",
     "make_segments",
+    "single_token_query",
     "store_lock",
+    "token_scores",
     "verify_store",
 ]

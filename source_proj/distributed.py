@@ -13,21 +13,24 @@ Two ways to run several processes:
 
 A shard is the block ``items[r·n/w : (r+1)·n/w]`` of the command's work items — (work unit, row
 chunk) pairs for featurize, (stage, row chunk) for fit — listed in a fixed order that depends on
-the store's plan only, never on progress. A shard is therefore recomputable from (rank, world
-size) alone: a rank that died is re-run alone (``--shard r/w``) and writes exactly its missing
-chunks; a job resumed with another world size recomputes every pending chunk exactly once, since
-the shards of any world size partition the items. Every chunk is computed by the same code from
-the same inputs whoever computes it (the Fisher's labels are seeded per chunk), so the store is
-bit-identical to a one-process run on the same kind of device with the same batch size and thread
-count per process (torchrun sets one thread per process unless ``OMP_NUM_THREADS`` says otherwise).
+the store's plan only, never on progress, and cut only at the boundaries of the store's shard files
+(``Shard.take_groups``: the chunks of one file are written by one process). A shard is therefore
+recomputable from (rank, world size) alone: a rank that died is re-run alone (``--shard r/w``) and
+writes exactly its missing chunks; a job resumed with another world size recomputes every pending
+chunk exactly once, since the shards of any world size partition the items. Every chunk is computed
+by the same code from the same inputs whoever computes it (the Fisher's labels are seeded per
+chunk), so the store is bit-identical to a one-process run on the same kind of device with the same
+batch size and thread count per process (torchrun sets one thread per process unless
+``OMP_NUM_THREADS`` says otherwise).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -94,6 +97,12 @@ class Shard:
         n = len(items)
         return list(items[self.rank * n // self.world : (self.rank + 1) * n // self.world])
 
+    def take_groups(self, items: Sequence[T], group: Callable[[T], Hashable]) -> list[T]:
+        """:meth:`take` over the runs of consecutive items with equal ``group(item)``, kept whole (the
+        row chunks of one store shard file, which one process must write)."""
+        runs = [list(run) for _, run in itertools.groupby(items, key=group)]
+        return [item for run in self.take(runs) for item in run]
+
 
 @dataclass(frozen=True)
 class Ranks:
@@ -137,6 +146,12 @@ class Ranks:
                 )
         if error is not None:
             raise error
+
+    def most(self, value: int) -> int:
+        """The largest ``value`` any rank holds (a collective: every rank calls it)."""
+        held = torch.tensor([value], device=self._device())
+        dist.all_reduce(held, op=dist.ReduceOp.MAX)
+        return int(held.item())
 
     def broadcast(self, tensor: torch.Tensor, source: int) -> torch.Tensor:
         """``tensor`` as held by rank ``source``, on every rank (on ``tensor``'s device)."""

@@ -21,3 +21,8 @@ class TaskError(SourceProjError):
 
 class NumericalError(SourceProjError):
     """A gradient or a curvature matrix is not finite."""
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (at most ``limit`` characters), or its type's name."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:limit]

@@ -32,7 +32,7 @@ import numpy as np
 from torch import nn
 from torch.utils.data import Dataset
 
-from source_proj.errors import TaskError
+from source_proj.errors import SourceProjError, TaskError, first_line
 from source_proj.evaluation.retrain import BatchedRetrainFunction
 from source_proj.tasks.task import Task
 
@@ -41,35 +41,63 @@ _REQUIRED = ("build_model", "build_task", "train_data")
 
 @dataclass
 class Spec:
-    """A loaded spec file (see the module docstring)."""
+    """A loaded spec file (see the module docstring). An exception raised inside one of its functions
+    becomes a :class:`TaskError` naming the function and the file."""
 
     path: Path
     module: ModuleType
 
+    def _call(self, name: str, *args: Any) -> Any:
+        try:
+            return getattr(self.module, name)(*args)
+        except SourceProjError:
+            raise
+        except Exception as err:
+            call = f"{name}({', '.join(repr(a) for a in args)})"
+            raise TaskError(
+                f"{call} in {self.path} failed ({type(err).__name__}: {first_line(err)}); fix the spec file."
+            ) from err
+
     def build_model(self) -> nn.Module:
-        return self.module.build_model()
+        model = self._call("build_model")
+        if not isinstance(model, nn.Module):
+            raise TaskError(f"build_model() in {self.path} returned {type(model).__name__}, not a torch.nn.Module.")
+        return model
 
     def build_task(self) -> Task:
-        task = self.module.build_task()
+        task = self._call("build_task")
         if not isinstance(task, Task):
             raise TaskError(f"build_task() in {self.path} returned {type(task).__name__}, not a source_proj.Task.")
         return task
 
     def train_data(self, stage: str) -> Dataset:
-        return self.module.train_data(stage)
+        return self._dataset("train_data", stage)
 
     def query_data(self) -> Dataset:
         if not hasattr(self.module, "query_data"):
             raise TaskError(f"{self.path} defines no query_data(); add one returning the examples to explain.")
-        return self.module.query_data()
+        return self._dataset("query_data")
+
+    def _dataset(self, name: str, *args: Any) -> Dataset:
+        data = self._call(name, *args)
+        if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
+            raise TaskError(
+                f"{name}() in {self.path} returned {type(data).__name__}, not a dataset; return one with len() and "
+                "indexing (e.g. a TensorDataset)."
+            )
+        return data
+
+    @property
+    def describes(self) -> bool:
+        """Whether the spec defines ``describe(stage, index)``."""
+        return callable(getattr(self.module, "describe", None))
 
     def describe(self, stage: str, index: int) -> str:
-        fn: Any = getattr(self.module, "describe", None)
-        return "" if fn is None else str(fn(stage, index))
+        return str(self._call("describe", stage, index)) if self.describes else ""
 
     def describe_query(self, index: int) -> str:
-        fn: Any = getattr(self.module, "describe_query", None)
-        return "" if fn is None else str(fn(index))
+        defined = callable(getattr(self.module, "describe_query", None))
+        return str(self._call("describe_query", index)) if defined else ""
 
     def retrainer(self) -> SpecRetrain | BatchedRetrainFunction:
         """The spec's ``retrain`` as a picklable function (worker processes re-import the spec by path),
@@ -104,9 +132,8 @@ def load_spec(path: str | Path) -> Spec:
     """Import a spec file by path; refuses a missing file or one without the required functions."""
     path = Path(path).resolve()
     if not path.is_file():
-        raise TaskError(
-            f"Spec file {path} does not exist; pass the path of a Python file defining {', '.join(_REQUIRED)}."
-        )
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise TaskError(f"Spec file {path} {what}; pass the path of a Python file defining {', '.join(_REQUIRED)}.")
     name = f"source_proj_spec_{abs(hash(str(path)))}"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
@@ -116,6 +143,13 @@ def load_spec(path: str | Path) -> Spec:
     try:
         sys.modules[name] = module
         spec.loader.exec_module(module)
+    except (Exception, SystemExit) as err:
+        sys.modules.pop(name, None)
+        where = f", line {err.lineno}" if isinstance(err, SyntaxError) and err.lineno else ""
+        raise TaskError(
+            f"Spec file {path} cannot be imported ({type(err).__name__}{where}: {first_line(err)}); fix the file "
+            f"(`python {path}` shows where)."
+        ) from err
     finally:
         sys.path.remove(str(path.parent))
     missing = [f for f in _REQUIRED if not callable(getattr(module, f, None))]

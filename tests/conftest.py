@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from click.testing import CliRunner
 from torch import nn
 from torch.utils.data import TensorDataset
 
 import source_proj as sp
 from source_proj import TrajectoryRecorder, fit
+from source_proj.cli.main import main
 
 from .crash_driver import FIT, featurize, record
 
@@ -114,3 +116,47 @@ def fitted_mlp_store(tmp_path: Path, classification_data: TensorDataset) -> Path
     )
     fit(store, progress=False)
     return store
+
+
+CLI_SPEC = """
+import sys
+sys.path.insert(0, {root!r})
+import source_proj as sp
+from tests.crash_driver import build_model, data
+
+def build_task():
+    return sp.ClassificationTask()
+
+def train_data(stage):
+    return data()
+
+def query_data():
+    return data()
+
+def describe(stage, index):
+    with open({log!r}, "a") as log:
+        log.write(f"{{stage}} {{index}}\\n")
+    return f"label {{int(data().tensors[1][index])}}"
+"""
+
+
+def write_spec(path: Path, log: Path) -> Path:
+    """The CLI tests' spec for ``tiny_run`` (query_data: the 12 training examples; ``describe`` logs
+    every call to ``log``)."""
+    path.write_text(CLI_SPEC.format(root=str(ROOT), log=str(log)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def cli_reference(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(store, spec): ``tiny_run`` featurized (k = 12, chunks of 4) and fitted with fit's defaults
+    through the CLI, with :data:`CLI_SPEC` (copy the store before changing it)."""
+    root = tmp_path_factory.mktemp("cli-reference")
+    spec = write_spec(root / "spec.py", root / "described.log")
+    store = root / "reference.sp"
+    args = ["featurize", "--ckpts", str(tiny_run), "--spec", str(spec), "--out", str(store), "--dim", "12"]
+    args += ["--seed", "3", "--batch-size", "4", "--chunk-rows", "4", "--device", "cpu"]
+    for command in (args, ["fit", str(store), "--device", "cpu"]):
+        out = CliRunner().invoke(main, command)
+        assert out.exit_code == 0, out.output
+    return store, spec

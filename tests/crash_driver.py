@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,7 +34,7 @@ import source_proj as sp
 from source_proj.store.durable import LOCK_FILE, PARTIAL_SUFFIX
 
 DIM = 12
-OPTIONS = sp.FeaturizeArguments(batch_size=4, chunk_rows=4, device="cpu")
+OPTIONS = sp.FeaturizeArguments(batch_size=4, chunk_rows=4, device="cpu", curvature="kfac")  # crash-tests K-FAC too
 
 
 def data() -> TensorDataset:
@@ -117,6 +118,38 @@ def files(store: Path) -> dict[str, bytes]:
         if path.is_file() and path.name != LOCK_FILE:
             out[str(path.relative_to(store))] = path.read_bytes()
     return out
+
+
+def chunk_bytes(store: Path, name: str, chunk: int) -> tuple[Path, int, int]:
+    """Where row chunk ``chunk`` of array ``name`` lies on disk: ``(file, offset, size)`` (its staged file,
+    its own file, or its byte range in its shard file, as the shard's index at the file's end says)."""
+    meta = json.loads((store / name / "zarr.json").read_text())
+    rest = ("0",) * (len(meta["shape"]) - 1)  # chunks span every column (and matrix) of a row
+    staged = Path(store / "staging" / name / "c" / str(chunk), *rest)
+    if staged.exists():
+        return staged, 0, staged.stat().st_size
+    codec = meta["codecs"][0]
+    if codec["name"] != "sharding_indexed":
+        own = Path(store / name / "c" / str(chunk), *rest)
+        return own, 0, own.stat().st_size
+    per_shard = meta["chunk_grid"]["configuration"]["chunk_shape"][0] // codec["configuration"]["chunk_shape"][0]
+    shard = Path(store / name / "c" / str(chunk // per_shard), *rest)
+    raw = shard.read_bytes()
+    index = np.frombuffer(raw[-(16 * per_shard + 4) : -4], dtype="<u8").reshape(per_shard, 2)
+    offset, size = index[chunk % per_shard]
+    return shard, int(offset), int(size)
+
+
+def damage(store: Path, name: str, chunk: int, how: str) -> None:
+    """Damage a chunk's bytes as a crash or a bad disk would: ``"flip"`` one bit, or ``"truncate"`` its
+    file (in a shard file this damages every chunk of the shard)."""
+    path, offset, size = chunk_bytes(store, name, chunk)
+    raw = bytearray(path.read_bytes())
+    if how == "flip":
+        raw[offset + min(9, size - 1)] ^= 0x10
+    else:
+        raw = raw[:-6]
+    path.write_bytes(bytes(raw))
 
 
 def trial(run: Path, store: Path, reference: dict[str, bytes], what: str, budget: float, rng: random.Random) -> int:

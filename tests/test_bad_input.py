@@ -20,6 +20,7 @@ from torch.utils.data import TensorDataset
 import source_proj as sp
 
 from .crash_driver import FIT, build_model, data, featurize, files
+from .crash_driver import damage as damage_chunk
 
 
 def _copy_run(tiny_run: Path, tmp_path: Path) -> Path:
@@ -80,11 +81,16 @@ def test_unreadable_checkpoint_file(tmp_path: Path, tiny_run: Path, monkeypatch:
     assert not (tmp_path / "s.sp").exists()
 
 
-def test_checkpoint_torch_cannot_read(tmp_path: Path, tiny_run: Path) -> None:
+@pytest.mark.parametrize("payload", ["not a torch file", "truncated"])
+def test_checkpoint_torch_cannot_read(tmp_path: Path, tiny_run: Path, payload: str) -> None:
     run = _copy_run(tiny_run, tmp_path)
-    _rewrite_checkpoint(run, 1, b"not a torch file")
-    with pytest.raises(sp.TrajectoryError, match=r"cannot be read by torch\.load"):
+    original = (run / "checkpoints" / "step-00000004.pt").read_bytes()
+    _rewrite_checkpoint(run, 1, b"not a torch file" if payload != "truncated" else original[: len(original) // 2])
+    with pytest.raises(sp.TrajectoryError) as err:
         featurize(run, tmp_path / "s.sp")
+    message = _one_sentence(err)  # torch reports the truncated archive as an OSError: not a permissions problem
+    assert "step-00000004.pt cannot be read by torch.load (" in message
+    assert message.endswith("so it is truncated or not a torch checkpoint; restore it from training.")
     assert not (tmp_path / "s.sp").exists()
 
 
@@ -126,7 +132,7 @@ def _with_label(index: int, label: int) -> TensorDataset:
 
 
 def test_labels_out_of_range(tmp_path: Path, tiny_run: Path) -> None:
-    with pytest.raises(sp.TaskError, match=r"Labels must lie in \[0, 2\] .* labels from 0 to 7") as err:
+    with pytest.raises(sp.TaskError, match=r"Labels must lie in \[0, 2\] .* labels from \d to 7") as err:
         sp.featurize(tiny_run, build_model(), sp.ClassificationTask(), _with_label(1, 7), tmp_path / "a.sp",
                      projection=sp.ProjectionArguments(dim=12), options=sp.FeaturizeArguments(chunk_rows=4),
                      progress=False)  # fmt: skip
@@ -179,19 +185,17 @@ def test_damaged_chunk_is_named_with_the_repair_command(
 ) -> None:
     store = tmp_path / "s.sp"
     shutil.copytree(tiny_reference, store)
-    chunk = store / "kfac" / "main" / "step-00000004" / "0" / "a" / "c" / "1" / "0" / "0"
-    raw = bytearray(chunk.read_bytes())
-    if damage == "truncated":
-        raw = raw[:-6]
-    else:
-        raw[9] ^= 0x10
-    chunk.write_bytes(bytes(raw))
+    damage_chunk(store, "kfac/main/step-00000004/0/a", 1, "truncate" if damage == "truncated" else "flip")
     before = files(store)
+    # A truncated shard file loses the index of all its chunks (the first is named); a flipped bit, one chunk.
+    chunk, rows = (0, "0–0") if damage == "truncated" else (1, "1–1")  # the factor sums: a row per chunk
     reason = "unreadable" if damage == "truncated" else "its crc32 differs from the one recorded"
     with pytest.raises(sp.StoreError) as err:
         sp.fit(store, FIT, progress=False)
     message = _one_sentence(err)
-    assert message.startswith(f"Chunk 1 (rows 1–1) of 'kfac/main/step-00000004/0/a' in {store} is damaged ({reason}")
+    assert message.startswith(
+        f"Chunk {chunk} (rows {rows}) of 'kfac/main/step-00000004/0/a' in {store} is damaged ({reason}"
+    )
     assert f"run `source-proj verify {store} --repair`, then re-run the command that wrote it" in message
     assert files(store) == before  # fit wrote nothing
     assert sp.verify_store(store, repair=True, progress=False).repaired

@@ -20,7 +20,7 @@ import pytest
 import source_proj as sp
 from source_proj.store.durable import PARTIAL_SUFFIX, DurableLocalStore
 
-from .crash_driver import FIT, OPTIONS, featurize, files
+from .crash_driver import FIT, OPTIONS, damage, featurize, files
 
 DRIVER = Path(__file__).with_name("crash_driver.py")
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +99,7 @@ def test_the_same_cli_command_resumes_a_killed_featurize(tmp_path: Path, tiny_ru
     store = tmp_path / "killed.sp"
     child = subprocess.Popen(command(store), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not list(store.glob("progress/grads/main/*/c/1/0")) and time.monotonic() < deadline:
+    while not list(store.glob("progress/grads/main/*/c/0/0")) and time.monotonic() < deadline:
         time.sleep(0.002)
     child.send_signal(signal.SIGKILL)
     assert child.wait() == -signal.SIGKILL
@@ -128,7 +128,7 @@ def test_resume_recomputes_a_completed_chunk_a_crash_damaged(
     monkeypatch.undo()
     # A write the disk lost at power failure, although its progress entry survived.
     name, chunk = next(w for w in written if w[0].startswith("grads/"))
-    (store / name / "c" / str(chunk) / "0").write_bytes(b"\0" * 5)
+    damage(store, name, chunk, "truncate")
     with pytest.warns(UserWarning, match=rf"damaged \(first: chunk {chunk} of '{name}'\); they are recomputed"):
         featurize(tiny_run, store)
     sp.fit(store, FIT, progress=False)
@@ -155,7 +155,7 @@ def test_disk_full_is_one_sentence_and_the_same_command_resumes(
     monkeypatch.undo()
     message = str(err.value)
     assert (
-        message.startswith("Writing chunk ") and "failed because the disk is full (No space left on device)" in message
+        message.startswith("Writing ") and "failed because the disk is full (No space left on device)" in message
     )
     assert message.endswith("re-run the same command: it resumes, and nothing half-written was kept.")
     report = sp.verify_store(store, progress=False)

@@ -204,3 +204,87 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def _matches_posthoc_at_every_step(run: Path, store: Path, posthoc: sp.Store) -> int:
+    """With a checkpoint per step, window t holds the gradients at checkpoint t of the rows step t visited:
+    they must equal post-hoc featurize's there (zero elsewhere). Returns how many rows were compared."""
+    from source_proj.featurize.windows import window_array
+
+    captured = sp.Store.open(store)
+    steps = [c.step for c in sp.Trajectory.load(run).checkpoints][:-1]
+    compared = 0
+    for step in steps:
+        visits = captured.read(window_array("visits", "main", step))
+        got = captured.read(window_array("grads", "main", step))
+        want = posthoc.read(f"grads/main/step-{step:08d}")
+        seen = visits == 1
+        assert set(np.unique(visits)) <= {0, 1} and seen.any()
+        assert np.allclose(got[seen], want[seen], rtol=1e-3, atol=1e-5 * np.abs(want).max())
+        assert not got[~seen].any()
+        compared += int(seen.sum())
+    return compared
+
+
+def test_transformers_capture_callback_captures_what_featurize_computes_at_each_step(tmp_path: Path) -> None:
+    from transformers import Trainer, TrainingArguments
+
+    from source_proj.integrations import HuggingFaceCapture
+
+    ids, labels = _tokens(24, 0)
+    task = sp.SequenceClassificationTask(attention="bidirectional")
+    projection = sp.ProjectionArguments(dim=16, kind="factored")
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"), per_device_train_batch_size=8, num_train_epochs=2, learning_rate=0.05,
+        optim="sgd", lr_scheduler_type="constant", save_strategy="no", report_to=[], use_cpu=True,
+        disable_tqdm=True, logging_strategy="no", seed=0,
+    )
+    callback = HuggingFaceCapture(tmp_path / "run", tmp_path / "cap.sp", task, save_every=1, projection=projection,
+                                  options=sp.CaptureArguments(fisher="empirical"))
+    Trainer(model=_tiny_bert(), args=args, train_dataset=sp.IndexedDataset(_Dicts(ids, labels)),
+            callbacks=[callback]).train()
+    posthoc = sp.featurize(
+        tmp_path / "run", _tiny_bert(), task, _Dicts(ids, labels), tmp_path / "post.sp", projection=projection,
+        options=sp.FeaturizeArguments(batch_size=8, fisher="empirical", measurement=False), progress=False,
+    )
+    assert _matches_posthoc_at_every_step(tmp_path / "run", tmp_path / "cap.sp", posthoc) == 48
+    sp.fit(tmp_path / "cap.sp", sp.FitArguments(segments_per_stage=1), progress=False)
+    scores = sp.Attributor(tmp_path / "cap.sp", _tiny_bert(), task).scores(_Dicts(*_tokens(3, 1)))
+    assert scores.shape == (3, 24) and np.isfinite(scores).all()
+
+
+def test_lightning_capture_callback_captures_what_featurize_computes_at_each_step(
+    tmp_path: Path, classification_data
+) -> None:
+    import lightning.pytorch as pl
+
+    from source_proj.integrations import LightningCapture
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch, _):
+            x, y = batch  # the indices were taken out
+            return F.cross_entropy(self(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    projection = sp.ProjectionArguments(dim=16, kind="factored")
+    loader = torch.utils.data.DataLoader(sp.IndexedDataset(classification_data), batch_size=10, shuffle=True)
+    callback = LightningCapture(tmp_path / "run", tmp_path / "cap.sp", sp.ClassificationTask(), save_every=1,
+                                projection=projection, options=sp.CaptureArguments(fisher="empirical"))
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+    trainer.fit(Module(), loader)
+    posthoc = sp.featurize(
+        tmp_path / "run", Module(), sp.ClassificationTask(), classification_data, tmp_path / "post.sp",
+        projection=projection, options=sp.FeaturizeArguments(fisher="empirical", measurement=False), progress=False,
+    )
+    assert _matches_posthoc_at_every_step(tmp_path / "run", tmp_path / "cap.sp", posthoc) == 60

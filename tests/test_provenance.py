@@ -7,20 +7,23 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 import source_proj as sp
+from source_proj.store.provenance import REFERENCE_BATCH, check_data, check_model_values
 
-from .crash_driver import DIM, build_model, data, featurize, files
+from .crash_driver import DIM, OPTIONS, build_model, data, featurize, files
 
 
 def test_the_store_records_what_produced_it(tiny_run: Path, tiny_reference: Path) -> None:
     meta = sp.Store.open(tiny_reference).meta
     trajectory = sp.Trajectory.load(tiny_run)
     model = build_model()
-    assert meta["format"] == "source-proj-store" and meta["format_version"] == 1
+    assert meta["format"] == "source-proj-store" and meta["format_version"] == 2
     assert meta["library_version"] == sp.__version__ and meta["featurized"] is True
     assert meta["params"] == [[n, list(p.shape)] for n, p in model.named_parameters()]
     assert meta["projection"] == {
@@ -101,9 +104,8 @@ def test_a_run_whose_final_checkpoint_is_not_the_stores_is_refused(
     (run / "checkpoints" / "step-00000008.pt").write_bytes(b"other weights")
     index = json.loads((tiny_run / "trajectory.json").read_text())
     (run / "trajectory.json").write_text(json.dumps(index))
-    attributor = sp.Attributor(tiny_reference, build_model(), sp.ClassificationTask(), trajectory=run)
     with pytest.raises(sp.TrajectoryError, match=r"step-00000008\.pt does not match the sha256"):
-        attributor.scores(data())
+        sp.Attributor(tiny_reference, build_model(), sp.ClassificationTask(), trajectory=run)
 
 
 def test_another_projection_is_refused_and_leaves_the_store_untouched(tmp_path: Path, tiny_run: Path) -> None:
@@ -121,11 +123,11 @@ def test_a_store_of_an_incompatible_format_is_refused(tmp_path: Path, tiny_refer
     store = tmp_path / "s.sp"
     shutil.copytree(tiny_reference, store)
     root = json.loads((store / "zarr.json").read_text())
-    root["attributes"]["source_proj"]["format_version"] = 2
+    root["attributes"]["source_proj"]["format_version"] = 3
     (store / "zarr.json").write_text(json.dumps(root))
     expected = (
-        rf"{re.escape(str(store))} was written in store format 2 \(by source-proj {sp.__version__}\) but this "
-        "library reads format 1; use a matching source-proj version or re-create the store"
+        rf"{re.escape(str(store))} was written in store format 3 \(by source-proj {sp.__version__}\) but this "
+        "library reads formats 1 and 2; use a matching source-proj version or re-create the store"
     )
     for use in (
         lambda: sp.Attributor(store, build_model(), sp.ClassificationTask()),
@@ -134,3 +136,122 @@ def test_a_store_of_an_incompatible_format_is_refused(tmp_path: Path, tiny_refer
     ):
         with pytest.raises(sp.StoreError, match=expected):
             use()
+
+
+def _tanh() -> nn.Module:
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def test_a_model_with_the_same_shapes_but_another_function_is_refused(
+    tmp_path: Path, tiny_run: Path, tiny_reference: Path
+) -> None:
+    with pytest.raises(sp.TaskError) as err:
+        sp.Attributor(tiny_reference, _tanh(), sp.ClassificationTask())
+    message = str(err.value)
+    assert message.startswith(
+        f"The model computes other outputs at the final checkpoint than the one the store at {tiny_reference} was "
+        "featurized with ("
+    )
+    assert "although its parameters have the same names and shapes; build the model exactly as for featurize" in message
+    sp.Attributor(tiny_reference, build_model(), sp.ClassificationTask())  # the store's own model passes
+    store = tmp_path / "s.sp"
+    shutil.copytree(tiny_reference, store)
+    before = files(store)
+    with pytest.raises(sp.TaskError, match="The model computes other outputs"):  # nor may featurize resume with it
+        sp.featurize(tiny_run, _tanh(), sp.ClassificationTask(), data(), store, progress=False,
+                     projection=sp.ProjectionArguments(dim=DIM, seed=3), options=OPTIONS)  # fmt: skip
+    assert files(store) == before
+
+
+def test_the_model_check_tolerates_float_noise_but_not_a_changed_output(tiny_reference: Path) -> None:
+    store = sp.Store.open(tiny_reference)
+    recorded = store.meta["fingerprint"]["model"]["values"]
+    assert sorted(recorded) == ["loss", "measurement", "output_mean", "output_std"]
+    assert all(len(v) == 8 for v in recorded.values())  # the reference batch: 8 training examples
+    noisy = {name: [v * (1 + 1e-4 * (-1) ** i) for i, v in enumerate(vs)] for name, vs in recorded.items()}
+    check_model_values(store.path, store.meta, noisy)  # CPU/GPU and summation-order differences
+    for name in recorded:
+        changed = {**recorded, name: [v + 0.05 * max(abs(x) for x in recorded[name]) for v in recorded[name]]}
+        with pytest.raises(sp.TaskError, match=f"{name.replace('_', ' ')} of reference example 0"):
+            check_model_values(store.path, store.meta, changed)
+
+
+@pytest.mark.parametrize("change", ["one label", "order"])
+def test_training_data_changed_but_of_the_same_size_are_refused(
+    tmp_path: Path, tiny_run: Path, tiny_reference: Path, change: str
+) -> None:
+    store = tmp_path / "s.sp"
+    shutil.copytree(tiny_reference, store)
+    before = files(store)
+    x, y = data().tensors
+    if change == "one label":
+        y = y.clone()
+        y[7] = (y[7] + 1) % 3
+    else:
+        x, y = x.flip(0), y.flip(0)
+    with pytest.raises(sp.TaskError) as err:
+        sp.featurize(tiny_run, build_model(), sp.ClassificationTask(), TensorDataset(x, y), store, progress=False,
+                     projection=sp.ProjectionArguments(dim=DIM, seed=3), options=OPTIONS)  # fmt: skip
+    assert str(err.value) == (
+        f"The training data of stage 'main' are not those the store at {store} was featurized with (other contents "
+        "or order); pass the original training set in its original order, or featurize these data into a new store "
+        "(featurize --force replaces this one)."
+    )
+    assert files(store) == before
+
+
+def test_a_dataset_that_reads_differently_each_time_cannot_be_checked_and_says_so(tiny_reference: Path) -> None:
+    class Augmented(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 12
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            x, y = data()[i]
+            return x + 0.01 * torch.randn(5), y
+
+    meta = sp.Store.open(tiny_reference).meta
+    with pytest.warns(UserWarning, match=r"read differently twice \(random augmentation\?\)"):
+        check_data(str(tiny_reference), meta, {"main": Augmented()})
+    check_data(str(tiny_reference), meta, {"main": data()})  # the store's own data pass silently
+    check_data(str(tiny_reference), meta, {"main": data()}, quick=True)
+
+
+def test_a_store_written_before_fingerprints_opens_and_says_once_that_it_cannot_be_checked(
+    tmp_path: Path, tiny_reference: Path
+) -> None:
+    store = tmp_path / "old.sp"
+    shutil.copytree(tiny_reference, store)
+    opened = sp.Store.open(store, writable=True)
+    opened.update_meta(fingerprint=None)
+    opened.delete(REFERENCE_BATCH)
+    with pytest.warns(UserWarning, match="written before source-proj fingerprinted its model and training") as seen:
+        sp.Attributor(store, _tanh(), sp.ClassificationTask())
+        sp.Attributor(store, build_model(), sp.ClassificationTask())
+    assert len(seen) == 1
+
+
+def test_overwrite_replaces_a_finished_store_of_the_same_settings(tmp_path: Path, tiny_run: Path) -> None:
+    store = tmp_path / "s.sp"
+    featurize(tiny_run, store)
+    reference = files(store)
+    sp.Store.open(store, writable=True).write_whole("scratch/left-over", np.arange(3.0))
+    featurize(tiny_run, store)  # reused as it is
+    assert sp.Store.open(store).has("scratch/left-over")
+    featurize(tiny_run, store, overwrite=True)
+    assert not sp.Store.open(store).has("scratch/left-over") and files(store) == reference
+
+
+def test_a_store_of_another_library_version_is_not_reused(tmp_path: Path, tiny_run: Path, tiny_reference: Path) -> None:
+    store = tmp_path / "s.sp"
+    shutil.copytree(tiny_reference, store)
+    sp.Store.open(store, writable=True).update_meta(library_version="0.0.9")
+    before = files(store)
+    with pytest.raises(sp.StoreError) as err:
+        featurize(tiny_run, store)
+    assert str(err.value) == (
+        f"The store at {store} was featurized by source-proj 0.0.9, this is {sp.__version__}, whose numbers may "
+        "differ; pass --force (overwrite=True) to featurize it anew, or use another store path."
+    )
+    assert files(store) == before
+    featurize(tiny_run, store, overwrite=True)
+    assert sp.Store.open(store).meta["library_version"] == sp.__version__

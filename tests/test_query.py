@@ -51,11 +51,23 @@ def test_top_k_through_the_pipeline_matches_the_score_matrix(fitted_mlp_store: P
     assert torch.allclose(attributor.query_features(queries.tensors), attributor.query_features(queries))
 
 
-def test_top_k_larger_than_the_training_set_returns_every_example() -> None:
+def test_top_k_beyond_the_training_set_is_refused_and_lists_keep_their_sign() -> None:
     index = faiss.IndexFlatIP(2)
-    index.add(np.eye(2, dtype=np.float32))
-    result = search(index, np.ones((1, 2), dtype=np.float32), 50, [StageRows("a", 0, 2)])
-    assert result.helpful_ids.shape == (1, 2)
+    index.add(np.array([[1, 0], [-1, 0], [0, 1]], dtype=np.float32))
+    rows = [StageRows("a", 0, 3)]
+    query = np.array([[1.0, 0.5]], dtype=np.float32)  # scores 1, -1, 0.5
+    for k in (0, 4, 5000):
+        with pytest.raises(sp.TaskError, match=rf"top-k {k} is not between 1 and the 3 training examples"):
+            search(index, query, k, rows)
+    result = search(index, query, 3, rows)
+    assert result.helpful_ids.tolist() == [[0, 2, 1]] and result.harmful_ids.tolist() == [[1, 2, 0]]
+    # Only one example harms the query: neither list may present an example of the other sign.
+    assert result.short_lists() == (1, 1)
+    assert [(r["kind"], r["index"], r["score"]) for r in result.records()] == [
+        ("helpful", 0, 1.0),
+        ("helpful", 2, 0.5),
+        ("harmful", 1, -1.0),
+    ]
 
 
 def test_a_store_without_a_fitted_method_is_refused(tmp_path: Path, classification_data) -> None:

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 import source_proj as sp
 from source_proj.cli.main import main
-from source_proj.query.text_report import ShadedText, text_report
+from source_proj.query.text_report import ShadedText, text_report, token_report
 from source_proj.tasks.text import mean_predicted_tokens
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -158,3 +158,46 @@ def test_a_padded_bert_classifier_trained_by_the_hf_trainer_is_attributed(tmp_pa
     queries = sp.TextDataset(sequences[:3], labels=labels[:3], length=8)
     scores = sp.Attributor(store, bert(), task).scores(queries)
     assert scores.shape == (3, 24) and np.isfinite(scores).all() and np.abs(scores).max() > 0
+
+
+def test_per_token_scores_of_a_sequence_sum_to_its_score(fitted: tuple[Path, Path], tmp_path: Path) -> None:
+    """The shares of every position, recomputed at every checkpoint of the SOURCE recipe (two AdamW stages:
+    preconditioned gradients, folded operators), add up to the score read from the cached features."""
+    _, store = fitted
+    data = lm.corpus(TINY)
+    attributor = sp.Attributor(store, lm.build_model(0, TINY), lm.build_task(TINY))
+    queries = torch.utils.data.Subset(data.queries, [0, 1])
+    top = attributor.top_k(queries, 2)
+    rows = sorted({int(r) for r in np.concatenate([top.helpful_ids.ravel(), top.harmful_ids.ravel()])})
+    result = sp.token_scores(attributor, queries, data.train, rows, batch_size=3)
+    assert result.tokens.shape == (2, len(rows), TINY.length)
+    expected = attributor.scores(queries)[:, rows]
+    np.testing.assert_allclose(result.scores, expected, rtol=1e-5, atol=1e-9)
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(result.tokens.sum(-1) + result.unplaced, expected, rtol=0, atol=2e-4 * scale)
+    assert np.abs(result.unplaced).max() == 0.0  # every attributed layer's output is per position
+    assert (np.abs(result.tokens).max(axis=-1) > 1e-3 * scale).all()  # not one position carrying everything
+
+    page = token_report(result, [data.queries.text(0), data.queries.text(1)],
+                        lambda t: data.tokenizer.decode([t])[0], tmp_path / "tokens.html",
+                        score_labels=lm.build_task(TINY).score_labels).read_text()  # fmt: skip
+    assert page.count("<tr>") == 2 * len(rows) and "rgba(220, 80, 40" in page and "rgba(40, 110, 220" in page
+
+
+def test_single_token_queries_split_the_summed_query_loss(fitted: tuple[Path, Path]) -> None:
+    """A query's summed loss is the sum of its tokens' losses: the single-token queries' features, and the
+    per-token scores of a training sequence for them, add up to those of the whole query."""
+    _, store = fitted
+    data = lm.corpus(TINY)
+    attributor = sp.Attributor(store, lm.build_model(0, TINY), lm.build_task(TINY))
+    query = {**data.queries[0], "labels": data.queries[0]["input_ids"]}  # every token predicted, as by default
+    singles = [sp.single_token_query(query, j) for j in range(1, TINY.length)]
+    whole = attributor.query_features([query])
+    split = attributor.query_features(singles)
+    np.testing.assert_allclose(split.sum(0), whole[0], rtol=1e-4, atol=1e-4 * float(whole.abs().max()))
+    both = sp.token_scores(attributor, [query, *singles[:3]], data.train, [0, 30])
+    parts = sp.token_scores(attributor, singles, data.train, [0, 30])
+    np.testing.assert_allclose(parts.tokens.sum(0), both.tokens[0], rtol=0, atol=1e-3 * np.abs(both.tokens[0]).max())
+    np.testing.assert_allclose(both.tokens[1:], parts.tokens[:3], rtol=1e-6, atol=1e-9)
+    with pytest.raises(sp.TaskError, match="Token 0 is not predicted"):
+        sp.single_token_query(query, 0)

@@ -86,3 +86,57 @@ def test_attributor_search_backends_give_the_same_top_k(fitted_mlp_store: Path) 
     for b in ("torch", "stream"):
         assert np.array_equal(results[b].helpful_ids, results["faiss"].helpful_ids)
         assert np.array_equal(results[b].harmful_ids, results["faiss"].harmful_ids)
+
+
+def _clustered(rows: int, dim: int, seed: int) -> np.ndarray:
+    """Rows around 20 random centres: the structure an inverted-file index exploits."""
+    rng = np.random.default_rng(seed)
+    centres = 3 * rng.standard_normal((20, dim))
+    return (centres[rng.integers(0, 20, rows)] + rng.standard_normal((rows, dim))).astype(np.float32)
+
+
+def _recall(got: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.mean([len(set(g) & set(e)) / len(e) for g, e in zip(got, expected, strict=True)]))
+
+
+def test_ivf_probing_every_cell_is_exact_and_fewer_cells_trade_recall() -> None:
+    feats = _clustered(2000, 16, 4)
+    queries = _clustered(30, 16, 5)
+    rows = [StageRows("main", 0, 2000)]
+
+    def blocks():  # store-like chunks, the last one short
+        for start in range(0, 2000, 300):
+            yield start, feats[start : start + 300]
+
+    _, expected_help = _brute(queries, feats, 20)
+    _, expected_harm = _brute(-queries, feats, 20)
+    recall = {}
+    for nprobe in (1, 4, 16):
+        ivf = sp.IVFArguments(nlist=16, nprobe=nprobe, train_rows=800)
+        result = search(build_index(lambda: feats, blocks, 2000, 16, torch.device("cpu"), "ivf", ivf=ivf), queries, 20,
+                        rows)  # fmt: skip
+        recall[nprobe] = (_recall(result.helpful_ids, expected_help), _recall(result.harmful_ids, expected_harm))
+    assert recall[16] == (1.0, 1.0)  # every cell scanned: exactly the brute-force top-k
+    assert recall[1][0] < recall[4][0] <= 1.0 and recall[1][1] < 1.0
+    fp16 = build_index(lambda: feats, blocks, 2000, 16, torch.device("cpu"), "ivf",
+                       ivf=sp.IVFArguments(nlist=16, nprobe=16, fp16=True, train_rows=800))  # fmt: skip
+    scores, ids = fp16.search(queries, 20)
+    exact = np.take_along_axis(queries.astype(np.float64) @ feats.astype(np.float64).T, ids, 1)
+    assert np.allclose(scores, exact, rtol=2e-3, atol=2e-3) and _recall(ids, expected_help) > 0.95
+    assert sp.IVFArguments().cells(10_000) == 256 and sp.IVFArguments().cells(1000) == 25
+    with pytest.raises(sp.TaskError, match="needs 1 ≤ nlist ≤ 2000"):
+        build_index(lambda: feats, blocks, 2000, 16, torch.device("cpu"), "ivf", ivf=sp.IVFArguments(nlist=5000))
+
+
+def test_a_half_precision_torch_index_ranks_by_the_rounded_rows() -> None:
+    rng = np.random.default_rng(6)
+    feats = rng.standard_normal((700, 32)).astype(np.float32)
+    queries = rng.standard_normal((9, 32)).astype(np.float32)
+    index = TorchIndex.resident(feats, "cpu", block_rows=256, dtype=torch.bfloat16)
+    scores, ids = index.search(queries, 10)
+    rounded = torch.from_numpy(feats).bfloat16().double().numpy()
+    rounded_queries = torch.from_numpy(queries).bfloat16().double().numpy()
+    expected_scores, expected_ids = _brute(rounded_queries, rounded, 10)
+    assert _recall(ids, expected_ids) > 0.97  # ties within bfloat16's product rounding may swap
+    assert np.allclose(scores, expected_scores, rtol=2e-2, atol=2e-2)
+    assert _recall(ids, _brute(queries, feats, 10)[1]) > 0.9

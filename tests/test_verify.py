@@ -14,21 +14,16 @@ import source_proj as sp
 from source_proj.cli.main import main
 from source_proj.store import verify
 
-from .crash_driver import FIT, featurize, files
+from .crash_driver import FIT, damage, featurize, files
 from .test_crash_resume import ROOT, SPEC
-
-
-def _flip(chunk: Path) -> None:
-    raw = bytearray(chunk.read_bytes())
-    raw[3] ^= 0x01
-    chunk.write_bytes(bytes(raw))
 
 
 def test_an_intact_store_verifies_ok(tiny_reference: Path) -> None:
     report = sp.verify_store(tiny_reference, progress=False)
     # lr (1 chunk) + grads and fisher of 3 checkpoints (3 chunks each) + the final checkpoint's
-    # measurement gradients (3) + 2 eigvals (1 each) + train (3)
-    assert (report.arrays, report.chunks, report.complete) == (11, 27, 27)
+    # measurement gradients (3) + 2 eigvals and 2 folded operators (1 each) + train (3) + the reference
+    # batch of the model's fingerprint (1)
+    assert (report.arrays, report.chunks, report.complete) == (14, 30, 30)
     assert report.status == "ok" and report.damaged == report.problems == report.notes == []
     assert report.lines()[-1] == "status: OK (complete, every chunk matches its crc)"
 
@@ -48,15 +43,16 @@ def test_verify_repair_and_the_printed_commands_recompute_exactly_the_damage(tmp
     reference, _ = _cli_store(tmp_path, tiny_run, "reference.sp")
     store = tmp_path / "s.sp"
     shutil.copytree(reference, store)
-    _flip(store / "grads/main/step-00000004/c/2/0")
-    (store / "methods/source/train/main/c/0/0").write_bytes(b"\0" * 7)
+    damage(store, "grads/main/step-00000004", 2, "flip")
+    damage(store, "methods/source/train/main", 0, "truncate")  # the shard file of all 3 chunks
     (store / "grads/main/zarr.abc123.partial").write_bytes(b"left by a killed writer")
     cli = CliRunner()
 
     out = cli.invoke(main, ["verify", str(store)])
     assert out.exit_code == 1
     assert "DAMAGED  chunk 2 of grads/main/step-00000004: rows 8–11: its crc32 differs" in out.stdout
-    assert "DAMAGED  chunk 0 of methods/source/train/main: rows 0–3: unreadable" in out.stdout
+    for chunk, rows in enumerate(("0–3", "4–7", "8–11")):
+        assert f"DAMAGED  chunk {chunk} of methods/source/train/main: rows {rows}: unreadable" in out.stdout
     assert "note     1 temporary file(s) of interrupted writes" in out.stdout
     assert out.stdout.splitlines()[-1] == f"status: DAMAGED; run `source-proj verify {store} --repair`"
 
@@ -67,7 +63,7 @@ def test_verify_repair_and_the_printed_commands_recompute_exactly_the_damage(tmp
     assert "repaired removed 1 temporary file(s) of interrupted writes" in out.stdout
     opened = sp.Store.open(store)
     assert opened.pending_chunks("grads/main/step-00000004") == [2]
-    assert opened.pending_chunks("methods/source/train/main") == [0]
+    assert opened.pending_chunks("methods/source/train/main") == [0, 1, 2]
     steps = out.stdout.splitlines()[-2:]
     assert steps[0].startswith("  source-proj featurize --ckpts ") and "--dim 12 --seed 3" in steps[0]
     assert steps[1] == f"  source-proj fit {store} --method source --segments 2"

@@ -7,7 +7,9 @@ it defines ``build_model``, ``build_task``, ``train_data(stage)``, ``query_data(
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from source_proj import ClassificationTask, TrajectoryRecorder
+from source_proj import ClassificationTask, GradientCapture, TrajectoryRecorder
 
 
 @dataclass(frozen=True)
@@ -72,8 +74,13 @@ def query_data() -> TensorDataset:
     return load_split()[1]
 
 
+@functools.cache
+def _train_labels() -> np.ndarray:
+    return load_split()[0].tensors[1].numpy()
+
+
 def describe(stage: str, index: int) -> str:
-    return f"digit {int(load_split()[0].tensors[1][index])}"
+    return f"digit {int(_train_labels()[index])}"
 
 
 def train(
@@ -103,12 +110,18 @@ class Stage:
 
 
 def train_stages(
-    stages: Sequence[Stage], *, seed: int = 0, run_dir: str | Path | None = None, model: nn.Module | None = None
+    stages: Sequence[Stage],
+    *,
+    seed: int = 0,
+    run_dir: str | Path | None = None,
+    model: nn.Module | None = None,
+    capture: Callable[[TrajectoryRecorder], GradientCapture] | None = None,
 ) -> nn.Module:
     """Train through the stages in turn (a fresh SGD optimiser each), from ``model`` or a new MLP.
 
     The shuffles come from one generator seeded by ``seed``; a recorded run saves checkpoints evenly
     (``config.checkpoints`` per stage, the shortest stage deciding) and at every stage boundary.
+    ``capture(recorder)`` (with ``run_dir``) starts in-run gradient capture, which sees every batch.
     """
     model = build_model(seed) if model is None else model
     gen = torch.Generator().manual_seed(seed)
@@ -118,6 +131,7 @@ def train_stages(
         recorder = TrajectoryRecorder(
             run_dir, model, torch.optim.SGD(model.parameters()), save_every=every, overwrite=True
         )
+    captured = capture(recorder) if capture is not None and recorder is not None else None
     for st in stages:
         x, y = st.data.tensors
         cfg = st.config
@@ -136,9 +150,10 @@ def train_stages(
                 idx = idx[mask[idx]]
                 if len(idx) == 0:
                     continue
-                loss = F.cross_entropy(model(x[idx]), y[idx])
-                opt.zero_grad()
-                loss.backward()
+                with captured.batch((idx, (x[idx], y[idx]))) if captured else contextlib.nullcontext():
+                    loss = F.cross_entropy(model(x[idx]), y[idx])
+                    opt.zero_grad()
+                    loss.backward()
                 opt.step()
                 if recorder is not None:
                     recorder.step()

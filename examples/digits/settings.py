@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,8 @@ import torch.nn.functional as F
 from digits import Stage, TrainConfig, load_split, margins, train_stages
 from torch import nn
 from torch.utils.data import TensorDataset
+
+from source_proj import GradientCapture, TrajectoryRecorder
 
 SETTINGS = ("converged", "noisy", "two-stage")
 QUERIES = 100
@@ -49,12 +52,19 @@ class Setting:
     queries: TensorDataset
     segments_per_stage: int
 
-    def train(self, seed: int, keep: np.ndarray | None = None, run_dir: str | None = None) -> nn.Module:
-        """Train through the stages from scratch; ``keep`` subsamples the attributed stage."""
+    def train(
+        self,
+        seed: int,
+        keep: np.ndarray | None = None,
+        run_dir: str | None = None,
+        capture: Callable[[TrajectoryRecorder], GradientCapture] | None = None,
+    ) -> nn.Module:
+        """Train through the stages from scratch; ``keep`` subsamples the attributed stage; ``capture``
+        captures gradients in-run (see ``digits.train_stages``)."""
         stages = [
             Stage(st.name, st.data, st.config, keep if st.name == self.attributed else None) for st in self.stages
         ]
-        return train_stages(stages, seed=seed, run_dir=run_dir)
+        return train_stages(stages, seed=seed, run_dir=run_dir, capture=capture)
 
 
 def _noisy_labels(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:

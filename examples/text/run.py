@@ -6,7 +6,9 @@ Trains (once) the two-stage model of ``lm.py`` with the trajectory recorder, fea
 checkpoint (k = ``--dim``), fits SOURCE over both stages, and for the first ``--queries`` held-out
 sequences prints the training sequences with the most negative scores (they lowered the query's
 loss: removing them would raise it) and the most positive ones, with their stage, and writes the
-HTML report OUT/report.html (query tokens shaded by their next-token loss).
+HTML report OUT/report.html (query tokens shaded by their next-token loss). With ``--per-token``
+it also writes OUT/tokens.html: each query's top training sequences with every token shaded by the
+share of the score its position carries (``sp.token_scores``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lm
 
 import source_proj as sp
-from source_proj.query.text_report import ShadedText, text_report
+from source_proj.query.text_report import ShadedText, text_report, token_report
 
 
 def prepare(out: Path, dim: int, config: lm.Config = lm.CONFIG) -> Path:
@@ -62,6 +64,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512, help="projection dimension k")
     parser.add_argument("--queries", type=int, default=5)
     parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--per-token", action="store_true", help="also write OUT/tokens.html (per-token scores)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     out = Path(args.out)
@@ -97,6 +100,15 @@ def main() -> None:
         shading="next-token loss",
     )
     print("report:", path)
+    if args.per_token:
+        rows = sorted({int(r) for r in [*result.helpful_ids[:, :3].ravel(), *result.harmful_ids[:, :3].ravel()]})
+        scores = sp.token_scores(attributor, queries, lm.corpus().train, rows)
+        tokenizer = lm.corpus().tokenizer
+        names = [f"query {i}" for i in indices]
+        page = token_report(scores, shaded, lambda t: tokenizer.decode([t])[0], out / "tokens.html",
+                            title="Tiny GPT-2: which tokens carry each training sequence's score",
+                            score_labels=task.score_labels, query_names=names)  # fmt: skip
+        print("per-token report:", page)
 
 
 if __name__ == "__main__":

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
+import os
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 import torch
+from tqdm.auto import tqdm
 
 import source_proj as sp
 from source_proj import evaluation as ev
 from source_proj.distributed import Shard, launched
+from source_proj.errors import first_line
 from source_proj.methods.fit import store_view
 from source_proj.projection.factory import PROJECTION_KINDS
 from source_proj.query.attributor import method_meta
@@ -23,6 +29,7 @@ from source_proj.query.topk import SEARCH_BACKENDS
 from source_proj.spec import Spec, load_spec
 from source_proj.store.durable import atomic_write_bytes
 from source_proj.store.info import store_summary
+from source_proj.store.provenance import check_data
 from source_proj.store.verify import verify_store
 
 
@@ -31,13 +38,33 @@ def _fail(err: Exception) -> None:
 
 
 class _Command(click.Command):
-    """Turns the library's errors into one-line messages (exit code 1) instead of tracebacks."""
+    """Turns the library's errors into one-line messages (exit code 1) instead of tracebacks.
+
+    An error the library did not anticipate is a bug: it is named in one line too (set
+    ``SOURCE_PROJ_TRACEBACK=1`` to see the traceback instead).
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.simplefilter("default")
+                warnings.formatwarning = _format_warning  # type: ignore[assignment]
+                return super().invoke(ctx)
         except sp.SourceProjError as err:
             _fail(err)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as err:
+            if os.environ.get("SOURCE_PROJ_TRACEBACK"):
+                raise
+            raise click.ClickException(
+                f"source-proj {ctx.info_name} failed unexpectedly ({type(err).__name__}: {first_line(err)}); this is "
+                "a bug, please report it with the command (SOURCE_PROJ_TRACEBACK=1 shows where it happened)."
+            ) from err
+
+
+def _format_warning(message: Warning | str, *_: Any, **__: Any) -> str:
+    return f"Warning: {message}\n"
 
 
 def _ints(value: str | None) -> tuple[int, ...] | None:
@@ -87,8 +114,8 @@ def main() -> None:
     help="Python file defining build_model, build_task, train_data(stage), query_data().",
 )
 @click.option("--out", "store_path", required=True, help="Store to write (or resume): a directory or a URL (s3://…).")
-@click.option("--dim", default=1024, show_default=True, help="Projection dimension k.")
-@click.option("--seed", default=0, show_default=True, help="Projection seed.")
+@click.option("--dim", default=1024, show_default=True, type=click.IntRange(min=1), help="Projection dimension k.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Projection seed.")
 @click.option(
     "--projection",
     type=click.Choice([*PROJECTION_KINDS, "auto"]),
@@ -130,16 +157,38 @@ def main() -> None:
     show_default=True,
     help="Curvature: Fisher with sampled labels (true Fisher), enumerated exactly, or empirical.",
 )
-@click.option("--batch-size", default=64, show_default=True)
-@click.option("--chunk-rows", default=1024, show_default=True, help="Examples per store chunk (unit of resumption).")
+@click.option(
+    "--curvature",
+    type=click.Choice(["projected", "kfac", "both"]),
+    default="projected",
+    show_default=True,
+    help="What fit's curvature is made of: the k x k projected Gauss-Newton, per-layer Kronecker factors in the "
+    "full parameter space, or both (see docs/concepts/source.md).",
+)
+@click.option(
+    "--batch-size",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Examples per forward/backward pass (memory against speed; recorded, so a resume uses the same).",
+)
+@click.option(
+    "--chunk-rows",
+    default=1024,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Examples per store chunk (unit of resumption).",
+)
 @click.option("--device", default=None, help="cuda, cpu, ... (default: cuda when available).")
-@click.option("--workers", default=0, show_default=True, help="DataLoader worker processes.")
+@click.option(
+    "--workers", default=0, show_default=True, type=click.IntRange(min=0), help="DataLoader worker processes."
+)
 @click.option(
     "--segments",
     "segmentation",
     default=None,
     help="Fix the segmentation now: 3 (parts per stage), auto, auto:L or at:STEP,STEP. Adam runs and --fast need it "
-    "(default 3 per stage); fit then keeps it.",
+    "(default 1 per stage); fit then keeps it.",
 )
 @click.option("--fast", is_flag=True, help="Also featurize each segment's averaged parameters (Fast-SOURCE).")
 @click.option("--fast-only", is_flag=True, help="Featurize only the segments' averaged parameters (cheap mode).")
@@ -149,7 +198,25 @@ def main() -> None:
     help="i/n: compute shard i of n as an independent process (slurm: from the SLURM array task). Under "
     "torchrun the ranks split the work without it.",
 )
-@click.option("--force", is_flag=True, help="Replace an existing store written with other settings.")
+@click.option(
+    "--shard-parameters",
+    is_flag=True,
+    help="Under torchrun: keep 1/W of the model's parameters on each rank, gathering a layer's only while it runs "
+    "(models larger than one device; --projection factored).",
+)
+@click.option(
+    "--shard-chunks",
+    type=int,
+    default=None,
+    help="Row chunks per store file (zarr shard) of a new store (default: as many as fit in 256 MiB; 1: a file per "
+    "chunk).",
+)
+@click.option("--force", is_flag=True, help="Replace an existing store (even a finished one with the same settings).")
+@click.option(
+    "--grow",
+    is_flag=True,
+    help="The store holds an earlier part of this run (it trained further): add only what is new, then re-fit.",
+)
 def featurize(
     run_dir: Path,
     spec_path: Path,
@@ -162,6 +229,7 @@ def featurize(
     checkpoint_steps: str | None,
     precision: str,
     fisher: str,
+    curvature: str,
     batch_size: int,
     chunk_rows: int,
     device: str | None,
@@ -170,7 +238,10 @@ def featurize(
     fast: bool,
     fast_only: bool,
     shard: str | None,
+    shard_parameters: bool,
+    shard_chunks: int | None,
     force: bool,
+    grow: bool,
 ) -> None:
     """Project per-example training gradients of every checkpoint into STORE (resumes if interrupted).
 
@@ -194,6 +265,7 @@ def featurize(
                 batch_size=batch_size,
                 chunk_rows=chunk_rows,
                 fisher=fisher,
+                curvature=curvature,  # type: ignore[arg-type]
                 device=device,
                 num_workers=workers,
                 segmentation=sp.SegmentationArguments.parse(segmentation) if segmentation else None,
@@ -201,10 +273,13 @@ def featurize(
                 checkpoint_steps=_ints(checkpoint_steps),
                 segment_means=fast or fast_only,
                 precision=precision,
+                shard_chunks=shard_chunks,
+                shard_parameters=shard_parameters,
             ),
             overwrite=force,
             spec=str(spec.path),
             shard=Shard.parse(shard) if shard else None,
+            grow=grow,
         )
     if not store.meta.get("featurized"):
         click.echo(f"featurized shard {shard} of {store.path}; the store is finished once every shard has run")
@@ -233,7 +308,15 @@ def _module_dims(values: tuple[str, ...]) -> dict[str, int]:
 @click.option(
     "--segments",
     default=None,
-    help="Equal segments per stage (3), auto:L for L segments placed automatically, or auto to choose L too (default: the store's, else 3).",
+    help="Equal segments per stage (3), auto:L for L segments placed automatically, or auto to choose L too "
+    "(default: the store's, else 1).",
+)
+@click.option(
+    "--curvature",
+    type=click.Choice(["projected", "kfac"]),
+    default=None,
+    help="The projected Gauss-Newton or the Kronecker factors (default: projected, or kfac when the store holds "
+    "only those).",
 )
 @click.option(
     "--boundaries", default=None, help="Explicit global steps to cut at, e.g. 100,200 (overrides --segments)."
@@ -253,6 +336,7 @@ def _module_dims(values: tuple[str, ...]) -> dict[str, int]:
 def fit(
     store_path: str,
     segments: str | None,
+    curvature: str | None,
     boundaries: str | None,
     stages: str | None,
     fast: bool,
@@ -275,6 +359,7 @@ def fit(
         stages=_names(stages),
         method=method,
         fast=fast,
+        curvature=curvature,
     )
     with launched(device):
         store = sp.fit(store_path, args, overwrite=force, device=device, shard=Shard.parse(shard) if shard else None)
@@ -325,24 +410,46 @@ def _trajectory_view(store: sp.Store, segments: str | None) -> sp.TrajectoryView
 
 
 def _select(n: int, spec: str | None) -> list[int]:
-    if not spec:
+    """The query indices ``--queries`` names (``0:10``, ``3,5,8``, ``:5``; default all ``n``); refuses
+    anything that is not an index or a non-empty range inside ``0..n-1``."""
+    if n == 0:
+        raise click.UsageError("The spec's query_data() holds no examples; return the examples to explain.")
+    if spec is None:
         return list(range(n))
     out: list[int] = []
     for part in spec.split(","):
-        if ":" in part:
-            a, b = part.split(":", 1)
-            out.extend(range(int(a or 0), min(n, int(b or n))))
-        else:
-            out.append(int(part))
-    bad = [i for i in out if not 0 <= i < n]
-    if bad:
-        raise click.BadParameter(f"query indices {bad[:5]} are outside the {n} query examples")
+        text = part.strip()
+        try:
+            if ":" in text:
+                a, b = text.split(":", 1)
+                start, stop = int(a) if a.strip() else 0, int(b) if b.strip() else n
+            else:
+                start = int(text)
+                stop = start + 1
+        except ValueError:
+            raise click.BadParameter(
+                f"{text!r} is neither an index nor a range START:STOP; write e.g. 0:10 or 3,5,8", param_hint="--queries"
+            ) from None
+        if ":" in text and start >= stop:
+            raise click.BadParameter(
+                f"the range {text} is empty; write START:STOP with START < STOP, e.g. 0:{min(n, 10)}",
+                param_hint="--queries",
+            )
+        if not 0 <= start < stop <= n:
+            what = f"the range {text}" if ":" in text else f"query index {text}"
+            raise click.BadParameter(
+                f"{what} reaches outside the {n} query examples; use indices from 0 to {n - 1}", param_hint="--queries"
+            )
+        out.extend(range(start, stop))
     return out
 
 
 def _write(records: list[dict[str, Any]], path: Path) -> None:
     """Write the results in the format of ``path``'s suffix, atomically (never a half-written file)."""
     suffix = path.suffix.lower()
+    if path.is_dir():
+        raise click.BadParameter(f"{path} is a directory; give a file name ending in .csv, .jsonl or .parquet",
+                                 param_hint="--out")  # fmt: skip
     if suffix == ".csv":
         text = io.StringIO(newline="")
         writer = csv.DictWriter(text, fieldnames=list(records[0]))
@@ -363,8 +470,21 @@ def _write(records: list[dict[str, Any]], path: Path) -> None:
         pq.write_table(pa.Table.from_pylist(records), sink)
         data = sink.getvalue().to_pybytes()
     else:
-        raise click.BadParameter(f"unknown output format {suffix!r}; use .csv, .jsonl or .parquet", param_hint="--out")
-    atomic_write_bytes(path, data)
+        raise click.BadParameter(
+            f"{path.name} has no known format ({suffix or 'no suffix'}); end it in .csv, .jsonl or .parquet",
+            param_hint="--out",
+        )
+    _save(path, lambda: atomic_write_bytes(path, data))
+
+
+def _save(path: Path, write: Callable[[], Any]) -> Any:
+    """Run ``write`` (writing ``path``), turning an operating-system error into one sentence."""
+    try:
+        return write()
+    except OSError as err:
+        raise click.ClickException(
+            f"Writing {path} failed ({err.strerror or err}); choose a path you can write to."
+        ) from err
 
 
 @main.command(cls=_Command)
@@ -377,8 +497,14 @@ def _write(records: list[dict[str, Any]], path: Path) -> None:
     help="Spec file (default: the one recorded by featurize).",
 )
 @click.option("--queries", "which", default=None, help="Query indices: 0:10, 3,5,8 (default: all).")
-@click.option("--top-k", default=10, show_default=True)
-@click.option("--method", default="source", show_default=True)
+@click.option(
+    "--top-k",
+    default=10,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Training examples listed per query and kind (at most the training set's size).",
+)
+@click.option("--method", default="source", show_default=True, help="Fitted method to score with (see `info`).")
 @click.option(
     "--out",
     "out_path",
@@ -386,7 +512,9 @@ def _write(records: list[dict[str, Any]], path: Path) -> None:
     type=click.Path(path_type=Path),
     help="Write all results (.csv, .jsonl, .parquet).",
 )
-@click.option("--show", default=5, show_default=True, help="Queries to print on the terminal.")
+@click.option(
+    "--show", default=5, show_default=True, type=click.IntRange(min=0), help="Queries to print on the terminal."
+)
 @click.option(
     "--html",
     "html_path",
@@ -394,14 +522,15 @@ def _write(records: list[dict[str, Any]], path: Path) -> None:
     type=click.Path(path_type=Path),
     help="Write an HTML report: each query's text and its top training examples' texts (spec's describe).",
 )
-@click.option("--device", default=None)
+@click.option("--device", default=None, help="Where query gradients are computed (default: cuda when available).")
 @click.option(
     "--search",
     "search_backend",
     type=click.Choice(list(SEARCH_BACKENDS)),
     default="auto",
     show_default=True,
-    help="Top-k search: FAISS, torch matmul+top-k on the device, or stream store chunks (bounded memory).",
+    help="Top-k search: FAISS, torch matmul+top-k on the device, stream store chunks (bounded memory), or ivf "
+    "(approximate: FAISS inverted file, see --nprobe).",
 )
 @click.option(
     "--search-devices",
@@ -409,6 +538,9 @@ def _write(records: list[dict[str, Any]], path: Path) -> None:
     help="Shard the index over these devices, e.g. cuda:0,cuda:1 (default: --device, or every GPU when the "
     "features do not fit on it).",
 )
+@click.option("--nlist", type=int, default=None, help="--search ivf: cells (default 4·√N).")
+@click.option("--nprobe", type=int, default=32, show_default=True, help="--search ivf: cells scanned per query.")
+@click.option("--ivf-fp16", is_flag=True, help="--search ivf: hold the rows in float16 (half the memory).")
 def query(
     store_path: str,
     spec_path: Path | None,
@@ -421,8 +553,15 @@ def query(
     device: str | None,
     search_backend: str,
     search_devices: str | None,
+    nlist: int | None,
+    nprobe: int,
+    ivf_fp16: bool,
 ) -> None:
-    """Print the most helpful and most harmful training examples of each query."""
+    """Print the most helpful and most harmful training examples of each query.
+
+    Training examples are described (the spec's ``describe``) only where they are printed or
+    written, each once.
+    """
     store = sp.Store.open(store_path)
     spec = _spec_of(store, spec_path)
     queries = spec.query_data()
@@ -436,54 +575,82 @@ def query(
         device=device,
         search_backend=search_backend,
         search_devices=_names(search_devices),
+        search_ivf=sp.IVFArguments(nlist=nlist, nprobe=nprobe, fp16=ivf_fp16),
     )
     result = attributor.top_k(torch.utils.data.Subset(queries, indices), top_k)
-    records = result.records()
-    for r in records:
-        r["query"] = indices[r["query"]]
-        r["description"] = spec.describe(r["stage"], r["index"])
+    describe = _describer(store, spec)
     labels = getattr(task, "score_labels", ("helpful", "harmful"))  # what score > 0 and < 0 mean
     short = [label.split(" (")[0] for label in labels]
-    text_layout = any(len(r["description"]) > 22 for r in records)
+    shown = indices[:show]
+    shown_rows = [int(row) for ids in (result.helpful_ids, result.harmful_ids) for row in ids[: len(shown)].ravel()]
+    text_layout = any(len(describe(*result.locate(row))) > 22 for row in shown_rows)
     if text_layout:  # texts: one line per example
-        _echo_texts(result, indices[:show], spec, short)
-    for q, qi in enumerate([] if text_layout else indices[:show]):
+        _echo_texts(result, shown, spec, describe, short)
+    for q, qi in enumerate([] if text_layout else shown):
         click.echo(f"\nquery {qi}")
         click.echo(f"  {'rank':>4}  {short[0][:34]:<34} {short[1][:34]:<34}")
         for rank in range(result.helpful_ids.shape[1]):
-            cells = []
-            for ids, scores in (
-                (result.helpful_ids, result.helpful_scores),
-                (result.harmful_ids, result.harmful_scores),
+            row = []
+            for sign, ids, scores in (
+                (1.0, result.helpful_ids, result.helpful_scores),
+                (-1.0, result.harmful_ids, result.harmful_scores),
             ):
+                if not sign * scores[q, rank] > 0:
+                    row.append(f"{'–':<22} {'':>10}")
+                    continue
                 stage, index = result.locate(int(ids[q, rank]))
-                label = f"{stage}[{index}] {spec.describe(stage, index)}"[:22]
-                cells.append(f"{label:<22} {scores[q, rank]:+.3e}")
-            click.echo(f"  {rank + 1:>4}  {cells[0]:<34} {cells[1]:<34}")
+                label = f"{stage}[{index}] {describe(stage, index)}"[:22]
+                row.append(f"{label:<22} {scores[q, rank]:+.3e}")
+            click.echo(f"  {rank + 1:>4}  {row[0]:<34} {row[1]:<34}")
     if len(indices) > show:
         click.echo(f"\n({len(indices) - show} more queries not shown; use --out to save all)")
+    few_helpful, few_harmful = result.short_lists()
+    if few_helpful or few_harmful:
+        click.echo(
+            f"\n{few_helpful} of {len(indices)} queries have fewer than {top_k} {short[0]} training examples "
+            f"(score > 0) and {few_harmful} fewer than {top_k} {short[1]} ones (score < 0); their lists stop there."
+        )
     if out_path is not None:
+        records = result.records()
+        for r in tqdm(records, desc="describe", unit="row", delay=2.0):
+            r["query"] = indices[r["query"]]
+            r["description"] = describe(r["stage"], r["index"])
         _write(records, out_path)
         click.echo(f"wrote {len(records)} rows to {out_path}")
     if html_path is not None:
         texts = [spec.describe_query(i) or f"query {i}" for i in indices]
-        report = text_report(result, texts, spec.describe, html_path, title=f"{store_path}: {method}",
-                             score_labels=labels, query_names=[f"query {i}" for i in indices])  # fmt: skip
+        names = [f"query {i}" for i in indices]
+        title = f"{store_path}: {method}"
+        report = _save(html_path, lambda: text_report(result, texts, describe, html_path, title=title,
+                                                      score_labels=labels, query_names=names))  # fmt: skip
         click.echo(f"wrote {report}")
 
 
-def _echo_texts(result: sp.QueryResult, indices: list[int], spec: Spec, labels: list[str]) -> None:
+def _describer(store: sp.Store, spec: Spec) -> Callable[[str, int], str]:
+    """The spec's ``describe``, each example described once; first checks (cheaply) that the spec's
+    training data are the store's, so that descriptions name the examples that were scored."""
+    if spec.describes:
+        names = [s["name"] for s in store.meta["trajectory"]["stages"]]
+        check_data(store.path, store.meta, {name: spec.train_data(name) for name in names}, quick=True)
+    return functools.cache(spec.describe)
+
+
+def _echo_texts(
+    result: sp.QueryResult, indices: list[int], spec: Spec, describe: Callable[[str, int], str], labels: list[str]
+) -> None:
     """Each query's text, then its top examples' scores, stages and texts (100 characters each)."""
     width = max(len(label) for label in labels)
     for q, qi in enumerate(indices):
         click.echo(f"\nquery {qi}: {spec.describe_query(qi)[:100]}")
-        for label, ids, scores in (
-            (labels[0], result.helpful_ids, result.helpful_scores),
-            (labels[1], result.harmful_ids, result.harmful_scores),
+        for label, sign, ids, scores in (
+            (labels[0], 1.0, result.helpful_ids, result.helpful_scores),
+            (labels[1], -1.0, result.harmful_ids, result.harmful_scores),
         ):
             for row, score in zip(ids[q], scores[q], strict=True):
+                if not sign * score > 0:
+                    continue
                 stage, index = result.locate(int(row))
-                text = " ".join(spec.describe(stage, index).split())
+                text = " ".join(describe(stage, index).split())
                 click.echo(f"  {label:<{width}} {score:+.3e}  {stage}[{index}]  {text[:100]}")
 
 
@@ -514,7 +681,12 @@ def info(store_path: str, as_json: bool) -> None:
     for s in traj["stages"]:
         click.echo(f"  stage {s['name']}: steps [{s['start_step']}, {s['end_step']}), {s['dataset_size']} examples")
     click.echo(f"  checkpoints at steps {traj['checkpoints']}")
-    click.echo(f"featurized  {summary['featurized_chunks']} chunks (Fisher: {summary['fisher']})")
+    click.echo(
+        f"features    {summary['features']}: {summary['featurized_chunks']} chunks (Fisher: {summary['fisher']})"
+    )
+    for grown in summary["growth"]:
+        dropped = f"; re-fit {', '.join(grown['dropped_methods'])}" if grown["dropped_methods"] else ""
+        click.echo(f"  grown from the run with checkpoints {grown['checkpoints']}{dropped}")
     for name, m in summary["methods"].items():
         state = "complete" if m["complete"] else "UNFINISHED (re-run fit)"
         click.echo(f"method {name}: {m['kind']}, {state}, attributes stages {m['stages']}")
@@ -545,9 +717,15 @@ def verify(store_path: str, repair: bool, as_json: bool) -> None:
 @click.argument("store_path")
 @click.option("--kind", "kinds", required=True, help=f"Comma-separated baselines: {','.join(sp.BASELINES)}.")
 @click.option("--stages", default=None, help="Attribute to these stages' data only (default: all).")
-@click.option("--damping-factor", default=0.1, show_default=True, help="IF: damping = factor × mean eigenvalue.")
+@click.option(
+    "--damping-factor",
+    default=0.1,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="IF: damping = factor × mean eigenvalue.",
+)
 @click.option("--spec", "spec_path", default=None, type=click.Path(path_type=Path), help="Spec file (RepSim).")
-@click.option("--device", default=None)
+@click.option("--device", default=None, help="Where the baselines' algebra runs (default: cuda when available).")
 @click.option("--force", is_flag=True, help="Replace a baseline fitted with other settings.")
 def baseline(
     store_path: str,
@@ -576,10 +754,14 @@ def _evaluation_options(fn: Any) -> Any:
     options = [
         click.argument("store_paths", nargs=-1, required=True),
         click.option("--alpha", "alphas", default="0.5", show_default=True, help="Kept fraction(s), e.g. 0.25,0.5."),
-        click.option("--subsets", default=100, show_default=True, help="M, random subsets per α."),
-        click.option("--repeats", default=5, show_default=True, help="R, retrains per subset (averaged)."),
-        click.option("--seed", default=0, show_default=True, help="Seed of the subsets and retrain seeds."),
-        click.option("--workers", default=1, show_default=True, help="Parallel retraining processes."),
+        click.option("--subsets", default=100, show_default=True, type=click.IntRange(min=2),
+                     help="M, random subsets per α."),
+        click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),
+                     help="R, retrains per subset (averaged)."),
+        click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+                     help="Seed of the subsets and retrain seeds."),
+        click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+                     help="Parallel retraining processes."),
         click.option("--queries", "which", default=None, help="Query indices: 0:100, 3,5,8 (default: all)."),
         click.option("--cache", "cache", default=None, type=click.Path(path_type=Path),
                      help="Directory of finished retrains (default: FIRST_STORE.retrains); resumes."),
@@ -587,7 +769,8 @@ def _evaluation_options(fn: Any) -> Any:
                      help="Spec file with retrain(keep, seed) (default: the one recorded by featurize)."),
         click.option("--out", "out_path", default=None, type=click.Path(path_type=Path),
                      help="Write per-query correlations (.csv or .jsonl)."),
-        click.option("--device", default=None),
+        click.option("--device", default=None,
+                     help="Where query gradients are computed (default: cuda when available)."),
     ]
     for option in reversed(options):
         fn = option(fn)

@@ -3,6 +3,7 @@ data each checkpoint is featurized on."""
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -45,6 +46,10 @@ class ProjectionArguments:
     module_dims: Mapping[str, int] = field(default_factory=dict)
     adam_rank: int = 1
 
+    def __post_init__(self) -> None:
+        _positive(self, "dim")
+        _positive(self, "seed", minimum=0)
+
 
 @dataclass(frozen=True)
 class FeaturizeArguments:
@@ -62,7 +67,7 @@ class FeaturizeArguments:
         vmap_chunk: examples per vectorised gradient chunk (bounds memory); ``None`` = the batch.
         segmentation: fix the segmentation now (recorded in the store; fit then uses it and refuses
             another). Needed when a stage was trained with Adam/AdamW (the preconditioner D_ℓ is a
-            segment mean) or with ``segment_means``; ``None`` there means 3 equal parts per stage.
+            segment mean) or with ``segment_means``; ``None`` there means one segment per stage.
             Plain SGD stores leave the choice to fit.
         checkpoints: featurize every checkpoint (SOURCE; the baselines use them too).
         checkpoint_steps: featurize only the checkpoints saved at these steps (the final one is
@@ -74,11 +79,22 @@ class FeaturizeArguments:
             example (TRAK's curvature, see baselines.py): one more gradient per example at one checkpoint.
         precision: ``"fp32"`` (default) or ``"bf16"``: forward and backward under bfloat16
             autocast, projections accumulated in fp32 (faster on GPUs; see docs/howto/gpu.md).
-        curvature: what featurize stores for fit's curvature. ``"kfac"`` (default): per-layer Kronecker
-            factors of the Fisher in the full parameter space (``featurize/factors.py``, one ordinary
-            forward and backward per batch instead of projected pseudo-label gradients); ``"projected"``:
-            the pseudo-label gradients projected to k dimensions (the k × k projected Gauss–Newton);
-            ``"both"``: both (to compare them on one store).
+        curvature: what featurize stores for fit's curvature. ``"projected"`` (default): the pseudo-label
+            gradients projected to k dimensions (the k × k projected Gauss–Newton); ``"kfac"``: per-layer
+            Kronecker factors of the Fisher in the full parameter space (``featurize/factors.py``, one
+            ordinary forward and backward per batch; the projected factors only at the final checkpoint,
+            for the influence-function baseline); ``"both"``: both (to compare them on one store). The
+            default follows issue 12's ablation (BENCHMARKS.md): at k = 1024 the Kronecker operators,
+            applied to the query before both sides are projected, lose more to the projection's noise
+            than the projected curvature does.
+        shard_chunks: row chunks kept in one file (a zarr v3 shard) when a new store is created;
+            ``None``: as many as fit in 256 MiB (``store.SHARD_BYTES``), 1: a file per chunk. An
+            existing store keeps the layout it was created with.
+        shard_parameters: under torchrun, keep 1/W of the model's parameters on each of the W ranks and
+            gather a layer's only while it runs (``sharded.py``): featurize models larger than one
+            device. Needs the ``factored`` projection covering every attributed parameter, the
+            sampled or empirical Fisher and a segmentation not placed automatically; one process
+            ignores it.
     """
 
     batch_size: int = 64
@@ -94,7 +110,31 @@ class FeaturizeArguments:
     segment_means: bool = False
     measurement: bool = True
     precision: Precision = "fp32"
-    curvature: CurvatureKind = "kfac"
+    curvature: CurvatureKind = "projected"
+    shard_chunks: int | None = None
+    shard_parameters: bool = False
+
+    def __post_init__(self) -> None:
+        _positive(self, "batch_size")
+        _positive(self, "chunk_rows")
+        _positive(self, "seed", minimum=0)
+        _positive(self, "num_workers", minimum=0)
+        if self.vmap_chunk is not None:
+            _positive(self, "vmap_chunk")
+
+
+def projected_fisher_at(curvature: str, prefix: str, key: str, final: str) -> bool:
+    """Whether featurize stores the projected Fisher factors of the feature point ``prefix + key``: always
+    for the projected curvature and the automatic segmentation's probe; with Kronecker factors only at
+    the final checkpoint ``final`` (the influence-function baseline's curvature, one checkpoint's cost)."""
+    return curvature != "kfac" or bool(prefix) or key == final
+
+
+def _positive(arguments: object, field: str, minimum: int = 1) -> None:
+    """Refuse a field of ``arguments`` that is not an integer ≥ ``minimum``."""
+    value = getattr(arguments, field)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise TaskError(f"{type(arguments).__name__}.{field} is {value!r}; pass a whole number ≥ {minimum}.")
 
 
 def default_device(device: str | None) -> torch.device:

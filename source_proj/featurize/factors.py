@@ -29,7 +29,6 @@ from source_proj.projection.layers import FactoredLayer, factorable_layers
 from source_proj.tasks.gradients import PerExampleGradients
 from source_proj.tasks.task import Batch
 
-
 MAX_FACTOR_SIDE = 8192
 """The largest side of a Kronecker factor (a 8192² float64 factor is 512 MiB); larger layers take the diagonal."""
 

@@ -12,6 +12,7 @@ bit-identical to an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -33,6 +34,7 @@ from source_proj.featurize.arguments import (
     ProjectionArguments,
     as_stage_datasets,
     default_device,
+    projected_fisher_at,
 )
 from source_proj.featurize.factors import (
     ChunkFactors,
@@ -42,12 +44,25 @@ from source_proj.featurize.factors import (
     factor_arrays,
     kronecker_layers,
 )
+from source_proj.featurize.grow import growth_refusal, record_growth
 from source_proj.featurize.plan import FeaturizePlan, NotPrepared, Unit, featurize_plan
+from source_proj.featurize.sharded import ShardedParameters
 from source_proj.projection.base import Projector
 from source_proj.projection.factory import make_projector
 from source_proj.projection.transform import GradientTransform
-from source_proj.store.provenance import check_checkpoints, describe_provenance
-from source_proj.store.store import Store, ckpt_key, is_store
+from source_proj.store.provenance import (
+    REFERENCE_BATCH,
+    check_checkpoints,
+    check_data,
+    check_model_values,
+    data_fingerprint,
+    describe_provenance,
+    model_errors,
+    model_fingerprint,
+    reference_batch,
+    save_reference_batch,
+)
+from source_proj.store.store import Store, ckpt_key, is_store, shard_chunks_for
 from source_proj.tasks.gradients import PerExampleGradients, move_batch
 from source_proj.tasks.task import Task
 from source_proj.trajectory.recorder import Trajectory
@@ -75,6 +90,7 @@ def featurize(
     spec: str | None = None,
     progress: bool = True,
     shard: Shard | None = None,
+    grow: bool = False,
 ) -> Store:
     """Project every checkpoint's per-example training gradients into a store.
 
@@ -93,6 +109,9 @@ def featurize(
         shard: compute only this shard of the work, as one of several independent processes
             (a SLURM array task). Under an initialised ``torch.distributed`` process group with
             several ranks (torchrun) the ranks split the work without it. See ``distributed.py``.
+        grow: the store holds an earlier part of this run (it trained further: more checkpoints, new
+            stages): add what is new, computing only the new checkpoints' work (see ``grow.py``). The
+            fitted methods are dropped; fit again.
 
     Returns:
         The store, with ``grads/<stage>/<ckpt>`` of shape ``[N_stage, k]`` for every checkpoint
@@ -113,7 +132,9 @@ def featurize(
             "finish training or call TrajectoryRecorder.close()."
         )
     group = ranks(shard)
-    job = _Featurize(trajectory, model, task, train_data, str(store_path), projection, options, spec, progress, group)
+    job = _Featurize(
+        trajectory, model, task, train_data, str(store_path), projection, options, spec, progress, group, grow
+    )
     run_sharded(job.path, job, group, overwrite=overwrite, keep_new=_has_features)
     return Store.open(job.path, writable=True)
 
@@ -133,12 +154,21 @@ class _Featurize:
         spec: str | None,
         progress: bool,
         group: Ranks,
+        grow: bool,
     ) -> None:
         self.trajectory, self.model, self.task, self.options, self.path = trajectory, model, task, options, path
+        self.grow = grow
         self.projection, self.spec = projection, spec
         self.datasets = as_stage_datasets(train_data, trajectory)
         self.device = rank_device(default_device(options.device), group)
-        self.work_model = copy.deepcopy(model).to(self.device)
+        self.lockstep = group if options.shard_parameters and not group.single else None
+        self.shards: ShardedParameters | None = None
+        if self.lockstep is not None:
+            _check_shardable(group, projection, options)
+            self.work_model = copy.deepcopy(model).cpu()
+            self.shards = ShardedParameters(self.work_model, self.device)
+        else:
+            self.work_model = copy.deepcopy(model).to(self.device)
         # Ranks of a process group show one progress bar (rank 0's); independent shards each show theirs.
         self.progress = progress and (group.leader or not group.coordinated)
         self._meta: dict[str, Any] | None = None
@@ -169,6 +199,27 @@ class _Featurize:
             self.grads_fn = PerExampleGradients(
                 self.work_model, self.task, self.names, vmap_chunk=options.vmap_chunk, precision=options.precision
             )
+            if self.shards is not None:
+                _check_factored(self.projector)
+                self.grads_fn.device = self.device  # the parameters are placeholders between layers
+                # The once-per-projector check materialises every layer's per-example gradients, which sharded
+                # parameters never hold; a weight used outside its layer fails on its placeholder instead.
+                self.projector._checked = True  # type: ignore[attr-defined]
+            # What θ_T computes on a fixed reference batch, and what the data hold (see provenance.py).
+            with model_errors("the training examples"):
+                self.reference = reference_batch(self.datasets)
+            # Sharded parameters are placeholders between layers: the fingerprint runs a whole copy.
+            whole = self.work_model if self.shards is None else copy.deepcopy(self.model).cpu()
+            trajectory.load_into(whole, trajectory.final_checkpoint)
+            fingerprint = {
+                "model": {
+                    "step": trajectory.final_checkpoint.step,
+                    "values": model_fingerprint(
+                        whole, self.task, self.reference, self.device if self.shards is None else torch.device("cpu")
+                    ),
+                },
+                "data": data_fingerprint(self.datasets),
+            }
             self.directions = _fisher_directions(self.grads_fn, self.task, self.datasets, options, self.device)
             self.collector = None
             kronecker = None
@@ -176,6 +227,7 @@ class _Featurize:
                 layers, diagonal = kronecker_layers(self.work_model, self.names)
                 self.collector = FactorCollector(self.grads_fn, layers, diagonal)
                 kronecker = describe_layers(layers, diagonal)
+            k = self.projector.dim
             self._meta = {
                 "library_version": __version__,
                 "params": [[n, list(s)] for n, s in shapes],
@@ -199,6 +251,8 @@ class _Featurize:
                 },
                 "spec": self.spec,
                 "provenance": describe_provenance(self.model, trajectory, self.device, options.batch_size),
+                "layout": {"shard_chunks": options.shard_chunks or shard_chunks_for(4 * options.chunk_rows * k)},
+                "fingerprint": fingerprint,
             }
         return self._meta
 
@@ -207,11 +261,13 @@ class _Featurize:
         return featurize_plan(self.trajectory, store, self.datasets, self.names, self.options, overwrite, record=record)
 
     def prepare(self, overwrite: bool) -> None:
-        check_checkpoints(self.trajectory, self.work_model)
-        store = _open_or_create(self.path, self.meta, overwrite)
+        check_checkpoints(self.trajectory, self.work_model if self.shards is None else copy.deepcopy(self.model).cpu())
+        store = self._open_or_create(overwrite)
         plan = self._plan(store, overwrite, record=True)
         if not plan.store.is_complete("trajectory/lr"):
             plan.store.write_whole("trajectory/lr", self.trajectory.lr.astype(np.float64))
+        if "model" in (plan.store.meta.get("fingerprint") or {}) and not plan.store.is_complete(REFERENCE_BATCH):
+            save_reference_batch(plan.store, self.reference)
         if plan.probe:  # the automatic segmentation's probe (a few hundred rows): computed here, whole
             self._compute(plan, self._items(plan, create=True), heal=True)
             plan = self._plan(plan.store, overwrite, record=True)
@@ -221,7 +277,9 @@ class _Featurize:
         if not is_store(self.path):
             return False
         store = Store.open(self.path)
-        _refuse_other_settings(self.path, store.meta, self.meta)
+        if self.grow and _differing(store.meta, self.meta) == ["trajectory"]:
+            return False  # the store grows when it is prepared
+        self._refuse_other_settings(store.meta)
         try:
             plan = self._plan(store)
         except NotPrepared:
@@ -234,15 +292,29 @@ class _Featurize:
 
     def work(self, group: Ranks) -> None:
         store = Store.open(self.path, writable=True)
-        _refuse_other_settings(self.path, store.meta, self.meta)
+        self._refuse_other_settings(store.meta)
         plan = self._plan(store)
-        self._compute(plan, group.shard.take(self._items(plan)), heal=not store.meta.get("featurized"))
+        per_shard = store.shard_chunks  # a shard file is written by one process: split at shard boundaries
+
+        def file(item: tuple[Unit, int]) -> tuple[int, int]:
+            return id(item[0]), item[1] // per_shard
+
+        items = self._items(plan)
+        if self.lockstep is None:
+            mine = group.shard.take_groups(items, file)
+        else:  # the ranks go through the units together: each takes its part of every unit
+            runs = [list(run) for _, run in itertools.groupby(items, key=lambda item: id(item[0]))]
+            mine = [item for run in runs for item in group.shard.take_groups(run, file)]
+        self._compute(plan, mine, heal=not store.meta.get("featurized"))
 
     def finish(self) -> bool:
         store = Store.open(self.path, writable=True)
         plan = self._plan(store)
         if any(store.pending_chunks(name) for unit in plan.units for name, _, _ in self._arrays(unit)):
             return False
+        for name in store.progress_arrays():
+            if not name.startswith("methods/"):
+                store.pack(name)  # shards a kill left unpacked, then the staged chunks go
         old = store.meta.get("products") or {}
         products = {"checkpoints": bool(old.get("checkpoints")) or self.options.checkpoints,
                     "segment_means": bool(old.get("segment_means")) or self.options.segment_means}
@@ -250,11 +322,66 @@ class _Featurize:
             store.update_meta(featurized=True, products=products)
         return True
 
+    def _open_or_create(self, overwrite: bool) -> Store:
+        """The store to write: created (replacing any store there with ``overwrite``), or the existing
+        one if it was featurized with these settings, this model and these data."""
+        if overwrite:
+            return Store.create(self.path, self.meta, overwrite=True)
+        try:
+            existing = Store.open(self.path, writable=True)
+        except StoreError:
+            return Store.create(self.path, self.meta)
+        if self.grow and _differing(existing.meta, self.meta) == ["trajectory"]:
+            why = growth_refusal(existing.meta, self.trajectory)
+            if why is not None:
+                raise StoreError(
+                    f"The store at {self.path} cannot grow into the run at {self.trajectory.path}: {why}; featurize "
+                    "that run into a new store (or pass --force to replace this one)."
+                )
+            record_growth(existing)
+            existing.delete("trajectory/lr")
+            meta = self.meta  # θ_T moved, and a new stage brings new data: the fingerprints follow the grown run
+            existing.update_meta(
+                trajectory=meta["trajectory"], provenance=meta["provenance"], fingerprint=meta["fingerprint"],
+                featurized=False,
+            )
+            return existing
+        self._refuse_other_settings(existing.meta)
+        return existing
+
+    def _refuse_other_settings(self, old: dict[str, Any]) -> None:
+        """Refuse to resume or reuse a store written with other settings, another library version, a model
+        that computes something else, or other training data."""
+        meta = self.meta
+        differing = _differing(old, meta)
+        if differing == ["trajectory"]:
+            raise StoreError(
+                f"The store at {self.path} was featurized from another run (or an earlier part of this one); pass "
+                "--grow (grow=True) if this run continued the store's, --force (overwrite=True) to replace it, or use "
+                "another store path."
+            )
+        if "library_version" in differing:
+            raise StoreError(
+                f"The store at {self.path} was featurized by source-proj {old.get('library_version')}, this is "
+                f"{__version__}, whose numbers may differ; pass --force (overwrite=True) to featurize it anew, or use "
+                "another store path."
+            )
+        if differing:
+            raise StoreError(
+                f"The store at {self.path} was featurized with other settings ({', '.join(differing)}); pass --force "
+                "(overwrite=True) to replace it, or use another store path."
+            )
+        # The data first: the model's fingerprint is computed on a batch of them.
+        if check_data(self.path, old, self.datasets, fingerprint=meta["fingerprint"]["data"]):
+            check_model_values(self.path, old, meta["fingerprint"]["model"]["values"])
+
     def _arrays(self, unit: Unit) -> list[tuple[str, tuple[int, int], int]]:
         """``(name, shape, chunk rows)`` of the arrays a unit writes (row chunk i of each belongs to chunk i)."""
         n, k, rows = len(unit.dataset), self.projector.dim, self.options.chunk_rows  # type: ignore[arg-type]
         arrays = [(f"{unit.prefix}grads/{unit.stage}/{unit.key}", (n, k), rows)]
-        if self.options.fisher != "empirical" and (self.options.curvature != "kfac" or unit.prefix):
+        final = ckpt_key(self.trajectory.final_checkpoint.step)
+        projected = projected_fisher_at(self.options.curvature, unit.prefix, unit.key, final)
+        if self.options.fisher != "empirical" and projected:
             fisher = f"{unit.prefix}fisher/{unit.stage}/{unit.key}"
             arrays.append((fisher, (n * self.directions, k), rows * self.directions))
         if self.collector is not None and not unit.prefix:
@@ -287,7 +414,8 @@ class _Featurize:
         pending = {name: set(store.pending_chunks(name)) for unit in plan.units for name, _, _ in self._arrays(unit)}
         work = [(unit, chunk) for unit, chunk in items if any(chunk in pending[n] for n, _, _ in self._arrays(unit))]
         _featurize_units(plan, work, self.grads_fn, self.projector, self.task, self.options, self.device,
-                         self.work_model, self.progress, self.collector)
+                         self.work_model, self.progress, collector=self.collector, lockstep=self.lockstep,
+                         shards=self.shards)
 
 
 def _featurize_units(
@@ -300,10 +428,17 @@ def _featurize_units(
     device: torch.device,
     work_model: nn.Module,
     progress: bool,
+    *,
     collector: FactorCollector | None = None,
+    lockstep: Ranks | None = None,
+    shards: ShardedParameters | None = None,
 ) -> None:
     """Compute and write the row chunks ``work`` of the plan's units (and their Kronecker factors when a
-    ``collector`` is given)."""
+    ``collector`` is given).
+
+    With ``lockstep`` (sharded parameters) every rank visits every unit and runs as many batches of it
+    as the busiest rank, discarding the ones it has no rows for: the ranks gather each layer together.
+    """
     store = plan.store
     final = ckpt_key(plan.trajectory.final_checkpoint.step)
     loaded: tuple[Any, ...] | None = None
@@ -312,12 +447,14 @@ def _featurize_units(
     stage_index = {s.name: i for i, s in enumerate(plan.trajectory.stages)}
     desc = "featurize (segmentation probe)" if plan.probe else "featurize"
     rows = options.chunk_rows
+    runs = [(unit, [chunk for u, chunk in work if u is unit]) for unit in plan.units]
+    saving = shards.saving if shards is not None else contextlib.nullcontext
     with tqdm(total=len(work), desc=desc, unit="chunk", disable=not progress) as bar:
         # One DataLoader per run of consecutive chunks of a unit: its workers start once and read ahead
         # across the run's chunks (a loader per chunk would restart them every chunk).
-        for _, group in itertools.groupby(work, key=lambda item: id(item[0])):
-            run = list(group)
-            unit, chunks = run[0][0], [chunk for _, chunk in run]
+        for unit, chunks in runs:
+            if not chunks and lockstep is None:
+                continue
             if loaded != unit.point:
                 plan.load(work_model, unit.point)
                 loaded = unit.point
@@ -327,26 +464,30 @@ def _featurize_units(
                 scale_name = unit.scale
             size = len(unit.dataset)  # type: ignore[arg-type]
             spans = [(c * rows, min(size, (c + 1) * rows)) for c in chunks]
+            own = sum(-(-(stop - start) // options.batch_size) for start, stop in spans)
+            idle = lockstep.most(own) - own if lockstep is not None else 0
             batches = iter(_chunk_loader(unit.dataset, spans, options, device))
+            where = f"{unit.where}, stage {unit.stage!r}"
             for chunk, (start, stop) in zip(chunks, spans, strict=True):
                 seed = np.random.SeedSequence([options.seed, *unit.seed, stage_index[unit.stage], chunk])
                 generator = torch.Generator().manual_seed(int(seed.generate_state(1, dtype=np.uint64)[0] >> 1))
                 factors = collector if collector is not None and not unit.prefix else None
-                feats, fisher, measured, sums = _featurize_rows(
-                    grads_fn,
-                    projector,
-                    task,
-                    itertools.islice(batches, -(-(stop - start) // options.batch_size)),
-                    start,
-                    options,
-                    generator,
-                    device,
-                    where=f"{unit.where}, stage {unit.stage!r}",
-                    transform=transform,
-                    measure=_measures(unit, final, options),
-                    collector=factors,
-                    projected_fisher=options.curvature != "kfac" or bool(unit.prefix),
-                )
+                with saving():
+                    feats, fisher, measured, sums = _featurize_rows(
+                        grads_fn,
+                        projector,
+                        task,
+                        itertools.islice(batches, -(-(stop - start) // options.batch_size)),
+                        start,
+                        options,
+                        generator,
+                        device,
+                        where=where,
+                        transform=transform,
+                        measure=_measures(unit, final, options),
+                        collector=factors,
+                        projected_fisher=projected_fisher_at(options.curvature, unit.prefix, unit.key, final),
+                    )
                 if fisher is not None:
                     store.write_chunk(f"{unit.prefix}fisher/{unit.stage}/{unit.key}", chunk, fisher)
                 if sums is not None and factors is not None:
@@ -356,6 +497,15 @@ def _featurize_units(
                     store.write_chunk(f"measurement/{unit.stage}/{unit.key}", chunk, measured)
                 store.write_chunk(f"{unit.prefix}grads/{unit.stage}/{unit.key}", chunk, feats)
                 bar.update()
+            if idle:  # the other ranks' batches gather every layer with this rank: take part, keep nothing
+                spare = _chunk_loader(unit.dataset, [(0, min(size, options.batch_size))], options, device)
+                with saving():
+                    _featurize_rows(
+                        grads_fn, projector, task, list(spare) * idle, 0, options, torch.Generator(), device,
+                        where=where, transform=transform, measure=_measures(unit, final, options),
+                        collector=collector if not unit.prefix else None,
+                        projected_fisher=projected_fisher_at(options.curvature, unit.prefix, unit.key, final),
+                    )
 
 
 class _ChunkBatches(Sampler[list[int]]):
@@ -385,36 +535,43 @@ def _chunk_loader(
     )
 
 
+def _check_shardable(group: Ranks, projection: ProjectionArguments, options: FeaturizeArguments) -> None:
+    """Refuse sharded parameters where the ranks cannot gather layers together, or the work needs whole weights."""
+    if not group.coordinated:
+        raise TaskError(
+            "Sharded parameters need the ranks of one torchrun process group (they gather each layer together); run "
+            "featurize under torchrun without --shard, or without --shard-parameters."
+        )
+    reasons = {
+        "the 'factored' projection (it needs no parameter gradient)": projection.kind != "factored",
+        "the sampled or empirical Fisher": options.fisher == "exact",
+        "a segmentation not placed automatically (its probe runs on one process)": bool(
+            options.segmentation is not None and options.segmentation.auto is not None
+        ),
+    }
+    missing = [need for need, lacking in reasons.items() if lacking]
+    if missing:
+        raise TaskError(f"Sharded parameters need {' and '.join(missing)}; change these options or drop sharding.")
+
+
+def _check_factored(projector: Projector) -> None:
+    rest = getattr(projector, "rest_names", None)
+    if rest:
+        raise TaskError(
+            f"Sharded parameters need every attributed parameter on a factored layer, but {rest[:3]} are not; select "
+            "the linear layers only (sp.ModuleSelection), or featurize unsharded."
+        )
+
+
 def _measures(unit: Unit, final: str, options: FeaturizeArguments) -> bool:
     """Whether a unit also stores P ∇f(z; θ_T): the final checkpoint's own unit, when asked."""
     return options.measurement and not unit.prefix and unit.key == final
 
 
-def _open_or_create(path: str | Path, meta: dict[str, Any], overwrite: bool) -> Store:
-    try:
-        existing = Store.open(path, writable=True)
-    except StoreError:
-        return Store.create(path, meta, overwrite=overwrite)
-    if not _differing(existing.meta, meta):
-        return existing
-    if overwrite:
-        return Store.create(path, meta, overwrite=True)
-    _refuse_other_settings(path, existing.meta, meta)
-    return existing
-
-
 def _differing(old: dict[str, Any], meta: dict[str, Any]) -> list[str]:
-    informative = ("library_version", "spec", "provenance")
+    """The settings (metadata fields compared exactly) in which ``meta`` differs from a store's ``old``."""
+    informative = ("spec", "provenance", "fingerprint", "layout")  # a store keeps the layout it was created with
     return [key for key in meta if key not in informative and old.get(key) != meta[key]]
-
-
-def _refuse_other_settings(path: str | Path, old: dict[str, Any], meta: dict[str, Any]) -> None:
-    differing = _differing(old, meta)
-    if differing:
-        raise StoreError(
-            f"The store at {path} was featurized with other settings ({', '.join(differing)}); pass --force "
-            "(overwrite=True) to replace it, or use another store path."
-        )
 
 
 def _fisher_directions(

@@ -1,8 +1,9 @@
 """Recorder integrations for training frameworks (``pip install source-proj[integrations]``).
 
-- a plain loop: [`source_proj.TrajectoryRecorder`][] itself;
-- Hugging Face ``transformers.Trainer``: ``HuggingFaceRecorder`` (a ``TrainerCallback``);
-- Lightning: ``LightningRecorder`` (a ``lightning.pytorch.Callback``).
+- a plain loop: [`source_proj.TrajectoryRecorder`][] itself (and [`source_proj.GradientCapture`][]);
+- Hugging Face ``transformers.Trainer``: ``HuggingFaceRecorder`` (a ``TrainerCallback``), and
+  ``HuggingFaceCapture``, which also captures projected gradients in-run;
+- Lightning: ``LightningRecorder`` (a ``lightning.pytorch.Callback``), and ``LightningCapture``.
 
 Both callbacks record through an optimizer *step post-hook*, which fires right after the wrapped
 ``torch.optim`` optimizer has stepped and before any learning-rate scheduler moves, so the rate
@@ -21,7 +22,9 @@ from source_proj.errors import SourceProjError
 
 _PROVIDERS = {
     "HuggingFaceRecorder": (".huggingface", "transformers"),
+    "HuggingFaceCapture": (".huggingface", "transformers"),
     "LightningRecorder": (".lightning", "lightning"),
+    "LightningCapture": (".lightning", "lightning"),
 }
 
 
@@ -44,4 +47,10 @@ def __getattr__(name: str) -> Any:
         ) from err
 
 
-__all__ = ["HuggingFaceRecorder", "LightningRecorder", "MissingIntegrationError"]
+__all__ = [
+    "HuggingFaceCapture",
+    "HuggingFaceRecorder",
+    "LightningCapture",
+    "LightningRecorder",
+    "MissingIntegrationError",
+]

@@ -9,6 +9,9 @@ import torch
 from torch import nn
 
 from source_proj.errors import TrajectoryError
+from source_proj.featurize.arguments import ProjectionArguments
+from source_proj.featurize.capture import CaptureArguments, GradientCapture
+from source_proj.tasks.task import Task
 from source_proj.trajectory.recorder import TrajectoryRecorder
 
 
@@ -81,3 +84,33 @@ def dataset_size(given: int | None, dataloader: Any, where: str) -> int:
         raise TrajectoryError(
             f"{where} cannot tell the training set size from its dataloader; pass dataset_size=N to the callback."
         ) from err
+
+
+class CaptureSettings:
+    """What both capture callbacks take beyond the recorder's settings (see :class:`GradientCapture`)."""
+
+    def __init__(
+        self,
+        store_path: str | os.PathLike[str],
+        task: Task,
+        *,
+        projection: ProjectionArguments,
+        options: CaptureArguments,
+    ) -> None:
+        self.store_path = store_path
+        self.task = task
+        self.projection = projection
+        self.capture_options = options
+        self.capture: GradientCapture | None = None
+
+    def start_capture(self, recorder: TrajectoryRecorder, overwrite: bool) -> GradientCapture:
+        """The capture of ``recorder``'s run into the store (overwriting it when the run is overwritten)."""
+        self.capture = GradientCapture(
+            recorder,
+            self.store_path,
+            self.task,
+            projection=self.projection,
+            options=self.capture_options,
+            overwrite=overwrite,
+        )
+        return self.capture

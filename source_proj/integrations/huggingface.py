@@ -1,4 +1,4 @@
-"""A ``transformers.Trainer`` callback that records the trajectory SOURCE needs.
+"""``transformers.Trainer`` callbacks: record the trajectory SOURCE needs, and capture gradients in-run.
 
 Usage::
 
@@ -14,11 +14,18 @@ clipping factor and SOURCE's step sizes include it (fp16's loss scaling is taken
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+import torch
+from torch import Tensor
 from transformers import TrainerCallback
 
-from source_proj.integrations._hook import RecorderSettings, dataset_size, start_recording
+from source_proj.errors import TaskError
+from source_proj.featurize.arguments import ProjectionArguments
+from source_proj.featurize.capture import INDEX_KEY, CaptureArguments
+from source_proj.integrations._hook import CaptureSettings, RecorderSettings, dataset_size, start_recording
+from source_proj.tasks.task import Task
 
 
 class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
@@ -49,3 +56,89 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
         if self.recorder is not None:
             self._handle.remove()
             self.recorder.close()
+
+
+class HuggingFaceCapture(HuggingFaceRecorder):
+    """Records the run (as :class:`HuggingFaceRecorder`) and captures projected per-example gradients in-run.
+
+    Usage::
+
+        capture = HuggingFaceCapture("runs/hf", "runs/hf.sp", task, save_every=50,
+                                     projection=sp.ProjectionArguments(dim=1024, kind="factored"))
+        Trainer(model, args, train_dataset=sp.IndexedDataset(train), callbacks=[capture]).train()
+        sp.fit("runs/hf.sp")
+
+    The training set must be wrapped in :class:`source_proj.IndexedDataset` (dict items gain a
+    ``"source_proj_index"`` column; the callback keeps the Trainer from dropping it and takes it out of
+    the model's inputs). The model's loss must be the batch mean of ``task``'s per-example loss (HF's
+    default); with gradient accumulation over n batches it is scaled by n·B. One process only.
+
+    Args:
+        run_dir: the run directory to write (see ``TrajectoryRecorder``).
+        store_path: the store to capture into (see :class:`source_proj.GradientCapture`).
+        task: the task; its batches are the model's keyword inputs (e.g. ``SequenceClassificationTask``).
+        save_every: save a checkpoint every this many optimizer steps (a window between checkpoints).
+        projection: dimension and seed of the factored projection.
+        options: the Fisher, chunking (see :class:`source_proj.CaptureArguments`).
+        stage: the stage name.
+        dataset_size: the training set size (default: ``len`` of the trainer's training dataset).
+        overwrite: replace an existing trajectory in ``run_dir`` and store at ``store_path``.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        store_path: str | os.PathLike[str],
+        task: Task,
+        *,
+        save_every: int,
+        projection: ProjectionArguments = ProjectionArguments(kind="factored"),
+        options: CaptureArguments = CaptureArguments(),
+        stage: str = "main",
+        dataset_size: int | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        super().__init__(run_dir, save_every=save_every, stage=stage, dataset_size=dataset_size, overwrite=overwrite)
+        self.settings = CaptureSettings(store_path, task, projection=projection, options=options)
+        self._model_hooks: list[Any] = []
+        self._accumulation = 1
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        super().on_train_begin(args, state, control, **kwargs)
+        assert self.recorder is not None
+        self.settings.start_capture(self.recorder, self.overwrite)
+        self._accumulation = int(args.gradient_accumulation_steps)
+        collate = getattr(kwargs.get("train_dataloader"), "collate_fn", None)
+        columns = getattr(collate, "signature_columns", None)
+        if isinstance(columns, list) and INDEX_KEY not in columns:
+            columns.append(INDEX_KEY)  # the Trainer's RemoveColumnsCollator would drop the row indices
+        model = kwargs["model"]
+        self._model_hooks = [
+            model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            model.register_forward_hook(self._after_forward),
+        ]
+
+    def _before_forward(self, module: Any, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]] | None:
+        if INDEX_KEY not in kwargs:
+            if module.training:
+                raise TaskError(
+                    "HuggingFaceCapture needs each training batch's row indices; pass "
+                    "train_dataset=sp.IndexedDataset(your_dataset) to the Trainer."
+                )
+            return None
+        inputs = dict(kwargs)
+        indices = torch.as_tensor(inputs.pop(INDEX_KEY))
+        if module.training and self.settings.capture is not None:
+            count = int(indices.numel())
+            batch = {k: v for k, v in inputs.items() if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == count}
+            self.settings.capture.begin(batch, indices, scale=float(count * self._accumulation))
+        return args, inputs
+
+    def _after_forward(self, module: Any, args: Any, output: Any) -> None:
+        if module.training and self.settings.capture is not None:
+            self.settings.capture.end_forward()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        for handle in self._model_hooks:
+            handle.remove()
+        super().on_train_end(args, state, control, **kwargs)

@@ -1,4 +1,4 @@
-"""A Lightning callback that records the trajectory SOURCE needs.
+"""Lightning callbacks: record the trajectory SOURCE needs, and capture gradients in-run.
 
 Usage::
 
@@ -12,12 +12,16 @@ One optimizer only; the stage's dataset size is ``len(train_dataloader.dataset)`
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from lightning.pytorch import Callback
 
-from source_proj.errors import TrajectoryError
-from source_proj.integrations._hook import RecorderSettings, dataset_size, start_recording
+from source_proj.errors import TaskError, TrajectoryError
+from source_proj.featurize.arguments import ProjectionArguments
+from source_proj.featurize.capture import INDEX_KEY, CaptureArguments, split_indices
+from source_proj.integrations._hook import CaptureSettings, RecorderSettings, dataset_size, start_recording
+from source_proj.tasks.task import Task
 
 
 class LightningRecorder(RecorderSettings, Callback):
@@ -53,3 +57,64 @@ class LightningRecorder(RecorderSettings, Callback):
         if self.recorder is not None:
             self._handle.remove()
             self.recorder.close()
+
+
+class LightningCapture(LightningRecorder):
+    """Records the run (as :class:`LightningRecorder`) and captures projected per-example gradients in-run.
+
+    Usage::
+
+        loader = DataLoader(sp.IndexedDataset(train), batch_size=64, shuffle=True)
+        capture = LightningCapture("runs/pl", "runs/pl.sp", sp.ClassificationTask(), save_every=50,
+                                   projection=sp.ProjectionArguments(dim=1024, kind="factored"))
+        lightning.Trainer(max_epochs=3, callbacks=[capture]).fit(module, loader)
+        sp.fit("runs/pl.sp")
+
+    The training set must be wrapped in :class:`source_proj.IndexedDataset`: the callback takes each
+    batch's row indices out of the batch (in place: batches must be lists or dicts, as the default
+    collate makes them) before ``training_step`` sees it. ``task`` computes with the LightningModule
+    on those batches; ``training_step`` must minimise the batch mean of its per-example loss (with
+    ``accumulate_grad_batches`` = n, Lightning divides it by n, which capture undoes). One process only.
+
+    Args: as :class:`source_proj.integrations.HuggingFaceCapture`.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        store_path: str | os.PathLike[str],
+        task: Task,
+        *,
+        save_every: int,
+        projection: ProjectionArguments = ProjectionArguments(kind="factored"),
+        options: CaptureArguments = CaptureArguments(),
+        stage: str = "main",
+        dataset_size: int | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        super().__init__(run_dir, save_every=save_every, stage=stage, dataset_size=dataset_size, overwrite=overwrite)
+        self.settings = CaptureSettings(store_path, task, projection=projection, options=options)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_start(trainer, pl_module)
+        assert self.recorder is not None
+        self.settings.start_capture(self.recorder, self.overwrite)
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        assert self.settings.capture is not None
+        indices, rest = split_indices(batch)
+        if isinstance(batch, dict):
+            del batch[INDEX_KEY]
+        elif isinstance(batch, list) and isinstance(rest, (list, tuple)):
+            batch[:] = rest
+        else:
+            raise TaskError(
+                f"LightningCapture takes the row indices out of each batch in place, which a {type(batch).__name__} "
+                "batch does not allow; return dicts or tuples from the dataset (the default collate makes lists)."
+            )
+        count = int(indices.numel())
+        self.settings.capture.begin(batch, indices, scale=float(count * trainer.accumulate_grad_batches))
+
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
+        if self.settings.capture is not None:
+            self.settings.capture.end_forward()

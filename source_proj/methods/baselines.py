@@ -32,6 +32,14 @@ checkpoints, as in Pruthi et al.
 **IF and TRAK with several stages** cannot separate them: their curvature uses the data of all
 ``curvature_stages`` combined (default: every stage, as in the SOURCE paper) and N is their total size.
 
+**Captured stores** (gradients taken during training, ``featurize/capture.py``) hold no gradient at a
+checkpoint, only sums over each window's visits. TracIn there is the original TracIn over the visits:
+score = Σ_w (η̄_w/B_w) ∇f(q; θ_{c_w})·Σ_{visits of z in w} ∇ℓ(z; θ_t), with c_w the window's first checkpoint,
+η̄_w its mean rate and B_w its mean batch size (its visits over its steps), in expectation the post-hoc
+TracIn-CP. Grad-Dot, Grad-Cos and IF use each attributed stage's last window (its per-visit mean
+gradients and its Fisher) in place of θ_T's: a stand-in, exact only as the window shrinks to a
+step. TRAK needs the measurement gradients of the training examples, which capture does not take.
+
 **Influence-function damping** (never tuned on test queries): δ = ``damping_factor`` × the mean
 eigenvalue of the projected Fisher (kronfluence's heuristic with its factor 0.1, applied in the space
 where the inverse is taken).
@@ -55,6 +63,13 @@ from tqdm.auto import tqdm
 from source_proj.errors import StoreError, TaskError
 from source_proj.featurize.arguments import as_stage_datasets, default_device
 from source_proj.featurize.plan import segment_for
+from source_proj.featurize.windows import (
+    WindowGradients,
+    is_captured,
+    stage_windows,
+    window_array,
+    window_curvature,
+)
 from source_proj.methods.fit import _claim_method, _finish_method, checkpoint_curvature
 from source_proj.query.attributor import store_trajectory
 from source_proj.store.store import Store, ckpt_key
@@ -89,8 +104,8 @@ class BaselineArguments:
     rcond: float = 1e-6
 
 
-ChunkFn = Callable[[str, int, int], np.ndarray]
-"""(stage, first row, stop row) → training features of those rows, ``[rows, d]``."""
+ChunkFn = Callable[[str, int, int], Any]
+"""(stage, first row, stop row) → training features (or gradients) of those rows, ``[rows, d]``."""
 
 
 def _query_scales(meta: dict[str, Any], steps: Sequence[int]) -> list[str | None] | None:
@@ -139,11 +154,18 @@ def fit_baseline(
     attributed = _stages(args.stages, sizes)
     final = meta["trajectory"]["checkpoints"][-1]
     name = args.method or args.kind
+    if is_captured(meta) and not meta.get("captured"):
+        raise StoreError(f"The store at {store.path} is still being captured; finish or resume training first.")
+    if is_captured(meta) and args.kind == "trak":
+        raise TaskError(
+            "TRAK needs the training examples' measurement gradients at the final checkpoint, which in-run capture "
+            "does not take; featurize the run after training for TRAK."
+        )
     if args.kind == "repsim":
         dim, recipe, chunk_fn = _repsim(store, model, task, train_data, device, batch_size)
         extra: dict[str, Any] = {}
     elif args.kind == "tracin":
-        dim, recipe, chunk_fn, extra = _tracin(store, attributed, sizes)
+        dim, recipe, chunk_fn, extra = (_captured_tracin if is_captured(meta) else _tracin)(store, attributed, sizes)
     else:
         dim, recipe, chunk_fn, extra = _final_checkpoint(store, args, attributed, sizes, final)
     if recipe.get("features", "gradient") == "gradient":
@@ -186,7 +208,7 @@ def _stages(requested: tuple[str, ...] | None, sizes: Mapping[str, int]) -> list
 
 
 def _rows(store: Store, array: str, start: int, stop: int) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(store.array(array)[start:stop])).double()
+    return torch.from_numpy(store.read_rows(array, start, stop)).double()
 
 
 def _require_complete(store: Store, arrays: list[str], why: str) -> None:
@@ -212,8 +234,29 @@ def _final_checkpoint(
 ) -> tuple[int, dict[str, Any], ChunkFn, dict[str, Any]]:
     """Grad-Dot, Grad-Cos, IF and TRAK: a k×k operator applied to the final checkpoint's gradients."""
     key = ckpt_key(final)
-    k = store.meta["projection"]["dim"]
-    _require_complete(store, [f"grads/{s}/{key}" for s in attributed], "training gradients at the final checkpoint")
+    meta = store.meta
+    k = meta["projection"]["dim"]
+    gradients: ChunkFn
+    if is_captured(meta):
+        last = {s: _last_window(meta, s) for s in sizes}
+        rows = meta["featurize"]["chunk_rows"]
+
+        def gradients(stage: str, start: int, stop: int) -> torch.Tensor:
+            seg = last[stage]
+            return WindowGradients(store, [seg])(stage, start // rows, [seg])[0]
+
+        def curvature(stage: str) -> torch.Tensor:
+            return window_curvature(store, last[stage])
+
+    else:
+        _require_complete(store, [f"grads/{s}/{key}" for s in attributed], "training gradients at the final checkpoint")
+
+        def gradients(stage: str, start: int, stop: int) -> torch.Tensor:
+            return _rows(store, f"grads/{stage}/{key}", start, stop)
+
+        def curvature(stage: str) -> torch.Tensor:
+            return checkpoint_curvature(store, stage, final)
+
     extra: dict[str, Any] = {}
     operator: torch.Tensor | None = None
     if args.kind in ("if", "trak"):
@@ -221,7 +264,7 @@ def _final_checkpoint(
         total = sum(sizes[s] for s in curv)
         extra["curvature_stages"] = curv
         if args.kind == "if":
-            fisher = sum(sizes[s] * checkpoint_curvature(store, s, final) for s in curv) / total
+            fisher = sum(sizes[s] * curvature(s) for s in curv) / total
             eigvals = torch.linalg.eigvalsh(fisher).clamp_min(0.0)
             damping = args.damping_factor * float(eigvals.mean())
             operator = _inverse(fisher, damping, args.rcond) / total
@@ -238,7 +281,7 @@ def _final_checkpoint(
     normalize = args.kind == "grad-cos"
 
     def chunk(stage: str, start: int, stop: int) -> np.ndarray:
-        g = _rows(store, f"grads/{stage}/{key}", start, stop)
+        g = gradients(stage, start, stop)
         if operator is not None:
             g = g @ operator
         elif normalize:
@@ -246,6 +289,8 @@ def _final_checkpoint(
         return (-g).float().numpy()
 
     recipe = {"checkpoints": [final], "weights": [1.0], "features": "gradient", "normalize": normalize}
+    if args.kind == "grad-dot":
+        extra["train"] = {"terms": [_term(store.meta, s, [final], [0, k], -1.0) for s in attributed]}
     return k, recipe, chunk, extra
 
 
@@ -289,7 +334,65 @@ def _tracin(
         "features": "gradient",
         "normalize": False,
     }
-    return k * len(order), recipe, chunk, {"checkpoint_weights": [w for _, w in order]}
+    train = {
+        "terms": [
+            _term(meta, stage, [c], [slot[c] * k, (slot[c] + 1) * k], -(w**0.5) / sizes[stage])
+            for stage, pairs in used.items()
+            for c, w in pairs
+        ]
+    }
+    return k * len(order), recipe, chunk, {"checkpoint_weights": [w for _, w in order], "train": train}
+
+
+def _term(meta: dict[str, Any], stage: str, steps: list[int], columns: list[int], weight: float) -> dict[str, Any]:
+    """One term of a method's training recipe (see ``fit._Fit._train_recipe``): the stored gradients of
+    ``stage`` at ``steps`` (scaled as featurize scaled them), times ``weight``, in feature ``columns``."""
+    segments = [Segment.from_description(d) for d in (meta.get("segmentation") or {}).get("segments", [])]
+    scales = [segment_for(segments, stage, step).preconditioner if segments else None for step in steps]
+    points = [{"point": ["checkpoint", step], "scale": scale} for step, scale in zip(steps, scales, strict=True)]
+    return {"stage": stage, "columns": columns, "weight": weight, "operator": None, "points": points}
+
+
+def _last_window(meta: dict[str, Any], stage: str) -> Segment:
+    """A stage's last captured window, as a one-window segment (what stands in for θ_T on a captured store)."""
+    start = stage_windows(meta, stage)[-1]
+    end = next(s["end_step"] for s in meta["trajectory"]["stages"] if s["name"] == stage)
+    return Segment(stage, start, end, (start,), 0.0, 0.0)
+
+
+def _captured_tracin(
+    store: Store, attributed: list[str], sizes: Mapping[str, int]
+) -> tuple[int, dict[str, Any], ChunkFn, dict[str, Any]]:
+    """TracIn over the captured visits: √(η̄_w/B_w)-scaled window sums, queried at each window's first checkpoint."""
+    meta = store.meta
+    k = meta["projection"]["dim"]
+    lr = store.read("trajectory/lr")
+    ends = {s["name"]: s["end_step"] for s in meta["trajectory"]["stages"]}
+    used: list[tuple[int, str, float]] = []
+    for stage in attributed:
+        starts = stage_windows(meta, stage)
+        for start, end in zip(starts, [*starts[1:], ends[stage]], strict=True):
+            visits = float(store.read(window_array("visits", stage, start)).sum())
+            weight = float(lr[start:end].mean()) * (end - start) / visits if visits else 0.0
+            used.append((start, stage, weight))
+    used.sort()
+    rows = meta["featurize"]["chunk_rows"]
+
+    def chunk(stage: str, start: int, stop: int) -> np.ndarray:
+        out = torch.zeros(stop - start, k * len(used), dtype=torch.float64)
+        for slot, (window, owner, weight) in enumerate(used):
+            if owner == stage:
+                g = torch.from_numpy(store.read_chunk(window_array("grads", stage, window), start // rows)).double()
+                out[:, slot * k : (slot + 1) * k] = -(weight**0.5) * g
+        return out.float().numpy()
+
+    recipe = {
+        "checkpoints": [window for window, _, _ in used],
+        "weights": [weight**0.5 for _, _, weight in used],
+        "features": "gradient",
+        "normalize": False,
+    }
+    return k * len(used), recipe, chunk, {"window_weights": [weight for _, _, weight in used]}
 
 
 def _repsim(

@@ -22,9 +22,17 @@ from source_proj.distributed import Ranks, Shard, rank_device, ranks, run_sharde
 from source_proj.errors import NumericalError, StoreError, TaskError
 from source_proj.featurize.arguments import default_device
 from source_proj.featurize.factors import layers_from_description
+from source_proj.featurize.plan import segment_for
+from source_proj.featurize.windows import (
+    WindowGradients,
+    expected_windows,
+    is_captured,
+    window_curvature,
+    window_cuts,
+)
 from source_proj.methods.kronecker import KroneckerCurvature, LayerFactors
-from source_proj.projection.transform import scaling_transform
 from source_proj.methods.source import SegmentOperator, fold
+from source_proj.projection.transform import scaling_transform
 from source_proj.store.store import Store, ckpt_key, is_store
 from source_proj.trajectory.autosegment import TrajectoryView, trajectory_view
 from source_proj.trajectory.preconditioner import unflatten
@@ -37,11 +45,12 @@ class FitArguments:
     """How the trajectory is segmented and which data are attributed.
 
     With none of ``segments_per_stage``, ``boundaries``, ``auto_segments`` given, fit uses the
-    segmentation recorded by featurize, else 3 equal parts per stage. A store whose features
+    segmentation recorded by featurize, else one segment per stage (the evidence of BENCHMARKS.md,
+    issue 12: never below three per stage on the settings measured). A store whose features
     depend on the segmentation (Adam/AdamW runs, Fast-SOURCE) refuses any other.
 
     Attributes:
-        segments_per_stage: equal parts (by step) each stage is cut into (the paper uses 3).
+        segments_per_stage: equal parts (by step) each stage is cut into (default 1; the paper uses 3).
         boundaries: explicit global steps to cut at instead (stage boundaries are always cut).
         auto_segments: L, a budget of segments placed automatically where the projected curvature
             and gradients change most (``autosegment.py``); ``0``: their number is chosen too.
@@ -55,7 +64,7 @@ class FitArguments:
         curvature: ``"kfac"``: per-layer Kronecker factors in the full parameter space, SOURCE's
             operators applied to the query gradient before projection (``methods/kronecker.py``);
             ``"projected"``: the k × k projected Gauss–Newton, operators folded into the training
-            features (``methods/source.py``). Default: ``"kfac"`` when featurize stored Kronecker
+            features (``methods/source.py``). Default: ``"kfac"`` when featurize stored only Kronecker
             factors, else ``"projected"``.
     """
 
@@ -75,7 +84,7 @@ class FitArguments:
     def resolve_curvature(self, meta: dict[str, Any]) -> str:
         """The curvature this fit uses on a store with metadata ``meta`` (see ``curvature``)."""
         stored = meta["featurize"].get("curvature", "projected")
-        curvature = self.curvature or ("kfac" if stored in ("kfac", "both") else "projected")
+        curvature = self.curvature or ("kfac" if stored == "kfac" else "projected")
         if curvature not in ("kfac", "projected"):
             raise TaskError(f"Unknown curvature {curvature!r}; use 'kfac' or 'projected'.")
         available = {"kfac": ("kfac", "both"), "projected": ("projected", "both")}[curvature]
@@ -128,6 +137,14 @@ def resolve_segments(store: Store, args: FitArguments) -> tuple[list[Segment], T
     steps = meta["trajectory"]["checkpoints"]
     lr = store.read("trajectory/lr")
     bound = args.fast or any(s.get("preconditioner") for s in (recorded or {}).get("segments", []))
+    if requested.auto is not None and is_captured(meta):
+        raise StoreError(
+            f"The store at {store.path} was captured during training, and automatic segments need per-checkpoint "
+            "features; fit it with --segments N (equal parts per stage) or explicit boundaries."
+        )
+    if is_captured(meta):
+        cuts = window_cuts(meta, requested.per_stage, requested.boundaries)
+        return make_segments(stages, steps, lr, param_sizes(meta), boundaries=cuts), None
     if requested.auto is not None and not bound:
         view = store_view(store, requested.auto)
         return make_segments(stages, steps, lr, param_sizes(meta), boundaries=view.cuts), view
@@ -271,8 +288,19 @@ class _Fit:
         if unknown:
             raise TaskError(f"Unknown stage(s) {unknown}; the trajectory's stages are {stage_names}.")
         segments, view = resolve_segments(store, self.args)
+        captured = is_captured(meta)
+        if captured and not meta.get("captured"):
+            raise StoreError(
+                f"The store at {store.path} is still being captured (its training run has not closed its recorder); "
+                "finish or resume training, then fit."
+            )
+        if captured and self.args.fast:
+            raise StoreError(f"The store at {store.path} was captured during training; Fast-SOURCE needs featurize.")
         keys = feature_keys(segments, self.args.fast)
-        needed = sorted({f"grads/{seg.stage}/{k}" for seg, ks in zip(segments, keys, strict=True) for k in ks})
+        if captured:
+            needed = sorted(expected_windows(meta))
+        else:
+            needed = sorted({f"grads/{seg.stage}/{k}" for seg, ks in zip(segments, keys, strict=True) for k in ks})
         missing = [name for name in needed if not store.has(name)]
         if missing:
             hint = "run featurize with checkpoints=True"
@@ -307,10 +335,46 @@ class _Fit:
             "stages": attributed,
             "dim": dim,
             "query": query,
+            "train": self._train_recipe(meta, segments, attributed, curvature == "kfac"),
         }
         if view is not None:
             description["view"] = view.describe()
+        if captured:
+            description["features"] = "captured"
         return description, segments
+
+    def _train_recipe(
+        self, meta: dict[str, Any], segments: Sequence[Segment], stages: Sequence[str], kronecker: bool = False
+    ) -> dict[str, Any]:
+        """How T(z) is made of gradients at feature points (``query.per_token`` recomputes them per token):
+        T(z) = Σ_terms weight · operator · Σ_points P(s ⊙ ∇ℓ(z; θ_point)), here one term per segment
+        with operator A_ℓ (stored by `finish`) and weight −1/(N · points). With Kronecker curvature the
+        operators act on the query side: each attributed segment's term fills its own block of k columns,
+        without an operator."""
+        recorded = [Segment.from_description(d) for d in (meta.get("segmentation") or {}).get("segments", [])]
+        sizes = {s["name"]: s["dataset_size"] for s in meta["trajectory"]["stages"]}
+        terms = []
+        for index, seg in enumerate(segments):
+            if seg.stage not in stages:
+                continue
+            if self.args.fast:
+                points = [{"point": ["mean", list(seg.checkpoints)], "scale": seg.preconditioner}]
+            else:
+                points = [
+                    {"point": ["checkpoint", step],
+                     "scale": segment_for(recorded, seg.stage, step).preconditioner if recorded else None}
+                    for step in seg.checkpoints
+                ]  # fmt: skip
+            k = meta["projection"]["dim"]
+            block = len([s for s in segments[:index] if s.stage in stages]) if kronecker else 0
+            terms.append({
+                "stage": seg.stage,
+                "columns": [block * k, (block + 1) * k],
+                "weight": -1.0 / (sizes[seg.stage] * len(points)),
+                "operator": None if kronecker else f"methods/{self.method}/operators/{index}/folded",
+                "points": points,
+            })  # fmt: skip
+        return {"terms": terms}
 
     def _items(self, store: Store, description: dict[str, Any], create: bool = False) -> list[tuple[str, int]]:
         """Every (stage, row chunk) of the cached features in a fixed order (``create``: create the arrays)."""
@@ -345,38 +409,62 @@ class _Fit:
     def work(self, group: Ranks) -> None:
         store = Store.open(self.path, writable=True)
         description = store.meta["methods"][self.method]
-        mine = group.shard.take(self._items(store, description))
+        per_shard = store.shard_chunks  # a shard file is written by one process: split at shard boundaries
+        mine = group.shard.take_groups(self._items(store, description), lambda item: (item[0], item[1] // per_shard))
         names = {stage: f"methods/{self.method}/train/{stage}" for stage in description["stages"]}
         store.heal_chunks([(names[stage], chunk) for stage, chunk in mine])
         pending = {stage: set(store.pending_chunks(name)) for stage, name in names.items()}
         work = [(stage, chunk) for stage, chunk in mine if chunk in pending[stage]]
         segments = [Segment.from_description(d) for d in description["segments"]]
-        keys = feature_keys(segments, self.args.fast)
         sizes = {s["name"]: s["dataset_size"] for s in store.meta["trajectory"]["stages"]}
         if description.get("curvature") == "kfac":
+            keys = feature_keys(segments, self.args.fast)
             self._curvatures = [kronecker_curvature(store, seg, ks) for seg, ks in zip(segments, keys, strict=True)]
             blocks = description["query"]["operators"]["blocks"]
             for stage, chunk in tqdm(work, desc="fit", unit="chunk", disable=not self.progress):
                 values = _segment_blocks(store, stage, chunk, sizes[stage], segments, keys, blocks)
                 store.write_chunk(names[stage], chunk, values)
             return
-        self._operators = segment_operators(
-            store, segments, keys, self.device, _shared_curvature(store, segments, keys, self.device, group)
-        )
-        folded = fold(self._operators)
+        means: Callable[[str, int, Sequence[Segment]], list[torch.Tensor]]
+        windows = None
+        if is_captured(store.meta):
+            windows = WindowGradients(store, segments)
+            self._operators = [
+                SegmentOperator.from_curvature(window_curvature(store, seg, self.device), seg.time, seg.weight_decay)
+                for seg in segments
+            ]
+            means = windows
+        else:
+            keys = feature_keys(segments, self.args.fast)
+            self._operators = segment_operators(
+                store, segments, keys, self.device, _shared_curvature(store, segments, keys, self.device, group)
+            )
+            means = partial(_checkpoint_means, store, dict(zip(segments, keys, strict=True)))
+        folded = dict(zip(segments, fold(self._operators), strict=True))
         for stage, chunk in tqdm(work, desc="fit", unit="chunk", disable=not self.progress):
-            values = _fold_chunk(store, stage, chunk, sizes[stage], segments, keys, folded)
-            store.write_chunk(names[stage], chunk, values)
+            own = [seg for seg in segments if seg.stage == stage]
+            if not own:
+                raise TaskError(
+                    f"Stage {stage!r} has no segment with checkpoints, so its examples cannot be attributed."
+                )
+            total = sum(g.to(self.device) @ folded[seg].T for seg, g in zip(own, means(stage, chunk, own), strict=True))
+            assert isinstance(total, torch.Tensor)
+            store.write_chunk(names[stage], chunk, (-total / sizes[stage]).float().cpu().numpy())
+        if windows is not None:
+            windows.warn()
 
     def finish(self) -> bool:
         store = Store.open(self.path, writable=True)
         description = store.meta["methods"][self.method]
         if any(store.pending_chunks(f"methods/{self.method}/train/{stage}") for stage in description["stages"]):
             return False
-        for index, op in enumerate(self._operators or []):
-            name = f"methods/{self.method}/operators/{index}/eigvals"
-            if not store.is_complete(name):
-                store.write_whole(name, op.eigvals.cpu().numpy())
+        operators = self._operators or []
+        for index, (op, folded) in enumerate(zip(operators, fold(operators), strict=True)):
+            name = f"methods/{self.method}/operators/{index}"
+            if not store.is_complete(f"{name}/eigvals"):
+                store.write_whole(f"{name}/eigvals", op.eigvals.cpu().numpy())
+            if not store.is_complete(f"{name}/folded"):  # A_ℓ, for per-token scores (the train recipe)
+                store.write_whole(f"{name}/folded", folded.float().cpu().numpy())
         if description.get("curvature") == "kfac":
             curvatures = self._curvatures
             if curvatures is None:  # another process did the work
@@ -416,30 +504,17 @@ def _shared_curvature(
     return curvature
 
 
-def _fold_chunk(
-    store: Store,
-    stage: str,
-    chunk: int,
-    size: int,
-    segments: Sequence[Segment],
-    keys: Sequence[Sequence[str]],
-    folded: Sequence[torch.Tensor],
-) -> np.ndarray:
-    total: torch.Tensor | None = None
-    for seg, points, a in zip(segments, keys, folded, strict=True):
-        if seg.stage != stage:
-            continue
-        mean = None
-        for key in points:
-            g = torch.from_numpy(store.read_chunk(f"grads/{stage}/{key}", chunk)).to(a.device).double()
-            mean = g if mean is None else mean + g
-        assert mean is not None
-        mean /= len(points)
-        contribution = mean @ a.T
-        total = contribution if total is None else total + contribution
-    if total is None:
-        raise TaskError(f"Stage {stage!r} has no segment with checkpoints, so its examples cannot be attributed.")
-    return (-total / size).float().cpu().numpy()
+def _checkpoint_means(
+    store: Store, keys: dict[Segment, Sequence[str]], stage: str, chunk: int, segments: Sequence[Segment]
+) -> list[torch.Tensor]:
+    """ḡ_ℓ(z) = mean over the segment's feature points of the stored gradients, float64 ``[rows, k]`` per segment."""
+    out = []
+    for seg in segments:
+        points = keys[seg]
+        total = sum(torch.from_numpy(store.read_chunk(f"grads/{stage}/{key}", chunk)).double() for key in points)
+        assert isinstance(total, torch.Tensor)
+        out.append(total / len(points))
+    return out
 
 
 def _claim_method(store: Store, method: str, description: dict[str, Any], overwrite: bool) -> None:
@@ -463,11 +538,14 @@ def _identity(description: dict[str, Any]) -> Any:
     """What determines a fitted method's result: its description without the raw arguments (two
     spellings of the same request, e.g. a default left out or given, fit the same method) and
     without its completion flag, normalised through JSON (tuples and lists compare equal)."""
-    return json.loads(json.dumps({k: v for k, v in description.items() if k not in ("arguments", "complete")}))
+    described = {k: v for k, v in description.items() if k not in ("arguments", "complete", "train")}
+    return json.loads(json.dumps(described))
 
 
 def _finish_method(store: Store, method: str) -> None:
     methods = dict(store.meta["methods"])
+    for stage in methods[method]["stages"]:
+        store.pack(f"methods/{method}/train/{stage}")
     methods[method] = {**methods[method], "complete": True}
     store.update_meta(methods=methods)
 

@@ -57,7 +57,8 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -285,8 +286,7 @@ class FactoredProjector(Projector):
         transform's elementwise scale on a factored layer cannot be applied without materialising
         its gradient and is refused: build the transform with :meth:`scaling`.
         """
-        if not self._checked:
-            self._check_against_materialised(grads_fn, batch, quantity)
+        self.check_layers(grads_fn, batch, quantity)
         features = self._layer_features(grads_fn, batch, quantity, transform)
         if self.rest is not None:
             rest = grads_fn(batch, quantity, names=self.rest_names)
@@ -321,22 +321,51 @@ class FactoredProjector(Projector):
         size = batch_size(batch)
         device = grads_fn.device
         dtype = torch.bfloat16 if grads_fn.precision == "bf16" else torch.float32
-        modules = dict(grads_fn.model.named_modules())
         out = torch.zeros(size, self.dim, dtype=torch.float32, device=device)
         probe = torch.zeros((), device=device, requires_grad=True)
-        handles = []
-        for layer, block, (left, right) in zip(self.layers, self.blocks, self._stacks(transform, device), strict=True):
-            for name, kind in layer.uses:
-                hook = _LayerHook(layer, block, kind, modules[name], left.to(dtype), right.to(dtype), size, probe, out)
-                handles.append(modules[name].register_forward_hook(hook))
-        try:
+        with self.tapped(grads_fn.model, lambda: out, probe, dtype=dtype, transform=transform):
             total = grads_fn.values(batch, quantity).sum()
             if total.requires_grad:
                 torch.autograd.grad(total, probe, allow_unused=True)
+        return out
+
+    @contextmanager
+    def tapped(
+        self,
+        model: nn.Module,
+        target: Callable[[], Tensor | None],
+        probe: Tensor,
+        *,
+        dtype: torch.dtype = torch.float32,
+        transform: GradientTransform | None = None,
+    ) -> Iterator[None]:
+        """Forward hooks on every use of every factored layer of ``model`` while the context is open.
+
+        At each forward of a layer, ``target()`` names where its backward adds each example's
+        Σ_r P_out L_r G R_rᵀ P_inᵀ: a float32 ``[B, dim]`` tensor (B the batch size the layer sees), or
+        ``None`` to leave that forward untapped. The layer path of `project_batch`, and in-run capture
+        (``featurize/capture.py``) where the backward is the training step's own. ``probe`` (a scalar
+        with ``requires_grad``) makes every tapped output part of the graph even when the parameters
+        are constants; differentiate with respect to it to run the taps alone.
+        """
+        modules = dict(model.named_modules())
+        device = probe.device
+        handles = []
+        try:
+            stacks = self._stacks(transform, device)
+            for layer, block, (left, right) in zip(self.layers, self.blocks, stacks, strict=True):
+                for name, kind in layer.uses:
+                    hook = _LayerHook(layer, block, kind, modules[name], left.to(dtype), right.to(dtype), probe, target)
+                    handles.append(modules[name].register_forward_hook(hook))
+            yield
         finally:
             for handle in handles:
                 handle.remove()
-        return out
+
+    def check_layers(self, grads_fn: PerExampleGradients, batch: Batch, quantity: Quantity = "loss") -> None:
+        """Refuse a model whose layer path differs from the materialised map (run once per projector)."""
+        if not self._checked:
+            self._check_against_materialised(grads_fn, batch, quantity)
 
     def _check_against_materialised(self, grads_fn: PerExampleGradients, batch: Batch, quantity: Quantity) -> None:
         """Once per projector: the layer path must equal the materialised map on two examples (fp32).
@@ -392,7 +421,8 @@ class _LayerHook:
     ``left`` ``[R·k_out, d_out]`` and ``right`` ``[R·k_in, d_in']`` are the stacked factor pairs. For
     linear layers and convolutions the input gives the right side and the output gradient the left
     one; for an embedding the token gives the left side (a column of ``left``) and the output
-    gradient the right one.
+    gradient the right one. The features go into the tensor ``target()`` names at the forward (its
+    rows are the examples; ``None``: this forward is not tapped).
     """
 
     def __init__(
@@ -403,36 +433,40 @@ class _LayerHook:
         module: nn.Module,
         left: Tensor,
         right: Tensor,
-        batch: int,
         probe: Tensor,
-        out: Tensor,
+        target: Callable[[], Tensor | None],
     ) -> None:
         self.layer, self.block, self.kind, self.module, self.left, self.right = layer, block, kind, module, left, right
-        self.batch, self.probe, self.out = batch, probe, out[:, block.columns]
+        self.probe, self.target = probe, target
 
-    def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor:
+    def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor | None:
+        target = self.target()
+        if target is None:
+            return None
+        batch = target.shape[0]
         x = inputs[0]
-        if self.kind == "embedding" and x.shape[0] == 1 < self.batch:
+        if self.kind == "embedding" and x.shape[0] == 1 < batch:
             # Positions shared by the batch ([1, T]): one row per example, so the tap sees per-example gradients.
-            x, output = x.expand(self.batch, *x.shape[1:]), output.expand(self.batch, *output.shape[1:])
-        if x.shape[0] != self.batch:
+            x, output = x.expand(batch, *x.shape[1:]), output.expand(batch, *output.shape[1:])
+        if x.shape[0] != batch:
             raise TaskError(
                 f"Layer {self.layer.module!r} sees inputs of first dimension {x.shape[0]}, not the batch size "
-                f"{self.batch}: the factored projection needs examples along the first dimension of every layer's "
+                f"{batch}: the factored projection needs examples along the first dimension of every layer's "
                 "input; use the 'rademacher' projection for this model."
             )
+        out = target[:, self.block.columns]
         with torch.no_grad():
-            recorded = self._forward_side(x.detach())
-        return _Tap.apply(output, self.probe, lambda grad: self._accumulate(recorded, grad))
+            recorded = self._forward_side(x.detach(), batch)
+        return _Tap.apply(output, self.probe, lambda grad: self._accumulate(out, recorded, grad))
 
-    def _forward_side(self, x: Tensor) -> Tensor:
+    def _forward_side(self, x: Tensor, batch: int) -> Tensor:
         """``[B, T, R·k]``: P_in R_r a_t (layers) or the column of P_out L_r at token x_t (embeddings)."""
         layer, right = self.layer, self.right
         if self.kind == "embedding":
-            side = self.left.T[x.reshape(self.batch, -1)]
+            side = self.left.T[x.reshape(batch, -1)]
             padding = self.module.padding_idx
             if padding is not None:  # torch gives the padding row no gradient
-                side = side.masked_fill((x.reshape(self.batch, -1) == padding).unsqueeze(-1), 0)
+                side = side.masked_fill((x.reshape(batch, -1) == padding).unsqueeze(-1), 0)
             return side
         x = x.to(right.dtype)
         weight = right[:, : layer.in_features]
@@ -440,24 +474,25 @@ class _LayerHook:
             kernel = weight.reshape(-1, *self.module.weight.shape[1:])
             a = self.module._conv_forward(x, kernel, None).flatten(2).transpose(1, 2)
         else:
-            a = x.reshape(self.batch, -1, layer.in_features) @ weight.T
+            a = x.reshape(batch, -1, layer.in_features) @ weight.T
         if layer.bias:
             a = a + right[:, layer.in_features]
         return a
 
-    def _backward_side(self, grad: Tensor) -> Tensor:
+    def _backward_side(self, grad: Tensor, batch: int) -> Tensor:
         """``[B, T, R·k]``: P_out L_r δ_t (layers) or P_in R_r δ_t (embeddings)."""
         if self.kind == "embedding":
-            return grad.reshape(self.batch, -1, self.layer.in_features) @ self.right.T
+            return grad.reshape(batch, -1, self.layer.in_features) @ self.right.T
         if self.kind == "conv":
             return torch.einsum("bct,kc->btk", grad.flatten(2), self.left)
-        return grad.reshape(self.batch, -1, self.layer.out_features) @ self.left.T
+        return grad.reshape(batch, -1, self.layer.out_features) @ self.left.T
 
-    def _accumulate(self, recorded: Tensor, grad: Tensor) -> None:
+    def _accumulate(self, out: Tensor, recorded: Tensor, grad: Tensor) -> None:
+        batch = out.shape[0]
         with torch.no_grad():
-            other = self._backward_side(grad.to(self.left.dtype))
+            other = self._backward_side(grad.to(self.left.dtype), batch)
             d, a = (recorded, other) if self.kind == "embedding" else (other, recorded)
             # [B, T, R·k] → [B, T·R, k]: the sum over positions and terms is one batched product.
-            d = d.reshape(self.batch, -1, self.block.k_out).float()
-            a = a.reshape(self.batch, -1, self.block.k_in).float()
-            self.out += torch.bmm(d.transpose(1, 2), a).reshape(self.batch, -1)
+            d = d.reshape(batch, -1, self.block.k_out).float()
+            a = a.reshape(batch, -1, self.block.k_in).float()
+            out += torch.bmm(d.transpose(1, 2), a).reshape(batch, -1)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
+from tqdm.auto import tqdm
 
 from source_proj.errors import StoreError, TaskError
 from source_proj.featurize.arguments import default_device
@@ -33,9 +34,10 @@ from source_proj.methods.fit import read_curvature
 from source_proj.methods.kronecker import KroneckerCurvature, source_query_directions
 from source_proj.projection.factory import projector_from_meta
 from source_proj.projection.transform import scaling_transform
-from source_proj.query.topk import SearchBackend, TorchIndex, build_index
-from source_proj.store.provenance import check_query_model, check_run
+from source_proj.query.topk import IVFArguments, SearchBackend, TorchIndex, build_index
+from source_proj.store.provenance import check_model, check_query_model, check_run, model_errors
 from source_proj.store.store import Store
+from source_proj.store.writing import current_writer
 from source_proj.tasks.gradients import PerExampleGradients, move_batch
 from source_proj.tasks.task import Task
 from source_proj.trajectory.preconditioner import read_scale
@@ -64,6 +66,13 @@ class StageRows:
 def method_meta(store: Store, method: str) -> dict[str, Any]:
     """A fitted method's description; refuses a missing or unfinished one."""
     methods = store.meta.get("methods") or {}
+    if not methods.get(method, {}).get("complete"):
+        writer = current_writer(store.path)
+        if writer is not None:
+            raise StoreError(
+                f"Method {method!r} in {store.path} is not ready: the store is being written {writer}; wait for "
+                "that to finish, then query again."
+            )
     if method not in methods:
         raise StoreError(
             f"The store at {store.path} has no fitted method {method!r} (it has {sorted(methods)}); run "
@@ -89,17 +98,23 @@ def train_features(store: Store, method: str = "source") -> np.ndarray:
     return np.concatenate([store.read(f"methods/{method}/train/{r.stage}") for r in method_rows(store, method)])
 
 
-def _batches(queries: Dataset | Sequence[Any], batch_size: int) -> Iterator[Any]:
+def _as_dataset(queries: Dataset | Sequence[Any]) -> Dataset | Sequence[Any]:
+    """Queries given as a tuple of tensors (inputs, labels, …) become a dataset of their rows."""
     if isinstance(queries, (tuple, list)) and queries and all(isinstance(t, torch.Tensor) for t in queries):
-        queries = TensorDataset(*queries)
-    yield from DataLoader(queries, batch_size=batch_size, shuffle=False)  # type: ignore[arg-type]
+        return TensorDataset(*queries)
+    return queries
+
+
+def _batches(queries: Dataset | Sequence[Any], batch_size: int) -> Iterator[Any]:
+    yield from DataLoader(_as_dataset(queries), batch_size=batch_size, shuffle=False)  # type: ignore[arg-type]
 
 
 class Attributor:
     """Scores queries against a fitted store; keeps the query model and the index between calls.
 
     Queries are scored at the store's final checkpoint θ_T, never at the weights ``model`` holds;
-    a model, task or run that is not the store's is refused (see ``provenance.check_query_model``).
+    a model, task or run that is not the store's is refused (see ``provenance.check_query_model``),
+    and so is a model that computes something else at θ_T (``provenance.check_model``).
 
     Args:
         store: a featurized and fitted store (or its path).
@@ -110,10 +125,13 @@ class Attributor:
         device: where query gradients are computed.
         batch_size: queries per gradient batch.
         search_backend: top-k search (see ``topk.build_index``): ``"auto"`` (FAISS-GPU, else torch on
-            a CUDA device, else FAISS), ``"faiss"``, ``"torch"`` (resident on ``device``) or
-            ``"stream"`` (store chunk by chunk: memory bounded by the chunk size).
+            a CUDA device, else FAISS), ``"faiss"``, ``"torch"`` (resident on ``device``),
+            ``"stream"`` (store chunk by chunk: memory bounded by the chunk size), or ``"ivf"``
+            (approximate: FAISS inverted file, see ``search_ivf``).
         search_devices: devices the index is sharded over (e.g. ``["cuda:0", "cuda:1"]``); default
             ``device``, or every GPU when the features do not fit on it.
+        search_ivf: the approximate index's settings (``search_backend="ivf"``).
+        progress: show a progress bar while query features take longer than two seconds.
     """
 
     def __init__(
@@ -128,6 +146,8 @@ class Attributor:
         batch_size: int = 64,
         search_backend: SearchBackend = "auto",
         search_devices: Sequence[str] | None = None,
+        search_ivf: IVFArguments = IVFArguments(),
+        progress: bool = True,
     ) -> None:
         self.store = store if isinstance(store, Store) else Store.open(store)
         meta = self.store.meta
@@ -139,54 +159,68 @@ class Attributor:
         self.device = default_device(device)
         self.model = copy.deepcopy(model).to(self.device)
         self.task = task
+        self._loaded: int | None = None
+        self._load(self.trajectory.final_checkpoint.step)
+        check_model(self.store, self.model, task, self.device)
         names = [name for name, _ in meta["params"]]
         self.projector = projector_from_meta(meta, self.model)
         self.param_names = names
         self.batch_size = batch_size
         self.search_backend = search_backend
         self.search_devices = search_devices
+        self.search_ivf = search_ivf
+        self.progress = progress
         self._index: faiss.Index | TorchIndex | None = None
         self._curvatures: list[KroneckerCurvature] | None = None
         self._times: list[float] = []
 
+    def _load(self, step: int) -> None:
+        """Hold checkpoint ``step``'s weights in the query model (loaded once while unchanged)."""
+        if self._loaded != step:
+            by_step = {c.step: c for c in self.trajectory.checkpoints}
+            self.trajectory.load_into(self.model, by_step[step])
+            self._loaded = step
+
     def query_features(self, queries: Dataset | Sequence[Any]) -> torch.Tensor:
         """q̃ for every query: float32 ``[Q, d]`` (concatenated over the recipe's checkpoints)."""
+        if len(_as_dataset(queries)) == 0:  # type: ignore[arg-type]
+            raise TaskError("There are no queries to score; pass at least one query example.")
         steps, weights = self.recipe["checkpoints"], self.recipe["weights"]
         scales = self.recipe.get("scales") or [None] * len(steps)
         representation = self.recipe.get("features", "gradient") == "representation"
-        by_step = {c.step: c for c in self.trajectory.checkpoints}
         shapes = self.store.meta["params"]
         if "operators" in self.recipe:
-            return self._operator_features(queries, by_step[steps[0]], scales[0])
+            return self._operator_features(queries, steps[0], scales[0])
         parts = []
+        batches = len(steps) * -(-len(_as_dataset(queries)) // self.batch_size)  # type: ignore[arg-type]
+        bar = tqdm(total=batches, desc="query", unit="batch", delay=2.0, disable=not self.progress)
         for step, weight, scale_name in zip(steps, weights, scales, strict=True):
-            self.trajectory.load_into(self.model, by_step[step])
-            if representation:
-                feats = [
-                    self.task.representation(self.model.eval(), move_batch(b, self.device)).cpu()
-                    for b in _batches(queries, self.batch_size)
-                ]
-            else:
-                grads_fn = PerExampleGradients(self.model, self.task, self.param_names)
-                scale = read_scale(self.store, scale_name, shapes, self.device)
-                transform = None if scale is None else self.projector.scaling(scale)
-                feats = [
-                    self.projector.project_batch(
-                        grads_fn, move_batch(b, self.device), "measurement", transform=transform
-                    ).cpu()
-                    for b in _batches(queries, self.batch_size)
-                ]
+            self._load(step)
+            feats = []
+            grads_fn = None if representation else PerExampleGradients(self.model, self.task, self.param_names)
+            scale = None if representation else read_scale(self.store, scale_name, shapes, self.device)
+            transform = None if scale is None else self.projector.scaling(scale)
+            for b in _batches(queries, self.batch_size):
+                batch = move_batch(b, self.device)
+                with model_errors(f"the query batch starting at example {len(feats) * self.batch_size}"):
+                    if grads_fn is None:
+                        feats.append(self.task.representation(self.model.eval(), batch).cpu())
+                    else:
+                        grads_fn.task.measurement(grads_fn.outputs(batch), batch)  # checks labels outside vmap
+                        feats.append(
+                            self.projector.project_batch(grads_fn, batch, "measurement", transform=transform).cpu()
+                        )
+                bar.update()
             part = torch.cat(feats)
             what = "representation" if representation else "measurement gradient"
             check_finite(part, 0, f"checkpoint step {step}", what, example="query")
             if self.recipe.get("normalize", False):
                 part = torch.nn.functional.normalize(part, dim=1)
             parts.append(part * weight)
+        bar.close()
         return torch.cat(parts, dim=1)
 
-    def _operator_features(
-        self, queries: Dataset | Sequence[Any], checkpoint: Any, scale_name: str | None
-    ) -> torch.Tensor:
+    def _operator_features(self, queries: Dataset | Sequence[Any], step: int, scale_name: str | None) -> torch.Tensor:
         """Query features of a method whose operators act on the query gradient (``curvature="kfac"``):
         [P A_ℓᵀ ∇f(q; θ_T)]_ℓ over the method's blocks (``methods/kronecker.py``), float32 ``[Q, blocks·k]``."""
         operators = self.recipe["operators"]
@@ -198,18 +232,23 @@ class Attributor:
                 for i, d in enumerate(described)
             ]
         shapes = {name: tuple(shape) for name, shape in self.store.meta["params"]}
-        self.trajectory.load_into(self.model, checkpoint)
+        self._load(step)
         grads_fn = PerExampleGradients(self.model, self.task, self.param_names)
         scale = read_scale(self.store, scale_name, self.store.meta["params"], self.device)
         feats = []
-        for batch in _batches(queries, self.batch_size):
-            grads = grads_fn(move_batch(batch, self.device), "measurement")
+        batches = -(-len(_as_dataset(queries)) // self.batch_size)  # type: ignore[arg-type]
+        for b in tqdm(_batches(queries, self.batch_size), total=batches, desc="query", unit="batch", delay=2.0,
+                      disable=not self.progress):
+            batch = move_batch(b, self.device)
+            with model_errors(f"the query batch starting at example {len(feats) * self.batch_size}"):
+                grads_fn.task.measurement(grads_fn.outputs(batch), batch)  # checks labels outside vmap
+                grads = grads_fn(batch, "measurement")
             if scale is not None:  # exactly, elementwise: the operators act on materialised gradients
                 grads = scaling_transform(scale).apply(grads)
             directions = source_query_directions(grads, self._curvatures, self._times, shapes)
             feats.append(torch.cat([self.projector.project(directions[i]) for i in operators["blocks"]], dim=1).cpu())
         part = torch.cat(feats)
-        check_finite(part, 0, f"checkpoint step {checkpoint.step}", "measurement gradient", example="query")
+        check_finite(part, 0, f"checkpoint step {step}", "measurement gradient", example="query")
         return part
 
     def index(self) -> faiss.Index | TorchIndex:
@@ -230,6 +269,7 @@ class Attributor:
                 self.device,
                 self.search_backend,
                 self.search_devices,
+                self.search_ivf,
             )
         return self._index
 
@@ -247,10 +287,18 @@ class Attributor:
 def search(
     index: faiss.Index | TorchIndex, query_features: np.ndarray, k: int, rows: Sequence[StageRows]
 ) -> QueryResult:
-    """Top-k helpful (largest ⟨q, T⟩) and harmful (smallest) rows of an inner-product index."""
-    k = min(k, index.ntotal)
-    if k < 1:
-        raise TaskError("top-k needs k ≥ 1 and a non-empty index.")
+    """Top-k helpful (largest ⟨q, T⟩) and harmful (smallest) rows of an inner-product index.
+
+    Refuses ``k`` < 1 and ``k`` larger than the number of training rows (which would return every
+    row as both helpful and harmful). When fewer than ``k`` rows score above zero for a query, its
+    helpful list ends in rows that do not help it (score ≤ 0); :meth:`QueryResult.records` leaves
+    those out, and likewise harmful rows scoring ≥ 0.
+    """
+    if not 1 <= k <= index.ntotal:
+        raise TaskError(
+            f"top-k {k} is not between 1 and the {index.ntotal} training examples the method scores; ask for "
+            f"1 to {index.ntotal}."
+        )
     help_scores, help_ids = index.search(query_features, k)
     harm_scores, harm_ids = index.search(-query_features, k)
     return QueryResult(help_ids, help_scores, harm_ids, -harm_scores, list(rows))
@@ -281,15 +329,24 @@ class QueryResult:
                 return r.stage, row - r.offset
         raise IndexError(row)
 
+    def short_lists(self) -> tuple[int, int]:
+        """How many queries have fewer than k training examples that help them (score > 0), and how many
+        fewer than k that harm them (score < 0): their lists end in rows of the other sign or zero."""
+        return int((~(self.helpful_scores > 0)).any(axis=1).sum()), int((~(self.harmful_scores < 0)).any(axis=1).sum())
+
     def records(self) -> list[dict[str, Any]]:
-        """One dict per (query, kind, rank): query, kind, rank, stage, index, score."""
+        """One dict per (query, kind, rank): query, kind, rank, stage, index, score; a helpful row is
+        kept only if its score is positive, a harmful one only if negative (see :meth:`short_lists`)."""
         out = []
         for kind, ids, scores in (
             ("helpful", self.helpful_ids, self.helpful_scores),
             ("harmful", self.harmful_ids, self.harmful_scores),
         ):
+            sign = 1.0 if kind == "helpful" else -1.0
             for q in range(ids.shape[0]):
                 for rank in range(ids.shape[1]):
+                    if not sign * scores[q, rank] > 0:
+                        continue
                     stage, index = self.locate(int(ids[q, rank]))
                     out.append(
                         {

@@ -1,4 +1,5 @@
-"""An HTML report of text attribution results: each query with its top training sequences.
+"""HTML reports of text attribution results: each query with its top training sequences
+(:func:`text_report`), and the per-token scores of training sequences (:func:`token_report`).
 
 For every query: its text (optionally shaded token by token, e.g. by the next-token loss the
 measurement sums), then its training sequences with the largest and the most negative scores,
@@ -15,8 +16,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from source_proj.errors import TaskError
 from source_proj.query.attributor import QueryResult
+from source_proj.query.per_token import TokenScores
 from source_proj.store.durable import atomic_write_bytes
 
 _WORD = re.compile(r"\w+")
@@ -118,12 +122,77 @@ def _marked(text: str, words: set[str]) -> str:
     return "".join(out)
 
 
-def _shaded(text: ShadedText, top: float) -> str:
+def _shaded(text: ShadedText, top: float, joiner: str = " ") -> str:
+    """Pieces shaded by |value| / top: orange for positive values, blue for negative ones."""
     spans = []
     for piece, value in zip(text.pieces, text.values, strict=True):
-        alpha = 0.0 if top <= 0 else max(0.0, min(1.0, value / top))
+        alpha = 0.0 if top <= 0 else max(0.0, min(1.0, abs(value) / top))
+        colour = "220, 80, 40" if value >= 0 else "40, 110, 220"
         spans.append(
-            f"<span class='tok' style='background: rgba(220, 80, 40, {0.75 * alpha:.2f})' "
+            f"<span class='tok' style='background: rgba({colour}, {0.75 * alpha:.2f})' "
             f"title='{value:.3g}'>{html.escape(piece)}</span>"
         )
-    return " ".join(spans)
+    return joiner.join(spans)
+
+
+def token_report(
+    scores: TokenScores,
+    queries: Sequence[str | ShadedText],
+    decode: Callable[[int], str],
+    path: str | Path,
+    *,
+    title: str = "Per-token attribution",
+    score_labels: tuple[str, str] = ("helpful", "harmful"),
+    query_names: Sequence[str] | None = None,
+) -> Path:
+    """Write an HTML page of per-token scores (``per_token.token_scores``); returns its path.
+
+    For every query: its text, then each training sequence with its score and its tokens shaded by
+    the share of the score they carry (orange > 0, blue < 0, darkest = the sequence's largest share
+    in absolute value; hover a token for its value).
+
+    Args:
+        scores: per-token scores ``[Q, n, T]`` of n training sequences.
+        queries: each query's text, or a `ShadedText`.
+        decode: the text of one token id (e.g. ``lambda t: tokenizer.decode([t])``).
+        path: the ``.html`` file to write (replaced atomically).
+        title: the page's heading.
+        score_labels: what a positive and a negative score mean.
+        query_names: a heading per query (default ``query 0``, ``query 1``, …).
+    """
+    count = scores.tokens.shape[0]
+    if len(queries) != count:
+        raise TaskError(f"{len(queries)} query texts were given for the {count} queries of the scores; give one each.")
+    names = list(query_names) if query_names is not None else [f"query {q}" for q in range(count)]
+    legend = [
+        f"score &gt; 0 = {html.escape(score_labels[0])}; score &lt; 0 = {html.escape(score_labels[1])}.",
+        "Each token of a training sequence is shaded by the share of the sequence's score carried by its position "
+        "(orange &gt; 0, blue &lt; 0; the shares sum to the score). Hover a token for its share.",
+    ]
+    parts = [f"<h1>{html.escape(title)}</h1>", *(f'<p class="legend">{line}</p>' for line in legend)]
+    for q in range(count):
+        query = queries[q]
+        if isinstance(query, ShadedText):
+            body = _shaded(query, max((abs(v) for v in query.values), default=0.0))
+        else:
+            body = html.escape(query)
+        rows = []
+        for i, (stage, index) in enumerate(scores.where):
+            keep = scores.attention_mask[i].astype(bool)
+            values = scores.tokens[q, i][keep]
+            pieces = ShadedText([decode(int(t)) for t in scores.input_ids[i][keep]], values.tolist())
+            rest = f" (+{scores.unplaced[q, i]:+.2e} unplaced)" if scores.unplaced[q, i] else ""
+            rows.append(
+                f"<tr><td class='score'>{scores.scores[q, i]:+.3e}{rest}</td><td class='where'>"
+                f"{html.escape(stage)}[{index}]</td><td>{_shaded(pieces, float(np.abs(values).max(initial=0.0)), '')}"
+                "</td></tr>"
+            )
+        parts.append(
+            f"<h2>{html.escape(names[q])}</h2><div class='query'>{body}</div><table>{''.join(rows)}</table>"
+        )
+    page = (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>\n"
+    )
+    atomic_write_bytes(path, page.encode("utf-8"))
+    return Path(path)

@@ -8,11 +8,21 @@ Memory: resident, the N × d features live on the device, or split into shards o
 devices (``TorchIndex.sharded``) when they do not fit one; streamed, only one store chunk at a
 time (plus ``query_batch × block`` scores and ``Q × k`` winners), scored on one or several devices.
 ``faiss_shards`` is the FAISS counterpart (``IndexShards`` of GPU flat indexes).
+
+**Approximate search** (``"ivf"``, :class:`IVFArguments`): a FAISS inverted-file index clusters the
+rows into ``nlist`` cells (k-means on a sample) and each query scans only the ``nprobe`` cells whose
+centroids have the largest inner product with it, optionally holding the rows in float16
+(``IndexIVFScalarQuantizer``, half the memory). It misses a true top-k row when that row sits in a
+cell the query does not scan: its recall@k against the exact search is measured in
+``benchmarks/query_scale.py`` (BENCHMARKS.md), and rises with ``nprobe``. The torch index can hold its
+rows in half precision too (``dtype``): exact search over rounded rows.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import faiss
@@ -22,8 +32,37 @@ from torch import Tensor
 
 from source_proj.errors import TaskError
 
-SearchBackend = Literal["auto", "faiss", "torch", "stream"]
-SEARCH_BACKENDS = ("auto", "faiss", "torch", "stream")
+SearchBackend = Literal["auto", "faiss", "torch", "stream", "ivf"]
+SEARCH_BACKENDS = ("auto", "faiss", "torch", "stream", "ivf")
+
+
+@dataclass(frozen=True)
+class IVFArguments:
+    """Approximate top-k search by a FAISS inverted-file (IVF) index (see the module docstring).
+
+    Attributes:
+        nlist: cells the rows are clustered into; ``None``: 4·√N (FAISS's rule of thumb), at most N/39
+            (k-means needs about 39 training rows per cell).
+        nprobe: cells scanned per query: recall and time both rise with it.
+        fp16: hold the rows in float16 (half the memory; each score carries a relative rounding error of
+            about 1e-3), else float32.
+        train_rows: rows sampled (seeded, without replacement) to train the clustering; ``None``: 64 per cell.
+        seed: seed of that sample.
+    """
+
+    nlist: int | None = None
+    nprobe: int = 32
+    fp16: bool = False
+    train_rows: int | None = None
+    seed: int = 0
+
+    def cells(self, ntotal: int) -> int:
+        """The number of cells for ``ntotal`` rows."""
+        if self.nlist is not None:
+            if not 1 <= self.nlist <= ntotal:
+                raise TaskError(f"An IVF index of {ntotal} rows needs 1 ≤ nlist ≤ {ntotal}, not {self.nlist}.")
+            return self.nlist
+        return max(1, min(ntotal // 39, int(4 * math.sqrt(ntotal))))
 
 
 class TorchIndex:
@@ -38,6 +77,9 @@ class TorchIndex:
             scored there; another block (a host chunk read from the store) is sent to the devices in
             turn. The per-block winners are merged exactly on the first device.
         query_batch: queries per product (bounds the ``query_batch × rows`` score block).
+        dtype: the precision of the products: ``torch.float32`` (exact), or ``torch.float16`` /
+            ``torch.bfloat16`` with rows held rounded to it (half the memory, twice the speed on a GPU; the
+            order of rows whose scores differ by less than the rounding may swap).
     """
 
     def __init__(
@@ -48,6 +90,7 @@ class TorchIndex:
         device: torch.device | str | Sequence[torch.device | str],
         *,
         query_batch: int = 4096,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         self._blocks = blocks
         self.ntotal = ntotal
@@ -55,14 +98,20 @@ class TorchIndex:
         self.devices = [torch.device(d) for d in ([device] if isinstance(device, (str, torch.device)) else device)]
         self.device = self.devices[0]
         self.query_batch = query_batch
+        self.dtype = dtype
 
     @classmethod
     def resident(
-        cls, features: np.ndarray | Tensor, device: torch.device | str, *, block_rows: int = 65536
+        cls,
+        features: np.ndarray | Tensor,
+        device: torch.device | str,
+        *,
+        block_rows: int = 65536,
+        dtype: torch.dtype = torch.float32,
     ) -> TorchIndex:
-        """An index holding ``features`` ``[N, d]`` on ``device`` (copied once)."""
+        """An index holding ``features`` ``[N, d]`` on ``device`` (copied once, in ``dtype``)."""
         rows, dim = features.shape
-        return cls.sharded(lambda: [(0, features)], rows, dim, [device], block_rows=block_rows)
+        return cls.sharded(lambda: [(0, features)], rows, dim, [device], block_rows=block_rows, dtype=dtype)
 
     @classmethod
     def sharded(
@@ -73,14 +122,15 @@ class TorchIndex:
         devices: Sequence[torch.device | str],
         *,
         block_rows: int = 65536,
+        dtype: torch.dtype = torch.float32,
     ) -> TorchIndex:
         """An index whose rows are split into ``len(devices)`` contiguous shards, one held on each
-        device, filled from ``blocks`` read once (the host holds one block at a time): for feature
-        matrices larger than one GPU. Searches score every shard on its own device."""
+        device (in ``dtype``), filled from ``blocks`` read once (the host holds one block at a time):
+        for feature matrices larger than one GPU. Searches score every shard on its own device."""
         places = [torch.device(d) for d in devices]
         bounds = [i * ntotal // len(places) for i in range(len(places) + 1)]
         shards = [
-            torch.empty((hi - lo, dim), dtype=torch.float32, device=place)
+            torch.empty((hi - lo, dim), dtype=dtype, device=place)
             for lo, hi, place in zip(bounds, bounds[1:], places, strict=False)
         ]
         for first, rows in blocks():
@@ -95,24 +145,24 @@ class TorchIndex:
                 for start in range(0, shard.shape[0], block_rows):
                     yield lo + start, shard[start : start + block_rows]
 
-        return cls(held, ntotal, dim, places)
+        return cls(held, ntotal, dim, places, dtype=dtype)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The k largest ⟨q, row⟩ of every query: (scores float32 ``[Q, k]`` decreasing, ids int64 ``[Q, k]``)."""
         if not 1 <= k <= self.ntotal:
             raise TaskError(f"top-k needs 1 ≤ k ≤ {self.ntotal} (the number of training rows), not {k}.")
         q = torch.as_tensor(np.ascontiguousarray(queries), dtype=torch.float32)
-        q_on = {place: q.to(place) for place in self.devices}
+        q_on = {place: q.to(place, self.dtype) for place in self.devices}
         best_scores = torch.full((q.shape[0], 0), float("-inf"), device=self.device)
         best_ids = torch.zeros((q.shape[0], 0), dtype=torch.int64, device=self.device)
         for index, (first, rows) in enumerate(self._blocks()):
-            rows = torch.as_tensor(rows, dtype=torch.float32)
+            rows = torch.as_tensor(rows)
             place = rows.device if rows.device in q_on else self.devices[index % len(self.devices)]
-            rows = rows.to(place, non_blocking=True)
+            rows = rows.to(place, self.dtype, non_blocking=True)
             merged_scores, merged_ids = [], []
             for start in range(0, q.shape[0], self.query_batch):
                 stop = start + self.query_batch
-                scores = q_on[place][start:stop] @ rows.T
+                scores = (q_on[place][start:stop] @ rows.T).float()
                 top, where = scores.topk(min(k, rows.shape[0]), dim=1)
                 candidates = torch.cat([best_scores[start:stop], top.to(self.device)], dim=1)
                 ids = torch.cat([best_ids[start:stop], where.to(self.device) + first], dim=1)
@@ -171,6 +221,46 @@ def faiss_shards(
     return index
 
 
+def ivf_index(
+    blocks: Callable[[], Iterable[tuple[int, np.ndarray]]],
+    ntotal: int,
+    dim: int,
+    args: IVFArguments = IVFArguments(),
+    gpu: int | None = None,
+) -> faiss.Index:
+    """An approximate inner-product index (FAISS IVF, see :class:`IVFArguments`) over ``ntotal`` rows
+    from ``blocks``, read twice (the training sample, then every row), one block in memory at a time;
+    on GPU ``gpu`` where this FAISS build has GPU support, else on the CPU."""
+    cells = args.cells(ntotal)
+    wanted = min(ntotal, args.train_rows or 64 * cells)
+    picked = np.sort(np.random.default_rng(args.seed).choice(ntotal, size=wanted, replace=False))
+    sample, added = [], 0
+    for first, rows in blocks():
+        inside = picked[(picked >= first) & (picked < first + rows.shape[0])] - first
+        sample.append(np.asarray(rows, dtype=np.float32)[inside])
+    quantizer = faiss.IndexFlatIP(dim)
+    if args.fp16:
+        index = faiss.IndexIVFScalarQuantizer(
+            quantizer, dim, cells, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
+        )
+    else:
+        index = faiss.IndexIVFFlat(quantizer, dim, cells, faiss.METRIC_INNER_PRODUCT)
+    kept: list[object] = [quantizer]
+    if gpu is not None:
+        resources = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(resources, gpu, index)
+        kept.append(resources)
+    index.train(np.ascontiguousarray(np.concatenate(sample)))
+    for first, rows in blocks():
+        if first != added:
+            raise TaskError(f"The feature blocks must come in row order; got row {first} after {added} rows.")
+        index.add(np.ascontiguousarray(rows, dtype=np.float32))  # ids continue from row to row
+        added += rows.shape[0]
+    index.nprobe = min(args.nprobe, cells)
+    index.referenced_objects = kept  # the quantizer (and GPU resources) must live as long as the index
+    return index
+
+
 def build_index(
     features: Callable[[], np.ndarray],
     blocks: Callable[[], Iterable[tuple[int, np.ndarray]]],
@@ -179,8 +269,9 @@ def build_index(
     device: torch.device,
     backend: SearchBackend = "auto",
     devices: Sequence[torch.device | str] | None = None,
+    ivf: IVFArguments = IVFArguments(),
 ) -> faiss.Index | TorchIndex:
-    """An exact inner-product index over the training features.
+    """An inner-product index over the training features: exact, or approximate with ``"ivf"``.
 
     ``"auto"``: FAISS on the GPU where this FAISS build has GPU support, else the torch index
     resident on a CUDA ``device``, else FAISS on the CPU. ``"faiss"``: FAISS (CPU, all features in
@@ -189,9 +280,14 @@ def build_index(
     ``devices``: several devices to shard the GPU index over (torch or FAISS-GPU: contiguous
     shards filled from ``blocks``; ``stream``: chunks scored on the devices in turn); default
     ``device``, or every GPU when the features do not fit on ``device`` (``search_devices``).
+    ``"ivf"``: FAISS's approximate inverted-file index with ``ivf``'s settings (``ivf_index``), on
+    ``device``'s GPU where this FAISS build has GPU support.
     """
     if backend not in SEARCH_BACKENDS:
         raise TaskError(f"Unknown search backend {backend!r}; use one of {', '.join(SEARCH_BACKENDS)}.")
+    if backend == "ivf":
+        gpu = (device.index or 0) if device.type == "cuda" and faiss_gpu_available() else None
+        return ivf_index(blocks, ntotal, dim, ivf, gpu)
     places = [torch.device(d) for d in devices] if devices else search_devices(device, ntotal * dim * 4)
     if backend == "stream":
         return TorchIndex(blocks, ntotal, dim, places)

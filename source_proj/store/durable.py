@@ -17,14 +17,18 @@ writer leaves behind from zarr's listings; [`remove_partial_files`][] deletes th
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from zarr.core.buffer import Buffer
 from zarr.storage import LocalStore
+
+from source_proj.errors import StoreError
 
 LOCK_FILE = ".source-proj.lock"
 """Name of the lock file inside a store directory (see [`source_proj.store.locking`][])."""
@@ -183,3 +187,25 @@ class DurableLocalStore(LocalStore):
             name = key.rsplit("/", 1)[-1]
             if name != LOCK_FILE and not name.endswith(PARTIAL_SUFFIX):
                 yield key
+
+
+_IO_REASONS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exhausted",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission is denied",
+    errno.EPERM: "permission is denied",
+}
+
+
+@contextmanager
+def io_errors(path: str | Path, what: str) -> Iterator[None]:
+    """Turn an operating-system error while writing ``what`` into a :class:`StoreError`."""
+    try:
+        yield
+    except OSError as err:
+        reason = _IO_REASONS.get(err.errno or 0, os.strerror(err.errno) if err.errno else str(err))
+        raise StoreError(
+            f"Writing {what} to {path} failed because {reason} ({err.strerror or err}); fix that and re-run the "
+            "same command: it resumes, and nothing half-written was kept."
+        ) from err

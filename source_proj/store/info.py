@@ -13,15 +13,18 @@ def store_summary(store: Store) -> dict[str, Any]:
     """What produced the store, its progress, and its fitted methods (JSON-serialisable)."""
     meta = store.meta
     traj = meta["trajectory"]
+    captured = meta.get("capture") is not None
+    if captured:
+        names = store.progress_arrays("capture/grads/")
+    else:
+        names = [f"grads/{s['name']}/{ckpt_key(step)}" for step in traj["checkpoints"] for s in traj["stages"]]
     chunks_done = chunks_total = 0
-    for step in traj["checkpoints"]:
-        for stage in (s["name"] for s in traj["stages"]):
-            name = f"grads/{stage}/{ckpt_key(step)}"
-            if store.has(name):
-                arr = store.array(name)
-                total = -(-arr.shape[0] // arr.chunks[0])
-                chunks_total += total
-                chunks_done += total - len(store.pending_chunks(name))
+    for name in names:
+        if store.has(name):
+            arr = store.array(name)
+            total = -(-arr.shape[0] // arr.chunks[0])
+            chunks_total += total
+            chunks_done += total - len(store.pending_chunks(name))
     methods = {}
     for name, method in (meta.get("methods") or {}).items():
         methods[name] = {
@@ -39,9 +42,12 @@ def store_summary(store: Store) -> dict[str, Any]:
         "parameter_tensors": len(meta["params"]),
         "projection": meta["projection"],
         "task": meta["task"]["name"],
+        "features": ("captured during training" if captured else "featurized from checkpoints")
+        + ("" if meta.get("captured", True) else " (capture unfinished)"),
+        "growth": meta.get("growth", []),
         "trajectory": {
             "path": traj["path"],
-            "fingerprint": traj["fingerprint"][:16],
+            "fingerprint": (traj["fingerprint"] or "(unfinished)")[:16],
             "stages": [{k: s[k] for k in ("name", "start_step", "end_step", "dataset_size")} for s in traj["stages"]],
             "checkpoints": traj["checkpoints"],
         },

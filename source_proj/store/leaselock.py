@@ -86,6 +86,15 @@ class ObjectStoreLock(StoreLock):
             owner._renewer.join()
         owner._delete_marker(filesystem(self.path)[0])
 
+    def holder(self) -> dict[str, Any] | None:
+        if self.path in _held:
+            return None  # this process writes it
+        fs, root = filesystem(self.path)
+        try:
+            return self._conflict(fs, f"{root}/{LOCK_FILE}")
+        except FileNotFoundError:
+            return None
+
     def _write_marker(self, fs: fsspec.AbstractFileSystem) -> None:
         info = {**holder_info(self.mode), "expires": time.time() + self.lease}
         fs.pipe_file(self._marker, json.dumps(info).encode())

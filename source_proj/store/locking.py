@@ -32,7 +32,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 from source_proj.errors import StoreError
-from source_proj.store.durable import LOCK_FILE
+from source_proj.store.durable import LOCK_FILE, io_errors
 
 LockMode = Literal["exclusive", "cooperative"]
 
@@ -54,6 +54,11 @@ class StoreLock(ABC):
     @abstractmethod
     def release(self) -> None:
         """Give the lock back (idempotent)."""
+
+    @abstractmethod
+    def holder(self) -> dict[str, Any] | None:
+        """Who holds the lock now (:func:`holder_info` of a writer in another process), or ``None``.
+        Only reads; meant for explaining why a store looks unfinished."""
 
     def __enter__(self) -> StoreLock:
         self.acquire()
@@ -102,10 +107,11 @@ class FileStoreLock(StoreLock):
             held[2] += 1
             self._owned = True
             return
-        Path(self.path).mkdir(parents=True, exist_ok=True)
         operation = (fcntl.LOCK_EX if self.mode == "exclusive" else fcntl.LOCK_SH) | fcntl.LOCK_NB
         for _ in range(10):
-            fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+            with io_errors(self.path, "the store's lock file"):
+                Path(self.path).mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, operation)
             except OSError as err:
@@ -137,6 +143,25 @@ class FileStoreLock(StoreLock):
             del _held[self._key]
             os.close(held[0])  # closing the last descriptor drops the flock
 
+    def holder(self) -> dict[str, Any] | None:
+        if self._key in _held:
+            return None  # this process writes it
+        try:
+            fd = os.open(self.file, os.O_RDONLY)
+        except OSError:
+            return None  # never locked
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                holder = json.loads(self.file.read_text() or "{}")
+            except (OSError, ValueError):
+                holder = {}
+            return holder if isinstance(holder, dict) else {}
+        finally:
+            os.close(fd)  # drops the probe's lock
+        return None
+
     def held_exclusively(self) -> bool:
         """Whether this process holds the lock, exclusively (the only writer)."""
         held = _held.get(self._key)
@@ -161,17 +186,21 @@ def holder_info(mode: LockMode) -> dict[str, Any]:
     }
 
 
+def writer_name(holder: Any) -> str:
+    """``by process PID on HOST since TIME (COMMAND)`` for a lock holder's [`holder_info`][]."""
+    if not isinstance(holder, dict) or "pid" not in holder:
+        return "by another process"
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("time", 0)))
+    who = f"by process {holder['pid']} on {holder.get('host', '?')} since {since} ({holder.get('command', '?')})"
+    return f"cooperatively (last joined {who})" if holder.get("mode") == "cooperative" else who
+
+
 def refusal(path: str, holder: Any, release: str) -> str:
     """The message refusing a writer because ``holder`` (its [`holder_info`][]) writes the store."""
-    if not isinstance(holder, dict) or "pid" not in holder:
-        who = "by another process"
-    else:
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("time", 0)))
-        command = holder.get("command", "?")
-        who = f"by process {holder['pid']} on {holder.get('host', '?')} since {since} ({command})"
-        if holder.get("mode") == "cooperative":
-            who = f"cooperatively (last joined {who})"
-    return f"The store at {path} is being written {who}; wait for that to finish ({release}), or write to another path."
+    return (
+        f"The store at {path} is being written {writer_name(holder)}; wait for that to finish ({release}), or write "
+        "to another path."
+    )
 
 
 def _write_holder(fd: int, mode: LockMode) -> None:

@@ -13,22 +13,59 @@ and holds the checks made before anything is written or scored:
   are the store's. Queries are always scored at the store's final checkpoint θ_T: the model
   passed in supplies the architecture, and its weights are replaced by θ_T's, which must still be
   the file featurize used (same run fingerprint, same sha256).
+- :func:`check_model`: the model computes what the store's model computed. Same parameter names
+  and shapes do not make the same function (ReLU replaced by Tanh), so featurize records what
+  θ_T computes on a fixed *reference batch* of training examples (``meta["fingerprint"]["model"]``:
+  per example loss, measurement, and mean and standard deviation of the outputs; the batch itself
+  in the array :data:`REFERENCE_BATCH`), and every later use recomputes it and compares within
+  :data:`MODEL_RTOL` of the largest recorded magnitude (wide enough for CPU/GPU and summation
+  order, far narrower than another activation or layer makes).
+- :func:`check_data`: the training data are the store's. ``meta["fingerprint"]["data"]`` holds per
+  stage the sha256 of every example (of a seeded sample of :data:`DATA_ROWS` examples for larger
+  sets) and, for cheap checks at query time, of :data:`QUICK_ROWS` of them.
+
+A store written before the fingerprints existed still opens; the first check says once that it
+cannot be checked.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import math
 import platform
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
 import zarr
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from source_proj import __version__
-from source_proj.errors import StoreError, TaskError, TrajectoryError
+from source_proj.errors import SourceProjError, StoreError, TaskError, TrajectoryError, first_line
+from source_proj.store.store import Store
+from source_proj.tasks.gradients import move_batch
 from source_proj.tasks.task import Task
 from source_proj.trajectory.recorder import Trajectory
+
+REFERENCE_BATCH = "provenance/reference_batch"
+"""Array holding the reference batch (``torch.save`` bytes, uint8) the model fingerprint is computed on."""
+
+REFERENCE_ROWS = 8
+"""Training examples in the reference batch."""
+
+MODEL_RTOL = 1e-2
+"""Largest accepted difference of a fingerprint quantity, relative to its largest recorded magnitude."""
+
+DATA_ROWS = 2048
+"""Examples hashed per stage by featurize (all of them in smaller training sets)."""
+
+QUICK_ROWS = 32
+"""Examples hashed per stage by the cheap check made before query results are described."""
 
 
 def describe_provenance(
@@ -120,3 +157,210 @@ def check_query_model(meta: dict[str, Any], model: nn.Module, task: Task, trajec
             f"The query model's attributed parameters do not match the store's ({why}); build the model and "
             "parameter selection used for featurize."
         )
+
+
+def _seeded_rows(size: int, count: int, salt: int) -> list[int]:
+    """``count`` distinct rows of ``range(size)`` (all when ``size ≤ count``), fixed by ``salt``, sorted."""
+    if size <= count:
+        return list(range(size))
+    return sorted(int(i) for i in np.random.default_rng([20261129, salt]).choice(size, count, replace=False))
+
+
+def reference_batch(datasets: Mapping[str, Dataset]) -> Any:
+    """The reference batch: :data:`REFERENCE_ROWS` seeded examples of the first stage's data, collated."""
+    first = next(iter(datasets.values()))
+    rows = _seeded_rows(len(first), REFERENCE_ROWS, 0)  # type: ignore[arg-type]
+    return next(iter(DataLoader(Subset(first, rows), batch_size=len(rows))))
+
+
+def model_fingerprint(model: nn.Module, task: Task, batch: Any, device: torch.device) -> dict[str, list[float | None]]:
+    """What ``model`` (holding the weights to describe) computes on ``batch``, per example, in fp32 and
+    eval mode: the task's loss and measurement, and the mean and standard deviation of the outputs."""
+    model.eval()
+    bound = task.bind(model)
+    batch = move_batch(batch, device)
+    with torch.no_grad(), model_errors("the training examples"):
+        outputs = bound.forward(model, batch)
+        values = {"loss": bound.loss(outputs, batch), "measurement": bound.measurement(outputs, batch)}
+    flat = outputs.detach().double().reshape(outputs.shape[0], -1)
+    values.update(output_mean=flat.mean(1), output_std=flat.std(1, correction=0))
+    return {
+        name: [float(v) if math.isfinite(v) else None for v in tensor.double().cpu().tolist()]
+        for name, tensor in values.items()
+    }
+
+
+@contextmanager
+def model_errors(what: str) -> Iterator[None]:
+    """Turn the model failing on ``what`` (inputs of another shape or type) into a :class:`TaskError`."""
+    try:
+        yield
+    except (SourceProjError, torch.OutOfMemoryError):
+        raise
+    except (RuntimeError, TypeError, ValueError, IndexError, KeyError) as err:
+        raise TaskError(
+            f"The model cannot run on {what} ({type(err).__name__}: {first_line(err)}); pass examples shaped and "
+            "typed as the model was trained on."
+        ) from err
+
+
+def save_reference_batch(store: Store, batch: Any) -> None:
+    """Write the reference batch into the store (crc-checked like every array)."""
+    buffer = io.BytesIO()
+    torch.save(batch, buffer)
+    store.write_whole(REFERENCE_BATCH, np.frombuffer(buffer.getvalue(), dtype=np.uint8))
+
+
+def _model_difference(
+    recorded: Mapping[str, Sequence[float | None]], actual: Mapping[str, Sequence[float | None]]
+) -> str | None:
+    """Where the fingerprints differ beyond :data:`MODEL_RTOL` (``None``: they agree). The outputs' mean
+    is compared on the scale of the outputs themselves (their standard deviation), as it may cancel."""
+
+    def magnitude(name: str) -> float:
+        return max([abs(v) for v in recorded.get(name, []) if v is not None], default=0.0)
+
+    for name, old in recorded.items():
+        new = actual.get(name, [])
+        if len(new) != len(old):
+            return f"{len(new)} {name} values instead of {len(old)}"
+        if any((a is None) != (b is None) for a, b in zip(old, new, strict=True)):
+            return f"a {name} that is finite in one and not in the other"
+        scale = max(magnitude(name), magnitude("output_std") if name == "output_mean" else 0.0)
+        for row, (a, b) in enumerate(zip(old, new, strict=True)):
+            if a is not None and b is not None and abs(a - b) > MODEL_RTOL * max(scale, 1e-6):
+                return f"{name.replace('_', ' ')} of reference example {row}: {b:.6g}, recorded {a:.6g}"
+    return None
+
+
+_UNCHECKED: set[str] = set()
+"""Stores already named as unfingerprinted in this process (the warning is given once per store)."""
+
+
+def _unchecked(path: str) -> None:
+    if path not in _UNCHECKED:
+        _UNCHECKED.add(path)
+        warnings.warn(
+            f"The store at {path} was written before source-proj fingerprinted its model and training data, so a "
+            "model or data changed since cannot be detected; re-run featurize --force to record them.",
+            stacklevel=3,
+        )
+
+
+def check_model(store: Store, model: nn.Module, task: Task, device: torch.device) -> None:
+    """Refuse a model (holding the store's final checkpoint θ_T) that computes something other than the
+    store's model on the reference batch, e.g. the same layers with another activation."""
+    if not store.has(REFERENCE_BATCH):
+        _unchecked(store.path)
+        return
+    raw = store.read(REFERENCE_BATCH).tobytes()
+    batch = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    check_model_values(store.path, store.meta, model_fingerprint(model, task, batch, device))
+
+
+def check_model_values(path: str, meta: Mapping[str, Any], values: Mapping[str, Sequence[float | None]]) -> None:
+    """Refuse model fingerprint ``values`` (see :func:`model_fingerprint`) that differ from the store's."""
+    recorded = (meta.get("fingerprint") or {}).get("model")
+    if recorded is None:
+        _unchecked(path)
+        return
+    difference = _model_difference(recorded["values"], values)
+    if difference is not None:
+        raise TaskError(
+            f"The model computes other outputs at the final checkpoint than the one the store at {path} was "
+            f"featurized with ({difference}), although its parameters have the same names and shapes; build the "
+            "model exactly as for featurize (same layers, activations and forward), or featurize this one into a "
+            "new store (featurize --force replaces this one)."
+        )
+
+
+def _digest(value: Any, digest: Any) -> None:
+    """Feed an example (a pytree of tensors, arrays, numbers and strings) into ``digest``."""
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().cpu().reshape(-1).contiguous()
+        digest.update(f"tensor{value.dtype}{tuple(value.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, np.ndarray) and value.dtype != object:
+        digest.update(f"array{value.dtype}{value.shape}".encode() + np.ascontiguousarray(value).tobytes())
+    elif isinstance(value, Mapping):
+        for key in sorted(value, key=repr):
+            digest.update(repr(key).encode())
+            _digest(value[key], digest)
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"seq{len(value)}".encode())
+        for item in value:
+            _digest(item, digest)
+    elif value is None or isinstance(value, (str, bytes, int, float, bool, np.generic)):
+        digest.update(repr(value).encode())
+    else:
+        try:  # e.g. a PIL image
+            array = np.asarray(value)
+        except Exception:
+            array = None
+        if array is not None and array.dtype != object:
+            _digest(array, digest)
+        else:  # its repr may hold a memory address: only its type is fingerprinted
+            digest.update(type(value).__qualname__.encode())
+
+
+def _data_digest(dataset: Dataset, rows: Sequence[int]) -> str:
+    digest = hashlib.sha256()
+    for row in rows:
+        _digest(dataset[row], digest)
+    return digest.hexdigest()
+
+
+def data_fingerprint(datasets: Mapping[str, Dataset], *, quick: bool = False) -> dict[str, dict[str, Any]]:
+    """Per stage: its size, and the sha256 of every example (a seeded sample of :data:`DATA_ROWS` in larger
+    sets; skipped when ``quick``) and of :data:`QUICK_ROWS` seeded examples."""
+    out = {}
+    for stage, dataset in datasets.items():
+        size = len(dataset)  # type: ignore[arg-type]
+        entry: dict[str, Any] = {"size": size, "quick": _data_digest(dataset, _seeded_rows(size, QUICK_ROWS, 1))}
+        if not quick:
+            rows = _seeded_rows(size, DATA_ROWS, 2)
+            entry.update(rows=len(rows), sha256=_data_digest(dataset, rows))
+        out[stage] = entry
+    return out
+
+
+def check_data(
+    path: str,
+    meta: Mapping[str, Any],
+    datasets: Mapping[str, Dataset],
+    *,
+    quick: bool = False,
+    fingerprint: Mapping[str, Mapping[str, Any]] | None = None,
+) -> bool:
+    """Refuse training data whose fingerprint differs from the store's (``quick``: :data:`QUICK_ROWS`
+    examples per stage; ``fingerprint``: theirs, if already computed). Returns whether they could be
+    checked: not against a store written before fingerprints, nor a dataset that reads differently
+    every time (random augmentation), which is let through with a warning."""
+    recorded = (meta.get("fingerprint") or {}).get("data")
+    if recorded is None:
+        _unchecked(path)
+        return False
+    now = fingerprint or data_fingerprint(datasets, quick=quick)
+    key = "quick" if quick else "sha256"
+    checked = True
+    for stage, entry in now.items():
+        old = recorded.get(stage)
+        if old is None or old.get(key) == entry.get(key):
+            continue
+        again = data_fingerprint({stage: datasets[stage]}, quick=quick)[stage]
+        if again.get(key) != entry.get(key):
+            warnings.warn(
+                f"The training data of stage {stage!r} read differently twice (random augmentation?), so they cannot "
+                "be checked against the store's; attribute with deterministic examples.",
+                stacklevel=2,
+            )
+            checked = False
+            continue
+        same_size = old.get("size") == entry["size"]
+        what = "other contents or order" if same_size else f"{entry['size']} examples, not {old.get('size')}"
+        raise TaskError(
+            f"The training data of stage {stage!r} are not those the store at {path} was featurized with ({what}); "
+            "pass the original training set in its original order, or featurize these data into a new store "
+            "(featurize --force replaces this one)."
+        )
+    return checked

@@ -8,14 +8,30 @@ directions per example: 1 when sampled)::
       trajectory/lr                      float64 [steps]      learning rate of every optimiser step
       grads/<stage>/<ckpt>               float32 [N_s, k]     P ∇ℓ(z_i; θ_c)
       fisher/<stage>/<ckpt>              float32 [N_s·S, k]   √w · P ∇ℓ(x_i, ŷ_i; θ_c), ŷ from the model
-      progress/<array path>              uint32 [chunks, 2]   (1, crc32) once a row chunk is complete
+      progress/<array path>              uint32 [chunks, 2]   (state, crc32) of every row chunk
+      staging/<array path>               row chunks of a sharded array written but not yet packed
       methods/<method>/train/<stage>     float32 [N_s, d]     cached training features: score = ⟨q, T(z)⟩
       methods/<method>/operators/...     per-segment eigenvalues/vectors (SOURCE)
 
 Arrays are written in row chunks. A chunk counts as written only once its progress entry is
 set, after its data; an interrupted command therefore recomputes exactly the unfinished chunks.
-Every progress entry lives in its own zarr chunk, so processes writing disjoint row chunks never
-touch the same file. Local stores write through [`DurableLocalStore`][]
+A progress entry is (0, 0) while its chunk is pending, (1, crc32) once written, (2, crc32) once
+packed into its shard.
+
+**Shards** (format 2). A store created with ``meta["layout"]["shard_chunks"]`` = n > 1 keeps n
+consecutive row chunks of each array in one file (a zarr v3 shard, ``shards=``), so a store of
+10⁷ rows holds thousands of files, not millions. A shard file is only ever written whole (zarr
+rewrites a whole shard for any partial write): a finished chunk is first written to a file of its
+own under ``staging/`` and its entry set to 1; when the last chunk of a shard is finished, the
+shard is written in one piece from the verified chunks, their entries set to 2, and the staged
+files deleted. A kill between these steps leaves every chunk readable from where its entry says,
+and `Store.pack` (run by the writers when they finish) packs what was left. The progress
+entries of a shard's chunks share one file too. Two processes therefore never write the same
+file as long as they write disjoint *shards*: the distributed writers split their work at shard
+boundaries (``Store.shard_chunks``). Stores of format 1 (one file per chunk and per progress
+entry) are read and resumed as they are.
+
+Local stores write through [`DurableLocalStore`][]
 (fsync before a write counts), URLs (``s3://``, ``memory://``…) through zarr's fsspec store
 ([`source_proj.store.objectstore`][]: atomic PUTs, nothing to fsync), and every chunk read is checked
 against the crc32 of its progress entry, so a chunk damaged after it was written is reported by
@@ -25,25 +41,42 @@ Writers hold the store's lock ([`source_proj.store.locking`][]).
 
 from __future__ import annotations
 
-import errno
-import os
+import json
 import warnings
 import zlib
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.group import GroupMetadata
+from zarr.core.sync import sync
 
 from source_proj.errors import StoreError
 from source_proj.store import objectstore
-from source_proj.store.durable import LOCK_FILE, DurableLocalStore
+from source_proj.store.durable import LOCK_FILE, DurableLocalStore, atomic_write_bytes, io_errors
 from source_proj.store.objectstore import RemoteStore, is_remote
 
 FORMAT = "source-proj-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The format this library writes: 2 adds sharded arrays and the packed progress state."""
+READABLE_VERSIONS = (1, 2)
+
+PENDING, WRITTEN, PACKED = 0, 1, 2
+"""Progress states of a row chunk: not written, written (staged if its array is sharded), packed into its shard."""
+_DONE = (WRITTEN, PACKED)
+STAGING = "staging/"
+
+SHARD_BYTES = 256 * 2**20
+"""Default size of a shard file (see :func:`shard_chunks_for`): large enough that 10⁷ rows of k = 4096 make
+about 600 files per array, small enough to be packed in memory."""
+
+
+def shard_chunks_for(chunk_bytes: int, shard_bytes: int = SHARD_BYTES) -> int:
+    """Row chunks per shard file so that a shard holds at most ``shard_bytes`` (at least one chunk)."""
+    return max(1, shard_bytes // max(1, chunk_bytes))
 
 
 def ckpt_key(step: int) -> str:
@@ -57,6 +90,7 @@ class Store:
     def __init__(self, path: str | Path, group: zarr.Group) -> None:
         self.path = str(path)
         self.group = group
+        self._arrays: dict[str, zarr.Array] = {}  # opened arrays (their metadata never changes; deletion forgets them)
 
     @classmethod
     def create(cls, path: str | Path, meta: dict[str, Any], *, overwrite: bool = False) -> Store:
@@ -67,8 +101,8 @@ class Store:
                 "or choose another path."
             )
         refuse_foreign_directory(path)
-        attributes = {"source_proj": {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}}
-        with _io(path, "the new store"):  # one write of the root metadata: a store exists whole or not at all
+        attributes = {"source_proj": {**meta, "format": FORMAT, "format_version": FORMAT_VERSION}}
+        with io_errors(path, "the new store"):  # one write of the root metadata: a store exists whole or not at all
             group = zarr.open_group(store=_zarr_store(path, read_only=False), mode="w", attributes=attributes)
         return cls(path, group)
 
@@ -88,31 +122,40 @@ class Store:
             raise StoreError(
                 f"{path} is a zarr group but not a source-proj store; point to a store written by featurize."
             )
-        if meta.get("format_version") != FORMAT_VERSION:
+        if meta.get("format_version") not in READABLE_VERSIONS:
             raise StoreError(
                 f"{path} was written in store format {meta.get('format_version')} (by source-proj "
-                f"{meta.get('library_version', '?')}) but this library reads format {FORMAT_VERSION}; use a matching "
-                "source-proj version or re-create the store with `source-proj featurize --force`."
+                f"{meta.get('library_version', '?')}) but this library reads formats "
+                f"{' and '.join(str(v) for v in READABLE_VERSIONS)}; use a matching source-proj version or re-create "
+                "the store with `source-proj featurize --force`."
             )
         return cls(path, group)
 
     def refresh(self) -> None:
         """Re-read the store's metadata (after other processes or Store objects changed it)."""
         self.group = Store.open(self.path, writable=not self.group.store.read_only).group
+        self._arrays.clear()
 
     @property
     def meta(self) -> dict[str, Any]:
         """The store's self-description (a copy): params, projection, task, trajectory, methods."""
         return dict(self.group.attrs["source_proj"])
 
+    @property
+    def shard_chunks(self) -> int:
+        """Row chunks per shard file of the arrays this store creates (``meta["layout"]``; 1: a file per chunk)."""
+        return int((self.group.attrs["source_proj"].get("layout") or {}).get("shard_chunks", 1))
+
     def update_meta(self, **fields: Any) -> None:
         """Replace top-level metadata fields."""
         meta = self.meta
         meta.update(fields)
-        with _io(self.path, "the store's metadata"):
+        with io_errors(self.path, "the store's metadata"):
             self.group.attrs["source_proj"] = meta
 
     def has(self, name: str) -> bool:
+        if name in self._arrays:
+            return True
         try:
             self.group[name]
         except KeyError:
@@ -125,18 +168,27 @@ class Store:
         return True
 
     def array(self, name: str) -> zarr.Array:
+        if name in self._arrays:
+            return self._arrays[name]
         try:
             arr = self.group[name]
         except KeyError as err:
             raise StoreError(
                 f"The store at {self.path} has no array {name!r}; run the step that writes it first."
             ) from err
+        except Exception as err:
+            raise StoreError(
+                f"The metadata of {name!r} in {self.path} is unreadable ({type(err).__name__}); run "
+                f"`source-proj verify {self.path} --repair` and re-run the command that wrote it."
+            ) from err
         if not isinstance(arr, zarr.Array):
             raise StoreError(f"{name!r} in {self.path} is a group, not an array.")
+        self._arrays[name] = arr
         return arr
 
     def require_array(self, name: str, shape: tuple[int, ...], chunk_rows: int, dtype: str) -> zarr.Array:
-        """The array ``name``, created (row-chunked, uncompressed) if missing; checks its shape."""
+        """The array ``name``, created (row-chunked, uncompressed, in shards of :attr:`shard_chunks`
+        chunks when it has several) if missing; checks its shape."""
         if self.has(name):
             arr = self.array(name)
             if tuple(arr.shape) != tuple(shape) or str(arr.dtype) != dtype:
@@ -144,26 +196,63 @@ class Store:
                     f"{name!r} in {self.path} has shape {arr.shape} and dtype {arr.dtype}, not {shape} and {dtype}; "
                     "the store was written with other settings, so re-create it with --force."
                 )
+            if arr.shards is not None and self.has(f"progress/{name}") and self.pending_chunks(name):
+                self._staging(name)  # created here, by the preparing process, not by several writers at once
             return arr
-        chunks = (max(1, min(chunk_rows, shape[0])), *shape[1:])
-        return self._create_array(name, shape, chunks, dtype)
+        rows = max(1, min(chunk_rows, shape[0]))
+        per_shard = min(self.shard_chunks, -(-shape[0] // rows))
+        if per_shard == 1:
+            return self._create_array(name, shape, (rows, *shape[1:]), dtype)
+        arr = self._create_array(name, shape, (rows, *shape[1:]), dtype, shards=(rows * per_shard, *shape[1:]))
+        self._staging(name)
+        return arr
 
-    def _create_array(self, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str) -> zarr.Array:
+    def _create_array(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        chunks: tuple[int, ...],
+        dtype: str,
+        shards: tuple[int, ...] | None = None,
+    ) -> zarr.Array:
         """Create an uncompressed array, its parent groups first (zarr writes them concurrently
         otherwise, and a kill in between would leave an array without its parents' metadata)."""
-        with _io(self.path, f"array {name!r}"):
+        with io_errors(self.path, f"array {name!r}"):
             parts = name.split("/")[:-1]
             for depth in range(1, len(parts) + 1):
                 self.group.require_group("/".join(parts[:depth]))
             return self.group.create_array(
-                name, shape=shape, chunks=chunks, dtype=dtype, compressors=None, fill_value=0
+                name, shape=shape, chunks=chunks, shards=shards, dtype=dtype, compressors=None, fill_value=0
             )
 
+    def _forget(self, prefix: str) -> None:
+        """Drop the opened arrays at or below ``prefix`` (and their progress and staged chunks)."""
+        for key in list(self._arrays):
+            if any(key == p or key.startswith(f"{p}/") for p in (prefix, f"progress/{prefix}", f"{STAGING}{prefix}")):
+                del self._arrays[key]
+
+    def _staging(self, name: str) -> zarr.Array:
+        """Where the finished, not yet packed row chunks of sharded array ``name`` wait (one file each)."""
+        key = f"{STAGING}{name}"
+        if self.has(key):
+            return self.array(key)
+        arr = self.array(name)
+        try:
+            return self._create_array(key, tuple(arr.shape), tuple(arr.chunks), str(arr.dtype))
+        except zarr.errors.ContainsArrayError:
+            return self.array(key)  # another process created it in the meantime
+
+    def chunks_per_shard(self, name: str) -> int:
+        """Row chunks that share one file in array ``name`` (1 when it is not sharded)."""
+        arr = self.array(name)
+        return 1 if arr.shards is None else arr.shards[0] // arr.chunks[0]
+
     def delete(self, name: str) -> None:
-        """Remove an array or group (and its progress entries) if present."""
-        for key in (name, f"progress/{name}"):
+        """Remove an array or group (and its progress entries and staged chunks) if present."""
+        self._forget(name)
+        for key in (name, f"progress/{name}", f"{STAGING}{name}"):
             if self.has(key):
-                with _io(self.path, f"the deletion of {key!r}"):
+                with io_errors(self.path, f"the deletion of {key!r}"):
                     del self.group[key]
 
     # -- progress of row-chunked writes ------------------------------------------------------
@@ -172,7 +261,9 @@ class Store:
         key = f"progress/{name}"
         if self.has(key):
             return self.array(key)
-        return self._create_array(key, (num_chunks, 2), (1, 2), "uint32")
+        per_shard = self.chunks_per_shard(name)
+        shards = (per_shard, 2) if per_shard > 1 else None  # a shard's entries share its writer, and one file
+        return self._create_array(key, (num_chunks, 2), (1, 2), "uint32", shards=shards)
 
     def num_chunks(self, name: str) -> int:
         """Number of row chunks of array ``name``."""
@@ -180,7 +271,8 @@ class Store:
         return -(-arr.shape[0] // arr.chunks[0])
 
     def progress_entries(self, name: str) -> np.ndarray:
-        """uint32 ``[chunks, 2]``: (1, crc32) for every complete row chunk; an unreadable entry reads (0, 0)."""
+        """uint32 ``[chunks, 2]``: (state, crc32) of every row chunk (state :data:`WRITTEN` or :data:`PACKED`
+        once complete); an unreadable entry reads (0, 0)."""
         if self.group.store.read_only and not self.has(f"progress/{name}"):
             return np.zeros((self.num_chunks(name), 2), dtype=np.uint32)  # created, never written
         progress = self._progress(name, self.num_chunks(name))
@@ -197,7 +289,7 @@ class Store:
 
     def pending_chunks(self, name: str) -> list[int]:
         """Row chunks of array ``name`` not yet marked complete."""
-        return [int(i) for i in np.flatnonzero(self.progress_entries(name)[:, 0] != 1)]
+        return [int(i) for i in np.flatnonzero(~is_done(self.progress_entries(name)))]
 
     def chunk_rows(self, name: str, chunk: int) -> tuple[int, int]:
         """``(start, stop)`` rows of row chunk ``chunk``."""
@@ -205,11 +297,15 @@ class Store:
         start = chunk * arr.chunks[0]
         return start, min(arr.shape[0], start + arr.chunks[0])
 
-    def check_chunk(self, name: str, chunk: int, crc: int) -> np.ndarray | str:
-        """The rows of a chunk whose recorded crc32 is ``crc``, or why they cannot be trusted."""
+    def check_chunk(self, name: str, chunk: int, entry: np.ndarray) -> np.ndarray | str:
+        """The rows of a complete chunk whose progress entry is ``entry`` (state, crc32), read from
+        where the state says (its shard, or its staged copy), or why they cannot be trusted."""
         start, stop = self.chunk_rows(name, chunk)
+        state, crc = int(entry[0]), int(entry[1])
         try:
-            values = np.asarray(self.array(name)[start:stop])
+            arr = self.array(name)
+            holder = self.array(f"{STAGING}{name}") if state == WRITTEN and arr.shards is not None else arr
+            values = np.asarray(holder[start:stop])
         except Exception as err:
             return f"unreadable: {type(err).__name__}, truncated?"
         if zlib.crc32(values.tobytes()) != int(crc):
@@ -219,15 +315,15 @@ class Store:
     def read_chunk(self, name: str, chunk: int) -> np.ndarray:
         """Row chunk ``chunk`` of array ``name``, checked against its crc32; refuses a damaged one."""
         try:
-            done, crc = self._progress(name, self.num_chunks(name))[chunk]
+            entry = np.asarray(self._progress(name, self.num_chunks(name))[chunk])
         except Exception:
-            done, crc = 0, 0  # an unreadable progress entry: the chunk counts as unwritten
-        if done != 1:
+            entry = np.zeros(2, dtype=np.uint32)  # an unreadable progress entry: the chunk counts as unwritten
+        if not is_done(entry):
             raise StoreError(
                 f"{name!r} in {self.path} is incomplete (an interrupted run?); re-run the command that writes it "
                 "to finish it."
             )
-        values = self.check_chunk(name, chunk, int(crc))
+        values = self.check_chunk(name, chunk, entry)
         if isinstance(values, str):
             start, stop = self.chunk_rows(name, chunk)
             raise StoreError(
@@ -239,26 +335,65 @@ class Store:
     def mark_pending(self, name: str, chunks: list[int]) -> None:
         """Forget that these chunks were written, so the writing command recomputes them."""
         progress = self._progress(name, self.num_chunks(name))
-        with _io(self.path, f"the progress entries of {name!r}"):
+        with io_errors(self.path, f"the progress entries of {name!r}"):
             for chunk in chunks:
                 progress[chunk] = np.zeros(2, dtype=np.uint32)
 
     def progress_arrays(self, prefix: str = "") -> list[str]:
-        """Names of the row-chunked arrays (those with progress entries) under ``prefix``, sorted."""
-        if not self.has("progress"):
-            return []
-        group = self.group["progress"]
-        with warnings.catch_warnings():  # directories a killed writer left without metadata
-            warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
-            names = [key for key, node in group.members(max_depth=None) if isinstance(node, zarr.Array)]
+        """Names of the row-chunked arrays (those with progress entries) under ``prefix``, sorted.
+
+        Read from the storage listing, so an array whose progress metadata is unreadable is listed
+        too (reading its entries then raises :class:`StoreError`); directories a killed writer left
+        without metadata are not.
+        """
+        nodes = self.nodes("progress/")
+        parents = {name.rsplit("/", 1)[0] for name in nodes}
+        leaves = [name for name in nodes if name not in parents and name != "progress"]
+        names = [name.removeprefix("progress/") for name in leaves if self.node_type(name) != "group"]
         return sorted(n for n in names if n.startswith(prefix))
+
+    def _files(self) -> tuple[Any, str]:
+        """The fsspec filesystem holding the store, and the store's root on it."""
+        return objectstore.filesystem(str(local_path(self.path).resolve()) if not is_remote(self.path) else self.path)
+
+    def nodes(self, prefix: str = "") -> list[str]:
+        """Names of every array and group below ``prefix`` that has a metadata file (``zarr.json``),
+        read from the storage listing (a node whose metadata is unreadable is listed too), sorted."""
+        fs, root = self._files()
+        try:
+            keys = fs.find(f"{root}/{prefix}".rstrip("/"))
+        except FileNotFoundError:
+            return []
+        suffix = "/zarr.json"
+        names = {str(k)[len(root) + 1 : -len(suffix)] for k in keys if str(k).endswith(suffix)}
+        return sorted(n for n in names if n and not n.startswith(LOCK_FILE))
+
+    def node_type(self, name: str) -> str | None:
+        """``"array"`` or ``"group"`` as a node's metadata says, or ``None`` if it is unreadable."""
+        fs, root = self._files()
+        try:
+            meta = json.loads(fs.cat_file(f"{root}/{name}/zarr.json"))
+        except (OSError, ValueError):
+            return None
+        kind = meta.get("node_type") if isinstance(meta, dict) else None
+        return kind if kind in ("array", "group") else None
+
+    def write_group_metadata(self, name: str) -> None:
+        """Replace a group's metadata by that of an empty group (what every group below the root holds)."""
+        data = GroupMetadata(zarr_format=3).to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
+        with io_errors(self.path, f"the metadata of group {name!r}"):
+            if is_remote(self.path):
+                fs, root = self._files()
+                fs.pipe_file(f"{root}/{name}/zarr.json", data)
+            else:
+                atomic_write_bytes(local_path(self.path) / name / "zarr.json", data)
 
     def damaged_chunks(self, name: str) -> dict[int, str]:
         """Chunks marked complete whose data no longer match their crc32: ``{chunk: reason}``."""
         damaged = {}
-        for chunk, (done, crc) in enumerate(self.progress_entries(name)):
-            if done == 1:
-                values = self.check_chunk(name, chunk, int(crc))
+        for chunk, entry in enumerate(self.progress_entries(name)):
+            if is_done(entry):
+                values = self.check_chunk(name, chunk, entry)
                 if isinstance(values, str):
                     damaged[chunk] = values
         return damaged
@@ -287,9 +422,7 @@ class Store:
         for name, indices in wanted.items():
             entries = self.progress_entries(name)
             damaged = [
-                c
-                for c in indices
-                if entries[c, 0] == 1 and isinstance(self.check_chunk(name, c, int(entries[c, 1])), str)
+                c for c in indices if is_done(entries[c]) and isinstance(self.check_chunk(name, c, entries[c]), str)
             ]
             if damaged:
                 self.mark_pending(name, damaged)
@@ -304,7 +437,8 @@ class Store:
         return healed
 
     def write_chunk(self, name: str, chunk: int, values: np.ndarray) -> None:
-        """Write row chunk ``chunk`` of array ``name`` in full, then mark it complete."""
+        """Write row chunk ``chunk`` of array ``name`` in full, then mark it complete (in a sharded
+        array: stage it, and pack its shard once the shard's last chunk is written)."""
         arr = self.array(name)
         rows = arr.chunks[0]
         start = chunk * rows
@@ -316,9 +450,70 @@ class Store:
             )
         num_chunks = -(-arr.shape[0] // rows)
         progress = self._progress(name, num_chunks)
-        with _io(self.path, f"chunk {chunk} of {name!r}"):
-            arr[start:stop] = values
-            progress[chunk] = np.array([1, zlib.crc32(values.tobytes())], dtype=np.uint32)
+        target = arr if arr.shards is None else self._staging(name)
+        with io_errors(self.path, f"chunk {chunk} of {name!r}"):
+            target[start:stop] = values
+            progress[chunk] = np.array([WRITTEN, zlib.crc32(values.tobytes())], dtype=np.uint32)
+        if arr.shards is not None:
+            self._pack_shard(name, chunk // self.chunks_per_shard(name))
+
+    def _pack_shard(self, name: str, shard: int) -> bool:
+        """Write shard ``shard`` of sharded array ``name`` in one piece once all its chunks are complete,
+        mark them packed and delete their staged copies; returns whether it is packed now."""
+        arr, per_shard, num_chunks = self.array(name), self.chunks_per_shard(name), self.num_chunks(name)
+        first, last = shard * per_shard, min(num_chunks, (shard + 1) * per_shard)
+        progress = self._progress(name, num_chunks)
+        entries = np.asarray(progress[first:last])
+        if not is_done(entries).all():
+            return False
+        if (entries[:, 0] == PACKED).all():
+            return True
+        values = np.concatenate([self.read_chunk(name, chunk) for chunk in range(first, last)])
+        start, stop = self.chunk_rows(name, first)[0], self.chunk_rows(name, last - 1)[1]
+        with io_errors(self.path, f"shard {shard} of {name!r}"):
+            try:
+                arr[start:stop] = values
+            except ValueError:  # zarr merges a partial (last) shard into the old file, which is damaged: drop it
+                key = f"{arr.path}/{arr.metadata.encode_chunk_key((shard, *[0] * (arr.ndim - 1)))}"
+                sync(self.group.store.delete(key))
+                arr[start:stop] = values
+            progress[first:last] = np.column_stack([np.full(last - first, PACKED, dtype=np.uint32), entries[:, 1]])
+            staged = self._staging(name)
+            for chunk in range(first, last):
+                if entries[chunk - first, 0] == WRITTEN:
+                    key = staged.metadata.encode_chunk_key((chunk, *[0] * (arr.ndim - 1)))
+                    sync(self.group.store.delete(f"{staged.path}/{key}"))
+        return True
+
+    def pack(self, name: str) -> bool:
+        """Pack every complete shard of array ``name`` (a kill can leave one unpacked) and, once all are
+        packed, delete its staged chunks (and the staging group when it is empty); returns whether the
+        array is entirely packed. Unsharded arrays: no-op."""
+        if self.array(name).shards is None:
+            return True
+        shards = -(-self.num_chunks(name) // self.chunks_per_shard(name))
+        packed = all([self._pack_shard(name, shard) for shard in range(shards)])
+        if packed:
+            self._drop_keys(f"{STAGING}{name}")
+            root = STAGING.rstrip("/")
+            staged = self.has(root) and self.group[root].members(max_depth=None)
+            if not any(isinstance(node, zarr.Array) for _, node in staged or ()):
+                self._drop_keys(root)
+        return packed
+
+    def _drop_keys(self, prefix: str) -> None:
+        """Delete every key below ``prefix``: an array or group, whole or as a killed deletion left it."""
+        store = self.group.store
+
+        async def present() -> bool:
+            async for _ in store.list_prefix(f"{prefix}/"):
+                return True
+            return False
+
+        if sync(present()):
+            self._forget(prefix)
+            with io_errors(self.path, f"the deletion of {prefix!r}"):
+                sync(store.delete_dir(prefix))
 
     def is_complete(self, name: str) -> bool:
         return self.has(name) and not self.pending_chunks(name)
@@ -337,11 +532,23 @@ class Store:
         """A complete array, whole (crc-checked)."""
         return np.concatenate([rows for _, rows in self.iter_chunks(name)])
 
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of an array, read through their complete, crc-checked chunks."""
+        rows = self.array(name).chunks[0]
+        first, last = start // rows, -(-stop // rows)
+        values = np.concatenate([self.read_chunk(name, chunk) for chunk in range(first, max(first + 1, last))])
+        return values[start - first * rows : stop - first * rows]
+
     def write_whole(self, name: str, values: np.ndarray) -> None:
         """Write a small array in one piece (one chunk) and mark it complete."""
         self.delete(name)
         self.require_array(name, tuple(values.shape), max(1, values.shape[0]), str(values.dtype))
         self.write_chunk(name, 0, values)
+
+
+def is_done(entries: np.ndarray) -> np.ndarray:
+    """Whether progress entries (``[..., 2]``) mark their chunks complete (written or packed)."""
+    return np.isin(np.asarray(entries)[..., 0], _DONE)
 
 
 def local_path(path: str | Path) -> Path:
@@ -381,25 +588,3 @@ def refuse_foreign_directory(path: str | Path) -> None:
     raise StoreError(
         f"{path} already holds files that are not a source-proj store; choose a new or empty directory for the store."
     )
-
-
-_IO_REASONS = {
-    errno.ENOSPC: "the disk is full",
-    errno.EDQUOT: "the disk quota is exhausted",
-    errno.EROFS: "the file system is read-only",
-    errno.EACCES: "permission is denied",
-    errno.EPERM: "permission is denied",
-}
-
-
-@contextmanager
-def _io(path: str | Path, what: str) -> Iterator[None]:
-    """Turn an operating-system error while writing ``what`` into a [`StoreError`][]."""
-    try:
-        yield
-    except OSError as err:
-        reason = _IO_REASONS.get(err.errno or 0, os.strerror(err.errno) if err.errno else str(err))
-        raise StoreError(
-            f"Writing {what} to {path} failed because {reason} ({err.strerror or err}); fix that and re-run the "
-            "same command: it resumes, and nothing half-written was kept."
-        ) from err

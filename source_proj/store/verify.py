@@ -35,12 +35,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from source_proj.errors import SourceProjError, StoreError
-from source_proj.featurize.arguments import checkpoint_stages
+from source_proj.featurize.arguments import checkpoint_stages, projected_fisher_at
 from source_proj.featurize.plan import PROBE
+from source_proj.featurize.windows import PREFIX as CAPTURED
+from source_proj.featurize.windows import expected_windows, is_captured
 from source_proj.projection.factory import projector_from_meta
 from source_proj.store import objectstore
 from source_proj.store.durable import PARTIAL_SUFFIX
-from source_proj.store.store import Store, ckpt_key, is_remote, local_path
+from source_proj.store.provenance import REFERENCE_BATCH
+from source_proj.store.store import STAGING, Store, ckpt_key, is_done, is_remote, local_path
 from source_proj.store.writing import writing
 from source_proj.trajectory.recorder import Checkpoint, Stage
 from source_proj.trajectory.segments import Segment
@@ -134,6 +137,11 @@ class VerifyReport:
 def featurize_command(store: Store) -> str:
     """The CLI command that resumes (or recomputes chunks of) a store's featurize."""
     meta = store.meta
+    if is_captured(meta):
+        return (
+            "capture the run again into a new store (a captured window is recomputed only by training through it), "
+            "or featurize the run after training into a new store (source-proj featurize --projection factored)"
+        )
     spec = meta.get("spec")
     if spec is None:
         return "re-run source_proj.featurize(...) with the arguments that created the store"
@@ -169,17 +177,23 @@ def fit_command(store: Store, method: str) -> str:
     """The CLI command that resumes a method's fit."""
     arguments = store.meta["methods"][method].get("arguments", {})
     args = ["source-proj fit", shlex.quote(store.path), f"--method {shlex.quote(method)}"]
-    if arguments.get("boundaries"):
+    if arguments.get("auto_segments") is not None:
+        args.append(f"--segments auto:{arguments['auto_segments']}")
+    elif arguments.get("boundaries"):
         args.append(f"--boundaries {','.join(str(b) for b in arguments['boundaries'])}")
-    elif "segments_per_stage" in arguments:
+    elif arguments.get("segments_per_stage") is not None:
         args.append(f"--segments {arguments['segments_per_stage']}")
     if arguments.get("stages"):
         args.append(f"--stages {','.join(arguments['stages'])}")
+    if arguments.get("fast"):
+        args.append("--fast")
     return " ".join(args)
 
 
-def expected_features(meta: dict[str, Any]) -> dict[str, tuple[int, int]]:
-    """Every array featurize writes, with its shape: ``{name: (rows, k)}``."""
+def expected_features(meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every array featurize writes, with its shape: ``{name: (rows, k)}`` (a captured store: its windows)."""
+    if is_captured(meta):
+        return {name: shape for name, (shape, _) in expected_windows(meta).items()}
     traj = meta["trajectory"]
     stages = [Stage(**s) for s in traj["stages"]]
     checkpoints = [Checkpoint(step, "", "", False) for step in traj["checkpoints"]]
@@ -195,9 +209,11 @@ def expected_features(meta: dict[str, Any]) -> dict[str, tuple[int, int]]:
     if products["segment_means"]:
         points += [(seg.stage, seg.mean_key) for seg in segments]
     expected: dict[str, tuple[int, ...]] = {}
+    curvature = meta["featurize"].get("curvature", "projected")
+    last = ckpt_key(checkpoints[-1].step)
     for stage, key in points:
         expected[f"grads/{stage}/{key}"] = (sizes[stage], k)
-        if directions:
+        if directions and projected_fisher_at(curvature, "", key, last):
             expected[f"fisher/{stage}/{key}"] = (sizes[stage] * directions, k)
     if products["checkpoints"] and meta["featurize"].get("measurement"):
         final = ckpt_key(checkpoints[-1].step)
@@ -241,7 +257,7 @@ def _verify(store: Store, *, repair: bool, progress: bool) -> VerifyReport:
         report.unusable = True
         return report
     try:
-        if featurized:
+        if featurized and meta["projection"].get("kind") != "factored":  # a factored one needs the model's layers
             projector_from_meta(meta)
         expected = expected_features(meta) if featurized else {}
     except (SourceProjError, KeyError, TypeError, ValueError) as err:
@@ -250,8 +266,17 @@ def _verify(store: Store, *, repair: bool, progress: bool) -> VerifyReport:
         return report
     if not featurized:
         report.notes.append("the store holds no featurize output (another writer's store): its chunks were checked")
+    capturing = is_captured(meta) and not meta.get("captured")
+    if capturing:
+        report.notes.append(
+            "capture has not finished (training runs, or was interrupted: resume it with TrajectoryRecorder.resume); "
+            "the windows written so far were checked"
+        )
 
-    featurize_unfinished = featurized and _check_expected(store, meta, expected, report, repair)
+    _check_groups(store, report, repair)
+    featurize_unfinished, reported = False, set()
+    if featurized and not capturing:
+        featurize_unfinished, reported = _check_expected(store, meta, expected, report, repair)
     method_prefixes = {f"methods/{m}/": m for m in meta.get("methods") or {}}
     broken_methods: set[str] = set()
     try:
@@ -262,14 +287,16 @@ def _verify(store: Store, *, repair: bool, progress: bool) -> VerifyReport:
         )
         report.unusable = True
         return report
-    for name in tqdm(names, desc="verify", unit="array", disable=not progress):
+    own = ("trajectory/lr", REFERENCE_BATCH)  # featurize's arrays besides the features
+    for name in tqdm([n for n in names if n not in reported], desc="verify", unit="array", disable=not progress):
         method = next((m for p, m in method_prefixes.items() if name.startswith(p)), None)
         if not _check_array(store, name, report, repair):
-            if featurized and (name in expected or name == "trajectory/lr"):
+            if featurized and (name in expected or name in own):
                 featurize_unfinished = True
             if method is not None:
                 broken_methods.add(method)
-        known = name in expected or name == "trajectory/lr" or name.startswith(PROBE) or method is not None
+        known = name in expected or name in own or name.startswith(PROBE) or method is not None
+        known = known or (capturing and name.startswith(CAPTURED))
         if featurized and not known:
             report.notes.append(f"{name!r} is not part of featurize's output or of a fitted method")
     if featurized:
@@ -280,6 +307,9 @@ def _verify(store: Store, *, repair: bool, progress: bool) -> VerifyReport:
         report.notes.append(f"{leftovers} temporary file(s) of interrupted writes (harmless; --repair removes them)")
 
     if repair:
+        if featurize_unfinished and meta.get("captured"):
+            store.update_meta(captured=False)
+            report.repaired.append("capture marked unfinished (fit refuses it until the run is captured again)")
         if featurize_unfinished and meta.get("featurized"):
             store.update_meta(featurized=False)
             report.repaired.append("featurize marked unfinished (re-running it writes what is missing)")
@@ -298,10 +328,12 @@ def _verify(store: Store, *, repair: bool, progress: bool) -> VerifyReport:
 
 
 def _check_expected(
-    store: Store, meta: dict[str, Any], expected: dict[str, tuple[int, int]], report: VerifyReport, repair: bool
-) -> bool:
-    """Existence and shapes of featurize's arrays; returns whether featurize must run again."""
+    store: Store, meta: dict[str, Any], expected: dict[str, tuple[int, ...]], report: VerifyReport, repair: bool
+) -> tuple[bool, set[str]]:
+    """Existence and shapes of featurize's arrays; returns whether featurize must run again, and the
+    arrays found unreadable or misshapen (reported here, not checked further)."""
     unfinished = False
+    reported = set()
     steps = meta["trajectory"]["stages"][-1]["end_step"]
     for name, shape in [("trajectory/lr", (steps,)), *expected.items()]:
         try:
@@ -311,22 +343,45 @@ def _check_expected(
             present, actual = True, None
         if not present:
             unfinished = True
-            if meta.get("featurized"):
-                report.problems.append(f"{name!r} is missing although featurize finished")
+            if meta.get("featurized") or meta.get("captured"):
+                writer = "capture" if meta.get("captured") else "featurize"
+                report.problems.append(f"{name!r} is missing although {writer} finished")
             continue
         if actual != shape:
             unfinished = True
             what = "has unreadable metadata" if actual is None else f"has shape {actual}, not {shape}"
             report.problems.append(f"{name!r} {what}")
+            reported.add(name)
             if repair:
                 _drop(store, name)
                 report.repaired.append(f"dropped {name!r} (featurize writes it again)")
-    return unfinished
+    return unfinished, reported
+
+
+def _reason(err: StoreError) -> str:
+    """Why an array cannot be read, in a few words."""
+    cause = err.__cause__
+    return f"unreadable metadata: {type(cause).__name__}" if cause is not None else "it is missing"
+
+
+def _check_groups(store: Store, report: VerifyReport, repair: bool) -> None:
+    """Every group's metadata is readable (arrays are checked with their chunks); ``repair`` rewrites
+    an unreadable one (groups below the root hold no attributes)."""
+    nodes = store.nodes()
+    parents = {name.rsplit("/", 1)[0] for name in nodes if "/" in name}
+    for group in sorted(parents):
+        if store.node_type(group) == "group":
+            continue
+        if repair:
+            store.write_group_metadata(group)
+            report.repaired.append(f"rewrote the unreadable metadata of group {group!r}")
+        else:
+            report.problems.append(f"the metadata of group {group!r} is unreadable")
 
 
 def _drop(store: Store, name: str) -> None:
     """Delete an array and its progress entries even when its metadata is unreadable."""
-    for key in (name, f"progress/{name}"):
+    for key in (name, f"progress/{name}", f"{STAGING}{name}"):
         if is_remote(store.path):
             objectstore.remove(store.path, key)
         else:
@@ -339,7 +394,7 @@ def _check_array(store: Store, name: str, report: VerifyReport, repair: bool) ->
         entries = store.progress_entries(name)
         chunks = store.num_chunks(name)
     except StoreError as err:
-        report.problems.append(f"{name!r} cannot be checked: {err}")
+        report.problems.append(f"{name!r} cannot be checked ({_reason(err)})")
         if repair:
             _drop(store, name)
             report.repaired.append(f"dropped {name!r} (its writer writes it again)")
@@ -353,7 +408,7 @@ def _check_array(store: Store, name: str, report: VerifyReport, repair: bool) ->
     report.arrays += 1
     report.chunks += chunks
     damaged = store.damaged_chunks(name)
-    pending = int((entries[:, 0] != 1).sum())
+    pending = int((~is_done(entries)).sum())
     report.pending += pending
     report.complete += chunks - pending - len(damaged)
     for chunk, reason in sorted(damaged.items()):
@@ -371,24 +426,35 @@ def _check_methods(store: Store, meta: dict[str, Any], report: VerifyReport) -> 
     sizes = {s["name"]: s["dataset_size"] for s in meta["trajectory"]["stages"]}
     steps = set(meta["trajectory"]["checkpoints"])
     for method, desc in (meta.get("methods") or {}).items():
-        problems = []
-        for stage in desc.get("stages", []):
-            name = f"methods/{method}/train/{stage}"
-            if stage not in sizes:
-                problems.append(f"attributes unknown stage {stage!r}")
-            elif not store.has(name):
-                if desc.get("complete"):
-                    problems.append(f"has no {name!r}")
-            elif store.array(name).shape[0] != sizes[stage] or store.array(name).shape[1:] != (desc.get("dim"),):
-                problems.append(f"has {name!r} of shape {store.array(name).shape}")
-            elif desc.get("complete") and store.pending_chunks(name):
-                problems.append(f"is marked complete but {name!r} has pending chunks")
-        used = {s for seg in desc.get("segments", []) for s in seg.get("checkpoints", [])}
-        used |= set(desc.get("query", {}).get("checkpoints", []))
-        if used - steps:
-            problems.append(f"uses checkpoints {sorted(used - steps)} the store's run does not have")
+        try:
+            problems = _method_problems(store, method, desc, sizes, steps)
+        except StoreError as err:
+            problems = [f"cannot be checked ({_reason(err)})"]
         for problem in problems:
             report.problems.append(f"method {method!r} {problem}")
         if problems:
             broken.add(method)
     return broken
+
+
+def _method_problems(
+    store: Store, method: str, desc: dict[str, Any], sizes: dict[str, int], steps: set[int]
+) -> list[str]:
+    """What is inconsistent between one fitted method's description and the store."""
+    problems = []
+    for stage in desc.get("stages", []):
+        name = f"methods/{method}/train/{stage}"
+        if stage not in sizes:
+            problems.append(f"attributes unknown stage {stage!r}")
+        elif not store.has(name):
+            if desc.get("complete"):
+                problems.append(f"has no {name!r}")
+        elif store.array(name).shape[0] != sizes[stage] or store.array(name).shape[1:] != (desc.get("dim"),):
+            problems.append(f"has {name!r} of shape {store.array(name).shape}")
+        elif desc.get("complete") and store.pending_chunks(name):
+            problems.append(f"is marked complete but {name!r} has pending chunks")
+    used = {s for seg in desc.get("segments", []) for s in seg.get("checkpoints", [])}
+    used |= set(desc.get("query", {}).get("checkpoints", []))
+    if used - steps:
+        problems.append(f"uses checkpoints {sorted(used - steps)} the store's run does not have")
+    return problems

@@ -15,10 +15,16 @@ from typing import Any, TypeVar
 from source_proj.store import objectstore
 from source_proj.store.durable import remove_partial_files
 from source_proj.store.leaselock import ObjectStoreLock
-from source_proj.store.locking import FileStoreLock, LockMode, StoreLock
+from source_proj.store.locking import FileStoreLock, LockMode, StoreLock, writer_name
 from source_proj.store.store import Store, is_remote, is_store, local_path, refuse_foreign_directory
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def current_writer(path: str | os.PathLike[str]) -> str | None:
+    """``by process PID on HOST since TIME (COMMAND)`` when another process writes the store now, else ``None``."""
+    holder = store_lock(path).holder()
+    return None if holder is None else writer_name(holder)
 
 
 def store_lock(path: str | os.PathLike[str], mode: LockMode = "exclusive") -> StoreLock:

@@ -186,15 +186,11 @@ def _gram(store: Store, names: Sequence[str], fisher: bool) -> np.ndarray:
         flat = torch.stack(mats)
         return (flat @ flat.T).numpy()
     gram = np.zeros((len(names), len(names)))
-    arrays = [store.array(n) for n in names]
-    rows = arrays[0].chunks[0]
     for n in names:
         if store.pending_chunks(n):
             raise TrajectoryError(f"{n!r} is incomplete; finish featurize before segmenting automatically.")
-    for start in range(0, arrays[0].shape[0], rows):
-        block = torch.stack(
-            [torch.from_numpy(np.asarray(a[start : start + rows])).double().reshape(-1) for a in arrays]
-        )
+    for chunk in range(store.num_chunks(names[0])):
+        block = torch.stack([torch.from_numpy(store.read_chunk(n, chunk)).double().reshape(-1) for n in names])
         gram += (block @ block.T).numpy()
     return gram
 

@@ -38,6 +38,7 @@ process sees its local gradients, so pass the factor to :meth:`TrajectoryRecorde
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import json
 import math
@@ -46,13 +47,13 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from source_proj.errors import TrajectoryError
+from source_proj.errors import TrajectoryError, first_line
 from source_proj.store.durable import atomic_write_bytes
 
 FORMAT = "source-proj-trajectory"
@@ -111,6 +112,16 @@ class Stage:
     optimizer: dict[str, Any]
 
 
+class RecorderListener(Protocol):
+    """Kept in step with a recorder (in-run gradient capture, ``featurize/capture.py``, listens)."""
+
+    def before_checkpoint(self, step: int) -> None:
+        """A new checkpoint is about to be saved after ``step`` optimiser steps."""
+
+    def after_close(self) -> None:
+        """The trajectory has been marked complete."""
+
+
 class TrajectoryRecorder:
     """Records what SOURCE needs from an ordinary training loop.
 
@@ -128,7 +139,8 @@ class TrajectoryRecorder:
 
     A checkpoint is saved at the start of every stage, every ``save_every`` steps and at the end
     of every stage. ``begin_stage`` may be called again (with a new optimiser) for a
-    multi-stage pipeline.
+    multi-stage pipeline. :meth:`resume` continues a run that was interrupted, or one that
+    finished and now trains further.
 
     Args:
         run_dir: directory to create; an existing non-empty one is refused unless ``overwrite``.
@@ -156,17 +168,30 @@ class TrajectoryRecorder:
         grad_scaler: Any | None = None,
         watch_clipping: bool = True,
     ) -> None:
+        run = Path(run_dir)
+        if run.exists() and any(run.iterdir()) and not overwrite:
+            raise TrajectoryError(
+                f"{run} already holds files; choose a new directory or pass overwrite=True to replace it."
+            )
+        if overwrite and (run / "trajectory.json").exists():
+            for old in (run / "checkpoints").glob("*.pt"):
+                old.unlink()
+            (run / "trajectory.json").unlink()
+        self._start(run, model, optimizer, save_every, save_optimizer_state, grad_scaler, watch_clipping)
+
+    def _start(
+        self,
+        run_dir: Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        save_every: int,
+        save_optimizer_state: bool | None,
+        grad_scaler: Any | None = None,
+        watch_clipping: bool = True,
+    ) -> None:
         if save_every < 1:
             raise TrajectoryError(f"save_every must be a positive number of steps, not {save_every}.")
-        self.run_dir = Path(run_dir)
-        if self.run_dir.exists() and any(self.run_dir.iterdir()) and not overwrite:
-            raise TrajectoryError(
-                f"{self.run_dir} already holds files; choose a new directory or pass overwrite=True to replace it."
-            )
-        if overwrite and (self.run_dir / "trajectory.json").exists():
-            for old in (self.run_dir / "checkpoints").glob("*.pt"):
-                old.unlink()
-            (self.run_dir / "trajectory.json").unlink()
+        self.run_dir = run_dir
         self.model = model
         self.optimizer = optimizer
         self.save_every = save_every
@@ -178,6 +203,79 @@ class TrajectoryRecorder:
         self._checkpoints: list[dict[str, Any]] = []
         self._complete = False
         self._clipping = _ClipWatch(model, optimizer, grad_scaler) if watch_clipping else None
+        self._listeners: list[RecorderListener] = []
+
+    @classmethod
+    def resume(
+        cls,
+        run_dir: str | os.PathLike[str],
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        save_every: int,
+        save_optimizer_state: bool | None = None,
+        grad_scaler: Any | None = None,
+        watch_clipping: bool = True,
+    ) -> TrajectoryRecorder:
+        """Continue the run in ``run_dir`` from its last checkpoint.
+
+        An interrupted run forgets the steps recorded after its last checkpoint; a finished run is
+        reopened to train further (more steps of its last stage, or a new stage with
+        ``begin_stage``). The last checkpoint's weights are loaded into ``model``, and its optimiser
+        state into ``optimizer`` when it was saved (record an SGD run with momentum with
+        ``save_optimizer_state=True`` if it may need resuming exactly; the resumed recorder keeps
+        saving the state when the run did). The training loop continues from :attr:`global_step`:
+        it must visit the batches it would have visited from that step on.
+        """
+        run = Path(run_dir)
+        index_file = run / "trajectory.json"
+        try:
+            index = json.loads(index_file.read_text())
+            checkpoints, stages, lr = index["checkpoints"], index["stages"], index["lr"]
+            last = checkpoints[-1]
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
+            raise TrajectoryError(
+                f"{run} holds no readable trajectory with a checkpoint to resume from ({type(err).__name__}); "
+                "start the run afresh with TrajectoryRecorder."
+            ) from err
+        if save_optimizer_state is None and last.get("optimizer_state"):
+            save_optimizer_state = True  # as the run did
+        recorder = cls.__new__(cls)
+        recorder._start(run, model, optimizer, save_every, save_optimizer_state, grad_scaler, watch_clipping)
+        state = load_checkpoint(run, Checkpoint(**last))
+        model.load_state_dict(state["model"])
+        if "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
+        step = int(last["step"])
+        recorder.global_step = step
+        recorder._lr = [float(v) for v in lr[:step]]
+        recorder._clip = [float(v) for v in (index.get("clip") or [1.0] * len(lr))[:step]]
+        recorder._stages = [dict(s) for s in stages if s["start_step"] <= step]
+        recorder._stages[-1]["end_step"] = None
+        recorder._checkpoints = list(checkpoints)
+        recorder._write_index()
+        return recorder
+
+    @property
+    def stage(self) -> tuple[str, int]:
+        """``(name, dataset size)`` of the open stage."""
+        if not self._stages or self._stages[-1]["end_step"] is not None:
+            raise TrajectoryError("Call begin_stage(name, dataset_size) before recording steps.")
+        return self._stages[-1]["name"], self._stages[-1]["dataset_size"]
+
+    @property
+    def stages(self) -> list[tuple[str, int, int | None]]:
+        """``(name, first step, end step)`` of every stage so far (``None`` for the open one)."""
+        return [(s["name"], s["start_step"], s["end_step"]) for s in self._stages]
+
+    @property
+    def checkpoint_steps(self) -> list[int]:
+        """Steps of the checkpoints saved so far."""
+        return [c["step"] for c in self._checkpoints]
+
+    def listen(self, listener: RecorderListener) -> None:
+        """Tell ``listener`` before every new checkpoint and after :meth:`close`."""
+        self._listeners.append(listener)
 
     def begin_stage(self, name: str, dataset_size: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Start a stage trained on ``dataset_size`` examples; ends the previous one."""
@@ -248,6 +346,8 @@ class TrajectoryRecorder:
         if self._clipping is not None:
             self._clipping.remove()
         self._write_index()
+        for listener in self._listeners:
+            listener.after_close()
 
     def __enter__(self) -> TrajectoryRecorder:
         return self
@@ -260,6 +360,8 @@ class TrajectoryRecorder:
         if self._checkpoints and self._checkpoints[-1]["step"] == self.global_step:
             self._write_index()
             return
+        for listener in self._listeners:
+            listener.before_checkpoint(self.global_step)
         save_opt = self._save_optimizer_state
         if save_opt is None:
             save_opt = self._stages[-1]["optimizer"]["kind"] in ("adam", "adamw")
@@ -294,7 +396,6 @@ class TrajectoryRecorder:
             "checkpoints": self._checkpoints,
         }
         atomic_write_bytes(self.run_dir / "trajectory.json", json.dumps(index, indent=1).encode())
-
 
     def _clip_factors(self) -> list[float]:
         """The factors recorded so far as numbers (measured ones are tensors until written: no device sync per step)."""
@@ -361,6 +462,34 @@ class _ClipWatch:
 
 def _squared_norm(grad: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(grad.detach(), dtype=torch.float32) ** 2
+def load_checkpoint(run_dir: Path, checkpoint: Checkpoint, *, verify: bool = True) -> dict[str, Any]:
+    """The saved payload (``{"model": state_dict, "optimizer"?: state_dict}``) of a checkpoint of the run in
+    ``run_dir``, checked against its sha256 unless ``verify`` is false."""
+    file = run_dir / checkpoint.file
+    if not file.is_file():
+        raise TrajectoryError(f"Checkpoint {file} is missing; restore it or re-run training.")
+    try:
+        if verify and _sha256_file(file) != checkpoint.sha256:
+            raise TrajectoryError(
+                f"Checkpoint {file} does not match the sha256 recorded in trajectory.json (changed or "
+                "corrupted after training); restore the original file."
+            )
+    except OSError as err:
+        raise _unreadable(file, err) from err
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch reports a truncated archive as OSError (EINVAL) or RuntimeError
+        if isinstance(err, OSError) and err.errno != errno.EINVAL:
+            raise _unreadable(file, err) from err
+        raise TrajectoryError(
+            f"Checkpoint {file} cannot be read by torch.load ({type(err).__name__}: {first_line(err)}), so it is "
+            "truncated or not a torch checkpoint; restore it from training."
+        ) from err
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise TrajectoryError(
+            f"Checkpoint {file} holds no {{'model': state_dict}}; save checkpoints with TrajectoryRecorder."
+        )
+    return state
 
 
 class Trajectory:
@@ -429,6 +558,21 @@ class Trajectory:
         selected = copy.copy(self)
         selected.checkpoints = tuple(c for c in self.checkpoints if c.step in keep)
         return selected
+    def truncated(self, steps: int) -> Trajectory:
+        """The run as it stood after ``steps`` optimiser steps: its learning rates, the stages (and parts of
+        stages) trained by then and the checkpoints saved by then (a finished run that later trained
+        further had exactly this trajectory, fingerprint included)."""
+        stages = [
+            {**s, "end_step": min(s["end_step"], steps)}
+            for s in self._index["stages"]
+            if s["start_step"] < steps
+        ]
+        checkpoints = [c for c in self._index["checkpoints"] if c["step"] <= steps]
+        index = {**self._index, "complete": True, "lr": self._index["lr"][:steps], "stages": stages,
+                 "checkpoints": checkpoints}
+        if index.get("clip") is not None:
+            index["clip"] = index["clip"][:steps]
+        return Trajectory(self.path, index)
 
     def fingerprint(self) -> str:
         """sha256 of the run's learning rates (and clipping factors), stages and checkpoint contents."""
@@ -438,29 +582,7 @@ class Trajectory:
 
     def load_state(self, checkpoint: Checkpoint, *, verify: bool = True) -> dict[str, Any]:
         """The saved payload (``{"model": state_dict, "optimizer"?: state_dict}``) of a checkpoint."""
-        file = self.path / checkpoint.file
-        if not file.is_file():
-            raise TrajectoryError(f"Checkpoint {file} is missing; restore it or re-run training.")
-        try:
-            if verify and _sha256_file(file) != checkpoint.sha256:
-                raise TrajectoryError(
-                    f"Checkpoint {file} does not match the sha256 recorded in trajectory.json (changed or "
-                    "corrupted after training); restore the original file."
-                )
-            state = torch.load(file, map_location="cpu", weights_only=True)
-        except OSError as err:
-            raise TrajectoryError(
-                f"Checkpoint {file} cannot be read ({err.strerror or err}); check its permissions and the disk."
-            ) from err
-        except TrajectoryError:
-            raise
-        except Exception as err:
-            raise TrajectoryError(f"Checkpoint {file} cannot be read by torch.load ({err}); restore it.") from err
-        if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-            raise TrajectoryError(
-                f"Checkpoint {file} holds no {{'model': state_dict}}; save checkpoints with TrajectoryRecorder."
-            )
-        return state
+        return load_checkpoint(self.path, checkpoint, verify=verify)
 
     def load_into(self, model: nn.Module, checkpoint: Checkpoint) -> nn.Module:
         """Load a checkpoint's weights into ``model`` (in place); refuses a mismatched architecture."""
@@ -483,6 +605,12 @@ class Trajectory:
             f"Trajectory({str(self.path)!r}, steps={self.num_steps}, stages={[s.name for s in self.stages]}, "
             f"checkpoints={len(self.checkpoints)}, complete={self.complete})"
         )
+
+
+def _unreadable(file: Path, err: OSError) -> TrajectoryError:
+    return TrajectoryError(
+        f"Checkpoint {file} cannot be read ({err.strerror or err}); check its permissions and the disk."
+    )
 
 
 def _is_int(value: Any) -> bool:

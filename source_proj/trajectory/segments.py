@@ -26,7 +26,8 @@ class SegmentationArguments:
     """How a trajectory is cut into segments (stage boundaries always cut).
 
     Attributes:
-        per_stage: equal parts (by step) each stage is cut into (the paper uses 3).
+        per_stage: equal parts (by step) each stage is cut into (default 1, by the evidence in BENCHMARKS.md;
+            the paper uses 3).
         boundaries: explicit global steps to cut at (overrides ``per_stage``).
         auto: a budget of L segments in all, placed where the projected curvature and gradients
             change most between checkpoints (see ``autosegment.py``; overrides both); ``0``: no budget,
@@ -36,7 +37,7 @@ class SegmentationArguments:
             chosen before featurize (Adam runs, Fast-SOURCE); fit-time cuts use every stored row.
     """
 
-    per_stage: int = 3
+    per_stage: int = 1
     boundaries: tuple[int, ...] | None = None
     auto: int | None = None
     probe_rows: int = 256
@@ -219,7 +220,7 @@ def make_segments(
     lr: np.ndarray,
     param_sizes: Mapping[str, int],
     *,
-    per_stage: int = 3,
+    per_stage: int = 1,
     boundaries: Sequence[int] | None = None,
 ) -> list[Segment]:
     """Cut every stage into segments.

@@ -1,0 +1,134 @@
+"""In-run SOURCE (gradients captured during training) against post-hoc SOURCE (featurized afterwards), by
+LDS on the digits settings of examples/digits/settings.py.
+
+    python benchmarks/capture_lds.py [--settings converged,noisy,two-stage] [--dim 512] [--subsets 100]
+        [--repeats 5] [--workers 2] [--out runs/capture-lds] [--retrains runs/lds]
+
+Per setting, model seed 0 is trained once per in-run variant with the recorder and GradientCapture
+(factored projection, k = --dim): the sampled Fisher on every batch (the default), on every 4th
+batch, and the empirical Fisher. Capture does not change training (tests/test_capture.py), so the
+runs are bit-identical, which is checked here. The first run is also featurized afterwards with the
+same factored projection (the like-for-like post-hoc store) and with the dense Rademacher one (the
+library's default), all with the sampled Fisher. Every store is fitted with the setting's SOURCE
+segments and scored on the setting's 100 queries; the LDS ground truth (α = 0.5, --subsets ×
+--repeats retrains) is shared with examples/digits/lds.py through --retrains. Printed and written to
+OUT/<setting>/capture_lds.json: LDS [95 % CI over subsets], and for each in-run variant the mean
+per-query LDS difference to post-hoc (factored) with a 95 % bootstrap interval over queries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "digits"))
+import digits
+import settings
+
+import source_proj as sp
+from source_proj import evaluation as ev
+
+IN_RUN = {
+    "in-run": sp.CaptureArguments(),
+    "in-run, Fisher every 4th batch": sp.CaptureArguments(fisher_every=4),
+    "in-run, empirical Fisher": sp.CaptureArguments(fisher="empirical"),
+}
+POST_HOC = {"post-hoc (factored)": "factored", "post-hoc (rademacher)": "rademacher"}
+
+
+def capturer(store: Path, dim: int, options: sp.CaptureArguments):
+    def start(recorder: sp.TrajectoryRecorder) -> sp.GradientCapture:
+        projection = sp.ProjectionArguments(dim=dim, kind="factored")
+        return sp.GradientCapture(recorder, store, digits.build_task(), projection=projection, options=options,
+                                  overwrite=True)
+
+    return start
+
+
+def prepare(s: settings.Setting, out: Path, dim: int) -> tuple[dict[str, Path], dict[str, float]]:
+    """Train (captured), featurize and fit; returns the store of every variant and the seconds each took."""
+    stores, seconds = {}, {}
+    data = {st.name: st.data for st in s.stages}
+    fit = sp.FitArguments(segments_per_stage=s.segments_per_stage, stages=(s.attributed,))
+    t0 = time.perf_counter()
+    s.train(0, run_dir=str(out / "plain"))
+    seconds["training alone"] = time.perf_counter() - t0
+    fingerprint = sp.Trajectory.load(out / "plain").fingerprint()
+    for name, options in IN_RUN.items():
+        run, store = out / f"run-{len(stores)}", out / f"in-run-{len(stores)}.sp"
+        t0 = time.perf_counter()
+        s.train(0, run_dir=str(run), capture=capturer(store, dim, options))
+        seconds[name] = time.perf_counter() - t0
+        if sp.Trajectory.load(run).fingerprint() != fingerprint:
+            raise SystemExit(f"{name}: the captured run differs from the uncaptured one")
+        sp.fit(store, fit, overwrite=True, progress=False)
+        stores[name] = store
+    for name, kind in POST_HOC.items():
+        store = out / f"post-hoc-{kind}.sp"
+        t0 = time.perf_counter()
+        sp.featurize(out / "plain", digits.build_model(), digits.build_task(), data, store,
+                     projection=sp.ProjectionArguments(dim=dim, kind=kind),
+                     options=sp.FeaturizeArguments(batch_size=256, measurement=False), progress=False, overwrite=True)
+        seconds[name] = time.perf_counter() - t0
+        sp.fit(store, fit, overwrite=True, progress=False)
+        stores[name] = store
+    return stores, seconds
+
+
+def paired(a: ev.Correlation, b: ev.Correlation, resamples: int = 2000) -> tuple[float, float, float]:
+    """Mean per-query LDS difference a − b with a 95 % bootstrap interval over queries."""
+    diff = a.per_query - b.per_query
+    diff = diff[np.isfinite(diff)]
+    rng = np.random.default_rng(0)
+    means = rng.choice(diff, size=(resamples, len(diff))).mean(1)
+    return float(diff.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", default=",".join(settings.SETTINGS))
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--subsets", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", default="runs/capture-lds")
+    parser.add_argument("--retrains", default="runs/lds", help="LDS retrain cache root (shared with lds.py)")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    for name in args.settings.split(","):
+        s = settings.setting(name)
+        out = Path(args.out) / name
+        stores, seconds = prepare(s, out, args.dim)
+        scores, rows = {}, None
+        for variant, store in stores.items():
+            attributor = sp.Attributor(store, digits.build_model(), digits.build_task(), batch_size=256)
+            scores[variant], rows = attributor.scores(s.queries), attributor.rows
+        lds_args = ev.LDSArguments(num_subsets=args.subsets, repeats=args.repeats, workers=args.workers)
+        truth = ev.lds_ground_truth(settings.Retrain(name), rows, Path(args.retrains) / name / "retrains", lds_args)
+        results = {variant: ev.lds(v, truth, lds_args) for variant, v in scores.items()}
+        reference = results["post-hoc (factored)"]
+        lines = [f"## {name}: k={args.dim}, M={args.subsets}, R={args.repeats}"]
+        report = {}
+        for variant, r in results.items():
+            entry = {"lds": r.mean, "low": r.low, "high": r.high, "seconds": seconds[variant]}
+            line = f"{variant:32s} {r}   ({seconds[variant]:.1f} s)"
+            if variant in IN_RUN:
+                diff = paired(r, reference)
+                entry["minus post-hoc (factored)"] = diff
+                line += f"   − post-hoc (factored): {diff[0]:+.3f} [{diff[1]:+.3f}, {diff[2]:+.3f}]"
+            lines.append(line)
+            report[variant] = entry
+        lines.append(f"{'training alone':32s} ({seconds['training alone']:.1f} s)")
+        print("\n".join(lines), flush=True)
+        summary = {"setting": name, "dim": args.dim, "results": report}
+        (out / "capture_lds.json").write_text(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()

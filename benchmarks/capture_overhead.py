@@ -1,0 +1,194 @@
+"""Training-step overhead of in-run gradient capture (GradientCapture) against the same loop without it.
+
+    python benchmarks/capture_overhead.py --model mlp --dim 1024 --steps 60            # CPU, MNIST-sized MLP
+    python benchmarks/capture_overhead.py --model gpt --dim 4096 --device cuda --steps 100   # the GPU check
+
+Models: ``mlp`` = 784-512-256-128-10 on random MNIST-shaped inputs (the SOURCE paper's MNIST MLP, batch
+64); ``gpt`` = a decoder-only transformer built from nn.Linear layers (every attributed weight is
+factorable: attention and MLP projections; embeddings and norms are left out), random tokens, batch
+--batch × --seq tokens, next-token loss. Every variant runs the same loop with a TrajectoryRecorder
+(SGD, momentum 0.9; a checkpoint every --save-every steps) and differs only in capture:
+
+- ``recorder only``            the baseline;
+- ``capture, empirical Fisher``  the projected gradients from the training backward, nothing else;
+- ``capture, sampled Fisher / 4`` plus the true Fisher's extra eval-mode pass on every 4th batch;
+- ``capture, sampled Fisher``   that pass on every batch.
+
+The variants take their steps in turn (round robin), so that a load which changes over time (a
+shared machine) slows all of them alike.
+
+Reported: the median time of a training step that saves no checkpoint (forward, backward, optimiser step,
+recorder; CUDA-synchronised), the overhead against the baseline, and the mean time of a step that saves
+a checkpoint (for capture: and writes the window it closes). The first --warmup steps are not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import source_proj as sp
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.up, self.down = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, t, w = h.shape
+        q, k, v = self.qkv(self.norm1(h)).view(b, t, 3, self.heads, w // self.heads).unbind(2)
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        h = h + self.out(a.transpose(1, 2).reshape(b, t, w))
+        return h + self.down(F.gelu(self.up(self.norm2(h))))
+
+
+class TinyGPT(nn.Module):
+    def __init__(self, vocab: int, width: int, layers: int, heads: int, seq: int) -> None:
+        super().__init__()
+        self.embed, self.position = nn.Embedding(vocab, width), nn.Embedding(seq, width)
+        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(layers))
+        self.norm, self.head = nn.LayerNorm(width), nn.Linear(width, vocab)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.embed(input_ids) + self.position(torch.arange(input_ids.shape[1], device=input_ids.device))
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h))
+
+
+def build(args: argparse.Namespace) -> tuple[nn.Module, sp.Task, int, callable]:
+    """The model, its task, the dataset size and ``batch(rows) -> (task batch, loss function)``."""
+    torch.manual_seed(0)
+    n = 4096
+    if args.model == "mlp":
+        model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 128),
+                              nn.ReLU(), nn.Linear(128, 10))
+        x, y = torch.rand(n, 784), torch.randint(0, 10, (n,))
+        task: sp.Task = sp.ClassificationTask()
+
+        def batch(rows):
+            b = (x[rows].to(args.device), y[rows].to(args.device))
+            return b, lambda m: F.cross_entropy(m(b[0]), b[1])
+
+        return model, task, n, batch
+    model = TinyGPT(args.vocab, args.width, args.layers, args.heads, args.seq)
+    tokens = torch.randint(0, args.vocab, (n, args.seq))
+    selection = sp.ParameterSelection(exclude=("head.*",), skip_norm=True, skip_embedding=True)
+    task = sp.LanguageModelingTask(tokens_per_sequence=args.seq - 1, parameters=selection)
+
+    def batch(rows):
+        ids = tokens[rows].to(args.device)
+        b = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+        def loss(m):
+            return task.loss(m(ids), b).mean()
+
+        return b, loss
+
+    return model, task, n, batch
+
+
+class Variant:
+    """One training loop (its own model, optimiser, recorder and capture), stepped by :meth:`step`."""
+
+    def __init__(self, args: argparse.Namespace, options: sp.CaptureArguments | None, folder: Path) -> None:
+        self.args = args
+        self.model, task, self.n, self.batch = build(args)
+        self.model.to(args.device)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
+        self.rec = sp.TrajectoryRecorder(folder / "run", self.model, self.opt, save_every=args.save_every)
+        self.cap = None
+        if options is not None:
+            projection = sp.ProjectionArguments(dim=args.dim, kind="factored")
+            self.cap = sp.GradientCapture(self.rec, folder / "store.sp", task, projection=projection, options=options)
+        self.rec.begin_stage("main", dataset_size=self.n)
+        self.order = torch.randperm(self.n, generator=torch.Generator().manual_seed(0))
+        self.step_times: list[float] = []
+        self.checkpoint_times: list[float] = []
+
+    def step(self, step: int) -> None:
+        rows = self.order[(step * self.args.batch) % self.n :][: self.args.batch]
+        b, loss_fn = self.batch(rows)
+        sync(self.args.device)
+        t0 = time.perf_counter()
+        with self.cap.batch(b, rows) if self.cap is not None else contextlib.nullcontext():
+            loss = loss_fn(self.model)
+            self.opt.zero_grad()
+            loss.backward()
+        self.opt.step()
+        self.rec.step()
+        sync(self.args.device)
+        if step >= self.args.warmup:
+            saved = self.rec.global_step % self.args.save_every == 0
+            (self.checkpoint_times if saved else self.step_times).append(time.perf_counter() - t0)
+
+    def result(self) -> dict[str, float]:
+        self.rec.close()
+        return {
+            "step_ms": 1000 * statistics.median(self.step_times),
+            "checkpoint_step_ms": 1000 * statistics.mean(self.checkpoint_times) if self.checkpoint_times else 0.0,
+        }
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["mlp", "gpt"], default="mlp")
+    parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--save-every", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    variants = {
+        "recorder only": None,
+        "capture, empirical Fisher": sp.CaptureArguments(fisher="empirical"),
+        "capture, sampled Fisher / 4": sp.CaptureArguments(fisher_every=4),
+        "capture, sampled Fisher": sp.CaptureArguments(),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        loops = {name: Variant(args, options, Path(tmp) / str(i)) for i, (name, options) in enumerate(variants.items())}
+        for step in range(args.warmup + args.steps):
+            for loop in loops.values():  # round robin: a load that changes over time hits every variant alike
+                loop.step(step)
+        results = {name: loop.result() for name, loop in loops.items()}
+    base = results["recorder only"]["step_ms"]
+    params = sum(p.numel() for p in build(args)[0].parameters())
+    print(f"{args.model} ({params:,} parameters), k={args.dim}, batch {args.batch}, {args.device}, "
+          f"{args.steps} timed steps, a window every {args.save_every} steps")
+    for name, r in results.items():
+        overhead = "" if name == "recorder only" else f"  overhead {100 * (r['step_ms'] / base - 1):+.0f}%"
+        print(f"{name:30s} {r['step_ms']:8.2f} ms/step{overhead}   a step that saves a checkpoint "
+              f"(and writes the window): {r['checkpoint_step_ms']:.0f} ms")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,517 @@
+"""In-run capture: the projected gradient of every training example at every visit, taken from the
+training step's own backward, summed per window into a store as training goes (layout: ``windows.py``).
+
+Usage (a plain loop; the Hugging Face Trainer and Lightning callbacks in ``integrations`` do the same)::
+
+    rec = sp.TrajectoryRecorder("runs/mlp", model, optimizer, save_every=50)
+    cap = sp.GradientCapture(rec, "runs/mlp.sp", task, projection=sp.ProjectionArguments(dim=1024, kind="factored"))
+    rec.begin_stage("main", dataset_size=len(train))
+    for batch in DataLoader(sp.IndexedDataset(train), batch_size=64, shuffle=True):
+        with cap.batch(batch) as (x, y):            # the batch without its row indices
+            loss = F.cross_entropy(model(x), y)     # the batch mean of the task's per-example loss
+            optimizer.zero_grad(); loss.backward()
+        optimizer.step(); rec.step()
+    rec.close()                                     # the store is complete: sp.fit(store) as usual
+
+**Gradients.** The factored projection's forward hooks (``FactoredProjector.tapped``) record P_in a_t
+at every Linear/Conv layer and tap the output gradient δ_t of the training backward, so each example's
+P ∇ℓ(z; θ_t) is summed from small outer products, never materialised. With the loss the batch mean,
+δ_t is (1/B)·∇ of the example's own loss: it is multiplied by B (``reduction="sum"``: by 1). The
+model is in training mode: this is the gradient training used (dropout masks, batch-norm batch
+statistics), where post-hoc featurize takes eval-mode gradients at the saved checkpoints.
+
+**Curvature.** ``fisher="sampled"`` (default): one extra forward and backward of the batch in eval
+mode, with labels drawn from the model (the true Fisher, as featurize), on every ``fisher_every``-th
+batch; it touches neither the parameters' gradients, nor batch-norm statistics, nor the global random
+state, so training is exactly what it would be without capture. ``fisher="empirical"``: the captured
+gradients themselves (no extra pass; biased). Only the k × k sum of ũũᵀ per window is kept (B·k²
+multiply-adds per Fisher batch).
+
+**Crash safety.** A window is written (chunks, then progress entries) just before the checkpoint that
+closes it is saved. A killed run resumed with :meth:`TrajectoryRecorder.resume` and the same store
+drops what was written after the last checkpoint and recomputes it; a finished run resumed to train
+further grows its store (fitted methods are dropped: re-fit).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from source_proj import __version__
+from source_proj.errors import NumericalError, StoreError, TaskError
+from source_proj.featurize.arguments import ProjectionArguments
+from source_proj.featurize.grow import record_growth
+from source_proj.featurize.windows import PREFIX, WINDOW_ARRAYS, window_array
+from source_proj.projection.factored import FactoredProjector
+from source_proj.projection.factory import make_projector
+from source_proj.store.provenance import describe_provenance
+from source_proj.store.store import Store, is_store
+from source_proj.store.writing import store_lock, writing
+from source_proj.tasks.gradients import PerExampleGradients, batch_size
+from source_proj.tasks.task import Batch, Task
+from source_proj.trajectory.recorder import Trajectory, TrajectoryRecorder, describe_optimizer
+
+_FOLD_EVERY = 64
+INDEX_KEY = "source_proj_index"
+"""The key :class:`IndexedDataset` adds to dict items (a batch's dataset row indices)."""
+
+
+@dataclass(frozen=True)
+class CaptureArguments:
+    """How gradients are captured during training.
+
+    Attributes:
+        fisher: ``"sampled"`` (labels drawn from the model: the true Fisher, one extra eval-mode
+            forward and backward per Fisher batch) or ``"empirical"`` (the captured gradients: no extra pass).
+        fisher_every: the Fisher on every n-th batch of a window only (its cost divided by n; the curvature is
+            an average, which needs far fewer samples than the per-example gradients).
+        seed: seed of the Fisher's label sampling.
+        reduction: ``"mean"`` when the training loss is the batch mean of the task's per-example loss
+            (the default everywhere in source-proj), ``"sum"`` when it is their sum.
+        chunk_rows: examples per store chunk.
+        buffer: where a window's sums wait to be written: ``"device"`` (the model's; fastest) or
+            ``"cpu"`` (host memory, for N·k·4 bytes that do not fit on the device).
+    """
+
+    fisher: Literal["sampled", "empirical"] = "sampled"
+    fisher_every: int = 1
+    seed: int = 0
+    reduction: Literal["mean", "sum"] = "mean"
+    chunk_rows: int = 1024
+    buffer: Literal["device", "cpu"] = "device"
+
+    def identity(self) -> dict[str, Any]:
+        """What the captured numbers depend on (``buffer`` does not)."""
+        return {k: v for k, v in asdict(self).items() if k != "buffer"}
+
+
+class IndexedDataset(Dataset):
+    """A dataset whose items carry their row index, so each batch says which examples it holds.
+
+    Dict items get the key ``"source_proj_index"``; any other item ``x`` becomes ``(index, x)``.
+    :meth:`GradientCapture.batch` takes the indices out again before the model sees the batch.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        item = self.dataset[index]
+        if isinstance(item, Mapping):
+            return {**item, INDEX_KEY: index}
+        return index, item
+
+
+def split_indices(batch: Any, indices: Tensor | Sequence[int] | None = None) -> tuple[Tensor, Batch]:
+    """``(row indices [B] int64, the batch without them)`` of a batch of :class:`IndexedDataset` (or
+    of any batch whose ``indices`` are given)."""
+    if indices is not None:
+        return torch.as_tensor(indices, dtype=torch.long).reshape(-1).cpu(), batch
+    if isinstance(batch, Mapping) and INDEX_KEY in batch:
+        rest = {k: v for k, v in batch.items() if k != INDEX_KEY}
+        return torch.as_tensor(batch[INDEX_KEY], dtype=torch.long).reshape(-1).cpu(), rest
+    if (
+        isinstance(batch, (tuple, list))
+        and len(batch) == 2
+        and isinstance(batch[0], Tensor)
+        and batch[0].dim() == 1
+        and not batch[0].is_floating_point()
+    ):
+        return batch[0].long().cpu(), batch[1]
+    raise TaskError(
+        "Capture needs each batch's dataset row indices; wrap the training set in sp.IndexedDataset, or pass "
+        "indices= to GradientCapture.batch."
+    )
+
+
+class GradientCapture:
+    """Captures projected per-example gradients and Fisher sums during training into a store.
+
+    Args:
+        recorder: the run's recorder (fresh, or :meth:`~TrajectoryRecorder.resume`-d); its model is captured.
+        store_path: the store to write (a directory or a URL).
+        task: the task (loss, parameters attributed); batches handed to :meth:`batch` are its batches.
+        projection: dimension and seed; the kind must be ``"factored"`` (the layer hooks), and the
+            attributed parameters must all belong to Linear or Conv layers.
+        options: Fisher, loss reduction, chunking.
+        overwrite: replace a store of other settings, or of another run.
+        spec: the experiment spec file (recorded, as featurize does).
+
+    The store holds, per window between checkpoints, the sum of every example's projected gradients
+    and its visit count, and the window's Fisher sum (``windows.py``); ``sp.fit`` turns them into
+    SOURCE once the recorder is closed. Scores keep the library's sign: positive = helpful.
+    """
+
+    def __init__(
+        self,
+        recorder: TrajectoryRecorder,
+        store_path: str | Path,
+        task: Task,
+        *,
+        projection: ProjectionArguments = ProjectionArguments(kind="factored"),
+        options: CaptureArguments = CaptureArguments(),
+        overwrite: bool = False,
+        spec: str | None = None,
+    ) -> None:
+        if options.fisher not in ("sampled", "empirical"):
+            raise TaskError(f"Capture's Fisher is 'sampled' or 'empirical', not {options.fisher!r}.")
+        if options.reduction not in ("mean", "sum"):
+            raise TaskError(f"The loss reduction is 'mean' or 'sum', not {options.reduction!r}.")
+        if options.fisher_every < 1 or options.chunk_rows < 1:
+            raise TaskError("fisher_every and chunk_rows must be positive.")
+        if projection.kind != "factored":
+            raise TaskError(
+                f"Capture projects through the factored projection's layer hooks, not {projection.kind!r}; pass "
+                "ProjectionArguments(kind='factored')."
+            )
+        self.recorder, self.task, self.options = recorder, task, options
+        self.path = str(store_path)
+        self.model = recorder.model
+        self.device = next(self.model.parameters()).device
+        self.buffer_device = self.device if options.buffer == "device" else torch.device("cpu")
+        names = task.select_parameters(self.model)
+        params = dict(self.model.named_parameters())
+        shapes = [(n, tuple(params[n].shape)) for n in names]
+        projector = make_projector("factored", shapes, projection.dim, projection.seed, model=self.model)
+        assert isinstance(projector, FactoredProjector)
+        if projector.rest is not None:
+            raise TaskError(
+                f"Capture projects Linear and Conv layers only, but the parameters {projector.rest_names[:3]} belong "
+                "to none; leave them out (ParameterSelection(exclude=..., skip_norm=True, skip_embedding=True)), or "
+                "featurize after training."
+            )
+        self.projector, self.names = projector, names
+        self.dim = projector.dim
+        self._meta = {
+            "library_version": __version__,
+            "params": [[n, list(s)] for n, s in shapes],
+            "projection": projector.describe(),
+            "task": task.describe(),
+            "featurize": {
+                "chunk_rows": options.chunk_rows,
+                "fisher": options.fisher,
+                "seed": options.seed,
+                "precision": "fp32",
+                "fisher_directions": 0,
+                "measurement": False,
+            },
+            "capture": options.identity(),
+            "trajectory": {
+                "path": str(recorder.run_dir.resolve()),
+                "fingerprint": None,
+                "stages": [],
+                "checkpoints": [],
+            },
+            "spec": spec,
+        }
+        steps = recorder.checkpoint_steps
+        if steps and recorder.global_step != steps[-1]:
+            raise TaskError(
+                f"The recorder has taken {recorder.global_step - steps[-1]} steps since its last checkpoint; start "
+                "capture before training, or right after TrajectoryRecorder.resume."
+            )
+        self._open_store(overwrite)
+        self._stage: tuple[str, int] | None = None
+        self._closed = False
+        self._window_start: int | None = steps[-1] if steps else None
+        self._pending: tuple[Tensor, Tensor, float] | None = None
+        self._fisher_batch = False
+        self._target: Tensor | None = None
+        self._checked = False
+        self._probe = torch.zeros((), device=self.device, requires_grad=True)
+        self._hooks = contextlib.ExitStack()
+        self._hooks.enter_context(projector.tapped(self.model, lambda: self._target, self._probe))
+        recorder.listen(self)
+
+    # -- the store --------------------------------------------------------------------------
+
+    def _open_store(self, overwrite: bool) -> None:
+        """Create the store, or take up the one this run was captured into (dropping what no checkpoint closed)."""
+        with writing(self.path):
+            if not is_store(self.path) or overwrite:
+                if _closed_windows(self.recorder):
+                    raise StoreError(
+                        f"The run at {self.recorder.run_dir} has trained through checkpoints no store captured; "
+                        "capture a run from its start (or resume it with the store it was captured into)."
+                    )
+                Store.create(self.path, self._meta, overwrite=overwrite)
+                return
+            store = Store.open(self.path, writable=True)
+            old = store.meta
+            keys = ("params", "projection", "task", "featurize", "capture")
+            differing = [k for k in keys if old.get(k) != self._meta[k]]
+            if old.get("capture") is None:
+                differing.insert(0, "not captured")
+            if old.get("trajectory", {}).get("path") != self._meta["trajectory"]["path"]:
+                differing.append("trajectory")
+            if differing:
+                raise StoreError(
+                    f"The store at {self.path} holds features of other settings or another run "
+                    f"({', '.join(differing)}); pass overwrite=True to replace it, or use another store path."
+                )
+            steps = self.recorder.checkpoint_steps
+            windows = _stored_windows(store)
+            if not steps and windows:
+                raise StoreError(
+                    f"The store at {self.path} holds captured windows of an earlier run while the recorder starts a "
+                    "new one; resume the run with TrajectoryRecorder.resume, or pass overwrite=True to start the store "
+                    "again."
+                )
+            last = steps[-1] if steps else 0
+            for stage, start in windows:
+                if start >= last:
+                    for kind in WINDOW_ARRAYS:
+                        store.delete(window_array(kind, stage, start))
+            missing = [w for w in _closed_windows(self.recorder) if not _window_complete(store, *w)]
+            if missing:
+                stage, start = missing[0]
+                raise StoreError(
+                    f"The store at {self.path} lacks the captured window of stage {stage!r} from step {start} that the "
+                    "resumed run has already trained through; capture the run from its start into a new store."
+                )
+            if old.get("captured"):  # a finished run trains further: the store grows with it
+                record_growth(store)
+                store.update_meta(captured=False)
+
+    def _write_window(self, stage: str, start: int, sums: Tensor, visits: Tensor, fisher: Tensor, count: float) -> None:
+        bad = ~torch.isfinite(sums).all(dim=1)
+        if bool(bad.any()):
+            row = int(torch.nonzero(bad)[0, 0])
+            raise NumericalError(
+                f"The captured gradient of training example {row} of stage {stage!r} in the window from step {start} "
+                "is NaN or infinite; check that example and the training loss."
+            )
+        rows = self.options.chunk_rows
+        with store_lock(self.path):
+            store = Store.open(self.path, writable=True)
+            for kind in WINDOW_ARRAYS:
+                store.delete(window_array(kind, stage, start))
+            grads, counts = window_array("grads", stage, start), window_array("visits", stage, start)
+            store.require_array(grads, tuple(sums.shape), rows, "float32")
+            store.require_array(counts, tuple(visits.shape), rows, "uint32")
+            for chunk in range(-(-sums.shape[0] // rows)):
+                part = slice(chunk * rows, (chunk + 1) * rows)
+                store.write_chunk(grads, chunk, sums[part].cpu().numpy())
+                store.write_chunk(counts, chunk, visits[part].cpu().numpy().astype(np.uint32))
+            store.write_whole(window_array("fisher", stage, start), fisher.cpu().numpy())
+            store.write_whole(window_array("fisher-count", stage, start), np.array([count], dtype=np.float64))
+
+    # -- batches ----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def batch(self, batch: Any, indices: Tensor | Sequence[int] | None = None, *, scale: float | None = None
+              ) -> Iterator[Batch]:
+        """Capture one training batch: run its forward and backward inside the block.
+
+        Args:
+            batch: a batch of :class:`IndexedDataset` (its indices are taken out), or any batch with ``indices``.
+            indices: the batch's dataset row indices ``[B]`` in the current stage's dataset.
+            scale: what the tapped δ is multiplied by to give ∇ℓ (default: B for ``reduction="mean"``,
+                1 for ``"sum"``; with gradient accumulation over n batches, n·B).
+
+        Yields the batch without its indices. Call ``optimizer.step()`` after the block.
+        """
+        rest = self.begin(batch, indices, scale=scale)
+        yield rest
+        self.commit()
+
+    def begin(self, batch: Any, indices: Tensor | Sequence[int] | None = None, *, scale: float | None = None) -> Batch:
+        """Start capturing a batch (the forward and backward that follow are captured); returns the batch
+        without its indices. :meth:`commit` (or the next ``begin``, or the next checkpoint) ends it."""
+        self.commit()
+        rows, rest = split_indices(batch, indices)
+        name, size = self.recorder.stage
+        if self._stage != (name, size):
+            self._open_stage(name, size)
+        if rows.numel() == 0 or int(rows.min()) < 0 or int(rows.max()) >= size:
+            raise TaskError(
+                f"The batch's row indices must lie in [0, {size - 1}] (stage {name!r} has {size} examples), not "
+                f"[{int(rows.min()) if rows.numel() else '-'}, {int(rows.max()) if rows.numel() else '-'}]."
+            )
+        count = rows.numel()
+        if batch_size(rest) != count:
+            raise TaskError(
+                f"The batch holds {batch_size(rest)} examples but {count} row indices; pass one index per example."
+            )
+        if not self._checked:
+            self._check(rest)
+        self._fisher_batch = self._batches % self.options.fisher_every == 0
+        if self.options.fisher == "sampled" and self._fisher_batch:
+            self._fisher_pass(rest, count)
+        factor = float(scale) if scale is not None else float(count if self.options.reduction == "mean" else 1)
+        out = torch.zeros(count, self.dim, dtype=torch.float32, device=self.device)
+        self._pending = (rows, out, factor)
+        self._target = out
+        self._probe.grad = None
+        return rest
+
+    def end_forward(self) -> None:
+        """The begun batch's forward is over: later forwards (evaluation) are not tapped; its backward still is."""
+        self._target = None
+
+    def commit(self) -> None:
+        """Add the begun batch's captured gradients to the current window (its backward must have run)."""
+        if self._pending is None:
+            return
+        rows, out, factor = self._pending
+        self._pending = self._target = None
+        if self._probe.grad is None:
+            raise TaskError(
+                "A captured batch ended before its backward pass ran; call loss.backward() inside the capture block "
+                "(or between begin() and commit())."
+            )
+        grads = out * factor
+        where = rows.to(self.buffer_device)
+        self._sums.index_add_(0, where, grads.to(self.buffer_device))
+        self._visits.index_add_(0, where, torch.ones_like(where, dtype=torch.int32))
+        if self.options.fisher == "empirical" and self._fisher_batch:
+            self._add_fisher(grads)
+        self._batches += 1
+
+    def _open_stage(self, name: str, size: int) -> None:
+        kind = describe_optimizer(self.recorder.optimizer, self.model)["kind"]
+        if kind not in ("sgd",):
+            raise TaskError(
+                f"Stage {name!r} is trained with {kind!r}; capture supports SGD stages (Adam's preconditioner does not "
+                "factor through the layer hooks yet): featurize Adam runs after training."
+            )
+        self._stage = (name, size)
+        self._sums = torch.zeros(size, self.dim, dtype=torch.float32, device=self.buffer_device)
+        self._visits = torch.zeros(size, dtype=torch.int32, device=self.buffer_device)
+        self._fisher = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
+        self._fisher32 = torch.zeros(self.dim, self.dim, dtype=torch.float32, device=self.device)
+        self._pending_fisher = 0
+        self._count = 0
+        self._batches = 0
+
+    def _check(self, batch: Batch) -> None:
+        """Once: the layer hooks must reproduce the materialised per-example gradients (tied weights…)."""
+        modes = [(m, m.training) for m in self.model.modules()]
+        try:
+            grads_fn = PerExampleGradients(self.model, self.task, self.names)
+            self.projector.check_layers(grads_fn, batch)
+        finally:
+            for module, mode in modes:
+                module.training = mode
+        self._checked = True
+
+    def _fisher_pass(self, batch: Batch, count: int) -> None:
+        """ũ = P ∇ℓ(x, ŷ; θ_t) with ŷ drawn from the model, in eval mode: add ũũᵀ to the window's Fisher sum."""
+        step = self.recorder.global_step
+        seed = np.random.SeedSequence([self.options.seed, step, self._batches])
+        generator = torch.Generator().manual_seed(int(seed.generate_state(1, dtype=np.uint64)[0] >> 1))
+        modes = [(m, m.training) for m in self.model.modules()]
+        out = torch.zeros(count, self.dim, dtype=torch.float32, device=self.device)
+        self.model.eval()
+        self._target = out
+        try:
+            with torch.enable_grad():
+                task = self.task.bind(self.model)
+                outputs = task.forward(self.model, batch)
+                ((weight, pseudo),) = task.fisher_targets(outputs.detach(), batch, generator)
+                total = task.loss(outputs, pseudo).sum()
+                torch.autograd.grad(total, self._probe, allow_unused=True)
+        finally:
+            self._target = None
+            for module, mode in modes:
+                module.training = mode
+        self._add_fisher(out * weight.to(out).sqrt()[:, None])
+
+    def _add_fisher(self, u: Tensor) -> None:
+        """Add ũũᵀ of a batch's Fisher vectors ``[B, k]``: fp32 products, folded into fp64 every 64 batches."""
+        self._fisher32.addmm_(u.T, u)
+        self._count += u.shape[0]
+        self._pending_fisher += 1
+        if self._pending_fisher == _FOLD_EVERY:
+            self._fold_fisher()
+
+    def _fold_fisher(self) -> None:
+        self._fisher += self._fisher32
+        self._fisher32.zero_()
+        self._pending_fisher = 0
+
+    # -- the recorder's events ----------------------------------------------------------------
+
+    def before_checkpoint(self, step: int) -> None:
+        """Write the window this checkpoint closes (called by the recorder before it saves the checkpoint)."""
+        if self._closed:
+            return
+        self.commit()
+        start, self._window_start = self._window_start, step
+        if start is None or self._stage is None or start >= step:
+            return
+        if self._batches == 0:
+            raise TaskError(
+                f"Steps {start}–{step - 1} were recorded without a captured batch; wrap every training batch in "
+                "GradientCapture.batch (or use the framework's capture callback)."
+            )
+        self._fold_fisher()
+        self._write_window(self._stage[0], start, self._sums, self._visits, self._fisher, float(self._count))
+        self._open_stage(*self._stage)
+
+    def after_close(self) -> None:
+        """Finish the store: the run's learning rates and description (called by the recorder's close)."""
+        if self._closed:
+            return
+        self.commit()
+        self.close()
+        trajectory = Trajectory.load(self.recorder.run_dir)
+        with store_lock(self.path):
+            store = Store.open(self.path, writable=True)
+            store.write_whole("trajectory/lr", trajectory.lr.astype(np.float64))
+            store.update_meta(
+                trajectory={
+                    "path": str(Path(trajectory.path).resolve()),
+                    "fingerprint": trajectory.fingerprint(),
+                    "stages": [asdict(s) for s in trajectory.stages],
+                    "checkpoints": [c.step for c in trajectory.checkpoints],
+                },
+                provenance=describe_provenance(self.model, trajectory, self.device, 0),
+                captured=True,
+            )
+
+    def close(self) -> None:
+        """Remove the layer hooks and stop listening, without finishing the store (training stopped early:
+        resume it later); the recorder's own close finishes the store instead."""
+        self._pending = self._target = None
+        self._closed = True
+        self._hooks.close()
+
+
+def _stored_windows(store: Store) -> list[tuple[str, int]]:
+    """``(stage, first step)`` of every window with any array in the store."""
+    found = set()
+    for name in store.progress_arrays(PREFIX):
+        kind, stage, key = name[len(PREFIX) :].split("/")
+        if kind in WINDOW_ARRAYS:
+            found.add((stage, int(key.removeprefix("step-"))))
+    return sorted(found, key=lambda w: w[1])
+
+
+def _window_complete(store: Store, stage: str, start: int) -> bool:
+    return all(store.is_complete(window_array(kind, stage, start)) for kind in WINDOW_ARRAYS)
+
+
+def _closed_windows(recorder: TrajectoryRecorder) -> list[tuple[str, int]]:
+    """``(stage, first step)`` of the windows the recorder's checkpoints have closed."""
+    stages = recorder.stages
+    steps = recorder.checkpoint_steps
+    closed = []
+    for start, end in itertools.pairwise(steps):
+        owner = [name for name, first, last in stages if first <= start and (last is None or start < last)]
+        if owner and end > start:
+            closed.append((owner[-1], start))
+    return closed

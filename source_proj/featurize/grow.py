@@ -1,0 +1,55 @@
+"""Growing a store: a run that trained further (more checkpoints, a longer last stage, new stages — and
+with them new training examples) is added to its existing store, computing only what is new.
+
+A store may grow into a run whose first steps *are* the store's run: cut the new run after the
+store's last step (:meth:`Trajectory.truncated`) and it has the store's fingerprint (learning rates,
+stages, every checkpoint's sha256). Then featurize's plan (``plan.py``) finds the old work units
+complete and computes the new ones only: the new checkpoints on their stages, and the new final
+checkpoint on every stage. In-run capture grows its store the same way when its recorder resumes a
+finished run (``capture.py``).
+
+What a growth changes is recorded in the store's metadata (``meta["growth"]``: the checkpoints and
+fingerprint before, the fitted methods dropped), so provenance names every run a store has held;
+fitted methods depend on the whole trajectory (its segments, its final checkpoint), so they are
+dropped and must be fitted again. A stage's own dataset cannot grow (the recorder fixes its size):
+new examples enter through a new stage.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from source_proj.store.store import Store
+from source_proj.trajectory.recorder import Trajectory
+
+
+def growth_refusal(meta: dict[str, Any], trajectory: Trajectory) -> str | None:
+    """Why the store described by ``meta`` cannot grow into ``trajectory`` (``None``: it can)."""
+    if meta.get("segmentation"):
+        return (
+            "its features depend on the segmentation recorded for them (an Adam run, or Fast-SOURCE), which the "
+            "longer run changes"
+        )
+    old = meta["trajectory"]
+    steps = max(s["end_step"] for s in old["stages"])
+    if trajectory.num_steps < steps:
+        return f"the run has {trajectory.num_steps} steps, fewer than the store's {steps}"
+    if trajectory.truncated(steps).fingerprint() != old["fingerprint"]:
+        return (
+            f"its first {steps} steps are not the store's run (other learning rates, stages, or checkpoint files)"
+        )
+    return None
+
+
+def record_growth(store: Store) -> None:
+    """Note the store's current run in its growth history and drop its fitted methods (before it grows)."""
+    meta = store.meta
+    methods = sorted(meta.get("methods") or {})
+    entry = {
+        "checkpoints": meta["trajectory"]["checkpoints"],
+        "fingerprint": meta["trajectory"]["fingerprint"],
+        "dropped_methods": methods,
+    }
+    for method in methods:
+        store.delete(f"methods/{method}")
+    store.update_meta(growth=[*meta.get("growth", []), entry], methods={})

@@ -1,0 +1,162 @@
+"""Captured windows: where in-run capture (``capture.py``) puts its sums in a store, and how fit reads them.
+
+A *window* is the stretch of a stage's training from one of its checkpoints c to the next one (or
+to the stage's end): the steps ``c ≤ t < c'``. Capture writes, per window, under the key of its
+first checkpoint (``step-<c>``, as post-hoc features are keyed by checkpoint)::
+
+    capture/grads/<stage>/<c>         float32 [N_s, k]  Σ over the visits of z_i in the window of P ∇ℓ(z_i; θ_t)
+    capture/visits/<stage>/<c>        uint32  [N_s]     visits of z_i in the window
+    capture/fisher/<stage>/<c>        float64 [k, k]    Σ over the window's Fisher vectors of ũ ũᵀ
+    capture/fisher-count/<stage>/<c>  float64 [1]       how many Fisher vectors (examples) that sum holds
+
+θ_t are the parameters the visit's step started from (the gradient the step used); ũ = P ∇ℓ(x, ŷ; θ_t)
+with ŷ drawn from the model (sampled Fisher), or the captured gradient itself (empirical Fisher).
+
+fit cuts a captured run at window boundaries only (:func:`window_cuts`: the requested cuts moved to the
+nearest checkpoint), so each segment ℓ of stage s is a run of whole windows, those starting at its
+checkpoints C_ℓ, and uses
+
+    ḡ_ℓ(z) = Σ_w grads_w(z) / Σ_w visits_w(z)     the example's gradients averaged over its visits in ℓ
+    H̃_ℓ    = Σ_w fisher_w / Σ_w fisher-count_w    the Fisher averaged over the segment's visits
+
+An example never visited inside a segment (a segment shorter than an epoch) takes the average of
+its gradients over every window of its stage; one never visited at all has ḡ = 0 (no influence).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from source_proj.errors import NumericalError, StoreError
+from source_proj.store.store import Store, ckpt_key
+from source_proj.trajectory.segments import Segment
+
+PREFIX = "capture/"
+WINDOW_ARRAYS = ("grads", "visits", "fisher", "fisher-count")
+
+
+def window_array(kind: str, stage: str, start: int) -> str:
+    """Store name of one of a window's arrays (``kind`` in :data:`WINDOW_ARRAYS`)."""
+    return f"{PREFIX}{kind}/{stage}/{ckpt_key(start)}"
+
+
+def is_captured(meta: dict[str, Any]) -> bool:
+    """Whether a store's features were captured during training (instead of featurized afterwards)."""
+    return meta.get("capture") is not None
+
+
+def stage_windows(meta: dict[str, Any], stage: str) -> list[int]:
+    """First steps of a stage's windows: its checkpoints ``start ≤ c < end``."""
+    desc = next(s for s in meta["trajectory"]["stages"] if s["name"] == stage)
+    return [c for c in meta["trajectory"]["checkpoints"] if desc["start_step"] <= c < desc["end_step"]]
+
+
+def expected_windows(meta: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every window array a complete captured store holds: ``name → (shape, dtype)``."""
+    k = meta["projection"]["dim"]
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
+    for stage in meta["trajectory"]["stages"]:
+        n = stage["dataset_size"]
+        for start in stage_windows(meta, stage["name"]):
+            out[window_array("grads", stage["name"], start)] = ((n, k), "float32")
+            out[window_array("visits", stage["name"], start)] = ((n,), "uint32")
+            out[window_array("fisher", stage["name"], start)] = ((k, k), "float64")
+            out[window_array("fisher-count", stage["name"], start)] = ((1,), "float64")
+    return out
+
+
+def window_cuts(meta: dict[str, Any], per_stage: int, boundaries: Sequence[int] | None = None) -> tuple[int, ...]:
+    """Segment boundaries of a captured run: the equal cuts of every stage (or ``boundaries``) moved to the
+    nearest checkpoint inside the stage, so that every segment is made of whole windows."""
+    cuts = set()
+    for stage in meta["trajectory"]["stages"]:
+        start, end = stage["start_step"], stage["end_step"]
+        inner = [c for c in stage_windows(meta, stage["name"]) if c > start]
+        if boundaries is not None:
+            wanted = [b for b in boundaries if start < b < end]
+        else:
+            parts = max(1, min(per_stage, end - start))
+            wanted = [start + round(i * (end - start) / parts) for i in range(1, parts)]
+        cuts.update(min(inner, key=lambda c: (abs(c - w), c)) for w in wanted if inner)
+    return tuple(sorted(cuts))
+
+
+def segment_windows(meta: dict[str, Any], segment: Segment) -> list[int]:
+    """The windows a segment averages: those of its stage starting at one of its checkpoints."""
+    windows = [c for c in stage_windows(meta, segment.stage) if c in segment.checkpoints]
+    if not windows:
+        raise StoreError(
+            f"Segment [{segment.start_step}, {segment.end_step}) of stage {segment.stage!r} holds no captured window "
+            "(its only checkpoint closes the stage); fit with fewer segments per stage, or save checkpoints more often."
+        )
+    return windows
+
+
+def window_curvature(store: Store, segment: Segment, device: torch.device | str = "cpu") -> torch.Tensor:
+    """H̃_ℓ of a segment from its windows' Fisher sums: float64 ``[k, k]`` on ``device``."""
+    total: torch.Tensor | None = None
+    count = 0.0
+    for start in segment_windows(store.meta, segment):
+        fisher = torch.from_numpy(store.read(window_array("fisher", segment.stage, start))).to(device)
+        total = fisher if total is None else total + fisher
+        count += float(store.read(window_array("fisher-count", segment.stage, start))[0])
+    assert total is not None
+    if count == 0 or not torch.isfinite(total).all():
+        raise NumericalError(
+            f"The captured curvature of segment [{segment.start_step}, {segment.end_step}) of stage {segment.stage!r} "
+            "is empty or not finite; capture the run again (check the training loss for NaN)."
+        )
+    return total / count
+
+
+class WindowGradients:
+    """ḡ_ℓ(z) of every segment for one row chunk of a stage, from the captured windows (see module docstring).
+
+    Args:
+        store: a captured store.
+        segments: the fit's segments.
+    """
+
+    def __init__(self, store: Store, segments: Sequence[Segment]) -> None:
+        self.store = store
+        meta = store.meta
+        self.windows = {seg: segment_windows(meta, seg) for seg in segments}
+        self.stage_windows = {s["name"]: stage_windows(meta, s["name"]) for s in meta["trajectory"]["stages"]}
+        self.stood_in = 0
+
+    def __call__(self, stage: str, chunk: int, segments: Sequence[Segment]) -> list[torch.Tensor]:
+        """float64 ``[rows, k]`` per segment of ``segments`` (all of stage ``stage``)."""
+        sums: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for start in self.stage_windows[stage]:
+            grads = torch.from_numpy(self.store.read_chunk(window_array("grads", stage, start), chunk)).double()
+            visits = self.store.read_chunk(window_array("visits", stage, start), chunk).astype(np.float64)
+            visits = torch.from_numpy(visits)
+            sums[start] = (grads, visits)
+        everything = sum(g for g, _ in sums.values())
+        visited = sum(v for _, v in sums.values())
+        assert isinstance(everything, torch.Tensor) and isinstance(visited, torch.Tensor)
+        overall = everything / visited.clamp_min(1.0)[:, None]
+        out = []
+        for seg in segments:
+            total = sum(sums[start][0] for start in self.windows[seg])
+            count = sum(sums[start][1] for start in self.windows[seg])
+            assert isinstance(total, torch.Tensor) and isinstance(count, torch.Tensor)
+            missing = (count == 0) & (visited > 0)
+            self.stood_in += int(missing.sum())
+            mean = total / count.clamp_min(1.0)[:, None]
+            out.append(torch.where(missing[:, None], overall, mean))
+        return out
+
+    def warn(self) -> None:
+        """Say how many (example, segment) pairs had no visit (after every chunk was read)."""
+        if self.stood_in:
+            warnings.warn(
+                f"{self.stood_in} (example, segment) pairs had no visit inside their segment; each took the example's "
+                "gradient averaged over its whole stage. Fit with fewer segments (each at least an epoch) to avoid it.",
+                stacklevel=2,
+            )

@@ -1,0 +1,308 @@
+"""Per-token attribution: which positions of a training sequence carry its score for a query.
+
+The store holds one projected gradient per training sequence. A fitted method whose training
+features are sums of projected gradients records how (its ``train`` recipe, see
+``fit._Fit._train_recipe``)::
+
+    T(z)[columns] += weight · O · Σ_points P(s ⊙ ∇ℓ(z; θ_point))      for every term (O = I when absent)
+
+so score(q, z) = ⟨q̃, T(z)⟩ = Σ_points ⟨u_point(q), ∇ℓ(z; θ_point)⟩ with u = s ⊙ Pᵀ w and
+w = Σ_terms weight · Oᵀ q̃[columns] (the query's feature pulled back to the parameters; Pᵀ by
+autograd through the projector's own map). The gradient of a sequence's loss splits over the
+module outputs it flows through: for each module m owning attributed parameters, with output
+y_m = f_m(x_m; θ_m) and output gradient δ_m,
+
+    ⟨u, ∇_θ ℓ(z)⟩ = Σ_m ⟨δ_m, J_θm f_m · u_m⟩ = Σ_m Σ_t ⟨δ_m[t], (J_θm f_m · u_m)[t]⟩,
+
+one forward-mode product (``torch.func.jvp``) per module and query, split by the position t of the
+module's output (a token for a transformer's layers, whose outputs are ``[B, T, …]``): position t's
+share is what the gradient of the sequence carries through the activations at t (the token as input
+and context, and its own next-token loss), the decomposition kronfluence's per-token scores use. The
+shares of a sequence sum to its score (``TokenScores.scores``, read from the cached features; the
+difference is float rounding, or a parameter used outside its module's forward). A module output
+without a position axis (a classifier head) goes to ``unplaced``.
+
+For a query's *per-token* loss, score the query with one predicted token (:func:`single_token_query`):
+its measurement, the summed token loss, is then that token's loss.
+
+Cost: per feature point, one pass of Pᵀ over the queries' features, then a forward and a backward
+of the chosen training sequences, and one module forward per module and query.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jvp
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from source_proj.errors import TaskError
+from source_proj.featurize.arguments import as_stage_datasets
+from source_proj.projection.base import Projector
+from source_proj.query.attributor import Attributor, method_meta
+from source_proj.tasks.gradients import move_batch
+from source_proj.tasks.task import Batch
+from source_proj.tasks.text import IGNORE_INDEX
+from source_proj.trajectory.preconditioner import read_scale
+
+
+@dataclass
+class TokenScores:
+    """Per-token scores of training sequences for queries (score sign as everywhere: positive = helpful).
+
+    Attributes:
+        rows: the sequences' rows in the method's feature matrix (as in ``QueryResult`` ids) ``[n]``.
+        where: ``(stage, index)`` of each sequence in its stage's dataset.
+        input_ids: the sequences' token ids ``[n, T]``; ``attention_mask`` ``[n, T]`` (0 = padding).
+        tokens: float32 ``[Q, n, T]``: the score carried by each position of each sequence.
+        unplaced: float32 ``[Q, n]``: the part through module outputs without a position axis.
+        scores: float32 ``[Q, n]``: each sequence's score from the store's cached features;
+            ``tokens.sum(-1) + unplaced`` equals it up to float rounding.
+    """
+
+    rows: np.ndarray
+    where: list[tuple[str, int]]
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    tokens: np.ndarray
+    unplaced: np.ndarray
+    scores: np.ndarray
+
+
+def single_token_query(example: Mapping[str, Tensor], position: int) -> dict[str, Tensor]:
+    """A language-model query whose measurement is the loss of predicting token ``position`` only
+    (labels −100 elsewhere); ``example`` is one ``{"input_ids": [T], ...}`` as ``TextDataset`` gives."""
+    ids = torch.as_tensor(example["input_ids"])
+    if not 1 <= position < ids.shape[0]:
+        raise TaskError(f"Token {position} is not predicted in a sequence of {ids.shape[0]}; use 1 ≤ position < T.")
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[position] = ids[position]
+    return {**example, "labels": labels}
+
+
+def token_scores(
+    attributor: Attributor,
+    queries: Dataset | Sequence[Any],
+    train_data: Dataset | Mapping[str, Dataset],
+    rows: Sequence[int],
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> TokenScores:
+    """Per-token scores of the training sequences at feature ``rows`` (e.g. a query's top-k ids) for
+    every query, from the method's training recipe (see the module docstring).
+
+    Args:
+        attributor: the fitted store, model, task and method (its query features are used as they are).
+        queries: the queries (as for ``Attributor.top_k``).
+        train_data: the training set (or a dict ``stage → dataset``) as given to featurize.
+        rows: rows of the method's feature matrix.
+        batch_size: training sequences per forward/backward.
+        progress: show a progress bar (one step per feature point and stage).
+
+    Returns:
+        :class:`TokenScores` with ``tokens`` ``[Q, len(rows), T]``.
+    """
+    store = attributor.store
+    recipe = method_meta(store, attributor.method).get("train")
+    if recipe is None:
+        raise TaskError(
+            f"Method {attributor.method!r} records no training recipe, so its scores cannot be split by token; use "
+            "source, fast-source, grad-dot or tracin fitted by this version (re-fit with --force)."
+        )
+    if store.meta["projection"]["kind"] == "fast_jl":
+        raise TaskError(
+            "Per-token scores pull the query back through the projection, which TRAK's fast_jl kernel cannot do; "
+            "featurize with the 'rademacher' or 'factored' projection."
+        )
+    datasets = as_stage_datasets(train_data, attributor.trajectory)
+    places = [_locate(attributor, int(row)) for row in rows]
+    query = attributor.query_features(queries).double()
+    batch = _stack([datasets[stage][index] for stage, index in places])
+    size, length = batch["input_ids"].shape
+    tokens = torch.zeros(query.shape[0], size, length, dtype=torch.float64)
+    unplaced = torch.zeros(query.shape[0], size, dtype=torch.float64)
+    by_step = {c.step: c for c in attributor.trajectory.checkpoints}
+    loaded = None
+    pullbacks = sorted(_pullbacks(attributor, recipe, query).items(), key=str)
+    for (point, scale_name, stage), w in tqdm(pullbacks, desc="per-token scores", unit="point", disable=not progress):
+        chosen = [i for i, (s, _) in enumerate(places) if s == stage]
+        if not chosen:
+            continue
+        if loaded != point:
+            _load_point(attributor, point, by_step)
+            loaded = point
+        scale = read_scale(store, scale_name, store.meta["params"], attributor.device)
+        u = adjoint(attributor.projector, store.meta["params"], w.to(attributor.device), scale)
+        for start in range(0, len(chosen), batch_size):
+            part = chosen[start : start + batch_size]
+            sub = move_batch({key: value[part] for key, value in batch.items()}, attributor.device)
+            placed, rest = _split(attributor, sub, u)
+            tokens[:, part] += placed.cpu()
+            unplaced[:, part] += rest.cpu()
+    return TokenScores(
+        rows=np.asarray(rows, dtype=np.int64),
+        where=places,
+        input_ids=batch["input_ids"].numpy(),
+        attention_mask=batch.get("attention_mask", torch.ones_like(batch["input_ids"])).numpy(),
+        tokens=tokens.float().numpy(),
+        unplaced=unplaced.float().numpy(),
+        scores=_cached_scores(attributor, query, places).astype(np.float32),
+    )
+
+
+def _locate(attributor: Attributor, row: int) -> tuple[str, int]:
+    for r in attributor.rows:
+        if r.offset <= row < r.offset + r.size:
+            return r.stage, row - r.offset
+    total = sum(r.size for r in attributor.rows)
+    raise TaskError(f"Row {row} is not a row of method {attributor.method!r}, whose rows are 0 to {total - 1}.")
+
+
+def _stack(examples: Sequence[Any]) -> dict[str, Tensor]:
+    if not examples or not isinstance(examples[0], Mapping) or "input_ids" not in examples[0]:
+        raise TaskError("Per-token scores need text examples: dicts with 'input_ids' (as sp.TextDataset gives).")
+    return {key: torch.stack([torch.as_tensor(e[key]) for e in examples]) for key in examples[0]}
+
+
+def _pullbacks(
+    attributor: Attributor, recipe: Mapping[str, Any], query: Tensor
+) -> dict[tuple[tuple[Any, ...], str | None, str], Tensor]:
+    """w = Σ_terms weight · Oᵀ q̃[columns] (float64 ``[Q, k]``) per (feature point, scale, stage)."""
+    out: dict[tuple[tuple[Any, ...], str | None, str], Tensor] = {}
+    for term in recipe["terms"]:
+        lo, hi = term["columns"]
+        w = query[:, lo:hi] * float(term["weight"])
+        if term.get("operator"):
+            w = w @ torch.from_numpy(attributor.store.read(term["operator"])).double()
+        for point in term["points"]:
+            key = (_point(point["point"]), point.get("scale"), term["stage"])
+            out[key] = out[key] + w if key in out else w
+    return out
+
+
+def _point(desc: Sequence[Any]) -> tuple[Any, ...]:
+    kind, value = desc
+    return (kind, tuple(value)) if kind == "mean" else (kind, int(value))
+
+
+def _load_point(attributor: Attributor, point: tuple[Any, ...], by_step: Mapping[int, Any]) -> None:
+    """Load a feature point's parameters into the attributor's model: a checkpoint, or the mean of several."""
+    model, trajectory = attributor.model, attributor.trajectory
+    if point[0] == "checkpoint":
+        trajectory.load_into(model, by_step[point[1]])
+        return
+    states = [trajectory.load_state(by_step[s])["model"] for s in point[1]]
+    mean = {
+        name: (torch.stack([st[name] for st in states]).mean(0) if value.is_floating_point() else states[-1][name])
+        for name, value in states[0].items()
+    }
+    model.load_state_dict(mean)
+
+
+def adjoint(
+    projector: Projector, shapes: Sequence[tuple[str, Sequence[int]]], w: Tensor, scale: Mapping[str, Tensor] | None
+) -> dict[str, Tensor]:
+    """u = s ⊙ Pᵀ w for every row of ``w`` ``[Q, k]``: ``name → [Q, *shape]`` for the parameters ``shapes``
+    (autograd through the projector's own map, so any projector whose ``project`` is differentiable serves)."""
+    grads = {name: torch.zeros(w.shape[0], *shape, device=w.device, requires_grad=True) for name, shape in shapes}
+    projected = projector.project(grads)
+    pulled = torch.autograd.grad(projected, list(grads.values()), grad_outputs=w.to(projected.dtype))
+    u = dict(zip(grads, pulled, strict=True))
+    if scale is not None:
+        u = {name: g * scale[name].to(g) if name in scale else g for name, g in u.items()}
+    return u
+
+
+def _split(attributor: Attributor, batch: Batch, u: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """⟨u, ∇ℓ(z)⟩ of every sequence of ``batch``, split by output position: (``[Q, B, T]``, ``[Q, B]``)."""
+    model, task = attributor.model.eval(), attributor.task.bind(attributor.model)
+    owners = _owners(model, set(attributor.param_names))
+    captured: list[tuple[str, nn.Module, tuple[Any, ...], dict[str, Any], Tensor]] = []
+
+    def hook(name: str) -> Any:
+        def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            if _first(output).requires_grad:  # not the task's own checks, which run without gradients
+                captured.append((name, module, args, kwargs, _first(output)))
+
+        return record
+
+    # The attributed parameters require grad, so that every module output does; they receive none.
+    params = {n: p.detach().requires_grad_(True) for n, p in model.named_parameters() if n in attributor.param_names}
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return functional_call(model, params, args, kwargs, strict=False)
+
+    handles = [module.register_forward_hook(hook(name), with_kwargs=True) for name, (module, _) in owners.items()]
+    try:
+        with torch.enable_grad():
+            losses = task.loss(task.forward(call, batch), batch)
+            deltas = torch.autograd.grad(losses.sum(), [c[4] for c in captured], allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    size, length = batch["input_ids"].shape
+    queries = next(iter(u.values())).shape[0]
+    placed = torch.zeros(queries, size, length, dtype=torch.float64, device=losses.device)
+    rest = torch.zeros(queries, size, dtype=torch.float64, device=losses.device)
+    for (name, module, args, kwargs, out), delta in zip(captured, deltas, strict=True):
+        if delta is None:
+            continue
+        own = owners[name][1]
+        held = dict(module.named_parameters(recurse=False))
+        primals = {local: held[local].detach() for local in own}
+        inputs = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+        forward = partial(_module_output, module, inputs, kwargs)
+        for q in range(queries):
+            tangents = {local: u[full][q].to(primals[local]) for local, full in own.items()}
+            _, tangent = jvp(forward, (primals,), (tangents,))
+            product = delta.double() * tangent.double()
+            if out.dim() >= 2 and tuple(out.shape[:2]) == (size, length):
+                placed[q] += product.reshape(size, length, -1).sum(-1)
+            elif out.shape[0] == size:
+                rest[q] += product.reshape(size, -1).sum(-1)
+            else:
+                raise TaskError(
+                    f"Module {name!r} mixes the examples of a batch (output {list(out.shape)}); per-token scores need "
+                    "examples along the first dimension of every attributed module's output."
+                )
+    return placed, rest
+
+
+def _module_output(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], params: dict[str, Tensor]
+) -> Tensor:
+    return _first(functional_call(module, params, args, kwargs, strict=False))
+
+
+def _first(output: Any) -> Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _owners(model: nn.Module, names: set[str]) -> dict[str, tuple[nn.Module, dict[str, str]]]:
+    """Modules that hold attributed parameters directly: module name → (module, local name → parameter name)."""
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    owners: dict[str, tuple[nn.Module, dict[str, str]]] = {}
+    for module_name, module in model.named_modules():
+        own = {
+            local: canonical[id(p)]
+            for local, p in module.named_parameters(recurse=False)
+            if canonical.get(id(p)) in names
+        }
+        if own:
+            owners[module_name] = (module, own)
+    return owners
+
+
+def _cached_scores(attributor: Attributor, query: Tensor, places: Sequence[tuple[str, int]]) -> np.ndarray:
+    """⟨q̃, T(z)⟩ of every query and sequence from the store's cached features: ``[Q, n]``."""
+    name = f"methods/{attributor.method}/train"
+    features = [attributor.store.read_rows(f"{name}/{stage}", index, index + 1)[0] for stage, index in places]
+    return query.numpy() @ np.stack(features).astype(np.float64).T

@@ -1,0 +1,377 @@
+"""In-run capture: the captured sums are the per-example gradients training used, SOURCE fitted on them
+equals post-hoc SOURCE where the two must agree, capture leaves training unchanged, and a killed run
+resumes into the store an uninterrupted run writes."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import source_proj as sp
+from source_proj.featurize.windows import window_array
+from source_proj.store.store import ckpt_key
+from source_proj.tasks.gradients import PerExampleGradients
+
+DIM = 16
+
+
+def _mlp(seed: int = 0, dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(dropout), nn.Linear(8, 3))
+
+
+def _projection() -> sp.ProjectionArguments:
+    return sp.ProjectionArguments(dim=DIM, kind="factored")
+
+
+def _order(epoch: int, n: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(100 + epoch))
+
+
+def _train(
+    run: Path,
+    store: Path | None,
+    data: TensorDataset,
+    *,
+    steps: int,
+    batch: int,
+    save_every: int,
+    options: sp.CaptureArguments | None = None,
+    model: nn.Module | None = None,
+    crash_after: int | None = None,
+    resume: bool = False,
+    on_batch=None,
+    task: sp.Task | None = None,
+) -> nn.Module:
+    """SGD (momentum 0.9, weight decay) over epochs of a fixed per-epoch order; captured into ``store`` if given.
+    ``crash_after``: raise after that many optimiser steps (a killed run); ``resume``: continue ``run``;
+    ``on_batch(model, rows)``: called after each backward, before the optimiser step."""
+    model = model if model is not None else _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    if resume:
+        rec = sp.TrajectoryRecorder.resume(run, model, opt, save_every=save_every)
+    else:
+        rec = sp.TrajectoryRecorder(run, model, opt, save_every=save_every, save_optimizer_state=True, overwrite=True)
+    task = task or sp.ClassificationTask()
+    options = options or sp.CaptureArguments()
+    cap = sp.GradientCapture(rec, store, task, projection=_projection(), options=options) if store else None
+    if not resume:
+        rec.begin_stage("main", dataset_size=len(data))
+    x, y = data.tensors
+    per_epoch = -(-len(y) // batch)
+    for step in range(rec.global_step, steps):
+        epoch, b = divmod(step, per_epoch)
+        rows = _order(epoch, len(y))[b * batch : (b + 1) * batch]
+        if cap is not None:
+            with cap.batch((rows, (x[rows], y[rows]))) as (bx, by):
+                loss = F.cross_entropy(model(bx), by)
+                opt.zero_grad()
+                loss.backward()
+        else:
+            loss = F.cross_entropy(model(x[rows]), y[rows])
+            opt.zero_grad()
+            loss.backward()
+        if on_batch is not None:
+            on_batch(model, rows)
+        opt.step()
+        rec.step()
+        if crash_after is not None and rec.global_step == crash_after:
+            if cap is not None:
+                cap.close()
+            raise _Killed
+    rec.close()
+    return model
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_full_batch_capture_with_a_checkpoint_per_step_equals_posthoc_source(
+    tmp_path: Path, classification_data
+) -> None:
+    """Full-batch GD with a checkpoint every step: every window is one step at a checkpoint's parameters, so
+    the captured gradients, the empirical Fisher and SOURCE all equal post-hoc featurize's."""
+    n = len(classification_data)
+    options = sp.CaptureArguments(fisher="empirical", chunk_rows=8)
+    _train(tmp_path / "run", tmp_path / "cap.sp", classification_data, steps=6, batch=n, save_every=1, options=options)
+    posthoc = sp.featurize(
+        tmp_path / "run", _mlp(), sp.ClassificationTask(), classification_data, tmp_path / "post.sp",
+        projection=_projection(),
+        options=sp.FeaturizeArguments(fisher="empirical", chunk_rows=8, measurement=False),
+        progress=False,
+    )
+    captured = sp.Store.open(tmp_path / "cap.sp")
+    for step in range(6):
+        got = captured.read(window_array("grads", "main", step))
+        assert np.allclose(got, posthoc.read(f"grads/main/{ckpt_key(step)}"), rtol=1e-4, atol=1e-6)
+        assert (captured.read(window_array("visits", "main", step)) == 1).all()
+    args = sp.FitArguments(segments_per_stage=2)
+    a = sp.fit(posthoc, args, progress=False).read("methods/source/train/main")
+    b = sp.fit(captured.path, args, progress=False).read("methods/source/train/main")
+    assert np.abs(a).max() > 0
+    assert np.allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(a).max())
+
+    # Baselines on the captured store: TracIn over the visits (each step's full batch, lr 0.1, queried at the
+    # window's checkpoint), Grad-Dot at the last window; TRAK needs what capture does not take.
+    grads = {step: posthoc.read(f"grads/main/{ckpt_key(step)}").astype(np.float64) for step in range(6)}
+    tracin = sp.fit_baseline(captured.path, sp.BaselineArguments(kind="tracin"), progress=False)
+    expected = np.concatenate([-np.sqrt(0.1 / n) * grads[step] for step in range(6)], axis=1)
+    assert np.allclose(tracin.read("methods/tracin/train/main"), expected, rtol=1e-4, atol=1e-6)
+    recipe = tracin.meta["methods"]["tracin"]["query"]
+    assert recipe["checkpoints"] == list(range(6)) and np.allclose(recipe["weights"], np.sqrt(0.1 / n))
+    dot = sp.fit_baseline(captured.path, sp.BaselineArguments(kind="grad-dot"), progress=False)
+    assert np.allclose(dot.read("methods/grad-dot/train/main"), -grads[5], rtol=1e-4, atol=1e-6)
+    sp.fit_baseline(captured.path, sp.BaselineArguments(kind="if"), progress=False)
+    with pytest.raises(sp.TaskError, match="featurize the run after training for TRAK"):
+        sp.fit_baseline(captured.path, sp.BaselineArguments(kind="trak"), progress=False)
+
+
+class _ArgmaxFisher(sp.ClassificationTask):
+    """Fisher pseudo-labels = the model's own argmax, weight 2: deterministic, so a brute force can repeat them."""
+
+    def fisher_targets(self, outputs, batch, generator):
+        return [(torch.full_like(outputs[:, 0], 2.0), (batch[0], outputs.argmax(-1), *batch[2:]))]
+
+
+@pytest.mark.parametrize("fisher_every", [1, 2])
+def test_captured_windows_sum_each_visits_materialised_gradient_and_fisher(
+    tmp_path: Path, classification_data, fisher_every: int
+) -> None:
+    """Mini-batch SGD with momentum, 3 steps per window, dropout in the model: each window holds, per example,
+    the sum over its visits of P ∇ℓ(z; θ_t) of the training-mode step, its visit count, and the sum of
+    2·P∇ℓ(x, argmax)P∇ℓ(x, argmax)ᵀ taken in eval mode on every ``fisher_every``-th batch of the window
+    (brute force: materialised per-example gradients)."""
+    x, y = classification_data.tensors
+    n, batch, save_every, steps = len(y), 8, 3, 10
+    projector = sp.FactoredProjector(
+        [(name, tuple(p.shape)) for name, p in _mlp().named_parameters()],
+        sp.projection.layers.factorable_layers(_mlp(), [n for n, _ in _mlp().named_parameters()])[0],
+        DIM,
+    )
+    expected: dict[int, list] = {}
+
+    def brute_force(model: nn.Module, rows: torch.Tensor) -> None:
+        window = len(expected_steps) // save_every * save_every
+        fisher_batch = (len(expected_steps) - window) % fisher_every == 0
+        expected_steps.append(rows)
+        sums, visits, fisher, count = expected.setdefault(window, [torch.zeros(n, DIM), torch.zeros(n), 0.0, 0])
+        drop = masks.pop()
+        g = torch.stack([_projected_gradient(projector, model, x[r], y[r], drop[i]) for i, r in enumerate(rows)])
+        sums.index_add_(0, rows, g)
+        visits.index_add_(0, rows, torch.ones(len(rows)))
+        if not fisher_batch:
+            return
+        eval_net = copy.deepcopy(model).eval()
+        labels = eval_net(x[rows]).argmax(-1)
+        names = [name for name, _ in model.named_parameters()]
+        u = projector.project(PerExampleGradients(eval_net, sp.ClassificationTask(), names)((x[rows], labels)))
+        expected[window][2] = fisher + 2.0 * (u.T.double() @ u.double())
+        expected[window][3] = count + len(rows)
+
+    expected_steps: list[torch.Tensor] = []
+    masks: list[torch.Tensor] = []
+    model = _mlp(dropout=0.5)
+    model[2].register_forward_hook(lambda m, _, out: masks.append((out != 0).float() / 0.5) if m.training else None)
+    _train(tmp_path / "run", tmp_path / "cap.sp", classification_data, steps=steps, batch=batch, save_every=save_every,
+           options=sp.CaptureArguments(chunk_rows=64, fisher_every=fisher_every), model=model, on_batch=brute_force,
+           task=_ArgmaxFisher())
+    store = sp.Store.open(tmp_path / "cap.sp")
+    assert sorted(expected) == [0, 3, 6, 9]
+    for start, (sums, visits, fisher, count) in expected.items():
+        assert np.array_equal(store.read(window_array("visits", "main", start)), visits.numpy())
+        assert np.allclose(store.read(window_array("grads", "main", start)), sums.numpy(), rtol=1e-4, atol=1e-5)
+        assert np.allclose(store.read(window_array("fisher", "main", start)), fisher.numpy(), rtol=1e-4, atol=1e-6)
+        assert store.read(window_array("fisher-count", "main", start))[0] == count
+
+
+def _projected_gradient(
+    projector: sp.FactoredProjector, model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """P ∇ℓ of one example through the MLP with a given dropout mask (materialised, plain autograd)."""
+    first, last = model[0], model[3]
+    loss = F.cross_entropy(last(torch.tanh(first(x[None])) * mask)[0], y)
+    names = ["0.weight", "0.bias", "3.weight", "3.bias"]
+    grads = torch.autograd.grad(loss, [first.weight, first.bias, last.weight, last.bias])
+    return projector.project({n: g[None] for n, g in zip(names, grads, strict=True)})[0]
+
+
+def test_capture_leaves_training_and_the_random_state_unchanged(tmp_path: Path, classification_data) -> None:
+    """The sampled Fisher's extra pass runs in eval mode with its own generator: a captured run with dropout
+    ends with bit-identical weights and global random state to an uncaptured one."""
+    torch.manual_seed(5)
+    plain = _train(tmp_path / "a", None, classification_data, steps=7, batch=8, save_every=3, model=_mlp(dropout=0.3))
+    plain_state = torch.get_rng_state()
+    torch.manual_seed(5)
+    captured = _train(tmp_path / "b", tmp_path / "b.sp", classification_data, steps=7, batch=8, save_every=3,
+                      model=_mlp(dropout=0.3), options=sp.CaptureArguments(chunk_rows=64))
+    assert torch.equal(torch.get_rng_state(), plain_state)
+    for (name, a), (_, b) in zip(plain.state_dict().items(), captured.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert not any(m._forward_hooks for m in captured.modules())  # close() removed the layer hooks
+
+
+def _store_arrays(path: Path) -> dict[str, np.ndarray]:
+    store = sp.Store.open(path)
+    return {name: store.read(name) for name in store.progress_arrays("capture/")}
+
+
+@pytest.mark.parametrize("crash", ["mid-window", "while-writing"])
+def test_killed_captured_run_resumes_into_the_store_of_an_uninterrupted_run(
+    tmp_path: Path, classification_data, monkeypatch: pytest.MonkeyPatch, crash: str
+) -> None:
+    """Killed between checkpoints, or while a window's chunks are being written: the resumed run (recorder
+    and capture on the same directories) ends with the run, windows and trajectory of an uninterrupted one."""
+    kwargs = {"steps": 14, "batch": 8, "save_every": 4, "options": sp.CaptureArguments(chunk_rows=8)}
+    _train(tmp_path / "a", tmp_path / "a.sp", classification_data, **kwargs)
+    if crash == "mid-window":
+        with pytest.raises(_Killed):
+            _train(tmp_path / "b", tmp_path / "b.sp", classification_data, crash_after=10, **kwargs)
+    else:
+        writes = {"n": 0}
+        original = sp.Store.write_chunk
+
+        def failing(self, name, chunk, values):
+            writes["n"] += 1
+            if name.startswith("capture/grads/main/step-00000004") and chunk == 2:
+                raise _Killed
+            return original(self, name, chunk, values)
+
+        monkeypatch.setattr(sp.Store, "write_chunk", failing)
+        with pytest.raises(_Killed):
+            _train(tmp_path / "b", tmp_path / "b.sp", classification_data, **kwargs)
+        monkeypatch.setattr(sp.Store, "write_chunk", original)
+        assert sp.Store.open(tmp_path / "b.sp").pending_chunks("capture/grads/main/step-00000004")
+    _train(tmp_path / "b", tmp_path / "b.sp", classification_data, resume=True, **kwargs)
+    a, b = sp.Trajectory.load(tmp_path / "a"), sp.Trajectory.load(tmp_path / "b")
+    assert a.fingerprint() == b.fingerprint() and [c.step for c in b.checkpoints] == [0, 4, 8, 12, 14]
+    expected, got = _store_arrays(tmp_path / "a.sp"), _store_arrays(tmp_path / "b.sp")
+    assert sorted(expected) == sorted(got) and len(expected) == 16
+    for name in expected:
+        assert np.array_equal(expected[name], got[name]), name
+    meta = sp.Store.open(tmp_path / "b.sp").meta
+    assert meta["captured"] and meta["trajectory"]["fingerprint"] == a.fingerprint()
+
+
+def test_verify_checks_a_captured_store_and_a_damaged_window_stops_fit(tmp_path: Path, classification_data) -> None:
+    _train(tmp_path / "run", tmp_path / "cap.sp", classification_data, steps=8, batch=10, save_every=4,
+           options=sp.CaptureArguments(chunk_rows=16))
+    report = sp.verify_store(tmp_path / "cap.sp", progress=False)
+    assert report.status == "ok" and report.arrays == 9 and not report.notes  # 2 windows × 4 arrays + lr
+    grads = tmp_path / "cap.sp" / "capture" / "grads" / "main" / "step-00000004" / "c" / "1" / "0"
+    grads.write_bytes(bytes(len(grads.read_bytes())))
+    report = sp.verify_store(tmp_path / "cap.sp", repair=True, progress=False)
+    assert [d[:2] for d in report.damaged] == [("capture/grads/main/step-00000004", 1)]
+    assert "capture the run again" in report.next_steps[0]
+    with pytest.raises(sp.StoreError, match="still being captured"):
+        sp.fit(tmp_path / "cap.sp", progress=False)
+
+
+def test_a_captured_store_grows_with_a_run_that_trains_a_new_stage_on_new_examples(
+    tmp_path: Path, classification_data
+) -> None:
+    """A finished captured run is resumed and trains a second stage on more data: the store keeps the first
+    stage's windows as they were, adds the new ones, drops the fitted method and records the growth."""
+    options = sp.CaptureArguments(chunk_rows=64)
+    _train(tmp_path / "run", tmp_path / "cap.sp", classification_data, steps=6, batch=10, save_every=3, options=options)
+    before = _store_arrays(tmp_path / "cap.sp")
+    sp.fit(tmp_path / "cap.sp", progress=False)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    rec = sp.TrajectoryRecorder.resume(tmp_path / "run", model, opt, save_every=3)
+    cap = sp.GradientCapture(rec, tmp_path / "cap.sp", sp.ClassificationTask(), projection=_projection(),
+                             options=options)
+    more = TensorDataset(torch.randn(12, 4), torch.randint(0, 3, (12,)))
+    rec.begin_stage("more", dataset_size=len(more))
+    for batch in DataLoader(sp.IndexedDataset(more), batch_size=4, shuffle=True):
+        with cap.batch(batch) as (x, y):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+        opt.step()
+        rec.step()
+    rec.close()
+    store = sp.Store.open(tmp_path / "cap.sp")
+    after = _store_arrays(tmp_path / "cap.sp")
+    assert all(np.array_equal(before[name], after[name]) for name in before)
+    added = {window_array(kind, "more", 6) for kind in ("fisher", "fisher-count", "grads", "visits")}
+    assert set(after) - set(before) == added
+    assert (after[window_array("visits", "more", 6)] == 1).all()
+    assert store.meta["growth"][0] == {"checkpoints": [0, 3, 6], "fingerprint": store.meta["growth"][0]["fingerprint"],
+                                       "dropped_methods": ["source"]}
+    assert store.meta["trajectory"]["checkpoints"] == [0, 3, 6, 9] and not store.meta["methods"]
+    fitted = sp.fit(store, sp.FitArguments(segments_per_stage=1), progress=False)
+    assert fitted.read("methods/source/train/more").shape == (12, DIM)
+    assert sp.verify_store(store.path, progress=False).status == "ok"
+
+
+def test_capture_refuses_what_it_cannot_capture_with_a_sentence(tmp_path: Path, classification_data) -> None:
+    x, y = classification_data.tensors
+    task = sp.ClassificationTask()
+
+    def recorder(model: nn.Module, name: str, optimizer: torch.optim.Optimizer | None = None) -> sp.TrajectoryRecorder:
+        return sp.TrajectoryRecorder(tmp_path / name, model, optimizer or torch.optim.SGD(model.parameters(), lr=0.1),
+                                     save_every=2)
+
+    model = _mlp()
+    with pytest.raises(sp.TaskError, match="kind='factored'"):
+        sp.GradientCapture(recorder(model, "a"), tmp_path / "a.sp", task, projection=sp.ProjectionArguments(dim=16))
+    normed = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+    with pytest.raises(sp.TaskError, match=r"Linear and Conv layers only.*skip_norm=True"):
+        sp.GradientCapture(recorder(normed, "b"), tmp_path / "b.sp", task, projection=_projection())
+    adam = recorder(model, "c", torch.optim.Adam(model.parameters()))
+    cap = sp.GradientCapture(adam, tmp_path / "c.sp", task, projection=_projection())
+    adam.begin_stage("main", dataset_size=len(y))
+    with pytest.raises(sp.TaskError, match="'adam'; capture supports SGD stages"):
+        cap.begin((x[:4], y[:4]), indices=range(4))
+    rec = recorder(model, "d")
+    cap = sp.GradientCapture(rec, tmp_path / "d.sp", task, projection=_projection())
+    rec.begin_stage("main", dataset_size=len(y))
+    with pytest.raises(sp.TaskError, match=r"wrap the training set in sp\.IndexedDataset"):
+        cap.begin((x[:4], y[:4]))
+    with pytest.raises(sp.TaskError, match=r"must lie in \[0, 29\]"):
+        cap.begin((x[:4], y[:4]), indices=[0, 1, 2, 30])
+    rec.step()
+    with pytest.raises(sp.TaskError, match="recorded without a captured batch"):
+        rec.step()  # the checkpoint at step 2 closes a window no batch was captured in
+    with pytest.raises(sp.TaskError, match="steps since its last checkpoint"):
+        sp.GradientCapture(rec, tmp_path / "e.sp", task, projection=_projection())
+    with pytest.raises(sp.StoreError, match="holds captured windows of an earlier run"):
+        _train(tmp_path / "f", tmp_path / "f.sp", classification_data, steps=4, batch=10, save_every=2)
+        _train(tmp_path / "f", tmp_path / "f.sp", classification_data, steps=4, batch=10, save_every=2)
+
+
+def test_segment_gradients_average_visits_and_stand_in_for_unvisited_examples(
+    tmp_path: Path, classification_data
+) -> None:
+    """A window per step of 10 of 30 examples: a segment of two windows misses some examples, which take their
+    mean over the stage's visits; visited ones average their own visits in the segment (one or two)."""
+    from source_proj.featurize.windows import WindowGradients
+    from source_proj.methods.fit import store_segments
+
+    _train(tmp_path / "run", tmp_path / "cap.sp", classification_data, steps=6, batch=10, save_every=1,
+           options=sp.CaptureArguments(fisher="empirical", chunk_rows=64))
+    store = sp.Store.open(tmp_path / "cap.sp")
+    segments = store_segments(store, sp.FitArguments(segments_per_stage=3))
+    assert [seg.checkpoints for seg in segments] == [(0, 1), (2, 3), (4, 5)]
+    sums = {t: store.read(window_array("grads", "main", t)).astype(np.float64) for t in range(6)}
+    visits = {t: store.read(window_array("visits", "main", t)).astype(np.float64) for t in range(6)}
+    overall = sum(sums.values()) / np.maximum(sum(visits.values()), 1)[:, None]
+    reader = WindowGradients(store, segments)
+    with pytest.warns(UserWarning, match="pairs had no visit inside their segment"):
+        got = reader("main", 0, segments)
+        reader.warn()
+    counts = []
+    for seg, mean in zip(segments, got, strict=True):
+        total = sum(sums[t] for t in seg.checkpoints)
+        count = sum(visits[t] for t in seg.checkpoints)
+        expected = np.where((count > 0)[:, None], total / np.maximum(count, 1)[:, None], overall)
+        assert np.allclose(mean.numpy(), expected)
+        counts.append(count)
+    assert {0, 1, 2} <= set(np.concatenate(counts).tolist())

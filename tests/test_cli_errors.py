@@ -1,0 +1,297 @@
+"""Issue 14's newcomer probe, case by case: each bad input ends in one sentence (exit code ≠ 0),
+no traceback, and leaves every store as it was."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner, Result
+
+import source_proj as sp
+from source_proj.cli.main import main
+from source_proj.store.durable import LOCK_FILE
+
+from .conftest import write_spec
+from .crash_driver import files
+
+
+def _refused(out: Result, code: int = 1) -> str:
+    """The one-line error of a refused command (and no traceback, no unexpected-error fallback)."""
+    assert out.exit_code == code, out.output
+    assert "Traceback" not in out.output and "failed unexpectedly" not in out.output, out.output
+    errors = [line for line in out.output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, out.output
+    return errors[0]
+
+
+def _copy(store: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "s.sp"
+    shutil.copytree(store, copy)
+    return copy
+
+
+@pytest.mark.parametrize(
+    ("which", "expected"),
+    [
+        ("400:410", "the range 400:410 reaches outside the 12 query examples; use indices from 0 to 11"),
+        ("10:14", "the range 10:14 reaches outside the 12 query examples"),  # partly inside: not shortened
+        ("12", "query index 12 reaches outside the 12 query examples"),
+        ("-1", "query index -1 reaches outside"),
+        ("5:5", "the range 5:5 is empty; write START:STOP with START < STOP"),
+        ("10:5", "the range 10:5 is empty"),
+        ("abc", "'abc' is neither an index nor a range START:STOP"),
+        ("3,,5", "'' is neither an index nor a range"),
+        ("1:2:3", "'1:2:3' is neither an index nor a range"),
+    ],
+)
+def test_query_indices_outside_the_queries_or_empty_are_refused(
+    cli_reference: tuple[Path, Path], which: str, expected: str
+) -> None:
+    store, _ = cli_reference
+    before = files(store)
+    message = _refused(CliRunner().invoke(main, ["query", str(store), "--queries", which]), code=2)
+    assert message == f"Error: Invalid value for '--queries': {expected}" or expected in message, message
+    assert files(store) == before
+
+
+def test_top_k_beyond_the_training_set_is_refused(cli_reference: tuple[Path, Path]) -> None:
+    store, _ = cli_reference
+    message = _refused(CliRunner().invoke(main, ["query", str(store), "--top-k", "5000"]))
+    assert message == (
+        "Error: top-k 5000 is not between 1 and the 12 training examples the method scores; ask for 1 to 12."
+    )
+    assert "x>=1" in _refused(CliRunner().invoke(main, ["query", str(store), "--top-k", "0"]), code=2)
+
+
+def test_lists_stop_where_the_scores_change_sign(cli_reference: tuple[Path, Path], tmp_path: Path) -> None:
+    store, spec = cli_reference
+    out = CliRunner().invoke(main, ["query", str(store), "--top-k", "12", "--out", str(tmp_path / "all.jsonl")])
+    assert out.exit_code == 0, out.output
+    rows = [json.loads(line) for line in (tmp_path / "all.jsonl").read_text().splitlines()]
+    scores = sp.Attributor(store, *_model_and_task(spec)).scores(sp.spec.load_spec(spec).query_data())
+    for row in rows:
+        assert (row["score"] > 0) == (row["kind"] == "helpful")
+    for kind, sign in (("helpful", 1), ("harmful", -1)):
+        listed = sum(1 for row in rows if row["kind"] == kind)
+        assert listed == int((sign * scores > 0).sum())  # every example of the right sign, none of the other
+    assert "12 of 12 queries have fewer than 12 helpful training examples (score > 0)" in out.output
+
+
+def _model_and_task(spec: Path) -> tuple[object, sp.Task]:
+    loaded = sp.spec.load_spec(spec)
+    return loaded.build_model(), loaded.build_task()
+
+
+def test_only_printed_or_written_rows_are_described_each_once(cli_reference: tuple[Path, Path], tmp_path: Path) -> None:
+    store, _ = cli_reference
+    log = tmp_path / "described.log"
+    spec = write_spec(tmp_path / "spec.py", log)
+    out = CliRunner().invoke(main, ["query", str(store), "--spec", str(spec), "--top-k", "2", "--show", "1"])
+    assert out.exit_code == 0, out.output
+    described = [int(line.split()[1]) for line in log.read_text().splitlines()]
+    printed = {int(i) for i in re.findall(r"main\[(\d+)\]", out.output)}
+    assert len(described) == len(set(described)) <= 4  # each example once, only query 0's top 2 + 2
+    assert printed <= set(described) and printed
+    log.unlink()
+    out = CliRunner().invoke(
+        main, ["query", str(store), "--spec", str(spec), "--top-k", "2", "--out", str(tmp_path / "r.csv")]
+    )
+    assert out.exit_code == 0, out.output
+    described = [int(line.split()[1]) for line in log.read_text().splitlines()]
+    assert len(described) == len(set(described))
+    written = (tmp_path / "r.csv").read_text().splitlines()[1:]
+    assert {int(row.split(",")[4]) for row in written} <= set(described)
+    log.unlink()
+    out = CliRunner().invoke(main, ["query", str(store), "--spec", str(spec), "--show", "0"])
+    assert out.exit_code == 0 and not log.exists()  # nothing printed, nothing written: nothing described
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("", "is a directory; give a file name ending in .csv, .jsonl or .parquet"),
+        ("results.txt", "results.txt has no known format (.txt); end it in .csv, .jsonl or .parquet"),
+        ("results", "results has no known format (no suffix)"),
+    ],
+)
+def test_query_out_that_cannot_be_written_is_refused(
+    cli_reference: tuple[Path, Path], tmp_path: Path, target: str, expected: str
+) -> None:
+    store, _ = cli_reference
+    out = CliRunner().invoke(main, ["query", str(store), "--top-k", "2", "--out", str(tmp_path / target)])
+    assert expected in _refused(out, code=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("def build_model(:\n", r"cannot be imported \(SyntaxError, line 1: invalid syntax.*\); fix the file"),
+        ("import no_such_module_xyz\n", r"cannot be imported \(ModuleNotFoundError: No module named 'no_such_mo"),
+        ("raise SystemExit(3)\n", r"cannot be imported \(SystemExit: 3\)"),
+        ("def build_task(): pass\n", r"does not define build_model, train_data"),
+    ],
+)
+def test_a_broken_spec_file_is_named(
+    cli_reference: tuple[Path, Path], tmp_path: Path, source: str, expected: str
+) -> None:
+    store, _ = cli_reference
+    spec = tmp_path / "spec.py"
+    spec.write_text(source)
+    message = _refused(CliRunner().invoke(main, ["query", str(store), "--spec", str(spec)]))
+    assert message.startswith(f"Error: Spec file {spec}")
+    assert re.search(expected, message), message
+
+
+def test_a_spec_function_that_raises_is_named(cli_reference: tuple[Path, Path], tmp_path: Path) -> None:
+    store, good = cli_reference
+    spec = tmp_path / "spec.py"
+    spec.write_text(good.read_text() + "\ndef build_model():\n    raise ValueError('no weights here')\n")
+    message = _refused(CliRunner().invoke(main, ["query", str(store), "--spec", str(spec)]))
+    assert message == f"Error: build_model() in {spec} failed (ValueError: no weights here); fix the spec file."
+    spec.write_text(good.read_text() + "\ndef query_data():\n    return 42\n")
+    message = _refused(CliRunner().invoke(main, ["query", str(store), "--spec", str(spec)]))
+    assert "query_data() in" in message and "returned int, not a dataset" in message
+
+
+def test_another_activation_in_the_spec_is_refused_by_query(cli_reference: tuple[Path, Path], tmp_path: Path) -> None:
+    store, good = cli_reference
+    spec = tmp_path / "tanh.py"
+    spec.write_text(
+        good.read_text()
+        + "\nfrom torch import nn\ndef build_model():\n"
+        + "    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))\n"
+    )
+    message = _refused(CliRunner().invoke(main, ["query", str(store), "--spec", str(spec), "--queries", "0:1"]))
+    assert "The model computes other outputs at the final checkpoint than the one the store" in message
+    assert "build the model exactly as for featurize" in message
+
+
+def test_changed_training_data_are_refused_before_describing(cli_reference: tuple[Path, Path], tmp_path: Path) -> None:
+    store, good = cli_reference
+    spec = tmp_path / "shuffled.py"
+    spec.write_text(
+        good.read_text()
+        + "\nfrom torch.utils.data import Subset\ndef train_data(stage):\n"
+        + "    return Subset(data(), list(range(11, -1, -1)))\n"
+    )
+    message = _refused(CliRunner().invoke(main, ["query", str(store), "--spec", str(spec)]))
+    assert "The training data of stage 'main' are not those the store" in message
+    assert "(other contents or order)" in message
+
+
+def test_every_option_has_help_text() -> None:
+    missing = [
+        f"{name} {param.opts[0]}"
+        for name, command in main.commands.items()
+        for param in command.params
+        if isinstance(param, click.Option) and not param.help and param.opts[0] not in ("--help", "-h")
+    ]
+    assert missing == []
+
+
+def test_verify_repair_after_a_default_fit_prints_commands_that_run(
+    cli_reference: tuple[Path, Path], tmp_path: Path
+) -> None:
+    reference, _ = cli_reference
+    store = _copy(reference, tmp_path)
+    [shard] = [f for f in (store / "methods/source/train/main/c").rglob("*") if f.is_file()]  # one shard file
+    shard.write_bytes(b"\0" * 5)
+    cli = CliRunner()
+    out = cli.invoke(main, ["verify", str(store), "--repair"])
+    assert out.exit_code == 0, out.output
+    command = out.stdout.splitlines()[-1].strip()
+    assert command == f"source-proj fit {store} --method source"
+    assert cli.invoke(main, shlex.split(command)[1:]).exit_code == 0
+    assert files(store) == files(reference)
+
+
+@pytest.mark.parametrize(
+    "node",
+    ["grads/main/step-00000004", "progress/fisher/main/step-00000008", "methods/source/train/main", "grads/main"],
+)
+def test_unreadable_array_or_group_metadata_is_reported_and_repaired(
+    cli_reference: tuple[Path, Path], tmp_path: Path, node: str
+) -> None:
+    reference, _ = cli_reference
+    store = _copy(reference, tmp_path)
+    (store / node / "zarr.json").write_text("garbage")
+    cli = CliRunner()
+    out = cli.invoke(main, ["verify", str(store)])
+    assert out.exit_code == 1 and "Traceback" not in out.output, out.output
+    assert "unreadable" in out.output and out.stdout.splitlines()[-1].startswith("status: DAMAGED")
+    out = cli.invoke(main, ["verify", str(store), "--repair"])
+    assert out.exit_code == 0 and "repaired" in out.output, out.output
+    for line in out.stdout.splitlines():
+        if line.startswith("  source-proj "):
+            assert cli.invoke(main, shlex.split(line)[1:]).exit_code == 0, line
+    assert files(store) == files(reference)  # recomputed exactly: nothing lost
+
+
+def _read_only(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
+    """Make every file creation and directory creation under ``root`` fail as on a read-only mount
+    (the tests run as root, whom permissions cannot stop)."""
+    real_open, real_mkdir = os.open, Path.mkdir
+
+    def open_(path, flags, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if str(path).startswith(str(root)) and flags & (os.O_CREAT | os.O_WRONLY | os.O_RDWR):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def mkdir(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if str(self).startswith(str(root)) and not self.is_dir():
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+
+
+@pytest.mark.parametrize("command", ["featurize", "fit", "verify --repair"])
+def test_a_read_only_store_location_is_named(
+    cli_reference: tuple[Path, Path], tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    reference, spec = cli_reference
+    store = _copy(reference, tmp_path)
+    before = files(store)
+    args = {
+        "featurize": ["featurize", "--ckpts", str(tiny_run), "--spec", str(spec), "--out", str(tmp_path / "new.sp")],
+        "fit": ["fit", str(store), "--force"],
+        "verify --repair": ["verify", str(store), "--repair"],
+    }[command]
+    _read_only(monkeypatch, tmp_path)
+    message = _refused(CliRunner().invoke(main, args))
+    assert "failed because the file system is read-only" in message
+    monkeypatch.undo()
+    assert files(store) == before and not (tmp_path / "new.sp").exists()
+
+
+def test_query_on_a_store_being_rewritten_names_the_writer(cli_reference: tuple[Path, Path], tmp_path: Path) -> None:
+    reference, _ = cli_reference
+    store = _copy(reference, tmp_path)
+    opened = sp.Store.open(store, writable=True)
+    methods = opened.meta["methods"]
+    opened.update_meta(methods={"source": {**methods["source"], "complete": False}})  # as fit --force leaves it
+    holder = {"mode": "exclusive", "pid": 4242, "host": "gpu7", "time": 0, "command": "source-proj fit s.sp --force"}
+    fd = os.open(store / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(holder).encode())
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another writer, as far as the probe can tell
+        message = _refused(CliRunner().invoke(main, ["query", str(store)]))
+    finally:
+        os.close(fd)
+    assert message.startswith(f"Error: Method 'source' in {store} is not ready: the store is being written by process")
+    assert "process 4242 on gpu7 since" in message
+    assert "(source-proj fit s.sp --force); wait for that to finish, then query again." in message
+    message = _refused(CliRunner().invoke(main, ["query", str(store)]))  # writer gone: the old advice
+    assert "is unfinished; re-run fit to complete it" in message

@@ -1,0 +1,131 @@
+"""Growing a store: a run that trained further (a longer stage, then a new stage with new examples) is added
+to its store computing only the new checkpoints' work, and the grown store is the store of the longer run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import source_proj as sp
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def _data(n: int, seed: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+
+MAIN, EXTRA = _data(20, 1), _data(10, 2)
+
+
+def _steps(rec: sp.TrajectoryRecorder, model: nn.Module, opt: torch.optim.Optimizer, data: TensorDataset, n: int):
+    x, y = data.tensors
+    for _ in range(n):
+        rows = torch.randperm(len(y), generator=torch.Generator().manual_seed(rec.global_step))[:5]
+        opt.zero_grad()
+        F.cross_entropy(model(x[rows]), y[rows]).backward()
+        opt.step()
+        rec.step()
+
+
+def _record(run: Path) -> None:
+    """8 steps of stage main (checkpoints 0, 4, 8)."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    rec = sp.TrajectoryRecorder(run, model, opt, save_every=4, save_optimizer_state=True)
+    rec.begin_stage("main", dataset_size=len(MAIN))
+    _steps(rec, model, opt, MAIN, 8)
+    rec.close()
+
+
+def _continue(run: Path) -> None:
+    """The finished run trains 4 more steps of main, then 4 of a new stage on new examples."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    rec = sp.TrajectoryRecorder.resume(run, model, opt, save_every=4)
+    _steps(rec, model, opt, MAIN, 4)
+    rec.begin_stage("extra", dataset_size=len(EXTRA), optimizer=torch.optim.SGD(model.parameters(), lr=0.05))
+    _steps(rec, model, rec.optimizer, EXTRA, 4)
+    rec.close()
+
+
+def _featurize(run: Path, store: Path, data: dict, **kwargs) -> sp.Store:
+    return sp.featurize(
+        run, _mlp(), sp.ClassificationTask(), data, store,
+        projection=sp.ProjectionArguments(dim=16), options=sp.FeaturizeArguments(chunk_rows=8), progress=False,
+        **kwargs,
+    )
+
+
+class _Counted:
+    """Counts the examples whose projected gradients featurize computes, per quantity."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.rows = {"loss": 0, "measurement": 0}
+        original = sp.RademacherProjector.project_batch
+
+        def counted(projector, grads_fn, batch, quantity="loss", *, transform=None):
+            self.rows[quantity] += len(batch[0])
+            return original(projector, grads_fn, batch, quantity, transform=transform)
+
+        monkeypatch.setattr(sp.RademacherProjector, "project_batch", counted)
+
+    def take(self) -> dict[str, int]:
+        rows, self.rows = self.rows, {"loss": 0, "measurement": 0}
+        return rows
+
+
+def test_a_grown_store_is_the_longer_runs_store_and_only_new_checkpoints_are_computed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counter = _Counted(monkeypatch)
+    _record(tmp_path / "run")
+    store = _featurize(tmp_path / "run", tmp_path / "grown.sp", {"main": MAIN})
+    old = counter.take()
+    sp.fit(store, progress=False)
+    _continue(tmp_path / "run")
+    data = {"main": MAIN, "extra": EXTRA}
+    with pytest.raises(sp.StoreError, match="pass --grow"):
+        _featurize(tmp_path / "run", tmp_path / "grown.sp", data)
+    grown = _featurize(tmp_path / "run", tmp_path / "grown.sp", data, grow=True)
+    growth = counter.take()
+    scratch = _featurize(tmp_path / "run", tmp_path / "scratch.sp", data)
+    full = counter.take()
+    # Only the new units ran: the old ones (checkpoints 0, 4, 8 on main) are exactly what the first featurize did.
+    assert growth["loss"] == full["loss"] - old["loss"] and growth["measurement"] == full["measurement"]
+    assert 0 < growth["loss"] < full["loss"]
+    for name in scratch.progress_arrays():
+        assert np.array_equal(grown.read(name), scratch.read(name)), name
+    assert grown.meta["trajectory"] == scratch.meta["trajectory"]
+    history = grown.meta["growth"]
+    assert [h["checkpoints"] for h in history] == [[0, 4, 8]] and history[0]["dropped_methods"] == ["source"]
+    assert not grown.meta["methods"] and sp.verify_store(grown.path).status == "ok"
+    a = sp.fit(grown, progress=False)
+    b = sp.fit(scratch, progress=False)
+    for stage in ("main", "extra"):
+        assert np.array_equal(a.read(f"methods/source/train/{stage}"), b.read(f"methods/source/train/{stage}"))
+
+
+def test_a_store_does_not_grow_into_a_run_that_did_not_continue_it(tmp_path: Path) -> None:
+    _record(tmp_path / "run")
+    _featurize(tmp_path / "run", tmp_path / "s.sp", {"main": MAIN})
+    model = _mlp()
+    torch.nn.init.zeros_(model[0].bias)  # another run: the first checkpoint already differs
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    rec = sp.TrajectoryRecorder(tmp_path / "other", model, opt, save_every=4)
+    rec.begin_stage("main", dataset_size=len(MAIN))
+    _steps(rec, model, opt, MAIN, 12)
+    rec.close()
+    with pytest.raises(sp.StoreError, match=r"cannot grow .* first 8 steps are not the store's run"):
+        _featurize(tmp_path / "other", tmp_path / "s.sp", {"main": MAIN}, grow=True)
+    assert sp.Store.open(tmp_path / "s.sp").meta["trajectory"]["checkpoints"] == [0, 4, 8]
