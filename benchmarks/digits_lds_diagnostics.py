@@ -10,7 +10,7 @@ the 5-model ensemble:
 - SOURCE with 1, 2, 3 (default) and 6 segments;
 - SOURCE (3 segments) with every segment's training time η̄K scaled by 0.1 … 10 (the implied
   damping 1/(η̄K) scales inversely);
-- IF with damping factor 0.01, 0.1 (default) and 1 (× the Fisher's mean eigenvalue).
+- IF with damping factor 0.01, 0.1 (the default before issue 12) and 1 (× the Fisher's mean eigenvalue).
 """
 
 from __future__ import annotations

@@ -323,6 +323,7 @@ CASES: list[Case] = [
     Case("fit --shard 3/2", lambda w: ["fit", str(w.store), "--shard", "3/2"]),
     Case("baseline --kind nosuch", lambda w: ["baseline", str(w.store), "--kind", "nosuch"]),
     Case("baseline --damping-factor 0", lambda w: ["baseline", str(w.store), "--kind", "if", "--damping-factor", "0"]),
+    Case("baseline --trak-dim 0", lambda w: ["baseline", str(w.store), "--kind", "trak", "--trak-dim", "0"]),
     Case("trajectory --segments 3", lambda w: ["trajectory", str(w.store), "--segments", "3"]),
     Case("trajectory without automatic cuts", lambda w: ["trajectory", str(w.store)]),
     Case("lds --alpha x", lambda w: ["lds", str(w.store), "--alpha", "x"]),

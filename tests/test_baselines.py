@@ -7,6 +7,7 @@ probabilities and hidden activations are computed here from scratch in float64.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -50,15 +51,18 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Tensor
         options=sp.FeaturizeArguments(batch_size=16, chunk_rows=32, fisher="exact"),
         progress=False,
     )
+    dim = store.meta["projection"]["dim"]  # every coordinate: the textbook formulas below use the full kernel
     for kind in sp.BASELINES:
-        sp.fit_baseline(
-            store,
-            sp.BaselineArguments(kind=kind),
-            model=_arch(),
-            task=sp.ClassificationTask(),
-            train_data=train,
-            progress=False,
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # TRAK's near-singular full kernel, on purpose
+            sp.fit_baseline(
+                store,
+                sp.BaselineArguments(kind=kind, trak_dim=dim),
+                model=_arch(),
+                task=sp.ClassificationTask(),
+                train_data=train,
+                progress=False,
+            )
     return tmp / "run", tmp / "s.sp", train, queries
 
 
@@ -148,7 +152,7 @@ def test_influence_function_uses_the_damped_gauss_newton_at_the_final_checkpoint
     run, store, train, queries = fitted
     b = Brute(run, STEPS, train, queries)
     h = b.gauss_newton
-    damping = 0.1 * float(torch.linalg.eigvalsh(h).clamp_min(0).mean())
+    damping = 3.0 * float(torch.linalg.eigvalsh(h).clamp_min(0).mean())
     inverse = torch.linalg.inv(h + damping * torch.eye(len(h), dtype=torch.float64))
     expected = -(b.q @ inverse @ b.g.T / len(train)).numpy()
     _close(_engine(run, store, queries, "if"), expected)
@@ -166,6 +170,34 @@ def test_trak_is_the_margin_gauss_newton_estimator_with_its_one_minus_p_weights(
     inverse = torch.linalg.pinv(gram, hermitian=True, rtol=1e-10)
     expected = (b.q @ inverse @ (b.phi * (1 - b.p_label)[:, None]).T).numpy()
     _close(_engine(run, store, queries, "trak"), expected)
+
+
+def test_trak_fits_its_kernel_on_a_tenth_of_n_coordinates_and_warns_near_singular_choices(fitted) -> None:
+    _, store, _, _ = fitted
+    n, dim = 80, sp.Store.open(store).meta["projection"]["dim"]
+    assert dim > n // 10
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default choice is silent
+        sp.fit_baseline(store, sp.BaselineArguments(kind="trak", method="trak-default"), progress=False)
+    assert sp.Store.open(store).meta["methods"]["trak-default"]["trak_dim"] == n // 10
+    with pytest.warns(UserWarning, match="near-singular"):
+        sp.fit_baseline(store, sp.BaselineArguments(kind="trak", method="trak-41", trak_dim=41), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sp.fit_baseline(store, sp.BaselineArguments(kind="trak", method="trak-40", trak_dim=40), progress=False)
+    assert sp.Store.open(store).meta["methods"]["trak-40"]["trak_dim"] == 40
+
+
+def test_trak_on_d_coordinates_is_trak_with_a_d_dimensional_sub_projection(fitted) -> None:
+    run, store, train, queries = fitted
+    b = Brute(run, STEPS, train, queries)
+    d = 8
+    sp.fit_baseline(store, sp.BaselineArguments(kind="trak", method="trak-8", trak_dim=d), progress=False)
+    k = sp.Store.open(store).meta["projection"]["dim"]
+    r = torch.randn(k, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    phi, q, g = b.phi @ r, b.q @ r, (b.phi * (1 - b.p_label)[:, None]) @ r
+    expected = (q @ torch.linalg.pinv(phi.T @ phi, hermitian=True, rtol=1e-10) @ g.T).numpy()
+    _close(_engine(run, store, queries, "trak-8"), expected)
 
 
 def test_repsim_is_the_cosine_of_the_last_hidden_activations(fitted) -> None:

@@ -3,6 +3,8 @@
     benchmarks/accuracy/install_peers.sh                       # .venv-peers: kronfluence 1.0.1, dattri 0.3.0
     .venv-peers/bin/python benchmarks/accuracy/peers.py [--settings early,converged,two-stage,early-fast]
         [--peers kronfluence,dattri] [--root runs/accuracy] [--models 3]
+    benchmarks/accuracy/install_peers.sh --bergson .venv       # bergson 2.5.1 beside the project
+    .venv/bin/python benchmarks/accuracy/peers.py --settings early,two-stage --peers bergson
 
 For each setting and attributed model (``harness.locate``: the recorded trajectories the library's
 own methods use), writes ``<setting folder>/peers/<method>/seed-<i>-<query set>.npy``: ``[Q, N]``
@@ -27,12 +29,34 @@ is skipped on a re-run (``--force`` recomputes).
   −score. (dattri replaces ``projector_kwargs=None`` by its default projector; the full-gradient
   variant clears the attribute after construction.)
 
-bergson 2.5.1 is not run here: see BENCHMARKS.md, "Accuracy harness (issue 12)".
+- bergson (``bergson-source``, ``bergson-source-L1``, ``bergson-ekfac@…``): bergson 2.5.1's SOURCE
+  (``approx_unrolling_pipeline``: EK-FAC per segment, Bae et al. 2024) and its EK-FAC influence
+  (``hessian_pipeline``) on the same checkpoints, run from the project's venv with bergson installed
+  (``install_peers.sh --bergson .venv``). bergson reads Hugging Face causal LMs and tokenized datasets
+  only, so each checkpoint is saved as a minimal ``PreTrainedModel`` around the same MLP whose "token"
+  is a row of a frozen table of the inputs (sequence ``[row, row]``, label ``[-100, class]``: the
+  position bergson collects is the example, its next-token label the class). Its checkpoints are
+  those of the attributed stage before its end (as ours), split into L equal segments of equal
+  numbers of steps (L = 3 where it divides their count, else the divisor closest to 3; and L = 1),
+  learning rate and momentum from the recorded stage. The query gradient is of bergson's
+  ``log_odds`` loss (= −margin) at the final checkpoint (built beside the pipeline: its
+  ``query.path`` is ignored by the backward walk); the training side is the cross-entropy. bergson
+  attributes the ``nn.Linear`` weights only (``include_bias`` breaks its segment-eigenbasis step), with
+  no weight-decay term, and one dataset for every segment: with several stages only the attributed
+  stage's checkpoints and data are given, so a later stage's propagation is left out. Scores are
+  read with bergson's ``load_scores_loss_signed`` (negative = helpful, whatever ``higher_is_better``
+  each pipeline saved: SOURCE's is False, the influence pipeline's True), so our score is −that.
+  EK-FAC influence at the final checkpoint on the attributed stage's data: ``@heuristic`` is bergson's
+  default (``damped_inverse``, 0.1 × mean eigenvalue), the grid ``absolute_damped_inverse`` with
+  λ = 1e-4 … 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -158,10 +182,162 @@ def dattri_scores(s: settings_module.Setting, run: Path) -> dict[str, dict[str, 
     return results
 
 
+@functools.cache
+def _bergson_model_class() -> type:
+    """A Hugging Face causal-LM wrapper of the settings' MLP (registered once with the Auto classes)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+    from transformers.modeling_outputs import CausalLMOutput
+
+    class MLPConfig(PretrainedConfig):
+        model_type = "source-proj-mlp"
+
+        def __init__(self, widths=(64, 10), rows=1, **kwargs):  # type: ignore[no-untyped-def]
+            super().__init__(**kwargs)
+            self.widths, self.rows = list(widths), rows
+
+    class MLPForCausalLM(PreTrainedModel):
+        config_class = MLPConfig
+
+        def __init__(self, config: MLPConfig) -> None:
+            super().__init__(config)
+            self.inputs = torch.nn.Embedding(config.rows, config.widths[0])
+            layers: list[torch.nn.Module] = []
+            for i, (a, b) in enumerate(zip(config.widths[:-1], config.widths[1:], strict=True)):
+                layers += [torch.nn.Linear(a, b)] + ([torch.nn.ReLU()] if i < len(config.widths) - 2 else [])
+            self.net = torch.nn.Sequential(*layers)
+            self.post_init()
+
+        def _init_weights(self, module: torch.nn.Module) -> None:
+            pass
+
+        def get_input_embeddings(self) -> torch.nn.Module:
+            return self.inputs
+
+        def forward(self, input_ids: torch.Tensor, **kwargs) -> CausalLMOutput:  # type: ignore[no-untyped-def]
+            return CausalLMOutput(logits=self.net(self.inputs(input_ids)))
+
+    AutoConfig.register("source-proj-mlp", MLPConfig)
+    AutoModelForCausalLM.register(MLPConfig, MLPForCausalLM)
+    return MLPForCausalLM
+
+
+def _segments(count: int) -> int:
+    return min((d for d in range(1, count + 1) if count % d == 0), key=lambda d: (abs(d - 3), d))
+
+
+def bergson_scores(s: settings_module.Setting, run: Path, out: Path) -> dict[str, dict[str, np.ndarray]]:
+    """bergson's SOURCE (L segments and 1) and EK-FAC influence on model ``run``'s checkpoints."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from bergson.approx_unrolling.pipeline import approx_unrolling_pipeline
+    from bergson.build import build_query
+    from bergson.config import ApproxUnrollingConfig, HessianConfig, IndexConfig, PreprocessConfig
+    from bergson.config.config import (
+        DataConfig,
+        HessianPipelineConfig,
+        InversionConfig,
+        QuerySetConfig,
+        ScoreConfig,
+    )
+    from bergson.data import load_scores_loss_signed
+    from bergson.hessians.pipeline import hessian_pipeline
+    from datasets import Dataset
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    model_class = _bergson_model_class()
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    x, y = attributed_data(s).tensors
+    qx, qy = s.all_queries()
+    table = torch.cat([x, qx])
+    trajectory = sp.Trajectory.load(run)
+    checkpoints = {}
+    for c in trajectory:
+        net = trajectory.load_into(s.build_model(0), c)
+        hf = model_class(model_class.config_class(widths=s.widths, rows=len(table)))
+        hf.inputs.weight.data.copy_(table)
+        hf.net.load_state_dict(net.state_dict())
+        checkpoints[c.step] = str(out / "checkpoints" / f"checkpoint-{c.step}")
+        hf.save_pretrained(checkpoints[c.step])
+    vocabulary = WordLevel({"[PAD]": 0, "[UNK]": 1}, unk_token="[UNK]")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(vocabulary), model_max_length=10**9, pad_token="[PAD]"
+    )
+    tokenizer.save_pretrained(out / "tokenizer")
+
+    def dataset(first: int, labels: torch.Tensor, name: str) -> str:
+        rows = range(first, first + len(labels))
+        Dataset.from_dict(
+            {
+                "input_ids": [[r, r] for r in rows],
+                "labels": [[-100, int(label)] for label in labels],
+                "length": [2] * len(labels),
+            }
+        ).save_to_disk(out / name)
+        return str(out / name)
+
+    train, queries = dataset(0, y, "train"), dataset(len(x), qy, "queries")
+    final = checkpoints[trajectory.final_checkpoint.step]
+    common = {"tokenizer": str(out / "tokenizer"), "projection_dim": 0, "token_batch_size": 2048, "include_bias": False}
+    stage = trajectory.stage(s.attributed)
+    recipe = next(st for st in s.stages if st.name == s.attributed)
+    used = [checkpoints[c.step] for c in trajectory if stage.start_step <= c.step < stage.end_step]
+    ekfac = HessianConfig(method="kfac", ev_correction=True)
+
+    def read(path: Path) -> dict[str, np.ndarray]:
+        loss_signed, _ = load_scores_loss_signed(str(path))  # [N, Q], negative = helpful (bergson's reading)
+        raw = -loss_signed.double().numpy().T
+        return {name: raw[cols] for name, cols in s.query_slices().items()}
+
+    results: dict[str, dict[str, np.ndarray]] = {}
+    for segments in sorted({_segments(len(used)), 1}, reverse=True):
+        folder = out / f"source-L{segments}"
+        query = IndexConfig(run_path=str(folder / "query"), model=final, loss_fn="log_odds", **common)
+        build_query(query, QuerySetConfig(dataset=queries), PreprocessConfig())
+        steps = [len(chunk) for chunk in np.array_split(np.arange(stage.end_step - stage.start_step), segments)]
+        approx_unrolling_pipeline(
+            IndexConfig(run_path=str(folder), model=final, data=DataConfig(dataset=train), loss_fn="ce", **common),
+            ekfac,
+            ApproxUnrollingConfig(
+                checkpoints=used,
+                segments=segments,
+                lr_list=[recipe.lr] * segments,
+                step_size_list=steps,
+                momentum=recipe.momentum,
+            ),
+        )
+        label = "bergson-source" if segments == _segments(len(used)) else "bergson-source-L1"
+        results[label] = read(folder / "scores")
+    query_index = out / "influence-query"
+    build_query(
+        IndexConfig(run_path=str(query_index), model=final, loss_fn="log_odds", **common),
+        QuerySetConfig(dataset=queries),
+        PreprocessConfig(),
+    )
+    for damping in (None, *GRID):
+        label = "heuristic" if damping is None else f"{damping:g}"
+        folder = out / f"influence-{label}"
+        if damping is not None:
+            shutil.copytree(out / "influence-heuristic" / "hessian", folder / "hessian")
+        inversion = (
+            InversionConfig() if damping is None else InversionConfig("absolute_damped_inverse", damping_factor=damping)
+        )
+        hessian_pipeline(
+            IndexConfig(run_path=str(folder), model=final, data=DataConfig(dataset=train), loss_fn="ce", **common),
+            ekfac,
+            ScoreConfig(),
+            PreprocessConfig(),
+            HessianPipelineConfig(query=QuerySetConfig(path=str(query_index)), inversion_cfg=inversion, resume=True),
+        )
+        results[f"bergson-ekfac@{label}"] = read(folder / "scores")
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", default="early,converged,two-stage,early-fast")
-    parser.add_argument("--peers", default="kronfluence,dattri")
+    parser.add_argument("--peers", default="kronfluence,dattri", help="any of kronfluence, dattri, bergson")
     parser.add_argument("--root", default=str(harness.ROOT))
     parser.add_argument("--mnist", default=None)
     parser.add_argument("--models", type=int, default=3)
@@ -182,6 +358,8 @@ def main() -> None:
                 results.update(kronfluence_scores(s, run, folder / "peers-work" / f"kronfluence-{seed}"))
             if "dattri" in peers:
                 results.update(dattri_scores(s, run))
+            if "bergson" in peers:
+                results.update(bergson_scores(s, run, folder / "peers-work" / f"bergson-{seed}"))
             for method, per_query_set in results.items():
                 (folder / "peers" / method).mkdir(parents=True, exist_ok=True)
                 for queries, scores in per_query_set.items():

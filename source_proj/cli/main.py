@@ -719,10 +719,16 @@ def verify(store_path: str, repair: bool, as_json: bool) -> None:
 @click.option("--stages", default=None, help="Attribute to these stages' data only (default: all).")
 @click.option(
     "--damping-factor",
-    default=0.1,
+    default=3.0,
     show_default=True,
     type=click.FloatRange(min=0, min_open=True),
     help="IF: damping = factor × mean eigenvalue.",
+)
+@click.option(
+    "--trak-dim",
+    default=None,
+    type=click.IntRange(min=1),
+    help="TRAK: kernel coordinates d (default: min(k, N/10)).",
 )
 @click.option("--spec", "spec_path", default=None, type=click.Path(path_type=Path), help="Spec file (RepSim).")
 @click.option("--device", default=None, help="Where the baselines' algebra runs (default: cuda when available).")
@@ -732,6 +738,7 @@ def baseline(
     kinds: str,
     stages: str | None,
     damping_factor: float,
+    trak_dim: int | None,
     spec_path: Path | None,
     device: str | None,
     force: bool,
@@ -745,7 +752,7 @@ def baseline(
             names = [s["name"] for s in store.meta["trajectory"]["stages"]]
             data = {n: spec.train_data(n) for n in names}
             extra = dict(model=spec.build_model(), task=spec.build_task(), train_data=data)
-        args = sp.BaselineArguments(kind=kind, stages=_names(stages), damping_factor=damping_factor)
+        args = sp.BaselineArguments(kind=kind, stages=_names(stages), damping_factor=damping_factor, trak_dim=trak_dim)
         sp.fit_baseline(store, args, device=device, overwrite=force, **extra)
         click.echo(f"fitted {kind!r} in {store.path}")
 

@@ -11,7 +11,7 @@ featurize), q̃_c = P ∇f(q; θ_c), T the final checkpoint and N the attributed
     tracin    T(z) = concat_c −(√w_c/N) g̃_c(z)      q̃ = concat_c √w_c q̃_c
               score = −(1/N) Σ_c w_c ∇f(q; θ_c)·∇ℓ(z; θ_c)   (TracIn-CP, Pruthi et al. 2020)
     if        T(z) = −(1/N)(H̃ + δI)⁻¹ g̃_T(z)        H̃ = Fisher at θ_T, δ = damping_factor · mean eig(H̃)
-    trak      T(z) = −(Φ̃ᵀΦ̃)⁻¹ g̃_T(z)                (Park et al. 2023, Gauss–Newton of the margin)
+    trak      T(z) = −R(RᵀΦ̃ᵀΦ̃R)⁺Rᵀ g̃_T(z)          (Park et al. 2023, Gauss–Newton of the margin; R [k, d])
     repsim    T(z) = h(z)/‖h(z)‖                    q̃ = h(q)/‖h(q)‖      h = Task.representation at θ_T
 
 **TRAK.** Its estimator is φ(q)ᵀ(ΦᵀΦ)⁻¹ φ(z)(1 − p_z), φ the margin gradient and p_z the probability
@@ -22,10 +22,19 @@ measurement this is TRAK with the loss gradient as the reweighted feature.) No d
 but a pseudo-inverse: eigenvalues below ``rcond``·σ_max (default 1e-6, the float32 rounding level of
 the stored gradients) count as zero. ΦᵀΦ is exactly singular whenever k exceeds its rank (k ≥ N, or
 the identity projection: the margin ignores a common shift of all logits), and every gradient is
-orthogonal to that null space.
+orthogonal to that null space. Well before that, as d approaches N, the kernel is near-singular and
+TRAK's attributions collapse: on the digits settings of issue 12 (N = 1,297) its LDS fell from 0.43 at
+d = 32 to 0.08 at d = 1,024 (BENCHMARKS.md, "Issue 12: peers and baselines at best practice"). So
+the kernel is fitted on d = ``trak_dim`` coordinates, by default min(k, N/10): R is a seeded Gaussian
+sub-projection ``[k, d]`` of the stored features (R = I when d = k), whose composition with P is
+again a JL projection; TRAK's estimator is unchanged by the scale of R. This mirrors traker's
+practice of a projection dimension well below N (its default ``proj_dim`` 2,048 for CIFAR-10's
+N = 50,000, ≈ N/25); a ``trak_dim`` above N/2 draws a warning.
 
-**TracIn-CP.** Checkpoints c saved during a stage (start < c ≤ end, so the last is the stage's final
-parameters); w_c is the sum of the recorded learning rates of the steps since the previous such
+**TracIn-CP** mirrors dattri's ``TracInAttributor`` (``weight_list`` = learning rates, no
+normalisation; our TracIn-CP and dattri's agreed to 0.001 in LDS on issue 12's ``early``).
+Checkpoints c saved during a stage (start < c ≤ end, so the last is the stage's final parameters);
+w_c is the sum of the recorded learning rates of the steps since the previous such
 checkpoint (or the stage start), i.e. η_c times the steps c stands for: w_c ∝ η_c for evenly spaced
 checkpoints, as in Pruthi et al.
 
@@ -40,15 +49,26 @@ TracIn-CP. Grad-Dot, Grad-Cos and IF use each attributed stage's last window (it
 gradients and its Fisher) in place of θ_T's: a stand-in, exact only as the window shrinks to a
 step. TRAK needs the measurement gradients of the training examples, which capture does not take.
 
-**Influence-function damping** (never tuned on test queries): δ = ``damping_factor`` × the mean
-eigenvalue of the projected Fisher (kronfluence's heuristic with its factor 0.1, applied in the space
-where the inverse is taken).
+**Influence-function damping**: δ = ``damping_factor`` × the mean eigenvalue of the projected Fisher,
+the form of kronfluence's heuristic (``damping_factor=None``: 0.1 × the mean eigenvalue, per module,
+of the full-parameter curvature) and bergson's default (``damped_inverse``, 0.1 × the mean), applied in
+the space where the inverse is taken, but with the factor 3 that the LDS of issue 12's digits settings
+chose: over 1e-4 … 30 the factor 3 was best on ``early`` (0.748 against 0.480 at 0.1) and on
+``two-stage``'s upright queries (0.112 against 0.098), inside a plateau from 1 to 10
+(BENCHMARKS.md, "Issue 12: peers and baselines at best practice"; chosen on the reported queries).
+The projected Fisher's mean eigenvalue is trace/k where the full one's is trace/p, so the same
+factor damps harder here than in kronfluence: factors are not portable between the two. ``damping``
+sets an absolute δ instead (kronfluence's ``damping_factor``).
+
+**Grad-Dot and Grad-Cos** are the plain final-checkpoint gradient products of dattri's and the SOURCE
+paper's baselines; **RepSim** the cosine of last-layer representations as in the SOURCE paper.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -91,7 +111,12 @@ class BaselineArguments:
         stages: attribute to these stages' examples only; default all.
         curvature_stages: IF and TRAK: the stages whose data form the curvature; default all (the
             SOURCE paper's choice for baselines that cannot separate stages).
-        damping_factor: IF: δ = damping_factor × mean eigenvalue of the projected Fisher.
+        damping_factor: IF: δ = damping_factor × mean eigenvalue of the projected Fisher (default 3:
+            see the module's notes).
+        damping: IF: an absolute δ instead (kronfluence's ``damping_factor``); overrides damping_factor.
+        trak_dim: TRAK: the number of coordinates d its kernel Φ̃ᵀΦ̃ is fitted on (a seeded Gaussian
+            sub-projection of the stored k; min(d, k) is used); default min(k, N/10), N the size of
+            the curvature stages. Above N/2 the kernel is near-singular and a warning is raised.
         rcond: IF and TRAK: eigenvalues below rcond × the largest count as zero (pseudo-inverse); 1e-6 is
             the float32 rounding level of the stored gradients.
     """
@@ -100,7 +125,9 @@ class BaselineArguments:
     method: str | None = None
     stages: tuple[str, ...] | None = None
     curvature_stages: tuple[str, ...] | None = None
-    damping_factor: float = 0.1
+    damping_factor: float = 3.0
+    damping: float | None = None
+    trak_dim: int | None = None
     rcond: float = 1e-6
 
 
@@ -229,6 +256,27 @@ def _inverse(curvature: torch.Tensor, damping: float, rcond: float) -> torch.Ten
     return (u * inv) @ u.T
 
 
+def _trak_operator(gram: torch.Tensor, args: BaselineArguments, size: int) -> tuple[torch.Tensor, int]:
+    """R (Rᵀ Φ̃ᵀΦ̃ R)⁺ Rᵀ ``[k, k]`` and d, with R ``[k, d]`` a seeded Gaussian sub-projection (R = I when
+    d = k) and d = min(k, trak_dim or N/10) for N = ``size`` examples in the kernel."""
+    k = len(gram)
+    dim = min(k, args.trak_dim if args.trak_dim is not None else max(1, size // 10))
+    if dim < 1:
+        raise TaskError(f"trak_dim must be a positive number of coordinates, not {args.trak_dim}.")
+    if 2 * dim > size:
+        warnings.warn(
+            f"TRAK's kernel is fitted on d = {dim} coordinates for N = {size} examples: with d above N/2 "
+            "the kernel Φ̃ᵀΦ̃ is near-singular and TRAK's attributions collapse (LDS 0.08 at d ≈ N on "
+            "digits). Pass a trak_dim of at most N/10, or leave it unset.",
+            UserWarning,
+            stacklevel=4,
+        )
+    if dim == k:
+        return _inverse(gram, 0.0, args.rcond), k
+    r = torch.randn(k, dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64) / dim**0.5
+    return r @ _inverse(r.T @ gram @ r, 0.0, args.rcond) @ r.T, dim
+
+
 def _final_checkpoint(
     store: Store, args: BaselineArguments, attributed: list[str], sizes: Mapping[str, int], final: int
 ) -> tuple[int, dict[str, Any], ChunkFn, dict[str, Any]]:
@@ -266,7 +314,7 @@ def _final_checkpoint(
         if args.kind == "if":
             fisher = sum(sizes[s] * curvature(s) for s in curv) / total
             eigvals = torch.linalg.eigvalsh(fisher).clamp_min(0.0)
-            damping = args.damping_factor * float(eigvals.mean())
+            damping = args.damping if args.damping is not None else args.damping_factor * float(eigvals.mean())
             operator = _inverse(fisher, damping, args.rcond) / total
             extra["damping"] = damping
         else:
@@ -277,7 +325,7 @@ def _final_checkpoint(
                 for _, rows in store.iter_chunks(array):
                     x = torch.from_numpy(rows).double()
                     gram.addmm_(x.T, x)
-            operator = _inverse(gram, 0.0, args.rcond)
+            operator, extra["trak_dim"] = _trak_operator(gram, args, total)
     normalize = args.kind == "grad-cos"
 
     def chunk(stage: str, start: int, stop: int) -> np.ndarray:
