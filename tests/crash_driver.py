@@ -34,7 +34,7 @@ import source_proj as sp
 from source_proj.store.durable import LOCK_FILE, PARTIAL_SUFFIX
 
 DIM = 12
-OPTIONS = sp.FeaturizeArguments(batch_size=4, chunk_rows=4, device="cpu", curvature="kfac")  # crash-tests K-FAC too
+OPTIONS = sp.FeaturizeArguments(batch_size=4, chunk_rows=4, device="cpu")
 
 
 def data() -> TensorDataset:

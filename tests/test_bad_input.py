@@ -185,16 +185,16 @@ def test_damaged_chunk_is_named_with_the_repair_command(
 ) -> None:
     store = tmp_path / "s.sp"
     shutil.copytree(tiny_reference, store)
-    damage_chunk(store, "kfac/main/step-00000004/0/a", 1, "truncate" if damage == "truncated" else "flip")
+    damage_chunk(store, "fisher/main/step-00000004", 1, "truncate" if damage == "truncated" else "flip")
     before = files(store)
     # A truncated shard file loses the index of all its chunks (the first is named); a flipped bit, one chunk.
-    chunk, rows = (0, "0–0") if damage == "truncated" else (1, "1–1")  # the factor sums: a row per chunk
+    chunk, rows = (0, "0–3") if damage == "truncated" else (1, "4–7")
     reason = "unreadable" if damage == "truncated" else "its crc32 differs from the one recorded"
     with pytest.raises(sp.StoreError) as err:
         sp.fit(store, FIT, progress=False)
     message = _one_sentence(err)
     assert message.startswith(
-        f"Chunk {chunk} (rows {rows}) of 'kfac/main/step-00000004/0/a' in {store} is damaged ({reason}"
+        f"Chunk {chunk} (rows {rows}) of 'fisher/main/step-00000004' in {store} is damaged ({reason}"
     )
     assert f"run `source-proj verify {store} --repair`, then re-run the command that wrote it" in message
     assert files(store) == before  # fit wrote nothing

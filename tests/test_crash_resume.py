@@ -173,7 +173,7 @@ def test_loader_workers_write_the_store_one_process_writes(
     store = tmp_path / "workers.sp"
     featurize(tiny_run, store, options=dataclasses.replace(OPTIONS, num_workers=2))
     ours, reference = files(store), files(tiny_reference)
-    arrays = ("grads/", "kfac/", "progress/grads/", "progress/kfac/")
+    arrays = ("grads/", "fisher/", "progress/grads/", "progress/fisher/")
     featurized = [name for name in reference if name.startswith(arrays)]
     assert len(featurized) > 10
     assert all(ours.get(name) == reference[name] for name in featurized)

@@ -196,7 +196,7 @@ def test_source_with_kronecker_curvature_equals_brute_force(tmp_path: Path, clas
         data,
         store,
         projection=sp.ProjectionArguments(kind="identity"),
-        options=sp.FeaturizeArguments(batch_size=8, chunk_rows=16, fisher="exact"),
+        options=sp.FeaturizeArguments(batch_size=8, chunk_rows=16, fisher="exact", curvature="kfac"),
         progress=False,
     )
     sp.fit(store, sp.FitArguments(segments_per_stage=2), progress=False)

@@ -45,7 +45,7 @@ def test_verify_repair_and_the_printed_commands_recompute_exactly_the_damage(tmp
     shutil.copytree(reference, store)
     damage(store, "grads/main/step-00000004", 2, "flip")
     damage(store, "methods/source/train/main", 0, "truncate")  # the shard file of all 3 chunks
-    (store / "grads/main/zarr.abc123.partial").write_bytes(b"left by a killed writer")
+    (store / "fisher/main/zarr.abc123.partial").write_bytes(b"left by a killed writer")
     cli = CliRunner()
 
     out = cli.invoke(main, ["verify", str(store)])

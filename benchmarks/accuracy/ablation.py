@@ -36,14 +36,14 @@ import source_proj as sp
 REPEATS = {"two-stage": 10}
 VARIANTS = {
     # name: (fisher store, FitArguments keywords)
-    "kfac, 3/stage": ("sampled", {"curvature": "kfac"}),
+    "kfac, 3/stage": ("sampled", {"curvature": "kfac", "segments_per_stage": 3}),
     "kfac, 1/stage": ("sampled", {"curvature": "kfac", "segments_per_stage": 1}),
     "kfac, auto": ("sampled", {"curvature": "kfac", "auto_segments": 0}),
-    "projected, 3/stage": ("sampled", {"curvature": "projected"}),
+    "projected, 3/stage": ("sampled", {"curvature": "projected", "segments_per_stage": 3}),
     "projected, 1/stage": ("sampled", {"curvature": "projected", "segments_per_stage": 1}),
-    "kfac, 3/stage, exact Fisher": ("exact", {"curvature": "kfac"}),
+    "kfac, 3/stage, exact Fisher": ("exact", {"curvature": "kfac", "segments_per_stage": 3}),
     "kfac, 1/stage, exact Fisher": ("exact", {"curvature": "kfac", "segments_per_stage": 1}),
-    "projected, 3/stage, exact Fisher": ("exact", {"curvature": "projected"}),
+    "projected, 3/stage, exact Fisher": ("exact", {"curvature": "projected", "segments_per_stage": 3}),
 }
 
 
@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--out", default=None)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--fishers", default="sampled,exact", help="the Fisher estimates to featurize and compare")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lines = ["| setting | query set | variant | LDS [95 % CI] |", "|---|---|---|---|"]
@@ -61,7 +62,8 @@ def main() -> None:
         h = harness.prepare(name, root=args.root, repeats=REPEATS.get(name, 20), progress=False)
         stages = (h.setting.attributed,)
         stores = {}
-        for fisher in ("sampled", "exact"):
+        fishers = args.fishers.split(",")
+        for fisher in fishers:
             start = time.perf_counter()
             stores[fisher] = sp.featurize(
                 h.runs[0],
@@ -76,9 +78,12 @@ def main() -> None:
             seconds = time.perf_counter() - start
             print(f"{name}: featurize ({fisher} Fisher, both curvatures) {seconds:.0f} s", flush=True)
         for variant, (fisher, keywords) in VARIANTS.items():
+            if fisher not in fishers:
+                continue
             method = "v-" + "".join(c if c.isalnum() else "-" for c in variant)
             start = time.perf_counter()
-            sp.fit(stores[fisher], sp.FitArguments(stages=stages, method=method, **keywords), progress=False)
+            arguments = sp.FitArguments(stages=stages, method=method, **keywords)
+            sp.fit(stores[fisher], arguments, overwrite=True, progress=False)
             seconds = time.perf_counter() - start
             attributor = sp.Attributor(stores[fisher], h.build_model(), h.task, method=method, batch_size=256)
             for queries in h.query_sets:

@@ -47,7 +47,8 @@ class ProjectionArguments:
     adam_rank: int = 1
 
     def __post_init__(self) -> None:
-        _positive(self, "dim")
+        if self.kind != "identity":  # k = p there, whatever dim says
+            _positive(self, "dim")
         _positive(self, "seed", minimum=0)
 
 

@@ -354,7 +354,8 @@ class _Featurize:
         that computes something else, or other training data."""
         meta = self.meta
         differing = _differing(old, meta)
-        if differing == ["trajectory"]:
+        same_run = (old.get("trajectory") or {}).get("fingerprint") == meta["trajectory"]["fingerprint"]
+        if differing == ["trajectory"] and not same_run:
             raise StoreError(
                 f"The store at {self.path} was featurized from another run (or an earlier part of this one); pass "
                 "--grow (grow=True) if this run continued the store's, --force (overwrite=True) to replace it, or use "
