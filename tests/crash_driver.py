@@ -123,16 +123,17 @@ def files(store: Path) -> dict[str, bytes]:
 def chunk_bytes(store: Path, name: str, chunk: int) -> tuple[Path, int, int]:
     """Where row chunk ``chunk`` of array ``name`` lies on disk: ``(file, offset, size)`` (its staged file,
     its own file, or its byte range in its shard file, as the shard's index at the file's end says)."""
-    staged = store / "staging" / name / "c" / str(chunk) / "0"
+    meta = json.loads((store / name / "zarr.json").read_text())
+    rest = ("0",) * (len(meta["shape"]) - 1)  # chunks span every column (and matrix) of a row
+    staged = Path(store / "staging" / name / "c" / str(chunk), *rest)
     if staged.exists():
         return staged, 0, staged.stat().st_size
-    meta = json.loads((store / name / "zarr.json").read_text())
     codec = meta["codecs"][0]
     if codec["name"] != "sharding_indexed":
-        own = store / name / "c" / str(chunk) / "0"
+        own = Path(store / name / "c" / str(chunk), *rest)
         return own, 0, own.stat().st_size
     per_shard = meta["chunk_grid"]["configuration"]["chunk_shape"][0] // codec["configuration"]["chunk_shape"][0]
-    shard = store / name / "c" / str(chunk // per_shard) / "0"
+    shard = Path(store / name / "c" / str(chunk // per_shard), *rest)
     raw = shard.read_bytes()
     index = np.frombuffer(raw[-(16 * per_shard + 4) : -4], dtype="<u8").reshape(per_shard, 2)
     offset, size = index[chunk % per_shard]

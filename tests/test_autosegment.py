@@ -15,7 +15,7 @@ from torch.utils.data import TensorDataset
 
 import source_proj as sp
 from source_proj.cli.main import main
-from source_proj.trajectory.autosegment import optimal_partition
+from source_proj.trajectory.autosegment import AUTO_KEEP, choose_budget, optimal_partition
 
 
 def test_optimal_partition_matches_brute_force() -> None:
@@ -141,3 +141,29 @@ def test_budget_outside_the_checkpoints_is_refused(tmp_path: Path) -> None:
     assert "3 segments, cuts at steps" in out.output and (tmp_path / "fit.png").exists()
     out = CliRunner().invoke(main, ["trajectory", str(tmp_path / "s.sp"), "--segments", "3"])
     assert out.exit_code != 0 and "auto:L" in out.output
+
+
+def test_auto_without_a_budget_chooses_the_number_of_segments() -> None:
+    """A stationary stage stays whole, a planted jump is cut once, an even drift gets the fewest segments
+    that remove ``1 − AUTO_KEEP`` of one segment's dispersion (brute force over the budgets)."""
+    labels = ["a"] * 8
+    still = np.ones((8, 3))
+    assert choose_budget(still @ still.T, labels) == 1
+    jump = np.concatenate([np.zeros((4, 3)), np.full((4, 3), 5.0)]) + 0.01 * np.arange(8)[:, None]
+    assert choose_budget(jump @ jump.T, labels) == 2
+    drift = np.arange(8, dtype=float)[:, None] * np.ones((1, 3))
+    gram = drift @ drift.T
+    floor = optimal_partition(gram, labels, 1)[1]
+    chosen = choose_budget(gram, labels)
+    assert optimal_partition(gram, labels, chosen)[1] <= AUTO_KEEP * floor
+    assert optimal_partition(gram, labels, chosen - 1)[1] > AUTO_KEEP * floor
+    # two stages: at least one segment each, whatever the signatures
+    assert choose_budget(still @ still.T, ["a"] * 4 + ["b"] * 4) == 2
+    assert sp.SegmentationArguments.parse("auto") == sp.SegmentationArguments(auto=0)
+
+
+def test_auto_without_a_budget_cuts_a_planted_learning_rate_drop(tmp_path: Path) -> None:
+    _run(tmp_path / "run", lr_after=0.02)
+    store = _store(tmp_path / "run", tmp_path / "s.sp")
+    sp.fit(store, sp.FitArguments(auto_segments=0), progress=False)
+    assert 100 in store.meta["methods"]["source"]["view"]["cuts"]

@@ -45,8 +45,8 @@ def test_fast_source_equals_source_when_gradients_are_affine_in_the_parameters(t
     queries = TensorDataset(torch.randn(4, 3, generator=torch.Generator().manual_seed(5)), torch.zeros(4))
     task = sp.RegressionTask()
     store = _featurize(tmp_path / "run", nn.Linear(3, 1), task, regression_data, tmp_path / "s.sp", segment_means=True)
-    assert store.meta["segmentation"]["arguments"] == {"per_stage": 3}
-    assert [len(s["checkpoints"]) for s in store.meta["segmentation"]["segments"]] == [4, 3, 3]
+    assert store.meta["segmentation"]["arguments"] == {"per_stage": 1}  # the default: one segment per stage
+    assert [len(s["checkpoints"]) for s in store.meta["segmentation"]["segments"]] == [10]
     sp.fit(store, progress=False)
     sp.fit(store, sp.FitArguments(fast=True), progress=False)
     assert store.meta["methods"]["fast-source"]["kind"] == "fast-source"

@@ -181,7 +181,7 @@ def test_lightning_callback_records_an_attributable_run(tmp_path: Path, classifi
         projection=sp.ProjectionArguments(dim=16),
         progress=False,
     )
-    sp.fit(store, progress=False)
+    sp.fit(store, sp.FitArguments(segments_per_stage=3), progress=False)
     assert store.meta["methods"]["source"]["segments"][0]["mean_lr"] == pytest.approx(0.1 / (1 - 0.9))
 
 

@@ -348,10 +348,10 @@ def test_adam_store_keeps_its_segmentation(tmp_path: Path, regression_data) -> N
     _small_run(tmp_path / "run", regression_data, lambda p: torch.optim.AdamW(p, lr=0.01), steps=12)
     store = _featurize(tmp_path / "run", regression_data, tmp_path / "s.sp")
     recorded = store.meta["segmentation"]
-    assert recorded["arguments"] == {"per_stage": 3}
-    assert [s["preconditioner"] for s in recorded["segments"]] == [f"preconditioner/{i}" for i in range(3)]
+    assert recorded["arguments"] == {"per_stage": 1}  # the default: one segment per stage
+    assert [s["preconditioner"] for s in recorded["segments"]] == ["preconditioner/0"]
     sp.fit(store, progress=False)
-    sp.fit(store, sp.FitArguments(segments_per_stage=3, method="same-cuts"), progress=False)
+    sp.fit(store, sp.FitArguments(segments_per_stage=1, method="same-cuts"), progress=False)
     with pytest.raises(sp.StoreError, match=r"Adam-preconditioned features computed for the segmentation"):
         sp.fit(store, sp.FitArguments(segments_per_stage=2, method="other"), progress=False)
     with pytest.raises(sp.StoreError, match="was featurized for the segmentation"):
@@ -359,7 +359,7 @@ def test_adam_store_keeps_its_segmentation(tmp_path: Path, regression_data) -> N
             tmp_path / "run", regression_data, tmp_path / "s.sp", segmentation=sp.SegmentationArguments(per_stage=2)
         )
     method = store.meta["methods"]["source"]
-    assert method["query"]["scales"] == ["preconditioner/2"]
+    assert method["query"]["scales"] == ["preconditioner/0"]
 
 
 def test_baselines_on_an_adam_store_query_in_the_same_preconditioned_coordinates(
@@ -368,14 +368,14 @@ def test_baselines_on_an_adam_store_query_in_the_same_preconditioned_coordinates
     _small_run(tmp_path / "run", regression_data, lambda p: torch.optim.AdamW(p, lr=0.01), steps=12)
     store = _featurize(tmp_path / "run", regression_data, tmp_path / "s.sp")
     sp.fit_baseline(store, sp.BaselineArguments(kind="grad-dot"), progress=False)
-    assert store.meta["methods"]["grad-dot"]["query"]["scales"] == ["preconditioner/2"]
+    assert store.meta["methods"]["grad-dot"]["query"]["scales"] == ["preconditioner/0"]
     queries = TensorDataset(torch.randn(3, 3, generator=torch.Generator().manual_seed(4)), torch.zeros(3))
     ours = sp.Attributor(store, nn.Linear(3, 1), sp.RegressionTask(), method="grad-dot").scores(queries)
 
     # Brute force: −⟨D^{-1/2}∇f(q; θ_T), D^{-1/2}∇ℓ(z; θ_T)⟩ with the last segment's D (as featurize scaled z).
     from source_proj.trajectory.preconditioner import read_scale
 
-    scale = read_scale(store, "preconditioner/2", store.meta["params"])
+    scale = read_scale(store, "preconditioner/0", store.meta["params"])
     traj = sp.Trajectory.load(tmp_path / "run")
     net = traj.load_into(nn.Linear(3, 1), traj.final_checkpoint)
 

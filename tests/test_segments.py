@@ -26,7 +26,7 @@ def _stage(name: str, start: int, end: int, momentum: float = 0.0, decay: float 
 
 def test_three_equal_parts_and_left_closed_checkpoints() -> None:
     lr = np.linspace(1.0, 0.1, 300)
-    segs = sp.make_segments([_stage("main", 0, 300)], [0, 50, 100, 150, 200, 250, 300], lr, {"w": 4})
+    segs = sp.make_segments([_stage("main", 0, 300)], [0, 50, 100, 150, 200, 250, 300], lr, {"w": 4}, per_stage=3)
     assert [(s.start_step, s.end_step) for s in segs] == [(0, 100), (100, 200), (200, 300)]
     assert [s.checkpoints for s in segs] == [(0, 50), (100, 150), (200, 250)]
     assert np.isclose(segs[1].mean_lr, lr[100:200].mean())
@@ -34,7 +34,7 @@ def test_three_equal_parts_and_left_closed_checkpoints() -> None:
 
 
 def test_stage_end_checkpoint_fills_an_otherwise_empty_last_segment() -> None:
-    segs = sp.make_segments([_stage("main", 0, 30)], [5, 15, 30], np.ones(30), {"w": 1})
+    segs = sp.make_segments([_stage("main", 0, 30)], [5, 15, 30], np.ones(30), {"w": 1}, per_stage=3)
     assert [s.checkpoints for s in segs] == [(5,), (15,), (30,)]
 
 

@@ -158,6 +158,14 @@ def main() -> None:
     help="Curvature: Fisher with sampled labels (true Fisher), enumerated exactly, or empirical.",
 )
 @click.option(
+    "--curvature",
+    type=click.Choice(["projected", "kfac", "both"]),
+    default="projected",
+    show_default=True,
+    help="What fit's curvature is made of: the k x k projected Gauss-Newton, per-layer Kronecker factors in the "
+    "full parameter space, or both (see docs/concepts/source.md).",
+)
+@click.option(
     "--batch-size",
     default=64,
     show_default=True,
@@ -179,8 +187,8 @@ def main() -> None:
     "--segments",
     "segmentation",
     default=None,
-    help="Fix the segmentation now: 3 (parts per stage), auto:L or at:STEP,STEP. Adam runs and --fast need it "
-    "(default 3 per stage); fit then keeps it.",
+    help="Fix the segmentation now: 3 (parts per stage), auto, auto:L or at:STEP,STEP. Adam runs and --fast need it "
+    "(default 1 per stage); fit then keeps it.",
 )
 @click.option("--fast", is_flag=True, help="Also featurize each segment's averaged parameters (Fast-SOURCE).")
 @click.option("--fast-only", is_flag=True, help="Featurize only the segments' averaged parameters (cheap mode).")
@@ -221,6 +229,7 @@ def featurize(
     checkpoint_steps: str | None,
     precision: str,
     fisher: str,
+    curvature: str,
     batch_size: int,
     chunk_rows: int,
     device: str | None,
@@ -256,6 +265,7 @@ def featurize(
                 batch_size=batch_size,
                 chunk_rows=chunk_rows,
                 fisher=fisher,
+                curvature=curvature,  # type: ignore[arg-type]
                 device=device,
                 num_workers=workers,
                 segmentation=sp.SegmentationArguments.parse(segmentation) if segmentation else None,
@@ -298,7 +308,15 @@ def _module_dims(values: tuple[str, ...]) -> dict[str, int]:
 @click.option(
     "--segments",
     default=None,
-    help="Equal segments per stage (3), or auto:L for L segments placed automatically (default: the store's, else 3).",
+    help="Equal segments per stage (3), auto:L for L segments placed automatically, or auto to choose L too "
+    "(default: the store's, else 1).",
+)
+@click.option(
+    "--curvature",
+    type=click.Choice(["projected", "kfac"]),
+    default=None,
+    help="The projected Gauss-Newton or the Kronecker factors (default: projected, or kfac when the store holds "
+    "only those).",
 )
 @click.option(
     "--boundaries", default=None, help="Explicit global steps to cut at, e.g. 100,200 (overrides --segments)."
@@ -318,6 +336,7 @@ def _module_dims(values: tuple[str, ...]) -> dict[str, int]:
 def fit(
     store_path: str,
     segments: str | None,
+    curvature: str | None,
     boundaries: str | None,
     stages: str | None,
     fast: bool,
@@ -340,6 +359,7 @@ def fit(
         stages=_names(stages),
         method=method,
         fast=fast,
+        curvature=curvature,
     )
     with launched(device):
         store = sp.fit(store_path, args, overwrite=force, device=device, shard=Shard.parse(shard) if shard else None)

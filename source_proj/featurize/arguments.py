@@ -17,6 +17,7 @@ from source_proj.trajectory.recorder import Checkpoint, Trajectory
 from source_proj.trajectory.segments import SegmentationArguments
 
 FisherMode = Literal["sampled", "exact", "empirical"]
+CurvatureKind = Literal["kfac", "projected", "both"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,8 @@ class ProjectionArguments:
     adam_rank: int = 1
 
     def __post_init__(self) -> None:
-        _positive(self, "dim")
+        if self.kind != "identity":  # k = p there, whatever dim says
+            _positive(self, "dim")
         _positive(self, "seed", minimum=0)
 
 
@@ -66,7 +68,7 @@ class FeaturizeArguments:
         vmap_chunk: examples per vectorised gradient chunk (bounds memory); ``None`` = the batch.
         segmentation: fix the segmentation now (recorded in the store; fit then uses it and refuses
             another). Needed when a stage was trained with Adam/AdamW (the preconditioner D_ℓ is a
-            segment mean) or with ``segment_means``; ``None`` there means 3 equal parts per stage.
+            segment mean) or with ``segment_means``; ``None`` there means one segment per stage.
             Plain SGD stores leave the choice to fit.
         checkpoints: featurize every checkpoint (SOURCE; the baselines use them too).
         checkpoint_steps: featurize only the checkpoints saved at these steps (the final one is
@@ -78,6 +80,14 @@ class FeaturizeArguments:
             example (TRAK's curvature, see baselines.py): one more gradient per example at one checkpoint.
         precision: ``"fp32"`` (default) or ``"bf16"``: forward and backward under bfloat16
             autocast, projections accumulated in fp32 (faster on GPUs; see docs/howto/gpu.md).
+        curvature: what featurize stores for fit's curvature. ``"projected"`` (default): the pseudo-label
+            gradients projected to k dimensions (the k × k projected Gauss–Newton); ``"kfac"``: per-layer
+            Kronecker factors of the Fisher in the full parameter space (``featurize/factors.py``, one
+            ordinary forward and backward per batch; the projected factors only at the final checkpoint,
+            for the influence-function baseline); ``"both"``: both (to compare them on one store). The
+            default follows issue 12's ablation (BENCHMARKS.md): at k = 1024 the Kronecker operators,
+            applied to the query before both sides are projected, lose more to the projection's noise
+            than the projected curvature does.
         shard_chunks: row chunks kept in one file (a zarr v3 shard) when a new store is created;
             ``None``: as many as fit in 256 MiB (``store.SHARD_BYTES``), 1: a file per chunk. An
             existing store keeps the layout it was created with.
@@ -101,6 +111,7 @@ class FeaturizeArguments:
     segment_means: bool = False
     measurement: bool = True
     precision: Precision = "fp32"
+    curvature: CurvatureKind = "projected"
     shard_chunks: int | None = None
     shard_parameters: bool = False
 
@@ -111,6 +122,13 @@ class FeaturizeArguments:
         _positive(self, "num_workers", minimum=0)
         if self.vmap_chunk is not None:
             _positive(self, "vmap_chunk")
+
+
+def projected_fisher_at(curvature: str, prefix: str, key: str, final: str) -> bool:
+    """Whether featurize stores the projected Fisher factors of the feature point ``prefix + key``: always
+    for the projected curvature and the automatic segmentation's probe; with Kronecker factors only at
+    the final checkpoint ``final`` (the influence-function baseline's curvature, one checkpoint's cost)."""
+    return curvature != "kfac" or bool(prefix) or key == final
 
 
 def _positive(arguments: object, field: str, minimum: int = 1) -> None:

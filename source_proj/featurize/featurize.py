@@ -34,6 +34,15 @@ from source_proj.featurize.arguments import (
     ProjectionArguments,
     as_stage_datasets,
     default_device,
+    projected_fisher_at,
+)
+from source_proj.featurize.factors import (
+    ChunkFactors,
+    FactorCollector,
+    chunk_values,
+    describe_layers,
+    factor_arrays,
+    kronecker_layers,
 )
 from source_proj.featurize.grow import growth_refusal, record_growth
 from source_proj.featurize.plan import FeaturizePlan, NotPrepared, Unit, featurize_plan
@@ -212,6 +221,12 @@ class _Featurize:
                 "data": data_fingerprint(self.datasets),
             }
             self.directions = _fisher_directions(self.grads_fn, self.task, self.datasets, options, self.device)
+            self.collector = None
+            kronecker = None
+            if options.curvature in ("kfac", "both"):
+                layers, diagonal = kronecker_layers(self.work_model, self.names)
+                self.collector = FactorCollector(self.grads_fn, layers, diagonal)
+                kronecker = describe_layers(layers, diagonal)
             k = self.projector.dim
             self._meta = {
                 "library_version": __version__,
@@ -225,6 +240,8 @@ class _Featurize:
                     "precision": options.precision,
                     "fisher_directions": self.directions,
                     "measurement": options.measurement,
+                    "curvature": options.curvature,
+                    "kronecker": kronecker,
                 },
                 "trajectory": {
                     "path": str(Path(trajectory.path).resolve()),
@@ -337,7 +354,8 @@ class _Featurize:
         that computes something else, or other training data."""
         meta = self.meta
         differing = _differing(old, meta)
-        if differing == ["trajectory"]:
+        same_run = (old.get("trajectory") or {}).get("fingerprint") == meta["trajectory"]["fingerprint"]
+        if differing == ["trajectory"] and not same_run:
             raise StoreError(
                 f"The store at {self.path} was featurized from another run (or an earlier part of this one); pass "
                 "--grow (grow=True) if this run continued the store's, --force (overwrite=True) to replace it, or use "
@@ -362,9 +380,16 @@ class _Featurize:
         """``(name, shape, chunk rows)`` of the arrays a unit writes (row chunk i of each belongs to chunk i)."""
         n, k, rows = len(unit.dataset), self.projector.dim, self.options.chunk_rows  # type: ignore[arg-type]
         arrays = [(f"{unit.prefix}grads/{unit.stage}/{unit.key}", (n, k), rows)]
-        if self.options.fisher != "empirical":
+        final = ckpt_key(self.trajectory.final_checkpoint.step)
+        projected = projected_fisher_at(self.options.curvature, unit.prefix, unit.key, final)
+        if self.options.fisher != "empirical" and projected:
             fisher = f"{unit.prefix}fisher/{unit.stage}/{unit.key}"
             arrays.append((fisher, (n * self.directions, k), rows * self.directions))
+        if self.collector is not None and not unit.prefix:
+            chunks = -(-n // rows)
+            shapes = dict(self.collector.shapes)
+            for suffix, shape in factor_arrays(self.collector.layers, self.collector.diagonal, shapes):
+                arrays.append((f"kfac/{unit.stage}/{unit.key}/{suffix}", (chunks, *shape), 1))
         if _measures(unit, ckpt_key(self.trajectory.final_checkpoint.step), self.options):
             arrays.append((f"measurement/{unit.stage}/{unit.key}", (n, k), rows))
         return arrays
@@ -390,7 +415,8 @@ class _Featurize:
         pending = {name: set(store.pending_chunks(name)) for unit in plan.units for name, _, _ in self._arrays(unit)}
         work = [(unit, chunk) for unit, chunk in items if any(chunk in pending[n] for n, _, _ in self._arrays(unit))]
         _featurize_units(plan, work, self.grads_fn, self.projector, self.task, self.options, self.device,
-                         self.work_model, self.progress, lockstep=self.lockstep, shards=self.shards)
+                         self.work_model, self.progress, collector=self.collector, lockstep=self.lockstep,
+                         shards=self.shards)
 
 
 def _featurize_units(
@@ -404,10 +430,12 @@ def _featurize_units(
     work_model: nn.Module,
     progress: bool,
     *,
+    collector: FactorCollector | None = None,
     lockstep: Ranks | None = None,
     shards: ShardedParameters | None = None,
 ) -> None:
-    """Compute and write the row chunks ``work`` of the plan's units.
+    """Compute and write the row chunks ``work`` of the plan's units (and their Kronecker factors when a
+    ``collector`` is given).
 
     With ``lockstep`` (sharded parameters) every rank visits every unit and runs as many batches of it
     as the busiest rank, discarding the ones it has no rows for: the ranks gather each layer together.
@@ -444,8 +472,9 @@ def _featurize_units(
             for chunk, (start, stop) in zip(chunks, spans, strict=True):
                 seed = np.random.SeedSequence([options.seed, *unit.seed, stage_index[unit.stage], chunk])
                 generator = torch.Generator().manual_seed(int(seed.generate_state(1, dtype=np.uint64)[0] >> 1))
+                factors = collector if collector is not None and not unit.prefix else None
                 with saving():
-                    feats, fisher, measured = _featurize_rows(
+                    feats, fisher, measured, sums = _featurize_rows(
                         grads_fn,
                         projector,
                         task,
@@ -457,9 +486,14 @@ def _featurize_units(
                         where=where,
                         transform=transform,
                         measure=_measures(unit, final, options),
+                        collector=factors,
+                        projected_fisher=projected_fisher_at(options.curvature, unit.prefix, unit.key, final),
                     )
                 if fisher is not None:
                     store.write_chunk(f"{unit.prefix}fisher/{unit.stage}/{unit.key}", chunk, fisher)
+                if sums is not None and factors is not None:
+                    for suffix, values in chunk_values(sums, factors.layers, factors.diagonal).items():
+                        store.write_chunk(f"kfac/{unit.stage}/{unit.key}/{suffix}", chunk, values)
                 if measured is not None:
                     store.write_chunk(f"measurement/{unit.stage}/{unit.key}", chunk, measured)
                 store.write_chunk(f"{unit.prefix}grads/{unit.stage}/{unit.key}", chunk, feats)
@@ -467,8 +501,12 @@ def _featurize_units(
             if idle:  # the other ranks' batches gather every layer with this rank: take part, keep nothing
                 spare = _chunk_loader(unit.dataset, [(0, min(size, options.batch_size))], options, device)
                 with saving():
-                    _featurize_rows(grads_fn, projector, task, list(spare) * idle, 0, options, torch.Generator(),
-                                    device, where=where, transform=transform, measure=_measures(unit, final, options))
+                    _featurize_rows(
+                        grads_fn, projector, task, list(spare) * idle, 0, options, torch.Generator(), device,
+                        where=where, transform=transform, measure=_measures(unit, final, options),
+                        collector=collector if not unit.prefix else None,
+                        projected_fisher=projected_fisher_at(options.curvature, unit.prefix, unit.key, final),
+                    )
 
 
 class _ChunkBatches(Sampler[list[int]]):
@@ -567,10 +605,13 @@ def _featurize_rows(
     where: str,
     transform: GradientTransform | None = None,
     measure: bool = False,
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Projected gradients (and Fisher factors, measurement gradients) of one chunk's ``batches``,
-    whose first row is ``start``."""
+    collector: FactorCollector | None = None,
+    projected_fisher: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, ChunkFactors | None]:
+    """Projected gradients (and projected Fisher factors, Kronecker factor sums, measurement gradients)
+    of one chunk's ``batches``, whose first row is ``start``."""
     feats, fisher, measured = [], [], []
+    sums = collector.empty() if collector is not None else None
     row = start
     for batch in batches:
         batch = move_batch(batch, device)
@@ -581,13 +622,19 @@ def _featurize_rows(
         check_finite(projected, row, where, "training-loss gradient")
         feats.append(projected)
         row += projected.shape[0]
-        if options.fisher != "empirical":
+        if options.fisher == "empirical":
+            targets = [(torch.ones(projected.shape[0], device=device), batch)]
+        else:
             gen = generator if options.fisher == "sampled" else None
+            targets = task.fisher_targets(outputs.detach(), batch, gen)
+        if projected_fisher and options.fisher != "empirical":
             per_direction = []
-            for weight, target_batch in task.fisher_targets(outputs.detach(), batch, gen):
+            for weight, target_batch in targets:
                 u = projector.project_batch(grads_fn, target_batch, "loss", transform=transform)
                 per_direction.append(u * weight.sqrt().unsqueeze(-1).float())
             fisher.append(torch.stack(per_direction, dim=1).reshape(-1, projector.dim))
+        if collector is not None and sums is not None:
+            collector.add(sums, targets)
         if measure:
             measured.append(projector.project_batch(grads_fn, batch, "measurement", transform=transform))
     # Features stay on the device until the chunk is done: one copy per chunk.
@@ -601,7 +648,19 @@ def _featurize_rows(
         all_measured = torch.cat(measured)
         check_finite(all_measured, start, where, "measurement gradient")
         out_measured = all_measured.cpu().numpy()
-    return all_feats.cpu().numpy(), out_fisher, out_measured
+    if sums is not None:
+        _check_factors(sums, start, where)
+    return all_feats.cpu().numpy(), out_fisher, out_measured, sums
+
+
+def _check_factors(sums: ChunkFactors, first_row: int, where: str) -> None:
+    """Refuse non-finite Kronecker factor sums (a NaN example poisons its whole chunk's factors)."""
+    finite = all(bool(torch.isfinite(m).all()) for m in (*sums.a, *sums.b, *sums.diagonal.values()))
+    if not finite:
+        raise NumericalError(
+            f"The Fisher factors of the chunk starting at training example {first_row} at {where} are NaN or "
+            "infinite; check those examples' inputs and labels, and the checkpoint's weights."
+        )
 
 
 def check_finite(

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from source_proj.distributed import Ranks, Shard, rank_device, ranks, run_sharded
 from source_proj.errors import NumericalError, StoreError, TaskError
 from source_proj.featurize.arguments import default_device
+from source_proj.featurize.factors import layers_from_description
 from source_proj.featurize.plan import segment_for
 from source_proj.featurize.windows import (
     WindowGradients,
@@ -29,9 +30,12 @@ from source_proj.featurize.windows import (
     window_curvature,
     window_cuts,
 )
+from source_proj.methods.kronecker import KroneckerCurvature, LayerFactors
 from source_proj.methods.source import SegmentOperator, fold
+from source_proj.projection.transform import scaling_transform
 from source_proj.store.store import Store, ckpt_key, is_store
 from source_proj.trajectory.autosegment import TrajectoryView, trajectory_view
+from source_proj.trajectory.preconditioner import unflatten
 from source_proj.trajectory.recorder import Stage
 from source_proj.trajectory.segments import Segment, SegmentationArguments, make_segments
 
@@ -41,14 +45,15 @@ class FitArguments:
     """How the trajectory is segmented and which data are attributed.
 
     With none of ``segments_per_stage``, ``boundaries``, ``auto_segments`` given, fit uses the
-    segmentation recorded by featurize, else 3 equal parts per stage. A store whose features
+    segmentation recorded by featurize, else one segment per stage (the evidence of BENCHMARKS.md,
+    issue 12: never below three per stage on the settings measured). A store whose features
     depend on the segmentation (Adam/AdamW runs, Fast-SOURCE) refuses any other.
 
     Attributes:
-        segments_per_stage: equal parts (by step) each stage is cut into (the paper uses 3).
+        segments_per_stage: equal parts (by step) each stage is cut into (default 1; the paper uses 3).
         boundaries: explicit global steps to cut at instead (stage boundaries are always cut).
         auto_segments: L, a budget of segments placed automatically where the projected curvature
-            and gradients change most (``autosegment.py``).
+            and gradients change most (``autosegment.py``); ``0``: their number is chosen too.
         stages: attribute to these stages' examples only (e.g. the pre-training data); default all.
             An example of stage s is credited through the segments that trained on it and carried
             to θ_T by every later segment's survival S (SOURCE_MATH.md §3).
@@ -56,6 +61,11 @@ class FitArguments:
             featurize with ``segment_means=True``).
         method: name under which the result is stored (``methods/<method>``); default
             ``"fast-source"`` with ``fast``, else ``"source"``.
+        curvature: ``"kfac"``: per-layer Kronecker factors in the full parameter space, SOURCE's
+            operators applied to the query gradient before projection (``methods/kronecker.py``);
+            ``"projected"``: the k × k projected Gauss–Newton, operators folded into the training
+            features (``methods/source.py``). Default: ``"kfac"`` when featurize stored only Kronecker
+            factors, else ``"projected"``.
     """
 
     segments_per_stage: int | None = None
@@ -64,11 +74,29 @@ class FitArguments:
     method: str | None = None
     auto_segments: int | None = None
     fast: bool = False
+    curvature: str | None = None
 
     @property
     def name(self) -> str:
         """The method name the result is stored under."""
         return self.method or ("fast-source" if self.fast else "source")
+
+    def resolve_curvature(self, meta: dict[str, Any]) -> str:
+        """The curvature this fit uses on a store with metadata ``meta`` (see ``curvature``)."""
+        stored = meta["featurize"].get("curvature", "projected")
+        curvature = self.curvature or ("kfac" if stored == "kfac" else "projected")
+        if curvature not in ("kfac", "projected"):
+            raise TaskError(f"Unknown curvature {curvature!r}; use 'kfac' or 'projected'.")
+        available = {"kfac": ("kfac", "both"), "projected": ("projected", "both")}[curvature]
+        if stored not in available:
+            raise StoreError(
+                f"This store was featurized with curvature={stored!r}, so it has no {curvature!r} curvature; fit "
+                f"with curvature={stored!r}, or re-run featurize with FeaturizeArguments(curvature={curvature!r}) "
+                "(--curvature) into another store."
+            )
+        if curvature == "projected" and not meta["featurize"].get("fisher_directions") and stored == "kfac":
+            raise StoreError("This store holds no projected Fisher factors; fit with curvature='kfac'.")
+        return curvature
 
     def segmentation(self) -> SegmentationArguments | None:
         """The segmentation asked for, or ``None`` (the store's, else the default)."""
@@ -249,6 +277,7 @@ class _Fit:
         self.device = rank_device(device, group)
         self.method = args.name
         self._operators: list[SegmentOperator] | None = None
+        self._curvatures: list[KroneckerCurvature] | None = None
 
     def _describe(self, store: Store) -> tuple[dict[str, Any], list[Segment]]:
         """The method's description (what ``_claim_method`` records) and its segments; refuses bad arguments."""
@@ -280,17 +309,33 @@ class _Fit:
             raise StoreError(
                 f"The store at {store.path} lacks the features {missing[:2]} this fit needs; {hint} first."
             )
-        query = {"checkpoints": [meta["trajectory"]["checkpoints"][-1]], "weights": [1.0]}
+        curvature = self.args.resolve_curvature(meta)
+        if curvature == "kfac":
+            points = {(seg.stage, k) for seg, ks in zip(segments, keys, strict=True) for k in ks}
+            needed = sorted(f"kfac/{stage}/{k}/counts" for stage, k in points)
+            missing = [name for name in needed if not store.has(name)]
+            if missing:
+                raise StoreError(
+                    f"The store at {store.path} lacks the Kronecker factors {missing[:2]} this fit needs; re-run "
+                    "featurize on it to finish them."
+                )
+        query: dict[str, Any] = {"checkpoints": [meta["trajectory"]["checkpoints"][-1]], "weights": [1.0]}
         if segments[-1].preconditioner is not None:
             query["scales"] = [segments[-1].preconditioner]
+        blocks = [i for i, seg in enumerate(segments) if seg.stage in attributed]
+        dim = meta["projection"]["dim"]
+        if curvature == "kfac":
+            query["operators"] = {"kind": "kfac", "prefix": f"methods/{self.method}/operators", "blocks": blocks}
+            dim *= len(blocks)
         description = {
             "kind": "fast-source" if self.args.fast else "source",
             "arguments": asdict(self.args),
+            "curvature": curvature,
             "segments": [s.describe() for s in segments],
             "stages": attributed,
-            "dim": meta["projection"]["dim"],
+            "dim": dim,
             "query": query,
-            "train": self._train_recipe(meta, segments, attributed),
+            "train": self._train_recipe(meta, segments, attributed, curvature == "kfac"),
         }
         if view is not None:
             description["view"] = view.describe()
@@ -298,10 +343,14 @@ class _Fit:
             description["features"] = "captured"
         return description, segments
 
-    def _train_recipe(self, meta: dict[str, Any], segments: Sequence[Segment], stages: Sequence[str]) -> dict[str, Any]:
+    def _train_recipe(
+        self, meta: dict[str, Any], segments: Sequence[Segment], stages: Sequence[str], kronecker: bool = False
+    ) -> dict[str, Any]:
         """How T(z) is made of gradients at feature points (``query.per_token`` recomputes them per token):
         T(z) = Σ_terms weight · operator · Σ_points P(s ⊙ ∇ℓ(z; θ_point)), here one term per segment
-        with operator A_ℓ (stored by :meth:`finish`) and weight −1/(N · points)."""
+        with operator A_ℓ (stored by `finish`) and weight −1/(N · points). With Kronecker curvature the
+        operators act on the query side: each attributed segment's term fills its own block of k columns,
+        without an operator."""
         recorded = [Segment.from_description(d) for d in (meta.get("segmentation") or {}).get("segments", [])]
         sizes = {s["name"]: s["dataset_size"] for s in meta["trajectory"]["stages"]}
         terms = []
@@ -316,11 +365,13 @@ class _Fit:
                      "scale": segment_for(recorded, seg.stage, step).preconditioner if recorded else None}
                     for step in seg.checkpoints
                 ]  # fmt: skip
+            k = meta["projection"]["dim"]
+            block = len([s for s in segments[:index] if s.stage in stages]) if kronecker else 0
             terms.append({
                 "stage": seg.stage,
-                "columns": [0, meta["projection"]["dim"]],
+                "columns": [block * k, (block + 1) * k],
                 "weight": -1.0 / (sizes[seg.stage] * len(points)),
-                "operator": f"methods/{self.method}/operators/{index}/folded",
+                "operator": None if kronecker else f"methods/{self.method}/operators/{index}/folded",
                 "points": points,
             })  # fmt: skip
         return {"terms": terms}
@@ -365,6 +416,15 @@ class _Fit:
         pending = {stage: set(store.pending_chunks(name)) for stage, name in names.items()}
         work = [(stage, chunk) for stage, chunk in mine if chunk in pending[stage]]
         segments = [Segment.from_description(d) for d in description["segments"]]
+        sizes = {s["name"]: s["dataset_size"] for s in store.meta["trajectory"]["stages"]}
+        if description.get("curvature") == "kfac":
+            keys = feature_keys(segments, self.args.fast)
+            self._curvatures = [kronecker_curvature(store, seg, ks) for seg, ks in zip(segments, keys, strict=True)]
+            blocks = description["query"]["operators"]["blocks"]
+            for stage, chunk in tqdm(work, desc="fit", unit="chunk", disable=not self.progress):
+                values = _segment_blocks(store, stage, chunk, sizes[stage], segments, keys, blocks)
+                store.write_chunk(names[stage], chunk, values)
+            return
         means: Callable[[str, int, Sequence[Segment]], list[torch.Tensor]]
         windows = None
         if is_captured(store.meta):
@@ -381,7 +441,6 @@ class _Fit:
             )
             means = partial(_checkpoint_means, store, dict(zip(segments, keys, strict=True)))
         folded = dict(zip(segments, fold(self._operators), strict=True))
-        sizes = {s["name"]: s["dataset_size"] for s in store.meta["trajectory"]["stages"]}
         for stage, chunk in tqdm(work, desc="fit", unit="chunk", disable=not self.progress):
             own = [seg for seg in segments if seg.stage == stage]
             if not own:
@@ -406,6 +465,14 @@ class _Fit:
                 store.write_whole(f"{name}/eigvals", op.eigvals.cpu().numpy())
             if not store.is_complete(f"{name}/folded"):  # A_ℓ, for per-token scores (the train recipe)
                 store.write_whole(f"{name}/folded", folded.float().cpu().numpy())
+        if description.get("curvature") == "kfac":
+            curvatures = self._curvatures
+            if curvatures is None:  # another process did the work
+                segments = [Segment.from_description(d) for d in description["segments"]]
+                keys = feature_keys(segments, self.args.fast)
+                curvatures = [kronecker_curvature(store, seg, ks) for seg, ks in zip(segments, keys, strict=True)]
+            for index, curvature in enumerate(curvatures):
+                write_curvature(store, f"methods/{self.method}/operators/{index}", curvature)
         _finish_method(store, self.method)
         return True
 
@@ -481,3 +548,108 @@ def _finish_method(store: Store, method: str) -> None:
         store.pack(f"methods/{method}/train/{stage}")
     methods[method] = {**methods[method], "complete": True}
     store.update_meta(methods=methods)
+
+
+def kronecker_curvature(store: Store, segment: Segment, keys: Sequence[str]) -> KroneckerCurvature:
+    """One segment's Kronecker curvature from the factor sums featurize stored for its feature points
+    (``kfac/<stage>/<key>/…``): A and B averaged over the points' positions and examples, eigendecomposed;
+    in Adam's coordinates (SOURCE_MATH §6) when the segment has a preconditioner: the factors of
+    D^{-1/2} ⊙ G with D^{-1/2} ≈ r cᵀ per layer (its rank-one fit weighted by Adam's second moment, as the
+    factored projection's ``adam_rank=1``), and D^{-1} times the diagonal."""
+    meta = store.meta
+    layers, diagonal = layers_from_description(meta["featurize"]["kronecker"])
+    a_sum = [np.zeros((layer.in_rows, layer.in_rows)) for layer in layers]
+    b_sum = [np.zeros((layer.out_features, layer.out_features)) for layer in layers]
+    positions = np.zeros(len(layers))
+    examples = 0.0
+    diag_sum: dict[str, np.ndarray] = {}
+    for key in keys:
+        base = f"kfac/{segment.stage}/{key}"
+        counts = store.read(f"{base}/counts").sum(0)
+        positions += counts[:-1]
+        examples += counts[-1]
+        for i in range(len(layers)):
+            a_sum[i] += store.read(f"{base}/{i}/a").sum(0)
+            b_sum[i] += store.read(f"{base}/{i}/b").sum(0)
+        for name in diagonal:
+            values = store.read(f"{base}/diagonal/{name}").sum(0)
+            diag_sum[name] = values if name not in diag_sum else diag_sum[name] + values
+    scale = None
+    if segment.preconditioner is not None:
+        scale = unflatten(torch.from_numpy(store.read(segment.preconditioner)).double(), meta["params"])
+    factors = []
+    for i, layer in enumerate(layers):
+        a = torch.from_numpy(a_sum[i] / max(positions[i], 1.0))
+        b = torch.from_numpy(b_sum[i] / max(examples, 1.0))
+        if scale is not None:
+            terms = scaling_transform(scale, [layer], rank=1).layer(layer.weight)
+            assert terms is not None
+            row, col = terms.left[0].double(), terms.right[0].double()
+            a = a * torch.outer(col, col)
+            b = b * torch.outer(row, row)
+        factors.append(LayerFactors.from_factors(a, b))
+    diag = {}
+    for name in diagonal:
+        d = torch.from_numpy(diag_sum[name] / max(examples, 1.0))
+        diag[name] = d * scale[name] ** 2 if scale is not None else d
+    if not all(bool(torch.isfinite(f.a_values).all() and torch.isfinite(f.b_values).all()) for f in factors):
+        raise NumericalError(
+            f"The Kronecker factors of segment {segment.start_step}–{segment.end_step} are not finite; re-run "
+            "featurize --force on that store."
+        )
+    return KroneckerCurvature(tuple(layers), tuple(factors), diag, segment.weight_decay)
+
+
+def write_curvature(store: Store, prefix: str, curvature: KroneckerCurvature) -> None:
+    """Store a segment's eigendecomposed factors under ``prefix`` (what queries apply)."""
+    for i, f in enumerate(curvature.factors):
+        for part, values in (("qa", f.a_vectors), ("la", f.a_values), ("qb", f.b_vectors), ("lb", f.b_values)):
+            name = f"{prefix}/{i}/{part}"
+            if not store.is_complete(name):
+                store.write_whole(name, values.numpy())
+    for param, values in curvature.diagonal.items():
+        name = f"{prefix}/diagonal/{param}"
+        if not store.is_complete(name):
+            store.write_whole(name, values.numpy().reshape(1, -1) if values.dim() == 0 else values.numpy())
+
+
+def read_curvature(store: Store, prefix: str, damping: float) -> KroneckerCurvature:
+    """Inverse of :func:`write_curvature` (the layers come from the store's featurize metadata)."""
+    layers, diagonal = layers_from_description(store.meta["featurize"]["kronecker"])
+    shapes = {name: tuple(shape) for name, shape in store.meta["params"]}
+    factors = []
+    for i in range(len(layers)):
+        parts = {part: torch.from_numpy(store.read(f"{prefix}/{i}/{part}")) for part in ("qa", "la", "qb", "lb")}
+        factors.append(LayerFactors(parts["qa"], parts["la"], parts["qb"], parts["lb"]))
+    diag = {name: torch.from_numpy(store.read(f"{prefix}/diagonal/{name}")).reshape(shapes[name]) for name in diagonal}
+    return KroneckerCurvature(tuple(layers), tuple(factors), diag, damping)
+
+
+def _segment_blocks(
+    store: Store,
+    stage: str,
+    chunk: int,
+    size: int,
+    segments: Sequence[Segment],
+    keys: Sequence[Sequence[str]],
+    blocks: Sequence[int],
+) -> np.ndarray:
+    """Cached features of one chunk for the Kronecker path: per attributed segment ℓ the block −ḡ̃_ℓ(z)/N
+    (zero where z is not in D_ℓ), concatenated in segment order."""
+    parts = []
+    rows = None
+    for index in blocks:
+        seg = segments[index]
+        if seg.stage != stage:
+            parts.append(None)
+            continue
+        total = None
+        for key in keys[index]:
+            g = store.read_chunk(f"grads/{stage}/{key}", chunk).astype(np.float64)
+            total = g if total is None else total + g
+        assert total is not None
+        parts.append(-total / (len(keys[index]) * size))
+        rows = total.shape
+    if rows is None:
+        raise TaskError(f"Stage {stage!r} has no segment with checkpoints, so its examples cannot be attributed.")
+    return np.concatenate([p if p is not None else np.zeros(rows) for p in parts], axis=1).astype(np.float32)

@@ -30,7 +30,10 @@ from tqdm.auto import tqdm
 from source_proj.errors import StoreError, TaskError
 from source_proj.featurize.arguments import default_device
 from source_proj.featurize.featurize import check_finite
+from source_proj.methods.fit import read_curvature
+from source_proj.methods.kronecker import KroneckerCurvature, source_query_directions
 from source_proj.projection.factory import projector_from_meta
+from source_proj.projection.transform import scaling_transform
 from source_proj.query.topk import IVFArguments, SearchBackend, TorchIndex, build_index
 from source_proj.store.provenance import check_model, check_query_model, check_run, model_errors
 from source_proj.store.store import Store
@@ -39,6 +42,7 @@ from source_proj.tasks.gradients import PerExampleGradients, move_batch
 from source_proj.tasks.task import Task
 from source_proj.trajectory.preconditioner import read_scale
 from source_proj.trajectory.recorder import Trajectory
+from source_proj.trajectory.segments import Segment
 
 
 def store_trajectory(meta: dict[str, Any], trajectory: Trajectory | str | Path | None = None) -> Trajectory:
@@ -167,6 +171,8 @@ class Attributor:
         self.search_ivf = search_ivf
         self.progress = progress
         self._index: faiss.Index | TorchIndex | None = None
+        self._curvatures: list[KroneckerCurvature] | None = None
+        self._times: list[float] = []
 
     def _load(self, step: int) -> None:
         """Hold checkpoint ``step``'s weights in the query model (loaded once while unchanged)."""
@@ -183,6 +189,8 @@ class Attributor:
         scales = self.recipe.get("scales") or [None] * len(steps)
         representation = self.recipe.get("features", "gradient") == "representation"
         shapes = self.store.meta["params"]
+        if "operators" in self.recipe:
+            return self._operator_features(queries, steps[0], scales[0])
         parts = []
         batches = len(steps) * -(-len(_as_dataset(queries)) // self.batch_size)  # type: ignore[arg-type]
         bar = tqdm(total=batches, desc="query", unit="batch", delay=2.0, disable=not self.progress)
@@ -211,6 +219,37 @@ class Attributor:
             parts.append(part * weight)
         bar.close()
         return torch.cat(parts, dim=1)
+
+    def _operator_features(self, queries: Dataset | Sequence[Any], step: int, scale_name: str | None) -> torch.Tensor:
+        """Query features of a method whose operators act on the query gradient (``curvature="kfac"``):
+        [P A_ℓᵀ ∇f(q; θ_T)]_ℓ over the method's blocks (``methods/kronecker.py``), float32 ``[Q, blocks·k]``."""
+        operators = self.recipe["operators"]
+        if self._curvatures is None:
+            described = method_meta(self.store, self.method)["segments"]
+            self._times = [Segment.from_description(d).time for d in described]
+            self._curvatures = [
+                read_curvature(self.store, f"{operators['prefix']}/{i}", d["weight_decay"])
+                for i, d in enumerate(described)
+            ]
+        shapes = {name: tuple(shape) for name, shape in self.store.meta["params"]}
+        self._load(step)
+        grads_fn = PerExampleGradients(self.model, self.task, self.param_names)
+        scale = read_scale(self.store, scale_name, self.store.meta["params"], self.device)
+        feats = []
+        batches = -(-len(_as_dataset(queries)) // self.batch_size)  # type: ignore[arg-type]
+        for b in tqdm(_batches(queries, self.batch_size), total=batches, desc="query", unit="batch", delay=2.0,
+                      disable=not self.progress):
+            batch = move_batch(b, self.device)
+            with model_errors(f"the query batch starting at example {len(feats) * self.batch_size}"):
+                grads_fn.task.measurement(grads_fn.outputs(batch), batch)  # checks labels outside vmap
+                grads = grads_fn(batch, "measurement")
+            if scale is not None:  # exactly, elementwise: the operators act on materialised gradients
+                grads = scaling_transform(scale).apply(grads)
+            directions = source_query_directions(grads, self._curvatures, self._times, shapes)
+            feats.append(torch.cat([self.projector.project(directions[i]) for i in operators["blocks"]], dim=1).cpu())
+        part = torch.cat(feats)
+        check_finite(part, 0, f"checkpoint step {step}", "measurement gradient", example="query")
+        return part
 
     def index(self) -> faiss.Index | TorchIndex:
         """Exact inner-product index over the training features (built once; see ``search_backend``)."""

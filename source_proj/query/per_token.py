@@ -197,7 +197,7 @@ def _load_point(attributor: Attributor, point: tuple[Any, ...], by_step: Mapping
     """Load a feature point's parameters into the attributor's model: a checkpoint, or the mean of several."""
     model, trajectory = attributor.model, attributor.trajectory
     if point[0] == "checkpoint":
-        trajectory.load_into(model, by_step[point[1]])
+        attributor._load(int(point[1]))  # through the attributor, which remembers what its model holds
         return
     states = [trajectory.load_state(by_step[s])["model"] for s in point[1]]
     mean = {
@@ -205,6 +205,7 @@ def _load_point(attributor: Attributor, point: tuple[Any, ...], by_step: Mapping
         for name, value in states[0].items()
     }
     model.load_state_dict(mean)
+    attributor._loaded = None  # an average of checkpoints: the next query reloads its own
 
 
 def adjoint(

@@ -35,7 +35,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from source_proj.errors import SourceProjError, StoreError
-from source_proj.featurize.arguments import checkpoint_stages
+from source_proj.featurize.arguments import checkpoint_stages, projected_fisher_at
 from source_proj.featurize.plan import PROBE
 from source_proj.featurize.windows import PREFIX as CAPTURED
 from source_proj.featurize.windows import expected_windows, is_captured
@@ -209,9 +209,11 @@ def expected_features(meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     if products["segment_means"]:
         points += [(seg.stage, seg.mean_key) for seg in segments]
     expected: dict[str, tuple[int, ...]] = {}
+    curvature = meta["featurize"].get("curvature", "projected")
+    last = ckpt_key(checkpoints[-1].step)
     for stage, key in points:
         expected[f"grads/{stage}/{key}"] = (sizes[stage], k)
-        if directions:
+        if directions and projected_fisher_at(curvature, "", key, last):
             expected[f"fisher/{stage}/{key}"] = (sizes[stage] * directions, k)
     if products["checkpoints"] and meta["featurize"].get("measurement"):
         final = ckpt_key(checkpoints[-1].step)

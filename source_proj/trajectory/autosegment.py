@@ -206,17 +206,20 @@ def trajectory_view(
     prefix: str = "",
 ) -> TrajectoryView:
     """Signatures of every checkpoint unit from the store's arrays ``{prefix}grads/<stage>/<ckpt>`` and
-    ``{prefix}fisher/…`` (the gradients themselves when the store keeps no Fisher factors), and the
-    optimal partition into ``budget`` segments."""
+    ``{prefix}fisher/…`` (the gradients themselves when the store keeps no projected Fisher factors), and the
+    optimal partition into ``budget`` segments (``budget=0``: into the number :func:`choose_budget` picks)."""
     units = checkpoint_units(stages, checkpoint_steps)
     active = sorted({stage.name for stage, _ in units}, key=[s.name for s in stages].index)
-    if not len(active) <= budget <= len(units):
+    if budget != 0 and not len(active) <= budget <= len(units):
         raise TrajectoryError(
             f"auto:{budget} asks for {budget} segments, but this trajectory allows between {len(active)} (one per "
             f"stage) and {len(units)} (one per checkpoint); choose a budget in that range."
         )
     rates = np.asarray(unit_rates(units, lr, param_sizes))
-    fisher = bool(store.meta["featurize"].get("fisher_directions", 0))
+    first = units[0]
+    fisher = bool(store.meta["featurize"].get("fisher_directions", 0)) and store.has(
+        f"{prefix}fisher/{first[0].name}/{ckpt_key(first[1])}"
+    )
     gram = np.zeros((len(units), len(units)))
     parts: dict[str, np.ndarray] = {}
     for stage_name in active:
@@ -230,7 +233,10 @@ def trajectory_view(
             full = parts.setdefault(part, np.zeros_like(gram))
             full[np.ix_(idx, idx)] = g
             gram[np.ix_(idx, idx)] += g
-    groups, dispersion = optimal_partition(gram, [s.name for s, _ in units], budget)
+    labels = [s.name for s, _ in units]
+    if budget == 0:
+        budget = choose_budget(gram, labels)
+    groups, dispersion = optimal_partition(gram, labels, budget)
     change = {}
     for part, g in parts.items():
         d = np.full(len(units), np.nan)
@@ -249,6 +255,24 @@ def trajectory_view(
         budget=budget,
         dispersion=dispersion,
     )
+
+
+AUTO_KEEP = 0.25
+"""``auto`` without a budget takes the fewest segments whose dispersion W(L) is at most this fraction of
+W at one segment per stage: a planted change (a learning-rate drop, new data) is cut at once, a run
+that drifts evenly gets two segments per stage (W falls as 1/L² under a linear drift), and a stationary
+stretch is left whole. On the issue-12 digits settings SOURCE's LDS moved by at most 0.01 between one
+and three segments per stage (BENCHMARKS.md), so the rule stays at few segments."""
+
+
+def choose_budget(gram: np.ndarray, labels: Sequence[str]) -> int:
+    """The number of segments of ``auto`` without a budget (see ``AUTO_KEEP``)."""
+    runs = 1 + sum(int(a != b) for a, b in itertools.pairwise(labels))
+    floor = optimal_partition(gram, labels, runs)[1]
+    for budget in range(runs, len(labels) + 1):
+        if optimal_partition(gram, labels, budget)[1] <= AUTO_KEEP * floor + 1e-12 * max(float(np.trace(gram)), 1e-300):
+            return budget
+    return len(labels)
 
 
 def optimal_partition(gram: np.ndarray, labels: Sequence[str], budget: int) -> tuple[list[tuple[int, int]], float]:

@@ -26,24 +26,30 @@ class SegmentationArguments:
     """How a trajectory is cut into segments (stage boundaries always cut).
 
     Attributes:
-        per_stage: equal parts (by step) each stage is cut into (the paper uses 3).
+        per_stage: equal parts (by step) each stage is cut into (default 1, by the evidence in BENCHMARKS.md;
+            the paper uses 3).
         boundaries: explicit global steps to cut at (overrides ``per_stage``).
         auto: a budget of L segments in all, placed where the projected curvature and gradients
-            change most between checkpoints (see ``autosegment.py``; overrides both).
+            change most between checkpoints (see ``autosegment.py``; overrides both); ``0``: no budget,
+            the number of segments is chosen too (``AUTO_KEEP``: the fewest that leave at most a
+            quarter of the dispersion one segment per stage leaves).
         probe_rows: examples per stage whose gradients decide ``auto`` cuts when they must be
             chosen before featurize (Adam runs, Fast-SOURCE); fit-time cuts use every stored row.
     """
 
-    per_stage: int = 3
+    per_stage: int = 1
     boundaries: tuple[int, ...] | None = None
     auto: int | None = None
     probe_rows: int = 256
 
     @classmethod
     def parse(cls, text: str) -> SegmentationArguments:
-        """``"3"`` (equal parts per stage), ``"auto:4"`` (4 automatic segments) or ``"at:100,200"``."""
+        """``"3"`` (equal parts per stage), ``"auto:4"`` (4 automatic segments), ``"auto"`` (automatic
+        segments, their number chosen too) or ``"at:100,200"``."""
         text = text.strip()
         try:
+            if text == "auto":
+                return cls(auto=0)
             if text.startswith("auto:"):
                 return cls(auto=int(text[5:]))
             if text.startswith("at:"):
@@ -51,8 +57,8 @@ class SegmentationArguments:
             return cls(per_stage=int(text))
         except ValueError as err:
             raise TrajectoryError(
-                f"Cannot read the segmentation {text!r}; write a number per stage (3), auto:L (auto:4) or "
-                "at:STEP,STEP (at:100,200)."
+                f"Cannot read the segmentation {text!r}; write a number per stage (3), auto, auto:L (auto:4) "
+                "or at:STEP,STEP (at:100,200)."
             ) from err
 
     def describe(self) -> dict[str, Any]:
@@ -214,7 +220,7 @@ def make_segments(
     lr: np.ndarray,
     param_sizes: Mapping[str, int],
     *,
-    per_stage: int = 3,
+    per_stage: int = 1,
     boundaries: Sequence[int] | None = None,
 ) -> list[Segment]:
     """Cut every stage into segments.

@@ -1,0 +1,226 @@
+"""Kronecker factors of the Fisher, collected per row chunk while featurize runs (see
+``methods/kronecker.py`` for what they mean and how SOURCE uses them).
+
+For every factored layer and every batch of Fisher pseudo-targets (labels drawn from the model,
+weight w per example), one ordinary forward and backward pass accumulates::
+
+    A += Σ_{examples, positions} ā ā ᵀ            (inputs, a constant 1 appended for an attributed bias)
+    B += Σ_{examples, positions} w δ δᵀ          (output gradients of each example's own loss)
+
+and, for the parameters no layer factors, the Fisher diagonal Σ_examples w g ⊙ g from their
+materialised per-example gradients. The model runs in ``eval()`` mode, so the examples of a batch do
+not interact and the summed loss's output gradients are exactly the per-example δ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from source_proj.errors import TaskError
+from source_proj.projection.factored import _Tap
+from source_proj.projection.layers import FactoredLayer, factorable_layers
+from source_proj.tasks.gradients import PerExampleGradients
+from source_proj.tasks.task import Batch
+
+MAX_FACTOR_SIDE = 8192
+"""The largest side of a Kronecker factor (a 8192² float64 factor is 512 MiB); larger layers take the diagonal."""
+
+
+def kronecker_layers(model: nn.Module, names: Sequence[str]) -> tuple[list[FactoredLayer], list[str]]:
+    """The layers whose curvature is Kronecker-factored (``nn.Linear``, GPT-2's ``Conv1D``, ``nn.Conv1d/2d``
+    with groups=1) and the parameters that get a diagonal instead, in ``names`` order. Embeddings and tied
+    weights take the diagonal: an embedding's input factor is the V × V diagonal of token counts, which
+    the diagonal of the Fisher holds exactly and at O(V·d). So does a layer with a side above
+    ``MAX_FACTOR_SIDE`` (an untied LM head's V × V output factor would not fit in memory)."""
+    layers, rest = factorable_layers(model, names)
+    modules = dict(model.named_modules())
+    kept = [
+        layer
+        for layer in layers
+        if layer.kind in ("linear", "hf_conv1d", "conv")
+        and not layer.tied
+        and not isinstance(modules[layer.module], nn.Conv3d)
+        and max(layer.out_features, layer.in_rows) <= MAX_FACTOR_SIDE
+    ]
+    dropped = [n for layer in layers if layer not in kept for n in (layer.weight, layer.bias) if n]
+    return kept, [n for n in names if n in set(rest) | set(dropped)]
+
+
+def describe_layers(layers: Sequence[FactoredLayer], diagonal: Sequence[str]) -> dict[str, Any]:
+    """JSON form recorded in the store (fit and query rebuild the curvature from it, without the model)."""
+    return {"layers": [layer.describe() for layer in layers], "diagonal": list(diagonal)}
+
+
+def layers_from_description(desc: Mapping[str, Any]) -> tuple[list[FactoredLayer], list[str]]:
+    """Inverse of :func:`describe_layers`."""
+    return [FactoredLayer.from_description(d) for d in desc["layers"]], list(desc["diagonal"])
+
+
+@dataclass
+class ChunkFactors:
+    """Sums over one row chunk, float64: per layer A ``[d_in', d_in']``, B ``[d_out, d_out]`` and the
+    number of positions; per diagonal parameter Σ w g²; the number of examples."""
+
+    a: list[Tensor]
+    b: list[Tensor]
+    positions: list[int]
+    diagonal: dict[str, Tensor]
+    examples: int = 0
+
+
+class FactorCollector:
+    """Accumulates the Kronecker factors of a model's layers over Fisher pseudo-target batches.
+
+    Args:
+        grads_fn: the per-example gradient engine (its model holds the checkpoint's weights).
+        layers: the Kronecker layers (from :func:`kronecker_layers`).
+        diagonal: parameters that get a Fisher diagonal.
+    """
+
+    def __init__(self, grads_fn: PerExampleGradients, layers: Sequence[FactoredLayer], diagonal: Sequence[str]):
+        self.grads_fn = grads_fn
+        self.layers = list(layers)
+        self.diagonal = list(diagonal)
+        modules = dict(grads_fn.model.named_modules())
+        self.modules = [modules[layer.module] for layer in self.layers]
+        self.shapes = {n: tuple(p.shape) for n, p in grads_fn.model.named_parameters()}
+
+    def empty(self) -> ChunkFactors:
+        """Zero sums on the CPU."""
+        a = [torch.zeros(layer.in_rows, layer.in_rows, dtype=torch.float64) for layer in self.layers]
+        b = [torch.zeros(layer.out_features, layer.out_features, dtype=torch.float64) for layer in self.layers]
+        diag = {n: torch.zeros(self.shapes[n], dtype=torch.float64) for n in self.diagonal}
+        return ChunkFactors(a, b, [0] * len(self.layers), diag)
+
+    def add(self, sums: ChunkFactors, targets: Sequence[tuple[Tensor, Batch]]) -> None:
+        """Add one batch of examples to ``sums``: ``targets`` are its Fisher pseudo-target batches with
+        their per-example weights (``Task.fisher_targets``: one sampled batch, or every class weighted by
+        its probability). The inputs (A) do not depend on the targets and are counted once."""
+        for index, (weight, target_batch) in enumerate(targets):
+            self._add_targets(sums, target_batch, weight, inputs_too=index == 0)
+        sums.examples += int(targets[0][0].shape[0])
+
+    def _add_targets(self, sums: ChunkFactors, target_batch: Batch, weight: Tensor, inputs_too: bool) -> None:
+        size = int(weight.shape[0])
+        device = self.grads_fn.device
+        w = weight.to(device=device, dtype=torch.float32)
+        inputs: list[Tensor | None] = [None] * len(self.layers)
+        deltas: list[Tensor | None] = [None] * len(self.layers)
+        probe = torch.zeros((), device=device, requires_grad=True)
+        handles = [
+            module.register_forward_hook(self._hook(i, size, inputs, deltas, probe))
+            for i, module in enumerate(self.modules)
+        ]
+        try:
+            values = self.grads_fn.values(target_batch, "loss")
+            total = (values.float() * w.sqrt()).sum()  # δ scaled by √w: B collects w δ δᵀ
+            if total.requires_grad:
+                torch.autograd.grad(total, probe, allow_unused=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        for i, layer in enumerate(self.layers):
+            a, d = inputs[i], deltas[i]
+            if a is None or d is None:
+                raise TaskError(
+                    f"Layer {layer.module!r} took no part in the loss of a Fisher pseudo-target batch; exclude its "
+                    "parameters from the selection, or use FeaturizeArguments(curvature='projected')."
+                )
+            if inputs_too:
+                sums.a[i] += (a.T @ a).double().cpu()
+                sums.positions[i] += int(a.shape[0])
+            sums.b[i] += (d.T @ d).double().cpu()
+        if self.diagonal:
+            grads = self.grads_fn(target_batch, "loss", names=self.diagonal)
+            for name, g in grads.items():
+                g = g.float()
+                sums.diagonal[name] += (g * g * w.view(-1, *[1] * (g.dim() - 1))).sum(0).double().cpu()
+
+    def _hook(
+        self, index: int, size: int, inputs: list[Tensor | None], deltas: list[Tensor | None], probe: Tensor
+    ) -> Callable[[nn.Module, tuple[Any, ...], Tensor], Tensor]:
+        layer = self.layers[index]
+
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+            x = args[0]
+            if x.shape[0] != size:
+                raise TaskError(
+                    f"Layer {layer.module!r} sees inputs of first dimension {x.shape[0]}, not the batch size {size}: "
+                    "Kronecker factors need examples along the first dimension of every layer's input; use "
+                    "FeaturizeArguments(curvature='projected') for this model."
+                )
+            inputs[index] = _positions(module, x.detach().float(), layer)
+
+            def record(grad: Tensor) -> None:
+                deltas[index] = _output_positions(module, grad.detach().float(), layer)
+
+            return _Tap.apply(output, probe, record)
+
+        return hook
+
+
+def _positions(module: nn.Module, x: Tensor, layer: FactoredLayer) -> Tensor:
+    """ā at every position, ``[B·T, d_in']`` (convolutions: their im2col patches)."""
+    if layer.kind in ("linear", "hf_conv1d"):
+        a = x.reshape(-1, layer.in_features)
+    else:
+        conv = module
+        if isinstance(conv.padding, str):
+            raise TaskError(
+                f"Layer {layer.module!r} uses padding={conv.padding!r}; Kronecker factors need numeric padding "
+                "(or use FeaturizeArguments(curvature='projected'))."
+            )
+        if conv.padding_mode != "zeros":
+            raise TaskError(
+                f"Layer {layer.module!r} pads with {conv.padding_mode!r}; Kronecker factors support zero padding "
+                "(or use FeaturizeArguments(curvature='projected'))."
+            )
+        if isinstance(conv, nn.Conv2d):
+            spatial, kernel, dilation = x, tuple(conv.kernel_size), tuple(conv.dilation)
+            padding, stride = tuple(conv.padding), tuple(conv.stride)
+        else:  # Conv1d as a 2-d convolution of height 1
+            spatial, kernel, dilation = x.unsqueeze(2), (1, conv.kernel_size[0]), (1, conv.dilation[0])
+            padding, stride = (0, conv.padding[0]), (1, conv.stride[0])
+        patches = F.unfold(spatial, kernel, dilation=dilation, padding=padding, stride=stride)
+        a = patches.transpose(1, 2).reshape(-1, layer.in_features)
+    if layer.bias:
+        a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+    return a
+
+
+def _output_positions(module: nn.Module, grad: Tensor, layer: FactoredLayer) -> Tensor:
+    """δ at every position, ``[B·T, d_out]``."""
+    if layer.kind in ("linear", "hf_conv1d"):
+        return grad.reshape(-1, grad.shape[-1])
+    return grad.flatten(2).transpose(1, 2).reshape(-1, grad.shape[1])
+
+
+def factor_arrays(layers: Sequence[FactoredLayer], diagonal: Sequence[str], shapes: Mapping[str, Sequence[int]]):
+    """``(suffix, per-chunk shape)`` of every factor array of a unit (one row per featurize chunk)."""
+    arrays = []
+    for i, layer in enumerate(layers):
+        arrays.append((f"{i}/a", (layer.in_rows, layer.in_rows)))
+        arrays.append((f"{i}/b", (layer.out_features, layer.out_features)))
+    arrays.append(("counts", (len(layers) + 1,)))
+    for name in diagonal:
+        arrays.append((f"diagonal/{name}", tuple(shapes[name])))
+    return arrays
+
+
+def chunk_values(sums: ChunkFactors, layers: Sequence[FactoredLayer], diagonal: Sequence[str]) -> dict[str, np.ndarray]:
+    """The rows (``[1, *shape]``) a chunk writes into each factor array."""
+    out: dict[str, np.ndarray] = {}
+    for i in range(len(layers)):
+        out[f"{i}/a"] = sums.a[i].numpy()[None]
+        out[f"{i}/b"] = sums.b[i].numpy()[None]
+    out["counts"] = np.array([[*sums.positions, sums.examples]], dtype=np.float64)
+    for name in diagonal:
+        out[f"diagonal/{name}"] = sums.diagonal[name].numpy()[None]
+    return out

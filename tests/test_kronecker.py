@@ -1,0 +1,297 @@
+"""Kronecker-factored curvature (K-FAC) in the full parameter space: the factors featurize collects, the
+matrix functions fit builds from them, and SOURCE's query-side operators, against brute force."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import source_proj as sp
+from source_proj.featurize.factors import FactorCollector, _output_positions, _positions, kronecker_layers
+from source_proj.methods.kronecker import KroneckerCurvature, LayerFactors, layer_matrix, source_query_directions
+from source_proj.methods.source import phi, survival
+from source_proj.projection.factored import FactoredLayer
+from source_proj.tasks.gradients import PerExampleGradients
+
+from .conftest import full_batch_run
+
+
+class _ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(2, 3, kernel_size=3, padding=1, stride=2)
+        self.conv1d = nn.Conv1d(3, 2, kernel_size=2, dilation=2, bias=False)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))  # [B, 3, 3, 3]
+        h = torch.relu(self.conv1d(h.flatten(2)))  # [B, 2, 7]
+        h = h.flatten(1)[:, :8]
+        return self.head(self.norm(h))
+
+
+def _conv_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(5, 2, 6, 6, generator=g), torch.randint(0, 4, (5,), generator=g)
+
+
+def test_positions_rebuild_every_layers_per_example_gradient() -> None:
+    """Σ_t δ_t ā_tᵀ from the collector's per-position inputs and output gradients equals the per-example
+    weight (and bias) gradient from autodiff, for Linear, Conv2d and Conv1d layers."""
+    model = _ConvNet().eval()
+    task = sp.ClassificationTask()
+    x, y = _conv_batch()
+    names = [n for n, _ in model.named_parameters()]
+    layers, diagonal = kronecker_layers(model, names)
+    assert [layer.module for layer in layers] == ["conv", "conv1d", "head"]
+    assert diagonal == ["norm.weight", "norm.bias"]
+    grads_fn = PerExampleGradients(model, task, names)
+    exact = grads_fn((x, y), "loss")
+    modules = dict(model.named_modules())
+    captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def hook(name: str):
+        def fn(module: nn.Module, args, output: torch.Tensor) -> None:
+            output.register_hook(lambda g: captured.__setitem__(name, (args[0].detach(), g.detach())))
+
+        return fn
+
+    handles = [modules[layer.module].register_forward_hook(hook(layer.module)) for layer in layers]
+    F.cross_entropy(model(x), y, reduction="sum").backward()
+    for handle in handles:
+        handle.remove()
+    for layer in layers:
+        inputs, out_grad = captured[layer.module]
+        a = _positions(modules[layer.module], inputs, layer).reshape(len(x), -1, layer.in_rows)
+        d = _output_positions(modules[layer.module], out_grad, layer).reshape(len(x), -1, layer.out_features)
+        rebuilt = torch.einsum("bto,bti->boi", d, a)
+        torch.testing.assert_close(rebuilt, layer_matrix(exact, layer), rtol=1e-5, atol=1e-6)
+
+
+def test_collected_factors_equal_brute_force_sums() -> None:
+    """A = Σ ā āᵀ, B = Σ w δ δᵀ over examples and positions, and the Fisher diagonal Σ w g², for weighted
+    pseudo-targets, against per-example autodiff."""
+    model = _ConvNet().eval()
+    task = sp.ClassificationTask()
+    x, y = _conv_batch()
+    names = [n for n, _ in model.named_parameters()]
+    layers, diagonal = kronecker_layers(model, names)
+    grads_fn = PerExampleGradients(model, task, names)
+    collector = FactorCollector(grads_fn, layers, diagonal)
+    sums = collector.empty()
+    weight = torch.tensor([0.5, 1.0, 2.0, 0.25, 1.5])
+    collector.add(sums, [(weight, (x, y))])
+    modules = dict(model.named_modules())
+    for i, layer in enumerate(layers):
+        # brute force: run each example alone, capture its layer input and output gradient
+        a_total = torch.zeros(layer.in_rows, layer.in_rows, dtype=torch.float64)
+        b_total = torch.zeros(layer.out_features, layer.out_features, dtype=torch.float64)
+        for n in range(len(x)):
+            seen = {}
+
+            def fn(module, args, output, seen=seen):
+                seen["a"] = args[0].detach()
+                output.register_hook(lambda g: seen.__setitem__("d", g.detach()))
+
+            handle = modules[layer.module].register_forward_hook(fn)
+            F.cross_entropy(model(x[n : n + 1]), y[n : n + 1]).backward()
+            handle.remove()
+            a = _positions(modules[layer.module], seen["a"], layer).double()
+            d = _output_positions(modules[layer.module], seen["d"], layer).double()
+            a_total += a.T @ a
+            b_total += weight[n].double() * d.T @ d
+        torch.testing.assert_close(sums.a[i], a_total, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(sums.b[i], b_total, rtol=1e-5, atol=1e-8)
+    per_example = grads_fn((x, y), "loss", names=diagonal)
+    for name in diagonal:
+        w = weight.view(-1, *[1] * (per_example[name].dim() - 1))
+        torch.testing.assert_close(
+            sums.diagonal[name], (w * per_example[name] ** 2).sum(0).double(), rtol=1e-5, atol=1e-9
+        )
+    assert sums.examples == len(x)
+
+
+def test_layer_matrix_function_equals_the_explicit_kronecker_matrix_function() -> None:
+    """g(B ⊗ A + λI) vec(G) computed in the factors' eigenbasis equals the dense 24 × 24 matrix function."""
+    g = torch.Generator().manual_seed(3)
+    a_root, b_root = (
+        torch.randn(6, 6, generator=g, dtype=torch.float64),
+        torch.randn(4, 4, generator=g, dtype=torch.float64),
+    )
+    a, b = a_root @ a_root.T / 6, b_root @ b_root.T / 4
+    mats = torch.randn(3, 4, 6, generator=g, dtype=torch.float64)
+    factors = LayerFactors.from_factors(a, b)
+    dense = torch.kron(b, a) + 0.05 * torch.eye(24, dtype=torch.float64)  # row-major vec(G): (B ⊗ A) vec G = vec(B G A)
+    sigma, u = torch.linalg.eigh(dense)
+    for fn in (lambda s: phi(s, 2.5), lambda s: survival(s, 2.5), lambda s: 1.0 / s):
+        expected = ((mats.reshape(3, 24) @ u) * fn(sigma)) @ u.T
+        torch.testing.assert_close(factors.apply(mats, fn, 0.05).reshape(3, 24), expected, rtol=1e-9, atol=1e-10)
+
+
+def _two_layer_classifier() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def _kfac_by_hand(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Exact-Fisher K-FAC factors (A, B) of every Linear layer of ``model`` on ``x`` (all classes weighted by
+    their probability), by explicit loops: A = mean ā āᵀ, B = mean Σ_c p_c δ_c δ_cᵀ."""
+    lins = [m for m in model if isinstance(m, nn.Linear)]
+    out = []
+    for lin in lins:
+        a_total = torch.zeros(lin.in_features + 1, lin.in_features + 1, dtype=torch.float64)
+        b_total = torch.zeros(lin.out_features, lin.out_features, dtype=torch.float64)
+        for n in range(len(x)):
+            probs = torch.softmax(model(x[n : n + 1]), -1).detach()[0]
+            for c in range(probs.shape[0]):
+                seen = {}
+
+                def fn(module, args, output, seen=seen):
+                    seen["a"] = args[0].detach()
+                    output.register_hook(lambda g: seen.__setitem__("d", g.detach()))
+
+                handle = lin.register_forward_hook(fn)
+                F.cross_entropy(model(x[n : n + 1]), torch.tensor([c])).backward()
+                handle.remove()
+                a = torch.cat([seen["a"], torch.ones(1, 1)], 1).double()
+                d = seen["d"].double()
+                if c == 0:
+                    a_total += a.T @ a
+                b_total += probs[c].double() * d.T @ d
+        out.append((a_total / len(x), b_total / len(x)))
+    return out
+
+
+def test_source_with_kronecker_curvature_equals_brute_force(tmp_path: Path, classification_data: TensorDataset) -> None:
+    """The whole pipeline (featurize with Kronecker factors → fit → query, identity projection, two
+    segments) equals SOURCE computed by hand with dense Kronecker matrices: score = −Σ_ℓ (1/N) ∇fᵀ A_ℓ ḡ_ℓ,
+    A_ℓ = S_L ⋯ S_{ℓ+1} F_ℓ, H_ℓ = B̄ ⊗ Ā + λI per layer with the factors averaged over the segment's
+    checkpoints (K-FAC's pooled statistics)."""
+    data = TensorDataset(classification_data.tensors[0][:24], classification_data.tensors[1][:24] % 3)
+    model = _two_layer_classifier()
+    task = sp.ClassificationTask()
+    run = tmp_path / "run"
+    full_batch_run(
+        run,
+        model,
+        data,
+        lambda out, y: F.cross_entropy(out, y, reduction="none"),
+        lr=0.5,
+        steps=8,
+        weight_decay=0.01,
+        save_every=2,
+    )
+    store = tmp_path / "s.sp"
+    sp.featurize(
+        run,
+        _two_layer_classifier(),
+        task,
+        data,
+        store,
+        projection=sp.ProjectionArguments(kind="identity"),
+        options=sp.FeaturizeArguments(batch_size=8, chunk_rows=16, fisher="exact", curvature="kfac"),
+        progress=False,
+    )
+    sp.fit(store, sp.FitArguments(segments_per_stage=2), progress=False)
+    queries = TensorDataset(classification_data.tensors[0][24:28], classification_data.tensors[1][24:28] % 3)
+    ours = sp.Attributor(store, _two_layer_classifier(), task).scores(queries)
+
+    traj = sp.Trajectory.load(run)
+    work = _two_layer_classifier()
+    names = [n for n, _ in work.named_parameters()]
+    steps = [c.step for c in traj.checkpoints]
+    segments = sp.make_segments(traj.stages, steps, traj.lr, {n: 1 for n in names}, per_stage=2)
+    x, y = data.tensors
+    n = len(y)
+
+    def flat_grads(quantity: str, xs, ys) -> torch.Tensor:
+        grads_fn = PerExampleGradients(work, task, names)
+        g = grads_fn((xs, ys), quantity)
+        layers, _ = kronecker_layers(work, names)
+        return torch.cat([layer_matrix(g, layer).reshape(len(xs), -1) for layer in layers], 1).double()
+
+    by_step = {c.step: c for c in traj.checkpoints}
+    hessians, gbars = [], []
+    for seg in segments:
+        factor_sums, gsum = None, 0
+        for s in seg.checkpoints:
+            traj.load_into(work, by_step[s])
+            factors = _kfac_by_hand(work, x, y)
+            factor_sums = factors if factor_sums is None else [
+                (a0 + a1, b0 + b1) for (a0, b0), (a1, b1) in zip(factor_sums, factors, strict=True)
+            ]
+            gsum = gsum + flat_grads("loss", x, y)
+        k = len(seg.checkpoints)
+        h = torch.block_diag(*[torch.kron(b / k, a / k) for a, b in factor_sums])
+        hessians.append(h + seg.weight_decay * torch.eye(h.shape[0], dtype=torch.float64))
+        gbars.append(gsum / k)
+    traj.load_into(work, traj.final_checkpoint)
+    q = flat_grads("measurement", *queries.tensors)
+
+    def fn_of(h: torch.Tensor, f) -> torch.Tensor:
+        sigma, u = torch.linalg.eigh(h)
+        return (u * f(sigma.clamp_min(0))) @ u.T
+
+    expected = torch.zeros(len(q), n, dtype=torch.float64)
+    carried = q
+    for h, gbar, seg in reversed(list(zip(hessians, gbars, segments, strict=True))):
+        direction = carried @ fn_of(h, lambda s, t=seg.time: phi(s, t))
+        expected += -(direction @ gbar.T) / n
+        carried = carried @ fn_of(h, lambda s, t=seg.time: survival(s, t))
+    np.testing.assert_allclose(ours, expected.numpy(), rtol=2e-3, atol=1e-6 * float(expected.abs().max()))
+
+
+def test_query_directions_reduce_to_the_influence_function_and_to_grad_dot() -> None:
+    """SOURCE_MATH §7: one segment with η̄K·σ ≫ 1 gives (H + λI)⁻¹∇f (an influence function); η̄K·σ ≪ 1
+    gives η̄K·∇f (gradient-dot)."""
+    g = torch.Generator().manual_seed(7)
+    root_a, root_b = (
+        torch.randn(4, 4, generator=g, dtype=torch.float64),
+        torch.randn(3, 3, generator=g, dtype=torch.float64),
+    )
+    factors = LayerFactors.from_factors(
+        root_a @ root_a.T + torch.eye(4, dtype=torch.float64), root_b @ root_b.T + torch.eye(3, dtype=torch.float64)
+    )
+    lin = FactoredLayer("fc", "fc.weight", "fc.bias", 3, 3)
+    curvature = KroneckerCurvature((lin,), (factors,), {}, 0.1)
+    shapes = {"fc.weight": (3, 3), "fc.bias": (3,)}
+    grads = {
+        "fc.weight": torch.randn(2, 3, 3, generator=g, dtype=torch.float64),
+        "fc.bias": torch.randn(2, 3, generator=g, dtype=torch.float64),
+    }
+    long = source_query_directions(grads, [curvature], [1e6], shapes)[0]
+    inverse = curvature.apply(grads, lambda s: 1.0 / s, shapes)
+    for name in grads:
+        torch.testing.assert_close(long[name], inverse[name], rtol=1e-9, atol=1e-12)
+    short = source_query_directions(grads, [curvature], [1e-7], shapes)[0]
+    for name in grads:
+        torch.testing.assert_close(short[name], 1e-7 * grads[name], rtol=1e-4, atol=1e-12)
+
+
+def test_adam_scaling_enters_the_factors_exactly_when_it_is_a_row_column_product() -> None:
+    """Adam's D^{-1/2} enters the Kronecker factors through its weighted rank-one fit r cᵀ: for a scaling that
+    is such a product, (r cᵀ) ⊙ G = diag(r) G diag(c), so the factors of the scaled gradients are
+    diag(c) A diag(c) and diag(r) B diag(r) exactly (checked against factors of explicitly scaled gradients)."""
+    from source_proj.projection.transform import scaling_transform
+
+    torch.manual_seed(0)
+    layer = FactoredLayer("fc", "fc.weight", "fc.bias", 3, 4)
+    row, col = torch.tensor([1.0, 2.0, 0.5]), torch.tensor([0.3, 1.0, 4.0, 2.0, 0.7])
+    scale = {"fc.weight": torch.outer(row, col[:4]), "fc.bias": row * col[4]}
+    terms = scaling_transform(scale, [layer], rank=1).layer("fc.weight")
+    r, c = terms.left[0].double(), terms.right[0].double()
+    # Per-example gradients of a linear layer at one position: G = δ āᵀ.
+    a_bar = torch.cat([torch.randn(50, 4), torch.ones(50, 1)], 1).double()
+    delta = torch.randn(50, 3).double()
+    scaled_a, scaled_d = a_bar * (col.double()), delta * row.double()
+    torch.testing.assert_close(torch.outer(r, c), torch.outer(row, col).double(), rtol=1e-6, atol=1e-8)
+    a, b = a_bar.T @ a_bar / 50, delta.T @ delta / 50
+    torch.testing.assert_close(a * torch.outer(c, c) * (b * torch.outer(r, r))[0, 0],
+                               (scaled_a.T @ scaled_a / 50) * (scaled_d.T @ scaled_d / 50)[0, 0], rtol=1e-6, atol=1e-8)
