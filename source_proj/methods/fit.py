@@ -636,20 +636,12 @@ def _segment_blocks(
 ) -> np.ndarray:
     """Cached features of one chunk for the Kronecker path: per attributed segment ℓ the block −ḡ̃_ℓ(z)/N
     (zero where z is not in D_ℓ), concatenated in segment order."""
-    parts = []
-    rows = None
-    for index in blocks:
-        seg = segments[index]
-        if seg.stage != stage:
-            parts.append(None)
-            continue
-        total = None
-        for key in keys[index]:
-            g = store.read_chunk(f"grads/{stage}/{key}", chunk).astype(np.float64)
-            total = g if total is None else total + g
-        assert total is not None
-        parts.append(-total / (len(keys[index]) * size))
-        rows = total.shape
-    if rows is None:
+    own = [segments[i] for i in blocks if segments[i].stage == stage]
+    if not own:
         raise TaskError(f"Stage {stage!r} has no segment with checkpoints, so its examples cannot be attributed.")
-    return np.concatenate([p if p is not None else np.zeros(rows) for p in parts], axis=1).astype(np.float32)
+    points = dict(zip(segments, keys, strict=True))
+    means = dict(zip(own, _checkpoint_means(store, points, stage, chunk, own), strict=True))
+    rows, k = next(iter(means.values())).shape
+    zero = torch.zeros(rows, k, dtype=torch.float64)
+    parts = [-means[segments[i]] / size if segments[i] in means else zero for i in blocks]
+    return torch.cat(parts, dim=1).float().numpy()
