@@ -185,6 +185,17 @@ def _featurize(*extra: str, out: str = "new.sp") -> Callable[[Workspace], Action
     return build
 
 
+def _featurize_over_store(change: str, name: str) -> Callable[[Workspace], Action]:
+    """featurize into the reference store with the spec changed by ``SPEC_CHANGES[change]`` (same settings)."""
+
+    def build(w: Workspace) -> Action:
+        spec = w.spec_with(SPEC_CHANGES[change], name)
+        return ["featurize", "--ckpts", str(w.run), "--out", str(w.store), "--dim", str(DIM), "--seed", "3",
+                "--spec", str(spec)]  # fmt: skip
+
+    return build
+
+
 def _damaged_run(damage: Callable[[Workspace], None]) -> Callable[[Workspace], Action]:
     def build(w: Workspace) -> Action:
         damage(w)
@@ -372,38 +383,8 @@ CASES: list[Case] = [
     Case("featurize --out a folder of other files", _written("theirs/a.txt", "keep me", _featurize(out="theirs"))),
     Case("featurize --out a file", _written("f.sp", "keep me", _featurize(out="f.sp"))),
     Case("featurize over a store of other settings", _featurize("--dim", "8", out="s.sp")),
-    Case(
-        "featurize with another activation over the store",
-        lambda w: [
-            "featurize",
-            "--ckpts",
-            str(w.run),
-            "--out",
-            str(w.store),
-            "--dim",
-            str(DIM),
-            "--seed",
-            "3",
-            "--spec",
-            str(w.spec_with(SPEC_CHANGES["another activation"], "tanh.py")),
-        ],
-    ),
-    Case(
-        "featurize with shuffled data over the store",
-        lambda w: [
-            "featurize",
-            "--ckpts",
-            str(w.run),
-            "--out",
-            str(w.store),
-            "--dim",
-            str(DIM),
-            "--seed",
-            "3",
-            "--spec",
-            str(w.spec_with(SPEC_CHANGES["train_data shuffled"], "shuffled.py")),
-        ],
-    ),
+    Case("featurize with another activation over the store", _featurize_over_store("another activation", "tanh.py")),
+    Case("featurize with shuffled data over the store", _featurize_over_store("train_data shuffled", "shuffled.py")),
     # damaged checkpoints
     Case("checkpoint deleted", _damaged_run(lambda w: (w.run / "checkpoints/step-00000004.pt").unlink())),
     Case(
