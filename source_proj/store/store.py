@@ -334,10 +334,57 @@ class Store:
 
     def mark_pending(self, name: str, chunks: list[int]) -> None:
         """Forget that these chunks were written, so the writing command recomputes them."""
-        progress = self._progress(name, self.num_chunks(name))
         with io_errors(self.path, f"the progress entries of {name!r}"):
             for chunk in chunks:
-                progress[chunk] = np.zeros(2, dtype=np.uint32)
+                self._set_progress(name, slice(chunk, chunk + 1), np.zeros((1, 2), dtype=np.uint32))
+
+    def _entries_per_file(self, name: str) -> int:
+        """Progress entries of array ``name`` that share one file (those of one shard of its chunks)."""
+        shards = self._progress(name, self.num_chunks(name)).shards
+        return 1 if shards is None else int(shards[0])
+
+    def unreadable_progress(self, name: str) -> list[int]:
+        """The files of array ``name``'s progress entries that cannot be read (truncated, flipped): their
+        entries read as unwritten, so their chunks are recomputed, but they must be rewritten whole
+        ([`rewrite_progress`][source_proj.store.store.Store.rewrite_progress]) before any entry in them
+        is written again, since zarr reads a shard's file to merge a write into it."""
+        progress, per = self._progress(name, self.num_chunks(name)), self._entries_per_file(name)
+        bad = []
+        for file in range(-(-progress.shape[0] // per)):
+            try:
+                np.asarray(progress[file * per : (file + 1) * per])
+            except Exception:
+                bad.append(file)
+        return bad
+
+    def rewrite_progress(self, name: str, files: Iterable[int]) -> None:
+        """Rewrite these files of array ``name``'s progress entries from what can still be read of them
+        (an unreadable entry becomes unwritten). Each file's entries belong to one writer (the
+        chunks of one shard), so no other process writes them meanwhile."""
+        progress, per = self._progress(name, self.num_chunks(name)), self._entries_per_file(name)
+        entries = self.progress_entries(name)
+        with io_errors(self.path, f"the progress entries of {name!r}"):
+            for file in files:
+                first, last = file * per, min(progress.shape[0], (file + 1) * per)
+                sync(self.group.store.delete(f"{progress.path}/{progress.metadata.encode_chunk_key((file, 0))}"))
+                progress[first:last] = entries[first:last]
+
+    def _set_progress(self, name: str, rows: slice, values: np.ndarray) -> None:
+        """Write progress entries ``rows`` of array ``name``; a damaged file of entries in the way is
+        rewritten first from what can still be read of it."""
+        progress = self._progress(name, self.num_chunks(name))
+        try:
+            progress[rows] = values
+        except OSError:
+            raise
+        except Exception:
+            per = self._entries_per_file(name)
+            files = range(rows.start // per, (rows.stop - 1) // per + 1)
+            damaged = [f for f in self.unreadable_progress(name) if f in files]
+            if not damaged:
+                raise
+            self.rewrite_progress(name, damaged)
+            progress[rows] = values
 
     def progress_arrays(self, prefix: str = "") -> list[str]:
         """Names of the row-chunked arrays (those with progress entries) under ``prefix``, sorted.
@@ -448,12 +495,12 @@ class Store:
             raise ValueError(
                 f"chunk {chunk} of {name} needs shape {(stop - start, *arr.shape[1:])}, got {values.shape}"
             )
-        num_chunks = -(-arr.shape[0] // rows)
-        progress = self._progress(name, num_chunks)
+        self._progress(name, -(-arr.shape[0] // rows))
         target = arr if arr.shards is None else self._staging(name)
         with io_errors(self.path, f"chunk {chunk} of {name!r}"):
             target[start:stop] = values
-            progress[chunk] = np.array([WRITTEN, zlib.crc32(values.tobytes())], dtype=np.uint32)
+            entry = np.array([[WRITTEN, zlib.crc32(values.tobytes())]], dtype=np.uint32)
+            self._set_progress(name, slice(chunk, chunk + 1), entry)
         if arr.shards is not None:
             self._pack_shard(name, chunk // self.chunks_per_shard(name))
 
@@ -462,8 +509,10 @@ class Store:
         mark them packed and delete their staged copies; returns whether it is packed now."""
         arr, per_shard, num_chunks = self.array(name), self.chunks_per_shard(name), self.num_chunks(name)
         first, last = shard * per_shard, min(num_chunks, (shard + 1) * per_shard)
-        progress = self._progress(name, num_chunks)
-        entries = np.asarray(progress[first:last])
+        try:
+            entries = np.asarray(self._progress(name, num_chunks)[first:last])
+        except Exception:  # damaged entries count as unwritten: their chunks are written again first
+            return False
         if not is_done(entries).all():
             return False
         if (entries[:, 0] == PACKED).all():
@@ -477,7 +526,8 @@ class Store:
                 key = f"{arr.path}/{arr.metadata.encode_chunk_key((shard, *[0] * (arr.ndim - 1)))}"
                 sync(self.group.store.delete(key))
                 arr[start:stop] = values
-            progress[first:last] = np.column_stack([np.full(last - first, PACKED, dtype=np.uint32), entries[:, 1]])
+            packed = np.column_stack([np.full(last - first, PACKED, dtype=np.uint32), entries[:, 1]])
+            self._set_progress(name, slice(first, last), packed)
             staged = self._staging(name)
             for chunk in range(first, last):
                 if entries[chunk - first, 0] == WRITTEN:

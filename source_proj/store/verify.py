@@ -407,6 +407,15 @@ def _check_array(store: Store, name: str, report: VerifyReport, repair: bool) ->
         return False
     report.arrays += 1
     report.chunks += chunks
+    unreadable = store.unreadable_progress(name)
+    if unreadable:
+        report.problems.append(
+            f"the progress entries of {name!r} are damaged in {len(unreadable)} file(s): their chunks count as "
+            "unwritten"
+        )
+        if repair:
+            store.rewrite_progress(name, unreadable)
+            report.repaired.append(f"rewrote the damaged progress entries of {name!r} (their chunks are recomputed)")
     damaged = store.damaged_chunks(name)
     pending = int((~is_done(entries)).sum())
     report.pending += pending
