@@ -187,6 +187,8 @@ def fit_command(store: Store, method: str) -> str:
         args.append(f"--stages {','.join(arguments['stages'])}")
     if arguments.get("fast"):
         args.append("--fast")
+    if arguments.get("curvature"):
+        args.append(f"--curvature {arguments['curvature']}")
     return " ".join(args)
 
 
