@@ -545,11 +545,19 @@ class Store:
         packed = all([self._pack_shard(name, shard) for shard in range(shards)])
         if packed:
             self._drop_keys(f"{STAGING}{name}")
-            root = STAGING.rstrip("/")
-            staged = self.has(root) and self.group[root].members(max_depth=None)
-            if not any(isinstance(node, zarr.Array) for _, node in staged or ()):
-                self._drop_keys(root)
+            self.drop_empty_staging()
         return packed
+
+    def staged_arrays(self) -> set[str]:
+        """Names of the arrays that have staged chunks (finished, not yet packed into their shards)."""
+        return {name.removeprefix(STAGING) for name in self.nodes(STAGING)}
+
+    def drop_empty_staging(self) -> None:
+        """Delete the staging group once no array has staged chunks (a kill can leave it empty)."""
+        root = STAGING.rstrip("/")
+        staged = self.has(root) and self.group[root].members(max_depth=None)
+        if not any(isinstance(node, zarr.Array) for _, node in staged or ()):
+            self._drop_keys(root)
 
     def _drop_keys(self, prefix: str) -> None:
         """Delete every key below ``prefix``: an array or group, whole or as a killed deletion left it."""
