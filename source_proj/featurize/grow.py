@@ -2,7 +2,7 @@
 with them new training examples) is added to its existing store, computing only what is new.
 
 A store may grow into a run whose first steps *are* the store's run: cut the new run after the
-store's last step (:meth:`Trajectory.truncated`) and it has the store's fingerprint (learning rates,
+store's last step (``Trajectory.truncated``) and it has the store's fingerprint (learning rates,
 stages, every checkpoint's sha256). Then featurize's plan (``plan.py``) finds the old work units
 complete and computes the new ones only: the new checkpoints on their stages, and the new final
 checkpoint on every stage. In-run capture grows its store the same way when its recorder resumes a

@@ -70,7 +70,7 @@ _DONE = (WRITTEN, PACKED)
 STAGING = "staging/"
 
 SHARD_BYTES = 256 * 2**20
-"""Default size of a shard file (see :func:`shard_chunks_for`): large enough that 10⁷ rows of k = 4096 make
+"""Default size of a shard file (see ``shard_chunks_for``): large enough that 10⁷ rows of k = 4096 make
 about 600 files per array, small enough to be packed in memory."""
 
 
@@ -187,7 +187,7 @@ class Store:
         return arr
 
     def require_array(self, name: str, shape: tuple[int, ...], chunk_rows: int, dtype: str) -> zarr.Array:
-        """The array ``name``, created (row-chunked, uncompressed, in shards of :attr:`shard_chunks`
+        """The array ``name``, created (row-chunked, uncompressed, in shards of ``shard_chunks``
         chunks when it has several) if missing; checks its shape."""
         if self.has(name):
             arr = self.array(name)
@@ -271,7 +271,7 @@ class Store:
         return -(-arr.shape[0] // arr.chunks[0])
 
     def progress_entries(self, name: str) -> np.ndarray:
-        """uint32 ``[chunks, 2]``: (state, crc32) of every row chunk (state :data:`WRITTEN` or :data:`PACKED`
+        """uint32 ``[chunks, 2]``: (state, crc32) of every row chunk (state ``WRITTEN`` or ``PACKED``
         once complete); an unreadable entry reads (0, 0)."""
         if self.group.store.read_only and not self.has(f"progress/{name}"):
             return np.zeros((self.num_chunks(name), 2), dtype=np.uint32)  # created, never written
@@ -390,7 +390,7 @@ class Store:
         """Names of the row-chunked arrays (those with progress entries) under ``prefix``, sorted.
 
         Read from the storage listing, so an array whose progress metadata is unreadable is listed
-        too (reading its entries then raises :class:`StoreError`); directories a killed writer left
+        too (reading its entries then raises ``StoreError``); directories a killed writer left
         without metadata are not.
         """
         nodes = self.nodes("progress/")

@@ -19,7 +19,7 @@ checks 3 and 5 only.
 ``repair=True`` (``verify --repair``) takes the store's exclusive lock, marks damaged chunks
 pending (and the methods and featurize state that relied on them unfinished), drops arrays whose
 metadata is unreadable or whose shape is wrong, and deletes leftover temporary files; re-running
-the command that wrote the store then recomputes exactly what was lost (:attr:`VerifyReport.next_steps`).
+the command that wrote the store then recomputes exactly what was lost (``VerifyReport.next_steps``).
 """
 
 from __future__ import annotations
