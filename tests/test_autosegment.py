@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -90,26 +91,38 @@ def _store(run: Path, store: Path, **options) -> sp.Store:
     )
 
 
-def test_automatic_cut_lands_on_a_planted_learning_rate_drop(tmp_path: Path) -> None:
-    _run(tmp_path / "run", lr_after=0.02)
-    store = _store(tmp_path / "run", tmp_path / "s.sp")
+@pytest.fixture(scope="module")
+def featurized(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """SGD runs featurized once for the module (``copy`` one before fitting it): ``"lr drop"`` (the rate falls
+    tenfold at step 100), ``"data change"`` (classes 0 and 1 only before step 100) and ``"plain"``."""
+    root = tmp_path_factory.mktemp("autosegment")
+    runs = {"lr drop": {"lr_after": 0.02}, "data change": {"classes_before": (0, 1)}, "plain": {}}
+    for i, (name, kwargs) in enumerate(runs.items()):
+        _run(root / f"run{i}", **kwargs)
+        _store(root / f"run{i}", root / f"{i}.sp")
+    return {name: root / f"{i}.sp" for i, name in enumerate(runs)}
+
+
+def _copy(store: Path, tmp_path: Path, name: str = "s.sp") -> sp.Store:
+    shutil.copytree(store, tmp_path / name)
+    return sp.Store.open(tmp_path / name)
+
+
+def test_automatic_cut_lands_on_a_planted_learning_rate_drop(tmp_path: Path, featurized: dict[str, Path]) -> None:
+    store = _copy(featurized["lr drop"], tmp_path)
     sp.fit(store, sp.FitArguments(auto_segments=2), progress=False)
     method = store.meta["methods"]["source"]
     assert [(s["start_step"], s["end_step"]) for s in method["segments"]] == [(0, 100), (100, 200)]
     assert method["view"]["cuts"] == [100]
 
 
-def test_automatic_cut_lands_on_a_planted_change_of_data(tmp_path: Path) -> None:
-    _run(tmp_path / "run", classes_before=(0, 1))
-    store = _store(tmp_path / "run", tmp_path / "s.sp")
-    sp.fit(store, sp.FitArguments(auto_segments=2), progress=False)
+def test_automatic_cut_lands_on_a_planted_change_of_data(tmp_path: Path, featurized: dict[str, Path]) -> None:
+    store = sp.fit(_copy(featurized["data change"], tmp_path), sp.FitArguments(auto_segments=2), progress=False)
     # the checkpoint at step 100 still holds the parameters trained on the old data: the change shows from 110
     [cut] = store.meta["methods"]["source"]["view"]["cuts"]
     assert cut in (100, 110), cut
     # a stationary run gives no reason to cut there: the same budget goes elsewhere
-    _run(tmp_path / "plain")
-    plain = _store(tmp_path / "plain", tmp_path / "p.sp")
-    sp.fit(plain, sp.FitArguments(auto_segments=2), progress=False)
+    plain = sp.fit(_copy(featurized["plain"], tmp_path, "p.sp"), sp.FitArguments(auto_segments=2), progress=False)
     assert plain.meta["methods"]["source"]["view"]["cuts"][0] not in (100, 110)
 
 
@@ -129,9 +142,8 @@ def test_adam_run_chooses_automatic_cuts_before_featurize_and_keeps_them(tmp_pat
     assert "cut at step 100" in out.output and (tmp_path / "t.png").stat().st_size > 10_000
 
 
-def test_budget_outside_the_checkpoints_is_refused(tmp_path: Path) -> None:
-    _run(tmp_path / "run")
-    store = _store(tmp_path / "run", tmp_path / "s.sp")
+def test_budget_outside_the_checkpoints_is_refused(tmp_path: Path, featurized: dict[str, Path]) -> None:
+    store = _copy(featurized["plain"], tmp_path)
     with pytest.raises(sp.TrajectoryError, match=r"between 1 .* and 20"):
         sp.fit(store, sp.FitArguments(auto_segments=25), progress=False)
     out = CliRunner().invoke(
@@ -162,8 +174,7 @@ def test_auto_without_a_budget_chooses_the_number_of_segments() -> None:
     assert sp.SegmentationArguments.parse("auto") == sp.SegmentationArguments(auto=0)
 
 
-def test_auto_without_a_budget_cuts_a_planted_learning_rate_drop(tmp_path: Path) -> None:
-    _run(tmp_path / "run", lr_after=0.02)
-    store = _store(tmp_path / "run", tmp_path / "s.sp")
+def test_auto_without_a_budget_cuts_a_planted_learning_rate_drop(tmp_path: Path, featurized: dict[str, Path]) -> None:
+    store = _copy(featurized["lr drop"], tmp_path)
     sp.fit(store, sp.FitArguments(auto_segments=0), progress=False)
     assert 100 in store.meta["methods"]["source"]["view"]["cuts"]
