@@ -97,7 +97,7 @@ def featurized(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tenfold at step 100), ``"data change"`` (classes 0 and 1 only before step 100) and ``"plain"``."""
     root = tmp_path_factory.mktemp("autosegment")
     runs = {"lr drop": {"lr_after": 0.02}, "data change": {"classes_before": (0, 1)}, "plain": {}}
-    for i, (name, kwargs) in enumerate(runs.items()):
+    for i, kwargs in enumerate(runs.values()):
         _run(root / f"run{i}", **kwargs)
         _store(root / f"run{i}", root / f"{i}.sp")
     return {name: root / f"{i}.sp" for i, name in enumerate(runs)}
