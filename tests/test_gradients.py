@@ -27,8 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _torch_func(grads_fn: PerExampleGradients, batch: Batch, quantity: str, names: list[str]) -> dict[str, Any]:
     """The torch.func path (vmap of grad), whatever the hook path would do."""
-    with grads_fn.autocast():
-        return grads_fn._fns[quantity]({n: grads_fn.params[n] for n in names}, batch)
+    func = PerExampleGradients(grads_fn.model, grads_fn.task, grads_fn.param_names, precision=grads_fn.precision,
+                               hooks=False)  # fmt: skip
+    got = func(batch, quantity, names=names)
+    assert not func._hooked_layers
+    return got
 
 
 def _one_by_one(model: nn.Module, task: sp.Task, batch: Batch, names: list[str], quantity: str) -> dict[str, Any]:
@@ -62,7 +65,7 @@ class _Shared(nn.Module):
 
 
 class _Conv(nn.Module):
-    """Conv1d/2d/3d with stride, dilation, reflect padding, without bias; a linear head."""
+    """Conv1d/2d/3d with stride, dilation, reflect padding, without bias; a linear head (torch.func's)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -143,7 +146,6 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[torch.Generator], Batc
     "mlp": (lambda: nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)),
             lambda g: (torch.randn(5, 4, generator=g), _labels(g)), sp.ClassificationTask),
     "shared": (_Shared, lambda g: (torch.randn(5, 6, generator=g), _labels(g)), sp.ClassificationTask),
-    "conv": (_Conv, lambda g: (torch.randn(5, 3, 9, 9, generator=g), _labels(g)), sp.ClassificationTask),
     "sequence": (_Sequence, lambda g: (torch.randn(5, 7, 5, generator=g), _labels(g)), sp.ClassificationTask),
     "tokens": (_Tokens, lambda g: (torch.randint(0, 11, (5, 7), generator=g), _labels(g)), sp.ClassificationTask),
     "eval-mode": (_normed, lambda g: (torch.randn(5, 6, generator=g), _labels(g)), sp.ClassificationTask),
@@ -243,6 +245,17 @@ def test_models_the_hooks_cannot_see_whole_keep_torch_func(build: Callable[[], n
     got = grads_fn(batch, "loss")
     assert grads_fn._hooked_layers[(*names,)] is None
     _close(got, _torch_func(grads_fn, batch, "loss", names), names, 1e-6)
+
+
+def test_convolutions_keep_torch_func() -> None:
+    torch.manual_seed(0)
+    model, task = _Conv(), sp.ClassificationTask()
+    batch = (torch.randn(3, 3, 9, 9), torch.tensor([0, 1, 2]))
+    names = _factorable(model)
+    grads_fn = PerExampleGradients(model, task, names)
+    got = grads_fn(batch, "measurement")
+    assert "c1.weight" in names and grads_fn._hooked_layers[tuple(names)] is None
+    _close(got, _one_by_one(model, task, batch, names, "measurement"), names, 1e-5)
 
 
 def test_a_batch_of_one_example_does_not_decide_the_path() -> None:

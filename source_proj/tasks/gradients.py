@@ -1,15 +1,17 @@
 """Per-example gradients of a task's loss or measurement: from layer hooks where they can, else ``torch.func``.
 
-**Hooks.** When every selected parameter sits in a factorable layer (``projection/layers.py``: linear
-layers, ``groups=1`` convolutions, GPT-2's ``Conv1D``, embeddings, a tied embedding and LM head, with
-their biases), one ordinary forward and backward pass of the batch gives them all: a forward hook on
-each use of a layer records its input a_t, a tap on its output receives the output gradient δ_t,
-and example b's gradient matrix is G_b = Σ_t δ_bt a_btᵀ (a bias is the column of a constant input 1;
-an embedding's rows are the one-hot tokens). The weights stay constants of the graph, so autograd
-computes no weight gradient of its own. Before a parameter selection first takes this path, its
-gradients on two examples are compared with plain autograd run one example at a time; a model the
-hooks cannot see whole (a weight also used outside its layers, examples mixed along the batch, inputs
-that are not batch-first) fails the comparison and keeps ``torch.func``.
+**Hooks.** When every selected parameter sits in a factorable layer other than a convolution
+(``projection/layers.py``: linear layers, GPT-2's ``Conv1D``, embeddings, a tied embedding and LM
+head, with their biases), one ordinary forward and backward pass of the batch gives them all: a
+forward hook on each use of a layer records its input a_t, a tap on its output receives the output
+gradient δ_t, and example b's gradient is G_b = Σ_t δ_bt a_btᵀ (its bias's Σ_t δ_bt; an embedding's
+rows are the one-hot tokens). Convolutions stay with ``torch.func``, whose grouped-convolution
+gradients beat im2col patches on a CPU (``benchmarks/per_example_gradients.py``). The weights stay
+constants of the graph, so autograd computes no weight gradient of its own. Before a parameter
+selection first takes this path, its gradients on two examples are compared with plain autograd run
+one example at a time; a model the hooks cannot see whole (a weight also used outside its layers,
+examples mixed along the batch, inputs that are not batch-first) fails the comparison and keeps
+``torch.func``.
 
 **torch.func** (``vmap(grad(...))``) serves every other selection. Its first call imports torch's
 compiler package (about 2 s), which the hook path never does.
@@ -22,7 +24,6 @@ from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_map
@@ -93,6 +94,8 @@ class PerExampleGradients:
             ``None`` = whole batch.
         precision: ``"fp32"``, or ``"bf16"`` to run forward and backward under bfloat16 autocast
             (gradients still come out in the parameters' dtype; projections accumulate in fp32).
+        hooks: take the hook path where it applies (see the module docstring); ``False``: always
+            ``torch.func`` (the same gradients; for comparisons).
     """
 
     def __init__(
@@ -103,6 +106,7 @@ class PerExampleGradients:
         *,
         vmap_chunk: int | None = None,
         precision: Precision = "fp32",
+        hooks: bool = True,
     ) -> None:
         self.model = model.eval()
         self.task = task.bind(model)
@@ -118,6 +122,7 @@ class PerExampleGradients:
         self.device = next(iter(self.params.values())).device
         self._fns = {q: self._vectorised(q) for q in ("loss", "measurement")}
         self._shapes = {n: tuple(p.shape) for n, p in self.params.items()}
+        self.hooks = hooks
         self._hooked_layers: dict[tuple[str, ...], list[FactoredLayer] | None] = {}
 
     def autocast(self) -> torch.autocast:
@@ -166,7 +171,7 @@ class PerExampleGradients:
         ``names`` restricts the gradients to a subset of the parameters (the others stay fixed).
         """
         selected = tuple(self.param_names if names is None else names)
-        layers = self._layers_for(selected, batch, quantity)
+        layers = self._layers_for(selected, batch, quantity) if self.hooks else None
         if layers is not None:
             try:
                 return self._hooked(layers, selected, batch, quantity, self.precision == "bf16")
@@ -185,7 +190,7 @@ class PerExampleGradients:
         if selected in self._hooked_layers:
             return self._hooked_layers[selected]
         layers, rest = factorable_layers(self.model, selected)
-        if rest:
+        if rest or any(kind == "conv" for layer in layers for _, kind in layer.uses):
             self._hooked_layers[selected] = None
             return None
         if batch_size(batch) < _HOOK_CHECK_EXAMPLES:  # one example cannot show examples mixing
@@ -209,18 +214,16 @@ class PerExampleGradients:
         size = batch_size(batch)
         probe = torch.zeros((), device=self.device, requires_grad=True)
         value = self.task.loss if quantity == "loss" else self.task.measurement
-        with _LayerGradients(self.model, layers, size, probe) as taps:
+        with _LayerGradients(self.model, layers, size, probe, self._shapes) as taps:
             with torch.enable_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
                 total = value(self.task.forward(self._call(self.params), batch), batch).sum()
             if total.requires_grad:
                 torch.autograd.grad(total, probe, allow_unused=True)
-        grads: dict[str, Tensor] = {}
-        for layer in layers:
-            g = taps.matrices.get(layer.weight)
-            if g is None:  # the layer took no part in the quantity
-                g = torch.zeros(size, layer.out_features, layer.in_rows, device=self.device)
-            grads |= layer.split(g, self._shapes)
-        return {n: grads[n].to(self.params[n].dtype) for n in selected}
+        grads = {}
+        for n in selected:
+            g = taps.grads.get(n)  # None: the layer took no part in the quantity
+            grads[n] = torch.zeros(size, *self._shapes[n], device=self.device) if g is None else g
+        return {n: g.to(self.params[n].dtype) for n, g in grads.items()}
 
     def _one_by_one(self, selected: Sequence[str], batch: Batch, quantity: Quantity) -> dict[str, Tensor]:
         """Per-example gradients from plain autograd, one example at a time (fp32): the hook path's oracle."""
@@ -237,13 +240,20 @@ class PerExampleGradients:
 
 
 class _LayerGradients:
-    """While open: hooks on every use of the layers, adding each example's gradient matrix G_b
-    (``[B, out_features, in_rows]``, see ``FactoredLayer``) to ``matrices[layer.weight]`` in the backward."""
+    """While open: hooks on every use of the layers, adding each example's gradients of the layer's weight
+    and bias (``[B, *shape]``) to ``grads[name]`` in the backward."""
 
-    def __init__(self, model: nn.Module, layers: Sequence[FactoredLayer], size: int, probe: Tensor) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[FactoredLayer],
+        size: int,
+        probe: Tensor,
+        shapes: Mapping[str, tuple[int, ...]],
+    ) -> None:
         self.modules = dict(model.named_modules())
-        self.layers, self.size, self.probe = layers, size, probe
-        self.matrices: dict[str, Tensor] = {}
+        self.layers, self.size, self.probe, self.shapes = layers, size, probe, shapes
+        self.grads: dict[str, Tensor] = {}
         self._handles: list[Any] = []
 
     def __enter__(self) -> _LayerGradients:
@@ -264,16 +274,24 @@ class _LayerGradients:
             if x.shape[0] != self.size:
                 raise _NotBatchFirst
             with torch.no_grad(), _no_autocast(x.device):
-                side = _input_side(module, layer, kind, x.detach(), self.size)
+                side = _input_side(layer, kind, x.detach(), self.size)
             return OutputTap.apply(output, self.probe, lambda grad: self._add(module, layer, kind, side, grad))
 
         return hook
 
     def _add(self, module: nn.Module, layer: FactoredLayer, kind: LayerKind, side: Tensor, grad: Tensor) -> None:
         with torch.no_grad(), _no_autocast(grad.device):
-            g = _gradient_matrix(module, layer, kind, side, grad.to(_compute_dtype(grad)), self.size)
-            previous = self.matrices.get(layer.weight)
-            self.matrices[layer.weight] = g if previous is None else previous + g
+            weight, bias = _gradient_matrix(module, layer, kind, side, grad.to(_compute_dtype(grad)), self.size)
+            if kind == "hf_conv1d":  # its weight is stored [d_in, d_out]
+                weight = weight.transpose(1, 2)
+            self._add_to(layer.weight, weight)
+            if layer.bias:
+                self._add_to(layer.bias, bias)
+
+    def _add_to(self, name: str, g: Tensor) -> None:
+        g = g.reshape(self.size, *self.shapes[name])
+        previous = self.grads.get(name)
+        self.grads[name] = g if previous is None else previous + g
 
 
 @contextmanager
@@ -287,25 +305,19 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def _input_side(module: nn.Module, layer: FactoredLayer, kind: LayerKind, x: Tensor, size: int) -> Tensor:
-    """What the forward pass contributes to G: ``[B, T, in_rows]`` inputs a_t (a bias adds a column of
-    ones; a convolution's a_t are its im2col patches), or an embedding's token ids ``[B, T]``."""
+def _input_side(layer: FactoredLayer, kind: LayerKind, x: Tensor, size: int) -> Tensor:
+    """What the forward pass contributes to G: the inputs a_t ``[B, T, d_in]``, or an embedding's token
+    ids ``[B, T]``."""
     if kind == "embedding":
         return x.reshape(size, -1)
-    x = x.to(_compute_dtype(x))
-    if kind == "conv":
-        weight = module.weight
-        eye = torch.eye(layer.in_features, dtype=x.dtype, device=x.device).reshape(-1, *weight.shape[1:])
-        a = module._conv_forward(x, eye, None).flatten(2).transpose(1, 2)  # type: ignore[operator]
-    else:
-        a = x.reshape(size, -1, layer.in_features)
-    return F.pad(a, (0, 1), value=1.0) if layer.bias else a
+    return x.to(_compute_dtype(x)).reshape(size, -1, layer.in_features)
 
 
 def _gradient_matrix(
     module: nn.Module, layer: FactoredLayer, kind: LayerKind, side: Tensor, grad: Tensor, size: int
-) -> Tensor:
-    """G_b = Σ_t δ_bt a_btᵀ ``[B, out_features, in_rows]`` of one use of a layer (embeddings: Σ_t e_{x_t} δ_tᵀ)."""
+) -> tuple[Tensor, Tensor | None]:
+    """One use of a layer: G_b = Σ_t δ_bt a_btᵀ ``[B, out_features, in_features]`` (embeddings:
+    Σ_t e_{x_t} δ_tᵀ) and, with a bias, Σ_t δ_bt ``[B, out_features]``."""
     if kind == "embedding":
         width = layer.in_features
         delta = grad.reshape(size, -1, width)
@@ -313,9 +325,9 @@ def _gradient_matrix(
             delta = delta.masked_fill((side == module.padding_idx).unsqueeze(-1), 0)
         rows = side + layer.out_features * torch.arange(size, device=side.device).unsqueeze(1)
         g = torch.zeros(size * layer.out_features, width, dtype=delta.dtype, device=delta.device)
-        return g.index_add_(0, rows.reshape(-1), delta.reshape(-1, width)).reshape(size, layer.out_features, width)
-    if kind == "conv":
-        delta = grad.flatten(2)  # [B, C_out, L]
-    else:
-        delta = grad.reshape(size, -1, layer.out_features).transpose(1, 2)
-    return torch.bmm(delta.to(side.dtype), side)
+        g.index_add_(0, rows.reshape(-1), delta.reshape(-1, width))
+        return g.reshape(size, layer.out_features, width), None
+    delta = grad.reshape(size, -1, layer.out_features).transpose(1, 2).to(side.dtype)  # [B, d_out, T]
+    # One position (an MLP): the outer product broadcast, several times faster than a bmm over length 1.
+    weight = delta * side if delta.shape[2] == 1 else torch.bmm(delta, side)
+    return weight, delta.sum(2) if layer.bias else None
