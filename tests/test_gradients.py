@@ -232,8 +232,18 @@ class _Mixing(nn.Module):
         return self.fc(x - x.mean(0))  # every example's output depends on the others
 
 
+class _Keyword(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(input=x)  # no positional input for a hook to read
+
+
 @pytest.mark.parametrize(
-    ("build", "shape"), [(_Functional, (4, 4)), (_Flattening, (4, 2, 4)), (_Flattening, (2, 2, 4)), (_Mixing, (4, 4))]
+    ("build", "shape"),
+    [(_Functional, (4, 4)), (_Flattening, (4, 2, 4)), (_Flattening, (2, 2, 4)), (_Mixing, (4, 4)), (_Keyword, (4, 4))],
 )
 def test_models_the_hooks_cannot_see_whole_keep_torch_func(build: Callable[[], nn.Module], shape: tuple) -> None:
     torch.manual_seed(0)

@@ -268,6 +268,8 @@ class _LayerGradients:
 
     def _hook(self, layer: FactoredLayer, kind: LayerKind) -> Callable[[nn.Module, tuple[Any, ...], Tensor], Tensor]:
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor:
+            if not inputs or not isinstance(inputs[0], Tensor):  # called with keywords: leave it to torch.func
+                raise _NotBatchFirst
             x = inputs[0]
             if kind == "embedding" and x.shape[0] == 1 < self.size:  # positions shared by the batch ([1, T])
                 x, output = x.expand(self.size, *x.shape[1:]), output.expand(self.size, *output.shape[1:])
