@@ -6,8 +6,10 @@ sklearn's digits (1,437 training images), the examples' MLP 64-128-128-10, SGD (
 batch 64): a run of 230 steps with a checkpoint every 23 (11 checkpoints) is featurized (k = --dim,
 Rademacher, sampled Fisher, measurement gradients at θ_T); the run is then resumed and trains 23 steps
 more (one more checkpoint, the new θ_T). Timed, --repeats times each (median): featurize of the
-short run, featurize --grow of the store by the new checkpoint, and featurize of the longer run from
-scratch; the work units (checkpoint × stage) each computes are counted from the stores.
+short run, featurize --grow of the store by the new checkpoint, featurize of the new checkpoint alone
+into a new store (``checkpoint_steps``: what "one checkpoint's featurize" costs, with its measurement
+pass and fixed costs), and featurize of the longer run from scratch; the work units (checkpoint ×
+stage) each computes are counted from the stores.
 """
 
 from __future__ import annotations
@@ -57,13 +59,24 @@ def units(store: Path) -> set[str]:
     return {name for name in s.nodes("grads/") if name.count("/") == 2 and s.is_complete(name)}
 
 
-def featurize(run: Path, store: Path, dim: int, grow: bool = False) -> tuple[float, int]:
+def featurize(
+    run: Path, store: Path, dim: int, grow: bool = False, steps: tuple[int, ...] | None = None
+) -> tuple[float, int]:
     """Seconds taken, and the work units (checkpoint × stage) this call added to ``store``."""
     before = units(store)
     t0 = time.perf_counter()
-    sp.featurize(run, digits.build_model(), digits.build_task(), digits.train_data("main"), store,
-                 projection=sp.ProjectionArguments(dim=dim), options=sp.FeaturizeArguments(batch_size=256),
-                 progress=False, grow=grow)
+    options = sp.FeaturizeArguments(batch_size=256, checkpoint_steps=steps)
+    sp.featurize(
+        run,
+        digits.build_model(),
+        digits.build_task(),
+        digits.train_data("main"),
+        store,
+        projection=sp.ProjectionArguments(dim=dim),
+        options=options,
+        progress=False,
+        grow=grow,
+    )
     seconds = time.perf_counter() - t0
     return seconds, len(units(store) - before)
 
@@ -75,7 +88,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    times: dict[str, list[float]] = {"short run": [], "grow by one checkpoint": [], "longer run from scratch": []}
+    names = ["short run", "grow by one checkpoint", "new checkpoint alone", "longer run from scratch"]
+    times: dict[str, list[float]] = {name: [] for name in names}
     done: dict[str, set[int]] = {name: set() for name in times}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -85,12 +99,13 @@ def main() -> None:
         train(longer, 11 * EVERY, resume=True)
         for r in range(args.repeats):
             calls = {
-                "short run": (short, f"grown-{r}.sp", False),
-                "grow by one checkpoint": (longer, f"grown-{r}.sp", True),
-                "longer run from scratch": (longer, f"scratch-{r}.sp", False),
+                "short run": (short, f"grown-{r}.sp", False, None),
+                "grow by one checkpoint": (longer, f"grown-{r}.sp", True, None),
+                "new checkpoint alone": (longer, f"alone-{r}.sp", False, (11 * EVERY,)),
+                "longer run from scratch": (longer, f"scratch-{r}.sp", False, None),
             }
-            for name, (run, store, grow) in calls.items():
-                seconds, added = featurize(run, root / store, args.dim, grow=grow)
+            for name, (run, store, grow, steps) in calls.items():
+                seconds, added = featurize(run, root / store, args.dim, grow=grow, steps=steps)
                 times[name].append(seconds)
                 done[name].add(added)
     print(f"digits MLP, N=1437, k={args.dim}, median of {args.repeats}, {args.threads} torch threads")

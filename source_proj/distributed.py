@@ -98,7 +98,7 @@ class Shard:
         return list(items[self.rank * n // self.world : (self.rank + 1) * n // self.world])
 
     def take_groups(self, items: Sequence[T], group: Callable[[T], Hashable]) -> list[T]:
-        """:meth:`take` over the runs of consecutive items with equal ``group(item)``, kept whole (the
+        """``take`` over the runs of consecutive items with equal ``group(item)``, kept whole (the
         row chunks of one store shard file, which one process must write)."""
         runs = [list(run) for _, run in itertools.groupby(items, key=group)]
         return [item for run in self.take(runs) for item in run]

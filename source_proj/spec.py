@@ -42,7 +42,7 @@ _REQUIRED = ("build_model", "build_task", "train_data")
 @dataclass
 class Spec:
     """A loaded spec file (see the module docstring). An exception raised inside one of its functions
-    becomes a :class:`TaskError` naming the function and the file."""
+    becomes a ``TaskError`` naming the function and the file."""
 
     path: Path
     module: ModuleType

@@ -304,7 +304,7 @@ def test_a_captured_store_grows_with_a_run_that_trains_a_new_stage_on_new_exampl
     assert set(after) - set(before) == added
     assert (after[window_array("visits", "more", 6)] == 1).all()
     assert store.meta["growth"][0] == {"checkpoints": [0, 3, 6], "fingerprint": store.meta["growth"][0]["fingerprint"],
-                                       "dropped_methods": ["source"]}
+                                       "dropped_methods": ["source"], "finished": True}
     assert store.meta["trajectory"]["checkpoints"] == [0, 3, 6, 9] and not store.meta["methods"]
     fitted = sp.fit(store, sp.FitArguments(segments_per_stage=1), progress=False)
     assert fitted.read("methods/source/train/more").shape == (12, DIM)

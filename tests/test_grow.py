@@ -97,8 +97,20 @@ def test_a_grown_store_is_the_longer_runs_store_and_only_new_checkpoints_are_com
     data = {"main": MAIN, "extra": EXTRA}
     with pytest.raises(sp.StoreError, match="pass --grow"):
         _featurize(tmp_path / "run", tmp_path / "grown.sp", data)
+    checked: set[str] = set()
+    check_chunk = sp.Store.check_chunk
+
+    def recorded(store: sp.Store, name: str, chunk: int, entry: np.ndarray) -> np.ndarray | str:
+        checked.add(name)
+        return check_chunk(store, name, chunk, entry)
+
+    monkeypatch.setattr(sp.Store, "check_chunk", recorded)
     grown = _featurize(tmp_path / "run", tmp_path / "grown.sp", data, grow=True)
     growth = counter.take()
+    # Growing reads no old work either: the finished store's chunks are not re-checked (only the new ones,
+    # when a growth resumes, and the ones packing reads).
+    old_arrays = {f"{kind}/main/step-{step:08d}" for kind in ("grads", "fisher") for step in (0, 4, 8)}
+    assert not checked & old_arrays, checked & old_arrays
     scratch = _featurize(tmp_path / "run", tmp_path / "scratch.sp", data)
     full = counter.take()
     # Only the new units ran: the old ones (checkpoints 0, 4, 8 on main) are exactly what the first featurize did.

@@ -16,6 +16,7 @@ import zarr
 import source_proj as sp
 from source_proj.distributed import Shard
 from source_proj.store.store import PACKED, STAGING, WRITTEN, Store
+from source_proj.store.verify import verify_store
 
 ROWS, WIDTH, CHUNK = 29, 5, 3  # 10 row chunks, the last one short
 NAME = "grads/main/step-00000001"
@@ -139,6 +140,45 @@ def test_a_damaged_shard_is_found_and_its_chunks_recomputed(tmp_path: Path) -> N
         np.testing.assert_array_equal(store.read(NAME), _expected())
         store.pack(NAME)
         assert _files(path) == _files(tmp_path / "reference.sp")
+
+
+@pytest.mark.parametrize("cut", [5, 40])
+@pytest.mark.parametrize("shard", [1, 2])
+def test_a_damaged_file_of_progress_entries_makes_its_chunks_unwritten_and_is_rewritten(
+    tmp_path: Path, shard: int, cut: int
+) -> None:
+    reference = _store(tmp_path / "reference.sp", 4)
+    _write(reference, list(range(10)))
+    reference.pack(NAME)
+    path = tmp_path / "damaged.sp"
+    store = _store(path, 4)
+    _write(store, list(range(10)))
+    entries = path / "progress" / NAME / "c" / str(shard) / "0"
+    entries.write_bytes(entries.read_bytes()[:cut])  # truncated: zarr cannot read any entry of the shard
+    chunks = list(range(4 * shard, min(10, 4 * shard + 4)))
+    store = Store.open(path, writable=True)
+    assert store.unreadable_progress(NAME) == [shard]
+    assert store.pending_chunks(NAME) == chunks  # unreadable entries: never trusted, recomputed
+    # A writer resuming without verify: its first entry in the damaged file rewrites the file first
+    # (zarr would read the damaged file to merge one entry into it).
+    _write(store, chunks)
+    assert store.unreadable_progress(NAME) == []
+    np.testing.assert_array_equal(store.read(NAME), _expected())
+    store.pack(NAME)
+    assert _files(path) == _files(tmp_path / "reference.sp")
+
+
+def test_verify_repair_rewrites_damaged_progress_entries(tmp_path: Path) -> None:
+    path = tmp_path / "damaged.sp"
+    _write(_store(path, 4), list(range(10)))
+    entries = path / "progress" / NAME / "c" / "1" / "0"
+    entries.write_bytes(entries.read_bytes()[:7])
+    report = verify_store(path, progress=False)
+    assert any("progress entries" in p and NAME in p for p in report.problems) and report.pending == 4
+    report = verify_store(path, repair=True, progress=False)
+    assert any("rewrote the damaged progress entries" in r for r in report.repaired)
+    store = Store.open(path)
+    assert store.unreadable_progress(NAME) == [] and store.pending_chunks(NAME) == [4, 5, 6, 7]
 
 
 def test_a_format_1_store_is_read_and_resumed_as_it_is(tmp_path: Path) -> None:

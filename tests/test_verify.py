@@ -6,6 +6,7 @@ from __future__ import annotations
 import shlex
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -13,6 +14,7 @@ from click.testing import CliRunner
 import source_proj as sp
 from source_proj.cli.main import main
 from source_proj.store import verify
+from source_proj.store.verify import fit_command
 
 from .crash_driver import FIT, damage, featurize, files
 from .test_crash_resume import ROOT, SPEC
@@ -133,3 +135,28 @@ def test_a_fast_source_store_verifies_ok_and_its_repair_command_keeps_the_segmen
     (store / "grads/main" / next(n.split("/")[-1] for n in names if "mean-" in n) / "c/0/0").write_bytes(b"\0")
     damaged = sp.verify_store(store, progress=False)
     assert damaged.status == "damaged" and any("mean-" in str(entry) for entry in damaged.damaged)
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        {"curvature": "kfac", "segments_per_stage": 2},
+        {"curvature": "projected", "auto_segments": 0, "stages": ["pretrain"]},
+        {"boundaries": [10, 20], "fast": True},
+    ],
+)
+def test_the_printed_fit_command_repeats_every_setting_the_fit_was_made_with(arguments: dict) -> None:
+    store = SimpleNamespace(path="runs/a b.sp", meta={"methods": {"m": {"arguments": arguments}}})
+    command = fit_command(store, "m")  # type: ignore[arg-type]
+    context = main.commands["fit"].make_context("fit", shlex.split(command)[2:])
+    seg = sp.SegmentationArguments.parse(context.params["segments"]) if context.params["segments"] else None
+    assert context.params["store_path"] == "runs/a b.sp" and context.params["method"] == "m"
+    assert context.params["curvature"] == arguments.get("curvature")
+    assert context.params["fast"] == arguments.get("fast", False)
+    assert (seg.auto if seg else None) == arguments.get("auto_segments")
+    if "segments_per_stage" in arguments:
+        assert seg is not None and seg.per_stage == arguments["segments_per_stage"]
+    assert context.params["boundaries"] == (
+        ",".join(map(str, arguments["boundaries"])) if "boundaries" in arguments else None
+    )
+    assert context.params["stages"] == (",".join(arguments["stages"]) if "stages" in arguments else None)

@@ -206,8 +206,8 @@ def _sgd(
 class BatchedRetrain:
     """A retrain function for the LDS that trains ``models_per_call`` copies at once.
 
-    ``retrain_many(keeps, seeds) -> [M, Q]`` trains with :class:`BatchedSGD` and measures the queries;
-    :func:`~source_proj.evaluation.retrain.run_retrains` (hence ``lds_ground_truth``) calls it in
+    ``retrain_many(keeps, seeds) -> [M, Q]`` trains with ``BatchedSGD`` and measures the queries;
+    ``run_retrains`` (hence ``lds_ground_truth``) calls it in
     groups and caches every model's measurements as it would a plain retrain's. Called as
     ``retrain(keep, seed) -> [Q]`` it trains one copy, so it also serves wherever a plain retrain
     function does.

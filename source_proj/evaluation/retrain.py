@@ -5,8 +5,8 @@ examples with the randomness of ``seed`` and returns the measurement of every qu
 ``keep`` maps each attributed stage to the sorted indices (within that stage's dataset) of its
 kept examples; stages it does not name are kept whole.
 
-A *batched* retrain function (:class:`BatchedRetrainFunction`, e.g. ``batched.BatchedRetrain``) also
-has ``retrain_many(keeps, seeds) -> [M, Q]``: :func:`run_retrains` then hands it the unfinished jobs
+A *batched* retrain function (``BatchedRetrainFunction``, e.g. ``batched.BatchedRetrain``) also
+has ``retrain_many(keeps, seeds) -> [M, Q]``: ``run_retrains`` then hands it the unfinished jobs
 in groups of ``models_per_call``, in this process (its parallelism is the group, not worker processes).
 
 Every finished retrain is written at once, atomically (a temporary file renamed into place), to

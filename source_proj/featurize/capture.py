@@ -28,7 +28,7 @@ gradients themselves (no extra pass; biased). Only the k × k sum of ũũᵀ per
 multiply-adds per Fisher batch).
 
 **Crash safety.** A window is written (chunks, then progress entries) just before the checkpoint that
-closes it is saved. A killed run resumed with :meth:`TrajectoryRecorder.resume` and the same store
+closes it is saved. A killed run resumed with ``TrajectoryRecorder.resume`` and the same store
 drops what was written after the last checkpoint and recomputes it; a finished run resumed to train
 further grows its store (fitted methods are dropped: re-fit).
 """
@@ -63,7 +63,7 @@ from source_proj.trajectory.recorder import Trajectory, TrajectoryRecorder, desc
 
 _FOLD_EVERY = 64
 INDEX_KEY = "source_proj_index"
-"""The key :class:`IndexedDataset` adds to dict items (a batch's dataset row indices)."""
+"""The key ``IndexedDataset`` adds to dict items (a batch's dataset row indices)."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ class IndexedDataset(Dataset):
     """A dataset whose items carry their row index, so each batch says which examples it holds.
 
     Dict items get the key ``"source_proj_index"``; any other item ``x`` becomes ``(index, x)``.
-    :meth:`GradientCapture.batch` takes the indices out again before the model sees the batch.
+    ``GradientCapture.batch`` takes the indices out again before the model sees the batch.
     """
 
     def __init__(self, dataset: Dataset) -> None:
@@ -116,7 +116,7 @@ class IndexedDataset(Dataset):
 
 
 def split_indices(batch: Any, indices: Tensor | Sequence[int] | None = None) -> tuple[Tensor, Batch]:
-    """``(row indices [B] int64, the batch without them)`` of a batch of :class:`IndexedDataset` (or
+    """``(row indices [B] int64, the batch without them)`` of a batch of ``IndexedDataset`` (or
     of any batch whose ``indices`` are given)."""
     if indices is not None:
         return torch.as_tensor(indices, dtype=torch.long).reshape(-1).cpu(), batch
@@ -141,9 +141,9 @@ class GradientCapture:
     """Captures projected per-example gradients and Fisher sums during training into a store.
 
     Args:
-        recorder: the run's recorder (fresh, or :meth:`~TrajectoryRecorder.resume`-d); its model is captured.
+        recorder: the run's recorder (fresh, or ``resume``-d); its model is captured.
         store_path: the store to write (a directory or a URL).
-        task: the task (loss, parameters attributed); batches handed to :meth:`batch` are its batches.
+        task: the task (loss, parameters attributed); batches handed to ``batch`` are its batches.
         projection: dimension and seed; the kind must be ``"factored"`` (the layer hooks), and the
             attributed parameters must all belong to Linear or Conv layers.
         options: Fisher, loss reduction, chunking.
@@ -317,7 +317,7 @@ class GradientCapture:
         """Capture one training batch: run its forward and backward inside the block.
 
         Args:
-            batch: a batch of :class:`IndexedDataset` (its indices are taken out), or any batch with ``indices``.
+            batch: a batch of ``IndexedDataset`` (its indices are taken out), or any batch with ``indices``.
             indices: the batch's dataset row indices ``[B]`` in the current stage's dataset.
             scale: what the tapped δ is multiplied by to give ∇ℓ (default: B for ``reduction="mean"``,
                 1 for ``"sum"``; with gradient accumulation over n batches, n·B).
@@ -330,7 +330,7 @@ class GradientCapture:
 
     def begin(self, batch: Any, indices: Tensor | Sequence[int] | None = None, *, scale: float | None = None) -> Batch:
         """Start capturing a batch (the forward and backward that follow are captured); returns the batch
-        without its indices. :meth:`commit` (or the next ``begin``, or the next checkpoint) ends it."""
+        without its indices. ``commit`` (or the next ``begin``, or the next checkpoint) ends it."""
         self.commit()
         rows, rest = split_indices(batch, indices)
         name, size = self.recorder.stage

@@ -44,7 +44,7 @@ from source_proj.featurize.factors import (
     factor_arrays,
     kronecker_layers,
 )
-from source_proj.featurize.grow import growth_refusal, record_growth
+from source_proj.featurize.grow import finished_before_growth, growth_refusal, record_growth
 from source_proj.featurize.plan import FeaturizePlan, NotPrepared, Unit, featurize_plan
 from source_proj.featurize.sharded import ShardedParameters
 from source_proj.projection.base import Projector
@@ -310,11 +310,13 @@ class _Featurize:
     def finish(self) -> bool:
         store = Store.open(self.path, writable=True)
         plan = self._plan(store)
-        if any(store.pending_chunks(name) for unit in plan.units for name, _, _ in self._arrays(unit)):
+        if any(store.pending_chunks(name) for unit in _open_units(plan) for name, _, _ in self._arrays(unit)):
             return False
+        staged = store.staged_arrays()
         for name in store.progress_arrays():
-            if not name.startswith("methods/"):
+            if name in staged and not name.startswith("methods/"):
                 store.pack(name)  # shards a kill left unpacked, then the staged chunks go
+        store.drop_empty_staging()
         old = store.meta.get("products") or {}
         products = {"checkpoints": bool(old.get("checkpoints")) or self.options.checkpoints,
                     "segment_means": bool(old.get("segment_means")) or self.options.segment_means}
@@ -398,7 +400,7 @@ class _Featurize:
         """Every (unit, row chunk) of the plan in a fixed order; ``create``: also create the arrays and
         progress entries still missing."""
         items = []
-        for unit in plan.units:
+        for unit in _open_units(plan):
             for name, shape, rows in self._arrays(unit) if create else ():
                 plan.store.require_array(name, shape, rows, "float32")
                 plan.store.pending_chunks(name)
@@ -412,11 +414,19 @@ class _Featurize:
         store = plan.store
         if heal:
             store.heal_chunks([(name, chunk) for unit, chunk in items for name, _, _ in self._arrays(unit)])
-        pending = {name: set(store.pending_chunks(name)) for unit in plan.units for name, _, _ in self._arrays(unit)}
+        units = {id(unit): unit for unit, _ in items}.values()
+        pending = {name: set(store.pending_chunks(name)) for unit in units for name, _, _ in self._arrays(unit)}
         work = [(unit, chunk) for unit, chunk in items if any(chunk in pending[n] for n, _, _ in self._arrays(unit))]
         _featurize_units(plan, work, self.grads_fn, self.projector, self.task, self.options, self.device,
                          self.work_model, self.progress, collector=self.collector, lockstep=self.lockstep,
                          shards=self.shards)
+
+
+def _open_units(plan: FeaturizePlan) -> list[Unit]:
+    """The plan's units less those a grown store had finished (durably) before it grew: growing reads
+    and re-checks only what is new (``grow.finished_before_growth``)."""
+    finished = finished_before_growth(plan.store.meta)
+    return [unit for unit in plan.units if unit.prefix or unit.key not in finished]
 
 
 def _featurize_units(
@@ -448,7 +458,7 @@ def _featurize_units(
     stage_index = {s.name: i for i, s in enumerate(plan.trajectory.stages)}
     desc = "featurize (segmentation probe)" if plan.probe else "featurize"
     rows = options.chunk_rows
-    runs = [(unit, [chunk for u, chunk in work if u is unit]) for unit in plan.units]
+    runs = [(unit, [chunk for u, chunk in work if u is unit]) for unit in _open_units(plan)]
     saving = shards.saving if shards is not None else contextlib.nullcontext
     with tqdm(total=len(work), desc=desc, unit="chunk", disable=not progress) as bar:
         # One DataLoader per run of consecutive chunks of a unit: its workers start once and read ahead

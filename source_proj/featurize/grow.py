@@ -2,7 +2,7 @@
 with them new training examples) is added to its existing store, computing only what is new.
 
 A store may grow into a run whose first steps *are* the store's run: cut the new run after the
-store's last step (:meth:`Trajectory.truncated`) and it has the store's fingerprint (learning rates,
+store's last step (``Trajectory.truncated``) and it has the store's fingerprint (learning rates,
 stages, every checkpoint's sha256). Then featurize's plan (``plan.py``) finds the old work units
 complete and computes the new ones only: the new checkpoints on their stages, and the new final
 checkpoint on every stage. In-run capture grows its store the same way when its recorder resumes a
@@ -10,6 +10,8 @@ finished run (``capture.py``).
 
 What a growth changes is recorded in the store's metadata (``meta["growth"]``: the checkpoints and
 fingerprint before, the fitted methods dropped), so provenance names every run a store has held;
+the work the store had finished before is trusted as it is (resuming writers re-check only the
+chunks written since, see ``finished_before_growth``);
 fitted methods depend on the whole trajectory (its segments, its final checkpoint), so they are
 dropped and must be fitted again. A stage's own dataset cannot grow (the recorder fixes its size):
 new examples enter through a new stage.
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from source_proj.store.store import Store
+from source_proj.store.store import Store, ckpt_key
 from source_proj.trajectory.recorder import Trajectory
 
 
@@ -49,7 +51,17 @@ def record_growth(store: Store) -> None:
         "checkpoints": meta["trajectory"]["checkpoints"],
         "fingerprint": meta["trajectory"]["fingerprint"],
         "dropped_methods": methods,
+        "finished": bool(meta.get("featurized") or meta.get("captured")),
     }
     for method in methods:
         store.delete(f"methods/{method}")
     store.update_meta(growth=[*meta.get("growth", []), entry], methods={})
+
+
+def finished_before_growth(meta: dict[str, Any]) -> set[str]:
+    """Keys of the checkpoints whose work the store had finished (and made durable) before its latest
+    growth: writers resuming the growth do not re-check their chunks, so growing reads only what is new."""
+    growth = meta.get("growth") or []
+    if not growth or not growth[-1].get("finished"):
+        return set()
+    return {ckpt_key(step) for step in growth[-1]["checkpoints"]}

@@ -12,7 +12,7 @@ first checkpoint (``step-<c>``, as post-hoc features are keyed by checkpoint)::
 θ_t are the parameters the visit's step started from (the gradient the step used); ũ = P ∇ℓ(x, ŷ; θ_t)
 with ŷ drawn from the model (sampled Fisher), or the captured gradient itself (empirical Fisher).
 
-fit cuts a captured run at window boundaries only (:func:`window_cuts`: the requested cuts moved to the
+fit cuts a captured run at window boundaries only (``window_cuts``: the requested cuts moved to the
 nearest checkpoint), so each segment ℓ of stage s is a run of whole windows, those starting at its
 checkpoints C_ℓ, and uses
 
@@ -41,7 +41,7 @@ WINDOW_ARRAYS = ("grads", "visits", "fisher", "fisher-count")
 
 
 def window_array(kind: str, stage: str, start: int) -> str:
-    """Store name of one of a window's arrays (``kind`` in :data:`WINDOW_ARRAYS`)."""
+    """Store name of one of a window's arrays (``kind`` in ``WINDOW_ARRAYS``)."""
     return f"{PREFIX}{kind}/{stage}/{ckpt_key(start)}"
 
 

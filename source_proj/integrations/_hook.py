@@ -87,7 +87,7 @@ def dataset_size(given: int | None, dataloader: Any, where: str) -> int:
 
 
 class CaptureSettings:
-    """What both capture callbacks take beyond the recorder's settings (see :class:`GradientCapture`)."""
+    """What both capture callbacks take beyond the recorder's settings (see ``GradientCapture``)."""
 
     def __init__(
         self,

@@ -59,7 +59,7 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
 
 
 class HuggingFaceCapture(HuggingFaceRecorder):
-    """Records the run (as :class:`HuggingFaceRecorder`) and captures projected per-example gradients in-run.
+    """Records the run (as ``HuggingFaceRecorder``) and captures projected per-example gradients in-run.
 
     Usage::
 
@@ -68,18 +68,18 @@ class HuggingFaceCapture(HuggingFaceRecorder):
         Trainer(model, args, train_dataset=sp.IndexedDataset(train), callbacks=[capture]).train()
         sp.fit("runs/hf.sp")
 
-    The training set must be wrapped in :class:`source_proj.IndexedDataset` (dict items gain a
+    The training set must be wrapped in ``source_proj.IndexedDataset`` (dict items gain a
     ``"source_proj_index"`` column; the callback keeps the Trainer from dropping it and takes it out of
     the model's inputs). The model's loss must be the batch mean of ``task``'s per-example loss (HF's
     default); with gradient accumulation over n batches it is scaled by n·B. One process only.
 
     Args:
         run_dir: the run directory to write (see ``TrajectoryRecorder``).
-        store_path: the store to capture into (see :class:`source_proj.GradientCapture`).
+        store_path: the store to capture into (see ``source_proj.GradientCapture``).
         task: the task; its batches are the model's keyword inputs (e.g. ``SequenceClassificationTask``).
         save_every: save a checkpoint every this many optimizer steps (a window between checkpoints).
         projection: dimension and seed of the factored projection.
-        options: the Fisher, chunking (see :class:`source_proj.CaptureArguments`).
+        options: the Fisher, chunking (see ``source_proj.CaptureArguments``).
         stage: the stage name.
         dataset_size: the training set size (default: ``len`` of the trainer's training dataset).
         overwrite: replace an existing trajectory in ``run_dir`` and store at ``store_path``.

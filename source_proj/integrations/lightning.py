@@ -60,7 +60,7 @@ class LightningRecorder(RecorderSettings, Callback):
 
 
 class LightningCapture(LightningRecorder):
-    """Records the run (as :class:`LightningRecorder`) and captures projected per-example gradients in-run.
+    """Records the run (as ``LightningRecorder``) and captures projected per-example gradients in-run.
 
     Usage::
 
@@ -70,13 +70,13 @@ class LightningCapture(LightningRecorder):
         lightning.Trainer(max_epochs=3, callbacks=[capture]).fit(module, loader)
         sp.fit("runs/pl.sp")
 
-    The training set must be wrapped in :class:`source_proj.IndexedDataset`: the callback takes each
+    The training set must be wrapped in ``source_proj.IndexedDataset``: the callback takes each
     batch's row indices out of the batch (in place: batches must be lists or dicts, as the default
     collate makes them) before ``training_step`` sees it. ``task`` computes with the LightningModule
     on those batches; ``training_step`` must minimise the batch mean of its per-example loss (with
     ``accumulate_grad_batches`` = n, Lightning divides it by n, which capture undoes). One process only.
 
-    Args: as :class:`source_proj.integrations.HuggingFaceCapture`.
+    Args: as ``source_proj.integrations.HuggingFaceCapture``.
     """
 
     def __init__(

@@ -106,7 +106,7 @@ class BaselineArguments:
     """Which baseline to fit and how.
 
     Attributes:
-        kind: one of :data:`BASELINES`.
+        kind: one of ``BASELINES``.
         method: name it is stored under (``methods/<method>``); default: the kind.
         stages: attribute to these stages' examples only; default all.
         curvature_stages: IF and TRAK: the stages whose data form the curvature; default all (the

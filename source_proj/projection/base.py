@@ -66,7 +66,7 @@ class Projector(ABC):
         """P T(∇quantity(z; θ)) for every example z of a batch: float32 ``[B, k]``.
 
         ``transform`` (``transform.py``) is a linear map applied to every per-example gradient
-        before projection (Adam's D^{-1/2}, SOURCE_MATH §6: build it with :meth:`scaling`); ``None``
+        before projection (Adam's D^{-1/2}, SOURCE_MATH §6: build it with ``scaling``); ``None``
         is the identity. This default materialises the per-example gradients; projectors that need
         not (the factored one) override it.
         """

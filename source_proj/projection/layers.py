@@ -16,7 +16,7 @@ one layer with several *uses*: each adds its outer products to the same G. Its b
 left to the dense part. Everything else (norms, packed attention projections used functionally,
 grouped convolutions) is not a factorable layer.
 
-:meth:`FactoredLayer.matrix` and :meth:`FactoredLayer.split` convert between the parameters'
+``FactoredLayer.matrix`` and ``FactoredLayer.split`` convert between the parameters'
 materialised per-example gradients and G: the projections and gradient transforms use them on the
 materialising path, and the tests use them as the oracle of the hook path.
 """
@@ -91,7 +91,7 @@ class FactoredLayer:
 
     @classmethod
     def from_description(cls, desc: Sequence[Any], model: nn.Module | None = None) -> FactoredLayer:
-        """Rebuild a layer from :meth:`describe` (the kind of a five-field entry is read from ``model``)."""
+        """Rebuild a layer from ``describe`` (the kind of a five-field entry is read from ``model``)."""
         module, weight, bias, out_features, in_features = desc[:5]
         if len(desc) > 5:
             tied = tuple((str(name), kind) for name, kind in desc[6])
@@ -112,7 +112,7 @@ class FactoredLayer:
         return g
 
     def split(self, g: Tensor, shapes: Mapping[str, Sequence[int]]) -> dict[str, Tensor]:
-        """The inverse of :meth:`matrix`: ``[B, out_features, in_rows]`` back to parameter-shaped gradients."""
+        """The inverse of ``matrix``: ``[B, out_features, in_rows]`` back to parameter-shaped gradients."""
         batch = g.shape[0]
         weight = g[:, :, : self.in_features]
         if self.kind == "hf_conv1d":

@@ -11,11 +11,11 @@ it is an elementwise scale. The factored projection applies it without materiali
     P_out (Σ_r L_r G R_rᵀ) P_inᵀ = Σ_r Σ_t (P_out L_r δ_t)(P_in R_r a_t)ᵀ:
 
 it projects with the R factor pairs (P_out L_r, P_in R_r), precomputed once per transform
-(:meth:`LayerTransform.project_factors`), at R times the cost of the plain factored projection. The
-projections that materialise gradients apply the same map to them (:meth:`GradientTransform.apply`).
+(``LayerTransform.project_factors``), at R times the cost of the plain factored projection. The
+projections that materialise gradients apply the same map to them (``GradientTransform.apply``).
 
 **Adam and AdamW** (SOURCE_MATH §6): D^{-1/2} is an elementwise grid S (``d_out × d_in'``) on a layer.
-:func:`scaling_transform` replaces it by a rank-R approximation S ≈ S_R = Σ_r u_r v_rᵀ, i.e.
+``scaling_transform`` replaces it by a rank-R approximation S ≈ S_R = Σ_r u_r v_rᵀ, i.e.
 L_r = diag(u_r), R_r = diag(v_r): the transformed gradient is S_R ⊙ G instead of S ⊙ G. R = 1 is
 Adafactor's row × column factorisation; R = min(d_out, d_in') is exact. What matters is the error of
 the scaled gradients, E‖(S − S_R) ⊙ g‖² = Σ_ij (S − S_R)_ij² E[g_ij²], and Adam's own second moment
@@ -106,7 +106,7 @@ class GradientTransform:
     """A linear map on per-example gradients: Kronecker terms on layers, elementwise scales elsewhere.
 
     Attributes:
-        layers: one :class:`LayerTransform` per transformed layer (identity on layers not listed).
+        layers: one ``LayerTransform`` per transformed layer (identity on layers not listed).
         elementwise: parameter name → multiplier of the parameter's shape (1 where absent).
     """
 
@@ -154,7 +154,7 @@ class GradientTransform:
         )
 
     def save(self, store: Store, prefix: str) -> dict[str, Any]:
-        """Write the factors as store arrays under ``prefix/``; returns the JSON description :meth:`load` reads."""
+        """Write the factors as store arrays under ``prefix/``; returns the JSON description ``load`` reads."""
         layers = []
         for index, lt in enumerate(self.layers):
             for side, factors in (("left", lt.left), ("right", lt.right)):
@@ -168,7 +168,7 @@ class GradientTransform:
 
     @classmethod
     def load(cls, store: Store, desc: Mapping[str, Any], device: torch.device | str = "cpu") -> GradientTransform:
-        """Rebuild a transform written by :meth:`save` from its description."""
+        """Rebuild a transform written by ``save`` from its description."""
         prefix = desc["prefix"]
         try:
             layers = tuple(
@@ -245,7 +245,7 @@ def scaling_transform(
     """An elementwise gradient scaling (Adam's D^{-1/2}: ``name → multiplier`` of the parameter's shape).
 
     On each of ``layers`` the [weight | bias] grid S of multipliers is replaced by its rank-``rank``
-    approximation weighted by S⁻⁴ (Adam's second moment; :func:`low_rank`, module docstring) as
+    approximation weighted by S⁻⁴ (Adam's second moment; ``low_rank``, module docstring) as
     diagonal Kronecker terms; ``rank=None`` keeps the exact elementwise scaling on every parameter
     (for projections that materialise gradients). A parameter absent from ``scale`` is multiplied by 1.
     """

@@ -22,7 +22,7 @@ shares of a sequence sum to its score (``TokenScores.scores``, read from the cac
 difference is float rounding, or a parameter used outside its module's forward). A module output
 without a position axis (a classifier head) goes to ``unplaced``.
 
-For a query's *per-token* loss, score the query with one predicted token (:func:`single_token_query`):
+For a query's *per-token* loss, score the query with one predicted token (``single_token_query``):
 its measurement, the summed token loss, is then that token's loss.
 
 Cost: per feature point, one pass of Pᵀ over the queries' features, then a forward and a backward
@@ -108,7 +108,7 @@ def token_scores(
         progress: show a progress bar (one step per feature point and stage).
 
     Returns:
-        :class:`TokenScores` with ``tokens`` ``[Q, len(rows), T]``.
+        ``TokenScores`` with ``tokens`` ``[Q, len(rows), T]``.
     """
     store = attributor.store
     recipe = method_meta(store, attributor.method).get("train")

@@ -1,5 +1,5 @@
 """HTML reports of text attribution results: each query with its top training sequences
-(:func:`text_report`), and the per-token scores of training sequences (:func:`token_report`).
+(``text_report``), and the per-token scores of training sequences (``token_report``).
 
 For every query: its text (optionally shaded token by token, e.g. by the next-token loss the
 measurement sums), then its training sequences with the largest and the most negative scores,

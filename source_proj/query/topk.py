@@ -9,7 +9,7 @@ devices (``TorchIndex.sharded``) when they do not fit one; streamed, only one st
 time (plus ``query_batch × block`` scores and ``Q × k`` winners), scored on one or several devices.
 ``faiss_shards`` is the FAISS counterpart (``IndexShards`` of GPU flat indexes).
 
-**Approximate search** (``"ivf"``, :class:`IVFArguments`): a FAISS inverted-file index clusters the
+**Approximate search** (``"ivf"``, ``IVFArguments``): a FAISS inverted-file index clusters the
 rows into ``nlist`` cells (k-means on a sample) and each query scans only the ``nprobe`` cells whose
 centroids have the largest inner product with it, optionally holding the rows in float16
 (``IndexIVFScalarQuantizer``, half the memory). It misses a true top-k row when that row sits in a
@@ -228,7 +228,7 @@ def ivf_index(
     args: IVFArguments = IVFArguments(),
     gpu: int | None = None,
 ) -> faiss.Index:
-    """An approximate inner-product index (FAISS IVF, see :class:`IVFArguments`) over ``ntotal`` rows
+    """An approximate inner-product index (FAISS IVF, see ``IVFArguments``) over ``ntotal`` rows
     from ``blocks``, read twice (the training sample, then every row), one block in memory at a time;
     on GPU ``gpu`` where this FAISS build has GPU support, else on the CPU."""
     cells = args.cells(ntotal)

@@ -200,7 +200,7 @@ _IO_REASONS = {
 
 @contextmanager
 def io_errors(path: str | Path, what: str) -> Iterator[None]:
-    """Turn an operating-system error while writing ``what`` into a :class:`StoreError`."""
+    """Turn an operating-system error while writing ``what`` into a ``StoreError``."""
     try:
         yield
     except OSError as err:

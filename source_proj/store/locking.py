@@ -57,7 +57,7 @@ class StoreLock(ABC):
 
     @abstractmethod
     def holder(self) -> dict[str, Any] | None:
-        """Who holds the lock now (:func:`holder_info` of a writer in another process), or ``None``.
+        """Who holds the lock now (``holder_info`` of a writer in another process), or ``None``.
         Only reads; meant for explaining why a store looks unfinished."""
 
     def __enter__(self) -> StoreLock:

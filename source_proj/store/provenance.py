@@ -13,16 +13,16 @@ and holds the checks made before anything is written or scored:
   are the store's. Queries are always scored at the store's final checkpoint θ_T: the model
   passed in supplies the architecture, and its weights are replaced by θ_T's, which must still be
   the file featurize used (same run fingerprint, same sha256).
-- :func:`check_model`: the model computes what the store's model computed. Same parameter names
+- ``check_model``: the model computes what the store's model computed. Same parameter names
   and shapes do not make the same function (ReLU replaced by Tanh), so featurize records what
   θ_T computes on a fixed *reference batch* of training examples (``meta["fingerprint"]["model"]``:
   per example loss, measurement, and mean and standard deviation of the outputs; the batch itself
-  in the array :data:`REFERENCE_BATCH`), and every later use recomputes it and compares within
-  :data:`MODEL_RTOL` of the largest recorded magnitude (wide enough for CPU/GPU and summation
+  in the array ``REFERENCE_BATCH``), and every later use recomputes it and compares within
+  ``MODEL_RTOL`` of the largest recorded magnitude (wide enough for CPU/GPU and summation
   order, far narrower than another activation or layer makes).
-- :func:`check_data`: the training data are the store's. ``meta["fingerprint"]["data"]`` holds per
-  stage the sha256 of every example (of a seeded sample of :data:`DATA_ROWS` examples for larger
-  sets) and, for cheap checks at query time, of :data:`QUICK_ROWS` of them.
+- ``check_data``: the training data are the store's. ``meta["fingerprint"]["data"]`` holds per
+  stage the sha256 of every example (of a seeded sample of ``DATA_ROWS`` examples for larger
+  sets) and, for cheap checks at query time, of ``QUICK_ROWS`` of them.
 
 A store written before the fingerprints existed still opens; the first check says once that it
 cannot be checked.
@@ -167,7 +167,7 @@ def _seeded_rows(size: int, count: int, salt: int) -> list[int]:
 
 
 def reference_batch(datasets: Mapping[str, Dataset]) -> Any:
-    """The reference batch: :data:`REFERENCE_ROWS` seeded examples of the first stage's data, collated."""
+    """The reference batch: ``REFERENCE_ROWS`` seeded examples of the first stage's data, collated."""
     first = next(iter(datasets.values()))
     rows = _seeded_rows(len(first), REFERENCE_ROWS, 0)  # type: ignore[arg-type]
     return next(iter(DataLoader(Subset(first, rows), batch_size=len(rows))))
@@ -192,7 +192,7 @@ def model_fingerprint(model: nn.Module, task: Task, batch: Any, device: torch.de
 
 @contextmanager
 def model_errors(what: str) -> Iterator[None]:
-    """Turn the model failing on ``what`` (inputs of another shape or type) into a :class:`TaskError`."""
+    """Turn the model failing on ``what`` (inputs of another shape or type) into a ``TaskError``."""
     try:
         yield
     except (SourceProjError, torch.OutOfMemoryError):
@@ -214,7 +214,7 @@ def save_reference_batch(store: Store, batch: Any) -> None:
 def _model_difference(
     recorded: Mapping[str, Sequence[float | None]], actual: Mapping[str, Sequence[float | None]]
 ) -> str | None:
-    """Where the fingerprints differ beyond :data:`MODEL_RTOL` (``None``: they agree). The outputs' mean
+    """Where the fingerprints differ beyond ``MODEL_RTOL`` (``None``: they agree). The outputs' mean
     is compared on the scale of the outputs themselves (their standard deviation), as it may cancel."""
 
     def magnitude(name: str) -> float:
@@ -264,7 +264,7 @@ def check_model(store: Store, model: nn.Module, task: Task, device: torch.device
 
 
 def check_model_values(path: str, meta: Mapping[str, Any], values: Mapping[str, Sequence[float | None]]) -> None:
-    """Refuse model fingerprint ``values`` (see :func:`model_fingerprint`) that differ from the store's."""
+    """Refuse model fingerprint ``values`` (see ``model_fingerprint``) that differ from the store's."""
     recorded = (meta.get("fingerprint") or {}).get("model")
     if recorded is None:
         _unchecked(path, meta)
@@ -316,8 +316,8 @@ def _data_digest(dataset: Dataset, rows: Sequence[int]) -> str:
 
 
 def data_fingerprint(datasets: Mapping[str, Dataset], *, quick: bool = False) -> dict[str, dict[str, Any]]:
-    """Per stage: its size, and the sha256 of every example (a seeded sample of :data:`DATA_ROWS` in larger
-    sets; skipped when ``quick``) and of :data:`QUICK_ROWS` seeded examples."""
+    """Per stage: its size, and the sha256 of every example (a seeded sample of ``DATA_ROWS`` in larger
+    sets; skipped when ``quick``) and of ``QUICK_ROWS`` seeded examples."""
     out = {}
     for stage, dataset in datasets.items():
         size = len(dataset)  # type: ignore[arg-type]
@@ -337,7 +337,7 @@ def check_data(
     quick: bool = False,
     fingerprint: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> bool:
-    """Refuse training data whose fingerprint differs from the store's (``quick``: :data:`QUICK_ROWS`
+    """Refuse training data whose fingerprint differs from the store's (``quick``: ``QUICK_ROWS``
     examples per stage; ``fingerprint``: theirs, if already computed). Returns whether they could be
     checked: not against a store written before fingerprints, nor a dataset that reads differently
     every time (random augmentation), which is let through with a warning."""

@@ -70,7 +70,7 @@ _DONE = (WRITTEN, PACKED)
 STAGING = "staging/"
 
 SHARD_BYTES = 256 * 2**20
-"""Default size of a shard file (see :func:`shard_chunks_for`): large enough that 10⁷ rows of k = 4096 make
+"""Default size of a shard file (see ``shard_chunks_for``): large enough that 10⁷ rows of k = 4096 make
 about 600 files per array, small enough to be packed in memory."""
 
 
@@ -187,7 +187,7 @@ class Store:
         return arr
 
     def require_array(self, name: str, shape: tuple[int, ...], chunk_rows: int, dtype: str) -> zarr.Array:
-        """The array ``name``, created (row-chunked, uncompressed, in shards of :attr:`shard_chunks`
+        """The array ``name``, created (row-chunked, uncompressed, in shards of ``shard_chunks``
         chunks when it has several) if missing; checks its shape."""
         if self.has(name):
             arr = self.array(name)
@@ -271,7 +271,7 @@ class Store:
         return -(-arr.shape[0] // arr.chunks[0])
 
     def progress_entries(self, name: str) -> np.ndarray:
-        """uint32 ``[chunks, 2]``: (state, crc32) of every row chunk (state :data:`WRITTEN` or :data:`PACKED`
+        """uint32 ``[chunks, 2]``: (state, crc32) of every row chunk (state ``WRITTEN`` or ``PACKED``
         once complete); an unreadable entry reads (0, 0)."""
         if self.group.store.read_only and not self.has(f"progress/{name}"):
             return np.zeros((self.num_chunks(name), 2), dtype=np.uint32)  # created, never written
@@ -334,16 +334,63 @@ class Store:
 
     def mark_pending(self, name: str, chunks: list[int]) -> None:
         """Forget that these chunks were written, so the writing command recomputes them."""
-        progress = self._progress(name, self.num_chunks(name))
         with io_errors(self.path, f"the progress entries of {name!r}"):
             for chunk in chunks:
-                progress[chunk] = np.zeros(2, dtype=np.uint32)
+                self._set_progress(name, slice(chunk, chunk + 1), np.zeros((1, 2), dtype=np.uint32))
+
+    def _entries_per_file(self, name: str) -> int:
+        """Progress entries of array ``name`` that share one file (those of one shard of its chunks)."""
+        shards = self._progress(name, self.num_chunks(name)).shards
+        return 1 if shards is None else int(shards[0])
+
+    def unreadable_progress(self, name: str) -> list[int]:
+        """The files of array ``name``'s progress entries that cannot be read (truncated, flipped): their
+        entries read as unwritten, so their chunks are recomputed, but they must be rewritten whole
+        ([`rewrite_progress`][source_proj.store.store.Store.rewrite_progress]) before any entry in them
+        is written again, since zarr reads a shard's file to merge a write into it."""
+        progress, per = self._progress(name, self.num_chunks(name)), self._entries_per_file(name)
+        bad = []
+        for file in range(-(-progress.shape[0] // per)):
+            try:
+                np.asarray(progress[file * per : (file + 1) * per])
+            except Exception:
+                bad.append(file)
+        return bad
+
+    def rewrite_progress(self, name: str, files: Iterable[int]) -> None:
+        """Rewrite these files of array ``name``'s progress entries from what can still be read of them
+        (an unreadable entry becomes unwritten). Each file's entries belong to one writer (the
+        chunks of one shard), so no other process writes them meanwhile."""
+        progress, per = self._progress(name, self.num_chunks(name)), self._entries_per_file(name)
+        entries = self.progress_entries(name)
+        with io_errors(self.path, f"the progress entries of {name!r}"):
+            for file in files:
+                first, last = file * per, min(progress.shape[0], (file + 1) * per)
+                sync(self.group.store.delete(f"{progress.path}/{progress.metadata.encode_chunk_key((file, 0))}"))
+                progress[first:last] = entries[first:last]
+
+    def _set_progress(self, name: str, rows: slice, values: np.ndarray) -> None:
+        """Write progress entries ``rows`` of array ``name``; a damaged file of entries in the way is
+        rewritten first from what can still be read of it."""
+        progress = self._progress(name, self.num_chunks(name))
+        try:
+            progress[rows] = values
+        except OSError:
+            raise
+        except Exception:
+            per = self._entries_per_file(name)
+            files = range(rows.start // per, (rows.stop - 1) // per + 1)
+            damaged = [f for f in self.unreadable_progress(name) if f in files]
+            if not damaged:
+                raise
+            self.rewrite_progress(name, damaged)
+            progress[rows] = values
 
     def progress_arrays(self, prefix: str = "") -> list[str]:
         """Names of the row-chunked arrays (those with progress entries) under ``prefix``, sorted.
 
         Read from the storage listing, so an array whose progress metadata is unreadable is listed
-        too (reading its entries then raises :class:`StoreError`); directories a killed writer left
+        too (reading its entries then raises ``StoreError``); directories a killed writer left
         without metadata are not.
         """
         nodes = self.nodes("progress/")
@@ -448,12 +495,12 @@ class Store:
             raise ValueError(
                 f"chunk {chunk} of {name} needs shape {(stop - start, *arr.shape[1:])}, got {values.shape}"
             )
-        num_chunks = -(-arr.shape[0] // rows)
-        progress = self._progress(name, num_chunks)
+        self._progress(name, -(-arr.shape[0] // rows))
         target = arr if arr.shards is None else self._staging(name)
         with io_errors(self.path, f"chunk {chunk} of {name!r}"):
             target[start:stop] = values
-            progress[chunk] = np.array([WRITTEN, zlib.crc32(values.tobytes())], dtype=np.uint32)
+            entry = np.array([[WRITTEN, zlib.crc32(values.tobytes())]], dtype=np.uint32)
+            self._set_progress(name, slice(chunk, chunk + 1), entry)
         if arr.shards is not None:
             self._pack_shard(name, chunk // self.chunks_per_shard(name))
 
@@ -462,8 +509,10 @@ class Store:
         mark them packed and delete their staged copies; returns whether it is packed now."""
         arr, per_shard, num_chunks = self.array(name), self.chunks_per_shard(name), self.num_chunks(name)
         first, last = shard * per_shard, min(num_chunks, (shard + 1) * per_shard)
-        progress = self._progress(name, num_chunks)
-        entries = np.asarray(progress[first:last])
+        try:
+            entries = np.asarray(self._progress(name, num_chunks)[first:last])
+        except Exception:  # damaged entries count as unwritten: their chunks are written again first
+            return False
         if not is_done(entries).all():
             return False
         if (entries[:, 0] == PACKED).all():
@@ -477,7 +526,8 @@ class Store:
                 key = f"{arr.path}/{arr.metadata.encode_chunk_key((shard, *[0] * (arr.ndim - 1)))}"
                 sync(self.group.store.delete(key))
                 arr[start:stop] = values
-            progress[first:last] = np.column_stack([np.full(last - first, PACKED, dtype=np.uint32), entries[:, 1]])
+            packed = np.column_stack([np.full(last - first, PACKED, dtype=np.uint32), entries[:, 1]])
+            self._set_progress(name, slice(first, last), packed)
             staged = self._staging(name)
             for chunk in range(first, last):
                 if entries[chunk - first, 0] == WRITTEN:
@@ -495,11 +545,19 @@ class Store:
         packed = all([self._pack_shard(name, shard) for shard in range(shards)])
         if packed:
             self._drop_keys(f"{STAGING}{name}")
-            root = STAGING.rstrip("/")
-            staged = self.has(root) and self.group[root].members(max_depth=None)
-            if not any(isinstance(node, zarr.Array) for _, node in staged or ()):
-                self._drop_keys(root)
+            self.drop_empty_staging()
         return packed
+
+    def staged_arrays(self) -> set[str]:
+        """Names of the arrays that have staged chunks (finished, not yet packed into their shards)."""
+        return {name.removeprefix(STAGING) for name in self.nodes(STAGING)}
+
+    def drop_empty_staging(self) -> None:
+        """Delete the staging group once no array has staged chunks (a kill can leave it empty)."""
+        root = STAGING.rstrip("/")
+        staged = self.has(root) and self.group[root].members(max_depth=None)
+        if not any(isinstance(node, zarr.Array) for _, node in staged or ()):
+            self._drop_keys(root)
 
     def _drop_keys(self, prefix: str) -> None:
         """Delete every key below ``prefix``: an array or group, whole or as a killed deletion left it."""

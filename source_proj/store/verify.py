@@ -19,7 +19,7 @@ checks 3 and 5 only.
 ``repair=True`` (``verify --repair``) takes the store's exclusive lock, marks damaged chunks
 pending (and the methods and featurize state that relied on them unfinished), drops arrays whose
 metadata is unreadable or whose shape is wrong, and deletes leftover temporary files; re-running
-the command that wrote the store then recomputes exactly what was lost (:attr:`VerifyReport.next_steps`).
+the command that wrote the store then recomputes exactly what was lost (``VerifyReport.next_steps``).
 """
 
 from __future__ import annotations
@@ -187,6 +187,8 @@ def fit_command(store: Store, method: str) -> str:
         args.append(f"--stages {','.join(arguments['stages'])}")
     if arguments.get("fast"):
         args.append("--fast")
+    if arguments.get("curvature"):
+        args.append(f"--curvature {arguments['curvature']}")
     return " ".join(args)
 
 
@@ -407,6 +409,15 @@ def _check_array(store: Store, name: str, report: VerifyReport, repair: bool) ->
         return False
     report.arrays += 1
     report.chunks += chunks
+    unreadable = store.unreadable_progress(name)
+    if unreadable:
+        report.problems.append(
+            f"the progress entries of {name!r} are damaged in {len(unreadable)} file(s): their chunks count as "
+            "unwritten"
+        )
+        if repair:
+            store.rewrite_progress(name, unreadable)
+            report.repaired.append(f"rewrote the damaged progress entries of {name!r} (their chunks are recomputed)")
     damaged = store.damaged_chunks(name)
     pending = int((~is_done(entries)).sum())
     report.pending += pending

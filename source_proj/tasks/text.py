@@ -157,7 +157,7 @@ class ModelKind:
 def inspect_model(model: nn.Module, attention: AttentionKind = "auto") -> ModelKind:
     """Classify ``model`` for the text tasks; refuses what cannot run under ``torch.func.vmap``.
 
-    A Hugging Face model must use an attention implementation of :data:`VMAP_ATTENTION`; its
+    A Hugging Face model must use an attention implementation of ``VMAP_ATTENTION``; its
     causality is ``attention`` when given, else read from its attention modules' ``is_causal``.
     """
     params = list(model.parameters())

@@ -207,7 +207,7 @@ def trajectory_view(
 ) -> TrajectoryView:
     """Signatures of every checkpoint unit from the store's arrays ``{prefix}grads/<stage>/<ckpt>`` and
     ``{prefix}fisher/…`` (the gradients themselves when the store keeps no projected Fisher factors), and the
-    optimal partition into ``budget`` segments (``budget=0``: into the number :func:`choose_budget` picks)."""
+    optimal partition into ``budget`` segments (``budget=0``: into the number ``choose_budget`` picks)."""
     units = checkpoint_units(stages, checkpoint_steps)
     active = sorted({stage.name for stage, _ in units}, key=[s.name for s in stages].index)
     if budget != 0 and not len(active) <= budget <= len(units):

@@ -24,7 +24,7 @@ stage ``s`` owns steps ``start_step ≤ t < end_step``.
 
 **Gradient clipping** (``clip_grad_norm_``, the Hugging Face Trainer's ``max_grad_norm``, 1.0 by
 default) multiplies step k's gradient by α_k = min(1, c/‖g_k‖), so the step an example's gradient
-takes is η_k α_k: SOURCE's step sizes are :attr:`Trajectory.lr` = η_k·α_k. (The dependence of α_k
+takes is η_k α_k: SOURCE's step sizes are ``Trajectory.lr`` = η_k·α_k. (The dependence of α_k
 on the example itself, through ‖g_k‖, is second order and ignored.) The recorder measures α_k
 itself: it keeps the norm of every parameter's gradient as backward accumulates it (a
 post-accumulate-grad hook, so gradient accumulation is covered) and compares it with the norm
@@ -32,7 +32,7 @@ the optimiser is handed (a step pre-hook). Anything that rescales all gradients 
 and the step is thus recorded, whatever clipped them; a loss scaler's unscaling is taken out
 when the scaler is given (``grad_scaler``). Value clipping (``clip_grad_value_``) changes the
 gradient's direction and is recorded only as its change of norm. In a multi-process run each
-process sees its local gradients, so pass the factor to :meth:`TrajectoryRecorder.step` instead.
+process sees its local gradients, so pass the factor to ``TrajectoryRecorder.step`` instead.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ class TrajectoryRecorder:
 
     A checkpoint is saved at the start of every stage, every ``save_every`` steps and at the end
     of every stage. ``begin_stage`` may be called again (with a new optimiser) for a
-    multi-stage pipeline. :meth:`resume` continues a run that was interrupted, or one that
+    multi-stage pipeline. ``resume`` continues a run that was interrupted, or one that
     finished and now trains further.
 
     Args:
@@ -153,7 +153,7 @@ class TrajectoryRecorder:
         grad_scaler: the ``torch.amp.GradScaler`` of a mixed-precision run (anything with
             ``get_scale()``), so that its unscaling is not mistaken for clipping.
         watch_clipping: measure each step's clipping factor (see the module docstring); ``False``
-            in a multi-process run, where the factor is passed to :meth:`step` instead.
+            in a multi-process run, where the factor is passed to ``step`` instead.
     """
 
     def __init__(
@@ -224,7 +224,7 @@ class TrajectoryRecorder:
         ``begin_stage``). The last checkpoint's weights are loaded into ``model``, and its optimiser
         state into ``optimizer`` when it was saved (record an SGD run with momentum with
         ``save_optimizer_state=True`` if it may need resuming exactly; the resumed recorder keeps
-        saving the state when the run did). The training loop continues from :attr:`global_step`:
+        saving the state when the run did). The training loop continues from ``global_step``:
         it must visit the batches it would have visited from that step on.
         """
         run = Path(run_dir)
@@ -274,7 +274,7 @@ class TrajectoryRecorder:
         return [c["step"] for c in self._checkpoints]
 
     def listen(self, listener: RecorderListener) -> None:
-        """Tell ``listener`` before every new checkpoint and after :meth:`close`."""
+        """Tell ``listener`` before every new checkpoint and after ``close``."""
         self._listeners.append(listener)
 
     def begin_stage(self, name: str, dataset_size: int, optimizer: torch.optim.Optimizer | None = None) -> None:
