@@ -4,15 +4,15 @@
         [--top-k 10] [--threads 1]
 
 Times, in the order the CLI meets them: importing torch, importing source_proj, loading the spec and
-its query data, importing ``torch._dynamo`` (which torch.func's first per-example gradient imports),
-opening the store with an Attributor, and ``top_k`` of all queries and of the first 20. Build the
-store first with ``./dev.sh demo``.
+its query data, opening the store with an Attributor, and ``top_k`` of all queries and of the first
+20; then says which of the slow imports nobody needs (scikit-learn, torch's compiler package
+``torch._dynamo``, matplotlib) the process holds. Build the store first with ``./dev.sh demo``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import sys
 import time
 
 T0 = time.perf_counter()
@@ -39,10 +39,6 @@ def main() -> None:
     queries = spec.query_data()
     phases["spec and its query data"] = time.perf_counter() - t
     t = time.perf_counter()
-    importlib.import_module("torch._dynamo")  # what torch.func's first gradient imports
-
-    phases["import torch._dynamo"] = time.perf_counter() - t
-    t = time.perf_counter()
     attributor = sp.Attributor(sp.Store.open(args.store), spec.build_model(), spec.build_task(), device="cpu",
                                progress=False)  # fmt: skip
     phases["open the store"] = time.perf_counter() - t
@@ -52,6 +48,8 @@ def main() -> None:
         phases[f"top_k of {count} queries"] = time.perf_counter() - t
     for name, seconds in phases.items():
         print(f"{name:28s} {seconds:6.2f} s")
+    held = [name for name in ("sklearn", "torch._dynamo", "matplotlib") if name in sys.modules]
+    print(f"imported as well: {', '.join(held) or 'none of sklearn, torch._dynamo, matplotlib'}")
 
 
 if __name__ == "__main__":

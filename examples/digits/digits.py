@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gzip
+import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -35,11 +36,25 @@ class TrainConfig:
     checkpoints: int = 6
 
 
+@functools.cache
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 digits as ``load_digits()`` returns them: (data float64 ``[1797, 64]``, target
+    int ``[1797]``), read from the file scikit-learn ships without importing scikit-learn (a 2 s import)."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError("The digits example reads the digits scikit-learn ships; `pip install scikit-learn`.")
+    with gzip.open(Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz", "rt") as file:
+        table = np.loadtxt(file, delimiter=",")
+    data, target = table[:, :-1], table[:, -1].astype(int)
+    data.flags.writeable = target.flags.writeable = False  # cached: shared by every caller
+    return data, target
+
+
 def load_split(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
     """Standardised digits, split 80/20 with a fixed permutation: (train 1437, test 360)."""
-    digits = load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(digits.target, dtype=torch.long)
+    data, target = load_digits()
+    x = torch.tensor(data, dtype=torch.float32) / 16.0
+    y = torch.tensor(target, dtype=torch.long)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     x, y = x[order], y[order]
     cut = int(0.8 * len(y))
@@ -50,9 +65,9 @@ def load_split(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
 
 def raw_images(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The unstandardised 8×8 images in the order of ``load_split``: (train, test)."""
-    digits = load_digits()
-    order = torch.randperm(len(digits.target), generator=torch.Generator().manual_seed(seed)).numpy()
-    images = digits.images[order]
+    data, target = load_digits()
+    order = torch.randperm(len(target), generator=torch.Generator().manual_seed(seed)).numpy()
+    images = data.reshape(-1, 8, 8)[order]
     cut = int(0.8 * len(order))
     return images[:cut], images[cut:]
 

@@ -24,9 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from source_proj.errors import TaskError
-from source_proj.projection.factored import _Tap
 from source_proj.projection.layers import FactoredLayer, factorable_layers
-from source_proj.tasks.gradients import PerExampleGradients
+from source_proj.tasks.gradients import OutputTap, PerExampleGradients
 from source_proj.tasks.task import Batch
 
 MAX_FACTOR_SIDE = 8192
@@ -161,7 +160,7 @@ class FactorCollector:
             def record(grad: Tensor) -> None:
                 deltas[index] = _output_positions(module, grad.detach().float(), layer)
 
-            return _Tap.apply(output, probe, record)
+            return OutputTap.apply(output, probe, record)
 
         return hook
 

@@ -70,7 +70,7 @@ from source_proj.errors import TaskError
 from source_proj.projection.base import _GENERATOR_ID, Projector, RademacherProjector, rademacher_signs
 from source_proj.projection.layers import FactoredLayer, LayerKind
 from source_proj.projection.transform import GradientTransform, LayerTransform, scaling_transform
-from source_proj.tasks.gradients import PerExampleGradients, batch_size
+from source_proj.tasks.gradients import OutputTap, PerExampleGradients, batch_size
 
 if TYPE_CHECKING:
     from source_proj.tasks.gradients import Quantity
@@ -103,24 +103,6 @@ class _Block:
     @property
     def columns(self) -> slice:
         return slice(self.offset, self.offset + self.k_out * self.k_in)
-
-
-class _Tap(torch.autograd.Function):
-    """Identity on a layer's output whose backward hands the output gradient δ to a callback.
-
-    The output is cloned so that in-place operations after the layer (``ReLU(inplace=True)``)
-    cannot change the value whose gradient the callback receives.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, output: Tensor, probe: Tensor, callback: Callable[[Tensor], None]) -> Tensor:
-        ctx.callback = callback
-        return output.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
-        ctx.callback(grad)
-        return grad, grad.new_zeros(()), None
 
 
 class FactoredProjector(Projector):
@@ -457,7 +439,7 @@ class _LayerHook:
         out = target[:, self.block.columns]
         with torch.no_grad():
             recorded = self._forward_side(x.detach(), batch)
-        return _Tap.apply(output, self.probe, lambda grad: self._accumulate(out, recorded, grad))
+        return OutputTap.apply(output, self.probe, lambda grad: self._accumulate(out, recorded, grad))
 
     def _forward_side(self, x: Tensor, batch: int) -> Tensor:
         """``[B, T, R·k]``: P_in R_r a_t (layers) or the column of P_out L_r at token x_t (embeddings)."""
