@@ -98,11 +98,11 @@ def one_process(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path, spec: 
     return store
 
 
-def test_two_and_four_gloo_ranks_write_the_store_a_single_process_writes(
+def test_two_and_three_gloo_ranks_write_the_store_a_single_process_writes(
     tmp_path: Path, tiny_run: Path, spec: Path, one_process: Path
 ) -> None:
     reference = files(one_process)
-    for count in (2, 4):
+    for count in (2, 3):  # two different splits of the 9 work items
         _run(_featurize(tiny_run, spec, tmp_path / f"{count}.sp", ranks=count))
         assert files(tmp_path / f"{count}.sp") == reference, f"{count} ranks"
     # fit: the ranks split the checkpoints' curvature (broadcast in a fixed order) and the cached chunks.
