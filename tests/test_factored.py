@@ -115,7 +115,8 @@ class _Sequence(nn.Module):
 
 
 class _Tokens(nn.Module):
-    """An embedding with a padding row, a position table shared by the batch, and a linear head."""
+    """An embedding with a padding row, a position table shared by the batch, and a linear head (also used
+    by test_gradients.py)."""
 
     def __init__(self) -> None:
         super().__init__()

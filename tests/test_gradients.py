@@ -22,6 +22,8 @@ from source_proj.projection.layers import factorable_layers
 from source_proj.tasks.gradients import PerExampleGradients, batch_size
 from source_proj.tasks.task import Batch
 
+from .test_factored import _Tokens
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -93,20 +95,6 @@ class _Sequence(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(torch.tanh(self.embed(x))).sum(dim=1)
-
-
-class _Tokens(nn.Module):
-    """An embedding with a padding row, a position table shared by the batch ([1, T]), a linear head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(11, 6, padding_idx=0)
-        self.positions = nn.Embedding(7, 6)
-        self.head = nn.Linear(6, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        where = torch.arange(x.shape[1]).unsqueeze(0)
-        return self.head(torch.tanh(self.embed(x) + self.positions(where))).mean(dim=1)
 
 
 class _Normed(nn.Module):
