@@ -16,6 +16,8 @@ from torch.utils.data import TensorDataset
 
 import source_proj as sp
 from source_proj.cli.main import main
+from source_proj.store.store import ckpt_key
+from source_proj.trajectory import autosegment
 from source_proj.trajectory.autosegment import AUTO_KEEP, choose_budget, optimal_partition
 
 
@@ -178,3 +180,52 @@ def test_auto_without_a_budget_cuts_a_planted_learning_rate_drop(tmp_path: Path,
     store = _copy(featurized["lr drop"], tmp_path)
     sp.fit(store, sp.FitArguments(auto_segments=0), progress=False)
     assert 100 in store.meta["methods"]["source"]["view"]["cuts"]
+
+
+def test_wide_curvature_signatures_are_sketched_and_keep_their_gram(
+    tmp_path: Path, featurized: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = _copy(featurized["lr drop"], tmp_path)
+    names = [f"fisher/main/{ckpt_key(step)}" for step in range(0, 200, 10)]
+    exact = autosegment._gram(store, names, True)
+    monkeypatch.setattr(autosegment, "SKETCH_DIM", 32)  # k = 64 is then "wide"
+    real = autosegment._sketch
+    draws = []
+    for seed in range(20):
+        monkeypatch.setattr(autosegment, "_sketch", lambda k, seed=seed: real(k, seed))
+        draws.append(autosegment._gram(store, names, True))
+    error = [np.abs(d - exact).max() / exact.max() for d in draws]
+    assert min(error) > 0  # the sketch was taken
+    assert max(error) < 0.5  # one draw: noisy at 32 dimensions (the checkpoints' Fishers are of low rank)
+    assert np.abs(np.mean(draws, axis=0) - exact).max() / exact.max() < 0.1  # unbiased
+
+
+def test_auto_segments_a_store_of_exact_gradients_without_a_parameter_square_matrix(
+    tmp_path: Path, featurized: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An identity store with Kronecker curvature (k = p, no projected Fisher) takes its curvature signatures
+    from the gradients; above SKETCH_DIM they are sketched instead of a p × p matrix per checkpoint, which
+    exhausted memory at p = 26,000."""
+    run = sp.Store.open(featurized["lr drop"]).meta["trajectory"]["path"]
+    torch.manual_seed(0)
+    arch = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+    store = sp.featurize(
+        run,
+        arch,
+        sp.ClassificationTask(),
+        _data(),
+        tmp_path / "exact.sp",
+        projection=sp.ProjectionArguments(kind="identity"),
+        options=sp.FeaturizeArguments(
+            batch_size=240, chunk_rows=240, curvature="kfac", checkpoint_steps=(0, 40, 80, 100, 140, 180)
+        ),
+        progress=False,
+    )
+    assert store.meta["projection"]["dim"] == 147
+    monkeypatch.setattr(autosegment, "SKETCH_DIM", 64)
+    sketched: list[int] = []
+    real = autosegment._sketch
+    monkeypatch.setattr(autosegment, "_sketch", lambda k: sketched.append(k) or real(k))
+    sp.fit(store, sp.FitArguments(auto_segments=2, curvature="kfac"), progress=False)
+    assert sketched == [147]
+    assert store.meta["methods"]["source"]["view"]["cuts"] == [100]

@@ -173,15 +173,36 @@ def unit_rates(units: Sequence[tuple[Stage, int]], lr: np.ndarray, param_sizes: 
     return rates
 
 
+SKETCH_DIM = 1024
+"""Above this k, a curvature signature XᵀX is taken of the rows sketched to this many dimensions."""
+
+
+def _sketch(k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Two independent seeded Rademacher maps S₁, S₂ ``[k, SKETCH_DIM]`` (entries ±1/√SKETCH_DIM, E[S Sᵀ] = I)
+    that the curvature signatures of a wide store are taken through, or ``None`` when k is narrow enough
+    to keep XᵀX itself. ⟨S₁ᵀXᵀXS₂, S₁ᵀYᵀYS₂⟩ estimates ⟨XᵀX, YᵀY⟩ without bias (the maps are independent)
+    and without a k × k matrix per checkpoint (an identity store of p = 26,000 parameters needed 5 GB
+    per checkpoint)."""
+    if k <= SKETCH_DIM:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (2, k, SKETCH_DIM), generator=generator, dtype=torch.int8)
+    maps = (signs.double() * 2 - 1) / SKETCH_DIM**0.5
+    return maps[0], maps[1]
+
+
 def _gram(store: Store, names: Sequence[str], fisher: bool) -> np.ndarray:
-    """⟨X_c, X_c'⟩ for the listed arrays: gradients (Frobenius of [N, k]) or curvatures (Frobenius of XᵀX)."""
+    """⟨X_c, X_c'⟩ for the listed arrays: gradients (Frobenius of [N, k]) or curvatures (Frobenius of
+    XᵀX, through ``_sketch`` when k is wide)."""
     if fisher:
+        sketch = _sketch(store.array(names[0]).shape[1])
         mats = []
         for name in names:
             total = None
             for _, rows in store.iter_chunks(name):
                 x = torch.from_numpy(rows).double()
-                total = x.T @ x if total is None else total.addmm_(x.T, x)
+                left, right = (x, x) if sketch is None else (x @ sketch[0], x @ sketch[1])
+                total = left.T @ right if total is None else total.addmm_(left.T, right)
             mats.append(total.reshape(-1))
         flat = torch.stack(mats)
         return (flat @ flat.T).numpy()
