@@ -3,15 +3,18 @@ matrix functions fit builds from them, and SOURCE's query-side operators, agains
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
 import source_proj as sp
+from source_proj.featurize import arguments
 from source_proj.featurize.factors import FactorCollector, _output_positions, _positions, kronecker_layers
 from source_proj.methods.kronecker import KroneckerCurvature, LayerFactors, layer_matrix, source_query_directions
 from source_proj.methods.source import phi, survival
@@ -295,3 +298,43 @@ def test_adam_scaling_enters_the_factors_exactly_when_it_is_a_row_column_product
     a, b = a_bar.T @ a_bar / 50, delta.T @ delta / 50
     torch.testing.assert_close(a * torch.outer(c, c) * (b * torch.outer(r, r))[0, 0],
                                (scaled_a.T @ scaled_a / 50) * (scaled_d.T @ scaled_d / 50)[0, 0], rtol=1e-6, atol=1e-8)
+
+
+def test_auto_curvature_is_kronecker_for_exact_gradients_of_a_wide_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``curvature="auto"``: the projected Gauss–Newton on a projection, and on the identity of a small model
+    (where it is the exact one); Kronecker factors on the identity of more than EXACT_PROJECTED_MAX
+    parameters, where the projected one would be p × p. A projected curvature too large to fit is refused
+    before anything is written."""
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(16, 80, generator=g), torch.randint(0, 60, (16,), generator=g))
+    torch.manual_seed(0)
+    wide = nn.Linear(80, 60)  # 4,860 parameters
+    full_batch_run(tmp_path / "wide", wide, data, F.cross_entropy, lr=0.1, steps=2)
+    small_data = TensorDataset(data.tensors[0][:, :4], data.tensors[1] % 3)
+    small = nn.Linear(4, 3)
+    full_batch_run(tmp_path / "small", small, small_data, F.cross_entropy, lr=0.1, steps=2)
+    options = sp.FeaturizeArguments(batch_size=16, chunk_rows=16, measurement=False)
+
+    def curvature(run: str, model: nn.Module, train: TensorDataset, kind: str, **changes: str) -> str:
+        store = sp.featurize(
+            tmp_path / run,
+            model,
+            sp.ClassificationTask(),
+            train,
+            tmp_path / "-".join([run, kind, *changes.values()]),
+            projection=sp.ProjectionArguments(dim=8, kind=kind),
+            options=replace(options, **changes),
+            progress=False,
+        )
+        return store.meta["featurize"]["curvature"]
+
+    assert sp.FeaturizeArguments().curvature == "auto"
+    assert curvature("wide", wide, data, "identity") == "kfac"
+    assert curvature("wide", wide, data, "rademacher") == "projected"
+    assert curvature("small", small, small_data, "identity") == "projected"
+    monkeypatch.setattr(arguments, "PROJECTED_MAX", 4096)
+    with pytest.raises(sp.TaskError, match="k × k matrix per checkpoint, too large with 4,860 parameters unprojected"):
+        curvature("wide", wide, data, "identity", curvature="both")
+    assert not (tmp_path / "wide-identity-both").exists()

@@ -159,11 +159,12 @@ def main() -> None:
 )
 @click.option(
     "--curvature",
-    type=click.Choice(["projected", "kfac", "both"]),
-    default="projected",
+    type=click.Choice(["auto", "projected", "kfac", "both"]),
+    default="auto",
     show_default=True,
     help="What fit's curvature is made of: the k x k projected Gauss-Newton, per-layer Kronecker factors in the "
-    "full parameter space, or both (see docs/concepts/source.md).",
+    "full parameter space, or both; auto: projected, or kfac for --projection identity above 4,096 parameters "
+    "(see docs/concepts/source.md).",
 )
 @click.option(
     "--batch-size",

@@ -17,7 +17,7 @@ from source_proj.trajectory.recorder import Checkpoint, Trajectory
 from source_proj.trajectory.segments import SegmentationArguments
 
 FisherMode = Literal["sampled", "exact", "empirical"]
-CurvatureKind = Literal["kfac", "projected", "both"]
+CurvatureKind = Literal["auto", "kfac", "projected", "both"]
 
 
 @dataclass(frozen=True)
@@ -80,14 +80,18 @@ class FeaturizeArguments:
             example (TRAK's curvature, see baselines.py): one more gradient per example at one checkpoint.
         precision: ``"fp32"`` (default) or ``"bf16"``: forward and backward under bfloat16
             autocast, projections accumulated in fp32 (faster on GPUs; see docs/howto/gpu.md).
-        curvature: what featurize stores for fit's curvature. ``"projected"`` (default): the pseudo-label
+        curvature: what featurize stores for fit's curvature. ``"projected"``: the pseudo-label
             gradients projected to k dimensions (the k × k projected Gauss–Newton); ``"kfac"``: per-layer
             Kronecker factors of the Fisher in the full parameter space (``featurize/factors.py``, one
             ordinary forward and backward per batch; the projected factors only at the final checkpoint,
-            for the influence-function baseline); ``"both"``: both (to compare them on one store). The
+            for the influence-function baseline); ``"both"``: both (to compare them on one store);
+            ``"auto"`` (default): ``"projected"``, except on the ``"identity"`` projection of more than
+            ``EXACT_PROJECTED_MAX`` parameters, where the k × k matrix would be p × p: ``"kfac"``. The
             default follows issue 12's ablation (BENCHMARKS.md): at k = 1024 the Kronecker operators,
             applied to the query before both sides are projected, lose more to the projection's noise
-            than the projected curvature does.
+            than the projected curvature does; without a projection they are the most accurate
+            curvature measured. The store records the curvature used. ``"projected"`` and ``"both"``
+            are refused above k = ``PROJECTED_MAX``.
         shard_chunks: row chunks kept in one file (a zarr v3 shard) when a new store is created;
             ``None``: as many as fit in 256 MiB (``store.SHARD_BYTES``), 1: a file per chunk. An
             existing store keeps the layout it was created with.
@@ -111,7 +115,7 @@ class FeaturizeArguments:
     segment_means: bool = False
     measurement: bool = True
     precision: Precision = "fp32"
-    curvature: CurvatureKind = "projected"
+    curvature: CurvatureKind = "auto"
     shard_chunks: int | None = None
     shard_parameters: bool = False
 
@@ -122,6 +126,29 @@ class FeaturizeArguments:
         _positive(self, "num_workers", minimum=0)
         if self.vmap_chunk is not None:
             _positive(self, "vmap_chunk")
+
+
+EXACT_PROJECTED_MAX = 4096
+"""``curvature="auto"`` keeps the projected Gauss–Newton on an identity projection up to this many parameters."""
+
+PROJECTED_MAX = 16384
+"""The largest k of the projected Gauss–Newton (a k × k float64 matrix of 2 GiB and its eigendecomposition)."""
+
+
+def resolve_curvature(curvature: str, kind: str, dim: int) -> str:
+    """The curvature featurize stores for ``curvature`` (``FeaturizeArguments.curvature``) on a projection of
+    kind ``kind`` and dimension ``dim`` (k; p for ``"identity"``); refuses a projected one that cannot fit."""
+    if curvature == "auto":
+        return "kfac" if kind == "identity" and dim > EXACT_PROJECTED_MAX else "projected"
+    if curvature not in ("kfac", "projected", "both"):
+        raise TaskError(f"Unknown curvature {curvature!r}; use 'auto', 'projected', 'kfac' or 'both'.")
+    if curvature != "kfac" and dim > PROJECTED_MAX:
+        what = f"{dim:,} parameters unprojected" if kind == "identity" else f"k = {dim:,}"
+        raise TaskError(
+            f"The projected Gauss–Newton is a k × k matrix per checkpoint, too large with {what} (at most "
+            f"{PROJECTED_MAX:,}); use curvature='kfac' (--curvature kfac) or 'auto', or a smaller k."
+        )
+    return curvature
 
 
 def projected_fisher_at(curvature: str, prefix: str, key: str, final: str) -> bool:

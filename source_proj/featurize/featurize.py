@@ -16,7 +16,7 @@ import contextlib
 import copy
 import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from source_proj.featurize.arguments import (
     as_stage_datasets,
     default_device,
     projected_fisher_at,
+    resolve_curvature,
 )
 from source_proj.featurize.factors import (
     ChunkFactors,
@@ -205,6 +206,8 @@ class _Featurize:
                 # The once-per-projector check materialises every layer's per-example gradients, which sharded
                 # parameters never hold; a weight used outside its layer fails on its placeholder instead.
                 self.projector._checked = True  # type: ignore[attr-defined]
+            curvature = resolve_curvature(options.curvature, self.projector.describe()["kind"], self.projector.dim)
+            self.options = options = replace(options, curvature=curvature)  # type: ignore[arg-type]
             # What θ_T computes on a fixed reference batch, and what the data hold (see provenance.py).
             with model_errors("the training examples"):
                 self.reference = reference_batch(self.datasets)
