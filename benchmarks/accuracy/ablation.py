@@ -4,15 +4,16 @@ should use by default, scored by LDS on the harness's settings (model 0, cached 
     python benchmarks/accuracy/ablation.py [--settings early,two-stage] [--root runs/accuracy] [--dim 1024]
         [--out runs/accuracy/ablation.md]
 
-Per setting, two stores of model 0 (k = ``--dim``, dense Rademacher): one featurized with the sampled
-Fisher (one label drawn from the model per example) and one with the exact expectation over classes,
+Per setting, one store of model 0 per Fisher estimate in ``--fishers`` (k = ``--dim``, dense Rademacher):
+the sampled Fisher (one label drawn from the model per example), the exact expectation over classes, and
+the empirical Fisher (the observed labels' gradients, i.e. the training gradients themselves),
 each with ``curvature="both"`` (Kronecker factors in the full parameter space *and* the projected
 pseudo-label gradients), so every variant below is fitted from the same gradients:
 
 - curvature: ``kfac`` (per-layer Kronecker factors, full parameter space) vs ``projected`` (k × k
   Gauss–Newton in the projected space);
 - segmentation: 1 and 3 segments per stage, and ``auto`` without a budget;
-- Fisher: sampled vs exact.
+- Fisher: sampled vs exact vs empirical.
 
 Printed and written as a markdown table: LDS with its 95 % bootstrap interval over queries per query set,
 and the seconds featurize and fit took.
@@ -33,7 +34,7 @@ import harness
 
 import source_proj as sp
 
-REPEATS = {"two-stage": 10}
+REPEATS = {"two-stage": 10, "converged": 10}
 VARIANTS = {
     # name: (fisher store, FitArguments keywords)
     "kfac, 3/stage": ("sampled", {"curvature": "kfac", "segments_per_stage": 3}),
@@ -44,6 +45,10 @@ VARIANTS = {
     "kfac, 3/stage, exact Fisher": ("exact", {"curvature": "kfac", "segments_per_stage": 3}),
     "kfac, 1/stage, exact Fisher": ("exact", {"curvature": "kfac", "segments_per_stage": 1}),
     "projected, 3/stage, exact Fisher": ("exact", {"curvature": "projected", "segments_per_stage": 3}),
+    "projected, 1/stage, empirical Fisher": ("empirical", {"curvature": "projected", "segments_per_stage": 1}),
+    "projected, 3/stage, empirical Fisher": ("empirical", {"curvature": "projected", "segments_per_stage": 3}),
+    "kfac, 1/stage, empirical Fisher": ("empirical", {"curvature": "kfac", "segments_per_stage": 1}),
+    "kfac, 3/stage, empirical Fisher": ("empirical", {"curvature": "kfac", "segments_per_stage": 3}),
 }
 
 
@@ -55,6 +60,11 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--fishers", default="sampled,exact", help="the Fisher estimates to featurize and compare")
+    parser.add_argument(
+        "--kind",
+        default="rademacher",
+        help="projection kind; 'identity' stores the full gradients (k = p, Kronecker curvature only)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lines = ["| setting | query set | variant | LDS [95 % CI] |", "|---|---|---|---|"]
@@ -63,6 +73,7 @@ def main() -> None:
         stages = (h.setting.attributed,)
         stores = {}
         fishers = args.fishers.split(",")
+        exact = args.kind == "identity"
         for fisher in fishers:
             start = time.perf_counter()
             stores[fisher] = sp.featurize(
@@ -70,15 +81,16 @@ def main() -> None:
                 h.build_model(),
                 h.task,
                 h.train_data,
-                h.folder / f"ablation-{fisher}-k{args.dim}.sp",
-                projection=sp.ProjectionArguments(dim=args.dim),
-                options=sp.FeaturizeArguments(fisher=fisher, curvature="both"),
+                h.folder / (f"ablation-{fisher}-full.sp" if exact else f"ablation-{fisher}-k{args.dim}.sp"),
+                projection=sp.ProjectionArguments(dim=args.dim, kind=args.kind),
+                options=sp.FeaturizeArguments(fisher=fisher, curvature="kfac" if exact else "both"),
                 progress=False,
             )
             seconds = time.perf_counter() - start
-            print(f"{name}: featurize ({fisher} Fisher, both curvatures) {seconds:.0f} s", flush=True)
+            curvatures = "Kronecker curvature" if exact else "both curvatures"
+            print(f"{name}: featurize ({fisher} Fisher, {curvatures}) {seconds:.0f} s", flush=True)
         for variant, (fisher, keywords) in VARIANTS.items():
-            if fisher not in fishers:
+            if fisher not in fishers or (exact and keywords["curvature"] != "kfac"):
                 continue
             method = "v-" + "".join(c if c.isalnum() else "-" for c in variant)
             start = time.perf_counter()
