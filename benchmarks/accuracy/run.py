@@ -6,8 +6,9 @@ issue-12 settings: a markdown table for BENCHMARKS.md.
 
 For each setting (``harness.prepare``: models and ground truth, cached): featurize every attributed
 model at the library's defaults (dense Rademacher, k = 1024, sampled Fisher), fit ``source`` with the
-default segmentation (3 segments per stage), ``source-L1`` (1 segment per stage) and every baseline
-of ``source_proj/methods/baselines.py`` at its defaults, all attributing the attributed stage only.
+default segmentation (1 segment per stage since issue 12; it was 3), ``source-L1`` (1 segment per
+stage) and every baseline of ``source_proj/methods/baselines.py`` at its defaults, all attributing the
+attributed stage only.
 Single model = model 0; ``×3`` = the mean of the 3 models' scores (what ``sp.Ensemble`` computes).
 Peers' scores written by ``peers.py`` into ``<setting folder>/peers/<method>/seed-<i>-<query set>.npy``
 are scored by the same LDS code. ``--refit`` refits every method (after a change to the methods'
