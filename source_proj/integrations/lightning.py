@@ -98,7 +98,7 @@ class LightningCapture(LightningRecorder):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_start(trainer, pl_module)
         assert self.recorder is not None
-        self.settings.start_capture(self.recorder, self.overwrite)
+        self.settings.start_capture(self.recorder, self.overwrite, trainer.train_dataloader)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         assert self.settings.capture is not None

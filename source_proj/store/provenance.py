@@ -211,6 +211,13 @@ def save_reference_batch(store: Store, batch: Any) -> None:
     store.write_whole(REFERENCE_BATCH, np.frombuffer(buffer.getvalue(), dtype=np.uint8))
 
 
+def load_reference_batch(store: Store) -> Any | None:
+    """The store's reference batch (on the CPU), or ``None`` if it holds none (yet)."""
+    if not store.has(REFERENCE_BATCH) or not store.is_complete(REFERENCE_BATCH):
+        return None
+    return torch.load(io.BytesIO(store.read(REFERENCE_BATCH).tobytes()), map_location="cpu", weights_only=True)
+
+
 def _model_difference(
     recorded: Mapping[str, Sequence[float | None]], actual: Mapping[str, Sequence[float | None]]
 ) -> str | None:
@@ -237,29 +244,41 @@ _UNCHECKED: set[str] = set()
 """Stores already named as unfingerprinted in this process (the warning is given once per store)."""
 
 
+def _captured(meta: Mapping[str, Any]) -> bool:
+    """Whether the store was captured during training (``featurize.windows.is_captured``)."""
+    return meta.get("capture") is not None
+
+
 def _unchecked(path: str, meta: Mapping[str, Any]) -> None:
-    if path not in _UNCHECKED:
-        _UNCHECKED.add(path)
-        if meta.get("capture") is not None:  # captured during training (featurize.windows.is_captured)
-            why, advice = "was captured during training, which records no fingerprint of", "."
-        else:
-            why = "was written before source-proj fingerprinted"
-            advice = "; re-run featurize --force to record them."
-        warnings.warn(
-            f"The store at {path} {why} its model and training data, so a model or data changed since cannot be "
-            f"detected{advice}",
-            stacklevel=3,
+    """Say once per store what its fingerprints leave unchecked."""
+    if path in _UNCHECKED:
+        return
+    _UNCHECKED.add(path)
+    if (meta.get("fingerprint") or {}).get("model") is not None:  # captured without datasets=
+        message = (
+            f"The store at {path} was captured without its training datasets (GradientCapture's datasets=), so "
+            "training data changed since cannot be detected (its model is checked)."
         )
+    elif _captured(meta):
+        message = (
+            f"The store at {path} was captured during training before source-proj fingerprinted captured runs, so a "
+            "model or training data changed since cannot be detected."
+        )
+    else:
+        message = (
+            f"The store at {path} was written before source-proj fingerprinted its model and training data, so a "
+            "model or data changed since cannot be detected; re-run featurize --force to record them."
+        )
+    warnings.warn(message, stacklevel=3)
 
 
 def check_model(store: Store, model: nn.Module, task: Task, device: torch.device) -> None:
     """Refuse a model (holding the store's final checkpoint θ_T) that computes something other than the
     store's model on the reference batch, e.g. the same layers with another activation."""
-    if not store.has(REFERENCE_BATCH):
+    batch = load_reference_batch(store)
+    if batch is None:
         _unchecked(store.path, store.meta)
         return
-    raw = store.read(REFERENCE_BATCH).tobytes()
-    batch = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     check_model_values(store.path, store.meta, model_fingerprint(model, task, batch, device))
 
 
@@ -271,11 +290,17 @@ def check_model_values(path: str, meta: Mapping[str, Any], values: Mapping[str, 
         return
     difference = _model_difference(recorded["values"], values)
     if difference is not None:
+        if _captured(meta):
+            origin, advice = "captured from", "exactly as it was trained (same layers, activations and forward)."
+        else:
+            origin = "featurized with"
+            advice = (
+                "exactly as for featurize (same layers, activations and forward), or featurize this one into a new "
+                "store (featurize --force replaces this one)."
+            )
         raise TaskError(
-            f"The model computes other outputs at the final checkpoint than the one the store at {path} was "
-            f"featurized with ({difference}), although its parameters have the same names and shapes; build the "
-            "model exactly as for featurize (same layers, activations and forward), or featurize this one into a "
-            "new store (featurize --force replaces this one)."
+            f"The model computes other outputs at the final checkpoint than the one the store at {path} was {origin} "
+            f"({difference}), although its parameters have the same names and shapes; build the model {advice}"
         )
 
 
@@ -363,9 +388,16 @@ def check_data(
             continue
         same_size = old.get("size") == entry["size"]
         what = "other contents or order" if same_size else f"{entry['size']} examples, not {old.get('size')}"
+        if _captured(meta):
+            origin, advice = "captured with", "the training set the run trained on, in its original order."
+        else:
+            origin = "featurized with"
+            advice = (
+                "the original training set in its original order, or featurize these data into a new store "
+                "(featurize --force replaces this one)."
+            )
         raise TaskError(
-            f"The training data of stage {stage!r} are not those the store at {path} was featurized with ({what}); "
-            "pass the original training set in its original order, or featurize these data into a new store "
-            "(featurize --force replaces this one)."
+            f"The training data of stage {stage!r} are not those the store at {path} was {origin} ({what}); pass "
+            f"{advice}"
         )
     return checked
