@@ -5,6 +5,7 @@ resumes into the store an uninterrupted run writes."""
 from __future__ import annotations
 
 import copy
+import shutil
 import warnings
 from pathlib import Path
 
@@ -423,11 +424,12 @@ def test_a_captured_store_refuses_a_model_that_computes_otherwise_and_changed_da
 ) -> None:
     """Capture records featurize's fingerprints: the store's own model scores without a word about them; the same
     layers with ReLU for Tanh, and training data changed since capture (given as ``datasets=``), are refused with
-    one sentence that does not advise featurize. Without ``datasets=`` only the data go unchecked, said once."""
+    one sentence that does not advise featurize. Without ``datasets=`` only the data go unchecked, said once; a store
+    captured before fingerprints says that nothing is checked."""
     x, y = classification_data.tensors
     task = sp.ClassificationTask()
     store_path = tmp_path / "cap.sp"
-    _train(tmp_path / "run", store_path, classification_data, steps=8, batch=10, save_every=4,
+    _train(tmp_path / "run", store_path, classification_data, steps=4, batch=10, save_every=4,
            datasets={"main": sp.IndexedDataset(classification_data)})  # unwrapped: the data featurize would take
     sp.fit(store_path, sp.FitArguments(segments_per_stage=1), progress=False)
     with warnings.catch_warnings():
@@ -468,17 +470,15 @@ def test_a_captured_store_refuses_a_model_that_computes_otherwise_and_changed_da
         "training data changed since cannot be detected (its model is checked)."
     ]
 
-
-def test_scoring_a_store_captured_before_fingerprints_says_it_cannot_be_checked_without_advising_to_featurize(
-    tmp_path: Path, classification_data
-) -> None:
-    """A store captured before capture recorded fingerprints: the warning says so, and does not advise
-    ``featurize --force``, which would replace the captured store by a post-hoc one."""
-    _train(tmp_path / "run", tmp_path / "cap.sp", classification_data, steps=4, batch=10, save_every=4)
-    store = sp.Store.open(tmp_path / "cap.sp", writable=True)
-    store.delete(REFERENCE_BATCH)
-    store.update_meta(fingerprint=None)
-    sp.fit(store.path, sp.FitArguments(segments_per_stage=1), progress=False)
-    with pytest.warns(UserWarning, match="captured during training before source-proj fingerprinted") as seen:
-        sp.Attributor(tmp_path / "cap.sp", _mlp(activation=nn.ReLU), sp.ClassificationTask(), progress=False)
-    assert not any("featurize" in str(w.message) for w in seen)
+    # A store captured before capture recorded fingerprints: the warning says so, and does not advise
+    # ``featurize --force``, which would replace the captured store by a post-hoc one.
+    shutil.copytree(tmp_path / "bare.sp", tmp_path / "old.sp")
+    old = sp.Store.open(tmp_path / "old.sp", writable=True)
+    old.delete(REFERENCE_BATCH)
+    old.update_meta(fingerprint=None)
+    with pytest.warns(UserWarning) as seen:
+        check_model(old, _mlp(activation=nn.ReLU), task, torch.device("cpu"))
+    assert [str(w.message) for w in seen] == [
+        f"The store at {old.path} was captured during training before source-proj fingerprinted captured runs, so a "
+        "model or training data changed since cannot be detected."
+    ]

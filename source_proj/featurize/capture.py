@@ -170,9 +170,10 @@ class GradientCapture:
     same examples as an uninterrupted run would (a store that grows keeps it too). When the recorder
     closes, ``meta["fingerprint"]`` records what θ_T (the final checkpoint) computes on it, in
     eval mode, and, when ``datasets`` cover every stage of the run (stages an earlier session
-    recorded keep their entry unless trained again), the data fingerprint; both as featurize
-    records them, so a query refuses a model that computes something else, and ``check_data`` data
-    that changed.
+    recorded keep their entry unless trained again), the data fingerprint, taken as each stage's
+    first batch is captured (a dataset that cannot be read fails then, not at the end of training);
+    both as featurize records them, so a query refuses a model that computes something else, and
+    ``check_data`` data that changed.
     """
 
     def __init__(
@@ -251,6 +252,7 @@ class GradientCapture:
         )
         self._reference: Any = None
         self._trained: set[str] = set()
+        self._data: dict[str, dict[str, Any]] = {}
         self._open_store(overwrite)
         self._stage: tuple[str, int] | None = None
         self._closed = False
@@ -419,7 +421,7 @@ class GradientCapture:
                 f"Stage {name!r} is trained with {kind!r}; capture supports SGD stages (Adam's preconditioner does not "
                 "factor through the layer hooks yet): featurize Adam runs after training."
             )
-        if self.datasets is not None:
+        if self.datasets is not None and name not in self._data:  # fingerprinted as the stage starts: errors come early
             given = self.datasets.get(name)
             if given is None or len(given) != size:  # type: ignore[arg-type]
                 what = "names no such stage" if given is None else f"holds {len(given)} examples"  # type: ignore[arg-type]
@@ -427,6 +429,7 @@ class GradientCapture:
                     f"Stage {name!r} trains on {size} examples, but GradientCapture's datasets= {what}; pass each "
                     "stage's training dataset under its name."
                 )
+            self._data.update(data_fingerprint({name: given}))
         self._trained.add(name)
         self._stage = (name, size)
         self._sums = torch.zeros(size, self.dim, dtype=torch.float32, device=self.buffer_device)
@@ -533,7 +536,7 @@ class GradientCapture:
         with _modes_kept(self.model):
             values = model_fingerprint(self.model, self.task, self._reference, self.device)
         data = {stage: entry for stage, entry in (recorded or {}).items() if stage not in self._trained}
-        data.update(data_fingerprint(self.datasets) if self.datasets is not None else {})
+        data.update(self._data)
         covered = all(stage.name in data for stage in trajectory.stages)
         return {
             "model": {"step": trajectory.final_checkpoint.step, "values": values},

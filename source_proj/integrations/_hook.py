@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import IterableDataset
 
 from source_proj.errors import TrajectoryError
 from source_proj.featurize.arguments import ProjectionArguments
@@ -110,8 +111,9 @@ class CaptureSettings:
         stage, size = recorder.stage
         dataset = getattr(dataloader, "dataset", None)
         try:
-            sized = hasattr(dataset, "__getitem__") and len(dataset) == size  # type: ignore[arg-type]
-        except TypeError:  # an iterable dataset
+            sized = not isinstance(dataset, IterableDataset) and hasattr(dataset, "__getitem__")
+            sized = sized and len(dataset) == size  # type: ignore[arg-type]
+        except TypeError:  # no len()
             sized = False
         self.capture = GradientCapture(
             recorder,

@@ -14,15 +14,17 @@ and holds the checks made before anything is written or scored:
   passed in supplies the architecture, and its weights are replaced by θ_T's, which must still be
   the file featurize used (same run fingerprint, same sha256).
 - ``check_model``: the model computes what the store's model computed. Same parameter names
-  and shapes do not make the same function (ReLU replaced by Tanh), so featurize records what
-  θ_T computes on a fixed *reference batch* of training examples (``meta["fingerprint"]["model"]``:
-  per example loss, measurement, and mean and standard deviation of the outputs; the batch itself
-  in the array ``REFERENCE_BATCH``), and every later use recomputes it and compares within
-  ``MODEL_RTOL`` of the largest recorded magnitude (wide enough for CPU/GPU and summation
-  order, far narrower than another activation or layer makes).
+  and shapes do not make the same function (ReLU replaced by Tanh), so featurize (and capture,
+  ``featurize/capture.py``) records what θ_T computes on a fixed *reference batch* of training
+  examples (``meta["fingerprint"]["model"]``: per example loss, measurement, and mean and standard
+  deviation of the outputs; the batch itself in the array ``REFERENCE_BATCH``), and every later
+  use recomputes it and compares within ``MODEL_RTOL`` of the largest recorded magnitude (wide
+  enough for CPU/GPU and summation order; narrower than another activation or layer makes, unless
+  the outputs hardly depend on it, as in a barely trained model).
 - ``check_data``: the training data are the store's. ``meta["fingerprint"]["data"]`` holds per
   stage the sha256 of every example (of a seeded sample of ``DATA_ROWS`` examples for larger
-  sets) and, for cheap checks at query time, of ``QUICK_ROWS`` of them.
+  sets) and, for cheap checks at query time, of ``QUICK_ROWS`` of them; ``None`` in a store
+  captured without its datasets.
 
 A store written before the fingerprints existed still opens; the first check says once that it
 cannot be checked.
