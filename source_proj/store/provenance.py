@@ -39,7 +39,7 @@ import platform
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -251,12 +251,12 @@ def _captured(meta: Mapping[str, Any]) -> bool:
     return meta.get("capture") is not None
 
 
-def _unchecked(path: str, meta: Mapping[str, Any]) -> None:
-    """Say once per store what its fingerprints leave unchecked."""
+def _unchecked(path: str, meta: Mapping[str, Any], what: Literal["model", "data"]) -> None:
+    """Say once per store what its fingerprints leave unchecked (``what``: the check that found none)."""
     if path in _UNCHECKED:
         return
     _UNCHECKED.add(path)
-    if (meta.get("fingerprint") or {}).get("model") is not None:  # captured without datasets=
+    if what == "data" and _captured(meta) and (meta.get("fingerprint") or {}).get("model") is not None:
         message = (
             f"The store at {path} was captured without its training datasets (GradientCapture's datasets=), so "
             "training data changed since cannot be detected (its model is checked)."
@@ -279,7 +279,7 @@ def check_model(store: Store, model: nn.Module, task: Task, device: torch.device
     store's model on the reference batch, e.g. the same layers with another activation."""
     batch = load_reference_batch(store)
     if batch is None:
-        _unchecked(store.path, store.meta)
+        _unchecked(store.path, store.meta, "model")
         return
     check_model_values(store.path, store.meta, model_fingerprint(model, task, batch, device))
 
@@ -288,7 +288,7 @@ def check_model_values(path: str, meta: Mapping[str, Any], values: Mapping[str, 
     """Refuse model fingerprint ``values`` (see ``model_fingerprint``) that differ from the store's."""
     recorded = (meta.get("fingerprint") or {}).get("model")
     if recorded is None:
-        _unchecked(path, meta)
+        _unchecked(path, meta, "model")
         return
     difference = _model_difference(recorded["values"], values)
     if difference is not None:
@@ -370,7 +370,7 @@ def check_data(
     every time (random augmentation), which is let through with a warning."""
     recorded = (meta.get("fingerprint") or {}).get("data")
     if recorded is None:
-        _unchecked(path, meta)
+        _unchecked(path, meta, "data")
         return False
     now = fingerprint or data_fingerprint(datasets, quick=quick)
     key = "quick" if quick else "sha256"
