@@ -5,6 +5,8 @@ resumes into the store an uninterrupted run writes."""
 from __future__ import annotations
 
 import copy
+import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +18,23 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import source_proj as sp
 from source_proj.featurize.windows import window_array
+from source_proj.store.provenance import (
+    REFERENCE_BATCH,
+    check_data,
+    check_model,
+    data_fingerprint,
+    load_reference_batch,
+    model_fingerprint,
+)
 from source_proj.store.store import ckpt_key
 from source_proj.tasks.gradients import PerExampleGradients
 
 DIM = 16
 
 
-def _mlp(seed: int = 0, dropout: float = 0.0) -> nn.Module:
+def _mlp(seed: int = 0, dropout: float = 0.0, activation: type[nn.Module] = nn.Tanh) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(dropout), nn.Linear(8, 3))
+    return nn.Sequential(nn.Linear(4, 8), activation(), nn.Dropout(dropout), nn.Linear(8, 3))
 
 
 def _projection() -> sp.ProjectionArguments:
@@ -49,10 +59,11 @@ def _train(
     resume: bool = False,
     on_batch=None,
     task: sp.Task | None = None,
+    datasets: dict[str, TensorDataset] | None = None,
 ) -> nn.Module:
     """SGD (momentum 0.9, weight decay) over epochs of a fixed per-epoch order; captured into ``store`` if given.
     ``crash_after``: raise after that many optimiser steps (a killed run); ``resume``: continue ``run``;
-    ``on_batch(model, rows)``: called after each backward, before the optimiser step."""
+    ``on_batch(model, rows)``: called after each backward, before the optimiser step; ``datasets``: for capture."""
     model = model if model is not None else _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     if resume:
@@ -61,7 +72,9 @@ def _train(
         rec = sp.TrajectoryRecorder(run, model, opt, save_every=save_every, save_optimizer_state=True, overwrite=True)
     task = task or sp.ClassificationTask()
     options = options or sp.CaptureArguments()
-    cap = sp.GradientCapture(rec, store, task, projection=_projection(), options=options) if store else None
+    cap = None
+    if store is not None:
+        cap = sp.GradientCapture(rec, store, task, projection=_projection(), options=options, datasets=datasets)
     if not resume:
         rec.begin_stage("main", dataset_size=len(data))
     x, y = data.tensors
@@ -229,7 +242,8 @@ def test_killed_captured_run_resumes_into_the_store_of_an_uninterrupted_run(
 ) -> None:
     """Killed between checkpoints, or while a window's chunks are being written: the resumed run (recorder
     and capture on the same directories) ends with the run, windows and trajectory of an uninterrupted one."""
-    kwargs = {"steps": 14, "batch": 8, "save_every": 4, "options": sp.CaptureArguments(chunk_rows=8)}
+    kwargs = {"steps": 14, "batch": 8, "save_every": 4, "options": sp.CaptureArguments(chunk_rows=8),
+              "datasets": {"main": classification_data}}
     _train(tmp_path / "a", tmp_path / "a.sp", classification_data, **kwargs)
     if crash == "mid-window":
         with pytest.raises(_Killed):
@@ -258,13 +272,27 @@ def test_killed_captured_run_resumes_into_the_store_of_an_uninterrupted_run(
         assert np.array_equal(expected[name], got[name]), name
     meta = sp.Store.open(tmp_path / "b.sp").meta
     assert meta["captured"] and meta["trajectory"]["fingerprint"] == a.fingerprint()
+    # The reference batch was written when the killed run took it: the resumed store fingerprints the same examples.
+    uninterrupted = sp.Store.open(tmp_path / "a.sp")
+    assert np.array_equal(uninterrupted.read(REFERENCE_BATCH), sp.Store.open(tmp_path / "b.sp").read(REFERENCE_BATCH))
+    assert meta["fingerprint"] == uninterrupted.meta["fingerprint"] and meta["fingerprint"]["data"] is not None
+    _refuses_another_activation(tmp_path / "b", tmp_path / "b.sp")
+
+
+def _refuses_another_activation(run: Path, store: Path) -> None:
+    """The store's model with ReLU for Tanh, holding the run's final checkpoint, is refused by ``check_model``."""
+    relu = _mlp(activation=nn.ReLU)
+    trajectory = sp.Trajectory.load(run)
+    trajectory.load_into(relu, trajectory.final_checkpoint)
+    with pytest.raises(sp.TaskError, match=f"the store at {store} was captured from"):
+        check_model(sp.Store.open(store), relu, sp.ClassificationTask(), torch.device("cpu"))
 
 
 def test_verify_checks_a_captured_store_and_a_damaged_window_stops_fit(tmp_path: Path, classification_data) -> None:
     _train(tmp_path / "run", tmp_path / "cap.sp", classification_data, steps=8, batch=10, save_every=4,
            options=sp.CaptureArguments(chunk_rows=16))
     report = sp.verify_store(tmp_path / "cap.sp", progress=False)
-    assert report.status == "ok" and report.arrays == 9 and not report.notes  # 2 windows × 4 arrays + lr
+    assert report.status == "ok" and report.arrays == 10 and not report.notes  # 2 windows × 4 arrays, lr, reference
     grads = tmp_path / "cap.sp" / "capture" / "grads" / "main" / "step-00000004" / "c" / "1" / "0"
     grads.write_bytes(bytes(len(grads.read_bytes())))
     report = sp.verify_store(tmp_path / "cap.sp", repair=True, progress=False)
@@ -278,17 +306,20 @@ def test_a_captured_store_grows_with_a_run_that_trains_a_new_stage_on_new_exampl
     tmp_path: Path, classification_data
 ) -> None:
     """A finished captured run is resumed and trains a second stage on more data: the store keeps the first
-    stage's windows as they were, adds the new ones, drops the fitted method and records the growth."""
+    stage's windows as they were, adds the new ones, drops the fitted method and records the growth; its model
+    fingerprint is the new θ_T's, its data fingerprint the first stage's and the new one's."""
     options = sp.CaptureArguments(chunk_rows=64)
-    _train(tmp_path / "run", tmp_path / "cap.sp", classification_data, steps=6, batch=10, save_every=3, options=options)
+    _train(tmp_path / "run", tmp_path / "cap.sp", classification_data, steps=6, batch=10, save_every=3, options=options,
+           datasets={"main": classification_data})
     before = _store_arrays(tmp_path / "cap.sp")
+    first = sp.Store.open(tmp_path / "cap.sp").meta["fingerprint"]
     sp.fit(tmp_path / "cap.sp", progress=False)
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     rec = sp.TrajectoryRecorder.resume(tmp_path / "run", model, opt, save_every=3)
-    cap = sp.GradientCapture(rec, tmp_path / "cap.sp", sp.ClassificationTask(), projection=_projection(),
-                             options=options)
     more = TensorDataset(torch.randn(12, 4), torch.randint(0, 3, (12,)))
+    cap = sp.GradientCapture(rec, tmp_path / "cap.sp", sp.ClassificationTask(), projection=_projection(),
+                             options=options, datasets={"more": more})
     rec.begin_stage("more", dataset_size=len(more))
     for batch in DataLoader(sp.IndexedDataset(more), batch_size=4, shuffle=True):
         with cap.batch(batch) as (x, y):
@@ -306,6 +337,10 @@ def test_a_captured_store_grows_with_a_run_that_trains_a_new_stage_on_new_exampl
     assert store.meta["growth"][0] == {"checkpoints": [0, 3, 6], "fingerprint": store.meta["growth"][0]["fingerprint"],
                                        "dropped_methods": ["source"], "finished": True}
     assert store.meta["trajectory"]["checkpoints"] == [0, 3, 6, 9] and not store.meta["methods"]
+    fingerprint = store.meta["fingerprint"]
+    values = model_fingerprint(model, sp.ClassificationTask(), load_reference_batch(store), torch.device("cpu"))
+    assert fingerprint["model"] == {"step": 9, "values": values} and values != first["model"]["values"]
+    assert fingerprint["data"] == {"main": first["data"]["main"], **data_fingerprint({"more": more})}
     fitted = sp.fit(store, sp.FitArguments(segments_per_stage=1), progress=False)
     assert fitted.read("methods/source/train/more").shape == (12, DIM)
     assert sp.verify_store(store.path, progress=False).status == "ok"
@@ -337,6 +372,13 @@ def test_capture_refuses_what_it_cannot_capture_with_a_sentence(tmp_path: Path, 
         cap.begin((x[:4], y[:4]))
     with pytest.raises(sp.TaskError, match=r"must lie in \[0, 29\]"):
         cap.begin((x[:4], y[:4]), indices=[0, 1, 2, 30])
+    for i, (datasets, what) in enumerate([({"other": classification_data}, "names no such stage"),
+                                          ({"main": TensorDataset(x[:5])}, "holds 5 examples")]):
+        named = recorder(_mlp(), f"g{i}")
+        named_cap = sp.GradientCapture(named, tmp_path / f"g{i}.sp", task, projection=_projection(), datasets=datasets)
+        named.begin_stage("main", dataset_size=len(y))
+        with pytest.raises(sp.TaskError, match=f"trains on 30 examples, but GradientCapture's datasets= {what}"):
+            named_cap.begin((x[:4], y[:4]), indices=range(4))
     rec.step()
     with pytest.raises(sp.TaskError, match="recorded without a captured batch"):
         rec.step()  # the checkpoint at step 2 closes a window no batch was captured in
@@ -377,13 +419,67 @@ def test_segment_gradients_average_visits_and_stand_in_for_unvisited_examples(
     assert {0, 1, 2} <= set(np.concatenate(counts).tolist())
 
 
-def test_scoring_a_captured_store_says_it_cannot_be_checked_without_advising_to_featurize(
+def test_a_captured_store_refuses_a_model_that_computes_otherwise_and_changed_data_in_one_sentence(
     tmp_path: Path, classification_data
 ) -> None:
-    """Capture records no model or data fingerprint: the warning says so, and does not advise
-    ``featurize --force``, which would replace the captured store by a post-hoc one."""
-    _train(tmp_path / "run", tmp_path / "cap.sp", classification_data, steps=8, batch=10, save_every=4)
-    sp.fit(tmp_path / "cap.sp", sp.FitArguments(segments_per_stage=1), progress=False)
-    with pytest.warns(UserWarning, match="captured during training, which records no fingerprint") as seen:
-        sp.Attributor(tmp_path / "cap.sp", _mlp(), sp.ClassificationTask(), progress=False)
-    assert not any("featurize" in str(w.message) for w in seen)
+    """Capture records featurize's fingerprints: the store's own model scores without a word about them; the same
+    layers with ReLU for Tanh, and training data changed since capture (given as ``datasets=``), are refused with
+    one sentence that does not advise featurize. Without ``datasets=`` only the data go unchecked, said once; a store
+    captured before fingerprints says that nothing is checked."""
+    x, y = classification_data.tensors
+    task = sp.ClassificationTask()
+    store_path = tmp_path / "cap.sp"
+    _train(tmp_path / "run", store_path, classification_data, steps=4, batch=10, save_every=4,
+           datasets={"main": sp.IndexedDataset(classification_data)})  # unwrapped: the data featurize would take
+    sp.fit(store_path, sp.FitArguments(segments_per_stage=1), progress=False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        scores = sp.Attributor(store_path, _mlp(), task, progress=False).scores(TensorDataset(x[:3], y[:3]))
+    assert scores.shape == (3, 30) and np.isfinite(scores).all()
+    assert not [w for w in seen if "cannot be detected" in str(w.message)]
+    with pytest.raises(sp.TaskError) as err:
+        sp.Attributor(store_path, _mlp(activation=nn.ReLU), task, progress=False)
+    message = str(err.value)
+    assert message.startswith(
+        f"The model computes other outputs at the final checkpoint than the one the store at {store_path} was captured "
+        "from ("
+    )
+    assert message.endswith(
+        "although its parameters have the same names and shapes; build the model exactly as it was trained (same "
+        "layers, activations and forward)."
+    )
+    store = sp.Store.open(store_path)
+    assert check_data(store.path, store.meta, {"main": classification_data})
+    changed = y.clone()
+    changed[7] = (changed[7] + 1) % 3
+    with pytest.raises(sp.TaskError) as err:
+        check_data(store.path, store.meta, {"main": TensorDataset(x, changed)})
+    assert str(err.value) == (
+        f"The training data of stage 'main' are not those the store at {store.path} was captured with (other contents "
+        "or order); pass the training set the run trained on, in its original order."
+    )
+
+    _train(tmp_path / "bare", tmp_path / "bare.sp", classification_data, steps=4, batch=10, save_every=4)
+    bare = sp.Store.open(tmp_path / "bare.sp")
+    assert bare.meta["fingerprint"]["data"] is None
+    _refuses_another_activation(tmp_path / "bare", tmp_path / "bare.sp")
+    with pytest.warns(UserWarning) as seen:
+        assert not check_data(bare.path, bare.meta, {"main": classification_data})
+        assert not check_data(bare.path, bare.meta, {"main": classification_data})
+    assert [str(w.message) for w in seen] == [
+        f"The store at {bare.path} was captured without its training datasets (GradientCapture's datasets=), so "
+        "training data changed since cannot be detected (its model is checked)."
+    ]
+
+    # A store captured before capture recorded fingerprints: the warning says so, and does not advise
+    # ``featurize --force``, which would replace the captured store by a post-hoc one.
+    shutil.copytree(tmp_path / "bare.sp", tmp_path / "old.sp")
+    old = sp.Store.open(tmp_path / "old.sp", writable=True)
+    old.delete(REFERENCE_BATCH)
+    old.update_meta(fingerprint=None)
+    with pytest.warns(UserWarning) as seen:
+        check_model(old, _mlp(activation=nn.ReLU), task, torch.device("cpu"))
+    assert [str(w.message) for w in seen] == [
+        f"The store at {old.path} was captured during training before source-proj fingerprinted captured runs, so a "
+        "model or training data changed since cannot be detected."
+    ]

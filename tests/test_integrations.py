@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 import source_proj as sp
+from source_proj.store.provenance import check_data, check_model, data_fingerprint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tiny models are built from configs: nothing may be downloaded
 
@@ -42,7 +44,7 @@ class _SequenceClassification(sp.ClassificationTask):
         return model(input_ids=batch[0]).logits
 
 
-def _tiny_bert():
+def _tiny_bert(hidden_act: str = "gelu"):
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
@@ -56,6 +58,7 @@ def _tiny_bert():
         num_labels=2,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
+        hidden_act=hidden_act,
     )
     return BertForSequenceClassification(config)
 
@@ -249,8 +252,20 @@ def test_transformers_capture_callback_captures_what_featurize_computes_at_each_
     )
     assert _matches_posthoc_at_every_step(tmp_path / "run", tmp_path / "cap.sp", posthoc) == 48
     sp.fit(tmp_path / "cap.sp", sp.FitArguments(segments_per_stage=1), progress=False)
-    scores = sp.Attributor(tmp_path / "cap.sp", _tiny_bert(), task).scores(_Dicts(*_tokens(3, 1)))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        scores = sp.Attributor(tmp_path / "cap.sp", _tiny_bert(), task).scores(_Dicts(*_tokens(3, 1)))
     assert scores.shape == (3, 24) and np.isfinite(scores).all()
+    assert not [w for w in seen if "cannot be detected" in str(w.message)]  # the fingerprints are recorded
+    # The Trainer's train_dataset is the stage's data; the model is checked at θ_T on the first batch's examples.
+    store = sp.Store.open(tmp_path / "cap.sp")
+    assert check_data(store.path, store.meta, {"main": _Dicts(ids, labels)})
+    with pytest.raises(sp.TaskError, match=r"are not those the store .* was captured with"):
+        check_data(store.path, store.meta, {"main": _Dicts(ids.flip(0), labels.flip(0))})
+    # Sigmoid for GELU: this barely trained BERT's outputs hardly depend on its feed-forward layer (ReLU or tanh
+    # for GELU move them by 0.3 % of their scale, within provenance.MODEL_RTOL), a sigmoid by 4 %.
+    with pytest.raises(sp.TaskError, match="was captured from"):
+        sp.Attributor(tmp_path / "cap.sp", _tiny_bert(hidden_act="sigmoid"), task)
 
 
 def test_lightning_capture_callback_captures_what_featurize_computes_at_each_step(
@@ -261,10 +276,10 @@ def test_lightning_capture_callback_captures_what_featurize_computes_at_each_ste
     from source_proj.integrations import LightningCapture
 
     class Module(pl.LightningModule):
-        def __init__(self) -> None:
+        def __init__(self, activation: type[nn.Module] = nn.Tanh) -> None:
             super().__init__()
             torch.manual_seed(0)
-            self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+            self.net = nn.Sequential(nn.Linear(4, 8), activation(), nn.Linear(8, 3))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.net(x)
@@ -288,3 +303,11 @@ def test_lightning_capture_callback_captures_what_featurize_computes_at_each_ste
         projection=projection, options=sp.FeaturizeArguments(fisher="empirical", measurement=False), progress=False,
     )
     assert _matches_posthoc_at_every_step(tmp_path / "run", tmp_path / "cap.sp", posthoc) == 60
+    # The training dataloader's data are fingerprinted (unwrapped), and a module with ReLU for Tanh is refused.
+    store = sp.Store.open(tmp_path / "cap.sp")
+    assert store.meta["fingerprint"]["data"] == data_fingerprint({"main": classification_data})
+    relu = Module(nn.ReLU)
+    trajectory = sp.Trajectory.load(tmp_path / "run")
+    trajectory.load_into(relu, trajectory.final_checkpoint)
+    with pytest.raises(sp.TaskError, match="was captured from"):
+        check_model(store, relu, sp.ClassificationTask(), torch.device("cpu"))

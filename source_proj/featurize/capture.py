@@ -44,7 +44,8 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 from torch.utils.data import Dataset
 
 from source_proj import __version__
@@ -54,10 +55,17 @@ from source_proj.featurize.grow import record_growth
 from source_proj.featurize.windows import PREFIX, WINDOW_ARRAYS, window_array
 from source_proj.projection.factored import FactoredProjector
 from source_proj.projection.factory import make_projector
-from source_proj.store.provenance import describe_provenance
+from source_proj.store.provenance import (
+    REFERENCE_ROWS,
+    data_fingerprint,
+    describe_provenance,
+    load_reference_batch,
+    model_fingerprint,
+    save_reference_batch,
+)
 from source_proj.store.store import Store, is_store
 from source_proj.store.writing import store_lock, writing
-from source_proj.tasks.gradients import PerExampleGradients, batch_size
+from source_proj.tasks.gradients import PerExampleGradients, batch_rows, batch_size
 from source_proj.tasks.task import Batch, Task
 from source_proj.trajectory.recorder import Trajectory, TrajectoryRecorder, describe_optimizer
 
@@ -149,10 +157,23 @@ class GradientCapture:
         options: Fisher, loss reduction, chunking.
         overwrite: replace a store of other settings, or of another run.
         spec: the experiment spec file (recorded, as featurize does).
+        datasets: stage name → that stage's training dataset (as featurize takes them; an
+            ``IndexedDataset`` is unwrapped), for the data fingerprint; every stage this capture
+            trains must be named, with the size given to ``begin_stage``.
 
     The store holds, per window between checkpoints, the sum of every example's projected gradients
     and its visit count, and the window's Fisher sum (``windows.py``); ``sp.fit`` turns them into
     SOURCE once the recorder is closed. Scores keep the library's sign: positive = helpful.
+
+    **Fingerprints.** The first captured batch's first ``REFERENCE_ROWS`` examples become the store's
+    reference batch, written at once: a resumed run finds it in the store and fingerprints on the
+    same examples as an uninterrupted run would (a store that grows keeps it too). When the recorder
+    closes, ``meta["fingerprint"]`` records what θ_T (the final checkpoint) computes on it, in
+    eval mode, and, when ``datasets`` cover every stage of the run (stages an earlier session
+    recorded keep their entry unless trained again), the data fingerprint, taken as each stage's
+    first batch is captured (a dataset that cannot be read fails then, not at the end of training);
+    both as featurize records them, so a query refuses a model that computes something else, and
+    ``check_data`` data that changed.
     """
 
     def __init__(
@@ -165,6 +186,7 @@ class GradientCapture:
         options: CaptureArguments = CaptureArguments(),
         overwrite: bool = False,
         spec: str | None = None,
+        datasets: Mapping[str, Dataset] | None = None,
     ) -> None:
         if options.fisher not in ("sampled", "empirical"):
             raise TaskError(f"Capture's Fisher is 'sampled' or 'empirical', not {options.fisher!r}.")
@@ -223,6 +245,14 @@ class GradientCapture:
                 f"The recorder has taken {recorder.global_step - steps[-1]} steps since its last checkpoint; start "
                 "capture before training, or right after TrajectoryRecorder.resume."
             )
+        self.datasets = (
+            None
+            if datasets is None
+            else {name: d.dataset if isinstance(d, IndexedDataset) else d for name, d in datasets.items()}
+        )
+        self._reference: Any = None
+        self._trained: set[str] = set()
+        self._data: dict[str, dict[str, Any]] = {}
         self._open_store(overwrite)
         self._stage: tuple[str, int] | None = None
         self._closed = False
@@ -285,6 +315,7 @@ class GradientCapture:
             if old.get("captured"):  # a finished run trains further: the store grows with it
                 record_growth(store)
                 store.update_meta(captured=False)
+            self._reference = load_reference_batch(store)
 
     def _write_window(self, stage: str, start: int, sums: Tensor, visits: Tensor, fisher: Tensor, count: float) -> None:
         bad = ~torch.isfinite(sums).all(dim=1)
@@ -348,6 +379,8 @@ class GradientCapture:
             )
         if not self._checked:
             self._check(rest)
+        if self._reference is None:
+            self._keep_reference(rest)
         self._fisher_batch = self._batches % self.options.fisher_every == 0
         if self.options.fisher == "sampled" and self._fisher_batch:
             self._fisher_pass(rest, count)
@@ -388,6 +421,16 @@ class GradientCapture:
                 f"Stage {name!r} is trained with {kind!r}; capture supports SGD stages (Adam's preconditioner does not "
                 "factor through the layer hooks yet): featurize Adam runs after training."
             )
+        if self.datasets is not None and name not in self._data:  # fingerprinted as the stage starts: errors come early
+            given = self.datasets.get(name)
+            if given is None or len(given) != size:  # type: ignore[arg-type]
+                what = "names no such stage" if given is None else f"holds {len(given)} examples"  # type: ignore[arg-type]
+                raise TaskError(
+                    f"Stage {name!r} trains on {size} examples, but GradientCapture's datasets= {what}; pass each "
+                    "stage's training dataset under its name."
+                )
+            self._data.update(data_fingerprint({name: given}))
+        self._trained.add(name)
         self._stage = (name, size)
         self._sums = torch.zeros(size, self.dim, dtype=torch.float32, device=self.buffer_device)
         self._visits = torch.zeros(size, dtype=torch.int32, device=self.buffer_device)
@@ -399,26 +442,29 @@ class GradientCapture:
 
     def _check(self, batch: Batch) -> None:
         """Once: the layer hooks must reproduce the materialised per-example gradients (tied weights…)."""
-        modes = [(m, m.training) for m in self.model.modules()]
-        try:
+        with _modes_kept(self.model):
             grads_fn = PerExampleGradients(self.model, self.task, self.names)
             self.projector.check_layers(grads_fn, batch)
-        finally:
-            for module, mode in modes:
-                module.training = mode
         self._checked = True
+
+    def _keep_reference(self, batch: Batch) -> None:
+        """A CPU copy of the batch's first ``REFERENCE_ROWS`` examples (copied: the loop may reuse its
+        buffers), written to the store at once (see the class docstring)."""
+        rows = batch_rows(batch, slice(0, REFERENCE_ROWS))
+        self._reference = tree_map(lambda t: t.detach().to("cpu", copy=True) if isinstance(t, Tensor) else t, rows)
+        with store_lock(self.path):
+            save_reference_batch(Store.open(self.path, writable=True), self._reference)
 
     def _fisher_pass(self, batch: Batch, count: int) -> None:
         """ũ = P ∇ℓ(x, ŷ; θ_t) with ŷ drawn from the model, in eval mode: add ũũᵀ to the window's Fisher sum."""
         step = self.recorder.global_step
         seed = np.random.SeedSequence([self.options.seed, step, self._batches])
         generator = torch.Generator().manual_seed(int(seed.generate_state(1, dtype=np.uint64)[0] >> 1))
-        modes = [(m, m.training) for m in self.model.modules()]
         out = torch.zeros(count, self.dim, dtype=torch.float32, device=self.device)
-        self.model.eval()
-        self._target = out
         try:
-            with torch.enable_grad():
+            with _modes_kept(self.model), torch.enable_grad():
+                self.model.eval()
+                self._target = out
                 task = self.task.bind(self.model)
                 outputs = task.forward(self.model, batch)
                 ((weight, pseudo),) = task.fisher_targets(outputs.detach(), batch, generator)
@@ -426,8 +472,6 @@ class GradientCapture:
                 torch.autograd.grad(total, self._probe, allow_unused=True)
         finally:
             self._target = None
-            for module, mode in modes:
-                module.training = mode
         self._add_fisher(out * weight.to(out).sqrt()[:, None])
 
     def _add_fisher(self, u: Tensor) -> None:
@@ -463,7 +507,7 @@ class GradientCapture:
         self._open_stage(*self._stage)
 
     def after_close(self) -> None:
-        """Finish the store: the run's learning rates and description (called by the recorder's close)."""
+        """Finish the store: the run's learning rates, description and fingerprints (called by the recorder's close)."""
         if self._closed:
             return
         self.commit()
@@ -473,6 +517,7 @@ class GradientCapture:
             store = Store.open(self.path, writable=True)
             store.write_whole("trajectory/lr", trajectory.lr.astype(np.float64))
             store.update_meta(
+                fingerprint=self._fingerprint(trajectory, (store.meta.get("fingerprint") or {}).get("data")),
                 trajectory={
                     "path": str(Path(trajectory.path).resolve()),
                     "fingerprint": trajectory.fingerprint(),
@@ -483,12 +528,38 @@ class GradientCapture:
                 captured=True,
             )
 
+    def _fingerprint(self, trajectory: Trajectory, recorded: Mapping[str, Any] | None) -> dict[str, Any] | None:
+        """The model and data fingerprints of the finished run (see the class docstring); ``recorded``: the
+        data fingerprint an earlier session of the run wrote."""
+        if self._reference is None:  # no batch was ever captured
+            return None
+        with _modes_kept(self.model):
+            values = model_fingerprint(self.model, self.task, self._reference, self.device)
+        data = {stage: entry for stage, entry in (recorded or {}).items() if stage not in self._trained}
+        data.update(self._data)
+        covered = all(stage.name in data for stage in trajectory.stages)
+        return {
+            "model": {"step": trajectory.final_checkpoint.step, "values": values},
+            "data": data if covered else None,
+        }
+
     def close(self) -> None:
         """Remove the layer hooks and stop listening, without finishing the store (training stopped early:
         resume it later); the recorder's own close finishes the store instead."""
         self._pending = self._target = None
         self._closed = True
         self._hooks.close()
+
+
+@contextlib.contextmanager
+def _modes_kept(model: nn.Module) -> Iterator[None]:
+    """Put every module of ``model`` back in the train/eval mode it had on entry."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
 
 
 def _stored_windows(store: Store) -> list[tuple[str, int]]:

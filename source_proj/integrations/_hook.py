@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import IterableDataset
 
 from source_proj.errors import TrajectoryError
 from source_proj.featurize.arguments import ProjectionArguments
@@ -103,8 +104,17 @@ class CaptureSettings:
         self.capture_options = options
         self.capture: GradientCapture | None = None
 
-    def start_capture(self, recorder: TrajectoryRecorder, overwrite: bool) -> GradientCapture:
-        """The capture of ``recorder``'s run into the store (overwriting it when the run is overwritten)."""
+    def start_capture(self, recorder: TrajectoryRecorder, overwrite: bool, dataloader: Any) -> GradientCapture:
+        """The capture of ``recorder``'s run into the store (overwriting it when the run is overwritten); the
+        training dataloader's dataset is fingerprinted as the stage's data when it is a map-style dataset of
+        the stage's size (otherwise the store's data go unchecked, which a check of them says)."""
+        stage, size = recorder.stage
+        dataset = getattr(dataloader, "dataset", None)
+        try:
+            sized = not isinstance(dataset, IterableDataset) and hasattr(dataset, "__getitem__")
+            sized = sized and len(dataset) == size  # type: ignore[arg-type]
+        except TypeError:  # no len()
+            sized = False
         self.capture = GradientCapture(
             recorder,
             self.store_path,
@@ -112,5 +122,6 @@ class CaptureSettings:
             projection=self.projection,
             options=self.capture_options,
             overwrite=overwrite,
+            datasets={stage: dataset} if sized else None,
         )
         return self.capture

@@ -71,7 +71,9 @@ class HuggingFaceCapture(HuggingFaceRecorder):
     The training set must be wrapped in ``source_proj.IndexedDataset`` (dict items gain a
     ``"source_proj_index"`` column; the callback keeps the Trainer from dropping it and takes it out of
     the model's inputs). The model's loss must be the batch mean of ``task``'s per-example loss (HF's
-    default); with gradient accumulation over n batches it is scaled by n·B. One process only.
+    default); with gradient accumulation over n batches it is scaled by n·B. One process only. The
+    store records the model fingerprint and, from the Trainer's ``train_dataset``, the stage's data
+    fingerprint (``source_proj.GradientCapture``), so a model or data that changed are refused.
 
     Args:
         run_dir: the run directory to write (see ``TrajectoryRecorder``).
@@ -106,7 +108,7 @@ class HuggingFaceCapture(HuggingFaceRecorder):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         super().on_train_begin(args, state, control, **kwargs)
         assert self.recorder is not None
-        self.settings.start_capture(self.recorder, self.overwrite)
+        self.settings.start_capture(self.recorder, self.overwrite, kwargs.get("train_dataloader"))
         self._accumulation = int(args.gradient_accumulation_steps)
         collate = getattr(kwargs.get("train_dataloader"), "collate_fn", None)
         columns = getattr(collate, "signature_columns", None)

@@ -75,6 +75,8 @@ class LightningCapture(LightningRecorder):
     collate makes them) before ``training_step`` sees it. ``task`` computes with the LightningModule
     on those batches; ``training_step`` must minimise the batch mean of its per-example loss (with
     ``accumulate_grad_batches`` = n, Lightning divides it by n, which capture undoes). One process only.
+    The store records the model fingerprint and, from the training dataloader's dataset, the stage's
+    data fingerprint (``source_proj.GradientCapture``).
 
     Args: as ``source_proj.integrations.HuggingFaceCapture``.
     """
@@ -98,7 +100,7 @@ class LightningCapture(LightningRecorder):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_start(trainer, pl_module)
         assert self.recorder is not None
-        self.settings.start_capture(self.recorder, self.overwrite)
+        self.settings.start_capture(self.recorder, self.overwrite, trainer.train_dataloader)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         assert self.settings.capture is not None

@@ -14,15 +14,17 @@ and holds the checks made before anything is written or scored:
   passed in supplies the architecture, and its weights are replaced by θ_T's, which must still be
   the file featurize used (same run fingerprint, same sha256).
 - ``check_model``: the model computes what the store's model computed. Same parameter names
-  and shapes do not make the same function (ReLU replaced by Tanh), so featurize records what
-  θ_T computes on a fixed *reference batch* of training examples (``meta["fingerprint"]["model"]``:
-  per example loss, measurement, and mean and standard deviation of the outputs; the batch itself
-  in the array ``REFERENCE_BATCH``), and every later use recomputes it and compares within
-  ``MODEL_RTOL`` of the largest recorded magnitude (wide enough for CPU/GPU and summation
-  order, far narrower than another activation or layer makes).
+  and shapes do not make the same function (ReLU replaced by Tanh), so featurize (and capture,
+  ``featurize/capture.py``) records what θ_T computes on a fixed *reference batch* of training
+  examples (``meta["fingerprint"]["model"]``: per example loss, measurement, and mean and standard
+  deviation of the outputs; the batch itself in the array ``REFERENCE_BATCH``), and every later
+  use recomputes it and compares within ``MODEL_RTOL`` of the largest recorded magnitude (wide
+  enough for CPU/GPU and summation order; narrower than another activation or layer makes, unless
+  the outputs hardly depend on it, as in a barely trained model).
 - ``check_data``: the training data are the store's. ``meta["fingerprint"]["data"]`` holds per
   stage the sha256 of every example (of a seeded sample of ``DATA_ROWS`` examples for larger
-  sets) and, for cheap checks at query time, of ``QUICK_ROWS`` of them.
+  sets) and, for cheap checks at query time, of ``QUICK_ROWS`` of them; ``None`` in a store
+  captured without its datasets.
 
 A store written before the fingerprints existed still opens; the first check says once that it
 cannot be checked.
@@ -37,7 +39,7 @@ import platform
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -211,6 +213,13 @@ def save_reference_batch(store: Store, batch: Any) -> None:
     store.write_whole(REFERENCE_BATCH, np.frombuffer(buffer.getvalue(), dtype=np.uint8))
 
 
+def load_reference_batch(store: Store) -> Any | None:
+    """The store's reference batch (on the CPU), or ``None`` if it holds none (yet)."""
+    if not store.has(REFERENCE_BATCH) or not store.is_complete(REFERENCE_BATCH):
+        return None
+    return torch.load(io.BytesIO(store.read(REFERENCE_BATCH).tobytes()), map_location="cpu", weights_only=True)
+
+
 def _model_difference(
     recorded: Mapping[str, Sequence[float | None]], actual: Mapping[str, Sequence[float | None]]
 ) -> str | None:
@@ -237,29 +246,41 @@ _UNCHECKED: set[str] = set()
 """Stores already named as unfingerprinted in this process (the warning is given once per store)."""
 
 
-def _unchecked(path: str, meta: Mapping[str, Any]) -> None:
-    if path not in _UNCHECKED:
-        _UNCHECKED.add(path)
-        if meta.get("capture") is not None:  # captured during training (featurize.windows.is_captured)
-            why, advice = "was captured during training, which records no fingerprint of", "."
-        else:
-            why = "was written before source-proj fingerprinted"
-            advice = "; re-run featurize --force to record them."
-        warnings.warn(
-            f"The store at {path} {why} its model and training data, so a model or data changed since cannot be "
-            f"detected{advice}",
-            stacklevel=3,
+def _captured(meta: Mapping[str, Any]) -> bool:
+    """Whether the store was captured during training (``featurize.windows.is_captured``)."""
+    return meta.get("capture") is not None
+
+
+def _unchecked(path: str, meta: Mapping[str, Any], what: Literal["model", "data"]) -> None:
+    """Say once per store what its fingerprints leave unchecked (``what``: the check that found none)."""
+    if path in _UNCHECKED:
+        return
+    _UNCHECKED.add(path)
+    if what == "data" and _captured(meta) and (meta.get("fingerprint") or {}).get("model") is not None:
+        message = (
+            f"The store at {path} was captured without its training datasets (GradientCapture's datasets=), so "
+            "training data changed since cannot be detected (its model is checked)."
         )
+    elif _captured(meta):
+        message = (
+            f"The store at {path} was captured during training before source-proj fingerprinted captured runs, so a "
+            "model or training data changed since cannot be detected."
+        )
+    else:
+        message = (
+            f"The store at {path} was written before source-proj fingerprinted its model and training data, so a "
+            "model or data changed since cannot be detected; re-run featurize --force to record them."
+        )
+    warnings.warn(message, stacklevel=3)
 
 
 def check_model(store: Store, model: nn.Module, task: Task, device: torch.device) -> None:
     """Refuse a model (holding the store's final checkpoint θ_T) that computes something other than the
     store's model on the reference batch, e.g. the same layers with another activation."""
-    if not store.has(REFERENCE_BATCH):
-        _unchecked(store.path, store.meta)
+    batch = load_reference_batch(store)
+    if batch is None:
+        _unchecked(store.path, store.meta, "model")
         return
-    raw = store.read(REFERENCE_BATCH).tobytes()
-    batch = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     check_model_values(store.path, store.meta, model_fingerprint(model, task, batch, device))
 
 
@@ -267,15 +288,21 @@ def check_model_values(path: str, meta: Mapping[str, Any], values: Mapping[str, 
     """Refuse model fingerprint ``values`` (see ``model_fingerprint``) that differ from the store's."""
     recorded = (meta.get("fingerprint") or {}).get("model")
     if recorded is None:
-        _unchecked(path, meta)
+        _unchecked(path, meta, "model")
         return
     difference = _model_difference(recorded["values"], values)
     if difference is not None:
+        if _captured(meta):
+            origin, advice = "captured from", "exactly as it was trained (same layers, activations and forward)."
+        else:
+            origin = "featurized with"
+            advice = (
+                "exactly as for featurize (same layers, activations and forward), or featurize this one into a new "
+                "store (featurize --force replaces this one)."
+            )
         raise TaskError(
-            f"The model computes other outputs at the final checkpoint than the one the store at {path} was "
-            f"featurized with ({difference}), although its parameters have the same names and shapes; build the "
-            "model exactly as for featurize (same layers, activations and forward), or featurize this one into a "
-            "new store (featurize --force replaces this one)."
+            f"The model computes other outputs at the final checkpoint than the one the store at {path} was {origin} "
+            f"({difference}), although its parameters have the same names and shapes; build the model {advice}"
         )
 
 
@@ -343,7 +370,7 @@ def check_data(
     every time (random augmentation), which is let through with a warning."""
     recorded = (meta.get("fingerprint") or {}).get("data")
     if recorded is None:
-        _unchecked(path, meta)
+        _unchecked(path, meta, "data")
         return False
     now = fingerprint or data_fingerprint(datasets, quick=quick)
     key = "quick" if quick else "sha256"
@@ -363,9 +390,16 @@ def check_data(
             continue
         same_size = old.get("size") == entry["size"]
         what = "other contents or order" if same_size else f"{entry['size']} examples, not {old.get('size')}"
+        if _captured(meta):
+            origin, advice = "captured with", "the training set the run trained on, in its original order."
+        else:
+            origin = "featurized with"
+            advice = (
+                "the original training set in its original order, or featurize these data into a new store "
+                "(featurize --force replaces this one)."
+            )
         raise TaskError(
-            f"The training data of stage {stage!r} are not those the store at {path} was featurized with ({what}); "
-            "pass the original training set in its original order, or featurize these data into a new store "
-            "(featurize --force replaces this one)."
+            f"The training data of stage {stage!r} are not those the store at {path} was {origin} ({what}); pass "
+            f"{advice}"
         )
     return checked

@@ -49,7 +49,8 @@ def batch_size(batch: Batch) -> int:
     return int(leaves[0].shape[0])
 
 
-def _rows(batch: Batch, rows: slice) -> Batch:
+def batch_rows(batch: Batch, rows: slice) -> Batch:
+    """The examples ``rows`` of a batch: every tensor sliced along its first dimension (views, not copies)."""
     return tree_map(lambda t: t[rows] if isinstance(t, Tensor) else t, batch)
 
 
@@ -195,7 +196,7 @@ class PerExampleGradients:
             return None
         if batch_size(batch) < _HOOK_CHECK_EXAMPLES:  # one example cannot show examples mixing
             return None
-        few = _rows(batch, slice(0, _HOOK_CHECK_EXAMPLES))
+        few = batch_rows(batch, slice(0, _HOOK_CHECK_EXAMPLES))
         try:
             hooked = self._hooked(layers, selected, few, quantity, False)
         except _NotBatchFirst:
@@ -231,7 +232,7 @@ class PerExampleGradients:
         leaves = {n: self.params[n].clone().requires_grad_() for n in selected}
         rows = []
         for i in range(batch_size(batch)):
-            one = _rows(batch, slice(i, i + 1))
+            one = batch_rows(batch, slice(i, i + 1))
             with torch.enable_grad():
                 total = value(self.task.forward(self._call(leaves), one), one).sum()
                 row = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
