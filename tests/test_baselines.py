@@ -19,6 +19,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 from torch.utils.data import TensorDataset
 
 import source_proj as sp
+from source_proj.methods import baselines
 
 from .conftest import full_batch_run
 
@@ -234,9 +235,17 @@ def test_an_ensemble_averages_the_scores_of_its_models_and_its_top_k_is_exact(fi
     np.testing.assert_array_equal(top.helpful_ids, np.argsort(-scores, axis=1, kind="stable")[:, :5])
 
 
-def test_repsim_without_a_model_and_an_unknown_kind_are_refused(fitted) -> None:
+def test_repsim_without_a_model_an_unknown_kind_and_a_curvature_too_wide_are_refused(
+    fitted, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _, store, _, _ = fitted
     with pytest.raises(sp.TaskError, match="needs model"):
         sp.fit_baseline(store, sp.BaselineArguments(kind="repsim", method="r2"), progress=False)
     with pytest.raises(sp.TaskError, match="Unknown baseline"):
         sp.fit_baseline(store, sp.BaselineArguments(kind="datamodels"), progress=False)
+    # IF and TRAK invert a k × k matrix: on exact gradients of a wide model (k = p) that cannot fit
+    k = sp.Store.open(store).meta["projection"]["dim"]
+    monkeypatch.setattr(baselines, "PROJECTED_MAX", k - 1)
+    for kind in ("if", "trak"):
+        with pytest.raises(sp.TaskError, match=f"{kind.upper()} inverts a k × k curvature, too large at k = {k}"):
+            sp.fit_baseline(store, sp.BaselineArguments(kind=kind, method=f"{kind}-wide"), progress=False)

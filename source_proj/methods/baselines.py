@@ -81,7 +81,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from source_proj.errors import StoreError, TaskError
-from source_proj.featurize.arguments import as_stage_datasets, default_device
+from source_proj.featurize.arguments import PROJECTED_MAX, as_stage_datasets, default_device
 from source_proj.featurize.plan import segment_for
 from source_proj.featurize.windows import (
     WindowGradients,
@@ -308,6 +308,11 @@ def _final_checkpoint(
     extra: dict[str, Any] = {}
     operator: torch.Tensor | None = None
     if args.kind in ("if", "trak"):
+        if k > PROJECTED_MAX:
+            raise TaskError(
+                f"{args.kind.upper()} inverts a k × k curvature, too large at k = {k:,} (at most {PROJECTED_MAX:,}); "
+                "fit it on a store featurized with a projection (--projection rademacher --dim 4096, say)."
+            )
         curv = _stages(args.curvature_stages, sizes)
         total = sum(sizes[s] for s in curv)
         extra["curvature_stages"] = curv
