@@ -191,7 +191,7 @@ def test_wide_curvature_signatures_are_sketched_and_keep_their_gram(
     monkeypatch.setattr(autosegment, "SKETCH_DIM", 32)  # k = 64 is then "wide"
     real = autosegment._sketch
     draws = []
-    for seed in range(20):
+    for seed in range(10):
         monkeypatch.setattr(autosegment, "_sketch", lambda k, seed=seed: real(k, seed))
         draws.append(autosegment._gram(store, names, True))
     error = [np.abs(d - exact).max() / exact.max() for d in draws]
