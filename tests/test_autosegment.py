@@ -88,7 +88,7 @@ def _store(run: Path, store: Path, **options) -> sp.Store:
         _data(),
         store,
         projection=sp.ProjectionArguments(dim=64),
-        options=sp.FeaturizeArguments(batch_size=60, chunk_rows=60, **options),
+        options=sp.FeaturizeArguments(batch_size=120, chunk_rows=120, **options),
         progress=False,
     )
 
@@ -205,7 +205,7 @@ def test_auto_segments_a_store_of_exact_gradients_without_a_parameter_square_mat
 ) -> None:
     """An identity store with Kronecker curvature (k = p, no projected Fisher) takes its curvature signatures
     from the gradients; above SKETCH_DIM they are sketched instead of a p × p matrix per checkpoint, which
-    exhausted memory at p = 26,000."""
+    exhausted memory at p = 26,000. Two row chunks per array: the signatures sum over chunks."""
     run = sp.Store.open(featurized["lr drop"]).meta["trajectory"]["path"]
     torch.manual_seed(0)
     arch = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
@@ -217,7 +217,7 @@ def test_auto_segments_a_store_of_exact_gradients_without_a_parameter_square_mat
         tmp_path / "exact.sp",
         projection=sp.ProjectionArguments(kind="identity"),
         options=sp.FeaturizeArguments(
-            batch_size=240, chunk_rows=240, curvature="kfac", checkpoint_steps=(0, 40, 80, 100, 140, 180)
+            batch_size=60, chunk_rows=60, curvature="kfac", checkpoint_steps=(0, 40, 80, 100, 140, 180)
         ),
         progress=False,
     )
