@@ -42,11 +42,11 @@ IN_RUN = {
 POST_HOC = {"post-hoc (factored)": "factored", "post-hoc (rademacher)": "rademacher"}
 
 
-def capturer(store: Path, dim: int, options: sp.CaptureArguments):
+def capturer(store: Path, dim: int, options: sp.CaptureArguments, data: dict[str, torch.utils.data.Dataset]):
     def start(recorder: sp.TrajectoryRecorder) -> sp.GradientCapture:
         projection = sp.ProjectionArguments(dim=dim, kind="factored")
         return sp.GradientCapture(recorder, store, digits.build_task(), projection=projection, options=options,
-                                  overwrite=True)
+                                  datasets=data, overwrite=True)
 
     return start
 
@@ -63,7 +63,7 @@ def prepare(s: settings.Setting, out: Path, dim: int) -> tuple[dict[str, Path], 
     for name, options in IN_RUN.items():
         run, store = out / f"run-{len(stores)}", out / f"in-run-{len(stores)}.sp"
         t0 = time.perf_counter()
-        s.train(0, run_dir=str(run), capture=capturer(store, dim, options))
+        s.train(0, run_dir=str(run), capture=capturer(store, dim, options, data))
         seconds[name] = time.perf_counter() - t0
         if sp.Trajectory.load(run).fingerprint() != fingerprint:
             raise SystemExit(f"{name}: the captured run differs from the uncaptured one")
