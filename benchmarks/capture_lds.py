@@ -2,7 +2,7 @@
 LDS on the digits settings of examples/digits/settings.py.
 
     python benchmarks/capture_lds.py [--settings converged,noisy,two-stage] [--dim 512] [--subsets 100]
-        [--repeats 5] [--workers 2] [--out runs/capture-lds] [--retrains runs/lds]
+        [--repeats 5] [--workers 2] [--out runs/capture-lds] [--retrains runs/lds] [--validation]
 
 Per setting, model seed 0 is trained once per in-run variant with the recorder and GradientCapture
 (factored projection, k = --dim): the sampled Fisher on every batch (the default), on every 4th
@@ -14,6 +14,9 @@ segments and scored on the setting's 100 queries; the LDS ground truth (α = 0.5
 --repeats retrains) is shared with examples/digits/lds.py through --retrains. Printed and written to
 OUT/<setting>/capture_lds.json: LDS [95 % CI over subsets], and for each in-run variant the mean
 per-query LDS difference to post-hoc (factored) with a 95 % bootstrap interval over queries.
+``--validation`` adds the setting's next 100 test queries, with their own ground truth (the same subsets,
+retrains cached in <retrains>/<setting>/retrains-validation), and reports every figure over the 200
+queries together (written to OUT/<setting>/capture_lds-validation.json).
 """
 
 from __future__ import annotations
@@ -45,8 +48,9 @@ POST_HOC = {"post-hoc (factored)": "factored", "post-hoc (rademacher)": "rademac
 def capturer(store: Path, dim: int, options: sp.CaptureArguments, data: dict[str, torch.utils.data.Dataset]):
     def start(recorder: sp.TrajectoryRecorder) -> sp.GradientCapture:
         projection = sp.ProjectionArguments(dim=dim, kind="factored")
-        return sp.GradientCapture(recorder, store, digits.build_task(), projection=projection, options=options,
-                                  datasets=data, overwrite=True)
+        return sp.GradientCapture(
+            recorder, store, digits.build_task(), projection=projection, options=options, datasets=data, overwrite=True
+        )
 
     return start
 
@@ -72,9 +76,17 @@ def prepare(s: settings.Setting, out: Path, dim: int) -> tuple[dict[str, Path], 
     for name, kind in POST_HOC.items():
         store = out / f"post-hoc-{kind}.sp"
         t0 = time.perf_counter()
-        sp.featurize(out / "plain", digits.build_model(), digits.build_task(), data, store,
-                     projection=sp.ProjectionArguments(dim=dim, kind=kind),
-                     options=sp.FeaturizeArguments(batch_size=256, measurement=False), progress=False, overwrite=True)
+        sp.featurize(
+            out / "plain",
+            digits.build_model(),
+            digits.build_task(),
+            data,
+            store,
+            projection=sp.ProjectionArguments(dim=dim, kind=kind),
+            options=sp.FeaturizeArguments(batch_size=256, measurement=False),
+            progress=False,
+            overwrite=True,
+        )
         seconds[name] = time.perf_counter() - t0
         sp.fit(store, fit, overwrite=True, progress=False)
         stores[name] = store
@@ -90,6 +102,30 @@ def paired(a: ev.Correlation, b: ev.Correlation, resamples: int = 2000) -> tuple
     return float(diff.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
+def score(
+    name: str, stores: dict[str, Path], lds_args: ev.LDSArguments, retrains: Path, validation: bool
+) -> dict[str, ev.Correlation]:
+    """Every store's LDS on the setting's queries (or on its next 100, ``validation``), each query set with
+    its own ground truth (retrains cached under ``retrains``)."""
+    s = settings.setting(name, validation)
+    scores, rows = {}, None
+    for variant, store in stores.items():
+        attributor = sp.Attributor(store, digits.build_model(), digits.build_task(), batch_size=256)
+        scores[variant], rows = attributor.scores(s.queries), attributor.rows
+    cache = retrains / name / ("retrains-validation" if validation else "retrains")
+    truth = ev.lds_ground_truth(settings.Retrain(name, validation), rows, cache, lds_args)
+    return {variant: ev.lds(v, truth, lds_args) for variant, v in scores.items()}
+
+
+def pooled(a: ev.Correlation, b: ev.Correlation) -> ev.Correlation:
+    """Two query sets' LDS as one: the mean over all their queries, a 95 % bootstrap interval over queries."""
+    per_query = np.concatenate([a.per_query, b.per_query])
+    values = per_query[np.isfinite(per_query)]
+    means = np.random.default_rng(0).choice(values, size=(2000, len(values))).mean(1)
+    low, high = np.quantile(means, [0.025, 0.975])
+    return ev.Correlation(float(values.mean()), float(low), float(high), per_query, a.units)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", default=",".join(settings.SETTINGS))
@@ -99,21 +135,26 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default="runs/capture-lds")
     parser.add_argument("--retrains", default="runs/lds", help="LDS retrain cache root (shared with lds.py)")
+    parser.add_argument(
+        "--validation",
+        action="store_true",
+        help="also score the next 100 test queries (their own ground truth) and pool the 200 queries",
+    )
     args = parser.parse_args()
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     for name in args.settings.split(","):
         s = settings.setting(name)
         out = Path(args.out) / name
         stores, seconds = prepare(s, out, args.dim)
-        scores, rows = {}, None
-        for variant, store in stores.items():
-            attributor = sp.Attributor(store, digits.build_model(), digits.build_task(), batch_size=256)
-            scores[variant], rows = attributor.scores(s.queries), attributor.rows
         lds_args = ev.LDSArguments(num_subsets=args.subsets, repeats=args.repeats, workers=args.workers)
-        truth = ev.lds_ground_truth(settings.Retrain(name), rows, Path(args.retrains) / name / "retrains", lds_args)
-        results = {variant: ev.lds(v, truth, lds_args) for variant, v in scores.items()}
+        results = score(name, stores, lds_args, Path(args.retrains), validation=False)
+        queries = len(s.queries)
+        if args.validation:
+            more = score(name, stores, lds_args, Path(args.retrains), validation=True)
+            results = {variant: pooled(r, more[variant]) for variant, r in results.items()}
+            queries += len(settings.setting(name, validation=True).queries)
         reference = results["post-hoc (factored)"]
-        lines = [f"## {name}: k={args.dim}, M={args.subsets}, R={args.repeats}"]
+        lines = [f"## {name}: k={args.dim}, M={args.subsets}, R={args.repeats}, {queries} queries"]
         report = {}
         for variant, r in results.items():
             entry = {"lds": r.mean, "low": r.low, "high": r.high, "seconds": seconds[variant]}
@@ -126,8 +167,10 @@ def main() -> None:
             report[variant] = entry
         lines.append(f"{'training alone':32s} ({seconds['training alone']:.1f} s)")
         print("\n".join(lines), flush=True)
-        summary = {"setting": name, "dim": args.dim, "results": report}
-        (out / "capture_lds.json").write_text(json.dumps(summary, indent=1))
+        summary = {"setting": name, "dim": args.dim, "queries": queries, "results": report}
+        (out / ("capture_lds-validation.json" if args.validation else "capture_lds.json")).write_text(
+            json.dumps(summary, indent=1)
+        )
 
 
 if __name__ == "__main__":
