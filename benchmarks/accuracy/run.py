@@ -2,7 +2,7 @@
 issue-12 settings: a markdown table for BENCHMARKS.md.
 
     python benchmarks/accuracy/run.py [--settings early,converged,two-stage,early-fast] [--root runs/accuracy]
-        [--dim 1024] [--models 3] [--refit] [--mnist DIR] [--out runs/accuracy/table.md]
+        [--dim 1024] [--kind rademacher] [--models 3] [--refit] [--mnist DIR] [--out runs/accuracy/table.md]
 
 For each setting (``harness.prepare``: models and ground truth, cached): featurize every attributed
 model at the library's defaults (dense Rademacher, k = 1024, sampled Fisher), fit ``source`` with the
@@ -35,20 +35,21 @@ from source_proj import evaluation as sp_ev
 OURS = ("source", "source-L1", *sp.BASELINES)
 
 
-def fit_ours(h: harness.Prepared, dim: int, refit: bool) -> tuple[list[Path], float]:
-    """Featurize and fit every method of ours on each attributed model; returns the stores and seconds."""
+def fit_ours(h: harness.Prepared, dim: int, refit: bool, kind: str = "rademacher") -> tuple[list[Path], float]:
+    """Featurize (projection ``kind``, k = ``dim``) and fit every method of ours on each attributed model;
+    returns the stores and seconds."""
     start = time.perf_counter()
     stores = []
     stages = (h.setting.attributed,)
     for seed, run in enumerate(h.runs):
-        store = h.folder / f"model-{seed}-k{dim}.sp"
+        store = h.folder / f"model-{seed}-{tag(dim, kind)}.sp"
         sp.featurize(
             run,
             h.build_model(),
             h.task,
             h.train_data,
             store,
-            projection=sp.ProjectionArguments(dim=dim),
+            projection=sp.ProjectionArguments(dim=dim, kind=kind),
             progress=False,
         )
         sp.fit(store, sp.FitArguments(stages=stages), overwrite=refit, progress=False)
@@ -70,6 +71,11 @@ def fit_ours(h: harness.Prepared, dim: int, refit: bool) -> tuple[list[Path], fl
             )
         stores.append(store)
     return stores, time.perf_counter() - start
+
+
+def tag(dim: int, kind: str) -> str:
+    """The store and results name of a projection: ``k1024`` for the default kind, ``factored-k1024`` else."""
+    return f"k{dim}" if kind == "rademacher" else f"{kind}-k{dim}"
 
 
 def our_scores(h: harness.Prepared, stores: list[Path], queries: str) -> dict[str, list[np.ndarray]]:
@@ -134,6 +140,11 @@ def main() -> None:
     parser.add_argument("--settings", default="early,converged,two-stage,early-fast")
     parser.add_argument("--root", default=str(harness.ROOT))
     parser.add_argument("--dim", type=int, default=1024, help="projection dimension k (the library's default)")
+    parser.add_argument(
+        "--kind",
+        default="rademacher",
+        help="projection kind (the default's dense Rademacher, or factored for a model too large for it on a CPU)",
+    )
     parser.add_argument("--models", type=int, default=3)
     parser.add_argument("--subsets", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=20)
@@ -149,7 +160,7 @@ def main() -> None:
         h = harness.prepare(
             name, root=args.root, mnist=args.mnist, models=args.models, subsets=args.subsets, repeats=args.repeats
         )
-        stores, seconds = fit_ours(h, args.dim, args.refit)
+        stores, seconds = fit_ours(h, args.dim, args.refit, args.kind)
         results: dict[str, dict[str, float]] = {}
         for queries in h.query_sets:
             column = name if len(h.query_sets) == 1 else f"{name} ({queries})"
@@ -171,7 +182,7 @@ def main() -> None:
                     "ensemble": None if ensemble is None else [ensemble.mean, ensemble.low, ensemble.high],
                 }
                 print(f"{column:28s} {method:36s} single {single}  ensemble {ensemble or '–'}", flush=True)
-        (h.folder / f"results-k{args.dim}.json").write_text(json.dumps(results, indent=1))
+        (h.folder / f"results-{tag(args.dim, args.kind)}.json").write_text(json.dumps(results, indent=1))
         print(f"{name}: featurize + fit of {len(stores)} models {seconds:.0f} s; folder {h.folder}", flush=True)
     text = table(rows, columns) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
     print(text)
