@@ -3,6 +3,7 @@ LDS on the digits settings of examples/digits/settings.py.
 
     python benchmarks/capture_lds.py [--settings converged,noisy,two-stage] [--dim 512] [--subsets 100]
         [--repeats 5] [--workers 2] [--out runs/capture-lds] [--retrains runs/lds] [--validation]
+        [--threads 1]
 
 Per setting, model seed 0 is trained once per in-run variant with the recorder and GradientCapture
 (factored projection, k = --dim): the sampled Fisher on every batch (the default), on every 4th
@@ -140,8 +141,11 @@ def main() -> None:
         action="store_true",
         help="also score the next 100 test queries (their own ground truth) and pool the 200 queries",
     )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (a tiny MLP's steps slow down 10× with 2 on a busy CPU)"
+    )
     args = parser.parse_args()
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    torch.set_num_threads(args.threads)
     for name in args.settings.split(","):
         s = settings.setting(name)
         out = Path(args.out) / name
