@@ -1,7 +1,8 @@
 """LDS of SOURCE on the text example's AdamW fine-tuning stage: Adam's exact D^{-1/2} (dense projection) against
 its rank-R form on the factored projection.
 
-    python benchmarks/adam_rank_lds.py [--dim 512] [--ranks 1,4] [--subsets 50] [--repeats 4] [--out runs/adam-rank]
+    python benchmarks/adam_rank_lds.py [--dim 512] [--ranks 1,4] [--subsets 50] [--repeats 4] [--threads 2]
+        [--out runs/adam-rank]
 
 The tiny GPT-2 of ``examples/text/lm.py`` (two AdamW stages, recorded), the fine-tuned model's loss on its
 40 held-out descriptions attributed to the fine-tuning sequences, and the ``finetune`` ground truth of
@@ -52,8 +53,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("runs/adam-rank"))
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 is fastest on a busy CPU)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     out = args.out
     if not (out / "run" / "trajectory.json").exists() or not sp.Trajectory.load(out / "run").complete:
         lm.train(seed=0, run_dir=out / "run")
