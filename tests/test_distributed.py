@@ -163,7 +163,7 @@ def test_two_and_three_gloo_ranks_write_the_store_a_single_process_writes(
     # 2 ranks, then fit: the ranks split the checkpoints' curvature (broadcast in a fixed order) and the cached
     # chunks, so the fitted store is the fitted one-process store (whose featurized arrays are one.sp's).
     root, out = two_ranks
-    assert "fitted 'source'" in out
+    assert "fitted 'source'" in out, out  # the commands' output, and any refusal ("refused: ...")
     fitted = files(one_process.with_name("one-fitted.sp"))
     assert any(name.startswith("methods/source/train/") for name in fitted)
     assert files(root / "2.sp") == fitted
@@ -250,7 +250,7 @@ def test_sharded_parameters_on_gloo_ranks_write_the_store_one_process_writes(
     _run(_torchrun(3, "-m", "source_proj.cli", *_featurize(tiny_run, spec, store, *FACTORED)))
     assert files(store) == reference, "3 ranks"
     root, out = two_ranks
-    assert files(root / "2-factored.sp") == reference, "2 ranks"
+    assert files(root / "2-factored.sp") == reference, out
     refusal = "refused: Sharded parameters need the 'factored' projection (it needs no parameter gradient)"
     assert out.count(refusal) == 2, out  # each rank
     assert not (root / "refused.sp").exists()
