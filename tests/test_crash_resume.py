@@ -16,8 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 import source_proj as sp
+from source_proj.cli.main import main
 from source_proj.store.durable import PARTIAL_SUFFIX, DurableLocalStore
 
 from .crash_driver import FIT, OPTIONS, damage, featurize, files
@@ -73,39 +75,23 @@ def test_the_same_cli_command_resumes_a_killed_featurize(tmp_path: Path, tiny_ru
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def command(store: Path) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "source_proj.cli.main",
-            "featurize",
-            "--ckpts",
-            str(tiny_run),
-            "--spec",
-            str(spec),
-            "--out",
-            str(store),
-            "--dim",
-            "12",
-            "--seed",
-            "3",
-            "--batch-size",
-            "4",
-            "--chunk-rows",
-            "4",
-        ]
+        return ["featurize", "--ckpts", str(tiny_run), "--spec", str(spec), "--out", str(store), "--dim", "12",
+                "--seed", "3", "--batch-size", "4", "--chunk-rows", "4"]  # fmt: skip
 
+    # The command killed is a process of its own; the reference and the resume run the same command in this one.
     reference = tmp_path / "reference.sp"
-    assert subprocess.run(command(reference), env=env, capture_output=True, timeout=120).returncode == 0
+    assert CliRunner().invoke(main, command(reference)).exit_code == 0
     store = tmp_path / "killed.sp"
-    child = subprocess.Popen(command(store), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = subprocess.Popen([sys.executable, "-m", "source_proj.cli.main", *command(store)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 120
     while not list(store.glob("progress/grads/main/*/c/0/0")) and time.monotonic() < deadline:
         time.sleep(0.002)
     child.send_signal(signal.SIGKILL)
     assert child.wait() == -signal.SIGKILL
     assert sp.verify_store(store, progress=False).status == "incomplete"  # killed mid-run, lock left behind
-    resumed = subprocess.run(command(store), env=env, capture_output=True, text=True, timeout=120)
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = CliRunner().invoke(main, command(store))
+    assert resumed.exit_code == 0, resumed.output
     assert files(store) == files(reference)
 
 

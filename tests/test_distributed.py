@@ -11,8 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 import source_proj as sp
+from source_proj.cli.main import main
 from source_proj.distributed import Shard, ranks
 
 from .crash_driver import files
@@ -65,17 +67,21 @@ def _env(**extra: str) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **extra}
 
 
-def _cli(*args: str, ranks: int = 1) -> list[str]:
-    launcher = [sys.executable]
-    if ranks > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
-    return [*launcher, "-m", "source_proj.cli", *args]
+def _torchrun(ranks: int, *command: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *command]
 
 
 def _run(command: list[str], timeout: float = 120, **env: str) -> str:
     out = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_env(**env))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     return out.stdout
+
+
+def _in_process(*args: str) -> str:
+    """A CLI command run in this process (where a separate process is not what is tested)."""
+    out = CliRunner().invoke(main, list(args))
+    assert out.exit_code == 0, out.output
+    return out.output
 
 
 @pytest.fixture(scope="module")
@@ -85,52 +91,95 @@ def spec(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _featurize(run: Path, spec: Path, store: Path, *args: str, ranks: int = 1) -> list[str]:
-    return _cli("featurize", "--ckpts", str(run), "--spec", str(spec), "--out", str(store), *FEATURIZE, *args,
-                ranks=ranks)
+def _featurize(run: Path, spec: Path, store: Path, *args: str) -> list[str]:
+    return ["featurize", "--ckpts", str(run), "--spec", str(spec), "--out", str(store), *FEATURIZE, *args]
+
+
+FACTORED = ["--projection", "factored", "--dim", "16", "--shard-parameters"]
 
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path, spec: Path) -> Path:
-    """The store one process writes with the CLI (copy it before changing it)."""
-    store = tmp_path_factory.mktemp("one") / "one.sp"
-    _run(_featurize(tiny_run, spec, store))
-    return store
+    """The store one process writes with the CLI; next to it ``one-fitted.sp``, the same fitted with two
+    segments per stage, and ``one-factored.sp``, featurized with the factored projection and --shard-parameters
+    (one process: nothing to shard). Copy them before changing them."""
+    root = tmp_path_factory.mktemp("one")
+    _in_process(*_featurize(tiny_run, spec, root / "one.sp"))
+    shutil.copytree(root / "one.sp", root / "one-fitted.sp")
+    _in_process("fit", str(root / "one-fitted.sp"), "--segments", "2")
+    _in_process(*_featurize(tiny_run, spec, root / "one-factored.sp", *FACTORED))
+    return root / "one.sp"
+
+
+TWO_RANKS = """
+import click
+import torch.distributed as dist
+
+from source_proj.cli.main import main
+
+# One process group for several commands (a process cannot join a torchrun group a second time): the commands
+# find it initialised and run as its ranks, as they do in the group they join themselves under torchrun.
+dist.init_process_group("gloo")
+
+
+def cli(*args):
+    try:
+        main(list(args), standalone_mode=False)
+    except click.ClickException as err:
+        print(f"refused: {{err.format_message()}}")
+
+
+featurize = ["featurize", "--ckpts", {run!r}, "--spec", {spec!r}, *{featurize!r}]
+cli(*featurize, "--out", "2.sp")
+cli("fit", "2.sp", "--segments", "2")
+cli(*featurize, "--out", "2-factored.sp", *{factored!r})
+cli(*featurize, "--out", "refused.sp", "--shard-parameters")
+{probe}
+dist.destroy_process_group()
+"""
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path, spec: Path) -> tuple[Path, str]:
+    """(folder, output) of one torchrun launch of two gloo ranks that run, in one process group: featurize
+    (``2.sp``), fit --segments 2 of it, featurize with the factored projection and --shard-parameters
+    (``2-factored.sp``), the same with the default projection (refused), and :data:`PROBE`."""
+    root = tmp_path_factory.mktemp("two-ranks")
+    script = root / "ranks.py"
+    arguments = {"run": str(tiny_run), "spec": str(spec), "featurize": FEATURIZE, "factored": FACTORED}
+    script.write_text(TWO_RANKS.format(**arguments, probe=PROBE))
+    out = subprocess.run(_torchrun(2, str(script)), capture_output=True, text=True, timeout=240, env=_env(), cwd=root)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    return root, out.stdout
 
 
 def test_two_and_three_gloo_ranks_write_the_store_a_single_process_writes(
-    tmp_path: Path, tiny_run: Path, spec: Path, one_process: Path
+    tmp_path: Path, tiny_run: Path, spec: Path, one_process: Path, two_ranks: tuple[Path, str]
 ) -> None:
-    reference = files(one_process)
-    for count in (2, 3):  # two different splits of the 9 work items
-        _run(_featurize(tiny_run, spec, tmp_path / f"{count}.sp", ranks=count))
-        assert files(tmp_path / f"{count}.sp") == reference, f"{count} ranks"
-    # fit: the ranks split the checkpoints' curvature (broadcast in a fixed order) and the cached chunks.
-    shutil.copytree(one_process, tmp_path / "one.sp")
-    _run(_cli("fit", str(tmp_path / "one.sp"), "--segments", "2"))
-    out = _run(_cli("fit", str(tmp_path / "2.sp"), "--segments", "2", ranks=2))
-    assert "fitted 'source'" in out
-    fitted = files(tmp_path / "one.sp")
+    """Three ranks of the console module (which join their process group themselves) and the two of
+    :func:`two_ranks`: two different splits of the 9 work items."""
+    _run(_torchrun(3, "-m", "source_proj.cli", *_featurize(tiny_run, spec, tmp_path / "3.sp")))
+    assert files(tmp_path / "3.sp") == files(one_process), "3 ranks"
+    # 2 ranks, then fit: the ranks split the checkpoints' curvature (broadcast in a fixed order) and the cached
+    # chunks, so the fitted store is the fitted one-process store (whose featurized arrays are one.sp's).
+    root, out = two_ranks
+    assert "fitted 'source'" in out, out  # the commands' output, and any refusal ("refused: ...")
+    fitted = files(one_process.with_name("one-fitted.sp"))
     assert any(name.startswith("methods/source/train/") for name in fitted)
-    assert files(tmp_path / "2.sp") == fitted
+    assert files(root / "2.sp") == fitted
 
 
 def test_a_killed_shard_re_run_alone_completes_the_store(
     tmp_path: Path, tiny_run: Path, spec: Path, one_process: Path
 ) -> None:
-    def command(store: Path, *shard: str) -> list[str]:
-        return _featurize(tiny_run, spec, store, *shard)
-
     reference = files(one_process)
 
     store = tmp_path / "sharded.sp"
     # Three independent processes race to prepare the store; shard 1 of 3 holds checkpoint 4's chunks.
     slow = _env(SLOW_EXAMPLE_SECONDS="0.15")
-    procs = [
-        subprocess.Popen(command(store, "--shard", f"{i}/3"), env=slow, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
-        for i in range(3)
-    ]
+    commands = [[sys.executable, "-m", "source_proj.cli", *_featurize(tiny_run, spec, store, "--shard", f"{i}/3")]
+                for i in range(3)]  # fmt: skip
+    procs = [subprocess.Popen(c, env=slow, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
     first_of_victim = store / "progress" / "grads" / "main" / "step-00000004" / "c" / "0" / "0"
     deadline = time.monotonic() + 90
     while not first_of_victim.exists():
@@ -149,7 +198,8 @@ def test_a_killed_shard_re_run_alone_completes_the_store(
     assert unfinished.pending_chunks("grads/main/step-00000000") == []
     assert unfinished.pending_chunks("grads/main/step-00000008") == []
 
-    out = _run(command(store, "--shard", "1/3"))
+    # the re-run in this process: the shards never talk, so any process may run the missing one
+    out = _in_process(*_featurize(tiny_run, spec, store, "--shard", "1/3"))
     assert "featurized 3 checkpoints" in out  # the last shard to finish marks the store finished
     assert files(store) == reference
 
@@ -191,40 +241,34 @@ def test_independent_shards_refuse_overwrite(tmp_path: Path, tiny_run: Path) -> 
 
 
 def test_sharded_parameters_on_gloo_ranks_write_the_store_one_process_writes(
-    tmp_path: Path, tiny_run: Path, spec: Path
+    tmp_path: Path, tiny_run: Path, spec: Path, one_process: Path, two_ranks: tuple[Path, str]
 ) -> None:
     """2 and 3 ranks each hold a slice of every layer and gather it only while it runs (in lock step, the
     ranks with fewer rows running batches they discard): every byte of the store equals one process's."""
-    factored = ["--projection", "factored", "--dim", "16"]
-    reference = tmp_path / "one.sp"
-    _run(_featurize(tiny_run, spec, reference, *factored, "--shard-parameters"))  # one process: nothing to shard
-    for count in (2, 3):
-        store = tmp_path / f"{count}.sp"
-        _run(_featurize(tiny_run, spec, store, *factored, "--shard-parameters", ranks=count))
-        assert files(store) == files(reference), f"{count} ranks"
-    refused = subprocess.run(_featurize(tiny_run, spec, tmp_path / "r.sp", "--shard-parameters", ranks=2),
-                             capture_output=True, text=True, timeout=120, env=_env())  # fmt: skip
-    assert refused.returncode != 0
-    assert "Sharded parameters need the 'factored' projection (it needs no parameter gradient)" in refused.stderr
+    reference = files(one_process.with_name("one-factored.sp"))
+    store = tmp_path / "3.sp"
+    _run(_torchrun(3, "-m", "source_proj.cli", *_featurize(tiny_run, spec, store, *FACTORED)))
+    assert files(store) == reference, "3 ranks"
+    root, out = two_ranks
+    assert files(root / "2-factored.sp") == reference, out
+    refusal = "refused: Sharded parameters need the 'factored' projection (it needs no parameter gradient)"
+    assert out.count(refusal) == 2, out  # each rank
+    assert not (root / "refused.sp").exists()
 
 
-def test_sharded_parameters_hold_a_slice_and_gather_a_layer_only_while_it_runs(tmp_path: Path) -> None:
-    """One gloo rank of two, driven by hand: the layers hold placeholders between runs, the forward and the
-    backward through them match the unsharded model's, and a checkpoint loads as slices."""
-    script = tmp_path / "probe.py"
-    script.write_text(PROBE)
-    out = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)])
-    assert out.count("ok") == 2, out
+def test_sharded_parameters_hold_a_slice_and_gather_a_layer_only_while_it_runs(two_ranks: tuple[Path, str]) -> None:
+    """Each gloo rank of :func:`two_ranks` runs :data:`PROBE` by hand: the layers hold placeholders between runs,
+    the forward and the backward through them match the unsharded model's, and a checkpoint loads as slices."""
+    _, out = two_ranks
+    assert out.count("probe ok") == 2, out
 
 
 PROBE = """
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from source_proj.featurize.sharded import ShardedParameters
 
-dist.init_process_group("gloo")
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
 reference = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
@@ -245,6 +289,5 @@ model.load_state_dict(state)
 reference.load_state_dict(state)
 with torch.no_grad():
     assert torch.equal(model(x), reference(x))
-print("ok")
-dist.destroy_process_group()
+print("probe ok")
 """

@@ -81,7 +81,10 @@ def _fit_scores(run: Path, store: Path, queries: TensorDataset, stages: tuple[st
             _datasets(),
             store,
             projection=sp.ProjectionArguments(kind="identity"),
-            options=sp.FeaturizeArguments(batch_size=12, chunk_rows=12, fisher="exact"),
+            # every first-stage checkpoint, and of the second stage (constant curvature) its first and its last
+            options=sp.FeaturizeArguments(
+                batch_size=12, chunk_rows=12, fisher="exact", checkpoint_steps=tuple(range(PRE_STEPS + 1))
+            ),
             progress=False,
         )
     # one segment per step in the first stage; the second stage (constant curvature) is one segment
