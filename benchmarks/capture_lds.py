@@ -94,13 +94,16 @@ def prepare(s: settings.Setting, out: Path, dim: int) -> tuple[dict[str, Path], 
     return stores, seconds
 
 
-def paired(a: ev.Correlation, b: ev.Correlation, resamples: int = 2000) -> tuple[float, float, float]:
+def mean_interval(values: np.ndarray, resamples: int = 2000) -> tuple[float, float, float]:
+    """The mean of the finite ``values`` (one per query) with a 95 % bootstrap interval over them."""
+    values = values[np.isfinite(values)]
+    means = np.random.default_rng(0).choice(values, size=(resamples, len(values))).mean(1)
+    return float(values.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def paired(a: ev.Correlation, b: ev.Correlation) -> tuple[float, float, float]:
     """Mean per-query LDS difference a − b with a 95 % bootstrap interval over queries."""
-    diff = a.per_query - b.per_query
-    diff = diff[np.isfinite(diff)]
-    rng = np.random.default_rng(0)
-    means = rng.choice(diff, size=(resamples, len(diff))).mean(1)
-    return float(diff.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+    return mean_interval(a.per_query - b.per_query)
 
 
 def score(
@@ -121,10 +124,7 @@ def score(
 def pooled(a: ev.Correlation, b: ev.Correlation) -> ev.Correlation:
     """Two query sets' LDS as one: the mean over all their queries, a 95 % bootstrap interval over queries."""
     per_query = np.concatenate([a.per_query, b.per_query])
-    values = per_query[np.isfinite(per_query)]
-    means = np.random.default_rng(0).choice(values, size=(2000, len(values))).mean(1)
-    low, high = np.quantile(means, [0.025, 0.975])
-    return ev.Correlation(float(values.mean()), float(low), float(high), per_query, a.units)
+    return ev.Correlation(*mean_interval(per_query), per_query, a.units)
 
 
 def main() -> None:
