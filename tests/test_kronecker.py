@@ -172,11 +172,14 @@ def _kfac_by_hand(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[tu
     return out
 
 
-def test_source_with_kronecker_curvature_equals_brute_force(tmp_path: Path, classification_data: TensorDataset) -> None:
+@pytest.mark.parametrize("damping_factor", [0.0, 1.0])
+def test_source_with_kronecker_curvature_equals_brute_force(
+    tmp_path: Path, classification_data: TensorDataset, damping_factor: float
+) -> None:
     """The whole pipeline (featurize with Kronecker factors → fit → query, identity projection, two
     segments) equals SOURCE computed by hand with dense Kronecker matrices: score = −Σ_ℓ (1/N) ∇fᵀ A_ℓ ḡ_ℓ,
     A_ℓ = S_L ⋯ S_{ℓ+1} F_ℓ, H_ℓ = B̄ ⊗ Ā + λI per layer with the factors averaged over the segment's
-    checkpoints (K-FAC's pooled statistics)."""
+    checkpoints (K-FAC's pooled statistics), λ = weight decay + damping_factor × tr(B̄ ⊗ Ā)/p."""
     data = TensorDataset(classification_data.tensors[0][:24], classification_data.tensors[1][:24] % 3)
     model = _two_layer_classifier()
     task = sp.ClassificationTask()
@@ -202,7 +205,7 @@ def test_source_with_kronecker_curvature_equals_brute_force(tmp_path: Path, clas
         options=sp.FeaturizeArguments(batch_size=8, chunk_rows=16, fisher="exact", curvature="kfac"),
         progress=False,
     )
-    sp.fit(store, sp.FitArguments(segments_per_stage=2), progress=False)
+    sp.fit(store, sp.FitArguments(segments_per_stage=2, damping_factor=damping_factor), progress=False)
     queries = TensorDataset(classification_data.tensors[0][24:28], classification_data.tensors[1][24:28] % 3)
     ours = sp.Attributor(store, _two_layer_classifier(), task).scores(queries)
 
@@ -233,7 +236,8 @@ def test_source_with_kronecker_curvature_equals_brute_force(tmp_path: Path, clas
             gsum = gsum + flat_grads("loss", x, y)
         k = len(seg.checkpoints)
         h = torch.block_diag(*[torch.kron(b / k, a / k) for a, b in factor_sums])
-        hessians.append(h + seg.weight_decay * torch.eye(h.shape[0], dtype=torch.float64))
+        damping = seg.weight_decay + damping_factor * float(torch.trace(h)) / h.shape[0]
+        hessians.append(h + damping * torch.eye(h.shape[0], dtype=torch.float64))
         gbars.append(gsum / k)
     traj.load_into(work, traj.final_checkpoint)
     q = flat_grads("measurement", *queries.tensors)

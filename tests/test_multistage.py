@@ -88,7 +88,8 @@ def _fit_scores(run: Path, store: Path, queries: TensorDataset, stages: tuple[st
             progress=False,
         )
     # one segment per step in the first stage; the second stage (constant curvature) is one segment
-    sp.fit(store, sp.FitArguments(boundaries=tuple(range(1, PRE_STEPS)), stages=stages, method=method), progress=False)
+    args = sp.FitArguments(boundaries=tuple(range(1, PRE_STEPS)), stages=stages, method=method, damping_factor=0.0)
+    sp.fit(store, args, progress=False)
     return sp.Attributor(store, nn.Linear(3, 1), sp.RegressionTask(), method=method).scores(queries)
 
 
@@ -145,6 +146,8 @@ def test_attributing_one_stage_keeps_exactly_its_rows_of_the_full_attribution(tm
             "pre",
             "--method",
             "cli-pre",
+            "--damping-factor",
+            "0",
         ],
     )
     assert cli.exit_code == 0, cli.output

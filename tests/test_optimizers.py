@@ -37,7 +37,7 @@ def _identity_scores(
         options=options,
         progress=False,
     )
-    args = sp.FitArguments(**fit)
+    args = sp.FitArguments(**{"damping_factor": 0.0, **fit})  # the paper's SOURCE: what unrolling predicts
     sp.fit(store, args, progress=False)
     return sp.Attributor(store, nn.Linear(3, 1), sp.RegressionTask(), method=args.name).scores(queries)
 

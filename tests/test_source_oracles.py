@@ -83,7 +83,7 @@ def test_one_segment_per_step_matches_the_exact_unrolled_derivative(tmp_path: Pa
         regression_data,
         queries,
         tmp_path / "s.sp",
-        sp.FitArguments(boundaries=tuple(range(1, steps))),
+        sp.FitArguments(boundaries=tuple(range(1, steps)), damping_factor=0.0),
     )
     exact = _unrolled_scores(regression_data, queries, lr, steps)
     rel = np.linalg.norm(ours - exact) / np.linalg.norm(exact)
@@ -104,7 +104,12 @@ def test_unrolled_error_is_first_order_in_the_learning_rate() -> None:
     assert 0.35 < ratio < 0.65, ratio
 
 
-def test_converged_single_segment_equals_the_damped_influence_function(tmp_path: Path, classification_data) -> None:
+@pytest.mark.parametrize("damping_factor", [0.0, 0.5])
+def test_converged_single_segment_equals_the_damped_influence_function(
+    tmp_path: Path, classification_data, damping_factor: float
+) -> None:
+    """At the optimum, one long segment is the influence function with λ = weight decay + damping_factor × the
+    mean eigenvalue of H (the exact Fisher of a linear softmax model is its Hessian)."""
     x, y = classification_data.tensors
     decay, lr, steps = 0.05, 0.5, 400
     torch.manual_seed(0)
@@ -140,7 +145,7 @@ def test_converged_single_segment_equals_the_damped_influence_function(tmp_path:
         classification_data,
         queries,
         tmp_path / "s.sp",
-        sp.FitArguments(segments_per_stage=1),
+        sp.FitArguments(segments_per_stage=1, damping_factor=damping_factor),
     )
 
     # Closed form at θ*: score = −(1/N) ∇f(q)ᵀ (H + λI)⁻¹ ∇ℓ(z), H the Hessian of the mean loss.
@@ -170,7 +175,8 @@ def test_converged_single_segment_equals_the_damped_influence_function(tmp_path:
         grad(lambda v, xi, yi: task.measurement(functional_call(ref, unflat(v), (xi[None],)), (xi[None], yi[None]))[0]),
         in_dims=(None, 0, 0),
     )(theta, queries.tensors[0].double(), queries.tensors[1])
-    inverse = torch.linalg.inv(hess + decay * torch.eye(len(theta), dtype=torch.float64))
+    damping = decay + damping_factor * float(torch.trace(hess)) / len(theta)
+    inverse = torch.linalg.inv(hess + damping * torch.eye(len(theta), dtype=torch.float64))
     closed = -(per_meas @ inverse @ per_loss.T / len(y)).numpy()
     # Remaining gap: e^{−ηKλ} = e^{−10} plus float32 storage.
     assert np.allclose(ours, closed, rtol=2e-3, atol=2e-4 * np.abs(closed).max())
@@ -198,7 +204,7 @@ def test_barely_trained_equals_learning_rate_times_grad_dot(tmp_path: Path, clas
         classification_data,
         queries,
         tmp_path / "s.sp",
-        sp.FitArguments(segments_per_stage=1),
+        sp.FitArguments(segments_per_stage=1, damping_factor=0.0),
         fisher="sampled",
     )
 

@@ -324,6 +324,13 @@ def _module_dims(values: tuple[str, ...]) -> dict[str, int]:
 )
 @click.option("--stages", default=None, help="Attribute to these stages' data only, e.g. pretrain (default: all).")
 @click.option("--fast", is_flag=True, help="Fast-SOURCE: features at each segment's averaged parameters.")
+@click.option(
+    "--damping-factor",
+    type=click.FloatRange(min=0.0),
+    default=sp.FitArguments.damping_factor,
+    show_default=True,
+    help="Damp each segment's curvature by the weight decay + this × its mean eigenvalue (0: the paper's SOURCE).",
+)
 @click.option("--method", default=None, help="Name to store the result under [default: source, fast-source].")
 @click.option("--plot", "plot_path", default=None, type=click.Path(path_type=Path), help="PNG of the trajectory view.")
 @click.option("--device", default=None, help="Where the k×k algebra runs (default: cuda when available).")
@@ -341,6 +348,7 @@ def fit(
     boundaries: str | None,
     stages: str | None,
     fast: bool,
+    damping_factor: float,
     method: str | None,
     plot_path: Path | None,
     device: str | None,
@@ -361,6 +369,7 @@ def fit(
         method=method,
         fast=fast,
         curvature=curvature,
+        damping_factor=damping_factor,
     )
     with launched(device):
         store = sp.fit(store_path, args, overwrite=force, device=device, shard=Shard.parse(shard) if shard else None)
@@ -377,7 +386,8 @@ def fit(
         t = seg_desc["mean_lr"] * (seg_desc["end_step"] - seg_desc["start_step"])
         click.echo(
             f"segment {seg_desc['stage']} steps [{seg_desc['start_step']}, {seg_desc['end_step']}) "
-            f"checkpoints {seg_desc['checkpoints']}  η̄K = {t:.4g}  λ = {seg_desc['weight_decay']:.3g}"
+            f"checkpoints {seg_desc['checkpoints']}  η̄K = {t:.4g}  λ = {seg_desc['weight_decay']:.3g} "
+            f"+ {args.damping_factor:g} × mean eigenvalue"
         )
     click.echo(f"fitted {args.name!r} ({described['kind']}) in {store.path}; attributes stages {described['stages']}")
 

@@ -8,8 +8,9 @@ and one pass over the stored gradients folds every operator into T(z) (see sourc
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,9 @@ from source_proj.trajectory.preconditioner import unflatten
 from source_proj.trajectory.recorder import Stage
 from source_proj.trajectory.segments import Segment, SegmentationArguments, make_segments
 
+DAMPING_FACTOR = 1.0
+"""SOURCE's default damping factor (`FitArguments.damping_factor`)."""
+
 
 @dataclass(frozen=True)
 class FitArguments:
@@ -66,6 +70,10 @@ class FitArguments:
             ``"projected"``: the k × k projected Gauss–Newton, operators folded into the training
             features (``methods/source.py``). Default: ``"kfac"`` when featurize stored only Kronecker
             factors, else ``"projected"``.
+        damping_factor: each segment's curvature gets λ = its weight decay + ``damping_factor`` × the mean
+            eigenvalue of that segment's curvature (over k for ``"projected"``, over every parameter for
+            ``"kfac"``). Default 1: the evidence of BENCHMARKS.md (issue 12, "SOURCE's damping"); ``0`` is
+            the paper's undamped SOURCE, whose only damping is the weight decay and 1/(η̄K) of the horizon.
     """
 
     segments_per_stage: int | None = None
@@ -75,6 +83,11 @@ class FitArguments:
     auto_segments: int | None = None
     fast: bool = False
     curvature: str | None = None
+    damping_factor: float = DAMPING_FACTOR
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.damping_factor) or self.damping_factor < 0:
+            raise TaskError(f"damping_factor must be a finite number ≥ 0, not {self.damping_factor!r}.")
 
     @property
     def name(self) -> str:
@@ -216,10 +229,11 @@ def segment_operators(
     keys: Sequence[Sequence[str]] | None = None,
     device: torch.device | str = "cpu",
     curvature: Callable[[str, str], torch.Tensor] | None = None,
+    damping_factor: float = 0.0,
 ) -> list[SegmentOperator]:
     """One eigendecomposition of H̄_ℓ = mean_c H̃_c + λI per segment (``keys``: its feature points,
     default its checkpoints; ``curvature(stage, key)``: H̃ of one point, default
-    [`checkpoint_curvature`][]).
+    [`checkpoint_curvature`][]; λ = the weight decay + ``damping_factor`` × the mean eigenvalue of H̄_ℓ).
 
     The mean is accumulated point by point: memory is two k × k matrices whatever the number of
     checkpoints.
@@ -231,7 +245,9 @@ def segment_operators(
         total = curvature(seg.stage, points[0])
         for key in points[1:]:
             total += curvature(seg.stage, key)
-        operators.append(SegmentOperator.from_curvature(total / len(points), seg.time, seg.weight_decay))
+        operators.append(
+            SegmentOperator.from_curvature(total / len(points), seg.time, seg.weight_decay, damping_factor)
+        )
     return operators
 
 
@@ -331,6 +347,7 @@ class _Fit:
             "kind": "fast-source" if self.args.fast else "source",
             "arguments": asdict(self.args),
             "curvature": curvature,
+            "damping_factor": self.args.damping_factor,
             "segments": [s.describe() for s in segments],
             "stages": attributed,
             "dim": dim,
@@ -419,7 +436,10 @@ class _Fit:
         sizes = {s["name"]: s["dataset_size"] for s in store.meta["trajectory"]["stages"]}
         if description.get("curvature") == "kfac":
             keys = feature_keys(segments, self.args.fast)
-            self._curvatures = [kronecker_curvature(store, seg, ks) for seg, ks in zip(segments, keys, strict=True)]
+            self._curvatures = [
+                kronecker_curvature(store, seg, ks, self.args.damping_factor)
+                for seg, ks in zip(segments, keys, strict=True)
+            ]
             blocks = description["query"]["operators"]["blocks"]
             for stage, chunk in tqdm(work, desc="fit", unit="chunk", disable=not self.progress):
                 values = _segment_blocks(store, stage, chunk, sizes[stage], segments, keys, blocks)
@@ -430,14 +450,21 @@ class _Fit:
         if is_captured(store.meta):
             windows = WindowGradients(store, segments)
             self._operators = [
-                SegmentOperator.from_curvature(window_curvature(store, seg, self.device), seg.time, seg.weight_decay)
+                SegmentOperator.from_curvature(
+                    window_curvature(store, seg, self.device), seg.time, seg.weight_decay, self.args.damping_factor
+                )
                 for seg in segments
             ]
             means = windows
         else:
             keys = feature_keys(segments, self.args.fast)
             self._operators = segment_operators(
-                store, segments, keys, self.device, _shared_curvature(store, segments, keys, self.device, group)
+                store,
+                segments,
+                keys,
+                self.device,
+                _shared_curvature(store, segments, keys, self.device, group),
+                self.args.damping_factor,
             )
             means = partial(_checkpoint_means, store, dict(zip(segments, keys, strict=True)))
         folded = dict(zip(segments, fold(self._operators), strict=True))
@@ -470,7 +497,10 @@ class _Fit:
             if curvatures is None:  # another process did the work
                 segments = [Segment.from_description(d) for d in description["segments"]]
                 keys = feature_keys(segments, self.args.fast)
-                curvatures = [kronecker_curvature(store, seg, ks) for seg, ks in zip(segments, keys, strict=True)]
+                curvatures = [
+                    kronecker_curvature(store, seg, ks, self.args.damping_factor)
+                    for seg, ks in zip(segments, keys, strict=True)
+                ]
             for index, curvature in enumerate(curvatures):
                 write_curvature(store, f"methods/{self.method}/operators/{index}", curvature)
         _finish_method(store, self.method)
@@ -550,9 +580,12 @@ def _finish_method(store: Store, method: str) -> None:
     store.update_meta(methods=methods)
 
 
-def kronecker_curvature(store: Store, segment: Segment, keys: Sequence[str]) -> KroneckerCurvature:
+def kronecker_curvature(
+    store: Store, segment: Segment, keys: Sequence[str], damping_factor: float = 0.0
+) -> KroneckerCurvature:
     """One segment's Kronecker curvature from the factor sums featurize stored for its feature points
-    (``kfac/<stage>/<key>/…``): A and B averaged over the points' positions and examples, eigendecomposed;
+    (``kfac/<stage>/<key>/…``): A and B averaged over the points' positions and examples, eigendecomposed,
+    damped by λ = the weight decay + ``damping_factor`` × its mean eigenvalue;
     in Adam's coordinates (SOURCE_MATH §6) when the segment has a preconditioner: the factors of
     D^{-1/2} ⊙ G with D^{-1/2} ≈ r cᵀ per layer (its rank-one fit weighted by Adam's second moment, as the
     factored projection's ``adam_rank=1``), and D^{-1} times the diagonal."""
@@ -597,11 +630,16 @@ def kronecker_curvature(store: Store, segment: Segment, keys: Sequence[str]) -> 
             f"The Kronecker factors of segment {segment.start_step}–{segment.end_step} are not finite; re-run "
             "featurize --force on that store."
         )
-    return KroneckerCurvature(tuple(layers), tuple(factors), diag, segment.weight_decay)
+    curvature = KroneckerCurvature(tuple(layers), tuple(factors), diag, segment.weight_decay)
+    if damping_factor:
+        curvature = replace(curvature, damping=segment.weight_decay + damping_factor * curvature.mean_eigenvalue())
+    return curvature
 
 
 def write_curvature(store: Store, prefix: str, curvature: KroneckerCurvature) -> None:
-    """Store a segment's eigendecomposed factors under ``prefix`` (what queries apply)."""
+    """Store a segment's eigendecomposed factors and its λ under ``prefix`` (what queries apply)."""
+    if not store.is_complete(f"{prefix}/damping"):
+        store.write_whole(f"{prefix}/damping", np.array([curvature.damping]))
     for i, f in enumerate(curvature.factors):
         for part, values in (("qa", f.a_vectors), ("la", f.a_values), ("qb", f.b_vectors), ("lb", f.b_values)):
             name = f"{prefix}/{i}/{part}"
@@ -614,7 +652,10 @@ def write_curvature(store: Store, prefix: str, curvature: KroneckerCurvature) ->
 
 
 def read_curvature(store: Store, prefix: str, damping: float) -> KroneckerCurvature:
-    """Inverse of :func:`write_curvature` (the layers come from the store's featurize metadata)."""
+    """Inverse of :func:`write_curvature` (the layers come from the store's featurize metadata); ``damping``
+    is the λ of a method fitted before λ was stored (its weight decay)."""
+    if store.has(f"{prefix}/damping"):
+        damping = float(store.read(f"{prefix}/damping")[0])
     layers, diagonal = layers_from_description(store.meta["featurize"]["kronecker"])
     shapes = {name: tuple(shape) for name, shape in store.meta["params"]}
     factors = []

@@ -99,6 +99,15 @@ class KroneckerCurvature:
     diagonal: Mapping[str, Tensor]
     damping: float
 
+    def mean_eigenvalue(self) -> float:
+        """The mean eigenvalue of H (without λ) over every parameter: its trace over p, with
+        tr(B ⊗ A) = tr(B) tr(A) per layer."""
+        trace = sum(float(f.a_values.sum() * f.b_values.sum()) for f in self.factors)
+        size = sum(len(f.a_values) * len(f.b_values) for f in self.factors)
+        trace += sum(float(d.sum()) for d in self.diagonal.values())
+        size += sum(d.numel() for d in self.diagonal.values())
+        return trace / max(size, 1)
+
     def apply(
         self, grads: Mapping[str, Tensor], fn: SpectralFunction, shapes: Mapping[str, Sequence[int]]
     ) -> dict[str, Tensor]:

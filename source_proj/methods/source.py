@@ -50,12 +50,16 @@ class SegmentOperator:
     time: float
 
     @classmethod
-    def from_curvature(cls, curvature: Tensor, time: float, damping: float = 0.0) -> SegmentOperator:
-        """Decompose H̄ + λI (``curvature`` symmetric ``[k, k]``; λ = ``damping``)."""
+    def from_curvature(
+        cls, curvature: Tensor, time: float, damping: float = 0.0, damping_factor: float = 0.0
+    ) -> SegmentOperator:
+        """Decompose H̄ + λI (``curvature`` symmetric ``[k, k]``), λ = ``damping`` + ``damping_factor`` × the
+        mean eigenvalue of H̄ (its trace over k)."""
         h = curvature.double()
         h = 0.5 * (h + h.T)
         sigma, u = torch.linalg.eigh(h)
-        return cls(eigvals=sigma.clamp_min(0.0) + damping, eigvecs=u, time=time)
+        sigma = sigma.clamp_min(0.0)
+        return cls(eigvals=sigma + damping + damping_factor * float(sigma.mean()), eigvecs=u, time=time)
 
     def _apply(self, diag: Tensor) -> Tensor:
         return (self.eigvecs * diag) @ self.eigvecs.T
