@@ -272,3 +272,24 @@ def test_fold_is_the_product_of_later_survivals_and_the_response() -> None:
     assert torch.allclose(folded[0], expm[2] @ expm[1] @ resp[0], atol=1e-10)
     assert torch.allclose(folded[1], expm[2] @ resp[1], atol=1e-10)
     assert torch.allclose(folded[2], resp[2], atol=1e-10)
+
+
+def test_default_damping_is_the_mean_eigenvalue_on_the_projected_curvature(fitted_mlp_store: Path) -> None:
+    """Without ``damping_factor`` the projected fit adds each segment's mean eigenvalue to its spectrum
+    (the paper's undamped spectrum + mean); an explicit factor is used as given; a bad one is one sentence."""
+    sp.fit(fitted_mlp_store, sp.FitArguments(segments_per_stage=2, method="plain", damping_factor=0.0), progress=False)
+    sp.fit(fitted_mlp_store, sp.FitArguments(segments_per_stage=2, method="default"), progress=False)
+    sp.fit(fitted_mlp_store, sp.FitArguments(segments_per_stage=2, method="half", damping_factor=0.5), progress=False)
+    store = sp.Store.open(fitted_mlp_store)
+    assert store.meta["methods"]["default"]["damping_factor"] == 1.0
+    for segment in range(2):
+        plain = store.read(f"methods/plain/operators/{segment}/eigvals").astype(np.float64)
+        decay = store.meta["methods"]["plain"]["segments"][segment]["weight_decay"]
+        mean = float(np.mean(plain - decay))
+        assert mean > 0
+        for method, factor in (("default", 1.0), ("half", 0.5)):
+            damped = store.read(f"methods/{method}/operators/{segment}/eigvals")
+            np.testing.assert_allclose(damped, plain + factor * mean, rtol=1e-6, atol=1e-9)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(sp.TaskError, match="damping_factor must be a finite number"):
+            sp.FitArguments(damping_factor=bad)

@@ -11,7 +11,9 @@ name (``damping-<segments>-<curvature>-<f>``), so the features are computed once
 
 Selection without peeking: the queries are split into even and odd positions; f is chosen on one half by
 its LDS there and scored on the other, both ways round ("cross-fitted"); the printed "f = 0 there" is the
-undamped SOURCE on the same half. Printed per query set, and written as JSON with ``--out``.
+undamped SOURCE on the same half. Each f > 0 is also compared with f = 0 query by query (paired bootstrap
+interval; list 0 first). Printed per query set, and written as JSON with ``--out``. A method already fitted
+with the same arguments is reused, so re-running over the same store only recomputes the queries.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ def main() -> None:
     segmentation = {"auto_segments": 0} if args.segments == "auto" else {"segments_per_stage": int(args.segments)}
     per_query: dict[str, dict[float, np.ndarray]] = {}
     results: dict[str, dict] = {}
+    undamped: dict[str, dict[float, np.ndarray]] = {}  # f = 0's scores, for paired differences
     for factor in (float(f) for f in args.factors.split(",")):
         method = f"damping-{args.segments}-{args.curvature}-{factor:g}"
         start = time.perf_counter()
@@ -80,10 +83,18 @@ def main() -> None:
         seconds = time.perf_counter() - start
         attributor = sp.Attributor(store, h.build_model(), h.task, method=method, batch_size=256)
         for queries in h.query_sets:
-            lds = h.lds(np.asarray(attributor.scores(h.query_data(queries))), queries)
+            scores = np.asarray(attributor.scores(h.query_data(queries)))
+            lds = h.lds(scores, queries)
             per_query.setdefault(queries, {})[factor] = lds.per_query
             results.setdefault(queries, {})[f"{factor:g}"] = [lds.mean, lds.low, lds.high]
-            print(f"{args.setting} {queries} f={factor:g}: {lds} (fit {seconds:.0f} s)", flush=True)
+            paired = ""
+            if factor and 0.0 in undamped.get(queries, {}):
+                delta = h.difference(scores, undamped[queries][0.0], queries)
+                results[queries][f"{factor:g} - 0"] = list(delta)
+                paired = f", minus f=0: {delta[0]:+.3f} [{delta[1]:+.3f}, {delta[2]:+.3f}]"
+            elif not factor:
+                undamped.setdefault(queries, {})[0.0] = scores
+            print(f"{args.setting} {queries} f={factor:g}: {lds}{paired} (fit {seconds:.0f} s)", flush=True)
     for queries, per in per_query.items():
         halves = cross_fitted(per)
         for half, (best, score, undamped) in zip(("odd", "even"), halves, strict=True):

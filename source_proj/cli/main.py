@@ -327,9 +327,9 @@ def _module_dims(values: tuple[str, ...]) -> dict[str, int]:
 @click.option(
     "--damping-factor",
     type=click.FloatRange(min=0.0),
-    default=sp.FitArguments.damping_factor,
-    show_default=True,
-    help="Damp each segment's curvature by the weight decay + this × its mean eigenvalue (0: the paper's SOURCE).",
+    default=None,
+    help="Damp each segment's curvature by the weight decay + this × its mean eigenvalue (0: the paper's SOURCE; "
+    "default: 1 with the projected curvature, 0 with kfac).",
 )
 @click.option("--method", default=None, help="Name to store the result under [default: source, fast-source].")
 @click.option("--plot", "plot_path", default=None, type=click.Path(path_type=Path), help="PNG of the trajectory view.")
@@ -348,7 +348,7 @@ def fit(
     boundaries: str | None,
     stages: str | None,
     fast: bool,
-    damping_factor: float,
+    damping_factor: float | None,
     method: str | None,
     plot_path: Path | None,
     device: str | None,
@@ -387,7 +387,7 @@ def fit(
         click.echo(
             f"segment {seg_desc['stage']} steps [{seg_desc['start_step']}, {seg_desc['end_step']}) "
             f"checkpoints {seg_desc['checkpoints']}  η̄K = {t:.4g}  λ = {seg_desc['weight_decay']:.3g} "
-            f"+ {args.damping_factor:g} × mean eigenvalue"
+            f"+ {described['damping_factor']:g} × mean eigenvalue"
         )
     click.echo(f"fitted {args.name!r} ({described['kind']}) in {store.path}; attributes stages {described['stages']}")
 

@@ -40,8 +40,8 @@ from source_proj.trajectory.preconditioner import unflatten
 from source_proj.trajectory.recorder import Stage
 from source_proj.trajectory.segments import Segment, SegmentationArguments, make_segments
 
-DAMPING_FACTOR = 1.0
-"""SOURCE's default damping factor (`FitArguments.damping_factor`)."""
+DAMPING_FACTORS = {"projected": 1.0, "kfac": 0.0}
+"""SOURCE's default damping factor per curvature (`FitArguments.damping_factor`)."""
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,10 @@ class FitArguments:
             factors, else ``"projected"``.
         damping_factor: each segment's curvature gets λ = its weight decay + ``damping_factor`` × the mean
             eigenvalue of that segment's curvature (over k for ``"projected"``, over every parameter for
-            ``"kfac"``). Default 1: the evidence of BENCHMARKS.md (issue 12, "SOURCE's damping"); ``0`` is
-            the paper's undamped SOURCE, whose only damping is the weight decay and 1/(η̄K) of the horizon.
+            ``"kfac"``). ``0`` is the paper's SOURCE, damped only by the weight decay and the horizon
+            (1/(η̄K)). Default (``DAMPING_FACTORS``, the evidence of BENCHMARKS.md, issue 12, "SOURCE's
+            damping"): 1 for the projected curvature, whose small eigenvalues are mostly estimation and
+            projection noise, 0 for the Kronecker one, which damping did not help.
     """
 
     segments_per_stage: int | None = None
@@ -83,11 +85,16 @@ class FitArguments:
     auto_segments: int | None = None
     fast: bool = False
     curvature: str | None = None
-    damping_factor: float = DAMPING_FACTOR
+    damping_factor: float | None = None
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.damping_factor) or self.damping_factor < 0:
-            raise TaskError(f"damping_factor must be a finite number ≥ 0, not {self.damping_factor!r}.")
+        factor = self.damping_factor
+        if factor is not None and (not isinstance(factor, int | float) or not math.isfinite(factor) or factor < 0):
+            raise TaskError(f"damping_factor must be a finite number ≥ 0, not {factor!r}.")
+
+    def resolve_damping(self, curvature: str) -> float:
+        """The damping factor this fit uses with ``curvature`` (see ``damping_factor``)."""
+        return DAMPING_FACTORS[curvature] if self.damping_factor is None else float(self.damping_factor)
 
     @property
     def name(self) -> str:
@@ -347,7 +354,7 @@ class _Fit:
             "kind": "fast-source" if self.args.fast else "source",
             "arguments": asdict(self.args),
             "curvature": curvature,
-            "damping_factor": self.args.damping_factor,
+            "damping_factor": self.args.resolve_damping(curvature),
             "segments": [s.describe() for s in segments],
             "stages": attributed,
             "dim": dim,
@@ -437,7 +444,7 @@ class _Fit:
         if description.get("curvature") == "kfac":
             keys = feature_keys(segments, self.args.fast)
             self._curvatures = [
-                kronecker_curvature(store, seg, ks, self.args.damping_factor)
+                kronecker_curvature(store, seg, ks, description["damping_factor"])
                 for seg, ks in zip(segments, keys, strict=True)
             ]
             blocks = description["query"]["operators"]["blocks"]
@@ -451,7 +458,7 @@ class _Fit:
             windows = WindowGradients(store, segments)
             self._operators = [
                 SegmentOperator.from_curvature(
-                    window_curvature(store, seg, self.device), seg.time, seg.weight_decay, self.args.damping_factor
+                    window_curvature(store, seg, self.device), seg.time, seg.weight_decay, description["damping_factor"]
                 )
                 for seg in segments
             ]
@@ -464,7 +471,7 @@ class _Fit:
                 keys,
                 self.device,
                 _shared_curvature(store, segments, keys, self.device, group),
-                self.args.damping_factor,
+                description["damping_factor"],
             )
             means = partial(_checkpoint_means, store, dict(zip(segments, keys, strict=True)))
         folded = dict(zip(segments, fold(self._operators), strict=True))
@@ -498,7 +505,7 @@ class _Fit:
                 segments = [Segment.from_description(d) for d in description["segments"]]
                 keys = feature_keys(segments, self.args.fast)
                 curvatures = [
-                    kronecker_curvature(store, seg, ks, self.args.damping_factor)
+                    kronecker_curvature(store, seg, ks, description["damping_factor"])
                     for seg, ks in zip(segments, keys, strict=True)
                 ]
             for index, curvature in enumerate(curvatures):
