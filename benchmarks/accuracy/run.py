@@ -59,10 +59,10 @@ def fit_ours(h: harness.Prepared, dim: int, refit: bool, kind: str = "rademacher
             overwrite=refit,
             progress=False,
         )
-        for kind in sp.BASELINES:
+        for baseline in sp.BASELINES:
             sp.fit_baseline(
                 store,
-                sp.BaselineArguments(kind=kind, stages=stages),
+                sp.BaselineArguments(kind=baseline, stages=stages),
                 model=h.build_model(),
                 task=h.task,
                 train_data=h.train_data,
