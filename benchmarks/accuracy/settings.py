@@ -26,10 +26,11 @@ MNIST settings (the folder of the IDX files is an argument; see docs/howto/evalu
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,13 +104,21 @@ class Setting:
             start += len(y)
         return out
 
-    def train_recorded(self, seed: int, run_dir: str | Path) -> nn.Module:
-        """Train on all data with ``torch.optim.SGD``, recording the trajectory (the attributed models)."""
+    def train_recorded(
+        self,
+        seed: int,
+        run_dir: str | Path,
+        capture: Callable[[sp.TrajectoryRecorder], sp.GradientCapture] | None = None,
+    ) -> nn.Module:
+        """Train on all data with ``torch.optim.SGD``, recording the trajectory (the attributed models);
+        ``capture(recorder)`` starts in-run gradient capture, which sees every batch (it does not change
+        training: the trajectory is bit-identical)."""
         model = self.build_model(seed)
         gen = torch.Generator().manual_seed(seed)
         recorder = sp.TrajectoryRecorder(
             run_dir, model, torch.optim.SGD(model.parameters()), save_every=self.save_every, overwrite=True
         )
+        captured = capture(recorder) if capture is not None else None
         for st in self.stages:
             opt = torch.optim.SGD(model.parameters(), lr=st.lr, momentum=st.momentum, weight_decay=st.weight_decay)
             recorder.begin_stage(st.name, dataset_size=st.size, optimizer=opt)
@@ -117,9 +126,11 @@ class Setting:
                 order = torch.randperm(st.size, generator=gen)
                 for b in range(st.steps_per_epoch):
                     idx = order[b * st.batch_size : (b + 1) * st.batch_size]
-                    loss = F.cross_entropy(model(st.inputs[idx]), st.targets[idx])
-                    opt.zero_grad()
-                    loss.backward()
+                    batch = (st.inputs[idx], st.targets[idx])
+                    with captured.batch((idx, batch)) if captured else contextlib.nullcontext():
+                        loss = F.cross_entropy(model(batch[0]), batch[1])
+                        opt.zero_grad()
+                        loss.backward()
                     opt.step()
                     recorder.step()
         recorder.close()

@@ -1,0 +1,108 @@
+"""In-run SOURCE (gradients captured during training) against post-hoc SOURCE (featurized afterwards), by LDS
+on a harness setting (issue 16; ``benchmarks/capture_lds.py`` does the same on the digits example's settings).
+
+    python benchmarks/accuracy/capture.py --setting mnist-noisy --mnist ../shared/data/mnist --repeats 10
+        [--dim 1024] [--fisher-every 1,4] [--subsets 100] [--out runs/accuracy/capture-mnist-noisy.json]
+
+Model 0 of the setting is trained again with the recorder and ``GradientCapture`` (factored projection,
+k = ``--dim``, sampled Fisher on every ``n``-th batch for each n of ``--fisher-every``). Capture does not
+change training, so the captured trajectory must be bit-identical to the harness's ``run-0``; this is
+checked, and the run is refused otherwise. The post-hoc store is the harness's own
+``model-0-factored-k<dim>.sp`` (featurized from ``run-0``; made here if missing). Every store is fitted
+with the library's defaults and scored on the setting's queries against its cached ground truth.
+Printed and written to ``--out``: LDS [95 % CI] of each store, and each in-run variant minus post-hoc per
+query (paired 95 % bootstrap interval), plus the wall time of the captured training against training alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness
+
+import source_proj as sp
+
+
+def capturer(store: Path, dim: int, options: sp.CaptureArguments, h: harness.Prepared):
+    """``capture(recorder)`` for ``Setting.train_recorded``: a GradientCapture into ``store``."""
+
+    def start(recorder: sp.TrajectoryRecorder) -> sp.GradientCapture:
+        projection = sp.ProjectionArguments(dim=dim, kind="factored")
+        return sp.GradientCapture(
+            recorder, store, h.task, projection=projection, options=options, datasets=h.train_data, overwrite=True
+        )
+
+    return start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", required=True)
+    parser.add_argument("--mnist", default=None, help="folder of the MNIST IDX files (MNIST settings)")
+    parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--fisher-every", default="1", help="in-run variants: the sampled Fisher on every n-th batch")
+    parser.add_argument("--subsets", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--root", default=str(harness.ROOT))
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    h = harness.prepare(
+        args.setting, root=args.root, mnist=args.mnist, models=1, subsets=args.subsets, repeats=args.repeats,
+        progress=False,
+    )  # fmt: skip
+    fit = sp.FitArguments(stages=(h.setting.attributed,))
+    folder = h.folder / "capture"
+    post_hoc = h.folder / f"model-0-factored-k{args.dim}.sp"
+    sp.featurize(h.runs[0], h.build_model(), h.task, h.train_data, post_hoc,
+                 projection=sp.ProjectionArguments(dim=args.dim, kind="factored"), progress=False)  # fmt: skip
+    sp.fit(post_hoc, fit, progress=False)
+    stores = {"post-hoc (factored)": post_hoc}
+    seconds = {}
+    start = time.perf_counter()
+    h.setting.train_recorded(0, folder / "plain")
+    seconds["training alone"] = time.perf_counter() - start
+    reference = sp.Trajectory.load(h.runs[0]).fingerprint()
+    for every in (int(n) for n in args.fisher_every.split(",")):
+        name = "in-run" if every == 1 else f"in-run, Fisher every {every}th batch"
+        run, store = folder / f"run-fisher-{every}", folder / f"in-run-fisher-{every}-k{args.dim}.sp"
+        start = time.perf_counter()
+        h.setting.train_recorded(0, run, capture=capturer(store, args.dim, sp.CaptureArguments(fisher_every=every), h))
+        seconds[name] = time.perf_counter() - start
+        if sp.Trajectory.load(run).fingerprint() != reference:
+            sys.exit(f"{name}: the captured run differs from the harness's run-0; nothing to compare.")
+        sp.fit(store, fit, overwrite=True, progress=False)
+        stores[name] = store
+    results: dict[str, dict] = {"seconds": seconds}
+    for queries in h.query_sets:
+        data = h.query_data(queries)
+        scores = {
+            name: np.asarray(sp.Attributor(store, h.build_model(), h.task, batch_size=256).scores(data))
+            for name, store in stores.items()
+        }
+        for name, values in scores.items():
+            lds = h.lds(values, queries)
+            entry = {"lds": [lds.mean, lds.low, lds.high]}
+            line = f"{args.setting} {queries} {name}: {lds}"
+            if name != "post-hoc (factored)":
+                delta = h.difference(values, scores["post-hoc (factored)"], queries)
+                entry["minus post-hoc"] = list(delta)
+                line += f", minus post-hoc {delta[0]:+.3f} [{delta[1]:+.3f}, {delta[2]:+.3f}]"
+            results.setdefault(queries, {})[name] = entry
+            print(line, flush=True)
+    print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
