@@ -11,6 +11,7 @@ import errno
 import hashlib
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -202,3 +203,20 @@ def test_damaged_chunk_is_named_with_the_repair_command(
     featurize(tiny_run, store)
     sp.fit(store, FIT, progress=False)
     assert files(store) == files(tiny_reference)
+
+
+def test_a_dense_projection_that_redraws_every_batch_on_the_cpu_is_warned_about(
+    tmp_path: Path, tiny_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One sentence naming the factored projection; the store is still made (a warning, not a refusal)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a small dense projection: no warning
+        featurize(tiny_run, tmp_path / "small.sp", projection=sp.ProjectionArguments(dim=8))
+    monkeypatch.setattr(sp.RademacherProjector, "redraws_every_batch", lambda self: True)
+    with pytest.warns(UserWarning, match=r"redraws its .* GiB matrix for every batch on the CPU.*'factored'") as seen:
+        featurize(tiny_run, tmp_path / "big.sp", projection=sp.ProjectionArguments(dim=8))
+    assert len(seen) == 1 and str(seen[0].message).count(". ") == 0
+    assert sp.Store.open(tmp_path / "big.sp").meta["projection"]["kind"] == "rademacher"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the factored projection never redraws a dense matrix
+        featurize(tiny_run, tmp_path / "factored.sp", projection=sp.ProjectionArguments(dim=8, kind="factored"))

@@ -97,3 +97,13 @@ def test_dimension_larger_than_parameters_is_refused() -> None:
 def test_identity_projection_is_the_flattened_gradient() -> None:
     grads = _grads(3)
     assert torch.equal(IdentityProjector(SHAPES).project(grads), _flat(grads))
+
+
+def test_the_dense_projection_knows_when_it_redraws_every_batch() -> None:
+    """p × k float32 above the block cache: every batch draws the signs again (what featurize warns about)."""
+    big = RademacherProjector([("w", (567_434,))], dim=1024)  # the MNIST MLP: 2.2 GiB
+    assert big.redraws_every_batch()
+    assert not RademacherProjector([("w", (26_122,))], dim=1024).redraws_every_batch()  # digits: 102 MiB
+    edge = 512 * 2**20 // (4 * 1024)  # exactly the default 512 MiB cache at k = 1024
+    assert not RademacherProjector([("w", (edge,))], dim=1024).redraws_every_batch()
+    assert RademacherProjector([("w", (edge + 1,))], dim=1024).redraws_every_batch()

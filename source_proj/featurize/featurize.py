@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -48,7 +49,7 @@ from source_proj.featurize.factors import (
 from source_proj.featurize.grow import finished_before_growth, growth_refusal, record_growth
 from source_proj.featurize.plan import FeaturizePlan, NotPrepared, Unit, featurize_plan
 from source_proj.featurize.sharded import ShardedParameters
-from source_proj.projection.base import Projector
+from source_proj.projection.base import Projector, RademacherProjector
 from source_proj.projection.factory import make_projector
 from source_proj.projection.transform import GradientTransform
 from source_proj.store.provenance import (
@@ -197,6 +198,7 @@ class _Featurize:
                 module_dims=projection.module_dims,
                 adam_rank=projection.adam_rank,
             )
+            _warn_dense_on_cpu(self.projector, self.device)
             self.grads_fn = PerExampleGradients(
                 self.work_model, self.task, self.names, vmap_chunk=options.vmap_chunk, precision=options.precision
             )
@@ -686,4 +688,18 @@ def check_finite(
         raise NumericalError(
             f"The {what} of {example} {row} at {where} is NaN or infinite; check that example's "
             "input and label, and the checkpoint's weights."
+        )
+
+
+def _warn_dense_on_cpu(projector: Projector, device: torch.device) -> None:
+    """One sentence when the dense projection will redraw its sign matrix for every batch on a CPU."""
+    if type(projector) is RademacherProjector and device.type == "cpu" and projector.redraws_every_batch():
+        size = projector.num_params * projector.dim * 4 / 2**30
+        warnings.warn(
+            f"The dense 'rademacher' projection of {projector.num_params:,} parameters at k = {projector.dim} "
+            f"redraws its {size:.1f} GiB matrix for every batch on the CPU, which takes hours on a large run; the "
+            "'factored' projection (ProjectionArguments(kind='factored'), --projection factored) is far faster "
+            "(65 s against about 5 h for the 567k-parameter MLP in BENCHMARKS.md) at an LDS 0.01-0.05 lower at "
+            "equal k on digits.",
+            stacklevel=4,
         )

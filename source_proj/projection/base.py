@@ -140,6 +140,11 @@ class RademacherProjector(Projector):
             "generator": _GENERATOR_ID,
         }
 
+    def redraws_every_batch(self) -> bool:
+        """Whether the whole float32 matrix (p × k) is larger than the block cache, so that every batch draws
+        its signs again (on a CPU that dominates featurize for large models)."""
+        return self.num_params * self.dim * 4 > self.cache_bytes
+
     def signs(self, block: int) -> np.ndarray:
         """The ±1 signs of block ``block`` as int8 ``[rows, k]`` (rows of Pᵀ, before 1/√k)."""
         rows = min(self.block_rows, self.num_params - block * self.block_rows)
