@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness
@@ -45,21 +44,11 @@ def capturer(store: Path, dim: int, options: sp.CaptureArguments, h: harness.Pre
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--setting", required=True)
-    parser.add_argument("--mnist", default=None, help="folder of the MNIST IDX files (MNIST settings)")
+    harness.add_setting_arguments(parser)
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--fisher-every", default="1", help="in-run variants: the sampled Fisher on every n-th batch")
-    parser.add_argument("--subsets", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--root", default=str(harness.ROOT))
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    h = harness.prepare(
-        args.setting, root=args.root, mnist=args.mnist, models=1, subsets=args.subsets, repeats=args.repeats,
-        progress=False,
-    )  # fmt: skip
+    h = harness.prepare_model_0(args)
     fit = sp.FitArguments(stages=(h.setting.attributed,))
     folder = h.folder / "capture"
     post_hoc = h.folder / f"model-0-factored-k{args.dim}.sp"

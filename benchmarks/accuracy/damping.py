@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness
@@ -48,23 +47,13 @@ def cross_fitted(per_query: dict[float, np.ndarray]) -> list[tuple[float, float,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--setting", required=True)
+    harness.add_setting_arguments(parser)
     parser.add_argument("--store", required=True, help="the store's file name in the setting's folder")
     parser.add_argument("--factors", default="0,0.1,0.3,1,3,10")
     parser.add_argument("--segments", default="1", help="segments per stage, or 'auto'")
     parser.add_argument("--curvature", default="projected", choices=["projected", "kfac"])
-    parser.add_argument("--root", default=str(harness.ROOT))
-    parser.add_argument("--mnist", default=None, help="folder of the MNIST IDX files (MNIST settings)")
-    parser.add_argument("--subsets", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    h = harness.prepare(
-        args.setting, root=args.root, mnist=args.mnist, models=1, subsets=args.subsets, repeats=args.repeats,
-        progress=False,
-    )  # fmt: skip
+    h = harness.prepare_model_0(args)
     store = h.folder / args.store
     if not is_store(store):
         sys.exit(f"No store at {store}: featurize it first (run.py or ablation.py).")

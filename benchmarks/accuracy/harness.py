@@ -20,6 +20,7 @@ folder is used; an interrupted preparation resumes (every finished retrain is ca
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -119,6 +120,27 @@ class Prepared:
         delta = self.lds(a, queries).per_query - self.lds(b, queries).per_query
         low, high = ev.query_interval(delta, self.lds_args)
         return float(np.nanmean(delta)), low, high
+
+
+def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a script that scores model 0 of one setting on its cached ground truth:
+    ``--setting``, ``--mnist``, ``--subsets``, ``--repeats``, ``--root``, ``--out``, ``--threads``."""
+    parser.add_argument("--setting", required=True)
+    parser.add_argument("--mnist", default=None, help="folder of the MNIST IDX files (MNIST settings)")
+    parser.add_argument("--subsets", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--root", default=str(ROOT))
+    parser.add_argument("--out", default=None, help="write the results as JSON here too")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)")
+
+
+def prepare_model_0(args: argparse.Namespace) -> Prepared:
+    """``prepare`` for the options of ``add_setting_arguments`` (model 0 only), with ``--threads`` set."""
+    torch.set_num_threads(args.threads)
+    return prepare(
+        args.setting, root=args.root, mnist=args.mnist, models=1, subsets=args.subsets, repeats=args.repeats,
+        progress=False,
+    )  # fmt: skip
 
 
 def locate(
