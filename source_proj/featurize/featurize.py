@@ -697,7 +697,8 @@ def _warn_dense_on_cpu(projector: Projector, device: torch.device) -> None:
         size = projector.num_params * projector.dim * 4 / 2**30
         warnings.warn(
             f"The dense 'rademacher' projection of {projector.num_params:,} parameters at k = {projector.dim} "
-            f"redraws its {size:.1f} GiB matrix for every batch on the CPU, which takes hours on a large run; the "
+            f"multiplies every gradient by a {size:.1f} GiB matrix it redraws for every batch on the CPU, hours on a "
+            "large run; the "
             "'factored' projection (ProjectionArguments(kind='factored'), --projection factored) is far faster "
             "(65 s against about 5 h for the 567k-parameter MLP in BENCHMARKS.md) at an LDS 0.01-0.05 lower at "
             "equal k on digits.",
