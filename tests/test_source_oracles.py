@@ -293,24 +293,3 @@ def test_default_damping_is_the_mean_eigenvalue_on_the_projected_curvature(fitte
     for bad in (-1.0, float("nan")):
         with pytest.raises(sp.TaskError, match="damping_factor must be a finite number"):
             sp.FitArguments(damping_factor=bad)
-
-
-def test_a_finished_fit_with_the_same_arguments_is_not_recomputed(
-    fitted_mlp_store: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Fitting again with the same arguments reuses the finished method (no eigendecomposition); other
-    arguments are still refused without overwrite, and overwrite recomputes."""
-    from source_proj.methods import fit as fit_module
-
-    sp.fit(fitted_mlp_store, sp.FitArguments(segments_per_stage=2, method="again"), progress=False)
-    before = sp.Store.open(fitted_mlp_store).read("methods/again/train/main")
-    calls = []
-    original = fit_module.segment_operators
-    monkeypatch.setattr(fit_module, "segment_operators", lambda *a, **k: calls.append(1) or original(*a, **k))
-    sp.fit(fitted_mlp_store, sp.FitArguments(segments_per_stage=2, method="again"), progress=False)
-    assert calls == []
-    with pytest.raises(sp.StoreError, match="other settings"):
-        sp.fit(fitted_mlp_store, sp.FitArguments(segments_per_stage=3, method="again"), progress=False)
-    sp.fit(fitted_mlp_store, sp.FitArguments(segments_per_stage=2, method="again"), overwrite=True, progress=False)
-    assert calls == [1]
-    np.testing.assert_array_equal(sp.Store.open(fitted_mlp_store).read("methods/again/train/main"), before)

@@ -285,8 +285,7 @@ def fit(
     path = store.path if isinstance(store, Store) else str(store)
     group = ranks(shard)
     job = _Fit(path, args, progress and (group.leader or not group.coordinated), default_device(device), group)
-    if overwrite or not job.finished():  # a finished fit with the same arguments is not recomputed
-        run_sharded(path, job, group, overwrite=overwrite, keep_new=is_store)
+    run_sharded(path, job, group, overwrite=overwrite, keep_new=is_store)
     if isinstance(store, Store):
         store.refresh()
         return store
@@ -420,12 +419,6 @@ class _Fit:
         _claim_method(store, self.method, description, overwrite)
         store.heal(f"methods/{self.method}/operators/")
         self._items(store, description, create=True)
-
-    def finished(self) -> bool:
-        """This method is fitted with the same description, every chunk written and its operators stored."""
-        if not self.ready():
-            return False
-        return bool(Store.open(self.path).meta["methods"][self.method].get("complete"))
 
     def ready(self) -> bool:
         if not is_store(self.path):
