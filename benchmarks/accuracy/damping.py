@@ -12,8 +12,8 @@ name (``damping-<segments>-<curvature>-<f>``), so the features are computed once
 Selection without peeking: the queries are split into even and odd positions; f is chosen on one half by
 its LDS there and scored on the other, both ways round ("cross-fitted"); the printed "f = 0 there" is the
 undamped SOURCE on the same half. Each f > 0 is also compared with f = 0 query by query (paired bootstrap
-interval; list 0 first). Printed per query set, and written as JSON with ``--out``. A method already fitted
-with the same arguments is reused, so re-running over the same store only recomputes the queries.
+interval; list 0 first). Printed per query set, and written as JSON with ``--out``. Re-running over the
+same store fits every f again (fit re-reads the features and recomputes its operators).
 """
 
 from __future__ import annotations
