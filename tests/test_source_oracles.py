@@ -17,6 +17,7 @@ import source_proj as sp
 from source_proj.methods.source import SegmentOperator, fold, phi
 
 from .conftest import full_batch_run
+from .crash_driver import damage
 
 
 def _pipeline_scores(
@@ -293,3 +294,29 @@ def test_default_damping_is_the_mean_eigenvalue_on_the_projected_curvature(fitte
     for bad in (-1.0, float("nan")):
         with pytest.raises(sp.TaskError, match="damping_factor must be a finite number"):
             sp.FitArguments(damping_factor=bad)
+
+
+def test_a_finished_fit_with_the_same_arguments_is_not_recomputed(
+    fitted_mlp_store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fitting again with the same arguments reuses the finished method (no eigendecomposition); a damaged
+    cached chunk is recomputed; other arguments are still refused without overwrite, and overwrite recomputes.
+    (A damaged input chunk is still named: tests/test_bad_input.py.)"""
+    from source_proj.methods import fit as fit_module
+
+    sp.fit(fitted_mlp_store, sp.FitArguments(segments_per_stage=2, method="again"), progress=False)
+    before = sp.Store.open(fitted_mlp_store).read("methods/again/train/main")
+    calls = []
+    original = fit_module.segment_operators
+    monkeypatch.setattr(fit_module, "segment_operators", lambda *a, **k: calls.append(1) or original(*a, **k))
+    sp.fit(fitted_mlp_store, sp.FitArguments(segments_per_stage=2, method="again"), progress=False)
+    assert calls == []
+    damage(fitted_mlp_store, "methods/again/train/main", 1, "flip")  # a damaged cached chunk is recomputed
+    sp.fit(fitted_mlp_store, sp.FitArguments(segments_per_stage=2, method="again"), progress=False)
+    assert calls == [1]
+    np.testing.assert_array_equal(sp.Store.open(fitted_mlp_store).read("methods/again/train/main"), before)
+    with pytest.raises(sp.StoreError, match="other settings"):
+        sp.fit(fitted_mlp_store, sp.FitArguments(segments_per_stage=3, method="again"), progress=False)
+    sp.fit(fitted_mlp_store, sp.FitArguments(segments_per_stage=2, method="again"), overwrite=True, progress=False)
+    assert calls == [1, 1]
+    np.testing.assert_array_equal(sp.Store.open(fitted_mlp_store).read("methods/again/train/main"), before)
