@@ -13,7 +13,8 @@ Selection without peeking: the queries are split into even and odd positions; f 
 its LDS there and scored on the other, both ways round ("cross-fitted"); the printed "f = 0 there" is the
 undamped SOURCE on the same half. Each f > 0 is also compared with f = 0 query by query (paired bootstrap
 interval; list 0 first). Printed per query set, and written as JSON with ``--out``. Re-running over the
-same store fits every f again (fit re-reads the features and recomputes its operators).
+same store reuses the projected fits (fit re-reads the features, but skips the eigendecompositions);
+Kronecker fits are recomputed.
 """
 
 from __future__ import annotations
