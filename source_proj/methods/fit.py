@@ -502,8 +502,7 @@ class _Fit:
         source = "grads" if store.meta["featurize"]["fisher_directions"] == 0 else "fisher"
         for seg, keys in zip(segments, feature_keys(segments, self.args.fast), strict=True):
             for key in keys:
-                for _ in store.iter_chunks(f"{source}/{seg.stage}/{key}"):
-                    pass
+                store.check_readable(f"{source}/{seg.stage}/{key}")
         return True
 
     def finish(self) -> bool:

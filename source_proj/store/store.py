@@ -41,6 +41,7 @@ Writers hold the store's lock ([`source_proj.store.locking`][]).
 
 from __future__ import annotations
 
+import collections
 import json
 import warnings
 import zlib
@@ -585,6 +586,11 @@ class Store:
             )
         for chunk in range(self.num_chunks(name)):
             yield self.chunk_rows(name, chunk)[0], self.read_chunk(name, chunk)
+
+    def check_readable(self, name: str) -> None:
+        """Read every chunk of a complete array through its crc check, keeping none: an incomplete or damaged
+        array raises the StoreError that reading it would."""
+        collections.deque(self.iter_chunks(name), maxlen=0)
 
     def read(self, name: str) -> np.ndarray:
         """A complete array, whole (crc-checked)."""
