@@ -60,6 +60,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -319,7 +320,7 @@ class FactoredProjector(Projector):
         probe: Tensor,
         *,
         dtype: torch.dtype = torch.float32,
-        transform: GradientTransform | None = None,
+        transform: GradientTransform | Callable[[], GradientTransform | None] | None = None,
     ) -> Iterator[None]:
         """Forward hooks on every use of every factored layer of ``model`` while the context is open.
 
@@ -328,16 +329,28 @@ class FactoredProjector(Projector):
         ``None`` to leave that forward untapped. The layer path of `project_batch`, and in-run capture
         (``featurize/capture.py``) where the backward is the training step's own. ``probe`` (a scalar
         with ``requires_grad``) makes every tapped output part of the graph even when the parameters
-        are constants; differentiate with respect to it to run the taps alone.
+        are constants; differentiate with respect to it to run the taps alone. ``transform`` may be a
+        function: each forward then applies the transform it returns at that moment (in-run capture
+        of an Adam run, whose D^{-1/2} changes as training goes), and the backward the same one.
         """
         modules = dict(model.named_modules())
         device = probe.device
         handles = []
+        current = transform if callable(transform) else lambda: transform
+        cast: list[Any] = [None, []]  # the stacks last cast to dtype, and their cast
+
+        def sides(index: int) -> tuple[Tensor, Tensor]:
+            stacks = self._stacks(current(), device)
+            if cast[0] is not stacks:
+                cast[:] = [stacks, [(left.to(dtype), right.to(dtype)) for left, right in stacks]]
+            return cast[1][index]
+
         try:
-            stacks = self._stacks(transform, device)
-            for layer, block, (left, right) in zip(self.layers, self.blocks, stacks, strict=True):
+            if self.layers:
+                sides(0)  # a transform the hooks cannot apply is refused here, not in the middle of a step
+            for index, (layer, block) in enumerate(zip(self.layers, self.blocks, strict=True)):
                 for name, kind in layer.uses:
-                    hook = _LayerHook(layer, block, kind, modules[name], left.to(dtype), right.to(dtype), probe, target)
+                    hook = _LayerHook(layer, block, kind, modules[name], partial(sides, index), probe, target)
                     handles.append(modules[name].register_forward_hook(hook))
             yield
         finally:
@@ -413,18 +426,18 @@ class _LayerHook:
         block: _Block,
         kind: LayerKind,
         module: nn.Module,
-        left: Tensor,
-        right: Tensor,
+        sides: Callable[[], tuple[Tensor, Tensor]],
         probe: Tensor,
         target: Callable[[], Tensor | None],
     ) -> None:
-        self.layer, self.block, self.kind, self.module, self.left, self.right = layer, block, kind, module, left, right
+        self.layer, self.block, self.kind, self.module, self.sides = layer, block, kind, module, sides
         self.probe, self.target = probe, target
 
     def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor | None:
         target = self.target()
         if target is None:
             return None
+        left, right = self.sides()  # this forward's transform; its backward uses the same
         batch = target.shape[0]
         x = inputs[0]
         if self.kind == "embedding" and x.shape[0] == 1 < batch:
@@ -438,14 +451,14 @@ class _LayerHook:
             )
         out = target[:, self.block.columns]
         with torch.no_grad():
-            recorded = self._forward_side(x.detach(), batch)
-        return OutputTap.apply(output, self.probe, lambda grad: self._accumulate(out, recorded, grad))
+            recorded = self._forward_side(x.detach(), batch, left, right)
+        return OutputTap.apply(output, self.probe, lambda grad: self._accumulate(out, recorded, grad, left, right))
 
-    def _forward_side(self, x: Tensor, batch: int) -> Tensor:
+    def _forward_side(self, x: Tensor, batch: int, left: Tensor, right: Tensor) -> Tensor:
         """``[B, T, R·k]``: P_in R_r a_t (layers) or the column of P_out L_r at token x_t (embeddings)."""
-        layer, right = self.layer, self.right
+        layer = self.layer
         if self.kind == "embedding":
-            side = self.left.T[x.reshape(batch, -1)]
+            side = left.T[x.reshape(batch, -1)]
             padding = self.module.padding_idx
             if padding is not None:  # torch gives the padding row no gradient
                 side = side.masked_fill((x.reshape(batch, -1) == padding).unsqueeze(-1), 0)
@@ -461,18 +474,18 @@ class _LayerHook:
             a = a + right[:, layer.in_features]
         return a
 
-    def _backward_side(self, grad: Tensor, batch: int) -> Tensor:
+    def _backward_side(self, grad: Tensor, batch: int, left: Tensor, right: Tensor) -> Tensor:
         """``[B, T, R·k]``: P_out L_r δ_t (layers) or P_in R_r δ_t (embeddings)."""
         if self.kind == "embedding":
-            return grad.reshape(batch, -1, self.layer.in_features) @ self.right.T
+            return grad.reshape(batch, -1, self.layer.in_features) @ right.T
         if self.kind == "conv":
-            return torch.einsum("bct,kc->btk", grad.flatten(2), self.left)
-        return grad.reshape(batch, -1, self.layer.out_features) @ self.left.T
+            return torch.einsum("bct,kc->btk", grad.flatten(2), left)
+        return grad.reshape(batch, -1, self.layer.out_features) @ left.T
 
-    def _accumulate(self, out: Tensor, recorded: Tensor, grad: Tensor) -> None:
+    def _accumulate(self, out: Tensor, recorded: Tensor, grad: Tensor, left: Tensor, right: Tensor) -> None:
         batch = out.shape[0]
         with torch.no_grad():
-            other = self._backward_side(grad.to(self.left.dtype), batch)
+            other = self._backward_side(grad.to(left.dtype), batch, left, right)
             d, a = (recorded, other) if self.kind == "embedding" else (other, recorded)
             # [B, T, R·k] → [B, T·R, k]: the sum over positions and terms is one batched product.
             d = d.reshape(batch, -1, self.block.k_out).float()

@@ -30,6 +30,7 @@ the last segment (a documented approximation where D changes between segments).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,7 +69,6 @@ def checkpoint_preconditioner(
     out: dict[str, Tensor] = {}
     wanted = set(names)
     for group, desc in zip(groups, described, strict=True):
-        beta2, eps = float(group["betas"][1]), float(group["eps"])
         for index, name in zip(group["params"], desc["params"], strict=True):
             if name not in wanted:
                 continue
@@ -76,10 +76,7 @@ def checkpoint_preconditioner(
             if not entry:
                 out[name] = torch.full(tuple(model[name].shape), float("inf"), dtype=torch.float64)
                 continue
-            second = entry["max_exp_avg_sq"] if group.get("amsgrad") else entry["exp_avg_sq"]
-            steps = float(entry["step"])
-            v_hat = second.double() / (1.0 - beta2**steps)
-            out[name] = v_hat.sqrt() + eps
+            out[name] = adam_denominator(entry, group)
     missing = [n for n in names if n not in out]
     if missing:
         raise TrajectoryError(
@@ -87,6 +84,37 @@ def checkpoint_preconditioner(
             "ParameterSelection or add them to the optimizer."
         )
     return out
+
+
+def adam_denominator(entry: Mapping[str, Any], group: Mapping[str, Any]) -> Tensor:
+    """D = √v̂ + ε (float64, the parameter's shape) from one parameter's Adam state and its group's settings."""
+    beta2, eps = float(group["betas"][1]), float(group["eps"])
+    second = entry["max_exp_avg_sq"] if group.get("amsgrad") else entry["exp_avg_sq"]
+    v_hat = second.detach().double() / (1.0 - beta2 ** float(entry["step"]))
+    return v_hat.sqrt() + eps
+
+
+def live_preconditioner(optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
+    """D = √v̂ + ε of the parameters ``params`` (name → the optimised tensor) from a running Adam's state,
+    on the parameters' device: the preconditioner of the step just taken, which in-run capture applies
+    to the next step's gradients. ``None`` while none of them has a state yet (before the first step); one
+    without a state among others gets D = ∞, as in ``checkpoint_preconditioner``."""
+    groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    out: dict[str, Tensor] = {}
+    unoptimised = [name for name, param in params.items() if id(param) not in groups]
+    if unoptimised:
+        raise TrajectoryError(
+            f"Parameters {unoptimised[:3]} are attributed but not optimised; exclude them with ParameterSelection or "
+            "add them to the optimizer."
+        )
+    stepped = False
+    for name, param in params.items():
+        entry = optimizer.state.get(param)
+        if entry:
+            out[name], stepped = adam_denominator(entry, groups[id(param)]), True
+        else:  # never stepped (no gradient yet): D = ∞, scale 0, as checkpoint_preconditioner
+            out[name] = torch.full(tuple(param.shape), float("inf"), dtype=torch.float64, device=param.device)
+    return out if stepped else None
 
 
 def steps_preconditioner(
