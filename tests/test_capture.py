@@ -28,6 +28,7 @@ from source_proj.store.provenance import (
 )
 from source_proj.store.store import ckpt_key
 from source_proj.tasks.gradients import PerExampleGradients
+from source_proj.trajectory.preconditioner import checkpoint_preconditioner
 
 DIM = 16
 
@@ -60,12 +61,18 @@ def _train(
     on_batch=None,
     task: sp.Task | None = None,
     datasets: dict[str, TensorDataset] | None = None,
+    projection: sp.ProjectionArguments | None = None,
+    optimizer=None,
 ) -> nn.Module:
     """SGD (momentum 0.9, weight decay) over epochs of a fixed per-epoch order; captured into ``store`` if given.
     ``crash_after``: raise after that many optimiser steps (a killed run); ``resume``: continue ``run``;
-    ``on_batch(model, rows)``: called after each backward, before the optimiser step; ``datasets``: for capture."""
+    ``on_batch(model, rows, optimizer)``: called after each backward, before the optimiser step; ``datasets``: for
+    capture; ``optimizer(parameters)``: another optimiser."""
     model = model if model is not None else _mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    if optimizer is not None:
+        opt = optimizer(model.parameters())
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     if resume:
         rec = sp.TrajectoryRecorder.resume(run, model, opt, save_every=save_every)
     else:
@@ -74,7 +81,8 @@ def _train(
     options = options or sp.CaptureArguments()
     cap = None
     if store is not None:
-        cap = sp.GradientCapture(rec, store, task, projection=_projection(), options=options, datasets=datasets)
+        projection = projection or _projection()
+        cap = sp.GradientCapture(rec, store, task, projection=projection, options=options, datasets=datasets)
     if not resume:
         rec.begin_stage("main", dataset_size=len(data))
     x, y = data.tensors
@@ -92,7 +100,7 @@ def _train(
             opt.zero_grad()
             loss.backward()
         if on_batch is not None:
-            on_batch(model, rows)
+            on_batch(model, rows, opt)
         opt.step()
         rec.step()
         if crash_after is not None and rec.global_step == crash_after:
@@ -171,7 +179,7 @@ def test_captured_windows_sum_each_visits_materialised_gradient_and_fisher(
     )
     expected: dict[int, list] = {}
 
-    def brute_force(model: nn.Module, rows: torch.Tensor) -> None:
+    def brute_force(model: nn.Module, rows: torch.Tensor, _) -> None:
         window = len(expected_steps) // save_every * save_every
         fisher_batch = (len(expected_steps) - window) % fisher_every == 0
         expected_steps.append(rows)
@@ -203,6 +211,94 @@ def test_captured_windows_sum_each_visits_materialised_gradient_and_fisher(
         assert np.allclose(store.read(window_array("grads", "main", start)), sums.numpy(), rtol=1e-4, atol=1e-5)
         assert np.allclose(store.read(window_array("fisher", "main", start)), fisher.numpy(), rtol=1e-4, atol=1e-6)
         assert store.read(window_array("fisher-count", "main", start))[0] == count
+
+
+def _adam_scale(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, torch.Tensor]:
+    """D^{-1/2} = (√v̂ + ε)^{-1/2} of every parameter, written out from Adam's state (bias-corrected v)."""
+    out = {}
+    for name, param in model.named_parameters():
+        group = next(g for g in optimizer.param_groups if any(q is param for q in g["params"]))
+        state = optimizer.state[param]
+        v_hat = state["exp_avg_sq"].double() / (1 - group["betas"][1] ** float(state["step"]))
+        out[name] = (v_hat.sqrt() + group["eps"]).rsqrt().float()
+    return out
+
+
+@pytest.mark.parametrize("kind", ["adam", "adamw"])
+def test_adam_capture_takes_each_visit_in_the_coordinates_of_its_step(
+    tmp_path: Path, classification_data, kind: str
+) -> None:
+    """Adam (coupled L2) and AdamW, 3 steps per window, D^{-1/2} in its exact form on the layers (``adam_rank``
+    at least each layer's rank): each window holds the sum over visits of P(D_t^{-1/2} ⊙ ∇ℓ(z; θ_t)) with D_t
+    the optimiser state the step began with, the Fisher in the same coordinates, and D at the checkpoint closing
+    it; the stage's first step (no state yet) is not captured. fit scales the query by the mean of a segment's
+    windows' D, and turns Adam's coupled decay into λ·mean(1/D) (brute force: materialised gradients)."""
+    x, y = classification_data.tensors
+    n, batch, save_every, steps = len(y), 8, 3, 10
+    names = [name for name, _ in _mlp().named_parameters()]
+    projector = sp.FactoredProjector(
+        [(name, tuple(p.shape)) for name, p in _mlp().named_parameters()],
+        sp.projection.layers.factorable_layers(_mlp(), names)[0],
+        DIM,
+    )
+    expected: dict[int, list] = {}
+    seen: list[torch.Tensor] = []
+
+    def brute_force(model: nn.Module, rows: torch.Tensor, opt: torch.optim.Optimizer) -> None:
+        window = len(seen) // save_every * save_every
+        seen.append(rows)
+        sums, visits, fisher, count = expected.setdefault(window, [torch.zeros(n, DIM), torch.zeros(n), 0.0, 0])
+        if not opt.state:  # the first step: not captured
+            return
+        scale = _adam_scale(opt, model)
+        grads = PerExampleGradients(model, sp.ClassificationTask(), names)((x[rows], y[rows]))
+        sums.index_add_(0, rows, projector.project({name: grads[name] * scale[name] for name in names}))
+        visits.index_add_(0, rows, torch.ones(len(rows)))
+        eval_net = copy.deepcopy(model).eval()
+        pseudo = PerExampleGradients(eval_net, sp.ClassificationTask(), names)((x[rows], eval_net(x[rows]).argmax(-1)))
+        u = projector.project({name: pseudo[name] * scale[name] for name in names}).double()
+        expected[window][2] = fisher + 2.0 * (u.T @ u)
+        expected[window][3] = count + len(rows)
+
+    decay = 1e-3 if kind == "adam" else 1e-2
+    optimizer = torch.optim.Adam if kind == "adam" else torch.optim.AdamW
+    projection = sp.ProjectionArguments(dim=DIM, kind="factored", adam_rank=8)  # ≥ min(d_out, d_in + 1): exact
+    _train(tmp_path / "run", tmp_path / "cap.sp", classification_data, steps=steps, batch=batch,
+           save_every=save_every, options=sp.CaptureArguments(chunk_rows=64), on_batch=brute_force,
+           task=_ArgmaxFisher(), projection=projection,
+           optimizer=lambda params: optimizer(params, lr=0.01, weight_decay=decay))  # fmt: skip
+    store = sp.Store.open(tmp_path / "cap.sp")
+    trajectory = sp.Trajectory.load(tmp_path / "run")
+    stage = trajectory.stage("main")
+    assert sorted(expected) == [0, 3, 6, 9]
+    denominators = {}
+    for start, (sums, visits, fisher, count) in expected.items():
+        assert np.array_equal(store.read(window_array("visits", "main", start)), visits.numpy())
+        assert np.allclose(store.read(window_array("grads", "main", start)), sums.numpy(), rtol=1e-4, atol=1e-5)
+        assert np.allclose(store.read(window_array("fisher", "main", start)), fisher.numpy(), rtol=1e-4, atol=1e-6)
+        assert store.read(window_array("fisher-count", "main", start))[0] == count
+        closing = next(c for c in trajectory.checkpoints if c.step == min(start + save_every, steps))
+        saved = checkpoint_preconditioner(trajectory, closing, stage, names)
+        denominators[start] = torch.cat([saved[name].reshape(-1) for name in names])
+        assert np.allclose(store.read(window_array("denominator", "main", start)), denominators[start].numpy())
+    assert expected[0][1][seen[0]].sum() == 0 and expected[0][1].sum() == 2 * batch
+
+    with pytest.warns(UserWarning, match="had no visit inside their segment"):  # segments shorter than an epoch
+        sp.fit(store.path, sp.FitArguments(segments_per_stage=2), progress=False)
+    method = sp.Store.open(store.path).meta["methods"]["source"]
+    segments = method["segments"]
+    assert [s["checkpoints"] for s in segments] == [[0, 3], [6, 9]]
+    for index, (seg, windows) in enumerate(zip(segments, [(0, 3), (6, 9)], strict=True)):
+        mean = (denominators[windows[0]] + denominators[windows[1]]) / 2
+        assert seg["preconditioner"] == f"methods/source/preconditioner/{index}"
+        assert np.allclose(store.read(seg["preconditioner"]), mean.rsqrt().numpy(), rtol=1e-5)
+        coupled = decay * float(mean.reciprocal().mean()) if kind == "adam" else decay
+        assert seg["weight_decay"] == pytest.approx(coupled, rel=1e-5)
+    assert method["query"]["scales"] == [segments[-1]["preconditioner"]]
+    scores = sp.Attributor(store.path, _mlp(), _ArgmaxFisher(), progress=False).scores(classification_data)
+    assert np.isfinite(scores).all() and np.abs(scores).max() > 0
+    report = sp.verify_store(store.path, progress=False)
+    assert report.status == "ok" and not report.notes, report.notes
 
 
 def _projected_gradient(
@@ -360,10 +456,10 @@ def test_capture_refuses_what_it_cannot_capture_with_a_sentence(tmp_path: Path, 
     normed = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 3))
     with pytest.raises(sp.TaskError, match=r"Linear and Conv layers only.*skip_norm=True"):
         sp.GradientCapture(recorder(normed, "b"), tmp_path / "b.sp", task, projection=_projection())
-    adam = recorder(model, "c", torch.optim.Adam(model.parameters()))
-    cap = sp.GradientCapture(adam, tmp_path / "c.sp", task, projection=_projection())
-    adam.begin_stage("main", dataset_size=len(y))
-    with pytest.raises(sp.TaskError, match="'adam'; capture supports SGD stages"):
+    other = recorder(model, "c", torch.optim.RMSprop(model.parameters()))
+    cap = sp.GradientCapture(other, tmp_path / "c.sp", task, projection=_projection())
+    other.begin_stage("main", dataset_size=len(y))
+    with pytest.raises(sp.TaskError, match="'RMSprop'; capture supports SGD, Adam and AdamW stages"):
         cap.begin((x[:4], y[:4]), indices=range(4))
     rec = recorder(model, "d")
     cap = sp.GradientCapture(rec, tmp_path / "d.sp", task, projection=_projection())

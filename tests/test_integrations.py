@@ -268,6 +268,53 @@ def test_transformers_capture_callback_captures_what_featurize_computes_at_each_
         sp.Attributor(tmp_path / "cap.sp", _tiny_bert(hidden_act="sigmoid"), task)
 
 
+def test_transformers_capture_callback_captures_the_default_adamw_run_in_adams_coordinates(tmp_path: Path) -> None:
+    """The Trainer's default optimizer (AdamW, gradients clipped at norm 1), a checkpoint per step: window t ≥ 1
+    holds P(S_1(D_t) ⊙ ∇ℓ(z; θ_t)) of the rows step t visited, with D_t the Adam state saved at checkpoint t (the
+    state step t began with) in its rank-1 form; the first step, before any state exists, is not captured."""
+    from transformers import Trainer, TrainingArguments
+
+    from source_proj.integrations import HuggingFaceCapture
+    from source_proj.projection.factory import make_projector
+    from source_proj.tasks.gradients import PerExampleGradients
+    from source_proj.trajectory.preconditioner import checkpoint_preconditioner
+
+    ids, labels = _tokens(24, 0)
+    task = sp.SequenceClassificationTask(attention="bidirectional")
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"), per_device_train_batch_size=8, num_train_epochs=2, learning_rate=1e-2,
+        lr_scheduler_type="constant", save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+        logging_strategy="no", seed=0,
+    )  # fmt: skip
+    callback = HuggingFaceCapture(tmp_path / "run", tmp_path / "cap.sp", task, save_every=1,
+                                  projection=sp.ProjectionArguments(dim=16, kind="factored"),
+                                  options=sp.CaptureArguments(fisher="empirical"))  # fmt: skip
+    Trainer(model=_tiny_bert(), args=args, train_dataset=sp.IndexedDataset(_Dicts(ids, labels)),
+            callbacks=[callback]).train()  # fmt: skip
+    trajectory = sp.Trajectory.load(tmp_path / "run")
+    assert trajectory.stage("main").optimizer["kind"] == "adamw"
+    store = sp.Store.open(tmp_path / "cap.sp")
+    names = [name for name, _ in store.meta["params"]]
+    projector = make_projector("factored", store.meta["params"], 16, 0, model=_tiny_bert())
+    from source_proj.featurize.windows import window_array
+
+    checkpoints = trajectory.checkpoints[:-1]
+    assert not store.read(window_array("visits", "main", checkpoints[0].step)).any()  # the first step
+    for ckpt in checkpoints[1:]:
+        visits = store.read(window_array("visits", "main", ckpt.step))
+        rows = torch.from_numpy(np.nonzero(visits)[0])
+        d = checkpoint_preconditioner(trajectory, ckpt, trajectory.stage("main"), names)
+        transform = projector.scaling({name: t.rsqrt() for name, t in d.items()})
+        model = trajectory.load_into(_tiny_bert(), ckpt)
+        grads = PerExampleGradients(model, task, names)
+        want = projector.project_batch(grads, {"input_ids": ids[rows], "labels": labels[rows]}, transform=transform)
+        got = store.read(window_array("grads", "main", ckpt.step))
+        assert len(rows) == 8 and np.allclose(got[rows], want.numpy(), rtol=1e-3, atol=1e-5 * float(want.abs().max()))
+    sp.fit(store.path, sp.FitArguments(segments_per_stage=1), progress=False)
+    scores = sp.Attributor(store.path, _tiny_bert(), task).scores(_Dicts(*_tokens(3, 1)))
+    assert scores.shape == (3, 24) and np.isfinite(scores).all()
+
+
 def test_lightning_capture_callback_captures_what_featurize_computes_at_each_step(
     tmp_path: Path, classification_data
 ) -> None:

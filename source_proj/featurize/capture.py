@@ -27,6 +27,12 @@ state, so training is exactly what it would be without capture. ``fisher="empiri
 gradients themselves (no extra pass; biased). Only the k × k sum of ũũᵀ per window is kept (B·k²
 multiply-adds per Fisher batch).
 
+**Adam and AdamW.** Gradients and Fisher vectors are taken in Adam's coordinates, P (D_t^{-1/2} ⊙ ∇ℓ),
+with D_t read from the optimizer's state as each batch begins and applied through the layer hooks as
+its rank-``adam_rank`` form (``projection/transform.py``); each window also keeps D at its closing
+checkpoint, from which fit takes each segment's D_ℓ (``windows.py``). A stage's first step is not
+captured: before it the optimizer holds no state, so its preconditioner is unknown (``skipped``).
+
 **Crash safety.** A window is written (chunks, then progress entries) just before the checkpoint that
 closes it is saved. A killed run resumed with ``TrajectoryRecorder.resume`` and the same store
 drops what was written after the last checkpoint and recomputes it; a finished run resumed to train
@@ -52,9 +58,10 @@ from source_proj import __version__
 from source_proj.errors import NumericalError, StoreError, TaskError
 from source_proj.featurize.arguments import ProjectionArguments
 from source_proj.featurize.grow import record_growth
-from source_proj.featurize.windows import PREFIX, WINDOW_ARRAYS, window_array
+from source_proj.featurize.windows import ADAM_KINDS, DENOMINATOR, PREFIX, WINDOW_ARRAYS, window_array
 from source_proj.projection.factored import FactoredProjector
 from source_proj.projection.factory import make_projector
+from source_proj.projection.transform import GradientTransform
 from source_proj.store.provenance import (
     REFERENCE_ROWS,
     data_fingerprint,
@@ -67,6 +74,7 @@ from source_proj.store.store import Store, is_store
 from source_proj.store.writing import store_lock, writing
 from source_proj.tasks.gradients import PerExampleGradients, batch_rows, batch_size
 from source_proj.tasks.task import Batch, Task
+from source_proj.trajectory.preconditioner import live_preconditioner
 from source_proj.trajectory.recorder import Trajectory, TrajectoryRecorder, describe_optimizer
 
 _FOLD_EVERY = 64
@@ -87,6 +95,9 @@ class CaptureArguments:
         reduction: ``"mean"`` when the training loss is the batch mean of the task's per-example loss
             (the default everywhere in source-proj), ``"sum"`` when it is their sum.
         chunk_rows: examples per store chunk.
+        scale_every: Adam and AdamW stages: Adam's D^{-1/2} is read from the optimizer, and its rank-R
+            form built, on every n-th batch of a window (and at each window's start); between, the last
+            one is used. Adam's second moment moves slowly (β₂ = 0.999: a time constant of 1,000 steps).
         buffer: where a window's sums wait to be written: ``"device"`` (the model's; fastest) or
             ``"cpu"`` (host memory, for N·k·4 bytes that do not fit on the device).
     """
@@ -96,6 +107,7 @@ class CaptureArguments:
     seed: int = 0
     reduction: Literal["mean", "sum"] = "mean"
     chunk_rows: int = 1024
+    scale_every: int = 1
     buffer: Literal["device", "cpu"] = "device"
 
     def identity(self) -> dict[str, Any]:
@@ -192,8 +204,8 @@ class GradientCapture:
             raise TaskError(f"Capture's Fisher is 'sampled' or 'empirical', not {options.fisher!r}.")
         if options.reduction not in ("mean", "sum"):
             raise TaskError(f"The loss reduction is 'mean' or 'sum', not {options.reduction!r}.")
-        if options.fisher_every < 1 or options.chunk_rows < 1:
-            raise TaskError("fisher_every and chunk_rows must be positive.")
+        if options.fisher_every < 1 or options.chunk_rows < 1 or options.scale_every < 1:
+            raise TaskError("fisher_every, chunk_rows and scale_every must be positive.")
         if projection.kind != "factored":
             raise TaskError(
                 f"Capture projects through the factored projection's layer hooks, not {projection.kind!r}; pass "
@@ -207,7 +219,15 @@ class GradientCapture:
         names = task.select_parameters(self.model)
         params = dict(self.model.named_parameters())
         shapes = [(n, tuple(params[n].shape)) for n in names]
-        projector = make_projector("factored", shapes, projection.dim, projection.seed, model=self.model)
+        projector = make_projector(
+            "factored",
+            shapes,
+            projection.dim,
+            projection.seed,
+            model=self.model,
+            module_dims=projection.module_dims,
+            adam_rank=projection.adam_rank,
+        )
         assert isinstance(projector, FactoredProjector)
         if projector.rest is not None:
             raise TaskError(
@@ -216,6 +236,7 @@ class GradientCapture:
                 "featurize after training."
             )
         self.projector, self.names = projector, names
+        self.params = {n: params[n] for n in names}
         self.dim = projector.dim
         self._meta = {
             "library_version": __version__,
@@ -262,8 +283,14 @@ class GradientCapture:
         self._target: Tensor | None = None
         self._checked = False
         self._probe = torch.zeros((), device=self.device, requires_grad=True)
+        self._adam = False
+        self._transform: GradientTransform | None = None  # an Adam stage's current D^{-1/2}, on the layers
+        self.skipped = 0
+        """Batches not captured: a stage's first Adam step, whose preconditioner is not known before it."""
         self._hooks = contextlib.ExitStack()
-        self._hooks.enter_context(projector.tapped(self.model, lambda: self._target, self._probe))
+        self._hooks.enter_context(
+            projector.tapped(self.model, lambda: self._target, self._probe, transform=lambda: self._transform)
+        )
         recorder.listen(self)
 
     # -- the store --------------------------------------------------------------------------
@@ -303,7 +330,7 @@ class GradientCapture:
             last = steps[-1] if steps else 0
             for stage, start in windows:
                 if start >= last:
-                    for kind in WINDOW_ARRAYS:
+                    for kind in (*WINDOW_ARRAYS, DENOMINATOR):
                         store.delete(window_array(kind, stage, start))
             missing = [w for w in _closed_windows(self.recorder) if not _window_complete(store, *w)]
             if missing:
@@ -317,7 +344,16 @@ class GradientCapture:
                 store.update_meta(captured=False)
             self._reference = load_reference_batch(store)
 
-    def _write_window(self, stage: str, start: int, sums: Tensor, visits: Tensor, fisher: Tensor, count: float) -> None:
+    def _write_window(
+        self,
+        stage: str,
+        start: int,
+        sums: Tensor,
+        visits: Tensor,
+        fisher: Tensor,
+        count: float,
+        denominator: Tensor | None,
+    ) -> None:
         bad = ~torch.isfinite(sums).all(dim=1)
         if bool(bad.any()):
             row = int(torch.nonzero(bad)[0, 0])
@@ -328,8 +364,10 @@ class GradientCapture:
         rows = self.options.chunk_rows
         with store_lock(self.path):
             store = Store.open(self.path, writable=True)
-            for kind in WINDOW_ARRAYS:
+            for kind in (*WINDOW_ARRAYS, DENOMINATOR):
                 store.delete(window_array(kind, stage, start))
+            if denominator is not None:  # first: a window whose other arrays are complete has it too
+                store.write_whole(window_array(DENOMINATOR, stage, start), denominator.cpu().numpy())
             grads, counts = window_array("grads", stage, start), window_array("visits", stage, start)
             store.require_array(grads, tuple(sums.shape), rows, "float32")
             store.require_array(counts, tuple(visits.shape), rows, "uint32")
@@ -381,6 +419,10 @@ class GradientCapture:
             self._check(rest)
         if self._reference is None:
             self._keep_reference(rest)
+        if self._adam and not self._precondition():
+            self.skipped += 1
+            self._skipped_in_window += 1
+            return rest
         self._fisher_batch = self._batches % self.options.fisher_every == 0
         if self.options.fisher == "sampled" and self._fisher_batch:
             self._fisher_pass(rest, count)
@@ -390,6 +432,16 @@ class GradientCapture:
         self._target = out
         self._probe.grad = None
         return rest
+
+    def _precondition(self) -> bool:
+        """An Adam stage: refresh D^{-1/2} from the optimizer when due; ``False`` before its first step."""
+        if self._transform is not None and self._batches % self.options.scale_every:
+            return True
+        d = live_preconditioner(self.recorder.optimizer, self.params)
+        if d is None:
+            return False
+        self._transform = self.projector.scaling({n: t.rsqrt() for n, t in d.items()})
+        return True
 
     def end_forward(self) -> None:
         """The begun batch's forward is over: later forwards (evaluation) are not tapped; its backward still is."""
@@ -416,10 +468,10 @@ class GradientCapture:
 
     def _open_stage(self, name: str, size: int) -> None:
         kind = describe_optimizer(self.recorder.optimizer, self.model)["kind"]
-        if kind not in ("sgd",):
+        if kind not in ("sgd", *ADAM_KINDS):
             raise TaskError(
-                f"Stage {name!r} is trained with {kind!r}; capture supports SGD stages (Adam's preconditioner does not "
-                "factor through the layer hooks yet): featurize Adam runs after training."
+                f"Stage {name!r} is trained with {kind!r}; capture supports SGD, Adam and AdamW stages, whose updates "
+                "SOURCE models: train with one of them."
             )
         if self.datasets is not None and name not in self._data:  # fingerprinted as the stage starts: errors come early
             given = self.datasets.get(name)
@@ -431,6 +483,9 @@ class GradientCapture:
                 )
             self._data.update(data_fingerprint({name: given}))
         self._trained.add(name)
+        if self._stage is None or self._stage[0] != name:
+            self._transform = None  # a new stage: its optimizer's state, not the last stage's
+        self._adam = kind in ADAM_KINDS
         self._stage = (name, size)
         self._sums = torch.zeros(size, self.dim, dtype=torch.float32, device=self.buffer_device)
         self._visits = torch.zeros(size, dtype=torch.int32, device=self.buffer_device)
@@ -439,6 +494,7 @@ class GradientCapture:
         self._pending_fisher = 0
         self._count = 0
         self._batches = 0
+        self._skipped_in_window = 0
 
     def _check(self, batch: Batch) -> None:
         """Once: the layer hooks must reproduce the materialised per-example gradients (tied weights…)."""
@@ -497,13 +553,24 @@ class GradientCapture:
         start, self._window_start = self._window_start, step
         if start is None or self._stage is None or start >= step:
             return
-        if self._batches == 0:
+        if self._batches == 0 and not self._skipped_in_window:
             raise TaskError(
                 f"Steps {start}–{step - 1} were recorded without a captured batch; wrap every training batch in "
                 "GradientCapture.batch (or use the framework's capture callback)."
             )
         self._fold_fisher()
-        self._write_window(self._stage[0], start, self._sums, self._visits, self._fisher, float(self._count))
+        denominator = None
+        if self._adam:
+            d = live_preconditioner(self.recorder.optimizer, self.params)
+            if d is None:
+                raise TaskError(
+                    f"The Adam optimizer of stage {self._stage[0]!r} holds no state after steps {start}–{step - 1}; "
+                    "call optimizer.step() after every captured batch."
+                )
+            denominator = torch.cat([d[n].reshape(-1) for n in self.names]).float()
+        self._write_window(
+            self._stage[0], start, self._sums, self._visits, self._fisher, float(self._count), denominator
+        )
         self._open_stage(*self._stage)
 
     def after_close(self) -> None:
@@ -567,7 +634,7 @@ def _stored_windows(store: Store) -> list[tuple[str, int]]:
     found = set()
     for name in store.progress_arrays(PREFIX):
         kind, stage, key = name[len(PREFIX) :].split("/")
-        if kind in WINDOW_ARRAYS:
+        if kind in (*WINDOW_ARRAYS, DENOMINATOR):
             found.add((stage, int(key.removeprefix("step-"))))
     return sorted(found, key=lambda w: w[1])
 

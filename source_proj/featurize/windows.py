@@ -12,6 +12,18 @@ first checkpoint (``step-<c>``, as post-hoc features are keyed by checkpoint)::
 θ_t are the parameters the visit's step started from (the gradient the step used); ũ = P ∇ℓ(x, ŷ; θ_t)
 with ŷ drawn from the model (sampled Fisher), or the captured gradient itself (empirical Fisher).
 
+On an Adam or AdamW stage every gradient (and Fisher vector) is taken in Adam's coordinates
+(SOURCE_MATH §6), P (D_t^{-1/2} ⊙ ∇ℓ), with D_t read from the optimizer as the step begins (the
+preconditioner of the step just taken, refreshed every ``CaptureArguments.scale_every`` batches; on
+the factored projection its rank-``adam_rank`` form), and each window also holds
+
+    capture/denominator/<stage>/<c>   float32 [p]       D at the checkpoint closing the window
+
+so a segment's D_ℓ is the mean of its windows' D, as featurize takes the mean of the states saved
+at the segment's checkpoints: fit writes D_ℓ^{-1/2} as ``methods/<name>/preconditioner/<ℓ>`` (the
+query's scale) and derives Adam's coupled decay from it. A stage's first step, before the optimizer
+holds any state, is not captured (its preconditioner is only known after the step).
+
 fit cuts a captured run at window boundaries only (``window_cuts``: the requested cuts moved to the
 nearest checkpoint), so each segment ℓ of stage s is a run of whole windows, those starting at its
 checkpoints C_ℓ, and uses
@@ -38,6 +50,9 @@ from source_proj.trajectory.segments import Segment
 
 PREFIX = "capture/"
 WINDOW_ARRAYS = ("grads", "visits", "fisher", "fisher-count")
+DENOMINATOR = "denominator"
+"""An Adam stage's windows also hold Adam's D = √v̂ + ε at the checkpoint closing them (float32 ``[p]``)."""
+ADAM_KINDS = ("adam", "adamw")
 
 
 def window_array(kind: str, stage: str, start: int) -> str:
@@ -56,9 +71,15 @@ def stage_windows(meta: dict[str, Any], stage: str) -> list[int]:
     return [c for c in meta["trajectory"]["checkpoints"] if desc["start_step"] <= c < desc["end_step"]]
 
 
+def is_adam_stage(stage: dict[str, Any]) -> bool:
+    """Whether a described stage (``meta["trajectory"]["stages"]``) was trained with Adam or AdamW."""
+    return (stage.get("optimizer") or {}).get("kind") in ADAM_KINDS
+
+
 def expected_windows(meta: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
     """Every window array a complete captured store holds: ``name → (shape, dtype)``."""
     k = meta["projection"]["dim"]
+    p = sum(int(np.prod(shape)) for _, shape in meta["params"])
     out: dict[str, tuple[tuple[int, ...], str]] = {}
     for stage in meta["trajectory"]["stages"]:
         n = stage["dataset_size"]
@@ -67,7 +88,17 @@ def expected_windows(meta: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], s
             out[window_array("visits", stage["name"], start)] = ((n,), "uint32")
             out[window_array("fisher", stage["name"], start)] = ((k, k), "float64")
             out[window_array("fisher-count", stage["name"], start)] = ((1,), "float64")
+            if is_adam_stage(stage):
+                out[window_array(DENOMINATOR, stage["name"], start)] = ((p,), "float32")
     return out
+
+
+def segment_denominator(store: Store, segment: Segment) -> torch.Tensor:
+    """D_ℓ of an Adam segment: the mean of its windows' D, float64 ``[p]`` (module docstring)."""
+    windows = segment_windows(store.meta, segment)
+    total = sum(torch.from_numpy(store.read(window_array(DENOMINATOR, segment.stage, w))).double() for w in windows)
+    assert isinstance(total, torch.Tensor)
+    return total / len(windows)
 
 
 def window_cuts(meta: dict[str, Any], per_stage: int, boundaries: Sequence[int] | None = None) -> tuple[int, ...]:

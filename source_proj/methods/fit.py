@@ -28,6 +28,7 @@ from source_proj.featurize.windows import (
     WindowGradients,
     expected_windows,
     is_captured,
+    segment_denominator,
     window_curvature,
     window_cuts,
 )
@@ -36,9 +37,9 @@ from source_proj.methods.source import SegmentOperator, fold
 from source_proj.projection.transform import scaling_transform
 from source_proj.store.store import Store, ckpt_key, is_store
 from source_proj.trajectory.autosegment import TrajectoryView, trajectory_view
-from source_proj.trajectory.preconditioner import unflatten
+from source_proj.trajectory.preconditioner import coupled_decay, unflatten
 from source_proj.trajectory.recorder import Stage
-from source_proj.trajectory.segments import Segment, SegmentationArguments, make_segments
+from source_proj.trajectory.segments import Segment, SegmentationArguments, make_segments, optimizer_rule
 
 DAMPING_FACTORS = {"projected": 1.0, "kfac": 0.0}
 """SOURCE's default damping factor per curvature (`FitArguments.damping_factor`)."""
@@ -164,7 +165,8 @@ def resolve_segments(store: Store, args: FitArguments) -> tuple[list[Segment], T
         )
     if is_captured(meta):
         cuts = window_cuts(meta, requested.per_stage, requested.boundaries)
-        return make_segments(stages, steps, lr, param_sizes(meta), boundaries=cuts), None
+        segments = make_segments(stages, steps, lr, param_sizes(meta), boundaries=cuts)
+        return captured_preconditioners(store, segments, args.name), None
     if requested.auto is not None and not bound:
         view = store_view(store, requested.auto)
         return make_segments(stages, steps, lr, param_sizes(meta), boundaries=view.cuts), view
@@ -184,6 +186,26 @@ def resolve_segments(store: Store, args: FitArguments) -> tuple[list[Segment], T
         f"fitted with {requested.describe()}; fit without --segments/--boundaries, or re-run featurize with the new "
         "segmentation into another store (or with --force)."
     )
+
+
+def captured_preconditioners(store: Store, segments: Sequence[Segment], method: str) -> list[Segment]:
+    """The segments of a captured store with each Adam segment's D_ℓ^{-1/2} named (``methods/<method>/
+    preconditioner/<ℓ>``, written by `prepare`) and, for Adam's coupled L2, its decay λ·mean(1/D_ℓ)
+    (``windows.py``; featurize does the same from the saved optimizer states, ``plan.py``)."""
+    meta = store.meta
+    stages = {s.name: s for s in trajectory_stages(meta)}
+    names = [n for n, _ in meta["params"]]
+    out = []
+    for index, seg in enumerate(segments):
+        rule = optimizer_rule(stages[seg.stage], param_sizes(meta))
+        if rule.preconditioned:
+            decay = seg.weight_decay
+            if rule.kind == "adam":
+                d = unflatten(segment_denominator(store, seg), meta["params"])
+                decay = coupled_decay(rule.decay, d, names)
+            seg = replace(seg, preconditioner=f"methods/{method}/preconditioner/{index}", weight_decay=decay)
+        out.append(seg)
+    return out
 
 
 def store_view(store: Store, budget: int) -> TrajectoryView:
@@ -386,7 +408,7 @@ class _Fit:
             else:
                 points = [
                     {"point": ["checkpoint", step],
-                     "scale": segment_for(recorded, seg.stage, step).preconditioner if recorded else None}
+                     "scale": segment_for(recorded, seg.stage, step).preconditioner if recorded else seg.preconditioner}
                     for step in seg.checkpoints
                 ]  # fmt: skip
             k = meta["projection"]["dim"]
@@ -415,8 +437,12 @@ class _Fit:
 
     def prepare(self, overwrite: bool) -> None:
         store = Store.open(self.path, writable=True)
-        description, _ = self._describe(store)
+        description, segments = self._describe(store)
         _claim_method(store, self.method, description, overwrite)
+        if is_captured(store.meta):  # an Adam segment's D_ℓ^{-1/2}, from its windows
+            for seg in segments:
+                if seg.preconditioner is not None and not store.is_complete(seg.preconditioner):
+                    store.write_whole(seg.preconditioner, segment_denominator(store, seg).rsqrt().float().numpy())
         store.heal(f"methods/{self.method}/operators/")
         self._items(store, description, create=True)
 
