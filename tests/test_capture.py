@@ -264,7 +264,7 @@ def test_adam_capture_takes_each_visit_in_the_coordinates_of_its_step(
     optimizer = torch.optim.Adam if kind == "adam" else torch.optim.AdamW
     projection = sp.ProjectionArguments(dim=DIM, kind="factored", adam_rank=8)  # ≥ min(d_out, d_in + 1): exact
     _train(tmp_path / "run", tmp_path / "cap.sp", classification_data, steps=steps, batch=batch,
-           save_every=save_every, options=sp.CaptureArguments(chunk_rows=64), on_batch=brute_force,
+           save_every=save_every, options=sp.CaptureArguments(chunk_rows=64, scale_every=1), on_batch=brute_force,
            task=_ArgmaxFisher(), projection=projection,
            optimizer=lambda params: optimizer(params, lr=0.01, weight_decay=decay))  # fmt: skip
     store = sp.Store.open(tmp_path / "cap.sp")

@@ -14,9 +14,10 @@ This file is also the experiment *spec* the CLI reads (``--spec examples/text/lm
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,6 +128,7 @@ def train(
     keep: dict[str, np.ndarray] | None = None,
     pretrained: nn.Module | None = None,
     init: int | None = None,
+    capture: Callable[[sp.TrajectoryRecorder], sp.GradientCapture] | None = None,
 ) -> nn.Module:
     """Pre-train, then fine-tune (only fine-tune when a ``pretrained`` model is given).
 
@@ -134,7 +136,9 @@ def train(
     decay to zero; the batches are a shuffle from a generator seeded by ``seed``, and so is the
     initialisation unless ``init`` gives its seed. ``keep`` maps a stage to the examples kept (the
     same shuffle with the others dropped from every batch), for counterfactual retraining. A
-    recorded run saves checkpoints evenly and at the stage boundary.
+    recorded run saves checkpoints evenly and at the stage boundary; ``capture(recorder)``, given with
+    ``run_dir``, starts an in-run gradient capture of it (``GradientCapture``), which sees every batch
+    and leaves training as it would be without it.
     """
     model = build_model(seed if init is None else init, config) if pretrained is None else pretrained
     data = corpus(config).train
@@ -145,6 +149,7 @@ def train(
         every = min(max(1, _steps(config, s) // config.checkpoints) for s in stages)
         recorder = sp.TrajectoryRecorder(run_dir, model, torch.optim.AdamW(model.parameters()), save_every=every,
                                          overwrite=True)  # fmt: skip
+    captured = capture(recorder) if capture is not None and recorder is not None else None
     for stage in stages:
         lr, epochs = (
             (config.pretrain_lr, config.pretrain_epochs) if stage == "pretrain"
@@ -171,9 +176,11 @@ def train(
                 idx = order[b * config.batch_size : (b + 1) * config.batch_size]
                 idx = idx[kept[idx]]
                 if len(idx) > 0:
-                    loss = model(input_ids=ids[idx], attention_mask=mask[idx], labels=ids[idx]).loss
-                    opt.zero_grad()
-                    loss.backward()
+                    batch = {"input_ids": ids[idx], "attention_mask": mask[idx]}
+                    with captured.batch(batch, indices=idx) if captured else contextlib.nullcontext():
+                        loss = model(**batch, labels=batch["input_ids"]).loss
+                        opt.zero_grad()
+                        loss.backward()
                     opt.step()
                     if recorder is not None:
                         recorder.step()

@@ -97,7 +97,9 @@ class CaptureArguments:
         chunk_rows: examples per store chunk.
         scale_every: Adam and AdamW stages: Adam's D^{-1/2} is read from the optimizer, and its rank-R
             form built, on every n-th batch of a window (and at each window's start); between, the last
-            one is used. Adam's second moment moves slowly (β₂ = 0.999: a time constant of 1,000 steps).
+            one is used. Adam's second moment moves slowly (β₂ = 0.999: a time constant of 1,000 steps);
+            on the text example n = 16 (the default) scores as n = 1 at a fraction of the cost
+            (BENCHMARKS.md, issue 16).
         buffer: where a window's sums wait to be written: ``"device"`` (the model's; fastest) or
             ``"cpu"`` (host memory, for N·k·4 bytes that do not fit on the device).
     """
@@ -107,7 +109,7 @@ class CaptureArguments:
     seed: int = 0
     reduction: Literal["mean", "sum"] = "mean"
     chunk_rows: int = 1024
-    scale_every: int = 1
+    scale_every: int = 16
     buffer: Literal["device", "cpu"] = "device"
 
     def identity(self) -> dict[str, Any]:

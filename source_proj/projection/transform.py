@@ -221,6 +221,9 @@ _ALS_STEPS = 30
 
 def _weighted_solve(w: Tensor, s: Tensor, v: Tensor, ridge: float) -> Tensor:
     """Rows u_i = argmin Σ_j w_ij (s_ij − u_iᵀ v_j)² for fixed ``v`` ``[R, n]``: ``[R, m]``."""
+    if v.shape[0] == 1:  # R = 1 (the default): the same solve as scalars, without the batched R × R systems
+        gram1, target1 = w @ (v[0] * v[0]), (w * s) @ v[0]
+        return (target1 / (gram1 + ridge * gram1.clamp_min(1e-300))).unsqueeze(0)
     gram = torch.einsum("ij,rj,qj->irq", w, v, v)  # [m, R, R]
     target = torch.einsum("ij,rj->ir", w * s, v)  # [m, R]
     scale = gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-300)  # rows without weight get u_i = 0

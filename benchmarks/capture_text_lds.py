@@ -1,0 +1,127 @@
+"""In-run SOURCE against post-hoc SOURCE on the text example (two AdamW stages), by LDS on the fine-tuning stage.
+
+    python benchmarks/capture_text_lds.py [--dim 512] [--reference runs/adam-rank] [--out runs/capture-text]
+        [--subsets 50] [--repeats 4] [--workers 2] [--threads 2]
+
+The tiny GPT-2 of ``examples/text/lm.py`` is trained again with the recorder and ``GradientCapture``
+(factored projection, k = --dim, Adam's D^{-1/2} in its rank-1 form, the sampled Fisher), once with
+D^{-1/2} refreshed on every 16th batch (the default) and once on every batch. Capture leaves training unchanged,
+so each captured run must end bit-identical to the reference run (``benchmarks/adam_rank_lds.py``'s,
+trained by the same code without capture), which is checked; the reference's ``finetune`` ground
+truth (its pre-trained model fine-tuned again on random halves, α = 0.5, retrains cached under
+REFERENCE/finetune/retrains) then scores every store. Post-hoc: the first captured run featurized
+afterwards with the same projection and parameters. The parameters are the transformer blocks'
+Conv1D layers (norms and the tied embedding left out: capture projects factorable layers only), the
+same in every store. Prints LDS [95 % CI], the per-query difference in-run − post-hoc with a 95 %
+bootstrap interval, and the seconds of training with and without capture; writes OUT/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples" / "text"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import lm  # noqa: E402
+from capture_lds import paired  # noqa: E402
+
+import source_proj as sp  # noqa: E402
+from source_proj import evaluation as ev  # noqa: E402
+
+METHOD = "source-finetune"
+VARIANTS = {
+    "in-run (D refreshed every 16th batch, the default)": sp.CaptureArguments(),
+    "in-run, D refreshed every batch": sp.CaptureArguments(scale_every=1),
+}
+
+
+def task() -> sp.LanguageModelingTask:
+    """The example's task on the Conv1D layers only (what capture can project)."""
+    selection = sp.ParameterSelection(skip_norm=True, skip_embedding=True)
+    return sp.LanguageModelingTask(tokens_per_sequence=lm.CONFIG.length - 1, parameters=selection)
+
+
+def train(run: Path, store: Path | None, projection: sp.ProjectionArguments, options: sp.CaptureArguments) -> float:
+    """Train the example's two stages into ``run`` (captured into ``store`` when given); returns the seconds."""
+
+    def capture(recorder: sp.TrajectoryRecorder) -> sp.GradientCapture:
+        return sp.GradientCapture(recorder, store, task(), projection=projection, options=options, overwrite=True,
+                                  datasets=lm.corpus().train)  # fmt: skip
+
+    start = time.perf_counter()
+    lm.train(seed=0, run_dir=run, capture=capture if store is not None else None)
+    return time.perf_counter() - start
+
+
+def same_run(a: Path, b: Path) -> bool:
+    """Whether two recorded runs saved bit-identical checkpoints."""
+    return [c.sha256 for c in sp.Trajectory.load(a).checkpoints] == [
+        c.sha256 for c in sp.Trajectory.load(b).checkpoints
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--reference", type=Path, default=Path("runs/adam-rank"))
+    parser.add_argument("--out", type=Path, default=Path("runs/capture-text"))
+    parser.add_argument("--subsets", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    out, reference = args.out, args.reference / "run"
+    if not (reference / "trajectory.json").exists():
+        lm.train(seed=0, run_dir=reference)
+    projection = sp.ProjectionArguments(dim=args.dim, kind="factored")
+    seconds = {"training": train(out / "plain", None, projection, sp.CaptureArguments())}
+    stores = {}
+    for index, (name, options) in enumerate(VARIANTS.items()):
+        run, stores[name] = out / f"run-{index}", out / f"in-run-{index}.sp"
+        seconds[name] = train(run, stores[name], projection, options)
+        if not same_run(run, reference):
+            raise SystemExit(
+                f"The captured run {run} differs from the reference run {reference}: capture changed training."
+            )
+    shutil.rmtree(out / "plain")
+    stores["post-hoc"] = out / "post-hoc.sp"
+    start = time.perf_counter()
+    options = sp.FeaturizeArguments(batch_size=32, chunk_rows=128)
+    sp.featurize(out / "run-0", lm.build_model(), task(), lm.corpus().train, stores["post-hoc"], projection=projection,
+                 options=options, overwrite=True, progress=False)  # fmt: skip
+    seconds["post-hoc featurize"] = time.perf_counter() - start
+    scores, rows = {}, None
+    for name, store in stores.items():
+        sp.fit(store, sp.FitArguments(stages=("finetune",), method=METHOD), overwrite=True, progress=False)
+        attributor = sp.Attributor(store, lm.build_model(), task(), method=METHOD)
+        scores[name], rows = attributor.scores(lm.query_data()), attributor.rows
+    assert rows is not None
+    lds_args = ev.LDSArguments(alpha=0.5, num_subsets=args.subsets, repeats=args.repeats, workers=args.workers)
+    truth = ev.lds_ground_truth(lm.Retrain(str(reference), fixed_init=False), rows,
+                                args.reference / "finetune" / "retrains", lds_args)  # fmt: skip
+    results = {name: ev.lds(s, truth, lds_args) for name, s in scores.items()}
+    lines = [f"k = {args.dim}, M = {args.subsets}, R = {args.repeats}, {len(lm.query_data())} queries", "",
+             "| store | LDS [95 % CI] | in-run − post-hoc, per query [95 % CI] |", "|---|---|---|"]  # fmt: skip
+    record = {"seconds": seconds, "lds": {}}
+    for name, result in results.items():
+        diff = "" if name == "post-hoc" else "{:+.3f} [{:+.3f}, {:+.3f}]".format(*paired(result, results["post-hoc"]))
+        lines.append(f"| {name} | {result.mean:.3f} [{result.low:.3f}, {result.high:.3f}] | {diff} |")
+        record["lds"][name] = {"lds": result.mean, "low": result.low, "high": result.high,
+                               "per_query": result.per_query.tolist()}  # fmt: skip
+    lines.append("")
+    lines.append(", ".join(f"{name}: {s:.1f} s" for name, s in seconds.items()))
+    print("\n".join(lines))
+    (out / "results.json").write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()
