@@ -104,3 +104,22 @@ def test_faiss_gpu_index_equals_torch_index() -> None:
     _, ids = gpu.search(q, 20)
     _, expected = TorchIndex.resident(feats, "cuda").search(q, 20)
     assert np.array_equal(ids, expected)
+
+
+def test_adams_rank_r_scaling_fitted_on_cuda_equals_the_cpu_fit() -> None:
+    """In-run capture refits Adam's rank-R scaling on the model's device as training goes: on CUDA the
+    weighted fit must give the CPU's factors, and stay on the device."""
+    from source_proj.projection.layers import factorable_layers
+    from source_proj.projection.transform import scaling_transform
+
+    model = nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 7))
+    layers = factorable_layers(model, [n for n, _ in model.named_parameters()])[0]
+    g = torch.Generator().manual_seed(2)
+    scale = {n: torch.rand(p.shape, generator=g, dtype=torch.float64) * 3 + 0.01 for n, p in model.named_parameters()}
+    for rank in (1, 2):
+        cpu = scaling_transform(scale, layers, rank)
+        cuda = scaling_transform({n: t.cuda() for n, t in scale.items()}, layers, rank)
+        for a, b in zip(cpu.layers, cuda.layers, strict=True):
+            assert b.left.is_cuda and b.right.is_cuda
+            assert torch.allclose(b.left.cpu(), a.left, rtol=1e-4, atol=1e-6)
+            assert torch.allclose(b.right.cpu(), a.right, rtol=1e-4, atol=1e-6)

@@ -195,17 +195,18 @@ def low_rank(grid: Tensor, rank: int, weights: Tensor | None = None) -> tuple[Te
     """``(u [R, m], v [R, n])`` with Σ_r u_r v_rᵀ a rank-R approximation of ``grid`` ``[m, n]``.
 
     Without ``weights`` the best one in the Frobenius norm: the truncated SVD, computed in float64
-    through the eigendecomposition of the smaller Gram matrix (fast for a tall embedding grid,
-    deterministic on every machine). With ``weights`` (``[m, n]``, non-negative) it minimises
+    through the eigendecomposition of the smaller Gram matrix (fast for a tall embedding grid), on the
+    grid's device: on a CPU deterministic on every machine, on a GPU fast enough for in-run capture to
+    refit Adam's scaling as training goes. With ``weights`` (``[m, n]``, non-negative) it minimises
     Σ w_ij (grid_ij − Σ_r u_ir v_jr)² by alternating least squares started from the truncated SVD of
     √w ⊙ grid (each half-step solves an R × R system per row or column, so the error never grows).
     A rank of at least min(m, n) is exact either way.
     """
-    s = grid.double().cpu()
+    s = grid.double()
     rank = min(rank, *s.shape)
     if weights is None or rank == min(s.shape):
         return _svd(s, rank)
-    w = weights.double().cpu()
+    w = weights.double().to(s.device)
     w = w / w.max().clamp_min(1e-300)
     _, v = _svd(w.sqrt() * s, rank)
     ridge = 1e-12
@@ -227,7 +228,7 @@ def _weighted_solve(w: Tensor, s: Tensor, v: Tensor, ridge: float) -> Tensor:
     gram = torch.einsum("ij,rj,qj->irq", w, v, v)  # [m, R, R]
     target = torch.einsum("ij,rj->ir", w * s, v)  # [m, R]
     scale = gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-300)  # rows without weight get u_i = 0
-    gram = gram + ridge * scale[:, None, None] * torch.eye(v.shape[0], dtype=v.dtype)
+    gram = gram + ridge * scale[:, None, None] * torch.eye(v.shape[0], dtype=v.dtype, device=v.device)
     return torch.linalg.solve(gram, target).T
 
 
@@ -269,11 +270,13 @@ def scaling_transform(
 
 
 def _grid(layer: FactoredLayer, scale: Mapping[str, Tensor]) -> Tensor:
-    """The layer's [weight | bias] grid of multipliers, float64 ``[d_out, d_in']`` (1 where ``scale`` has none)."""
+    """The layer's [weight | bias] grid of multipliers, float64 ``[d_out, d_in']`` on the device of ``scale``'s
+    tensors (1 where ``scale`` has none)."""
+    device = next((t.device for t in scale.values()), torch.device("cpu"))
     stored = (layer.out_features, layer.in_features)
     if layer.kind == "hf_conv1d":  # GPT-2's Conv1D stores its weight as [in, out]
         stored = stored[::-1]
-    parts = {layer.weight: scale.get(layer.weight, torch.ones(stored))}
+    parts = {layer.weight: scale.get(layer.weight, torch.ones(stored, device=device))}
     if layer.bias:
-        parts[layer.bias] = scale.get(layer.bias, torch.ones(layer.out_features))
-    return layer.matrix({n: t.double().cpu().unsqueeze(0) for n, t in parts.items()})[0]
+        parts[layer.bias] = scale.get(layer.bias, torch.ones(layer.out_features, device=device))
+    return layer.matrix({n: t.to(device, torch.float64).unsqueeze(0) for n, t in parts.items()})[0]
