@@ -2,12 +2,14 @@
 
     python benchmarks/capture_overhead.py --model mlp --dim 1024 --steps 60            # CPU, MNIST-sized MLP
     python benchmarks/capture_overhead.py --model gpt --dim 4096 --device cuda --steps 100   # the GPU check
+    python benchmarks/capture_overhead.py --model gpt --optimizer adamw ...   # AdamW: D refitted every 16 batches
 
 Models: ``mlp`` = 784-512-256-128-10 on random MNIST-shaped inputs (the SOURCE paper's MNIST MLP, batch
 64); ``gpt`` = a decoder-only transformer built from nn.Linear layers (every attributed weight is
 factorable: attention and MLP projections; embeddings and norms are left out), random tokens, batch
 --batch × --seq tokens, next-token loss. Every variant runs the same loop with a TrajectoryRecorder
-(SGD, momentum 0.9; a checkpoint every --save-every steps) and differs only in capture:
+(SGD with momentum 0.9, or AdamW with ``--optimizer adamw``; a checkpoint every --save-every steps) and
+differs only in capture:
 
 - ``recorder only``            the baseline;
 - ``capture, empirical Fisher``  the projected gradients from the training backward, nothing else;
@@ -108,7 +110,10 @@ class Variant:
         self.args = args
         self.model, task, self.n, self.batch = build(args)
         self.model.to(args.device)
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
+        if args.optimizer == "adamw":
+            self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.01)
+        else:
+            self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
         self.rec = sp.TrajectoryRecorder(folder / "run", self.model, self.opt, save_every=args.save_every)
         self.cap = None
         if options is not None:
@@ -152,6 +157,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["mlp", "gpt"], default="mlp")
     parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seq", type=int, default=128)
@@ -180,7 +186,7 @@ def main() -> None:
         results = {name: loop.result() for name, loop in loops.items()}
     base = results["recorder only"]["step_ms"]
     params = sum(p.numel() for p in build(args)[0].parameters())
-    print(f"{args.model} ({params:,} parameters), k={args.dim}, batch {args.batch}, {args.device}, "
+    print(f"{args.model} ({params:,} parameters), {args.optimizer}, k={args.dim}, batch {args.batch}, {args.device}, "
           f"{args.steps} timed steps, a window every {args.save_every} steps")
     for name, r in results.items():
         overhead = "" if name == "recorder only" else f"  overhead {100 * (r['step_ms'] / base - 1):+.0f}%"

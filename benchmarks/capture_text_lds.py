@@ -38,8 +38,9 @@ from source_proj import evaluation as ev  # noqa: E402
 
 METHOD = "source-finetune"
 VARIANTS = {
-    "in-run (D refreshed every 16th batch, the default)": sp.CaptureArguments(),
-    "in-run, D refreshed every batch": sp.CaptureArguments(scale_every=1),
+    "in-run, Fisher every batch, D every 16th": sp.CaptureArguments(fisher_every=1, scale_every=16),
+    "in-run, Fisher every 4th batch, D every 16th": sp.CaptureArguments(fisher_every=4, scale_every=16),
+    "in-run, Fisher every batch, D every batch": sp.CaptureArguments(fisher_every=1, scale_every=1),
 }
 
 
