@@ -4,14 +4,17 @@ data each checkpoint is featurized on."""
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+from torch import nn
 from torch.utils.data import Dataset
 
 from source_proj.errors import TaskError
+from source_proj.projection.base import Projector
+from source_proj.projection.factory import make_projector
 from source_proj.tasks.gradients import Precision
 from source_proj.trajectory.recorder import Checkpoint, Trajectory
 from source_proj.trajectory.segments import SegmentationArguments
@@ -50,6 +53,18 @@ class ProjectionArguments:
         if self.kind != "identity":  # k = p there, whatever dim says
             _positive(self, "dim")
         _positive(self, "seed", minimum=0)
+
+    def projector(self, shapes: Sequence[tuple[str, Sequence[int]]], model: nn.Module) -> Projector:
+        """The projector these arguments describe for ``model``'s parameters ``shapes`` (every field used)."""
+        return make_projector(
+            self.kind,
+            shapes,
+            self.dim,
+            self.seed,
+            model=model,
+            module_dims=self.module_dims,
+            adam_rank=self.adam_rank,
+        )
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,6 @@ from source_proj.featurize.arguments import ProjectionArguments
 from source_proj.featurize.grow import record_growth
 from source_proj.featurize.windows import ADAM_KINDS, DENOMINATOR, PREFIX, WINDOW_ARRAYS, window_array
 from source_proj.projection.factored import FactoredProjector
-from source_proj.projection.factory import make_projector
 from source_proj.projection.transform import GradientTransform
 from source_proj.store.provenance import (
     REFERENCE_ROWS,
@@ -221,15 +220,7 @@ class GradientCapture:
         names = task.select_parameters(self.model)
         params = dict(self.model.named_parameters())
         shapes = [(n, tuple(params[n].shape)) for n in names]
-        projector = make_projector(
-            "factored",
-            shapes,
-            projection.dim,
-            projection.seed,
-            model=self.model,
-            module_dims=projection.module_dims,
-            adam_rank=projection.adam_rank,
-        )
+        projector = projection.projector(shapes, self.model)
         assert isinstance(projector, FactoredProjector)
         if projector.rest is not None:
             raise TaskError(

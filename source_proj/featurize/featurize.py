@@ -50,7 +50,6 @@ from source_proj.featurize.grow import finished_before_growth, growth_refusal, r
 from source_proj.featurize.plan import FeaturizePlan, NotPrepared, Unit, featurize_plan
 from source_proj.featurize.sharded import ShardedParameters
 from source_proj.projection.base import Projector, RademacherProjector
-from source_proj.projection.factory import make_projector
 from source_proj.projection.transform import GradientTransform
 from source_proj.store.provenance import (
     REFERENCE_BATCH,
@@ -188,16 +187,7 @@ class _Featurize:
             self.names = self.task.select_parameters(self.work_model)
             params = dict(self.work_model.named_parameters())
             shapes = [(n, tuple(params[n].shape)) for n in self.names]
-            projection = self.projection
-            self.projector = make_projector(
-                projection.kind,
-                shapes,
-                projection.dim,
-                projection.seed,
-                model=self.work_model,
-                module_dims=projection.module_dims,
-                adam_rank=projection.adam_rank,
-            )
+            self.projector = self.projection.projector(shapes, self.work_model)
             _warn_dense_on_cpu(self.projector, self.device)
             self.grads_fn = PerExampleGradients(
                 self.work_model, self.task, self.names, vmap_chunk=options.vmap_chunk, precision=options.precision
