@@ -274,6 +274,7 @@ def test_transformers_capture_callback_captures_the_default_adamw_run_in_adams_c
     state step t began with) in its rank-1 form; the first step, before any state exists, is not captured."""
     from transformers import Trainer, TrainingArguments
 
+    from source_proj.featurize.windows import window_array
     from source_proj.integrations import HuggingFaceCapture
     from source_proj.projection.factory import make_projector
     from source_proj.tasks.gradients import PerExampleGradients
@@ -296,8 +297,6 @@ def test_transformers_capture_callback_captures_the_default_adamw_run_in_adams_c
     store = sp.Store.open(tmp_path / "cap.sp")
     names = [name for name, _ in store.meta["params"]]
     projector = make_projector("factored", store.meta["params"], 16, 0, model=_tiny_bert())
-    from source_proj.featurize.windows import window_array
-
     checkpoints = trajectory.checkpoints[:-1]
     assert not store.read(window_array("visits", "main", checkpoints[0].step)).any()  # the first step
     for ckpt in checkpoints[1:]:
