@@ -201,6 +201,27 @@ def test_sampled_lm_fisher_targets_draw_from_the_model_at_loss_positions_only() 
     assert torch.allclose(counts / 3000, torch.softmax(logits[0, 2], 0), atol=0.03)
 
 
+def test_token_sampling_is_the_float64_inverse_cdf_in_blocks_and_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """sample_tokens (blocks of 256 tokens, chunks of rows) draws what a plain float64 inverse CDF over the whole
+    vocabulary draws from the same uniforms; tokens with −inf logits are never drawn."""
+    from source_proj.tasks import text
+
+    monkeypatch.setattr(text, "_SAMPLE_CHUNK", 3 * 1000)  # 3 rows per chunk: the chunk loop runs
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(4, 50, 1000, generator=g)  # 4 blocks, the last one padded
+    logits[..., 990:] = float("-inf")
+    logits[0, 0, :] = -1e4
+    logits[0, 0, 517] = 0.0  # one certain token
+    uniform = torch.rand(4, 50, generator=g, dtype=torch.float64)
+    got = text.sample_tokens(logits, uniform)
+    cdf = torch.softmax(logits.double(), -1).cumsum(-1)
+    want = torch.searchsorted(cdf, (uniform * cdf[..., -1]).unsqueeze(-1), right=True).squeeze(-1)
+    assert got.shape == (4, 50) and got.dtype == torch.long
+    assert torch.equal(got, want)
+    assert got[0, 0] == 517 and (got < 990).all()
+    assert len(set(got.flatten().tolist())) > 100  # the draws spread over the vocabulary
+
+
 def test_module_selection_includes_and_excludes_exactly_what_it_says() -> None:
     gpt2_blocks = [
         f"transformer.h.{i}.{m}.{p}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
