@@ -162,14 +162,16 @@ class _ArgmaxFisher(sp.ClassificationTask):
         return [(torch.full_like(outputs[:, 0], 2.0), (batch[0], outputs.argmax(-1), *batch[2:]))]
 
 
-@pytest.mark.parametrize("fisher_every", [1, 2])
+@pytest.mark.parametrize(("fisher_every", "fisher_forward"), [(1, "separate"), (2, "separate"), (1, "training"),
+                                                               (2, "training")])
 def test_captured_windows_sum_each_visits_materialised_gradient_and_fisher(
-    tmp_path: Path, classification_data, fisher_every: int
+    tmp_path: Path, classification_data, fisher_every: int, fisher_forward: str
 ) -> None:
     """Mini-batch SGD with momentum, 3 steps per window, dropout in the model: each window holds, per example,
     the sum over its visits of P ∇ℓ(z; θ_t) of the training-mode step, its visit count, and the sum of
-    2·P∇ℓ(x, argmax)P∇ℓ(x, argmax)ᵀ taken in eval mode on every ``fisher_every``-th batch of the window
-    (brute force: materialised per-example gradients)."""
+    2·P∇ℓ(x, argmax)P∇ℓ(x, argmax)ᵀ on every ``fisher_every``-th batch of the window: in eval mode from a
+    separate forward, or from the training forward itself (its dropout mask, its outputs' argmax), as
+    ``fisher_forward`` says (brute force: materialised per-example gradients)."""
     x, y = classification_data.tensors
     n, batch, save_every, steps = len(y), 8, 3, 10
     projector = sp.FactoredProjector(
@@ -190,6 +192,14 @@ def test_captured_windows_sum_each_visits_materialised_gradient_and_fisher(
         visits.index_add_(0, rows, torch.ones(len(rows)))
         if not fisher_batch:
             return
+        if fisher_forward == "training":
+            first, last = model[0], model[3]
+            labels = [last(torch.tanh(first(x[r][None])) * drop[i])[0].argmax() for i, r in enumerate(rows)]
+            u = torch.stack([_projected_gradient(projector, model, x[r], label, drop[i])
+                             for i, (r, label) in enumerate(zip(rows, labels, strict=True))])
+            expected[window][2] = fisher + 2.0 * (u.T.double() @ u.double())
+            expected[window][3] = count + len(rows)
+            return
         eval_net = copy.deepcopy(model).eval()
         labels = eval_net(x[rows]).argmax(-1)
         names = [name for name, _ in model.named_parameters()]
@@ -202,7 +212,8 @@ def test_captured_windows_sum_each_visits_materialised_gradient_and_fisher(
     model = _mlp(dropout=0.5)
     model[2].register_forward_hook(lambda m, _, out: masks.append((out != 0).float() / 0.5) if m.training else None)
     _train(tmp_path / "run", tmp_path / "cap.sp", classification_data, steps=steps, batch=batch, save_every=save_every,
-           options=sp.CaptureArguments(chunk_rows=64, fisher_every=fisher_every), model=model, on_batch=brute_force,
+           options=sp.CaptureArguments(chunk_rows=64, fisher_every=fisher_every, fisher_forward=fisher_forward),
+           model=model, on_batch=brute_force,
            task=_ArgmaxFisher())
     store = sp.Store.open(tmp_path / "cap.sp")
     assert sorted(expected) == [0, 3, 6, 9]
@@ -483,6 +494,55 @@ def test_capture_refuses_what_it_cannot_capture_with_a_sentence(tmp_path: Path, 
     with pytest.raises(sp.StoreError, match="holds captured windows of an earlier run"):
         _train(tmp_path / "f", tmp_path / "f.sp", classification_data, steps=4, batch=10, save_every=2)
         _train(tmp_path / "f", tmp_path / "f.sp", classification_data, steps=4, batch=10, save_every=2)
+
+
+class _Tempered(sp.ClassificationTask):
+    """A task whose outputs are not the model's own: the logits at temperature 2."""
+
+    def forward(self, model, batch):
+        return model(batch[0]) / 2
+
+
+class _Holder(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_the_training_forwards_fisher_checks_its_outputs_and_falls_back_where_it_sees_no_forward(
+    tmp_path: Path, classification_data
+) -> None:
+    """The Fisher from the training forward: refused in one sentence where the task's outputs are not the model's
+    (``Task.outputs_of``); where the loop never calls the recorded model's forward (it calls a submodule), the
+    separate pass takes the Fisher, as ``fisher_forward="separate"`` does."""
+    with pytest.raises(sp.TaskError, match=r"outputs_of of the model's forward differs from _Tempered\.forward.*"
+                                           r"fisher_forward='separate'"):
+        _train(tmp_path / "a", tmp_path / "a.sp", classification_data, steps=2, batch=8, save_every=2, task=_Tempered())
+    _train(tmp_path / "b", tmp_path / "b.sp", classification_data, steps=2, batch=8, save_every=2, task=_Tempered(),
+           options=sp.CaptureArguments(fisher_forward="separate"))
+    x, y = classification_data.tensors
+    fishers = []
+    for mode in ("training", "separate"):
+        holder = _Holder(_mlp())
+        opt = torch.optim.SGD(holder.parameters(), lr=0.1)
+        rec = sp.TrajectoryRecorder(tmp_path / mode, holder, opt, save_every=3, overwrite=True)
+        cap = sp.GradientCapture(rec, tmp_path / f"{mode}.sp", sp.ClassificationTask(), projection=_projection(),
+                                 options=sp.CaptureArguments(fisher_forward=mode))
+        rec.begin_stage("main", dataset_size=len(y))
+        for step in range(3):
+            rows = torch.arange(step * 8, step * 8 + 8)
+            with cap.batch((rows, (x[rows], y[rows]))) as (bx, by):
+                loss = F.cross_entropy(holder.net(bx) if mode == "training" else holder(bx), by)
+                opt.zero_grad()
+                loss.backward()
+            opt.step()
+            rec.step()
+        rec.close()
+        fishers.append(sp.Store.open(tmp_path / f"{mode}.sp").read(window_array("fisher", "main", 0)))
+    assert np.abs(fishers[1]).max() > 0 and np.allclose(fishers[0], fishers[1], rtol=1e-5, atol=1e-7)
 
 
 def test_segment_gradients_average_visits_and_stand_in_for_unvisited_examples(

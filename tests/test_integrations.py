@@ -268,6 +268,47 @@ def test_transformers_capture_callback_captures_what_featurize_computes_at_each_
         sp.Attributor(tmp_path / "cap.sp", _tiny_bert(hidden_act="sigmoid"), task)
 
 
+def test_transformers_capture_takes_the_sampled_fisher_from_the_trainers_own_forward(tmp_path: Path) -> None:
+    """The default sampled Fisher (``fisher_forward="training"``) under the Trainer: one backward through the
+    training forward's graph, so the model runs one forward per batch (and two, once, to check its outputs),
+    where the separate pass runs two per batch; and the window Fisher sums are those of the separate eval-mode
+    pass, whose own brute force is in test_capture (the tiny BERT has no dropout: the two modes agree)."""
+    from transformers import Trainer, TrainingArguments
+
+    from source_proj.featurize.windows import window_array
+    from source_proj.integrations import HuggingFaceCapture
+
+    ids, labels = _tokens(24, 0)
+    task = sp.SequenceClassificationTask(attention="bidirectional")
+    stores, forwards = {}, {}
+    for mode in ("training", "separate"):
+        args = TrainingArguments(
+            output_dir=str(tmp_path / "hf"), per_device_train_batch_size=8, num_train_epochs=2, learning_rate=0.05,
+            optim="sgd", lr_scheduler_type="constant", save_strategy="no", report_to=[], use_cpu=True,
+            disable_tqdm=True, logging_strategy="no", seed=0,
+        )  # fmt: skip
+        callback = HuggingFaceCapture(tmp_path / mode, tmp_path / f"{mode}.sp", task, save_every=2,
+                                      projection=sp.ProjectionArguments(dim=16, kind="factored"),
+                                      options=sp.CaptureArguments(fisher_forward=mode))  # fmt: skip
+        model = _tiny_bert()
+        calls: list[bool] = []
+        model.register_forward_hook(lambda module, args, output, calls=calls: calls.append(module.training))
+        Trainer(model=model, args=args, train_dataset=sp.IndexedDataset(_Dicts(ids, labels)),
+                callbacks=[callback]).train()  # fmt: skip
+        stores[mode], forwards[mode] = sp.Store.open(tmp_path / f"{mode}.sp"), calls
+    batches = 6  # in eval mode: set-up checks, the outputs' check (once), the final fingerprints, separate passes
+    runs = {m: "".join("T" if training else "e" for training in f) for m, f in forwards.items()}
+    assert runs["training"].count("T") == runs["separate"].count("T") == batches
+    assert "T" * (batches - 1) in runs["training"]  # after the first batch: no forward but training's
+    assert "eT" * batches in runs["separate"]  # an eval-mode forward before every training forward
+    for start in (0, 2, 4):
+        a, b = (stores[m].read(window_array("fisher", "main", start)) for m in ("training", "separate"))
+        assert np.abs(a).max() > 0 and np.allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(b).max())
+        assert stores["training"].read(window_array("fisher-count", "main", start))[0] == 16
+        assert np.allclose(*(stores[m].read(window_array("grads", "main", start)) for m in ("training", "separate")),
+                           rtol=1e-4, atol=1e-6)
+
+
 def test_transformers_capture_callback_captures_the_default_adamw_run_in_adams_coordinates(tmp_path: Path) -> None:
     """The Trainer's default optimizer (AdamW, gradients clipped at norm 1), a checkpoint per step: window t ≥ 1
     holds P(S_1(D_t) ⊙ ∇ℓ(z; θ_t)) of the rows step t visited, with D_t the Adam state saved at checkpoint t (the

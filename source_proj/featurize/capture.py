@@ -20,12 +20,16 @@ P ∇ℓ(z; θ_t) is summed from small outer products, never materialised. With 
 model is in training mode: this is the gradient training used (dropout masks, batch-norm batch
 statistics), where post-hoc featurize takes eval-mode gradients at the saved checkpoints.
 
-**Curvature.** ``fisher="sampled"`` (default): one extra forward and backward of the batch in eval
-mode, with labels drawn from the model (the true Fisher, as featurize), on every ``fisher_every``-th
-batch; it touches neither the parameters' gradients, nor batch-norm statistics, nor the global random
-state, so training is exactly what it would be without capture. ``fisher="empirical"``: the captured
-gradients themselves (no extra pass; biased). Only the k × k sum of ũũᵀ per window is kept (B·k²
-multiply-adds per Fisher batch).
+**Curvature.** ``fisher="sampled"`` (default): labels drawn from the model (the true Fisher, as
+featurize), their gradients projected on every ``fisher_every``-th batch. With ``fisher_forward="training"``
+(default) they come from the training step's own forward: as the model's forward returns, one extra
+backward of the sampled labels' loss runs through its graph (kept for the training backward that
+follows), so the Fisher costs a backward and no forward, in the mode the model trains in (dropout
+included). ``fisher_forward="separate"`` runs its own forward in eval mode, as featurize does (for models
+whose dropout or batch statistics should not enter the curvature). Either touches neither the
+parameters' gradients, nor batch-norm statistics, nor the global random state, so training is exactly
+what it would be without capture. ``fisher="empirical"``: the captured gradients themselves (no extra
+pass; biased). Only the k × k sum of ũũᵀ per window is kept (B·k² multiply-adds per Fisher batch).
 
 **Adam and AdamW.** Gradients and Fisher vectors are taken in Adam's coordinates, P (D_t^{-1/2} ⊙ ∇ℓ),
 with D_t read from the optimizer's state as each batch begins and applied through the layer hooks as
@@ -86,8 +90,13 @@ class CaptureArguments:
     """How gradients are captured during training.
 
     Attributes:
-        fisher: ``"sampled"`` (labels drawn from the model: the true Fisher, one extra eval-mode
-            forward and backward per Fisher batch) or ``"empirical"`` (the captured gradients: no extra pass).
+        fisher: ``"sampled"`` (labels drawn from the model: the true Fisher, one extra backward per Fisher
+            batch) or ``"empirical"`` (the captured gradients: no extra pass).
+        fisher_forward: where the sampled Fisher's outputs come from: ``"training"`` (the training step's
+            own forward, in training mode; one extra backward through its graph) or ``"separate"`` (an
+            extra eval-mode forward and backward, as featurize; for models with dropout or batch norm whose
+            curvature should be taken without them). Where the training forward is not seen (the model's
+            forward is never called on the batch), the separate pass is taken instead.
         fisher_every: the Fisher on every n-th batch of a window only (its cost divided by n; the curvature is
             an average, which needs far fewer samples than the per-example gradients).
         seed: seed of the Fisher's label sampling.
@@ -104,6 +113,7 @@ class CaptureArguments:
     """
 
     fisher: Literal["sampled", "empirical"] = "sampled"
+    fisher_forward: Literal["training", "separate"] = "training"
     fisher_every: int = 1
     seed: int = 0
     reduction: Literal["mean", "sum"] = "mean"
@@ -203,6 +213,10 @@ class GradientCapture:
     ) -> None:
         if options.fisher not in ("sampled", "empirical"):
             raise TaskError(f"Capture's Fisher is 'sampled' or 'empirical', not {options.fisher!r}.")
+        if options.fisher_forward not in ("training", "separate"):
+            raise TaskError(
+                f"Capture's fisher_forward is 'training' or 'separate', not {options.fisher_forward!r}."
+            )
         if options.reduction not in ("mean", "sum"):
             raise TaskError(f"The loss reduction is 'mean' or 'sum', not {options.reduction!r}.")
         if options.fisher_every < 1 or options.chunk_rows < 1 or options.scale_every < 1:
@@ -273,6 +287,10 @@ class GradientCapture:
         self._window_start: int | None = steps[-1] if steps else None
         self._pending: tuple[Tensor, Tensor, float] | None = None
         self._fisher_batch = False
+        self._fisher_due: Batch | None = None  # a batch whose sampled Fisher is still to be taken
+        self._outputs_checked = False
+        self._inside_check = False
+        self._bound: Task | None = None
         self._target: Tensor | None = None
         self._checked = False
         self._probe = torch.zeros((), device=self.device, requires_grad=True)
@@ -284,6 +302,14 @@ class GradientCapture:
         self._hooks.enter_context(
             projector.tapped(self.model, lambda: self._target, self._probe, transform=lambda: self._transform)
         )
+        if options.fisher == "sampled" and options.fisher_forward == "training":
+            # A function, not a bound method: a deep copy of the model (an EMA, an evaluation copy) must not copy
+            # the capture with it; the hook ignores forwards of any module but this model.
+            handle = self.model.register_forward_hook(
+                lambda module, args, kwargs, output: self._after_model_forward(module, args, kwargs, output),
+                with_kwargs=True,
+            )
+            self._hooks.callback(handle.remove)
         recorder.listen(self)
 
     # -- the store --------------------------------------------------------------------------
@@ -418,7 +444,10 @@ class GradientCapture:
             return rest
         self._fisher_batch = self._batches % self.options.fisher_every == 0
         if self.options.fisher == "sampled" and self._fisher_batch:
-            self._fisher_pass(rest, count)
+            if self.options.fisher_forward == "separate":
+                self._fisher_pass(rest, count)
+            else:
+                self._fisher_due = rest  # taken from the training forward (_after_model_forward)
         factor = float(scale) if scale is not None else float(count if self.options.reduction == "mean" else 1)
         out = torch.zeros(count, self.dim, dtype=torch.float32, device=self.device)
         self._pending = (rows, out, factor)
@@ -437,8 +466,17 @@ class GradientCapture:
         return True
 
     def end_forward(self) -> None:
-        """The begun batch's forward is over: later forwards (evaluation) are not tapped; its backward still is."""
+        """The begun batch's forward is over: later forwards (evaluation) are not tapped; its backward still is.
+
+        A sampled Fisher the training forward did not give (the callback's model is not the one whose
+        forward ran) is taken here by a separate pass: the parameters have not moved yet."""
         self._target = None
+        self._separate_if_due()
+
+    def _separate_if_due(self) -> None:
+        if self._fisher_due is not None:
+            batch, self._fisher_due = self._fisher_due, None
+            self._fisher_pass(batch, batch_size(batch))
 
     def commit(self) -> None:
         """Add the begun batch's captured gradients to the current window (its backward must have run)."""
@@ -446,6 +484,7 @@ class GradientCapture:
             return
         rows, out, factor = self._pending
         self._pending = self._target = None
+        self._separate_if_due()
         if self._probe.grad is None:
             raise TaskError(
                 "A captured batch ended before its backward pass ran; call loss.backward() inside the capture block "
@@ -504,17 +543,74 @@ class GradientCapture:
         with store_lock(self.path):
             save_reference_batch(Store.open(self.path, writable=True), self._reference)
 
+    def _after_model_forward(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
+        """The model's forward hook: the begun batch's sampled Fisher, from the training forward's graph.
+
+        ũ = P ∇ℓ(x, ŷ; θ_t), ŷ drawn from these outputs: one backward of the sampled labels' loss to the
+        probe, into the batch's own buffer (its layer hooks were set at this forward), which is then
+        copied out and cleared for the training backward; the graph is kept for that backward."""
+        batch, target = self._fisher_due, self._target
+        if batch is None or target is None or self._inside_check or module is not self.model:
+            return
+        if not torch.is_grad_enabled():
+            return
+        outputs = self.task.outputs_of(output)
+        if not outputs.requires_grad or outputs.shape[0] != target.shape[0]:
+            return  # not the training forward of this batch: the separate pass takes it
+        if not self._outputs_checked:
+            self._check_outputs(module, args, kwargs, batch)
+        self._fisher_due = None
+        task = self._bound_task()
+        ((weight, pseudo),) = task.fisher_targets(outputs.detach(), batch, self._fisher_generator())
+        total = task.loss(outputs, pseudo).sum()
+        torch.autograd.grad(total, self._probe, retain_graph=True, allow_unused=True)
+        fisher = target * weight.to(target).sqrt()[:, None]
+        target.zero_()
+        self._add_fisher(fisher)
+
+    def _check_outputs(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], batch: Batch) -> None:
+        """Once: the model's forward, mapped by ``Task.outputs_of``, must give what ``Task.forward`` gives
+        (both in eval mode, untapped), or the Fisher would be taken from other outputs than featurize's."""
+        target, self._target = self._target, None
+        self._inside_check = True
+        try:
+            with _modes_kept(self.model), torch.no_grad():
+                self.model.eval()
+                own = self.task.outputs_of(module(*args, **kwargs)).float()
+                expected = self._bound_task().forward(self.model, batch).float()
+        finally:
+            self._target, self._inside_check = target, False
+        scale = float(expected.abs().max()) if expected.numel() else 0.0
+        if own.shape != expected.shape or float((own - expected).abs().max()) > 1e-4 * max(scale, 1e-6):
+            raise TaskError(
+                f"{type(self.task).__name__}.outputs_of of the model's forward differs from {type(self.task).__name__}"
+                ".forward on this batch, so the Fisher cannot be taken from the training forward; override outputs_of, "
+                "or capture with CaptureArguments(fisher_forward='separate')."
+            )
+        self._outputs_checked = True
+
+    def _bound_task(self) -> Task:
+        """The task bound to the model, once: a text task checks its attention mask at its first forward only."""
+        if self._bound is None:
+            self._bound = self.task.bind(self.model)
+        return self._bound
+
+    def _fisher_generator(self) -> torch.Generator:
+        """The label sampler of the current batch: seeded by (seed, step, batch), whichever pass takes it."""
+        seed = np.random.SeedSequence([self.options.seed, self.recorder.global_step, self._batches])
+        return torch.Generator().manual_seed(int(seed.generate_state(1, dtype=np.uint64)[0] >> 1))
+
     def _fisher_pass(self, batch: Batch, count: int) -> None:
         """ũ = P ∇ℓ(x, ŷ; θ_t) with ŷ drawn from the model, in eval mode: add ũũᵀ to the window's Fisher sum."""
-        step = self.recorder.global_step
-        seed = np.random.SeedSequence([self.options.seed, step, self._batches])
-        generator = torch.Generator().manual_seed(int(seed.generate_state(1, dtype=np.uint64)[0] >> 1))
+        generator = self._fisher_generator()
         out = torch.zeros(count, self.dim, dtype=torch.float32, device=self.device)
         try:
             with _modes_kept(self.model), torch.enable_grad():
                 self.model.eval()
                 self._target = out
-                task = self.task.bind(self.model)
+                task = self._bound_task()
                 outputs = task.forward(self.model, batch)
                 ((weight, pseudo),) = task.fisher_targets(outputs.detach(), batch, generator)
                 total = task.loss(outputs, pseudo).sum()
@@ -606,7 +702,7 @@ class GradientCapture:
     def close(self) -> None:
         """Remove the layer hooks and stop listening, without finishing the store (training stopped early:
         resume it later); the recorder's own close finishes the store instead."""
-        self._pending = self._target = None
+        self._pending = self._target = self._fisher_due = None
         self._closed = True
         self._hooks.close()
 

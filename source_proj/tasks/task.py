@@ -104,6 +104,26 @@ class Task(ABC):
         """Model outputs for a batch. The default calls ``model(batch[0])``."""
         return model(batch[0])
 
+    def outputs_of(self, output: Any) -> Tensor:
+        """What [`forward`][] returns, from what the model's own ``forward`` returned.
+
+        In-run capture takes its sampled Fisher from the training step's forward (the model called as
+        the training loop calls it), so it maps that output the way [`forward`][] would. The default
+        takes a tensor as it is, else its ``logits`` (Hugging Face outputs), else its first element.
+        A task whose [`forward`][] does more than call the model overrides this; capture checks the
+        two agree once, on the first batch, and says so when they do not.
+        """
+        if isinstance(output, Tensor):
+            return output
+        if hasattr(output, "logits"):
+            return output.logits
+        if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+            return output[0]
+        raise TaskError(
+            f"The model returned {type(output).__name__}, which {type(self).__name__}.outputs_of cannot map to "
+            "outputs; override it, or capture with CaptureArguments(fisher_forward='separate')."
+        )
+
     @abstractmethod
     def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
         """Per-example training loss, shape ``[B]``; the optimiser minimised its mean."""
