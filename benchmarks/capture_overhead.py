@@ -13,8 +13,11 @@ differs only in capture:
 
 - ``recorder only``            the baseline;
 - ``capture, empirical Fisher``  the projected gradients from the training backward, nothing else;
-- ``capture, sampled Fisher / 4`` plus the true Fisher's extra eval-mode pass on every 4th batch;
-- ``capture, sampled Fisher``   that pass on every batch.
+- ``capture, sampled Fisher / 4`` plus the true Fisher on every 4th batch: one extra backward of
+                                 labels drawn from the training forward's outputs, through its graph;
+- ``capture, sampled Fisher``   that backward on every batch (the default);
+- ``capture, sampled Fisher, separate pass`` its own eval-mode forward and backward on every batch
+                                 (``fisher_forward="separate"``, the default before 2026-11-30).
 
 The variants take their steps in turn (round robin), so that a load which changes over time (a
 shared machine) slows all of them alike.
@@ -177,6 +180,7 @@ def main() -> None:
         "capture, empirical Fisher": sp.CaptureArguments(fisher="empirical"),
         "capture, sampled Fisher / 4": sp.CaptureArguments(fisher_every=4),
         "capture, sampled Fisher": sp.CaptureArguments(),
+        "capture, sampled Fisher, separate pass": sp.CaptureArguments(fisher_forward="separate"),
     }
     with tempfile.TemporaryDirectory() as tmp:
         loops = {name: Variant(args, options, Path(tmp) / str(i)) for i, (name, options) in enumerate(variants.items())}
@@ -190,7 +194,7 @@ def main() -> None:
           f"{args.steps} timed steps, a window every {args.save_every} steps")
     for name, r in results.items():
         overhead = "" if name == "recorder only" else f"  overhead {100 * (r['step_ms'] / base - 1):+.0f}%"
-        print(f"{name:30s} {r['step_ms']:8.2f} ms/step{overhead}   a step that saves a checkpoint "
+        print(f"{name:40s} {r['step_ms']:8.2f} ms/step{overhead}   a step that saves a checkpoint "
               f"(and writes the window): {r['checkpoint_step_ms']:.0f} ms")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))

@@ -4,8 +4,10 @@
         [--subsets 50] [--repeats 4] [--workers 2] [--threads 2]
 
 The tiny GPT-2 of ``examples/text/lm.py`` is trained again with the recorder and ``GradientCapture``
-(factored projection, k = --dim, Adam's D^{-1/2} in its rank-1 form, the sampled Fisher), once with
-D^{-1/2} refreshed on every 16th batch (the default) and once on every batch. Capture leaves training unchanged,
+(factored projection, k = --dim, Adam's D^{-1/2} in its rank-1 form, the sampled Fisher), once at the
+defaults (D^{-1/2} refreshed on every 16th batch, the Fisher from the training forward on every batch), and
+once each with the Fisher on every 4th batch, D^{-1/2} on every batch, and the Fisher from a separate
+eval-mode pass (``fisher_forward="separate"``, the default before 2026-11-30). Capture leaves training unchanged,
 so each captured run must end bit-identical to the reference run (``benchmarks/adam_rank_lds.py``'s,
 trained by the same code without capture), which is checked; the reference's ``finetune`` ground
 truth (its pre-trained model fine-tuned again on random halves, α = 0.5, retrains cached under
@@ -41,6 +43,7 @@ VARIANTS = {
     "in-run, Fisher every batch, D every 16th": sp.CaptureArguments(fisher_every=1, scale_every=16),
     "in-run, Fisher every 4th batch, D every 16th": sp.CaptureArguments(fisher_every=4, scale_every=16),
     "in-run, Fisher every batch, D every batch": sp.CaptureArguments(fisher_every=1, scale_every=1),
+    "in-run, Fisher from a separate eval-mode pass": sp.CaptureArguments(fisher_forward="separate"),
 }
 
 
