@@ -383,3 +383,42 @@ def test_bf16_autocast_features_agree_with_fp32() -> None:
         assert float((bf16 - fp32).norm() / fp32.norm()) < 0.05, kind
         gram32, gram16 = fp32 @ fp32.T, bf16 @ bf16.T  # inner products (what scores are made of)
         assert float((gram16 - gram32).norm() / gram32.norm()) < 0.05, kind
+
+
+@pytest.mark.parametrize(("case", "fisher"), [("conv", "exact"), ("tokens", "sampled"), ("gpt2", "sampled"),
+                                              ("llama", "sampled")])  # fmt: skip
+def test_featurize_takes_every_quantity_from_one_forward_as_separate_passes_do(case: str, fisher: str) -> None:
+    """With a factored projection featurize runs one forward per batch and a backward per quantity (training
+    loss, each Fisher direction, measurement), under a transform (Adam's rank-1 scaling): the same features,
+    Fisher vectors and measurement gradients as a forward per quantity."""
+    from source_proj.featurize.featurize import _featurize_rows
+
+    make, batches, _ = CASES[case]
+    model = make()
+    g = torch.Generator().manual_seed(0)
+    made = [batches(g) for _ in range(2)]
+    task = made[0][1]
+    layers = factorable_layers(model, task.select_parameters(model))[0]
+    names = [n for layer in layers for n in (layer.weight, layer.bias) if n]  # norms and the like left out
+    projector = _projector(model, 64, names=names)
+    assert projector.shares_forward()
+    grads_fn = PerExampleGradients(model, task, names)
+    params = dict(model.named_parameters())
+    scale = {n: 0.5 + torch.rand(params[n].shape, generator=g) for n in names}
+    transform = projector.scaling(scale)
+    projector.check_layers(grads_fn, made[0][0])
+    calls: list[int] = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    options = sp.FeaturizeArguments(fisher=fisher)
+    results, forwards = {}, {}
+    for shared in (False, True):
+        calls.clear()
+        results[shared] = _featurize_rows(
+            grads_fn, projector, task, [b for b, _ in made], 0, options, torch.Generator().manual_seed(1),
+            torch.device("cpu"), where="test", transform=transform, measure=True, shared_forward=shared,
+        )  # fmt: skip
+        forwards[shared] = len(calls)
+    for got, want in zip(results[True][:3], results[False][:3], strict=True):
+        assert got.shape == want.shape and np.abs(want).max() > 0
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    assert forwards[True] == len(made) and forwards[False] >= 4 * len(made)

@@ -50,6 +50,7 @@ from source_proj.featurize.grow import finished_before_growth, growth_refusal, r
 from source_proj.featurize.plan import FeaturizePlan, NotPrepared, Unit, featurize_plan
 from source_proj.featurize.sharded import ShardedParameters
 from source_proj.projection.base import Projector, RademacherProjector
+from source_proj.projection.factored import FactoredProjector
 from source_proj.projection.transform import GradientTransform
 from source_proj.store.provenance import (
     REFERENCE_BATCH,
@@ -64,7 +65,7 @@ from source_proj.store.provenance import (
     save_reference_batch,
 )
 from source_proj.store.store import Store, ckpt_key, is_store, shard_chunks_for
-from source_proj.tasks.gradients import PerExampleGradients, move_batch
+from source_proj.tasks.gradients import PerExampleGradients, batch_size, move_batch
 from source_proj.tasks.task import Task
 from source_proj.trajectory.recorder import Trajectory
 
@@ -493,6 +494,7 @@ def _featurize_units(
                         measure=_measures(unit, final, options),
                         collector=factors,
                         projected_fisher=projected_fisher_at(options.curvature, unit.prefix, unit.key, final),
+                        shared_forward=shards is None,
                     )
                 if fisher is not None:
                     store.write_chunk(f"{unit.prefix}fisher/{unit.stage}/{unit.key}", chunk, fisher)
@@ -511,6 +513,7 @@ def _featurize_units(
                         where=where, transform=transform, measure=_measures(unit, final, options),
                         collector=collector if not unit.prefix else None,
                         projected_fisher=projected_fisher_at(options.curvature, unit.prefix, unit.key, final),
+                        shared_forward=False,
                     )
 
 
@@ -612,14 +615,41 @@ def _featurize_rows(
     measure: bool = False,
     collector: FactorCollector | None = None,
     projected_fisher: bool = True,
+    shared_forward: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, ChunkFactors | None]:
     """Projected gradients (and projected Fisher factors, Kronecker factor sums, measurement gradients)
-    of one chunk's ``batches``, whose first row is ``start``."""
+    of one chunk's ``batches``, whose first row is ``start``. ``shared_forward``: a factored projection
+    takes them all from one forward per batch (sharded parameters gather every layer at each forward
+    and backward in lockstep, so they keep a pass per quantity)."""
     feats, fisher, measured = [], [], []
     sums = collector.empty() if collector is not None else None
     row = start
+    once = shared_forward and isinstance(projector, FactoredProjector) and projector.shares_forward()
     for batch in batches:
         batch = move_batch(batch, device)
+        if once:
+            # One forward, a backward per quantity (loss, each Fisher direction, measurement): the same
+            # numbers as the separate passes below, for one forward instead of two to four.
+            assert isinstance(projector, FactoredProjector)
+            outputs, project = projector.forward_once(grads_fn, batch, transform=transform)
+            with torch.enable_grad(), grads_fn.autocast():
+                projected = project(task.loss(outputs, batch))
+            check_finite(projected, row, where, "training-loss gradient")
+            feats.append(projected)
+            row += projected.shape[0]
+            targets = _targets(task, outputs.detach(), batch, options, generator, device)
+            if projected_fisher and options.fisher != "empirical":
+                with torch.enable_grad(), grads_fn.autocast():
+                    per_direction = [project(task.loss(outputs, tb)) * w.sqrt().unsqueeze(-1).float()
+                                     for w, tb in targets]  # fmt: skip
+                fisher.append(torch.stack(per_direction, dim=1).reshape(-1, projector.dim))
+            if collector is not None and sums is not None:
+                collector.add(sums, targets)
+            if measure:
+                with torch.enable_grad(), grads_fn.autocast():
+                    measured.append(project(task.measurement(outputs, batch)))
+            del outputs, project  # the graph goes with them
+            continue
         outputs = grads_fn.outputs(batch)
         task.loss(outputs, batch)  # validates targets (label ranges) outside vmap
         projected = projector.project_batch(grads_fn, batch, "loss", transform=transform)
@@ -627,11 +657,7 @@ def _featurize_rows(
         check_finite(projected, row, where, "training-loss gradient")
         feats.append(projected)
         row += projected.shape[0]
-        if options.fisher == "empirical":
-            targets = [(torch.ones(projected.shape[0], device=device), batch)]
-        else:
-            gen = generator if options.fisher == "sampled" else None
-            targets = task.fisher_targets(outputs.detach(), batch, gen)
+        targets = _targets(task, outputs.detach(), batch, options, generator, device)
         if projected_fisher and options.fisher != "empirical":
             per_direction = []
             for weight, target_batch in targets:
@@ -656,6 +682,17 @@ def _featurize_rows(
     if sums is not None:
         _check_factors(sums, start, where)
     return all_feats.cpu().numpy(), out_fisher, out_measured, sums
+
+
+def _targets(
+    task: Task, outputs: torch.Tensor, batch: Any, options: FeaturizeArguments, generator: torch.Generator,
+    device: torch.device,
+) -> list[tuple[torch.Tensor, Any]]:
+    """The Fisher's ``(weight, batch)`` directions of a batch: its own labels (empirical), one sampled label
+    per example, or the exact expectation."""
+    if options.fisher == "empirical":
+        return [(torch.ones(batch_size(batch), device=device), batch)]
+    return task.fisher_targets(outputs, batch, generator if options.fisher == "sampled" else None)
 
 
 def _check_factors(sums: ChunkFactors, first_row: int, where: str) -> None:

@@ -312,6 +312,43 @@ class FactoredProjector(Projector):
                 torch.autograd.grad(total, probe, allow_unused=True)
         return out
 
+    def shares_forward(self) -> bool:
+        """Whether `forward_once` applies: every attributed parameter lies on a factored layer."""
+        return self.rest is None
+
+    def forward_once(
+        self,
+        grads_fn: PerExampleGradients,
+        batch: Batch,
+        *,
+        transform: GradientTransform | None = None,
+    ) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """One tapped forward of the batch, and a function that projects the per-example gradients of any
+        per-example quantity ``[B]`` computed from its outputs: one backward through the kept graph each.
+
+        Featurize takes the training loss, the Fisher's sampled-label losses and the measurement from one
+        forward this way, where `project_batch` runs a forward for each. Returns ``(outputs, project)``;
+        ``project(values)`` gives float32 ``[B, dim]``, P T(∇ values_i) per example i. The quantities are
+        computed by the caller (under ``grads_fn.autocast()`` for bf16, as `project_batch` does)."""
+        if self.rest is not None:
+            raise TaskError("forward_once needs every attributed parameter on a factored layer.")
+        self.check_layers(grads_fn, batch, "loss")
+        dtype = torch.bfloat16 if grads_fn.precision == "bf16" else torch.float32
+        out = torch.zeros(batch_size(batch), self.dim, dtype=torch.float32, device=grads_fn.device)
+        probe = torch.zeros((), device=grads_fn.device, requires_grad=True)
+        with self.tapped(grads_fn.model, lambda: out, probe, dtype=dtype, transform=transform):
+            with torch.enable_grad(), grads_fn.autocast():
+                outputs = grads_fn.task.forward(grads_fn._call(grads_fn.params), batch)
+
+        def project(values: Tensor) -> Tensor:
+            out.zero_()
+            total = values.sum()
+            if total.requires_grad:
+                torch.autograd.grad(total, probe, retain_graph=True, allow_unused=True)
+            return out.clone()
+
+        return outputs, project
+
     @contextmanager
     def tapped(
         self,
