@@ -386,6 +386,24 @@ def test_killed_captured_run_resumes_into_the_store_of_an_uninterrupted_run(
     _refuses_another_activation(tmp_path / "b", tmp_path / "b.sp")
 
 
+def test_a_store_captured_before_fisher_forward_existed_resumes_with_the_separate_pass(
+    tmp_path: Path, classification_data
+) -> None:
+    """Stores written before ``CaptureArguments.fisher_forward`` existed took the Fisher by the separate pass: a
+    killed run of one resumes with ``fisher_forward="separate"``, and is refused in one sentence by the new default."""
+    separate = sp.CaptureArguments(chunk_rows=8, fisher_forward="separate")
+    kwargs = {"steps": 10, "batch": 8, "save_every": 4, "datasets": {"main": classification_data}}
+    with pytest.raises(_Killed):
+        _train(tmp_path / "run", tmp_path / "s.sp", classification_data, crash_after=6, options=separate, **kwargs)
+    store = sp.Store.open(tmp_path / "s.sp", writable=True)
+    store.update_meta(capture={k: v for k, v in store.meta["capture"].items() if k != "fisher_forward"})
+    with pytest.raises(sp.StoreError, match=r"holds features of other settings or another run \(capture\)"):
+        _train(tmp_path / "run", tmp_path / "s.sp", classification_data, resume=True,
+               options=sp.CaptureArguments(chunk_rows=8), **kwargs)  # fmt: skip
+    _train(tmp_path / "run", tmp_path / "s.sp", classification_data, resume=True, options=separate, **kwargs)
+    assert sp.Store.open(tmp_path / "s.sp").meta["captured"]
+
+
 def _refuses_another_activation(run: Path, store: Path) -> None:
     """The store's model with ReLU for Tanh, holding the run's final checkpoint, is refused by ``check_model``."""
     relu = _mlp(activation=nn.ReLU)

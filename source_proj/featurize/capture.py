@@ -326,7 +326,9 @@ class GradientCapture:
                 Store.create(self.path, self._meta, overwrite=overwrite)
                 return
             store = Store.open(self.path, writable=True)
-            old = store.meta
+            old = dict(store.meta)
+            if old.get("capture") is not None and "fisher_forward" not in old["capture"]:
+                old["capture"] = {**old["capture"], "fisher_forward": "separate"}  # the only pass before the option
             keys = ("params", "projection", "task", "featurize", "capture")
             differing = [k for k in keys if old.get(k) != self._meta[k]]
             if old.get("capture") is None:
