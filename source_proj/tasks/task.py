@@ -113,12 +113,9 @@ class Task(ABC):
         A task whose [`forward`][] does more than call the model overrides this; capture checks the
         two agree once, on the first batch, and says so when they do not.
         """
-        if isinstance(output, Tensor):
-            return output
-        if hasattr(output, "logits"):
-            return output.logits
-        if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-            return output[0]
+        tensor = output_tensor(output)
+        if tensor is not None:
+            return tensor
         raise TaskError(
             f"The model returned {type(output).__name__}, which {type(self).__name__}.outputs_of cannot map to "
             "outputs; override it, or capture with CaptureArguments(fisher_forward='separate')."
@@ -192,6 +189,18 @@ class Task(ABC):
             "class": f"{type(self).__module__}.{type(self).__qualname__}",
             "parameters": self.parameters.describe(),
         }
+
+
+def output_tensor(output: Any) -> Tensor | None:
+    """The tensor a model's forward returned: the output itself, its ``logits`` (Hugging Face outputs) or
+    its first element; ``None`` when it holds none of these."""
+    if isinstance(output, Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    return None
 
 
 def _replace_target(batch: Batch, target: Tensor) -> Batch:

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from source_proj.errors import TaskError
-from source_proj.tasks.task import Batch, ClassificationTask, ParameterSelection, Task
+from source_proj.tasks.task import Batch, ClassificationTask, ParameterSelection, Task, output_tensor
 
 IGNORE_INDEX = -100
 """Label of a position that is not predicted (Hugging Face's convention)."""
@@ -236,12 +236,9 @@ def _check_batch(batch: Batch) -> None:
 
 
 def _logits(output: Any) -> Tensor:
-    if isinstance(output, Tensor):
-        return output
-    if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
+    logits = output_tensor(output)
+    if logits is not None:
+        return logits
     raise TaskError(
         f"The model returned {type(output).__name__}; a text task needs logits: a tensor, a tuple starting with "
         "one, or an object with .logits."
