@@ -629,7 +629,7 @@ def _featurize_rows(
         batch = move_batch(batch, device)
         if once:
             # One forward, a backward per quantity (loss, each Fisher direction, measurement): the same
-            # numbers as the separate passes below, for one forward instead of two to four.
+            # numbers as the path below, which runs a forward per quantity and one more to draw the labels.
             assert isinstance(projector, FactoredProjector)
             outputs, project = projector.forward_once(grads_fn, batch, transform=transform)
             with torch.enable_grad(), grads_fn.autocast():
