@@ -6,8 +6,8 @@ LDS on the digits settings of examples/digits/settings.py.
         [--threads 1]
 
 Per setting, model seed 0 is trained once per in-run variant with the recorder and GradientCapture
-(factored projection, k = --dim): the sampled Fisher on every batch (the default), on every 4th
-batch, and the empirical Fisher. Capture does not change training (tests/test_capture.py), so the
+(factored projection, k = --dim): the sampled Fisher on every batch (the default), on every 2nd and
+every 4th batch, and the empirical Fisher. Capture does not change training (tests/test_capture.py), so the
 runs are bit-identical, which is checked here. The first run is also featurized afterwards with the
 same factored projection (the like-for-like post-hoc store) and with the dense Rademacher one (the
 library's default), all with the sampled Fisher. Every store is fitted with the setting's SOURCE
@@ -40,6 +40,7 @@ from source_proj import evaluation as ev
 
 IN_RUN = {
     "in-run": sp.CaptureArguments(),
+    "in-run, Fisher every 2nd batch": sp.CaptureArguments(fisher_every=2),
     "in-run, Fisher every 4th batch": sp.CaptureArguments(fisher_every=4),
     "in-run, empirical Fisher": sp.CaptureArguments(fisher="empirical"),
 }

@@ -6,7 +6,7 @@
 The tiny GPT-2 of ``examples/text/lm.py`` is trained again with the recorder and ``GradientCapture``
 (factored projection, k = --dim, Adam's D^{-1/2} in its rank-1 form, the sampled Fisher), once at the
 defaults (D^{-1/2} refreshed on every 16th batch, the Fisher from the training forward on every batch), and
-once each with the Fisher on every 4th batch, D^{-1/2} on every batch, and the Fisher from a separate
+once each with the Fisher on every 2nd and every 4th batch, D^{-1/2} on every batch, and the Fisher from a separate
 eval-mode pass (``fisher_forward="separate"``, the default before 2026-11-30). Capture leaves training unchanged,
 so each captured run must end bit-identical to the reference run (``benchmarks/adam_rank_lds.py``'s,
 trained by the same code without capture), which is checked; the reference's ``finetune`` ground
@@ -41,6 +41,7 @@ from source_proj import evaluation as ev  # noqa: E402
 METHOD = "source-finetune"
 VARIANTS = {
     "in-run, Fisher every batch, D every 16th": sp.CaptureArguments(fisher_every=1, scale_every=16),
+    "in-run, Fisher every 2nd batch, D every 16th": sp.CaptureArguments(fisher_every=2, scale_every=16),
     "in-run, Fisher every 4th batch, D every 16th": sp.CaptureArguments(fisher_every=4, scale_every=16),
     "in-run, Fisher every batch, D every batch": sp.CaptureArguments(fisher_every=1, scale_every=1),
     "in-run, Fisher from a separate eval-mode pass": sp.CaptureArguments(fisher_forward="separate"),
