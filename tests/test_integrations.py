@@ -270,9 +270,9 @@ def test_transformers_capture_callback_captures_what_featurize_computes_at_each_
 
 def test_transformers_capture_takes_the_sampled_fisher_from_the_trainers_own_forward(tmp_path: Path) -> None:
     """The default sampled Fisher (``fisher_forward="training"``) under the Trainer: one backward through the
-    training forward's graph, so the model runs one forward per batch (and two, once, to check its outputs),
-    where the separate pass runs two per batch; and the window Fisher sums are those of the separate eval-mode
-    pass, whose own brute force is in test_capture (the tiny BERT has no dropout: the two modes agree)."""
+    training forward's graph, so the model runs one forward per batch (and a few in eval mode, once, to check
+    its outputs), where the separate pass runs two per batch; and the window Fisher sums are those of the separate
+    eval-mode pass, whose brute force is in test_capture (the tiny BERT has no dropout: the two modes agree)."""
     from transformers import Trainer, TrainingArguments
 
     from source_proj.featurize.windows import window_array
