@@ -309,6 +309,65 @@ def test_transformers_capture_takes_the_sampled_fisher_from_the_trainers_own_for
                            rtol=1e-4, atol=1e-6)
 
 
+class _Sequences(Dataset):
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def test_transformers_capture_under_gradient_checkpointing_equals_capture_without(tmp_path: Path) -> None:
+    """A GPT-2 trained by the Trainer with gradient checkpointing recomputes its blocks' forwards in every
+    backward (the training one and the Fisher's): the captured gradients and Fisher sums are those of the
+    same run without checkpointing, bit for bit."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    from source_proj.featurize.windows import window_array
+    from source_proj.integrations import HuggingFaceCapture
+
+    ids = torch.randint(0, 40, (16, 8), generator=torch.Generator().manual_seed(0))
+    selection = sp.ParameterSelection(skip_norm=True, skip_embedding=True)
+    task = sp.LanguageModelingTask(tokens_per_sequence=7, parameters=selection)
+    stores, forwards = {}, {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        config = GPT2Config(vocab_size=40, n_positions=8, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0,
+                            embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+        model = GPT2LMHeadModel(config)
+        calls: list[int] = []
+        model.transformer.h[0].mlp.c_fc.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        args = TrainingArguments(
+            output_dir=str(tmp_path / "hf"), per_device_train_batch_size=8, num_train_epochs=1, learning_rate=0.05,
+            optim="sgd", lr_scheduler_type="constant", save_strategy="no", report_to=[], use_cpu=True,
+            disable_tqdm=True, logging_strategy="no", seed=0, gradient_checkpointing=checkpointing,
+        )  # fmt: skip
+        callback = HuggingFaceCapture(tmp_path / f"run-{checkpointing}", tmp_path / f"{checkpointing}.sp", task,
+                                      save_every=2, projection=sp.ProjectionArguments(dim=16, kind="factored"))
+        Trainer(model=model, args=args, train_dataset=sp.IndexedDataset(_Sequences(ids)), callbacks=[callback]).train()
+        assert model.is_gradient_checkpointing == checkpointing
+        stores[checkpointing], forwards[checkpointing] = sp.Store.open(tmp_path / f"{checkpointing}.sp"), len(calls)
+    assert forwards[True] > forwards[False]  # the blocks' forwards were recomputed
+    for kind in ("grads", "fisher"):
+        a, b = (stores[c].read(window_array(kind, "main", 0)) for c in (False, True))
+        assert np.abs(a).max() > 0 and np.array_equal(a, b), kind
+    # Reentrant checkpointing runs the blocks' forward without autograd: the hooks cannot see it, and say so.
+    torch.manual_seed(0)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"), per_device_train_batch_size=8, num_train_epochs=1, learning_rate=0.05,
+        optim="sgd", save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, logging_strategy="no",
+        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True},
+    )  # fmt: skip
+    callback = HuggingFaceCapture(tmp_path / "run-reentrant", tmp_path / "reentrant.sp", task, save_every=2,
+                                  projection=sp.ProjectionArguments(dim=16, kind="factored"))  # fmt: skip
+    with pytest.raises(sp.TaskError, match=r"activation checkpointing use its non-reentrant kind"):
+        Trainer(model=GPT2LMHeadModel(config), args=args, train_dataset=sp.IndexedDataset(_Sequences(ids)),
+                callbacks=[callback]).train()  # fmt: skip
+
+
 def test_transformers_capture_callback_captures_the_default_adamw_run_in_adams_coordinates(tmp_path: Path) -> None:
     """The Trainer's default optimizer (AdamW, gradients clipped at norm 1), a checkpoint per step: window t ≥ 1
     holds P(S_1(D_t) ⊙ ∇ℓ(z; θ_t)) of the rows step t visited, with D_t the Adam state saved at checkpoint t (the

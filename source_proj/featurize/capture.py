@@ -489,8 +489,9 @@ class GradientCapture:
         self._separate_if_due()
         if self._probe.grad is None:
             raise TaskError(
-                "A captured batch ended before its backward pass ran; call loss.backward() inside the capture block "
-                "(or between begin() and commit())."
+                "A captured batch ended before its backward pass reached the attributed layers; call loss.backward() "
+                "inside the capture block (or between begin() and commit()), and with activation checkpointing use its "
+                "non-reentrant kind (use_reentrant=False), whose forward the layer hooks see."
             )
         grads = out * factor
         where = rows.to(self.buffer_device)
