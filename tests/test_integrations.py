@@ -309,17 +309,6 @@ def test_transformers_capture_takes_the_sampled_fisher_from_the_trainers_own_for
                            rtol=1e-4, atol=1e-6)
 
 
-class _Sequences(Dataset):
-    def __init__(self, ids: torch.Tensor) -> None:
-        self.ids = ids
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
 def test_transformers_capture_under_gradient_checkpointing_equals_capture_without(tmp_path: Path) -> None:
     """A GPT-2 trained by the Trainer with gradient checkpointing recomputes its blocks' forwards in every
     backward (the training one and the Fisher's): the captured gradients and Fisher sums are those of the
@@ -347,7 +336,7 @@ def test_transformers_capture_under_gradient_checkpointing_equals_capture_withou
         )  # fmt: skip
         callback = HuggingFaceCapture(tmp_path / f"run-{checkpointing}", tmp_path / f"{checkpointing}.sp", task,
                                       save_every=2, projection=sp.ProjectionArguments(dim=16, kind="factored"))
-        Trainer(model=model, args=args, train_dataset=sp.IndexedDataset(_Sequences(ids)), callbacks=[callback]).train()
+        Trainer(model=model, args=args, train_dataset=sp.IndexedDataset(_Dicts(ids, ids)), callbacks=[callback]).train()
         assert model.is_gradient_checkpointing == checkpointing
         stores[checkpointing], forwards[checkpointing] = sp.Store.open(tmp_path / f"{checkpointing}.sp"), len(calls)
     assert forwards[True] > forwards[False]  # the blocks' forwards were recomputed
@@ -364,7 +353,7 @@ def test_transformers_capture_under_gradient_checkpointing_equals_capture_withou
     callback = HuggingFaceCapture(tmp_path / "run-reentrant", tmp_path / "reentrant.sp", task, save_every=2,
                                   projection=sp.ProjectionArguments(dim=16, kind="factored"))  # fmt: skip
     with pytest.raises(sp.TaskError, match=r"activation checkpointing use its non-reentrant kind"):
-        Trainer(model=GPT2LMHeadModel(config), args=args, train_dataset=sp.IndexedDataset(_Sequences(ids)),
+        Trainer(model=GPT2LMHeadModel(config), args=args, train_dataset=sp.IndexedDataset(_Dicts(ids, ids)),
                 callbacks=[callback]).train()  # fmt: skip
 
 
