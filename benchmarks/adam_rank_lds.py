@@ -10,7 +10,7 @@ The tiny GPT-2 of ``examples/text/lm.py`` (two AdamW stages, recorded), the fine
 retrains cached in OUT/finetune/retrains, shared by every store). One store per setting, the same k:
 ``rademacher`` (D^{-1/2} applied exactly to materialised gradients, today's default), ``factored-exact``
 (rank min(d_out, d_in + 1) on every layer: exact too, a check of the factored path itself) and
-``factored-rR`` for each R of ``--ranks``. Prints a Markdown table (LDS with 95 % bootstrap interval,
+``factored-rR`` for each R of ``--ranks``, and ``eigen`` (each layer's Kronecker eigenbasis, rank 1). Prints a Markdown table (LDS with 95 % bootstrap interval,
 featurize seconds) and writes OUT/results.json.
 """
 
@@ -63,6 +63,7 @@ def main() -> None:
                 "factored-exact": sp.ProjectionArguments(dim=args.dim, kind="factored", adam_rank=10**6)}  # fmt: skip
     for rank in (int(r) for r in args.ranks.split(",")):
         settings[f"factored-r{rank}"] = sp.ProjectionArguments(dim=args.dim, kind="factored", adam_rank=rank)
+    settings["eigen"] = sp.ProjectionArguments(dim=args.dim, kind="eigen")
     scores, seconds, rows = {}, {}, None
     queries = lm.query_data()
     for name, projection in settings.items():
@@ -77,7 +78,7 @@ def main() -> None:
     lines = [f"k = {args.dim}, M = {args.subsets}, R = {args.repeats}, {len(queries)} queries", "",
              "| projection | Adam's D^{-1/2} | LDS [95 % CI] | featurize s |", "|---|---|---|---|"]  # fmt: skip
     for name, (result, *_) in table.items():
-        how = "exact (materialised)" if name == "rademacher" else "exact (every layer's full rank)" if "exact" in name \
+        how = "exact (materialised)" if name == "rademacher" else "rank 1 per layer" if name == "eigen" else "exact (every layer's full rank)" if "exact" in name \
             else f"rank {name.rsplit('r', 1)[1]} per layer"  # fmt: skip
         lines.append(f"| {name.split('-')[0]} | {how} | {result.mean:.3f} [{result.low:.3f}, {result.high:.3f}] | "
                      f"{seconds[name]:.1f} |")  # fmt: skip

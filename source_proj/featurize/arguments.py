@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from source_proj.errors import TaskError
 from source_proj.projection.base import Projector
+from source_proj.projection.eigen import EigenBasis
 from source_proj.projection.factory import make_projector
 from source_proj.tasks.gradients import Precision
 from source_proj.trajectory.recorder import Checkpoint, Trajectory
@@ -32,7 +33,9 @@ class ProjectionArguments:
         seed: the projection's seed; the same seed gives the same P everywhere.
         kind: ``"rademacher"`` (±1/√k entries, the default), ``"factored"`` (per-layer Kronecker
             P_out ⊗ P_in of Linear, Conv, GPT-2 Conv1D and Embedding layers, no per-example gradients
-            materialised; see ``factored.py``), ``"fast_jl"`` (TRAK's CUDA kernel, its own matrix),
+            materialised; see ``factored.py``), ``"eigen"`` (the factored projection onto each layer's
+            leading Kronecker-factor eigenvectors, estimated from the run by featurize: no projection
+            noise; see ``eigen.py``), ``"fast_jl"`` (TRAK's CUDA kernel, its own matrix),
             ``"auto"`` (fast_jl where CUDA and fast_jl are present, else rademacher) or
             ``"identity"`` (no projection, k = p). The store records the kind used; queries rebuild it.
         module_dims: ``"factored"`` only: glob pattern on module names → k_m; each matching layer is
@@ -41,6 +44,8 @@ class ProjectionArguments:
         adam_rank: ``"factored"`` only: on a run trained with Adam/AdamW, each layer's elementwise
             D^{-1/2} is replaced by its best rank-R approximation (Adafactor-like for R = 1), at R
             times the projection cost; the dense ``"rademacher"`` kind applies it exactly.
+        basis_examples: ``"eigen"`` only: the examples per stage and checkpoint (a seeded random subset)
+            whose sampled-label Fisher estimates the basis.
     """
 
     dim: int = 1024
@@ -48,14 +53,19 @@ class ProjectionArguments:
     kind: str = "rademacher"
     module_dims: Mapping[str, int] = field(default_factory=dict)
     adam_rank: int = 1
+    basis_examples: int = 2048
 
     def __post_init__(self) -> None:
         if self.kind != "identity":  # k = p there, whatever dim says
             _positive(self, "dim")
         _positive(self, "seed", minimum=0)
+        _positive(self, "basis_examples")
 
-    def projector(self, shapes: Sequence[tuple[str, Sequence[int]]], model: nn.Module) -> Projector:
-        """The projector these arguments describe for ``model``'s parameters ``shapes`` (every field used)."""
+    def projector(
+        self, shapes: Sequence[tuple[str, Sequence[int]]], model: nn.Module, basis: EigenBasis | None = None
+    ) -> Projector:
+        """The projector these arguments describe for ``model``'s parameters ``shapes`` (every field used;
+        ``basis``: the ``"eigen"`` kind's, from ``featurize/basis.py``)."""
         return make_projector(
             self.kind,
             shapes,
@@ -64,6 +74,7 @@ class ProjectionArguments:
             model=model,
             module_dims=self.module_dims,
             adam_rank=self.adam_rank,
+            basis=basis,
         )
 
 

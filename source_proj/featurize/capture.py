@@ -221,6 +221,12 @@ class GradientCapture:
             raise TaskError(f"The loss reduction is 'mean' or 'sum', not {options.reduction!r}.")
         if options.fisher_every < 1 or options.chunk_rows < 1 or options.scale_every < 1:
             raise TaskError("fisher_every, chunk_rows and scale_every must be positive.")
+        if projection.kind == "eigen":
+            raise TaskError(
+                "The 'eigen' projection is estimated from a run's checkpoints, which capture does not have while the "
+                "run trains; capture with ProjectionArguments(kind='factored'), or featurize the recorded run with "
+                "'eigen' afterwards."
+            )
         if projection.kind != "factored":
             raise TaskError(
                 f"Capture projects through the factored projection's layer hooks, not {projection.kind!r}; pass "

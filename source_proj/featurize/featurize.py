@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import json
 import itertools
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -38,6 +40,7 @@ from source_proj.featurize.arguments import (
     projected_fisher_at,
     resolve_curvature,
 )
+from source_proj.featurize.basis import estimate_basis
 from source_proj.featurize.factors import (
     ChunkFactors,
     FactorCollector,
@@ -50,6 +53,7 @@ from source_proj.featurize.grow import finished_before_growth, growth_refusal, r
 from source_proj.featurize.plan import FeaturizePlan, NotPrepared, Unit, featurize_plan
 from source_proj.featurize.sharded import ShardedParameters
 from source_proj.projection.base import Projector, RademacherProjector
+from source_proj.projection.eigen import EigenBasis
 from source_proj.projection.factored import FactoredProjector
 from source_proj.projection.transform import GradientTransform
 from source_proj.store.provenance import (
@@ -188,11 +192,13 @@ class _Featurize:
             self.names = self.task.select_parameters(self.work_model)
             params = dict(self.work_model.named_parameters())
             shapes = [(n, tuple(params[n].shape)) for n in self.names]
-            self.projector = self.projection.projector(shapes, self.work_model)
-            _warn_dense_on_cpu(self.projector, self.device)
             self.grads_fn = PerExampleGradients(
                 self.work_model, self.task, self.names, vmap_chunk=options.vmap_chunk, precision=options.precision
             )
+            data_print = data_fingerprint(self.datasets)
+            self.basis = self._eigen_basis(data_print) if self.projection.kind == "eigen" else None
+            self.projector = self.projection.projector(shapes, self.work_model, self.basis)
+            _warn_dense_on_cpu(self.projector, self.device)
             if self.shards is not None:
                 _check_factored(self.projector)
                 self.grads_fn.device = self.device  # the parameters are placeholders between layers
@@ -214,7 +220,7 @@ class _Featurize:
                         whole, self.task, self.reference, self.device if self.shards is None else torch.device("cpu")
                     ),
                 },
-                "data": data_fingerprint(self.datasets),
+                "data": data_print,
             }
             self.directions = _fisher_directions(self.grads_fn, self.task, self.datasets, options, self.device)
             self.collector = None
@@ -252,6 +258,28 @@ class _Featurize:
             }
         return self._meta
 
+    def _eigen_basis(self, data_print: Any) -> EigenBasis:
+        """The eigen projection's basis: the store's own when it was estimated from the same inputs (a
+        resumed featurize) or the store grows, else estimated from the run (``basis.py``)."""
+        projection, trajectory = self.projection, self.trajectory
+        inputs = hashlib.sha256(
+            json.dumps(
+                [trajectory.fingerprint(), data_print, projection.dim, projection.seed, projection.basis_examples,
+                 self.names], sort_keys=True, default=str,
+            ).encode()
+        ).hexdigest()[:16]  # fmt: skip
+        if is_store(self.path):
+            store = Store.open(self.path)
+            desc = store.meta.get("projection") or {}
+            if desc.get("kind") == "eigen" and (self.grow or desc["basis"].get("inputs") == inputs):
+                with contextlib.suppress(StoreError):  # half-written: estimate it again
+                    return EigenBasis.read(store, desc["basis"])
+        return estimate_basis(
+            trajectory, trajectory.checkpoints, self.grads_fn, self.task, self.datasets, self.names, projection.dim,
+            examples=projection.basis_examples, seed=projection.seed, batch_size=self.options.batch_size,
+            device=self.device, inputs=inputs, progress=self.progress,
+        )  # fmt: skip
+
     def _plan(self, store: Store, overwrite: bool = False, record: bool = False) -> FeaturizePlan:
         self._setup()
         return featurize_plan(self.trajectory, store, self.datasets, self.names, self.options, overwrite, record=record)
@@ -259,6 +287,10 @@ class _Featurize:
     def prepare(self, overwrite: bool) -> None:
         check_checkpoints(self.trajectory, self.work_model if self.shards is None else copy.deepcopy(self.model).cpu())
         store = self._open_or_create(overwrite)
+        if self.basis is not None:
+            for name, values in self.basis.arrays():
+                if not store.is_complete(name):
+                    store.write_whole(name, values)
         plan = self._plan(store, overwrite, record=True)
         if not plan.store.is_complete("trajectory/lr"):
             plan.store.write_whole("trajectory/lr", self.trajectory.lr.astype(np.float64))

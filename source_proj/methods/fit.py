@@ -41,8 +41,9 @@ from source_proj.trajectory.preconditioner import coupled_decay, unflatten
 from source_proj.trajectory.recorder import Stage
 from source_proj.trajectory.segments import Segment, SegmentationArguments, make_segments, optimizer_rule
 
-DAMPING_FACTORS = {"projected": 1.0, "kfac": 0.0}
-"""SOURCE's default damping factor per curvature (`FitArguments.damping_factor`)."""
+DAMPING_FACTORS = {"projected": 1.0, "kfac": 0.0, "eigen": 0.3}
+"""SOURCE's default damping factor per curvature (`FitArguments.damping_factor`); ``"eigen"``: the projected
+curvature of a store featurized with the ``eigen`` projection."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,8 @@ class FitArguments:
             ``"kfac"``). ``0`` is the paper's SOURCE, damped only by the weight decay and the horizon
             (1/(η̄K)). Default (``DAMPING_FACTORS``, the evidence of BENCHMARKS.md, issue 12, "SOURCE's
             damping"): 1 for the projected curvature, whose small eigenvalues are mostly estimation and
-            projection noise, 0 for the Kronecker one, which damping did not help.
+            projection noise; 0.3 for it on the ``eigen`` projection, which adds no projection noise
+            ("The eigen projection"); 0 for the Kronecker one, which damping did not help.
     """
 
     segments_per_stage: int | None = None
@@ -93,9 +95,12 @@ class FitArguments:
         if factor is not None and (not isinstance(factor, int | float) or not math.isfinite(factor) or factor < 0):
             raise TaskError(f"damping_factor must be a finite number ≥ 0, not {factor!r}.")
 
-    def resolve_damping(self, curvature: str) -> float:
-        """The damping factor this fit uses with ``curvature`` (see ``damping_factor``)."""
-        return DAMPING_FACTORS[curvature] if self.damping_factor is None else float(self.damping_factor)
+    def resolve_damping(self, curvature: str, projection: str | None = None) -> float:
+        """The damping factor this fit uses with ``curvature`` on a store of ``projection``'s kind (see
+        ``damping_factor``)."""
+        if self.damping_factor is not None:
+            return float(self.damping_factor)
+        return DAMPING_FACTORS["eigen" if curvature == "projected" and projection == "eigen" else curvature]
 
     @property
     def name(self) -> str:
@@ -376,7 +381,7 @@ class _Fit:
             "kind": "fast-source" if self.args.fast else "source",
             "arguments": asdict(self.args),
             "curvature": curvature,
-            "damping_factor": self.args.resolve_damping(curvature),
+            "damping_factor": self.args.resolve_damping(curvature, meta["projection"]["kind"]),
             "segments": [s.describe() for s in segments],
             "stages": attributed,
             "dim": dim,

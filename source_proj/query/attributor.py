@@ -163,7 +163,7 @@ class Attributor:
         self._load(self.trajectory.final_checkpoint.step)
         check_model(self.store, self.model, task, self.device)
         names = [name for name, _ in meta["params"]]
-        self.projector = projector_from_meta(meta, self.model)
+        self.projector = projector_from_meta(meta, self.model, self.store)
         self.param_names = names
         self.batch_size = batch_size
         self.search_backend = search_backend

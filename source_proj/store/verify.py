@@ -259,7 +259,7 @@ def _verify(store: Store, *, repair: bool, progress: bool) -> VerifyReport:
         report.unusable = True
         return report
     try:
-        if featurized and meta["projection"].get("kind") != "factored":  # a factored one needs the model's layers
+        if featurized and meta["projection"].get("kind") not in ("factored", "eigen"):  # these need the model's layers
             projector_from_meta(meta)
         expected = expected_features(meta) if featurized else {}
     except (SourceProjError, KeyError, TypeError, ValueError) as err:

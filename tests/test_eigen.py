@@ -1,0 +1,158 @@
+"""The eigen projection (each layer's leading Kronecker-factor eigenvectors, ``projection/eigen.py``):
+its allocation, its basis against brute force, its features against materialised gradients, and
+SOURCE through it against SOURCE without a projection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import source_proj as sp
+from source_proj.featurize import featurize as featurize_module
+from source_proj.methods.kronecker import layer_matrix
+from source_proj.projection.eigen import allocate
+from source_proj.projection.layers import factorable_layers
+from source_proj.store.store import ckpt_key
+from source_proj.tasks.gradients import PerExampleGradients
+
+from .conftest import full_batch_run
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+
+
+def _run(tmp_path: Path, data: TensorDataset) -> tuple[Path, nn.Module]:
+    run = tmp_path / "run"
+    model = _mlp()
+    full_batch_run(run, model, data, lambda o, y: F.cross_entropy(o, y, reduction="none"), lr=0.3, steps=4,
+                   save_every=2, weight_decay=1e-3, momentum=0.9)  # fmt: skip
+    return run, _mlp()
+
+
+def _featurize(run: Path, model: nn.Module, data: TensorDataset, path: Path, **projection) -> sp.Store:
+    return sp.featurize(
+        run, model, sp.ClassificationTask(), data, path, projection=sp.ProjectionArguments(**projection), progress=False
+    )
+
+
+def test_allocate_takes_the_largest_gain_per_coordinate_and_stays_in_budget() -> None:
+    """One layer, A eigenvalues (4, 1), B eigenvalues (3, 1), k = 2: a second B direction keeps
+    (3+1)·4 = 16, a second A direction 3·(4+1) = 15, so B's is taken. A budget that fits everything
+    gives every layer its whole size; every layer keeps at least one direction per side."""
+    assert allocate([np.array([4.0, 1.0])], [np.array([3.0, 1.0])], 2) == [(2, 1)]
+    assert allocate([np.array([1.0, 4.0][::-1])], [np.array([1.0, 3.0][::-1])], 2) == [(2, 1)]
+    sizes = [(np.array([5.0, 2, 1]), np.array([3.0, 1])), (np.array([9.0, 0.1]), np.array([2.0, 2, 2]))]
+    a, b = [s[0] for s in sizes], [s[1] for s in sizes]
+    assert allocate(a, b, 100) == [(2, 3), (3, 2)]
+    small = allocate(a, b, 5)
+    assert sum(ko * ki for ko, ki in small) <= 5 and all(ko >= 1 and ki >= 1 for ko, ki in small)
+    with pytest.raises(sp.TaskError, match="k ≥ the number of layers"):
+        allocate(a, b, 1)
+
+
+def test_full_rank_eigen_source_equals_source_without_projection(tmp_path: Path, classification_data) -> None:
+    """With k ≥ p every layer keeps its whole eigenbasis: the projection is an orthogonal change of
+    coordinates, under which SOURCE's projected Gauss–Newton operators (φ(PHPᵀ) = Pφ(H)Pᵀ), the
+    weight decay, the damping's mean eigenvalue and every inner product are unchanged. So its scores
+    equal those of the identity projection (the exact Gauss–Newton, no projection at all)."""
+    run, model = _run(tmp_path, classification_data)
+    task = sp.ClassificationTask()
+    p = sum(x.numel() for x in model.parameters())
+    eigen = _featurize(run, model, classification_data, tmp_path / "eigen.sp", kind="eigen", dim=p)
+    basis = eigen.meta["projection"]["basis"]
+    assert basis["blocks"] == [[6, 5], [3, 7]] and eigen.meta["projection"]["dim"] == p
+    exact = _featurize(run, model, classification_data, tmp_path / "identity.sp", kind="identity")
+    queries = TensorDataset(*(t[:7] for t in classification_data.tensors))
+    scores = []
+    for store in (eigen, exact):
+        sp.fit(store, sp.FitArguments(curvature="projected", damping_factor=1.0), progress=False)
+        scores.append(np.asarray(sp.Attributor(store, _mlp(), task).scores(queries)))
+    assert np.abs(scores[1]).max() > 1e-3
+    np.testing.assert_allclose(scores[0], scores[1], rtol=2e-3, atol=2e-4 * np.abs(scores[1]).max())
+    # The default damping: 0.3 on the eigen projection, 1 on the others (BENCHMARKS.md, "The eigen projection").
+    for store, factor in ((eigen, 0.3), (exact, 1.0)):
+        sp.fit(store, sp.FitArguments(curvature="projected", method="default"), progress=False)
+        assert sp.Store.open(store.path).meta["methods"]["default"]["damping_factor"] == factor
+
+
+def test_truncated_basis_is_the_leading_eigenvectors_and_features_are_its_projection(
+    tmp_path: Path, classification_data
+) -> None:
+    """At k < p: the input side of each layer's basis spans the leading eigenvectors of A averaged over
+    the checkpoints (brute force over every example; the inputs do not depend on the sampled labels),
+    both sides are orthonormal, and the stored features are U_Bᵀ G U_A of the materialised gradients."""
+    run, model = _run(tmp_path, classification_data)
+    store = _featurize(run, model, classification_data, tmp_path / "eigen.sp", kind="eigen", dim=24)
+    desc = store.meta["projection"]
+    blocks = desc["basis"]["blocks"]
+    assert sum(ko * ki for ko, ki in blocks) <= 24 and desc["basis"]["checkpoints"] == [0, 2, 4]
+    trajectory = sp.Trajectory.load(run)
+    work = _mlp()
+    names = [n for n, _ in work.named_parameters()]
+    layers, _ = factorable_layers(work, names)
+    x = classification_data.tensors[0]
+    a_mean = [torch.zeros(layer.in_rows, layer.in_rows, dtype=torch.float64) for layer in layers]
+    for checkpoint in trajectory.checkpoints:
+        trajectory.load_into(work, checkpoint)
+        inputs = [x, torch.tanh(work[0](x))]
+        for i, a in enumerate(inputs):
+            a1 = torch.cat([a, torch.ones(len(a), 1)], dim=1).double()
+            a_mean[i] += a1.T @ a1 / len(a1) / len(trajectory.checkpoints)
+    for i, (ko, ki) in enumerate(blocks):
+        u_in = torch.from_numpy(np.asarray(store.read(f"projection/basis/{i}/in"))).double()
+        u_out = torch.from_numpy(np.asarray(store.read(f"projection/basis/{i}/out"))).double()
+        torch.testing.assert_close(u_in @ u_in.T, torch.eye(ki, dtype=torch.float64), atol=1e-5, rtol=0)
+        torch.testing.assert_close(u_out @ u_out.T, torch.eye(ko, dtype=torch.float64), atol=1e-5, rtol=0)
+        _, vectors = torch.linalg.eigh(a_mean[i])
+        top = vectors[:, -ki:]
+        torch.testing.assert_close(u_in.T @ u_in, top @ top.T, atol=1e-4, rtol=0)
+    trajectory.load_into(work, trajectory.final_checkpoint)
+    grads = PerExampleGradients(work, sp.ClassificationTask(), names)(tuple(classification_data.tensors), "loss")
+    expected = []
+    for i, layer in enumerate(layers):
+        u_in = torch.from_numpy(np.asarray(store.read(f"projection/basis/{i}/in")))
+        u_out = torch.from_numpy(np.asarray(store.read(f"projection/basis/{i}/out")))
+        expected.append((u_out @ layer_matrix(grads, layer).float() @ u_in.T).flatten(1))
+    features = np.asarray(store.read(f"grads/main/{ckpt_key(4)}"))
+    np.testing.assert_allclose(features, torch.cat(expected, dim=1).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_resumed_store_keeps_its_basis_and_other_data_are_refused(
+    tmp_path: Path, classification_data, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Featurize again on the same inputs reuses the stored basis (no second estimate); other training
+    data estimate another basis, which the store refuses in one sentence unless overwritten."""
+    run, model = _run(tmp_path, classification_data)
+    path = tmp_path / "eigen.sp"
+    first = _featurize(run, model, classification_data, path, kind="eigen", dim=24)
+    digest = first.meta["projection"]["basis"]["digest"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the basis was estimated again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(featurize_module, "estimate_basis", refuse)
+        again = _featurize(run, model, classification_data, path, kind="eigen", dim=24)
+    assert again.meta["projection"]["basis"]["digest"] == digest
+    x, y = classification_data.tensors
+    other = TensorDataset(x.flip(0), y.flip(0).roll(1))
+    with pytest.raises(sp.StoreError, match="other settings"):
+        _featurize(run, model, other, path, kind="eigen", dim=24)
+    assert sp.Store.open(path).meta["projection"]["basis"]["digest"] == digest
+
+
+def test_capture_refuses_the_eigen_projection(tmp_path: Path) -> None:
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = sp.TrajectoryRecorder(tmp_path / "run", model, opt, save_every=1)
+    with pytest.raises(sp.TaskError, match="estimated from a run's checkpoints"):
+        sp.GradientCapture(rec, tmp_path / "c.sp", sp.ClassificationTask(),
+                           projection=sp.ProjectionArguments(kind="eigen"))  # fmt: skip
