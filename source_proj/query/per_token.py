@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from source_proj.errors import TaskError
 from source_proj.featurize.arguments import as_stage_datasets
 from source_proj.projection.base import Projector
+from source_proj.projection.factored import FactoredProjector
 from source_proj.query.attributor import Attributor, method_meta
 from source_proj.tasks.gradients import move_batch
 from source_proj.tasks.task import Batch
@@ -212,12 +213,17 @@ def adjoint(
     projector: Projector, shapes: Sequence[tuple[str, Sequence[int]]], w: Tensor, scale: Mapping[str, Tensor] | None
 ) -> dict[str, Tensor]:
     """u = s ⊙ Pᵀ w for every row of ``w`` ``[Q, k]``: ``name → [Q, *shape]`` for the parameters ``shapes``
-    (autograd through the projector's own map, so any projector whose ``project`` is differentiable serves)."""
+    (autograd through the projector's own map, so any projector whose ``project`` is differentiable serves;
+    a factored projection's s is its rank-R form, as its features used)."""
     grads = {name: torch.zeros(w.shape[0], *shape, device=w.device, requires_grad=True) for name, shape in shapes}
     projected = projector.project(grads)
     pulled = torch.autograd.grad(projected, list(grads.values()), grad_outputs=w.to(projected.dtype))
     u = dict(zip(grads, pulled, strict=True))
-    if scale is not None:
+    if scale is not None and isinstance(projector, FactoredProjector):
+        # The features were projected with the projection's own form of s ⊙ (rank R on each layer), a sum of
+        # diagonal Kronecker terms and so its own adjoint.
+        u = projector.scaling({n: t.to(w.device) for n, t in scale.items()}).to(w.device).apply(u)
+    elif scale is not None:
         u = {name: g * scale[name].to(g) if name in scale else g for name, g in u.items()}
     return u
 
