@@ -10,7 +10,8 @@ The tiny GPT-2 of ``examples/text/lm.py`` (two AdamW stages, recorded), the fine
 retrains cached in OUT/finetune/retrains, shared by every store). One store per setting, the same k:
 ``rademacher`` (D^{-1/2} applied exactly to materialised gradients, today's default), ``factored-exact``
 (rank min(d_out, d_in + 1) on every layer: exact too, a check of the factored path itself) and
-``factored-rR`` for each R of ``--ranks``, and ``eigen`` (each layer's Kronecker eigenbasis, rank 1). Prints a Markdown table (LDS with 95 % bootstrap interval,
+``factored-rR`` for each R of ``--ranks``, and ``eigen`` (each layer's Kronecker eigenbasis, rank 1).
+Prints a Markdown table (LDS with 95 % bootstrap interval,
 featurize seconds) and writes OUT/results.json.
 """
 
@@ -78,7 +79,8 @@ def main() -> None:
     lines = [f"k = {args.dim}, M = {args.subsets}, R = {args.repeats}, {len(queries)} queries", "",
              "| projection | Adam's D^{-1/2} | LDS [95 % CI] | featurize s |", "|---|---|---|---|"]  # fmt: skip
     for name, (result, *_) in table.items():
-        how = "exact (materialised)" if name == "rademacher" else "rank 1 per layer" if name == "eigen" else "exact (every layer's full rank)" if "exact" in name \
+        how = "exact (materialised)" if name == "rademacher" else "rank 1 per layer" if name == "eigen" \
+            else "exact (every layer's full rank)" if "exact" in name \
             else f"rank {name.rsplit('r', 1)[1]} per layer"  # fmt: skip
         lines.append(f"| {name.split('-')[0]} | {how} | {result.mean:.3f} [{result.low:.3f}, {result.high:.3f}] | "
                      f"{seconds[name]:.1f} |")  # fmt: skip

@@ -15,6 +15,7 @@ from source_proj.methods.baselines import BASELINES, BaselineArguments, fit_base
 from source_proj.methods.fit import FitArguments, fit
 from source_proj.pipeline import attribute
 from source_proj.projection.base import IdentityProjector, Projector, RademacherProjector
+from source_proj.projection.eigen import EigenBasis, EigenProjector
 from source_proj.projection.factored import FactoredProjector
 from source_proj.projection.fastjl import FastJLProjector
 from source_proj.query.attributor import Attributor, QueryResult
@@ -38,6 +39,8 @@ __all__ = [
     "BaselineArguments",
     "CaptureArguments",
     "ClassificationTask",
+    "EigenBasis",
+    "EigenProjector",
     "Ensemble",
     "FactoredProjector",
     "FastJLProjector",

@@ -128,7 +128,7 @@ def fitted_mlp_store(tmp_path: Path, classification_data: TensorDataset) -> Path
         sp.ClassificationTask(),
         classification_data,
         store,
-        projection=sp.ProjectionArguments(dim=32),
+        projection=sp.ProjectionArguments(dim=32, kind="rademacher"),  # the dense oracle the tests compare with
         options=sp.FeaturizeArguments(batch_size=7, chunk_rows=9),
         progress=False,
     )

@@ -62,8 +62,13 @@ def record(run: Path) -> None:
 
 
 def featurize(run: Path, store: Path, **kwargs: object) -> sp.Store:
-    """featurize of the tiny problem (the call the tests interrupt)."""
-    arguments: dict = {"projection": sp.ProjectionArguments(dim=DIM, seed=3), "options": OPTIONS, "progress": False}
+    """featurize of the tiny problem (the call the tests interrupt), with the dense projection whose chunks and
+    write counts these tests were written against (the eigen projection's basis pass: tests/test_eigen.py)."""
+    arguments: dict = {
+        "projection": sp.ProjectionArguments(dim=DIM, seed=3, kind="rademacher"),
+        "options": OPTIONS,
+        "progress": False,
+    }
     arguments.update(kwargs)
     return sp.featurize(run, build_model(), sp.ClassificationTask(), data(), store, **arguments)
 

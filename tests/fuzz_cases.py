@@ -372,7 +372,9 @@ CASES: list[Case] = [
         "featurize --ckpts garbage trajectory.json",
         _then(lambda w: (w.run / "trajectory.json").write_text("{not json"), _featurize()),
     ),
-    *[Case(f"featurize --dim {d}", _featurize("--dim", d)) for d in ("0", "-4", "100000")],
+    *[Case(f"featurize --dim {d}", _featurize("--dim", d)) for d in ("0", "-4")],
+    # The eigen projection takes any k (above p it keeps every direction); the dense one refuses k > p.
+    Case("featurize --dim 100000", _featurize("--projection", "rademacher", "--dim", "100000")),
     Case("featurize --batch-size 0", _featurize("--batch-size", "0")),
     Case("featurize --chunk-rows 0", _featurize("--chunk-rows", "0")),
     Case("featurize --workers -1", _featurize("--workers", "-1")),

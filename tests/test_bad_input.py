@@ -135,15 +135,15 @@ def _with_label(index: int, label: int) -> TensorDataset:
 def test_labels_out_of_range(tmp_path: Path, tiny_run: Path) -> None:
     with pytest.raises(sp.TaskError, match=r"Labels must lie in \[0, 2\] .* labels from \d to 7") as err:
         sp.featurize(tiny_run, build_model(), sp.ClassificationTask(), _with_label(1, 7), tmp_path / "a.sp",
-                     projection=sp.ProjectionArguments(dim=12), options=sp.FeaturizeArguments(chunk_rows=4),
-                     progress=False)  # fmt: skip
+                     projection=sp.ProjectionArguments(dim=12, kind="rademacher"),
+                     options=sp.FeaturizeArguments(chunk_rows=4), progress=False)  # fmt: skip
     _one_sentence(err)
     assert not (tmp_path / "a.sp").exists()
     # A bad label in the third chunk: the two chunks before it are finished work and stay, complete.
     with pytest.raises(sp.TaskError, match="Labels must lie"):
         sp.featurize(tiny_run, build_model(), sp.ClassificationTask(), _with_label(9, -1), tmp_path / "b.sp",
-                     projection=sp.ProjectionArguments(dim=12), options=sp.FeaturizeArguments(chunk_rows=4),
-                     progress=False)  # fmt: skip
+                     projection=sp.ProjectionArguments(dim=12, kind="rademacher"),
+                     options=sp.FeaturizeArguments(chunk_rows=4), progress=False)  # fmt: skip
     store = sp.Store.open(tmp_path / "b.sp")
     assert store.pending_chunks("grads/main/step-00000000") == [2]
     report = sp.verify_store(store.path, progress=False)
@@ -152,7 +152,7 @@ def test_labels_out_of_range(tmp_path: Path, tiny_run: Path) -> None:
 
 def test_projection_dimension_larger_than_the_parameter_count(tmp_path: Path, tiny_run: Path) -> None:
     with pytest.raises(sp.TaskError, match=r"dimension 100 is larger than the 75 selected parameters") as err:
-        featurize(tiny_run, tmp_path / "s.sp", projection=sp.ProjectionArguments(dim=100))
+        featurize(tiny_run, tmp_path / "s.sp", projection=sp.ProjectionArguments(dim=100, kind="rademacher"))
     _one_sentence(err)
     assert not (tmp_path / "s.sp").exists()
 
@@ -163,8 +163,8 @@ def test_non_finite_gradient_names_the_checkpoint_and_the_example(tmp_path: Path
     x[2, 3] = float("nan")
     with pytest.raises(sp.NumericalError) as err:
         sp.featurize(tiny_run, build_model(), sp.ClassificationTask(), TensorDataset(x, y), tmp_path / "s.sp",
-                     projection=sp.ProjectionArguments(dim=12), options=sp.FeaturizeArguments(chunk_rows=4),
-                     progress=False)  # fmt: skip
+                     projection=sp.ProjectionArguments(dim=12, kind="rademacher"),
+                     options=sp.FeaturizeArguments(chunk_rows=4), progress=False)  # fmt: skip
     message = _one_sentence(err)
     assert "training-loss gradient of training example 2 at checkpoint checkpoints/step-00000000.pt" in message
     assert not (tmp_path / "s.sp").exists()
@@ -211,10 +211,10 @@ def test_a_dense_projection_that_redraws_every_batch_on_the_cpu_is_warned_about(
     """One sentence naming the factored projection; the store is still made (a warning, not a refusal)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a small dense projection: no warning
-        featurize(tiny_run, tmp_path / "small.sp", projection=sp.ProjectionArguments(dim=8))
+        featurize(tiny_run, tmp_path / "small.sp", projection=sp.ProjectionArguments(dim=8, kind="rademacher"))
     monkeypatch.setattr(sp.RademacherProjector, "redraws_every_batch", lambda self: True)
     with pytest.warns(UserWarning, match=r"GiB matrix it redraws for every batch on the CPU.*'factored'") as seen:
-        featurize(tiny_run, tmp_path / "big.sp", projection=sp.ProjectionArguments(dim=8))
+        featurize(tiny_run, tmp_path / "big.sp", projection=sp.ProjectionArguments(dim=8, kind="rademacher"))
     assert len(seen) == 1 and str(seen[0].message).count(". ") == 0
     assert sp.Store.open(tmp_path / "big.sp").meta["projection"]["kind"] == "rademacher"
     with warnings.catch_warnings():

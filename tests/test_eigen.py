@@ -129,7 +129,8 @@ def test_a_resumed_store_keeps_its_basis_and_other_data_are_refused(
     tmp_path: Path, classification_data, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Featurize again on the same inputs reuses the stored basis (no second estimate); other training
-    data estimate another basis, which the store refuses in one sentence unless overwritten."""
+    data are named as such in one sentence (the store's data fingerprint), and the store is kept; with
+    overwrite the basis is estimated again from the new data."""
     run, model = _run(tmp_path, classification_data)
     path = tmp_path / "eigen.sp"
     first = _featurize(run, model, classification_data, path, kind="eigen", dim=24)
@@ -144,9 +145,12 @@ def test_a_resumed_store_keeps_its_basis_and_other_data_are_refused(
     assert again.meta["projection"]["basis"]["digest"] == digest
     x, y = classification_data.tensors
     other = TensorDataset(x.flip(0), y.flip(0).roll(1))
-    with pytest.raises(sp.StoreError, match="other settings"):
+    with pytest.raises(sp.TaskError, match="training data of stage 'main' are not those"):
         _featurize(run, model, other, path, kind="eigen", dim=24)
     assert sp.Store.open(path).meta["projection"]["basis"]["digest"] == digest
+    replaced = sp.featurize(run, model, sp.ClassificationTask(), other, path, overwrite=True, progress=False,
+                            projection=sp.ProjectionArguments(kind="eigen", dim=24))  # fmt: skip
+    assert replaced.meta["projection"]["basis"]["digest"] != digest
 
 
 def test_capture_refuses_the_eigen_projection(tmp_path: Path) -> None:
@@ -156,3 +160,79 @@ def test_capture_refuses_the_eigen_projection(tmp_path: Path) -> None:
     with pytest.raises(sp.TaskError, match="estimated from a run's checkpoints"):
         sp.GradientCapture(rec, tmp_path / "c.sp", sp.ClassificationTask(),
                            projection=sp.ProjectionArguments(kind="eigen"))  # fmt: skip
+
+
+def test_adam_full_rank_eigen_source_equals_source_without_projection(tmp_path: Path, classification_data) -> None:
+    """On an AdamW run the eigen projection applies D^{-1/2} through its layer factors (here exactly:
+    ``adam_rank`` above every layer's rank) before its orthogonal full-rank basis, so SOURCE's scores
+    equal those of the identity projection, which scales the materialised gradients exactly."""
+    run = tmp_path / "run"
+    model = _mlp()
+    x, y = classification_data.tensors
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.01)
+    rec = sp.TrajectoryRecorder(run, model, opt, save_every=2)
+    rec.begin_stage("main", dataset_size=len(y))
+    for _ in range(6):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        rec.step()
+    rec.close()
+    p = sum(t.numel() for t in model.parameters())
+    task = sp.ClassificationTask()
+    eigen = _featurize(run, _mlp(), classification_data, tmp_path / "eigen.sp", kind="eigen", dim=p, adam_rank=10**6)
+    exact = _featurize(run, _mlp(), classification_data, tmp_path / "identity.sp", kind="identity")
+    queries = TensorDataset(x[:5], y[:5])
+    scores = []
+    for store in (eigen, exact):
+        sp.fit(store, sp.FitArguments(curvature="projected", damping_factor=1.0), progress=False)
+        scores.append(np.asarray(sp.Attributor(store, _mlp(), task).scores(queries)))
+    assert np.abs(scores[1]).max() > 1e-3
+    np.testing.assert_allclose(scores[0], scores[1], rtol=2e-3, atol=2e-4 * np.abs(scores[1]).max())
+
+
+class _Bilinear(nn.Module):
+    """No nn.Linear/Conv: a bare parameter, which no Kronecker factor covers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.w = nn.Parameter(0.1 * torch.randn(4, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.w
+
+
+def test_a_model_without_kronecker_layers_falls_back_to_the_dense_projection(
+    tmp_path: Path, classification_data
+) -> None:
+    """The eigen projection needs layers with Kronecker factors; without any, featurize warns in one
+    sentence and uses the dense Rademacher projection, which the store records (and queries rebuild)."""
+    run = tmp_path / "run"
+    full_batch_run(run, _Bilinear(), classification_data, lambda o, y: F.cross_entropy(o, y, reduction="none"),
+                   lr=0.3, steps=2)  # fmt: skip
+    with pytest.warns(UserWarning, match="dense 'rademacher' projection instead"):
+        store = _featurize(run, _Bilinear(), classification_data, tmp_path / "s.sp", kind="eigen", dim=8)
+    assert store.meta["projection"]["kind"] == "rademacher"
+    sp.fit(store, progress=False)
+    scores = sp.Attributor(store, _Bilinear(), sp.ClassificationTask()).scores(classification_data)
+    assert np.isfinite(np.asarray(scores)).all()
+
+
+def test_bad_inputs_stop_the_basis_pass_in_one_sentence_before_anything_is_written(
+    tmp_path: Path, classification_data
+) -> None:
+    """The basis pass reads the data before featurize writes anything: a NaN input is named by its
+    example and checkpoint, a label out of range by the task's sentence, and no store is left."""
+    run, model = _run(tmp_path, classification_data)
+    x, y = (t.clone() for t in classification_data.tensors)
+    x[5, 1] = float("nan")
+    with pytest.raises(sp.NumericalError, match=r"output of training example 5 at checkpoint \S+step-00000000.pt"):
+        _featurize(run, model, TensorDataset(x, y), tmp_path / "nan.sp", kind="eigen", dim=24)
+    assert not (tmp_path / "nan.sp").exists()
+    y = classification_data.tensors[1].clone()
+    y[3] = 7
+    with pytest.raises(sp.TaskError, match="Labels must lie"):
+        _featurize(run, model, TensorDataset(classification_data.tensors[0], y), tmp_path / "y.sp", kind="eigen",
+                   dim=24)  # fmt: skip
+    assert not (tmp_path / "y.sp").exists()

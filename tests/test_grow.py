@@ -59,12 +59,14 @@ def _continue(run: Path) -> None:
     rec.close()
 
 
-def _featurize(run: Path, store: Path, data: dict, **kwargs) -> sp.Store:
+def _featurize(run: Path, store: Path, data: dict, kind: str = "rademacher", **kwargs) -> sp.Store:
+    """The dense projection by default: a store grown from it must equal the longer run's store built
+    from scratch, which the eigen projection's basis (estimated from the checkpoints it saw) does not."""
     return sp.featurize(
         run, _mlp(), sp.ClassificationTask(), data, store,
-        projection=sp.ProjectionArguments(dim=16), options=sp.FeaturizeArguments(chunk_rows=8), progress=False,
-        **kwargs,
-    )
+        projection=sp.ProjectionArguments(dim=16, kind=kind), options=sp.FeaturizeArguments(chunk_rows=8),
+        progress=False, **kwargs,
+    )  # fmt: skip
 
 
 class _Counted:
@@ -141,3 +143,18 @@ def test_a_store_does_not_grow_into_a_run_that_did_not_continue_it(tmp_path: Pat
     with pytest.raises(sp.StoreError, match=r"cannot grow .* first 8 steps are not the store's run"):
         _featurize(tmp_path / "other", tmp_path / "s.sp", {"main": MAIN}, grow=True)
     assert sp.Store.open(tmp_path / "s.sp").meta["trajectory"]["checkpoints"] == [0, 4, 8]
+
+
+def test_a_grown_eigen_store_keeps_its_basis(tmp_path: Path) -> None:
+    """The eigen projection's basis was estimated from the checkpoints the store first saw; growing
+    keeps it (the old features stay valid), projects the new checkpoints onto it, and fits."""
+    _record(tmp_path / "run")
+    store = _featurize(tmp_path / "run", tmp_path / "grown.sp", {"main": MAIN}, kind="eigen")
+    basis = store.meta["projection"]["basis"]
+    _continue(tmp_path / "run")
+    grown = _featurize(tmp_path / "run", tmp_path / "grown.sp", {"main": MAIN, "extra": EXTRA}, kind="eigen", grow=True)
+    assert grown.meta["projection"]["basis"] == basis and basis["checkpoints"] == [0, 4, 8]
+    assert sp.verify_store(grown.path, progress=False).status == "ok"
+    sp.fit(grown, progress=False)
+    scores = sp.Attributor(grown, _mlp(), sp.ClassificationTask()).scores(EXTRA)
+    assert scores.shape == (10, 30) and np.isfinite(scores).all()

@@ -113,9 +113,9 @@ def test_another_projection_is_refused_and_leaves_the_store_untouched(tmp_path: 
     featurize(tiny_run, store)
     before = files(store)
     with pytest.raises(sp.StoreError, match=r"was featurized with other settings \(projection\); pass --force"):
-        featurize(tiny_run, store, projection=sp.ProjectionArguments(dim=DIM, seed=4))
+        featurize(tiny_run, store, projection=sp.ProjectionArguments(dim=DIM, seed=4, kind="rademacher"))
     assert files(store) == before
-    featurize(tiny_run, store, projection=sp.ProjectionArguments(dim=DIM, seed=4), overwrite=True)
+    featurize(tiny_run, store, projection=sp.ProjectionArguments(dim=DIM, seed=4, kind="rademacher"), overwrite=True)
     assert sp.Store.open(store).meta["projection"]["seed"] == 4
 
 
@@ -159,7 +159,8 @@ def test_a_model_with_the_same_shapes_but_another_function_is_refused(
     before = files(store)
     with pytest.raises(sp.TaskError, match="The model computes other outputs"):  # nor may featurize resume with it
         sp.featurize(tiny_run, _tanh(), sp.ClassificationTask(), data(), store, progress=False,
-                     projection=sp.ProjectionArguments(dim=DIM, seed=3), options=OPTIONS)  # fmt: skip
+                     projection=sp.ProjectionArguments(dim=DIM, seed=3, kind="rademacher"),
+                     options=OPTIONS)  # fmt: skip
     assert files(store) == before
 
 
@@ -191,7 +192,8 @@ def test_training_data_changed_but_of_the_same_size_are_refused(
         x, y = x.flip(0), y.flip(0)
     with pytest.raises(sp.TaskError) as err:
         sp.featurize(tiny_run, build_model(), sp.ClassificationTask(), TensorDataset(x, y), store, progress=False,
-                     projection=sp.ProjectionArguments(dim=DIM, seed=3), options=OPTIONS)  # fmt: skip
+                     projection=sp.ProjectionArguments(dim=DIM, seed=3, kind="rademacher"),
+                     options=OPTIONS)  # fmt: skip
     assert str(err.value) == (
         f"The training data of stage 'main' are not those the store at {store} was featurized with (other contents "
         "or order); pass the original training set in its original order, or featurize these data into a new store "

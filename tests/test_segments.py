@@ -74,7 +74,7 @@ def test_featurize_of_chosen_checkpoints_averages_only_them(tmp_path, fitted_mlp
     options = sp.FeaturizeArguments(batch_size=7, chunk_rows=9, checkpoint_steps=(10, 20))
     store = sp.featurize(
         run, mlp(), sp.ClassificationTask(), classification_data, tmp_path / "chosen.sp",
-        projection=sp.ProjectionArguments(dim=32), options=options, progress=False,
+        projection=sp.ProjectionArguments(dim=32, kind="rademacher"), options=options, progress=False,
     )  # fmt: skip
     assert store.meta["trajectory"]["checkpoints"] == [10, 20, 30]
     assert store.meta["trajectory"]["fingerprint"] == full.meta["trajectory"]["fingerprint"]
@@ -96,4 +96,5 @@ def test_featurize_of_chosen_checkpoints_averages_only_them(tmp_path, fitted_mlp
     other = sp.FeaturizeArguments(batch_size=7, chunk_rows=9, checkpoint_steps=(10,))
     with pytest.raises(sp.StoreError, match="other settings"):  # another choice is another store
         sp.featurize(run, mlp(), sp.ClassificationTask(), classification_data, tmp_path / "chosen.sp",
-                     projection=sp.ProjectionArguments(dim=32), options=other, progress=False)  # fmt: skip
+                     projection=sp.ProjectionArguments(dim=32, kind="rademacher"), options=other,
+                     progress=False)  # fmt: skip

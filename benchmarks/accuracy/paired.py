@@ -4,8 +4,9 @@ of a harness setting (``harness.Prepared.difference``: mean per-query difference
     python benchmarks/accuracy/paired.py --setting early --store model-0-k1024.sp --method source \
         --against bergson-source,ours:if [--mnist DIR] [--subsets 100] [--repeats 20]
 
-``--against`` names peer score folders under ``<setting folder>/peers`` (``peers.py`` writes them) or, as
-``ours:METHOD``, another method fitted in the same store.
+``--against`` names peer score folders under ``<setting folder>/peers`` (``peers.py`` writes them), as
+``ours:METHOD`` another method fitted in the same store, or as ``store:FILE`` / ``store:FILE:METHOD`` a
+method (default ``source``) of another store in the setting's folder.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ def main() -> None:
     for queries in h.query_sets:
         data = h.query_data(queries)
 
-        def ours(method: str, data=data) -> np.ndarray:
-            attributor = sp.Attributor(h.folder / args.store, h.build_model(), h.task, method=method, batch_size=256)
+        def ours(method: str, data=data, store: str = args.store) -> np.ndarray:
+            attributor = sp.Attributor(h.folder / store, h.build_model(), h.task, method=method, batch_size=256)
             return np.asarray(attributor.scores(data))
 
         mine = ours(args.method)
@@ -42,6 +43,9 @@ def main() -> None:
         for other in args.against.split(","):
             if other.startswith("ours:"):
                 theirs = ours(other.removeprefix("ours:"))
+            elif other.startswith("store:"):
+                store, _, method = other.removeprefix("store:").partition(":")
+                theirs = ours(method or "source", store=store)
             else:
                 theirs = np.load(h.folder / "peers" / other / f"seed-0-{queries}.npy")
             mean, low, high = h.difference(mine, theirs, queries)

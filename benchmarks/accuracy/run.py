@@ -2,7 +2,7 @@
 issue-12 settings: a markdown table for BENCHMARKS.md.
 
     python benchmarks/accuracy/run.py [--settings early,converged,two-stage,early-fast] [--root runs/accuracy]
-        [--dim 1024] [--kind rademacher] [--models 3] [--refit] [--mnist DIR] [--out runs/accuracy/table.md]
+        [--dim 1024] [--kind eigen] [--models 3] [--refit] [--mnist DIR] [--out runs/accuracy/table.md]
 
 For each setting (``harness.prepare``: models and ground truth, cached): featurize every attributed
 model at the library's defaults (dense Rademacher, k = 1024, sampled Fisher), fit ``source`` with the
@@ -35,7 +35,7 @@ from source_proj import evaluation as sp_ev
 OURS = ("source", "source-L1", *sp.BASELINES)
 
 
-def fit_ours(h: harness.Prepared, dim: int, refit: bool, kind: str = "rademacher") -> tuple[list[Path], float]:
+def fit_ours(h: harness.Prepared, dim: int, refit: bool, kind: str = "eigen") -> tuple[list[Path], float]:
     """Featurize (projection ``kind``, k = ``dim``) and fit every method of ours on each attributed model;
     returns the stores and seconds."""
     start = time.perf_counter()
@@ -74,7 +74,8 @@ def fit_ours(h: harness.Prepared, dim: int, refit: bool, kind: str = "rademacher
 
 
 def tag(dim: int, kind: str) -> str:
-    """The store and results name of a projection: ``k1024`` for the default kind, ``factored-k1024`` else."""
+    """The store and results name of a projection: ``k1024`` for the dense Rademacher kind (the default until
+    2026-11-30, whose cached stores keep that name), ``eigen-k1024`` etc. else."""
     return f"k{dim}" if kind == "rademacher" else f"{kind}-k{dim}"
 
 
@@ -142,8 +143,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=1024, help="projection dimension k (the library's default)")
     parser.add_argument(
         "--kind",
-        default="rademacher",
-        help="projection kind (the default's dense Rademacher, or factored for a model too large for it on a CPU)",
+        default="eigen",
+        help="projection kind (the library's default, eigen; rademacher was the default until 2026-11-30)",
     )
     parser.add_argument("--models", type=int, default=3)
     parser.add_argument("--subsets", type=int, default=100)

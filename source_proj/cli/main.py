@@ -119,10 +119,11 @@ def main() -> None:
 @click.option(
     "--projection",
     type=click.Choice([*PROJECTION_KINDS, "auto"]),
-    default="rademacher",
+    default="eigen",
     show_default=True,
-    help="factored: per-layer Kronecker (fast, no per-example gradients); fast_jl: TRAK's CUDA kernel; "
-    "auto: fast_jl when available, else rademacher.",
+    help="eigen: each layer onto its leading Kronecker-factor eigenvectors, estimated from the run (most accurate; "
+    "rademacher where no layer has them); factored: per-layer random Kronecker (fast, no per-example gradients); "
+    "rademacher: dense random signs; fast_jl: TRAK's CUDA kernel; auto: fast_jl when available, else rademacher.",
 )
 @click.option(
     "--module-dim",
@@ -136,6 +137,13 @@ def main() -> None:
     default=1,
     show_default=True,
     help="factored, Adam/AdamW runs: rank R of each layer's approximation of D^-1/2 (R times the projection cost).",
+)
+@click.option(
+    "--basis-examples",
+    default=2048,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="eigen: examples per stage and checkpoint whose sampled-label Fisher estimates the basis.",
 )
 @click.option(
     "--checkpoints",
@@ -227,6 +235,7 @@ def featurize(
     projection: str,
     module_dims: tuple[str, ...],
     adam_rank: int,
+    basis_examples: int,
     checkpoint_steps: str | None,
     precision: str,
     fisher: str,
@@ -260,7 +269,8 @@ def featurize(
             data,
             store_path,
             projection=sp.ProjectionArguments(
-                dim=dim, seed=seed, kind=projection, module_dims=_module_dims(module_dims), adam_rank=adam_rank
+                dim=dim, seed=seed, kind=projection, module_dims=_module_dims(module_dims), adam_rank=adam_rank,
+                basis_examples=basis_examples,
             ),
             options=sp.FeaturizeArguments(
                 batch_size=batch_size,

@@ -31,11 +31,13 @@ class ProjectionArguments:
     Attributes:
         dim: k, the projection dimension (ignored by ``"identity"``).
         seed: the projection's seed; the same seed gives the same P everywhere.
-        kind: ``"rademacher"`` (±1/√k entries, the default), ``"factored"`` (per-layer Kronecker
+        kind: ``"eigen"`` (the default, below), ``"rademacher"`` (±1/√k entries), ``"factored"`` (per-layer Kronecker
             P_out ⊗ P_in of Linear, Conv, GPT-2 Conv1D and Embedding layers, no per-example gradients
             materialised; see ``factored.py``), ``"eigen"`` (the factored projection onto each layer's
             leading Kronecker-factor eigenvectors, estimated from the run by featurize: no projection
-            noise; see ``eigen.py``), ``"fast_jl"`` (TRAK's CUDA kernel, its own matrix),
+            noise, the most accurate SOURCE measured at equal k (BENCHMARKS.md, "The eigen
+            projection"); a model without such layers falls back to ``"rademacher"`` with a warning;
+            see ``eigen.py``), ``"fast_jl"`` (TRAK's CUDA kernel, its own matrix),
             ``"auto"`` (fast_jl where CUDA and fast_jl are present, else rademacher) or
             ``"identity"`` (no projection, k = p). The store records the kind used; queries rebuild it.
         module_dims: ``"factored"`` only: glob pattern on module names → k_m; each matching layer is
@@ -50,7 +52,7 @@ class ProjectionArguments:
 
     dim: int = 1024
     seed: int = 0
-    kind: str = "rademacher"
+    kind: str = "eigen"
     module_dims: Mapping[str, int] = field(default_factory=dict)
     adam_rank: int = 1
     basis_examples: int = 2048

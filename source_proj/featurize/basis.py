@@ -11,14 +11,21 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from source_proj.errors import TaskError
+from source_proj.errors import NumericalError, TaskError, TrajectoryError
 from source_proj.featurize.arguments import checkpoint_stages
 from source_proj.featurize.factors import FactorCollector, kronecker_layers
 from source_proj.projection.eigen import EigenBasis, _has_rest, basis_budget
-from source_proj.projection.layers import factorable_layers
+from source_proj.projection.layers import FactoredLayer, factorable_layers
+from source_proj.projection.transform import scaling_transform
 from source_proj.tasks.gradients import PerExampleGradients, move_batch
 from source_proj.tasks.task import Task
-from source_proj.trajectory.recorder import Checkpoint, Trajectory
+from source_proj.trajectory.preconditioner import checkpoint_preconditioner, steps_preconditioner
+from source_proj.trajectory.recorder import Checkpoint, Stage, Trajectory
+from source_proj.trajectory.segments import optimizer_rule
+
+
+class NoBasis(TaskError):
+    """The model has no layer the eigen projection can take a basis for (featurize falls back to 'rademacher')."""
 
 
 def estimate_basis(
@@ -44,9 +51,9 @@ def estimate_basis(
     model: nn.Module = grads_fn.model
     layers, _ = kronecker_layers(model, names)
     if not layers:
-        raise TaskError(
+        raise NoBasis(
             "The eigen projection found no layer with Kronecker factors (nn.Linear, nn.Conv1d/2d, GPT-2 Conv1D) "
-            "among the selected parameters; use the 'rademacher' projection for this model."
+            "among the selected parameters."
         )
     factorable, _ = factorable_layers(model, names)
     shares = len(layers) < len(factorable) or _has_rest([(n, ()) for n in names], factorable)
@@ -60,6 +67,9 @@ def estimate_basis(
     for stage, data in datasets.items():
         size = len(data)  # type: ignore[arg-type]
         subsets[stage] = np.sort(rng.choice(size, min(size, examples), replace=False)).tolist()
+    params = dict(model.named_parameters())
+    rules = {st.name: optimizer_rule(st, {n: params[n].numel() for n in names}) for st in trajectory.stages}
+    stages = {st.name: st for st in trajectory.stages}
     visits = [(c, stage) for c in checkpoints for stage in checkpoint_stages(trajectory, c)]
     total = sum(-(-len(subsets[stage]) // batch_size) for _, stage in visits)
     loaded = None
@@ -69,15 +79,33 @@ def estimate_basis(
                 trajectory.load_into(model, checkpoint)
                 loaded = checkpoint
             sums = collector.empty()
+            done = 0
             for batch in DataLoader(Subset(datasets[stage], subsets[stage]), batch_size=batch_size):
                 batch = move_batch(batch, device)
                 outputs = grads_fn.outputs(batch).detach()
                 task.loss(outputs, batch)  # validates the targets outside the hooks
-                collector.add(sums, task.fisher_targets(outputs, batch, generator))
+                bad = ~torch.isfinite(outputs.reshape(outputs.shape[0], -1)).all(dim=1)
+                if bad.any():  # before labels are drawn from them
+                    row = subsets[stage][done + int(torch.nonzero(bad)[0, 0])]
+                    raise NumericalError(
+                        f"The output of training example {row} at checkpoint {checkpoint.file} is NaN or infinite; "
+                        "check that example's input and label, and the checkpoint's weights."
+                    )
+                done += outputs.shape[0]
+                try:
+                    collector.add(sums, task.fisher_targets(outputs, batch, generator))
+                except TaskError as err:  # the layers' structure (inputs not batch-first, unused layers)
+                    raise NoBasis(f"The eigen projection cannot take this model's Kronecker factors: {err}") from err
                 bar.update()
+            adam = rules[stage].preconditioned
+            sides = _adam_sides(trajectory, checkpoint, stages[stage], names, layers) if adam else None
             for i in range(len(layers)):
-                a_mean[i] += sums.a[i].numpy() / max(sums.positions[i], 1)
-                b_mean[i] += sums.b[i].numpy() / max(sums.examples, 1)
+                a, b = sums.a[i].numpy() / max(sums.positions[i], 1), sums.b[i].numpy() / max(sums.examples, 1)
+                if sides is not None:
+                    row, col = sides[i]
+                    a, b = a * np.outer(col, col), b * np.outer(row, row)
+                a_mean[i] += a
+                b_mean[i] += b
     for i, layer in enumerate(layers):
         if not (np.isfinite(a_mean[i]).all() and np.isfinite(b_mean[i]).all()):
             raise TaskError(
@@ -93,3 +121,24 @@ def estimate_basis(
         examples,
         inputs,
     )
+
+
+def _adam_sides(
+    trajectory: Trajectory, checkpoint: Checkpoint, stage: Stage, names: Sequence[str], layers: Sequence[FactoredLayer]
+) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """Per layer the rank-one factors (row r, column c) of D^{-1/2} ≈ r cᵀ for the steps after ``checkpoint``
+    (the stage's last checkpoint: its own state); ``None`` where no state says (the raw factors are used)."""
+    try:
+        d = steps_preconditioner(trajectory, stage, checkpoint.step, checkpoint.step + 1, names)
+    except TrajectoryError:
+        try:
+            d = checkpoint_preconditioner(trajectory, checkpoint, stage, names)
+        except TrajectoryError:
+            return None
+    scale = {n: v.rsqrt() for n, v in d.items()}
+    sides = []
+    for layer in layers:
+        terms = scaling_transform(scale, [layer], rank=1).layer(layer.weight)
+        assert terms is not None
+        sides.append((terms.left[0].double().numpy(), terms.right[0].double().numpy()))
+    return sides

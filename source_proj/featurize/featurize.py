@@ -15,8 +15,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import json
 import itertools
+import json
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, replace
@@ -40,7 +40,7 @@ from source_proj.featurize.arguments import (
     projected_fisher_at,
     resolve_curvature,
 )
-from source_proj.featurize.basis import estimate_basis
+from source_proj.featurize.basis import NoBasis, estimate_basis
 from source_proj.featurize.factors import (
     ChunkFactors,
     FactorCollector,
@@ -141,6 +141,7 @@ def featurize(
     job = _Featurize(
         trajectory, model, task, train_data, str(store_path), projection, options, spec, progress, group, grow
     )
+    job.overwrite = overwrite
     run_sharded(job.path, job, group, overwrite=overwrite, keep_new=_has_features)
     return Store.open(job.path, writable=True)
 
@@ -178,6 +179,7 @@ class _Featurize:
         # Ranks of a process group show one progress bar (rank 0's); independent shards each show theirs.
         self.progress = progress and (group.leader or not group.coordinated)
         self._meta: dict[str, Any] | None = None
+        self.overwrite = False  # the eigen basis of a store being replaced is estimated again
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -196,17 +198,6 @@ class _Featurize:
                 self.work_model, self.task, self.names, vmap_chunk=options.vmap_chunk, precision=options.precision
             )
             data_print = data_fingerprint(self.datasets)
-            self.basis = self._eigen_basis(data_print) if self.projection.kind == "eigen" else None
-            self.projector = self.projection.projector(shapes, self.work_model, self.basis)
-            _warn_dense_on_cpu(self.projector, self.device)
-            if self.shards is not None:
-                _check_factored(self.projector)
-                self.grads_fn.device = self.device  # the parameters are placeholders between layers
-                # The once-per-projector check materialises every layer's per-example gradients, which sharded
-                # parameters never hold; a weight used outside its layer fails on its placeholder instead.
-                self.projector._checked = True  # type: ignore[attr-defined]
-            curvature = resolve_curvature(options.curvature, self.projector.describe()["kind"], self.projector.dim)
-            self.options = options = replace(options, curvature=curvature)  # type: ignore[arg-type]
             # What θ_T computes on a fixed reference batch, and what the data hold (see provenance.py).
             with model_errors("the training examples"):
                 self.reference = reference_batch(self.datasets)
@@ -222,6 +213,27 @@ class _Featurize:
                 },
                 "data": data_print,
             }
+            self.basis = None
+            if self.projection.kind == "eigen":
+                try:
+                    with model_errors("the training examples"):
+                        self.basis = self._eigen_basis()
+                except NoBasis as err:
+                    warnings.warn(
+                        f"{err} Featurize uses the dense 'rademacher' projection instead; the store records it.",
+                        stacklevel=4,
+                    )
+                    self.projection = replace(self.projection, kind="rademacher")
+            self.projector = self.projection.projector(shapes, self.work_model, self.basis)
+            _warn_dense_on_cpu(self.projector, self.device)
+            if self.shards is not None:
+                _check_factored(self.projector)
+                self.grads_fn.device = self.device  # the parameters are placeholders between layers
+                # The once-per-projector check materialises every layer's per-example gradients, which sharded
+                # parameters never hold; a weight used outside its layer fails on its placeholder instead.
+                self.projector._checked = True  # type: ignore[attr-defined]
+            curvature = resolve_curvature(options.curvature, self.projector.describe()["kind"], self.projector.dim)
+            self.options = options = replace(options, curvature=curvature)  # type: ignore[arg-type]
             self.directions = _fisher_directions(self.grads_fn, self.task, self.datasets, options, self.device)
             self.collector = None
             kronecker = None
@@ -258,20 +270,18 @@ class _Featurize:
             }
         return self._meta
 
-    def _eigen_basis(self, data_print: Any) -> EigenBasis:
-        """The eigen projection's basis: the store's own when it was estimated from the same inputs (a
-        resumed featurize) or the store grows, else estimated from the run (``basis.py``)."""
+    def _eigen_basis(self) -> EigenBasis:
+        """The eigen projection's basis: the store's own when it was estimated with the same projection
+        arguments (a resumed featurize, a grown store, or inputs that changed otherwise, which the store's
+        fingerprints then name), else estimated from the run (``basis.py``)."""
         projection, trajectory = self.projection, self.trajectory
         inputs = hashlib.sha256(
-            json.dumps(
-                [trajectory.fingerprint(), data_print, projection.dim, projection.seed, projection.basis_examples,
-                 self.names], sort_keys=True, default=str,
-            ).encode()
-        ).hexdigest()[:16]  # fmt: skip
-        if is_store(self.path):
+            json.dumps([projection.dim, projection.seed, projection.basis_examples, self.names]).encode()
+        ).hexdigest()[:16]
+        if is_store(self.path) and not self.overwrite:
             store = Store.open(self.path)
             desc = store.meta.get("projection") or {}
-            if desc.get("kind") == "eigen" and (self.grow or desc["basis"].get("inputs") == inputs):
+            if desc.get("kind") == "eigen" and desc["basis"].get("inputs") == inputs:
                 with contextlib.suppress(StoreError):  # half-written: estimate it again
                     return EigenBasis.read(store, desc["basis"])
         return estimate_basis(
@@ -757,9 +767,8 @@ def _warn_dense_on_cpu(projector: Projector, device: torch.device) -> None:
         warnings.warn(
             f"The dense 'rademacher' projection of {projector.num_params:,} parameters at k = {projector.dim} "
             f"multiplies every gradient by a {size:.1f} GiB matrix it redraws for every batch on the CPU, hours on a "
-            "large run; the "
-            "'factored' projection (ProjectionArguments(kind='factored'), --projection factored) is far faster "
-            "(65 s against about 5 h for the 567k-parameter MLP in BENCHMARKS.md) at an LDS 0.01-0.05 lower at "
-            "equal k on digits.",
+            "large run; the 'eigen' projection (the default, also the most accurate at equal k) or the 'factored' one "
+            "(ProjectionArguments(kind='factored'), --projection factored) is far faster (65 s against about 5 h "
+            "for the 567k-parameter MLP in BENCHMARKS.md).",
             stacklevel=4,
         )

@@ -203,9 +203,12 @@ class EigenProjector(FactoredProjector):
     of its own; the layers without a basis and the unfactored parameters share a random block first.
 
     Args:
-        shapes, layers, seed, adam_rank: as for :class:`FactoredProjector`.
+        shapes: ``(name, shape)`` of every projected parameter, as for :class:`FactoredProjector`.
+        layers: the factorable layers (``factorable_layers``); those named by ``basis`` get its factors.
         dim: k, the total dimension (random shared block + every basis block).
         basis: the per-layer bases (its ``dim`` is what the blocks use).
+        seed: the seed of the random shared block.
+        adam_rank: as for :class:`FactoredProjector`.
     """
 
     def __init__(

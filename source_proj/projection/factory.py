@@ -43,7 +43,10 @@ def make_projector(
             f"module_dims and adam_rank set the 'factored' projection, not {kind!r}; use kind='factored' or drop them."
         )
     if kind == "eigen" and module_dims:
-        raise TaskError("The 'eigen' projection shares k between the layers itself; drop module_dims.")
+        raise TaskError(
+            "module_dims set the 'factored' projection's blocks, and the 'eigen' projection (the default) shares k "
+            "between the layers itself; pass kind='factored' (--projection factored) with them, or drop them."
+        )
     if kind == "identity":
         return IdentityProjector(shapes)
     if dim is None:

@@ -39,6 +39,7 @@ from source_proj.featurize.arguments import checkpoint_stages, projected_fisher_
 from source_proj.featurize.plan import PROBE
 from source_proj.featurize.windows import PREFIX as CAPTURED
 from source_proj.featurize.windows import expected_windows, is_captured
+from source_proj.projection.eigen import BASIS_PREFIX
 from source_proj.projection.factory import projector_from_meta
 from source_proj.store import objectstore
 from source_proj.store.durable import PARTIAL_SUFFIX
@@ -222,6 +223,14 @@ def expected_features(meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         expected.update({f"measurement/{s.name}/{final}": (sizes[s.name], k) for s in stages})
     params = sum(int(np.prod(shape)) for _, shape in meta["params"])
     expected.update({seg.preconditioner: (params,) for seg in segments if seg.preconditioner})
+    projection = meta["projection"]
+    if projection.get("kind") == "eigen":  # the basis featurize estimated and queries rebuild the projection from
+        layers = {layer[0]: layer for layer in projection["layers"]}
+        basis = projection["basis"]
+        for i, (module, (k_out, k_in)) in enumerate(zip(basis["modules"], basis["blocks"], strict=True)):
+            _, _, bias, out_features, in_features = layers[module][:5]
+            expected[f"{BASIS_PREFIX}/{i}/out"] = (k_out, out_features)
+            expected[f"{BASIS_PREFIX}/{i}/in"] = (k_in, in_features + (1 if bias else 0))
     return expected
 
 
