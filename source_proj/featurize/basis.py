@@ -95,7 +95,9 @@ def estimate_basis(
                 try:
                     collector.add(sums, task.fisher_targets(outputs, batch, generator))
                 except TaskError as err:  # the layers' structure (inputs not batch-first, unused layers)
-                    raise NoBasis(f"The eigen projection cannot take this model's Kronecker factors: {err}") from err
+                    reason = str(err).split(";")[0].rstrip(".")  # the cause, without the advice for curvature='kfac'
+                    why = f"The eigen projection cannot take this model's Kronecker factors ({reason})."
+                    raise NoBasis(why) from err
                 bar.update()
             adam = rules[stage].preconditioned
             sides = _adam_sides(trajectory, checkpoint, stages[stage], names, layers) if adam else None

@@ -52,8 +52,8 @@ BASIS_PREFIX = "projection/basis"
 
 
 def shared_dim(dim: int) -> int:
-    """The random block's k when something shares it: the largest power of two ≤ dim / 4, at least 64."""
-    return max(64, 1 << int(math.log2(max(dim // 4, 1))))
+    """The random block's k when something shares it: the largest power of two ≤ max(dim / 4, 4)."""
+    return 1 << int(math.log2(max(dim // 4, 4)))
 
 
 def allocate(a_values: Sequence[np.ndarray], b_values: Sequence[np.ndarray], dim: int) -> list[tuple[int, int]]:
@@ -229,7 +229,7 @@ class EigenProjector(FactoredProjector):
         self.total_dim = dim
         self._basis_index = {by_module[m]: j for j, m in enumerate(basis.modules)}
         shares = len(self._basis_index) < len(layers) or _has_rest(shapes, layers)
-        shared = shared_dim(dim) if shares else 64  # 64: a placeholder, nothing uses it
+        shared = shared_dim(dim) if shares else 4  # 4: a placeholder, nothing uses it
         super().__init__(shapes, layers, shared, seed, adam_rank=adam_rank)
         if self.dim > dim:
             raise TaskError(f"The eigen projection's blocks take {self.dim} coordinates, more than k = {dim}.")
@@ -273,7 +273,7 @@ def basis_budget(dim: int, shares: bool) -> int:
     """The k left to the basis blocks once the shared random block (if anything shares it) is taken."""
     budget = dim - (shared_dim(dim) if shares else 0)
     if budget < 1:
-        raise TaskError(f"k = {dim} is too small for the eigen projection of this model; use k ≥ 256.")
+        raise TaskError(f"k = {dim} is too small for the eigen projection of this model; use k ≥ 64.")
     return budget
 
 
