@@ -110,6 +110,10 @@ def test_featurize_fit_query_info(tmp_path: Path, run: tuple[Path, Path]) -> Non
         summary["projection"]["dim"] == 16 and summary["featurized_chunks"] == "15/15"
     )  # 5 checkpoints × ⌈40/16⌉ chunks
     assert summary["methods"]["source"]["complete"] is True
+    assert summary["projection"]["kind"] == "eigen"  # the default
+    kept = summary["projection"]["basis"]["captured"]
+    out = cli.invoke(main, ["info", str(store)])
+    assert out.exit_code == 0 and f"keeps {kept:.0%} of their Fisher trace" in out.output, out.output
 
 
 def test_errors_are_one_line_messages(tmp_path: Path, run: tuple[Path, Path]) -> None:

@@ -698,6 +698,12 @@ def info(store_path: str, as_json: bool) -> None:
         f"parameters  {summary['parameters']:,} in {summary['parameter_tensors']} tensors; task {summary['task']}"
     )
     click.echo(f"projection  {proj['kind']} k={proj['dim']}" + (f" seed={proj['seed']}" if "seed" in proj else ""))
+    if proj.get("basis"):  # the eigen projection: how much of the Fisher trace its blocks keep
+        basis = proj["basis"]
+        click.echo(
+            f"  basis of {len(basis['modules'])} layers from checkpoints {basis['checkpoints']}, keeps "
+            f"{basis['captured']:.0%} of their Fisher trace (raise --dim when that is low)"
+        )
     click.echo(f"trajectory  {traj['path']} ({traj['fingerprint']}…)")
     for s in traj["stages"]:
         click.echo(f"  stage {s['name']}: steps [{s['start_step']}, {s['end_step']}), {s['dataset_size']} examples")
