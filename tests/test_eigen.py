@@ -43,6 +43,16 @@ def _featurize(run: Path, model: nn.Module, data: TensorDataset, path: Path, **p
     )
 
 
+def _assert_same_source(eigen: sp.Store, exact: sp.Store, queries: TensorDataset) -> None:
+    """SOURCE (projected curvature, f = 1) of the two stores gives the same scores, and not trivially zero."""
+    scores = []
+    for store in (eigen, exact):
+        sp.fit(store, sp.FitArguments(curvature="projected", damping_factor=1.0), progress=False)
+        scores.append(np.asarray(sp.Attributor(store, _mlp(), sp.ClassificationTask()).scores(queries)))
+    assert np.abs(scores[1]).max() > 1e-3
+    np.testing.assert_allclose(scores[0], scores[1], rtol=2e-3, atol=2e-4 * np.abs(scores[1]).max())
+
+
 def test_allocate_takes_the_largest_gain_per_coordinate_and_stays_in_budget() -> None:
     """One layer, A eigenvalues (4, 1), B eigenvalues (3, 1), k = 2: a second B direction keeps
     (3+1)·4 = 16, a second A direction 3·(4+1) = 15, so B's is taken. A budget that fits everything
@@ -64,19 +74,12 @@ def test_full_rank_eigen_source_equals_source_without_projection(tmp_path: Path,
     weight decay, the damping's mean eigenvalue and every inner product are unchanged. So its scores
     equal those of the identity projection (the exact Gauss–Newton, no projection at all)."""
     run, model = _run(tmp_path, classification_data)
-    task = sp.ClassificationTask()
     p = sum(x.numel() for x in model.parameters())
-    eigen = _featurize(run, model, classification_data, tmp_path / "eigen.sp", kind="eigen", dim=p)
-    basis = eigen.meta["projection"]["basis"]
+    eigen = _featurize(run, model, classification_data, tmp_path / "eigen.sp", kind="eigen", dim=p + 50)
+    basis = eigen.meta["projection"]["basis"]  # k above p: every layer keeps all its directions, dim = p
     assert basis["blocks"] == [[6, 5], [3, 7]] and eigen.meta["projection"]["dim"] == p
     exact = _featurize(run, model, classification_data, tmp_path / "identity.sp", kind="identity")
-    queries = TensorDataset(*(t[:7] for t in classification_data.tensors))
-    scores = []
-    for store in (eigen, exact):
-        sp.fit(store, sp.FitArguments(curvature="projected", damping_factor=1.0), progress=False)
-        scores.append(np.asarray(sp.Attributor(store, _mlp(), task).scores(queries)))
-    assert np.abs(scores[1]).max() > 1e-3
-    np.testing.assert_allclose(scores[0], scores[1], rtol=2e-3, atol=2e-4 * np.abs(scores[1]).max())
+    _assert_same_source(eigen, exact, TensorDataset(*(t[:7] for t in classification_data.tensors)))
     # The default damping: 0.3 on the eigen projection, 1 on the others (BENCHMARKS.md, "The eigen projection").
     for store, factor in ((eigen, 0.3), (exact, 1.0)):
         sp.fit(store, sp.FitArguments(curvature="projected", method="default"), progress=False)
@@ -179,16 +182,9 @@ def test_adam_full_rank_eigen_source_equals_source_without_projection(tmp_path: 
         rec.step()
     rec.close()
     p = sum(t.numel() for t in model.parameters())
-    task = sp.ClassificationTask()
     eigen = _featurize(run, _mlp(), classification_data, tmp_path / "eigen.sp", kind="eigen", dim=p, adam_rank=10**6)
     exact = _featurize(run, _mlp(), classification_data, tmp_path / "identity.sp", kind="identity")
-    queries = TensorDataset(x[:5], y[:5])
-    scores = []
-    for store in (eigen, exact):
-        sp.fit(store, sp.FitArguments(curvature="projected", damping_factor=1.0), progress=False)
-        scores.append(np.asarray(sp.Attributor(store, _mlp(), task).scores(queries)))
-    assert np.abs(scores[1]).max() > 1e-3
-    np.testing.assert_allclose(scores[0], scores[1], rtol=2e-3, atol=2e-4 * np.abs(scores[1]).max())
+    _assert_same_source(eigen, exact, TensorDataset(x[:5], y[:5]))
 
 
 class _Bilinear(nn.Module):
