@@ -118,8 +118,8 @@ class FeaturizeArguments:
             default follows issue 12's ablation (BENCHMARKS.md): at k = 1024 the Kronecker operators,
             applied to the query before both sides are projected, lose more to the projection's noise
             than the projected curvature does; without a projection they beat every random
-            projection at k ≤ 4096, not the eigen projection at k = 1024. The store records the curvature used. ``"projected"`` and ``"both"``
-            are refused above k = ``PROJECTED_MAX``.
+            projection at k ≤ 4096, not the eigen projection at k = 1024. The store records the
+            curvature used. ``"projected"`` and ``"both"`` are refused above k = ``PROJECTED_MAX``.
         shard_chunks: row chunks kept in one file (a zarr v3 shard) when a new store is created;
             ``None``: as many as fit in 256 MiB (``store.SHARD_BYTES``), 1: a file per chunk. An
             existing store keeps the layout it was created with.

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from source_proj.errors import StoreError, TaskError
-from source_proj.projection.factored import FactoredProjector, _Block, factor_split
+from source_proj.projection.factored import FactoredProjector, _Block
 from source_proj.projection.layers import FactoredLayer
 
 BASIS_PREFIX = "projection/basis"
@@ -277,4 +277,4 @@ def basis_budget(dim: int, shares: bool) -> int:
     return budget
 
 
-__all__ = ["EigenBasis", "EigenProjector", "allocate", "basis_budget", "factor_split", "shared_dim"]
+__all__ = ["EigenBasis", "EigenProjector", "allocate", "basis_budget", "shared_dim"]
