@@ -139,7 +139,7 @@ def featurize(args: argparse.Namespace, data: Blocks, device: torch.device) -> d
         measurement=False, device=str(device), precision=args.precision,
         segmentation=sp.SegmentationArguments(per_stage=1),
     )  # fmt: skip
-    projection = sp.ProjectionArguments(dim=args.dim, kind="factored", adam_rank=args.adam_rank)
+    projection = sp.ProjectionArguments(dim=args.dim, kind=args.projection, adam_rank=args.adam_rank)
     _reset(device)
     start = time.perf_counter()
     store = sp.featurize(args.out / "run", model, task, data, args.out / "store.sp", projection=projection,
@@ -193,6 +193,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--dim", type=int, default=8192, help="projection dimension k (up to 16384)")
     parser.add_argument("--adam-rank", type=int, default=1)
+    parser.add_argument("--projection", choices=["factored", "eigen"], default="factored",
+                        help="factored (issue 13's figures) or eigen (the library's default: adds its basis pass)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     parser.add_argument("--device", default=None)
     parser.add_argument("--phases", default="train-step,train,featurize,fit")

@@ -123,3 +123,45 @@ def test_adams_rank_r_scaling_fitted_on_cuda_equals_the_cpu_fit() -> None:
             assert b.left.is_cuda and b.right.is_cuda
             assert torch.allclose(b.left.cpu(), a.left, rtol=1e-4, atol=1e-6)
             assert torch.allclose(b.right.cpu(), a.right, rtol=1e-4, atol=1e-6)
+
+
+def test_eigen_projection_on_cuda_gives_the_cpu_scores(tmp_path) -> None:
+    """The eigen projection's basis pass, features and SOURCE fit on CUDA against the same on the CPU. At
+    k = p the basis is complete, so its eigenvectors' signs and the order of near-equal eigenvalues (which
+    may differ between devices) cannot change the scores; below p the blocks' shapes must agree."""
+    import torch.nn.functional as F
+    from torch.utils.data import TensorDataset
+
+    import source_proj as sp
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 6, generator=g), torch.randint(0, 3, (64,), generator=g)
+    data = TensorDataset(x, y)
+
+    def mlp() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    rec = sp.TrajectoryRecorder(tmp_path / "run", model, opt, save_every=3)
+    rec.begin_stage("main", dataset_size=64)
+    for _ in range(6):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        rec.step()
+    rec.close()
+    p = sum(t.numel() for t in model.parameters())
+    scores, blocks = {}, {}
+    for device in ("cpu", "cuda"):
+        for dim in (p, 40):
+            store = sp.featurize(tmp_path / "run", mlp(), ClassificationTask(), data, tmp_path / f"{device}-{dim}.sp",
+                                 projection=sp.ProjectionArguments(kind="eigen", dim=dim),
+                                 options=sp.FeaturizeArguments(device=device), progress=False)  # fmt: skip
+            blocks[device, dim] = store.meta["projection"]["basis"]["blocks"]
+            if dim == p:
+                sp.fit(store, progress=False)
+                scores[device] = sp.Attributor(store, mlp(), ClassificationTask(), device=device).scores(data)
+    assert blocks["cpu", 40] == blocks["cuda", 40]
+    np.testing.assert_allclose(scores["cuda"], scores["cpu"], rtol=1e-3, atol=1e-4 * np.abs(scores["cpu"]).max())
