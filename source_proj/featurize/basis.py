@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -82,22 +82,17 @@ def estimate_basis(
             done = 0
             for batch in DataLoader(Subset(datasets[stage], subsets[stage]), batch_size=batch_size):
                 batch = move_batch(batch, device)
-                outputs = grads_fn.outputs(batch).detach()
-                task.loss(outputs, batch)  # validates the targets outside the hooks
-                bad = ~torch.isfinite(outputs.reshape(outputs.shape[0], -1)).all(dim=1)
-                if bad.any():  # before labels are drawn from them
-                    row = subsets[stage][done + int(torch.nonzero(bad)[0, 0])]
-                    raise NumericalError(
-                        f"The output of training example {row} at checkpoint {checkpoint.file} is NaN or infinite; "
-                        "check that example's input and label, and the checkpoint's weights."
-                    )
-                done += outputs.shape[0]
+                rows = subsets[stage][done : done + batch_size]
+                draw = _drawer(task, batch, generator, rows, f"checkpoint {checkpoint.file}")
                 try:
-                    collector.add(sums, task.fisher_targets(outputs, batch, generator))
+                    collector.add_shared(sums, batch, draw)
+                except _Refused as refused:  # the inputs' fault, not the layers'
+                    raise refused.error from None
                 except TaskError as err:  # the layers' structure (inputs not batch-first, unused layers)
                     reason = str(err).split(";")[0].rstrip(".")  # the cause, without the advice for curvature='kfac'
                     why = f"The eigen projection cannot take this model's Kronecker factors ({reason})."
                     raise NoBasis(why) from err
+                done += batch_size
                 bar.update()
             adam = rules[stage].preconditioned
             sides = _adam_sides(trajectory, checkpoint, stages[stage], names, layers) if adam else None
@@ -144,3 +139,34 @@ def _adam_sides(
         assert terms is not None
         sides.append((terms.left[0].double().numpy(), terms.right[0].double().numpy()))
     return sides
+
+
+class _Refused(Exception):
+    """An error of the inputs raised while drawing the Fisher's labels, passed through the layers' TaskErrors."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _drawer(
+    task: Task, batch: object, generator: torch.Generator, rows: Sequence[int], where: str
+) -> Callable[[torch.Tensor], Sequence[tuple[torch.Tensor, object]]]:
+    """The Fisher's targets from a batch's outputs, after checking its labels and that the outputs are finite
+    (``rows``: the examples' indices in their stage's data, for the error)."""
+
+    def draw(outputs: torch.Tensor) -> Sequence[tuple[torch.Tensor, object]]:
+        try:
+            task.loss(outputs, batch)  # validates the targets
+            bad = ~torch.isfinite(outputs.reshape(outputs.shape[0], -1)).all(dim=1)
+            if bad.any():  # before labels are drawn from them
+                row = rows[int(torch.nonzero(bad)[0, 0])]
+                raise NumericalError(
+                    f"The output of training example {row} at {where} is NaN or infinite; check that example's "
+                    "input and label, and the checkpoint's weights."
+                )
+            return task.fisher_targets(outputs, batch, generator)
+        except Exception as err:
+            raise _Refused(err) from err
+
+    return draw

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from source_proj.errors import TaskError
 from source_proj.projection.layers import FactoredLayer, factorable_layers
-from source_proj.tasks.gradients import OutputTap, PerExampleGradients
+from source_proj.tasks.gradients import OutputTap, PerExampleGradients, batch_size
 from source_proj.tasks.task import Batch
 
 MAX_FACTOR_SIDE = 8192
@@ -106,6 +106,39 @@ class FactorCollector:
             self._add_targets(sums, target_batch, weight, inputs_too=index == 0)
         sums.examples += int(targets[0][0].shape[0])
 
+    def add_shared(
+        self, sums: ChunkFactors, batch: Batch, draw: Callable[[Tensor], Sequence[tuple[Tensor, Batch]]]
+    ) -> None:
+        """``add`` from one forward pass: ``draw(outputs)`` returns the Fisher targets from the detached
+        outputs (labels drawn from the model), and each target batch's loss is differentiated through
+        that forward's graph, where ``add`` runs a forward per target batch and the caller one more for
+        the outputs."""
+        size, device = batch_size(batch), self.grads_fn.device
+        inputs: list[Tensor | None] = [None] * len(self.layers)
+        deltas: list[Tensor | None] = [None] * len(self.layers)
+        probe = torch.zeros((), device=device, requires_grad=True)
+        handles = [
+            module.register_forward_hook(self._hook(i, size, inputs, deltas, probe))
+            for i, module in enumerate(self.modules)
+        ]
+        try:
+            with torch.enable_grad(), self.grads_fn.autocast():
+                outputs = self.grads_fn.task.forward(self.grads_fn._call(self.grads_fn.params), batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+        targets = draw(outputs.detach())
+        for index, (weight, target_batch) in enumerate(targets):
+            w = weight.to(device=device, dtype=torch.float32)
+            with torch.enable_grad(), self.grads_fn.autocast():
+                total = (self.grads_fn.task.loss(outputs, target_batch).float() * w.sqrt()).sum()
+            if total.requires_grad:
+                torch.autograd.grad(total, probe, retain_graph=index < len(targets) - 1, allow_unused=True)
+            self._accumulate(sums, inputs, deltas, inputs_too=index == 0)
+            if self.diagonal:
+                self._add_diagonal(sums, target_batch, w)
+        sums.examples += size
+
     def _add_targets(self, sums: ChunkFactors, target_batch: Batch, weight: Tensor, inputs_too: bool) -> None:
         size = int(weight.shape[0])
         device = self.grads_fn.device
@@ -125,6 +158,13 @@ class FactorCollector:
         finally:
             for handle in handles:
                 handle.remove()
+        self._accumulate(sums, inputs, deltas, inputs_too)
+        if self.diagonal:
+            self._add_diagonal(sums, target_batch, w)
+
+    def _accumulate(
+        self, sums: ChunkFactors, inputs: Sequence[Tensor | None], deltas: Sequence[Tensor | None], inputs_too: bool
+    ) -> None:
         for i, layer in enumerate(self.layers):
             a, d = inputs[i], deltas[i]
             if a is None or d is None:
@@ -136,11 +176,12 @@ class FactorCollector:
                 sums.a[i] += (a.T @ a).double().cpu()
                 sums.positions[i] += int(a.shape[0])
             sums.b[i] += (d.T @ d).double().cpu()
-        if self.diagonal:
-            grads = self.grads_fn(target_batch, "loss", names=self.diagonal)
-            for name, g in grads.items():
-                g = g.float()
-                sums.diagonal[name] += (g * g * w.view(-1, *[1] * (g.dim() - 1))).sum(0).double().cpu()
+
+    def _add_diagonal(self, sums: ChunkFactors, target_batch: Batch, w: Tensor) -> None:
+        grads = self.grads_fn(target_batch, "loss", names=self.diagonal)
+        for name, g in grads.items():
+            g = g.float()
+            sums.diagonal[name] += (g * g * w.view(-1, *[1] * (g.dim() - 1))).sum(0).double().cpu()
 
     def _hook(
         self, index: int, size: int, inputs: list[Tensor | None], deltas: list[Tensor | None], probe: Tensor
