@@ -43,7 +43,7 @@ class ProjectionArguments:
         module_dims: ``"factored"`` only: glob pattern on module names → k_m; each matching layer is
             projected into its own k_m coordinates (appended after the ``dim`` shared ones, which
             the other layers and the unfactored parameters use). The store's k is the total.
-        adam_rank: ``"factored"`` only: on a run trained with Adam/AdamW, each layer's elementwise
+        adam_rank: ``"factored"`` and ``"eigen"``: on a run trained with Adam/AdamW, each layer's elementwise
             D^{-1/2} is replaced by its best rank-R approximation (Adafactor-like for R = 1), at R
             times the projection cost; the dense ``"rademacher"`` kind applies it exactly.
         basis_examples: ``"eigen"`` only: the examples per stage and checkpoint (a seeded random subset)

@@ -121,7 +121,7 @@ def token_scores(
     if store.meta["projection"]["kind"] == "fast_jl":
         raise TaskError(
             "Per-token scores pull the query back through the projection, which TRAK's fast_jl kernel cannot do; "
-            "featurize with the 'rademacher' or 'factored' projection."
+            "featurize with the 'eigen' (the default), 'rademacher' or 'factored' projection."
         )
     datasets = as_stage_datasets(train_data, attributor.trajectory)
     places = [_locate(attributor, int(row)) for row in rows]
