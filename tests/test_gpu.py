@@ -15,6 +15,8 @@ from source_proj.projection.fastjl import fast_jl_available
 from source_proj.query.topk import TorchIndex, faiss_gpu_available
 from source_proj.tasks.gradients import PerExampleGradients
 
+from .conftest import full_batch_run
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(
@@ -142,16 +144,8 @@ def test_eigen_projection_on_cuda_gives_the_cpu_scores(tmp_path) -> None:
         torch.manual_seed(0)
         return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
 
-    model = mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
-    rec = sp.TrajectoryRecorder(tmp_path / "run", model, opt, save_every=3)
-    rec.begin_stage("main", dataset_size=64)
-    for _ in range(6):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        rec.step()
-    rec.close()
+    model = full_batch_run(tmp_path / "run", mlp(), data, lambda o, t: F.cross_entropy(o, t, reduction="none"),
+                           lr=0.2, steps=6, save_every=3, momentum=0.9)  # fmt: skip
     p = sum(t.numel() for t in model.parameters())
     scores, blocks = {}, {}
     for device in ("cpu", "cuda"):

@@ -14,7 +14,8 @@ not interact and the summed loss's output gradients are exactly the per-example 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,19 +115,9 @@ class FactorCollector:
         that forward's graph, where ``add`` runs a forward per target batch and the caller one more for
         the outputs."""
         size, device = batch_size(batch), self.grads_fn.device
-        inputs: list[Tensor | None] = [None] * len(self.layers)
-        deltas: list[Tensor | None] = [None] * len(self.layers)
-        probe = torch.zeros((), device=device, requires_grad=True)
-        handles = [
-            module.register_forward_hook(self._hook(i, size, inputs, deltas, probe))
-            for i, module in enumerate(self.modules)
-        ]
-        try:
+        with self._hooked(size) as (inputs, deltas, probe):
             with torch.enable_grad(), self.grads_fn.autocast():
                 outputs = self.grads_fn.task.forward(self.grads_fn._call(self.grads_fn.params), batch)
-        finally:
-            for handle in handles:
-                handle.remove()
         targets = draw(outputs.detach())
         for index, (weight, target_batch) in enumerate(targets):
             w = weight.to(device=device, dtype=torch.float32)
@@ -140,27 +131,32 @@ class FactorCollector:
         sums.examples += size
 
     def _add_targets(self, sums: ChunkFactors, target_batch: Batch, weight: Tensor, inputs_too: bool) -> None:
-        size = int(weight.shape[0])
-        device = self.grads_fn.device
-        w = weight.to(device=device, dtype=torch.float32)
+        w = weight.to(device=self.grads_fn.device, dtype=torch.float32)
+        with self._hooked(int(weight.shape[0])) as (inputs, deltas, probe):
+            values = self.grads_fn.values(target_batch, "loss")
+            total = (values.float() * w.sqrt()).sum()  # δ scaled by √w: B collects w δ δᵀ
+            if total.requires_grad:
+                torch.autograd.grad(total, probe, allow_unused=True)
+        self._accumulate(sums, inputs, deltas, inputs_too)
+        if self.diagonal:
+            self._add_diagonal(sums, target_batch, w)
+
+    @contextmanager
+    def _hooked(self, size: int) -> Iterator[tuple[list[Tensor | None], list[Tensor | None], Tensor]]:
+        """Forward hooks on every layer while the block runs: ``(inputs, deltas, probe)``, the lists the hooks
+        fill (each layer's ā in the forward, its δ in every backward through ``probe``)."""
         inputs: list[Tensor | None] = [None] * len(self.layers)
         deltas: list[Tensor | None] = [None] * len(self.layers)
-        probe = torch.zeros((), device=device, requires_grad=True)
+        probe = torch.zeros((), device=self.grads_fn.device, requires_grad=True)
         handles = [
             module.register_forward_hook(self._hook(i, size, inputs, deltas, probe))
             for i, module in enumerate(self.modules)
         ]
         try:
-            values = self.grads_fn.values(target_batch, "loss")
-            total = (values.float() * w.sqrt()).sum()  # δ scaled by √w: B collects w δ δᵀ
-            if total.requires_grad:
-                torch.autograd.grad(total, probe, allow_unused=True)
+            yield inputs, deltas, probe
         finally:
             for handle in handles:
                 handle.remove()
-        self._accumulate(sums, inputs, deltas, inputs_too)
-        if self.diagonal:
-            self._add_diagonal(sums, target_batch, w)
 
     def _accumulate(
         self, sums: ChunkFactors, inputs: Sequence[Tensor | None], deltas: Sequence[Tensor | None], inputs_too: bool
