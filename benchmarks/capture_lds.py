@@ -6,15 +6,16 @@ LDS on the digits settings of examples/digits/settings.py.
         [--threads 1]
 
 Per setting, model seed 0 is trained once per in-run variant with the recorder and GradientCapture
-(factored projection, k = --dim): the sampled Fisher on every batch (the default), on every 2nd and
-every 4th batch, and the empirical Fisher. Capture does not change training (tests/test_capture.py), so the
-runs are bit-identical, which is checked here. The first run is also featurized afterwards with the
-same factored projection (the like-for-like post-hoc store) and with the dense Rademacher one (the
-library's default), all with the sampled Fisher. Every store is fitted with the setting's SOURCE
+(k = --dim): the eigen projection (capture's default: a basis per window, taken as training reaches
+it) and the random factored one, the latter with the sampled Fisher on every batch (the default), on
+every 2nd and every 4th batch, and the empirical Fisher. Capture does not change training
+(tests/test_capture.py), so the runs are bit-identical, which is checked here. The run is also
+featurized afterwards with the eigen projection (the library's default), the factored one and the
+dense Rademacher one, all with the sampled Fisher. Every store is fitted with the setting's SOURCE
 segments and scored on the setting's 100 queries; the LDS ground truth (α = 0.5, --subsets ×
 --repeats retrains) is shared with examples/digits/lds.py through --retrains. Printed and written to
 OUT/<setting>/capture_lds.json: LDS [95 % CI over subsets], and for each in-run variant the mean
-per-query LDS difference to post-hoc (factored) with a 95 % bootstrap interval over queries.
+per-query LDS difference to post-hoc with the same projection, with a 95 % bootstrap interval over queries.
 ``--validation`` adds the setting's next 100 test queries, with their own ground truth (the same subsets,
 retrains cached in <retrains>/<setting>/retrains-validation), and reports every figure over the 200
 queries together (written to OUT/<setting>/capture_lds-validation.json).
@@ -39,17 +40,18 @@ import source_proj as sp
 from source_proj import evaluation as ev
 
 IN_RUN = {
-    "in-run": sp.CaptureArguments(),
-    "in-run, Fisher every 2nd batch": sp.CaptureArguments(fisher_every=2),
-    "in-run, Fisher every 4th batch": sp.CaptureArguments(fisher_every=4),
-    "in-run, empirical Fisher": sp.CaptureArguments(fisher="empirical"),
+    "in-run (eigen)": (sp.CaptureArguments(), "eigen"),
+    "in-run (factored)": (sp.CaptureArguments(), "factored"),
+    "in-run (factored), Fisher every 2nd batch": (sp.CaptureArguments(fisher_every=2), "factored"),
+    "in-run (factored), Fisher every 4th batch": (sp.CaptureArguments(fisher_every=4), "factored"),
+    "in-run (factored), empirical Fisher": (sp.CaptureArguments(fisher="empirical"), "factored"),
 }
-POST_HOC = {"post-hoc (factored)": "factored", "post-hoc (rademacher)": "rademacher"}
+POST_HOC = {"post-hoc (eigen)": "eigen", "post-hoc (factored)": "factored", "post-hoc (rademacher)": "rademacher"}
 
 
-def capturer(store: Path, dim: int, options: sp.CaptureArguments, data: dict[str, torch.utils.data.Dataset]):
+def capturer(store: Path, dim: int, options: sp.CaptureArguments, data: dict[str, torch.utils.data.Dataset], kind: str):
     def start(recorder: sp.TrajectoryRecorder) -> sp.GradientCapture:
-        projection = sp.ProjectionArguments(dim=dim, kind="factored")
+        projection = sp.ProjectionArguments(dim=dim, kind=kind)
         return sp.GradientCapture(
             recorder, store, digits.build_task(), projection=projection, options=options, datasets=data, overwrite=True
         )
@@ -66,10 +68,10 @@ def prepare(s: settings.Setting, out: Path, dim: int) -> tuple[dict[str, Path], 
     s.train(0, run_dir=str(out / "plain"))
     seconds["training alone"] = time.perf_counter() - t0
     fingerprint = sp.Trajectory.load(out / "plain").fingerprint()
-    for name, options in IN_RUN.items():
+    for name, (options, kind) in IN_RUN.items():
         run, store = out / f"run-{len(stores)}", out / f"in-run-{len(stores)}.sp"
         t0 = time.perf_counter()
-        s.train(0, run_dir=str(run), capture=capturer(store, dim, options, data))
+        s.train(0, run_dir=str(run), capture=capturer(store, dim, options, data, kind))
         seconds[name] = time.perf_counter() - t0
         if sp.Trajectory.load(run).fingerprint() != fingerprint:
             raise SystemExit(f"{name}: the captured run differs from the uncaptured one")
@@ -158,16 +160,16 @@ def main() -> None:
             more = score(name, stores, lds_args, Path(args.retrains), validation=True)
             results = {variant: pooled(r, more[variant]) for variant, r in results.items()}
             queries += len(settings.setting(name, validation=True).queries)
-        reference = results["post-hoc (factored)"]
         lines = [f"## {name}: k={args.dim}, M={args.subsets}, R={args.repeats}, {queries} queries"]
         report = {}
         for variant, r in results.items():
             entry = {"lds": r.mean, "low": r.low, "high": r.high, "seconds": seconds[variant]}
             line = f"{variant:32s} {r}   ({seconds[variant]:.1f} s)"
             if variant in IN_RUN:
-                diff = paired(r, reference)
-                entry["minus post-hoc (factored)"] = diff
-                line += f"   − post-hoc (factored): {diff[0]:+.3f} [{diff[1]:+.3f}, {diff[2]:+.3f}]"
+                kind = IN_RUN[variant][1]
+                diff = paired(r, results[f"post-hoc ({kind})"])
+                entry[f"minus post-hoc ({kind})"] = diff
+                line += f"   − post-hoc ({kind}): {diff[0]:+.3f} [{diff[1]:+.3f}, {diff[2]:+.3f}]"
             lines.append(line)
             report[variant] = entry
         lines.append(f"{'training alone':32s} ({seconds['training alone']:.1f} s)")

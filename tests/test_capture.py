@@ -657,3 +657,179 @@ def test_a_captured_store_refuses_a_model_that_computes_otherwise_and_changed_da
         f"The store at {old.path} was captured during training before source-proj fingerprinted captured runs, so a "
         "model or training data changed since cannot be detected."
     ]
+
+
+# -- the eigen projection in-run: a basis per window, mapped into the run's final basis ------------------------
+
+
+def _orthonormal_rows(rows: int, cols: int, seed: int) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(cols, cols, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return q[:, :rows].T.float().contiguous()
+
+
+def test_change_basis_projects_onto_the_source_basis_then_expresses_it_in_the_target() -> None:
+    """Per layer U_dst U_srcᵀ (U_src G V_srcᵀ) V_src V_dstᵀ, brute force on random bases and gradients of two
+    layers after a shared block of 3 coordinates, which is kept as it is."""
+    from source_proj.projection.eigen import EigenBasis, change_basis
+
+    shapes = [(5, 4), (3, 6)]  # (d_out, d_in) per layer
+    src = EigenBasis(["a", "b"], [_orthonormal_rows(3, 5, 0), _orthonormal_rows(2, 3, 1)],
+                     [_orthonormal_rows(2, 4, 2), _orthonormal_rows(4, 6, 3)], [0], 8, 1.0)
+    dst = EigenBasis(["a", "b"], [_orthonormal_rows(4, 5, 4), _orthonormal_rows(1, 3, 5)],
+                     [_orthonormal_rows(3, 4, 6), _orthonormal_rows(2, 6, 7)], [0], 8, 1.0)
+    g = torch.Generator().manual_seed(8)
+    grads = [torch.randn(7, o, i, generator=g, dtype=torch.float64) for o, i in shapes]
+    shared = torch.randn(7, 3, generator=g, dtype=torch.float64)
+
+    def features(basis: EigenBasis, gs: list[torch.Tensor]) -> torch.Tensor:
+        blocks = [(basis.out[j].double() @ gs[j] @ basis.inp[j].double().T).reshape(7, -1) for j in range(2)]
+        return torch.cat([shared, *blocks], dim=1)
+
+    projected = [src.inp[j].double().T @ src.inp[j].double() for j in range(2)]
+    kept = [src.out[j].double().T @ src.out[j].double() @ grads[j] @ projected[j] for j in range(2)]
+    padded = torch.cat([features(src, grads), torch.zeros(7, 5, dtype=torch.float64)], dim=1)  # a window pads to k
+    got = change_basis(padded, src, dst, shared=3)
+    assert got.shape == (7, 3 + 12 + 2)
+    assert torch.allclose(got, features(dst, kept), atol=1e-10)
+
+
+def _eigen_capture(dim: int) -> sp.ProjectionArguments:
+    return sp.ProjectionArguments(dim=dim, kind="eigen")
+
+
+def test_eigen_capture_maps_every_window_into_the_final_basis_which_is_post_hoc_featurizes(
+    tmp_path: Path, classification_data
+) -> None:
+    """Capture with the eigen projection at k ≥ p (every basis keeps all of its layers: orthogonal maps): each
+    window was projected with its own basis, estimated at the weights it starts from, and fit reads it, mapped
+    into the store's final basis, as the final projection of the sum of every visit's materialised gradient
+    (Fisher: M F Mᵀ, as that projection of the Σ 2 u uᵀ brute force). The final basis averages the factors of
+    every window's start and the final weights: the checkpoints post-hoc featurize averages, over the same seeded
+    examples, so it equals featurize's basis; SOURCE on the two stores agrees where full-batch windows make
+    in-run and post-hoc gradients one and the same."""
+    from source_proj.featurize.windows import window_maps
+    from source_proj.projection.eigen import EigenBasis
+
+    x, y = classification_data.tensors
+    n, batch, save_every, steps = len(y), 8, 3, 10
+    names = [name for name, _ in _mlp().named_parameters()]
+    expected: dict[int, list] = {}
+    done: list[int] = []
+
+    def brute_force(model: nn.Module, rows: torch.Tensor, _) -> None:
+        window = len(done) // save_every * save_every
+        done.append(1)
+        grads, visits, fisher = expected.setdefault(window, [{}, torch.zeros(n), {}])
+        per_example = PerExampleGradients(model, sp.ClassificationTask(), names)((x[rows], y[rows]))
+        for name, values in per_example.items():
+            full = grads.setdefault(name, torch.zeros(n, *values.shape[1:], dtype=torch.float64))
+            full.index_add_(0, rows, values.double())
+        visits.index_add_(0, rows, torch.ones(len(rows)))
+        eval_net = copy.deepcopy(model).eval()
+        labels = eval_net(x[rows]).argmax(-1)
+        u = PerExampleGradients(eval_net, sp.ClassificationTask(), names)((x[rows], labels))
+        for name, values in u.items():
+            fisher.setdefault(name, []).append(values.double() * np.sqrt(2.0))
+
+    _train(tmp_path / "run", tmp_path / "cap.sp", classification_data, steps=steps, batch=batch, save_every=save_every,
+           options=sp.CaptureArguments(chunk_rows=64, fisher_forward="separate"), on_batch=brute_force,
+           task=_ArgmaxFisher(), projection=_eigen_capture(128), datasets={"main": classification_data})
+    store = sp.Store.open(tmp_path / "cap.sp")
+    meta = store.meta
+    assert meta["projection"]["kind"] == "eigen" and meta["projection"]["basis"]["checkpoints"] == [0, 3, 6, 9, 10]
+    assert sorted(meta["capture_bases"]) == ["main/0", "main/3", "main/6", "main/9"]
+    assert len({d["digest"] for d in meta["capture_bases"].values()}) == 4  # a basis of its own per window
+    final = sp.projection.factory.projector_from_meta(meta, _mlp(), store)
+    assert final.dim == 67  # every layer whole: (8 × 5) + (3 × 9)
+    maps = window_maps(store)
+    for start, (grads, visits, fisher) in expected.items():
+        assert np.array_equal(store.read(window_array("visits", "main", start)), visits.numpy())
+        got = maps[("main", start)](torch.from_numpy(store.read(window_array("grads", "main", start))).double())
+        want = final.project({k: v.float() for k, v in grads.items()}).double()
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+        u = final.project({k: torch.cat(v).float() for k, v in fisher.items()}).double()
+        m = maps[("main", start)]
+        got_f = m(m(torch.from_numpy(store.read(window_array("fisher", "main", start)))).T.contiguous())
+        assert torch.allclose(got_f, u.T @ u, rtol=1e-4, atol=1e-4 * float((u.T @ u).abs().max()))
+
+    posthoc = sp.featurize(
+        tmp_path / "run", _mlp(), _ArgmaxFisher(), classification_data, tmp_path / "post.sp",
+        projection=_eigen_capture(128), options=sp.FeaturizeArguments(batch_size=64, measurement=False),
+        progress=False,
+    )
+    theirs = EigenBasis.read(posthoc, posthoc.meta["projection"]["basis"])
+    ours = EigenBasis.read(store, meta["projection"]["basis"])
+    assert theirs.checkpoints == ours.checkpoints and theirs.blocks == ours.blocks
+    for a, b in zip([*theirs.out, *theirs.inp], [*ours.out, *ours.inp], strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_eigen_capture_leaves_training_unchanged_and_a_killed_run_resumes_into_the_uninterrupted_store(
+    tmp_path: Path, classification_data
+) -> None:
+    """The basis passes (eval mode, their own generators) leave a run with dropout bit-identical to an uncaptured
+    one, global random state included; a run killed mid-window resumes (the sums of the windows before it are
+    visited again at their checkpoints) into the windows, window bases and final basis of an uninterrupted run,
+    and the store grows with a run trained further (a new final basis)."""
+    kwargs = {"steps": 14, "batch": 8, "save_every": 4, "options": sp.CaptureArguments(chunk_rows=8),
+              "datasets": {"main": classification_data}, "projection": _eigen_capture(24)}
+    torch.manual_seed(5)
+    plain = _train(tmp_path / "p", None, classification_data, steps=14, batch=8, save_every=4, model=_mlp(dropout=0.3))
+    plain_state = torch.get_rng_state()
+    torch.manual_seed(5)
+    captured = _train(tmp_path / "d", tmp_path / "d.sp", classification_data, model=_mlp(dropout=0.3), **kwargs)
+    assert torch.equal(torch.get_rng_state(), plain_state)
+    for (name, a), (_, b) in zip(plain.state_dict().items(), captured.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert not any(m._forward_hooks for m in captured.modules())
+    # Without dropout from here: a resumed loop does not restore the global random state of the killed one.
+    _train(tmp_path / "a", tmp_path / "a.sp", classification_data, **kwargs)
+    with pytest.raises(_Killed):
+        _train(tmp_path / "b", tmp_path / "b.sp", classification_data, crash_after=10, **kwargs)
+    _train(tmp_path / "b", tmp_path / "b.sp", classification_data, resume=True, **kwargs)
+
+    def arrays(path: Path) -> dict[str, np.ndarray]:
+        store = sp.Store.open(path)
+        return {name: store.read(name) for name in store.progress_arrays() if name.startswith(("capture/", "proj"))}
+
+    expected, got = arrays(tmp_path / "a.sp"), arrays(tmp_path / "b.sp")
+    assert sorted(expected) == sorted(got)
+    assert sum(name.startswith("projection/windows/") for name in got) == 4 * 2 * 2  # 4 windows × 2 layers × 2 sides
+    for name in expected:
+        assert np.array_equal(expected[name], got[name]), name
+    a_meta, b_meta = sp.Store.open(tmp_path / "a.sp").meta, sp.Store.open(tmp_path / "b.sp").meta
+    assert a_meta["projection"] == b_meta["projection"] and a_meta["capture_bases"] == b_meta["capture_bases"]
+    fitted = sp.fit(tmp_path / "b.sp", progress=False)
+    assert fitted.read("methods/source/train/main").shape == (30, b_meta["projection"]["dim"])
+    assert sp.verify_store(tmp_path / "b.sp", progress=False).status == "ok"
+
+    longer = dict(kwargs, steps=20)
+    _train(tmp_path / "b", tmp_path / "b.sp", classification_data, resume=True, **longer)
+    grown = sp.Store.open(tmp_path / "b.sp").meta
+    assert grown["projection"]["basis"]["checkpoints"] == [0, 4, 8, 12, 14, 16, 20]
+    assert grown["projection"]["basis"]["digest"] != b_meta["projection"]["basis"]["digest"]
+    assert sorted(grown["capture_bases"]) == ["main/0", "main/12", "main/14", "main/16", "main/4", "main/8"]
+    assert sp.fit(tmp_path / "b.sp", progress=False).read("methods/source/train/main").shape[0] == 30
+
+
+def test_capture_takes_the_eigen_projection_when_it_has_the_data_and_says_what_it_needs(
+    tmp_path: Path, classification_data
+) -> None:
+    model = _mlp()
+    task = sp.ClassificationTask()
+
+    def recorder(name: str) -> sp.TrajectoryRecorder:
+        return sp.TrajectoryRecorder(tmp_path / name, model, torch.optim.SGD(model.parameters(), lr=0.1), save_every=2)
+
+    cap = sp.GradientCapture(recorder("a"), tmp_path / "a.sp", task, datasets={"main": classification_data})
+    assert cap.projection.kind == "eigen"
+    cap.close()
+    with pytest.warns(UserWarning, match="pass each stage's training dataset as datasets= for the more accurate"):
+        cap = sp.GradientCapture(recorder("b"), tmp_path / "b.sp", task)
+    assert cap.projection.kind == "factored"
+    cap.close()
+    with pytest.raises(sp.TaskError, match=r"bases are estimated from the training data.*pass datasets="):
+        sp.GradientCapture(recorder("c"), tmp_path / "c.sp", task, projection=_eigen_capture(16))
+    with pytest.raises(sp.TaskError, match="'eigen' or 'factored' projection, not 'rademacher'"):
+        sp.GradientCapture(recorder("d"), tmp_path / "d.sp", task,
+                           projection=sp.ProjectionArguments(dim=16, kind="rademacher"))

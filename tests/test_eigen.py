@@ -156,15 +156,6 @@ def test_a_resumed_store_keeps_its_basis_and_other_data_are_refused(
     assert replaced.meta["projection"]["basis"]["digest"] != digest
 
 
-def test_capture_refuses_the_eigen_projection(tmp_path: Path) -> None:
-    model = _mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    rec = sp.TrajectoryRecorder(tmp_path / "run", model, opt, save_every=1)
-    with pytest.raises(sp.TaskError, match="estimated from a run's checkpoints"):
-        sp.GradientCapture(rec, tmp_path / "c.sp", sp.ClassificationTask(),
-                           projection=sp.ProjectionArguments(kind="eigen"))  # fmt: skip
-
-
 def test_adam_full_rank_eigen_source_equals_source_without_projection(tmp_path: Path, classification_data) -> None:
     """On an AdamW run the eigen projection applies D^{-1/2} through its layer factors (here exactly:
     ``adam_rank`` above every layer's rank) before its orthogonal full-rank basis, so SOURCE's scores

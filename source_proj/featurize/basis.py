@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,75 +50,140 @@ def estimate_basis(
     visits it on), each visit's factors normalised, then averaged. ``grads_fn``'s model is loaded with
     each checkpoint in turn."""
     model: nn.Module = grads_fn.model
-    layers, _ = kronecker_layers(model, names)
-    if not layers:
-        raise NoBasis(
-            "The eigen projection found no layer with Kronecker factors (nn.Linear, nn.Conv1d/2d, GPT-2 Conv1D) "
-            "among the selected parameters."
-        )
-    factorable, _ = factorable_layers(model, names)
-    shares = len(layers) < len(factorable) or _has_rest([(n, ()) for n in names], factorable)
-    budget = basis_budget(dim, shares)
-    collector = FactorCollector(grads_fn, layers, [])
-    a_mean = [np.zeros((layer.in_rows, layer.in_rows)) for layer in layers]
-    b_mean = [np.zeros((layer.out_features, layer.out_features)) for layer in layers]
-    rng = np.random.default_rng(seed)
-    generator = torch.Generator().manual_seed(seed)
-    subsets = {}
-    for stage, data in datasets.items():
-        size = len(data)  # type: ignore[arg-type]
-        subsets[stage] = np.sort(rng.choice(size, min(size, examples), replace=False)).tolist()
+    pass_ = BasisPass(grads_fn, task, datasets, names, dim, examples=examples, seed=seed, batch_size=batch_size,
+                       device=device)  # fmt: skip
     params = dict(model.named_parameters())
     rules = {st.name: optimizer_rule(st, {n: params[n].numel() for n in names}) for st in trajectory.stages}
     stages = {st.name: st for st in trajectory.stages}
     visits = [(c, stage) for c in checkpoints for stage in checkpoint_stages(trajectory, c)]
-    total = sum(-(-len(subsets[stage]) // batch_size) for _, stage in visits)
     loaded = None
-    with tqdm(total=total, desc="eigen basis", unit="batch", disable=not progress) as bar:
+    with pass_.bar(visits_per_stage=[stage for _, stage in visits], progress=progress) as bar:
         for checkpoint, stage in visits:
             if loaded is not checkpoint:
                 trajectory.load_into(model, checkpoint)
                 loaded = checkpoint
-            sums = collector.empty()
-            done = 0
-            for batch in DataLoader(Subset(datasets[stage], subsets[stage]), batch_size=batch_size):
-                batch = move_batch(batch, device)
-                rows = subsets[stage][done : done + batch_size]
-                draw = _drawer(task, batch, generator, rows, f"checkpoint {checkpoint.file}")
-                try:
-                    collector.add_shared(sums, batch, draw)
-                except _Refused as refused:  # the inputs' fault, not the layers'
-                    raise refused.error from None
-                except TaskError as err:  # the layers' structure (inputs not batch-first, unused layers)
-                    reason = str(err).split(";")[0].rstrip(".")  # the cause, without the advice for curvature='kfac'
-                    why = f"The eigen projection cannot take this model's Kronecker factors ({reason})."
-                    raise NoBasis(why) from err
-                done += batch_size
-                bar.update()
             adam = rules[stage].preconditioned
-            sides = _adam_sides(trajectory, checkpoint, stages[stage], names, layers) if adam else None
-            for i in range(len(layers)):
-                a, b = sums.a[i].numpy() / max(sums.positions[i], 1), sums.b[i].numpy() / max(sums.examples, 1)
-                if sides is not None:
-                    row, col = sides[i]
-                    a, b = a * np.outer(col, col), b * np.outer(row, row)
-                a_mean[i] += a
-                b_mean[i] += b
-    for i, layer in enumerate(layers):
-        if not (np.isfinite(a_mean[i]).all() and np.isfinite(b_mean[i]).all()):
-            raise TaskError(
-                f"The Kronecker factors of layer {layer.module!r} are not finite at some checkpoint; the eigen "
-                "projection cannot be estimated (featurize with the 'factored' projection to find the example)."
+            sides = _adam_sides(trajectory, checkpoint, stages[stage], names, pass_.layers) if adam else None
+            pass_.visit(stage, f"checkpoint {checkpoint.file}", bar, sides)
+    return pass_.basis(sorted({c.step for c, _ in visits}), inputs)
+
+
+class BasisPass:
+    """The factors' sums of a basis: ``visit`` adds one Fisher pass over a stage's subset at the model's current
+    weights (each visit normalised, every visit weighing the same), ``basis`` eigendecomposes their mean.
+    featurize visits every checkpoint; in-run capture (``capture.py``) visits each window's start as training
+    reaches it, and the final weights.
+
+    Args:
+        grads_fn: gradients of the model whose weights are visited.
+        datasets: stage name → its training data; each stage's subset of at most ``examples`` rows is drawn
+            once, from ``seed``, so a later visit (or a resumed run's) uses the same examples.
+        collate_fn: how the data's items batch (default: torch's default collate).
+    """
+
+    def __init__(
+        self,
+        grads_fn: PerExampleGradients,
+        task: Task,
+        datasets: Mapping[str, Dataset],
+        names: Sequence[str],
+        dim: int,
+        *,
+        examples: int,
+        seed: int,
+        batch_size: int,
+        device: torch.device,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+    ) -> None:
+        model: nn.Module = grads_fn.model
+        layers, _ = kronecker_layers(model, names)
+        if not layers:
+            raise NoBasis(
+                "The eigen projection found no layer with Kronecker factors (nn.Linear, nn.Conv1d/2d, GPT-2 Conv1D) "
+                "among the selected parameters."
             )
-    return EigenBasis.from_factors(
-        [layer.module for layer in layers],
-        [a / len(visits) for a in a_mean],
-        [b / len(visits) for b in b_mean],
-        budget,
-        sorted({c.step for c, _ in visits}),
-        examples,
-        inputs,
-    )
+        factorable, _ = factorable_layers(model, names)
+        shares = len(layers) < len(factorable) or _has_rest([(n, ()) for n in names], factorable)
+        self.budget = basis_budget(dim, shares)
+        self.layers, self.task, self.datasets = layers, task, datasets
+        self.examples, self.batch_size, self.device, self.collate_fn = examples, batch_size, device, collate_fn
+        self.collector = FactorCollector(grads_fn, layers, [])
+        self.a_mean = [np.zeros((layer.in_rows, layer.in_rows)) for layer in layers]
+        self.b_mean = [np.zeros((layer.out_features, layer.out_features)) for layer in layers]
+        self.visits = 0
+        rng = np.random.default_rng(seed)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.subsets = {}
+        for stage, data in datasets.items():
+            size = len(data)  # type: ignore[arg-type]
+            self.subsets[stage] = np.sort(rng.choice(size, min(size, examples), replace=False)).tolist()
+
+    def bar(self, visits_per_stage: Sequence[str], progress: bool) -> tqdm:
+        total = sum(-(-len(self.subsets[stage]) // self.batch_size) for stage in visits_per_stage)
+        return tqdm(total=total, desc="eigen basis", unit="batch", disable=not progress)
+
+    def visit(
+        self, stage: str, where: str, bar: tqdm, sides: list[tuple[np.ndarray, np.ndarray]] | None = None
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """One pass over ``stage``'s subset, added to the sums; returns its own normalised factors (A, B per
+        layer). ``sides``: an Adam stage's rank-one D^{-1/2} factors per layer."""
+        sums = self.collector.empty()
+        done = 0
+        subset = self.subsets[stage]
+        # Its own generator: a loader without one draws its base seed from the global random state, which
+        # in-run capture must leave as training would find it.
+        loader = DataLoader(Subset(self.datasets[stage], subset), batch_size=self.batch_size,
+                            collate_fn=self.collate_fn, generator=torch.Generator())  # fmt: skip
+        for batch in loader:
+            batch = move_batch(batch, self.device)
+            rows = subset[done : done + self.batch_size]
+            draw = _drawer(self.task, batch, self.generator, rows, where)
+            try:
+                self.collector.add_shared(sums, batch, draw)
+            except _Refused as refused:  # the inputs' fault, not the layers'
+                raise refused.error from None
+            except TaskError as err:  # the layers' structure (inputs not batch-first, unused layers)
+                reason = str(err).split(";")[0].rstrip(".")  # the cause, without the advice for curvature='kfac'
+                why = f"The eigen projection cannot take this model's Kronecker factors ({reason})."
+                raise NoBasis(why) from err
+            done += self.batch_size
+            bar.update()
+        a_visit, b_visit = [], []
+        for i in range(len(self.layers)):
+            a, b = sums.a[i].numpy() / max(sums.positions[i], 1), sums.b[i].numpy() / max(sums.examples, 1)
+            if sides is not None:
+                row, col = sides[i]
+                a, b = a * np.outer(col, col), b * np.outer(row, row)
+            self.a_mean[i] += a
+            self.b_mean[i] += b
+            a_visit.append(a)
+            b_visit.append(b)
+        self.visits += 1
+        return a_visit, b_visit
+
+    def quiet(self) -> tqdm:
+        """A progress bar that shows nothing (in-run capture's passes)."""
+        return tqdm(total=0, disable=True)
+
+    def of_factors(self, a: Sequence[np.ndarray], b: Sequence[np.ndarray], steps: Sequence[int], inputs: str
+                   ) -> EigenBasis:  # fmt: skip
+        """The basis of given factors (one visit's: in-run capture's window bases)."""
+        self._check_finite(a, b)
+        modules = [layer.module for layer in self.layers]
+        return EigenBasis.from_factors(modules, a, b, self.budget, list(steps), self.examples, inputs)
+
+    def basis(self, steps: Sequence[int], inputs: str) -> EigenBasis:
+        """The basis of every visit's factors, averaged."""
+        return self.of_factors([a / self.visits for a in self.a_mean], [b / self.visits for b in self.b_mean],
+                               steps, inputs)  # fmt: skip
+
+    def _check_finite(self, a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> None:
+        for i, layer in enumerate(self.layers):
+            if not (np.isfinite(a[i]).all() and np.isfinite(b[i]).all()):
+                raise TaskError(
+                    f"The Kronecker factors of layer {layer.module!r} are not finite at some checkpoint; the eigen "
+                    "projection cannot be estimated (featurize with the 'factored' projection to find the example)."
+                )
 
 
 def _adam_sides(

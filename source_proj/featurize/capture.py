@@ -46,9 +46,12 @@ further grows its store (fitted methods are dropped: re-fit).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+import json
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,8 +64,17 @@ from torch.utils.data import Dataset
 from source_proj import __version__
 from source_proj.errors import NumericalError, StoreError, TaskError
 from source_proj.featurize.arguments import ProjectionArguments
+from source_proj.featurize.basis import BasisPass, NoBasis
 from source_proj.featurize.grow import record_growth
-from source_proj.featurize.windows import ADAM_KINDS, DENOMINATOR, PREFIX, WINDOW_ARRAYS, window_array
+from source_proj.featurize.windows import (
+    ADAM_KINDS,
+    DENOMINATOR,
+    PREFIX,
+    WINDOW_ARRAYS,
+    window_array,
+    window_basis_prefix,
+)
+from source_proj.projection.eigen import BASIS_PREFIX, EigenBasis
 from source_proj.projection.factored import FactoredProjector
 from source_proj.projection.transform import GradientTransform
 from source_proj.store.provenance import (
@@ -78,7 +90,13 @@ from source_proj.store.writing import store_lock, writing
 from source_proj.tasks.gradients import PerExampleGradients, batch_rows, batch_size
 from source_proj.tasks.task import Batch, Task
 from source_proj.trajectory.preconditioner import live_preconditioner
-from source_proj.trajectory.recorder import Trajectory, TrajectoryRecorder, describe_optimizer
+from source_proj.trajectory.recorder import (
+    Checkpoint,
+    Trajectory,
+    TrajectoryRecorder,
+    describe_optimizer,
+    load_checkpoint,
+)
 
 _FOLD_EVERY = 64
 INDEX_KEY = "source_proj_index"
@@ -110,6 +128,7 @@ class CaptureArguments:
             (BENCHMARKS.md, issue 16).
         buffer: where a window's sums wait to be written: ``"device"`` (the model's; fastest) or
             ``"cpu"`` (host memory, for N·k·4 bytes that do not fit on the device).
+        basis_batch: the eigen projection: examples per batch of its basis passes.
     """
 
     fisher: Literal["sampled", "empirical"] = "sampled"
@@ -120,10 +139,11 @@ class CaptureArguments:
     chunk_rows: int = 1024
     scale_every: int = 16
     buffer: Literal["device", "cpu"] = "device"
+    basis_batch: int = 64
 
     def identity(self) -> dict[str, Any]:
-        """What the captured numbers depend on (``buffer`` does not)."""
-        return {k: v for k, v in asdict(self).items() if k != "buffer"}
+        """What the captured numbers depend on (``buffer`` and ``basis_batch`` do not)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("buffer", "basis_batch")}
 
 
 class IndexedDataset(Dataset):
@@ -205,31 +225,38 @@ class GradientCapture:
         store_path: str | Path,
         task: Task,
         *,
-        projection: ProjectionArguments = ProjectionArguments(kind="factored"),
+        projection: ProjectionArguments | None = None,
         options: CaptureArguments = CaptureArguments(),
         overwrite: bool = False,
         spec: str | None = None,
         datasets: Mapping[str, Dataset] | None = None,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
     ) -> None:
         if options.fisher not in ("sampled", "empirical"):
             raise TaskError(f"Capture's Fisher is 'sampled' or 'empirical', not {options.fisher!r}.")
         if options.fisher_forward not in ("training", "separate"):
-            raise TaskError(
-                f"Capture's fisher_forward is 'training' or 'separate', not {options.fisher_forward!r}."
-            )
+            raise TaskError(f"Capture's fisher_forward is 'training' or 'separate', not {options.fisher_forward!r}.")
         if options.reduction not in ("mean", "sum"):
             raise TaskError(f"The loss reduction is 'mean' or 'sum', not {options.reduction!r}.")
-        if options.fisher_every < 1 or options.chunk_rows < 1 or options.scale_every < 1:
-            raise TaskError("fisher_every, chunk_rows and scale_every must be positive.")
-        if projection.kind == "eigen":
+        if min(options.fisher_every, options.chunk_rows, options.scale_every, options.basis_batch) < 1:
+            raise TaskError("fisher_every, chunk_rows, scale_every and basis_batch must be positive.")
+        if projection is None:
+            projection = ProjectionArguments(kind="eigen" if datasets is not None else "factored")
+            if datasets is None:
+                warnings.warn(
+                    "Capture projects with the random 'factored' projection because no datasets= were given; pass each "
+                    "stage's training dataset as datasets= for the more accurate 'eigen' projection.",
+                    stacklevel=2,
+                )
+        if projection.kind not in ("factored", "eigen"):
             raise TaskError(
-                "The 'eigen' projection is estimated from a run's checkpoints, which capture does not have while the "
-                "run trains; capture with ProjectionArguments(kind='factored'), or featurize the recorded run with "
-                "'eigen' afterwards."
+                f"Capture projects through the layer hooks of the 'eigen' or 'factored' projection, not "
+                f"{projection.kind!r}."
             )
-        if projection.kind != "factored":
+        if projection.kind == "eigen" and datasets is None:
             raise TaskError(
-                f"Capture projects through the factored projection's layer hooks, not {projection.kind!r}; pass "
+                "The 'eigen' projection's bases are estimated from the training data as training reaches each "
+                "checkpoint; pass datasets= (each stage's training dataset under its name), or capture with "
                 "ProjectionArguments(kind='factored')."
             )
         self.recorder, self.task, self.options = recorder, task, options
@@ -237,10 +264,30 @@ class GradientCapture:
         self.model = recorder.model
         self.device = next(self.model.parameters()).device
         self.buffer_device = self.device if options.buffer == "device" else torch.device("cpu")
+        self.datasets = (
+            None
+            if datasets is None
+            else {name: d.dataset if isinstance(d, IndexedDataset) else d for name, d in datasets.items()}
+        )
         names = task.select_parameters(self.model)
         params = dict(self.model.named_parameters())
         shapes = [(n, tuple(params[n].shape)) for n in names]
-        projector = projection.projector(shapes, self.model)
+        self._pass: BasisPass | None = None
+        if projection.kind == "eigen":
+            assert self.datasets is not None
+            try:
+                with _modes_kept(self.model):  # PerExampleGradients puts its model in eval mode
+                    grads_fn = PerExampleGradients(self.model, task, names)
+                self._pass = BasisPass(
+                    grads_fn, task, self.datasets, names, projection.dim,
+                    examples=projection.basis_examples, seed=projection.seed, batch_size=options.basis_batch,
+                    device=self.device, collate_fn=collate_fn,
+                )  # fmt: skip
+            except NoBasis as err:
+                warnings.warn(f"{err} Capture uses the 'factored' projection instead.", stacklevel=2)
+                projection = replace(projection, kind="factored")
+        self.projection, self._shapes = projection, shapes
+        projector = replace(projection, kind="factored").projector(shapes, self.model)
         assert isinstance(projector, FactoredProjector)
         if projector.rest is not None:
             raise TaskError(
@@ -250,11 +297,15 @@ class GradientCapture:
             )
         self.projector, self.names = projector, names
         self.params = {n: params[n] for n in names}
-        self.dim = projector.dim
+        self.dim = projector.dim if self._pass is None else projection.dim
+        self._inputs = hashlib.sha256(
+            json.dumps([projection.dim, projection.seed, projection.basis_examples, names, "in-run"]).encode()
+        ).hexdigest()[:16]
+        description = projector.describe() if self._pass is None else _in_run_eigen(projection, self._inputs)
         self._meta = {
             "library_version": __version__,
             "params": [[n, list(s)] for n, s in shapes],
-            "projection": projector.describe(),
+            "projection": description,
             "task": task.describe(),
             "featurize": {
                 "chunk_rows": options.chunk_rows,
@@ -279,11 +330,6 @@ class GradientCapture:
                 f"The recorder has taken {recorder.global_step - steps[-1]} steps since its last checkpoint; start "
                 "capture before training, or right after TrajectoryRecorder.resume."
             )
-        self.datasets = (
-            None
-            if datasets is None
-            else {name: d.dataset if isinstance(d, IndexedDataset) else d for name, d in datasets.items()}
-        )
         self._reference: Any = None
         self._trained: set[str] = set()
         self._data: dict[str, dict[str, Any]] = {}
@@ -305,9 +351,14 @@ class GradientCapture:
         self.skipped = 0
         """Batches not captured: a stage's first Adam step, whose preconditioner is not known before it."""
         self._hooks = contextlib.ExitStack()
-        self._hooks.enter_context(
-            projector.tapped(self.model, lambda: self._target, self._probe, transform=lambda: self._transform)
-        )
+        self._taps = contextlib.ExitStack()  # the current projector's layer hooks
+        self._hooks.callback(lambda: self._taps.close())
+        self._basis_due = self._pass is not None  # the eigen projection: a basis at each window's start
+        self._window_basis: EigenBasis | None = None
+        if self._pass is None:
+            self._install(projector)
+        else:
+            self._rebuild_sums()
         if options.fisher == "sampled" and options.fisher_forward == "training":
             # A function, not a bound method: a deep copy of the model (an EMA, an evaluation copy) must not copy
             # the capture with it; the hook ignores forwards of any module but this model.
@@ -336,7 +387,7 @@ class GradientCapture:
             if old.get("capture") is not None and "fisher_forward" not in old["capture"]:
                 old["capture"] = {**old["capture"], "fisher_forward": "separate"}  # the only pass before the option
             keys = ("params", "projection", "task", "featurize", "capture")
-            differing = [k for k in keys if old.get(k) != self._meta[k]]
+            differing = [k for k in keys if _identity(k, old.get(k)) != _identity(k, self._meta[k])]
             if old.get("capture") is None:
                 differing.insert(0, "not captured")
             if old.get("trajectory", {}).get("path") != self._meta["trajectory"]["path"]:
@@ -359,6 +410,7 @@ class GradientCapture:
                 if start >= last:
                     for kind in (*WINDOW_ARRAYS, DENOMINATOR):
                         store.delete(window_array(kind, stage, start))
+                    _drop_window_basis(store, stage, start)
             missing = [w for w in _closed_windows(self.recorder) if not _window_complete(store, *w)]
             if missing:
                 stage, start = missing[0]
@@ -393,6 +445,12 @@ class GradientCapture:
             store = Store.open(self.path, writable=True)
             for kind in (*WINDOW_ARRAYS, DENOMINATOR):
                 store.delete(window_array(kind, stage, start))
+            if self._window_basis is not None:  # first, as the denominator: a complete window has its basis
+                _drop_window_basis(store, stage, start)
+                for name, values in self._window_basis.arrays(window_basis_prefix(stage, start)):
+                    store.write_whole(name, values)
+                bases = dict(store.meta.get("capture_bases") or {})
+                store.update_meta(capture_bases={**bases, f"{stage}/{start}": self._window_basis.describe()})
             if denominator is not None:  # first: a window whose other arrays are complete has it too
                 store.write_whole(window_array(DENOMINATOR, stage, start), denominator.cpu().numpy())
             grads, counts = window_array("grads", stage, start), window_array("visits", stage, start)
@@ -408,8 +466,9 @@ class GradientCapture:
     # -- batches ----------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def batch(self, batch: Any, indices: Tensor | Sequence[int] | None = None, *, scale: float | None = None
-              ) -> Iterator[Batch]:
+    def batch(
+        self, batch: Any, indices: Tensor | Sequence[int] | None = None, *, scale: float | None = None
+    ) -> Iterator[Batch]:
         """Capture one training batch: run its forward and backward inside the block.
 
         Args:
@@ -442,6 +501,8 @@ class GradientCapture:
             raise TaskError(
                 f"The batch holds {batch_size(rest)} examples but {count} row indices; pass one index per example."
             )
+        if self._basis_due:
+            self._rebase(name)
         if not self._checked:
             self._check(rest)
         if self._reference is None:
@@ -462,6 +523,51 @@ class GradientCapture:
         self._target = out
         self._probe.grad = None
         return rest
+
+    def _install(self, projector: FactoredProjector) -> None:
+        """Tap the model's layers with ``projector`` (in place of the last one's hooks)."""
+        self._taps.close()
+        self._taps = contextlib.ExitStack()
+        self._taps.enter_context(
+            projector.tapped(self.model, lambda: self._target, self._probe, transform=lambda: self._transform)
+        )
+        self.projector = projector
+
+    def _visit(self, stage: str, where: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """One pass of the eigen basis over ``stage``'s subset at the model's current weights, in eval mode;
+        untapped (no batch is begun), and the global random state is not touched (``BasisPass``)."""
+        assert self._pass is not None
+        with _modes_kept(self.model):
+            self.model.eval()
+            return self._pass.visit(stage, where, self._pass.quiet())
+
+    def _rebase(self, stage: str) -> None:
+        """The eigen projection of the window that starts here: the basis of the weights it starts from (one Fisher
+        pass over at most ``basis_examples`` examples of the stage), whose factors also join the run's average
+        that the store's final basis is made of (``after_close``)."""
+        assert self._pass is not None
+        step = self.recorder.global_step
+        a, b = self._visit(stage, f"step {step}")
+        basis = self._pass.of_factors(a, b, [step], self._inputs)
+        projector = self.projection.projector(self._shapes, self.model, basis)
+        assert isinstance(projector, FactoredProjector)
+        self._install(projector)
+        self._window_basis, self._basis_due = basis, False
+
+    def _rebuild_sums(self) -> None:
+        """A resumed run: the factor sums of the windows an earlier session captured, visited again at their
+        checkpoints (the same examples: the sums are those the uninterrupted run holds)."""
+        closed = _closed_windows(self.recorder)
+        if not closed:
+            return
+        at = {c["step"]: Checkpoint(**c) for c in self.recorder._checkpoints}
+        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        try:
+            for stage, start in closed:
+                self.model.load_state_dict(load_checkpoint(self.recorder.run_dir, at[start])["model"])
+                self._visit(stage, f"step {start}")
+        finally:
+            self.model.load_state_dict(state)
 
     def _precondition(self) -> bool:
         """An Adam stage: refresh D^{-1/2} from the optimizer when due; ``False`` before its first step."""
@@ -670,16 +776,30 @@ class GradientCapture:
             self._stage[0], start, self._sums, self._visits, self._fisher, float(self._count), denominator
         )
         self._open_stage(*self._stage)
+        self._basis_due = self._pass is not None
 
     def after_close(self) -> None:
         """Finish the store: the run's learning rates, description and fingerprints (called by the recorder's close)."""
         if self._closed:
             return
         self.commit()
+        final = None
+        if self._pass is not None and self._stage is not None:  # the final weights join the average
+            self._visit(self._stage[0], f"step {self.recorder.global_step}")
+            steps = sorted({int(key.rpartition("/")[2]) for key in self._window_bases()} | {self.recorder.global_step})
+            final = self._pass.basis(steps, self._inputs)
         self.close()
         trajectory = Trajectory.load(self.recorder.run_dir)
         with store_lock(self.path):
             store = Store.open(self.path, writable=True)
+            if final is not None:  # the store's basis, which queries project with and fit maps every window into
+                old = (store.meta.get("projection") or {}).get("basis") or {}
+                for i in range(len(old.get("modules") or [])):
+                    store.delete(f"{BASIS_PREFIX}/{i}/out")
+                    store.delete(f"{BASIS_PREFIX}/{i}/in")
+                for name, values in final.arrays():
+                    store.write_whole(name, values)
+                store.update_meta(projection=self.projection.projector(self._shapes, self.model, final).describe())
             store.write_whole("trajectory/lr", trajectory.lr.astype(np.float64))
             store.update_meta(
                 fingerprint=self._fingerprint(trajectory, (store.meta.get("fingerprint") or {}).get("data")),
@@ -692,6 +812,11 @@ class GradientCapture:
                 provenance=describe_provenance(self.model, trajectory, self.device, 0),
                 captured=True,
             )
+
+    def _window_bases(self) -> list[str]:
+        """``stage/start`` of every window whose basis the store holds."""
+        with store_lock(self.path):
+            return list(Store.open(self.path).meta.get("capture_bases") or {})
 
     def _fingerprint(self, trajectory: Trajectory, recorded: Mapping[str, Any] | None) -> dict[str, Any] | None:
         """The model and data fingerprints of the finished run (see the class docstring); ``recorded``: the
@@ -714,6 +839,33 @@ class GradientCapture:
         self._pending = self._target = self._fisher_due = None
         self._closed = True
         self._hooks.close()
+
+
+def _in_run_eigen(projection: ProjectionArguments, inputs: str) -> dict[str, Any]:
+    """The store's projection while an eigen capture trains: what fixes it (each window's basis is in
+    ``capture_bases``; the final one replaces this description when the run closes)."""
+    return {"kind": "eigen", "k": projection.dim, "dim": projection.dim, "seed": projection.seed,
+            "adam_rank": projection.adam_rank, "basis": {"inputs": inputs}}  # fmt: skip
+
+
+def _identity(key: str, value: Any) -> Any:
+    """What of a store's metadata entry must match for a capture to take the store up (an eigen projection's
+    bases change as the run trains: its arguments must match)."""
+    if key != "projection" or not value or value.get("kind") != "eigen":
+        return value
+    return [value.get("k"), value.get("seed"), value.get("adam_rank", 1), (value.get("basis") or {}).get("inputs")]
+
+
+def _drop_window_basis(store: Store, stage: str, start: int) -> None:
+    bases = dict(store.meta.get("capture_bases") or {})
+    desc = bases.pop(f"{stage}/{start}", None)
+    if desc is None:
+        return
+    prefix = window_basis_prefix(stage, start)
+    for i in range(len(desc["modules"])):
+        store.delete(f"{prefix}/{i}/out")
+        store.delete(f"{prefix}/{i}/in")
+    store.update_meta(capture_bases=bases)
 
 
 @contextlib.contextmanager

@@ -38,13 +38,15 @@ its gradients over every window of its stage; one never visited at all has ḡ =
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 
 from source_proj.errors import NumericalError, StoreError
+from source_proj.projection.eigen import EigenBasis, change_basis
 from source_proj.store.store import Store, ckpt_key
 from source_proj.trajectory.segments import Segment
 
@@ -53,11 +55,37 @@ WINDOW_ARRAYS = ("grads", "visits", "fisher", "fisher-count")
 DENOMINATOR = "denominator"
 """An Adam stage's windows also hold Adam's D = √v̂ + ε at the checkpoint closing them (float32 ``[p]``)."""
 ADAM_KINDS = ("adam", "adamw")
+WINDOW_BASES = "projection/windows"
+"""An eigen capture's window bases: ``projection/windows/<stage>/<c>/<i>/out|in`` (``EigenBasis.arrays``),
+described in ``meta["capture_bases"]["<stage>/<c>"]``."""
 
 
 def window_array(kind: str, stage: str, start: int) -> str:
     """Store name of one of a window's arrays (``kind`` in ``WINDOW_ARRAYS``)."""
     return f"{PREFIX}{kind}/{stage}/{ckpt_key(start)}"
+
+
+def window_basis_prefix(stage: str, start: int) -> str:
+    """Where an eigen capture keeps the basis of the window of ``stage`` from step ``start``."""
+    return f"{WINDOW_BASES}/{stage}/{ckpt_key(start)}"
+
+
+def window_maps(store: Store) -> dict[tuple[str, int], Callable[[torch.Tensor], torch.Tensor]]:
+    """An eigen capture's windows, each projected with its own basis: ``(stage, start) →`` the map of its
+    features ``[n, k]`` into the store's final basis (``change_basis``); empty for any other store."""
+    meta = store.meta
+    bases = meta.get("capture_bases")
+    if not bases:
+        return {}
+    desc = meta["projection"]
+    final = EigenBasis.read(store, desc["basis"])
+    shared = desc["dim"] - final.dim
+    maps = {}
+    for key, window in bases.items():
+        stage, _, start = key.rpartition("/")
+        src = EigenBasis.read(store, window, prefix=window_basis_prefix(stage, int(start)))
+        maps[(stage, int(start))] = partial(change_basis, src=src, dst=final, shared=shared)
+    return maps
 
 
 def is_captured(meta: dict[str, Any]) -> bool:
@@ -78,7 +106,8 @@ def is_adam_stage(stage: dict[str, Any]) -> bool:
 
 def expected_windows(meta: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
     """Every window array a complete captured store holds: ``name → (shape, dtype)``."""
-    k = meta["projection"]["dim"]
+    desc = meta["projection"]
+    k = desc["k"] if desc.get("kind") == "eigen" else desc["dim"]  # eigen: every window's own basis, padded to k
     p = sum(int(np.prod(shape)) for _, shape in meta["params"])
     out: dict[str, tuple[tuple[int, ...], str]] = {}
     for stage in meta["trajectory"]["stages"]:
@@ -132,8 +161,12 @@ def window_curvature(store: Store, segment: Segment, device: torch.device | str 
     """H̃_ℓ of a segment from its windows' Fisher sums: float64 ``[k, k]`` on ``device``."""
     total: torch.Tensor | None = None
     count = 0.0
+    maps = window_maps(store)
     for start in segment_windows(store.meta, segment):
         fisher = torch.from_numpy(store.read(window_array("fisher", segment.stage, start))).to(device)
+        to_final = maps.get((segment.stage, start))
+        if to_final is not None:  # M F Mᵀ
+            fisher = to_final(to_final(fisher).T.contiguous())
         total = fisher if total is None else total + fisher
         count += float(store.read(window_array("fisher-count", segment.stage, start))[0])
     assert total is not None
@@ -158,6 +191,7 @@ class WindowGradients:
         meta = store.meta
         self.windows = {seg: segment_windows(meta, seg) for seg in segments}
         self.stage_windows = {s["name"]: stage_windows(meta, s["name"]) for s in meta["trajectory"]["stages"]}
+        self.maps = window_maps(store)
         self.stood_in = 0
 
     def __call__(self, stage: str, chunk: int, segments: Sequence[Segment]) -> list[torch.Tensor]:
@@ -165,6 +199,9 @@ class WindowGradients:
         sums: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for start in self.stage_windows[stage]:
             grads = torch.from_numpy(self.store.read_chunk(window_array("grads", stage, start), chunk)).double()
+            to_final = self.maps.get((stage, start))
+            if to_final is not None:
+                grads = to_final(grads)
             visits = self.store.read_chunk(window_array("visits", stage, start), chunk).astype(np.float64)
             visits = torch.from_numpy(visits)
             sums[start] = (grads, visits)

@@ -165,18 +165,19 @@ class EigenBasis:
             "digest": self.digest(),
         }
 
-    def arrays(self) -> Iterable[tuple[str, np.ndarray]]:
-        """``(store array name, values)`` of every matrix."""
+    def arrays(self, prefix: str = BASIS_PREFIX) -> Iterable[tuple[str, np.ndarray]]:
+        """``(store array name, values)`` of every matrix (under ``prefix``)."""
         for i, (o, a) in enumerate(zip(self.out, self.inp, strict=True)):
-            yield f"{BASIS_PREFIX}/{i}/out", o.numpy()
-            yield f"{BASIS_PREFIX}/{i}/in", a.numpy()
+            yield f"{prefix}/{i}/out", o.numpy()
+            yield f"{prefix}/{i}/in", a.numpy()
 
     @classmethod
-    def read(cls, store: Any, desc: Mapping[str, Any]) -> EigenBasis:
-        """The basis a store recorded (``desc`` = its projection's ``"basis"`` entry), checked against its digest."""
+    def read(cls, store: Any, desc: Mapping[str, Any], prefix: str = BASIS_PREFIX) -> EigenBasis:
+        """The basis a store recorded (``desc`` = its projection's ``"basis"`` entry; ``prefix``: where its arrays
+        are), checked against its digest."""
         out, inp = [], []
         for i in range(len(desc["modules"])):
-            names = (f"{BASIS_PREFIX}/{i}/out", f"{BASIS_PREFIX}/{i}/in")
+            names = (f"{prefix}/{i}/out", f"{prefix}/{i}/in")
             if not all(store.is_complete(n) for n in names):
                 raise StoreError(
                     f"The store at {store.path} has no eigen projection basis for layer {desc['modules'][i]!r} (an "
@@ -192,6 +193,24 @@ class EigenBasis:
                 f"{basis.digest()}, recorded {desc['digest']}); featurize it again with --force."
             )
         return basis
+
+
+def change_basis(features: Tensor, src: EigenBasis, dst: EigenBasis, shared: int) -> Tensor:
+    """Features ``[n, ≥ shared + src.dim]`` laid out by ``src`` re-expressed in ``dst``'s layout ``[n, shared +
+    dst.dim]``: per layer U_dst U_srcᵀ (P_src G P_srcᵀ) V_src V_dstᵀ = P_dst Π_src G Π_src P_dstᵀ, with Π_src the
+    orthogonal projection onto ``src``'s kept directions; the first ``shared`` coordinates (the random block, the
+    same in both) are kept. Exact when ``src`` keeps all of G (in-run capture, ``featurize/capture.py``)."""
+    if src.modules != dst.modules:
+        raise StoreError(f"Two eigen bases of different layers ({src.modules} and {dst.modules}) cannot be mapped.")
+    n = features.shape[0]
+    parts, at = [features[:, :shared]], shared
+    for j, ((so, si), (do, di)) in enumerate(zip(src.blocks, dst.blocks, strict=True)):
+        block = features[:, at : at + so * si].reshape(n, so, si)
+        left = dst.out[j].to(features) @ src.out[j].to(features).T  # [do, so]
+        right = dst.inp[j].to(features) @ src.inp[j].to(features).T  # [di, si]
+        parts.append((left @ block @ right.T).reshape(n, do * di))
+        at += so * si
+    return torch.cat(parts, dim=1)
 
 
 def _rows(columns: np.ndarray) -> Tensor:
@@ -277,4 +296,4 @@ def basis_budget(dim: int, shares: bool) -> int:
     return budget
 
 
-__all__ = ["EigenBasis", "EigenProjector", "allocate", "basis_budget", "shared_dim"]
+__all__ = ["EigenBasis", "EigenProjector", "allocate", "basis_budget", "change_basis", "shared_dim"]
