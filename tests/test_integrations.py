@@ -268,6 +268,43 @@ def test_transformers_capture_callback_captures_what_featurize_computes_at_each_
         sp.Attributor(tmp_path / "cap.sp", _tiny_bert(hidden_act="sigmoid"), task)
 
 
+def test_transformers_capture_defaults_to_the_eigen_projection_with_the_bases_featurize_takes(tmp_path: Path) -> None:
+    """Under the Trainer with no projection given, capture takes the eigen one: each window's basis from the
+    Trainer's dataset batched by its own collator; the store's final basis averages the visits post-hoc featurize
+    averages, over the same seeded examples, so the two bases agree, and the store fits and answers queries."""
+    from transformers import Trainer, TrainingArguments
+
+    from source_proj.integrations import HuggingFaceCapture
+    from source_proj.projection.eigen import EigenBasis
+
+    ids, labels = _tokens(24, 0)
+    task = sp.SequenceClassificationTask(attention="bidirectional")
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"), per_device_train_batch_size=8, num_train_epochs=2, learning_rate=0.05,
+        optim="sgd", lr_scheduler_type="constant", save_strategy="no", report_to=[], use_cpu=True,
+        disable_tqdm=True, logging_strategy="no", seed=0,
+    )  # fmt: skip
+    callback = HuggingFaceCapture(tmp_path / "run", tmp_path / "cap.sp", task, save_every=2,
+                                  options=sp.CaptureArguments(basis_batch=8))  # fmt: skip
+    Trainer(model=_tiny_bert(), args=args, train_dataset=sp.IndexedDataset(_Dicts(ids, labels)),
+            callbacks=[callback]).train()  # fmt: skip
+    store = sp.Store.open(tmp_path / "cap.sp")
+    assert store.meta["projection"]["kind"] == "eigen" and len(store.meta["capture_bases"]) == 3
+    posthoc = sp.featurize(
+        tmp_path / "run", _tiny_bert(), task, _Dicts(ids, labels), tmp_path / "post.sp",
+        projection=sp.ProjectionArguments(), options=sp.FeaturizeArguments(batch_size=8, measurement=False),
+        progress=False,
+    )  # fmt: skip
+    ours = EigenBasis.read(store, store.meta["projection"]["basis"])
+    theirs = EigenBasis.read(posthoc, posthoc.meta["projection"]["basis"])
+    assert ours.checkpoints == theirs.checkpoints == [0, 2, 4, 6] and ours.blocks == theirs.blocks
+    for a, b in zip([*ours.out, *ours.inp], [*theirs.out, *theirs.inp], strict=True):
+        assert torch.allclose(a.abs(), b.abs(), atol=1e-4)  # up to each eigenvector's sign
+    sp.fit(store.path, sp.FitArguments(segments_per_stage=1), progress=False)
+    scores = sp.Attributor(store.path, _tiny_bert(), task).scores(_Dicts(*_tokens(3, 1)))
+    assert scores.shape == (3, 24) and np.isfinite(scores).all() and np.abs(scores).max() > 0
+
+
 def test_transformers_capture_takes_the_sampled_fisher_from_the_trainers_own_forward(tmp_path: Path) -> None:
     """The default sampled Fisher (``fisher_forward="training"``) under the Trainer: one backward through the
     training forward's graph, so the model runs one forward per batch (and a few in eval mode, once, to check

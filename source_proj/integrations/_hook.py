@@ -95,7 +95,7 @@ class CaptureSettings:
         store_path: str | os.PathLike[str],
         task: Task,
         *,
-        projection: ProjectionArguments,
+        projection: ProjectionArguments | None,
         options: CaptureArguments,
     ) -> None:
         self.store_path = store_path
@@ -123,5 +123,6 @@ class CaptureSettings:
             options=self.capture_options,
             overwrite=overwrite,
             datasets={stage: dataset} if sized else None,
+            collate_fn=getattr(dataloader, "collate_fn", None),
         )
         return self.capture

@@ -64,7 +64,7 @@ class HuggingFaceCapture(HuggingFaceRecorder):
     Usage::
 
         capture = HuggingFaceCapture("runs/hf", "runs/hf.sp", task, save_every=50,
-                                     projection=sp.ProjectionArguments(dim=1024, kind="factored"))
+                                     projection=sp.ProjectionArguments(dim=1024))
         Trainer(model, args, train_dataset=sp.IndexedDataset(train), callbacks=[capture]).train()
         sp.fit("runs/hf.sp")
 
@@ -80,7 +80,9 @@ class HuggingFaceCapture(HuggingFaceRecorder):
         store_path: the store to capture into (see ``source_proj.GradientCapture``).
         task: the task; its batches are the model's keyword inputs (e.g. ``SequenceClassificationTask``).
         save_every: save a checkpoint every this many optimizer steps (a window between checkpoints).
-        projection: dimension and seed of the factored projection.
+        projection: the projection: ``"eigen"`` (the default where the training dataloader's dataset is
+            map-style and of the stage's size: each window's basis is estimated from it, batched by the
+            dataloader's ``collate_fn``) or ``"factored"`` (the default otherwise); its dimension and seed.
         options: the Fisher, chunking (see ``source_proj.CaptureArguments``).
         stage: the stage name.
         dataset_size: the training set size (default: ``len`` of the trainer's training dataset).
@@ -94,7 +96,7 @@ class HuggingFaceCapture(HuggingFaceRecorder):
         task: Task,
         *,
         save_every: int,
-        projection: ProjectionArguments = ProjectionArguments(kind="factored"),
+        projection: ProjectionArguments | None = None,
         options: CaptureArguments = CaptureArguments(),
         stage: str = "main",
         dataset_size: int | None = None,

@@ -66,7 +66,7 @@ class LightningCapture(LightningRecorder):
 
         loader = DataLoader(sp.IndexedDataset(train), batch_size=64, shuffle=True)
         capture = LightningCapture("runs/pl", "runs/pl.sp", sp.ClassificationTask(), save_every=50,
-                                   projection=sp.ProjectionArguments(dim=1024, kind="factored"))
+                                   projection=sp.ProjectionArguments(dim=1024))
         lightning.Trainer(max_epochs=3, callbacks=[capture]).fit(module, loader)
         sp.fit("runs/pl.sp")
 
@@ -88,7 +88,7 @@ class LightningCapture(LightningRecorder):
         task: Task,
         *,
         save_every: int,
-        projection: ProjectionArguments = ProjectionArguments(kind="factored"),
+        projection: ProjectionArguments | None = None,
         options: CaptureArguments = CaptureArguments(),
         stage: str = "main",
         dataset_size: int | None = None,
