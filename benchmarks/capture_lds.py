@@ -3,7 +3,7 @@ LDS on the digits settings of examples/digits/settings.py.
 
     python benchmarks/capture_lds.py [--settings converged,noisy,two-stage] [--dim 512] [--subsets 100]
         [--repeats 5] [--workers 2] [--out runs/capture-lds] [--retrains runs/lds] [--validation]
-        [--threads 1]
+        [--threads 1] [--basis-examples 2048]
 
 Per setting, model seed 0 is trained once per in-run variant with the recorder and GradientCapture
 (k = --dim): the eigen projection (capture's default: a basis per window, taken as training reaches
@@ -46,12 +46,13 @@ IN_RUN = {
     "in-run (factored), Fisher every 4th batch": (sp.CaptureArguments(fisher_every=4), "factored"),
     "in-run (factored), empirical Fisher": (sp.CaptureArguments(fisher="empirical"), "factored"),
 }
+BASIS_EXAMPLES = [2048]  # --basis-examples
 POST_HOC = {"post-hoc (eigen)": "eigen", "post-hoc (factored)": "factored", "post-hoc (rademacher)": "rademacher"}
 
 
 def capturer(store: Path, dim: int, options: sp.CaptureArguments, data: dict[str, torch.utils.data.Dataset], kind: str):
     def start(recorder: sp.TrajectoryRecorder) -> sp.GradientCapture:
-        projection = sp.ProjectionArguments(dim=dim, kind=kind)
+        projection = sp.ProjectionArguments(dim=dim, kind=kind, basis_examples=BASIS_EXAMPLES[0])
         return sp.GradientCapture(
             recorder, store, digits.build_task(), projection=projection, options=options, datasets=data, overwrite=True
         )
@@ -86,7 +87,7 @@ def prepare(s: settings.Setting, out: Path, dim: int) -> tuple[dict[str, Path], 
             digits.build_task(),
             data,
             store,
-            projection=sp.ProjectionArguments(dim=dim, kind=kind),
+            projection=sp.ProjectionArguments(dim=dim, kind=kind, basis_examples=BASIS_EXAMPLES[0]),
             options=sp.FeaturizeArguments(batch_size=256, measurement=False),
             progress=False,
             overwrite=True,
@@ -134,6 +135,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", default=",".join(settings.SETTINGS))
     parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument(
+        "--basis-examples", type=int, default=2048, help="the eigen projection's examples per basis pass"
+    )
     parser.add_argument("--subsets", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2)
@@ -149,6 +153,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    BASIS_EXAMPLES[0] = args.basis_examples
     for name in args.settings.split(","):
         s = settings.setting(name)
         out = Path(args.out) / name
@@ -160,7 +165,10 @@ def main() -> None:
             more = score(name, stores, lds_args, Path(args.retrains), validation=True)
             results = {variant: pooled(r, more[variant]) for variant, r in results.items()}
             queries += len(settings.setting(name, validation=True).queries)
-        lines = [f"## {name}: k={args.dim}, M={args.subsets}, R={args.repeats}, {queries} queries"]
+        lines = [
+            f"## {name}: k={args.dim}, basis examples {args.basis_examples}, M={args.subsets}, R={args.repeats}, "
+            f"{queries} queries"
+        ]
         report = {}
         for variant, r in results.items():
             entry = {"lds": r.mean, "low": r.low, "high": r.high, "seconds": seconds[variant]}

@@ -1,22 +1,23 @@
 """In-run SOURCE against post-hoc SOURCE on the text example (two AdamW stages), by LDS on the fine-tuning stage.
 
     python benchmarks/capture_text_lds.py [--dim 512] [--reference runs/adam-rank] [--out runs/capture-text]
-        [--subsets 50] [--repeats 4] [--workers 2] [--threads 2]
+        [--subsets 50] [--repeats 4] [--workers 2] [--threads 2] [--variants eigen,factored]
 
-The tiny GPT-2 of ``examples/text/lm.py`` is trained again with the recorder and ``GradientCapture``
-(factored projection, k = --dim, Adam's D^{-1/2} in its rank-1 form, the sampled Fisher), once at the
-defaults (D^{-1/2} refreshed on every 16th batch, the Fisher from the training forward on every batch), and
-once each with the Fisher on every 2nd and every 4th batch, D^{-1/2} on every batch, and the Fisher from a separate
-eval-mode pass (``fisher_forward="separate"``, the default before 2026-11-30). Capture leaves training unchanged,
-so each captured run must end bit-identical to the reference run (``benchmarks/adam_rank_lds.py``'s,
-trained by the same code without capture), which is checked; the reference's ``finetune`` ground
-truth (its pre-trained model fine-tuned again on random halves, α = 0.5, retrains cached under
-REFERENCE/finetune/retrains) then scores every store. Post-hoc: the first captured run featurized
-afterwards with the same projection and parameters. The parameters are the transformer blocks'
-Conv1D layers (norms and the tied embedding left out: capture projects factorable layers only), the
-same in every store. Prints LDS [95 % CI], the per-query difference in-run − post-hoc with a 95 %
-bootstrap interval, and the seconds of training with and without capture; writes OUT/results.json.
-"""
+The tiny GPT-2 of ``examples/text/lm.py`` is trained again with the recorder and ``GradientCapture`` (k =
+--dim, Adam's D^{-1/2} in its rank-1 form, the sampled Fisher): with the eigen projection (capture's default:
+a basis per window) and with the factored one at the defaults (D^{-1/2} refreshed on every 16th batch, the
+Fisher from the training forward on every batch), and with the factored one once each with the Fisher on every
+2nd and every 4th batch, D^{-1/2} on every batch, and the Fisher from a separate eval-mode pass
+(``fisher_forward="separate"``, the default before 2026-11-30); ``--variants`` picks some by their short names
+(``eigen``, ``factored``, ``fisher/2``, ``fisher/4``, ``d/1``, ``separate``). Capture leaves
+training unchanged, so each captured run must end bit-identical to the reference run
+(``benchmarks/adam_rank_lds.py``'s, trained by the same code without capture), which is checked; the
+reference's ``finetune`` ground truth (its pre-trained model fine-tuned again on random halves, α = 0.5,
+retrains cached under REFERENCE/finetune/retrains) then scores every store. Post-hoc: the first captured run
+featurized afterwards with the eigen and the factored projections, and the same parameters. The parameters are
+the transformer blocks' Conv1D layers (norms and the tied embedding left out: capture projects factorable
+layers only), the same in every store. Prints LDS [95 % CI], the per-query difference in-run − post-hoc with a
+95 % bootstrap interval, and the seconds of training with and without capture; writes OUT/results.json."""
 
 from __future__ import annotations
 
@@ -39,13 +40,15 @@ import source_proj as sp  # noqa: E402
 from source_proj import evaluation as ev  # noqa: E402
 
 METHOD = "source-finetune"
-VARIANTS = {
-    "in-run, Fisher every batch, D every 16th": sp.CaptureArguments(fisher_every=1, scale_every=16),
-    "in-run, Fisher every 2nd batch, D every 16th": sp.CaptureArguments(fisher_every=2, scale_every=16),
-    "in-run, Fisher every 4th batch, D every 16th": sp.CaptureArguments(fisher_every=4, scale_every=16),
-    "in-run, Fisher every batch, D every batch": sp.CaptureArguments(fisher_every=1, scale_every=1),
-    "in-run, Fisher from a separate eval-mode pass": sp.CaptureArguments(fisher_forward="separate"),
-}
+VARIANTS = {  # short name: (store name, options, projection kind)
+    "eigen": ("in-run (eigen)", sp.CaptureArguments(), "eigen"),
+    "factored": ("in-run (factored), Fisher every batch, D every 16th", sp.CaptureArguments(), "factored"),
+    "fisher/2": ("in-run (factored), Fisher every 2nd batch", sp.CaptureArguments(fisher_every=2), "factored"),
+    "fisher/4": ("in-run (factored), Fisher every 4th batch", sp.CaptureArguments(fisher_every=4), "factored"),
+    "d/1": ("in-run (factored), D every batch", sp.CaptureArguments(scale_every=1), "factored"),
+    "separate": ("in-run (factored), Fisher from a separate pass", sp.CaptureArguments(fisher_forward="separate"),
+                 "factored"),
+}  # fmt: skip
 
 
 def task() -> sp.LanguageModelingTask:
@@ -82,28 +85,33 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="in-run variants to train (see above)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out, reference = args.out, args.reference / "run"
     if not (reference / "trajectory.json").exists():
         lm.train(seed=0, run_dir=reference)
-    projection = sp.ProjectionArguments(dim=args.dim, kind="factored")
-    seconds = {"training": train(out / "plain", None, projection, sp.CaptureArguments())}
+    kinds = {}
+    seconds = {"training": train(out / "plain", None, sp.ProjectionArguments(dim=args.dim), sp.CaptureArguments())}
     stores = {}
-    for index, (name, options) in enumerate(VARIANTS.items()):
-        run, stores[name] = out / f"run-{index}", out / f"in-run-{index}.sp"
-        seconds[name] = train(run, stores[name], projection, options)
+    for index, short in enumerate(args.variants.split(",")):
+        name, options, kind = VARIANTS[short]
+        run, stores[name], kinds[name] = out / f"run-{index}", out / f"in-run-{index}.sp", kind
+        seconds[name] = train(run, stores[name], sp.ProjectionArguments(dim=args.dim, kind=kind), options)
         if not same_run(run, reference):
             raise SystemExit(
                 f"The captured run {run} differs from the reference run {reference}: capture changed training."
             )
     shutil.rmtree(out / "plain")
-    stores["post-hoc"] = out / "post-hoc.sp"
-    start = time.perf_counter()
-    options = sp.FeaturizeArguments(batch_size=32, chunk_rows=128)
-    sp.featurize(out / "run-0", lm.build_model(), task(), lm.corpus().train, stores["post-hoc"], projection=projection,
-                 options=options, overwrite=True, progress=False)  # fmt: skip
-    seconds["post-hoc featurize"] = time.perf_counter() - start
+    for kind in ("eigen", "factored"):
+        name = f"post-hoc ({kind})"
+        stores[name] = out / f"post-hoc-{kind}.sp"
+        start = time.perf_counter()
+        options = sp.FeaturizeArguments(batch_size=32, chunk_rows=128)
+        sp.featurize(out / "run-0", lm.build_model(), task(), lm.corpus().train, stores[name],
+                     projection=sp.ProjectionArguments(dim=args.dim, kind=kind), options=options, overwrite=True,
+                     progress=False)  # fmt: skip
+        seconds[f"{name} featurize"] = time.perf_counter() - start
     scores, rows = {}, None
     for name, store in stores.items():
         sp.fit(store, sp.FitArguments(stages=("finetune",), method=METHOD), overwrite=True, progress=False)
@@ -115,10 +123,12 @@ def main() -> None:
                                 args.reference / "finetune" / "retrains", lds_args)  # fmt: skip
     results = {name: ev.lds(s, truth, lds_args) for name, s in scores.items()}
     lines = [f"k = {args.dim}, M = {args.subsets}, R = {args.repeats}, {len(lm.query_data())} queries", "",
-             "| store | LDS [95 % CI] | in-run − post-hoc, per query [95 % CI] |", "|---|---|---|"]  # fmt: skip
+             "| store | LDS [95 % CI] | in-run − post-hoc (same projection), per query [95 % CI] |",
+             "|---|---|---|"]  # fmt: skip
     record = {"seconds": seconds, "lds": {}}
     for name, result in results.items():
-        diff = "" if name == "post-hoc" else "{:+.3f} [{:+.3f}, {:+.3f}]".format(*paired(result, results["post-hoc"]))
+        against = results.get(f"post-hoc ({kinds.get(name)})")
+        diff = "" if against is None else "{:+.3f} [{:+.3f}, {:+.3f}]".format(*paired(result, against))
         lines.append(f"| {name} | {result.mean:.3f} [{result.low:.3f}, {result.high:.3f}] | {diff} |")
         record["lds"][name] = {"lds": result.mean, "low": result.low, "high": result.high,
                                "per_query": result.per_query.tolist()}  # fmt: skip
