@@ -803,6 +803,11 @@ def test_eigen_capture_leaves_training_unchanged_and_a_killed_run_resumes_into_t
     assert fitted.read("methods/source/train/main").shape == (30, b_meta["projection"]["dim"])
     assert sp.verify_store(tmp_path / "b.sp", progress=False).status == "ok"
 
+    with pytest.raises(sp.TaskError, match=r"resuming this run needs the data of the stages it trained before too: "
+                                            r"add \['main'\] to datasets="):
+        _train(tmp_path / "b", tmp_path / "b.sp", classification_data, resume=True,
+               **dict(kwargs, steps=20, datasets={"other": classification_data}))
+    assert sp.Store.open(tmp_path / "b.sp").meta["captured"]  # refused before the store was taken up
     longer = dict(kwargs, steps=20)
     _train(tmp_path / "b", tmp_path / "b.sp", classification_data, resume=True, **longer)
     grown = sp.Store.open(tmp_path / "b.sp").meta

@@ -2,13 +2,15 @@
 on a harness setting (issue 16; ``benchmarks/capture_lds.py`` does the same on the digits example's settings).
 
     python benchmarks/accuracy/capture.py --setting mnist-noisy --mnist ../shared/data/mnist --repeats 10
-        [--dim 1024] [--fisher-every 1,4] [--subsets 100] [--out runs/accuracy/capture-mnist-noisy.json]
+        [--dim 1024] [--fisher-every 1,4] [--kinds eigen,factored] [--subsets 100]
+        [--out runs/accuracy/capture-mnist-noisy.json]
 
-Model 0 of the setting is trained again with the recorder and ``GradientCapture`` (factored projection,
-k = ``--dim``, sampled Fisher on every ``n``-th batch for each n of ``--fisher-every``). Capture does not
-change training, so the captured trajectory must be bit-identical to the harness's ``run-0``; this is
-checked, and the run is refused otherwise. The post-hoc store is the harness's own
-``model-0-factored-k<dim>.sp`` (featurized from ``run-0``; made here if missing). Every store is fitted
+Model 0 of the setting is trained again with the recorder and ``GradientCapture`` (for each projection of
+``--kinds``: k = ``--dim``, sampled Fisher on every ``n``-th batch for each n of ``--fisher-every``).
+Capture does not change training, so the captured trajectory must be bit-identical to the harness's
+``run-0``; this is checked, and the run is refused otherwise. The post-hoc stores are the harness's own
+``model-0-<kind>-k<dim>.sp`` (featurized from ``run-0``; made here if missing), one per projection, and
+each in-run store is compared with the post-hoc store of its projection. Every store is fitted
 with the library's defaults and scored on the setting's queries against its cached ground truth.
 Printed and written to ``--out``: LDS [95 % CI] of each store, and each in-run variant minus post-hoc per
 query (paired 95 % bootstrap interval), plus the wall time of the captured training against training alone.
@@ -30,11 +32,11 @@ import harness
 import source_proj as sp
 
 
-def capturer(store: Path, dim: int, options: sp.CaptureArguments, h: harness.Prepared):
+def capturer(store: Path, dim: int, options: sp.CaptureArguments, h: harness.Prepared, kind: str):
     """``capture(recorder)`` for ``Setting.train_recorded``: a GradientCapture into ``store``."""
 
     def start(recorder: sp.TrajectoryRecorder) -> sp.GradientCapture:
-        projection = sp.ProjectionArguments(dim=dim, kind="factored")
+        projection = sp.ProjectionArguments(dim=dim, kind=kind)
         return sp.GradientCapture(
             recorder, store, h.task, projection=projection, options=options, datasets=h.train_data, overwrite=True
         )
@@ -47,30 +49,37 @@ def main() -> None:
     harness.add_setting_arguments(parser)
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--fisher-every", default="1", help="in-run variants: the sampled Fisher on every n-th batch")
+    parser.add_argument("--kinds", default="eigen,factored", help="the projections, in-run and post-hoc")
     args = parser.parse_args()
     h = harness.prepare_model_0(args)
     fit = sp.FitArguments(stages=(h.setting.attributed,))
     folder = h.folder / "capture"
-    post_hoc = h.folder / f"model-0-factored-k{args.dim}.sp"
-    sp.featurize(h.runs[0], h.build_model(), h.task, h.train_data, post_hoc,
-                 projection=sp.ProjectionArguments(dim=args.dim, kind="factored"), progress=False)  # fmt: skip
-    sp.fit(post_hoc, fit, progress=False)
-    stores = {"post-hoc (factored)": post_hoc}
+    kinds = args.kinds.split(",")
+    stores, kind_of = {}, {}
+    for kind in kinds:
+        post_hoc = h.folder / f"model-0-{kind}-k{args.dim}.sp"
+        sp.featurize(h.runs[0], h.build_model(), h.task, h.train_data, post_hoc,
+                     projection=sp.ProjectionArguments(dim=args.dim, kind=kind), progress=False)  # fmt: skip
+        sp.fit(post_hoc, fit, progress=False)
+        stores[f"post-hoc ({kind})"] = post_hoc
     seconds = {}
     start = time.perf_counter()
     h.setting.train_recorded(0, folder / "plain")
     seconds["training alone"] = time.perf_counter() - start
     reference = sp.Trajectory.load(h.runs[0]).fingerprint()
-    for every in (int(n) for n in args.fisher_every.split(",")):
-        name = "in-run" if every == 1 else f"in-run, Fisher every {every}th batch"
-        run, store = folder / f"run-fisher-{every}", folder / f"in-run-fisher-{every}-k{args.dim}.sp"
-        start = time.perf_counter()
-        h.setting.train_recorded(0, run, capture=capturer(store, args.dim, sp.CaptureArguments(fisher_every=every), h))
-        seconds[name] = time.perf_counter() - start
-        if sp.Trajectory.load(run).fingerprint() != reference:
-            sys.exit(f"{name}: the captured run differs from the harness's run-0; nothing to compare.")
-        sp.fit(store, fit, overwrite=True, progress=False)
-        stores[name] = store
+    for kind in kinds:
+        for every in (int(n) for n in args.fisher_every.split(",")):
+            name = f"in-run ({kind})" + ("" if every == 1 else f", Fisher every {every}th batch")
+            run = folder / f"run-{kind}-fisher-{every}"
+            store = folder / f"in-run-{kind}-fisher-{every}-k{args.dim}.sp"
+            options = sp.CaptureArguments(fisher_every=every)
+            start = time.perf_counter()
+            h.setting.train_recorded(0, run, capture=capturer(store, args.dim, options, h, kind))
+            seconds[name] = time.perf_counter() - start
+            if sp.Trajectory.load(run).fingerprint() != reference:
+                sys.exit(f"{name}: the captured run differs from the harness's run-0; nothing to compare.")
+            sp.fit(store, fit, overwrite=True, progress=False)
+            stores[name], kind_of[name] = store, kind
     results: dict[str, dict] = {"seconds": seconds}
     for queries in h.query_sets:
         data = h.query_data(queries)
@@ -82,8 +91,8 @@ def main() -> None:
             lds = h.lds(values, queries)
             entry = {"lds": [lds.mean, lds.low, lds.high]}
             line = f"{args.setting} {queries} {name}: {lds}"
-            if name != "post-hoc (factored)":
-                delta = h.difference(values, scores["post-hoc (factored)"], queries)
+            if name in kind_of:
+                delta = h.difference(values, scores[f"post-hoc ({kind_of[name]})"], queries)
                 entry["minus post-hoc"] = list(delta)
                 line += f", minus post-hoc {delta[0]:+.3f} [{delta[1]:+.3f}, {delta[2]:+.3f}]"
             results.setdefault(queries, {})[name] = entry

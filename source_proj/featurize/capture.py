@@ -91,7 +91,6 @@ from source_proj.tasks.gradients import PerExampleGradients, batch_rows, batch_s
 from source_proj.tasks.task import Batch, Task
 from source_proj.trajectory.preconditioner import live_preconditioner
 from source_proj.trajectory.recorder import (
-    Checkpoint,
     Trajectory,
     TrajectoryRecorder,
     describe_optimizer,
@@ -287,6 +286,14 @@ class GradientCapture:
                 warnings.warn(f"{err} Capture uses the 'factored' projection instead.", stacklevel=2)
                 projection = replace(projection, kind="factored")
         self.projection, self._shapes = projection, shapes
+        if self._pass is not None:  # before the store is taken up: a refused resume leaves it as it was
+            assert self.datasets is not None
+            missing = sorted({stage for stage, _ in _closed_windows(recorder) if stage not in self.datasets})
+            if missing:
+                raise TaskError(
+                    f"The eigen projection's final basis averages every window's, so resuming this run needs the data "
+                    f"of the stages it trained before too: add {missing} to datasets=."
+                )
         projector = replace(projection, kind="factored").projector(shapes, self.model)
         assert isinstance(projector, FactoredProjector)
         if projector.rest is not None:
@@ -560,11 +567,11 @@ class GradientCapture:
         closed = _closed_windows(self.recorder)
         if not closed:
             return
-        at = {c["step"]: Checkpoint(**c) for c in self.recorder._checkpoints}
         state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         try:
             for stage, start in closed:
-                self.model.load_state_dict(load_checkpoint(self.recorder.run_dir, at[start])["model"])
+                checkpoint = self.recorder.saved_checkpoint(start)
+                self.model.load_state_dict(load_checkpoint(self.recorder.run_dir, checkpoint)["model"])
                 self._visit(stage, f"step {start}")
         finally:
             self.model.load_state_dict(state)

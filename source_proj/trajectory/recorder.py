@@ -273,6 +273,13 @@ class TrajectoryRecorder:
         """Steps of the checkpoints saved so far."""
         return [c["step"] for c in self._checkpoints]
 
+    def saved_checkpoint(self, step: int) -> Checkpoint:
+        """The checkpoint saved at ``step`` (its file and sha256, for ``load_checkpoint``)."""
+        found = [c for c in self._checkpoints if c["step"] == step]
+        if not found:
+            raise TrajectoryError(f"The run at {self.run_dir} saved no checkpoint at step {step}.")
+        return Checkpoint(**found[-1])
+
     def listen(self, listener: RecorderListener) -> None:
         """Tell ``listener`` before every new checkpoint and after ``close``."""
         self._listeners.append(listener)
