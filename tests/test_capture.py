@@ -838,3 +838,51 @@ def test_capture_takes_the_eigen_projection_when_it_has_the_data_and_says_what_i
     with pytest.raises(sp.TaskError, match="'eigen' or 'factored' projection, not 'rademacher'"):
         sp.GradientCapture(recorder("d"), tmp_path / "d.sp", task,
                            projection=sp.ProjectionArguments(dim=16, kind="rademacher"))
+
+
+def test_eigen_capture_of_adamw_takes_each_windows_factors_in_adams_coordinates_and_resumes_exactly(
+    tmp_path: Path, classification_data
+) -> None:
+    """On an AdamW run each window's basis comes from the factors of D^{-1/2}-scaled gradients, D the optimizer's
+    state as the window starts (rank-one sides, as featurize): rebuilt here from the checkpoint that opens the
+    window; the first window has no state yet (raw factors). A run killed mid-window resumes, its earlier
+    windows' factors re-taken with the optimizer states saved with their checkpoints, into the uninterrupted
+    store."""
+    from source_proj.featurize.basis import BasisPass, rank_one_sides
+    from source_proj.trajectory.preconditioner import live_preconditioner
+
+    def adamw(params):
+        return torch.optim.AdamW(params, lr=0.05, weight_decay=0.01)
+
+    kwargs = {"steps": 14, "batch": 8, "save_every": 4, "options": sp.CaptureArguments(chunk_rows=8),
+              "datasets": {"main": classification_data}, "projection": _eigen_capture(24), "optimizer": adamw}
+    _train(tmp_path / "a", tmp_path / "a.sp", classification_data, **kwargs)
+    with pytest.raises(_Killed):
+        _train(tmp_path / "b", tmp_path / "b.sp", classification_data, crash_after=10, **kwargs)
+    _train(tmp_path / "b", tmp_path / "b.sp", classification_data, resume=True, **kwargs)
+    a, b = sp.Store.open(tmp_path / "a.sp"), sp.Store.open(tmp_path / "b.sp")
+    assert a.meta["projection"] == b.meta["projection"] and a.meta["capture_bases"] == b.meta["capture_bases"]
+    for name in a.progress_arrays("capture/"):
+        assert np.array_equal(a.read(name), b.read(name)), name
+
+    trajectory = sp.Trajectory.load(tmp_path / "a")
+    names = [name for name, _ in _mlp().named_parameters()]
+    model = _mlp()
+    optimizer = adamw(model.parameters())
+    grads_fn = PerExampleGradients(model, sp.ClassificationTask(), names)
+    basis_pass = BasisPass(grads_fn, sp.ClassificationTask(), {"main": classification_data}, names, 24,
+                           examples=2048, seed=0, batch_size=64, device=torch.device("cpu"))  # fmt: skip
+    for start in (0, 4, 8, 12):  # in order: the Fisher's labels come from one generator, as in the run
+        state = trajectory.load_state(next(c for c in trajectory.checkpoints if c.step == start))
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        d = live_preconditioner(optimizer, dict(model.named_parameters()))
+        assert (d is None) == (start == 0)
+        sides = rank_one_sides(d, basis_pass.layers) if d is not None else None
+        generator = basis_pass.generator.get_state()
+        want = basis_pass.of_factors(*basis_pass.visit("main", "test", basis_pass.quiet(), sides), [start], "")
+        assert a.meta["capture_bases"][f"main/{start}"]["digest"] == want.digest(), start
+        if d is not None:  # the raw factors give another basis: the scaling is what made it
+            basis_pass.generator.set_state(generator)
+            raw = basis_pass.of_factors(*basis_pass.visit("main", "test", basis_pass.quiet()), [start], "")
+            assert raw.digest() != want.digest()

@@ -198,7 +198,14 @@ def _adam_sides(
             d = checkpoint_preconditioner(trajectory, checkpoint, stage, names)
         except TrajectoryError:
             return None
-    scale = {n: v.rsqrt() for n, v in d.items()}
+    return rank_one_sides(d, layers)
+
+
+def rank_one_sides(
+    d: Mapping[str, torch.Tensor], layers: Sequence[FactoredLayer]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per layer the rank-one factors (row r, column c) of Adam's D^{-1/2} ≈ r cᵀ (``d``: D per parameter name)."""
+    scale = {n: v.detach().double().cpu().rsqrt() for n, v in d.items()}
     sides = []
     for layer in layers:
         terms = scaling_transform(scale, [layer], rank=1).layer(layer.weight)

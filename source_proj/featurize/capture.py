@@ -46,6 +46,7 @@ further grows its store (fitted methods are dropped: re-fit).
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import itertools
 import json
@@ -64,7 +65,7 @@ from torch.utils.data import Dataset
 from source_proj import __version__
 from source_proj.errors import NumericalError, StoreError, TaskError
 from source_proj.featurize.arguments import ProjectionArguments
-from source_proj.featurize.basis import BasisPass, NoBasis
+from source_proj.featurize.basis import BasisPass, NoBasis, rank_one_sides
 from source_proj.featurize.grow import record_growth
 from source_proj.featurize.windows import (
     ADAM_KINDS,
@@ -540,13 +541,17 @@ class GradientCapture:
         )
         self.projector = projector
 
-    def _visit(self, stage: str, where: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    def _visit(self, stage: str, where: str, adam: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """One pass of the eigen basis over ``stage``'s subset at the model's current weights, in eval mode;
-        untapped (no batch is begun), and the global random state is not touched (``BasisPass``)."""
+        untapped (no batch is begun), and the global random state is not touched (``BasisPass``). On an Adam
+        stage (``adam``) the factors are those of D^{-1/2}-scaled gradients, as featurize takes them, with D
+        from the optimizer's state as it stands (none before the stage's first step: the raw factors)."""
         assert self._pass is not None
+        d = live_preconditioner(self.recorder.optimizer, self.params) if adam else None
+        sides = None if d is None else rank_one_sides(d, self._pass.layers)
         with _modes_kept(self.model):
             self.model.eval()
-            return self._pass.visit(stage, where, self._pass.quiet())
+            return self._pass.visit(stage, where, self._pass.quiet(), sides)
 
     def _rebase(self, stage: str) -> None:
         """The eigen projection of the window that starts here: the basis of the weights it starts from (one Fisher
@@ -554,7 +559,7 @@ class GradientCapture:
         that the store's final basis is made of (``after_close``)."""
         assert self._pass is not None
         step = self.recorder.global_step
-        a, b = self._visit(stage, f"step {step}")
+        a, b = self._visit(stage, f"step {step}", self._adam)
         basis = self._pass.of_factors(a, b, [step], self._inputs)
         projector = self.projection.projector(self._shapes, self.model, basis)
         assert isinstance(projector, FactoredProjector)
@@ -563,18 +568,29 @@ class GradientCapture:
 
     def _rebuild_sums(self) -> None:
         """A resumed run: the factor sums of the windows an earlier session captured, visited again at their
-        checkpoints (the same examples: the sums are those the uninterrupted run holds)."""
+        checkpoints (the same examples, and on Adam stages the optimizer state saved with the checkpoint: the
+        sums are those the uninterrupted run holds)."""
         closed = _closed_windows(self.recorder)
         if not closed:
             return
+        optimizer = self.recorder.optimizer
+        adam = {name for name, kind in self.recorder.stage_optimizers().items() if kind in ADAM_KINDS}
         state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        optimizer_state = copy.deepcopy(optimizer.state_dict())
         try:
             for stage, start in closed:
-                checkpoint = self.recorder.saved_checkpoint(start)
-                self.model.load_state_dict(load_checkpoint(self.recorder.run_dir, checkpoint)["model"])
-                self._visit(stage, f"step {start}")
+                payload = load_checkpoint(self.recorder.run_dir, self.recorder.saved_checkpoint(start))
+                self.model.load_state_dict(payload["model"])
+                with_state = stage in adam and "optimizer" in payload
+                if with_state:
+                    try:
+                        optimizer.load_state_dict(payload["optimizer"])
+                    except ValueError:  # another stage's optimizer, shaped otherwise: the raw factors
+                        with_state = False
+                self._visit(stage, f"step {start}", with_state)
         finally:
             self.model.load_state_dict(state)
+            optimizer.load_state_dict(optimizer_state)
 
     def _precondition(self) -> bool:
         """An Adam stage: refresh D^{-1/2} from the optimizer when due; ``False`` before its first step."""
@@ -792,7 +808,7 @@ class GradientCapture:
         self.commit()
         final = None
         if self._pass is not None and self._stage is not None:  # the final weights join the average
-            self._visit(self._stage[0], f"step {self.recorder.global_step}")
+            self._visit(self._stage[0], f"step {self.recorder.global_step}", self._adam)
             steps = sorted({int(key.rpartition("/")[2]) for key in self._window_bases()} | {self.recorder.global_step})
             final = self._pass.basis(steps, self._inputs)
         self.close()

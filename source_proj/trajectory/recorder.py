@@ -273,6 +273,10 @@ class TrajectoryRecorder:
         """Steps of the checkpoints saved so far."""
         return [c["step"] for c in self._checkpoints]
 
+    def stage_optimizers(self) -> dict[str, str]:
+        """Each stage's optimizer kind (``describe_optimizer``'s ``"kind"``: ``"sgd"``, ``"adamw"``…)."""
+        return {s["name"]: s["optimizer"]["kind"] for s in self._stages}
+
     def saved_checkpoint(self, step: int) -> Checkpoint:
         """The checkpoint saved at ``step`` (its file and sha256, for ``load_checkpoint``)."""
         found = [c for c in self._checkpoints if c["step"] == step]
