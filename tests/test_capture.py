@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from click.testing import CliRunner
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import source_proj as sp
+from source_proj.cli.main import main
 from source_proj.featurize.windows import window_array
 from source_proj.store.provenance import (
     REFERENCE_BATCH,
@@ -786,7 +788,11 @@ def test_eigen_capture_leaves_training_unchanged_and_a_killed_run_resumes_into_t
     _train(tmp_path / "a", tmp_path / "a.sp", classification_data, **kwargs)
     with pytest.raises(_Killed):
         _train(tmp_path / "b", tmp_path / "b.sp", classification_data, crash_after=10, **kwargs)
+    info = CliRunner().invoke(main, ["info", str(tmp_path / "b.sp")])
+    assert info.exit_code == 0 and "a basis per captured window" in info.output
     _train(tmp_path / "b", tmp_path / "b.sp", classification_data, resume=True, **kwargs)
+    info = CliRunner().invoke(main, ["info", str(tmp_path / "b.sp")])
+    assert info.exit_code == 0 and "basis of 2 layers from checkpoints [0, 4, 8, 12, 14]" in info.output
 
     def arrays(path: Path) -> dict[str, np.ndarray]:
         store = sp.Store.open(path)

@@ -698,7 +698,9 @@ def info(store_path: str, as_json: bool) -> None:
         f"parameters  {summary['parameters']:,} in {summary['parameter_tensors']} tensors; task {summary['task']}"
     )
     click.echo(f"projection  {proj['kind']} k={proj['dim']}" + (f" seed={proj['seed']}" if "seed" in proj else ""))
-    if proj.get("basis"):  # the eigen projection: how much of the Fisher trace its blocks keep
+    if proj.get("basis") and "modules" not in proj["basis"]:  # an eigen capture still training
+        click.echo("  a basis per captured window; the store's basis is averaged when the run closes")
+    elif proj.get("basis"):  # the eigen projection: how much of the Fisher trace its blocks keep
         basis = proj["basis"]
         click.echo(
             f"  basis of {len(basis['modules'])} layers from checkpoints {basis['checkpoints']}, keeps "
