@@ -703,7 +703,7 @@ def test_eigen_capture_maps_every_window_into_the_final_basis_which_is_post_hoc_
     tmp_path: Path, classification_data
 ) -> None:
     """Capture with the eigen projection at k ≥ p (every basis keeps all of its layers: orthogonal maps): each
-    window was projected with its own basis, estimated at the weights it starts from, and fit reads it, mapped
+    window was projected with its own basis (the factors of every window start so far), and fit reads it, mapped
     into the store's final basis, as the final projection of the sum of every visit's materialised gradient
     (Fisher: M F Mᵀ, as that projection of the Σ 2 u uᵀ brute force). The final basis averages the factors of
     every window's start and the final weights: the checkpoints post-hoc featurize averages, over the same seeded
@@ -849,11 +849,11 @@ def test_capture_takes_the_eigen_projection_when_it_has_the_data_and_says_what_i
 def test_eigen_capture_of_adamw_takes_each_windows_factors_in_adams_coordinates_and_resumes_exactly(
     tmp_path: Path, classification_data
 ) -> None:
-    """On an AdamW run each window's basis comes from the factors of D^{-1/2}-scaled gradients, D the optimizer's
-    state as the window starts (rank-one sides, as featurize): rebuilt here from the checkpoint that opens the
-    window; the first window has no state yet (raw factors). A run killed mid-window resumes, its earlier
-    windows' factors re-taken with the optimizer states saved with their checkpoints, into the uninterrupted
-    store."""
+    """On an AdamW run each window's basis averages the factors of D^{-1/2}-scaled gradients at every window start
+    so far, D the optimizer's state as that window started (rank-one sides, as featurize): rebuilt here from the
+    checkpoints that open the windows; the first window has no state yet (raw factors). A run killed mid-window
+    resumes, its earlier windows' factors re-taken with the optimizer states saved with their checkpoints, into the
+    uninterrupted store."""
     from source_proj.featurize.basis import BasisPass, rank_one_sides
     from source_proj.trajectory.preconditioner import live_preconditioner
 
@@ -876,19 +876,20 @@ def test_eigen_capture_of_adamw_takes_each_windows_factors_in_adams_coordinates_
     model = _mlp()
     optimizer = adamw(model.parameters())
     grads_fn = PerExampleGradients(model, sp.ClassificationTask(), names)
-    basis_pass = BasisPass(grads_fn, sp.ClassificationTask(), {"main": classification_data}, names, 24,
-                           examples=2048, seed=0, batch_size=64, device=torch.device("cpu"))  # fmt: skip
-    for start in (0, 4, 8, 12):  # in order: the Fisher's labels come from one generator, as in the run
+    basis_pass, raw_pass = (
+        BasisPass(grads_fn, sp.ClassificationTask(), {"main": classification_data}, names, 24, examples=2048, seed=0,
+                  batch_size=64, device=torch.device("cpu"))
+        for _ in range(2)
+    )  # fmt: skip
+    for i, start in enumerate((0, 4, 8, 12)):  # in order: each window's basis averages the factors so far
         state = trajectory.load_state(next(c for c in trajectory.checkpoints if c.step == start))
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         d = live_preconditioner(optimizer, dict(model.named_parameters()))
         assert (d is None) == (start == 0)
-        sides = rank_one_sides(d, basis_pass.layers) if d is not None else None
-        generator = basis_pass.generator.get_state()
-        want = basis_pass.of_factors(*basis_pass.visit("main", "test", basis_pass.quiet(), sides), [start], "")
+        basis_pass.visit("main", "test", basis_pass.quiet(), rank_one_sides(d, basis_pass.layers) if d else None)
+        raw_pass.visit("main", "test", raw_pass.quiet())
+        want = basis_pass.basis([0, 4, 8, 12][: i + 1], "")
         assert a.meta["capture_bases"][f"main/{start}"]["digest"] == want.digest(), start
         if d is not None:  # the raw factors give another basis: the scaling is what made it
-            basis_pass.generator.set_state(generator)
-            raw = basis_pass.of_factors(*basis_pass.visit("main", "test", basis_pass.quiet()), [start], "")
-            assert raw.digest() != want.digest()
+            assert raw_pass.basis([0, 4, 8, 12][: i + 1], "").digest() != want.digest()
