@@ -73,7 +73,7 @@ from source_proj.featurize.windows import (
     PREFIX,
     WINDOW_ARRAYS,
     window_array,
-    window_basis_prefix,
+    window_basis_array,
 )
 from source_proj.projection.eigen import BASIS_PREFIX, EigenBasis
 from source_proj.projection.factored import FactoredProjector
@@ -456,10 +456,11 @@ class GradientCapture:
                 store.delete(window_array(kind, stage, start))
             if self._window_basis is not None:  # first, as the denominator: a complete window has its basis
                 _drop_window_basis(store, stage, start)
-                for name, values in self._window_basis.arrays(window_basis_prefix(stage, start)):
-                    store.write_whole(name, values)
+                values, shapes = self._window_basis.packed()
+                store.write_whole(window_basis_array(stage, start), values)
                 bases = dict(store.meta.get("capture_bases") or {})
-                store.update_meta(capture_bases={**bases, f"{stage}/{start}": self._window_basis.describe()})
+                desc = {**self._window_basis.describe(), "shapes": shapes}
+                store.update_meta(capture_bases={**bases, f"{stage}/{start}": desc})
             if denominator is not None:  # first: a window whose other arrays are complete has it too
                 store.write_whole(window_array(DENOMINATOR, stage, start), denominator.cpu().numpy())
             grads, counts = window_array("grads", stage, start), window_array("visits", stage, start)
@@ -883,13 +884,9 @@ def _identity(key: str, value: Any) -> Any:
 
 def _drop_window_basis(store: Store, stage: str, start: int) -> None:
     bases = dict(store.meta.get("capture_bases") or {})
-    desc = bases.pop(f"{stage}/{start}", None)
-    if desc is None:
+    if bases.pop(f"{stage}/{start}", None) is None:
         return
-    prefix = window_basis_prefix(stage, start)
-    for i in range(len(desc["modules"])):
-        store.delete(f"{prefix}/{i}/out")
-        store.delete(f"{prefix}/{i}/in")
+    store.delete(window_basis_array(stage, start))
     store.update_meta(capture_bases=bases)
 
 

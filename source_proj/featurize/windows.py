@@ -56,7 +56,7 @@ DENOMINATOR = "denominator"
 """An Adam stage's windows also hold Adam's D = √v̂ + ε at the checkpoint closing them (float32 ``[p]``)."""
 ADAM_KINDS = ("adam", "adamw")
 WINDOW_BASES = "projection/windows"
-"""An eigen capture's window bases: ``projection/windows/<stage>/<c>/<i>/out|in`` (``EigenBasis.arrays``),
+"""An eigen capture's window bases: ``projection/windows/<stage>/<c>``, each one array (``EigenBasis.packed``),
 described in ``meta["capture_bases"]["<stage>/<c>"]``."""
 
 
@@ -65,7 +65,7 @@ def window_array(kind: str, stage: str, start: int) -> str:
     return f"{PREFIX}{kind}/{stage}/{ckpt_key(start)}"
 
 
-def window_basis_prefix(stage: str, start: int) -> str:
+def window_basis_array(stage: str, start: int) -> str:
     """Where an eigen capture keeps the basis of the window of ``stage`` from step ``start``."""
     return f"{WINDOW_BASES}/{stage}/{ckpt_key(start)}"
 
@@ -83,7 +83,8 @@ def window_maps(store: Store) -> dict[tuple[str, int], Callable[[torch.Tensor], 
     maps = {}
     for key, window in bases.items():
         stage, _, start = key.rpartition("/")
-        src = EigenBasis.read(store, window, prefix=window_basis_prefix(stage, int(start)))
+        name = window_basis_array(stage, int(start))
+        src = EigenBasis.unpack(store.read(name), window, f"{store.path}/{name}")
         maps[(stage, int(start))] = partial(change_basis, src=src, dst=final, shared=shared)
     return maps
 

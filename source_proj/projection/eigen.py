@@ -171,6 +171,27 @@ class EigenBasis:
             yield f"{prefix}/{i}/out", o.numpy()
             yield f"{prefix}/{i}/in", a.numpy()
 
+    def packed(self) -> tuple[np.ndarray, list[list[int]]]:
+        """Every matrix in one float32 vector (per layer its out, then its in rows) and their shapes: one array
+        in a store instead of two per layer (in-run capture keeps a basis per window)."""
+        matrices = [m for pair in zip(self.out, self.inp, strict=True) for m in pair]
+        values = np.concatenate([m.numpy().ravel() for m in matrices]).astype(np.float32)
+        return values, [list(m.shape) for m in matrices]
+
+    @classmethod
+    def unpack(cls, values: np.ndarray, desc: Mapping[str, Any], where: str) -> EigenBasis:
+        """The basis ``packed`` wrote (``desc``: its ``describe()`` with ``"shapes"``), checked against its digest."""
+        sizes = [int(np.prod(shape)) for shape in desc["shapes"]]
+        if len(values) != sum(sizes):
+            raise StoreError(f"The eigen basis at {where} holds {len(values)} numbers, not {sum(sizes)}; recapture.")
+        parts = np.split(np.asarray(values, dtype=np.float32), np.cumsum(sizes)[:-1])
+        matrices = [torch.from_numpy(p.reshape(shape).copy()) for p, shape in zip(parts, desc["shapes"], strict=True)]
+        basis = cls(list(desc["modules"]), matrices[0::2], matrices[1::2], list(desc["checkpoints"]),
+                    int(desc["examples"]), float(desc["captured"]), str(desc.get("inputs", "")))  # fmt: skip
+        if basis.digest() != desc["digest"]:
+            raise StoreError(f"The eigen basis at {where} does not match its recorded digest; recapture the run.")
+        return basis
+
     @classmethod
     def read(cls, store: Any, desc: Mapping[str, Any], prefix: str = BASIS_PREFIX) -> EigenBasis:
         """The basis a store recorded (``desc`` = its projection's ``"basis"`` entry; ``prefix``: where its arrays
