@@ -110,8 +110,9 @@ def test_collected_factors_equal_brute_force_sums() -> None:
             d = _output_positions(modules[layer.module], seen["d"], layer).double()
             a_total += a.T @ a
             b_total += weight[n].double() * d.T @ d
-        torch.testing.assert_close(sums.a[i], a_total, rtol=1e-5, atol=1e-8)
-        torch.testing.assert_close(sums.b[i], b_total, rtol=1e-5, atol=1e-8)
+        # float32 forwards on both sides: entries near zero differ by float32 rounding of the matrix's scale
+        torch.testing.assert_close(sums.a[i], a_total, rtol=1e-5, atol=1e-6 * float(a_total.abs().max()))
+        torch.testing.assert_close(sums.b[i], b_total, rtol=1e-5, atol=1e-6 * float(b_total.abs().max()))
     per_example = grads_fn((x, y), "loss", names=diagonal)
     for name in diagonal:
         w = weight.view(-1, *[1] * (per_example[name].dim() - 1))

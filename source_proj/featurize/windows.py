@@ -33,6 +33,11 @@ checkpoints C_ℓ, and uses
 
 An example never visited inside a segment (a segment shorter than an epoch) takes the average of
 its gradients over every window of its stage; one never visited at all has ḡ = 0 (no influence).
+
+With the eigen projection every window is projected with a basis of its own (estimated as it starts,
+``capture.py``), kept as ``projection/windows/<stage>/<c>``; the store's ``projection/basis`` is the final
+one, which queries project with. fit reads each window through ``window_maps``: its gradients mapped
+into the final basis (``change_basis``) and its Fisher sum as M F Mᵀ, before averaging as above.
 """
 
 from __future__ import annotations

@@ -165,11 +165,11 @@ class EigenBasis:
             "digest": self.digest(),
         }
 
-    def arrays(self, prefix: str = BASIS_PREFIX) -> Iterable[tuple[str, np.ndarray]]:
-        """``(store array name, values)`` of every matrix (under ``prefix``)."""
+    def arrays(self) -> Iterable[tuple[str, np.ndarray]]:
+        """``(store array name, values)`` of every matrix."""
         for i, (o, a) in enumerate(zip(self.out, self.inp, strict=True)):
-            yield f"{prefix}/{i}/out", o.numpy()
-            yield f"{prefix}/{i}/in", a.numpy()
+            yield f"{BASIS_PREFIX}/{i}/out", o.numpy()
+            yield f"{BASIS_PREFIX}/{i}/in", a.numpy()
 
     def packed(self) -> tuple[np.ndarray, list[list[int]]]:
         """Every matrix in one float32 vector (per layer its out, then its in rows) and their shapes: one array
@@ -193,12 +193,11 @@ class EigenBasis:
         return basis
 
     @classmethod
-    def read(cls, store: Any, desc: Mapping[str, Any], prefix: str = BASIS_PREFIX) -> EigenBasis:
-        """The basis a store recorded (``desc`` = its projection's ``"basis"`` entry; ``prefix``: where its arrays
-        are), checked against its digest."""
+    def read(cls, store: Any, desc: Mapping[str, Any]) -> EigenBasis:
+        """The basis a store recorded (``desc`` = its projection's ``"basis"`` entry), checked against its digest."""
         out, inp = [], []
         for i in range(len(desc["modules"])):
-            names = (f"{prefix}/{i}/out", f"{prefix}/{i}/in")
+            names = (f"{BASIS_PREFIX}/{i}/out", f"{BASIS_PREFIX}/{i}/in")
             if not all(store.is_complete(n) for n in names):
                 raise StoreError(
                     f"The store at {store.path} has no eigen projection basis for layer {desc['modules'][i]!r} (an "
