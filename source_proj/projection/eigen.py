@@ -18,8 +18,10 @@ the dense Rademacher projection at four times the k and the full-space Kronecker
 **Estimation.** One sampled-label Fisher pass (``FactorCollector``) over at most ``examples``
 training examples of each stage, at every checkpoint featurize visits; each checkpoint's A and B are
 normalised (per position, per example) and the checkpoints are averaged, so a basis covers every
-stage's directions. Adam and AdamW runs take the factors of the raw gradients (not of D^{-1/2} ⊙ G):
-the basis is a choice of subspace, and the preconditioned gradients are projected onto it exactly.
+stage's directions. On Adam and AdamW stages the factors are those of the preconditioned gradients
+D^{-1/2} ⊙ G, with D^{-1/2} in its rank-one row × column form (A ∘ c cᵀ, B ∘ r rᵀ), where a saved optimizer
+state gives D (``featurize/basis.py``); the basis is a choice of subspace, and the preconditioned gradients
+are projected onto it exactly. In-run capture estimates a basis per window (``featurize/capture.py``).
 
 **Allocation.** The k numbers are shared out between the layers greedily: each step adds the row or
 column (one more eigenvector of B or of A in some layer) that captures the most of the Kronecker
