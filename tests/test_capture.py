@@ -790,6 +790,8 @@ def test_eigen_capture_leaves_training_unchanged_and_a_killed_run_resumes_into_t
         _train(tmp_path / "b", tmp_path / "b.sp", classification_data, crash_after=10, **kwargs)
     info = CliRunner().invoke(main, ["info", str(tmp_path / "b.sp")])
     assert info.exit_code == 0 and "a basis per captured window" in info.output
+    with pytest.raises(sp.StoreError, match=r"is still being captured .* finish or resume training, then fit"):
+        sp.fit(tmp_path / "b.sp", progress=False)
     _train(tmp_path / "b", tmp_path / "b.sp", classification_data, resume=True, **kwargs)
     info = CliRunner().invoke(main, ["info", str(tmp_path / "b.sp")])
     assert info.exit_code == 0 and "basis of 2 layers from checkpoints [0, 4, 8, 12, 14]" in info.output

@@ -337,13 +337,13 @@ class _Fit:
         unknown = [s for s in attributed if s not in stage_names]
         if unknown:
             raise TaskError(f"Unknown stage(s) {unknown}; the trajectory's stages are {stage_names}.")
-        segments, view = resolve_segments(store, self.args)
         captured = is_captured(meta)
-        if captured and not meta.get("captured"):
+        if captured and not meta.get("captured"):  # before the segments, which read what the close writes
             raise StoreError(
                 f"The store at {store.path} is still being captured (its training run has not closed its recorder); "
                 "finish or resume training, then fit."
             )
+        segments, view = resolve_segments(store, self.args)
         if captured and self.args.fast:
             raise StoreError(f"The store at {store.path} was captured during training; Fast-SOURCE needs featurize.")
         keys = feature_keys(segments, self.args.fast)
