@@ -843,6 +843,27 @@ def test_capture_takes_the_eigen_projection_when_it_has_the_data_and_says_what_i
     cap.close()
     with pytest.raises(sp.TaskError, match=r"bases are estimated from the training data.*pass datasets="):
         sp.GradientCapture(recorder("c"), tmp_path / "c.sp", task, projection=_eigen_capture(16))
+    x, y = classification_data.tensors
+
+    class Unreadable(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(y)
+
+        def __getitem__(self, i: int):
+            raise OSError("disk gone")
+
+    wrong = TensorDataset(torch.randn(len(y), 5), y)  # 5 features, not 4
+    for i, (data, message) in enumerate([
+        (wrong, r"cannot run on the training data of stage 'main' given as datasets="),
+        (Unreadable(), r"cannot read the training data of stage 'main' given as datasets= \(OSError: disk gone\)"),
+    ]):
+        rec = recorder(f"bad{i}")
+        cap = sp.GradientCapture(rec, tmp_path / f"bad{i}.sp", task, projection=_eigen_capture(16),
+                                 datasets={"main": data})  # fmt: skip
+        rec.begin_stage("main", dataset_size=len(y))
+        with pytest.raises(sp.TaskError, match=message):
+            cap.begin((x[:4], y[:4]), indices=range(4))
+        cap.close()
     with pytest.raises(sp.TaskError, match="'eigen' or 'factored' projection, not 'rademacher'"):
         sp.GradientCapture(recorder("d"), tmp_path / "d.sp", task,
                            projection=sp.ProjectionArguments(dim=16, kind="rademacher"))

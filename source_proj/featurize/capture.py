@@ -91,6 +91,7 @@ from source_proj.store.provenance import (
     data_fingerprint,
     describe_provenance,
     load_reference_batch,
+    model_errors,
     model_fingerprint,
     save_reference_batch,
 )
@@ -559,9 +560,13 @@ class GradientCapture:
         assert self._pass is not None
         d = live_preconditioner(self.recorder.optimizer, self.params) if adam else None
         sides = None if d is None else rank_one_sides(d, self._pass.layers)
-        with _modes_kept(self.model):
-            self.model.eval()
-            return self._pass.visit(stage, where, self._pass.quiet(), sides)
+        what = f"the training data of stage {stage!r} given as datasets= (the eigen projection's basis pass, {where})"
+        try:
+            with _modes_kept(self.model), model_errors(what):
+                self.model.eval()
+                return self._pass.visit(stage, where, self._pass.quiet(), sides)
+        except OSError as err:
+            raise TaskError(f"Capture cannot read {what}: {type(err).__name__}: {err}.") from err
 
     def _rebase(self, stage: str) -> None:
         """The eigen projection of the window that starts here: one Fisher pass over at most ``basis_examples``
@@ -668,7 +673,13 @@ class GradientCapture:
                     f"Stage {name!r} trains on {size} examples, but GradientCapture's datasets= {what}; pass each "
                     "stage's training dataset under its name."
                 )
-            self._data.update(data_fingerprint({name: given}))
+            try:
+                self._data.update(data_fingerprint({name: given}))
+            except OSError as err:
+                raise TaskError(
+                    f"Capture cannot read the training data of stage {name!r} given as datasets= "
+                    f"({type(err).__name__}: {err}); pass a dataset whose examples can be read."
+                ) from err
         self._trained.add(name)
         if self._stage is None or self._stage[0] != name:
             self._transform = None  # a new stage: its optimizer's state, not the last stage's
