@@ -1,7 +1,7 @@
 """In-run SOURCE against post-hoc SOURCE on the text example (two AdamW stages), by LDS on the fine-tuning stage.
 
     python benchmarks/capture_text_lds.py [--dim 512] [--reference runs/adam-rank] [--out runs/capture-text]
-        [--subsets 50] [--repeats 4] [--workers 2] [--threads 2] [--variants eigen,factored]
+        [--subsets 50] [--repeats 4] [--workers 2] [--threads 2] [--variants eigen,factored] [--basis-examples 2048]
 
 The tiny GPT-2 of ``examples/text/lm.py`` is trained again with the recorder and ``GradientCapture`` (k =
 --dim, Adam's D^{-1/2} in its rank-1 form, the sampled Fisher): with the eigen projection (capture's default:
@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="in-run variants to train (see above)")
+    parser.add_argument("--basis-examples", type=int, default=2048, help="in-run eigen: examples per basis pass")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out, reference = args.out, args.reference / "run"
@@ -97,7 +98,8 @@ def main() -> None:
     for index, short in enumerate(args.variants.split(",")):
         name, options, kind = VARIANTS[short]
         run, stores[name], kinds[name] = out / f"run-{index}", out / f"in-run-{index}.sp", kind
-        seconds[name] = train(run, stores[name], sp.ProjectionArguments(dim=args.dim, kind=kind), options)
+        projection = sp.ProjectionArguments(dim=args.dim, kind=kind, basis_examples=args.basis_examples)
+        seconds[name] = train(run, stores[name], projection, options)
         if not same_run(run, reference):
             raise SystemExit(
                 f"The captured run {run} differs from the reference run {reference}: capture changed training."
