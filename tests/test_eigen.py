@@ -247,3 +247,20 @@ def test_a_layer_the_basis_pass_cannot_factor_falls_back_to_the_dense_projection
     with pytest.warns(UserWarning, match=cause):
         store = _featurize(tmp_path / "run", _Encoder(), data, tmp_path / "s.sp", dim=64)
     assert store.meta["projection"]["kind"] == "rademacher"
+
+
+def test_eigh_on_an_accelerator_path_agrees_with_numpy() -> None:
+    """The torch decomposition the basis uses off the CPU (here run on the CPU) gives NumPy's eigenvalues and
+    eigenvectors, up to each vector's sign, on a factor with distinct eigenvalues; the CPU path is NumPy's."""
+    from source_proj.projection.eigen import _torch_eigh, eigh
+
+    g = np.random.default_rng(0)
+    m = g.standard_normal((40, 40))
+    factor = m @ m.T + np.diag(np.arange(40.0))
+    values, vectors = np.linalg.eigh(factor)
+    cpu_values, cpu_vectors = eigh(factor)
+    assert np.array_equal(cpu_values, values) and np.array_equal(cpu_vectors, vectors)
+    t_values, t_vectors = _torch_eigh((factor + factor.T) / 2, "cpu")
+    assert np.allclose(t_values, values, rtol=1e-10, atol=1e-10 * values.max())
+    signs = np.sign((t_vectors * vectors).sum(0))
+    assert np.allclose(t_vectors * signs, vectors, atol=1e-8)

@@ -170,7 +170,7 @@ class BasisPass:
         """The basis of given factors (one visit's: in-run capture's window bases)."""
         self._check_finite(a, b)
         modules = [layer.module for layer in self.layers]
-        return EigenBasis.from_factors(modules, a, b, self.budget, list(steps), self.examples, inputs)
+        return EigenBasis.from_factors(modules, a, b, self.budget, list(steps), self.examples, inputs, self.device)
 
     def basis(self, steps: Sequence[int], inputs: str) -> EigenBasis:
         """The basis of every visit's factors, averaged."""

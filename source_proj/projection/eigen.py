@@ -123,12 +123,14 @@ class EigenBasis:
         checkpoints: Sequence[int],
         examples: int,
         inputs: str = "",
+        device: torch.device | str = "cpu",
     ) -> EigenBasis:
-        """Eigendecompose each layer's averaged A and B and keep the allocated leading eigenvectors."""
+        """Eigendecompose each layer's averaged A and B (on ``device``: see ``eigh``) and keep the allocated
+        leading eigenvectors."""
         decomposed = []
         for a_i, b_i in zip(a, b, strict=True):
-            la, qa = np.linalg.eigh((a_i + a_i.T) / 2)
-            lb, qb = np.linalg.eigh((b_i + b_i.T) / 2)
+            la, qa = eigh(a_i, device)
+            lb, qb = eigh(b_i, device)
             decomposed.append((la[::-1], qa[:, ::-1], lb[::-1], qb[:, ::-1]))
         blocks = allocate([d[0] for d in decomposed], [d[2] for d in decomposed], dim)
         out, inp, kept, total = [], [], 0.0, 0.0
@@ -215,6 +217,21 @@ class EigenBasis:
                 f"{basis.digest()}, recorded {desc['digest']}); featurize it again with --force."
             )
         return basis
+
+
+def eigh(matrix: np.ndarray, device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Ascending eigenvalues and the eigenvectors (columns) of a symmetric float64 matrix (symmetrised first):
+    NumPy on the CPU, torch on an accelerator, where a factor thousands wide (an LLM layer's) takes a fraction
+    of the seconds a CPU takes; in-run capture decomposes every layer's factors at every window."""
+    sym = (matrix + matrix.T) / 2
+    if torch.device(device).type == "cpu":
+        return np.linalg.eigh(sym)
+    return _torch_eigh(sym, device)
+
+
+def _torch_eigh(sym: np.ndarray, device: torch.device | str) -> tuple[np.ndarray, np.ndarray]:
+    values, vectors = torch.linalg.eigh(torch.from_numpy(np.ascontiguousarray(sym)).to(device, torch.float64))
+    return values.cpu().numpy(), vectors.cpu().numpy()
 
 
 def change_basis(features: Tensor, src: EigenBasis, dst: EigenBasis, shared: int) -> Tensor:
