@@ -470,13 +470,16 @@ class LanguageModelingTask(_TextTask):
         _check_batch(batch)
         labels = batch.get("labels", batch["input_ids"])
         keep = loss_positions(batch)
-        logits = _upcast(outputs[:, :-1])
+        logits = _upcast(outputs)
         vocab = logits.shape[-1]
         _check_tokens(torch.where(keep, labels[:, 1:], torch.zeros_like(labels[:, 1:])), vocab)
         targets = torch.where(keep, labels[:, 1:], torch.full_like(labels[:, 1:], IGNORE_INDEX))
-        # One fused log-softmax and pick (no V-sized temporaries beyond its own); ignored positions give 0.
+        # Position t's logits predict token t+1: the targets move left and the last position (which predicts
+        # nothing) is ignored, so the logits are read where they lie. Slicing off their last position instead
+        # copied all B·T·V of them, and its backward zero-filled as many (a language model's largest tensors).
+        targets = F.pad(targets, (0, 1), value=IGNORE_INDEX)
         losses = F.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1), reduction="none")
-        return losses.view(keep.shape)
+        return losses.view(targets.shape)[:, :-1]
 
     def _scale(self, batch: Batch) -> Tensor | float:
         """n of ℓ = s/n: the constant n̄ or each sequence's own count ``[B]``."""
@@ -499,16 +502,17 @@ class LanguageModelingTask(_TextTask):
         (position, token), (T−1)·V of them (tiny vocabularies only), weight p·n'²/n where n' is the
         direction's own normaliser (1 with ``"own"``: a single position carries its loss)."""
         keep = loss_positions(batch)
-        logits = _upcast(outputs[:, :-1])
-        observed = self._normalizers(batch).to(logits)
+        observed = self._normalizers(batch).to(_upcast(outputs[:1, :1]))
         ignored = torch.full_like(batch["input_ids"], IGNORE_INDEX)
         if generator is not None:
-            uniform = torch.rand(logits.shape[:-1], generator=generator, dtype=torch.float64)
-            drawn = sample_tokens(logits, uniform)
+            uniform = torch.rand(keep.shape, generator=generator, dtype=torch.float64)
+            # Drawn at every position where the logits lie (the last one's draw is dropped): a slice of the
+            # logits would copy all B·T·V of them.
+            drawn = sample_tokens(outputs, F.pad(uniform, (0, 1)))[:, :-1]
             labels = ignored.clone()
             labels[:, 1:] = torch.where(keep, drawn.to(labels.device), IGNORE_INDEX)
             return [(observed, {**batch, "labels": labels})]
-        probs = torch.softmax(logits, dim=-1)
+        probs = torch.softmax(_upcast(outputs[:, :-1]), dim=-1)
         directions = []
         for t in range(keep.shape[1]):
             labels = ignored.clone()
