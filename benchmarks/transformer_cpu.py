@@ -178,6 +178,8 @@ def peak_rss_gib() -> float:
 def _projection(method: str, dim: int):
     import source_proj as sp
 
+    if method == "eigen":
+        return sp.ProjectionArguments(dim=dim, kind="eigen")
     if method == "rademacher":
         return sp.ProjectionArguments(dim=dim, kind="rademacher")
     if method == "factored":
@@ -194,9 +196,15 @@ def _source_proj(method: str, out: Path, ids: torch.Tensor, few: torch.Tensor, c
     names = task.select_parameters(model)
     params = dict(model.named_parameters())
     projection = _projection(method, config["dim"])
-    projector = make_projector(projection.kind, [(n, tuple(params[n].shape)) for n in names], projection.dim, 0,
-                               model=model, module_dims=projection.module_dims)  # fmt: skip
     grads_fn = PerExampleGradients(model, task, names)
+    basis = None
+    if method == "eigen":  # its basis at the final checkpoint, timed apart: a one-off pass before featurize
+        start, cpu = time.perf_counter(), time.process_time()
+        basis = _eigen_basis(out / "run", grads_fn, task, ids, names, projection)
+        result["basis_seconds"], result["basis_cpu_seconds"] = time.perf_counter() - start, time.process_time() - cpu
+        model.eval()
+    projector = make_projector(projection.kind, [(n, tuple(params[n].shape)) for n in names], projection.dim, 0,
+                               model=model, module_dims=projection.module_dims, basis=basis)  # fmt: skip
     projector.project_batch(grads_fn, _batches(ids[:2], 2)[0])  # the one-time check of the factored path
     start, cpu = time.perf_counter(), time.process_time()
     for batch in _batches(ids, config["batch"]):
@@ -204,6 +212,21 @@ def _source_proj(method: str, out: Path, ids: torch.Tensor, few: torch.Tensor, c
     result["seconds"], result["cpu_seconds"] = time.perf_counter() - start, time.process_time() - cpu
     result["dim"] = projector.dim
     return torch.cat([projector.project_batch(grads_fn, batch) for batch in _batches(few, 8)])
+
+
+def _eigen_basis(run: Path, grads_fn, task, ids: torch.Tensor, names, projection):
+    """The eigen projection's basis from the final checkpoint alone (featurize averages every checkpoint's; the
+    cost per checkpoint is the same): one sampled-Fisher pass over at most ``basis_examples`` sequences."""
+    import source_proj as sp
+    from source_proj.featurize.basis import estimate_basis
+
+    trajectory = sp.Trajectory.load(run)
+    data = [{"input_ids": t, "attention_mask": torch.ones_like(t)} for t in ids]  # as ``_batches`` gives them
+    return estimate_basis(
+        trajectory, [trajectory.final_checkpoint], grads_fn, task, {trajectory.stages[-1].name: data},
+        names, projection.dim, examples=projection.basis_examples, seed=0, batch_size=CONFIG["batch"],
+        device=torch.device("cpu"),
+    )  # fmt: skip
 
 
 def _bergson(out: Path, ids: torch.Tensor, few: torch.Tensor, config: dict, result: dict):
@@ -254,7 +277,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a[upper], b[upper]).statistic)
 
 
-METHODS = ("train-step", "rademacher", "factored", "factored-per-module", "bergson", "exact")
+METHODS = ("train-step", "rademacher", "factored", "factored-per-module", "eigen", "bergson", "exact")
 CONFIG = {"vocab": 4096, "length": 128, "width": 256, "layers": 4, "heads": 4, "batch": 16, "train_steps": 32}
 SMOKE = {"vocab": 64, "length": 16, "width": 16, "layers": 1, "heads": 2, "batch": 4, "train_steps": 4}
 
