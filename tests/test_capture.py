@@ -916,3 +916,57 @@ def test_eigen_capture_of_adamw_takes_each_windows_factors_in_adams_coordinates_
         assert a.meta["capture_bases"][f"main/{start}"]["digest"] == want.digest(), start
         if d is not None:  # the raw factors give another basis: the scaling is what made it
             assert raw_pass.basis([0, 4, 8, 12][: i + 1], "").digest() != want.digest()
+
+
+def test_eigen_capture_bounds_each_windows_basis_pass_by_a_share_of_the_window_before_and_resumes_exactly(
+    tmp_path: Path, classification_data, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``basis_share`` s, the basis pass of every window but the run's first visits ⌈s·E⌉ examples (E: those
+    the window before it trained on), a random part of the seeded subset, and the final pass the whole subset: the
+    window bases and the final basis equal a replay of exactly those passes at the run's checkpoints, and a run
+    killed mid-window resumes into the uninterrupted store."""
+    from source_proj.featurize import capture as capture_module
+    from source_proj.featurize.basis import BasisPass
+    from source_proj.projection.eigen import EigenBasis
+
+    monkeypatch.setattr(capture_module, "MIN_BASIS_PASS", 4)
+    x, _ = classification_data.tensors
+    kwargs = {"steps": 14, "batch": 8, "save_every": 4, "datasets": {"main": classification_data},
+              "options": sp.CaptureArguments(chunk_rows=8, basis_share=0.5), "projection": _eigen_capture(24)}
+    _train(tmp_path / "a", tmp_path / "a.sp", classification_data, **kwargs)  # 30 examples per window (an epoch)
+    with pytest.raises(_Killed):
+        _train(tmp_path / "b", tmp_path / "b.sp", classification_data, crash_after=10, **kwargs)
+    _train(tmp_path / "b", tmp_path / "b.sp", classification_data, resume=True, **kwargs)
+    a, b = sp.Store.open(tmp_path / "a.sp"), sp.Store.open(tmp_path / "b.sp")
+    bases = a.meta["capture_bases"]
+    assert [(bases[f"main/{s}"]["pass"], bases[f"main/{s}"]["trained"]) for s in (0, 4, 8, 12)] == [
+        (None, 30), (15, 30), (15, 30), (15, 16)]  # fmt: skip: the last window trains 2 batches of 8
+    assert a.meta["projection"] == b.meta["projection"] and bases == b.meta["capture_bases"]
+    for name in [*a.progress_arrays("capture/"), *a.progress_arrays("projection/")]:
+        assert np.array_equal(a.read(name), b.read(name)), name
+
+    trajectory = sp.Trajectory.load(tmp_path / "a")
+    names = [name for name, _ in _mlp().named_parameters()]
+    model = _mlp()
+    replay = BasisPass(PerExampleGradients(model, sp.ClassificationTask(), names), sp.ClassificationTask(),
+                       {"main": classification_data}, names, 24, examples=2048, seed=0, batch_size=64,
+                       device=torch.device("cpu"))  # fmt: skip
+    for i, (start, limit) in enumerate([(0, None), (4, 15), (8, 15), (12, 15), (14, None)]):
+        checkpoint = next(c for c in trajectory.checkpoints if c.step == start)
+        model.load_state_dict(trajectory.load_state(checkpoint)["model"])
+        factors, _ = replay.visit("main", "test", replay.quiet(), None, limit)
+        if limit is not None:  # a random 15 of the 30: the first layer's input factor is theirs exactly
+            rows = np.sort(replay.orders["main"][:limit])
+            assert len(set(rows.tolist())) == 15 and rows.tolist() != list(range(15))
+            inputs = torch.cat([x[rows], torch.ones(15, 1)], 1).double()
+            assert np.allclose(factors[0], (inputs.T @ inputs / 15).numpy(), atol=1e-6)
+        want = replay.basis([0, 4, 8, 12, 14][: i + 1], "")
+        if start < 14:
+            assert bases[f"main/{start}"]["digest"] == want.digest(), start
+    final = EigenBasis.read(a, a.meta["projection"]["basis"])
+    assert all(torch.equal(p, q) for p, q in zip([*final.out, *final.inp], [*want.out, *want.inp], strict=True))
+    with pytest.raises(sp.TaskError, match="basis_share must be a positive share"):
+        sp.GradientCapture(sp.TrajectoryRecorder(tmp_path / "c", model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                                  save_every=2),
+                           tmp_path / "c.sp", sp.ClassificationTask(), datasets={"main": classification_data},
+                           options=sp.CaptureArguments(basis_share=0.0))  # fmt: skip

@@ -113,23 +113,32 @@ class BasisPass:
         self.visits = 0
         rng = np.random.default_rng(seed)
         self.generator = torch.Generator().manual_seed(seed)
-        self.subsets = {}
+        self.subsets, self.orders = {}, {}
         for stage, data in datasets.items():
             size = len(data)  # type: ignore[arg-type]
-            self.subsets[stage] = np.sort(rng.choice(size, min(size, examples), replace=False)).tolist()
+            self.orders[stage] = rng.choice(size, min(size, examples), replace=False)  # a random order
+            self.subsets[stage] = np.sort(self.orders[stage]).tolist()
 
     def bar(self, visits_per_stage: Sequence[str], progress: bool) -> tqdm:
         total = sum(-(-len(self.subsets[stage]) // self.batch_size) for stage in visits_per_stage)
         return tqdm(total=total, desc="eigen basis", unit="batch", disable=not progress)
 
     def visit(
-        self, stage: str, where: str, bar: tqdm, sides: list[tuple[np.ndarray, np.ndarray]] | None = None
+        self,
+        stage: str,
+        where: str,
+        bar: tqdm,
+        sides: list[tuple[np.ndarray, np.ndarray]] | None = None,
+        limit: int | None = None,
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """One pass over ``stage``'s subset, added to the sums; returns its own normalised factors (A, B per
-        layer). ``sides``: an Adam stage's rank-one D^{-1/2} factors per layer."""
+        layer). ``sides``: an Adam stage's rank-one D^{-1/2} factors per layer. ``limit``: visit only that many
+        of the subset's examples, a random part of it (the first ``limit`` of its seeded random order)."""
         sums = self.collector.empty()
         done = 0
         subset = self.subsets[stage]
+        if limit is not None and limit < len(subset):
+            subset = np.sort(self.orders[stage][: max(limit, 1)]).tolist()
         # Its own generator: a loader without one draws its base seed from the global random state, which
         # in-run capture must leave as training would find it.
         loader = DataLoader(Subset(self.datasets[stage], subset), batch_size=self.batch_size,

@@ -21,9 +21,12 @@ example's P ∇ℓ(z; θ_t) is summed from small outer products, never materiali
 sampled-label Fisher pass over at most ``basis_examples`` examples of the stage at the current weights
 (``BasisPass``; Adam stages: the factors of D^{-1/2}-scaled gradients) joins the run's factor sums, and
 the window is projected with the basis of their average so far; at close the sums plus a pass at the final
-weights give the store's basis (post-hoc featurize's, for the same checkpoints and examples), into which
-fit maps every window (``windows.py``). A resumed run re-takes the closed windows' passes at their
-checkpoints. With the loss the batch mean,
+weights give the store's basis (post-hoc featurize's, for the same checkpoints and examples, where no pass
+was shortened), into which fit maps every window (``windows.py``). After the run's first window a pass
+visits at most ``basis_share`` of the examples the window before it trained on (at least
+``MIN_BASIS_PASS``), so short windows do not pay more for their basis than for their training. A resumed
+run re-takes the closed windows' passes at their checkpoints, each as long as it was (recorded with the
+window's basis). With the loss the batch mean,
 δ_t is (1/B)·∇ of the example's own loss: it is multiplied by B (``reduction="sum"``: by 1). The
 model is in training mode: this is the gradient training used (dropout masks, batch-norm batch
 statistics), where post-hoc featurize takes eval-mode gradients at the saved checkpoints.
@@ -108,6 +111,8 @@ from source_proj.trajectory.recorder import (
 )
 
 _FOLD_EVERY = 64
+MIN_BASIS_PASS = 64
+"""The fewest examples a window's basis pass visits under ``CaptureArguments.basis_share`` (or all the stage's)."""
 INDEX_KEY = "source_proj_index"
 """The key ``IndexedDataset`` adds to dict items (a batch's dataset row indices)."""
 
@@ -138,6 +143,11 @@ class CaptureArguments:
         buffer: where a window's sums wait to be written: ``"device"`` (the model's; fastest) or
             ``"cpu"`` (host memory, for N·k·4 bytes that do not fit on the device).
         basis_batch: the eigen projection: examples per batch of its basis passes.
+        basis_share: the eigen projection: each window's basis pass (but the run's first and the final one, which
+            take ``basis_examples``) visits at most this share of the examples the window before it trained on,
+            and at least ``MIN_BASIS_PASS`` (64): the passes then cost at most that share of training's
+            forwards and backwards, however short the windows. ``None``: ``basis_examples`` at every window, which
+            with windows shorter than ``basis_examples`` costs more than training itself.
     """
 
     fisher: Literal["sampled", "empirical"] = "sampled"
@@ -149,6 +159,7 @@ class CaptureArguments:
     scale_every: int = 16
     buffer: Literal["device", "cpu"] = "device"
     basis_batch: int = 64
+    basis_share: float | None = 0.25
 
     def identity(self) -> dict[str, Any]:
         """What the captured numbers depend on (``buffer`` and ``basis_batch`` do not)."""
@@ -249,6 +260,9 @@ class GradientCapture:
             raise TaskError(f"The loss reduction is 'mean' or 'sum', not {options.reduction!r}.")
         if min(options.fisher_every, options.chunk_rows, options.scale_every, options.basis_batch) < 1:
             raise TaskError("fisher_every, chunk_rows, scale_every and basis_batch must be positive.")
+        if options.basis_share is not None and not 0 < options.basis_share:
+            raise TaskError(f"basis_share must be a positive share of a window's examples, or None, not "
+                            f"{options.basis_share!r}.")  # fmt: skip
         if projection is None:
             projection = ProjectionArguments(kind="eigen" if datasets is not None else "factored")
             if datasets is None:
@@ -315,8 +329,9 @@ class GradientCapture:
         self.projector, self.names = projector, names
         self.params = {n: params[n] for n in names}
         self.dim = projector.dim if self._pass is None else projection.dim
+        share = [] if options.basis_share is None else [options.basis_share]
         self._inputs = hashlib.sha256(
-            json.dumps([projection.dim, projection.seed, projection.basis_examples, names, "in-run"]).encode()
+            json.dumps([projection.dim, projection.seed, projection.basis_examples, names, "in-run", *share]).encode()
         ).hexdigest()[:16]
         description = projector.describe() if self._pass is None else _in_run_eigen(projection, self._inputs)
         self._meta = {
@@ -373,6 +388,9 @@ class GradientCapture:
         self._basis_due = self._pass is not None  # the eigen projection: a basis at each window's start
         self._window_basis: EigenBasis | None = None
         self._visited: list[int] = []  # the steps whose factors the basis sums hold
+        self._window_examples = 0  # examples the current window has trained on (captured or not)
+        self._examples_before: int | None = None  # those of the window before it (None: none yet)
+        self._pass_size: int | None = None  # examples the current window's basis pass visited (None: all)
         if self._pass is None:
             self._install(projector)
         else:
@@ -404,6 +422,9 @@ class GradientCapture:
             old = dict(store.meta)
             if old.get("capture") is not None and "fisher_forward" not in old["capture"]:
                 old["capture"] = {**old["capture"], "fisher_forward": "separate"}  # the only pass before the option
+            if old.get("capture") is not None and "basis_share" not in old["capture"]:  # every pass whole before it
+                share = None if (old.get("projection") or {}).get("kind") == "eigen" else self.options.basis_share
+                old["capture"] = {**old["capture"], "basis_share": share}
             keys = ("params", "projection", "task", "featurize", "capture")
             differing = [k for k in keys if _identity(k, old.get(k)) != _identity(k, self._meta[k])]
             if old.get("capture") is None:
@@ -468,7 +489,8 @@ class GradientCapture:
                 values, shapes = self._window_basis.packed()
                 store.write_whole(window_basis_array(stage, start), values)
                 bases = dict(store.meta.get("capture_bases") or {})
-                desc = {**self._window_basis.describe(), "shapes": shapes}
+                desc = {**self._window_basis.describe(), "shapes": shapes, "pass": self._pass_size,
+                        "trained": self._window_examples}  # fmt: skip
                 store.update_meta(capture_bases={**bases, f"{stage}/{start}": desc})
             if denominator is not None:  # first: a window whose other arrays are complete has it too
                 store.write_whole(window_array(DENOMINATOR, stage, start), denominator.cpu().numpy())
@@ -522,6 +544,7 @@ class GradientCapture:
             )
         if self._basis_due:
             self._rebase(name)
+        self._window_examples += count
         if not self._checked:
             self._check(rest)
         if self._reference is None:
@@ -552,11 +575,14 @@ class GradientCapture:
         )
         self.projector = projector
 
-    def _visit(self, stage: str, where: str, adam: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    def _visit(
+        self, stage: str, where: str, adam: bool, limit: int | None = None
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """One pass of the eigen basis over ``stage``'s subset at the model's current weights, in eval mode;
         untapped (no batch is begun), and the global random state is not touched (``BasisPass``). On an Adam
         stage (``adam``) the factors are those of D^{-1/2}-scaled gradients, as featurize takes them, with D
-        from the optimizer's state as it stands (none before the stage's first step: the raw factors)."""
+        from the optimizer's state as it stands (none before the stage's first step: the raw factors). ``limit``:
+        at most that many of the subset's examples (``BasisPass.visit``)."""
         assert self._pass is not None
         d = live_preconditioner(self.recorder.optimizer, self.params) if adam else None
         sides = None if d is None else rank_one_sides(d, self._pass.layers)
@@ -564,13 +590,14 @@ class GradientCapture:
         try:
             with _modes_kept(self.model), model_errors(what):
                 self.model.eval()
-                return self._pass.visit(stage, where, self._pass.quiet(), sides)
+                return self._pass.visit(stage, where, self._pass.quiet(), sides, limit)
         except OSError as err:
             raise TaskError(f"Capture cannot read {what}: {type(err).__name__}: {err}.") from err
 
     def _rebase(self, stage: str) -> None:
         """The eigen projection of the window that starts here: one Fisher pass over at most ``basis_examples``
-        examples of the stage at the weights it starts from, added to the factors of every window before it; the
+        examples of the stage at the weights it starts from (after the run's first window, at most ``basis_share``
+        of those the window before trained on: ``_pass_limit``), added to the factors of every window before it; the
         window's basis is their average so far (the final basis, ``after_close``, adds the final weights').
 
         The average so far, not this window's factors alone: each window is later mapped into the final basis and
@@ -579,13 +606,22 @@ class GradientCapture:
         digits `converged` 0.629 against 0.641, both far above post-hoc's 0.569 (BENCHMARKS.md, issue 16)."""
         assert self._pass is not None
         step = self.recorder.global_step
-        self._visit(stage, f"step {step}", self._adam)
+        self._pass_size = self._pass_limit(self._examples_before)
+        self._visit(stage, f"step {step}", self._adam, self._pass_size)
         self._visited.append(step)
         basis = self._pass.basis(self._visited, self._inputs)
         projector = self.projection.projector(self._shapes, self.model, basis)
         assert isinstance(projector, FactoredProjector)
         self._install(projector)
         self._window_basis, self._basis_due = basis, False
+
+    def _pass_limit(self, examples_before: int | None) -> int | None:
+        """How many examples the basis pass of a window visits, given those the window before it trained on
+        (``CaptureArguments.basis_share``); ``None``: the whole subset (``basis_examples``)."""
+        share = self.options.basis_share
+        if share is None or examples_before is None:
+            return None
+        return max(MIN_BASIS_PASS, int(np.ceil(share * examples_before)))
 
     def _rebuild_sums(self) -> None:
         """A resumed run: the factor sums of the windows an earlier session captured, visited again at their
@@ -596,6 +632,7 @@ class GradientCapture:
             return
         optimizer = self.recorder.optimizer
         adam = {name for name, kind in self.recorder.stage_optimizers().items() if kind in ADAM_KINDS}
+        recorded = Store.open(self.path).meta.get("capture_bases") or {}
         state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         optimizer_state = copy.deepcopy(optimizer.state_dict())
         try:
@@ -608,8 +645,10 @@ class GradientCapture:
                         optimizer.load_state_dict(payload["optimizer"])
                     except ValueError:  # another stage's optimizer, shaped otherwise: the raw factors
                         with_state = False
-                self._visit(stage, f"step {start}", with_state)
+                window = recorded.get(f"{stage}/{start}") or {}
+                self._visit(stage, f"step {start}", with_state, window.get("pass"))
                 self._visited.append(start)
+                self._examples_before = window.get("trained")
         finally:
             self.model.load_state_dict(state)
             optimizer.load_state_dict(optimizer_state)
@@ -826,6 +865,7 @@ class GradientCapture:
         self._write_window(
             self._stage[0], start, self._sums, self._visits, self._fisher, float(self._count), denominator
         )
+        self._examples_before, self._window_examples = self._window_examples, 0
         self._open_stage(*self._stage)
         self._basis_due = self._pass is not None
 
