@@ -159,7 +159,8 @@ class BasisPass:
             bar.update()
         a_visit, b_visit = [], []
         for i in range(len(self.layers)):
-            a, b = sums.a[i].numpy() / max(sums.positions[i], 1), sums.b[i].numpy() / max(sums.examples, 1)
+            a = sums.a[i].cpu().numpy() / max(sums.positions[i], 1)  # once per visit: off the device
+            b = sums.b[i].cpu().numpy() / max(sums.examples, 1)
             if sides is not None:
                 row, col = sides[i]
                 a, b = a * np.outer(col, col), b * np.outer(row, row)

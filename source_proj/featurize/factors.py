@@ -65,8 +65,8 @@ def layers_from_description(desc: Mapping[str, Any]) -> tuple[list[FactoredLayer
 
 @dataclass
 class ChunkFactors:
-    """Sums over one row chunk, float64: per layer A ``[d_in', d_in']``, B ``[d_out, d_out]`` and the
-    number of positions; per diagonal parameter Σ w g²; the number of examples."""
+    """Sums over one row chunk, float64 on the model's device: per layer A ``[d_in', d_in']``, B ``[d_out, d_out]``
+    and the number of positions; per diagonal parameter Σ w g²; the number of examples."""
 
     a: list[Tensor]
     b: list[Tensor]
@@ -93,10 +93,14 @@ class FactorCollector:
         self.shapes = {n: tuple(p.shape) for n, p in grads_fn.model.named_parameters()}
 
     def empty(self) -> ChunkFactors:
-        """Zero sums on the CPU."""
-        a = [torch.zeros(layer.in_rows, layer.in_rows, dtype=torch.float64) for layer in self.layers]
-        b = [torch.zeros(layer.out_features, layer.out_features, dtype=torch.float64) for layer in self.layers]
-        diag = {n: torch.zeros(self.shapes[n], dtype=torch.float64) for n in self.diagonal}
+        """Zero sums on the model's device. They stay there while batches are added: a language model's
+        factors are GBs per batch (a 1B model's ≈ 25 GB), which copying to the host at every batch would move
+        over the bus and add on the host, at several times the cost of the batch's forward and backward."""
+        device = self.grads_fn.device
+        a = [torch.zeros(layer.in_rows, layer.in_rows, dtype=torch.float64, device=device) for layer in self.layers]
+        b = [torch.zeros(layer.out_features, layer.out_features, dtype=torch.float64, device=device)
+             for layer in self.layers]  # fmt: skip
+        diag = {n: torch.zeros(self.shapes[n], dtype=torch.float64, device=device) for n in self.diagonal}
         return ChunkFactors(a, b, [0] * len(self.layers), diag)
 
     def add(self, sums: ChunkFactors, targets: Sequence[tuple[Tensor, Batch]]) -> None:
@@ -169,15 +173,15 @@ class FactorCollector:
                     "parameters from the selection, or use FeaturizeArguments(curvature='projected')."
                 )
             if inputs_too:
-                sums.a[i] += (a.T @ a).double().cpu()
+                sums.a[i] += (a.T @ a).double()
                 sums.positions[i] += int(a.shape[0])
-            sums.b[i] += (d.T @ d).double().cpu()
+            sums.b[i] += (d.T @ d).double()
 
     def _add_diagonal(self, sums: ChunkFactors, target_batch: Batch, w: Tensor) -> None:
         grads = self.grads_fn(target_batch, "loss", names=self.diagonal)
         for name, g in grads.items():
             g = g.float()
-            sums.diagonal[name] += (g * g * w.view(-1, *[1] * (g.dim() - 1))).sum(0).double().cpu()
+            sums.diagonal[name] += (g * g * w.view(-1, *[1] * (g.dim() - 1))).sum(0).double()
 
     def _hook(
         self, index: int, size: int, inputs: list[Tensor | None], deltas: list[Tensor | None], probe: Tensor
@@ -254,9 +258,9 @@ def chunk_values(sums: ChunkFactors, layers: Sequence[FactoredLayer], diagonal: 
     """The rows (``[1, *shape]``) a chunk writes into each factor array."""
     out: dict[str, np.ndarray] = {}
     for i in range(len(layers)):
-        out[f"{i}/a"] = sums.a[i].numpy()[None]
-        out[f"{i}/b"] = sums.b[i].numpy()[None]
+        out[f"{i}/a"] = sums.a[i].cpu().numpy()[None]
+        out[f"{i}/b"] = sums.b[i].cpu().numpy()[None]
     out["counts"] = np.array([[*sums.positions, sums.examples]], dtype=np.float64)
     for name in diagonal:
-        out[f"diagonal/{name}"] = sums.diagonal[name].numpy()[None]
+        out[f"diagonal/{name}"] = sums.diagonal[name].cpu().numpy()[None]
     return out
