@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from functools import partial
 
 import pytest
 import torch
@@ -323,3 +324,36 @@ def test_a_model_that_branches_on_its_inputs_gets_a_clear_error(model_class: typ
     grads = PerExampleGradients(model, task, task.select_parameters(model))
     with pytest.raises(sp.TaskError, match=r"branches on the values of its inputs.*torch.where"):
         grads(_batch(SEQUENCES, length=LENGTH))
+
+
+def test_token_nll_is_cross_entropy_with_its_gradient_under_autograd_and_per_example_transforms() -> None:
+    """``token_nll`` (the language-model loss, half cross_entropy's memory) gives cross_entropy's values and
+    gradients, ignored positions 0 with no gradient, under ``torch.func.vmap(grad)`` as per-example gradients
+    take it; a second derivative is refused, not wrong."""
+    from torch.func import grad, vmap
+
+    from source_proj.tasks.text import IGNORE_INDEX, token_nll
+
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(4, 7, 13, generator=g, dtype=torch.float64)).requires_grad_()
+    targets = torch.randint(0, 13, (4, 7), generator=g)
+    targets[0, 2] = targets[3, 6] = IGNORE_INDEX
+    weights = torch.randn(4, 7, generator=g, dtype=torch.float64)
+    ours = token_nll(logits.reshape(-1, 13), targets.reshape(-1)).view(4, 7)
+    theirs = torch.nn.functional.cross_entropy(logits.reshape(-1, 13), targets.reshape(-1), reduction="none").view(4, 7)
+    assert torch.allclose(ours, theirs, atol=1e-13) and ours[0, 2] == 0 and ours[3, 6] == 0
+    (ours_grad,) = torch.autograd.grad((ours * weights).sum(), logits)
+    (their_grad,) = torch.autograd.grad((theirs * weights).sum(), logits)
+    assert torch.allclose(ours_grad, their_grad, atol=1e-13) and not ours_grad[0, 2].any()
+    assert torch.autograd.gradcheck(lambda z: token_nll(z, targets[1]), (logits[1].detach().requires_grad_(),))
+
+    def per_example(fn):
+        return vmap(grad(lambda z, t, w: (fn(z, t) * w).sum()))(logits.detach(), targets, weights)
+
+    cross_entropy = partial(torch.nn.functional.cross_entropy, reduction="none")
+    assert torch.allclose(per_example(token_nll), per_example(cross_entropy), atol=1e-13)
+    half = logits.detach().to(torch.bfloat16).float().reshape(-1, 13)
+    assert torch.allclose(token_nll(half, targets.reshape(-1)), cross_entropy(half, targets.reshape(-1)), atol=1e-5)
+    (first,) = torch.autograd.grad(token_nll(logits[0], targets[0]).sum(), logits, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad|once_differentiable"):
+        torch.autograd.grad(first.sum(), logits)

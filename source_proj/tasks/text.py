@@ -478,8 +478,7 @@ class LanguageModelingTask(_TextTask):
         # nothing) is ignored, so the logits are read where they lie. Slicing off their last position instead
         # copied all B·T·V of them, and its backward zero-filled as many (a language model's largest tensors).
         targets = F.pad(targets, (0, 1), value=IGNORE_INDEX)
-        losses = F.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1), reduction="none")
-        return losses.view(targets.shape)[:, :-1]
+        return token_nll(logits.reshape(-1, vocab), targets.reshape(-1)).view(targets.shape)[:, :-1]
 
     def _scale(self, batch: Batch) -> Tensor | float:
         """n of ℓ = s/n: the constant n̄ or each sequence's own count ``[B]``."""
@@ -532,6 +531,45 @@ class LanguageModelingTask(_TextTask):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "tokens_per_sequence": self.tokens_per_sequence}
+
+
+def token_nll(logits: Tensor, targets: Tensor) -> Tensor:
+    """−log softmax(z)[y] of every row z of ``logits`` ``[n, V]`` (0 where y = ``IGNORE_INDEX``): the values and
+    gradients of ``F.cross_entropy(logits, targets, reduction="none")`` (to rounding), with half its memory.
+
+    cross_entropy keeps the n × V log-probabilities for its backward, and its backward zero-fills an n × V
+    gradient, scatters into it and passes it through log-softmax's backward: with the logits themselves,
+    four V-sized tensors at the backward's peak. This keeps the logits and n log-sum-exps, and its backward
+    writes one n × V tensor, softmax(z) − onehot(y), in place: two at the peak, the fewest a backward through
+    the logits can hold (a language model's logits are its largest tensors). It runs under ``torch.func``
+    transforms (per-example gradients); its backward is not differentiable again."""
+    return _TokenNLL.apply(logits, targets)[0]
+
+
+class _TokenNLL(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        keep = targets != IGNORE_INDEX
+        lse = torch.logsumexp(logits, dim=-1)
+        picked = logits.gather(-1, torch.where(keep, targets, 0).unsqueeze(-1)).squeeze(-1)
+        return torch.where(keep, lse - picked, 0.0), lse
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor], output: tuple[Tensor, Tensor]) -> None:
+        logits, targets = inputs
+        ctx.save_for_backward(logits, targets, output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor, _: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        logits, targets, lse = ctx.saved_tensors
+        keep = targets != IGNORE_INDEX
+        g = torch.where(keep, grad, 0.0)
+        out = torch.sub(logits, lse.unsqueeze(-1)).exp_().mul_(g.unsqueeze(-1))  # g · softmax(z)
+        return out.scatter_add_(-1, torch.where(keep, targets, 0).unsqueeze(-1), -g.unsqueeze(-1)), None
 
 
 _SAMPLE_BLOCK = 256
