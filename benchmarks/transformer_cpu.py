@@ -17,6 +17,9 @@ checkpoint, tokens, batch size and threads:
   (``Projector.project_batch``: per-example loss gradients of the final checkpoint projected to
   k = ``--dim``; the store's writes are not timed, nor AdamW's D^{-1/2}, which bergson does not apply
   either); per-module: 16 layers × k/16 coordinates, bergson's layout;
+- ``eigen`` (the library's default projection): the same engine with each layer's Kronecker eigenbasis, its
+  basis first estimated from one sampled-Fisher pass over the sequences at the final checkpoint (timed
+  apart: ``basis_seconds``; featurize takes it once per checkpoint, not per batch);
 - ``bergson``: bergson's in-memory gradient collector, per-module projection of 16 modules × √(k/16)²
   (8 × 8 = 64 at k = 1,024).
 
