@@ -18,8 +18,9 @@ differs only in capture:
                                  labels drawn from the training forward's outputs, through its graph;
 - ``capture, sampled Fisher``   that backward on every batch, with the random factored projection;
 - ``capture (eigen), sampled Fisher`` the same with the eigen projection (capture's default where the
-                                 training data are given): a basis per window, from one Fisher pass over
-                                 at most 2,048 examples as the window's first step begins;
+                                 training data are given): a basis per window, from one Fisher pass as the
+                                 window's first step begins, over at most a quarter of the examples the
+                                 window before trained on (the run's first: ``--basis-examples``);
 - ``capture, sampled Fisher, separate pass`` its own eval-mode forward and backward on every batch
                                  (``fisher_forward="separate"``, the default before 2026-11-30).
 
