@@ -156,6 +156,60 @@ def test_a_resumed_store_keeps_its_basis_and_other_data_are_refused(
     assert replaced.meta["projection"]["basis"]["digest"] != digest
 
 
+class _Pooled(nn.Module):
+    """A Linear layer over 6 positions per example, mean-pooled, then a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner, self.head = nn.Linear(3, 5), nn.Linear(5, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.inner(x)).mean(1))
+
+
+def test_sampled_basis_positions_are_recorded_and_a_store_of_other_positions_is_not_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A basis whose factors sampled positions records how many, in its inputs too: featurize with another
+    ``basis_positions`` is refused in one sentence and keeps the store. A basis of every position (the
+    ``None`` setting, and every store from before the option) is what sampling estimates: a store holding
+    one is resumed with it, without a new estimate. Where no example has more positions than asked (the
+    head here, an MLP's layers), nothing is sampled and nothing recorded."""
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(24, 6, 3, generator=g), torch.randint(0, 4, (24,), generator=g))
+    run = tmp_path / "run"
+    full_batch_run(run, _Pooled(), data, lambda o, y: F.cross_entropy(o, y, reduction="none"), lr=0.3, steps=2,
+                   save_every=1)  # fmt: skip
+
+    def featurize(path: Path, **projection) -> sp.Store:
+        return sp.featurize(run, _Pooled(), sp.ClassificationTask(), data, path, progress=False,
+                            projection=sp.ProjectionArguments(kind="eigen", dim=12, **projection))  # fmt: skip
+
+    sampled = featurize(tmp_path / "sampled.sp", basis_positions=2)
+    every = featurize(tmp_path / "every.sp", basis_positions=None)
+    unsampled = featurize(tmp_path / "unsampled.sp", basis_positions=6)
+    assert sampled.meta["projection"]["basis"]["positions"] == 2
+    assert "positions" not in every.meta["projection"]["basis"]
+    assert "positions" not in unsampled.meta["projection"]["basis"]
+    digests = [s.meta["projection"]["basis"]["digest"] for s in (sampled, every, unsampled)]
+    assert digests[0] != digests[1] and digests[1] == digests[2]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the basis was estimated again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(featurize_module, "estimate_basis", refuse)
+        again = featurize(tmp_path / "every.sp", basis_positions=2)
+        assert again.meta["projection"]["basis"]["digest"] == digests[1]
+        featurize(tmp_path / "sampled.sp", basis_positions=2)
+    with pytest.raises(sp.StoreError, match=r"featurized with other settings \(projection\)"):
+        featurize(tmp_path / "sampled.sp", basis_positions=3)
+    assert sp.Store.open(tmp_path / "sampled.sp").meta["projection"]["basis"]["digest"] == digests[0]
+    with pytest.raises(sp.TaskError, match="basis_positions is 0; pass a whole number ≥ 1"):
+        sp.ProjectionArguments(basis_positions=0)
+
+
 def test_adam_full_rank_eigen_source_equals_source_without_projection(tmp_path: Path, classification_data) -> None:
     """On an AdamW run the eigen projection applies D^{-1/2} through its layer factors (here exactly:
     ``adam_rank`` above every layer's rank) before its orthogonal full-rank basis, so SOURCE's scores

@@ -122,6 +122,65 @@ def test_collected_factors_equal_brute_force_sums() -> None:
     assert sums.examples == len(x)
 
 
+class _Pooled(nn.Module):
+    """A Linear layer over T positions, mean-pooled, then a classifier: the first layer sees T positions per
+    example, the head one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner = nn.Linear(3, 5)
+        self.head = nn.Linear(5, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.inner(x)).mean(1))
+
+
+def _factor_sums(collector: FactorCollector, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor):
+    sums = collector.empty()
+    collector.add(sums, [(weight, (x, y))])
+    return sums
+
+
+def test_sampled_positions_are_exact_where_an_examples_positions_repeat_and_unbiased_otherwise() -> None:
+    """With P of an example's T positions in the factors: where every position of an example carries the same
+    input (so the same δ), A's mean over positions and B (each example's terms scaled by T/P) equal the
+    factors of every position exactly, so the draw takes P positions of each example, not of the batch; where
+    they differ a draw does not equal them, but the mean of many draws does. A layer with at most P positions
+    (the head) and P ≥ T are untouched, bit for bit."""
+    model = _Pooled().eval()
+    task = sp.ClassificationTask()
+    names = [n for n, _ in model.named_parameters()]
+    layers, diagonal = kronecker_layers(model, names)
+    grads_fn = PerExampleGradients(model, task, names)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 1, 3, generator=g).expand(8, 6, 3).contiguous()
+    y, weight = torch.randint(0, 4, (8,), generator=g), torch.rand(8, generator=g) + 0.5
+    full = _factor_sums(FactorCollector(grads_fn, layers, diagonal), x, y, weight)
+    sampler = FactorCollector(grads_fn, layers, diagonal, positions=2, generator=torch.Generator().manual_seed(0))
+    part = _factor_sums(sampler, x, y, weight)
+    assert sampler.sampled and full.positions == [48, 8] and part.positions == [16, 8]
+    for i in range(2):  # float32 products: sums of 16 and of 48 terms round apart
+        torch.testing.assert_close(part.a[i] / part.positions[i], full.a[i] / full.positions[i], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(part.b[i], full.b[i], rtol=1e-5, atol=1e-6 * float(full.b[i].abs().max()))
+    assert torch.equal(part.a[1], full.a[1]) and torch.equal(part.b[1], full.b[1])
+    whole = FactorCollector(grads_fn, layers, diagonal, positions=6, generator=torch.Generator().manual_seed(0))
+    same = _factor_sums(whole, x, y, weight)
+    assert not whole.sampled and all(torch.equal(s, f) for s, f in zip(same.a + same.b, full.a + full.b, strict=True))
+
+    x = torch.randn(8, 6, 3, generator=g)  # every position its own
+    full = _factor_sums(FactorCollector(grads_fn, layers, diagonal), x, y, weight)
+    draws = [_factor_sums(sampler, x, y, weight) for _ in range(1500)]
+
+    def gap(estimate: torch.Tensor, exact: torch.Tensor) -> float:
+        return float((estimate - exact).norm() / exact.norm())
+
+    a_full, b_full = full.a[0] / full.positions[0], full.b[0]
+    assert gap(draws[0].a[0] / 16, a_full) > 0.05 and gap(draws[0].b[0], b_full) > 0.05
+    assert gap(sum(d.a[0] for d in draws) / (16 * len(draws)), a_full) < 0.02
+    assert gap(sum(d.b[0] for d in draws) / len(draws), b_full) < 0.02
+
+
 def test_layer_matrix_function_equals_the_explicit_kronecker_matrix_function() -> None:
     """g(B ⊗ A + λI) vec(G) computed in the factors' eigenbasis equals the dense 24 × 24 matrix function."""
     g = torch.Generator().manual_seed(3)

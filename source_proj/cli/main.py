@@ -76,6 +76,18 @@ def _ints(value: str | None) -> tuple[int, ...] | None:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from err
 
 
+def _basis_positions(value: str) -> int | None:
+    if value.strip().lower() == "all":
+        return None
+    try:
+        positions = int(value)
+    except ValueError:
+        positions = 0
+    if positions < 1:
+        raise click.BadParameter(f"expected a whole number ≥ 1 or 'all', got {value!r}", param_hint="--basis-positions")
+    return positions
+
+
 def _names(value: str | None) -> tuple[str, ...] | None:
     return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
 
@@ -144,6 +156,13 @@ def main() -> None:
     show_default=True,
     type=click.IntRange(min=1),
     help="eigen: examples per stage and checkpoint whose sampled-label Fisher estimates the basis.",
+)
+@click.option(
+    "--basis-positions",
+    default="64",
+    show_default=True,
+    help="eigen: at most this many positions (tokens, patches) of each of those examples enter the basis's "
+    "factors; 'all' for every position.",
 )
 @click.option(
     "--checkpoints",
@@ -236,6 +255,7 @@ def featurize(
     module_dims: tuple[str, ...],
     adam_rank: int,
     basis_examples: int,
+    basis_positions: str,
     checkpoint_steps: str | None,
     precision: str,
     fisher: str,
@@ -270,7 +290,7 @@ def featurize(
             store_path,
             projection=sp.ProjectionArguments(
                 dim=dim, seed=seed, kind=projection, module_dims=_module_dims(module_dims), adam_rank=adam_rank,
-                basis_examples=basis_examples,
+                basis_examples=basis_examples, basis_positions=_basis_positions(basis_positions),
             ),
             options=sp.FeaturizeArguments(
                 batch_size=batch_size,

@@ -3,6 +3,8 @@ data each checkpoint is featurized on."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +50,11 @@ class ProjectionArguments:
             times the projection cost; the dense ``"rademacher"`` kind applies it exactly.
         basis_examples: ``"eigen"`` only: the examples per stage and checkpoint (a seeded random subset)
             whose sampled-label Fisher estimates the basis.
+        basis_positions: ``"eigen"`` only: at most this many positions of each of those examples (tokens of a
+            sequence, patches of an image; drawn at random) enter each layer's Kronecker factors, as K-FAC
+            implementations sample them; ``None``: every position. The factor products, not the forward and
+            backward, are most of a transformer's basis pass; the factors stay unbiased (BASIS_POSITIONS says
+            what it costs in accuracy). Models with fewer positions per example (an MLP has one) are unaffected.
     """
 
     dim: int = 1024
@@ -56,12 +63,23 @@ class ProjectionArguments:
     module_dims: Mapping[str, int] = field(default_factory=dict)
     adam_rank: int = 1
     basis_examples: int = 2048
+    basis_positions: int | None = 64
 
     def __post_init__(self) -> None:
         if self.kind != "identity":  # k = p there, whatever dim says
             _positive(self, "dim")
         _positive(self, "seed", minimum=0)
         _positive(self, "basis_examples")
+        if self.basis_positions is not None:
+            _positive(self, "basis_positions")
+
+    def basis_inputs(self, *more: object) -> str:
+        """The digest of what an eigen basis is estimated from (with ``more``: the parameters' names, ...): a store
+        whose basis has it is resumed with that basis. ``basis_positions`` enters only when set, so bases
+        estimated before it existed (every position) keep their digest."""
+        positions = [] if self.basis_positions is None else [["positions", self.basis_positions]]
+        values = [self.dim, self.seed, self.basis_examples, *more, *positions]
+        return hashlib.sha256(json.dumps(values).encode()).hexdigest()[:16]
 
     def projector(
         self, shapes: Sequence[tuple[str, Sequence[int]]], model: nn.Module, basis: EigenBasis | None = None

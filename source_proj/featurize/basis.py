@@ -42,16 +42,17 @@ def estimate_basis(
     seed: int,
     batch_size: int,
     device: torch.device,
+    positions: int | None = None,
     inputs: str = "",
     progress: bool = False,
 ) -> EigenBasis:
     """The eigen projection's basis for k = ``dim``: one sampled-label Fisher pass over at most ``examples``
     examples (a seeded random subset) of each stage at each of ``checkpoints`` (on the stages featurize
-    visits it on), each visit's factors normalised, then averaged. ``grads_fn``'s model is loaded with
-    each checkpoint in turn."""
+    visits it on; at most ``positions`` positions of each example), each visit's factors normalised, then
+    averaged. ``grads_fn``'s model is loaded with each checkpoint in turn."""
     model: nn.Module = grads_fn.model
     pass_ = BasisPass(grads_fn, task, datasets, names, dim, examples=examples, seed=seed, batch_size=batch_size,
-                       device=device)  # fmt: skip
+                       device=device, positions=positions)  # fmt: skip
     params = dict(model.named_parameters())
     rules = {st.name: optimizer_rule(st, {n: params[n].numel() for n in names}) for st in trajectory.stages}
     stages = {st.name: st for st in trajectory.stages}
@@ -78,6 +79,9 @@ class BasisPass:
         grads_fn: gradients of the model whose weights are visited.
         datasets: stage name → its training data; each stage's subset of at most ``examples`` rows is drawn
             once, from ``seed``, so a later visit (or a resumed run's) uses the same examples.
+        positions: at most this many positions of each example enter the factors (``FactorCollector``),
+            drawn from their own generator seeded by ``seed``: the visits of a run, taken in the same order
+            (a resumed capture's), draw the same positions. ``None``: every position.
         collate_fn: how the data's items batch (default: torch's default collate).
     """
 
@@ -93,6 +97,7 @@ class BasisPass:
         seed: int,
         batch_size: int,
         device: torch.device,
+        positions: int | None = None,
         collate_fn: Callable[[list[Any]], Any] | None = None,
     ) -> None:
         model: nn.Module = grads_fn.model
@@ -107,7 +112,9 @@ class BasisPass:
         self.budget = basis_budget(dim, shares)
         self.layers, self.task, self.datasets = layers, task, datasets
         self.examples, self.batch_size, self.device, self.collate_fn = examples, batch_size, device, collate_fn
-        self.collector = FactorCollector(grads_fn, layers, [])
+        self.positions = positions
+        drawn = None if positions is None else torch.Generator().manual_seed(seed + 1)  # not the labels' stream
+        self.collector = FactorCollector(grads_fn, layers, [], positions, drawn)
         self.a_mean = [np.zeros((layer.in_rows, layer.in_rows)) for layer in layers]
         self.b_mean = [np.zeros((layer.out_features, layer.out_features)) for layer in layers]
         self.visits = 0
@@ -180,7 +187,8 @@ class BasisPass:
         """The basis of given factors (one visit's: in-run capture's window bases)."""
         self._check_finite(a, b)
         modules = [layer.module for layer in self.layers]
-        return EigenBasis.from_factors(modules, a, b, self.budget, list(steps), self.examples, inputs, self.device)
+        return EigenBasis.from_factors(modules, a, b, self.budget, list(steps), self.examples, inputs, self.device,
+                                       positions=self.positions if self.collector.sampled else None)  # fmt: skip
 
     def basis(self, steps: Sequence[int], inputs: str) -> EigenBasis:
         """The basis of every visit's factors, averaged."""

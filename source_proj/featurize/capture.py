@@ -58,9 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import itertools
-import json
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -304,7 +302,7 @@ class GradientCapture:
                 self._pass = BasisPass(
                     grads_fn, task, self.datasets, names, projection.dim,
                     examples=projection.basis_examples, seed=projection.seed, batch_size=options.basis_batch,
-                    device=self.device, collate_fn=collate_fn,
+                    device=self.device, positions=projection.basis_positions, collate_fn=collate_fn,
                 )  # fmt: skip
             except NoBasis as err:
                 warnings.warn(f"{err} Capture uses the 'factored' projection instead.", stacklevel=2)
@@ -330,9 +328,7 @@ class GradientCapture:
         self.params = {n: params[n] for n in names}
         self.dim = projector.dim if self._pass is None else projection.dim
         share = [] if options.basis_share is None else [options.basis_share]
-        self._inputs = hashlib.sha256(
-            json.dumps([projection.dim, projection.seed, projection.basis_examples, names, "in-run", *share]).encode()
-        ).hexdigest()[:16]
+        self._inputs = projection.basis_inputs(names, "in-run", *share)
         description = projector.describe() if self._pass is None else _in_run_eigen(projection, self._inputs)
         self._meta = {
             "library_version": __version__,

@@ -82,12 +82,31 @@ class FactorCollector:
         grads_fn: the per-example gradient engine (its model holds the checkpoint's weights).
         layers: the Kronecker layers (from :func:`kronecker_layers`).
         diagonal: parameters that get a Fisher diagonal.
+        positions: at most this many positions (tokens, or a convolution's patches) per example enter a layer's
+            factors, drawn at random without replacement for each example, layer and batch; ``None``: every
+            position. The sums stay unbiased: A averages the positions it took, and each example's B terms are
+            scaled by its positions over those taken. The factor products (d_in² + d_out² per position,
+            about twice a transformer block's forward and input backward together) shrink by that ratio.
+        generator: the draws' random source (required with ``positions``); a CPU generator, so the same
+            seed draws the same positions on every device.
     """
 
-    def __init__(self, grads_fn: PerExampleGradients, layers: Sequence[FactoredLayer], diagonal: Sequence[str]):
+    def __init__(
+        self,
+        grads_fn: PerExampleGradients,
+        layers: Sequence[FactoredLayer],
+        diagonal: Sequence[str],
+        positions: int | None = None,
+        generator: torch.Generator | None = None,
+    ):
+        if positions is not None and (positions < 1 or generator is None):
+            raise ValueError("positions must be at least 1, and come with a generator")
         self.grads_fn = grads_fn
         self.layers = list(layers)
         self.diagonal = list(diagonal)
+        self.positions, self.generator = positions, generator
+        self.sampled = False
+        """Whether some example had more than ``positions`` positions (the factors then took a sample)."""
         modules = dict(grads_fn.model.named_modules())
         self.modules = [modules[layer.module] for layer in self.layers]
         self.shapes = {n: tuple(p.shape) for n, p in grads_fn.model.named_parameters()}
@@ -129,7 +148,7 @@ class FactorCollector:
                 total = (self.grads_fn.task.loss(outputs, target_batch).float() * w.sqrt()).sum()
             if total.requires_grad:
                 torch.autograd.grad(total, probe, retain_graph=index < len(targets) - 1, allow_unused=True)
-            self._accumulate(sums, inputs, deltas, inputs_too=index == 0)
+            self._accumulate(sums, inputs, deltas, inputs_too=index == 0, size=size)
             if self.diagonal:
                 self._add_diagonal(sums, target_batch, w)
         sums.examples += size
@@ -141,7 +160,7 @@ class FactorCollector:
             total = (values.float() * w.sqrt()).sum()  # δ scaled by √w: B collects w δ δᵀ
             if total.requires_grad:
                 torch.autograd.grad(total, probe, allow_unused=True)
-        self._accumulate(sums, inputs, deltas, inputs_too)
+        self._accumulate(sums, inputs, deltas, inputs_too, size=int(weight.shape[0]))
         if self.diagonal:
             self._add_diagonal(sums, target_batch, w)
 
@@ -163,7 +182,12 @@ class FactorCollector:
                 handle.remove()
 
     def _accumulate(
-        self, sums: ChunkFactors, inputs: Sequence[Tensor | None], deltas: Sequence[Tensor | None], inputs_too: bool
+        self,
+        sums: ChunkFactors,
+        inputs: Sequence[Tensor | None],
+        deltas: Sequence[Tensor | None],
+        inputs_too: bool,
+        size: int,
     ) -> None:
         for i, layer in enumerate(self.layers):
             a, d = inputs[i], deltas[i]
@@ -172,10 +196,27 @@ class FactorCollector:
                     f"Layer {layer.module!r} took no part in the loss of a Fisher pseudo-target batch; exclude its "
                     "parameters from the selection, or use FeaturizeArguments(curvature='projected')."
                 )
+            scale = 1.0
             if inputs_too:
+                a = self._sample(a, size)
                 sums.a[i] += (a.T @ a).double()
                 sums.positions[i] += int(a.shape[0])
-            sums.b[i] += (d.T @ d).double()
+            if self.positions is not None and d.shape[0] > size * self.positions:
+                scale = d.shape[0] / (size * self.positions)  # each example's T / P: B's sum stays unbiased
+                d = self._sample(d, size)
+            sums.b[i] += (d.T @ d).double() * scale
+
+    def _sample(self, rows: Tensor, size: int) -> Tensor:
+        """``positions`` of each example's rows (``[size·T, d]``, example-major), drawn without replacement;
+        all of them where an example has no more."""
+        per = rows.shape[0] // size
+        if self.positions is None or per <= self.positions:
+            return rows
+        assert self.generator is not None
+        self.sampled = True
+        keys = torch.rand(size, per, generator=self.generator)
+        take = keys.argsort(dim=1)[:, : self.positions] + torch.arange(size).unsqueeze(1) * per
+        return rows[take.reshape(-1).to(rows.device)]
 
     def _add_diagonal(self, sums: ChunkFactors, target_batch: Batch, w: Tensor) -> None:
         grads = self.grads_fn(target_batch, "loss", names=self.diagonal)

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import itertools
-import json
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, replace
@@ -275,19 +273,23 @@ class _Featurize:
         arguments (a resumed featurize, a grown store, or inputs that changed otherwise, which the store's
         fingerprints then name), else estimated from the run (``basis.py``)."""
         projection, trajectory = self.projection, self.trajectory
-        inputs = hashlib.sha256(
-            json.dumps([projection.dim, projection.seed, projection.basis_examples, self.names]).encode()
-        ).hexdigest()[:16]
+        inputs = projection.basis_inputs(self.names)
+        every = replace(projection, basis_positions=None).basis_inputs(self.names)
         if is_store(self.path) and not self.overwrite:
             store = Store.open(self.path)
             desc = store.meta.get("projection") or {}
-            if desc.get("kind") == "eigen" and desc["basis"].get("inputs") == inputs:
+            basis = desc.get("basis") or {}
+            # A basis of every position where none was sampled (``positions`` unrecorded) is what the sampled one
+            # estimates: a store whose rows were projected with it keeps it.
+            if desc.get("kind") == "eigen" and (
+                basis.get("inputs") == inputs or (basis.get("inputs") == every and "positions" not in basis)
+            ):
                 with contextlib.suppress(StoreError):  # half-written: estimate it again
-                    return EigenBasis.read(store, desc["basis"])
+                    return EigenBasis.read(store, basis)
         return estimate_basis(
             trajectory, trajectory.checkpoints, self.grads_fn, self.task, self.datasets, self.names, projection.dim,
             examples=projection.basis_examples, seed=projection.seed, batch_size=self.options.batch_size,
-            device=self.device, inputs=inputs, progress=self.progress,
+            device=self.device, positions=projection.basis_positions, inputs=inputs, progress=self.progress,
         )  # fmt: skip
 
     def _plan(self, store: Store, overwrite: bool = False, record: bool = False) -> FeaturizePlan:

@@ -101,8 +101,11 @@ class EigenBasis:
         checkpoints: the steps whose factors were averaged.
         examples: examples per stage and checkpoint that were used (at most).
         captured: the share of the Kronecker Fisher's trace the blocks keep (over the basis layers).
-        inputs: a digest of what the basis was estimated from (run, data, k, seed, examples): a store
-            whose basis has the same inputs is resumed with it rather than estimated again.
+        inputs: a digest of what the basis was estimated from (run, data, k, seed, examples, positions): a
+            store whose basis has the same inputs is resumed with it rather than estimated again.
+        positions: the most positions per example its factors took, where some example had more (``None``:
+            every position; recorded only where sampling took place, so a basis of a model with fewer positions
+            per example, such as an MLP's one, is described as it was before positions could be sampled).
     """
 
     modules: list[str]
@@ -112,6 +115,7 @@ class EigenBasis:
     examples: int
     captured: float
     inputs: str = ""
+    positions: int | None = None
 
     @classmethod
     def from_factors(
@@ -124,6 +128,7 @@ class EigenBasis:
         examples: int,
         inputs: str = "",
         device: torch.device | str = "cpu",
+        positions: int | None = None,
     ) -> EigenBasis:
         """Eigendecompose each layer's averaged A and B (on ``device``: see ``eigh``) and keep the allocated
         leading eigenvectors."""
@@ -141,7 +146,7 @@ class EigenBasis:
             out.append(_rows(qb[:, :ko]))
             inp.append(_rows(qa[:, :ki]))
         captured = float(kept / total) if total > 0 else 1.0
-        return cls(list(modules), out, inp, list(checkpoints), examples, captured, inputs)
+        return cls(list(modules), out, inp, list(checkpoints), examples, captured, inputs, positions)
 
     @property
     def blocks(self) -> list[tuple[int, int]]:
@@ -167,6 +172,7 @@ class EigenBasis:
             "captured": round(self.captured, 6),
             "inputs": self.inputs,
             "digest": self.digest(),
+            **({} if self.positions is None else {"positions": self.positions}),
         }
 
     def arrays(self) -> Iterable[tuple[str, np.ndarray]]:
@@ -191,7 +197,8 @@ class EigenBasis:
         parts = np.split(np.asarray(values, dtype=np.float32), np.cumsum(sizes)[:-1])
         matrices = [torch.from_numpy(p.reshape(shape).copy()) for p, shape in zip(parts, desc["shapes"], strict=True)]
         basis = cls(list(desc["modules"]), matrices[0::2], matrices[1::2], list(desc["checkpoints"]),
-                    int(desc["examples"]), float(desc["captured"]), str(desc.get("inputs", "")))  # fmt: skip
+                    int(desc["examples"]), float(desc["captured"]), str(desc.get("inputs", "")),
+                    desc.get("positions"))  # fmt: skip
         if basis.digest() != desc["digest"]:
             raise StoreError(f"The eigen basis at {where} does not match its recorded digest; recapture the run.")
         return basis
@@ -210,7 +217,8 @@ class EigenBasis:
             out.append(torch.from_numpy(np.asarray(store.read(names[0]), dtype=np.float32)))
             inp.append(torch.from_numpy(np.asarray(store.read(names[1]), dtype=np.float32)))
         basis = cls(list(desc["modules"]), out, inp, list(desc["checkpoints"]), int(desc["examples"]),
-                    float(desc["captured"]), str(desc.get("inputs", "")))  # fmt: skip
+                    float(desc["captured"]), str(desc.get("inputs", "")),
+                    desc.get("positions"))  # fmt: skip
         if basis.digest() != desc["digest"]:
             raise StoreError(
                 f"The eigen projection basis in the store at {store.path} does not match its metadata (digest "
