@@ -51,11 +51,11 @@ class ProjectionArguments:
         basis_examples: ``"eigen"`` only: the examples per stage and checkpoint (a seeded random subset)
             whose sampled-label Fisher estimates the basis.
         basis_positions: ``"eigen"`` only: at most this many positions of each of those examples (tokens of a
-            sequence, patches of an image; drawn at random) enter each layer's Kronecker factors, as K-FAC
-            implementations sample them; ``None``: every position. The factor products, not the forward and
-            backward, are much of a transformer's basis pass; the factors stay unbiased. On the text example 4 of
-            32 positions lost no LDS (BENCHMARKS.md, "The eigen basis from sampled positions"). Models with at
-            most that many positions per example (an MLP has one) are unaffected, bit for bit.
+            sequence, patches of an image; drawn at random) enter each layer's Kronecker factors; ``None``: every
+            position. The factor products are a large part of a transformer's basis pass (d_in'² + d_out² per
+            position and layer); the factors stay unbiased. On the text example 4 of 32 positions lost no LDS
+            (BENCHMARKS.md, "The eigen basis from sampled positions"). Models with at most that many positions
+            per example (an MLP has one) are unaffected, bit for bit.
     """
 
     dim: int = 1024
