@@ -83,10 +83,11 @@ class FactorCollector:
         layers: the Kronecker layers (from :func:`kronecker_layers`).
         diagonal: parameters that get a Fisher diagonal.
         positions: at most this many positions (tokens, or a convolution's patches) per example enter a layer's
-            factors, drawn at random without replacement for each example, layer and batch; ``None``: every
-            position. The sums stay unbiased: A averages the positions it took, and each example's B terms are
-            scaled by its positions over those taken. The factor products (d_in² + d_out² per position,
-            about twice a transformer block's forward and input backward together) shrink by that ratio.
+            factors, drawn at random without replacement for each example and batch (shared by the batch's layers
+            with as many positions); ``None``: every position. The sums stay unbiased: A averages the positions
+            it took, and each example's B terms are scaled by its positions over those taken. The factor products
+            (d_in'² + d_out² per position, more than a transformer block's forward and input backward together)
+            shrink by that ratio.
         generator: the draws' random source (required with ``positions``); a CPU generator, so the same
             seed draws the same positions on every device.
     """
@@ -189,6 +190,7 @@ class FactorCollector:
         inputs_too: bool,
         size: int,
     ) -> None:
+        drawn: dict[tuple[int, str], Tensor] = {}  # one draw per batch and length, shared by its layers
         for i, layer in enumerate(self.layers):
             a, d = inputs[i], deltas[i]
             if a is None or d is None:
@@ -198,25 +200,29 @@ class FactorCollector:
                 )
             scale = 1.0
             if inputs_too:
-                a = self._sample(a, size)
+                a = self._sample(a, size, drawn)
                 sums.a[i] += (a.T @ a).double()
                 sums.positions[i] += int(a.shape[0])
             if self.positions is not None and d.shape[0] > size * self.positions:
                 scale = d.shape[0] / (size * self.positions)  # each example's T / P: B's sum stays unbiased
-                d = self._sample(d, size)
+                d = self._sample(d, size, drawn)
             sums.b[i] += (d.T @ d).double() * scale
 
-    def _sample(self, rows: Tensor, size: int) -> Tensor:
+    def _sample(self, rows: Tensor, size: int, drawn: dict[tuple[int, str], Tensor]) -> Tensor:
         """``positions`` of each example's rows (``[size·T, d]``, example-major), drawn without replacement;
-        all of them where an example has no more."""
+        all of them where an example has no more. Layers of a batch with the same T take the same positions
+        (``drawn``): each layer's factors stay unbiased, and one draw serves them all."""
         per = rows.shape[0] // size
         if self.positions is None or per <= self.positions:
             return rows
-        assert self.generator is not None
-        self.sampled = True
-        keys = torch.rand(size, per, generator=self.generator)
-        take = keys.argsort(dim=1)[:, : self.positions] + torch.arange(size).unsqueeze(1) * per
-        return rows[take.reshape(-1).to(rows.device)]
+        key = (per, str(rows.device))
+        if key not in drawn:
+            assert self.generator is not None
+            keys = torch.rand(size, per, generator=self.generator)
+            take = keys.topk(self.positions, dim=1).indices + torch.arange(size).unsqueeze(1) * per
+            drawn[key] = take.reshape(-1).to(rows.device)
+            self.sampled = True
+        return rows[drawn[key]]
 
     def _add_diagonal(self, sums: ChunkFactors, target_batch: Batch, w: Tensor) -> None:
         grads = self.grads_fn(target_batch, "loss", names=self.diagonal)
