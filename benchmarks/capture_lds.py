@@ -7,15 +7,17 @@ LDS on the digits settings of examples/digits/settings.py.
 
 Per setting, model seed 0 is trained once per in-run variant with the recorder and GradientCapture
 (k = --dim): the eigen projection (capture's default: a basis per window, taken as training reaches
-it) and the random factored one, the latter with the sampled Fisher on every batch (the default), on
-every 2nd and every 4th batch, and the empirical Fisher. Capture does not change training
+it) and the random factored one, both with the sampled Fisher on every batch (the default), on every
+2nd and on every 4th batch, and the factored one with the empirical Fisher. Capture does not change training
 (tests/test_capture.py), so the runs are bit-identical, which is checked here. The run is also
 featurized afterwards with the eigen projection (the library's default), the factored one and the
 dense Rademacher one, all with the sampled Fisher. Every store is fitted with the setting's SOURCE
 segments and scored on the setting's 100 queries; the LDS ground truth (α = 0.5, --subsets ×
 --repeats retrains) is shared with examples/digits/lds.py through --retrains. Printed and written to
 OUT/<setting>/capture_lds.json: LDS [95 % CI over subsets], and for each in-run variant the mean
-per-query LDS difference to post-hoc with the same projection, with a 95 % bootstrap interval over queries.
+per-query LDS difference to post-hoc with the same projection, with a 95 % bootstrap interval over queries,
+and for the variants with the Fisher on every n-th batch the same paired difference to that projection's
+in-run store with the Fisher on every batch.
 ``--validation`` adds the setting's next 100 test queries, with their own ground truth (the same subsets,
 retrains cached in <retrains>/<setting>/retrains-validation), and reports every figure over the 200
 queries together (written to OUT/<setting>/capture_lds-validation.json).
@@ -41,6 +43,8 @@ from source_proj import evaluation as ev
 
 IN_RUN = {
     "in-run (eigen)": (sp.CaptureArguments(), "eigen"),
+    "in-run (eigen), Fisher every 2nd batch": (sp.CaptureArguments(fisher_every=2), "eigen"),
+    "in-run (eigen), Fisher every 4th batch": (sp.CaptureArguments(fisher_every=4), "eigen"),
     "in-run (factored)": (sp.CaptureArguments(), "factored"),
     "in-run (factored), Fisher every 2nd batch": (sp.CaptureArguments(fisher_every=2), "factored"),
     "in-run (factored), Fisher every 4th batch": (sp.CaptureArguments(fisher_every=4), "factored"),
@@ -178,6 +182,10 @@ def main() -> None:
                 diff = paired(r, results[f"post-hoc ({kind})"])
                 entry[f"minus post-hoc ({kind})"] = diff
                 line += f"   − post-hoc ({kind}): {diff[0]:+.3f} [{diff[1]:+.3f}, {diff[2]:+.3f}]"
+                if IN_RUN[variant][0].fisher_every != 1:
+                    diff = paired(r, results[f"in-run ({kind})"])
+                    entry[f"minus in-run ({kind})"] = diff
+                    line += f"   − in-run ({kind}): {diff[0]:+.3f} [{diff[1]:+.3f}, {diff[2]:+.3f}]"
             lines.append(line)
             report[variant] = entry
         lines.append(f"{'training alone':32s} ({seconds['training alone']:.1f} s)")
