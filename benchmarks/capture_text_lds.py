@@ -5,11 +5,12 @@
 
 The tiny GPT-2 of ``examples/text/lm.py`` is trained again with the recorder and ``GradientCapture`` (k =
 --dim, Adam's D^{-1/2} in its rank-1 form, the sampled Fisher): with the eigen projection (capture's default:
-a basis per window) and with the factored one at the defaults (D^{-1/2} refreshed on every 16th batch, the
-Fisher from the training forward on every batch), and with the factored one once each with the Fisher on every
-2nd and every 4th batch, D^{-1/2} on every batch, and the Fisher from a separate eval-mode pass
-(``fisher_forward="separate"``, the default before 2026-11-30); ``--variants`` picks some by their short names
-(``eigen``, ``factored``, ``fisher/2``, ``fisher/4``, ``d/1``, ``separate``). Capture leaves
+a basis per window), also with the Fisher on every 2nd and every 4th batch, and with the factored one at the
+defaults (D^{-1/2} refreshed on every 16th batch, the Fisher from the training forward on every batch), and with
+the factored one once each with the Fisher on every 2nd and every 4th batch, D^{-1/2} on every batch, and the
+Fisher from a separate eval-mode pass (``fisher_forward="separate"``, the default before 2026-11-30);
+``--variants`` picks some by their short names (``eigen``, ``eigen-fisher/2``, ``eigen-fisher/4``, ``factored``,
+``fisher/2``, ``fisher/4``, ``d/1``, ``separate``). Capture leaves
 training unchanged, so each captured run must end bit-identical to the reference run
 (``benchmarks/adam_rank_lds.py``'s, trained by the same code without capture), which is checked; the
 reference's ``finetune`` ground truth (its pre-trained model fine-tuned again on random halves, α = 0.5,
@@ -17,7 +18,9 @@ retrains cached under REFERENCE/finetune/retrains) then scores every store. Post
 featurized afterwards with the eigen and the factored projections, and the same parameters. The parameters are
 the transformer blocks' Conv1D layers (norms and the tied embedding left out: capture projects factorable
 layers only), the same in every store. Prints LDS [95 % CI], the per-query difference in-run − post-hoc with a
-95 % bootstrap interval, and the seconds of training with and without capture; writes OUT/results.json."""
+95 % bootstrap interval, for a variant with the Fisher on every n-th batch also its difference to the same
+projection's in-run store with the Fisher on every batch (when that was trained too), and the seconds of
+training with and without capture; writes OUT/results.json."""
 
 from __future__ import annotations
 
@@ -42,6 +45,8 @@ from source_proj import evaluation as ev  # noqa: E402
 METHOD = "source-finetune"
 VARIANTS = {  # short name: (store name, options, projection kind)
     "eigen": ("in-run (eigen)", sp.CaptureArguments(), "eigen"),
+    "eigen-fisher/2": ("in-run (eigen), Fisher every 2nd batch", sp.CaptureArguments(fisher_every=2), "eigen"),
+    "eigen-fisher/4": ("in-run (eigen), Fisher every 4th batch", sp.CaptureArguments(fisher_every=4), "eigen"),
     "factored": ("in-run (factored), Fisher every batch, D every 16th", sp.CaptureArguments(), "factored"),
     "fisher/2": ("in-run (factored), Fisher every 2nd batch", sp.CaptureArguments(fisher_every=2), "factored"),
     "fisher/4": ("in-run (factored), Fisher every 4th batch", sp.CaptureArguments(fisher_every=4), "factored"),
@@ -92,12 +97,14 @@ def main() -> None:
     out, reference = args.out, args.reference / "run"
     if not (reference / "trajectory.json").exists():
         lm.train(seed=0, run_dir=reference)
-    kinds = {}
+    kinds, every_batch = {}, {}  # every_batch: the store with the Fisher on every batch, per kind
     seconds = {"training": train(out / "plain", None, sp.ProjectionArguments(dim=args.dim), sp.CaptureArguments())}
     stores = {}
     for index, short in enumerate(args.variants.split(",")):
         name, options, kind = VARIANTS[short]
         run, stores[name], kinds[name] = out / f"run-{index}", out / f"in-run-{index}.sp", kind
+        if options.fisher_every == 1 and options == sp.CaptureArguments():
+            every_batch[kind] = name
         projection = sp.ProjectionArguments(dim=args.dim, kind=kind, basis_examples=args.basis_examples)
         seconds[name] = train(run, stores[name], projection, options)
         if not same_run(run, reference):
@@ -125,13 +132,16 @@ def main() -> None:
                                 args.reference / "finetune" / "retrains", lds_args)  # fmt: skip
     results = {name: ev.lds(s, truth, lds_args) for name, s in scores.items()}
     lines = [f"k = {args.dim}, M = {args.subsets}, R = {args.repeats}, {len(lm.query_data())} queries", "",
-             "| store | LDS [95 % CI] | in-run − post-hoc (same projection), per query [95 % CI] |",
-             "|---|---|---|"]  # fmt: skip
+             "| store | LDS [95 % CI] | in-run − post-hoc (same projection), per query [95 % CI] "
+             "| − in-run, Fisher every batch [95 % CI] |",
+             "|---|---|---|---|"]  # fmt: skip
     record = {"seconds": seconds, "lds": {}}
     for name, result in results.items():
         against = results.get(f"post-hoc ({kinds.get(name)})")
         diff = "" if against is None else "{:+.3f} [{:+.3f}, {:+.3f}]".format(*paired(result, against))
-        lines.append(f"| {name} | {result.mean:.3f} [{result.low:.3f}, {result.high:.3f}] | {diff} |")
+        base = every_batch.get(kinds.get(name))
+        every = "" if base in (None, name) else "{:+.3f} [{:+.3f}, {:+.3f}]".format(*paired(result, results[base]))
+        lines.append(f"| {name} | {result.mean:.3f} [{result.low:.3f}, {result.high:.3f}] | {diff} | {every} |")
         record["lds"][name] = {"lds": result.mean, "low": result.low, "high": result.high,
                                "per_query": result.per_query.tolist()}  # fmt: skip
     lines.append("")
