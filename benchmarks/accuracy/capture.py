@@ -3,7 +3,7 @@ on a harness setting (issue 16; ``benchmarks/capture_lds.py`` does the same on t
 
     python benchmarks/accuracy/capture.py --setting mnist-noisy --mnist ../shared/data/mnist --repeats 10
         [--dim 1024] [--fisher-every 1,4] [--kinds eigen,factored] [--subsets 100]
-        [--out runs/accuracy/capture-mnist-noisy.json]
+        [--out runs/accuracy/capture-mnist-noisy.json] [--folder capture]
 
 Model 0 of the setting is trained again with the recorder and ``GradientCapture`` (for each projection of
 ``--kinds``: k = ``--dim``, sampled Fisher on every ``n``-th batch for each n of ``--fisher-every``).
@@ -13,7 +13,10 @@ Capture does not change training, so the captured trajectory must be bit-identic
 each in-run store is compared with the post-hoc store of its projection. Every store is fitted
 with the library's defaults and scored on the setting's queries against its cached ground truth.
 Printed and written to ``--out``: LDS [95 % CI] of each store, and each in-run variant minus post-hoc per
-query (paired 95 % bootstrap interval), plus the wall time of the captured training against training alone.
+query (paired 95 % bootstrap interval), a variant with the Fisher on every n-th batch also minus the same
+projection's in-run store with the Fisher on every batch (when n = 1 is among ``--fisher-every``), plus the wall
+time of the captured training against training alone. The captured runs and stores go to the setting's cache
+folder's ``--folder`` (``capture``), overwritten there; another name keeps an earlier measurement's stores.
 """
 
 from __future__ import annotations
@@ -50,12 +53,13 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--fisher-every", default="1", help="in-run variants: the sampled Fisher on every n-th batch")
     parser.add_argument("--kinds", default="eigen,factored", help="the projections, in-run and post-hoc")
+    parser.add_argument("--folder", default="capture", help="the captured runs and stores, in the setting's folder")
     args = parser.parse_args()
     h = harness.prepare_model_0(args)
     fit = sp.FitArguments(stages=(h.setting.attributed,))
-    folder = h.folder / "capture"
+    folder = h.folder / args.folder
     kinds = args.kinds.split(",")
-    stores, kind_of = {}, {}
+    stores, kind_of, every_batch = {}, {}, {}  # every_batch: the in-run store with the Fisher on every batch
     for kind in kinds:
         post_hoc = h.folder / f"model-0-{kind}-k{args.dim}.sp"
         sp.featurize(h.runs[0], h.build_model(), h.task, h.train_data, post_hoc,
@@ -80,6 +84,8 @@ def main() -> None:
                 sys.exit(f"{name}: the captured run differs from the harness's run-0; nothing to compare.")
             sp.fit(store, fit, overwrite=True, progress=False)
             stores[name], kind_of[name] = store, kind
+            if every == 1:
+                every_batch[kind] = name
     results: dict[str, dict] = {"seconds": seconds}
     for queries in h.query_sets:
         data = h.query_data(queries)
@@ -95,6 +101,11 @@ def main() -> None:
                 delta = h.difference(values, scores[f"post-hoc ({kind_of[name]})"], queries)
                 entry["minus post-hoc"] = list(delta)
                 line += f", minus post-hoc {delta[0]:+.3f} [{delta[1]:+.3f}, {delta[2]:+.3f}]"
+                base = every_batch.get(kind_of[name])
+                if base not in (None, name):
+                    delta = h.difference(values, scores[base], queries)
+                    entry["minus every batch"] = list(delta)
+                    line += f", minus every batch {delta[0]:+.3f} [{delta[1]:+.3f}, {delta[2]:+.3f}]"
             results.setdefault(queries, {})[name] = entry
             print(line, flush=True)
     print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
