@@ -73,7 +73,8 @@ def main() -> None:
     reference = sp.Trajectory.load(h.runs[0]).fingerprint()
     for kind in kinds:
         for every in (int(n) for n in args.fisher_every.split(",")):
-            name = f"in-run ({kind})" + ("" if every == 1 else f", Fisher every {every}th batch")
+            nth = f"{every}" + {2: "nd", 3: "rd"}.get(every, "th")
+            name = f"in-run ({kind})" + ("" if every == 1 else f", Fisher every {nth} batch")
             run = folder / f"run-{kind}-fisher-{every}"
             store = folder / f"in-run-{kind}-fisher-{every}-k{args.dim}.sp"
             options = sp.CaptureArguments(fisher_every=every)
