@@ -21,8 +21,13 @@ differs only in capture:
                                  training data are given): a basis per window, from one Fisher pass as the
                                  window's first step begins, over at most a quarter of the examples the
                                  window before trained on (the run's first: ``--basis-examples``);
+- ``capture (eigen), sampled Fisher / 2`` and ``/ 4``: the eigen projection with the Fisher on every 2nd or
+                                 4th batch only;
 - ``capture, sampled Fisher, separate pass`` its own eval-mode forward and backward on every batch
                                  (``fisher_forward="separate"``, the default before 2026-11-30).
+
+``--variants`` picks some by their short names (``empirical``, ``factored/4``, ``factored``, ``separate``,
+``eigen``, ``eigen/2``, ``eigen/4``); the recorder alone always runs.
 
 The variants take their steps in turn (round robin), so that a load which changes over time (a
 shared machine) slows all of them alike.
@@ -186,6 +191,18 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+VARIANTS = {  # short name: (the printed name, the capture's options; None: no capture)
+    "recorder": ("recorder only", None),
+    "empirical": ("capture, empirical Fisher", sp.CaptureArguments(fisher="empirical")),
+    "factored/4": ("capture, sampled Fisher / 4", sp.CaptureArguments(fisher_every=4)),
+    "factored": ("capture, sampled Fisher", sp.CaptureArguments()),
+    "separate": ("capture, sampled Fisher, separate pass", sp.CaptureArguments(fisher_forward="separate")),
+    "eigen": ("capture (eigen), sampled Fisher", sp.CaptureArguments()),
+    "eigen/2": ("capture (eigen), sampled Fisher / 2", sp.CaptureArguments(fisher_every=2)),
+    "eigen/4": ("capture (eigen), sampled Fisher / 4", sp.CaptureArguments(fisher_every=4)),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["mlp", "gpt"], default="mlp")
@@ -204,16 +221,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--basis-examples", type=int, default=2048, help="the eigen projection's, per basis pass")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--variants", default=None, help=f"comma-separated, of {', '.join(VARIANTS)} (default: all; "
+                        "the recorder alone always runs)")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    variants = {
-        "recorder only": None,
-        "capture, empirical Fisher": sp.CaptureArguments(fisher="empirical"),
-        "capture, sampled Fisher / 4": sp.CaptureArguments(fisher_every=4),
-        "capture, sampled Fisher": sp.CaptureArguments(),
-        "capture, sampled Fisher, separate pass": sp.CaptureArguments(fisher_forward="separate"),
-        "capture (eigen), sampled Fisher": sp.CaptureArguments(),
-    }
+    chosen = args.variants.split(",") if args.variants else list(VARIANTS)
+    unknown = sorted(set(chosen) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    variants = {VARIANTS[short][0]: VARIANTS[short][1] for short in ["recorder", *chosen] if short in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
         loops = {
             name: Variant(args, options, Path(tmp) / str(i), "eigen" if "eigen" in name else "factored")
