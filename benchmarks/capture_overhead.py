@@ -33,10 +33,11 @@ The variants take their steps in turn (round robin), so that a load which change
 shared machine) slows all of them alike.
 
 Reported: the median time of a training step that saves no checkpoint (forward, backward, optimiser step,
-recorder; CUDA-synchronised), the overhead against the baseline, the mean time of a step that saves
-a checkpoint (for capture: and writes the window it closes), the mean time of a window's first step
-(for the eigen projection: its basis pass) and the mean over every timed step (the amortised cost, whose
-overhead is the one a whole run pays). The first --warmup steps are not timed.
+recorder; CUDA-synchronised), the overhead against the baseline, the mean of those steps (with the Fisher
+on every n-th batch only, the median is a step without it, and the mean counts both), the mean time of a
+step that saves a checkpoint (for capture: and writes the window it closes), the mean time of a window's
+first step (for the eigen projection: its basis pass) and the mean over every timed step (the amortised
+cost, whose overhead is the one a whole run pays). The first --warmup steps are not timed.
 """
 
 from __future__ import annotations
@@ -180,6 +181,7 @@ class Variant:
         self.rec.close()
         return {
             "step_ms": 1000 * statistics.median(self.step_times),
+            "between_ms": 1000 * statistics.mean(self.step_times),
             "checkpoint_step_ms": 1000 * statistics.mean(self.checkpoint_times) if self.checkpoint_times else 0.0,
             "first_step_ms": 1000 * statistics.mean(self.first_times) if self.first_times else 0.0,
             "mean_step_ms": 1000 * statistics.mean(self.step_times + self.checkpoint_times + self.first_times),
@@ -246,7 +248,9 @@ def main() -> None:
     for name, r in results.items():
         overhead = "" if name == "recorder only" else f"  overhead {100 * (r['step_ms'] / base - 1):+.0f}%"
         amortised = "" if name == "recorder only" else f" ({100 * (r['mean_step_ms'] / mean - 1):+.0f}%)"
-        print(f"{name:40s} {r['step_ms']:8.2f} ms/step{overhead}   a step that saves a checkpoint "
+        plain = results["recorder only"]["between_ms"]
+        between = f", mean {r['between_ms']:.2f} ms ({100 * (r['between_ms'] / plain - 1):+.0f}%)"
+        print(f"{name:40s} {r['step_ms']:8.2f} ms/step{overhead}{between}   a step that saves a checkpoint "
               f"(and writes the window): {r['checkpoint_step_ms']:.0f} ms, a window's first: "
               f"{r['first_step_ms']:.0f} ms, mean of all: {r['mean_step_ms']:.2f} ms{amortised}")
     if args.json:
