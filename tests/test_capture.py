@@ -970,3 +970,116 @@ def test_eigen_capture_bounds_each_windows_basis_pass_by_a_share_of_the_window_b
                                                   save_every=2),
                            tmp_path / "c.sp", sp.ClassificationTask(), datasets={"main": classification_data},
                            options=sp.CaptureArguments(basis_share=0.0))  # fmt: skip
+
+
+def test_the_end_pass_adds_each_examples_gradient_at_the_stages_final_weights_as_one_more_visit(
+    tmp_path: Path, classification_data
+) -> None:
+    """``end_pass``: as the stage ends, every example's gradient at its final weights (eval mode, as featurize takes
+    it at the final checkpoint) is kept with the last window, training and the random state stay untouched, and fit
+    reads it as one more visit of every example there: the same SOURCE as the store without it with the pass added
+    to that window's sums by hand. A store whose end pass is missing is refused by fit and flagged by verify."""
+    kwargs = {"steps": 14, "batch": 8, "save_every": 4, "datasets": {"main": classification_data}}
+    torch.manual_seed(5)
+    plain = _train(tmp_path / "p", None, classification_data, steps=14, batch=8, save_every=4, model=_mlp(dropout=0.3))
+    plain_state = torch.get_rng_state()
+    torch.manual_seed(5)
+    end = sp.CaptureArguments(chunk_rows=8, end_pass=True)
+    captured = _train(tmp_path / "e", tmp_path / "e.sp", classification_data, model=_mlp(dropout=0.3), options=end,
+                      **kwargs)  # fmt: skip
+    assert torch.equal(torch.get_rng_state(), plain_state)
+    for (name, a), (_, b) in zip(plain.state_dict().items(), captured.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    torch.manual_seed(5)
+    _train(tmp_path / "e", tmp_path / "n.sp", classification_data, model=_mlp(dropout=0.3), resume=False,
+           options=sp.CaptureArguments(chunk_rows=8), **kwargs)  # fmt: skip  (the same run, captured without it)
+    posthoc = sp.featurize(
+        tmp_path / "e", _mlp(dropout=0.3), sp.ClassificationTask(), classification_data, tmp_path / "post.sp",
+        projection=_projection(), options=sp.FeaturizeArguments(chunk_rows=8, measurement=False), progress=False,
+    )  # fmt: skip
+    with_end, without = sp.Store.open(tmp_path / "e.sp"), sp.Store.open(tmp_path / "n.sp", writable=True)
+    last = window_array("end", "main", 12)  # the stage's last window starts at step 12 and closes at 14
+    assert [n for n in with_end.progress_arrays("capture/end/")] == [last]
+    want = posthoc.read(f"grads/main/{ckpt_key(14)}")
+    assert np.abs(want).max() > 0
+    assert np.allclose(with_end.read(last), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+    for kind in ("grads", "visits"):  # by hand: the pass as one more visit of the last window
+        name = window_array(kind, "main", 12)
+        values = without.read(name)
+        added = values + (with_end.read(last) if kind == "grads" else 1)
+        for chunk in range(-(-len(values) // 8)):
+            without.write_chunk(name, chunk, added[chunk * 8 : (chunk + 1) * 8].astype(values.dtype))
+    for segments in (1, 2):
+        args = sp.FitArguments(segments_per_stage=segments)
+        a = sp.fit(tmp_path / "e.sp", args, overwrite=True, progress=False).read("methods/source/train/main")
+        b = sp.fit(tmp_path / "n.sp", args, overwrite=True, progress=False).read("methods/source/train/main")
+        assert np.abs(a).max() > 0 and np.allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(a).max()), segments
+    assert sp.verify_store(tmp_path / "e.sp", progress=False).status == "ok"
+    dot = sp.fit_baseline(tmp_path / "e.sp", sp.BaselineArguments(kind="grad-dot"), progress=False)  # θ_T's gradient
+    assert np.allclose(dot.read("methods/grad-dot/train/main"), -want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+    shutil.rmtree(tmp_path / "e.sp" / last)
+    assert sp.verify_store(tmp_path / "e.sp", progress=False).status != "ok"
+    with pytest.raises(sp.StoreError, match=r"lacks the features \['capture/end/main/step-00000012'\]"):
+        sp.fit(tmp_path / "e.sp", overwrite=True, progress=False)
+    with pytest.raises(sp.TaskError, match=r"^The end pass reads each stage's examples .* pass datasets="):
+        _train(tmp_path / "x", tmp_path / "x.sp", classification_data, steps=4, batch=8, save_every=4, options=end)
+
+
+def test_the_eigen_end_pass_of_adamw_projects_with_the_last_windows_basis_and_a_run_killed_during_it_resumes(
+    tmp_path: Path, classification_data, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On an AdamW run with the eigen projection the end pass is every example's gradient at the final checkpoint in
+    Adam's coordinates (D^{-1/2} from the state saved with it; exact at ``adam_rank`` ≥ the layers' ranks), projected
+    with the basis of the stage's last window, as its visits are (brute force: materialised gradients). A run killed
+    while the pass is being written resumes (its stage ends again at the saved checkpoint) into the uninterrupted
+    store."""
+    from source_proj.featurize.windows import window_basis_array
+    from source_proj.projection.eigen import EigenBasis
+
+    def adamw(params):
+        return torch.optim.AdamW(params, lr=0.05, weight_decay=0.01)
+
+    projection = sp.ProjectionArguments(dim=24, kind="eigen", adam_rank=8)
+    kwargs = {"steps": 14, "batch": 8, "save_every": 4, "options": sp.CaptureArguments(chunk_rows=8, end_pass=True),
+              "datasets": {"main": classification_data}, "projection": projection, "optimizer": adamw}
+    _train(tmp_path / "a", tmp_path / "a.sp", classification_data, **kwargs)
+    store = sp.Store.open(tmp_path / "a.sp")
+    last = window_array("end", "main", 12)
+    trajectory = sp.Trajectory.load(tmp_path / "a")
+    model = _mlp()
+    optimizer = adamw(model.parameters())
+    state = trajectory.load_state(trajectory.final_checkpoint)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    names = [name for name, _ in model.named_parameters()]
+    scale = _adam_scale(optimizer, model)
+    grads = PerExampleGradients(model, sp.ClassificationTask(), names)(classification_data.tensors)
+    name = window_basis_array("main", 12)
+    basis = EigenBasis.unpack(store.read(name), store.meta["capture_bases"]["main/12"], name)
+    projector = projection.projector([(n, tuple(p.shape)) for n, p in model.named_parameters()], model, basis)
+    want = projector.project({n: grads[n] * scale[n] for n in names}).numpy()
+    got = store.read(last)
+    assert got.shape == (len(classification_data), 24) and np.abs(want).max() > 0
+    assert np.allclose(got[:, : want.shape[1]], want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    assert not got[:, want.shape[1] :].any()
+
+    original = sp.Store.write_chunk
+
+    def failing(self, name, chunk, values):
+        if name == last and chunk == 2:
+            raise _Killed
+        return original(self, name, chunk, values)
+
+    monkeypatch.setattr(sp.Store, "write_chunk", failing)
+    with pytest.raises(_Killed):
+        _train(tmp_path / "b", tmp_path / "b.sp", classification_data, **kwargs)
+    monkeypatch.setattr(sp.Store, "write_chunk", original)
+    assert sp.Store.open(tmp_path / "b.sp").pending_chunks(last)
+    _train(tmp_path / "b", tmp_path / "b.sp", classification_data, resume=True, **kwargs)
+    expected, got = _store_arrays(tmp_path / "a.sp"), _store_arrays(tmp_path / "b.sp")
+    assert sorted(expected) == sorted(got) and last in got
+    for name in expected:
+        assert np.array_equal(expected[name], got[name]), name
+    assert sp.Store.open(tmp_path / "b.sp").meta["projection"] == store.meta["projection"]

@@ -69,7 +69,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from source_proj import __version__
 from source_proj.errors import NumericalError, StoreError, TaskError
@@ -79,6 +79,7 @@ from source_proj.featurize.grow import record_growth
 from source_proj.featurize.windows import (
     ADAM_KINDS,
     DENOMINATOR,
+    END,
     PREFIX,
     WINDOW_ARRAYS,
     window_array,
@@ -98,7 +99,7 @@ from source_proj.store.provenance import (
 )
 from source_proj.store.store import Store, is_store
 from source_proj.store.writing import store_lock, writing
-from source_proj.tasks.gradients import PerExampleGradients, batch_rows, batch_size
+from source_proj.tasks.gradients import PerExampleGradients, batch_rows, batch_size, move_batch
 from source_proj.tasks.task import Batch, Task
 from source_proj.trajectory.preconditioner import live_preconditioner
 from source_proj.trajectory.recorder import (
@@ -146,6 +147,11 @@ class CaptureArguments:
             and at least ``MIN_BASIS_PASS`` (64): the passes then cost at most that share of training's
             forwards and backwards, however short the windows. ``None``: ``basis_examples`` at every window, which
             with windows shorter than ``basis_examples`` costs more than training itself.
+        end_pass: as each stage ends, one more pass over its examples (``datasets=``) at its final weights, counted
+            as one more visit of each: in-run visits fall at a different step for each example, and on runs of a few
+            epochs whose gradients move fast that costs accuracy (MNIST's early-training run: 0.036 LDS below
+            post-hoc SOURCE without it, 0.0xx with it; BENCHMARKS.md). Costs one forward and backward per example per
+            stage: worth it on short runs, little gained on long ones.
     """
 
     fisher: Literal["sampled", "empirical"] = "sampled"
@@ -158,6 +164,7 @@ class CaptureArguments:
     buffer: Literal["device", "cpu"] = "device"
     basis_batch: int = 64
     basis_share: float | None = 0.25
+    end_pass: bool = False
 
     def identity(self) -> dict[str, Any]:
         """What the captured numbers depend on (``buffer`` and ``basis_batch`` do not)."""
@@ -261,6 +268,11 @@ class GradientCapture:
         if options.basis_share is not None and not 0 < options.basis_share:
             raise TaskError(f"basis_share must be a positive share of a window's examples, or None, not "
                             f"{options.basis_share!r}.")  # fmt: skip
+        if options.end_pass and datasets is None:
+            raise TaskError(
+                "The end pass reads each stage's examples at the stage's final weights; pass datasets= (each stage's "
+                "training dataset under its name), or capture without end_pass."
+            )
         if projection is None:
             projection = ProjectionArguments(kind="eigen" if datasets is not None else "factored")
             if datasets is None:
@@ -281,6 +293,7 @@ class GradientCapture:
                 "ProjectionArguments(kind='factored')."
             )
         self.recorder, self.task, self.options = recorder, task, options
+        self._collate = collate_fn
         self.path = str(store_path)
         self.model = recorder.model
         self.device = next(self.model.parameters()).device
@@ -421,6 +434,8 @@ class GradientCapture:
             if old.get("capture") is not None and "basis_share" not in old["capture"]:  # every pass whole before it
                 share = None if (old.get("projection") or {}).get("kind") == "eigen" else self.options.basis_share
                 old["capture"] = {**old["capture"], "basis_share": share}
+            if old.get("capture") is not None and "end_pass" not in old["capture"]:  # no end pass before the option
+                old["capture"] = {**old["capture"], "end_pass": False}
             keys = ("params", "projection", "task", "featurize", "capture")
             differing = [k for k in keys if _identity(k, old.get(k)) != _identity(k, self._meta[k])]
             if old.get("capture") is None:
@@ -443,9 +458,11 @@ class GradientCapture:
             last = steps[-1] if steps else 0
             for stage, start in windows:
                 if start >= last:
-                    for kind in (*WINDOW_ARRAYS, DENOMINATOR):
+                    for kind in (*WINDOW_ARRAYS, DENOMINATOR, END):
                         store.delete(window_array(kind, stage, start))
                     _drop_window_basis(store, stage, start)
+                elif store.has(end := window_array(END, stage, start)) and not store.is_complete(end):
+                    store.delete(end)  # an end pass cut short: taken again as the stage ends
             missing = [w for w in _closed_windows(self.recorder) if not _window_complete(store, *w)]
             if missing:
                 stage, start = missing[0]
@@ -865,14 +882,81 @@ class GradientCapture:
         self._open_stage(*self._stage)
         self._basis_due = self._pass is not None
 
+    def after_stage_end(self, stage: str, step: int) -> None:
+        """``end_pass``: the stage has ended at ``step`` (its final checkpoint is saved), so every example's gradient
+        at these weights joins the stage's last window as one more visit (``windows.py``). A run killed during the
+        pass takes it again when the resumed stage ends."""
+        if self._closed or not self.options.end_pass:
+            return
+        self.commit()
+        starts = [start for name, start in _closed_windows(self.recorder) if name == stage and start < step]
+        if starts:
+            self._end_pass(stage, starts[-1])
+
+    def _end_pass(self, stage: str, start: int) -> None:
+        """P ∇ℓ(z; θ) of every example of ``stage`` at the current weights, in eval mode (as featurize takes it), with
+        the projection of its window from ``start`` (Adam stages: in Adam's coordinates, D from the optimizer's
+        state); written as ``capture/end/<stage>/<start>``. Neither the parameters' gradients, nor batch-norm
+        statistics, nor the global random state are touched."""
+        assert self.datasets is not None
+        dataset = self.datasets[stage]
+        projector = self.projector
+        if self._pass is not None:  # the eigen projection: that window's own basis, as the store keeps it
+            store = Store.open(self.path)
+            name = window_basis_array(stage, start)
+            basis = EigenBasis.unpack(store.read(name), store.meta["capture_bases"][f"{stage}/{start}"], name)
+            projector = self.projection.projector(self._shapes, self.model, basis)  # type: ignore[assignment]
+            assert isinstance(projector, FactoredProjector)
+            self._install(projector)
+        transform = self._transform
+        if self.recorder.stage_optimizers().get(stage) in ADAM_KINDS:
+            d = live_preconditioner(self.recorder.optimizer, self.params)
+            self._transform = None if d is None else projector.scaling({n: t.rsqrt() for n, t in d.items()})
+        sums = torch.zeros(len(dataset), self.dim, dtype=torch.float32, device=self.buffer_device)  # type: ignore[arg-type]
+        loader = DataLoader(dataset, batch_size=self.options.basis_batch, collate_fn=self._collate,
+                            generator=torch.Generator())  # fmt: skip
+        what = f"the training data of stage {stage!r} given as datasets= (the end pass)"
+        task, at = self._bound_task(), 0
+        try:
+            with _modes_kept(self.model), model_errors(what), torch.enable_grad():
+                self.model.eval()
+                for batch in loader:
+                    batch = move_batch(batch, self.device)
+                    out = torch.zeros(batch_size(batch), self.dim, dtype=torch.float32, device=self.device)
+                    self._target = out
+                    total = task.loss(task.forward(self.model, batch), batch).sum()
+                    torch.autograd.grad(total, self._probe, allow_unused=True)
+                    self._target = None
+                    sums[at : at + out.shape[0]] = out.to(self.buffer_device)
+                    at += out.shape[0]
+        except OSError as err:
+            raise TaskError(f"Capture cannot read {what}: {type(err).__name__}: {err}.") from err
+        finally:
+            self._target, self._transform = None, transform
+        if not bool(torch.isfinite(sums).all()):
+            raise NumericalError(
+                f"The end pass's gradients of stage {stage!r} are NaN or infinite at step {self.recorder.global_step}; "
+                "check the training loss."
+            )
+        rows, name = self.options.chunk_rows, window_array(END, stage, start)
+        with store_lock(self.path):
+            store = Store.open(self.path, writable=True)
+            store.delete(name)
+            store.require_array(name, tuple(sums.shape), rows, "float32")
+            for chunk in range(-(-sums.shape[0] // rows)):
+                store.write_chunk(name, chunk, sums[chunk * rows : (chunk + 1) * rows].cpu().numpy())
+
     def after_close(self) -> None:
         """Finish the store: the run's learning rates, description and fingerprints (called by the recorder's close)."""
         if self._closed:
             return
         self.commit()
         final = None
-        if self._pass is not None and self._stage is not None:  # the final weights join the average
-            self._visit(self._stage[0], f"step {self.recorder.global_step}", self._adam)
+        if self._pass is not None and self.recorder.stages:  # the final weights join the average
+            # the recorder's last stage: a run resumed at its final checkpoint captures no batch before it closes
+            stage = self.recorder.stages[-1][0]
+            adam = self.recorder.stage_optimizers()[stage] in ADAM_KINDS
+            self._visit(stage, f"step {self.recorder.global_step}", adam)
             final = self._pass.basis([*self._visited, self.recorder.global_step], self._inputs)
         self.close()
         trajectory = Trajectory.load(self.recorder.run_dir)

@@ -24,6 +24,15 @@ at the segment's checkpoints: fit writes D_ℓ^{-1/2} as ``methods/<name>/precon
 query's scale) and derives Adam's coupled decay from it. A stage's first step, before the optimizer
 holds any state, is not captured (its preconditioner is only known after the step).
 
+With ``CaptureArguments.end_pass``, as each stage ends one more pass takes every example's gradient at the
+stage's final weights (eval mode, as featurize), in the basis of the stage's last window, and keeps it as
+
+    capture/end/<stage>/<c>           float32 [N_s, k]  P ∇ℓ(z_i; θ_end) of every example, c the last window's start
+
+which fit counts as one more visit of every example in that window. In-run visits fall at a different
+step for each example (one per epoch); this pass gives every example a gradient at the same weights,
+as post-hoc featurize's checkpoints do (BENCHMARKS.md, issue 16: the end pass).
+
 fit cuts a captured run at window boundaries only (``window_cuts``: the requested cuts moved to the
 nearest checkpoint), so each segment ℓ of stage s is a run of whole windows, those starting at its
 checkpoints C_ℓ, and uses
@@ -60,6 +69,8 @@ WINDOW_ARRAYS = ("grads", "visits", "fisher", "fisher-count")
 DENOMINATOR = "denominator"
 """An Adam stage's windows also hold Adam's D = √v̂ + ε at the checkpoint closing them (float32 ``[p]``)."""
 ADAM_KINDS = ("adam", "adamw")
+END = "end"
+"""``CaptureArguments.end_pass``: every example's gradient at the stage's final weights, keyed by its last window."""
 WINDOW_BASES = "projection/windows"
 """An eigen capture's window bases: ``projection/windows/<stage>/<c>``, each one array (``EigenBasis.packed``),
 described in ``meta["capture_bases"]["<stage>/<c>"]``."""
@@ -125,6 +136,9 @@ def expected_windows(meta: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], s
             out[window_array("fisher-count", stage["name"], start)] = ((1,), "float64")
             if is_adam_stage(stage):
                 out[window_array(DENOMINATOR, stage["name"], start)] = ((p,), "float32")
+        windows = stage_windows(meta, stage["name"])
+        if (meta.get("capture") or {}).get("end_pass") and windows:
+            out[window_array(END, stage["name"], windows[-1])] = ((n, k), "float32")
     return out
 
 
@@ -198,6 +212,12 @@ class WindowGradients:
         self.windows = {seg: segment_windows(meta, seg) for seg in segments}
         self.stage_windows = {s["name"]: stage_windows(meta, s["name"]) for s in meta["trajectory"]["stages"]}
         self.maps = window_maps(store)
+        self.ends = {
+            (stage, start)
+            for stage, starts in self.stage_windows.items()
+            for start in starts
+            if store.is_complete(window_array(END, stage, start))
+        }
         self.stood_in = 0
 
     def __call__(self, stage: str, chunk: int, segments: Sequence[Segment]) -> list[torch.Tensor]:
@@ -210,6 +230,10 @@ class WindowGradients:
                 grads = to_final(grads)
             visits = self.store.read_chunk(window_array("visits", stage, start), chunk).astype(np.float64)
             visits = torch.from_numpy(visits)
+            if (stage, start) in self.ends:  # the end pass: one more visit of every example (module docstring)
+                end = torch.from_numpy(self.store.read_chunk(window_array(END, stage, start), chunk)).double()
+                grads = grads + (end if to_final is None else to_final(end))
+                visits = visits + 1.0
             sums[start] = (grads, visits)
         everything = sum(g for g, _ in sums.values())
         visited = sum(v for _, v in sums.values())

@@ -47,7 +47,9 @@ score = Σ_w (η̄_w/B_w) ∇f(q; θ_{c_w})·Σ_{visits of z in w} ∇ℓ(z; θ_
 η̄_w its mean rate and B_w its mean batch size (its visits over its steps), in expectation the post-hoc
 TracIn-CP. Grad-Dot, Grad-Cos and IF use each attributed stage's last window (its per-visit mean
 gradients and its Fisher) in place of θ_T's: a stand-in, exact only as the window shrinks to a
-step. TRAK needs the measurement gradients of the training examples, which capture does not take.
+step. A store captured with ``CaptureArguments.end_pass`` holds every example's gradient at the end of its
+stage, which they use instead (θ_T's own for the last stage; the Fisher stays the window's). TRAK needs
+the measurement gradients of the training examples, which capture does not take.
 
 **Influence-function damping**: δ = ``damping_factor`` × the mean eigenvalue of the projected Fisher,
 the form of kronfluence's heuristic (``damping_factor=None``: 0.1 × the mean eigenvalue, per module,
@@ -84,11 +86,13 @@ from source_proj.errors import StoreError, TaskError
 from source_proj.featurize.arguments import PROJECTED_MAX, as_stage_datasets, default_device
 from source_proj.featurize.plan import segment_for
 from source_proj.featurize.windows import (
+    END,
     WindowGradients,
     is_captured,
     stage_windows,
     window_array,
     window_curvature,
+    window_maps,
 )
 from source_proj.methods.fit import _claim_method, _finish_method, checkpoint_curvature
 from source_proj.query.attributor import store_trajectory
@@ -289,8 +293,15 @@ def _final_checkpoint(
         last = {s: _last_window(meta, s) for s in sizes}
         rows = meta["featurize"]["chunk_rows"]
 
+        maps = window_maps(store)
+
         def gradients(stage: str, start: int, stop: int) -> torch.Tensor:
             seg = last[stage]
+            end = window_array(END, stage, seg.start_step)
+            if store.is_complete(end):  # the end pass: each example's gradient at the stage's final weights
+                g = torch.from_numpy(store.read_chunk(end, start // rows)).double()
+                to_final = maps.get((stage, seg.start_step))
+                return g if to_final is None else to_final(g)
             return WindowGradients(store, [seg])(stage, start // rows, [seg])[0]
 
         def curvature(stage: str) -> torch.Tensor:

@@ -118,6 +118,9 @@ class RecorderListener(Protocol):
     def before_checkpoint(self, step: int) -> None:
         """A new checkpoint is about to be saved after ``step`` optimiser steps."""
 
+    def after_stage_end(self, stage: str, step: int) -> None:
+        """Stage ``stage`` has ended at ``step``; its final checkpoint is saved."""
+
     def after_close(self) -> None:
         """The trajectory has been marked complete."""
 
@@ -285,7 +288,7 @@ class TrajectoryRecorder:
         return Checkpoint(**found[-1])
 
     def listen(self, listener: RecorderListener) -> None:
-        """Tell ``listener`` before every new checkpoint and after ``close``."""
+        """Tell ``listener`` before every new checkpoint, after each stage ends, and after ``close``."""
         self._listeners.append(listener)
 
     def begin_stage(self, name: str, dataset_size: int, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -346,6 +349,8 @@ class TrajectoryRecorder:
             raise TrajectoryError("There is no open stage to end; call begin_stage first.")
         self._stages[-1]["end_step"] = self.global_step
         self._save()
+        for listener in self._listeners:
+            listener.after_stage_end(self._stages[-1]["name"], self.global_step)
 
     def close(self) -> None:
         """End the last stage and mark the trajectory complete."""
