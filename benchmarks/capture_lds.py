@@ -3,13 +3,15 @@ LDS on the digits settings of examples/digits/settings.py.
 
     python benchmarks/capture_lds.py [--settings converged,noisy,two-stage] [--dim 512] [--subsets 100]
         [--repeats 5] [--workers 2] [--out runs/capture-lds] [--retrains runs/lds] [--validation]
-        [--threads 1] [--basis-examples 2048]
+        [--threads 1] [--basis-examples 2048] [--variants eigen,eigen+end,...]
 
 Per setting, model seed 0 is trained once per in-run variant with the recorder and GradientCapture
 (k = --dim): the eigen projection (capture's default: a basis per window, taken as training reaches
 it) and the random factored one, both with the sampled Fisher on every batch (the default), on every
-2nd and on every 4th batch, and the factored one with the empirical Fisher. Capture does not change training
-(tests/test_capture.py), so the runs are bit-identical, which is checked here. The run is also
+2nd and on every 4th batch, with the end pass (``CaptureArguments.end_pass``), and the factored one with
+the empirical Fisher (``--variants``: a comma-separated choice of ``SHORT``'s keys; the in-run defaults
+are always run). Capture does not change training (tests/test_capture.py), so the runs are
+bit-identical, which is checked here. The run is also
 featurized afterwards with the eigen projection (the library's default), the factored one and the
 dense Rademacher one, all with the sampled Fisher. Every store is fitted with the setting's SOURCE
 segments and scored on the setting's 100 queries; the LDS ground truth (α = 0.5, --subsets ×
@@ -43,12 +45,25 @@ from source_proj import evaluation as ev
 
 IN_RUN = {
     "in-run (eigen)": (sp.CaptureArguments(), "eigen"),
+    "in-run (eigen), end pass": (sp.CaptureArguments(end_pass=True), "eigen"),
     "in-run (eigen), Fisher every 2nd batch": (sp.CaptureArguments(fisher_every=2), "eigen"),
     "in-run (eigen), Fisher every 4th batch": (sp.CaptureArguments(fisher_every=4), "eigen"),
     "in-run (factored)": (sp.CaptureArguments(), "factored"),
     "in-run (factored), Fisher every 2nd batch": (sp.CaptureArguments(fisher_every=2), "factored"),
     "in-run (factored), Fisher every 4th batch": (sp.CaptureArguments(fisher_every=4), "factored"),
     "in-run (factored), empirical Fisher": (sp.CaptureArguments(fisher="empirical"), "factored"),
+    "in-run (factored), end pass": (sp.CaptureArguments(end_pass=True), "factored"),
+}
+SHORT = {  # --variants
+    "eigen": "in-run (eigen)",
+    "eigen+end": "in-run (eigen), end pass",
+    "eigen/2": "in-run (eigen), Fisher every 2nd batch",
+    "eigen/4": "in-run (eigen), Fisher every 4th batch",
+    "factored": "in-run (factored)",
+    "factored/2": "in-run (factored), Fisher every 2nd batch",
+    "factored/4": "in-run (factored), Fisher every 4th batch",
+    "factored/empirical": "in-run (factored), empirical Fisher",
+    "factored+end": "in-run (factored), end pass",
 }
 BASIS_EXAMPLES = [2048]  # --basis-examples
 POST_HOC = {"post-hoc (eigen)": "eigen", "post-hoc (factored)": "factored", "post-hoc (rademacher)": "rademacher"}
@@ -64,7 +79,9 @@ def capturer(store: Path, dim: int, options: sp.CaptureArguments, data: dict[str
     return start
 
 
-def prepare(s: settings.Setting, out: Path, dim: int) -> tuple[dict[str, Path], dict[str, float]]:
+def prepare(
+    s: settings.Setting, out: Path, dim: int, variants: list[str]
+) -> tuple[dict[str, Path], dict[str, float]]:
     """Train (captured), featurize and fit; returns the store of every variant and the seconds each took."""
     stores, seconds = {}, {}
     data = {st.name: st.data for st in s.stages}
@@ -73,7 +90,8 @@ def prepare(s: settings.Setting, out: Path, dim: int) -> tuple[dict[str, Path], 
     s.train(0, run_dir=str(out / "plain"))
     seconds["training alone"] = time.perf_counter() - t0
     fingerprint = sp.Trajectory.load(out / "plain").fingerprint()
-    for name, (options, kind) in IN_RUN.items():
+    for name in variants:
+        options, kind = IN_RUN[name]
         run, store = out / f"run-{len(stores)}", out / f"in-run-{len(stores)}.sp"
         t0 = time.perf_counter()
         s.train(0, run_dir=str(run), capture=capturer(store, dim, options, data, kind))
@@ -155,13 +173,16 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (a tiny MLP's steps slow down 10× with 2 on a busy CPU)"
     )
+    parser.add_argument("--variants", default=",".join(SHORT), help=f"in-run variants, of {', '.join(SHORT)}")
     args = parser.parse_args()
+    chosen = {SHORT[v] for v in args.variants.split(",")} | {"in-run (eigen)", "in-run (factored)"}
+    variants = [name for name in IN_RUN if name in chosen]
     torch.set_num_threads(args.threads)
     BASIS_EXAMPLES[0] = args.basis_examples
     for name in args.settings.split(","):
         s = settings.setting(name)
         out = Path(args.out) / name
-        stores, seconds = prepare(s, out, args.dim)
+        stores, seconds = prepare(s, out, args.dim, variants)
         lds_args = ev.LDSArguments(num_subsets=args.subsets, repeats=args.repeats, workers=args.workers)
         results = score(name, stores, lds_args, Path(args.retrains), validation=False)
         queries = len(s.queries)
@@ -182,7 +203,7 @@ def main() -> None:
                 diff = paired(r, results[f"post-hoc ({kind})"])
                 entry[f"minus post-hoc ({kind})"] = diff
                 line += f"   − post-hoc ({kind}): {diff[0]:+.3f} [{diff[1]:+.3f}, {diff[2]:+.3f}]"
-                if IN_RUN[variant][0].fisher_every != 1:
+                if IN_RUN[variant][0] != sp.CaptureArguments():
                     diff = paired(r, results[f"in-run ({kind})"])
                     entry[f"minus in-run ({kind})"] = diff
                     line += f"   − in-run ({kind}): {diff[0]:+.3f} [{diff[1]:+.3f}, {diff[2]:+.3f}]"

@@ -9,8 +9,9 @@ a basis per window), also with the Fisher on every 2nd and every 4th batch, and 
 defaults (D^{-1/2} refreshed on every 16th batch, the Fisher from the training forward on every batch), and with
 the factored one once each with the Fisher on every 2nd and every 4th batch, D^{-1/2} on every batch, and the
 Fisher from a separate eval-mode pass (``fisher_forward="separate"``, the default before 2026-11-30);
-``--variants`` picks some by their short names (``eigen``, ``eigen-fisher/2``, ``eigen-fisher/4``, ``factored``,
-``fisher/2``, ``fisher/4``, ``d/1``, ``separate``). Capture leaves
+each projection also with the end pass (``CaptureArguments.end_pass``); ``--variants`` picks some by their short
+names (``eigen``, ``eigen+end``, ``eigen-fisher/2``, ``eigen-fisher/4``, ``factored``, ``factored+end``, ``fisher/2``,
+``fisher/4``, ``d/1``, ``separate``). Capture leaves
 training unchanged, so each captured run must end bit-identical to the reference run
 (``benchmarks/adam_rank_lds.py``'s, trained by the same code without capture), which is checked; the
 reference's ``finetune`` ground truth (its pre-trained model fine-tuned again on random halves, α = 0.5,
@@ -18,9 +19,9 @@ retrains cached under REFERENCE/finetune/retrains) then scores every store. Post
 featurized afterwards with the eigen and the factored projections, and the same parameters. The parameters are
 the transformer blocks' Conv1D layers (norms and the tied embedding left out: capture projects factorable
 layers only), the same in every store. Prints LDS [95 % CI], the per-query difference in-run − post-hoc with a
-95 % bootstrap interval, for a variant with the Fisher on every n-th batch also its difference to the same
-projection's in-run store with the Fisher on every batch (when that was trained too), and the seconds of
-training with and without capture; writes OUT/results.json."""
+95 % bootstrap interval, for every other variant also its difference to the same projection's in-run store at
+the defaults (the Fisher on every batch, no end pass; when that was trained too), and the seconds of training with
+and without capture; writes OUT/results.json."""
 
 from __future__ import annotations
 
@@ -45,12 +46,14 @@ from source_proj import evaluation as ev  # noqa: E402
 METHOD = "source-finetune"
 VARIANTS = {  # short name: (store name, options, projection kind)
     "eigen": ("in-run (eigen)", sp.CaptureArguments(), "eigen"),
+    "eigen+end": ("in-run (eigen), end pass", sp.CaptureArguments(end_pass=True), "eigen"),
     "eigen-fisher/2": ("in-run (eigen), Fisher every 2nd batch", sp.CaptureArguments(fisher_every=2), "eigen"),
     "eigen-fisher/4": ("in-run (eigen), Fisher every 4th batch", sp.CaptureArguments(fisher_every=4), "eigen"),
     "factored": ("in-run (factored), Fisher every batch, D every 16th", sp.CaptureArguments(), "factored"),
     "fisher/2": ("in-run (factored), Fisher every 2nd batch", sp.CaptureArguments(fisher_every=2), "factored"),
     "fisher/4": ("in-run (factored), Fisher every 4th batch", sp.CaptureArguments(fisher_every=4), "factored"),
     "d/1": ("in-run (factored), D every batch", sp.CaptureArguments(scale_every=1), "factored"),
+    "factored+end": ("in-run (factored), end pass", sp.CaptureArguments(end_pass=True), "factored"),
     "separate": ("in-run (factored), Fisher from a separate pass", sp.CaptureArguments(fisher_forward="separate"),
                  "factored"),
 }  # fmt: skip

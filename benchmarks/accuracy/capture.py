@@ -2,7 +2,7 @@
 on a harness setting (issue 16; ``benchmarks/capture_lds.py`` does the same on the digits example's settings).
 
     python benchmarks/accuracy/capture.py --setting mnist-noisy --mnist ../shared/data/mnist --repeats 10
-        [--dim 1024] [--fisher-every 1,4] [--kinds eigen,factored] [--subsets 100]
+        [--dim 1024] [--fisher-every 1,4] [--kinds eigen,factored] [--end-pass off,on] [--subsets 100]
         [--out runs/accuracy/capture-mnist-noisy.json] [--folder capture]
 
 Model 0 of the setting is trained again with the recorder and ``GradientCapture`` (for each projection of
@@ -14,7 +14,8 @@ each in-run store is compared with the post-hoc store of its projection. Every s
 with the library's defaults and scored on the setting's queries against its cached ground truth.
 Printed and written to ``--out``: LDS [95 % CI] of each store, and each in-run variant minus post-hoc per
 query (paired 95 % bootstrap interval), a variant with the Fisher on every n-th batch also minus the same
-projection's in-run store with the Fisher on every batch (when n = 1 is among ``--fisher-every``), plus the wall
+projection's in-run store with the Fisher on every batch (when n = 1 is among ``--fisher-every``), a variant with
+``CaptureArguments(end_pass=True)`` (``--end-pass on``) also minus the same variant without it, plus the wall
 time of the captured training against training alone. The captured runs and stores go to the setting's cache
 folder's ``--folder`` (``capture``), overwritten there; another name keeps an earlier measurement's stores.
 """
@@ -22,6 +23,7 @@ folder's ``--folder`` (``capture``), overwritten there; another name keeps an ea
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -54,12 +56,14 @@ def main() -> None:
     parser.add_argument("--fisher-every", default="1", help="in-run variants: the sampled Fisher on every n-th batch")
     parser.add_argument("--kinds", default="eigen,factored", help="the projections, in-run and post-hoc")
     parser.add_argument("--folder", default="capture", help="the captured runs and stores, in the setting's folder")
+    parser.add_argument("--end-pass", default="off", help="in-run variants without (off) and with (on) the end pass")
     args = parser.parse_args()
     h = harness.prepare_model_0(args)
     fit = sp.FitArguments(stages=(h.setting.attributed,))
     folder = h.folder / args.folder
     kinds = args.kinds.split(",")
     stores, kind_of, every_batch = {}, {}, {}  # every_batch: the in-run store with the Fisher on every batch
+    without_end: dict[str, str] = {}  # an end-pass variant → the same variant without it
     for kind in kinds:
         post_hoc = h.folder / f"model-0-{kind}-k{args.dim}.sp"
         sp.featurize(h.runs[0], h.build_model(), h.task, h.train_data, post_hoc,
@@ -72,12 +76,17 @@ def main() -> None:
     seconds["training alone"] = time.perf_counter() - start
     reference = sp.Trajectory.load(h.runs[0]).fingerprint()
     for kind in kinds:
-        for every in (int(n) for n in args.fisher_every.split(",")):
+        for every, end in itertools.product(
+            (int(n) for n in args.fisher_every.split(",")), (e == "on" for e in args.end_pass.split(","))
+        ):
             nth = f"{every}" + {2: "nd", 3: "rd"}.get(every, "th")
-            name = f"in-run ({kind})" + ("" if every == 1 else f", Fisher every {nth} batch")
-            run = folder / f"run-{kind}-fisher-{every}"
-            store = folder / f"in-run-{kind}-fisher-{every}-k{args.dim}.sp"
-            options = sp.CaptureArguments(fisher_every=every)
+            plain = f"in-run ({kind})" + ("" if every == 1 else f", Fisher every {nth} batch")
+            name = plain + (", end pass" if end else "")
+            if end:
+                without_end[name] = plain
+            run = folder / (f"run-{kind}-fisher-{every}" + ("-end" if end else ""))
+            store = folder / (f"in-run-{kind}-fisher-{every}" + ("-end" if end else "") + f"-k{args.dim}.sp")
+            options = sp.CaptureArguments(fisher_every=every, end_pass=end)
             start = time.perf_counter()
             h.setting.train_recorded(0, run, capture=capturer(store, args.dim, options, h, kind))
             seconds[name] = time.perf_counter() - start
@@ -85,7 +94,7 @@ def main() -> None:
                 sys.exit(f"{name}: the captured run differs from the harness's run-0; nothing to compare.")
             sp.fit(store, fit, overwrite=True, progress=False)
             stores[name], kind_of[name] = store, kind
-            if every == 1:
+            if every == 1 and not end:
                 every_batch[kind] = name
     results: dict[str, dict] = {"seconds": seconds}
     for queries in h.query_sets:
@@ -103,7 +112,11 @@ def main() -> None:
                 entry["minus post-hoc"] = list(delta)
                 line += f", minus post-hoc {delta[0]:+.3f} [{delta[1]:+.3f}, {delta[2]:+.3f}]"
                 base = every_batch.get(kind_of[name])
-                if base not in (None, name):
+                if name in without_end and without_end[name] in scores:
+                    delta = h.difference(values, scores[without_end[name]], queries)
+                    entry["minus no end pass"] = list(delta)
+                    line += f", minus no end pass {delta[0]:+.3f} [{delta[1]:+.3f}, {delta[2]:+.3f}]"
+                elif base not in (None, name):
                     delta = h.difference(values, scores[base], queries)
                     entry["minus every batch"] = list(delta)
                     line += f", minus every batch {delta[0]:+.3f} [{delta[1]:+.3f}, {delta[2]:+.3f}]"
