@@ -243,7 +243,7 @@ def test_transformers_capture_callback_captures_what_featurize_computes_at_each_
         disable_tqdm=True, logging_strategy="no", seed=0,
     )
     callback = HuggingFaceCapture(tmp_path / "run", tmp_path / "cap.sp", task, save_every=1, projection=projection,
-                                  options=sp.CaptureArguments(fisher="empirical"))
+                                  options=sp.CaptureArguments(fisher="empirical", end_pass=True))
     Trainer(model=_tiny_bert(), args=args, train_dataset=sp.IndexedDataset(_Dicts(ids, labels)),
             callbacks=[callback]).train()
     posthoc = sp.featurize(
@@ -251,6 +251,10 @@ def test_transformers_capture_callback_captures_what_featurize_computes_at_each_
         options=sp.FeaturizeArguments(batch_size=8, fisher="empirical", measurement=False), progress=False,
     )
     assert _matches_posthoc_at_every_step(tmp_path / "run", tmp_path / "cap.sp", posthoc) == 48
+    # The end pass, batched by the Trainer's collator: every example's gradient at the final checkpoint.
+    end = sp.Store.open(tmp_path / "cap.sp").read("capture/end/main/step-00000005")
+    want = posthoc.read("grads/main/step-00000006")
+    assert np.abs(want).max() > 0 and np.allclose(end, want, rtol=1e-3, atol=1e-5 * np.abs(want).max())
     sp.fit(tmp_path / "cap.sp", sp.FitArguments(segments_per_stage=1), progress=False)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
