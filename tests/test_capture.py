@@ -429,13 +429,14 @@ def test_verify_checks_a_captured_store_and_a_damaged_window_stops_fit(tmp_path:
         sp.fit(tmp_path / "cap.sp", progress=False)
 
 
+@pytest.mark.parametrize("end_pass", [False, True])
 def test_a_captured_store_grows_with_a_run_that_trains_a_new_stage_on_new_examples(
-    tmp_path: Path, classification_data
+    tmp_path: Path, classification_data, end_pass: bool
 ) -> None:
     """A finished captured run is resumed and trains a second stage on more data: the store keeps the first
     stage's windows as they were, adds the new ones, drops the fitted method and records the growth; its model
     fingerprint is the new θ_T's, its data fingerprint the first stage's and the new one's."""
-    options = sp.CaptureArguments(chunk_rows=64)
+    options = sp.CaptureArguments(chunk_rows=64, end_pass=end_pass)
     _train(tmp_path / "run", tmp_path / "cap.sp", classification_data, steps=6, batch=10, save_every=3, options=options,
            datasets={"main": classification_data})
     before = _store_arrays(tmp_path / "cap.sp")
@@ -458,7 +459,8 @@ def test_a_captured_store_grows_with_a_run_that_trains_a_new_stage_on_new_exampl
     store = sp.Store.open(tmp_path / "cap.sp")
     after = _store_arrays(tmp_path / "cap.sp")
     assert all(np.array_equal(before[name], after[name]) for name in before)
-    added = {window_array(kind, "more", 6) for kind in ("fisher", "fisher-count", "grads", "visits")}
+    kinds = ("fisher", "fisher-count", "grads", "visits") + (("end",) if end_pass else ())
+    added = {window_array(kind, "more", 6) for kind in kinds}  # the first stage's end pass is kept, not taken again
     assert set(after) - set(before) == added
     assert (after[window_array("visits", "more", 6)] == 1).all()
     assert store.meta["growth"][0] == {"checkpoints": [0, 3, 6], "fingerprint": store.meta["growth"][0]["fingerprint"],
@@ -1083,3 +1085,29 @@ def test_the_eigen_end_pass_of_adamw_projects_with_the_last_windows_basis_and_a_
     for name in expected:
         assert np.array_equal(expected[name], got[name]), name
     assert sp.Store.open(tmp_path / "b.sp").meta["projection"] == store.meta["projection"]
+
+
+def test_a_stage_that_ended_and_trains_further_keeps_its_earlier_end_pass_as_one_more_visit(
+    tmp_path: Path, classification_data
+) -> None:
+    """A finished run with ``end_pass`` resumed to train its stage further: the pass taken where the stage first
+    ended stays (a gradient at a checkpoint like any other) and a new one is taken at the new end; the store names
+    both, verify finds nothing out of place, and fit averages both as visits with the windows' own."""
+    from source_proj.featurize.windows import WindowGradients
+    from source_proj.trajectory.segments import Segment
+
+    options = sp.CaptureArguments(chunk_rows=8, end_pass=True)
+    kwargs = {"batch": 10, "save_every": 3, "options": options, "datasets": {"main": classification_data}}
+    _train(tmp_path / "run", tmp_path / "cap.sp", classification_data, steps=6, **kwargs)
+    _train(tmp_path / "run", tmp_path / "cap.sp", classification_data, steps=12, resume=True, **kwargs)
+    store = sp.Store.open(tmp_path / "cap.sp")
+    assert store.meta["capture_ends"] == ["main/3", "main/9"]
+    report = sp.verify_store(store.path, progress=False)
+    assert report.status == "ok" and not report.notes, report.notes
+    fitted = sp.fit(store.path, sp.FitArguments(segments_per_stage=1), progress=False)
+    (segment,) = [Segment.from_description(d) for d in fitted.meta["methods"]["source"]["segments"]]
+    got = torch.cat([WindowGradients(fitted, [segment])("main", chunk, [segment])[0] for chunk in range(4)])
+    total = sum(store.read(window_array("grads", "main", w)).astype(np.float64) for w in (0, 3, 6, 9))
+    total = total + store.read(window_array("end", "main", 3)) + store.read(window_array("end", "main", 9))
+    visits = sum(store.read(window_array("visits", "main", w)).astype(np.float64) for w in (0, 3, 6, 9)) + 2
+    assert np.allclose(got.numpy(), total / visits[:, None], rtol=1e-6, atol=1e-8)

@@ -890,8 +890,20 @@ class GradientCapture:
             return
         self.commit()
         starts = [start for name, start in _closed_windows(self.recorder) if name == stage and start < step]
-        if starts:
+        if not starts:
+            return
+        if not Store.open(self.path).is_complete(window_array(END, stage, starts[-1])):  # else taken as it ended before
+            assert self.datasets is not None  # a finished run resumed into a new stage, or killed after the pass
+            if stage not in self.datasets:
+                raise TaskError(
+                    f"The end pass of stage {stage!r} reads its examples at the stage's final weights; add {stage!r} "
+                    "to datasets=."
+                )
             self._end_pass(stage, starts[-1])
+        with store_lock(self.path):  # after the array: a store whose meta names an end pass holds all of it
+            store = Store.open(self.path, writable=True)
+            ends = set(store.meta.get("capture_ends") or [])
+            store.update_meta(capture_ends=sorted(ends | {f"{stage}/{starts[-1]}"}))
 
     def _end_pass(self, stage: str, start: int) -> None:
         """P ∇ℓ(z; θ) of every example of ``stage`` at the current weights, in eval mode (as featurize takes it), with

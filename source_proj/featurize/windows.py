@@ -29,7 +29,9 @@ stage's final weights (eval mode, as featurize), in the basis of the stage's las
 
     capture/end/<stage>/<c>           float32 [N_s, k]  P ∇ℓ(z_i; θ_end) of every example, c the last window's start
 
-which fit counts as one more visit of every example in that window. In-run visits fall at a different
+which fit counts as one more visit of every example in that window (``meta["capture_ends"]`` names every
+``<stage>/<c>`` holding one: a stage that ended, was resumed and trained further keeps its earlier pass,
+a gradient at a checkpoint like any other). In-run visits fall at a different
 step for each example (one per epoch); this pass gives every example a gradient at the same weights,
 as post-hoc featurize's checkpoints do (BENCHMARKS.md, issue 16: the end pass).
 
@@ -137,8 +139,12 @@ def expected_windows(meta: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], s
             if is_adam_stage(stage):
                 out[window_array(DENOMINATOR, stage["name"], start)] = ((p,), "float32")
         windows = stage_windows(meta, stage["name"])
+        ends = {int(key.rpartition("/")[2]) for key in meta.get("capture_ends") or [] if key.rpartition("/")[0] ==
+                stage["name"]}  # fmt: skip
         if (meta.get("capture") or {}).get("end_pass") and windows:
-            out[window_array(END, stage["name"], windows[-1])] = ((n, k), "float32")
+            ends.add(windows[-1])  # every stage's last window, and where a stage ended before it trained further
+        for start in sorted(ends):
+            out[window_array(END, stage["name"], start)] = ((n, k), "float32")
     return out
 
 
