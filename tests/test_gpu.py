@@ -159,3 +159,44 @@ def test_eigen_projection_on_cuda_gives_the_cpu_scores(tmp_path) -> None:
                 scores[device] = sp.Attributor(store, mlp(), ClassificationTask(), device=device).scores(data)
     assert blocks["cpu", 40] == blocks["cuda", 40]
     np.testing.assert_allclose(scores["cuda"], scores["cpu"], rtol=1e-3, atol=1e-4 * np.abs(scores["cpu"]).max())
+
+
+def test_eigen_capture_with_the_end_pass_on_cuda_gives_the_cpu_scores(tmp_path) -> None:
+    """In-run capture on CUDA (eigen projection at k ≥ p, so the basis is complete and eigenvector signs cannot
+    matter; AdamW, so Adam's coordinates; the end pass): fitted, its scores are those of the same capture on
+    the CPU. Training itself runs on each device, so the two runs differ by float rounding only."""
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import source_proj as sp
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(48, 6, generator=g), torch.randint(0, 3, (48,), generator=g)
+    data = TensorDataset(x, y)
+    scores = {}
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.02, weight_decay=0.01)
+        rec = sp.TrajectoryRecorder(tmp_path / f"run-{device}", model, optimizer, save_every=4)
+        cap = sp.GradientCapture(rec, tmp_path / f"{device}.sp", ClassificationTask(),
+                                 projection=sp.ProjectionArguments(kind="eigen", dim=128),  # p = 83
+                                 options=sp.CaptureArguments(end_pass=True), datasets={"main": data})  # fmt: skip
+        rec.begin_stage("main", dataset_size=len(data))
+        loader = DataLoader(sp.IndexedDataset(data), batch_size=8, generator=torch.Generator().manual_seed(1),
+                            shuffle=True)  # fmt: skip
+        for _ in range(2):
+            for rows, (bx, by) in loader:
+                with cap.batch((rows, (bx.to(device), by.to(device)))) as (bx, by):
+                    optimizer.zero_grad()
+                    F.cross_entropy(model(bx), by).backward()
+                optimizer.step()
+                rec.step()
+        rec.close()
+        store = sp.fit(tmp_path / f"{device}.sp", progress=False)
+        assert store.meta["capture_ends"] == ["main/8"]
+        torch.manual_seed(0)
+        fresh = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+        scores[device] = sp.Attributor(store, fresh, ClassificationTask(), device=device).scores(data)
+    assert np.abs(scores["cpu"]).max() > 0
+    np.testing.assert_allclose(scores["cuda"], scores["cpu"], rtol=1e-3, atol=1e-3 * np.abs(scores["cpu"]).max())
