@@ -1111,3 +1111,17 @@ def test_a_stage_that_ended_and_trains_further_keeps_its_earlier_end_pass_as_one
     total = total + store.read(window_array("end", "main", 3)) + store.read(window_array("end", "main", 9))
     visits = sum(store.read(window_array("visits", "main", w)).astype(np.float64) for w in (0, 3, 6, 9)) + 2
     assert np.allclose(got.numpy(), total / visits[:, None], rtol=1e-6, atol=1e-8)
+
+
+def test_eigen_capture_takes_any_k_its_blocks_allow(tmp_path: Path, classification_data) -> None:
+    """k = p = 67 (prime): the random factored projection cannot split it, but the eigen blocks do not need to,
+    so an eigen capture at that k works as featurize does (it was refused with the factored projection's
+    message)."""
+    _train(tmp_path / "run", tmp_path / "cap.sp", classification_data, steps=8, batch=10, save_every=4,
+           datasets={"main": classification_data}, projection=_eigen_capture(67))  # fmt: skip
+    store = sp.fit(tmp_path / "cap.sp", progress=False)
+    assert store.meta["projection"]["kind"] == "eigen" and store.meta["projection"]["dim"] == 67
+    assert store.read("methods/source/train/main").shape == (30, 67)
+    with pytest.raises(sp.TaskError, match="has no near-square factorisation"):
+        _train(tmp_path / "run2", tmp_path / "f.sp", classification_data, steps=4, batch=10, save_every=4,
+               projection=sp.ProjectionArguments(dim=67, kind="factored"))  # fmt: skip

@@ -162,7 +162,7 @@ def test_eigen_projection_on_cuda_gives_the_cpu_scores(tmp_path) -> None:
 
 
 def test_eigen_capture_with_the_end_pass_on_cuda_gives_the_cpu_scores(tmp_path) -> None:
-    """In-run capture on CUDA (eigen projection at k ≥ p, so the basis is complete and eigenvector signs cannot
+    """In-run capture on CUDA (eigen projection at k = p, so the basis is complete and eigenvector signs cannot
     matter; AdamW, so Adam's coordinates; the end pass): fitted, its scores are those of the same capture on
     the CPU. Training itself runs on each device, so the two runs differ by float rounding only."""
     import torch.nn.functional as F
@@ -180,7 +180,7 @@ def test_eigen_capture_with_the_end_pass_on_cuda_gives_the_cpu_scores(tmp_path) 
         optimizer = torch.optim.AdamW(model.parameters(), lr=0.02, weight_decay=0.01)
         rec = sp.TrajectoryRecorder(tmp_path / f"run-{device}", model, optimizer, save_every=4)
         cap = sp.GradientCapture(rec, tmp_path / f"{device}.sp", ClassificationTask(),
-                                 projection=sp.ProjectionArguments(kind="eigen", dim=128),  # p = 83
+                                 projection=sp.ProjectionArguments(kind="eigen", dim=83),  # k = p
                                  options=sp.CaptureArguments(end_pass=True), datasets={"main": data})  # fmt: skip
         rec.begin_stage("main", dataset_size=len(data))
         loader = DataLoader(sp.IndexedDataset(data), batch_size=8, generator=torch.Generator().manual_seed(1),

@@ -329,7 +329,10 @@ class GradientCapture:
                     f"The eigen projection's final basis averages every window's, so resuming this run needs the data "
                     f"of the stages it trained before too: add {missing} to datasets=."
                 )
-        projector = replace(projection, kind="factored").projector(shapes, self.model)
+        # The eigen projection's own projector comes with each window's basis; this one checks the layers (and at k
+        # without a near-square split, which the eigen blocks do not need, at a k that has one).
+        helper = projection.dim if self._pass is None else 64
+        projector = replace(projection, kind="factored", dim=helper).projector(shapes, self.model)
         assert isinstance(projector, FactoredProjector)
         if projector.rest is not None:
             raise TaskError(
