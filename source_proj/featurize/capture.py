@@ -150,7 +150,7 @@ class CaptureArguments:
         end_pass: as each stage ends, one more pass over its examples (``datasets=``) at its final weights, counted
             as one more visit of each: in-run visits fall at a different step for each example, and on runs of a few
             epochs whose gradients move fast that costs accuracy (MNIST's early-training run: 0.036 LDS below
-            post-hoc SOURCE without it, 0.0xx with it; BENCHMARKS.md). Costs one forward and backward per example per
+            post-hoc SOURCE without it, 0.013 with it; BENCHMARKS.md). Costs one forward and backward per example per
             stage: worth it on short runs, little gained on long ones.
     """
 
