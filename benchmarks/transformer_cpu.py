@@ -3,6 +3,7 @@
     python benchmarks/transformer_cpu.py [--sequences 512] [--length 128] [--dim 1024] [--out runs/transformer-cpu]
     python benchmarks/transformer_cpu.py --smoke          # toy sizes (checks that every method runs)
     python benchmarks/transformer_cpu.py --reuse-run --rounds 3   # the methods in turn 3 times: median rounds
+    python benchmarks/transformer_cpu.py --reuse-run --precision bf16 --out runs/transformer-cpu-bf16
 
 The workload of issue 13: a GPT-2 configuration (4 layers × 256 wide, 4 heads, a 4,096-word vocabulary)
 trained from random initialisation by the Hugging Face Trainer with ``HuggingFaceRecorder`` (AdamW,
@@ -24,6 +25,10 @@ checkpoint, tokens, batch size and threads:
   with every position in the factors;
 - ``bergson``: bergson's in-memory gradient collector, per-module projection of 16 modules × √(k/16)²
   (8 × 8 = 64 at k = 1,024).
+
+``--precision bf16``: the training step and our methods run forward and backward under bfloat16 autocast
+(``FeaturizeArguments(precision="bf16")``: the projections' sides in bf16, their sums in fp32); bergson gets the
+model in bfloat16 (its ``precision="bf16"``: the parameters' dtype). The exact inner products stay float64.
 
 Rates are per CPU-second of the process (``time.process_time``, both threads): on a shared machine the
 wall time measures the other jobs as much as the method; the wall-clock rate is printed beside it.
@@ -157,10 +162,13 @@ def worker(method: str, out: Path, config: dict) -> dict:
         del sp
     elif method == "train-step":
         model = _final_model(run, config).train()
+        bf16 = config.get("precision") == "bf16"
         start, cpu = time.perf_counter(), time.process_time()
         for batch in _batches(ids, config["batch"]):
             model.zero_grad()
-            model(**batch, labels=batch["input_ids"]).loss.backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = model(**batch, labels=batch["input_ids"]).loss
+            loss.backward()
         result["seconds"], result["cpu_seconds"] = time.perf_counter() - start, time.process_time() - cpu
         features = None
     elif method == "bergson":
@@ -204,7 +212,7 @@ def _source_proj(method: str, out: Path, ids: torch.Tensor, few: torch.Tensor, c
     names = task.select_parameters(model)
     params = dict(model.named_parameters())
     projection = _projection(method, config["dim"])
-    grads_fn = PerExampleGradients(model, task, names)
+    grads_fn = PerExampleGradients(model, task, names, precision=config.get("precision", "fp32"))
     basis = None
     if projection.kind == "eigen":  # its basis at the final checkpoint, timed apart: a one-off pass before featurize
         start, cpu = time.perf_counter(), time.process_time()
@@ -251,6 +259,8 @@ def _bergson(out: Path, ids: torch.Tensor, few: torch.Tensor, config: dict, resu
 
     result["version"] = bergson.__version__
     model = _final_model(out / "run", config)
+    if config.get("precision") == "bf16":
+        model = model.to(torch.bfloat16)
     side = round((config["dim"] // (4 * config["layers"])) ** 0.5)  # a side × side block per module
     modules = {name for name, m in model.base_model.named_modules() if type(m).__name__ == "Conv1D"}
 
@@ -304,12 +314,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/transformer-cpu"))
     parser.add_argument("--smoke", action="store_true", help="toy sizes (a few seconds per method)")
     parser.add_argument("--reuse-run", action="store_true", help="keep OUT/run and OUT/tokens.npy if complete")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     config = dict(SMOKE if args.smoke else CONFIG)
     if not args.smoke:
         config |= {"length": args.length, "train_steps": args.train_steps}
     config |= {"dim": 64 if args.smoke else args.dim, "pairs_of": 8 if args.smoke else args.pairs_of}
+    config |= {"precision": args.precision}
     CONFIG.update(config)
     sequences = 16 if args.smoke else args.sequences
     if args.worker:
@@ -335,7 +347,7 @@ def main() -> None:
                 continue
             command = [sys.executable, __file__, "--worker", method, "--out", str(args.out), "--dim", str(args.dim),
                        "--pairs-of", str(args.pairs_of), "--length", str(args.length),
-                       "--train-steps", str(args.train_steps)]  # fmt: skip
+                       "--train-steps", str(args.train_steps), "--precision", args.precision]  # fmt: skip
             command += ["--smoke"] if args.smoke else []
             done = subprocess.run(command, capture_output=True, text=True, check=False)
             if done.returncode != 0:
