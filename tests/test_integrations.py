@@ -470,7 +470,7 @@ def test_lightning_capture_callback_captures_what_featurize_computes_at_each_ste
     projection = sp.ProjectionArguments(dim=16, kind="factored")
     loader = torch.utils.data.DataLoader(sp.IndexedDataset(classification_data), batch_size=10, shuffle=True)
     callback = LightningCapture(tmp_path / "run", tmp_path / "cap.sp", sp.ClassificationTask(), save_every=1,
-                                projection=projection, options=sp.CaptureArguments(fisher="empirical"))
+                                projection=projection, options=sp.CaptureArguments(fisher="empirical", end_pass=True))
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
     trainer.fit(Module(), loader)
@@ -479,6 +479,9 @@ def test_lightning_capture_callback_captures_what_featurize_computes_at_each_ste
         projection=projection, options=sp.FeaturizeArguments(fisher="empirical", measurement=False), progress=False,
     )
     assert _matches_posthoc_at_every_step(tmp_path / "run", tmp_path / "cap.sp", posthoc) == 60
+    end = sp.Store.open(tmp_path / "cap.sp").read("capture/end/main/step-00000005")  # the end pass: θ_T's gradients
+    want = posthoc.read("grads/main/step-00000006")
+    assert np.abs(want).max() > 0 and np.allclose(end, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
     # The training dataloader's data are fingerprinted (unwrapped), and a module with ReLU for Tanh is refused.
     store = sp.Store.open(tmp_path / "cap.sp")
     assert store.meta["fingerprint"]["data"] == data_fingerprint({"main": classification_data})
