@@ -1102,6 +1102,8 @@ def test_a_stage_that_ended_and_trains_further_keeps_its_earlier_end_pass_as_one
     _train(tmp_path / "run", tmp_path / "cap.sp", classification_data, steps=12, resume=True, **kwargs)
     store = sp.Store.open(tmp_path / "cap.sp")
     assert store.meta["capture_ends"] == ["main/3", "main/9"]
+    info = CliRunner().invoke(main, ["info", str(store.path)])
+    assert info.exit_code == 0 and "end pass at main step 6, main step 12" in info.output
     report = sp.verify_store(store.path, progress=False)
     assert report.status == "ok" and not report.notes, report.notes
     fitted = sp.fit(store.path, sp.FitArguments(segments_per_stage=1), progress=False)

@@ -43,7 +43,8 @@ def store_summary(store: Store) -> dict[str, Any]:
         "projection": meta["projection"],
         "task": meta["task"]["name"],
         "features": ("captured during training" if captured else "featurized from checkpoints")
-        + ("" if meta.get("captured", True) else " (capture unfinished)"),
+        + ("" if meta.get("captured", True) else " (capture unfinished)")
+        + _end_passes(meta),
         "growth": meta.get("growth", []),
         "trajectory": {
             "path": traj["path"],
@@ -56,3 +57,15 @@ def store_summary(store: Store) -> dict[str, Any]:
         "spec": meta.get("spec"),
         "methods": methods,
     }
+
+
+def _end_passes(meta: dict[str, Any]) -> str:
+    """``", end pass at main step 12, …"``: where a captured store's end passes took their gradients (each closes
+    the window it is kept with, ``CaptureArguments.end_pass``); empty without one."""
+    steps = meta["trajectory"]["checkpoints"]
+    where = []
+    for key in meta.get("capture_ends") or []:
+        stage, _, start = key.rpartition("/")
+        after = [c for c in steps if c > int(start)]
+        where.append(f"{stage} step {after[0] if after else start}")
+    return f", end pass at {', '.join(where)}" if where else ""
