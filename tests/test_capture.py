@@ -986,7 +986,7 @@ def test_the_end_pass_adds_each_examples_gradient_at_the_stages_final_weights_as
     plain = _train(tmp_path / "p", None, classification_data, steps=14, batch=8, save_every=4, model=_mlp(dropout=0.3))
     plain_state = torch.get_rng_state()
     torch.manual_seed(5)
-    end = sp.CaptureArguments(chunk_rows=8, end_pass=True)
+    end = sp.CaptureArguments(chunk_rows=8, end_pass=True, basis_batch=7)  # batches straddle the chunks
     captured = _train(tmp_path / "e", tmp_path / "e.sp", classification_data, model=_mlp(dropout=0.3), options=end,
                       **kwargs)  # fmt: skip
     assert torch.equal(torch.get_rng_state(), plain_state)

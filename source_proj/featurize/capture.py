@@ -911,15 +911,15 @@ class GradientCapture:
     def _end_pass(self, stage: str, start: int) -> None:
         """P ∇ℓ(z; θ) of every example of ``stage`` at the current weights, in eval mode (as featurize takes it), with
         the projection of its window from ``start`` (Adam stages: in Adam's coordinates, D from the optimizer's
-        state); written as ``capture/end/<stage>/<start>``. Neither the parameters' gradients, nor batch-norm
-        statistics, nor the global random state are touched."""
+        state); written as ``capture/end/<stage>/<start>`` chunk by chunk as the pass goes (memory: one store chunk).
+        Neither the parameters' gradients, nor batch-norm statistics, nor the global random state are touched."""
         assert self.datasets is not None
         dataset = self.datasets[stage]
         projector = self.projector
         if self._pass is not None:  # the eigen projection: that window's own basis, as the store keeps it
             store = Store.open(self.path)
-            name = window_basis_array(stage, start)
-            basis = EigenBasis.unpack(store.read(name), store.meta["capture_bases"][f"{stage}/{start}"], name)
+            where = window_basis_array(stage, start)
+            basis = EigenBasis.unpack(store.read(where), store.meta["capture_bases"][f"{stage}/{start}"], where)
             projector = self.projection.projector(self._shapes, self.model, basis)  # type: ignore[assignment]
             assert isinstance(projector, FactoredProjector)
             self._install(projector)
@@ -927,11 +927,17 @@ class GradientCapture:
         if self.recorder.stage_optimizers().get(stage) in ADAM_KINDS:
             d = live_preconditioner(self.recorder.optimizer, self.params)
             self._transform = None if d is None else projector.scaling({n: t.rsqrt() for n, t in d.items()})
-        sums = torch.zeros(len(dataset), self.dim, dtype=torch.float32, device=self.buffer_device)  # type: ignore[arg-type]
+        rows, name = self.options.chunk_rows, window_array(END, stage, start)
+        size = len(dataset)  # type: ignore[arg-type]
+        with store_lock(self.path):
+            store = Store.open(self.path, writable=True)
+            store.delete(name)
+            store.require_array(name, (size, self.dim), rows, "float32")
         loader = DataLoader(dataset, batch_size=self.options.basis_batch, collate_fn=self._collate,
                             generator=torch.Generator())  # fmt: skip
         what = f"the training data of stage {stage!r} given as datasets= (the end pass)"
-        task, at = self._bound_task(), 0
+        task, chunk, filled = self._bound_task(), 0, 0
+        pending = torch.zeros(min(rows, size), self.dim, dtype=torch.float32)  # one store chunk at a time, on the host
         try:
             with _modes_kept(self.model), model_errors(what), torch.enable_grad():
                 self.model.eval()
@@ -942,24 +948,27 @@ class GradientCapture:
                     total = task.loss(task.forward(self.model, batch), batch).sum()
                     torch.autograd.grad(total, self._probe, allow_unused=True)
                     self._target = None
-                    sums[at : at + out.shape[0]] = out.to(self.buffer_device)
-                    at += out.shape[0]
+                    values, at = out.cpu(), 0
+                    while at < values.shape[0]:  # a batch may straddle two chunks
+                        take = min(values.shape[0] - at, pending.shape[0] - filled)
+                        pending[filled : filled + take] = values[at : at + take]
+                        filled, at = filled + take, at + take
+                        if filled == min(rows, size - chunk * rows):
+                            self._write_end_chunk(name, stage, chunk, pending[:filled])
+                            chunk, filled = chunk + 1, 0
         except OSError as err:
             raise TaskError(f"Capture cannot read {what}: {type(err).__name__}: {err}.") from err
         finally:
             self._target, self._transform = None, transform
-        if not bool(torch.isfinite(sums).all()):
+
+    def _write_end_chunk(self, name: str, stage: str, chunk: int, values: Tensor) -> None:
+        if not bool(torch.isfinite(values).all()):
             raise NumericalError(
                 f"The end pass's gradients of stage {stage!r} are NaN or infinite at step {self.recorder.global_step}; "
                 "check the training loss."
             )
-        rows, name = self.options.chunk_rows, window_array(END, stage, start)
         with store_lock(self.path):
-            store = Store.open(self.path, writable=True)
-            store.delete(name)
-            store.require_array(name, tuple(sums.shape), rows, "float32")
-            for chunk in range(-(-sums.shape[0] // rows)):
-                store.write_chunk(name, chunk, sums[chunk * rows : (chunk + 1) * rows].cpu().numpy())
+            Store.open(self.path, writable=True).write_chunk(name, chunk, values.numpy())
 
     def after_close(self) -> None:
         """Finish the store: the run's learning rates, description and fingerprints (called by the recorder's close)."""
