@@ -117,6 +117,22 @@ class _Killed(Exception):
     pass
 
 
+def _killed_while_writing(monkeypatch: pytest.MonkeyPatch, store: Path, array: str, run) -> None:
+    """``run()`` killed while it writes chunk 2 of ``array`` into ``store``, which it leaves pending."""
+    original = sp.Store.write_chunk
+
+    def failing(self, name, chunk, values):
+        if name == array and chunk == 2:
+            raise _Killed
+        return original(self, name, chunk, values)
+
+    monkeypatch.setattr(sp.Store, "write_chunk", failing)
+    with pytest.raises(_Killed):
+        run()
+    monkeypatch.setattr(sp.Store, "write_chunk", original)
+    assert sp.Store.open(store).pending_chunks(array)
+
+
 def test_full_batch_capture_with_a_checkpoint_per_step_equals_posthoc_source(
     tmp_path: Path, classification_data
 ) -> None:
@@ -358,20 +374,8 @@ def test_killed_captured_run_resumes_into_the_store_of_an_uninterrupted_run(
         with pytest.raises(_Killed):
             _train(tmp_path / "b", tmp_path / "b.sp", classification_data, crash_after=10, **kwargs)
     else:
-        writes = {"n": 0}
-        original = sp.Store.write_chunk
-
-        def failing(self, name, chunk, values):
-            writes["n"] += 1
-            if name.startswith("capture/grads/main/step-00000004") and chunk == 2:
-                raise _Killed
-            return original(self, name, chunk, values)
-
-        monkeypatch.setattr(sp.Store, "write_chunk", failing)
-        with pytest.raises(_Killed):
-            _train(tmp_path / "b", tmp_path / "b.sp", classification_data, **kwargs)
-        monkeypatch.setattr(sp.Store, "write_chunk", original)
-        assert sp.Store.open(tmp_path / "b.sp").pending_chunks("capture/grads/main/step-00000004")
+        _killed_while_writing(monkeypatch, tmp_path / "b.sp", "capture/grads/main/step-00000004",
+                              lambda: _train(tmp_path / "b", tmp_path / "b.sp", classification_data, **kwargs))
     _train(tmp_path / "b", tmp_path / "b.sp", classification_data, resume=True, **kwargs)
     a, b = sp.Trajectory.load(tmp_path / "a"), sp.Trajectory.load(tmp_path / "b")
     assert a.fingerprint() == b.fingerprint() and [c.step for c in b.checkpoints] == [0, 4, 8, 12, 14]
@@ -1067,18 +1071,8 @@ def test_the_eigen_end_pass_of_adamw_projects_with_the_last_windows_basis_and_a_
     assert np.allclose(got[:, : want.shape[1]], want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
     assert not got[:, want.shape[1] :].any()
 
-    original = sp.Store.write_chunk
-
-    def failing(self, name, chunk, values):
-        if name == last and chunk == 2:
-            raise _Killed
-        return original(self, name, chunk, values)
-
-    monkeypatch.setattr(sp.Store, "write_chunk", failing)
-    with pytest.raises(_Killed):
-        _train(tmp_path / "b", tmp_path / "b.sp", classification_data, **kwargs)
-    monkeypatch.setattr(sp.Store, "write_chunk", original)
-    assert sp.Store.open(tmp_path / "b.sp").pending_chunks(last)
+    _killed_while_writing(monkeypatch, tmp_path / "b.sp", last,
+                          lambda: _train(tmp_path / "b", tmp_path / "b.sp", classification_data, **kwargs))
     _train(tmp_path / "b", tmp_path / "b.sp", classification_data, resume=True, **kwargs)
     expected, got = _store_arrays(tmp_path / "a.sp"), _store_arrays(tmp_path / "b.sp")
     assert sorted(expected) == sorted(got) and last in got
