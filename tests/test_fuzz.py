@@ -214,7 +214,7 @@ def _attributes(store: Path) -> dict:
 
 def _loaded(path: Path) -> dict[str, torch.Tensor] | None:
     try:
-        return torch.load(path, weights_only=True)["model"]
+        return torch.load(path, map_location="cpu", weights_only=True)["model"]  # as the library loads it
     except Exception:
         return None
 
@@ -244,6 +244,7 @@ def test_any_checkpoint_damage_is_refused_before_anything_is_written(
         else:
             path.write_bytes(damaged)
     target = workspace.path("new.sp")
+    shutil.rmtree(target, ignore_errors=True)  # one failing example must not fail every later one
     try:
         sp.featurize(workspace.run, build_model(), sp.ClassificationTask(), data(), target,
                      projection=sp.ProjectionArguments(dim=DIM, seed=3), options=OPTIONS, progress=False)  # fmt: skip
@@ -287,3 +288,25 @@ def test_any_broken_spec_is_refused_by_the_commands_it_breaks(
     else:  # featurize of the same inputs reuses the finished store
         assert out.exit_code == 0, out.output
     assert snapshot(workspace.store) == before
+
+
+def test_a_checkpoint_whose_storages_name_another_device_is_read_onto_the_cpu(workspace: Workspace) -> None:
+    """A flipped bit that turns a storage's location tag "cpu" into "#pu" (a case hypothesis found): torch.load with
+    ``map_location="cpu"``, as the library loads, reads the same weights, so featurize accepts the run it names; the
+    fuzz test's own check must load it the same way."""
+    workspace.reset_run()
+    entry = json.loads((workspace.run / "trajectory.json").read_text())["checkpoints"][0]
+    path = workspace.run / entry["file"]
+    raw = path.read_bytes()
+    original = _loaded(path)
+    at = raw.index(b"cpu")
+    workspace.rewrite_checkpoint(0, raw[:at] + b"#" + raw[at + 1 :])
+    with pytest.raises(RuntimeError, match="data location"):
+        torch.load(path, weights_only=True)
+    weights = _loaded(path)
+    assert original is not None and weights is not None
+    assert all(torch.equal(weights[k], original[k]) for k in original)
+    target = workspace.path("new.sp")
+    sp.featurize(workspace.run, build_model(), sp.ClassificationTask(), data(), target,
+                 projection=sp.ProjectionArguments(dim=DIM, seed=3), options=OPTIONS, progress=False)  # fmt: skip
+    assert sp.Store.open(target).meta["trajectory"]["fingerprint"] == sp.Trajectory.load(workspace.run).fingerprint()
