@@ -923,52 +923,54 @@ class GradientCapture:
             projector = self.projection.projector(self._shapes, self.model, basis)  # type: ignore[assignment]
             assert isinstance(projector, FactoredProjector)
             self._install(projector)
-        transform = self._transform
-        if self.recorder.stage_optimizers().get(stage) in ADAM_KINDS:
-            d = live_preconditioner(self.recorder.optimizer, self.params)
-            self._transform = None if d is None else projector.scaling({n: t.rsqrt() for n, t in d.items()})
         rows, name = self.options.chunk_rows, window_array(END, stage, start)
         size = len(dataset)  # type: ignore[arg-type]
-        with store_lock(self.path):
-            store = Store.open(self.path, writable=True)
-            store.delete(name)
-            store.require_array(name, (size, self.dim), rows, "float32")
         loader = DataLoader(dataset, batch_size=self.options.basis_batch, collate_fn=self._collate,
                             generator=torch.Generator())  # fmt: skip
         what = f"the training data of stage {stage!r} given as datasets= (the end pass)"
         task, chunk, filled = self._bound_task(), 0, 0
         pending = torch.zeros(min(rows, size), self.dim, dtype=torch.float32)  # one store chunk at a time, on the host
-        try:
-            with _modes_kept(self.model), model_errors(what), torch.enable_grad():
-                self.model.eval()
-                for batch in loader:
-                    batch = move_batch(batch, self.device)
-                    out = torch.zeros(batch_size(batch), self.dim, dtype=torch.float32, device=self.device)
-                    self._target = out
-                    total = task.loss(task.forward(self.model, batch), batch).sum()
-                    torch.autograd.grad(total, self._probe, allow_unused=True)
-                    self._target = None
-                    values, at = out.cpu(), 0
-                    while at < values.shape[0]:  # a batch may straddle two chunks
-                        take = min(values.shape[0] - at, pending.shape[0] - filled)
-                        pending[filled : filled + take] = values[at : at + take]
-                        filled, at = filled + take, at + take
-                        if filled == min(rows, size - chunk * rows):
-                            self._write_end_chunk(name, stage, chunk, pending[:filled])
-                            chunk, filled = chunk + 1, 0
-        except OSError as err:
-            raise TaskError(f"Capture cannot read {what}: {type(err).__name__}: {err}.") from err
-        finally:
-            self._target, self._transform = None, transform
+        transform = self._transform
+        with store_lock(self.path):  # held for the pass: this capture is the store's writer
+            store = Store.open(self.path, writable=True)
+            store.delete(name)
+            store.require_array(name, (size, self.dim), rows, "float32")
+            try:
+                if self.recorder.stage_optimizers().get(stage) in ADAM_KINDS:
+                    d = live_preconditioner(self.recorder.optimizer, self.params)
+                    self._transform = None if d is None else projector.scaling({n: t.rsqrt() for n, t in d.items()})
+                with _modes_kept(self.model), model_errors(what), torch.enable_grad():
+                    self.model.eval()
+                    for batch in loader:
+                        batch = move_batch(batch, self.device)
+                        out = torch.zeros(batch_size(batch), self.dim, dtype=torch.float32, device=self.device)
+                        self._target = out
+                        total = task.loss(task.forward(self.model, batch), batch).sum()
+                        torch.autograd.grad(total, self._probe, allow_unused=True)
+                        self._target = None
+                        values, at = out.cpu(), 0
+                        while at < values.shape[0]:  # a batch may straddle two chunks
+                            take = min(values.shape[0] - at, pending.shape[0] - filled)
+                            pending[filled : filled + take] = values[at : at + take]
+                            filled, at = filled + take, at + take
+                            if filled == min(rows, size - chunk * rows):
+                                self._write_end_chunk(store, name, stage, chunk, pending[:filled])
+                                chunk, filled = chunk + 1, 0
+            except OSError as err:
+                raise TaskError(f"Capture cannot read {what}: {type(err).__name__}: {err}.") from err
+            finally:
+                self._target, self._transform = None, transform
 
-    def _write_end_chunk(self, name: str, stage: str, chunk: int, values: Tensor) -> None:
+    def _write_end_chunk(self, store: Store, name: str, stage: str, chunk: int, values: Tensor) -> None:
         if not bool(torch.isfinite(values).all()):
             raise NumericalError(
                 f"The end pass's gradients of stage {stage!r} are NaN or infinite at step {self.recorder.global_step}; "
                 "check the training loss."
             )
-        with store_lock(self.path):
-            Store.open(self.path, writable=True).write_chunk(name, chunk, values.numpy())
+        try:
+            store.write_chunk(name, chunk, values.numpy())
+        except OSError as err:  # the store's fault, not the data's (``_end_pass`` names those)
+            raise StoreError(f"Capture cannot write its end pass into {self.path}: {err}.") from err
 
     def after_close(self) -> None:
         """Finish the store: the run's learning rates, description and fingerprints (called by the recorder's close)."""
