@@ -139,8 +139,8 @@ def expected_windows(meta: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], s
             if is_adam_stage(stage):
                 out[window_array(DENOMINATOR, stage["name"], start)] = ((p,), "float32")
         windows = stage_windows(meta, stage["name"])
-        ends = {int(key.rpartition("/")[2]) for key in meta.get("capture_ends") or [] if key.rpartition("/")[0] ==
-                stage["name"]}  # fmt: skip
+        named = (key.rpartition("/") for key in meta.get("capture_ends") or [])
+        ends = {int(start) for owner, _, start in named if owner == stage["name"]}
         if (meta.get("capture") or {}).get("end_pass") and windows:
             ends.add(windows[-1])  # every stage's last window, and where a stage ended before it trained further
         for start in sorted(ends):
