@@ -366,7 +366,8 @@ def test_killed_captured_run_resumes_into_the_store_of_an_uninterrupted_run(
     tmp_path: Path, classification_data, monkeypatch: pytest.MonkeyPatch, crash: str
 ) -> None:
     """Killed between checkpoints, or while a window's chunks are being written: the resumed run (recorder
-    and capture on the same directories) ends with the run, windows and trajectory of an uninterrupted one."""
+    and capture on the same directories) ends with the run, windows (and the end pass of its 3.7 epochs) and
+    trajectory of an uninterrupted one."""
     kwargs = {"steps": 14, "batch": 8, "save_every": 4, "options": sp.CaptureArguments(chunk_rows=8),
               "datasets": {"main": classification_data}}
     _train(tmp_path / "a", tmp_path / "a.sp", classification_data, **kwargs)
@@ -380,7 +381,7 @@ def test_killed_captured_run_resumes_into_the_store_of_an_uninterrupted_run(
     a, b = sp.Trajectory.load(tmp_path / "a"), sp.Trajectory.load(tmp_path / "b")
     assert a.fingerprint() == b.fingerprint() and [c.step for c in b.checkpoints] == [0, 4, 8, 12, 14]
     expected, got = _store_arrays(tmp_path / "a.sp"), _store_arrays(tmp_path / "b.sp")
-    assert sorted(expected) == sorted(got) and len(expected) == 16
+    assert sorted(expected) == sorted(got) and len(expected) == 17 and window_array("end", "main", 12) in got
     for name in expected:
         assert np.array_equal(expected[name], got[name]), name
     meta = sp.Store.open(tmp_path / "b.sp").meta
@@ -403,7 +404,8 @@ def test_a_store_captured_before_fisher_forward_existed_resumes_with_the_separat
         _train(tmp_path / "run", tmp_path / "s.sp", classification_data, crash_after=6, options=separate, **kwargs)
     store = sp.Store.open(tmp_path / "s.sp", writable=True)
     store.update_meta(capture={k: v for k, v in store.meta["capture"].items() if k != "fisher_forward"})
-    with pytest.raises(sp.StoreError, match=r"holds features of other settings or another run \(capture\)"):
+    with pytest.raises(sp.StoreError, match=r"other settings or another run \(CaptureArguments: fisher_forward="
+                       r"'separate' there, 'training' here\); capture with the settings it was made with"):
         _train(tmp_path / "run", tmp_path / "s.sp", classification_data, resume=True,
                options=sp.CaptureArguments(chunk_rows=8), **kwargs)  # fmt: skip
     _train(tmp_path / "run", tmp_path / "s.sp", classification_data, resume=True, options=separate, **kwargs)
@@ -998,7 +1000,7 @@ def test_the_end_pass_adds_each_examples_gradient_at_the_stages_final_weights_as
         assert torch.equal(a, b), name
     torch.manual_seed(5)
     _train(tmp_path / "e", tmp_path / "n.sp", classification_data, model=_mlp(dropout=0.3), resume=False,
-           options=sp.CaptureArguments(chunk_rows=8), **kwargs)  # fmt: skip  (the same run, captured without it)
+           options=sp.CaptureArguments(chunk_rows=8, end_pass=False), **kwargs)  # fmt: skip  (the same run, without it)
     posthoc = sp.featurize(
         tmp_path / "e", _mlp(dropout=0.3), sp.ClassificationTask(), classification_data, tmp_path / "post.sp",
         projection=_projection(), options=sp.FeaturizeArguments(chunk_rows=8, measurement=False), progress=False,
@@ -1107,6 +1109,58 @@ def test_a_stage_that_ended_and_trains_further_keeps_its_earlier_end_pass_as_one
     total = total + store.read(window_array("end", "main", 3)) + store.read(window_array("end", "main", 9))
     visits = sum(store.read(window_array("visits", "main", w)).astype(np.float64) for w in (0, 3, 6, 9)) + 2
     assert np.allclose(got.numpy(), total / visits[:, None], rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("steps, taken", [(7, False), (8, True), (14, True)])
+def test_the_automatic_end_pass_is_taken_on_a_stage_of_two_epochs_or_more_and_only_there(
+    tmp_path: Path, classification_data, steps: int, taken: bool
+) -> None:
+    """``end_pass="auto"`` (the default): 30 examples in batches of 8 (4 steps an epoch); 7 steps visit 54 examples,
+    under two epochs (no pass: the store of ``end_pass=False``), 8 steps visit 60 and 14 visit 106 (the pass: the
+    store of ``end_pass=True``), bit for bit, with the same passes named."""
+    kwargs = {"steps": steps, "batch": 8, "save_every": 4, "datasets": {"main": classification_data}}
+    stores = {}
+    for end in ("auto", taken):
+        store = tmp_path / f"{end}.sp"
+        _train(tmp_path / f"{end}", store, classification_data, options=sp.CaptureArguments(chunk_rows=8, end_pass=end),
+               **kwargs)  # fmt: skip
+        stores[end] = store
+    auto, want = sp.Store.open(stores["auto"]), sp.Store.open(stores[taken])
+    assert auto.meta["capture_ends"] if taken else not auto.meta.get("capture_ends")
+    assert auto.meta.get("capture_ends") == want.meta.get("capture_ends")
+    expected, got = _store_arrays(stores[taken]), _store_arrays(stores["auto"])
+    assert sorted(expected) == sorted(got)
+    assert any(name.startswith("capture/end/") for name in got) == taken
+    for name in expected:
+        assert np.array_equal(expected[name], got[name]), name
+    assert sp.verify_store(stores["auto"], progress=False).status == "ok"
+
+
+def test_the_automatic_end_pass_counts_the_epochs_of_a_resumed_stage_and_of_a_store_without_the_visit_totals(
+    tmp_path: Path, classification_data
+) -> None:
+    """A stage that ended under two epochs (6 steps: no pass) and trains further to 12 steps takes the pass at its
+    new end, counting the windows of both sessions, also when the store's windows predate ``meta["capture_visits"]``
+    (read from their visits arrays): both stores equal that of an uninterrupted run with ``end_pass=True``."""
+    kwargs = {"batch": 8, "save_every": 3, "datasets": {"main": classification_data},
+              "options": sp.CaptureArguments(chunk_rows=8)}  # fmt: skip
+    for name in ("a", "b"):
+        _train(tmp_path / name, tmp_path / f"{name}.sp", classification_data, steps=6, **kwargs)
+        assert not sp.Store.open(tmp_path / f"{name}.sp").meta.get("capture_ends")
+    sp.Store.open(tmp_path / "b.sp", writable=True).update_meta(capture_visits=None)  # an older store
+    for name in ("a", "b"):
+        _train(tmp_path / name, tmp_path / f"{name}.sp", classification_data, steps=12, resume=True, **kwargs)
+    on = {**kwargs, "options": sp.CaptureArguments(chunk_rows=8, end_pass=True)}
+    _train(tmp_path / "c", tmp_path / "c.sp", classification_data, steps=12, **on)
+    want = _store_arrays(tmp_path / "c.sp")
+    assert window_array("end", "main", 9) in want
+    for name in ("a", "b"):
+        store = sp.Store.open(tmp_path / f"{name}.sp")
+        assert store.meta["capture_ends"] == ["main/9"], name
+        got = _store_arrays(store.path)
+        assert sorted(got) == sorted(want), name
+        for array in want:
+            assert np.array_equal(want[array], got[array]), (name, array)
 
 
 def test_eigen_capture_takes_any_k_its_blocks_allow(tmp_path: Path, classification_data) -> None:

@@ -112,6 +112,8 @@ from source_proj.trajectory.recorder import (
 _FOLD_EVERY = 64
 MIN_BASIS_PASS = 64
 """The fewest examples a window's basis pass visits under ``CaptureArguments.basis_share`` (or all the stage's)."""
+AUTO_END_EPOCHS = 2.0
+"""``CaptureArguments(end_pass="auto")`` takes a stage's end pass where it trained on at least this many epochs."""
 INDEX_KEY = "source_proj_index"
 """The key ``IndexedDataset`` adds to dict items (a batch's dataset row indices)."""
 
@@ -151,7 +153,10 @@ class CaptureArguments:
             as one more visit of each: in-run visits fall at a different step for each example, and on runs of a few
             epochs whose gradients move fast that costs accuracy (MNIST's early-training run: 0.036 LDS below
             post-hoc SOURCE without it, 0.013 with it; BENCHMARKS.md). Costs one forward and backward per example per
-            stage: worth it on short runs, little gained on long ones.
+            stage. ``"auto"`` (the default): taken where the stage trained on at least ``AUTO_END_EPOCHS`` (2) epochs
+            of its examples, so that it costs at most half the stage's training, and where ``datasets=`` has the
+            stage's data; not taken on a stage of fewer epochs (a one-epoch language-model run, where it would double
+            the forwards and backwards). ``True``: every stage (``datasets=`` required); ``False``: none.
     """
 
     fisher: Literal["sampled", "empirical"] = "sampled"
@@ -164,7 +169,7 @@ class CaptureArguments:
     buffer: Literal["device", "cpu"] = "device"
     basis_batch: int = 64
     basis_share: float | None = 0.25
-    end_pass: bool = False
+    end_pass: bool | Literal["auto"] = "auto"
 
     def identity(self) -> dict[str, Any]:
         """What the captured numbers depend on (``buffer`` and ``basis_batch`` do not)."""
@@ -268,10 +273,18 @@ class GradientCapture:
         if options.basis_share is not None and not 0 < options.basis_share:
             raise TaskError(f"basis_share must be a positive share of a window's examples, or None, not "
                             f"{options.basis_share!r}.")  # fmt: skip
-        if options.end_pass and datasets is None:
+        if options.end_pass not in (True, False, "auto"):
+            raise TaskError(f"Capture's end_pass is True, False or 'auto', not {options.end_pass!r}.")
+        if options.end_pass is True and datasets is None:
             raise TaskError(
                 "The end pass reads each stage's examples at the stage's final weights; pass datasets= (each stage's "
                 "training dataset under its name), or capture without end_pass."
+            )
+        unsized = sorted(name for name, data in (datasets or {}).items() if _rows(data) is None)
+        if options.end_pass is True and unsized:
+            raise TaskError(
+                f"The end pass reads every example of each stage, but the datasets= of {unsized} have no len(); pass "
+                "map-style datasets, or capture with end_pass='auto' or False."
             )
         if projection is None:
             projection = ProjectionArguments(kind="eigen" if datasets is not None else "factored")
@@ -441,6 +454,10 @@ class GradientCapture:
                 old["capture"] = {**old["capture"], "end_pass": False}
             keys = ("params", "projection", "task", "featurize", "capture")
             differing = [k for k in keys if _identity(k, old.get(k)) != _identity(k, self._meta[k])]
+            if "capture" in differing and old.get("capture") is not None:  # say which option, and how to match it
+                was, now = old["capture"], self._meta["capture"]
+                options = [f"{k}={was.get(k)!r} there, {now.get(k)!r} here" for k in now if was.get(k) != now.get(k)]
+                differing[differing.index("capture")] = "CaptureArguments: " + "; ".join(options)
             if old.get("capture") is None:
                 differing.insert(0, "not captured")
             if old.get("trajectory", {}).get("path") != self._meta["trajectory"]["path"]:
@@ -448,7 +465,8 @@ class GradientCapture:
             if differing:
                 raise StoreError(
                     f"The store at {self.path} holds features of other settings or another run "
-                    f"({', '.join(differing)}); pass overwrite=True to replace it, or use another store path."
+                    f"({', '.join(differing)}); capture with the settings it was made with, pass overwrite=True to "
+                    "replace it, or use another store path."
                 )
             steps = self.recorder.checkpoint_steps
             windows = _stored_windows(store)
@@ -519,6 +537,8 @@ class GradientCapture:
                 store.write_chunk(counts, chunk, visits[part].cpu().numpy().astype(np.uint32))
             store.write_whole(window_array("fisher", stage, start), fisher.cpu().numpy())
             store.write_whole(window_array("fisher-count", stage, start), np.array([count], dtype=np.float64))
+            totals = dict(store.meta.get("capture_visits") or {})  # end_pass="auto" counts a stage's epochs from them
+            store.update_meta(capture_visits={**totals, f"{stage}/{start}": int(visits.sum())})
 
     # -- batches ----------------------------------------------------------------------------
 
@@ -888,20 +908,26 @@ class GradientCapture:
     def after_stage_end(self, stage: str, step: int) -> None:
         """``end_pass``: the stage has ended at ``step`` (its final checkpoint is saved), so every example's gradient
         at these weights joins the stage's last window as one more visit (``windows.py``). A run killed during the
-        pass takes it again when the resumed stage ends."""
-        if self._closed or not self.options.end_pass:
+        pass takes it again when the resumed stage ends. ``"auto"``: only on a stage that trained on at least
+        ``AUTO_END_EPOCHS`` epochs (its windows' visits, as the store holds them: a resumed run decides alike)."""
+        auto = self.options.end_pass == "auto"
+        if self._closed or not self.options.end_pass or (auto and stage not in (self.datasets or {})):
             return
         self.commit()
         starts = [start for name, start in _closed_windows(self.recorder) if name == stage and start < step]
         if not starts:
             return
-        if not Store.open(self.path).is_complete(window_array(END, stage, starts[-1])):  # else taken as it ended before
+        store = Store.open(self.path)
+        if not store.is_complete(window_array(END, stage, starts[-1])):  # else taken as it ended before
             assert self.datasets is not None  # a finished run resumed into a new stage, or killed after the pass
             if stage not in self.datasets:
                 raise TaskError(
                     f"The end pass of stage {stage!r} reads its examples at the stage's final weights; add {stage!r} "
                     "to datasets=."
                 )
+            rows = _rows(self.datasets[stage])
+            if auto and (rows is None or _stage_visits(store, stage, starts) < AUTO_END_EPOCHS * rows):
+                return
             self._end_pass(stage, starts[-1])
         with store_lock(self.path):  # after the array: a store whose meta names an end pass holds all of it
             store = Store.open(self.path, writable=True)
@@ -1045,6 +1071,25 @@ def _identity(key: str, value: Any) -> Any:
     if key != "projection" or not value or value.get("kind") != "eigen":
         return value
     return [value.get("k"), value.get("seed"), value.get("adam_rank", 1), (value.get("basis") or {}).get("inputs")]
+
+
+def _stage_visits(store: Store, stage: str, starts: Sequence[int]) -> int:
+    """How many example visits the windows of ``stage`` from ``starts`` hold (``meta["capture_visits"]``; a window
+    written before it existed: its visits array)."""
+    totals = store.meta.get("capture_visits") or {}
+    total = 0
+    for start in starts:
+        known = totals.get(f"{stage}/{start}")
+        total += int(known) if known is not None else int(store.read(window_array("visits", stage, start)).sum())
+    return total
+
+
+def _rows(dataset: Dataset) -> int | None:
+    """A dataset's size; ``None`` for one without ``len()`` (an iterable dataset: no end pass)."""
+    try:
+        return len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 def _drop_window_basis(store: Store, stage: str, start: int) -> None:

@@ -24,8 +24,9 @@ at the segment's checkpoints: fit writes D_ℓ^{-1/2} as ``methods/<name>/precon
 query's scale) and derives Adam's coupled decay from it. A stage's first step, before the optimizer
 holds any state, is not captured (its preconditioner is only known after the step).
 
-With ``CaptureArguments.end_pass``, as each stage ends one more pass takes every example's gradient at the
-stage's final weights (eval mode, as featurize), in the basis of the stage's last window, and keeps it as
+With ``CaptureArguments.end_pass`` (by default on every stage of at least two epochs), as each stage ends one
+more pass takes every example's gradient at the stage's final weights (eval mode, as featurize), in the basis
+of the stage's last window, and keeps it as
 
     capture/end/<stage>/<c>           float32 [N_s, k]  P ∇ℓ(z_i; θ_end) of every example, c the last window's start
 
@@ -141,7 +142,7 @@ def expected_windows(meta: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], s
         windows = stage_windows(meta, stage["name"])
         named = (key.rpartition("/") for key in meta.get("capture_ends") or [])
         ends = {int(start) for owner, _, start in named if owner == stage["name"]}
-        if (meta.get("capture") or {}).get("end_pass") and windows:
+        if (meta.get("capture") or {}).get("end_pass") is True and windows:  # "auto": the passes it named
             ends.add(windows[-1])  # every stage's last window, and where a stage ended before it trained further
         for start in sorted(ends):
             out[window_array(END, stage["name"], start)] = ((n, k), "float32")
