@@ -5,13 +5,14 @@ LDS on the digits settings of examples/digits/settings.py.
         [--repeats 5] [--workers 2] [--out runs/capture-lds] [--retrains runs/lds] [--validation]
         [--threads 1] [--basis-examples 2048] [--variants eigen,eigen+end,...]
 
-Per setting, model seed 0 is trained once per in-run variant with the recorder and GradientCapture
-(k = --dim): the eigen projection (capture's default: a basis per window, taken as training reaches
-it) and the random factored one, both with the sampled Fisher on every batch (the default), on every
-2nd and on every 4th batch, with the end pass (``CaptureArguments.end_pass``), and the factored one with
-the empirical Fisher (``--variants``: a comma-separated choice of ``SHORT``'s keys; the in-run defaults
-are always run). Capture does not change training (tests/test_capture.py), so the runs are
-bit-identical, which is checked here. The run is also
+Per setting, model seed 0 is trained once per in-run variant with the recorder and GradientCapture (k = --dim):
+the eigen projection (capture's default: a basis per window, taken as training reaches it) and the random factored
+one, both with the sampled Fisher on every batch (the default), on every 2nd and on every 4th batch, with the end
+pass (``CaptureArguments.end_pass``; these variants are ``end_pass=False`` but for ``eigen+end``, ``factored+end``
+and ``eigen+auto``, the library's defaults, whose end pass is taken on stages of 2 epochs or more), and the
+factored one with the empirical Fisher (``--variants``: a comma-separated choice of ``SHORT``'s keys; the in-run
+defaults are always run). Capture does not change training (tests/test_capture.py), so the runs are bit-identical,
+which is checked here. The run is also
 featurized afterwards with the eigen projection (the library's default), the factored one and the
 dense Rademacher one, all with the sampled Fisher. Every store is fitted with the setting's SOURCE
 segments and scored on the setting's 100 queries; the LDS ground truth (α = 0.5, --subsets ×
@@ -44,19 +45,21 @@ import source_proj as sp
 from source_proj import evaluation as ev
 
 IN_RUN = {
-    "in-run (eigen)": (sp.CaptureArguments(), "eigen"),
+    "in-run (eigen)": (sp.CaptureArguments(end_pass=False), "eigen"),
+    "in-run (eigen), defaults (end pass from 2 epochs)": (sp.CaptureArguments(), "eigen"),
     "in-run (eigen), end pass": (sp.CaptureArguments(end_pass=True), "eigen"),
-    "in-run (eigen), Fisher every 2nd batch": (sp.CaptureArguments(fisher_every=2), "eigen"),
-    "in-run (eigen), Fisher every 4th batch": (sp.CaptureArguments(fisher_every=4), "eigen"),
-    "in-run (factored)": (sp.CaptureArguments(), "factored"),
-    "in-run (factored), Fisher every 2nd batch": (sp.CaptureArguments(fisher_every=2), "factored"),
-    "in-run (factored), Fisher every 4th batch": (sp.CaptureArguments(fisher_every=4), "factored"),
-    "in-run (factored), empirical Fisher": (sp.CaptureArguments(fisher="empirical"), "factored"),
+    "in-run (eigen), Fisher every 2nd batch": (sp.CaptureArguments(fisher_every=2, end_pass=False), "eigen"),
+    "in-run (eigen), Fisher every 4th batch": (sp.CaptureArguments(fisher_every=4, end_pass=False), "eigen"),
+    "in-run (factored)": (sp.CaptureArguments(end_pass=False), "factored"),
+    "in-run (factored), Fisher every 2nd batch": (sp.CaptureArguments(fisher_every=2, end_pass=False), "factored"),
+    "in-run (factored), Fisher every 4th batch": (sp.CaptureArguments(fisher_every=4, end_pass=False), "factored"),
+    "in-run (factored), empirical Fisher": (sp.CaptureArguments(fisher="empirical", end_pass=False), "factored"),
     "in-run (factored), end pass": (sp.CaptureArguments(end_pass=True), "factored"),
 }
 SHORT = {  # --variants
     "eigen": "in-run (eigen)",
     "eigen+end": "in-run (eigen), end pass",
+    "eigen+auto": "in-run (eigen), defaults (end pass from 2 epochs)",
     "eigen/2": "in-run (eigen), Fisher every 2nd batch",
     "eigen/4": "in-run (eigen), Fisher every 4th batch",
     "factored": "in-run (factored)",
@@ -203,7 +206,7 @@ def main() -> None:
                 diff = paired(r, results[f"post-hoc ({kind})"])
                 entry[f"minus post-hoc ({kind})"] = diff
                 line += f"   − post-hoc ({kind}): {diff[0]:+.3f} [{diff[1]:+.3f}, {diff[2]:+.3f}]"
-                if IN_RUN[variant][0] != sp.CaptureArguments():
+                if IN_RUN[variant][0] != sp.CaptureArguments(end_pass=False):
                     diff = paired(r, results[f"in-run ({kind})"])
                     entry[f"minus in-run ({kind})"] = diff
                     line += f"   − in-run ({kind}): {diff[0]:+.3f} [{diff[1]:+.3f}, {diff[2]:+.3f}]"

@@ -10,7 +10,8 @@ Models: ``mlp`` = 784-512-256-128-10 on random MNIST-shaped inputs (the SOURCE p
 factorable: attention and MLP projections; embeddings and norms are left out), random tokens, batch
 --batch × --seq tokens, next-token loss. Every variant runs the same loop with a TrajectoryRecorder
 (SGD with momentum 0.9, or AdamW with ``--optimizer adamw``; a checkpoint every --save-every steps) and
-differs only in capture:
+differs only in capture (every variant with ``end_pass=False``: the end pass runs after a stage's last step, and
+costs one forward and backward per example, not a share of each step):
 
 - ``recorder only``            the baseline;
 - ``capture, empirical Fisher``  the projected gradients from the training backward, nothing else;
@@ -195,13 +196,14 @@ def sync(device: str) -> None:
 
 VARIANTS = {  # short name: (the printed name, the capture's options; None: no capture)
     "recorder": ("recorder only", None),
-    "empirical": ("capture, empirical Fisher", sp.CaptureArguments(fisher="empirical")),
-    "factored/4": ("capture, sampled Fisher / 4", sp.CaptureArguments(fisher_every=4)),
-    "factored": ("capture, sampled Fisher", sp.CaptureArguments()),
-    "separate": ("capture, sampled Fisher, separate pass", sp.CaptureArguments(fisher_forward="separate")),
-    "eigen": ("capture (eigen), sampled Fisher", sp.CaptureArguments()),
-    "eigen/2": ("capture (eigen), sampled Fisher / 2", sp.CaptureArguments(fisher_every=2)),
-    "eigen/4": ("capture (eigen), sampled Fisher / 4", sp.CaptureArguments(fisher_every=4)),
+    "empirical": ("capture, empirical Fisher", sp.CaptureArguments(fisher="empirical", end_pass=False)),
+    "factored/4": ("capture, sampled Fisher / 4", sp.CaptureArguments(fisher_every=4, end_pass=False)),
+    "factored": ("capture, sampled Fisher", sp.CaptureArguments(end_pass=False)),
+    "separate": ("capture, sampled Fisher, separate pass",
+                 sp.CaptureArguments(fisher_forward="separate", end_pass=False)),
+    "eigen": ("capture (eigen), sampled Fisher", sp.CaptureArguments(end_pass=False)),
+    "eigen/2": ("capture (eigen), sampled Fisher / 2", sp.CaptureArguments(fisher_every=2, end_pass=False)),
+    "eigen/4": ("capture (eigen), sampled Fisher / 4", sp.CaptureArguments(fisher_every=4, end_pass=False)),
 }
 
 

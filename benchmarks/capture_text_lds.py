@@ -9,9 +9,10 @@ a basis per window), also with the Fisher on every 2nd and every 4th batch, and 
 defaults (D^{-1/2} refreshed on every 16th batch, the Fisher from the training forward on every batch), and with
 the factored one once each with the Fisher on every 2nd and every 4th batch, D^{-1/2} on every batch, and the
 Fisher from a separate eval-mode pass (``fisher_forward="separate"``, the default before 2026-11-30);
-each projection also with the end pass (``CaptureArguments.end_pass``); ``--variants`` picks some by their short
-names (``eigen``, ``eigen+end``, ``eigen-fisher/2``, ``eigen-fisher/4``, ``factored``, ``factored+end``, ``fisher/2``,
-``fisher/4``, ``d/1``, ``separate``). Capture leaves
+each projection also with the end pass (``CaptureArguments.end_pass``; every other variant is ``end_pass=False``
+but ``eigen+auto``, the library's defaults: the pass on stages of 2 epochs or more); ``--variants`` picks some by
+their short names (``eigen``, ``eigen+end``, ``eigen+auto``, ``eigen-fisher/2``, ``eigen-fisher/4``, ``factored``,
+``factored+end``, ``fisher/2``, ``fisher/4``, ``d/1``, ``separate``). Capture leaves
 training unchanged, so each captured run must end bit-identical to the reference run
 (``benchmarks/adam_rank_lds.py``'s, trained by the same code without capture), which is checked; the
 reference's ``finetune`` ground truth (its pre-trained model fine-tuned again on random halves, α = 0.5,
@@ -30,6 +31,7 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -44,17 +46,19 @@ import source_proj as sp  # noqa: E402
 from source_proj import evaluation as ev  # noqa: E402
 
 METHOD = "source-finetune"
+NO_END = sp.CaptureArguments(end_pass=False)  # the variants below were measured without the end pass
 VARIANTS = {  # short name: (store name, options, projection kind)
-    "eigen": ("in-run (eigen)", sp.CaptureArguments(), "eigen"),
+    "eigen": ("in-run (eigen)", NO_END, "eigen"),
+    "eigen+auto": ("in-run (eigen), defaults (end pass from 2 epochs)", sp.CaptureArguments(), "eigen"),
     "eigen+end": ("in-run (eigen), end pass", sp.CaptureArguments(end_pass=True), "eigen"),
-    "eigen-fisher/2": ("in-run (eigen), Fisher every 2nd batch", sp.CaptureArguments(fisher_every=2), "eigen"),
-    "eigen-fisher/4": ("in-run (eigen), Fisher every 4th batch", sp.CaptureArguments(fisher_every=4), "eigen"),
-    "factored": ("in-run (factored), Fisher every batch, D every 16th", sp.CaptureArguments(), "factored"),
-    "fisher/2": ("in-run (factored), Fisher every 2nd batch", sp.CaptureArguments(fisher_every=2), "factored"),
-    "fisher/4": ("in-run (factored), Fisher every 4th batch", sp.CaptureArguments(fisher_every=4), "factored"),
-    "d/1": ("in-run (factored), D every batch", sp.CaptureArguments(scale_every=1), "factored"),
+    "eigen-fisher/2": ("in-run (eigen), Fisher every 2nd batch", replace(NO_END, fisher_every=2), "eigen"),
+    "eigen-fisher/4": ("in-run (eigen), Fisher every 4th batch", replace(NO_END, fisher_every=4), "eigen"),
+    "factored": ("in-run (factored), Fisher every batch, D every 16th", NO_END, "factored"),
+    "fisher/2": ("in-run (factored), Fisher every 2nd batch", replace(NO_END, fisher_every=2), "factored"),
+    "fisher/4": ("in-run (factored), Fisher every 4th batch", replace(NO_END, fisher_every=4), "factored"),
+    "d/1": ("in-run (factored), D every batch", replace(NO_END, scale_every=1), "factored"),
     "factored+end": ("in-run (factored), end pass", sp.CaptureArguments(end_pass=True), "factored"),
-    "separate": ("in-run (factored), Fisher from a separate pass", sp.CaptureArguments(fisher_forward="separate"),
+    "separate": ("in-run (factored), Fisher from a separate pass", replace(NO_END, fisher_forward="separate"),
                  "factored"),
 }  # fmt: skip
 
@@ -106,7 +110,7 @@ def main() -> None:
     for index, short in enumerate(args.variants.split(",")):
         name, options, kind = VARIANTS[short]
         run, stores[name], kinds[name] = out / f"run-{index}", out / f"in-run-{index}.sp", kind
-        if options.fisher_every == 1 and options == sp.CaptureArguments():
+        if options == NO_END:
             every_batch[kind] = name
         projection = sp.ProjectionArguments(dim=args.dim, kind=kind, basis_examples=args.basis_examples)
         seconds[name] = train(run, stores[name], projection, options)

@@ -13,7 +13,9 @@ the blocks are attributed (their weights, 3.15M parameters, as bergson attribute
 Then, each in its own process (so that its peak resident memory is its own), on the same final
 checkpoint, tokens, batch size and threads:
 
-- ``train-step``: one forward and one backward pass per batch, the floor every method pays;
+- ``train-step``: one forward and one backward pass per batch (the parameters' gradients too, in training mode);
+- ``floor``: one eval-mode forward and one backward per batch that computes no parameter's gradient (only the
+  input embeddings'): what any method that takes per-example gradients by backpropagation pays at least;
 - ``rademacher``, ``factored``, ``factored-per-module``: the projection engine featurize runs per batch
   (``Projector.project_batch``: per-example loss gradients of the final checkpoint projected to
   k = ``--dim``; the store's writes are not timed, nor AdamW's D^{-1/2}, which bergson does not apply
@@ -171,6 +173,19 @@ def worker(method: str, out: Path, config: dict) -> dict:
             loss.backward()
         result["seconds"], result["cpu_seconds"] = time.perf_counter() - start, time.process_time() - cpu
         features = None
+    elif method == "floor":
+        model = _final_model(run, config).eval().requires_grad_(False)
+        embed = model.get_input_embeddings()
+        bf16 = config.get("precision") == "bf16"
+        start, cpu = time.perf_counter(), time.process_time()
+        for batch in _batches(ids, config["batch"]):
+            inputs = embed(batch["input_ids"]).detach().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                mask, labels = batch["attention_mask"], batch["input_ids"]
+                loss = model(inputs_embeds=inputs, attention_mask=mask, labels=labels).loss
+            torch.autograd.grad(loss, inputs)
+        result["seconds"], result["cpu_seconds"] = time.perf_counter() - start, time.process_time() - cpu
+        features = None
     elif method == "bergson":
         features = _bergson(out, ids, few, config, result)
     else:
@@ -295,8 +310,8 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a[upper], b[upper]).statistic)
 
 
-METHODS = ("train-step", "rademacher", "factored", "factored-per-module", "eigen", "eigen-all-positions", "bergson",
-           "exact")  # fmt: skip
+METHODS = ("train-step", "floor", "rademacher", "factored", "factored-per-module", "eigen", "eigen-all-positions",
+           "bergson", "exact")  # fmt: skip
 CONFIG = {"vocab": 4096, "length": 128, "width": 256, "layers": 4, "heads": 4, "batch": 16, "train_steps": 32}
 SMOKE = {"vocab": 64, "length": 16, "width": 16, "layers": 1, "heads": 2, "batch": 4, "train_steps": 4}
 
@@ -364,19 +379,22 @@ def main() -> None:
     exact = np.load(args.out / "gram-exact.npy") if "exact" in results and "error" not in results["exact"] else None
     floor = results.get("train-step", {}).get("cpu_seconds")
     peer = results.get("bergson", {}).get("cpu_seconds")
-    lines = ["| method | k | examples per CPU-s | tokens per CPU-s | of a training step's rate | of bergson's rate "
+    least = results.get("floor", {}).get("cpu_seconds")
+    lines = ["| method | k | examples per CPU-s | tokens per CPU-s | of a training step's rate | of the floor's rate "
+             "| of bergson's rate "
              "| CPU s per round | examples per wall-s | peak RSS GiB | Spearman vs exact | basis pass CPU s "
              "| of bergson's rate with the basis pass |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for method, r in results.items():
         if method == "exact":
             continue
         if "error" in r:
-            lines.append(f"| {method} | | {r['error']} | | | | | | | | | |")
+            lines.append(f"| {method} | | {r['error']} | | | | | | | | | | |")
             continue
         rate = sequences / r["cpu_seconds"]
         share = f"{floor / r['cpu_seconds']:.2f}" if floor else ""
         against = f"{peer / r['cpu_seconds']:.2f}" if peer else ""
+        of_floor = f"{least / r['cpu_seconds']:.2f}" if least else ""
         rounds = ", ".join(f"{t:.1f}" for t in r["cpu_seconds_rounds"])
         gram = args.out / f"gram-{method}.npy"
         faithful = f"{spearman(np.load(gram), exact):.3f}" if exact is not None and gram.exists() else ""
@@ -384,7 +402,7 @@ def main() -> None:
         basis = r.get("basis_cpu_seconds")  # one checkpoint's pass over these sequences, with the projection
         with_basis = f"{peer / (r['cpu_seconds'] + basis):.2f}" if peer and basis is not None else ""
         lines.append(f"| {method} | {r.get('dim', '')} | {rate:.2f} | {rate * config['length']:,.0f} | {share} | "
-                     f"{against} | {rounds} | {sequences / r['seconds']:.2f} | {r['peak_rss_gib']:.2f} | "
+                     f"{of_floor} | {against} | {rounds} | {sequences / r['seconds']:.2f} | {r['peak_rss_gib']:.2f} | "
                      f"{faithful} | {'' if basis is None else f'{basis:.1f}'} | {with_basis} |")  # fmt: skip
     (args.out / "results.json").write_text(json.dumps({"config": config, "sequences": sequences, "results": results}))
     print("\n".join(lines))

@@ -49,6 +49,9 @@ def capturer(store: Path, dim: int, options: sp.CaptureArguments, h: harness.Pre
     return start
 
 
+END_PASS: dict[str, bool | str] = {"off": False, "on": True, "auto": "auto"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     harness.add_setting_arguments(parser)
@@ -56,7 +59,8 @@ def main() -> None:
     parser.add_argument("--fisher-every", default="1", help="in-run variants: the sampled Fisher on every n-th batch")
     parser.add_argument("--kinds", default="eigen,factored", help="the projections, in-run and post-hoc")
     parser.add_argument("--folder", default="capture", help="the captured runs and stores, in the setting's folder")
-    parser.add_argument("--end-pass", default="off", help="in-run variants without (off) and with (on) the end pass")
+    parser.add_argument("--end-pass", default="off", help="in-run variants without (off) and with (on) the end pass, "
+                        "and with it where the stage trained 2 epochs or more (auto, the default)")  # fmt: skip
     args = parser.parse_args()
     h = harness.prepare_model_0(args)
     fit = sp.FitArguments(stages=(h.setting.attributed,))
@@ -77,15 +81,16 @@ def main() -> None:
     reference = sp.Trajectory.load(h.runs[0]).fingerprint()
     for kind in kinds:
         for every, end in itertools.product(
-            (int(n) for n in args.fisher_every.split(",")), (e == "on" for e in args.end_pass.split(","))
+            (int(n) for n in args.fisher_every.split(",")), (END_PASS[e] for e in args.end_pass.split(","))
         ):
             nth = f"{every}" + {2: "nd", 3: "rd"}.get(every, "th")
             plain = f"in-run ({kind})" + ("" if every == 1 else f", Fisher every {nth} batch")
-            name = plain + (", end pass" if end else "")
+            name = plain + {False: "", True: ", end pass", "auto": ", end pass if 2 epochs or more (default)"}[end]
+            tag = {False: "", True: "-end", "auto": "-auto"}[end]
             if end:
                 without_end[name] = plain
-            run = folder / (f"run-{kind}-fisher-{every}" + ("-end" if end else ""))
-            store = folder / (f"in-run-{kind}-fisher-{every}" + ("-end" if end else "") + f"-k{args.dim}.sp")
+            run = folder / f"run-{kind}-fisher-{every}{tag}"
+            store = folder / f"in-run-{kind}-fisher-{every}{tag}-k{args.dim}.sp"
             options = sp.CaptureArguments(fisher_every=every, end_pass=end)
             start = time.perf_counter()
             h.setting.train_recorded(0, run, capture=capturer(store, args.dim, options, h, kind))

@@ -55,7 +55,7 @@ def main() -> None:
     in_run = h.folder / "capture-gap" / f"in-run-eigen-k{args.dim}.sp"
 
     def capture(recorder: sp.TrajectoryRecorder) -> sp.GradientCapture:
-        options = sp.CaptureArguments(basis_share=None)
+        options = sp.CaptureArguments(basis_share=None, end_pass=False)
         return sp.GradientCapture(recorder, in_run, h.task, projection=projection, options=options,
                                   datasets=h.train_data, overwrite=True)  # fmt: skip
 
