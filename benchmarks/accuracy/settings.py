@@ -22,6 +22,8 @@ MNIST settings (the folder of the IDX files is an argument; see docs/howto/evalu
   lr 0.03, weight decay 1e-3, batch 64, 20 epochs, 6 checkpoints; 100 test queries.
 - ``mnist-noisy``: the paper's noisy-label variant: 30 % of the labels flipped, lr 0.01, weight decay
   3e-5, 3 epochs, a checkpoint every half epoch (48 steps).
+- ``mnist-one-epoch``: the same for one epoch, a checkpoint every 16 steps: every example is seen once, as
+  in a language model's pre-training (in-run capture's regime without the end pass by default).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ import source_proj as sp
 from source_proj.evaluation.batched import SGDStage
 
 DIGITS = ("early", "converged", "two-stage", "early-fast")
-MNIST = ("mnist", "mnist-noisy")
+MNIST = ("mnist", "mnist-noisy", "mnist-one-epoch")
 SETTINGS = DIGITS + MNIST
 
 
@@ -223,8 +225,9 @@ def setting(name: str, mnist: str | Path | None = None) -> Setting:
             stages = (SGDStage("main", x, y, epochs=20, lr=0.03, **recipe),)
             return _setting(name, widths, stages, "main", {"test": (tx, ty)}, 320)
         recipe["weight_decay"] = 3e-5
-        stages = (SGDStage("main", x, flip_labels(y, 0.3, seed=0), epochs=3, lr=0.01, **recipe),)
-        return _setting(name, widths, stages, "main", {"test": (tx, ty)}, 48, noisy=0.3)
+        epochs, save_every = (3, 48) if name == "mnist-noisy" else (1, 16)
+        stages = (SGDStage("main", x, flip_labels(y, 0.3, seed=0), epochs=epochs, lr=0.01, **recipe),)
+        return _setting(name, widths, stages, "main", {"test": (tx, ty)}, save_every, noisy=0.3)
     raise sp.TaskError(f"Unknown setting {name!r}; choose one of {', '.join(SETTINGS)}.")
 
 
