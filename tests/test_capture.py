@@ -492,6 +492,14 @@ def test_capture_refuses_what_it_cannot_capture_with_a_sentence(tmp_path: Path, 
     model = _mlp()
     with pytest.raises(sp.TaskError, match="kind='factored'"):
         sp.GradientCapture(recorder(model, "a"), tmp_path / "a.sp", task, projection=sp.ProjectionArguments(dim=16))
+    with pytest.raises(sp.TaskError, match=r"^Capture's end_pass is True, False or 'auto', not 'yes'\.$"):
+        sp.GradientCapture(recorder(model, "a"), tmp_path / "a.sp", task, projection=_projection(),
+                           options=sp.CaptureArguments(end_pass="yes"))  # type: ignore[arg-type]
+    streamed = {"main": _Stream()}  # no len(): the end pass cannot read every example
+    with pytest.raises(sp.TaskError, match=r"datasets= of \['main'\] have no len\(\); pass map-style datasets"):
+        sp.GradientCapture(recorder(model, "a"), tmp_path / "a.sp", task, projection=_projection(),
+                           options=sp.CaptureArguments(end_pass=True), datasets=streamed)  # fmt: skip
+    assert not (tmp_path / "a.sp").exists()
     normed = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 3))
     with pytest.raises(sp.TaskError, match=r"Linear and Conv layers only.*skip_norm=True"):
         sp.GradientCapture(recorder(normed, "b"), tmp_path / "b.sp", task, projection=_projection())
@@ -522,6 +530,11 @@ def test_capture_refuses_what_it_cannot_capture_with_a_sentence(tmp_path: Path, 
     with pytest.raises(sp.StoreError, match="holds captured windows of an earlier run"):
         _train(tmp_path / "f", tmp_path / "f.sp", classification_data, steps=4, batch=10, save_every=2)
         _train(tmp_path / "f", tmp_path / "f.sp", classification_data, steps=4, batch=10, save_every=2)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter([])
 
 
 class _Tempered(sp.ClassificationTask):
