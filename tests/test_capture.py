@@ -1147,6 +1147,9 @@ def test_the_automatic_end_pass_is_taken_on_a_stage_of_two_epochs_or_more_and_on
     for name in expected:
         assert np.array_equal(expected[name], got[name]), name
     assert sp.verify_store(stores["auto"], progress=False).status == "ok"
+    info = CliRunner().invoke(main, ["info", str(stores["auto"])])
+    said = "end pass at main step" if taken else "no end pass (end_pass='auto' takes it on stages of two epochs"
+    assert info.exit_code == 0 and said in info.output, info.output
 
 
 def test_the_automatic_end_pass_counts_the_epochs_of_a_resumed_stage_and_of_a_store_without_the_visit_totals(

@@ -61,11 +61,16 @@ def store_summary(store: Store) -> dict[str, Any]:
 
 def _end_passes(meta: dict[str, Any]) -> str:
     """``", end pass at main step 12, …"``: where a captured store's end passes took their gradients (each closes
-    the window it is kept with, ``CaptureArguments.end_pass``); empty without one."""
+    the window it is kept with, ``CaptureArguments.end_pass``); a finished capture that took none by default says
+    so; otherwise empty."""
     steps = meta["trajectory"]["checkpoints"]
     where = []
     for key in meta.get("capture_ends") or []:
         stage, _, start = key.rpartition("/")
         after = [c for c in steps if c > int(start)]
         where.append(f"{stage} step {after[0] if after else start}")
-    return f", end pass at {', '.join(where)}" if where else ""
+    if where:
+        return f", end pass at {', '.join(where)}"
+    if (meta.get("capture") or {}).get("end_pass") == "auto" and meta.get("captured"):
+        return ", no end pass (end_pass='auto' takes it on stages of two epochs or more)"
+    return ""
