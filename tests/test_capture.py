@@ -1126,18 +1126,20 @@ def test_a_stage_that_ended_and_trains_further_keeps_its_earlier_end_pass_as_one
 
 @pytest.mark.parametrize("steps, taken", [(7, False), (8, True), (14, True)])
 def test_the_automatic_end_pass_is_taken_on_a_stage_of_two_epochs_or_more_and_only_there(
-    tmp_path: Path, classification_data, steps: int, taken: bool
+    tmp_path: Path, classification_data, steps: int, taken: bool, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``end_pass="auto"`` (the default): 30 examples in batches of 8 (4 steps an epoch); 7 steps visit 54 examples,
-    under two epochs (no pass: the store of ``end_pass=False``), 8 steps visit 60 and 14 visit 106 (the pass: the
-    store of ``end_pass=True``), bit for bit, with the same passes named."""
+    under two epochs (no pass: the store of ``end_pass=False``), 8 steps visit 60 and 14 visit 106 (the pass, with
+    its progress bar: the store of ``end_pass=True``), bit for bit, with the same passes named."""
     kwargs = {"steps": steps, "batch": 8, "save_every": 4, "datasets": {"main": classification_data}}
     stores = {}
     for end in ("auto", taken):
         store = tmp_path / f"{end}.sp"
+        capsys.readouterr()
         _train(tmp_path / f"{end}", store, classification_data, options=sp.CaptureArguments(chunk_rows=8, end_pass=end),
                **kwargs)  # fmt: skip
         stores[end] = store
+        assert ("end pass (main)" in capsys.readouterr().err) == taken
     auto, want = sp.Store.open(stores["auto"]), sp.Store.open(stores[taken])
     assert auto.meta["capture_ends"] if taken else not auto.meta.get("capture_ends")
     assert auto.meta.get("capture_ends") == want.meta.get("capture_ends")

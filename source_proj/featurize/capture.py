@@ -70,6 +70,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from source_proj import __version__
 from source_proj.errors import NumericalError, StoreError, TaskError
@@ -225,14 +226,17 @@ class GradientCapture:
         recorder: the run's recorder (fresh, or ``resume``-d); its model is captured.
         store_path: the store to write (a directory or a URL).
         task: the task (loss, parameters attributed); batches handed to ``batch`` are its batches.
-        projection: dimension and seed; the kind must be ``"factored"`` (the layer hooks), and the
-            attributed parameters must all belong to Linear or Conv layers.
-        options: Fisher, loss reduction, chunking.
+        projection: dimension and seed; the kind is ``"eigen"`` (the default with ``datasets``) or ``"factored"``
+            (the layer hooks either way), and the attributed parameters must all belong to Linear or Conv layers.
+        options: the Fisher, the loss reduction, chunking, the end pass (``CaptureArguments``).
         overwrite: replace a store of other settings, or of another run.
         spec: the experiment spec file (recorded, as featurize does).
         datasets: stage name → that stage's training dataset (as featurize takes them; an
-            ``IndexedDataset`` is unwrapped), for the data fingerprint; every stage this capture
-            trains must be named, with the size given to ``begin_stage``.
+            ``IndexedDataset`` is unwrapped), for the data fingerprint, the eigen projection's basis passes and
+            the end pass; every stage this capture trains must be named, with the size given to ``begin_stage``.
+        collate_fn: how the datasets' items batch in those passes (default: torch's default collate).
+        progress: show a progress bar during the end pass (a forward and backward of every example, after
+            the stage's last step).
 
     The store holds, per window between checkpoints, the sum of every example's projected gradients
     and its visit count, and the window's Fisher sum (``windows.py``); ``sp.fit`` turns them into
@@ -261,6 +265,7 @@ class GradientCapture:
         spec: str | None = None,
         datasets: Mapping[str, Dataset] | None = None,
         collate_fn: Callable[[list[Any]], Any] | None = None,
+        progress: bool = True,
     ) -> None:
         if options.fisher not in ("sampled", "empirical"):
             raise TaskError(f"Capture's Fisher is 'sampled' or 'empirical', not {options.fisher!r}.")
@@ -306,7 +311,7 @@ class GradientCapture:
                 "ProjectionArguments(kind='factored')."
             )
         self.recorder, self.task, self.options = recorder, task, options
-        self._collate = collate_fn
+        self._collate, self._progress = collate_fn, progress
         self.path = str(store_path)
         self.model = recorder.model
         self.device = next(self.model.parameters()).device
@@ -967,7 +972,7 @@ class GradientCapture:
                     self._transform = None if d is None else projector.scaling({n: t.rsqrt() for n, t in d.items()})
                 with _modes_kept(self.model), model_errors(what), torch.enable_grad():
                     self.model.eval()
-                    for batch in loader:
+                    for batch in tqdm(loader, desc=f"end pass ({stage})", unit="batch", disable=not self._progress):
                         batch = move_batch(batch, self.device)
                         out = torch.zeros(batch_size(batch), self.dim, dtype=torch.float32, device=self.device)
                         self._target = out
