@@ -24,7 +24,7 @@ checkpoint, tokens, batch size and threads:
   basis first estimated from one sampled-Fisher pass over the sequences at the final checkpoint (timed
   apart: ``basis_seconds``; featurize takes it once per checkpoint, not per batch), its factors from 64
   random positions of each sequence (``basis_positions``, the default); ``eigen-all-positions``: the same
-  with every position in the factors;
+  with every position in the factors; ``eigen-b<E>`` (e.g. ``eigen-b128``): its basis pass over E sequences;
 - ``bergson``: bergson's in-memory gradient collector, per-module projection of 16 modules × √(k/16)²
   (8 × 8 = 64 at k = 1,024).
 
@@ -211,6 +211,8 @@ def _projection(method: str, dim: int):
         return sp.ProjectionArguments(dim=dim, kind="eigen")
     if method == "eigen-all-positions":
         return sp.ProjectionArguments(dim=dim, kind="eigen", basis_positions=None)
+    if method.startswith("eigen-b"):  # eigen-b<E>: the basis pass over E sequences
+        return sp.ProjectionArguments(dim=dim, kind="eigen", basis_examples=int(method.removeprefix("eigen-b")))
     if method == "rademacher":
         return sp.ProjectionArguments(dim=dim, kind="rademacher")
     if method == "factored":
