@@ -98,7 +98,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="in-run variants to train (see above)")
-    parser.add_argument("--basis-examples", type=int, default=2048, help="in-run eigen: examples per basis pass")
+    parser.add_argument("--basis-examples", type=int, default=2048, help="eigen: examples per basis pass, in-run "
+                        "(and, when not the default, post-hoc too, beside post-hoc at the default)")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out, reference = args.out, args.reference / "run"
@@ -119,14 +120,17 @@ def main() -> None:
                 f"The captured run {run} differs from the reference run {reference}: capture changed training."
             )
     shutil.rmtree(out / "plain")
-    for kind in ("eigen", "factored"):
-        name = f"post-hoc ({kind})"
-        stores[name] = out / f"post-hoc-{kind}.sp"
+    post_hoc = {"post-hoc (eigen)": sp.ProjectionArguments(dim=args.dim, kind="eigen"),
+                "post-hoc (factored)": sp.ProjectionArguments(dim=args.dim, kind="factored")}  # fmt: skip
+    if args.basis_examples != sp.ProjectionArguments().basis_examples:  # also post-hoc at that basis, paired
+        name = f"post-hoc (eigen), basis of {args.basis_examples}"
+        post_hoc[name], kinds[name] = replace(post_hoc["post-hoc (eigen)"], basis_examples=args.basis_examples), "eigen"
+    for index, (name, projection) in enumerate(post_hoc.items()):
+        stores[name] = out / f"post-hoc-{index}.sp"
         start = time.perf_counter()
         options = sp.FeaturizeArguments(batch_size=32, chunk_rows=128)
-        sp.featurize(out / "run-0", lm.build_model(), task(), lm.corpus().train, stores[name],
-                     projection=sp.ProjectionArguments(dim=args.dim, kind=kind), options=options, overwrite=True,
-                     progress=False)  # fmt: skip
+        sp.featurize(out / "run-0", lm.build_model(), task(), lm.corpus().train, stores[name], projection=projection,
+                     options=options, overwrite=True, progress=False)  # fmt: skip
         seconds[f"{name} featurize"] = time.perf_counter() - start
     scores, rows = {}, None
     for name, store in stores.items():
@@ -147,7 +151,7 @@ def main() -> None:
         against = results.get(f"post-hoc ({kinds.get(name)})")
         diff = "" if against is None else "{:+.3f} [{:+.3f}, {:+.3f}]".format(*paired(result, against))
         base = every_batch.get(kinds.get(name))
-        every = "" if base in (None, name) else "{:+.3f} [{:+.3f}, {:+.3f}]".format(*paired(result, results[base]))
+        every = "" if base in (None, name) or not name.startswith("in-run") else "{:+.3f} [{:+.3f}, {:+.3f}]".format(*paired(result, results[base]))
         lines.append(f"| {name} | {result.mean:.3f} [{result.low:.3f}, {result.high:.3f}] | {diff} | {every} |")
         record["lds"][name] = {"lds": result.mean, "low": result.low, "high": result.high,
                                "per_query": result.per_query.tolist()}  # fmt: skip
