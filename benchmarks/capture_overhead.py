@@ -28,7 +28,7 @@ costs one forward and backward per example, not a share of each step):
                                  (``fisher_forward="separate"``, the default before 2026-11-30).
 
 ``--variants`` picks some by their short names (``empirical``, ``factored/4``, ``factored``, ``separate``,
-``eigen``, ``eigen/2``, ``eigen/4``); the recorder alone always runs.
+``eigen``, ``eigen/2``, ``eigen/4``, ``defaults``); the recorder alone always runs.
 
 The variants take their steps in turn (round robin), so that a load which changes over time (a
 shared machine) slows all of them alike.
@@ -38,7 +38,11 @@ recorder; CUDA-synchronised), the overhead against the baseline, the mean of tho
 on every n-th batch only, the median is a step without it, and the mean counts both), the mean time of a
 step that saves a checkpoint (for capture: and writes the window it closes), the mean time of a window's
 first step (for the eigen projection: its basis pass) and the mean over every timed step (the amortised
-cost, whose overhead is the one a whole run pays). The first --warmup steps are not timed.
+cost, whose overhead is the one a whole run pays between its start and its close). The first --warmup steps are
+not timed. Then the whole run: every timed step plus the recorder's close, where capture takes its final basis
+pass (eigen), the end pass where due (``defaults``: ``CaptureArguments()``, the pass on stages of two epochs or more,
+``--examples`` / ``--batch`` steps an epoch) and its last writes; with ``--warmup 0`` it includes the run's first
+basis pass too, so it is what capture adds to a run of ``--steps`` steps.
 """
 
 from __future__ import annotations
@@ -91,7 +95,7 @@ class TinyGPT(nn.Module):
 def build(args: argparse.Namespace) -> tuple[nn.Module, sp.Task, torch.utils.data.Dataset, callable]:
     """The model, its task, the dataset and ``batch(rows) -> (task batch, loss function)``."""
     torch.manual_seed(0)
-    n = 4096
+    n = args.examples
     if args.model == "mlp":
         model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 128),
                               nn.ReLU(), nn.Linear(128, 10))
@@ -179,8 +183,14 @@ class Variant:
             times.append(time.perf_counter() - t0)
 
     def result(self) -> dict[str, float]:
-        self.rec.close()
+        sync(self.args.device)
+        start = time.perf_counter()
+        self.rec.close()  # capture's close: the final basis pass (eigen), the end pass where due, the last writes
+        sync(self.args.device)
+        closing = time.perf_counter() - start
         return {
+            "close_s": closing,
+            "whole_s": sum(self.step_times + self.checkpoint_times + self.first_times) + closing,
             "step_ms": 1000 * statistics.median(self.step_times),
             "between_ms": 1000 * statistics.mean(self.step_times),
             "checkpoint_step_ms": 1000 * statistics.mean(self.checkpoint_times) if self.checkpoint_times else 0.0,
@@ -204,6 +214,7 @@ VARIANTS = {  # short name: (the printed name, the capture's options; None: no c
     "eigen": ("capture (eigen), sampled Fisher", sp.CaptureArguments(end_pass=False)),
     "eigen/2": ("capture (eigen), sampled Fisher / 2", sp.CaptureArguments(fisher_every=2, end_pass=False)),
     "eigen/4": ("capture (eigen), sampled Fisher / 4", sp.CaptureArguments(fisher_every=4, end_pass=False)),
+    "defaults": ("capture at the defaults (eigen, end pass from 2 epochs)", sp.CaptureArguments()),
 }
 
 
@@ -224,6 +235,7 @@ def main() -> None:
     parser.add_argument("--save-every", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--basis-examples", type=int, default=2048, help="the eigen projection's, per basis pass")
+    parser.add_argument("--examples", type=int, default=4096, help="training examples (an epoch: examples/batch steps)")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--variants", default=None, help=f"comma-separated, of {', '.join(VARIANTS)} (default: all; "
                         "the recorder alone always runs)")  # fmt: skip
@@ -255,6 +267,9 @@ def main() -> None:
         print(f"{name:40s} {r['step_ms']:8.2f} ms/step{overhead}{between}   a step that saves a checkpoint "
               f"(and writes the window): {r['checkpoint_step_ms']:.0f} ms, a window's first: "
               f"{r['first_step_ms']:.0f} ms, mean of all: {r['mean_step_ms']:.2f} ms{amortised}")
+        whole = results["recorder only"]["whole_s"]
+        print(f"{'':40s} the whole run (every timed step, then the close): {r['whole_s']:.1f} s "
+              f"({100 * (r['whole_s'] / whole - 1):+.0f}%), of which the close {r['close_s']:.1f} s")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
 

@@ -151,7 +151,9 @@ def main() -> None:
         against = results.get(f"post-hoc ({kinds.get(name)})")
         diff = "" if against is None else "{:+.3f} [{:+.3f}, {:+.3f}]".format(*paired(result, against))
         base = every_batch.get(kinds.get(name))
-        every = "" if base in (None, name) or not name.startswith("in-run") else "{:+.3f} [{:+.3f}, {:+.3f}]".format(*paired(result, results[base]))
+        every = ""
+        if base not in (None, name) and name.startswith("in-run"):
+            every = "{:+.3f} [{:+.3f}, {:+.3f}]".format(*paired(result, results[base]))
         lines.append(f"| {name} | {result.mean:.3f} [{result.low:.3f}, {result.high:.3f}] | {diff} | {every} |")
         record["lds"][name] = {"lds": result.mean, "low": result.low, "high": result.high,
                                "per_query": result.per_query.tolist()}  # fmt: skip
