@@ -51,9 +51,10 @@ class ProjectionArguments:
         basis_examples: ``"eigen"`` only: the examples per stage and checkpoint (a seeded random subset)
             whose sampled-label Fisher estimates the basis. What the factors need is sampled positions (examples
             × ``basis_positions``), a few times the widest layer's: a language model's sequences give many each,
-            and 32–64 sequences gave the same faithfulness and LDS as 2,048 on two GPT-2s up to 1,025 wide,
-            where an MLP lost 0.037 LDS with 64 examples (BENCHMARKS.md, "how few sequences a language model's
-            basis needs"). Lower it for a language model with few sequences, where the pass dominates featurize.
+            and 16–64 sequences gave the same faithfulness and LDS as the default (all of their 512–560) on two
+            small GPT-2s, up to 1,025 wide, where an MLP lost 0.037 LDS with 64 examples (BENCHMARKS.md, "how few
+            sequences a language model's basis needs"). Lower it for a language model with few sequences, where
+            the pass dominates featurize.
         basis_positions: ``"eigen"`` only: at most this many positions of each of those examples (tokens of a
             sequence, patches of an image; drawn at random) enter each layer's Kronecker factors; ``None``: every
             position. The factor products are a large part of a transformer's basis pass (d_in'² + d_out² per
