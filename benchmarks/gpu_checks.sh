@@ -53,7 +53,7 @@ step() {  # step NAME SECONDS COMMAND...
 step gpu-tests 90 python3 -m pytest -p no:cacheprovider -q tests/test_gpu.py
 step capture-adamw 120 python3 benchmarks/capture_overhead.py --model gpt --optimizer adamw --device cuda \
     --dim 4096 --width 768 --layers 12 --heads 12 --vocab 50257 --seq 512 --batch 16 --steps 30 --warmup 5 \
-    --save-every 20 --json "$OUT/capture-adamw.json"
+    --save-every 20 --variants empirical,factored/4,factored,separate,eigen,eigen/2,eigen/4 --json "$OUT/capture-adamw.json"
 step gpt2-124m 200 python3 benchmarks/transformer_gpu.py --model gpt2-124m --length 1024 --sequences 512 \
     --steps 40 --dim 16384 --precision bf16 --out /tmp/transformer-gpu
 step query-10m 100 python3 benchmarks/query_scale.py --n 10000000 --dim 1024 --queries 10000 --top-k 50 \
