@@ -51,10 +51,11 @@ class ProjectionArguments:
         basis_examples: ``"eigen"`` only: the examples per stage and checkpoint (a seeded random subset)
             whose sampled-label Fisher estimates the basis. What the factors need is sampled positions (examples
             × ``basis_positions``), a few times the widest layer's: a language model's sequences give many each,
-            and 16–64 sequences gave the same faithfulness and LDS as the default (all of their 512–560) on two
-            small GPT-2s, up to 1,025 wide, where an MLP lost 0.037 LDS with 64 examples (BENCHMARKS.md, "how few
-            sequences a language model's basis needs"). Lower it for a language model with few sequences, where
-            the pass dominates featurize.
+            and against the default (all of their 512–560 sequences) 32 sequences kept a 4 × 256 GPT-2's
+            faithfulness and 16–64 the text example's LDS, where an MLP lost 0.037 LDS with 64 examples, and a
+            CNN's last linear layer (one position an image) needed more than 32 (BENCHMARKS.md, "how few sequences
+            a language model's basis needs"). Lower it for a language model with few sequences, where the pass
+            dominates featurize; keep it for other models.
         basis_positions: ``"eigen"`` only: at most this many positions of each of those examples (tokens of a
             sequence, patches of an image; drawn at random) enter each layer's Kronecker factors; ``None``: every
             position. The factor products are a large part of a transformer's basis pass (d_in'² + d_out² per
