@@ -10,8 +10,8 @@ Models: ``mlp`` = 784-512-256-128-10 on random MNIST-shaped inputs (the SOURCE p
 factorable: attention and MLP projections; embeddings and norms are left out), random tokens, batch
 --batch × --seq tokens, next-token loss. Every variant runs the same loop with a TrajectoryRecorder
 (SGD with momentum 0.9, or AdamW with ``--optimizer adamw``; a checkpoint every --save-every steps) and
-differs only in capture (every variant with ``end_pass=False``: the end pass runs after a stage's last step, and
-costs one forward and backward per example, not a share of each step):
+differs only in capture (every variant but ``defaults`` with ``end_pass=False``: the end pass runs after a stage's
+last step, and costs one forward and backward per example, not a share of each step):
 
 - ``recorder only``            the baseline;
 - ``capture, empirical Fisher``  the projected gradients from the training backward, nothing else;
@@ -25,7 +25,9 @@ costs one forward and backward per example, not a share of each step):
 - ``capture (eigen), sampled Fisher / 2`` and ``/ 4``: the eigen projection with the Fisher on every 2nd or
                                  4th batch only;
 - ``capture, sampled Fisher, separate pass`` its own eval-mode forward and backward on every batch
-                                 (``fisher_forward="separate"``, the default before 2026-11-30).
+                                 (``fisher_forward="separate"``, the default before 2026-11-30);
+- ``capture at the defaults``   ``CaptureArguments()``: the eigen projection, the Fisher on every batch, and the
+                                 end pass on stages of two epochs or more.
 
 ``--variants`` picks some by their short names (``empirical``, ``factored/4``, ``factored``, ``separate``,
 ``eigen``, ``eigen/2``, ``eigen/4``, ``defaults``); the recorder alone always runs.

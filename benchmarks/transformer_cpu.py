@@ -15,7 +15,8 @@ checkpoint, tokens, batch size and threads:
 
 - ``train-step``: one forward and one backward pass per batch (the parameters' gradients too, in training mode);
 - ``floor``: one eval-mode forward and one backward per batch that computes no parameter's gradient (only the
-  input embeddings'): what any method that takes per-example gradients by backpropagation pays at least;
+  input embeddings'): about what any method that takes per-example gradients by backpropagation pays (one that
+  attributes the blocks only may stop its backward at the first block, a little sooner);
 - ``rademacher``, ``factored``, ``factored-per-module``: the projection engine featurize runs per batch
   (``Projector.project_batch``: per-example loss gradients of the final checkpoint projected to
   k = ``--dim``; the store's writes are not timed, nor AdamW's D^{-1/2}, which bergson does not apply
