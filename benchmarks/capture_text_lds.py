@@ -63,6 +63,9 @@ VARIANTS = {  # short name: (store name, options, projection kind)
 }  # fmt: skip
 
 
+CONFIG = [lm.CONFIG]  # the example's sizes; --width replaces its n_embd
+
+
 def task() -> sp.LanguageModelingTask:
     """The example's task on the Conv1D layers only (what capture can project)."""
     selection = sp.ParameterSelection(skip_norm=True, skip_embedding=True)
@@ -74,10 +77,10 @@ def train(run: Path, store: Path | None, projection: sp.ProjectionArguments, opt
 
     def capture(recorder: sp.TrajectoryRecorder) -> sp.GradientCapture:
         return sp.GradientCapture(recorder, store, task(), projection=projection, options=options, overwrite=True,
-                                  datasets=lm.corpus().train)  # fmt: skip
+                                  datasets=lm.corpus(CONFIG[0]).train)  # fmt: skip
 
     start = time.perf_counter()
-    lm.train(seed=0, run_dir=run, capture=capture if store is not None else None)
+    lm.train(CONFIG[0], seed=0, run_dir=run, capture=capture if store is not None else None)
     return time.perf_counter() - start
 
 
@@ -100,11 +103,16 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="in-run variants to train (see above)")
     parser.add_argument("--basis-examples", type=int, default=2048, help="eigen: examples per basis pass, in-run "
                         "(and, when not the default, post-hoc too, beside post-hoc at the default)")  # fmt: skip
+    parser.add_argument("--width", type=int, default=None, help="the model's width (n_embd) in place of the "
+                        "example's 64; give it a --reference of its own (its run and ground truth)")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.width is not None:
+        CONFIG[0] = replace(lm.CONFIG, n_embd=args.width)
+    config = CONFIG[0]
     out, reference = args.out, args.reference / "run"
     if not (reference / "trajectory.json").exists():
-        lm.train(seed=0, run_dir=reference)
+        lm.train(config, seed=0, run_dir=reference)
     kinds, every_batch = {}, {}  # every_batch: the store with the Fisher on every batch, per kind
     seconds = {"training": train(out / "plain", None, sp.ProjectionArguments(dim=args.dim), sp.CaptureArguments())}
     stores = {}
@@ -129,20 +137,21 @@ def main() -> None:
         stores[name] = out / f"post-hoc-{index}.sp"
         start = time.perf_counter()
         options = sp.FeaturizeArguments(batch_size=32, chunk_rows=128)
-        sp.featurize(out / "run-0", lm.build_model(), task(), lm.corpus().train, stores[name], projection=projection,
-                     options=options, overwrite=True, progress=False)  # fmt: skip
+        sp.featurize(out / "run-0", lm.build_model(config=config), task(), lm.corpus(config).train, stores[name],
+                     projection=projection, options=options, overwrite=True, progress=False)  # fmt: skip
         seconds[f"{name} featurize"] = time.perf_counter() - start
     scores, rows = {}, None
     for name, store in stores.items():
         sp.fit(store, sp.FitArguments(stages=("finetune",), method=METHOD), overwrite=True, progress=False)
-        attributor = sp.Attributor(store, lm.build_model(), task(), method=METHOD)
-        scores[name], rows = attributor.scores(lm.query_data()), attributor.rows
+        attributor = sp.Attributor(store, lm.build_model(config=config), task(), method=METHOD)
+        scores[name], rows = attributor.scores(lm.corpus(config).queries), attributor.rows
     assert rows is not None
     lds_args = ev.LDSArguments(alpha=0.5, num_subsets=args.subsets, repeats=args.repeats, workers=args.workers)
-    truth = ev.lds_ground_truth(lm.Retrain(str(reference), fixed_init=False), rows,
+    truth = ev.lds_ground_truth(lm.Retrain(str(reference), config=config, fixed_init=False), rows,
                                 args.reference / "finetune" / "retrains", lds_args)  # fmt: skip
     results = {name: ev.lds(s, truth, lds_args) for name, s in scores.items()}
-    lines = [f"k = {args.dim}, M = {args.subsets}, R = {args.repeats}, {len(lm.query_data())} queries", "",
+    lines = [f"k = {args.dim}, width {config.n_embd}, M = {args.subsets}, R = {args.repeats}, "
+             f"{len(lm.corpus(config).queries)} queries", "",
              "| store | LDS [95 % CI] | in-run − post-hoc (same projection), per query [95 % CI] "
              "| − in-run, Fisher every batch [95 % CI] |",
              "|---|---|---|---|"]  # fmt: skip
