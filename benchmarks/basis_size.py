@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "accuracy"))
 import settings as accuracy_settings
 
 import source_proj as sp
-from source_proj.featurize.basis import estimate_basis
+from source_proj.featurize.basis import BasisPass, estimate_basis
 from source_proj.projection.factory import make_projector
 from source_proj.tasks.gradients import PerExampleGradients
 
@@ -106,9 +106,9 @@ def main() -> None:
             results[kind] = []
             for examples in (int(e) for e in args.examples.split(",")):
                 start = time.perf_counter()
-                basis = estimate_basis(trajectory, [trajectory.final_checkpoint], grads_fn, task, {"main": data},
-                                       names, args.dim, examples=examples, seed=0, batch_size=64,
-                                       device=torch.device("cpu"), positions=64)  # fmt: skip
+                pass_ = BasisPass(grads_fn, task, {"main": data}, names, args.dim, examples=examples, seed=0,
+                                  batch_size=64, device=torch.device("cpu"), positions=64)  # fmt: skip
+                basis = estimate_basis(trajectory, [trajectory.final_checkpoint], pass_)
                 seconds = time.perf_counter() - start
                 model.eval()
                 projector = make_projector("eigen", [(n, tuple(params[n].shape)) for n in names], args.dim, 0,

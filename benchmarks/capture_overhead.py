@@ -21,7 +21,8 @@ last step, and costs one forward and backward per example, not a share of each s
 - ``capture (eigen), sampled Fisher`` the same with the eigen projection (capture's default where the
                                  training data are given): a basis per window, from one Fisher pass as the
                                  window's first step begins, over at most a quarter of the examples the
-                                 window before trained on (the run's first: ``--basis-examples``);
+                                 window before trained on (the run's first: the default basis, the examples
+                                 that give each layer 2,048 positions; ``--basis-examples E``: E examples);
 - ``capture (eigen), sampled Fisher / 2`` and ``/ 4``: the eigen projection with the Fisher on every 2nd or
                                  4th batch only;
 - ``capture, sampled Fisher, separate pass`` its own eval-mode forward and backward on every batch
@@ -156,7 +157,11 @@ class Variant:
         self.rec = sp.TrajectoryRecorder(folder / "run", self.model, self.opt, save_every=args.save_every)
         self.cap = None
         if options is not None:
-            projection = sp.ProjectionArguments(dim=args.dim, kind=kind, basis_examples=args.basis_examples)
+            # --basis-examples E: every pass over E examples (the layers' budget off); else the library's default
+            basis = {}
+            if args.basis_examples:
+                basis = {"basis_examples": args.basis_examples, "basis_layer_positions": None}
+            projection = sp.ProjectionArguments(dim=args.dim, kind=kind, **basis)
             self.cap = sp.GradientCapture(
                 self.rec, folder / "store.sp", task, projection=projection, options=options, datasets={"main": data}
             )
@@ -236,7 +241,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--save-every", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--basis-examples", type=int, default=2048, help="the eigen projection's, per basis pass")
+    parser.add_argument("--basis-examples", type=int, default=None, help="the eigen projection's, per basis pass "
+                        "(the layers' budget off; default: the library's default basis)")  # fmt: skip
     parser.add_argument("--examples", type=int, default=4096, help="training examples (an epoch: examples/batch steps)")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--variants", default=None, help=f"comma-separated, of {', '.join(VARIANTS)} (default: all; "

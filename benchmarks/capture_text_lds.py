@@ -1,7 +1,8 @@
 """In-run SOURCE against post-hoc SOURCE on the text example (two AdamW stages), by LDS on the fine-tuning stage.
 
     python benchmarks/capture_text_lds.py [--dim 512] [--reference runs/adam-rank] [--out runs/capture-text]
-        [--subsets 50] [--repeats 4] [--workers 2] [--threads 2] [--variants eigen,factored] [--basis-examples 2048]
+        [--subsets 50] [--repeats 4] [--workers 2] [--threads 2] [--variants eigen,factored] [--basis-examples E]
+        [--uncut]
 
 The tiny GPT-2 of ``examples/text/lm.py`` is trained again with the recorder and ``GradientCapture`` (k =
 --dim, Adam's D^{-1/2} in its rank-1 form, the sampled Fisher): with the eigen projection (capture's default:
@@ -101,8 +102,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="in-run variants to train (see above)")
-    parser.add_argument("--basis-examples", type=int, default=2048, help="eigen: examples per basis pass, in-run "
-                        "(and, when not the default, post-hoc too, beside post-hoc at the default)")  # fmt: skip
+    parser.add_argument("--basis-examples", type=int, default=None, help="eigen: examples per basis pass, the "
+                        "layers' budget off, in-run and post-hoc too, beside post-hoc at the default")  # fmt: skip
+    parser.add_argument("--uncut", action="store_true", help="also post-hoc with basis_layer_positions=None (every "
+                        "one of basis_examples, the default before the layers' budget), paired with the default")
     parser.add_argument("--width", type=int, default=None, help="the model's width (n_embd) in place of the "
                         "example's 64; give it a --reference of its own (its run and ground truth)")  # fmt: skip
     args = parser.parse_args()
@@ -113,6 +116,8 @@ def main() -> None:
     out, reference = args.out, args.reference / "run"
     if not (reference / "trajectory.json").exists():
         lm.train(config, seed=0, run_dir=reference)
+    # --basis-examples E: a basis from E examples, the layers' budget off; else the library's default basis
+    basis = {"basis_examples": args.basis_examples, "basis_layer_positions": None} if args.basis_examples else {}
     kinds, every_batch = {}, {}  # every_batch: the store with the Fisher on every batch, per kind
     seconds = {"training": train(out / "plain", None, sp.ProjectionArguments(dim=args.dim), sp.CaptureArguments())}
     stores = {}
@@ -121,7 +126,7 @@ def main() -> None:
         run, stores[name], kinds[name] = out / f"run-{index}", out / f"in-run-{index}.sp", kind
         if options == NO_END:
             every_batch[kind] = name
-        projection = sp.ProjectionArguments(dim=args.dim, kind=kind, basis_examples=args.basis_examples)
+        projection = sp.ProjectionArguments(dim=args.dim, kind=kind, **basis)
         seconds[name] = train(run, stores[name], projection, options)
         if not same_run(run, reference):
             raise SystemExit(
@@ -130,9 +135,12 @@ def main() -> None:
     shutil.rmtree(out / "plain")
     post_hoc = {"post-hoc (eigen)": sp.ProjectionArguments(dim=args.dim, kind="eigen"),
                 "post-hoc (factored)": sp.ProjectionArguments(dim=args.dim, kind="factored")}  # fmt: skip
-    if args.basis_examples != sp.ProjectionArguments().basis_examples:  # also post-hoc at that basis, paired
+    if basis:  # also post-hoc at that basis, paired
         name = f"post-hoc (eigen), basis of {args.basis_examples}"
-        post_hoc[name], kinds[name] = replace(post_hoc["post-hoc (eigen)"], basis_examples=args.basis_examples), "eigen"
+        post_hoc[name], kinds[name] = replace(post_hoc["post-hoc (eigen)"], **basis), "eigen"
+    if args.uncut:
+        name = "post-hoc (eigen), every example drawn (basis_layer_positions=None)"
+        post_hoc[name], kinds[name] = replace(post_hoc["post-hoc (eigen)"], basis_layer_positions=None), "eigen"
     for index, (name, projection) in enumerate(post_hoc.items()):
         stores[name] = out / f"post-hoc-{index}.sp"
         start = time.perf_counter()

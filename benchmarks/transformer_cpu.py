@@ -26,6 +26,8 @@ checkpoint, tokens, batch size and threads:
   apart: ``basis_seconds``; featurize takes it once per checkpoint, not per batch), its factors from 64
   random positions of each sequence (``basis_positions``, the default); ``eigen-all-positions``: the same
   with every position in the factors; ``eigen-b<E>`` (e.g. ``eigen-b128``): its basis pass over E sequences;
+  the default pass keeps the sequences that give each layer 2,048 positions (``basis_layer_positions``: 33 of
+  128 tokens here), ``eigen-all-examples`` all ``basis_examples`` (the default before it existed);
 - ``bergson``: bergson's in-memory gradient collector, per-module projection of 16 modules × √(k/16)²
   (8 × 8 = 64 at k = 1,024).
 
@@ -212,8 +214,11 @@ def _projection(method: str, dim: int):
         return sp.ProjectionArguments(dim=dim, kind="eigen")
     if method == "eigen-all-positions":
         return sp.ProjectionArguments(dim=dim, kind="eigen", basis_positions=None)
+    if method == "eigen-all-examples":
+        return sp.ProjectionArguments(dim=dim, kind="eigen", basis_layer_positions=None)
     if method.startswith("eigen-b"):  # eigen-b<E>: the basis pass over E sequences
-        return sp.ProjectionArguments(dim=dim, kind="eigen", basis_examples=int(method.removeprefix("eigen-b")))
+        return sp.ProjectionArguments(dim=dim, kind="eigen", basis_examples=int(method.removeprefix("eigen-b")),
+                                      basis_layer_positions=None)  # fmt: skip
     if method == "rademacher":
         return sp.ProjectionArguments(dim=dim, kind="rademacher")
     if method == "factored":
@@ -252,15 +257,13 @@ def _eigen_basis(run: Path, grads_fn, task, ids: torch.Tensor, names, projection
     """The eigen projection's basis from the final checkpoint alone (featurize averages every checkpoint's; the
     cost per checkpoint is the same): one sampled-Fisher pass over at most ``basis_examples`` sequences."""
     import source_proj as sp
-    from source_proj.featurize.basis import estimate_basis
+    from source_proj.featurize.basis import BasisPass, estimate_basis
 
     trajectory = sp.Trajectory.load(run)
     data = [{"input_ids": t, "attention_mask": torch.ones_like(t)} for t in ids]  # as ``_batches`` gives them
-    return estimate_basis(
-        trajectory, [trajectory.final_checkpoint], grads_fn, task, {trajectory.stages[-1].name: data},
-        names, projection.dim, examples=projection.basis_examples, seed=0, batch_size=CONFIG["batch"],
-        device=torch.device("cpu"), positions=projection.basis_positions,
-    )  # fmt: skip
+    pass_ = BasisPass.of(projection, grads_fn, task, {trajectory.stages[-1].name: data}, names,
+                         batch_size=CONFIG["batch"], device=torch.device("cpu"))  # fmt: skip
+    return estimate_basis(trajectory, [trajectory.final_checkpoint], pass_)
 
 
 def _bergson(out: Path, ids: torch.Tensor, few: torch.Tensor, config: dict, result: dict):

@@ -864,7 +864,7 @@ def test_capture_takes_the_eigen_projection_when_it_has_the_data_and_says_what_i
     cap.close()
     with pytest.raises(sp.TaskError, match=r"bases are estimated from the training data.*pass datasets="):
         sp.GradientCapture(recorder("c"), tmp_path / "c.sp", task, projection=_eigen_capture(16))
-    x, y = classification_data.tensors
+    y = classification_data.tensors[1]
 
     class Unreadable(torch.utils.data.Dataset):
         def __len__(self) -> int:
@@ -876,15 +876,13 @@ def test_capture_takes_the_eigen_projection_when_it_has_the_data_and_says_what_i
     wrong = TensorDataset(torch.randn(len(y), 5), y)  # 5 features, not 4
     for i, (data, message) in enumerate([
         (wrong, r"cannot run on the training data of stage 'main' given as datasets="),
-        (Unreadable(), r"cannot read the training data of stage 'main' given as datasets= \(OSError: disk gone\)"),
+        (Unreadable(), r"cannot read the training data of stage 'main' given as datasets= \(the eigen projection's "
+                      r"basis pass\): OSError: disk gone\."),
     ]):
-        rec = recorder(f"bad{i}")
-        cap = sp.GradientCapture(rec, tmp_path / f"bad{i}.sp", task, projection=_eigen_capture(16),
-                                 datasets={"main": data})  # fmt: skip
-        rec.begin_stage("main", dataset_size=len(y))
-        with pytest.raises(sp.TaskError, match=message):
-            cap.begin((x[:4], y[:4]), indices=range(4))
-        cap.close()
+        with pytest.raises(sp.TaskError, match=message):  # before training: the basis pass counts positions
+            sp.GradientCapture(recorder(f"bad{i}"), tmp_path / f"bad{i}.sp", task, projection=_eigen_capture(16),
+                               datasets={"main": data})  # fmt: skip
+        assert not (tmp_path / f"bad{i}.sp").exists()
     with pytest.raises(sp.TaskError, match="'eigen' or 'factored' projection, not 'rademacher'"):
         sp.GradientCapture(recorder("d"), tmp_path / "d.sp", task,
                            projection=sp.ProjectionArguments(dim=16, kind="rademacher"))
@@ -1193,3 +1191,42 @@ def test_eigen_capture_takes_any_k_its_blocks_allow(tmp_path: Path, classificati
     with pytest.raises(sp.TaskError, match="has no near-square factorisation"):
         _train(tmp_path / "run2", tmp_path / "f.sp", classification_data, steps=4, batch=10, save_every=4,
                projection=sp.ProjectionArguments(dim=67, kind="factored"))  # fmt: skip
+
+
+class _Tokens(nn.Module):
+    """Two Linear layers at each of six positions (tokens) an example, their outputs averaged into its logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner, self.head = nn.Linear(3, 5), nn.Linear(5, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.inner(x))).mean(1)
+
+
+def test_eigen_capture_cuts_its_basis_passes_to_the_layers_budget_and_resumes_an_uncut_store_only_uncut(
+    tmp_path: Path,
+) -> None:
+    """Each basis pass of an eigen capture visits the examples ``basis_layer_positions`` keeps (20 positions at 6
+    an example: 4 of the 32 drawn; featurize's count); a store captured with every example drawn (as every store
+    before the option) is refused with the budget, in one sentence naming the setting that resumes it, and kept;
+    resumed with that setting it grows."""
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, 6, 3, generator=g), torch.randint(0, 4, (32,), generator=g))
+
+    def train(name: str, budget: int | None, steps: int = 8, resume: bool = False) -> None:
+        _train(tmp_path / name, tmp_path / f"{name}.sp", data, steps=steps, batch=8, save_every=4, model=_Tokens(),
+               options=sp.CaptureArguments(chunk_rows=8), datasets={"main": data}, resume=resume,
+               projection=sp.ProjectionArguments(dim=12, kind="eigen", basis_layer_positions=budget))  # fmt: skip
+
+    train("cut", 20)
+    train("whole", None)
+    cut, whole = sp.Store.open(tmp_path / "cut.sp").meta, sp.Store.open(tmp_path / "whole.sp").meta
+    assert cut["projection"]["basis"]["examples"] == 4 and whole["projection"]["basis"]["examples"] == 2048
+    assert cut["projection"]["basis"]["inputs"] != whole["projection"]["basis"]["inputs"]
+    with pytest.raises(sp.StoreError, match=r"resume it with ProjectionArguments\(basis_layer_positions=None\)"):
+        train("whole", 20, steps=12, resume=True)
+    assert sp.Store.open(tmp_path / "whole.sp").meta["projection"] == whole["projection"]
+    train("whole", None, steps=12, resume=True)
+    assert sp.Store.open(tmp_path / "whole.sp").meta["projection"]["basis"]["checkpoints"] == [0, 4, 8, 12]

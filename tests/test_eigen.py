@@ -10,11 +10,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from click.testing import CliRunner
 from torch import nn
 from torch.utils.data import TensorDataset
 
 import source_proj as sp
+from source_proj.cli.main import main
 from source_proj.featurize import featurize as featurize_module
+from source_proj.featurize.basis import BasisPass
 from source_proj.methods.kronecker import layer_matrix
 from source_proj.projection.eigen import allocate
 from source_proj.projection.layers import factorable_layers
@@ -318,3 +321,123 @@ def test_eigh_on_an_accelerator_path_agrees_with_numpy() -> None:
     assert np.allclose(t_values, values, rtol=1e-10, atol=1e-10 * values.max())
     signs = np.sign((t_vectors * vectors).sum(0))
     assert np.allclose(t_vectors * signs, vectors, atol=1e-8)
+
+
+class _Tokens(nn.Module):
+    """Two Linear layers at each of an example's positions (tokens), their outputs averaged into its logits."""
+
+    def __init__(self, dropout: float = 0.0) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner, self.drop, self.head = nn.Linear(3, 5), nn.Dropout(dropout), nn.Linear(5, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(torch.tanh(self.inner(x)))).mean(1)
+
+
+def _token_data(n: int = 40, positions: int = 6) -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(n, positions, 3, generator=g), torch.randint(0, 4, (n,), generator=g))
+
+
+def _basis_pass(model: nn.Module, data, **kwargs) -> BasisPass:
+    task = sp.ClassificationTask()
+    names = task.select_parameters(model)
+    return BasisPass(PerExampleGradients(model, task, names), task, {"main": data}, names, 12, examples=30, seed=0,
+                     batch_size=8, device=torch.device("cpu"), **kwargs)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("layer_positions", "positions", "kept"),
+    [
+        # inner (d_in' 4, d_out 5) and head (6, 4) both see 6 positions an example: 20 positions → ⌈20/6⌉ = 4
+        (20, None, 4),
+        # 4 of the 6 positions sampled per example: ⌈20/4⌉ = 5
+        (20, 4, 5),
+        # a budget below twice the widest side: the head's 2 × 6 = 12 positions at 2 an example → 6
+        (1, 2, 6),
+        # more than the 30 drawn: all of them, nothing cut
+        (1000, None, 30),
+    ],
+)
+def test_the_layers_budget_keeps_the_fewest_examples_of_the_draw_that_give_every_layer_its_positions(
+    layer_positions: int, positions: int | None, kept: int
+) -> None:
+    """``basis_layer_positions``: of the seeded draw of ``basis_examples`` (30 here), the pass keeps its first
+    examples, as few as give each layer max(budget, 2 × its widest side) positions, counted as an example's
+    positions after the draw of ``positions``; the subset is that prefix of the uncut draw's order, so its
+    examples are among the uncut ones, and the digest says the cut."""
+    whole = _basis_pass(_Tokens(), _token_data(), positions=positions)
+    cut = _basis_pass(_Tokens(), _token_data(), positions=positions, layer_positions=layer_positions)
+    digest = cut.inputs_cut()  # counts the positions (a visit, or the progress bar, counts first too)
+    assert len(cut.subsets["main"]) == kept
+    np.testing.assert_array_equal(cut.orders["main"], whole.orders["main"][:kept])
+    assert cut.subsets["main"] == sorted(whole.orders["main"][:kept].tolist())
+    assert whole.inputs_cut() == [] and whole.examples == 30
+    if kept < 30:
+        assert digest == [["layer examples", [("main", kept)]]] and cut.examples == kept
+    else:
+        assert digest == [] and cut.examples == 30
+    # The brute-force count: the kept examples' positions (after the draw) reach every layer's target; one fewer
+    # does not reach the largest.
+    taken = 6 if positions is None else min(6, positions)
+    targets = [max(layer_positions, 2 * 5), max(layer_positions, 2 * 6)]
+    if kept < 30:
+        assert all(kept * taken >= t for t in targets) and (kept - 1) * taken < max(targets)
+
+
+def test_the_layers_budget_leaves_a_one_position_model_and_the_random_state_as_they_were(
+    classification_data,
+) -> None:
+    """An MLP gives each layer one position an example: the default budget (2,048) keeps every example drawn, so
+    its basis and digest are those without the budget. The probe's forward pass leaves a model with dropout in its
+    train mode and the global random state untouched."""
+    mlp = _basis_pass(_mlp(), classification_data, layer_positions=2048)
+    assert mlp.inputs_cut() == [] and len(mlp.subsets["main"]) == len(classification_data)
+    model, task = _Tokens(dropout=0.5), sp.ClassificationTask()
+    names = task.select_parameters(model)
+    grads_fn = PerExampleGradients(model, task, names)  # which puts its model in eval mode
+    model.train()
+    state = torch.get_rng_state()
+    cut = BasisPass(grads_fn, task, {"main": _token_data()}, names, 12, examples=30, seed=0, batch_size=8,
+                    device=torch.device("cpu"), layer_positions=20)  # fmt: skip
+    cut.bar(["main"], progress=False).close()
+    assert len(cut.subsets["main"]) == 4 and model.training and model.drop.training
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_store_whose_basis_visited_every_example_drawn_is_resumed_with_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store featurized with ``basis_layer_positions=None`` (as every store before the option) holds the basis
+    that the budget's cut estimates: featurize with the budget resumes it, without a new estimate. A store of the
+    cut records the examples it kept, and its digest differs from the uncut store's."""
+    data = _token_data()
+    run = tmp_path / "run"
+    full_batch_run(run, _Tokens(), data, lambda o, y: F.cross_entropy(o, y, reduction="none"), lr=0.3, steps=2,
+                   save_every=1)  # fmt: skip
+
+    def featurize(path: Path, **projection) -> sp.Store:
+        return sp.featurize(run, _Tokens(), sp.ClassificationTask(), data, path, progress=False,
+                            projection=sp.ProjectionArguments(kind="eigen", dim=12, **projection))  # fmt: skip
+
+    whole = featurize(tmp_path / "whole.sp", basis_layer_positions=None)
+    cut = featurize(tmp_path / "cut.sp", basis_layer_positions=20)
+    assert whole.meta["projection"]["basis"]["examples"] == 2048  # at most this many: all 40
+    assert cut.meta["projection"]["basis"]["examples"] == 4
+    info = CliRunner().invoke(main, ["info", str(tmp_path / "cut.sp")])
+    assert info.exit_code == 0 and "(at most 4 examples of each stage at each)" in info.output, info.output
+    assert cut.meta["projection"]["basis"]["digest"] != whole.meta["projection"]["basis"]["digest"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the basis was estimated again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(featurize_module, "estimate_basis", refuse)
+        again = featurize(tmp_path / "whole.sp", basis_layer_positions=20)
+        assert again.meta["projection"]["basis"] == whole.meta["projection"]["basis"]
+        featurize(tmp_path / "cut.sp", basis_layer_positions=20)
+    with pytest.raises(sp.StoreError, match=r"featurized with other settings \(projection\)"):
+        featurize(tmp_path / "cut.sp", basis_layer_positions=30)
+    with pytest.raises(sp.TaskError, match="basis_layer_positions is 0; pass a whole number ≥ 1"):
+        sp.ProjectionArguments(basis_layer_positions=0)

@@ -76,7 +76,7 @@ def _ints(value: str | None) -> tuple[int, ...] | None:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from err
 
 
-def _basis_positions(value: str) -> int | None:
+def _basis_positions(value: str, option: str = "--basis-positions") -> int | None:
     if value.strip().lower() == "all":
         return None
     try:
@@ -84,7 +84,7 @@ def _basis_positions(value: str) -> int | None:
     except ValueError:
         positions = 0
     if positions < 1:
-        raise click.BadParameter(f"expected a whole number ≥ 1 or 'all', got {value!r}", param_hint="--basis-positions")
+        raise click.BadParameter(f"expected a whole number ≥ 1 or 'all', got {value!r}", param_hint=option)
     return positions
 
 
@@ -155,7 +155,15 @@ def main() -> None:
     default=2048,
     show_default=True,
     type=click.IntRange(min=1),
-    help="eigen: examples per stage and checkpoint whose sampled-label Fisher estimates the basis.",
+    help="eigen: at most this many examples per stage and checkpoint whose sampled-label Fisher estimates the "
+    "basis.",
+)
+@click.option(
+    "--basis-layer-positions",
+    default="2048",
+    show_default=True,
+    help="eigen: of those examples, the fewest that give every layer this many sampled positions (or twice its "
+    "width, if more); 'all' for every one of --basis-examples.",
 )
 @click.option(
     "--basis-positions",
@@ -255,6 +263,7 @@ def featurize(
     module_dims: tuple[str, ...],
     adam_rank: int,
     basis_examples: int,
+    basis_layer_positions: str,
     basis_positions: str,
     checkpoint_steps: str | None,
     precision: str,
@@ -291,6 +300,7 @@ def featurize(
             projection=sp.ProjectionArguments(
                 dim=dim, seed=seed, kind=projection, module_dims=_module_dims(module_dims), adam_rank=adam_rank,
                 basis_examples=basis_examples, basis_positions=_basis_positions(basis_positions),
+                basis_layer_positions=_basis_positions(basis_layer_positions, "--basis-layer-positions"),
             ),
             options=sp.FeaturizeArguments(
                 batch_size=batch_size,
@@ -723,8 +733,9 @@ def info(store_path: str, as_json: bool) -> None:
     elif proj.get("basis"):  # the eigen projection: how much of the Fisher trace its blocks keep
         basis = proj["basis"]
         click.echo(
-            f"  basis of {len(basis['modules'])} layers from checkpoints {basis['checkpoints']}, keeps "
-            f"{basis['captured']:.0%} of their Fisher trace (raise --dim when that is low)"
+            f"  basis of {len(basis['modules'])} layers from checkpoints {basis['checkpoints']} (at most "
+            f"{basis['examples']} examples of each stage at each), keeps {basis['captured']:.0%} of their Fisher "
+            "trace (raise --dim when that is low)"
         )
     click.echo(f"trajectory  {traj['path']} ({traj['fingerprint']}…)")
     for s in traj["stages"]:

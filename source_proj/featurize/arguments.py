@@ -48,14 +48,19 @@ class ProjectionArguments:
         adam_rank: ``"factored"`` and ``"eigen"``: on a run trained with Adam/AdamW, each layer's elementwise
             D^{-1/2} is replaced by its best rank-R approximation (Adafactor-like for R = 1), at R
             times the projection cost; the dense ``"rademacher"`` kind applies it exactly.
-        basis_examples: ``"eigen"`` only: the examples per stage and checkpoint (a seeded random subset)
-            whose sampled-label Fisher estimates the basis. What the factors need is sampled positions (examples
-            × ``basis_positions``), a few times the widest layer's: a language model's sequences give many each,
-            and against the default (all of their 512–560 sequences) 32 sequences kept a 4 × 256 GPT-2's
-            faithfulness and 16–64 the text example's LDS, where an MLP lost 0.037 LDS with 64 examples, and a
-            CNN's last linear layer (one position an image) needed more than 32 (BENCHMARKS.md, "how few sequences
-            a language model's basis needs"). Lower it for a language model with few sequences, where the pass
-            dominates featurize; keep it for other models.
+        basis_examples: ``"eigen"`` only: at most this many examples per stage and checkpoint (a seeded random
+            subset) whose sampled-label Fisher estimates the basis; ``basis_layer_positions`` keeps fewer where they
+            give each layer enough positions. Against all of their 512–560 sequences, 32 sequences kept a 4 × 256
+            GPT-2's faithfulness and 16–64 the text example's LDS, where an MLP lost 0.037 LDS with 64 examples
+            and a CNN's last linear layer (one position an image) needed more than 32 (BENCHMARKS.md, "how few
+            sequences a language model's basis needs").
+        basis_layer_positions: ``"eigen"`` only: the sampled positions each layer's factors need. Of the
+            ``basis_examples`` drawn, the pass keeps the fewest (the first of the seeded draw) that give every layer
+            this many, or twice its widest factor's side where that is more (a factor from fewer positions than its
+            side is rank-deficient). An MLP (one position an example) or a CNN's last linear layer counts one per
+            example and keeps all ``basis_examples`` at the defaults, bit for bit; a language model's sequences give
+            up to ``basis_positions`` each, so a 4 × 256 GPT-2 of 128-token sequences keeps 33. ``None``: every one
+            of ``basis_examples``.
         basis_positions: ``"eigen"`` only: at most this many positions of each of those examples (tokens of a
             sequence, patches of an image; drawn at random) enter each layer's Kronecker factors; ``None``: every
             position. The factor products are a large part of a transformer's basis pass (d_in'² + d_out² per
@@ -71,6 +76,7 @@ class ProjectionArguments:
     adam_rank: int = 1
     basis_examples: int = 2048
     basis_positions: int | None = 64
+    basis_layer_positions: int | None = 2048
 
     def __post_init__(self) -> None:
         if self.kind != "identity":  # k = p there, whatever dim says
@@ -79,6 +85,8 @@ class ProjectionArguments:
         _positive(self, "basis_examples")
         if self.basis_positions is not None:
             _positive(self, "basis_positions")
+        if self.basis_layer_positions is not None:
+            _positive(self, "basis_layer_positions")
 
     def basis_inputs(self, *more: object) -> str:
         """The digest of what an eigen basis is estimated from (with ``more``: the parameters' names, ...): a store

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -13,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from source_proj.errors import NumericalError, TaskError, TrajectoryError
-from source_proj.featurize.arguments import checkpoint_stages
+from source_proj.featurize.arguments import ProjectionArguments, checkpoint_stages
 from source_proj.featurize.factors import FactorCollector, kronecker_layers
 from source_proj.projection.eigen import EigenBasis, _has_rest, basis_budget
 from source_proj.projection.layers import FactoredLayer, factorable_layers
@@ -29,30 +31,27 @@ class NoBasis(TaskError):
     """The model has no layer the eigen projection can take a basis for (featurize falls back to 'rademacher')."""
 
 
+LAYER_WIDTHS = 2
+"""With a budget of positions per layer (``BasisPass``), a layer also wants this many positions per unit of its
+widest factor's side: a factor estimated from fewer positions than its side is rank-deficient."""
+
+PROBE_EXAMPLES = 8
+"""The examples of a stage's subset whose forward pass counts each layer's positions per example."""
+
+
 def estimate_basis(
     trajectory: Trajectory,
     checkpoints: Sequence[Checkpoint],
-    grads_fn: PerExampleGradients,
-    task: Task,
-    datasets: Mapping[str, Dataset],
-    names: Sequence[str],
-    dim: int,
+    pass_: BasisPass,
     *,
-    examples: int,
-    seed: int,
-    batch_size: int,
-    device: torch.device,
-    positions: int | None = None,
     inputs: str = "",
     progress: bool = False,
 ) -> EigenBasis:
-    """The eigen projection's basis for k = ``dim``: one sampled-label Fisher pass over at most ``examples``
-    examples (a seeded random subset) of each stage at each of ``checkpoints`` (on the stages featurize
-    visits it on; at most ``positions`` positions of each example), each visit's factors normalised, then
-    averaged. ``grads_fn``'s model is loaded with each checkpoint in turn."""
-    model: nn.Module = grads_fn.model
-    pass_ = BasisPass(grads_fn, task, datasets, names, dim, examples=examples, seed=seed, batch_size=batch_size,
-                       device=device, positions=positions)  # fmt: skip
+    """The eigen projection's basis of ``pass_``'s arguments: one sampled-label Fisher pass over its subset of each
+    stage at each of ``checkpoints`` (on the stages featurize visits it on), each visit's factors normalised, then
+    averaged. The pass's model is loaded with each checkpoint in turn."""
+    model: nn.Module = pass_.model
+    names = pass_.names
     params = dict(model.named_parameters())
     rules = {st.name: optimizer_rule(st, {n: params[n].numel() for n in names}) for st in trajectory.stages}
     stages = {st.name: st for st in trajectory.stages}
@@ -82,6 +81,12 @@ class BasisPass:
         positions: at most this many positions of each example enter the factors (``FactorCollector``),
             drawn from their own generator seeded by ``seed``: the visits of a run, taken in the same order
             (a resumed capture's), draw the same positions. ``None``: every position.
+        layer_positions: the positions every layer's factors need (``ProjectionArguments.basis_layer_positions``):
+            a stage's subset keeps only the first examples of its seeded order that give each layer that many, or
+            ``LAYER_WIDTHS`` times its widest factor's side where that is more. The positions an example gives a
+            layer are counted on a forward pass of the subset's first ``PROBE_EXAMPLES`` (after the draw of
+            ``positions``). A model with one position an example (an MLP) keeps all ``examples`` at the default;
+            a language model's sequences give many each, and keep tens. ``None``: all ``examples``.
         collate_fn: how the data's items batch (default: torch's default collate).
     """
 
@@ -98,9 +103,11 @@ class BasisPass:
         batch_size: int,
         device: torch.device,
         positions: int | None = None,
+        layer_positions: int | None = None,
         collate_fn: Callable[[list[Any]], Any] | None = None,
     ) -> None:
         model: nn.Module = grads_fn.model
+        self.model, self.grads_fn, self.names = model, grads_fn, list(names)
         layers, _ = kronecker_layers(model, names)
         if not layers:
             raise NoBasis(
@@ -112,6 +119,7 @@ class BasisPass:
         self.budget = basis_budget(dim, shares)
         self.layers, self.task, self.datasets = layers, task, datasets
         self.examples, self.batch_size, self.device, self.collate_fn = examples, batch_size, device, collate_fn
+        self.drawn = examples
         self.positions = positions
         drawn = None if positions is None else torch.Generator().manual_seed(seed + 1)  # not the labels' stream
         self.collector = FactorCollector(grads_fn, layers, [], positions, drawn)
@@ -125,8 +133,72 @@ class BasisPass:
             size = len(data)  # type: ignore[arg-type]
             self.orders[stage] = rng.choice(size, min(size, examples), replace=False)  # a random order
             self.subsets[stage] = np.sort(self.orders[stage]).tolist()
+        self.layer_positions = layer_positions
+        self.cut: dict[str, int] = {}
+        """Stage → the examples its subset kept, where the layers' budget took fewer than the subset drawn."""
+        self._counted: set[str] = set()
+
+    @classmethod
+    def of(
+        cls,
+        projection: ProjectionArguments,
+        grads_fn: PerExampleGradients,
+        task: Task,
+        datasets: Mapping[str, Dataset],
+        names: Sequence[str],
+        *,
+        batch_size: int,
+        device: torch.device,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+    ) -> BasisPass:
+        """The pass ``projection``'s basis arguments describe."""
+        return cls(grads_fn, task, datasets, names, projection.dim, examples=projection.basis_examples,
+                   seed=projection.seed, batch_size=batch_size, device=device, positions=projection.basis_positions,
+                   layer_positions=projection.basis_layer_positions, collate_fn=collate_fn)  # fmt: skip
+
+    def inputs_cut(self) -> list[Any]:
+        """What the basis inputs' digest adds for the subsets cut by the layers' budget (nothing where none was:
+        the basis is that of all ``examples``). Counts every stage's positions first (``count``)."""
+        for stage in self.datasets:
+            self.count(stage)
+        return [["layer examples", sorted(self.cut.items())]] if self.cut else []
+
+    def count(self, stage: str) -> None:
+        """Cut ``stage``'s subset to the layers' budget (once; a forward pass of a few of its examples, which raises
+        what the model raises on them). Every visit and progress bar counts first."""
+        if self.layer_positions is None or stage in self._counted:
+            return
+        needed = self._examples_needed(stage, self.layer_positions)
+        if needed < len(self.orders[stage]):
+            self.orders[stage] = self.orders[stage][:needed]
+            self.subsets[stage] = np.sort(self.orders[stage]).tolist()
+            self.cut[stage] = needed
+            drawn = [] if all(s in self.cut for s in self.datasets) else [self.drawn]  # at most: an uncut stage's
+            self.examples = max([*self.cut.values(), *drawn])
+        self._counted.add(stage)
+
+    def _examples_needed(self, stage: str, layer_positions: int) -> int:
+        """The fewest examples whose positions (``positions`` of each at most) give every layer ``layer_positions``,
+        or ``LAYER_WIDTHS`` times its widest side: counted on the first ``PROBE_EXAMPLES`` of the stage's order; all
+        of the order where a layer's count is unknown (not batch-first, or unused)."""
+        rows = self.orders[stage][: min(PROBE_EXAMPLES, self.batch_size)].tolist()
+        if not rows:
+            return 0
+        batch = next(iter(DataLoader(Subset(self.datasets[stage], rows), batch_size=len(rows),
+                                     collate_fn=self.collate_fn, generator=torch.Generator())))  # fmt: skip
+        per = _positions_per_example(self.grads_fn, self.layers, move_batch(batch, self.device), len(rows))
+        needed = 1
+        for layer, count in zip(self.layers, per, strict=True):
+            if not count:
+                return len(self.orders[stage])
+            taken = count if self.positions is None else min(count, self.positions)
+            target = max(layer_positions, LAYER_WIDTHS * max(layer.in_rows, layer.out_features))
+            needed = max(needed, math.ceil(target / taken))
+        return needed
 
     def bar(self, visits_per_stage: Sequence[str], progress: bool) -> tqdm:
+        for stage in set(visits_per_stage):
+            self.count(stage)
         total = sum(-(-len(self.subsets[stage]) // self.batch_size) for stage in visits_per_stage)
         return tqdm(total=total, desc="eigen basis", unit="batch", disable=not progress)
 
@@ -141,6 +213,7 @@ class BasisPass:
         """One pass over ``stage``'s subset, added to the sums; returns its own normalised factors (A, B per
         layer). ``sides``: an Adam stage's rank-one D^{-1/2} factors per layer. ``limit``: visit only that many
         of the subset's examples, a random part of it (the first ``limit`` of its seeded random order)."""
+        self.count(stage)
         sums = self.collector.empty()
         done = 0
         subset = self.subsets[stage]
@@ -230,6 +303,48 @@ def rank_one_sides(
         assert terms is not None
         sides.append((terms.left[0].double().numpy(), terms.right[0].double().numpy()))
     return sides
+
+
+def _positions_per_example(
+    grads_fn: PerExampleGradients, layers: Sequence[FactoredLayer], batch: object, size: int
+) -> list[int | None]:
+    """Each layer's positions per example in a forward pass of ``batch`` (its output's rows over the batch: tokens, or
+    a convolution's output pixels, which are its input patches); ``None`` for a layer the pass did not call, or
+    called without the examples along its input's first dimension. The model runs in eval mode, without gradients,
+    and leaves the global random state as it found it (in-run capture's training must find it unchanged)."""
+    modules = dict(grads_fn.model.named_modules())
+    counts: list[int | None] = [None] * len(layers)
+
+    def hook(index: int) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], None]:
+        def record(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+            if args and isinstance(args[0], torch.Tensor) and args[0].shape[0] == size:
+                counts[index] = output.numel() // (size * layers[index].out_features)
+
+        return record
+
+    handles = [modules[layer.module].register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    try:
+        with _evaluating(grads_fn.model), grads_fn.autocast():
+            grads_fn.outputs(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts
+
+
+@contextmanager
+def _evaluating(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode, with the global random state (CPU and the model's GPU) restored on exit, and every
+    module's train/eval mode."""
+    modes = [(m, m.training) for m in model.modules()]
+    devices = [d for d in {p.device for p in model.parameters()} if d.type == "cuda"]
+    with torch.random.fork_rng(devices=devices):
+        try:
+            model.eval()
+            yield
+        finally:
+            for module, mode in modes:
+                module.training = mode
 
 
 class _Refused(Exception):

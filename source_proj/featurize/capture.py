@@ -330,11 +330,12 @@ class GradientCapture:
             try:
                 with _modes_kept(self.model):  # PerExampleGradients puts its model in eval mode
                     grads_fn = PerExampleGradients(self.model, task, names)
-                self._pass = BasisPass(
-                    grads_fn, task, self.datasets, names, projection.dim,
-                    examples=projection.basis_examples, seed=projection.seed, batch_size=options.basis_batch,
-                    device=self.device, positions=projection.basis_positions, collate_fn=collate_fn,
-                )  # fmt: skip
+                self._pass = BasisPass.of(projection, grads_fn, task, self.datasets, names,
+                                          batch_size=options.basis_batch, device=self.device,
+                                          collate_fn=collate_fn)  # fmt: skip
+                for stage in self.datasets:  # the layers' budget, from a forward pass of a few examples
+                    with self._basis_data(stage, "the eigen projection's basis pass"):
+                        self._pass.count(stage)
             except NoBasis as err:
                 warnings.warn(f"{err} Capture uses the 'factored' projection instead.", stacklevel=2)
                 projection = replace(projection, kind="factored")
@@ -362,7 +363,10 @@ class GradientCapture:
         self.params = {n: params[n] for n in names}
         self.dim = projector.dim if self._pass is None else projection.dim
         share = [] if options.basis_share is None else [options.basis_share]
-        self._inputs = projection.basis_inputs(names, "in-run", *share)
+        cut = [] if self._pass is None else self._pass.inputs_cut()
+        self._inputs = projection.basis_inputs(names, "in-run", *share, *cut)
+        # A store captured before the layers' budget (``basis_layer_positions``) cut the subsets: its digest.
+        self._inputs_whole = replace(projection, basis_layer_positions=None).basis_inputs(names, "in-run", *share)
         description = projector.describe() if self._pass is None else _in_run_eigen(projection, self._inputs)
         self._meta = {
             "library_version": __version__,
@@ -465,6 +469,12 @@ class GradientCapture:
                 differing[differing.index("capture")] = "CaptureArguments: " + "; ".join(options)
             if old.get("capture") is None:
                 differing.insert(0, "not captured")
+            basis = ((old.get("projection") or {}).get("basis") or {}).get("inputs")
+            if "projection" in differing and basis == self._inputs_whole != self._inputs:
+                differing[differing.index("projection")] = (
+                    "its eigen basis passes visit every one of basis_examples: resume it with "
+                    "ProjectionArguments(basis_layer_positions=None)"
+                )
             if old.get("trajectory", {}).get("path") != self._meta["trajectory"]["path"]:
                 differing.append("trajectory")
             if differing:
@@ -627,11 +637,17 @@ class GradientCapture:
         assert self._pass is not None
         d = live_preconditioner(self.recorder.optimizer, self.params) if adam else None
         sides = None if d is None else rank_one_sides(d, self._pass.layers)
-        what = f"the training data of stage {stage!r} given as datasets= (the eigen projection's basis pass, {where})"
+        with _modes_kept(self.model), self._basis_data(stage, f"the eigen projection's basis pass, {where}"):
+            self.model.eval()
+            return self._pass.visit(stage, where, self._pass.quiet(), sides, limit)
+
+    @contextlib.contextmanager
+    def _basis_data(self, stage: str, why: str) -> Iterator[None]:
+        """The model failing on, or failing to read, ``stage``'s data given as datasets= as one ``TaskError``."""
+        what = f"the training data of stage {stage!r} given as datasets= ({why})"
         try:
-            with _modes_kept(self.model), model_errors(what):
-                self.model.eval()
-                return self._pass.visit(stage, where, self._pass.quiet(), sides, limit)
+            with model_errors(what):
+                yield
         except OSError as err:
             raise TaskError(f"Capture cannot read {what}: {type(err).__name__}: {err}.") from err
 

@@ -38,7 +38,7 @@ from source_proj.featurize.arguments import (
     projected_fisher_at,
     resolve_curvature,
 )
-from source_proj.featurize.basis import NoBasis, estimate_basis
+from source_proj.featurize.basis import BasisPass, NoBasis, estimate_basis
 from source_proj.featurize.factors import (
     ChunkFactors,
     FactorCollector,
@@ -273,24 +273,24 @@ class _Featurize:
         arguments (a resumed featurize, a grown store, or inputs that changed otherwise, which the store's
         fingerprints then name), else estimated from the run (``basis.py``)."""
         projection, trajectory = self.projection, self.trajectory
-        inputs = projection.basis_inputs(self.names)
-        every = replace(projection, basis_positions=None).basis_inputs(self.names)
+        pass_ = BasisPass.of(projection, self.grads_fn, self.task, self.datasets, self.names,
+                             batch_size=self.options.batch_size, device=self.device)  # fmt: skip
+        inputs = projection.basis_inputs(self.names, *pass_.inputs_cut())
         if is_store(self.path) and not self.overwrite:
             store = Store.open(self.path)
             desc = store.meta.get("projection") or {}
             basis = desc.get("basis") or {}
-            # A basis of every position where none was sampled (``positions`` unrecorded) is what the sampled one
-            # estimates: a store whose rows were projected with it keeps it.
+            # What the basis asked for estimates what a store's basis of more does: one of every position where
+            # none was sampled (``positions`` unrecorded), or of every example drawn where the layers' budget cut
+            # the subsets (a store featurized before ``basis_layer_positions``). A store projected with it keeps it.
+            whole = replace(projection, basis_layer_positions=None).basis_inputs(self.names)
+            every = replace(projection, basis_positions=None, basis_layer_positions=None).basis_inputs(self.names)
             if desc.get("kind") == "eigen" and (
-                basis.get("inputs") == inputs or (basis.get("inputs") == every and "positions" not in basis)
+                basis.get("inputs") in (inputs, whole) or (basis.get("inputs") == every and "positions" not in basis)
             ):
                 with contextlib.suppress(StoreError):  # half-written: estimate it again
                     return EigenBasis.read(store, basis)
-        return estimate_basis(
-            trajectory, trajectory.checkpoints, self.grads_fn, self.task, self.datasets, self.names, projection.dim,
-            examples=projection.basis_examples, seed=projection.seed, batch_size=self.options.batch_size,
-            device=self.device, positions=projection.basis_positions, inputs=inputs, progress=self.progress,
-        )  # fmt: skip
+        return estimate_basis(trajectory, trajectory.checkpoints, pass_, inputs=inputs, progress=self.progress)
 
     def _plan(self, store: Store, overwrite: bool = False, record: bool = False) -> FeaturizePlan:
         self._setup()
