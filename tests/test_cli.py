@@ -132,3 +132,10 @@ def test_errors_are_one_line_messages(tmp_path: Path, run: tuple[Path, Path]) ->
     assert out.exit_code == 1 and "other settings (projection)" in out.output and "--force" in out.output
     assert cli.invoke(main, [*args[:-1], "8", "--force"]).exit_code == 0
     assert sp.Store.open(store).meta["projection"]["dim"] == 8
+    out = cli.invoke(main, [*args, "--basis-layer-positions", "0"])
+    assert out.exit_code == 2 and "--basis-layer-positions" in out.output and "'all'" in out.output
+    # The spec's model is an MLP: the layers' budget cuts nothing, so 'all' gives the default's basis.
+    uncut = [*args[:-3], str(tmp_path / "all.sp"), "--dim", "8", "--basis-layer-positions", "all"]
+    assert cli.invoke(main, uncut).exit_code == 0
+    basis = [sp.Store.open(p).meta["projection"]["basis"] for p in (store, tmp_path / "all.sp")]
+    assert basis[0]["digest"] == basis[1]["digest"] and basis[0]["inputs"] == basis[1]["inputs"]

@@ -17,19 +17,19 @@ Usage (a plain loop; the Hugging Face Trainer and Lightning callbacks in ``integ
 P_in a_t at every Linear/Conv layer and tap the output gradient δ_t of the training backward, so each
 example's P ∇ℓ(z; θ_t) is summed from small outer products, never materialised.
 
-**The eigen projection** (the default when ``datasets=`` are given): as each window starts, one
-sampled-label Fisher pass over at most ``basis_examples`` examples of the stage at the current weights
-(``BasisPass``; Adam stages: the factors of D^{-1/2}-scaled gradients) joins the run's factor sums, and
-the window is projected with the basis of their average so far; at close the sums plus a pass at the final
-weights give the store's basis (post-hoc featurize's, for the same checkpoints and examples, where no pass
-was shortened), into which fit maps every window (``windows.py``). After the run's first window a pass
-visits at most ``basis_share`` of the examples the window before it trained on (at least
-``MIN_BASIS_PASS``), so short windows do not pay more for their basis than for their training. A resumed
-run re-takes the closed windows' passes at their checkpoints, each as long as it was (recorded with the
-window's basis). With the loss the batch mean,
-δ_t is (1/B)·∇ of the example's own loss: it is multiplied by B (``reduction="sum"``: by 1). The
-model is in training mode: this is the gradient training used (dropout masks, batch-norm batch
-statistics), where post-hoc featurize takes eval-mode gradients at the saved checkpoints.
+**The eigen projection** (the default when ``datasets=`` are given): as each window starts, one sampled-label
+Fisher pass over at most ``basis_examples`` examples of the stage (as few as give every layer
+``basis_layer_positions`` positions) at the current weights (``BasisPass``; Adam stages: the factors of
+D^{-1/2}-scaled gradients) joins the run's factor sums, and the window is projected with the basis of their
+average so far; at close the sums plus a pass at the final weights give the store's basis (post-hoc
+featurize's, for the same checkpoints and examples, where no pass was shortened), into which fit maps every
+window (``windows.py``). After the run's first window a pass visits at most ``basis_share`` of the examples
+the window before it trained on (at least ``MIN_BASIS_PASS``), so short windows do not pay more for their
+basis than for their training. A resumed run re-takes the closed windows' passes at their checkpoints, each as
+long as it was (recorded with the window's basis). With the loss the batch mean, δ_t is (1/B)·∇ of the
+example's own loss: it is multiplied by B (``reduction="sum"``: by 1). The model is in training mode: this is
+the gradient training used (dropout masks, batch-norm batch statistics), where post-hoc featurize takes
+eval-mode gradients at the saved checkpoints.
 
 **Curvature.** ``fisher="sampled"`` (default): labels drawn from the model (the true Fisher, as
 featurize), their gradients projected on every ``fisher_every``-th batch. With ``fisher_forward="training"``

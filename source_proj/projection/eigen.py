@@ -16,7 +16,8 @@ approximation of the full-space one, and issue 12's ablations (BENCHMARKS.md) sh
 the dense Rademacher projection at four times the k and the full-space Kronecker curvature.
 
 **Estimation.** One sampled-label Fisher pass (``FactorCollector``) over at most ``examples``
-training examples of each stage, at every checkpoint featurize visits; each checkpoint's A and B are
+training examples of each stage (as few as give every layer ``basis_layer_positions`` positions:
+``featurize/basis.py``), at every checkpoint featurize visits; each checkpoint's A and B are
 normalised (per position, per example) and the checkpoints are averaged, so a basis covers every
 stage's directions. On Adam and AdamW stages the factors are those of the preconditioned gradients
 D^{-1/2} ⊙ G, with D^{-1/2} in its rank-one row × column form (A ∘ c cᵀ, B ∘ r rᵀ), where a saved optimizer
