@@ -340,11 +340,11 @@ def _token_data(n: int = 40, positions: int = 6) -> TensorDataset:
     return TensorDataset(torch.randn(n, positions, 3, generator=g), torch.randint(0, 4, (n,), generator=g))
 
 
-def _basis_pass(model: nn.Module, data, **kwargs) -> BasisPass:
+def _basis_pass(model: nn.Module, data, examples: int = 30, **kwargs) -> BasisPass:
     task = sp.ClassificationTask()
     names = task.select_parameters(model)
-    return BasisPass(PerExampleGradients(model, task, names), task, {"main": data}, names, 12, examples=30, seed=0,
-                     batch_size=8, device=torch.device("cpu"), **kwargs)  # fmt: skip
+    return BasisPass(PerExampleGradients(model, task, names), task, {"main": data}, names, 12, examples=examples,
+                     seed=0, batch_size=8, device=torch.device("cpu"), **kwargs)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -404,6 +404,30 @@ def test_the_layers_budget_leaves_a_one_position_model_and_the_random_state_as_t
     cut.bar(["main"], progress=False).close()
     assert len(cut.subsets["main"]) == 4 and model.training and model.drop.training
     assert torch.equal(torch.get_rng_state(), state)
+
+
+class _ConvNet(nn.Module):
+    """A 3 × 3 convolution over 6 × 6 images (16 patches an image), then a linear layer (one position an image)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.head = nn.Conv2d(1, 2, 3), nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.conv(x)).flatten(1))
+
+
+def test_the_layer_with_the_fewest_positions_decides_how_many_examples_the_budget_keeps() -> None:
+    """A CNN whose last layer is linear: the convolution's 16 patches an image would need ⌈80/16⌉ = 5 images for a
+    budget of 80 positions, the linear layer (one position an image, 33 wide) 80; at the default budget it keeps
+    every image drawn, as an MLP does."""
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(200, 1, 6, 6, generator=g), torch.randint(0, 3, (200,), generator=g))
+    cut = _basis_pass(_ConvNet(), data, examples=150, layer_positions=80)
+    assert cut.inputs_cut() == [["layer examples", [("main", 80)]]] and len(cut.subsets["main"]) == 80
+    default = _basis_pass(_ConvNet(), data, examples=150, layer_positions=2048)
+    assert default.inputs_cut() == [] and len(default.subsets["main"]) == 150
 
 
 def test_a_store_whose_basis_visited_every_example_drawn_is_resumed_with_it(
