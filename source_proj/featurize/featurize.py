@@ -280,9 +280,10 @@ class _Featurize:
             store = Store.open(self.path)
             desc = store.meta.get("projection") or {}
             basis = desc.get("basis") or {}
-            # What the basis asked for estimates what a store's basis of more does: one of every position where
-            # none was sampled (``positions`` unrecorded), or of every example drawn where the layers' budget cut
-            # the subsets (a store featurized before ``basis_layer_positions``). A store projected with it keeps it.
+            # A store's basis estimated from more than asked for estimates what this one would, and its rows were
+            # projected with it, so it keeps it: one of every position where none was sampled (``positions``
+            # unrecorded), or of every example drawn where the layers' budget would cut the subsets (a store
+            # featurized before ``basis_layer_positions``, or with it off).
             whole = replace(projection, basis_layer_positions=None).basis_inputs(self.names)
             every = replace(projection, basis_positions=None, basis_layer_positions=None).basis_inputs(self.names)
             if desc.get("kind") == "eigen" and (
