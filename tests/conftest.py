@@ -43,6 +43,19 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ["PYTEST_DEBUG_TEMPROOT"] = str(RAM_DISK)
 
 
+class TokenModel(nn.Module):
+    """Two Linear layers at each of an example's positions (tokens: inputs ``[B, T, 3]``), their outputs averaged
+    into its 4 logits: every layer sees T positions an example, as a language model's do."""
+
+    def __init__(self, dropout: float = 0.0) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner, self.drop, self.head = nn.Linear(3, 5), nn.Dropout(dropout), nn.Linear(5, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(torch.tanh(self.inner(x)))).mean(1)
+
+
 def full_batch_run(
     run_dir: Path,
     model: nn.Module,

@@ -32,6 +32,8 @@ from source_proj.store.store import ckpt_key
 from source_proj.tasks.gradients import PerExampleGradients
 from source_proj.trajectory.preconditioner import checkpoint_preconditioner
 
+from .conftest import TokenModel
+
 DIM = 16
 
 
@@ -1193,18 +1195,6 @@ def test_eigen_capture_takes_any_k_its_blocks_allow(tmp_path: Path, classificati
                projection=sp.ProjectionArguments(dim=67, kind="factored"))  # fmt: skip
 
 
-class _Tokens(nn.Module):
-    """Two Linear layers at each of six positions (tokens) an example, their outputs averaged into its logits."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.inner, self.head = nn.Linear(3, 5), nn.Linear(5, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.inner(x))).mean(1)
-
-
 def test_eigen_capture_cuts_its_basis_passes_to_the_layers_budget_and_resumes_an_uncut_store_only_uncut(
     tmp_path: Path,
 ) -> None:
@@ -1216,7 +1206,7 @@ def test_eigen_capture_cuts_its_basis_passes_to_the_layers_budget_and_resumes_an
     data = TensorDataset(torch.randn(32, 6, 3, generator=g), torch.randint(0, 4, (32,), generator=g))
 
     def train(name: str, budget: int | None, steps: int = 8, resume: bool = False) -> None:
-        _train(tmp_path / name, tmp_path / f"{name}.sp", data, steps=steps, batch=8, save_every=4, model=_Tokens(),
+        _train(tmp_path / name, tmp_path / f"{name}.sp", data, steps=steps, batch=8, save_every=4, model=TokenModel(),
                options=sp.CaptureArguments(chunk_rows=8), datasets={"main": data}, resume=resume,
                projection=sp.ProjectionArguments(dim=12, kind="eigen", basis_layer_positions=budget))  # fmt: skip
 

@@ -4,6 +4,7 @@ SOURCE through it against SOURCE without a projection."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from source_proj.projection.layers import factorable_layers
 from source_proj.store.store import ckpt_key
 from source_proj.tasks.gradients import PerExampleGradients
 
-from .conftest import full_batch_run
+from .conftest import TokenModel, full_batch_run
 
 
 def _mlp() -> nn.Module:
@@ -159,6 +160,20 @@ def test_a_resumed_store_keeps_its_basis_and_other_data_are_refused(
     assert replaced.meta["projection"]["basis"]["digest"] != digest
 
 
+def _eigen_featurizer(tmp_path: Path, build: Callable[[], nn.Module], data: TensorDataset) -> Callable[..., sp.Store]:
+    """Two full-batch steps of ``build()`` on ``data`` (a checkpoint each), and featurize of that run into a given
+    path with the eigen projection at k = 12 and the given projection arguments."""
+    run = tmp_path / "run"
+    full_batch_run(run, build(), data, lambda o, y: F.cross_entropy(o, y, reduction="none"), lr=0.3, steps=2,
+                   save_every=1)  # fmt: skip
+
+    def featurize(path: Path, **projection) -> sp.Store:
+        return sp.featurize(run, build(), sp.ClassificationTask(), data, path, progress=False,
+                            projection=sp.ProjectionArguments(kind="eigen", dim=12, **projection))  # fmt: skip
+
+    return featurize
+
+
 class _Pooled(nn.Module):
     """A Linear layer over 6 positions per example, mean-pooled, then a classifier."""
 
@@ -181,13 +196,7 @@ def test_sampled_basis_positions_are_recorded_and_a_store_of_other_positions_is_
     head here, an MLP's layers), nothing is sampled and nothing recorded."""
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(24, 6, 3, generator=g), torch.randint(0, 4, (24,), generator=g))
-    run = tmp_path / "run"
-    full_batch_run(run, _Pooled(), data, lambda o, y: F.cross_entropy(o, y, reduction="none"), lr=0.3, steps=2,
-                   save_every=1)  # fmt: skip
-
-    def featurize(path: Path, **projection) -> sp.Store:
-        return sp.featurize(run, _Pooled(), sp.ClassificationTask(), data, path, progress=False,
-                            projection=sp.ProjectionArguments(kind="eigen", dim=12, **projection))  # fmt: skip
+    featurize = _eigen_featurizer(tmp_path, _Pooled, data)
 
     sampled = featurize(tmp_path / "sampled.sp", basis_positions=2)
     every = featurize(tmp_path / "every.sp", basis_positions=None)
@@ -323,18 +332,6 @@ def test_eigh_on_an_accelerator_path_agrees_with_numpy() -> None:
     assert np.allclose(t_vectors * signs, vectors, atol=1e-8)
 
 
-class _Tokens(nn.Module):
-    """Two Linear layers at each of an example's positions (tokens), their outputs averaged into its logits."""
-
-    def __init__(self, dropout: float = 0.0) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.inner, self.drop, self.head = nn.Linear(3, 5), nn.Dropout(dropout), nn.Linear(5, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.drop(torch.tanh(self.inner(x)))).mean(1)
-
-
 def _token_data(n: int = 40, positions: int = 6) -> TensorDataset:
     g = torch.Generator().manual_seed(0)
     return TensorDataset(torch.randn(n, positions, 3, generator=g), torch.randint(0, 4, (n,), generator=g))
@@ -367,8 +364,8 @@ def test_the_layers_budget_keeps_the_fewest_examples_of_the_draw_that_give_every
     examples, as few as give each layer max(budget, 2 × its widest side) positions, counted as an example's
     positions after the draw of ``positions``; the subset is that prefix of the uncut draw's order, so its
     examples are among the uncut ones, and the digest says the cut."""
-    whole = _basis_pass(_Tokens(), _token_data(), positions=positions)
-    cut = _basis_pass(_Tokens(), _token_data(), positions=positions, layer_positions=layer_positions)
+    whole = _basis_pass(TokenModel(), _token_data(), positions=positions)
+    cut = _basis_pass(TokenModel(), _token_data(), positions=positions, layer_positions=layer_positions)
     digest = cut.inputs_cut()  # counts the positions (a visit, or the progress bar, counts first too)
     assert len(cut.subsets["main"]) == kept
     np.testing.assert_array_equal(cut.orders["main"], whole.orders["main"][:kept])
@@ -394,7 +391,7 @@ def test_the_layers_budget_leaves_a_one_position_model_and_the_random_state_as_t
     train mode and the global random state untouched."""
     mlp = _basis_pass(_mlp(), classification_data, layer_positions=2048)
     assert mlp.inputs_cut() == [] and len(mlp.subsets["main"]) == len(classification_data)
-    model, task = _Tokens(dropout=0.5), sp.ClassificationTask()
+    model, task = TokenModel(dropout=0.5), sp.ClassificationTask()
     names = task.select_parameters(model)
     grads_fn = PerExampleGradients(model, task, names)  # which puts its model in eval mode
     model.train()
@@ -436,14 +433,7 @@ def test_a_store_whose_basis_visited_every_example_drawn_is_resumed_with_it(
     """A store featurized with ``basis_layer_positions=None`` (as every store before the option) holds the basis
     that the budget's cut estimates: featurize with the budget resumes it, without a new estimate. A store of the
     cut records the examples it kept, and its digest differs from the uncut store's."""
-    data = _token_data()
-    run = tmp_path / "run"
-    full_batch_run(run, _Tokens(), data, lambda o, y: F.cross_entropy(o, y, reduction="none"), lr=0.3, steps=2,
-                   save_every=1)  # fmt: skip
-
-    def featurize(path: Path, **projection) -> sp.Store:
-        return sp.featurize(run, _Tokens(), sp.ClassificationTask(), data, path, progress=False,
-                            projection=sp.ProjectionArguments(kind="eigen", dim=12, **projection))  # fmt: skip
+    featurize = _eigen_featurizer(tmp_path, TokenModel, _token_data())
 
     whole = featurize(tmp_path / "whole.sp", basis_layer_positions=None)
     cut = featurize(tmp_path / "cut.sp", basis_layer_positions=20)
