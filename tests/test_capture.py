@@ -1154,6 +1154,23 @@ def test_the_automatic_end_pass_is_taken_on_a_stage_of_two_epochs_or_more_and_on
     assert info.exit_code == 0 and said in info.output, info.output
 
 
+@pytest.mark.parametrize(("steps", "taken"), [(7, False), (8, True)])
+def test_the_automatic_end_pass_counts_the_examples_an_adam_stage_trained_on_captured_or_not(
+    tmp_path: Path, classification_data, steps: int, taken: bool
+) -> None:
+    """An AdamW stage's first batch is trained on but not captured (its D^{-1/2} is not known before it): 8 steps of
+    at most 8 over 30 examples are two epochs (60 examples) of which 52 were captured, and take the automatic end
+    pass; 7 steps (54) do not. The store counts each window's trained examples."""
+    store = tmp_path / "adam.sp"
+    _train(tmp_path / "run", store, classification_data, steps=steps, batch=8, save_every=4,
+           options=sp.CaptureArguments(chunk_rows=8), datasets={"main": classification_data},
+           optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))  # fmt: skip
+    meta = sp.Store.open(store).meta
+    assert sum(meta["capture_visits"].values()) == (60 if taken else 54)
+    assert int(sp.Store.open(store).read(window_array("visits", "main", 0)).sum()) == 22  # 30 trained, 8 skipped
+    assert bool(meta.get("capture_ends")) == taken
+
+
 def test_the_automatic_end_pass_counts_the_epochs_of_a_resumed_stage_and_of_a_store_without_the_visit_totals(
     tmp_path: Path, classification_data
 ) -> None:

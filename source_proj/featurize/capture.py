@@ -552,8 +552,10 @@ class GradientCapture:
                 store.write_chunk(counts, chunk, visits[part].cpu().numpy().astype(np.uint32))
             store.write_whole(window_array("fisher", stage, start), fisher.cpu().numpy())
             store.write_whole(window_array("fisher-count", stage, start), np.array([count], dtype=np.float64))
-            totals = dict(store.meta.get("capture_visits") or {})  # end_pass="auto" counts a stage's epochs from them
-            store.update_meta(capture_visits={**totals, f"{stage}/{start}": int(visits.sum())})
+            # The examples the window trained on, captured or not (an Adam stage's first batch is not): end_pass="auto"
+            # counts a stage's epochs from them.
+            totals = dict(store.meta.get("capture_visits") or {})
+            store.update_meta(capture_visits={**totals, f"{stage}/{start}": int(self._window_examples)})
 
     # -- batches ----------------------------------------------------------------------------
 
@@ -1095,8 +1097,8 @@ def _identity(key: str, value: Any) -> Any:
 
 
 def _stage_visits(store: Store, stage: str, starts: Sequence[int]) -> int:
-    """How many example visits the windows of ``stage`` from ``starts`` hold (``meta["capture_visits"]``; a window
-    written before it existed: its visits array)."""
+    """How many examples the windows of ``stage`` from ``starts`` trained on (``meta["capture_visits"]``; a window
+    written before it existed: the visits its array holds, which leave out an Adam stage's first batch)."""
     totals = store.meta.get("capture_visits") or {}
     total = 0
     for start in starts:
