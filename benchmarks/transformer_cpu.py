@@ -26,8 +26,9 @@ checkpoint, tokens, batch size and threads:
   apart: ``basis_seconds``; featurize takes it once per checkpoint, not per batch), its factors from 64
   random positions of each sequence (``basis_positions``, the default); ``eigen-all-positions``: the same
   with every position in the factors; ``eigen-b<E>`` (e.g. ``eigen-b128``): its basis pass over E sequences;
-  the default pass keeps the sequences that give each layer 2,048 positions (``basis_layer_positions``: 33 of
-  128 tokens here), ``eigen-all-examples`` all ``basis_examples`` (the default before it existed);
+  the default pass keeps the sequences that give each layer 2,048 positions (``basis_layer_positions``: 33
+  sequences here, 64 positions of each), ``eigen-all-examples`` all ``basis_examples`` (the default before it
+  existed);
 - ``bergson``: bergson's in-memory gradient collector, per-module projection of 16 modules × √(k/16)²
   (8 × 8 = 64 at k = 1,024).
 
