@@ -333,18 +333,24 @@ def _positions_per_example(
 
 
 @contextmanager
-def _evaluating(model: nn.Module) -> Iterator[None]:
-    """``model`` in eval mode, with the global random state (CPU and the model's GPU) restored on exit, and every
-    module's train/eval mode."""
+def modes_kept(model: nn.Module) -> Iterator[None]:
+    """Put every module of ``model`` back in the train/eval mode it had on entry."""
     modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
+@contextmanager
+def _evaluating(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode, with the global random state (CPU and the model's GPU) and every module's train/eval
+    mode restored on exit."""
     devices = [d for d in {p.device for p in model.parameters()} if d.type == "cuda"]
-    with torch.random.fork_rng(devices=devices):
-        try:
-            model.eval()
-            yield
-        finally:
-            for module, mode in modes:
-                module.training = mode
+    with torch.random.fork_rng(devices=devices), modes_kept(model):
+        model.eval()
+        yield
 
 
 class _Refused(Exception):

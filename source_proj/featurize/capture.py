@@ -75,7 +75,7 @@ from tqdm.auto import tqdm
 from source_proj import __version__
 from source_proj.errors import NumericalError, StoreError, TaskError
 from source_proj.featurize.arguments import ProjectionArguments
-from source_proj.featurize.basis import BasisPass, NoBasis, rank_one_sides
+from source_proj.featurize.basis import BasisPass, NoBasis, modes_kept, rank_one_sides
 from source_proj.featurize.grow import record_growth
 from source_proj.featurize.windows import (
     ADAM_KINDS,
@@ -328,7 +328,7 @@ class GradientCapture:
         if projection.kind == "eigen":
             assert self.datasets is not None
             try:
-                with _modes_kept(self.model):  # PerExampleGradients puts its model in eval mode
+                with modes_kept(self.model):  # PerExampleGradients puts its model in eval mode
                     grads_fn = PerExampleGradients(self.model, task, names)
                 self._pass = BasisPass.of(projection, grads_fn, task, self.datasets, names,
                                           batch_size=options.basis_batch, device=self.device,
@@ -639,7 +639,7 @@ class GradientCapture:
         assert self._pass is not None
         d = live_preconditioner(self.recorder.optimizer, self.params) if adam else None
         sides = None if d is None else rank_one_sides(d, self._pass.layers)
-        with _modes_kept(self.model), self._basis_data(stage, f"the eigen projection's basis pass, {where}"):
+        with modes_kept(self.model), self._basis_data(stage, f"the eigen projection's basis pass, {where}"):
             self.model.eval()
             return self._pass.visit(stage, where, self._pass.quiet(), sides, limit)
 
@@ -794,7 +794,7 @@ class GradientCapture:
 
     def _check(self, batch: Batch) -> None:
         """Once: the layer hooks must reproduce the materialised per-example gradients (tied weights…)."""
-        with _modes_kept(self.model):
+        with modes_kept(self.model):
             grads_fn = PerExampleGradients(self.model, self.task, self.names)
             self.projector.check_layers(grads_fn, batch)
         self._checked = True
@@ -840,7 +840,7 @@ class GradientCapture:
         target, self._target = self._target, None
         self._inside_check = True
         try:
-            with _modes_kept(self.model), torch.no_grad():
+            with modes_kept(self.model), torch.no_grad():
                 self.model.eval()
                 own = self.task.outputs_of(module(*args, **kwargs)).float()
                 expected = self._bound_task().forward(self.model, batch).float()
@@ -871,7 +871,7 @@ class GradientCapture:
         generator = self._fisher_generator()
         out = torch.zeros(count, self.dim, dtype=torch.float32, device=self.device)
         try:
-            with _modes_kept(self.model), torch.enable_grad():
+            with modes_kept(self.model), torch.enable_grad():
                 self.model.eval()
                 self._target = out
                 task = self._bound_task()
@@ -988,7 +988,7 @@ class GradientCapture:
                 if self.recorder.stage_optimizers().get(stage) in ADAM_KINDS:
                     d = live_preconditioner(self.recorder.optimizer, self.params)
                     self._transform = None if d is None else projector.scaling({n: t.rsqrt() for n, t in d.items()})
-                with _modes_kept(self.model), model_errors(what), torch.enable_grad():
+                with modes_kept(self.model), model_errors(what), torch.enable_grad():
                     self.model.eval()
                     for batch in tqdm(loader, desc=f"end pass ({stage})", unit="batch", disable=not self._progress):
                         batch = move_batch(batch, self.device)
@@ -1063,7 +1063,7 @@ class GradientCapture:
         data fingerprint an earlier session of the run wrote."""
         if self._reference is None:  # no batch was ever captured
             return None
-        with _modes_kept(self.model):
+        with modes_kept(self.model):
             values = model_fingerprint(self.model, self.task, self._reference, self.device)
         data = {stage: entry for stage, entry in (recorded or {}).items() if stage not in self._trained}
         data.update(self._data)
@@ -1121,17 +1121,6 @@ def _drop_window_basis(store: Store, stage: str, start: int) -> None:
         return
     store.delete(window_basis_array(stage, start))
     store.update_meta(capture_bases=bases)
-
-
-@contextlib.contextmanager
-def _modes_kept(model: nn.Module) -> Iterator[None]:
-    """Put every module of ``model`` back in the train/eval mode it had on entry."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        yield
-    finally:
-        for module, mode in modes:
-            module.training = mode
 
 
 def _stored_windows(store: Store) -> list[tuple[str, int]]:
