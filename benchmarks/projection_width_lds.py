@@ -1,0 +1,96 @@
+"""LDS of SOURCE on the text example's fine-tuning stage for each projection kind and k, at a chosen width.
+
+    python benchmarks/projection_width_lds.py [--width 256] [--reference runs/text-w256]
+        [--variants eigen:512,factored:512,rademacher:512,factored:2048] [--subsets 50] [--repeats 4]
+        [--workers 2] [--threads 2] [--out runs/projection-width]
+
+The random projections' error grows with the parameters per projected dimension (p / k), the eigen
+projection's does not need to: it keeps each layer's top Kronecker-factor directions. This measures that on
+one model: the example's GPT-2 (two AdamW stages) widened to ``--width``, the Conv1D layers attributed (the task
+of ``capture_text_lds.py``), one store per ``kind:k`` featurized from the same recorded run and fitted with the
+same SOURCE. The recorded run and the ground truth (the pre-trained model fine-tuned again on random halves,
+α = 0.5) are ``capture_text_lds.py``'s, under REFERENCE (``run``, ``finetune/retrains``): made there when missing,
+reused when present. Prints LDS [95 % CI], each store's per-query difference to the first variant with a 95 %
+bootstrap interval, and featurize seconds; writes OUT/results.json. The dense ``rademacher`` kind redraws a
+p × k matrix for every batch: about 10 minutes at width 256 and k = 512 on 2 threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples" / "text"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import capture_text_lds as ctl  # noqa: E402
+import lm  # noqa: E402
+from capture_lds import paired  # noqa: E402
+
+import source_proj as sp  # noqa: E402
+from source_proj import evaluation as ev  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--width", type=int, default=256, help="the model's n_embd (the example's is 64)")
+    parser.add_argument("--reference", type=Path, default=Path("runs/text-w256"))
+    parser.add_argument("--variants", default="eigen:512,factored:512,rademacher:512,factored:2048")
+    parser.add_argument("--subsets", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--out", type=Path, default=Path("runs/projection-width"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    config = ctl.CONFIG[0] = replace(lm.CONFIG, n_embd=args.width)
+    run = args.reference / "run"
+    if not (run / "trajectory.json").exists() or not sp.Trajectory.load(run).complete:
+        lm.train(config, seed=0, run_dir=run)
+    variants = {}
+    for item in args.variants.split(","):
+        kind, _, dim = item.partition(":")
+        variants[f"{kind}, k = {dim}"] = sp.ProjectionArguments(dim=int(dim), kind=kind)
+    scores, seconds, rows = {}, {}, None
+    for name, projection in variants.items():
+        store = args.out / f"{name.replace(', k = ', '-k')}.sp"
+        start = time.perf_counter()
+        sp.featurize(run, lm.build_model(config=config), ctl.task(), lm.corpus(config).train, store,
+                     projection=projection, options=sp.FeaturizeArguments(batch_size=32, chunk_rows=128),
+                     overwrite=True, progress=False)  # fmt: skip
+        seconds[name] = time.perf_counter() - start
+        sp.fit(store, sp.FitArguments(stages=("finetune",), method=ctl.METHOD), overwrite=True, progress=False)
+        attributor = sp.Attributor(store, lm.build_model(config=config), ctl.task(), method=ctl.METHOD)
+        scores[name], rows = attributor.scores(lm.corpus(config).queries), attributor.rows
+        print(f"{name}: featurized in {seconds[name]:.1f} s", flush=True)
+    assert rows is not None
+    lds_args = ev.LDSArguments(alpha=0.5, num_subsets=args.subsets, repeats=args.repeats, workers=args.workers)
+    truth = ev.lds_ground_truth(lm.Retrain(str(run), config=config, fixed_init=False), rows,
+                                args.reference / "finetune" / "retrains", lds_args)  # fmt: skip
+    results = {name: ev.lds(s, truth, lds_args) for name, s in scores.items()}
+    first = next(iter(results))
+    model = lm.build_model(config=config)
+    chosen = set(ctl.task().select_parameters(model))
+    params = sum(p.numel() for name, p in model.named_parameters() if name in chosen)
+    lines = [f"width {args.width} ({params:,} parameters attributed), M = {args.subsets}, R = {args.repeats}, "
+             f"{len(lm.corpus(config).queries)} queries", "",
+             f"| projection | LDS [95 % CI] | − {first}, per query [95 % CI] | featurize s |",
+             "|---|---|---|---|"]  # fmt: skip
+    for name, result in results.items():
+        diff = "" if name == first else "{:+.3f} [{:+.3f}, {:+.3f}]".format(*paired(result, results[first]))
+        lines.append(f"| {name} | {result.mean:.3f} [{result.low:.3f}, {result.high:.3f}] | {diff} | "
+                     f"{seconds[name]:.1f} |")  # fmt: skip
+    print("\n".join(lines))
+    (args.out / "results.json").write_text(json.dumps(
+        {n: {"lds": r.mean, "low": r.low, "high": r.high, "featurize_s": seconds[n]} for n, r in results.items()},
+        indent=1))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
