@@ -32,6 +32,9 @@ checkpoint, tokens, batch size and threads:
 - ``bergson``: bergson's in-memory gradient collector, per-module projection of 16 modules × √(k/16)²
   (8 × 8 = 64 at k = 1,024).
 
+A method named ``<method>@<k>`` (``bergson@4096``) runs at that k instead of ``--dim``, in the same run: a peer
+at the k where its projected inner products are as faithful as ours, beside ours at ``--dim``.
+
 ``--precision bf16``: the training step and our methods run forward and backward under bfloat16 autocast
 (``FeaturizeArguments(precision="bf16")``: the projections' sides in bf16, their sums in fp32); bergson gets the
 model in bfloat16 (its ``precision="bf16"``: the parameters' dtype). The exact inner products stay float64.
@@ -153,6 +156,9 @@ def worker(method: str, out: Path, config: dict) -> dict:
     run = out / "run"
     few = ids[: config["pairs_of"]]
     result: dict = {"method": method}
+    if "@" in method:  # <method>@<k>: this method at its own k
+        method, _, dim = method.partition("@")
+        config = {**config, "dim": int(dim)}
     if method == "exact":
         import source_proj as sp
         from source_proj.tasks.gradients import PerExampleGradients
@@ -195,7 +201,7 @@ def worker(method: str, out: Path, config: dict) -> dict:
     else:
         features = _source_proj(method, out, ids, few, config, result)
     if features is not None:
-        np.save(out / f"gram-{method}.npy", (features.double() @ features.double().T).numpy())
+        np.save(out / f"gram-{result['method']}.npy", (features.double() @ features.double().T).numpy())
     result["peak_rss_gib"] = peak_rss_gib()
     return result
 
