@@ -209,10 +209,10 @@ def low_rank(grid: Tensor, rank: int, weights: Tensor | None = None) -> tuple[Te
     w = weights.double().to(s.device)
     w = w / w.max().clamp_min(1e-300)
     _, v = _svd(w.sqrt() * s, rank)
-    ridge = 1e-12
+    ridge, ws = 1e-12, w * s  # w ⊙ s once, not at every half-step
     for _ in range(_ALS_STEPS):
-        u = _weighted_solve(w, s, v, ridge)
-        v = _weighted_solve(w.T, s.T, u, ridge)
+        u = _weighted_solve(w, ws, v, ridge)
+        v = _weighted_solve(w.T, ws.T, u, ridge)
     sign = torch.where(v.sum(1, keepdim=True) < 0, -1.0, 1.0).to(v)
     return (u * sign).contiguous(), (v * sign).contiguous()
 
@@ -220,13 +220,13 @@ def low_rank(grid: Tensor, rank: int, weights: Tensor | None = None) -> tuple[Te
 _ALS_STEPS = 30
 
 
-def _weighted_solve(w: Tensor, s: Tensor, v: Tensor, ridge: float) -> Tensor:
-    """Rows u_i = argmin Σ_j w_ij (s_ij − u_iᵀ v_j)² for fixed ``v`` ``[R, n]``: ``[R, m]``."""
+def _weighted_solve(w: Tensor, ws: Tensor, v: Tensor, ridge: float) -> Tensor:
+    """Rows u_i = argmin Σ_j w_ij (s_ij − u_iᵀ v_j)² for fixed ``v`` ``[R, n]``: ``[R, m]`` (``ws``: w ⊙ s)."""
     if v.shape[0] == 1:  # R = 1 (the default): the same solve as scalars, without the batched R × R systems
-        gram1, target1 = w @ (v[0] * v[0]), (w * s) @ v[0]
+        gram1, target1 = w @ (v[0] * v[0]), ws @ v[0]
         return (target1 / (gram1 + ridge * gram1.clamp_min(1e-300))).unsqueeze(0)
     gram = torch.einsum("ij,rj,qj->irq", w, v, v)  # [m, R, R]
-    target = torch.einsum("ij,rj->ir", w * s, v)  # [m, R]
+    target = torch.einsum("ij,rj->ir", ws, v)  # [m, R]
     scale = gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-300)  # rows without weight get u_i = 0
     gram = gram + ridge * scale[:, None, None] * torch.eye(v.shape[0], dtype=v.dtype, device=v.device)
     return torch.linalg.solve(gram, target).T
