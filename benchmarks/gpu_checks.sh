@@ -18,7 +18,8 @@
 #   query-10m         issue 13: 10,000 top-50 queries over 10M rows (k = 1,024, fp32 and bf16 rows)
 #   (not in the 10 minutes: the default eigen projection on GPT-2 124M, its basis pass included, is
 #   `python3 benchmarks/transformer_gpu.py --model gpt2-124m --length 1024 --sequences 512 --steps 40
-#    --dim 16384 --precision bf16 --projection eigen --phases featurize,fit`, on a second call)
+#    --dim 16384 --precision bf16 --projection eigen --phases featurize,fit --out /tmp/transformer-gpu`, on a
+#   second call while the machine is still warm: it reads the run the gpt2-124m step trained)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

@@ -214,10 +214,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.out.mkdir(parents=True, exist_ok=True)
     vocab = MODELS[args.model][1]["vocab_size"]
     data = Blocks(stdlib_tokens(args.sequences * args.length, vocab).reshape(args.sequences, args.length))
+    wanted = args.phases.split(",")
+    if "train" not in wanted and {"featurize", "fit"} & set(wanted) and not (args.out / "run").is_dir():
+        raise SystemExit(f"--phases {args.phases} reads the run of an earlier call in {args.out / 'run'}, which is "
+                         "not there: add the train phase, or pass that call's --out.")  # fmt: skip
     results = []
     phases = {"train-step": lambda: step_rate(args, data, device), "train": lambda: train(args, data, device),
               "featurize": lambda: featurize(args, data, device), "fit": lambda: fit(args, device)}  # fmt: skip
-    for phase in args.phases.split(","):
+    for phase in wanted:
         result = phases[phase]() | {"model": args.model, "length": args.length, "device": str(device),
                                     "precision": args.precision}  # fmt: skip
         print(json.dumps(result), flush=True)
