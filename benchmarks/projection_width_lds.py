@@ -3,6 +3,8 @@
     python benchmarks/projection_width_lds.py [--width 256] [--reference runs/text-w256]
         [--variants eigen:512,factored:512,rademacher:512,factored:2048] [--subsets 50] [--repeats 4]
         [--workers 2] [--threads 2] [--out runs/projection-width]
+    python benchmarks/projection_width_lds.py --draw runs/projection-width-64,runs/projection-width \
+        --figure docs/projection_width.png
 
 The random projections' error grows with the parameters per projected dimension (p / k), the eigen
 projection's does not need to: it keeps each layer's top Kronecker-factor directions. This measures that on
@@ -11,8 +13,9 @@ of ``capture_text_lds.py``), one store per ``kind:k`` featurized from the same r
 same SOURCE. The recorded run and the ground truth (the pre-trained model fine-tuned again on random halves,
 α = 0.5) are ``capture_text_lds.py``'s, under REFERENCE (``run``, ``finetune/retrains``): made there when missing,
 reused when present. Prints LDS [95 % CI], each store's per-query difference to the first variant with a 95 %
-bootstrap interval, and featurize seconds; writes OUT/results.json. The dense ``rademacher`` kind redraws a
-p × k matrix for every batch: about 10 minutes at width 256 and k = 512 on 2 threads.
+bootstrap interval, and featurize seconds; writes OUT/results.json and OUT/lds.png (LDS against k, a line per
+kind). ``--draw`` draws earlier runs' results side by side, a panel each, into ``--figure``. The dense
+``rademacher`` kind redraws a p × k matrix for every batch: about 10 minutes at width 256 and k = 512 on 2 threads.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from capture_lds import paired  # noqa: E402
 
 import source_proj as sp  # noqa: E402
 from source_proj import evaluation as ev  # noqa: E402
+from source_proj.figures import pyplot, save_figure  # noqa: E402
 
 
 def main() -> None:
@@ -47,7 +51,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--out", type=Path, default=Path("runs/projection-width"))
+    parser.add_argument("--draw", default=None, help="comma-separated OUT folders of earlier runs: draw them only")
+    parser.add_argument("--figure", type=Path, default=Path("runs/projection-width.png"), help="with --draw")
     args = parser.parse_args()
+    if args.draw:
+        draw([json.loads((Path(d) / "results.json").read_text()) for d in args.draw.split(",")], args.figure)
+        return
     torch.set_num_threads(args.threads)
     config = ctl.CONFIG[0] = replace(lm.CONFIG, n_embd=args.width)
     run = args.reference / "run"
@@ -87,9 +96,41 @@ def main() -> None:
         lines.append(f"| {name} | {result.mean:.3f} [{result.low:.3f}, {result.high:.3f}] | {diff} | "
                      f"{seconds[name]:.1f} |")  # fmt: skip
     print("\n".join(lines))
-    (args.out / "results.json").write_text(json.dumps(
-        {n: {"lds": r.mean, "low": r.low, "high": r.high, "featurize_s": seconds[n]} for n, r in results.items()},
-        indent=1))  # fmt: skip
+    record = {"width": args.width, "parameters": params, "queries": len(lm.corpus(config).queries),
+              "results": {n: {"lds": r.mean, "low": r.low, "high": r.high, "featurize_s": seconds[n]}
+                          for n, r in results.items()}}  # fmt: skip
+    (args.out / "results.json").write_text(json.dumps(record, indent=1))
+    draw([record], args.out / "lds.png")
+
+
+COLORS = {"eigen": "tab:blue", "factored": "tab:orange", "rademacher": "tab:green"}
+
+
+def draw(records: list[dict], path: Path) -> None:
+    """LDS against k (log scale), a line per projection kind with its 95 % interval, a panel per run."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(records), figsize=(4.6 * len(records), 3.6), sharey=True, squeeze=False)
+    for ax, record in zip(axes[0], records, strict=True):
+        kinds: dict[str, list[tuple[int, dict]]] = {}
+        for name, r in record["results"].items():
+            kind, _, dim = name.partition(", k = ")
+            kinds.setdefault(kind, []).append((int(dim), r))
+        for kind, points in kinds.items():
+            points.sort(key=lambda p: p[0])
+            ks, mid = [k for k, _ in points], [r["lds"] for _, r in points]
+            err = [[r["lds"] - r["low"] for _, r in points], [r["high"] - r["lds"] for _, r in points]]
+            ax.errorbar(ks, mid, yerr=err, marker="o", capsize=3, label=kind, color=COLORS.get(kind))
+        ax.set_xscale("log", base=2)
+        ticks = sorted({int(name.partition(", k = ")[2]) for name in record["results"]})
+        ax.set_xticks(ticks, [f"{k:,}" for k in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("projection dimension k")
+        ax.set_title(f"width {record['width']}: {record['parameters']:,} parameters")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("LDS (SOURCE, fine-tuning stage)")
+    axes[0][-1].legend(loc="lower right")
+    save_figure(fig, path)
+    print(f"picture: {path}")
 
 
 if __name__ == "__main__":
