@@ -101,13 +101,15 @@ FACTORED = ["--projection", "factored", "--dim", "16", "--shard-parameters"]
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path, spec: Path) -> Path:
     """The store one process writes with the CLI; next to it ``one-fitted.sp``, the same fitted with two
-    segments per stage, and ``one-factored.sp``, featurized with the factored projection and --shard-parameters
-    (one process: nothing to shard). Copy them before changing them."""
+    segments per stage, and ``one-factored.sp`` and ``one-eigen.sp``, featurized with the factored and the
+    (default) eigen projection and --shard-parameters (one process: nothing to shard). Copy them before changing
+    them."""
     root = tmp_path_factory.mktemp("one")
     _in_process(*_featurize(tiny_run, spec, root / "one.sp"))
     shutil.copytree(root / "one.sp", root / "one-fitted.sp")
     _in_process("fit", str(root / "one-fitted.sp"), "--segments", "2")
     _in_process(*_featurize(tiny_run, spec, root / "one-factored.sp", *FACTORED))
+    _in_process(*_featurize(tiny_run, spec, root / "one-eigen.sp", "--shard-parameters"))
     return root / "one.sp"
 
 
@@ -133,7 +135,8 @@ featurize = ["featurize", "--ckpts", {run!r}, "--spec", {spec!r}, *{featurize!r}
 cli(*featurize, "--out", "2.sp")
 cli("fit", "2.sp", "--segments", "2")
 cli(*featurize, "--out", "2-factored.sp", *{factored!r})
-cli(*featurize, "--out", "refused.sp", "--shard-parameters")
+cli(*featurize, "--out", "2-eigen.sp", "--shard-parameters")
+cli(*featurize, "--out", "refused.sp", "--projection", "rademacher", "--shard-parameters")
 {probe}
 dist.destroy_process_group()
 """
@@ -143,7 +146,8 @@ dist.destroy_process_group()
 def two_ranks(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path, spec: Path) -> tuple[Path, str]:
     """(folder, output) of one torchrun launch of two gloo ranks that run, in one process group: featurize
     (``2.sp``), fit --segments 2 of it, featurize with the factored projection and --shard-parameters
-    (``2-factored.sp``), the same with the default projection (refused), and :data:`PROBE`."""
+    (``2-factored.sp``), the same with the default eigen projection (``2-eigen.sp``) and with the dense one
+    (refused), and :data:`PROBE`."""
     root = tmp_path_factory.mktemp("two-ranks")
     script = root / "ranks.py"
     arguments = {"run": str(tiny_run), "spec": str(spec), "featurize": FEATURIZE, "factored": FACTORED}
@@ -244,14 +248,19 @@ def test_sharded_parameters_on_gloo_ranks_write_the_store_one_process_writes(
     tmp_path: Path, tiny_run: Path, spec: Path, one_process: Path, two_ranks: tuple[Path, str]
 ) -> None:
     """2 and 3 ranks each hold a slice of every layer and gather it only while it runs (in lock step, the
-    ranks with fewer rows running batches they discard): every byte of the store equals one process's."""
+    ranks with fewer rows running batches they discard): every byte of the store equals one process's, with
+    the factored projection and (2 ranks) the eigen one, whose basis pass runs through the gathered layers."""
     reference = files(one_process.with_name("one-factored.sp"))
     store = tmp_path / "3.sp"
     _run(_torchrun(3, "-m", "source_proj.cli", *_featurize(tiny_run, spec, store, *FACTORED)))
     assert files(store) == reference, "3 ranks"
     root, out = two_ranks
     assert files(root / "2-factored.sp") == reference, out
-    refusal = "refused: Sharded parameters need the 'factored' projection (it needs no parameter gradient)"
+    # The eigen projection: each rank runs the same basis pass through the gathered layers, as one process does.
+    eigen = files(one_process.with_name("one-eigen.sp"))
+    assert any(name.startswith("projection/") or "basis" in name for name in eigen), sorted(eigen)[:20]
+    assert files(root / "2-eigen.sp") == eigen, out
+    refusal = "refused: Sharded parameters need the 'eigen' or 'factored' projection (they need no parameter gradient)"
     assert out.count(refusal) == 2, out  # each rank
     assert not (root / "refused.sp").exists()
 

@@ -238,7 +238,7 @@ def main() -> None:
     "--shard-parameters",
     is_flag=True,
     help="Under torchrun: keep 1/W of the model's parameters on each rank, gathering a layer's only while it runs "
-    "(models larger than one device; --projection factored).",
+    "(models larger than one device; --projection eigen or factored).",
 )
 @click.option(
     "--shard-chunks",

@@ -158,7 +158,7 @@ class FeaturizeArguments:
             existing store keeps the layout it was created with.
         shard_parameters: under torchrun, keep 1/W of the model's parameters on each of the W ranks and
             gather a layer's only while it runs (``sharded.py``): featurize models larger than one
-            device. Needs the ``factored`` projection covering every attributed parameter, the
+            device. Needs the ``eigen`` or ``factored`` projection covering every attributed parameter, the
             sampled or empirical Fisher and a segmentation not placed automatically; one process
             ignores it.
     """

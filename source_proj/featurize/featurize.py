@@ -140,6 +140,8 @@ def featurize(
         trajectory, model, task, train_data, str(store_path), projection, options, spec, progress, group, grow
     )
     job.overwrite = overwrite
+    if job.lockstep is not None:
+        job.set_up_together(group)
     run_sharded(job.path, job, group, overwrite=overwrite, keep_new=_has_features)
     return Store.open(job.path, writable=True)
 
@@ -195,6 +197,8 @@ class _Featurize:
             self.grads_fn = PerExampleGradients(
                 self.work_model, self.task, self.names, vmap_chunk=options.vmap_chunk, precision=options.precision
             )
+            if self.shards is not None:
+                self.grads_fn.device = self.device  # the parameters are placeholders between layers
             data_print = data_fingerprint(self.datasets)
             # What θ_T computes on a fixed reference batch, and what the data hold (see provenance.py).
             with model_errors("the training examples"):
@@ -226,7 +230,6 @@ class _Featurize:
             _warn_dense_on_cpu(self.projector, self.device)
             if self.shards is not None:
                 _check_factored(self.projector)
-                self.grads_fn.device = self.device  # the parameters are placeholders between layers
                 # The once-per-projector check materialises every layer's per-example gradients, which sharded
                 # parameters never hold; a weight used outside its layer fails on its placeholder instead.
                 self.projector._checked = True  # type: ignore[attr-defined]
@@ -268,6 +271,18 @@ class _Featurize:
             }
         return self._meta
 
+    def set_up_together(self, group: Ranks) -> None:
+        """Sharded parameters: every rank sets up (``_setup``) before rank 0 prepares the store, since the eigen
+        projection's basis pass gathers each layer on every rank. Each runs the same pass over the same seeded
+        draw, so each holds the basis one process estimates; a failure on any rank stops them all."""
+        error = None
+        try:
+            check_checkpoints(self.trajectory, copy.deepcopy(self.model).cpu())
+            self._setup()
+        except Exception as err:  # every rank learns of it (``Ranks.agree``), none waits in a gather
+            error = err
+        group.agree(error)
+
     def _eigen_basis(self) -> EigenBasis:
         """The eigen projection's basis: the store's own when it was estimated with the same projection
         arguments (a resumed featurize, a grown store, or inputs that changed otherwise, which the store's
@@ -291,7 +306,10 @@ class _Featurize:
             ):
                 with contextlib.suppress(StoreError):  # half-written: estimate it again
                     return EigenBasis.read(store, basis)
-        return estimate_basis(trajectory, trajectory.checkpoints, pass_, inputs=inputs, progress=self.progress)
+        # Sharded parameters: every rank runs the same pass over the same seeded draw, so the ranks gather each
+        # layer together, and each estimates the basis one process would (the gathered weights are the same).
+        with self.shards.saving() if self.shards is not None else contextlib.nullcontext():
+            return estimate_basis(trajectory, trajectory.checkpoints, pass_, inputs=inputs, progress=self.progress)
 
     def _plan(self, store: Store, overwrite: bool = False, record: bool = False) -> FeaturizePlan:
         self._setup()
@@ -597,7 +615,8 @@ def _check_shardable(group: Ranks, projection: ProjectionArguments, options: Fea
             "featurize under torchrun without --shard, or without --shard-parameters."
         )
     reasons = {
-        "the 'factored' projection (it needs no parameter gradient)": projection.kind != "factored",
+        "the 'eigen' or 'factored' projection (they need no parameter gradient)": projection.kind
+        not in ("eigen", "factored"),
         "the sampled or empirical Fisher": options.fisher == "exact",
         "a segmentation not placed automatically (its probe runs on one process)": bool(
             options.segmentation is not None and options.segmentation.auto is not None

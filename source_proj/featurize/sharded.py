@@ -14,8 +14,9 @@ The ranks process different examples (each its own row chunks) but must gather t
 the same moment: featurize runs them in lock step, one feature point (checkpoint) at a time, and a
 rank with fewer batches of that point runs batches it discards (see ``featurize.py``). Per-example
 gradients come out per example exactly as in one process: the gathered values are bit-identical to
-the unsharded ones. The factored projection needs no parameter gradient at all (only layer inputs
-and output gradients), which is why it is the projection this mode supports.
+the unsharded ones. The factored and eigen projections need no parameter gradient at all (only layer
+inputs and output gradients), which is why they are the projections this mode supports; the eigen
+projection's basis pass runs on every rank, over the same examples, before the store is prepared.
 
 Checkpoints are loaded through ``load_state_dict`` as usual: a hook keeps the rank's slice of
 every parameter (each process reads the checkpoint file on the host).
