@@ -16,7 +16,7 @@ import contextlib
 import copy
 import itertools
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -180,6 +180,7 @@ class _Featurize:
         self.progress = progress and (group.leader or not group.coordinated)
         self._meta: dict[str, Any] | None = None
         self.overwrite = False  # the eigen basis of a store being replaced is estimated again
+        self._checkpoints_checked = False
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -274,14 +275,24 @@ class _Featurize:
     def set_up_together(self, group: Ranks) -> None:
         """Sharded parameters: every rank sets up (``_setup``) before rank 0 prepares the store, since the eigen
         projection's basis pass gathers each layer on every rank. Each runs the same pass over the same seeded
-        draw, so each holds the basis one process estimates; a failure on any rank stops them all."""
-        error = None
-        try:
-            check_checkpoints(self.trajectory, copy.deepcopy(self.model).cpu())
-            self._setup()
-        except Exception as err:  # every rank learns of it (``Ranks.agree``), none waits in a gather
-            error = err
-        group.agree(error)
+        draw, so each holds the basis one process estimates; a failure on any rank stops them all. Rank 0 checks the
+        checkpoints first, as it would in ``prepare``; the other ranks take part in that step's agreement only."""
+        nothing: Callable[[], None] = lambda: None  # noqa: E731
+        for step in (self._check_checkpoints if group.leader else nothing, self._setup):  # as many agreements each
+            error = None
+            try:
+                step()
+            except Exception as err:  # every rank learns of it (``Ranks.agree``), none waits in a gather
+                error = err
+            group.agree(error)
+
+    def _check_checkpoints(self) -> None:
+        """Every checkpoint loads and is finite (``check_checkpoints``), once: a bad one is reported before any
+        setting the checkpoints do not fit."""
+        if not self._checkpoints_checked:
+            whole = self.work_model if self.shards is None else copy.deepcopy(self.model).cpu()
+            check_checkpoints(self.trajectory, whole)
+            self._checkpoints_checked = True
 
     def _eigen_basis(self) -> EigenBasis:
         """The eigen projection's basis: the store's own when it was estimated with the same projection
@@ -316,7 +327,7 @@ class _Featurize:
         return featurize_plan(self.trajectory, store, self.datasets, self.names, self.options, overwrite, record=record)
 
     def prepare(self, overwrite: bool) -> None:
-        check_checkpoints(self.trajectory, self.work_model if self.shards is None else copy.deepcopy(self.model).cpu())
+        self._check_checkpoints()
         store = self._open_or_create(overwrite)
         if self.basis is not None:
             for name, values in self.basis.arrays():
