@@ -47,6 +47,8 @@ class Slow(Dataset):
 
 
 def build_task():
+    if os.environ.get("ONLY_BIASES"):  # no layer the eigen projection can factor
+        return sp.ClassificationTask(parameters=sp.ParameterSelection(include=["*bias"]))
     return sp.ClassificationTask()
 
 
@@ -114,6 +116,8 @@ def one_process(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path, spec: 
 
 
 TWO_RANKS = """
+import os
+
 import click
 import torch.distributed as dist
 
@@ -137,6 +141,9 @@ cli("fit", "2.sp", "--segments", "2")
 cli(*featurize, "--out", "2-factored.sp", *{factored!r})
 cli(*featurize, "--out", "2-eigen.sp", "--shard-parameters")
 cli(*featurize, "--out", "refused.sp", "--projection", "rademacher", "--shard-parameters")
+os.environ["ONLY_BIASES"] = "1"
+cli(*featurize, "--out", "no-layers.sp", "--shard-parameters")
+del os.environ["ONLY_BIASES"]
 {probe}
 dist.destroy_process_group()
 """
@@ -146,8 +153,8 @@ dist.destroy_process_group()
 def two_ranks(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path, spec: Path) -> tuple[Path, str]:
     """(folder, output) of one torchrun launch of two gloo ranks that run, in one process group: featurize
     (``2.sp``), fit --segments 2 of it, featurize with the factored projection and --shard-parameters
-    (``2-factored.sp``), the same with the default eigen projection (``2-eigen.sp``) and with the dense one
-    (refused), and :data:`PROBE`."""
+    (``2-factored.sp``), the same with the default eigen projection (``2-eigen.sp``), with the dense one
+    (refused), and of the biases only (no layer to factor: refused), and :data:`PROBE`."""
     root = tmp_path_factory.mktemp("two-ranks")
     script = root / "ranks.py"
     arguments = {"run": str(tiny_run), "spec": str(spec), "featurize": FEATURIZE, "factored": FACTORED}
@@ -263,6 +270,9 @@ def test_sharded_parameters_on_gloo_ranks_write_the_store_one_process_writes(
     refusal = "refused: Sharded parameters need the 'eigen' or 'factored' projection (they need no parameter gradient)"
     assert out.count(refusal) == 2, out  # each rank
     assert not (root / "refused.sp").exists()
+    # No layer to factor: the eigen projection's dense fallback would need whole weights, so it is refused too.
+    assert out.count("Sharded parameters need the eigen or factored projection: featurize this model unsharded.") == 2
+    assert not (root / "no-layers.sp").exists()
 
 
 def test_sharded_parameters_hold_a_slice_and_gather_a_layer_only_while_it_runs(two_ranks: tuple[Path, str]) -> None:

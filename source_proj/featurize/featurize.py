@@ -222,6 +222,9 @@ class _Featurize:
                     with model_errors("the training examples"):
                         self.basis = self._eigen_basis()
                 except NoBasis as err:
+                    if self.shards is not None:  # the dense fallback would need whole weights
+                        raise TaskError(f"{err} Sharded parameters need the eigen or factored projection: featurize "
+                                        "this model unsharded.") from err  # fmt: skip
                     warnings.warn(
                         f"{err} Featurize uses the dense 'rademacher' projection instead; the store records it.",
                         stacklevel=4,
