@@ -141,6 +141,7 @@ cli("fit", "2.sp", "--segments", "2")
 cli(*featurize, "--out", "2-factored.sp", *{factored!r})
 cli(*featurize, "--out", "2-eigen.sp", "--shard-parameters")
 cli(*featurize, "--out", "refused.sp", "--projection", "rademacher", "--shard-parameters")
+cli(*featurize, "--out", "refused-fisher.sp", "--shard-parameters", "--fisher-examples", "4")
 os.environ["ONLY_BIASES"] = "1"
 cli(*featurize, "--out", "no-layers.sp", "--shard-parameters")
 del os.environ["ONLY_BIASES"]
@@ -270,6 +271,9 @@ def test_sharded_parameters_on_gloo_ranks_write_the_store_one_process_writes(
     refusal = "refused: Sharded parameters need the 'eigen' or 'factored' projection (they need no parameter gradient)"
     assert out.count(refusal) == 2, out  # each rank
     assert not (root / "refused.sp").exists()
+    # A Fisher of some batches only: the ranks would take different Fisher passes, and gather out of step.
+    assert out.count("Sharded parameters need the Fisher of every example (fisher_examples=None") == 2, out
+    assert not (root / "refused-fisher.sp").exists()
     # No layer to factor: the eigen projection's dense fallback would need whole weights, so it is refused too.
     assert out.count("Sharded parameters need the eigen or factored projection: featurize this model unsharded.") == 2
     assert not (root / "no-layers.sp").exists()

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -161,6 +163,13 @@ class FeaturizeArguments:
             device. Needs the ``eigen`` or ``factored`` projection covering every attributed parameter, the
             sampled or empirical Fisher and a segmentation not placed automatically; one process
             ignores it.
+        fisher_examples: take the projected Fisher (``"sampled"`` or ``"exact"``) of about this many examples of
+            each stage at each checkpoint, not of all N: in every row chunk the same share of its batches, drawn
+            at random from ``seed`` (the same batches at every checkpoint), and at least one batch a chunk.
+            Featurize then skips the Fisher's backward (and its label draws) on the other batches, about a third
+            of its compute, and the store's Fisher arrays hold those rows only. The Fisher is a mean: fit divides
+            by the rows taken. ``chunk_rows`` must be a multiple of ``batch_size``. ``None`` (default): every
+            example. Its accuracy cost is in BENCHMARKS.md ("The Fisher of fewer examples").
     """
 
     batch_size: int = 64
@@ -179,6 +188,7 @@ class FeaturizeArguments:
     curvature: CurvatureKind = "auto"
     shard_chunks: int | None = None
     shard_parameters: bool = False
+    fisher_examples: int | None = None
 
     def __post_init__(self) -> None:
         _positive(self, "batch_size")
@@ -187,6 +197,20 @@ class FeaturizeArguments:
         _positive(self, "num_workers", minimum=0)
         if self.vmap_chunk is not None:
             _positive(self, "vmap_chunk")
+        if self.fisher_examples is not None:
+            _positive(self, "fisher_examples")
+            if self.chunk_rows % self.batch_size:
+                raise TaskError(
+                    f"fisher_examples takes whole batches from every row chunk, so chunk_rows ({self.chunk_rows}) "
+                    f"must be a multiple of batch_size ({self.batch_size})."
+                )
+
+    def fisher_meta(self) -> dict[str, int]:
+        """What the store's ``meta["featurize"]`` records of ``fisher_examples`` (nothing where it is off: a store
+        featurized before the option resumes as it was)."""
+        if self.fisher_examples is None:
+            return {}
+        return {"fisher_examples": self.fisher_examples, "batch_size": self.batch_size}
 
 
 EXACT_PROJECTED_MAX = 4096
@@ -217,6 +241,67 @@ def projected_fisher_at(curvature: str, prefix: str, key: str, final: str) -> bo
     for the projected curvature and the automatic segmentation's probe; with Kronecker factors only at
     the final checkpoint ``final`` (the influence-function baseline's curvature, one checkpoint's cost)."""
     return curvature != "kfac" or bool(prefix) or key == final
+
+
+@dataclass(frozen=True)
+class FisherRows:
+    """The rows of one stage whose projected Fisher featurize takes (``FeaturizeArguments.fisher_examples``).
+
+    In each row chunk, ``ceil(share × its batches)`` of its batches (at least one), drawn from ``seed``, the
+    stage's index and the chunk's: the same rows at every checkpoint, whichever process computes the chunk.
+    The store's ``fisher/<stage>/<key>`` holds their rows, chunk by chunk (``per_chunk`` rows of each full
+    chunk). ``share`` ``None``: every row (and the array the layout of ``grads``)."""
+
+    size: int
+    chunk_rows: int
+    batch_size: int
+    share: float | None
+    seed: int
+    stage_index: int
+
+    @classmethod
+    def of(cls, featurize: Mapping[str, Any], size: int, stage_index: int) -> FisherRows:
+        """The rows of a stage of ``size`` examples under a store's ``meta["featurize"]``."""
+        examples = featurize.get("fisher_examples")
+        share = None if examples is None or examples >= size else examples / size
+        return cls(size, int(featurize["chunk_rows"]), int(featurize.get("batch_size", 1)), share,
+                   int(featurize.get("seed", 0)), stage_index)  # fmt: skip
+
+    def _taken(self, batches: int) -> int:
+        assert self.share is not None
+        return min(batches, max(1, math.ceil(self.share * batches - 1e-9)))
+
+    @property
+    def per_chunk(self) -> int:
+        """Rows of a full chunk's Fisher (of the array's chunks)."""
+        if self.share is None:
+            return self.chunk_rows
+        return self._taken(self.chunk_rows // self.batch_size) * self.batch_size
+
+    def batches(self, chunk: int) -> list[int] | None:
+        """The batches of row chunk ``chunk`` (their order in it) whose Fisher is taken; ``None``: all."""
+        if self.share is None:
+            return None
+        rows = min(self.size, (chunk + 1) * self.chunk_rows) - chunk * self.chunk_rows
+        count = -(-rows // self.batch_size)
+        rng = np.random.default_rng([self.seed, 0xF15, self.stage_index, chunk])
+        return sorted(rng.choice(count, self._taken(count), replace=False).tolist())
+
+    def rows(self, chunk: int) -> int:
+        """Rows of chunk ``chunk``'s Fisher."""
+        start, stop = chunk * self.chunk_rows, min(self.size, (chunk + 1) * self.chunk_rows)
+        taken = self.batches(chunk)
+        if taken is None:
+            return stop - start
+        return sum(min(self.batch_size, stop - start - b * self.batch_size) for b in taken)
+
+    @property
+    def total(self) -> int:
+        """Rows of the stage's Fisher (the count fit divides the sum of ũũᵀ by)."""
+        if self.share is None:
+            return self.size
+        chunks = -(-self.size // self.chunk_rows)
+        return (chunks - 1) * self.per_chunk + self.rows(chunks - 1)
 
 
 def _positive(arguments: object, field: str, minimum: int = 1) -> None:

@@ -32,6 +32,7 @@ from source_proj.distributed import Ranks, Shard, rank_device, ranks, run_sharde
 from source_proj.errors import NumericalError, StoreError, TaskError
 from source_proj.featurize.arguments import (
     FeaturizeArguments,
+    FisherRows,
     ProjectionArguments,
     as_stage_datasets,
     default_device,
@@ -261,6 +262,7 @@ class _Featurize:
                     "measurement": options.measurement,
                     "curvature": options.curvature,
                     "kronecker": kronecker,
+                    **options.fisher_meta(),
                 },
                 "trajectory": {
                     "path": str(Path(trajectory.path).resolve()),
@@ -459,7 +461,8 @@ class _Featurize:
         projected = projected_fisher_at(self.options.curvature, unit.prefix, unit.key, final)
         if self.options.fisher != "empirical" and projected:
             fisher = f"{unit.prefix}fisher/{unit.stage}/{unit.key}"
-            arrays.append((fisher, (n * self.directions, k), rows * self.directions))
+            taken = self._fisher_rows(unit.stage)
+            arrays.append((fisher, (taken.total * self.directions, k), taken.per_chunk * self.directions))
         if self.collector is not None and not unit.prefix:
             chunks = -(-n // rows)
             shapes = dict(self.collector.shapes)
@@ -468,6 +471,10 @@ class _Featurize:
         if _measures(unit, ckpt_key(self.trajectory.final_checkpoint.step), self.options):
             arrays.append((f"measurement/{unit.stage}/{unit.key}", (n, k), rows))
         return arrays
+
+    def _fisher_rows(self, stage: str) -> FisherRows:
+        index = [s.name for s in self.trajectory.stages].index(stage)
+        return FisherRows.of(self.meta["featurize"], len(self.datasets[stage]), index)  # type: ignore[arg-type]
 
     def _items(self, plan: FeaturizePlan, create: bool = False) -> list[tuple[Unit, int]]:
         """Every (unit, row chunk) of the plan in a fixed order; ``create``: also create the arrays and
@@ -552,6 +559,7 @@ def _featurize_units(
             idle = lockstep.most(own) - own if lockstep is not None else 0
             batches = iter(_chunk_loader(unit.dataset, spans, options, device))
             where = f"{unit.where}, stage {unit.stage!r}"
+            taken = FisherRows.of(plan.store.meta["featurize"], size, stage_index[unit.stage])
             for chunk, (start, stop) in zip(chunks, spans, strict=True):
                 seed = np.random.SeedSequence([options.seed, *unit.seed, stage_index[unit.stage], chunk])
                 generator = torch.Generator().manual_seed(int(seed.generate_state(1, dtype=np.uint64)[0] >> 1))
@@ -572,6 +580,7 @@ def _featurize_units(
                         collector=factors,
                         projected_fisher=projected_fisher_at(options.curvature, unit.prefix, unit.key, final),
                         shared_forward=shards is None,
+                        fisher_batches=taken.batches(chunk),
                     )
                 if fisher is not None:
                     store.write_chunk(f"{unit.prefix}fisher/{unit.stage}/{unit.key}", chunk, fisher)
@@ -635,6 +644,9 @@ def _check_shardable(group: Ranks, projection: ProjectionArguments, options: Fea
         "a segmentation not placed automatically (its probe runs on one process)": bool(
             options.segmentation is not None and options.segmentation.auto is not None
         ),
+        "the Fisher of every example (fisher_examples=None: the ranks take each Fisher batch together)": (
+            options.fisher_examples is not None
+        ),
     }
     missing = [need for need, lacking in reasons.items() if lacking]
     if missing:
@@ -694,17 +706,22 @@ def _featurize_rows(
     collector: FactorCollector | None = None,
     projected_fisher: bool = True,
     shared_forward: bool = True,
+    fisher_batches: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, ChunkFactors | None]:
     """Projected gradients (and projected Fisher factors, Kronecker factor sums, measurement gradients)
     of one chunk's ``batches``, whose first row is ``start``. ``shared_forward``: a factored projection
     takes them all from one forward per batch (sharded parameters gather every layer at each forward
-    and backward in lockstep, so they keep a pass per quantity)."""
+    and backward in lockstep, so they keep a pass per quantity). ``fisher_batches``: the batches (their
+    order in the chunk) whose projected Fisher is taken (``FisherRows``); ``None``: every batch."""
     feats, fisher, measured = [], [], []
+    spans: list[tuple[int, int]] = []  # (first row, examples) of each batch whose Fisher is taken
     sums = collector.empty() if collector is not None else None
     row = start
     once = shared_forward and isinstance(projector, FactoredProjector) and projector.shares_forward()
-    for batch in batches:
+    taken = None if fisher_batches is None else set(fisher_batches)
+    for index, batch in enumerate(batches):
         batch = move_batch(batch, device)
+        take = projected_fisher and options.fisher != "empirical" and (taken is None or index in taken)
         if once:
             # One forward, a backward per quantity (loss, each Fisher direction, measurement): the same
             # numbers as the path below, which runs a forward per quantity and one more to draw the labels.
@@ -714,9 +731,14 @@ def _featurize_rows(
                 projected = project(task.loss(outputs, batch))
             check_finite(projected, row, where, "training-loss gradient")
             feats.append(projected)
+            if take:
+                spans.append((row, projected.shape[0]))
             row += projected.shape[0]
-            targets = _targets(task, outputs.detach(), batch, options, generator, device)
-            if projected_fisher and options.fisher != "empirical":
+            if not take and collector is None:  # nothing needs this batch's labels
+                targets = []
+            else:
+                targets = _targets(task, outputs.detach(), batch, options, generator, device)
+            if take:
                 with torch.enable_grad(), grads_fn.autocast():
                     per_direction = [project(task.loss(outputs, tb)) * w.sqrt().unsqueeze(-1).float()
                                      for w, tb in targets]  # fmt: skip
@@ -734,9 +756,14 @@ def _featurize_rows(
         # Checked per batch, before labels are sampled from outputs a non-finite example would poison.
         check_finite(projected, row, where, "training-loss gradient")
         feats.append(projected)
+        if take:
+            spans.append((row, projected.shape[0]))
         row += projected.shape[0]
-        targets = _targets(task, outputs.detach(), batch, options, generator, device)
-        if projected_fisher and options.fisher != "empirical":
+        if not take and collector is None:
+            targets = []
+        else:
+            targets = _targets(task, outputs.detach(), batch, options, generator, device)
+        if take:
             per_direction = []
             for weight, target_batch in targets:
                 u = projector.project_batch(grads_fn, target_batch, "loss", transform=transform)
@@ -751,7 +778,11 @@ def _featurize_rows(
     out_fisher = out_measured = None
     if fisher:
         all_fisher = torch.cat(fisher)
-        check_finite(all_fisher.reshape(all_feats.shape[0], -1), start, where, "Fisher (sampled-label) gradient")
+        per_example = all_fisher.reshape(sum(n for _, n in spans), -1)
+        at = 0
+        for first, n in spans:  # each taken batch's examples, named by their rows
+            check_finite(per_example[at : at + n], first, where, "Fisher (sampled-label) gradient")
+            at += n
         out_fisher = all_fisher.cpu().numpy()
     if measured:
         all_measured = torch.cat(measured)

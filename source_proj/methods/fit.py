@@ -231,7 +231,8 @@ def checkpoint_curvature(
     store: Store, stage: str, step: int | str, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
     """H̃_c = (1/N) Σ_i ũ_i ũ_iᵀ for checkpoint ``step`` (or a feature key such as a segment mean's)
-    on ``stage``'s data, float64 ``[k, k]`` on ``device``."""
+    on ``stage``'s data, float64 ``[k, k]`` on ``device``; N: the examples the array holds (a stage's
+    examples, or those ``FeaturizeArguments.fisher_examples`` took)."""
     meta = store.meta
     directions = meta["featurize"]["fisher_directions"]
     source = "grads" if directions == 0 else "fisher"
@@ -242,7 +243,7 @@ def checkpoint_curvature(
         x = torch.from_numpy(rows).to(device).double()
         total = x.T @ x if total is None else total.addmm_(x.T, x)
     assert total is not None
-    size = next(s["dataset_size"] for s in meta["trajectory"]["stages"] if s["name"] == stage)
+    size = store.array(name).shape[0] // max(directions, 1)
     curvature = total / size
     if not torch.isfinite(curvature).all():
         raise NumericalError(

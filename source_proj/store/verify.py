@@ -35,7 +35,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from source_proj.errors import SourceProjError, StoreError
-from source_proj.featurize.arguments import checkpoint_stages, projected_fisher_at
+from source_proj.featurize.arguments import FisherRows, checkpoint_stages, projected_fisher_at
 from source_proj.featurize.plan import PROBE
 from source_proj.featurize.windows import PREFIX as CAPTURED
 from source_proj.featurize.windows import expected_windows, is_captured
@@ -214,10 +214,12 @@ def expected_features(meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     expected: dict[str, tuple[int, ...]] = {}
     curvature = meta["featurize"].get("curvature", "projected")
     last = ckpt_key(checkpoints[-1].step)
+    order = [s.name for s in stages]
     for stage, key in points:
         expected[f"grads/{stage}/{key}"] = (sizes[stage], k)
         if directions and projected_fisher_at(curvature, "", key, last):
-            expected[f"fisher/{stage}/{key}"] = (sizes[stage] * directions, k)
+            taken = FisherRows.of(meta["featurize"], sizes[stage], order.index(stage))
+            expected[f"fisher/{stage}/{key}"] = (taken.total * directions, k)
     if products["checkpoints"] and meta["featurize"].get("measurement"):
         final = ckpt_key(checkpoints[-1].step)
         expected.update({f"measurement/{s.name}/{final}": (sizes[s.name], k) for s in stages})

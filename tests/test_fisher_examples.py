@@ -1,0 +1,147 @@
+"""``FeaturizeArguments.fisher_examples``: the projected Fisher of whole batches drawn in every row chunk,
+checked against the Fisher of every example (its rows at the batches taken), fit's curvature against the
+rows' own mean, a sharded run against one process, and the refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+import source_proj as sp
+from source_proj.distributed import Shard
+from source_proj.errors import TaskError
+from source_proj.featurize.arguments import FisherRows
+from source_proj.methods.fit import checkpoint_curvature
+from source_proj.store.store import Store, ckpt_key
+
+from .conftest import full_batch_run, mlp
+
+BATCH, CHUNK = 3, 9  # 30 examples: chunks of 9, 9, 9 and 3 rows, of 3, 3, 3 and 1 batches
+
+
+@pytest.fixture
+def run(tmp_path: Path, classification_data: TensorDataset) -> Path:
+    torch.manual_seed(0)
+    full_batch_run(tmp_path / "run", mlp(), classification_data, lambda o, t: F.cross_entropy(o, t, reduction="none"),
+                   lr=0.1, steps=10, save_every=5)  # fmt: skip
+    return tmp_path / "run"
+
+
+def _featurize(run: Path, data: TensorDataset, store: Path, kind: str, fisher: str, examples: int | None,
+               shard: Shard | None = None) -> Store:  # fmt: skip
+    sp.featurize(run, mlp(), sp.ClassificationTask(), data, store,
+                 projection=sp.ProjectionArguments(dim=16, kind=kind),
+                 options=sp.FeaturizeArguments(batch_size=BATCH, chunk_rows=CHUNK, fisher=fisher,
+                                               fisher_examples=examples),
+                 progress=False, shard=shard)  # fmt: skip
+    return Store.open(store)
+
+
+def _taken_examples(rows: FisherRows) -> list[int]:
+    """The examples whose Fisher the store holds, in its order."""
+    examples = []
+    for chunk in range(-(-rows.size // rows.chunk_rows)):
+        for batch in rows.batches(chunk) or []:
+            first = chunk * rows.chunk_rows + batch * rows.batch_size
+            examples += range(first, min(first + rows.batch_size, (chunk + 1) * rows.chunk_rows, rows.size))
+    return examples
+
+
+def test_rows_draw_whole_batches_in_every_chunk() -> None:
+    rows = FisherRows.of({"fisher_examples": 8, "chunk_rows": CHUNK, "batch_size": BATCH, "seed": 0}, 30, 0)
+    assert rows.share == pytest.approx(8 / 30)
+    assert [len(rows.batches(c) or []) for c in range(4)] == [1, 1, 1, 1]  # ceil(0.27 × 3) = 1, at least 1
+    assert rows.per_chunk == 3 and rows.total == 12 == sum(rows.rows(c) for c in range(4))
+    assert rows.batches(2) == FisherRows.of({"fisher_examples": 8, "chunk_rows": CHUNK, "batch_size": BATCH,
+                                             "seed": 0}, 30, 0).batches(2)  # fmt: skip
+    many = FisherRows.of({"fisher_examples": 2_500, "chunk_rows": 1024, "batch_size": 64, "seed": 1}, 10_000, 2)
+    assert many.per_chunk == 4 * 64  # ceil(0.25 × 16) batches of each full chunk
+    # the last chunk's 784 rows: ceil(0.25 × 13) = 4 of its batches, 12 of 64 rows and one of 16
+    assert len(many.batches(9) or []) == 4
+    assert many.rows(9) == (3 * 64 + 16 if 12 in (many.batches(9) or []) else 4 * 64)
+    assert many.total == sum(many.rows(c) for c in range(10))
+    assert len(_taken_examples(many)) == many.total
+    drawn = {tuple(many.batches(c) or []) for c in range(9)}
+    assert len(drawn) > 1  # each chunk draws its own batches
+    every = FisherRows.of({"fisher_examples": 30, "chunk_rows": CHUNK, "batch_size": BATCH}, 30, 0)
+    assert every.share is None and every.batches(0) is None and every.total == 30
+
+
+def test_many_rows_end_with_a_partial_batch() -> None:
+    rows = FisherRows.of({"fisher_examples": 5, "chunk_rows": 8, "batch_size": 4, "seed": 3}, 11, 0)
+    # chunks of 8 and 3 rows; the second is one batch of 3, so its Fisher has 3 rows
+    assert rows.per_chunk == 4 and rows.rows(1) == 3 and rows.total == 7
+
+
+@pytest.mark.parametrize("kind", ["factored", "rademacher"])  # one forward per batch, and a forward per quantity
+def test_fisher_rows_are_the_full_fisher_at_the_batches_taken(
+    run: Path, classification_data: TensorDataset, tmp_path: Path, kind: str
+) -> None:
+    full = _featurize(run, classification_data, tmp_path / "full.sp", kind, "exact", None)
+    part = _featurize(run, classification_data, tmp_path / "part.sp", kind, "exact", 8)
+    rows = FisherRows.of(part.meta["featurize"], 30, 0)
+    examples = _taken_examples(rows)
+    directions = part.meta["featurize"]["fisher_directions"]
+    assert directions == 3 and len(examples) == rows.total == 12
+    index = np.concatenate([np.arange(e * directions, (e + 1) * directions) for e in examples])
+    for step in part.meta["trajectory"]["checkpoints"]:
+        name = f"fisher/main/{ckpt_key(step)}"
+        got, expected = part.read(name), full.read(name)[index]
+        assert got.shape == (12 * directions, 16)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+        grads = f"grads/main/{ckpt_key(step)}"
+        np.testing.assert_array_equal(part.read(grads), full.read(grads))
+        curvature = checkpoint_curvature(part, "main", step).numpy()
+        x = got.astype(np.float64)
+        np.testing.assert_allclose(curvature, x.T @ x / len(examples), rtol=1e-10)
+    assert sp.verify_store(part.path, progress=False).problems == []
+
+
+def test_sampled_fisher_of_a_share_fits_and_queries(
+    run: Path, classification_data: TensorDataset, tmp_path: Path
+) -> None:
+    store = _featurize(run, classification_data, tmp_path / "s.sp", "factored", "sampled", 8)
+    final = ckpt_key(store.meta["trajectory"]["checkpoints"][-1])
+    assert store.read(f"fisher/main/{final}").shape == (12, 16)
+    assert np.abs(store.read(f"fisher/main/{final}")).sum(axis=1).min() > 0  # every row taken is a gradient
+    sp.fit(store.path, progress=False)
+    scores = sp.Attributor(store.path, mlp(), sp.ClassificationTask()).scores(classification_data)
+    assert scores.shape == (30, 30) and np.isfinite(scores).all()
+    assert sp.verify_store(store.path, progress=False).problems == []
+
+
+def test_a_share_covering_the_stage_is_every_example(
+    run: Path, classification_data: TensorDataset, tmp_path: Path
+) -> None:
+    full = _featurize(run, classification_data, tmp_path / "full.sp", "factored", "sampled", None)
+    same = _featurize(run, classification_data, tmp_path / "same.sp", "factored", "sampled", 30)
+    for step in full.meta["trajectory"]["checkpoints"]:
+        name = f"fisher/main/{ckpt_key(step)}"
+        np.testing.assert_array_equal(same.read(name), full.read(name))
+
+
+def test_independent_shards_take_the_same_batches(
+    run: Path, classification_data: TensorDataset, tmp_path: Path
+) -> None:
+    whole = _featurize(run, classification_data, tmp_path / "one.sp", "factored", "sampled", 8)
+    for shard in (Shard(0, 2), Shard(1, 2)):
+        split = _featurize(run, classification_data, tmp_path / "two.sp", "factored", "sampled", 8, shard)
+    for step in whole.meta["trajectory"]["checkpoints"]:
+        for kind in ("grads", "fisher"):
+            name = f"{kind}/main/{ckpt_key(step)}"
+            np.testing.assert_array_equal(Store.open(split.path).read(name), whole.read(name))
+
+
+def test_refusals(run: Path, classification_data: TensorDataset, tmp_path: Path) -> None:
+    with pytest.raises(TaskError, match="multiple of batch_size"):
+        sp.FeaturizeArguments(batch_size=4, chunk_rows=10, fisher_examples=100)
+    with pytest.raises(TaskError, match="fisher_examples"):
+        sp.FeaturizeArguments(fisher_examples=0)
+    _featurize(run, classification_data, tmp_path / "s.sp", "factored", "sampled", 8)
+    with pytest.raises(sp.StoreError, match="other settings"):  # another share is another store
+        _featurize(run, classification_data, tmp_path / "s.sp", "factored", "sampled", 12)
