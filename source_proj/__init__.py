@@ -1,5 +1,5 @@
 """source-proj: training data attribution with SOURCE (segmented stationary unrolling) in a
-random-projection engine.
+projection engine (onto each layer's Kronecker-factor eigenvectors by default, or random).
 
 Score convention everywhere: ``score(q, z) = −Δf(q, z)``; positive means training example ``z``
 helps query ``q`` (removing ``z`` would lower the measurement).

@@ -148,7 +148,8 @@ def main() -> None:
     "--adam-rank",
     default=1,
     show_default=True,
-    help="factored, Adam/AdamW runs: rank R of each layer's approximation of D^-1/2 (R times the projection cost).",
+    help="eigen and factored, Adam/AdamW runs: rank R of each layer's approximation of D^-1/2 (R times the "
+    "projection cost).",
 )
 @click.option(
     "--basis-examples",
@@ -379,7 +380,7 @@ def _module_dims(values: tuple[str, ...]) -> dict[str, int]:
     type=click.FloatRange(min=0.0),
     default=None,
     help="Damp each segment's curvature by the weight decay + this × its mean eigenvalue (0: the paper's SOURCE; "
-    "default: 1 with the projected curvature, 0 with kfac).",
+    "default: 1 with the projected curvature, 0.3 with it on the eigen projection, 0 with kfac).",
 )
 @click.option("--method", default=None, help="Name to store the result under [default: source, fast-source].")
 @click.option("--plot", "plot_path", default=None, type=click.Path(path_type=Path), help="PNG of the trajectory view.")

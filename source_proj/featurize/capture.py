@@ -227,7 +227,8 @@ class GradientCapture:
         store_path: the store to write (a directory or a URL).
         task: the task (loss, parameters attributed); batches handed to ``batch`` are its batches.
         projection: dimension and seed; the kind is ``"eigen"`` (the default with ``datasets``) or ``"factored"``
-            (the layer hooks either way), and the attributed parameters must all belong to Linear or Conv layers.
+            (the layer hooks either way), and the attributed parameters must all belong to layers the hooks
+            factor (Linear, Conv, GPT-2 Conv1D, Embedding).
         options: the Fisher, the loss reduction, chunking, the end pass (``CaptureArguments``).
         overwrite: replace a store of other settings, or of another run.
         spec: the experiment spec file (recorded, as featurize does).

@@ -1,4 +1,4 @@
-"""Recorder integrations for training frameworks (``pip install source-proj[integrations]``).
+"""Recorder and capture integrations for training frameworks (``pip install source-proj[integrations]``).
 
 - a plain loop: [`source_proj.TrajectoryRecorder`][] itself (and [`source_proj.GradientCapture`][]);
 - Hugging Face ``transformers.Trainer``: ``HuggingFaceRecorder`` (a ``TrainerCallback``), and

@@ -1,3 +1,4 @@
 """Attribution methods fitted on a featurized store: SOURCE's formulas (``source``) and its fit
-(``fit``), and the baselines in the same store (``baselines``).
+(``fit``), the Kronecker curvature in the full parameter space (``kronecker``), and the baselines in the
+same store (``baselines``).
 """

@@ -1,3 +1,3 @@
 """Scoring queries against a fitted store: query features and top-k (``attributor``, ``topk``),
-ensembles (``ensemble``) and reports (``report``, ``text_report``).
+ensembles (``ensemble``), per-token scores (``per_token``) and reports (``report``, ``text_report``).
 """
