@@ -1,8 +1,8 @@
 """LDS of SOURCE on the text example's fine-tuning stage for each projection kind and k, at a chosen width.
 
     python benchmarks/projection_width_lds.py [--width 256] [--reference runs/text-w256]
-        [--variants eigen:512,factored:512,rademacher:512,factored:2048] [--subsets 50] [--repeats 4]
-        [--workers 2] [--threads 2] [--out runs/projection-width]
+        [--variants eigen:512,factored:512,rademacher:512,factored:2048,eigen:512:64] [--subsets 50]
+        [--repeats 4] [--workers 2] [--threads 2] [--out runs/projection-width]
     python benchmarks/projection_width_lds.py --draw runs/projection-width-64,runs/projection-width \
         --figure docs/projection_width.png
 
@@ -14,8 +14,10 @@ same SOURCE. The recorded run and the ground truth (the pre-trained model fine-t
 α = 0.5) are ``capture_text_lds.py``'s, under REFERENCE (``run``, ``finetune/retrains``): made there when missing,
 reused when present. Prints LDS [95 % CI], each store's per-query difference to the first variant with a 95 %
 bootstrap interval, and featurize seconds; writes OUT/results.json and OUT/lds.png (LDS against k, a line per
-kind). ``--draw`` draws earlier runs' results side by side, a panel each, into ``--figure``. The dense
-``rademacher`` kind redraws a p × k matrix for every batch: about 10 minutes at width 256 and k = 512 on 2 threads.
+kind). A variant ``kind:k:M`` takes the projected Fisher of about M examples of each stage
+(``FeaturizeArguments.fisher_examples``: whole batches, drawn in every row chunk). ``--draw`` draws earlier runs'
+results side by side, a panel each, into ``--figure``. The dense ``rademacher`` kind redraws a p × k matrix for
+every batch: about 10 minutes at width 256 and k = 512 on 2 threads.
 """
 
 from __future__ import annotations
@@ -63,16 +65,18 @@ def main() -> None:
     if not (run / "trajectory.json").exists() or not sp.Trajectory.load(run).complete:
         lm.train(config, seed=0, run_dir=run)
     variants = {}
-    for item in args.variants.split(","):
-        kind, _, dim = item.partition(":")
-        variants[f"{kind}, k = {dim}"] = sp.ProjectionArguments(dim=int(dim), kind=kind)
+    for item in args.variants.split(","):  # kind:k, or kind:k:M for the Fisher of about M examples a stage
+        kind, dim, *fisher = item.split(":")
+        label = kind if not fisher else f"{kind} Fisher of {int(fisher[0])}"
+        examples = int(fisher[0]) if fisher else None
+        variants[f"{label}, k = {dim}"] = (sp.ProjectionArguments(dim=int(dim), kind=kind), examples)
     scores, seconds, rows = {}, {}, None
-    for name, projection in variants.items():
-        store = args.out / f"{name.replace(', k = ', '-k')}.sp"
+    for name, (projection, examples) in variants.items():
+        store = args.out / f"{name.replace(', k = ', '-k').replace(' ', '-')}.sp"
+        options = sp.FeaturizeArguments(batch_size=32, chunk_rows=128, fisher_examples=examples)
         start = time.perf_counter()
         sp.featurize(run, lm.build_model(config=config), ctl.task(), lm.corpus(config).train, store,
-                     projection=projection, options=sp.FeaturizeArguments(batch_size=32, chunk_rows=128),
-                     overwrite=True, progress=False)  # fmt: skip
+                     projection=projection, options=options, overwrite=True, progress=False)  # fmt: skip
         seconds[name] = time.perf_counter() - start
         sp.fit(store, sp.FitArguments(stages=("finetune",), method=ctl.METHOD), overwrite=True, progress=False)
         attributor = sp.Attributor(store, lm.build_model(config=config), ctl.task(), method=ctl.METHOD)

@@ -17,6 +17,7 @@ from source_proj.distributed import Shard
 from source_proj.errors import TaskError
 from source_proj.featurize.arguments import FisherRows
 from source_proj.methods.fit import checkpoint_curvature
+from source_proj.store.info import store_summary
 from source_proj.store.store import Store, ckpt_key
 
 from .conftest import full_batch_run, mlp
@@ -113,6 +114,7 @@ def test_sampled_fisher_of_a_share_fits_and_queries(
     scores = sp.Attributor(store.path, mlp(), sp.ClassificationTask()).scores(classification_data)
     assert scores.shape == (30, 30) and np.isfinite(scores).all()
     assert sp.verify_store(store.path, progress=False).problems == []
+    assert store_summary(Store.open(store.path))["fisher"].startswith("sampled, of about 8 examples a stage")
 
 
 def test_a_share_covering_the_stage_is_every_example(

@@ -52,11 +52,17 @@ def store_summary(store: Store) -> dict[str, Any]:
             "stages": [{k: s[k] for k in ("name", "start_step", "end_step", "dataset_size")} for s in traj["stages"]],
             "checkpoints": traj["checkpoints"],
         },
-        "fisher": meta["featurize"]["fisher"],
+        "fisher": meta["featurize"]["fisher"] + _fisher_share(meta),
         "featurized_chunks": f"{chunks_done}/{chunks_total}",
         "spec": meta.get("spec"),
         "methods": methods,
     }
+
+
+def _fisher_share(meta: dict[str, Any]) -> str:
+    """``", of about 2048 examples a stage"`` where featurize took the Fisher of a share (``fisher_examples``)."""
+    examples = meta["featurize"].get("fisher_examples")
+    return "" if examples is None else f", of about {examples} examples a stage (whole batches of each row chunk)"
 
 
 def _end_passes(meta: dict[str, Any]) -> str:

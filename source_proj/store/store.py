@@ -7,7 +7,8 @@ directions per example: 1 when sampled)::
       zarr.json                          attrs["source_proj"]: what produced the store (see Store.meta)
       trajectory/lr                      float64 [steps]      learning rate of every optimiser step
       grads/<stage>/<ckpt>               float32 [N_s, k]     P ∇ℓ(z_i; θ_c)
-      fisher/<stage>/<ckpt>              float32 [N_s·S, k]   √w · P ∇ℓ(x_i, ŷ_i; θ_c), ŷ from the model
+      fisher/<stage>/<ckpt>              float32 [N_s·S, k]   √w · P ∇ℓ(x_i, ŷ_i; θ_c), ŷ from the model (with
+                                                          ``fisher_examples``: the rows of ``FisherRows``)
       progress/<array path>              uint32 [chunks, 2]   (state, crc32) of every row chunk
       staging/<array path>               row chunks of a sharded array written but not yet packed
       methods/<method>/train/<stage>     float32 [N_s, d]     cached training features: score = ⟨q, T(z)⟩
