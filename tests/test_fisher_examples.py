@@ -117,6 +117,22 @@ def test_sampled_fisher_of_a_share_fits_and_queries(
     assert store_summary(Store.open(store.path))["fisher"].startswith("sampled, of about 8 examples a stage")
 
 
+def test_the_segmentation_probe_takes_its_own_share(
+    run: Path, classification_data: TensorDataset, tmp_path: Path
+) -> None:
+    sp.featurize(run, mlp(), sp.ClassificationTask(), classification_data, tmp_path / "s.sp",
+                 projection=sp.ProjectionArguments(dim=16, kind="factored"),
+                 options=sp.FeaturizeArguments(batch_size=BATCH, chunk_rows=CHUNK, fisher_examples=8,
+                                               segmentation=sp.SegmentationArguments(auto=2, probe_rows=12)),
+                 progress=False)  # fmt: skip
+    store = Store.open(tmp_path / "s.sp")
+    probe = FisherRows.of(store.meta["featurize"], 12, 0)  # 8 of its 12 rows: 2 of 3 batches, then 1 of 1
+    assert probe.total == 9
+    assert store.array("probe/fisher/main/step-00000000").shape == (9, 16)
+    assert store.array("fisher/main/step-00000000").shape == (12, 16)
+    assert len(store.meta["segmentation"]["segments"]) == 2
+
+
 def test_a_share_covering_the_stage_is_every_example(
     run: Path, classification_data: TensorDataset, tmp_path: Path
 ) -> None:

@@ -461,7 +461,7 @@ class _Featurize:
         projected = projected_fisher_at(self.options.curvature, unit.prefix, unit.key, final)
         if self.options.fisher != "empirical" and projected:
             fisher = f"{unit.prefix}fisher/{unit.stage}/{unit.key}"
-            taken = self._fisher_rows(unit.stage)
+            taken = self._fisher_rows(unit)
             arrays.append((fisher, (taken.total * self.directions, k), taken.per_chunk * self.directions))
         if self.collector is not None and not unit.prefix:
             chunks = -(-n // rows)
@@ -472,9 +472,10 @@ class _Featurize:
             arrays.append((f"measurement/{unit.stage}/{unit.key}", (n, k), rows))
         return arrays
 
-    def _fisher_rows(self, stage: str) -> FisherRows:
-        index = [s.name for s in self.trajectory.stages].index(stage)
-        return FisherRows.of(self.meta["featurize"], len(self.datasets[stage]), index)  # type: ignore[arg-type]
+    def _fisher_rows(self, unit: Unit) -> FisherRows:
+        """The rows of ``unit``'s data (a stage's, or the segmentation probe's) whose Fisher it stores."""
+        index = [s.name for s in self.trajectory.stages].index(unit.stage)
+        return FisherRows.of(self.meta["featurize"], len(unit.dataset), index)  # type: ignore[arg-type]
 
     def _items(self, plan: FeaturizePlan, create: bool = False) -> list[tuple[Unit, int]]:
         """Every (unit, row chunk) of the plan in a fixed order; ``create``: also create the arrays and
