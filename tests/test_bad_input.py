@@ -180,6 +180,19 @@ def test_non_finite_query_names_the_query(tiny_reference: Path) -> None:
     assert "measurement gradient of query 3 at checkpoint step 8 is NaN or infinite" in _one_sentence(err)
 
 
+def test_queries_without_labels_are_refused_as_such(tiny_reference: Path) -> None:
+    """A bare tensor of inputs would otherwise be read row by row as an input and its labels."""
+    x, _ = data().tensors
+    attributor = sp.Attributor(tiny_reference, build_model(), sp.ClassificationTask())
+    for queries, got in ((x[:3], "a Tensor"), (TensorDataset(x[:3]), "inputs alone")):
+        with pytest.raises(sp.TaskError) as err:
+            attributor.scores(queries)
+        assert _one_sentence(err) == (
+            f"ClassificationTask takes examples (input, label, …), not {got}; pass a dataset of pairs such as "
+            "TensorDataset(inputs, labels)."
+        )
+
+
 @pytest.mark.parametrize(
     ("arguments", "expected"),
     [
