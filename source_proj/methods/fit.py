@@ -36,7 +36,7 @@ from source_proj.featurize.windows import (
 from source_proj.methods.kronecker import KroneckerCurvature, LayerFactors
 from source_proj.methods.source import SegmentOperator, fold
 from source_proj.projection.transform import scaling_transform
-from source_proj.store.store import Store, ckpt_key, is_store
+from source_proj.store.store import Store, ckpt_key, is_store, refuse_foreign_directory
 from source_proj.trajectory.autosegment import TrajectoryView, trajectory_view
 from source_proj.trajectory.preconditioner import coupled_decay, unflatten
 from source_proj.trajectory.recorder import Stage
@@ -331,6 +331,11 @@ def fit(
     result is bit-identical to a one-process fit. Independent shards each compute every curvature.
     """
     path = store.path if isinstance(store, Store) else str(store)
+    try:
+        refuse_foreign_directory(path)
+    except StoreError:
+        Store.open(path)  # fit creates no store: a file or a folder of other files holds none, and is named so
+        raise
     group = ranks(shard)
     job = _Fit(path, args, progress and (group.leader or not group.coordinated), default_device(device), group)
     run_sharded(path, job, group, overwrite=overwrite, keep_new=is_store)
