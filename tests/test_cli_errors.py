@@ -76,6 +76,7 @@ def test_lists_stop_where_the_scores_change_sign(cli_reference: tuple[Path, Path
     store, spec = cli_reference
     out = CliRunner().invoke(main, ["query", str(store), "--top-k", "12", "--out", str(tmp_path / "all.jsonl")])
     assert out.exit_code == 0, out.output
+    assert f"(7 more queries not shown; all are in {tmp_path / 'all.jsonl'})" in out.output  # not "use --out"
     rows = [json.loads(line) for line in (tmp_path / "all.jsonl").read_text().splitlines()]
     scores = sp.Attributor(store, *_model_and_task(spec)).scores(sp.spec.load_spec(spec).query_data())
     for row in rows:

@@ -654,7 +654,8 @@ def query(
                 row.append(f"{label:<22} {scores[q, rank]:+.3e}")
             click.echo(f"  {rank + 1:>4}  {row[0]:<34} {row[1]:<34}")
     if len(indices) > show:
-        click.echo(f"\n({len(indices) - show} more queries not shown; use --out to save all)")
+        where = f"all are in {out_path}" if out_path is not None else "use --out to save all"
+        click.echo(f"\n({len(indices) - show} more queries not shown; {where})")
     few_helpful, few_harmful = result.short_lists()
     if few_helpful or few_harmful:
         click.echo(
