@@ -133,6 +133,13 @@ def test_query_out_that_cannot_be_written_is_refused(
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("command", [["query"], ["lds", "--method", "source"], ["compare"]])
+def test_an_out_without_a_known_format_is_refused_before_any_work(tmp_path: Path, command: list[str]) -> None:
+    """Before the store is even opened: not after the queries were scored or the models retrained."""
+    out = CliRunner().invoke(main, [command[0], str(tmp_path / "missing.sp"), *command[1:], "--out", "r.txt"])
+    assert "r.txt has no known format (.txt); end it in .csv, .jsonl or .parquet" in _refused(out, code=2)
+
+
 @pytest.mark.parametrize(
     ("source", "expected"),
     [

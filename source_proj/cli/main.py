@@ -495,12 +495,24 @@ def _select(n: int, spec: str | None) -> list[int]:
     return out
 
 
-def _write(records: list[dict[str, Any]], path: Path) -> None:
-    """Write the results in the format of ``path``'s suffix, atomically (never a half-written file)."""
-    suffix = path.suffix.lower()
+def _check_out(path: Path | None) -> None:
+    """Refuse an ``--out`` path results cannot be written to, before the work that makes them."""
+    if path is None:
+        return
     if path.is_dir():
         raise click.BadParameter(f"{path} is a directory; give a file name ending in .csv, .jsonl or .parquet",
                                  param_hint="--out")  # fmt: skip
+    if path.suffix.lower() not in (".csv", ".jsonl", ".parquet"):
+        raise click.BadParameter(
+            f"{path.name} has no known format ({path.suffix or 'no suffix'}); end it in .csv, .jsonl or .parquet",
+            param_hint="--out",
+        )
+
+
+def _write(records: list[dict[str, Any]], path: Path) -> None:
+    """Write the results in the format of ``path``'s suffix, atomically (never a half-written file)."""
+    _check_out(path)
+    suffix = path.suffix.lower()
     if suffix == ".csv":
         text = io.StringIO(newline="")
         writer = csv.DictWriter(text, fieldnames=list(records[0]))
@@ -509,7 +521,7 @@ def _write(records: list[dict[str, Any]], path: Path) -> None:
         data = text.getvalue().encode()
     elif suffix == ".jsonl":
         data = "".join(json.dumps(r) + "\n" for r in records).encode()
-    elif suffix == ".parquet":
+    else:
         try:
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -520,11 +532,6 @@ def _write(records: list[dict[str, Any]], path: Path) -> None:
         sink = pa.BufferOutputStream()
         pq.write_table(pa.Table.from_pylist(records), sink)
         data = sink.getvalue().to_pybytes()
-    else:
-        raise click.BadParameter(
-            f"{path.name} has no known format ({suffix or 'no suffix'}); end it in .csv, .jsonl or .parquet",
-            param_hint="--out",
-        )
     _save(path, lambda: atomic_write_bytes(path, data))
 
 
@@ -613,6 +620,7 @@ def query(
     Training examples are described (the spec's ``describe``) only where they are printed or
     written, each once.
     """
+    _check_out(out_path)
     store = sp.Store.open(store_path)
     spec = _spec_of(store, spec_path)
     queries = spec.query_data()
@@ -863,6 +871,7 @@ def _lds_table(
         levels = [float(a) for a in alphas.split(",")]
     except ValueError as err:
         raise click.BadParameter(f"expected comma-separated fractions, got {alphas!r}", param_hint="--alpha") from err
+    _check_out(out_path)
     first = sp.Store.open(store_paths[0])
     spec = _spec_of(first, spec_path)
     queries = spec.query_data()
@@ -909,6 +918,7 @@ def compare(store_paths: tuple[str, ...], methods: str | None, **options: Any) -
 
     Several STOREs (one per independently trained model) evaluate the ensemble of each method.
     """
+    _check_out(options["out_path"])
     fitted = sorted(sp.Store.open(store_paths[0]).meta.get("methods") or {})
     chosen = list(_names(methods) or fitted)
     if not chosen:
