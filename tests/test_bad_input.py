@@ -180,6 +180,48 @@ def test_non_finite_query_names_the_query(tiny_reference: Path) -> None:
     assert "measurement gradient of query 3 at checkpoint step 8 is NaN or infinite" in _one_sentence(err)
 
 
+def test_queries_without_labels_are_refused_as_such(tiny_reference: Path) -> None:
+    """A bare tensor of inputs would otherwise be read row by row as an input and its labels."""
+    x, _ = data().tensors
+    attributor = sp.Attributor(tiny_reference, build_model(), sp.ClassificationTask())
+    for queries, got in ((x[:3], "a Tensor"), (TensorDataset(x[:3]), "inputs alone")):
+        with pytest.raises(sp.TaskError) as err:
+            attributor.scores(queries)
+        assert _one_sentence(err) == (
+            f"ClassificationTask takes examples (input, label, …), not {got}; pass a dataset of pairs such as "
+            "TensorDataset(inputs, labels)."
+        )
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        ({"segments_per_stage": "3"}, "FitArguments.segments_per_stage is '3'; pass a whole number."),
+        ({"segments_per_stage": 2.5}, "FitArguments.segments_per_stage is 2.5; pass a whole number."),
+        ({"auto_segments": True}, "FitArguments.auto_segments is True; pass a whole number."),
+        ({"boundaries": "4"}, "FitArguments.boundaries is '4'; pass whole step numbers, e.g. (100, 200)."),
+        ({"boundaries": 4}, "FitArguments.boundaries is 4; pass whole step numbers, e.g. (100, 200)."),
+        ({"boundaries": (4.5,)}, "FitArguments.boundaries is (4.5,); pass whole step numbers, e.g. (100, 200)."),
+    ],
+)
+def test_fit_arguments_that_are_not_whole_numbers_are_refused(arguments: dict, expected: str) -> None:
+    with pytest.raises(sp.TaskError) as err:
+        sp.FitArguments(**arguments)
+    assert _one_sentence(err) == expected
+
+
+def test_segment_boundaries_outside_the_run_are_refused(tmp_path: Path, tiny_reference: Path) -> None:
+    """A cut at a step the run never took (a typo) is refused instead of being silently dropped."""
+    store = tmp_path / "s.sp"
+    shutil.copytree(tiny_reference, store)
+    before = files(store)
+    with pytest.raises(sp.TrajectoryError) as err:
+        sp.fit(store, sp.FitArguments(boundaries=(4, 80), method="cut"), progress=False)
+    assert _one_sentence(err) == "Segment boundaries [80] lie outside the run's steps 0 to 8; cut at steps inside it."
+    assert files(store) == before
+    sp.fit(store, sp.FitArguments(boundaries=(0, 4, 8), method="cut"), progress=False)  # stage edges are fine
+
+
 @pytest.mark.parametrize("damage", ["truncated", "bit flip"])
 def test_damaged_chunk_is_named_with_the_repair_command(
     tmp_path: Path, tiny_run: Path, tiny_reference: Path, damage: str

@@ -76,6 +76,7 @@ def test_lists_stop_where_the_scores_change_sign(cli_reference: tuple[Path, Path
     store, spec = cli_reference
     out = CliRunner().invoke(main, ["query", str(store), "--top-k", "12", "--out", str(tmp_path / "all.jsonl")])
     assert out.exit_code == 0, out.output
+    assert f"(7 more queries not shown; all are in {tmp_path / 'all.jsonl'})" in out.output  # not "use --out"
     rows = [json.loads(line) for line in (tmp_path / "all.jsonl").read_text().splitlines()]
     scores = sp.Attributor(store, *_model_and_task(spec)).scores(sp.spec.load_spec(spec).query_data())
     for row in rows:
@@ -130,6 +131,13 @@ def test_query_out_that_cannot_be_written_is_refused(
     out = CliRunner().invoke(main, ["query", str(store), "--top-k", "2", "--out", str(tmp_path / target)])
     assert expected in _refused(out, code=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", [["query"], ["lds", "--method", "source"], ["compare"]])
+def test_an_out_without_a_known_format_is_refused_before_any_work(tmp_path: Path, command: list[str]) -> None:
+    """Before the store is even opened: not after the queries were scored or the models retrained."""
+    out = CliRunner().invoke(main, [command[0], str(tmp_path / "missing.sp"), *command[1:], "--out", "r.txt"])
+    assert "r.txt has no known format (.txt); end it in .csv, .jsonl or .parquet" in _refused(out, code=2)
 
 
 @pytest.mark.parametrize(

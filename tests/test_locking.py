@@ -64,6 +64,9 @@ def test_a_directory_of_other_files_is_never_turned_into_a_store(tmp_path: Path,
     with pytest.raises(sp.StoreError, match="already holds files that are not a source-proj store; choose a new"):
         featurize(tiny_run, target)
     assert sorted(p.name for p in target.iterdir()) == ["notes.txt"]
+    with pytest.raises(sp.StoreError, match=r"^No store at .*results; create one with `source-proj featurize`"):
+        sp.fit(target, progress=False)  # fit creates no store: the directory is named as holding none
+    assert sorted(p.name for p in target.iterdir()) == ["notes.txt"]
 
 
 def test_an_existing_store_is_never_replaced_without_overwrite(tmp_path: Path, tiny_reference: Path) -> None:

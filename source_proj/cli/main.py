@@ -506,12 +506,24 @@ def _select(n: int, spec: str | None) -> list[int]:
     return out
 
 
-def _write(records: list[dict[str, Any]], path: Path) -> None:
-    """Write the results in the format of ``path``'s suffix, atomically (never a half-written file)."""
-    suffix = path.suffix.lower()
+def _check_out(path: Path | None) -> None:
+    """Refuse an ``--out`` path results cannot be written to, before the work that makes them."""
+    if path is None:
+        return
     if path.is_dir():
         raise click.BadParameter(f"{path} is a directory; give a file name ending in .csv, .jsonl or .parquet",
                                  param_hint="--out")  # fmt: skip
+    if path.suffix.lower() not in (".csv", ".jsonl", ".parquet"):
+        raise click.BadParameter(
+            f"{path.name} has no known format ({path.suffix or 'no suffix'}); end it in .csv, .jsonl or .parquet",
+            param_hint="--out",
+        )
+
+
+def _write(records: list[dict[str, Any]], path: Path) -> None:
+    """Write the results in the format of ``path``'s suffix, atomically (never a half-written file)."""
+    _check_out(path)
+    suffix = path.suffix.lower()
     if suffix == ".csv":
         text = io.StringIO(newline="")
         writer = csv.DictWriter(text, fieldnames=list(records[0]))
@@ -520,7 +532,7 @@ def _write(records: list[dict[str, Any]], path: Path) -> None:
         data = text.getvalue().encode()
     elif suffix == ".jsonl":
         data = "".join(json.dumps(r) + "\n" for r in records).encode()
-    elif suffix == ".parquet":
+    else:
         try:
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -531,11 +543,6 @@ def _write(records: list[dict[str, Any]], path: Path) -> None:
         sink = pa.BufferOutputStream()
         pq.write_table(pa.Table.from_pylist(records), sink)
         data = sink.getvalue().to_pybytes()
-    else:
-        raise click.BadParameter(
-            f"{path.name} has no known format ({suffix or 'no suffix'}); end it in .csv, .jsonl or .parquet",
-            param_hint="--out",
-        )
     _save(path, lambda: atomic_write_bytes(path, data))
 
 
@@ -624,6 +631,7 @@ def query(
     Training examples are described (the spec's ``describe``) only where they are printed or
     written, each once.
     """
+    _check_out(out_path)
     store = sp.Store.open(store_path)
     spec = _spec_of(store, spec_path)
     queries = spec.query_data()
@@ -665,7 +673,8 @@ def query(
                 row.append(f"{label:<22} {scores[q, rank]:+.3e}")
             click.echo(f"  {rank + 1:>4}  {row[0]:<34} {row[1]:<34}")
     if len(indices) > show:
-        click.echo(f"\n({len(indices) - show} more queries not shown; use --out to save all)")
+        where = f"all are in {out_path}" if out_path is not None else "use --out to save all"
+        click.echo(f"\n({len(indices) - show} more queries not shown; {where})")
     few_helpful, few_harmful = result.short_lists()
     if few_helpful or few_harmful:
         click.echo(
@@ -873,6 +882,7 @@ def _lds_table(
         levels = [float(a) for a in alphas.split(",")]
     except ValueError as err:
         raise click.BadParameter(f"expected comma-separated fractions, got {alphas!r}", param_hint="--alpha") from err
+    _check_out(out_path)
     first = sp.Store.open(store_paths[0])
     spec = _spec_of(first, spec_path)
     queries = spec.query_data()
@@ -919,6 +929,7 @@ def compare(store_paths: tuple[str, ...], methods: str | None, **options: Any) -
 
     Several STOREs (one per independently trained model) evaluate the ensemble of each method.
     """
+    _check_out(options["out_path"])
     fitted = sorted(sp.Store.open(store_paths[0]).meta.get("methods") or {})
     chosen = list(_names(methods) or fitted)
     if not chosen:

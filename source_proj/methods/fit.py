@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+import numbers
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -35,11 +36,17 @@ from source_proj.featurize.windows import (
 from source_proj.methods.kronecker import KroneckerCurvature, LayerFactors
 from source_proj.methods.source import SegmentOperator, fold
 from source_proj.projection.transform import scaling_transform
-from source_proj.store.store import Store, ckpt_key, is_store
+from source_proj.store.store import Store, ckpt_key, is_store, refuse_foreign_directory
 from source_proj.trajectory.autosegment import TrajectoryView, trajectory_view
 from source_proj.trajectory.preconditioner import coupled_decay, unflatten
 from source_proj.trajectory.recorder import Stage
-from source_proj.trajectory.segments import Segment, SegmentationArguments, make_segments, optimizer_rule
+from source_proj.trajectory.segments import (
+    Segment,
+    SegmentationArguments,
+    check_boundaries,
+    make_segments,
+    optimizer_rule,
+)
 
 DAMPING_FACTORS = {"projected": 1.0, "kfac": 0.0, "eigen": 0.3}
 """SOURCE's default damping factor per curvature (`FitArguments.damping_factor`); ``"eigen"``: the projected
@@ -94,6 +101,14 @@ class FitArguments:
         factor = self.damping_factor
         if factor is not None and (not isinstance(factor, int | float) or not math.isfinite(factor) or factor < 0):
             raise TaskError(f"damping_factor must be a finite number ≥ 0, not {factor!r}.")
+        for field in ("segments_per_stage", "auto_segments"):
+            value = getattr(self, field)
+            if value is not None and not _whole(value):
+                raise TaskError(f"FitArguments.{field} is {value!r}; pass a whole number.")
+        steps = self.boundaries
+        if steps is not None and (isinstance(steps, str | bytes) or not isinstance(steps, Iterable)
+                                  or not all(_whole(b) for b in steps)):  # fmt: skip
+            raise TaskError(f"FitArguments.boundaries is {steps!r}; pass whole step numbers, e.g. (100, 200).")
 
     def resolve_damping(self, curvature: str, projection: str | None = None) -> float:
         """The damping factor this fit uses with ``curvature`` on a store of ``projection``'s kind (see
@@ -135,6 +150,11 @@ class FitArguments:
         return None
 
 
+def _whole(value: object) -> bool:
+    """Whether ``value`` is an integer (not a bool)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def trajectory_stages(meta: dict[str, Any]) -> list[Stage]:
     """The stages recorded in a store's metadata."""
     return [Stage(**s) for s in meta["trajectory"]["stages"]]
@@ -169,6 +189,7 @@ def resolve_segments(store: Store, args: FitArguments) -> tuple[list[Segment], T
             "features; fit it with --segments N (equal parts per stage) or explicit boundaries."
         )
     if is_captured(meta):
+        check_boundaries(stages, requested.boundaries)
         cuts = window_cuts(meta, requested.per_stage, requested.boundaries)
         segments = make_segments(stages, steps, lr, param_sizes(meta), boundaries=cuts)
         return captured_preconditioners(store, segments, args.name), None
@@ -311,6 +332,11 @@ def fit(
     result is bit-identical to a one-process fit. Independent shards each compute every curvature.
     """
     path = store.path if isinstance(store, Store) else str(store)
+    try:
+        refuse_foreign_directory(path)
+    except StoreError:
+        Store.open(path)  # fit creates no store: a file or a folder of other files holds none, and is named so
+        raise
     group = ranks(shard)
     job = _Fit(path, args, progress and (group.leader or not group.coordinated), default_device(device), group)
     run_sharded(path, job, group, overwrite=overwrite, keep_new=is_store)

@@ -208,6 +208,18 @@ def _replace_target(batch: Batch, target: Tensor) -> Batch:
     return (batch[0], target, *batch[2:])
 
 
+def _targets(task: Task, batch: Batch, kind: str) -> Tensor:
+    """``batch[1]`` of a batch ``(inputs, targets, …)``; refuses any other batch, such as a bare tensor of
+    inputs, whose rows would otherwise be taken for an input and its targets."""
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[1]
+    got = "inputs alone" if isinstance(batch, (tuple, list)) else f"a {type(batch).__name__}"
+    raise TaskError(
+        f"{type(task).__name__} takes examples (input, {kind}, …), not {got}; pass a dataset of pairs such as "
+        f"TensorDataset(inputs, {kind}s)."
+    )
+
+
 def _check_labels(logits: Tensor, labels: Tensor) -> None:
     # vmap hands us batched tensors whose values cannot be inspected; the data loader checks
     # ranges up front (see featurize), so only plain tensors are checked here.
@@ -233,12 +245,12 @@ class ClassificationTask(Task):
     name: str = "classification"
 
     def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
-        labels = batch[1]
+        labels = _targets(self, batch, "label")
         _check_labels(outputs, labels)
         return F.cross_entropy(outputs, labels, reduction="none")
 
     def measurement(self, outputs: Tensor, batch: Batch) -> Tensor:
-        labels = batch[1]
+        labels = _targets(self, batch, "label")
         _check_labels(outputs, labels)
         correct = outputs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
         others = outputs.scatter(-1, labels.unsqueeze(-1), float("-inf"))
@@ -270,10 +282,10 @@ class RegressionTask(Task):
         return outputs.squeeze(-1) if outputs.dim() > 1 else outputs
 
     def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
-        return (self._prediction(outputs) - batch[1].to(outputs.dtype)) ** 2
+        return (self._prediction(outputs) - _targets(self, batch, "target").to(outputs.dtype)) ** 2
 
     def measurement(self, outputs: Tensor, batch: Batch) -> Tensor:
-        return (self._prediction(outputs) - batch[1].to(outputs.dtype)).abs()
+        return (self._prediction(outputs) - _targets(self, batch, "target").to(outputs.dtype)).abs()
 
     def fisher_targets(
         self, outputs: Tensor, batch: Batch, generator: torch.Generator | None

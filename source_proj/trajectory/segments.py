@@ -214,6 +214,18 @@ def _check_adam_group(group: Mapping[str, Any], where: str) -> None:
         raise TrajectoryError(f"{where} has Adam betas {list(betas)}; SOURCE needs 0 ≤ β < 1.")
 
 
+def check_boundaries(stages: Sequence[Stage], boundaries: Sequence[int] | None) -> None:
+    """Refuse cuts outside the run's steps: a typo there would otherwise leave the segments silently uncut."""
+    if boundaries is None or not stages:
+        return
+    first, last = stages[0].start_step, stages[-1].end_step
+    outside = sorted({int(b) for b in boundaries if not first <= b <= last})
+    if outside:
+        raise TrajectoryError(
+            f"Segment boundaries {outside} lie outside the run's steps {first} to {last}; cut at steps inside it."
+        )
+
+
 def make_segments(
     stages: Sequence[Stage],
     checkpoint_steps: Sequence[int],
@@ -235,6 +247,7 @@ def make_segments(
     """
     if boundaries is None and per_stage < 1:
         raise TrajectoryError(f"Each stage needs at least one segment, not {per_stage}.")
+    check_boundaries(stages, boundaries)
     segments: list[Segment] = []
     for stage in stages:
         start, end = stage.start_step, stage.end_step
