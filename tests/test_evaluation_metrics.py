@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -122,3 +124,14 @@ def test_lds_bootstraps_over_queries_when_asked_with_the_same_mean() -> None:
     assert (by_queries.low, by_queries.high) == query_interval(by_subsets.per_query)
     with pytest.raises(TaskError, match="resamples 'subsets' or 'queries'"):
         lds(scores, truth, LDSArguments(resample="models"))  # type: ignore[arg-type]
+
+
+def test_few_units_give_an_interval_without_warnings() -> None:
+    """With 3 units a ninth of the bootstrap resamples repeat one unit, whose correlations are all undefined:
+    the interval leaves them out without a RuntimeWarning reaching the user."""
+    rng = np.random.default_rng(0)
+    predicted, actual = rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = correlate(predicted, actual, resamples=200)
+    assert np.isfinite(result.low) and np.isfinite(result.high) and result.low <= result.mean <= result.high

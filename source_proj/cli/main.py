@@ -628,7 +628,7 @@ def query(
 ) -> None:
     """Print the most helpful and most harmful training examples of each query.
 
-    Training examples are described (the spec's ``describe``) only where they are printed or
+    Training examples are described (by the spec's describe function) only where they are printed or
     written, each once.
     """
     _check_out(out_path)
@@ -855,7 +855,7 @@ def _evaluation_options(fn: Any) -> Any:
         click.option("--spec", "spec_path", default=None, type=click.Path(path_type=Path),
                      help="Spec file with retrain(keep, seed) (default: the one recorded by featurize)."),
         click.option("--out", "out_path", default=None, type=click.Path(path_type=Path),
-                     help="Write per-query correlations (.csv or .jsonl)."),
+                     help="Write per-query correlations (.csv, .jsonl or .parquet)."),
         click.option("--device", default=None,
                      help="Where query gradients are computed (default: cuda when available)."),
     ]

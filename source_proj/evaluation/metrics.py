@@ -7,6 +7,7 @@ for a kept subset S is Σ_{z∈S} scores[q, z].
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -159,7 +160,9 @@ def correlate(
 
     def statistic(idx: np.ndarray) -> np.ndarray:
         rho = spearman(predicted[idx], actual[idx], axis=1)
-        with np.errstate(invalid="ignore"):
+        # A resample whose every query is constant has no correlation (NaN), not a warning for the user.
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
             return np.nanmean(np.where(np.isfinite(rho), rho, np.nan), axis=1)
 
     low, high = bootstrap_ci(statistic, predicted.shape[0], resamples=resamples, confidence=confidence, seed=seed)
