@@ -64,7 +64,8 @@ def test_a_query_model_of_another_architecture_is_refused(tiny_reference: Path) 
     with pytest.raises(sp.TaskError) as err:
         sp.Attributor(tiny_reference, _wider(), sp.ClassificationTask())
     assert str(err.value).startswith(
-        "The query model's attributed parameters do not match the store's (other shapes: 0.weight [16, 5] vs [8, 5]"
+        f"The query model's attributed parameters do not match those of the store at {tiny_reference} (other shapes: "
+        "0.weight [16, 5] vs [8, 5]"
     )
     assert str(err.value).endswith("build the model and parameter selection used for featurize.")
 

@@ -155,7 +155,7 @@ class Attributor:
         self.recipe = method_meta(self.store, method)["query"]
         self.rows = method_rows(self.store, method)
         self.trajectory = store_trajectory(meta, trajectory)
-        check_query_model(meta, model, task, self.trajectory)
+        check_query_model(meta, model, task, self.trajectory, self.store.path)
         self.device = default_device(device)
         self.model = copy.deepcopy(model).to(self.device)
         self.task = task

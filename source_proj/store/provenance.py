@@ -141,8 +141,11 @@ def check_run(meta: dict[str, Any], trajectory: Trajectory) -> None:
         )
 
 
-def check_query_model(meta: dict[str, Any], model: nn.Module, task: Task, trajectory: Trajectory) -> None:
-    """Refuse a query model, task or run that is not the store's (see the module docstring)."""
+def check_query_model(
+    meta: dict[str, Any], model: nn.Module, task: Task, trajectory: Trajectory, path: str | None = None
+) -> None:
+    """Refuse a query model, task or run that is not the store's (see the module docstring); ``path``: the store's,
+    named in the refusal (several stores evaluated together need it)."""
     check_run(meta, trajectory)
     if task.describe() != meta["task"]:
         raise TaskError(
@@ -156,8 +159,9 @@ def check_query_model(meta: dict[str, Any], model: nn.Module, task: Task, trajec
     if actual != stored:
         why = _parameter_mismatch(stored, actual)
         raise TaskError(
-            f"The query model's attributed parameters do not match the store's ({why}); build the model and "
-            "parameter selection used for featurize."
+            f"The query model's attributed parameters do not match those of the store"
+            f"{'' if path is None else f' at {path}'} ({why}); build the model and parameter selection used for "
+            "featurize."
         )
 
 
