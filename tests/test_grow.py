@@ -158,3 +158,26 @@ def test_a_grown_eigen_store_keeps_its_basis(tmp_path: Path) -> None:
     sp.fit(grown, progress=False)
     scores = sp.Attributor(grown, _mlp(), sp.ClassificationTask()).scores(EXTRA)
     assert scores.shape == (10, 30) and np.isfinite(scores).all()
+
+
+def test_a_grown_store_takes_the_fisher_of_the_same_batches(tmp_path: Path) -> None:
+    """``fisher_examples``: a stage's Fisher batches are drawn per row chunk, so the old stage keeps its draw as the
+    store grows and the new stage draws its own, as the longer run's store from scratch does."""
+
+    def featurize(store: Path, data: dict, **kwargs) -> sp.Store:
+        return sp.featurize(tmp_path / "run", _mlp(), sp.ClassificationTask(), data, store,
+                            projection=sp.ProjectionArguments(dim=16, kind="rademacher"),
+                            options=sp.FeaturizeArguments(batch_size=4, chunk_rows=8, fisher_examples=4),
+                            progress=False, **kwargs)  # fmt: skip
+
+    _record(tmp_path / "run")
+    featurize(tmp_path / "grown.sp", {"main": MAIN})
+    _continue(tmp_path / "run")
+    data = {"main": MAIN, "extra": EXTRA}
+    grown = featurize(tmp_path / "grown.sp", data, grow=True)
+    scratch = featurize(tmp_path / "scratch.sp", data)
+    assert grown.array("fisher/main/step-00000000").shape[0] < len(MAIN)  # a share of each stage
+    assert 0 < grown.array("fisher/extra/step-00000016").shape[0] < len(EXTRA)
+    for name in scratch.progress_arrays():
+        assert np.array_equal(grown.read(name), scratch.read(name)), name
+    assert sp.verify_store(grown.path).status == "ok"
