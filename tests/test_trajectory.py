@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -158,3 +159,30 @@ def test_clipping_factors_outside_zero_one_are_refused(tmp_path: Path) -> None:
     (tmp_path / "run" / "trajectory.json").write_text(json.dumps(index))
     with pytest.raises(sp.TrajectoryError, match="one clipping factor in"):
         sp.Trajectory.load(tmp_path / "run")
+
+
+@pytest.mark.parametrize("case", ["other model's optimizer", "this model's", "learning rate 0"])
+def test_weights_that_do_not_move_under_a_positive_learning_rate_are_warned_of(tmp_path: Path, case: str) -> None:
+    """An optimizer built on another model's parameters trains nothing the recorder sees: the checkpoints all hold
+    the same weights while the recorded learning rates say the run trained. The first checkpoint after such steps
+    warns; a run that trains, or steps at learning rate 0, does not."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    params = nn.Linear(3, 2).parameters() if case == "other model's optimizer" else model.parameters()
+    opt = torch.optim.SGD(params, lr=0.0 if case == "learning rate 0" else 0.1)
+    rec = sp.TrajectoryRecorder(tmp_path / "run", model, opt, save_every=2)
+    rec.begin_stage("main", dataset_size=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(4):
+            opt.zero_grad()
+            model(torch.randn(4, 3)).sum().backward()
+            opt.step()
+            rec.step()
+        rec.close()
+    said = [str(w.message) for w in caught if "did not change" in str(w.message)]
+    if case == "other model's optimizer":
+        assert said[0].startswith("The model's weights did not change from step 0 to step 2 though the learning rate")
+        assert len(said) == 2  # at steps 2 and 4
+    else:
+        assert said == []

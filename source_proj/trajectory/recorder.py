@@ -44,6 +44,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,6 +208,7 @@ class TrajectoryRecorder:
         self._complete = False
         self._clipping = _ClipWatch(model, optimizer, grad_scaler) if watch_clipping else None
         self._listeners: list[RecorderListener] = []
+        self._weights: tuple[int, torch.Tensor] | None = None  # (step, sample) of the last checkpoint's weights
 
     @classmethod
     def resume(
@@ -382,6 +384,7 @@ class TrajectoryRecorder:
         if save_opt is None:
             save_opt = self._stages[-1]["optimizer"]["kind"] in ("adam", "adamw")
         payload: dict[str, Any] = {"model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}}
+        self._check_trained(payload["model"])
         if save_opt:
             payload["optimizer"] = self.optimizer.state_dict()
         rel = f"checkpoints/step-{self.global_step:08d}.pt"
@@ -400,6 +403,25 @@ class TrajectoryRecorder:
             }
         )
         self._write_index()
+
+    def _check_trained(self, state: dict[str, torch.Tensor]) -> None:
+        """Warn where the weights did not move since the last checkpoint though a learning rate was positive: an
+        optimizer built on another model's parameters trains nothing here, and the run would be attributed as if
+        it had trained (a few values of every floating-point tensor are compared: cheap at any size)."""
+        sample = _weights_sample(state)
+        before, self._weights = self._weights, (self.global_step, sample)
+        if before is None or sample.numel() == 0:
+            return
+        step, previous = before
+        rates = self._lr[step : self.global_step]
+        if rates and max(rates) > 0 and torch.equal(previous, sample):
+            warnings.warn(
+                f"The model's weights did not change from step {step} to step {self.global_step} though the learning "
+                f"rate was up to {max(rates):g}: if the optimizer was built on another model's parameters, build it "
+                "on this model's (torch.optim.SGD(model.parameters(), ...)); else every gradient was zero and this "
+                "part of the run did not train.",
+                stacklevel=4,
+            )
 
     def _write_index(self) -> None:
         index = {
@@ -474,6 +496,16 @@ class _ClipWatch:
     def remove(self) -> None:
         for handle in [*self.handles, self.step_handle]:
             handle.remove()
+
+
+def _weights_sample(state: dict[str, torch.Tensor], per_tensor: int = 64) -> torch.Tensor:
+    """At most ``per_tensor`` evenly spaced values of every floating-point tensor of a (CPU) state dict, as float64."""
+    parts = []
+    for value in state.values():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
+            flat = value.reshape(-1)
+            parts.append(flat[:: max(1, flat.numel() // per_tensor)][:per_tensor].double())
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
 
 def _squared_norm(grad: torch.Tensor) -> torch.Tensor:
