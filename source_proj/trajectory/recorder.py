@@ -606,9 +606,9 @@ class Trajectory:
         try:
             model.load_state_dict(state)
         except RuntimeError as err:
-            first = str(err).strip().splitlines()
+            first = " ".join(" ".join(str(err).strip().splitlines()[:2]).split())  # torch's first lines, untabbed
             raise TrajectoryError(
-                f"Checkpoint {checkpoint.file} does not fit the model ({' '.join(first[:2])}); "
+                f"Checkpoint {checkpoint.file} does not fit the model ({first}); "
                 "build the model exactly as in training."
             ) from err
         return model
