@@ -430,7 +430,7 @@ class TrajectoryRecorder:
                     f"{round(math.log2(factor))}: a loss scaler unscaling them? Pass grad_scaler=… to the recorder, "
                     "or the clipping factor to step(clip=…)."
                 )
-            if measured[step] and factor < 1e-3:  # clipping after an unknown scaler's unscaling hides its 2^n
+            if measured[step] and 0 < factor < 1e-3:  # clipping after an unknown scaler's unscaling hides its 2^n
                 raise TrajectoryError(
                     f"Between backward and optimizer step {step} the gradients shrank by {factor:.3g}×, far more than "
                     "clipping shrinks them: a loss scaler unscaling them? Pass grad_scaler=… to the recorder, or, if "
