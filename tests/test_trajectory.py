@@ -152,6 +152,12 @@ def test_a_loss_scaler_the_recorder_does_not_know_is_refused(tmp_path: Path) -> 
         _clipped_run(tmp_path / "run", 1e6, torch.amp.GradScaler("cpu", init_scale=2.0**12), pass_scaler=False)
 
 
+def test_a_loss_scaler_the_recorder_does_not_know_is_refused_when_every_step_is_clipped(tmp_path: Path) -> None:
+    """Clipping after the unscaling hides the exact power of two; the factor is still far below any real clipping."""
+    with pytest.raises(sp.TrajectoryError, match="loss scaler"):
+        _clipped_run(tmp_path / "run", 1e-2, torch.amp.GradScaler("cpu", init_scale=2.0**12), pass_scaler=False)
+
+
 def test_clipping_factors_outside_zero_one_are_refused(tmp_path: Path) -> None:
     _clipped_run(tmp_path / "run", 0.8, None, pass_scaler=False)
     index = json.loads((tmp_path / "run" / "trajectory.json").read_text())

@@ -438,6 +438,7 @@ class TrajectoryRecorder:
     def _clip_factors(self) -> list[float]:
         """The factors recorded so far as numbers (measured ones are tensors until written: no device sync per step)."""
         factors = [float(c) for c in self._clip]
+        measured = [isinstance(c, torch.Tensor) for c in self._clip]
         for step, factor in enumerate(factors):
             if not (math.isfinite(factor) and factor <= 1 + 1e-4):
                 raise TrajectoryError(
@@ -450,6 +451,12 @@ class TrajectoryRecorder:
                     f"Between backward and optimizer step {step} the gradients shrank by exactly 2^"
                     f"{round(math.log2(factor))}: a loss scaler unscaling them? Pass grad_scaler=… to the recorder, "
                     "or the clipping factor to step(clip=…)."
+                )
+            if measured[step] and 0 < factor < 1e-3:  # clipping after an unknown scaler's unscaling hides its 2^n
+                raise TrajectoryError(
+                    f"Between backward and optimizer step {step} the gradients shrank by {factor:.3g}×, far more than "
+                    "clipping shrinks them: a loss scaler unscaling them? Pass grad_scaler=… to the recorder, or, if "
+                    "clipping did scale them by that much, the factor to step(clip=…)."
                 )
         self._clip = list(factors)
         return [min(factor, 1.0) for factor in factors]
