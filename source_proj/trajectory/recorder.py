@@ -209,6 +209,7 @@ class TrajectoryRecorder:
         self._clipping = _ClipWatch(model, optimizer, grad_scaler) if watch_clipping else None
         self._listeners: list[RecorderListener] = []
         self._weights: tuple[int, torch.Tensor] | None = None  # (step, sample) of the last checkpoint's weights
+        self._warned_shrink = False  # a measured clipping factor below 1e-3 was warned of
 
     @classmethod
     def resume(
@@ -452,11 +453,15 @@ class TrajectoryRecorder:
                     f"{round(math.log2(factor))}: a loss scaler unscaling them? Pass grad_scaler=… to the recorder, "
                     "or the clipping factor to step(clip=…)."
                 )
-            if measured[step] and 0 < factor < 1e-3:  # clipping after an unknown scaler's unscaling hides its 2^n
-                raise TrajectoryError(
+            if measured[step] and 0 < factor < 1e-3 and not self._warned_shrink:
+                # Clipping after an unknown scaler's unscaling hides its 2^n. A warning, not a refusal: a real spike
+                # can be clipped that hard too, and a refusal here would stop the training run.
+                self._warned_shrink = True
+                warnings.warn(
                     f"Between backward and optimizer step {step} the gradients shrank by {factor:.3g}×, far more than "
-                    "clipping shrinks them: a loss scaler unscaling them? Pass grad_scaler=… to the recorder, or, if "
-                    "clipping did scale them by that much, the factor to step(clip=…)."
+                    "clipping usually shrinks them: a loss scaler unscaling them? Pass grad_scaler=… to the recorder "
+                    "(else SOURCE takes steps that small), or, if clipping did scale them by that much, nothing.",
+                    stacklevel=5,
                 )
         self._clip = list(factors)
         return [min(factor, 1.0) for factor in factors]
