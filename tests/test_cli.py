@@ -139,3 +139,12 @@ def test_errors_are_one_line_messages(tmp_path: Path, run: tuple[Path, Path]) ->
     assert cli.invoke(main, uncut).exit_code == 0
     basis = [sp.Store.open(p).meta["projection"]["basis"] for p in (store, tmp_path / "all.sp")]
     assert basis[0]["digest"] == basis[1]["digest"] and basis[0]["inputs"] == basis[1]["inputs"]
+
+
+def test_fast_only_featurize_says_what_it_featurized(tmp_path: Path, run: tuple[Path, Path]) -> None:
+    run_dir, spec = run
+    args = ["--out", str(tmp_path / "s.sp"), "--dim", "16", "--fast-only", "--segments", "2"]
+    out = CliRunner().invoke(main, ["featurize", "--ckpts", str(run_dir), "--spec", str(spec), *args])
+    assert out.exit_code == 0, out.output
+    assert "featurized 2 segments' averaged parameters (Fast-SOURCE) into" in out.output, out.output
+    assert "checkpoints into" not in out.output

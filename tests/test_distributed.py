@@ -252,6 +252,15 @@ def test_independent_shards_refuse_overwrite(tmp_path: Path, tiny_run: Path) -> 
     assert not (tmp_path / "s.sp" / "zarr.json").exists()
 
 
+def test_a_slurm_shard_says_which_shard_it_computed(
+    tmp_path: Path, tiny_run: Path, spec: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    out = _in_process(*_featurize(tiny_run, spec, tmp_path / "s.sp", "--shard", "slurm"))
+    assert "featurized shard 1/2 of" in out, out
+
+
 def test_sharded_parameters_on_gloo_ranks_write_the_store_one_process_writes(
     tmp_path: Path, tiny_run: Path, spec: Path, one_process: Path, two_ranks: tuple[Path, str]
 ) -> None:

@@ -120,6 +120,7 @@ def test_a_grown_store_is_the_longer_runs_store_and_only_new_checkpoints_are_com
     assert 0 < growth["loss"] < full["loss"]
     for name in scratch.progress_arrays():
         assert np.array_equal(grown.read(name), scratch.read(name)), name
+    assert set(grown.progress_arrays()) == set(scratch.progress_arrays())  # the old θ_T's measurement is gone
     assert grown.meta["trajectory"] == scratch.meta["trajectory"]
     history = grown.meta["growth"]
     assert [h["checkpoints"] for h in history] == [[0, 4, 8]] and history[0]["dropped_methods"] == ["source"]

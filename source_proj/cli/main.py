@@ -334,9 +334,16 @@ def featurize(
             grow=grow,
         )
     if not store.meta.get("featurized"):
-        click.echo(f"featurized shard {shard} of {store.path}; the store is finished once every shard has run")
+        resolved = Shard.parse(shard) if shard else None
+        which = f"{resolved.rank}/{resolved.world}" if resolved is not None else shard
+        click.echo(f"featurized shard {which} of {store.path}; the store is finished once every shard has run")
         return
-    click.echo(f"featurized {len(store.meta['trajectory']['checkpoints'])} checkpoints into {store.path}")
+    products = store.meta.get("products") or {"checkpoints": True}
+    if products.get("checkpoints", True):
+        click.echo(f"featurized {len(store.meta['trajectory']['checkpoints'])} checkpoints into {store.path}")
+    else:
+        segments = len((store.meta.get("segmentation") or {}).get("segments") or [])
+        click.echo(f"featurized {segments} segments' averaged parameters (Fast-SOURCE) into {store.path}")
     recorded = store.meta.get("segmentation")
     if recorded is not None:
         click.echo(f"segmentation fixed for this store: {recorded['arguments']}")

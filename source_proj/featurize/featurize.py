@@ -417,6 +417,9 @@ class _Featurize:
                 )
             record_growth(existing)
             existing.delete("trajectory/lr")
+            old_final = ckpt_key(existing.meta["trajectory"]["checkpoints"][-1])
+            for stage in existing.meta["trajectory"]["stages"]:  # the old θ_T's: the grown run's final one replaces it
+                existing.delete(f"measurement/{stage['name']}/{old_final}")
             meta = self.meta  # θ_T moved, and a new stage brings new data: the fingerprints follow the grown run
             existing.update_meta(
                 trajectory=meta["trajectory"], provenance=meta["provenance"], fingerprint=meta["fingerprint"],

@@ -116,7 +116,7 @@ def token_scores(
     if recipe is None:
         raise TaskError(
             f"Method {attributor.method!r} records no training recipe, so its scores cannot be split by token; use "
-            "source, fast-source, grad-dot or tracin fitted by this version (re-fit with --force)."
+            "source, fast-source, grad-dot or tracin (a store fitted by an earlier version: re-fit it with --force)."
         )
     if store.meta["projection"]["kind"] == "fast_jl":
         raise TaskError(

@@ -54,7 +54,8 @@ def checkpoint_preconditioner(
     if not checkpoint.optimizer_state or not isinstance(state, Mapping):
         raise TrajectoryError(
             f"Checkpoint {checkpoint.file} of Adam stage {stage.name!r} has no optimizer state, which SOURCE reads "
-            "the preconditioner from; record the run with TrajectoryRecorder (it saves the state for Adam)."
+            "the preconditioner from; record the run with TrajectoryRecorder without save_optimizer_state=False (it "
+            "saves the state for Adam by default)."
         )
     groups = state["param_groups"]
     described = stage.optimizer["groups"]
