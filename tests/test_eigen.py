@@ -18,12 +18,13 @@ from torch.utils.data import TensorDataset
 import source_proj as sp
 from source_proj.cli.main import main
 from source_proj.featurize import featurize as featurize_module
-from source_proj.featurize.basis import BasisPass
+from source_proj.featurize.basis import BasisPass, spread
 from source_proj.methods.kronecker import layer_matrix
 from source_proj.projection.eigen import allocate
 from source_proj.projection.layers import factorable_layers
 from source_proj.store.store import ckpt_key
 from source_proj.tasks.gradients import PerExampleGradients
+from source_proj.trajectory.recorder import Checkpoint
 
 from .conftest import TokenModel, full_batch_run
 
@@ -455,3 +456,35 @@ def test_a_store_whose_basis_visited_every_example_drawn_is_resumed_with_it(
         featurize(tmp_path / "cut.sp", basis_layer_positions=30)
     with pytest.raises(sp.TaskError, match="basis_layer_positions is 0; pass a whole number ≥ 1"):
         sp.ProjectionArguments(basis_layer_positions=0)
+
+
+def test_spread_keeps_the_first_and_the_last_evenly_spaced() -> None:
+    checkpoints = [Checkpoint(step, f"c{step}", "", False) for step in range(0, 19)]
+    assert [c.step for c in spread(checkpoints, 4)] == [0, 6, 12, 18]
+    assert [c.step for c in spread(checkpoints, 2)] == [0, 18]
+    assert [c.step for c in spread(checkpoints, 1)] == [18]  # the final weights, where queries are taken
+    assert spread(checkpoints[:3], 4) == checkpoints[:3]
+
+
+def test_a_basis_of_some_checkpoints_is_the_basis_of_a_store_of_only_those(tmp_path: Path) -> None:
+    """``basis_checkpoints=2`` on a run of checkpoints 0, 2, 4: the basis averages checkpoints 0 and 4 only, as a
+    store that featurizes those two alone does (its rows still come from every checkpoint)."""
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(24, 4, generator=g), torch.randint(0, 3, (24,), generator=g))
+    run, model = _run(tmp_path, data)
+    some = _featurize(run, model, data, tmp_path / "some.sp", dim=16, basis_checkpoints=2)
+    assert some.meta["projection"]["basis"]["checkpoints"] == [0, 4]
+    assert some.has(f"grads/main/{ckpt_key(2)}")
+    two = sp.featurize(run, _mlp(), sp.ClassificationTask(), data, tmp_path / "two.sp",
+                       projection=sp.ProjectionArguments(dim=16),
+                       options=sp.FeaturizeArguments(checkpoint_steps=(0,)), progress=False)  # fmt: skip
+    assert two.meta["projection"]["basis"]["checkpoints"] == [0, 4]
+    every = _featurize(run, _mlp(), data, tmp_path / "every.sp", dim=16)
+    assert every.meta["projection"]["basis"]["checkpoints"] == [0, 2, 4]
+    layers = range(len(some.meta["projection"]["basis"]["modules"]))
+    for name in (f"projection/basis/{i}/{side}" for i in layers for side in ("out", "in")):
+        np.testing.assert_array_equal(some.read(name), two.read(name))
+    assert not all(np.array_equal(some.read(f"projection/basis/{i}/in"), every.read(f"projection/basis/{i}/in"))
+                   for i in layers)  # fmt: skip
+    with pytest.raises(sp.TaskError, match="basis_checkpoints"):
+        sp.ProjectionArguments(basis_checkpoints=0)

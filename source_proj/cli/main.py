@@ -174,6 +174,13 @@ def main() -> None:
     "factors; 'all' for every position.",
 )
 @click.option(
+    "--basis-checkpoints",
+    default="all",
+    show_default=True,
+    help="eigen: the basis averages at most this many checkpoints of each stage, evenly spaced (first and last "
+    "included); 'all' for every checkpoint featurized.",
+)
+@click.option(
     "--checkpoints",
     "checkpoint_steps",
     default=None,
@@ -274,6 +281,7 @@ def featurize(
     basis_examples: int,
     basis_layer_positions: str,
     basis_positions: str,
+    basis_checkpoints: str,
     checkpoint_steps: str | None,
     precision: str,
     fisher: str,
@@ -311,6 +319,7 @@ def featurize(
                 dim=dim, seed=seed, kind=projection, module_dims=_module_dims(module_dims), adam_rank=adam_rank,
                 basis_examples=basis_examples, basis_positions=_basis_positions(basis_positions),
                 basis_layer_positions=_basis_positions(basis_layer_positions, "--basis-layer-positions"),
+                basis_checkpoints=_basis_positions(basis_checkpoints, "--basis-checkpoints"),
             ),
             options=sp.FeaturizeArguments(
                 batch_size=batch_size,

@@ -69,6 +69,10 @@ class ProjectionArguments:
             position and layer); the factors stay unbiased. On the text example 4 of 32 positions lost no LDS
             (BENCHMARKS.md, "The eigen basis from sampled positions"). Models with at most that many positions
             per example (an MLP has one) are unaffected, bit for bit.
+        basis_checkpoints: ``"eigen"`` only: the basis averages the factors of at most this many checkpoints of each
+            stage, evenly spaced over it (its first and last included), not of every checkpoint featurized; each
+            left out saves a basis pass. ``None``: every checkpoint. In-run capture takes a basis per window
+            whatever this says.
     """
 
     dim: int = 1024
@@ -79,6 +83,7 @@ class ProjectionArguments:
     basis_examples: int = 2048
     basis_positions: int | None = 64
     basis_layer_positions: int | None = 2048
+    basis_checkpoints: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind != "identity":  # k = p there, whatever dim says
@@ -89,13 +94,16 @@ class ProjectionArguments:
             _positive(self, "basis_positions")
         if self.basis_layer_positions is not None:
             _positive(self, "basis_layer_positions")
+        if self.basis_checkpoints is not None:
+            _positive(self, "basis_checkpoints")
 
     def basis_inputs(self, *more: object) -> str:
         """The digest of what an eigen basis is estimated from (with ``more``: the parameters' names, ...): a store
-        whose basis has it is resumed with that basis. ``basis_positions`` enters only when set, so bases
-        estimated before it existed (every position) keep their digest."""
+        whose basis has it is resumed with that basis. ``basis_positions`` and ``basis_checkpoints`` enter only when
+        set, so bases estimated before they existed (every position, every checkpoint) keep their digest."""
         positions = [] if self.basis_positions is None else [["positions", self.basis_positions]]
-        values = [self.dim, self.seed, self.basis_examples, *more, *positions]
+        checkpoints = [] if self.basis_checkpoints is None else [["checkpoints", self.basis_checkpoints]]
+        values = [self.dim, self.seed, self.basis_examples, *more, *positions, *checkpoints]
         return hashlib.sha256(json.dumps(values).encode()).hexdigest()[:16]
 
     def projector(

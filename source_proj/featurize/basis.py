@@ -46,16 +46,21 @@ def estimate_basis(
     *,
     inputs: str = "",
     progress: bool = False,
+    per_stage: int | None = None,
 ) -> EigenBasis:
     """The eigen projection's basis of ``pass_``'s arguments: one sampled-label Fisher pass over its subset of each
-    stage at each of ``checkpoints`` (on the stages featurize visits it on), each visit's factors normalised, then
-    averaged. The pass's model is loaded with each checkpoint in turn."""
+    stage at each of ``checkpoints`` (on the stages featurize visits it on; ``per_stage``: at most that many of each
+    stage's, ``spread``), each visit's factors normalised, then averaged. The pass's model is loaded with each
+    checkpoint in turn."""
     model: nn.Module = pass_.model
     names = pass_.names
     params = dict(model.named_parameters())
     rules = {st.name: optimizer_rule(st, {n: params[n].numel() for n in names}) for st in trajectory.stages}
     stages = {st.name: st for st in trajectory.stages}
     visits = [(c, stage) for c in checkpoints for stage in checkpoint_stages(trajectory, c)]
+    if per_stage is not None:
+        kept = {st: {c.step for c in spread([c for c, s in visits if s == st], per_stage)} for st in stages}
+        visits = [(c, stage) for c, stage in visits if c.step in kept[stage]]
     loaded = None
     with pass_.bar(visits_per_stage=[stage for _, stage in visits], progress=progress) as bar:
         for checkpoint, stage in visits:
@@ -66,6 +71,16 @@ def estimate_basis(
             sides = _adam_sides(trajectory, checkpoint, stages[stage], names, pass_.layers) if adam else None
             pass_.visit(stage, f"checkpoint {checkpoint.file}", bar, sides)
     return pass_.basis(sorted({c.step for c, _ in visits}), inputs)
+
+
+def spread(checkpoints: Sequence[Checkpoint], count: int) -> list[Checkpoint]:
+    """At most ``count`` of ``checkpoints`` (in order), evenly spaced: the first and the last among them."""
+    if len(checkpoints) <= count:
+        return list(checkpoints)
+    if count == 1:
+        return [checkpoints[-1]]
+    indices = sorted({round(i * (len(checkpoints) - 1) / (count - 1)) for i in range(count)})
+    return [checkpoints[i] for i in indices]
 
 
 class BasisPass:

@@ -325,7 +325,8 @@ class _Featurize:
         # Sharded parameters: every rank runs the same pass over the same seeded draw, so the ranks gather each
         # layer together, and each estimates the basis one process would (the gathered weights are the same).
         with self.shards.saving() if self.shards is not None else contextlib.nullcontext():
-            return estimate_basis(trajectory, trajectory.checkpoints, pass_, inputs=inputs, progress=self.progress)
+            return estimate_basis(trajectory, trajectory.checkpoints, pass_, inputs=inputs, progress=self.progress,
+                                  per_stage=projection.basis_checkpoints)  # fmt: skip
 
     def _plan(self, store: Store, overwrite: bool = False, record: bool = False) -> FeaturizePlan:
         self._setup()
