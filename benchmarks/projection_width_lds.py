@@ -15,7 +15,8 @@ same SOURCE. The recorded run and the ground truth (the pre-trained model fine-t
 reused when present. Prints LDS [95 % CI], each store's per-query difference to the first variant with a 95 %
 bootstrap interval, and featurize seconds; writes OUT/results.json and OUT/lds.png (LDS against k, a line per
 kind). A variant ``kind:k:M`` takes the projected Fisher of about M examples of each stage
-(``FeaturizeArguments.fisher_examples``: whole batches, drawn in every row chunk). ``--draw`` draws earlier runs'
+(``FeaturizeArguments.fisher_examples``: whole batches, drawn in every row chunk), ``kind:k:b=n`` the eigen basis
+from at most n checkpoints of each stage (``ProjectionArguments.basis_checkpoints``). ``--draw`` draws earlier runs'
 results side by side, a panel each, into ``--figure``. The dense ``rademacher`` kind redraws a p × k matrix for
 every batch: about 10 minutes at width 256 and k = 512 on 2 threads.
 """
@@ -65,11 +66,18 @@ def main() -> None:
     if not (run / "trajectory.json").exists() or not sp.Trajectory.load(run).complete:
         lm.train(config, seed=0, run_dir=run)
     variants = {}
-    for item in args.variants.split(","):  # kind:k, or kind:k:M for the Fisher of about M examples a stage
-        kind, dim, *fisher = item.split(":")
-        label = kind if not fisher else f"{kind} Fisher of {int(fisher[0])}"
-        examples = int(fisher[0]) if fisher else None
-        variants[f"{label}, k = {dim}"] = (sp.ProjectionArguments(dim=int(dim), kind=kind), examples)
+    for item in args.variants.split(","):  # kind:k, kind:k:M (the Fisher of about M examples a stage), kind:k:b=n
+        kind, dim, *extra = item.split(":")
+        label, examples, basis = kind, None, None
+        for part in extra:
+            if part.startswith("b="):  # the eigen basis from at most n checkpoints a stage
+                basis = int(part.removeprefix("b="))
+                label += f" basis of {basis} checkpoints"
+            else:
+                examples = int(part)
+                label += f" Fisher of {examples}"
+        projection = sp.ProjectionArguments(dim=int(dim), kind=kind, basis_checkpoints=basis)
+        variants[f"{label}, k = {dim}"] = (projection, examples)
     scores, seconds, rows = {}, {}, None
     for name, (projection, examples) in variants.items():
         store = args.out / f"{name.replace(', k = ', '-k').replace(' ', '-')}.sp"

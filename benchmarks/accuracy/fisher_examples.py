@@ -1,17 +1,18 @@
-"""Post-hoc SOURCE with the projected Fisher of a share of the examples (``FeaturizeArguments.fisher_examples``)
-against the Fisher of every example, by LDS on a harness setting, with featurize's time and the store's size.
+"""Post-hoc SOURCE with the projected Fisher of a share of the examples (``FeaturizeArguments.fisher_examples``),
+or the eigen basis from some checkpoints (``ProjectionArguments.basis_checkpoints``), against every example's and
+every checkpoint's, by LDS on a harness setting, with featurize's time and the store's size.
 
     python benchmarks/accuracy/fisher_examples.py --setting mnist-noisy --mnist ../shared/data/mnist \
-        --subsets 50 --repeats 3 [--dim 1024] [--kind eigen] [--examples all,2048,1024,512] [--rounds 2]
-        [--out runs/accuracy/fisher-examples-mnist-noisy.json]
+        --subsets 50 --repeats 3 [--dim 1024] [--kind eigen] [--examples all,2048,1024,512]
+        [--basis-checkpoints all,4,2] [--rounds 2] [--out runs/accuracy/fisher-examples-mnist-noisy.json]
 
 Model 0 of the setting (trained and its ground truth built by the harness when missing) is featurized once per
-value of ``--examples`` (``all``: every example, the default) into ``model-0-<kind>-k<dim>-fisher-<M>.sp`` in the
-setting's cache folder, ``--rounds`` times in turn (the median featurize seconds are reported: a shared machine
-slows every variant alike), then fitted with the library's defaults and scored on the setting's queries. Printed
-and written to ``--out``: each store's LDS [95 % CI], its difference to the ``all`` store per query (paired 95 %
-bootstrap interval), the Fisher rows it holds per checkpoint, its Fisher arrays' bytes on disk and featurize's
-median seconds.
+value of ``--examples`` (``all``: every example, the default) and of ``--basis-checkpoints`` (``all``: every
+checkpoint, the default; each pair) into ``model-0-<kind>-k<dim>-fisher-<M>[-basis-<n>].sp`` in the setting's cache
+folder, ``--rounds`` times in turn (the median featurize seconds are reported: a shared machine slows every variant
+alike), then fitted with the library's defaults and scored on the setting's queries. Printed and written to
+``--out``: each store's LDS [95 % CI], its difference to the first store per query (paired 95 % bootstrap
+interval), the Fisher rows it holds per checkpoint, its Fisher arrays' bytes on disk and featurize's median seconds.
 """
 
 from __future__ import annotations
@@ -42,18 +43,25 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--kind", default="eigen")
     parser.add_argument("--examples", default="all,2048,1024,512", help="fisher_examples values ('all': None)")
+    parser.add_argument("--basis-checkpoints", default="all", help="basis_checkpoints values ('all': None)")
     parser.add_argument("--rounds", type=int, default=2, help="featurize each variant this many times, in turn")
     args = parser.parse_args()
     h = harness.prepare_model_0(args)
     fit = sp.FitArguments(stages=(h.setting.attributed,))
-    variants = {value: None if value == "all" else int(value) for value in args.examples.split(",")}
-    stores = {v: h.folder / f"model-0-{args.kind}-k{args.dim}-fisher-{v}.sp" for v in variants}
+    variants = {}
+    for fisher in args.examples.split(","):
+        for basis in args.basis_checkpoints.split(","):
+            name = fisher + ("" if basis == "all" else f", basis of {basis} checkpoints a stage")
+            variants[name] = (fisher, None if fisher == "all" else int(fisher), basis,
+                              None if basis == "all" else int(basis))  # fmt: skip
+    stores = {v: h.folder / f"model-0-{args.kind}-k{args.dim}-fisher-{f}{'' if b == 'all' else f'-basis-{b}'}.sp"
+              for v, (f, _, b, _) in variants.items()}  # fmt: skip
     seconds: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(args.rounds):
-        for value, examples in variants.items():
+        for value, (_, examples, _, checkpoints) in variants.items():
             start = time.perf_counter()
             sp.featurize(h.runs[0], h.build_model(), h.task, h.train_data, stores[value],
-                         projection=sp.ProjectionArguments(dim=args.dim, kind=args.kind),
+                         projection=sp.ProjectionArguments(dim=args.dim, kind=args.kind, basis_checkpoints=checkpoints),
                          options=sp.FeaturizeArguments(fisher_examples=examples), overwrite=True,
                          progress=False)  # fmt: skip
             seconds[value].append(time.perf_counter() - start)
