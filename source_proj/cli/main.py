@@ -205,8 +205,8 @@ def main() -> None:
     type=click.IntRange(min=1),
     default=None,
     help="Take the projected Fisher of about this many examples of each stage at each checkpoint (whole batches "
-    "drawn in every row chunk, at least one a chunk) instead of all: about a third less featurize compute on large "
-    "data; --chunk-rows must be a multiple of --batch-size.",
+    "drawn in every row chunk, at least one a chunk) instead of all: the other batches skip the Fisher's backward, "
+    "and the store keeps only those rows (for large data); --chunk-rows must be a multiple of --batch-size.",
 )
 @click.option(
     "--curvature",
