@@ -19,7 +19,9 @@
 #   (not in the 10 minutes: the default eigen projection on GPT-2 124M, its basis pass included, is
 #   `python3 benchmarks/transformer_gpu.py --model gpt2-124m --length 1024 --sequences 512 --steps 40
 #    --dim 16384 --precision bf16 --projection eigen --phases featurize,fit --out /tmp/transformer-gpu`, on a
-#   second call while the machine is still warm: it reads the run the gpt2-124m step trained)
+#   second call while the machine is still warm: it reads the run the gpt2-124m step trained; the same with
+#   `--fisher sampled` and then `--fisher sampled --fisher-examples 64` times the sampled Fisher's backward and
+#   what featurize saves with the Fisher of a share of the sequences)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

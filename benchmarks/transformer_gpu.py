@@ -9,7 +9,8 @@ standard library's own sources (nothing downloaded), ``--steps`` AdamW steps (wa
 decay, clipping at 1.0, bf16 autocast) recorded by ``TrajectoryRecorder`` with a checkpoint at the
 start and at the end; then ``sp.featurize`` with the factored projection at k = ``--dim`` (AdamW's
 D^{-1/2} as its rank-``--adam-rank`` form, one gradient per sequence: empirical Fisher, no measurement
-gradients) and ``sp.fit`` on the same device. Prints one JSON line per phase: examples/s, tokens/s,
+gradients; ``--fisher sampled`` adds the sampled Fisher's backward, ``--fisher-examples M`` on about M sequences
+only) and ``sp.fit`` on the same device. Prints one JSON line per phase: examples/s, tokens/s,
 seconds and peak GPU memory (``torch.cuda.max_memory_allocated``), beside the training step's own rate.
 The checkpoints of the 1.1B model carry AdamW's state: about 13 GiB each on disk.
 """
@@ -135,9 +136,9 @@ def featurize(args: argparse.Namespace, data: Blocks, device: torch.device) -> d
     task = sp.LanguageModelingTask(tokens_per_sequence=args.length - 1)
     model = build_model(args.model, args.length)
     options = sp.FeaturizeArguments(
-        batch_size=args.batch, chunk_rows=max(args.batch, 1024 // args.batch * args.batch), fisher="empirical",
+        batch_size=args.batch, chunk_rows=max(args.batch, 1024 // args.batch * args.batch), fisher=args.fisher,
         measurement=False, device=str(device), precision=args.precision,
-        segmentation=sp.SegmentationArguments(per_stage=1),
+        segmentation=sp.SegmentationArguments(per_stage=1), fisher_examples=args.fisher_examples,
     )  # fmt: skip
     projection = sp.ProjectionArguments(dim=args.dim, kind=args.projection, adam_rank=args.adam_rank)
     _reset(device)
@@ -196,6 +197,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--projection", choices=["factored", "eigen"], default="factored",
                         help="factored (issue 13's figures) or eigen (the library's default: adds its basis pass)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    parser.add_argument("--fisher", choices=["empirical", "sampled"], default="empirical",
+                        help="featurize's Fisher: empirical (one gradient per sequence) or sampled (a second backward)")
+    parser.add_argument("--fisher-examples", type=int, default=None,
+                        help="with --fisher sampled: its Fisher of about this many sequences (fisher_examples)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--phases", default="train-step,train,featurize,fit")
     parser.add_argument("--out", type=Path, default=Path("runs/transformer-gpu"))
