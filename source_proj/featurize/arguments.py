@@ -3,6 +3,7 @@ data each checkpoint is featurized on."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -304,7 +305,7 @@ class FisherRows:
             return stop - start
         return sum(min(self.batch_size, stop - start - b * self.batch_size) for b in taken)
 
-    @property
+    @functools.cached_property
     def total(self) -> int:
         """Rows of the stage's Fisher (the count fit divides the sum of ũũᵀ by)."""
         if self.share is None:

@@ -180,6 +180,7 @@ class _Featurize:
         # Ranks of a process group show one progress bar (rank 0's); independent shards each show theirs.
         self.progress = progress and (group.leader or not group.coordinated)
         self._meta: dict[str, Any] | None = None
+        self._fisher_layouts: dict[tuple[str, int], FisherRows] = {}  # (stage, rows) → the rows its Fisher keeps
         self.overwrite = False  # the eigen basis of a store being replaced is estimated again
         self._checkpoints_checked = False
 
@@ -477,9 +478,13 @@ class _Featurize:
         return arrays
 
     def _fisher_rows(self, unit: Unit) -> FisherRows:
-        """The rows of ``unit``'s data (a stage's, or the segmentation probe's) whose Fisher it stores."""
-        index = [s.name for s in self.trajectory.stages].index(unit.stage)
-        return FisherRows.of(self.meta["featurize"], len(unit.dataset), index)  # type: ignore[arg-type]
+        """The rows of ``unit``'s data (a stage's, or the segmentation probe's) whose Fisher it stores (kept:
+        ``_arrays`` runs for every row chunk of every unit)."""
+        key = (unit.stage, len(unit.dataset))  # type: ignore[arg-type]
+        if key not in self._fisher_layouts:
+            index = [s.name for s in self.trajectory.stages].index(unit.stage)
+            self._fisher_layouts[key] = FisherRows.of(self.meta["featurize"], key[1], index)
+        return self._fisher_layouts[key]
 
     def _items(self, plan: FeaturizePlan, create: bool = False) -> list[tuple[Unit, int]]:
         """Every (unit, row chunk) of the plan in a fixed order; ``create``: also create the arrays and
