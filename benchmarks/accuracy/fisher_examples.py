@@ -4,15 +4,17 @@ every checkpoint's, by LDS on a harness setting, with featurize's time and the s
 
     python benchmarks/accuracy/fisher_examples.py --setting mnist-noisy --mnist ../shared/data/mnist \
         --subsets 50 --repeats 3 [--dim 1024] [--kind eigen] [--examples all,2048,1024,512]
-        [--basis-checkpoints all,4,2] [--rounds 2] [--out runs/accuracy/fisher-examples-mnist-noisy.json]
+        [--basis-checkpoints all,4,2] [--seeds 0,1] [--rounds 2] [--out runs/accuracy/fisher-examples-mnist-noisy.json]
 
 Model 0 of the setting (trained and its ground truth built by the harness when missing) is featurized once per
 value of ``--examples`` (``all``: every example, the default) and of ``--basis-checkpoints`` (``all``: every
-checkpoint, the default; each pair) into ``model-0-<kind>-k<dim>-fisher-<M>[-basis-<n>].sp`` in the setting's cache
-folder, ``--rounds`` times in turn (the median featurize seconds are reported: a shared machine slows every variant
-alike), then fitted with the library's defaults and scored on the setting's queries. Printed and written to
-``--out``: each store's LDS [95 % CI], its difference to the first store per query (paired 95 % bootstrap
-interval), the Fisher rows it holds per checkpoint, its Fisher arrays' bytes on disk and featurize's median seconds.
+checkpoint, the default) and of featurize's ``--seeds`` (0, the default: the Fisher's labels and batches are drawn
+from it, so a second seed measures the draw's own noise), each combination, into
+``model-0-<kind>-k<dim>-fisher-<M>[-basis-<n>][-seed-<s>].sp`` in the setting's cache folder, ``--rounds`` times in
+turn (the median featurize seconds are reported: a shared machine slows every variant alike), then fitted with the
+library's defaults and scored on the setting's queries. Printed and written to ``--out``: each store's LDS [95 %
+CI], its difference to the first store per query (paired 95 % bootstrap interval), the Fisher rows it holds per
+checkpoint, its Fisher arrays' bytes on disk and featurize's median seconds.
 """
 
 from __future__ import annotations
@@ -44,25 +46,29 @@ def main() -> None:
     parser.add_argument("--kind", default="eigen")
     parser.add_argument("--examples", default="all,2048,1024,512", help="fisher_examples values ('all': None)")
     parser.add_argument("--basis-checkpoints", default="all", help="basis_checkpoints values ('all': None)")
+    parser.add_argument("--seeds", default="0", help="featurize seeds (FeaturizeArguments.seed)")
     parser.add_argument("--rounds", type=int, default=2, help="featurize each variant this many times, in turn")
     args = parser.parse_args()
     h = harness.prepare_model_0(args)
     fit = sp.FitArguments(stages=(h.setting.attributed,))
     variants = {}
-    for fisher in args.examples.split(","):
-        for basis in args.basis_checkpoints.split(","):
-            name = fisher + ("" if basis == "all" else f", basis of {basis} checkpoints a stage")
-            variants[name] = (fisher, None if fisher == "all" else int(fisher), basis,
-                              None if basis == "all" else int(basis))  # fmt: skip
-    stores = {v: h.folder / f"model-0-{args.kind}-k{args.dim}-fisher-{f}{'' if b == 'all' else f'-basis-{b}'}.sp"
-              for v, (f, _, b, _) in variants.items()}  # fmt: skip
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for fisher in args.examples.split(","):
+            for basis in args.basis_checkpoints.split(","):
+                name = (fisher + ("" if basis == "all" else f", basis of {basis} checkpoints a stage")
+                        + ("" if seed == 0 else f", seed {seed}"))  # fmt: skip
+                variants[name] = (fisher, None if fisher == "all" else int(fisher), basis,
+                                  None if basis == "all" else int(basis), seed)  # fmt: skip
+    stores = {v: h.folder / (f"model-0-{args.kind}-k{args.dim}-fisher-{f}{'' if b == 'all' else f'-basis-{b}'}"
+                             f"{'' if seed == 0 else f'-seed-{seed}'}.sp")
+              for v, (f, _, b, _, seed) in variants.items()}  # fmt: skip
     seconds: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(args.rounds):
-        for value, (_, examples, _, checkpoints) in variants.items():
+        for value, (_, examples, _, checkpoints, seed) in variants.items():
             start = time.perf_counter()
             sp.featurize(h.runs[0], h.build_model(), h.task, h.train_data, stores[value],
                          projection=sp.ProjectionArguments(dim=args.dim, kind=args.kind, basis_checkpoints=checkpoints),
-                         options=sp.FeaturizeArguments(fisher_examples=examples), overwrite=True,
+                         options=sp.FeaturizeArguments(fisher_examples=examples, seed=seed), overwrite=True,
                          progress=False)  # fmt: skip
             seconds[value].append(time.perf_counter() - start)
     for store in stores.values():
