@@ -15,7 +15,8 @@ from torch.utils.data import TensorDataset
 import source_proj as sp
 from source_proj.distributed import Shard
 from source_proj.errors import TaskError
-from source_proj.featurize.arguments import FisherRows
+from source_proj.featurize import arguments
+from source_proj.featurize.arguments import AUTO_FISHER_MIN, AUTO_FISHER_PER_K, FisherRows, resolve_fisher_examples
 from source_proj.methods.fit import checkpoint_curvature
 from source_proj.store.info import store_summary
 from source_proj.store.store import Store, ckpt_key
@@ -33,7 +34,7 @@ def run(tmp_path: Path, classification_data: TensorDataset) -> Path:
     return tmp_path / "run"
 
 
-def _featurize(run: Path, data: TensorDataset, store: Path, kind: str, fisher: str, examples: int | None,
+def _featurize(run: Path, data: TensorDataset, store: Path, kind: str, fisher: str, examples: int | str | None,
                shard: Shard | None = None) -> Store:  # fmt: skip
     sp.featurize(run, mlp(), sp.ClassificationTask(), data, store,
                  projection=sp.ProjectionArguments(dim=16, kind=kind),
@@ -163,3 +164,49 @@ def test_refusals(run: Path, classification_data: TensorDataset, tmp_path: Path)
     _featurize(run, classification_data, tmp_path / "s.sp", "factored", "sampled", 8)
     with pytest.raises(sp.StoreError, match="other settings"):  # another share is another store
         _featurize(run, classification_data, tmp_path / "s.sp", "factored", "sampled", 12)
+
+
+def test_auto_takes_a_share_only_of_stages_larger_than_it() -> None:
+    def auto(dim: int, sizes: list[int], recorded: dict | None = None, **options: object) -> int | None:
+        return resolve_fisher_examples(sp.FeaturizeArguments(**options), dim, sizes, recorded)  # type: ignore[arg-type]
+
+    assert AUTO_FISHER_PER_K == 32 and AUTO_FISHER_MIN == 65_536
+    assert auto(1024, [65_536]) is None  # the floor covers the stage
+    assert auto(1024, [100, 65_537]) == 65_536  # one larger stage is enough (FisherRows keeps the smaller one whole)
+    assert auto(16, [10**6]) == 65_536  # never below AUTO_FISHER_MIN
+    assert auto(4096, [131_072]) is None and auto(4096, [200_000]) == 131_072  # 32 k above the floor
+    # Where no share can be taken, every example (an explicit number would be refused there instead).
+    assert auto(1024, [10**6], fisher="empirical") is None
+    assert auto(1024, [10**6], shard_parameters=True) is None
+    assert auto(1024, [10**6], batch_size=48) is None  # chunk_rows 1024 is not a multiple of 48
+    # A store resumed or grown keeps what it recorded; explicit values stay as they are.
+    assert auto(1024, [10**6], {"chunk_rows": 1024}) is None
+    assert auto(1024, [10**6], {"fisher_examples": 4096}) == 4096
+    assert auto(1024, [10**6], fisher_examples=None) is None
+    assert auto(1024, [10**6], {}, fisher_examples=100) == 100
+
+
+def test_auto_is_the_explicit_share_and_resumes_a_store_as_it_was(
+    run: Path, classification_data: TensorDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the constants shrunk to this 30-example stage (k = 16): ``"auto"`` is ``max(16 / 8, 10) = 10``
+    examples, the store of ``fisher_examples=10``; on a store written with every example it resumes that store
+    (no refusal for other settings) until overwritten."""
+    monkeypatch.setattr(arguments, "AUTO_FISHER_PER_K", 1 / 8)
+    monkeypatch.setattr(arguments, "AUTO_FISHER_MIN", 10)
+    explicit = _featurize(run, classification_data, tmp_path / "ten.sp", "factored", "sampled", 10)
+    auto = _featurize(run, classification_data, tmp_path / "auto.sp", "factored", "sampled", "auto")
+    assert auto.meta["featurize"]["fisher_examples"] == 10
+    assert auto.meta["featurize"] == explicit.meta["featurize"]
+    for step in auto.meta["trajectory"]["checkpoints"]:
+        for kind in ("grads", "fisher"):
+            name = f"{kind}/main/{ckpt_key(step)}"
+            np.testing.assert_array_equal(auto.read(name), explicit.read(name))
+    every = _featurize(run, classification_data, tmp_path / "every.sp", "factored", "sampled", None)
+    again = _featurize(run, classification_data, every.path, "factored", "sampled", "auto")
+    assert "fisher_examples" not in again.meta["featurize"]
+    sp.featurize(run, mlp(), sp.ClassificationTask(), classification_data, every.path,
+                 projection=sp.ProjectionArguments(dim=16, kind="factored"),
+                 options=sp.FeaturizeArguments(batch_size=BATCH, chunk_rows=CHUNK), overwrite=True,
+                 progress=False)  # fmt: skip
+    assert Store.open(every.path).meta["featurize"]["fisher_examples"] == 10

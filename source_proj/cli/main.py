@@ -11,7 +11,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 import torch
@@ -86,6 +86,16 @@ def _basis_positions(value: str, option: str = "--basis-positions") -> int | Non
     if positions < 1:
         raise click.BadParameter(f"expected a whole number ≥ 1 or 'all', got {value!r}", param_hint=option)
     return positions
+
+
+def _fisher_examples(value: str) -> int | Literal["auto"] | None:
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return _basis_positions(value, "--fisher-examples")
+    except click.BadParameter:
+        raise click.BadParameter(f"expected a whole number ≥ 1, 'all' or 'auto', got {value!r}",
+                                 param_hint="--fisher-examples") from None  # fmt: skip
 
 
 def _names(value: str | None) -> tuple[str, ...] | None:
@@ -202,11 +212,12 @@ def main() -> None:
 )
 @click.option(
     "--fisher-examples",
-    type=click.IntRange(min=1),
-    default=None,
+    default="auto",
+    show_default=True,
     help="Take the projected Fisher of about this many examples of each stage at each checkpoint (whole batches "
     "drawn in every row chunk, at least one a chunk) instead of all: the other batches skip the Fisher's backward, "
-    "and the store keeps only those rows (for large data); --chunk-rows must be a multiple of --batch-size.",
+    "and the store keeps only those rows; a number needs --chunk-rows a multiple of --batch-size. 'all': every "
+    "example; 'auto': max(32·k, 65536), so every example of a stage no larger.",
 )
 @click.option(
     "--curvature",
@@ -285,7 +296,7 @@ def featurize(
     checkpoint_steps: str | None,
     precision: str,
     fisher: str,
-    fisher_examples: int | None,
+    fisher_examples: str,
     curvature: str,
     batch_size: int,
     chunk_rows: int,
@@ -335,7 +346,7 @@ def featurize(
                 precision=precision,
                 shard_chunks=shard_chunks,
                 shard_parameters=shard_parameters,
-                fisher_examples=fisher_examples,
+                fisher_examples=_fisher_examples(fisher_examples),
             ),
             overwrite=force,
             spec=str(spec.path),

@@ -178,8 +178,12 @@ class FeaturizeArguments:
             Featurize then skips the Fisher's backward (and its label draws) on the other batches (one of its two
             backward passes a batch; 15 % of featurize in a CPU profile of the text example, where the eigen basis
             pass took 29 %), and the store's Fisher arrays, half of it, hold those rows only. The Fisher is a mean:
-            fit divides by the rows taken. ``chunk_rows`` must be a multiple of ``batch_size``. ``None`` (default):
-            every example. Its accuracy cost is in BENCHMARKS.md ("The Fisher of a share of the examples").
+            fit divides by the rows taken. An explicit number needs a ``chunk_rows`` that is a multiple of
+            ``batch_size``. ``None``: every example. ``"auto"`` (default): ``max(AUTO_FISHER_PER_K × k,
+            AUTO_FISHER_MIN)`` examples (65,536 up to k = 2,048, 262,144 at k = 8,192), so every example of a stage no
+            larger, and every example wherever a share cannot be taken (sharded parameters, the empirical Fisher,
+            a ``chunk_rows`` not a multiple of ``batch_size``); an existing store resumes or grows with what it
+            recorded. Its accuracy cost is in BENCHMARKS.md ("The Fisher of a share of the examples").
     """
 
     batch_size: int = 64
@@ -198,7 +202,7 @@ class FeaturizeArguments:
     curvature: CurvatureKind = "auto"
     shard_chunks: int | None = None
     shard_parameters: bool = False
-    fisher_examples: int | None = None
+    fisher_examples: int | Literal["auto"] | None = "auto"
 
     def __post_init__(self) -> None:
         _positive(self, "batch_size")
@@ -207,7 +211,7 @@ class FeaturizeArguments:
         _positive(self, "num_workers", minimum=0)
         if self.vmap_chunk is not None:
             _positive(self, "vmap_chunk")
-        if self.fisher_examples is not None:
+        if self.fisher_examples is not None and self.fisher_examples != "auto":
             _positive(self, "fisher_examples")
             if self.chunk_rows % self.batch_size:
                 raise TaskError(
@@ -217,10 +221,41 @@ class FeaturizeArguments:
 
     def fisher_meta(self) -> dict[str, int]:
         """What the store's ``meta["featurize"]`` records of ``fisher_examples`` (nothing where it is off: a store
-        featurized before the option resumes as it was)."""
+        featurized before the option resumes as it was); ``"auto"`` must be resolved first
+        (``resolve_fisher_examples``)."""
+        assert self.fisher_examples != "auto", "resolve fisher_examples='auto' before the store's metadata"
         if self.fisher_examples is None:
             return {}
         return {"fisher_examples": self.fisher_examples, "batch_size": self.batch_size}
+
+
+AUTO_FISHER_PER_K = 32
+"""``fisher_examples="auto"`` takes the Fisher of this many examples per dimension of the projection (k)..."""
+
+AUTO_FISHER_MIN = 65_536
+"""... and at least this many. The k × k Fisher is a mean: on all 60,000 MNIST images at k = 1,024, 33 rows per
+dimension scored within 0.004 LDS of every example's in three draws (BENCHMARKS.md, "The Fisher of a share of 60,000
+examples"); kronfluence caps its covariances at 100,000 examples by default."""
+
+
+def resolve_fisher_examples(
+    options: FeaturizeArguments, dim: int, sizes: Sequence[int], recorded: Mapping[str, Any] | None = None
+) -> int | None:
+    """The ``fisher_examples`` featurize uses for ``options`` on a projection of ``dim`` dimensions, stages of
+    ``sizes`` examples and, where a store is resumed or grown, the ``meta["featurize"]`` it ``recorded``:
+    ``"auto"`` resolves to what that store took (every example where it recorded none), else to
+    ``max(AUTO_FISHER_PER_K × dim, AUTO_FISHER_MIN)`` where a share can be taken and some stage is larger, else
+    ``None`` (every example). Explicit values stay as they are."""
+    examples = options.fisher_examples
+    if examples != "auto":
+        return examples
+    if recorded is not None:
+        return recorded.get("fisher_examples")
+    examples = max(AUTO_FISHER_PER_K * dim, AUTO_FISHER_MIN)
+    shareable = (
+        options.fisher != "empirical" and not options.shard_parameters and options.chunk_rows % options.batch_size == 0
+    )
+    return examples if shareable and any(size > examples for size in sizes) else None
 
 
 EXACT_PROJECTED_MAX = 4096

@@ -38,6 +38,7 @@ from source_proj.featurize.arguments import (
     default_device,
     projected_fisher_at,
     resolve_curvature,
+    resolve_fisher_examples,
 )
 from source_proj.featurize.basis import BasisPass, NoBasis, estimate_basis
 from source_proj.featurize.factors import (
@@ -240,7 +241,9 @@ class _Featurize:
                 # parameters never hold; a weight used outside its layer fails on its placeholder instead.
                 self.projector._checked = True  # type: ignore[attr-defined]
             curvature = resolve_curvature(options.curvature, self.projector.describe()["kind"], self.projector.dim)
-            self.options = options = replace(options, curvature=curvature)  # type: ignore[arg-type]
+            examples = resolve_fisher_examples(options, self.projector.dim, [len(d) for d in self.datasets.values()],
+                                               self._recorded_featurize())  # fmt: skip
+            self.options = options = replace(options, curvature=curvature, fisher_examples=examples)  # type: ignore[arg-type]
             self.directions = _fisher_directions(self.grads_fn, self.task, self.datasets, options, self.device)
             self.collector = None
             kronecker = None
@@ -299,6 +302,14 @@ class _Featurize:
             whole = self.work_model if self.shards is None else copy.deepcopy(self.model).cpu()
             check_checkpoints(self.trajectory, whole)
             self._checkpoints_checked = True
+
+    def _recorded_featurize(self) -> dict[str, Any] | None:
+        """The ``meta["featurize"]`` of the store this job resumes or grows (``None``: it writes a new one)."""
+        if self.overwrite or not is_store(self.path):
+            return None
+        with contextlib.suppress(StoreError):
+            return Store.open(self.path).meta.get("featurize")
+        return None
 
     def _eigen_basis(self) -> EigenBasis:
         """The eigen projection's basis: the store's own when it was estimated with the same projection
@@ -655,7 +666,7 @@ def _check_shardable(group: Ranks, projection: ProjectionArguments, options: Fea
             options.segmentation is not None and options.segmentation.auto is not None
         ),
         "the Fisher of every example (fisher_examples=None: the ranks take each Fisher batch together)": (
-            options.fisher_examples is not None
+            options.fisher_examples not in (None, "auto")
         ),
     }
     missing = [need for need, lacking in reasons.items() if lacking]
