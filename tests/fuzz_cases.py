@@ -383,6 +383,7 @@ CASES: list[Case] = [
     Case("featurize --segments abc", _featurize("--segments", "abc")),
     Case("featurize --fisher nosuch", _featurize("--fisher", "nosuch")),
     Case("featurize --fisher-examples 0", _featurize("--fisher-examples", "0")),
+    Case("featurize --fisher-examples half", _featurize("--fisher-examples", "half")),
     Case("featurize --fisher-examples, chunks of 1.5 batches",
          _featurize("--fisher-examples", "4", "--batch-size", "2", "--chunk-rows", "3")),
     Case("featurize --basis-checkpoints x", _featurize("--basis-checkpoints", "x")),

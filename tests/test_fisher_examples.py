@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 import torch
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 import source_proj as sp
+from source_proj.cli.main import _fisher_examples
 from source_proj.distributed import Shard
 from source_proj.errors import TaskError
 from source_proj.featurize import arguments
@@ -210,3 +212,11 @@ def test_auto_is_the_explicit_share_and_resumes_a_store_as_it_was(
                  options=sp.FeaturizeArguments(batch_size=BATCH, chunk_rows=CHUNK), overwrite=True,
                  progress=False)  # fmt: skip
     assert Store.open(every.path).meta["featurize"]["fisher_examples"] == 10
+
+
+def test_the_cli_reads_auto_all_and_numbers() -> None:
+    assert _fisher_examples("auto") == "auto" and _fisher_examples(" AUTO ") == "auto"
+    assert _fisher_examples("all") is None and _fisher_examples("4096") == 4096
+    for bad in ("0", "-3", "half", "1e5"):
+        with pytest.raises(click.BadParameter, match="'all' or 'auto'"):
+            _fisher_examples(bad)
