@@ -141,6 +141,20 @@ def test_errors_are_one_line_messages(tmp_path: Path, run: tuple[Path, Path]) ->
     assert basis[0]["digest"] == basis[1]["digest"] and basis[0]["inputs"] == basis[1]["inputs"]
 
 
+def test_featurize_says_when_it_took_the_fisher_of_a_share(tmp_path: Path, run: tuple[Path, Path]) -> None:
+    run_dir, spec = run
+    base = ["featurize", "--ckpts", str(run_dir), "--spec", str(spec), "--dim", "16", "--batch-size", "4",
+            "--chunk-rows", "8"]  # fmt: skip
+    out = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "share.sp"), "--fisher-examples", "8"])
+    assert out.exit_code == 0, out.output
+    assert "the Fisher of about 8 examples a stage (--fisher-examples all: of every example)" in out.output
+    assert sp.Store.open(tmp_path / "share.sp").meta["featurize"]["fisher_examples"] == 8
+    out = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "every.sp")])  # "auto" on a small stage
+    assert out.exit_code == 0, out.output
+    assert "the Fisher of about" not in out.output
+    assert "fisher_examples" not in sp.Store.open(tmp_path / "every.sp").meta["featurize"]
+
+
 def test_fast_only_featurize_says_what_it_featurized(tmp_path: Path, run: tuple[Path, Path]) -> None:
     run_dir, spec = run
     args = ["--out", str(tmp_path / "s.sp"), "--dim", "16", "--fast-only", "--segments", "2"]
