@@ -148,10 +148,12 @@ def test_featurize_says_when_it_took_the_fisher_of_a_share(tmp_path: Path, run: 
     out = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "share.sp"), "--fisher-examples", "8"])
     assert out.exit_code == 0, out.output
     assert "the Fisher of about 8 examples a stage (--fisher-examples all: of every example)" in out.output
+    assert "featurized 5 checkpoints into" in out.output and "Fast-SOURCE" not in out.output, out.output
     assert sp.Store.open(tmp_path / "share.sp").meta["featurize"]["fisher_examples"] == 8
     out = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "every.sp")])  # "auto" on a small stage
     assert out.exit_code == 0, out.output
     assert "the Fisher of about" not in out.output
+    assert "featurized 5 checkpoints into" in out.output and "Fast-SOURCE" not in out.output, out.output
     assert "fisher_examples" not in sp.Store.open(tmp_path / "every.sp").meta["featurize"]
 
 

@@ -361,12 +361,12 @@ def featurize(
     products = store.meta.get("products") or {"checkpoints": True}
     if products.get("checkpoints", True):
         click.echo(f"featurized {len(store.meta['trajectory']['checkpoints'])} checkpoints into {store.path}")
-    examples = store.meta["featurize"].get("fisher_examples")
-    if examples is not None:
-        click.echo(f"the Fisher of about {examples:,} examples a stage (--fisher-examples all: of every example)")
     else:
         segments = len((store.meta.get("segmentation") or {}).get("segments") or [])
         click.echo(f"featurized {segments} segments' averaged parameters (Fast-SOURCE) into {store.path}")
+    examples = store.meta["featurize"].get("fisher_examples")
+    if examples is not None:
+        click.echo(f"the Fisher of about {examples:,} examples a stage (--fisher-examples all: of every example)")
     recorded = store.meta.get("segmentation")
     if recorded is not None:
         click.echo(f"segmentation fixed for this store: {recorded['arguments']}")
