@@ -1124,78 +1124,70 @@ def test_a_stage_that_ended_and_trains_further_keeps_its_earlier_end_pass_as_one
     assert np.allclose(got.numpy(), total / visits[:, None], rtol=1e-6, atol=1e-8)
 
 
-@pytest.mark.parametrize("steps, taken", [(7, False), (8, True), (14, True)])
-def test_the_automatic_end_pass_is_taken_on_a_stage_of_two_epochs_or_more_and_only_there(
-    tmp_path: Path, classification_data, steps: int, taken: bool, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("steps, given", [(7, True), (14, True), (7, False)])
+def test_the_automatic_end_pass_is_taken_where_the_datasets_hold_the_stage(
+    tmp_path: Path, classification_data, steps: int, given: bool, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """``end_pass="auto"`` (the default): 30 examples in batches of 8 (4 steps an epoch); 7 steps visit 54 examples,
-    under two epochs (no pass: the store of ``end_pass=False``), 8 steps visit 60 and 14 visit 106 (the pass, with
-    its progress bar: the store of ``end_pass=True``), bit for bit, with the same passes named."""
-    kwargs = {"steps": steps, "batch": 8, "save_every": 4, "datasets": {"main": classification_data}}
+    """``end_pass="auto"`` (the default): 30 examples in batches of 8 (4 steps an epoch). With ``datasets=`` the pass
+    is taken after under two epochs (7 steps) as after 3.5 (14), with its progress bar: the store of
+    ``end_pass=True``; without them none is: the store of ``end_pass=False``; bit for bit, the same passes named."""
+    kwargs = {"steps": steps, "batch": 8, "save_every": 4,
+              "datasets": {"main": classification_data} if given else None}  # fmt: skip
     stores = {}
-    for end in ("auto", taken):
+    for end in ("auto", given):
         store = tmp_path / f"{end}.sp"
         capsys.readouterr()
         _train(tmp_path / f"{end}", store, classification_data, options=sp.CaptureArguments(chunk_rows=8, end_pass=end),
                **kwargs)  # fmt: skip
         stores[end] = store
-        assert ("end pass (main)" in capsys.readouterr().err) == taken
-    auto, want = sp.Store.open(stores["auto"]), sp.Store.open(stores[taken])
-    assert auto.meta["capture_ends"] if taken else not auto.meta.get("capture_ends")
+        assert ("end pass (main)" in capsys.readouterr().err) == given
+    auto, want = sp.Store.open(stores["auto"]), sp.Store.open(stores[given])
+    assert auto.meta["capture_ends"] if given else not auto.meta.get("capture_ends")
     assert auto.meta.get("capture_ends") == want.meta.get("capture_ends")
-    expected, got = _store_arrays(stores[taken]), _store_arrays(stores["auto"])
+    expected, got = _store_arrays(stores[given]), _store_arrays(stores["auto"])
     assert sorted(expected) == sorted(got)
-    assert any(name.startswith("capture/end/") for name in got) == taken
+    assert any(name.startswith("capture/end/") for name in got) == given
     for name in expected:
         assert np.array_equal(expected[name], got[name]), name
     assert sp.verify_store(stores["auto"], progress=False).status == "ok"
     info = CliRunner().invoke(main, ["info", str(stores["auto"])])
-    said = "end pass at main step" if taken else "no end pass (end_pass='auto' takes it on stages of two epochs"
+    said = "end pass at main step" if given else "no end pass (end_pass='auto' takes it where datasets= holds"
     assert info.exit_code == 0 and said in info.output, info.output
 
 
-@pytest.mark.parametrize(("steps", "taken"), [(7, False), (8, True)])
-def test_the_automatic_end_pass_counts_the_examples_an_adam_stage_trained_on_captured_or_not(
-    tmp_path: Path, classification_data, steps: int, taken: bool
+@pytest.mark.parametrize("steps", [7, 8])
+def test_an_adam_stage_counts_the_examples_it_trained_on_captured_or_not(
+    tmp_path: Path, classification_data, steps: int
 ) -> None:
     """An AdamW stage's first batch is trained on but not captured (its D^{-1/2} is not known before it): 8 steps of
-    at most 8 over 30 examples are two epochs (60 examples) of which 52 were captured, and take the automatic end
-    pass; 7 steps (54) do not. The store counts each window's trained examples."""
+    at most 8 over 30 examples train on 60 examples of which 52 were captured, 7 steps on 54. The store counts each
+    window's trained examples (``meta["capture_visits"]``), and takes the end pass either way."""
     store = tmp_path / "adam.sp"
     _train(tmp_path / "run", store, classification_data, steps=steps, batch=8, save_every=4,
            options=sp.CaptureArguments(chunk_rows=8), datasets={"main": classification_data},
            optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))  # fmt: skip
     meta = sp.Store.open(store).meta
-    assert sum(meta["capture_visits"].values()) == (60 if taken else 54)
+    assert sum(meta["capture_visits"].values()) == (60 if steps == 8 else 54)
     assert int(sp.Store.open(store).read(window_array("visits", "main", 0)).sum()) == 22  # 30 trained, 8 skipped
-    assert bool(meta.get("capture_ends")) == taken
+    assert meta["capture_ends"] == ["main/4"]
 
 
-def test_the_automatic_end_pass_counts_the_epochs_of_a_resumed_stage_and_of_a_store_without_the_visit_totals(
-    tmp_path: Path, classification_data
-) -> None:
-    """A stage that ended under two epochs (6 steps: no pass) and trains further to 12 steps takes the pass at its
-    new end, counting the windows of both sessions, also when the store's windows predate ``meta["capture_visits"]``
-    (read from their visits arrays): both stores equal that of an uninterrupted run with ``end_pass=True``."""
-    kwargs = {"batch": 8, "save_every": 3, "datasets": {"main": classification_data},
-              "options": sp.CaptureArguments(chunk_rows=8)}  # fmt: skip
-    for name in ("a", "b"):
-        _train(tmp_path / name, tmp_path / f"{name}.sp", classification_data, steps=6, **kwargs)
-        assert not sp.Store.open(tmp_path / f"{name}.sp").meta.get("capture_ends")
-    sp.Store.open(tmp_path / "b.sp", writable=True).update_meta(capture_visits=None)  # an older store
-    for name in ("a", "b"):
-        _train(tmp_path / name, tmp_path / f"{name}.sp", classification_data, steps=12, resume=True, **kwargs)
-    on = {**kwargs, "options": sp.CaptureArguments(chunk_rows=8, end_pass=True)}
-    _train(tmp_path / "c", tmp_path / "c.sp", classification_data, steps=12, **on)
-    want = _store_arrays(tmp_path / "c.sp")
-    assert window_array("end", "main", 9) in want
-    for name in ("a", "b"):
-        store = sp.Store.open(tmp_path / f"{name}.sp")
-        assert store.meta["capture_ends"] == ["main/9"], name
-        got = _store_arrays(store.path)
-        assert sorted(got) == sorted(want), name
-        for array in want:
-            assert np.array_equal(want[array], got[array]), (name, array)
+def test_the_automatic_end_pass_of_a_resumed_stage_is_the_explicit_one(tmp_path: Path, classification_data) -> None:
+    """A stage that ended at 6 steps (its end pass taken) and trains further to 12 steps takes the pass again at its
+    new end, keeping the first: the store equals that of the same interrupted run with ``end_pass=True``."""
+    kwargs = {"batch": 8, "save_every": 3, "datasets": {"main": classification_data}}
+    for name, end in (("a", "auto"), ("c", True)):
+        options = sp.CaptureArguments(chunk_rows=8, end_pass=end)
+        _train(tmp_path / name, tmp_path / f"{name}.sp", classification_data, steps=6, options=options, **kwargs)
+        assert sp.Store.open(tmp_path / f"{name}.sp").meta["capture_ends"] == ["main/3"]
+        _train(tmp_path / name, tmp_path / f"{name}.sp", classification_data, steps=12, resume=True, options=options,
+               **kwargs)  # fmt: skip
+    want, got = _store_arrays(tmp_path / "c.sp"), _store_arrays(tmp_path / "a.sp")
+    assert window_array("end", "main", 3) in want and window_array("end", "main", 9) in want
+    assert sp.Store.open(tmp_path / "a.sp").meta["capture_ends"] == ["main/3", "main/9"]
+    assert sorted(got) == sorted(want)
+    for array in want:
+        assert np.array_equal(want[array], got[array]), array
 
 
 def test_eigen_capture_takes_any_k_its_blocks_allow(tmp_path: Path, classification_data) -> None:

@@ -113,8 +113,6 @@ from source_proj.trajectory.recorder import (
 _FOLD_EVERY = 64
 MIN_BASIS_PASS = 64
 """The fewest examples a window's basis pass visits under ``CaptureArguments.basis_share`` (or all the stage's)."""
-AUTO_END_EPOCHS = 2.0
-"""``CaptureArguments(end_pass="auto")`` takes a stage's end pass where it trained on at least this many epochs."""
 INDEX_KEY = "source_proj_index"
 """The key ``IndexedDataset`` adds to dict items (a batch's dataset row indices)."""
 
@@ -151,13 +149,12 @@ class CaptureArguments:
             forwards and backwards, however short the windows. ``None``: ``basis_examples`` at every window, which
             with windows shorter than ``basis_examples`` costs more than training itself.
         end_pass: as each stage ends, one more pass over its examples (``datasets=``) at its final weights, counted
-            as one more visit of each: in-run visits fall at a different step for each example, and on runs of a few
-            epochs whose gradients move fast that costs accuracy (MNIST's early-training run: 0.036 LDS below
-            post-hoc SOURCE without it, 0.013 with it; BENCHMARKS.md). Costs one forward and backward per example per
-            stage. ``"auto"`` (the default): taken where the stage trained on at least ``AUTO_END_EPOCHS`` (2) epochs
-            of its examples, so that it costs at most half the stage's training, and where ``datasets=`` has the
-            stage's data; not taken on a stage of fewer epochs (a one-epoch language-model run, where it would double
-            the forwards and backwards). ``True``: every stage (``datasets=`` required); ``False``: none.
+            as one more visit of each: in-run visits fall at a different step for each example, and where the
+            gradients move between them that costs accuracy (BENCHMARKS.md: MNIST's 3-epoch early-training run 0.036
+            LDS below post-hoc SOURCE without it, 0.013 with it; a one-epoch run on all 60,000 images 0.081 below
+            without it, 0.012 above with it). Costs one forward and backward per example per stage. ``"auto"`` (the
+            default): every stage whose examples ``datasets=`` holds as a map-style dataset (with ``len()``); none
+            without them. ``True``: every stage (``datasets=`` required, with ``len()``); ``False``: none.
     """
 
     fisher: Literal["sampled", "empirical"] = "sampled"
@@ -296,8 +293,9 @@ class GradientCapture:
             projection = ProjectionArguments(kind="eigen" if datasets is not None else "factored")
             if datasets is None:
                 warnings.warn(
-                    "Capture projects with the random 'factored' projection because no datasets= were given; pass each "
-                    "stage's training dataset as datasets= for the more accurate 'eigen' projection.",
+                    "Capture projects with the random 'factored' projection and takes no end pass because no datasets= "
+                    "were given; pass each stage's training dataset as datasets= for the more accurate 'eigen' "
+                    "projection and the end pass.",
                     stacklevel=2,
                 )
         if projection.kind not in ("factored", "eigen"):
@@ -553,8 +551,8 @@ class GradientCapture:
                 store.write_chunk(counts, chunk, visits[part].cpu().numpy().astype(np.uint32))
             store.write_whole(window_array("fisher", stage, start), fisher.cpu().numpy())
             store.write_whole(window_array("fisher-count", stage, start), np.array([count], dtype=np.float64))
-            # The examples the window trained on, captured or not (an Adam stage's first batch is not): end_pass="auto"
-            # counts a stage's epochs from them.
+            # The examples the window trained on, captured or not (an Adam stage's first batch is not): the visits
+            # arrays count only those captured.
             totals = dict(store.meta.get("capture_visits") or {})
             store.update_meta(capture_visits={**totals, f"{stage}/{start}": int(self._window_examples)})
 
@@ -932,8 +930,8 @@ class GradientCapture:
     def after_stage_end(self, stage: str, step: int) -> None:
         """``end_pass``: the stage has ended at ``step`` (its final checkpoint is saved), so every example's gradient
         at these weights joins the stage's last window as one more visit (``windows.py``). A run killed during the
-        pass takes it again when the resumed stage ends. ``"auto"``: only on a stage that trained on at least
-        ``AUTO_END_EPOCHS`` epochs (its windows' visits, as the store holds them: a resumed run decides alike)."""
+        pass takes it again when the resumed stage ends. ``"auto"``: where ``datasets=`` holds the stage's examples
+        with a ``len()``."""
         auto = self.options.end_pass == "auto"
         if self._closed or not self.options.end_pass or (auto and stage not in (self.datasets or {})):
             return
@@ -949,8 +947,7 @@ class GradientCapture:
                     f"The end pass of stage {stage!r} reads its examples at the stage's final weights; add {stage!r} "
                     "to datasets=."
                 )
-            rows = _rows(self.datasets[stage])
-            if auto and (rows is None or _stage_visits(store, stage, starts) < AUTO_END_EPOCHS * rows):
+            if auto and _rows(self.datasets[stage]) is None:
                 return
             self._end_pass(stage, starts[-1])
         with store_lock(self.path):  # after the array: a store whose meta names an end pass holds all of it
@@ -1095,17 +1092,6 @@ def _identity(key: str, value: Any) -> Any:
     if key != "projection" or not value or value.get("kind") != "eigen":
         return value
     return [value.get("k"), value.get("seed"), value.get("adam_rank", 1), (value.get("basis") or {}).get("inputs")]
-
-
-def _stage_visits(store: Store, stage: str, starts: Sequence[int]) -> int:
-    """How many examples the windows of ``stage`` from ``starts`` trained on (``meta["capture_visits"]``; a window
-    written before it existed: the visits its array holds, which leave out an Adam stage's first batch)."""
-    totals = store.meta.get("capture_visits") or {}
-    total = 0
-    for start in starts:
-        known = totals.get(f"{stage}/{start}")
-        total += int(known) if known is not None else int(store.read(window_array("visits", stage, start)).sum())
-    return total
 
 
 def _rows(dataset: Dataset) -> int | None:

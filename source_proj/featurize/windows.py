@@ -24,9 +24,9 @@ at the segment's checkpoints: fit writes D_ℓ^{-1/2} as ``methods/<name>/precon
 query's scale) and derives Adam's coupled decay from it. A stage's first step, before the optimizer
 holds any state, is not captured (its preconditioner is only known after the step).
 
-With ``CaptureArguments.end_pass`` (by default on every stage of at least two epochs), as each stage ends one
-more pass takes every example's gradient at the stage's final weights (eval mode, as featurize), in the basis
-of the stage's last window, and keeps it as
+With ``CaptureArguments.end_pass`` (by default on every stage whose examples ``datasets=`` holds), as each stage
+ends one more pass takes every example's gradient at the stage's final weights (eval mode, as featurize), in the
+basis of the stage's last window, and keeps it as
 
     capture/end/<stage>/<c>           float32 [N_s, k]  P ∇ℓ(z_i; θ_end) of every example, c the last window's start
 

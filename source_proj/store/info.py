@@ -78,5 +78,5 @@ def _end_passes(meta: dict[str, Any]) -> str:
     if where:
         return f", end pass at {', '.join(where)}"
     if (meta.get("capture") or {}).get("end_pass") == "auto" and meta.get("captured"):
-        return ", no end pass (end_pass='auto' takes it on stages of two epochs or more)"
+        return ", no end pass (end_pass='auto' takes it where datasets= holds the stage's examples)"
     return ""
