@@ -23,7 +23,7 @@ MNIST settings (the folder of the IDX files is an argument; see docs/howto/evalu
 - ``mnist-noisy``: the paper's noisy-label variant: 30 % of the labels flipped, lr 0.01, weight decay
   3e-5, 3 epochs, a checkpoint every half epoch (48 steps).
 - ``mnist-one-epoch``: the same for one epoch, a checkpoint every 16 steps: every example is seen once, as
-  in a language model's pre-training (in-run capture's regime without the end pass by default).
+  in a language model's pre-training.
 - ``mnist-full``: ``mnist-one-epoch``'s recipe on all 60,000 training images (the same permutation), a
   checkpoint every 188 steps (a fifth of the epoch): N well above the k of the projection and the examples
   of the basis, where a share of the examples' Fisher (``fisher_examples``) can be measured.
