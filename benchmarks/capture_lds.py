@@ -9,7 +9,7 @@ Per setting, model seed 0 is trained once per in-run variant with the recorder a
 the eigen projection (capture's default: a basis per window, taken as training reaches it) and the random factored
 one, both with the sampled Fisher on every batch (the default), on every 2nd and on every 4th batch, with the end
 pass (``CaptureArguments.end_pass``; these variants are ``end_pass=False`` but for ``eigen+end``, ``factored+end``
-and ``eigen+auto``, the library's defaults, whose end pass is taken on stages of 2 epochs or more), and the
+and ``eigen+auto``, the library's defaults, whose end pass is taken on every stage), and the
 factored one with the empirical Fisher (``--variants``: a comma-separated choice of ``SHORT``'s keys; the in-run
 defaults are always run). Capture does not change training (tests/test_capture.py), so the runs are bit-identical,
 which is checked here. The run is also
@@ -46,7 +46,7 @@ from source_proj import evaluation as ev
 
 IN_RUN = {
     "in-run (eigen)": (sp.CaptureArguments(end_pass=False), "eigen"),
-    "in-run (eigen), defaults (end pass from 2 epochs)": (sp.CaptureArguments(), "eigen"),
+    "in-run (eigen), defaults (end pass on every stage)": (sp.CaptureArguments(), "eigen"),
     "in-run (eigen), end pass": (sp.CaptureArguments(end_pass=True), "eigen"),
     "in-run (eigen), Fisher every 2nd batch": (sp.CaptureArguments(fisher_every=2, end_pass=False), "eigen"),
     "in-run (eigen), Fisher every 4th batch": (sp.CaptureArguments(fisher_every=4, end_pass=False), "eigen"),
@@ -59,7 +59,7 @@ IN_RUN = {
 SHORT = {  # --variants
     "eigen": "in-run (eigen)",
     "eigen+end": "in-run (eigen), end pass",
-    "eigen+auto": "in-run (eigen), defaults (end pass from 2 epochs)",
+    "eigen+auto": "in-run (eigen), defaults (end pass on every stage)",
     "eigen/2": "in-run (eigen), Fisher every 2nd batch",
     "eigen/4": "in-run (eigen), Fisher every 4th batch",
     "factored": "in-run (factored)",

@@ -221,7 +221,7 @@ VARIANTS = {  # short name: (the printed name, the capture's options; None: no c
     "eigen": ("capture (eigen), sampled Fisher", sp.CaptureArguments(end_pass=False)),
     "eigen/2": ("capture (eigen), sampled Fisher / 2", sp.CaptureArguments(fisher_every=2, end_pass=False)),
     "eigen/4": ("capture (eigen), sampled Fisher / 4", sp.CaptureArguments(fisher_every=4, end_pass=False)),
-    "defaults": ("capture at the defaults (eigen, end pass from 2 epochs)", sp.CaptureArguments()),
+    "defaults": ("capture at the defaults (eigen, end pass on every stage)", sp.CaptureArguments()),
 }
 
 

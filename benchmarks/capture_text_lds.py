@@ -11,7 +11,7 @@ defaults (D^{-1/2} refreshed on every 16th batch, the Fisher from the training f
 the factored one once each with the Fisher on every 2nd and every 4th batch, D^{-1/2} on every batch, and the
 Fisher from a separate eval-mode pass (``fisher_forward="separate"``, the default before 2026-11-30);
 each projection also with the end pass (``CaptureArguments.end_pass``; every other variant is ``end_pass=False``
-but ``eigen+auto``, the library's defaults: the pass on stages of 2 epochs or more); ``--variants`` picks some by
+but ``eigen+auto``, the library's defaults: the pass on every stage); ``--variants`` picks some by
 their short names (``eigen``, ``eigen+end``, ``eigen+auto``, ``eigen-fisher/2``, ``eigen-fisher/4``, ``factored``,
 ``factored+end``, ``fisher/2``, ``fisher/4``, ``d/1``, ``separate``). Capture leaves
 training unchanged, so each captured run must end bit-identical to the reference run
@@ -50,7 +50,7 @@ METHOD = "source-finetune"
 NO_END = sp.CaptureArguments(end_pass=False)  # the variants below were measured without the end pass
 VARIANTS = {  # short name: (store name, options, projection kind)
     "eigen": ("in-run (eigen)", NO_END, "eigen"),
-    "eigen+auto": ("in-run (eigen), defaults (end pass from 2 epochs)", sp.CaptureArguments(), "eigen"),
+    "eigen+auto": ("in-run (eigen), defaults (end pass on every stage)", sp.CaptureArguments(), "eigen"),
     "eigen+end": ("in-run (eigen), end pass", sp.CaptureArguments(end_pass=True), "eigen"),
     "eigen-fisher/2": ("in-run (eigen), Fisher every 2nd batch", replace(NO_END, fisher_every=2), "eigen"),
     "eigen-fisher/4": ("in-run (eigen), Fisher every 4th batch", replace(NO_END, fisher_every=4), "eigen"),

@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--kinds", default="eigen,factored", help="the projections, in-run and post-hoc")
     parser.add_argument("--folder", default="capture", help="the captured runs and stores, in the setting's folder")
     parser.add_argument("--end-pass", default="off", help="in-run variants without (off) and with (on) the end pass, "
-                        "and with it where the stage trained 2 epochs or more (auto, the default)")  # fmt: skip
+                        "and at the default (auto: the pass on every stage datasets= holds)")  # fmt: skip
     args = parser.parse_args()
     h = harness.prepare_model_0(args)
     fit = sp.FitArguments(stages=(h.setting.attributed,))
@@ -85,7 +85,7 @@ def main() -> None:
         ):
             nth = f"{every}" + {2: "nd", 3: "rd"}.get(every, "th")
             plain = f"in-run ({kind})" + ("" if every == 1 else f", Fisher every {nth} batch")
-            name = plain + {False: "", True: ", end pass", "auto": ", end pass if 2 epochs or more (default)"}[end]
+            name = plain + {False: "", True: ", end pass", "auto": ", end pass at the default"}[end]
             tag = {False: "", True: "-end", "auto": "-auto"}[end]
             if end:
                 without_end[name] = plain
