@@ -89,13 +89,13 @@ def _basis_positions(value: str, option: str = "--basis-positions") -> int | Non
 
 
 def _fisher_examples(value: str) -> int | Literal["auto"] | None:
-    if value.strip().lower() == "auto":
-        return "auto"
-    try:
-        return _basis_positions(value, "--fisher-examples")
-    except click.BadParameter:
+    word = value.strip().lower()
+    if word in ("auto", "all"):
+        return "auto" if word == "auto" else None
+    if not word.isdigit() or int(word) < 1:
         raise click.BadParameter(f"expected a whole number ≥ 1, 'all' or 'auto', got {value!r}",
-                                 param_hint="--fisher-examples") from None  # fmt: skip
+                                 param_hint="--fisher-examples")  # fmt: skip
+    return int(word)
 
 
 def _names(value: str | None) -> tuple[str, ...] | None:
