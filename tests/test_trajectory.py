@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -73,6 +75,75 @@ def test_changed_checkpoint_file_is_detected(tmp_path: Path) -> None:
     torch.save({"model": nn.Linear(3, 2).state_dict()}, path)
     with pytest.raises(sp.TrajectoryError, match="does not match the sha256"):
         traj.load_state(traj.checkpoints[1])
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _age(path: Path, seconds: float) -> None:
+    """Set ``path``'s modification time ``seconds`` into the past (a checkpoint saved that long ago)."""
+    past = path.stat().st_mtime_ns - int(seconds * 1e9)
+    os.utime(path, ns=(past, past))
+
+
+def test_a_checkpoint_is_hashed_once_per_process_until_it_changes(tmp_path: Path, monkeypatch) -> None:
+    """Featurize loads a checkpoint several times; its sha256 is taken once while the file stays as it was, and
+    again (and the change refused) once it is edited."""
+    from source_proj.trajectory import recorder
+
+    _record(tmp_path / "run")
+    traj = sp.Trajectory.load(tmp_path / "run")
+    path = tmp_path / "run" / traj.checkpoints[1].file
+    _age(path, 60)
+    hashed: list[Path] = []
+    monkeypatch.setattr(recorder, "_sha256_file", lambda p: hashed.append(p) or _sha256(p))
+    first = traj.load_state(traj.checkpoints[1])
+    second = traj.load_state(traj.checkpoints[1])
+    assert hashed == [path]
+    assert all(torch.equal(first["model"][k], second["model"][k]) for k in first["model"])
+    raw = bytearray(path.read_bytes())  # edited in place: same inode and size, a flipped byte in a weight
+    raw[-30] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    _age(path, 30)
+    with pytest.raises(sp.TrajectoryError, match="does not match the sha256"):
+        traj.load_state(traj.checkpoints[1])
+    assert hashed == [path, path]
+
+
+def test_a_checkpoint_written_seconds_ago_is_hashed_at_every_load(tmp_path: Path, monkeypatch) -> None:
+    """An edit within the kernel's timestamp tick could leave size and mtime unchanged, so a file this recent is not
+    remembered (git's racy-clean rule)."""
+    from source_proj.trajectory import recorder
+
+    _record(tmp_path / "run")
+    traj = sp.Trajectory.load(tmp_path / "run")
+    calls: list[Path] = []
+    monkeypatch.setattr(recorder, "_sha256_file", lambda p: calls.append(p) or _sha256(p))
+    traj.load_state(traj.checkpoints[2])
+    traj.load_state(traj.checkpoints[2])
+    assert len(calls) == 2
+
+
+def test_a_mapped_checkpoint_reads_as_a_loaded_one_and_an_old_format_file_still_loads(tmp_path: Path) -> None:
+    """``load_state`` maps the file (read as used, copy-on-write); a checkpoint torch saved in its pre-zip format
+    cannot be mapped and is read whole, and a mapped tensor changed in place leaves the file as it was."""
+    from source_proj.trajectory.recorder import Checkpoint, load_checkpoint
+
+    _record(tmp_path / "run")
+    traj = sp.Trajectory.load(tmp_path / "run")
+    checkpoint = traj.checkpoints[1]
+    plain = load_checkpoint(traj.path, checkpoint)
+    mapped = traj.load_state(checkpoint)
+    assert plain["model"].keys() == mapped["model"].keys()
+    assert all(torch.equal(plain["model"][k], mapped["model"][k]) for k in plain["model"])
+    mapped["model"]["weight"].add_(1.0)
+    assert torch.equal(traj.load_state(checkpoint)["model"]["weight"], plain["model"]["weight"])
+    old = tmp_path / "run" / "old-format.pt"
+    torch.save({"model": plain["model"]}, old, _use_new_zipfile_serialization=False)
+    legacy = Checkpoint(step=checkpoint.step, file=old.name, sha256=_sha256(old),
+                        optimizer_state=False)  # fmt: skip
+    assert torch.equal(load_checkpoint(traj.path, legacy, mmap=True)["model"]["bias"], plain["model"]["bias"])
 
 
 def test_checkpoint_of_another_architecture_is_refused(tmp_path: Path) -> None:

@@ -44,6 +44,7 @@ import json
 import math
 import os
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -67,6 +68,28 @@ def _sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+_HASHED: dict[tuple[str, int, int, int, int], str] = {}
+"""sha256 of the checkpoint files this process has read, by (path, device, inode, size, mtime in ns)."""
+
+
+def _checkpoint_sha256(file: Path) -> str:
+    """sha256 of ``file``, hashed once per process while the file stays as it was. Featurize loads each checkpoint
+    up to seven times (the check, the basis pass, each chunk's gradients, Adam's state); a 1B-parameter AdamW
+    checkpoint is 12 GB, whose hash takes about 10 s. A checkpoint saved again, restored or edited gets a new
+    inode, size or mtime and is hashed again. As git does with its index, a file modified in the last seconds is
+    not remembered: file times move at the kernel's tick, so an edit that soon after could leave the mtime as it
+    was."""
+    stat = file.stat()
+    key = (str(file.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key in _HASHED:
+        return _HASHED[key]
+    started = time.time_ns()
+    digest = _sha256_file(file)
+    if stat.st_mtime_ns < started - 2_000_000_000:
+        _HASHED[key] = digest
+    return digest
 
 
 def describe_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
@@ -522,14 +545,18 @@ def _weights_sample(state: dict[str, torch.Tensor], per_tensor: int = 64) -> tor
 
 def _squared_norm(grad: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(grad.detach(), dtype=torch.float32) ** 2
-def load_checkpoint(run_dir: Path, checkpoint: Checkpoint, *, verify: bool = True) -> dict[str, Any]:
+def load_checkpoint(
+    run_dir: Path, checkpoint: Checkpoint, *, verify: bool = True, mmap: bool = False
+) -> dict[str, Any]:
     """The saved payload (``{"model": state_dict, "optimizer"?: state_dict}``) of a checkpoint of the run in
-    ``run_dir``, checked against its sha256 unless ``verify`` is false."""
+    ``run_dir``, checked against its sha256 unless ``verify`` is false. ``mmap``: the tensors map the file
+    (copy-on-write), so only what the caller reads is read; for readers that copy what they use (featurize reads
+    the weights of an AdamW checkpoint, a third of it, at every load but one)."""
     file = run_dir / checkpoint.file
     if not file.is_file():
         raise TrajectoryError(f"Checkpoint {file} is missing; restore it or re-run training.")
     try:
-        if verify and _sha256_file(file) != checkpoint.sha256:
+        if verify and _checkpoint_sha256(file) != checkpoint.sha256:
             raise TrajectoryError(
                 f"Checkpoint {file} does not match the sha256 recorded in trajectory.json (changed or "
                 "corrupted after training); restore the original file."
@@ -537,7 +564,12 @@ def load_checkpoint(run_dir: Path, checkpoint: Checkpoint, *, verify: bool = Tru
     except OSError as err:
         raise _unreadable(file, err) from err
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as err:  # not a zip archive (an old format, or not torch's): read, and reported, whole
+            if not mmap or "mmap can only be used" not in str(err):
+                raise
+            state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # torch reports a truncated archive as OSError (EINVAL) or RuntimeError
         if isinstance(err, OSError) and err.errno != errno.EINVAL:
             raise _unreadable(file, err) from err
@@ -641,8 +673,9 @@ class Trajectory:
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def load_state(self, checkpoint: Checkpoint, *, verify: bool = True) -> dict[str, Any]:
-        """The saved payload (``{"model": state_dict, "optimizer"?: state_dict}``) of a checkpoint."""
-        return load_checkpoint(self.path, checkpoint, verify=verify)
+        """The saved payload (``{"model": state_dict, "optimizer"?: state_dict}``) of a checkpoint, its tensors mapping
+        the file (read as used; copy before changing them in place)."""
+        return load_checkpoint(self.path, checkpoint, verify=verify, mmap=True)
 
     def load_into(self, model: nn.Module, checkpoint: Checkpoint) -> nn.Module:
         """Load a checkpoint's weights into ``model`` (in place); refuses a mismatched architecture."""
