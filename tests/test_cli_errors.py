@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 import pytest
+import torch
 from click.testing import CliRunner, Result
 
 import source_proj as sp
@@ -303,3 +304,100 @@ def test_query_on_a_store_being_rewritten_names_the_writer(cli_reference: tuple[
     assert "(source-proj fit s.sp --force); wait for that to finish, then query again." in message
     message = _refused(CliRunner().invoke(main, ["query", str(store)]))  # writer gone: the old advice
     assert "is unfinished; re-run fit to complete it" in message
+
+
+def _missing_cuda() -> str:
+    return "this torch is a CPU build" if torch.version.cuda is None else "no CUDA device is visible"
+
+
+@pytest.mark.parametrize(
+    ("device", "expected"),
+    [
+        ("banana", "'banana' is not a device; pass cpu, cuda or cuda:N."),
+        ("cuda:", "'cuda:' is not a device"),
+        ("cuda", None),  # CUDA on a machine without it: refused, and the reason named
+        ("cuda:7", None),
+    ],
+)
+@pytest.mark.parametrize("command", ["query", "fit --force --segments 3", "baseline --kind trak --force", "featurize"])
+def test_a_device_this_machine_lacks_is_refused_before_any_work(
+    cli_reference: tuple[Path, Path], tiny_run: Path, tmp_path: Path, device: str, expected: str | None, command: str
+) -> None:
+    """A device torch does not know, or CUDA where there is none, is one sentence. fit --force used to replace the
+    fitted method first and fail after, leaving the store with an unfinished method."""
+    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has the CUDA device")
+    reference, spec = cli_reference
+    store = _copy(reference, tmp_path)
+    before = files(store)
+    name, *rest = command.split()
+    args = {"featurize": ["featurize", "--ckpts", str(tiny_run), "--spec", str(spec), "--out", str(store)]}.get(
+        name, [name, str(store), *rest]
+    )
+    message = _refused(CliRunner().invoke(main, [*args, "--device", device]))
+    if expected is not None:
+        assert message == f"Error: {expected}" or message.startswith(f"Error: {expected}"), message
+    elif not torch.cuda.is_available():
+        assert message == f"Error: Device {device!r} is CUDA, but {_missing_cuda()}; pass cpu.", message
+    else:
+        assert f"Device {device!r} does not exist: this machine has" in message, message
+    assert files(store) == before
+    out = CliRunner().invoke(main, ["query", str(store), "--top-k", "2"])  # the fitted method is intact
+    assert out.exit_code == 0, out.output
+
+
+def test_a_reader_that_leaves_ends_the_output_quietly(cli_reference: tuple[Path, Path]) -> None:
+    """`source-proj info S | head -1`: the closed pipe is not reported as a bug (click exits with status 1). The pipe's
+    reading end is closed before the command starts, so every write meets it."""
+    import subprocess
+    import sys
+
+    store, _ = cli_reference
+    script = "from source_proj.cli.main import main; main()"
+    for args in (["info", str(store)], ["query", str(store), "--top-k", "5"]):
+        read, write = os.pipe()
+        os.close(read)
+        try:
+            command = [sys.executable, "-c", script, *args]
+            done = subprocess.run(command, stdout=write, stderr=subprocess.PIPE, text=True)
+        finally:
+            os.close(write)
+        assert (done.returncode, done.stderr) == (1, ""), (done.returncode, done.stderr)
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["--search", "ivf", "--nprobe", "0"], "Invalid value for '--nprobe': 0 is not in the range x>=1."),
+        (["--search", "ivf", "--nlist", "0"], "Invalid value for '--nlist': 0 is not in the range x>=1."),
+        (["--nprobe", "4"], "--nprobe applies to the approximate search only; add --search ivf, or drop it."),
+        (["--nlist", "2", "--ivf-fp16"], "--nlist and --ivf-fp16 apply to the approximate search only; add --search"),
+    ],
+)
+def test_approximate_search_options_are_checked(
+    cli_reference: tuple[Path, Path], options: list[str], expected: str
+) -> None:
+    store, _ = cli_reference
+    message = _refused(CliRunner().invoke(main, ["query", str(store), *options]), code=2)
+    assert message.startswith(f"Error: {expected}"), message
+
+
+def test_ivf_arguments_refuse_what_is_not_a_count() -> None:
+    for field in ("nlist", "nprobe", "train_rows"):
+        with pytest.raises(sp.TaskError, match=f"IVFArguments.{field} is 0; pass a whole number ≥ 1."):
+            sp.IVFArguments(**{field: 0})
+    assert sp.IVFArguments(nlist=None, nprobe=1).nprobe == 1
+
+
+def test_parquet_without_pyarrow_is_refused_before_any_work(
+    cli_reference: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    store, _ = cli_reference
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pyarrow" else real(name, *a))
+    out = CliRunner().invoke(main, ["query", str(store), "--top-k", "2", "--out", str(tmp_path / "r.parquet")])
+    message = _refused(out, code=2)
+    assert "writing parquet needs pyarrow; `pip install source-proj[parquet]`" in message
+    assert "more queries not shown" not in out.output and not (tmp_path / "r.parquet").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import importlib.util
 import io
 import json
 import os
@@ -49,11 +50,13 @@ class _Command(click.Command):
             with warnings.catch_warnings():
                 warnings.simplefilter("default")
                 warnings.formatwarning = _format_warning  # type: ignore[assignment]
-                return super().invoke(ctx)
+                result = super().invoke(ctx)
+            sys.stdout.flush()  # a reader that has left (`| head`) is met here, where click handles it, not at exit
+            return result
         except sp.SourceProjError as err:
             _fail(err)
-        except (click.ClickException, click.exceptions.Exit, click.Abort):
-            raise
+        except (click.ClickException, click.exceptions.Exit, click.Abort, BrokenPipeError):
+            raise  # click ends a command whose output's reader left quietly (exit status 1)
         except Exception as err:
             if os.environ.get("SOURCE_PROJ_TRACEBACK"):
                 raise
@@ -158,6 +161,7 @@ def main() -> None:
     "--adam-rank",
     default=1,
     show_default=True,
+    type=click.IntRange(min=1),
     help="eigen and factored, Adam/AdamW runs: rank R of each layer's approximation of D^-1/2 (R times the "
     "projection cost).",
 )
@@ -548,6 +552,11 @@ def _check_out(path: Path | None) -> None:
             f"{path.name} has no known format ({path.suffix or 'no suffix'}); end it in .csv, .jsonl or .parquet",
             param_hint="--out",
         )
+    if path.suffix.lower() == ".parquet" and importlib.util.find_spec("pyarrow") is None:
+        raise click.BadParameter(
+            "writing parquet needs pyarrow; `pip install source-proj[parquet]`, or end the name in .csv or .jsonl",
+            param_hint="--out",
+        )
 
 
 def _write(records: list[dict[str, Any]], path: Path) -> None:
@@ -637,8 +646,10 @@ def _save(path: Path, write: Callable[[], Any]) -> Any:
     help="Shard the index over these devices, e.g. cuda:0,cuda:1 (default: --device, or every GPU when the "
     "features do not fit on it).",
 )
-@click.option("--nlist", type=int, default=None, help="--search ivf: cells (default 4·√N).")
-@click.option("--nprobe", type=int, default=32, show_default=True, help="--search ivf: cells scanned per query.")
+@click.option("--nlist", type=click.IntRange(min=1), default=None, help="--search ivf: cells (default 4·√N).")
+@click.option(
+    "--nprobe", type=click.IntRange(min=1), default=32, show_default=True, help="--search ivf: cells scanned per query."
+)
 @click.option("--ivf-fp16", is_flag=True, help="--search ivf: hold the rows in float16 (half the memory).")
 def query(
     store_path: str,
@@ -662,6 +673,15 @@ def query(
     written, each once.
     """
     _check_out(out_path)
+    context = click.get_current_context()
+    given = [f"--{n.replace('_', '-')}" for n in ("nlist", "nprobe", "ivf_fp16")
+             if context.get_parameter_source(n) is click.core.ParameterSource.COMMANDLINE]  # fmt: skip
+    if given and search_backend != "ivf":
+        one = len(given) == 1
+        raise click.UsageError(
+            f"{' and '.join(given)} {'applies' if one else 'apply'} to the approximate search only; add --search ivf, "
+            f"or drop {'it' if one else 'them'}."
+        )
     store = sp.Store.open(store_path)
     spec = _spec_of(store, spec_path)
     queries = spec.query_data()
@@ -841,7 +861,11 @@ def verify(store_path: str, repair: bool, as_json: bool) -> None:
     help="TRAK: kernel coordinates d (default: min(k, N/10)).",
 )
 @click.option("--spec", "spec_path", default=None, type=click.Path(path_type=Path), help="Spec file (RepSim).")
-@click.option("--device", default=None, help="Where the baselines' algebra runs (default: cuda when available).")
+@click.option(
+    "--device",
+    default=None,
+    help="Where RepSim's forward passes run (default: cuda when available); the other baselines compute on the CPU.",
+)
 @click.option("--force", is_flag=True, help="Replace a baseline fitted with other settings.")
 def baseline(
     store_path: str,

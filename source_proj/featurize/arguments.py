@@ -356,11 +356,28 @@ def _positive(arguments: object, field: str, minimum: int = 1) -> None:
         raise TaskError(f"{type(arguments).__name__}.{field} is {value!r}; pass a whole number ≥ {minimum}.")
 
 
-def default_device(device: str | None) -> torch.device:
-    """``device``, or CUDA when available, else the CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def default_device(device: str | torch.device | None) -> torch.device:
+    """``device``, or CUDA when available, else the CPU. A name torch does not know, or a CUDA or MPS device this
+    machine lacks, is refused in one sentence (before any command changes a store)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        where = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise TaskError(f"{str(device)!r} is not a device; pass cpu, cuda or cuda:N.") from err
+    if where.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = "this torch is a CPU build" if torch.version.cuda is None else "no CUDA device is visible"
+            raise TaskError(f"Device {str(device)!r} is CUDA, but {why}; pass cpu.")
+        if where.index is not None and where.index >= count:
+            raise TaskError(
+                f"Device {str(device)!r} does not exist: this machine has {count} CUDA device(s), cuda:0 to "
+                f"cuda:{count - 1}."
+            )
+    elif where.type == "mps" and not torch.backends.mps.is_available():
+        raise TaskError(f"Device {str(device)!r} is Apple's MPS, which this machine lacks; pass cpu.")
+    return where
 
 
 def as_stage_datasets(data: Dataset | Mapping[str, Dataset], trajectory: Trajectory) -> dict[str, Dataset]:

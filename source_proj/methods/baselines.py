@@ -176,6 +176,7 @@ def fit_baseline(
     Returns:
         The store; score(q, z) = ⟨q̃, T(z)⟩ with the method's recipe (positive = z helps q).
     """
+    default_device(device)  # a device this machine lacks is refused before the store is touched
     if not isinstance(store, Store):
         store = Store.open(store, writable=True)
     if args.kind not in BASELINES:

@@ -21,6 +21,7 @@ rows in half precision too (``dtype``): exact search over rounded rows.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -55,6 +56,12 @@ class IVFArguments:
     fp16: bool = False
     train_rows: int | None = None
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("nlist", "nprobe", "train_rows"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+                raise TaskError(f"IVFArguments.{name} is {value!r}; pass a whole number ≥ 1.")
 
     def cells(self, ntotal: int) -> int:
         """The number of cells for ``ntotal`` rows."""
