@@ -30,6 +30,8 @@ def attribute(
     projection: ProjectionArguments = ProjectionArguments(),
     options: FeaturizeArguments = FeaturizeArguments(),
     fit_args: FitArguments = FitArguments(),
+    overwrite: bool = False,
+    grow: bool = False,
     progress: bool = True,
 ) -> QueryResult:
     """Featurize (or resume), fit and return the top-k helpful and harmful training examples.
@@ -49,14 +51,20 @@ def attribute(
         projection: the projection's kind, dimension k and seed.
         options: featurize's options (batch size, device, Fisher mode, …).
         fit_args: fit's options (segments, stages attributed, Fast-SOURCE).
+        overwrite: replace a store featurized with other settings, and a method fitted with other settings:
+            both are computed again. To fit other settings on the same features, name another method
+            (``FitArguments(method=...)``), or call [`fit`][] with ``overwrite=True``.
+        grow: the run at ``trajectory`` continued the store's (more checkpoints, a new stage): featurize only
+            what is new (see [`featurize`][]).
         progress: show progress bars.
 
     Returns:
         ``[Q, top_k]`` ids and scores of the most helpful and most harmful examples of each query.
     """
     store: Store = featurize(
-        trajectory, model, task, train_data, store_path, projection=projection, options=options, progress=progress
-    )
-    fit(store, fit_args, progress=progress, device=options.device)
+        trajectory, model, task, train_data, store_path, projection=projection, options=options, progress=progress,
+        overwrite=overwrite, grow=grow,
+    )  # fmt: skip
+    fit(store, fit_args, progress=progress, device=options.device, overwrite=overwrite)
     attributor = Attributor(store, model, task, method=fit_args.name, trajectory=trajectory, device=options.device)
     return attributor.top_k(queries, top_k)

@@ -302,8 +302,48 @@ def test_query_on_a_store_being_rewritten_names_the_writer(cli_reference: tuple[
     assert message.startswith(f"Error: Method 'source' in {store} is not ready: the store is being written by process")
     assert "process 4242 on gpu7 since" in message
     assert "(source-proj fit s.sp --force); wait for that to finish, then query again." in message
-    message = _refused(CliRunner().invoke(main, ["query", str(store)]))  # writer gone: the old advice
-    assert "is unfinished; re-run fit to complete it" in message
+    message = _refused(CliRunner().invoke(main, ["query", str(store)]))  # writer gone: the command that completes it
+    assert f"is unfinished (an interrupted or failed fit); complete it with `source-proj fit {store}" in message
+
+
+def _unfinish(store: Path, method: str) -> None:
+    """Leave ``method`` as a killed fit leaves it: recorded, not complete, its last chunk not written."""
+    opened = sp.Store.open(store, writable=True)
+    methods = opened.meta["methods"]
+    opened.update_meta(methods={**methods, method: {**methods[method], "complete": False}})
+
+
+@pytest.mark.parametrize(
+    ("fit", "method"),
+    [(["fit", "--force", "--segments", "2"], "source"), (["baseline", "--kind", "if", "--damping-factor", "2"], "if")],
+)
+def test_an_unfinished_method_names_the_command_that_completes_it(
+    cli_reference: tuple[Path, Path], tmp_path: Path, fit: list[str], method: str
+) -> None:
+    """With the settings it was fitted with: a plain `source-proj fit S` would be refused as other settings."""
+    store = _copy(cli_reference[0], tmp_path)
+    out = CliRunner().invoke(main, [fit[0], str(store), *fit[1:]])
+    assert out.exit_code == 0, out.output
+    _unfinish(store, method)
+    message = _refused(CliRunner().invoke(main, ["query", str(store), "--method", method]))
+    command = re.search(r"complete it with `source-proj ([^`]*)`", message)
+    assert command is not None, message
+    assert "--segments 2" in command.group(1) if method == "source" else "--damping-factor 2.0" in command.group(1)
+    out = CliRunner().invoke(main, shlex.split(command.group(1)))
+    assert out.exit_code == 0, out.output
+    assert CliRunner().invoke(main, ["query", str(store), "--method", method, "--top-k", "2"]).exit_code == 0
+
+
+@pytest.mark.parametrize(
+    ("method", "hint"),
+    [("trak", "`source-proj baseline {s} --kind trak`"), ("mine", "`source-proj fit {s} --method mine` (SOURCE)")],
+)
+def test_a_method_the_store_lacks_names_the_command_that_fits_it(
+    cli_reference: tuple[Path, Path], method: str, hint: str
+) -> None:
+    store = cli_reference[0]
+    message = _refused(CliRunner().invoke(main, ["query", str(store), "--method", method]))
+    assert f"has no fitted method {method!r} (it has ['source']); run {hint.format(s=store)}" in message
 
 
 def _missing_cuda() -> str:
@@ -401,3 +441,24 @@ def test_parquet_without_pyarrow_is_refused_before_any_work(
     message = _refused(out, code=2)
     assert "writing parquet needs pyarrow; `pip install source-proj[parquet]`" in message
     assert "more queries not shown" not in out.output and not (tmp_path / "r.parquet").exists()
+
+
+def test_fit_of_a_store_whose_featurize_has_not_finished_says_so_and_records_nothing(
+    cli_reference: tuple[Path, Path], tiny_run: Path, tmp_path: Path
+) -> None:
+    """One shard of a split featurize: fit names what is missing and how to finish it, before it records a method
+    (it used to record one, unfinished, and fail reading the first unwritten chunk)."""
+    _, spec = cli_reference
+    store = tmp_path / "half.sp"
+    args = ["featurize", "--ckpts", str(tiny_run), "--spec", str(spec), "--out", str(store), "--dim", "12"]
+    args += ["--batch-size", "4", "--chunk-rows", "4", "--device", "cpu"]
+    out = CliRunner().invoke(main, [*args, "--shard", "0/2"])
+    assert out.exit_code == 0, out.output
+    message = _refused(CliRunner().invoke(main, ["fit", str(store)]))
+    assert f"The store at {store} is not fully featurized ([" in message
+    assert "not every shard of a split one (--shard i/n) has run; finish it with `source-proj featurize" in message
+    assert not sp.Store.open(store).meta.get("methods")  # no unfinished method left behind
+    out = CliRunner().invoke(main, [*args, "--shard", "1/2"])
+    assert out.exit_code == 0, out.output
+    out = CliRunner().invoke(main, ["fit", str(store)])
+    assert out.exit_code == 0, out.output

@@ -37,6 +37,7 @@ from source_proj.methods.kronecker import KroneckerCurvature, LayerFactors
 from source_proj.methods.source import SegmentOperator, fold
 from source_proj.projection.transform import scaling_transform
 from source_proj.store.store import Store, ckpt_key, is_store, refuse_foreign_directory
+from source_proj.store.verify import featurize_command
 from source_proj.trajectory.autosegment import TrajectoryView, trajectory_view
 from source_proj.trajectory.preconditioner import coupled_decay, unflatten
 from source_proj.trajectory.recorder import Stage
@@ -386,6 +387,16 @@ class _Fit:
             raise StoreError(
                 f"The store at {store.path} lacks the features {missing[:2]} this fit needs; {hint} first."
             )
+        if not captured:  # before the method is recorded: a refused fit leaves none unfinished behind it
+            points = [name.split("/", 1)[1] for name in needed]
+            arrays = [f"{kind}/{point}" for point in points for kind in ("grads", "fisher")]
+            unfinished = [name for name in arrays if store.has(name) and not store.is_complete(name)]
+            if unfinished:
+                raise StoreError(
+                    f"The store at {store.path} is not fully featurized ({unfinished[:2]} unfinished): a featurize "
+                    "was interrupted, or not every shard of a split one (--shard i/n) has run; finish it with "
+                    f"`{featurize_command(store)}` (each missing shard with its --shard), then fit."
+                )
         curvature = self.args.resolve_curvature(meta)
         if curvature == "kfac":
             points = {(seg.stage, k) for seg, ks in zip(segments, keys, strict=True) for k in ks}
@@ -640,7 +651,7 @@ def _claim_method(store: Store, method: str, description: dict[str, Any], overwr
         if not same and not overwrite:
             raise StoreError(
                 f"Method {method!r} in {store.path} was fitted with other settings; pass --force (overwrite=True) "
-                "to replace it, or fit under another --method name."
+                "to replace it, or fit under another --method name (FitArguments(method=...))."
             )
         store.delete(f"methods/{method}")
     methods[method] = {**description, "complete": False}

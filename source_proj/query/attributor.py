@@ -15,6 +15,7 @@ A fitted method's ``query`` recipe says how q̃ is built::
 from __future__ import annotations
 
 import copy
+import shlex
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from source_proj.projection.transform import scaling_transform
 from source_proj.query.topk import IVFArguments, SearchBackend, TorchIndex, build_index
 from source_proj.store.provenance import check_model, check_query_model, check_run, model_errors
 from source_proj.store.store import Store
+from source_proj.store.verify import method_command
 from source_proj.store.writing import current_writer
 from source_proj.tasks.gradients import PerExampleGradients, move_batch
 from source_proj.tasks.task import Task
@@ -74,12 +76,23 @@ def method_meta(store: Store, method: str) -> dict[str, Any]:
                 "that to finish, then query again."
             )
     if method not in methods:
+        from source_proj.methods.baselines import BASELINES  # baselines.py imports this module
+
+        path = shlex.quote(store.path)
+        if method in BASELINES:
+            hint = f"`source-proj baseline {path} --kind {method}`"
+        elif method == "source":
+            hint = f"`source-proj fit {path}`"
+        else:
+            hint = f"`source-proj fit {path} --method {shlex.quote(method)}` (SOURCE)"
         raise StoreError(
-            f"The store at {store.path} has no fitted method {method!r} (it has {sorted(methods)}); run "
-            f"`source-proj fit {store.path}` first."
+            f"The store at {store.path} has no fitted method {method!r} (it has {sorted(methods)}); run {hint} first."
         )
     if not methods[method].get("complete"):
-        raise StoreError(f"Method {method!r} in {store.path} is unfinished; re-run fit to complete it.")
+        raise StoreError(
+            f"Method {method!r} in {store.path} is unfinished (an interrupted or failed fit); complete it with "
+            f"`{method_command(store, method)}`, or replace it with --force."
+        )
     return methods[method]
 
 

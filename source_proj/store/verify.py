@@ -193,6 +193,26 @@ def fit_command(store: Store, method: str) -> str:
     return " ".join(args)
 
 
+def method_command(store: Store, method: str) -> str:
+    """The CLI command that resumes a fitted method: ``fit`` for SOURCE, ``baseline`` for a baseline (whose CLI
+    stores it under its kind's name; one the API named otherwise is re-run there)."""
+    description = store.meta["methods"][method]
+    kind = description.get("kind")
+    if kind in (None, "source", "fast-source"):
+        return fit_command(store, method)
+    arguments = description.get("arguments", {})
+    if method != kind:
+        return f"re-run source_proj.fit_baseline(...) with BaselineArguments(kind={kind!r}, method={method!r})"
+    args = ["source-proj baseline", shlex.quote(store.path), f"--kind {kind}"]
+    if arguments.get("stages"):
+        args.append(f"--stages {','.join(arguments['stages'])}")
+    if arguments.get("damping_factor", 3.0) != 3.0:
+        args.append(f"--damping-factor {arguments['damping_factor']}")
+    if arguments.get("trak_dim") is not None:
+        args.append(f"--trak-dim {arguments['trak_dim']}")
+    return " ".join(args)
+
+
 def expected_features(meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Every array featurize writes, with its shape: ``{name: (rows, k)}`` (a captured store: its windows)."""
     if is_captured(meta):
@@ -336,7 +356,7 @@ def _verify(store: Store, *, repair: bool, progress: bool) -> VerifyReport:
         report.next_steps.append(featurize_command(store))
     for method in sorted(set(meta.get("methods") or {})):
         if method in broken_methods or not meta["methods"][method].get("complete"):
-            report.next_steps.append(fit_command(store, method))
+            report.next_steps.append(method_command(store, method))
     return report
 
 
