@@ -164,3 +164,43 @@ def test_fast_only_featurize_says_what_it_featurized(tmp_path: Path, run: tuple[
     assert out.exit_code == 0, out.output
     assert "featurized 2 segments' averaged parameters (Fast-SOURCE) into" in out.output, out.output
     assert "checkpoints into" not in out.output
+
+
+def test_info_shows_the_settings_fit_and_featurize_fixed(tmp_path: Path, run: tuple[Path, Path]) -> None:
+    """What decides a refit's refusal is on show: featurize's fixed segmentation and segment-mean features, SOURCE's
+    damping factor, the baselines' arguments, and the command that completes an unfinished method."""
+    run_dir, spec = run
+    store = tmp_path / "s.sp"
+    cli = CliRunner()
+    args = ["featurize", "--ckpts", str(run_dir), "--spec", str(spec), "--out", str(store), "--dim", "16"]
+    assert cli.invoke(main, [*args, "--segments", "2", "--fast"]).exit_code == 0
+    assert cli.invoke(main, ["fit", str(store), "--segments", "2", "--damping-factor", "0.5"]).exit_code == 0
+    assert cli.invoke(main, ["baseline", str(store), "--kind", "if,trak", "--damping-factor", "2"]).exit_code == 0
+    summary = json.loads(cli.invoke(main, ["info", str(store), "--json"]).output)
+    assert summary["segmentation"] == {"per_stage": 2} and summary["segment_means"] is True
+    assert summary["methods"]["source"]["settings"] == {"curvature": "projected", "damping_factor": 0.5}
+    assert summary["methods"]["if"]["settings"] == {"damping_factor": 2.0, "rcond": 1e-6}
+    assert summary["methods"]["trak"]["settings"] == {"rcond": 1e-6}  # TRAK reads no damping
+    text = cli.invoke(main, ["info", str(store)]).output
+    assert "  segmentation fixed by featurize: 2 segments a stage\n" in text, text
+    assert "  features at each segment's mean weights (Fast-SOURCE, --fast)\n" in text, text
+    assert "  curvature projected; damping λ = weight decay + 0.5 × mean eigenvalue\n" in text, text
+    assert "  damping factor 2.0, rcond 1e-06\n" in text, text
+    opened = sp.Store.open(store, writable=True)
+    methods = opened.meta["methods"]
+    opened.update_meta(methods={**methods, "source": {**methods["source"], "complete": False}})
+    text = cli.invoke(main, ["info", str(store)]).output
+    assert f"source, UNFINISHED (complete it: source-proj fit {store} --method source --segments 2" in text, text
+
+
+def test_featurize_of_a_finished_store_says_it_computed_nothing(tmp_path: Path, run: tuple[Path, Path]) -> None:
+    run_dir, spec = run
+    store = tmp_path / "s.sp"
+    cli = CliRunner()
+    args = ["featurize", "--ckpts", str(run_dir), "--spec", str(spec), "--out", str(store), "--dim", "16"]
+    assert "featurized 5 checkpoints into" in cli.invoke(main, args).output
+    again = cli.invoke(main, [*args, "--batch-size", "4"])
+    assert again.exit_code == 0 and "already holds these features; nothing to compute" in again.output, again.output
+    assert "featurized 5 checkpoints" not in again.output
+    changed = cli.invoke(main, [*args, "--segments", "2"])  # records a segmentation: not "nothing"
+    assert changed.exit_code == 0 and "nothing to compute" not in changed.output, changed.output

@@ -405,6 +405,9 @@ def test_segmentation_text_is_parsed_or_refused() -> None:
     assert sp.SegmentationArguments.parse("2").per_stage == 2
     with pytest.raises(sp.TrajectoryError, match="Cannot read the segmentation"):
         sp.SegmentationArguments.parse("auto:x")
+    for count in ("0", "-2"):  # not "auto" (which chooses L) in disguise
+        with pytest.raises(sp.TrajectoryError, match=f"asks for {int(count)} segments; write auto:L with L ≥ 1"):
+            sp.SegmentationArguments.parse(f"auto:{count}")
 
 
 def test_hand_written_trajectory_with_per_group_rates_is_refused(tmp_path: Path, regression_data) -> None:

@@ -31,7 +31,8 @@ from source_proj.spec import Spec, load_spec
 from source_proj.store.durable import atomic_write_bytes
 from source_proj.store.info import store_summary
 from source_proj.store.provenance import check_data
-from source_proj.store.verify import verify_store
+from source_proj.store.store import is_store
+from source_proj.store.verify import method_command, verify_store
 
 
 def _fail(err: Exception) -> None:
@@ -323,6 +324,7 @@ def featurize(
     spec = load_spec(spec_path)
     trajectory = sp.Trajectory.load(run_dir)
     data = {s.name: spec.train_data(s.name) for s in trajectory.stages}
+    before = _finished_meta(store_path) if not force else None
     with launched(device):
         store = sp.featurize(
             trajectory,
@@ -363,7 +365,12 @@ def featurize(
         click.echo(f"featurized shard {which} of {store.path}; the store is finished once every shard has run")
         return
     products = store.meta.get("products") or {"checkpoints": True}
-    if products.get("checkpoints", True):
+    if before is not None and before == json.dumps(store.meta, sort_keys=True):
+        click.echo(
+            f"the store at {store.path} already holds these features; nothing to compute (it keeps the batch size "
+            "and device it was featurized with)"
+        )
+    elif products.get("checkpoints", True):
         click.echo(f"featurized {len(store.meta['trajectory']['checkpoints'])} checkpoints into {store.path}")
     else:
         segments = len((store.meta.get("segmentation") or {}).get("segments") or [])
@@ -376,6 +383,17 @@ def featurize(
         click.echo(f"segmentation fixed for this store: {recorded['arguments']}")
         if recorded.get("view"):
             click.echo(sp.TrajectoryView.from_description(recorded["view"]).table())
+
+
+def _finished_meta(path: str) -> str | None:
+    """The metadata of a finished store at ``path`` (as JSON, to compare), else ``None``."""
+    if not is_store(path):
+        return None
+    try:
+        meta = sp.Store.open(path).meta
+    except sp.SourceProjError:  # featurize itself says what is wrong with it
+        return None
+    return json.dumps(meta, sort_keys=True) if meta.get("featurized") else None
 
 
 def _module_dims(values: tuple[str, ...]) -> dict[str, int]:
@@ -787,7 +805,8 @@ def _spec_of(store: sp.Store, spec_path: Path | None) -> Spec:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def info(store_path: str, as_json: bool) -> None:
     """Describe a store: what produced it, how far featurize got, and its fitted methods."""
-    summary = store_summary(sp.Store.open(store_path))
+    store = sp.Store.open(store_path)
+    summary = store_summary(store)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -817,14 +836,35 @@ def info(store_path: str, as_json: bool) -> None:
     for grown in summary["growth"]:
         dropped = f"; re-fit {', '.join(grown['dropped_methods'])}" if grown["dropped_methods"] else ""
         click.echo(f"  grown from the run with checkpoints {grown['checkpoints']}{dropped}")
+    if summary["segmentation"]:  # featurize --segments / --fast fixed it: fit takes these segments
+        click.echo(f"  segmentation fixed by featurize: {_segmentation_text(summary['segmentation'])}")
+    if summary["segment_means"]:
+        only = "" if summary["checkpoint_features"] else " only (no checkpoint features)"
+        click.echo(f"  features at each segment's mean weights{only} (Fast-SOURCE, --fast)")
     for name, m in summary["methods"].items():
-        state = "complete" if m["complete"] else "UNFINISHED (re-run fit)"
+        state = "complete" if m["complete"] else f"UNFINISHED (complete it: {method_command(store, name)})"
         click.echo(f"method {name}: {m['kind']}, {state}, attributes stages {m['stages']}")
+        settings = m["settings"]
+        if m["kind"] in ("source", "fast-source") and settings["damping_factor"] is not None:
+            click.echo(
+                f"  curvature {settings['curvature']}; damping λ = weight decay + {settings['damping_factor']:g} × "
+                "mean eigenvalue"
+            )
+        elif settings:
+            click.echo("  " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in settings.items()))
         for seg in m["segments"]:
             click.echo(
                 f"  {seg['stage']} [{seg['start_step']}, {seg['end_step']}) checkpoints {seg['checkpoints']} "
-                f"η̄K={seg['time']:.4g} λ={seg['weight_decay']:.3g}"
+                f"η̄K={seg['time']:.4g} weight decay {seg['weight_decay']:.3g}"
             )
+
+
+def _segmentation_text(arguments: dict[str, Any]) -> str:
+    if "auto" in arguments:
+        return f"{arguments['auto']} automatic segments"
+    if "boundaries" in arguments:
+        return f"boundaries at steps {arguments['boundaries']}"
+    return f"{arguments.get('per_stage')} segments a stage"
 
 
 @main.command(cls=_Command)

@@ -31,10 +31,13 @@ def store_summary(store: Store) -> dict[str, Any]:
             "kind": method["kind"],
             "complete": method["complete"],
             "stages": method["stages"],
+            "settings": _settings(method),
             "segments": [
                 {**s, "time": s["mean_lr"] * (s["end_step"] - s["start_step"])} for s in method.get("segments", [])
             ],
         }
+    segmentation = (meta.get("segmentation") or {}).get("arguments")
+    products = meta.get("products") or {}
     return {
         "path": store.path,
         "library_version": meta["library_version"],
@@ -53,10 +56,30 @@ def store_summary(store: Store) -> dict[str, Any]:
             "checkpoints": traj["checkpoints"],
         },
         "fisher": meta["featurize"]["fisher"] + _fisher_share(meta),
+        "segmentation": segmentation or None,
+        "segment_means": bool(products.get("segment_means")),
+        "checkpoint_features": bool(products.get("checkpoints", True)),
         "featurized_chunks": f"{chunks_done}/{chunks_total}",
         "spec": meta.get("spec"),
         "methods": methods,
     }
+
+
+def _settings(method: dict[str, Any]) -> dict[str, Any]:
+    """What a fitted method was fitted with beyond its segments: SOURCE's curvature and damping factor (λ = weight
+    decay + factor × mean eigenvalue), a baseline's arguments as given."""
+    if method["kind"] in ("source", "fast-source"):
+        return {"curvature": method.get("curvature"), "damping_factor": method.get("damping_factor")}
+    arguments = method.get("arguments") or {}
+    fields = _BASELINE_SETTINGS.get(method["kind"], ())
+    return {k: arguments[k] for k in fields if arguments.get(k) is not None}
+
+
+_BASELINE_SETTINGS = {
+    "if": ("damping_factor", "damping", "rcond", "curvature_stages"),
+    "trak": ("trak_dim", "rcond", "curvature_stages"),
+}
+"""The arguments of ``BaselineArguments`` each baseline reads (the others read none)."""
 
 
 def _fisher_share(meta: dict[str, Any]) -> str:

@@ -51,7 +51,13 @@ class SegmentationArguments:
             if text == "auto":
                 return cls(auto=0)
             if text.startswith("auto:"):
-                return cls(auto=int(text[5:]))
+                count = int(text[5:])
+                if count < 1:  # auto=0 is how "auto" is kept: it would choose L silently
+                    raise TrajectoryError(
+                        f"The segmentation {text!r} asks for {count} segments; write auto:L with L ≥ 1, or auto to "
+                        "have L chosen."
+                    )
+                return cls(auto=count)
             if text.startswith("at:"):
                 return cls(boundaries=tuple(int(v) for v in text[3:].split(",") if v.strip()))
             return cls(per_stage=int(text))
