@@ -1,4 +1,4 @@
-"""Ensembles: one method's scores averaged over M independently trained models (SOURCE_MATH.md §5).
+"""Ensembles: one method's scores averaged over M independently trained models (docs/concepts/source.md §5).
 
 Each model has its own store (its own trajectory, featurized and fitted as usual). The ensemble
 concatenates the per-model query features q̃_m and training features T_m(z)/M, so that one inner
