@@ -7,6 +7,7 @@ probabilities and hidden activations are computed here from scratch in float64.
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from pathlib import Path
 
@@ -233,6 +234,25 @@ def test_an_ensemble_averages_the_scores_of_its_models_and_its_top_k_is_exact(fi
     assert not np.allclose(singles[0], singles[1], rtol=0.05)  # the two models really differ
     top = ensemble.top_k(queries, 5)
     np.testing.assert_array_equal(top.helpful_ids, np.argsort(-scores, axis=1, kind="stable")[:, :5])
+
+
+def test_an_ensemble_refuses_one_model_counted_twice(fitted, tmp_path: Path) -> None:
+    _, store, _, _ = fitted
+    arch, task = _arch(), sp.ClassificationTask()
+    once = r"^The ensemble is given the store .*s\.sp twice; .*pass each model's store once\.$"
+    with pytest.raises(sp.StoreError, match=once):
+        sp.Ensemble.open([store, store], arch, task, method="grad-dot")
+    alias = tmp_path / "alias.sp"
+    alias.symlink_to(store, target_is_directory=True)  # another spelling of the same directory
+    with pytest.raises(sp.StoreError, match=r"twice \(as .*s\.sp and .*alias\.sp\)"):
+        sp.Ensemble.open([store, str(alias)], arch, task, method="grad-dot")
+    copy = tmp_path / "copy.sp"  # another directory, the same training run
+    shutil.copytree(store, copy)
+    same_run = r"^The ensemble's stores .*s\.sp and .*copy\.sp were featurized from the same training run"
+    with pytest.raises(sp.StoreError, match=same_run):
+        sp.Ensemble.open([store, copy], arch, task, method="grad-dot")
+    with pytest.raises(sp.StoreError, match="same training run"):  # built from attributors, the same refusal
+        sp.Ensemble([sp.Attributor(s, arch, task, method="grad-dot") for s in (store, copy)])
 
 
 def test_repsim_without_a_model_an_unknown_kind_and_a_curvature_too_wide_are_refused(

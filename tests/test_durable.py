@@ -31,6 +31,23 @@ def test_atomic_write_replaces_the_file_or_leaves_it_untouched(tmp_path: Path, m
     assert sorted(p.name for p in target.parent.iterdir()) == ["cache.bin"]
 
 
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_a_durably_written_file_has_the_mode_the_umask_gives(tmp_path: Path, umask: int, mode: int) -> None:
+    # Run files (trajectory.json, checkpoints) and reports go through atomic_write_bytes; on a
+    # shared machine they must be as readable as a file open() would create, not always 0600.
+    old = os.umask(umask)
+    try:
+        target = tmp_path / "run" / "trajectory.json"
+        sp.atomic_write_bytes(target, b"first")
+        assert target.stat().st_mode & 0o777 == mode
+        sp.atomic_write_bytes(target, b"replaced")
+        assert target.stat().st_mode & 0o777 == mode
+    finally:
+        os.umask(old)
+    assert target.read_bytes() == b"replaced"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["trajectory.json"]
+
+
 def test_a_chunk_is_on_disk_before_its_progress_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = sp.Store.create(tmp_path / "s.sp", {"x": 1})
     store.require_array("grads/a", (10, 3), 4, "float32")

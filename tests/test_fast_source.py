@@ -1,4 +1,4 @@
-"""Fast-SOURCE (SOURCE_MATH.md §7): gradients and curvature once per segment, at its averaged parameters."""
+"""Fast-SOURCE (docs/concepts/source.md §7): gradients and curvature once per segment, at its averaged parameters."""
 
 from __future__ import annotations
 

@@ -316,7 +316,7 @@ def test_source_with_kronecker_curvature_equals_brute_force(
 
 
 def test_query_directions_reduce_to_the_influence_function_and_to_grad_dot() -> None:
-    """SOURCE_MATH §7: one segment with η̄K·σ ≫ 1 gives (H + λI)⁻¹∇f (an influence function); η̄K·σ ≪ 1
+    """docs/concepts/source.md §7: one segment with η̄K·σ ≫ 1 gives (H + λI)⁻¹∇f (an influence function); η̄K·σ ≪ 1
     gives η̄K·∇f (gradient-dot)."""
     g = torch.Generator().manual_seed(7)
     root_a, root_b = (

@@ -1,4 +1,4 @@
-"""Optimizers (SOURCE_MATH.md §6): Adam/AdamW through their preconditioner, momentum's effective rate,
+"""Optimizers (docs/concepts/source.md §6): Adam/AdamW through their preconditioner, momentum's effective rate,
 and a clear refusal of everything SOURCE cannot model."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""SOURCE against the oracles of SOURCE_MATH.md §7, computed without the engine."""
+"""SOURCE against the oracles of docs/concepts/source.md §7, computed without the engine."""
 
 from __future__ import annotations
 

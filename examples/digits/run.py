@@ -23,17 +23,43 @@ import source_proj as sp
 from source_proj.query.report import topk_figure
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, got {text!r}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/digits", help="directory for the run, the store and the picture")
-    parser.add_argument("--queries", type=int, default=5, help="number of test digits to explain")
-    parser.add_argument("--top-k", type=int, default=5)
-    parser.add_argument("--dim", type=int, default=1024, help="projection dimension k")
+    parser.add_argument("--queries", type=_positive, default=5, help="number of test digits to explain")
+    parser.add_argument("--top-k", type=_positive, default=5)
+    parser.add_argument("--dim", type=_positive, default=1024, help="projection dimension k")
     args = parser.parse_args()
+    train_set, test_set = digits.load_split()
+    for option, value, limit, what in (
+        ("--queries", args.queries, len(test_set), "test digits"),
+        ("--top-k", args.top_k, len(train_set), "training digits"),
+    ):
+        if value > limit:
+            parser.error(f"argument {option}: {value} is more than the {limit} {what}; ask for 1 to {limit}")
+    try:
+        demo(args, train_set, test_set)
+    except sp.SourceProjError as err:  # a one-line message, as the source-proj command gives, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+def demo(
+    args: argparse.Namespace, train_set: torch.utils.data.TensorDataset, test_set: torch.utils.data.TensorDataset
+) -> None:
+    """Train, attribute and show the top-k of the first ``args.queries`` test digits."""
     torch.set_num_threads(min(4, torch.get_num_threads()))
     out = Path(args.out)
-    train_set, test_set = digits.load_split()
-
     t0 = time.perf_counter()
     model = digits.train(train_set, run_dir=out / "run")
     acc = (model(test_set.tensors[0]).argmax(1) == test_set.tensors[1]).float().mean()

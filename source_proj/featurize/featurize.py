@@ -2,7 +2,7 @@
 
 For every checkpoint c and every example z_i of the stage the checkpoint belongs to, the store
 receives G̃_c[i] = P ∇ℓ(z_i; θ_c) and the Fisher factors ũ_i = P ∇ℓ(x_i, ŷ_i; θ_c) with ŷ_i drawn
-from the model's predictive distribution (SOURCE_MATH.md §4). The final checkpoint is featurized
+from the model's predictive distribution (docs/concepts/source.md §4). The final checkpoint is featurized
 on every stage's data (baselines such as TRAK use it), and there the measurement gradients
 P ∇f(z_i; θ_T) of the training examples are stored too (TRAK's Gauss–Newton of the margin). Work is
 done in row chunks that are

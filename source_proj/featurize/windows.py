@@ -13,7 +13,7 @@ first checkpoint (``step-<c>``, as post-hoc features are keyed by checkpoint)::
 with ŷ drawn from the model (sampled Fisher), or the captured gradient itself (empirical Fisher).
 
 On an Adam or AdamW stage every gradient (and Fisher vector) is taken in Adam's coordinates
-(SOURCE_MATH §6), P (D_t^{-1/2} ⊙ ∇ℓ), with D_t read from the optimizer as the step begins (the
+(docs/concepts/source.md §6), P (D_t^{-1/2} ⊙ ∇ℓ), with D_t read from the optimizer as the step begins (the
 preconditioner of the step just taken, refreshed every ``CaptureArguments.scale_every`` batches; on
 the eigen or factored projection its rank-``adam_rank`` form), and each window also holds
 

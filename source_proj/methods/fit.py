@@ -70,7 +70,7 @@ class FitArguments:
             and gradients change most (``autosegment.py``); ``0``: their number is chosen too.
         stages: attribute to these stages' examples only (e.g. the pre-training data); default all.
             An example of stage s is credited through the segments that trained on it and carried
-            to θ_T by every later segment's survival S (SOURCE_MATH.md §3).
+            to θ_T by every later segment's survival S (docs/concepts/source.md §3).
         fast: Fast-SOURCE: gradients and curvature at each segment's averaged parameters (needs
             featurize with ``segment_means=True``).
         method: name under which the result is stored (``methods/<method>``); default
@@ -680,7 +680,7 @@ def kronecker_curvature(
     """One segment's Kronecker curvature from the factor sums featurize stored for its feature points
     (``kfac/<stage>/<key>/…``): A and B averaged over the points' positions and examples, eigendecomposed,
     damped by λ = the weight decay + ``damping_factor`` × its mean eigenvalue;
-    in Adam's coordinates (SOURCE_MATH §6) when the segment has a preconditioner: the factors of
+    in Adam's coordinates (docs/concepts/source.md §6) when the segment has a preconditioner: the factors of
     D^{-1/2} ⊙ G with D^{-1/2} ≈ r cᵀ per layer (its rank-one fit weighted by Adam's second moment, as the
     factored projection's ``adam_rank=1``), and D^{-1} times the diagonal."""
     meta = store.meta

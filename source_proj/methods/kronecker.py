@@ -19,7 +19,7 @@ Parameters that no layer factors (normalisation weights, leftovers) get the diag
 projection: the projection folds the bulk of the spectrum into fewer directions (see
 ``docs/concepts/source.md``), which over-damps SOURCE's exponentials.
 
-This module holds the factors of one segment and applies SOURCE's operators (SOURCE_MATH.md §3) to
+This module holds the factors of one segment and applies SOURCE's operators (docs/concepts/source.md §3) to
 materialised gradients; ``featurize/factors.py`` collects the factors, ``methods/fit.py`` averages them
 per segment and ``query/attributor.py`` applies the operators to query gradients before projecting.
 """
@@ -129,7 +129,8 @@ def source_query_directions(
     times: Sequence[float],
     shapes: Mapping[str, Sequence[int]],
 ) -> list[dict[str, Tensor]]:
-    """A_ℓᵀ ∇f for every segment ℓ (SOURCE_MATH.md §3 with the operators moved to the query side).
+    """A_ℓᵀ ∇f for every segment ℓ (docs/concepts/source.md §3 with the operators moved to the query side,
+    as §4's "The option: Kronecker factors in the full parameter space" writes it).
 
     A_ℓ = S_L ⋯ S_{ℓ+1} F_ℓ is a product of symmetric matrix functions, so A_ℓᵀ ∇f = F_ℓ S_{ℓ+1} ⋯ S_L ∇f:
     one pass from the last segment backwards applies each survival once. Returns one gradient dict per

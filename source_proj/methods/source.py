@@ -1,4 +1,4 @@
-"""The SOURCE formulas in projected space (SOURCE_MATH.md §3–§5).
+"""The SOURCE formulas in projected space (docs/concepts/source.md §3–§5).
 
 For segment ℓ with averaged curvature H̄_ℓ = U diag(σ) Uᵀ (projected, + λI) and training time
 t_ℓ = η̄_ℓ K_ℓ::

@@ -1,4 +1,4 @@
-"""Random projections P ∈ R^{k×p} of per-example gradients (SOURCE_MATH.md §4).
+"""Random projections P ∈ R^{k×p} of per-example gradients (docs/concepts/source.md §4).
 
 The Rademacher projection has i.i.d. entries ±1/√k, so E[PᵀP] = I_p and inner products are
 preserved in expectation. P is never held whole: it is cut into fixed blocks of ``block_rows``
@@ -66,7 +66,7 @@ class Projector(ABC):
         """P T(∇quantity(z; θ)) for every example z of a batch: float32 ``[B, k]``.
 
         ``transform`` (``transform.py``) is a linear map applied to every per-example gradient
-        before projection (Adam's D^{-1/2}, SOURCE_MATH §6: build it with ``scaling``); ``None``
+        before projection (Adam's D^{-1/2}, docs/concepts/source.md §6: build it with ``scaling``); ``None``
         is the identity. This default materialises the per-example gradients; projectors that need
         not (the factored one) override it.
         """

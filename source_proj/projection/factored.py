@@ -12,7 +12,7 @@ so each example costs two small projections per position and one ``k_out × k_in
 sum (LoGra-style): hooks record P_in a_t in the forward pass (for an embedding the column of P_out
 at the token) and P_out δ_t in the backward pass, which computes no weight gradient at all.
 P_out ⊗ P_in has entries ±1/√k and E[PᵀP] = E[P_outᵀP_out] ⊗ E[P_inᵀP_in] = I: it is a projection in
-the sense of SOURCE_MATH §4.
+the sense of docs/concepts/source.md §4.
 
 **Where the layers go.** By default every factorable layer is projected into the *same* k
 coordinates and the layers are summed (each keeps the full k = k_out·k_in; the cross-layer terms

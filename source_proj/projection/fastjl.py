@@ -4,7 +4,7 @@ fast_jl draws its ±1 matrix inside the kernel from its own CUDA Philox stream k
 it is *not* the matrix of [`RademacherProjector`][] (numpy Philox),
 so it is a distinct projector kind, ``"fast_jl"``, recorded in the store; queries of such a store
 need fast_jl on a CUDA GPU too. Its outputs are scaled by 1/√k here, so that E[PᵀP] = I as
-SOURCE_MATH §4 requires (fast_jl itself returns the unnormalised ±1 projection).
+docs/concepts/source.md §4 requires (fast_jl itself returns the unnormalised ±1 projection).
 """
 
 from __future__ import annotations

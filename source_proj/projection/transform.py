@@ -14,7 +14,7 @@ it projects with the R factor pairs (P_out L_r, P_in R_r), precomputed once per 
 (``LayerTransform.project_factors``), at R times the cost of the plain factored projection. The
 projections that materialise gradients apply the same map to them (``GradientTransform.apply``).
 
-**Adam and AdamW** (SOURCE_MATH §6): D^{-1/2} is an elementwise grid S (``d_out × d_in'``) on a layer.
+**Adam and AdamW** (docs/concepts/source.md §6): D^{-1/2} is an elementwise grid S (``d_out × d_in'``) on a layer.
 ``scaling_transform`` replaces it by a rank-R approximation S ≈ S_R = Σ_r u_r v_rᵀ, i.e.
 L_r = diag(u_r), R_r = diag(v_r): the transformed gradient is S_R ⊙ G instead of S ⊙ G. R = 1 is
 Adafactor's row × column factorisation; R = min(d_out, d_in') is exact. What matters is the error of

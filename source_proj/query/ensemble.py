@@ -1,4 +1,4 @@
-"""Ensembles: one method's scores averaged over M independently trained models (SOURCE_MATH.md §5).
+"""Ensembles: one method's scores averaged over M independently trained models (docs/concepts/source.md §5).
 
 Each model has its own store (its own trajectory, featurized and fitted as usual). The ensemble
 concatenates the per-model query features q̃_m and training features T_m(z)/M, so that one inner
@@ -17,22 +17,55 @@ import numpy as np
 from torch import nn
 from torch.utils.data import Dataset
 
-from source_proj.errors import TaskError
+from source_proj.errors import StoreError, TaskError
 from source_proj.query.attributor import Attributor, QueryResult, search, train_features
-from source_proj.store.store import Store
+from source_proj.store.objectstore import is_remote
+from source_proj.store.store import Store, local_path
 from source_proj.tasks.task import Task
+
+
+def _store_key(store: Store | str | Path) -> str:
+    """Where a store lives, one spelling per place: a local path resolved (links, ``..``), a URL as written."""
+    path = store.path if isinstance(store, Store) else str(store)
+    return path.rstrip("/") if is_remote(path) else str(local_path(path).resolve())
+
+
+def _refuse_repeated_paths(paths: Sequence[str]) -> None:
+    seen: dict[str, str] = {}
+    for path in paths:
+        key = _store_key(path)
+        if key in seen:
+            raise StoreError(
+                f"The ensemble is given the store {path} twice"
+                + (f" (as {seen[key]} and {path})" if seen[key] != path else "")
+                + "; an ensemble averages independently trained models, so pass each model's store once."
+            )
+        seen[key] = path
 
 
 class Ensemble:
     """A method's scores averaged over several models; the same interface as [`Attributor`][].
 
     Args:
-        attributors: one per model, all for the same method and the same training rows.
+        attributors: one per model, all for the same method and the same training rows. The same store
+            given twice, or two stores featurized from the same training run (same trajectory
+            fingerprint), are refused: they would be one model counted twice.
     """
 
     def __init__(self, attributors: Sequence[Attributor]) -> None:
         if not attributors:
             raise TaskError("An ensemble needs at least one model's store.")
+        _refuse_repeated_paths([a.store.path for a in attributors])
+        runs: dict[str, str] = {}
+        for a in attributors:
+            fingerprint = a.store.meta["trajectory"]["fingerprint"]
+            if fingerprint in runs:
+                raise StoreError(
+                    f"The ensemble's stores {runs[fingerprint]} and {a.store.path} were featurized from the same "
+                    "training run (same trajectory fingerprint), so they are one model; an ensemble averages "
+                    "independently trained models, so give it one store per training run."
+                )
+            runs[fingerprint] = a.store.path
         layouts = {tuple((r.stage, r.size) for r in a.rows) for a in attributors}
         if len(layouts) != 1:
             raise TaskError(
@@ -54,7 +87,9 @@ class Ensemble:
         device: str | None = None,
         batch_size: int = 64,
     ) -> Ensemble:
-        """An ensemble over stores (one per trained model) of the same architecture."""
+        """An ensemble over stores (one per trained model) of the same architecture; a store given twice
+        is refused before any is opened."""
+        _refuse_repeated_paths([s.path if isinstance(s, Store) else str(s) for s in stores])
         return cls([Attributor(s, model, task, method=method, device=device, batch_size=batch_size) for s in stores])
 
     def query_features(self, queries: Dataset | Sequence[Any]) -> np.ndarray:

@@ -66,7 +66,7 @@ def text_report(
         path: the ``.html`` file to write (replaced atomically).
         title: the page heading.
         score_labels: what a positive and a negative score mean for this task's measurement
-            (the tasks' ``score_labels``; score = −Δf, SOURCE_MATH.md §1).
+            (the tasks' ``score_labels``; score = −Δf, docs/concepts/source.md §1).
         query_names: a heading per query (default ``query 0``, ``query 1``, …).
         shading: what the shading of [`ShadedText`][] queries shows (for the legend).
     """

@@ -19,8 +19,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,12 +66,31 @@ def _make_parents(directory: Path) -> list[Path]:
     return [d.parent for d in missing]
 
 
+def _create_temporary(path: Path) -> tuple[int, str]:
+    """Create a new, empty temporary file next to ``path``; returns its descriptor and name.
+
+    Unlike ``tempfile.mkstemp`` (always mode 0600), the file is created with mode 0666 less the
+    process's umask, as ``open()`` would create ``path`` itself: with umask 022 the result is 0644,
+    readable by colleagues on a shared machine, like the store's files. The kernel applies the umask
+    at creation, so nothing reads or changes the umask (which would race with other threads).
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    flags |= getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}{PARTIAL_SUFFIX}")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no unused temporary file name", str(path.parent))
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Replace ``path`` by ``data`` durably: afterwards, even after a crash, the file holds either
     its old content or ``data``, never a mix, and survives power loss once this returns."""
     path = Path(path)
     created = _make_parents(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX)
+    fd, tmp = _create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -5,7 +5,7 @@ dimension is the example. Per-example gradients are taken with ``torch.func.vmap
 dimension, so every method must treat a batch of one like any other batch and must not mix
 examples (no batch statistics: models run in ``eval()`` mode).
 
-Score convention (SOURCE_MATH.md §1): ``score(q, z) = -Δf(q, z)``; positive means the training
+Score convention (docs/concepts/source.md §1): ``score(q, z) = -Δf(q, z)``; positive means the training
 example ``z`` helps the query ``q`` (removing ``z`` lowers the measurement ``f``).
 """
 

@@ -23,7 +23,7 @@ the model's numbered blocks, i.e. every transformer layer's attention and MLP pr
 (``nn.Linear``, transformers' GPT-2 ``Conv1D``, ``nn.MultiheadAttention``); embeddings, position
 tables, layer norms, poolers and output heads — tied or not — are left out, as in the SOURCE paper.
 
-Score convention (SOURCE_MATH.md §1): score(q, z) = −Δf(q, z). For classification f is the margin,
+Score convention (docs/concepts/source.md §1): score(q, z) = −Δf(q, z). For classification f is the margin,
 so a positive score means z raised the margin (helped). For language modelling f is the query's
 summed token *loss*, so a positive score means removing z would lower the query's loss: z raised
 it. ``score_labels`` on each task names the two signs in these terms for reports.

@@ -1,4 +1,4 @@
-"""Adam and AdamW as gradient descent in preconditioned coordinates (SOURCE_MATH.md §6).
+"""Adam and AdamW as gradient descent in preconditioned coordinates (docs/concepts/source.md §6).
 
 With D = diag(√v̂ + ε), v̂ = exp_avg_sq / (1 − β₂ᵗ) (``max_exp_avg_sq`` with amsgrad), Adam's step
 θ ← θ − η D⁻¹ m̂ is, in the coordinates u = D^{1/2} θ, plain gradient descent u ← u − η ∇_u L

@@ -1,4 +1,4 @@
-"""Cutting a trajectory into SOURCE segments (SOURCE_MATH.md §2).
+"""Cutting a trajectory into SOURCE segments (docs/concepts/source.md §2).
 
 A segment covers optimiser steps ``start_step ≤ t < end_step`` of one stage. Its checkpoints are
 the parameters its own steps start from: those saved after ``s`` steps with
@@ -137,7 +137,7 @@ _SUPPORTED = "SGD (heavy-ball or Nesterov momentum, dampening, weight decay), Ad
 
 @dataclass(frozen=True)
 class OptimizerRule:
-    """How one stage's optimiser maps onto SOURCE's gradient descent (SOURCE_MATH.md §6).
+    """How one stage's optimiser maps onto SOURCE's gradient descent (docs/concepts/source.md §6).
 
     Attributes:
         kind: ``"sgd"``, ``"adam"`` (L2 decay coupled into the gradient) or ``"adamw"`` (decoupled).
@@ -148,7 +148,7 @@ class OptimizerRule:
         weight_decay: the isotropic λ·I added to the curvature: the mean of ``decay`` over the
             attributed coordinates (a group without decay, e.g. biases and norms, counts as 0).
             A diagonal term is represented by its mean because the projected engine adds damping
-            as λ·I_k (SOURCE_MATH.md §4); exact when every group has the same λ.
+            as λ·I_k (docs/concepts/source.md §4); exact when every group has the same λ.
     """
 
     kind: str

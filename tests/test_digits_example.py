@@ -1,0 +1,51 @@
+"""The digits demo (``./dev.sh demo [args]``, examples/digits/run.py) refuses bad arguments and reports the
+library's errors in one line, not with a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("sklearn")  # the demo reads the digits file scikit-learn ships
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _demo(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(ROOT / "examples" / "digits" / "run.py"), *map(str, args)]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--top-k", "0"], "argument --top-k: expected a whole number ≥ 1, got '0'"),
+        (["--queries", "0"], "argument --queries: expected a whole number ≥ 1, got '0'"),
+        (["--queries", "361"], "argument --queries: 361 is more than the 360 test digits; ask for 1 to 360"),
+        (["--top-k", "1438"], "argument --top-k: 1438 is more than the 1437 training digits; ask for 1 to 1437"),
+    ],
+)
+def test_bad_counts_are_refused_before_training(tmp_path: Path, args: list[str], message: str) -> None:
+    out = tmp_path / "out"
+    done = _demo(*args, "--out", out)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == f"run.py: error: {message}"
+    assert not out.exists()  # nothing was trained
+
+
+def test_a_library_error_is_one_line_on_stderr(tmp_path: Path) -> None:
+    (tmp_path / "digits.sp").mkdir()
+    (tmp_path / "digits.sp" / "notes.txt").write_text("not a store")  # refused by featurize, after training
+    done = _demo("--out", tmp_path)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'digits.sp'} already holds files that are not a source-proj store; choose a new or "
+        "empty directory for the store."
+    ]
