@@ -62,6 +62,17 @@ def test_recorder_refuses_to_overwrite_an_existing_run(tmp_path: Path) -> None:
         )
 
 
+@pytest.mark.parametrize("where", ["run", "run/sub"])
+def test_a_run_directory_that_is_a_file_is_refused(tmp_path: Path, where: str) -> None:
+    (tmp_path / "run").write_text("notes")
+    model = nn.Linear(1, 1)
+    for overwrite in (False, True):
+        with pytest.raises(sp.TrajectoryError, match=rf"{tmp_path / 'run'} is a file, so the run cannot be recorded"):
+            sp.TrajectoryRecorder(tmp_path / where, model, torch.optim.SGD(model.parameters(), lr=1), save_every=1,
+                                  overwrite=overwrite)  # fmt: skip
+    assert (tmp_path / "run").read_text() == "notes"
+
+
 def test_fingerprint_changes_with_any_checkpoint(tmp_path: Path) -> None:
     _record(tmp_path / "a")
     _record(tmp_path / "b", steps_per_stage=(5, 4))

@@ -131,7 +131,7 @@ class FeaturizeArguments:
     Attributes:
         batch_size: examples per forward/backward batch.
         chunk_rows: examples per store chunk (the unit of resumption); a multiple of ``batch_size`` is best.
-        fisher: ``"sampled"`` true Fisher with labels drawn from the model (default, SOURCE_MATH §4);
+        fisher: ``"sampled"`` true Fisher with labels drawn from the model (default, docs/concepts/source.md §4);
             ``"exact"`` the Gauss–Newton expectation enumerated (one gradient per class: small tasks);
             ``"empirical"`` the observed-label gradients (no extra storage, cheaper, biased).
         seed: seed of the Fisher's label sampling.
@@ -146,7 +146,7 @@ class FeaturizeArguments:
         checkpoint_steps: featurize only the checkpoints saved at these steps (the final one is
             always added): SOURCE then averages each segment over the chosen checkpoints inside it,
             and an Adam segment's D_ℓ over their optimizer states. ``None``: every checkpoint.
-        segment_means: featurize each segment's averaged parameters (Fast-SOURCE, SOURCE_MATH §7);
+        segment_means: featurize each segment's averaged parameters (Fast-SOURCE, docs/concepts/source.md §7);
             with ``checkpoints=False`` this is the cheap mode: L instead of C gradient passes.
         measurement: also store ``measurement/<stage>/<final ckpt>`` = P ∇f(z; θ_T) for every training
             example (TRAK's curvature, see baselines.py): one more gradient per example at one checkpoint.

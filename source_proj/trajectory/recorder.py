@@ -196,6 +196,9 @@ class TrajectoryRecorder:
         watch_clipping: bool = True,
     ) -> None:
         run = Path(run_dir)
+        blocked = next((p for p in (run, *run.parents) if p.exists() and not p.is_dir()), None)
+        if blocked is not None:  # even with overwrite: a file is not a run to replace
+            raise TrajectoryError(f"{blocked} is a file, so the run cannot be recorded in {run}; choose a directory.")
         if run.exists() and any(run.iterdir()) and not overwrite:
             raise TrajectoryError(
                 f"{run} already holds files; choose a new directory or pass overwrite=True to replace it."
