@@ -55,7 +55,7 @@ def attribute(
             both are computed again. To fit other settings on the same features, name another method
             (``FitArguments(method=...)``), or call [`fit`][] with ``overwrite=True``.
         grow: the run at ``trajectory`` continued the store's (more checkpoints, a new stage): featurize only
-            what is new (see [`featurize`][]).
+            what is new (see [`featurize`][source_proj.featurize]).
         progress: show progress bars.
 
     Returns:

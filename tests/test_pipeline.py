@@ -24,7 +24,8 @@ def test_attribute_with_other_fit_settings_is_refused_and_overwrite_replaces_the
     tiny_run: Path, tmp_path: Path
 ) -> None:
     _attribute(tiny_run, tmp_path / "s.sp", segments=2)
-    with pytest.raises(sp.StoreError, match=r"fitted with other settings; pass --force \(overwrite=True\)"):
+    refused = r"fitted with other settings \(segments: 2 → 1\); pass --force \(overwrite=True\)"
+    with pytest.raises(sp.StoreError, match=refused):
         _attribute(tiny_run, tmp_path / "s.sp", segments=1)
     replaced = _attribute(tiny_run, tmp_path / "s.sp", segments=1, overwrite=True)
     fresh = _attribute(tiny_run, tmp_path / "fresh.sp", segments=1)

@@ -861,7 +861,7 @@ def info(store_path: str, as_json: bool) -> None:
 
 def _segmentation_text(arguments: dict[str, Any]) -> str:
     if "auto" in arguments:
-        return f"{arguments['auto']} automatic segments"
+        return f"{arguments['auto']} automatic segments" if arguments["auto"] else "automatic segments, L chosen too"
     if "boundaries" in arguments:
         return f"boundaries at steps {arguments['boundaries']}"
     return f"{arguments.get('per_stage')} segments a stage"

@@ -649,9 +649,10 @@ def _claim_method(store: Store, method: str, description: dict[str, Any], overwr
         if same and not overwrite:
             return
         if not same and not overwrite:
+            differing = _differences(existing, description)
             raise StoreError(
-                f"Method {method!r} in {store.path} was fitted with other settings; pass --force (overwrite=True) "
-                "to replace it, or fit under another --method name (FitArguments(method=...))."
+                f"Method {method!r} in {store.path} was fitted with other settings ({differing}); pass --force "
+                "(overwrite=True) to replace it, or fit under another --method name (FitArguments(method=...))."
             )
         store.delete(f"methods/{method}")
     methods[method] = {**description, "complete": False}
@@ -664,6 +665,24 @@ def _identity(description: dict[str, Any]) -> Any:
     without its completion flag, normalised through JSON (tuples and lists compare equal)."""
     described = {k: v for k, v in description.items() if k not in ("arguments", "complete", "train")}
     return json.loads(json.dumps(described))
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """What differs between a fitted method and a fit asked for, in a few words: ``"segments: 1 → 3, damping
+    factor: 0.3 → 1"`` (a segmentation that featurize fixed is one such difference)."""
+    before, after = _identity(old), _identity(new)
+    parts = []
+    for key in sorted(set(before) | set(after)):
+        if before.get(key) == after.get(key):
+            continue
+        if key == "segments":
+            parts.append(f"segments: {len(before.get(key) or [])} → {len(after.get(key) or [])}"
+                         if len(before.get(key) or []) != len(after.get(key) or []) else "segment boundaries")
+        elif isinstance(before.get(key), (str, int, float)) and isinstance(after.get(key), (str, int, float)):
+            parts.append(f"{key.replace('_', ' ')}: {before[key]} → {after[key]}")
+        else:
+            parts.append(key.replace("_", " "))
+    return ", ".join(parts) or "its description"
 
 
 def _finish_method(store: Store, method: str) -> None:

@@ -160,7 +160,7 @@ def featurize_command(store: Store) -> str:
     segmentation = (meta.get("segmentation") or {}).get("arguments")
     if segmentation:
         if "auto" in segmentation:
-            args.append(f"--segments auto:{segmentation['auto']}")
+            args.append(f"--segments {_auto(segmentation['auto'])}")
         elif "boundaries" in segmentation:
             args.append(f"--segments at:{','.join(str(b) for b in segmentation['boundaries'])}")
         else:
@@ -179,7 +179,7 @@ def fit_command(store: Store, method: str) -> str:
     arguments = store.meta["methods"][method].get("arguments", {})
     args = ["source-proj fit", shlex.quote(store.path), f"--method {shlex.quote(method)}"]
     if arguments.get("auto_segments") is not None:
-        args.append(f"--segments auto:{arguments['auto_segments']}")
+        args.append(f"--segments {_auto(arguments['auto_segments'])}")
     elif arguments.get("boundaries"):
         args.append(f"--boundaries {','.join(str(b) for b in arguments['boundaries'])}")
     elif arguments.get("segments_per_stage") is not None:
@@ -191,6 +191,11 @@ def fit_command(store: Store, method: str) -> str:
     if arguments.get("curvature"):
         args.append(f"--curvature {arguments['curvature']}")
     return " ".join(args)
+
+
+def _auto(count: int) -> str:
+    """``auto:L``, or ``auto`` where L was chosen too (recorded as 0)."""
+    return f"auto:{count}" if count else "auto"
 
 
 def method_command(store: Store, method: str) -> str:
