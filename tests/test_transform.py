@@ -119,6 +119,41 @@ def test_low_rank_is_the_truncated_svd_and_exact_at_full_rank() -> None:
         assert (low_rank(grid, 1)[0] > 0).all() and (low_rank(grid, 1)[1] > 0).all()  # Perron: a positive pair
 
 
+@pytest.mark.parametrize("shape", [(600, 1100), (1100, 600)])
+def test_wide_layers_start_from_a_randomized_svd_and_reach_the_same_fit(shape: tuple[int, int]) -> None:
+    """Above 512 on the smaller side the weighted fit starts from a randomized SVD (no min(m, n)³
+    eigendecomposition); with Adam's weights it ends where the exact start ends, and the randomized SVD alone
+    finds the leading singular pair of a grid with a spectral gap."""
+    from source_proj.projection import transform
+
+    g = torch.Generator().manual_seed(2)
+    second_moment = torch.outer(torch.rand(shape[0], generator=g), torch.rand(shape[1], generator=g)).double()
+    second_moment = second_moment * (0.5 + torch.rand(shape, generator=g, dtype=torch.float64))  # not rank one
+    grid = (second_moment.sqrt() + 1e-8) ** -0.5
+    weights = grid**-4
+    w = weights / weights.max()
+
+    def error(pair: tuple[torch.Tensor, torch.Tensor]) -> float:
+        return float((w * (grid - pair[0].T @ pair[1]) ** 2).sum() / (w * grid**2).sum())
+
+    for rank in (1, 2):
+        randomized = low_rank(grid, rank, weights=weights)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(transform, "_EXACT_START", 10**9)
+            exact = low_rank(grid, rank, weights=weights)
+        if rank == 1:  # Adam's default: the same fit
+            assert float((randomized[0].T @ randomized[1] - exact[0].T @ exact[1]).norm() / grid.norm()) < 1e-12
+        else:  # a second pair that fits noise: another fit as good
+            assert abs(error(randomized) / error(exact) - 1) < 1e-4, (error(randomized), error(exact))
+    with pytest.MonkeyPatch.context() as patch:  # the wide grid never reaches the exact SVD's eigendecomposition
+        patch.setattr(transform, "_svd", lambda *a: pytest.fail("the exact SVD was computed"))
+        low_rank(grid, 1, weights=weights)
+    u, v = transform._randomized_svd(grid, 1)
+    _, values, right = torch.linalg.svd(grid, full_matrices=False)
+    assert abs(float(v[0] @ right[0])) / float(v[0].norm()) > 1 - 1e-9
+    assert torch.allclose(u[0].norm(), values[0], rtol=1e-9)
+
+
 def test_weighted_low_rank_ignores_what_carries_no_weight() -> None:
     """A rank-one grid with one huge entry of weight 0 (Adam: a coordinate it never moved, D^{-1/2} = ε^{-1/2}):
     the weighted approximation recovers the grid elsewhere exactly, the plain SVD is pulled towards the entry."""
