@@ -462,3 +462,17 @@ def test_fit_of_a_store_whose_featurize_has_not_finished_says_so_and_records_not
     assert out.exit_code == 0, out.output
     out = CliRunner().invoke(main, ["fit", str(store)])
     assert out.exit_code == 0, out.output
+
+
+def test_an_unfinished_baseline_fitted_with_settings_the_cli_lacks_points_to_the_api(
+    cli_reference: tuple[Path, Path], tmp_path: Path
+) -> None:
+    store = _copy(cli_reference[0], tmp_path)
+    sp.fit_baseline(store, sp.BaselineArguments(kind="if", damping=0.5), progress=False)
+    _unfinish(store, "if")
+    message = _refused(CliRunner().invoke(main, ["query", str(store), "--method", "if"]))
+    expected = (
+        "is unfinished (an interrupted or failed fit); complete it (re-run source_proj.fit_baseline(...) with the "
+        "BaselineArguments(kind='if', method='if', ...) it was fitted with), or replace it with --force"
+    )
+    assert expected in message, message

@@ -89,9 +89,11 @@ def method_meta(store: Store, method: str) -> dict[str, Any]:
             f"The store at {store.path} has no fitted method {method!r} (it has {sorted(methods)}); run {hint} first."
         )
     if not methods[method].get("complete"):
+        command = method_command(store, method)
+        how = f"with `{command}`" if command.startswith("source-proj") else f"({command})"
         raise StoreError(
-            f"Method {method!r} in {store.path} is unfinished (an interrupted or failed fit); complete it with "
-            f"`{method_command(store, method)}`, or replace it with --force."
+            f"Method {method!r} in {store.path} is unfinished (an interrupted or failed fit); complete it {how}, or "
+            "replace it with --force (overwrite=True)."
         )
     return methods[method]
 

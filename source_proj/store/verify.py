@@ -206,8 +206,16 @@ def method_command(store: Store, method: str) -> str:
     if kind in (None, "source", "fast-source"):
         return fit_command(store, method)
     arguments = description.get("arguments", {})
-    if method != kind:
-        return f"re-run source_proj.fit_baseline(...) with BaselineArguments(kind={kind!r}, method={method!r})"
+    api_only = (  # settings the CLI has no option for
+        arguments.get("damping") is not None
+        or arguments.get("curvature_stages")
+        or arguments.get("rcond", 1e-6) != 1e-6
+    )
+    if method != kind or api_only:
+        return (
+            f"re-run source_proj.fit_baseline(...) with the BaselineArguments(kind={kind!r}, method={method!r}, ...) "
+            "it was fitted with"
+        )
     args = ["source-proj baseline", shlex.quote(store.path), f"--kind {kind}"]
     if arguments.get("stages"):
         args.append(f"--stages {','.join(arguments['stages'])}")
