@@ -129,7 +129,7 @@ def train(args: argparse.Namespace, data: Blocks, device: torch.device) -> dict:
     parameters = sum(p.numel() for p in model.parameters())
     return {"phase": "train", "parameters": parameters, "steps": args.steps, "seconds": seconds,
             "examples_per_s": seen / seconds, "tokens_per_s": seen * args.length / seconds,
-            "final_loss": float(loss), "peak_gib": _peak_gib(device)}  # fmt: skip
+            "final_loss": float(loss.detach()), "peak_gib": _peak_gib(device)}  # fmt: skip
 
 
 def featurize(args: argparse.Namespace, data: Blocks, device: torch.device) -> dict:
