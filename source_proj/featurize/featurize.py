@@ -300,7 +300,7 @@ class _Featurize:
         setting the checkpoints do not fit."""
         if not self._checkpoints_checked:
             whole = self.work_model if self.shards is None else copy.deepcopy(self.model).cpu()
-            check_checkpoints(self.trajectory, whole)
+            check_checkpoints(self.trajectory, whole, self.progress)
             self._checkpoints_checked = True
 
     def _recorded_featurize(self) -> dict[str, Any] | None:

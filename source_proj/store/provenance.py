@@ -46,6 +46,7 @@ import torch
 import zarr
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
 
 from source_proj import __version__
 from source_proj.errors import SourceProjError, StoreError, TaskError, TrajectoryError, first_line
@@ -92,10 +93,12 @@ def describe_provenance(
     }
 
 
-def check_checkpoints(trajectory: Trajectory, model: nn.Module) -> None:
+def check_checkpoints(trajectory: Trajectory, model: nn.Module, progress: bool = False) -> None:
     """Load every checkpoint of ``trajectory`` into ``model`` (left holding the last one) and refuse
-    a missing, changed, unreadable, mismatched or non-finite one with a one-sentence reason."""
-    for checkpoint in trajectory.checkpoints:
+    a missing, changed, unreadable, mismatched or non-finite one with a one-sentence reason. ``progress``: a bar
+    once it takes more than 2 s (a large model's checkpoints are hashed at gigabytes a second)."""
+    checkpoints = trajectory.checkpoints
+    for checkpoint in tqdm(checkpoints, desc="check checkpoints", unit="ckpt", delay=2.0, disable=not progress):
         trajectory.load_into(model, checkpoint)
         for name, tensor in model.state_dict().items():
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
