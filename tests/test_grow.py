@@ -182,3 +182,26 @@ def test_a_grown_store_takes_the_fisher_of_the_same_batches(tmp_path: Path) -> N
     for name in scratch.progress_arrays():
         assert np.array_equal(grown.read(name), scratch.read(name)), name
     assert sp.verify_store(grown.path).status == "ok"
+
+
+def test_a_new_stage_that_starts_at_the_old_final_checkpoint_gets_that_checkpoint_on_its_data(tmp_path: Path) -> None:
+    """The old run ended at step 8, a checkpoint featurized on main's data; the new stage starts there, so the
+    grown store needs step 8 on the new stage's data too (it used to be skipped: fit refused the grown store, and
+    verify --repair and a second featurize could not mend it)."""
+    _record(tmp_path / "run")
+    store = _featurize(tmp_path / "run", tmp_path / "grown.sp", {"main": MAIN})
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    rec = sp.TrajectoryRecorder.resume(tmp_path / "run", model, opt, save_every=4)
+    rec.begin_stage("extra", dataset_size=len(EXTRA), optimizer=torch.optim.SGD(model.parameters(), lr=0.05))
+    _steps(rec, model, rec.optimizer, EXTRA, 4)
+    rec.close()
+    data = {"main": MAIN, "extra": EXTRA}
+    grown = _featurize(tmp_path / "run", store.path, data, grow=True)
+    scratch = _featurize(tmp_path / "run", tmp_path / "scratch.sp", data)
+    assert "grads/extra/step-00000008" in set(scratch.progress_arrays())
+    assert set(grown.progress_arrays()) == set(scratch.progress_arrays())
+    for name in scratch.progress_arrays():
+        assert np.array_equal(grown.read(name), scratch.read(name)), name
+    assert sp.verify_store(grown.path).status == "ok"
+    sp.fit(grown, progress=False)  # refused before: it lacked grads/extra/step-00000008

@@ -526,8 +526,8 @@ class _Featurize:
 def _open_units(plan: FeaturizePlan) -> list[Unit]:
     """The plan's units less those a grown store had finished (durably) before it grew: growing reads
     and re-checks only what is new (``grow.finished_before_growth``)."""
-    finished = finished_before_growth(plan.store.meta)
-    return [unit for unit in plan.units if unit.prefix or unit.key not in finished]
+    finished = finished_before_growth(plan.store.meta, plan.trajectory)
+    return [unit for unit in plan.units if unit.prefix or (unit.stage, unit.key) not in finished]
 
 
 def _featurize_units(

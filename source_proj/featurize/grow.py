@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from source_proj.featurize.arguments import checkpoint_stages
 from source_proj.store.store import Store, ckpt_key
 from source_proj.trajectory.recorder import Trajectory
 
@@ -58,10 +59,14 @@ def record_growth(store: Store) -> None:
     store.update_meta(growth=[*meta.get("growth", []), entry], methods={})
 
 
-def finished_before_growth(meta: dict[str, Any]) -> set[str]:
-    """Keys of the checkpoints whose work the store had finished (and made durable) before its latest
-    growth: writers resuming the growth do not re-check their chunks, so growing reads only what is new."""
+def finished_before_growth(meta: dict[str, Any], trajectory: Trajectory) -> set[tuple[str, str]]:
+    """``(stage, checkpoint key)`` of the work units the store had finished (and made durable) before its latest
+    growth: writers resuming the growth do not re-check their chunks, so growing reads only what is new.
+    ``trajectory`` is the grown run; its first steps are the store's old run, whose checkpoints were featurized
+    on that run's stages (``checkpoint_stages``). A new stage that starts at the old final checkpoint needs that
+    checkpoint on its own data too: that unit is new."""
     growth = meta.get("growth") or []
     if not growth or not growth[-1].get("finished"):
         return set()
-    return {ckpt_key(step) for step in growth[-1]["checkpoints"]}
+    old = trajectory.truncated(max(growth[-1]["checkpoints"]))
+    return {(stage, ckpt_key(c.step)) for c in old.checkpoints for stage in checkpoint_stages(old, c)}

@@ -381,9 +381,14 @@ class _Fit:
             needed = sorted({f"grads/{seg.stage}/{k}" for seg, ks in zip(segments, keys, strict=True) for k in ks})
         missing = [name for name in needed if not store.has(name)]
         if missing:
-            hint = "run featurize with checkpoints=True"
+            products = meta.get("products") or {}
             if self.args.fast:
                 hint = "featurize with segment_means=True (--fast)"
+            elif not products.get("checkpoints", True):
+                hint = "run featurize with checkpoints=True (without --fast-only)"
+            else:
+                command = featurize_command(store)
+                hint = f"run `{command}` to write them" if command.startswith("source-proj") else command
             raise StoreError(
                 f"The store at {store.path} lacks the features {missing[:2]} this fit needs; {hint} first."
             )
