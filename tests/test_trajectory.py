@@ -73,6 +73,31 @@ def test_a_run_directory_that_is_a_file_is_refused(tmp_path: Path, where: str) -
     assert (tmp_path / "run").read_text() == "notes"
 
 
+def test_a_refused_begin_stage_leaves_the_running_stage_as_it_was(tmp_path: Path) -> None:
+    """begin_stage ends the running stage only once the new one is accepted: a resumed run that calls
+    begin_stage("main") again (as a fresh run's script does) used to end main there, then refuse the name."""
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = sp.TrajectoryRecorder(tmp_path / "run", model, opt, save_every=2)
+    rec.begin_stage("main", dataset_size=10)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 3)).sum().backward()
+        opt.step()
+        rec.step()
+    with pytest.raises(sp.TrajectoryError, match=r"'main' was already recorded \(it is the stage being recorded"):
+        rec.begin_stage("main", dataset_size=10)
+    with pytest.raises(sp.TrajectoryError, match="needs a positive dataset size"):
+        rec.begin_stage("next", dataset_size=0)
+    opt.zero_grad()
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    rec.step()  # main is still running
+    rec.close()
+    traj = sp.Trajectory.load(tmp_path / "run")
+    assert [(s.name, s.start_step, s.end_step) for s in traj.stages] == [("main", 0, 4)]
+
+
 def test_fingerprint_changes_with_any_checkpoint(tmp_path: Path) -> None:
     _record(tmp_path / "a")
     _record(tmp_path / "b", steps_per_stage=(5, 4))

@@ -321,13 +321,18 @@ class TrajectoryRecorder:
         self._listeners.append(listener)
 
     def begin_stage(self, name: str, dataset_size: int, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Start a stage trained on ``dataset_size`` examples; ends the previous one."""
-        if self._stages and self._stages[-1]["end_step"] is None:
-            self.end_stage()
+        """Start a stage trained on ``dataset_size`` examples; ends the previous one. A refused call (a name already
+        recorded, no examples) changes nothing: the running stage goes on."""
+        running = bool(self._stages) and self._stages[-1]["end_step"] is None
         if any(s["name"] == name for s in self._stages):
-            raise TrajectoryError(f"A stage named {name!r} was already recorded; give each stage its own name.")
+            again = running and self._stages[-1]["name"] == name
+            hint = " (it is the stage being recorded: a resumed run goes on with it without begin_stage)"
+            hint = hint if again else ""
+            raise TrajectoryError(f"A stage named {name!r} was already recorded{hint}; give each stage its own name.")
         if dataset_size < 1:
             raise TrajectoryError(f"Stage {name!r} needs a positive dataset size, not {dataset_size}.")
+        if running:
+            self.end_stage()
         if optimizer is not None:
             self.optimizer = optimizer
             if self._clipping is not None:
