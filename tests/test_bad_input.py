@@ -262,3 +262,29 @@ def test_a_dense_projection_that_redraws_every_batch_on_the_cpu_is_warned_about(
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the factored projection never redraws a dense matrix
         featurize(tiny_run, tmp_path / "factored.sp", projection=sp.ProjectionArguments(dim=8, kind="factored"))
+
+
+def test_papercuts_of_the_second_audit_are_refused_or_warned(tmp_path: Path) -> None:
+    """Each used to pass in silence: a module_dims pattern that matches no layer (k stayed as it was), a basis option
+    on a projection without a basis, fit(store, None) (an AttributeError), an AdamW run recorded without the state
+    SOURCE reads, and an empty --checkpoints list (it featurized every checkpoint)."""
+    import click
+    from torch import nn
+
+    from source_proj.cli.main import _ints
+    from source_proj.projection.factory import make_projector
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    shapes = [(n, list(p.shape)) for n, p in model.named_parameters()]
+    with pytest.raises(sp.TaskError, match=r"module_dims pattern\(s\) \['nomatch\*'\] match no factored layer"):
+        make_projector("factored", shapes, 32, 0, model=model, module_dims={"nomatch*": 16})
+    with pytest.raises(sp.TaskError, match="basis_checkpoints sets the eigen projection's basis; kind='factored'"):
+        sp.ProjectionArguments(kind="factored", basis_checkpoints=2)
+    with pytest.raises(sp.TaskError, match="fit's args is None; pass a FitArguments"):
+        sp.fit(tmp_path / "s.sp", None)  # type: ignore[arg-type]
+    with pytest.raises(click.BadParameter, match="expected comma-separated integers, got ''"):
+        _ints("")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    rec = sp.TrajectoryRecorder(tmp_path / "run", model, opt, save_every=2, save_optimizer_state=False)
+    with pytest.warns(UserWarning, match="trains with adamw but the recorder was made with save_optimizer_state=False"):
+        rec.begin_stage("main", dataset_size=4)

@@ -72,11 +72,11 @@ def _format_warning(message: Warning | str, *_: Any, **__: Any) -> str:
 
 
 def _ints(value: str | None) -> tuple[int, ...] | None:
-    if not value:
+    if value is None:
         return None
     try:
         return tuple(int(v) for v in value.split(","))
-    except ValueError as err:
+    except ValueError as err:  # "" too: an empty list would select nothing, not everything
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from err
 
 

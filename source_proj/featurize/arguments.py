@@ -97,6 +97,11 @@ class ProjectionArguments:
             _positive(self, "basis_layer_positions")
         if self.basis_checkpoints is not None:
             _positive(self, "basis_checkpoints")
+            if self.kind != "eigen":
+                raise TaskError(
+                    f"ProjectionArguments.basis_checkpoints sets the eigen projection's basis; kind={self.kind!r} has "
+                    "none, so drop it (or use kind='eigen')."
+                )
 
     def basis_inputs(self, *more: object) -> str:
         """The digest of what an eigen basis is estimated from (with ``more``: the parameters' names, ...): a store

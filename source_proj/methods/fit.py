@@ -332,6 +332,8 @@ def fit(
     every rank (and a one-process fit) sums exactly the same matrices in the same order: the
     result is bit-identical to a one-process fit. Independent shards each compute every curvature.
     """
+    if not isinstance(args, FitArguments):
+        raise TaskError(f"fit's args is {args!r}; pass a FitArguments (or leave it out for the defaults).")
     path = store.path if isinstance(store, Store) else str(store)
     try:
         refuse_foreign_directory(path)

@@ -156,6 +156,13 @@ class FactoredProjector(Projector):
         factored = {layer.weight for layer in self.layers} | {layer.bias for layer in self.layers if layer.bias}
         rest = [(name, shape) for name, shape in self.shapes if name not in factored]
         self.rest_names = [name for name, _ in rest]
+        unmatched = [p for p in self.module_dims if not any(fnmatch.fnmatchcase(la.module, p) for la in self.layers)]
+        if unmatched:  # a typo would leave k as it was without a word
+            names = ", ".join(layer.module for layer in self.layers[:6]) + (", …" if len(self.layers) > 6 else "")
+            raise TaskError(
+                f"The module_dims pattern(s) {unmatched} match no factored layer (the layers are {names}); fix the "
+                "pattern (a glob on the module name) or drop it."
+            )
         self.blocks, self.dim = self._layout(bool(rest))
         self.rest = RademacherProjector(rest, dim, seed, allow_wide=True) if rest else None
         self._factors: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}

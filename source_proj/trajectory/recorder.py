@@ -346,6 +346,14 @@ class TrajectoryRecorder:
                 "optimizer": describe_optimizer(self.optimizer, self.model),
             }
         )
+        kind = self._stages[-1]["optimizer"]["kind"]
+        if kind in ("adam", "adamw") and self._save_optimizer_state is False:
+            warnings.warn(
+                f"Stage {name!r} trains with {kind} but the recorder was made with save_optimizer_state=False: SOURCE "
+                "reads Adam's preconditioner from each checkpoint's optimizer state, so featurize will refuse this "
+                "run; leave save_optimizer_state at its default.",
+                stacklevel=2,
+            )
         self._save()
 
     def step(self, clip: float | None = None) -> None:
