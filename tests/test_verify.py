@@ -160,3 +160,23 @@ def test_the_printed_fit_command_repeats_every_setting_the_fit_was_made_with(arg
         ",".join(map(str, arguments["boundaries"])) if "boundaries" in arguments else None
     )
     assert context.params["stages"] == (",".join(arguments["stages"]) if "stages" in arguments else None)
+
+
+def test_a_damaged_window_basis_of_a_captured_store_asks_for_a_new_capture(
+    tmp_path: Path, classification_data
+) -> None:
+    """An eigen capture's window bases and final basis are its own arrays: an intact store gets no note about them,
+    and a damaged one is marked for a new capture (it used to send the user to fit, which sent them back)."""
+    from .test_capture import _train
+
+    _train(tmp_path / "run", tmp_path / "cap.sp", classification_data, steps=8, batch=8, save_every=4,
+           datasets={"main": classification_data}, projection=sp.ProjectionArguments(dim=16, kind="eigen"))  # fmt: skip
+    sp.fit(tmp_path / "cap.sp", progress=False)
+    report = sp.verify_store(tmp_path / "cap.sp", progress=False)
+    assert report.status == "ok" and not [n for n in report.notes if "is not part of featurize's output" in n]
+    bases = sp.Store.open(tmp_path / "cap.sp").progress_arrays("projection/windows/")
+    assert bases
+    damage(tmp_path / "cap.sp", bases[0], 0, "flip")
+    report = sp.verify_store(tmp_path / "cap.sp", repair=True, progress=False)
+    assert "capture marked unfinished (fit refuses it until the run is captured again)" in report.repaired
+    assert report.next_steps and report.next_steps[0].startswith("capture the run again into a new store")

@@ -38,7 +38,7 @@ from source_proj.errors import SourceProjError, StoreError
 from source_proj.featurize.arguments import FisherRows, checkpoint_stages, projected_fisher_at
 from source_proj.featurize.plan import PROBE
 from source_proj.featurize.windows import PREFIX as CAPTURED
-from source_proj.featurize.windows import expected_windows, is_captured
+from source_proj.featurize.windows import WINDOW_BASES, expected_windows, is_captured
 from source_proj.projection.eigen import BASIS_PREFIX
 from source_proj.projection.factory import projector_from_meta
 from source_proj.store import objectstore
@@ -334,15 +334,17 @@ def _verify(store: Store, *, repair: bool, progress: bool) -> VerifyReport:
         report.unusable = True
         return report
     own = ("trajectory/lr", REFERENCE_BATCH)  # featurize's arrays besides the features
+    # a captured store's own arrays: its windows, and an eigen capture's window bases and final basis
+    captured_own = (CAPTURED, f"{WINDOW_BASES}/", f"{BASIS_PREFIX}/") if is_captured(meta) else ()
     for name in tqdm([n for n in names if n not in reported], desc="verify", unit="array", disable=not progress):
         method = next((m for p, m in method_prefixes.items() if name.startswith(p)), None)
+        captures = bool(captured_own) and name.startswith(captured_own)
         if not _check_array(store, name, report, repair):
-            if featurized and (name in expected or name in own):
+            if featurized and (name in expected or name in own or captures):
                 featurize_unfinished = True
             if method is not None:
                 broken_methods.add(method)
-        known = name in expected or name in own or name.startswith(PROBE) or method is not None
-        known = known or (capturing and name.startswith(CAPTURED))
+        known = name in expected or name in own or name.startswith(PROBE) or method is not None or captures
         if featurized and not known:
             report.notes.append(f"{name!r} is not part of featurize's output or of a fitted method")
     if featurized:
