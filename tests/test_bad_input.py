@@ -288,3 +288,22 @@ def test_papercuts_of_the_second_audit_are_refused_or_warned(tmp_path: Path) -> 
     rec = sp.TrajectoryRecorder(tmp_path / "run", model, opt, save_every=2, save_optimizer_state=False)
     with pytest.warns(UserWarning, match="trains with adamw but the recorder was made with save_optimizer_state=False"):
         rec.begin_stage("main", dataset_size=4)
+
+
+def test_a_store_of_other_settings_names_the_fields_that_differ() -> None:
+    """featurize's refusal says what differs, not just the setting: the setting's own fields first, a nested map's
+    (the eigen basis, derived from them) only where nothing else differs."""
+    from source_proj.featurize.featurize import _detail
+
+    old = {"kind": "eigen", "dim": 64, "basis": {"positions": 64, "digest": "a"}}
+    assert _detail("projection", old, {**old, "dim": 32, "basis": {"positions": 64, "digest": "b"}}) == (
+        "projection: dim 64 → 32"
+    )
+    assert _detail("projection", old, {**old, "basis": {"positions": 4, "digest": "a"}}) == (
+        "projection: basis.positions 64 → 4"
+    )
+    trajectory = {"path": "run", "checkpoints": [0, 4, 8], "fingerprint": "f" * 64}
+    assert _detail("trajectory", trajectory, {**trajectory, "checkpoints": [4, 8]}) == (
+        "trajectory: checkpoints [0, 4, 8] → [4, 8]"
+    )
+    assert _detail("task", "classification", "regression") == "task"

@@ -129,7 +129,8 @@ def test_errors_are_one_line_messages(tmp_path: Path, run: tuple[Path, Path]) ->
     args = ["featurize", "--ckpts", str(run_dir), "--spec", str(spec), "--out", str(store), "--dim", "16"]
     assert cli.invoke(main, args).exit_code == 0
     out = cli.invoke(main, [*args[:-1], "8"])
-    assert out.exit_code == 1 and "other settings (projection)" in out.output and "--force" in out.output
+    assert out.exit_code == 1 and "--force" in out.output
+    assert "other settings (projection: dim 16 → 8, k 16 → 8)" in out.output, out.output
     assert cli.invoke(main, [*args[:-1], "8", "--force"]).exit_code == 0
     assert sp.Store.open(store).meta["projection"]["dim"] == 8
     out = cli.invoke(main, [*args, "--basis-layer-positions", "0"])

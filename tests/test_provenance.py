@@ -115,7 +115,7 @@ def test_another_projection_is_refused_and_leaves_the_store_untouched(tmp_path: 
     store = tmp_path / "s.sp"
     featurize(tiny_run, store)
     before = files(store)
-    with pytest.raises(sp.StoreError, match=r"was featurized with other settings \(projection\); pass --force"):
+    with pytest.raises(sp.StoreError, match=r"with other settings \(projection: seed 3 → 4\); pass --force"):
         featurize(tiny_run, store, projection=sp.ProjectionArguments(dim=DIM, seed=4, kind="rademacher"))
     assert files(store) == before
     featurize(tiny_run, store, projection=sp.ProjectionArguments(dim=DIM, seed=4, kind="rademacher"), overwrite=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import json
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, replace
@@ -462,7 +463,8 @@ class _Featurize:
             )
         if differing:
             raise StoreError(
-                f"The store at {self.path} was featurized with other settings ({', '.join(differing)}); pass --force "
+                f"The store at {self.path} was featurized with other settings "
+                f"({'; '.join(_detail(key, old.get(key), meta[key]) for key in differing)}); pass --force "
                 "(overwrite=True) to replace it, or use another store path."
             )
         # The data first: the model's fingerprint is computed on a batch of them.
@@ -692,6 +694,32 @@ def _differing(old: dict[str, Any], meta: dict[str, Any]) -> list[str]:
     """The settings (metadata fields compared exactly) in which ``meta`` differs from a store's ``old``."""
     informative = ("spec", "provenance", "fingerprint", "layout")  # a store keeps the layout it was created with
     return [key for key in meta if key not in informative and old.get(key) != meta[key]]
+
+
+def _detail(key: str, old: Any, new: Any) -> str:
+    """``"projection: dim 64 → 32"``: a differing setting with up to three of its differing fields as stored and as
+    asked, a nested map's fields named ``basis.positions`` (just the key where there are none)."""
+
+    def short(value: Any) -> str:
+        text = json.dumps(value) if not isinstance(value, str) else value
+        return text if len(text) <= 40 else text[:37] + "…"
+
+    def fields(a: Any, b: Any, prefix: str, depth: int) -> list[tuple[str, Any, Any]]:
+        if not isinstance(a, dict) or not isinstance(b, dict):
+            return [(prefix, a, b)] if prefix else []
+        out = []
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k) and (depth < 2 or not isinstance(a.get(k), dict)):
+                out += fields(a.get(k), b.get(k), f"{prefix}{k}" if not prefix else f"{prefix}.{k}", depth + 1)
+        return out
+
+    differing = fields(old, new, "", 1)
+    own = [f for f in differing if "." not in f[0]]
+    differing = own or differing  # a nested map (the eigen basis) differs as a consequence where the setting does
+    # the setting's own fields before a nested map's (derived ones, such as the eigen basis), scalars before lists
+    differing.sort(key=lambda f: (f[0].count("."), isinstance(f[1], (list, dict)) or isinstance(f[2], (list, dict))))
+    parts = [f"{name} {short(a)} → {short(b)}" for name, a, b in differing[:3]]
+    return f"{key}: {', '.join(parts)}" + (", …" if len(differing) > 3 else "") if parts else key
 
 
 def _fisher_directions(
