@@ -848,6 +848,50 @@ def test_eigen_capture_leaves_training_unchanged_and_a_killed_run_resumes_into_t
     assert sp.fit(tmp_path / "b.sp", progress=False).read("methods/source/train/main").shape[0] == 30
 
 
+def _files(path: Path) -> dict[str, bytes]:
+    """Every file of a store, but its writer's lock (which says when it was last taken)."""
+    files = (f for f in sorted(path.rglob("*")) if f.is_file() and f.name != ".source-proj.lock")
+    return {str(f.relative_to(path)): f.read_bytes() for f in files}
+
+
+def test_a_killed_run_resumed_with_other_training_data_is_refused_and_its_store_kept(
+    tmp_path: Path, classification_data
+) -> None:
+    """The data fingerprint of a stage is recorded in the store as the stage starts: a killed eigen run (with its end
+    pass) resumed with other examples of the same size is refused in one sentence before the store is taken up (it is
+    left byte for byte as the killed run left it); resumed with its own data it ends as the uninterrupted run."""
+    kwargs = {"steps": 20, "batch": 8, "save_every": 5, "options": sp.CaptureArguments(chunk_rows=8),
+              "datasets": {"main": classification_data}, "projection": _eigen_capture(24)}
+    _train(tmp_path / "a", tmp_path / "a.sp", classification_data, **kwargs)
+    with pytest.raises(_Killed):
+        _train(tmp_path / "b", tmp_path / "b.sp", classification_data, crash_after=13, **kwargs)
+    killed = _files(tmp_path / "b.sp")
+    x, y = classification_data.tensors
+    other = TensorDataset(x.flip(0), y.flip(0))  # the same examples in another order
+    with pytest.raises(sp.TaskError) as err:
+        _train(tmp_path / "b", tmp_path / "b.sp", classification_data, resume=True,
+               **dict(kwargs, datasets={"main": other}))  # fmt: skip
+    assert str(err.value) == (
+        "The training data of stage 'main' given as datasets= differ from those the captured run trained on (other "
+        "contents or order); pass the same data, in the same order."
+    )
+    assert _files(tmp_path / "b.sp") == killed
+    with pytest.raises(sp.TaskError, match=r"^The training data of stage 'main' given as datasets= differ from those "
+                                           r"the captured run trained on \(20 examples, not 30\); pass the same"):
+        _train(tmp_path / "b", tmp_path / "b.sp", classification_data, resume=True,
+               **dict(kwargs, datasets={"main": TensorDataset(x[:20], y[:20])}))  # fmt: skip
+    assert _files(tmp_path / "b.sp") == killed
+    _train(tmp_path / "b", tmp_path / "b.sp", classification_data, resume=True, **kwargs)
+    a, b = sp.Store.open(tmp_path / "a.sp"), sp.Store.open(tmp_path / "b.sp")
+    assert sorted(a.progress_arrays()) == sorted(b.progress_arrays())
+    for name in a.progress_arrays():
+        assert np.array_equal(a.read(name), b.read(name)), name
+    assert a.meta["fingerprint"] == b.meta["fingerprint"] == {**a.meta["fingerprint"],
+                                                             "data": data_fingerprint({"main": classification_data})}
+    assert b.meta["captured"] and window_array("end", "main", 20) not in b.progress_arrays()  # the last window: 15
+    assert window_array("end", "main", 15) in b.progress_arrays()
+
+
 def test_capture_takes_the_eigen_projection_when_it_has_the_data_and_says_what_it_needs(
     tmp_path: Path, classification_data
 ) -> None:

@@ -490,3 +490,130 @@ def test_lightning_capture_callback_captures_what_featurize_computes_at_each_ste
     trajectory.load_into(relu, trajectory.final_checkpoint)
     with pytest.raises(sp.TaskError, match="was captured from"):
         check_model(store, relu, sp.ClassificationTask(), torch.device("cpu"))
+
+
+class _Killed(Exception):
+    pass
+
+
+def _hf_run(tmp_path: Path, name: str, callback, *, kill_at: int | None = None, resume: bool = False) -> None:
+    """A tiny BERT trained 12 AdamW steps (4 epochs of 3) by a Trainer that saves its checkpoints every 4 steps
+    into ``tmp_path / name``; ``kill_at``: raise at that step (a killed run); ``resume``:
+    ``train(resume_from_checkpoint=True)`` (from step 4: mid-epoch, the Trainer skips the epoch's first batch)."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    class Kill(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == kill_at:
+                raise _Killed
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path / name), per_device_train_batch_size=8, num_train_epochs=4, learning_rate=1e-3,
+        save_strategy="steps", save_steps=4, report_to=[], use_cpu=True, disable_tqdm=True, logging_strategy="no",
+        seed=0,
+    )
+    ids, labels = _tokens(24, 0)
+    trainer = Trainer(model=_tiny_bert(), args=args, train_dataset=sp.IndexedDataset(_Dicts(ids, labels)),
+                      callbacks=[callback, Kill()])  # fmt: skip
+    trainer.train(resume_from_checkpoint=True if resume else None)
+
+
+def test_a_killed_trainer_resumes_its_captured_run_exactly_where_the_recorder_has_its_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """A Trainer killed at step 6 and resumed from its checkpoint at step 4 resumes the recorded run and its store
+    at step 4 (the recorder's last checkpoint): the trajectory and store are the uninterrupted run's. Resuming where
+    the recorder has no last checkpoint, into a directory without a run, or with overwrite=True (which recorded the
+    resumed steps as steps from 0) is refused in one sentence."""
+    from source_proj.integrations import HuggingFaceCapture, HuggingFaceRecorder
+
+    task = sp.SequenceClassificationTask(attention="bidirectional")
+
+    def capture(run: str, **kwargs) -> HuggingFaceCapture:
+        return HuggingFaceCapture(tmp_path / run, tmp_path / f"{run}.sp", task, save_every=4,
+                                  options=sp.CaptureArguments(chunk_rows=8), **kwargs)  # fmt: skip
+
+    _hf_run(tmp_path, "hf-a", capture("a"))
+    with pytest.raises(_Killed):
+        _hf_run(tmp_path, "hf-b", capture("b"), kill_at=6)
+    with pytest.raises(sp.TrajectoryError) as err:
+        _hf_run(tmp_path, "hf-b", capture("b", overwrite=True), resume=True)
+    assert str(err.value) == (
+        "The Trainer resumes at step 4, but a recorded run starts at step 0 and overwrite=True would record it from "
+        "there; train from the start, or resume without overwrite=True to continue the run recorded in "
+        f"{tmp_path / 'b'}."
+    )
+    _hf_run(tmp_path, "hf-b", capture("b"), resume=True)
+    a, b = sp.Trajectory.load(tmp_path / "a"), sp.Trajectory.load(tmp_path / "b")
+    assert b.complete and [c.step for c in b.checkpoints] == [0, 4, 8, 12] and a.fingerprint() == b.fingerprint()
+    sa, sb = sp.Store.open(tmp_path / "a.sp"), sp.Store.open(tmp_path / "b.sp")
+    names = sorted(sa.progress_arrays())
+    assert names == sorted(sb.progress_arrays()) and "capture/end/main/step-00000008" in names
+    for name in names:
+        assert np.array_equal(sa.read(name), sb.read(name)), name
+    assert sb.meta["captured"] and sa.meta["fingerprint"] == sb.meta["fingerprint"]
+
+    with pytest.raises(sp.TrajectoryError) as err:
+        _hf_run(tmp_path, "hf-b", HuggingFaceRecorder(tmp_path / "none", save_every=4), resume=True)
+    assert str(err.value) == (
+        f"The Trainer resumes at step 12, but {tmp_path / 'none'} holds no recorded run to resume; record a new run "
+        "from the start (train without resuming from a checkpoint)."
+    )
+    with pytest.raises(_Killed):
+        _hf_run(tmp_path, "hf-c", HuggingFaceRecorder(tmp_path / "c", save_every=3), kill_at=7)
+    with pytest.raises(sp.TrajectoryError) as err:
+        _hf_run(tmp_path, "hf-c", HuggingFaceRecorder(tmp_path / "c", save_every=3), resume=True)
+    assert str(err.value) == (
+        f"The Trainer resumes at step 4, but the run recorded in {tmp_path / 'c'} has its last checkpoint at step 6; "
+        "resume the trainer from its checkpoint at step 6 (save trainer checkpoints at multiples of save_every), or "
+        "record a new run from the start."
+    )
+
+
+def test_a_killed_lightning_trainer_resumes_its_recorded_run_where_the_recorder_has_its_checkpoint(
+    tmp_path: Path, classification_data
+) -> None:
+    """Lightning as the Trainer: resumed from its checkpoint at step 3 (fit(ckpt_path=...)) the recorded run goes on
+    from the recorder's checkpoint there into the uninterrupted trajectory; with overwrite=True it is refused."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+    from source_proj.integrations import LightningRecorder
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            opt = torch.optim.AdamW(self.parameters(), lr=0.01)
+            return [opt], [torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)]
+
+    class Kill(Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if trainer.global_step == 4:
+                raise _Killed
+
+    def fit(name: str, *, kill: bool = False, resume: bool = False, overwrite: bool = False) -> None:
+        saves = ModelCheckpoint(dirpath=tmp_path / f"pl-{name}", every_n_train_steps=3, save_top_k=-1)
+        callbacks = [LightningRecorder(tmp_path / name, save_every=3, overwrite=overwrite), saves]
+        trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=callbacks + ([Kill()] if kill else []))  # fmt: skip
+        loader = torch.utils.data.DataLoader(classification_data, batch_size=10)
+        ckpt = next((tmp_path / f"pl-{name}").glob("*step=3.ckpt")) if resume else None
+        trainer.fit(Module(), loader, ckpt_path=ckpt)
+
+    fit("a")
+    with pytest.raises(_Killed):
+        fit("b", kill=True)
+    with pytest.raises(sp.TrajectoryError, match=r"^The Lightning Trainer resumes at step 3, but a recorded run starts "
+                                                 r"at step 0 and overwrite=True would record it from there; "):
+        fit("b", resume=True, overwrite=True)
+    fit("b", resume=True)
+    a, b = sp.Trajectory.load(tmp_path / "a"), sp.Trajectory.load(tmp_path / "b")
+    assert b.complete and [c.step for c in b.checkpoints] == [0, 3, 6, 9] and a.fingerprint() == b.fingerprint()

@@ -397,7 +397,8 @@ class GradientCapture:
             )
         self._reference: Any = None
         self._trained: set[str] = set()
-        self._data: dict[str, dict[str, Any]] = {}
+        self._data: dict[str, dict[str, Any]] = {}  # the data fingerprints of the stages this session trains
+        self._fingerprints: dict[str, dict[str, Any]] = {}  # those of datasets= taken so far
         self._open_store(overwrite)
         self._stage: tuple[str, int] | None = None
         self._closed = False
@@ -490,6 +491,10 @@ class GradientCapture:
                     "new one; resume the run with TrajectoryRecorder.resume, or pass overwrite=True to start the store "
                     "again."
                 )
+            if steps:  # before anything is dropped: a refused resume leaves the store as it was
+                self._check_resumed_data(_recorded_data(store.meta))
+            elif store.meta.get("capture_data"):  # a new run into a store no window was written to: its data anew
+                store.update_meta(capture_data={})
             last = steps[-1] if steps else 0
             for stage, start in windows:
                 if start >= last:
@@ -770,13 +775,17 @@ class GradientCapture:
                     f"Stage {name!r} trains on {size} examples, but GradientCapture's datasets= {what}; pass each "
                     "stage's training dataset under its name."
                 )
-            try:
-                self._data.update(data_fingerprint({name: given}))
-            except OSError as err:
-                raise TaskError(
-                    f"Capture cannot read the training data of stage {name!r} given as datasets= "
-                    f"({type(err).__name__}: {err}); pass a dataset whose examples can be read."
-                ) from err
+            entry = self._data_fingerprint(name)
+            # Kept in the store before any window of the stage is: a killed run resumed with other data is refused
+            # (``_check_resumed_data``), and the finished store's fingerprint covers stages of every session.
+            with store_lock(self.path):
+                store = Store.open(self.path, writable=True)
+                recorded = store.meta.get("capture_data") or {}
+                if name in recorded:
+                    self._same_data(name, recorded[name], entry)
+                else:
+                    store.update_meta(capture_data={**recorded, name: entry})
+            self._data[name] = entry
         self._trained.add(name)
         if self._stage is None or self._stage[0] != name:
             self._transform = None  # a new stage: its optimizer's state, not the last stage's
@@ -790,6 +799,49 @@ class GradientCapture:
         self._count = 0
         self._batches = 0
         self._skipped_in_window = 0
+
+    def _data_fingerprint(self, stage: str) -> dict[str, Any]:
+        """The data fingerprint of ``stage``'s dataset given as datasets= (``data_fingerprint``), taken once."""
+        assert self.datasets is not None
+        if stage not in self._fingerprints:
+            try:
+                self._fingerprints.update(data_fingerprint({stage: self.datasets[stage]}))
+            except OSError as err:
+                raise TaskError(
+                    f"Capture cannot read the training data of stage {stage!r} given as datasets= "
+                    f"({type(err).__name__}: {err}); pass a dataset whose examples can be read."
+                ) from err
+        return self._fingerprints[stage]
+
+    def _check_resumed_data(self, recorded: Mapping[str, Mapping[str, Any]]) -> None:
+        """A resumed run: every stage's dataset given as datasets= must be the one the store recorded for it."""
+        for stage in sorted(set(recorded) & set(self.datasets or {})):
+            self._same_data(stage, recorded[stage], self._data_fingerprint(stage))
+
+    def _same_data(self, stage: str, recorded: Mapping[str, Any], entry: Mapping[str, Any]) -> None:
+        """Refuse ``stage``'s datasets= whose fingerprint ``entry`` is not the ``recorded`` one, unless they read
+        differently every time (random augmentation: let through with a warning, as ``check_data`` does)."""
+        if (recorded.get("size"), recorded.get("sha256")) == (entry.get("size"), entry.get("sha256")):
+            return
+        assert self.datasets is not None
+        try:
+            again = data_fingerprint({stage: self.datasets[stage]})[stage]
+        except OSError:
+            again = None
+        if again is None or again.get("sha256") != entry.get("sha256"):
+            warnings.warn(
+                f"The training data of stage {stage!r} given as datasets= read differently twice (random "
+                "augmentation?), so they cannot be checked against those the captured run trained on; capture with "
+                "deterministic examples.",
+                stacklevel=4,
+            )
+            return
+        same_size = recorded.get("size") == entry.get("size")
+        what = "other contents or order" if same_size else f"{entry.get('size')} examples, not {recorded.get('size')}"
+        raise TaskError(
+            f"The training data of stage {stage!r} given as datasets= differ from those the captured run trained on "
+            f"({what}); pass the same data, in the same order."
+        )
 
     def _check(self, batch: Batch) -> None:
         """Once: the layer hooks must reproduce the materialised per-example gradients (tied weights…)."""
@@ -1045,7 +1097,7 @@ class GradientCapture:
                 store.update_meta(projection=self.projection.projector(self._shapes, self.model, final).describe())
             store.write_whole("trajectory/lr", trajectory.lr.astype(np.float64))
             store.update_meta(
-                fingerprint=self._fingerprint(trajectory, (store.meta.get("fingerprint") or {}).get("data")),
+                fingerprint=self._fingerprint(trajectory, _recorded_data(store.meta)),
                 trajectory={
                     "path": str(Path(trajectory.path).resolve()),
                     "fingerprint": trajectory.fingerprint(),
@@ -1058,7 +1110,7 @@ class GradientCapture:
 
     def _fingerprint(self, trajectory: Trajectory, recorded: Mapping[str, Any] | None) -> dict[str, Any] | None:
         """The model and data fingerprints of the finished run (see the class docstring); ``recorded``: the
-        data fingerprint an earlier session of the run wrote."""
+        data fingerprints earlier sessions of the run wrote (``_recorded_data``)."""
         if self._reference is None:  # no batch was ever captured
             return None
         with modes_kept(self.model):
@@ -1092,6 +1144,13 @@ def _identity(key: str, value: Any) -> Any:
     if key != "projection" or not value or value.get("kind") != "eigen":
         return value
     return [value.get("k"), value.get("seed"), value.get("adam_rank", 1), (value.get("basis") or {}).get("inputs")]
+
+
+def _recorded_data(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The data fingerprints a store holds for its run's stages: those written as each stage started
+    (``capture_data``), over a finished run's (stores captured before ``capture_data`` hold only those)."""
+    finished = (meta.get("fingerprint") or {}).get("data") or {}
+    return {**finished, **(meta.get("capture_data") or {})}
 
 
 def _rows(dataset: Dataset) -> int | None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,7 +15,7 @@ from source_proj.errors import TrajectoryError
 from source_proj.featurize.arguments import ProjectionArguments
 from source_proj.featurize.capture import CaptureArguments, GradientCapture
 from source_proj.tasks.task import Task
-from source_proj.trajectory.recorder import TrajectoryRecorder
+from source_proj.trajectory.recorder import Checkpoint, TrajectoryRecorder, load_checkpoint
 
 
 class RecorderSettings:
@@ -60,19 +62,92 @@ def start_recording(
     save_every: int,
     overwrite: bool,
     grad_scaler: Any | None = None,
+    start_step: int = 0,
+    trainer: str = "The Trainer",
 ) -> tuple[TrajectoryRecorder, Any]:
     """A recorder with its first stage begun, stepping after every optimizer step; returns it and the hook handle.
 
     The recorder measures each step's gradient-clipping factor (``recorder.py``); ``grad_scaler`` is the
-    framework's loss scaler of an fp16 run, whose unscaling is not clipping.
+    framework's loss scaler of an fp16 run, whose unscaling is not clipping. ``start_step``: the trainer's
+    global step as training begins; above 0 it resumes from its own checkpoint, and so does the recorded run
+    (``resume_recording``).
     """
     inner = torch_optimizer(optimizer)
-    recorder = TrajectoryRecorder(
-        run_dir, model, inner, save_every=save_every, overwrite=overwrite, grad_scaler=grad_scaler
-    )
-    recorder.begin_stage(stage, dataset_size=dataset_size)
+    if start_step > 0:
+        recorder = resume_recording(run_dir, model, inner, stage=stage, dataset_size=dataset_size,
+                                    save_every=save_every, overwrite=overwrite, grad_scaler=grad_scaler,
+                                    start_step=start_step, trainer=trainer)  # fmt: skip
+    else:
+        recorder = TrajectoryRecorder(
+            run_dir, model, inner, save_every=save_every, overwrite=overwrite, grad_scaler=grad_scaler
+        )
+        recorder.begin_stage(stage, dataset_size=dataset_size)
     handle = inner.register_step_post_hook(lambda *_: recorder.step())
     return recorder, handle
+
+
+def resume_recording(
+    run_dir: str | os.PathLike[str],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    stage: str,
+    dataset_size: int,
+    save_every: int,
+    overwrite: bool,
+    grad_scaler: Any | None,
+    start_step: int,
+    trainer: str,
+) -> TrajectoryRecorder:
+    """The recorded run resumed where a resumed trainer starts (``TrajectoryRecorder.resume``), so that it goes on
+    as the uninterrupted run would: only where its last checkpoint is at that step and holds the weights the trainer
+    loaded there (its stage the callback's); anything else is refused, never recorded from the wrong step."""
+    run = Path(run_dir)
+    if overwrite:
+        raise TrajectoryError(
+            f"{trainer} resumes at step {start_step}, but a recorded run starts at step 0 and overwrite=True would "
+            f"record it from there; train from the start, or resume without overwrite=True to continue the run "
+            f"recorded in {run}."
+        )
+    if not (run / "trajectory.json").is_file():
+        raise TrajectoryError(
+            f"{trainer} resumes at step {start_step}, but {run} holds no recorded run to resume; record a new run "
+            "from the start (train without resuming from a checkpoint)."
+        )
+    try:  # as TrajectoryRecorder.resume reads it (an unfinished run's index is not a Trajectory yet)
+        index = json.loads((run / "trajectory.json").read_text())
+        last = Checkpoint(**index["checkpoints"][-1])
+        stages = [s for s in index["stages"] if s["start_step"] <= start_step]
+        name, size = stages[-1]["name"], stages[-1]["dataset_size"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
+        raise TrajectoryError(
+            f"{run} holds no readable trajectory with a checkpoint to resume from ({type(err).__name__}); record a new "
+            "run from the start (train without resuming from a checkpoint)."
+        ) from err
+    if last.step != start_step:
+        raise TrajectoryError(
+            f"{trainer} resumes at step {start_step}, but the run recorded in {run} has its last checkpoint at step "
+            f"{last.step}; resume the trainer from its checkpoint at step {last.step} (save trainer checkpoints at "
+            "multiples of save_every), or record a new run from the start."
+        )
+    if (name, size) != (stage, dataset_size):
+        raise TrajectoryError(
+            f"The run recorded in {run} trains stage {name!r} on {size} examples at step {start_step}, but the resumed "
+            f"trainer's callback names stage {stage!r} on {dataset_size}; resume with the callback's stage and "
+            "training set of that run."
+        )
+    weights = load_checkpoint(run, last, mmap=True)["model"]
+    state = model.state_dict()
+    if set(state) != set(weights) or any(not torch.equal(state[k].detach().cpu(), v) for k, v in weights.items()):
+        raise TrajectoryError(
+            f"{trainer} resumes at step {start_step} with other weights than the run recorded in {run} saved at that "
+            "step; resume the trainer from the checkpoint of this run, or record a new run from the start."
+        )
+    # The trainer restored the weights (those checked) and its optimizer's state, whose learning rate its scheduler
+    # has moved on from the step's: the recorder's own would put back the rate the last step used.
+    recorder = TrajectoryRecorder.resume(run, model, optimizer, save_every=save_every, grad_scaler=grad_scaler,
+                                         restore=False)
+    return recorder
 
 
 def dataset_size(given: int | None, dataloader: Any, where: str) -> int:

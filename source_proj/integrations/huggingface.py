@@ -10,6 +10,11 @@ The stage's dataset size is ``len(train_dataset)`` unless given; the loss the Tr
 be the batch mean of the task's per-example loss (the default for HF models' ``labels`` loss). The
 Trainer clips gradients at ``max_grad_norm`` (1.0 by default): the recorder measures each step's
 clipping factor and SOURCE's step sizes include it (fp16's loss scaling is taken out).
+
+``trainer.train(resume_from_checkpoint=...)`` continues the recorded run (and its capture store) where the
+recorder's last checkpoint is at the step the Trainer resumes from and holds the weights it loaded (save the
+Trainer's checkpoints at multiples of ``save_every``); any other resume is refused in one sentence, and so is
+``overwrite=True`` on a resumed Trainer (a recorded run starts at step 0).
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
             save_every=self.save_every,
             overwrite=self.overwrite,
             grad_scaler=getattr(kwargs["optimizer"], "scaler", None),  # accelerate's optimizer holds the fp16 scaler
+            start_step=int(state.global_step),  # above 0: resume_from_checkpoint (see _hook.resume_recording)
+            trainer="The Trainer",
         )
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -8,6 +8,8 @@ Usage::
 
 The LightningModule itself is the recorded model (its ``state_dict`` keys are what featurize loads).
 One optimizer only; the stage's dataset size is ``len(train_dataloader.dataset)`` unless given.
+``trainer.fit(..., ckpt_path=...)`` continues the recorded run under the rule of the Hugging Face callbacks
+(``huggingface.py``): only from the recorder's last checkpoint, never with ``overwrite=True``.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ class LightningRecorder(RecorderSettings, Callback):
             save_every=self.save_every,
             overwrite=self.overwrite,
             grad_scaler=getattr(trainer.precision_plugin, "scaler", None),  # fp16 mixed precision's loss scaler
+            start_step=int(trainer.global_step),  # above 0: fit(ckpt_path=...) (see _hook.resume_recording)
+            trainer="The Lightning Trainer",
         )
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:

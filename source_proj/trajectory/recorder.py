@@ -248,6 +248,7 @@ class TrajectoryRecorder:
         save_optimizer_state: bool | None = None,
         grad_scaler: Any | None = None,
         watch_clipping: bool = True,
+        restore: bool = True,
     ) -> TrajectoryRecorder:
         """Continue the run in ``run_dir`` from its last checkpoint.
 
@@ -257,7 +258,9 @@ class TrajectoryRecorder:
         state into ``optimizer`` when it was saved (record an SGD run with momentum with
         ``save_optimizer_state=True`` if it may need resuming exactly; the resumed recorder keeps
         saving the state when the run did). The training loop continues from ``global_step``:
-        it must visit the batches it would have visited from that step on.
+        it must visit the batches it would have visited from that step on. ``restore=False``: neither is loaded, for
+        a trainer that restored both from its own checkpoint at that step (its optimizer's learning rate is the one
+        its scheduler set after the step, the recorder's the one the step used).
         """
         run = Path(run_dir)
         index_file = run / "trajectory.json"
@@ -274,10 +277,11 @@ class TrajectoryRecorder:
             save_optimizer_state = True  # as the run did
         recorder = cls.__new__(cls)
         recorder._start(run, model, optimizer, save_every, save_optimizer_state, grad_scaler, watch_clipping)
-        state = load_checkpoint(run, Checkpoint(**last))
-        model.load_state_dict(state["model"])
-        if "optimizer" in state:
-            optimizer.load_state_dict(state["optimizer"])
+        if restore:
+            state = load_checkpoint(run, Checkpoint(**last))
+            model.load_state_dict(state["model"])
+            if "optimizer" in state:
+                optimizer.load_state_dict(state["optimizer"])
         step = int(last["step"])
         recorder.global_step = step
         recorder._lr = [float(v) for v in lr[:step]]
