@@ -95,14 +95,12 @@ from source_proj.featurize.windows import (
     window_maps,
 )
 from source_proj.methods.fit import _claim_method, _finish_method, checkpoint_curvature
+from source_proj.methods.kinds import BASELINES
 from source_proj.query.attributor import store_trajectory
 from source_proj.store.store import Store, ckpt_key
 from source_proj.tasks.gradients import move_batch
 from source_proj.tasks.task import Task
 from source_proj.trajectory.segments import Segment
-
-BASELINES = ("trak", "if", "tracin", "grad-dot", "grad-cos", "repsim")
-"""The baseline kinds [`fit_baseline`][] knows."""
 
 
 @dataclass(frozen=True)

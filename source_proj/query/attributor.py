@@ -32,6 +32,7 @@ from source_proj.errors import StoreError, TaskError
 from source_proj.featurize.arguments import default_device
 from source_proj.featurize.featurize import check_finite
 from source_proj.methods.fit import read_curvature
+from source_proj.methods.kinds import BASELINES
 from source_proj.methods.kronecker import KroneckerCurvature, source_query_directions
 from source_proj.projection.factory import projector_from_meta
 from source_proj.projection.transform import scaling_transform
@@ -76,8 +77,6 @@ def method_meta(store: Store, method: str) -> dict[str, Any]:
                 "that to finish, then query again."
             )
     if method not in methods:
-        from source_proj.methods.baselines import BASELINES  # baselines.py imports this module
-
         path = shlex.quote(store.path)
         if method in BASELINES:
             hint = f"`source-proj baseline {path} --kind {method}`"
