@@ -1273,3 +1273,36 @@ def test_eigen_capture_cuts_its_basis_passes_to_the_layers_budget_and_resumes_an
     assert sp.Store.open(tmp_path / "whole.sp").meta["projection"] == whole["projection"]
     train("whole", None, steps=12, resume=True)
     assert sp.Store.open(tmp_path / "whole.sp").meta["projection"]["basis"]["checkpoints"] == [0, 4, 8, 12]
+
+
+@pytest.mark.parametrize(
+    ("loss_reduction", "told", "refused"),
+    [("sum", "mean", True), ("mean", "sum", True), ("sum", "sum", False), ("mean", "mean", False)],
+)
+def test_a_training_loss_other_than_capture_was_told_is_refused_at_the_first_batch(
+    tmp_path: Path, classification_data: TensorDataset, loss_reduction: str, told: str, refused: bool
+) -> None:
+    """The first batch's captured gradients are checked against the task's per-example gradients: a loss summed
+    over the batch, captured as a mean (the default), used to be accepted with every gradient B times too large
+    (and the end pass, which capture computes itself, at the right scale)."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = sp.TrajectoryRecorder(tmp_path / "run", model, opt, save_every=4)
+    cap = sp.GradientCapture(rec, tmp_path / "cap.sp", sp.ClassificationTask(), projection=_projection(),
+                             options=sp.CaptureArguments(reduction=told))  # fmt: skip
+    rec.begin_stage("main", dataset_size=len(classification_data))
+    x, y = classification_data.tensors
+    rows = torch.arange(8)
+
+    def first_batch() -> None:
+        with cap.batch((rows, (x[rows], y[rows]))) as (bx, by):
+            loss = F.cross_entropy(model(bx), by, reduction=loss_reduction)
+            opt.zero_grad()
+            loss.backward()
+
+    if refused:
+        ratio = "8" if loss_reduction == "sum" else "0.125"
+        with pytest.raises(sp.TaskError, match=rf"first batch are {ratio} times the task's per-example gradients"):
+            first_batch()
+    else:
+        first_batch()

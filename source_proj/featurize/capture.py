@@ -113,6 +113,10 @@ from source_proj.trajectory.recorder import (
 _FOLD_EVERY = 64
 MIN_BASIS_PASS = 64
 """The fewest examples a window's basis pass visits under ``CaptureArguments.basis_share`` (or all the stage's)."""
+SCALE_ROWS = 8
+"""The first batch's examples whose captured gradients are checked against the task's (``_check_scale``)."""
+MIN_SCALE_BATCH = 4
+"""Batches smaller than this are not checked: a summed loss differs from the mean by too little to tell from noise."""
 INDEX_KEY = "source_proj_index"
 """The key ``IndexedDataset`` adds to dict items (a batch's dataset row indices)."""
 
@@ -411,6 +415,8 @@ class GradientCapture:
         self._bound: Task | None = None
         self._target: Tensor | None = None
         self._checked = False
+        self._scale_batch: Batch | None = None  # the first captured batch, until its gradients' scale is checked
+        self._scale_checked = False
         self._probe = torch.zeros((), device=self.device, requires_grad=True)
         self._adam = False
         self._transform: GradientTransform | None = None  # an Adam stage's current D^{-1/2}, on the layers
@@ -619,6 +625,8 @@ class GradientCapture:
         factor = float(scale) if scale is not None else float(count if self.options.reduction == "mean" else 1)
         out = torch.zeros(count, self.dim, dtype=torch.float32, device=self.device)
         self._pending = (rows, out, factor)
+        if not self._scale_checked:
+            self._scale_batch = rest
         self._target = out
         self._probe.grad = None
         return rest
@@ -753,6 +761,9 @@ class GradientCapture:
                 "non-reentrant kind (use_reentrant=False), whose forward the layer hooks see."
             )
         grads = out * factor
+        if self._scale_batch is not None:
+            batch, self._scale_batch, self._scale_checked = self._scale_batch, None, True
+            self._check_scale(batch, grads)
         where = rows.to(self.buffer_device)
         self._sums.index_add_(0, where, grads.to(self.buffer_device))
         self._visits.index_add_(0, where, torch.ones_like(where, dtype=torch.int32))
@@ -884,6 +895,40 @@ class GradientCapture:
         fisher = target * weight.to(target).sqrt()[:, None]
         target.zero_()
         self._add_fisher(fisher)
+
+    def _check_scale(self, batch: Batch, grads: Tensor) -> None:
+        """Once, at the first captured batch: its captured gradients (the tapped δ times ``scale``) against the
+        task's per-example gradients of its first ``SCALE_ROWS`` examples, projected alike (eval mode, the random
+        state untouched). They agree up to dropout's and batch norm's noise where the training loss is what
+        ``reduction`` / ``scale`` say; a loss summed over the batch gives B times, an fp16 loss scaler its scale."""
+        count = grads.shape[0]
+        if count < MIN_SCALE_BATCH:
+            return
+        rows = min(SCALE_ROWS, count)
+        self._inside_check = True
+        try:
+            devices = []
+            if self.device.type == "cuda":
+                devices = [self.device.index if self.device.index is not None else torch.cuda.current_device()]
+            with modes_kept(self.model), torch.random.fork_rng(devices=devices):
+                self.model.eval()
+                grads_fn = PerExampleGradients(self.model, self.task, self.names)
+                expected = self.projector.project_batch(grads_fn, batch_rows(batch, slice(0, rows)),
+                                                        transform=self._transform)  # fmt: skip
+        finally:
+            self._inside_check = False
+        reference = float(expected.norm())
+        if reference == 0.0:
+            return
+        ratio = float(grads[:rows].norm()) / reference
+        if ratio > count / 2 or ratio < 2 / count:
+            raise TaskError(
+                f"The captured gradients of the first batch are {ratio:.3g} times the task's per-example gradients of "
+                f"the same examples (batches of {count}): the training loss is not what capture was told. A loss "
+                "summed over the batch needs CaptureArguments(reduction='sum'); a mean loss, the default; fp16 loss "
+                "scaling inflates the gradients capture taps (train in bf16 or fp32); with gradient accumulation pass "
+                "scale= (batch size times the batches accumulated)."
+            )
 
     def _check_outputs(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], batch: Batch) -> None:
         """Once: the model's forward, mapped by ``Task.outputs_of``, must give what ``Task.forward`` gives
