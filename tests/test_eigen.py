@@ -333,6 +333,74 @@ def test_eigh_on_an_accelerator_path_agrees_with_numpy() -> None:
     assert np.allclose(t_vectors * signs, vectors, atol=1e-8)
 
 
+def _factor(side: int, seed: int, rank: int | None = None) -> np.ndarray:
+    """A symmetric PSD factor in a random basis with distinct power-law eigenvalues (zero past ``rank``)."""
+    g = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(g.standard_normal((side, side)))
+    values = np.arange(1, side + 1, dtype=np.float64) ** -1.2 * (1 + 0.1 * g.random(side))
+    values = np.sort(values)[::-1]
+    if rank is not None:
+        values[rank:] = 0.0
+    return (q * values) @ q.T
+
+
+def test_leading_eigh_gives_the_leading_eigenpairs_and_always_ritz_pairs() -> None:
+    """Block subspace iteration run to a tolerance of 1e-12 gives NumPy's leading eigenvalues (to 1e-10) and
+    eigenvectors (up to sign), at the default 1e-6 the eigenvalues to 1e-5 of the largest, on a full-rank factor, a
+    rank-5 one and a zero one; a count whose 2·count reaches the side is NumPy's decomposition.
+    Stopped after any number of rounds its pairs are Ritz pairs of one orthonormal basis: VᵀV = I, VᵀSV = diag."""
+    from source_proj.projection.eigen import leading_eigh
+
+    for factor, count in ((_factor(300, 0), 12), (_factor(200, 1, rank=5), 8), (_factor(120, 2), 60)):
+        values, vectors = np.linalg.eigh(factor)
+        values, vectors = values[::-1][:count], vectors[:, ::-1][:, :count]
+        top, leading = leading_eigh(factor, count, tolerance=1e-12)
+        assert top.shape == (count,) and leading.shape == (factor.shape[0], count)
+        assert np.allclose(top, values, rtol=1e-10, atol=1e-12 * values[0])
+        assert np.abs(leading_eigh(factor, count)[0] - values).max() <= 1e-5 * values[0]  # the default tolerance
+        nonzero = values > 1e-9 * values[0]
+        signs = np.sign((leading * vectors).sum(0))[nonzero]
+        assert np.allclose(leading[:, nonzero] * signs, vectors[:, nonzero], atol=1e-6)
+    zero_values, zero_vectors = leading_eigh(np.zeros((100, 100)), 4)
+    assert np.array_equal(zero_values, np.zeros(4)) and np.allclose(zero_vectors.T @ zero_vectors, np.eye(4))
+    factor = _factor(300, 3)
+    for rounds in (1, 2, 5):
+        top, leading = leading_eigh(factor, 10, iterations=rounds)
+        assert np.allclose(leading.T @ leading, np.eye(10), atol=1e-12)
+        assert np.allclose(leading.T @ factor @ leading, np.diag(top), atol=1e-12 * top[0])
+    assert leading_eigh(factor, 10, iterations=1)[0][9] < np.linalg.eigvalsh(factor)[::-1][9] * (1 - 1e-6)
+
+
+def test_a_basis_of_wide_factors_decomposed_in_part_is_the_whole_decomposition(monkeypatch) -> None:
+    """Factors wider than ``PARTIAL_ABOVE`` give only their leading eigenpairs, ``FIRST_MODES`` at first and twice as
+    many wherever the allocation took all of them: the blocks, the share of the trace kept and the subspaces
+    kept are those of the whole decomposition (here with 2 modes first: the blocks need up to 8)."""
+    from source_proj.projection import eigen
+
+    a = [_factor(90, 10), _factor(70, 11), _factor(60, 12, rank=20)]
+    b = [_factor(40, 13), _factor(80, 14), _factor(30, 15)]
+    whole = eigen.EigenBasis.from_factors(["l0", "l1", "l2"], a, b, 160, [0], 10)
+    calls: list[tuple[int, int]] = []
+    leading = eigen.leading_eigh
+
+    def counted(matrix: np.ndarray, count: int, device="cpu", **kwargs):
+        calls.append((matrix.shape[0], count))
+        return leading(matrix, count, device, **kwargs)
+
+    monkeypatch.setattr(eigen, "leading_eigh", counted)
+    monkeypatch.setattr(eigen, "PARTIAL_ABOVE", 50)
+    monkeypatch.setattr(eigen, "FIRST_MODES", 2)
+    part = eigen.EigenBasis.from_factors(["l0", "l1", "l2"], a, b, 160, [0], 10)
+    assert part.blocks == whole.blocks and max(max(block) for block in whole.blocks) > 4
+    assert {side for side, _ in calls} == {90, 70, 60, 80} and max(count for _, count in calls) > 2
+    assert abs(part.captured - whole.captured) < 1e-6  # the iteration's tolerance
+    for mine, theirs, factor in zip((*part.out, *part.inp), (*whole.out, *whole.inp), (*b, *a), strict=True):
+        mine, theirs, factor = mine.double(), theirs.double(), torch.from_numpy(factor)
+        assert torch.allclose(mine.T @ mine, theirs.T @ theirs, atol=1e-3)  # the same kept subspace
+        kept, best = torch.trace(mine @ factor @ mine.T), torch.trace(theirs @ factor @ theirs.T)
+        assert abs(kept - best) <= 1e-6 * best  # and the same share of the factor in it
+
+
 def _token_data(n: int = 40, positions: int = 6) -> TensorDataset:
     g = torch.Generator().manual_seed(0)
     return TensorDataset(torch.randn(n, positions, 3, generator=g), torch.randint(0, 4, (n,), generator=g))

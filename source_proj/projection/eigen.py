@@ -31,6 +31,14 @@ the Kronecker factors do not cover (embeddings, tied weights, sides above ``MAX_
 parameters no layer factors (norms) share a random block of ``shared_dim(dim)`` coordinates first, as
 in the ``factored`` projection.
 
+**Decomposition.** A factor up to ``PARTIAL_ABOVE`` (2,048) wide is decomposed whole. A wider one (GPT-2
+small's 3,072, a 1B Llama's 8,192) gives only its leading eigenpairs (``leading_eigh``: block subspace iteration),
+64 at first, twice as many for any factor whose side the allocation took every one of, until none does; the
+greedy allocation then never looked past what was decomposed, so it is the one the whole spectrum gives, up to
+the iteration's tolerance (eigenvalues to 10⁻⁶ of the largest; the kept share of each factor's trace to about
+10⁻⁹). A float64 decomposition of a factor thousands wide takes seconds to minutes on a CPU, and a 1B Llama has 48
+that are 8,192 wide in a basis; in-run capture takes a basis at every window.
+
 The store keeps the basis (``projection/basis/<layer>/out|in``); queries and fits rebuild the
 projection from it and check it against the digest in the store's metadata.
 """
@@ -52,6 +60,10 @@ from source_proj.projection.factored import FactoredProjector, _Block
 from source_proj.projection.layers import FactoredLayer
 
 BASIS_PREFIX = "projection/basis"
+PARTIAL_ABOVE = 2048
+"""Factors wider than this are decomposed for their leading eigenpairs only (``leading_eigh``)."""
+FIRST_MODES = 64
+"""The leading eigenpairs a wide factor gives first; doubled where the allocation takes every one of them."""
 
 
 def shared_dim(dim: int) -> int:
@@ -133,17 +145,23 @@ class EigenBasis:
     ) -> EigenBasis:
         """Eigendecompose each layer's averaged A and B (on ``device``: see ``eigh``) and keep the allocated
         leading eigenvectors."""
-        decomposed = []
-        for a_i, b_i in zip(a, b, strict=True):
-            la, qa = eigh(a_i, device)
-            lb, qb = eigh(b_i, device)
-            decomposed.append((la[::-1], qa[:, ::-1], lb[::-1], qb[:, ::-1]))
-        blocks = allocate([d[0] for d in decomposed], [d[2] for d in decomposed], dim)
+        factors = [m for pair in zip(a, b, strict=True) for m in pair]  # A₀, B₀, A₁, B₁, …
+        decomposed = [_leading(m, FIRST_MODES, device) for m in factors]
+        while True:
+            blocks = allocate([d[0] for d in decomposed[0::2]], [d[0] for d in decomposed[1::2]], dim)
+            taken = [count for ko, ki in blocks for count in (ki, ko)]
+            short = [i for i, (values, _) in enumerate(decomposed)
+                     if taken[i] >= len(values) < factors[i].shape[0]]  # fmt: skip
+            if not short:
+                break
+            for i in short:  # the allocation might have taken more of these than were decomposed
+                decomposed[i] = _leading(factors[i], 2 * len(decomposed[i][0]), device)
         out, inp, kept, total = [], [], 0.0, 0.0
-        for (la, qa, lb, qb), (ko, ki) in zip(decomposed, blocks, strict=True):
+        for i, (ko, ki) in enumerate(blocks):
+            (la, qa), (lb, qb) = decomposed[2 * i], decomposed[2 * i + 1]
             la, lb = np.clip(la, 0, None), np.clip(lb, 0, None)
             kept += lb[:ko].sum() * la[:ki].sum()
-            total += lb.sum() * la.sum()
+            total += _trace(lb, b[i]) * _trace(la, a[i])
             out.append(_rows(qb[:, :ko]))
             inp.append(_rows(qa[:, :ki]))
         captured = float(kept / total) if total > 0 else 1.0
@@ -241,6 +259,61 @@ def eigh(matrix: np.ndarray, device: torch.device | str = "cpu") -> tuple[np.nda
 def _torch_eigh(sym: np.ndarray, device: torch.device | str) -> tuple[np.ndarray, np.ndarray]:
     values, vectors = torch.linalg.eigh(torch.from_numpy(np.ascontiguousarray(sym)).to(device, torch.float64))
     return values.cpu().numpy(), vectors.cpu().numpy()
+
+
+def leading_eigh(
+    matrix: np.ndarray,
+    count: int,
+    device: torch.device | str = "cpu",
+    *,
+    iterations: int = 300,
+    tolerance: float = 1e-6,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``count`` largest eigenvalues (descending) and their eigenvectors (columns) of a symmetric positive
+    semi-definite float64 matrix, by block subspace iteration on ``device``: 2·count vectors from a seeded Gaussian
+    start, multiplied by the matrix and re-orthonormalised until no leading Ritz value moves by more than
+    ``tolerance`` times the largest in a round (``iterations`` at most); the pairs returned are the Ritz pairs of
+    the last basis. A round costs 4·d²·count multiply-adds, a whole decomposition about 9·d³: with a decaying
+    spectrum a dozen rounds do, with a flat one (a random network's inputs) a few dozen, where the vectors matter
+    least (any of a cluster of near-equal eigenvalues keeps as much of the trace). Where 2·count reaches the side
+    the whole decomposition is taken."""
+    side = matrix.shape[0]
+    width = min(side, 2 * count)
+    if width >= side:
+        values, vectors = eigh(matrix, device)
+        return values[::-1][:count].copy(), vectors[:, ::-1][:, :count].copy()
+    sym = torch.from_numpy(np.ascontiguousarray((matrix + matrix.T) / 2)).to(device, torch.float64)
+    start = torch.randn(side, width, generator=torch.Generator().manual_seed(side), dtype=torch.float64)
+    basis = torch.linalg.qr(sym @ start.to(device))[0]
+    previous = None
+    for round_ in range(iterations):
+        image = sym @ basis
+        values, rotation = torch.linalg.eigh((basis.T @ image + image.T @ basis) / 2)  # Rayleigh–Ritz, ascending
+        top = values.flip(0)[:count]
+        scale = float(top.abs().max())
+        settled = previous is not None and float((top - previous).abs().max()) <= tolerance * scale
+        if scale == 0.0 or settled or round_ == iterations - 1:
+            break
+        previous = top
+        basis = torch.linalg.qr(image)[0]
+    vectors = basis @ rotation.flip(1)[:, :count]
+    return top.cpu().numpy(), vectors.cpu().numpy()
+
+
+def _leading(matrix: np.ndarray, count: int, device: torch.device | str) -> tuple[np.ndarray, np.ndarray]:
+    """A factor's eigenvalues (descending) and eigenvectors: all of them up to ``PARTIAL_ABOVE`` wide, else the
+    leading ``count`` (``leading_eigh``)."""
+    if matrix.shape[0] <= PARTIAL_ABOVE:
+        values, vectors = eigh(matrix, device)
+        return values[::-1], vectors[:, ::-1]
+    return leading_eigh(matrix, count, device)
+
+
+def _trace(values: np.ndarray, matrix: np.ndarray) -> float:
+    """A factor's trace: the sum of its (clipped) eigenvalues where all were decomposed, else of its diagonal."""
+    if len(values) == matrix.shape[0]:
+        return float(values.sum())
+    return max(float(np.trace(matrix)), float(values.sum()))
 
 
 def change_basis(features: Tensor, src: EigenBasis, dst: EigenBasis, shared: int) -> Tensor:
@@ -344,4 +417,12 @@ def basis_budget(dim: int, shares: bool) -> int:
     return budget
 
 
-__all__ = ["EigenBasis", "EigenProjector", "allocate", "basis_budget", "change_basis", "shared_dim"]
+__all__ = [
+    "EigenBasis",
+    "EigenProjector",
+    "allocate",
+    "basis_budget",
+    "change_basis",
+    "leading_eigh",
+    "shared_dim",
+]
