@@ -16,7 +16,9 @@ reused when present. Prints LDS [95 % CI], each store's per-query difference to 
 bootstrap interval, and featurize seconds; writes OUT/results.json and OUT/lds.png (LDS against k, a line per
 kind). A variant ``kind:k:M`` takes the projected Fisher of about M examples of each stage
 (``FeaturizeArguments.fisher_examples``: whole batches, drawn in every row chunk), ``kind:k:b=n`` the eigen basis
-from at most n checkpoints of each stage (``ProjectionArguments.basis_checkpoints``). ``--draw`` draws earlier runs'
+from at most n checkpoints of each stage (``ProjectionArguments.basis_checkpoints``), ``kind:k:partial=n`` the eigen
+basis with every factor wider than n decomposed for its leading eigenpairs only (``projection/eigen.py:
+PARTIAL_ABOVE``, 2,048 in the library, above every factor of this model). ``--draw`` draws earlier runs'
 results side by side, a panel each, into ``--figure``. The dense ``rademacher`` kind redraws a p × k matrix for
 every batch: about 10 minutes at width 256 and k = 512 on 2 threads.
 """
@@ -42,6 +44,7 @@ from capture_lds import paired  # noqa: E402
 import source_proj as sp  # noqa: E402
 from source_proj import evaluation as ev  # noqa: E402
 from source_proj.figures import pyplot, save_figure  # noqa: E402
+from source_proj.projection import eigen  # noqa: E402
 
 
 def main() -> None:
@@ -68,23 +71,31 @@ def main() -> None:
     variants = {}
     for item in args.variants.split(","):  # kind:k, kind:k:M (the Fisher of about M examples a stage), kind:k:b=n
         kind, dim, *extra = item.split(":")
-        label, examples, basis = kind, None, None
+        label, examples, basis, partial = kind, None, None, None
         for part in extra:
             if part.startswith("b="):  # the eigen basis from at most n checkpoints a stage
                 basis = int(part.removeprefix("b="))
                 label += f" basis of {basis} checkpoints"
+            elif part.startswith("partial="):  # factors wider than n decomposed for their leading eigenpairs
+                partial = int(part.removeprefix("partial="))
+                label += f" leading eigenpairs above {partial}"
             else:
                 examples = int(part)
                 label += f" Fisher of {examples}"
         projection = sp.ProjectionArguments(dim=int(dim), kind=kind, basis_checkpoints=basis)
-        variants[f"{label}, k = {dim}"] = (projection, examples)
+        variants[f"{label}, k = {dim}"] = (projection, examples, partial)
     scores, seconds, rows = {}, {}, None
-    for name, (projection, examples) in variants.items():
+    for name, (projection, examples, partial) in variants.items():
         store = args.out / f"{name.replace(', k = ', '-k').replace(' ', '-')}.sp"
         options = sp.FeaturizeArguments(batch_size=32, chunk_rows=128, fisher_examples=examples)
         start = time.perf_counter()
-        sp.featurize(run, lm.build_model(config=config), ctl.task(), lm.corpus(config).train, store,
-                     projection=projection, options=options, overwrite=True, progress=False)  # fmt: skip
+        default = eigen.PARTIAL_ABOVE
+        eigen.PARTIAL_ABOVE = default if partial is None else partial
+        try:
+            sp.featurize(run, lm.build_model(config=config), ctl.task(), lm.corpus(config).train, store,
+                         projection=projection, options=options, overwrite=True, progress=False)  # fmt: skip
+        finally:
+            eigen.PARTIAL_ABOVE = default
         seconds[name] = time.perf_counter() - start
         sp.fit(store, sp.FitArguments(stages=("finetune",), method=ctl.METHOD), overwrite=True, progress=False)
         attributor = sp.Attributor(store, lm.build_model(config=config), ctl.task(), method=ctl.METHOD)
