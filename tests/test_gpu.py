@@ -127,6 +127,21 @@ def test_adams_rank_r_scaling_fitted_on_cuda_equals_the_cpu_fit() -> None:
             assert torch.allclose(b.right.cpu(), a.right, rtol=1e-4, atol=1e-6)
 
 
+def test_leading_eigenpairs_on_cuda_equal_the_cpu_ones() -> None:
+    """The eigen basis decomposes factors wider than ``PARTIAL_ABOVE`` for their leading eigenpairs on the model's
+    device: on CUDA the iteration must give NumPy's leading eigenvalues and subspace, as on the CPU."""
+    from source_proj.projection.eigen import leading_eigh
+
+    g = np.random.default_rng(0)
+    q, _ = np.linalg.qr(g.standard_normal((600, 600)))
+    factor = (q * np.arange(1, 601, dtype=np.float64) ** -1.2) @ q.T
+    values, vectors = np.linalg.eigh(factor)
+    values, vectors = values[::-1][:20], vectors[:, ::-1][:, :20]
+    top, leading = leading_eigh(factor, 20, "cuda", tolerance=1e-12)
+    assert np.allclose(top, values, rtol=1e-10, atol=1e-12 * values[0])
+    assert np.allclose(leading @ leading.T, vectors @ vectors.T, atol=1e-6)
+
+
 def test_eigen_projection_on_cuda_gives_the_cpu_scores(tmp_path) -> None:
     """The eigen projection's basis pass, features and SOURCE fit on CUDA against the same on the CPU. At
     k = p the basis is complete, so its eigenvectors' signs and the order of near-equal eigenvalues (which
