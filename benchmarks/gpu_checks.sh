@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The figures issues 13 and 16 still need a GPU for, as one command for a lent H200 (about 8 minutes).
+# The figures issues 13 and 16 still need a GPU for, as one command for a lent H200 (about 9 minutes).
 #
 # Here, once, with a network: the wheels the device image lacks (zarr and its needs), into .whl:
 #     bash benchmarks/gpu_checks.sh --wheels          # .whl is in .gitignore
@@ -16,6 +16,8 @@
 #   gpt2-124m         issue 13: GPT-2 124M trained with the recorder, featurized (factored, k = 16,384,
 #                     bf16) and fitted on the GPU: tokens/s, examples/s, peak memory per phase
 #   query-10m         issue 13: 10,000 top-50 queries over 10M rows (k = 1,024, fp32 and bf16 rows)
+#   eigen-basis       issue 13: a 1B Llama's 8,192-wide Kronecker factor decomposed whole and for its leading
+#                     64 eigenpairs on the GPU (the eigen basis's decompositions; 48 such factors a basis)
 #   (not in the 10 minutes: the default eigen projection on GPT-2 124M, its basis pass included, is
 #   `python3 benchmarks/transformer_gpu.py --model gpt2-124m --length 1024 --sequences 512 --steps 40
 #    --dim 16384 --precision bf16 --projection eigen --phases featurize,fit --out /tmp/transformer-gpu`, on a
@@ -61,3 +63,5 @@ step gpt2-124m 200 python3 benchmarks/transformer_gpu.py --model gpt2-124m --len
     --steps 40 --dim 16384 --precision bf16 --out /tmp/transformer-gpu
 step query-10m 100 python3 benchmarks/query_scale.py --n 10000000 --dim 1024 --queries 10000 --top-k 50 \
     --backends torch,torch-bf16 --device cuda
+step eigen-basis 45 python3 benchmarks/eigen_basis_time.py --sides 8192 --block none --threads 16 --device cuda \
+    --json "$OUT/eigen-basis.json"
