@@ -35,8 +35,8 @@ in the ``factored`` projection.
 small's 3,072, a 1B Llama's 8,192) gives only its leading eigenpairs (``leading_eigh``: block subspace iteration),
 64 at first, twice as many for any factor whose side the allocation took every one of, until none does; the
 greedy allocation then never looked past what was decomposed, so it is the one the whole spectrum gives, up to
-the iteration's tolerance (eigenvalues to 10⁻⁶ of the largest; the kept share of each factor's trace to about
-10⁻⁹). A float64 decomposition of a factor thousands wide takes seconds to minutes on a CPU, and a 1B Llama has 48
+the iteration's tolerance (eigenvalues to 10⁻⁶ of the largest; the kept vectors hold the exact ones' share of
+the trace to 10⁻⁶). A float64 decomposition of a factor thousands wide takes seconds to minutes on a CPU, and a 1B Llama has 48
 that are 8,192 wide in a basis; in-run capture takes a basis at every window.
 
 The store keeps the basis (``projection/basis/<layer>/out|in``); queries and fits rebuild the
@@ -273,7 +273,7 @@ def leading_eigh(
     semi-definite float64 matrix, by block subspace iteration on ``device``: 2·count vectors from a seeded Gaussian
     start, multiplied by the matrix and re-orthonormalised until no leading Ritz value moves by more than
     ``tolerance`` times the largest in a round (``iterations`` at most); the pairs returned are the Ritz pairs of
-    the last basis. A round costs 4·d²·count multiply-adds, a whole decomposition about 9·d³: with a decaying
+    the last basis. A round costs about 4·d²·count flops, a whole decomposition about 9·d³: with a decaying
     spectrum a dozen rounds do, with a flat one (a random network's inputs) a few dozen, where the vectors matter
     least (any of a cluster of near-equal eigenvalues keeps as much of the trace). Where 2·count reaches the side
     the whole decomposition is taken."""
