@@ -187,8 +187,10 @@ def test_a_killed_shard_re_run_alone_completes_the_store(
     reference = files(one_process)
 
     store = tmp_path / "sharded.sp"
-    # Three independent processes race to prepare the store; shard 1 of 3 holds checkpoint 4's chunks.
-    slow = _env(SLOW_EXAMPLE_SECONDS="0.15")
+    # Three independent processes race to prepare the store; shard 1 of 3 holds checkpoint 4's chunks. At 0.05 s an
+    # example, shard 1 still has 8 examples and 2 chunks to go when its first chunk lands (about 1 s; the 0.15 s
+    # this test had cost 18 s, most of it in the 84 loads of the preparing shard's passes).
+    slow = _env(SLOW_EXAMPLE_SECONDS="0.05")
     commands = [[sys.executable, "-m", "source_proj.cli", *_featurize(tiny_run, spec, store, "--shard", f"{i}/3")]
                 for i in range(3)]  # fmt: skip
     procs = [subprocess.Popen(c, env=slow, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
