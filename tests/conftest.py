@@ -90,12 +90,16 @@ def regression_data() -> TensorDataset:
     return TensorDataset(x, y)
 
 
-@pytest.fixture
-def classification_data() -> TensorDataset:
+def _classification_data() -> TensorDataset:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(30, 4, generator=g)
     y = torch.randint(0, 3, (30,), generator=g)
     return TensorDataset(x, y)
+
+
+@pytest.fixture
+def classification_data() -> TensorDataset:
+    return _classification_data()
 
 
 @pytest.fixture(scope="session")
@@ -120,33 +124,44 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
 
 
-@pytest.fixture
-def fitted_mlp_store(tmp_path: Path, classification_data: TensorDataset) -> Path:
-    """A 4-16-3 MLP trained full-batch on ``classification_data`` (30 steps, checkpoints every 5),
-    featurized at k = 32 in row chunks of 9 (the last one partial) and fitted with SOURCE."""
+@pytest.fixture(scope="session")
+def _fitted_mlp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run (``run``) and the store (``s.sp``) of :func:`fitted_mlp_store`, computed once; do not modify them."""
+    root = tmp_path_factory.mktemp("fitted-mlp")
+    data = _classification_data()
     torch.manual_seed(0)
     full_batch_run(
-        tmp_path / "run",
+        root / "run",
         mlp(),
-        classification_data,
+        data,
         lambda o, t: F.cross_entropy(o, t, reduction="none"),
         lr=0.1,
         steps=30,
         save_every=5,
     )
-    store = tmp_path / "s.sp"
+    store = root / "s.sp"
     sp.featurize(
-        tmp_path / "run",
+        root / "run",
         mlp(),
         sp.ClassificationTask(),
-        classification_data,
+        data,
         store,
         projection=sp.ProjectionArguments(dim=32, kind="rademacher"),  # the dense oracle the tests compare with
         options=sp.FeaturizeArguments(batch_size=7, chunk_rows=9),
         progress=False,
     )
     fit(store, progress=False)
-    return store
+    return root
+
+
+@pytest.fixture
+def fitted_mlp_store(tmp_path: Path, _fitted_mlp: Path) -> Path:
+    """A 4-16-3 MLP trained full-batch on ``classification_data`` (30 steps, checkpoints every 5),
+    featurized at k = 32 in row chunks of 9 (the last one partial) and fitted with SOURCE: a copy of the
+    session's store in ``tmp_path / "s.sp"`` (change it freely), whose run (``meta["trajectory"]["path"]``)
+    is the session's, read-only."""
+    shutil.copytree(_fitted_mlp / "s.sp", tmp_path / "s.sp")
+    return tmp_path / "s.sp"
 
 
 CLI_SPEC = """

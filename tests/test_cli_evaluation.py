@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -68,22 +69,34 @@ def retrain(keep, seed):
 """
 
 
-@pytest.fixture
-def fitted(tmp_path: Path) -> tuple[Path, Path]:
-    spec_path = tmp_path / "spec.py"
+@pytest.fixture(scope="module")
+def _fitted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The spec, run and store of :func:`fitted`, computed once for the module; do not modify them."""
+    root = tmp_path_factory.mktemp("cli-evaluation")
+    spec_path = root / "spec.py"
     spec_path.write_text(SPEC)
-    load_spec(spec_path).module.train(0, run_dir=tmp_path / "run")
+    load_spec(spec_path).module.train(0, run_dir=root / "run")
     runner = CliRunner()
-    store = tmp_path / "s.sp"
+    store = root / "s.sp"
     out = runner.invoke(
         main,
-        ["featurize", "--ckpts", str(tmp_path / "run"), "--spec", str(spec_path), "--out", str(store), "--dim", "16"],
+        ["featurize", "--ckpts", str(root / "run"), "--spec", str(spec_path), "--out", str(store), "--dim", "16"],
     )
     assert out.exit_code == 0, out.output
     assert runner.invoke(main, ["fit", str(store)]).exit_code == 0
     out = runner.invoke(main, ["baseline", str(store), "--kind", "grad-dot,trak,repsim"])
     assert out.exit_code == 0, out.output
     return spec_path, store
+
+
+@pytest.fixture
+def fitted(_fitted: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
+    """(spec, store): the spec's run featurized (k = 16), fitted and with the grad-dot, TRAK and RepSim baselines,
+    through the CLI. The store is a copy in ``tmp_path`` (change it freely); the spec and the run it names are
+    the module's."""
+    spec_path, store = _fitted
+    shutil.copytree(store, tmp_path / "s.sp")
+    return spec_path, tmp_path / "s.sp"
 
 
 def test_compare_prints_the_library_lds_of_every_method_and_caches_the_retrains(fitted, tmp_path: Path) -> None:

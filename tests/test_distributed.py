@@ -73,12 +73,6 @@ def _torchrun(ranks: int, *command: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *command]
 
 
-def _run(command: list[str], timeout: float = 120, **env: str) -> str:
-    out = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_env(**env))
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-    return out.stdout
-
-
 def _in_process(*args: str) -> str:
     """A CLI command run in this process (where a separate process is not what is tested)."""
     out = CliRunner().invoke(main, list(args))
@@ -165,13 +159,46 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path, spec: Pa
     return root, out.stdout
 
 
+THREE_RANKS = """
+import torch.distributed as dist
+
+from source_proj.cli.main import main
+
+# The first command joins the process group itself (WORLD_SIZE is 3 and no group is initialised), as
+# `torchrun -m source_proj.cli featurize ...` does. Leaving it at its end is deferred (a process cannot join a
+# torchrun group a second time), so that the second command runs as a rank of the same group.
+leave = dist.destroy_process_group
+left = []
+dist.destroy_process_group = lambda *args, **kwargs: left.append(dist.is_initialized())
+featurize = ["featurize", "--ckpts", {run!r}, "--spec", {spec!r}, *{featurize!r}]
+assert not dist.is_initialized()
+main([*featurize, "--out", "3.sp"], standalone_mode=False)
+assert left == [True], left  # it joined the group, and left it at its end
+dist.destroy_process_group = leave
+main([*featurize, "--out", "3-factored.sp", *{factored!r}], standalone_mode=False)
+dist.destroy_process_group()
+"""
+
+
+@pytest.fixture(scope="module")
+def three_ranks(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path, spec: Path) -> Path:
+    """The folder of one torchrun launch of three gloo ranks that featurize ``3.sp`` (joining their process
+    group themselves, as the console module's ranks do) and, in the same group, ``3-factored.sp`` (the
+    factored projection and --shard-parameters). One launch: each costs 4 interpreters that import torch."""
+    root = tmp_path_factory.mktemp("three-ranks")
+    script = root / "ranks.py"
+    script.write_text(THREE_RANKS.format(run=str(tiny_run), spec=str(spec), featurize=FEATURIZE, factored=FACTORED))
+    out = subprocess.run(_torchrun(3, str(script)), capture_output=True, text=True, timeout=240, env=_env(), cwd=root)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    return root
+
+
 def test_two_and_three_gloo_ranks_write_the_store_a_single_process_writes(
-    tmp_path: Path, tiny_run: Path, spec: Path, one_process: Path, two_ranks: tuple[Path, str]
+    one_process: Path, two_ranks: tuple[Path, str], three_ranks: Path
 ) -> None:
-    """Three ranks of the console module (which join their process group themselves) and the two of
+    """Three ranks that join their process group themselves (:func:`three_ranks`) and the two of
     :func:`two_ranks`: two different splits of the 9 work items."""
-    _run(_torchrun(3, "-m", "source_proj.cli", *_featurize(tiny_run, spec, tmp_path / "3.sp")))
-    assert files(tmp_path / "3.sp") == files(one_process), "3 ranks"
+    assert files(three_ranks / "3.sp") == files(one_process), "3 ranks"
     # 2 ranks, then fit: the ranks split the checkpoints' curvature (broadcast in a fixed order) and the cached
     # chunks, so the fitted store is the fitted one-process store (whose featurized arrays are one.sp's).
     root, out = two_ranks
@@ -187,8 +214,10 @@ def test_a_killed_shard_re_run_alone_completes_the_store(
     reference = files(one_process)
 
     store = tmp_path / "sharded.sp"
-    # Three independent processes race to prepare the store; shard 1 of 3 holds checkpoint 4's chunks.
-    slow = _env(SLOW_EXAMPLE_SECONDS="0.15")
+    # Three independent processes race to prepare the store; shard 1 of 3 holds checkpoint 4's chunks. At 0.05 s an
+    # example, shard 1 still has 8 examples and 2 chunks to go when its first chunk lands (about 1 s; the 0.15 s
+    # this test had cost 18 s, most of it in the 84 loads of the preparing shard's passes).
+    slow = _env(SLOW_EXAMPLE_SECONDS="0.05")
     commands = [[sys.executable, "-m", "source_proj.cli", *_featurize(tiny_run, spec, store, "--shard", f"{i}/3")]
                 for i in range(3)]  # fmt: skip
     procs = [subprocess.Popen(c, env=slow, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
@@ -262,15 +291,13 @@ def test_a_slurm_shard_says_which_shard_it_computed(
 
 
 def test_sharded_parameters_on_gloo_ranks_write_the_store_one_process_writes(
-    tmp_path: Path, tiny_run: Path, spec: Path, one_process: Path, two_ranks: tuple[Path, str]
+    one_process: Path, two_ranks: tuple[Path, str], three_ranks: Path
 ) -> None:
     """2 and 3 ranks each hold a slice of every layer and gather it only while it runs (in lock step, the
     ranks with fewer rows running batches they discard): every byte of the store equals one process's, with
     the factored projection and (2 ranks) the eigen one, whose basis pass runs through the gathered layers."""
     reference = files(one_process.with_name("one-factored.sp"))
-    store = tmp_path / "3.sp"
-    _run(_torchrun(3, "-m", "source_proj.cli", *_featurize(tiny_run, spec, store, *FACTORED)))
-    assert files(store) == reference, "3 ranks"
+    assert files(three_ranks / "3-factored.sp") == reference, "3 ranks"
     root, out = two_ranks
     assert files(root / "2-factored.sp") == reference, out
     # The eigen projection: each rank runs the same basis pass through the gathered layers, as one process does.
