@@ -36,8 +36,8 @@ small's 3,072, a 1B Llama's 8,192) gives only its leading eigenpairs (``leading_
 64 at first, twice as many for any factor whose side the allocation took every one of, until none does; the
 greedy allocation then never looked past what was decomposed, so it is the one the whole spectrum gives, up to
 the iteration's tolerance (eigenvalues to 10⁻⁶ of the largest; the kept vectors hold the exact ones' share of
-the trace to 10⁻⁶). A float64 decomposition of a factor thousands wide takes seconds to minutes on a CPU, and a 1B Llama has 48
-that are 8,192 wide in a basis; in-run capture takes a basis at every window.
+the trace to 10⁻⁶). A float64 decomposition of a factor thousands wide takes seconds to minutes on a CPU, and a
+1B Llama has 48 that are 8,192 wide in a basis; in-run capture takes a basis at every window.
 
 The store keeps the basis (``projection/basis/<layer>/out|in``); queries and fits rebuild the
 projection from it and check it against the digest in the store's metadata.
