@@ -1306,3 +1306,41 @@ def test_a_training_loss_other_than_capture_was_told_is_refused_at_the_first_bat
             first_batch()
     else:
         first_batch()
+
+
+def test_capture_in_bf16_runs_its_own_passes_under_autocast_and_stays_close_to_fp32(
+    tmp_path: Path, classification_data
+) -> None:
+    """``precision="bf16"``: the end pass and the eigen basis passes (capture's own forwards, in eval mode) run under
+    bfloat16 autocast, none does in fp32; the layer hooks project in bf16, so the captured windows and the end pass
+    differ from fp32's, by bf16's rounding only; the store says bf16, and resuming it in fp32 is refused."""
+    data = {"main": classification_data}
+    kwargs = {"steps": 8, "batch": 8, "save_every": 4, "datasets": data}
+    seen: dict[str, list[bool]] = {}
+    arrays = {}
+    for precision in ("fp32", "bf16"):
+        seen[precision] = []
+        options = sp.CaptureArguments(chunk_rows=8, precision=precision)
+        for kind, projection in (("factored", _projection()), ("eigen", _eigen_capture(DIM))):
+            model = _mlp()
+            model[0].register_forward_hook(  # the eval-mode forwards: capture's own passes and checks
+                lambda m, a, o, p=precision: None if m.training else seen[p].append(torch.is_autocast_enabled("cpu"))
+            )
+            store = tmp_path / f"{precision}-{kind}.sp"
+            _train(tmp_path / f"{precision}-{kind}", store, classification_data, model=model, options=options,
+                   projection=projection, **kwargs)  # fmt: skip
+            arrays[precision, kind] = _store_arrays(store)
+        assert sp.Store.open(tmp_path / f"{precision}-eigen.sp").meta["featurize"]["precision"] == precision
+    assert seen["fp32"] and not any(seen["fp32"])
+    # the two end passes and the eigen run's basis passes (its first window's, its second's and the final one)
+    assert sum(seen["bf16"]) >= 5
+    fp32, bf16 = arrays["fp32", "factored"], arrays["bf16", "factored"]
+    compared = [name for name in fp32 if name.startswith(("capture/end/", "capture/grads/"))]
+    assert any(n.startswith("capture/end/") for n in compared) and any(n.startswith("capture/grads/") for n in compared)
+    for name in compared:
+        scale = np.abs(fp32[name]).max()
+        assert scale > 0 and not np.array_equal(fp32[name], bf16[name]), name
+        assert np.abs(fp32[name] - bf16[name]).max() <= 0.05 * scale, name
+    with pytest.raises(sp.StoreError, match=r"precision='bf16' there, 'fp32' here"):
+        _train(tmp_path / "bf16-factored", tmp_path / "bf16-factored.sp", classification_data, resume=True,
+               options=sp.CaptureArguments(chunk_rows=8), **kwargs)  # fmt: skip

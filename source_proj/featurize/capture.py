@@ -159,6 +159,11 @@ class CaptureArguments:
             without it, 0.012 above with it). Costs one forward and backward per example per stage. ``"auto"`` (the
             default): every stage whose examples ``datasets=`` holds as a map-style dataset (with ``len()``); none
             without them. ``True``: every stage (``datasets=`` required, with ``len()``); ``False``: none.
+        precision: ``"fp32"`` (default) or ``"bf16"``: capture's own passes (the end pass, the eigen basis passes,
+            the separate Fisher pass) run forward and backward under bfloat16 autocast, and the layer hooks project
+            in bf16 (their sums in fp32), as featurize's ``precision="bf16"``. For a run trained under bf16
+            autocast: in fp32 those passes cost several training steps' time each on a GPU. The visits themselves
+            are taken from the training step in whatever precision it runs.
     """
 
     fisher: Literal["sampled", "empirical"] = "sampled"
@@ -172,6 +177,7 @@ class CaptureArguments:
     basis_batch: int = 64
     basis_share: float | None = 0.25
     end_pass: bool | Literal["auto"] = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
 
     def identity(self) -> dict[str, Any]:
         """What the captured numbers depend on (``buffer`` and ``basis_batch`` do not)."""
@@ -282,6 +288,8 @@ class GradientCapture:
                             f"{options.basis_share!r}.")  # fmt: skip
         if options.end_pass not in (True, False, "auto"):
             raise TaskError(f"Capture's end_pass is True, False or 'auto', not {options.end_pass!r}.")
+        if options.precision not in ("fp32", "bf16"):
+            raise TaskError(f"Capture's precision is 'fp32' or 'bf16', not {options.precision!r}.")
         if options.end_pass is True and datasets is None:
             raise TaskError(
                 "The end pass reads each stage's examples at the stage's final weights; pass datasets= (each stage's "
@@ -332,7 +340,7 @@ class GradientCapture:
             assert self.datasets is not None
             try:
                 with modes_kept(self.model):  # PerExampleGradients puts its model in eval mode
-                    grads_fn = PerExampleGradients(self.model, task, names)
+                    grads_fn = PerExampleGradients(self.model, task, names, precision=options.precision)
                 self._pass = BasisPass.of(projection, grads_fn, task, self.datasets, names,
                                           batch_size=options.basis_batch, device=self.device,
                                           collate_fn=collate_fn)  # fmt: skip
@@ -380,7 +388,7 @@ class GradientCapture:
                 "chunk_rows": options.chunk_rows,
                 "fisher": options.fisher,
                 "seed": options.seed,
-                "precision": "fp32",
+                "precision": options.precision,
                 "fisher_directions": 0,
                 "measurement": False,
             },
@@ -467,6 +475,8 @@ class GradientCapture:
                 old["capture"] = {**old["capture"], "basis_share": share}
             if old.get("capture") is not None and "end_pass" not in old["capture"]:  # no end pass before the option
                 old["capture"] = {**old["capture"], "end_pass": False}
+            if old.get("capture") is not None and "precision" not in old["capture"]:  # fp32 before the option
+                old["capture"] = {**old["capture"], "precision": "fp32"}
             keys = ("params", "projection", "task", "featurize", "capture")
             differing = [k for k in keys if _identity(k, old.get(k)) != _identity(k, self._meta[k])]
             if "capture" in differing and old.get("capture") is not None:  # say which option, and how to match it
@@ -635,9 +645,10 @@ class GradientCapture:
         """Tap the model's layers with ``projector`` (in place of the last one's hooks)."""
         self._taps.close()
         self._taps = contextlib.ExitStack()
-        self._taps.enter_context(
-            projector.tapped(self.model, lambda: self._target, self._probe, transform=lambda: self._transform)
+        taps = projector.tapped(
+            self.model, lambda: self._target, self._probe, dtype=self._dtype, transform=lambda: self._transform
         )
+        self._taps.enter_context(taps)
         self.projector = projector
 
     def _visit(
@@ -951,6 +962,15 @@ class GradientCapture:
             )
         self._outputs_checked = True
 
+    @property
+    def _dtype(self) -> torch.dtype:
+        """What the layer hooks project in (``CaptureArguments.precision``)."""
+        return torch.bfloat16 if self.options.precision == "bf16" else torch.float32
+
+    def _autocast(self) -> torch.autocast:
+        """Capture's own forward passes under bfloat16 autocast where ``precision="bf16"`` (a no-op for fp32)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.options.precision == "bf16")
+
     def _bound_task(self) -> Task:
         """The task bound to the model, once: a text task checks its attention mask at its first forward only."""
         if self._bound is None:
@@ -971,9 +991,11 @@ class GradientCapture:
                 self.model.eval()
                 self._target = out
                 task = self._bound_task()
-                outputs = task.forward(self.model, batch)
-                ((weight, pseudo),) = task.fisher_targets(outputs.detach(), batch, generator)
-                total = task.loss(outputs, pseudo).sum()
+                with self._autocast():
+                    outputs = task.forward(self.model, batch)
+                ((weight, pseudo),) = task.fisher_targets(outputs.detach(), batch, generator)  # as featurize: outside
+                with self._autocast():
+                    total = task.loss(outputs, pseudo).sum()
                 torch.autograd.grad(total, self._probe, allow_unused=True)
         finally:
             self._target = None
@@ -1089,7 +1111,8 @@ class GradientCapture:
                         batch = move_batch(batch, self.device)
                         out = torch.zeros(batch_size(batch), self.dim, dtype=torch.float32, device=self.device)
                         self._target = out
-                        total = task.loss(task.forward(self.model, batch), batch).sum()
+                        with self._autocast():
+                            total = task.loss(task.forward(self.model, batch), batch).sum()
                         torch.autograd.grad(total, self._probe, allow_unused=True)
                         self._target = None
                         values, at = out.cpu(), 0
