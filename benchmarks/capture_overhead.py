@@ -28,10 +28,15 @@ last step, and costs one forward and backward per example, not a share of each s
 - ``capture, sampled Fisher, separate pass`` its own eval-mode forward and backward on every batch
                                  (``fisher_forward="separate"``, the default before 2026-11-30);
 - ``capture at the defaults``   ``CaptureArguments()``: the eigen projection, the Fisher on every batch, and the
-                                 end pass on stages of two epochs or more.
+                                 end pass on every stage;
+- ``capture at the defaults, bf16`` the same with ``precision="bf16"``: capture's own passes (the end pass, the
+                                 basis passes) under bfloat16 autocast, the hooks projecting in bf16.
+
+``--precision bf16`` trains under bfloat16 autocast (the forward and the loss; the user's mixed-precision loop), the
+run the ``bf16`` variant is for.
 
 ``--variants`` picks some by their short names (``empirical``, ``factored/4``, ``factored``, ``separate``,
-``eigen``, ``eigen/2``, ``eigen/4``, ``defaults``); the recorder alone always runs.
+``eigen``, ``eigen/2``, ``eigen/4``, ``defaults``, ``defaults-bf16``); the recorder alone always runs.
 
 The variants take their steps in turn (round robin), so that a load which changes over time (a
 shared machine) slows all of them alike.
@@ -178,7 +183,9 @@ class Variant:
         sync(self.args.device)
         t0 = time.perf_counter()
         with self.cap.batch(b, rows) if self.cap is not None else contextlib.nullcontext():
-            loss = loss_fn(self.model)
+            device = torch.device(self.args.device).type
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=self.args.precision == "bf16"):
+                loss = loss_fn(self.model)
             self.opt.zero_grad()
             loss.backward()
         self.opt.step()
@@ -222,6 +229,7 @@ VARIANTS = {  # short name: (the printed name, the capture's options; None: no c
     "eigen/2": ("capture (eigen), sampled Fisher / 2", sp.CaptureArguments(fisher_every=2, end_pass=False)),
     "eigen/4": ("capture (eigen), sampled Fisher / 4", sp.CaptureArguments(fisher_every=4, end_pass=False)),
     "defaults": ("capture at the defaults (eigen, end pass on every stage)", sp.CaptureArguments()),
+    "defaults-bf16": ("capture at the defaults (eigen), bf16 passes", sp.CaptureArguments(precision="bf16")),
 }
 
 
@@ -241,6 +249,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--save-every", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: train under autocast")
     parser.add_argument("--basis-examples", type=int, default=None, help="the eigen projection's, per basis pass "
                         "(the layers' budget off; default: the library's default basis)")  # fmt: skip
     parser.add_argument("--examples", type=int, default=4096, help="training examples (an epoch: examples/batch steps)")
@@ -265,7 +274,8 @@ def main() -> None:
         results = {name: loop.result() for name, loop in loops.items()}
     base, mean = results["recorder only"]["step_ms"], results["recorder only"]["mean_step_ms"]
     params = sum(p.numel() for p in build(args)[0].parameters())
-    print(f"{args.model} ({params:,} parameters), {args.optimizer}, k={args.dim}, batch {args.batch}, {args.device}, "
+    print(f"{args.model} ({params:,} parameters), {args.optimizer}, {args.precision} training, k={args.dim}, "
+          f"batch {args.batch}, {args.device}, "
           f"{args.steps} timed steps, a window every {args.save_every} steps")
     for name, r in results.items():
         overhead = "" if name == "recorder only" else f"  overhead {100 * (r['step_ms'] / base - 1):+.0f}%"
