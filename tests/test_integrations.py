@@ -619,3 +619,35 @@ def test_a_killed_lightning_trainer_resumes_its_recorded_run_where_the_recorder_
     fit("b", resume=True)
     a, b = sp.Trajectory.load(tmp_path / "a"), sp.Trajectory.load(tmp_path / "b")
     assert b.complete and [c.step for c in b.checkpoints] == [0, 3, 6, 9] and a.fingerprint() == b.fingerprint()
+
+
+def test_a_bf16_trainer_is_told_to_capture_in_bf16_and_captures_there_when_asked(tmp_path: Path) -> None:
+    """A Trainer with ``bf16=True`` whose capture keeps its own passes in fp32 is warned in one sentence; with
+    ``CaptureArguments(precision="bf16")`` it is not, the store records bf16, and it fits and answers queries."""
+    from transformers import Trainer, TrainingArguments
+
+    from source_proj.integrations import HuggingFaceCapture
+
+    ids, labels = _tokens(8, 0)
+    task = sp.SequenceClassificationTask(attention="bidirectional")
+    told: dict[str, list[str]] = {}
+    for precision in ("fp32", "bf16"):
+        args = TrainingArguments(
+            output_dir=str(tmp_path / precision), per_device_train_batch_size=4, num_train_epochs=1,
+            learning_rate=0.05, optim="sgd", lr_scheduler_type="constant", save_strategy="no", report_to=[],
+            use_cpu=True, bf16=True, disable_tqdm=True, logging_strategy="no", seed=0,
+        )  # fmt: skip
+        callback = HuggingFaceCapture(tmp_path / f"run-{precision}", tmp_path / f"{precision}.sp", task, save_every=1,
+                                      options=sp.CaptureArguments(basis_batch=8, precision=precision))  # fmt: skip
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            Trainer(model=_tiny_bert(), args=args, train_dataset=sp.IndexedDataset(_Dicts(ids, labels)),
+                    callbacks=[callback]).train()  # fmt: skip
+        told[precision] = [str(w.message) for w in caught if "trains in bf16" in str(w.message)]
+    assert told["bf16"] == [] and len(told["fp32"]) == 1
+    assert "options=sp.CaptureArguments(precision='bf16')" in told["fp32"][0]
+    store = sp.Store.open(tmp_path / "bf16.sp")
+    assert store.meta["featurize"]["precision"] == "bf16"
+    sp.fit(store.path, sp.FitArguments(segments_per_stage=1), progress=False)
+    scores = sp.Attributor(store.path, _tiny_bert(), task).scores(_Dicts(*_tokens(3, 1)))
+    assert scores.shape == (3, 8) and np.isfinite(scores).all() and np.abs(scores).max() > 0

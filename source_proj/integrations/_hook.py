@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -179,10 +180,20 @@ class CaptureSettings:
         self.capture_options = options
         self.capture: GradientCapture | None = None
 
-    def start_capture(self, recorder: TrajectoryRecorder, overwrite: bool, dataloader: Any) -> GradientCapture:
+    def start_capture(
+        self, recorder: TrajectoryRecorder, overwrite: bool, dataloader: Any, *, trains_bf16: bool = False
+    ) -> GradientCapture:
         """The capture of ``recorder``'s run into the store (overwriting it when the run is overwritten); the
         training dataloader's dataset is fingerprinted as the stage's data when it is a map-style dataset of
-        the stage's size (otherwise the store's data go unchecked, which a check of them says)."""
+        the stage's size (otherwise the store's data go unchecked, which a check of them says). ``trains_bf16``:
+        the trainer runs in bf16 mixed precision, which capture's own passes in fp32 would not (a warning says so)."""
+        if trains_bf16 and self.capture_options.precision == "fp32":
+            warnings.warn(
+                "The trainer trains in bf16, but capture's own passes (the end pass, the eigen basis passes) run in "
+                "fp32, at several times a bf16 pass's cost on a GPU; pass options=sp.CaptureArguments("
+                "precision='bf16').",
+                stacklevel=3,
+            )
         stage, size = recorder.stage
         dataset = getattr(dataloader, "dataset", None)
         try:

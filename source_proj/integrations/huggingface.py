@@ -117,7 +117,8 @@ class HuggingFaceCapture(HuggingFaceRecorder):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         super().on_train_begin(args, state, control, **kwargs)
         assert self.recorder is not None
-        self.settings.start_capture(self.recorder, self.overwrite, kwargs.get("train_dataloader"))
+        self.settings.start_capture(self.recorder, self.overwrite, kwargs.get("train_dataloader"),
+                                    trains_bf16=bool(getattr(args, "bf16", False)))  # fmt: skip
         self._accumulation = int(args.gradient_accumulation_steps)
         collate = getattr(kwargs.get("train_dataloader"), "collate_fn", None)
         columns = getattr(collate, "signature_columns", None)

@@ -104,7 +104,8 @@ class LightningCapture(LightningRecorder):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_start(trainer, pl_module)
         assert self.recorder is not None
-        self.settings.start_capture(self.recorder, self.overwrite, trainer.train_dataloader)
+        bf16 = str(getattr(trainer, "precision", "")).startswith("bf16")
+        self.settings.start_capture(self.recorder, self.overwrite, trainer.train_dataloader, trains_bf16=bf16)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         assert self.settings.capture is not None
