@@ -651,3 +651,44 @@ def test_a_bf16_trainer_is_told_to_capture_in_bf16_and_captures_there_when_asked
     sp.fit(store.path, sp.FitArguments(segments_per_stage=1), progress=False)
     scores = sp.Attributor(store.path, _tiny_bert(), task).scores(_Dicts(*_tokens(3, 1)))
     assert scores.shape == (3, 8) and np.isfinite(scores).all() and np.abs(scores).max() > 0
+
+
+def test_a_bf16_lightning_trainer_is_told_to_capture_in_bf16(tmp_path: Path, classification_data) -> None:
+    """Lightning with ``precision="bf16-mixed"`` and capture's own passes left in fp32: one warning, naming the
+    option; with ``precision="bf16"`` none, and the store records bf16."""
+    import lightning.pytorch as pl
+
+    from source_proj.integrations import LightningCapture
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return F.cross_entropy(self(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    told = {}
+    for precision in ("fp32", "bf16"):
+        loader = torch.utils.data.DataLoader(sp.IndexedDataset(classification_data), batch_size=10)
+        callback = LightningCapture(tmp_path / f"run-{precision}", tmp_path / f"{precision}.sp",
+                                    sp.ClassificationTask(), save_every=2,
+                                    projection=sp.ProjectionArguments(dim=16, kind="factored"),
+                                    options=sp.CaptureArguments(precision=precision))  # fmt: skip
+        trainer = pl.Trainer(max_epochs=1, accelerator="cpu", precision="bf16-mixed", logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[callback])  # fmt: skip
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(Module(), loader)
+        told[precision] = [str(w.message) for w in caught if "trains in bf16" in str(w.message)]
+    assert told["bf16"] == [] and len(told["fp32"]) == 1 and "precision='bf16'" in told["fp32"][0]
+    assert sp.Store.open(tmp_path / "bf16.sp").meta["featurize"]["precision"] == "bf16"
