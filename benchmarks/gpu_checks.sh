@@ -23,7 +23,10 @@
 #    --dim 16384 --precision bf16 --projection eigen --phases featurize,fit --out /tmp/transformer-gpu`, on a
 #   second call while the machine is still warm: it reads the run the gpt2-124m step trained; the same with
 #   `--fisher sampled` and then `--fisher sampled --fisher-examples 64` times the sampled Fisher's backward and
-#   what featurize saves with the Fisher of a share of the sequences)
+#   what featurize saves with the Fisher of a share of the sequences; and capture's own passes in bf16 on a run
+#   trained in bf16: `python3 benchmarks/capture_overhead.py --model gpt --optimizer adamw --device cuda --dim 4096
+#   --width 768 --layers 12 --heads 12 --vocab 50257 --seq 512 --batch 16 --steps 30 --warmup 0 --save-every 20
+#   --examples 1024 --precision bf16 --variants defaults,defaults-bf16`)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
