@@ -70,6 +70,7 @@ from source_proj.store.provenance import (
     save_reference_batch,
 )
 from source_proj.store.store import Store, ckpt_key, is_store, shard_chunks_for
+from source_proj.store.writer import ChunkWriter
 from source_proj.tasks.gradients import PerExampleGradients, batch_size, move_batch
 from source_proj.tasks.task import Task
 from source_proj.trajectory.recorder import Trajectory
@@ -563,7 +564,8 @@ def _featurize_units(
     rows = options.chunk_rows
     runs = [(unit, [chunk for u, chunk in work if u is unit]) for unit in _open_units(plan)]
     saving = shards.saving if shards is not None else contextlib.nullcontext
-    with tqdm(total=len(work), desc=desc, unit="chunk", disable=not progress) as bar:
+    # Each chunk is written by a thread of its own while the next is computed (``ChunkWriter``).
+    with tqdm(total=len(work), desc=desc, unit="chunk", disable=not progress) as bar, ChunkWriter(store) as writer:
         # One DataLoader per run of consecutive chunks of a unit: its workers start once and read ahead
         # across the run's chunks (a loader per chunk would restart them every chunk).
         for unit, chunks in runs:
@@ -606,13 +608,13 @@ def _featurize_units(
                         fisher_batches=taken.batches(chunk),
                     )
                 if fisher is not None:
-                    store.write_chunk(f"{unit.prefix}fisher/{unit.stage}/{unit.key}", chunk, fisher)
+                    writer.write(f"{unit.prefix}fisher/{unit.stage}/{unit.key}", chunk, fisher)
                 if sums is not None and factors is not None:
                     for suffix, values in chunk_values(sums, factors.layers, factors.diagonal).items():
-                        store.write_chunk(f"kfac/{unit.stage}/{unit.key}/{suffix}", chunk, values)
+                        writer.write(f"kfac/{unit.stage}/{unit.key}/{suffix}", chunk, values)
                 if measured is not None:
-                    store.write_chunk(f"measurement/{unit.stage}/{unit.key}", chunk, measured)
-                store.write_chunk(f"{unit.prefix}grads/{unit.stage}/{unit.key}", chunk, feats)
+                    writer.write(f"measurement/{unit.stage}/{unit.key}", chunk, measured)
+                writer.write(f"{unit.prefix}grads/{unit.stage}/{unit.key}", chunk, feats)
                 bar.update()
             if idle:  # the other ranks' batches gather every layer with this rank: take part, keep nothing
                 spare = _chunk_loader(unit.dataset, [(0, min(size, options.batch_size))], options, device)
