@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import shutil
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -1090,6 +1092,36 @@ def test_the_end_pass_adds_each_examples_gradient_at_the_stages_final_weights_as
         sp.fit(tmp_path / "e.sp", overwrite=True, progress=False)
     with pytest.raises(sp.TaskError, match=r"^The end pass reads each stage's examples .* pass datasets="):
         _train(tmp_path / "x", tmp_path / "x.sp", classification_data, steps=4, batch=8, save_every=4, options=end)
+
+
+def test_the_end_pass_is_written_behind_the_pass_and_equals_it_written_in_line(
+    tmp_path: Path, classification_data, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The end pass hands its chunks to the store's writer thread (``ChunkWriter``): slow writes (each held 50 ms)
+    still receive each chunk's own rows, not a later chunk's reusing its buffer, so the pass equals the one whose
+    chunks are written in line (``WRITE_BEHIND = 0``)."""
+    original, threads = sp.Store.write_chunk, {}
+
+    def slow(store: sp.Store, name: str, chunk: int, values: np.ndarray) -> None:
+        if name.startswith("capture/end/"):
+            time.sleep(0.05)
+            threads.setdefault(name.split("/")[-1], set()).add(threading.current_thread().name)
+        original(store, name, chunk, values)
+
+    monkeypatch.setattr(sp.Store, "write_chunk", slow)
+    kwargs = {"steps": 8, "batch": 8, "save_every": 4, "datasets": {"main": classification_data},
+              "options": sp.CaptureArguments(chunk_rows=8, end_pass=True)}  # fmt: skip
+    stores = {}
+    for depth in (2, 0):
+        monkeypatch.setattr("source_proj.store.writer.WRITE_BEHIND", depth)
+        torch.manual_seed(5)
+        _train(tmp_path / f"r{depth}", tmp_path / f"s{depth}.sp", classification_data, **kwargs)
+        stores[depth] = sp.Store.open(tmp_path / f"s{depth}.sp")
+    (name,) = stores[2].progress_arrays("capture/end/")
+    assert stores[2].num_chunks(name) > 2
+    assert threads == {name.split("/")[-1]: {"source-proj-writer", threading.current_thread().name}}
+    np.testing.assert_array_equal(stores[2].read(name), stores[0].read(name))
+    assert np.abs(stores[2].read(name)).max() > 0
 
 
 def test_the_eigen_end_pass_of_adamw_projects_with_the_last_windows_basis_and_a_run_killed_during_it_resumes(

@@ -4,6 +4,8 @@ runs, nothing handed over lost, and a shard never packed from rows another write
 
 from __future__ import annotations
 
+import errno
+import os
 import threading
 import time
 from pathlib import Path
@@ -188,3 +190,18 @@ def test_featurize_writes_behind_the_same_bytes_as_in_line(
     assert "source-proj-writer" in written_behind and "source-proj-writer" not in threads
     assert files(behind) == files(in_line)
     assert sp.verify_store(behind, progress=False).status == "ok"
+
+
+@pytest.mark.parametrize("depth", [0, 2])
+def test_an_os_error_of_a_write_reaches_the_caller_as_one_sentence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, depth: int
+) -> None:
+    store = _store(tmp_path / "s.sp")
+
+    def full(store: Store, name: str, chunk: int, values: np.ndarray) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Store, "write_chunk", full)
+    with pytest.raises(sp.StoreError, match=r"^Writing chunk 0 of 'grads/main/step-00000001' to .* the disk is full"):
+        with ChunkWriter(store, depth=depth) as writer:
+            writer.write(NAME, 0, _values(0))

@@ -99,6 +99,7 @@ from source_proj.store.provenance import (
     save_reference_batch,
 )
 from source_proj.store.store import Store, is_store
+from source_proj.store.writer import ChunkWriter
 from source_proj.store.writing import store_lock, writing
 from source_proj.tasks.gradients import PerExampleGradients, batch_rows, batch_size, move_batch
 from source_proj.tasks.task import Batch, Task
@@ -1102,40 +1103,42 @@ class GradientCapture:
             store.delete(name)
             store.require_array(name, (size, self.dim), rows, "float32")
             try:
-                if self.recorder.stage_optimizers().get(stage) in ADAM_KINDS:
-                    d = live_preconditioner(self.recorder.optimizer, self.params)
-                    self._transform = None if d is None else projector.scaling({n: t.rsqrt() for n, t in d.items()})
-                with modes_kept(self.model), model_errors(what), torch.enable_grad():
-                    self.model.eval()
-                    for batch in tqdm(loader, desc=f"end pass ({stage})", unit="batch", disable=not self._progress):
-                        batch = move_batch(batch, self.device)
-                        out = torch.zeros(batch_size(batch), self.dim, dtype=torch.float32, device=self.device)
-                        self._target = out
-                        with self._autocast():
-                            total = task.loss(task.forward(self.model, batch), batch).sum()
-                        torch.autograd.grad(total, self._probe, allow_unused=True)
-                        self._target = None
-                        values, at = out.cpu(), 0
-                        while at < values.shape[0]:  # a batch may straddle two chunks
-                            take = min(values.shape[0] - at, pending.shape[0] - filled)
-                            pending[filled : filled + take] = values[at : at + take]
-                            filled, at = filled + take, at + take
-                            if filled == min(rows, size - chunk * rows):
-                                self._write_end_chunk(store, name, stage, chunk, pending[:filled])
-                                chunk, filled = chunk + 1, 0
+                with ChunkWriter(store) as writer:  # each chunk written while the next is computed
+                    if self.recorder.stage_optimizers().get(stage) in ADAM_KINDS:
+                        d = live_preconditioner(self.recorder.optimizer, self.params)
+                        self._transform = None if d is None else projector.scaling({n: t.rsqrt() for n, t in d.items()})
+                    with modes_kept(self.model), model_errors(what), torch.enable_grad():
+                        self.model.eval()
+                        for batch in tqdm(loader, desc=f"end pass ({stage})", unit="batch", disable=not self._progress):
+                            batch = move_batch(batch, self.device)
+                            out = torch.zeros(batch_size(batch), self.dim, dtype=torch.float32, device=self.device)
+                            self._target = out
+                            with self._autocast():
+                                total = task.loss(task.forward(self.model, batch), batch).sum()
+                            torch.autograd.grad(total, self._probe, allow_unused=True)
+                            self._target = None
+                            values, at = out.cpu(), 0
+                            while at < values.shape[0]:  # a batch may straddle two chunks
+                                take = min(values.shape[0] - at, pending.shape[0] - filled)
+                                pending[filled : filled + take] = values[at : at + take]
+                                filled, at = filled + take, at + take
+                                if filled == min(rows, size - chunk * rows):
+                                    self._write_end_chunk(writer, name, stage, chunk, pending[:filled])
+                                    chunk, filled = chunk + 1, 0
+                                    pending = torch.zeros_like(pending)  # the writer holds the last one
             except OSError as err:
                 raise TaskError(f"Capture cannot read {what}: {type(err).__name__}: {err}.") from err
             finally:
                 self._target, self._transform = None, transform
 
-    def _write_end_chunk(self, store: Store, name: str, stage: str, chunk: int, values: Tensor) -> None:
+    def _write_end_chunk(self, writer: ChunkWriter, name: str, stage: str, chunk: int, values: Tensor) -> None:
         if not bool(torch.isfinite(values).all()):
             raise NumericalError(
                 f"The end pass's gradients of stage {stage!r} are NaN or infinite at step {self.recorder.global_step}; "
                 "check the training loss."
             )
         try:
-            store.write_chunk(name, chunk, values.numpy())
+            writer.write(name, chunk, values.numpy())
         except OSError as err:  # the store's fault, not the data's (``_end_pass`` names those)
             raise StoreError(f"Capture cannot write its end pass into {self.path}: {err}.") from err
 

@@ -10,8 +10,8 @@ and a disk slower than the device slows the computation down instead of filling 
 Nothing about crash safety changes: the thread writes the chunks in the order they were handed over, each
 through ``Store.write_chunk`` (data first, its progress entry after), so a kill loses at most the chunks still
 waiting, which are unfinished in the store and recomputed on resume, as before. A write that fails is raised
-in the computing thread at its next ``write`` or when the block ends, whichever comes first; what was
-handed over before it is still written.
+in the computing thread (an ``OSError`` as the one-sentence ``StoreError`` of ``io_errors``) at its next
+``write`` or when the block ends, whichever comes first; what was handed over before it is still written.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from types import TracebackType
 
 import numpy as np
 
+from source_proj.errors import StoreError
+from source_proj.store.durable import io_errors
 from source_proj.store.store import Store
 
 WRITE_BEHIND = 2
@@ -65,9 +67,11 @@ class ChunkWriter:
         ``depth`` chunks are already waiting. Raises the first failure of an earlier write."""
         self._raise_failure()
         if self._error is not None:
-            raise RuntimeError(f"an earlier write to {self.store.path} failed; nothing more is written there")
+            raise StoreError(f"An earlier write to {self.store.path} failed, so nothing more is written there; "
+                             "re-run the same command: it resumes.")
         if self._thread is None:
-            self.store.write_chunk(name, chunk, values)
+            with io_errors(self.store.path, f"chunk {chunk} of {name!r}"):
+                self.store.write_chunk(name, chunk, values)
             return
         while True:
             try:
@@ -76,7 +80,8 @@ class ChunkWriter:
             except queue.Full:
                 self._raise_failure()  # a failed thread takes nothing more: do not wait on it forever
                 if not self._thread.is_alive():
-                    raise RuntimeError("the store's writer thread stopped") from None
+                    raise StoreError(f"The writer thread of {self.store.path} stopped; re-run the same command: it "
+                                     "resumes.") from None
 
     def _run(self) -> None:
         while True:
@@ -87,7 +92,8 @@ class ChunkWriter:
                 continue  # after a failure nothing more is written: the store resumes from what it holds
             name, chunk, values = item  # type: ignore[misc]
             try:
-                self.store.write_chunk(name, chunk, values)
+                with io_errors(self.store.path, f"chunk {chunk} of {name!r}"):  # an OSError: one sentence too
+                    self.store.write_chunk(name, chunk, values)
             except BaseException as err:  # handed to the computing thread, raised there
                 self._error = err
 
