@@ -26,7 +26,9 @@
 #   what featurize saves with the Fisher of a share of the sequences; and capture's own passes in bf16 on a run
 #   trained in bf16: `python3 benchmarks/capture_overhead.py --model gpt --optimizer adamw --device cuda --dim 4096
 #   --width 768 --layers 12 --heads 12 --vocab 50257 --seq 512 --batch 16 --steps 30 --warmup 0 --save-every 20
-#   --examples 1024 --precision bf16 --variants defaults,defaults-bf16`)
+#   --examples 1024 --precision bf16 --variants defaults,defaults-bf16`; and featurize's writes behind the GPU's
+#   computation against in line: `python3 benchmarks/write_behind.py --device cuda --threads 8 --rounds 3
+#   --out /tmp/write-behind`, about a minute)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
