@@ -1,6 +1,6 @@
-"""Write-behind (``ChunkWriter``) and shards packed from the rows just staged: the same store bytes as writing
-each chunk in the computing thread, the writes really off that thread, failures raised where the computation
-runs, nothing handed over lost, and a shard never packed from rows another writer has replaced."""
+"""Write-behind (``ChunkWriter``): the same store bytes as writing each chunk in the computing thread, the writes
+really off that thread and in order, failures raised where the computation runs (an OSError as one sentence),
+and nothing handed over lost."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 
 import source_proj as sp
 import source_proj.store.writer as writer_module
-from source_proj.store.store import PACKED, Store
+from source_proj.store.store import Store
 from source_proj.store.writer import ChunkWriter
 
 from .crash_driver import featurize, files
@@ -125,48 +125,6 @@ def test_depth_zero_writes_in_the_computing_thread(tmp_path: Path, monkeypatch: 
     with ChunkWriter(store, depth=0) as writer:
         writer.write(NAME, 0, _values(0))
         assert gate.calls == [(0, threading.current_thread().name)]
-
-
-def test_a_shard_is_packed_from_the_rows_just_staged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No staged chunk is read back to pack the shard its writer completes; the shard holds their rows."""
-    store = _store(tmp_path / "s.sp", shard_chunks=5)
-    reads = []
-    monkeypatch.setattr(Store, "read_chunk", lambda self, name, chunk: reads.append(chunk))
-    for chunk in range(5):
-        store.write_chunk(NAME, chunk, _values(chunk))
-    assert reads == []
-    monkeypatch.undo()
-    assert (store.progress_entries(NAME)[:, 0] == PACKED).all() and store._unpacked == {}
-    np.testing.assert_array_equal(
-        Store.open(store.path).read(NAME), np.concatenate([_values(c) for c in range(5)])
-    )
-
-
-def test_rows_replaced_by_another_writer_are_read_back(tmp_path: Path) -> None:
-    """A chunk this store object staged but another one re-wrote since: its shard takes the newer rows."""
-    store = _store(tmp_path / "s.sp", shard_chunks=5)
-    for chunk in range(4):
-        store.write_chunk(NAME, chunk, _values(chunk))
-    other = Store.open(store.path, writable=True)
-    newer = _values(0) + 1
-    other.write_chunk(NAME, 0, newer)
-    store.write_chunk(NAME, 4, _values(4))  # completes the shard: packed by the first object
-    expected = np.concatenate([newer, *[_values(c) for c in range(1, 5)]])
-    np.testing.assert_array_equal(Store.open(store.path).read(NAME), expected)
-
-
-def test_kept_rows_stay_within_their_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    store = _store(tmp_path / "s.sp", shard_chunks=5)
-    budget = 2 * _values(0).nbytes
-    monkeypatch.setattr("source_proj.store.store.UNPACKED_BYTES", budget)
-    for chunk in range(4):
-        store.write_chunk(NAME, chunk, _values(chunk))
-        assert store._unpacked_bytes <= budget
-    assert list(store._unpacked) == [(NAME, 2), (NAME, 3)]  # the oldest went first
-    store.write_chunk(NAME, 4, _values(4))  # chunks 0 and 1 read back from their staged files
-    np.testing.assert_array_equal(
-        Store.open(store.path).read(NAME), np.concatenate([_values(c) for c in range(5)])
-    )
 
 
 def test_featurize_writes_behind_the_same_bytes_as_in_line(

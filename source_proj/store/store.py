@@ -24,14 +24,13 @@ consecutive row chunks of each array in one file (a zarr v3 shard, ``shards=``),
 10⁷ rows holds thousands of files, not millions. A shard file is only ever written whole (zarr
 rewrites a whole shard for any partial write): a finished chunk is first written to a file of its
 own under ``staging/`` and its entry set to 1; when the last chunk of a shard is finished, the
-shard is written in one piece from its chunks (the rows this ``Store`` object staged itself, kept in
-memory while their crc32 is still the one recorded; the others read back and crc-checked), their
-entries set to 2, and the staged files deleted. A kill between these steps leaves every chunk
-readable from where its entry says, and `Store.pack` (run by the writers when they finish) packs
-what was left. The progress entries of a shard's chunks share one file too. Two processes
-therefore never write the same file as long as they write disjoint *shards*: the distributed
-writers split their work at shard boundaries (``Store.shard_chunks``). Stores of format 1 (one
-file per chunk and per progress entry) are read and resumed as they are.
+shard is written in one piece from the verified chunks, their entries set to 2, and the staged
+files deleted. A kill between these steps leaves every chunk readable from where its entry says,
+and `Store.pack` (run by the writers when they finish) packs what was left. The progress
+entries of a shard's chunks share one file too. Two processes therefore never write the same
+file as long as they write disjoint *shards*: the distributed writers split their work at shard
+boundaries (``Store.shard_chunks``). Stores of format 1 (one file per chunk and per progress
+entry) are read and resumed as they are.
 
 Local stores write through [`DurableLocalStore`][]
 (fsync before a write counts), URLs (``s3://``, ``memory://``…) through zarr's fsspec store
@@ -47,7 +46,7 @@ import collections
 import json
 import warnings
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,10 +76,6 @@ SHARD_BYTES = 256 * 2**20
 about 600 files per array, small enough to be packed in memory."""
 
 
-UNPACKED_BYTES = 2 * SHARD_BYTES
-"""At most this much of a store object's staged chunks is kept in memory until their shard is packed."""
-
-
 def shard_chunks_for(chunk_bytes: int, shard_bytes: int = SHARD_BYTES) -> int:
     """Row chunks per shard file so that a shard holds at most ``shard_bytes`` (at least one chunk)."""
     return max(1, shard_bytes // max(1, chunk_bytes))
@@ -98,10 +93,6 @@ class Store:
         self.path = str(path)
         self.group = group
         self._arrays: dict[str, zarr.Array] = {}  # opened arrays (their metadata never changes; deletion forgets them)
-        # Chunks of sharded arrays this object staged and has not packed yet: (array, chunk) -> (crc32, rows).
-        # Their shard is packed from these rather than from their staged files read back (``_pack_shard``).
-        self._unpacked: collections.OrderedDict[tuple[str, int], tuple[int, np.ndarray]] = collections.OrderedDict()
-        self._unpacked_bytes = 0
 
     @classmethod
     def create(cls, path: str | Path, meta: dict[str, Any], *, overwrite: bool = False) -> Store:
@@ -146,7 +137,6 @@ class Store:
         """Re-read the store's metadata (after other processes or Store objects changed it)."""
         self.group = Store.open(self.path, writable=not self.group.store.read_only).group
         self._arrays.clear()
-        self._drop_unpacked(lambda key: True)
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -242,29 +232,6 @@ class Store:
         for key in list(self._arrays):
             if any(key == p or key.startswith(f"{p}/") for p in (prefix, f"progress/{prefix}", f"{STAGING}{prefix}")):
                 del self._arrays[key]
-        self._drop_unpacked(lambda key: key[0] == prefix or key[0].startswith(f"{prefix}/"))
-
-    def _keep_unpacked(self, name: str, chunk: int, crc: int, values: np.ndarray) -> None:
-        """Keep a staged chunk's rows (a copy) until its shard is packed, within ``UNPACKED_BYTES`` (the oldest
-        go first: their shard then reads them back from their staged files)."""
-        self._drop_unpacked(lambda key: key == (name, chunk))
-        self._unpacked[(name, chunk)] = (crc, values.copy())
-        self._unpacked_bytes += values.nbytes
-        while self._unpacked_bytes > UNPACKED_BYTES:
-            _, (_, old) = self._unpacked.popitem(last=False)
-            self._unpacked_bytes -= old.nbytes
-
-    def _drop_unpacked(self, which: Callable[[tuple[str, int]], bool]) -> None:
-        for key in [key for key in self._unpacked if which(key)]:
-            self._unpacked_bytes -= self._unpacked.pop(key)[1].nbytes
-
-    def _packing_values(self, name: str, chunk: int, crc: int) -> np.ndarray:
-        """The rows of a complete staged chunk to pack: kept in memory where this object wrote them and nothing
-        has written the chunk since (the same crc32), else read back and checked (``read_chunk``)."""
-        kept = self._unpacked.get((name, chunk))
-        if kept is not None and kept[0] == crc:
-            return kept[1]
-        return self.read_chunk(name, chunk)
 
     def _staging(self, name: str) -> zarr.Array:
         """Where the finished, not yet packed row chunks of sharded array ``name`` wait (one file each)."""
@@ -369,7 +336,6 @@ class Store:
 
     def mark_pending(self, name: str, chunks: list[int]) -> None:
         """Forget that these chunks were written, so the writing command recomputes them."""
-        self._drop_unpacked(lambda key: key[0] == name and key[1] in chunks)
         with io_errors(self.path, f"the progress entries of {name!r}"):
             for chunk in chunks:
                 self._set_progress(name, slice(chunk, chunk + 1), np.zeros((1, 2), dtype=np.uint32))
@@ -535,10 +501,9 @@ class Store:
         target = arr if arr.shards is None else self._staging(name)
         with io_errors(self.path, f"chunk {chunk} of {name!r}"):
             target[start:stop] = values
-            crc = zlib.crc32(values.tobytes())
-            self._set_progress(name, slice(chunk, chunk + 1), np.array([[WRITTEN, crc]], dtype=np.uint32))
+            entry = np.array([[WRITTEN, zlib.crc32(values.tobytes())]], dtype=np.uint32)
+            self._set_progress(name, slice(chunk, chunk + 1), entry)
         if arr.shards is not None:
-            self._keep_unpacked(name, chunk, crc, values)
             self._pack_shard(name, chunk // self.chunks_per_shard(name))
 
     def _pack_shard(self, name: str, shard: int) -> bool:
@@ -554,7 +519,7 @@ class Store:
             return False
         if (entries[:, 0] == PACKED).all():
             return True
-        values = np.concatenate([self._packing_values(name, c, int(entries[c - first, 1])) for c in range(first, last)])
+        values = np.concatenate([self.read_chunk(name, chunk) for chunk in range(first, last)])
         start, stop = self.chunk_rows(name, first)[0], self.chunk_rows(name, last - 1)[1]
         with io_errors(self.path, f"shard {shard} of {name!r}"):
             try:
@@ -566,7 +531,6 @@ class Store:
             packed = np.column_stack([np.full(last - first, PACKED, dtype=np.uint32), entries[:, 1]])
             self._set_progress(name, slice(first, last), packed)
             staged = self._staging(name)
-            self._drop_unpacked(lambda key: key[0] == name and first <= key[1] < last)
             for chunk in range(first, last):
                 if entries[chunk - first, 0] == WRITTEN:
                     key = staged.metadata.encode_chunk_key((chunk, *[0] * (arr.ndim - 1)))
