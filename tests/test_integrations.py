@@ -621,6 +621,82 @@ def test_a_killed_lightning_trainer_resumes_its_recorded_run_where_the_recorder_
     assert b.complete and [c.step for c in b.checkpoints] == [0, 3, 6, 9] and a.fingerprint() == b.fingerprint()
 
 
+def test_a_lightning_capture_killed_mid_epoch_resumes_into_the_training_that_happened(
+    tmp_path: Path, classification_data
+) -> None:
+    """Lightning resumed mid-epoch (from its checkpoint at step 6 of an 8-batch epoch) restarts the epoch's
+    dataloader, so it trains other batches than the uninterrupted run would (Lightning warns): the store must
+    describe the run that happened. Every window (a checkpoint per step) holds exactly the rows trained at its step,
+    the killed session's before the checkpoint and the resumed session's after it, each once, with the gradients
+    post-hoc featurize computes at that step's checkpoint."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+    from source_proj.featurize.windows import window_array
+    from source_proj.integrations import LightningCapture
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return F.cross_entropy(self(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    trained: dict[int, list[int]] = {}  # step -> the rows trained there, the last session's word
+
+    class Rows(Callback):
+        def on_train_batch_start(self, trainer, module, batch, _) -> None:
+            trained[trainer.global_step] = batch[0].tolist()  # IndexedDataset's indices, before capture takes them
+
+    class Kill(Callback):  # as step 6 begins: Lightning saves its checkpoints after the other callbacks' hooks
+        def on_train_batch_start(self, trainer, *args) -> None:
+            if trainer.global_step == 6:
+                raise _Killed
+
+    projection = sp.ProjectionArguments(dim=16, kind="factored")
+
+    def fit(*, kill: bool = False, resume: bool = False) -> None:
+        saves = ModelCheckpoint(dirpath=tmp_path / "pl", every_n_train_steps=1, save_top_k=-1)
+        capture = LightningCapture(tmp_path / "run", tmp_path / "cap.sp", sp.ClassificationTask(), save_every=1,
+                                   projection=projection, options=sp.CaptureArguments(fisher="empirical"))
+        callbacks = [Rows(), capture, saves] + ([Kill()] if kill else [])
+        trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=callbacks)  # fmt: skip
+        loader = torch.utils.data.DataLoader(sp.IndexedDataset(classification_data), batch_size=4, shuffle=True,
+                                             generator=torch.Generator().manual_seed(1))  # fmt: skip
+        trainer.fit(Module(), loader, ckpt_path=next((tmp_path / "pl").glob("*step=6.ckpt")) if resume else None)
+
+    with pytest.raises(_Killed):
+        fit(kill=True)  # killed as step 6 began, its batch taken by capture
+    killed = trained[6]
+    with pytest.warns(UserWarning, match="dataloader is not resumable"):
+        fit(resume=True)
+    assert trained[6] != killed  # the resumed epoch's loader started again: step 6 trained other rows
+    store = sp.Store.open(tmp_path / "cap.sp")
+    steps = [c.step for c in sp.Trajectory.load(tmp_path / "run").checkpoints][:-1]
+    assert steps == sorted(trained) == list(range(16))
+    for step in steps:
+        want = np.zeros(len(classification_data), dtype=np.uint32)
+        want[trained[step]] = 1
+        np.testing.assert_array_equal(store.read(window_array("visits", "main", step)), want, err_msg=str(step))
+    posthoc = sp.featurize(
+        tmp_path / "run", Module(), sp.ClassificationTask(), classification_data, tmp_path / "post.sp",
+        projection=projection, options=sp.FeaturizeArguments(fisher="empirical", measurement=False), progress=False,
+    )  # fmt: skip
+    assert _matches_posthoc_at_every_step(tmp_path / "run", tmp_path / "cap.sp", posthoc) == sum(
+        len(rows) for rows in trained.values()
+    )
+
+
 def test_a_bf16_trainer_is_told_to_capture_in_bf16_and_captures_there_when_asked(tmp_path: Path) -> None:
     """A Trainer with ``bf16=True`` whose capture keeps its own passes in fp32 is warned in one sentence; with
     ``CaptureArguments(precision="bf16")`` it is not, the store records bf16, and it fits and answers queries."""
