@@ -69,18 +69,19 @@ def _train(
     datasets: dict[str, TensorDataset] | None = None,
     projection: sp.ProjectionArguments | None = None,
     optimizer=None,
+    at_step: int | None = None,
 ) -> nn.Module:
     """SGD (momentum 0.9, weight decay) over epochs of a fixed per-epoch order; captured into ``store`` if given.
     ``crash_after``: raise after that many optimiser steps (a killed run); ``resume``: continue ``run``;
     ``on_batch(model, rows, optimizer)``: called after each backward, before the optimiser step; ``datasets``: for
-    capture; ``optimizer(parameters)``: another optimiser."""
+    capture; ``optimizer(parameters)``: another optimiser; ``at_step``: resume rewound to that checkpoint."""
     model = model if model is not None else _mlp()
     if optimizer is not None:
         opt = optimizer(model.parameters())
     else:
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     if resume:
-        rec = sp.TrajectoryRecorder.resume(run, model, opt, save_every=save_every)
+        rec = sp.TrajectoryRecorder.resume(run, model, opt, save_every=save_every, at_step=at_step)
     else:
         rec = sp.TrajectoryRecorder(run, model, opt, save_every=save_every, save_optimizer_state=True, overwrite=True)
     task = task or sp.ClassificationTask()
@@ -395,6 +396,44 @@ def test_killed_captured_run_resumes_into_the_store_of_an_uninterrupted_run(
     assert np.array_equal(uninterrupted.read(REFERENCE_BATCH), sp.Store.open(tmp_path / "b.sp").read(REFERENCE_BATCH))
     assert meta["fingerprint"] == uninterrupted.meta["fingerprint"] and meta["fingerprint"]["data"] is not None
     _refuses_another_activation(tmp_path / "b", tmp_path / "b.sp")
+
+
+@pytest.mark.parametrize("kind", ["factored", "eigen"])
+def test_a_finished_captured_run_rewound_to_an_earlier_checkpoint_trains_into_the_uninterrupted_store(
+    tmp_path: Path, classification_data, kind: str
+) -> None:
+    """``TrajectoryRecorder.resume(at_step=8)`` on a finished captured run (checkpoints 0, 4, 8, 12, 14; the end pass
+    at 14): the recorder forgets steps 9-14 and deletes their checkpoints at once, capture drops the windows from
+    step 8 (and the end pass) and its eigen basis sums are those of the windows before; trained again over the same
+    batches, run and store equal the uninterrupted ones, array for array. A step without a checkpoint is refused."""
+    kwargs = {"steps": 14, "batch": 8, "save_every": 4, "options": sp.CaptureArguments(chunk_rows=8),
+              "datasets": {"main": classification_data}, "projection": sp.ProjectionArguments(dim=DIM, kind=kind)}
+    _train(tmp_path / "a", tmp_path / "a.sp", classification_data, **kwargs)
+    _train(tmp_path / "b", tmp_path / "b.sp", classification_data, **kwargs)
+    with pytest.raises(sp.TrajectoryError, match=r"has no checkpoint at step 9 to rewind to \(its checkpoints: steps "
+                                                 r"0, 4, 8, 12, 14\); resume from one of those steps\.$"):
+        sp.TrajectoryRecorder.resume(tmp_path / "b", _mlp(), torch.optim.SGD(_mlp().parameters()), save_every=4,
+                                     at_step=9)  # fmt: skip
+    rewound = sp.TrajectoryRecorder.resume(tmp_path / "b", _mlp(), torch.optim.SGD(_mlp().parameters()),
+                                           save_every=4, at_step=8)  # fmt: skip
+    assert rewound.global_step == 8 and rewound.checkpoint_steps == [0, 4, 8]
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == [
+        f"step-{s:08d}.pt" for s in (0, 4, 8)
+    ]
+    sp.GradientCapture(rewound, tmp_path / "b.sp", sp.ClassificationTask(), projection=kwargs["projection"],
+                       options=kwargs["options"], datasets=kwargs["datasets"]).close()  # fmt: skip
+    windows = {int(n.rsplit("-", 1)[1]) for n in sp.Store.open(tmp_path / "b.sp").progress_arrays("capture/grads/")}
+    assert windows == {0, 4}  # the windows from step 8 on, and the end pass, are gone
+    _train(tmp_path / "b", tmp_path / "b.sp", classification_data, resume=True, at_step=8, **kwargs)
+    a, b = sp.Trajectory.load(tmp_path / "a"), sp.Trajectory.load(tmp_path / "b")
+    assert a.fingerprint() == b.fingerprint() and [c.step for c in b.checkpoints] == [0, 4, 8, 12, 14]
+    expected, got = _store_arrays(tmp_path / "a.sp"), _store_arrays(tmp_path / "b.sp")
+    assert sorted(expected) == sorted(got) and window_array("end", "main", 12) in got
+    for name in expected:
+        assert np.array_equal(expected[name], got[name]), name
+    meta = sp.Store.open(tmp_path / "b.sp").meta
+    assert meta["captured"] and meta["trajectory"]["fingerprint"] == a.fingerprint()
+    assert meta.get("capture_bases") == sp.Store.open(tmp_path / "a.sp").meta.get("capture_bases")
 
 
 def test_a_store_captured_before_fisher_forward_existed_resumes_with_the_separate_pass(

@@ -498,10 +498,13 @@ class _Killed(Exception):
     pass
 
 
-def _hf_run(tmp_path: Path, name: str, callback, *, kill_at: int | None = None, resume: bool = False) -> None:
+def _hf_run(
+    tmp_path: Path, name: str, callback, *, kill_at: int | None = None, resume: bool | Path = False
+) -> None:
     """A tiny BERT trained 12 AdamW steps (4 epochs of 3) by a Trainer that saves its checkpoints every 4 steps
     into ``tmp_path / name``; ``kill_at``: raise at that step (a killed run); ``resume``:
-    ``train(resume_from_checkpoint=True)`` (from step 4: mid-epoch, the Trainer skips the epoch's first batch)."""
+    ``train(resume_from_checkpoint=True)`` (from step 4: mid-epoch, the Trainer skips the epoch's first batch), or
+    from the checkpoint directory given."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     class Kill(TrainerCallback):
@@ -517,7 +520,7 @@ def _hf_run(tmp_path: Path, name: str, callback, *, kill_at: int | None = None, 
     ids, labels = _tokens(24, 0)
     trainer = Trainer(model=_tiny_bert(), args=args, train_dataset=sp.IndexedDataset(_Dicts(ids, labels)),
                       callbacks=[callback, Kill()])  # fmt: skip
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    trainer.train(resume_from_checkpoint=str(resume) if isinstance(resume, Path) else (True if resume else None))
 
 
 def test_a_killed_trainer_resumes_its_captured_run_exactly_where_the_recorder_has_its_checkpoint(
@@ -572,6 +575,41 @@ def test_a_killed_trainer_resumes_its_captured_run_exactly_where_the_recorder_ha
     )
 
 
+def test_a_trainer_resumed_from_an_earlier_checkpoint_rewinds_the_captured_run_when_asked(tmp_path: Path) -> None:
+    """A Trainer killed at step 10 and resumed from its checkpoint at step 4, not its last (8): refused in one sentence
+    that offers rewind=True; with it, the recorded run is rewound to step 4 and the store drops its windows from there,
+    so run and store end as the uninterrupted ones."""
+    from source_proj.integrations import HuggingFaceCapture
+
+    task = sp.SequenceClassificationTask(attention="bidirectional")
+
+    def capture(run: str, **kwargs) -> HuggingFaceCapture:
+        return HuggingFaceCapture(tmp_path / run, tmp_path / f"{run}.sp", task, save_every=4,
+                                  options=sp.CaptureArguments(chunk_rows=8), **kwargs)  # fmt: skip
+
+    _hf_run(tmp_path, "hf-a", capture("a"))
+    with pytest.raises(_Killed):
+        _hf_run(tmp_path, "hf-b", capture("b"), kill_at=10)
+    earlier = tmp_path / "hf-b" / "checkpoint-4"
+    with pytest.raises(sp.TrajectoryError) as err:
+        _hf_run(tmp_path, "hf-b", capture("b"), resume=earlier)
+    assert str(err.value) == (
+        f"The Trainer resumes at step 4, but the run recorded in {tmp_path / 'b'} has its last checkpoint at step 8; "
+        "resume the trainer from its checkpoint at step 8 (save trainer checkpoints at multiples of save_every), or "
+        "pass rewind=True to the callback to rewind the recorded run to its checkpoint at step 4 (the steps after it "
+        "are forgotten), or record a new run from the start."
+    )
+    _hf_run(tmp_path, "hf-b", capture("b", rewind=True), resume=earlier)
+    a, b = sp.Trajectory.load(tmp_path / "a"), sp.Trajectory.load(tmp_path / "b")
+    assert b.complete and [c.step for c in b.checkpoints] == [0, 4, 8, 12] and a.fingerprint() == b.fingerprint()
+    sa, sb = sp.Store.open(tmp_path / "a.sp"), sp.Store.open(tmp_path / "b.sp")
+    names = sorted(sa.progress_arrays())
+    assert names == sorted(sb.progress_arrays()) and "capture/end/main/step-00000008" in names
+    for name in names:
+        assert np.array_equal(sa.read(name), sb.read(name)), name
+    assert sb.meta["captured"] and sa.meta["fingerprint"] == sb.meta["fingerprint"]
+
+
 def test_a_killed_lightning_trainer_resumes_its_recorded_run_where_the_recorder_has_its_checkpoint(
     tmp_path: Path, classification_data
 ) -> None:
@@ -597,28 +635,42 @@ def test_a_killed_lightning_trainer_resumes_its_recorded_run_where_the_recorder_
             return [opt], [torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)]
 
     class Kill(Callback):
+        def __init__(self, step: int) -> None:
+            self.step = step
+
         def on_train_batch_end(self, trainer, *args) -> None:
-            if trainer.global_step == 4:
+            if trainer.global_step == self.step:
                 raise _Killed
 
-    def fit(name: str, *, kill: bool = False, resume: bool = False, overwrite: bool = False) -> None:
+    def fit(name: str, *, kill: int | None = None, resume: bool = False, overwrite: bool = False,
+            rewind: bool = False) -> None:  # fmt: skip
         saves = ModelCheckpoint(dirpath=tmp_path / f"pl-{name}", every_n_train_steps=3, save_top_k=-1)
-        callbacks = [LightningRecorder(tmp_path / name, save_every=3, overwrite=overwrite), saves]
+        callbacks = [LightningRecorder(tmp_path / name, save_every=3, overwrite=overwrite, rewind=rewind), saves]
+        callbacks += [Kill(kill)] if kill else []
         trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
-                             enable_model_summary=False, callbacks=callbacks + ([Kill()] if kill else []))  # fmt: skip
+                             enable_model_summary=False, callbacks=callbacks)  # fmt: skip
         loader = torch.utils.data.DataLoader(classification_data, batch_size=10)
         ckpt = next((tmp_path / f"pl-{name}").glob("*step=3.ckpt")) if resume else None
         trainer.fit(Module(), loader, ckpt_path=ckpt)
 
     fit("a")
     with pytest.raises(_Killed):
-        fit("b", kill=True)
+        fit("b", kill=4)
     with pytest.raises(sp.TrajectoryError, match=r"^The Lightning Trainer resumes at step 3, but a recorded run starts "
                                                  r"at step 0 and overwrite=True would record it from there; "):
         fit("b", resume=True, overwrite=True)
     fit("b", resume=True)
     a, b = sp.Trajectory.load(tmp_path / "a"), sp.Trajectory.load(tmp_path / "b")
     assert b.complete and [c.step for c in b.checkpoints] == [0, 3, 6, 9] and a.fingerprint() == b.fingerprint()
+    # Killed at step 7 (the recorder's last checkpoint at 6), resumed from the checkpoint at 3 with rewind=True.
+    with pytest.raises(_Killed):
+        fit("c", kill=7)
+    with pytest.raises(sp.TrajectoryError, match=r"or pass rewind=True to the callback to rewind the recorded run to "
+                                                 r"its checkpoint at step 3 \(the steps after it are forgotten\)"):
+        fit("c", resume=True)
+    fit("c", resume=True, rewind=True)
+    c = sp.Trajectory.load(tmp_path / "c")
+    assert c.complete and [s.step for s in c.checkpoints] == [0, 3, 6, 9] and a.fingerprint() == c.fingerprint()
 
 
 def test_a_lightning_capture_killed_mid_epoch_resumes_into_the_training_that_happened(

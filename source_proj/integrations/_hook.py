@@ -30,12 +30,14 @@ class RecorderSettings:
         stage: str = "main",
         dataset_size: int | None = None,
         overwrite: bool = False,
+        rewind: bool = False,
     ) -> None:
         self.run_dir = run_dir
         self.save_every = save_every
         self.stage = stage
         self.dataset_size = dataset_size
         self.overwrite = overwrite
+        self.rewind = rewind
         self.recorder: TrajectoryRecorder | None = None
         self._handle: Any = None
 
@@ -65,19 +67,20 @@ def start_recording(
     grad_scaler: Any | None = None,
     start_step: int = 0,
     trainer: str = "The Trainer",
+    rewind: bool = False,
 ) -> tuple[TrajectoryRecorder, Any]:
     """A recorder with its first stage begun, stepping after every optimizer step; returns it and the hook handle.
 
     The recorder measures each step's gradient-clipping factor (``recorder.py``); ``grad_scaler`` is the
     framework's loss scaler of an fp16 run, whose unscaling is not clipping. ``start_step``: the trainer's
     global step as training begins; above 0 it resumes from its own checkpoint, and so does the recorded run
-    (``resume_recording``).
+    (``resume_recording``; ``rewind``: also from an earlier checkpoint of the run than its last).
     """
     inner = torch_optimizer(optimizer)
     if start_step > 0:
         recorder = resume_recording(run_dir, model, inner, stage=stage, dataset_size=dataset_size,
                                     save_every=save_every, overwrite=overwrite, grad_scaler=grad_scaler,
-                                    start_step=start_step, trainer=trainer)  # fmt: skip
+                                    start_step=start_step, trainer=trainer, rewind=rewind)  # fmt: skip
     else:
         recorder = TrajectoryRecorder(
             run_dir, model, inner, save_every=save_every, overwrite=overwrite, grad_scaler=grad_scaler
@@ -99,10 +102,13 @@ def resume_recording(
     grad_scaler: Any | None,
     start_step: int,
     trainer: str,
+    rewind: bool = False,
 ) -> TrajectoryRecorder:
     """The recorded run resumed where a resumed trainer starts (``TrajectoryRecorder.resume``), so that it goes on
     as the uninterrupted run would: only where its last checkpoint is at that step and holds the weights the trainer
-    loaded there (its stage the callback's); anything else is refused, never recorded from the wrong step."""
+    loaded there (its stage the callback's); anything else is refused, never recorded from the wrong step. With
+    ``rewind``, an earlier checkpoint of the run at that step will do too: the run is rewound to it (the steps
+    after it forgotten, ``TrajectoryRecorder.resume(at_step=...)``)."""
     run = Path(run_dir)
     if overwrite:
         raise TrajectoryError(
@@ -117,7 +123,8 @@ def resume_recording(
         )
     try:  # as TrajectoryRecorder.resume reads it (an unfinished run's index is not a Trajectory yet)
         index = json.loads((run / "trajectory.json").read_text())
-        last = Checkpoint(**index["checkpoints"][-1])
+        checkpoints = [Checkpoint(**c) for c in index["checkpoints"]]
+        last = checkpoints[-1]
         stages = [s for s in index["stages"] if s["start_step"] <= start_step]
         name, size = stages[-1]["name"], stages[-1]["dataset_size"]
     except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
@@ -125,12 +132,19 @@ def resume_recording(
             f"{run} holds no readable trajectory with a checkpoint to resume from ({type(err).__name__}); record a new "
             "run from the start (train without resuming from a checkpoint)."
         ) from err
-    if last.step != start_step:
+    earlier = next((c for c in checkpoints[:-1] if c.step == start_step), None)
+    if last.step != start_step and not (rewind and earlier is not None):
+        also = (f", or pass rewind=True to the callback to rewind the recorded run to its checkpoint at step "
+                f"{start_step} (the steps after it are forgotten)") if earlier is not None else ""  # fmt: skip
         raise TrajectoryError(
             f"{trainer} resumes at step {start_step}, but the run recorded in {run} has its last checkpoint at step "
             f"{last.step}; resume the trainer from its checkpoint at step {last.step} (save trainer checkpoints at "
-            "multiples of save_every), or record a new run from the start."
+            f"multiples of save_every){also}, or record a new run from the start."
         )
+    at_step = None
+    if last.step != start_step:
+        assert earlier is not None
+        last, at_step = earlier, start_step
     if (name, size) != (stage, dataset_size):
         raise TrajectoryError(
             f"The run recorded in {run} trains stage {name!r} on {size} examples at step {start_step}, but the resumed "
@@ -147,7 +161,7 @@ def resume_recording(
     # The trainer restored the weights (those checked) and its optimizer's state, whose learning rate its scheduler
     # has moved on from the step's: the recorder's own would put back the rate the last step used.
     recorder = TrajectoryRecorder.resume(run, model, optimizer, save_every=save_every, grad_scaler=grad_scaler,
-                                         restore=False)
+                                         restore=False, at_step=at_step)
     return recorder
 
 

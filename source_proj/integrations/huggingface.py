@@ -13,7 +13,8 @@ clipping factor and SOURCE's step sizes include it (fp16's loss scaling is taken
 
 ``trainer.train(resume_from_checkpoint=...)`` continues the recorded run (and its capture store) where the
 recorder's last checkpoint is at the step the Trainer resumes from and holds the weights it loaded (save the
-Trainer's checkpoints at multiples of ``save_every``); any other resume is refused in one sentence, and so is
+Trainer's checkpoints at multiples of ``save_every``); from an earlier checkpoint of the run only with
+``rewind=True`` (the run and its store are rewound to it). Any other resume is refused in one sentence, and so is
 ``overwrite=True`` on a resumed Trainer (a recorded run starts at step 0).
 """
 
@@ -42,6 +43,8 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
         stage: the stage name.
         dataset_size: the training set size (default: ``len`` of the trainer's training dataset).
         overwrite: replace an existing trajectory in ``run_dir``.
+        rewind: a trainer resumed from an earlier checkpoint than the recorded run's last (one the run also
+            saved) rewinds the run to it: the steps recorded after it are forgotten (default: refused).
     """
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -54,6 +57,7 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
             dataset_size=size,
             save_every=self.save_every,
             overwrite=self.overwrite,
+            rewind=self.rewind,
             grad_scaler=getattr(kwargs["optimizer"], "scaler", None),  # accelerate's optimizer holds the fp16 scaler
             start_step=int(state.global_step),  # above 0: resume_from_checkpoint (see _hook.resume_recording)
             trainer="The Trainer",
@@ -94,6 +98,8 @@ class HuggingFaceCapture(HuggingFaceRecorder):
         stage: the stage name.
         dataset_size: the training set size (default: ``len`` of the trainer's training dataset).
         overwrite: replace an existing trajectory in ``run_dir`` and store at ``store_path``.
+        rewind: a trainer resumed from an earlier checkpoint than the recorded run's last (one the run also
+            saved) rewinds the run to it, and the store drops the windows captured after it (default: refused).
     """
 
     def __init__(
@@ -108,8 +114,10 @@ class HuggingFaceCapture(HuggingFaceRecorder):
         stage: str = "main",
         dataset_size: int | None = None,
         overwrite: bool = False,
+        rewind: bool = False,
     ) -> None:
-        super().__init__(run_dir, save_every=save_every, stage=stage, dataset_size=dataset_size, overwrite=overwrite)
+        super().__init__(run_dir, save_every=save_every, stage=stage, dataset_size=dataset_size, overwrite=overwrite,
+                         rewind=rewind)
         self.settings = CaptureSettings(store_path, task, projection=projection, options=options)
         self._model_hooks: list[Any] = []
         self._accumulation = 1

@@ -9,7 +9,8 @@ Usage::
 The LightningModule itself is the recorded model (its ``state_dict`` keys are what featurize loads).
 One optimizer only; the stage's dataset size is ``len(train_dataloader.dataset)`` unless given.
 ``trainer.fit(..., ckpt_path=...)`` continues the recorded run under the rule of the Hugging Face callbacks
-(``huggingface.py``): only from the recorder's last checkpoint, never with ``overwrite=True``.
+(``huggingface.py``): only from the recorder's last checkpoint (from an earlier one of the run with
+``rewind=True``), never with ``overwrite=True``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class LightningRecorder(RecorderSettings, Callback):
         stage: the stage name.
         dataset_size: the training set size (default: ``len`` of the training dataloader's dataset).
         overwrite: replace an existing trajectory in ``run_dir``.
+        rewind: a trainer resumed from an earlier checkpoint than the recorded run's last (one the run also
+            saved) rewinds the run to it: the steps recorded after it are forgotten (default: refused).
     """
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -52,6 +55,7 @@ class LightningRecorder(RecorderSettings, Callback):
             dataset_size=size,
             save_every=self.save_every,
             overwrite=self.overwrite,
+            rewind=self.rewind,
             grad_scaler=getattr(trainer.precision_plugin, "scaler", None),  # fp16 mixed precision's loss scaler
             start_step=int(trainer.global_step),  # above 0: fit(ckpt_path=...) (see _hook.resume_recording)
             trainer="The Lightning Trainer",
@@ -97,8 +101,10 @@ class LightningCapture(LightningRecorder):
         stage: str = "main",
         dataset_size: int | None = None,
         overwrite: bool = False,
+        rewind: bool = False,
     ) -> None:
-        super().__init__(run_dir, save_every=save_every, stage=stage, dataset_size=dataset_size, overwrite=overwrite)
+        super().__init__(run_dir, save_every=save_every, stage=stage, dataset_size=dataset_size, overwrite=overwrite,
+                         rewind=rewind)
         self.settings = CaptureSettings(store_path, task, projection=projection, options=options)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:

@@ -249,8 +249,9 @@ class TrajectoryRecorder:
         grad_scaler: Any | None = None,
         watch_clipping: bool = True,
         restore: bool = True,
+        at_step: int | None = None,
     ) -> TrajectoryRecorder:
-        """Continue the run in ``run_dir`` from its last checkpoint.
+        """Continue the run in ``run_dir`` from its last checkpoint (or the one saved at ``at_step``).
 
         An interrupted run forgets the steps recorded after its last checkpoint; a finished run is
         reopened to train further (more steps of its last stage, or a new stage with
@@ -261,6 +262,11 @@ class TrajectoryRecorder:
         it must visit the batches it would have visited from that step on. ``restore=False``: neither is loaded, for
         a trainer that restored both from its own checkpoint at that step (its optimizer's learning rate is the one
         its scheduler set after the step, the recorder's the one the step used).
+
+        ``at_step``: rewind the run to its checkpoint at that step and continue from there, as from a run killed
+        just after saving it: the steps recorded after it are forgotten and the later checkpoints' files deleted
+        (the index is rewritten first, so a kill in between leaves a consistent run). A store captured from the
+        run and resumed with this recorder drops its windows after that step alike (``GradientCapture``).
         """
         run = Path(run_dir)
         index_file = run / "trajectory.json"
@@ -273,6 +279,16 @@ class TrajectoryRecorder:
                 f"{run} holds no readable trajectory with a checkpoint to resume from ({type(err).__name__}); "
                 "start the run afresh with TrajectoryRecorder."
             ) from err
+        dropped: list[dict[str, Any]] = []
+        if at_step is not None:
+            kept = [c for c in checkpoints if int(c["step"]) <= at_step]
+            if not kept or int(kept[-1]["step"]) != at_step:
+                steps = ", ".join(str(c["step"]) for c in checkpoints)
+                raise TrajectoryError(
+                    f"The run recorded in {run} has no checkpoint at step {at_step} to rewind to (its checkpoints: "
+                    f"steps {steps}); resume from one of those steps."
+                )
+            checkpoints, dropped, last = kept, checkpoints[len(kept) :], kept[-1]
         if save_optimizer_state is None and last.get("optimizer_state"):
             save_optimizer_state = True  # as the run did
         recorder = cls.__new__(cls)
@@ -290,6 +306,9 @@ class TrajectoryRecorder:
         recorder._stages[-1]["end_step"] = None
         recorder._checkpoints = list(checkpoints)
         recorder._write_index()
+        for checkpoint in dropped:  # after the index, which no longer names them
+            if checkpoint["file"] not in {c["file"] for c in checkpoints}:
+                (run / checkpoint["file"]).unlink(missing_ok=True)
         return recorder
 
     @property
