@@ -14,6 +14,7 @@ import pytest
 import zarr
 
 import source_proj as sp
+import source_proj.store.store as store_module
 from source_proj.distributed import Shard
 from source_proj.store.store import PACKED, STAGING, WRITTEN, Store
 from source_proj.store.verify import verify_store
@@ -74,6 +75,50 @@ def test_a_sharded_array_holds_the_same_rows_in_a_file_per_shard(tmp_path: Path)
     assert sharded.pack(NAME) and not (tmp_path / "sharded.sp" / "staging").exists()
 
 
+@pytest.mark.parametrize(
+    ("rows", "tail", "chunk", "per", "zero", "negative"),
+    [
+        (29, (5,), 3, 4, [], []),  # the last shard partial, its last chunk short, an inner chunk beyond the array
+        (24, (5,), 3, 4, [1, 5], []),  # whole shards; chunks of the fill value 0.0, which zarr does not store
+        (24, (5,), 3, 4, [], [0, 2]),  # chunks of -0.0, which zarr stores (not the fill value bit for bit)
+        (12, (2, 3), 4, 3, [0, 1, 2], []),  # rows of 2 × 3; a shard of zeros only, which zarr does not write
+        (7, (), 2, 8, [], []),  # one-dimensional, one partial shard
+    ],
+)
+def test_shards_are_written_as_zarr_encodes_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rows: int, tail: tuple[int, ...], chunk: int, per: int,
+    zero: list[int], negative: list[int],
+) -> None:
+    """The shard file the store writes itself (``Store._write_shard_file``) holds zarr's own bytes for every layout
+    of rows and chunks, and every file of the store is the same as when zarr writes the shards."""
+    def fill(path: Path) -> None:
+        store = Store.create(path, {"layout": {"shard_chunks": per}})
+        store.require_array(NAME, (rows, *tail), chunk, "float32")
+        store.pending_chunks(NAME)
+        for c in range(store.num_chunks(NAME)):
+            start, stop = store.chunk_rows(NAME, c)
+            values = np.random.default_rng(c).normal(size=(stop - start, *tail)).astype(np.float32)
+            if c in zero or c in negative:
+                values = np.zeros_like(values) * (-1.0 if c in negative else 1.0)
+            store.write_chunk(NAME, c, values)
+        assert store.pack(NAME) and (store.progress_entries(NAME)[:, 0] == PACKED).all()
+
+    own = []
+    original = Store._write_shard_file
+    monkeypatch.setattr(Store, "_write_shard_file", lambda *a: own.append(original(*a)) or own[-1])
+    fill(tmp_path / "own.sp")
+    monkeypatch.setattr(Store, "_write_shard_file", lambda *a: False)
+    fill(tmp_path / "zarr.sp")
+    assert own and all(own)
+    mine, theirs = _files(tmp_path / "own.sp"), _files(tmp_path / "zarr.sp")
+    assert sorted(mine) == sorted(theirs) and any(f"{NAME}/c/" in k for k in mine)
+    for key in mine:
+        assert mine[key] == theirs[key], key
+    got = Store.open(tmp_path / "own.sp").read(NAME)
+    np.testing.assert_array_equal(got, Store.open(tmp_path / "zarr.sp").read(NAME))
+    assert all(np.signbit(got[c * chunk]).all() for c in negative)
+
+
 class _Killed(BaseException):
     pass
 
@@ -84,7 +129,7 @@ def test_a_kill_at_any_write_of_a_shards_packing_loses_no_chunk(tmp_path: Path, 
     reference = _store(tmp_path / "reference.sp", 4, rows=12)  # one shard of 4 chunks
     _write(reference, list(range(4)))
     reference.pack(NAME)
-    original = zarr.Array.__setitem__
+    original, original_file = zarr.Array.__setitem__, store_module.atomic_write_bytes
     kill = 0
     while True:
         path = tmp_path / f"killed-{kill}.sp"
@@ -92,19 +137,25 @@ def test_a_kill_at_any_write_of_a_shards_packing_loses_no_chunk(tmp_path: Path, 
         _write(store, [1, 2, 3])
         writes = {"count": 0}
 
-        def counting(self, selection, value, writes=writes, kill=kill):
-            if writes["count"] == kill:
-                raise _Killed
-            writes["count"] += 1
-            original(self, selection, value)
+        def killing(write, writes=writes, kill=kill):
+            def counted(*args):
+                if writes["count"] == kill:
+                    raise _Killed
+                writes["count"] += 1
+                write(*args)
 
-        monkeypatch.setattr(zarr.Array, "__setitem__", counting)
+            return counted
+
+        # zarr's writes, and the shard file the store writes itself (``Store._write_shard_file``)
+        monkeypatch.setattr(zarr.Array, "__setitem__", killing(original))
+        monkeypatch.setattr(store_module, "atomic_write_bytes", killing(original_file))
         try:
             _write(store, [0])  # completes shard 0: stage chunk 0, its entry, the shard, the entries (then deletions)
             finished = True
         except _Killed:
             finished = False
         monkeypatch.setattr(zarr.Array, "__setitem__", original)
+        monkeypatch.setattr(store_module, "atomic_write_bytes", original_file)
         reopened = Store.open(path, writable=True)
         assert reopened.heal(NAME) == []
         for chunk in range(4):

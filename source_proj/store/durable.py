@@ -21,7 +21,7 @@ import errno
 import os
 import secrets
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -85,15 +85,17 @@ def _create_temporary(path: Path) -> tuple[int, str]:
     raise FileExistsError(errno.EEXIST, "no unused temporary file name", str(path.parent))
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Replace ``path`` by ``data`` durably: afterwards, even after a crash, the file holds either
-    its old content or ``data``, never a mix, and survives power loss once this returns."""
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | Sequence[bytes | memoryview]) -> None:
+    """Replace ``path`` by ``data`` (bytes, or pieces written one after the other) durably: afterwards, even after a
+    crash, the file holds either its old content or ``data``, never a mix, and survives power loss once this
+    returns."""
     path = Path(path)
     created = _make_parents(path.parent)
     fd, tmp = _create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for piece in [data] if isinstance(data, bytes | bytearray | memoryview) else data:
+                f.write(piece)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

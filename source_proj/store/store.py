@@ -24,13 +24,14 @@ consecutive row chunks of each array in one file (a zarr v3 shard, ``shards=``),
 10⁷ rows holds thousands of files, not millions. A shard file is only ever written whole (zarr
 rewrites a whole shard for any partial write): a finished chunk is first written to a file of its
 own under ``staging/`` and its entry set to 1; when the last chunk of a shard is finished, the
-shard is written in one piece from the verified chunks, their entries set to 2, and the staged
-files deleted. A kill between these steps leaves every chunk readable from where its entry says,
-and `Store.pack` (run by the writers when they finish) packs what was left. The progress
-entries of a shard's chunks share one file too. Two processes therefore never write the same
-file as long as they write disjoint *shards*: the distributed writers split their work at shard
-boundaries (``Store.shard_chunks``). Stores of format 1 (one file per chunk and per progress
-entry) are read and resumed as they are.
+shard is written in one piece from the verified chunks (on a local disk by the store itself, in
+zarr's own encoding: ``_write_shard_file``), their entries set to 2, and the staged files deleted.
+A kill between these steps leaves every chunk readable from where its entry says, and
+`Store.pack` (run by the writers when they finish) packs what was left. The progress entries of a
+shard's chunks share one file too. Two processes therefore never write the same file as long as
+they write disjoint *shards*: the distributed writers split their work at shard boundaries
+(``Store.shard_chunks``). Stores of format 1 (one file per chunk and per progress entry) are read
+and resumed as they are.
 
 Local stores write through [`DurableLocalStore`][]
 (fsync before a write counts), URLs (``s3://``, ``memory://``…) through zarr's fsspec store
@@ -50,6 +51,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import zarr
 from zarr.core.buffer import default_buffer_prototype
@@ -310,7 +312,7 @@ class Store:
             values = np.asarray(holder[start:stop])
         except Exception as err:
             return f"unreadable: {type(err).__name__}, truncated?"
-        if zlib.crc32(values.tobytes()) != int(crc):
+        if crc32(values) != int(crc):
             return "its crc32 differs from the one recorded when it was written"
         return values
 
@@ -501,7 +503,7 @@ class Store:
         target = arr if arr.shards is None else self._staging(name)
         with io_errors(self.path, f"chunk {chunk} of {name!r}"):
             target[start:stop] = values
-            entry = np.array([[WRITTEN, zlib.crc32(values.tobytes())]], dtype=np.uint32)
+            entry = np.array([[WRITTEN, crc32(values)]], dtype=np.uint32)
             self._set_progress(name, slice(chunk, chunk + 1), entry)
         if arr.shards is not None:
             self._pack_shard(name, chunk // self.chunks_per_shard(name))
@@ -519,15 +521,16 @@ class Store:
             return False
         if (entries[:, 0] == PACKED).all():
             return True
-        values = np.concatenate([self.read_chunk(name, chunk) for chunk in range(first, last)])
+        chunks = [self.read_chunk(name, chunk) for chunk in range(first, last)]
         start, stop = self.chunk_rows(name, first)[0], self.chunk_rows(name, last - 1)[1]
         with io_errors(self.path, f"shard {shard} of {name!r}"):
             try:
-                arr[start:stop] = values
+                if not self._write_shard_file(arr, shard, chunks):
+                    arr[start:stop] = np.concatenate(chunks)
             except ValueError:  # zarr merges a partial (last) shard into the old file, which is damaged: drop it
                 key = f"{arr.path}/{arr.metadata.encode_chunk_key((shard, *[0] * (arr.ndim - 1)))}"
                 sync(self.group.store.delete(key))
-                arr[start:stop] = values
+                arr[start:stop] = np.concatenate(chunks)
             packed = np.column_stack([np.full(last - first, PACKED, dtype=np.uint32), entries[:, 1]])
             self._set_progress(name, slice(first, last), packed)
             staged = self._staging(name)
@@ -535,6 +538,54 @@ class Store:
                 if entries[chunk - first, 0] == WRITTEN:
                     key = staged.metadata.encode_chunk_key((chunk, *[0] * (arr.ndim - 1)))
                     sync(self.group.store.delete(f"{staged.path}/{key}"))
+        return True
+
+    def _write_shard_file(self, arr: zarr.Array, shard: int, chunks: list[np.ndarray]) -> bool:
+        """Write shard ``shard`` of ``arr`` (all its row chunks, in order) as one durable file on a local store, encoded
+        as zarr's sharding codec encodes it (the same bytes: ``tests/test_store_shards.py``) without its copies;
+        returns ``False``, writing nothing, where the array is not the uncompressed row-chunked layout this store
+        creates or the store is not local (zarr then writes it).
+
+        The layout (zarr v3 ``sharding_indexed``, index at the end): each stored inner chunk's bytes (full chunk
+        shape, an edge chunk padded with the fill value), then for every inner chunk its (offset, length) as
+        little-endian uint64 (2⁶⁴ − 1 twice for one not stored: beyond the array, or all fill value, as zarr skips
+        those), then the crc32c of that index. A shard with no stored chunk is deleted, as zarr does."""
+        codec = arr.metadata.codecs[0] if len(arr.metadata.codecs) == 1 else None
+        store = self.group.store
+        if (
+            not isinstance(store, DurableLocalStore)
+            or type(codec).__name__ != "ShardingCodec"
+            or len(codec.codecs) != 1  # type: ignore[union-attr]
+            or type(codec.codecs[0]).__name__ != "BytesCodec"  # type: ignore[union-attr]
+            or [type(c).__name__ for c in codec.index_codecs] != ["BytesCodec", "Crc32cCodec"]  # type: ignore[union-attr]
+            or getattr(codec.index_location, "value", None) != "end"  # type: ignore[union-attr]
+            or tuple(codec.chunk_shape[1:]) != tuple(arr.shape[1:])  # type: ignore[union-attr]
+            or arr.dtype.byteorder == ">"
+            or arr.dtype.kind not in "fiu"
+            or np.asarray(arr.metadata.fill_value).item() != 0
+            or getattr(getattr(arr.async_array, "config", None), "write_empty_chunks", True)
+            or 0 in arr.shape
+        ):
+            return False
+        rows, per = arr.chunks[0], arr.shards[0] // arr.chunks[0]  # type: ignore[index]
+        parts, index, offset = [], np.full((per, 2), np.iinfo(np.uint64).max, dtype="<u8"), 0
+        for inner, values in enumerate(chunks):  # those beyond the array's last row are not stored
+            block = np.ascontiguousarray(values, dtype=arr.dtype)
+            data = memoryview(block.reshape(-1)).cast("B")
+            if not np.frombuffer(data, dtype=np.uint8).any():  # all the fill value 0, bit for bit (-0.0 is not)
+                continue
+            if block.shape[0] < rows:  # the array's edge: padded with zeros to the chunk shape
+                block = np.concatenate([block, np.zeros((rows - block.shape[0], *block.shape[1:]), block.dtype)])
+                data = memoryview(block.reshape(-1)).cast("B")
+            parts.append(data)
+            index[inner] = (offset, data.nbytes)
+            offset += data.nbytes
+        key = f"{arr.path}/{arr.metadata.encode_chunk_key((shard, *[0] * (arr.ndim - 1)))}"
+        if not parts:
+            sync(store.delete(key))
+            return True
+        table = index.tobytes()
+        atomic_write_bytes(store.root / key, [*parts, table, google_crc32c.value(table).to_bytes(4, "little")])
         return True
 
     def pack(self, name: str) -> bool:
@@ -609,6 +660,12 @@ class Store:
         self.delete(name)
         self.require_array(name, tuple(values.shape), max(1, values.shape[0]), str(values.dtype))
         self.write_chunk(name, 0, values)
+
+
+def crc32(values: np.ndarray) -> int:
+    """The crc32 of an array's bytes in C order (``values.tobytes()``'s, without that copy)."""
+    contiguous = np.ascontiguousarray(values)
+    return zlib.crc32(memoryview(contiguous.reshape(-1)).cast("B")) if contiguous.size else zlib.crc32(b"")
 
 
 def is_done(entries: np.ndarray) -> np.ndarray:
