@@ -309,7 +309,10 @@ class Store:
         try:
             arr = self.array(name)
             holder = self.array(f"{STAGING}{name}") if state == WRITTEN and arr.shards is not None else arr
-            values = np.asarray(holder[start:stop])
+            if holder.shards is None and self._plain(holder):
+                values = self._read_chunk_file(holder, chunk, stop)
+            else:
+                values = np.asarray(holder[start:stop])
         except Exception as err:
             return f"unreadable: {type(err).__name__}, truncated?"
         if crc32(values) != int(crc):
@@ -502,7 +505,10 @@ class Store:
         self._progress(name, -(-arr.shape[0] // rows))
         target = arr if arr.shards is None else self._staging(name)
         with io_errors(self.path, f"chunk {chunk} of {name!r}"):
-            target[start:stop] = values
+            if self._plain(target):
+                self._write_chunk_file(target, chunk, values)
+            else:
+                target[start:stop] = values
             entry = np.array([[WRITTEN, crc32(values)]], dtype=np.uint32)
             self._set_progress(name, slice(chunk, chunk + 1), entry)
         if arr.shards is not None:
@@ -540,52 +546,96 @@ class Store:
                     sync(self.group.store.delete(f"{staged.path}/{key}"))
         return True
 
+    def _plain(self, arr: zarr.Array) -> bool:
+        """Whether ``arr`` is on a local disk in the layout this store creates, whose chunk files the store reads and
+        writes itself (``_write_chunk_file``, ``_read_chunk_file``, ``_write_shard_file``) in zarr's own encoding:
+        row chunks of whole rows, uncompressed (zarr's ``bytes`` codec, little-endian), fill value 0 and empty chunks
+        not stored; sharded, with zarr's default index (little-endian uint64 offsets and lengths, crc32c, at the end).
+        Anything else (a URL, another zarr layout) is read and written through zarr."""
+        codecs = arr.metadata.codecs
+        if not isinstance(self.group.store, DurableLocalStore) or len(codecs) != 1:
+            return False
+        codec, rows = codecs[0], arr.chunks
+        if type(codec).__name__ == "ShardingCodec":
+            inner = codec.codecs  # type: ignore[attr-defined]
+            if (
+                len(inner) != 1
+                or [type(c).__name__ for c in codec.index_codecs] != ["BytesCodec", "Crc32cCodec"]  # type: ignore[attr-defined]
+                or getattr(codec.index_location, "value", None) != "end"  # type: ignore[attr-defined]
+            ):
+                return False
+            codec = inner[0]
+        return (
+            type(codec).__name__ == "BytesCodec"
+            and getattr(codec.endian, "value", "little") == "little"  # type: ignore[attr-defined]
+            and tuple(rows[1:]) == tuple(arr.shape[1:])
+            and arr.dtype.byteorder != ">"
+            and arr.dtype.kind in "fiu"
+            and np.asarray(arr.metadata.fill_value).item() == 0
+            and not getattr(getattr(arr.async_array, "config", None), "write_empty_chunks", True)
+            and 0 not in arr.shape
+        )
+
+    def _chunk_key(self, arr: zarr.Array, index: int) -> str:
+        return f"{arr.path}/{arr.metadata.encode_chunk_key((index, *[0] * (arr.ndim - 1)))}"
+
+    @staticmethod
+    def _chunk_bytes(values: np.ndarray, rows: int, dtype: np.dtype) -> memoryview | None:
+        """A row chunk's bytes as zarr stores them (padded with zeros to ``rows`` rows at the array's edge), or
+        ``None`` where it is all the fill value 0, bit for bit (-0.0 is not), which zarr does not store."""
+        block = np.ascontiguousarray(values, dtype=dtype)
+        if not np.frombuffer(memoryview(block.reshape(-1)).cast("B"), dtype=np.uint8).any():
+            return None
+        if block.shape[0] < rows:
+            block = np.concatenate([block, np.zeros((rows - block.shape[0], *block.shape[1:]), block.dtype)])
+        return memoryview(block.reshape(-1)).cast("B")
+
+    def _write_chunk_file(self, arr: zarr.Array, chunk: int, values: np.ndarray) -> None:
+        """Row chunk ``chunk`` of an unsharded plain array (``_plain``), written durably as zarr writes it."""
+        key, data = self._chunk_key(arr, chunk), self._chunk_bytes(values, arr.chunks[0], arr.dtype)
+        if data is None:
+            sync(self.group.store.delete(key))
+        else:
+            atomic_write_bytes(self.group.store.root / key, data)  # type: ignore[attr-defined]
+
+    def _read_chunk_file(self, arr: zarr.Array, chunk: int, stop: int) -> np.ndarray:
+        """Rows ``chunk · rows`` to ``stop`` of an unsharded plain array (``_plain``), as zarr reads them."""
+        rows, tail = arr.chunks[0], tuple(arr.shape[1:])
+        path = self.group.store.root / self._chunk_key(arr, chunk)  # type: ignore[attr-defined]
+        if not path.exists():
+            return np.zeros((stop - chunk * rows, *tail), dtype=arr.dtype)  # all zeros: not stored
+        values = np.fromfile(path, dtype=arr.dtype)
+        if values.size != rows * int(np.prod(tail, dtype=np.int64)):
+            raise ValueError(f"{values.nbytes} bytes where a chunk holds {rows * arr.dtype.itemsize} per row")
+        return values.reshape(rows, *tail)[: stop - chunk * rows]
+
     def _write_shard_file(self, arr: zarr.Array, shard: int, chunks: list[np.ndarray]) -> bool:
         """Write shard ``shard`` of ``arr`` (all its row chunks, in order) as one durable file on a local store, encoded
         as zarr's sharding codec encodes it (the same bytes: ``tests/test_store_shards.py``) without its copies;
-        returns ``False``, writing nothing, where the array is not the uncompressed row-chunked layout this store
-        creates or the store is not local (zarr then writes it).
+        returns ``False``, writing nothing, where the array is not plain (``_plain``; zarr then writes it).
 
         The layout (zarr v3 ``sharding_indexed``, index at the end): each stored inner chunk's bytes (full chunk
         shape, an edge chunk padded with the fill value), then for every inner chunk its (offset, length) as
         little-endian uint64 (2⁶⁴ − 1 twice for one not stored: beyond the array, or all fill value, as zarr skips
         those), then the crc32c of that index. A shard with no stored chunk is deleted, as zarr does."""
-        codec = arr.metadata.codecs[0] if len(arr.metadata.codecs) == 1 else None
-        store = self.group.store
-        if (
-            not isinstance(store, DurableLocalStore)
-            or type(codec).__name__ != "ShardingCodec"
-            or len(codec.codecs) != 1  # type: ignore[union-attr]
-            or type(codec.codecs[0]).__name__ != "BytesCodec"  # type: ignore[union-attr]
-            or [type(c).__name__ for c in codec.index_codecs] != ["BytesCodec", "Crc32cCodec"]  # type: ignore[union-attr]
-            or getattr(codec.index_location, "value", None) != "end"  # type: ignore[union-attr]
-            or tuple(codec.chunk_shape[1:]) != tuple(arr.shape[1:])  # type: ignore[union-attr]
-            or arr.dtype.byteorder == ">"
-            or arr.dtype.kind not in "fiu"
-            or np.asarray(arr.metadata.fill_value).item() != 0
-            or getattr(getattr(arr.async_array, "config", None), "write_empty_chunks", True)
-            or 0 in arr.shape
-        ):
+        if arr.shards is None or not self._plain(arr):
             return False
-        rows, per = arr.chunks[0], arr.shards[0] // arr.chunks[0]  # type: ignore[index]
+        rows, per = arr.chunks[0], arr.shards[0] // arr.chunks[0]
         parts, index, offset = [], np.full((per, 2), np.iinfo(np.uint64).max, dtype="<u8"), 0
         for inner, values in enumerate(chunks):  # those beyond the array's last row are not stored
-            block = np.ascontiguousarray(values, dtype=arr.dtype)
-            data = memoryview(block.reshape(-1)).cast("B")
-            if not np.frombuffer(data, dtype=np.uint8).any():  # all the fill value 0, bit for bit (-0.0 is not)
+            data = self._chunk_bytes(values, rows, arr.dtype)
+            if data is None:
                 continue
-            if block.shape[0] < rows:  # the array's edge: padded with zeros to the chunk shape
-                block = np.concatenate([block, np.zeros((rows - block.shape[0], *block.shape[1:]), block.dtype)])
-                data = memoryview(block.reshape(-1)).cast("B")
             parts.append(data)
             index[inner] = (offset, data.nbytes)
             offset += data.nbytes
-        key = f"{arr.path}/{arr.metadata.encode_chunk_key((shard, *[0] * (arr.ndim - 1)))}"
+        key = self._chunk_key(arr, shard)
         if not parts:
-            sync(store.delete(key))
+            sync(self.group.store.delete(key))
             return True
         table = index.tobytes()
-        atomic_write_bytes(store.root / key, [*parts, table, google_crc32c.value(table).to_bytes(4, "little")])
+        atomic_write_bytes(self.group.store.root / key,  # type: ignore[attr-defined]
+                           [*parts, table, google_crc32c.value(table).to_bytes(4, "little")])  # fmt: skip
         return True
 
     def pack(self, name: str) -> bool:
