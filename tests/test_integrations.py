@@ -7,7 +7,9 @@ import os
 import subprocess
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -134,27 +136,42 @@ def test_transformers_trainer_callback_records_an_attributable_run(tmp_path: Pat
     assert scores.shape == (3, 24) and np.isfinite(scores).all() and np.abs(scores).max() > 0
 
 
-def test_lightning_callback_records_an_attributable_run(tmp_path: Path, classification_data) -> None:
+def _lightning_mlp(configure: Callable[[Any], Any]) -> type:
+    """The tests' LightningModule: a seeded 4-8-3 MLP (``Module(activation)``, Tanh by default), the batch's mean
+    cross-entropy on ``(x, y)`` batches (capture takes the indices out first), ``configure(parameters)`` as its
+    ``configure_optimizers``."""
     import lightning.pytorch as pl
 
-    from source_proj.integrations import LightningRecorder
-
     class Module(pl.LightningModule):
-        def __init__(self) -> None:
+        def __init__(self, activation: type[nn.Module] = nn.Tanh) -> None:
             super().__init__()
             torch.manual_seed(0)
-            self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+            self.net = nn.Sequential(nn.Linear(4, 8), activation(), nn.Linear(8, 3))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.net(x)
 
         def training_step(self, batch, _):
-            return F.cross_entropy(self(batch[0]), batch[1])
+            x, y = batch
+            return F.cross_entropy(self(x), y)
 
         def configure_optimizers(self):
-            opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
-            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+            return configure(self.parameters())
+
+    return Module
+
+
+def test_lightning_callback_records_an_attributable_run(tmp_path: Path, classification_data) -> None:
+    import lightning.pytorch as pl
+
+    from source_proj.integrations import LightningRecorder
+
+    def sgd_steps(params):
+        opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    Module = _lightning_mlp(sgd_steps)
 
     module = Module()
     loader = torch.utils.data.DataLoader(classification_data, batch_size=10, shuffle=True)
@@ -453,21 +470,7 @@ def test_lightning_capture_callback_captures_what_featurize_computes_at_each_ste
 
     from source_proj.integrations import LightningCapture
 
-    class Module(pl.LightningModule):
-        def __init__(self, activation: type[nn.Module] = nn.Tanh) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            self.net = nn.Sequential(nn.Linear(4, 8), activation(), nn.Linear(8, 3))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.net(x)
-
-        def training_step(self, batch, _):
-            x, y = batch  # the indices were taken out
-            return F.cross_entropy(self(x), y)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+    Module = _lightning_mlp(lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9))
 
     projection = sp.ProjectionArguments(dim=16, kind="factored")
     loader = torch.utils.data.DataLoader(sp.IndexedDataset(classification_data), batch_size=10, shuffle=True)
@@ -620,19 +623,11 @@ def test_a_killed_lightning_trainer_resumes_its_recorded_run_where_the_recorder_
 
     from source_proj.integrations import LightningRecorder
 
-    class Module(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    def adamw(params):
+        opt = torch.optim.AdamW(params, lr=0.01)
+        return [opt], [torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)]
 
-        def training_step(self, batch, _):
-            x, y = batch
-            return F.cross_entropy(self.net(x), y)
-
-        def configure_optimizers(self):
-            opt = torch.optim.AdamW(self.parameters(), lr=0.01)
-            return [opt], [torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)]
+    Module = _lightning_mlp(adamw)
 
     class Kill(Callback):
         def __init__(self, step: int) -> None:
@@ -687,21 +682,7 @@ def test_a_lightning_capture_killed_mid_epoch_resumes_into_the_training_that_hap
     from source_proj.featurize.windows import window_array
     from source_proj.integrations import LightningCapture
 
-    class Module(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.net(x)
-
-        def training_step(self, batch, _):
-            x, y = batch
-            return F.cross_entropy(self(x), y)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+    Module = _lightning_mlp(lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9))
 
     trained: dict[int, list[int]] = {}  # step -> the rows trained there, the last session's word
 
@@ -788,21 +769,7 @@ def test_a_bf16_lightning_trainer_is_told_to_capture_in_bf16(tmp_path: Path, cla
 
     from source_proj.integrations import LightningCapture
 
-    class Module(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.net(x)
-
-        def training_step(self, batch, _):
-            x, y = batch
-            return F.cross_entropy(self(x), y)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
+    Module = _lightning_mlp(lambda params: torch.optim.SGD(params, lr=0.1))
 
     told = {}
     for precision in ("fp32", "bf16"):
