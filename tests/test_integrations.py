@@ -526,6 +526,29 @@ def _hf_run(
     trainer.train(resume_from_checkpoint=str(resume) if isinstance(resume, Path) else (True if resume else None))
 
 
+def _hf_capture(tmp_path: Path, run: str, **kwargs):
+    """The resume tests' capture callback: run ``tmp_path / run``, store ``tmp_path / f"{run}.sp"``, a checkpoint
+    every 4 steps."""
+    from source_proj.integrations import HuggingFaceCapture
+
+    task = sp.SequenceClassificationTask(attention="bidirectional")
+    return HuggingFaceCapture(tmp_path / run, tmp_path / f"{run}.sp", task, save_every=4,
+                              options=sp.CaptureArguments(chunk_rows=8), **kwargs)  # fmt: skip
+
+
+def _same_captured_runs(a_run: Path, b_run: Path) -> None:
+    """Two finished captured runs of ``_hf_run`` (12 steps): the same trajectory, and stores equal array for array
+    (the end pass included) with the same fingerprints."""
+    a, b = sp.Trajectory.load(a_run), sp.Trajectory.load(b_run)
+    assert b.complete and [c.step for c in b.checkpoints] == [0, 4, 8, 12] and a.fingerprint() == b.fingerprint()
+    sa, sb = sp.Store.open(f"{a_run}.sp"), sp.Store.open(f"{b_run}.sp")
+    names = sorted(sa.progress_arrays())
+    assert names == sorted(sb.progress_arrays()) and "capture/end/main/step-00000008" in names
+    for name in names:
+        assert np.array_equal(sa.read(name), sb.read(name)), name
+    assert sb.meta["captured"] and sa.meta["fingerprint"] == sb.meta["fingerprint"]
+
+
 def test_a_killed_trainer_resumes_its_captured_run_exactly_where_the_recorder_has_its_checkpoint(
     tmp_path: Path,
 ) -> None:
@@ -535,11 +558,8 @@ def test_a_killed_trainer_resumes_its_captured_run_exactly_where_the_recorder_ha
     resumed steps as steps from 0) is refused in one sentence."""
     from source_proj.integrations import HuggingFaceCapture, HuggingFaceRecorder
 
-    task = sp.SequenceClassificationTask(attention="bidirectional")
-
     def capture(run: str, **kwargs) -> HuggingFaceCapture:
-        return HuggingFaceCapture(tmp_path / run, tmp_path / f"{run}.sp", task, save_every=4,
-                                  options=sp.CaptureArguments(chunk_rows=8), **kwargs)  # fmt: skip
+        return _hf_capture(tmp_path, run, **kwargs)
 
     _hf_run(tmp_path, "hf-a", capture("a"))
     with pytest.raises(_Killed):
@@ -552,14 +572,7 @@ def test_a_killed_trainer_resumes_its_captured_run_exactly_where_the_recorder_ha
         f"{tmp_path / 'b'}."
     )
     _hf_run(tmp_path, "hf-b", capture("b"), resume=True)
-    a, b = sp.Trajectory.load(tmp_path / "a"), sp.Trajectory.load(tmp_path / "b")
-    assert b.complete and [c.step for c in b.checkpoints] == [0, 4, 8, 12] and a.fingerprint() == b.fingerprint()
-    sa, sb = sp.Store.open(tmp_path / "a.sp"), sp.Store.open(tmp_path / "b.sp")
-    names = sorted(sa.progress_arrays())
-    assert names == sorted(sb.progress_arrays()) and "capture/end/main/step-00000008" in names
-    for name in names:
-        assert np.array_equal(sa.read(name), sb.read(name)), name
-    assert sb.meta["captured"] and sa.meta["fingerprint"] == sb.meta["fingerprint"]
+    _same_captured_runs(tmp_path / "a", tmp_path / "b")
 
     with pytest.raises(sp.TrajectoryError) as err:
         _hf_run(tmp_path, "hf-b", HuggingFaceRecorder(tmp_path / "none", save_every=4), resume=True)
@@ -584,11 +597,8 @@ def test_a_trainer_resumed_from_an_earlier_checkpoint_rewinds_the_captured_run_w
     so run and store end as the uninterrupted ones."""
     from source_proj.integrations import HuggingFaceCapture
 
-    task = sp.SequenceClassificationTask(attention="bidirectional")
-
     def capture(run: str, **kwargs) -> HuggingFaceCapture:
-        return HuggingFaceCapture(tmp_path / run, tmp_path / f"{run}.sp", task, save_every=4,
-                                  options=sp.CaptureArguments(chunk_rows=8), **kwargs)  # fmt: skip
+        return _hf_capture(tmp_path, run, **kwargs)
 
     _hf_run(tmp_path, "hf-a", capture("a"))
     with pytest.raises(_Killed):
@@ -603,14 +613,7 @@ def test_a_trainer_resumed_from_an_earlier_checkpoint_rewinds_the_captured_run_w
         "are forgotten), or record a new run from the start."
     )
     _hf_run(tmp_path, "hf-b", capture("b", rewind=True), resume=earlier)
-    a, b = sp.Trajectory.load(tmp_path / "a"), sp.Trajectory.load(tmp_path / "b")
-    assert b.complete and [c.step for c in b.checkpoints] == [0, 4, 8, 12] and a.fingerprint() == b.fingerprint()
-    sa, sb = sp.Store.open(tmp_path / "a.sp"), sp.Store.open(tmp_path / "b.sp")
-    names = sorted(sa.progress_arrays())
-    assert names == sorted(sb.progress_arrays()) and "capture/end/main/step-00000008" in names
-    for name in names:
-        assert np.array_equal(sa.read(name), sb.read(name)), name
-    assert sb.meta["captured"] and sa.meta["fingerprint"] == sb.meta["fingerprint"]
+    _same_captured_runs(tmp_path / "a", tmp_path / "b")
 
 
 def test_a_killed_lightning_trainer_resumes_its_recorded_run_where_the_recorder_has_its_checkpoint(
