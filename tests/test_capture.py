@@ -434,6 +434,10 @@ def test_a_finished_captured_run_rewound_to_an_earlier_checkpoint_trains_into_th
     meta = sp.Store.open(tmp_path / "b.sp").meta
     assert meta["captured"] and meta["trajectory"]["fingerprint"] == a.fingerprint()
     assert meta.get("capture_bases") == sp.Store.open(tmp_path / "a.sp").meta.get("capture_bases")
+    # Its history: the finished run it was, and the rewind (`source-proj info` prints it).
+    assert [(g["checkpoints"], g.get("rewound_to")) for g in meta["growth"]] == [([0, 4, 8, 12, 14], 8)]
+    shown = CliRunner().invoke(main, ["info", str(tmp_path / "b.sp")])
+    assert "grown from the run with checkpoints [0, 4, 8, 12, 14], rewound to step 8" in shown.output
 
 
 def test_a_store_captured_before_fisher_forward_existed_resumes_with_the_separate_pass(

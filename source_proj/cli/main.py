@@ -835,7 +835,8 @@ def info(store_path: str, as_json: bool) -> None:
     )
     for grown in summary["growth"]:
         dropped = f"; re-fit {', '.join(grown['dropped_methods'])}" if grown["dropped_methods"] else ""
-        click.echo(f"  grown from the run with checkpoints {grown['checkpoints']}{dropped}")
+        rewound = f", rewound to step {grown['rewound_to']}" if grown.get("rewound_to") is not None else ""
+        click.echo(f"  grown from the run with checkpoints {grown['checkpoints']}{rewound}{dropped}")
     if summary["segmentation"]:  # featurize --segments / --fast fixed it: fit takes these segments
         click.echo(f"  segmentation fixed by featurize: {_segmentation_text(summary['segmentation'])}")
     if summary["segment_means"]:

@@ -527,8 +527,9 @@ class GradientCapture:
                     f"The store at {self.path} lacks the captured window of stage {stage!r} from step {start} that the "
                     "resumed run has already trained through; capture the run from its start into a new store."
                 )
-            if old.get("captured"):  # a finished run trains further: the store grows with it
-                record_growth(store)
+            if old.get("captured"):  # a finished run trains further (rewound first, maybe): the store grows with it
+                finished = max((old.get("trajectory") or {}).get("checkpoints") or [0])
+                record_growth(store, rewound_to=last if last < finished else None)
                 store.update_meta(captured=False)
             self._reference = load_reference_batch(store)
 

@@ -44,8 +44,10 @@ def growth_refusal(meta: dict[str, Any], trajectory: Trajectory) -> str | None:
     return None
 
 
-def record_growth(store: Store) -> None:
-    """Note the store's current run in its growth history and drop its fitted methods (before it grows)."""
+def record_growth(store: Store, rewound_to: int | None = None) -> None:
+    """Note the store's current run in its growth history and drop its fitted methods (before it grows);
+    ``rewound_to``: the run was rewound to its checkpoint at that step (``TrajectoryRecorder.resume(at_step=)``), and
+    the store kept only what came before it."""
     meta = store.meta
     methods = sorted(meta.get("methods") or {})
     entry = {
@@ -53,6 +55,7 @@ def record_growth(store: Store) -> None:
         "fingerprint": meta["trajectory"]["fingerprint"],
         "dropped_methods": methods,
         "finished": bool(meta.get("featurized") or meta.get("captured")),
+        **({} if rewound_to is None else {"rewound_to": rewound_to}),
     }
     for method in methods:
         store.delete(f"methods/{method}")
