@@ -309,7 +309,7 @@ class Store:
         try:
             arr = self.array(name)
             holder = self.array(f"{STAGING}{name}") if state == WRITTEN and arr.shards is not None else arr
-            if holder.shards is None and self._plain(holder):
+            if self._plain(holder):
                 values = self._read_chunk_file(holder, chunk, stop)
             else:
                 values = np.asarray(holder[start:stop])
@@ -599,14 +599,36 @@ class Store:
             atomic_write_bytes(self.group.store.root / key, data)  # type: ignore[attr-defined]
 
     def _read_chunk_file(self, arr: zarr.Array, chunk: int, stop: int) -> np.ndarray:
-        """Rows ``chunk · rows`` to ``stop`` of an unsharded plain array (``_plain``), as zarr reads them."""
+        """Rows ``chunk · rows`` to ``stop`` of a plain array (``_plain``), as zarr reads them: from the chunk's own
+        file, or from its shard's file through the shard's index (whose crc32c is checked, as zarr checks it). A
+        chunk not stored reads as zeros; a file of the wrong size, or an index that does not check, is unreadable."""
         rows, tail = arr.chunks[0], tuple(arr.shape[1:])
-        path = self.group.store.root / self._chunk_key(arr, chunk)  # type: ignore[attr-defined]
-        if not path.exists():
-            return np.zeros((stop - chunk * rows, *tail), dtype=arr.dtype)  # all zeros: not stored
-        values = np.fromfile(path, dtype=arr.dtype)
-        if values.size != rows * int(np.prod(tail, dtype=np.int64)):
-            raise ValueError(f"{values.nbytes} bytes where a chunk holds {rows * arr.dtype.itemsize} per row")
+        nbytes = rows * int(np.prod(tail, dtype=np.int64)) * arr.dtype.itemsize
+        zeros = np.zeros((stop - chunk * rows, *tail), dtype=arr.dtype)
+        if arr.shards is None:
+            path, offset = self.group.store.root / self._chunk_key(arr, chunk), 0  # type: ignore[attr-defined]
+            if not path.exists():
+                return zeros  # all zeros: not stored
+            if path.stat().st_size != nbytes:
+                raise ValueError(f"{path.stat().st_size} bytes where the chunk holds {nbytes}")
+        else:
+            per = arr.shards[0] // rows
+            path = self.group.store.root / self._chunk_key(arr, chunk // per)  # type: ignore[attr-defined]
+            if not path.exists():
+                return zeros  # a shard of zeros: not stored
+            with path.open("rb") as f:
+                f.seek(-(16 * per + 4), 2)
+                table = f.read(16 * per + 4)
+            if google_crc32c.value(table[:-4]).to_bytes(4, "little") != table[-4:]:
+                raise ValueError("the shard's index fails its crc32c")
+            offset, length = (int(v) for v in np.frombuffer(table[:-4], dtype="<u8").reshape(per, 2)[chunk % per])
+            if offset == length == np.iinfo(np.uint64).max:
+                return zeros  # all zeros: not stored
+            if length != nbytes or offset + length > path.stat().st_size - len(table):
+                raise ValueError(f"the shard's index places the chunk at {offset}:+{length}, not a chunk of {nbytes}")
+        values = np.fromfile(path, dtype=arr.dtype, count=nbytes // arr.dtype.itemsize, offset=offset)
+        if values.nbytes != nbytes:
+            raise ValueError(f"{values.nbytes} bytes where the chunk holds {nbytes}")
         return values.reshape(rows, *tail)[: stop - chunk * rows]
 
     def _write_shard_file(self, arr: zarr.Array, shard: int, chunks: list[np.ndarray]) -> bool:
