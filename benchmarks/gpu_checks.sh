@@ -28,7 +28,9 @@
 #   --width 768 --layers 12 --heads 12 --vocab 50257 --seq 512 --batch 16 --steps 30 --warmup 0 --save-every 20
 #   --examples 1024 --precision bf16 --variants defaults,defaults-bf16`; and featurize's writes behind the GPU's
 #   computation against in line: `python3 benchmarks/write_behind.py --device cuda --threads 8 --rounds 3
-#   --out /tmp/write-behind`, about a minute)
+#   --out /tmp/write-behind`, about a minute; and the store's write and read rates on that machine's disk, which
+#   bound a GPU featurize at large k: `python3 benchmarks/store_scale.py --rows 262144 --dim 4096 --chunk-rows 1024
+#   --shard-chunks 16`, about half a minute)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
