@@ -163,3 +163,15 @@ def test_an_os_error_of_a_write_reaches_the_caller_as_one_sentence(
     with pytest.raises(sp.StoreError, match=r"^Writing chunk 0 of 'grads/main/step-00000001' to .* the disk is full"):
         with ChunkWriter(store, depth=depth) as writer:
             writer.write(NAME, 0, _values(0))
+
+
+def test_a_failed_write_does_not_mask_the_computations_own_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = _store(tmp_path / "s.sp")
+    _Gate(monkeypatch, fail_at=0).open.set()
+    with pytest.raises(ValueError, match="the model failed"):
+        with ChunkWriter(store, depth=2) as writer:
+            writer.write(NAME, 0, _values(0))
+            raise ValueError("the model failed")
+    assert store.pending_chunks(NAME) == [0, 1, 2, 3, 4]

@@ -114,12 +114,8 @@ class ChunkWriter:
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
-        if kind is None:
-            self.close()
-            return
-        # The computation failed (or was interrupted): the chunks already handed over are finished work, so
-        # they are still written; a failure of theirs is not raised over the one already propagating.
-        try:
-            self.close()
-        except BaseException:  # the propagating error is the one to report
-            pass
+        if kind is not None:
+            # The computation failed (or was interrupted): the chunks already handed over are finished work, so
+            # they are still written, but a failure of theirs is not raised over the error already propagating.
+            self._raised = True
+        self.close()
