@@ -30,7 +30,9 @@
 #   computation against in line: `python3 benchmarks/write_behind.py --device cuda --threads 8 --rounds 3
 #   --out /tmp/write-behind`, about a minute; and the store's write and read rates on that machine's disk, which
 #   bound a GPU featurize at large k: `python3 benchmarks/store_scale.py --rows 262144 --dim 4096 --chunk-rows 1024
-#   --shard-chunks 16`, about half a minute)
+#   --shard-chunks 16`, about half a minute; and the language-model loss's blocks on the GPU, time and memory:
+#   `python3 benchmarks/loss_blocks.py --device cuda`, then with `--dtype bf16`, then `--memory --dtype bf16`,
+#   under a minute each)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

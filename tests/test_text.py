@@ -207,7 +207,7 @@ def test_token_sampling_is_the_float64_inverse_cdf_in_blocks_and_chunks(monkeypa
     vocabulary draws from the same uniforms; tokens with −inf logits are never drawn."""
     from source_proj.tasks import text
 
-    monkeypatch.setattr(text, "_SAMPLE_CHUNK", 3 * 1000)  # 3 rows per chunk: the chunk loop runs
+    monkeypatch.setattr(text, "_HOST_BLOCK", 3 * 1000)  # 3 rows per block of rows: the loop over them runs
     g = torch.Generator().manual_seed(0)
     logits = 3 * torch.randn(4, 50, 1000, generator=g)  # 4 blocks, the last one padded
     logits[..., 990:] = float("-inf")
@@ -221,6 +221,58 @@ def test_token_sampling_is_the_float64_inverse_cdf_in_blocks_and_chunks(monkeypa
     assert torch.equal(got, want)
     assert got[0, 0] == 517 and (got < 990).all()
     assert len(set(got.flatten().tolist())) > 100  # the draws spread over the vocabulary
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block_rows", [None, 3])
+def test_token_nll_of_half_precision_logits_is_the_float32_path_without_a_float32_copy(
+    dtype: torch.dtype, block_rows: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Half-precision logits: ``token_nll`` gives the bits of ``token_nll(logits.float())`` (the float32 loss,
+    and the half-precision gradient ``.float()``'s backward rounds to), per batch and per example, block by
+    block or whole; and the graph holds no n × V float32 tensor (the float32 path holds the float32 copy)."""
+    from torch.func import grad, vmap
+
+    from source_proj.tasks import text
+    from source_proj.tasks.text import IGNORE_INDEX, token_nll
+
+    if block_rows is not None:
+        monkeypatch.setattr(text, "_HOST_BLOCK", block_rows * 13)
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(4, 7, 13, generator=g)).to(dtype).requires_grad_()
+    targets = torch.randint(0, 13, (4, 7), generator=g)
+    targets[0, 2] = targets[3, 6] = IGNORE_INDEX
+    weights = torch.randn(4, 7, generator=g)
+
+    def saved(fn):  # (the loss, the n × V float tensors the graph keeps)
+        kept = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.is_floating_point() and t.numel() == logits.numel():
+                kept.append(t.dtype)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            return fn(), kept
+
+    ours, ours_kept = saved(lambda: token_nll(logits.reshape(-1, 13), targets.reshape(-1)))
+    theirs, theirs_kept = saved(lambda: token_nll(logits.float().reshape(-1, 13), targets.reshape(-1)))
+    assert ours.dtype == torch.float32 and torch.equal(ours, theirs)
+    assert ours_kept == [dtype] and theirs_kept == [torch.float32]
+    (ours_grad,) = torch.autograd.grad((ours * weights.reshape(-1)).sum(), logits)
+    (their_grad,) = torch.autograd.grad((theirs * weights.reshape(-1)).sum(), logits)
+    assert ours_grad.dtype == dtype and torch.equal(ours_grad, their_grad) and ours_grad.abs().sum() > 0
+
+    def per_example(upcast):
+        return vmap(grad(lambda z, t, w: (token_nll(z.float() if upcast else z, t) * w).sum()))(
+            logits.detach(), targets, weights
+        )
+
+    assert torch.equal(per_example(False), per_example(True))
+    # The language-model task's loss passes its half-precision outputs on as they are.
+    task, batch = sp.LanguageModelingTask(tokens_per_sequence=6), {"input_ids": targets.clamp_min(0)}
+    loss, kept = saved(lambda: task.loss(logits, batch))
+    assert kept == [dtype] and torch.equal(loss, task.loss(logits.float(), batch))
 
 
 def test_module_selection_includes_and_excludes_exactly_what_it_says() -> None:
@@ -326,13 +378,21 @@ def test_a_model_that_branches_on_its_inputs_gets_a_clear_error(model_class: typ
         grads(_batch(SEQUENCES, length=LENGTH))
 
 
-def test_token_nll_is_cross_entropy_with_its_gradient_under_autograd_and_per_example_transforms() -> None:
+@pytest.mark.parametrize("block_rows", [None, 3])
+def test_token_nll_is_cross_entropy_with_its_gradient_under_autograd_and_per_example_transforms(
+    block_rows: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``token_nll`` (the language-model loss, half cross_entropy's memory) gives cross_entropy's values and
     gradients, ignored positions 0 with no gradient, under ``torch.func.vmap(grad)`` as per-example gradients
-    take it; a second derivative is refused, not wrong."""
+    take it; a second derivative is refused, not wrong. With 3 rows a block its log-sum-exp runs block by block
+    (28 rows: the last block short; 7 an example under vmap)."""
     from torch.func import grad, vmap
 
+    from source_proj.tasks import text
     from source_proj.tasks.text import IGNORE_INDEX, token_nll
+
+    if block_rows is not None:
+        monkeypatch.setattr(text, "_HOST_BLOCK", block_rows * 13)
 
     g = torch.Generator().manual_seed(0)
     logits = (3 * torch.randn(4, 7, 13, generator=g, dtype=torch.float64)).requires_grad_()

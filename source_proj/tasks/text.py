@@ -470,7 +470,7 @@ class LanguageModelingTask(_TextTask):
         _check_batch(batch)
         labels = batch.get("labels", batch["input_ids"])
         keep = loss_positions(batch)
-        logits = _upcast(outputs)
+        logits = outputs  # half precision stays: token_nll computes in float32 a block at a time
         vocab = logits.shape[-1]
         _check_tokens(torch.where(keep, labels[:, 1:], torch.zeros_like(labels[:, 1:])), vocab)
         targets = torch.where(keep, labels[:, 1:], torch.full_like(labels[:, 1:], IGNORE_INDEX))
@@ -542,7 +542,15 @@ def token_nll(logits: Tensor, targets: Tensor) -> Tensor:
     four V-sized tensors at the backward's peak. This keeps the logits and n log-sum-exps, and its backward
     writes one n × V tensor, softmax(z) − onehot(y), in place: two at the peak, the fewest a backward through
     the logits can hold (a language model's logits are its largest tensors). It runs under ``torch.func``
-    transforms (per-example gradients); its backward is not differentiable again."""
+    transforms (per-example gradients); its backward is not differentiable again.
+
+    Half-precision logits (a bf16 or fp16 forward) are computed with in float32 a block of rows at a time
+    (``_block_rows``), as ``token_nll(logits.float(), targets)`` computes them, to the same bits: the loss is
+    float32 and the gradient the half-precision one that ``.float()``'s backward would round it to. Nothing
+    n × V is held in float32: the graph keeps the half-precision logits, and the backward writes its gradient
+    into one half-precision tensor. The float32 path holds a float32 copy and a float32 gradient, four times
+    the logits' bytes: 3.1 GiB beyond the logits against 0.8 GiB for 8 sequences of 1,024 tokens over GPT-2's
+    vocabulary (``benchmarks/loss_blocks.py --memory --dtype bf16``)."""
     return _TokenNLL.apply(logits, targets)[0]
 
 
@@ -552,8 +560,8 @@ class _TokenNLL(torch.autograd.Function):
     @staticmethod
     def forward(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         keep = targets != IGNORE_INDEX
-        lse = torch.logsumexp(logits, dim=-1)
-        picked = logits.gather(-1, torch.where(keep, targets, 0).unsqueeze(-1)).squeeze(-1)
+        lse = torch.cat([torch.logsumexp(_upcast(block), dim=-1) for block in logits.split(_block_rows(logits))])
+        picked = _upcast(logits.gather(-1, torch.where(keep, targets, 0).unsqueeze(-1)).squeeze(-1))
         return torch.where(keep, lse - picked, 0.0), lse
 
     @staticmethod
@@ -567,20 +575,38 @@ class _TokenNLL(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor, _: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         logits, targets, lse = ctx.saved_tensors
         keep = targets != IGNORE_INDEX
-        g = torch.where(keep, grad, 0.0)
-        out = torch.sub(logits, lse.unsqueeze(-1)).exp_().mul_(g.unsqueeze(-1))  # g · softmax(z)
-        return out.scatter_add_(-1, torch.where(keep, targets, 0).unsqueeze(-1), -g.unsqueeze(-1)), None
+        g = torch.where(keep, grad, 0.0).unsqueeze(-1)
+        index = torch.where(keep, targets, 0).unsqueeze(-1)
+        if logits.dtype == lse.dtype:  # float32 or float64: one n × V tensor, written in place
+            out = torch.sub(logits, lse.unsqueeze(-1)).exp_().mul_(g)  # g · softmax(z)
+            return out.scatter_add_(-1, index, -g), None
+        out, rows = torch.empty_like(logits), _block_rows(logits)  # half precision, each block made in float32
+        for start in range(0, logits.shape[0], rows):
+            end = start + rows
+            block = torch.sub(logits[start:end].float(), lse[start:end].unsqueeze(-1)).exp_().mul_(g[start:end])
+            out[start:end] = block.scatter_add_(-1, index[start:end], -g[start:end])
+        return out, None
 
 
 _SAMPLE_BLOCK = 256
-_SAMPLE_CHUNK = 2**24  # logits per chunk of rows: 64 MiB of float32 weights at a time
+# Logits per block of rows where a V-sized temporary is made (the log-sum-exp, the sampling weights). On the CPU
+# 4 MiB of float32 stay in cache and reuse the allocator's memory: a log-sum-exp over 8 sequences of 1,024 tokens
+# of GPT-2's vocabulary takes 0.32 s in such blocks against 1.0 s whole, whose temporaries are fresh pages
+# (`benchmarks/loss_blocks.py`). On an accelerator a block of 64 MiB bounds the temporaries in a few launches.
+_HOST_BLOCK = 2**20
+_DEVICE_BLOCK = 2**24
+
+
+def _block_rows(logits: Tensor) -> int:
+    """Rows of ``logits`` ``[n, V]`` per block of the V-wide work."""
+    return max(1, (_HOST_BLOCK if logits.device.type == "cpu" else _DEVICE_BLOCK) // max(1, logits.shape[-1]))
 
 
 def sample_tokens(logits: Tensor, uniform: Tensor) -> Tensor:
     """Tokens drawn from softmax(``logits``) ``[..., V]`` by inverse CDF, one ``uniform`` in [0, 1) per row.
 
-    On the logits' device, in chunks of rows: the unnormalised weights exp(z − max z) in float32, their
-    sums over blocks of 256 tokens, accumulated in float64 across blocks, pick the block, and that
+    On the logits' device, in blocks of rows (``_block_rows``): the unnormalised weights exp(z − max z) in float32,
+    their sums over blocks of 256 tokens, accumulated in float64 across blocks, pick the block, and that
     block's own float64 cumulative sum picks the token. Nothing V-sized is copied to the host or to
     float64 (a language model's logits are B·T·V numbers: 1.6 GB for 8 sequences of 1,024 tokens over
     GPT-2's vocabulary); the draw is the same inverse CDF whatever the device. Returns int64 ``[...]``.
@@ -590,7 +616,7 @@ def sample_tokens(logits: Tensor, uniform: Tensor) -> Tensor:
     uniform = uniform.reshape(-1).to(device=rows.device, dtype=torch.float64)
     out = torch.empty(rows.shape[0], dtype=torch.long, device=rows.device)
     pad = -vocab % _SAMPLE_BLOCK
-    step = max(1, _SAMPLE_CHUNK // vocab)
+    step = _block_rows(rows)
     for start in range(0, rows.shape[0], step):
         z = rows[start : start + step].float()
         weights = torch.sub(z, z.amax(-1, keepdim=True)).exp_()
