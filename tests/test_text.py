@@ -119,6 +119,23 @@ def test_padded_per_example_gradients_equal_single_sequences(case: str) -> None:
             assert error <= 2e-5 * scale, f"{quantity} of sequence {i}: {error:.2e} vs scale {scale:.2e}"
 
 
+@pytest.mark.parametrize("case", ["gpt2-lm-sdpa", "llama-lm-eager"])
+def test_bf16_language_model_gradients_agree_with_fp32_on_both_paths(case: str) -> None:
+    """Under bf16 autocast the logits reach the loss in bf16 (no float32 copy): the per-example gradients of the
+    loss and the measurement, by the layer hooks and by ``torch.func``, stay within bf16's rounding of fp32's."""
+    build, make_task, _ = CASES[case]
+    model, task = build(), make_task()
+    names = task.select_parameters(model)
+    batch = _batch(SEQUENCES, None, LENGTH)
+    for quantity in ("loss", "measurement"):
+        want = PerExampleGradients(model, task, names)(batch, quantity)
+        scale = max(float(want[n].abs().max()) for n in names)
+        for hooks in (True, False):
+            got = PerExampleGradients(model, task, names, precision="bf16", hooks=hooks)(batch, quantity)
+            error = max(float((got[n].float() - want[n]).abs().max()) for n in names)
+            assert scale > 1e-4 and 0 < error <= 0.05 * scale, f"{quantity}, hooks={hooks}: {error:.2e} / {scale:.2e}"
+
+
 def test_lm_measurement_and_loss_equal_the_models_own_loss() -> None:
     model = _gpt2().eval()
     task = sp.LanguageModelingTask(tokens_per_sequence=LENGTH - 1)
