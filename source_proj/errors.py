@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class SourceProjError(Exception):
     """Base class of every error source-proj raises on purpose."""
@@ -26,3 +28,25 @@ class NumericalError(SourceProjError):
 def first_line(err: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message (at most ``limit`` characters), or its type's name."""
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:limit]
+
+
+_HOST_ALLOCATION = re.compile(r"can't allocate memory: you tried to allocate (\d+) bytes")
+_OUT_OF_MEMORY_SIGNS = ("can't allocate memory", "not enough memory", "out of memory")
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation that failed for lack of memory: a device's (``torch.OutOfMemoryError``, a
+    ``RuntimeError`` that says so) or the host's (torch's CPU allocator raises a plain ``RuntimeError``)."""
+    if isinstance(err, MemoryError):
+        return True
+    return isinstance(err, RuntimeError) and any(sign in str(err) for sign in _OUT_OF_MEMORY_SIGNS)
+
+
+def describe_out_of_memory(err: BaseException) -> str:
+    """What could not be allocated, in a few words: ``"CUDA out of memory. Tried to allocate 12.00 GiB"``, ``"the
+    host could not allocate 3.2 GiB"``."""
+    text = str(err).strip()
+    host = _HOST_ALLOCATION.search(text)
+    if host is not None:
+        return f"the host could not allocate {int(host.group(1)) / 2**30:.1f} GiB"
+    return ". ".join(first_line(err).split(". ")[:2]).rstrip(".") or type(err).__name__

@@ -32,7 +32,7 @@ import numpy as np
 from torch import nn
 from torch.utils.data import Dataset
 
-from source_proj.errors import SourceProjError, TaskError, first_line
+from source_proj.errors import SourceProjError, TaskError, first_line, out_of_memory
 from source_proj.evaluation.retrain import BatchedRetrainFunction
 from source_proj.tasks.task import Task
 
@@ -53,6 +53,8 @@ class Spec:
         except SourceProjError:
             raise
         except Exception as err:
+            if out_of_memory(err):  # the spec is not at fault (a model too large to build here)
+                raise
             call = f"{name}({', '.join(repr(a) for a in args)})"
             raise TaskError(
                 f"{call} in {self.path} failed ({type(err).__name__}: {first_line(err)}); fix the spec file."

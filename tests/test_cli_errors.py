@@ -477,3 +477,60 @@ def test_an_unfinished_baseline_fitted_with_settings_the_cli_lacks_points_to_the
         "BaselineArguments(kind='if', method='if', ...) it was fitted with), or replace it with --force"
     )
     assert expected in message, message
+
+
+_GREEDY_SPEC = """
+import torch
+from tests.crash_driver import build_model as _build
+
+def build_model():
+    model = _build()
+
+    def greedy(module, args):  # a batch of 6 takes more memory than this machine has
+        if args[0].shape[0] == 6:
+            {allocation}
+
+    model.register_forward_pre_hook(greedy)
+    return model
+"""
+_ALLOCATIONS = {
+    "host": ("torch.empty(2**60, dtype=torch.uint8)", "the host could not allocate 1073741824.0 GiB"),
+    "cuda": (
+        "raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 12.00 GiB. GPU 0 has a total capacity "
+        "of 79.19 GiB of which 3.12 GiB is free.')",
+        "CUDA out of memory. Tried to allocate 12.00 GiB",
+    ),
+}
+
+
+@pytest.mark.parametrize("where", list(_ALLOCATIONS))
+def test_running_out_of_memory_names_what_to_lower_and_the_store_resumes(
+    tiny_run: Path, tmp_path: Path, where: str
+) -> None:
+    """A batch that does not fit (the host's allocator, or a GPU's) is neither "a bug" nor the examples' fault
+    (the host's failure is a plain RuntimeError, which the model's own errors are too): one sentence names the
+    allocation and what to lower, and featurize with a smaller batch then completes the same store."""
+    allocation, said = _ALLOCATIONS[where]
+    spec = write_spec(tmp_path / "spec.py", tmp_path / "described.log")
+    spec.write_text(spec.read_text() + _GREEDY_SPEC.format(allocation=allocation))
+    store = tmp_path / "s.sp"
+    args = ["featurize", "--ckpts", str(tiny_run), "--spec", str(spec), "--out", str(store), "--dim", "12"]
+    args += ["--seed", "3", "--chunk-rows", "6", "--device", "cpu"]
+    message = _refused(CliRunner().invoke(main, [*args, "--batch-size", "6"]))
+    assert message == (
+        f"Error: source-proj featurize ran out of memory ({said}); featurize again with a lower --batch-size (a "
+        "batch's activations grow with it, and a language model's logits with its sequences × tokens × "
+        "vocabulary), or with --precision bf16."
+    )
+    out = CliRunner().invoke(main, [*args, "--batch-size", "3"])
+    assert out.exit_code == 0, out.output
+    assert CliRunner().invoke(main, ["verify", str(store)]).exit_code == 0
+    # the library raises the allocation's own error, not a TaskError that blames the examples
+    module = sp.spec.load_spec(spec)
+    with pytest.raises(RuntimeError, match=r"can't allocate memory|CUDA out of memory") as raised:
+        sp.featurize(
+            tiny_run, module.build_model(), module.build_task(), {"main": module.train_data("main")},
+            tmp_path / "lib.sp", projection=sp.ProjectionArguments(dim=12),
+            options=sp.FeaturizeArguments(batch_size=6, chunk_rows=6, device="cpu"),
+        )  # fmt: skip
+    assert not isinstance(raised.value, sp.SourceProjError)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 import source_proj as sp
 from source_proj import evaluation as ev
 from source_proj.distributed import Shard, launched
-from source_proj.errors import first_line
+from source_proj.errors import describe_out_of_memory, first_line, out_of_memory
 from source_proj.methods.fit import store_view
 from source_proj.projection.factory import PROJECTION_KINDS
 from source_proj.query.attributor import method_meta
@@ -61,10 +61,31 @@ class _Command(click.Command):
         except Exception as err:
             if os.environ.get("SOURCE_PROJ_TRACEBACK"):
                 raise
+            if out_of_memory(err):  # not a bug: the work as asked does not fit
+                raise click.ClickException(
+                    f"source-proj {ctx.info_name} ran out of memory ({describe_out_of_memory(err)}); "
+                    f"{self._memory_advice(ctx.info_name)}."
+                ) from err
             raise click.ClickException(
                 f"source-proj {ctx.info_name} failed unexpectedly ({type(err).__name__}: {first_line(err)}); this is "
                 "a bug, please report it with the command (SOURCE_PROJ_TRACEBACK=1 shows where it happened)."
             ) from err
+
+
+    def _memory_advice(self, name: str | None) -> str:
+        if name in _MEMORY_ADVICE:
+            return _MEMORY_ADVICE[name]
+        if any(param.name == "device" for param in self.params):
+            return "run it on the CPU (--device cpu), or on a machine with more memory"
+        return "run it on a machine with more memory"
+
+
+_MEMORY_ADVICE = {  # what to change when a command runs out of memory
+    "featurize": "featurize again with a lower --batch-size (a batch's activations grow with it, and a language "
+    "model's logits with its sequences × tokens × vocabulary), or with --precision bf16",
+    "query": "ask for fewer --queries at a time, search with --search stream (the index read a chunk at a time), or "
+    "run on the CPU (--device cpu)",
+}
 
 
 def _format_warning(message: Warning | str, *_: Any, **__: Any) -> str:

@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from source_proj import __version__
-from source_proj.errors import SourceProjError, StoreError, TaskError, TrajectoryError, first_line
+from source_proj.errors import SourceProjError, StoreError, TaskError, TrajectoryError, first_line, out_of_memory
 from source_proj.store.store import Store
 from source_proj.tasks.gradients import move_batch
 from source_proj.tasks.task import Task
@@ -207,6 +207,8 @@ def model_errors(what: str) -> Iterator[None]:
     except (SourceProjError, torch.OutOfMemoryError):
         raise
     except (RuntimeError, TypeError, ValueError, IndexError, KeyError) as err:
+        if out_of_memory(err):  # the host's allocator raises a plain RuntimeError: not the examples' fault
+            raise
         raise TaskError(
             f"The model cannot run on {what} ({type(err).__name__}: {first_line(err)}); pass examples shaped and "
             "typed as the model was trained on."
