@@ -1011,7 +1011,7 @@ def test_eigen_capture_of_adamw_takes_each_windows_factors_in_adams_coordinates_
     grads_fn = PerExampleGradients(model, sp.ClassificationTask(), names)
     basis_pass, raw_pass = (
         BasisPass(grads_fn, sp.ClassificationTask(), {"main": classification_data}, names, 24, examples=2048, seed=0,
-                  batch_size=64, device=torch.device("cpu"))
+                  batch_size=8, device=torch.device("cpu"))  # basis_batch="auto": the first training batch
         for _ in range(2)
     )  # fmt: skip
     for i, start in enumerate((0, 4, 8, 12)):  # in order: each window's basis averages the factors so far
@@ -1059,7 +1059,7 @@ def test_eigen_capture_bounds_each_windows_basis_pass_by_a_share_of_the_window_b
     names = [name for name, _ in _mlp().named_parameters()]
     model = _mlp()
     replay = BasisPass(PerExampleGradients(model, sp.ClassificationTask(), names), sp.ClassificationTask(),
-                       {"main": classification_data}, names, 24, examples=2048, seed=0, batch_size=64,
+                       {"main": classification_data}, names, 24, examples=2048, seed=0, batch_size=8,
                        device=torch.device("cpu"))  # fmt: skip
     for i, (start, limit) in enumerate([(0, None), (4, 15), (8, 15), (12, 15), (14, None)]):
         checkpoint = next(c for c in trajectory.checkpoints if c.step == start)
@@ -1381,6 +1381,58 @@ def test_a_training_loss_other_than_capture_was_told_is_refused_at_the_first_bat
             first_batch()
     else:
         first_batch()
+
+
+def test_capture_passes_take_batches_no_larger_than_training_and_a_resumed_run_keeps_their_size(
+    tmp_path: Path, classification_data
+) -> None:
+    """``basis_batch="auto"``: capture's own passes (the eigen basis passes, the end pass) run in batches of the
+    run's first training batch (7 here), never more, so they hold no more activations than a training step; the
+    store records the size, and a run killed and resumed into it takes the same batches (the same bits). An
+    explicit size is taken as given, and changes the numbers by rounding only; anything but "auto" or a positive
+    count is refused in one sentence."""
+    seen: dict[str, list[int]] = {}
+    kwargs = {"steps": 10, "batch": 7, "save_every": 4, "datasets": {"main": classification_data},
+              "projection": _eigen_capture(DIM)}  # fmt: skip: 30 examples, batches of 7, 7, 7, 7 and 2
+
+    def watched(name: str) -> nn.Module:
+        model = _mlp()
+        seen[name] = []
+        model[0].register_forward_hook(lambda m, a, o: None if m.training else seen[name].append(a[0].shape[0]))
+        return model
+
+    for name, options in (("auto", sp.CaptureArguments(chunk_rows=8)),
+                          ("five", sp.CaptureArguments(chunk_rows=8, basis_batch=5))):  # fmt: skip
+        _train(tmp_path / name, tmp_path / f"{name}.sp", classification_data, model=watched(name), options=options,
+               **kwargs)  # fmt: skip
+    # first the layers' position count on at most PROBE_EXAMPLES (8) examples, before any training batch; then the
+    # basis passes (the first window's, three more, the final one) and the end pass in such batches, beside
+    # capture's checks of the first training batch (of 7 and fewer examples)
+    from source_proj.featurize.basis import PROBE_EXAMPLES
+
+    probe, *passes = seen["auto"]
+    assert probe == PROBE_EXAMPLES and max(passes) == 7 and passes.count(7) > 20
+    assert seen["five"].count(5) > 20 and max(seen["five"]) == 7
+    assert sp.Store.open(tmp_path / "auto.sp").meta["capture_batch"] == 7
+    auto, five = _store_arrays(tmp_path / "auto.sp"), _store_arrays(tmp_path / "five.sp")
+    assert auto.keys() == five.keys() and any(name.startswith("capture/end/") for name in auto)
+    for name in auto:  # the batches change the rounding only
+        assert np.abs(auto[name] - five[name]).max() <= 1e-5 * np.abs(auto[name]).max(), name
+
+    with pytest.raises(_Killed):
+        _train(tmp_path / "b", tmp_path / "b.sp", classification_data, crash_after=6, options=sp.CaptureArguments(
+            chunk_rows=8), **kwargs)  # fmt: skip
+    # resumed at step 4, whose batch is an epoch's last (2 examples): its passes still take the run's first batch's
+    _train(tmp_path / "b", tmp_path / "b.sp", classification_data, resume=True, model=watched("resumed"),
+           options=sp.CaptureArguments(chunk_rows=8), **kwargs)  # fmt: skip
+    assert max(seen["resumed"][1:]) == 7
+    a, b = sp.Store.open(tmp_path / "auto.sp"), sp.Store.open(tmp_path / "b.sp")
+    for name in a.progress_arrays("capture/"):
+        assert np.array_equal(a.read(name), b.read(name)), name
+    for bad in (0, -3, "big", True, 2.5):
+        with pytest.raises(sp.TaskError, match=r"^Capture's basis_batch is 'auto' or a positive number, not "):
+            _train(tmp_path / "bad", tmp_path / "bad.sp", classification_data, options=sp.CaptureArguments(
+                basis_batch=bad), **kwargs)  # fmt: skip
 
 
 def test_capture_in_bf16_runs_its_own_passes_under_autocast_and_stays_close_to_fp32(

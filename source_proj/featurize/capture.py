@@ -118,6 +118,8 @@ SCALE_ROWS = 8
 """The first batch's examples whose captured gradients are checked against the task's (``_check_scale``)."""
 MIN_SCALE_BATCH = 4
 """Batches smaller than this are not checked: a summed loss differs from the mean by too little to tell from noise."""
+AUTO_BASIS_BATCH = 64
+"""``basis_batch="auto"`` where the run never captured a training batch."""
 INDEX_KEY = "source_proj_index"
 """The key ``IndexedDataset`` adds to dict items (a batch's dataset row indices)."""
 
@@ -147,7 +149,12 @@ class CaptureArguments:
             (BENCHMARKS.md, issue 16).
         buffer: where a window's sums wait to be written: ``"device"`` (the model's; fastest) or
             ``"cpu"`` (host memory, for N·k·4 bytes that do not fit on the device).
-        basis_batch: the eigen projection: examples per batch of its basis passes.
+        basis_batch: examples per batch of capture's own passes: the eigen projection's basis passes and the end
+            pass. ``"auto"`` (the default): as many as the run's first captured training batch held, so that these
+            passes (a forward and a backward without the parameters' gradients) hold no more activations than a
+            training step does (a language model's logits alone are sequences × tokens × vocabulary numbers). The
+            store records it, so a resumed run's passes take the same batches (and give the same bits);
+            ``AUTO_BASIS_BATCH`` (64) where no batch was ever captured.
         basis_share: the eigen projection: each window's basis pass (but the run's first and the final one, which
             take ``basis_examples``) visits at most this share of the examples the window before it trained on,
             and at least ``MIN_BASIS_PASS`` (64): the passes then cost at most that share of training's
@@ -175,7 +182,7 @@ class CaptureArguments:
     chunk_rows: int = 1024
     scale_every: int = 16
     buffer: Literal["device", "cpu"] = "device"
-    basis_batch: int = 64
+    basis_batch: int | Literal["auto"] = "auto"
     basis_share: float | None = 0.25
     end_pass: bool | Literal["auto"] = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -282,8 +289,12 @@ class GradientCapture:
             raise TaskError(f"Capture's fisher_forward is 'training' or 'separate', not {options.fisher_forward!r}.")
         if options.reduction not in ("mean", "sum"):
             raise TaskError(f"The loss reduction is 'mean' or 'sum', not {options.reduction!r}.")
-        if min(options.fisher_every, options.chunk_rows, options.scale_every, options.basis_batch) < 1:
-            raise TaskError("fisher_every, chunk_rows, scale_every and basis_batch must be positive.")
+        if options.basis_batch != "auto" and (
+            not isinstance(options.basis_batch, int) or isinstance(options.basis_batch, bool) or options.basis_batch < 1
+        ):
+            raise TaskError(f"Capture's basis_batch is 'auto' or a positive number, not {options.basis_batch!r}.")
+        if min(options.fisher_every, options.chunk_rows, options.scale_every) < 1:
+            raise TaskError("fisher_every, chunk_rows and scale_every must be positive.")
         if options.basis_share is not None and not 0 < options.basis_share:
             raise TaskError(f"basis_share must be a positive share of a window's examples, or None, not "
                             f"{options.basis_share!r}.")  # fmt: skip
@@ -323,6 +334,7 @@ class GradientCapture:
                 "ProjectionArguments(kind='factored')."
             )
         self.recorder, self.task, self.options = recorder, task, options
+        self._own: int | None = None  # basis_batch="auto": the run's first captured batch's size (the store's)
         self._collate, self._progress = collate_fn, progress
         self.path = str(store_path)
         self.model = recorder.model
@@ -343,7 +355,7 @@ class GradientCapture:
                 with modes_kept(self.model):  # PerExampleGradients puts its model in eval mode
                     grads_fn = PerExampleGradients(self.model, task, names, precision=options.precision)
                 self._pass = BasisPass.of(projection, grads_fn, task, self.datasets, names,
-                                          batch_size=options.basis_batch, device=self.device,
+                                          batch_size=self._own_batch(), device=self.device,
                                           collate_fn=collate_fn)  # fmt: skip
                 for stage in self.datasets:  # the layers' budget, from a forward pass of a few examples
                     with self._basis_data(stage, "the eigen projection's basis pass"):
@@ -469,6 +481,7 @@ class GradientCapture:
                 return
             store = Store.open(self.path, writable=True)
             old = dict(store.meta)
+            self._own = old.get("capture_batch")
             if old.get("capture") is not None and "fisher_forward" not in old["capture"]:
                 old["capture"] = {**old["capture"], "fisher_forward": "separate"}  # the only pass before the option
             if old.get("capture") is not None and "basis_share" not in old["capture"]:  # every pass whole before it
@@ -577,7 +590,8 @@ class GradientCapture:
             # The examples the window trained on, captured or not (an Adam stage's first batch is not): the visits
             # arrays count only those captured.
             totals = dict(store.meta.get("capture_visits") or {})
-            store.update_meta(capture_visits={**totals, f"{stage}/{start}": int(self._window_examples)})
+            own = {"capture_batch": self._own} if self._own is not None else {}  # basis_batch="auto", for resumes
+            store.update_meta(capture_visits={**totals, f"{stage}/{start}": int(self._window_examples)}, **own)
 
     # -- batches ----------------------------------------------------------------------------
 
@@ -617,6 +631,8 @@ class GradientCapture:
             raise TaskError(
                 f"The batch holds {batch_size(rest)} examples but {count} row indices; pass one index per example."
             )
+        if self._own is None:
+            self._own = count
         if self._basis_due:
             self._rebase(name)
         self._window_examples += count
@@ -653,6 +669,12 @@ class GradientCapture:
         self._taps.enter_context(taps)
         self.projector = projector
 
+    def _own_batch(self) -> int:
+        """Examples per batch of capture's own passes (``basis_batch``)."""
+        if self.options.basis_batch != "auto":
+            return int(self.options.basis_batch)
+        return self._own or AUTO_BASIS_BATCH
+
     def _visit(
         self, stage: str, where: str, adam: bool, limit: int | None = None
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -662,6 +684,7 @@ class GradientCapture:
         from the optimizer's state as it stands (none before the stage's first step: the raw factors). ``limit``:
         at most that many of the subset's examples (``BasisPass.visit``)."""
         assert self._pass is not None
+        self._pass.batch_size = self._own_batch()
         d = live_preconditioner(self.recorder.optimizer, self.params) if adam else None
         sides = None if d is None else rank_one_sides(d, self._pass.layers)
         with modes_kept(self.model), self._basis_data(stage, f"the eigen projection's basis pass, {where}"):
@@ -1093,7 +1116,7 @@ class GradientCapture:
             self._install(projector)
         rows, name = self.options.chunk_rows, window_array(END, stage, start)
         size = len(dataset)  # type: ignore[arg-type]
-        loader = DataLoader(dataset, batch_size=self.options.basis_batch, collate_fn=self._collate,
+        loader = DataLoader(dataset, batch_size=self._own_batch(), collate_fn=self._collate,
                             generator=torch.Generator())  # fmt: skip
         what = f"the training data of stage {stage!r} given as datasets= (the end pass)"
         task, chunk, filled = self._bound_task(), 0, 0
