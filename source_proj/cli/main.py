@@ -71,7 +71,6 @@ class _Command(click.Command):
                 "a bug, please report it with the command (SOURCE_PROJ_TRACEBACK=1 shows where it happened)."
             ) from err
 
-
     def _memory_advice(self, name: str | None) -> str:
         if name in _MEMORY_ADVICE:
             return _MEMORY_ADVICE[name]

@@ -544,7 +544,7 @@ def token_nll(logits: Tensor, targets: Tensor) -> Tensor:
     the logits can hold (a language model's logits are its largest tensors). It runs under ``torch.func``
     transforms (per-example gradients); its backward is not differentiable again.
 
-    Half-precision logits (a bf16 or fp16 forward) are computed with in float32 a block of rows at a time
+    Half-precision logits (a bf16 or fp16 forward) are taken in float32 a block of rows at a time
     (``_block_rows``), as ``token_nll(logits.float(), targets)`` computes them, to the same bits: the loss is
     float32 and the gradient the half-precision one that ``.float()``'s backward would round it to. Nothing
     n × V is held in float32: the graph keeps the half-precision logits, and the backward writes its gradient
