@@ -509,7 +509,7 @@ def test_running_out_of_memory_names_what_to_lower_and_the_store_resumes(
 ) -> None:
     """A batch that does not fit (the host's allocator, or a GPU's) is neither "a bug" nor the examples' fault
     (the host's failure is a plain RuntimeError, which the model's own errors are too): one sentence names the
-    allocation and what to lower, and featurize with a smaller batch then completes the same store."""
+    allocation and what to lower, and featurize with the batch it names then completes the same store."""
     allocation, said = _ALLOCATIONS[where]
     spec = write_spec(tmp_path / "spec.py", tmp_path / "described.log")
     spec.write_text(spec.read_text() + _GREEDY_SPEC.format(allocation=allocation))
@@ -518,9 +518,9 @@ def test_running_out_of_memory_names_what_to_lower_and_the_store_resumes(
     args += ["--seed", "3", "--chunk-rows", "6", "--device", "cpu"]
     message = _refused(CliRunner().invoke(main, [*args, "--batch-size", "6"]))
     assert message == (
-        f"Error: source-proj featurize ran out of memory ({said}); featurize again with a lower --batch-size (a "
-        "batch's activations grow with it, and a language model's logits with its sequences × tokens × "
-        "vocabulary), or with --precision bf16."
+        f"Error: source-proj featurize ran out of memory ({said}); featurize again with --batch-size 3 (half of 6: a "
+        "batch's activations, and a language model's logits, grow with it; the store resumes where it stopped), or "
+        "anew with --precision bf16 and --force."
     )
     out = CliRunner().invoke(main, [*args, "--batch-size", "3"])
     assert out.exit_code == 0, out.output

@@ -220,3 +220,46 @@ def test_the_cli_reads_auto_all_and_numbers() -> None:
     for bad in ("0", "-3", "half", "1e5"):
         with pytest.raises(click.BadParameter, match="'all' or 'auto'"):
             _fisher_examples(bad)
+
+
+def test_a_featurize_out_of_memory_resumes_its_share_with_half_the_batch(
+    run: Path, classification_data: TensorDataset, tmp_path: Path
+) -> None:
+    """A featurize of a Fisher share that stops part-way (out of memory) resumes its store with a batch size that
+    divides the share's batches: the store records the share's batches, not the new size, and holds the Fisher of
+    the same examples (the exact Fisher: their values, to rounding) and the same gradients as the uninterrupted
+    one. A batch size that does not divide them is refused in one sentence that names those that do."""
+
+    def featurize(store: Path, batch: int, model: torch.nn.Module | None = None) -> Store:
+        sp.featurize(run, model or mlp(), sp.ClassificationTask(), classification_data, store,
+                     projection=sp.ProjectionArguments(dim=16, kind="factored"),
+                     options=sp.FeaturizeArguments(batch_size=batch, chunk_rows=8, fisher="exact", fisher_examples=8),
+                     progress=False)  # fmt: skip
+        return Store.open(store)
+
+    whole = featurize(tmp_path / "whole.sp", 4)
+    calls = []
+
+    def out_of_memory(module: torch.nn.Module, args: tuple) -> None:
+        calls.append(args[0].shape[0])
+        if calls.count(4) > 12:  # some chunks are written by then
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 4294967296 bytes.")
+
+    model = mlp()
+    model.register_forward_pre_hook(out_of_memory)
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        featurize(tmp_path / "s.sp", 4, model)
+    partial = Store.open(tmp_path / "s.sp")
+    names = partial.progress_arrays("grads/")
+    total = sum(partial.num_chunks(name) for name in names)
+    assert 0 < total - sum(len(partial.pending_chunks(name)) for name in names) < total  # stopped part-way
+    with pytest.raises(sp.StoreError, match=r"in batches of 4; resume it with a batch size that divides 4 \(2 or 1\)"):
+        featurize(tmp_path / "s.sp", 8)
+    resumed = featurize(tmp_path / "s.sp", 2)
+    assert resumed.meta["featurize"] == whole.meta["featurize"]  # batch_size: the share's, 4
+    for step in whole.meta["trajectory"]["checkpoints"]:
+        for kind in ("grads", "fisher"):
+            name = f"{kind}/main/{ckpt_key(step)}"
+            assert resumed.read(name).shape == whole.read(name).shape
+            np.testing.assert_allclose(resumed.read(name), whole.read(name), rtol=1e-5, atol=1e-6)
+    assert sp.verify_store(resumed.path, progress=False).problems == []

@@ -64,24 +64,32 @@ class _Command(click.Command):
             if out_of_memory(err):  # not a bug: the work as asked does not fit
                 raise click.ClickException(
                     f"source-proj {ctx.info_name} ran out of memory ({describe_out_of_memory(err)}); "
-                    f"{self._memory_advice(ctx.info_name)}."
+                    f"{self._memory_advice(ctx)}."
                 ) from err
             raise click.ClickException(
                 f"source-proj {ctx.info_name} failed unexpectedly ({type(err).__name__}: {first_line(err)}); this is "
                 "a bug, please report it with the command (SOURCE_PROJ_TRACEBACK=1 shows where it happened)."
             ) from err
 
-    def _memory_advice(self, name: str | None) -> str:
-        if name in _MEMORY_ADVICE:
-            return _MEMORY_ADVICE[name]
+    def _memory_advice(self, ctx: click.Context) -> str:
+        """What to change when the command ran out of memory."""
+        batch = ctx.params.get("batch_size")
+        if ctx.info_name == "featurize" and isinstance(batch, int) and batch > 1:
+            smaller = next(d for d in range(batch // 2, 0, -1) if batch % d == 0)  # a divisor: any store resumes
+            return (
+                f"featurize again with --batch-size {smaller} ({'half' if 2 * smaller == batch else 'a divisor'} of "
+                f"{batch}: a batch's activations, and a language model's logits, grow with it; the store resumes "
+                "where it stopped), or anew with --precision bf16 and --force"
+            )
+        if ctx.info_name in _MEMORY_ADVICE:
+            return _MEMORY_ADVICE[ctx.info_name]
         if any(param.name == "device" for param in self.params):
             return "run it on the CPU (--device cpu), or on a machine with more memory"
         return "run it on a machine with more memory"
 
 
 _MEMORY_ADVICE = {  # what to change when a command runs out of memory
-    "featurize": "featurize again with a lower --batch-size (a batch's activations grow with it, and a language "
-    "model's logits with its sequences × tokens × vocabulary), or with --precision bf16",
+    "featurize": "featurize on a device with more memory, or anew with --precision bf16 and --force",
     "query": "ask for fewer --queries at a time, search with --search stream (the index read a chunk at a time), or "
     "run on the CPU (--device cpu)",
 }
@@ -258,7 +266,8 @@ def main() -> None:
     default=64,
     show_default=True,
     type=click.IntRange(min=1),
-    help="Examples per forward/backward pass (memory against speed; recorded, so a resume uses the same).",
+    help="Examples per forward/backward pass (memory against speed); a store resumes with a size that divides the "
+    "one it was begun with (half of it, after running out of memory).",
 )
 @click.option(
     "--chunk-rows",

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from source_proj.errors import TaskError
+from source_proj.errors import StoreError, TaskError
 from source_proj.projection.base import Projector
 from source_proj.projection.eigen import EigenBasis
 from source_proj.projection.factory import make_projector
@@ -184,11 +184,13 @@ class FeaturizeArguments:
             backward passes a batch; 15 % of featurize in a CPU profile of the text example, where the eigen basis
             pass took 29 %), and the store's Fisher arrays, half of it, hold those rows only. The Fisher is a mean:
             fit divides by the rows taken. An explicit number needs a ``chunk_rows`` that is a multiple of
-            ``batch_size``. ``None``: every example. ``"auto"`` (default): ``max(AUTO_FISHER_PER_K × k,
-            AUTO_FISHER_MIN)`` examples (65,536 up to k = 2,048, 262,144 at k = 8,192), so every example of a stage no
-            larger, and every example wherever a share cannot be taken (sharded parameters, the empirical Fisher,
-            a ``chunk_rows`` not a multiple of ``batch_size``); an existing store resumes or grows with what it
-            recorded. Its accuracy cost is in BENCHMARKS.md ("The Fisher of a share of the examples").
+            ``batch_size``; a store resumes with a ``batch_size`` that divides the one it was begun with (the
+            batches its share is drawn in, ``fisher_block``). ``None``: every example. ``"auto"`` (default):
+            ``max(AUTO_FISHER_PER_K × k, AUTO_FISHER_MIN)`` examples (65,536 up to k = 2,048, 262,144 at
+            k = 8,192), so every example of a stage no larger, and every example wherever a share cannot be taken
+            (sharded parameters, the empirical Fisher, a ``chunk_rows`` not a multiple of ``batch_size``); an
+            existing store resumes or grows with what it recorded. Its accuracy cost is in BENCHMARKS.md ("The
+            Fisher of a share of the examples").
     """
 
     batch_size: int = 64
@@ -224,14 +226,32 @@ class FeaturizeArguments:
                     f"must be a multiple of batch_size ({self.batch_size})."
                 )
 
-    def fisher_meta(self) -> dict[str, int]:
+    def fisher_meta(self, block: int | None = None) -> dict[str, int]:
         """What the store's ``meta["featurize"]`` records of ``fisher_examples`` (nothing where it is off: a store
-        featurized before the option resumes as it was); ``"auto"`` must be resolved first
-        (``resolve_fisher_examples``)."""
+        featurized before the option resumes as it was): the share, and the batches it is drawn in, ``block``
+        (``fisher_block``; default: ``batch_size``). ``"auto"`` must be resolved first (``resolve_fisher_examples``)."""
         assert self.fisher_examples != "auto", "resolve fisher_examples='auto' before the store's metadata"
         if self.fisher_examples is None:
             return {}
-        return {"fisher_examples": self.fisher_examples, "batch_size": self.batch_size}
+        return {"fisher_examples": self.fisher_examples, "batch_size": block or self.batch_size}
+
+
+def fisher_block(path: str, options: FeaturizeArguments, recorded: Mapping[str, Any] | None) -> int:
+    """The batches a Fisher share is drawn in (``FisherRows``): ``options.batch_size`` for a new store; for a store
+    featurize resumes or grows with the same share, the batches it recorded. A smaller batch that divides them
+    computes the same rows (each of its batches lies inside one of them), so a featurize that ran out of memory
+    resumes with half its batch size; any other batch size is refused. ``options.fisher_examples`` is resolved."""
+    if options.fisher_examples is None or not recorded or recorded.get("fisher_examples") != options.fisher_examples:
+        return options.batch_size
+    block = int(recorded.get("batch_size", options.batch_size))
+    if block % options.batch_size:
+        divisors = [d for d in range(block - 1, 0, -1) if block % d == 0][:2]
+        raise StoreError(
+            f"The store at {path} takes the Fisher of a share of its examples in batches of {block}; resume it with a "
+            f"batch size that divides {block} ({' or '.join(map(str, divisors)) or block}), or pass --force "
+            "(overwrite=True) to featurize it anew."
+        )
+    return block
 
 
 AUTO_FISHER_PER_K = 32
@@ -328,14 +348,20 @@ class FisherRows:
             return self.chunk_rows
         return self._taken(self.chunk_rows // self.batch_size) * self.batch_size
 
-    def batches(self, chunk: int) -> list[int] | None:
-        """The batches of row chunk ``chunk`` (their order in it) whose Fisher is taken; ``None``: all."""
+    def batches(self, chunk: int, of: int | None = None) -> list[int] | None:
+        """The batches of row chunk ``chunk`` (their order in it) whose Fisher is taken; ``None``: all. ``of``: in
+        batches of that many rows, a divisor of ``batch_size`` (a featurize resumed with a smaller batch)."""
         if self.share is None:
             return None
         rows = min(self.size, (chunk + 1) * self.chunk_rows) - chunk * self.chunk_rows
         count = -(-rows // self.batch_size)
         rng = np.random.default_rng([self.seed, 0xF15, self.stage_index, chunk])
-        return sorted(rng.choice(count, self._taken(count), replace=False).tolist())
+        taken = sorted(rng.choice(count, self._taken(count), replace=False).tolist())
+        if of is None or of == self.batch_size:
+            return taken
+        assert self.batch_size % of == 0, "a featurize batch divides the share's batches (fisher_block)"
+        ratio = self.batch_size // of
+        return [batch * ratio + i for batch in taken for i in range(ratio)]
 
     def rows(self, chunk: int) -> int:
         """Rows of chunk ``chunk``'s Fisher."""

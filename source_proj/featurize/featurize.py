@@ -37,6 +37,7 @@ from source_proj.featurize.arguments import (
     ProjectionArguments,
     as_stage_datasets,
     default_device,
+    fisher_block,
     projected_fisher_at,
     resolve_curvature,
     resolve_fisher_examples,
@@ -243,9 +244,11 @@ class _Featurize:
                 # parameters never hold; a weight used outside its layer fails on its placeholder instead.
                 self.projector._checked = True  # type: ignore[attr-defined]
             curvature = resolve_curvature(options.curvature, self.projector.describe()["kind"], self.projector.dim)
+            recorded = self._recorded_featurize()
             examples = resolve_fisher_examples(options, self.projector.dim, [len(d) for d in self.datasets.values()],
-                                               self._recorded_featurize())  # fmt: skip
+                                               recorded)  # fmt: skip
             self.options = options = replace(options, curvature=curvature, fisher_examples=examples)  # type: ignore[arg-type]
+            self.fisher_block = fisher_block(self.path, options, recorded)
             self.directions = _fisher_directions(self.grads_fn, self.task, self.datasets, options, self.device)
             self.collector = None
             kronecker = None
@@ -268,7 +271,7 @@ class _Featurize:
                     "measurement": options.measurement,
                     "curvature": options.curvature,
                     "kronecker": kronecker,
-                    **options.fisher_meta(),
+                    **options.fisher_meta(self.fisher_block),
                 },
                 "trajectory": {
                     "path": str(Path(trajectory.path).resolve()),
@@ -605,7 +608,7 @@ def _featurize_units(
                         collector=factors,
                         projected_fisher=projected_fisher_at(options.curvature, unit.prefix, unit.key, final),
                         shared_forward=shards is None,
-                        fisher_batches=taken.batches(chunk),
+                        fisher_batches=taken.batches(chunk, of=options.batch_size),
                     )
                 if fisher is not None:
                     writer.write(f"{unit.prefix}fisher/{unit.stage}/{unit.key}", chunk, fisher)
