@@ -273,6 +273,18 @@ def test_a_model_without_kronecker_layers_falls_back_to_the_dense_projection(
     assert np.isfinite(np.asarray(scores)).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_finite_rows_flags_exactly_the_examples_with_a_nan_or_an_infinity(dtype: torch.dtype) -> None:
+    from source_proj.featurize.basis import finite_rows
+
+    outputs = torch.randn(6, 4, 50, generator=torch.Generator().manual_seed(0)).to(dtype)
+    outputs[1, 2, 7], outputs[3, 0, 0], outputs[4, 3, 49] = float("nan"), float("inf"), float("-inf")
+    outputs[5] = torch.finfo(dtype).max  # large, but finite
+    want = torch.isfinite(outputs.reshape(6, -1)).all(dim=1)
+    assert want.tolist() == [True, False, True, False, False, True]
+    assert torch.equal(finite_rows(outputs), want)
+
+
 def test_bad_inputs_stop_the_basis_pass_in_one_sentence_before_anything_is_written(
     tmp_path: Path, classification_data
 ) -> None:

@@ -376,6 +376,14 @@ class _Refused(Exception):
         self.error = error
 
 
+def finite_rows(outputs: torch.Tensor) -> torch.Tensor:
+    """Whether each example's outputs ``[B, ...]`` are all finite, ``[B]``: from their largest and smallest value
+    (NaN and ±inf reach one of them), where ``isfinite`` would make a boolean the size of the outputs (a language
+    model's logits: 412 MB for 8 sequences of 1,024 tokens over GPT-2's vocabulary)."""
+    flat = outputs.reshape(outputs.shape[0], -1)
+    return torch.isfinite(flat.amax(dim=1)) & torch.isfinite(flat.amin(dim=1))
+
+
 def _drawer(
     task: Task, batch: object, generator: torch.Generator, rows: Sequence[int], where: str
 ) -> Callable[[torch.Tensor], Sequence[tuple[torch.Tensor, object]]]:
@@ -385,7 +393,7 @@ def _drawer(
     def draw(outputs: torch.Tensor) -> Sequence[tuple[torch.Tensor, object]]:
         try:
             task.loss(outputs, batch)  # validates the targets
-            bad = ~torch.isfinite(outputs.reshape(outputs.shape[0], -1)).all(dim=1)
+            bad = ~finite_rows(outputs)
             if bad.any():  # before labels are drawn from them
                 row = rows[int(torch.nonzero(bad)[0, 0])]
                 raise NumericalError(
