@@ -13,6 +13,8 @@ fi
 python -m pip install -q -e ".[demo,test]"
 case "${1:-}" in
   demo) shift; python examples/digits/run.py "$@" ;;
-  test) shift; python -m pytest -q "$@" ;;
+  # One process per core (pytest-xdist; each runs torch on one thread, tests/conftest.py), a file to a process
+  # so that its module fixtures are built once; `-n 0` after `test` runs everything in this process.
+  test) shift; python -m pytest -q -n auto --maxprocesses 8 --dist loadfile "$@" ;;
   *) echo "usage: ./dev.sh demo|test [args]" >&2; exit 2 ;;
 esac
