@@ -569,7 +569,9 @@ def test_capture_refuses_what_it_cannot_capture_with_a_sentence(tmp_path: Path, 
         named.begin_stage("main", dataset_size=len(y))
         with pytest.raises(sp.TaskError, match=f"trains on 30 examples, but GradientCapture's datasets= {what}"):
             named_cap.begin((x[:4], y[:4]), indices=range(4))
+    rec.optimizer.step()  # no gradients: nothing moves, but the recorder sees the step it records
     rec.step()
+    rec.optimizer.step()
     with pytest.raises(sp.TaskError, match="recorded without a captured batch"):
         rec.step()  # the checkpoint at step 2 closes a window no batch was captured in
     with pytest.raises(sp.TaskError, match="steps since its last checkpoint"):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 import source_proj as sp
 
@@ -304,3 +305,98 @@ def test_weights_that_do_not_move_under_a_positive_learning_rate_are_warned_of(t
         assert len(said) == 2  # at steps 2 and 4
     else:
         assert said == []
+
+
+def _accumulated_run(run: Path, *, step_each_batch: bool, save_every: int) -> None:
+    """SGD on a 3-4 MLP's classification, 8 optimizer steps of 2 accumulated batches of 5; ``step_each_batch``: the
+    recorder's step() after every batch (the misuse), else after each optimizer step."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(20, 3, generator=g), torch.randint(0, 4, (20,), generator=g)
+    torch.manual_seed(0)
+    model = nn.Linear(3, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    rec = sp.TrajectoryRecorder(run, model, opt, save_every=save_every)
+    rec.begin_stage("main", dataset_size=20)
+    for step in range(8):
+        for half in range(2):
+            rows = torch.arange(5) + 10 * (step % 2) + 5 * half
+            (nn.functional.cross_entropy(model(x[rows]), y[rows]) / 2).backward()
+            if half == 1:
+                opt.step()
+                opt.zero_grad()
+            if step_each_batch or half == 1:
+                rec.step()
+    rec.close()
+
+
+def test_step_calls_without_an_optimizer_step_are_recorded_at_learning_rate_zero_and_give_the_same_scores(
+    tmp_path: Path,
+) -> None:
+    """A loop that calls the recorder's step() after every batch of a gradient accumulation records twice the steps
+    the optimizer took. The recorder counts the optimizer's steps: a call after none is recorded at learning rate 0
+    (the weights did not move) and warned of, once, so SOURCE's scores are those of the loop done right."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _accumulated_run(tmp_path / "right", step_each_batch=False, save_every=2)
+    assert not [w for w in caught if "TrajectoryRecorder.step()" in str(w.message)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _accumulated_run(tmp_path / "each", step_each_batch=True, save_every=4)
+    said = [str(w.message) for w in caught if "TrajectoryRecorder.step()" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("TrajectoryRecorder.step() at step 0: the optimizer it records took")
+    right, each = sp.Trajectory.load(tmp_path / "right"), sp.Trajectory.load(tmp_path / "each")
+    assert np.array_equal(each.lr, np.tile([0.0, 0.3], 8)) and np.array_equal(right.lr, np.full(8, 0.3))
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(20, 3, generator=g), torch.randint(0, 4, (20,), generator=g))
+    scores = []
+    for name in ("right", "each"):
+        store = tmp_path / f"{name}.sp"
+        projection = sp.ProjectionArguments(dim=8, kind="rademacher")
+        sp.featurize(tmp_path / name, nn.Linear(3, 4), sp.ClassificationTask(), data, store, projection=projection,
+                     progress=False)  # fmt: skip
+        sp.fit(store, progress=False)
+        scores.append(sp.Attributor(store, nn.Linear(3, 4), sp.ClassificationTask()).scores(data))
+    assert np.abs(scores[0]).max() > 0
+    np.testing.assert_allclose(scores[1], scores[0], rtol=1e-4, atol=1e-6 * np.abs(scores[0]).max())
+
+
+@pytest.mark.parametrize("case", ["skipped by the loss scaler", "two optimizer steps", "another optimizer"])
+def test_a_recorder_out_of_step_with_its_optimizer_is_told_once(tmp_path: Path, case: str) -> None:
+    """The loss scaler's skipped step (an inf gradient) is recorded at learning rate 0 without a word; two optimizer
+    steps to one step() call, or an optimizer the recorder was not given, are warned of once."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    other = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    rec = sp.TrajectoryRecorder(tmp_path / "run", model, opt, save_every=2, grad_scaler=scaler)
+    rec.begin_stage("main", dataset_size=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(4):
+            opt.zero_grad()
+            scaler.scale(model(torch.randn(4, 3)).sum()).backward()
+            if case == "skipped by the loss scaler" and step == 1:
+                model.weight.grad[0, 0] = float("inf")
+            before = model.weight.detach().clone()
+            scaler.step(other if case == "another optimizer" else opt)
+            scaler.update()
+            if case == "two optimizer steps":
+                opt.step()
+            rec.step()
+            if case == "skipped by the loss scaler":
+                assert torch.equal(model.weight, before) == (step == 1)
+        rec.close()
+    said = [str(w.message) for w in caught if "TrajectoryRecorder.step()" in str(w.message)]
+    lr = sp.Trajectory.load(tmp_path / "run").lr
+    if case == "skipped by the loss scaler":
+        assert said == [] and lr.tolist() == [0.1, 0.0, 0.1, 0.1]
+    elif case == "two optimizer steps":
+        assert len(said) == 1 and "took 2 steps since the last call, so SOURCE misses 1 of them" in said[0]
+        assert lr.tolist() == [0.1] * 4
+    else:  # with a loss scaler, a step not taken may be its skip: told at the checkpoint, as the parameters moved
+        assert lr.tolist() == [0.0] * 4
+        moved = [str(w.message) for w in caught if "the recorder was given took none" in str(w.message)]
+        assert said == [] and len(moved) == 1
+        assert moved[0].startswith("The model's parameters changed from step 0 to step 2 though the optimizer")

@@ -233,8 +233,15 @@ class TrajectoryRecorder:
         self._checkpoints: list[dict[str, Any]] = []
         self._complete = False
         self._clipping = _ClipWatch(model, optimizer, grad_scaler) if watch_clipping else None
+        self._scaler = grad_scaler
+        self._taken = 0  # optimizer steps since the last step() call
+        self._taken_handle: Any = None
+        self._count_steps(optimizer)
+        self._warned_untaken = False
+        self._zeroed = 0  # steps since the last checkpoint recorded at learning rate 0 for want of an optimizer step
         self._listeners: list[RecorderListener] = []
-        self._weights: tuple[int, torch.Tensor] | None = None  # (step, sample) of the last checkpoint's weights
+        # (step, sample, the parameters' sample) of the last checkpoint's weights
+        self._weights: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self._warned_shrink = False  # a measured clipping factor below 1e-3 was warned of
 
     @classmethod
@@ -358,6 +365,7 @@ class TrajectoryRecorder:
             self.end_stage()
         if optimizer is not None:
             self.optimizer = optimizer
+            self._count_steps(optimizer)
             if self._clipping is not None:
                 self._clipping.watch(optimizer)
         self._stages.append(
@@ -402,11 +410,49 @@ class TrajectoryRecorder:
         measured = self._clipping.take() if self._clipping is not None else None
         if clip is not None and not (math.isfinite(clip) and 0 <= clip <= 1):
             raise TrajectoryError(f"Step {self.global_step}'s clipping factor {clip} must lie in [0, 1].")
+        taken, self._taken = self._taken, 0
+        if self._taken_handle is not None and taken != 1:
+            lr = self._untaken(taken, lr)
         self._lr.append(lr)
         self._clip.append(clip if clip is not None else 1.0 if measured is None else measured)
         self.global_step += 1
         if self.global_step % self.save_every == 0:
             self._save()
+
+    def _count_steps(self, optimizer: torch.optim.Optimizer) -> None:
+        """Count ``optimizer``'s steps (a step post-hook), so that ``step`` can tell a call without one."""
+        if self._taken_handle is not None:
+            self._taken_handle.remove()
+        self._taken, self._taken_handle = 0, None
+        if callable(getattr(optimizer, "register_step_post_hook", None)):
+            self._taken_handle = optimizer.register_step_post_hook(lambda *_: self._counted())
+
+    def _counted(self) -> None:
+        self._taken += 1
+
+    def _untaken(self, taken: int, lr: float) -> float:
+        """The learning rate to record for a ``step`` call after ``taken`` ≠ 1 optimizer steps, warning once of a
+        loop that calls it out of step with the optimizer. No step: the weights did not move, so the step is
+        recorded at learning rate 0, which is also right for a loss scaler's skipped step (an inf or nan gradient),
+        and for a loop that calls ``step`` after every batch of a gradient accumulation. More than one step: the
+        steps between were not recorded, and SOURCE cannot know them."""
+        if not self._warned_untaken and (taken > 1 or self._scaler is None):
+            self._warned_untaken = True
+            if taken == 0:
+                what = (
+                    "the optimizer it records took no step since the last call, so SOURCE counts it at learning rate "
+                    "0; call step() once after each optimizer.step() (with gradient accumulation, only after the "
+                    "batches the optimizer steps on), and give the recorder the optimizer that trains (a new one "
+                    "through begin_stage)"
+                )
+            else:
+                what = (
+                    f"the optimizer it records took {taken} steps since the last call, so SOURCE misses {taken - 1} "
+                    "of them; call step() after every optimizer.step()"
+                )
+            warnings.warn(f"TrajectoryRecorder.step() at step {self.global_step}: {what}.", stacklevel=3)
+        self._zeroed += taken == 0
+        return 0.0 if taken == 0 else lr
 
     def end_stage(self) -> None:
         """End the current stage, saving its final checkpoint."""
@@ -426,6 +472,9 @@ class TrajectoryRecorder:
         self._complete = True
         if self._clipping is not None:
             self._clipping.remove()
+        if self._taken_handle is not None:
+            self._taken_handle.remove()
+            self._taken_handle = None
         self._write_index()
         for listener in self._listeners:
             listener.after_close()
@@ -472,11 +521,25 @@ class TrajectoryRecorder:
         optimizer built on another model's parameters trains nothing here, and the run would be attributed as if
         it had trained (a few values of every floating-point tensor are compared: cheap at any size)."""
         sample = _weights_sample(state)
-        before, self._weights = self._weights, (self.global_step, sample)
+        params = {name for name, _ in self.model.named_parameters()}
+        moved = _weights_sample({k: v for k, v in state.items() if k in params})
+        before, self._weights = self._weights, (self.global_step, sample, moved)
+        zeroed, self._zeroed = self._zeroed, 0
         if before is None or sample.numel() == 0:
             return
-        step, previous = before
+        step, previous, previous_moved = before
         rates = self._lr[step : self.global_step]
+        if rates and zeroed == len(rates) and not self._warned_untaken and not torch.equal(previous_moved, moved):
+            # Every step since the last checkpoint was recorded at learning rate 0, as the optimizer the recorder
+            # was given took none, yet the parameters moved: another optimizer trains (with a loss scaler given, a
+            # step not taken is no warning by itself: the scaler skips steps).
+            self._warned_untaken = True
+            warnings.warn(
+                f"The model's parameters changed from step {step} to step {self.global_step} though the optimizer "
+                "the recorder was given took none of those steps, so SOURCE counts them at learning rate 0: give "
+                "the recorder the optimizer that trains (a new one through begin_stage).",
+                stacklevel=4,
+            )
         if rates and max(rates) > 0 and torch.equal(previous, sample):
             warnings.warn(
                 f"The model's weights did not change from step {step} to step {self.global_step} though the learning "
