@@ -164,6 +164,10 @@ class TrajectoryRecorder:
     rec.close()
     ```
 
+    The recorder counts its optimiser's steps: a ``step()`` after none (a loss scaler's skipped step, or a call
+    after every batch of a gradient accumulation) is recorded at learning rate 0, and warned of unless a loss
+    scaler is given. An optimiser other than the recorder's that trains the model is warned of too.
+
     A checkpoint is saved at the start of every stage, every ``save_every`` steps and at the end
     of every stage. ``begin_stage`` may be called again (with a new optimiser) for a
     multi-stage pipeline. ``resume`` continues a run that was interrupted, or one that
