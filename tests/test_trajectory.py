@@ -400,3 +400,30 @@ def test_a_recorder_out_of_step_with_its_optimizer_is_told_once(tmp_path: Path, 
         moved = [str(w.message) for w in caught if "the recorder was given took none" in str(w.message)]
         assert said == [] and len(moved) == 1
         assert moved[0].startswith("The model's parameters changed from step 0 to step 2 though the optimizer")
+
+
+def test_the_rate_recorded_is_the_one_the_step_used_whether_the_scheduler_moved_before_or_after_step(
+    tmp_path: Path,
+) -> None:
+    """rec.step() reads the learning rate its optimizer step used (as the step ended), so a loop that moves the
+    scheduler first records the same rates as one that moves it after."""
+    rates = {}
+    for order in ("recorder first", "scheduler first"):
+        torch.manual_seed(0)
+        model = nn.Linear(3, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1 + k))
+        rec = sp.TrajectoryRecorder(tmp_path / order, model, opt, save_every=3)
+        rec.begin_stage("main", dataset_size=4)
+        for _ in range(6):
+            opt.zero_grad()
+            model(torch.randn(4, 3)).sum().backward()
+            opt.step()
+            if order == "scheduler first":
+                sched.step()
+            rec.step()
+            if order == "recorder first":
+                sched.step()
+        rec.close()
+        rates[order] = sp.Trajectory.load(tmp_path / order).lr.tolist()
+    assert rates["scheduler first"] == rates["recorder first"] == pytest.approx([0.1 / (1 + k) for k in range(6)])

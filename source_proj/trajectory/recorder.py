@@ -239,6 +239,7 @@ class TrajectoryRecorder:
         self._clipping = _ClipWatch(model, optimizer, grad_scaler) if watch_clipping else None
         self._scaler = grad_scaler
         self._taken = 0  # optimizer steps since the last step() call
+        self._used: list[float] = []  # the learning rates of the last of them, per parameter group
         self._taken_handle: Any = None
         self._count_steps(optimizer)
         self._warned_untaken = False
@@ -392,7 +393,8 @@ class TrajectoryRecorder:
         self._save()
 
     def step(self, clip: float | None = None) -> None:
-        """Record one optimiser step (call right after ``optimizer.step()``).
+        """Record one optimiser step (call right after ``optimizer.step()``). The learning rate recorded is the one
+        that step used, read as it ended, so a scheduler stepped before this call does not shift it.
 
         ``clip``: the factor α = min(1, max_norm/‖g‖) gradient clipping scaled this step's gradient by
         (``clip_grad_norm_`` returns ‖g‖); by default the factor the recorder measured (1 if nothing
@@ -400,7 +402,8 @@ class TrajectoryRecorder:
         """
         if not self._stages or self._stages[-1]["end_step"] is not None:
             raise TrajectoryError("Call begin_stage(name, dataset_size) before recording steps.")
-        rates = {float(g["lr"]) for g in self.optimizer.param_groups}
+        used = self._used if self._taken else [float(g["lr"]) for g in self.optimizer.param_groups]
+        rates = set(used)
         if len(rates) != 1:
             raise TrajectoryError(
                 f"The optimiser's parameter groups use different learning rates {sorted(rates)}; "
@@ -429,10 +432,11 @@ class TrajectoryRecorder:
             self._taken_handle.remove()
         self._taken, self._taken_handle = 0, None
         if callable(getattr(optimizer, "register_step_post_hook", None)):
-            self._taken_handle = optimizer.register_step_post_hook(lambda *_: self._counted())
+            self._taken_handle = optimizer.register_step_post_hook(lambda opt, *_: self._counted(opt))
 
-    def _counted(self) -> None:
+    def _counted(self, optimizer: torch.optim.Optimizer) -> None:
         self._taken += 1
+        self._used = [float(g["lr"]) for g in optimizer.param_groups]  # the rates this step used
 
     def _untaken(self, taken: int, lr: float) -> float:
         """The learning rate to record for a ``step`` call after ``taken`` ≠ 1 optimizer steps, warning once of a
