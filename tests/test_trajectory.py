@@ -405,7 +405,7 @@ def test_a_recorder_out_of_step_with_its_optimizer_is_told_once(tmp_path: Path, 
 def test_the_rate_recorded_is_the_one_the_step_used_whether_the_scheduler_moved_before_or_after_step(
     tmp_path: Path,
 ) -> None:
-    """rec.step() reads the learning rate its optimizer step used (as the step ended), so a loop that moves the
+    """rec.step() reads the learning rate its optimizer step used (as the step began), so a loop that moves the
     scheduler first records the same rates as one that moves it after."""
     rates = {}
     for order in ("recorder first", "scheduler first"):
@@ -427,3 +427,26 @@ def test_the_rate_recorded_is_the_one_the_step_used_whether_the_scheduler_moved_
         rec.close()
         rates[order] = sp.Trajectory.load(tmp_path / order).lr.tolist()
     assert rates["scheduler first"] == rates["recorder first"] == pytest.approx([0.1 / (1 + k) for k in range(6)])
+
+
+def test_a_step_post_hook_registered_before_the_recorder_records_every_step(tmp_path: Path) -> None:
+    """The integrations call step() from the optimizer's step post-hook; one registered before the recorder was made
+    (and so run before any post-hook of the recorder's own) still finds the step counted, at the rate it used."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5**k)
+    made: list[sp.TrajectoryRecorder] = []
+    opt.register_step_post_hook(lambda *_: made[0].step())
+    made.append(sp.TrajectoryRecorder(tmp_path / "run", model, opt, save_every=2))
+    made[0].begin_stage("main", dataset_size=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(4):
+            opt.zero_grad()
+            model(torch.randn(4, 3)).sum().backward()
+            opt.step()
+            sched.step()
+        made[0].close()
+    assert not [w for w in caught if "TrajectoryRecorder.step()" in str(w.message)]
+    assert sp.Trajectory.load(tmp_path / "run").lr.tolist() == pytest.approx([0.1 * 0.5**k for k in range(4)])

@@ -394,7 +394,7 @@ class TrajectoryRecorder:
 
     def step(self, clip: float | None = None) -> None:
         """Record one optimiser step (call right after ``optimizer.step()``). The learning rate recorded is the one
-        that step used, read as it ended, so a scheduler stepped before this call does not shift it.
+        that step used, read as it began, so a scheduler stepped before this call does not shift it.
 
         ``clip``: the factor α = min(1, max_norm/‖g‖) gradient clipping scaled this step's gradient by
         (``clip_grad_norm_`` returns ‖g‖); by default the factor the recorder measured (1 if nothing
@@ -427,16 +427,17 @@ class TrajectoryRecorder:
             self._save()
 
     def _count_steps(self, optimizer: torch.optim.Optimizer) -> None:
-        """Count ``optimizer``'s steps (a step post-hook), so that ``step`` can tell a call without one."""
+        """Count ``optimizer``'s steps, so that ``step`` can tell a call without one. A step pre-hook: it runs before
+        any post-hook, such as the integrations' that call ``step``, whatever the order they were registered in."""
         if self._taken_handle is not None:
             self._taken_handle.remove()
         self._taken, self._taken_handle = 0, None
-        if callable(getattr(optimizer, "register_step_post_hook", None)):
-            self._taken_handle = optimizer.register_step_post_hook(lambda opt, *_: self._counted(opt))
+        if callable(getattr(optimizer, "register_step_pre_hook", None)):
+            self._taken_handle = optimizer.register_step_pre_hook(lambda opt, *_: self._counted(opt))
 
     def _counted(self, optimizer: torch.optim.Optimizer) -> None:
         self._taken += 1
-        self._used = [float(g["lr"]) for g in optimizer.param_groups]  # the rates this step used
+        self._used = [float(g["lr"]) for g in optimizer.param_groups]  # the rates this step uses
 
     def _untaken(self, taken: int, lr: float) -> float:
         """The learning rate to record for a ``step`` call after ``taken`` ≠ 1 optimizer steps, warning once of a
