@@ -450,3 +450,41 @@ def test_a_step_post_hook_registered_before_the_recorder_records_every_step(tmp_
         made[0].close()
     assert not [w for w in caught if "TrajectoryRecorder.step()" in str(w.message)]
     assert sp.Trajectory.load(tmp_path / "run").lr.tolist() == pytest.approx([0.1 * 0.5**k for k in range(4)])
+
+
+def test_a_cycled_momentum_is_recorded_per_step_and_sets_each_steps_size(tmp_path: Path) -> None:
+    """OneCycleLR cycles SGD's momentum (0.95 → 0.85 → 0.95) with the rate. The recorder keeps each step's β, and a
+    step's size in SOURCE is then η_k/(1−β_k), not η_k/(1−β) at the momentum the stage began with: the segment's
+    mean rate is the mean of the steps' own. A run whose momentum stays put writes no momenta."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=8, base_momentum=0.85, max_momentum=0.95)
+    rec = sp.TrajectoryRecorder(tmp_path / "run", model, opt, save_every=4)
+    rec.begin_stage("main", dataset_size=4)
+    rates, betas = [], []
+    for _ in range(8):
+        opt.zero_grad()
+        model(torch.randn(4, 3)).sum().backward()
+        rates.append(opt.param_groups[0]["lr"])
+        betas.append(opt.param_groups[0]["momentum"])
+        opt.step()
+        rec.step()
+        sched.step()
+    rec.close()
+    assert betas[0] == 0.95 and min(betas) < 0.86  # the schedule moved it
+    index = json.loads((tmp_path / "run" / "trajectory.json").read_text())
+    assert index["momentum"] == pytest.approx(betas)
+    traj = sp.Trajectory.load(tmp_path / "run")
+    own = np.asarray(rates) / (1 - np.asarray(betas))  # each step's own effective rate
+    assert np.allclose(traj.lr / (1 - 0.95), own)
+    (segment,) = sp.make_segments(traj.stages, [c.step for c in traj.checkpoints], traj.lr, {"weight": 6, "bias": 2})
+    assert segment.mean_lr == pytest.approx(own.mean())
+    assert segment.mean_lr < 0.75 * np.mean(rates) / (1 - 0.95)  # what the stage's first momentum alone gave
+
+    _record(tmp_path / "steady")
+    assert "momentum" not in json.loads((tmp_path / "steady" / "trajectory.json").read_text())
+    index["momentum"][3] = 1.0
+    (tmp_path / "run" / "trajectory.json").write_text(json.dumps(index))
+    with pytest.raises(sp.TrajectoryError, match=r"'momentum' must hold one momentum in \[0, 1\) or null"):
+        sp.Trajectory.load(tmp_path / "run")

@@ -46,7 +46,7 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -233,6 +233,8 @@ class TrajectoryRecorder:
         self.global_step = 0
         self._lr: list[float] = []
         self._clip: list[float | torch.Tensor] = []
+        self._momentum: list[float | None] = []  # each SGD step's momentum β, where all groups share one
+        self._momentum_moved = False  # some SGD step's momentum differs from its stage's (a schedule moves it)
         self._stages: list[dict[str, Any]] = []
         self._checkpoints: list[dict[str, Any]] = []
         self._complete = False
@@ -240,9 +242,11 @@ class TrajectoryRecorder:
         self._scaler = grad_scaler
         self._taken = 0  # optimizer steps since the last step() call
         self._used: list[float] = []  # the learning rates of the last of them, per parameter group
+        self._used_momentum: list[float] = []  # and their momenta
         self._taken_handle: Any = None
         self._count_steps(optimizer)
         self._warned_untaken = False
+        self._warned_momentum = False
         self._zeroed = 0  # steps since the last checkpoint recorded at learning rate 0 for want of an optimizer step
         self._listeners: list[RecorderListener] = []
         # (step, sample, the parameters' sample) of the last checkpoint's weights
@@ -314,6 +318,9 @@ class TrajectoryRecorder:
         recorder.global_step = step
         recorder._lr = [float(v) for v in lr[:step]]
         recorder._clip = [float(v) for v in (index.get("clip") or [1.0] * len(lr))[:step]]
+        momentum = index.get("momentum")
+        recorder._momentum = list(momentum[:step]) if momentum is not None else [None] * step
+        recorder._momentum_moved = momentum is not None
         recorder._stages = [dict(s) for s in stages if s["start_step"] <= step]
         recorder._stages[-1]["end_step"] = None
         recorder._checkpoints = list(checkpoints)
@@ -402,7 +409,9 @@ class TrajectoryRecorder:
         """
         if not self._stages or self._stages[-1]["end_step"] is not None:
             raise TrajectoryError("Call begin_stage(name, dataset_size) before recording steps.")
-        used = self._used if self._taken else [float(g["lr"]) for g in self.optimizer.param_groups]
+        groups = self.optimizer.param_groups
+        used = self._used if self._taken else [float(g["lr"]) for g in groups]
+        momenta = self._used_momentum if self._taken else [float(g.get("momentum", 0.0)) for g in groups]
         rates = set(used)
         if len(rates) != 1:
             raise TrajectoryError(
@@ -422,6 +431,7 @@ class TrajectoryRecorder:
             lr = self._untaken(taken, lr)
         self._lr.append(lr)
         self._clip.append(clip if clip is not None else 1.0 if measured is None else measured)
+        self._momentum.append(self._step_momentum(momenta))
         self.global_step += 1
         if self.global_step % self.save_every == 0:
             self._save()
@@ -438,6 +448,29 @@ class TrajectoryRecorder:
     def _counted(self, optimizer: torch.optim.Optimizer) -> None:
         self._taken += 1
         self._used = [float(g["lr"]) for g in optimizer.param_groups]  # the rates this step uses
+        self._used_momentum = [float(g.get("momentum", 0.0)) for g in optimizer.param_groups]
+
+    def _step_momentum(self, momenta: list[float]) -> float | None:
+        """The momentum β an SGD step used, where every group used the same and the stage began with one too (a
+        schedule such as ``OneCycleLR`` cycles it: SOURCE's step size η/(1−β) follows it); else ``None``."""
+        stage = self._stages[-1]
+        if stage["optimizer"]["kind"] != "sgd":
+            return None
+        began = {float(g.get("momentum", 0.0)) for g in stage["optimizer"]["groups"]}
+        if len(set(momenta)) == 1 and len(began) == 1:
+            if momenta[0] != next(iter(began)):
+                self._momentum_moved = True
+            return momenta[0]
+        if set(momenta) != began and not self._warned_momentum:
+            self._warned_momentum = True
+            warnings.warn(
+                f"TrajectoryRecorder.step() at step {self.global_step}: the parameter groups' momenta "
+                f"{sorted(set(momenta))} differ from those stage {stage['name']!r} began with ({sorted(began)}), and "
+                "SOURCE follows a moving momentum only where all groups share one, so it takes the stage's first; "
+                "give every group the same momentum.",
+                stacklevel=3,
+            )
+        return None
 
     def _untaken(self, taken: int, lr: float) -> float:
         """The learning rate to record for a ``step`` call after ``taken`` ≠ 1 optimizer steps, warning once of a
@@ -565,6 +598,7 @@ class TrajectoryRecorder:
             "complete": self._complete,
             "lr": self._lr,
             "clip": self._clip_factors(),
+            **({"momentum": self._momentum} if self._momentum_moved else {}),
             "stages": self._stages,
             "checkpoints": self._checkpoints,
         }
@@ -703,9 +737,11 @@ class Trajectory:
         self.complete: bool = bool(index.get("complete", False))
         self.rates = np.asarray(index["lr"], dtype=np.float64)
         self.clip = np.asarray(index.get("clip") or [1.0] * len(self.rates), dtype=np.float64)
-        self.lr = self.rates * self.clip
-        """SOURCE's step sizes η_k·α_k: each step's learning rate times its clipping factor."""
         self.stages = tuple(Stage(**s) for s in index["stages"])
+        self.lr = self.rates * self.clip * _momentum_scale(index, self.stages)
+        """SOURCE's step sizes η_k·α_k: each step's learning rate times its clipping factor (and, where an SGD
+        stage's momentum moved, times (1−β)/(1−β_k), β the momentum the stage began with: its optimizer's factor
+        (1−d)/(1−β) applies to every step, so the product is the step's own (1−d)/(1−β_k))."""
         self.checkpoints = tuple(Checkpoint(**c) for c in index["checkpoints"])
         self._index = index
 
@@ -773,13 +809,15 @@ class Trajectory:
         checkpoints = [c for c in self._index["checkpoints"] if c["step"] <= steps]
         index = {**self._index, "complete": True, "lr": self._index["lr"][:steps], "stages": stages,
                  "checkpoints": checkpoints}
-        if index.get("clip") is not None:
-            index["clip"] = index["clip"][:steps]
+        for key in ("clip", "momentum"):
+            if index.get(key) is not None:
+                index[key] = index[key][:steps]
         return Trajectory(self.path, index)
 
     def fingerprint(self) -> str:
-        """sha256 of the run's learning rates (and clipping factors), stages and checkpoint contents."""
-        keys = ("lr", "clip", "stages", "checkpoints") if self._index.get("clip") else ("lr", "stages", "checkpoints")
+        """sha256 of the run's learning rates (and clipping factors and moving momenta), stages and checkpoint
+        contents."""
+        keys = ["lr", *(k for k in ("clip", "momentum") if self._index.get(k)), "stages", "checkpoints"]
         canonical = json.dumps({k: self._index[k] for k in keys}, sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -831,6 +869,23 @@ def _is_number(value: Any) -> bool:
         return False
 
 
+def _momentum_scale(index: Mapping[str, Any], stages: Sequence[Stage]) -> np.ndarray:
+    """(1−β)/(1−β_k) per step where an SGD stage that began with momentum β (all groups) stepped at β_k; else 1."""
+    scale = np.ones(len(index["lr"]))
+    momentum = index.get("momentum")
+    if momentum is None:
+        return scale
+    for stage in stages:
+        began = {float(g.get("momentum", 0.0)) for g in stage.optimizer.get("groups", [])}
+        if stage.optimizer.get("kind") != "sgd" or len(began) != 1:
+            continue
+        beta = began.pop()
+        for k in range(stage.start_step, len(momentum) if stage.end_step is None else stage.end_step):
+            if momentum[k] is not None:
+                scale[k] = (1.0 - beta) / (1.0 - float(momentum[k]))
+    return scale
+
+
 _GROUP_NUMBERS = ("lr", "momentum", "dampening", "weight_decay", "eps")
 _GROUP_FLAGS = ("nesterov", "amsgrad")
 
@@ -877,6 +932,13 @@ def _validate_index(index: Any, where: Path) -> None:
         not isinstance(clip, list) or len(clip) != len(lr) or not all(_is_number(v) and 0 <= v <= 1 for v in clip)
     ):
         raise bad("'clip' must hold one clipping factor in [0, 1] per learning rate")
+    momentum = index.get("momentum")
+    if momentum is not None and (
+        not isinstance(momentum, list)
+        or len(momentum) != len(lr)
+        or not all(v is None or (_is_number(v) and 0 <= v < 1) for v in momentum)
+    ):
+        raise bad("'momentum' must hold one momentum in [0, 1) or null per learning rate")
     stages = index.get("stages")
     if not isinstance(stages, list) or not stages:
         raise bad("'stages' must be a non-empty list")
