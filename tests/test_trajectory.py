@@ -488,3 +488,28 @@ def test_a_cycled_momentum_is_recorded_per_step_and_sets_each_steps_size(tmp_pat
     (tmp_path / "run" / "trajectory.json").write_text(json.dumps(index))
     with pytest.raises(sp.TrajectoryError, match=r"'momentum' must hold one momentum in \[0, 1\) or null"):
         sp.Trajectory.load(tmp_path / "run")
+
+
+def test_a_run_cut_before_its_momentum_moved_keeps_the_fingerprint_it_had(tmp_path: Path) -> None:
+    """A run whose momentum a schedule starts moving only later: cut before that (``truncated``, as growing a store
+    compares the run it was built from), it has the fingerprint of the run recorded up to there."""
+    def run(folder: Path, steps: int) -> sp.Trajectory:
+        torch.manual_seed(0)
+        model = nn.Linear(3, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        rec = sp.TrajectoryRecorder(folder, model, opt, save_every=2)
+        rec.begin_stage("main", dataset_size=4)
+        g = torch.Generator().manual_seed(1)
+        for step in range(steps):
+            opt.param_groups[0]["momentum"] = 0.9 if step < 4 else 0.8
+            opt.zero_grad()
+            model(torch.randn(4, 3, generator=g)).sum().backward()
+            opt.step()
+            rec.step()
+        rec.close()
+        return sp.Trajectory.load(folder)
+
+    short, long = run(tmp_path / "short", 4), run(tmp_path / "long", 6)
+    assert "momentum" not in short._index and long._index["momentum"][3:] == [0.9, 0.8, 0.8]
+    assert long.truncated(4).fingerprint() == short.fingerprint() != long.fingerprint()
+    assert long.truncated(5).fingerprint() != short.fingerprint()

@@ -738,7 +738,9 @@ class Trajectory:
         self.rates = np.asarray(index["lr"], dtype=np.float64)
         self.clip = np.asarray(index.get("clip") or [1.0] * len(self.rates), dtype=np.float64)
         self.stages = tuple(Stage(**s) for s in index["stages"])
-        self.lr = self.rates * self.clip * _momentum_scale(index, self.stages)
+        scale = _momentum_scale(index, self.stages)
+        self._momentum_moved = bool(np.any(scale != 1.0))
+        self.lr = self.rates * self.clip * scale
         """SOURCE's step sizes η_k·α_k: each step's learning rate times its clipping factor (and, where an SGD
         stage's momentum moved, times (1−β)/(1−β_k), β the momentum the stage began with: its optimizer's factor
         (1−d)/(1−β) applies to every step, so the product is the step's own (1−d)/(1−β_k))."""
@@ -817,7 +819,10 @@ class Trajectory:
     def fingerprint(self) -> str:
         """sha256 of the run's learning rates (and clipping factors and moving momenta), stages and checkpoint
         contents."""
-        keys = ["lr", *(k for k in ("clip", "momentum") if self._index.get(k)), "stages", "checkpoints"]
+        # The momenta count where they moved within these steps: a run cut before its momentum first moved (as a
+        # grown store's earlier run was) has the fingerprint it had before.
+        moved = ("momentum",) if self._momentum_moved else ()
+        keys = ["lr", *(k for k in ("clip",) if self._index.get(k)), *moved, "stages", "checkpoints"]
         canonical = json.dumps({k: self._index[k] for k in keys}, sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
