@@ -513,3 +513,55 @@ def test_a_run_cut_before_its_momentum_moved_keeps_the_fingerprint_it_had(tmp_pa
     assert "momentum" not in short._index and long._index["momentum"][3:] == [0.9, 0.8, 0.8]
     assert long.truncated(4).fingerprint() == short.fingerprint() != long.fingerprint()
     assert long.truncated(5).fingerprint() != short.fingerprint()
+
+
+def _cycled(run: Path, steps: range, *, resume: bool = False, groups: int = 1) -> list[str]:
+    """SGD steps ``steps`` of an 8-step OneCycleLR run (momentum cycled) on a fixed stream of batches, recorded in
+    ``run`` (resumed from its last checkpoint when ``resume``); returns the warnings' texts."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    params = [{"params": m.parameters()} for m in model] if groups == 2 else model.parameters()
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if resume:  # the weights and the optimizer's state first, then the schedule brought to the step
+            rec = sp.TrajectoryRecorder.resume(run, model, opt, save_every=2, save_optimizer_state=True)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=8, base_momentum=0.85,
+                                                    max_momentum=0.95)  # fmt: skip
+        for _ in range(steps.start):
+            sched.step()
+        if not resume:
+            rec = sp.TrajectoryRecorder(run, model, opt, save_every=2, save_optimizer_state=True)  # resumes exactly
+            rec.begin_stage("main", dataset_size=4)
+        if groups == 2:  # the groups part ways after the stage began
+            opt.param_groups[1]["base_momentum"], opt.param_groups[1]["max_momentum"] = 0.8, 0.9
+        g = torch.Generator().manual_seed(1)
+        batches = [torch.randn(4, 3, generator=g) for _ in range(8)]
+        for step in steps:
+            opt.zero_grad()
+            model(batches[step]).sum().backward()
+            opt.step()
+            rec.step()
+            sched.step()
+        if steps.stop == 8:
+            rec.close()
+    return [str(w.message) for w in caught]
+
+
+def test_a_resumed_run_keeps_the_momenta_recorded_before_its_last_checkpoint(tmp_path: Path) -> None:
+    _cycled(tmp_path / "whole", range(8))
+    _cycled(tmp_path / "resumed", range(5))  # killed after step 5: the checkpoint at step 4 is the last
+    _cycled(tmp_path / "resumed", range(4, 8), resume=True)
+    whole = json.loads((tmp_path / "whole" / "trajectory.json").read_text())
+    resumed = json.loads((tmp_path / "resumed" / "trajectory.json").read_text())
+    assert len(set(whole["momentum"])) > 2 and resumed["momentum"] == whole["momentum"]
+    fingerprints = [sp.Trajectory.load(tmp_path / name).fingerprint() for name in ("resumed", "whole")]
+    assert fingerprints[0] == fingerprints[1]
+
+
+def test_groups_whose_momenta_part_ways_are_warned_of_and_keep_the_stages_first(tmp_path: Path) -> None:
+    said = [m for m in _cycled(tmp_path / "run", range(8), groups=2) if "momenta" in m]
+    assert len(said) == 1 and "SOURCE follows a moving momentum only where all groups share one" in said[0]
+    assert "momentum" not in json.loads((tmp_path / "run" / "trajectory.json").read_text())  # never shared a new one
+    traj = sp.Trajectory.load(tmp_path / "run")
+    assert np.array_equal(traj.lr, traj.rates * traj.clip)
