@@ -565,3 +565,42 @@ def test_groups_whose_momenta_part_ways_are_warned_of_and_keep_the_stages_first(
     assert "momentum" not in json.loads((tmp_path / "run" / "trajectory.json").read_text())  # never shared a new one
     traj = sp.Trajectory.load(tmp_path / "run")
     assert np.array_equal(traj.lr, traj.rates * traj.clip)
+
+
+@pytest.mark.parametrize("wrapper", ["DataParallel", "torch.compile"])
+def test_a_wrapped_model_is_recorded_as_the_model_inside(tmp_path: Path, wrapper: str, monkeypatch) -> None:
+    """DataParallel/DDP prefix every name with ``module.``, torch.compile with ``_orig_mod.``: recorded as such, no
+    model built again for featurize fitted the checkpoints. The recorder saves the model inside, so the run is the
+    plain model's, fingerprint included; a run recorded wrapped before is refused with a sentence naming why."""
+    def record(folder: Path, wrap: bool) -> None:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        trained = model
+        if wrap:
+            trained = nn.DataParallel(model) if wrapper == "DataParallel" else torch.compile(model, backend="eager")
+        opt = torch.optim.SGD(trained.parameters(), lr=0.1, momentum=0.9)
+        rec = sp.TrajectoryRecorder(folder, trained, opt, save_every=2)
+        rec.begin_stage("main", dataset_size=4)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            opt.zero_grad()
+            trained(torch.randn(4, 3, generator=g)).sum().backward()
+            opt.step()
+            rec.step()
+        rec.close()
+
+    record(tmp_path / "plain", wrap=False)
+    record(tmp_path / "wrapped", wrap=True)
+    plain, wrapped = sp.Trajectory.load(tmp_path / "plain"), sp.Trajectory.load(tmp_path / "wrapped")
+    assert wrapped.fingerprint() == plain.fingerprint()
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    wrapped.load_into(model, wrapped.final_checkpoint)
+    (group,) = wrapped.stages[0].optimizer["groups"]
+    assert group["params"] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+
+    monkeypatch.setattr("source_proj.trajectory.recorder.unwrap_model", lambda m: m)  # as runs were recorded before
+    record(tmp_path / "before", wrap=True)
+    before = sp.Trajectory.load(tmp_path / "before")
+    prefix = "module." if wrapper == "DataParallel" else "_orig_mod."
+    with pytest.raises(sp.TrajectoryError, match=rf"every name begins with '{prefix}'.*record the run again"):
+        before.load_into(model, before.final_checkpoint)

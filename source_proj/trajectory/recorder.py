@@ -92,6 +92,25 @@ def _checkpoint_sha256(file: Path) -> str:
     return digest
 
 
+WRAPPER_PREFIXES = {
+    "module.": "DataParallel or DistributedDataParallel",
+    "_orig_mod.": "torch.compile",
+}
+"""What a wrapper puts before every parameter's name, and the wrappers that do."""
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside ``DataParallel``, ``DistributedDataParallel`` and ``torch.compile``'s wrapper (nested ones
+    too): the same parameters, under the names the model has when it is built again for featurize."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def describe_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
     """What SOURCE needs to know of an optimiser: its kind and each parameter group's settings."""
     names = {id(p): n for n, p in model.named_parameters()}
@@ -225,6 +244,7 @@ class TrajectoryRecorder:
     ) -> None:
         if save_every < 1:
             raise TrajectoryError(f"save_every must be a positive number of steps, not {save_every}.")
+        model = unwrap_model(model)
         self.run_dir = run_dir
         self.model = model
         self.optimizer = optimizer
@@ -311,7 +331,7 @@ class TrajectoryRecorder:
         recorder._start(run, model, optimizer, save_every, save_optimizer_state, grad_scaler, watch_clipping)
         if restore:
             state = load_checkpoint(run, Checkpoint(**last))
-            model.load_state_dict(state["model"])
+            recorder.model.load_state_dict(state["model"])  # the model inside a wrapper, as it was saved
             if "optimizer" in state:
                 optimizer.load_state_dict(state["optimizer"])
         step = int(last["step"])
@@ -838,6 +858,13 @@ class Trajectory:
             model.load_state_dict(state)
         except RuntimeError as err:
             first = " ".join(" ".join(str(err).strip().splitlines()[:2]).split())  # torch's first lines, untabbed
+            wrapper = next((p for p in WRAPPER_PREFIXES if state and all(k.startswith(p) for k in state)), None)
+            if wrapper is not None and not all(k.startswith(wrapper) for k in model.state_dict()):
+                raise TrajectoryError(
+                    f"Checkpoint {checkpoint.file} holds the weights of a wrapped model (every name begins with "
+                    f"{wrapper!r}: {WRAPPER_PREFIXES[wrapper]}), so it does not fit the model; record the run again "
+                    "with this version of TrajectoryRecorder, which saves the model inside the wrapper."
+                ) from err
             raise TrajectoryError(
                 f"Checkpoint {checkpoint.file} does not fit the model ({first}); "
                 "build the model exactly as in training."
