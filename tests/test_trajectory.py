@@ -598,6 +598,20 @@ def test_a_wrapped_model_is_recorded_as_the_model_inside(tmp_path: Path, wrapper
     (group,) = wrapped.stages[0].optimizer["groups"]
     assert group["params"] == ["0.weight", "0.bias", "2.weight", "2.bias"]
 
+    def wrap(model: nn.Module) -> nn.Module:  # featurize and queries take the wrapped model too
+        return nn.DataParallel(model) if wrapper == "DataParallel" else torch.compile(model, backend="eager")
+
+    g = torch.Generator().manual_seed(2)
+    data = TensorDataset(torch.randn(4, 3, generator=g), torch.randint(0, 2, (4,), generator=g))
+    scores = []
+    for name, build in (("plain", lambda: model), ("wrapped", lambda: wrap(model))):
+        store = tmp_path / f"{name}.sp"
+        sp.featurize(tmp_path / name, build(), sp.ClassificationTask(), data, store,
+                     projection=sp.ProjectionArguments(dim=8, kind="rademacher"), progress=False)  # fmt: skip
+        sp.fit(store, progress=False)
+        scores.append(sp.Attributor(store, build(), sp.ClassificationTask(), progress=False).scores(data))
+    np.testing.assert_array_equal(scores[1], scores[0])
+
     monkeypatch.setattr("source_proj.trajectory.recorder.unwrap_model", lambda m: m)  # as runs were recorded before
     record(tmp_path / "before", wrap=True)
     before = sp.Trajectory.load(tmp_path / "before")

@@ -74,7 +74,7 @@ from source_proj.store.store import Store, ckpt_key, is_store, shard_chunks_for
 from source_proj.store.writer import ChunkWriter
 from source_proj.tasks.gradients import PerExampleGradients, batch_size, move_batch
 from source_proj.tasks.task import Task
-from source_proj.trajectory.recorder import Trajectory
+from source_proj.trajectory.recorder import Trajectory, unwrap_model
 
 
 def _has_features(path: str) -> bool:
@@ -133,6 +133,7 @@ def featurize(
     """
     if not isinstance(trajectory, Trajectory):
         trajectory = Trajectory.load(trajectory)
+    model = unwrap_model(model)  # the recorder saved the model inside DataParallel, DDP or torch.compile's wrapper
     if options.checkpoint_steps is not None:
         trajectory = trajectory.select(options.checkpoint_steps)
     if not trajectory.complete:

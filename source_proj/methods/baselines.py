@@ -100,6 +100,7 @@ from source_proj.query.attributor import store_trajectory
 from source_proj.store.store import Store, ckpt_key
 from source_proj.tasks.gradients import move_batch
 from source_proj.tasks.task import Task
+from source_proj.trajectory.recorder import unwrap_model
 from source_proj.trajectory.segments import Segment
 
 
@@ -192,7 +193,7 @@ def fit_baseline(
             "does not take; featurize the run after training for TRAK."
         )
     if args.kind == "repsim":
-        dim, recipe, chunk_fn = _repsim(store, model, task, train_data, device, batch_size)
+        dim, recipe, chunk_fn = _repsim(store, unwrap_model(model), task, train_data, device, batch_size)
         extra: dict[str, Any] = {}
     elif args.kind == "tracin":
         dim, recipe, chunk_fn, extra = (_captured_tracin if is_captured(meta) else _tracin)(store, attributed, sizes)

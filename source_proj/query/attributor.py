@@ -44,7 +44,7 @@ from source_proj.store.writing import current_writer
 from source_proj.tasks.gradients import PerExampleGradients, move_batch
 from source_proj.tasks.task import Task
 from source_proj.trajectory.preconditioner import read_scale
-from source_proj.trajectory.recorder import Trajectory
+from source_proj.trajectory.recorder import Trajectory, unwrap_model
 from source_proj.trajectory.segments import Segment
 
 
@@ -169,6 +169,7 @@ class Attributor:
         self.recipe = method_meta(self.store, method)["query"]
         self.rows = method_rows(self.store, method)
         self.trajectory = store_trajectory(meta, trajectory)
+        model = unwrap_model(model)  # as the recorder saved it: the model inside a wrapper
         check_query_model(meta, model, task, self.trajectory, self.store.path)
         self.device = default_device(device)
         self.model = copy.deepcopy(model).to(self.device)
