@@ -3,6 +3,7 @@ attributes; without those packages, source_proj and its integrations module stil
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -461,6 +462,36 @@ def test_transformers_capture_callback_captures_the_default_adamw_run_in_adams_c
     sp.fit(store.path, sp.FitArguments(segments_per_stage=1), progress=False)
     scores = sp.Attributor(store.path, _tiny_bert(), task).scores(_Dicts(*_tokens(3, 1)))
     assert scores.shape == (3, 24) and np.isfinite(scores).all()
+
+
+def test_lightning_callback_records_a_cycled_momentum_step_by_step(tmp_path: Path, classification_data) -> None:
+    """OneCycleLR stepped by Lightning after every optimizer step: the callback's recorder keeps each step's rate
+    and momentum as the step used them, those the same schedule gives on its own."""
+    import lightning.pytorch as pl
+
+    from source_proj.integrations import LightningRecorder
+
+    def one_cycle(params):
+        opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=6)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    loader = torch.utils.data.DataLoader(classification_data, batch_size=10, shuffle=True)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[LightningRecorder(tmp_path / "run", save_every=2)])  # fmt: skip
+    trainer.fit(_lightning_mlp(one_cycle)(), loader)
+
+    alone = one_cycle([nn.Parameter(torch.zeros(1))])
+    rates, betas = [], []
+    for _ in range(6):
+        rates.append(alone["optimizer"].param_groups[0]["lr"])
+        betas.append(alone["optimizer"].param_groups[0]["momentum"])
+        alone["optimizer"].step()
+        alone["lr_scheduler"]["scheduler"].step()
+    index = json.loads((tmp_path / "run" / "trajectory.json").read_text())
+    assert index["lr"] == pytest.approx(rates) and index["momentum"] == pytest.approx(betas)
+    assert min(betas) < 0.9 < max(betas)
 
 
 def test_lightning_capture_callback_captures_what_featurize_computes_at_each_step(
