@@ -70,17 +70,18 @@ def _held_elsewhere(url: str, mode: str, lease: float) -> AbstractContextManager
 
 
 def test_lease_locks_refuse_a_second_writer_and_a_killed_one_blocks_for_one_lease(tmp_path: Path) -> None:
-    # The lease protocol on a filesystem two processes share (on object storage it is the same code).
+    # The lease protocol on a filesystem two processes share (on object storage it is the same code). Leases of
+    # seconds, not fractions: the suite runs a process per core, and a busy machine can stall a process that long.
     url = f"file://{tmp_path}/s.sp"
-    with _held_elsewhere(url, "exclusive", lease=1.5) as pid:
+    with _held_elsewhere(url, "exclusive", lease=3.0) as pid:
         for mode in ("exclusive", "cooperative"):
-            with pytest.raises(LockHeld, match=f"is being written by process {pid} on .*lease lapses within 2 s"):
-                ObjectStoreLock(url, mode, lease=1.5).acquire()  # type: ignore[arg-type]
+            with pytest.raises(LockHeld, match=f"is being written by process {pid} on .*lease lapses within 3 s"):
+                ObjectStoreLock(url, mode, lease=3.0).acquire()  # type: ignore[arg-type]
     killed = time.monotonic()
     with pytest.raises(LockHeld):  # the killed holder's marker is still within its lease
-        ObjectStoreLock(url, lease=1.5).acquire()
-    time.sleep(max(0.0, 1.6 - (time.monotonic() - killed)))
-    with ObjectStoreLock(url, lease=1.5):
+        ObjectStoreLock(url, lease=3.0).acquire()
+    time.sleep(max(0.0, 3.1 - (time.monotonic() - killed)))
+    with ObjectStoreLock(url, lease=3.0):
         pass
 
     with _held_elsewhere(url, "cooperative", lease=30):
@@ -92,7 +93,7 @@ def test_lease_locks_refuse_a_second_writer_and_a_killed_one_blocks_for_one_leas
 
 def test_a_lease_is_renewed_while_its_holder_lives(tmp_path: Path) -> None:
     url = f"file://{tmp_path}/s.sp"
-    with _held_elsewhere(url, "exclusive", lease=0.6):
-        time.sleep(1.5)  # more than two leases: only renewal keeps the holder's marker alive
+    with _held_elsewhere(url, "exclusive", lease=1.5):
+        time.sleep(4.0)  # more than two leases: only renewal keeps the holder's marker alive
         with pytest.raises(LockHeld):
-            ObjectStoreLock(url, lease=0.6).acquire()
+            ObjectStoreLock(url, lease=1.5).acquire()
