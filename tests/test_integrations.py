@@ -796,6 +796,30 @@ def test_a_bf16_trainer_is_told_to_capture_in_bf16_and_captures_there_when_asked
     assert scores.shape == (3, 8) and np.isfinite(scores).all() and np.abs(scores).max() > 0
 
 
+def test_a_trainer_that_smooths_its_labels_is_told_the_tasks_loss_does_not(tmp_path: Path) -> None:
+    """The Trainer's ``label_smoothing_factor`` changes the loss it trains on; the tasks' losses are plain
+    cross-entropy, so the recorder says so, once, and a Trainer without it hears nothing."""
+    from transformers import Trainer, TrainingArguments
+
+    from source_proj.integrations import HuggingFaceRecorder
+
+    ids, labels = _tokens(8, 0)
+    told = {}
+    for smoothing in (0.0, 0.1):
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"out-{smoothing}"), per_device_train_batch_size=4, num_train_epochs=1,
+            learning_rate=0.05, optim="sgd", save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+            logging_strategy="no", seed=0, label_smoothing_factor=smoothing,
+        )  # fmt: skip
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            Trainer(model=_tiny_bert(), args=args, train_dataset=_Dicts(ids, labels),
+                    callbacks=[HuggingFaceRecorder(tmp_path / f"run-{smoothing}", save_every=1)]).train()  # fmt: skip
+        told[smoothing] = [str(w.message) for w in caught if "smooths its labels" in str(w.message)]
+    assert told[0.0] == [] and len(told[0.1]) == 1
+    assert told[0.1][0].startswith("The Trainer smooths its labels (label_smoothing_factor=0.1)")
+
+
 def test_a_bf16_lightning_trainer_is_told_to_capture_in_bf16(tmp_path: Path, classification_data) -> None:
     """Lightning with ``precision="bf16-mixed"`` and capture's own passes left in fp32: one warning, naming the
     option; with ``precision="bf16"`` none, and the store records bf16."""

@@ -21,6 +21,7 @@ Trainer's checkpoints at multiples of ``save_every``); from an earlier checkpoin
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -48,6 +49,14 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
     """
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        smoothing = float(getattr(args, "label_smoothing_factor", 0.0) or 0.0)
+        if smoothing > 0:  # the Trainer's loss; the tasks' losses are plain cross-entropy
+            warnings.warn(
+                f"The Trainer smooths its labels (label_smoothing_factor={smoothing:g}), but source-proj's tasks "
+                "take the plain cross-entropy's gradients, so SOURCE attributes through a loss the run did not "
+                "train on; train with label_smoothing_factor=0 for attribution that follows the run.",
+                stacklevel=2,
+            )
         size = dataset_size(self.dataset_size, kwargs.get("train_dataloader"), "HuggingFaceRecorder")
         self.recorder, self._handle = start_recording(
             self.run_dir,
