@@ -308,7 +308,7 @@ def test_weights_that_do_not_move_under_a_positive_learning_rate_are_warned_of(t
 
 
 def _accumulated_run(run: Path, *, step_each_batch: bool, save_every: int) -> None:
-    """SGD on a 3-4 MLP's classification, 8 optimizer steps of 2 accumulated batches of 5; ``step_each_batch``: the
+    """A 3-4 linear classifier under SGD, 8 optimizer steps of 2 accumulated batches of 5; ``step_each_batch``: the
     recorder's step() after every batch (the misuse), else after each optimizer step."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(20, 3, generator=g), torch.randint(0, 4, (20,), generator=g)
