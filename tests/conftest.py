@@ -67,12 +67,14 @@ def full_batch_run(
     save_every: int = 1,
     weight_decay: float = 0.0,
     momentum: float = 0.0,
+    label_smoothing: float = 0.0,
 ) -> nn.Module:
-    """Full-batch SGD on ``data`` with the recorder (checkpoints at 0, save_every, …, steps)."""
+    """Full-batch SGD on ``data`` with the recorder (checkpoints at 0, save_every, …, steps); ``label_smoothing``
+    is recorded with the stage (``loss_fn`` is what smooths the labels)."""
     x, y = data.tensors
     opt = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=weight_decay, momentum=momentum)
     rec = TrajectoryRecorder(run_dir, model, opt, save_every=save_every)
-    rec.begin_stage("main", dataset_size=len(y))
+    rec.begin_stage("main", dataset_size=len(y), label_smoothing=label_smoothing)
     for _ in range(steps):
         opt.zero_grad()
         loss_fn(model(x), y).mean().backward()

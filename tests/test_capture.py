@@ -555,6 +555,11 @@ def test_capture_refuses_what_it_cannot_capture_with_a_sentence(tmp_path: Path, 
     other.begin_stage("main", dataset_size=len(y))
     with pytest.raises(sp.TaskError, match="'RMSprop'; capture supports SGD, Adam and AdamW stages"):
         cap.begin((x[:4], y[:4]), indices=range(4))
+    smoothed = recorder(model, "e")
+    cap = sp.GradientCapture(smoothed, tmp_path / "e.sp", task, projection=_projection())
+    smoothed.begin_stage("main", dataset_size=len(y), label_smoothing=0.1)
+    with pytest.raises(sp.TaskError, match=r"smoothed by 0.1 .*ClassificationTask\(..., label_smoothing=0.1\)"):
+        cap.begin((x[:4], y[:4]), indices=range(4))
     rec = recorder(model, "d")
     cap = sp.GradientCapture(rec, tmp_path / "d.sp", task, projection=_projection())
     rec.begin_stage("main", dataset_size=len(y))

@@ -73,7 +73,7 @@ class _Counted:
     """Counts the examples whose projected gradients featurize computes, per quantity."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.rows = {"loss": 0, "measurement": 0}
+        self.rows = {"loss": 0, "fisher": 0, "measurement": 0}
         original = sp.RademacherProjector.project_batch
 
         def counted(projector, grads_fn, batch, quantity="loss", *, transform=None):
@@ -83,7 +83,7 @@ class _Counted:
         monkeypatch.setattr(sp.RademacherProjector, "project_batch", counted)
 
     def take(self) -> dict[str, int]:
-        rows, self.rows = self.rows, {"loss": 0, "measurement": 0}
+        rows, self.rows = self.rows, {"loss": 0, "fisher": 0, "measurement": 0}
         return rows
 
 
@@ -117,7 +117,8 @@ def test_a_grown_store_is_the_longer_runs_store_and_only_new_checkpoints_are_com
     full = counter.take()
     # Only the new units ran: the old ones (checkpoints 0, 4, 8 on main) are exactly what the first featurize did.
     assert growth["loss"] == full["loss"] - old["loss"] and growth["measurement"] == full["measurement"]
-    assert 0 < growth["loss"] < full["loss"]
+    assert growth["fisher"] == full["fisher"] - old["fisher"]  # the Fisher's sampled labels' gradients
+    assert 0 < growth["loss"] < full["loss"] and 0 < growth["fisher"] < full["fisher"]
     for name in scratch.progress_arrays():
         assert np.array_equal(grown.read(name), scratch.read(name)), name
     assert set(grown.progress_arrays()) == set(scratch.progress_arrays())  # the old θ_T's measurement is gone

@@ -183,7 +183,9 @@ def test_converged_single_segment_equals_the_damped_influence_function(
     assert np.allclose(ours, closed, rtol=2e-3, atol=2e-4 * np.abs(closed).max())
 
 
-def test_barely_trained_equals_learning_rate_times_grad_dot(tmp_path: Path, classification_data) -> None:
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_barely_trained_equals_learning_rate_times_grad_dot(tmp_path: Path, classification_data, smoothing) -> None:
+    """ε = 0.2: a run trained on smoothed labels; its examples' gradients are those of the smoothed loss."""
     lr, steps = 1e-4, 30
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
@@ -191,17 +193,18 @@ def test_barely_trained_equals_learning_rate_times_grad_dot(tmp_path: Path, clas
         tmp_path / "run",
         model,
         classification_data,
-        lambda o, t: F.cross_entropy(o, t, reduction="none"),
+        lambda o, t: F.cross_entropy(o, t, reduction="none", label_smoothing=smoothing),
         lr=lr,
         steps=steps,
         save_every=10,
+        label_smoothing=smoothing,
     )
     queries = TensorDataset(torch.randn(4, 4, generator=torch.Generator().manual_seed(3)), torch.tensor([2, 1, 0, 2]))
     arch = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
     ours = _pipeline_scores(
         tmp_path / "run",
         arch,
-        sp.ClassificationTask(),
+        sp.ClassificationTask(label_smoothing=smoothing),
         classification_data,
         queries,
         tmp_path / "s.sp",
@@ -224,7 +227,7 @@ def test_barely_trained_equals_learning_rate_times_grad_dot(tmp_path: Path, clas
             mean_grads
             + torch.stack(
                 [
-                    flat_grad(net, F.cross_entropy(net(xi[None]), yi[None]))
+                    flat_grad(net, F.cross_entropy(net(xi[None]), yi[None], label_smoothing=smoothing))
                     for xi, yi in zip(*classification_data.tensors, strict=True)
                 ]
             )

@@ -102,7 +102,7 @@ from source_proj.store.store import Store, is_store
 from source_proj.store.writer import ChunkWriter
 from source_proj.store.writing import store_lock, writing
 from source_proj.tasks.gradients import PerExampleGradients, batch_rows, batch_size, move_batch
-from source_proj.tasks.task import Batch, Task
+from source_proj.tasks.task import Batch, Task, check_task_smoothing
 from source_proj.trajectory.preconditioner import live_preconditioner
 from source_proj.trajectory.recorder import (
     Trajectory,
@@ -808,6 +808,7 @@ class GradientCapture:
         self._batches += 1
 
     def _open_stage(self, name: str, size: int) -> None:
+        check_task_smoothing(self.task, self.recorder.stage_label_smoothing)
         kind = describe_optimizer(self.recorder.optimizer, self.model)["kind"]
         if kind not in ("sgd", *ADAM_KINDS):
             raise TaskError(
@@ -926,7 +927,7 @@ class GradientCapture:
         self._fisher_due = None
         task = self._bound_task()
         ((weight, pseudo),) = task.fisher_targets(outputs.detach(), batch, self._fisher_generator())
-        total = task.loss(outputs, pseudo).sum()
+        total = task.fisher_loss(outputs, pseudo).sum()
         torch.autograd.grad(total, self._probe, retain_graph=True, allow_unused=True)
         fisher = target * weight.to(target).sqrt()[:, None]
         target.zero_()
@@ -1020,7 +1021,7 @@ class GradientCapture:
                     outputs = task.forward(self.model, batch)
                 ((weight, pseudo),) = task.fisher_targets(outputs.detach(), batch, generator)  # as featurize: outside
                 with self._autocast():
-                    total = task.loss(outputs, pseudo).sum()
+                    total = task.fisher_loss(outputs, pseudo).sum()
                 torch.autograd.grad(total, self._probe, allow_unused=True)
         finally:
             self._target = None

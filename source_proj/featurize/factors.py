@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from source_proj.errors import TaskError
 from source_proj.projection.layers import FactoredLayer, factorable_layers
-from source_proj.tasks.gradients import OutputTap, PerExampleGradients, batch_size
+from source_proj.tasks.gradients import OutputTap, PerExampleGradients, Quantity, batch_size, quantity_of
 from source_proj.tasks.task import Batch
 
 MAX_FACTOR_SIDE = 8192
@@ -90,6 +90,8 @@ class FactorCollector:
             shrink by that ratio.
         generator: the draws' random source (required with ``positions``); a CPU generator, so the same
             seed draws the same positions on every device.
+        quantity: what the target batches' gradients are of: ``"fisher"`` (``Task.fisher_loss``, at sampled or
+            enumerated labels) or ``"loss"`` (the training loss at the observed labels: the empirical Fisher).
     """
 
     def __init__(
@@ -99,6 +101,7 @@ class FactorCollector:
         diagonal: Sequence[str],
         positions: int | None = None,
         generator: torch.Generator | None = None,
+        quantity: Quantity = "fisher",
     ):
         if positions is not None and (positions < 1 or generator is None):
             raise ValueError("positions must be at least 1, and come with a generator")
@@ -106,6 +109,7 @@ class FactorCollector:
         self.layers = list(layers)
         self.diagonal = list(diagonal)
         self.positions, self.generator = positions, generator
+        self.quantity = quantity
         self.sampled = False
         """Whether some example had more than ``positions`` positions (the factors then took a sample)."""
         modules = dict(grads_fn.model.named_modules())
@@ -146,7 +150,7 @@ class FactorCollector:
         for index, (weight, target_batch) in enumerate(targets):
             w = weight.to(device=device, dtype=torch.float32)
             with torch.enable_grad(), self.grads_fn.autocast():
-                total = (self.grads_fn.task.loss(outputs, target_batch).float() * w.sqrt()).sum()
+                total = (quantity_of(self.grads_fn.task, self.quantity)(outputs, target_batch).float() * w.sqrt()).sum()
             if total.requires_grad:
                 torch.autograd.grad(total, probe, retain_graph=index < len(targets) - 1, allow_unused=True)
             self._accumulate(sums, inputs, deltas, inputs_too=index == 0, size=size)
@@ -157,7 +161,7 @@ class FactorCollector:
     def _add_targets(self, sums: ChunkFactors, target_batch: Batch, weight: Tensor, inputs_too: bool) -> None:
         w = weight.to(device=self.grads_fn.device, dtype=torch.float32)
         with self._hooked(int(weight.shape[0])) as (inputs, deltas, probe):
-            values = self.grads_fn.values(target_batch, "loss")
+            values = self.grads_fn.values(target_batch, self.quantity)
             total = (values.float() * w.sqrt()).sum()  # δ scaled by √w: B collects w δ δᵀ
             if total.requires_grad:
                 torch.autograd.grad(total, probe, allow_unused=True)
@@ -225,7 +229,7 @@ class FactorCollector:
         return rows[drawn[key]]
 
     def _add_diagonal(self, sums: ChunkFactors, target_batch: Batch, w: Tensor) -> None:
-        grads = self.grads_fn(target_batch, "loss", names=self.diagonal)
+        grads = self.grads_fn(target_batch, self.quantity, names=self.diagonal)
         for name, g in grads.items():
             g = g.float()
             sums.diagonal[name] += (g * g * w.view(-1, *[1] * (g.dim() - 1))).sum(0).double()

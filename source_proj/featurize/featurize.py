@@ -73,7 +73,7 @@ from source_proj.store.provenance import (
 from source_proj.store.store import Store, ckpt_key, is_store, shard_chunks_for
 from source_proj.store.writer import ChunkWriter
 from source_proj.tasks.gradients import PerExampleGradients, batch_size, move_batch
-from source_proj.tasks.task import Task
+from source_proj.tasks.task import Task, check_task_smoothing
 from source_proj.trajectory.recorder import Trajectory, unwrap_model
 
 
@@ -173,6 +173,7 @@ class _Featurize:
         self.grow = grow
         self.projection, self.spec = projection, spec
         self.datasets = as_stage_datasets(train_data, trajectory)
+        check_task_smoothing(task, [(stage.name, stage.label_smoothing) for stage in trajectory.stages])
         self.device = rank_device(default_device(options.device), group)
         self.lockstep = group if options.shard_parameters and not group.single else None
         self.shards: ShardedParameters | None = None
@@ -255,7 +256,9 @@ class _Featurize:
             kronecker = None
             if options.curvature in ("kfac", "both"):
                 layers, diagonal = kronecker_layers(self.work_model, self.names)
-                self.collector = FactorCollector(self.grads_fn, layers, diagonal)
+                # The empirical Fisher's factors are of the training loss at the observed labels (smoothed or not).
+                quantity = "loss" if options.fisher == "empirical" else "fisher"
+                self.collector = FactorCollector(self.grads_fn, layers, diagonal, quantity=quantity)
                 kronecker = describe_layers(layers, diagonal)
             k = self.projector.dim
             self._meta = {
@@ -795,7 +798,7 @@ def _featurize_rows(
                 targets = _targets(task, outputs.detach(), batch, options, generator, device)
             if take:
                 with torch.enable_grad(), grads_fn.autocast():
-                    per_direction = [project(task.loss(outputs, tb)) * w.sqrt().unsqueeze(-1).float()
+                    per_direction = [project(task.fisher_loss(outputs, tb)) * w.sqrt().unsqueeze(-1).float()
                                      for w, tb in targets]  # fmt: skip
                 fisher.append(torch.stack(per_direction, dim=1).reshape(-1, projector.dim))
             if collector is not None and sums is not None:
@@ -821,7 +824,7 @@ def _featurize_rows(
         if take:
             per_direction = []
             for weight, target_batch in targets:
-                u = projector.project_batch(grads_fn, target_batch, "loss", transform=transform)
+                u = projector.project_batch(grads_fn, target_batch, "fisher", transform=transform)
                 per_direction.append(u * weight.sqrt().unsqueeze(-1).float())
             fisher.append(torch.stack(per_direction, dim=1).reshape(-1, projector.dim))
         if collector is not None and sums is not None:

@@ -32,8 +32,13 @@ from source_proj.errors import TaskError
 from source_proj.projection.layers import FactoredLayer, LayerKind, factorable_layers
 from source_proj.tasks.task import Batch, Task
 
-Quantity = Literal["loss", "measurement"]
+Quantity = Literal["loss", "fisher", "measurement"]  # "fisher": Task.fisher_loss, the Fisher targets' loss
 Precision = Literal["fp32", "bf16"]
+
+
+def quantity_of(task: Task, quantity: Quantity) -> Callable[[Tensor, Batch], Tensor]:
+    """The task's per-example function of its outputs that ``quantity`` names."""
+    return {"loss": task.loss, "fisher": task.fisher_loss, "measurement": task.measurement}[quantity]
 
 
 def move_batch(batch: Batch, device: torch.device) -> Batch:
@@ -121,7 +126,7 @@ class PerExampleGradients:
             raise TaskError(f"Unknown precision {precision!r}; use 'fp32' or 'bf16'.")
         self.precision = precision
         self.device = next(iter(self.params.values())).device
-        self._fns = {q: self._vectorised(q) for q in ("loss", "measurement")}
+        self._fns = {q: self._vectorised(q) for q in ("loss", "fisher", "measurement")}
         self._shapes = {n: tuple(p.shape) for n, p in self.params.items()}
         self.hooks = hooks
         self._hooked_layers: dict[tuple[str, ...], list[FactoredLayer] | None] = {}
@@ -146,7 +151,7 @@ class PerExampleGradients:
 
     def _vectorised(self, quantity: Quantity) -> Callable[[dict[str, Tensor], Batch], dict[str, Tensor]]:
         task = self.task
-        value = task.loss if quantity == "loss" else task.measurement
+        value = quantity_of(task, quantity)
 
         def single(params: dict[str, Tensor], example: Batch) -> Tensor:
             one = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, example)
@@ -160,7 +165,7 @@ class PerExampleGradients:
         Autograd stays on, but the parameters θ are constants of the graph: the caller
         differentiates with respect to intermediate values (see ``factored.py``).
         """
-        value = self.task.loss if quantity == "loss" else self.task.measurement
+        value = quantity_of(self.task, quantity)
         with torch.enable_grad(), self.autocast():
             return value(self.task.forward(self._call(self.params), batch), batch)
 
@@ -214,7 +219,7 @@ class PerExampleGradients:
         """Per-example gradients of the layers' parameters from one forward and one backward pass."""
         size = batch_size(batch)
         probe = torch.zeros((), device=self.device, requires_grad=True)
-        value = self.task.loss if quantity == "loss" else self.task.measurement
+        value = quantity_of(self.task, quantity)
         with _LayerGradients(self.model, layers, size, probe, self._shapes) as taps:
             with torch.enable_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
                 total = value(self.task.forward(self._call(self.params), batch), batch).sum()
@@ -228,7 +233,7 @@ class PerExampleGradients:
 
     def _one_by_one(self, selected: Sequence[str], batch: Batch, quantity: Quantity) -> dict[str, Tensor]:
         """Per-example gradients from plain autograd, one example at a time (fp32): the hook path's oracle."""
-        value = self.task.loss if quantity == "loss" else self.task.measurement
+        value = quantity_of(self.task, quantity)
         leaves = {n: self.params[n].clone().requires_grad_() for n in selected}
         rows = []
         for i in range(batch_size(batch)):

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,6 +130,16 @@ class Task(ABC):
     def measurement(self, outputs: Tensor, batch: Batch) -> Tensor:
         """Per-example measurement f(q; θ) whose change we predict, shape ``[B]``."""
 
+    def fisher_loss(self, outputs: Tensor, batch: Batch) -> Tensor:
+        """The per-example loss of [`fisher_targets`][]' batches, shape ``[B]`` (default: [`loss`][]).
+
+        Its gradients at the pseudo-targets give the Gauss–Newton matrix, which is the one of the
+        *unregularised* likelihood: a task whose [`loss`][] smooths its labels returns the plain
+        cross-entropy here (label smoothing leaves the Gauss–Newton of cross-entropy unchanged, since
+        its Hessian in the logits, diag p − ppᵀ, does not depend on the target).
+        """
+        return self.loss(outputs, batch)
+
     @abstractmethod
     def fisher_targets(
         self, outputs: Tensor, batch: Batch, generator: torch.Generator | None
@@ -136,10 +147,10 @@ class Task(ABC):
         """Pseudo-targets whose loss gradients give the Gauss–Newton (true Fisher) matrix.
 
         Returns a list of ``(weight [B], batch with replaced targets)`` such that
-        ``Σ_s weight_s · ∇loss_s ∇loss_sᵀ`` has expectation equal to the Gauss–Newton matrix of
-        [`loss`][] for each example. With a ``generator`` the targets are sampled from the
-        model's predictive distribution (one sample, weight 1); with ``None`` the expectation is
-        enumerated exactly where the task can (used by the ``"exact"`` Fisher mode).
+        ``Σ_s weight_s · ∇fisher_loss_s ∇fisher_loss_sᵀ`` has expectation equal to the Gauss–Newton
+        matrix of [`loss`][] for each example (see [`fisher_loss`][]). With a ``generator`` the targets
+        are sampled from the model's predictive distribution (one sample, weight 1); with ``None`` the
+        expectation is enumerated exactly where the task can (used by the ``"exact"`` Fisher mode).
         ``outputs`` are detached.
         """
 
@@ -239,15 +250,30 @@ class ClassificationTask(Task):
 
     Batches are ``(inputs, labels, ...)``; the model maps inputs to logits ``[B, C]``.
     margin(q) = logit_y − logsumexp_{c≠y} logit_c.
+
+    Attributes:
+        label_smoothing: ε of a run trained on smoothed labels (``F.cross_entropy(..., label_smoothing=ε)``,
+            the Hugging Face Trainer's ``label_smoothing_factor``): the training loss is then
+            (1 − ε)·CE(y) + ε·mean_c CE(c). The measurement and the Fisher stay those of the plain labels.
     """
 
     parameters: ParameterSelection = field(default_factory=ParameterSelection)
     name: str = "classification"
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.label_smoothing = check_label_smoothing(self.label_smoothing)
 
     def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
+        return self._cross_entropy(outputs, batch, self.label_smoothing)
+
+    def fisher_loss(self, outputs: Tensor, batch: Batch) -> Tensor:
+        return self._cross_entropy(outputs, batch, 0.0)
+
+    def _cross_entropy(self, outputs: Tensor, batch: Batch, smoothing: float) -> Tensor:
         labels = _targets(self, batch, "label")
         _check_labels(outputs, labels)
-        return F.cross_entropy(outputs, labels, reduction="none")
+        return F.cross_entropy(outputs, labels, reduction="none", label_smoothing=smoothing)
 
     def measurement(self, outputs: Tensor, batch: Batch) -> Tensor:
         labels = _targets(self, batch, "label")
@@ -265,6 +291,64 @@ class ClassificationTask(Task):
             return [(torch.ones_like(probs[:, 0]), _replace_target(batch, sampled.to(outputs.device)))]
         classes = probs.shape[-1]
         return [(probs[:, c], _replace_target(batch, torch.full_like(batch[1], c))) for c in range(classes)]
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), **smoothing_described(self.label_smoothing)}
+
+
+def check_label_smoothing(value: Any) -> float:
+    """ε of a task's ``label_smoothing`` as a float in [0, 1], or a sentence saying why not."""
+    try:
+        smoothing = float(value)
+    except (TypeError, ValueError):
+        smoothing = math.nan
+    if not 0.0 <= smoothing <= 1.0:
+        raise TaskError(f"label_smoothing must be a number from 0 to 1 (the ε the run trained with), not {value!r}.")
+    return smoothing
+
+
+def check_task_smoothing(task: Task, stages: Sequence[tuple[str, float]]) -> None:
+    """Refuse a task whose training loss does not smooth its labels as the run's stages did.
+
+    ``stages``: each stage's name and the ε it trained with (``Stage.label_smoothing``). A task with a
+    ``label_smoothing`` attribute (the built-ins) must have each stage's ε; one without it is warned of when some
+    stage smoothed its labels (its own loss may smooth them: the library cannot tell).
+    """
+    smoothed = [(name, eps) for name, eps in stages if eps]
+    if not smoothed:
+        if getattr(task, "label_smoothing", 0.0):
+            raise TaskError(
+                f"The task smooths its labels by {task.label_smoothing:g} (label_smoothing), but the run recorded "  # type: ignore[attr-defined]
+                "no label smoothing; pass label_smoothing=0, or record the stage with begin_stage(..., "
+                "label_smoothing=ε) if its loss did smooth them."
+            )
+        return
+    if len({eps for _, eps in stages}) > 1:
+        described = ", ".join(f"{name!r} by {eps:g}" for name, eps in stages)
+        raise TaskError(
+            f"The run's stages smoothed their labels differently ({described}), but one task computes one training "
+            "loss for all of them; featurize cannot follow this run (record its stages with one label smoothing)."
+        )
+    eps = smoothed[0][1]
+    if not hasattr(task, "label_smoothing"):
+        warnings.warn(
+            f"The run trained on labels smoothed by {eps:g}, and {type(task).__name__} has no label_smoothing: "
+            "its loss must be the smoothed one and its fisher_loss the plain one, or SOURCE attributes through a "
+            "loss the run did not train on.",
+            stacklevel=3,
+        )
+    elif task.label_smoothing != eps:  # type: ignore[attr-defined]
+        raise TaskError(
+            f"The run trained on labels smoothed by {eps:g} (stage {smoothed[0][0]!r}), but the task smooths them by "
+            f"{task.label_smoothing:g}; pass {type(task).__name__}(..., label_smoothing={eps:g}) so that SOURCE "  # type: ignore[attr-defined]
+            "attributes through the loss the run trained on."
+        )
+
+
+def smoothing_described(smoothing: float) -> dict[str, float]:
+    """The task description's ``label_smoothing`` entry: none at 0, so that stores of unsmoothed runs describe
+    their task as they always did."""
+    return {"label_smoothing": smoothing} if smoothing else {}
 
 
 @dataclass

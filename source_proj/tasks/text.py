@@ -44,7 +44,15 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from source_proj.errors import TaskError
-from source_proj.tasks.task import Batch, ClassificationTask, ParameterSelection, Task, output_tensor
+from source_proj.tasks.task import (
+    Batch,
+    ClassificationTask,
+    ParameterSelection,
+    Task,
+    check_label_smoothing,
+    output_tensor,
+    smoothing_described,
+)
 
 IGNORE_INDEX = -100
 """Label of a position that is not predicted (Hugging Face's convention)."""
@@ -364,6 +372,8 @@ class SequenceClassificationTask(_TextTask, ClassificationTask):
         parameters: which parameters are attributed (default: attention and MLP linear layers).
         attention: for Hugging Face models, how the mask is built: ``"auto"`` (from the model),
             ``"causal"`` (GPT-2-style classifiers) or ``"bidirectional"`` (BERT-style).
+        label_smoothing: ε of a run trained on smoothed labels (the Trainer's ``label_smoothing_factor``),
+            see [`ClassificationTask`][].
     """
 
     parameters: ModuleSelection | ParameterSelection = field(default_factory=ModuleSelection)
@@ -375,6 +385,9 @@ class SequenceClassificationTask(_TextTask, ClassificationTask):
 
     def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
         return super().loss(outputs, (None, _labels(batch)))
+
+    def fisher_loss(self, outputs: Tensor, batch: Batch) -> Tensor:
+        return super().fisher_loss(outputs, (None, _labels(batch)))
 
     def measurement(self, outputs: Tensor, batch: Batch) -> Tensor:
         return super().measurement(outputs, (None, _labels(batch)))
@@ -431,14 +444,20 @@ class LanguageModelingTask(_TextTask):
     right-padded; the model returns logits ``[B, T, V]``. Fisher targets sample a token from the
     model's predictive distribution at every position that carries loss.
 
+    A run trained on smoothed labels (the Trainer's ``label_smoothing_factor`` ε) minimised the token loss
+    (1 − ε)·(−log p(x_{t+1})) + ε·mean_v(−log p(v)): pass ``label_smoothing=ε`` and ℓ is made of it. The
+    measurement stays the plain summed loss, and the Fisher that of the plain token likelihood.
+
     Attributes:
         tokens_per_sequence: n̄ (a number) or ``"own"``, see above.
         parameters: which parameters are attributed (default: attention and MLP linear layers).
+        label_smoothing: ε of a run trained on smoothed labels (default 0: none).
     """
 
     tokens_per_sequence: float | Literal["own"]
     parameters: ModuleSelection | ParameterSelection = field(default_factory=ModuleSelection)
     name: str = "language-modeling"
+    label_smoothing: float = 0.0
     attention: ClassVar[AttentionKind] = "causal"
     _kind: ModelKind | None = field(default=None, init=False, repr=False, compare=False)
     _mask_checked: bool = field(default=False, init=False, repr=False, compare=False)
@@ -454,6 +473,7 @@ class LanguageModelingTask(_TextTask):
                 f"tokens_per_sequence must be a positive number (the mean predicted tokens per training sequence, "
                 f"see mean_predicted_tokens) or 'own', not {n!r}."
             )
+        self.label_smoothing = check_label_smoothing(self.label_smoothing)
 
     def _resolve(self, model: nn.Module) -> ModelKind:
         kind = inspect_model(model, "auto") if _has_causal_flags(model) else inspect_model(model, "causal")
@@ -464,9 +484,10 @@ class LanguageModelingTask(_TextTask):
             )
         return kind
 
-    def token_losses(self, outputs: Tensor, batch: Batch) -> Tensor:
+    def token_losses(self, outputs: Tensor, batch: Batch, smoothing: float = 0.0) -> Tensor:
         """Per-position next-token loss ``[B, T−1]`` (0 where no loss is carried): entry t is
-        −log p(token t+1 | tokens ≤ t)."""
+        −log p(token t+1 | tokens ≤ t), or with ``smoothing`` ε the smoothed loss
+        (1 − ε)·(−log p(token t+1)) − ε·mean_v log p(v)."""
         _check_batch(batch)
         labels = batch.get("labels", batch["input_ids"])
         keep = loss_positions(batch)
@@ -478,7 +499,7 @@ class LanguageModelingTask(_TextTask):
         # nothing) is ignored, so the logits are read where they lie. Slicing off their last position instead
         # copied all B·T·V of them, and its backward zero-filled as many (a language model's largest tensors).
         targets = F.pad(targets, (0, 1), value=IGNORE_INDEX)
-        return token_nll(logits.reshape(-1, vocab), targets.reshape(-1)).view(targets.shape)[:, :-1]
+        return token_nll(logits.reshape(-1, vocab), targets.reshape(-1), smoothing).view(targets.shape)[:, :-1]
 
     def _scale(self, batch: Batch) -> Tensor | float:
         """n of ℓ = s/n: the constant n̄ or each sequence's own count ``[B]``."""
@@ -487,6 +508,9 @@ class LanguageModelingTask(_TextTask):
         return float(self.tokens_per_sequence)
 
     def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
+        return self.token_losses(outputs, batch, self.label_smoothing).sum(-1) / self._scale(batch)
+
+    def fisher_loss(self, outputs: Tensor, batch: Batch) -> Tensor:
         return self.token_losses(outputs, batch).sum(-1) / self._scale(batch)
 
     def measurement(self, outputs: Tensor, batch: Batch) -> Tensor:
@@ -530,12 +554,14 @@ class LanguageModelingTask(_TextTask):
         return scale if isinstance(scale, Tensor) else torch.full((batch["input_ids"].shape[0],), scale)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "tokens_per_sequence": self.tokens_per_sequence}
+        return {**super().describe(), "tokens_per_sequence": self.tokens_per_sequence,
+                **smoothing_described(self.label_smoothing)}
 
 
-def token_nll(logits: Tensor, targets: Tensor) -> Tensor:
+def token_nll(logits: Tensor, targets: Tensor, smoothing: float = 0.0) -> Tensor:
     """−log softmax(z)[y] of every row z of ``logits`` ``[n, V]`` (0 where y = ``IGNORE_INDEX``): the values and
     gradients of ``F.cross_entropy(logits, targets, reduction="none")`` (to rounding), with half its memory.
+    With ``smoothing`` ε, those of ``F.cross_entropy(..., label_smoothing=ε)``: (1 − ε)·(−log p_y) − ε·mean log p.
 
     cross_entropy keeps the n × V log-probabilities for its backward, and its backward zero-fills an n × V
     gradient, scatters into it and passes it through log-softmax's backward: with the logits themselves,
@@ -551,41 +577,52 @@ def token_nll(logits: Tensor, targets: Tensor) -> Tensor:
     into one half-precision tensor. The float32 path holds a float32 copy and a float32 gradient, four times
     the logits' bytes: 3.1 GiB beyond the logits against 0.8 GiB for 8 sequences of 1,024 tokens over GPT-2's
     vocabulary (``benchmarks/loss_blocks.py --memory --dtype bf16``)."""
-    return _TokenNLL.apply(logits, targets)[0]
+    return _TokenNLL.apply(logits, targets, float(smoothing))[0]
 
 
 class _TokenNLL(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def forward(logits: Tensor, targets: Tensor, smoothing: float) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         keep = targets != IGNORE_INDEX
-        lse = torch.cat([torch.logsumexp(_upcast(block), dim=-1) for block in logits.split(_block_rows(logits))])
+        blocks = logits.split(_block_rows(logits))
+        lse = torch.cat([torch.logsumexp(_upcast(block), dim=-1) for block in blocks])
         picked = _upcast(logits.gather(-1, torch.where(keep, targets, 0).unsqueeze(-1)).squeeze(-1))
-        return torch.where(keep, lse - picked, 0.0), lse
+        if not smoothing:
+            return torch.where(keep, lse - picked, 0.0), lse
+        mean = torch.cat([_upcast(block).mean(-1) for block in blocks])  # −mean log p = lse − mean z
+        return torch.where(keep, lse - (1.0 - smoothing) * picked - smoothing * mean, 0.0), lse
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor], output: tuple[Tensor, Tensor]) -> None:
-        logits, targets = inputs
+    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, float], output: tuple[Tensor, Tensor]) -> None:
+        logits, targets, ctx.smoothing = inputs
         ctx.save_for_backward(logits, targets, output[1])
         ctx.mark_non_differentiable(output[1])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor, _: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor, _: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        # g·(softmax(z) − (1 − ε)·onehot(y) − ε/V): the smoothed targets' share ε/V is taken from every entry.
         logits, targets, lse = ctx.saved_tensors
+        smoothing = ctx.smoothing
         keep = targets != IGNORE_INDEX
         g = torch.where(keep, grad, 0.0).unsqueeze(-1)
         index = torch.where(keep, targets, 0).unsqueeze(-1)
+        picked, spread = -g * (1.0 - smoothing), g * (smoothing / logits.shape[-1])
         if logits.dtype == lse.dtype:  # float32 or float64: one n × V tensor, written in place
             out = torch.sub(logits, lse.unsqueeze(-1)).exp_().mul_(g)  # g · softmax(z)
-            return out.scatter_add_(-1, index, -g), None
+            if smoothing:
+                out.sub_(spread)
+            return out.scatter_add_(-1, index, picked), None, None
         out, rows = torch.empty_like(logits), _block_rows(logits)  # half precision, each block made in float32
         for start in range(0, logits.shape[0], rows):
             end = start + rows
             block = torch.sub(logits[start:end].float(), lse[start:end].unsqueeze(-1)).exp_().mul_(g[start:end])
-            out[start:end] = block.scatter_add_(-1, index[start:end], -g[start:end])
-        return out, None
+            if smoothing:
+                block.sub_(spread[start:end])
+            out[start:end] = block.scatter_add_(-1, index[start:end], picked[start:end])
+        return out, None, None
 
 
 _SAMPLE_BLOCK = 256

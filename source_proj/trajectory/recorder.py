@@ -15,7 +15,8 @@ so an interrupted training run leaves a readable, incomplete trajectory)::
                                                    step's gradient by (1 = not clipped)
      "stages": [{"name": "main", "start_step": 0, "end_step": 300, "dataset_size": 1437,
                  "optimizer": {"kind": "sgd", "groups": [{"params": [...], "lr": .., "momentum": ..,
-                               "dampening": .., "nesterov": .., "weight_decay": ..}]}}],
+                               "dampening": .., "nesterov": .., "weight_decay": ..}]},
+                 "label_smoothing": 0.1}],               optional: the stage trained on smoothed labels
      "checkpoints": [{"step": 0, "file": "checkpoints/step-00000000.pt", "sha256": "..",
                       "optimizer_state": false}, ...]}
 
@@ -153,6 +154,8 @@ class Stage:
     end_step: int
     dataset_size: int
     optimizer: dict[str, Any]
+    label_smoothing: float = 0.0
+    """ε of the labels the stage trained on (0: not smoothed); the task's ``label_smoothing`` must equal it."""
 
 
 class RecorderListener(Protocol):
@@ -363,6 +366,11 @@ class TrajectoryRecorder:
         return [(s["name"], s["start_step"], s["end_step"]) for s in self._stages]
 
     @property
+    def stage_label_smoothing(self) -> list[tuple[str, float]]:
+        """``(name, ε)`` of every stage so far: the label smoothing it trained with (0: none)."""
+        return [(s["name"], float(s.get("label_smoothing", 0.0))) for s in self._stages]
+
+    @property
     def checkpoint_steps(self) -> list[int]:
         """Steps of the checkpoints saved so far."""
         return [c["step"] for c in self._checkpoints]
@@ -382,9 +390,19 @@ class TrajectoryRecorder:
         """Tell ``listener`` before every new checkpoint, after each stage ends, and after ``close``."""
         self._listeners.append(listener)
 
-    def begin_stage(self, name: str, dataset_size: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+    def begin_stage(
+        self,
+        name: str,
+        dataset_size: int,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        label_smoothing: float = 0.0,
+    ) -> None:
         """Start a stage trained on ``dataset_size`` examples; ends the previous one. A refused call (a name already
-        recorded, no examples) changes nothing: the running stage goes on."""
+        recorded, no examples) changes nothing: the running stage goes on.
+
+        ``label_smoothing``: ε of a stage whose loss smooths its labels (``F.cross_entropy(...,
+        label_smoothing=ε)``); featurize then refuses a task that does not smooth them by the same ε."""
         running = bool(self._stages) and self._stages[-1]["end_step"] is None
         if any(s["name"] == name for s in self._stages):
             again = running and self._stages[-1]["name"] == name
@@ -393,6 +411,11 @@ class TrajectoryRecorder:
             raise TrajectoryError(f"A stage named {name!r} was already recorded{hint}; give each stage its own name.")
         if dataset_size < 1:
             raise TrajectoryError(f"Stage {name!r} needs a positive dataset size, not {dataset_size}.")
+        if isinstance(label_smoothing, bool) or not (isinstance(label_smoothing, (int, float))
+                                                    and 0.0 <= label_smoothing <= 1.0):
+            raise TrajectoryError(
+                f"Stage {name!r} needs a label_smoothing from 0 to 1 (the ε its loss used), not {label_smoothing!r}."
+            )
         if running:
             self.end_stage()
         if optimizer is not None:
@@ -407,6 +430,8 @@ class TrajectoryRecorder:
                 "end_step": None,
                 "dataset_size": int(dataset_size),
                 "optimizer": describe_optimizer(self.optimizer, self.model),
+                # Written only where the labels were smoothed: other runs' files and fingerprints are unchanged.
+                **({"label_smoothing": float(label_smoothing)} if label_smoothing else {}),
             }
         )
         kind = self._stages[-1]["optimizer"]["kind"]
@@ -977,8 +1002,13 @@ def _validate_index(index: Any, where: Path) -> None:
     expected_start = 0
     names = set()
     for s in stages:
-        if not isinstance(s, dict) or set(s) != {"name", "start_step", "end_step", "dataset_size", "optimizer"}:
-            raise bad("each stage needs exactly name, start_step, end_step, dataset_size and optimizer")
+        keys = {"name", "start_step", "end_step", "dataset_size", "optimizer"}
+        if not isinstance(s, dict) or not keys <= set(s) <= keys | {"label_smoothing"}:
+            raise bad("each stage needs exactly name, start_step, end_step, dataset_size and optimizer "
+                      "(and may give label_smoothing)")
+        smoothing = s.get("label_smoothing", 0.0)
+        if not (_is_number(smoothing) and 0 <= smoothing <= 1):
+            raise bad(f"stage {s.get('name')!r} has a label_smoothing outside [0, 1]")
         if not isinstance(s["name"], str) or s["name"] in names:
             raise bad("stage names must be distinct strings")
         names.add(s["name"])
