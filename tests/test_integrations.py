@@ -528,6 +528,39 @@ def test_lightning_capture_callback_captures_what_featurize_computes_at_each_ste
         check_model(store, relu, sp.ClassificationTask(), torch.device("cpu"))
 
 
+def test_lightning_callbacks_record_the_label_smoothing_they_are_told(tmp_path: Path, classification_data) -> None:
+    """Lightning's module computes its own loss: the recorder records the ε it is given, capture its task's, and
+    captures the module's smoothed gradients as featurize computes them through that task."""
+    import lightning.pytorch as pl
+
+    from source_proj.integrations import LightningCapture, LightningRecorder
+
+    class Smoothed(_lightning_mlp(lambda params: torch.optim.SGD(params, lr=0.1))):  # type: ignore[misc]
+        def training_step(self, batch, _):
+            x, y = batch
+            return F.cross_entropy(self(x), y, label_smoothing=0.1)
+
+    task = sp.ClassificationTask(label_smoothing=0.1)
+    projection = sp.ProjectionArguments(dim=16, kind="factored")
+    callbacks = {"rec": LightningRecorder(tmp_path / "rec", save_every=1, label_smoothing=0.1),
+                 "cap": LightningCapture(tmp_path / "cap", tmp_path / "cap.sp", task, save_every=1,
+                                         projection=projection, options=sp.CaptureArguments(fisher="empirical"))}
+    for name, callback in callbacks.items():
+        loader = torch.utils.data.DataLoader(sp.IndexedDataset(classification_data) if name == "cap"
+                                             else classification_data, batch_size=10, shuffle=True)  # fmt: skip
+        trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+        trainer.fit(Smoothed(), loader)
+        assert [s.label_smoothing for s in sp.Trajectory.load(tmp_path / name).stages] == [0.1]
+    posthoc = sp.featurize(tmp_path / "cap", Smoothed(), task, classification_data, tmp_path / "post.sp",
+                           projection=projection, options=sp.FeaturizeArguments(fisher="empirical", measurement=False),
+                           progress=False)  # fmt: skip
+    assert _matches_posthoc_at_every_step(tmp_path / "cap", tmp_path / "cap.sp", posthoc) == 30
+    with pytest.raises(sp.TaskError, match=r"smoothed by 0\.1"):
+        sp.featurize(tmp_path / "rec", Smoothed(), sp.ClassificationTask(), classification_data, tmp_path / "x.sp",
+                     progress=False)
+
+
 class _Killed(Exception):
     pass
 
@@ -796,28 +829,50 @@ def test_a_bf16_trainer_is_told_to_capture_in_bf16_and_captures_there_when_asked
     assert scores.shape == (3, 8) and np.isfinite(scores).all() and np.abs(scores).max() > 0
 
 
-def test_a_trainer_that_smooths_its_labels_is_told_the_tasks_loss_does_not(tmp_path: Path) -> None:
-    """The Trainer's ``label_smoothing_factor`` changes the loss it trains on; the tasks' losses are plain
-    cross-entropy, so the recorder says so, once, and a Trainer without it hears nothing."""
+def test_a_trainer_that_smooths_its_labels_is_attributed_through_its_smoothed_loss(tmp_path: Path) -> None:
+    """The Trainer's ``label_smoothing_factor`` is recorded with the stage. Capture taps the gradients the Trainer's
+    own ``LabelSmoother`` took: post-hoc featurize with ``SequenceClassificationTask(label_smoothing=0.1)`` computes
+    them at every step, the unsmoothed task's are not them, and featurize refuses that task in one sentence."""
     from transformers import Trainer, TrainingArguments
 
+    from source_proj.integrations import HuggingFaceCapture
+
+    ids, labels = _tokens(16, 0)
+    task = sp.SequenceClassificationTask(attention="bidirectional", label_smoothing=0.1)
+    projection = sp.ProjectionArguments(dim=16, kind="factored")
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"), per_device_train_batch_size=8, num_train_epochs=1, learning_rate=0.05,
+        optim="sgd", lr_scheduler_type="constant", save_strategy="no", report_to=[], use_cpu=True,
+        disable_tqdm=True, logging_strategy="no", seed=0, label_smoothing_factor=0.1,
+    )  # fmt: skip
+    callback = HuggingFaceCapture(tmp_path / "run", tmp_path / "cap.sp", task, save_every=1, projection=projection,
+                                  options=sp.CaptureArguments(fisher="empirical"))  # fmt: skip
+    Trainer(model=_tiny_bert(), args=args, train_dataset=sp.IndexedDataset(_Dicts(ids, labels)),
+            callbacks=[callback]).train()  # fmt: skip
+    assert [s.label_smoothing for s in sp.Trajectory.load(tmp_path / "run").stages] == [0.1]
+    options = sp.FeaturizeArguments(batch_size=8, fisher="empirical", measurement=False)
+    posthoc = sp.featurize(tmp_path / "run", _tiny_bert(), task, _Dicts(ids, labels), tmp_path / "post.sp",
+                           projection=projection, options=options, progress=False)  # fmt: skip
+    assert _matches_posthoc_at_every_step(tmp_path / "run", tmp_path / "cap.sp", posthoc) == 16
+    plain = sp.SequenceClassificationTask(attention="bidirectional")
+    with pytest.raises(sp.TaskError, match=r"smoothed by 0.1 .*SequenceClassificationTask\(..., label_smoothing=0.1\)"):
+        sp.featurize(tmp_path / "run", _tiny_bert(), plain, _Dicts(ids, labels), tmp_path / "plain.sp",
+                     projection=projection, options=options, progress=False)  # fmt: skip
+    # A callback told another ε than the Trainer's is refused; told none, or the same, it records the Trainer's.
     from source_proj.integrations import HuggingFaceRecorder
 
-    ids, labels = _tokens(8, 0)
-    told = {}
-    for smoothing in (0.0, 0.1):
-        args = TrainingArguments(
-            output_dir=str(tmp_path / f"out-{smoothing}"), per_device_train_batch_size=4, num_train_epochs=1,
-            learning_rate=0.05, optim="sgd", save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
-            logging_strategy="no", seed=0, label_smoothing_factor=smoothing,
-        )  # fmt: skip
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            Trainer(model=_tiny_bert(), args=args, train_dataset=_Dicts(ids, labels),
-                    callbacks=[HuggingFaceRecorder(tmp_path / f"run-{smoothing}", save_every=1)]).train()  # fmt: skip
-        told[smoothing] = [str(w.message) for w in caught if "smooths its labels" in str(w.message)]
-    assert told[0.0] == [] and len(told[0.1]) == 1
-    assert told[0.1][0].startswith("The Trainer smooths its labels (label_smoothing_factor=0.1)")
+    assert HuggingFaceRecorder(tmp_path / "r", save_every=1)._smoothing(args) == 0.1
+    assert HuggingFaceRecorder(tmp_path / "r", save_every=1, label_smoothing=0.1)._smoothing(args) == 0.1
+    with pytest.raises(sp.TrajectoryError, match=r"smooths its labels by 0.1 .*given label_smoothing=0.2"):
+        HuggingFaceRecorder(tmp_path / "r", save_every=1, label_smoothing=0.2)._smoothing(args)
+    # The negative control: the same checkpoints featurized through the plain loss miss the Trainer's gradients.
+    index = json.loads((tmp_path / "run" / "trajectory.json").read_text())
+    del index["stages"][0]["label_smoothing"]
+    (tmp_path / "run" / "trajectory.json").write_text(json.dumps(index))
+    unsmoothed = sp.featurize(tmp_path / "run", _tiny_bert(), plain, _Dicts(ids, labels), tmp_path / "plain.sp",
+                              projection=projection, options=options, progress=False)  # fmt: skip
+    with pytest.raises(AssertionError):
+        _matches_posthoc_at_every_step(tmp_path / "run", tmp_path / "cap.sp", unsmoothed)
 
 
 def test_a_bf16_lightning_trainer_is_told_to_capture_in_bf16(tmp_path: Path, classification_data) -> None:

@@ -31,8 +31,10 @@ class RecorderSettings:
         dataset_size: int | None = None,
         overwrite: bool = False,
         rewind: bool = False,
+        label_smoothing: float | None = None,
     ) -> None:
         self.run_dir = run_dir
+        self.label_smoothing = label_smoothing
         self.save_every = save_every
         self.stage = stage
         self.dataset_size = dataset_size
@@ -68,6 +70,7 @@ def start_recording(
     start_step: int = 0,
     trainer: str = "The Trainer",
     rewind: bool = False,
+    label_smoothing: float = 0.0,
 ) -> tuple[TrajectoryRecorder, Any]:
     """A recorder with its first stage begun, stepping after every optimizer step; returns it and the hook handle.
 
@@ -75,17 +78,19 @@ def start_recording(
     framework's loss scaler of an fp16 run, whose unscaling is not clipping. ``start_step``: the trainer's
     global step as training begins; above 0 it resumes from its own checkpoint, and so does the recorded run
     (``resume_recording``; ``rewind``: also from an earlier checkpoint of the run than its last).
+    ``label_smoothing``: the ε the trainer smooths its labels by, recorded with the stage.
     """
     inner = torch_optimizer(optimizer)
     if start_step > 0:
         recorder = resume_recording(run_dir, model, inner, stage=stage, dataset_size=dataset_size,
                                     save_every=save_every, overwrite=overwrite, grad_scaler=grad_scaler,
-                                    start_step=start_step, trainer=trainer, rewind=rewind)  # fmt: skip
+                                    start_step=start_step, trainer=trainer, rewind=rewind,
+                                    label_smoothing=label_smoothing)  # fmt: skip
     else:
         recorder = TrajectoryRecorder(
             run_dir, model, inner, save_every=save_every, overwrite=overwrite, grad_scaler=grad_scaler
         )
-        recorder.begin_stage(stage, dataset_size=dataset_size)
+        recorder.begin_stage(stage, dataset_size=dataset_size, label_smoothing=label_smoothing)
     handle = inner.register_step_post_hook(lambda *_: recorder.step())
     return recorder, handle
 
@@ -103,6 +108,7 @@ def resume_recording(
     start_step: int,
     trainer: str,
     rewind: bool = False,
+    label_smoothing: float = 0.0,
 ) -> TrajectoryRecorder:
     """The recorded run resumed where a resumed trainer starts (``TrajectoryRecorder.resume``), so that it goes on
     as the uninterrupted run would: only where its last checkpoint is at that step and holds the weights the trainer
@@ -127,6 +133,7 @@ def resume_recording(
         last = checkpoints[-1]
         stages = [s for s in index["stages"] if s["start_step"] <= start_step]
         name, size = stages[-1]["name"], stages[-1]["dataset_size"]
+        smoothing = float(stages[-1].get("label_smoothing", 0.0))
     except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
         raise TrajectoryError(
             f"{run} holds no readable trajectory with a checkpoint to resume from ({type(err).__name__}); record a new "
@@ -150,6 +157,11 @@ def resume_recording(
             f"The run recorded in {run} trains stage {name!r} on {size} examples at step {start_step}, but the resumed "
             f"trainer's callback names stage {stage!r} on {dataset_size}; resume with the callback's stage and "
             "training set of that run."
+        )
+    if smoothing != label_smoothing:
+        raise TrajectoryError(
+            f"The run recorded in {run} trains stage {name!r} with labels smoothed by {smoothing:g}, but the resumed "
+            f"trainer smooths them by {label_smoothing:g}; resume with the label smoothing of that run."
         )
     weights = load_checkpoint(run, last, mmap=True)["model"]
     state = model.state_dict()

@@ -21,18 +21,39 @@ Trainer's checkpoints at multiples of ``save_every``); from an earlier checkpoin
 from __future__ import annotations
 
 import os
-import warnings
+from collections.abc import MutableMapping
 from typing import Any
 
 import torch
 from torch import Tensor
 from transformers import TrainerCallback
 
-from source_proj.errors import TaskError
+from source_proj.errors import TaskError, TrajectoryError
 from source_proj.featurize.arguments import ProjectionArguments
 from source_proj.featurize.capture import INDEX_KEY, CaptureArguments
 from source_proj.integrations._hook import CaptureSettings, RecorderSettings, dataset_size, start_recording
 from source_proj.tasks.task import Task
+
+LABELS_KEY = "source_proj_labels"
+"""A training batch's labels, kept under this key too: the Trainer pops ``labels`` from the model's inputs when a
+label smoother or ``compute_loss_func`` computes its loss, and capture needs them for its batch."""
+
+
+class _KeepLabels:
+    """A collate function that also keeps each batch's ``labels`` under ``LABELS_KEY`` (taken out again before the
+    model sees it)."""
+
+    def __init__(self, collate: Any) -> None:
+        self.collate = collate
+
+    def __getattr__(self, name: str) -> Any:  # the wrapped collator's own attributes (signature_columns)
+        return getattr(self.__dict__["collate"], name)
+
+    def __call__(self, features: Any) -> Any:
+        batch = self.collate(features)
+        if isinstance(batch, MutableMapping) and isinstance(batch.get("labels"), Tensor):
+            batch[LABELS_KEY] = batch["labels"]  # a batch just made (a dict, or a BatchEncoding)
+        return batch
 
 
 class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
@@ -46,17 +67,12 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
         overwrite: replace an existing trajectory in ``run_dir``.
         rewind: a trainer resumed from an earlier checkpoint than the recorded run's last (one the run also
             saved) rewinds the run to it: the steps recorded after it are forgotten (default: refused).
+        label_smoothing: ε of a training loss that smooths its labels, recorded with the stage (featurize then
+            takes a task with the same ``label_smoothing``). Default: the Trainer's ``label_smoothing_factor``
+            (give it only for a loss of your own, a ``compute_loss_func``, that smooths them).
     """
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        smoothing = float(getattr(args, "label_smoothing_factor", 0.0) or 0.0)
-        if smoothing > 0:  # the Trainer's loss; the tasks' losses are plain cross-entropy
-            warnings.warn(
-                f"The Trainer smooths its labels (label_smoothing_factor={smoothing:g}), but source-proj's tasks "
-                "take the plain cross-entropy's gradients, so SOURCE attributes through a loss the run did not "
-                "train on; train with label_smoothing_factor=0 for attribution that follows the run.",
-                stacklevel=2,
-            )
         size = dataset_size(self.dataset_size, kwargs.get("train_dataloader"), "HuggingFaceRecorder")
         self.recorder, self._handle = start_recording(
             self.run_dir,
@@ -70,7 +86,21 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
             grad_scaler=getattr(kwargs["optimizer"], "scaler", None),  # accelerate's optimizer holds the fp16 scaler
             start_step=int(state.global_step),  # above 0: resume_from_checkpoint (see _hook.resume_recording)
             trainer="The Trainer",
+            # The Trainer's loss then smooths its labels (its LabelSmoother): featurize holds the task to it.
+            label_smoothing=self._smoothing(args),
         )
+
+    def _smoothing(self, args: Any) -> float:
+        """The ε the run's loss smooths its labels by: the Trainer's own, or the one the callback was given."""
+        trainers = float(getattr(args, "label_smoothing_factor", 0.0) or 0.0)
+        if self.label_smoothing is None or self.label_smoothing == trainers:
+            return trainers
+        if trainers:
+            raise TrajectoryError(
+                f"The Trainer smooths its labels by {trainers:g} (label_smoothing_factor), but the callback was given "
+                f"label_smoothing={self.label_smoothing:g}; leave it out, the Trainer's is recorded."
+            )
+        return float(self.label_smoothing)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.recorder is not None:
@@ -109,6 +139,8 @@ class HuggingFaceCapture(HuggingFaceRecorder):
         overwrite: replace an existing trajectory in ``run_dir`` and store at ``store_path``.
         rewind: a trainer resumed from an earlier checkpoint than the recorded run's last (one the run also
             saved) rewinds the run to it, and the store drops the windows captured after it (default: refused).
+        label_smoothing: as ``HuggingFaceRecorder`` (default: the Trainer's ``label_smoothing_factor``;
+            ``LightningCapture``: the task's ``label_smoothing``). The task must smooth by the same ε.
     """
 
     def __init__(
@@ -124,9 +156,10 @@ class HuggingFaceCapture(HuggingFaceRecorder):
         dataset_size: int | None = None,
         overwrite: bool = False,
         rewind: bool = False,
+        label_smoothing: float | None = None,
     ) -> None:
         super().__init__(run_dir, save_every=save_every, stage=stage, dataset_size=dataset_size, overwrite=overwrite,
-                         rewind=rewind)
+                         rewind=rewind, label_smoothing=label_smoothing)
         self.settings = CaptureSettings(store_path, task, projection=projection, options=options)
         self._model_hooks: list[Any] = []
         self._accumulation = 1
@@ -137,10 +170,15 @@ class HuggingFaceCapture(HuggingFaceRecorder):
         self.settings.start_capture(self.recorder, self.overwrite, kwargs.get("train_dataloader"),
                                     trains_bf16=bool(getattr(args, "bf16", False)))  # fmt: skip
         self._accumulation = int(args.gradient_accumulation_steps)
-        collate = getattr(kwargs.get("train_dataloader"), "collate_fn", None)
+        loader = kwargs.get("train_dataloader")
+        collate = getattr(loader, "collate_fn", None)
         columns = getattr(collate, "signature_columns", None)
         if isinstance(columns, list) and INDEX_KEY not in columns:
             columns.append(INDEX_KEY)  # the Trainer's RemoveColumnsCollator would drop the row indices
+        if collate is not None:  # the Trainer takes the labels out of the model's inputs when it smooths them
+            while getattr(loader, "base_dataloader", None) is not None:  # accelerate's adapters iterate their base
+                loader = loader.base_dataloader
+            loader.collate_fn = _KeepLabels(collate)
         model = kwargs["model"]
         self._model_hooks = [
             model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
@@ -157,9 +195,12 @@ class HuggingFaceCapture(HuggingFaceRecorder):
             return None
         inputs = dict(kwargs)
         indices = torch.as_tensor(inputs.pop(INDEX_KEY))
+        labels = inputs.pop(LABELS_KEY, None)
         if module.training and self.settings.capture is not None:
             count = int(indices.numel())
             batch = {k: v for k, v in inputs.items() if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == count}
+            if "labels" not in batch and isinstance(labels, Tensor):  # the Trainer's loss took them out
+                batch["labels"] = labels
             self.settings.capture.begin(batch, indices, scale=float(count * self._accumulation))
         return args, inputs
 

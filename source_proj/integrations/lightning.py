@@ -38,6 +38,9 @@ class LightningRecorder(RecorderSettings, Callback):
         overwrite: replace an existing trajectory in ``run_dir``.
         rewind: a trainer resumed from an earlier checkpoint than the recorded run's last (one the run also
             saved) rewinds the run to it: the steps recorded after it are forgotten (default: refused).
+        label_smoothing: ε of a training loss that smooths its labels, recorded with the stage (featurize then
+            takes a task with the same ``label_smoothing``). Default: none (the LightningModule's loss is its
+            own, which the callback cannot read).
     """
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -59,6 +62,7 @@ class LightningRecorder(RecorderSettings, Callback):
             grad_scaler=getattr(trainer.precision_plugin, "scaler", None),  # fp16 mixed precision's loss scaler
             start_step=int(trainer.global_step),  # above 0: fit(ckpt_path=...) (see _hook.resume_recording)
             trainer="The Lightning Trainer",
+            label_smoothing=self.label_smoothing or 0.0,
         )
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
@@ -102,9 +106,12 @@ class LightningCapture(LightningRecorder):
         dataset_size: int | None = None,
         overwrite: bool = False,
         rewind: bool = False,
+        label_smoothing: float | None = None,
     ) -> None:
+        if label_smoothing is None:  # the module's loss is its own: the task says what it is
+            label_smoothing = float(getattr(task, "label_smoothing", 0.0))
         super().__init__(run_dir, save_every=save_every, stage=stage, dataset_size=dataset_size, overwrite=overwrite,
-                         rewind=rewind)
+                         rewind=rewind, label_smoothing=label_smoothing)
         self.settings = CaptureSettings(store_path, task, projection=projection, options=options)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
