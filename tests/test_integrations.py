@@ -858,6 +858,14 @@ def test_a_trainer_that_smooths_its_labels_is_attributed_through_its_smoothed_lo
     with pytest.raises(sp.TaskError, match=r"smoothed by 0.1 .*SequenceClassificationTask\(..., label_smoothing=0.1\)"):
         sp.featurize(tmp_path / "run", _tiny_bert(), plain, _Dicts(ids, labels), tmp_path / "plain.sp",
                      projection=projection, options=options, progress=False)  # fmt: skip
+    # The collate function that keeps the labels travels to dataloader workers (pickled where they are spawned).
+    import pickle
+
+    from source_proj.integrations.huggingface import LABELS_KEY, _KeepLabels
+
+    kept = pickle.loads(pickle.dumps(_KeepLabels(torch.utils.data.default_collate)))
+    batch = kept([{"labels": torch.tensor(1)}, {"labels": torch.tensor(0)}])
+    assert torch.equal(batch[LABELS_KEY], torch.tensor([1, 0]))
     # A callback told another ε than the Trainer's is refused; told none, or the same, it records the Trainer's.
     from source_proj.integrations import HuggingFaceRecorder
 

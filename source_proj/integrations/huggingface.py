@@ -47,7 +47,10 @@ class _KeepLabels:
         self.collate = collate
 
     def __getattr__(self, name: str) -> Any:  # the wrapped collator's own attributes (signature_columns)
-        return getattr(self.__dict__["collate"], name)
+        collate = self.__dict__.get("collate")  # absent while unpickling (a worker process's copy)
+        if collate is None:
+            raise AttributeError(name)
+        return getattr(collate, name)
 
     def __call__(self, features: Any) -> Any:
         batch = self.collate(features)
