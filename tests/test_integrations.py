@@ -137,6 +137,46 @@ def test_transformers_trainer_callback_records_an_attributable_run(tmp_path: Pat
     assert scores.shape == (3, 24) and np.isfinite(scores).all() and np.abs(scores).max() > 0
 
 
+def test_a_step_the_loss_scaler_skips_keeps_the_recorded_run_in_step_with_the_trainer(tmp_path: Path) -> None:
+    """An fp16 loss scaler that finds an inf gradient skips ``optimizer.step`` (no step hooks run), and the Trainer
+    counts the step all the same. The callback records it at rate 0, so its checkpoints stay at the Trainer's steps
+    and hold the weights the Trainer saved there (what a resume needs). Simulated on the CPU: the optimizer's
+    second step does nothing, as the scaler's would."""
+    from safetensors.torch import load_file
+    from transformers import Trainer, TrainingArguments
+
+    from source_proj.integrations import HuggingFaceRecorder
+
+    ids, labels = _tokens(24, 0)
+    model = _tiny_bert()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    step, calls = optimizer.step, []
+
+    def skipping(closure=None):
+        calls.append(len(calls))
+        return None if len(calls) == 2 else step(closure)
+
+    optimizer.step = skipping  # type: ignore[method-assign]
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"), per_device_train_batch_size=8, num_train_epochs=2,
+        lr_scheduler_type="constant",
+        save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, disable_tqdm=True, logging_strategy="no",
+        seed=0,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the recorder's "no optimizer step" warning: given no scaler, it cannot tell
+        Trainer(model=model, args=args, train_dataset=_Dicts(ids, labels), optimizers=(optimizer, None),
+                callbacks=[HuggingFaceRecorder(tmp_path / "run", save_every=2)]).train()  # fmt: skip
+    trajectory = sp.Trajectory.load(tmp_path / "run")
+    assert len(calls) == 6
+    assert trajectory.rates.tolist() == pytest.approx([0.05, 0.0, 0.05, 0.05, 0.05, 0.05])
+    assert [c.step for c in trajectory.checkpoints] == [0, 2, 4, 6]
+    for checkpoint in trajectory.checkpoints[1:]:
+        saved = load_file(str(tmp_path / "hf" / f"checkpoint-{checkpoint.step}" / "model.safetensors"))
+        ours = trajectory.load_state(checkpoint)["model"]
+        assert all(torch.equal(ours[k], v) for k, v in saved.items() if k in ours) and len(saved) > 10
+
+
 def _lightning_mlp(configure: Callable[[Any], Any]) -> type:
     """The tests' LightningModule: a seeded 4-8-3 MLP (``Module(activation)``, Tanh by default), the batch's mean
     cross-entropy on ``(x, y)`` batches (capture takes the indices out first), ``configure(parameters)`` as its
@@ -462,6 +502,48 @@ def test_transformers_capture_callback_captures_the_default_adamw_run_in_adams_c
     sp.fit(store.path, sp.FitArguments(segments_per_stage=1), progress=False)
     scores = sp.Attributor(store.path, _tiny_bert(), task).scores(_Dicts(*_tokens(3, 1)))
     assert scores.shape == (3, 24) and np.isfinite(scores).all()
+
+
+def test_a_step_the_loss_scaler_skips_keeps_the_recorded_lightning_run_in_step(
+    tmp_path: Path, classification_data
+) -> None:
+    """As with the Trainer: Lightning's fp16 precision runs the closure, then its scaler skips ``optimizer.step``,
+    and the global step counts the step; the callback records it at rate 0 at the batch's end. Simulated on the
+    CPU: the second step runs the closure and does not update."""
+    import lightning.pytorch as pl
+
+    from source_proj.integrations import LightningRecorder
+
+    calls: list[int] = []
+
+    def configure(params):
+        optimizer = torch.optim.SGD(params, lr=0.1)
+        step = optimizer.step
+
+        def skipping(closure=None):
+            calls.append(len(calls))
+            if len(calls) == 2:
+                closure()  # the forward and backward run; the scaler finds an inf and skips the update
+                return None
+            return step(closure)
+
+        optimizer.step = skipping  # type: ignore[method-assign]
+        return optimizer
+
+    loader = torch.utils.data.DataLoader(classification_data, batch_size=10)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[LightningRecorder(tmp_path / "run", save_every=2)])  # fmt: skip
+    module = _lightning_mlp(configure)()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the recorder's "no optimizer step" warning: given no scaler, it cannot tell
+        trainer.fit(module, loader)
+    trajectory = sp.Trajectory.load(tmp_path / "run")
+    assert len(calls) == 6 and trainer.global_step == 6
+    assert trajectory.rates.tolist() == pytest.approx([0.1, 0.0, 0.1, 0.1, 0.1, 0.1])
+    assert [c.step for c in trajectory.checkpoints] == [0, 2, 4, 6]
+    final = trajectory.load_state(trajectory.final_checkpoint)["model"]
+    assert all(torch.equal(final[k], v) for k, v in module.state_dict().items())
 
 
 def test_lightning_callback_records_a_cycled_momentum_step_by_step(tmp_path: Path, classification_data) -> None:

@@ -71,8 +71,13 @@ def start_recording(
     trainer: str = "The Trainer",
     rewind: bool = False,
     label_smoothing: float = 0.0,
+    step_hook: bool = True,
 ) -> tuple[TrajectoryRecorder, Any]:
     """A recorder with its first stage begun, stepping after every optimizer step; returns it and the hook handle.
+
+    ``step_hook``: step the recorder from an optimizer step post-hook. A caller that steps it itself once per
+    training step (the Trainer's ``on_optimizer_step``) passes False and gets no handle; it also records a step a
+    loss scaler skipped (``optimizer.step`` not called, no post-hook), at rate 0, as the trainer counts it.
 
     The recorder measures each step's gradient-clipping factor (``recorder.py``); ``grad_scaler`` is the
     framework's loss scaler of an fp16 run, whose unscaling is not clipping. ``start_step``: the trainer's
@@ -91,7 +96,7 @@ def start_recording(
             run_dir, model, inner, save_every=save_every, overwrite=overwrite, grad_scaler=grad_scaler
         )
         recorder.begin_stage(stage, dataset_size=dataset_size, label_smoothing=label_smoothing)
-    handle = inner.register_step_post_hook(lambda *_: recorder.step())
+    handle = inner.register_step_post_hook(lambda *_: recorder.step()) if step_hook else None
     return recorder, handle
 
 

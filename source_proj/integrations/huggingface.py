@@ -91,7 +91,15 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
             trainer="The Trainer",
             # The Trainer's loss then smooths its labels (its LabelSmoother): featurize holds the task to it.
             label_smoothing=self._smoothing(args),
+            step_hook=False,  # on_optimizer_step steps it: also at a step the fp16 loss scaler skipped
         )
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """After every optimizer step of the Trainer, before its scheduler moves and the gradients are zeroed; also
+        after a step the loss scaler skipped (``optimizer.step`` was not called), which the Trainer's global step
+        counts too: the recorder takes it at rate 0 (its weights did not move), so the two stay in step."""
+        if self.recorder is not None:
+            self.recorder.step()
 
     def _smoothing(self, args: Any) -> float:
         """The ε the run's loss smooths its labels by: the Trainer's own, or the one the callback was given."""
@@ -107,7 +115,6 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.recorder is not None:
-            self._handle.remove()
             self.recorder.close()
 
 

@@ -65,6 +65,13 @@ class LightningRecorder(RecorderSettings, Callback):
             label_smoothing=self.label_smoothing or 0.0,
         )
 
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """A step the fp16 loss scaler skipped ran no ``optimizer.step`` (no post-hook), while Lightning's global step
+        counts it: it is recorded here, at rate 0 (the weights did not move), so the two stay in step."""
+        if self.recorder is not None:
+            while self.recorder.global_step < int(trainer.global_step):
+                self.recorder.step()
+
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self.recorder is not None:
             self._handle.remove()
