@@ -27,7 +27,13 @@ from source_proj.store.locking import StoreLock
 from source_proj.store.store import Store
 from source_proj.store.verify import VerifyReport, verify_store
 from source_proj.store.writing import store_lock
-from source_proj.tasks.task import ClassificationTask, ParameterSelection, RegressionTask, Task
+from source_proj.tasks.task import (
+    ClassificationTask,
+    MultiLabelClassificationTask,
+    ParameterSelection,
+    RegressionTask,
+    Task,
+)
 from source_proj.tasks.text import LanguageModelingTask, ModuleSelection, SequenceClassificationTask, TextDataset
 from source_proj.trajectory.autosegment import TrajectoryView
 from source_proj.trajectory.recorder import Trajectory, TrajectoryRecorder
@@ -52,6 +58,7 @@ __all__ = [
     "IndexedDataset",
     "LanguageModelingTask",
     "ModuleSelection",
+    "MultiLabelClassificationTask",
     "NumericalError",
     "ParameterSelection",
     "ProjectionArguments",

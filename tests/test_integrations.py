@@ -47,7 +47,7 @@ class _SequenceClassification(sp.ClassificationTask):
         return model(input_ids=batch[0]).logits
 
 
-def _tiny_bert(hidden_act: str = "gelu"):
+def _tiny_bert(hidden_act: str = "gelu", num_labels: int = 2):
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
@@ -58,7 +58,7 @@ def _tiny_bert(hidden_act: str = "gelu"):
         num_attention_heads=2,
         intermediate_size=32,
         max_position_embeddings=8,
-        num_labels=2,
+        num_labels=num_labels,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
         hidden_act=hidden_act,
@@ -608,6 +608,45 @@ def test_lightning_capture_callback_captures_what_featurize_computes_at_each_ste
     trajectory.load_into(relu, trajectory.final_checkpoint)
     with pytest.raises(sp.TaskError, match="was captured from"):
         check_model(store, relu, sp.ClassificationTask(), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("problem", ["multi_label_classification", "regression"])
+def test_trainer_runs_of_multi_label_and_regression_heads_are_captured_as_featurize_computes_them(
+    tmp_path: Path, problem: str
+) -> None:
+    """A BERT trained by the Trainer with a multi-label head (float 0/1 rows, sigmoid cross-entropy) or a regression
+    head (one output, squared error): capture taps the Trainer's own gradients, and post-hoc featurize with the plain
+    ``SequenceClassificationTask()`` (the problem found from the model and the labels) computes them at every
+    step; the scores are finite and the exact Fisher runs."""
+    from transformers import Trainer, TrainingArguments
+
+    from source_proj.integrations import HuggingFaceCapture
+
+    ids, _ = _tokens(16, 0)
+    g = torch.Generator().manual_seed(1)
+    outputs = 3 if problem.startswith("multi") else 1
+    labels = (torch.rand(16, 3, generator=g) > 0.5).float() if outputs == 3 else torch.randn(16, generator=g)
+    task = sp.SequenceClassificationTask(attention="bidirectional")
+    projection = sp.ProjectionArguments(dim=16, kind="factored")
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"), per_device_train_batch_size=8, num_train_epochs=1, learning_rate=0.05,
+        optim="sgd", lr_scheduler_type="constant", save_strategy="no", report_to=[], use_cpu=True,
+        disable_tqdm=True, logging_strategy="no", seed=0,
+    )  # fmt: skip
+    callback = HuggingFaceCapture(tmp_path / "run", tmp_path / "cap.sp", task, save_every=1, projection=projection,
+                                  options=sp.CaptureArguments(fisher="empirical"))  # fmt: skip
+    Trainer(model=_tiny_bert(num_labels=outputs), args=args, train_dataset=sp.IndexedDataset(_Dicts(ids, labels)),
+            callbacks=[callback]).train()  # fmt: skip
+    options = sp.FeaturizeArguments(batch_size=8, fisher="empirical", measurement=False)
+    posthoc = sp.featurize(tmp_path / "run", _tiny_bert(num_labels=outputs), task, _Dicts(ids, labels),
+                           tmp_path / "post.sp", projection=projection, options=options, progress=False)  # fmt: skip
+    assert _matches_posthoc_at_every_step(tmp_path / "run", tmp_path / "cap.sp", posthoc) == 16
+    exact = sp.featurize(tmp_path / "run", _tiny_bert(num_labels=outputs), task, _Dicts(ids, labels),
+                         tmp_path / "exact.sp", projection=projection, progress=False,
+                         options=sp.FeaturizeArguments(batch_size=8, fisher="exact"))  # fmt: skip
+    sp.fit(exact.path, sp.FitArguments(segments_per_stage=1), progress=False)
+    scores = sp.Attributor(exact.path, _tiny_bert(num_labels=outputs), task).scores(_Dicts(ids[:3], labels[:3]))
+    assert scores.shape == (3, 16) and np.isfinite(scores).all() and np.abs(scores).max() > 0
 
 
 def test_lightning_callbacks_record_the_label_smoothing_they_are_told(tmp_path: Path, classification_data) -> None:

@@ -52,18 +52,28 @@ def test_parameter_selection_by_pattern_and_module_type() -> None:
         sp.ParameterSelection(include=("nothing",)).select(model)
 
 
-@pytest.mark.parametrize("task", [sp.ClassificationTask(), sp.RegressionTask()], ids=["classification", "regression"])
+@pytest.mark.parametrize(
+    "task",
+    [sp.ClassificationTask(), sp.ClassificationTask(label_smoothing=0.2), sp.RegressionTask(),
+     sp.MultiLabelClassificationTask()],
+    ids=["classification", "smoothed-labels", "regression", "multi-label"],
+)  # fmt: skip
 def test_exact_fisher_targets_give_the_gauss_newton_matrix(task: sp.Task) -> None:
+    """The Gauss–Newton matrix of the training loss; with smoothed labels it is that of the plain cross-entropy
+    (the smoothing's term is linear in the logits)."""
     torch.manual_seed(0)
-    outputs = 3 if isinstance(task, sp.ClassificationTask) else 1
+    outputs = 1 if isinstance(task, sp.RegressionTask) else 3
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, outputs)).double()
     x = torch.randn(5, 3, dtype=torch.float64)
-    y = torch.randint(0, 3, (5,)) if outputs == 3 else torch.randn(5, dtype=torch.float64)
+    if isinstance(task, sp.MultiLabelClassificationTask):
+        y = (torch.rand(5, 3) > 0.5).double()
+    else:
+        y = torch.randint(0, 3, (5,)) if outputs == 3 else torch.randn(5, dtype=torch.float64)
     batch = (x, y)
     grads = PerExampleGradients(model, task, sp.ParameterSelection().select(model))
     flat = lambda g: torch.cat([v.reshape(v.shape[0], -1) for v in g.values()], dim=1)  # noqa: E731
     fisher = sum(
-        flat(grads(b, "loss")).T @ (w[:, None] * flat(grads(b, "loss")))
+        flat(grads(b, "fisher")).T @ (w[:, None] * flat(grads(b, "fisher")))
         for w, b in task.fisher_targets(grads.outputs(batch), batch, None)
     )
 
@@ -74,7 +84,10 @@ def test_exact_fisher_targets_give_the_gauss_newton_matrix(task: sp.Task) -> Non
     out = model(x).detach()
     gn = 0
     for i in range(5):
-        if outputs == 3:
+        if isinstance(task, sp.MultiLabelClassificationTask):  # the mean over 3 labels of their sigmoid CE
+            s = torch.sigmoid(out[i])
+            h_out = torch.diag(s * (1 - s)) / 3
+        elif outputs == 3:
             p = torch.softmax(out[i], 0)
             h_out = torch.diag(p) - torch.outer(p, p)
         else:
@@ -92,3 +105,21 @@ def test_sampled_fisher_targets_are_unbiased() -> None:
         ((weight, batch),) = task.fisher_targets(logits, (None, torch.tensor([0])), gen)
         counts[batch[1]] += weight
     assert torch.allclose(counts / 4000, torch.softmax(logits[0], 0), atol=0.03)
+
+
+def test_multi_label_task_is_hugging_faces_loss_and_samples_each_label_from_its_sigmoid() -> None:
+    task = sp.MultiLabelClassificationTask()
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, -3.0, 1.0]])
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    batch = (None, labels)
+    assert torch.allclose(task.loss(logits, batch).mean(), torch.nn.BCEWithLogitsLoss()(logits, labels))
+    assert torch.allclose(task.measurement(logits, batch), torch.tensor([2.0 - 0.0 - 1.0, -0.5 + 3.0 + 1.0]))
+    gen = torch.Generator().manual_seed(0)
+    drawn = torch.zeros(2, 3)
+    for _ in range(4000):
+        ((weight, targets),) = task.fisher_targets(logits, batch, gen)
+        assert torch.equal(weight, torch.full((2,), 3.0))
+        drawn += targets[1]
+    assert torch.allclose(drawn / 4000, torch.sigmoid(logits), atol=0.03)
+    with pytest.raises(sp.TaskError, match=r"labels of shape \[2, 3\], but the data hold labels of shape \[2\]"):
+        task.loss(logits, (None, torch.tensor([0, 1])))

@@ -434,3 +434,49 @@ def test_token_nll_is_cross_entropy_with_its_gradient_under_autograd_and_per_exa
     (first,) = torch.autograd.grad(token_nll(logits[0], targets[0]).sum(), logits, create_graph=True)
     with pytest.raises(RuntimeError, match=r"does not require grad|once_differentiable"):
         torch.autograd.grad(first.sum(), logits)
+
+
+@pytest.mark.parametrize(
+    ("outputs", "config_problem", "labels", "problem"),
+    [
+        (3, None, torch.tensor(CLASSES), "single_label_classification"),
+        (3, None, torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0], [0.0, 1.0, 1.0]]), "multi_label_classification"),
+        (3, "multi_label_classification", torch.tensor([[1, 0, 1], [0, 0, 0], [0, 1, 1]]).float(),
+         "multi_label_classification"),
+        (1, None, torch.tensor([0.3, -1.2, 2.0]), "regression"),
+    ],
+    ids=["single-label", "multi-label", "multi-label-by-config", "regression"],
+)  # fmt: skip
+def test_sequence_classification_trains_each_head_as_the_model_does(outputs, config_problem, labels, problem) -> None:
+    """The task's batch-mean loss is the model's own (`labels=` loss) for single-label, multi-label and regression
+    heads, the problem found as Hugging Face finds it (the config's, else one output or the labels' type)."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=LENGTH, num_labels=outputs, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        problem_type=config_problem,
+    )  # fmt: skip
+    model = transformers.BertForSequenceClassification(config).eval()
+    batch = {**_batch(SEQUENCES), "labels": labels}
+    task = sp.SequenceClassificationTask().bind(model)
+    logits = task.forward(model, batch)
+    assert task._problem(logits, labels) == problem
+    with torch.no_grad():
+        assert torch.allclose(task.loss(logits, batch).mean(), model(**batch).loss, atol=1e-6)
+    assert task.measurement(logits, batch).shape == (3,)
+    ((weight, drawn),) = task.fisher_targets(logits.detach(), batch, torch.Generator().manual_seed(0))
+    assert drawn["labels"].dtype == labels.dtype and drawn["labels"].shape == labels.shape
+    assert torch.isfinite(task.fisher_loss(logits, drawn)).all() and weight.shape == (3,)
+    said = {"regression": "error", "multi_label_classification": "log-odds"}.get(problem, "margin")
+    explicit = sp.SequenceClassificationTask(problem_type=problem).bind(model)  # the same, said outright
+    assert torch.equal(explicit.loss(logits, batch), task.loss(logits, batch))
+    assert said in explicit.score_labels[0]
+    # Bound, the task words its scores by the problem the model says; float labels alone it sees at the batch only.
+    assert ("margin" if config_problem is None and problem.startswith("multi") else said) in task.score_labels[0]
+    if problem != "single_label_classification":
+        with pytest.raises(sp.TaskError, match="Label smoothing applies to single-label classification"):
+            sp.SequenceClassificationTask(label_smoothing=0.1).bind(model).loss(logits, batch)
+        with pytest.raises(sp.TaskError, match="Label smoothing applies to single-label classification"):
+            sp.SequenceClassificationTask(problem_type=problem, label_smoothing=0.1)
+    with pytest.raises(sp.TaskError, match="problem_type must be 'auto' or one of"):
+        sp.SequenceClassificationTask(problem_type="ranking")  # type: ignore[arg-type]

@@ -746,7 +746,8 @@ def query(
     )
     result = attributor.top_k(torch.utils.data.Subset(queries, indices), top_k)
     describe = _describer(store, spec)
-    labels = getattr(task, "score_labels", ("helpful", "harmful"))  # what score > 0 and < 0 mean
+    # What score > 0 and < 0 mean: the task bound to the model knows its problem (a regression head's error…).
+    labels = getattr(task.bind(attributor.model), "score_labels", ("helpful", "harmful"))
     short = [label.split(" (")[0] for label in labels]
     shown = indices[:show]
     shown_rows = [int(row) for ids in (result.helpful_ids, result.harmful_ids) for row in ids[: len(shown)].ravel()]

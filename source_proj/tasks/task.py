@@ -352,6 +352,63 @@ def smoothing_described(smoothing: float) -> dict[str, float]:
 
 
 @dataclass
+class MultiLabelClassificationTask(Task):
+    """Independent yes/no labels trained with sigmoid cross-entropy; measurement = the summed log-odds of every
+    label's side.
+
+    Batches are ``(inputs, labels [B, C], ...)`` with labels 0 or 1 (or in between: soft labels); the model maps
+    inputs to logits ``[B, C]``. The loss is ``F.binary_cross_entropy_with_logits`` averaged over the C labels (the
+    mean over the batch's B·C entries is then the batch mean of it: Hugging Face's ``multi_label_classification``
+    loss). The measurement is Σ_c (2y_c − 1)·z_c, each label's log-odds towards the side it is on: a positive
+    score means z raised it (helped). The Fisher samples every label from its own Bernoulli.
+    """
+
+    parameters: ParameterSelection = field(default_factory=ParameterSelection)
+    name: str = "multi-label-classification"
+
+    def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
+        labels = _multi_labels(self, outputs, batch)
+        return F.binary_cross_entropy_with_logits(outputs, labels, reduction="none").mean(-1)
+
+    def measurement(self, outputs: Tensor, batch: Batch) -> Tensor:
+        labels = _multi_labels(self, outputs, batch)
+        return ((2.0 * labels - 1.0) * outputs).sum(-1)
+
+    def fisher_targets(
+        self, outputs: Tensor, batch: Batch, generator: torch.Generator | None
+    ) -> list[tuple[Tensor, Batch]]:
+        # ℓ = (1/C) Σ_c BCE(z_c, y_c): ∂ℓ/∂z_c = (σ_c − y_c)/C and the Gauss–Newton in the logits is diag σ(1 − σ)/C.
+        # Sampled: every label drawn from Bernoulli(σ_c), weight C (E[C·(σ − y)(σ − y)ᵀ/C²] = diag σ(1 − σ)/C).
+        # Exact: for each label c and side t, the soft targets σ on every other label (whose gradients then
+        # vanish) and t on c, weight C·P(t): Σ_t C·P(t)(σ_c − t)²/C² = σ_c(1 − σ_c)/C.
+        probs = torch.sigmoid(outputs.float())
+        classes = probs.shape[-1]
+        weight = torch.full_like(probs[:, 0], float(classes))
+        if generator is not None:
+            drawn = torch.bernoulli(probs.cpu(), generator=generator).to(device=outputs.device)
+            return [(weight, _replace_target(batch, drawn))]
+        directions = []
+        for c in range(classes):
+            for side in (0.0, 1.0):
+                targets = probs.clone()
+                targets[:, c] = side
+                chance = probs[:, c] if side else 1.0 - probs[:, c]
+                directions.append((weight * chance, _replace_target(batch, targets)))
+        return directions
+
+
+def _multi_labels(task: Task, outputs: Tensor, batch: Batch) -> Tensor:
+    """The ``[B, C]`` float labels of a multi-label batch, or a sentence saying what is wrong with them."""
+    labels = _targets(task, batch, "label")
+    if labels.shape != outputs.shape:
+        raise TaskError(
+            f"{type(task).__name__} takes one 0/1 label per output, labels of shape {list(outputs.shape)}, but the "
+            f"data hold labels of shape {list(labels.shape)}; give each example a row of C labels."
+        )
+    return labels.to(outputs.dtype)
+
+
+@dataclass
 class RegressionTask(Task):
     """Scalar regression trained with squared error ``(ŷ − y)²``; measurement = |ŷ − y|.
 

@@ -47,7 +47,9 @@ from source_proj.errors import TaskError
 from source_proj.tasks.task import (
     Batch,
     ClassificationTask,
+    MultiLabelClassificationTask,
     ParameterSelection,
+    RegressionTask,
     Task,
     check_label_smoothing,
     output_tensor,
@@ -61,6 +63,9 @@ VMAP_ATTENTION = ("eager", "sdpa")
 """Hugging Face attention implementations that run under ``torch.func.vmap`` with the tasks' masks."""
 
 AttentionKind = Literal["auto", "causal", "bidirectional"]
+ProblemType = Literal["auto", "single_label_classification", "multi_label_classification", "regression"]
+"""What a sequence classifier's head is trained for: Hugging Face's ``config.problem_type`` names."""
+_PROBLEMS = ("single_label_classification", "multi_label_classification", "regression")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,41 +367,124 @@ class _TextTask(Task):
 
 @dataclass
 class SequenceClassificationTask(_TextTask, ClassificationTask):
-    """Sequence classification trained with cross-entropy (the mean over the batch, as Hugging Face's
-    ``*ForSequenceClassification`` loss); measurement = margin logit_y − logsumexp_{c≠y} logit_c.
+    """A sequence classifier's head, trained as Hugging Face's ``*ForSequenceClassification`` trains it (the mean
+    over the batch of the per-example loss); the problem decides the loss and the measurement:
 
-    Batches: ``{"input_ids", "attention_mask", "labels" [B], ...}``; the model returns logits ``[B, C]``.
-    A positive score means z raised the query's margin (helped it).
+    | problem | labels | loss | measurement f |
+    |---|---|---|---|
+    | single-label | class ids ``[B]`` | cross-entropy | margin logit_y − logsumexp_{c≠y} logit_c |
+    | multi-label | 0/1 rows ``[B, C]`` | sigmoid cross-entropy, mean over the C labels | Σ_c (2y_c − 1)·logit_c |
+    | regression | numbers ``[B]`` (one output) | (ŷ − y)² | the error abs(ŷ − y) |
+
+    ``problem_type="auto"`` decides as the model does: the model config's ``problem_type`` where it is set, else
+    regression for a single output, multi-label for float labels and single-label for integer labels. Reports
+    word the scores by the problem the task knows before it sees labels: say ``problem_type`` (or set it in the
+    model's config, as Hugging Face does when it first trains the head) for a multi-label head's words.
+
+    Batches: ``{"input_ids", "attention_mask", "labels", ...}``; the model returns logits ``[B, C]``.
+    A positive score means z raised the query's measurement: helped it, except for regression, whose
+    measurement is an error (see [`score_labels`][]).
 
     Attributes:
         parameters: which parameters are attributed (default: attention and MLP linear layers).
         attention: for Hugging Face models, how the mask is built: ``"auto"`` (from the model),
             ``"causal"`` (GPT-2-style classifiers) or ``"bidirectional"`` (BERT-style).
         label_smoothing: ε of a run trained on smoothed labels (the Trainer's ``label_smoothing_factor``),
-            see [`ClassificationTask`][].
+            see [`ClassificationTask`][]; single-label classification only.
+        problem_type: ``"auto"``, or the problem, in Hugging Face's names.
     """
 
     parameters: ModuleSelection | ParameterSelection = field(default_factory=ModuleSelection)
     name: str = "sequence-classification"
     attention: AttentionKind = "auto"
+    problem_type: ProblemType = "auto"
     _kind: ModelKind | None = field(default=None, init=False, repr=False, compare=False)
     _mask_checked: bool = field(default=False, init=False, repr=False, compare=False)
-    score_labels: ClassVar[tuple[str, str]] = ("raised the margin (helpful)", "lowered the margin (harmful)")
+    _config_problem: str | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.problem_type not in ("auto", *_PROBLEMS):
+            raise TaskError(f"problem_type must be 'auto' or one of {list(_PROBLEMS)}, not {self.problem_type!r}.")
+        if self.label_smoothing and self.problem_type not in ("auto", "single_label_classification"):
+            raise TaskError(f"Label smoothing applies to single-label classification, not to {self.problem_type}; "
+                            "leave label_smoothing at 0.")  # fmt: skip
+
+    @property
+    def score_labels(self) -> tuple[str, str]:  # type: ignore[override]
+        """What a positive and a negative score mean, in words (reports print them)."""
+        problem = self.problem_type if self.problem_type != "auto" else self._config_problem
+        if problem == "regression":
+            return ("raised the query's error (removing it lowers the error)",
+                    "lowered the query's error (removing it raises the error)")  # fmt: skip
+        if problem == "multi_label_classification":
+            return "raised the labels' log-odds (helpful)", "lowered the labels' log-odds (harmful)"
+        return "raised the margin (helpful)", "lowered the margin (harmful)"
+
+    def bind(self, model: nn.Module) -> SequenceClassificationTask:
+        bound = super().bind(model)
+        assert isinstance(bound, SequenceClassificationTask)
+        config = getattr(model, "config", None)
+        problem = getattr(config, "problem_type", None)
+        if problem not in _PROBLEMS:  # as the model decides: one output is a regression; else the labels' type says
+            problem = "regression" if getattr(config, "num_labels", None) == 1 else None
+        bound._config_problem = problem
+        return bound
+
+    def _problem(self, outputs: Tensor, labels: Tensor) -> str:
+        """The problem this batch is trained as (see the class docstring)."""
+        if self.problem_type != "auto":
+            problem = self.problem_type
+        elif self._config_problem is not None:
+            problem = self._config_problem
+        elif outputs.shape[-1] == 1:
+            problem = "regression"
+        else:
+            problem = "multi_label_classification" if labels.is_floating_point() else "single_label_classification"
+        if self.label_smoothing and problem != "single_label_classification":
+            raise TaskError(f"Label smoothing applies to single-label classification, but this model's head is "
+                            f"trained for {problem}; leave label_smoothing at 0.")  # fmt: skip
+        return problem
+
+    def _as(self, outputs: Tensor, batch: Batch) -> tuple[Task | None, Batch]:
+        """The task the problem is (``None``: single-label, this task's own) and the batch in its form."""
+        labels = _labels(batch)
+        problem = self._problem(outputs, labels)
+        if problem == "regression":
+            return _REGRESSION, (None, labels.reshape(outputs.shape[:1]))
+        if problem == "multi_label_classification":
+            return _MULTI_LABEL, (None, labels)
+        return None, (None, labels)
 
     def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
-        return super().loss(outputs, (None, _labels(batch)))
+        task, plain = self._as(outputs, batch)
+        return super().loss(outputs, plain) if task is None else task.loss(outputs, plain)
 
     def fisher_loss(self, outputs: Tensor, batch: Batch) -> Tensor:
-        return super().fisher_loss(outputs, (None, _labels(batch)))
+        task, plain = self._as(outputs, batch)
+        return super().fisher_loss(outputs, plain) if task is None else task.fisher_loss(outputs, plain)
 
     def measurement(self, outputs: Tensor, batch: Batch) -> Tensor:
-        return super().measurement(outputs, (None, _labels(batch)))
+        task, plain = self._as(outputs, batch)
+        return super().measurement(outputs, plain) if task is None else task.measurement(outputs, plain)
 
     def fisher_targets(
         self, outputs: Tensor, batch: Batch, generator: torch.Generator | None
     ) -> list[tuple[Tensor, Batch]]:
-        pairs = super().fisher_targets(outputs, (None, _labels(batch)), generator)
-        return [(weight, {**batch, "labels": targets[1]}) for weight, targets in pairs]
+        task, plain = self._as(outputs, batch)
+        pairs = (super().fisher_targets(outputs, plain, generator) if task is None
+                 else task.fisher_targets(outputs, plain, generator))  # fmt: skip
+        labels = _labels(batch)
+        return [(weight, {**batch, "labels": targets[1].to(labels.dtype) if labels.is_floating_point()
+                          else targets[1]}) for weight, targets in pairs]  # fmt: skip
+
+    def describe(self) -> dict[str, Any]:
+        problem = {"problem_type": self.problem_type} if self.problem_type != "auto" else {}
+        return {**super().describe(), **problem}
+
+
+_REGRESSION = RegressionTask()
+_MULTI_LABEL = MultiLabelClassificationTask()
 
 
 def _labels(batch: Batch) -> Tensor:
