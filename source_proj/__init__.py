@@ -34,7 +34,13 @@ from source_proj.tasks.task import (
     RegressionTask,
     Task,
 )
-from source_proj.tasks.text import LanguageModelingTask, ModuleSelection, SequenceClassificationTask, TextDataset
+from source_proj.tasks.text import (
+    LanguageModelingTask,
+    ModuleSelection,
+    SequenceClassificationTask,
+    TextDataset,
+    TokenClassificationTask,
+)
 from source_proj.trajectory.autosegment import TrajectoryView
 from source_proj.trajectory.recorder import Trajectory, TrajectoryRecorder
 from source_proj.trajectory.segments import Segment, SegmentationArguments, make_segments
@@ -76,6 +82,7 @@ __all__ = [
     "Task",
     "TaskError",
     "TextDataset",
+    "TokenClassificationTask",
     "TokenScores",
     "Trajectory",
     "TrajectoryError",

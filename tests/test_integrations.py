@@ -649,6 +649,54 @@ def test_trainer_runs_of_multi_label_and_regression_heads_are_captured_as_featur
     assert scores.shape == (3, 16) and np.isfinite(scores).all() and np.abs(scores).max() > 0
 
 
+def test_a_trainer_run_of_a_token_classifier_is_captured_as_featurize_computes_it(tmp_path: Path) -> None:
+    """A BERT token classifier trained by the Trainer (a tag per token, −100 on every third: the loss is the mean
+    over the batch's tagged tokens): capture taps the Trainer's own gradients and post-hoc featurize with
+    ``TokenClassificationTask(tokens_per_sequence=n̄)`` computes them at every step (every batch tags as many tokens,
+    so the batch mean of s/n̄ is the Trainer's loss exactly); the fitted store answers queries."""
+    from transformers import BertConfig, BertForTokenClassification, Trainer, TrainingArguments
+
+    from source_proj.integrations import HuggingFaceCapture
+    from source_proj.tasks.text import mean_labelled_tokens
+
+    def tagger() -> nn.Module:
+        torch.manual_seed(0)
+        config = BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=32, max_position_embeddings=8, num_labels=4, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0)  # fmt: skip
+        return BertForTokenClassification(config)
+
+    ids, _ = _tokens(16, 0)
+    tags = (ids * 7 + 3) % 4
+    tags[:, 2::3] = -100
+
+    class Tagged(Dataset):
+        def __len__(self) -> int:
+            return len(ids)
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {"input_ids": ids[i], "labels": tags[i]}
+
+    n = mean_labelled_tokens(Tagged())
+    assert n == 4.0
+    task = sp.TokenClassificationTask(tokens_per_sequence=n, attention="bidirectional")
+    projection = sp.ProjectionArguments(dim=16, kind="factored")
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"), per_device_train_batch_size=8, num_train_epochs=1, learning_rate=0.05,
+        optim="sgd", lr_scheduler_type="constant", save_strategy="no", report_to=[], use_cpu=True,
+        disable_tqdm=True, logging_strategy="no", seed=0,
+    )  # fmt: skip
+    callback = HuggingFaceCapture(tmp_path / "run", tmp_path / "cap.sp", task, save_every=1, projection=projection,
+                                  options=sp.CaptureArguments(fisher="empirical"))  # fmt: skip
+    Trainer(model=tagger(), args=args, train_dataset=sp.IndexedDataset(Tagged()), callbacks=[callback]).train()
+    posthoc = sp.featurize(tmp_path / "run", tagger(), task, Tagged(), tmp_path / "post.sp", projection=projection,
+                           options=sp.FeaturizeArguments(batch_size=8, measurement=False), progress=False)  # fmt: skip
+    assert _matches_posthoc_at_every_step(tmp_path / "run", tmp_path / "cap.sp", posthoc) == 16
+    sp.fit(posthoc.path, sp.FitArguments(segments_per_stage=1), progress=False)
+    scores = sp.Attributor(posthoc.path, tagger(), task).scores(torch.utils.data.Subset(Tagged(), [0, 1, 2]))
+    assert scores.shape == (3, 16) and np.isfinite(scores).all() and np.abs(scores).max() > 0
+
+
 def test_lightning_callbacks_record_the_label_smoothing_they_are_told(tmp_path: Path, classification_data) -> None:
     """Lightning's module computes its own loss: the recorder records the ε it is given, capture its task's, and
     captures the module's smoothed gradients as featurize computes them through that task."""

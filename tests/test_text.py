@@ -480,3 +480,96 @@ def test_sequence_classification_trains_each_head_as_the_model_does(outputs, con
             sp.SequenceClassificationTask(problem_type=problem, label_smoothing=0.1)
     with pytest.raises(sp.TaskError, match="problem_type must be 'auto' or one of"):
         sp.SequenceClassificationTask(problem_type="ranking")  # type: ignore[arg-type]
+
+
+def _token_bert(classes: int = 4) -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=LENGTH, num_labels=classes, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    return transformers.BertForTokenClassification(config).eval()
+
+
+def _tagged(sequences: list[list[int]], length: int) -> dict:
+    """A padded batch with a tag per token (−100 at padding and at every third token: a word's later pieces)."""
+    batch = _batch(sequences, length=length)
+    tags = (batch["input_ids"] * 7 + 3) % 4
+    tags[:, 2::3] = -100
+    batch["labels"] = tags.masked_fill(batch["attention_mask"] == 0, -100)
+    return batch
+
+
+def test_token_classification_loss_is_the_models_own_and_its_measurement_the_summed_margins() -> None:
+    """The batch mean of ℓ = s/n̄ at n̄ = the batch's labelled tokens per sequence is the model's loss (the mean over
+    labelled tokens), smoothed or not (the Trainer's LabelSmoother); the measurement sums the labelled tokens'
+    margins; bad labels are refused in a sentence."""
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    from source_proj.tasks.text import labelled_tokens
+
+    model = _token_bert()
+    batch = _tagged(SEQUENCES, LENGTH)
+    counts = (batch["labels"] != -100).sum(-1)
+    assert labelled_tokens([{k: v[i] for k, v in batch.items()} for i in range(3)]).tolist() == counts.tolist()
+    n = float(counts.float().mean())
+    task = sp.TokenClassificationTask(tokens_per_sequence=n).bind(model)
+    with torch.no_grad():
+        logits = task.forward(model, batch)
+        assert torch.allclose(task.loss(logits, batch).mean(), model(**batch).loss, rtol=1e-5)
+        smoothed = sp.TokenClassificationTask(tokens_per_sequence=n, label_smoothing=0.1).bind(model)
+        theirs = LabelSmoother(epsilon=0.1)({"logits": logits}, batch["labels"])
+        assert torch.allclose(smoothed.loss(logits, batch).mean(), theirs, rtol=1e-5)
+        assert torch.equal(smoothed.fisher_loss(logits, batch), task.loss(logits, batch))
+        margins = task.measurement(logits, batch)
+    for b in range(3):
+        want = 0.0
+        for t in range(LENGTH):
+            y = int(batch["labels"][b, t])
+            if y >= 0:
+                others = torch.cat([logits[b, t, :y], logits[b, t, y + 1 :]])
+                want += float(logits[b, t, y] - torch.logsumexp(others, 0))
+        assert margins[b].item() == pytest.approx(want, rel=1e-5)
+    wrong = {**batch, "labels": batch["labels"].masked_fill(batch["labels"] == 3, 9)}
+    with pytest.raises(sp.TaskError, match=r"Token labels must lie in \[0, 3\] .* hold 0 to 9"):
+        task.loss(logits, wrong)
+    with pytest.raises(sp.TaskError, match=r"a label per token, 'labels' \[B, T\]"):
+        task.loss(logits, {**batch, "labels": torch.tensor([0, 1, 2])})
+    with pytest.raises(sp.TaskError, match=r"tokens_per_sequence must be a positive number .* mean_labelled_tokens"):
+        sp.TokenClassificationTask(tokens_per_sequence=0)
+
+
+@pytest.mark.parametrize("tokens", [2.5, "own"])
+def test_exact_token_classification_fisher_targets_give_the_gauss_newton_matrix(tokens: float | str) -> None:
+    model = _token_bert(classes=3).double()
+    selection = sp.ModuleSelection(include=("*.output.*",))
+    task = sp.TokenClassificationTask(tokens_per_sequence=tokens, parameters=selection)
+    names = task.select_parameters(model)
+    batch = _tagged([[5, 9, 2, 17, 3], [4, 12, 6]], 5)
+    batch["labels"] = batch["labels"].clamp_max(2).masked_fill(batch["labels"] < 0, -100)
+    grads = PerExampleGradients(model, task, names)
+    flat = lambda g: torch.cat([v.reshape(v.shape[0], -1) for v in g.values()], dim=1)  # noqa: E731
+    fisher = sum(
+        flat(grads(b, "fisher")).T @ (w[:, None].double() * flat(grads(b, "fisher")))
+        for w, b in task.fisher_targets(grads.outputs(batch), batch, None)
+    )
+    params = {n: p.detach() for n, p in model.named_parameters() if n in names}
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": attention_bias(batch["attention_mask"], False,
+                                                                                  torch.float64)}  # fmt: skip
+    jac = jacrev(lambda p: functional_call(model, p, (), inputs).logits)(params)
+    j = torch.cat([jac[n].reshape(2, 5, 3, -1) for n in names], dim=3)
+    logits = model(**inputs).logits.detach()
+    keep = batch["labels"] != -100
+    gn = torch.zeros_like(fisher)
+    for b in range(2):
+        n = float(keep[b].sum()) if tokens == "own" else tokens
+        for t in range(5):
+            if keep[b, t]:
+                p = torch.softmax(logits[b, t], 0)
+                gn += j[b, t].T @ (torch.diag(p) - torch.outer(p, p)) @ j[b, t] / n
+    assert gn.abs().max() > 0 and torch.allclose(fisher, gn, atol=1e-12, rtol=1e-8)
+    # Sampled: a class at every labelled token and nowhere else, weight n.
+    ((weight, drawn),) = task.fisher_targets(logits, batch, torch.Generator().manual_seed(0))
+    assert torch.equal(drawn["labels"] != -100, keep)
+    n = keep.sum(-1).double() if tokens == "own" else torch.full((2,), 2.5, dtype=torch.float64)
+    assert torch.allclose(weight, n)

@@ -555,12 +555,7 @@ class LanguageModelingTask(_TextTask):
     )
 
     def __post_init__(self) -> None:
-        n = self.tokens_per_sequence
-        if n != "own" and (isinstance(n, str) or not float(n) > 0):
-            raise TaskError(
-                f"tokens_per_sequence must be a positive number (the mean predicted tokens per training sequence, "
-                f"see mean_predicted_tokens) or 'own', not {n!r}."
-            )
+        _check_tokens_per_sequence(self.tokens_per_sequence, "predicted", "mean_predicted_tokens")
         self.label_smoothing = check_label_smoothing(self.label_smoothing)
 
     def _resolve(self, model: nn.Module) -> ModelKind:
@@ -640,6 +635,137 @@ class LanguageModelingTask(_TextTask):
         """n of ℓ = s/n for every example ``[B]``."""
         scale = self._scale(batch)
         return scale if isinstance(scale, Tensor) else torch.full((batch["input_ids"].shape[0],), scale)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "tokens_per_sequence": self.tokens_per_sequence,
+                **smoothing_described(self.label_smoothing)}
+
+
+def _check_tokens_per_sequence(n: Any, what: str, helper: str) -> None:
+    if n != "own" and (isinstance(n, str) or not float(n) > 0):
+        raise TaskError(
+            f"tokens_per_sequence must be a positive number (the mean {what} tokens per training sequence, "
+            f"see {helper}) or 'own', not {n!r}."
+        )
+
+
+@dataclass
+class TokenClassificationTask(_TextTask):
+    """A label for every token (named entities, part-of-speech tags): Hugging Face's ``*ForTokenClassification``.
+
+    Labels ``[B, T]`` hold each token's class, −100 where a token carries none (padding, a word's later sub-word
+    pieces: ``DataCollatorForTokenClassification`` pads with it). The model returns logits ``[B, T, C]``.
+
+    measurement f(q) = Σ_t margin_t, the summed margin logit_y − logsumexp_{c≠y} logit_c of the query's labelled
+    tokens: a positive score means z raised them (helped).
+
+    The per-example training loss is ℓ(z) = s(z)/n, s the summed cross-entropy of its labelled tokens. Hugging
+    Face's loss (the Trainer) is the mean over every labelled token of the batch, so, as for
+    [`LanguageModelingTask`][], ``tokens_per_sequence`` = n̄, the mean number of labelled tokens per training
+    sequence ([`mean_labelled_tokens`][]), makes the batch mean of ℓ that loss (exactly where every batch labels
+    as many tokens, to first order otherwise); ``"own"`` takes each sequence's own count (a loop averaging the
+    sequences' mean token losses). ``label_smoothing``: ε of the Trainer's ``label_smoothing_factor``.
+
+    Fisher targets draw a class for every labelled token from the model, weight n.
+
+    Attributes:
+        tokens_per_sequence: n̄ (a number) or ``"own"``, see above.
+        parameters: which parameters are attributed (default: attention and MLP linear layers).
+        attention: for Hugging Face models, how the mask is built (see [`SequenceClassificationTask`][]).
+        label_smoothing: ε of a run trained on smoothed labels (default 0: none).
+    """
+
+    tokens_per_sequence: float | Literal["own"]
+    parameters: ModuleSelection | ParameterSelection = field(default_factory=ModuleSelection)
+    name: str = "token-classification"
+    attention: AttentionKind = "auto"
+    label_smoothing: float = 0.0
+    _kind: ModelKind | None = field(default=None, init=False, repr=False, compare=False)
+    _mask_checked: bool = field(default=False, init=False, repr=False, compare=False)
+    score_labels: ClassVar[tuple[str, str]] = (
+        "raised the tokens' margins (helpful)",
+        "lowered the tokens' margins (harmful)",
+    )
+
+    def __post_init__(self) -> None:
+        _check_tokens_per_sequence(self.tokens_per_sequence, "labelled", "mean_labelled_tokens")
+        self.label_smoothing = check_label_smoothing(self.label_smoothing)
+
+    def _labelled(self, outputs: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+        """The labels ``[B, T]`` and which tokens carry one (bool ``[B, T]``), checked against the logits."""
+        _check_batch(batch)
+        labels = batch.get("labels")
+        if labels is None or labels.dim() != 2 or outputs.dim() != 3 or outputs.shape[:2] != labels.shape:
+            got = "none" if labels is None else f"labels of shape {list(labels.shape)}"
+            raise TaskError(
+                f"TokenClassificationTask takes a label per token, 'labels' [B, T] beside logits [B, T, C] (−100 where "
+                f"a token has none), but the batch holds {got} for logits of shape {list(outputs.shape)}."
+            )
+        keep = _padding_mask(batch).bool() & (labels != IGNORE_INDEX)
+        classes = outputs.shape[-1]
+        if _plain(labels) and keep.any():
+            lo, hi = int(labels[keep].min()), int(labels[keep].max())
+            if lo < 0 or hi >= classes:
+                raise TaskError(
+                    f"Token labels must lie in [0, {classes - 1}] (or be -100, no label) for a model with {classes} "
+                    f"classes, but they hold {lo} to {hi}; fix the labels or the model's number of labels."
+                )
+        return labels, keep
+
+    def token_losses(self, outputs: Tensor, batch: Batch, smoothing: float = 0.0) -> Tensor:
+        """Each token's cross-entropy ``[B, T]`` (0 where it has no label); with ``smoothing`` ε the smoothed one."""
+        labels, keep = self._labelled(outputs, batch)
+        targets = torch.where(keep, labels, torch.full_like(labels, IGNORE_INDEX))
+        classes = outputs.shape[-1]
+        return token_nll(outputs.reshape(-1, classes), targets.reshape(-1), smoothing).view(targets.shape)
+
+    def _scale(self, batch: Batch, keep: Tensor) -> Tensor | float:
+        if self.tokens_per_sequence == "own":
+            return keep.sum(-1).clamp_min(1).float()
+        return float(self.tokens_per_sequence)
+
+    def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
+        _, keep = self._labelled(outputs, batch)
+        return self.token_losses(outputs, batch, self.label_smoothing).sum(-1) / self._scale(batch, keep)
+
+    def fisher_loss(self, outputs: Tensor, batch: Batch) -> Tensor:
+        _, keep = self._labelled(outputs, batch)
+        return self.token_losses(outputs, batch).sum(-1) / self._scale(batch, keep)
+
+    def measurement(self, outputs: Tensor, batch: Batch) -> Tensor:
+        labels, keep = self._labelled(outputs, batch)
+        index = torch.where(keep, labels, 0).unsqueeze(-1)
+        logits = _upcast(outputs)
+        correct = logits.gather(-1, index).squeeze(-1)
+        others = torch.logsumexp(logits.scatter(-1, index, float("-inf")), dim=-1)
+        return torch.where(keep, correct - others, 0.0).sum(-1)
+
+    def fisher_targets(
+        self, outputs: Tensor, batch: Batch, generator: torch.Generator | None
+    ) -> list[tuple[Tensor, Batch]]:
+        """Sampled: a class for every labelled token from the model, weight n (E[n·∇ℓ∇ℓᵀ] is the Gauss–Newton of
+        ℓ = s/n, as for [`LanguageModelingTask`][]). Exact (``generator=None``): one direction per (token, class),
+        weight p·n'²/n, n' the direction's own normaliser (1 with ``"own"``)."""
+        labels, keep = self._labelled(outputs, batch)
+        scale = self._scale(batch, keep)
+        rows = labels.shape[0]
+        observed = scale if isinstance(scale, Tensor) else torch.full((rows,), scale)
+        observed = observed.to(device=outputs.device, dtype=_upcast(outputs[:1, :1]).dtype)
+        ignored = torch.full_like(labels, IGNORE_INDEX)
+        if generator is not None:
+            uniform = torch.rand(keep.shape, generator=generator, dtype=torch.float64)
+            drawn = sample_tokens(outputs, uniform).to(labels.device)
+            return [(observed, {**batch, "labels": torch.where(keep, drawn, IGNORE_INDEX)})]
+        probs = torch.softmax(_upcast(outputs), dim=-1)
+        own = 1.0 if self.tokens_per_sequence == "own" else observed
+        directions = []
+        for t in range(keep.shape[1]):
+            for c in range(probs.shape[-1]):
+                target = ignored.clone()
+                target[:, t] = torch.where(keep[:, t], c, IGNORE_INDEX)
+                weight = probs[:, t, c] * keep[:, t] * own**2 / observed
+                directions.append((weight, {**batch, "labels": target}))
+        return directions
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "tokens_per_sequence": self.tokens_per_sequence,
@@ -850,6 +976,22 @@ def predicted_tokens(dataset: Dataset) -> np.ndarray:
 def mean_predicted_tokens(dataset: Dataset) -> float:
     """n̄ for [`LanguageModelingTask`][]: the mean number of predicted tokens per training sequence."""
     return float(predicted_tokens(dataset).mean())
+
+
+def labelled_tokens(dataset: Dataset) -> np.ndarray:
+    """Number of tokens carrying a label (not −100, not padding) in each example: int ``[N]``."""
+    counts = []
+    for i in range(len(dataset)):  # type: ignore[arg-type]
+        example = _batched(dataset[i])
+        if "labels" not in example:
+            raise TaskError(f"Example {i} has no 'labels'; token classification needs a label per token.")
+        counts.append(int((_padding_mask(example).bool() & (example["labels"] != IGNORE_INDEX)).sum()))
+    return np.asarray(counts, dtype=np.int64)
+
+
+def mean_labelled_tokens(dataset: Dataset) -> float:
+    """n̄ for [`TokenClassificationTask`][]: the mean number of labelled tokens per training sequence."""
+    return float(labelled_tokens(dataset).mean())
 
 
 def _batched(example: Mapping[str, Tensor]) -> dict[str, Tensor]:
