@@ -693,8 +693,14 @@ def test_a_trainer_run_of_a_token_classifier_is_captured_as_featurize_computes_i
                            options=sp.FeaturizeArguments(batch_size=8, measurement=False), progress=False)  # fmt: skip
     assert _matches_posthoc_at_every_step(tmp_path / "run", tmp_path / "cap.sp", posthoc) == 16
     sp.fit(posthoc.path, sp.FitArguments(segments_per_stage=1), progress=False)
-    scores = sp.Attributor(posthoc.path, tagger(), task).scores(torch.utils.data.Subset(Tagged(), [0, 1, 2]))
+    attributor = sp.Attributor(posthoc.path, tagger(), task)
+    scores = attributor.scores(torch.utils.data.Subset(Tagged(), [0, 1, 2]))
     assert scores.shape == (3, 16) and np.isfinite(scores).all() and np.abs(scores).max() > 0
+    # Per-token scores: which tokens of a training sentence carry its score (a mis-tagged token's would).
+    split = sp.token_scores(attributor, torch.utils.data.Subset(Tagged(), [0, 1]), Tagged(), [3, 4, 5], progress=False)
+    assert split.tokens.shape == (2, 3, 6) and np.abs(split.tokens).max() > 0
+    assert np.allclose(split.tokens.sum(-1) + split.unplaced, split.scores, rtol=1e-4, atol=1e-6 * np.abs(scores).max())
+    assert np.allclose(split.scores, scores[:2, [3, 4, 5]], rtol=1e-5)
 
 
 def test_lightning_callbacks_record_the_label_smoothing_they_are_told(tmp_path: Path, classification_data) -> None:
