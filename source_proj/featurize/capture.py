@@ -109,6 +109,7 @@ from source_proj.trajectory.recorder import (
     TrajectoryRecorder,
     describe_optimizer,
     load_checkpoint,
+    load_weights,
 )
 
 _FOLD_EVERY = 64
@@ -745,7 +746,7 @@ class GradientCapture:
         try:
             for stage, start in closed:
                 payload = load_checkpoint(self.recorder.run_dir, self.recorder.saved_checkpoint(start))
-                self.model.load_state_dict(payload["model"])
+                load_weights(self.model, payload["model"], partial=self.recorder.saves_trainable_only)
                 with_state = stage in adam and "optimizer" in payload
                 if with_state:
                     try:

@@ -90,7 +90,7 @@ class FeaturizePlan:
             name: (torch.stack([st[name] for st in states]).mean(0) if value.is_floating_point() else states[-1][name])
             for name, value in states[0].items()
         }
-        model.load_state_dict(mean)
+        self.trajectory.load_weights(model, mean, f"the mean of the checkpoints at steps {list(point[1])}")
 
     def scale(self, name: str | None, device: torch.device) -> dict[str, torch.Tensor] | None:
         """D^{-1/2} per parameter (shaped like it) for a scale name; ``None`` for unscaled (SGD)."""

@@ -32,9 +32,11 @@ class RecorderSettings:
         overwrite: bool = False,
         rewind: bool = False,
         label_smoothing: float | None = None,
+        weights: str = "all",
     ) -> None:
         self.run_dir = run_dir
         self.label_smoothing = label_smoothing
+        self.weights = weights
         self.save_every = save_every
         self.stage = stage
         self.dataset_size = dataset_size
@@ -72,6 +74,7 @@ def start_recording(
     rewind: bool = False,
     label_smoothing: float = 0.0,
     step_hook: bool = True,
+    weights: str = "all",
 ) -> tuple[TrajectoryRecorder, Any]:
     """A recorder with its first stage begun, stepping after every optimizer step; returns it and the hook handle.
 
@@ -93,7 +96,8 @@ def start_recording(
                                     label_smoothing=label_smoothing)  # fmt: skip
     else:
         recorder = TrajectoryRecorder(
-            run_dir, model, inner, save_every=save_every, overwrite=overwrite, grad_scaler=grad_scaler
+            run_dir, model, inner, save_every=save_every, overwrite=overwrite, grad_scaler=grad_scaler,
+            weights=weights,  # type: ignore[arg-type]
         )
         recorder.begin_stage(stage, dataset_size=dataset_size, label_smoothing=label_smoothing)
     handle = inner.register_step_post_hook(lambda *_: recorder.step()) if step_hook else None
@@ -170,7 +174,8 @@ def resume_recording(
         )
     weights = load_checkpoint(run, last, mmap=True)["model"]
     state = model.state_dict()
-    if set(state) != set(weights) or any(not torch.equal(state[k].detach().cpu(), v) for k, v in weights.items()):
+    fits = set(weights) <= set(state) if index.get("frozen") else set(weights) == set(state)  # trainable ones only
+    if not fits or any(not torch.equal(state[k].detach().cpu(), v) for k, v in weights.items()):
         raise TrajectoryError(
             f"{trainer} resumes at step {start_step} with other weights than the run recorded in {run} saved at that "
             "step; resume the trainer from the checkpoint of this run, or record a new run from the start."

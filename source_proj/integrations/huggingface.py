@@ -73,6 +73,8 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
         label_smoothing: ε of a training loss that smooths its labels, recorded with the stage (featurize then
             takes a task with the same ``label_smoothing``). Default: the Trainer's ``label_smoothing_factor``
             (give it only for a loss of your own, a ``compute_loss_func``, that smooths them).
+        weights: what each checkpoint saves, ``"all"`` or ``"trainable"`` (a LoRA fine-tune's adapters: see
+            ``TrajectoryRecorder``).
     """
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -92,6 +94,7 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
             # The Trainer's loss then smooths its labels (its LabelSmoother): featurize holds the task to it.
             label_smoothing=self._smoothing(args),
             step_hook=False,  # on_optimizer_step steps it: also at a step the fp16 loss scaler skipped
+            weights=self.weights,
         )
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -151,6 +154,7 @@ class HuggingFaceCapture(HuggingFaceRecorder):
             saved) rewinds the run to it, and the store drops the windows captured after it (default: refused).
         label_smoothing: as ``HuggingFaceRecorder`` (default: the Trainer's ``label_smoothing_factor``;
             ``LightningCapture``: the task's ``label_smoothing``). The task must smooth by the same ε.
+        weights: as ``HuggingFaceRecorder``.
     """
 
     def __init__(
@@ -167,9 +171,10 @@ class HuggingFaceCapture(HuggingFaceRecorder):
         overwrite: bool = False,
         rewind: bool = False,
         label_smoothing: float | None = None,
+        weights: str = "all",
     ) -> None:
         super().__init__(run_dir, save_every=save_every, stage=stage, dataset_size=dataset_size, overwrite=overwrite,
-                         rewind=rewind, label_smoothing=label_smoothing)
+                         rewind=rewind, label_smoothing=label_smoothing, weights=weights)
         self.settings = CaptureSettings(store_path, task, projection=projection, options=options)
         self._model_hooks: list[Any] = []
         self._accumulation = 1

@@ -41,6 +41,7 @@ class LightningRecorder(RecorderSettings, Callback):
         label_smoothing: ε of a training loss that smooths its labels, recorded with the stage (featurize then
             takes a task with the same ``label_smoothing``). Default: none (the LightningModule's loss is its
             own, which the callback cannot read).
+        weights: what each checkpoint saves, ``"all"`` or ``"trainable"`` (see ``TrajectoryRecorder``).
     """
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -63,6 +64,7 @@ class LightningRecorder(RecorderSettings, Callback):
             start_step=int(trainer.global_step),  # above 0: fit(ckpt_path=...) (see _hook.resume_recording)
             trainer="The Lightning Trainer",
             label_smoothing=self.label_smoothing or 0.0,
+            weights=self.weights,
         )
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -114,11 +116,12 @@ class LightningCapture(LightningRecorder):
         overwrite: bool = False,
         rewind: bool = False,
         label_smoothing: float | None = None,
+        weights: str = "all",
     ) -> None:
         if label_smoothing is None:  # the module's loss is its own: the task says what it is
             label_smoothing = float(getattr(task, "label_smoothing", 0.0))
         super().__init__(run_dir, save_every=save_every, stage=stage, dataset_size=dataset_size, overwrite=overwrite,
-                         rewind=rewind, label_smoothing=label_smoothing)
+                         rewind=rewind, label_smoothing=label_smoothing, weights=weights)
         self.settings = CaptureSettings(store_path, task, projection=projection, options=options)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:

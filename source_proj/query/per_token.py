@@ -205,7 +205,7 @@ def _load_point(attributor: Attributor, point: tuple[Any, ...], by_step: Mapping
         name: (torch.stack([st[name] for st in states]).mean(0) if value.is_floating_point() else states[-1][name])
         for name, value in states[0].items()
     }
-    model.load_state_dict(mean)
+    trajectory.load_weights(model, mean, f"the mean of the checkpoints at steps {list(point[1])}")
     attributor._loaded = None  # an average of checkpoints: the next query reloads its own
 
 

@@ -18,7 +18,11 @@ so an interrupted training run leaves a readable, incomplete trajectory)::
                                "dampening": .., "nesterov": .., "weight_decay": ..}]},
                  "label_smoothing": 0.1}],               optional: the stage trained on smoothed labels
      "checkpoints": [{"step": 0, "file": "checkpoints/step-00000000.pt", "sha256": "..",
-                      "optimizer_state": false}, ...]}
+                      "optimizer_state": false}, ...],
+     "frozen": {"sha256": "..", "tensors": 292, "numel": 6738415616}}   optional (weights="trainable"): the
+                                                   checkpoints hold the trained parameters and the buffers only;
+                                                   this digests the frozen rest, which the model featurize is
+                                                   given must hold
 
 ``step`` counts optimiser steps taken before the checkpoint was saved (global across stages);
 stage ``s`` owns steps ``start_step ≤ t < end_step``.
@@ -47,10 +51,11 @@ import os
 import tempfile
 import time
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -207,6 +212,11 @@ class TrajectoryRecorder:
             ``get_scale()``), so that its unscaling is not mistaken for clipping.
         watch_clipping: measure each step's clipping factor (see the module docstring); ``False``
             in a multi-process run, where the factor is passed to ``step`` instead.
+        weights: what each checkpoint saves: ``"all"`` (the whole state dict) or ``"trainable"`` (the
+            parameters that require grad when the recorder starts, and the buffers): for a model whose most
+            weights are frozen, such as a LoRA fine-tune of a large model, whose checkpoints then hold the
+            adapters only. The frozen weights are digested (sha256) once; featurize checks the model it is given
+            holds them, and every checkpoint checks that none of them moved.
     """
 
     def __init__(
@@ -220,6 +230,7 @@ class TrajectoryRecorder:
         overwrite: bool = False,
         grad_scaler: Any | None = None,
         watch_clipping: bool = True,
+        weights: Literal["all", "trainable"] = "all",
     ) -> None:
         run = Path(run_dir)
         blocked = next((p for p in (run, *run.parents) if p.exists() and not p.is_dir()), None)
@@ -233,7 +244,7 @@ class TrajectoryRecorder:
             for old in (run / "checkpoints").glob("*.pt"):
                 old.unlink()
             (run / "trajectory.json").unlink()
-        self._start(run, model, optimizer, save_every, save_optimizer_state, grad_scaler, watch_clipping)
+        self._start(run, model, optimizer, save_every, save_optimizer_state, grad_scaler, watch_clipping, weights)
 
     def _start(
         self,
@@ -244,9 +255,12 @@ class TrajectoryRecorder:
         save_optimizer_state: bool | None,
         grad_scaler: Any | None = None,
         watch_clipping: bool = True,
+        weights: str = "all",
     ) -> None:
         if save_every < 1:
             raise TrajectoryError(f"save_every must be a positive number of steps, not {save_every}.")
+        if weights not in ("all", "trainable"):
+            raise TrajectoryError(f"weights must be 'all' or 'trainable', not {weights!r}.")
         model = unwrap_model(model)
         self.run_dir = run_dir
         self.model = model
@@ -275,6 +289,19 @@ class TrajectoryRecorder:
         # (step, sample, the parameters' sample) of the last checkpoint's weights
         self._weights: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self._warned_shrink = False  # a measured clipping factor below 1e-3 was warned of
+        # weights="trainable": the state-dict entries not saved (frozen parameters), their digest and a sample
+        self._frozen: frozenset[str] = frozenset()
+        self._frozen_info: dict[str, Any] | None = None
+        self._frozen_sample: torch.Tensor | None = None
+        state = model.state_dict()
+        frozen = frozen_names(model)
+        if weights == "trainable" and frozen:
+            self._frozen = frozenset(frozen)
+            self._frozen_info = {"sha256": frozen_digest(state, frozen), "tensors": len(frozen),
+                                 "numel": int(sum(state[n].numel() for n in frozen))}  # fmt: skip
+            self._frozen_sample = _weights_sample({n: state[n] for n in frozen})
+        elif weights == "all":
+            _warn_frozen_bulk(state, frozen)
 
     @classmethod
     def resume(
@@ -330,11 +357,21 @@ class TrajectoryRecorder:
             checkpoints, dropped, last = kept, checkpoints[len(kept) :], kept[-1]
         if save_optimizer_state is None and last.get("optimizer_state"):
             save_optimizer_state = True  # as the run did
+        recorded_frozen = index.get("frozen")
         recorder = cls.__new__(cls)
-        recorder._start(run, model, optimizer, save_every, save_optimizer_state, grad_scaler, watch_clipping)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the run's own choice of weights is kept, not advised on again
+            recorder._start(run, model, optimizer, save_every, save_optimizer_state, grad_scaler, watch_clipping,
+                            "trainable" if recorded_frozen else "all")  # fmt: skip
+        if recorded_frozen and recorder._frozen_info != recorded_frozen:
+            raise TrajectoryError(
+                f"The run in {run} was recorded with weights='trainable', and the model's frozen weights (those that "
+                "do not require grad) are not those it was recorded with; build the model from the same base weights, "
+                "with the same parameters frozen."
+            )
         if restore:
             state = load_checkpoint(run, Checkpoint(**last))
-            recorder.model.load_state_dict(state["model"])  # the model inside a wrapper, as it was saved
+            load_weights(recorder.model, state["model"], partial=bool(recorded_frozen))  # inside a wrapper, as saved
             if "optimizer" in state:
                 optimizer.load_state_dict(state["optimizer"])
         step = int(last["step"])
@@ -364,6 +401,11 @@ class TrajectoryRecorder:
     def stages(self) -> list[tuple[str, int, int | None]]:
         """``(name, first step, end step)`` of every stage so far (``None`` for the open one)."""
         return [(s["name"], s["start_step"], s["end_step"]) for s in self._stages]
+
+    @property
+    def saves_trainable_only(self) -> bool:
+        """Whether checkpoints hold the trained weights only (``weights="trainable"``, with something frozen)."""
+        return self._frozen_info is not None
 
     @property
     def stage_label_smoothing(self) -> list[tuple[str, float]]:
@@ -582,7 +624,18 @@ class TrajectoryRecorder:
         save_opt = self._save_optimizer_state
         if save_opt is None:
             save_opt = self._stages[-1]["optimizer"]["kind"] in ("adam", "adamw")
-        payload: dict[str, Any] = {"model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}}
+        state = self.model.state_dict()
+        if self._frozen:
+            sample = _weights_sample({n: state[n] for n in sorted(self._frozen)})
+            assert self._frozen_sample is not None
+            if not torch.equal(sample.cpu(), self._frozen_sample.cpu()):
+                raise TrajectoryError(
+                    "A parameter that did not require grad when the recorder started (weights='trainable' does not "
+                    "save it) has changed; freeze what stays frozen before creating the recorder, or record with "
+                    "weights='all'."
+                )
+        payload: dict[str, Any] = {"model": {k: v.detach().cpu().clone() for k, v in state.items()
+                                             if k not in self._frozen}}  # fmt: skip
         self._check_trained(payload["model"])
         if save_opt:
             payload["optimizer"] = self.optimizer.state_dict()
@@ -646,6 +699,7 @@ class TrajectoryRecorder:
             **({"momentum": self._momentum} if self._momentum_moved else {}),
             "stages": self._stages,
             "checkpoints": self._checkpoints,
+            **({"frozen": self._frozen_info} if self._frozen_info is not None else {}),
         }
         atomic_write_bytes(self.run_dir / "trajectory.json", json.dumps(index, indent=1).encode())
 
@@ -723,6 +777,51 @@ class _ClipWatch:
             handle.remove()
 
 
+def frozen_names(model: nn.Module) -> list[str]:
+    """The state-dict entries of ``model``'s parameters that do not require grad (buffers are not among them)."""
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return sorted(k for k in model.state_dict() if k in frozen)
+
+
+def frozen_digest(state: Mapping[str, torch.Tensor], names: Sequence[str]) -> str:
+    """sha256 of the named tensors of a state dict: each one's name, dtype, shape and bytes, in the given order."""
+    digest = hashlib.sha256()
+    for name in names:
+        tensor = state[name].detach()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+_FROZEN_BULK = 2**30  # bytes of frozen weights above which saving them at every checkpoint is advised against
+
+
+def _warn_frozen_bulk(state: Mapping[str, torch.Tensor], frozen: Sequence[str]) -> None:
+    """Advise weights='trainable' where most of a large model is frozen (a LoRA fine-tune): every checkpoint
+    would save GBs that never change."""
+    frozen_bytes = sum(state[n].numel() * state[n].element_size() for n in frozen)
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    if frozen_bytes > _FROZEN_BULK and frozen_bytes > total / 2:
+        warnings.warn(
+            f"{frozen_bytes / total:.0%} of the model's weights ({frozen_bytes / 2**30:.1f} GiB) do not require grad, "
+            "and every checkpoint saves them; pass weights='trainable' to save the trained ones only (featurize "
+            "then checks that the model it is given holds the frozen ones).",
+            stacklevel=4,
+        )
+
+
+def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], *, partial: bool) -> None:
+    """``model.load_state_dict(state)``; ``partial``: ``state`` holds the trained entries only (weights="trainable"),
+    the others stay as they are (the caller checks them). Raises torch's RuntimeError where they do not fit."""
+    if not partial:
+        model.load_state_dict(state)
+        return
+    unexpected = sorted(set(state) - set(model.state_dict()))
+    if unexpected:
+        raise RuntimeError(f"Unexpected key(s) in state_dict: {', '.join(repr(k) for k in unexpected[:3])}.")
+    model.load_state_dict(state, strict=False)
+
+
 def _weights_sample(state: dict[str, torch.Tensor], per_tensor: int = 64) -> torch.Tensor:
     """At most ``per_tensor`` evenly spaced values of every floating-point tensor of a (CPU) state dict, as float64."""
     parts = []
@@ -790,7 +889,10 @@ class Trajectory:
         stage's momentum moved, times (1−β)/(1−β_k), β the momentum the stage began with: its optimizer's factor
         (1−d)/(1−β) applies to every step, so the product is the step's own (1−d)/(1−β_k))."""
         self.checkpoints = tuple(Checkpoint(**c) for c in index["checkpoints"])
+        self.frozen: dict[str, Any] | None = index.get("frozen")
+        """Recorded with weights="trainable": the digest of the frozen weights the checkpoints do not hold."""
         self._index = index
+        self._frozen_checked: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Trajectory:
@@ -867,7 +969,8 @@ class Trajectory:
         # The momenta count where they moved within these steps: a run cut before its momentum first moved (as a
         # grown store's earlier run was) has the fingerprint it had before.
         moved = ("momentum",) if self._momentum_moved else ()
-        keys = ["lr", *(k for k in ("clip",) if self._index.get(k)), *moved, "stages", "checkpoints"]
+        keys = ["lr", *(k for k in ("clip",) if self._index.get(k)), *moved, "stages", "checkpoints",
+                *(k for k in ("frozen",) if self.frozen is not None)]
         canonical = json.dumps({k: self._index[k] for k in keys}, sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -877,24 +980,49 @@ class Trajectory:
         return load_checkpoint(self.path, checkpoint, verify=verify, mmap=True)
 
     def load_into(self, model: nn.Module, checkpoint: Checkpoint) -> nn.Module:
-        """Load a checkpoint's weights into ``model`` (in place); refuses a mismatched architecture."""
-        state = self.load_state(checkpoint)["model"]
+        """Load a checkpoint's weights into ``model`` (in place); refuses a mismatched architecture, and, for a run
+        recorded with weights="trainable", a model whose frozen weights are not the run's."""
+        return self.load_weights(model, self.load_state(checkpoint)["model"], checkpoint.file)
+
+    def load_weights(self, model: nn.Module, state: Mapping[str, torch.Tensor], where: str) -> nn.Module:
+        """Load ``state`` (a checkpoint's weights, or a mean of several; ``where`` names it) into ``model``, as
+        ``load_into`` does."""
         try:
-            model.load_state_dict(state)
+            if self.frozen is not None and set(state) <= set(model.state_dict()):  # else: it does not fit, below
+                self._check_frozen(model, state)
+            load_weights(model, state, partial=self.frozen is not None)
         except RuntimeError as err:
             first = " ".join(" ".join(str(err).strip().splitlines()[:2]).split())  # torch's first lines, untabbed
             wrapper = next((p for p in WRAPPER_PREFIXES if state and all(k.startswith(p) for k in state)), None)
             if wrapper is not None and not all(k.startswith(wrapper) for k in model.state_dict()):
                 raise TrajectoryError(
-                    f"Checkpoint {checkpoint.file} holds the weights of a wrapped model (every name begins with "
+                    f"Checkpoint {where} holds the weights of a wrapped model (every name begins with "
                     f"{wrapper!r}: {WRAPPER_PREFIXES[wrapper]}), so it does not fit the model; record the run again "
                     "with this version of TrajectoryRecorder, which saves the model inside the wrapper."
                 ) from err
             raise TrajectoryError(
-                f"Checkpoint {checkpoint.file} does not fit the model ({first}); "
+                f"Checkpoint {where} does not fit the model ({first}); "
                 "build the model exactly as in training."
             ) from err
         return model
+
+    def _check_frozen(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+        """The model's weights the checkpoints do not hold must be the frozen ones the run was recorded with (once
+        per model and digest: a model's frozen weights are digested once, a few seconds per 10 GB)."""
+        assert self.frozen is not None
+        expected = self.frozen["sha256"]
+        if self._frozen_checked.get(model) == expected:
+            return
+        own = model.state_dict()
+        rest = sorted(set(own) - set(state))
+        if len(rest) != self.frozen["tensors"] or frozen_digest(own, rest) != expected:
+            raise TrajectoryError(
+                f"The run in {self.path} was recorded with weights='trainable': its checkpoints hold the trained "
+                f"weights only, and the model's other {len(rest)} tensors are not the {self.frozen['tensors']} frozen "
+                "ones it was trained with; build the model from the same base weights (and adapters' "
+                "configuration) as in training."
+            )
+        self._frozen_checked[model] = expected
 
     def __iter__(self) -> Iterator[Checkpoint]:
         return iter(self.checkpoints)
@@ -996,6 +1124,12 @@ def _validate_index(index: Any, where: Path) -> None:
         or not all(v is None or (_is_number(v) and 0 <= v < 1) for v in momentum)
     ):
         raise bad("'momentum' must hold one momentum in [0, 1) or null per learning rate")
+    frozen = index.get("frozen")
+    if frozen is not None and not (
+        isinstance(frozen, dict) and set(frozen) == {"sha256", "tensors", "numel"} and isinstance(frozen["sha256"], str)
+        and _is_int(frozen["tensors"]) and frozen["tensors"] >= 1 and _is_int(frozen["numel"]) and frozen["numel"] >= 0
+    ):  # fmt: skip
+        raise bad("'frozen' must hold the sha256, tensors and numel of the weights the checkpoints leave out")
     stages = index.get("stages")
     if not isinstance(stages, list) or not stages:
         raise bad("'stages' must be a non-empty list")
