@@ -287,6 +287,33 @@ def _matches_posthoc_at_every_step(run: Path, store: Path, posthoc: sp.Store) ->
     return compared
 
 
+_PROJECTION = sp.ProjectionArguments(dim=16, kind="factored")
+_EMPIRICAL = sp.FeaturizeArguments(batch_size=8, fisher="empirical", measurement=False)
+
+
+def _captured_and_posthoc(tmp_path: Path, build: Callable[[], nn.Module], data: Dataset, task: sp.Task,
+                          **training: Any) -> sp.Store:  # fmt: skip
+    """One epoch of SGD by the Trainer (batches of 8, a checkpoint per step, ``training``: more of its arguments),
+    captured in-run (the empirical Fisher) into ``tmp_path / "cap.sp"``; then post-hoc featurize of the run, which
+    must equal the captured gradients at every step. Returns the post-hoc store."""
+    from transformers import Trainer, TrainingArguments
+
+    from source_proj.integrations import HuggingFaceCapture
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"), per_device_train_batch_size=8, num_train_epochs=1, learning_rate=0.05,
+        optim="sgd", lr_scheduler_type="constant", save_strategy="no", report_to=[], use_cpu=True,
+        disable_tqdm=True, logging_strategy="no", seed=0, **training,
+    )  # fmt: skip
+    callback = HuggingFaceCapture(tmp_path / "run", tmp_path / "cap.sp", task, save_every=1, projection=_PROJECTION,
+                                  options=sp.CaptureArguments(fisher="empirical"))  # fmt: skip
+    Trainer(model=build(), args=args, train_dataset=sp.IndexedDataset(data), callbacks=[callback]).train()
+    posthoc = sp.featurize(tmp_path / "run", build(), task, data, tmp_path / "post.sp", projection=_PROJECTION,
+                           options=_EMPIRICAL, progress=False)  # fmt: skip
+    assert _matches_posthoc_at_every_step(tmp_path / "run", tmp_path / "cap.sp", posthoc) == len(data)  # type: ignore[arg-type]
+    return posthoc
+
+
 def test_transformers_capture_callback_captures_what_featurize_computes_at_each_step(tmp_path: Path) -> None:
     from transformers import Trainer, TrainingArguments
 
@@ -618,31 +645,14 @@ def test_trainer_runs_of_multi_label_and_regression_heads_are_captured_as_featur
     head (one output, squared error): capture taps the Trainer's own gradients, and post-hoc featurize with the plain
     ``SequenceClassificationTask()`` (the problem found from the model and the labels) computes them at every
     step; the scores are finite and the exact Fisher runs."""
-    from transformers import Trainer, TrainingArguments
-
-    from source_proj.integrations import HuggingFaceCapture
-
     ids, _ = _tokens(16, 0)
     g = torch.Generator().manual_seed(1)
     outputs = 3 if problem.startswith("multi") else 1
     labels = (torch.rand(16, 3, generator=g) > 0.5).float() if outputs == 3 else torch.randn(16, generator=g)
     task = sp.SequenceClassificationTask(attention="bidirectional")
-    projection = sp.ProjectionArguments(dim=16, kind="factored")
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "hf"), per_device_train_batch_size=8, num_train_epochs=1, learning_rate=0.05,
-        optim="sgd", lr_scheduler_type="constant", save_strategy="no", report_to=[], use_cpu=True,
-        disable_tqdm=True, logging_strategy="no", seed=0,
-    )  # fmt: skip
-    callback = HuggingFaceCapture(tmp_path / "run", tmp_path / "cap.sp", task, save_every=1, projection=projection,
-                                  options=sp.CaptureArguments(fisher="empirical"))  # fmt: skip
-    Trainer(model=_tiny_bert(num_labels=outputs), args=args, train_dataset=sp.IndexedDataset(_Dicts(ids, labels)),
-            callbacks=[callback]).train()  # fmt: skip
-    options = sp.FeaturizeArguments(batch_size=8, fisher="empirical", measurement=False)
-    posthoc = sp.featurize(tmp_path / "run", _tiny_bert(num_labels=outputs), task, _Dicts(ids, labels),
-                           tmp_path / "post.sp", projection=projection, options=options, progress=False)  # fmt: skip
-    assert _matches_posthoc_at_every_step(tmp_path / "run", tmp_path / "cap.sp", posthoc) == 16
+    _captured_and_posthoc(tmp_path, lambda: _tiny_bert(num_labels=outputs), _Dicts(ids, labels), task)
     exact = sp.featurize(tmp_path / "run", _tiny_bert(num_labels=outputs), task, _Dicts(ids, labels),
-                         tmp_path / "exact.sp", projection=projection, progress=False,
+                         tmp_path / "exact.sp", projection=_PROJECTION, progress=False,
                          options=sp.FeaturizeArguments(batch_size=8, fisher="exact"))  # fmt: skip
     sp.fit(exact.path, sp.FitArguments(segments_per_stage=1), progress=False)
     scores = sp.Attributor(exact.path, _tiny_bert(num_labels=outputs), task).scores(_Dicts(ids[:3], labels[:3]))
@@ -654,9 +664,8 @@ def test_a_trainer_run_of_a_token_classifier_is_captured_as_featurize_computes_i
     over the batch's tagged tokens): capture taps the Trainer's own gradients and post-hoc featurize with
     ``TokenClassificationTask(tokens_per_sequence=n̄)`` computes them at every step (every batch tags as many tokens,
     so the batch mean of s/n̄ is the Trainer's loss exactly); the fitted store answers queries."""
-    from transformers import BertConfig, BertForTokenClassification, Trainer, TrainingArguments
+    from transformers import BertConfig, BertForTokenClassification
 
-    from source_proj.integrations import HuggingFaceCapture
     from source_proj.tasks.text import mean_labelled_tokens
 
     def tagger() -> nn.Module:
@@ -680,18 +689,7 @@ def test_a_trainer_run_of_a_token_classifier_is_captured_as_featurize_computes_i
     n = mean_labelled_tokens(Tagged())
     assert n == 4.0
     task = sp.TokenClassificationTask(tokens_per_sequence=n, attention="bidirectional")
-    projection = sp.ProjectionArguments(dim=16, kind="factored")
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "hf"), per_device_train_batch_size=8, num_train_epochs=1, learning_rate=0.05,
-        optim="sgd", lr_scheduler_type="constant", save_strategy="no", report_to=[], use_cpu=True,
-        disable_tqdm=True, logging_strategy="no", seed=0,
-    )  # fmt: skip
-    callback = HuggingFaceCapture(tmp_path / "run", tmp_path / "cap.sp", task, save_every=1, projection=projection,
-                                  options=sp.CaptureArguments(fisher="empirical"))  # fmt: skip
-    Trainer(model=tagger(), args=args, train_dataset=sp.IndexedDataset(Tagged()), callbacks=[callback]).train()
-    posthoc = sp.featurize(tmp_path / "run", tagger(), task, Tagged(), tmp_path / "post.sp", projection=projection,
-                           options=sp.FeaturizeArguments(batch_size=8, measurement=False), progress=False)  # fmt: skip
-    assert _matches_posthoc_at_every_step(tmp_path / "run", tmp_path / "cap.sp", posthoc) == 16
+    posthoc = _captured_and_posthoc(tmp_path, tagger, Tagged(), task)
     sp.fit(posthoc.path, sp.FitArguments(segments_per_stage=1), progress=False)
     attributor = sp.Attributor(posthoc.path, tagger(), task)
     scores = attributor.scores(torch.utils.data.Subset(Tagged(), [0, 1, 2]))
@@ -1008,27 +1006,11 @@ def test_a_trainer_that_smooths_its_labels_is_attributed_through_its_smoothed_lo
     """The Trainer's ``label_smoothing_factor`` is recorded with the stage. Capture taps the gradients the Trainer's
     own ``LabelSmoother`` took: post-hoc featurize with ``SequenceClassificationTask(label_smoothing=0.1)`` computes
     them at every step, the unsmoothed task's are not them, and featurize refuses that task in one sentence."""
-    from transformers import Trainer, TrainingArguments
-
-    from source_proj.integrations import HuggingFaceCapture
-
     ids, labels = _tokens(16, 0)
     task = sp.SequenceClassificationTask(attention="bidirectional", label_smoothing=0.1)
-    projection = sp.ProjectionArguments(dim=16, kind="factored")
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "hf"), per_device_train_batch_size=8, num_train_epochs=1, learning_rate=0.05,
-        optim="sgd", lr_scheduler_type="constant", save_strategy="no", report_to=[], use_cpu=True,
-        disable_tqdm=True, logging_strategy="no", seed=0, label_smoothing_factor=0.1,
-    )  # fmt: skip
-    callback = HuggingFaceCapture(tmp_path / "run", tmp_path / "cap.sp", task, save_every=1, projection=projection,
-                                  options=sp.CaptureArguments(fisher="empirical"))  # fmt: skip
-    Trainer(model=_tiny_bert(), args=args, train_dataset=sp.IndexedDataset(_Dicts(ids, labels)),
-            callbacks=[callback]).train()  # fmt: skip
+    _captured_and_posthoc(tmp_path, _tiny_bert, _Dicts(ids, labels), task, label_smoothing_factor=0.1)
     assert [s.label_smoothing for s in sp.Trajectory.load(tmp_path / "run").stages] == [0.1]
-    options = sp.FeaturizeArguments(batch_size=8, fisher="empirical", measurement=False)
-    posthoc = sp.featurize(tmp_path / "run", _tiny_bert(), task, _Dicts(ids, labels), tmp_path / "post.sp",
-                           projection=projection, options=options, progress=False)  # fmt: skip
-    assert _matches_posthoc_at_every_step(tmp_path / "run", tmp_path / "cap.sp", posthoc) == 16
+    projection, options = _PROJECTION, _EMPIRICAL
     plain = sp.SequenceClassificationTask(attention="bidirectional")
     with pytest.raises(sp.TaskError, match=r"smoothed by 0.1 .*SequenceClassificationTask\(..., label_smoothing=0.1\)"):
         sp.featurize(tmp_path / "run", _tiny_bert(), plain, _Dicts(ids, labels), tmp_path / "plain.sp",
@@ -1042,8 +1024,11 @@ def test_a_trainer_that_smooths_its_labels_is_attributed_through_its_smoothed_lo
     batch = kept([{"labels": torch.tensor(1)}, {"labels": torch.tensor(0)}])
     assert torch.equal(batch[LABELS_KEY], torch.tensor([1, 0]))
     # A callback told another ε than the Trainer's is refused; told none, or the same, it records the Trainer's.
+    from types import SimpleNamespace
+
     from source_proj.integrations import HuggingFaceRecorder
 
+    args = SimpleNamespace(label_smoothing_factor=0.1)  # what the callback reads of the Trainer's arguments
     assert HuggingFaceRecorder(tmp_path / "r", save_every=1)._smoothing(args) == 0.1
     assert HuggingFaceRecorder(tmp_path / "r", save_every=1, label_smoothing=0.1)._smoothing(args) == 0.1
     with pytest.raises(sp.TrajectoryError, match=r"smooths its labels by 0.1 .*given label_smoothing=0.2"):
