@@ -714,23 +714,26 @@ class TokenClassificationTask(_TextTask):
 
     def token_losses(self, outputs: Tensor, batch: Batch, smoothing: float = 0.0) -> Tensor:
         """Each token's cross-entropy ``[B, T]`` (0 where it has no label); with ``smoothing`` ε the smoothed one."""
+        return self._token_losses(outputs, batch, smoothing)[0]
+
+    def _token_losses(self, outputs: Tensor, batch: Batch, smoothing: float) -> tuple[Tensor, Tensor]:
         labels, keep = self._labelled(outputs, batch)
         targets = torch.where(keep, labels, torch.full_like(labels, IGNORE_INDEX))
         classes = outputs.shape[-1]
-        return token_nll(outputs.reshape(-1, classes), targets.reshape(-1), smoothing).view(targets.shape)
+        return token_nll(outputs.reshape(-1, classes), targets.reshape(-1), smoothing).view(targets.shape), keep
 
-    def _scale(self, batch: Batch, keep: Tensor) -> Tensor | float:
+    def _scale(self, keep: Tensor) -> Tensor | float:
         if self.tokens_per_sequence == "own":
             return keep.sum(-1).clamp_min(1).float()
         return float(self.tokens_per_sequence)
 
     def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
-        _, keep = self._labelled(outputs, batch)
-        return self.token_losses(outputs, batch, self.label_smoothing).sum(-1) / self._scale(batch, keep)
+        losses, keep = self._token_losses(outputs, batch, self.label_smoothing)
+        return losses.sum(-1) / self._scale(keep)
 
     def fisher_loss(self, outputs: Tensor, batch: Batch) -> Tensor:
-        _, keep = self._labelled(outputs, batch)
-        return self.token_losses(outputs, batch).sum(-1) / self._scale(batch, keep)
+        losses, keep = self._token_losses(outputs, batch, 0.0)
+        return losses.sum(-1) / self._scale(keep)
 
     def measurement(self, outputs: Tensor, batch: Batch) -> Tensor:
         labels, keep = self._labelled(outputs, batch)
@@ -747,7 +750,7 @@ class TokenClassificationTask(_TextTask):
         ℓ = s/n, as for [`LanguageModelingTask`][]). Exact (``generator=None``): one direction per (token, class),
         weight p·n'²/n, n' the direction's own normaliser (1 with ``"own"``)."""
         labels, keep = self._labelled(outputs, batch)
-        scale = self._scale(batch, keep)
+        scale = self._scale(keep)
         rows = labels.shape[0]
         observed = scale if isinstance(scale, Tensor) else torch.full((rows,), scale)
         observed = observed.to(device=outputs.device, dtype=_upcast(outputs[:1, :1]).dtype)
