@@ -80,6 +80,18 @@ def test_trainable_weights_save_the_adapters_only_and_give_the_store_of_every_we
     assert fingerprints["all"] != fingerprints["trainable"]
 
 
+def test_the_frozen_digest_takes_values_whatever_the_precision_that_holds_them() -> None:
+    from source_proj.trajectory.recorder import frozen_digest
+
+    weight = torch.randn(4, 3, generator=torch.Generator().manual_seed(0)).bfloat16()
+    steps = torch.arange(5)
+    digest = frozen_digest({"w": weight, "s": steps}, ["w", "s"])
+    assert frozen_digest({"w": weight.float(), "s": steps}, ["w", "s"]) == digest  # loaded in fp32: the same
+    assert frozen_digest({"w": weight.float() * 1.001, "s": steps}, ["w", "s"]) != digest
+    assert frozen_digest({"w": weight.half(), "s": steps}, ["w", "s"]) == digest  # fp16 holds these bf16 values
+    assert frozen_digest({"w": weight, "s": steps.int()}, ["w", "s"]) != digest
+
+
 def test_a_frozen_weight_that_moves_is_refused_and_a_killed_run_resumes_with_its_frozen_weights(
     tmp_path: Path, classification_data
 ) -> None:

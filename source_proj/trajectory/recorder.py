@@ -784,11 +784,16 @@ def frozen_names(model: nn.Module) -> list[str]:
 
 
 def frozen_digest(state: Mapping[str, torch.Tensor], names: Sequence[str]) -> str:
-    """sha256 of the named tensors of a state dict: each one's name, dtype, shape and bytes, in the given order."""
+    """sha256 of the named tensors of a state dict: each one's name, shape and values, in the given order.
+
+    Floating-point values are taken in float32, so a model loaded in another precision that holds the same values
+    (bf16 or fp16 weights upcast to float32) has the same digest; other values are taken as they are."""
     digest = hashlib.sha256()
     for name in names:
         tensor = state[name].detach()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)};".encode())
+        tensor = tensor.float() if tensor.is_floating_point() else tensor
+        kind = "float" if tensor.is_floating_point() else str(tensor.dtype)
+        digest.update(f"{name}|{tuple(tensor.shape)}|{kind};".encode())
         digest.update(tensor.reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
     return digest.hexdigest()
 
