@@ -32,7 +32,7 @@ class RecorderSettings:
         overwrite: bool = False,
         rewind: bool = False,
         label_smoothing: float | None = None,
-        weights: str = "all",
+        weights: str = "auto",
     ) -> None:
         self.run_dir = run_dir
         self.label_smoothing = label_smoothing
@@ -74,7 +74,7 @@ def start_recording(
     rewind: bool = False,
     label_smoothing: float = 0.0,
     step_hook: bool = True,
-    weights: str = "all",
+    weights: str = "auto",
 ) -> tuple[TrajectoryRecorder, Any]:
     """A recorder with its first stage begun, stepping after every optimizer step; returns it and the hook handle.
 

@@ -73,8 +73,8 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
         label_smoothing: ε of a training loss that smooths its labels, recorded with the stage (featurize then
             takes a task with the same ``label_smoothing``). Default: the Trainer's ``label_smoothing_factor``
             (give it only for a loss of your own, a ``compute_loss_func``, that smooths them).
-        weights: what each checkpoint saves, ``"all"`` or ``"trainable"`` (a LoRA fine-tune's adapters: see
-            ``TrajectoryRecorder``).
+        weights: what each checkpoint saves: ``"auto"`` (the adapters only for a peft model, else every weight),
+            ``"all"`` or ``"trainable"`` (see ``TrajectoryRecorder``).
     """
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -171,7 +171,7 @@ class HuggingFaceCapture(HuggingFaceRecorder):
         overwrite: bool = False,
         rewind: bool = False,
         label_smoothing: float | None = None,
-        weights: str = "all",
+        weights: str = "auto",
     ) -> None:
         super().__init__(run_dir, save_every=save_every, stage=stage, dataset_size=dataset_size, overwrite=overwrite,
                          rewind=rewind, label_smoothing=label_smoothing, weights=weights)

@@ -41,7 +41,8 @@ class LightningRecorder(RecorderSettings, Callback):
         label_smoothing: ε of a training loss that smooths its labels, recorded with the stage (featurize then
             takes a task with the same ``label_smoothing``). Default: none (the LightningModule's loss is its
             own, which the callback cannot read).
-        weights: what each checkpoint saves, ``"all"`` or ``"trainable"`` (see ``TrajectoryRecorder``).
+        weights: what each checkpoint saves: ``"auto"`` (the adapters only for a peft model, else every weight),
+            ``"all"`` or ``"trainable"`` (see ``TrajectoryRecorder``).
     """
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -116,7 +117,7 @@ class LightningCapture(LightningRecorder):
         overwrite: bool = False,
         rewind: bool = False,
         label_smoothing: float | None = None,
-        weights: str = "all",
+        weights: str = "auto",
     ) -> None:
         if label_smoothing is None:  # the module's loss is its own: the task says what it is
             label_smoothing = float(getattr(task, "label_smoothing", 0.0))

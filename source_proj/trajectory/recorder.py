@@ -216,7 +216,9 @@ class TrajectoryRecorder:
             parameters that require grad when the recorder starts, and the buffers): for a model whose most
             weights are frozen, such as a LoRA fine-tune of a large model, whose checkpoints then hold the
             adapters only. The frozen weights are digested (sha256) once; featurize checks the model it is given
-            holds them, and every checkpoint checks that none of them moved.
+            holds them, and every checkpoint checks that none of them moved. ``"auto"`` (the default):
+            ``"trainable"`` for a peft model (one with a ``peft_config``: LoRA and the other adapters), else
+            ``"all"``.
     """
 
     def __init__(
@@ -230,7 +232,7 @@ class TrajectoryRecorder:
         overwrite: bool = False,
         grad_scaler: Any | None = None,
         watch_clipping: bool = True,
-        weights: Literal["all", "trainable"] = "all",
+        weights: Literal["auto", "all", "trainable"] = "auto",
     ) -> None:
         run = Path(run_dir)
         blocked = next((p for p in (run, *run.parents) if p.exists() and not p.is_dir()), None)
@@ -255,13 +257,15 @@ class TrajectoryRecorder:
         save_optimizer_state: bool | None,
         grad_scaler: Any | None = None,
         watch_clipping: bool = True,
-        weights: str = "all",
+        weights: str = "auto",
     ) -> None:
         if save_every < 1:
             raise TrajectoryError(f"save_every must be a positive number of steps, not {save_every}.")
-        if weights not in ("all", "trainable"):
-            raise TrajectoryError(f"weights must be 'all' or 'trainable', not {weights!r}.")
+        if weights not in ("auto", "all", "trainable"):
+            raise TrajectoryError(f"weights must be 'auto', 'all' or 'trainable', not {weights!r}.")
         model = unwrap_model(model)
+        if weights == "auto":  # a peft model's base is frozen by construction: its checkpoints are its adapters
+            weights = "trainable" if hasattr(model, "peft_config") else "all"
         self.run_dir = run_dir
         self.model = model
         self.optimizer = optimizer
