@@ -31,7 +31,10 @@ sys.path.insert(0, str(ROOT / "examples" / "text"))
 import lm  # noqa: E402
 
 import source_proj as sp  # noqa: E402
-from source_proj.evaluation.lds import LDSArguments, lds, lds_ground_truth  # noqa: E402
+from source_proj.evaluation.lds import LDSArguments  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from methods_lds import compare_methods  # noqa: E402
 
 
 class LoRAFineTune:
@@ -124,33 +127,15 @@ def main() -> None:
     if not store_path.is_dir():
         sp.featurize(run, fine_tune.model(), task, {"finetune": lm.corpus().train["finetune"]}, store_path,
                      projection=sp.ProjectionArguments(dim=args.dim), progress=False)  # fmt: skip
-    sp.fit(store_path, progress=False)
-    methods = ["source", "trak", "tracin", "grad-dot"]
-    for kind in methods[1:]:
-        sp.fit_baseline(store_path, sp.BaselineArguments(kind=kind), progress=False)
-    seconds = time.perf_counter() - started
-    scores = {}
-    for method in methods:
-        attributor = sp.Attributor(store_path, fine_tune.model(), task, method=method)
-        scores[method] = attributor.scores(lm.corpus().queries)
-        rows = attributor.rows
-    lds_args = LDSArguments(num_subsets=args.subsets, repeats=args.repeats, workers=args.workers)
-    truth = lds_ground_truth(fine_tune, rows, args.out / "retrains", lds_args)
-    results = {m: lds(s, truth, lds_args) for m, s in scores.items()}
+    featurizing = time.perf_counter() - started
     trained = sum(p.numel() for p in fine_tune.model().parameters() if p.requires_grad)
-    report: dict = {m: {"lds": r.mean, "ci": [r.low, r.high]} for m, r in results.items()}
-    report.update(featurize_and_fit_s=seconds, checkpoint_bytes=size, trained_parameters=trained)
-    for method in methods[1:]:
-        diff = results["source"].per_query - results[method].per_query
-        diff = diff[np.isfinite(diff)]
-        boot = np.random.default_rng(0).choice(diff, (2000, len(diff))).mean(1)
-        report[f"source - {method}"] = {"mean": float(diff.mean()), "ci": np.percentile(boot, [2.5, 97.5]).tolist()}
-    print(f"{trained} adapter weights; checkpoints {size / 2**20:.2f} MiB; featurize and fits {seconds:.1f} s")
-    for method, r in results.items():
-        print(f"{method}: LDS {r.mean:.3f} [{r.low:.3f}, {r.high:.3f}]")
-    for key, value in report.items():
-        if key.startswith("source - "):
-            print(f"{key}, per query: {value['mean']:+.3f} [{value['ci'][0]:+.3f}, {value['ci'][1]:+.3f}]")
+    print(f"{trained} adapter weights; checkpoints {size / 2**20:.2f} MiB")
+    lds_args = LDSArguments(num_subsets=args.subsets, repeats=args.repeats, workers=args.workers)
+    report = compare_methods(store_path, fine_tune.model, task, lm.corpus().queries, fine_tune,
+                             args.out / "retrains", lds_args)  # fmt: skip
+    report.update(featurize_and_fit_s=featurizing + report["fit_s"], checkpoint_bytes=size,
+                  trained_parameters=trained)  # fmt: skip
+    print(f"featurize and fits {report['featurize_and_fit_s']:.1f} s")
     (args.out / "result.json").write_text(json.dumps(report, indent=1))
 
 

@@ -25,7 +25,12 @@ import torch
 from torch.utils.data import Dataset
 
 import source_proj as sp
-from source_proj.evaluation.lds import LDSArguments, lds, lds_ground_truth
+from source_proj.evaluation.lds import LDSArguments
+
+try:
+    from methods_lds import compare_methods
+except ImportError:  # imported as benchmarks.token_classification_lds
+    from benchmarks.methods_lds import compare_methods
 
 VOCAB, LENGTH, TAGS, BATCH = 48, 12, 4, 16
 
@@ -130,31 +135,11 @@ def main() -> None:
     if not store_path.is_dir():
         sp.featurize(run, build_model(), training.task, training.train_data, store_path,
                      projection=sp.ProjectionArguments(dim=args.dim), progress=False)  # fmt: skip
-    sp.fit(store_path, progress=False)
-    methods = ["source", "trak", "tracin", "grad-dot"]
-    for kind in methods[1:]:
-        sp.fit_baseline(store_path, sp.BaselineArguments(kind=kind), progress=False)
-    seconds = time.perf_counter() - started
-    scores = {}
-    for method in methods:
-        attributor = sp.Attributor(store_path, build_model(), training.task, method=method)
-        scores[method] = attributor.scores(training.queries)
-        rows = attributor.rows
+    featurizing = time.perf_counter() - started
     lds_args = LDSArguments(num_subsets=args.subsets, repeats=args.repeats, workers=args.workers)
-    truth = lds_ground_truth(training, rows, args.out / "retrains", lds_args)
-    results = {m: lds(s, truth, lds_args) for m, s in scores.items()}
-    report = {m: {"lds": r.mean, "ci": [r.low, r.high]} for m, r in results.items()}
-    report["featurize_and_fit_s"] = seconds
-    for method in methods[1:]:
-        diff = results["source"].per_query - results[method].per_query
-        diff = diff[np.isfinite(diff)]
-        boot = np.random.default_rng(0).choice(diff, (2000, len(diff))).mean(1)
-        report[f"source - {method}"] = {"mean": float(diff.mean()), "ci": np.percentile(boot, [2.5, 97.5]).tolist()}
-    for method, r in results.items():
-        print(f"{method}: LDS {r.mean:.3f} [{r.low:.3f}, {r.high:.3f}]")
-    for key, value in report.items():
-        if key.startswith("source - "):
-            print(f"{key}, per query: {value['mean']:+.3f} [{value['ci'][0]:+.3f}, {value['ci'][1]:+.3f}]")
+    report = compare_methods(store_path, build_model, training.task, training.queries, training,
+                             args.out / "retrains", lds_args)  # fmt: skip
+    report["featurize_and_fit_s"] = featurizing + report["fit_s"]
     (args.out / "result.json").write_text(json.dumps(report, indent=1))
 
 

@@ -1,0 +1,58 @@
+"""SOURCE and the baselines fitted in one store, and their LDS against one ground truth (shared by the LDS
+benchmarks that compare methods: ``token_classification_lds.py``, ``lora_lds.py``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+import source_proj as sp
+from source_proj.evaluation.lds import LDSArguments, lds, lds_ground_truth
+
+METHODS = ("source", "trak", "tracin", "grad-dot")
+
+
+def compare_methods(
+    store: Path,
+    build_model: Callable[[], nn.Module],
+    task: sp.Task,
+    queries: Any,
+    retrain: Any,
+    retrains: Path,
+    args: LDSArguments,
+    methods: Sequence[str] = METHODS,
+) -> dict[str, Any]:
+    """Fit SOURCE (one segment) and the baselines into the featurized ``store``, score ``queries`` with each, and
+    return each method's LDS against ``retrain``'s ground truth (cached in ``retrains``) with the paired
+    per-query difference of SOURCE and each baseline (and ``fit_s``, the fits' seconds); prints them."""
+    started = time.perf_counter()
+    sp.fit(store, progress=False)
+    for kind in methods[1:]:
+        sp.fit_baseline(store, sp.BaselineArguments(kind=kind), progress=False)
+    fitting = time.perf_counter() - started
+    scores = {}
+    for method in methods:
+        attributor = sp.Attributor(store, build_model(), task, method=method)
+        scores[method] = attributor.scores(queries)
+        rows = attributor.rows
+    truth = lds_ground_truth(retrain, rows, retrains, args)
+    results = {m: lds(s, truth, args) for m, s in scores.items()}
+    report: dict[str, Any] = {m: {"lds": r.mean, "ci": [r.low, r.high]} for m, r in results.items()}
+    report["fit_s"] = fitting
+    for method in methods[1:]:
+        diff = results[methods[0]].per_query - results[method].per_query
+        diff = diff[np.isfinite(diff)]
+        boot = np.random.default_rng(0).choice(diff, (2000, len(diff))).mean(1)
+        report[f"{methods[0]} - {method}"] = {"mean": float(diff.mean()),
+                                              "ci": np.percentile(boot, [2.5, 97.5]).tolist()}  # fmt: skip
+    for method, r in results.items():
+        print(f"{method}: LDS {r.mean:.3f} [{r.low:.3f}, {r.high:.3f}]")
+    for key, value in report.items():
+        if " - " in key:
+            print(f"{key}, per query: {value['mean']:+.3f} [{value['ci'][0]:+.3f}, {value['ci'][1]:+.3f}]")
+    return report
