@@ -573,3 +573,24 @@ def test_exact_token_classification_fisher_targets_give_the_gauss_newton_matrix(
     assert torch.equal(drawn["labels"] != -100, keep)
     n = keep.sum(-1).double() if tokens == "own" else torch.full((2,), 2.5, dtype=torch.float64)
     assert torch.allclose(weight, n)
+
+
+def test_text_dataset_keeps_each_kind_of_label_in_the_type_its_task_trains_on() -> None:
+    """Class ids stay integers, numbers and 0/1 rows become floats (regression and multi-label, as Hugging Face
+    decides by the labels' type), token tags are padded with −100; mismatches are refused in a sentence."""
+    ids = [[5, 9, 2], [4, 12]]
+    assert sp.TextDataset(ids, labels=[2, 0])[0]["labels"].dtype == torch.long
+    assert sp.TextDataset(ids, labels=[0.5, -1.25])[1]["labels"].item() == -1.25
+    rows = sp.TextDataset(ids, labels=[[1, 0, 1], [0, 0, 1]])
+    assert rows[0]["labels"].dtype == torch.float32 and rows[0]["labels"].tolist() == [1.0, 0.0, 1.0]
+    tagged = sp.TextDataset(ids, token_labels=[[1, -100, 3], [0, 2]], length=4)
+    assert tagged[1]["labels"].tolist() == [0, 2, -100, -100] and tagged[0]["labels"].tolist() == [1, -100, 3, -100]
+    from source_proj.tasks.text import mean_labelled_tokens
+
+    assert mean_labelled_tokens(tagged) == 2.0
+    with pytest.raises(sp.TaskError, match="Sequence 1 has 2 tokens but 3 token labels"):
+        sp.TextDataset(ids, token_labels=[[1, 2, 3], [0, 2, 1]])
+    with pytest.raises(sp.TaskError, match=r"Give labels .* or token_labels .*, not both"):
+        sp.TextDataset(ids, labels=[0, 1], token_labels=[[1, 2, 3], [0, 2]])
+    with pytest.raises(sp.TaskError, match="labels must be one class id, number or row of 0/1 labels per sequence"):
+        sp.TextDataset(ids, labels=[[1, 0], [1]])

@@ -913,11 +913,15 @@ class TextDataset(Dataset):
     """Token sequences right-padded to one length, as dict examples the text tasks take.
 
     ``dataset[i]`` is ``{"input_ids": [T], "attention_mask": [T]}`` plus ``"labels"``: the class id
-    for classification, or nothing for language modelling (the task predicts the input ids).
+    for classification (a row of 0/1 labels for multi-label classification, a number for regression), a tag per
+    token for token classification ``[T]``, or nothing for language modelling (the task predicts the input ids).
 
     Args:
         sequences: token ids of each example (at least one token each).
-        labels: class ids, one per sequence (sequence classification), or ``None``.
+        labels: one label per sequence (sequence classification): class ids, rows of 0/1 labels (multi-label,
+            kept as floats) or numbers (regression, kept as floats), or ``None``.
+        token_labels: a tag per token of each sequence (token classification, −100 for a token without one),
+            padded with −100; instead of ``labels``.
         length: T; default the longest sequence. Longer sequences are refused, not cut.
         pad_id: the id written at padded positions (never attended to, never predicted).
         texts: the text of each example, kept for reports ([`text`][]).
@@ -927,7 +931,8 @@ class TextDataset(Dataset):
         self,
         sequences: Sequence[Sequence[int]],
         *,
-        labels: Sequence[int] | None = None,
+        labels: Sequence[Any] | None = None,
+        token_labels: Sequence[Sequence[int]] | None = None,
         length: int | None = None,
         pad_id: int = 0,
         texts: Sequence[str] | None = None,
@@ -943,7 +948,9 @@ class TextDataset(Dataset):
                 f"Sequence {int(np.argmax(lengths))} has {max(lengths)} tokens, more than length={length}; "
                 "split it or raise length."
             )
-        for what, values in (("labels", labels), ("texts", texts)):
+        if labels is not None and token_labels is not None:
+            raise TaskError("Give labels (one per sequence) or token_labels (one per token), not both.")
+        for what, values in (("labels", labels), ("token_labels", token_labels), ("texts", texts)):
             if values is not None and len(values) != len(sequences):
                 raise TaskError(f"{len(values)} {what} were given for {len(sequences)} sequences; give one each.")
         self.input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
@@ -951,7 +958,14 @@ class TextDataset(Dataset):
         for i, seq in enumerate(sequences):
             self.input_ids[i, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
             self.attention_mask[i, : len(seq)] = 1
-        self.labels = None if labels is None else torch.as_tensor(list(labels), dtype=torch.long)
+        self.labels = None if labels is None else _sequence_labels(labels)
+        if token_labels is not None:
+            self.labels = torch.full((len(sequences), length), IGNORE_INDEX, dtype=torch.long)
+            for i, (seq, tags) in enumerate(zip(sequences, token_labels, strict=True)):
+                if len(tags) != len(seq):
+                    raise TaskError(f"Sequence {i} has {len(seq)} tokens but {len(tags)} token labels; give one "
+                                    "per token (-100 for a token without one).")  # fmt: skip
+                self.labels[i, : len(tags)] = torch.as_tensor(list(tags), dtype=torch.long)
         self.texts = None if texts is None else list(texts)
 
     def __len__(self) -> int:
@@ -968,6 +982,20 @@ class TextDataset(Dataset):
         if self.texts is not None:
             return self.texts[index]
         return " ".join(str(int(t)) for t in self.input_ids[index][self.attention_mask[index].bool()])
+
+
+def _sequence_labels(labels: Sequence[Any]) -> Tensor:
+    """One label per sequence as a tensor: class ids as int64; numbers (regression) and 0/1 rows (multi-label) as
+    float32, which is what makes the task train them as such."""
+    try:
+        values = torch.as_tensor(np.asarray(list(labels)))
+    except (TypeError, ValueError) as err:
+        raise TaskError(
+            f"labels must be one class id, number or row of 0/1 labels per sequence, all alike ({err})."
+        ) from err
+    if values.is_floating_point() or values.dtype == torch.bool or values.dim() > 1:  # rows: multi-label, as floats
+        return values.float()
+    return values.long()
 
 
 def predicted_tokens(dataset: Dataset) -> np.ndarray:
