@@ -480,6 +480,9 @@ def test_sequence_classification_trains_each_head_as_the_model_does(outputs, con
             sp.SequenceClassificationTask(problem_type=problem, label_smoothing=0.1)
     with pytest.raises(sp.TaskError, match="problem_type must be 'auto' or one of"):
         sp.SequenceClassificationTask(problem_type="ranking")  # type: ignore[arg-type]
+    if outputs == 3 and config_problem is None:  # class ids given as floats read as a multi-label head's: said so
+        with pytest.raises(sp.TaskError, match=r"floats of shape \[3\], which train a multi-label head"):
+            task.loss(logits, {**batch, "labels": torch.tensor(CLASSES).float()})
 
 
 def _token_bert(classes: int = 4) -> nn.Module:

@@ -441,6 +441,11 @@ class SequenceClassificationTask(_TextTask, ClassificationTask):
             problem = "regression"
         else:
             problem = "multi_label_classification" if labels.is_floating_point() else "single_label_classification"
+        if problem == "multi_label_classification" and labels.dim() != outputs.dim():
+            raise TaskError(
+                f"The labels are floats of shape {list(labels.shape)}, which train a multi-label head (one 0/1 label "
+                f"per output, shape {list(outputs.shape)}); give class ids as integers, or pass problem_type."
+            )
         if self.label_smoothing and problem != "single_label_classification":
             raise TaskError(f"Label smoothing applies to single-label classification, but this model's head is "
                             f"trained for {problem}; leave label_smoothing at 0.")  # fmt: skip
