@@ -193,3 +193,35 @@ def test_a_mostly_frozen_large_model_saved_whole_is_advised_to_save_its_trained_
         said = [str(w.message) for w in caught if "pass weights='trainable'" in str(w.message)]
         assert len(said) == advised
         assert not advised or said[0].startswith("87% of the model's weights (0.0 GiB) do not require grad")
+
+
+def test_the_lightning_callback_saves_the_trained_weights_when_told(tmp_path: Path, classification_data) -> None:
+    pl = pytest.importorskip("lightning.pytorch")
+    from source_proj.integrations import LightningRecorder
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _model()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch, _):
+            return F.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
+
+    loader = torch.utils.data.DataLoader(classification_data, batch_size=10)
+    recorder = LightningRecorder(tmp_path / "run", save_every=1, weights="trainable")
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder])  # fmt: skip
+    trainer.fit(Module(), loader)
+    trajectory = sp.Trajectory.load(tmp_path / "run")
+    assert set(trajectory.load_state(trajectory.final_checkpoint)["model"]) == {
+        "net.2.weight", "net.2.bias", "net.4.weight", "net.4.bias"
+    }
+    store = sp.featurize(tmp_path / "run", Module(), sp.ClassificationTask(), classification_data, tmp_path / "s.sp",
+                         projection=sp.ProjectionArguments(dim=16, kind="rademacher"), progress=False)  # fmt: skip
+    assert np.abs(store.read(f"grads/main/step-{trajectory.final_checkpoint.step:08d}")).max() > 0
