@@ -125,6 +125,10 @@ def test_featurize_takes_the_smoothed_gradients_and_the_plain_fisher(tmp_path: P
     plain = sp.featurize(tmp_path / "plain-run", _arch(), sp.ClassificationTask(), classification_data,
                          tmp_path / "p.sp", projection=projection, options=options, progress=False)  # fmt: skip
     assert store.meta["task"]["label_smoothing"] == 0.1
+    # The stores of runs without smoothing describe their run as they always did (an older store stays reusable).
+    assert store.meta["trajectory"]["stages"][0]["label_smoothing"] == 0.1
+    assert "label_smoothing" not in plain.meta["trajectory"]["stages"][0]
+    assert "label_smoothing" not in plain.meta["task"]
     model = _arch()
     trajectory = sp.Trajectory.load(tmp_path / "run")
     trajectory.load_into(model, trajectory.checkpoints[1])

@@ -1198,7 +1198,7 @@ class GradientCapture:
                 trajectory={
                     "path": str(Path(trajectory.path).resolve()),
                     "fingerprint": trajectory.fingerprint(),
-                    "stages": [asdict(s) for s in trajectory.stages],
+                    "stages": [s.describe() for s in trajectory.stages],
                     "checkpoints": [c.step for c in trajectory.checkpoints],
                 },
                 provenance=describe_provenance(self.model, trajectory, self.device, 0),

@@ -18,7 +18,7 @@ import itertools
 import json
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -280,7 +280,7 @@ class _Featurize:
                 "trajectory": {
                     "path": str(Path(trajectory.path).resolve()),
                     "fingerprint": trajectory.fingerprint(),
-                    "stages": [asdict(s) for s in trajectory.stages],
+                    "stages": [s.describe() for s in trajectory.stages],
                     "checkpoints": [c.step for c in trajectory.checkpoints],
                 },
                 "spec": self.spec,

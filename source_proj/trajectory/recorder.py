@@ -53,7 +53,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -161,6 +161,14 @@ class Stage:
     optimizer: dict[str, Any]
     label_smoothing: float = 0.0
     """ε of the labels the stage trained on (0: not smoothed); the task's ``label_smoothing`` must equal it."""
+
+    def describe(self) -> dict[str, Any]:
+        """The stage as a store's metadata records it (``label_smoothing`` only where the labels were smoothed, so
+        that stores of other runs describe their stages as they always did)."""
+        described = asdict(self)
+        if not self.label_smoothing:
+            del described["label_smoothing"]
+        return described
 
 
 class RecorderListener(Protocol):
