@@ -381,7 +381,7 @@ class MultiLabelClassificationTask(Task):
         # Sampled: every label drawn from Bernoulli(σ_c), weight C (E[C·(σ − y)(σ − y)ᵀ/C²] = diag σ(1 − σ)/C).
         # Exact: for each label c and side t, the soft targets σ on every other label (whose gradients then
         # vanish) and t on c, weight C·P(t): Σ_t C·P(t)(σ_c − t)²/C² = σ_c(1 − σ_c)/C.
-        probs = torch.sigmoid(outputs.float())
+        probs = torch.sigmoid(outputs.float() if outputs.dtype in (torch.float16, torch.bfloat16) else outputs)
         classes = probs.shape[-1]
         weight = torch.full_like(probs[:, 0], float(classes))
         if generator is not None:
