@@ -1,0 +1,148 @@
+"""How well SOURCE and the baselines attribute a sequence classifier's multi-label or regression head.
+
+A synthetic task, fixed before any result: sentences of 12 tokens over 47 ids. ``--head multi``: 4 labels, label
+c on where the sentence holds a token of group c (ids ≡ c mod 4) among its first six (a 0/1 row, sigmoid
+cross-entropy); ``--head regression``: the target is the share of the sentence's tokens above 24, minus a half,
+plus noise of scale 0.1 (squared error). In both, ``--noise`` of the training sentences get a random target (a
+random row, or a uniform number in [−0.5, 0.5]). A BERT classifier (2 layers × 32, 2 heads, no dropout, its
+``problem_type`` left unset: the task finds it as the model does) trained by AdamW at 3e-3, batches of 16,
+``--epochs``, a checkpoint every half epoch; ``--queries`` held-out sentences with clean targets, measured by
+``SequenceClassificationTask`` (the labels' summed log-odds, or the absolute error). Ground truth: ``--subsets``
+random halves × ``--repeats`` retrains; SOURCE (eigen projection, one segment), TRAK, TracIn-CP and grad-dot in
+one store at k = ``--dim``.
+
+    python benchmarks/sequence_heads_lds.py --head multi --out runs/multi-label-lds
+    python benchmarks/sequence_heads_lds.py --head regression --out runs/regression-lds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import source_proj as sp
+from source_proj.evaluation.lds import LDSArguments
+
+try:
+    from methods_lds import compare_methods
+except ImportError:  # imported as benchmarks.sequence_heads_lds
+    from benchmarks.methods_lds import compare_methods
+
+VOCAB, LENGTH, BATCH = 48, 12, 16
+
+
+def sentences(head: str, count: int, seed: int, noise: float) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (count, LENGTH), generator=g)
+    wrong = torch.rand(count, generator=g) < noise
+    if head == "multi":
+        targets = torch.stack([(ids[:, :6] % 4 == c).any(1) for c in range(4)], 1).float()
+        random = (torch.rand(count, 4, generator=g) < 0.5).float()
+    else:
+        targets = (ids > 24).float().mean(1) - 0.5 + 0.1 * torch.randn(count, generator=g)
+        random = torch.rand(count, generator=g) - 0.5
+    return ids, torch.where(wrong.view(-1, *[1] * (targets.dim() - 1)), random, targets)
+
+
+def build_model(head: str, seed: int = 0) -> torch.nn.Module:
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=LENGTH,
+                                     num_labels=4 if head == "multi" else 1, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0)  # fmt: skip
+    return transformers.BertForSequenceClassification(config)
+
+
+class Training:
+    """The recipe, for the recorded run (``run`` given) and for the retrains (picklable)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.head, self.epochs = args.head, args.epochs
+        ids, targets = sentences(args.head, args.train, 0, args.noise)
+        self.train_data = sp.TextDataset(ids.tolist(), labels=targets.tolist())
+        ids, targets = sentences(args.head, args.queries, 1, 0.0)
+        self.queries = sp.TextDataset(ids.tolist(), labels=targets.tolist())
+        self.task = sp.SequenceClassificationTask()
+
+    def model(self) -> torch.nn.Module:
+        return build_model(self.head)
+
+    def train(self, seed: int, keep: np.ndarray | None = None, run: Path | None = None) -> torch.nn.Module:
+        model = build_model(self.head, seed)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        n = len(self.train_data)
+        rec = None
+        if run is not None:
+            rec = sp.TrajectoryRecorder(run, model, opt, save_every=max(1, n // BATCH // 2), overwrite=True)
+            rec.begin_stage("main", dataset_size=n)
+        kept = torch.ones(n, dtype=torch.bool)
+        if keep is not None:
+            kept[:] = False
+            kept[torch.as_tensor(keep)] = True
+        g = torch.Generator().manual_seed(seed)
+        data = self.train_data
+        for _ in range(self.epochs):
+            order = torch.randperm(n, generator=g)
+            for start in range(0, n, BATCH):
+                rows = order[start : start + BATCH]
+                rows = rows[kept[rows]]
+                opt.zero_grad()
+                if len(rows):
+                    model(input_ids=data.input_ids[rows], labels=data.labels[rows]).loss.backward()
+                opt.step()
+                if rec is not None:
+                    rec.step()
+        if rec is not None:
+            rec.close()
+        return model
+
+    def __call__(self, keep: dict[str, np.ndarray], seed: int) -> np.ndarray:
+        model = self.train(seed, keep["main"]).eval()
+        q = self.queries
+        batch = {"input_ids": q.input_ids, "attention_mask": q.attention_mask, "labels": q.labels}
+        task = self.task.bind(model)
+        with torch.no_grad():
+            return task.measurement(task.forward(model, batch), batch).numpy().astype(np.float64)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--head", choices=("multi", "regression"), default="multi")
+    parser.add_argument("--train", type=int, default=256)
+    parser.add_argument("--queries", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--noise", type=float, default=0.1)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--subsets", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("runs/multi-label-lds"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    training = Training(args)
+    run = args.out / "run"
+    if not (run / "trajectory.json").is_file() or not json.loads((run / "trajectory.json").read_text())["complete"]:
+        training.train(0, run=run)
+    store_path = args.out / "run.sp"
+    started = time.perf_counter()
+    if not store_path.is_dir():
+        sp.featurize(run, training.model(), training.task, training.train_data, store_path,
+                     projection=sp.ProjectionArguments(dim=args.dim), progress=False)  # fmt: skip
+    featurizing = time.perf_counter() - started
+    lds_args = LDSArguments(num_subsets=args.subsets, repeats=args.repeats, workers=args.workers)
+    report = compare_methods(store_path, training.model, training.task, training.queries, training,
+                             args.out / "retrains", lds_args)  # fmt: skip
+    report["featurize_and_fit_s"] = featurizing + report["fit_s"]
+    (args.out / "result.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
