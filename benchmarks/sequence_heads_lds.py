@@ -5,7 +5,8 @@ c on where the sentence holds a token of group c (ids ≡ c mod 4) among its fir
 cross-entropy); ``--head regression``: the target is the share of the sentence's tokens above 24, minus a half,
 plus noise of scale 0.1 (squared error). In both, ``--noise`` of the training sentences get a random target (a
 random row, or a uniform number in [−0.5, 0.5]). A BERT classifier (2 layers × 32, 2 heads, no dropout, its
-``problem_type`` left unset: the task finds it as the model does) trained by AdamW at 3e-3, batches of 16,
+``problem_type`` left unset: the task finds it as the model does) trained by AdamW at 3e-3 (``--optimizer sgd``:
+SGD at 0.1 with momentum 0.9), batches of 16,
 ``--epochs``, a checkpoint every half epoch; ``--queries`` held-out sentences with clean targets, measured by
 ``SequenceClassificationTask`` (the labels' summed log-odds, or the absolute error). Ground truth: ``--subsets``
 random halves × ``--repeats`` retrains; SOURCE (eigen projection, one segment), TRAK, TracIn-CP and grad-dot in
@@ -64,7 +65,7 @@ class Training:
     """The recipe, for the recorded run (``run`` given) and for the retrains (picklable)."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.head, self.epochs = args.head, args.epochs
+        self.head, self.epochs, self.optimizer = args.head, args.epochs, args.optimizer
         ids, targets = sentences(args.head, args.train, 0, args.noise)
         self.train_data = sp.TextDataset(ids.tolist(), labels=targets.tolist())
         ids, targets = sentences(args.head, args.queries, 1, 0.0)
@@ -76,7 +77,10 @@ class Training:
 
     def train(self, seed: int, keep: np.ndarray | None = None, run: Path | None = None) -> torch.nn.Module:
         model = build_model(self.head, seed)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        if self.optimizer == "adamw":
+            opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        else:
+            opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         n = len(self.train_data)
         rec = None
         if run is not None:
@@ -119,6 +123,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=40)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--noise", type=float, default=0.1)
+    parser.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--subsets", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=2)
