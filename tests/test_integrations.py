@@ -177,6 +177,29 @@ def test_a_step_the_loss_scaler_skips_keeps_the_recorded_run_in_step_with_the_tr
         assert all(torch.equal(ours[k], v) for k, v in saved.items() if k in ours) and len(saved) > 10
 
 
+def test_a_trainer_without_on_optimizer_step_is_recorded_through_the_optimizers_post_hook(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """transformers before 4.41 never calls ``on_optimizer_step``: the callback then steps the recorder from the
+    optimizer's post-hook, once a step (not twice where both exist)."""
+    from transformers import Trainer, TrainingArguments
+
+    from source_proj.integrations import HuggingFaceRecorder
+    from source_proj.integrations import huggingface as hf
+
+    ids, labels = _tokens(24, 0)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"), per_device_train_batch_size=8, num_train_epochs=1, learning_rate=0.05,
+        optim="sgd", lr_scheduler_type="constant", save_strategy="no", report_to=[], use_cpu=True,
+        disable_tqdm=True, logging_strategy="no", seed=0,
+    )  # fmt: skip
+    for calls, run in ((False, "old"), (True, "new")):
+        monkeypatch.setattr(hf, "_CALLS_OPTIMIZER_STEP", calls)
+        Trainer(model=_tiny_bert(), args=args, train_dataset=_Dicts(ids, labels),
+                callbacks=[HuggingFaceRecorder(tmp_path / run, save_every=1)]).train()  # fmt: skip
+        assert sp.Trajectory.load(tmp_path / run).rates.tolist() == pytest.approx([0.05] * 3)
+
+
 def _lightning_mlp(configure: Callable[[Any], Any]) -> type:
     """The tests' LightningModule: a seeded 4-8-3 MLP (``Module(activation)``, Tanh by default), the batch's mean
     cross-entropy on ``(x, y)`` batches (capture takes the indices out first), ``configure(parameters)`` as its

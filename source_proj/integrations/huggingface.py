@@ -27,12 +27,16 @@ from typing import Any
 import torch
 from torch import Tensor
 from transformers import TrainerCallback
+from transformers.trainer_callback import CallbackHandler
 
 from source_proj.errors import TaskError, TrajectoryError
 from source_proj.featurize.arguments import ProjectionArguments
 from source_proj.featurize.capture import INDEX_KEY, CaptureArguments
 from source_proj.integrations._hook import CaptureSettings, RecorderSettings, dataset_size, start_recording
 from source_proj.tasks.task import Task
+
+_CALLS_OPTIMIZER_STEP = hasattr(CallbackHandler, "on_optimizer_step")
+"""Whether this transformers' Trainer tells its callbacks of every optimizer step (``on_optimizer_step``)."""
 
 LABELS_KEY = "source_proj_labels"
 """A training batch's labels, kept under this key too: the Trainer pops ``labels`` from the model's inputs when a
@@ -93,7 +97,9 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
             trainer="The Trainer",
             # The Trainer's loss then smooths its labels (its LabelSmoother): featurize holds the task to it.
             label_smoothing=self._smoothing(args),
-            step_hook=False,  # on_optimizer_step steps it: also at a step the fp16 loss scaler skipped
+            # on_optimizer_step steps it, also at a step the fp16 loss scaler skipped; a Trainer too old to call it
+            # (transformers before 4.41) gets the optimizer's post-hook, which such a step does not reach.
+            step_hook=not _CALLS_OPTIMIZER_STEP,
             weights=self.weights,
         )
 
@@ -101,7 +107,7 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
         """After every optimizer step of the Trainer, before its scheduler moves and the gradients are zeroed; also
         after a step the loss scaler skipped (``optimizer.step`` was not called), which the Trainer's global step
         counts too: the recorder takes it at rate 0 (its weights did not move), so the two stay in step."""
-        if self.recorder is not None:
+        if self.recorder is not None and _CALLS_OPTIMIZER_STEP:
             self.recorder.step()
 
     def _smoothing(self, args: Any) -> float:
@@ -118,6 +124,8 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.recorder is not None:
+            if self._handle is not None:  # the post-hook of a Trainer without on_optimizer_step
+                self._handle.remove()
             self.recorder.close()
 
 
