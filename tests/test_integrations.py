@@ -180,7 +180,7 @@ def test_a_step_the_loss_scaler_skips_keeps_the_recorded_run_in_step_with_the_tr
 def test_a_trainer_without_on_optimizer_step_is_recorded_through_the_optimizers_post_hook(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """transformers before 4.41 never calls ``on_optimizer_step``: the callback then steps the recorder from the
+    """An older transformers never calls ``on_optimizer_step``: the callback then steps the recorder from the
     optimizer's post-hook, once a step (not twice where both exist)."""
     from transformers import Trainer, TrainingArguments
 

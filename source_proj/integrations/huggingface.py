@@ -98,7 +98,7 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
             # The Trainer's loss then smooths its labels (its LabelSmoother): featurize holds the task to it.
             label_smoothing=self._smoothing(args),
             # on_optimizer_step steps it, also at a step the fp16 loss scaler skipped; a Trainer too old to call it
-            # (transformers before 4.41) gets the optimizer's post-hook, which such a step does not reach.
+            # (an older transformers) gets the optimizer's post-hook, which such a step does not reach.
             step_hook=not _CALLS_OPTIMIZER_STEP,
             weights=self.weights,
         )
