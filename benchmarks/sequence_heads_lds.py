@@ -10,7 +10,8 @@ SGD at 0.1 with momentum 0.9), batches of 16,
 ``--epochs``, a checkpoint every half epoch; ``--queries`` held-out sentences with clean targets, measured by
 ``SequenceClassificationTask`` (the labels' summed log-odds, or the absolute error). Ground truth: ``--subsets``
 random halves × ``--repeats`` retrains; SOURCE (eigen projection, one segment), TRAK, TracIn-CP and grad-dot in
-one store at k = ``--dim``.
+one store at k = ``--dim``, through the task's default parameters (the blocks' linear layers and the head;
+``--blocks-only``: without the head, the default before 2026-12-02).
 
     python benchmarks/sequence_heads_lds.py --head multi --out runs/multi-label-lds
     python benchmarks/sequence_heads_lds.py --head regression --out runs/regression-lds
@@ -61,6 +62,11 @@ def build_model(head: str, seed: int = 0) -> torch.nn.Module:
     return transformers.BertForSequenceClassification(config)
 
 
+def selection(args: argparse.Namespace) -> dict[str, sp.ModuleSelection]:
+    """The task's parameters: its default (the blocks and the head) or, with ``--blocks-only``, the blocks only."""
+    return {"parameters": sp.ModuleSelection()} if getattr(args, "blocks_only", False) else {}
+
+
 class Training:
     """The recipe, for the recorded run (``run`` given) and for the retrains (picklable)."""
 
@@ -70,7 +76,7 @@ class Training:
         self.train_data = sp.TextDataset(ids.tolist(), labels=targets.tolist())
         ids, targets = sentences(args.head, args.queries, 1, 0.0)
         self.queries = sp.TextDataset(ids.tolist(), labels=targets.tolist())
-        self.task = sp.SequenceClassificationTask()
+        self.task = sp.SequenceClassificationTask(**selection(args))
 
     def model(self) -> torch.nn.Module:
         return build_model(self.head)
@@ -128,6 +134,8 @@ def main() -> None:
     parser.add_argument("--subsets", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--blocks-only", action="store_true",
+                        help="the blocks' linear layers only, without the head (the default before 2026-12-02)")
     parser.add_argument("--out", type=Path, default=Path("runs/multi-label-lds"))
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -8,7 +8,8 @@ recorder (a checkpoint every half epoch); queries: ``--queries`` held-out senten
 ``TokenClassificationTask``'s summed token margins. Ground truth: ``--subsets`` random halves × ``--repeats``
 retrains with the same recipe (a retrain drops the examples it does not keep from each batch of the full run's
 order). Methods: SOURCE (the library's defaults: eigen projection, one segment), TRAK, TracIn-CP and grad-dot, all
-fitted in the same store at k = ``--dim``.
+fitted in the same store at k = ``--dim``, through the task's default parameters (the blocks' linear layers and
+the head; ``--blocks-only``: without the head, the default before 2026-12-02).
 
     python benchmarks/token_classification_lds.py --out runs/token-classification-lds
 """
@@ -66,6 +67,11 @@ def build_model(seed: int = 0) -> torch.nn.Module:
     return transformers.BertForTokenClassification(config)
 
 
+def selection(args: argparse.Namespace) -> dict[str, sp.ModuleSelection]:
+    """The task's parameters: its default (the blocks and the head) or, with ``--blocks-only``, the blocks only."""
+    return {"parameters": sp.ModuleSelection()} if getattr(args, "blocks_only", False) else {}
+
+
 class Training:
     """The recipe, for the recorded run (``run`` given) and for the retrains (picklable)."""
 
@@ -73,7 +79,7 @@ class Training:
         self.epochs = args.epochs
         self.train_data = Tagged(*sentences(args.train, 0, args.noise))
         self.queries = Tagged(*sentences(args.queries, 1, 0.0))
-        self.task = sp.TokenClassificationTask(tokens_per_sequence=float(LENGTH))
+        self.task = sp.TokenClassificationTask(tokens_per_sequence=float(LENGTH), **selection(args))
 
     def train(self, seed: int, keep: np.ndarray | None = None, run: Path | None = None) -> torch.nn.Module:
         model = build_model(seed)
@@ -122,6 +128,8 @@ def main() -> None:
     parser.add_argument("--subsets", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--blocks-only", action="store_true",
+                        help="the blocks' linear layers only, without the head (the default before 2026-12-02)")
     parser.add_argument("--out", type=Path, default=Path("runs/token-classification-lds"))
     args = parser.parse_args()
     torch.set_num_threads(1)

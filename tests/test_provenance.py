@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import source_proj as sp
-from source_proj.store.provenance import REFERENCE_BATCH, check_data, check_model_values
+from source_proj.store.provenance import REFERENCE_BATCH, check_data, check_model_values, selection_code
 
 from .crash_driver import DIM, OPTIONS, build_model, data, featurize, files
 
@@ -72,17 +73,35 @@ def test_a_query_model_of_another_architecture_is_refused(tiny_reference: Path) 
     assert str(err.value).endswith("build the model and parameter selection used for featurize.")
 
 
-@pytest.mark.parametrize(
-    "task",
-    [
-        sp.ClassificationTask(parameters=sp.ParameterSelection(exclude=("*.bias",))),
-        sp.RegressionTask(),
-    ],
-    ids=["other parameter selection", "other task"],
-)
-def test_a_query_task_that_is_not_the_stores_is_refused(tiny_reference: Path, task: sp.Task) -> None:
+def test_a_query_task_that_is_not_the_stores_is_refused(tiny_reference: Path) -> None:
     with pytest.raises(sp.TaskError, match=r"is not the store's .*query with the task the store was featurized with"):
+        sp.Attributor(tiny_reference, build_model(), sp.RegressionTask())
+
+
+def test_another_parameter_selection_is_refused_with_the_stores_to_pass(tiny_reference: Path) -> None:
+    task = sp.ClassificationTask(parameters=sp.ParameterSelection(exclude=("*.bias",)))
+    with pytest.raises(sp.TaskError, match=r"^The task selects the parameters .*with the store.s") as err:
         sp.Attributor(tiny_reference, build_model(), task)
+    code = str(err.value).rsplit("(parameters=", 1)[1][:-2]  # the argument the sentence names, without ")."
+    fixed = eval(f"sp.ClassificationTask(parameters={code})", {"sp": sp})
+    assert sp.Attributor(tiny_reference, build_model(), fixed).rows  # the named selection is the store's
+
+
+@pytest.mark.parametrize(
+    "selection",
+    [
+        sp.ModuleSelection(),
+        sp.ModuleSelection(blocks_only=False),
+        sp.ModuleSelection(include=("*.mlp.*",), exclude=("h.0.*",), bias=False),
+        sp.ParameterSelection(),
+        sp.ParameterSelection(include=("0.*",), exclude=("*.bias",), skip_norm=False),
+    ],
+)
+def test_the_named_selection_rebuilds_the_stored_one(selection: Any) -> None:
+    code = selection_code({"parameters": selection.describe()})
+    assert code.startswith("parameters=sp.")
+    rebuilt = eval(code.removeprefix("parameters="), {"sp": sp})
+    assert rebuilt == selection and rebuilt.describe() == selection.describe()
 
 
 def test_a_run_whose_final_checkpoint_is_not_the_stores_is_refused(

@@ -336,6 +336,30 @@ def test_module_selection_includes_and_excludes_exactly_what_it_says() -> None:
     assert sp.LanguageModelingTask(tokens_per_sequence=1).select_parameters(lm) == gpt2_blocks
 
 
+def test_the_classifiers_tasks_attribute_their_heads_and_the_language_model_task_its_blocks() -> None:
+    bert, gpt2_classifier, lm = _bert(), _gpt2(classes=3), _gpt2()
+    config = bert.config
+    torch.manual_seed(0)
+    tagger = transformers.BertForTokenClassification(config)
+    heads = {
+        "bert": ["bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias"],
+        "gpt2": ["score.weight"],
+        "tagger": ["classifier.weight", "classifier.bias"],
+    }
+    cases = [
+        ("bert", bert, sp.SequenceClassificationTask()),
+        ("gpt2", gpt2_classifier, sp.SequenceClassificationTask()),
+        ("tagger", tagger, sp.TokenClassificationTask(tokens_per_sequence=6)),
+    ]
+    for key, model, task in cases:
+        chosen = task.select_parameters(model)
+        assert chosen == sp.ModuleSelection().select(model) + heads[key], key
+        assert not any("embeddings" in name or "wte" in name for name in chosen)
+    # The language model's head is tied to its token embedding: blocks only, as before.
+    lm_task = sp.LanguageModelingTask(tokens_per_sequence=6)
+    assert lm_task.select_parameters(lm) == sp.ModuleSelection().select(lm)
+
+
 def test_attention_implementations_that_cannot_run_under_vmap_are_refused_with_the_fix() -> None:
     model = _gpt2()
     model.config._attn_implementation = "flash_attention_2"

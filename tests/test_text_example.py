@@ -154,7 +154,10 @@ def test_a_padded_bert_classifier_trained_by_the_hf_trainer_is_attributed(tmp_pa
                          projection=sp.ProjectionArguments(dim=32),
                          options=sp.FeaturizeArguments(batch_size=8, chunk_rows=8), progress=False)  # fmt: skip
     sp.fit(store, progress=False)
-    assert all(".encoder.layer.0." in name for name, _ in store.meta["params"])
+    names = [name for name, _ in store.meta["params"]]  # the block's linear layers and the head, no embeddings
+    assert [n for n in names if ".encoder.layer.0." not in n] == [
+        "bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias"
+    ]
     queries = sp.TextDataset(sequences[:3], labels=labels[:3], length=8)
     scores = sp.Attributor(store, bert(), task).scores(queries)
     assert scores.shape == (3, 24) and np.isfinite(scores).all() and np.abs(scores).max() > 0

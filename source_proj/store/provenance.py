@@ -150,7 +150,13 @@ def check_query_model(
     """Refuse a query model, task or run that is not the store's (see the module docstring); ``path``: the store's,
     named in the refusal (several stores evaluated together need it)."""
     check_run(meta, trajectory)
-    if task.describe() != meta["task"]:
+    described = task.describe()
+    if described != meta["task"] and {**described, "parameters": None} == {**meta["task"], "parameters": None}:
+        raise TaskError(
+            f"The task selects the parameters {described['parameters']}, the store was featurized with "
+            f"{meta['task']['parameters']}; build the task with the store's selection ({selection_code(meta['task'])})."
+        )
+    if described != meta["task"]:
         raise TaskError(
             f"The task {task.describe()} is not the store's {meta['task']}; query with the task the store was "
             "featurized with."
@@ -166,6 +172,20 @@ def check_query_model(
             f"{'' if path is None else f' at {path}'} ({why}); build the model and parameter selection used for "
             "featurize."
         )
+
+
+def selection_code(task: Mapping[str, Any]) -> str:
+    """The ``parameters=`` argument that rebuilds a stored task description's parameter selection."""
+    selection = dict(task.get("parameters") or {})
+    if selection.pop("kind", None) == "modules":
+        defaults = {"include": ["*"], "exclude": [], "blocks_only": True, "bias": True}
+        chosen = {k: v for k, v in selection.items() if k in defaults and v != defaults[k]}
+        return f"parameters=sp.ModuleSelection({_arguments(chosen)})"
+    return f"parameters=sp.ParameterSelection({_arguments(selection)})"
+
+
+def _arguments(values: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={tuple(v) if isinstance(v, list) else v!r}" for k, v in values.items())
 
 
 def _seeded_rows(size: int, count: int, salt: int) -> list[int]:

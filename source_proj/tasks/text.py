@@ -18,10 +18,14 @@ task sees outside vmap checks that the mask reproduces the model's own masking e
 ``torch.nn`` models receive the 2-D ``attention_mask`` and build what they need (vmap-safe ops
 only: ``masked_fill``/``where``, never ``if mask.any():``).
 
-**Parameters** ([`ModuleSelection`][], kronfluence-style): by default the linear layers inside
-the model's numbered blocks, i.e. every transformer layer's attention and MLP projections
-(``nn.Linear``, transformers' GPT-2 ``Conv1D``, ``nn.MultiheadAttention``); embeddings, position
-tables, layer norms, poolers and output heads — tied or not — are left out, as in the SOURCE paper.
+**Parameters** ([`ModuleSelection`][], kronfluence-style): linear layers only (``nn.Linear``,
+transformers' GPT-2 ``Conv1D``, ``nn.MultiheadAttention``); embeddings, position tables and layer norms
+are left out. The classifiers' tasks (sequence and token classification) take every linear layer: each
+transformer layer's attention and MLP projections, and the head (its pooler, its classifier). A
+classifier's head is where a fine-tune moves most, and leaving it out measurably loses the attribution
+(BENCHMARKS.md, "The classifier's head in the default selection"). The language-model task takes only
+the layers inside the numbered blocks: its output head is tied to the embeddings or as large as the
+vocabulary.
 
 Score convention (docs/concepts/source.md §1): score(q, z) = −Δf(q, z). For classification f is the margin,
 so a positive score means z raised the margin (helped). For language modelling f is the query's
@@ -133,6 +137,17 @@ class ModuleSelection:
             "blocks_only": self.blocks_only,
             "bias": self.bias,
         }
+
+
+def _with_head() -> ModuleSelection:
+    """The classifiers' default selection: every linear layer, the blocks' and the head's (a pooler, the classifier).
+
+    ``ModuleSelection(blocks_only=False)``. A sequence or token classifier's head is a few small linear layers,
+    freshly initialised in a fine-tune and moved the most by it; attributing without it scores a part of the
+    parameters' change, which early in an AdamW run can even rank the examples backwards (BENCHMARKS.md,
+    "The classifier's head in the default selection"). ``ModuleSelection()`` leaves it out.
+    """
+    return ModuleSelection(blocks_only=False)
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -386,7 +401,8 @@ class SequenceClassificationTask(_TextTask, ClassificationTask):
     measurement is an error (see [`score_labels`][]).
 
     Attributes:
-        parameters: which parameters are attributed (default: attention and MLP linear layers).
+        parameters: which parameters are attributed (default: every linear layer, the head's
+            too: ``ModuleSelection(blocks_only=False)``).
         attention: for Hugging Face models, how the mask is built: ``"auto"`` (from the model),
             ``"causal"`` (GPT-2-style classifiers) or ``"bidirectional"`` (BERT-style).
         label_smoothing: ε of a run trained on smoothed labels (the Trainer's ``label_smoothing_factor``),
@@ -394,7 +410,7 @@ class SequenceClassificationTask(_TextTask, ClassificationTask):
         problem_type: ``"auto"``, or the problem, in Hugging Face's names.
     """
 
-    parameters: ModuleSelection | ParameterSelection = field(default_factory=ModuleSelection)
+    parameters: ModuleSelection | ParameterSelection = field(default_factory=_with_head)
     name: str = "sequence-classification"
     attention: AttentionKind = "auto"
     problem_type: ProblemType = "auto"
@@ -543,7 +559,8 @@ class LanguageModelingTask(_TextTask):
 
     Attributes:
         tokens_per_sequence: n̄ (a number) or ``"own"``, see above.
-        parameters: which parameters are attributed (default: attention and MLP linear layers).
+        parameters: which parameters are attributed (default: the blocks' attention and MLP
+            linear layers, [`ModuleSelection`][]).
         label_smoothing: ε of a run trained on smoothed labels (default 0: none).
     """
 
@@ -675,13 +692,14 @@ class TokenClassificationTask(_TextTask):
 
     Attributes:
         tokens_per_sequence: n̄ (a number) or ``"own"``, see above.
-        parameters: which parameters are attributed (default: attention and MLP linear layers).
+        parameters: which parameters are attributed (default: every linear layer, the head's
+            too: ``ModuleSelection(blocks_only=False)``).
         attention: for Hugging Face models, how the mask is built (see [`SequenceClassificationTask`][]).
         label_smoothing: ε of a run trained on smoothed labels (default 0: none).
     """
 
     tokens_per_sequence: float | Literal["own"]
-    parameters: ModuleSelection | ParameterSelection = field(default_factory=ModuleSelection)
+    parameters: ModuleSelection | ParameterSelection = field(default_factory=_with_head)
     name: str = "token-classification"
     attention: AttentionKind = "auto"
     label_smoothing: float = 0.0
