@@ -26,17 +26,23 @@ def compare_methods(
     retrains: Path,
     args: LDSArguments,
     methods: Sequence[str] = METHODS,
+    damping_factors: Sequence[float] = (),
 ) -> dict[str, Any]:
     """Fit SOURCE (one segment) and the baselines into the featurized ``store``, score ``queries`` with each, and
     return each method's LDS against ``retrain``'s ground truth (cached in ``retrains``) with the paired
-    per-query difference of SOURCE and each baseline (and ``fit_s``, the fits' seconds); prints them."""
+    per-query difference of SOURCE and each baseline (and ``fit_s``, the fits' seconds); prints them.
+    ``damping_factors``: SOURCE again at each of these damping factors (methods ``source-damping-F``), scored
+    beside the others."""
     started = time.perf_counter()
     sp.fit(store, progress=False)
     for kind in methods[1:]:
         sp.fit_baseline(store, sp.BaselineArguments(kind=kind), progress=False)
     fitting = time.perf_counter() - started
+    for factor in damping_factors:
+        sp.fit(store, sp.FitArguments(damping_factor=factor, method=f"source-damping-{factor:g}"), overwrite=True,
+               progress=False)  # fmt: skip
     scores = {}
-    for method in methods:
+    for method in [*methods, *(f"source-damping-{factor:g}" for factor in damping_factors)]:
         attributor = sp.Attributor(store, build_model(), task, method=method)
         scores[method] = attributor.scores(queries)
         rows = attributor.rows
@@ -44,7 +50,7 @@ def compare_methods(
     results = {m: lds(s, truth, args) for m, s in scores.items()}
     report: dict[str, Any] = {m: {"lds": r.mean, "ci": [r.low, r.high]} for m, r in results.items()}
     report["fit_s"] = fitting
-    for method in methods[1:]:
+    for method in list(results)[1:]:
         diff = results[methods[0]].per_query - results[method].per_query
         diff = diff[np.isfinite(diff)]
         boot = np.random.default_rng(0).choice(diff, (2000, len(diff))).mean(1)

@@ -11,7 +11,9 @@ SGD at 0.1 with momentum 0.9), batches of 16,
 ``SequenceClassificationTask`` (the labels' summed log-odds, or the absolute error). Ground truth: ``--subsets``
 random halves × ``--repeats`` retrains; SOURCE (eigen projection, one segment), TRAK, TracIn-CP and grad-dot in
 one store at k = ``--dim``, through the task's default parameters (the blocks' linear layers and the head;
-``--blocks-only``: without the head, the default before 2026-12-02).
+``--blocks-only``: without the head, the default before 2026-12-02). ``--damping-factors``: SOURCE again at
+these damping factors; ``--ensemble M``: every method also averaged over M models (seeds 0 … M − 1, each
+recorded, featurized and fitted into its own store), against the same ground truth.
 
     python benchmarks/sequence_heads_lds.py --head multi --out runs/multi-label-lds
     python benchmarks/sequence_heads_lds.py --head regression --out runs/regression-lds
@@ -28,12 +30,12 @@ import numpy as np
 import torch
 
 import source_proj as sp
-from source_proj.evaluation.lds import LDSArguments
+from source_proj.evaluation.lds import LDSArguments, lds, lds_ground_truth
 
 try:
-    from methods_lds import compare_methods
+    from methods_lds import METHODS, compare_methods
 except ImportError:  # imported as benchmarks.sequence_heads_lds
-    from benchmarks.methods_lds import compare_methods
+    from benchmarks.methods_lds import METHODS, compare_methods
 
 VOCAB, LENGTH, BATCH = 48, 12, 16
 
@@ -134,6 +136,10 @@ def main() -> None:
     parser.add_argument("--subsets", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--damping-factors", type=float, nargs="*", default=(),
+                        help="SOURCE again at each of these damping factors, scored beside the others")
+    parser.add_argument("--ensemble", type=int, default=1,
+                        help="also score each method averaged over this many models (seeds 0, 1, …)")
     parser.add_argument("--blocks-only", action="store_true",
                         help="the blocks' linear layers only, without the head (the default before 2026-12-02)")
     parser.add_argument("--out", type=Path, default=Path("runs/multi-label-lds"))
@@ -152,9 +158,38 @@ def main() -> None:
     featurizing = time.perf_counter() - started
     lds_args = LDSArguments(num_subsets=args.subsets, repeats=args.repeats, workers=args.workers)
     report = compare_methods(store_path, training.model, training.task, training.queries, training,
-                             args.out / "retrains", lds_args)  # fmt: skip
+                             args.out / "retrains", lds_args, damping_factors=args.damping_factors)  # fmt: skip
     report["featurize_and_fit_s"] = featurizing + report["fit_s"]
+    if args.ensemble > 1:
+        report["ensemble"] = ensemble_lds(args, training, store_path, lds_args)
     (args.out / "result.json").write_text(json.dumps(report, indent=1))
+
+
+def ensemble_lds(args: argparse.Namespace, training: Training, first: Path, lds_args: LDSArguments) -> dict:
+    """Each method averaged over ``--ensemble`` models (the recorded run and runs of seeds 1, 2, …, each
+    recorded, featurized and fitted into its own store), scored against the same ground truth."""
+    stores = [first]
+    for seed in range(1, args.ensemble):
+        run, store = args.out / f"run-seed{seed}", args.out / f"run-seed{seed}.sp"
+        if not (run / "trajectory.json").is_file() or not json.loads((run / "trajectory.json").read_text())["complete"]:
+            training.train(seed, run=run)
+        if not store.is_dir():
+            sp.featurize(run, training.model(), training.task, training.train_data, store,
+                         projection=sp.ProjectionArguments(dim=args.dim), progress=False)  # fmt: skip
+        sp.fit(store, progress=False)
+        for kind in METHODS[1:]:
+            sp.fit_baseline(store, sp.BaselineArguments(kind=kind), progress=False)
+        stores.append(store)
+    out = {}
+    truth = None
+    for method in METHODS:
+        ensemble = sp.Ensemble.open(stores, training.model(), training.task, method=method)
+        if truth is None:
+            truth = lds_ground_truth(training, ensemble.rows, args.out / "retrains", lds_args)
+        result = lds(ensemble.scores(training.queries), truth, lds_args)
+        out[method] = {"lds": result.mean, "ci": [result.low, result.high]}
+        print(f"ensemble of {args.ensemble}, {method}: LDS {result.mean:.3f} [{result.low:.3f}, {result.high:.3f}]")
+    return out
 
 
 if __name__ == "__main__":
