@@ -52,7 +52,8 @@ from source_proj import __version__
 from source_proj.errors import SourceProjError, StoreError, TaskError, TrajectoryError, first_line, out_of_memory
 from source_proj.store.store import Store
 from source_proj.tasks.gradients import move_batch
-from source_proj.tasks.task import Task
+from source_proj.tasks.task import ParameterSelection, Task
+from source_proj.tasks.text import ModuleSelection
 from source_proj.trajectory.recorder import Trajectory
 
 REFERENCE_BATCH = "provenance/reference_batch"
@@ -175,17 +176,15 @@ def check_query_model(
 
 
 def selection_code(task: Mapping[str, Any]) -> str:
-    """The ``parameters=`` argument that rebuilds a stored task description's parameter selection."""
+    """The ``parameters=`` argument that rebuilds a stored task description's parameter selection (the fields that
+    differ from the selection class's defaults)."""
     selection = dict(task.get("parameters") or {})
-    if selection.pop("kind", None) == "modules":
-        defaults = {"include": ["*"], "exclude": [], "blocks_only": True, "bias": True}
-        chosen = {k: v for k, v in selection.items() if k in defaults and v != defaults[k]}
-        return f"parameters=sp.ModuleSelection({_arguments(chosen)})"
-    return f"parameters=sp.ParameterSelection({_arguments(selection)})"
-
-
-def _arguments(values: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k}={tuple(v) if isinstance(v, list) else v!r}" for k, v in values.items())
+    kind = ModuleSelection if selection.pop("kind", None) == "modules" else ParameterSelection
+    default = kind().describe()
+    chosen = ", ".join(
+        f"{k}={tuple(v) if isinstance(v, list) else v!r}" for k, v in selection.items() if v != default.get(k)
+    )
+    return f"parameters=sp.{kind.__name__}({chosen})"
 
 
 def _seeded_rows(size: int, count: int, salt: int) -> list[int]:
