@@ -161,6 +161,10 @@ def test_a_padded_bert_classifier_trained_by_the_hf_trainer_is_attributed(tmp_pa
     queries = sp.TextDataset(sequences[:3], labels=labels[:3], length=8)
     scores = sp.Attributor(store, bert(), task).scores(queries)
     assert scores.shape == (3, 24) and np.isfinite(scores).all() and np.abs(scores).max() > 0
+    # The old default (blocks only) is refused with the argument that opens this store.
+    with pytest.raises(sp.TaskError, match=r"build the task with the store's selection "
+                                           r"\(parameters=sp\.ModuleSelection\(blocks_only=False\)\)\.$"):
+        sp.Attributor(store, bert(), sp.SequenceClassificationTask(parameters=sp.ModuleSelection()))
 
 
 def test_per_token_scores_of_a_sequence_sum_to_its_score(fitted: tuple[Path, Path], tmp_path: Path) -> None:
