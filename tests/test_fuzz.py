@@ -213,8 +213,12 @@ def _attributes(store: Path) -> dict:
 
 
 def _loaded(path: Path) -> dict[str, torch.Tensor] | None:
+    """The checkpoint's weights read as the library reads them (mapped: ``load_checkpoint(mmap=True)``), copied out
+    of the file; ``None`` where that fails. A mapped load reads a tensor's own bytes only, so a damaged storage
+    size in the archive's index that still covers those bytes loads the true weights where a whole read refuses."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)["model"]  # as the library loads it
+        weights = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["model"]
+        return {name: tensor.clone() for name, tensor in weights.items()}
     except Exception:
         return None
 
