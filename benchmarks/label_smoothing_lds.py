@@ -114,7 +114,7 @@ def main() -> None:
     for name, (folder, task) in settings.items():
         store = out / f"{folder.name}.sp"
         started = time.perf_counter()
-        if not store.is_dir():
+        if not store.is_dir() or not sp.Store.open(store).meta.get("featurized"):  # new, or resumed
             sp.featurize(folder, build_model(0), task, data, store, projection=sp.ProjectionArguments(dim=args.dim),
                          progress=False)  # fmt: skip
             sp.fit(store, progress=False)

@@ -124,7 +124,7 @@ def main() -> None:
     store_path = args.out / "run.sp"
     task = lm.build_task()
     started = time.perf_counter()
-    if not store_path.is_dir():
+    if not store_path.is_dir() or not sp.Store.open(store_path).meta.get("featurized"):  # new, or resumed
         sp.featurize(run, fine_tune.model(), task, {"finetune": lm.corpus().train["finetune"]}, store_path,
                      projection=sp.ProjectionArguments(dim=args.dim), progress=False)  # fmt: skip
     featurizing = time.perf_counter() - started

@@ -152,7 +152,7 @@ def main() -> None:
         training.train(0, run=run)
     store_path = args.out / "run.sp"
     started = time.perf_counter()
-    if not store_path.is_dir():
+    if not store_path.is_dir() or not sp.Store.open(store_path).meta.get("featurized"):  # new, or resumed
         sp.featurize(run, training.model(), training.task, training.train_data, store_path,
                      projection=sp.ProjectionArguments(dim=args.dim), progress=False)  # fmt: skip
     featurizing = time.perf_counter() - started
@@ -173,7 +173,7 @@ def ensemble_lds(args: argparse.Namespace, training: Training, first: Path, lds_
         run, store = args.out / f"run-seed{seed}", args.out / f"run-seed{seed}.sp"
         if not (run / "trajectory.json").is_file() or not json.loads((run / "trajectory.json").read_text())["complete"]:
             training.train(seed, run=run)
-        if not store.is_dir():
+        if not store.is_dir() or not sp.Store.open(store).meta.get("featurized"):  # new, or resumed
             sp.featurize(run, training.model(), training.task, training.train_data, store,
                          projection=sp.ProjectionArguments(dim=args.dim), progress=False)  # fmt: skip
         sp.fit(store, progress=False)

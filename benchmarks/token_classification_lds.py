@@ -140,7 +140,7 @@ def main() -> None:
         training.train(0, run=run)
     store_path = args.out / "run.sp"
     started = time.perf_counter()
-    if not store_path.is_dir():
+    if not store_path.is_dir() or not sp.Store.open(store_path).meta.get("featurized"):  # new, or resumed
         sp.featurize(run, build_model(), training.task, training.train_data, store_path,
                      projection=sp.ProjectionArguments(dim=args.dim), progress=False)  # fmt: skip
     featurizing = time.perf_counter() - started
