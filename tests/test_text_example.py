@@ -165,6 +165,14 @@ def test_a_padded_bert_classifier_trained_by_the_hf_trainer_is_attributed(tmp_pa
     with pytest.raises(sp.TaskError, match=r"build the task with the store's selection "
                                            r"\(parameters=sp\.ModuleSelection\(blocks_only=False\)\)\.$"):
         sp.Attributor(store, bert(), sp.SequenceClassificationTask(parameters=sp.ModuleSelection()))
+    # So is featurize into it (a resume, or a grown store) and a baseline that runs the model.
+    old = sp.SequenceClassificationTask(parameters=sp.ModuleSelection())
+    with pytest.raises(sp.StoreError, match=r"another parameter selection: .*\(parameters=sp\.ModuleSelection\("
+                                            r"blocks_only=False\)\), pass --force"):
+        sp.featurize(tmp_path / "run", bert(), old, data, tmp_path / "s.sp", projection=sp.ProjectionArguments(dim=32),
+                     options=sp.FeaturizeArguments(batch_size=8, chunk_rows=8), progress=False)  # fmt: skip
+    with pytest.raises(sp.TaskError, match=r"^The task selects the parameters .*blocks_only=False\)\)\.$"):
+        sp.fit_baseline(store, sp.BaselineArguments(kind="repsim"), model=bert(), task=old, train_data=data)
 
 
 def test_per_token_scores_of_a_sequence_sum_to_its_score(fitted: tuple[Path, Path], tmp_path: Path) -> None:

@@ -67,6 +67,7 @@ from source_proj.store.provenance import (
     describe_provenance,
     model_errors,
     model_fingerprint,
+    other_selection,
     reference_batch,
     save_reference_batch,
 )
@@ -468,6 +469,12 @@ class _Featurize:
                 f"The store at {self.path} was featurized by source-proj {old.get('library_version')}, this is "
                 f"{__version__}, whose numbers may differ; pass --force (overwrite=True) to featurize it anew, or use "
                 "another store path."
+            )
+        selection = other_selection(old.get("task") or {}, meta["task"])
+        if selection is not None:
+            raise StoreError(
+                f"The store at {self.path} was featurized with another parameter selection: {selection}, pass --force "
+                "(overwrite=True) to replace it, or use another store path."
             )
         if differing:
             raise StoreError(

@@ -97,6 +97,7 @@ from source_proj.featurize.windows import (
 from source_proj.methods.fit import _claim_method, _finish_method, checkpoint_curvature
 from source_proj.methods.kinds import BASELINES
 from source_proj.query.attributor import store_trajectory
+from source_proj.store.provenance import other_selection
 from source_proj.store.store import Store, ckpt_key
 from source_proj.tasks.gradients import move_batch
 from source_proj.tasks.task import Task
@@ -474,6 +475,9 @@ def _repsim(
             "train_data= for kind 'repsim'."
         )
     meta = store.meta
+    selection = other_selection(meta["task"], task.describe())
+    if selection is not None:
+        raise TaskError(f"{selection[0].upper()}{selection[1:]}.")
     if task.describe() != meta["task"]:
         raise TaskError(f"The task {task.describe()} differs from the store's {meta['task']}; use the same task.")
     trajectory = store_trajectory(meta)

@@ -152,11 +152,9 @@ def check_query_model(
     named in the refusal (several stores evaluated together need it)."""
     check_run(meta, trajectory)
     described = task.describe()
-    if described != meta["task"] and {**described, "parameters": None} == {**meta["task"], "parameters": None}:
-        raise TaskError(
-            f"The task selects the parameters {described['parameters']}, the store was featurized with "
-            f"{meta['task']['parameters']}; build the task with the store's selection ({selection_code(meta['task'])})."
-        )
+    selection = other_selection(meta["task"], described)
+    if selection is not None:
+        raise TaskError(f"{selection[0].upper()}{selection[1:]}.")
     if described != meta["task"]:
         raise TaskError(
             f"The task {task.describe()} is not the store's {meta['task']}; query with the task the store was "
@@ -173,6 +171,18 @@ def check_query_model(
             f"{'' if path is None else f' at {path}'} ({why}); build the model and parameter selection used for "
             "featurize."
         )
+
+
+def other_selection(stored: Mapping[str, Any], described: Mapping[str, Any]) -> str | None:
+    """Where two task descriptions differ in their parameter selection only: a clause naming both and the
+    ``parameters=`` argument that rebuilds the stored one (a store made before a task's default selection changed
+    is the common case); else ``None``."""
+    if dict(stored) == dict(described) or {**described, "parameters": None} != {**stored, "parameters": None}:
+        return None
+    return (
+        f"the task selects the parameters {described['parameters']}, the store was featurized with "
+        f"{stored['parameters']}; build the task with the store's selection ({selection_code(stored)})"
+    )
 
 
 def selection_code(task: Mapping[str, Any]) -> str:
