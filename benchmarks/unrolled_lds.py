@@ -10,8 +10,9 @@ linear response that SOURCE approximates, with nothing stationary, projected or 
 - ``fixed D``: Adam's denominator held at the segment's mean D of the recorded checkpoints, as SOURCE takes it.
 
 Then the curvature-free inner product ∇f(θ_T)ᵀ D⁻¹ ḡ(z) (ḡ: the mean gradient over the segment's checkpoints,
-as SOURCE averages it; plain: without D⁻¹) restricted to each group of parameters (embeddings, the blocks, the
-head), which shows what each group's share of the change predicts. Every score matrix is scored by LDS against
+as SOURCE averages it; plain: without D⁻¹) restricted to each group of parameters (the blocks' linear layers, the
+head, the layer norms, the embedding tables, the task's default selection, all), which shows what each group's
+share of the change predicts. Every score matrix is scored by LDS against
 the benchmark's ground truth.
 
     python benchmarks/sequence_heads_lds.py --head multi --epochs 1 --out runs/multi-label-lds-1
@@ -100,7 +101,8 @@ def grouped_inner_products(model, training, args, trajectory, d_fixed) -> dict[s
     names = [k for k, _ in model.named_parameters()]
     data = training.train_data
     stage = trajectory.stages[0]
-    states = [trajectory.load_state(c)["model"] for c in trajectory.checkpoints if c.step < stage.end_step]
+    steps = [c.step for c in trajectory.checkpoints]
+    states = [trajectory.load_state(c)["model"] for c in trajectory.checkpoints]
 
     def per_example(theta, fn, count):
         rows = []
@@ -116,17 +118,37 @@ def grouped_inner_products(model, training, args, trajectory, d_fixed) -> dict[s
         return measurements(model, th, training, args.head, slice(i, i + 1)).sum()
 
     thetas = [{k: s[k].double() for k in names} for s in states]
-    train = torch.stack([per_example(th, train_loss, len(data)) for th in thetas]).mean(0)
-    final = {k: trajectory.load_state(trajectory.checkpoints[-1])["model"][k].double() for k in names}
-    query = per_example(final, query_measurement, len(training.queries))
+    at = torch.stack([per_example(th, train_loss, len(data)) for th in thetas])  # [checkpoints, N, p]
+    inside = torch.tensor([stage.start_step <= step < stage.end_step for step in steps])
+    train = at[inside].mean(0)  # SOURCE's ḡ: the checkpoints inside the segment, its first one included
+    query = per_example(thetas[-1], query_measurement, len(training.queries))
     inverse = torch.cat([(1 / d_fixed[k]).reshape(-1) for k in names])
-    groups = {"embeddings": lambda k: ".embeddings." in k, "blocks": lambda k: ".encoder.layer." in k,
-              "head": lambda k: k.startswith(("bert.pooler.", "classifier.")), "all": lambda k: True}  # fmt: skip
+    blocks = set(sp.ModuleSelection().select(model))  # the old default: the blocks' linear layers
+    default = set(training.task.select_parameters(model))  # the task's: the blocks' and the head's linear layers
+    groups = {
+        "blocks' linear layers": blocks.__contains__,
+        "head (pooler, classifier)": lambda k: k.startswith(("bert.pooler.", "classifier.")),
+        "layer norms": lambda k: "LayerNorm" in k,
+        "embedding tables": lambda k: ".embeddings." in k and "LayerNorm" not in k,
+        "the task's default selection": default.__contains__,
+        "all": lambda k: True,
+    }
     out = {}
     for group, keeps in groups.items():
         mask = torch.cat([torch.full((p.numel(),), float(keeps(k))) for k, p in model.named_parameters()])
         for kind, scale in (("Adam's D⁻¹", inverse), ("plain", torch.ones_like(inverse))):
             out[f"{group}, {kind}"] = -((query * mask * scale) @ train.T).numpy()
+    # Which checkpoints ḡ averages, in Adam's coordinates: SOURCE's (the segment's, from its first), the
+    # trapezoid rule over the segment's ends, the later ones only, the final one only.
+    trapezoid = torch.tensor([0.5 if step in (stage.start_step, stage.end_step) else 1.0 for step in steps])
+    averages = {"segment's checkpoints": inside.double(), "trapezoid": trapezoid.double(),
+                "after the first": torch.tensor([float(step > stage.start_step) for step in steps]),
+                "final only": torch.tensor([float(step == steps[-1]) for step in steps])}  # fmt: skip
+    for group in ("blocks' linear layers", "the task's default selection"):
+        mask = torch.cat([torch.full((p.numel(),), float(groups[group](k))) for k, p in model.named_parameters()])
+        for average, weights in averages.items():
+            g = torch.einsum("c,cnp->np", weights.double() / weights.sum(), at)
+            out[f"{group}, ḡ over {average}"] = -((query * mask * inverse) @ g.T).numpy()
     return out
 
 
