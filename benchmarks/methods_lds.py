@@ -3,6 +3,7 @@ benchmarks that compare methods: ``token_classification_lds.py``, ``lora_lds.py`
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,6 +16,11 @@ import source_proj as sp
 from source_proj.evaluation.lds import LDSArguments, lds, lds_ground_truth
 
 METHODS = ("source", "trak", "tracin", "grad-dot")
+
+
+def selection(args: argparse.Namespace) -> dict[str, sp.ModuleSelection]:
+    """The task's parameters: its default (the blocks and the head) or, with ``--blocks-only``, the blocks only."""
+    return {"parameters": sp.ModuleSelection()} if getattr(args, "blocks_only", False) else {}
 
 
 def compare_methods(

@@ -33,9 +33,9 @@ import source_proj as sp
 from source_proj.evaluation.lds import LDSArguments, lds, lds_ground_truth
 
 try:
-    from methods_lds import METHODS, compare_methods
+    from methods_lds import METHODS, compare_methods, selection
 except ImportError:  # imported as benchmarks.sequence_heads_lds
-    from benchmarks.methods_lds import METHODS, compare_methods
+    from benchmarks.methods_lds import METHODS, compare_methods, selection
 
 VOCAB, LENGTH, BATCH = 48, 12, 16
 
@@ -62,11 +62,6 @@ def build_model(head: str, seed: int = 0) -> torch.nn.Module:
                                      num_labels=4 if head == "multi" else 1, hidden_dropout_prob=0.0,
                                      attention_probs_dropout_prob=0.0)  # fmt: skip
     return transformers.BertForSequenceClassification(config)
-
-
-def selection(args: argparse.Namespace) -> dict[str, sp.ModuleSelection]:
-    """The task's parameters: its default (the blocks and the head) or, with ``--blocks-only``, the blocks only."""
-    return {"parameters": sp.ModuleSelection()} if getattr(args, "blocks_only", False) else {}
 
 
 class Training:

@@ -29,9 +29,9 @@ import source_proj as sp
 from source_proj.evaluation.lds import LDSArguments
 
 try:
-    from methods_lds import compare_methods
+    from methods_lds import compare_methods, selection
 except ImportError:  # imported as benchmarks.token_classification_lds
-    from benchmarks.methods_lds import compare_methods
+    from benchmarks.methods_lds import compare_methods, selection
 
 VOCAB, LENGTH, TAGS, BATCH = 48, 12, 4, 16
 
@@ -65,11 +65,6 @@ def build_model(seed: int = 0) -> torch.nn.Module:
                                      intermediate_size=64, max_position_embeddings=LENGTH, num_labels=TAGS,
                                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
     return transformers.BertForTokenClassification(config)
-
-
-def selection(args: argparse.Namespace) -> dict[str, sp.ModuleSelection]:
-    """The task's parameters: its default (the blocks and the head) or, with ``--blocks-only``, the blocks only."""
-    return {"parameters": sp.ModuleSelection()} if getattr(args, "blocks_only", False) else {}
 
 
 class Training:
