@@ -33,12 +33,14 @@ def compare_methods(
     args: LDSArguments,
     methods: Sequence[str] = METHODS,
     damping_factors: Sequence[float] = (),
+    averages: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Fit SOURCE (one segment) and the baselines into the featurized ``store``, score ``queries`` with each, and
     return each method's LDS against ``retrain``'s ground truth (cached in ``retrains``) with the paired
     per-query difference of SOURCE and each baseline (and ``fit_s``, the fits' seconds); prints them.
     ``damping_factors``: SOURCE again at each of these damping factors (methods ``source-damping-F``), scored
-    beside the others."""
+    beside the others; ``averages``: SOURCE again with each of these segment averages (``FitArguments.average``,
+    methods ``source-average-A``), likewise."""
     started = time.perf_counter()
     sp.fit(store, progress=False)
     for kind in methods[1:]:
@@ -47,8 +49,12 @@ def compare_methods(
     for factor in damping_factors:
         sp.fit(store, sp.FitArguments(damping_factor=factor, method=f"source-damping-{factor:g}"), overwrite=True,
                progress=False)  # fmt: skip
+    for average in averages:
+        sp.fit(store, sp.FitArguments(average=average, method=f"source-average-{average}"), overwrite=True,
+               progress=False)  # fmt: skip
     scores = {}
-    for method in [*methods, *(f"source-damping-{factor:g}" for factor in damping_factors)]:
+    extra = [*(f"source-damping-{factor:g}" for factor in damping_factors), *(f"source-average-{a}" for a in averages)]
+    for method in [*methods, *extra]:
         attributor = sp.Attributor(store, build_model(), task, method=method)
         scores[method] = attributor.scores(queries)
         rows = attributor.rows

@@ -12,7 +12,8 @@ SGD at 0.1 with momentum 0.9), batches of 16,
 random halves × ``--repeats`` retrains; SOURCE (eigen projection, one segment), TRAK, TracIn-CP and grad-dot in
 one store at k = ``--dim``, through the task's default parameters (the blocks' linear layers and the head;
 ``--blocks-only``: without the head, the default before 2026-12-02). ``--damping-factors``: SOURCE again at
-these damping factors; ``--ensemble M``: every method also averaged over M models (seeds 0 … M − 1, each
+these damping factors; ``--averages checkpoints``: SOURCE again with the plain mean of each segment's checkpoints
+(the rule before 2026-12-02); ``--ensemble M``: every method also averaged over M models (seeds 0 … M − 1, each
 recorded, featurized and fitted into its own store), against the same ground truth.
 
     python benchmarks/sequence_heads_lds.py --head multi --out runs/multi-label-lds
@@ -137,6 +138,8 @@ def main() -> None:
                         help="also score each method averaged over this many models (seeds 0, 1, …)")
     parser.add_argument("--blocks-only", action="store_true",
                         help="the blocks' linear layers only, without the head (the default before 2026-12-02)")
+    parser.add_argument("--averages", nargs="*", default=(), choices=("steps", "checkpoints"),
+                        help="SOURCE again with each of these segment averages (FitArguments.average)")
     parser.add_argument("--out", type=Path, default=Path("runs/multi-label-lds"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -153,7 +156,8 @@ def main() -> None:
     featurizing = time.perf_counter() - started
     lds_args = LDSArguments(num_subsets=args.subsets, repeats=args.repeats, workers=args.workers)
     report = compare_methods(store_path, training.model, training.task, training.queries, training,
-                             args.out / "retrains", lds_args, damping_factors=args.damping_factors)  # fmt: skip
+                             args.out / "retrains", lds_args, damping_factors=args.damping_factors,
+                             averages=args.averages)  # fmt: skip
     report["featurize_and_fit_s"] = featurizing + report["fit_s"]
     if args.ensemble > 1:
         report["ensemble"] = ensemble_lds(args, training, store_path, lds_args)

@@ -125,6 +125,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--blocks-only", action="store_true",
                         help="the blocks' linear layers only, without the head (the default before 2026-12-02)")
+    parser.add_argument("--averages", nargs="*", default=(), choices=("steps", "checkpoints"),
+                        help="SOURCE again with each of these segment averages (FitArguments.average)")
     parser.add_argument("--out", type=Path, default=Path("runs/token-classification-lds"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -141,7 +143,7 @@ def main() -> None:
     featurizing = time.perf_counter() - started
     lds_args = LDSArguments(num_subsets=args.subsets, repeats=args.repeats, workers=args.workers)
     report = compare_methods(store_path, build_model, training.task, training.queries, training,
-                             args.out / "retrains", lds_args)  # fmt: skip
+                             args.out / "retrains", lds_args, averages=args.averages)  # fmt: skip
     report["featurize_and_fit_s"] = featurizing + report["fit_s"]
     (args.out / "result.json").write_text(json.dumps(report, indent=1))
 

@@ -84,6 +84,32 @@ def full_batch_run(
     return model
 
 
+
+def step_weights_by_hand(start: int, end: int, knots: list[int], lr) -> dict[int, float]:
+    """SOURCE's average over the steps start … end − 1, step by step (the oracle of ``segments.step_average``):
+    step t counts with its rate η_t, its gradient taken on the straight line between the checkpoints around it in
+    τ = the sum of the rates before it, the first and last checkpoint's where it lies outside them."""
+    def tau(step: int) -> float:
+        return float(sum(float(r) for r in lr[:step]))
+
+    knots = sorted(knots)
+    total = sum(float(r) for r in lr[start:end])
+    weights = dict.fromkeys(knots, 0.0)
+    for t in range(start, end):
+        mass = float(lr[t]) if total > 0 else 1.0
+        x = tau(t)
+        if x < tau(knots[0]):
+            weights[knots[0]] += mass
+        elif x >= tau(knots[-1]):
+            weights[knots[-1]] += mass
+        else:
+            j = max(i for i, k in enumerate(knots) if tau(k) <= x)
+            share = (x - tau(knots[j])) / (tau(knots[j + 1]) - tau(knots[j]))
+            weights[knots[j]] += mass * (1 - share)
+            weights[knots[j + 1]] += mass * share
+    norm = total if total > 0 else end - start
+    return {k: w / norm for k, w in weights.items() if w > 0}
+
 @pytest.fixture
 def regression_data() -> TensorDataset:
     g = torch.Generator().manual_seed(0)

@@ -31,7 +31,9 @@ def _featurize(run: Path, model: nn.Module, task: sp.Task, data, store: Path, **
 
 def test_fast_source_equals_source_when_gradients_are_affine_in_the_parameters(tmp_path: Path, regression_data) -> None:
     """Linear regression: ∇ℓ(z; θ) is affine in θ and the Gauss–Newton matrix constant, so averaging parameters
-    (Fast-SOURCE) and averaging gradients and curvatures (SOURCE) coincide."""
+    (Fast-SOURCE) and averaging gradients and curvatures (SOURCE) with the same weights coincide: Fast-SOURCE
+    takes the plain mean of a segment's checkpoints, SOURCE's ``average="checkpoints"``. SOURCE's default, the
+    mean over the segment's steps, gives the closing checkpoint a share and differs."""
     torch.manual_seed(0)
     full_batch_run(
         tmp_path / "run",
@@ -47,12 +49,15 @@ def test_fast_source_equals_source_when_gradients_are_affine_in_the_parameters(t
     store = _featurize(tmp_path / "run", nn.Linear(3, 1), task, regression_data, tmp_path / "s.sp", segment_means=True)
     assert store.meta["segmentation"]["arguments"] == {"per_stage": 1}  # the default: one segment per stage
     assert [len(s["checkpoints"]) for s in store.meta["segmentation"]["segments"]] == [10]
-    sp.fit(store, progress=False)
+    sp.fit(store, sp.FitArguments(average="checkpoints"), progress=False)
     sp.fit(store, sp.FitArguments(fast=True), progress=False)
+    sp.fit(store, sp.FitArguments(method="steps"), progress=False)
     assert store.meta["methods"]["fast-source"]["kind"] == "fast-source"
     source = sp.Attributor(store, nn.Linear(3, 1), task).scores(queries)
     fast = sp.Attributor(store, nn.Linear(3, 1), task, method="fast-source").scores(queries)
     assert np.allclose(fast, source, rtol=1e-4, atol=1e-6 * np.abs(source).max())
+    steps = sp.Attributor(store, nn.Linear(3, 1), task, method="steps").scores(queries)
+    assert not np.allclose(steps, source, rtol=1e-2)
 
 
 def test_fast_only_mode_featurizes_the_averaged_parameters_and_nothing_else(

@@ -21,7 +21,7 @@ from source_proj.methods.source import phi, survival
 from source_proj.projection.factored import FactoredLayer
 from source_proj.tasks.gradients import PerExampleGradients
 
-from .conftest import full_batch_run
+from .conftest import full_batch_run, step_weights_by_hand
 
 
 class _ConvNet(nn.Module):
@@ -238,8 +238,9 @@ def test_source_with_kronecker_curvature_equals_brute_force(
 ) -> None:
     """The whole pipeline (featurize with Kronecker factors → fit → query, identity projection, two
     segments) equals SOURCE computed by hand with dense Kronecker matrices: score = −Σ_ℓ (1/N) ∇fᵀ A_ℓ ḡ_ℓ,
-    A_ℓ = S_L ⋯ S_{ℓ+1} F_ℓ, H_ℓ = B̄ ⊗ Ā + λI per layer with the factors averaged over the segment's
-    checkpoints (K-FAC's pooled statistics), λ = weight decay + damping_factor × tr(B̄ ⊗ Ā)/p."""
+    A_ℓ = S_L ⋯ S_{ℓ+1} F_ℓ, H_ℓ = B̄ ⊗ Ā + λI per layer with the factors, and ḡ_ℓ, averaged over the segment's
+    steps from the checkpoints around them (K-FAC's pooled statistics; `step_weights_by_hand`),
+    λ = weight decay + damping_factor × tr(B̄ ⊗ Ā)/p."""
     data = TensorDataset(classification_data.tensors[0][:24], classification_data.tensors[1][:24] % 3)
     model = _two_layer_classifier()
     task = sp.ClassificationTask()
@@ -287,18 +288,19 @@ def test_source_with_kronecker_curvature_equals_brute_force(
     hessians, gbars = [], []
     for seg in segments:
         factor_sums, gsum = None, 0
-        for s in seg.checkpoints:
+        # the segment's average over its steps: every checkpoint of the stage may take a share (SGD)
+        weights = step_weights_by_hand(seg.start_step, seg.end_step, steps, traj.lr)
+        for s, w in weights.items():
             traj.load_into(work, by_step[s])
-            factors = _kfac_by_hand(work, x, y)
+            factors = [(w * a, w * b) for a, b in _kfac_by_hand(work, x, y)]
             factor_sums = factors if factor_sums is None else [
                 (a0 + a1, b0 + b1) for (a0, b0), (a1, b1) in zip(factor_sums, factors, strict=True)
             ]
-            gsum = gsum + flat_grads("loss", x, y)
-        k = len(seg.checkpoints)
-        h = torch.block_diag(*[torch.kron(b / k, a / k) for a, b in factor_sums])
+            gsum = gsum + w * flat_grads("loss", x, y)
+        h = torch.block_diag(*[torch.kron(b, a) for a, b in factor_sums])
         damping = seg.weight_decay + (damping_factor or 0.0) * float(torch.trace(h)) / h.shape[0]
         hessians.append(h + damping * torch.eye(h.shape[0], dtype=torch.float64))
-        gbars.append(gsum / k)
+        gbars.append(gsum)
     traj.load_into(work, traj.final_checkpoint)
     q = flat_grads("measurement", *queries.tensors)
 

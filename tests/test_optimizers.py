@@ -18,6 +18,8 @@ from source_proj.trajectory.preconditioner import checkpoint_preconditioner, cou
 from source_proj.trajectory.recorder import Stage
 from source_proj.trajectory.segments import optimizer_rule
 
+from .conftest import step_weights_by_hand
+
 
 def _squared(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (out.squeeze(-1) - y) ** 2
@@ -362,6 +364,24 @@ def test_adam_store_keeps_its_segmentation(tmp_path: Path, regression_data) -> N
     method = store.meta["methods"]["source"]
     assert method["query"]["scales"] == ["preconditioner/0"]
 
+
+
+def test_an_adam_segment_averages_only_checkpoints_featurized_in_its_coordinates(
+    tmp_path: Path, regression_data
+) -> None:
+    """AdamW, checkpoints at 0, 2, …, 12, two segments: each checkpoint's features are scaled by one segment's
+    D^{-1/2}, so the first segment's steps after 4 stay at 4 (6 is the second's), and the second takes the
+    stage's closing checkpoint 12, which featurize scaled by its D."""
+    _small_run(tmp_path / "run", regression_data, lambda p: torch.optim.AdamW(p, lr=0.01), steps=12)
+    store = _featurize(tmp_path / "run", regression_data, tmp_path / "s.sp",
+                       segmentation=sp.SegmentationArguments(per_stage=2))  # fmt: skip
+    sp.fit(store, progress=False)
+    lr = store.read("trajectory/lr")
+    points = store.meta["methods"]["source"]["points"]
+    expected = [step_weights_by_hand(0, 6, [0, 2, 4], lr), step_weights_by_hand(6, 12, [6, 8, 10, 12], lr)]
+    for own, by_hand in zip(points, expected, strict=True):
+        assert {int(key.split("-")[1]): weight for key, weight in own} == pytest.approx(by_hand)
+    assert [[int(key.split("-")[1]) for key, _ in own] for own in points] == [[0, 2, 4], [6, 8, 10, 12]]
 
 def test_baselines_on_an_adam_store_query_in_the_same_preconditioned_coordinates(
     tmp_path: Path, regression_data

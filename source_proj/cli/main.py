@@ -463,6 +463,15 @@ def _module_dims(values: tuple[str, ...]) -> dict[str, int]:
     help="Damp each segment's curvature by the weight decay + this × its mean eigenvalue (0: the paper's SOURCE; "
     "default: 1 with the projected curvature, 0.3 with it on the eigen projection, 0 with kfac).",
 )
+@click.option(
+    "--average",
+    type=click.Choice(["steps", "checkpoints"]),
+    default="steps",
+    show_default=True,
+    help="How a segment's gradients and curvature weigh its checkpoints: steps = the mean over its steps, "
+    "interpolated between the checkpoints around them; checkpoints = the plain mean of the checkpoints its steps "
+    "start from (the paper's rule).",
+)
 @click.option("--method", default=None, help="Name to store the result under [default: source, fast-source].")
 @click.option("--plot", "plot_path", default=None, type=click.Path(path_type=Path), help="PNG of the trajectory view.")
 @click.option("--device", default=None, help="Where the k×k algebra runs (default: cuda when available).")
@@ -481,6 +490,7 @@ def fit(
     stages: str | None,
     fast: bool,
     damping_factor: float | None,
+    average: str,
     method: str | None,
     plot_path: Path | None,
     device: str | None,
@@ -502,6 +512,7 @@ def fit(
         fast=fast,
         curvature=curvature,
         damping_factor=damping_factor,
+        average=average,
     )
     with launched(device):
         store = sp.fit(store_path, args, overwrite=force, device=device, shard=Shard.parse(shard) if shard else None)
@@ -514,11 +525,17 @@ def fit(
         click.echo(view.table())
         if plot_path is not None:
             click.echo(f"wrote {view.plot(plot_path)}")
-    for seg_desc in described["segments"]:
+    points = described.get("points") or [None] * len(described["segments"])
+    for seg_desc, own in zip(described["segments"], points, strict=True):
         t = seg_desc["mean_lr"] * (seg_desc["end_step"] - seg_desc["start_step"])
+        averaged = (
+            ", ".join(f"{key.rsplit('-', 1)[-1].lstrip('0') or '0'} ×{weight:.3f}" for key, weight in own)
+            if own and not args.fast
+            else ", ".join(str(c) for c in seg_desc["checkpoints"])
+        )
         click.echo(
             f"segment {seg_desc['stage']} steps [{seg_desc['start_step']}, {seg_desc['end_step']}) "
-            f"checkpoints {seg_desc['checkpoints']}  η̄K = {t:.4g}  λ = {seg_desc['weight_decay']:.3g} "
+            f"averages checkpoints {averaged}  η̄K = {t:.4g}  λ = {seg_desc['weight_decay']:.3g} "
             f"+ {described['damping_factor']:g} × mean eigenvalue"
         )
     click.echo(f"fitted {args.name!r} ({described['kind']}) in {store.path}; attributes stages {described['stages']}")

@@ -47,11 +47,18 @@ from source_proj.trajectory.segments import (
     check_boundaries,
     make_segments,
     optimizer_rule,
+    step_average,
 )
 
 DAMPING_FACTORS = {"projected": 1.0, "kfac": 0.0, "eigen": 0.3}
 """SOURCE's default damping factor per curvature (`FitArguments.damping_factor`); ``"eigen"``: the projected
 curvature of a store featurized with the ``eigen`` projection."""
+
+AVERAGES = ("steps", "checkpoints")
+"""How a segment's ḡ_ℓ and H̄_ℓ weigh its checkpoints (`FitArguments.average`)."""
+
+Points = list[list[tuple[str, float]]]
+"""Per segment, the stored feature points it averages (store keys) and their weights, which sum to 1."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,14 @@ class FitArguments:
             damping"): 1 for the projected curvature, whose small eigenvalues are mostly estimation and
             projection noise; 0.3 for it on the ``eigen`` projection, which adds no projection noise
             ("The eigen projection"); 0 for the Kronecker one, which damping did not help.
+        average: how a segment's gradients ḡ_ℓ(z) and curvature H̄_ℓ weigh its checkpoints. ``"steps"``
+            (default): the mean over the segment's steps, each step's value interpolated linearly between
+            the checkpoints around it, so the checkpoint that closes a stage counts and a segment's first
+            checkpoint weighs only its share of the steps (``segments.step_average``; BENCHMARKS.md, "A
+            segment's average over its steps"). ``"checkpoints"``: the plain mean over
+            the checkpoints its own steps start from, as the paper writes it (this library's rule before
+            2026-12-02). Captured stores average their windows' visits and Fast-SOURCE its segment means
+            either way.
     """
 
     segments_per_stage: int | None = None
@@ -97,8 +112,11 @@ class FitArguments:
     fast: bool = False
     curvature: str | None = None
     damping_factor: float | None = None
+    average: str = "steps"
 
     def __post_init__(self) -> None:
+        if self.average not in AVERAGES:
+            raise TaskError(f"FitArguments.average is {self.average!r}; use one of {', '.join(AVERAGES)}.")
         factor = self.damping_factor
         if factor is not None and (not isinstance(factor, int | float) or not math.isfinite(factor) or factor < 0):
             raise TaskError(f"damping_factor must be a finite number ≥ 0, not {factor!r}.")
@@ -275,21 +293,44 @@ def checkpoint_curvature(
     return curvature
 
 
-def feature_keys(segments: Sequence[Segment], fast: bool = False) -> list[list[str]]:
-    """The stored feature points averaged in each segment: its checkpoints, or (Fast-SOURCE) its mean."""
-    return [[seg.mean_key] if fast else [ckpt_key(s) for s in seg.checkpoints] for seg in segments]
+def feature_points(store: Store, segments: Sequence[Segment], fast: bool = False, average: str = "steps") -> Points:
+    """The stored feature points each segment averages, with their weights (see `FitArguments.average`):
+    Fast-SOURCE's segment mean; else its checkpoints, by ``average``. With ``"steps"`` a segment may take the
+    checkpoints of its stage around its ends, the stage's closing one included; on Adam stages only those
+    featurized in its own coordinates (scaled by its D_ℓ, ``plan.segment_for``)."""
+    if fast:
+        return [[(seg.mean_key, 1.0)] for seg in segments]
+    if average == "checkpoints":
+        return [[(ckpt_key(s), 1.0 / len(seg.checkpoints)) for s in seg.checkpoints] for seg in segments]
+    meta = store.meta
+    stages = {s.name: s for s in trajectory_stages(meta)}
+    steps = meta["trajectory"]["checkpoints"]
+    lr = store.read("trajectory/lr")
+    out = []
+    for seg in segments:
+        stage = stages[seg.stage]
+        knots = [s for s in steps if stage.start_step <= s <= stage.end_step]
+        if seg.preconditioner is not None:
+            knots = [s for s in knots if segment_for(segments, seg.stage, s).preconditioner == seg.preconditioner]
+        out.append([(ckpt_key(s), w) for s, w in step_average(seg, knots or seg.checkpoints, lr)])
+    return out
+
+
+def point_keys(points: Points) -> list[list[str]]:
+    """The store keys of ``feature_points``, without their weights."""
+    return [[key for key, _ in own] for own in points]
 
 
 def segment_operators(
     store: Store,
     segments: Sequence[Segment],
-    keys: Sequence[Sequence[str]] | None = None,
+    points: Points | None = None,
     device: torch.device | str = "cpu",
     curvature: Callable[[str, str], torch.Tensor] | None = None,
     damping_factor: float = 0.0,
 ) -> list[SegmentOperator]:
-    """One eigendecomposition of H̄_ℓ = mean_c H̃_c + λI per segment (``keys``: its feature points,
-    default its checkpoints; ``curvature(stage, key)``: H̃ of one point, default
+    """One eigendecomposition of H̄_ℓ = Σ_c w_c H̃_c + λI per segment (``points``: its feature points and
+    weights, default [`feature_points`][] at the default average; ``curvature(stage, key)``: H̃ of one point, default
     [`checkpoint_curvature`][]; λ = the weight decay + ``damping_factor`` × the mean eigenvalue of H̄_ℓ).
 
     The mean is accumulated point by point: memory is two k × k matrices whatever the number of
@@ -298,13 +339,11 @@ def segment_operators(
     if curvature is None:
         curvature = partial(checkpoint_curvature, store, device=device)
     operators = []
-    for seg, points in zip(segments, keys or feature_keys(segments), strict=True):
-        total = curvature(seg.stage, points[0])
-        for key in points[1:]:
-            total += curvature(seg.stage, key)
-        operators.append(
-            SegmentOperator.from_curvature(total / len(points), seg.time, seg.weight_decay, damping_factor)
-        )
+    for seg, own in zip(segments, points or feature_points(store, segments), strict=True):
+        total = curvature(seg.stage, own[0][0]) * own[0][1]
+        for key, weight in own[1:]:
+            total.add_(curvature(seg.stage, key), alpha=weight)
+        operators.append(SegmentOperator.from_curvature(total, seg.time, seg.weight_decay, damping_factor))
     return operators
 
 
@@ -376,7 +415,8 @@ class _Fit:
         segments, view = resolve_segments(store, self.args)
         if captured and self.args.fast:
             raise StoreError(f"The store at {store.path} was captured during training; Fast-SOURCE needs featurize.")
-        keys = feature_keys(segments, self.args.fast)
+        points = [] if captured else feature_points(store, segments, self.args.fast, self.args.average)
+        keys = point_keys(points)
         if captured:
             needed = sorted(expected_windows(meta))
         else:
@@ -395,8 +435,8 @@ class _Fit:
                 f"The store at {store.path} lacks the features {missing[:2]} this fit needs; {hint} first."
             )
         if not captured:  # before the method is recorded: a refused fit leaves none unfinished behind it
-            points = [name.split("/", 1)[1] for name in needed]
-            arrays = [f"{kind}/{point}" for point in points for kind in ("grads", "fisher")]
+            names = [name.split("/", 1)[1] for name in needed]
+            arrays = [f"{kind}/{name}" for name in names for kind in ("grads", "fisher")]
             unfinished = [name for name in arrays if store.has(name) and not store.is_complete(name)]
             if unfinished:
                 raise StoreError(
@@ -406,8 +446,8 @@ class _Fit:
                 )
         curvature = self.args.resolve_curvature(meta)
         if curvature == "kfac":
-            points = {(seg.stage, k) for seg, ks in zip(segments, keys, strict=True) for k in ks}
-            needed = sorted(f"kfac/{stage}/{k}/counts" for stage, k in points)
+            pairs = {(seg.stage, k) for seg, ks in zip(segments, keys, strict=True) for k in ks}
+            needed = sorted(f"kfac/{stage}/{k}/counts" for stage, k in pairs)
             missing = [name for name in needed if not store.has(name)]
             if missing:
                 raise StoreError(
@@ -428,10 +468,12 @@ class _Fit:
             "curvature": curvature,
             "damping_factor": self.args.resolve_damping(curvature, meta["projection"]["kind"]),
             "segments": [s.describe() for s in segments],
+            "average": None if captured or self.args.fast else self.args.average,
+            "points": None if captured else [[[key, weight] for key, weight in own] for own in points],
             "stages": attributed,
             "dim": dim,
             "query": query,
-            "train": self._train_recipe(meta, segments, attributed, curvature == "kfac"),
+            "train": self._train_recipe(meta, segments, points, attributed, curvature == "kfac"),
         }
         if view is not None:
             description["view"] = view.describe()
@@ -440,35 +482,44 @@ class _Fit:
         return description, segments
 
     def _train_recipe(
-        self, meta: dict[str, Any], segments: Sequence[Segment], stages: Sequence[str], kronecker: bool = False
+        self,
+        meta: dict[str, Any],
+        segments: Sequence[Segment],
+        points: Points,
+        stages: Sequence[str],
+        kronecker: bool = False,
     ) -> dict[str, Any]:
         """How T(z) is made of gradients at feature points (``query.per_token`` recomputes them per token):
-        T(z) = Σ_terms weight · operator · Σ_points P(s ⊙ ∇ℓ(z; θ_point)), here one term per segment
-        with operator A_ℓ (stored by `finish`) and weight −1/(N · points). With Kronecker curvature the
-        operators act on the query side: each attributed segment's term fills its own block of k columns,
-        without an operator."""
+        T(z) = Σ_terms weight · operator · Σ_points w_point · P(s ⊙ ∇ℓ(z; θ_point)), here one term per segment
+        with operator A_ℓ (stored by `finish`), weight −1/N and each point's weight from [`feature_points`][]
+        (captured stores: its checkpoints alike). With Kronecker curvature the operators act on the query
+        side: each attributed segment's term fills its own block of k columns, without an operator."""
         recorded = [Segment.from_description(d) for d in (meta.get("segmentation") or {}).get("segments", [])]
         sizes = {s["name"]: s["dataset_size"] for s in meta["trajectory"]["stages"]}
+        steps = {ckpt_key(step): step for step in meta["trajectory"]["checkpoints"]}
         terms = []
         for index, seg in enumerate(segments):
             if seg.stage not in stages:
                 continue
             if self.args.fast:
-                points = [{"point": ["mean", list(seg.checkpoints)], "scale": seg.preconditioner}]
+                terms_points = [{"point": ["mean", list(seg.checkpoints)], "scale": seg.preconditioner, "weight": 1.0}]
             else:
-                points = [
-                    {"point": ["checkpoint", step],
-                     "scale": segment_for(recorded, seg.stage, step).preconditioner if recorded else seg.preconditioner}
-                    for step in seg.checkpoints
+                own = points[index] if points else [(ckpt_key(s), 1.0 / len(seg.checkpoints)) for s in seg.checkpoints]
+                terms_points = [
+                    {"point": ["checkpoint", steps[key]],
+                     "scale": segment_for(recorded, seg.stage, steps[key]).preconditioner if recorded
+                     else seg.preconditioner,
+                     "weight": weight}
+                    for key, weight in own
                 ]  # fmt: skip
             k = meta["projection"]["dim"]
             block = len([s for s in segments[:index] if s.stage in stages]) if kronecker else 0
             terms.append({
                 "stage": seg.stage,
                 "columns": [block * k, (block + 1) * k],
-                "weight": -1.0 / (sizes[seg.stage] * len(points)),
+                "weight": -1.0 / sizes[seg.stage],
                 "operator": None if kronecker else f"methods/{self.method}/operators/{index}/folded",
-                "points": points,
+                "points": terms_points,
             })  # fmt: skip
         return {"terms": terms}
 
@@ -520,14 +571,14 @@ class _Fit:
         if not work and group.single and self._refit_unchanged(store, description, segments):
             return
         if description.get("curvature") == "kfac":
-            keys = feature_keys(segments, self.args.fast)
+            points = described_points(description)
             self._curvatures = [
-                kronecker_curvature(store, seg, ks, description["damping_factor"])
-                for seg, ks in zip(segments, keys, strict=True)
+                kronecker_curvature(store, seg, own, description["damping_factor"])
+                for seg, own in zip(segments, points, strict=True)
             ]
             blocks = description["query"]["operators"]["blocks"]
             for stage, chunk in tqdm(work, desc="fit", unit="chunk", disable=not self.progress):
-                values = _segment_blocks(store, stage, chunk, sizes[stage], segments, keys, blocks)
+                values = _segment_blocks(store, stage, chunk, sizes[stage], segments, points, blocks)
                 store.write_chunk(names[stage], chunk, values)
             return
         means: Callable[[str, int, Sequence[Segment]], list[torch.Tensor]]
@@ -542,16 +593,16 @@ class _Fit:
             ]
             means = windows
         else:
-            keys = feature_keys(segments, self.args.fast)
+            points = described_points(description)
             self._operators = segment_operators(
                 store,
                 segments,
-                keys,
+                points,
                 self.device,
-                _shared_curvature(store, segments, keys, self.device, group),
+                _shared_curvature(store, segments, point_keys(points), self.device, group),
                 description["damping_factor"],
             )
-            means = partial(_checkpoint_means, store, dict(zip(segments, keys, strict=True)))
+            means = partial(_checkpoint_means, store, dict(zip(segments, points, strict=True)))
         folded = dict(zip(segments, fold(self._operators), strict=True))
         for stage, chunk in tqdm(work, desc="fit", unit="chunk", disable=not self.progress):
             own = [seg for seg in segments if seg.stage == stage]
@@ -576,7 +627,7 @@ class _Fit:
         if not all(store.is_complete(name) for name in parts):
             return False
         source = "grads" if store.meta["featurize"]["fisher_directions"] == 0 else "fisher"
-        for seg, keys in zip(segments, feature_keys(segments, self.args.fast), strict=True):
+        for seg, keys in zip(segments, point_keys(described_points(description)), strict=True):
             for key in keys:
                 store.check_readable(f"{source}/{seg.stage}/{key}")
         return True
@@ -597,10 +648,9 @@ class _Fit:
             curvatures = self._curvatures
             if curvatures is None:  # another process did the work
                 segments = [Segment.from_description(d) for d in description["segments"]]
-                keys = feature_keys(segments, self.args.fast)
                 curvatures = [
-                    kronecker_curvature(store, seg, ks, description["damping_factor"])
-                    for seg, ks in zip(segments, keys, strict=True)
+                    kronecker_curvature(store, seg, own, description["damping_factor"])
+                    for seg, own in zip(segments, described_points(description), strict=True)
                 ]
             for index, curvature in enumerate(curvatures):
                 write_curvature(store, f"methods/{self.method}/operators/{index}", curvature)
@@ -636,16 +686,33 @@ def _shared_curvature(
 
 
 def _checkpoint_means(
-    store: Store, keys: dict[Segment, Sequence[str]], stage: str, chunk: int, segments: Sequence[Segment]
+    store: Store,
+    points: dict[Segment, Sequence[tuple[str, float]]],
+    stage: str,
+    chunk: int,
+    segments: Sequence[Segment],
 ) -> list[torch.Tensor]:
-    """ḡ_ℓ(z) = mean over the segment's feature points of the stored gradients, float64 ``[rows, k]`` per segment."""
+    """ḡ_ℓ(z) = Σ_c w_c g̃_c(z) over the segment's feature points and weights, float64 ``[rows, k]`` per segment."""
     out = []
     for seg in segments:
-        points = keys[seg]
-        total = sum(torch.from_numpy(store.read_chunk(f"grads/{stage}/{key}", chunk)).double() for key in points)
+        total = sum(
+            torch.from_numpy(store.read_chunk(f"grads/{stage}/{key}", chunk)).double() * weight
+            for key, weight in points[seg]
+        )
         assert isinstance(total, torch.Tensor)
-        out.append(total / len(points))
+        out.append(total)
     return out
+
+
+def described_points(description: dict[str, Any]) -> Points:
+    """The feature points and weights a fitted method's description records (see [`feature_points`][]); a
+    description written before they were recorded averaged each segment's checkpoints (or its mean) alike."""
+    if description.get("points") is None:
+        segments = [Segment.from_description(d) for d in description["segments"]]
+        return [[(key, 1.0 / len(keys)) for key in keys] for keys in
+                ([s.mean_key] if description["kind"] == "fast-source" else [ckpt_key(c) for c in s.checkpoints]
+                 for s in segments)]  # fmt: skip
+    return [[(str(key), float(weight)) for key, weight in own] for own in description["points"]]
 
 
 def _claim_method(store: Store, method: str, description: dict[str, Any], overwrite: bool) -> None:
@@ -670,7 +737,11 @@ def _identity(description: dict[str, Any]) -> Any:
     """What determines a fitted method's result: its description without the raw arguments (two
     spellings of the same request, e.g. a default left out or given, fit the same method) and
     without its completion flag, normalised through JSON (tuples and lists compare equal)."""
-    described = {k: v for k, v in description.items() if k not in ("arguments", "complete", "train")}
+    described = {k: v for k, v in description.items() if k not in ("arguments", "complete", "train", "points")}
+    if described.get("average") is None:  # captured stores and Fast-SOURCE: the rule does not apply
+        described.pop("average", None)
+    if "points" not in description and description.get("kind") == "source" and "features" not in description:
+        described["average"] = "checkpoints"  # fitted before `FitArguments.average`: the plain mean was the rule
     return json.loads(json.dumps(described))
 
 
@@ -701,10 +772,11 @@ def _finish_method(store: Store, method: str) -> None:
 
 
 def kronecker_curvature(
-    store: Store, segment: Segment, keys: Sequence[str], damping_factor: float = 0.0
+    store: Store, segment: Segment, points: Sequence[tuple[str, float]], damping_factor: float = 0.0
 ) -> KroneckerCurvature:
     """One segment's Kronecker curvature from the factor sums featurize stored for its feature points
-    (``kfac/<stage>/<key>/…``): A and B averaged over the points' positions and examples, eigendecomposed,
+    (``kfac/<stage>/<key>/…``): A and B averaged over the points' positions and examples, each point's sums
+    counted with its weight ([`feature_points`][]), eigendecomposed,
     damped by λ = the weight decay + ``damping_factor`` × its mean eigenvalue;
     in Adam's coordinates (docs/concepts/source.md §6) when the segment has a preconditioner: the factors of
     D^{-1/2} ⊙ G with D^{-1/2} ≈ r cᵀ per layer (its rank-one fit weighted by Adam's second moment, as the
@@ -716,16 +788,16 @@ def kronecker_curvature(
     positions = np.zeros(len(layers))
     examples = 0.0
     diag_sum: dict[str, np.ndarray] = {}
-    for key in keys:
+    for key, weight in points:
         base = f"kfac/{segment.stage}/{key}"
         counts = store.read(f"{base}/counts").sum(0)
-        positions += counts[:-1]
-        examples += counts[-1]
+        positions += weight * counts[:-1]
+        examples += weight * counts[-1]
         for i in range(len(layers)):
-            a_sum[i] += store.read(f"{base}/{i}/a").sum(0)
-            b_sum[i] += store.read(f"{base}/{i}/b").sum(0)
+            a_sum[i] += weight * store.read(f"{base}/{i}/a").sum(0)
+            b_sum[i] += weight * store.read(f"{base}/{i}/b").sum(0)
         for name in diagonal:
-            values = store.read(f"{base}/diagonal/{name}").sum(0)
+            values = weight * store.read(f"{base}/diagonal/{name}").sum(0)
             diag_sum[name] = values if name not in diag_sum else diag_sum[name] + values
     scale = None
     if segment.preconditioner is not None:
@@ -792,7 +864,7 @@ def _segment_blocks(
     chunk: int,
     size: int,
     segments: Sequence[Segment],
-    keys: Sequence[Sequence[str]],
+    points: Points,
     blocks: Sequence[int],
 ) -> np.ndarray:
     """Cached features of one chunk for the Kronecker path: per attributed segment ℓ the block −ḡ̃_ℓ(z)/N
@@ -800,8 +872,8 @@ def _segment_blocks(
     own = [segments[i] for i in blocks if segments[i].stage == stage]
     if not own:
         raise TaskError(f"Stage {stage!r} has no segment with checkpoints, so its examples cannot be attributed.")
-    points = dict(zip(segments, keys, strict=True))
-    means = dict(zip(own, _checkpoint_means(store, points, stage, chunk, own), strict=True))
+    means = dict(zip(own, _checkpoint_means(store, dict(zip(segments, points, strict=True)), stage, chunk, own),
+                     strict=True))  # fmt: skip
     rows, k = next(iter(means.values())).shape
     zero = torch.zeros(rows, k, dtype=torch.float64)
     parts = [-means[segments[i]] / size if segments[i] in means else zero for i in blocks]

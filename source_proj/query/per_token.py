@@ -185,7 +185,8 @@ def _pullbacks(
             w = w @ torch.from_numpy(attributor.store.read(term["operator"])).double()
         for point in term["points"]:
             key = (_point(point["point"]), point.get("scale"), term["stage"])
-            out[key] = out[key] + w if key in out else w
+            share = w * float(point.get("weight", 1.0))  # recipes before 2026-12-02 fold 1/points into the term
+            out[key] = out[key] + share if key in out else share
     return out
 
 

@@ -132,6 +132,47 @@ class Segment:
         return cls(**{**desc, "checkpoints": tuple(desc["checkpoints"])})
 
 
+def step_average(segment: Segment, knots: Sequence[int], lr: np.ndarray) -> list[tuple[int, float]]:
+    """Weights that average a quantity over the segment's steps from its values at the checkpoints ``knots``.
+
+    SOURCE's segment gradient and curvature stand for what the segment's steps apply: step t moves the
+    weights by η_t times the gradient at θ_t, so the segment's sum is Σ_t η_t g(θ_t) = η̄K · ḡ with
+    ḡ = Σ_t η_t g(θ_t) / Σ_t η_t (likewise H̄, which the exponent exp(−η̄K H̄) sums). Known at the checkpoints
+    only, g(θ_t) is interpolated linearly between the checkpoints around step t, in the run's own time
+    τ_t = Σ_{s<t} η_s (held constant before the first and after the last). Exact when a checkpoint is saved at
+    every step; a stage's closing checkpoint gets its share of the steps before it, and a first checkpoint
+    (e.g. a random initialisation) only its own share, less under a warm-up. Where the segment's rates are
+    all zero its steps count alike.
+
+    Args:
+        segment: the segment, ``[start_step, end_step)``.
+        knots: steps of the checkpoints that may be used.
+        lr: the recorded learning rate of every step of the run.
+
+    Returns ``(step, weight)`` for every knot with a non-zero weight, in step order; the weights sum to 1.
+    """
+    points = np.asarray(sorted({int(k) for k in knots}), dtype=np.int64)
+    if points.size == 0:
+        raise TrajectoryError(f"Segment [{segment.start_step}, {segment.end_step}) has no checkpoint to average.")
+    rates = np.asarray(lr, dtype=np.float64)
+    time = np.concatenate([[0.0], np.cumsum(rates)])
+    steps = np.arange(segment.start_step, segment.end_step)
+    mass = rates[steps] if rates[steps].sum() > 0 else np.ones(steps.size)
+    at, knot_time = time[steps], time[points]
+    right = np.searchsorted(knot_time, at, side="right")  # the first knot later in τ than each step
+    weights = np.zeros(points.size)
+    below, above = right == 0, right == points.size
+    np.add.at(weights, np.zeros(int(below.sum()), dtype=np.int64), mass[below])
+    np.add.at(weights, np.full(int(above.sum()), points.size - 1, dtype=np.int64), mass[above])
+    inside = ~(below | above)
+    lo = right[inside] - 1
+    t = (at[inside] - knot_time[lo]) / (knot_time[lo + 1] - knot_time[lo])
+    np.add.at(weights, lo, mass[inside] * (1.0 - t))
+    np.add.at(weights, lo + 1, mass[inside] * t)
+    weights /= mass.sum()
+    return [(int(step), float(w)) for step, w in zip(points, weights, strict=True) if w > 0.0]
+
+
 _SUPPORTED = "SGD (heavy-ball or Nesterov momentum, dampening, weight decay), Adam, AdamW"
 
 
