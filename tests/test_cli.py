@@ -87,6 +87,12 @@ def test_featurize_fit_query_info(tmp_path: Path, run: tuple[Path, Path]) -> Non
     out = cli.invoke(main, ["fit", str(store), "--segments", "2"])
     assert out.exit_code == 0, out.output
     assert "segment main steps [0, 6)" in out.output and "segment main steps [6, 12)" in out.output
+    for points in sp.Store.open(store).meta["methods"]["source"]["points"]:  # each checkpoint's weight is printed
+        assert all(f"{int(key.split('-')[1])} ×{weight:.3f}" in out.output for key, weight in points)
+    out = cli.invoke(main, ["fit", str(store), "--segments", "2", "--average", "checkpoints", "--method", "plain"])
+    assert out.exit_code == 0, out.output
+    plain = sp.Store.open(store).meta["methods"]["plain"]
+    assert plain["average"] == "checkpoints" and all(len({w for _, w in p}) == 1 for p in plain["points"])
     out = cli.invoke(
         main, ["query", str(store), "--queries", "0:4", "--top-k", "3", "--out", str(tmp_path / "r.jsonl")]
     )
