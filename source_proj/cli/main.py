@@ -31,7 +31,7 @@ from source_proj.spec import Spec, load_spec
 from source_proj.store.durable import atomic_write_bytes
 from source_proj.store.info import store_summary
 from source_proj.store.provenance import check_data
-from source_proj.store.store import is_store
+from source_proj.store.store import is_store, key_step
 from source_proj.store.verify import method_command, verify_store
 
 
@@ -529,7 +529,7 @@ def fit(
     for seg_desc, own in zip(described["segments"], points, strict=True):
         t = seg_desc["mean_lr"] * (seg_desc["end_step"] - seg_desc["start_step"])
         averaged = (
-            ", ".join(f"{key.rsplit('-', 1)[-1].lstrip('0') or '0'} ×{weight:.3f}" for key, weight in own)
+            ", ".join(f"{key_step(key)} ×{weight:.3f}" for key, weight in own)
             if own and not args.fast
             else ", ".join(str(c) for c in seg_desc["checkpoints"])
         )

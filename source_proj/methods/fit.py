@@ -36,7 +36,7 @@ from source_proj.featurize.windows import (
 from source_proj.methods.kronecker import KroneckerCurvature, LayerFactors
 from source_proj.methods.source import SegmentOperator, fold
 from source_proj.projection.transform import scaling_transform
-from source_proj.store.store import Store, ckpt_key, is_store, refuse_foreign_directory
+from source_proj.store.store import Store, ckpt_key, is_store, key_step, refuse_foreign_directory
 from source_proj.store.verify import featurize_command
 from source_proj.trajectory.autosegment import TrajectoryView, trajectory_view
 from source_proj.trajectory.preconditioner import coupled_decay, unflatten
@@ -496,7 +496,6 @@ class _Fit:
         side: each attributed segment's term fills its own block of k columns, without an operator."""
         recorded = [Segment.from_description(d) for d in (meta.get("segmentation") or {}).get("segments", [])]
         sizes = {s["name"]: s["dataset_size"] for s in meta["trajectory"]["stages"]}
-        steps = {ckpt_key(step): step for step in meta["trajectory"]["checkpoints"]}
         terms = []
         for index, seg in enumerate(segments):
             if seg.stage not in stages:
@@ -504,13 +503,15 @@ class _Fit:
             if self.args.fast:
                 terms_points = [{"point": ["mean", list(seg.checkpoints)], "scale": seg.preconditioner, "weight": 1.0}]
             else:
-                own = points[index] if points else [(ckpt_key(s), 1.0 / len(seg.checkpoints)) for s in seg.checkpoints]
+                own = (
+                    [(key_step(key), weight) for key, weight in points[index]] if points
+                    else [(step, 1.0 / len(seg.checkpoints)) for step in seg.checkpoints]
+                )  # fmt: skip
                 terms_points = [
-                    {"point": ["checkpoint", steps[key]],
-                     "scale": segment_for(recorded, seg.stage, steps[key]).preconditioner if recorded
-                     else seg.preconditioner,
+                    {"point": ["checkpoint", step],
+                     "scale": segment_for(recorded, seg.stage, step).preconditioner if recorded else seg.preconditioner,
                      "weight": weight}
-                    for key, weight in own
+                    for step, weight in own
                 ]  # fmt: skip
             k = meta["projection"]["dim"]
             block = len([s for s in segments[:index] if s.stage in stages]) if kronecker else 0

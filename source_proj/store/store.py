@@ -88,6 +88,11 @@ def ckpt_key(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def key_step(key: str) -> int:
+    """The step of a checkpoint's array name (inverse of [`ckpt_key`][])."""
+    return int(key.removeprefix("step-"))
+
+
 class Store:
     """A feature store: a local directory (or ``file://`` URL), or a URL of any fsspec filesystem."""
 
