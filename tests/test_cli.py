@@ -185,13 +185,15 @@ def test_info_shows_the_settings_fit_and_featurize_fixed(tmp_path: Path, run: tu
     assert cli.invoke(main, ["baseline", str(store), "--kind", "if,trak", "--damping-factor", "2"]).exit_code == 0
     summary = json.loads(cli.invoke(main, ["info", str(store), "--json"]).output)
     assert summary["segmentation"] == {"per_stage": 2} and summary["segment_means"] is True
-    assert summary["methods"]["source"]["settings"] == {"curvature": "projected", "damping_factor": 0.5}
+    assert summary["methods"]["source"]["settings"] == {"curvature": "projected", "damping_factor": 0.5,
+                                                        "average": "steps"}
     assert summary["methods"]["if"]["settings"] == {"damping_factor": 2.0, "rcond": 1e-6}
     assert summary["methods"]["trak"]["settings"] == {"rcond": 1e-6}  # TRAK reads no damping
     text = cli.invoke(main, ["info", str(store)]).output
     assert "  segmentation fixed by featurize: 2 segments a stage\n" in text, text
     assert "  features at each segment's mean weights (Fast-SOURCE, --fast)\n" in text, text
-    assert "  curvature projected; damping λ = weight decay + 0.5 × mean eigenvalue\n" in text, text
+    assert ("  curvature projected; damping λ = weight decay + 0.5 × mean eigenvalue; each segment averaged over "
+            "its steps\n") in text, text
     assert "  damping factor 2.0, rcond 1e-06\n" in text, text
     opened = sp.Store.open(store, writable=True)
     methods = opened.meta["methods"]

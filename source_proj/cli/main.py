@@ -894,9 +894,10 @@ def info(store_path: str, as_json: bool) -> None:
         click.echo(f"method {name}: {m['kind']}, {state}, attributes stages {m['stages']}")
         settings = m["settings"]
         if m["kind"] in ("source", "fast-source") and settings["damping_factor"] is not None:
+            average = f"; each segment averaged over its {settings['average']}" if settings.get("average") else ""
             click.echo(
                 f"  curvature {settings['curvature']}; damping λ = weight decay + {settings['damping_factor']:g} × "
-                "mean eigenvalue"
+                f"mean eigenvalue{average}"
             )
         elif settings:
             click.echo("  " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in settings.items()))

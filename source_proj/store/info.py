@@ -66,10 +66,14 @@ def store_summary(store: Store) -> dict[str, Any]:
 
 
 def _settings(method: dict[str, Any]) -> dict[str, Any]:
-    """What a fitted method was fitted with beyond its segments: SOURCE's curvature and damping factor (λ = weight
-    decay + factor × mean eigenvalue), a baseline's arguments as given."""
+    """What a fitted method was fitted with beyond its segments: SOURCE's curvature, damping factor (λ = weight
+    decay + factor × mean eigenvalue) and segment average (``FitArguments.average``; a method fitted before it was
+    recorded took the plain mean of the checkpoints), a baseline's arguments as given."""
     if method["kind"] in ("source", "fast-source"):
-        return {"curvature": method.get("curvature"), "damping_factor": method.get("damping_factor")}
+        settings = {"curvature": method.get("curvature"), "damping_factor": method.get("damping_factor")}
+        legacy = method["kind"] == "source" and "points" not in method and "features" not in method
+        average = method.get("average") or ("checkpoints" if legacy else None)
+        return {**settings, "average": average} if average else settings
     arguments = method.get("arguments") or {}
     fields = _BASELINE_SETTINGS.get(method["kind"], ())
     return {k: arguments[k] for k in fields if arguments.get(k) is not None}
