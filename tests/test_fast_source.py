@@ -13,7 +13,7 @@ from torch.utils.data import TensorDataset
 
 import source_proj as sp
 
-from .conftest import full_batch_run
+from .conftest import full_batch_run, step_weights_by_hand
 
 
 def _featurize(run: Path, model: nn.Module, task: sp.Task, data, store: Path, **options) -> sp.Store:
@@ -31,9 +31,8 @@ def _featurize(run: Path, model: nn.Module, task: sp.Task, data, store: Path, **
 
 def test_fast_source_equals_source_when_gradients_are_affine_in_the_parameters(tmp_path: Path, regression_data) -> None:
     """Linear regression: ∇ℓ(z; θ) is affine in θ and the Gauss–Newton matrix constant, so averaging parameters
-    (Fast-SOURCE) and averaging gradients and curvatures (SOURCE) with the same weights coincide: Fast-SOURCE
-    takes the plain mean of a segment's checkpoints, SOURCE's ``average="checkpoints"``. SOURCE's default, the
-    mean over the segment's steps, gives the closing checkpoint a share and differs."""
+    (Fast-SOURCE) and averaging gradients and curvatures (SOURCE) with the same weights, each segment's step
+    average, coincide; SOURCE's plain mean of the checkpoints (``average="checkpoints"``) differs."""
     torch.manual_seed(0)
     full_batch_run(
         tmp_path / "run",
@@ -49,15 +48,17 @@ def test_fast_source_equals_source_when_gradients_are_affine_in_the_parameters(t
     store = _featurize(tmp_path / "run", nn.Linear(3, 1), task, regression_data, tmp_path / "s.sp", segment_means=True)
     assert store.meta["segmentation"]["arguments"] == {"per_stage": 1}  # the default: one segment per stage
     assert [len(s["checkpoints"]) for s in store.meta["segmentation"]["segments"]] == [10]
-    sp.fit(store, sp.FitArguments(average="checkpoints"), progress=False)
+    sp.fit(store, progress=False)
     sp.fit(store, sp.FitArguments(fast=True), progress=False)
-    sp.fit(store, sp.FitArguments(method="steps"), progress=False)
+    sp.fit(store, sp.FitArguments(method="plain", average="checkpoints"), progress=False)
     assert store.meta["methods"]["fast-source"]["kind"] == "fast-source"
     source = sp.Attributor(store, nn.Linear(3, 1), task).scores(queries)
     fast = sp.Attributor(store, nn.Linear(3, 1), task, method="fast-source").scores(queries)
     assert np.allclose(fast, source, rtol=1e-4, atol=1e-6 * np.abs(source).max())
-    steps = sp.Attributor(store, nn.Linear(3, 1), task, method="steps").scores(queries)
-    assert not np.allclose(steps, source, rtol=1e-2)
+    plain = sp.Attributor(store, nn.Linear(3, 1), task, method="plain").scores(queries)
+    assert not np.allclose(plain, source, rtol=1e-2)
+    with pytest.raises(sp.TaskError, match="Fast-SOURCE's features were computed at each segment's step-averaged"):
+        sp.FitArguments(fast=True, average="checkpoints")
 
 
 def test_fast_only_mode_featurizes_the_averaged_parameters_and_nothing_else(
@@ -89,11 +90,14 @@ def test_fast_only_mode_featurizes_the_averaged_parameters_and_nothing_else(
     segments = store.meta["segmentation"]["segments"]
     assert [s["checkpoints"] for s in segments] == [[0, 5], [10, 15]]
 
-    # brute force: the mean of the checkpoints' parameters, one example at a time
+    # brute force: the parameters of the segment's step average (checkpoints 10, 15 and the closing 20), one
+    # example at a time
     traj = sp.Trajectory.load(tmp_path / "run")
-    states = [traj.load_state(c)["model"] for c in traj.checkpoints if c.step in (10, 15)]
+    weights = step_weights_by_hand(10, 20, [0, 5, 10, 15, 20], traj.lr)
+    assert sorted(weights) == [10, 15, 20]
+    states = {c.step: traj.load_state(c)["model"] for c in traj.checkpoints}
     net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
-    net.load_state_dict({k: (states[0][k] + states[1][k]) / 2 for k in states[0]})
+    net.load_state_dict({k: sum(w * states[step][k] for step, w in weights.items()) for k in states[0]})
     x, y = classification_data.tensors
     expected = torch.stack(
         [
@@ -108,7 +112,7 @@ def test_fast_only_mode_featurizes_the_averaged_parameters_and_nothing_else(
             for i in range(len(y))
         ]
     )
-    assert torch.allclose(torch.from_numpy(store.read("grads/main/mean-00000010-00000020")), expected, atol=1e-5)
+    assert torch.allclose(torch.from_numpy(store.read("grads/main/steps-mean-00000010-00000020")), expected, atol=1e-5)
 
     sp.fit(store, sp.FitArguments(fast=True), progress=False)
     result = sp.Attributor(store, arch, task, method="fast-source").top_k(classification_data, 3)
@@ -133,3 +137,26 @@ def test_fast_source_on_a_store_without_segment_means_is_refused(tmp_path: Path,
     store = _featurize(tmp_path / "run", nn.Linear(3, 1), sp.RegressionTask(), regression_data, tmp_path / "s.sp")
     with pytest.raises(sp.StoreError, match=r"lacks the features .* featurize with segment_means=True"):
         sp.fit(store, sp.FitArguments(fast=True), progress=False)
+
+
+def test_a_mean_point_weighs_its_checkpoints_and_an_older_recipe_weighs_them_alike(tmp_path: Path,
+                                                                                   regression_data) -> None:
+    """Featurize and per-token scores load a Fast-SOURCE point from its recipe: ``("mean", steps, weights)`` is the
+    weighted sum of the checkpoints' parameters; a recipe written before the weights, ``("mean", steps)``, their
+    plain mean."""
+    from source_proj.featurize.plan import mean_state
+    from source_proj.query.per_token import _point
+
+    torch.manual_seed(0)
+    full_batch_run(tmp_path / "run", nn.Linear(3, 1), regression_data, lambda o, y: (o.squeeze(-1) - y) ** 2,
+                   lr=0.05, steps=6, save_every=2)  # fmt: skip
+    traj = sp.Trajectory.load(tmp_path / "run")
+    by_step = {c.step: c for c in traj.checkpoints}
+    states = {c.step: traj.load_state(c)["model"] for c in traj.checkpoints}
+    weighted = mean_state(traj, by_step, _point(["mean", [2, 4, 6], [0.25, 0.5, 0.25]]))
+    plain = mean_state(traj, by_step, _point(["mean", [2, 4]]))
+    for name in states[0]:
+        expected = 0.25 * states[2][name] + 0.5 * states[4][name] + 0.25 * states[6][name]
+        torch.testing.assert_close(weighted[name], expected)
+        torch.testing.assert_close(plain[name], (states[2][name] + states[4][name]) / 2)
+    assert not torch.equal(weighted["weight"], plain["weight"])

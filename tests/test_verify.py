@@ -127,7 +127,7 @@ def test_a_fast_source_store_verifies_ok_and_its_repair_command_keeps_the_segmen
     assert report.status == "ok" and report.notes == [] and report.problems == []
     # besides the checkpoints' arrays: the 2 segment means' and the final checkpoint's measurement
     names = verify.expected_features(sp.Store.open(store).meta)
-    assert sum(n.startswith("grads/main/mean-") for n in names) == 2
+    assert sum(n.startswith("grads/main/steps-mean-") for n in names) == 2
     assert "measurement/main/step-00000008" in names
     sp.Store.open(store, writable=True).update_meta(spec="spec.py")  # as a CLI-made store records it
     command = verify.featurize_command(sp.Store.open(store))

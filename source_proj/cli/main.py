@@ -31,7 +31,7 @@ from source_proj.spec import Spec, load_spec
 from source_proj.store.durable import atomic_write_bytes
 from source_proj.store.info import store_summary
 from source_proj.store.provenance import check_data
-from source_proj.store.store import is_store, key_step
+from source_proj.store.store import ckpt_key, is_store, key_step
 from source_proj.store.verify import method_command, verify_store
 
 
@@ -525,17 +525,21 @@ def fit(
         click.echo(view.table())
         if plot_path is not None:
             click.echo(f"wrote {view.plot(plot_path)}")
-    points = described.get("points") or [None] * len(described["segments"])
+    if described.get("means"):  # Fast-SOURCE: the checkpoints whose parameters were averaged
+        points = [[(ckpt_key(step), weight) for step, weight in own] for own in described["means"]]
+    else:
+        points = described.get("points") or [None] * len(described["segments"])
+    what = "averages the parameters of checkpoints" if described.get("means") else "averages checkpoints"
     for seg_desc, own in zip(described["segments"], points, strict=True):
         t = seg_desc["mean_lr"] * (seg_desc["end_step"] - seg_desc["start_step"])
         averaged = (
             ", ".join(f"{key_step(key)} ×{weight:.3f}" for key, weight in own)
-            if own and not args.fast
+            if own
             else ", ".join(str(c) for c in seg_desc["checkpoints"])
         )
         click.echo(
             f"segment {seg_desc['stage']} steps [{seg_desc['start_step']}, {seg_desc['end_step']}) "
-            f"averages checkpoints {averaged}  η̄K = {t:.4g}  λ = {seg_desc['weight_decay']:.3g} "
+            f"{what} {averaged}  η̄K = {t:.4g}  λ = {seg_desc['weight_decay']:.3g} "
             f"+ {described['damping_factor']:g} × mean eigenvalue"
         )
     click.echo(f"fitted {args.name!r} ({described['kind']}) in {store.path}; attributes stages {described['stages']}")

@@ -41,7 +41,14 @@ from source_proj.trajectory.preconditioner import (
     unflatten,
 )
 from source_proj.trajectory.recorder import Stage, Trajectory
-from source_proj.trajectory.segments import Segment, SegmentationArguments, make_segments, optimizer_rule
+from source_proj.trajectory.segments import (
+    Segment,
+    SegmentationArguments,
+    make_segments,
+    optimizer_rule,
+    segment_average,
+    segment_for,
+)
 
 if TYPE_CHECKING:
     from source_proj.featurize.arguments import FeaturizeArguments
@@ -80,17 +87,14 @@ class FeaturizePlan:
     _memory_scales: dict[str, Callable[[], np.ndarray]] = field(default_factory=dict)
 
     def load(self, model: nn.Module, point: tuple[Any, ...]) -> None:
-        """Load a point's parameters into ``model``: a checkpoint, or the mean of a segment's checkpoints."""
+        """Load a point's parameters into ``model``: a checkpoint, or a weighted mean of checkpoints
+        (``("mean", steps, weights)``, a segment's step average)."""
         by_step = {c.step: c for c in self.trajectory.checkpoints}
         if point[0] == "checkpoint":
             self.trajectory.load_into(model, by_step[point[1]])
             return
-        states = [self.trajectory.load_state(by_step[s])["model"] for s in point[1]]
-        mean = {
-            name: (torch.stack([st[name] for st in states]).mean(0) if value.is_floating_point() else states[-1][name])
-            for name, value in states[0].items()
-        }
-        self.trajectory.load_weights(model, mean, f"the mean of the checkpoints at steps {list(point[1])}")
+        self.trajectory.load_weights(model, mean_state(self.trajectory, by_step, point),
+                                     f"the mean of the checkpoints at steps {list(point[1])}")  # fmt: skip
 
     def scale(self, name: str | None, device: torch.device) -> dict[str, torch.Tensor] | None:
         """D^{-1/2} per parameter (shaped like it) for a scale name; ``None`` for unscaled (SGD)."""
@@ -98,6 +102,19 @@ class FeaturizePlan:
             flat = torch.from_numpy(self._memory_scales[name]())
             return {n: t.to(device) for n, t in unflatten(flat, self.shapes).items()}
         return read_scale(self.store, name, self.shapes, device)
+
+
+def mean_state(trajectory: Trajectory, by_step: Mapping[int, Any], point: Sequence[Any]) -> dict[str, torch.Tensor]:
+    """The parameters of a ``("mean", steps[, weights])`` point: the checkpoints' floating-point tensors weighted
+    (equally where no weights are given: a recipe from before 2026-12-02), the others from the last checkpoint."""
+    steps = list(point[1])
+    weights = list(point[2]) if len(point) > 2 else [1.0 / len(steps)] * len(steps)
+    states = [trajectory.load_state(by_step[s])["model"] for s in steps]
+    return {
+        name: (sum(w * st[name].double() for w, st in zip(weights, states, strict=True)).to(value.dtype)
+               if value.is_floating_point() else states[-1][name])
+        for name, value in states[0].items()
+    }  # fmt: skip
 
 
 def featurize_plan(
@@ -170,29 +187,23 @@ def featurize_plan(
                 )
     if options.segment_means:
         assert segments is not None
+        stages = {s.name: s for s in trajectory.stages}
+        steps = [c.step for c in trajectory.checkpoints]
         for index, seg in enumerate(segments):
+            averaged = segment_average(segments, seg, stages[seg.stage], steps, trajectory.lr)
             units.append(
                 Unit(
                     "",
                     seg.mean_key,
                     seg.stage,
                     datasets[seg.stage],
-                    ("mean", seg.checkpoints),
+                    ("mean", tuple(s for s, _ in averaged), tuple(w for _, w in averaged)),
                     seg.preconditioner,
                     (index, 1),
-                    f"the mean of checkpoints {list(seg.checkpoints)}",
+                    f"the step average of checkpoints {[s for s, _ in averaged]}",
                 )
             )
     return FeaturizePlan(store, trajectory, shapes, units, segments)
-
-
-def segment_for(segments: Sequence[Segment], stage: str, step: int) -> Segment:
-    """The segment of ``stage`` that averages checkpoint ``step``, else the one nearest to it."""
-    own = [s for s in segments if s.stage == stage]
-    for seg in own:
-        if step in seg.checkpoints:
-            return seg
-    return min(own, key=lambda s: min(abs(step - s.start_step), abs(step - s.end_step)))
 
 
 def _same(

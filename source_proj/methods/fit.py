@@ -24,7 +24,6 @@ from source_proj.distributed import Ranks, Shard, rank_device, ranks, run_sharde
 from source_proj.errors import NumericalError, StoreError, TaskError
 from source_proj.featurize.arguments import default_device
 from source_proj.featurize.factors import layers_from_description
-from source_proj.featurize.plan import segment_for
 from source_proj.featurize.windows import (
     WindowGradients,
     expected_windows,
@@ -47,7 +46,8 @@ from source_proj.trajectory.segments import (
     check_boundaries,
     make_segments,
     optimizer_rule,
-    step_average,
+    segment_average,
+    segment_for,
 )
 
 DAMPING_FACTORS = {"projected": 1.0, "kfac": 0.0, "eigen": 0.3}
@@ -100,8 +100,8 @@ class FitArguments:
             checkpoint weighs only its share of the steps (``segments.step_average``; BENCHMARKS.md, "A
             segment's average over its steps"). ``"checkpoints"``: the plain mean over
             the checkpoints its own steps start from, as the paper writes it (this library's rule before
-            2026-12-02). Captured stores average their windows' visits and Fast-SOURCE its segment means
-            either way.
+            2026-12-02). Fast-SOURCE's features are taken at each segment's parameters averaged this way (by
+            featurize, so only ``"steps"``); captured stores average their windows' visits.
     """
 
     segments_per_stage: int | None = None
@@ -117,6 +117,11 @@ class FitArguments:
     def __post_init__(self) -> None:
         if self.average not in AVERAGES:
             raise TaskError(f"FitArguments.average is {self.average!r}; use one of {', '.join(AVERAGES)}.")
+        if self.fast and self.average != "steps":
+            raise TaskError(
+                "Fast-SOURCE's features were computed at each segment's step-averaged parameters by featurize; "
+                f"average={self.average!r} applies to SOURCE's per-checkpoint features only."
+            )
         factor = self.damping_factor
         if factor is not None and (not isinstance(factor, int | float) or not math.isfinite(factor) or factor < 0):
             raise TaskError(f"damping_factor must be a finite number ≥ 0, not {factor!r}.")
@@ -302,18 +307,15 @@ def feature_points(store: Store, segments: Sequence[Segment], fast: bool = False
         return [[(seg.mean_key, 1.0)] for seg in segments]
     if average == "checkpoints":
         return [[(ckpt_key(s), 1.0 / len(seg.checkpoints)) for s in seg.checkpoints] for seg in segments]
+    return [[(ckpt_key(step), weight) for step, weight in own] for own in step_averages(store, segments)]
+
+
+def step_averages(store: Store, segments: Sequence[Segment]) -> list[list[tuple[int, float]]]:
+    """Each segment's checkpoints and weights in its step average ([`segment_average`][]), on a store's run."""
     meta = store.meta
     stages = {s.name: s for s in trajectory_stages(meta)}
-    steps = meta["trajectory"]["checkpoints"]
-    lr = store.read("trajectory/lr")
-    out = []
-    for seg in segments:
-        stage = stages[seg.stage]
-        knots = [s for s in steps if stage.start_step <= s <= stage.end_step]
-        if seg.preconditioner is not None:
-            knots = [s for s in knots if segment_for(segments, seg.stage, s).preconditioner == seg.preconditioner]
-        out.append([(ckpt_key(s), w) for s, w in step_average(seg, knots or seg.checkpoints, lr)])
-    return out
+    steps, lr = meta["trajectory"]["checkpoints"], store.read("trajectory/lr")
+    return [segment_average(segments, seg, stages[seg.stage], steps, lr) for seg in segments]
 
 
 def point_keys(points: Points) -> list[list[str]]:
@@ -462,18 +464,20 @@ class _Fit:
         if curvature == "kfac":
             query["operators"] = {"kind": "kfac", "prefix": f"methods/{self.method}/operators", "blocks": blocks}
             dim *= len(blocks)
+        means = step_averages(store, segments) if self.args.fast else None  # Fast-SOURCE's parameter averages
         description = {
             "kind": "fast-source" if self.args.fast else "source",
             "arguments": asdict(self.args),
             "curvature": curvature,
             "damping_factor": self.args.resolve_damping(curvature, meta["projection"]["kind"]),
             "segments": [s.describe() for s in segments],
-            "average": None if captured or self.args.fast else self.args.average,
+            "average": None if captured else self.args.average,
             "points": None if captured else [[[key, weight] for key, weight in own] for own in points],
+            "means": None if means is None else [[[step, weight] for step, weight in own] for own in means],
             "stages": attributed,
             "dim": dim,
             "query": query,
-            "train": self._train_recipe(meta, segments, points, attributed, curvature == "kfac"),
+            "train": self._train_recipe(meta, segments, points, attributed, curvature == "kfac", means),
         }
         if view is not None:
             description["view"] = view.describe()
@@ -488,12 +492,14 @@ class _Fit:
         points: Points,
         stages: Sequence[str],
         kronecker: bool = False,
+        means: Sequence[Sequence[tuple[int, float]]] | None = None,
     ) -> dict[str, Any]:
         """How T(z) is made of gradients at feature points (``query.per_token`` recomputes them per token):
         T(z) = Σ_terms weight · operator · Σ_points w_point · P(s ⊙ ∇ℓ(z; θ_point)), here one term per segment
         with operator A_ℓ (stored by `finish`), weight −1/N and each point's weight from [`feature_points`][]
-        (captured stores: its checkpoints alike). With Kronecker curvature the operators act on the query
-        side: each attributed segment's term fills its own block of k columns, without an operator."""
+        (captured stores: its checkpoints alike; Fast-SOURCE: its segment's parameters averaged by ``means``). With
+        Kronecker curvature the operators act on the query side: each attributed segment's term fills its own block
+        of k columns, without an operator."""
         recorded = [Segment.from_description(d) for d in (meta.get("segmentation") or {}).get("segments", [])]
         sizes = {s["name"]: s["dataset_size"] for s in meta["trajectory"]["stages"]}
         terms = []
@@ -501,7 +507,9 @@ class _Fit:
             if seg.stage not in stages:
                 continue
             if self.args.fast:
-                terms_points = [{"point": ["mean", list(seg.checkpoints)], "scale": seg.preconditioner, "weight": 1.0}]
+                assert means is not None
+                mean = ["mean", [step for step, _ in means[index]], [weight for _, weight in means[index]]]
+                terms_points = [{"point": mean, "scale": seg.preconditioner, "weight": 1.0}]
             else:
                 own = (
                     [(key_step(key), weight) for key, weight in points[index]] if points
@@ -738,10 +746,12 @@ def _identity(description: dict[str, Any]) -> Any:
     """What determines a fitted method's result: its description without the raw arguments (two
     spellings of the same request, e.g. a default left out or given, fit the same method) and
     without its completion flag, normalised through JSON (tuples and lists compare equal)."""
-    described = {k: v for k, v in description.items() if k not in ("arguments", "complete", "train", "points")}
-    if described.get("average") is None:  # captured stores and Fast-SOURCE: the rule does not apply
+    described = {k: v for k, v in description.items() if k not in ("arguments", "complete", "train", "points", "means")}
+    if described.get("average") is None:  # captured stores: the rule does not apply
         described.pop("average", None)
-    if "points" not in description and description.get("kind") == "source" and "features" not in description:
+    if "points" not in description and description.get("kind") in ("source", "fast-source") and (
+        "features" not in description
+    ):
         described["average"] = "checkpoints"  # fitted before `FitArguments.average`: the plain mean was the rule
     return json.loads(json.dumps(described))
 

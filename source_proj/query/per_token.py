@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from source_proj.errors import TaskError
 from source_proj.featurize.arguments import as_stage_datasets
+from source_proj.featurize.plan import mean_state
 from source_proj.projection.base import Projector
 from source_proj.projection.factored import FactoredProjector
 from source_proj.query.attributor import Attributor, method_meta
@@ -191,8 +192,8 @@ def _pullbacks(
 
 
 def _point(desc: Sequence[Any]) -> tuple[Any, ...]:
-    kind, value = desc
-    return (kind, tuple(value)) if kind == "mean" else (kind, int(value))
+    kind, value, *weights = desc  # a mean's weights: its segment's step average (none in older recipes: equal)
+    return (kind, tuple(value), *(tuple(w) for w in weights)) if kind == "mean" else (kind, int(value))
 
 
 def _load_point(attributor: Attributor, point: tuple[Any, ...], by_step: Mapping[int, Any]) -> None:
@@ -201,12 +202,8 @@ def _load_point(attributor: Attributor, point: tuple[Any, ...], by_step: Mapping
     if point[0] == "checkpoint":
         attributor._load(int(point[1]))  # through the attributor, which remembers what its model holds
         return
-    states = [trajectory.load_state(by_step[s])["model"] for s in point[1]]
-    mean = {
-        name: (torch.stack([st[name] for st in states]).mean(0) if value.is_floating_point() else states[-1][name])
-        for name, value in states[0].items()
-    }
-    trajectory.load_weights(model, mean, f"the mean of the checkpoints at steps {list(point[1])}")
+    trajectory.load_weights(model, mean_state(trajectory, by_step, point),
+                            f"the mean of the checkpoints at steps {list(point[1])}")  # fmt: skip
     attributor._loaded = None  # an average of checkpoints: the next query reloads its own
 
 

@@ -71,7 +71,7 @@ def _settings(method: dict[str, Any]) -> dict[str, Any]:
     recorded took the plain mean of the checkpoints), a baseline's arguments as given."""
     if method["kind"] in ("source", "fast-source"):
         settings = {"curvature": method.get("curvature"), "damping_factor": method.get("damping_factor")}
-        legacy = method["kind"] == "source" and "points" not in method and "features" not in method
+        legacy = "points" not in method and "features" not in method
         average = method.get("average") or ("checkpoints" if legacy else None)
         return {**settings, "average": average} if average else settings
     arguments = method.get("arguments") or {}

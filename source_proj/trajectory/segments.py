@@ -112,8 +112,9 @@ class Segment:
 
     @property
     def mean_key(self) -> str:
-        """Store key of the features at the segment's averaged parameters (Fast-SOURCE)."""
-        return f"mean-{self.start_step:08d}-{self.end_step:08d}"
+        """Store key of the features at the segment's averaged parameters (Fast-SOURCE: the step average of
+        `segment_average`; stores of the plain mean, before 2026-12-02, named them ``mean-…``)."""
+        return f"steps-mean-{self.start_step:08d}-{self.end_step:08d}"
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -171,6 +172,28 @@ def step_average(segment: Segment, knots: Sequence[int], lr: np.ndarray) -> list
     np.add.at(weights, lo + 1, mass[inside] * t)
     weights /= mass.sum()
     return [(int(step), float(w)) for step, w in zip(points, weights, strict=True) if w > 0.0]
+
+
+def segment_for(segments: Sequence[Segment], stage: str, step: int) -> Segment:
+    """The segment of ``stage`` that averages checkpoint ``step``, else the one nearest to it (whose D_ℓ featurize
+    scales that checkpoint's gradients by, on Adam stages)."""
+    own = [s for s in segments if s.stage == stage]
+    for seg in own:
+        if step in seg.checkpoints:
+            return seg
+    return min(own, key=lambda s: min(abs(step - s.start_step), abs(step - s.end_step)))
+
+
+def segment_average(
+    segments: Sequence[Segment], segment: Segment, stage: Stage, checkpoint_steps: Sequence[int], lr: np.ndarray
+) -> list[tuple[int, float]]:
+    """The checkpoints and weights of ``segment``'s step average ([`step_average`][]) among ``checkpoint_steps``:
+    those of its stage (its start to its closing checkpoint), on Adam stages only those featurized in the
+    segment's own coordinates ([`segment_for`][] gives it), else the segment's own checkpoints."""
+    knots = [s for s in checkpoint_steps if stage.start_step <= s <= stage.end_step]
+    if segment.preconditioner is not None:
+        knots = [s for s in knots if segment_for(segments, segment.stage, s).preconditioner == segment.preconditioner]
+    return step_average(segment, knots or segment.checkpoints, lr)
 
 
 _SUPPORTED = "SGD (heavy-ball or Nesterov momentum, dampening, weight decay), Adam, AdamW"
