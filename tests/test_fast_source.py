@@ -160,3 +160,33 @@ def test_a_mean_point_weighs_its_checkpoints_and_an_older_recipe_weighs_them_ali
         torch.testing.assert_close(weighted[name], expected)
         torch.testing.assert_close(plain[name], (states[2][name] + states[4][name]) / 2)
     assert not torch.equal(weighted["weight"], plain["weight"])
+
+
+def test_a_store_with_the_plain_mean_features_is_asked_to_featurize_again_and_then_fits(
+    tmp_path: Path, regression_data
+) -> None:
+    """A Fast-SOURCE store featurized before the step average holds ``mean-A-B`` arrays (the plain mean): fit
+    --fast must not read them as the step average. It names the missing features and the command; featurize
+    --fast on the same store then adds them, and the fit equals a fresh store's."""
+    import shutil
+
+    torch.manual_seed(0)
+    full_batch_run(tmp_path / "run", nn.Linear(3, 1), regression_data, lambda o, y: (o.squeeze(-1) - y) ** 2,
+                   lr=0.05, steps=6, save_every=2)  # fmt: skip
+    fresh = _featurize(tmp_path / "run", nn.Linear(3, 1), sp.RegressionTask(), regression_data, tmp_path / "fresh.sp",
+                       segment_means=True)  # fmt: skip
+    old = tmp_path / "old.sp"
+    shutil.copytree(fresh.path, old)
+    for kind in ("grads", "fisher"):  # the arrays as the plain-mean code named them
+        for folder in (old / kind / "main", old / "progress" / kind / "main"):
+            (folder / "steps-mean-00000000-00000006").rename(folder / "mean-00000000-00000006")
+    with pytest.raises(sp.StoreError, match=r"lacks the features \['grads/main/steps-mean-00000000-00000006'\].*"
+                                            r"featurize with segment_means=True \(--fast\)"):
+        sp.fit(old, sp.FitArguments(fast=True), progress=False)
+    _featurize(tmp_path / "run", nn.Linear(3, 1), sp.RegressionTask(), regression_data, old, segment_means=True)
+    sp.fit(old, sp.FitArguments(fast=True), progress=False)
+    sp.fit(fresh.path, sp.FitArguments(fast=True), progress=False)
+    queries = TensorDataset(torch.randn(4, 3, generator=torch.Generator().manual_seed(5)), torch.zeros(4))
+    scores = [sp.Attributor(s, nn.Linear(3, 1), sp.RegressionTask(), method="fast-source").scores(queries)
+              for s in (old, fresh.path)]  # fmt: skip
+    np.testing.assert_allclose(scores[0], scores[1], rtol=1e-6, atol=1e-9)
