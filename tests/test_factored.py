@@ -320,6 +320,40 @@ def test_a_weight_used_outside_its_layer_is_detected() -> None:
         projector.project_batch(grads_fn, batch)
 
 
+def test_the_layer_check_runs_in_fp32_under_a_bf16_autocast_and_a_model_whose_forward_accelerate_wrapped() -> None:
+    """Capture checks its layer path inside a training step's forward: under a mixed-precision loop's autocast, or on
+    a model whose ``forward`` accelerate replaced by an autocast one (a bf16 Trainer's). In bf16 the check's two
+    computations differ by about its tolerance, which refused a sound model (on an AMD CPU; 1.0e-3). The check runs
+    in fp32 under an ambient autocast, and ``modes_kept`` (around capture's own passes) takes the original
+    forward back for its duration."""
+    from source_proj.featurize.basis import modes_kept
+
+    model = _gpt2()
+    batch, task = _text(torch.Generator().manual_seed(0))
+    names = task.select_parameters(model)
+
+    def wrapped_forward(*args: Any, **kwargs: Any) -> Any:  # what accelerate installs for a bf16 Trainer
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model._original_forward(*args, **kwargs)
+
+    for context in ("autocast", "accelerate"):
+        projector = _projector(model, 64, names=names)
+        grads_fn = PerExampleGradients(model, task, names)
+        if context == "autocast":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                projector.check_layers(grads_fn, batch)
+        else:
+            model._original_forward = model.forward
+            model.forward = wrapped_forward
+            with modes_kept(model):
+                assert model.forward == model._original_forward
+                projector.check_layers(grads_fn, batch)
+            assert model.forward is wrapped_forward
+            with torch.no_grad():  # outside, the wrapped forward is back, and computes in bf16
+                assert model(**batch).logits.dtype == torch.bfloat16
+        assert projector._checked
+
+
 def test_a_layer_that_mixes_examples_into_its_first_dimension_is_refused() -> None:
     class Flattening(nn.Module):
         def __init__(self) -> None:

@@ -349,13 +349,25 @@ def _positions_per_example(
 
 @contextmanager
 def modes_kept(model: nn.Module) -> Iterator[None]:
-    """Put every module of ``model`` back in the train/eval mode it had on entry."""
+    """Put every module of ``model`` back in the train/eval mode it had on entry; inside, the model's own forward.
+
+    accelerate runs a mixed-precision Trainer's model under an autocast by replacing its ``forward`` (the original
+    kept as ``_original_forward``). The passes run in here (capture's own: its checks, Fisher, basis and end passes)
+    take the original back, so that they run at their own precision (``CaptureArguments.precision``), not silently
+    at the training step's.
+    """
     modes = [(m, m.training) for m in model.modules()]
+    own = model.__dict__.get("_original_forward")
+    wrapped = model.__dict__.get("forward") if own is not None else None
+    if wrapped is not None:
+        model.forward = own  # type: ignore[method-assign]
     try:
         yield
     finally:
         for module, mode in modes:
             module.training = mode
+        if wrapped is not None:
+            model.forward = wrapped  # type: ignore[method-assign]
 
 
 @contextmanager

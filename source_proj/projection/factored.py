@@ -415,8 +415,11 @@ class FactoredProjector(Projector):
         exact = PerExampleGradients(grads_fn.model, grads_fn.task, grads_fn.param_names)
         few = tree_map(lambda t: t[:_CHECK_EXAMPLES] if isinstance(t, Tensor) else t, batch)
         layer_names = [layer.weight for layer in self.layers] + [layer.bias for layer in self.layers if layer.bias]
-        expected = self._project_layers(exact(few, quantity, names=layer_names))
-        got = self._layer_features(exact, few, quantity, None)
+        # In fp32 even where it is called under an autocast (capture checks in a mixed-precision loop's forward):
+        # half precision alone differs by about the tolerance.
+        with torch.autocast(exact.device.type, enabled=False):
+            expected = self._project_layers(exact(few, quantity, names=layer_names))
+            got = self._layer_features(exact, few, quantity, None)
         error = float((got - expected).norm() / expected.norm().clamp_min(1e-30))
         if error > _CHECK_TOLERANCE:
             raise TaskError(
