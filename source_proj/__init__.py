@@ -37,6 +37,7 @@ from source_proj.tasks.task import (
 from source_proj.tasks.text import (
     LanguageModelingTask,
     ModuleSelection,
+    Seq2SeqTask,
     SequenceClassificationTask,
     TextDataset,
     TokenClassificationTask,
@@ -74,6 +75,7 @@ __all__ = [
     "RegressionTask",
     "Segment",
     "SegmentationArguments",
+    "Seq2SeqTask",
     "SequenceClassificationTask",
     "SourceProjError",
     "Store",

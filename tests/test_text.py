@@ -617,7 +617,7 @@ def test_text_dataset_keeps_each_kind_of_label_in_the_type_its_task_trains_on() 
     assert mean_labelled_tokens(tagged) == 2.0
     with pytest.raises(sp.TaskError, match="Sequence 1 has 2 tokens but 3 token labels"):
         sp.TextDataset(ids, token_labels=[[1, 2, 3], [0, 2, 1]])
-    with pytest.raises(sp.TaskError, match=r"Give labels .* or token_labels .*, not both"):
+    with pytest.raises(sp.TaskError, match=r"Give one of labels .* token_labels .* or targets .*, not several"):
         sp.TextDataset(ids, labels=[0, 1], token_labels=[[1, 2, 3], [0, 2]])
     with pytest.raises(sp.TaskError, match="labels must be one class id, number or row of 0/1 labels per sequence"):
         sp.TextDataset(ids, labels=[[1, 0], [1]])

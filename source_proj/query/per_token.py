@@ -51,7 +51,7 @@ from source_proj.projection.factored import FactoredProjector
 from source_proj.query.attributor import Attributor, method_meta
 from source_proj.tasks.gradients import move_batch
 from source_proj.tasks.task import Batch
-from source_proj.tasks.text import IGNORE_INDEX
+from source_proj.tasks.text import IGNORE_INDEX, Seq2SeqTask
 from source_proj.trajectory.preconditioner import read_scale
 
 
@@ -113,6 +113,11 @@ def token_scores(
         ``TokenScores`` with ``tokens`` ``[Q, len(rows), T]``.
     """
     store = attributor.store
+    if isinstance(attributor.task, Seq2SeqTask):
+        raise TaskError(
+            "Per-token scores of an encoder–decoder model are not available: its source and target positions are "
+            "two axes, which the split by position does not tell apart; use the sequences' scores."
+        )
     recipe = method_meta(store, attributor.method).get("train")
     if recipe is None:
         raise TaskError(

@@ -1,10 +1,11 @@
-"""Text: tasks for transformers (sequence classification, language modelling) and their parameters.
+"""Text: tasks for transformers (sequence and token classification, language modelling, seq2seq) and their
+parameters.
 
 **Batches** are dicts of tensors, as Hugging Face models take them: ``input_ids`` ``[B, T]``,
 ``attention_mask`` ``[B, T]`` (1 = token, 0 = padding; sequences are *right*-padded), ``labels``
 (``[B]`` class ids for classification; ``[B, T]`` token ids for language modelling, −100 = not
-predicted, default ``input_ids``), and any other model input (``token_type_ids``…), passed on as it
-is. [`TextDataset`][] builds such examples from token ids.
+predicted, default ``input_ids``; ``[B, S]`` the target of an encoder–decoder model), and any other model
+input (``token_type_ids``…), passed on as it is. [`TextDataset`][] builds such examples from token ids.
 
 **Masks.** Per-example gradients run the model under ``torch.func.vmap``, where Hugging Face's own
 mask code fails: it branches on the mask's values (``padding_mask.all()``, to skip the mask when
@@ -12,9 +13,11 @@ nothing is padded). The tasks therefore build the 4-D additive mask ``[B, 1, T, 
 (0 where a query position may attend to a key, the dtype's minimum elsewhere; causal for causal
 models), which transformers passes through untouched. That runs under vmap with the ``"eager"`` and
 ``"sdpa"`` attention implementations; others (flash attention, flex attention) are refused with
-the one-line fix. Whether a model is causal is read from its attention modules' ``is_causal``
-flags (what transformers itself dispatches on) unless the task says so, and the first batch a
-task sees outside vmap checks that the mask reproduces the model's own masking exactly. Plain
+the one-line fix. An encoder–decoder model gets a padding row ``[B, 1, 1, T]`` that its encoder and
+its cross-attention broadcast, and a causal ``[B, 1, S, S]`` for its decoder ([`Seq2SeqTask`][]).
+Whether a model is causal is read from its attention modules' ``is_causal`` flags (what transformers
+itself dispatches on) unless the task says so, and the first batch a task sees outside vmap checks that
+the mask reproduces the model's own masking exactly. Plain
 ``torch.nn`` models receive the 2-D ``attention_mask`` and build what they need (vmap-safe ops
 only: ``masked_fill``/``where``, never ``if mask.any():``).
 
@@ -581,6 +584,11 @@ class LanguageModelingTask(_TextTask):
         self.label_smoothing = check_label_smoothing(self.label_smoothing)
 
     def _resolve(self, model: nn.Module) -> ModelKind:
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False) is True:
+            raise TaskError(
+                f"{type(model).__name__} is an encoder–decoder model, which predicts a target from a source: use "
+                "sp.Seq2SeqTask, with the target as the batches' 'labels'."
+            )
         kind = inspect_model(model, "auto") if _has_causal_flags(model) else inspect_model(model, "causal")
         if kind.hugging_face and not kind.causal:
             raise TaskError(
@@ -661,6 +669,262 @@ class LanguageModelingTask(_TextTask):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "tokens_per_sequence": self.tokens_per_sequence,
                 **smoothing_described(self.label_smoothing)}
+
+
+@dataclass
+class Seq2SeqTask(_TextTask):
+    """Encoder–decoder generation: Hugging Face's ``*ForConditionalGeneration`` (T5, BART, Marian, Pegasus…).
+
+    Batches: ``{"input_ids", "attention_mask"}`` ``[B, T]`` (the source, right-padded) and ``"labels"`` ``[B, S]``
+    (the target, −100 where nothing is predicted: padding), as ``DataCollatorForSeq2Seq`` builds them, or
+    [`TextDataset`][] with ``targets=``. The decoder reads the target shifted right by one, starting from the
+    model's ``decoder_start_token_id`` (−100 read as ``pad_token_id``), as the model does itself when given
+    ``labels``; a batch's own ``decoder_input_ids`` are taken as they are. The model returns logits ``[B, S, V]``.
+
+    measurement f(q) = s(q), the summed token loss of the query's target, Σ_t −log p(y_t | y_{<t}, x), as for
+    [`LanguageModelingTask`][]: a positive score means removing z would lower the query's loss (z raised it);
+    the pairs that taught the model the query's answer have the most negative scores.
+
+    The per-example training loss is ℓ(z) = s(z)/n. Hugging Face's seq2seq loss (the Trainer's, the
+    ``Seq2SeqTrainer``'s) is the mean over every target token of the batch, so ``tokens_per_sequence`` = n̄, the
+    mean number of target tokens per training pair ([`mean_target_tokens`][]), makes the batch mean of ℓ that loss
+    (exactly where every batch holds as many target tokens, to first order otherwise); ``"own"`` takes each pair's
+    own count. ``label_smoothing``: ε of the Trainer's ``label_smoothing_factor``.
+
+    Fisher targets draw a token for every predicted position from the model, weight n, with the decoder still
+    reading the observed target (teacher forcing: the Gauss–Newton matrix of the loss as trained).
+
+    **Masks.** Hugging Face builds an encoder–decoder model's masks with code that branches on their values, which
+    ``torch.func.vmap`` cannot run. The task passes the encoder's padding as an additive mask ``[B, 1, 1, T]``
+    (one row, which the encoder's self-attention and the decoder's cross-attention both broadcast over their
+    queries) and the decoder's causal mask ``[B, 1, S, S]``; the first batch outside vmap checks that the logits
+    equal the model's own, and that the shifted target is the model's own ``decoder_input_ids``. A plain
+    ``torch.nn`` model is called with ``input_ids``, the 2-D ``attention_mask`` and ``decoder_input_ids`` (give
+    ``decoder_start_token_id`` and ``pad_token_id``, which only a Hugging Face config holds).
+
+    Attributes:
+        tokens_per_sequence: n̄ (a number) or ``"own"``, see above.
+        parameters: which parameters are attributed (default: the encoder's and decoder's blocks' linear layers:
+            their self-attention, cross-attention and MLP projections, without the output head,
+            [`ModuleSelection`][]).
+        label_smoothing: ε of a run trained on smoothed labels (default 0: none).
+        decoder_start_token_id: the decoder's first input (default: the model config's).
+        pad_token_id: the id read for −100 in the shifted target (default: the model config's).
+    """
+
+    tokens_per_sequence: float | Literal["own"]
+    parameters: ModuleSelection | ParameterSelection = field(default_factory=ModuleSelection)
+    name: str = "seq2seq"
+    label_smoothing: float = 0.0
+    decoder_start_token_id: int | None = None
+    pad_token_id: int | None = None
+    attention: ClassVar[AttentionKind] = "bidirectional"  # the encoder's; the decoder's is causal
+    _kind: ModelKind | None = field(default=None, init=False, repr=False, compare=False)
+    _mask_checked: bool = field(default=False, init=False, repr=False, compare=False)
+    _shift: tuple[int, int] | None = field(default=None, init=False, repr=False, compare=False)
+    score_labels: ClassVar[tuple[str, str]] = LanguageModelingTask.score_labels
+
+    def __post_init__(self) -> None:
+        _check_tokens_per_sequence(self.tokens_per_sequence, "target", "mean_target_tokens")
+        self.label_smoothing = check_label_smoothing(self.label_smoothing)
+
+    def bind(self, model: nn.Module) -> Seq2SeqTask:
+        bound = super().bind(model)
+        assert isinstance(bound, Seq2SeqTask)
+        bound._shift = self._shift_ids(model)
+        return bound
+
+    def _resolve(self, model: nn.Module) -> ModelKind:
+        kind = inspect_model(model, "bidirectional")
+        if kind.hugging_face and not getattr(model.config, "is_encoder_decoder", False):  # type: ignore[union-attr]
+            raise TaskError(
+                f"{kind.name} is not an encoder–decoder model (its config's is_encoder_decoder is False); use "
+                "LanguageModelingTask for a decoder-only language model, or a classification task."
+            )
+        return kind
+
+    def _shift_ids(self, model: nn.Module | None) -> tuple[int, int] | None:
+        """(decoder_start_token_id, pad_token_id): the task's, else the model config's; None where neither is."""
+        config = getattr(model, "config", None)
+        start = self.decoder_start_token_id
+        pad = self.pad_token_id
+        start = getattr(config, "decoder_start_token_id", None) if start is None else start
+        pad = getattr(config, "pad_token_id", None) if pad is None else pad
+        return None if start is None or pad is None else (int(start), int(pad))
+
+    def _decoder_inputs(self, batch: Batch, shift: tuple[int, int] | None, name: str) -> Tensor:
+        """The decoder's input ids ``[B, S]``: the batch's own, or its target shifted right by one."""
+        if "decoder_input_ids" in batch:
+            return batch["decoder_input_ids"]
+        if shift is None:
+            raise TaskError(
+                f"Cannot build {name}'s decoder inputs: neither the batch's 'decoder_input_ids', nor a "
+                "decoder_start_token_id and pad_token_id (give them to the task, or to the model's config)."
+            )
+        return shift_right(batch.get(OBSERVED_TARGET_KEY, _targets(batch)), *shift)
+
+    def forward(self, model: Callable[..., Any], batch: Batch) -> Tensor:
+        """Logits ``[B, S, V]`` of the target given the source (teacher forcing)."""
+        _check_batch(batch)
+        bound = self._kind is not None
+        if isinstance(model, nn.Module):
+            kind, shift = self._resolve(model), self._shift_ids(model)
+        elif self._kind is not None:
+            kind, shift = self._kind, self._shift
+        else:
+            raise TaskError(
+                f"This {type(self).__name__} has not seen its model; call task.bind(model) before calling forward "
+                "with a functional model (featurize, Attributor and PerExampleGradients do this)."
+            )
+        decoder_ids = self._decoder_inputs(batch, shift, kind.name)
+        inputs = {key: value for key, value in batch.items() if key not in ("labels", OBSERVED_TARGET_KEY)}
+        inputs["decoder_input_ids"] = decoder_ids
+        if kind.hugging_face:
+            padding = _padding_mask(batch)[:, None, None, :].bool()
+            zero = torch.zeros((), dtype=kind.dtype, device=padding.device)
+            inputs["attention_mask"] = torch.where(padding, zero, torch.finfo(kind.dtype).min)
+            target = batch.get("decoder_attention_mask")
+            target = torch.ones_like(decoder_ids) if target is None else target
+            inputs["decoder_attention_mask"] = attention_bias(target, True, kind.dtype)
+        logits = _call_model(model, inputs, kind)
+        if bound and kind.hugging_face and not self._mask_checked and _plain(batch["input_ids"]):
+            self._check_seq2seq(model, batch, decoder_ids, logits, kind)
+        return logits
+
+    def _check_seq2seq(self, model: Callable[..., Any], batch: Batch, decoder_ids: Tensor, logits: Tensor,
+                       kind: ModelKind) -> None:  # fmt: skip
+        """Refuse masks or a shifted target that do not reproduce the model's own (compared once, outside vmap)."""
+        labels = _targets(batch)
+        own_inputs = {key: value for key, value in batch.items() if key != OBSERVED_TARGET_KEY}
+        own_inputs["labels"] = batch.get(OBSERVED_TARGET_KEY, labels)  # without decoder_input_ids the model shifts it
+        own_inputs["attention_mask"] = _padding_mask(batch)
+        with torch.no_grad():
+            own = _logits(model(**own_inputs)).float()
+        keep = labels != IGNORE_INDEX
+        ours = logits.detach().float()
+        if own.shape != ours.shape:
+            raise TaskError(f"{kind.name} returned logits of shape {list(own.shape)} with its own masks and "
+                            f"{list(ours.shape)} with the task's; subclass the task and override forward.")
+        own, ours = own[keep], ours[keep]
+        scale = float(own.abs().max()) if own.numel() else 0.0
+        error = float((own - ours).abs().max()) if own.numel() else 0.0
+        if error > 1e-3 * scale + 1e-6:
+            raise TaskError(
+                f"The decoder inputs and masks the task builds do not reproduce {kind.name}'s own logits (they "
+                f"differ by {error:.3g}); if the model starts its decoder from another token, give the task "
+                "decoder_start_token_id and pad_token_id, or put 'decoder_input_ids' in the batches."
+            )
+        self._mask_checked = True
+
+    def token_losses(self, outputs: Tensor, batch: Batch, smoothing: float = 0.0) -> Tensor:
+        """Each target token's loss ``[B, S]`` (0 where nothing is predicted); with ``smoothing`` ε the smoothed
+        one, (1 − ε)·(−log p(y_t)) − ε·mean_v log p(v)."""
+        labels, keep = self._predicted(outputs, batch)
+        targets = torch.where(keep, labels, torch.full_like(labels, IGNORE_INDEX))
+        vocab = outputs.shape[-1]
+        return token_nll(outputs.reshape(-1, vocab), targets.reshape(-1), smoothing).view(targets.shape)
+
+    def _predicted(self, outputs: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+        """The target ``[B, S]`` and which of its positions are predicted (bool), checked against the logits."""
+        labels = _targets(batch)
+        if outputs.dim() != 3 or outputs.shape[:2] != labels.shape:
+            raise TaskError(
+                f"Seq2SeqTask takes the target as 'labels' [B, S] beside logits [B, S, V], but the batch holds labels "
+                f"of shape {list(labels.shape)} for logits of shape {list(outputs.shape)}."
+            )
+        keep = target_positions(batch)
+        _check_tokens(torch.where(keep, labels, torch.zeros_like(labels)), outputs.shape[-1])
+        return labels, keep
+
+    def _scale(self, keep: Tensor) -> Tensor | float:
+        if self.tokens_per_sequence == "own":
+            return keep.sum(-1).clamp_min(1).float()
+        return float(self.tokens_per_sequence)
+
+    def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
+        return self.token_losses(outputs, batch, self.label_smoothing).sum(-1) / self._scale(target_positions(batch))
+
+    def fisher_loss(self, outputs: Tensor, batch: Batch) -> Tensor:
+        return self.token_losses(outputs, batch).sum(-1) / self._scale(target_positions(batch))
+
+    def measurement(self, outputs: Tensor, batch: Batch) -> Tensor:
+        return self.token_losses(outputs, batch).sum(-1)
+
+    def fisher_targets(
+        self, outputs: Tensor, batch: Batch, generator: torch.Generator | None
+    ) -> list[tuple[Tensor, Batch]]:
+        """Sampled: a token for every predicted position from the model, weight n (E[n·∇ℓ∇ℓᵀ] is the Gauss–Newton
+        of ℓ = s/n, as for [`LanguageModelingTask`][]). Exact (``generator=None``): one direction per (position,
+        token), weight p·n'²/n, n' the direction's own normaliser (1 with ``"own"``). Every direction's decoder
+        reads the observed target (kept under ``OBSERVED_TARGET_KEY`` where the batch has no ``decoder_input_ids``):
+        only what is predicted changes."""
+        labels, keep = self._predicted(outputs, batch)
+        scale = self._scale(keep)
+        observed = scale if isinstance(scale, Tensor) else torch.full((labels.shape[0],), scale)
+        observed = observed.to(device=outputs.device, dtype=_upcast(outputs[:1, :1]).dtype)
+        reads = batch if "decoder_input_ids" in batch else {**batch, OBSERVED_TARGET_KEY: labels}
+        ignored = torch.full_like(labels, IGNORE_INDEX)
+        if generator is not None:
+            uniform = torch.rand(keep.shape, generator=generator, dtype=torch.float64)
+            drawn = sample_tokens(outputs, uniform).to(labels.device)
+            return [(observed, {**reads, "labels": torch.where(keep, drawn, IGNORE_INDEX)})]
+        probs = torch.softmax(_upcast(outputs), dim=-1)
+        own = 1.0 if self.tokens_per_sequence == "own" else observed
+        directions = []
+        for t in range(keep.shape[1]):
+            for token in range(probs.shape[-1]):
+                target = ignored.clone()
+                target[:, t] = torch.where(keep[:, t], token, IGNORE_INDEX)
+                weight = probs[:, t, token] * keep[:, t] * own**2 / observed
+                directions.append((weight, {**reads, "labels": target}))
+        return directions
+
+    def representation(self, model: nn.Module, batch: Batch) -> Tensor:
+        """The decoder's last hidden states (the input of the output head), averaged over the target's predicted
+        positions: float ``[B, h]`` (RepSim compares these)."""
+        hidden = self._last_linear_input(model, batch)
+        if hidden is None or hidden.dim() != 3:
+            return super().representation(model, batch)
+        weights = target_positions(batch).to(hidden)[..., None]
+        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+    def describe(self) -> dict[str, Any]:
+        ids = {key: value for key, value in (("decoder_start_token_id", self.decoder_start_token_id),
+                                             ("pad_token_id", self.pad_token_id)) if value is not None}  # fmt: skip
+        return {**super().describe(), "tokens_per_sequence": self.tokens_per_sequence, **ids,
+                **smoothing_described(self.label_smoothing)}
+
+
+OBSERVED_TARGET_KEY = "source_proj_observed_target"
+"""Where a Fisher direction's batch keeps the observed target its decoder reads (its ``labels`` are sampled)."""
+
+
+def shift_right(labels: Tensor, start: int, pad: int) -> Tensor:
+    """A seq2seq model's decoder inputs ``[B, S]`` from its target ``labels``: ``start``, then the target up to its
+    last position, −100 read as ``pad`` (tensor operations only: safe under ``torch.func.vmap``)."""
+    before = labels[..., :-1]
+    before = torch.where(before == IGNORE_INDEX, torch.full_like(before, pad), before)
+    return torch.cat([torch.full_like(labels[..., :1], start), before], dim=-1)
+
+
+def _targets(batch: Batch) -> Tensor:
+    labels = batch.get("labels") if isinstance(batch, Mapping) else None
+    if labels is None or labels.dim() != 2:
+        got = "none" if labels is None else f"labels of shape {list(labels.shape)}"
+        raise TaskError(
+            f"A seq2seq batch needs its target as 'labels' [B, S] (token ids, −100 where nothing is predicted), but "
+            f"it holds {got}; build the examples with sp.TextDataset(sources, targets=...) or DataCollatorForSeq2Seq."
+        )
+    return labels
+
+
+def target_positions(batch: Batch) -> Tensor:
+    """Which target positions of a seq2seq batch are predicted: bool ``[B, S]`` (a label that is not −100, and a
+    decoder attention mask of 1 where the batch holds one)."""
+    labels = _targets(batch)
+    keep = labels != IGNORE_INDEX
+    mask = batch.get("decoder_attention_mask")
+    return keep if mask is None else keep & mask.bool()
 
 
 def _check_tokens_per_sequence(n: Any, what: str, helper: str) -> None:
@@ -937,7 +1201,8 @@ class TextDataset(Dataset):
 
     ``dataset[i]`` is ``{"input_ids": [T], "attention_mask": [T]}`` plus ``"labels"``: the class id
     for classification (a row of 0/1 labels for multi-label classification, a number for regression), a tag per
-    token for token classification ``[T]``, or nothing for language modelling (the task predicts the input ids).
+    token for token classification ``[T]``, the target sequence of an encoder–decoder model ``[S]`` (−100 at its
+    padding), or nothing for language modelling (the task predicts the input ids).
 
     Args:
         sequences: token ids of each example (at least one token each).
@@ -945,6 +1210,9 @@ class TextDataset(Dataset):
             kept as floats) or numbers (regression, kept as floats), or ``None``.
         token_labels: a tag per token of each sequence (token classification, −100 for a token without one),
             padded with −100; instead of ``labels``.
+        targets: a target token sequence per source sequence (encoder–decoder models, [`Seq2SeqTask`][]): the
+            examples' ``labels`` ``[S]``, padded with −100; instead of ``labels``.
+        target_length: S; default the longest target. Longer targets are refused, not cut.
         length: T; default the longest sequence. Longer sequences are refused, not cut.
         pad_id: the id written at padded positions (never attended to, never predicted).
         texts: the text of each example, kept for reports ([`text`][]).
@@ -956,7 +1224,9 @@ class TextDataset(Dataset):
         *,
         labels: Sequence[Any] | None = None,
         token_labels: Sequence[Sequence[int]] | None = None,
+        targets: Sequence[Sequence[int]] | None = None,
         length: int | None = None,
+        target_length: int | None = None,
         pad_id: int = 0,
         texts: Sequence[str] | None = None,
     ) -> None:
@@ -971,9 +1241,11 @@ class TextDataset(Dataset):
                 f"Sequence {int(np.argmax(lengths))} has {max(lengths)} tokens, more than length={length}; "
                 "split it or raise length."
             )
-        if labels is not None and token_labels is not None:
-            raise TaskError("Give labels (one per sequence) or token_labels (one per token), not both.")
-        for what, values in (("labels", labels), ("token_labels", token_labels), ("texts", texts)):
+        if sum(given is not None for given in (labels, token_labels, targets)) > 1:
+            raise TaskError("Give one of labels (one per sequence), token_labels (one per token) or targets (a target "
+                            "sequence per sequence), not several.")  # fmt: skip
+        for what, values in (("labels", labels), ("token_labels", token_labels), ("targets", targets),
+                             ("texts", texts)):  # fmt: skip
             if values is not None and len(values) != len(sequences):
                 raise TaskError(f"{len(values)} {what} were given for {len(sequences)} sequences; give one each.")
         self.input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
@@ -989,6 +1261,9 @@ class TextDataset(Dataset):
                     raise TaskError(f"Sequence {i} has {len(seq)} tokens but {len(tags)} token labels; give one "
                                     "per token (-100 for a token without one).")  # fmt: skip
                 self.labels[i, : len(tags)] = torch.as_tensor(list(tags), dtype=torch.long)
+        self.targets = targets is not None
+        if targets is not None:
+            self.labels = _padded_targets(targets, target_length)
         self.texts = None if texts is None else list(texts)
 
     def __len__(self) -> int:
@@ -1001,10 +1276,33 @@ class TextDataset(Dataset):
         return example
 
     def text(self, index: int) -> str:
-        """The text of example ``index`` (as given), or its token ids when no texts were given."""
+        """The text of example ``index`` (as given), or its token ids when no texts were given (a seq2seq pair's:
+        ``source → target``)."""
         if self.texts is not None:
             return self.texts[index]
-        return " ".join(str(int(t)) for t in self.input_ids[index][self.attention_mask[index].bool()])
+        ids = " ".join(str(int(t)) for t in self.input_ids[index][self.attention_mask[index].bool()])
+        if not self.targets:
+            return ids
+        assert self.labels is not None
+        target = self.labels[index]
+        return f"{ids} → " + " ".join(str(int(t)) for t in target[target != IGNORE_INDEX])
+
+
+def _padded_targets(targets: Sequence[Sequence[int]], length: int | None) -> Tensor:
+    """Seq2seq targets as labels ``[N, S]``, right-padded with −100 (nothing predicted there)."""
+    lengths = [len(t) for t in targets]
+    if min(lengths) == 0:
+        raise TaskError(f"Target {lengths.index(0)} is empty; give every source a target of at least one token.")
+    length = max(lengths) if length is None else length
+    if max(lengths) > length:
+        raise TaskError(f"Target {int(np.argmax(lengths))} has {max(lengths)} tokens, more than "
+                        f"target_length={length}; split it or raise target_length.")  # fmt: skip
+    labels = torch.full((len(targets), length), IGNORE_INDEX, dtype=torch.long)
+    for i, target in enumerate(targets):
+        labels[i, : len(target)] = torch.as_tensor(list(target), dtype=torch.long)
+    if (labels < IGNORE_INDEX).any() or ((labels < 0) & (labels != IGNORE_INDEX)).any():
+        raise TaskError("Target token ids must be non-negative; −100 marks padding and is added by the dataset.")
+    return labels
 
 
 def _sequence_labels(labels: Sequence[Any]) -> Tensor:
@@ -1030,6 +1328,17 @@ def predicted_tokens(dataset: Dataset) -> np.ndarray:
 def mean_predicted_tokens(dataset: Dataset) -> float:
     """n̄ for [`LanguageModelingTask`][]: the mean number of predicted tokens per training sequence."""
     return float(predicted_tokens(dataset).mean())
+
+
+def target_tokens(dataset: Dataset) -> np.ndarray:
+    """Number of predicted target tokens (``target_positions``) in each seq2seq example: int ``[N]``."""
+    counts = [int(target_positions(_batched(dataset[i])).sum()) for i in range(len(dataset))]  # type: ignore[arg-type]
+    return np.asarray(counts, dtype=np.int64)
+
+
+def mean_target_tokens(dataset: Dataset) -> float:
+    """n̄ for [`Seq2SeqTask`][]: the mean number of predicted target tokens per training pair."""
+    return float(target_tokens(dataset).mean())
 
 
 def labelled_tokens(dataset: Dataset) -> np.ndarray:

@@ -1,0 +1,206 @@
+"""Encoder–decoder models (``Seq2SeqTask``): padded per-example gradients equal single pairs on T5 and BART, by
+``torch.func`` and by the layer hooks; the loss and measurement are the model's own; the Fisher targets give the
+Gauss–Newton matrix with the decoder reading the observed target; every refusal; and a Trainer-recorded T5 run
+featurized, fitted and queried, its stored gradients equal to the model's own loss gradients."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from torch import nn
+from torch.func import functional_call, jacrev
+
+import source_proj as sp
+from source_proj.tasks.gradients import PerExampleGradients
+from source_proj.tasks.text import OBSERVED_TARGET_KEY, mean_target_tokens, shift_right, target_positions
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model is built from a config: nothing may be downloaded
+transformers.logging.set_verbosity_error()
+
+VOCAB = 29
+SOURCES = [[5, 9, 2, 17, 3, 11, 8], [4, 12, 6, 21], [7, 3, 19, 13, 10, 15]]
+TARGETS = [[8, 11, 3, 17], [21, 6], [15, 10, 13, 19, 3]]
+
+
+def _t5(attn: str = "eager", width: int = 16) -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.T5Config(
+        vocab_size=VOCAB, d_model=width, d_kv=8, d_ff=2 * width, num_layers=2, num_decoder_layers=2, num_heads=2,
+        dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, attn_implementation=attn,
+    )  # fmt: skip
+    return transformers.T5ForConditionalGeneration(config)
+
+
+def _bart(attn: str = "eager") -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.BartConfig(
+        vocab_size=VOCAB, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=16, dropout=0.0,
+        attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        decoder_start_token_id=2, forced_eos_token_id=None, attn_implementation=attn,
+    )  # fmt: skip
+    return transformers.BartForConditionalGeneration(config)
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "t5-eager": _t5, "bart-eager": _bart, "bart-sdpa": lambda: _bart("sdpa"),
+}  # fmt: skip
+
+
+def _pairs(sources: list[list[int]], targets: list[list[int]], length: int = 8, target_length: int = 6) -> dict:
+    data = sp.TextDataset(sources, targets=targets, length=length, target_length=target_length)
+    return {key: torch.stack([data[i][key] for i in range(len(data))]) for key in data[0]}
+
+
+@pytest.mark.parametrize("case", list(MODELS))
+def test_padded_per_example_gradients_equal_single_pairs_by_vmap_and_by_hooks(case: str) -> None:
+    model, task = MODELS[case](), sp.Seq2SeqTask(tokens_per_sequence=3.5)
+    names = task.select_parameters(model)
+    assert any("decoder" in n for n in names) and any("encoder" in n for n in names)
+    assert not any("lm_head" in n or "shared" in n or "embed" in n for n in names)
+    batch = _pairs(SOURCES, TARGETS)
+    for hooks in (False, True):
+        grads = PerExampleGradients(model, task, names, hooks=hooks)
+        grads.outputs(batch)  # outside vmap: the task checks its masks and decoder inputs against the model's own
+        for quantity in ("loss", "measurement"):
+            padded = grads(batch, quantity)
+            for i, (source, target) in enumerate(zip(SOURCES, TARGETS, strict=True)):
+                alone = grads(_pairs([source], [target], len(source), len(target)), quantity)
+                scale = max(float(alone[n].abs().max()) for n in names)
+                error = max(float((padded[n][i] - alone[n][0]).abs().max()) for n in names)
+                assert scale > 1e-4, "the gradient must not vanish, or the comparison proves nothing"
+                assert error <= 2e-5 * scale, f"{quantity} of pair {i}, hooks={hooks}: {error:.2e} / {scale:.2e}"
+
+
+@pytest.mark.parametrize("case", ["t5-eager", "bart-eager"])
+def test_loss_and_measurement_are_the_models_own_seq2seq_loss(case: str) -> None:
+    model = MODELS[case]().eval()
+    batch = _pairs(SOURCES, TARGETS)
+    counts = target_positions(batch).sum(-1)
+    assert counts.tolist() == [4, 2, 5]
+    task = sp.Seq2SeqTask(tokens_per_sequence=float(counts.float().mean()))
+    with torch.no_grad():
+        measured = task.measurement(task.forward(model, batch), batch)
+        for i, (source, target) in enumerate(zip(SOURCES, TARGETS, strict=True)):  # the mean over target tokens
+            own = model(input_ids=torch.tensor([source]), labels=torch.tensor([target])).loss
+            assert torch.allclose(measured[i], own * counts[i], rtol=1e-5)
+        own = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        assert torch.allclose(task.loss(task.forward(model, batch), batch).mean(), own, rtol=1e-5)  # equal n̄
+        each = sp.Seq2SeqTask(tokens_per_sequence="own")
+        per_pair = torch.stack([model(input_ids=torch.tensor([s]), labels=torch.tensor([t])).loss
+                                for s, t in zip(SOURCES, TARGETS, strict=True)])  # fmt: skip
+        assert torch.allclose(each.loss(each.forward(model, batch), batch), per_pair, rtol=1e-5)
+    data = sp.TextDataset(SOURCES, targets=TARGETS)
+    assert mean_target_tokens(data) == pytest.approx(11 / 3)
+
+
+@pytest.mark.parametrize("tokens", [2.5, "own"])
+def test_exact_seq2seq_fisher_targets_give_the_gauss_newton_matrix_with_the_observed_decoder_inputs(tokens) -> None:
+    model = _t5(width=8).double().eval()
+    task = sp.Seq2SeqTask(tokens_per_sequence=tokens, parameters=sp.ModuleSelection(include=("decoder.block.1.*",)))
+    names = task.select_parameters(model)
+    batch = _pairs([[5, 9, 2], [4, 12]], [[8, 11, 3], [21]], length=3, target_length=3)
+    grads = PerExampleGradients(model, task, names)
+    outputs = grads.outputs(batch)
+    directions = task.fisher_targets(outputs, batch, None)
+    for _, pseudo in directions[:: len(directions) // 5]:  # the decoder still reads the observed target
+        assert not torch.equal(pseudo["labels"], batch["labels"])
+        assert torch.equal(task.forward(model, pseudo), outputs)
+    observed = shift_right(batch["labels"], 0, 0)
+    flat = lambda g: torch.cat([v.reshape(v.shape[0], -1) for v in g.values()], dim=1)  # noqa: E731
+    fisher = sum(flat(grads(b, "fisher")).T @ (w[:, None].double() * flat(grads(b, "fisher"))) for w, b in directions)
+
+    # Gauss–Newton of ℓ = s/n: Σ_b (1/n_b) Σ_t J_btᵀ (diag p − ppᵀ) J_bt over the predicted target positions, the
+    # decoder reading the observed target.
+    params = {n: p.detach() for n, p in model.named_parameters() if n in names}
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "decoder_input_ids": observed}
+    jac = jacrev(lambda p: functional_call(model, p, (), inputs).logits)(params)
+    j = torch.cat([jac[n].reshape(2, 3, VOCAB, -1) for n in names], dim=3)
+    logits = model(**inputs).logits.detach()
+    keep = target_positions(batch)
+    gn = torch.zeros_like(fisher)
+    for b in range(2):
+        n = float(keep[b].sum()) if tokens == "own" else tokens
+        for t in range(3):
+            if keep[b, t]:
+                p = torch.softmax(logits[b, t], 0)
+                gn += j[b, t].T @ (torch.diag(p) - torch.outer(p, p)) @ j[b, t] / n
+    scale = float(gn.abs().max())
+    assert scale > 1e-6
+    assert float((fisher - gn).abs().max()) <= 1e-7 * scale  # T5's norms square in float32 even in a float64 model
+
+
+def test_sampled_seq2seq_fisher_targets_draw_from_the_model_at_target_positions_only() -> None:
+    task = sp.Seq2SeqTask(tokens_per_sequence=2.5)
+    batch = _pairs([[3, 4], [5, 6]], [[7, 8, 9], [4]], length=2, target_length=3)
+    logits = torch.randn(2, 3, 10, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+    counts = torch.zeros(10)
+    for _ in range(3000):
+        ((weight, sampled),) = task.fisher_targets(logits, batch, gen)
+        labels = sampled["labels"]
+        assert torch.equal(weight, torch.full((2,), 2.5))
+        assert torch.equal(shift_right(sampled[OBSERVED_TARGET_KEY], 0, 0), torch.tensor([[0, 7, 8], [0, 4, 0]]))
+        assert (labels[0] >= 0).all() and labels[1, 0] >= 0 and (labels[1, 1:] == -100).all()
+        counts[labels[0, 2]] += 1
+    assert torch.allclose(counts / 3000, torch.softmax(logits[0, 2], 0), atol=0.03)
+
+
+def test_seq2seq_inputs_and_models_that_do_not_fit_are_refused_with_a_sentence() -> None:
+    t5 = _t5()
+    batch = _pairs(SOURCES, TARGETS)
+    with pytest.raises(sp.TaskError, match=r"T5ForConditionalGeneration is an encoder–decoder model.*Seq2SeqTask"):
+        sp.LanguageModelingTask(tokens_per_sequence=3).forward(t5, batch)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_positions=8, n_embd=8, n_layer=1,
+                                                                 n_head=2, attn_implementation="eager"))  # fmt: skip
+    with pytest.raises(sp.TaskError, match=r"GPT2LMHeadModel is not an encoder–decoder model"):
+        sp.Seq2SeqTask(tokens_per_sequence=3).forward(gpt2, batch)
+    # A decoder that the model starts from another token: the first batch's logits differ from the model's own.
+    wrong = sp.Seq2SeqTask(tokens_per_sequence=3, decoder_start_token_id=5)
+    with pytest.raises(sp.TaskError, match=r"do not reproduce T5ForConditionalGeneration's own logits"):
+        PerExampleGradients(t5, wrong, wrong.select_parameters(t5)).outputs(batch)
+    with pytest.raises(sp.TaskError, match=r"needs its target as 'labels' \[B, S\].*holds none"):
+        sp.Seq2SeqTask(tokens_per_sequence=3).forward(t5, {k: v for k, v in batch.items() if k != "labels"})
+    plain = sp.Seq2SeqTask(tokens_per_sequence=3)
+    with pytest.raises(sp.TaskError, match=r"Cannot build .* decoder inputs"):
+        plain._decoder_inputs(batch, plain._shift_ids(nn.Linear(2, 2)), "Linear")
+    with pytest.raises(sp.TaskError, match=r"tokens_per_sequence must be .* mean_target_tokens"):
+        sp.Seq2SeqTask(tokens_per_sequence=0)
+    with pytest.raises(sp.TaskError, match=r"Target 1 is empty"):
+        sp.TextDataset(SOURCES, targets=[[1], [], [2]])
+    with pytest.raises(sp.TaskError, match=r"Target 2 has 5 tokens, more than target_length=4"):
+        sp.TextDataset(SOURCES, targets=TARGETS, target_length=4)
+    with pytest.raises(sp.TaskError, match=r"one of labels .* or targets"):
+        sp.TextDataset(SOURCES, labels=[0, 1, 0], targets=TARGETS)
+    with pytest.raises(sp.TaskError, match=r"2 targets were given for 3 sequences"):
+        sp.TextDataset(SOURCES, targets=TARGETS[:2])
+
+
+def test_a_trainer_run_of_a_t5_is_captured_as_featurize_computes_it_and_answers_queries(tmp_path) -> None:
+    """A T5 trained by the Trainer on reversed sources (4 target tokens a pair, so the batch mean of s/n̄ is the
+    Trainer's loss exactly): capture taps the Trainer's own gradients, and post-hoc featurize with ``Seq2SeqTask``
+    computes them at every step; featurize at the defaults (eigen projection, sampled Fisher) fits and answers
+    queries; per-token scores are refused in a sentence."""
+    from .test_integrations import _captured_and_posthoc
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, VOCAB, (16, 6), generator=g)
+    data = sp.TextDataset(ids.tolist(), targets=ids.flip(1)[:, :4].tolist())
+    task = sp.Seq2SeqTask(tokens_per_sequence=mean_target_tokens(data))
+    assert task.tokens_per_sequence == 4.0
+    _captured_and_posthoc(tmp_path, _t5, data, task)
+    store = sp.featurize(tmp_path / "run", _t5(), task, data, tmp_path / "default.sp", progress=False,
+                         projection=sp.ProjectionArguments(dim=32))  # fmt: skip
+    assert store.meta["projection"]["kind"] == "eigen"
+    sp.fit(store.path, sp.FitArguments(segments_per_stage=1), progress=False)
+    attributor = sp.Attributor(store.path, _t5(), task)
+    queries = torch.utils.data.Subset(data, [0, 1, 2])
+    scores = attributor.scores(queries)
+    assert scores.shape == (3, 16) and np.isfinite(scores).all() and np.abs(scores).max() > 0
+    with pytest.raises(sp.TaskError, match=r"Per-token scores .* encoder–decoder"):
+        sp.token_scores(attributor, queries, data, [0, 1], progress=False)
