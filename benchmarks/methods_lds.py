@@ -14,6 +14,7 @@ from torch import nn
 
 import source_proj as sp
 from source_proj.evaluation.lds import LDSArguments, lds, lds_ground_truth
+from source_proj.evaluation.metrics import spearman
 
 METHODS = ("source", "trak", "tracin", "grad-dot")
 
@@ -21,6 +22,15 @@ METHODS = ("source", "trak", "tracin", "grad-dot")
 def selection(args: argparse.Namespace) -> dict[str, sp.ModuleSelection]:
     """The task's parameters: its default (the blocks and the head) or, with ``--blocks-only``, the blocks only."""
     return {"parameters": sp.ModuleSelection()} if getattr(args, "blocks_only", False) else {}
+
+
+def reliability(measurements: np.ndarray) -> tuple[float, float]:
+    """Split-half reliability r of a ground truth's measurements ``[subsets, repeats, queries]`` (Spearman over the
+    subsets between the means of the first and the second half of the retrains, mean over queries) and the LDS
+    ceiling √ρ it implies, ρ = 2r/(1 + r) by Spearman–Brown (as ``accuracy/harness.py``)."""
+    half = measurements.shape[1] // 2
+    r = float(np.nanmean(spearman(measurements[:, :half].mean(1), measurements[:, half : 2 * half].mean(1), axis=0)))
+    return r, float(np.sqrt(max(0.0, 2 * r / (1 + r))))
 
 
 def compare_methods(
@@ -62,12 +72,14 @@ def compare_methods(
     results = {m: lds(s, truth, args) for m, s in scores.items()}
     report: dict[str, Any] = {m: {"lds": r.mean, "ci": [r.low, r.high]} for m, r in results.items()}
     report["fit_s"] = fitting
+    report["reliability"], report["ceiling"] = reliability(truth.measurements)
     for method in list(results)[1:]:
         diff = results[methods[0]].per_query - results[method].per_query
         diff = diff[np.isfinite(diff)]
         boot = np.random.default_rng(0).choice(diff, (2000, len(diff))).mean(1)
         report[f"{methods[0]} - {method}"] = {"mean": float(diff.mean()),
                                               "ci": np.percentile(boot, [2.5, 97.5]).tolist()}  # fmt: skip
+    print(f"ground truth: split-half reliability {report['reliability']:.3f}, LDS ceiling {report['ceiling']:.3f}")
     for method, r in results.items():
         print(f"{method}: LDS {r.mean:.3f} [{r.low:.3f}, {r.high:.3f}]")
     for key, value in report.items():
