@@ -16,6 +16,7 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 import source_proj as sp
+from source_proj.query.text_report import token_report
 from source_proj.tasks.gradients import PerExampleGradients
 from source_proj.tasks.text import OBSERVED_TARGET_KEY, mean_target_tokens, shift_right, target_positions
 
@@ -185,7 +186,7 @@ def test_a_trainer_run_of_a_t5_is_captured_as_featurize_computes_it_and_answers_
     """A T5 trained by the Trainer on reversed sources (4 target tokens a pair, so the batch mean of s/n̄ is the
     Trainer's loss exactly): capture taps the Trainer's own gradients, and post-hoc featurize with ``Seq2SeqTask``
     computes them at every step; featurize at the defaults (eigen projection, sampled Fisher) fits and answers
-    queries; per-token scores are refused in a sentence."""
+    queries, and splits each pair's score over its source and target tokens."""
     from .test_integrations import _captured_and_posthoc
 
     g = torch.Generator().manual_seed(0)
@@ -202,5 +203,33 @@ def test_a_trainer_run_of_a_t5_is_captured_as_featurize_computes_it_and_answers_
     queries = torch.utils.data.Subset(data, [0, 1, 2])
     scores = attributor.scores(queries)
     assert scores.shape == (3, 16) and np.isfinite(scores).all() and np.abs(scores).max() > 0
-    with pytest.raises(sp.TaskError, match=r"Per-token scores .* encoder–decoder"):
-        sp.token_scores(attributor, queries, data, [0, 1], progress=False)
+    # Per-token scores: the source's and the target's shares sum to each pair's score. With the targets padded to
+    # the source's length (S = T), the shares are the same: the cross-attention's keys and values lie on the
+    # source's positions by what they read (the encoder's output), not by their shape.
+    split = sp.token_scores(attributor, queries, data, [3, 4, 5], progress=False)
+    assert split.tokens.shape == (3, 3, 6) and split.target_tokens.shape == (3, 3, 4)
+    assert np.abs(split.tokens).max() > 0 and np.abs(split.target_tokens).max() > 0 and not split.unplaced.any()
+    total = split.tokens.sum(-1) + split.target_tokens.sum(-1)
+    assert np.allclose(total, split.scores, rtol=1e-4, atol=1e-6 * np.abs(split.scores).max())
+    assert np.allclose(split.scores, scores[:, [3, 4, 5]], rtol=1e-5)
+    padded = sp.TextDataset(ids.tolist(), targets=ids.flip(1)[:, :4].tolist(), target_length=6)
+    same = sp.token_scores(attributor, queries, padded, [3, 4, 5], progress=False)
+    assert same.target_tokens.shape == (3, 3, 6) and not same.target_tokens[..., 4:].any()
+    scale = np.abs(split.tokens).max()
+    assert np.allclose(same.tokens, split.tokens, atol=1e-5 * scale)
+    assert np.allclose(same.target_tokens[..., :4], split.target_tokens, atol=1e-5 * scale)
+    # One target token's loss a query each: together they are the whole query (its summed target loss).
+    singles = [sp.single_token_query(data[0], j, target=True) for j in range(4)]
+    whole, parts = attributor.query_features([data[0]]), attributor.query_features(singles)
+    assert np.allclose(parts.sum(0), whole[0], rtol=1e-4, atol=1e-4 * float(whole.abs().max()))
+    with pytest.raises(sp.TaskError, match="pass target=True"):
+        sp.single_token_query(data[0], 1)
+    with pytest.raises(sp.TaskError, match="Target token 4 is not predicted"):
+        sp.single_token_query(padded[0], 4, target=True)
+    # The HTML view: each pair as its source, an arrow, its target, a hover value on every token.
+    page = token_report(split, ["q0", "q1", "q2"], lambda t: f"w{t}", tmp_path / "tokens.html").read_text()
+    source, target = data[3]["input_ids"].tolist(), data[3]["labels"].tolist()
+    row = page.split("main[3]")[1].split("</tr>")[0]  # training pair 3, for query 0: its source → its target
+    before, after = row.split("→")
+    assert [f">w{t}<" in before for t in source] == [True] * len(source) and before.count("title=") == len(source)
+    assert [f">w{t}<" in after for t in target] == [True] * len(target) and after.count("title=") == len(target)

@@ -22,6 +22,10 @@ shares of a sequence sum to its score (``TokenScores.scores``, read from the cac
 difference is float rounding, or a parameter used outside its module's forward). A module output
 without a position axis (a classifier head) goes to ``unplaced``.
 
+An encoder–decoder model (``Seq2SeqTask``) has two position axes: its encoder's module outputs, and its decoder's
+cross-attention keys and values (which read the encoder's output), lie on the source's positions
+(``TokenScores.tokens``); its decoder's other module outputs on the target's (``TokenScores.target_tokens``).
+
 For a query's *per-token* loss, score the query with one predicted token (``single_token_query``):
 its measurement, the summed token loss, is then that token's loss.
 
@@ -50,8 +54,8 @@ from source_proj.projection.base import Projector
 from source_proj.projection.factored import FactoredProjector
 from source_proj.query.attributor import Attributor, method_meta
 from source_proj.tasks.gradients import move_batch
-from source_proj.tasks.task import Batch
-from source_proj.tasks.text import IGNORE_INDEX, Seq2SeqTask
+from source_proj.tasks.task import Batch, output_tensor
+from source_proj.tasks.text import IGNORE_INDEX, OBSERVED_TARGET_KEY, Seq2SeqTask
 from source_proj.trajectory.preconditioner import read_scale
 
 
@@ -63,10 +67,14 @@ class TokenScores:
         rows: the sequences' rows in the method's feature matrix (as in ``QueryResult`` ids) ``[n]``.
         where: ``(stage, index)`` of each sequence in its stage's dataset.
         input_ids: the sequences' token ids ``[n, T]``; ``attention_mask`` ``[n, T]`` (0 = padding).
-        tokens: float32 ``[Q, n, T]``: the score carried by each position of each sequence.
+        tokens: float32 ``[Q, n, T]``: the score carried by each position of each sequence (an encoder–decoder
+            model's: of its source).
         unplaced: float32 ``[Q, n]``: the part through module outputs without a position axis.
         scores: float32 ``[Q, n]``: each sequence's score from the store's cached features;
-            ``tokens.sum(-1) + unplaced`` equals it up to float rounding.
+            ``tokens.sum(-1) + unplaced`` (``+ target_tokens.sum(-1)``) equals it up to float rounding.
+        target_ids: an encoder–decoder model's targets ``[n, S]`` (−100 at their padding), else ``None``.
+        target_tokens: float32 ``[Q, n, S]``: the score carried by each target position (the decoder's activations
+            there: reading the target before it, predicting its token), else ``None``.
     """
 
     rows: np.ndarray
@@ -76,12 +84,33 @@ class TokenScores:
     tokens: np.ndarray
     unplaced: np.ndarray
     scores: np.ndarray
+    target_ids: np.ndarray | None = None
+    target_tokens: np.ndarray | None = None
 
 
-def single_token_query(example: Mapping[str, Tensor], position: int) -> dict[str, Tensor]:
+def single_token_query(example: Mapping[str, Tensor], position: int, *, target: bool = False) -> dict[str, Tensor]:
     """A language-model query whose measurement is the loss of predicting token ``position`` only
-    (labels −100 elsewhere); ``example`` is one ``{"input_ids": [T], ...}`` as ``TextDataset`` gives."""
+    (labels −100 elsewhere); ``example`` is one ``{"input_ids": [T], ...}`` as ``TextDataset`` gives.
+
+    ``target=True``: an encoder–decoder pair's (``Seq2SeqTask``), whose ``labels`` ``[S]`` are the target;
+    ``position`` is then the target's, 0 ≤ position < S, and the decoder still reads the whole target (kept
+    under ``OBSERVED_TARGET_KEY``)."""
     ids = torch.as_tensor(example["input_ids"])
+    if target:
+        if "labels" not in example:
+            raise TaskError("target=True asks for a token of the example's target, but it has no 'labels'.")
+        labels = torch.as_tensor(example["labels"])
+        if not 0 <= position < labels.shape[0] or int(labels[position]) == IGNORE_INDEX:
+            count = int((labels != IGNORE_INDEX).sum())
+            raise TaskError(f"Target token {position} is not predicted: the target has {count} tokens, from 0.")
+        single = torch.full_like(labels, IGNORE_INDEX)
+        single[position] = labels[position]
+        return {OBSERVED_TARGET_KEY: labels, **example, "labels": single}  # the decoder still reads the whole target
+    if "labels" in example and torch.as_tensor(example["labels"]).shape != ids.shape:
+        raise TaskError(
+            "This example's labels are not one per input token (an encoder–decoder pair's target?); pass target=True "
+            "to predict one token of its target."
+        )
     if not 1 <= position < ids.shape[0]:
         raise TaskError(f"Token {position} is not predicted in a sequence of {ids.shape[0]}; use 1 ≤ position < T.")
     labels = torch.full_like(ids, IGNORE_INDEX)
@@ -113,11 +142,6 @@ def token_scores(
         ``TokenScores`` with ``tokens`` ``[Q, len(rows), T]``.
     """
     store = attributor.store
-    if isinstance(attributor.task, Seq2SeqTask):
-        raise TaskError(
-            "Per-token scores of an encoder–decoder model are not available: its source and target positions are "
-            "two axes, which the split by position does not tell apart; use the sequences' scores."
-        )
     recipe = method_meta(store, attributor.method).get("train")
     if recipe is None:
         raise TaskError(
@@ -134,7 +158,9 @@ def token_scores(
     query = attributor.query_features(queries).double()
     batch = _stack([datasets[stage][index] for stage, index in places])
     size, length = batch["input_ids"].shape
+    seq2seq = isinstance(attributor.task, Seq2SeqTask)
     tokens = torch.zeros(query.shape[0], size, length, dtype=torch.float64)
+    targets = torch.zeros(query.shape[0], size, batch["labels"].shape[1] if seq2seq else 0, dtype=torch.float64)
     unplaced = torch.zeros(query.shape[0], size, dtype=torch.float64)
     by_step = {c.step: c for c in attributor.trajectory.checkpoints}
     loaded = None
@@ -151,8 +177,9 @@ def token_scores(
         for start in range(0, len(chosen), batch_size):
             part = chosen[start : start + batch_size]
             sub = move_batch({key: value[part] for key, value in batch.items()}, attributor.device)
-            placed, rest = _split(attributor, sub, u)
+            placed, target, rest = _split(attributor, sub, u)
             tokens[:, part] += placed.cpu()
+            targets[:, part] += target.cpu()
             unplaced[:, part] += rest.cpu()
     return TokenScores(
         rows=np.asarray(rows, dtype=np.int64),
@@ -162,6 +189,8 @@ def token_scores(
         tokens=tokens.float().numpy(),
         unplaced=unplaced.float().numpy(),
         scores=_cached_scores(attributor, query, places).astype(np.float32),
+        target_ids=batch["labels"].numpy() if seq2seq else None,
+        target_tokens=targets.float().numpy() if seq2seq else None,
     )
 
 
@@ -231,11 +260,16 @@ def adjoint(
     return u
 
 
-def _split(attributor: Attributor, batch: Batch, u: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """⟨u, ∇ℓ(z)⟩ of every sequence of ``batch``, split by output position: (``[Q, B, T]``, ``[Q, B]``)."""
+def _split(attributor: Attributor, batch: Batch, u: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """⟨u, ∇ℓ(z)⟩ of every sequence of ``batch``, split by output position: (``[Q, B, T]``, ``[Q, B, S]``, ``[Q, B]``).
+
+    An encoder–decoder model's module outputs lie on the source's positions (the encoder's modules, and the
+    decoder's cross-attention keys and values, which read the encoder's output) or on the target's (the decoder's
+    other modules); S = 0 for other models."""
     model, task = attributor.model.eval(), attributor.task.bind(attributor.model)
     owners = _owners(model, set(attributor.param_names))
     captured: list[tuple[str, nn.Module, tuple[Any, ...], dict[str, Any], Tensor]] = []
+    source_side = _source_side(model, task)
 
     def hook(name: str) -> Any:
         def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
@@ -251,6 +285,8 @@ def _split(attributor: Attributor, batch: Batch, u: Mapping[str, Tensor]) -> tup
         return functional_call(model, params, args, kwargs, strict=False)
 
     handles = [module.register_forward_hook(hook(name), with_kwargs=True) for name, (module, _) in owners.items()]
+    if source_side is not None:
+        handles.append(source_side.encoder.register_forward_hook(source_side.record))
     try:
         with torch.enable_grad():
             losses = task.loss(task.forward(call, batch), batch)
@@ -259,12 +295,16 @@ def _split(attributor: Attributor, batch: Batch, u: Mapping[str, Tensor]) -> tup
         for handle in handles:
             handle.remove()
     size, length = batch["input_ids"].shape
+    span = batch["labels"].shape[1] if source_side is not None else 0
     queries = next(iter(u.values())).shape[0]
     placed = torch.zeros(queries, size, length, dtype=torch.float64, device=losses.device)
+    target = torch.zeros(queries, size, span, dtype=torch.float64, device=losses.device)
     rest = torch.zeros(queries, size, dtype=torch.float64, device=losses.device)
     for (name, module, args, kwargs, out), delta in zip(captured, deltas, strict=True):
         if delta is None:
             continue
+        on_target = source_side is not None and not source_side.holds(name, args)
+        axis, positions = (target, span) if on_target else (placed, length)
         own = owners[name][1]
         held = dict(module.named_parameters(recurse=False))
         primals = {local: held[local].detach() for local in own}
@@ -274,8 +314,8 @@ def _split(attributor: Attributor, batch: Batch, u: Mapping[str, Tensor]) -> tup
             tangents = {local: u[full][q].to(primals[local]) for local, full in own.items()}
             _, tangent = jvp(forward, (primals,), (tangents,))
             product = delta.double() * tangent.double()
-            if out.dim() >= 2 and tuple(out.shape[:2]) == (size, length):
-                placed[q] += product.reshape(size, length, -1).sum(-1)
+            if out.dim() >= 2 and tuple(out.shape[:2]) == (size, positions):
+                axis[q] += product.reshape(size, positions, -1).sum(-1)
             elif out.shape[0] == size:
                 rest[q] += product.reshape(size, -1).sum(-1)
             else:
@@ -283,7 +323,44 @@ def _split(attributor: Attributor, batch: Batch, u: Mapping[str, Tensor]) -> tup
                     f"Module {name!r} mixes the examples of a batch (output {list(out.shape)}); per-token scores need "
                     "examples along the first dimension of every attributed module's output."
                 )
-    return placed, rest
+    return placed, target, rest
+
+
+class _SourceSide:
+    """Which module outputs of an encoder–decoder model lie on its source's positions: the encoder's modules', and
+    those of decoder modules that read the encoder's output (cross-attention keys and values)."""
+
+    def __init__(self, model: nn.Module, encoder: nn.Module) -> None:
+        self.encoder = encoder
+        inside = {id(m) for m in encoder.modules()}
+        self.names = {name for name, m in model.named_modules() if id(m) in inside}
+        self.output: Tensor | None = None
+
+    def record(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        encoded = getattr(output, "last_hidden_state", None)  # a Hugging Face encoder's output
+        encoded = output_tensor(output) if encoded is None else encoded
+        if encoded is not None and encoded.requires_grad:  # the attributed forward, not the task's own checks
+            self.output = encoded
+
+    def holds(self, name: str, args: tuple[Any, ...]) -> bool:
+        if name in self.names:
+            return True
+        first = args[0] if args and isinstance(args[0], Tensor) else None
+        encoded = self.output
+        return (first is not None and encoded is not None and first.shape == encoded.shape
+                and first.data_ptr() == encoded.data_ptr())  # fmt: skip
+
+
+def _source_side(model: nn.Module, task: Any) -> _SourceSide | None:
+    if not isinstance(task, Seq2SeqTask):
+        return None
+    encoder = model.get_encoder() if callable(getattr(model, "get_encoder", None)) else None
+    if not isinstance(encoder, nn.Module):
+        raise TaskError(
+            f"Per-token scores of an encoder–decoder model need its encoder, which {type(model).__name__} does not "
+            "give (get_encoder()); use the sequences' scores."
+        )
+    return _SourceSide(model, encoder)
 
 
 def _module_output(

@@ -22,6 +22,7 @@ from source_proj.errors import TaskError
 from source_proj.query.attributor import QueryResult
 from source_proj.query.per_token import TokenScores
 from source_proj.store.durable import atomic_write_bytes
+from source_proj.tasks.text import IGNORE_INDEX
 
 _WORD = re.compile(r"\w+")
 _STYLE = """
@@ -149,7 +150,8 @@ def token_report(
 
     For every query: its text, then each training sequence with its score and its tokens shaded by
     the share of the score they carry (orange > 0, blue < 0, darkest = the sequence's largest share
-    in absolute value; hover a token for its value).
+    in absolute value; hover a token for its value). A seq2seq pair shows its source, an arrow, then its target,
+    shaded on one scale.
 
     Args:
         scores: per-token scores ``[Q, n, T]`` of n training sequences.
@@ -181,11 +183,18 @@ def token_report(
             keep = scores.attention_mask[i].astype(bool)
             values = scores.tokens[q, i][keep]
             pieces = ShadedText([decode(int(t)) for t in scores.input_ids[i][keep]], values.tolist())
+            sides = [(pieces, values)]
+            if scores.target_ids is not None and scores.target_tokens is not None:  # a seq2seq pair: source → target
+                said = scores.target_ids[i] != IGNORE_INDEX
+                target = scores.target_tokens[q, i][said]
+                words = [decode(int(t)) for t in scores.target_ids[i][said]]
+                sides.append((ShadedText(words, target.tolist()), target))
+            top = max(float(np.abs(v).max(initial=0.0)) for _, v in sides)
+            text = " <span class='arrow'>→</span> ".join(_shaded(side, top, "") for side, _ in sides)
             rest = f" (+{scores.unplaced[q, i]:+.2e} unplaced)" if scores.unplaced[q, i] else ""
             rows.append(
                 f"<tr><td class='score'>{scores.scores[q, i]:+.3e}{rest}</td><td class='where'>"
-                f"{html.escape(stage)}[{index}]</td><td>{_shaded(pieces, float(np.abs(values).max(initial=0.0)), '')}"
-                "</td></tr>"
+                f"{html.escape(stage)}[{index}]</td><td>{text}</td></tr>"
             )
         parts.append(
             f"<h2>{html.escape(names[q])}</h2><div class='query'>{body}</div><table>{''.join(rows)}</table>"
