@@ -1025,6 +1025,30 @@ def test_a_bf16_trainer_is_told_to_capture_in_bf16_and_captures_there_when_asked
     assert scores.shape == (3, 8) and np.isfinite(scores).all() and np.abs(scores).max() > 0
 
 
+def test_a_trainer_with_neftune_noise_is_told_in_one_sentence_that_it_is_not_modelled(tmp_path: Path) -> None:
+    """NEFTune adds noise to the input embeddings in training only; featurize's gradients are noise-free. The
+    recorder says so once, naming the setting; a Trainer without it is told nothing."""
+    from transformers import Trainer, TrainingArguments
+
+    from source_proj.integrations import HuggingFaceRecorder
+
+    ids, labels = _tokens(8, 0)
+    told = {}
+    for alpha in (None, 5.0):
+        args = TrainingArguments(
+            output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, num_train_epochs=1, learning_rate=0.05,
+            optim="sgd", save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, logging_strategy="no",
+            seed=0, neftune_noise_alpha=alpha,
+        )  # fmt: skip
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            Trainer(model=_tiny_bert(), args=args, train_dataset=_Dicts(ids, labels),
+                    callbacks=[HuggingFaceRecorder(tmp_path / f"run-{alpha}", save_every=1)]).train()  # fmt: skip
+        told[alpha] = [str(w.message) for w in caught if "NEFTune" in str(w.message)]
+    assert told[None] == []
+    assert len(told[5.0]) == 1 and "neftune_noise_alpha=5" in told[5.0][0] and "noise-free loss" in told[5.0][0]
+
+
 def test_a_trainer_that_smooths_its_labels_is_attributed_through_its_smoothed_loss(tmp_path: Path) -> None:
     """The Trainer's ``label_smoothing_factor`` is recorded with the stage. Capture taps the gradients the Trainer's
     own ``LabelSmoother`` took: post-hoc featurize with ``SequenceClassificationTask(label_smoothing=0.1)`` computes

@@ -21,6 +21,7 @@ Trainer's checkpoints at multiples of ``save_every``); from an earlier checkpoin
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -82,6 +83,14 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
     """
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        alpha = getattr(args, "neftune_noise_alpha", None)
+        if alpha:
+            warnings.warn(
+                f"The Trainer adds NEFTune noise to the input embeddings (neftune_noise_alpha={alpha:g}), which SOURCE "
+                "does not model: featurize takes each example's gradient without the noise (capture, at the training "
+                "step, with that step's own), so the scores are those of the noise-free loss.",
+                stacklevel=2,
+            )
         size = dataset_size(self.dataset_size, kwargs.get("train_dataloader"), "HuggingFaceRecorder")
         self.recorder, self._handle = start_recording(
             self.run_dir,
