@@ -176,6 +176,8 @@ def test_seq2seq_inputs_and_models_that_do_not_fit_are_refused_with_a_sentence()
         sp.TextDataset(SOURCES, targets=[[1], [], [2]])
     with pytest.raises(sp.TaskError, match=r"Target 2 has 5 tokens, more than target_length=4"):
         sp.TextDataset(SOURCES, targets=TARGETS, target_length=4)
+    with pytest.raises(sp.TaskError, match=r"Target token ids must be non-negative"):
+        sp.TextDataset(SOURCES, targets=[[1], [-3], [2]])
     with pytest.raises(sp.TaskError, match=r"one of labels .* or targets"):
         sp.TextDataset(SOURCES, labels=[0, 1, 0], targets=TARGETS)
     with pytest.raises(sp.TaskError, match=r"2 targets were given for 3 sequences"):

@@ -1300,7 +1300,7 @@ def _padded_targets(targets: Sequence[Sequence[int]], length: int | None) -> Ten
     labels = torch.full((len(targets), length), IGNORE_INDEX, dtype=torch.long)
     for i, target in enumerate(targets):
         labels[i, : len(target)] = torch.as_tensor(list(target), dtype=torch.long)
-    if (labels < IGNORE_INDEX).any() or ((labels < 0) & (labels != IGNORE_INDEX)).any():
+    if ((labels < 0) & (labels != IGNORE_INDEX)).any():
         raise TaskError("Target token ids must be non-negative; −100 marks padding and is added by the dataset.")
     return labels
 
