@@ -34,8 +34,10 @@ import source_proj as sp
 from source_proj.evaluation.lds import LDSArguments, lds, lds_ground_truth
 
 try:
+    from methods_lds import train_kept
     from momentum_cycle_lds import BATCH, SAVE_PER_EPOCH, build_model, digits, margins
 except ImportError:  # imported as benchmarks.label_smoothing_lds
+    from benchmarks.methods_lds import train_kept
     from benchmarks.momentum_cycle_lds import BATCH, SAVE_PER_EPOCH, build_model, digits, margins
 
 
@@ -54,24 +56,8 @@ class Training:
             per_epoch = -(-len(self.y) // BATCH)
             rec = sp.TrajectoryRecorder(run, model, opt, save_every=per_epoch // SAVE_PER_EPOCH, overwrite=True)
             rec.begin_stage("main", dataset_size=len(self.y), label_smoothing=self.smoothing)
-        kept = torch.ones(len(self.y), dtype=torch.bool)
-        if keep is not None:
-            kept[:] = False
-            kept[torch.as_tensor(keep)] = True
-        g = torch.Generator().manual_seed(seed)
-        for _ in range(self.epochs):
-            order = torch.randperm(len(self.y), generator=g)
-            for start in range(0, len(order), BATCH):
-                rows = order[start : start + BATCH]
-                rows = rows[kept[rows]]
-                opt.zero_grad()
-                if len(rows):
-                    F.cross_entropy(model(self.x[rows]), self.y[rows], label_smoothing=self.smoothing).backward()
-                opt.step()
-                if rec is not None:
-                    rec.step()
-        if rec is not None:
-            rec.close()
+        train_kept(lambda rows: F.cross_entropy(model(self.x[rows]), self.y[rows], label_smoothing=self.smoothing),
+                   opt, len(self.y), BATCH, self.epochs, seed, keep, rec)  # fmt: skip
         return model
 
     def __call__(self, keep: dict[str, np.ndarray], seed: int) -> np.ndarray:

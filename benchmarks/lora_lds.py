@@ -34,7 +34,7 @@ import source_proj as sp  # noqa: E402
 from source_proj.evaluation.lds import LDSArguments  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from methods_lds import compare_methods  # noqa: E402
+from methods_lds import compare_methods, train_kept  # noqa: E402
 
 
 class LoRAFineTune:
@@ -68,26 +68,9 @@ class LoRAFineTune:
         if run is not None:
             rec = sp.TrajectoryRecorder(run, model, opt, save_every=max(1, steps // 6), overwrite=True)
             rec.begin_stage("finetune", dataset_size=len(ids))
-        kept = torch.ones(len(ids), dtype=torch.bool)
-        if keep is not None:
-            kept[:] = False
-            kept[torch.as_tensor(keep)] = True
-        gen = torch.Generator().manual_seed(seed)
         model.train()
-        for _ in range(self.epochs):
-            order = torch.randperm(len(ids), generator=gen)
-            for b in range(per_epoch):
-                rows = order[b * batch_size : (b + 1) * batch_size]
-                rows = rows[kept[rows]]
-                opt.zero_grad()
-                if len(rows):
-                    model(input_ids=ids[rows], attention_mask=mask[rows], labels=ids[rows]).loss.backward()
-                opt.step()
-                if rec is not None:
-                    rec.step()
-                schedule.step()
-        if rec is not None:
-            rec.close()
+        train_kept(lambda rows: model(input_ids=ids[rows], attention_mask=mask[rows], labels=ids[rows]).loss, opt,
+                   len(ids), batch_size, self.epochs, seed, keep, rec, schedule.step)  # fmt: skip
         return model.eval()
 
     def __call__(self, keep: dict[str, np.ndarray], seed: int) -> np.ndarray:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 import source_proj as sp
@@ -17,6 +18,44 @@ from source_proj.evaluation.lds import LDSArguments, lds, lds_ground_truth
 from source_proj.evaluation.metrics import spearman
 
 METHODS = ("source", "trak", "tracin", "grad-dot")
+
+
+def train_kept(
+    loss: Callable[[torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    size: int,
+    batch: int,
+    epochs: int,
+    seed: int,
+    keep: np.ndarray | None = None,
+    recorder: sp.TrajectoryRecorder | None = None,
+    after_step: Callable[[], Any] | None = None,
+) -> None:
+    """The LDS benchmarks' training loop, for the recorded run and its retrains alike: ``epochs`` passes over a
+    seeded random order of the ``size`` examples in batches of ``batch``, each step minimising ``loss(rows)`` (the
+    batch mean over those rows). A retrain (``keep`` given) drops from each batch the rows it does not keep, so it
+    follows the full run's order; a batch left empty still steps. ``recorder`` records every step and is closed at
+    the end; ``after_step`` (a scheduler's ``step``) runs after it."""
+    kept = torch.ones(size, dtype=torch.bool)
+    if keep is not None:
+        kept[:] = False
+        kept[torch.as_tensor(keep)] = True
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(size, generator=g)
+        for start in range(0, size, batch):
+            rows = order[start : start + batch]
+            rows = rows[kept[rows]]
+            optimizer.zero_grad()
+            if len(rows):
+                loss(rows).backward()
+            optimizer.step()
+            if recorder is not None:
+                recorder.step()
+            if after_step is not None:
+                after_step()
+    if recorder is not None:
+        recorder.close()
 
 
 def selection(args: argparse.Namespace) -> dict[str, sp.ModuleSelection]:

@@ -35,6 +35,11 @@ from torch.utils.data import TensorDataset
 import source_proj as sp
 from source_proj.evaluation.lds import LDSArguments, lds, lds_ground_truth
 
+try:
+    from methods_lds import train_kept
+except ImportError:  # imported as benchmarks.momentum_cycle_lds
+    from benchmarks.methods_lds import train_kept
+
 BATCH, SAVE_PER_EPOCH = 32, 2
 
 
@@ -75,25 +80,8 @@ class Training:
             rec = sp.TrajectoryRecorder(run, model, opt, save_every=self.steps_per_epoch() // SAVE_PER_EPOCH,
                                         overwrite=True)  # fmt: skip
             rec.begin_stage("main", dataset_size=len(self.y))
-        kept = torch.ones(len(self.y), dtype=torch.bool)
-        if keep is not None:
-            kept[:] = False
-            kept[torch.as_tensor(keep)] = True
-        g = torch.Generator().manual_seed(seed)
-        for _ in range(self.epochs):
-            order = torch.randperm(len(self.y), generator=g)
-            for start in range(0, len(order), BATCH):
-                rows = order[start : start + BATCH]
-                rows = rows[kept[rows]]
-                opt.zero_grad()
-                if len(rows):
-                    F.cross_entropy(model(self.x[rows]), self.y[rows]).backward()
-                opt.step()
-                if rec is not None:
-                    rec.step()
-                sched.step()
-        if rec is not None:
-            rec.close()
+        train_kept(lambda rows: F.cross_entropy(model(self.x[rows]), self.y[rows]), opt, len(self.y), BATCH,
+                   self.epochs, seed, keep, rec, sched.step)  # fmt: skip
         return model
 
     def __call__(self, keep: dict[str, np.ndarray], seed: int) -> np.ndarray:

@@ -29,9 +29,9 @@ import source_proj as sp
 from source_proj.evaluation.lds import LDSArguments
 
 try:
-    from methods_lds import compare_methods, selection
+    from methods_lds import compare_methods, selection, train_kept
 except ImportError:  # imported as benchmarks.token_classification_lds
-    from benchmarks.methods_lds import compare_methods, selection
+    from benchmarks.methods_lds import compare_methods, selection, train_kept
 
 VOCAB, LENGTH, TAGS, BATCH = 48, 12, 4, 16
 
@@ -84,24 +84,9 @@ class Training:
         if run is not None:
             rec = sp.TrajectoryRecorder(run, model, opt, save_every=max(1, n // BATCH // 2), overwrite=True)
             rec.begin_stage("main", dataset_size=n)
-        kept = torch.ones(n, dtype=torch.bool)
-        if keep is not None:
-            kept[:] = False
-            kept[torch.as_tensor(keep)] = True
-        g = torch.Generator().manual_seed(seed)
-        for _ in range(self.epochs):
-            order = torch.randperm(n, generator=g)
-            for start in range(0, n, BATCH):
-                rows = order[start : start + BATCH]
-                rows = rows[kept[rows]]
-                opt.zero_grad()
-                if len(rows):
-                    model(input_ids=self.train_data.ids[rows], labels=self.train_data.tags[rows]).loss.backward()
-                opt.step()
-                if rec is not None:
-                    rec.step()
-        if rec is not None:
-            rec.close()
+        data = self.train_data
+        train_kept(lambda rows: model(input_ids=data.ids[rows], labels=data.tags[rows]).loss, opt, n, BATCH,
+                   self.epochs, seed, keep, rec)  # fmt: skip
         return model
 
     def __call__(self, keep: dict[str, np.ndarray], seed: int) -> np.ndarray:
