@@ -184,6 +184,24 @@ def test_seq2seq_inputs_and_models_that_do_not_fit_are_refused_with_a_sentence()
         sp.TextDataset(SOURCES, targets=TARGETS[:2])
 
 
+def test_examples_of_different_lengths_are_refused_with_how_to_pad_them(tmp_path) -> None:
+    """A newcomer's list of unpadded pairs: featurize says they differ in length and names the padding dataset."""
+    model = _t5()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = sp.TrajectoryRecorder(tmp_path / "run", model, opt, save_every=1)
+    rec.begin_stage("main", dataset_size=3)
+    pairs = [{"input_ids": torch.tensor(s), "labels": torch.tensor(t)} for s, t in zip(SOURCES, TARGETS, strict=True)]
+    for pair in pairs:
+        opt.zero_grad()
+        model(input_ids=pair["input_ids"][None], labels=pair["labels"][None]).loss.backward()
+        opt.step()
+        rec.step()
+    rec.close()
+    with pytest.raises(sp.TaskError, match=r"have different lengths .*sp\.TextDataset\(sequences, length=T\)"):
+        sp.featurize(tmp_path / "run", _t5(), sp.Seq2SeqTask(tokens_per_sequence=3), pairs, tmp_path / "s.sp",
+                     progress=False)  # fmt: skip
+
+
 def test_a_trainer_run_of_a_t5_is_captured_as_featurize_computes_it_and_answers_queries(tmp_path) -> None:
     """A T5 trained by the Trainer on reversed sources (4 target tokens a pair, so the batch mean of s/n̄ is the
     Trainer's loss exactly): capture taps the Trainer's own gradients, and post-hoc featurize with ``Seq2SeqTask``

@@ -211,7 +211,7 @@ class _Featurize:
                 self.grads_fn.device = self.device  # the parameters are placeholders between layers
             data_print = data_fingerprint(self.datasets)
             # What θ_T computes on a fixed reference batch, and what the data hold (see provenance.py).
-            with model_errors("the training examples"):
+            with model_errors("the training data"):
                 self.reference = reference_batch(self.datasets)
             # Sharded parameters are placeholders between layers: the fingerprint runs a whole copy.
             whole = self.work_model if self.shards is None else copy.deepcopy(self.model).cpu()
@@ -228,7 +228,7 @@ class _Featurize:
             self.basis = None
             if self.projection.kind == "eigen":
                 try:
-                    with model_errors("the training examples"):
+                    with model_errors("the training data"):
                         self.basis = self._eigen_basis()
                 except NoBasis as err:
                     if self.shards is not None:  # the dense fallback would need whole weights

@@ -238,6 +238,12 @@ def model_errors(what: str) -> Iterator[None]:
     except (RuntimeError, TypeError, ValueError, IndexError, KeyError) as err:
         if out_of_memory(err):  # the host's allocator raises a plain RuntimeError: not the examples' fault
             raise
+        if "stack expects each tensor to be equal size" in str(err):  # default_collate on examples of two lengths
+            raise TaskError(
+                f"The examples in {what} have different lengths ({first_line(err)}), and batches are stacked as they "
+                "are: pad every example to one length (sp.TextDataset(sequences, length=T) does; for a seq2seq "
+                "target, targets=..., target_length=S)."
+            ) from err
         raise TaskError(
             f"The model cannot run on {what} ({type(err).__name__}: {first_line(err)}); pass examples shaped and "
             "typed as the model was trained on."
