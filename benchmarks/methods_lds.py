@@ -4,6 +4,7 @@ benchmarks that compare methods: ``token_classification_lds.py``, ``lora_lds.py`
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -56,6 +57,32 @@ def train_kept(
                 after_step()
     if recorder is not None:
         recorder.close()
+
+
+def recorded_store(
+    out: Path, training: Any, build_model: Callable[[], nn.Module], dim: int, seed: int = 0, name: str = "run"
+) -> tuple[Path, float]:
+    """The recorded run ``out/name`` (``training.train(seed, run=…)`` unless it is complete) and its store
+    ``out/name.sp`` (featurized at k = ``dim`` with the default projection unless done; an interrupted one
+    resumes). Returns the store and featurize's seconds (0 for a store already done)."""
+    run = out / name
+    if not (run / "trajectory.json").is_file() or not json.loads((run / "trajectory.json").read_text())["complete"]:
+        training.train(seed, run=run)
+    store = out / f"{name}.sp"
+    started = time.perf_counter()
+    if not store.is_dir() or not sp.Store.open(store).meta.get("featurized"):  # new, or resumed
+        sp.featurize(run, build_model(), training.task, training.train_data, store,
+                     projection=sp.ProjectionArguments(dim=dim), progress=False)  # fmt: skip
+    return store, time.perf_counter() - started
+
+
+def measurements(task: sp.Task, model: nn.Module, data: Any) -> np.ndarray:
+    """The task's measurement of every example of the dict dataset ``data`` by ``model``, one batch: float64 ``[Q]``."""
+    examples = [data[i] for i in range(len(data))]
+    batch = {key: torch.stack([e[key] for e in examples]) for key in examples[0]}
+    bound = task.bind(model)
+    with torch.no_grad():
+        return bound.measurement(bound.forward(model, batch), batch).numpy().astype(np.float64)
 
 
 def selection(args: argparse.Namespace) -> dict[str, sp.ModuleSelection]:

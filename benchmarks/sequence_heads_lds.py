@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +33,9 @@ import source_proj as sp
 from source_proj.evaluation.lds import LDSArguments, lds, lds_ground_truth
 
 try:
-    from methods_lds import METHODS, compare_methods, selection, train_kept
+    from methods_lds import METHODS, compare_methods, measurements, recorded_store, selection, train_kept
 except ImportError:  # imported as benchmarks.sequence_heads_lds
-    from benchmarks.methods_lds import METHODS, compare_methods, selection, train_kept
+    from benchmarks.methods_lds import METHODS, compare_methods, measurements, recorded_store, selection, train_kept
 
 VOCAB, LENGTH, BATCH = 48, 12, 16
 
@@ -96,12 +95,7 @@ class Training:
         return model
 
     def __call__(self, keep: dict[str, np.ndarray], seed: int) -> np.ndarray:
-        model = self.train(seed, keep["main"]).eval()
-        q = self.queries
-        batch = {"input_ids": q.input_ids, "attention_mask": q.attention_mask, "labels": q.labels}
-        task = self.task.bind(model)
-        with torch.no_grad():
-            return task.measurement(task.forward(model, batch), batch).numpy().astype(np.float64)
+        return measurements(self.task, self.train(seed, keep["main"]).eval(), self.queries)
 
 
 def main() -> None:
@@ -129,15 +123,7 @@ def main() -> None:
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     training = Training(args)
-    run = args.out / "run"
-    if not (run / "trajectory.json").is_file() or not json.loads((run / "trajectory.json").read_text())["complete"]:
-        training.train(0, run=run)
-    store_path = args.out / "run.sp"
-    started = time.perf_counter()
-    if not store_path.is_dir() or not sp.Store.open(store_path).meta.get("featurized"):  # new, or resumed
-        sp.featurize(run, training.model(), training.task, training.train_data, store_path,
-                     projection=sp.ProjectionArguments(dim=args.dim), progress=False)  # fmt: skip
-    featurizing = time.perf_counter() - started
+    store_path, featurizing = recorded_store(args.out, training, training.model, args.dim)
     lds_args = LDSArguments(num_subsets=args.subsets, repeats=args.repeats, workers=args.workers)
     report = compare_methods(store_path, training.model, training.task, training.queries, training,
                              args.out / "retrains", lds_args, damping_factors=args.damping_factors,
@@ -153,12 +139,7 @@ def ensemble_lds(args: argparse.Namespace, training: Training, first: Path, lds_
     recorded, featurized and fitted into its own store), scored against the same ground truth."""
     stores = [first]
     for seed in range(1, args.ensemble):
-        run, store = args.out / f"run-seed{seed}", args.out / f"run-seed{seed}.sp"
-        if not (run / "trajectory.json").is_file() or not json.loads((run / "trajectory.json").read_text())["complete"]:
-            training.train(seed, run=run)
-        if not store.is_dir() or not sp.Store.open(store).meta.get("featurized"):  # new, or resumed
-            sp.featurize(run, training.model(), training.task, training.train_data, store,
-                         projection=sp.ProjectionArguments(dim=args.dim), progress=False)  # fmt: skip
+        store, _ = recorded_store(args.out, training, training.model, args.dim, seed, f"run-seed{seed}")
         sp.fit(store, progress=False)
         for kind in METHODS[1:]:
             sp.fit_baseline(store, sp.BaselineArguments(kind=kind), progress=False)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +28,9 @@ import source_proj as sp
 from source_proj.evaluation.lds import LDSArguments
 
 try:
-    from methods_lds import compare_methods, selection, train_kept
+    from methods_lds import compare_methods, measurements, recorded_store, selection, train_kept
 except ImportError:  # imported as benchmarks.token_classification_lds
-    from benchmarks.methods_lds import compare_methods, selection, train_kept
+    from benchmarks.methods_lds import compare_methods, measurements, recorded_store, selection, train_kept
 
 VOCAB, LENGTH, TAGS, BATCH = 48, 12, 4, 16
 
@@ -90,12 +89,7 @@ class Training:
         return model
 
     def __call__(self, keep: dict[str, np.ndarray], seed: int) -> np.ndarray:
-        model = self.train(seed, keep["main"]).eval()
-        examples = [self.queries[i] for i in range(len(self.queries))]
-        batch = {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
-        task = self.task.bind(model)
-        with torch.no_grad():
-            return task.measurement(task.forward(model, batch), batch).numpy().astype(np.float64)
+        return measurements(self.task, self.train(seed, keep["main"]).eval(), self.queries)
 
 
 def main() -> None:
@@ -117,15 +111,7 @@ def main() -> None:
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     training = Training(args)
-    run = args.out / "run"
-    if not (run / "trajectory.json").is_file() or not json.loads((run / "trajectory.json").read_text())["complete"]:
-        training.train(0, run=run)
-    store_path = args.out / "run.sp"
-    started = time.perf_counter()
-    if not store_path.is_dir() or not sp.Store.open(store_path).meta.get("featurized"):  # new, or resumed
-        sp.featurize(run, build_model(), training.task, training.train_data, store_path,
-                     projection=sp.ProjectionArguments(dim=args.dim), progress=False)  # fmt: skip
-    featurizing = time.perf_counter() - started
+    store_path, featurizing = recorded_store(args.out, training, build_model, args.dim)
     lds_args = LDSArguments(num_subsets=args.subsets, repeats=args.repeats, workers=args.workers)
     report = compare_methods(store_path, build_model, training.task, training.queries, training,
                              args.out / "retrains", lds_args, averages=args.averages)  # fmt: skip
