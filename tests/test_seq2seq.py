@@ -1,7 +1,7 @@
-"""Encoder–decoder models (``Seq2SeqTask``): padded per-example gradients equal single pairs on T5 and BART, by
-``torch.func`` and by the layer hooks; the loss and measurement are the model's own; the Fisher targets give the
-Gauss–Newton matrix with the decoder reading the observed target; every refusal; and a Trainer-recorded T5 run
-featurized, fitted and queried, its stored gradients equal to the model's own loss gradients."""
+"""Encoder–decoder models (``Seq2SeqTask``): padded per-example gradients equal single pairs on T5, BART and a
+plain ``nn.Transformer``, by ``torch.func`` and by the layer hooks; the loss and measurement are the model's own;
+the Fisher targets give the Gauss–Newton matrix with the decoder reading the observed target; every refusal; and a
+Trainer-recorded T5 run captured as featurize computes it, fitted, queried and split by token."""
 
 from __future__ import annotations
 
@@ -48,9 +48,32 @@ def _bart(attn: str = "eager") -> nn.Module:
     return transformers.BartForConditionalGeneration(config)
 
 
+class PlainSeq2Seq(nn.Module):
+    """A plain ``torch.nn`` encoder–decoder: the task calls it with the 2-D mask and the decoder's input ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.position = nn.Embedding(VOCAB, 16), nn.Embedding(16, 16)
+        self.transformer = nn.Transformer(16, 2, 1, 1, 32, dropout=0.0, batch_first=True, norm_first=True)
+        self.head = nn.Linear(16, VOCAB)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, decoder_input_ids: torch.Tensor):
+        src = self.embed(input_ids) + self.position(torch.arange(input_ids.shape[1], device=input_ids.device))
+        tgt = self.embed(decoder_input_ids) + self.position(torch.arange(decoder_input_ids.shape[1]))
+        padding = torch.zeros(attention_mask.shape, dtype=src.dtype).masked_fill(attention_mask == 0, float("-inf"))
+        causal = nn.Transformer.generate_square_subsequent_mask(tgt.shape[1])
+        hidden = self.transformer(src, tgt, tgt_mask=causal, src_key_padding_mask=padding,
+                                  memory_key_padding_mask=padding, tgt_is_causal=True)  # fmt: skip
+        return self.head(hidden)
+
+
 MODELS: dict[str, Callable[[], nn.Module]] = {
-    "t5-eager": _t5, "bart-eager": _bart, "bart-sdpa": lambda: _bart("sdpa"),
+    "t5-eager": _t5, "bart-eager": _bart, "bart-sdpa": lambda: _bart("sdpa"), "plain": PlainSeq2Seq,
 }  # fmt: skip
+TASKS: dict[str, sp.Seq2SeqTask] = {  # a plain model has no config: the task says how its decoder starts
+    "plain": sp.Seq2SeqTask(tokens_per_sequence=3.5, decoder_start_token_id=0, pad_token_id=0),
+}
 
 
 def _pairs(sources: list[list[int]], targets: list[list[int]], length: int = 8, target_length: int = 6) -> dict:
@@ -60,10 +83,10 @@ def _pairs(sources: list[list[int]], targets: list[list[int]], length: int = 8, 
 
 @pytest.mark.parametrize("case", list(MODELS))
 def test_padded_per_example_gradients_equal_single_pairs_by_vmap_and_by_hooks(case: str) -> None:
-    model, task = MODELS[case](), sp.Seq2SeqTask(tokens_per_sequence=3.5)
+    model, task = MODELS[case](), TASKS.get(case, sp.Seq2SeqTask(tokens_per_sequence=3.5))
     names = task.select_parameters(model)
     assert any("decoder" in n for n in names) and any("encoder" in n for n in names)
-    assert not any("lm_head" in n or "shared" in n or "embed" in n for n in names)
+    assert not any("lm_head" in n or "shared" in n or "embed" in n or n.startswith("head") for n in names)
     batch = _pairs(SOURCES, TARGETS)
     for hooks in (False, True):
         grads = PerExampleGradients(model, task, names, hooks=hooks)
