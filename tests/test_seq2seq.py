@@ -1,7 +1,7 @@
 """Encoder–decoder models (``Seq2SeqTask``): padded per-example gradients equal single pairs on T5, BART and a
 plain ``nn.Transformer``, by ``torch.func`` and by the layer hooks; the loss and measurement are the model's own;
 the Fisher targets give the Gauss–Newton matrix with the decoder reading the observed target; every refusal; and a
-Trainer-recorded T5 run captured as featurize computes it, fitted, queried and split by token."""
+Trainer-recorded T5 and BART run captured as featurize computes it, fitted, queried and split by token."""
 
 from __future__ import annotations
 
@@ -225,11 +225,12 @@ def test_examples_of_different_lengths_are_refused_with_how_to_pad_them(tmp_path
                      progress=False)  # fmt: skip
 
 
-def test_a_trainer_run_of_a_t5_is_captured_as_featurize_computes_it_and_answers_queries(tmp_path) -> None:
-    """A T5 trained by the Trainer on reversed sources (4 target tokens a pair, so the batch mean of s/n̄ is the
-    Trainer's loss exactly): capture taps the Trainer's own gradients, and post-hoc featurize with ``Seq2SeqTask``
-    computes them at every step; featurize at the defaults (eigen projection, sampled Fisher) fits and answers
-    queries, and splits each pair's score over its source and target tokens."""
+@pytest.mark.parametrize("case", ["t5-eager", "bart-eager"])
+def test_a_trainer_run_is_captured_as_featurize_computes_it_and_answers_queries(tmp_path, case: str) -> None:
+    """A T5 or a BART trained by the Trainer on reversed sources (4 target tokens a pair, so the batch mean of s/n̄
+    is the Trainer's loss exactly): capture taps the Trainer's own gradients, and post-hoc featurize with
+    ``Seq2SeqTask`` computes them at every step; featurize at the defaults (eigen projection, sampled Fisher) fits
+    and answers queries, and splits each pair's score over its source and target tokens."""
     from .test_integrations import _captured_and_posthoc
 
     g = torch.Generator().manual_seed(0)
@@ -237,12 +238,13 @@ def test_a_trainer_run_of_a_t5_is_captured_as_featurize_computes_it_and_answers_
     data = sp.TextDataset(ids.tolist(), targets=ids.flip(1)[:, :4].tolist())
     task = sp.Seq2SeqTask(tokens_per_sequence=mean_target_tokens(data))
     assert task.tokens_per_sequence == 4.0
-    _captured_and_posthoc(tmp_path, _t5, data, task)
-    store = sp.featurize(tmp_path / "run", _t5(), task, data, tmp_path / "default.sp", progress=False,
+    build = MODELS[case]
+    _captured_and_posthoc(tmp_path, build, data, task)
+    store = sp.featurize(tmp_path / "run", build(), task, data, tmp_path / "default.sp", progress=False,
                          projection=sp.ProjectionArguments(dim=32))  # fmt: skip
     assert store.meta["projection"]["kind"] == "eigen"
     sp.fit(store.path, sp.FitArguments(segments_per_stage=1), progress=False)
-    attributor = sp.Attributor(store.path, _t5(), task)
+    attributor = sp.Attributor(store.path, build(), task)
     queries = torch.utils.data.Subset(data, [0, 1, 2])
     scores = attributor.scores(queries)
     assert scores.shape == (3, 16) and np.isfinite(scores).all() and np.abs(scores).max() > 0
