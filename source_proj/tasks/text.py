@@ -859,25 +859,9 @@ class Seq2SeqTask(_TextTask):
         reads the observed target (kept under ``OBSERVED_TARGET_KEY`` where the batch has no ``decoder_input_ids``):
         only what is predicted changes."""
         labels, keep = self._predicted(outputs, batch)
-        scale = self._scale(keep)
-        observed = scale if isinstance(scale, Tensor) else torch.full((labels.shape[0],), scale)
-        observed = observed.to(device=outputs.device, dtype=_upcast(outputs[:1, :1]).dtype)
         reads = batch if "decoder_input_ids" in batch else {**batch, OBSERVED_TARGET_KEY: labels}
-        ignored = torch.full_like(labels, IGNORE_INDEX)
-        if generator is not None:
-            uniform = torch.rand(keep.shape, generator=generator, dtype=torch.float64)
-            drawn = sample_tokens(outputs, uniform).to(labels.device)
-            return [(observed, {**reads, "labels": torch.where(keep, drawn, IGNORE_INDEX)})]
-        probs = torch.softmax(_upcast(outputs), dim=-1)
-        own = 1.0 if self.tokens_per_sequence == "own" else observed
-        directions = []
-        for t in range(keep.shape[1]):
-            for token in range(probs.shape[-1]):
-                target = ignored.clone()
-                target[:, t] = torch.where(keep[:, t], token, IGNORE_INDEX)
-                weight = probs[:, t, token] * keep[:, t] * own**2 / observed
-                directions.append((weight, {**reads, "labels": target}))
-        return directions
+        return _aligned_fisher_targets(outputs, labels, keep, self._scale(keep), self.tokens_per_sequence == "own",
+                                       reads, generator)  # fmt: skip
 
     def representation(self, model: nn.Module, batch: Batch) -> Tensor:
         """The decoder's last hidden states (the input of the output head), averaged over the target's predicted
@@ -925,6 +909,35 @@ def target_positions(batch: Batch) -> Tensor:
     keep = labels != IGNORE_INDEX
     mask = batch.get("decoder_attention_mask")
     return keep if mask is None else keep & mask.bool()
+
+
+def _aligned_fisher_targets(
+    outputs: Tensor, labels: Tensor, keep: Tensor, scale: Tensor | float, own: bool, batch: Batch,
+    generator: torch.Generator | None,
+) -> list[tuple[Tensor, Batch]]:
+    """Fisher targets of a loss s/n over positions whose logits ``outputs`` ``[B, P, C]`` are aligned with their
+    ``labels`` ``[B, P]`` (token classification's tags, a seq2seq target), ``keep`` marking those carrying loss.
+
+    Sampled: a class drawn from the model at every kept position, weight n. Exact (``generator=None``): one
+    direction per (position, class), weight p·n'²/n, n' the direction's own normaliser (1 with ``own``: a single
+    position carries its loss). Each direction is ``batch`` with its ``labels`` replaced."""
+    observed = scale if isinstance(scale, Tensor) else torch.full((labels.shape[0],), scale)
+    observed = observed.to(device=outputs.device, dtype=_upcast(outputs[:1, :1]).dtype)
+    ignored = torch.full_like(labels, IGNORE_INDEX)
+    if generator is not None:
+        uniform = torch.rand(keep.shape, generator=generator, dtype=torch.float64)
+        drawn = sample_tokens(outputs, uniform).to(labels.device)
+        return [(observed, {**batch, "labels": torch.where(keep, drawn, IGNORE_INDEX)})]
+    probs = torch.softmax(_upcast(outputs), dim=-1)
+    weight_of_own = 1.0 if own else observed
+    directions = []
+    for t in range(keep.shape[1]):
+        for c in range(probs.shape[-1]):
+            target = ignored.clone()
+            target[:, t] = torch.where(keep[:, t], c, IGNORE_INDEX)
+            weight = probs[:, t, c] * keep[:, t] * weight_of_own**2 / observed
+            directions.append((weight, {**batch, "labels": target}))
+    return directions
 
 
 def _check_tokens_per_sequence(n: Any, what: str, helper: str) -> None:
@@ -1037,25 +1050,8 @@ class TokenClassificationTask(_TextTask):
         ℓ = s/n, as for [`LanguageModelingTask`][]). Exact (``generator=None``): one direction per (token, class),
         weight p·n'²/n, n' the direction's own normaliser (1 with ``"own"``)."""
         labels, keep = self._labelled(outputs, batch)
-        scale = self._scale(keep)
-        rows = labels.shape[0]
-        observed = scale if isinstance(scale, Tensor) else torch.full((rows,), scale)
-        observed = observed.to(device=outputs.device, dtype=_upcast(outputs[:1, :1]).dtype)
-        ignored = torch.full_like(labels, IGNORE_INDEX)
-        if generator is not None:
-            uniform = torch.rand(keep.shape, generator=generator, dtype=torch.float64)
-            drawn = sample_tokens(outputs, uniform).to(labels.device)
-            return [(observed, {**batch, "labels": torch.where(keep, drawn, IGNORE_INDEX)})]
-        probs = torch.softmax(_upcast(outputs), dim=-1)
-        own = 1.0 if self.tokens_per_sequence == "own" else observed
-        directions = []
-        for t in range(keep.shape[1]):
-            for c in range(probs.shape[-1]):
-                target = ignored.clone()
-                target[:, t] = torch.where(keep[:, t], c, IGNORE_INDEX)
-                weight = probs[:, t, c] * keep[:, t] * own**2 / observed
-                directions.append((weight, {**batch, "labels": target}))
-        return directions
+        return _aligned_fisher_targets(outputs, labels, keep, self._scale(keep), self.tokens_per_sequence == "own",
+                                       batch, generator)  # fmt: skip
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "tokens_per_sequence": self.tokens_per_sequence,
