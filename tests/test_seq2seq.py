@@ -269,6 +269,8 @@ def test_a_trainer_run_is_captured_as_featurize_computes_it_and_answers_queries(
     assert np.allclose(parts.sum(0), whole[0], rtol=1e-4, atol=1e-4 * float(whole.abs().max()))
     with pytest.raises(sp.TaskError, match="pass target=True"):
         sp.single_token_query(data[0], 1)
+    with pytest.raises(sp.TaskError, match=r"not the input tokens.*pass target=True"):  # S = T: shape cannot tell
+        sp.single_token_query(padded[0], 1)
     with pytest.raises(sp.TaskError, match="Target token 4 is not predicted"):
         sp.single_token_query(padded[0], 4, target=True)
     # The HTML view: each pair as its source, an arrow, its target, a hover value on every token.

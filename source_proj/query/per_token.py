@@ -106,11 +106,17 @@ def single_token_query(example: Mapping[str, Tensor], position: int, *, target: 
         single = torch.full_like(labels, IGNORE_INDEX)
         single[position] = labels[position]
         return {OBSERVED_TARGET_KEY: labels, **example, "labels": single}  # the decoder still reads the whole target
-    if "labels" in example and torch.as_tensor(example["labels"]).shape != ids.shape:
-        raise TaskError(
-            "This example's labels are not one per input token (an encoder–decoder pair's target?); pass target=True "
-            "to predict one token of its target."
-        )
+    if "labels" in example:
+        # A language model's labels are its input tokens (−100 where not predicted). Labels of another shape, or
+        # of this shape but other tokens, are a target: an encoder–decoder pair's, whose source and target can
+        # have one length, and whose reading as a language-model sequence would silently score the wrong loss.
+        given = torch.as_tensor(example["labels"])
+        if given.shape != ids.shape or bool(((given != IGNORE_INDEX) & (given != ids)).any()):
+            what = "not one per input token" if given.shape != ids.shape else "not the input tokens"
+            raise TaskError(
+                f"This example's labels are {what}, so it is not a language model's sequence; for an encoder–decoder "
+                "pair's target, pass target=True to predict one token of it."
+            )
     if not 1 <= position < ids.shape[0]:
         raise TaskError(f"Token {position} is not predicted in a sequence of {ids.shape[0]}; use 1 ≤ position < T.")
     labels = torch.full_like(ids, IGNORE_INDEX)
