@@ -993,6 +993,51 @@ def test_a_lightning_capture_killed_mid_epoch_resumes_into_the_training_that_hap
     )
 
 
+def test_a_trainer_with_torch_compile_captures_what_the_eager_trainer_captures(tmp_path: Path) -> None:
+    """``TrainingArguments(torch_compile=True)``: dynamo traced the callback's forward hooks and capture's, and
+    failed; they run eagerly now, and the compiled run's store (eigen projection, the sampled Fisher from the
+    training forward) is the eager run's. aot_eager: dynamo and AOT autograd as inductor, without a C++ compiler."""
+    from transformers import Trainer, TrainingArguments
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    from source_proj.featurize.windows import window_array
+    from source_proj.integrations import HuggingFaceCapture
+
+    class Bag(nn.Module):  # a model the Trainer takes, small enough that dynamo traces it in a moment
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed, self.hidden, self.head = nn.Embedding(32, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, input_ids, attention_mask=None, labels=None):
+            logits = self.head(torch.tanh(self.hidden(self.embed(input_ids))).mean(1))
+            loss = None if labels is None else F.cross_entropy(logits, labels)
+            return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    ids, labels = _tokens(16, 0)
+    task = sp.SequenceClassificationTask()
+    stores = []
+    for compiled in (False, True):
+        folder = tmp_path / ("compiled" if compiled else "eager")
+        args = TrainingArguments(
+            output_dir=str(folder / "hf"), per_device_train_batch_size=8, num_train_epochs=2, learning_rate=1e-3,
+            lr_scheduler_type="constant", save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+            logging_strategy="no", seed=0, torch_compile=compiled, torch_compile_backend="aot_eager",
+        )  # fmt: skip
+        callback = HuggingFaceCapture(folder / "run", folder / "cap.sp", task, save_every=2,
+                                      options=sp.CaptureArguments(basis_batch=8))  # fmt: skip
+        torch._dynamo.reset()
+        Trainer(model=Bag(), args=args, train_dataset=sp.IndexedDataset(_Dicts(ids, labels)),
+                callbacks=[callback]).train()  # fmt: skip
+        stores.append(sp.Store.open(folder / "cap.sp"))
+    torch._dynamo.reset()
+    eager, compiled = stores
+    for kind in ("grads", "visits", "fisher"):
+        for start in (0, 2):
+            want, got = eager.read(window_array(kind, "main", start)), compiled.read(window_array(kind, "main", start))
+            assert np.abs(want).max() > 0 and np.allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+
+
 def test_a_bf16_trainer_is_told_to_capture_in_bf16_and_captures_there_when_asked(tmp_path: Path) -> None:
     """A Trainer with ``bf16=True`` whose capture keeps its own passes in fp32 is warned in one sentence; with
     ``CaptureArguments(precision="bf16")`` it is not, the store records bf16, and it fits and answers queries."""

@@ -73,6 +73,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from source_proj import __version__
+from source_proj.compiled import eager, hold_no_donated_buffers, load_compiler, release_no_donated_buffers
 from source_proj.errors import NumericalError, StoreError, TaskError
 from source_proj.featurize.arguments import ProjectionArguments
 from source_proj.featurize.basis import BasisPass, NoBasis, modes_kept, rank_one_sides
@@ -444,6 +445,7 @@ class GradientCapture:
         self._transform: GradientTransform | None = None  # an Adam stage's current D^{-1/2}, on the layers
         self.skipped = 0
         """Batches not captured: a stage's first Adam step, whose preconditioner is not known before it."""
+        load_compiler()  # every hook below runs eagerly under a model compiled now or later (compiled.py)
         self._hooks = contextlib.ExitStack()
         self._taps = contextlib.ExitStack()  # the current projector's layer hooks
         self._hooks.callback(lambda: self._taps.close())
@@ -460,8 +462,12 @@ class GradientCapture:
         if options.fisher == "sampled" and options.fisher_forward == "training":
             # A function, not a bound method: a deep copy of the model (an EMA, an evaluation copy) must not copy
             # the capture with it; the hook ignores forwards of any module but this model.
+            # Its backward keeps the training forward's graph for the training backward, which a compiled
+            # graph's donated buffers forbid: graphs compiled while capture listens donate none.
+            hold_no_donated_buffers(self)
+            self._hooks.callback(release_no_donated_buffers, self)
             handle = self.model.register_forward_hook(
-                lambda module, args, kwargs, output: self._after_model_forward(module, args, kwargs, output),
+                eager(lambda module, args, kwargs, output: self._after_model_forward(module, args, kwargs, output)),
                 with_kwargs=True,
             )
             self._hooks.callback(handle.remove)
@@ -794,8 +800,10 @@ class GradientCapture:
         if self._probe.grad is None:
             raise TaskError(
                 "A captured batch ended before its backward pass reached the attributed layers; call loss.backward() "
-                "inside the capture block (or between begin() and commit()), and with activation checkpointing use its "
-                "non-reentrant kind (use_reentrant=False), whose forward the layer hooks see."
+                "inside the capture block (or between begin() and commit()); with activation checkpointing use its "
+                "non-reentrant kind (use_reentrant=False), whose forward the layer hooks see; and start capture "
+                "before a compiled model's (torch.compile) first forward, whose graph does not see hooks added after "
+                "it."
             )
         grads = out * factor
         if self._scale_batch is not None:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from source_proj.compiled import eager_if_compiling
 from source_proj.errors import TaskError
 from source_proj.projection.layers import FactoredLayer, factorable_layers
 from source_proj.tasks.gradients import OutputTap, PerExampleGradients, Quantity, batch_size, quantity_of
@@ -177,7 +178,7 @@ class FactorCollector:
         deltas: list[Tensor | None] = [None] * len(self.layers)
         probe = torch.zeros((), device=self.grads_fn.device, requires_grad=True)
         handles = [
-            module.register_forward_hook(self._hook(i, size, inputs, deltas, probe))
+            module.register_forward_hook(eager_if_compiling(self._hook(i, size, inputs, deltas, probe)))
             for i, module in enumerate(self.modules)
         ]
         try:

@@ -30,6 +30,7 @@ from torch import Tensor
 from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
+from source_proj.compiled import eager
 from source_proj.errors import TaskError, TrajectoryError
 from source_proj.featurize.arguments import ProjectionArguments
 from source_proj.featurize.capture import INDEX_KEY, CaptureArguments
@@ -213,8 +214,9 @@ class HuggingFaceCapture(HuggingFaceRecorder):
             loader.collate_fn = _KeepLabels(collate)
         model = kwargs["model"]
         self._model_hooks = [
-            model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
-            model.register_forward_hook(self._after_forward),
+            # eager under the Trainer's torch_compile: dynamo runs the hooks as Python, never traces them
+            model.register_forward_pre_hook(eager(self._before_forward), with_kwargs=True),
+            model.register_forward_hook(eager(self._after_forward)),
         ]
 
     def _before_forward(self, module: Any, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]] | None:

@@ -67,6 +67,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
+from source_proj.compiled import eager_if_compiling
 from source_proj.errors import TaskError
 from source_proj.projection.base import _GENERATOR_ID, Projector, RademacherProjector, rademacher_signs
 from source_proj.projection.layers import FactoredLayer, LayerKind
@@ -395,7 +396,7 @@ class FactoredProjector(Projector):
             for index, (layer, block) in enumerate(zip(self.layers, self.blocks, strict=True)):
                 for name, kind in layer.uses:
                     hook = _LayerHook(layer, block, kind, modules[name], partial(sides, index), probe, target)
-                    handles.append(modules[name].register_forward_hook(hook))
+                    handles.append(modules[name].register_forward_hook(eager_if_compiling(hook)))
             yield
         finally:
             for handle in handles:

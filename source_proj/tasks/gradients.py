@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_map
 
+from source_proj.compiled import eager_if_compiling
 from source_proj.errors import TaskError
 from source_proj.projection.layers import FactoredLayer, LayerKind, factorable_layers
 from source_proj.tasks.task import Batch, Task
@@ -265,7 +266,8 @@ class _LayerGradients:
     def __enter__(self) -> _LayerGradients:
         for layer in self.layers:
             for name, kind in layer.uses:
-                self._handles.append(self.modules[name].register_forward_hook(self._hook(layer, kind)))
+                hook = eager_if_compiling(self._hook(layer, kind))
+                self._handles.append(self.modules[name].register_forward_hook(hook))
         return self
 
     def __exit__(self, *exc: object) -> None:
