@@ -155,6 +155,8 @@ class Variant:
         self.model, task, data, self.batch = build(args)
         self.n = len(data)
         self.model.to(args.device)
+        # --compile: the training step runs the model compiled (capture hooks the modules inside the wrapper)
+        self.trained = torch.compile(self.model, backend=args.compile) if args.compile else self.model
         if args.optimizer == "adamw":
             self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.01)
         else:
@@ -185,7 +187,7 @@ class Variant:
         with self.cap.batch(b, rows) if self.cap is not None else contextlib.nullcontext():
             device = torch.device(self.args.device).type
             with torch.autocast(device, dtype=torch.bfloat16, enabled=self.args.precision == "bf16"):
-                loss = loss_fn(self.model)
+                loss = loss_fn(self.trained)
             self.opt.zero_grad()
             loss.backward()
         self.opt.step()
@@ -250,6 +252,8 @@ def main() -> None:
     parser.add_argument("--save-every", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: train under autocast")
+    parser.add_argument("--compile", default=None, help="train the model compiled with this torch.compile backend "
+                        "(inductor, aot_eager); the first --warmup steps, which compile, are not timed")
     parser.add_argument("--basis-examples", type=int, default=None, help="the eigen projection's, per basis pass "
                         "(the layers' budget off; default: the library's default basis)")  # fmt: skip
     parser.add_argument("--examples", type=int, default=4096, help="training examples (an epoch: examples/batch steps)")
