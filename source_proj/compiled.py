@@ -5,7 +5,8 @@ featurize's hooks do what a graph cannot hold (Python state, numpy, the store), 
 breaking the graph around each. ``torch.compiler.disable`` says so, but its first call imports torch's compiler
 package (about 2 s), which a query must not pay: hooks shared with featurize and queries take
 ``eager_if_compiling``, which marks them only where the compiler is loaded (a model compiled in this process
-loaded it). Capture, whose hooks may run under a model compiled after it starts, loads it (``load_compiler``).
+loaded it). Capture, whose hooks may run under a model compiled after it starts, loads it, and drops the graphs
+compiled before its hooks were added (``load_compiler``).
 
 Capture's sampled Fisher backpropagates the training forward's graph once before the training backward
 (``retain_graph``), which a compiled graph with donated buffers refuses: while a capture listens
@@ -26,8 +27,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def load_compiler() -> None:
-    """Import torch's compiler (dynamo), so that every hook made after runs eagerly under a compiled model."""
-    importlib.import_module("torch._dynamo")
+    """Import torch's compiler (dynamo), so that every hook made after runs eagerly under a compiled model, and
+    drop the graphs it compiled before: dynamo does not guard on a module's hooks, and shares a class's graphs
+    between its instances, so a graph compiled before capture's hooks were added (this model's, or another
+    instance's of its class) would run without them. The next forward compiles again, with them."""
+    loaded = "torch._dynamo" in sys.modules
+    dynamo = importlib.import_module("torch._dynamo")
+    if loaded:
+        dynamo.reset()
 
 
 def eager(hook: F) -> F:

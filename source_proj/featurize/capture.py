@@ -800,10 +800,8 @@ class GradientCapture:
         if self._probe.grad is None:
             raise TaskError(
                 "A captured batch ended before its backward pass reached the attributed layers; call loss.backward() "
-                "inside the capture block (or between begin() and commit()); with activation checkpointing use its "
-                "non-reentrant kind (use_reentrant=False), whose forward the layer hooks see; and start capture "
-                "before a compiled model's (torch.compile) first forward, whose graph does not see hooks added after "
-                "it."
+                "inside the capture block (or between begin() and commit()), and with activation checkpointing use its "
+                "non-reentrant kind (use_reentrant=False), whose forward the layer hooks see."
             )
         grads = out * factor
         if self._scale_batch is not None:
