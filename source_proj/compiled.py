@@ -1,16 +1,23 @@
-"""Hooks under ``torch.compile``.
+"""Capture's hooks under ``torch.compile``.
 
 A module's forward hooks run inside a compiled model's graph, where dynamo would trace them: capture's and
 featurize's hooks do what a graph cannot hold (Python state, numpy, the store), so they run eagerly, dynamo
 breaking the graph around each. ``torch.compiler.disable`` says so, but its first call imports torch's compiler
 package (about 2 s), which a query must not pay: hooks shared with featurize and queries take
 ``eager_if_compiling``, which marks them only where the compiler is loaded (a model compiled in this process
-loaded it). Capture, whose hooks may run under a model compiled after it starts, loads it, and drops the graphs
-compiled before its hooks were added (``load_compiler``).
+loaded it). Capture, whose hooks may run under a model compiled after it starts, loads it.
 
-Capture's sampled Fisher backpropagates the training forward's graph once before the training backward
-(``retain_graph``), which a compiled graph with donated buffers refuses: while a capture listens
-(``hold_no_donated_buffers``) the compiler donates none.
+Two of the compiler's settings would defeat capture, so while a capture listens (``hold_compiler_settings``)
+both are off, and the last capture to stop restores them:
+
+* dynamo does not guard a graph on its modules' hooks (``skip_nnmodule_hook_guards``), and shares a class's
+  graphs between its instances: a graph compiled without capture's hooks (another instance's of the model's
+  class, trained beside it or before it) would run the captured model without them;
+* capture's sampled Fisher backpropagates the training forward's graph once before the training backward
+  (``retain_graph``), which a compiled graph with donated buffers refuses (``donated_buffer``).
+
+Graphs compiled before capture began carry no guard on hooks: capture drops them as it starts
+(``torch._dynamo.reset``), and the next forward compiles again.
 """
 
 from __future__ import annotations
@@ -25,16 +32,12 @@ import torch
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+SETTINGS = {("torch._dynamo.config", "skip_nnmodule_hook_guards"): False,
+            ("torch._functorch.config", "donated_buffer"): False}  # fmt: skip
+"""The compiler's settings while a capture listens: (module, name) → value."""
 
-def load_compiler() -> None:
-    """Import torch's compiler (dynamo), so that every hook made after runs eagerly under a compiled model, and
-    drop the graphs it compiled before: dynamo does not guard on a module's hooks, and shares a class's graphs
-    between its instances, so a graph compiled before capture's hooks were added (this model's, or another
-    instance's of its class) would run without them. The next forward compiles again, with them."""
-    loaded = "torch._dynamo" in sys.modules
-    dynamo = importlib.import_module("torch._dynamo")
-    if loaded:
-        dynamo.reset()
+_owners: weakref.WeakSet[object] = weakref.WeakSet()  # the captures listening now
+_restore: dict[tuple[str, str], Any] = {}  # the settings as they were before the first of them
 
 
 def eager(hook: F) -> F:
@@ -48,38 +51,26 @@ def eager_if_compiling(hook: F) -> F:
     return eager(hook) if "torch._dynamo" in sys.modules else hook
 
 
-_owners: weakref.WeakSet[object] = weakref.WeakSet()  # the captures listening now
-_restore: dict[str, Any] = {}  # "value": the setting before the first of them
-
-
-def _compiler_config() -> Any:
-    """torch's AOT-autograd settings module (importing it compiles nothing), or None where it has no
-    ``donated_buffer``."""
-    try:
-        config = importlib.import_module("torch._functorch.config")
-    except ImportError:  # pragma: no cover - a torch without torch.compile
-        return None
-    return config if hasattr(config, "donated_buffer") else None
-
-
-def hold_no_donated_buffers(owner: object) -> None:
-    """From now until ``owner`` releases it (and every other owner has), compiled graphs donate no buffers: AOT
-    autograd reads the setting as it compiles and as each backward runs. An owner collected unreleased (a killed
-    run's capture) leaves it off."""
-    config = _compiler_config()
-    if config is None:
-        return
-    if not _owners:
-        _restore.setdefault("value", config.donated_buffer)
+def hold_compiler_settings(owner: object) -> None:
+    """Load the compiler, drop the graphs it compiled before, and keep ``SETTINGS`` until ``owner`` (and every
+    other owner) releases them. An owner collected unreleased (a killed run's capture) leaves them held."""
+    loaded = "torch._dynamo" in sys.modules
+    dynamo = importlib.import_module("torch._dynamo")
+    if loaded and not _owners:
+        dynamo.reset()
+    for (module, name), value in SETTINGS.items():
+        config = importlib.import_module(module)
+        if hasattr(config, name):
+            _restore.setdefault((module, name), getattr(config, name))
+            setattr(config, name, value)
     _owners.add(owner)
-    config.donated_buffer = False
 
 
-def release_no_donated_buffers(owner: object) -> None:
-    """``owner`` no longer needs the setting; the last owner to release it restores the setting as it was."""
-    config = _compiler_config()
-    if config is None:
-        return
+def release_compiler_settings(owner: object) -> None:
+    """``owner`` no longer needs ``SETTINGS``; the last owner to release them restores them as they were."""
     _owners.discard(owner)
-    if not _owners and "value" in _restore:
-        config.donated_buffer = _restore.pop("value")
+    if _owners:
+        return
+    for (module, name), value in list(_restore.items()):
+        setattr(importlib.import_module(module), name, value)
+        del _restore[(module, name)]

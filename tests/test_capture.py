@@ -72,11 +72,13 @@ def _train(
     projection: sp.ProjectionArguments | None = None,
     optimizer=None,
     at_step: int | None = None,
+    on_start=None,
 ) -> nn.Module:
     """SGD (momentum 0.9, weight decay) over epochs of a fixed per-epoch order; captured into ``store`` if given.
     ``crash_after``: raise after that many optimiser steps (a killed run); ``resume``: continue ``run``;
     ``on_batch(model, rows, optimizer)``: called after each backward, before the optimiser step; ``datasets``: for
-    capture; ``optimizer(parameters)``: another optimiser; ``at_step``: resume rewound to that checkpoint."""
+    capture; ``optimizer(parameters)``: another optimiser; ``at_step``: resume rewound to that checkpoint;
+    ``on_start()``: called once capture has begun, before the first step."""
     model = model if model is not None else _mlp()
     if optimizer is not None:
         opt = optimizer(model.parameters())
@@ -94,6 +96,8 @@ def _train(
         cap = sp.GradientCapture(rec, store, task, projection=projection, options=options, datasets=datasets)
     if not resume:
         rec.begin_stage("main", dataset_size=len(data))
+    if on_start is not None:
+        on_start()
     x, y = data.tensors
     per_epoch = -(-len(y) // batch)
     for step in range(rec.global_step, steps):
@@ -1491,26 +1495,29 @@ def _compiler_backend() -> str:
 def test_a_compiled_model_is_captured_as_the_eager_one_also_where_it_was_compiled_before_capture_began(
     tmp_path: Path, classification_data, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """torch.compile: capture's hooks run eagerly (dynamo traced them and failed), and the sampled Fisher's
-    backward keeps the training forward's graph, which a graph with donated buffers refuses (seen with inductor on
-    the Trainer's BERT), so while capture listens no graph donates any. The compiled run's store is the eager
-    run's (eigen projection, sampled Fisher from the training forward, end pass), also where graphs were compiled
-    before capture began."""
+    """torch.compile: capture's hooks run eagerly (dynamo traced them and failed); the sampled Fisher's backward
+    keeps the training forward's graph, which a graph with donated buffers refuses (seen with inductor on the
+    Trainer's BERT); and dynamo shares a class's graphs between instances without guarding on hooks. The compiled
+    run's store is the eager run's (eigen projection, sampled Fisher from the training forward, end pass), also
+    where graphs of the model's class were compiled before capture began and beside it."""
     backend = _compiler_backend()
     torch._dynamo.reset()  # a worker's earlier compilations must not push these past dynamo's recompile limit
     data = classification_data
     common = dict(steps=8, batch=8, save_every=4, options=sp.CaptureArguments(), datasets={"main": data},
                   projection=sp.ProjectionArguments(dim=DIM, kind="eigen"))  # fmt: skip
     _train(tmp_path / "run", tmp_path / "eager.sp", data, model=_mlp(), **common)
-    donated = []  # the compiler's setting at each step: graphs compiled while capture listens donate no buffers
-    config = importlib.import_module("torch._functorch.config")
-    # The captures earlier tests left open (killed runs) must not hold the setting: this capture sets it.
+    # The compiler's settings at each step: while capture listens no graph donates its buffers, and graphs are
+    # guarded on their modules' hooks. The captures earlier tests left open (killed runs) must not hold them.
     monkeypatch.setattr("source_proj.compiled._owners", weakref.WeakSet())
     monkeypatch.setattr("source_proj.compiled._restore", {})
-    with config.patch(donated_buffer=True):  # as torch has it
+    aot, dynamo = importlib.import_module("torch._functorch.config"), importlib.import_module("torch._dynamo.config")
+    settings = []
+    with aot.patch(donated_buffer=True), dynamo.patch(skip_nnmodule_hook_guards=True):  # as torch has them
         _train(tmp_path / "run-c", tmp_path / "compiled.sp", data, model=torch.compile(_mlp(), backend=backend),
-               on_batch=lambda *_: donated.append(config.donated_buffer), **common)  # fmt: skip
-        assert donated == [False] * 8 and config.donated_buffer  # and restored when the run closed
+               on_batch=lambda *_: settings.append((aot.donated_buffer, dynamo.skip_nnmodule_hook_guards)),
+               **common)  # fmt: skip
+        assert settings == [(False, False)] * 8  # and restored when the run closed:
+        assert aot.donated_buffer and dynamo.skip_nnmodule_hook_guards
     eager, compiled = sp.Store.open(tmp_path / "eager.sp"), sp.Store.open(tmp_path / "compiled.sp")
     for kind in ("grads", "visits", "fisher"):
         for start in (0, 4):
@@ -1521,15 +1528,16 @@ def test_a_compiled_model_is_captured_as_the_eager_one_also_where_it_was_compile
     got = sp.fit(compiled.path, args, progress=False).read("methods/source/train/main")
     assert np.allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
-    # Graphs compiled before capture began, of this model and of another of its class (a notebook's earlier run):
-    # dynamo shares a class's graphs between instances and does not guard on hooks, so they would run without
-    # capture's. Capture drops them, and the run is captured as the eager one.
+    # Dynamo shares a class's graphs between its instances. Graphs compiled before capture began (this model's, an
+    # earlier run's) are dropped as it starts; one compiled after, for an instance without hooks (another model of
+    # the class trained beside it), is guarded on the hooks it saw, so neither runs the captured model without them.
     torch._dynamo.reset()
     x, y = data.tensors
-    earlier, warm = torch.compile(_mlp(seed=1), backend=backend), torch.compile(_mlp(), backend=backend)
+    earlier, beside, warm = (torch.compile(_mlp(seed=seed), backend=backend) for seed in (1, 2, 0))
     for model in (earlier, warm):
         F.cross_entropy(model(x[:8]), y[:8]).backward()
-    _train(tmp_path / "run-w", tmp_path / "warm.sp", data, model=warm, **common)
+    _train(tmp_path / "run-w", tmp_path / "warm.sp", data, model=warm, **common,
+           on_start=lambda: F.cross_entropy(beside(x[:8]), y[:8]).backward())  # fmt: skip
     warmed = sp.Store.open(tmp_path / "warm.sp")
     for start in (0, 4):
         want, got = eager.read(window_array("grads", "main", start)), warmed.read(window_array("grads", "main", start))

@@ -73,7 +73,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from source_proj import __version__
-from source_proj.compiled import eager, hold_no_donated_buffers, load_compiler, release_no_donated_buffers
+from source_proj.compiled import eager, hold_compiler_settings, release_compiler_settings
 from source_proj.errors import NumericalError, StoreError, TaskError
 from source_proj.featurize.arguments import ProjectionArguments
 from source_proj.featurize.basis import BasisPass, NoBasis, modes_kept, rank_one_sides
@@ -445,8 +445,10 @@ class GradientCapture:
         self._transform: GradientTransform | None = None  # an Adam stage's current D^{-1/2}, on the layers
         self.skipped = 0
         """Batches not captured: a stage's first Adam step, whose preconditioner is not known before it."""
-        load_compiler()  # every hook below runs eagerly under a model compiled now or later (compiled.py)
+        # Every hook below runs eagerly under a model compiled now or later, and is guarded on (compiled.py).
+        hold_compiler_settings(self)
         self._hooks = contextlib.ExitStack()
+        self._hooks.callback(release_compiler_settings, self)
         self._taps = contextlib.ExitStack()  # the current projector's layer hooks
         self._hooks.callback(lambda: self._taps.close())
         self._basis_due = self._pass is not None  # the eigen projection: a basis at each window's start
@@ -462,10 +464,8 @@ class GradientCapture:
         if options.fisher == "sampled" and options.fisher_forward == "training":
             # A function, not a bound method: a deep copy of the model (an EMA, an evaluation copy) must not copy
             # the capture with it; the hook ignores forwards of any module but this model.
-            # Its backward keeps the training forward's graph for the training backward, which a compiled
-            # graph's donated buffers forbid: graphs compiled while capture listens donate none.
-            hold_no_donated_buffers(self)
-            self._hooks.callback(release_no_donated_buffers, self)
+            # Its backward keeps the training forward's graph for the training backward (compiled.py: no
+            # compiled graph donates its buffers while capture listens).
             handle = self.model.register_forward_hook(
                 eager(lambda module, args, kwargs, output: self._after_model_forward(module, args, kwargs, output)),
                 with_kwargs=True,
