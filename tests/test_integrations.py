@@ -1070,16 +1070,20 @@ def test_a_bf16_trainer_is_told_to_capture_in_bf16_and_captures_there_when_asked
     assert scores.shape == (3, 8) and np.isfinite(scores).all() and np.abs(scores).max() > 0
 
 
-def test_a_trainer_with_neftune_noise_is_told_in_one_sentence_that_it_is_not_modelled(tmp_path: Path) -> None:
-    """NEFTune adds noise to the input embeddings in training only; featurize's gradients are noise-free. The
-    recorder says so once, naming the setting; a Trainer without it is told nothing."""
+def test_a_trainer_with_neftune_noise_or_a_loss_function_of_its_own_is_told_in_one_sentence(tmp_path: Path) -> None:
+    """NEFTune adds noise to the input embeddings in training only; featurize's gradients are noise-free. A
+    ``compute_loss_func`` (here class weights) trains a loss featurize does not see. The recorder says so once each,
+    naming the setting; a Trainer with neither is told nothing."""
     from transformers import Trainer, TrainingArguments
 
     from source_proj.integrations import HuggingFaceRecorder
 
+    def weighted(outputs, labels, num_items_in_batch=None):
+        return F.cross_entropy(outputs.logits, labels, weight=torch.tensor([1.0, 3.0]))
+
     ids, labels = _tokens(8, 0)
     told = {}
-    for alpha in (None, 5.0):
+    for name, alpha, loss in (("plain", None, None), ("neftune", 5.0, None), ("own loss", None, weighted)):
         args = TrainingArguments(
             output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, num_train_epochs=1, learning_rate=0.05,
             optim="sgd", save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, logging_strategy="no",
@@ -1087,11 +1091,13 @@ def test_a_trainer_with_neftune_noise_is_told_in_one_sentence_that_it_is_not_mod
         )  # fmt: skip
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            Trainer(model=_tiny_bert(), args=args, train_dataset=_Dicts(ids, labels),
-                    callbacks=[HuggingFaceRecorder(tmp_path / f"run-{alpha}", save_every=1)]).train()  # fmt: skip
-        told[alpha] = [str(w.message) for w in caught if "NEFTune" in str(w.message)]
-    assert told[None] == []
-    assert len(told[5.0]) == 1 and "neftune_noise_alpha=5" in told[5.0][0] and "noise-free loss" in told[5.0][0]
+            Trainer(model=_tiny_bert(), args=args, train_dataset=_Dicts(ids, labels), compute_loss_func=loss,
+                    callbacks=[HuggingFaceRecorder(tmp_path / f"run-{name}", save_every=1)]).train()  # fmt: skip
+        told[name] = [str(w.message) for w in caught if "NEFTune" in str(w.message) or "compute_loss" in str(w.message)]
+    assert told["plain"] == []
+    assert len(told["neftune"]) == 1 and "neftune_noise_alpha=5" in told["neftune"][0]
+    assert "noise-free loss" in told["neftune"][0]
+    assert len(told["own loss"]) == 1 and "compute_loss_func of your own" in told["own loss"][0]
 
 
 def test_a_trainer_that_smooths_its_labels_is_attributed_through_its_smoothed_loss(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ Trainer's checkpoints at multiples of ``save_every``); from an earlier checkpoin
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from collections.abc import MutableMapping
@@ -65,6 +66,25 @@ class _KeepLabels:
         return batch
 
 
+def _calling_trainer() -> Any:
+    """The Trainer whose callback handler is calling (a callback is not given it): the first ``self`` up the
+    stack that is one; None where there is none."""
+    from transformers import Trainer
+
+    frame = inspect.currentframe()
+    try:
+        for _ in range(16):
+            if frame is None:
+                return None
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, Trainer):
+                return owner
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
 class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
     """Records checkpoints, every optimizer step's learning rate and the optimizer of a ``Trainer`` run.
 
@@ -90,6 +110,14 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
                 f"The Trainer adds NEFTune noise to the input embeddings (neftune_noise_alpha={alpha:g}), which SOURCE "
                 "does not model: featurize takes each example's gradient without the noise (capture, at the training "
                 "step, with that step's own), so the scores are those of the noise-free loss.",
+                stacklevel=2,
+            )
+        if getattr(_calling_trainer(), "compute_loss_func", None) is not None:
+            warnings.warn(
+                "The Trainer computes its loss with a compute_loss_func of your own, which SOURCE does not see: "
+                "featurize takes each example's gradient of the task's loss (capture, the training step's own, but its "
+                "Fisher and end pass the task's), so give featurize a task whose loss is the one that function "
+                "computes (class weights included), or the scores are those of another loss.",
                 stacklevel=2,
             )
         size = dataset_size(self.dataset_size, kwargs.get("train_dataloader"), "HuggingFaceRecorder")
