@@ -1072,8 +1072,9 @@ def test_a_bf16_trainer_is_told_to_capture_in_bf16_and_captures_there_when_asked
 
 def test_a_trainer_with_neftune_noise_or_a_loss_function_of_its_own_is_told_in_one_sentence(tmp_path: Path) -> None:
     """NEFTune adds noise to the input embeddings in training only; featurize's gradients are noise-free. A
-    ``compute_loss_func`` (here class weights) trains a loss featurize does not see. The recorder says so once each,
-    naming the setting; a Trainer with neither is told nothing."""
+    ``compute_loss_func`` (here class weights), or a Trainer subclass's own ``compute_loss``, trains a loss featurize
+    does not see. The recorder says so once each, naming the setting or the class; a Trainer with none of them, a
+    subclass that keeps the Trainer's ``compute_loss`` among them, is told nothing."""
     from transformers import Trainer, TrainingArguments
 
     from source_proj.integrations import HuggingFaceRecorder
@@ -1081,9 +1082,24 @@ def test_a_trainer_with_neftune_noise_or_a_loss_function_of_its_own_is_told_in_o
     def weighted(outputs, labels, num_items_in_batch=None):
         return F.cross_entropy(outputs.logits, labels, weight=torch.tensor([1.0, 3.0]))
 
+    class Logging(Trainer):  # a subclass that leaves the loss alone
+        pass
+
+    class Weighted(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            loss = weighted(outputs, labels)
+            return (loss, outputs) if return_outputs else loss
+
+    class Derived(Weighted):  # the override is named where it is defined
+        pass
+
     ids, labels = _tokens(8, 0)
     told = {}
-    for name, alpha, loss in (("plain", None, None), ("neftune", 5.0, None), ("own loss", None, weighted)):
+    cases = (("plain", Trainer, None, None), ("subclass", Logging, None, None), ("neftune", Trainer, 5.0, None),
+             ("own loss", Trainer, None, weighted), ("own compute_loss", Derived, None, None))  # fmt: skip
+    for name, trainer, alpha, loss in cases:
         args = TrainingArguments(
             output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, num_train_epochs=1, learning_rate=0.05,
             optim="sgd", save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, logging_strategy="no",
@@ -1091,13 +1107,16 @@ def test_a_trainer_with_neftune_noise_or_a_loss_function_of_its_own_is_told_in_o
         )  # fmt: skip
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            Trainer(model=_tiny_bert(), args=args, train_dataset=_Dicts(ids, labels), compute_loss_func=loss,
+            trainer(model=_tiny_bert(), args=args, train_dataset=_Dicts(ids, labels), compute_loss_func=loss,
                     callbacks=[HuggingFaceRecorder(tmp_path / f"run-{name}", save_every=1)]).train()  # fmt: skip
         told[name] = [str(w.message) for w in caught if "NEFTune" in str(w.message) or "compute_loss" in str(w.message)]
-    assert told["plain"] == []
+    assert told["plain"] == [] and told["subclass"] == []
     assert len(told["neftune"]) == 1 and "neftune_noise_alpha=5" in told["neftune"][0]
     assert "noise-free loss" in told["neftune"][0]
     assert len(told["own loss"]) == 1 and "compute_loss_func of your own" in told["own loss"][0]
+    assert len(told["own compute_loss"]) == 1
+    assert "with the compute_loss of its subclass Weighted, which" in told["own compute_loss"][0]
+    assert told["own compute_loss"][0].endswith("(where it returns the model's own loss, nothing is amiss).")
 
 
 def test_a_trainer_that_smooths_its_labels_is_attributed_through_its_smoothed_loss(tmp_path: Path) -> None:

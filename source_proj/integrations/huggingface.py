@@ -85,6 +85,21 @@ def _calling_trainer() -> Any:
         del frame
 
 
+def _own_loss(trainer: Any) -> str:
+    """What computes a Trainer's loss where it is not the model's own: its ``compute_loss_func``, or the
+    ``compute_loss`` of a subclass (TRL's trainers among them); "" where it is the model's."""
+    if trainer is None:
+        return ""
+    if getattr(trainer, "compute_loss_func", None) is not None:
+        return "a compute_loss_func of your own"
+    from transformers import Trainer
+
+    owner = next(k for k in type(trainer).__mro__ if "compute_loss" in vars(k))
+    if owner is not Trainer:
+        return f"the compute_loss of its subclass {owner.__name__}"
+    return ""
+
+
 class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
     """Records checkpoints, every optimizer step's learning rate and the optimizer of a ``Trainer`` run.
 
@@ -112,12 +127,14 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
                 "step, with that step's own), so the scores are those of the noise-free loss.",
                 stacklevel=2,
             )
-        if getattr(_calling_trainer(), "compute_loss_func", None) is not None:
+        own_loss = _own_loss(_calling_trainer())
+        if own_loss:
             warnings.warn(
-                "The Trainer computes its loss with a compute_loss_func of your own, which SOURCE does not see: "
+                f"The Trainer computes its loss with {own_loss}, which SOURCE does not see: "
                 "featurize takes each example's gradient of the task's loss (capture, the training step's own, but its "
-                "Fisher and end pass the task's), so give featurize a task whose loss is the one that function "
-                "computes (class weights included), or the scores are those of another loss.",
+                "Fisher and end pass the task's), so give featurize a task whose loss is the one it computes "
+                "(class weights included), or the scores are those of another loss"
+                + (" (where it returns the model's own loss, nothing is amiss)." if "subclass" in own_loss else "."),
                 stacklevel=2,
             )
         size = dataset_size(self.dataset_size, kwargs.get("train_dataloader"), "HuggingFaceRecorder")
