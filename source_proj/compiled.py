@@ -53,23 +53,33 @@ def eager_if_compiling(hook: F) -> F:
 
 def hold_compiler_settings(owner: object) -> None:
     """Load the compiler, drop the graphs it compiled before, and keep ``SETTINGS`` until ``owner`` (and every
-    other owner) releases them. An owner collected unreleased (a killed run's capture) leaves them held."""
+    other owner) releases them, or is collected unreleased (a capture a failed run never closed)."""
     loaded = "torch._dynamo" in sys.modules
     dynamo = importlib.import_module("torch._dynamo")
-    if loaded and not _owners:
+    if loaded and not _live_owners():
         dynamo.reset()
     for (module, name), value in SETTINGS.items():
         config = importlib.import_module(module)
         if hasattr(config, name):
             _restore.setdefault((module, name), getattr(config, name))
             setattr(config, name, value)
-    _owners.add(owner)
+    if owner not in _owners:
+        _owners.add(owner)
+        weakref.finalize(owner, _restore_unless_held)
 
 
 def release_compiler_settings(owner: object) -> None:
     """``owner`` no longer needs ``SETTINGS``; the last owner to release them restores them as they were."""
     _owners.discard(owner)
-    if _owners:
+    _restore_unless_held()
+
+
+def _live_owners() -> bool:
+    return any(True for _ in _owners)  # a WeakSet's iteration skips an owner being collected; its len may not
+
+
+def _restore_unless_held() -> None:
+    if _live_owners():
         return
     for (module, name), value in list(_restore.items()):
         setattr(importlib.import_module(module), name, value)

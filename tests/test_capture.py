@@ -5,6 +5,7 @@ resumes into the store an uninterrupted run writes."""
 from __future__ import annotations
 
 import copy
+import gc
 import importlib
 import shutil
 import threading
@@ -1490,6 +1491,37 @@ def _compiler_backend() -> str:
     """inductor where a C++ compiler is at hand (it compiles the graphs to C++ on the CPU), else aot_eager:
     both trace the model with dynamo and run its backward through AOT autograd."""
     return "inductor" if any(shutil.which(c) for c in ("g++", "c++", "clang++")) else "aot_eager"
+
+
+def test_a_capture_a_failed_run_never_closed_gives_the_compiler_its_settings_back_once_collected(
+    tmp_path: Path, classification_data, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Capture holds two compiler settings off while it listens. A run that raised leaves its capture unclosed; once
+    nothing refers to it (the traceback gone), the settings are as they were, and a capture still open keeps them."""
+    monkeypatch.setattr("source_proj.compiled._owners", weakref.WeakSet())
+    monkeypatch.setattr("source_proj.compiled._restore", {})
+    aot, dynamo = importlib.import_module("torch._functorch.config"), importlib.import_module("torch._dynamo.config")
+    seen = []
+
+    def fail_at_the_second_batch(*_) -> None:
+        seen.append((aot.donated_buffer, dynamo.skip_nnmodule_hook_guards))
+        if len(seen) % 2 == 0:
+            raise RuntimeError("the training loop failed")
+
+    with aot.patch(donated_buffer=True), dynamo.patch(skip_nnmodule_hook_guards=True):  # as torch has them
+        for name in ("a", "b"):
+            with pytest.raises(RuntimeError, match="training loop failed") as failed:
+                _train(tmp_path / f"run-{name}", tmp_path / f"{name}.sp", classification_data, steps=8, batch=8,
+                       save_every=4, on_batch=fail_at_the_second_batch)  # fmt: skip
+            if name == "a":
+                first = failed  # run a's capture stays referenced by its traceback
+        assert seen == [(False, False)] * 4
+        del failed
+        gc.collect()
+        assert (aot.donated_buffer, dynamo.skip_nnmodule_hook_guards) == (False, False)  # a is still open
+        del first
+        gc.collect()
+        assert (aot.donated_buffer, dynamo.skip_nnmodule_hook_guards) == (True, True)
 
 
 def test_a_compiled_model_is_captured_as_the_eager_one_also_where_it_was_compiled_before_capture_began(
