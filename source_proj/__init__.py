@@ -27,6 +27,7 @@ from source_proj.store.locking import StoreLock
 from source_proj.store.store import Store
 from source_proj.store.verify import VerifyReport, verify_store
 from source_proj.store.writing import store_lock
+from source_proj.tasks.data import CollatedDataset
 from source_proj.tasks.task import (
     ClassificationTask,
     MultiLabelClassificationTask,
@@ -52,6 +53,7 @@ __all__ = [
     "BaselineArguments",
     "CaptureArguments",
     "ClassificationTask",
+    "CollatedDataset",
     "EigenBasis",
     "EigenProjector",
     "Ensemble",

@@ -20,6 +20,7 @@ from source_proj.featurize.factors import FactorCollector, kronecker_layers
 from source_proj.projection.eigen import EigenBasis, _has_rest, basis_budget
 from source_proj.projection.layers import FactoredLayer, factorable_layers
 from source_proj.projection.transform import scaling_transform
+from source_proj.tasks.data import collate_of
 from source_proj.tasks.gradients import PerExampleGradients, move_batch
 from source_proj.tasks.task import Task
 from source_proj.trajectory.preconditioner import checkpoint_preconditioner, steps_preconditioner
@@ -102,7 +103,7 @@ class BasisPass:
             layer are counted on a forward pass of the subset's first ``PROBE_EXAMPLES`` (after the draw of
             ``positions``). A model with one position an example (an MLP) keeps all ``examples`` at the default;
             a language model's sequences give many each, and keep tens. ``None``: all ``examples``.
-        collate_fn: how the data's items batch (default: torch's default collate).
+        collate_fn: how the data's items batch (default: a ``CollatedDataset``'s own, else torch's default collate).
     """
 
     def __init__(
@@ -153,6 +154,9 @@ class BasisPass:
         """Stage → the examples its subset kept, where the layers' budget took fewer than the subset drawn."""
         self._counted: set[str] = set()
 
+    def _collate(self, stage: str) -> Callable[[list[Any]], Any] | None:
+        return self.collate_fn or collate_of(self.datasets[stage])
+
     @classmethod
     def of(
         cls,
@@ -200,7 +204,7 @@ class BasisPass:
         if not rows:
             return 0
         batch = next(iter(DataLoader(Subset(self.datasets[stage], rows), batch_size=len(rows),
-                                     collate_fn=self.collate_fn, generator=torch.Generator())))  # fmt: skip
+                                     collate_fn=self._collate(stage), generator=torch.Generator())))  # fmt: skip
         per = _positions_per_example(self.grads_fn, self.layers, move_batch(batch, self.device), len(rows))
         needed = 1
         for layer, count in zip(self.layers, per, strict=True):
@@ -237,7 +241,7 @@ class BasisPass:
         # Its own generator: a loader without one draws its base seed from the global random state, which
         # in-run capture must leave as training would find it.
         loader = DataLoader(Subset(self.datasets[stage], subset), batch_size=self.batch_size,
-                            collate_fn=self.collate_fn, generator=torch.Generator())  # fmt: skip
+                            collate_fn=self._collate(stage), generator=torch.Generator())  # fmt: skip
         for batch in loader:
             batch = move_batch(batch, self.device)
             rows = subset[done : done + self.batch_size]

@@ -102,6 +102,7 @@ from source_proj.store.provenance import (
 from source_proj.store.store import Store, is_store
 from source_proj.store.writer import ChunkWriter
 from source_proj.store.writing import store_lock, writing
+from source_proj.tasks.data import collate_of
 from source_proj.tasks.gradients import PerExampleGradients, batch_rows, batch_size, move_batch
 from source_proj.tasks.task import Batch, Task, check_task_smoothing
 from source_proj.trajectory.preconditioner import live_preconditioner
@@ -252,7 +253,8 @@ class GradientCapture:
         datasets: stage name → that stage's training dataset (as featurize takes them; an
             ``IndexedDataset`` is unwrapped), for the data fingerprint, the eigen projection's basis passes and
             the end pass; every stage this capture trains must be named, with the size given to ``begin_stage``.
-        collate_fn: how the datasets' items batch in those passes (default: torch's default collate).
+        collate_fn: how the datasets' items batch in those passes (default: a ``CollatedDataset``'s own, else torch's
+            default collate).
         progress: show a progress bar during the end pass (a forward and backward of every example, after
             the stage's last step).
 
@@ -1124,7 +1126,7 @@ class GradientCapture:
             self._install(projector)
         rows, name = self.options.chunk_rows, window_array(END, stage, start)
         size = len(dataset)  # type: ignore[arg-type]
-        loader = DataLoader(dataset, batch_size=self._own_batch(), collate_fn=self._collate,
+        loader = DataLoader(dataset, batch_size=self._own_batch(), collate_fn=self._collate or collate_of(dataset),
                             generator=torch.Generator())  # fmt: skip
         what = f"the training data of stage {stage!r} given as datasets= (the end pass)"
         task, chunk, filled = self._bound_task(), 0, 0

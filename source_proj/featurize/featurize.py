@@ -73,6 +73,7 @@ from source_proj.store.provenance import (
 )
 from source_proj.store.store import Store, ckpt_key, is_store, shard_chunks_for
 from source_proj.store.writer import ChunkWriter
+from source_proj.tasks.data import loader
 from source_proj.tasks.gradients import PerExampleGradients, batch_size, move_batch
 from source_proj.tasks.task import Task, check_task_smoothing
 from source_proj.trajectory.recorder import Trajectory, unwrap_model
@@ -661,7 +662,7 @@ class _ChunkBatches(Sampler[list[int]]):
 def _chunk_loader(
     dataset: Dataset, spans: Sequence[tuple[int, int]], options: FeaturizeArguments, device: torch.device
 ) -> DataLoader:
-    return DataLoader(
+    return loader(
         dataset,
         batch_sampler=_ChunkBatches(spans, options.batch_size),
         num_workers=options.num_workers,
@@ -752,7 +753,7 @@ def _fisher_directions(
     if options.fisher == "sampled":
         return 1
     first = next(iter(datasets.values()))
-    batch = move_batch(next(iter(DataLoader(Subset(first, [0]), batch_size=1))), device)
+    batch = move_batch(next(iter(loader(Subset(first, [0]), batch_size=1))), device)
     return len(task.fisher_targets(grads_fn.outputs(batch), batch, None))
 
 

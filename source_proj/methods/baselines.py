@@ -79,7 +79,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
 from source_proj.errors import StoreError, TaskError
@@ -99,6 +99,7 @@ from source_proj.methods.kinds import BASELINES
 from source_proj.query.attributor import store_trajectory
 from source_proj.store.provenance import other_selection
 from source_proj.store.store import Store, ckpt_key
+from source_proj.tasks.data import loader
 from source_proj.tasks.gradients import move_batch
 from source_proj.tasks.task import Task
 from source_proj.trajectory.recorder import unwrap_model
@@ -488,11 +489,11 @@ def _repsim(
     net.eval()
 
     def chunk(stage: str, start: int, stop: int) -> np.ndarray:
-        loader = DataLoader(Subset(datasets[stage], range(start, stop)), batch_size=batch_size, shuffle=False)
-        reps = [task.representation(net, move_batch(b, where)).cpu() for b in loader]
+        batches = loader(Subset(datasets[stage], range(start, stop)), batch_size=batch_size, shuffle=False)
+        reps = [task.representation(net, move_batch(b, where)).cpu() for b in batches]
         return torch.nn.functional.normalize(torch.cat(reps).double(), dim=1).float().numpy()
 
-    first = next(iter(DataLoader(Subset(next(iter(datasets.values())), [0]), batch_size=1)))
+    first = next(iter(loader(Subset(next(iter(datasets.values())), [0]), batch_size=1)))
     dim = int(task.representation(net, move_batch(first, where)).shape[1])
     recipe = {
         "checkpoints": [meta["trajectory"]["checkpoints"][-1]],

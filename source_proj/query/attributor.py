@@ -25,7 +25,7 @@ import faiss
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from source_proj.errors import StoreError, TaskError
@@ -41,6 +41,7 @@ from source_proj.store.provenance import check_model, check_query_model, check_r
 from source_proj.store.store import Store
 from source_proj.store.verify import method_command
 from source_proj.store.writing import current_writer
+from source_proj.tasks.data import loader
 from source_proj.tasks.gradients import PerExampleGradients, move_batch
 from source_proj.tasks.task import Task
 from source_proj.trajectory.preconditioner import read_scale
@@ -120,7 +121,7 @@ def _as_dataset(queries: Dataset | Sequence[Any]) -> Dataset | Sequence[Any]:
 
 
 def _batches(queries: Dataset | Sequence[Any], batch_size: int) -> Iterator[Any]:
-    yield from DataLoader(_as_dataset(queries), batch_size=batch_size, shuffle=False)  # type: ignore[arg-type]
+    yield from loader(_as_dataset(queries), batch_size=batch_size, shuffle=False)
 
 
 class Attributor:

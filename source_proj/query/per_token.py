@@ -35,7 +35,7 @@ of the chosen training sequences, and one module forward per module and query.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -53,6 +53,7 @@ from source_proj.featurize.plan import mean_state
 from source_proj.projection.base import Projector
 from source_proj.projection.factored import FactoredProjector
 from source_proj.query.attributor import Attributor, method_meta
+from source_proj.tasks.data import collate_of
 from source_proj.tasks.gradients import move_batch
 from source_proj.tasks.task import Batch, output_tensor
 from source_proj.tasks.text import IGNORE_INDEX, OBSERVED_TARGET_KEY, Seq2SeqTask
@@ -162,7 +163,7 @@ def token_scores(
     datasets = as_stage_datasets(train_data, attributor.trajectory)
     places = [_locate(attributor, int(row)) for row in rows]
     query = attributor.query_features(queries).double()
-    batch = _stack([datasets[stage][index] for stage, index in places])
+    batch = _stack([datasets[stage][index] for stage, index in places], collate_of(datasets[places[0][0]]))
     size, length = batch["input_ids"].shape
     seq2seq = isinstance(attributor.task, Seq2SeqTask)
     tokens = torch.zeros(query.shape[0], size, length, dtype=torch.float64)
@@ -208,9 +209,12 @@ def _locate(attributor: Attributor, row: int) -> tuple[str, int]:
     raise TaskError(f"Row {row} is not a row of method {attributor.method!r}, whose rows are 0 to {total - 1}.")
 
 
-def _stack(examples: Sequence[Any]) -> dict[str, Tensor]:
+def _stack(examples: Sequence[Any], collate: Callable[[list[Any]], Any] | None) -> dict[str, Tensor]:
+    """The examples as one batch: by their dataset's collate (a ``CollatedDataset``'s), else stacked."""
     if not examples or not isinstance(examples[0], Mapping) or "input_ids" not in examples[0]:
         raise TaskError("Per-token scores need text examples: dicts with 'input_ids' (as sp.TextDataset gives).")
+    if collate is not None:
+        return collate(list(examples))
     return {key: torch.stack([torch.as_tensor(e[key]) for e in examples]) for key in examples[0]}
 
 

@@ -45,12 +45,13 @@ import numpy as np
 import torch
 import zarr
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
 from source_proj import __version__
 from source_proj.errors import SourceProjError, StoreError, TaskError, TrajectoryError, first_line, out_of_memory
 from source_proj.store.store import Store
+from source_proj.tasks.data import loader
 from source_proj.tasks.gradients import move_batch
 from source_proj.tasks.task import ParameterSelection, Task
 from source_proj.tasks.text import ModuleSelection
@@ -208,7 +209,7 @@ def reference_batch(datasets: Mapping[str, Dataset]) -> Any:
     """The reference batch: ``REFERENCE_ROWS`` seeded examples of the first stage's data, collated."""
     first = next(iter(datasets.values()))
     rows = _seeded_rows(len(first), REFERENCE_ROWS, 0)  # type: ignore[arg-type]
-    return next(iter(DataLoader(Subset(first, rows), batch_size=len(rows))))
+    return next(iter(loader(Subset(first, rows), batch_size=len(rows))))
 
 
 def model_fingerprint(model: nn.Module, task: Task, batch: Any, device: torch.device) -> dict[str, list[float | None]]:
@@ -228,6 +229,10 @@ def model_fingerprint(model: nn.Module, task: Task, batch: Any, device: torch.de
     }
 
 
+RAGGED = ("stack expects each tensor to be equal size", "each element in list of batch should be of equal size")
+"""What torch's default collate says of examples of different lengths (tensors, lists)."""
+
+
 @contextmanager
 def model_errors(what: str) -> Iterator[None]:
     """Turn the model failing on ``what`` (inputs of another shape or type) into a ``TaskError``."""
@@ -238,11 +243,11 @@ def model_errors(what: str) -> Iterator[None]:
     except (RuntimeError, TypeError, ValueError, IndexError, KeyError) as err:
         if out_of_memory(err):  # the host's allocator raises a plain RuntimeError: not the examples' fault
             raise
-        if "stack expects each tensor to be equal size" in str(err):  # default_collate on examples of two lengths
+        if any(s in str(err) for s in RAGGED):  # default_collate on examples of two lengths
             raise TaskError(
                 f"The examples in {what} have different lengths ({first_line(err)}), and batches are stacked as they "
-                "are: pad every example to one length (sp.TextDataset(sequences, length=T) does; for a seq2seq "
-                "target, targets=..., target_length=S)."
+                "are: give the collator that padded the training batches (sp.CollatedDataset(dataset, "
+                "trainer.data_collator)), or pad every example to one length (sp.TextDataset(sequences, length=T))."
             ) from err
         raise TaskError(
             f"The model cannot run on {what} ({type(err).__name__}: {first_line(err)}); pass examples shaped and "

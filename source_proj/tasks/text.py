@@ -641,7 +641,7 @@ class LanguageModelingTask(_TextTask):
         observed = self._normalizers(batch).to(_upcast(outputs[:1, :1]))
         ignored = torch.full_like(batch["input_ids"], IGNORE_INDEX)
         if generator is not None:
-            uniform = torch.rand(keep.shape, generator=generator, dtype=torch.float64)
+            uniform = _uniform_at(keep, generator)
             # Drawn at every position where the logits lie (the last one's draw is dropped): a slice of the
             # logits would copy all B·T·V of them.
             drawn = sample_tokens(outputs, F.pad(uniform, (0, 1)))[:, :-1]
@@ -911,6 +911,15 @@ def target_positions(batch: Batch) -> Tensor:
     return keep if mask is None else keep & mask.bool()
 
 
+def _uniform_at(keep: Tensor, generator: torch.Generator) -> Tensor:
+    """Uniform draws at the positions ``keep`` marks, in their row-major order, 0 elsewhere (float64 ``[B, P]``, on
+    the CPU): a batch padded to another length draws the same labels at the same positions."""
+    mask = keep.cpu()
+    uniform = torch.zeros(mask.shape, dtype=torch.float64)
+    uniform[mask] = torch.rand(int(mask.sum()), generator=generator, dtype=torch.float64)
+    return uniform
+
+
 def _aligned_fisher_targets(
     outputs: Tensor, labels: Tensor, keep: Tensor, scale: Tensor | float, own: bool, batch: Batch,
     generator: torch.Generator | None,
@@ -925,7 +934,7 @@ def _aligned_fisher_targets(
     observed = observed.to(device=outputs.device, dtype=_upcast(outputs[:1, :1]).dtype)
     ignored = torch.full_like(labels, IGNORE_INDEX)
     if generator is not None:
-        uniform = torch.rand(keep.shape, generator=generator, dtype=torch.float64)
+        uniform = _uniform_at(keep, generator)
         drawn = sample_tokens(outputs, uniform).to(labels.device)
         return [(observed, {**batch, "labels": torch.where(keep, drawn, IGNORE_INDEX)})]
     probs = torch.softmax(_upcast(outputs), dim=-1)

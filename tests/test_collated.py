@@ -1,0 +1,107 @@
+"""Datasets of sequences of their own lengths, batched by the collator that padded the training batches
+(``sp.CollatedDataset``): featurize, fit, queries and per-token scores give what they give on the same sequences
+padded to one length; without the collator, one sentence says what to give."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import source_proj as sp
+from source_proj.tasks.text import mean_predicted_tokens
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers.logging.set_verbosity_error()
+
+VOCAB, LENGTH = 40, 12
+
+
+def _gpt2() -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=LENGTH, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0, attn_implementation="eager",
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _sequences(n: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(4, LENGTH + 1, (n,), generator=g)
+    return [torch.randint(1, VOCAB, (int(t),), generator=g).tolist() for t in lengths]
+
+
+def _pad(examples: list[dict]) -> transformers.BatchEncoding:
+    """Pads a batch to its longest sequence, as ``DataCollatorForLanguageModeling`` does (labels −100 there)."""
+    longest = max(len(e["input_ids"]) for e in examples)
+    ids = torch.zeros(len(examples), longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, e in enumerate(examples):
+        ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
+        mask[i, : len(e["input_ids"])] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    return transformers.BatchEncoding({"input_ids": ids, "attention_mask": mask, "labels": labels})
+
+
+@pytest.mark.parametrize("kind", ["factored"])
+def test_sequences_of_their_own_lengths_are_attributed_as_when_padded_to_one(tmp_path: Path, kind: str) -> None:
+    """The sampled Fisher draws its labels at the loss's positions only, so it does not depend on how far a batch
+    was padded."""
+    train, queries = _sequences(24, 0), _sequences(3, 1)
+    ragged = sp.CollatedDataset([{"input_ids": s} for s in train], _pad)
+    padded = sp.TextDataset(train, length=LENGTH)
+    task = sp.LanguageModelingTask(tokens_per_sequence=mean_predicted_tokens(padded))
+    model = _gpt2()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    recorder = sp.TrajectoryRecorder(tmp_path / "run", model, optimizer, save_every=3)
+    recorder.begin_stage("main", dataset_size=len(train))
+    for batch in torch.utils.data.DataLoader(ragged, batch_size=6, collate_fn=ragged.collate_fn):  # one epoch
+        loss = task.loss(task.forward(model, batch), batch).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        recorder.step()
+    recorder.close()
+
+    # Without the collator the examples cannot be batched: one sentence names what to give.
+    plain = [{"input_ids": s} for s in train]
+    told = r"different lengths .*sp\.CollatedDataset\(dataset, trainer\.data_collator\)"
+    with pytest.raises(sp.TaskError, match=told):
+        sp.featurize(tmp_path / "run", _gpt2(), task, plain, tmp_path / "plain.sp", progress=False)
+
+    options = sp.FeaturizeArguments(batch_size=5)  # batches of five: lengths differ between the two stores' batches
+    stores = {}
+    for name, data in (("ragged", ragged), ("padded", padded)):
+        stores[name] = sp.featurize(tmp_path / "run", _gpt2(), task, data, tmp_path / f"{name}.sp",
+                                    projection=sp.ProjectionArguments(dim=64, kind=kind), options=options,
+                                    progress=False)  # fmt: skip
+        sp.fit(stores[name].path, progress=False)
+    steps = [c.step for c in sp.Trajectory.load(tmp_path / "run").checkpoints]
+    for step in steps:
+        want = stores["padded"].read(f"grads/main/step-{step:08d}")
+        got = stores["ragged"].read(f"grads/main/step-{step:08d}")
+        assert np.abs(want).max() > 0
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+
+    ragged_queries = sp.CollatedDataset([{"input_ids": s} for s in queries], _pad)
+    padded_queries = sp.TextDataset(queries, length=LENGTH)
+    ours = sp.Attributor(stores["ragged"].path, _gpt2(), task)
+    theirs = sp.Attributor(stores["padded"].path, _gpt2(), task)
+    want = theirs.scores(padded_queries)
+    np.testing.assert_allclose(ours.scores(ragged_queries), want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+
+    rows = [0, 7, 13]  # per-token scores: the selected rows batched by the collator, to their longest
+    got = sp.token_scores(ours, ragged_queries, ragged, rows, progress=False)
+    want = sp.token_scores(theirs, padded_queries, padded, rows, progress=False)
+    width = max(len(train[r]) for r in rows)
+    assert got.tokens.shape == (3, 3, width) and np.abs(want.tokens).max() > 0
+    scale = np.abs(want.tokens).max()
+    np.testing.assert_allclose(got.tokens, want.tokens[..., :width], rtol=1e-3, atol=1e-4 * scale)
+    assert np.all(want.tokens[..., width:] == 0)
+    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-3, atol=1e-4 * np.abs(want.scores).max())
