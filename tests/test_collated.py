@@ -49,10 +49,11 @@ def _pad(examples: list[dict]) -> transformers.BatchEncoding:
     return transformers.BatchEncoding({"input_ids": ids, "attention_mask": mask, "labels": labels})
 
 
-@pytest.mark.parametrize("kind", ["factored"])
+@pytest.mark.parametrize("kind", ["eigen", "factored"])
 def test_sequences_of_their_own_lengths_are_attributed_as_when_padded_to_one(tmp_path: Path, kind: str) -> None:
-    """The sampled Fisher draws its labels at the loss's positions only, so it does not depend on how far a batch
-    was padded."""
+    """The eigen basis (the default) takes no padded position into its factors, and draws the positions it samples
+    (3 of each sequence here, in batches of five) and the sampled Fisher's labels at the loss's positions only, so
+    neither depends on how far a batch was padded."""
     train, queries = _sequences(24, 0), _sequences(3, 1)
     ragged = sp.CollatedDataset([{"input_ids": s} for s in train], _pad)
     padded = sp.TextDataset(train, length=LENGTH)
@@ -78,9 +79,9 @@ def test_sequences_of_their_own_lengths_are_attributed_as_when_padded_to_one(tmp
     options = sp.FeaturizeArguments(batch_size=5)  # batches of five: lengths differ between the two stores' batches
     stores = {}
     for name, data in (("ragged", ragged), ("padded", padded)):
+        projection = sp.ProjectionArguments(dim=64, kind=kind, basis_positions=3)
         stores[name] = sp.featurize(tmp_path / "run", _gpt2(), task, data, tmp_path / f"{name}.sp",
-                                    projection=sp.ProjectionArguments(dim=64, kind=kind), options=options,
-                                    progress=False)  # fmt: skip
+                                    projection=projection, options=options, progress=False)  # fmt: skip
         sp.fit(stores[name].path, progress=False)
     steps = [c.step for c in sp.Trajectory.load(tmp_path / "run").checkpoints]
     for step in steps:

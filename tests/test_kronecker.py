@@ -181,6 +181,44 @@ def test_sampled_positions_are_exact_where_an_examples_positions_repeat_and_unbi
     assert gap(sum(d.b[0] for d in draws) / len(draws), b_full) < 0.02
 
 
+class _FirstFour(_Pooled):
+    """``_Pooled`` whose head reads the first four positions only: those after them take no part in the loss, as
+    padding does in a text model."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.inner(x))[:, :4].mean(1))
+
+
+def test_positions_that_take_no_part_in_the_loss_enter_no_factor() -> None:
+    """A token whose δ is 0 adds nothing to any gradient: the factors of a batch padded with such positions equal
+    those of the batch without them, with every position and with P drawn of each example's, and A is the
+    brute-force sum over the read positions. An example of weight 0 (all its δ are 0) keeps all its positions."""
+    model = _FirstFour().eval()
+    task = sp.ClassificationTask()
+    names = [n for n, _ in model.named_parameters()]
+    layers, diagonal = kronecker_layers(model, names)
+    grads_fn = PerExampleGradients(model, task, names)
+    g = torch.Generator().manual_seed(2)
+    read = torch.randn(8, 4, 3, generator=g)
+    padded = torch.cat([read, torch.randn(8, 3, 3, generator=g)], dim=1)
+    y, weight = torch.randint(0, 4, (8,), generator=g), torch.rand(8, generator=g) + 0.5
+    for positions in (None, 2):
+        sums = []
+        for x in (read, padded):
+            seed = torch.Generator().manual_seed(0)
+            collector = FactorCollector(grads_fn, layers, diagonal, positions=positions, generator=seed)
+            sums.append(_factor_sums(collector, x, y, weight))
+        assert sums[0].positions == sums[1].positions == [32 if positions is None else 16, 8]
+        for i in range(2):
+            torch.testing.assert_close(sums[1].a[i], sums[0].a[i], rtol=1e-6, atol=0.0)
+            torch.testing.assert_close(sums[1].b[i], sums[0].b[i], rtol=1e-6, atol=0.0)
+    inner = _positions(model.inner, padded[:, :4].reshape(-1, 3), layers[0]).double()
+    every = _factor_sums(FactorCollector(grads_fn, layers, diagonal), padded, y, weight)
+    torch.testing.assert_close(every.a[0], inner.T @ inner, rtol=1e-5, atol=1e-6 * float(every.a[0].abs().max()))
+    silent = _factor_sums(FactorCollector(grads_fn, layers, diagonal), padded, y, weight * (torch.arange(8) > 0))
+    assert silent.positions == [7 + 7 * 4, 8]
+
+
 def test_layer_matrix_function_equals_the_explicit_kronecker_matrix_function() -> None:
     """g(B ⊗ A + λI) vec(G) computed in the factors' eigenbasis equals the dense 24 × 24 matrix function."""
     g = torch.Generator().manual_seed(3)

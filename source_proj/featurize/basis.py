@@ -348,6 +348,11 @@ def _positions_per_example(
     finally:
         for handle in handles:
             handle.remove()
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == size:
+        # A layer with a position per token takes its real tokens only into its factors (FactorCollector).
+        real = max(1, math.ceil(float(mask.sum()) / size))
+        counts = [real if c == mask.shape[1] else c for c in counts]
     return counts
 
 

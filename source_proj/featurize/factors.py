@@ -76,6 +76,10 @@ class ChunkFactors:
     examples: int = 0
 
 
+TOKEN_LAYERS = ("linear", "hf_conv1d")
+"""Layer kinds whose positions are tokens (``_accumulate`` keeps those that take part in the loss)."""
+
+
 class FactorCollector:
     """Accumulates the Kronecker factors of a model's layers over Fisher pseudo-target batches.
 
@@ -84,7 +88,8 @@ class FactorCollector:
         layers: the Kronecker layers (from :func:`kronecker_layers`).
         diagonal: parameters that get a Fisher diagonal.
         positions: at most this many positions (tokens, or a convolution's patches) per example enter a layer's
-            factors, drawn at random without replacement for each example and batch (shared by the batch's layers
+            factors, of those that take part in the loss (see ``_accumulate``), drawn at random without
+            replacement for each example and batch (shared by the batch's layers
             with as many positions); ``None``: every position. The sums stay unbiased: A averages the positions
             it took, and each example's B terms are scaled by its positions over those taken. The factor products
             (d_in'² + d_out² per position, more than a transformer block's forward and input backward together)
@@ -154,7 +159,7 @@ class FactorCollector:
                 total = (quantity_of(self.grads_fn.task, self.quantity)(outputs, target_batch).float() * w.sqrt()).sum()
             if total.requires_grad:
                 torch.autograd.grad(total, probe, retain_graph=index < len(targets) - 1, allow_unused=True)
-            self._accumulate(sums, inputs, deltas, inputs_too=index == 0, size=size)
+            self._accumulate(sums, inputs, deltas, inputs_too=index == 0, size=size, weight=w)
             if self.diagonal:
                 self._add_diagonal(sums, target_batch, w)
         sums.examples += size
@@ -166,7 +171,7 @@ class FactorCollector:
             total = (values.float() * w.sqrt()).sum()  # δ scaled by √w: B collects w δ δᵀ
             if total.requires_grad:
                 torch.autograd.grad(total, probe, allow_unused=True)
-        self._accumulate(sums, inputs, deltas, inputs_too, size=int(weight.shape[0]))
+        self._accumulate(sums, inputs, deltas, inputs_too, size=int(weight.shape[0]), weight=w)
         if self.diagonal:
             self._add_diagonal(sums, target_batch, w)
 
@@ -194,40 +199,81 @@ class FactorCollector:
         deltas: Sequence[Tensor | None],
         inputs_too: bool,
         size: int,
+        weight: Tensor | None = None,
     ) -> None:
-        drawn: dict[tuple[int, str], Tensor] = {}  # one draw per batch and length, shared by its layers
+        """Add a target batch's layer products. Of a token layer (``TOKEN_LAYERS``), only positions that take part
+        in the loss enter them: where a token's δ is 0 (padding, a causal language model's last token, the tokens
+        a classifier's head never reads past its last layer's attention) it adds nothing to any example's gradient
+        Σ_t δ_t ā_tᵀ, so its ā would only bend A toward what no gradient holds, and make the factors depend on how
+        far a batch was padded. A convolution's patches all enter, as K-FAC takes them: there a patch's δ is 0
+        where max pooling passed it over, which depends on the input, not on the batch's layout. An example whose
+        weight is 0 (an exact Fisher's class of probability 0) has δ = 0 everywhere: its positions all enter."""
+        silent = None if weight is None else (weight == 0).view(-1, 1)
+        lives = []
         for i, layer in enumerate(self.layers):
-            a, d = inputs[i], deltas[i]
-            if a is None or d is None:
+            d = deltas[i]
+            if inputs[i] is None or d is None:
                 raise TaskError(
                     f"Layer {layer.module!r} took no part in the loss of a Fisher pseudo-target batch; exclude its "
                     "parameters from the selection, or use FeaturizeArguments(curvature='projected')."
                 )
-            scale = 1.0
+            live = (d != 0).any(dim=1).view(size, d.shape[0] // size)
+            if layer.kind not in TOKEN_LAYERS:
+                live = torch.ones_like(live)
+            elif silent is not None:
+                live = live | silent.to(live.device)
+            lives.append(live)
+        keys = self._keys(lives)
+        for i, live in enumerate(lives):
+            a, d = inputs[i], deltas[i]
+            assert a is not None and d is not None
+            take, scale = self._take(live, keys.get(live.shape[1]))
             if inputs_too:
-                a = self._sample(a, size, drawn)
-                sums.a[i] += (a.T @ a).double()
-                sums.positions[i] += int(a.shape[0])
-            if self.positions is not None and d.shape[0] > size * self.positions:
-                scale = d.shape[0] / (size * self.positions)  # each example's T / P: B's sum stays unbiased
-                d = self._sample(d, size, drawn)
-            sums.b[i] += (d.T @ d).double() * scale
+                taken = a if take is None else a[take]
+                sums.a[i] += (taken.T @ taken).double()
+                sums.positions[i] += int(taken.shape[0])
+            if take is not None:
+                d = d[take]
+            if scale is not None:  # each example's live positions over those taken: B's sum stays unbiased
+                d = d * scale.to(d).sqrt().unsqueeze(1)
+            sums.b[i] += (d.T @ d).double()
 
-    def _sample(self, rows: Tensor, size: int, drawn: dict[tuple[int, str], Tensor]) -> Tensor:
-        """``positions`` of each example's rows (``[size·T, d]``, example-major), drawn without replacement;
-        all of them where an example has no more. Layers of a batch with the same T take the same positions
-        (``drawn``): each layer's factors stay unbiased, and one draw serves them all."""
-        per = rows.shape[0] // size
-        if self.positions is None or per <= self.positions:
-            return rows
-        key = (per, str(rows.device))
-        if key not in drawn:
+    def _keys(self, lives: Sequence[Tensor]) -> dict[int, Tensor]:
+        """The draw's keys ``[size, T]`` per length T whose live positions exceed ``positions`` in some example: one
+        uniform draw at each position live in some layer of that length (-1 elsewhere), shared by those layers.
+        Drawn position-major at live positions only, so a batch padded further draws the same keys."""
+        if self.positions is None:
+            return {}
+        unions: dict[int, Tensor] = {}
+        for live in lives:
+            per = live.shape[1]
+            unions[per] = live if per not in unions else unions[per] | live
+        keys = {}
+        for per, union in unions.items():
+            if int(union.sum(1).max()) <= self.positions:
+                continue
             assert self.generator is not None
-            keys = torch.rand(size, per, generator=self.generator)
-            take = keys.topk(self.positions, dim=1).indices + torch.arange(size).unsqueeze(1) * per
-            drawn[key] = take.reshape(-1).to(rows.device)
+            where = union.T.cpu()
+            drawn = torch.full(where.shape, -1.0)
+            drawn[where] = torch.rand(int(where.sum()), generator=self.generator)
+            keys[per] = drawn.T.to(union.device)
             self.sampled = True
-        return rows[drawn[key]]
+        return keys
+
+    def _take(self, live: Tensor, keys: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        """The rows (of ``[size·T]``, example-major) that enter the factors: each example's live positions, at most
+        ``positions`` of them, those of the largest ``keys``; with each taken row's weight (its example's live
+        positions over those taken) where a draw took fewer. ``(None, None)``: every row, weight 1."""
+        if keys is None:
+            return (None, None) if bool(live.all()) else (live.reshape(-1).nonzero().squeeze(1), None)
+        assert self.positions is not None
+        size, per = live.shape
+        top = keys.masked_fill(~live, -1.0).topk(self.positions, dim=1)
+        chosen = top.values >= 0  # an example with fewer live positions: the dead ones drawn are dropped
+        rows = (top.indices + torch.arange(size, device=live.device).unsqueeze(1) * per)[chosen]
+        counts = live.sum(1)
+        weight = (counts / counts.clamp(max=self.positions).clamp_min(1)).to(torch.float32)
+        return rows, weight.unsqueeze(1).expand(size, self.positions)[chosen]
 
     def _add_diagonal(self, sums: ChunkFactors, target_batch: Batch, w: Tensor) -> None:
         grads = self.grads_fn(target_batch, self.quantity, names=self.diagonal)
