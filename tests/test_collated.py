@@ -19,7 +19,7 @@ from source_proj.tasks.text import mean_predicted_tokens
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers.logging.set_verbosity_error()
 
-VOCAB, LENGTH = 40, 12
+VOCAB, LENGTH = 40, 16
 
 
 def _gpt2() -> nn.Module:
@@ -106,3 +106,24 @@ def test_sequences_of_their_own_lengths_are_attributed_as_when_padded_to_one(tmp
     np.testing.assert_allclose(got.tokens, want.tokens[..., :width], rtol=1e-3, atol=1e-4 * scale)
     assert np.all(want.tokens[..., width:] == 0)
     np.testing.assert_allclose(got.scores, want.scores, rtol=1e-3, atol=1e-4 * np.abs(want.scores).max())
+
+
+def test_the_basis_budget_counts_a_padded_sequences_real_tokens() -> None:
+    """The layers' budget (``basis_layer_positions``) keeps as few sequences as give every layer its positions,
+    counting each sequence's real tokens, the ones its factors can take: sequences of 5 tokens padded to 8 or to
+    16 keep the same ⌈130 / 5⌉ = 26 of the 30 drawn (130: twice the widest factor's side, the MLP's 64 + 1)."""
+    from source_proj.featurize.basis import BasisPass
+    from source_proj.tasks.gradients import PerExampleGradients
+
+    seqs = [s[:5] for s in _sequences(40, 2) if len(s) >= 5][:36]
+    model = _gpt2()
+    kept = []
+    for length in (8, 16):
+        data = sp.TextDataset(seqs, length=length)
+        task = sp.LanguageModelingTask(tokens_per_sequence=4)
+        names = task.select_parameters(model)
+        basis = BasisPass(PerExampleGradients(model, task, names), task, {"main": data}, names, 32, examples=30,
+                          seed=0, batch_size=8, device=torch.device("cpu"), layer_positions=40)  # fmt: skip
+        basis.inputs_cut()
+        kept.append(len(basis.subsets["main"]))
+    assert kept == [26, 26]
