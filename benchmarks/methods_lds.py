@@ -136,7 +136,8 @@ def compare_methods(
         rows = attributor.rows
     truth = lds_ground_truth(retrain, rows, retrains, args)
     results = {m: lds(s, truth, args) for m, s in scores.items()}
-    report: dict[str, Any] = {m: {"lds": r.mean, "ci": [r.low, r.high]} for m, r in results.items()}
+    report: dict[str, Any] = {m: {"lds": r.mean, "ci": [r.low, r.high], "per_query": r.per_query.tolist()}
+                              for m, r in results.items()}  # fmt: skip
     report["fit_s"] = fitting
     report["reliability"], report["ceiling"] = reliability(truth.measurements)
     for method in list(results)[1:]:

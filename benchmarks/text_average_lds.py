@@ -69,7 +69,8 @@ def main() -> None:
         delta = delta[np.isfinite(delta)]
         boot = np.random.default_rng(0).choice(delta, (2000, len(delta))).mean(1)
         low, high = np.percentile(boot, [2.5, 97.5])
-        report[setting] = {**{n: {"lds": r.mean, "ci": [r.low, r.high]} for n, r in results.items()},
+        report[setting] = {**{n: {"lds": r.mean, "ci": [r.low, r.high], "per_query": r.per_query.tolist()}
+                              for n, r in results.items()},
                            "steps - checkpoints": {"mean": float(delta.mean()), "ci": [float(low), float(high)]}}
         line = ", ".join(f"{n} {r.mean:.3f} [{r.low:.3f}, {r.high:.3f}]" for n, r in results.items())
         print(f"{setting}: {line}; steps − checkpoints {delta.mean():+.3f} [{low:+.3f}, {high:+.3f}]", flush=True)
