@@ -337,6 +337,48 @@ def _captured_and_posthoc(tmp_path: Path, build: Callable[[], nn.Module], data: 
     return posthoc
 
 
+def test_a_trainer_that_pads_each_batch_is_captured_as_featurize_computes_through_its_collator(tmp_path: Path) -> None:
+    """Sentences of their own lengths, padded per batch by the Trainer's ``DataCollatorWithPadding`` (a real tokenizer,
+    built offline): capture at every step equals post-hoc featurize of ``sp.CollatedDataset(sentences, collator)``,
+    and queries of their own lengths are scored through the same collator."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import DataCollatorWithPadding, PreTrainedTokenizerFast, Trainer, TrainingArguments
+
+    from source_proj.integrations import HuggingFaceCapture
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{f"w{i}": i for i in range(2, 30)}}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="[UNK]")),
+                                        pad_token="[PAD]", unk_token="[UNK]")  # fmt: skip
+    collator = DataCollatorWithPadding(tokenizer)
+    g = torch.Generator().manual_seed(0)
+
+    def sentences(n: int) -> list[dict]:
+        lengths = torch.randint(2, 7, (n,), generator=g).tolist()
+        ids = [torch.randint(2, 30, (t,), generator=g).tolist() for t in lengths]
+        return [{"input_ids": s, "labels": int(s[0] > 15)} for s in ids]
+
+    train, queries = sentences(24), sentences(3)
+    task = sp.SequenceClassificationTask(attention="bidirectional")
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"), per_device_train_batch_size=8, num_train_epochs=1, learning_rate=0.05,
+        optim="sgd", lr_scheduler_type="constant", save_strategy="no", report_to=[], use_cpu=True,
+        disable_tqdm=True, logging_strategy="no", seed=0,
+    )  # fmt: skip
+    callback = HuggingFaceCapture(tmp_path / "run", tmp_path / "cap.sp", task, save_every=1, projection=_PROJECTION,
+                                  options=sp.CaptureArguments(fisher="empirical"))  # fmt: skip
+    trainer = Trainer(model=_tiny_bert(), args=args, train_dataset=sp.IndexedDataset(train), data_collator=collator,
+                      callbacks=[callback])  # fmt: skip
+    trainer.train()
+    data = sp.CollatedDataset(train, trainer.data_collator)
+    posthoc = sp.featurize(tmp_path / "run", _tiny_bert(), task, data, tmp_path / "post.sp", projection=_PROJECTION,
+                           options=_EMPIRICAL, progress=False)  # fmt: skip
+    assert _matches_posthoc_at_every_step(tmp_path / "run", tmp_path / "cap.sp", posthoc) == len(train)
+    sp.fit(tmp_path / "post.sp", sp.FitArguments(segments_per_stage=1), progress=False)
+    scores = sp.Attributor(tmp_path / "post.sp", _tiny_bert(), task).scores(sp.CollatedDataset(queries, collator))
+    assert scores.shape == (3, 24) and np.isfinite(scores).all() and np.abs(scores).max() > 0
+
+
 def test_transformers_capture_callback_captures_what_featurize_computes_at_each_step(tmp_path: Path) -> None:
     from transformers import Trainer, TrainingArguments
 

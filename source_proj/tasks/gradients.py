@@ -43,7 +43,10 @@ def quantity_of(task: Task, quantity: Quantity) -> Callable[[Tensor, Batch], Ten
 
 
 def move_batch(batch: Batch, device: torch.device) -> Batch:
-    """The batch with every tensor moved to ``device``."""
+    """The batch with every tensor moved to ``device``; a mapping that is not a dict (the ``BatchEncoding`` of a
+    Hugging Face collator, which pytrees take for a leaf) becomes one."""
+    if isinstance(batch, Mapping) and not isinstance(batch, dict):
+        batch = dict(batch)
     return tree_map(lambda t: t.to(device, non_blocking=True) if isinstance(t, Tensor) else t, batch)
 
 
