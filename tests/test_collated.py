@@ -83,12 +83,17 @@ def test_sequences_of_their_own_lengths_are_attributed_as_when_padded_to_one(tmp
         stores[name] = sp.featurize(tmp_path / "run", _gpt2(), task, data, tmp_path / f"{name}.sp",
                                     projection=projection, options=options, progress=False)  # fmt: skip
         sp.fit(stores[name].path, progress=False)
+    # A tokenized dataset's columns are Python lists: of one length, they batch as the tensors would.
+    listed = [{key: value.tolist() for key, value in padded[i].items()} for i in range(len(padded))]
+    stores["listed"] = sp.featurize(tmp_path / "run", _gpt2(), task, listed, tmp_path / "listed.sp",
+                                    projection=projection, options=options, progress=False)  # fmt: skip
     steps = [c.step for c in sp.Trajectory.load(tmp_path / "run").checkpoints]
     for step in steps:
         want = stores["padded"].read(f"grads/main/step-{step:08d}")
         got = stores["ragged"].read(f"grads/main/step-{step:08d}")
         assert np.abs(want).max() > 0
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+        assert np.array_equal(stores["listed"].read(f"grads/main/step-{step:08d}"), want)
 
     ragged_queries = sp.CollatedDataset([{"input_ids": s} for s in queries], _pad)
     padded_queries = sp.TextDataset(queries, length=LENGTH)

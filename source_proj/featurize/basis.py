@@ -154,7 +154,7 @@ class BasisPass:
         """Stage → the examples its subset kept, where the layers' budget took fewer than the subset drawn."""
         self._counted: set[str] = set()
 
-    def _collate(self, stage: str) -> Callable[[list[Any]], Any] | None:
+    def _collate(self, stage: str) -> Callable[[list[Any]], Any]:
         return self.collate_fn or collate_of(self.datasets[stage])
 
     @classmethod

@@ -209,13 +209,11 @@ def _locate(attributor: Attributor, row: int) -> tuple[str, int]:
     raise TaskError(f"Row {row} is not a row of method {attributor.method!r}, whose rows are 0 to {total - 1}.")
 
 
-def _stack(examples: Sequence[Any], collate: Callable[[list[Any]], Any] | None) -> dict[str, Tensor]:
-    """The examples as one batch: by their dataset's collate (a ``CollatedDataset``'s), else stacked."""
+def _stack(examples: Sequence[Any], collate: Callable[[list[Any]], Any]) -> dict[str, Tensor]:
+    """The examples as one batch, by their dataset's collate (``collate_of``)."""
     if not examples or not isinstance(examples[0], Mapping) or "input_ids" not in examples[0]:
         raise TaskError("Per-token scores need text examples: dicts with 'input_ids' (as sp.TextDataset gives).")
-    if collate is not None:
-        return collate(list(examples))
-    return {key: torch.stack([torch.as_tensor(e[key]) for e in examples]) for key in examples[0]}
+    return collate(list(examples))
 
 
 def _pullbacks(

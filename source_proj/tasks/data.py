@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 
@@ -48,15 +49,41 @@ class CollatedDataset(Dataset):
         return dict(batch) if isinstance(batch, Mapping) and not isinstance(batch, dict) else batch
 
 
-def collate_of(dataset: Any) -> Callable[[list[Any]], Any] | None:
+def collate_of(dataset: Any) -> Callable[[list[Any]], Any]:
     """How ``dataset``'s examples batch: a ``CollatedDataset``'s ``collate_fn`` (also under ``Subset``s of it);
-    ``None`` (the default collate) otherwise."""
+    ``default_collate`` otherwise."""
     while True:
         if isinstance(dataset, CollatedDataset):
             return dataset.collate_fn
         if not isinstance(dataset, Subset):
-            return None
+            return default_collate
         dataset = dataset.dataset
+
+
+def default_collate(examples: list[Any]) -> Any:
+    """torch's default collate, once a dict example's lists of numbers (the columns of a tokenized Hugging Face
+    dataset) are tensors: examples of one length stack into ``[B, T]``, where torch's would transpose them into T
+    tensors of ``[B]``; examples of different lengths are refused as such (featurize then asks for the collator)."""
+    return torch.utils.data.default_collate([_with_tensors(e) for e in examples])
+
+
+def _with_tensors(example: Any) -> Any:
+    if not isinstance(example, Mapping):
+        return example
+    return {key: _as_tensor(value) for key, value in example.items()}
+
+
+def _as_tensor(value: Any) -> Any:
+    """A list (or tuple) of numbers, or of such lists of one length, as a tensor; anything else as it is."""
+    if not isinstance(value, (list, tuple)) or not value:
+        return value
+    leaves = value[0] if isinstance(value[0], (list, tuple)) else value
+    if not all(isinstance(v, (int, float)) for v in leaves):  # bool is an int
+        return value
+    try:
+        return torch.tensor(value)
+    except (TypeError, ValueError):  # nested lists of different lengths
+        return value
 
 
 def loader(dataset: Any, **kwargs: Any) -> DataLoader:
