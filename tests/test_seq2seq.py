@@ -280,3 +280,48 @@ def test_a_trainer_run_is_captured_as_featurize_computes_it_and_answers_queries(
     before, after = row.split("→")
     assert [f">w{t}<" in before for t in source] == [True] * len(source) and before.count("title=") == len(source)
     assert [f">w{t}<" in after for t in target] == [True] * len(target) and after.count("title=") == len(target)
+
+
+def test_pairs_padded_per_batch_by_data_collator_for_seq2seq_are_attributed_as_when_padded_to_one_length(
+    tmp_path,
+) -> None:
+    """Pairs of their own lengths, batched by ``DataCollatorForSeq2Seq`` (a real tokenizer built offline; its
+    decoder inputs made by the model): the stores of ``sp.CollatedDataset(pairs, collator)`` and of the same pairs
+    padded to one length by ``sp.TextDataset`` are equal, with the random and the eigen projection."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerFast
+
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="w3")),
+                                        pad_token="<pad>", bos_token="<s>", eos_token="</s>")  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    pairs = []
+    for _ in range(16):
+        source = torch.randint(3, VOCAB, (int(torch.randint(3, 8, (1,), generator=g)),), generator=g).tolist()
+        pairs.append({"input_ids": source, "labels": source[::-1][: max(2, len(source) - 2)]})
+    model = _bart()
+    ragged = sp.CollatedDataset(pairs, DataCollatorForSeq2Seq(tokenizer, model=model))
+    padded = sp.TextDataset([p["input_ids"] for p in pairs], targets=[p["labels"] for p in pairs], pad_id=1)
+    task = sp.Seq2SeqTask(tokens_per_sequence=mean_target_tokens(padded))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    recorder = sp.TrajectoryRecorder(tmp_path / "run", model, optimizer, save_every=2)
+    recorder.begin_stage("main", dataset_size=len(pairs))
+    for batch in torch.utils.data.DataLoader(ragged, batch_size=4, collate_fn=ragged.collate_fn):
+        assert "decoder_input_ids" in batch and (batch["labels"] == -100).any()  # padded per batch, by the collator
+        loss = model(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        recorder.step()
+    recorder.close()
+    for kind in ("factored", "eigen"):
+        projection = sp.ProjectionArguments(dim=32, kind=kind, basis_positions=2)
+        options = sp.FeaturizeArguments(batch_size=4)
+        stores = [sp.featurize(tmp_path / "run", _bart(), task, data, tmp_path / f"{kind}-{i}.sp",
+                               projection=projection, options=options, progress=False)
+                  for i, data in enumerate((ragged, padded))]  # fmt: skip
+        for step in (0, 4):
+            got, want = (store.read(f"grads/main/step-{step:08d}") for store in stores)
+            assert np.abs(want).max() > 0
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
