@@ -71,8 +71,10 @@ def test_sequences_of_their_own_lengths_are_attributed_as_when_padded_to_one(tmp
     recorder.close()
 
     # Without the collator the examples cannot be batched: one sentence names what to give.
+    with pytest.raises(sp.TaskError, match=r"takes the function that batches the examples .* not a str"):
+        sp.CollatedDataset(train, "pad")
     plain = [{"input_ids": s} for s in train]
-    told = r"different lengths .*sp\.CollatedDataset\(dataset, trainer\.data_collator\)"
+    told = r"different lengths .*sp\.CollatedDataset\(dataset, collate_fn\) \(a Trainer's is trainer\.data_collator\)"
     with pytest.raises(sp.TaskError, match=told):
         sp.featurize(tmp_path / "run", _gpt2(), task, plain, tmp_path / "plain.sp", progress=False)
 

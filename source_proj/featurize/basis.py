@@ -103,7 +103,7 @@ class BasisPass:
             layer are counted on a forward pass of the subset's first ``PROBE_EXAMPLES`` (after the draw of
             ``positions``). A model with one position an example (an MLP) keeps all ``examples`` at the default;
             a language model's sequences give many each, and keep tens. ``None``: all ``examples``.
-        collate_fn: how the data's items batch (default: a ``CollatedDataset``'s own, else torch's default collate).
+        collate_fn: how the data's items batch (default: a ``CollatedDataset``'s own, else ``data.default_collate``).
     """
 
     def __init__(

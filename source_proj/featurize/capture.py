@@ -253,8 +253,8 @@ class GradientCapture:
         datasets: stage name → that stage's training dataset (as featurize takes them; an
             ``IndexedDataset`` is unwrapped), for the data fingerprint, the eigen projection's basis passes and
             the end pass; every stage this capture trains must be named, with the size given to ``begin_stage``.
-        collate_fn: how the datasets' items batch in those passes (default: a ``CollatedDataset``'s own, else torch's
-            default collate).
+        collate_fn: how the datasets' items batch in those passes (default: a ``CollatedDataset``'s own, else
+            ``data.default_collate``).
         progress: show a progress bar during the end pass (a forward and backward of every example, after
             the stage's last step).
 

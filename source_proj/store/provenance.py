@@ -246,8 +246,9 @@ def model_errors(what: str) -> Iterator[None]:
         if any(s in str(err) for s in RAGGED):  # default_collate on examples of two lengths
             raise TaskError(
                 f"The examples in {what} have different lengths ({first_line(err)}), and batches are stacked as they "
-                "are: give the collator that padded the training batches (sp.CollatedDataset(dataset, "
-                "trainer.data_collator)), or pad every example to one length (sp.TextDataset(sequences, length=T))."
+                "are: give the collate function that padded the training batches, sp.CollatedDataset(dataset, "
+                "collate_fn) (a Trainer's is trainer.data_collator), or pad every example to one length "
+                "(sp.TextDataset(sequences, length=T))."
             ) from err
         raise TaskError(
             f"The model cannot run on {what} ({type(err).__name__}: {first_line(err)}); pass examples shaped and "

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from source_proj.errors import TaskError
+
 
 class CollatedDataset(Dataset):
     """``dataset``, batched by ``collate_fn`` wherever the library batches it.
@@ -35,7 +37,10 @@ class CollatedDataset(Dataset):
 
     def __init__(self, dataset: Any, collate_fn: Callable[[list[Any]], Any]) -> None:
         if not callable(collate_fn):
-            raise TypeError(f"collate_fn must be callable (a list of examples → a batch), not {type(collate_fn)}")
+            raise TaskError(
+                f"CollatedDataset takes the function that batches the examples (a list of examples → a batch, as a "
+                f"Trainer's data_collator), not a {type(collate_fn).__name__}."
+            )
         self.dataset, self.collate = dataset, collate_fn
 
     def __len__(self) -> int:
