@@ -40,17 +40,27 @@ except ImportError:  # imported as benchmarks.sequence_heads_lds
 VOCAB, LENGTH, BATCH = 48, 12, 16
 
 
-def sentences(head: str, count: int, seed: int, noise: float) -> tuple[torch.Tensor, torch.Tensor]:
+def sentences(head: str, count: int, seed: int, noise: float, min_length: int = LENGTH) -> tuple[list, torch.Tensor]:
+    """``count`` sentences (token id lists) and their targets. With ``min_length`` below ``LENGTH`` each sentence
+    keeps its first L tokens, L drawn from ``min_length`` … ``LENGTH`` after everything else (so the tokens and
+    the targets' draws are those of the fixed-length task), and its targets are of those tokens."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, VOCAB, (count, LENGTH), generator=g)
     wrong = torch.rand(count, generator=g) < noise
+    noise_draw = torch.randn(count, generator=g) if head != "multi" else None
     if head == "multi":
-        targets = torch.stack([(ids[:, :6] % 4 == c).any(1) for c in range(4)], 1).float()
         random = (torch.rand(count, 4, generator=g) < 0.5).float()
     else:
-        targets = (ids > 24).float().mean(1) - 0.5 + 0.1 * torch.randn(count, generator=g)
         random = torch.rand(count, generator=g) - 0.5
-    return ids, torch.where(wrong.view(-1, *[1] * (targets.dim() - 1)), random, targets)
+    lengths = torch.randint(min_length, LENGTH + 1, (count,), generator=g) if min_length < LENGTH else None
+    kept = torch.ones_like(ids, dtype=torch.bool) if lengths is None else torch.arange(LENGTH) < lengths[:, None]
+    if head == "multi":
+        targets = torch.stack([((ids[:, :6] % 4 == c) & kept[:, :6]).any(1) for c in range(4)], 1).float()
+    else:
+        share = ((ids > 24) & kept).float().sum(1) / kept.sum(1)
+        targets = share - 0.5 + 0.1 * noise_draw
+    seqs = [row[: int(k.sum())].tolist() for row, k in zip(ids, kept, strict=True)]
+    return seqs, torch.where(wrong.view(-1, *[1] * (targets.dim() - 1)), random, targets)
 
 
 def build_model(head: str, seed: int = 0) -> torch.nn.Module:
@@ -69,10 +79,10 @@ class Training:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.head, self.epochs, self.optimizer = args.head, args.epochs, args.optimizer
-        ids, targets = sentences(args.head, args.train, 0, args.noise)
-        self.train_data = sp.TextDataset(ids.tolist(), labels=targets.tolist())
-        ids, targets = sentences(args.head, args.queries, 1, 0.0)
-        self.queries = sp.TextDataset(ids.tolist(), labels=targets.tolist())
+        seqs, targets = sentences(args.head, args.train, 0, args.noise, args.min_length)
+        self.train_data = sp.TextDataset(seqs, labels=targets.tolist(), length=LENGTH)
+        seqs, targets = sentences(args.head, args.queries, 1, 0.0, args.min_length)
+        self.queries = sp.TextDataset(seqs, labels=targets.tolist(), length=LENGTH)
         self.task = sp.SequenceClassificationTask(**selection(args))
 
     def model(self) -> torch.nn.Module:
@@ -89,9 +99,13 @@ class Training:
         if run is not None:
             rec = sp.TrajectoryRecorder(run, model, opt, save_every=max(1, n // BATCH // 2), overwrite=True)
             rec.begin_stage("main", dataset_size=n)
-        data = self.train_data
-        train_kept(lambda rows: model(input_ids=data.input_ids[rows], labels=data.labels[rows]).loss, opt, n, BATCH,
-                   self.epochs, seed, keep, rec)  # fmt: skip
+        data, padded = self.train_data, not bool(self.train_data.attention_mask.all())
+
+        def loss(rows: torch.Tensor) -> torch.Tensor:  # a mask only where there is padding: the fixed-length runs
+            mask = {"attention_mask": data.attention_mask[rows]} if padded else {}  # stay as they were recorded
+            return model(input_ids=data.input_ids[rows], labels=data.labels[rows], **mask).loss
+
+        train_kept(loss, opt, n, BATCH, self.epochs, seed, keep, rec)
         return model
 
     def __call__(self, keep: dict[str, np.ndarray], seed: int) -> np.ndarray:
@@ -105,6 +119,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=40)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--noise", type=float, default=0.1)
+    parser.add_argument("--min-length", type=int, default=LENGTH,
+                        help="sentences of random lengths from this to 12 tokens, padded to 12 (default: all 12)")
     parser.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--subsets", type=int, default=100)
