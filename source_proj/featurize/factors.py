@@ -217,11 +217,13 @@ class FactorCollector:
                     f"Layer {layer.module!r} took no part in the loss of a Fisher pseudo-target batch; exclude its "
                     "parameters from the selection, or use FeaturizeArguments(curvature='projected')."
                 )
-            live = (d != 0).any(dim=1).view(size, d.shape[0] // size)
             if layer.kind not in TOKEN_LAYERS:
-                live = torch.ones_like(live)
-            elif silent is not None:
-                live = live | silent.to(live.device)
+                live = torch.ones(size, d.shape[0] // size, dtype=torch.bool, device=d.device)
+            else:
+                low, high = torch.aminmax(d, dim=1)  # a row is 0 where both are: no [rows, d_out] temporary
+                live = ((low != 0) | (high != 0)).view(size, d.shape[0] // size)
+                if silent is not None:
+                    live = live | silent.to(live.device)
             lives.append(live)
         keys = self._keys(lives)
         for i, live in enumerate(lives):
