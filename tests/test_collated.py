@@ -49,6 +49,14 @@ def _pad(examples: list[dict]) -> transformers.BatchEncoding:
     return transformers.BatchEncoding({"input_ids": ids, "attention_mask": mask, "labels": labels})
 
 
+def _pad_ids_only(examples: list[dict]) -> transformers.BatchEncoding:
+    """``_pad``, refusing a key it does not know, as a tokenizer's ``pad`` refuses a text column."""
+    unknown = sorted(set(examples[0]) - {"input_ids"})
+    if unknown:
+        raise TypeError(f"cannot pad {unknown}")
+    return _pad(examples)
+
+
 @pytest.mark.parametrize("kind", ["eigen", "factored"])
 def test_sequences_of_their_own_lengths_are_attributed_as_when_padded_to_one(tmp_path: Path, kind: str) -> None:
     """The eigen basis (the default) takes no padded position into its factors, and draws the positions it samples
@@ -73,6 +81,11 @@ def test_sequences_of_their_own_lengths_are_attributed_as_when_padded_to_one(tmp
     # Without the collator the examples cannot be batched: one sentence names what to give.
     with pytest.raises(sp.TaskError, match=r"takes the function that batches the examples .* not a str"):
         sp.CollatedDataset(train, "pad")
+    with_text = sp.CollatedDataset([{"input_ids": s, "text": "a docstring"} for s in train], _pad_ids_only)
+    told = r"could not batch \d+ examples with keys \['input_ids', 'text'\] \(TypeError: .*remove_columns"
+    with pytest.raises(sp.TaskError, match=told):
+        sp.featurize(tmp_path / "run", _gpt2(), task, with_text, tmp_path / "text.sp", progress=False,
+                     options=sp.FeaturizeArguments(batch_size=5))  # fmt: skip
     plain = [{"input_ids": s} for s in train]
     told = r"different lengths .*sp\.CollatedDataset\(dataset, collate_fn\) \(a Trainer's is trainer\.data_collator\)"
     with pytest.raises(sp.TaskError, match=told):

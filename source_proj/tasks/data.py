@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from source_proj.errors import TaskError
+from source_proj.errors import SourceProjError, TaskError, first_line
 
 
 class CollatedDataset(Dataset):
@@ -50,7 +50,17 @@ class CollatedDataset(Dataset):
         return self.dataset[index]
 
     def collate_fn(self, examples: list[Any]) -> Any:
-        batch = self.collate(examples)
+        try:
+            batch = self.collate(examples)
+        except SourceProjError:
+            raise
+        except Exception as err:  # a collator's own error, about examples it cannot take: say which
+            keys = f" with keys {sorted(examples[0])}" if examples and isinstance(examples[0], Mapping) else ""
+            raise TaskError(
+                f"The collate function could not batch {len(examples)} examples{keys} ({type(err).__name__}: "
+                f"{first_line(err)}); give it the examples it batched in training (a Trainer's collator takes the "
+                "model's input columns only: drop the others, e.g. dataset.remove_columns(['text']))."
+            ) from err
         return dict(batch) if isinstance(batch, Mapping) and not isinstance(batch, dict) else batch
 
 
