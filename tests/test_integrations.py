@@ -1112,6 +1112,74 @@ def test_a_bf16_trainer_is_told_to_capture_in_bf16_and_captures_there_when_asked
     assert scores.shape == (3, 8) and np.isfinite(scores).all() and np.abs(scores).max() > 0
 
 
+def test_a_trainer_that_accumulates_gradients_steps_on_the_mean_loss_or_is_refused(tmp_path: Path) -> None:
+    """Gradient accumulation over 2 batches of 8, 40 examples: the epoch's last step accumulates 1 batch. The Trainer
+    leaves the losses undivided where it trusts the model's loss to divide by ``num_items_in_batch``: BERT's
+    classifier ignores it, so its steps are twice the mean loss's (the oracle: the first step against one batch of 16)
+    and both callbacks refuse the run in one sentence before recording anything. With
+    ``trainer.loss_is_scaled_for_ga = False`` the Trainer divides by the batches each step accumulates, 1 in the last,
+    and capture taps gradients equal to post-hoc featurize's at every step; a GPT-2, whose loss divides by it, is
+    recorded as it is."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    from source_proj.integrations import HuggingFaceCapture, HuggingFaceRecorder
+
+    def args(accumulate: int, batch: int = 8, steps: int = -1) -> TrainingArguments:
+        return TrainingArguments(
+            output_dir=str(tmp_path / "hf"), per_device_train_batch_size=batch, gradient_accumulation_steps=accumulate,
+            num_train_epochs=1, max_steps=steps, learning_rate=0.05, optim="sgd", lr_scheduler_type="constant",
+            max_grad_norm=0.0, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+            logging_strategy="no", seed=0,
+        )  # fmt: skip
+
+    ids, labels = _tokens(40, 0)
+    data = _Dicts(ids, labels)
+
+    def first_step(trainer_args: TrainingArguments, divides: bool | None) -> torch.Tensor:
+        model = _tiny_bert()
+        start = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        trainer = Trainer(model=model, args=trainer_args, train_dataset=data)
+        trainer.loss_is_scaled_for_ga = None if divides is None else not divides
+        trainer.train()
+        return start - torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    one = first_step(args(1, batch=16, steps=1), None)
+    assert float((first_step(args(2, steps=1), None) - 2 * one).norm()) < 1e-3 * float(one.norm())  # refused
+    assert float((first_step(args(2, steps=1), True) - one).norm()) < 1e-3 * float(one.norm())  # what the setting mends
+
+    task = sp.SequenceClassificationTask(attention="bidirectional")
+    for name, callback in (("rec", HuggingFaceRecorder(tmp_path / "rec", save_every=1)),
+                           ("cap", HuggingFaceCapture(tmp_path / "cap", tmp_path / "cap.sp", task, save_every=1,
+                                                      projection=_PROJECTION))):  # fmt: skip
+        trainer = Trainer(model=_tiny_bert(), args=args(2), train_dataset=sp.IndexedDataset(data), callbacks=[callback])
+        with pytest.raises(sp.TrajectoryError) as err:
+            trainer.train()
+        assert str(err.value) == (
+            "The Trainer accumulates gradients over 2 batches without dividing their losses by 2, because it trusts "
+            "BertForSequenceClassification's loss to divide by the num_items_in_batch it passes, which that loss "
+            "ignores, so each step is up to 2 times the mean loss's step that SOURCE models; set "
+            "trainer.loss_is_scaled_for_ga = False before trainer.train() (the Trainer then divides them), or train "
+            "without gradient accumulation."
+        )
+        assert not (tmp_path / name).exists()
+
+    callback = HuggingFaceCapture(tmp_path / "run", tmp_path / "cap.sp", task, save_every=1, projection=_PROJECTION,
+                                  options=sp.CaptureArguments(fisher="empirical"))  # fmt: skip
+    trainer = Trainer(model=_tiny_bert(), args=args(2), train_dataset=sp.IndexedDataset(data), callbacks=[callback])
+    trainer.loss_is_scaled_for_ga = False
+    trainer.train()
+    assert sp.Trajectory.load(tmp_path / "run").num_steps == 3
+    posthoc = sp.featurize(tmp_path / "run", _tiny_bert(), task, data, tmp_path / "post.sp", projection=_PROJECTION,
+                           options=_EMPIRICAL, progress=False)  # fmt: skip
+    assert _matches_posthoc_at_every_step(tmp_path / "run", tmp_path / "cap.sp", posthoc) == 40
+
+    torch.manual_seed(0)
+    gpt = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=8, n_embd=16, n_layer=1, n_head=2))
+    Trainer(model=gpt, args=args(2), train_dataset=_Dicts(ids, ids),
+            callbacks=[HuggingFaceRecorder(tmp_path / "gpt", save_every=2)]).train()  # fmt: skip
+    assert sp.Trajectory.load(tmp_path / "gpt").complete
+
+
 def test_a_trainer_with_neftune_noise_or_a_loss_function_of_its_own_is_told_in_one_sentence(tmp_path: Path) -> None:
     """NEFTune adds noise to the input embeddings in training only; featurize's gradients are noise-free. A
     ``compute_loss_func`` (here class weights), or a Trainer subclass's own ``compute_loss``, trains a loss featurize

@@ -11,6 +11,12 @@ be the batch mean of the task's per-example loss (the default for HF models' ``l
 Trainer clips gradients at ``max_grad_norm`` (1.0 by default): the recorder measures each step's
 clipping factor and SOURCE's step sizes include it (fp16's loss scaling is taken out).
 
+With ``gradient_accumulation_steps`` above 1 the Trainer of transformers 5 leaves the loss undivided where the model
+takes loss keyword arguments (every Hugging Face model does) and trusts its loss to divide by the ``num_items_in_batch``
+it passes; a model whose loss ignores it (BERT's heads) then steps n times too far. The callbacks try the model's loss
+on two training examples as training begins and refuse such a run in one sentence
+(``trainer.loss_is_scaled_for_ga = False`` makes the Trainer divide).
+
 ``trainer.train(resume_from_checkpoint=...)`` continues the recorded run (and its capture store) where the
 recorder's last checkpoint is at the step the Trainer resumes from and holds the weights it loaded (save the
 Trainer's checkpoints at multiples of ``save_every``); from an earlier checkpoint of the run only with
@@ -34,6 +40,7 @@ from transformers.trainer_callback import CallbackHandler
 from source_proj.compiled import eager
 from source_proj.errors import TaskError, TrajectoryError
 from source_proj.featurize.arguments import ProjectionArguments
+from source_proj.featurize.basis import modes_kept
 from source_proj.featurize.capture import INDEX_KEY, CaptureArguments
 from source_proj.integrations._hook import CaptureSettings, RecorderSettings, dataset_size, start_recording
 from source_proj.tasks.task import Task
@@ -100,6 +107,58 @@ def _own_loss(trainer: Any) -> str:
     return ""
 
 
+def _steps_too_far(trainer: Any, model: Any, args: Any, dataloader: Any) -> str:
+    """Why the Trainer's steps would be larger than the mean loss's: with gradient accumulation over n batches the
+    Trainer leaves each batch's loss undivided where it trusts the model to divide by the ``num_items_in_batch`` it
+    passes (a model that takes loss keyword arguments), and a model whose loss ignores it (BERT's heads compute their
+    own mean) sums n batch means. Tried on the model's loss of two training examples (eval mode, no gradients, the
+    random state kept); "" where the steps are those of the mean loss or it cannot be told."""
+    accumulation = int(getattr(args, "gradient_accumulation_steps", 1) or 1)
+    if accumulation <= 1 or trainer is None or getattr(trainer, "label_smoother", None) is not None:
+        return ""  # a label smoother divides by num_items_in_batch itself
+    trusted = getattr(trainer, "loss_is_scaled_for_ga", None)
+    if trusted is None:
+        trusted = bool(getattr(trainer, "model_accepts_loss_kwargs", False))
+    dataset, collate = getattr(dataloader, "dataset", None), getattr(dataloader, "collate_fn", None)
+    if not trusted or collate is None or isinstance(dataset, torch.utils.data.IterableDataset):
+        return ""
+    try:
+        rows = [dataset[i] for i in range(min(2, len(dataset)))]  # type: ignore[arg-type, index]
+    except (TypeError, IndexError, KeyError, AttributeError):
+        return ""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    losses = []
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), modes_kept(model):  # a random collator's draws too
+        model.eval()
+        batch = collate(rows)
+        if not isinstance(batch, MutableMapping) or not isinstance(batch.get("labels"), Tensor):
+            return ""
+        inputs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()
+                  if k not in (INDEX_KEY, LABELS_KEY)}  # fmt: skip
+        count = max(float(inputs["labels"].ne(-100).sum()), 1.0)
+        for items in (count, 2 * count):
+            try:
+                output = model(**inputs, num_items_in_batch=torch.tensor(items, device=device))
+            except TypeError:  # it takes no num_items_in_batch after all
+                return ""
+            loss = output.get("loss") if isinstance(output, MutableMapping) else getattr(output, "loss", None)
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                return ""
+            losses.append(float(loss))
+    if losses[0] == 0.0 or abs(losses[1] / losses[0] - 1.0) > 1e-3:
+        return ""  # the loss divides by num_items_in_batch
+    return (
+        f"The Trainer accumulates gradients over {accumulation} batches without dividing their losses by "
+        f"{accumulation}, because it trusts {type(model).__name__}'s loss to divide by the num_items_in_batch it "
+        f"passes, which that loss ignores, so each step is up to {accumulation} times the mean loss's step that "
+        "SOURCE models; set trainer.loss_is_scaled_for_ga = False before trainer.train() (the Trainer then divides "
+        "them), or train without gradient accumulation."
+    )
+
+
 class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
     """Records checkpoints, every optimizer step's learning rate and the optimizer of a ``Trainer`` run.
 
@@ -118,6 +177,8 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
             ``"all"`` or ``"trainable"`` (see ``TrajectoryRecorder``).
     """
 
+    _trainer: Any = None  # the Trainer training, while it trains
+
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         alpha = getattr(args, "neftune_noise_alpha", None)
         if alpha:
@@ -127,7 +188,13 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
                 "step, with that step's own), so the scores are those of the noise-free loss.",
                 stacklevel=2,
             )
-        own_loss = _own_loss(_calling_trainer())
+        trainer = _calling_trainer()
+        own_loss = _own_loss(trainer)
+        if not own_loss:
+            too_far = _steps_too_far(trainer, kwargs["model"], args, kwargs.get("train_dataloader"))
+            if too_far:
+                raise TrajectoryError(too_far)
+        self._trainer = trainer
         if own_loss:
             warnings.warn(
                 f"The Trainer computes its loss with {own_loss}, which SOURCE does not see: "
@@ -178,6 +245,7 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
         return float(self.label_smoothing)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._trainer = None
         if self.recorder is not None:
             if self._handle is not None:  # the post-hook of a Trainer without on_optimizer_step
                 self._handle.remove()
@@ -280,7 +348,10 @@ class HuggingFaceCapture(HuggingFaceRecorder):
             batch = {k: v for k, v in inputs.items() if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == count}
             if "labels" not in batch and isinstance(labels, Tensor):  # the Trainer's loss took them out
                 batch["labels"] = labels
-            self.settings.capture.begin(batch, indices, scale=float(count * self._accumulation))
+            # The batches the Trainer accumulates into this step: its loss divides by them (fewer in an epoch's last
+            # step where the epoch's batches are not a multiple of gradient_accumulation_steps).
+            batches = int(getattr(self._trainer, "current_gradient_accumulation_steps", 0) or self._accumulation)
+            self.settings.capture.begin(batch, indices, scale=float(count * batches))
         return args, inputs
 
     def _after_forward(self, module: Any, args: Any, output: Any) -> None:
