@@ -1180,6 +1180,57 @@ def test_a_trainer_that_accumulates_gradients_steps_on_the_mean_loss_or_is_refus
     assert sp.Trajectory.load(tmp_path / "gpt").complete
 
 
+@pytest.mark.parametrize("seed", [None, 3])
+def test_a_masked_lm_trainer_whose_collator_masks_at_random_trains_the_same_captured_or_not(
+    tmp_path: Path, seed: int | None
+) -> None:
+    """A BERT masked LM trained by the Trainer with ``DataCollatorForLanguageModeling(mlm=True)``, which draws each
+    batch's masks from torch's global random state (or, given a seed, from a generator of its own). Capture's eigen
+    basis passes and end pass batch the training data with that collator; they draw masks too, and must leave both
+    random streams as training finds them: the captured run's weights equal the uncaptured run's bit for bit."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import (
+        BertConfig,
+        BertForMaskedLM,
+        DataCollatorForLanguageModeling,
+        PreTrainedTokenizerFast,
+        Trainer,
+        TrainingArguments,
+    )
+
+    from source_proj.integrations import HuggingFaceCapture, HuggingFaceRecorder
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[MASK]": 2, **{f"w{i}": i for i in range(3, 32)}}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="[UNK]")),
+                                        pad_token="[PAD]", unk_token="[UNK]", mask_token="[MASK]")  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(3, 32, (int(torch.randint(4, 8, (1,), generator=g)),), generator=g).tolist()}
+            for _ in range(16)]  # fmt: skip
+    task = sp.TokenClassificationTask(tokens_per_sequence=1.65, attention="bidirectional")
+    weights = {}
+    for name in ("recorded", "captured"):
+        torch.manual_seed(0)
+        model = BertForMaskedLM(BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                           intermediate_size=32, max_position_embeddings=8, hidden_dropout_prob=0.0,
+                                           attention_probs_dropout_prob=0.0))  # fmt: skip
+        args = TrainingArguments(
+            output_dir=str(tmp_path / "hf"), per_device_train_batch_size=8, num_train_epochs=2, learning_rate=0.05,
+            optim="sgd", save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, logging_strategy="no",
+            seed=0,
+        )  # fmt: skip
+        callback = (HuggingFaceRecorder(tmp_path / name, save_every=1) if name == "recorded" else
+                    HuggingFaceCapture(tmp_path / name, tmp_path / "cap.sp", task, save_every=1,
+                                       options=sp.CaptureArguments(basis_batch=8)))  # fmt: skip
+        Trainer(model=model, args=args, train_dataset=rows if name == "recorded" else sp.IndexedDataset(rows),
+                data_collator=DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.3, seed=seed),
+                callbacks=[callback]).train()  # fmt: skip
+        weights[name] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    store = sp.Store.open(tmp_path / "cap.sp")
+    assert store.meta["projection"]["kind"] == "eigen" and len(store.meta["capture_bases"]) == 4
+    assert torch.equal(weights["recorded"], weights["captured"])
+
+
 def test_a_trainer_with_neftune_noise_or_a_loss_function_of_its_own_is_told_in_one_sentence(tmp_path: Path) -> None:
     """NEFTune adds noise to the input embeddings in training only; featurize's gradients are noise-free. A
     ``compute_loss_func`` (here class weights), or a Trainer subclass's own ``compute_loss``, trains a loss featurize

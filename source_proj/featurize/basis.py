@@ -20,7 +20,7 @@ from source_proj.featurize.factors import FactorCollector, kronecker_layers
 from source_proj.projection.eigen import EigenBasis, _has_rest, basis_budget
 from source_proj.projection.layers import FactoredLayer, factorable_layers
 from source_proj.projection.transform import scaling_transform
-from source_proj.tasks.data import collate_of
+from source_proj.tasks.data import RandomStateKept, collate_of
 from source_proj.tasks.gradients import PerExampleGradients, move_batch
 from source_proj.tasks.task import Task
 from source_proj.trajectory.preconditioner import checkpoint_preconditioner, steps_preconditioner
@@ -135,6 +135,8 @@ class BasisPass:
         self.budget = basis_budget(dim, shares)
         self.layers, self.task, self.datasets = layers, task, datasets
         self.examples, self.batch_size, self.device, self.collate_fn = examples, batch_size, device, collate_fn
+        self.keep_random_state = False
+        """Call the collate function with the random state put back (``RandomStateKept``): in-run capture's passes."""
         self.drawn = examples
         self.positions = positions
         drawn = None if positions is None else torch.Generator().manual_seed(seed + 1)  # not the labels' stream
@@ -155,7 +157,8 @@ class BasisPass:
         self._counted: set[str] = set()
 
     def _collate(self, stage: str) -> Callable[[list[Any]], Any]:
-        return self.collate_fn or collate_of(self.datasets[stage])
+        collate = self.collate_fn or collate_of(self.datasets[stage])
+        return RandomStateKept(collate) if self.keep_random_state else collate
 
     @classmethod
     def of(

@@ -102,7 +102,7 @@ from source_proj.store.provenance import (
 from source_proj.store.store import Store, is_store
 from source_proj.store.writer import ChunkWriter
 from source_proj.store.writing import store_lock, writing
-from source_proj.tasks.data import collate_of
+from source_proj.tasks.data import RandomStateKept, collate_of
 from source_proj.tasks.gradients import PerExampleGradients, batch_rows, batch_size, move_batch
 from source_proj.tasks.task import Batch, Task, check_task_smoothing
 from source_proj.trajectory.preconditioner import live_preconditioner
@@ -361,6 +361,7 @@ class GradientCapture:
                 self._pass = BasisPass.of(projection, grads_fn, task, self.datasets, names,
                                           batch_size=self._own_batch(), device=self.device,
                                           collate_fn=collate_fn)  # fmt: skip
+                self._pass.keep_random_state = True  # a collator that draws (random masking) leaves training's draws
                 for stage in self.datasets:  # the layers' budget, from a forward pass of a few examples
                     with self._basis_data(stage, "the eigen projection's basis pass"):
                         self._pass.count(stage)
@@ -1126,8 +1127,8 @@ class GradientCapture:
             self._install(projector)
         rows, name = self.options.chunk_rows, window_array(END, stage, start)
         size = len(dataset)  # type: ignore[arg-type]
-        loader = DataLoader(dataset, batch_size=self._own_batch(), collate_fn=self._collate or collate_of(dataset),
-                            generator=torch.Generator())  # fmt: skip
+        loader = DataLoader(dataset, batch_size=self._own_batch(), generator=torch.Generator(),
+                            collate_fn=RandomStateKept(self._collate or collate_of(dataset)))  # fmt: skip
         what = f"the training data of stage {stage!r} given as datasets= (the end pass)"
         task, chunk, filled = self._bound_task(), 0, 0
         pending = torch.zeros(min(rows, size), self.dim, dtype=torch.float32)  # one store chunk at a time, on the host

@@ -75,6 +75,35 @@ def collate_of(dataset: Any) -> Callable[[list[Any]], Any]:
         dataset = dataset.dataset
 
 
+class RandomStateKept:
+    """``collate`` called with torch's random state put back after each call: the global CPU state, and a
+    ``torch.Generator`` the collator keeps as ``generator`` (``DataCollatorForLanguageModeling(seed=...)``; found
+    through the wrappers' ``collate`` and ``data_collator``). A collator that draws (random masking) then leaves the
+    training's random stream as it found it, for in-run capture's own passes over the training data."""
+
+    def __init__(self, collate: Callable[[list[Any]], Any]) -> None:
+        self.collate = collate
+
+    def __call__(self, examples: list[Any]) -> Any:
+        owners, seen = [], self.collate
+        for _ in range(4):
+            if hasattr(seen, "generator"):
+                owners.append(seen)
+            seen = getattr(seen, "collate", None) or getattr(seen, "data_collator", None)
+            if seen is None:
+                break
+        kept = [(o, o.generator, o.generator.get_state() if isinstance(o.generator, torch.Generator) else None)
+                for o in owners]  # fmt: skip
+        try:
+            with torch.random.fork_rng(devices=[]):
+                return self.collate(examples)
+        finally:
+            for owner, generator, state in kept:
+                if state is not None:
+                    generator.set_state(state)
+                owner.generator = generator  # one made by this call (a lazy collator's first) is made again later
+
+
 def default_collate(examples: list[Any]) -> Any:
     """torch's default collate, once a dict example's lists of numbers (the columns of a tokenized Hugging Face
     dataset) are tensors: examples of one length stack into ``[B, T]``, where torch's would transpose them into T
