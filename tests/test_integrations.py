@@ -1231,6 +1231,62 @@ def test_a_masked_lm_trainer_whose_collator_masks_at_random_trains_the_same_capt
     assert torch.equal(weights["recorded"], weights["captured"])
 
 
+def test_a_gpt2_trainer_that_counts_position_zeros_label_is_told_and_mended_by_its_loss_type(tmp_path: Path) -> None:
+    """transformers counts the predicted labels for its causal-LM loss only where it knows the model's loss_type, and
+    GPT2LMHeadModel has none: the Trainer's loss is then the summed token loss over every label, s/(n+1) a sequence
+    (the oracle: the model's own loss on a batch times n/(n+1)). The recorder says so in one sentence; with
+    ``model.loss_type = "ForCausalLM"`` it says nothing and capture taps gradients equal to post-hoc featurize's with
+    ``tokens_per_sequence=mean_predicted_tokens``."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    from source_proj.integrations import HuggingFaceCapture
+    from source_proj.tasks.text import mean_predicted_tokens
+
+    def gpt() -> nn.Module:
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=8, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0,
+                                          embd_pdrop=0.0, attn_pdrop=0.0))
+
+    ids = torch.randint(0, 40, (16, 8), generator=torch.Generator().manual_seed(0))
+    data = _Dicts(ids, ids)
+    n = mean_predicted_tokens(data)
+    task = sp.LanguageModelingTask(tokens_per_sequence=n)
+    assert n == 7.0
+    told = {}
+    for mended in (False, True):
+        model = gpt()
+        if mended:
+            model.loss_type = "ForCausalLM"
+        args = TrainingArguments(
+            output_dir=str(tmp_path / "hf"), per_device_train_batch_size=8, num_train_epochs=1, learning_rate=0.05,
+            optim="sgd", lr_scheduler_type="constant", save_strategy="no", report_to=[], use_cpu=True,
+            disable_tqdm=True, logging_strategy="no", seed=0,
+        )  # fmt: skip
+        callback = HuggingFaceCapture(tmp_path / f"run-{mended}", tmp_path / f"{mended}.sp", task, save_every=1,
+                                      projection=_PROJECTION, options=sp.CaptureArguments(fisher="empirical"))
+        trainer = Trainer(model=model, args=args, train_dataset=sp.IndexedDataset(data), callbacks=[callback])
+        batch = {"input_ids": ids[:8], "labels": ids[:8]}
+        with torch.no_grad():
+            items = trainer._get_num_items_in_batch([batch], "cpu")  # the Trainer's count of the batch's labels
+            counted = trainer.compute_loss(model, batch, num_items_in_batch=items)
+            ratio = float(counted / model(**batch).loss)
+        assert ratio == pytest.approx(1.0 if mended else n / (n + 1), rel=1e-5)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.train()
+        told[mended] = [str(w.message) for w in caught if "summed token loss" in str(w.message)]
+    assert told[True] == [] and told[False] == [
+        "The Trainer divides GPT2LMHeadModel's summed token loss by every label of its batches, position 0's too "
+        "(transformers counts the predicted ones only for a model whose loss_type it knows), so the mean loss per "
+        "sequence is s/(n+1), n its predicted tokens; set model.loss_type = 'ForCausalLM' before building the Trainer "
+        "(the loss is then the model's own), or give featurize LanguageModelingTask(tokens_per_sequence="
+        "mean_predicted_tokens(train) + 1)."
+    ]
+    posthoc = sp.featurize(tmp_path / "run-True", gpt(), task, data, tmp_path / "post.sp", projection=_PROJECTION,
+                           options=_EMPIRICAL, progress=False)  # fmt: skip
+    assert _matches_posthoc_at_every_step(tmp_path / "run-True", tmp_path / "True.sp", posthoc) == 16
+
+
 def test_a_trainer_with_neftune_noise_or_a_loss_function_of_its_own_is_told_in_one_sentence(tmp_path: Path) -> None:
     """NEFTune adds noise to the input embeddings in training only; featurize's gradients are noise-free. A
     ``compute_loss_func`` (here class weights), or a Trainer subclass's own ``compute_loss``, trains a loss featurize

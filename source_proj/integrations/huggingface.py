@@ -159,6 +159,30 @@ def _steps_too_far(trainer: Any, model: Any, args: Any, dataloader: Any) -> str:
     )
 
 
+def _counts_every_label(trainer: Any) -> str:
+    """The class of a causal language model whose loss the Trainer divides by every label of the batch, position 0's
+    too, though none predicts it: transformers counts the shifted labels only for a ``loss_type`` it knows, and a
+    model whose class name does not say it (GPT-2's ``GPT2LMHeadModel``) has none. "" where it counts the predicted
+    tokens, or cannot be told."""
+    if trainer is None or getattr(trainer, "_loss_shifts_labels", None) is not False:
+        return ""
+    if not getattr(trainer, "model_accepts_loss_kwargs", False):
+        return ""  # the model's own loss, divided by its own count
+    try:
+        from transformers.loss.loss_utils import ForCausalLMLoss
+        from transformers.trainer_utils import unwrap_peft_model
+    except ImportError:
+        return ""
+    model = unwrap_peft_model(getattr(trainer, "model", None))
+    config = getattr(model, "config", None)
+    if getattr(model, "loss_type", "") is not None or config is None or getattr(config, "is_encoder_decoder", False):
+        return ""
+    can_generate = getattr(model, "can_generate", None)
+    if not (callable(can_generate) and can_generate()) or getattr(model, "loss_function", None) is not ForCausalLMLoss:
+        return ""
+    return type(model).__name__
+
+
 class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
     """Records checkpoints, every optimizer step's learning rate and the optimizer of a ``Trainer`` run.
 
@@ -195,6 +219,16 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
             if too_far:
                 raise TrajectoryError(too_far)
         self._trainer = trainer
+        counted = "" if own_loss else _counts_every_label(trainer)
+        if counted:
+            warnings.warn(
+                f"The Trainer divides {counted}'s summed token loss by every label of its batches, position 0's too "
+                "(transformers counts the predicted ones only for a model whose loss_type it knows), so the mean loss "
+                "per sequence is s/(n+1), n its predicted tokens; set model.loss_type = 'ForCausalLM' before building "
+                "the Trainer (the loss is then the model's own), or give featurize LanguageModelingTask("
+                "tokens_per_sequence=mean_predicted_tokens(train) + 1).",
+                stacklevel=2,
+            )
         if own_loss:
             warnings.warn(
                 f"The Trainer computes its loss with {own_loss}, which SOURCE does not see: "
