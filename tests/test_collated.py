@@ -147,3 +147,35 @@ def test_the_basis_budget_counts_a_padded_sequences_real_tokens() -> None:
         basis.inputs_cut()
         kept.append(len(basis.subsets["main"]))
     assert kept == [26, 26]
+
+
+def test_a_collator_that_masks_at_random_is_warned_of_once_and_its_first_batch_is_the_one_it_draws() -> None:
+    """``DataCollatorForLanguageModeling(mlm=True)`` masks each call anew: a ``CollatedDataset`` of it says so once, as
+    its first batch is made, and that batch is the one the collator draws from the random state it was given (the
+    check's second draw is put back); a collator that only pads is told nothing."""
+    import warnings
+
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[MASK]": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="[UNK]")),
+                                                     pad_token="[PAD]", unk_token="[UNK]", mask_token="[MASK]")
+    rows = [{"input_ids": [max(3, t) for t in s]} for s in _sequences(8, 0)]
+    told = {}
+    for mlm in (True, False):
+        collator = transformers.DataCollatorForLanguageModeling(tokenizer, mlm=mlm, mlm_probability=0.5)
+        torch.manual_seed(0)
+        want = collator(rows[:4])
+        torch.manual_seed(0)
+        data = sp.CollatedDataset(rows, collator)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            first = data.collate_fn(rows[:4])
+            second = data.collate_fn(rows[:4])
+        told[mlm] = [str(w.message) for w in caught]
+        assert all(torch.equal(first[k], want[k]) for k in want)
+        assert mlm == (not torch.equal(first["labels"], second["labels"]))
+    assert told[False] == [] and len(told[True]) == 1
+    assert told[True][0].startswith("sp.CollatedDataset's collate function (DataCollatorForLanguageModeling) batches")
+    assert "scores do not repeat" in told[True][0]

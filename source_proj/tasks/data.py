@@ -10,10 +10,12 @@ positions; tested against each example alone), so a store is the same whatever t
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_flatten
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from source_proj.errors import SourceProjError, TaskError, first_line
@@ -32,7 +34,9 @@ class CollatedDataset(Dataset):
     Args:
         dataset: the examples, in training order (indexable, with a length).
         collate_fn: a list of examples → a batch, as the run's training batches were made (the Trainer's
-            ``data_collator``). A batch that is a mapping (a ``BatchEncoding``) is made a plain dict.
+            ``data_collator``). A batch that is a mapping (a ``BatchEncoding``) is made a plain dict. One that draws at
+            random (``DataCollatorForLanguageModeling(mlm=True)`` masks each batch anew) is warned of as the first
+            batch is made: every pass and query then sees other masks, and scores do not repeat.
     """
 
     def __init__(self, dataset: Any, collate_fn: Callable[[list[Any]], Any]) -> None:
@@ -42,6 +46,7 @@ class CollatedDataset(Dataset):
                 f"Trainer's data_collator), not a {type(collate_fn).__name__}."
             )
         self.dataset, self.collate = dataset, collate_fn
+        self._checked = False  # whether collating the same examples twice was tried (once)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -61,7 +66,34 @@ class CollatedDataset(Dataset):
                 f"{first_line(err)}); give it the examples it batched in training (a Trainer's collator takes the "
                 "model's input columns only: drop the others, e.g. dataset.remove_columns(['text']))."
             ) from err
+        if not self._checked:
+            self._checked = True
+            if not _same(batch, RandomStateKept(self.collate)(examples)):  # the draws of the second put back
+                warnings.warn(
+                    f"sp.CollatedDataset's collate function ({type(self.collate).__name__}) batches the same examples "
+                    "differently at each call (it draws at random, as DataCollatorForLanguageModeling(mlm=True) masks "
+                    "them), so every pass of featurize and every query sees other masks and scores do not repeat; "
+                    "collate the examples once and give their rows (masked input_ids and labels) with a collator that "
+                    "only pads.",
+                    stacklevel=2,
+                )
         return dict(batch) if isinstance(batch, Mapping) and not isinstance(batch, dict) else batch
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two batches hold the same tensors and values."""
+    (xs, spec_a), (ys, spec_b) = tree_flatten(dict(a) if isinstance(a, Mapping) else a), tree_flatten(
+        dict(b) if isinstance(b, Mapping) else b
+    )
+    if spec_a != spec_b:
+        return False
+    for x, y in zip(xs, ys, strict=True):
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            if x.shape != y.shape or x.dtype != y.dtype or not torch.equal(x, y):
+                return False
+        elif isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            return False
+    return True
 
 
 def collate_of(dataset: Any) -> Callable[[list[Any]], Any]:
