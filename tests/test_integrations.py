@@ -1287,6 +1287,59 @@ def test_a_gpt2_trainer_that_counts_position_zeros_label_is_told_and_mended_by_i
     assert _matches_posthoc_at_every_step(tmp_path / "run-True", tmp_path / "True.sp", posthoc) == 16
 
 
+def test_a_trainer_that_loads_its_best_checkpoint_at_the_end_is_recorded_with_its_last_steps_weights(
+    tmp_path: Path,
+) -> None:
+    """``load_best_model_at_end=True``: after the last step the Trainer loads its best checkpoint (here the first
+    evaluation's, step 3 of 10) into the model, before ``on_train_end``. The recorded run's final checkpoint holds the
+    weights of step 10 as the last step left them (the oracle: a callback's copy), captured or not, and the captured
+    store, whose end pass and fingerprints are taken at those weights, answers for the model rebuilt from the run; a
+    warning says the best checkpoint is not what is attributed."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from source_proj.integrations import HuggingFaceCapture, HuggingFaceRecorder
+
+    class Last(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    ids, labels = _tokens(36, 0)
+    task = sp.SequenceClassificationTask(attention="bidirectional")
+    for name in ("rec", "cap"):
+        evaluations = iter(range(100))
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"hf-{name}"), per_device_train_batch_size=8, num_train_epochs=2,
+            learning_rate=0.05, optim="sgd", lr_scheduler_type="constant", eval_strategy="steps", eval_steps=3,
+            save_strategy="steps", save_steps=3, load_best_model_at_end=True, metric_for_best_model="rank",
+            greater_is_better=False, report_to=[], use_cpu=True, disable_tqdm=True, logging_strategy="no", seed=0,
+        )  # fmt: skip
+        callback = (HuggingFaceRecorder(tmp_path / name, save_every=4) if name == "rec" else
+                    HuggingFaceCapture(tmp_path / name, tmp_path / "cap.sp", task, save_every=4,
+                                       projection=_PROJECTION))  # fmt: skip
+        last, model = Last(), _tiny_bert()
+        trainer = Trainer(model=model, args=args, train_dataset=sp.IndexedDataset(_Dicts(ids, labels)),
+                          eval_dataset=_Dicts(ids[:8], labels[:8]), callbacks=[last, callback],
+                          compute_metrics=lambda _, e=evaluations: {"rank": next(e)})  # the first evaluation is best
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.train()
+        assert trainer.state.best_model_checkpoint == str(tmp_path / f"hf-{name}" / "checkpoint-3")
+        trajectory = sp.Trajectory.load(tmp_path / name)
+        assert trajectory.complete and [c.step for c in trajectory.checkpoints] == [0, 4, 8, 10]
+        final = trajectory.load_state(trajectory.final_checkpoint)["model"]
+        assert all(torch.equal(final[k], v) for k, v in last.weights.items())
+        assert not all(torch.equal(final[k], v) for k, v in model.state_dict().items())  # the best checkpoint's
+        told = [str(w.message) for w in caught if "best checkpoint" in str(w.message)]
+        assert told == [
+            f"The Trainer loaded its best checkpoint ({tmp_path / f'hf-{name}' / 'checkpoint-3'}) into the model after "
+            "step 10; SOURCE attributes the recorded run, whose final checkpoint holds the weights of step 10, not the "
+            "best checkpoint's."
+        ]
+    sp.fit(tmp_path / "cap.sp", sp.FitArguments(segments_per_stage=1), progress=False)
+    scores = sp.Attributor(tmp_path / "cap.sp", _tiny_bert(), task).scores(_Dicts(*_tokens(3, 1)))
+    assert scores.shape == (3, 36) and np.isfinite(scores).all()
+
+
 def test_a_trainer_with_neftune_noise_or_a_loss_function_of_its_own_is_told_in_one_sentence(tmp_path: Path) -> None:
     """NEFTune adds noise to the input embeddings in training only; featurize's gradients are noise-free. A
     ``compute_loss_func`` (here class weights), or a Trainer subclass's own ``compute_loss``, trains a loss featurize

@@ -202,6 +202,7 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
     """
 
     _trainer: Any = None  # the Trainer training, while it trains
+    _closed = False  # the recorded run was closed (before the Trainer loaded its best checkpoint, or as it ended)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         alpha = getattr(args, "neftune_noise_alpha", None)
@@ -258,6 +259,8 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
             step_hook=not _CALLS_OPTIMIZER_STEP,
             weights=self.weights,
         )
+        self._closed = False
+        self._watch_best(trainer, args)
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """After every optimizer step of the Trainer, before its scheduler moves and the gradients are zeroed; also
@@ -278,12 +281,42 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
             )
         return float(self.label_smoothing)
 
+    def _watch_best(self, trainer: Any, args: Any) -> None:
+        """With ``load_best_model_at_end`` the Trainer loads its best checkpoint into the model after the last step and
+        before ``on_train_end``: the run is closed first, so that its final checkpoint (and capture's end pass and
+        fingerprints) hold the last step's weights, not the best checkpoint's."""
+        load = getattr(trainer, "_load_best_model", None)
+        if not getattr(args, "load_best_model_at_end", False) or not callable(load):
+            return
+
+        def close_first(*load_args: Any, **load_kwargs: Any) -> Any:
+            self._finish()
+            return load(*load_args, **load_kwargs)
+
+        trainer._load_best_model = close_first  # the instance's, removed again in on_train_end
+
+    def _finish(self) -> None:
+        """Close the recorded run (once)."""
+        if self.recorder is None or self._closed:
+            return
+        self._closed = True
+        if self._handle is not None:  # the post-hook of a Trainer without on_optimizer_step
+            self._handle.remove()
+        self.recorder.close()
+
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._finish()
+        if self._trainer is not None:
+            vars(self._trainer).pop("_load_best_model", None)
         self._trainer = None
-        if self.recorder is not None:
-            if self._handle is not None:  # the post-hook of a Trainer without on_optimizer_step
-                self._handle.remove()
-            self.recorder.close()
+        best = getattr(state, "best_model_checkpoint", None)
+        if self.recorder is not None and getattr(args, "load_best_model_at_end", False) and best is not None:
+            warnings.warn(
+                f"The Trainer loaded its best checkpoint ({best}) into the model after step {state.global_step}; "
+                f"SOURCE attributes the recorded run, whose final checkpoint holds the weights of step "
+                f"{self.recorder.global_step}, not the best checkpoint's.",
+                stacklevel=2,
+            )
 
 
 class HuggingFaceCapture(HuggingFaceRecorder):
@@ -392,7 +425,8 @@ class HuggingFaceCapture(HuggingFaceRecorder):
         if module.training and self.settings.capture is not None:
             self.settings.capture.end_forward()
 
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def _finish(self) -> None:
         for handle in self._model_hooks:
             handle.remove()
-        super().on_train_end(args, state, control, **kwargs)
+        self._model_hooks = []
+        super()._finish()
