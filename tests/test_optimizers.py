@@ -341,6 +341,18 @@ def test_featurize_refuses_an_rmsprop_run_instead_of_treating_it_as_sgd(tmp_path
         _featurize(tmp_path / "run", regression_data, tmp_path / "s.sp")
 
 
+def test_featurize_refuses_an_adafactor_run_as_one_it_cannot_model_not_as_a_malformed_file(
+    tmp_path: Path, regression_data
+) -> None:
+    """transformers' Adafactor (the Trainer's ``optim="adafactor"``) keeps a pair as its ``eps``, which the trajectory
+    format has as a number: the run is recorded without it, and featurize names the optimizer it cannot model."""
+    transformers = pytest.importorskip("transformers")
+    factory = lambda p: transformers.optimization.Adafactor(p, lr=0.01, relative_step=False, scale_parameter=False)  # noqa: E731
+    _small_run(tmp_path / "run", regression_data, factory)
+    with pytest.raises(sp.TrajectoryError, match="'Adafactor', whose update SOURCE cannot model"):
+        _featurize(tmp_path / "run", regression_data, tmp_path / "s.sp")
+
+
 def test_adam_run_without_optimizer_state_is_refused(tmp_path: Path, regression_data) -> None:
     _small_run(tmp_path / "run", regression_data, lambda p: torch.optim.Adam(p, lr=0.01), save_optimizer_state=False)
     with pytest.raises(sp.TrajectoryError, match="has no optimizer state"):

@@ -136,6 +136,8 @@ def describe_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> di
             if key in group:
                 value = group[key]
                 entry[key] = [float(v) for v in value] if isinstance(value, tuple) else value
+        if kind not in ("sgd", "adam", "adamw"):  # settings of another meaning (Adafactor's eps is a pair): left out,
+            entry = {k: v for k, v in entry.items() if _group_problem({k: v}) is None}  # featurize refuses the kind
         groups.append(entry)
     return {"kind": kind, "groups": groups}
 
