@@ -332,7 +332,7 @@ class HuggingFaceCapture(HuggingFaceRecorder):
     The training set must be wrapped in ``source_proj.IndexedDataset`` (dict items gain a
     ``"source_proj_index"`` column; the callback keeps the Trainer from dropping it and takes it out of
     the model's inputs). The model's loss must be the batch mean of ``task``'s per-example loss (HF's
-    default); with gradient accumulation over n batches it is scaled by n·B. One process only. The
+    default); with gradient accumulation it is scaled by B times the batches the step accumulates. One process only. The
     store records the model fingerprint and, from the Trainer's ``train_dataset``, the stage's data
     fingerprint (``source_proj.GradientCapture``), so a model or data that changed are refused.
 
