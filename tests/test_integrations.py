@@ -1113,7 +1113,7 @@ def test_a_bf16_trainer_is_told_to_capture_in_bf16_and_captures_there_when_asked
 
 
 def test_a_trainer_that_accumulates_gradients_steps_on_the_mean_loss_or_is_refused(tmp_path: Path) -> None:
-    """Gradient accumulation over 2 batches of 8, 40 examples: the epoch's last step accumulates 1 batch. The Trainer
+    """Gradient accumulation over 2 batches of 8, 24 examples: the epoch's last step accumulates 1 batch. The Trainer
     leaves the losses undivided where it trusts the model's loss to divide by ``num_items_in_batch``: BERT's
     classifier ignores it, so its steps are twice the mean loss's (the oracle: the first step against one batch of 16)
     and both callbacks refuse the run in one sentence before recording anything. With
@@ -1132,7 +1132,7 @@ def test_a_trainer_that_accumulates_gradients_steps_on_the_mean_loss_or_is_refus
             logging_strategy="no", seed=0,
         )  # fmt: skip
 
-    ids, labels = _tokens(40, 0)
+    ids, labels = _tokens(24, 0)
     data = _Dicts(ids, labels)
 
     def first_step(trainer_args: TrainingArguments, divides: bool | None) -> torch.Tensor:
@@ -1168,10 +1168,10 @@ def test_a_trainer_that_accumulates_gradients_steps_on_the_mean_loss_or_is_refus
     trainer = Trainer(model=_tiny_bert(), args=args(2), train_dataset=sp.IndexedDataset(data), callbacks=[callback])
     trainer.loss_is_scaled_for_ga = False
     trainer.train()
-    assert sp.Trajectory.load(tmp_path / "run").num_steps == 3
+    assert sp.Trajectory.load(tmp_path / "run").num_steps == 2
     posthoc = sp.featurize(tmp_path / "run", _tiny_bert(), task, data, tmp_path / "post.sp", projection=_PROJECTION,
                            options=_EMPIRICAL, progress=False)  # fmt: skip
-    assert _matches_posthoc_at_every_step(tmp_path / "run", tmp_path / "cap.sp", posthoc) == 40
+    assert _matches_posthoc_at_every_step(tmp_path / "run", tmp_path / "cap.sp", posthoc) == 24
 
     torch.manual_seed(0)
     gpt = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=8, n_embd=16, n_layer=1, n_head=2))
