@@ -285,13 +285,13 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
         """With ``load_best_model_at_end`` the Trainer loads its best checkpoint into the model after the last step and
         before ``on_train_end``: the run is closed first, so that its final checkpoint (and capture's end pass and
         fingerprints) hold the last step's weights, not the best checkpoint's."""
-        load = getattr(trainer, "_load_best_model", None)
+        load = getattr(type(trainer), "_load_best_model", None)  # the class's: never a callback's left by a failed run
         if not getattr(args, "load_best_model_at_end", False) or not callable(load):
             return
 
         def close_first(*load_args: Any, **load_kwargs: Any) -> Any:
             self._finish()
-            return load(*load_args, **load_kwargs)
+            return load(trainer, *load_args, **load_kwargs)
 
         trainer._load_best_model = close_first  # the instance's, removed again in on_train_end
 
