@@ -206,3 +206,22 @@ def test_a_new_stage_that_starts_at_the_old_final_checkpoint_gets_that_checkpoin
         assert np.array_equal(grown.read(name), scratch.read(name)), name
     assert sp.verify_store(grown.path).status == "ok"
     sp.fit(grown, progress=False)  # refused before: it lacked grads/extra/step-00000008
+
+
+def test_a_growth_with_other_settings_says_to_repeat_them_not_to_replace_the_store(tmp_path: Path) -> None:
+    """`--grow` without the first featurize's `--dim` (the CLI's default k instead) is refused with the setting
+    that differs, not the run's own change, and without advice to replace the store; the store is untouched."""
+    _record(tmp_path / "run")
+    _featurize(tmp_path / "run", tmp_path / "s.sp", {"main": MAIN})
+    _continue(tmp_path / "run")
+    with pytest.raises(sp.StoreError, match=r"cannot grow with other settings") as refused:
+        sp.featurize(
+            tmp_path / "run", _mlp(), sp.ClassificationTask(), {"main": MAIN, "extra": EXTRA}, tmp_path / "s.sp",
+            projection=sp.ProjectionArguments(dim=32, kind="rademacher"), options=sp.FeaturizeArguments(chunk_rows=8),
+            progress=False, grow=True,
+        )  # fmt: skip
+    message = str(refused.value)
+    assert "projection: dim 16 → 32" in message and "trajectory" not in message and "--force" not in message
+    assert sp.Store.open(tmp_path / "s.sp").meta["trajectory"]["checkpoints"] == [0, 4, 8]
+    grown = _featurize(tmp_path / "run", tmp_path / "s.sp", {"main": MAIN, "extra": EXTRA}, grow=True)
+    assert grown.meta["trajectory"]["checkpoints"] == [0, 4, 8, 12, 16]

@@ -477,6 +477,14 @@ class _Featurize:
                 f"The store at {self.path} was featurized with another parameter selection: {selection}, pass --force "
                 "(overwrite=True) to replace it, or use another store path."
             )
+        if self.grow and "trajectory" in differing and len(differing) > 1:
+            # Growing changes the run; anything else must be as the store was featurized (its projection above all,
+            # which a --grow without the first featurize's --dim changes), and replacing the store is not the answer.
+            raise StoreError(
+                f"The store at {self.path} cannot grow with other settings than it was featurized with "
+                f"({'; '.join(_detail(key, old.get(key), meta[key]) for key in differing if key != 'trajectory')}); "
+                "repeat the options of its first featurize (`source-proj info` shows them) with --grow."
+            )
         if differing:
             raise StoreError(
                 f"The store at {self.path} was featurized with other settings "
