@@ -180,3 +180,26 @@ def test_a_damaged_window_basis_of_a_captured_store_asks_for_a_new_capture(
     report = sp.verify_store(tmp_path / "cap.sp", repair=True, progress=False)
     assert "capture marked unfinished (fit refuses it until the run is captured again)" in report.repaired
     assert report.next_steps and report.next_steps[0].startswith("capture the run again into a new store")
+
+
+def test_the_printed_featurize_command_of_an_eigen_store_asks_for_its_k_and_precision(
+    tmp_path: Path, tiny_run: Path
+) -> None:
+    """The eigen projection's blocks may add up to less than the k asked for (here 23 → 22): the command verify
+    prints must ask for the k the store was featurized with, else featurize refuses it as other settings."""
+    spec = tmp_path / "spec.py"
+    spec.write_text(SPEC.format(root=str(ROOT)))
+    store = tmp_path / "s.sp"
+    args = ["featurize", "--ckpts", str(tiny_run), "--spec", str(spec), "--out", str(store), "--dim", "23"]
+    args += ["--batch-size", "4", "--chunk-rows", "4", "--precision", "bf16"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    projection = sp.Store.open(store).meta["projection"]
+    assert projection["kind"] == "eigen" and projection["k"] == 23 and projection["dim"] < 23
+    reference = files(store)
+    damage(store, "grads/main/step-00000004", 1, "flip")
+    out = CliRunner().invoke(main, ["verify", str(store), "--repair"])
+    command = out.stdout.splitlines()[-1]
+    assert command.startswith("  source-proj featurize ") and "--dim 23 " in command and "--precision bf16" in command
+    resumed = CliRunner().invoke(main, shlex.split(command)[1:])
+    assert resumed.exit_code == 0, resumed.output
+    assert files(store) == reference

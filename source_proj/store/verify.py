@@ -155,8 +155,12 @@ def featurize_command(store: Store) -> str:
         f"--projection {proj['kind']}",
     ]
     if proj["kind"] != "identity":
-        args += [f"--dim {proj['dim']}", f"--seed {proj['seed']}"]
+        # The eigen projection records the k asked for as "k" and its blocks' total (which may be a little less) as
+        # "dim"; featurize compares the k asked for, so the command must ask for that one.
+        args += [f"--dim {proj.get('k', proj['dim'])}", f"--seed {proj['seed']}"]
     args += [f"--fisher {feat['fisher']}", f"--chunk-rows {feat['chunk_rows']}"]
+    if feat.get("precision", "fp32") != "fp32":
+        args.append(f"--precision {feat['precision']}")
     segmentation = (meta.get("segmentation") or {}).get("arguments")
     if segmentation:
         if "auto" in segmentation:
