@@ -58,3 +58,28 @@ def test_a_library_error_is_one_line_on_stderr(tmp_path: Path) -> None:
         f"error: {tmp_path / 'digits.sp'} already holds files that are not a source-proj store; choose a new or "
         "empty directory for the store."
     ]
+
+
+@pytest.mark.parametrize("script", ["digits/lds.py", "text/lds.py"])
+def test_the_lds_examples_refuse_one_repeat_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], script: str
+) -> None:
+    """Their report's split-half reliability needs two retrains a subset: with one, they used to train and retrain
+    everything, then stop on a traceback (NaN ranks) instead of printing the table."""
+    if script.startswith("text/"):
+        pytest.importorskip("transformers")
+    spec = importlib.util.spec_from_file_location(f"lds_{script.split('/')[0]}", ROOT / "examples" / script)
+    assert spec is not None and spec.loader is not None
+    lds = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, lds)  # its dataclasses look their module up
+    spec.loader.exec_module(lds)
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["lds.py", "--repeats", "1", "--out", str(out)])
+    with pytest.raises(SystemExit) as exited:
+        lds.main()
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "lds.py: error: argument --repeats: 1 leaves no second half for the ground truth's split-half reliability; "
+        "ask for 2 or more"
+    )
+    assert not out.exists()  # nothing was trained

@@ -126,6 +126,9 @@ def main() -> None:
     parser.add_argument("--further", action="store_true", help="also the further-training gold standard")
     parser.add_argument("--out", default="runs/lds")
     args = parser.parse_args()
+    if args.repeats < 2:  # checked before any training: the report's split-half reliability needs two halves
+        parser.error(f"argument --repeats: {args.repeats} leaves no second half for the ground truth's split-half "
+                     "reliability; ask for 2 or more")
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     alphas = [float(a) for a in args.alphas.split(",")]
     for name in args.settings.split(","):

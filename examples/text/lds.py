@@ -89,6 +89,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default="runs/text-lds")
     args = parser.parse_args()
+    if args.repeats < 2:  # checked before any training: the report's split-half reliability needs two halves
+        parser.error(f"argument --repeats: {args.repeats} leaves no second half for the ground truth's split-half "
+                     "reliability; ask for 2 or more")
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     out = Path(args.out)
     t0 = time.perf_counter()
