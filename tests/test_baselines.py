@@ -269,3 +269,16 @@ def test_repsim_without_a_model_an_unknown_kind_and_a_curvature_too_wide_are_ref
     for kind in ("if", "trak"):
         with pytest.raises(sp.TaskError, match=f"{kind.upper()} inverts a k × k curvature, too large at k = {k}"):
             sp.fit_baseline(store, sp.BaselineArguments(kind=kind, method=f"{kind}-wide"), progress=False)
+
+
+def test_a_baseline_fits_into_a_store_opened_for_reading_as_fit_does(fitted, tmp_path: Path) -> None:
+    """`sp.Store.open(path)` opens for reading; `sp.fit` takes such a store, and `fit_baseline` stopped on zarr's
+    "store was opened in read-only mode" ValueError. It fits, and equals the baseline fitted from the path."""
+    _, store, _, queries = fitted
+    copy = tmp_path / "copy.sp"
+    shutil.copytree(store, copy)
+    opened = sp.Store.open(copy)
+    returned = sp.fit_baseline(opened, sp.BaselineArguments(kind="grad-dot", method="gd"), progress=False)
+    assert returned is opened and opened.meta["methods"]["gd"]["kind"] == "grad-dot"  # refreshed, as fit's
+    scores = sp.Attributor(opened, _arch(), sp.ClassificationTask(), method="gd").scores(queries)
+    np.testing.assert_array_equal(scores, _engine(store, store, queries, "grad-dot"))

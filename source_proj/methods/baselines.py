@@ -180,6 +180,9 @@ def fit_baseline(
     default_device(device)  # a device this machine lacks is refused before the store is touched
     if not isinstance(store, Store):
         store = Store.open(store, writable=True)
+    given = store
+    if store.group.store.read_only:  # opened for reading (Store.open's default): fit takes such a store too
+        store = Store.open(store.path, writable=True)
     if args.kind not in BASELINES:
         raise TaskError(f"Unknown baseline {args.kind!r}; choose one of {', '.join(BASELINES)}.")
     meta = store.meta
@@ -229,6 +232,9 @@ def fit_baseline(
         stop = min(sizes[stage], start + chunk_rows)
         store.write_chunk(f"methods/{name}/train/{stage}", chunk, chunk_fn(stage, start, stop))
     _finish_method(store, name)
+    if given is not store:  # the caller's store object sees the method, as after fit
+        given.refresh()
+        return given
     return store
 
 
