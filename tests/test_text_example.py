@@ -216,3 +216,17 @@ def test_single_token_queries_split_the_summed_query_loss(fitted: tuple[Path, Pa
     np.testing.assert_allclose(both.tokens[1:], parts.tokens[:3], rtol=1e-6, atol=1e-9)
     with pytest.raises(sp.TaskError, match="Token 0 is not predicted"):
         sp.single_token_query(query, 0)
+
+
+def test_a_single_token_query_refuses_a_padded_position() -> None:
+    """A position in a sequence's right padding is never predicted: its query measured nothing (scores of 0) without
+    a word. It is refused naming the sequence's own length; the last real token is taken."""
+    padded = sp.TextDataset([[5, 6, 7, 8]], length=6)[0]  # 4 tokens, 2 of padding
+    last = sp.single_token_query(padded, 3)
+    assert last["labels"].tolist() == [-100, -100, -100, 8, -100, -100]
+    for position in (4, 5):
+        with pytest.raises(sp.TaskError, match=rf"^Token {position} is not predicted in this sequence of 4 tokens; "
+                                                r"use 1 ≤ position < 4\.$"):
+            sp.single_token_query(padded, position)
+    whole = {"input_ids": torch.tensor([5, 6, 7, 8, 9, 10])}  # no mask: every token is the sequence's
+    assert sp.single_token_query(whole, 5)["labels"].tolist() == [-100] * 5 + [10]

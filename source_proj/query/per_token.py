@@ -118,8 +118,13 @@ def single_token_query(example: Mapping[str, Tensor], position: int, *, target: 
                 f"This example's labels are {what}, so it is not a language model's sequence; for an encoder–decoder "
                 "pair's target, pass target=True to predict one token of it."
             )
-    if not 1 <= position < ids.shape[0]:
-        raise TaskError(f"Token {position} is not predicted in a sequence of {ids.shape[0]}; use 1 ≤ position < T.")
+    # Right padding (TextDataset's) is never predicted: a padded position would measure nothing, silently.
+    mask = example.get("attention_mask")
+    length = int(torch.as_tensor(mask).sum()) if mask is not None else ids.shape[0]
+    if not 1 <= position < length:
+        raise TaskError(
+            f"Token {position} is not predicted in this sequence of {length} tokens; use 1 ≤ position < {length}."
+        )
     labels = torch.full_like(ids, IGNORE_INDEX)
     labels[position] = ids[position]
     return {**example, "labels": labels}
