@@ -213,3 +213,11 @@ def test_featurize_of_a_finished_store_says_it_computed_nothing(tmp_path: Path, 
     assert "featurized 5 checkpoints" not in again.output
     changed = cli.invoke(main, [*args, "--segments", "2"])  # records a segmentation: not "nothing"
     assert changed.exit_code == 0 and "nothing to compute" not in changed.output, changed.output
+
+
+def test_info_names_one_segment_a_stage_in_the_singular() -> None:
+    """The default Adam segmentation (one a stage) read "1 segments a stage" in `source-proj info`."""
+    from source_proj.cli.main import _segmentation_text
+
+    assert _segmentation_text({"per_stage": 1}) == "1 segment a stage"
+    assert _segmentation_text({"per_stage": 3}) == "3 segments a stage"

@@ -917,7 +917,8 @@ def _segmentation_text(arguments: dict[str, Any]) -> str:
         return f"{arguments['auto']} automatic segments" if arguments["auto"] else "automatic segments, L chosen too"
     if "boundaries" in arguments:
         return f"boundaries at steps {arguments['boundaries']}"
-    return f"{arguments.get('per_stage')} segments a stage"
+    count = arguments.get("per_stage")
+    return f"{count} segment{'' if count == 1 else 's'} a stage"
 
 
 @main.command(cls=_Command)
