@@ -180,7 +180,9 @@ def test_info_shows_the_settings_fit_and_featurize_fixed(tmp_path: Path, run: tu
     store = tmp_path / "s.sp"
     cli = CliRunner()
     args = ["featurize", "--ckpts", str(run_dir), "--spec", str(spec), "--out", str(store), "--dim", "16"]
-    assert cli.invoke(main, [*args, "--segments", "2", "--fast"]).exit_code == 0
+    featurized = cli.invoke(main, [*args, "--segments", "2", "--fast"])
+    assert featurized.exit_code == 0
+    assert "segmentation fixed for this store: 2 segments a stage\n" in featurized.output, featurized.output
     assert cli.invoke(main, ["fit", str(store), "--segments", "2", "--damping-factor", "0.5"]).exit_code == 0
     assert cli.invoke(main, ["baseline", str(store), "--kind", "if,trak", "--damping-factor", "2"]).exit_code == 0
     summary = json.loads(cli.invoke(main, ["info", str(store), "--json"]).output)

@@ -409,7 +409,7 @@ def featurize(
         click.echo(f"the Fisher of about {examples:,} examples a stage (--fisher-examples all: of every example)")
     recorded = store.meta.get("segmentation")
     if recorded is not None:
-        click.echo(f"segmentation fixed for this store: {recorded['arguments']}")
+        click.echo(f"segmentation fixed for this store: {_segmentation_text(recorded['arguments'])}")
         if recorded.get("view"):
             click.echo(sp.TrajectoryView.from_description(recorded["view"]).table())
 
