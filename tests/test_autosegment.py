@@ -229,3 +229,23 @@ def test_auto_segments_a_store_of_exact_gradients_without_a_parameter_square_mat
     sp.fit(store, sp.FitArguments(auto_segments=2, curvature="kfac"), progress=False)
     assert sketched == [147]
     assert store.meta["methods"]["source"]["view"]["cuts"] == [100]
+
+
+def test_the_trajectory_view_of_a_fast_only_store_says_what_it_lacks(tmp_path: Path, tiny_run: Path) -> None:
+    """A --fast-only store has no checkpoint's features: `source-proj trajectory` stopped on "no array
+    'grads/main/step-00000000'; run the step that writes it first", naming no step."""
+    from dataclasses import replace
+
+    from source_proj.methods.fit import store_view
+
+    from .crash_driver import OPTIONS, featurize
+
+    store = tmp_path / "fast.sp"
+    segments = sp.SegmentationArguments(per_stage=2)
+    options = replace(OPTIONS, segment_means=True, checkpoints=False, segmentation=segments)
+    featurize(tiny_run, store, options=options)
+    with pytest.raises(sp.StoreError, match=r"--fast-only\), but the change between checkpoints reads every "
+                                            r"checkpoint's; featurize it again without --fast-only"):
+        store_view(sp.Store.open(store), 2)
+    out = CliRunner().invoke(main, ["trajectory", str(store), "--segments", "auto:2"])
+    assert out.exit_code == 1 and "Traceback" not in out.output and "without --fast-only" in out.output

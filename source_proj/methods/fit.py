@@ -262,6 +262,12 @@ def store_view(store: Store, budget: int) -> TrajectoryView:
     """The automatic segmentation of a featurized store into ``budget`` segments, from its stored
     per-checkpoint gradients and Fisher factors (see ``autosegment.py``)."""
     meta = store.meta
+    if not (meta.get("products") or {}).get("checkpoints", True):
+        raise StoreError(
+            f"The store at {store.path} holds only the segments' averaged parameters' features (--fast-only), but "
+            "the change between checkpoints reads every checkpoint's; featurize it again without --fast-only, which "
+            "adds them."
+        )
     return trajectory_view(
         store,
         trajectory_stages(meta),
