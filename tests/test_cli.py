@@ -223,3 +223,19 @@ def test_info_names_one_segment_a_stage_in_the_singular() -> None:
 
     assert _segmentation_text({"per_stage": 1}) == "1 segment a stage"
     assert _segmentation_text({"per_stage": 3}) == "3 segments a stage"
+
+
+def test_under_torchrun_only_rank_0_prints_the_summary_and_every_rank_its_errors(
+    tiny_reference: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every rank ran the command and printed the same 'featurized …' and 'fitted …' lines, once per process."""
+    cli = CliRunner()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    leader = cli.invoke(main, ["info", str(tiny_reference)])
+    assert leader.exit_code == 0 and leader.stdout.startswith("store ")
+    monkeypatch.setenv("RANK", "1")
+    follower = cli.invoke(main, ["info", str(tiny_reference)])
+    assert follower.exit_code == 0 and follower.stdout == ""
+    failed = cli.invoke(main, ["info", str(tiny_reference) + "-missing"])
+    assert failed.exit_code == 1 and failed.stderr.startswith("Error: No store at ")
