@@ -203,3 +203,33 @@ def test_the_printed_featurize_command_of_an_eigen_store_asks_for_its_k_and_prec
     resumed = CliRunner().invoke(main, shlex.split(command)[1:])
     assert resumed.exit_code == 0, resumed.output
     assert files(store) == reference
+
+
+def test_the_printed_featurize_command_repeats_every_option_the_store_was_featurized_with(
+    tmp_path: Path, tiny_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Options the store's settings do not spell out as options (the basis's budget and checkpoints, a subset of the
+    checkpoints, a file per chunk) are in the command verify prints, which the store records as the CLI was given it:
+    run from another directory, it recomputes the damaged chunk exactly."""
+    spec = tmp_path / "spec.py"
+    spec.write_text(SPEC.format(root=str(ROOT)))
+    monkeypatch.chdir(tmp_path)
+    args = ["featurize", "--ckpts", str(tiny_run), "--spec", "spec.py", "--out", "s.sp", "--dim", "23"]
+    args += ["--batch-size", "4", "--chunk-rows", "4", "--basis-examples", "8", "--basis-checkpoints", "1"]
+    args += ["--checkpoints", "4", "--shard-chunks", "1"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    store = tmp_path / "s.sp"
+    assert sp.Store.open(store).meta["trajectory"]["checkpoints"] == [4, 8]
+    reference = files(store)
+    damage(store, "grads/main/step-00000004", 1, "flip")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    out = CliRunner().invoke(main, ["verify", str(store), "--repair"])
+    command = out.stdout.splitlines()[-1].strip()
+    for option in ("--basis-examples 8", "--basis-checkpoints 1", "--checkpoints 4", "--shard-chunks 1"):
+        assert option in command
+    assert f"--out {store}" in command and f"--spec {spec}" in command
+    resumed = CliRunner().invoke(main, shlex.split(command)[1:])
+    assert resumed.exit_code == 0, resumed.output
+    assert files(store) == reference

@@ -9,6 +9,7 @@ import importlib.util
 import io
 import json
 import os
+import shlex
 import sys
 import warnings
 from collections.abc import Callable
@@ -360,6 +361,8 @@ def featurize(
     trajectory = sp.Trajectory.load(run_dir)
     data = {s.name: spec.train_data(s.name) for s in trajectory.stages}
     before = _finished_meta(store_path) if not force else None
+    local = {} if "://" in store_path else {"store_path": Path(store_path)}
+    command = _replay(click.get_current_context(), run_dir=run_dir, spec_path=spec.path, **local)
     with launched(device):
         store = sp.featurize(
             trajectory,
@@ -393,6 +396,7 @@ def featurize(
             spec=str(spec.path),
             shard=Shard.parse(shard) if shard else None,
             grow=grow,
+            command=command,
         )
     if not store.meta.get("featurized"):
         resolved = Shard.parse(shard) if shard else None
@@ -429,6 +433,26 @@ def _finished_meta(path: str) -> str | None:
     except sp.SourceProjError:  # featurize itself says what is wrong with it
         return None
     return json.dumps(meta, sort_keys=True) if meta.get("featurized") else None
+
+
+def _replay(ctx: click.Context, **paths: Path) -> str:
+    """The command line of this command as given, its options at their defaults left out (the store records it for
+    ``verify --repair``): what would replace the store, grow it or pick one shard (``--force``, ``--grow``,
+    ``--shard``) left out too, and the ``paths`` (by parameter name) made absolute."""
+    command = ctx.command
+    words = [f"source-proj {command.name}"]
+    for param in command.params:
+        if not isinstance(param, click.Option) or param.name in ("force", "grow", "shard"):
+            continue
+        value = ctx.params.get(param.name)
+        value = Path(paths[param.name]).resolve() if param.name in paths else value
+        if param.is_flag:
+            if value:
+                words.append(param.opts[0])
+        elif value is not None and value != param.get_default(ctx) and not (param.multiple and not value):
+            for each in value if param.multiple else (value,):
+                words += [param.opts[0], shlex.quote(str(each))]
+    return " ".join(words)
 
 
 def _module_dims(values: tuple[str, ...]) -> dict[str, int]:

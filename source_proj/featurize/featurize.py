@@ -102,6 +102,7 @@ def featurize(
     progress: bool = True,
     shard: Shard | None = None,
     grow: bool = False,
+    command: str | None = None,
 ) -> Store:
     """Project every checkpoint's per-example training gradients into a store.
 
@@ -123,6 +124,8 @@ def featurize(
         grow: the store holds an earlier part of this run (it trained further: more checkpoints, new
             stages): add what is new, computing only the new checkpoints' work (see ``grow.py``). The
             fitted methods are dropped; fit again.
+        command: the command line that featurizes this store (the CLI records its own), kept in the store so that
+            ``verify --repair`` and fit's messages print it to resume or recompute what is missing.
 
     Returns:
         The store, with ``grads/<stage>/<ckpt>`` of shape ``[N_stage, k]`` for every checkpoint
@@ -147,7 +150,7 @@ def featurize(
     job = _Featurize(
         trajectory, model, task, train_data, str(store_path), projection, options, spec, progress, group, grow
     )
-    job.overwrite = overwrite
+    job.overwrite, job.command = overwrite, command
     if job.lockstep is not None:
         job.set_up_together(group)
     run_sharded(job.path, job, group, overwrite=overwrite, keep_new=_has_features)
@@ -190,6 +193,7 @@ class _Featurize:
         self._meta: dict[str, Any] | None = None
         self._fisher_layouts: dict[tuple[str, int], FisherRows] = {}  # (stage, rows) → the rows its Fisher keeps
         self.overwrite = False  # the eigen basis of a store being replaced is estimated again
+        self.command: str | None = None  # the command line that featurizes the store (meta["command"])
         self._checkpoints_checked = False
 
     @property
@@ -286,6 +290,7 @@ class _Featurize:
                     "checkpoints": [c.step for c in trajectory.checkpoints],
                 },
                 "spec": self.spec,
+                **({} if self.command is None else {"command": self.command}),
                 "provenance": describe_provenance(self.model, trajectory, self.device, options.batch_size),
                 "layout": {"shard_chunks": options.shard_chunks or shard_chunks_for(4 * options.chunk_rows * k)},
                 "fingerprint": fingerprint,
@@ -717,7 +722,8 @@ def _measures(unit: Unit, final: str, options: FeaturizeArguments) -> bool:
 
 def _differing(old: dict[str, Any], meta: dict[str, Any]) -> list[str]:
     """The settings (metadata fields compared exactly) in which ``meta`` differs from a store's ``old``."""
-    informative = ("spec", "provenance", "fingerprint", "layout")  # a store keeps the layout it was created with
+    # Not compared: how the store was made and named; a store keeps the layout it was created with.
+    informative = ("spec", "command", "provenance", "fingerprint", "layout")
     return [key for key in meta if key not in informative and old.get(key) != meta[key]]
 
 

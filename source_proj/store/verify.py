@@ -143,9 +143,12 @@ def featurize_command(store: Store) -> str:
             "capture the run again into a new store (a captured window is recomputed only by training through it), "
             "or featurize the run after training into a new store (source-proj featurize --projection factored)"
         )
+    if meta.get("command"):  # the CLI's own, as it was given
+        return str(meta["command"])
     spec = meta.get("spec")
     if spec is None:
         return "re-run source_proj.featurize(...) with the arguments that created the store"
+    # A store made before the command was recorded: its settings, as far as they name the options.
     proj, feat = meta["projection"], meta["featurize"]
     args = [
         "source-proj featurize",
