@@ -159,7 +159,7 @@ def test_independent_shards_take_the_same_batches(
 
 
 def test_refusals(run: Path, classification_data: TensorDataset, tmp_path: Path) -> None:
-    with pytest.raises(TaskError, match="multiple of batch_size"):
+    with pytest.raises(TaskError, match=r"must be a multiple of batch_size \(--batch-size, "):
         sp.FeaturizeArguments(batch_size=4, chunk_rows=10, fisher_examples=100)
     with pytest.raises(TaskError, match="fisher_examples"):
         sp.FeaturizeArguments(fisher_examples=0)

@@ -222,8 +222,9 @@ class FeaturizeArguments:
             _positive(self, "fisher_examples")
             if self.chunk_rows % self.batch_size:
                 raise TaskError(
-                    f"fisher_examples takes whole batches from every row chunk, so chunk_rows ({self.chunk_rows}) "
-                    f"must be a multiple of batch_size ({self.batch_size})."
+                    f"A Fisher of a share of the examples (fisher_examples, --fisher-examples) takes whole batches "
+                    f"from every row chunk, so chunk_rows (--chunk-rows, {self.chunk_rows}) must be a multiple of "
+                    f"batch_size (--batch-size, {self.batch_size})."
                 )
 
     def fisher_meta(self, block: int | None = None) -> dict[str, int]:
