@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -197,6 +198,28 @@ def test_per_token_scores_of_a_sequence_sum_to_its_score(fitted: tuple[Path, Pat
                         lambda t: data.tokenizer.decode([t])[0], tmp_path / "tokens.html",
                         score_labels=lm.build_task(TINY).score_labels).read_text()  # fmt: skip
     assert page.count("<tr>") == 2 * len(rows) and "rgba(220, 80, 40" in page and "rgba(40, 110, 220" in page
+
+
+def test_per_token_scores_of_a_method_without_a_recipe_name_the_methods_that_have_one(
+    fitted: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """TRAK's scores go through its kernel, which no training recipe splits by token: the refusal names the methods
+    that split, and tells to re-fit only a store whose SOURCE lacks its recipe (fitted by an earlier version)."""
+    _, store = fitted
+    copy = tmp_path / "model.sp"
+    shutil.copytree(store, copy)
+    sp.fit_baseline(copy, sp.BaselineArguments(kind="trak"), progress=False)
+    data = lm.corpus(TINY)
+    trak = sp.Attributor(copy, lm.build_model(0, TINY), lm.build_task(TINY), method="trak")
+    with pytest.raises(sp.TaskError, match=r"^Method 'trak' records no training recipe, .* or tracin\.$"):
+        sp.token_scores(trak, [data.queries[0]], data.train, [0])
+    meta = sp.Store.open(copy, writable=True)
+    methods = dict(meta.meta["methods"])
+    methods["source"] = {key: value for key, value in methods["source"].items() if key != "train"}
+    meta.update_meta(methods=methods)
+    source = sp.Attributor(copy, lm.build_model(0, TINY), lm.build_task(TINY))
+    with pytest.raises(sp.TaskError, match=r"^Method 'source' \(fitted by an earlier version: re-fit it with --force"):
+        sp.token_scores(source, [data.queries[0]], data.train, [0])
 
 
 def test_single_token_queries_split_the_summed_query_loss(fitted: tuple[Path, Path]) -> None:

@@ -154,11 +154,14 @@ def token_scores(
         ``TokenScores`` with ``tokens`` ``[Q, len(rows), T]``.
     """
     store = attributor.store
-    recipe = method_meta(store, attributor.method).get("train")
+    described = method_meta(store, attributor.method)
+    recipe = described.get("train")
     if recipe is None:
+        splittable = ("source", "fast-source", "grad-dot", "tracin")
+        older = " (fitted by an earlier version: re-fit it with --force)" if described.get("kind") in splittable else ""
         raise TaskError(
-            f"Method {attributor.method!r} records no training recipe, so its scores cannot be split by token; use "
-            "source, fast-source, grad-dot or tracin (a store fitted by an earlier version: re-fit it with --force)."
+            f"Method {attributor.method!r}{older} records no training recipe, so its scores cannot be split by token; "
+            f"use {', '.join(splittable[:-1])} or {splittable[-1]}."
         )
     if store.meta["projection"]["kind"] == "fast_jl":
         raise TaskError(
