@@ -43,6 +43,7 @@ from source_proj.featurize.arguments import ProjectionArguments
 from source_proj.featurize.basis import modes_kept
 from source_proj.featurize.capture import INDEX_KEY, CaptureArguments
 from source_proj.integrations._hook import CaptureSettings, RecorderSettings, dataset_size, start_recording
+from source_proj.tasks.data import RandomStateKept
 from source_proj.tasks.task import Task
 
 _CALLS_OPTIMIZER_STEP = hasattr(CallbackHandler, "on_optimizer_step")
@@ -134,7 +135,7 @@ def _steps_too_far(trainer: Any, model: Any, args: Any, dataloader: Any) -> str:
     with torch.random.fork_rng(devices=devices), torch.no_grad(), modes_kept(model):  # a random collator's draws too
         model.eval()
         try:
-            batch = collate(rows)
+            batch = RandomStateKept(collate)(rows)  # a collator's own generator (a seeded masking) is kept too
             if not isinstance(batch, MutableMapping) or not isinstance(batch.get("labels"), Tensor):
                 return ""
             inputs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()
