@@ -361,8 +361,7 @@ def featurize(
     trajectory = sp.Trajectory.load(run_dir)
     data = {s.name: spec.train_data(s.name) for s in trajectory.stages}
     before = _finished_meta(store_path) if not force else None
-    local = {} if "://" in store_path else {"store_path": Path(store_path)}
-    command = _replay(click.get_current_context(), run_dir=run_dir, spec_path=spec.path, **local)
+    command = _replay(click.get_current_context(), run_dir=run_dir, spec_path=spec.path)
     with launched(device):
         store = sp.featurize(
             trajectory,
@@ -437,12 +436,13 @@ def _finished_meta(path: str) -> str | None:
 
 def _replay(ctx: click.Context, **paths: Path) -> str:
     """The command line of this command as given, its options at their defaults left out (the store records it for
-    ``verify --repair``): what would replace the store, grow it or pick one shard (``--force``, ``--grow``,
-    ``--shard``) left out too, and the ``paths`` (by parameter name) made absolute."""
+    ``verify --repair``): the store's own path (``--out``: a copied store is elsewhere), and what would replace the
+    store, grow it or pick one shard (``--force``, ``--grow``, ``--shard``) left out too; the ``paths`` (by parameter
+    name) made absolute."""
     command = ctx.command
     words = [f"source-proj {command.name}"]
     for param in command.params:
-        if not isinstance(param, click.Option) or param.name in ("force", "grow", "shard"):
+        if not isinstance(param, click.Option) or param.name in ("store_path", "force", "grow", "shard"):
             continue
         value = ctx.params.get(param.name)
         value = Path(paths[param.name]).resolve() if param.name in paths else value

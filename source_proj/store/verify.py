@@ -143,8 +143,8 @@ def featurize_command(store: Store) -> str:
             "capture the run again into a new store (a captured window is recomputed only by training through it), "
             "or featurize the run after training into a new store (source-proj featurize --projection factored)"
         )
-    if meta.get("command"):  # the CLI's own, as it was given
-        return str(meta["command"])
+    if meta.get("command"):  # the CLI's own, as it was given but for the store's path (it may have moved since)
+        return f"{meta['command']} --out {shlex.quote(store.path)}"
     spec = meta.get("spec")
     if spec is None:
         return "re-run source_proj.featurize(...) with the arguments that created the store"
