@@ -336,7 +336,9 @@ def _featurize(run: Path, data: TensorDataset, store: Path, **options) -> sp.Sto
 
 
 def test_featurize_refuses_an_rmsprop_run_instead_of_treating_it_as_sgd(tmp_path: Path, regression_data) -> None:
-    _small_run(tmp_path / "run", regression_data, lambda p: torch.optim.RMSprop(p, lr=0.01))
+    """Told as the stage begins (a warning: the run may serve other ends), and refused by featurize."""
+    with pytest.warns(UserWarning, match=r"^Stage 'main' trains with 'RMSprop', whose update SOURCE cannot model: "):
+        _small_run(tmp_path / "run", regression_data, lambda p: torch.optim.RMSprop(p, lr=0.01))
     with pytest.raises(sp.TrajectoryError, match="'RMSprop', whose update SOURCE cannot model"):
         _featurize(tmp_path / "run", regression_data, tmp_path / "s.sp")
 
@@ -348,7 +350,8 @@ def test_featurize_refuses_an_adafactor_run_as_one_it_cannot_model_not_as_a_malf
     format has as a number: the run is recorded without it, and featurize names the optimizer it cannot model."""
     transformers = pytest.importorskip("transformers")
     factory = lambda p: transformers.optimization.Adafactor(p, lr=0.01, relative_step=False, scale_parameter=False)  # noqa: E731
-    _small_run(tmp_path / "run", regression_data, factory)
+    with pytest.warns(UserWarning, match="'Adafactor', whose update SOURCE cannot model: featurize will refuse"):
+        _small_run(tmp_path / "run", regression_data, factory)
     with pytest.raises(sp.TrajectoryError, match="'Adafactor', whose update SOURCE cannot model"):
         _featurize(tmp_path / "run", regression_data, tmp_path / "s.sp")
 

@@ -117,6 +117,10 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+MODELLED_OPTIMIZERS = "SGD (heavy-ball or Nesterov momentum, dampening, weight decay), Adam, AdamW"
+"""The optimizers whose update SOURCE models (``segments.optimizer_rule``), in words."""
+
+
 def describe_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
     """What SOURCE needs to know of an optimiser: its kind and each parameter group's settings."""
     names = {id(p): n for n, p in model.named_parameters()}
@@ -491,6 +495,12 @@ class TrajectoryRecorder:
             }
         )
         kind = self._stages[-1]["optimizer"]["kind"]
+        if kind not in ("sgd", "adam", "adamw"):  # told now, not after training, when featurize refuses the run
+            warnings.warn(
+                f"Stage {name!r} trains with {kind!r}, whose update SOURCE cannot model: featurize will refuse this "
+                f"run; train with {MODELLED_OPTIMIZERS} to attribute it.",
+                stacklevel=2,
+            )
         if kind in ("adam", "adamw") and self._save_optimizer_state is False:
             warnings.warn(
                 f"Stage {name!r} trains with {kind} but the recorder was made with save_optimizer_state=False: SOURCE "

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from source_proj.errors import TrajectoryError
-from source_proj.trajectory.recorder import Stage
+from source_proj.trajectory.recorder import MODELLED_OPTIMIZERS, Stage
 
 
 @dataclass(frozen=True)
@@ -196,9 +196,6 @@ def segment_average(
     return step_average(segment, knots or segment.checkpoints, lr)
 
 
-_SUPPORTED = "SGD (heavy-ball or Nesterov momentum, dampening, weight decay), Adam, AdamW"
-
-
 @dataclass(frozen=True)
 class OptimizerRule:
     """How one stage's optimiser maps onto SOURCE's gradient descent (docs/concepts/source.md §6).
@@ -236,7 +233,7 @@ def optimizer_rule(stage: Stage, param_sizes: Mapping[str, int]) -> OptimizerRul
     where = f"Stage {stage.name!r}"
     if kind not in ("sgd", "adam", "adamw"):
         raise TrajectoryError(
-            f"{where} was trained with {kind!r}, whose update SOURCE cannot model; it attributes {_SUPPORTED} "
+            f"{where} was trained with {kind!r}, whose update SOURCE cannot model; it attributes {MODELLED_OPTIMIZERS} "
             "runs, so re-train with one of them."
         )
     groups = opt["groups"]
