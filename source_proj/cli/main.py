@@ -361,7 +361,7 @@ def featurize(
     trajectory = sp.Trajectory.load(run_dir)
     data = {s.name: spec.train_data(s.name) for s in trajectory.stages}
     before = _finished_meta(store_path) if not force else None
-    command = _replay(click.get_current_context(), run_dir=run_dir, spec_path=spec.path)
+    command = _replay(click.get_current_context())
     with launched(device):
         store = sp.featurize(
             trajectory,
@@ -434,18 +434,20 @@ def _finished_meta(path: str) -> str | None:
     return json.dumps(meta, sort_keys=True) if meta.get("featurized") else None
 
 
-def _replay(ctx: click.Context, **paths: Path) -> str:
-    """The command line of this command as given, its options at their defaults left out (the store records it for
-    ``verify --repair``): the store's own path (``--out``: a copied store is elsewhere), and what would replace the
-    store, grow it or pick one shard (``--force``, ``--grow``, ``--shard``) left out too; the ``paths`` (by parameter
-    name) made absolute."""
+_NOT_REPLAYED = ("run_dir", "spec_path", "store_path", "force", "grow", "shard")
+
+
+def _replay(ctx: click.Context) -> str:
+    """The options of this command as given, those at their defaults left out (the store records them for
+    ``verify --repair``); left out too: the paths, which the store records as they are now (``--ckpts``, ``--spec``,
+    ``--out``: a store or its run may have moved since), and what would replace the store, grow it or pick one shard
+    (``--force``, ``--grow``, ``--shard``)."""
     command = ctx.command
     words = [f"source-proj {command.name}"]
     for param in command.params:
-        if not isinstance(param, click.Option) or param.name in ("store_path", "force", "grow", "shard"):
+        if not isinstance(param, click.Option) or param.name in _NOT_REPLAYED:
             continue
         value = ctx.params.get(param.name)
-        value = Path(paths[param.name]).resolve() if param.name in paths else value
         if param.is_flag:
             if value:
                 words.append(param.opts[0])

@@ -124,8 +124,8 @@ def featurize(
         grow: the store holds an earlier part of this run (it trained further: more checkpoints, new
             stages): add what is new, computing only the new checkpoints' work (see ``grow.py``). The
             fitted methods are dropped; fit again.
-        command: the command line that featurizes this store but for its path (the CLI records its own), kept in
-            the store so that ``verify --repair`` and fit's messages print it to resume or recompute what is missing.
+        command: the command line that featurizes this store, its paths left out (the CLI records its own options),
+            kept so that ``verify --repair`` and fit's messages print it to resume or recompute what is missing.
 
     Returns:
         The store, with ``grads/<stage>/<ckpt>`` of shape ``[N_stage, k]`` for every checkpoint

@@ -143,20 +143,20 @@ def featurize_command(store: Store) -> str:
             "capture the run again into a new store (a captured window is recomputed only by training through it), "
             "or featurize the run after training into a new store (source-proj featurize --projection factored)"
         )
-    if meta.get("command"):  # the CLI's own, as it was given but for the store's path (it may have moved since)
-        return f"{meta['command']} --out {shlex.quote(store.path)}"
     spec = meta.get("spec")
     if spec is None:
         return "re-run source_proj.featurize(...) with the arguments that created the store"
-    # A store made before the command was recorded: its settings, as far as they name the options.
-    proj, feat = meta["projection"], meta["featurize"]
-    args = [
-        "source-proj featurize",
+    paths = [
         f"--ckpts {shlex.quote(meta['trajectory']['path'])}",
         f"--spec {shlex.quote(spec)}",
         f"--out {shlex.quote(store.path)}",
-        f"--projection {proj['kind']}",
     ]
+    recorded, command = str(meta.get("command") or ""), "source-proj featurize"
+    if recorded.startswith(command):  # the CLI's own options as they were given, the paths as the store has them now
+        return " ".join([command, *paths]) + recorded[len(command) :]
+    # A store made before the command was recorded: its settings, as far as they name the options.
+    proj, feat = meta["projection"], meta["featurize"]
+    args = [command, *paths, f"--projection {proj['kind']}"]
     if proj["kind"] != "identity":
         # The eigen projection records the k asked for as "k" and its blocks' total (which may be a little less) as
         # "dim"; featurize compares the k asked for, so the command must ask for that one.
