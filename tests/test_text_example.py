@@ -200,6 +200,32 @@ def test_per_token_scores_of_a_sequence_sum_to_its_score(fitted: tuple[Path, Pat
     assert page.count("<tr>") == 2 * len(rows) and "rgba(220, 80, 40" in page and "rgba(40, 110, 220" in page
 
 
+def test_per_token_scores_batch_each_stages_sequences_by_that_stages_own_collate(fitted: tuple[Path, Path]) -> None:
+    """The fine-tuning stage given as raw token lists that only its own collate makes into batches, the
+    pre-training stage as ``TextDataset``: rows of both stages, interleaved, score as when both are
+    ``TextDataset``s (each stage batched by its own collate, not the first row's)."""
+    _, store = fitted
+    data = lm.corpus(TINY)
+    attributor = sp.Attributor(store, lm.build_model(0, TINY), lm.build_task(TINY))
+    queries = torch.utils.data.Subset(data.queries, [0, 1])
+    rows = [30, 0, 35, 5, 24]  # fine-tuning rows start at 24
+    reference = sp.token_scores(attributor, queries, data.train, rows, batch_size=2, progress=False)
+
+    def tokenize(lists: list[list[int]]) -> dict[str, torch.Tensor]:
+        ids = torch.tensor(lists)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    finetune = data.train["finetune"]
+    raw = sp.CollatedDataset([finetune[i]["input_ids"].tolist() for i in range(len(finetune))], tokenize)
+    mixed = sp.token_scores(attributor, queries, {"pretrain": data.train["pretrain"], "finetune": raw}, rows,
+                            batch_size=2, progress=False)  # fmt: skip
+    assert mixed.where == reference.where and [s for s, _ in mixed.where] == ["finetune", "pretrain"] * 2 + ["finetune"]
+    np.testing.assert_array_equal(mixed.input_ids, reference.input_ids)
+    np.testing.assert_array_equal(mixed.attention_mask, reference.attention_mask)
+    np.testing.assert_allclose(mixed.tokens, reference.tokens, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(mixed.unplaced, reference.unplaced, rtol=1e-6, atol=1e-9)
+
+
 def test_per_token_scores_of_a_method_without_a_recipe_name_the_methods_that_have_one(
     fitted: tuple[Path, Path], tmp_path: Path
 ) -> None:

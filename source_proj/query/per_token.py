@@ -171,17 +171,24 @@ def token_scores(
     datasets = as_stage_datasets(train_data, attributor.trajectory)
     places = [_locate(attributor, int(row)) for row in rows]
     query = attributor.query_features(queries).double()
-    batch = _stack([datasets[stage][index] for stage, index in places], collate_of(datasets[places[0][0]]))
-    size, length = batch["input_ids"].shape
+    # Each stage's sequences batched by that stage's own collate (stages may pad differently), right-padded to one
+    # length in what is returned.
+    batches = {stage: _stack([datasets[stage][places[i][1]] for i in chosen], collate_of(datasets[stage]))
+               for stage, chosen in _by_stage(places).items()}  # fmt: skip
     seq2seq = isinstance(attributor.task, Seq2SeqTask)
+    input_ids, attention_mask = _padded(batches, places, "input_ids", 0), _padded(batches, places, "attention_mask", 0)
+    target_ids = _padded(batches, places, "labels", IGNORE_INDEX) if seq2seq else None
+    size, length = input_ids.shape
     tokens = torch.zeros(query.shape[0], size, length, dtype=torch.float64)
-    targets = torch.zeros(query.shape[0], size, batch["labels"].shape[1] if seq2seq else 0, dtype=torch.float64)
+    span = target_ids.shape[1] if target_ids is not None else 0
+    targets = torch.zeros(query.shape[0], size, span, dtype=torch.float64)
     unplaced = torch.zeros(query.shape[0], size, dtype=torch.float64)
     by_step = {c.step: c for c in attributor.trajectory.checkpoints}
     loaded = None
     pullbacks = sorted(_pullbacks(attributor, recipe, query).items(), key=str)
+    chosen_by_stage = _by_stage(places)
     for (point, scale_name, stage), w in tqdm(pullbacks, desc="per-token scores", unit="point", disable=not progress):
-        chosen = [i for i, (s, _) in enumerate(places) if s == stage]
+        chosen = chosen_by_stage.get(stage)
         if not chosen:
             continue
         if loaded != point:
@@ -191,22 +198,43 @@ def token_scores(
         u = adjoint(attributor.projector, store.meta["params"], w.to(attributor.device), scale)
         for start in range(0, len(chosen), batch_size):
             part = chosen[start : start + batch_size]
-            sub = move_batch({key: value[part] for key, value in batch.items()}, attributor.device)
-            placed, target, rest = _split(attributor, sub, u)
-            tokens[:, part] += placed.cpu()
-            targets[:, part] += target.cpu()
+            sub = {key: value[start : start + batch_size] for key, value in batches[stage].items()}
+            placed, target, rest = _split(attributor, move_batch(sub, attributor.device), u)
+            tokens[:, part, : placed.shape[2]] += placed.cpu()
+            targets[:, part, : target.shape[2]] += target.cpu()
             unplaced[:, part] += rest.cpu()
     return TokenScores(
         rows=np.asarray(rows, dtype=np.int64),
         where=places,
-        input_ids=batch["input_ids"].numpy(),
-        attention_mask=batch.get("attention_mask", torch.ones_like(batch["input_ids"])).numpy(),
+        input_ids=input_ids.numpy(),
+        attention_mask=attention_mask.numpy(),
         tokens=tokens.float().numpy(),
         unplaced=unplaced.float().numpy(),
         scores=_cached_scores(attributor, query, places).astype(np.float32),
-        target_ids=batch["labels"].numpy() if seq2seq else None,
+        target_ids=target_ids.numpy() if target_ids is not None else None,
         target_tokens=targets.float().numpy() if seq2seq else None,
     )
+
+
+def _by_stage(places: Sequence[tuple[str, int]]) -> dict[str, list[int]]:
+    """The positions in ``places`` of each stage's sequences, stages in their first appearance's order."""
+    out: dict[str, list[int]] = {}
+    for i, (stage, _) in enumerate(places):
+        out.setdefault(stage, []).append(i)
+    return out
+
+
+def _padded(
+    batches: Mapping[str, Mapping[str, Tensor]], places: Sequence[tuple[str, int]], key: str, fill: int
+) -> Tensor:
+    """``key`` of every stage's batch ``[n_stage, T_stage]`` as one ``[len(places), max T]`` in the order of
+    ``places``, right-padded with ``fill`` (an attention mask missing from a batch: ones over its length)."""
+    rows = _by_stage(places)
+    parts = {stage: b[key] if key in b else torch.ones_like(b["input_ids"]) for stage, b in batches.items()}
+    out = torch.full((len(places), max(p.shape[1] for p in parts.values())), fill, dtype=torch.long)
+    for stage, part in parts.items():
+        out[rows[stage], : part.shape[1]] = part.to(torch.long)
+    return out
 
 
 def _locate(attributor: Attributor, row: int) -> tuple[str, int]:
@@ -219,9 +247,14 @@ def _locate(attributor: Attributor, row: int) -> tuple[str, int]:
 
 def _stack(examples: Sequence[Any], collate: Callable[[list[Any]], Any]) -> dict[str, Tensor]:
     """The examples as one batch, by their dataset's collate (``collate_of``)."""
-    if not examples or not isinstance(examples[0], Mapping) or "input_ids" not in examples[0]:
-        raise TaskError("Per-token scores need text examples: dicts with 'input_ids' (as sp.TextDataset gives).")
-    return collate(list(examples))
+    batch = collate(list(examples)) if examples else None
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+    if not isinstance(ids, Tensor) or ids.dim() != 2:
+        raise TaskError(
+            "Per-token scores need text examples: batches that are dicts with 'input_ids' [B, T] (as sp.TextDataset "
+            "or a tokenizer's collator gives)."
+        )
+    return batch
 
 
 def _pullbacks(
