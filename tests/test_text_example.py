@@ -224,6 +224,8 @@ def test_per_token_scores_batch_each_stages_sequences_by_that_stages_own_collate
     np.testing.assert_array_equal(mixed.attention_mask, reference.attention_mask)
     np.testing.assert_allclose(mixed.tokens, reference.tokens, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(mixed.unplaced, reference.unplaced, rtol=1e-6, atol=1e-9)
+    with pytest.raises(sp.TaskError, match=r"^Give token_scores at least one row"):
+        sp.token_scores(attributor, queries, data.train, [], progress=False)
 
 
 def test_per_token_scores_of_a_method_without_a_recipe_name_the_methods_that_have_one(

@@ -170,6 +170,8 @@ def token_scores(
         )
     datasets = as_stage_datasets(train_data, attributor.trajectory)
     places = [_locate(attributor, int(row)) for row in rows]
+    if not places:
+        raise TaskError("Give token_scores at least one row of the method's features (e.g. a query's top-k ids).")
     query = attributor.query_features(queries).double()
     # Each stage's sequences batched by that stage's own collate (stages may pad differently), right-padded to one
     # length in what is returned.
