@@ -93,7 +93,10 @@ def build_model(config: dict) -> torch.nn.Module:
         vocab_size=config["vocab"], n_positions=config["length"], n_embd=config["width"], n_layer=config["layers"],
         n_head=config["heads"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager",
     )  # fmt: skip
-    return transformers.GPT2LMHeadModel(gpt2)
+    model = transformers.GPT2LMHeadModel(gpt2)
+    # the Trainer then divides the loss by the predicted labels only, as LanguageModelingTask does (no warning)
+    model.loss_type = "ForCausalLM"
+    return model
 
 
 def build_task():
