@@ -668,6 +668,39 @@ def test_lightning_callback_records_a_cycled_momentum_step_by_step(tmp_path: Pat
     assert min(betas) < 0.9 < max(betas)
 
 
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_lightning_gradient_clipping_is_recorded_at_the_step_it_clipped(
+    tmp_path: Path, classification_data, algorithm: str
+) -> None:
+    """Lightning runs backward and ``gradient_clip_val``'s clipping inside ``optimizer.step(closure)``: each step's
+    recorded factor is the one its own gradient was clipped by (value clipping: its change of norm)."""
+    import lightning.pytorch as pl
+
+    from source_proj.integrations import LightningRecorder
+
+    def norm(module: nn.Module) -> float:
+        return float(torch.cat([p.grad.reshape(-1) for p in module.parameters()]).norm())
+
+    factors: list[float] = []
+
+    class Clipped(_lightning_mlp(lambda params: torch.optim.SGD(params, lr=0.1))):  # type: ignore[misc]
+        def on_before_optimizer_step(self, optimizer) -> None:
+            self.unclipped = norm(self)
+
+        def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            factors.append(norm(self) / self.unclipped)
+
+    loader = torch.utils.data.DataLoader(classification_data, batch_size=10)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         gradient_clip_val={"norm": 0.3, "value": 0.05}[algorithm], gradient_clip_algorithm=algorithm,
+                         callbacks=[LightningRecorder(tmp_path / "run", save_every=3)])  # fmt: skip
+    trainer.fit(Clipped(), loader)
+    assert len(factors) == 6 and min(factors) < 0.95 and max(factors) > min(factors) + 0.05
+    assert np.allclose(sp.Trajectory.load(tmp_path / "run").clip, factors, rtol=1e-4)
+
+
 def test_lightning_capture_callback_captures_what_featurize_computes_at_each_step(
     tmp_path: Path, classification_data
 ) -> None:

@@ -255,6 +255,41 @@ def test_gradient_clipping_factor_is_measured_every_step(tmp_path: Path, scaled:
     assert traj.clip[np.asarray(expected) == 1.0].tolist() == [1.0] * int(sum(e == 1.0 for e in expected))
 
 
+@pytest.mark.parametrize("recorded_by", ["loop", "earlier_post_hook"])
+def test_clipping_inside_a_closure_step_is_measured_for_that_step(tmp_path: Path, recorded_by: str) -> None:
+    """``optimizer.step(closure)`` (Lightning's automatic optimization) runs backward and clipping inside the step,
+    after its pre-hooks: each factor is the step's own, not the one before it. Also where the step is recorded by
+    a post-hook registered before the recorder's own."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(24, 4, generator=g), torch.randn(24, generator=g) * 3
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    recorders: list[sp.TrajectoryRecorder] = []
+    if recorded_by == "earlier_post_hook":
+        opt.register_step_post_hook(lambda *_: recorders[0].step())
+    recorders.append(sp.TrajectoryRecorder(tmp_path / "run", model, opt, save_every=3))
+    recorders[0].begin_stage("main", dataset_size=24)
+    expected = []
+
+    def closure(rows: slice) -> torch.Tensor:
+        opt.zero_grad()
+        loss = ((model(x[rows]).squeeze(-1) - y[rows]) ** 2).mean()
+        loss.backward()
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 6.0))
+        expected.append(min(1.0, 6.0 / (norm + 1e-6)))
+        return loss
+
+    for step in range(6):
+        opt.step(lambda: closure(slice(4 * step, 4 * step + 4)))  # noqa: B023 (called at once)
+        if recorded_by == "loop":
+            recorders[0].step()
+    recorders[0].close()
+    traj = sp.Trajectory.load(tmp_path / "run")
+    assert 0 < min(expected) < 0.6 and max(expected) == 1.0
+    assert np.allclose(traj.clip, expected, rtol=1e-4)
+
+
 def test_a_loss_scaler_the_recorder_does_not_know_is_refused(tmp_path: Path) -> None:
     with pytest.raises(sp.TrajectoryError, match="loss scaler"):
         _clipped_run(tmp_path / "run", 1e6, torch.amp.GradScaler("cpu", init_scale=2.0**12), pass_scaler=False)

@@ -29,14 +29,15 @@ stage ``s`` owns steps ``start_step ≤ t < end_step``.
 
 **Gradient clipping** (``clip_grad_norm_``, the Hugging Face Trainer's ``max_grad_norm``, 1.0 by
 default) multiplies step k's gradient by α_k = min(1, c/‖g_k‖), so the step an example's gradient
-takes is η_k α_k: SOURCE's step sizes are ``Trajectory.lr`` = η_k·α_k. (The dependence of α_k
-on the example itself, through ‖g_k‖, is second order and ignored.) The recorder measures α_k
-itself: it keeps the norm of every parameter's gradient as backward accumulates it (a
-post-accumulate-grad hook, so gradient accumulation is covered) and compares it with the norm
-the optimiser is handed (a step pre-hook). Anything that rescales all gradients between backward
-and the step is thus recorded, whatever clipped them; a loss scaler's unscaling is taken out
-when the scaler is given (``grad_scaler``). Value clipping (``clip_grad_value_``) changes the
-gradient's direction and is recorded only as its change of norm. In a multi-process run each
+takes is η_k α_k: SOURCE's step sizes are ``Trajectory.lr`` = η_k·α_k. (The dependence of α_k on the
+example itself, through ‖g_k‖, is second order and ignored.) The recorder measures α_k itself: it
+keeps the norm of every parameter's gradient as backward accumulates it (a post-accumulate-grad
+hook, so gradient accumulation is covered) and compares it with the norm the optimiser stepped with
+(a step post-hook, so that a backward and clipping run inside ``optimizer.step(closure)``, as
+Lightning runs them, count for the step they belong to). Anything that rescales all gradients
+between backward and the step is thus recorded, whatever clipped them; a loss scaler's unscaling is
+taken out when the scaler is given (``grad_scaler``). Value clipping (``clip_grad_value_``) changes
+the gradient's direction and is recorded only as its change of norm. In a multi-process run each
 process sees its local gradients, so pass the factor to ``TrajectoryRecorder.step`` instead.
 """
 
@@ -534,7 +535,7 @@ class TrajectoryRecorder:
             raise TrajectoryError(
                 f"Step {self.global_step} used learning rate {lr}; it must be finite and non-negative."
             )
-        measured = self._clipping.take() if self._clipping is not None else None
+        measured = self._clipping.take(self._taken > 0) if self._clipping is not None else None
         if clip is not None and not (math.isfinite(clip) and 0 <= clip <= 1):
             raise TrajectoryError(f"Step {self.global_step}'s clipping factor {clip} must lie in [0, 1].")
         taken, self._taken = self._taken, 0
@@ -760,7 +761,10 @@ class TrajectoryRecorder:
 
 class _ClipWatch:
     """Measures the factor by which something (gradient clipping) rescaled the gradients between
-    backward and the optimiser step: ‖g at the step‖ / ‖g as backward accumulated it‖ (× the loss scale)."""
+    backward and the optimiser step: ‖g as the step leaves it‖ / ‖g as backward accumulated it‖ (× the loss scale).
+
+    Measured after the step (a step post-hook), not before it: an ``optimizer.step(closure)`` (Lightning's automatic
+    optimization) runs backward and clipping inside the step, after its pre-hooks."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_scaler: Any | None) -> None:
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -774,25 +778,29 @@ class _ClipWatch:
     def watch(self, optimizer: torch.optim.Optimizer) -> None:
         if self.step_handle is not None:
             self.step_handle.remove()
-        self.step_handle = optimizer.register_step_pre_hook(lambda *_: self._before_step())
+        self.step_handle = optimizer.register_step_post_hook(lambda *_: self._measure())
 
     def _accumulated(self, param: torch.Tensor) -> None:
         if param.grad is not None:
             self.accumulated[id(param)] = _squared_norm(param.grad)
 
-    def _before_step(self) -> None:
+    def _measure(self) -> None:
+        """The factor of the gradients backward accumulated since the last measure (none: the factor stays)."""
         pairs = [(self.accumulated.pop(id(p)), _squared_norm(p.grad)) for p in self.params
                  if p.grad is not None and id(p) in self.accumulated]
         if not pairs:
-            self.factor = None
             return
         before = torch.stack([b.to(pairs[0][0].device) for b, _ in pairs]).sum()
         after = torch.stack([a.to(pairs[0][0].device) for _, a in pairs]).sum()
         scale = float(self.scaler.get_scale()) if self.scaler is not None else 1.0
         self.factor = torch.where(before > 0, (after / before).sqrt() * scale, torch.ones_like(before))
 
-    def take(self) -> torch.Tensor | None:
-        """The factor of the step just taken (``None`` if no gradient reached the optimiser)."""
+    def take(self, stepped: bool) -> torch.Tensor | None:
+        """The factor of the step just taken (``None`` if no gradient reached the optimiser). ``stepped``: the
+        optimiser stepped since the last call, so a measure its post-hook has not made yet (a post-hook registered
+        before the recorder's that records the step) is made now, while the step's gradients are still there."""
+        if stepped:
+            self._measure()
         factor, self.factor = self.factor, None
         return factor
 
