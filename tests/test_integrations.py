@@ -701,6 +701,60 @@ def test_lightning_gradient_clipping_is_recorded_at_the_step_it_clipped(
     assert np.allclose(sp.Trajectory.load(tmp_path / "run").clip, factors, rtol=1e-4)
 
 
+@pytest.mark.parametrize("averaging", ["ema", "swa_batch_norm"])
+def test_lightning_weight_averaging_leaves_the_trained_weights_in_the_recorded_run(
+    tmp_path: Path, classification_data, averaging: str
+) -> None:
+    """EMA and SWA copy their average into the module as training ends, and SWA on a batch-norm model first runs one
+    more epoch that steps the optimizer without gradients: the recorded (and captured) run ends with the weights and
+    the steps training took, and the average left in the module is warned of. A callback listed before the
+    recorder, which would average the weights first, is refused."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, StochasticWeightAveraging
+
+    from source_proj.integrations import LightningCapture, LightningRecorder
+
+    weights: dict[int, dict[str, torch.Tensor]] = {}  # after each optimizer step, as training left them
+
+    class Trained(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *_: Any) -> None:
+            weights.setdefault(trainer.global_step, {k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+
+    class Normed(_lightning_mlp(lambda params: torch.optim.SGD(params, lr=0.1))):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+
+    def trainer(*callbacks: Callback) -> pl.Trainer:
+        return pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks))  # fmt: skip
+
+    loader = torch.utils.data.DataLoader(sp.IndexedDataset(classification_data), batch_size=10)
+    if averaging == "ema":
+        module, average = _lightning_mlp(lambda params: torch.optim.SGD(params, lr=0.1))(), EMAWeightAveraging()
+        recorder: Callback = LightningRecorder(tmp_path / "run", save_every=4)
+        loader = torch.utils.data.DataLoader(classification_data, batch_size=10)
+    else:
+        module, average = Normed(), StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=1)
+        task = sp.ClassificationTask(parameters=sp.ParameterSelection(skip_norm=True))
+        recorder = LightningCapture(tmp_path / "run", tmp_path / "cap.sp", task, save_every=4,
+                                    projection=sp.ProjectionArguments(dim=8, kind="factored"),
+                                    options=sp.CaptureArguments(fisher="empirical"))  # fmt: skip
+    with pytest.raises(sp.TrajectoryError, match=f"{type(average).__name__} is listed before"):
+        trainer(average, recorder).fit(module, loader)
+    with pytest.warns(UserWarning, match="leaves its averaged weights in the module"):
+        trainer(recorder, average, Trained()).fit(module, loader)
+    trajectory = sp.Trajectory.load(tmp_path / "run")
+    assert trajectory.num_steps == 6 and trajectory.complete
+    final = trajectory.load_state(trajectory.final_checkpoint)["model"]
+    assert all(torch.equal(final[k], v) for k, v in weights[6].items())
+    assert not all(torch.equal(final[k], v) for k, v in module.state_dict().items())  # the module holds the average
+    if averaging == "swa_batch_norm":
+        assert trajectory.rates.min() > 0
+        assert sp.Store.open(tmp_path / "cap.sp").meta["trajectory"]["fingerprint"] == trajectory.fingerprint()
+
+
 def test_lightning_capture_callback_captures_what_featurize_computes_at_each_step(
     tmp_path: Path, classification_data
 ) -> None:

@@ -11,14 +11,21 @@ One optimizer only; the stage's dataset size is ``len(train_dataloader.dataset)`
 ``trainer.fit(..., ckpt_path=...)`` continues the recorded run under the rule of the Hugging Face callbacks
 (``huggingface.py``): only from the recorder's last checkpoint (from an earlier one of the run with
 ``rewind=True``), never with ``overwrite=True``.
+
+Weight averaging (``StochasticWeightAveraging``, ``EMAWeightAveraging``) copies its average into the module as
+training ends: the recorder, listed before it, saves the run's last checkpoint first, with the weights training
+reached, which SOURCE attributes (a warning says so). On a model with batch norm, SWA then runs one more epoch
+that recomputes the averaged weights' batch-norm statistics and steps the optimizer without gradients: the run is
+closed as that epoch begins, so that epoch is not recorded as a training step.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
-from lightning.pytorch import Callback
+from lightning.pytorch import Callback, callbacks
 
 from source_proj.errors import TaskError, TrajectoryError
 from source_proj.featurize.arguments import ProjectionArguments
@@ -45,7 +52,17 @@ class LightningRecorder(RecorderSettings, Callback):
             ``"all"`` or ``"trainable"`` (see ``TrajectoryRecorder``).
     """
 
+    _closed = False  # the recorded run was closed (before SWA's batch-norm epoch, or as training ended)
+
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._closed = False
+        averaging = _averaging(trainer)
+        if averaging and trainer.callbacks.index(averaging[0]) < trainer.callbacks.index(self):
+            raise TrajectoryError(
+                f"{type(averaging[0]).__name__} is listed before {type(self).__name__} in the Trainer's callbacks, so "
+                "it would copy its averaged weights into the module before the recorder saves the run's last "
+                f"checkpoint as the trained weights; list {type(self).__name__} before it."
+            )
         if len(trainer.optimizers) != 1:
             raise TrajectoryError(
                 f"The LightningModule configures {len(trainer.optimizers)} optimizers; SOURCE follows one optimizer, "
@@ -67,18 +84,44 @@ class LightningRecorder(RecorderSettings, Callback):
             label_smoothing=self.label_smoothing or 0.0,
             weights=self.weights,
         )
+        if averaging:
+            warnings.warn(
+                f"{type(averaging[0]).__name__} leaves its averaged weights in the module when training ends; SOURCE "
+                "attributes the weights training reached, which the recorded run's final checkpoint holds (load them "
+                "from it to query), not the average.",
+                stacklevel=2,
+            )
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        """SWA's batch-norm epoch (one past its last, added for a model with batch norm): the run ends before it."""
+        if any(isinstance(c, callbacks.StochasticWeightAveraging) and trainer.current_epoch == c.swa_end + 1
+               for c in _averaging(trainer)):  # fmt: skip
+            self._finish()
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         """A step the fp16 loss scaler skipped ran no ``optimizer.step`` (no post-hook), while Lightning's global step
         counts it: it is recorded here, at rate 0 (the weights did not move), so the two stay in step."""
-        if self.recorder is not None:
+        if self.recorder is not None and not self._closed:
             while self.recorder.global_step < int(trainer.global_step):
                 self.recorder.step()
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        if self.recorder is not None:
-            self._handle.remove()
-            self.recorder.close()
+        self._finish()
+
+    def _finish(self) -> None:
+        """Close the recorded run (once)."""
+        if self.recorder is None or self._closed:
+            return
+        self._closed = True
+        self._handle.remove()
+        self.recorder.close()
+
+
+def _averaging(trainer: Any) -> list[Callback]:
+    """The trainer's callbacks that copy averaged weights into the module as training ends (SWA, EMA)."""
+    kinds = tuple(getattr(callbacks, name) for name in ("StochasticWeightAveraging", "WeightAveraging")
+                  if hasattr(callbacks, name))  # fmt: skip
+    return [c for c in trainer.callbacks if isinstance(c, kinds)]
 
 
 class LightningCapture(LightningRecorder):
@@ -143,9 +186,11 @@ class LightningCapture(LightningRecorder):
                 f"LightningCapture takes the row indices out of each batch in place, which a {type(batch).__name__} "
                 "batch does not allow; return dicts or tuples from the dataset (the default collate makes lists)."
             )
+        if self._closed:  # SWA's batch-norm epoch, after the run ended: not training
+            return
         count = int(indices.numel())
         self.settings.capture.begin(batch, indices, scale=float(count * trainer.accumulate_grad_batches))
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
-        if self.settings.capture is not None:
+        if self.settings.capture is not None and not self._closed:
             self.settings.capture.end_forward()
