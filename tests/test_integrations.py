@@ -755,6 +755,87 @@ def test_lightning_weight_averaging_leaves_the_trained_weights_in_the_recorded_r
         assert sp.Store.open(tmp_path / "cap.sp").meta["trajectory"]["fingerprint"] == trajectory.fingerprint()
 
 
+_DDP_RUN = """
+import json
+import sys
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from source_proj.integrations import LightningRecorder
+
+
+class Module(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        self.factors = []
+
+    def training_step(self, batch, _):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def norm(self):
+        return float(torch.cat([p.grad.reshape(-1) for p in self.parameters()]).norm())
+
+    def on_before_optimizer_step(self, optimizer):
+        self.unclipped = self.norm()  # the gradients averaged over the processes
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        self.factors.append(self.norm() / self.unclipped)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(40, 4, generator=g), torch.randint(0, 3, (40,), generator=g))
+    module = Module()
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         gradient_clip_val=0.3, callbacks=[LightningRecorder(sys.argv[1], save_every=2)])
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=10))
+    if trainer.global_rank == 0:
+        state = {k: v.tolist() for k, v in module.state_dict().items()}
+        print(json.dumps({"factors": module.factors, "state": state}))
+"""
+
+
+@pytest.mark.slow
+def test_a_lightning_ddp_run_is_recorded_by_rank_zero_with_its_averaged_gradients_clipping(tmp_path: Path) -> None:
+    """strategy="ddp" on two gloo processes: one process records the run (not two into one directory), and each
+    step's clipping factor is that of the gradients averaged over the processes, not of one process's own."""
+    script = tmp_path / "ddp_run.py"
+    script.write_text(_DDP_RUN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "run")], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    told = json.loads(done.stdout.strip().splitlines()[-1])
+    trajectory = sp.Trajectory.load(tmp_path / "run")
+    assert trajectory.num_steps == 4 and [c.step for c in trajectory.checkpoints] == [0, 2, 4]
+    assert min(told["factors"]) < 0.95 and np.allclose(trajectory.clip, told["factors"], rtol=1e-4)
+    final = trajectory.load_state(trajectory.final_checkpoint)["model"]
+    assert all(np.allclose(final[k].numpy(), v) for k, v in told["state"].items())
+
+
+def test_lightning_capture_refuses_a_multi_process_run(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from source_proj.integrations import LightningCapture
+
+    capture = LightningCapture(tmp_path / "run", tmp_path / "cap.sp", sp.ClassificationTask(), save_every=1)
+    with pytest.raises(sp.TaskError, match="captures the batches of one process"):
+        capture.on_train_start(SimpleNamespace(world_size=2), None)
+    assert not (tmp_path / "run").exists()
+
+
 def test_lightning_capture_callback_captures_what_featurize_computes_at_each_step(
     tmp_path: Path, classification_data
 ) -> None:

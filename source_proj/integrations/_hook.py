@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,7 @@ def start_recording(
     label_smoothing: float = 0.0,
     step_hook: bool = True,
     weights: str = "auto",
+    clip: Callable[[], float | None] | None = None,
 ) -> tuple[TrajectoryRecorder, Any]:
     """A recorder with its first stage begun, stepping after every optimizer step; returns it and the hook handle.
 
@@ -86,21 +88,25 @@ def start_recording(
     framework's loss scaler of an fp16 run, whose unscaling is not clipping. ``start_step``: the trainer's
     global step as training begins; above 0 it resumes from its own checkpoint, and so does the recorded run
     (``resume_recording``; ``rewind``: also from an earlier checkpoint of the run than its last).
-    ``label_smoothing``: the ε the trainer smooths its labels by, recorded with the stage.
+    ``label_smoothing``: the ε the trainer smooths its labels by, recorded with the stage. ``clip``: in a
+    multi-process run, where each process's hooks see its local gradients before they are averaged, the step's
+    clipping factor as the caller measured it (the recorder's own measure is then off).
     """
     inner = torch_optimizer(optimizer)
+    watch = clip is None
     if start_step > 0:
         recorder = resume_recording(run_dir, model, inner, stage=stage, dataset_size=dataset_size,
                                     save_every=save_every, overwrite=overwrite, grad_scaler=grad_scaler,
                                     start_step=start_step, trainer=trainer, rewind=rewind,
-                                    label_smoothing=label_smoothing)  # fmt: skip
+                                    label_smoothing=label_smoothing, watch_clipping=watch)  # fmt: skip
     else:
         recorder = TrajectoryRecorder(
             run_dir, model, inner, save_every=save_every, overwrite=overwrite, grad_scaler=grad_scaler,
-            weights=weights,  # type: ignore[arg-type]
+            watch_clipping=watch, weights=weights,  # type: ignore[arg-type]
         )
         recorder.begin_stage(stage, dataset_size=dataset_size, label_smoothing=label_smoothing)
-    handle = inner.register_step_post_hook(lambda *_: recorder.step()) if step_hook else None
+    measured = clip or (lambda: None)
+    handle = inner.register_step_post_hook(lambda *_: recorder.step(clip=measured())) if step_hook else None
     return recorder, handle
 
 
@@ -118,6 +124,7 @@ def resume_recording(
     trainer: str,
     rewind: bool = False,
     label_smoothing: float = 0.0,
+    watch_clipping: bool = True,
 ) -> TrajectoryRecorder:
     """The recorded run resumed where a resumed trainer starts (``TrajectoryRecorder.resume``), so that it goes on
     as the uninterrupted run would: only where its last checkpoint is at that step and holds the weights the trainer
@@ -183,7 +190,7 @@ def resume_recording(
     # The trainer restored the weights (those checked) and its optimizer's state, whose learning rate its scheduler
     # has moved on from the step's: the recorder's own would put back the rate the last step used.
     recorder = TrajectoryRecorder.resume(run, model, optimizer, save_every=save_every, grad_scaler=grad_scaler,
-                                         restore=False, at_step=at_step)
+                                         watch_clipping=watch_clipping, restore=False, at_step=at_step)
     return recorder
 
 

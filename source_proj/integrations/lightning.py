@@ -7,7 +7,9 @@ Usage::
     trainer.fit(module, train_loader)
 
 The LightningModule itself is the recorded model (its ``state_dict`` keys are what featurize loads).
-One optimizer only; the stage's dataset size is ``len(train_dataloader.dataset)`` unless given.
+One optimizer only; the stage's dataset size is ``len(train_dataloader.dataset)`` unless given. In a
+multi-process run (``strategy="ddp"``) the process of global rank 0 records: every process holds the same weights,
+learning rates and averaged gradients.
 ``trainer.fit(..., ckpt_path=...)`` continues the recorded run under the rule of the Hugging Face callbacks
 (``huggingface.py``): only from the recorder's last checkpoint (from an earlier one of the run with
 ``rewind=True``), never with ``overwrite=True``.
@@ -25,6 +27,7 @@ import os
 import warnings
 from typing import Any
 
+import torch
 from lightning.pytorch import Callback, callbacks
 
 from source_proj.errors import TaskError, TrajectoryError
@@ -53,9 +56,11 @@ class LightningRecorder(RecorderSettings, Callback):
     """
 
     _closed = False  # the recorded run was closed (before SWA's batch-norm epoch, or as training ended)
+    _module: Any = None  # in a multi-process run, the module whose averaged gradients give each step's clipping
+    _unclipped: float | None = None  # their norm before clipping, at the step being taken
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        self._closed = False
+        self._closed, self._module, self._unclipped = False, None, None
         averaging = _averaging(trainer)
         if averaging and trainer.callbacks.index(averaging[0]) < trainer.callbacks.index(self):
             raise TrajectoryError(
@@ -69,6 +74,10 @@ class LightningRecorder(RecorderSettings, Callback):
                 "so record runs with a single optimizer."
             )
         size = dataset_size(self.dataset_size, trainer.train_dataloader, "LightningRecorder")
+        if int(trainer.world_size) > 1:
+            if int(trainer.global_rank) != 0:
+                return
+            self._module = pl_module
         self.recorder, self._handle = start_recording(
             self.run_dir,
             pl_module,
@@ -83,6 +92,7 @@ class LightningRecorder(RecorderSettings, Callback):
             trainer="The Lightning Trainer",
             label_smoothing=self.label_smoothing or 0.0,
             weights=self.weights,
+            clip=self._clip_factor if self._module is not None else None,
         )
         if averaging:
             warnings.warn(
@@ -91,6 +101,20 @@ class LightningRecorder(RecorderSettings, Callback):
                 "from it to query), not the average.",
                 stacklevel=2,
             )
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        """A multi-process run: the averaged gradients' norm before clipping (the hooks of the recorder's own measure
+        see each process's local gradients, before they are averaged)."""
+        if self._module is not None:
+            self._unclipped = _gradient_norm(pl_module)
+
+    def _clip_factor(self) -> float | None:
+        """The factor clipping scaled the step's averaged gradients by: their norm as the step leaves them over their
+        norm before clipping."""
+        unclipped, self._unclipped = self._unclipped, None
+        if not unclipped:
+            return None
+        return min(1.0, _gradient_norm(self._module) / unclipped)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         """SWA's batch-norm epoch (one past its last, added for a model with batch norm): the run ends before it."""
@@ -117,6 +141,11 @@ class LightningRecorder(RecorderSettings, Callback):
         self.recorder.close()
 
 
+def _gradient_norm(module: Any) -> float:
+    grads = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
 def _averaging(trainer: Any) -> list[Callback]:
     """The trainer's callbacks that copy averaged weights into the module as training ends (SWA, EMA)."""
     kinds = tuple(getattr(callbacks, name) for name in ("StochasticWeightAveraging", "WeightAveraging")
@@ -139,7 +168,8 @@ class LightningCapture(LightningRecorder):
     batch's row indices out of the batch (in place: batches must be lists or dicts, as the default
     collate makes them) before ``training_step`` sees it. ``task`` computes with the LightningModule
     on those batches; ``training_step`` must minimise the batch mean of its per-example loss (with
-    ``accumulate_grad_batches`` = n, Lightning divides it by n, which capture undoes). One process only.
+    ``accumulate_grad_batches`` = n, Lightning divides it by n, which capture undoes). One process only: a
+    multi-process run (``strategy="ddp"``), whose processes train on shares of each step's examples, is refused.
     The store records the model fingerprint and, from the training dataloader's dataset, the stage's
     data fingerprint (``source_proj.GradientCapture``).
 
@@ -169,6 +199,12 @@ class LightningCapture(LightningRecorder):
         self.settings = CaptureSettings(store_path, task, projection=projection, options=options)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if int(trainer.world_size) > 1:
+            raise TaskError(
+                f"LightningCapture captures the batches of one process, and this run trains {trainer.world_size} "
+                "processes on shares of each step's examples; capture with one process, or record the run with "
+                "LightningRecorder and featurize it after training."
+            )
         super().on_train_start(trainer, pl_module)
         assert self.recorder is not None
         bf16 = str(getattr(trainer, "precision", "")).startswith("bf16")
