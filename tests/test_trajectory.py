@@ -213,6 +213,33 @@ def test_parameter_groups_with_different_rates_are_refused(tmp_path: Path) -> No
         rec.step()
 
 
+@pytest.mark.parametrize("where", ["mid_stage", "new_stage"])
+def test_a_parameter_frozen_for_part_of_the_run_is_warned_of(tmp_path: Path, where: str) -> None:
+    """SOURCE takes every attributed parameter as trained at every step: a layer unfrozen after some steps (within a
+    stage, or as a new stage begins) is warned of, once, by name; a run that freezes nothing is not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    model[0].requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rec = sp.TrajectoryRecorder(tmp_path / "run", model, opt, save_every=2)
+        rec.begin_stage("head", dataset_size=4)
+        for step in range(6):
+            if step == 3:
+                model[0].requires_grad_(True)
+                if where == "new_stage":
+                    rec.begin_stage("all", dataset_size=4)
+            opt.zero_grad()
+            model(torch.randn(4, 2)).pow(2).mean().backward()
+            opt.step()
+            rec.step()
+        rec.close()
+    said = [str(w.message) for w in caught if "frozen or unfrozen" in str(w.message)]
+    when = "at step 3" if where == "mid_stage" else "as stage 'all' begins"
+    assert len(said) == 1 and f"2 parameters (0.weight, 0.bias) were frozen or unfrozen {when}" in said[0]
+
+
 def _clipped_run(run: Path, max_norm: float, scaler: torch.amp.GradScaler | None, pass_scaler: bool) -> list[float]:
     """12 SGD steps of 2 accumulated micro-batches each, clipped at ``max_norm``; returns min(1, c/‖g‖) per step."""
     g = torch.Generator().manual_seed(0)

@@ -303,6 +303,8 @@ class TrajectoryRecorder:
         self._count_steps(optimizer)
         self._warned_untaken = False
         self._warned_momentum = False
+        self._trained: tuple[bool, ...] | None = None  # which parameters required grad as the open stage began
+        self._warned_trained = False
         self._zeroed = 0  # steps since the last checkpoint recorded at learning rate 0 for want of an optimizer step
         self._listeners: list[RecorderListener] = []
         # (step, sample, the parameters' sample) of the last checkpoint's weights
@@ -495,6 +497,7 @@ class TrajectoryRecorder:
                 **({"label_smoothing": float(label_smoothing)} if label_smoothing else {}),
             }
         )
+        self._check_trained_parameters(f"as stage {name!r} begins")
         kind = self._stages[-1]["optimizer"]["kind"]
         if kind not in ("sgd", "adam", "adamw"):  # told now, not after training, when featurize refuses the run
             warnings.warn(
@@ -544,6 +547,7 @@ class TrajectoryRecorder:
         self._lr.append(lr)
         self._clip.append(clip if clip is not None else 1.0 if measured is None else measured)
         self._momentum.append(self._step_momentum(momenta))
+        self._check_trained_parameters(f"at step {self.global_step}")
         self.global_step += 1
         if self.global_step % self.save_every == 0:
             self._save()
@@ -583,6 +587,23 @@ class TrajectoryRecorder:
                 stacklevel=3,
             )
         return None
+
+    def _check_trained_parameters(self, when: str) -> None:
+        """Warn, once, where the parameters that require grad are not those the run trained before (a parameter frozen
+        or unfrozen within the run): SOURCE takes every attributed parameter as trained at every step."""
+        params = list(self.model.named_parameters())
+        trained = tuple(p.requires_grad for _, p in params)
+        before, self._trained = self._trained, trained
+        if before is None or before == trained or self._warned_trained:
+            return
+        self._warned_trained = True
+        moved = [name for (name, _), was, now in zip(params, before, trained, strict=False) if was != now]
+        warnings.warn(
+            f"TrajectoryRecorder: {len(moved)} parameters ({', '.join(moved[:3])}{', ...' if len(moved) > 3 else ''}) "
+            f"were frozen or unfrozen {when}; SOURCE takes every attributed parameter as trained at every step of the "
+            "run, so leave these out of the attribution (sp.ParameterSelection(exclude=[...]) in the task).",
+            stacklevel=3,
+        )
 
     def _untaken(self, taken: int, lr: float) -> float:
         """The learning rate to record for a ``step`` call after ``taken`` ≠ 1 optimizer steps, warning once of a
