@@ -825,6 +825,31 @@ def test_a_lightning_ddp_run_is_recorded_by_rank_zero_with_its_averaged_gradient
     assert all(np.allclose(final[k].numpy(), v) for k, v in told["state"].items())
 
 
+def test_lightning_backbone_finetuning_is_refused_as_training_starts(tmp_path: Path, classification_data) -> None:
+    """BackboneFinetuning trains the backbone from a later epoch, in a group at a tenth of the rate: refused before
+    any step, not when the group appears mid-run."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    from source_proj.integrations import LightningRecorder
+
+    class Backboned(_lightning_mlp(lambda params: torch.optim.SGD(params, lr=0.1))):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = self.net[0]
+
+        def configure_optimizers(self):
+            return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
+
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[BackboneFinetuning(unfreeze_backbone_at_epoch=1),
+                                    LightningRecorder(tmp_path / "run", save_every=2)])  # fmt: skip
+    with pytest.raises(sp.TrajectoryError, match="BackboneFinetuning freezes part of the module"):
+        trainer.fit(Backboned(), torch.utils.data.DataLoader(classification_data, batch_size=10))
+    assert trainer.global_step == 0
+
+
 def test_lightning_capture_refuses_a_multi_process_run(tmp_path: Path) -> None:
     from types import SimpleNamespace
 

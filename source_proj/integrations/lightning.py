@@ -68,6 +68,13 @@ class LightningRecorder(RecorderSettings, Callback):
                 "it would copy its averaged weights into the module before the recorder saves the run's last "
                 f"checkpoint as the trained weights; list {type(self).__name__} before it."
             )
+        finetuning = next((c for c in trainer.callbacks if isinstance(c, callbacks.BaseFinetuning)), None)
+        if finetuning is not None:
+            raise TrajectoryError(
+                f"{type(finetuning).__name__} freezes part of the module and trains it later in a parameter group of "
+                "its own learning rate, but SOURCE takes every parameter as trained at one learning rate throughout; "
+                f"record the run without {type(finetuning).__name__}."
+            )
         if len(trainer.optimizers) != 1:
             raise TrajectoryError(
                 f"The LightningModule configures {len(trainer.optimizers)} optimizers; SOURCE follows one optimizer, "
