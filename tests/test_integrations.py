@@ -850,6 +850,21 @@ def test_lightning_backbone_finetuning_is_refused_as_training_starts(tmp_path: P
     assert trainer.global_step == 0
 
 
+def test_a_lightning_run_drawing_examples_by_weight_is_warned_of(tmp_path: Path, classification_data) -> None:
+    import lightning.pytorch as pl
+
+    from source_proj.integrations import LightningRecorder
+
+    weights = torch.linspace(0.1, 1.0, len(classification_data))
+    sampler = torch.utils.data.WeightedRandomSampler(weights, num_samples=len(classification_data))
+    loader = torch.utils.data.DataLoader(classification_data, batch_size=10, sampler=sampler)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[LightningRecorder(tmp_path / "run", save_every=2)])  # fmt: skip
+    with pytest.warns(UserWarning, match="draws examples by a WeightedRandomSampler, but SOURCE weights every"):
+        trainer.fit(_lightning_mlp(lambda params: torch.optim.SGD(params, lr=0.1))(), loader)
+
+
 def test_lightning_capture_refuses_a_multi_process_run(tmp_path: Path) -> None:
     from types import SimpleNamespace
 

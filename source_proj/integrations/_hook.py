@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import IterableDataset
+from torch.utils.data import IterableDataset, WeightedRandomSampler
 
 from source_proj.errors import TrajectoryError
 from source_proj.featurize.arguments import ProjectionArguments
@@ -204,6 +204,18 @@ def dataset_size(given: int | None, dataloader: Any, where: str) -> int:
         raise TrajectoryError(
             f"{where} cannot tell the training set size from its dataloader; pass dataset_size=N to the callback."
         ) from err
+
+
+def warn_weighted_sampler(dataloader: Any, where: str) -> None:
+    """Warn where the training dataloader draws examples by weight: SOURCE weights every example of a stage alike."""
+    sampler = getattr(dataloader, "sampler", None)
+    if isinstance(sampler, WeightedRandomSampler):
+        warnings.warn(
+            f"{where}: the training dataloader draws examples by a WeightedRandomSampler, but SOURCE weights every "
+            "example of a stage alike (1/N), so the scores of examples drawn more often than others are understated "
+            "by their weight; train with a uniform sampler (shuffle=True) to attribute the run as trained.",
+            stacklevel=3,
+        )
 
 
 class CaptureSettings:

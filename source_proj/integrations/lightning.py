@@ -33,7 +33,13 @@ from lightning.pytorch import Callback, callbacks
 from source_proj.errors import TaskError, TrajectoryError
 from source_proj.featurize.arguments import ProjectionArguments
 from source_proj.featurize.capture import INDEX_KEY, CaptureArguments, split_indices
-from source_proj.integrations._hook import CaptureSettings, RecorderSettings, dataset_size, start_recording
+from source_proj.integrations._hook import (
+    CaptureSettings,
+    RecorderSettings,
+    dataset_size,
+    start_recording,
+    warn_weighted_sampler,
+)
 from source_proj.tasks.task import Task
 
 
@@ -81,6 +87,7 @@ class LightningRecorder(RecorderSettings, Callback):
                 "so record runs with a single optimizer."
             )
         size = dataset_size(self.dataset_size, trainer.train_dataloader, "LightningRecorder")
+        warn_weighted_sampler(trainer.train_dataloader, type(self).__name__)
         if int(trainer.world_size) > 1:
             if int(trainer.global_rank) != 0:
                 return
