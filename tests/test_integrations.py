@@ -865,6 +865,30 @@ def test_a_lightning_run_drawing_examples_by_weight_is_warned_of(tmp_path: Path,
         trainer.fit(_lightning_mlp(lambda params: torch.optim.SGD(params, lr=0.1))(), loader)
 
 
+def test_a_lightning_training_set_reloaded_at_another_size_is_warned_of(tmp_path: Path) -> None:
+    """reload_dataloaders_every_n_epochs with a data module whose training set grows: the stage records the first
+    one's size, which the later epochs' examples do not fit: warned of, once."""
+    import lightning.pytorch as pl
+
+    from source_proj.integrations import LightningRecorder
+
+    class Growing(pl.LightningDataModule):
+        def train_dataloader(self):
+            g = torch.Generator().manual_seed(0)
+            n = 20 + 10 * self.trainer.current_epoch
+            data = TensorDataset(torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g))
+            return torch.utils.data.DataLoader(data, batch_size=10)
+
+    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, reload_dataloaders_every_n_epochs=1,
+                         callbacks=[LightningRecorder(tmp_path / "run", save_every=2)])  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(_lightning_mlp(lambda params: torch.optim.SGD(params, lr=0.1))(), datamodule=Growing())
+    said = [str(w.message) for w in caught if "examples, but the stage was recorded on the" in str(w.message)]
+    assert len(said) == 1 and "epoch 1 holds 30 examples" in said[0] and "the 20 its first" in said[0]
+
+
 def test_lightning_capture_refuses_a_multi_process_run(tmp_path: Path) -> None:
     from types import SimpleNamespace
 

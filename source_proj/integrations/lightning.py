@@ -64,9 +64,10 @@ class LightningRecorder(RecorderSettings, Callback):
     _closed = False  # the recorded run was closed (before SWA's batch-norm epoch, or as training ended)
     _module: Any = None  # in a multi-process run, the module whose averaged gradients give each step's clipping
     _unclipped: float | None = None  # their norm before clipping, at the step being taken
+    _warned_size = False  # a training set of another size was warned of
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        self._closed, self._module, self._unclipped = False, None, None
+        self._closed, self._module, self._unclipped, self._warned_size = False, None, None, False
         averaging = _averaging(trainer)
         if averaging and trainer.callbacks.index(averaging[0]) < trainer.callbacks.index(self):
             raise TrajectoryError(
@@ -131,7 +132,21 @@ class LightningRecorder(RecorderSettings, Callback):
         return min(1.0, _gradient_norm(self._module) / unclipped)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        """SWA's batch-norm epoch (one past its last, added for a model with batch norm): the run ends before it."""
+        """SWA's batch-norm epoch (one past its last, added for a model with batch norm): the run ends before it. A
+        training dataloader reloaded with a training set of another size is warned of, once."""
+        if self.recorder is not None and not self._closed and self.dataset_size is None and not self._warned_size:
+            recorded = self.recorder.stage[1]
+            size = getattr(trainer.train_dataloader, "dataset", None)
+            size = len(size) if hasattr(size, "__len__") else recorded
+            if size != recorded:
+                self._warned_size = True
+                warnings.warn(
+                    f"{type(self).__name__}: the training dataloader of epoch {trainer.current_epoch} holds {size} "
+                    f"examples, but the stage was recorded on the {recorded} its first one held, and SOURCE attributes "
+                    "one training set per stage; keep the training set fixed (reload_dataloaders_every_n_epochs with "
+                    "the same dataset), or train each training set as a stage of its own.",
+                    stacklevel=2,
+                )
         if any(isinstance(c, callbacks.StochasticWeightAveraging) and trainer.current_epoch == c.swa_end + 1
                for c in _averaging(trainer)):  # fmt: skip
             self._finish()
