@@ -889,6 +889,43 @@ def test_a_lightning_training_set_reloaded_at_another_size_is_warned_of(tmp_path
     assert len(said) == 1 and "epoch 1 holds 30 examples" in said[0] and "the 20 its first" in said[0]
 
 
+def test_a_lightning_batch_whose_training_step_returns_none_is_recorded_as_moving_nothing(
+    tmp_path: Path, classification_data
+) -> None:
+    """Lightning skips the backward of a batch whose training_step returns None, but still steps the optimizer (on no
+    gradient: nothing moves) and counts the step: recorded at rate 0, and its examples not captured as visited."""
+    import lightning.pytorch as pl
+
+    from source_proj.featurize.windows import window_array
+    from source_proj.integrations import LightningCapture
+
+    class Skipping(_lightning_mlp(lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9))):  # type: ignore[misc]
+        def training_step(self, batch, batch_idx):
+            return None if batch_idx == 1 else super().training_step(batch, batch_idx)
+
+    projection = sp.ProjectionArguments(dim=16, kind="factored")
+    callback = LightningCapture(tmp_path / "run", tmp_path / "cap.sp", sp.ClassificationTask(), save_every=1,
+                                projection=projection, options=sp.CaptureArguments(fisher="empirical", end_pass=False))
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])  # fmt: skip
+    loader = torch.utils.data.DataLoader(sp.IndexedDataset(classification_data), batch_size=10, shuffle=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's "training_step returned None"
+        trainer.fit(Skipping(), loader)
+    trajectory = sp.Trajectory.load(tmp_path / "run")
+    assert trajectory.rates.tolist() == pytest.approx([0.1, 0.0, 0.1, 0.1, 0.0, 0.1])
+    posthoc = sp.featurize(tmp_path / "run", Skipping(), sp.ClassificationTask(), classification_data,
+                           tmp_path / "post.sp", projection=projection,
+                           options=sp.FeaturizeArguments(fisher="empirical", measurement=False), progress=False)
+    captured = sp.Store.open(tmp_path / "cap.sp")
+    for step, rate in enumerate(trajectory.rates):
+        visits = captured.read(window_array("visits", "main", step))
+        got, want = captured.read(window_array("grads", "main", step)), posthoc.read(f"grads/main/step-{step:08d}")
+        assert visits.sum() == (10 if rate else 0)
+        assert np.allclose(got[visits == 1], want[visits == 1], rtol=1e-3, atol=1e-5 * np.abs(want).max())
+    sp.fit(captured, progress=False)
+
+
 def test_lightning_capture_refuses_a_multi_process_run(tmp_path: Path) -> None:
     from types import SimpleNamespace
 

@@ -669,6 +669,16 @@ class GradientCapture:
         self._probe.grad = None
         return rest
 
+    def discard(self) -> None:
+        """Forget the begun batch, which training did not train on (a Lightning ``training_step`` that returned
+        None: no backward, and the step moved nothing): its examples are not counted as visited."""
+        if self._pending is None:
+            return
+        rows, _, _ = self._pending
+        self._pending = self._target = self._fisher_due = self._scale_batch = None
+        self._window_examples -= int(rows.numel())
+        self._skipped_in_window += 1  # a window of such batches only is not a loop that forgot to capture
+
     def _install(self, projector: FactoredProjector) -> None:
         """Tap the model's layers with ``projector`` (in place of the last one's hooks)."""
         self._taps.close()

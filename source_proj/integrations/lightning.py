@@ -239,8 +239,11 @@ class LightningCapture(LightningRecorder):
         bf16 = str(getattr(trainer, "precision", "")).startswith("bf16")
         self.settings.start_capture(self.recorder, self.overwrite, trainer.train_dataloader, trains_bf16=bf16)
 
+    _backward = False  # the begun batch's backward has run (a training_step that returns None has none)
+
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         assert self.settings.capture is not None
+        self._forget_untrained()
         indices, rest = split_indices(batch)
         if isinstance(batch, dict):
             del batch[INDEX_KEY]
@@ -255,7 +258,18 @@ class LightningCapture(LightningRecorder):
             return
         count = int(indices.numel())
         self.settings.capture.begin(batch, indices, scale=float(count * trainer.accumulate_grad_batches))
+        self._backward = False
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
         if self.settings.capture is not None and not self._closed:
             self.settings.capture.end_forward()
+            self._backward = True
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        self._forget_untrained()
+
+    def _forget_untrained(self) -> None:
+        """A batch whose training_step returned None (Lightning skips its backward) was not trained on: not captured."""
+        if self.settings.capture is not None and not self._closed and not self._backward:
+            self.settings.capture.discard()

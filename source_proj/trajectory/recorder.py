@@ -300,6 +300,8 @@ class TrajectoryRecorder:
         self._used: list[float] = []  # the learning rates of the last of them, per parameter group
         self._used_momentum: list[float] = []  # and their momenta
         self._taken_handle: Any = None
+        self._gradless = 0  # of those steps, the ones no parameter had a gradient for (they moved nothing)
+        self._gradless_handle: Any = None
         self._count_steps(optimizer)
         self._warned_untaken = False
         self._warned_momentum = False
@@ -542,8 +544,11 @@ class TrajectoryRecorder:
         if clip is not None and not (math.isfinite(clip) and 0 <= clip <= 1):
             raise TrajectoryError(f"Step {self.global_step}'s clipping factor {clip} must lie in [0, 1].")
         taken, self._taken = self._taken, 0
+        gradless, self._gradless = self._gradless, 0
         if self._taken_handle is not None and taken != 1:
             lr = self._untaken(taken, lr)
+        elif gradless:  # no parameter had a gradient (Lightning's training_step returned None): nothing moved
+            lr = 0.0
         self._lr.append(lr)
         self._clip.append(clip if clip is not None else 1.0 if measured is None else measured)
         self._momentum.append(self._step_momentum(momenta))
@@ -554,12 +559,19 @@ class TrajectoryRecorder:
 
     def _count_steps(self, optimizer: torch.optim.Optimizer) -> None:
         """Count ``optimizer``'s steps, so that ``step`` can tell a call without one. A step pre-hook: it runs before
-        any post-hook, such as the integrations' that call ``step``, whatever the order they were registered in."""
-        if self._taken_handle is not None:
-            self._taken_handle.remove()
-        self._taken, self._taken_handle = 0, None
+        any post-hook, such as the integrations' that call ``step``, whatever the order they were registered in. A
+        step post-hook, registered before theirs, counts the steps taken without any gradient, which move nothing
+        (torch's optimizers skip a parameter whose gradient is None, its momentum and weight decay too)."""
+        for handle in (self._taken_handle, self._gradless_handle):
+            if handle is not None:
+                handle.remove()
+        self._taken, self._taken_handle, self._gradless, self._gradless_handle = 0, None, 0, None
         if callable(getattr(optimizer, "register_step_pre_hook", None)):
             self._taken_handle = optimizer.register_step_pre_hook(lambda opt, *_: self._counted(opt))
+            self._gradless_handle = optimizer.register_step_post_hook(lambda opt, *_: self._count_gradless(opt))
+
+    def _count_gradless(self, optimizer: torch.optim.Optimizer) -> None:
+        self._gradless += all(p.grad is None for group in optimizer.param_groups for p in group["params"])
 
     def _counted(self, optimizer: torch.optim.Optimizer) -> None:
         self._taken += 1
@@ -647,9 +659,10 @@ class TrajectoryRecorder:
         self._complete = True
         if self._clipping is not None:
             self._clipping.remove()
-        if self._taken_handle is not None:
-            self._taken_handle.remove()
-            self._taken_handle = None
+        for handle in (self._taken_handle, self._gradless_handle):
+            if handle is not None:
+                handle.remove()
+        self._taken_handle = self._gradless_handle = None
         self._write_index()
         for listener in self._listeners:
             listener.after_close()
