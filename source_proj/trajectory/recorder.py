@@ -571,7 +571,10 @@ class TrajectoryRecorder:
             self._gradless_handle = optimizer.register_step_post_hook(lambda opt, *_: self._count_gradless(opt))
 
     def _count_gradless(self, optimizer: torch.optim.Optimizer) -> None:
-        self._gradless += all(p.grad is None for group in optimizer.param_groups for p in group["params"])
+        """An optimizer built on another model's parameters has none either: left to ``_check_trained``'s warning."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        ours = {id(p) for p in self.model.parameters()}
+        self._gradless += any(id(p) in ours for p in params) and all(p.grad is None for p in params)
 
     def _counted(self, optimizer: torch.optim.Optimizer) -> None:
         self._taken += 1
