@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -315,6 +316,34 @@ def test_clipping_inside_a_closure_step_is_measured_for_that_step(tmp_path: Path
     traj = sp.Trajectory.load(tmp_path / "run")
     assert 0 < min(expected) < 0.6 and max(expected) == 1.0
     assert np.allclose(traj.clip, expected, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_loss_scalers_skipped_step_moves_nothing_with_a_fused_optimizer_too(tmp_path: Path, fused: bool) -> None:
+    """A fused AdamW unscales the gradients itself, and the scaler calls its step even on an inf gradient, whose
+    update it skips inside: the step is recorded as moving nothing (rate × factor 0), and the others as unclipped
+    (the scaler's own unscaling, done inside the step, is not taken for clipping)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    rec = sp.TrajectoryRecorder(tmp_path / "run", model, opt, save_every=3, grad_scaler=scaler)
+    rec.begin_stage("main", dataset_size=30)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(30, 4, generator=g), torch.randint(0, 3, (30,), generator=g)
+    moved = []
+    for step in range(6):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x[5 * step : 5 * step + 5]), y[5 * step : 5 * step + 5])
+        before = model.weight.detach().clone()
+        scaler.scale(loss * (float("inf") if step == 2 else 1.0)).backward()
+        scaler.step(opt)
+        scaler.update()
+        rec.step()
+        moved.append(not torch.equal(before, model.weight))
+    rec.close()
+    assert moved == [True, True, False, True, True, True]
+    assert sp.Trajectory.load(tmp_path / "run").lr.tolist() == pytest.approx([0.01, 0.01, 0.0, 0.01, 0.01, 0.01])
 
 
 def test_a_loss_scaler_the_recorder_does_not_know_is_refused(tmp_path: Path) -> None:

@@ -831,6 +831,9 @@ class _ClipWatch:
         after = torch.stack([a.to(pairs[0][0].device) for _, a in pairs]).sum()
         scale = float(self.scaler.get_scale()) if self.scaler is not None else 1.0
         self.factor = torch.where(before > 0, (after / before).sqrt() * scale, torch.ones_like(before))
+        if self.scaler is not None:  # a fused optimizer is stepped on an inf gradient and skips the update itself
+            finite = torch.isfinite(before) & torch.isfinite(after)
+            self.factor = torch.where(finite, self.factor, torch.zeros_like(self.factor))
 
     def take(self, stepped: bool) -> torch.Tensor | None:
         """The factor of the step just taken (``None`` if no gradient reached the optimiser). ``stepped``: the
