@@ -926,6 +926,41 @@ def test_a_lightning_batch_whose_training_step_returns_none_is_recorded_as_movin
     sp.fit(captured, progress=False)
 
 
+@pytest.mark.parametrize("every", [1, 2])
+def test_lightning_capture_warns_of_manual_optimization_that_accumulates_batches(
+    tmp_path: Path, classification_data, every: int
+) -> None:
+    """A training_step of its own that steps after every second batch divides its loss in a way capture cannot see:
+    warned of; one that steps after every batch is captured as it is, without a word."""
+    import lightning.pytorch as pl
+
+    from source_proj.integrations import LightningCapture
+
+    class Manual(_lightning_mlp(lambda params: torch.optim.SGD(params, lr=0.1))):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            self.manual_backward(F.cross_entropy(self(x), y) / every)
+            if (batch_idx + 1) % every == 0:
+                self.optimizers().step()
+                self.optimizers().zero_grad()
+
+    callback = LightningCapture(tmp_path / "run", tmp_path / "cap.sp", sp.ClassificationTask(), save_every=2,
+                                projection=sp.ProjectionArguments(dim=8, kind="factored"),
+                                options=sp.CaptureArguments(end_pass=False))  # fmt: skip
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])  # fmt: skip
+    loader = torch.utils.data.DataLoader(sp.IndexedDataset(classification_data), batch_size=10)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Manual(), loader)
+    said = [str(w.message) for w in caught if "own optimization stepped after" in str(w.message)]
+    assert said == ([] if every == 1 else [said[0]]) and (every == 1 or "after 2 batches" in said[0])
+
+
 def test_lightning_capture_refuses_a_multi_process_run(tmp_path: Path) -> None:
     from types import SimpleNamespace
 

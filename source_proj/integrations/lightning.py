@@ -197,7 +197,8 @@ class LightningCapture(LightningRecorder):
     batch's row indices out of the batch (in place: batches must be lists or dicts, as the default
     collate makes them) before ``training_step`` sees it. ``task`` computes with the LightningModule
     on those batches; ``training_step`` must minimise the batch mean of its per-example loss (with
-    ``accumulate_grad_batches`` = n, Lightning divides it by n, which capture undoes). One process only: a
+    ``accumulate_grad_batches`` = n, Lightning divides it by n, which capture undoes; manual optimization that
+    steps after several batches is warned of, as its division cannot be seen). One process only: a
     multi-process run (``strategy="ddp"``), whose processes train on shares of each step's examples, is refused.
     The store records the model fingerprint and, from the training dataloader's dataset, the stage's
     data fingerprint (``source_proj.GradientCapture``).
@@ -236,10 +237,13 @@ class LightningCapture(LightningRecorder):
             )
         super().on_train_start(trainer, pl_module)
         assert self.recorder is not None
+        self._since_step, self._warned_manual = 0, False
         bf16 = str(getattr(trainer, "precision", "")).startswith("bf16")
         self.settings.start_capture(self.recorder, self.overwrite, trainer.train_dataloader, trains_bf16=bf16)
 
     _backward = False  # the begun batch's backward has run (a training_step that returns None has none)
+    _since_step = 0  # batches begun since the last optimizer step
+    _warned_manual = False  # manual optimization that accumulates batches was warned of
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         assert self.settings.capture is not None
@@ -258,7 +262,7 @@ class LightningCapture(LightningRecorder):
             return
         count = int(indices.numel())
         self.settings.capture.begin(batch, indices, scale=float(count * trainer.accumulate_grad_batches))
-        self._backward = False
+        self._backward, self._since_step = False, self._since_step + 1
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
         if self.settings.capture is not None and not self._closed:
@@ -268,6 +272,16 @@ class LightningCapture(LightningRecorder):
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
         self._forget_untrained()
+        batches, self._since_step = self._since_step, 0
+        if batches > 1 and not pl_module.automatic_optimization and not self._warned_manual:
+            self._warned_manual = True
+            warnings.warn(
+                f"LightningCapture: the LightningModule's own optimization stepped after {batches} batches, and "
+                "capture takes each batch's loss as the batch mean of the task's loss: a loss divided by the batches "
+                "it accumulates is captured that many times too small; accumulate with the Trainer's "
+                "accumulate_grad_batches, which capture scales for.",
+                stacklevel=2,
+            )
 
     def _forget_untrained(self) -> None:
         """A batch whose training_step returned None (Lightning skips its backward) was not trained on: not captured."""
