@@ -961,6 +961,38 @@ def test_lightning_capture_warns_of_manual_optimization_that_accumulates_batches
     assert said == ([] if every == 1 else [said[0]]) and (every == 1 or "after 2 batches" in said[0])
 
 
+def test_lightning_capture_keeps_a_manual_training_step_that_calls_backward_itself(
+    tmp_path: Path, classification_data
+) -> None:
+    """``loss.backward()`` in a training_step of its own runs outside Lightning's backward hooks: the batch reached
+    the layers, and is captured as featurize computes it (not taken for a batch whose training_step returned None)."""
+    import lightning.pytorch as pl
+
+    from source_proj.integrations import LightningCapture
+
+    class Manual(_lightning_mlp(lambda params: torch.optim.SGD(params, lr=0.1))):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            self.optimizers().zero_grad()
+            F.cross_entropy(self(x), y).backward()
+            self.optimizers().step()
+
+    projection = sp.ProjectionArguments(dim=16, kind="factored")
+    callback = LightningCapture(tmp_path / "run", tmp_path / "cap.sp", sp.ClassificationTask(), save_every=1,
+                                projection=projection, options=sp.CaptureArguments(fisher="empirical", end_pass=False))
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])  # fmt: skip
+    trainer.fit(Manual(), torch.utils.data.DataLoader(sp.IndexedDataset(classification_data), batch_size=10))
+    posthoc = sp.featurize(tmp_path / "run", Manual(), sp.ClassificationTask(), classification_data,
+                           tmp_path / "post.sp", projection=projection,
+                           options=sp.FeaturizeArguments(fisher="empirical", measurement=False), progress=False)
+    assert _matches_posthoc_at_every_step(tmp_path / "run", tmp_path / "cap.sp", posthoc) == 30
+
+
 def test_lightning_capture_refuses_a_multi_process_run(tmp_path: Path) -> None:
     from types import SimpleNamespace
 

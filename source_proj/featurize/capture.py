@@ -669,6 +669,11 @@ class GradientCapture:
         self._probe.grad = None
         return rest
 
+    @property
+    def reached(self) -> bool:
+        """Whether a backward has reached the begun batch's attributed layers yet."""
+        return self._probe.grad is not None
+
     def discard(self) -> None:
         """Forget the begun batch, which training did not train on (a Lightning ``training_step`` that returned
         None: no backward, and the step moved nothing): its examples are not counted as visited."""

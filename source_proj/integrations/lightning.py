@@ -284,6 +284,9 @@ class LightningCapture(LightningRecorder):
             )
 
     def _forget_untrained(self) -> None:
-        """A batch whose training_step returned None (Lightning skips its backward) was not trained on: not captured."""
-        if self.settings.capture is not None and not self._closed and not self._backward:
-            self.settings.capture.discard()
+        """A batch whose training_step returned None (Lightning skips its backward) was not trained on: not captured.
+        One whose backward ran outside Lightning's (``loss.backward()`` in a training_step of its own) reached the
+        layers, and is kept."""
+        capture = self.settings.capture
+        if capture is not None and not self._closed and not self._backward and not capture.reached:
+            capture.discard()
