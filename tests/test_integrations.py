@@ -1004,6 +1004,21 @@ def test_lightning_capture_refuses_a_multi_process_run(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
+def test_lightning_recorder_refuses_a_strategy_that_shards_the_weights(tmp_path: Path) -> None:
+    """FSDP shards the weights and optimizer state: one process's state_dict would not be the model (and gathering it
+    from one process alone would wait for the others forever)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from source_proj.integrations import LightningRecorder
+
+    recorder = LightningRecorder(tmp_path / "run", save_every=1)
+    with pytest.raises(sp.TrajectoryError, match="FSDPStrategy shards the module's weights"):
+        recorder.on_train_start(SimpleNamespace(strategy=FSDPStrategy(), world_size=2, callbacks=[recorder]), None)
+    assert not (tmp_path / "run").exists()
+
+
 def test_lightning_capture_callback_captures_what_featurize_computes_at_each_step(
     tmp_path: Path, classification_data
 ) -> None:

@@ -28,7 +28,7 @@ import warnings
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, callbacks
+from lightning.pytorch import Callback, callbacks, strategies
 
 from source_proj.errors import TaskError, TrajectoryError
 from source_proj.featurize.arguments import ProjectionArguments
@@ -68,6 +68,14 @@ class LightningRecorder(RecorderSettings, Callback):
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._closed, self._module, self._unclipped, self._warned_size = False, None, None, False
+        sharded = next((type(trainer.strategy).__name__ for kind in _SHARDED
+                        if isinstance(trainer.strategy, getattr(strategies, kind, ()))), None)  # fmt: skip
+        if sharded is not None:
+            raise TrajectoryError(
+                f"The Trainer's {sharded} shards the module's weights and optimizer state between processes, and "
+                f"{type(self).__name__} saves them whole from one process; record the run with strategy='ddp' or on "
+                "one device."
+            )
         averaging = _averaging(trainer)
         if averaging and trainer.callbacks.index(averaging[0]) < trainer.callbacks.index(self):
             raise TrajectoryError(
@@ -168,6 +176,10 @@ class LightningRecorder(RecorderSettings, Callback):
         self._closed = True
         self._handle.remove()
         self.recorder.close()
+
+
+_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+"""Lightning's strategies that shard the module's weights between processes."""
 
 
 def _gradient_norm(module: Any) -> float:
