@@ -241,6 +241,25 @@ def test_a_parameter_frozen_for_part_of_the_run_is_warned_of(tmp_path: Path, whe
     assert len(said) == 1 and f"2 parameters (0.weight, 0.bias) were frozen or unfrozen {when}" in said[0]
 
 
+def test_a_model_averaging_gradients_over_processes_is_told_to_pass_its_clipping(tmp_path: Path, monkeypatch) -> None:
+    """DistributedDataParallel averages the gradients after the hooks that measure clipping have seen each process's
+    own: the factor would compare the two. A one-process gloo group stands in for several (its size patched)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        model = nn.parallel.DistributedDataParallel(nn.Linear(3, 2))
+        monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with pytest.warns(UserWarning, match="wrapped in DistributedDataParallel over several processes"):
+            sp.TrajectoryRecorder(tmp_path / "run", model, opt, save_every=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            sp.TrajectoryRecorder(tmp_path / "quiet", model, opt, save_every=1, watch_clipping=False)
+    finally:
+        dist.destroy_process_group()
+
+
 def _clipped_run(run: Path, max_norm: float, scaler: torch.amp.GradScaler | None, pass_scaler: bool) -> list[float]:
     """12 SGD steps of 2 accumulated micro-batches each, clipped at ``max_norm``; returns min(1, c/‖g‖) per step."""
     g = torch.Generator().manual_seed(0)

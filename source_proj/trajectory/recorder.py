@@ -278,6 +278,14 @@ class TrajectoryRecorder:
             raise TrajectoryError(f"save_every must be a positive number of steps, not {save_every}.")
         if weights not in ("auto", "all", "trainable"):
             raise TrajectoryError(f"weights must be 'auto', 'all' or 'trainable', not {weights!r}.")
+        if watch_clipping and _averages_gradients(model):
+            warnings.warn(
+                "TrajectoryRecorder: the model is wrapped in DistributedDataParallel over several processes, and the "
+                "recorder's measure of gradient clipping compares each process's own gradients, before they are "
+                "averaged, with the averaged ones; record in one process with watch_clipping=False and pass "
+                "step(clip=min(1, max_norm / total_norm)) (clip_grad_norm_ returns the total norm), or clip=1.",
+                stacklevel=3,
+            )
         model = unwrap_model(model)
         if weights == "auto":  # a peft model's base is frozen by construction: its checkpoints are its adapters
             weights = "trainable" if hasattr(model, "peft_config") else "all"
@@ -847,6 +855,15 @@ class _ClipWatch:
     def remove(self) -> None:
         for handle in [*self.handles, self.step_handle]:
             handle.remove()
+
+
+def _averages_gradients(model: nn.Module) -> bool:
+    """Whether ``model`` is a DistributedDataParallel (perhaps compiled) whose process group has several processes."""
+    while type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model._orig_mod
+    if not isinstance(model, nn.parallel.DistributedDataParallel):
+        return False
+    return torch.distributed.is_initialized() and torch.distributed.get_world_size(model.process_group) > 1
 
 
 def frozen_names(model: nn.Module) -> list[str]:
