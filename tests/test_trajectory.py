@@ -260,6 +260,39 @@ def test_a_model_averaging_gradients_over_processes_is_told_to_pass_its_clipping
         dist.destroy_process_group()
 
 
+def test_attributed_parameters_another_optimizer_trained_are_refused(tmp_path: Path) -> None:
+    """A loop with an optimizer per layer gives the recorder one of them: the other layer trained at another rule, which
+    SOURCE would model as the recorded one's. Featurize and capture refuse it, naming the parameters; attributing the
+    recorded optimizer's layer alone is accepted."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    head, body = torch.optim.SGD(model[2].parameters(), lr=0.1), torch.optim.Adam(model[0].parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(8, 3, generator=g), torch.randint(0, 2, (8,), generator=g))
+    rec = sp.TrajectoryRecorder(tmp_path / "run", model, head, save_every=2)
+    rec.begin_stage("main", dataset_size=8)
+    for step in range(4):
+        x, y = data[2 * step : 2 * step + 2]
+        head.zero_grad(), body.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        head.step(), body.step()
+        rec.step()
+    rec.close()
+    refused = r"Parameters \['0.weight', '0.bias'\] are attributed but not optimised in stage 'main'"
+    with pytest.raises(sp.TrajectoryError, match=refused):
+        sp.featurize(tmp_path / "run", model, sp.ClassificationTask(), data, tmp_path / "s.sp",
+                     projection=sp.ProjectionArguments(dim=4, kind="rademacher"), progress=False)
+    head_only = sp.ClassificationTask(parameters=sp.ParameterSelection(include=("2.*",)))
+    sp.featurize(tmp_path / "run", model, head_only, data, tmp_path / "head.sp",
+                 projection=sp.ProjectionArguments(dim=4, kind="rademacher"), progress=False)
+    rec = sp.TrajectoryRecorder(tmp_path / "captured", model, head, save_every=2)
+    capture = sp.GradientCapture(rec, tmp_path / "cap.sp", sp.ClassificationTask(),
+                                 projection=sp.ProjectionArguments(dim=4, kind="factored"))
+    rec.begin_stage("main", dataset_size=8)
+    with pytest.raises(sp.TrajectoryError, match="are attributed but not optimised in stage 'main'"):
+        capture.begin(data[0:2], indices=[0, 1])
+
+
 def _clipped_run(run: Path, max_norm: float, scaler: torch.amp.GradScaler | None, pass_scaler: bool) -> list[float]:
     """12 SGD steps of 2 accumulated micro-batches each, clipped at ``max_norm``; returns min(1, c/‖g‖) per step."""
     g = torch.Generator().manual_seed(0)

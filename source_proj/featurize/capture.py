@@ -113,6 +113,7 @@ from source_proj.trajectory.recorder import (
     load_checkpoint,
     load_weights,
 )
+from source_proj.trajectory.segments import check_optimised
 
 _FOLD_EVERY = 64
 MIN_BASIS_PASS = 64
@@ -834,12 +835,14 @@ class GradientCapture:
 
     def _open_stage(self, name: str, size: int) -> None:
         check_task_smoothing(self.task, self.recorder.stage_label_smoothing)
-        kind = describe_optimizer(self.recorder.optimizer, self.model)["kind"]
+        described = describe_optimizer(self.recorder.optimizer, self.model)
+        kind = described["kind"]
         if kind not in ("sgd", *ADAM_KINDS):
             raise TaskError(
                 f"Stage {name!r} is trained with {kind!r}; capture supports SGD, Adam and AdamW stages, whose updates "
                 "SOURCE models: train with one of them."
             )
+        check_optimised(name, described["groups"], self.names)
         if self.datasets is not None and name not in self._data:  # fingerprinted as the stage starts: errors come early
             given = self.datasets.get(name)
             if given is None or len(given) != size:  # type: ignore[arg-type]

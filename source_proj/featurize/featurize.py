@@ -77,6 +77,7 @@ from source_proj.tasks.data import loader
 from source_proj.tasks.gradients import PerExampleGradients, batch_size, move_batch
 from source_proj.tasks.task import Task, check_task_smoothing
 from source_proj.trajectory.recorder import Trajectory, unwrap_model
+from source_proj.trajectory.segments import check_optimised
 
 
 def _has_features(path: str) -> bool:
@@ -207,6 +208,8 @@ class _Featurize:
         if self._meta is None:
             options, trajectory = self.options, self.trajectory
             self.names = self.task.select_parameters(self.work_model)
+            for stage in trajectory.stages:
+                check_optimised(stage.name, stage.optimizer.get("groups", []), self.names)
             params = dict(self.work_model.named_parameters())
             shapes = [(n, tuple(params[n].shape)) for n in self.names]
             self.grads_fn = PerExampleGradients(

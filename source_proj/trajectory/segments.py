@@ -261,6 +261,22 @@ def optimizer_rule(stage: Stage, param_sizes: Mapping[str, int]) -> OptimizerRul
     return OptimizerRule(kind, float(weights @ factors), decay, float(weights @ decays))
 
 
+def check_optimised(stage: str, groups: Sequence[Mapping[str, Any]], names: Sequence[str]) -> None:
+    """Refuse attributed parameters that stage ``stage``'s optimizer (its parameter ``groups``, as
+    ``describe_optimizer`` names them) did not hold: SOURCE would model them as trained by it, where another optimizer
+    trained them, or none did. A description that names no parameters (a trajectory written by hand) is not checked."""
+    held = {name for group in groups for name in group.get("params", [])}
+    missing = [name for name in names if name not in held]
+    if held and missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise TrajectoryError(
+            f"Parameters {missing[:3]}{more} are attributed but not optimised in stage {stage!r} (its optimizer did "
+            "not hold them: another optimizer trained them, or none did), so SOURCE would model them as trained by "
+            "it; exclude them with ParameterSelection(exclude=...), or record the stage with the optimizer that "
+            "trains every attributed parameter."
+        )
+
+
 def _sgd_factor(group: Mapping[str, Any], where: str) -> float:
     momentum = float(group.get("momentum", 0.0))
     dampening = float(group.get("dampening", 0.0)) if momentum else 0.0
