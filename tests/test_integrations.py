@@ -668,6 +668,33 @@ def test_lightning_callback_records_a_cycled_momentum_step_by_step(tmp_path: Pat
     assert min(betas) < 0.9 < max(betas)
 
 
+def test_lightning_accumulation_short_of_its_batches_is_recorded_at_the_step_it_took(
+    tmp_path: Path, classification_data
+) -> None:
+    """accumulate_grad_batches=2 over an epoch of 3 batches: Lightning divides each batch's loss by 2, also in the
+    epoch's last step, which holds one batch, so that step moved the weights by half the rate times its batch's mean
+    gradient. Each recorded step size η·α·scale times the mean gradient of the step's examples is the step taken."""
+    import lightning.pytorch as pl
+
+    from source_proj.integrations import LightningRecorder
+
+    Module = _lightning_mlp(lambda params: torch.optim.SGD(params, lr=0.1))
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accumulate_grad_batches=2,
+                         callbacks=[LightningRecorder(tmp_path / "run", save_every=1)])  # fmt: skip
+    trainer.fit(Module(), torch.utils.data.DataLoader(classification_data, batch_size=10))
+    trajectory = sp.Trajectory.load(tmp_path / "run")
+    assert trajectory.lr.tolist() == pytest.approx([0.1, 0.05])
+    x, y = classification_data.tensors
+    for step, rows in enumerate([slice(0, 20), slice(20, 30)]):
+        module = trajectory.load_into(Module(), trajectory.checkpoints[step])
+        F.cross_entropy(module(x[rows]), y[rows]).backward()
+        after = trajectory.load_state(trajectory.checkpoints[step + 1])["model"]
+        for name, param in module.named_parameters():
+            taken = param.detach() - trajectory.lr[step] * param.grad
+            assert torch.allclose(after[name], taken, atol=1e-6)
+
+
 @pytest.mark.parametrize("algorithm", ["norm", "value"])
 def test_lightning_gradient_clipping_is_recorded_at_the_step_it_clipped(
     tmp_path: Path, classification_data, algorithm: str

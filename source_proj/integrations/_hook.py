@@ -77,6 +77,7 @@ def start_recording(
     step_hook: bool = True,
     weights: str = "auto",
     clip: Callable[[], float | None] | None = None,
+    scale: Callable[[], float] | None = None,
 ) -> tuple[TrajectoryRecorder, Any]:
     """A recorder with its first stage begun, stepping after every optimizer step; returns it and the hook handle.
 
@@ -90,7 +91,8 @@ def start_recording(
     (``resume_recording``; ``rewind``: also from an earlier checkpoint of the run than its last).
     ``label_smoothing``: the ε the trainer smooths its labels by, recorded with the stage. ``clip``: in a
     multi-process run, where each process's hooks see its local gradients before they are averaged, the step's
-    clipping factor as the caller measured it (the recorder's own measure is then off).
+    clipping factor as the caller measured it (the recorder's own measure is then off). ``scale``: the step's
+    gradient against the mean loss of the examples it accumulated (``TrajectoryRecorder.step``).
     """
     inner = torch_optimizer(optimizer)
     watch = clip is None
@@ -105,8 +107,10 @@ def start_recording(
             watch_clipping=watch, weights=weights,  # type: ignore[arg-type]
         )
         recorder.begin_stage(stage, dataset_size=dataset_size, label_smoothing=label_smoothing)
-    measured = clip or (lambda: None)
-    handle = inner.register_step_post_hook(lambda *_: recorder.step(clip=measured())) if step_hook else None
+    measured, scaled = clip or (lambda: None), scale or (lambda: 1.0)
+    handle = None
+    if step_hook:
+        handle = inner.register_step_post_hook(lambda *_: recorder.step(clip=measured(), scale=scaled()))
     return recorder, handle
 
 

@@ -65,9 +65,14 @@ class LightningRecorder(RecorderSettings, Callback):
     _module: Any = None  # in a multi-process run, the module whose averaged gradients give each step's clipping
     _unclipped: float | None = None  # their norm before clipping, at the step being taken
     _warned_size = False  # a training set of another size was warned of
+    _trainer: Any = None
+    _automatic = True  # the LightningModule's automatic optimization, which divides the loss by the batches accumulated
+    _batches = 0  # batches since the last optimizer step
+    _step_at_batch = 0  # the trainer's global step as the current batch began
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._closed, self._module, self._unclipped, self._warned_size = False, None, None, False
+        self._trainer, self._automatic, self._batches = trainer, bool(pl_module.automatic_optimization), 0
         sharded = next((type(trainer.strategy).__name__ for kind in _SHARDED
                         if isinstance(trainer.strategy, getattr(strategies, kind, ()))), None)  # fmt: skip
         if sharded is not None:
@@ -116,6 +121,7 @@ class LightningRecorder(RecorderSettings, Callback):
             label_smoothing=self.label_smoothing or 0.0,
             weights=self.weights,
             clip=self._clip_factor if self._module is not None else None,
+            scale=self._accumulated,
         )
         if averaging:
             warnings.warn(
@@ -124,6 +130,17 @@ class LightningRecorder(RecorderSettings, Callback):
                 "from it to query), not the average.",
                 stacklevel=2,
             )
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._batches += 1
+        self._step_at_batch = int(trainer.global_step)
+
+    def _accumulated(self) -> float:
+        """The step's gradient against its examples' mean loss: Lightning divides each batch's loss by
+        ``accumulate_grad_batches`` = n, also in an epoch's last step, which accumulates the m < n batches left."""
+        batches, self._batches = self._batches, 0
+        n = int(self._trainer.accumulate_grad_batches) if self._trainer is not None else 1
+        return batches / n if self._automatic and 0 < batches < n else 1.0
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         """A multi-process run: the averaged gradients' norm before clipping (the hooks of the recorder's own measure
@@ -165,6 +182,8 @@ class LightningRecorder(RecorderSettings, Callback):
         if self.recorder is not None and not self._closed:
             while self.recorder.global_step < int(trainer.global_step):
                 self.recorder.step()
+        if int(trainer.global_step) > self._step_at_batch:  # a step, taken or skipped: the next accumulation begins
+            self._batches = 0
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._finish()
@@ -259,6 +278,7 @@ class LightningCapture(LightningRecorder):
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         assert self.settings.capture is not None
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         self._forget_untrained()
         indices, rest = split_indices(batch)
         if isinstance(batch, dict):

@@ -524,13 +524,17 @@ class TrajectoryRecorder:
             )
         self._save()
 
-    def step(self, clip: float | None = None) -> None:
+    def step(self, clip: float | None = None, *, scale: float = 1.0) -> None:
         """Record one optimiser step (call right after ``optimizer.step()``). The learning rate recorded is the one
         that step used, read as it began, so a scheduler stepped before this call does not shift it.
 
         ``clip``: the factor α = min(1, max_norm/‖g‖) gradient clipping scaled this step's gradient by
         (``clip_grad_norm_`` returns ‖g‖); by default the factor the recorder measured (1 if nothing
         rescaled the gradients).
+
+        ``scale``: what the step's gradient was, before clipping, against the mean of the task's loss over the
+        examples it accumulated: m/n for an epoch's last accumulation of m batches whose loss was divided by n, as
+        Lightning divides it (``accumulate_grad_batches``); 1 otherwise. SOURCE's step size is η·α·scale.
         """
         if not self._stages or self._stages[-1]["end_step"] is not None:
             raise TrajectoryError("Call begin_stage(name, dataset_size) before recording steps.")
@@ -551,6 +555,8 @@ class TrajectoryRecorder:
         measured = self._clipping.take(self._taken > 0) if self._clipping is not None else None
         if clip is not None and not (math.isfinite(clip) and 0 <= clip <= 1):
             raise TrajectoryError(f"Step {self.global_step}'s clipping factor {clip} must lie in [0, 1].")
+        if not (math.isfinite(scale) and 0 < scale <= 1):
+            raise TrajectoryError(f"Step {self.global_step}'s gradient scale {scale} must lie in (0, 1].")
         taken, self._taken = self._taken, 0
         gradless, self._gradless = self._gradless, 0
         if self._taken_handle is not None and taken != 1:
@@ -558,7 +564,7 @@ class TrajectoryRecorder:
         elif gradless:  # no parameter had a gradient (Lightning's training_step returned None): nothing moved
             lr = 0.0
         self._lr.append(lr)
-        self._clip.append(clip if clip is not None else 1.0 if measured is None else measured)
+        self._clip.append((clip if clip is not None else 1.0 if measured is None else measured) * scale)
         self._momentum.append(self._step_momentum(momenta))
         self._check_trained_parameters(f"at step {self.global_step}")
         self.global_step += 1
