@@ -72,7 +72,6 @@ class LightningRecorder(RecorderSettings, Callback):
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._closed, self._module, self._unclipped, self._warned_size = False, None, None, False
-        self._trainer, self._automatic, self._batches = trainer, bool(pl_module.automatic_optimization), 0
         sharded = next((type(trainer.strategy).__name__ for kind in _SHARDED
                         if isinstance(trainer.strategy, getattr(strategies, kind, ()))), None)  # fmt: skip
         if sharded is not None:
@@ -100,6 +99,7 @@ class LightningRecorder(RecorderSettings, Callback):
                 f"The LightningModule configures {len(trainer.optimizers)} optimizers; SOURCE follows one optimizer, "
                 "so record runs with a single optimizer."
             )
+        self._trainer, self._automatic, self._batches = trainer, bool(pl_module.automatic_optimization), 0
         size = dataset_size(self.dataset_size, trainer.train_dataloader, "LightningRecorder")
         warn_weighted_sampler(trainer.train_dataloader, type(self).__name__)
         if int(trainer.world_size) > 1:
