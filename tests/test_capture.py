@@ -647,6 +647,42 @@ def test_the_training_forwards_fisher_checks_its_outputs_and_falls_back_where_it
     assert np.abs(fishers[1]).max() > 0 and np.allclose(fishers[0], fishers[1], rtol=1e-5, atol=1e-7)
 
 
+class _Checkpointed(nn.Module):
+    """``_mlp``'s layers with the hidden layer under gradient checkpointing (reentrant or not) in training mode,
+    as Hugging Face models checkpoint after ``gradient_checkpointing_enable``."""
+
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.net, self.reentrant = _mlp(), reentrant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self.net(x)
+        hidden = torch.utils.checkpoint.checkpoint(self.net[:2], x.requires_grad_(), use_reentrant=self.reentrant)
+        return self.net[3](hidden)
+
+
+def test_non_reentrant_checkpointing_is_captured_as_without_it_and_reentrant_refused(
+    tmp_path: Path, classification_data
+) -> None:
+    """A checkpointed layer runs again in the backward. Non-reentrant checkpointing keeps the first forward's taps:
+    its captured gradients and training-forward Fisher equal those of the same model not checkpointed. Reentrant
+    checkpointing runs the first forward without autograd, so the Fisher from the training forward would miss the
+    layer (it came out zero) and the callbacks' taps end before the recomputation: refused in one sentence."""
+    stores = []
+    for name, model in (("plain", _Holder(_mlp())), ("checkpointed", _Checkpointed(reentrant=False))):
+        _train(tmp_path / name, tmp_path / f"{name}.sp", classification_data, steps=2, batch=8, save_every=2,
+               model=model)  # fmt: skip
+        stores.append(sp.Store.open(tmp_path / f"{name}.sp"))
+    for array in (window_array("grads", "main", 0), window_array("fisher", "main", 0)):
+        expected = np.asarray(stores[0].read(array))
+        assert np.abs(expected).max() > 0
+        np.testing.assert_allclose(np.asarray(stores[1].read(array)), expected, rtol=1e-5, atol=1e-7)
+    with pytest.raises(sp.TaskError, match=r"reentrant gradient checkpointing.*use_reentrant=False"):
+        _train(tmp_path / "r", tmp_path / "r.sp", classification_data, steps=2, batch=8, save_every=2,
+               model=_Checkpointed(reentrant=True))  # fmt: skip
+
+
 def test_segment_gradients_average_visits_and_stand_in_for_unvisited_examples(
     tmp_path: Path, classification_data
 ) -> None:

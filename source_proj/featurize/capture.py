@@ -690,10 +690,24 @@ class GradientCapture:
         self._taps.close()
         self._taps = contextlib.ExitStack()
         taps = projector.tapped(
-            self.model, lambda: self._target, self._probe, dtype=self._dtype, transform=lambda: self._transform
+            self.model, self._tap_target, self._probe, dtype=self._dtype, transform=lambda: self._transform
         )
         self._taps.enter_context(taps)
         self.projector = projector
+
+    def _tap_target(self) -> Tensor | None:
+        """Where a tapped layer's forward adds its features: the begun batch's buffer (``None``: untapped).
+
+        A layer of the model training without autograd inside a begun batch is a reentrant checkpoint's first
+        forward: its tap keeps no graph, and the backward runs the layer again after ``end_forward`` (the
+        callbacks) or for the gradients alone (a sampled Fisher from the training forward never reaches it)."""
+        if self._target is not None and self.model.training and not torch.is_grad_enabled():
+            raise TaskError(
+                "A captured layer ran without autograd inside the training step, as reentrant gradient checkpointing "
+                "(use_reentrant=True) runs it, which capture cannot take gradients through; checkpoint with "
+                "use_reentrant=False (gradient_checkpointing_kwargs={'use_reentrant': False}), or do not checkpoint."
+            )
+        return self._target
 
     def _own_batch(self) -> int:
         """Examples per batch of capture's own passes (``basis_batch``)."""
