@@ -320,6 +320,35 @@ def test_a_weight_used_outside_its_layer_is_detected() -> None:
         projector.project_batch(grads_fn, batch)
 
 
+def test_a_model_held_in_bf16_passes_the_layer_check_and_a_functional_use_is_still_refused() -> None:
+    """Weights stored in bf16 (an LLM loaded with torch_dtype=torch.bfloat16): the layer path and the materialised
+    gradients differ by bf16's rounding alone (1–2·10⁻³, which the fp32 tolerance refused as a functional use); the
+    check allows four bf16 roundings, and a weight also used outside its layer still differs by far more."""
+
+    class Functional(nn.Module):
+        def __init__(self, functional: bool) -> None:
+            super().__init__()
+            self.fc1, self.fc2, self.functional = nn.Linear(6, 16), nn.Linear(16, 3), functional
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.fc2(torch.tanh(self.fc1(x)))
+            return out + F.linear(torch.tanh(self.fc1(x)), self.fc2.weight) if self.functional else out
+
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(16, 6, generator=g).bfloat16(), torch.randint(0, 3, (16,), generator=g))
+    torch.manual_seed(0)
+    model = Functional(functional=False).bfloat16()
+    names = [n for n, _ in model.named_parameters()]
+    projector = _projector(model, 64)
+    grads_fn = PerExampleGradients(model, ClassificationTask(), names)
+    features = projector.project_batch(grads_fn, batch)
+    exact = projector.project({n: g.float() for n, g in grads_fn(batch).items()})
+    assert float((features - exact).norm() / exact.norm()) < 0.02
+    functional = Functional(functional=True).bfloat16()
+    with pytest.raises(TaskError, match="used outside that layer's forward"):
+        _projector(functional, 64).project_batch(PerExampleGradients(functional, ClassificationTask(), names), batch)
+
+
 def test_the_layer_check_runs_in_fp32_under_a_bf16_autocast_and_a_model_whose_forward_accelerate_wrapped() -> None:
     """Capture checks its layer path inside a training step's forward: under a mixed-precision loop's autocast, or on
     a model whose ``forward`` accelerate replaced by an autocast one (a bf16 Trainer's). In bf16 the check's two

@@ -72,7 +72,7 @@ from source_proj.errors import TaskError
 from source_proj.projection.base import _GENERATOR_ID, Projector, RademacherProjector, rademacher_signs
 from source_proj.projection.layers import FactoredLayer, LayerKind
 from source_proj.projection.transform import GradientTransform, LayerTransform, scaling_transform
-from source_proj.tasks.gradients import OutputTap, PerExampleGradients, batch_size
+from source_proj.tasks.gradients import OutputTap, PerExampleGradients, batch_size, check_tolerance
 
 if TYPE_CHECKING:
     from source_proj.tasks.gradients import Quantity
@@ -80,7 +80,6 @@ if TYPE_CHECKING:
 
 _FACTOR_KEY = 2**63
 _CHECK_EXAMPLES = 2
-_CHECK_TOLERANCE = 1e-3
 
 
 def factor_split(dim: int) -> tuple[int, int]:
@@ -422,7 +421,7 @@ class FactoredProjector(Projector):
             expected = self._project_layers(exact(few, quantity, names=layer_names))
             got = self._layer_features(exact, few, quantity, None)
         error = float((got - expected).norm() / expected.norm().clamp_min(1e-30))
-        if error > _CHECK_TOLERANCE:
+        if error > check_tolerance(exact.params[name] for name in layer_names):
             raise TaskError(
                 f"The factored projection differs from the per-example gradients by {error:.1e} (relative) on this "
                 "model: a layer's weight is used outside that layer's forward (tied or functional use); select "
