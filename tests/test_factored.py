@@ -129,6 +129,28 @@ class _Tokens(nn.Module):
         return self.head(torch.tanh(self.embed(x) + self.positions(where))).mean(dim=1)
 
 
+class _ScaledEmbedding(nn.Embedding):
+    """transformers' scaled word embedding (Gemma, BART): the rows times √d, in a forward of its own."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.embedding_dim**0.5
+
+
+class _Attention(nn.Module):
+    """Scaled token embeddings tied to the output head, and a TransformerEncoderLayer, whose nn.MultiheadAttention
+    hands its out_proj's weight to F.multi_head_attention_forward (the Linear's own forward never runs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = _ScaledEmbedding(11, 8)
+        self.block = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 11, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(self.embed(x))).mean(dim=1)[:, :3]
+
+
 def _classify(inputs: Callable[[torch.Generator], torch.Tensor]) -> Callable[[torch.Generator], tuple]:
     """A batch maker for a classifier: ``generator → (batch, task)``."""
     return lambda g: ((inputs(g), torch.randint(0, 3, (5,), generator=g)), ClassificationTask())
@@ -168,6 +190,7 @@ CASES = {  # model, batch and task, module_dims
     "gpt2": (_gpt2, _text, None),
     "gpt2-per-module": (_gpt2, _text, {"*.attn.*": 16, "transformer.wte": 64}),
     "llama": (_llama, _text, None),
+    "attention": (_Attention, _classify(lambda g: torch.randint(0, 11, (5, 7), generator=g)), None),
 }
 
 
@@ -221,6 +244,29 @@ def test_layers_found_and_the_rest_projected_densely() -> None:
     conv_layers, conv_rest = factorable_layers(_Conv(), [n for n, _ in _Conv().named_parameters()])
     assert [la.module for la in conv_layers] == ["c1", "c2", "c3", "fc"]
     assert conv_layers[0].in_features == 3 * 3 * 3 and conv_rest == ["grouped.weight", "grouped.bias"]
+
+
+def test_layers_whose_own_forward_hooks_cannot_see_are_projected_densely() -> None:
+    """A subclass overriding forward (a scaled embedding, BART's learned positions) and an nn.MultiheadAttention's
+    out_proj are not factored layers: the hooks would see the wrong input or output (a BART of every parameter
+    failed with a reshape error, a Gemma's tied scaled embedding was refused, any nn.MultiheadAttention refused the
+    factored projection). The weight tied to a scaled embedding goes dense with it; the other layers still factor."""
+    model = _Attention()
+    layers, rest = factorable_layers(model, [n for n, _ in model.named_parameters()])
+    assert [la.module for la in layers] == ["block.linear1", "block.linear2"]
+    assert {"embed.weight", "block.self_attn.out_proj.weight", "block.self_attn.out_proj.bias"} <= set(rest)
+    from .test_seq2seq import _bart, _pairs
+
+    bart = _bart()
+    names = [n for n, _ in bart.named_parameters()]
+    layers, rest = factorable_layers(bart, names)
+    assert not any("embed" in la.module or la.module == "lm_head" for la in layers) and "model.shared.weight" in rest
+    task = sp.Seq2SeqTask(tokens_per_sequence="own", parameters=sp.ParameterSelection())
+    batch = _pairs([[5, 9, 2, 17], [4, 12, 6]], [[8, 11, 3], [21, 6]])
+    projector = _projector(bart, 64, names=names)
+    grads_fn = PerExampleGradients(bart, task, names)
+    expected = projector.project(grads_fn(batch))
+    assert float((projector.project_batch(grads_fn, batch) - expected).norm() / expected.norm()) < 1e-5
 
 
 def test_factors_are_independent_rademacher_from_the_block_generator() -> None:

@@ -13,8 +13,9 @@ bias as the column of an extra constant input 1 (G is then ``d_out × (d_in + 1)
 
 A weight held by several modules (GPT-2's token embedding tied to its LM head, both ``V × d``) is
 one layer with several *uses*: each adds its outer products to the same G. Its bias, if any, is
-left to the dense part. Everything else (norms, packed attention projections used functionally,
-grouped convolutions) is not a factorable layer.
+left to the dense part. Everything else (norms, packed attention projections used functionally, the
+``out_proj`` of an ``nn.MultiheadAttention``, whose forward never runs, grouped convolutions, subclasses that
+override ``forward``) is not a factorable layer: it is projected densely.
 
 ``FactoredLayer.matrix`` and ``FactoredLayer.split`` convert between the parameters'
 materialised per-example gradients and G: the projections and gradient transforms use them on the
@@ -34,15 +35,26 @@ from torch import Tensor, nn
 LayerKind = Literal["linear", "conv", "hf_conv1d", "embedding"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_FORWARDS = tuple(conv.forward for conv in _CONVS)
 
 
 def layer_kind(module: nn.Module) -> LayerKind | None:
-    """The factorable kind of a module, or ``None``."""
-    if isinstance(module, nn.Linear):
+    """The factorable kind of a module, or ``None``.
+
+    A subclass of ``nn.Linear``, a convolution or ``nn.Embedding`` that overrides ``forward`` is none: its hooks
+    would see the subclass's input and output, not the weight's (transformers' scaled word embeddings multiply
+    the rows by √d, BART's learned positions look up ids they build from the input's shape)."""
+    forward = type(module).forward
+    if isinstance(module, nn.Linear) and forward is nn.Linear.forward:
         return "linear"
-    if isinstance(module, _CONVS) and module.groups == 1:
+    if isinstance(module, _CONVS) and module.groups == 1 and forward in _CONV_FORWARDS:
         return "conv"
-    if isinstance(module, nn.Embedding) and module.max_norm is None and not module.scale_grad_by_freq:
+    if (
+        isinstance(module, nn.Embedding)
+        and forward is nn.Embedding.forward
+        and module.max_norm is None
+        and not module.scale_grad_by_freq
+    ):
         return "embedding"
     cls = type(module)
     if cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") and hasattr(module, "nf"):
@@ -133,20 +145,26 @@ def factorable_layers(model: nn.Module, names: Sequence[str]) -> tuple[list[Fact
     """
     selected = set(names)
     canonical = {id(p): n for n, p in model.named_parameters()}
+    # nn.MultiheadAttention hands its out_proj's weight to F.multi_head_attention_forward: the Linear never runs.
+    functional = {
+        f"{name}.out_proj" if name else "out_proj"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.MultiheadAttention)
+    }
     holders: dict[int, list[tuple[str, nn.Module]]] = {}
     for module_name, module in model.named_modules():
         for param in module.parameters(recurse=False):
             holders.setdefault(id(param), []).append((module_name, module))
     layers: list[FactoredLayer] = []
     for module_name, module in model.named_modules():
-        kind = layer_kind(module)
+        kind = None if module_name in functional else layer_kind(module)
         weight = getattr(module, "weight", None)
         if kind is None or not isinstance(weight, nn.Parameter) or canonical.get(id(weight)) not in selected:
             continue
         uses = holders[id(weight)]
         if uses[0][0] != module_name:  # a tied weight is one layer, found at its first module
             continue
-        kinds = [layer_kind(m) for _, m in uses]
+        kinds = [None if name in functional else layer_kind(m) for name, m in uses]
         if len(uses) > 1 and not all(k in ("linear", "embedding") for k in kinds):
             continue
         bias = getattr(module, "bias", None)
