@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 import source_proj as sp
+from source_proj.projection.factory import projector_from_meta
 from source_proj.projection.layers import factorable_layers
 from source_proj.tasks.gradients import PerExampleGradients, batch_size
 from source_proj.tasks.task import Batch
@@ -254,6 +256,43 @@ def test_convolutions_keep_torch_func() -> None:
     got = grads_fn(batch, "measurement")
     assert "c1.weight" in names and grads_fn._hooked_layers[tuple(names)] is None
     _close(got, _one_by_one(model, task, batch, names, "measurement"), names, 1e-5)
+
+
+class _Recurrent(nn.Module):
+    """A recurrent layer (its fused kernel fails under torch.func.vmap) and a linear head."""
+
+    def __init__(self, cell: type[nn.RNNBase]) -> None:
+        super().__init__()
+        self.rnn, self.head = cell(4, 6, batch_first=True), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU, nn.RNN])
+def test_recurrent_models_take_autograd_one_example_at_a_time_and_featurize(cell: type[nn.RNNBase], tmp_path) -> None:
+    """vmap of an LSTM failed with a broadcast RuntimeError, from featurize as a traceback: a model with a recurrent
+    module takes plain autograd example by example, and its features are the projected exact gradients."""
+    torch.manual_seed(0)
+    model, task = _Recurrent(cell), sp.ClassificationTask()
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 5, 4, generator=g), torch.randint(0, 3, (8,), generator=g))
+    names = [n for n, _ in model.named_parameters()]
+    got = PerExampleGradients(model, task, names)(data.tensors, "measurement")
+    _close(got, _one_by_one(model, task, data.tensors, names, "measurement"), names, 1e-5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = sp.TrajectoryRecorder(tmp_path / "run", model, opt, save_every=1)
+    rec.begin_stage("main", dataset_size=8)
+    F.cross_entropy(model(data.tensors[0]), data.tensors[1]).backward()
+    opt.step()
+    rec.step()
+    rec.close()
+    store = sp.featurize(tmp_path / "run", _Recurrent(cell), task, data, tmp_path / "s.sp", progress=False,
+                         projection=sp.ProjectionArguments(dim=16, kind="factored"))  # fmt: skip
+    exact = _one_by_one(model, task, data.tensors, names, "loss")
+    features = torch.from_numpy(np.asarray(store.read("grads/main/step-00000001")))
+    expected = projector_from_meta(store.meta, model).project(exact)
+    assert float((features - expected).norm() / expected.norm()) < 1e-5
 
 
 def test_a_batch_of_one_example_does_not_decide_the_path() -> None:

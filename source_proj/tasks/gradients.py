@@ -15,6 +15,11 @@ examples mixed along the batch, inputs that are not batch-first) fails the compa
 
 **torch.func** (``vmap(grad(...))``) serves every other selection. Its first call imports torch's
 compiler package (about 2 s), which the hook path never does.
+
+**One example at a time.** ``torch.func.vmap`` cannot run torch's recurrent modules (``nn.LSTM``, ``nn.GRU``,
+``nn.RNN``: their fused kernels fail on a batched input), so a model holding one takes plain autograd one example
+after another instead: the same gradients, B backward passes a batch (with cuDNN off, whose recurrent backward
+refuses a model in ``eval()`` mode).
 """
 
 from __future__ import annotations
@@ -142,6 +147,7 @@ class PerExampleGradients:
         self._shapes = {n: tuple(p.shape) for n, p in self.params.items()}
         self.hooks = hooks
         self._hooked_layers: dict[tuple[str, ...], list[FactoredLayer] | None] = {}
+        self._looped = any(isinstance(m, nn.RNNBase) for m in model.modules())  # see the module docstring
 
     def autocast(self) -> torch.autocast:
         """The autocast context of this precision (a no-op for fp32)."""
@@ -195,6 +201,9 @@ class PerExampleGradients:
                 return self._hooked(layers, selected, batch, quantity, self.precision == "bf16")
             except _NotBatchFirst:
                 self._hooked_layers[selected] = None
+        if self._looped:
+            with self.autocast(), torch.backends.cudnn.flags(enabled=False):
+                return self._one_by_one(selected, batch, quantity)
         params = self.params if names is None else {n: self.params[n] for n in names}
         with self.autocast():
             return self._fns[quantity](params, batch)
@@ -245,7 +254,8 @@ class PerExampleGradients:
         return {n: g.to(self.params[n].dtype) for n, g in grads.items()}
 
     def _one_by_one(self, selected: Sequence[str], batch: Batch, quantity: Quantity) -> dict[str, Tensor]:
-        """Per-example gradients from plain autograd, one example at a time (fp32): the hook path's oracle."""
+        """Per-example gradients from plain autograd, one example at a time: the hook path's oracle (fp32), and the
+        path of a model ``torch.func.vmap`` cannot run (see the module docstring)."""
         value = quantity_of(self.task, quantity)
         leaves = {n: self.params[n].clone().requires_grad_() for n in selected}
         rows = []
