@@ -295,6 +295,42 @@ def test_recurrent_models_take_autograd_one_example_at_a_time_and_featurize(cell
     assert float((features - expected).norm() / expected.norm()) < 1e-5
 
 
+class _AlwaysCheckpointed(nn.Module):
+    """A hidden layer under torch.utils.checkpoint in every mode, eval() included."""
+
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.fc0, self.fc, self.head, self.reentrant = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3), reentrant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.utils.checkpoint.checkpoint(self.fc, torch.tanh(self.fc0(x)), use_reentrant=self.reentrant)
+        return self.head(torch.tanh(hidden))
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_forward_that_always_checkpoints_is_refused_in_one_sentence(reentrant: bool, tmp_path) -> None:
+    """Per-example gradients cannot be taken through torch.utils.checkpoint in eval mode: torch.func refuses it,
+    and the recomputation differentiates the module's own parameters. featurize ended in a traceback, and the hook
+    path under a reentrant checkpoint gave the checkpointed layer a gradient of zero without a word. Each path
+    now refuses in one sentence."""
+    torch.manual_seed(0)
+    model, task = _AlwaysCheckpointed(reentrant), sp.ClassificationTask()
+    data = torch.utils.data.TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    names = [n for n, _ in model.named_parameters()]
+    for hooks in (True, False) if reentrant else (False,):  # non-reentrant: the hook path is exact (or refused)
+        with pytest.raises(sp.TaskError, match=r"runs torch\.utils\.checkpoint.*if self\.training"):
+            PerExampleGradients(model, task, names, hooks=hooks)(data.tensors)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = sp.TrajectoryRecorder(tmp_path / "run", model, opt, save_every=1)
+    rec.begin_stage("main", dataset_size=8)
+    rec.step()
+    rec.close()
+    for kind in ("eigen", "factored"):
+        with pytest.raises(sp.TaskError, match=r"runs torch\.utils\.checkpoint"):
+            sp.featurize(tmp_path / "run", _AlwaysCheckpointed(reentrant), task, data, tmp_path / f"{kind}.sp",
+                         projection=sp.ProjectionArguments(dim=16, kind=kind), progress=False)  # fmt: skip
+
+
 def test_a_batch_of_one_example_does_not_decide_the_path() -> None:
     model = _Mixing()
     grads_fn = PerExampleGradients(model, sp.ClassificationTask(), ["fc.weight", "fc.bias"])

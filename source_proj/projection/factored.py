@@ -72,7 +72,14 @@ from source_proj.errors import TaskError
 from source_proj.projection.base import _GENERATOR_ID, Projector, RademacherProjector, rademacher_signs
 from source_proj.projection.layers import FactoredLayer, LayerKind
 from source_proj.projection.transform import GradientTransform, LayerTransform, scaling_transform
-from source_proj.tasks.gradients import OutputTap, PerExampleGradients, batch_size, check_tolerance
+from source_proj.tasks.gradients import (
+    OutputTap,
+    PerExampleGradients,
+    UntrackedLayers,
+    batch_size,
+    check_tolerance,
+    checkpointing_refused,
+)
 
 if TYPE_CHECKING:
     from source_proj.tasks.gradients import Quantity
@@ -313,7 +320,10 @@ class FactoredProjector(Projector):
         dtype = torch.bfloat16 if grads_fn.precision == "bf16" else torch.float32
         out = torch.zeros(size, self.dim, dtype=torch.float32, device=device)
         probe = torch.zeros((), device=device, requires_grad=True)
-        with self.tapped(grads_fn.model, lambda: out, probe, dtype=dtype, transform=transform):
+        untracked = UntrackedLayers(grads_fn.model)
+        target = partial(_tracked, untracked, out)
+        with untracked, self.tapped(grads_fn.model, target, probe, dtype=dtype, transform=transform), \
+                checkpointing_refused():
             total = grads_fn.values(batch, quantity).sum()
             if total.requires_grad:
                 torch.autograd.grad(total, probe, allow_unused=True)
@@ -343,7 +353,9 @@ class FactoredProjector(Projector):
         dtype = torch.bfloat16 if grads_fn.precision == "bf16" else torch.float32
         out = torch.zeros(batch_size(batch), self.dim, dtype=torch.float32, device=grads_fn.device)
         probe = torch.zeros((), device=grads_fn.device, requires_grad=True)
-        with self.tapped(grads_fn.model, lambda: out, probe, dtype=dtype, transform=transform):
+        untracked = UntrackedLayers(grads_fn.model)
+        with untracked, self.tapped(grads_fn.model, partial(_tracked, untracked, out), probe, dtype=dtype,
+                                    transform=transform):  # fmt: skip
             with torch.enable_grad(), grads_fn.autocast():
                 outputs = grads_fn.task.forward(grads_fn._call(grads_fn.params), batch)
 
@@ -351,7 +363,8 @@ class FactoredProjector(Projector):
             out.zero_()
             total = values.sum()
             if total.requires_grad:
-                torch.autograd.grad(total, probe, retain_graph=True, allow_unused=True)
+                with checkpointing_refused():
+                    torch.autograd.grad(total, probe, retain_graph=True, allow_unused=True)
             return out.clone()
 
         return outputs, project
@@ -428,6 +441,12 @@ class FactoredProjector(Projector):
                 "parameters without it, or use the 'rademacher' projection."
             )
         self._checked = True
+
+
+def _tracked(untracked: UntrackedLayers, out: Tensor) -> Tensor:
+    """``out``, the target of a tapped forward of featurize's; refuses a reentrant checkpoint (``UntrackedLayers``)."""
+    untracked.check()
+    return out
 
 
 def _layer_terms(layer: FactoredLayer, transform: GradientTransform | None) -> LayerTransform | None:

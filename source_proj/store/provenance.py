@@ -52,7 +52,7 @@ from source_proj import __version__
 from source_proj.errors import SourceProjError, StoreError, TaskError, TrajectoryError, first_line, out_of_memory
 from source_proj.store.store import Store
 from source_proj.tasks.data import loader
-from source_proj.tasks.gradients import move_batch
+from source_proj.tasks.gradients import checkpointing_error, move_batch
 from source_proj.tasks.task import ParameterSelection, Task
 from source_proj.tasks.text import ModuleSelection
 from source_proj.trajectory.recorder import Trajectory
@@ -243,6 +243,9 @@ def model_errors(what: str) -> Iterator[None]:
     except (RuntimeError, TypeError, ValueError, IndexError, KeyError) as err:
         if out_of_memory(err):  # the host's allocator raises a plain RuntimeError: not the examples' fault
             raise
+        refusal = checkpointing_error(err)  # not the examples' fault either
+        if refusal is not None:
+            raise refusal from err
         if any(s in str(err) for s in RAGGED):  # default_collate on examples of two lengths
             raise TaskError(
                 f"The examples in {what} have different lengths ({first_line(err)}), and batches are stacked as they "

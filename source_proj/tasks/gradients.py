@@ -87,6 +87,80 @@ class OutputTap(torch.autograd.Function):
         return grad, grad.new_zeros(()), None
 
 
+# What torch says when per-example gradients meet torch.utils.checkpoint: its non-reentrant form under the hooks
+# (CheckpointError: the recomputation sees the module's own parameters, not the functional call's) and under
+# torch.func, its reentrant form under autograd.grad and under torch.func.
+_CHECKPOINT_ERRORS = (
+    "torch.utils.checkpoint",
+    "don't yet support saved tensor hooks",
+    "In order to use an autograd.Function with functorch transforms",
+)
+
+
+def checkpointing_error(err: BaseException) -> TaskError | None:
+    """The ``TaskError`` saying what to do where ``err`` is torch's at a forward that runs gradient checkpointing."""
+    if not isinstance(err, RuntimeError) or not any(sign in str(err) for sign in _CHECKPOINT_ERRORS):
+        return None
+    return checkpointing_refusal()
+
+
+class UntrackedLayers:
+    """While open: refuses a hooked layer that runs without autograd inside a forward of ``model`` that began with
+    it, as a reentrant checkpoint runs its first forward; its gradients would be silently zero (the recomputation
+    differentiates the module's own parameters, not the ones the pass differentiates). A whole forward without
+    autograd (a text task comparing its mask with the model's own) is not refused."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._tracked: list[bool] = []  # per forward of the model now running: whether it began with autograd
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> UntrackedLayers:
+        self._handles = [
+            self.model.register_forward_pre_hook(eager_if_compiling(self._began)),
+            self.model.register_forward_hook(eager_if_compiling(self._ended)),
+        ]
+        return self
+
+    def _began(self, *_: Any) -> None:
+        self._tracked.append(torch.is_grad_enabled())
+
+    def _ended(self, *_: Any) -> None:
+        if self._tracked:
+            self._tracked.pop()
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._tracked.clear()
+
+    def check(self) -> None:
+        """Refuse a layer running now, if it runs without autograd inside a forward that began with it."""
+        if self._tracked and self._tracked[-1] and not torch.is_grad_enabled():
+            raise checkpointing_refusal()
+
+
+def checkpointing_refusal() -> TaskError:
+    """What to do about a forward that runs gradient checkpointing."""
+    return TaskError(
+        "The model's forward runs torch.utils.checkpoint (gradient checkpointing), which per-example gradients "
+        "cannot be taken through; checkpoint only in training mode (`if self.training:`, as Hugging Face models "
+        "do), since attribution runs the model in eval() mode."
+    )
+
+
+@contextmanager
+def checkpointing_refused() -> Iterator[None]:
+    """Raise torch's error at a forward that runs gradient checkpointing as ``checkpointing_error``'s."""
+    try:
+        yield
+    except RuntimeError as err:
+        refusal = checkpointing_error(err)
+        if refusal is None:
+            raise
+        raise refusal from err
+
+
 class _NotBatchFirst(Exception):
     """A hooked layer saw inputs whose first dimension is not the batch."""
 
@@ -194,6 +268,10 @@ class PerExampleGradients:
 
         ``names`` restricts the gradients to a subset of the parameters (the others stay fixed).
         """
+        with checkpointing_refused():
+            return self._gradients(batch, quantity, names)
+
+    def _gradients(self, batch: Batch, quantity: Quantity, names: Sequence[str] | None) -> dict[str, Tensor]:
         selected = tuple(self.param_names if names is None else names)
         layers = self._layers_for(selected, batch, quantity) if self.hooks else None
         if layers is not None:
@@ -286,6 +364,7 @@ class _LayerGradients:
         self._handles: list[Any] = []
 
     def __enter__(self) -> _LayerGradients:
+        self._untracked = UntrackedLayers(self.modules[""]).__enter__()
         for layer in self.layers:
             for name, kind in layer.uses:
                 hook = eager_if_compiling(self._hook(layer, kind))
@@ -295,9 +374,11 @@ class _LayerGradients:
     def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
             handle.remove()
+        self._untracked.__exit__()
 
     def _hook(self, layer: FactoredLayer, kind: LayerKind) -> Callable[[nn.Module, tuple[Any, ...], Tensor], Tensor]:
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor:
+            self._untracked.check()
             if not inputs or not isinstance(inputs[0], Tensor):  # called with keywords: leave it to torch.func
                 raise _NotBatchFirst
             x = inputs[0]
