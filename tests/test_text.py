@@ -55,6 +55,17 @@ def _llama() -> nn.Module:
     return transformers.LlamaForCausalLM(config)
 
 
+def _opt() -> nn.Module:
+    """OPT derives its position ids from the 2-D attention mask (a cumulative sum), which the task replaces."""
+    torch.manual_seed(0)
+    config = transformers.OPTConfig(
+        vocab_size=VOCAB, hidden_size=16, ffn_dim=32, num_hidden_layers=2, num_attention_heads=2,
+        word_embed_proj_dim=16, max_position_embeddings=LENGTH, dropout=0.0, attn_implementation="eager",
+        pad_token_id=0,
+    )  # fmt: skip
+    return transformers.OPTForCausalLM(config)
+
+
 class PlainTransformer(nn.Module):
     """A plain torch.nn transformer: causal LM (logits per position) or mean-pooled classifier."""
 
@@ -92,6 +103,7 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], sp.Task], bool]] = 
     "gpt2-lm-eager": (lambda: _gpt2("eager"), _lm, False),
     "gpt2-lm-sdpa": (lambda: _gpt2("sdpa"), _lm, False),
     "llama-lm-eager": (_llama, _lm, False),
+    "opt-lm-eager": (_opt, _lm, False),
     "nn-causal-lm": (lambda: PlainTransformer(True, VOCAB), _lm, False),
     "gpt2-classifier": (lambda: _gpt2(classes=3), sp.SequenceClassificationTask, True),
     "bert-classifier-eager": (lambda: _bert("eager"), sp.SequenceClassificationTask, True),
@@ -117,6 +129,21 @@ def test_padded_per_example_gradients_equal_single_sequences(case: str) -> None:
             error = max(float((padded[n][i] - alone[n][0]).abs().max()) for n in names)
             assert scale > 1e-4, "the gradient must not vanish, or the comparison proves nothing"
             assert error <= 2e-5 * scale, f"{quantity} of sequence {i}: {error:.2e} vs scale {scale:.2e}"
+
+
+def test_a_model_with_gradient_checkpointing_enabled_gives_the_gradients_of_the_same_model_without() -> None:
+    """Hugging Face models checkpoint in training mode only, and attribution runs them in eval() mode: the
+    per-example gradients of a Llama after gradient_checkpointing_enable (either form) are those without it."""
+    task = _lm()
+    batch = _batch(SEQUENCES, None, LENGTH)
+    plain = _llama()
+    names = task.select_parameters(plain)
+    want = PerExampleGradients(plain, task, names)(batch)
+    for reentrant in (False, True):
+        model = _llama()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        got = PerExampleGradients(model, task, names)(batch)
+        assert all(torch.equal(got[n], want[n]) for n in names)
 
 
 @pytest.mark.parametrize("case", ["gpt2-lm-sdpa", "llama-lm-eager"])

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -178,19 +179,25 @@ class ModelKind:
         causal: whether its self-attention is causal (``None`` for plain modules: their own business).
         dtype: the dtype of its parameters (the additive mask's dtype).
         name: the model's class name, for messages.
+        positions: a causal Hugging Face model whose forward takes ``position_ids``: the task passes them (see
+            [`inspect_model`][]).
     """
 
     hugging_face: bool
     causal: bool | None
     dtype: torch.dtype
     name: str
+    positions: bool = False
 
 
 def inspect_model(model: nn.Module, attention: AttentionKind = "auto") -> ModelKind:
     """Classify ``model`` for the text tasks; refuses what cannot run under ``torch.func.vmap``.
 
     A Hugging Face model must use an attention implementation of ``VMAP_ATTENTION``; its
-    causality is ``attention`` when given, else read from its attention modules' ``is_causal``.
+    causality is ``attention`` when given, else read from its attention modules' ``is_causal``. A causal one
+    whose forward takes ``position_ids`` is given them (0 … T − 1, what right-padded tokens get from every causal
+    model): some derive them from the attention mask (OPT's cumulative sum), which the task replaces by its 4-D
+    additive mask.
     """
     params = list(model.parameters())
     dtype = params[0].dtype if params and params[0].is_floating_point() else torch.float32
@@ -205,8 +212,9 @@ def inspect_model(model: nn.Module, attention: AttentionKind = "auto") -> ModelK
             "gradients under torch.func.vmap; switch it (the weights stay as they are) with "
             '`model.set_attn_implementation("eager")`, or build it with attn_implementation="eager".'
         )
+    positions = "position_ids" in inspect.signature(model.forward).parameters
     if attention != "auto":
-        return ModelKind(True, attention == "causal", dtype, name)
+        return ModelKind(True, attention == "causal", dtype, name, positions and attention == "causal")
     flags = {m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)}
     if not flags:
         raise TaskError(
@@ -214,7 +222,7 @@ def inspect_model(model: nn.Module, attention: AttentionKind = "auto") -> ModelK
             "pass attention='causal' or attention='bidirectional' to the task."
         )
     causal = True in flags and getattr(config, "is_causal", True) is not False
-    return ModelKind(True, causal, dtype, name)
+    return ModelKind(True, causal, dtype, name, positions and causal)
 
 
 def attention_bias(attention_mask: Tensor, causal: bool, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -336,6 +344,9 @@ class _TextTask(Task):
         inputs = {key: value for key, value in batch.items() if key != "labels"}
         if kind.hugging_face:
             inputs["attention_mask"] = attention_bias(_padding_mask(batch), bool(kind.causal), kind.dtype)
+        if kind.positions and "position_ids" not in inputs:
+            ids = batch["input_ids"]
+            inputs["position_ids"] = torch.arange(ids.shape[-1], device=ids.device).expand(ids.shape[0], -1)
         logits = _call_model(model, inputs, kind)
         if bound and kind.hugging_face and not self._mask_checked and _plain(batch["input_ids"]):
             self._check_mask(model, batch, logits, kind)
