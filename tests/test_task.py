@@ -123,3 +123,27 @@ def test_multi_label_task_is_hugging_faces_loss_and_samples_each_label_from_its_
     assert torch.allclose(drawn / 4000, torch.sigmoid(logits), atol=0.03)
     with pytest.raises(sp.TaskError, match=r"labels of shape \[2, 3\], but the data hold labels of shape \[2\]"):
         task.loss(logits, (None, torch.tensor([0, 1])))
+
+
+def test_the_default_forward_takes_the_logits_of_a_hugging_face_image_classifier() -> None:
+    """``ViTForImageClassification`` returns an ImageClassifierOutput: ClassificationTask failed on it with an
+    AttributeError traceback. The default forward takes ``outputs_of`` (its logits), and the per-example gradients
+    are the model's own, one image at a time."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(
+        image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, num_labels=3, attn_implementation="eager",
+    )  # fmt: skip
+    model = transformers.ViTForImageClassification(config).eval()
+    task = sp.ClassificationTask()
+    batch = (torch.randn(3, 3, 8, 8), torch.tensor([0, 2, 1]))
+    names = task.select_parameters(model)
+    got = PerExampleGradients(model, task, names)(batch, "measurement")
+    params = dict(model.named_parameters())
+    for i in range(3):
+        margin = task.measurement(model(batch[0][i : i + 1]).logits, (batch[0][i : i + 1], batch[1][i : i + 1]))
+        want = torch.autograd.grad(margin.sum(), [params[n] for n in names])
+        for n, g in zip(names, want, strict=True):
+            assert torch.allclose(got[n][i], g, rtol=1e-4, atol=1e-6), n

@@ -102,8 +102,9 @@ class Task(ABC):
     parameters: ParameterSelection = ParameterSelection()
 
     def forward(self, model: Callable[..., Tensor], batch: Batch) -> Tensor:
-        """Model outputs for a batch. The default calls ``model(batch[0])``."""
-        return model(batch[0])
+        """Model outputs for a batch. The default calls ``model(batch[0])`` and takes [`outputs_of`][] what it
+        returns: a tensor as it is, a Hugging Face output's ``logits`` (``ViTForImageClassification``)."""
+        return self.outputs_of(model(batch[0]))
 
     def outputs_of(self, output: Any) -> Tensor:
         """What [`forward`][] returns, from what the model's own ``forward`` returned.
