@@ -305,16 +305,16 @@ def test_bad_inputs_stop_the_basis_pass_in_one_sentence_before_anything_is_writt
 
 
 class _Encoder(nn.Module):
-    """nn.MultiheadAttention applies its out_proj weight outside out_proj's forward: no Kronecker factor."""
+    """A Linear whose weight is applied outside its forward (F.linear): no Kronecker factor."""
 
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.enc = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.0)
+        self.enc, self.proj = nn.Linear(8, 8), nn.Linear(8, 8)
         self.head = nn.Linear(8, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.enc(x).mean(1))
+        return self.head(F.linear(torch.tanh(self.enc(x)), self.proj.weight, self.proj.bias).mean(1))
 
 
 def test_a_layer_the_basis_pass_cannot_factor_falls_back_to_the_dense_projection(tmp_path: Path) -> None:
@@ -322,7 +322,7 @@ def test_a_layer_the_basis_pass_cannot_factor_falls_back_to_the_dense_projection
     data = TensorDataset(torch.randn(12, 5, 8, generator=g), torch.randint(0, 3, (12,), generator=g))
     full_batch_run(tmp_path / "run", _Encoder(), data, lambda o, y: F.cross_entropy(o, y, reduction="none"),
                    lr=0.1, steps=2)  # fmt: skip
-    cause = r"\(Layer 'enc.self_attn.out_proj' took no part in the loss.*\)\. Featurize uses"
+    cause = r"\(Layer 'proj' took no part in the loss.*\)\. Featurize uses"
     with pytest.warns(UserWarning, match=cause):
         store = _featurize(tmp_path / "run", _Encoder(), data, tmp_path / "s.sp", dim=64)
     assert store.meta["projection"]["kind"] == "rademacher"

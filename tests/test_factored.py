@@ -430,19 +430,35 @@ def test_the_layer_check_runs_in_fp32_under_a_bf16_autocast_and_a_model_whose_fo
 
 
 def test_a_layer_that_mixes_examples_into_its_first_dimension_is_refused() -> None:
-    class Flattening(nn.Module):
+    """Positions flattened into a linear layer's first dimension example by example (OPT's MLP) are projected
+    exactly; interleaved position by position they fail the self-check, and a first dimension that is no multiple
+    of the batch is refused as it is seen."""
+    from .test_gradients import _Flattening
+
+    batch = (torch.randn(3, 2, 4), torch.tensor([0, 1, 2]))
+    for interleave in (False, True):
+        model = _Flattening(interleave)
+        projector = _projector(model, 4)
+        grads_fn = PerExampleGradients(model, ClassificationTask(), ["fc.weight", "fc.bias"])
+        if interleave:
+            with pytest.raises(TaskError, match="examples mixed in its input's first dimension"):
+                projector.project_batch(grads_fn, batch)
+        else:
+            expected = projector.project(grads_fn(batch))
+            assert torch.allclose(projector.project_batch(grads_fn, batch), expected, rtol=1e-5, atol=1e-6)
+
+    class Pairs(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.fc = nn.Linear(4, 3)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(x.reshape(-1, 4)).reshape(x.shape[0], -1, 3).sum(1)
+            return self.fc(x.reshape(-1, 4)[:-1]).sum(0, keepdim=True).expand(x.shape[0], 3)
 
-    model = Flattening()
-    projector = _projector(model, 4)
-    grads_fn = PerExampleGradients(model, ClassificationTask(), ["fc.weight", "fc.bias"])
+    model = Pairs()
     with pytest.raises(TaskError, match="examples along the first dimension"):
-        projector.project_batch(grads_fn, (torch.randn(3, 2, 4), torch.tensor([0, 1, 2])))
+        _projector(model, 4).project_batch(PerExampleGradients(model, ClassificationTask(), ["fc.weight", "fc.bias"]),
+                                           batch)  # fmt: skip
 
 
 def test_elementwise_scaling_on_a_factored_layer_is_refused_and_its_rank_r_form_applied() -> None:

@@ -205,12 +205,14 @@ class _Functional(nn.Module):
 
 
 class _Flattening(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, interleave: bool = True) -> None:
         super().__init__()
-        self.fc = nn.Linear(4, 3)
+        self.fc, self.interleave = nn.Linear(4, 3), interleave
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x.reshape(-1, 4)).reshape(x.shape[0], -1, 3).sum(1)  # [B·T, 4]: not batch-first
+        if self.interleave:  # [T·B, 4], position by position: the examples interleaved along the first dimension
+            return self.fc(x.transpose(0, 1).reshape(-1, 4)).reshape(x.shape[1], x.shape[0], 3).sum(0)
+        return self.fc(x.reshape(-1, 4)).reshape(x.shape[0], -1, 3).sum(1)  # [B·T, 4], example by example (OPT)
 
 
 class _Mixing(nn.Module):
@@ -245,6 +247,19 @@ def test_models_the_hooks_cannot_see_whole_keep_torch_func(build: Callable[[], n
     got = grads_fn(batch, "loss")
     assert grads_fn._hooked_layers[(*names,)] is None
     _close(got, _torch_func(grads_fn, batch, "loss", names), names, 1e-6)
+
+
+def test_a_linear_layer_seeing_positions_flattened_example_by_example_takes_the_hook_path() -> None:
+    """OPT's MLP reshapes [B, T, d] to [B·T, d]: its rows group by example, and the hook path (checked against
+    autograd one example at a time) takes it rather than torch.func."""
+    torch.manual_seed(0)
+    model, task = _Flattening(interleave=False), sp.ClassificationTask()
+    batch = (torch.randn(4, 3, 4), torch.randint(0, 3, (4,)))
+    names = ["fc.weight", "fc.bias"]
+    grads_fn = PerExampleGradients(model, task, names)
+    got = grads_fn(batch, "loss")
+    assert grads_fn._hooked_layers[(*names,)] is not None
+    _close(got, _one_by_one(model, task, batch, names, "loss"), names, 1e-5)
 
 
 def test_convolutions_keep_torch_func() -> None:

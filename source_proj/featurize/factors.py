@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from source_proj.compiled import eager_if_compiling
 from source_proj.errors import TaskError
-from source_proj.projection.layers import FactoredLayer, factorable_layers
+from source_proj.projection.layers import FactoredLayer, examples_first, factorable_layers
 from source_proj.tasks.gradients import OutputTap, PerExampleGradients, Quantity, batch_size, quantity_of
 from source_proj.tasks.task import Batch
 
@@ -290,7 +290,7 @@ class FactorCollector:
 
         def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
             x = args[0]
-            if x.shape[0] != size:
+            if not examples_first(layer.kind, x.shape[0], size):
                 raise TaskError(
                     f"Layer {layer.module!r} sees inputs of first dimension {x.shape[0]}, not the batch size {size}: "
                     "Kronecker factors need examples along the first dimension of every layer's input; use "

@@ -70,7 +70,7 @@ from torch.utils._pytree import tree_map
 from source_proj.compiled import eager_if_compiling
 from source_proj.errors import TaskError
 from source_proj.projection.base import _GENERATOR_ID, Projector, RademacherProjector, rademacher_signs
-from source_proj.projection.layers import FactoredLayer, LayerKind
+from source_proj.projection.layers import FactoredLayer, LayerKind, examples_first
 from source_proj.projection.transform import GradientTransform, LayerTransform, scaling_transform
 from source_proj.tasks.gradients import (
     OutputTap,
@@ -437,8 +437,9 @@ class FactoredProjector(Projector):
         if error > check_tolerance(exact.params[name] for name in layer_names):
             raise TaskError(
                 f"The factored projection differs from the per-example gradients by {error:.1e} (relative) on this "
-                "model: a layer's weight is used outside that layer's forward (tied or functional use); select "
-                "parameters without it, or use the 'rademacher' projection."
+                "model: a layer's weight is used outside that layer's forward (tied or functional use), or a layer "
+                "sees the examples mixed in its input's first dimension; select parameters without it, or use the "
+                "'rademacher' projection."
             )
         self._checked = True
 
@@ -509,7 +510,7 @@ class _LayerHook:
         if self.kind == "embedding" and x.shape[0] == 1 < batch:
             # Positions shared by the batch ([1, T]): one row per example, so the tap sees per-example gradients.
             x, output = x.expand(batch, *x.shape[1:]), output.expand(batch, *output.shape[1:])
-        if x.shape[0] != batch:
+        if not examples_first(self.kind, x.shape[0], batch):
             raise TaskError(
                 f"Layer {self.layer.module!r} sees inputs of first dimension {x.shape[0]}, not the batch size "
                 f"{batch}: the factored projection needs examples along the first dimension of every layer's "

@@ -62,6 +62,13 @@ def layer_kind(module: nn.Module) -> LayerKind | None:
     return None
 
 
+def examples_first(kind: LayerKind, rows: int, batch: int) -> bool:
+    """Whether a layer's input whose first dimension is ``rows`` holds ``batch`` examples along it: as many, or for
+    a linear layer a multiple, its positions flattened into the first dimension example by example (OPT's MLP
+    reshapes ``[B, T, d]`` to ``[B·T, d]``). The hook paths' self-checks confirm that the rows group so."""
+    return rows == batch or (kind in ("linear", "hf_conv1d") and rows > 0 and rows % batch == 0)
+
+
 @dataclass(frozen=True)
 class FactoredLayer:
     """A weight whose per-example gradient matrix G (``out_features × in_rows``) is seen by hooks.

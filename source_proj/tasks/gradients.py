@@ -35,7 +35,7 @@ from torch.utils._pytree import tree_map
 
 from source_proj.compiled import eager_if_compiling
 from source_proj.errors import TaskError
-from source_proj.projection.layers import FactoredLayer, LayerKind, factorable_layers
+from source_proj.projection.layers import FactoredLayer, LayerKind, examples_first, factorable_layers
 from source_proj.tasks.task import Batch, Task
 
 Quantity = Literal["loss", "fisher", "measurement"]  # "fisher": Task.fisher_loss, the Fisher targets' loss
@@ -384,7 +384,7 @@ class _LayerGradients:
             x = inputs[0]
             if kind == "embedding" and x.shape[0] == 1 < self.size:  # positions shared by the batch ([1, T])
                 x, output = x.expand(self.size, *x.shape[1:]), output.expand(self.size, *output.shape[1:])
-            if x.shape[0] != self.size:
+            if not examples_first(kind, x.shape[0], self.size):
                 raise _NotBatchFirst
             with torch.no_grad(), _no_autocast(x.device):
                 side = _input_side(layer, kind, x.detach(), self.size)
