@@ -514,7 +514,8 @@ class _LayerHook:
             raise TaskError(
                 f"Layer {self.layer.module!r} sees inputs of first dimension {x.shape[0]}, not the batch size "
                 f"{batch}: the factored projection needs examples along the first dimension of every layer's "
-                "input; use the 'rademacher' projection for this model."
+                "input; leave the layer out of the selection (ParameterSelection(exclude=...)), or use the "
+                "'rademacher' projection for this model."
             )
         out = target[:, self.block.columns]
         with torch.no_grad():
