@@ -129,6 +129,30 @@ class _Tokens(nn.Module):
         return self.head(torch.tanh(self.embed(x) + self.positions(where))).mean(dim=1)
 
 
+def _causal_lm(name: str) -> Callable[[], nn.Module]:
+    """A tiny causal LM of another family: Qwen2 (attention biases, tied head), GPT-NeoX (Pythia: fused qkv),
+    Gemma (embedding scaled by √d in its own forward, tied head), Phi (partial rotary), OPT (MLP on [B·T, d])."""
+    common = dict(vocab_size=23, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                  max_position_embeddings=8, attn_implementation="eager", pad_token_id=0)  # fmt: skip
+    configs = {
+        "qwen2": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config(
+            **common, intermediate_size=32, num_key_value_heads=1, tie_word_embeddings=True)),
+        "neox": (transformers.GPTNeoXForCausalLM, transformers.GPTNeoXConfig(**common, intermediate_size=32)),
+        "gemma": (transformers.GemmaForCausalLM, transformers.GemmaConfig(
+            **common, intermediate_size=32, num_key_value_heads=1, head_dim=8)),
+        "phi": (transformers.PhiForCausalLM, transformers.PhiConfig(**common, intermediate_size=32)),
+        "opt": (transformers.OPTForCausalLM, transformers.OPTConfig(
+            **common, ffn_dim=32, word_embed_proj_dim=16, dropout=0.0)),
+    }  # fmt: skip
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        model_class, config = configs[name]
+        return model_class(config)
+
+    return build
+
+
 class _ScaledEmbedding(nn.Embedding):
     """transformers' scaled word embedding (Gemma, BART): the rows times √d, in a forward of its own."""
 
@@ -191,6 +215,7 @@ CASES = {  # model, batch and task, module_dims
     "gpt2-per-module": (_gpt2, _text, {"*.attn.*": 16, "transformer.wte": 64}),
     "llama": (_llama, _text, None),
     "attention": (_Attention, _classify(lambda g: torch.randint(0, 11, (5, 7), generator=g)), None),
+    **{name: (_causal_lm(name), _text, None) for name in ("qwen2", "neox", "gemma", "phi", "opt")},
 }
 
 
