@@ -480,10 +480,18 @@ def test_a_layer_that_mixes_examples_into_its_first_dimension_is_refused() -> No
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.fc(x.reshape(-1, 4)[:-1]).sum(0, keepdim=True).expand(x.shape[0], 3)
 
-    model = Pairs()
-    with pytest.raises(TaskError, match="examples along the first dimension"):
-        _projector(model, 4).project_batch(PerExampleGradients(model, ClassificationTask(), ["fc.weight", "fc.bias"]),
-                                           batch)  # fmt: skip
+    class SequenceFirst(nn.Module):  # [T, B, 4] with T a multiple of B: not rows of positions
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.transpose(0, 1)).sum(0)
+
+    for model, inputs in ((Pairs(), batch[0]), (SequenceFirst(), torch.randn(3, 6, 4))):
+        grads_fn = PerExampleGradients(model, ClassificationTask(), ["fc.weight", "fc.bias"])
+        with pytest.raises(TaskError, match="examples along the first dimension"):
+            _projector(model, 4).project_batch(grads_fn, (inputs, batch[1]))
 
 
 def test_elementwise_scaling_on_a_factored_layer_is_refused_and_its_rank_r_form_applied() -> None:

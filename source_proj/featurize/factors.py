@@ -290,7 +290,7 @@ class FactorCollector:
 
         def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
             x = args[0]
-            if not examples_first(layer.kind, x.shape[0], size):
+            if not examples_first(layer.kind, x.shape, size):
                 raise TaskError(
                     f"Layer {layer.module!r} sees inputs of first dimension {x.shape[0]}, not the batch size {size}: "
                     "Kronecker factors need examples along the first dimension of every layer's input; use "

@@ -510,7 +510,7 @@ class _LayerHook:
         if self.kind == "embedding" and x.shape[0] == 1 < batch:
             # Positions shared by the batch ([1, T]): one row per example, so the tap sees per-example gradients.
             x, output = x.expand(batch, *x.shape[1:]), output.expand(batch, *output.shape[1:])
-        if not examples_first(self.kind, x.shape[0], batch):
+        if not examples_first(self.kind, x.shape, batch):
             raise TaskError(
                 f"Layer {self.layer.module!r} sees inputs of first dimension {x.shape[0]}, not the batch size "
                 f"{batch}: the factored projection needs examples along the first dimension of every layer's "

@@ -62,11 +62,13 @@ def layer_kind(module: nn.Module) -> LayerKind | None:
     return None
 
 
-def examples_first(kind: LayerKind, rows: int, batch: int) -> bool:
-    """Whether a layer's input whose first dimension is ``rows`` holds ``batch`` examples along it: as many, or for
-    a linear layer a multiple, its positions flattened into the first dimension example by example (OPT's MLP
-    reshapes ``[B, T, d]`` to ``[B·T, d]``). The hook paths' self-checks confirm that the rows group so."""
-    return rows == batch or (kind in ("linear", "hf_conv1d") and rows > 0 and rows % batch == 0)
+def examples_first(kind: LayerKind, shape: Sequence[int], batch: int) -> bool:
+    """Whether a layer's input of ``shape`` holds ``batch`` examples along its first dimension: as many, or for a
+    linear layer's matrix of rows a multiple, its positions flattened into the rows example by example (OPT's MLP
+    reshapes ``[B, T, d]`` to ``[B·T, d]``; a sequence-first ``[T, B, d]`` is not). The hook paths' self-checks
+    confirm that the rows group so."""
+    rows = shape[0]
+    return rows == batch or (kind in ("linear", "hf_conv1d") and len(shape) == 2 and rows > 0 and rows % batch == 0)
 
 
 @dataclass(frozen=True)

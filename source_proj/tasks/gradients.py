@@ -384,7 +384,7 @@ class _LayerGradients:
             x = inputs[0]
             if kind == "embedding" and x.shape[0] == 1 < self.size:  # positions shared by the batch ([1, T])
                 x, output = x.expand(self.size, *x.shape[1:]), output.expand(self.size, *output.shape[1:])
-            if not examples_first(kind, x.shape[0], self.size):
+            if not examples_first(kind, x.shape, self.size):
                 raise _NotBatchFirst
             with torch.no_grad(), _no_autocast(x.device):
                 side = _input_side(layer, kind, x.detach(), self.size)
