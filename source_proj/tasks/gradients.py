@@ -87,21 +87,37 @@ class OutputTap(torch.autograd.Function):
         return grad, grad.new_zeros(()), None
 
 
-# What torch says when per-example gradients meet torch.utils.checkpoint: its non-reentrant form under the hooks
-# (CheckpointError: the recomputation sees the module's own parameters, not the functional call's) and under
-# torch.func, its reentrant form under autograd.grad and under torch.func.
-_CHECKPOINT_ERRORS = (
-    "torch.utils.checkpoint",
-    "don't yet support saved tensor hooks",
-    "In order to use an autograd.Function with functorch transforms",
-)
+# What torch says when per-example gradients meet torch.utils.checkpoint in eval mode: the non-reentrant form's
+# CheckpointError under the hooks (its recomputation sees the module's own parameters, not the functional call's),
+# and torch.func's refusal of its saved-tensor hooks; the reentrant form's refusal of autograd.grad.
+_CHECKPOINT_ERRORS = ("torch.utils.checkpoint", "don't yet support saved tensor hooks")
+# torch.func's refusal of an autograd.Function without setup_context: the reentrant checkpoint's, or the model's own.
+_OLD_FUNCTION = "In order to use an autograd.Function with functorch transforms"
 
 
 def checkpointing_error(err: BaseException) -> TaskError | None:
-    """The ``TaskError`` saying what to do where ``err`` is torch's at a forward that runs gradient checkpointing."""
-    if not isinstance(err, RuntimeError) or not any(sign in str(err) for sign in _CHECKPOINT_ERRORS):
+    """The ``TaskError`` saying what to do where ``err`` is torch's at a forward that runs gradient checkpointing
+    (or an autograd.Function torch.func cannot run); ``None`` for any other error."""
+    if not isinstance(err, RuntimeError):
         return None
-    return checkpointing_refusal()
+    if _OLD_FUNCTION in str(err):
+        return TaskError(
+            "The model's forward calls an autograd.Function that torch.func cannot take per-example gradients "
+            "through (one without a setup_context staticmethod, such as reentrant torch.utils.checkpoint); give it "
+            "setup_context, or checkpoint only in training mode (`if self.training:`, as Hugging Face models do)."
+        )
+    if any(sign in str(err) for sign in _CHECKPOINT_ERRORS):
+        return checkpointing_refusal()
+    return None
+
+
+def checkpointing_refusal() -> TaskError:
+    """What to do about a forward that runs gradient checkpointing."""
+    return TaskError(
+        "The model's forward runs torch.utils.checkpoint (gradient checkpointing), which per-example gradients "
+        "cannot be taken through; checkpoint only in training mode (`if self.training:`, as Hugging Face models "
+        "do), since attribution runs the model in eval() mode."
+    )
 
 
 class UntrackedLayers:
@@ -138,15 +154,6 @@ class UntrackedLayers:
         """Refuse a layer running now, if it runs without autograd inside a forward that began with it."""
         if self._tracked and self._tracked[-1] and not torch.is_grad_enabled():
             raise checkpointing_refusal()
-
-
-def checkpointing_refusal() -> TaskError:
-    """What to do about a forward that runs gradient checkpointing."""
-    return TaskError(
-        "The model's forward runs torch.utils.checkpoint (gradient checkpointing), which per-example gradients "
-        "cannot be taken through; checkpoint only in training mode (`if self.training:`, as Hugging Face models "
-        "do), since attribution runs the model in eval() mode."
-    )
 
 
 @contextmanager
