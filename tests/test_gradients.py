@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 import source_proj as sp
-from source_proj.projection.factory import projector_from_meta
+from source_proj.projection.factory import make_projector, projector_from_meta
 from source_proj.projection.layers import factorable_layers
 from source_proj.tasks.gradients import PerExampleGradients, batch_size
 from source_proj.tasks.task import Batch
@@ -341,9 +341,40 @@ def test_a_forward_that_always_checkpoints_is_refused_in_one_sentence(reentrant:
     rec.step()
     rec.close()
     for kind in ("eigen", "factored"):
-        with pytest.raises(sp.TaskError, match=r"runs torch\.utils\.checkpoint"):
+        with pytest.raises(sp.TaskError, match=r"torch\.utils\.checkpoint|gradient checkpointing"):
             sp.featurize(tmp_path / "run", _AlwaysCheckpointed(reentrant), task, data, tmp_path / f"{kind}.sp",
                          projection=sp.ProjectionArguments(dim=16, kind=kind), progress=False)  # fmt: skip
+
+
+class _NoGradUse(nn.Module):
+    """A selected layer also applied under torch.no_grad inside the forward (a stop-gradient): only its other use
+    has a gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = self.fc(x)
+        return self.head(torch.tanh(self.fc(x)) * target)
+
+
+def test_a_layer_also_run_under_no_grad_keeps_torch_func_and_the_factored_path() -> None:
+    """A layer running without autograd inside a forward that began with it cannot be told from a reentrant
+    checkpoint's first forward by the gradient hooks: its gradients come from torch.func (exact; a reentrant
+    checkpoint is refused there), and the factored projection, whose taps give such a use nothing, checks equal."""
+    torch.manual_seed(0)
+    model, task = _NoGradUse(), sp.ClassificationTask()
+    batch = (torch.randn(4, 4), torch.randint(0, 3, (4,)))
+    names = [n for n, _ in model.named_parameters()]
+    grads_fn = PerExampleGradients(model, task, names)
+    _close(grads_fn(batch, "loss"), _one_by_one(model, task, batch, names, "loss"), names, 1e-5)
+    assert grads_fn._hooked_layers[tuple(names)] is None
+    shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    projector = make_projector("factored", shapes, 16, 0, model=model)
+    expected = projector.project(grads_fn(batch))
+    assert torch.allclose(projector.project_batch(grads_fn, batch), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_a_batch_of_one_example_does_not_decide_the_path() -> None:

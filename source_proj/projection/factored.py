@@ -75,7 +75,6 @@ from source_proj.projection.transform import GradientTransform, LayerTransform, 
 from source_proj.tasks.gradients import (
     OutputTap,
     PerExampleGradients,
-    UntrackedLayers,
     batch_size,
     check_tolerance,
     checkpointing_refused,
@@ -320,10 +319,7 @@ class FactoredProjector(Projector):
         dtype = torch.bfloat16 if grads_fn.precision == "bf16" else torch.float32
         out = torch.zeros(size, self.dim, dtype=torch.float32, device=device)
         probe = torch.zeros((), device=device, requires_grad=True)
-        untracked = UntrackedLayers(grads_fn.model)
-        target = partial(_tracked, untracked, out)
-        with untracked, self.tapped(grads_fn.model, target, probe, dtype=dtype, transform=transform), \
-                checkpointing_refused():
+        with self.tapped(grads_fn.model, lambda: out, probe, dtype=dtype, transform=transform), checkpointing_refused():
             total = grads_fn.values(batch, quantity).sum()
             if total.requires_grad:
                 torch.autograd.grad(total, probe, allow_unused=True)
@@ -353,9 +349,7 @@ class FactoredProjector(Projector):
         dtype = torch.bfloat16 if grads_fn.precision == "bf16" else torch.float32
         out = torch.zeros(batch_size(batch), self.dim, dtype=torch.float32, device=grads_fn.device)
         probe = torch.zeros((), device=grads_fn.device, requires_grad=True)
-        untracked = UntrackedLayers(grads_fn.model)
-        with untracked, self.tapped(grads_fn.model, partial(_tracked, untracked, out), probe, dtype=dtype,
-                                    transform=transform):  # fmt: skip
+        with self.tapped(grads_fn.model, lambda: out, probe, dtype=dtype, transform=transform):
             with torch.enable_grad(), grads_fn.autocast():
                 outputs = grads_fn.task.forward(grads_fn._call(grads_fn.params), batch)
 
@@ -442,12 +436,6 @@ class FactoredProjector(Projector):
                 "'rademacher' projection."
             )
         self._checked = True
-
-
-def _tracked(untracked: UntrackedLayers, out: Tensor) -> Tensor:
-    """``out``, the target of a tapped forward of featurize's; refuses a reentrant checkpoint (``UntrackedLayers``)."""
-    untracked.check()
-    return out
 
 
 def _layer_terms(layer: FactoredLayer, transform: GradientTransform | None) -> LayerTransform | None:

@@ -121,10 +121,13 @@ def checkpointing_refusal() -> TaskError:
 
 
 class UntrackedLayers:
-    """While open: refuses a hooked layer that runs without autograd inside a forward of ``model`` that began with
-    it, as a reentrant checkpoint runs its first forward; its gradients would be silently zero (the recomputation
-    differentiates the module's own parameters, not the ones the pass differentiates). A whole forward without
-    autograd (a text task comparing its mask with the model's own) is not refused."""
+    """While open: tells whether a hooked layer runs without autograd inside a forward of ``model`` that began with
+    it: a reentrant checkpoint's first forward, whose layers the hooks would give a gradient of zero (its
+    recomputation differentiates the module's own parameters, not the ones the pass differentiates), or a layer
+    the forward runs under ``torch.no_grad``, whose hooked gradient would be right. The gradient hooks leave both
+    to ``torch.func``, which refuses the first and takes the second exactly; the factored projection's self-check
+    compares with those gradients. A whole forward without autograd (a text task comparing its mask with the
+    model's own) does not count."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -150,10 +153,9 @@ class UntrackedLayers:
             handle.remove()
         self._tracked.clear()
 
-    def check(self) -> None:
-        """Refuse a layer running now, if it runs without autograd inside a forward that began with it."""
-        if self._tracked and self._tracked[-1] and not torch.is_grad_enabled():
-            raise checkpointing_refusal()
+    def now(self) -> bool:
+        """Whether a layer running now runs without autograd inside a forward of the model that began with it."""
+        return bool(self._tracked) and self._tracked[-1] and not torch.is_grad_enabled()
 
 
 @contextmanager
@@ -168,8 +170,9 @@ def checkpointing_refused() -> Iterator[None]:
         raise refusal from err
 
 
-class _NotBatchFirst(Exception):
-    """A hooked layer saw inputs whose first dimension is not the batch."""
+class _HooksBlind(Exception):
+    """A hooked layer saw inputs whose first dimension is not the batch, or ran without autograd inside a forward
+    with it (``UntrackedLayers``): torch.func takes the gradients."""
 
 
 _HOOK_CHECK_EXAMPLES = 2
@@ -284,7 +287,7 @@ class PerExampleGradients:
         if layers is not None:
             try:
                 return self._hooked(layers, selected, batch, quantity, self.precision == "bf16")
-            except _NotBatchFirst:
+            except _HooksBlind:
                 self._hooked_layers[selected] = None
         if self._looped:
             with self.autocast(), torch.backends.cudnn.flags(enabled=False):
@@ -310,7 +313,7 @@ class PerExampleGradients:
         few = batch_rows(batch, slice(0, _HOOK_CHECK_EXAMPLES))
         try:
             hooked = self._hooked(layers, selected, few, quantity, False)
-        except _NotBatchFirst:
+        except _HooksBlind:
             hooked = None
         exact = self._one_by_one(selected, few, quantity)
         tolerance = check_tolerance(self.params[n] for n in selected)
@@ -385,14 +388,13 @@ class _LayerGradients:
 
     def _hook(self, layer: FactoredLayer, kind: LayerKind) -> Callable[[nn.Module, tuple[Any, ...], Tensor], Tensor]:
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor:
-            self._untracked.check()
-            if not inputs or not isinstance(inputs[0], Tensor):  # called with keywords: leave it to torch.func
-                raise _NotBatchFirst
+            if self._untracked.now() or not inputs or not isinstance(inputs[0], Tensor):  # keywords: torch.func's
+                raise _HooksBlind
             x = inputs[0]
             if kind == "embedding" and x.shape[0] == 1 < self.size:  # positions shared by the batch ([1, T])
                 x, output = x.expand(self.size, *x.shape[1:]), output.expand(self.size, *output.shape[1:])
             if not examples_first(kind, x.shape, self.size):
-                raise _NotBatchFirst
+                raise _HooksBlind
             with torch.no_grad(), _no_autocast(x.device):
                 side = _input_side(layer, kind, x.detach(), self.size)
             return OutputTap.apply(output, self.probe, lambda grad: self._add(module, layer, kind, side, grad))
