@@ -703,9 +703,10 @@ class GradientCapture:
         callbacks) or for the gradients alone (a sampled Fisher from the training forward never reaches it)."""
         if self._target is not None and self.model.training and not torch.is_grad_enabled():
             raise TaskError(
-                "A captured layer ran without autograd inside the training step, as reentrant gradient checkpointing "
-                "(use_reentrant=True) runs it, which capture cannot take gradients through; checkpoint with "
-                "use_reentrant=False (gradient_checkpointing_kwargs={'use_reentrant': False}), or do not checkpoint."
+                "A captured layer ran without autograd inside the training step (reentrant gradient checkpointing, "
+                "use_reentrant=True, or torch.no_grad around it), which capture cannot take gradients through; "
+                "checkpoint with use_reentrant=False (gradient_checkpointing_kwargs={'use_reentrant': False}), or "
+                "featurize after training."
             )
         return self._target
 
