@@ -272,10 +272,11 @@ def test_layers_found_and_the_rest_projected_densely() -> None:
 
 
 def test_layers_whose_own_forward_hooks_cannot_see_are_projected_densely() -> None:
-    """A subclass overriding forward (a scaled embedding, BART's learned positions) and an nn.MultiheadAttention's
-    out_proj are not factored layers: the hooks would see the wrong input or output (a BART of every parameter
-    failed with a reshape error, a Gemma's tied scaled embedding was refused, any nn.MultiheadAttention refused the
-    factored projection). The weight tied to a scaled embedding goes dense with it; the other layers still factor."""
+    """A subclass overriding forward (a scaled embedding of its own, BART's learned positions) and an
+    nn.MultiheadAttention's out_proj are not factored layers: the hooks would see the wrong input or output (a BART
+    of every parameter failed with a reshape error, any nn.MultiheadAttention refused the factored projection). The
+    weight tied to such an embedding goes dense with it; the other layers still factor, transformers' scaled word
+    embedding among them (BART's shared one with its four uses; Gemma's scale is tested in the layer-path cases)."""
     model = _Attention()
     layers, rest = factorable_layers(model, [n for n, _ in model.named_parameters()])
     assert [la.module for la in layers] == ["block.linear1", "block.linear2"]
@@ -285,7 +286,10 @@ def test_layers_whose_own_forward_hooks_cannot_see_are_projected_densely() -> No
     bart = _bart()
     names = [n for n, _ in bart.named_parameters()]
     layers, rest = factorable_layers(bart, names)
-    assert not any("embed" in la.module or la.module == "lm_head" for la in layers) and "model.shared.weight" in rest
+    assert not any("embed_positions" in la.module for la in layers) and "model.encoder.embed_positions.weight" in rest
+    shared = next(la for la in layers if la.weight == "model.shared.weight")  # transformers' scaled word embedding
+    assert [use for use, _ in shared.uses] == [
+        "model.shared", "model.encoder.embed_tokens", "model.decoder.embed_tokens", "lm_head"]  # fmt: skip
     task = sp.Seq2SeqTask(tokens_per_sequence="own", parameters=sp.ParameterSelection())
     batch = _pairs([[5, 9, 2, 17], [4, 12, 6]], [[8, 11, 3], [21, 6]])
     projector = _projector(bart, 64, names=names)

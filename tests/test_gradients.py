@@ -262,6 +262,22 @@ def test_a_linear_layer_seeing_positions_flattened_example_by_example_takes_the_
     _close(got, _one_by_one(model, task, batch, names, "loss"), names, 1e-5)
 
 
+def test_a_scaled_word_embedding_tied_to_its_head_takes_the_hook_path_with_its_scale() -> None:
+    """Gemma's embedding multiplies its rows by √d in a forward of its own and is tied to the LM head: the hooks
+    scale its output gradient back, and its per-example gradients (both uses) equal autograd's one by one."""
+    from .test_factored import _causal_lm
+
+    model, task = _causal_lm("gemma")(), sp.LanguageModelingTask(tokens_per_sequence="own",
+                                                                 parameters=sp.ParameterSelection(include=("*embed*",)))
+    assert type(model.model.embed_tokens).__name__.endswith("ScaledWordEmbedding")
+    batch = {"input_ids": torch.randint(1, 23, (3, 6), generator=torch.Generator().manual_seed(0))}
+    names = task.select_parameters(model)
+    grads_fn = PerExampleGradients(model, task, names)
+    got = grads_fn(batch, "loss")
+    assert names == ["model.embed_tokens.weight"] and grads_fn._hooked_layers[tuple(names)] is not None
+    _close(got, _one_by_one(model, task, batch, names, "loss"), names, 1e-5)
+
+
 def test_convolutions_keep_torch_func() -> None:
     torch.manual_seed(0)
     model, task = _Conv(), sp.ClassificationTask()

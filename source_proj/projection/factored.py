@@ -70,7 +70,7 @@ from torch.utils._pytree import tree_map
 from source_proj.compiled import eager_if_compiling
 from source_proj.errors import TaskError
 from source_proj.projection.base import _GENERATOR_ID, Projector, RademacherProjector, rademacher_signs
-from source_proj.projection.layers import FactoredLayer, LayerKind, examples_first
+from source_proj.projection.layers import FactoredLayer, LayerKind, embedding_scale, examples_first
 from source_proj.projection.transform import GradientTransform, LayerTransform, scaling_transform
 from source_proj.tasks.gradients import (
     OutputTap,
@@ -486,6 +486,7 @@ class _LayerHook:
         target: Callable[[], Tensor | None],
     ) -> None:
         self.layer, self.block, self.kind, self.module, self.sides = layer, block, kind, module, sides
+        self.scale = embedding_scale(module) if kind == "embedding" else 1.0  # a scaled word embedding's rows
         self.probe, self.target = probe, target
 
     def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor | None:
@@ -533,7 +534,7 @@ class _LayerHook:
     def _backward_side(self, grad: Tensor, batch: int, left: Tensor, right: Tensor) -> Tensor:
         """``[B, T, R·k]``: P_out L_r δ_t (layers) or P_in R_r δ_t (embeddings)."""
         if self.kind == "embedding":
-            return grad.reshape(batch, -1, self.layer.in_features) @ right.T
+            return (grad.reshape(batch, -1, self.layer.in_features) * self.scale) @ right.T
         if self.kind == "conv":
             return torch.einsum("bct,kc->btk", grad.flatten(2), left)
         return grad.reshape(batch, -1, self.layer.out_features) @ left.T

@@ -9,7 +9,8 @@ bias as the column of an extra constant input 1 (G is then ``d_out × (d_in + 1)
 - ``hf_conv1d``: transformers' GPT-2 ``Conv1D`` (``y = x W + b`` with W stored ``d_in × d_out``);
   G is the gradient of Wᵀ, so the layer reads like an ``nn.Linear``.
 - ``embedding``: ``nn.Embedding`` (W stored ``V × d``); the one-hot e_{x_t} of the token is the row
-  side and the output gradient δ_t the column side: G = Σ_t e_{x_t} δ_tᵀ (``V × d``).
+  side and the output gradient δ_t the column side: G = Σ_t e_{x_t} δ_tᵀ (``V × d``). A transformers scaled
+  word embedding (rows times a scale s, Gemma's √d) takes s·δ_t (``embedding_scale``).
 
 A weight held by several modules (GPT-2's token embedding tied to its LM head, both ``V × d``) is
 one layer with several *uses*: each adds its outer products to the same G. Its bias, if any, is
@@ -42,8 +43,10 @@ def layer_kind(module: nn.Module) -> LayerKind | None:
     """The factorable kind of a module, or ``None``.
 
     A subclass of ``nn.Linear``, a convolution or ``nn.Embedding`` that overrides ``forward`` is none: its hooks
-    would see the subclass's input and output, not the weight's (transformers' scaled word embeddings multiply
-    the rows by √d, BART's learned positions look up ids they build from the input's shape)."""
+    would see the subclass's input and output, not the weight's (BART's learned positions look up ids they build
+    from the input's shape). The exception is transformers' scaled word embedding (Gemma's, BART's: the rows times
+    its ``embed_scale``), whose hooks scale the output gradient back (``embedding_scale``); the self-checks of the
+    hook paths confirm it."""
     forward = type(module).forward
     if isinstance(module, nn.Linear) and forward is nn.Linear.forward:
         return "linear"
@@ -51,7 +54,7 @@ def layer_kind(module: nn.Module) -> LayerKind | None:
         return "conv"
     if (
         isinstance(module, nn.Embedding)
-        and forward is nn.Embedding.forward
+        and (forward is nn.Embedding.forward or _scale_of(module) is not None)
         and module.max_norm is None
         and not module.scale_grad_by_freq
     ):
@@ -60,6 +63,25 @@ def layer_kind(module: nn.Module) -> LayerKind | None:
     if cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") and hasattr(module, "nf"):
         return "hf_conv1d"
     return None
+
+
+def embedding_scale(module: nn.Module) -> float:
+    """What an embedding's forward multiplies its rows by: 1, or a scaled word embedding's ``embed_scale``."""
+    if type(module).forward is nn.Embedding.forward:
+        return 1.0
+    scale = _scale_of(module)
+    return 1.0 if scale is None else scale
+
+
+def _scale_of(module: nn.Module) -> float | None:
+    """The ``embed_scale`` of a transformers scaled word embedding (a number or a 0-d tensor), else ``None``."""
+    cls = type(module)
+    scale = getattr(module, "embed_scale", None)
+    if not cls.__name__.endswith("ScaledWordEmbedding") or not cls.__module__.startswith("transformers"):
+        return None
+    if isinstance(scale, Tensor) and scale.dim() == 0 and not scale.is_meta:
+        return float(scale)
+    return float(scale) if isinstance(scale, (int, float)) else None
 
 
 def examples_first(kind: LayerKind, shape: Sequence[int], batch: int) -> bool:

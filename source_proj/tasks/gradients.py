@@ -35,7 +35,13 @@ from torch.utils._pytree import tree_map
 
 from source_proj.compiled import eager_if_compiling
 from source_proj.errors import TaskError
-from source_proj.projection.layers import FactoredLayer, LayerKind, examples_first, factorable_layers
+from source_proj.projection.layers import (
+    FactoredLayer,
+    LayerKind,
+    embedding_scale,
+    examples_first,
+    factorable_layers,
+)
 from source_proj.tasks.task import Batch, Task
 
 Quantity = Literal["loss", "fisher", "measurement"]  # "fisher": Task.fisher_loss, the Fisher targets' loss
@@ -442,7 +448,7 @@ def _gradient_matrix(
     Σ_t e_{x_t} δ_tᵀ) and, with a bias, Σ_t δ_bt ``[B, out_features]``."""
     if kind == "embedding":
         width = layer.in_features
-        delta = grad.reshape(size, -1, width)
+        delta = grad.reshape(size, -1, width) * embedding_scale(module)
         if module.padding_idx is not None:  # torch gives the padding row no gradient
             delta = delta.masked_fill((side == module.padding_idx).unsqueeze(-1), 0)
         rows = side + layer.out_features * torch.arange(size, device=side.device).unsqueeze(1)
