@@ -442,3 +442,36 @@ def test_auto_curvature_is_kronecker_for_exact_gradients_of_a_wide_model(
     with pytest.raises(sp.TaskError, match="k × k matrix per checkpoint, too large with 4,860 parameters unprojected"):
         curvature("wide", wide, data, "identity", curvature="both")
     assert not (tmp_path / "wide-identity-both").exists()
+
+
+class _TwoUses(nn.Module):
+    """One Linear applied to two inputs of each example, separately (a shared block) or as two positions of one
+    call: the same outputs and the same gradients."""
+
+    def __init__(self, stacked: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.shared, self.head, self.stacked = nn.Linear(3, 4), nn.Linear(4, 3), stacked
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, 2, 3]
+        if self.stacked:
+            return self.head(torch.tanh(self.shared(x)).sum(1))
+        return self.head(torch.tanh(self.shared(x[:, 0])) + torch.tanh(self.shared(x[:, 1])))
+
+
+def test_a_layer_used_twice_enters_its_factors_with_both_uses_as_positions() -> None:
+    """A shared layer's Kronecker factors took one use's inputs and another's output gradients. Each use now adds
+    its positions to A and its δ to B, as the same layer called once on both inputs as two positions does."""
+    x = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(1))
+    y, weight = torch.tensor([0, 1, 2, 1, 0]), torch.tensor([0.5, 1.0, 2.0, 0.25, 1.5])
+    sums = []
+    for stacked in (False, True):
+        model = _TwoUses(stacked).eval()
+        names = [n for n, _ in model.named_parameters()]
+        layers, diagonal = kronecker_layers(model, names)
+        grads_fn = PerExampleGradients(model, sp.ClassificationTask(), names)
+        sums.append(_factor_sums(FactorCollector(grads_fn, layers, diagonal), x, y, weight))
+    for i in range(2):
+        torch.testing.assert_close(sums[0].a[i], sums[1].a[i], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(sums[0].b[i], sums[1].b[i], rtol=1e-5, atol=1e-6)
+        assert sums[0].positions[i] == sums[1].positions[i]

@@ -178,9 +178,10 @@ class FactorCollector:
     @contextmanager
     def _hooked(self, size: int) -> Iterator[tuple[list[Tensor | None], list[Tensor | None], Tensor]]:
         """Forward hooks on every layer while the block runs: ``(inputs, deltas, probe)``, the lists the hooks
-        fill (each layer's ā in the forward, its δ in every backward through ``probe``)."""
-        inputs: list[Tensor | None] = [None] * len(self.layers)
-        deltas: list[Tensor | None] = [None] * len(self.layers)
+        fill, per layer one entry per use (a layer the forward applies twice, a shared block, has two): its ā in
+        the forward, its δ in every backward through ``probe``."""
+        inputs: list[list[Tensor]] = [[] for _ in self.layers]
+        deltas: list[list[Tensor | None]] = [[] for _ in self.layers]
         probe = torch.zeros((), device=self.grads_fn.device, requires_grad=True)
         handles = [
             module.register_forward_hook(eager_if_compiling(self._hook(i, size, inputs, deltas, probe)))
@@ -195,8 +196,8 @@ class FactorCollector:
     def _accumulate(
         self,
         sums: ChunkFactors,
-        inputs: Sequence[Tensor | None],
-        deltas: Sequence[Tensor | None],
+        inputs: Sequence[Sequence[Tensor]],
+        deltas: Sequence[Sequence[Tensor | None]],
         inputs_too: bool,
         size: int,
         weight: Tensor | None = None,
@@ -207,16 +208,21 @@ class FactorCollector:
         Σ_t δ_t ā_tᵀ, so its ā would only bend A toward what no gradient holds, and make the factors depend on how
         far a batch was padded. A convolution's patches all enter, as K-FAC takes them: there a patch's δ is 0
         where max pooling passed it over, which depends on the input, not on the batch's layout. An example whose
-        weight is 0 (an exact Fisher's class of probability 0) has δ = 0 everywhere: its positions all enter."""
+        weight is 0 (an exact Fisher's class of probability 0) has δ = 0 everywhere: its positions all enter.
+        Each use of a layer (a shared block applied twice) adds its positions, as a sequence's tokens do; a use
+        without a δ (run under ``torch.no_grad``) adds nothing."""
         silent = None if weight is None else (weight == 0).view(-1, 1)
-        lives = []
+        lives, pairs = [], []
         for i, layer in enumerate(self.layers):
-            d = deltas[i]
-            if inputs[i] is None or d is None:
+            used = [(i, a, d) for a, d in zip(inputs[i], deltas[i], strict=True) if d is not None]
+            if not used:
                 raise TaskError(
                     f"Layer {layer.module!r} took no part in the loss of a Fisher pseudo-target batch; exclude its "
                     "parameters from the selection, or use FeaturizeArguments(curvature='projected')."
                 )
+            pairs.extend(used)
+        for i, _, d in pairs:
+            layer = self.layers[i]
             if layer.kind not in TOKEN_LAYERS:
                 live = torch.ones(size, d.shape[0] // size, dtype=torch.bool, device=d.device)
             else:
@@ -226,9 +232,7 @@ class FactorCollector:
                     live = live | silent.to(live.device)
             lives.append(live)
         keys = self._keys(lives)
-        for i, live in enumerate(lives):
-            a, d = inputs[i], deltas[i]
-            assert a is not None and d is not None
+        for (i, a, d), live in zip(pairs, lives, strict=True):
             take, scale = self._take(live, keys.get(live.shape[1]))
             if inputs_too:
                 taken = a if take is None else a[take]
@@ -296,10 +300,12 @@ class FactorCollector:
                     "Kronecker factors need examples along the first dimension of every layer's input; use "
                     "FeaturizeArguments(curvature='projected') for this model."
                 )
-            inputs[index] = _positions(module, x.detach().float(), layer)
+            inputs[index].append(_positions(module, x.detach().float(), layer))
+            deltas[index].append(None)
+            use = len(deltas[index]) - 1
 
             def record(grad: Tensor) -> None:
-                deltas[index] = _output_positions(module, grad.detach().float(), layer)
+                deltas[index][use] = _output_positions(module, grad.detach().float(), layer)
 
             return OutputTap.apply(output, probe, record)
 
