@@ -90,7 +90,8 @@ def examples_first(kind: LayerKind, shape: Sequence[int], batch: int) -> bool:
     reshapes ``[B, T, d]`` to ``[B·T, d]``; a sequence-first ``[T, B, d]`` is not). The hook paths' self-checks
     confirm that the rows group so."""
     rows = shape[0]
-    return rows == batch or (kind in ("linear", "hf_conv1d") and len(shape) == 2 and rows > 0 and rows % batch == 0)
+    flattened = kind in ("linear", "hf_conv1d") and len(shape) == 2 and batch > 0
+    return rows == batch or (flattened and rows > 0 and rows % batch == 0)
 
 
 @dataclass(frozen=True)
