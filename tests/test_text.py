@@ -66,6 +66,16 @@ def _opt() -> nn.Module:
     return transformers.OPTForCausalLM(config)
 
 
+def _mistral() -> nn.Module:
+    """Mistral attends through a sliding window (3 keys here, of sequences up to 8), which the task's mask builds."""
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=LENGTH, sliding_window=3, attn_implementation="eager",
+    )  # fmt: skip
+    return transformers.MistralForCausalLM(config)
+
+
 class PlainTransformer(nn.Module):
     """A plain torch.nn transformer: causal LM (logits per position) or mean-pooled classifier."""
 
@@ -104,6 +114,7 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], sp.Task], bool]] = 
     "gpt2-lm-sdpa": (lambda: _gpt2("sdpa"), _lm, False),
     "llama-lm-eager": (_llama, _lm, False),
     "opt-lm-eager": (_opt, _lm, False),
+    "mistral-window-lm-eager": (_mistral, _lm, False),
     "nn-causal-lm": (lambda: PlainTransformer(True, VOCAB), _lm, False),
     "gpt2-classifier": (lambda: _gpt2(classes=3), sp.SequenceClassificationTask, True),
     "bert-classifier-eager": (lambda: _bert("eager"), sp.SequenceClassificationTask, True),

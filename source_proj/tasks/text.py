@@ -181,6 +181,8 @@ class ModelKind:
         name: the model's class name, for messages.
         positions: a causal Hugging Face model whose forward takes ``position_ids``: the task passes them (see
             [`inspect_model`][]).
+        window: the sliding window of a causal model whose every layer attends through one (Mistral's
+            ``sliding_window``): a query attends to the ``window`` keys up to itself; ``None``: no window.
     """
 
     hugging_face: bool
@@ -188,6 +190,7 @@ class ModelKind:
     dtype: torch.dtype
     name: str
     positions: bool = False
+    window: int | None = None
 
 
 def inspect_model(model: nn.Module, attention: AttentionKind = "auto") -> ModelKind:
@@ -213,8 +216,10 @@ def inspect_model(model: nn.Module, attention: AttentionKind = "auto") -> ModelK
             '`model.set_attn_implementation("eager")`, or build it with attn_implementation="eager".'
         )
     positions = "position_ids" in inspect.signature(model.forward).parameters
+    window = _sliding_window(config)
     if attention != "auto":
-        return ModelKind(True, attention == "causal", dtype, name, positions and attention == "causal")
+        causal = attention == "causal"
+        return ModelKind(True, causal, dtype, name, positions and causal, window if causal else None)
     flags = {m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)}
     if not flags:
         raise TaskError(
@@ -222,20 +227,37 @@ def inspect_model(model: nn.Module, attention: AttentionKind = "auto") -> ModelK
             "pass attention='causal' or attention='bidirectional' to the task."
         )
     causal = True in flags and getattr(config, "is_causal", True) is not False
-    return ModelKind(True, causal, dtype, name, positions and causal)
+    return ModelKind(True, causal, dtype, name, positions and causal, window if causal else None)
 
 
-def attention_bias(attention_mask: Tensor, causal: bool, dtype: torch.dtype = torch.float32) -> Tensor:
+def _sliding_window(config: Any) -> int | None:
+    """The sliding window every layer of a Hugging Face model attends through (Mistral's), else ``None``. Models
+    that alternate windowed and full layers (``layer_types``, Gemma 2) get ``None``: one mask cannot serve both,
+    and the task's check against the model's own masking refuses them where the window matters."""
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or isinstance(window, bool) or getattr(config, "use_sliding_window", True) is False:
+        return None
+    types = getattr(config, "layer_types", None)
+    if types and any(kind != "sliding_attention" for kind in types):
+        return None
+    return window
+
+
+def attention_bias(
+    attention_mask: Tensor, causal: bool, dtype: torch.dtype = torch.float32, window: int | None = None
+) -> Tensor:
     """The additive 4-D mask ``[B, 1, T, T]`` of a ``[B, T]`` padding mask (1 = token, 0 = padding).
 
     Entry ``[b, 0, i, j]`` is 0 where position i may attend to key j (j is a token, and j ≤ i when
-    ``causal``) and the minimum of ``dtype`` elsewhere (finite, so a fully masked row stays finite).
-    Pure tensor operations: safe under ``torch.func.vmap``.
+    ``causal``, and i − j < ``window`` with a sliding window) and the minimum of ``dtype`` elsewhere (finite,
+    so a fully masked row stays finite). Pure tensor operations: safe under ``torch.func.vmap``.
     """
     length = attention_mask.shape[-1]
     allowed = attention_mask[:, None, None, :].bool()
     if causal:
         allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril()
+    if window is not None:
+        allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).triu(1 - window)
     allowed = allowed.expand(attention_mask.shape[0], 1, length, length)
     zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
     return torch.where(allowed, zero, torch.finfo(dtype).min)
@@ -343,7 +365,7 @@ class _TextTask(Task):
             )
         inputs = {key: value for key, value in batch.items() if key != "labels"}
         if kind.hugging_face:
-            inputs["attention_mask"] = attention_bias(_padding_mask(batch), bool(kind.causal), kind.dtype)
+            inputs["attention_mask"] = attention_bias(_padding_mask(batch), bool(kind.causal), kind.dtype, kind.window)
         if kind.positions and "position_ids" not in inputs:
             ids = batch["input_ids"]
             inputs["position_ids"] = torch.arange(ids.shape[-1], device=ids.device).expand(ids.shape[0], -1)
