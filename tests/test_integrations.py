@@ -853,6 +853,124 @@ def test_a_lightning_ddp_run_is_recorded_by_rank_zero_with_its_averaged_gradient
     assert all(np.allclose(final[k].numpy(), v) for k, v in told["state"].items())
 
 
+_HF_DDP_RUN = """
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from source_proj.integrations import HuggingFaceRecorder
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    def forward(self, x, labels=None):
+        logits = self.net(x)
+        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(40, 4, generator=g), torch.randint(0, 3, (40,), generator=g)
+
+    def __len__(self):
+        return 40
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+norms = []
+
+
+class Norms(TrainerCallback):  # each step's norm before clipping, of the gradients averaged over the processes
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "grad_norm" in logs:
+            norms.append(float(logs["grad_norm"]))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    args = TrainingArguments(output_dir=sys.argv[2], per_device_train_batch_size=5, num_train_epochs=2,
+                             learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.3,
+                             report_to=[], use_cpu=True, ddp_backend="gloo", disable_tqdm=True, save_strategy="no",
+                             logging_strategy="steps", logging_steps=1, seed=0)
+    model = Net()
+    trainer = Trainer(model=model, args=args, train_dataset=Rows(),
+                      callbacks=[HuggingFaceRecorder(sys.argv[1], save_every=4), Norms()])
+    trainer.train()
+    if args.process_index == 0:
+        state = {k: v.tolist() for k, v in model.state_dict().items()}
+        print(json.dumps({"world": args.world_size, "norms": norms, "state": state}))
+"""
+
+
+@pytest.mark.slow
+def test_a_trainer_run_under_torchrun_is_recorded_by_rank_zero_with_its_averaged_gradients_clipping(
+    tmp_path: Path,
+) -> None:
+    """torchrun with two gloo processes: the first records the run (two wrote into one directory and crashed), and
+    each step's clipping factor is that of the gradients averaged over the processes, which the Trainer clips and
+    logs, not one process's own as its hooks see them before DDP averages them."""
+    script = tmp_path / "hf_ddp_run.py"
+    script.write_text(_HF_DDP_RUN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               str(tmp_path / "run"), str(tmp_path / "out")]  # fmt: skip
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    told = json.loads(done.stdout.strip().splitlines()[-1])
+    assert told["world"] == 2 and len(told["norms"]) == 8
+    trajectory = sp.Trajectory.load(tmp_path / "run")
+    assert trajectory.num_steps == 8 and [c.step for c in trajectory.checkpoints] == [0, 4, 8]
+    clip = np.minimum(1.0, 0.3 / (np.asarray(told["norms"]) + 1e-6))
+    assert clip.max() < 0.95 and np.allclose(trajectory.clip, clip, rtol=1e-4)
+    final = trajectory.load_state(trajectory.final_checkpoint)["model"]
+    assert all(np.allclose(final[k].numpy(), v) for k, v in told["state"].items())
+
+
+def test_huggingface_capture_refuses_a_run_of_several_processes(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from source_proj.integrations import HuggingFaceCapture
+
+    capture = HuggingFaceCapture(tmp_path / "run", tmp_path / "s.sp", sp.SequenceClassificationTask(), save_every=2)
+    with pytest.raises(sp.TrajectoryError, match="captures the batches of one process, and this run trains on 2"):
+        capture.on_train_begin(SimpleNamespace(world_size=2, process_index=0), None, None)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag, name", [("is_fsdp_enabled", "FSDP"), ("is_deepspeed_enabled", "DeepSpeed")])
+def test_huggingface_recorder_refuses_a_trainer_that_shards_the_weights(tmp_path: Path, flag: str, name: str) -> None:
+    """A Trainer with FSDP or DeepSpeed: refused as training begins, before anything is written (the recorder
+    saves whole weights from one process)."""
+    from transformers import Trainer, TrainingArguments
+
+    from source_proj.integrations import HuggingFaceRecorder
+
+    class Beginning(Trainer):  # the callbacks find the Trainer calling them up the stack
+        def begin(self):
+            self.create_optimizer_and_scheduler(num_training_steps=3)
+            return self.callback_handler.on_train_begin(self.args, self.state, self.control)
+
+    ids, labels = _tokens(24, 0)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, disable_tqdm=True)
+    trainer = Beginning(model=_tiny_bert(), args=args, train_dataset=_Dicts(ids, labels),
+                        callbacks=[HuggingFaceRecorder(tmp_path / "run", save_every=2, dataset_size=24)])  # fmt: skip
+    setattr(trainer, flag, True)
+    with pytest.raises(sp.TrajectoryError, match=f"The Trainer trains with {name}, which shards"):
+        trainer.begin()
+    assert not (tmp_path / "run").exists()
+
+
 def test_lightning_backbone_finetuning_is_refused_as_training_starts(tmp_path: Path, classification_data) -> None:
     """BackboneFinetuning trains the backbone from a later epoch, in a group at a tenth of the rate: refused before
     any step, not when the group appears mid-run."""

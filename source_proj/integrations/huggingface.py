@@ -9,7 +9,9 @@ Usage::
 The stage's dataset size is ``len(train_dataset)`` unless given; the loss the Trainer minimises must
 be the batch mean of the task's per-example loss (the default for HF models' ``labels`` loss). The
 Trainer clips gradients at ``max_grad_norm`` (1.0 by default): the recorder measures each step's
-clipping factor and SOURCE's step sizes include it (fp16's loss scaling is taken out).
+clipping factor and SOURCE's step sizes include it (fp16's loss scaling is taken out). Under ``torchrun`` the process
+of ``process_index`` 0 records, with the clipping of the gradients averaged over the processes; FSDP and DeepSpeed are
+refused, and so is ``HuggingFaceCapture`` on several processes.
 
 With ``gradient_accumulation_steps`` above 1 the Trainer of transformers 5 leaves the loss undivided where the model
 takes loss keyword arguments (every Hugging Face model does) and trusts its loss to divide by the ``num_items_in_batch``
@@ -27,6 +29,7 @@ Trainer's checkpoints at multiples of ``save_every``); from an earlier checkpoin
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import warnings
 from collections.abc import MutableMapping
@@ -91,6 +94,14 @@ def _calling_trainer() -> Any:
         return None
     finally:
         del frame
+
+
+def _sharded(trainer: Any) -> str:
+    """The sharding a Trainer trains with ("FSDP", "DeepSpeed"), "" where none."""
+    for flag, name in (("is_fsdp_enabled", "FSDP"), ("is_deepspeed_enabled", "DeepSpeed")):
+        if getattr(trainer, flag, False) is True:
+            return name
+    return ""
 
 
 def _own_loss(trainer: Any) -> str:
@@ -203,6 +214,9 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
     """
 
     _trainer: Any = None  # the Trainer training, while it trains
+    _accelerator: Any = None  # in a multi-process run, the Trainer's accelerator, whose clipping norm is kept
+    _model: Any = None  # and the model whose averaged gradients give each step's clipping factor
+    _unclipped: float | None = None  # their norm before clipping, at the step being taken
     _closed = False  # the recorded run was closed (before the Trainer loaded its best checkpoint, or as it ended)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -241,6 +255,20 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
                 stacklevel=2,
             )
         size = dataset_size(self.dataset_size, kwargs.get("train_dataloader"), "HuggingFaceRecorder")
+        self._unclipped = None
+        sharded = _sharded(trainer)
+        if sharded:
+            raise TrajectoryError(
+                f"The Trainer trains with {sharded}, which shards the model's weights or optimizer state between "
+                f"processes, and {type(self).__name__} saves them whole from one process; record the run under "
+                "torchrun's plain data parallelism (DDP) or on one device."
+            )
+        processes = int(getattr(args, "world_size", 1) or 1)
+        if processes > 1:
+            if int(getattr(args, "process_index", 0)) != 0:
+                self.recorder, self._handle, self._trainer = None, None, None
+                return  # every process holds the same weights and averaged gradients: the first records
+            self._watch_clip(trainer)
         self.recorder, self._handle = start_recording(
             self.run_dir,
             kwargs["model"],
@@ -259,6 +287,7 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
             # (an older transformers) gets the optimizer's post-hook, which such a step does not reach.
             step_hook=not _CALLS_OPTIMIZER_STEP,
             weights=self.weights,
+            clip=self._clip_factor if processes > 1 else None,
         )
         self._closed = False
         self._watch_best(trainer, args)
@@ -268,7 +297,40 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
         after a step the loss scaler skipped (``optimizer.step`` was not called), which the Trainer's global step
         counts too: the recorder takes it at rate 0 (its weights did not move), so the two stay in step."""
         if self.recorder is not None and _CALLS_OPTIMIZER_STEP:
-            self.recorder.step()
+            self.recorder.step(clip=self._clip_factor() if self._accelerator is not None else None)
+
+    def _watch_clip(self, trainer: Any) -> None:
+        """In a multi-process run each process's hooks see its own gradients before DDP averages them, so the
+        recorder cannot measure the clipping: the norm the Trainer clips (its accelerator's ``clip_grad_norm_``,
+        on the averaged gradients) is kept instead, and each step's factor is their norm after it over that one."""
+        accelerator = getattr(trainer, "accelerator", None)
+        clip = getattr(accelerator, "clip_grad_norm_", None)
+        if not callable(clip):
+            raise TrajectoryError(
+                f"{type(self).__name__} cannot see the gradient norm this Trainer clips in a run of several "
+                "processes (it has no accelerator's clip_grad_norm_); record the run on one process."
+            )
+
+        def kept(*clip_args: Any, **clip_kwargs: Any) -> Any:
+            norm = clip(*clip_args, **clip_kwargs)
+            self._unclipped = float(norm)
+            return norm
+
+        accelerator.clip_grad_norm_ = kept  # the instance's, removed again in on_train_end
+        self._accelerator = accelerator
+        self._model = getattr(trainer, "model", None)
+
+    def _clip_factor(self) -> float | None:
+        """The factor clipping scaled this step's averaged gradients by: their norm as the step leaves them over
+        their norm before clipping; None where the Trainer took no norm (nothing clipped) or it was not finite (a
+        step the fp16 loss scaler skipped, recorded at rate 0)."""
+        unclipped, self._unclipped = self._unclipped, None
+        if unclipped is None or not math.isfinite(unclipped) or unclipped == 0 or self._model is None:
+            return None
+        grads = [p.grad.detach().float().norm() for p in self._model.parameters() if p.grad is not None]
+        if not grads:
+            return None
+        return min(1.0, float(torch.stack(grads).norm()) / unclipped)
 
     def _smoothing(self, args: Any) -> float:
         """The ε the run's loss smooths its labels by: the Trainer's own, or the one the callback was given."""
@@ -309,6 +371,9 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
         self._finish()
         if self._trainer is not None:
             vars(self._trainer).pop("_load_best_model", None)
+        if self._accelerator is not None:
+            vars(self._accelerator).pop("clip_grad_norm_", None)
+        self._accelerator, self._model = None, None
         self._trainer = None
         best = getattr(state, "best_model_checkpoint", None)
         if self.recorder is not None and getattr(args, "load_best_model_at_end", False) and best is not None:
@@ -379,6 +444,12 @@ class HuggingFaceCapture(HuggingFaceRecorder):
         self._accumulation = 1
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        processes = int(getattr(args, "world_size", 1) or 1)
+        if processes > 1:
+            raise TrajectoryError(
+                f"HuggingFaceCapture captures the batches of one process, and this run trains on {processes}; record "
+                "it with HuggingFaceRecorder and featurize after training, or capture on one process."
+            )
         super().on_train_begin(args, state, control, **kwargs)
         assert self.recorder is not None
         self.settings.start_capture(self.recorder, self.overwrite, kwargs.get("train_dataloader"),
