@@ -326,6 +326,44 @@ def test_recurrent_models_take_autograd_one_example_at_a_time_and_featurize(cell
     assert float((features - expected).norm() / expected.norm()) < 1e-5
 
 
+class _Renormed(nn.Module):
+    """An embedding that renormalises the rows it looks up to ``max_norm`` (in place, at every forward) and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Embedding(12, 6, max_norm=0.5), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x).mean(1))
+
+
+def test_an_embedding_with_max_norm_takes_autograd_one_example_at_a_time_and_featurizes(tmp_path) -> None:
+    """vmap failed on the embedding's in-place renormalisation (a RuntimeError about a batched index into an
+    unbatched weight, from featurize as a traceback): the model takes plain autograd example by example."""
+    torch.manual_seed(0)
+    model, task = _Renormed(), sp.ClassificationTask()
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randint(0, 12, (8, 5), generator=g),
+                                          torch.randint(0, 3, (8,), generator=g))  # fmt: skip
+    names = [n for n, _ in model.named_parameters()]
+    got = PerExampleGradients(model, task, names)(data.tensors, "measurement")
+    assert float(model.embed.weight.detach().norm(dim=1).max()) > 0.5  # rows not looked up keep their norm
+    _close(got, _one_by_one(model, task, data.tensors, names, "measurement"), names, 1e-5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = sp.TrajectoryRecorder(tmp_path / "run", model, opt, save_every=1)
+    rec.begin_stage("main", dataset_size=8)
+    F.cross_entropy(model(data.tensors[0]), data.tensors[1]).backward()
+    opt.step()
+    rec.step()
+    rec.close()
+    store = sp.featurize(tmp_path / "run", _Renormed(), task, data, tmp_path / "s.sp", progress=False,
+                         projection=sp.ProjectionArguments(dim=16, kind="factored"))  # fmt: skip
+    exact = _one_by_one(model, task, data.tensors, names, "loss")
+    features = torch.from_numpy(np.asarray(store.read("grads/main/step-00000001")))
+    expected = projector_from_meta(store.meta, model).project(exact)
+    assert float((features - expected).norm() / expected.norm()) < 1e-5
+
+
 class _AlwaysCheckpointed(nn.Module):
     """A hidden layer under torch.utils.checkpoint in every mode, eval() included."""
 

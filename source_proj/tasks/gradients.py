@@ -19,7 +19,8 @@ compiler package (about 2 s), which the hook path never does.
 **One example at a time.** ``torch.func.vmap`` cannot run torch's recurrent modules (``nn.LSTM``, ``nn.GRU``,
 ``nn.RNN``: their fused kernels fail on a batched input), so a model holding one takes plain autograd one example
 after another instead: the same gradients, B backward passes a batch (with cuDNN off, whose recurrent backward
-refuses a model in ``eval()`` mode).
+refuses a model in ``eval()`` mode). So does a model with an embedding given ``max_norm``, whose in-place
+renormalisation of the rows it looks up ``vmap`` cannot batch.
 """
 
 from __future__ import annotations
@@ -237,7 +238,7 @@ class PerExampleGradients:
         self._shapes = {n: tuple(p.shape) for n, p in self.params.items()}
         self.hooks = hooks
         self._hooked_layers: dict[tuple[str, ...], list[FactoredLayer] | None] = {}
-        self._looped = any(isinstance(m, nn.RNNBase) for m in model.modules())  # see the module docstring
+        self._looped = any(_unbatchable(m) for m in model.modules())  # see the module docstring
 
     def autocast(self) -> torch.autocast:
         """The autocast context of this precision (a no-op for fp32)."""
@@ -420,6 +421,14 @@ class _LayerGradients:
         g = g.reshape(self.size, *self.shapes[name])
         previous = self.grads.get(name)
         self.grads[name] = g if previous is None else previous + g
+
+
+def _unbatchable(module: nn.Module) -> bool:
+    """A module whose forward ``torch.func.vmap`` cannot run per example: torch's recurrent modules, and an embedding
+    with ``max_norm``, which renormalises the rows it looks up in place (a batched index into an unbatched weight)."""
+    return isinstance(module, nn.RNNBase) or (
+        isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.max_norm is not None
+    )
 
 
 @contextmanager
