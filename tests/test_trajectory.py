@@ -335,6 +335,47 @@ def test_gradient_clipping_factor_is_measured_every_step(tmp_path: Path, scaled:
     assert traj.clip[np.asarray(expected) == 1.0].tolist() == [1.0] * int(sum(e == 1.0 for e in expected))
 
 
+@pytest.mark.parametrize("clipping", ["whole", "whole_scaled", "part", "value"])
+def test_rescaling_parts_of_the_gradient_by_different_factors_is_warned_of_once(tmp_path: Path, clipping: str) -> None:
+    """SOURCE takes one factor per step: clipping some of the parameters, or each element by value, is recorded as
+    the whole gradient's factor, and warned of once; clipping the whole gradient (loss-scaled or not) is not."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(48, 4, generator=g), torch.randn(48, generator=g) * 3
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if clipping == "whole_scaled" else None
+    rec = sp.TrajectoryRecorder(tmp_path / "run", model, opt, save_every=4, grad_scaler=scaler)
+    rec.begin_stage("main", dataset_size=48)
+    factors = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(12):
+            opt.zero_grad()
+            loss = ((model(x[4 * step:4 * step + 4]).squeeze(-1) - y[4 * step:4 * step + 4]) ** 2).mean()
+            (scaler.scale(loss) if scaler else loss).backward()
+            if scaler:
+                scaler.unscale_(opt)
+            before = float(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm())
+            if clipping == "part":
+                torch.nn.utils.clip_grad_norm_(model[0].parameters(), 0.05)
+            elif clipping == "value":
+                torch.nn.utils.clip_grad_value_(model.parameters(), 0.05)
+            else:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            factors.append(float(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm()) / before)
+            if scaler:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            rec.step()
+        rec.close()
+    said = [str(w.message) for w in caught if "rescaled parts of the gradient by different factors" in str(w.message)]
+    assert len(said) == (0 if clipping.startswith("whole") else 1)
+    assert min(factors) < 0.9 and np.allclose(sp.Trajectory.load(tmp_path / "run").clip, factors, rtol=1e-4)
+
+
 @pytest.mark.parametrize("recorded_by", ["loop", "earlier_post_hook"])
 def test_clipping_inside_a_closure_step_is_measured_for_that_step(tmp_path: Path, recorded_by: str) -> None:
     """``optimizer.step(closure)`` (Lightning's automatic optimization) runs backward and clipping inside the step,

@@ -278,7 +278,8 @@ class TrajectoryRecorder:
             raise TrajectoryError(f"save_every must be a positive number of steps, not {save_every}.")
         if weights not in ("auto", "all", "trainable"):
             raise TrajectoryError(f"weights must be 'auto', 'all' or 'trainable', not {weights!r}.")
-        if watch_clipping and _averages_gradients(model):
+        averaged = _averages_gradients(model)
+        if watch_clipping and averaged:
             warnings.warn(
                 "TrajectoryRecorder: the model is wrapped in DistributedDataParallel over several processes, and the "
                 "recorder's measure of gradient clipping compares each process's own gradients, before they are "
@@ -303,6 +304,8 @@ class TrajectoryRecorder:
         self._checkpoints: list[dict[str, Any]] = []
         self._complete = False
         self._clipping = _ClipWatch(model, optimizer, grad_scaler) if watch_clipping else None
+        if self._clipping is not None and averaged:  # warned of above: each process's factors part from the others'
+            self._clipping.warned = True
         self._scaler = grad_scaler
         self._taken = 0  # optimizer steps since the last step() call
         self._used: list[float] = []  # the learning rates of the last of them, per parameter group
@@ -692,6 +695,16 @@ class TrajectoryRecorder:
             self.close()
 
     def _save(self) -> None:
+        if self._clipping is not None and self._clipping.uneven_since():
+            warnings.warn(
+                f"TrajectoryRecorder: by step {self.global_step} something rescaled parts of the gradient by different "
+                "factors between backward and the optimizer step (clip_grad_norm_ on some of the parameters, "
+                "clip_grad_value_, or a change of the gradients of your own); SOURCE models one factor per step for "
+                "the whole gradient, and records the whole gradient's (its norm after over its norm before), so the "
+                "steps of the parts rescaled otherwise are modelled at that factor; clip the whole model's gradient "
+                "with clip_grad_norm_ to record its steps exactly.",
+                stacklevel=3,
+            )
         if self._checkpoints and self._checkpoints[-1]["step"] == self.global_step:
             self._write_index()
             return
@@ -822,6 +835,10 @@ class _ClipWatch:
         self.scaler = grad_scaler
         self.accumulated: dict[int, torch.Tensor] = {}
         self.factor: torch.Tensor | None = None
+        # Whether a step rescaled parameters by different factors (clipping part of the model, clip_grad_value_):
+        # kept on the gradients' device and read as checkpoints are saved, so that no step waits on it.
+        self.uneven: torch.Tensor | None = None
+        self.warned = False
         self.handles = [p.register_post_accumulate_grad_hook(self._accumulated) for p in self.params]
         self.step_handle: Any = None
         self.watch(optimizer)
@@ -841,13 +858,34 @@ class _ClipWatch:
                  if p.grad is not None and id(p) in self.accumulated]
         if not pairs:
             return
-        before = torch.stack([b.to(pairs[0][0].device) for b, _ in pairs]).sum()
-        after = torch.stack([a.to(pairs[0][0].device) for _, a in pairs]).sum()
+        each_before = torch.stack([b.to(pairs[0][0].device) for b, _ in pairs])
+        each_after = torch.stack([a.to(pairs[0][0].device) for _, a in pairs])
+        before, after = each_before.sum(), each_after.sum()
+        self._compare(each_before, each_after)
         scale = float(self.scaler.get_scale()) if self.scaler is not None else 1.0
         self.factor = torch.where(before > 0, (after / before).sqrt() * scale, torch.ones_like(before))
         if self.scaler is not None:  # a fused optimizer is stepped on an inf gradient and skips the update itself
             finite = torch.isfinite(before) & torch.isfinite(after)
             self.factor = torch.where(finite, self.factor, torch.zeros_like(self.factor))
+
+    def _compare(self, before: torch.Tensor, after: torch.Tensor) -> None:
+        """Note whether the parameters' gradients were rescaled by different factors (their squared norms' ratios
+        part by more than rounding), among those with a finite, non-zero gradient before the step."""
+        live = (before > 0) & torch.isfinite(before) & torch.isfinite(after)
+        ratio = after / torch.where(live, before, torch.ones_like(before))
+        high = torch.where(live, ratio, torch.full_like(ratio, -math.inf)).max()
+        low = torch.where(live, ratio, torch.full_like(ratio, math.inf)).min()
+        uneven = (live.sum() > 1) & (high - low > 1e-3 * high.abs())
+        self.uneven = uneven if self.uneven is None else self.uneven | uneven
+
+    def uneven_since(self) -> bool:
+        """Whether some step since the last call rescaled parts of the gradient by different factors (once: False
+        after it has been told)."""
+        uneven, self.uneven = self.uneven, None
+        if self.warned or uneven is None or not bool(uneven):
+            return False
+        self.warned = True
+        return True
 
     def take(self, stepped: bool) -> torch.Tensor | None:
         """The factor of the step just taken (``None`` if no gradient reached the optimiser). ``stepped``: the
