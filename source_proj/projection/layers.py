@@ -65,22 +65,23 @@ def layer_kind(module: nn.Module) -> LayerKind | None:
     return None
 
 
-def embedding_scale(module: nn.Module) -> float:
-    """What an embedding's forward multiplies its rows by: 1, or a scaled word embedding's ``embed_scale``."""
+def embedding_scale(module: nn.Module) -> float | Tensor:
+    """What an embedding's forward multiplies its rows by: 1, or a scaled word embedding's ``embed_scale`` (its 0-d
+    tensor as it is, so that a backward hook multiplying by it never waits on the GPU to read it)."""
     if type(module).forward is nn.Embedding.forward:
         return 1.0
     scale = _scale_of(module)
     return 1.0 if scale is None else scale
 
 
-def _scale_of(module: nn.Module) -> float | None:
+def _scale_of(module: nn.Module) -> float | Tensor | None:
     """The ``embed_scale`` of a transformers scaled word embedding (a number or a 0-d tensor), else ``None``."""
     cls = type(module)
     scale = getattr(module, "embed_scale", None)
     if not cls.__name__.endswith("ScaledWordEmbedding") or not cls.__module__.startswith("transformers"):
         return None
     if isinstance(scale, Tensor) and scale.dim() == 0 and not scale.is_meta:
-        return float(scale)
+        return scale.detach()
     return float(scale) if isinstance(scale, (int, float)) else None
 
 
