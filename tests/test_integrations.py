@@ -839,18 +839,26 @@ if __name__ == "__main__":
 def test_a_lightning_ddp_run_is_recorded_by_rank_zero_with_its_averaged_gradients_clipping(tmp_path: Path) -> None:
     """strategy="ddp" on two gloo processes: one process records the run (not two into one directory), and each
     step's clipping factor is that of the gradients averaged over the processes, not of one process's own."""
-    script = tmp_path / "ddp_run.py"
-    script.write_text(_DDP_RUN)
+    trajectory, told = _recorded_on_two_processes(tmp_path, _DDP_RUN, [])
+    assert trajectory.num_steps == 4 and [c.step for c in trajectory.checkpoints] == [0, 2, 4]
+    assert min(told["factors"]) < 0.95 and np.allclose(trajectory.clip, told["factors"], rtol=1e-4)
+
+
+def _recorded_on_two_processes(tmp_path: Path, source: str, launcher: list[str]) -> tuple[sp.Trajectory, Any]:
+    """Run the script ``source`` (started by ``launcher``, none where it starts its own processes) with the run
+    directory ``tmp_path / "run"`` as its argument: the trajectory recorded there, which must end with the weights
+    its rank 0 printed, and what it printed."""
+    script = tmp_path / "two_processes.py"
+    script.write_text(source)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    done = subprocess.run([sys.executable, str(script), str(tmp_path / "run")], env=env, cwd=tmp_path,
+    done = subprocess.run([sys.executable, *launcher, str(script), str(tmp_path / "run")], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     told = json.loads(done.stdout.strip().splitlines()[-1])
     trajectory = sp.Trajectory.load(tmp_path / "run")
-    assert trajectory.num_steps == 4 and [c.step for c in trajectory.checkpoints] == [0, 2, 4]
-    assert min(told["factors"]) < 0.95 and np.allclose(trajectory.clip, told["factors"], rtol=1e-4)
     final = trajectory.load_state(trajectory.final_checkpoint)["model"]
     assert all(np.allclose(final[k].numpy(), v) for k, v in told["state"].items())
+    return trajectory, told
 
 
 _HF_DDP_RUN = """
@@ -899,7 +907,7 @@ class Norms(TrainerCallback):  # each step's norm before clipping, of the gradie
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    args = TrainingArguments(output_dir=sys.argv[2], per_device_train_batch_size=5, num_train_epochs=2,
+    args = TrainingArguments(output_dir=sys.argv[1] + "-out", per_device_train_batch_size=5, num_train_epochs=2,
                              learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.3,
                              report_to=[], use_cpu=True, ddp_backend="gloo", disable_tqdm=True, save_strategy="no",
                              logging_strategy="steps", logging_steps=1, seed=0)
@@ -920,21 +928,12 @@ def test_a_trainer_run_under_torchrun_is_recorded_by_rank_zero_with_its_averaged
     """torchrun with two gloo processes: the first records the run (two wrote into one directory and crashed), and
     each step's clipping factor is that of the gradients averaged over the processes, which the Trainer clips and
     logs, not one process's own as its hooks see them before DDP averages them."""
-    script = tmp_path / "hf_ddp_run.py"
-    script.write_text(_HF_DDP_RUN)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-               str(tmp_path / "run"), str(tmp_path / "out")]  # fmt: skip
-    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    told = json.loads(done.stdout.strip().splitlines()[-1])
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    trajectory, told = _recorded_on_two_processes(tmp_path, _HF_DDP_RUN, torchrun)
     assert told["world"] == 2 and len(told["norms"]) == 8
-    trajectory = sp.Trajectory.load(tmp_path / "run")
     assert trajectory.num_steps == 8 and [c.step for c in trajectory.checkpoints] == [0, 4, 8]
     clip = np.minimum(1.0, 0.3 / (np.asarray(told["norms"]) + 1e-6))
     assert clip.max() < 0.95 and np.allclose(trajectory.clip, clip, rtol=1e-4)
-    final = trajectory.load_state(trajectory.final_checkpoint)["model"]
-    assert all(np.allclose(final[k].numpy(), v) for k, v in told["state"].items())
 
 
 def test_huggingface_capture_refuses_a_run_of_several_processes(tmp_path: Path) -> None:
