@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -208,6 +209,21 @@ def dataset_size(given: int | None, dataloader: Any, where: str) -> int:
         raise TrajectoryError(
             f"{where} cannot tell the training set size from its dataloader; pass dataset_size=N to the callback."
         ) from err
+
+
+def gradient_norm(model: Any) -> float:
+    """The norm of ``model``'s gradients, all parameters together (0 where none has one)."""
+    grads = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+def clip_factor(model: Any, unclipped: float | None) -> float | None:
+    """The factor clipping scaled a multi-process step's averaged gradients by: their norm as the step leaves them
+    over ``unclipped``, their norm before clipping; ``None`` where that was not taken (nothing clipped), is 0, or is
+    not finite (a step the fp16 loss scaler skipped, recorded at rate 0)."""
+    if unclipped is None or not math.isfinite(unclipped) or unclipped == 0 or model is None:
+        return None
+    return min(1.0, gradient_norm(model) / unclipped)
 
 
 def warn_weighted_sampler(dataloader: Any, where: str) -> None:

@@ -29,7 +29,6 @@ Trainer's checkpoints at multiples of ``save_every``); from an earlier checkpoin
 from __future__ import annotations
 
 import inspect
-import math
 import os
 import warnings
 from collections.abc import MutableMapping
@@ -45,7 +44,13 @@ from source_proj.errors import TaskError, TrajectoryError
 from source_proj.featurize.arguments import ProjectionArguments
 from source_proj.featurize.basis import modes_kept
 from source_proj.featurize.capture import INDEX_KEY, CaptureArguments
-from source_proj.integrations._hook import CaptureSettings, RecorderSettings, dataset_size, start_recording
+from source_proj.integrations._hook import (
+    CaptureSettings,
+    RecorderSettings,
+    clip_factor,
+    dataset_size,
+    start_recording,
+)
 from source_proj.tasks.data import RandomStateKept
 from source_proj.tasks.task import Task
 
@@ -321,16 +326,9 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
         self._model = getattr(trainer, "model", None)
 
     def _clip_factor(self) -> float | None:
-        """The factor clipping scaled this step's averaged gradients by: their norm as the step leaves them over
-        their norm before clipping; None where the Trainer took no norm (nothing clipped) or it was not finite (a
-        step the fp16 loss scaler skipped, recorded at rate 0)."""
+        """This step's clipping factor, from the norm the Trainer clipped (``_hook.clip_factor``)."""
         unclipped, self._unclipped = self._unclipped, None
-        if unclipped is None or not math.isfinite(unclipped) or unclipped == 0 or self._model is None:
-            return None
-        grads = [p.grad.detach().float().norm() for p in self._model.parameters() if p.grad is not None]
-        if not grads:
-            return None
-        return min(1.0, float(torch.stack(grads).norm()) / unclipped)
+        return clip_factor(self._model, unclipped)
 
     def _smoothing(self, args: Any) -> float:
         """The ε the run's loss smooths its labels by: the Trainer's own, or the one the callback was given."""

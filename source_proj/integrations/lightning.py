@@ -27,7 +27,6 @@ import os
 import warnings
 from typing import Any
 
-import torch
 from lightning.pytorch import Callback, callbacks, strategies
 
 from source_proj.errors import TaskError, TrajectoryError
@@ -36,7 +35,9 @@ from source_proj.featurize.capture import INDEX_KEY, CaptureArguments, split_ind
 from source_proj.integrations._hook import (
     CaptureSettings,
     RecorderSettings,
+    clip_factor,
     dataset_size,
+    gradient_norm,
     start_recording,
     warn_weighted_sampler,
 )
@@ -146,15 +147,13 @@ class LightningRecorder(RecorderSettings, Callback):
         """A multi-process run: the averaged gradients' norm before clipping (the hooks of the recorder's own measure
         see each process's local gradients, before they are averaged)."""
         if self._module is not None:
-            self._unclipped = _gradient_norm(pl_module)
+            self._unclipped = gradient_norm(pl_module)
 
     def _clip_factor(self) -> float | None:
         """The factor clipping scaled the step's averaged gradients by: their norm as the step leaves them over their
         norm before clipping."""
         unclipped, self._unclipped = self._unclipped, None
-        if not unclipped:
-            return None
-        return min(1.0, _gradient_norm(self._module) / unclipped)
+        return clip_factor(self._module, unclipped)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         """SWA's batch-norm epoch (one past its last, added for a model with batch norm): the run ends before it. A
@@ -199,11 +198,6 @@ class LightningRecorder(RecorderSettings, Callback):
 
 _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 """Lightning's strategies that shard the module's weights between processes."""
-
-
-def _gradient_norm(module: Any) -> float:
-    grads = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
-    return float(torch.stack(grads).norm()) if grads else 0.0
 
 
 def _averaging(trainer: Any) -> list[Callback]:
