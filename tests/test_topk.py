@@ -140,3 +140,22 @@ def test_a_half_precision_torch_index_ranks_by_the_rounded_rows() -> None:
     assert _recall(ids, expected_ids) > 0.97  # ties within bfloat16's product rounding may swap
     assert np.allclose(scores, expected_scores, rtol=2e-2, atol=2e-2)
     assert _recall(ids, _brute(queries, feats, 10)[1]) > 0.9
+
+
+def test_a_query_whose_probed_cells_hold_fewer_than_k_rows_is_searched_over_every_cell_not_padded() -> None:
+    # Four tight clusters of 50 rows, one IVF cell each: a query probing one cell sees 50 rows, not the 60 asked,
+    # and FAISS pads its list with row -1 (read by numpy as the last row) and score -3.4e38.
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 8)) * 10
+    feats = np.concatenate([c + 0.01 * rng.normal(size=(50, 8)) for c in centres]).astype(np.float32)
+    queries = centres[:2].astype(np.float32)
+    index = build_index(lambda: feats, lambda: [(0, feats)], 200, 8, torch.device("cpu"), "ivf",
+                        ivf=sp.IVFArguments(nlist=4, nprobe=1))  # fmt: skip
+    assert (index.search(queries, 60)[1] < 0).any()  # the case: FAISS alone pads
+    result = search(index, queries, 60, [StageRows("main", 0, 200)])
+    for got_ids, got_scores, sign in ((result.helpful_ids, result.helpful_scores, 1),
+                                      (result.harmful_ids, result.harmful_scores, -1)):  # fmt: skip
+        expected_scores, expected_ids = _brute(sign * queries, feats, 60)
+        assert np.array_equal(np.sort(got_ids, axis=1), np.sort(expected_ids, axis=1))
+        assert np.allclose(got_scores, sign * expected_scores, rtol=1e-5)
+    assert index.nprobe == 1  # the index keeps its setting for the next search

@@ -36,7 +36,7 @@ from source_proj.methods.kinds import BASELINES
 from source_proj.methods.kronecker import KroneckerCurvature, source_query_directions
 from source_proj.projection.factory import projector_from_meta
 from source_proj.projection.transform import scaling_transform
-from source_proj.query.topk import IVFArguments, SearchBackend, TorchIndex, build_index
+from source_proj.query.topk import IVFArguments, SearchBackend, TorchIndex, build_index, faiss_gpu_available
 from source_proj.store.provenance import check_model, check_query_model, check_run, model_errors
 from source_proj.store.store import Store
 from source_proj.store.verify import method_command
@@ -308,16 +308,40 @@ def search(
     Refuses ``k`` < 1 and ``k`` larger than the number of training rows (which would return every
     row as both helpful and harmful). When fewer than ``k`` rows score above zero for a query, its
     helpful list ends in rows that do not help it (score ≤ 0); :meth:`QueryResult.records` leaves
-    those out, and likewise harmful rows scoring ≥ 0.
+    those out, and likewise harmful rows scoring ≥ 0. A query whose ``nprobe`` cells of an approximate (IVF)
+    index hold fewer than ``k`` rows is searched again over every cell (FAISS would pad its lists with row −1).
     """
     if not 1 <= k <= index.ntotal:
         raise TaskError(
             f"top-k {k} is not between 1 and the {index.ntotal} training examples the method scores; ask for "
             f"1 to {index.ntotal}."
         )
-    help_scores, help_ids = index.search(query_features, k)
-    harm_scores, harm_ids = index.search(-query_features, k)
+    help_scores, help_ids = _search(index, query_features, k)
+    harm_scores, harm_ids = _search(index, -query_features, k)
+    short = (help_ids < 0).any(axis=1) | (harm_ids < 0).any(axis=1)
+    if short.any():
+        found = int(min((help_ids >= 0).sum(axis=1).min(), (harm_ids >= 0).sum(axis=1).min()))
+        raise TaskError(
+            f"The approximate search found fewer than k = {k} training examples for {int(short.sum())} of the "
+            f"{len(short)} queries (as few as {found}), even scanning every cell it may; ask for a smaller k, or "
+            "use an exact search."
+        )
     return QueryResult(help_ids, help_scores, harm_ids, -harm_scores, list(rows))
+
+
+def _search(index: faiss.Index | TorchIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search``; an IVF index whose ``nprobe`` scanned cells hold fewer than ``k`` rows for a query (FAISS
+    pads its list with row −1) searches that query again scanning every cell (at most 2,048 on a GPU)."""
+    scores, ids = index.search(queries, k)
+    short = np.flatnonzero((ids < 0).any(axis=1))
+    if short.size and getattr(index, "nlist", 0) > getattr(index, "nprobe", 0):
+        nprobe = index.nprobe
+        index.nprobe = min(index.nlist, 2048 if faiss_gpu_available() else index.nlist)
+        try:
+            scores[short], ids[short] = index.search(np.ascontiguousarray(queries[short]), k)
+        finally:
+            index.nprobe = nprobe
+    return scores, ids
 
 
 @dataclass
