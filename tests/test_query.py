@@ -59,7 +59,10 @@ def test_top_k_beyond_the_training_set_is_refused_and_lists_keep_their_sign() ->
     for k in (0, 4, 5000):
         with pytest.raises(sp.TaskError, match=rf"top-k {k} is not between 1 and the 3 training examples"):
             search(index, query, k, rows)
-    result = search(index, query, 3, rows)
+    for k in (2.5, "2", True):
+        with pytest.raises(sp.TaskError, match=r"top-k must be a whole number of training examples, not"):
+            search(index, query, k, rows)
+    result = search(index, query, np.int64(3), rows)  # a NumPy count (e.g. min(10, len(a)) of arrays) as an int
     assert result.helpful_ids.tolist() == [[0, 2, 1]] and result.harmful_ids.tolist() == [[1, 2, 0]]
     # Only one example harms the query: neither list may present an example of the other sign.
     assert result.short_lists() == (1, 1)

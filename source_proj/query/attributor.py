@@ -15,6 +15,7 @@ A fitted method's ``query`` recipe says how q̃ is built::
 from __future__ import annotations
 
 import copy
+import numbers
 import shlex
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -305,12 +306,16 @@ def search(
 ) -> QueryResult:
     """Top-k helpful (largest ⟨q, T⟩) and harmful (smallest) rows of an inner-product index.
 
-    Refuses ``k`` < 1 and ``k`` larger than the number of training rows (which would return every
-    row as both helpful and harmful). When fewer than ``k`` rows score above zero for a query, its
-    helpful list ends in rows that do not help it (score ≤ 0); :meth:`QueryResult.records` leaves
-    those out, and likewise harmful rows scoring ≥ 0. A query whose ``nprobe`` cells of an approximate (IVF)
-    index hold fewer than ``k`` rows is searched again over every cell (FAISS would pad its lists with row −1).
+    ``k`` is a whole number (a NumPy integer too); refuses ``k`` < 1 and ``k`` larger than the number of
+    training rows (which would return every row as both helpful and harmful). When fewer than ``k`` rows
+    score above zero for a query, its helpful list ends in rows that do not help it (score ≤ 0);
+    :meth:`QueryResult.records` leaves those out, and likewise harmful rows scoring ≥ 0. A query whose
+    ``nprobe`` cells of an approximate (IVF) index hold fewer than ``k`` rows is searched again over every
+    cell (FAISS would pad its lists with row −1).
     """
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TaskError(f"top-k must be a whole number of training examples, not {k!r}.")
+    k = int(k)  # FAISS takes a Python int only (a NumPy one fails in its C++ bindings)
     if not 1 <= k <= index.ntotal:
         raise TaskError(
             f"top-k {k} is not between 1 and the {index.ntotal} training examples the method scores; ask for "
