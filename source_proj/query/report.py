@@ -19,7 +19,8 @@ def topk_figure(
     result: QueryResult,
     path: str | Path,
 ) -> Path:
-    """Save a PNG: one row per query — the query, then its top-k helpful (green) and harmful (red).
+    """Save a PNG: one row per query — the query, then its top-k helpful (green) and harmful (red); a list
+    stops where the scores change sign (its remaining cells are left empty).
 
     Args:
         query_images: one 2-D (or H×W×3) image per query.
@@ -34,16 +35,18 @@ def topk_figure(
     queries, k = result.helpful_ids.shape
     fig, axes = plt.subplots(queries, 2 * k + 1, figsize=(1.3 * (2 * k + 1), 1.5 * queries), squeeze=False)
     for q in range(queries):
-        cells = [(query_images[q], query_titles[q], "black")]
-        cells += [
-            (train_image(int(i)), f"{train_title(int(i))}\n{s:+.1e}", "green")
-            for i, s in zip(result.helpful_ids[q], result.helpful_scores[q], strict=True)
-        ]
-        cells += [
-            (train_image(int(i)), f"{train_title(int(i))}\n{s:+.1e}", "red")
-            for i, s in zip(result.harmful_ids[q], result.harmful_scores[q], strict=True)
-        ]
-        for ax, (image, title, colour) in zip(axes[q], cells, strict=True):
+        cells: list[tuple[np.ndarray, str, str] | None] = [(query_images[q], query_titles[q], "black")]
+        for sign, colour, ids, scores in (
+            (1.0, "green", result.helpful_ids[q], result.helpful_scores[q]),
+            (-1.0, "red", result.harmful_ids[q], result.harmful_scores[q]),
+        ):  # a list stops where the scores change sign (QueryResult.short_lists): the rest of its cells stay empty
+            cells += [(train_image(int(i)), f"{train_title(int(i))}\n{s:+.1e}", colour) if sign * s > 0 else None
+                      for i, s in zip(ids, scores, strict=True)]  # fmt: skip
+        for ax, cell in zip(axes[q], cells, strict=True):
+            if cell is None:
+                ax.axis("off")
+                continue
+            image, title, colour = cell
             ax.imshow(image, cmap="gray_r" if image.ndim == 2 else None)
             ax.set_title(title, fontsize=7, color=colour)
             ax.set_xticks([])

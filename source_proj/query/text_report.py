@@ -2,8 +2,9 @@
 (``text_report``), and the per-token scores of training sequences (``token_report``).
 
 For every query: its text (optionally shaded token by token, e.g. by the next-token loss the
-measurement sums), then its training sequences with the largest and the most negative scores,
-with their stage, index, score and text. Words a training text shares with its query are marked,
+measurement sums), then its training sequences with the largest positive and the most negative scores,
+with their stage, index, score and text (a list stops where the scores change sign, as
+``QueryResult.records`` does). Words a training text shares with its query are marked,
 to help a reader see what connects them (a reading aid, not part of the score). The page is
 self-contained (no scripts, no external files).
 """
@@ -91,12 +92,17 @@ def text_report(
         words = {w.lower() for w in _WORD.findall(plain)}
         body = _shaded(query, top) if isinstance(query, ShadedText) else html.escape(query)
         parts.append(f"<h2>{html.escape(names[q])}</h2><div class='query'>{body}</div><div class='cols'>")
-        for css, label, ids, scores in (
-            ("pos", score_labels[0], result.helpful_ids[q], result.helpful_scores[q]),
-            ("neg", score_labels[1], result.harmful_ids[q], result.harmful_scores[q]),
+        for css, label, sign, ids, scores in (
+            ("pos", score_labels[0], 1.0, result.helpful_ids[q], result.helpful_scores[q]),
+            ("neg", score_labels[1], -1.0, result.harmful_ids[q], result.harmful_scores[q]),
         ):
             rows = []
             for row, score in zip(ids, scores, strict=True):
+                if not sign * score > 0:  # the list ran out of examples of its sign (QueryResult.short_lists)
+                    sign_text = "&gt; 0" if sign > 0 else "&lt; 0"
+                    rows.append(f"<tr><td colspan='3' class='where'>no other training example has a score "
+                                f"{sign_text}</td></tr>")  # fmt: skip
+                    break
                 stage, index = result.locate(int(row))
                 rows.append(
                     f"<tr><td class='score'>{score:+.3e}</td><td class='where'>{html.escape(stage)}[{index}]</td>"

@@ -1,0 +1,70 @@
+"""The reports of top-k results (HTML and PNG) show each list's rows of its own sign only, escaped."""
+
+from __future__ import annotations
+
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+
+from source_proj.query.attributor import QueryResult, StageRows
+from source_proj.query.report import topk_figure
+from source_proj.query.text_report import text_report
+
+TEXTS = ["the first", "the second", "the third"]
+
+
+def _one_sided() -> QueryResult:
+    """One query over three rows scoring 2, 0 and -1: one helpful row, one harmful, one neither."""
+    return QueryResult(
+        helpful_ids=np.array([[0, 1, 2]]),
+        helpful_scores=np.array([[2.0, 0.0, -1.0]], dtype=np.float32),
+        harmful_ids=np.array([[2, 1, 0]]),
+        harmful_scores=np.array([[-1.0, 0.0, 2.0]], dtype=np.float32),
+        rows=[StageRows("main", 0, 3)],
+    )
+
+
+class _Cells(HTMLParser):
+    """The text of every table cell, table by table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[list[str]] = []
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "td":
+            self._cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "td" and self._cell is not None:
+            self.tables[-1].append("".join(self._cell))
+            self._cell = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def test_html_lists_stop_where_the_scores_change_sign(tmp_path: Path) -> None:
+    page = text_report(_one_sided(), ["a query"], lambda stage, i: TEXTS[i], tmp_path / "r.html")
+    cells = _Cells()
+    cells.feed(page.read_text())
+    helpful, harmful = cells.tables
+    assert helpful == ["+2.000e+00", "main[0]", "the first", "no other training example has a score > 0"]
+    assert harmful == ["-1.000e+00", "main[2]", "the third", "no other training example has a score < 0"]
+
+
+def test_the_figure_shows_only_rows_of_each_lists_sign(tmp_path: Path) -> None:
+    drawn: list[int] = []
+
+    def image(row: int) -> np.ndarray:
+        drawn.append(row)
+        return np.zeros((4, 4))
+
+    path = topk_figure([np.zeros((4, 4))], ["q"], image, str, _one_sided(), tmp_path / "f.png")
+    assert path.stat().st_size > 0
+    assert drawn == [0, 2]  # row 0 as helpful (score 2), row 2 as harmful (-1); row 1 (0) and the others nowhere
