@@ -88,6 +88,25 @@ def test_lists_stop_where_the_scores_change_sign(cli_reference: tuple[Path, Path
     assert "12 of 12 queries have fewer than 12 helpful training examples (score > 0)" in out.output
 
 
+def test_a_query_without_any_example_of_either_sign_writes_a_csv_header_and_no_rows(
+    cli_reference: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, _ = cli_reference
+    top_k = sp.Attributor.top_k
+
+    def flat(self, queries, k=10):  # type: ignore[no-untyped-def]  # every score 0 (e.g. a zero query gradient)
+        result = top_k(self, queries, k)
+        result.helpful_scores[:] = 0.0
+        result.harmful_scores[:] = 0.0
+        return result
+
+    monkeypatch.setattr(sp.Attributor, "top_k", flat)
+    out = CliRunner().invoke(main, ["query", str(store), "--top-k", "2", "--out", str(tmp_path / "r.csv")])
+    assert out.exit_code == 0, out.output
+    assert "wrote 0 rows to" in out.output
+    assert (tmp_path / "r.csv").read_text().splitlines() == ["query,kind,rank,stage,index,score,description"]
+
+
 def _model_and_task(spec: Path) -> tuple[object, sp.Task]:
     loaded = sp.spec.load_spec(spec)
     return loaded.build_model(), loaded.build_task()

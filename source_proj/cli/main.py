@@ -659,13 +659,14 @@ def _check_out(path: Path | None) -> None:
         )
 
 
-def _write(records: list[dict[str, Any]], path: Path) -> None:
-    """Write the results in the format of ``path``'s suffix, atomically (never a half-written file)."""
+def _write(records: list[dict[str, Any]], path: Path, columns: tuple[str, ...] = ()) -> None:
+    """Write the results in the format of ``path``'s suffix, atomically (never a half-written file); ``columns``:
+    the CSV header where there are no records (every score zero: a header and no rows, not a crash)."""
     _check_out(path)
     suffix = path.suffix.lower()
     if suffix == ".csv":
         text = io.StringIO(newline="")
-        writer = csv.DictWriter(text, fieldnames=list(records[0]))
+        writer = csv.DictWriter(text, fieldnames=list(records[0]) if records else list(columns))
         writer.writeheader()
         writer.writerows(records)
         data = text.getvalue().encode()
@@ -837,7 +838,7 @@ def query(
         for r in tqdm(records, desc="describe", unit="row", delay=2.0):
             r["query"] = indices[r["query"]]
             r["description"] = describe(r["stage"], r["index"])
-        _write(records, out_path)
+        _write(records, out_path, ("query", "kind", "rank", "stage", "index", "score", "description"))
         click.echo(f"wrote {len(records)} rows to {out_path}")
     if html_path is not None:
         texts = [spec.describe_query(i) or f"query {i}" for i in indices]
