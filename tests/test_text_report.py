@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from source_proj.query.attributor import QueryResult, StageRows
+from source_proj.query.per_token import TokenScores
 from source_proj.query.report import topk_figure
-from source_proj.query.text_report import text_report
+from source_proj.query.text_report import text_report, token_report
 
 TEXTS = ["the first", "the second", "the third"]
 
@@ -68,3 +69,48 @@ def test_the_figure_shows_only_rows_of_each_lists_sign(tmp_path: Path) -> None:
     path = topk_figure([np.zeros((4, 4))], ["q"], image, str, _one_sided(), tmp_path / "f.png")
     assert path.stat().st_size > 0
     assert drawn == [0, 2]  # row 0 as helpful (score 2), row 2 as harmful (-1); row 1 (0) and the others nowhere
+
+
+class _Tokens(HTMLParser):
+    """(style, text) of every token span."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens: list[tuple[str, str]] = []
+        self._style: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "span" and ("class", "tok") in attrs:
+            self._style = dict(attrs)["style"] or ""
+
+    def handle_data(self, data: str) -> None:
+        if self._style is not None:
+            self.tokens.append((self._style, data))
+            self._style = None
+
+
+def _token_page(shares: list[list[float]], path: Path) -> list[tuple[str, str]]:
+    """The token spans of a per-token page of one query over sequences of three tokens with these shares."""
+    n = len(shares)
+    scores = TokenScores(
+        rows=np.arange(n),
+        where=[("main", i) for i in range(n)],
+        input_ids=np.tile(np.arange(3), (n, 1)),
+        attention_mask=np.ones((n, 3), dtype=np.int64),
+        tokens=np.array([shares], dtype=np.float32),
+        unplaced=np.zeros((1, n), dtype=np.float32),
+        scores=np.nansum(np.array([shares], dtype=np.float32), axis=-1),
+    )
+    pieces = ["<script>alert(1)</script>", " & 'x'", "\u0120b"]
+    page = token_report(scores, ["q"], lambda t: pieces[t], path)
+    parser = _Tokens()
+    parser.feed(page.read_text())
+    assert [text for _, text in parser.tokens] == pieces * n  # escaped, then read back as the same text
+    return [style for style, _ in parser.tokens]
+
+
+def test_a_token_share_that_is_not_a_number_is_outlined_and_leaves_the_others_shading(tmp_path: Path) -> None:
+    styles = _token_page([[float("nan"), 1.0, -0.5], [0.0, 0.0, 0.0]], tmp_path / "t.html")
+    assert styles[0] == "outline: 1px dashed #b42318"  # no colour: neither helpful nor harmful
+    assert styles[1:3] == ["background: rgba(220, 80, 40, 0.75)", "background: rgba(40, 110, 220, 0.38)"]
+    assert styles[3:] == ["background: rgba(220, 80, 40, 0.00)"] * 3  # all zero: unshaded, no division by zero

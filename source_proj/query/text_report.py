@@ -12,6 +12,7 @@ self-contained (no scripts, no external files).
 from __future__ import annotations
 
 import html
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -77,7 +78,7 @@ def text_report(
         raise TaskError(f"{len(queries)} query texts were given for the {count} queries of the result; give one each.")
     names = list(query_names) if query_names is not None else [f"query {q}" for q in range(count)]
     shaded = [q for q in queries if isinstance(q, ShadedText)]
-    top = max((max(q.values, default=0.0) for q in shaded), default=0.0)
+    top = max((v for q in shaded for v in q.values if math.isfinite(v)), default=0.0)
     legend = [
         "score = −(predicted change of the query's measurement if the training sequence were left out): "
         f"score &gt; 0 = {html.escape(score_labels[0])}; score &lt; 0 = {html.escape(score_labels[1])}.",
@@ -129,16 +130,24 @@ def _marked(text: str, words: set[str]) -> str:
     return "".join(out)
 
 
+def _largest(values: Sequence[float] | np.ndarray) -> float:
+    """The largest |value| of the finite ``values`` (0 where there is none): the darkest shade."""
+    finite = np.abs(np.asarray(values, dtype=np.float64))
+    return float(finite[np.isfinite(finite)].max(initial=0.0))
+
+
 def _shaded(text: ShadedText, top: float, joiner: str = " ") -> str:
-    """Pieces shaded by |value| / top: orange for positive values, blue for negative ones."""
+    """Pieces shaded by |value| / top: orange for positive values, blue for negative ones; a value that is not a
+    number (NaN, ±inf) is not shaded but outlined in red (its title says which)."""
     spans = []
     for piece, value in zip(text.pieces, text.values, strict=True):
-        alpha = 0.0 if top <= 0 else max(0.0, min(1.0, abs(value) / top))
-        colour = "220, 80, 40" if value >= 0 else "40, 110, 220"
-        spans.append(
-            f"<span class='tok' style='background: rgba({colour}, {0.75 * alpha:.2f})' "
-            f"title='{value:.3g}'>{html.escape(piece)}</span>"
-        )
+        if not math.isfinite(value):
+            style = "outline: 1px dashed #b42318"
+        else:
+            alpha = 0.0 if top <= 0 else max(0.0, min(1.0, abs(value) / top))
+            colour = "220, 80, 40" if value >= 0 else "40, 110, 220"
+            style = f"background: rgba({colour}, {0.75 * alpha:.2f})"
+        spans.append(f"<span class='tok' style='{style}' title='{value:.3g}'>{html.escape(piece)}</span>")
     return joiner.join(spans)
 
 
@@ -155,9 +164,9 @@ def token_report(
     """Write an HTML page of per-token scores (``per_token.token_scores``); returns its path.
 
     For every query: its text, then each training sequence with its score and its tokens shaded by
-    the share of the score they carry (orange > 0, blue < 0, darkest = the sequence's largest share
-    in absolute value; hover a token for its value). A seq2seq pair shows its source, an arrow, then its target,
-    shaded on one scale.
+    the share of the score they carry (orange > 0, blue < 0, darkest = the sequence's largest finite share
+    in absolute value; a NaN or infinite share is outlined in red, not shaded; hover a token for its value).
+    A seq2seq pair shows its source, an arrow, then its target, shaded on one scale.
 
     Args:
         scores: per-token scores ``[Q, n, T]`` of n training sequences.
@@ -175,13 +184,14 @@ def token_report(
     legend = [
         f"score &gt; 0 = {html.escape(score_labels[0])}; score &lt; 0 = {html.escape(score_labels[1])}.",
         "Each token of a training sequence is shaded by the share of the sequence's score carried by its position "
-        "(orange &gt; 0, blue &lt; 0; the shares sum to the score). Hover a token for its share.",
+        "(orange &gt; 0, blue &lt; 0; the shares sum to the score; one that is not a number is outlined in red). "
+        "Hover a token for its share.",
     ]
     parts = [f"<h1>{html.escape(title)}</h1>", *(f'<p class="legend">{line}</p>' for line in legend)]
     for q in range(count):
         query = queries[q]
         if isinstance(query, ShadedText):
-            body = _shaded(query, max((abs(v) for v in query.values), default=0.0))
+            body = _shaded(query, _largest(query.values))
         else:
             body = html.escape(query)
         rows = []
@@ -195,7 +205,7 @@ def token_report(
                 target = scores.target_tokens[q, i][said]
                 words = [decode(int(t)) for t in scores.target_ids[i][said]]
                 sides.append((ShadedText(words, target.tolist()), target))
-            top = max(float(np.abs(v).max(initial=0.0)) for _, v in sides)
+            top = max(_largest(v) for _, v in sides)
             text = " <span class='arrow'>→</span> ".join(_shaded(side, top, "") for side, _ in sides)
             rest = f" (+{scores.unplaced[q, i]:+.2e} unplaced)" if scores.unplaced[q, i] else ""
             rows.append(
