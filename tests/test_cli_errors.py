@@ -406,6 +406,23 @@ def test_a_device_this_machine_lacks_is_refused_before_any_work(
     assert out.exit_code == 0, out.output
 
 
+@pytest.mark.parametrize(("devices", "expected"), [("banana", "'banana' is not a device"), ("cpu,cuda:7", None)])
+def test_search_devices_this_machine_lacks_are_refused_in_a_sentence(
+    cli_reference: tuple[Path, Path], devices: str, expected: str | None
+) -> None:
+    if expected is None and torch.cuda.device_count() > 7:
+        pytest.skip("cuda:7 exists on this machine, so nothing is refused")
+    store, _ = cli_reference
+    args = ["query", str(store), "--top-k", "2", "--search", "torch", "--search-devices", devices]
+    message = _refused(CliRunner().invoke(main, args))
+    if expected is not None:
+        assert message.startswith(f"Error: {expected}"), message
+    elif not torch.cuda.is_available():
+        assert message == f"Error: Device 'cuda:7' is CUDA, but {_missing_cuda()}; pass cpu.", message
+    else:
+        assert "Device 'cuda:7' does not exist: this machine has" in message, message
+
+
 def test_a_reader_that_leaves_ends_the_output_quietly(cli_reference: tuple[Path, Path]) -> None:
     """`source-proj info S | head -1`: the closed pipe is not reported as a bug (click exits with status 1). The pipe's
     reading end is closed before the command starts, so every write meets it."""

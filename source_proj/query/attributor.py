@@ -145,7 +145,8 @@ class Attributor:
             ``"stream"`` (store chunk by chunk: memory bounded by the chunk size), or ``"ivf"``
             (approximate: FAISS inverted file, see ``search_ivf``).
         search_devices: devices the index is sharded over (e.g. ``["cuda:0", "cuda:1"]``); default
-            ``device``, or every GPU when the features do not fit on it.
+            ``device``, or every GPU when the features do not fit on it. A device this machine lacks is
+            refused as ``device`` is.
         search_ivf: the approximate index's settings (``search_backend="ivf"``).
         progress: show a progress bar while query features take longer than two seconds.
     """
@@ -184,7 +185,8 @@ class Attributor:
         self.param_names = names
         self.batch_size = batch_size
         self.search_backend = search_backend
-        self.search_devices = search_devices
+        # Checked here, as ``device`` is: not after every query's gradient, where the index is built.
+        self.search_devices = [default_device(d) for d in search_devices] if search_devices else None
         self.search_ivf = search_ivf
         self.progress = progress
         self._index: faiss.Index | TorchIndex | None = None
