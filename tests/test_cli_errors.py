@@ -153,6 +153,11 @@ def test_query_out_that_cannot_be_written_is_refused(
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def test_an_html_report_path_that_is_a_directory_is_refused_before_any_work(tmp_path: Path) -> None:
+    out = CliRunner().invoke(main, ["query", str(tmp_path / "missing.sp"), "--html", str(tmp_path)])
+    assert f"{tmp_path} is a directory; give a file name such as report.html" in _refused(out, code=2)
+
+
 @pytest.mark.parametrize("command", [["query"], ["lds", "--method", "source"], ["compare"]])
 def test_an_out_without_a_known_format_is_refused_before_any_work(tmp_path: Path, command: list[str]) -> None:
     """Before the store is even opened: not after the queries were scored or the models retrained."""

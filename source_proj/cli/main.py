@@ -774,6 +774,9 @@ def query(
     written, each once.
     """
     _check_out(out_path)
+    if html_path is not None and html_path.is_dir():  # before the work, as --out is
+        raise click.BadParameter(f"{html_path} is a directory; give a file name such as report.html",
+                                 param_hint="--html")  # fmt: skip
     context = click.get_current_context()
     given = [f"--{n.replace('_', '-')}" for n in ("nlist", "nprobe", "ivf_fp16")
              if context.get_parameter_source(n) is click.core.ParameterSource.COMMANDLINE]  # fmt: skip
