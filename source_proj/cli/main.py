@@ -719,7 +719,7 @@ def _save(path: Path, write: Callable[[], Any]) -> Any:
     "out_path",
     default=None,
     type=click.Path(path_type=Path),
-    help="Write all results (.csv, .jsonl, .parquet).",
+    help="Write all results (.csv, .jsonl, .parquet); an existing file is replaced.",
 )
 @click.option(
     "--show", default=5, show_default=True, type=click.IntRange(min=0), help="Queries to print on the terminal."
@@ -729,7 +729,8 @@ def _save(path: Path, write: Callable[[], Any]) -> Any:
     "html_path",
     default=None,
     type=click.Path(path_type=Path),
-    help="Write an HTML report: each query's text and its top training examples' texts (spec's describe).",
+    help="Write an HTML report: each query's text and its top training examples' texts (spec's describe); an "
+    "existing file is replaced.",
 )
 @click.option("--device", default=None, help="Where query gradients are computed (default: cuda when available).")
 @click.option(
