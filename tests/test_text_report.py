@@ -6,7 +6,9 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from source_proj.errors import TaskError
 from source_proj.query.attributor import QueryResult, StageRows
 from source_proj.query.per_token import TokenScores
 from source_proj.query.report import topk_figure
@@ -114,3 +116,10 @@ def test_a_token_share_that_is_not_a_number_is_outlined_and_leaves_the_others_sh
     assert styles[0] == "outline: 1px dashed #b42318"  # no colour: neither helpful nor harmful
     assert styles[1:3] == ["background: rgba(220, 80, 40, 0.75)", "background: rgba(40, 110, 220, 0.38)"]
     assert styles[3:] == ["background: rgba(220, 80, 40, 0.00)"] * 3  # all zero: unshaded, no division by zero
+
+
+def test_query_names_not_one_per_query_are_refused(tmp_path: Path) -> None:
+    for names in ([], ["a", "b"]):  # one query
+        with pytest.raises(TaskError, match=f"{len(names)} query names were given for 1 queries; give one each"):
+            text_report(_one_sided(), ["q"], lambda stage, i: TEXTS[i], tmp_path / "r.html", query_names=names)
+    assert not (tmp_path / "r.html").exists()

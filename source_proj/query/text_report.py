@@ -70,13 +70,13 @@ def text_report(
         title: the page heading.
         score_labels: what a positive and a negative score mean for this task's measurement
             (the tasks' ``score_labels``; score = −Δf, docs/concepts/source.md §1).
-        query_names: a heading per query (default ``query 0``, ``query 1``, …).
+        query_names: one heading per query (default ``query 0``, ``query 1``, …); other counts are refused.
         shading: what the shading of [`ShadedText`][] queries shows (for the legend).
     """
     count = result.helpful_ids.shape[0]
     if len(queries) != count:
         raise TaskError(f"{len(queries)} query texts were given for the {count} queries of the result; give one each.")
-    names = list(query_names) if query_names is not None else [f"query {q}" for q in range(count)]
+    names = _names(query_names, count)
     shaded = [q for q in queries if isinstance(q, ShadedText)]
     top = max((v for q in shaded for v in q.values if math.isfinite(v)), default=0.0)
     legend = [
@@ -117,6 +117,15 @@ def text_report(
     )
     atomic_write_bytes(path, page.encode("utf-8"))
     return Path(path)
+
+
+def _names(query_names: Sequence[str] | None, count: int) -> list[str]:
+    """A heading per query: the given ones (one each), else ``query 0``, ``query 1``, …"""
+    if query_names is None:
+        return [f"query {q}" for q in range(count)]
+    if len(query_names) != count:
+        raise TaskError(f"{len(query_names)} query names were given for {count} queries; give one each.")
+    return list(query_names)
 
 
 def _marked(text: str, words: set[str]) -> str:
@@ -175,12 +184,12 @@ def token_report(
         path: the ``.html`` file to write (replaced atomically).
         title: the page's heading.
         score_labels: what a positive and a negative score mean.
-        query_names: a heading per query (default ``query 0``, ``query 1``, …).
+        query_names: one heading per query (default ``query 0``, ``query 1``, …); other counts are refused.
     """
     count = scores.tokens.shape[0]
     if len(queries) != count:
         raise TaskError(f"{len(queries)} query texts were given for the {count} queries of the scores; give one each.")
-    names = list(query_names) if query_names is not None else [f"query {q}" for q in range(count)]
+    names = _names(query_names, count)
     legend = [
         f"score &gt; 0 = {html.escape(score_labels[0])}; score &lt; 0 = {html.escape(score_labels[1])}.",
         "Each token of a training sequence is shaded by the share of the sequence's score carried by its position "
