@@ -107,6 +107,29 @@ def test_a_query_without_any_example_of_either_sign_writes_a_csv_header_and_no_r
     assert (tmp_path / "r.csv").read_text().splitlines() == ["query,kind,rank,stage,index,score,description"]
 
 
+def _broken_text_spec(tmp_path: Path) -> Path:
+    """The CLI tests' spec whose texts hold a lone surrogate (half an emoji, as broken JSON escapes decode) and a
+    terminal escape sequence (clear the screen)."""
+    spec = write_spec(tmp_path / "spec.py", tmp_path / "described.log")
+    text = spec.read_text().replace(
+        'return f"label {int(data().tensors[1][index])}"', 'return "half an emoji \\ud83d, then \\x1b[2J a long text"'
+    )
+    spec.write_text(text + '\ndef describe_query(index):\n    return "query \\ud83d \\x1b[2J"\n')
+    return spec
+
+
+def test_texts_with_a_lone_surrogate_are_written_to_csv_and_html(
+    cli_reference: tuple[Path, Path], tmp_path: Path
+) -> None:
+    store, _ = cli_reference
+    spec = _broken_text_spec(tmp_path)
+    args = ["query", str(store), "--spec", str(spec), "--top-k", "2", "--show", "0"]
+    out = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "r.csv"), "--html", str(tmp_path / "r.html")])
+    assert out.exit_code == 0, out.output
+    assert "half an emoji \\ud83d, then" in (tmp_path / "r.csv").read_text(encoding="utf-8")
+    assert "half an emoji \\ud83d, then" in (tmp_path / "r.html").read_text(encoding="utf-8")
+
+
 def _model_and_task(spec: Path) -> tuple[object, sp.Task]:
     loaded = sp.spec.load_spec(spec)
     return loaded.build_model(), loaded.build_task()

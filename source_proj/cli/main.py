@@ -669,7 +669,7 @@ def _write(records: list[dict[str, Any]], path: Path, columns: tuple[str, ...] =
         writer = csv.DictWriter(text, fieldnames=list(records[0]) if records else list(columns))
         writer.writeheader()
         writer.writerows(records)
-        data = text.getvalue().encode()
+        data = text.getvalue().encode("utf-8", "backslashreplace")  # a lone surrogate as \udXXX
     elif suffix == ".jsonl":
         data = "".join(json.dumps(r) + "\n" for r in records).encode()
     else:

@@ -6,7 +6,8 @@ measurement sums), then its training sequences with the largest positive and the
 with their stage, index, score and text (a list stops where the scores change sign, as
 ``QueryResult.records`` does). Words a training text shares with its query are marked,
 to help a reader see what connects them (a reading aid, not part of the score). The page is
-self-contained (no scripts, no external files).
+self-contained (no scripts, no external files). Texts are escaped; a lone UTF-16 surrogate (text decoded
+from broken JSON escapes, common in scraped data), which UTF-8 cannot hold, is written as its backslash escape.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def text_report(
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>\n"
     )
-    atomic_write_bytes(path, page.encode("utf-8"))
+    atomic_write_bytes(path, page.encode("utf-8", "backslashreplace"))  # a lone surrogate as \udXXX
     return Path(path)
 
 
@@ -228,5 +229,5 @@ def token_report(
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>\n"
     )
-    atomic_write_bytes(path, page.encode("utf-8"))
+    atomic_write_bytes(path, page.encode("utf-8", "backslashreplace"))  # a lone surrogate as \udXXX
     return Path(path)
