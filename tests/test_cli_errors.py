@@ -130,6 +130,17 @@ def test_texts_with_a_lone_surrogate_are_written_to_csv_and_html(
     assert "half an emoji \\ud83d, then" in (tmp_path / "r.html").read_text(encoding="utf-8")
 
 
+def test_texts_reach_the_terminal_with_control_characters_and_lone_surrogates_escaped(
+    cli_reference: tuple[Path, Path], tmp_path: Path
+) -> None:
+    store, _ = cli_reference
+    out = CliRunner().invoke(main, ["query", str(store), "--spec", str(_broken_text_spec(tmp_path)), "--top-k", "2"])
+    assert out.exit_code == 0, out.output
+    assert "query 0: query \\ud83d \\x1b[2J" in out.output
+    assert "half an emoji \\ud83d, then \\x1b[2J a long text" in out.output
+    assert "\x1b" not in out.output and "\ud83d" not in out.output
+
+
 def _model_and_task(spec: Path) -> tuple[object, sp.Task]:
     loaded = sp.spec.load_spec(spec)
     return loaded.build_model(), loaded.build_task()

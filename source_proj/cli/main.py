@@ -11,6 +11,7 @@ import json
 import os
 import shlex
 import sys
+import unicodedata
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -825,7 +826,7 @@ def query(
                     row.append(f"{'–':<22} {'':>10}")
                     continue
                 stage, index = result.locate(int(ids[q, rank]))
-                label = f"{stage}[{index}] {describe(stage, index)}"[:22]
+                label = f"{stage}[{index}] {_printable(describe(stage, index))}"[:22]
                 row.append(f"{label:<22} {scores[q, rank]:+.3e}")
             click.echo(f"  {rank + 1:>4}  {row[0]:<34} {row[1]:<34}")
     if len(indices) > show:
@@ -868,7 +869,7 @@ def _echo_texts(
     """Each query's text, then its top examples' scores, stages and texts (100 characters each)."""
     width = max(len(label) for label in labels)
     for q, qi in enumerate(indices):
-        click.echo(f"\nquery {qi}: {spec.describe_query(qi)[:100]}")
+        click.echo(f"\nquery {qi}: {_printable(spec.describe_query(qi))[:100]}")
         for label, sign, ids, scores in (
             (labels[0], 1.0, result.helpful_ids, result.helpful_scores),
             (labels[1], -1.0, result.harmful_ids, result.harmful_scores),
@@ -877,8 +878,16 @@ def _echo_texts(
                 if not sign * score > 0:
                     continue
                 stage, index = result.locate(int(row))
-                text = " ".join(describe(stage, index).split())
+                text = _printable(" ".join(describe(stage, index).split()))
                 click.echo(f"  {label:<{width}} {score:+.3e}  {stage}[{index}]  {text[:100]}")
+
+
+def _printable(text: str) -> str:
+    """``text`` as the terminal shows it: every character that is not printable (a control character such as a
+    newline or an escape sequence's ESC, a zero-width or direction mark, a lone surrogate, which no terminal
+    encoding holds) written as its Python escape, so that data can neither break a line nor drive the terminal."""
+    kept = (c.isprintable() or unicodedata.category(c) == "Zs" for c in text)  # Zs: a no-break space is a space
+    return "".join(c if keep else c.encode("unicode_escape").decode() for c, keep in zip(text, kept, strict=True))
 
 
 def _spec_of(store: sp.Store, spec_path: Path | None) -> Spec:
