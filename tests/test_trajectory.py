@@ -205,13 +205,19 @@ def test_missing_directory_names_the_path(tmp_path: Path) -> None:
         sp.Trajectory.load(tmp_path / "nowhere")
 
 
-def test_parameter_groups_with_different_rates_are_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("warmup", [False, True])
+def test_parameter_groups_with_different_rates_are_refused_as_the_stage_begins(tmp_path: Path, warmup: bool) -> None:
+    """Refused before training, not at the first step (which stops the run there): also where a warm-up from 0 gives
+    every group the same rate until that step, from base rates that differ."""
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
     opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.1}, {"params": model[1].parameters(), "lr": 0.2}])
+    if warmup:
+        torch.optim.lr_scheduler.LambdaLR(opt, lambda step: step / 10)
+        assert {g["lr"] for g in opt.param_groups} == {0.0}
     rec = sp.TrajectoryRecorder(tmp_path / "run", model, opt, save_every=1)
-    rec.begin_stage("main", dataset_size=3)
-    with pytest.raises(sp.TrajectoryError, match="different learning rates"):
-        rec.step()
+    with pytest.raises(sp.TrajectoryError, match=r"use different (base )?learning rates .*0\.1, 0\.2"):
+        rec.begin_stage("main", dataset_size=3)
+    rec.begin_stage("main", dataset_size=3, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))  # nothing was begun
 
 
 @pytest.mark.parametrize("where", ["mid_stage", "new_stage"])

@@ -492,6 +492,7 @@ class TrajectoryRecorder:
             raise TrajectoryError(
                 f"Stage {name!r} needs a label_smoothing from 0 to 1 (the ε its loss used), not {label_smoothing!r}."
             )
+        _check_one_rate(optimizer or self.optimizer, name)
         if running:
             self.end_stage()
         if optimizer is not None:
@@ -899,6 +900,20 @@ class _ClipWatch:
     def remove(self) -> None:
         for handle in [*self.handles, self.step_handle]:
             handle.remove()
+
+
+def _check_one_rate(optimizer: torch.optim.Optimizer, stage: str) -> None:
+    """Refuse, as a stage begins, parameter groups set to train at different learning rates: their rates now, or the
+    base rates a scheduler scales (``initial_lr``: a warm-up from 0 starts every group at the same rate, and they
+    part at the first step). Refused now, not at that step, which would stop the training run there."""
+    groups = optimizer.param_groups
+    for key, what in (("lr", "learning rates"), ("initial_lr", "base learning rates (the scheduler's initial_lr)")):
+        rates = {float(g[key]) for g in groups if key in g}
+        if len(rates) > 1:
+            raise TrajectoryError(
+                f"Stage {stage!r}: the optimiser's parameter groups use different {what} {sorted(rates)}; SOURCE needs "
+                "one learning rate per step, so give all groups the same rate (their weight decay may differ)."
+            )
 
 
 def _averages_gradients(model: nn.Module) -> bool:
