@@ -156,3 +156,14 @@ def test_a_retrain_that_returns_the_wrong_shape_or_nan_is_refused(tmp_path: Path
         ev.lds_ground_truth(lambda k, s: np.zeros((2, 2)), ROWS, tmp_path / "a", args, progress=False)
     with pytest.raises(NumericalError, match="non-finite"):
         ev.lds_ground_truth(lambda k, s: np.full(Q, np.nan), ROWS, tmp_path / "b", args, progress=False)
+
+
+def test_zero_repeats_or_no_seeds_is_refused_in_one_sentence(tmp_path: Path) -> None:
+    with pytest.raises(TaskError, match="no retrain to run"):
+        ev.lds_ground_truth(ridge_retrain, ROWS, tmp_path, ev.LDSArguments(num_subsets=3, repeats=0), progress=False)
+    with pytest.raises(TaskError, match="no retrain to run"):
+        ev.subset_removal({"a": EFFECTS}, linear_retrain, ROWS, tmp_path, ev.RemovalArguments(seeds=()), progress=False)
+    with pytest.raises(TaskError, match="no retrain to run"):
+        ev.further_training_ground_truth(
+            linear_retrain, ROWS, [1, 2, 3], tmp_path, ev.FurtherTrainingArguments(seeds=()), progress=False
+        )

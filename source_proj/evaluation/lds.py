@@ -34,7 +34,7 @@ class LDSArguments:
     Attributes:
         alpha: fraction of the training rows kept in each subset (the paper reports α = 0.5).
         num_subsets: M, the number of subsets (the paper uses 100).
-        repeats: R, trainings per subset with different seeds, averaged (the paper: 5–100).
+        repeats: R ≥ 1, trainings per subset with different seeds, averaged (the paper: 5–100).
         seed: seed of the subset sampling and of the retrain seeds.
         workers: parallel worker processes for retraining (1 = in this process).
         threads_per_worker: torch threads per worker process.

@@ -149,13 +149,18 @@ def run_retrains(
 
     Args:
         retrain: the training function (module-level, so that worker processes can import it).
-        jobs: the runs to do.
+        jobs: the runs to do (at least one).
         cache: where finished runs are (and are written as soon as each one ends).
         workers: parallel worker processes (started with ``spawn``); 1 trains in this process. A batched
             retrain function always trains in this process, ``models_per_call`` models at a time.
         threads_per_worker: torch threads in each worker process.
         progress: show a progress bar.
     """
+    if not jobs:
+        raise TaskError(
+            "There is no retrain to run: give at least one seed (LDS repeats ≥ 1; removal and further-training "
+            "seeds not empty)."
+        )
     results: dict[int, np.ndarray] = {}
     todo: list[int] = []
     for i, job in enumerate(jobs):
