@@ -135,3 +135,12 @@ def test_few_units_give_an_interval_without_warnings() -> None:
         warnings.simplefilter("error")
         result = correlate(predicted, actual, resamples=200)
     assert np.isfinite(result.low) and np.isfinite(result.high) and result.low <= result.mean <= result.high
+
+
+def test_a_bootstrap_without_resamples_or_without_a_defined_value_is_refused_in_one_sentence() -> None:
+    rng = np.random.default_rng(7)
+    predicted, actual = rng.normal(size=(10, 4)), rng.normal(size=(10, 4))
+    with pytest.raises(TaskError, match="at least one bootstrap resample"):
+        correlate(predicted, actual, resamples=0)
+    with pytest.raises(TaskError, match="undefined on every one"):
+        bootstrap_ci(lambda idx: np.full(len(idx), np.nan), 5, resamples=10)

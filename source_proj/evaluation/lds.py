@@ -38,7 +38,7 @@ class LDSArguments:
         seed: seed of the subset sampling and of the retrain seeds.
         workers: parallel worker processes for retraining (1 = in this process).
         threads_per_worker: torch threads per worker process.
-        resamples: bootstrap resamples of the confidence interval.
+        resamples: bootstrap resamples of the confidence interval (at least 1).
         confidence: coverage of the interval.
         resample: what the bootstrap resamples: ``"subsets"`` (the SOURCE paper's interval) or
             ``"queries"`` (how much the LDS depends on which queries were drawn).

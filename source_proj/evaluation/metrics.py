@@ -98,9 +98,13 @@ def bootstrap_ci(
         confidence: coverage of the interval (0.95 → 2.5th and 97.5th percentiles).
         seed: seed of the resampling.
         batch: resamples evaluated per call of ``statistic`` (bounds memory).
+
+    Resamples on which the statistic is not finite (e.g. every unit drawn the same) are left out.
     """
     if not 0.0 < confidence < 1.0:
         raise TaskError(f"The confidence level must lie in (0, 1), not {confidence}.")
+    if resamples < 1:
+        raise TaskError(f"A confidence interval needs at least one bootstrap resample, not {resamples}.")
     rng = np.random.default_rng(seed)
     values = []
     for begin in range(0, resamples, batch):
@@ -108,6 +112,11 @@ def bootstrap_ci(
         values.append(np.asarray(statistic(idx), dtype=np.float64))
     stats = np.concatenate(values)
     stats = stats[np.isfinite(stats)]
+    if stats.size == 0:
+        raise TaskError(
+            f"The statistic was undefined on every one of {resamples} bootstrap resamples, so there is no interval; "
+            "use more resamples or more units."
+        )
     tail = (1.0 - confidence) / 2.0
     return float(np.quantile(stats, tail)), float(np.quantile(stats, 1.0 - tail))
 
