@@ -167,3 +167,23 @@ def test_zero_repeats_or_no_seeds_is_refused_in_one_sentence(tmp_path: Path) -> 
         ev.further_training_ground_truth(
             linear_retrain, ROWS, [1, 2, 3], tmp_path, ev.FurtherTrainingArguments(seeds=()), progress=False
         )
+
+
+def test_subset_removal_refuses_scores_it_cannot_rank_before_training_anything(tmp_path: Path) -> None:
+    """A NaN sorts last, so a NaN score was never removed: the method silently flipped fewer queries."""
+    trained: list[int] = []
+
+    def counting(keep: dict[str, np.ndarray], seed: int) -> np.ndarray:
+        trained.append(seed)
+        return linear_retrain(keep, seed)
+
+    args = ev.RemovalArguments(ks=(2, 4), seeds=(0,))
+    nan = np.where(EFFECTS > 0.5, np.nan, EFFECTS)
+    with pytest.raises(TaskError, match="NaN or infinite"):
+        ev.subset_removal({"nan": nan}, counting, ROWS, tmp_path, args, progress=False)
+    with pytest.raises(TaskError, match="training rows"):
+        ev.subset_removal({"narrow": EFFECTS[:, :-1]}, counting, ROWS, tmp_path, args, progress=False)
+    assert trained == []
+    listed = ev.subset_removal({"list": EFFECTS.tolist()}, linear_retrain, ROWS, tmp_path, args, progress=False)
+    exact = ev.subset_removal({"exact": EFFECTS}, linear_retrain, ROWS, tmp_path, args, progress=False)
+    np.testing.assert_array_equal(listed["list"].flipped_at, exact["exact"].flipped_at)

@@ -71,11 +71,20 @@ def subset_removal(
     *,
     progress: bool = True,
 ) -> dict[str, RemovalResult]:
-    """Fraction of queries flipped against k for every method (name → scores ``[Q, N]``, positive = helpful)."""
+    """Fraction of queries flipped against k for every method (name → finite scores ``[Q, N]``, positive = helpful)."""
     ks = tuple(args.ks)
     if not ks or list(ks) != sorted(set(ks)) or ks[0] < 1:
         raise TaskError(f"Removal sizes must be positive and increasing, not {ks}.")
     total = sum(r.size for r in rows)
+    scores = {name: np.asarray(s, dtype=np.float64) for name, s in scores.items()}
+    for name, s in scores.items():
+        if s.ndim != 2 or s.shape[1] != total:
+            raise TaskError(f"Scores of {name!r} have shape {s.shape}; expected [queries, {total} training rows].")
+        if not np.isfinite(s).all():
+            raise TaskError(
+                f"Scores of {name!r} contain NaN or infinite values, which cannot be ranked to choose the examples "
+                "to remove; fix the method's scores first."
+            )
     cache = RetrainCache(cache_dir)
     run = dict(workers=args.workers, threads_per_worker=args.threads_per_worker, progress=progress)
     everyone = np.ones(total, dtype=bool)
