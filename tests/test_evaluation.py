@@ -187,3 +187,11 @@ def test_subset_removal_refuses_scores_it_cannot_rank_before_training_anything(t
     listed = ev.subset_removal({"list": EFFECTS.tolist()}, linear_retrain, ROWS, tmp_path, args, progress=False)
     exact = ev.subset_removal({"exact": EFFECTS}, linear_retrain, ROWS, tmp_path, args, progress=False)
     np.testing.assert_array_equal(listed["list"].flipped_at, exact["exact"].flipped_at)
+
+
+def test_subset_removal_refuses_a_k_that_removes_every_training_row(tmp_path: Path) -> None:
+    """k ≥ N used to train on nothing (or crash in the user's function) and report it as a removal of k."""
+    with pytest.raises(TaskError, match="leaves none to train on"):
+        ev.subset_removal(
+            {"a": EFFECTS}, linear_retrain, ROWS, tmp_path, ev.RemovalArguments(ks=(2, N)), progress=False
+        )

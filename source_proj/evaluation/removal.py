@@ -33,7 +33,7 @@ class RemovalArguments:
     """Subset-removal settings.
 
     Attributes:
-        ks: removal sizes, increasing.
+        ks: removal sizes, increasing, each below the number of training rows.
         seeds: training seeds; a query must be correct under all of them to be evaluated.
         threshold: a query counts as flipped when its mean returned value is ≤ this (0 for a decision margin).
         workers: parallel worker processes for retraining.
@@ -76,6 +76,10 @@ def subset_removal(
     if not ks or list(ks) != sorted(set(ks)) or ks[0] < 1:
         raise TaskError(f"Removal sizes must be positive and increasing, not {ks}.")
     total = sum(r.size for r in rows)
+    if ks[-1] >= total:
+        raise TaskError(
+            f"Removing k={ks[-1]} of {total} training rows leaves none to train on; keep every k below {total}."
+        )
     scores = {name: np.asarray(s, dtype=np.float64) for name, s in scores.items()}
     for name, s in scores.items():
         if s.ndim != 2 or s.shape[1] != total:
