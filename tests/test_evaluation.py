@@ -195,3 +195,9 @@ def test_subset_removal_refuses_a_k_that_removes_every_training_row(tmp_path: Pa
         ev.subset_removal(
             {"a": EFFECTS}, linear_retrain, ROWS, tmp_path, ev.RemovalArguments(ks=(2, N)), progress=False
         )
+
+
+def test_subset_removal_without_a_correct_query_says_so_instead_of_a_nan_curve(tmp_path: Path) -> None:
+    args = ev.RemovalArguments(ks=(2,), seeds=(0,), threshold=100.0)
+    with pytest.raises(TaskError, match="no correctly classified query"):
+        ev.subset_removal({"a": EFFECTS}, linear_retrain, ROWS, tmp_path, args, progress=False)

@@ -71,7 +71,10 @@ def subset_removal(
     *,
     progress: bool = True,
 ) -> dict[str, RemovalResult]:
-    """Fraction of queries flipped against k for every method (name → finite scores ``[Q, N]``, positive = helpful)."""
+    """Fraction of queries flipped against k for every method (name → finite scores ``[Q, N]``, positive = helpful).
+
+    Raises ``TaskError`` when no query is correct under every seed of the full-data models (nothing to flip).
+    """
     ks = tuple(args.ks)
     if not ks or list(ks) != sorted(set(ks)) or ks[0] < 1:
         raise TaskError(f"Removal sizes must be positive and increasing, not {ks}.")
@@ -94,6 +97,11 @@ def subset_removal(
     everyone = np.ones(total, dtype=bool)
     full = run_retrains(retrain, [Job(keep_from_mask(rows, everyone), s) for s in args.seeds], cache, **run)
     eligible = np.flatnonzero((full > args.threshold).all(axis=0))
+    if eligible.size == 0:
+        raise TaskError(
+            f"No query's value is above the threshold {args.threshold:g} under every seed of the full-data models, "
+            "so there is no correctly classified query to flip; check the sign of what the training function returns."
+        )
     flipped = {name: np.zeros(len(eligible), dtype=int) for name in scores}
     for name, s in scores.items():
         if s.shape != (full.shape[1], total):
@@ -118,7 +126,7 @@ def subset_removal(
     return {
         name: RemovalResult(
             ks,
-            np.array([float(np.mean((f > 0) & (f <= k))) if len(f) else float("nan") for k in ks]),
+            np.array([float(np.mean((f > 0) & (f <= k))) for k in ks]),
             f,
             eligible,
         )
