@@ -201,3 +201,12 @@ def test_subset_removal_without_a_correct_query_says_so_instead_of_a_nan_curve(t
     args = ev.RemovalArguments(ks=(2,), seeds=(0,), threshold=100.0)
     with pytest.raises(TaskError, match="no correctly classified query"):
         ev.subset_removal({"a": EFFECTS}, linear_retrain, ROWS, tmp_path, args, progress=False)
+
+
+def test_agreement_refuses_scores_that_are_not_a_query_by_training_row_matrix(tmp_path: Path) -> None:
+    args = ev.FurtherTrainingArguments(seeds=(0,), resamples=50)
+    gold = ev.further_training_ground_truth(linear_retrain, ROWS, [3, 17, 25], tmp_path, args, progress=False)
+    for wrong in (EFFECTS.T, EFFECTS[0], EFFECTS[:, :20]):
+        with pytest.raises(TaskError, match=r"not \[queries, training rows\]"):
+            ev.agreement(wrong, gold, args)
+    assert ev.agreement(EFFECTS.tolist(), gold, args).cosine == pytest.approx(1.0)

@@ -111,7 +111,13 @@ def agreement(
     scores: np.ndarray, truth: FurtherTraining, args: FurtherTrainingArguments = FurtherTrainingArguments()
 ) -> Agreement:
     """Compare a score matrix ``[Q, N]`` with the gold standard on its left-out examples."""
-    predicted = np.asarray(scores, dtype=np.float64)[:, truth.examples]
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2 or scores.shape[1] <= truth.examples.max():
+        raise TaskError(
+            f"Scores of shape {scores.shape} are not [queries, training rows] reaching row {truth.examples.max()}, "
+            "a left-out example; give the method's score matrix [Q, N]."
+        )
+    predicted = scores[:, truth.examples]
     if predicted.shape != truth.scores.shape:
         raise TaskError(f"Scores cover {scores.shape[0]} queries but the gold standard {truth.scores.shape[0]}.")
     cos = cosine(predicted, truth.scores, axis=1)
