@@ -210,3 +210,16 @@ def test_agreement_refuses_scores_that_are_not_a_query_by_training_row_matrix(tm
         with pytest.raises(TaskError, match=r"not \[queries, training rows\]"):
             ev.agreement(wrong, gold, args)
     assert ev.agreement(EFFECTS.tolist(), gold, args).cosine == pytest.approx(1.0)
+
+
+def test_further_training_refuses_left_out_examples_that_are_not_distinct_row_indices(tmp_path: Path) -> None:
+    """A boolean mask became rows 0 and 1 repeated, floats were truncated and duplicates counted twice."""
+    args = ev.FurtherTrainingArguments(seeds=(0,))
+    mask = np.zeros(N, dtype=bool)
+    mask[[3, 17, 25]] = True
+    for wrong, match in ((mask, "boolean mask"), ([0.5, 3.7, 5.0], "indices"), ([[3, 4], [5, 6]], "indices"),
+                         ([3, 3, 17], "repeat")):
+        with pytest.raises(TaskError, match=match):
+            ev.further_training_ground_truth(linear_retrain, ROWS, wrong, tmp_path, args, progress=False)
+    gold = ev.further_training_ground_truth(linear_retrain, ROWS, np.flatnonzero(mask), tmp_path, args, progress=False)
+    np.testing.assert_allclose(gold.scores, EFFECTS[:, [3, 17, 25]], atol=1e-12)

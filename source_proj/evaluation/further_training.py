@@ -66,11 +66,22 @@ def further_training_ground_truth(
     *,
     progress: bool = True,
 ) -> FurtherTraining:
-    """Continue training without each example, per seed (cached, resumable); average the differences."""
+    """Continue training without each example, per seed (cached, resumable); average the differences.
+
+    ``examples`` are distinct integer training-row indices ``[E]``.
+    """
     total = sum(r.size for r in rows)
-    examples = np.asarray(examples, dtype=int)
+    given = np.asarray(examples)
+    if given.dtype == bool or given.ndim != 1 or not np.issubdtype(given.dtype, np.integer):
+        raise TaskError(
+            f"Left-out examples must be a list of training-row indices, not an array of {given.dtype} with shape "
+            f"{given.shape} (for a boolean mask, pass np.flatnonzero(mask))."
+        )
+    examples = given.astype(int)
     if examples.size == 0 or examples.min() < 0 or examples.max() >= total:
         raise TaskError(f"Left-out examples must be training rows in [0, {total}); got {examples.size} of them.")
+    if np.unique(examples).size != examples.size:
+        raise TaskError("Left-out examples repeat a training row; give each row once.")
     everyone = np.ones(total, dtype=bool)
     jobs = [Job(keep_from_mask(rows, everyone), s) for s in args.seeds]
     for i in examples:
