@@ -144,3 +144,20 @@ def test_a_bootstrap_without_resamples_or_without_a_defined_value_is_refused_in_
         correlate(predicted, actual, resamples=0)
     with pytest.raises(TaskError, match="undefined on every one"):
         bootstrap_ci(lambda idx: np.full(len(idx), np.nan), 5, resamples=10)
+
+
+def test_queries_without_a_defined_correlation_are_left_out_of_the_mean_with_a_warning_that_counts_them() -> None:
+    """A constant prediction or ground truth has no Spearman correlation: the mean is over the other queries, and
+    the user is told how many were left out (a method is otherwise judged on fewer queries without knowing it)."""
+    rng = np.random.default_rng(8)
+    predicted, actual = rng.normal(size=(12, 5)), rng.normal(size=(12, 5))
+    predicted[:, 1] = 0.0  # e.g. a method whose scores for query 1 are all zero
+    actual[:, 3] = 2.0  # a query the retrains do not move
+    with pytest.warns(UserWarning, match="2 of 5 queries .* mean is over the other 3"):
+        result = correlate(predicted, actual, resamples=50)
+    defined = [q for q in range(5) if q not in (1, 3)]
+    expected = [stats.spearmanr(predicted[:, q], actual[:, q]).statistic for q in defined]
+    assert np.isnan(result.per_query[[1, 3]]).all()
+    assert result.mean == pytest.approx(np.mean(expected), rel=1e-12)
+    with pytest.raises(TaskError, match="no query"):
+        correlate(predicted[:, :0], actual[:, :0])

@@ -127,7 +127,7 @@ class Correlation:
 
     Attributes:
         mean: mean over queries of the per-query Spearman correlation (queries whose ground truth or
-            prediction is constant are left out).
+            prediction is constant are left out, with a warning that counts them).
         low: lower end of the bootstrap confidence interval of ``mean`` (resampling the units: subsets for LDS).
         high: upper end of that interval.
         per_query: ``[Q]`` Spearman correlation of each query (NaN where undefined).
@@ -155,7 +155,8 @@ def correlate(
     """Per-query Spearman of ``predicted`` vs ``actual`` (both ``[units, Q]``), averaged, with a bootstrap CI.
 
     The interval resamples the units (rows) with replacement, as the SOURCE paper's LDS does with
-    its data subsets.
+    its data subsets. A query whose prediction or ground truth is constant has no correlation: it is
+    NaN in ``per_query``, left out of the mean, and counted in a ``UserWarning``.
     """
     predicted = np.asarray(predicted, dtype=np.float64)
     actual = np.asarray(actual, dtype=np.float64)
@@ -163,9 +164,19 @@ def correlate(
         raise TaskError(f"Predictions {predicted.shape} and ground truth {actual.shape} must both be [units, queries].")
     if predicted.shape[0] < 3:
         raise TaskError(f"A rank correlation needs at least 3 units, not {predicted.shape[0]}; use more subsets.")
+    if predicted.shape[1] == 0:
+        raise TaskError("There is no query to correlate; give predictions and ground truth for at least one query.")
     per_query = spearman(predicted, actual, axis=0)
     if not np.isfinite(per_query).any():
         raise TaskError("Every query's prediction or ground truth is constant, so no correlation is defined.")
+    undefined = int(np.isnan(per_query).sum())
+    if undefined:
+        warnings.warn(
+            f"{undefined} of {per_query.size} queries have a constant prediction or ground truth over the "
+            f"{predicted.shape[0]} units, so no rank correlation (NaN in per_query); the mean is over the other "
+            f"{per_query.size - undefined}.",
+            stacklevel=2,
+        )
 
     def statistic(idx: np.ndarray) -> np.ndarray:
         rho = spearman(predicted[idx], actual[idx], axis=1)
