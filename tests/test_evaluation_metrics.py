@@ -153,7 +153,7 @@ def test_queries_without_a_defined_correlation_are_left_out_of_the_mean_with_a_w
     predicted, actual = rng.normal(size=(12, 5)), rng.normal(size=(12, 5))
     predicted[:, 1] = 0.0  # e.g. a method whose scores for query 1 are all zero
     actual[:, 3] = 2.0  # a query the retrains do not move
-    with pytest.warns(UserWarning, match="2 of 5 queries .* mean is over the other 3"):
+    with pytest.warns(UserWarning, match=r"2 of 5 queries .* mean is over the other 3"):
         result = correlate(predicted, actual, resamples=50)
     defined = [q for q in range(5) if q not in (1, 3)]
     expected = [stats.spearmanr(predicted[:, q], actual[:, q]).statistic for q in defined]
@@ -161,3 +161,12 @@ def test_queries_without_a_defined_correlation_are_left_out_of_the_mean_with_a_w
     assert result.mean == pytest.approx(np.mean(expected), rel=1e-12)
     with pytest.raises(TaskError, match="no query"):
         correlate(predicted[:, :0], actual[:, :0])
+
+
+def test_group_predictions_name_non_finite_scores_as_the_problem() -> None:
+    """An infinite score became NaN in the sums (0 · inf) and was reported as NaN in 'scores and measurements'."""
+    scores, masks = np.ones((2, 6)), np.eye(6, dtype=bool)[:4]
+    for bad in (np.inf, -np.inf, np.nan):
+        scores[1, 2] = bad
+        with pytest.raises(TaskError, match=r"query 1 .* NaN or infinite"):
+            group_predictions(scores, masks)

@@ -65,7 +65,7 @@ def group_predictions(scores: np.ndarray, masks: np.ndarray) -> np.ndarray:
     """Predicted measurement of each kept subset, up to a constant: Σ_{z∈S_m} scores[q, z].
 
     Args:
-        scores: ``[Q, N]`` attribution scores (positive = helpful).
+        scores: ``[Q, N]`` finite attribution scores (positive = helpful).
         masks: boolean ``[M, N]``, True where a training row is kept in subset m.
 
     Returns:
@@ -76,6 +76,12 @@ def group_predictions(scores: np.ndarray, masks: np.ndarray) -> np.ndarray:
     if scores.ndim != 2 or masks.ndim != 2 or scores.shape[1] != masks.shape[1]:
         raise TaskError(
             f"Scores {scores.shape} and subset masks {masks.shape} do not match: both need one column per training row."
+        )
+    bad = np.flatnonzero(~np.isfinite(scores).all(axis=1))
+    if bad.size:
+        raise TaskError(
+            f"The scores of query {bad[0]} ({bad.size} queries in all) contain NaN or infinite values; a group "
+            "prediction sums them, so fix the method's scores first."
         )
     return masks.astype(np.float64) @ scores.T
 
