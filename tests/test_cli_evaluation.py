@@ -14,6 +14,7 @@ from click.testing import CliRunner
 import source_proj as sp
 from source_proj import evaluation as ev
 from source_proj.cli.main import main
+from source_proj.query.attributor import StageRows
 from source_proj.spec import load_spec
 
 SPEC = """
@@ -175,3 +176,25 @@ def test_lds_with_a_batched_retrain_in_the_spec_retrains_the_same_models(fitted,
     assert len(files) == 12
     for plain in files:  # same job keys: the same (kept subset, seed) in both caches
         np.testing.assert_allclose(np.load(tmp_path / "b" / "retrains" / plain.name), np.load(plain), atol=1e-4)
+
+
+def test_compare_refuses_methods_that_attribute_different_training_rows(
+    fitted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ground truth's subsets are drawn over one method's rows: a method fitted on another stage of the same
+    size was scored against subsets of the wrong stage without a word."""
+    _, store = fitted
+    real_open = sp.Ensemble.open
+
+    def other_stage_for_grad_dot(*args, method: str, **kwargs):  # type: ignore[no-untyped-def]
+        scorer = real_open(*args, method=method, **kwargs)
+        if method == "grad-dot":
+            scorer.rows = [StageRows("other", r.offset, r.size) for r in scorer.rows]
+        return scorer
+
+    monkeypatch.setattr(sp.Ensemble, "open", other_stage_for_grad_dot)
+    args = ["compare", str(store), "--subsets", "4", "--repeats", "1", "--queries", "0:5", "--cache", str(tmp_path)]
+    out = CliRunner().invoke(main, [*args, "--methods", "grad-dot,source"])
+    assert out.exit_code == 1, out.output
+    assert "attribute different training rows" in out.output and "Traceback" not in out.output
+    assert not (tmp_path / "retrains").exists() or not list((tmp_path / "retrains").glob("*.npy"))

@@ -1086,6 +1086,12 @@ def _lds_table(
     scores, rows = {}, None
     for method in methods:
         scorer = sp.Ensemble.open(store_paths, model, task, method=method, device=device)
+        if rows is not None and scorer.rows != rows:
+            raise click.ClickException(
+                f"{methods[0]!r} and {method!r} attribute different training rows "
+                f"({[(r.stage, r.size) for r in rows]} against {[(r.stage, r.size) for r in scorer.rows]}), and one "
+                "ground truth draws its subsets over one set of rows; compare methods fitted on the same stages."
+            )
         rows = scorer.rows
         scores[method] = scorer.scores(subset)
     cache_dir = cache or Path(str(store_paths[0]).rstrip("/") + ".retrains")
@@ -1121,7 +1127,8 @@ def _lds_table(
 def compare(store_paths: tuple[str, ...], methods: str | None, **options: Any) -> None:
     """LDS of several fitted methods on the same retrained ground truth: a table of methods × LDS [95% CI].
 
-    Several STOREs (one per independently trained model) evaluate the ensemble of each method.
+    Several STOREs (one per independently trained model) evaluate the ensemble of each method. The methods must
+    attribute the same training rows (fitted on the same stages).
     """
     _check_out(options["out_path"])
     fitted = sorted(sp.Store.open(store_paths[0]).meta.get("methods") or {})
