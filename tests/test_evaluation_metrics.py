@@ -15,8 +15,10 @@ from source_proj.evaluation import (
     bootstrap_ci,
     correlate,
     cosine,
+    format_table,
     group_predictions,
     lds,
+    plot_lds,
     query_interval,
     rank,
     spearman,
@@ -170,3 +172,16 @@ def test_group_predictions_name_non_finite_scores_as_the_problem() -> None:
         scores[1, 2] = bad
         with pytest.raises(TaskError, match=r"query 1 .* NaN or infinite"):
             group_predictions(scores, masks)
+
+
+def test_the_table_and_plot_refuse_results_that_do_not_match_the_alphas(tmp_path) -> None:
+    rng = np.random.default_rng(9)
+    masks = rng.random((10, 8)) < 0.5
+    scores = rng.normal(size=(3, 8))
+    result = lds(scores, Counterfactuals(0.5, masks, (masks @ scores.T)[:, None, :]), LDSArguments(resamples=20))
+    for results in ({"a": [result]}, {"a": [result, result], "b": [result]}):
+        with pytest.raises(TaskError, match="one result per α"):
+            format_table(results, [0.25, 0.5])
+        with pytest.raises(TaskError, match="one result per α"):
+            plot_lds(results, [0.25, 0.5], tmp_path / "lds.png")
+    assert "0.25" in format_table({"a": [result, result]}, [0.25, 0.5])

@@ -186,8 +186,18 @@ def compare(
     return {name: [lds(s, t, args) for t in truths] for name, s in scores.items()}
 
 
+def _check_alphas(results: Mapping[str, Sequence[Correlation]], alphas: Sequence[float]) -> None:
+    for name, rs in results.items():
+        if len(rs) != len(alphas):
+            raise TaskError(
+                f"{name!r} has {len(rs)} LDS results for {len(alphas)} values of α; give one result per α, in the "
+                "order of the ground truths passed to compare()."
+            )
+
+
 def format_table(results: Mapping[str, Sequence[Correlation]], alphas: Sequence[float]) -> str:
     """A plain-text table: one row per method, one column per α, ``LDS [95% CI]``."""
+    _check_alphas(results, alphas)
     head = ["method", *(f"LDS α={a:g} [95% CI]" for a in alphas)]
     body = [[name, *(str(r) for r in rs)] for name, rs in results.items()]
     widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
@@ -200,6 +210,7 @@ def plot_lds(
     results: Mapping[str, Sequence[Correlation]], alphas: Sequence[float], path: str | Path, title: str = ""
 ) -> Path:
     """Save a PNG of LDS against α for each method, with the bootstrap intervals as error bars."""
+    _check_alphas(results, alphas)
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
