@@ -198,3 +198,11 @@ def test_compare_refuses_methods_that_attribute_different_training_rows(
     assert out.exit_code == 1, out.output
     assert "attribute different training rows" in out.output and "Traceback" not in out.output
     assert not (tmp_path / "retrains").exists() or not list((tmp_path / "retrains").glob("*.npy"))
+
+
+def test_lds_refuses_a_query_named_twice_which_the_mean_would_count_twice(fitted, tmp_path: Path) -> None:
+    _, store = fitted
+    args = ["lds", str(store), "--subsets", "4", "--repeats", "1", "--cache", str(tmp_path), "--queries", "0:3,2"]
+    out = CliRunner().invoke(main, args)
+    assert out.exit_code == 2, out.output
+    assert "query 2 more than once" in out.output and "Traceback" not in out.output

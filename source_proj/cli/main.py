@@ -13,6 +13,7 @@ import shlex
 import sys
 import unicodedata
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -1081,6 +1082,13 @@ def _lds_table(
     spec = _spec_of(first, spec_path)
     queries = spec.query_data()
     indices = _select(len(queries), which)
+    twice = sorted(i for i, count in Counter(indices).items() if count > 1)
+    if twice:
+        raise click.BadParameter(
+            f"it names query {twice[0]} more than once, and the LDS, a mean over queries, would count it twice; "
+            "name each query once",
+            param_hint="--queries",
+        )
     subset = torch.utils.data.Subset(queries, indices)
     model, task = spec.build_model(), spec.build_task()
     scores, rows = {}, None
