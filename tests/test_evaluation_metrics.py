@@ -185,3 +185,15 @@ def test_the_table_and_plot_refuse_results_that_do_not_match_the_alphas(tmp_path
         with pytest.raises(TaskError, match="one result per α"):
             plot_lds(results, [0.25, 0.5], tmp_path / "lds.png")
     assert "0.25" in format_table({"a": [result, result]}, [0.25, 0.5])
+
+
+def test_lds_takes_any_array_like_and_names_a_one_dimensional_score_vector() -> None:
+    """One query's scores [N] were reported as 'the scores cover N queries'; a list raised AttributeError."""
+    rng = np.random.default_rng(10)
+    masks = rng.random((10, 8)) < 0.5
+    scores = rng.normal(size=(1, 8))
+    truth = Counterfactuals(0.5, masks, (masks @ scores.T + rng.normal(size=(10, 1)))[:, None, :])
+    args = LDSArguments(resamples=20)
+    with pytest.raises(TaskError, match=r"\[queries, training rows\]"):
+        lds(scores[0], truth, args)
+    assert lds(scores.tolist(), truth, args).mean == lds(scores, truth, args).mean

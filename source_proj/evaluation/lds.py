@@ -141,6 +141,11 @@ def lds(scores: np.ndarray, truth: Counterfactuals, args: LDSArguments = LDSArgu
     Returns the mean per-query Spearman correlation with its bootstrap interval (over subsets, or
     over queries with ``args.resample == "queries"``) and the per-query values.
     """
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2:
+        raise TaskError(
+            f"Scores of shape {scores.shape} are not [queries, training rows]; for a single query pass scores[None]."
+        )
     if scores.shape[0] != truth.measurements.shape[2]:
         raise TaskError(
             f"The scores cover {scores.shape[0]} queries but the ground truth measures {truth.measurements.shape[2]}; "
