@@ -197,3 +197,11 @@ def test_lds_takes_any_array_like_and_names_a_one_dimensional_score_vector() -> 
     with pytest.raises(TaskError, match=r"\[queries, training rows\]"):
         lds(scores[0], truth, args)
     assert lds(scores.tolist(), truth, args).mean == lds(scores, truth, args).mean
+
+
+def test_selecting_queries_of_a_ground_truth_refuses_indices_it_does_not_have_or_repeats() -> None:
+    truth = Counterfactuals(0.5, np.eye(4, dtype=bool), np.arange(24.0).reshape(4, 2, 3))
+    np.testing.assert_array_equal(truth.select([2, 0]).measurements, truth.measurements[:, :, [2, 0]])
+    for wrong, match in (([3], "0 to 2"), ([-1], "0 to 2"), ([1, 1], "more than once")):
+        with pytest.raises(TaskError, match=match):
+            truth.select(wrong)

@@ -96,8 +96,15 @@ class Counterfactuals:
         return self.measurements.mean(axis=1)
 
     def select(self, queries: Sequence[int]) -> Counterfactuals:
-        """The same ground truth restricted to some queries (columns)."""
-        return Counterfactuals(self.alpha, self.masks, self.measurements[:, :, list(queries)])
+        """The same ground truth restricted to some queries (columns), each named once."""
+        chosen = [int(q) for q in queries]
+        count = self.measurements.shape[2]
+        outside = [q for q in chosen if not 0 <= q < count]
+        if outside:
+            raise TaskError(f"The ground truth measures queries 0 to {count - 1}; select among them, not {outside[0]}.")
+        if len(set(chosen)) != len(chosen):
+            raise TaskError("The selection names a query more than once, which the LDS mean would count twice.")
+        return Counterfactuals(self.alpha, self.masks, self.measurements[:, :, chosen])
 
 
 def lds_ground_truth(
