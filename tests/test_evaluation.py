@@ -223,3 +223,9 @@ def test_further_training_refuses_left_out_examples_that_are_not_distinct_row_in
             ev.further_training_ground_truth(linear_retrain, ROWS, wrong, tmp_path, args, progress=False)
     gold = ev.further_training_ground_truth(linear_retrain, ROWS, np.flatnonzero(mask), tmp_path, args, progress=False)
     np.testing.assert_allclose(gold.scores, EFFECTS[:, [3, 17, 25]], atol=1e-12)
+
+
+def test_a_retrain_that_returns_something_other_than_numbers_is_refused_in_one_sentence(tmp_path: Path) -> None:
+    args = ev.LDSArguments(num_subsets=3, repeats=1)
+    with pytest.raises(TaskError, match="not numbers"):
+        ev.lds_ground_truth(lambda k, s: ["margin"] * Q, ROWS, tmp_path, args, progress=False)

@@ -109,7 +109,13 @@ def _save(path: Path, values: np.ndarray) -> None:
 
 
 def _checked(values: object, job: Job) -> np.ndarray:
-    out = np.asarray(values, dtype=np.float64)
+    try:
+        out = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise TaskError(
+            f"The retrain function returned {type(values).__name__} values that are not numbers for seed {job.seed} "
+            f"({err}); it must return one measurement per query, shape [Q]."
+        ) from err
     if out.ndim != 1:
         raise TaskError(
             f"The retrain function returned an array of shape {out.shape} for seed {job.seed}; it must return one "
