@@ -162,7 +162,9 @@ def test_zero_repeats_or_no_seeds_is_refused_in_one_sentence(tmp_path: Path) -> 
     with pytest.raises(TaskError, match="no retrain to run"):
         ev.lds_ground_truth(ridge_retrain, ROWS, tmp_path, ev.LDSArguments(num_subsets=3, repeats=0), progress=False)
     with pytest.raises(TaskError, match="no retrain to run"):
-        ev.subset_removal({"a": EFFECTS}, linear_retrain, ROWS, tmp_path, ev.RemovalArguments(seeds=()), progress=False)
+        ev.subset_removal(
+            {"a": EFFECTS}, linear_retrain, ROWS, tmp_path, ev.RemovalArguments((2,), seeds=()), progress=False
+        )
     with pytest.raises(TaskError, match="no retrain to run"):
         ev.further_training_ground_truth(
             linear_retrain, ROWS, [1, 2, 3], tmp_path, ev.FurtherTrainingArguments(seeds=()), progress=False
