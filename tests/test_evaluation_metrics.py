@@ -205,3 +205,19 @@ def test_selecting_queries_of_a_ground_truth_refuses_indices_it_does_not_have_or
     for wrong, match in (([3], "0 to 2"), ([-1], "0 to 2"), ([1, 1], "more than once")):
         with pytest.raises(TaskError, match=match):
             truth.select(wrong)
+
+
+def test_a_hand_built_ground_truth_of_the_wrong_layout_is_refused_when_built() -> None:
+    """Measurements [M, Q] without the repeats axis raised 'tuple index out of range' inside lds()."""
+    rng = np.random.default_rng(11)
+    masks, measurements = rng.random((6, 5)) < 0.5, rng.normal(size=(6, 2, 3))
+    for wrong_masks, wrong_measurements, match in (
+        (masks, measurements[:, 0, :], r"\[M, R, Q\]"),
+        (masks[:4], measurements, "6 subsets"),
+        (masks[0], measurements, r"boolean \[M, N\]"),
+        (masks * 2, measurements, r"boolean \[M, N\]"),
+        (masks, np.where(measurements > 1, np.nan, measurements), "NaN or infinite"),
+    ):
+        with pytest.raises(TaskError, match=match):
+            Counterfactuals(0.5, wrong_masks, wrong_measurements)
+    Counterfactuals(0.5, masks.astype(np.uint8), measurements)  # 0/1 masks are masks

@@ -83,12 +83,36 @@ class Counterfactuals:
     Attributes:
         alpha: the kept fraction.
         masks: boolean ``[M, N]`` kept rows of each subset.
-        measurements: ``[M, R, Q]`` measurement of each query after each retrain.
+        measurements: ``[M, R, Q]`` finite measurement of each query after each retrain.
+
+    A ground truth of another layout is refused when built.
     """
 
     alpha: float
     masks: np.ndarray
     measurements: np.ndarray
+
+    def __post_init__(self) -> None:
+        masks, measurements = np.asarray(self.masks), np.asarray(self.measurements)
+        if measurements.ndim != 3:
+            raise TaskError(
+                f"Measurements of shape {measurements.shape} are not [M, R, Q] (subsets, repeats, queries); with one "
+                "retrain per subset pass measurements[:, None, :]."
+            )
+        if masks.ndim != 2 or not (masks.dtype == bool or np.isin(masks, (0, 1)).all()):
+            raise TaskError(
+                f"Subset masks must be boolean [M, N] (True where a row is kept), not {masks.dtype} of shape "
+                f"{masks.shape}."
+            )
+        if masks.shape[0] != measurements.shape[0]:
+            raise TaskError(
+                f"The masks describe {masks.shape[0]} subsets but the measurements {measurements.shape[0]} subsets; "
+                "give one mask per retrained subset."
+            )
+        if not np.isfinite(measurements).all():
+            raise TaskError("The measurements contain NaN or infinite values; drop or retrain those subsets.")
+        object.__setattr__(self, "masks", masks)
+        object.__setattr__(self, "measurements", measurements)
 
     @property
     def mean(self) -> np.ndarray:
