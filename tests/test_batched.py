@@ -120,3 +120,11 @@ def test_batched_training_refuses_batchnorm_and_bad_subsets() -> None:
     trainer = BatchedSGD(build, sp.ClassificationTask(), stages())
     with pytest.raises(sp.TaskError, match=r"outside 0\.\.12"):
         trainer.train([{"a": np.array([13])}], [0])
+
+
+def test_a_kept_subset_of_a_stage_the_trainer_does_not_have_is_refused_not_trained_on_everything() -> None:
+    """A recorder stage named "main" against an SGDStage named "train" kept every example in every copy: a ground
+    truth that did not depend on the subsets, and an LDS near zero for every method."""
+    trainer = BatchedSGD(build, sp.ClassificationTask(), stages())
+    with pytest.raises(sp.TaskError, match=r"'main'.*\['a', 'b'\]"):
+        trainer.train([{"a": np.array([1, 2])}, {"main": np.array([0, 1])}], [0, 1])

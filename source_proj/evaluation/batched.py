@@ -124,11 +124,19 @@ class BatchedSGD:
         """Train one copy per (kept subset, seed); returns the stacked final parameters ``name -> [M, ...]``.
 
         Args:
-            keeps: per copy, stage name → sorted kept indices (a stage it does not name is kept whole).
+            keeps: per copy, stage name → sorted kept indices (a stage it does not name is kept whole; a name
+                that is not one of ``stages`` is refused).
             seeds: per copy, the seed of its initialisation and of its shuffles.
         """
         if len(keeps) != len(seeds) or not seeds:
             raise TaskError(f"Give one kept subset per seed (got {len(keeps)} subsets and {len(seeds)} seeds).")
+        names = [s.name for s in self.stages]
+        unknown = sorted({stage for keep in keeps for stage in keep} - set(names))
+        if unknown:
+            raise TaskError(
+                f"The kept subsets name stage {unknown[0]!r}, which is not among the trainer's stages {names}; name "
+                "each SGDStage as the trajectory recorder named its stage (see Attributor.rows)."
+            )
         models = [self.build_model(int(s)) for s in seeds]
         params = {
             name: torch.stack([dict(m.named_parameters())[name].detach() for m in models]).to(self.device)
