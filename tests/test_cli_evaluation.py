@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -206,3 +207,19 @@ def test_lds_refuses_a_query_named_twice_which_the_mean_would_count_twice(fitted
     out = CliRunner().invoke(main, args)
     assert out.exit_code == 2, out.output
     assert "query 2 more than once" in out.output and "Traceback" not in out.output
+
+
+def test_lds_warns_when_its_retrain_cache_was_filled_by_another_spec(fitted, tmp_path: Path) -> None:
+    """Cached retrains are keyed by (kept subset, seed) only: another retrain() reusing the default cache got the
+    first one's measurements without a word."""
+    spec_path, store = fitted
+    base = ["lds", str(store), "--subsets", "4", "--repeats", "1", "--cache", str(tmp_path / "cache")]
+    with warnings.catch_warnings(record=True) as caught:  # the same spec, named or the store's, reuses it quietly
+        assert CliRunner().invoke(main, base).exit_code == 0
+        assert CliRunner().invoke(main, [*base, "--spec", str(spec_path)]).exit_code == 0
+    assert not [w for w in caught if "holds the retrains" in str(w.message)]
+    loss = tmp_path / "loss.py"
+    loss.write_text(spec_path.read_text().replace("build_task().measurement(", "build_task().loss("))
+    with pytest.warns(UserWarning, match=r"holds the retrains of the spec file .* pass a fresh --cache"):
+        other = CliRunner().invoke(main, [*base, "--spec", str(loss)])
+    assert other.exit_code == 0, other.output

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
+import hashlib
 import importlib.util
 import io
 import json
@@ -1059,6 +1060,25 @@ def _evaluation_options(fn: Any) -> Any:
     return fn
 
 
+def _claim_cache(directory: Path, spec: Spec) -> None:
+    """Record which spec file filled a retrain cache, and warn when another (or an edited) one reuses it: cached
+    retrains are keyed by kept subset and seed only, so a changed retrain() would get the old measurements."""
+    digest = hashlib.sha256(Path(spec.path).read_bytes()).hexdigest()
+    stamp = directory / "spec.sha256"
+    if not stamp.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(stamp, f"{digest}  {Path(spec.path).resolve()}\n".encode())
+        return
+    recorded, _, origin = stamp.read_text().strip().partition("  ")
+    if recorded != digest:
+        warnings.warn(
+            f"The retrain cache {directory} holds the retrains of the spec file {origin} as it was then, not of "
+            f"{spec.path} as it is now, and reuses them as they are; if retrain() or query_data() changed, pass a "
+            f"fresh --cache, and if not, delete {stamp}.",
+            stacklevel=2,
+        )
+
+
 def _lds_table(
     store_paths: tuple[str, ...],
     methods: list[str],
@@ -1103,6 +1123,7 @@ def _lds_table(
         rows = scorer.rows
         scores[method] = scorer.scores(subset)
     cache_dir = cache or Path(str(store_paths[0]).rstrip("/") + ".retrains")
+    _claim_cache(cache_dir, spec)
     truths = []
     for alpha in levels:
         args = ev.LDSArguments(alpha=alpha, num_subsets=subsets, repeats=repeats, seed=seed, workers=workers)
