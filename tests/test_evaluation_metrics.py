@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import warnings
 
 import numpy as np
@@ -21,6 +23,7 @@ from source_proj.evaluation import (
     plot_lds,
     query_interval,
     rank,
+    sample_subsets,
     spearman,
 )
 
@@ -221,3 +224,24 @@ def test_a_hand_built_ground_truth_of_the_wrong_layout_is_refused_when_built() -
         with pytest.raises(TaskError, match=match):
             Counterfactuals(0.5, wrong_masks, wrong_measurements)
     Counterfactuals(0.5, masks.astype(np.uint8), measurements)  # 0/1 masks are masks
+
+
+def test_group_predictions_equal_in_exact_arithmetic_are_exactly_equal_so_their_ranks_tie() -> None:
+    """A matrix product rounds a row differently depending on where it falls in its blocks: the same subset drawn
+    twice, or a query scoring every row alike, got predictions a bit apart, and Spearman ranked rounding noise
+    (a spurious correlation for a constant prediction, which has none)."""
+    rng = np.random.default_rng(12)
+    for queries, seed in itertools.product((1, 4, 8), range(5)):  # the blocking depends on the shapes
+        masks = sample_subsets(10, 13, 0.9, seed=seed)  # 9 of 10 rows: 10 possible subsets, so repeats
+        scores = np.vstack([rng.normal(size=(queries - 1, 10)), np.full((1, 10), 0.7)])
+        exact = np.array([[math.fsum(scores[q, masks[m]]) for q in range(queries)] for m in range(13)])
+        ours = group_predictions(scores, masks)
+        np.testing.assert_array_equal(rank(ours), rank(exact))
+        assert (ours[:, -1] == ours[0, -1]).all()
+        actual = rng.normal(size=(13, queries))
+        if queries > 1:
+            with pytest.warns(UserWarning, match=f"1 of {queries} queries"):
+                result = correlate(ours, actual, resamples=20)
+            expected = [stats.spearmanr(exact[:, q], actual[:, q]).statistic for q in range(queries - 1)]
+            np.testing.assert_allclose(result.per_query[:-1], expected, rtol=1e-12)
+            assert np.isnan(result.per_query[-1])

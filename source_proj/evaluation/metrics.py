@@ -69,11 +69,12 @@ def group_predictions(scores: np.ndarray, masks: np.ndarray) -> np.ndarray:
         masks: boolean ``[M, N]``, True where a training row is kept in subset m.
 
     Returns:
-        ``[M, Q]``.
+        ``[M, Q]``; predictions equal in exact arithmetic for a repeated subset, or for a query with one score
+        for every row, are exactly equal (their ranks tie; a constant prediction has no correlation).
     """
     scores = np.asarray(scores, dtype=np.float64)
     masks = np.asarray(masks)
-    if scores.ndim != 2 or masks.ndim != 2 or scores.shape[1] != masks.shape[1]:
+    if scores.ndim != 2 or masks.ndim != 2 or scores.shape[1] != masks.shape[1] or scores.shape[1] == 0:
         raise TaskError(
             f"Scores {scores.shape} and subset masks {masks.shape} do not match: both need one column per training row."
         )
@@ -83,7 +84,16 @@ def group_predictions(scores: np.ndarray, masks: np.ndarray) -> np.ndarray:
             f"The scores of query {bad[0]} ({bad.size} queries in all) contain NaN or infinite values; a group "
             "prediction sums them, so fix the method's scores first."
         )
-    return masks.astype(np.float64) @ scores.T
+    # A matrix product rounds each row as its place in the blocks falls, so predictions equal in exact arithmetic
+    # could differ in the last bits, and Spearman would rank that noise: the same subset drawn twice is summed once,
+    # and a query scoring every row alike is predicted count × score, both exactly equal where they should be.
+    unique, inverse = np.unique(masks, axis=0, return_inverse=True)
+    kept = unique.astype(np.float64)
+    inverse = inverse.reshape(-1)
+    predictions = (kept @ scores.T)[inverse]
+    constant = (scores == scores[:, :1]).all(axis=1)
+    predictions[:, constant] = kept.sum(axis=1, keepdims=True)[inverse] * scores[constant, 0]
+    return predictions
 
 
 def bootstrap_ci(
