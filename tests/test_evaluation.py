@@ -70,6 +70,9 @@ def test_subsets_have_the_requested_size_and_are_reproducible() -> None:
     assert not np.array_equal(masks, ev.sample_subsets(N, 7, 0.25, seed=4))
     with pytest.raises(TaskError, match="alpha"):
         ev.sample_subsets(N, 7, 1.0)
+    # α·N = 2.5 and 3.5: a half rounds to the even size, as the docstring says
+    assert (ev.sample_subsets(10, 3, 0.25).sum(axis=1) == 2).all()
+    assert (ev.sample_subsets(14, 3, 0.25).sum(axis=1) == 4).all()
 
 
 class _Interrupted(Exception):

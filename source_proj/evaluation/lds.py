@@ -56,7 +56,12 @@ class LDSArguments:
 
 
 def sample_subsets(num_rows: int, num_subsets: int, alpha: float, seed: int = 0) -> np.ndarray:
-    """M random subsets of ⌊α·N⌉ rows each, as a boolean mask ``[M, N]`` (reproducible from the seed)."""
+    """M random subsets of ⌊α·N⌉ rows each, as a boolean mask ``[M, N]`` (reproducible from the seed).
+
+    α·N is rounded to the nearest integer, a half to the even one (Python's ``round``: α = 0.25 of 10 rows keeps
+    2, of 14 rows 4). Subsets are drawn independently, so the same subset may be drawn twice when α·N is near 0
+    or N.
+    """
     if not 0.0 < alpha < 1.0:
         raise TaskError(f"The subset ratio alpha must lie strictly between 0 and 1, not {alpha}.")
     if num_subsets < 3:
