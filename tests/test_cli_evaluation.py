@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import warnings
@@ -223,3 +224,22 @@ def test_lds_warns_when_its_retrain_cache_was_filled_by_another_spec(fitted, tmp
     with pytest.warns(UserWarning, match=r"holds the retrains of the spec file .* pass a fresh --cache"):
         other = CliRunner().invoke(main, [*base, "--spec", str(loss)])
     assert other.exit_code == 0, other.output
+
+
+def test_a_query_without_a_correlation_is_written_as_null_not_as_json_nan(fitted, tmp_path: Path) -> None:
+    """Query 0's retrained measurement never moves: its Spearman is undefined, and 'NaN' is not JSON."""
+    spec_path, store = fitted
+    still = tmp_path / "still.py"
+    still.write_text(spec_path.read_text() + "\n_moving = retrain\n\ndef retrain(keep, seed):\n"
+                     "    out = _moving(keep, seed)\n    out[0] = 1.0\n    return out\n")  # fmt: skip
+    out_path = tmp_path / "per_query.jsonl"
+    args = ["lds", str(store), "--spec", str(still), "--subsets", "5", "--repeats", "1", "--queries", "0:4"]
+    with pytest.warns(UserWarning, match="1 of 4 queries"):
+        out = CliRunner().invoke(main, [*args, "--cache", str(tmp_path / "c"), "--out", str(out_path)])
+    assert out.exit_code == 0, out.output
+
+    def strict(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    rows = [json.loads(line, parse_constant=strict) for line in out_path.read_text().splitlines()]
+    assert rows[0]["spearman"] is None and all(isinstance(r["spearman"], float) for r in rows[1:])

@@ -9,6 +9,7 @@ import hashlib
 import importlib.util
 import io
 import json
+import math
 import os
 import shlex
 import sys
@@ -1060,6 +1061,12 @@ def _evaluation_options(fn: Any) -> Any:
     return fn
 
 
+def _finite_or_none(value: float) -> float | None:
+    """A correlation for a results file: None (JSON null, an empty CSV cell) where undefined, as NaN is not JSON."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
 def _claim_cache(directory: Path, spec: Spec) -> None:
     """Record which spec file filled a retrain cache, and warn when another (or an edited) one reuses it: cached
     retrains are keyed by kept subset and seed only, so a changed retrain() would get the old measurements."""
@@ -1137,7 +1144,7 @@ def _lds_table(
     results = ev.compare(scores, truths, ev.LDSArguments(seed=seed))
     if out_path is not None:
         records = [
-            {"method": m, "alpha": a, "query": indices[q], "spearman": float(r.per_query[q])}
+            {"method": m, "alpha": a, "query": indices[q], "spearman": _finite_or_none(r.per_query[q])}
             for m, rs in results.items()
             for a, r in zip(levels, rs, strict=True)
             for q in range(len(indices))
