@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -29,9 +31,9 @@ def stages() -> list[SGDStage]:
     ]
 
 
-def sequential(keep: dict[str, np.ndarray], seed: int) -> nn.Module:
+def sequential(keep: dict[str, np.ndarray], seed: int, builder: Callable[[int], nn.Module] = build) -> nn.Module:
     """The reference: torch.optim.SGD, the same shuffle with the dropped examples removed from every batch."""
-    model = build(seed)
+    model = builder(seed)
     gen = torch.Generator().manual_seed(seed)
     for st in stages():
         opt = torch.optim.SGD(model.parameters(), lr=st.lr, momentum=st.momentum, weight_decay=st.weight_decay)
@@ -128,3 +130,21 @@ def test_a_kept_subset_of_a_stage_the_trainer_does_not_have_is_refused_not_train
     trainer = BatchedSGD(build, sp.ClassificationTask(), stages())
     with pytest.raises(sp.TaskError, match=r"'main'.*\['a', 'b'\]"):
         trainer.train([{"a": np.array([1, 2])}, {"main": np.array([0, 1])}], [0, 1])
+
+
+def test_frozen_parameters_stay_frozen_as_torch_sgd_leaves_them() -> None:
+    """torch.optim.SGD skips a parameter without a gradient (requires_grad=False); the batched copies used to train
+    it, weight decay and all: a fine-tuning recipe with a frozen layer got another model's ground truth."""
+
+    def frozen_first_layer(seed: int) -> nn.Module:
+        model = build(seed)
+        model[0].requires_grad_(False)
+        return model
+
+    trainer = BatchedSGD(frozen_first_layer, sp.ClassificationTask(), stages())
+    params = trainer.train(KEEPS, SEEDS)
+    for m, (keep, seed) in enumerate(zip(KEEPS, SEEDS, strict=True)):
+        reference = dict(sequential(keep, seed, frozen_first_layer).named_parameters())
+        for name, p in params.items():
+            torch.testing.assert_close(p[m], reference[name].detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(params["0.weight"][m], build(seed)[0].weight.detach(), rtol=0, atol=0)

@@ -19,7 +19,8 @@ decay), and the data order is exactly that of the plain sequential loop it repla
                 mean task loss over the kept examples; opt.step()
 
 so a copy trained here equals that loop with the same (kept subset, seed) up to float rounding
-(``tests/test_batched.py``). A batch whose examples are all dropped makes no step and leaves the
+(``tests/test_batched.py``); a parameter the model builds with ``requires_grad=False`` stays frozen, as
+``torch.optim.SGD`` leaves it. A batch whose examples are all dropped makes no step and leaves the
 momentum untouched, as in the loop. Models with buffers (BatchNorm) or dropout are refused: their
 per-copy state or randomness is not modelled.
 """
@@ -142,6 +143,8 @@ class BatchedSGD:
             name: torch.stack([dict(m.named_parameters())[name].detach() for m in models]).to(self.device)
             for name, _ in self._template.named_parameters()
         }
+        # torch.optim.SGD skips a parameter without a gradient: a frozen one (requires_grad=False) is not trained.
+        trainable = {name: params[name] for name, p in models[0].named_parameters() if p.requires_grad}
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         dtype = next(iter(params.values())).dtype
         step = vmap(grad(self._mean_loss), in_dims=(0, 0, 0, 0), randomness="error")
@@ -155,7 +158,7 @@ class BatchedSGD:
                     idx = orders[:, b * stage.batch_size : (b + 1) * stage.batch_size]
                     weight = torch.gather(kept, 1, idx).to(dtype)
                     active = weight.sum(1) > 0
-                    _sgd(params, momentum, step(params, x[idx], y[idx], weight), active, stage)
+                    _sgd(trainable, momentum, step(params, x[idx], y[idx], weight), active, stage)
         return params
 
     def measure(self, params: Mapping[str, Tensor], inputs: Tensor, targets: Tensor) -> Tensor:
