@@ -234,3 +234,10 @@ def test_a_retrain_that_returns_something_other_than_numbers_is_refused_in_one_s
     args = ev.LDSArguments(num_subsets=3, repeats=1)
     with pytest.raises(TaskError, match="not numbers"):
         ev.lds_ground_truth(lambda k, s: ["margin"] * Q, ROWS, tmp_path, args, progress=False)
+
+
+def test_agreement_over_too_few_left_out_examples_asks_for_more_examples(tmp_path: Path) -> None:
+    args = ev.FurtherTrainingArguments(seeds=(0,))
+    gold = ev.further_training_ground_truth(linear_retrain, ROWS, [3, 17], tmp_path, args, progress=False)
+    with pytest.raises(TaskError, match=r"at least 3 units.* left-out examples"):
+        ev.agreement(EFFECTS, gold, args)

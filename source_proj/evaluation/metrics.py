@@ -179,7 +179,10 @@ def correlate(
     if predicted.shape != actual.shape or predicted.ndim != 2:
         raise TaskError(f"Predictions {predicted.shape} and ground truth {actual.shape} must both be [units, queries].")
     if predicted.shape[0] < 3:
-        raise TaskError(f"A rank correlation needs at least 3 units, not {predicted.shape[0]}; use more subsets.")
+        raise TaskError(
+            f"A rank correlation needs at least 3 units, not {predicted.shape[0]}; use more subsets (LDS) or more "
+            "left-out examples (further training)."
+        )
     if predicted.shape[1] == 0:
         raise TaskError("There is no query to correlate; give predictions and ground truth for at least one query.")
     per_query = spearman(predicted, actual, axis=0)
