@@ -148,3 +148,12 @@ def test_frozen_parameters_stay_frozen_as_torch_sgd_leaves_them() -> None:
         for name, p in params.items():
             torch.testing.assert_close(p[m], reference[name].detach(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(params["0.weight"][m], build(seed)[0].weight.detach(), rtol=0, atol=0)
+
+
+def test_a_batched_retrain_with_unequal_query_inputs_and_targets_is_refused_when_built() -> None:
+    """It used to train a whole group of models, then fail in the measurement with a torch size mismatch."""
+    trainer = BatchedSGD(build, sp.ClassificationTask(), stages())
+    with pytest.raises(sp.TaskError, match="5 query inputs and 3 targets"):
+        BatchedRetrain(trainer, torch.randn(5, 6), torch.tensor([0, 1, 2]))
+    with pytest.raises(sp.TaskError, match="at least one model per call"):
+        BatchedRetrain(trainer, torch.randn(3, 6), torch.tensor([0, 1, 2]), models_per_call=0)

@@ -235,6 +235,15 @@ class BatchedRetrain:
     query_targets: Tensor
     models_per_call: int = 100
 
+    def __post_init__(self) -> None:
+        if len(self.query_inputs) != len(self.query_targets) or len(self.query_inputs) == 0:
+            raise TaskError(
+                f"A batched retrain got {len(self.query_inputs)} query inputs and {len(self.query_targets)} targets; "
+                "give the same positive number of each."
+            )
+        if self.models_per_call < 1:
+            raise TaskError(f"A batched retrain must train at least one model per call, not {self.models_per_call}.")
+
     def retrain_many(self, keeps: Sequence[Keep], seeds: Sequence[int]) -> np.ndarray:
         """Measurements ``[len(seeds), Q]`` after training one copy per (kept subset, seed)."""
         params = self.trainer.train(keeps, seeds)
