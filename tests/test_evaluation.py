@@ -241,3 +241,17 @@ def test_agreement_over_too_few_left_out_examples_asks_for_more_examples(tmp_pat
     gold = ev.further_training_ground_truth(linear_retrain, ROWS, [3, 17], tmp_path, args, progress=False)
     with pytest.raises(TaskError, match=r"at least 3 units.* left-out examples"):
         ev.agreement(EFFECTS, gold, args)
+
+
+def test_agreement_refuses_non_finite_scores_at_the_left_out_examples(tmp_path: Path) -> None:
+    """An infinite score ranked first in the Spearman and made the query's cosine NaN, dropped from the mean."""
+    args = ev.FurtherTrainingArguments(seeds=(0,), resamples=50)
+    gold = ev.further_training_ground_truth(linear_retrain, ROWS, [3, 17, 25], tmp_path, args, progress=False)
+    for bad in (np.inf, np.nan):
+        scores = EFFECTS.copy()
+        scores[1, 17] = bad
+        with pytest.raises(TaskError, match=r"query 1 .*NaN or infinite"):
+            ev.agreement(scores, gold, args)
+    scores = EFFECTS.copy()
+    scores[1, 0] = np.inf  # not a left-out example: not compared, so not refused
+    assert ev.agreement(scores, gold, args).cosine == pytest.approx(1.0)

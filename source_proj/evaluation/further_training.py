@@ -121,7 +121,7 @@ class Agreement:
 def agreement(
     scores: np.ndarray, truth: FurtherTraining, args: FurtherTrainingArguments = FurtherTrainingArguments()
 ) -> Agreement:
-    """Compare a score matrix ``[Q, N]`` with the gold standard on its left-out examples."""
+    """Compare a score matrix ``[Q, N]`` (finite at the left-out examples) with the gold standard on them."""
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 2 or scores.shape[1] <= truth.examples.max():
         raise TaskError(
@@ -131,6 +131,12 @@ def agreement(
     predicted = scores[:, truth.examples]
     if predicted.shape != truth.scores.shape:
         raise TaskError(f"Scores cover {scores.shape[0]} queries but the gold standard {truth.scores.shape[0]}.")
+    bad = np.flatnonzero(~np.isfinite(predicted).all(axis=1))
+    if bad.size:
+        raise TaskError(
+            f"The scores of query {bad[0]} ({bad.size} queries in all) are NaN or infinite at left-out examples; "
+            "fix the method's scores first."
+        )
     cos = cosine(predicted, truth.scores, axis=1)
     return Agreement(
         correlate(predicted.T, truth.scores.T, resamples=args.resamples, confidence=args.confidence),
