@@ -839,15 +839,15 @@ if __name__ == "__main__":
 def test_a_lightning_ddp_run_is_recorded_by_rank_zero_with_its_averaged_gradients_clipping(tmp_path: Path) -> None:
     """strategy="ddp" on two gloo processes: one process records the run (not two into one directory), and each
     step's clipping factor is that of the gradients averaged over the processes, not of one process's own."""
-    trajectory, told = _recorded_on_two_processes(tmp_path, _DDP_RUN, [])
+    trajectory, told, _ = _recorded_on_two_processes(tmp_path, _DDP_RUN, [])
     assert trajectory.num_steps == 4 and [c.step for c in trajectory.checkpoints] == [0, 2, 4]
     assert min(told["factors"]) < 0.95 and np.allclose(trajectory.clip, told["factors"], rtol=1e-4)
 
 
-def _recorded_on_two_processes(tmp_path: Path, source: str, launcher: list[str]) -> tuple[sp.Trajectory, Any]:
+def _recorded_on_two_processes(tmp_path: Path, source: str, launcher: list[str]) -> tuple[sp.Trajectory, Any, str]:
     """Run the script ``source`` (started by ``launcher``, none where it starts its own processes) with the run
     directory ``tmp_path / "run"`` as its argument: the trajectory recorded there, which must end with the weights
-    its rank 0 printed, and what it printed."""
+    its rank 0 printed, what it printed, and its standard error."""
     script = tmp_path / "two_processes.py"
     script.write_text(source)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -858,7 +858,7 @@ def _recorded_on_two_processes(tmp_path: Path, source: str, launcher: list[str])
     trajectory = sp.Trajectory.load(tmp_path / "run")
     final = trajectory.load_state(trajectory.final_checkpoint)["model"]
     assert all(np.allclose(final[k].numpy(), v) for k, v in told["state"].items())
-    return trajectory, told
+    return trajectory, told, done.stderr
 
 
 _HF_DDP_RUN = """
@@ -880,8 +880,11 @@ class Net(nn.Module):
         self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
 
     def forward(self, x, labels=None):
-        logits = self.net(x)
-        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+        return {"logits": self.net(x)}
+
+
+def mean_loss(outputs, labels, num_items_in_batch=None):  # the model's mean loss, which the callbacks warn of once
+    return F.cross_entropy(outputs["logits"], labels)
 
 
 class Rows(torch.utils.data.Dataset):
@@ -912,7 +915,7 @@ if __name__ == "__main__":
                              report_to=[], use_cpu=True, ddp_backend="gloo", disable_tqdm=True, save_strategy="no",
                              logging_strategy="steps", logging_steps=1, seed=0)
     model = Net()
-    trainer = Trainer(model=model, args=args, train_dataset=Rows(),
+    trainer = Trainer(model=model, args=args, train_dataset=Rows(), compute_loss_func=mean_loss,
                       callbacks=[HuggingFaceRecorder(sys.argv[1], save_every=4), Norms()])
     trainer.train()
     if args.process_index == 0:
@@ -929,8 +932,9 @@ def test_a_trainer_run_under_torchrun_is_recorded_by_rank_zero_with_its_averaged
     each step's clipping factor is that of the gradients averaged over the processes, which the Trainer clips and
     logs, not one process's own as its hooks see them before DDP averages them."""
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    trajectory, told = _recorded_on_two_processes(tmp_path, _HF_DDP_RUN, torchrun)
+    trajectory, told, warned = _recorded_on_two_processes(tmp_path, _HF_DDP_RUN, torchrun)
     assert told["world"] == 2 and len(told["norms"]) == 8
+    assert warned.count("The Trainer computes its loss with") == 1  # the first process checks and warns, alone
     assert trajectory.num_steps == 8 and [c.step for c in trajectory.checkpoints] == [0, 4, 8]
     clip = np.minimum(1.0, 0.3 / (np.asarray(told["norms"]) + 1e-6))
     assert clip.max() < 0.95 and np.allclose(trajectory.clip, clip, rtol=1e-4)

@@ -225,6 +225,13 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
     _closed = False  # the recorded run was closed (before the Trainer loaded its best checkpoint, or as it ended)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._unclipped = None
+        processes = int(getattr(args, "world_size", 1) or 1)
+        if processes > 1 and int(getattr(args, "process_index", 0)) != 0:
+            # Every process holds the same weights and averaged gradients: the first records, checks and warns
+            # (torchrun stops the others where it refuses the run).
+            self.recorder, self._handle, self._trainer = None, None, None
+            return
         alpha = getattr(args, "neftune_noise_alpha", None)
         if alpha:
             warnings.warn(
@@ -260,7 +267,6 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
                 stacklevel=2,
             )
         size = dataset_size(self.dataset_size, kwargs.get("train_dataloader"), "HuggingFaceRecorder")
-        self._unclipped = None
         sharded = _sharded(trainer)
         if sharded:
             raise TrajectoryError(
@@ -268,11 +274,7 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
                 f"processes, and {type(self).__name__} saves them whole from one process; record the run under "
                 "torchrun's plain data parallelism (DDP) or on one device."
             )
-        processes = int(getattr(args, "world_size", 1) or 1)
         if processes > 1:
-            if int(getattr(args, "process_index", 0)) != 0:
-                self.recorder, self._handle, self._trainer = None, None, None
-                return  # every process holds the same weights and averaged gradients: the first records
             self._watch_clip(trainer)
         self.recorder, self._handle = start_recording(
             self.run_dir,
