@@ -13,6 +13,7 @@ from source_proj.query.attributor import QueryResult, StageRows
 from source_proj.query.per_token import TokenScores
 from source_proj.query.report import topk_figure
 from source_proj.query.text_report import text_report, token_report
+from source_proj.tasks.text import LanguageModelingTask, Seq2SeqTask, SequenceClassificationTask
 
 TEXTS = ["the first", "the second", "the third"]
 
@@ -50,6 +51,47 @@ class _Cells(HTMLParser):
     def handle_data(self, data: str) -> None:
         if self._cell is not None:
             self._cell.append(data)
+
+
+class _Headings(HTMLParser):
+    """Each list heading's class and text, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.headings: list[tuple[str | None, str]] = []
+        self._css: str | None = None
+        self._open = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "h3":
+            self._css, self._open = dict(attrs).get("class"), True
+
+    def handle_endtag(self, tag: str) -> None:
+        self._open = self._open and tag != "h3"
+
+    def handle_data(self, data: str) -> None:
+        if self._open:
+            self.headings.append((self._css, data))
+
+
+@pytest.mark.parametrize(
+    ("task", "positive"),
+    [
+        (SequenceClassificationTask(), "pos"),
+        (SequenceClassificationTask(problem_type="regression"), "neg"),
+        (LanguageModelingTask(tokens_per_sequence=4), "neg"),
+        (Seq2SeqTask(tokens_per_sequence="own"), "neg"),
+    ],
+)
+def test_the_list_of_examples_that_raised_a_loss_is_headed_in_red(tmp_path: Path, task, positive: str) -> None:
+    """For a language model a positive score means the example raised the query's loss: its list was headed in the
+    helpful green, whatever its label said. Each list is coloured by what its sign means for the task."""
+    page = text_report(_one_sided(), ["a query"], lambda stage, i: TEXTS[i], tmp_path / "r.html",
+                       score_labels=task.score_labels, positive_helps=task.positive_helps)  # fmt: skip
+    headings = _Headings()
+    headings.feed(page.read_text())
+    negative = "neg" if positive == "pos" else "pos"
+    assert headings.headings == [(positive, task.score_labels[0]), (negative, task.score_labels[1])]
 
 
 def test_html_lists_stop_where_the_scores_change_sign(tmp_path: Path) -> None:

@@ -96,6 +96,7 @@ def main() -> None:
         out / "report.html",
         title="Tiny GPT-2 (docstrings → dataset descriptions): held-out queries",
         score_labels=task.score_labels,
+        positive_helps=task.positive_helps,
         query_names=[f"query {i}: summed loss {sum(s.values):.1f}" for i, s in zip(indices, shaded, strict=True)],
         shading="next-token loss",
     )

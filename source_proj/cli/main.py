@@ -809,7 +809,9 @@ def query(
     result = attributor.top_k(torch.utils.data.Subset(queries, indices), top_k)
     describe = _describer(store, spec)
     # What score > 0 and < 0 mean: the task bound to the model knows its problem (a regression head's error…).
-    labels = getattr(task.bind(attributor.model), "score_labels", ("helpful", "harmful"))
+    bound = task.bind(attributor.model)
+    labels = getattr(bound, "score_labels", ("helpful", "harmful"))
+    positive_helps = bool(getattr(bound, "positive_helps", True))
     short = [label.split(" (")[0] for label in labels]
     shown = indices[:show]
     shown_rows = [int(row) for ids in (result.helpful_ids, result.harmful_ids) for row in ids[: len(shown)].ravel()]
@@ -853,7 +855,8 @@ def query(
         names = [f"query {i}" for i in indices]
         title = f"{store_path}: {method}"
         report = _save(html_path, lambda: text_report(result, texts, describe, html_path, title=title,
-                                                      score_labels=labels, query_names=names))  # fmt: skip
+                                                      score_labels=labels, query_names=names,
+                                                      positive_helps=positive_helps))  # fmt: skip
         click.echo(f"wrote {report}")
 
 

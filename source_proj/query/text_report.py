@@ -60,6 +60,7 @@ def text_report(
     score_labels: tuple[str, str] = ("helpful", "harmful"),
     query_names: Sequence[str] | None = None,
     shading: str = "",
+    positive_helps: bool = True,
 ) -> Path:
     """Write the HTML report; returns its path.
 
@@ -73,6 +74,9 @@ def text_report(
             (the tasks' ``score_labels``; score = −Δf, docs/concepts/source.md §1).
         query_names: one heading per query (default ``query 0``, ``query 1``, …); other counts are refused.
         shading: what the shading of [`ShadedText`][] queries shows (for the legend).
+        positive_helps: whether a positive score means the example helped the query (the tasks'
+            ``positive_helps``): its list is headed in green, the other in red. ``False`` for a measurement that
+            is a loss or an error (a language model's), where a positive score means the example raised it.
     """
     count = result.helpful_ids.shape[0]
     if len(queries) != count:
@@ -94,9 +98,10 @@ def text_report(
         words = {w.lower() for w in _WORD.findall(plain)}
         body = _shaded(query, top) if isinstance(query, ShadedText) else html.escape(query)
         parts.append(f"<h2>{html.escape(names[q])}</h2><div class='query'>{body}</div><div class='cols'>")
+        good, bad = ("pos", "neg") if positive_helps else ("neg", "pos")
         for css, label, sign, ids, scores in (
-            ("pos", score_labels[0], 1.0, result.helpful_ids[q], result.helpful_scores[q]),
-            ("neg", score_labels[1], -1.0, result.harmful_ids[q], result.harmful_scores[q]),
+            (good, score_labels[0], 1.0, result.helpful_ids[q], result.helpful_scores[q]),
+            (bad, score_labels[1], -1.0, result.harmful_ids[q], result.harmful_scores[q]),
         ):
             rows = []
             for row, score in zip(ids, scores, strict=True):

@@ -335,6 +335,9 @@ class _TextTask(Task):
     _kind: ModelKind | None
     _mask_checked: bool
     score_labels: ClassVar[tuple[str, str]] = ("helpful", "harmful")
+    # Whether a positive score means the example helped (a margin it raised), not that it raised a loss or an error:
+    # reports colour the lists by it.
+    positive_helps: ClassVar[bool] = True
 
     def bind(self, model: nn.Module) -> _TextTask:
         """A copy of the task that knows ``model``'s kind (Hugging Face or plain, causal or not)."""
@@ -472,6 +475,12 @@ class SequenceClassificationTask(_TextTask, ClassificationTask):
         if problem == "multi_label_classification":
             return "raised the labels' log-odds (helpful)", "lowered the labels' log-odds (harmful)"
         return "raised the margin (helpful)", "lowered the margin (harmful)"
+
+    @property
+    def positive_helps(self) -> bool:  # type: ignore[override]
+        """A regression head's measurement is its error: there a positive score means the example raised it."""
+        problem = self.problem_type if self.problem_type != "auto" else self._config_problem
+        return problem != "regression"
 
     def bind(self, model: nn.Module) -> SequenceClassificationTask:
         bound = super().bind(model)
@@ -611,6 +620,7 @@ class LanguageModelingTask(_TextTask):
         "raised the query's loss (removing it lowers the loss)",
         "lowered the query's loss (removing it raises the loss)",
     )
+    positive_helps: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         _check_tokens_per_sequence(self.tokens_per_sequence, "predicted", "mean_predicted_tokens")
@@ -756,6 +766,7 @@ class Seq2SeqTask(_TextTask):
     _mask_checked: bool = field(default=False, init=False, repr=False, compare=False)
     _shift: tuple[int, int] | None = field(default=None, init=False, repr=False, compare=False)
     score_labels: ClassVar[tuple[str, str]] = LanguageModelingTask.score_labels
+    positive_helps: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         _check_tokens_per_sequence(self.tokens_per_sequence, "target", "mean_target_tokens")
