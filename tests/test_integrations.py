@@ -863,6 +863,7 @@ def _recorded_on_two_processes(tmp_path: Path, source: str, launcher: list[str])
 
 _HF_DDP_RUN = """
 import json
+import os
 import sys
 
 import torch
@@ -921,6 +922,8 @@ if __name__ == "__main__":
     if args.process_index == 0:
         state = {k: v.tolist() for k, v in model.state_dict().items()}
         print(json.dumps({"world": args.world_size, "norms": norms, "state": state}))
+    sys.stdout.flush()
+    os._exit(0)  # past torch's gloo teardown, which aborts now and then on a loaded CPU, with or without a recorder
 """
 
 

@@ -369,6 +369,11 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._finish()
+        if int(getattr(args, "world_size", 1) or 1) > 1 and torch.distributed.is_initialized():
+            # The other processes wait for the first to have closed the recorded run: the Trainer does not wait after
+            # on_train_end, and a process that exits may abort in torch's teardown (seen with gloo on a loaded CPU,
+            # with or without a recorder), whereupon torchrun kills the others, the first half-way through its writes.
+            torch.distributed.barrier()
         if self._trainer is not None:
             vars(self._trainer).pop("_load_best_model", None)
         if self._accelerator is not None:
