@@ -104,6 +104,10 @@ class Shard:
         return [item for run in self.take(runs) for item in run]
 
 
+class RankFailed(StoreError):
+    """Another rank of the process group failed, as every rank learnt at one agreement (``Ranks.agree``)."""
+
+
 @dataclass(frozen=True)
 class Ranks:
     """The processes of one sharded command, and how they meet.
@@ -133,14 +137,21 @@ class Ranks:
 
     def agree(self, error: BaseException | None) -> None:
         """Every rank learns whether any rank failed: a failed rank re-raises its error, the others
-        raise a [`StoreError`][] naming the first failed rank. Independent ranks just re-raise."""
+        raise a [`RankFailed`][] naming the first failed rank. Independent ranks just re-raise.
+
+        Ranks in lock step (sharded parameters) agree before each collective of their work as well
+        (``agree(None)``): a rank that fails between two of them agrees at once, and meets the others
+        there instead of leaving them waiting in a collective it will never join. The ``RankFailed``
+        they raise was agreed on by every rank, so it is re-raised without agreeing again."""
+        if isinstance(error, RankFailed):
+            raise error
         if self.coordinated:
             world = self.shard.world
             first = torch.tensor([self.shard.rank if error is not None else world], device=self._device())
             dist.all_reduce(first, op=dist.ReduceOp.MIN)
             failed = int(first.item())
             if error is None and failed < world:
-                raise StoreError(
+                raise RankFailed(
                     f"Rank {failed} of {world} failed (its error is in its output); the finished chunks are kept: fix "
                     "the cause and re-run the same command to resume."
                 )
@@ -148,7 +159,9 @@ class Ranks:
             raise error
 
     def most(self, value: int) -> int:
-        """The largest ``value`` any rank holds (a collective: every rank calls it)."""
+        """The largest ``value`` any rank holds (a collective: every rank calls it; ranks in lock step, so it
+        agrees first, see ``agree``)."""
+        self.agree(None)
         held = torch.tensor([value], device=self._device())
         dist.all_reduce(held, op=dist.ReduceOp.MAX)
         return int(held.item())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -46,6 +47,22 @@ class Slow(Dataset):
         return self.base[i]
 
 
+class FailsOnOneRank(Dataset):
+    # The FAIL_READ-th example this process reads fails, in the process of rank FAIL_RANK only.
+    def __init__(self, base, rank, read):
+        self.base, self.reads = base, 0
+        self.fails = os.environ.get("RANK", "0") == rank and read
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        if self.fails and self.reads == int(self.fails):
+            raise ValueError(f"cannot decode example {{i}}")
+        return self.base[i]
+
+
 def build_task():
     if os.environ.get("ONLY_BIASES"):  # no layer the eigen projection can factor
         return sp.ClassificationTask(parameters=sp.ParameterSelection(include=["*bias"]))
@@ -54,6 +71,8 @@ def build_task():
 
 def train_data(stage):
     delay = float(os.environ.get("SLOW_EXAMPLE_SECONDS", "0"))
+    if os.environ.get("FAIL_READ"):
+        return FailsOnOneRank(data(), os.environ["FAIL_RANK"], os.environ["FAIL_READ"])
     return Slow(data(), delay) if delay else data()
 
 
@@ -350,3 +369,59 @@ with torch.no_grad():
     assert torch.equal(model(x), reference(x))
 print("probe ok")
 """
+
+
+FAILING_RANK = """
+import os
+
+import click
+import torch.distributed as dist
+
+import source_proj as sp
+from source_proj.cli.main import main
+
+dist.init_process_group("gloo")
+
+
+def cli(*args):
+    try:
+        main(list(args), standalone_mode=False)
+    except click.ClickException as err:
+        print(f"rank {{dist.get_rank()}} refused: {{err.format_message()}}", flush=True)
+
+
+featurize = ["featurize", "--ckpts", {run!r}, "--spec", {spec!r}, *{featurize!r}, "--out", "s.sp", *{factored!r}]
+os.environ.update(FAIL_RANK="1", FAIL_READ="50")
+cli(*featurize)
+del os.environ["FAIL_READ"]
+if dist.get_rank() == 0:
+    store = sp.Store.open("s.sp")
+    pending = [len(store.pending_chunks(f"grads/main/step-0000000{{step}}")) for step in (0, 4, 8)]
+    print(f"featurized {{bool(store.meta.get('featurized'))}}, pending {{pending}}", flush=True)
+cli(*featurize)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_failing_in_lock_step_stops_every_rank_and_the_store_resumes(
+    tmp_path: Path, tiny_run: Path, spec: Path, one_process: Path
+) -> None:
+    """With --shard-parameters the ranks gather each layer together: rank 1's 50th example (checkpoint 4's
+    second chunk) fails while rank 0 waits in a gather. Every rank must stop with one sentence (not wait for
+    the failed rank forever), the store stays unfinished with checkpoint 0's chunks kept, and the same command
+    completes it into the one-process store."""
+    script = tmp_path / "ranks.py"
+    script.write_text(FAILING_RANK.format(run=str(tiny_run), spec=str(spec), featurize=FEATURIZE, factored=FACTORED))
+    launch = subprocess.Popen(_torchrun(2, str(script)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=_env(), cwd=tmp_path, start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = launch.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(launch.pid, signal.SIGKILL)  # torchrun and both ranks
+        pytest.fail(f"the ranks hung after rank 1 failed: {launch.communicate()[0]}")
+    assert launch.returncode == 0, stdout[-2000:] + stderr[-4000:]
+    assert "rank 1 refused: " in stdout and "cannot decode example" in stdout, stdout
+    assert "rank 0 refused: Rank 1 of 2 failed (its error is in its output)" in stdout, stdout
+    assert "featurized False, pending [0, 2, 3]" in stdout, stdout
+    assert files(tmp_path / "s.sp") == files(one_process.with_name("one-factored.sp"))

@@ -17,6 +17,9 @@ gradients come out per example exactly as in one process: the gathered values ar
 the unsharded ones. The factored and eigen projections need no parameter gradient at all (only layer
 inputs and output gradients), which is why they are the projections this mode supports; the eigen
 projection's basis pass runs on every rank, over the same examples, before the store is prepared.
+The ranks agree before each gather (``Ranks.agree``, one integer): a rank that fails (an example it
+cannot read, an error in its forward) would otherwise leave the others waiting in a gather it never
+joins; it meets them at their next agreement instead, and every rank stops with the error.
 
 Checkpoints are loaded through ``load_state_dict`` as usual: a hook keeps the rank's slice of
 every parameter (each process reads the checkpoint file on the host).
@@ -35,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from source_proj.distributed import ranks
 from source_proj.errors import TaskError
 
 
@@ -63,6 +67,7 @@ class ShardedParameters:
 
     def __init__(self, model: nn.Module, device: torch.device) -> None:
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
+        self.group = ranks()
         self.device = device
         self.units: list[_Unit] = []
         names = {id(p): n for n, p in model.named_parameters()}
@@ -107,7 +112,9 @@ class ShardedParameters:
         return _Unit(names, shapes, trainable, own[0].dtype, numel, padded, local, [])
 
     def gather(self, index: int) -> Tensor:
-        """The full flat parameters of unit ``index`` (a collective: every rank calls it in the same order)."""
+        """The full flat parameters of unit ``index`` (a collective: every rank calls it in the same order).
+        The ranks agree first: a rank that failed since the last gather stops the others here (``Ranks.agree``)."""
+        self.group.agree(None)
         unit = self.units[index]
         parts = [torch.empty_like(unit.local) for _ in range(self.world)]
         dist.all_gather(parts, unit.local)
