@@ -157,6 +157,7 @@ cli(*featurize, "--out", "refused.sp", "--projection", "rademacher", "--shard-pa
 cli(*featurize, "--out", "refused-fisher.sp", "--shard-parameters", "--fisher-examples", "4")
 os.environ["ONLY_BIASES"] = "1"
 cli(*featurize, "--out", "no-layers.sp", "--shard-parameters")
+cli(*featurize, "--out", "dense.sp", "--dim", "8")  # unsharded, it warns that it projects densely instead
 del os.environ["ONLY_BIASES"]
 {probe}
 dist.destroy_process_group()
@@ -168,13 +169,15 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path, spec: Pa
     """(folder, output) of one torchrun launch of two gloo ranks that run, in one process group: featurize
     (``2.sp``), fit --segments 2 of it, featurize with the factored projection and --shard-parameters
     (``2-factored.sp``), the same with the default eigen projection (``2-eigen.sp``), with the dense one
-    (refused), and of the biases only (no layer to factor: refused), and :data:`PROBE`."""
+    (refused), and of the biases only (no layer to factor: refused; unsharded, ``dense.sp``), and :data:`PROBE`.
+    The ranks' stderr is left in ``stderr.txt``."""
     root = tmp_path_factory.mktemp("two-ranks")
     script = root / "ranks.py"
     arguments = {"run": str(tiny_run), "spec": str(spec), "featurize": FEATURIZE, "factored": FACTORED}
     script.write_text(TWO_RANKS.format(**arguments, probe=PROBE))
     out = subprocess.run(_torchrun(2, str(script)), capture_output=True, text=True, timeout=240, env=_env(), cwd=root)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    (root / "stderr.txt").write_text(out.stderr)
     return root, out.stdout
 
 
@@ -332,6 +335,14 @@ def test_sharded_parameters_on_gloo_ranks_write_the_store_one_process_writes(
     # No layer to factor: the eigen projection's dense fallback would need whole weights, so it is refused too.
     assert out.count("Sharded parameters need the eigen or factored projection: featurize this model unsharded.") == 2
     assert not (root / "no-layers.sp").exists()
+
+
+def test_only_rank_0_prints_the_summary_and_the_warnings(two_ranks: tuple[Path, str]) -> None:
+    """Every rank runs the command and meets the same warnings; the other ranks keep quiet but for their errors."""
+    root, out = two_ranks
+    assert out.count("featurized 3 checkpoints into dense.sp") == 1, out
+    warning = "The eigen projection found no layer with Kronecker factors"
+    assert (root / "stderr.txt").read_text().count(warning) == 1, (root / "stderr.txt").read_text()[-3000:]
 
 
 def test_sharded_parameters_hold_a_slice_and_gather_a_layer_only_while_it_runs(two_ranks: tuple[Path, str]) -> None:

@@ -53,14 +53,14 @@ class _Command(click.Command):
     """
 
     def invoke(self, ctx: click.Context) -> Any:
-        # Under torchrun every rank runs the command and ends with the same summary: rank 0 prints it, the others
-        # print nothing but their errors (stderr).
+        # Under torchrun every rank runs the command, meets the same warnings and ends with the same summary: rank 0
+        # prints them, the others print nothing but their errors (stderr).
         follower = int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0"
         try:
             with warnings.catch_warnings(), (
                 contextlib.redirect_stdout(io.StringIO()) if follower else contextlib.nullcontext()
             ):
-                warnings.simplefilter("default")
+                warnings.simplefilter("ignore" if follower else "default")
                 warnings.formatwarning = _format_warning  # type: ignore[assignment]
                 result = super().invoke(ctx)
             sys.stdout.flush()  # a reader that has left (`| head`) is met here, where click handles it, not at exit
