@@ -129,6 +129,7 @@ def one_process(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path, spec: 
 
 
 TWO_RANKS = """
+import importlib
 import os
 
 import click
@@ -159,6 +160,12 @@ os.environ["ONLY_BIASES"] = "1"
 cli(*featurize, "--out", "no-layers.sp", "--shard-parameters")
 cli(*featurize, "--out", "dense.sp", "--dim", "8")  # unsharded, it warns that it projects densely instead
 del os.environ["ONLY_BIASES"]
+featurizing = importlib.import_module("source_proj.featurize.featurize")  # the package's name is the function's
+estimated, estimate = [], featurizing.estimate_basis
+featurizing.estimate_basis = lambda *args, **kwargs: estimated.append(1) or estimate(*args, **kwargs)
+cli(*featurize, "--out", "forced.sp", "--force")
+print(f"rank {{dist.get_rank()}} estimated the eigen basis {{len(estimated)}} times")
+featurizing.estimate_basis = estimate
 {probe}
 dist.destroy_process_group()
 """
@@ -169,7 +176,8 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path, spec: Pa
     """(folder, output) of one torchrun launch of two gloo ranks that run, in one process group: featurize
     (``2.sp``), fit --segments 2 of it, featurize with the factored projection and --shard-parameters
     (``2-factored.sp``), the same with the default eigen projection (``2-eigen.sp``), with the dense one
-    (refused), and of the biases only (no layer to factor: refused; unsharded, ``dense.sp``), and :data:`PROBE`.
+    (refused), and of the biases only (no layer to factor: refused; unsharded, ``dense.sp``), ``forced.sp`` with
+    --force (counting the eigen basis passes of each rank), and :data:`PROBE`.
     The ranks' stderr is left in ``stderr.txt``."""
     root = tmp_path_factory.mktemp("two-ranks")
     script = root / "ranks.py"
@@ -335,6 +343,16 @@ def test_sharded_parameters_on_gloo_ranks_write_the_store_one_process_writes(
     # No layer to factor: the eigen projection's dense fallback would need whole weights, so it is refused too.
     assert out.count("Sharded parameters need the eigen or factored projection: featurize this model unsharded.") == 2
     assert not (root / "no-layers.sp").exists()
+
+
+def test_with_force_the_other_ranks_read_the_eigen_basis_rank_0_estimated(
+    one_process: Path, two_ranks: tuple[Path, str]
+) -> None:
+    """The store rank 0 just replaced holds the basis: the other ranks project with it instead of estimating it
+    again (a whole pass over the run each)."""
+    root, out = two_ranks
+    assert "rank 0 estimated the eigen basis 1 times" in out and "rank 1 estimated the eigen basis 0 times" in out, out
+    assert files(root / "forced.sp") == files(one_process)
 
 
 def test_only_rank_0_prints_the_summary_and_the_warnings(two_ranks: tuple[Path, str]) -> None:

@@ -398,6 +398,9 @@ class _Featurize:
         )
 
     def work(self, group: Ranks) -> None:
+        # The store is prepared, replaced if asked: a rank that sets up only now (not rank 0 of a process group)
+        # reads its eigen basis and settings, instead of estimating the basis again.
+        self.overwrite = False
         store = Store.open(self.path, writable=True)
         self._refuse_other_settings(store.meta)
         plan = self._plan(store)
