@@ -289,8 +289,25 @@ def _prepare(path: str, job: ShardedJob, overwrite: bool, keep_new: Callable[[st
 
 
 def _cooperatively(path: str, job: ShardedJob, group: Ranks) -> None:
+    if group.coordinated and not group.leader:
+        _find_prepared(path, job, group)
     with store_lock(path, "cooperative"):
         job.work(group)
+
+
+def _find_prepared(path: str, job: ShardedJob, group: Ranks) -> None:
+    """A rank of a process group finds the store rank 0 has just prepared at its own path, for its own options:
+    else the ranks were given different paths (or do not share a filesystem) or different options."""
+    try:
+        found, why = job.ready(), ""
+    except StoreError as err:
+        found, why = False, f" ({err})"
+    if not found:
+        raise StoreError(
+            f"Rank {group.shard.rank} of {group.shard.world} does not find at {path} the store rank 0 prepared for "
+            f"the same options{why}: run every rank with the same command and store path, on a filesystem every "
+            "rank sees."
+        )
 
 
 def _finish(path: str, job: ShardedJob) -> None:

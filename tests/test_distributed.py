@@ -428,6 +428,9 @@ if dist.get_rank() == 0:
     pending = [len(store.pending_chunks(f"grads/main/step-0000000{{step}}")) for step in (0, 4, 8)]
     print(f"featurized {{bool(store.meta.get('featurized'))}}, pending {{pending}}", flush=True)
 cli(*featurize)
+rank = dist.get_rank()
+cli(*featurize, "--out", f"own-{{rank}}.sp")  # each rank its own path (a disk of its own node)
+cli(*featurize, "--out", "dims.sp", "--dim", str(16 + 4 * rank))
 dist.destroy_process_group()
 """
 
@@ -439,7 +442,8 @@ def test_a_rank_failing_in_lock_step_stops_every_rank_and_the_store_resumes(
     """With --shard-parameters the ranks gather each layer together: rank 1's 50th example (checkpoint 4's
     second chunk) fails while rank 0 waits in a gather. Every rank must stop with one sentence (not wait for
     the failed rank forever), the store stays unfinished with checkpoint 0's chunks kept, and the same command
-    completes it into the one-process store."""
+    completes it into the one-process store. Then the ranks are given different store paths, and different
+    dimensions."""
     script = tmp_path / "ranks.py"
     script.write_text(FAILING_RANK.format(run=str(tiny_run), spec=str(spec), featurize=FEATURIZE, factored=FACTORED))
     launch = subprocess.Popen(_torchrun(2, str(script)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -454,3 +458,9 @@ def test_a_rank_failing_in_lock_step_stops_every_rank_and_the_store_resumes(
     assert "rank 0 refused: Rank 1 of 2 failed (its error is in its output)" in stdout, stdout
     assert "featurized False, pending [0, 2, 3]" in stdout, stdout
     assert files(tmp_path / "s.sp") == files(one_process.with_name("one-factored.sp"))
+    # Ranks given other paths or options than rank 0 say so, and leave no empty store behind.
+    assert "rank 1 refused: Rank 1 of 2 does not find at own-1.sp the store rank 0 prepared" in stdout, stdout
+    assert "rank 1 refused: Rank 1 of 2 does not find at dims.sp the store rank 0 prepared" in stdout, stdout
+    assert "projection: dim 16 → 20" in stdout, stdout
+    assert stdout.count("rank 0 refused: Rank 1 of 2 failed") == 3, stdout
+    assert not (tmp_path / "own-1.sp").exists()

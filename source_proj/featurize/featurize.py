@@ -381,6 +381,9 @@ class _Featurize:
         self._items(plan, create=True)
 
     def ready(self) -> bool:
+        # Asked before a rank's work, of a store another process prepares (replaced, if asked to): a rank that sets
+        # up only now (not rank 0 of a process group) reads its eigen basis and settings, never estimates them again.
+        self.overwrite = False
         if not is_store(self.path):
             return False
         store = Store.open(self.path)
@@ -398,9 +401,6 @@ class _Featurize:
         )
 
     def work(self, group: Ranks) -> None:
-        # The store is prepared, replaced if asked: a rank that sets up only now (not rank 0 of a process group)
-        # reads its eigen basis and settings, instead of estimating the basis again.
-        self.overwrite = False
         store = Store.open(self.path, writable=True)
         self._refuse_other_settings(store.meta)
         plan = self._plan(store)
