@@ -121,7 +121,8 @@ def featurize(
         progress: show a progress bar.
         shard: compute only this shard of the work, as one of several independent processes
             (a SLURM array task). Under an initialised ``torch.distributed`` process group with
-            several ranks (torchrun) the ranks split the work without it. See ``distributed.py``.
+            several ranks (torchrun) the ranks split the work without it; every rank calls featurize,
+            with the same arguments. See ``distributed.py``.
         grow: the store holds an earlier part of this run (it trained further: more checkpoints, new
             stages): add what is new, computing only the new checkpoints' work (see ``grow.py``). The
             fitted methods are dropped; fit again.
