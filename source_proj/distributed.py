@@ -139,9 +139,9 @@ class Ranks:
         """Every rank learns whether any rank failed: a failed rank re-raises its error, the others
         raise a [`RankFailed`][] naming the first failed rank. Independent ranks just re-raise.
 
-        Ranks in lock step (sharded parameters) agree before each collective of their work as well
-        (``agree(None)``): a rank that fails between two of them agrees at once, and meets the others
-        there instead of leaving them waiting in a collective it will never join. The ``RankFailed``
+        Ranks in lock step (sharded parameters, fit's broadcasts) agree before each collective of their
+        work as well (``agree(None)``): a rank that fails between two of them agrees at once, and meets
+        the others there instead of leaving them waiting in a collective it will never join. The ``RankFailed``
         they raise was agreed on by every rank, so it is re-raised without agreeing again."""
         if isinstance(error, RankFailed):
             raise error
@@ -167,7 +167,9 @@ class Ranks:
         return int(held.item())
 
     def broadcast(self, tensor: torch.Tensor, source: int) -> torch.Tensor:
-        """``tensor`` as held by rank ``source``, on every rank (on ``tensor``'s device)."""
+        """``tensor`` as held by rank ``source``, on every rank (on ``tensor``'s device). The ranks agree first
+        (see ``agree``): a rank that failed since the last broadcast stops the others here."""
+        self.agree(None)
         device = self._device()
         held = tensor.to(device)
         dist.broadcast(held, src=source)

@@ -402,12 +402,14 @@ print("probe ok")
 
 FAILING_RANK = """
 import os
+import shutil
 
 import click
 import torch.distributed as dist
 
 import source_proj as sp
 from source_proj.cli.main import main
+from source_proj.methods.source import SegmentOperator
 
 dist.init_process_group("gloo")
 
@@ -431,6 +433,15 @@ cli(*featurize)
 rank = dist.get_rank()
 cli(*featurize, "--out", f"own-{{rank}}.sp")  # each rank its own path (a disk of its own node)
 cli(*featurize, "--out", "dims.sp", "--dim", str(16 + 4 * rank))
+if rank == 0:
+    shutil.copytree("s.sp", "fitted.sp")
+dist.barrier()
+if rank == 1:  # fit: rank 1 fails on its first segment, while rank 0 goes on to broadcast the second's curvature
+    def fails(*args, **kwargs):
+        raise ValueError("rank 1 cannot decompose")
+
+    SegmentOperator.from_curvature = fails
+cli("fit", "fitted.sp", "--segments", "2")
 dist.destroy_process_group()
 """
 
@@ -443,7 +454,7 @@ def test_a_rank_failing_in_lock_step_stops_every_rank_and_the_store_resumes(
     second chunk) fails while rank 0 waits in a gather. Every rank must stop with one sentence (not wait for
     the failed rank forever), the store stays unfinished with checkpoint 0's chunks kept, and the same command
     completes it into the one-process store. Then the ranks are given different store paths, and different
-    dimensions."""
+    dimensions; and rank 1 fails in fit while rank 0 broadcasts a curvature."""
     script = tmp_path / "ranks.py"
     script.write_text(FAILING_RANK.format(run=str(tiny_run), spec=str(spec), featurize=FEATURIZE, factored=FACTORED))
     launch = subprocess.Popen(_torchrun(2, str(script)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -462,5 +473,6 @@ def test_a_rank_failing_in_lock_step_stops_every_rank_and_the_store_resumes(
     assert "rank 1 refused: Rank 1 of 2 does not find at own-1.sp the store rank 0 prepared" in stdout, stdout
     assert "rank 1 refused: Rank 1 of 2 does not find at dims.sp the store rank 0 prepared" in stdout, stdout
     assert "projection: dim 16 → 20" in stdout, stdout
-    assert stdout.count("rank 0 refused: Rank 1 of 2 failed") == 3, stdout
+    assert "rank 1 refused: source-proj fit failed unexpectedly (ValueError: rank 1 cannot decompose)" in stdout
+    assert stdout.count("rank 0 refused: Rank 1 of 2 failed") == 4, stdout
     assert not (tmp_path / "own-1.sp").exists()
