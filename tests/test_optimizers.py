@@ -300,11 +300,37 @@ def test_groups_without_decay_count_as_zero_in_the_mean_decay() -> None:
             ),
             "different learning rates",
         ),
+        (
+            Stage(
+                "main", 0, 4, 4,
+                {"kind": "sgd", "groups": [{"params": ["w"], "lr": 0.1, "momentum": 0.9},
+                                           {"params": ["b"], "lr": 0.1}]},
+            ),
+            r"different momentum or dampening, so their effective learning rates .* differ \(1η to 10η\)",
+        ),
+        (
+            Stage(
+                "main", 0, 4, 4,
+                {"kind": "sgd", "groups": [{"params": ["w"], "lr": 0.1, "momentum": 0.5},
+                                           {"params": ["b"], "lr": 0.1, "momentum": 0.5, "dampening": 0.5}]},
+            ),
+            "same momentum and dampening",
+        ),
     ],
-)
+)  # fmt: skip
 def test_optimizers_it_cannot_model_are_refused_with_a_reason(stage: Stage, message: str) -> None:
     with pytest.raises(sp.TrajectoryError, match=message):
         optimizer_rule(stage, {"w": 3, "b": 1})
+
+
+def test_groups_share_one_effective_rate_where_they_hold_attributed_parameters() -> None:
+    """Momentum and dampening set the effective rate η(1 − d)/(1 − β): groups may differ in them where the rates
+    agree, and a group holding no attributed parameter does not count."""
+    same = _stage("sgd", momentum=0.5, dampening=0.5)
+    same.optimizer["groups"].append({"params": ["c"], "lr": 0.1, "momentum": 0.0})
+    assert optimizer_rule(same, {"w": 3, "b": 1}).lr_factor == 1.0
+    same.optimizer["groups"].append({"params": ["frozen"], "lr": 0.1, "momentum": 0.9})
+    assert optimizer_rule(same, {"w": 3, "b": 1, "c": 2}).lr_factor == 1.0
 
 
 def _small_run(run: Path, data: TensorDataset, opt_factory, steps: int = 6, **recorder) -> None:
@@ -353,6 +379,21 @@ def test_featurize_refuses_an_adafactor_run_as_one_it_cannot_model_not_as_a_malf
     with pytest.warns(UserWarning, match="'Adafactor', whose update SOURCE cannot model: featurize will refuse"):
         _small_run(tmp_path / "run", regression_data, factory)
     with pytest.raises(sp.TrajectoryError, match="'Adafactor', whose update SOURCE cannot model"):
+        _featurize(tmp_path / "run", regression_data, tmp_path / "s.sp")
+
+
+def test_featurize_refuses_sgd_groups_whose_momentum_differs_instead_of_averaging_their_rates(
+    tmp_path: Path, regression_data
+) -> None:
+    """Momentum 0.8 on the weight and none on the bias are effective rates 5η and η: one rate per step cannot model
+    both, where their mean (4η) modelled neither."""
+
+    def factory(params):
+        weight, bias = params
+        return torch.optim.SGD([{"params": [weight], "momentum": 0.8}, {"params": [bias]}], lr=0.01)
+
+    _small_run(tmp_path / "run", regression_data, lambda p: factory(list(p)))
+    with pytest.raises(sp.TrajectoryError, match=r"different momentum or dampening.* \(1η to 5η\); SOURCE needs one"):
         _featurize(tmp_path / "run", regression_data, tmp_path / "s.sp")
 
 

@@ -226,7 +226,8 @@ class OptimizerRule:
 def optimizer_rule(stage: Stage, param_sizes: Mapping[str, int]) -> OptimizerRule:
     """Read a stage's optimiser description; refuse, with a reason, what SOURCE cannot model.
 
-    Group factors and decays are averaged with weights = attributed parameters in each group.
+    Group decays are averaged with weights = attributed parameters in each group; the groups holding attributed
+    parameters must share one effective rate (momentum and dampening), as they must share one learning rate.
     """
     opt = stage.optimizer
     kind = opt.get("kind")
@@ -258,6 +259,13 @@ def optimizer_rule(stage: Stage, param_sizes: Mapping[str, int]) -> OptimizerRul
             factors.append(1.0)
         decays.append(float(g.get("weight_decay", 0.0)))
         decay.update({name: decays[-1] for name in g.get("params", [])})
+    used = sorted({f for f, w in zip(factors, weights, strict=True) if w > 0})
+    if used and used[-1] - used[0] > 1e-9 * used[-1]:
+        raise TrajectoryError(
+            f"{where}'s parameter groups use different momentum or dampening, so their effective learning rates "
+            f"η(1 − dampening)/(1 − momentum) differ ({used[0]:g}η to {used[-1]:g}η); SOURCE needs one rate per step, "
+            "so give every group the same momentum and dampening."
+        )
     return OptimizerRule(kind, float(weights @ factors), decay, float(weights @ decays))
 
 
