@@ -397,6 +397,48 @@ def test_featurize_refuses_sgd_groups_whose_momentum_differs_instead_of_averagin
         _featurize(tmp_path / "run", regression_data, tmp_path / "s.sp")
 
 
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_adam_groups_that_set_decoupled_weight_decay_are_attributed_as_the_optimizer_they_make(
+    tmp_path: Path, regression_data, decoupled: bool
+) -> None:
+    """torch's Adam reads ``decoupled_weight_decay`` per parameter group (AdamW is Adam with it on by default): Adam
+    whose groups all set it is AdamW, step for step, and must score as AdamW's run does; AdamW whose groups turn it
+    off is Adam with coupled L2 decay, λ·mean(1/D) in the preconditioned coordinates, not λ."""
+    plain, other = (torch.optim.AdamW, torch.optim.Adam) if decoupled else (torch.optim.Adam, torch.optim.AdamW)
+
+    def grouped(params):
+        weight, bias = params
+        groups = [{"params": [weight], "decoupled_weight_decay": decoupled}, {"params": [bias]}]
+        groups[1]["decoupled_weight_decay"] = decoupled
+        return other(groups, lr=0.05, weight_decay=0.3)
+
+    queries = TensorDataset(torch.randn(4, 3, generator=torch.Generator().manual_seed(5)), torch.zeros(4))
+    scores = {}
+    for name, factory in (("plain", lambda p: plain(p, lr=0.05, weight_decay=0.3)), ("grouped", grouped)):
+        _small_run(tmp_path / name, regression_data, lambda p, factory=factory: factory(list(p)))
+        assert sp.Trajectory.load(tmp_path / name).stages[0].optimizer["kind"] == ("adamw" if decoupled else "adam")
+        options = sp.FeaturizeArguments(batch_size=12, chunk_rows=12, fisher="exact")
+        scores[name] = _identity_scores(tmp_path / name, regression_data, queries, tmp_path / f"{name}.sp", options)
+    np.testing.assert_allclose(scores["grouped"], scores["plain"], rtol=1e-4, atol=1e-6 * np.abs(scores["plain"]).max())
+
+
+def test_adam_groups_that_mix_coupled_and_decoupled_decay_are_refused(tmp_path: Path, regression_data) -> None:
+    """One group decoupling its decay and another coupling it: named as an optimizer SOURCE cannot model, not
+    attributed as either. A group without decay may set the flag as it likes."""
+
+    def mixed(params, bias_decay):
+        weight, bias = params
+        groups = [{"params": [weight], "decoupled_weight_decay": True}, {"params": [bias], "weight_decay": bias_decay}]
+        return torch.optim.Adam(groups, lr=0.05, weight_decay=0.1)
+
+    _small_run(tmp_path / "fine", regression_data, lambda p: mixed(list(p), 0.0))
+    assert sp.Trajectory.load(tmp_path / "fine").stages[0].optimizer["kind"] == "adamw"
+    with pytest.warns(UserWarning, match="'Adam with decoupled_weight_decay in some of its decaying parameter groups"):
+        _small_run(tmp_path / "run", regression_data, lambda p: mixed(list(p), 0.1))
+    with pytest.raises(sp.TrajectoryError, match="decaying parameter groups only', whose update SOURCE cannot model"):
+        _featurize(tmp_path / "run", regression_data, tmp_path / "s.sp")
+
+
 def test_adam_run_without_optimizer_state_is_refused(tmp_path: Path, regression_data) -> None:
     _small_run(tmp_path / "run", regression_data, lambda p: torch.optim.Adam(p, lr=0.01), save_optimizer_state=False)
     with pytest.raises(sp.TrajectoryError, match="has no optimizer state"):

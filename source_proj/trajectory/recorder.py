@@ -125,10 +125,8 @@ MODELLED_OPTIMIZERS = "SGD (heavy-ball or Nesterov momentum, dampening, weight d
 def describe_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
     """What SOURCE needs to know of an optimiser: its kind and each parameter group's settings."""
     names = {id(p): n for n, p in model.named_parameters()}
-    if isinstance(optimizer, torch.optim.AdamW):
-        kind = "adamw"
-    elif isinstance(optimizer, torch.optim.Adam):
-        kind = "adamw" if optimizer.defaults.get("decoupled_weight_decay") else "adam"
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        kind = _adam_kind(optimizer)
     elif isinstance(optimizer, torch.optim.SGD):
         kind = "sgd"
     else:
@@ -145,6 +143,18 @@ def describe_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> di
             entry = {k: v for k, v in entry.items() if _group_problem({k: v}) is None}  # featurize refuses the kind
         groups.append(entry)
     return {"kind": kind, "groups": groups}
+
+
+def _adam_kind(optimizer: torch.optim.Optimizer) -> str:
+    """``"adamw"`` where the groups that decay their weights decouple the decay, ``"adam"`` where they couple it:
+    torch's Adam reads ``decoupled_weight_decay`` per parameter group (AdamW is Adam with it on by default). Groups
+    that mix the two are named as an optimizer SOURCE cannot model."""
+    default = bool(optimizer.defaults.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)))
+    groups = optimizer.param_groups
+    decoupled = {bool(g.get("decoupled_weight_decay", default)) for g in groups if g.get("weight_decay")}
+    if len(decoupled) > 1:
+        return "Adam with decoupled_weight_decay in some of its decaying parameter groups only"
+    return "adamw" if (decoupled.pop() if decoupled else default) else "adam"
 
 
 @dataclass(frozen=True)
