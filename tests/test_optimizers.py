@@ -601,3 +601,59 @@ def test_clipped_sgd_matches_the_unrolled_derivative_with_the_recorded_clipping_
 
     assert rel(ours) < 0.03, rel(ours)
     assert rel(ignored) > 5 * rel(ours), (rel(ignored), rel(ours))
+
+
+def test_tracin_on_a_two_stage_adam_run_takes_each_checkpoints_query_in_its_own_coordinates(tmp_path: Path) -> None:
+    """TracIn-CP under Adam is −Σ_c w_c ∇f(q; θ_c)ᵀ D_c⁻¹ ∇ℓ(z; θ_c) / N: at each checkpoint the query is scaled by
+    the D featurize scaled that checkpoint's training gradients by (there is a query gradient per checkpoint, so
+    the last segment's D, SOURCE's stand-in for its one query at θ_T, is not needed), also on an earlier stage."""
+    g = torch.Generator().manual_seed(0)
+    data = {s: TensorDataset(torch.randn(n, 3, generator=g), torch.randn(n, generator=g)) for s, n in (("a", 8),
+                                                                                                      ("b", 6))}
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    rec = sp.TrajectoryRecorder(tmp_path / "run", model, torch.optim.AdamW(model.parameters(), lr=0.05), save_every=2)
+    for stage, opt in (("a", rec.optimizer), ("b", torch.optim.Adam(model.parameters(), lr=0.05, eps=1e-3))):
+        rec.begin_stage(stage, dataset_size=len(data[stage]), optimizer=opt)
+        x, y = data[stage].tensors
+        for _ in range(6):
+            opt.zero_grad()
+            _squared(model(x), y).mean().backward()
+            opt.step()
+            rec.step()
+    rec.close()
+    store = sp.featurize(tmp_path / "run", nn.Linear(3, 1), sp.RegressionTask(), data, tmp_path / "s.sp",
+                         projection=sp.ProjectionArguments(kind="identity"), progress=False)  # fmt: skip
+    sp.fit_baseline(store, sp.BaselineArguments(kind="tracin"), progress=False)
+    queries = TensorDataset(torch.randn(3, 3, generator=g), torch.zeros(3))
+    ours = sp.Attributor(store, nn.Linear(3, 1), sp.RegressionTask(), method="tracin").scores(queries)
+
+    traj = sp.Trajectory.load(tmp_path / "run")
+    task, (qx, qy) = sp.RegressionTask(), queries.tensors
+    exact = []
+    for stage in traj.stages:  # one segment per stage: D = the mean of √v̂ + ε over its checkpoints after its start
+        states = [traj.load_state(c)["optimizer"] for c in traj.checkpoints if stage.start_step < c.step]
+        states = states[: (stage.end_step - stage.start_step) // 2]
+        d = {}
+        for i, name in enumerate(("weight", "bias")):
+            for state in states:
+                group, entry = state["param_groups"][0], state["state"][i]
+                v_hat = entry["exp_avg_sq"].double() / (1 - group["betas"][1] ** float(entry["step"]))
+                d[name] = d.get(name, 0) + (v_hat.sqrt() + group["eps"]) / len(states)
+        x, y = data[stage.name].tensors
+        total = torch.zeros(len(qx), len(y), dtype=torch.float64)
+        for c in [c for c in traj.checkpoints if stage.start_step < c.step <= stage.end_step]:
+            net = traj.load_into(nn.Linear(3, 1), c).double()
+
+            def flat(value: torch.Tensor, net: nn.Module = net, d: dict = d) -> torch.Tensor:
+                grads = torch.autograd.grad(value, [net.weight, net.bias])
+                return torch.cat([(gr / d[n].sqrt()).reshape(-1) for gr, n in zip(grads, d, strict=True)])
+
+            q = torch.stack([flat(task.measurement(net(a[None].double()), (a[None], b[None])).sum()) for a, b in
+                             zip(qx, qy, strict=True)])  # fmt: skip
+            z = torch.stack([flat(task.loss(net(a[None].double()), (a[None], b[None]))[0]) for a, b in
+                             zip(x, y, strict=True)])  # fmt: skip
+            total -= float(traj.lr[c.step - 2 : c.step].sum()) * q @ z.T / len(y)  # score = −Δf
+        exact.append(total)
+    exact = torch.cat(exact, 1).numpy()
+    np.testing.assert_allclose(ours, exact, rtol=1e-4, atol=1e-5 * np.abs(exact).max())

@@ -144,15 +144,21 @@ def _query_scales(meta: dict[str, Any], steps: Sequence[int]) -> list[str | None
     """D^{-1/2} names for query gradients at ``steps`` on an Adam store (``None`` when nothing is scaled).
 
     featurize scaled checkpoint c's training gradients on stage s by the preconditioner of the stage-s
-    segment holding c; the query at c takes the last stage's (the same approximation SOURCE makes
-    for its query, docs/howto/adam.md).
+    segment holding c; the query at c takes that of the stage c was saved in (start < c ≤ end: the stage
+    whose TracIn-CP term c is), so that each term is −w_c ∇fᵀ D_c⁻¹ ∇ℓ. The final checkpoint's is the last
+    stage's, also for the training rows of an earlier stage there (the same approximation SOURCE makes for
+    its query, docs/howto/adam.md).
     """
     described = (meta.get("segmentation") or {}).get("segments") or []
     segments = [Segment.from_description(d) for d in described]
     if not any(seg.preconditioner for seg in segments):
         return None
-    last = meta["trajectory"]["stages"][-1]["name"]
-    return [segment_for(segments, last, step).preconditioner for step in steps]
+    stages = meta["trajectory"]["stages"]
+
+    def saved_in(step: int) -> str:
+        return next((s["name"] for s in stages if s["start_step"] < step <= s["end_step"]), stages[0]["name"])
+
+    return [segment_for(segments, saved_in(step), step).preconditioner for step in steps]
 
 
 def fit_baseline(
