@@ -342,6 +342,55 @@ def test_adam_capture_takes_each_visit_in_the_coordinates_of_its_step(
     assert report.status == "ok" and not report.notes, report.notes
 
 
+def test_baselines_on_a_captured_adam_store_scale_the_query_as_the_training_side(
+    tmp_path: Path, classification_data
+) -> None:
+    """Captured AdamW windows and end pass hold D^{-1/2}-scaled gradients, so the baselines' queries must be in the
+    same coordinates: Grad-Dot −⟨P D_T^{-1/2} ∇f(q; θ_T), P D_T^{-1/2} ∇ℓ(z; θ_T)⟩ with D_T from the final state,
+    and TracIn's query at a window's checkpoint scaled by the D of the checkpoint closing that window (brute force:
+    materialised gradients, the optimizer states read from the checkpoints, D^{-1/2} exact at adam_rank 8)."""
+    x, y = classification_data.tensors
+    names = [name for name, _ in _mlp().named_parameters()]
+    projector = sp.FactoredProjector(
+        [(name, tuple(p.shape)) for name, p in _mlp().named_parameters()],
+        sp.projection.layers.factorable_layers(_mlp(), names)[0],
+        DIM,
+    )
+    projection = sp.ProjectionArguments(dim=DIM, kind="factored", adam_rank=8)
+    _train(tmp_path / "run", tmp_path / "cap.sp", classification_data, steps=7, batch=8, save_every=3,
+           options=sp.CaptureArguments(chunk_rows=64, scale_every=1), projection=projection,
+           datasets={"main": classification_data},
+           optimizer=lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.01))  # fmt: skip
+    trajectory = sp.Trajectory.load(tmp_path / "run")
+    stage = trajectory.stage("main")
+    queries = (x[:3], y[:3])
+
+    def projected(step: int, closing: int, batch, quantity: str) -> torch.Tensor:
+        model = trajectory.load_into(_mlp(), next(c for c in trajectory.checkpoints if c.step == step)).eval()
+        d = checkpoint_preconditioner(trajectory, next(c for c in trajectory.checkpoints if c.step == closing), stage,
+                                      names)  # fmt: skip
+        grads = PerExampleGradients(model, sp.ClassificationTask(), names)(batch, quantity)
+        return projector.project({n: grads[n] * d[n].rsqrt().float() for n in names}).double()
+
+    store = sp.fit_baseline(tmp_path / "cap.sp", sp.BaselineArguments(kind="grad-dot"), progress=False)
+    ours = sp.Attributor(store.path, _mlp(), sp.ClassificationTask(), method="grad-dot").scores(queries)
+    exact = -(projected(7, 7, queries, "measurement") @ projected(7, 7, (x, y), "loss").T).numpy()
+    np.testing.assert_allclose(ours, exact, rtol=1e-3, atol=1e-5 * np.abs(exact).max())
+
+    store = sp.fit_baseline(tmp_path / "cap.sp", sp.BaselineArguments(kind="tracin"), progress=False)
+    ours = sp.Attributor(store.path, _mlp(), sp.ClassificationTask(), method="tracin").scores(queries)
+    recipe = store.meta["methods"]["tracin"]["query"]
+    assert recipe["checkpoints"] == [0, 3, 6]
+    exact = np.zeros_like(ours)
+    for window, weight in zip(recipe["checkpoints"], recipe["weights"], strict=True):
+        sums = store.read(window_array("grads", "main", window)).astype(np.float64)
+        q = projected(window, min(window + 3, 7), queries, "measurement").numpy()
+        exact -= weight**2 * q @ sums.T
+    np.testing.assert_allclose(ours, exact, rtol=1e-3, atol=1e-5 * np.abs(exact).max())
+    report = sp.verify_store(store.path, progress=False)
+    assert report.status == "ok" and not report.notes, report.notes
+
+
 def _projected_gradient(
     projector: sp.FactoredProjector, model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:

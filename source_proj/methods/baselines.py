@@ -49,7 +49,9 @@ TracIn-CP. Grad-Dot, Grad-Cos and IF use each attributed stage's last window (it
 gradients and its Fisher) in place of θ_T's: a stand-in, exact only as the window shrinks to a
 step. A store captured with ``CaptureArguments.end_pass`` holds every example's gradient at the end of its
 stage, which they use instead (θ_T's own for the last stage; the Fisher stays the window's). TRAK needs
-the measurement gradients of the training examples, which capture does not take.
+the measurement gradients of the training examples, which capture does not take. On an Adam stage the captured
+gradients are in Adam's coordinates, so the query is too: scaled by D^{-1/2} of the window it is taken for
+(``capture/denominator``, the D of the checkpoint closing it; θ_T's is the last window's).
 
 **Influence-function damping**: δ = ``damping_factor`` × the mean eigenvalue of the projected Fisher,
 the form of kronfluence's heuristic (``damping_factor=None``: 0.1 × the mean eigenvalue, per module,
@@ -86,6 +88,7 @@ from source_proj.errors import StoreError, TaskError
 from source_proj.featurize.arguments import PROJECTED_MAX, as_stage_datasets, default_device
 from source_proj.featurize.plan import segment_for
 from source_proj.featurize.windows import (
+    DENOMINATOR,
     END,
     WindowGradients,
     is_captured,
@@ -161,6 +164,21 @@ def _query_scales(meta: dict[str, Any], steps: Sequence[int]) -> list[str | None
     return [segment_for(segments, saved_in(step), step).preconditioner for step in steps]
 
 
+def _captured_denominators(store: Store, steps: Sequence[int]) -> list[str | None]:
+    """The D (``capture/denominator/…``) a query at each of ``steps`` is scaled by on a captured store: a window's
+    start takes its window's, whose visits were scaled by the optimizer state of their steps (TracIn); the final
+    checkpoint the last stage's last window's, which holds the D of the final state (Grad-Dot, Grad-Cos, IF: the
+    end pass is in those coordinates). ``None`` on a stage that is not Adam's (no denominator)."""
+    stages = [s["name"] for s in store.meta["trajectory"]["stages"]]
+    owner = {window: stage for stage in stages for window in stage_windows(store.meta, stage)}
+    out: list[str | None] = []
+    for step in steps:
+        stage = owner.get(step, stages[-1])
+        array = window_array(DENOMINATOR, stage, step if step in owner else stage_windows(store.meta, stage)[-1])
+        out.append(array if store.is_complete(array) else None)
+    return out
+
+
 def fit_baseline(
     store: Store | str | Path,
     args: BaselineArguments,
@@ -210,8 +228,14 @@ def fit_baseline(
         dim, recipe, chunk_fn, extra = (_captured_tracin if is_captured(meta) else _tracin)(store, attributed, sizes)
     else:
         dim, recipe, chunk_fn, extra = _final_checkpoint(store, args, attributed, sizes, final)
+    denominators: list[str | None] = []
     if recipe.get("features", "gradient") == "gradient":
-        scales = _query_scales(meta, recipe["checkpoints"])
+        if is_captured(meta):
+            denominators = _captured_denominators(store, recipe["checkpoints"])
+            scales = [d and f"methods/{name}/preconditioner/{i}" for i, d in enumerate(denominators)]
+            scales = scales if any(scales) else None
+        else:
+            scales = _query_scales(meta, recipe["checkpoints"])
         if scales is not None:
             recipe = {**recipe, "scales": scales}
     description = json.loads(
@@ -227,6 +251,10 @@ def fit_baseline(
         )
     )
     _claim_method(store, name, description, overwrite)
+    for index, denominator in enumerate(denominators):  # the query's D^{-1/2} on a captured Adam store
+        scale = f"methods/{name}/preconditioner/{index}"
+        if denominator is not None and not store.is_complete(scale):
+            store.write_whole(scale, (1.0 / np.sqrt(store.read(denominator).astype(np.float64))).astype(np.float32))
     chunk_rows = meta["featurize"]["chunk_rows"]
     work = []
     for stage in attributed:
