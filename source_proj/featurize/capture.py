@@ -107,13 +107,14 @@ from source_proj.tasks.gradients import PerExampleGradients, batch_rows, batch_s
 from source_proj.tasks.task import Batch, Task, check_task_smoothing
 from source_proj.trajectory.preconditioner import live_preconditioner
 from source_proj.trajectory.recorder import (
+    Stage,
     Trajectory,
     TrajectoryRecorder,
     describe_optimizer,
     load_checkpoint,
     load_weights,
 )
-from source_proj.trajectory.segments import check_optimised
+from source_proj.trajectory.segments import check_optimised, optimizer_rule
 
 _FOLD_EVERY = 64
 MIN_BASIS_PASS = 64
@@ -857,6 +858,8 @@ class GradientCapture:
                 f"Stage {name!r} is trained with {kind!r}; capture supports SGD, Adam and AdamW stages, whose updates "
                 "SOURCE models: train with one of them."
             )
+        sizes = {n: p.numel() for n, p in self.params.items()}
+        optimizer_rule(Stage(name, 0, 0, size, described), sizes)  # maximize=True, groups at different effective rates
         check_optimised(name, described["groups"], self.names)
         if self.datasets is not None and name not in self._data:  # fingerprinted as the stage starts: errors come early
             given = self.datasets.get(name)
