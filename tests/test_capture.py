@@ -943,6 +943,43 @@ def test_eigen_capture_maps_every_window_into_the_final_basis_which_is_post_hoc_
         assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_tracin_on_an_eigen_capture_reads_every_window_in_the_final_basis_its_queries_are_projected_with(
+    tmp_path: Path, classification_data
+) -> None:
+    """Each window of an eigen capture is projected with a basis of its own and the query with the final one, so
+    TracIn over the visits must map the windows' sums into the final basis (exact at k ≥ p), as fit does: score =
+    −Σ_w (η̄_w/B_w) ⟨P ∇f(q; θ_{c_w}), P Σ_{visits} ∇ℓ(z; θ_t)⟩ with P the final projection (brute force:
+    materialised gradients)."""
+    x, y = classification_data.tensors
+    names = [name for name, _ in _mlp().named_parameters()]
+    sums: dict[int, dict[str, torch.Tensor]] = {}
+    done: list[int] = []
+
+    def brute_force(model: nn.Module, rows: torch.Tensor, _) -> None:
+        window = len(done) // 3 * 3
+        done.append(1)
+        for name, values in PerExampleGradients(model, sp.ClassificationTask(), names)((x[rows], y[rows])).items():
+            total = sums.setdefault(window, {}).setdefault(name, torch.zeros(len(y), *values.shape[1:]))
+            total.index_add_(0, rows, values)
+
+    _train(tmp_path / "run", tmp_path / "cap.sp", classification_data, steps=10, batch=8, save_every=3,
+           options=sp.CaptureArguments(chunk_rows=64, end_pass=False), on_batch=brute_force,
+           projection=_eigen_capture(128), datasets={"main": classification_data})  # fmt: skip
+    store = sp.fit_baseline(tmp_path / "cap.sp", sp.BaselineArguments(kind="tracin"), progress=False)
+    queries = (x[:3], y[:3])
+    ours = sp.Attributor(store.path, _mlp(), sp.ClassificationTask(), method="tracin").scores(queries)
+    final = sp.projection.factory.projector_from_meta(store.meta, _mlp(), store)
+    trajectory = sp.Trajectory.load(tmp_path / "run")
+    recipe = store.meta["methods"]["tracin"]["query"]
+    assert recipe["checkpoints"] == sorted(sums)
+    exact = np.zeros_like(ours, dtype=np.float64)
+    for window, weight in zip(recipe["checkpoints"], recipe["weights"], strict=True):
+        model = trajectory.load_into(_mlp(), next(c for c in trajectory.checkpoints if c.step == window)).eval()
+        q = final.project(PerExampleGradients(model, sp.ClassificationTask(), names)(queries, "measurement"))
+        exact -= weight**2 * (q.double() @ final.project(sums[window]).double().T).numpy()
+    np.testing.assert_allclose(ours, exact, rtol=1e-3, atol=1e-4 * np.abs(exact).max())
+
+
 def test_eigen_capture_leaves_training_unchanged_and_a_killed_run_resumes_into_the_uninterrupted_store(
     tmp_path: Path, classification_data
 ) -> None:

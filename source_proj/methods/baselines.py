@@ -483,13 +483,15 @@ def _captured_tracin(
             used.append((start, stage, weight))
     used.sort()
     rows = meta["featurize"]["chunk_rows"]
+    maps = window_maps(store)  # an eigen capture's windows, each in a basis of its own: into the queries' final one
 
     def chunk(stage: str, start: int, stop: int) -> np.ndarray:
         out = torch.zeros(stop - start, k * len(used), dtype=torch.float64)
         for slot, (window, owner, weight) in enumerate(used):
             if owner == stage:
                 g = torch.from_numpy(store.read_chunk(window_array("grads", stage, window), start // rows)).double()
-                out[:, slot * k : (slot + 1) * k] = -(weight**0.5) * g
+                to_final = maps.get((stage, window))
+                out[:, slot * k : (slot + 1) * k] = -(weight**0.5) * (g if to_final is None else to_final(g))
         return out.float().numpy()
 
     recipe = {
