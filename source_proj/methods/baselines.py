@@ -173,8 +173,8 @@ def _captured_denominators(store: Store, steps: Sequence[int]) -> list[str | Non
     owner = {window: stage for stage in stages for window in stage_windows(store.meta, stage)}
     out: list[str | None] = []
     for step in steps:
-        stage = owner.get(step, stages[-1])
-        array = window_array(DENOMINATOR, stage, step if step in owner else stage_windows(store.meta, stage)[-1])
+        window = step if step in owner else max(owner)  # θ_T: the run's last window
+        array = window_array(DENOMINATOR, owner[window], window)
         out.append(array if store.is_complete(array) else None)
     return out
 
