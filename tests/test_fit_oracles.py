@@ -1,0 +1,299 @@
+"""SOURCE's fit against SOURCE_MATH's formulas computed by brute force, across its options: several segments of
+unequal lengths under a learning-rate schedule, heavy-ball momentum and weight decay, a segment of one checkpoint,
+two stages with their own data and optimizers, each damping, both averages and Fast-SOURCE.
+
+The identity projection keeps every coordinate, so the engine's k × k curvature is the p × p Gauss–Newton and the
+only gap to the float64 brute force here is float32 storage. The brute force never touches the engine: per-example
+gradients, the exact Fisher, the segments' weights and the matrix functions are computed from scratch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, jacrev, vmap
+from torch.utils.data import TensorDataset
+
+import source_proj as sp
+
+from .conftest import step_weights_by_hand
+
+CLASSES = 3
+
+
+def _arch() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, CLASSES))
+
+
+def _data(n: int, seed: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 3, generator=g), torch.randint(0, CLASSES, (n,), generator=g))
+
+
+QUERIES = _data(5, 99)
+
+
+def _schedule(step: int) -> float:
+    """A warm-up over 3 steps, then a decay at every step: no two neighbouring steps share a rate."""
+    return (step + 1) / 3 if step < 3 else 0.9 ** (step - 2)
+
+
+def _train(run: Path, stages: list[tuple[str, TensorDataset, dict, int]], save_every: int) -> None:
+    """Full-batch training through ``stages`` (name, data, SGD settings, steps), each with its own optimizer and
+    the warm-up-and-decay schedule."""
+    model = _arch()
+    rec = None
+    for name, data, settings, steps in stages:
+        opt = torch.optim.SGD(model.parameters(), **settings)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule)
+        if rec is None:
+            rec = sp.TrajectoryRecorder(run, model, opt, save_every=save_every)
+            rec.begin_stage(name, dataset_size=len(data))
+        else:
+            rec.begin_stage(name, dataset_size=len(data), optimizer=opt)
+        x, y = data.tensors
+        for _ in range(steps):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            rec.step()
+            sched.step()
+    assert rec is not None
+    rec.close()
+
+
+class _Flat:
+    """The architecture as a function of one flat float64 parameter vector."""
+
+    def __init__(self) -> None:
+        self.net = _arch().double()
+        self.names = [n for n, _ in self.net.named_parameters()]
+        self.shapes = [p.shape for p in self.net.parameters()]
+
+    def flat(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([state[n].double().reshape(-1) for n in self.names])
+
+    def unflat(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, i = {}, 0
+        for n, s in zip(self.names, self.shapes, strict=True):
+            out[n] = v[i : i + s.numel()].reshape(s)
+            i += s.numel()
+        return out
+
+    def logits(self, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.net, self.unflat(v), (x[None],))[0]
+
+    def loss_grads(self, v: torch.Tensor, data: TensorDataset) -> torch.Tensor:
+        """∇ℓ(z_i; θ) of every example, ``[N, p]``."""
+        x, y = data.tensors[0].double(), data.tensors[1]
+        return vmap(grad(lambda v, xi, yi: F.cross_entropy(self.logits(v, xi)[None], yi[None])), in_dims=(None, 0, 0))(
+            v, x, y
+        )
+
+    def gauss_newton(self, v: torch.Tensor, data: TensorDataset) -> torch.Tensor:
+        """(1/N) Σ_i J_iᵀ (diag p − ppᵀ) J_i: the exact Fisher of the mean cross-entropy, ``[p, p]``."""
+        x = data.tensors[0].double()
+        jac = vmap(jacrev(self.logits), in_dims=(None, 0))(v, x)
+        probs = torch.softmax(vmap(self.logits, in_dims=(None, 0))(v, x), -1)
+        lam = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
+        return torch.einsum("ncp,ncd,ndq->pq", jac, lam, jac) / len(x)
+
+    def margins(self, v: torch.Tensor, queries: TensorDataset) -> torch.Tensor:
+        """∇f(q; θ) of the margin of every query, ``[Q, p]``."""
+
+        def margin(v, xi, yi):
+            out = self.logits(v, xi)
+            label = torch.arange(CLASSES) == yi
+            return (out * label).sum() - torch.logsumexp(out.masked_fill(label, -torch.inf), 0)
+
+        return vmap(grad(margin), in_dims=(None, 0, 0))(v, queries.tensors[0].double(), queries.tensors[1])
+
+
+def _brute_source(
+    run: Path,
+    datasets: dict[str, TensorDataset],
+    segments: list[tuple[str, int, int, dict[int, float]]],
+    lr: np.ndarray,
+    factors: dict[str, tuple[float, float]],
+    damping_factor: float,
+    attributed: tuple[str, ...],
+    fast: bool = False,
+) -> dict[str, np.ndarray]:
+    """SOURCE_MATH §3 by hand: ``segments`` are (stage, start, end, {checkpoint step: weight}); ``factors`` each
+    stage's (momentum factor 1/(1−β), weight decay λ); ``lr`` the rate of every step. Returns the scores of
+    ``QUERIES`` per attributed stage.
+
+    Fast-SOURCE takes the segment's gradients and curvature at its weighted mean parameters instead."""
+    traj = sp.Trajectory.load(run)
+    f = _Flat()
+    theta = {c.step: f.flat(traj.load_into(_arch(), c).state_dict()) for c in traj.checkpoints}
+    ops = []
+    for stage, start, end, weights in segments:
+        data = datasets[stage]
+        momentum_factor, decay = factors[stage]
+        time = momentum_factor * float(np.mean(lr[start:end])) * (end - start)
+        if fast:
+            mean = sum(w * theta[s] for s, w in weights.items())
+            points = {0: (mean, 1.0)}
+        else:
+            points = {s: (theta[s], w) for s, w in weights.items()}
+        h = sum(w * f.gauss_newton(v, data) for v, w in points.values())
+        g = sum(w * f.loss_grads(v, data) for v, w in points.values())
+        p = len(h)
+        lam = decay + damping_factor * float(torch.linalg.eigvalsh(h).clamp_min(0).mean())
+        damped = h + lam * torch.eye(p, dtype=torch.float64)
+        survive = torch.linalg.matrix_exp(-time * damped)
+        response = (torch.eye(p, dtype=torch.float64) - survive) @ torch.linalg.inv(damped)
+        ops.append((stage, survive, response, g, len(data)))
+    q = f.margins(theta[max(theta)], QUERIES)
+    out = {}
+    for stage in attributed:
+        total = 0
+        for i, (own, _, response, g, n) in enumerate(ops):
+            if own != stage:
+                continue
+            later = torch.eye(len(response), dtype=torch.float64)
+            for _, survive, *_ in ops[i + 1 :]:
+                later = survive @ later
+            total = total + (later @ response @ g.T) / n  # Δθ_T(z), [p, N]
+        out[stage] = -(q @ total).numpy()
+    return out
+
+
+def _engine(run: Path, store: Path, datasets: dict[str, TensorDataset], args: sp.FitArguments, **options) -> dict:
+    if not (store / "zarr.json").exists():
+        sp.featurize(
+            run,
+            _arch(),
+            sp.ClassificationTask(),
+            datasets if len(datasets) > 1 else next(iter(datasets.values())),
+            store,
+            projection=sp.ProjectionArguments(kind="identity"),
+            options=sp.FeaturizeArguments(batch_size=5, chunk_rows=10, fisher="exact", **options),
+            progress=False,
+        )
+    sp.fit(store, args, progress=False)
+    scores = sp.Attributor(store, _arch(), sp.ClassificationTask(), method=args.name).scores(QUERIES)
+    stores = sp.Store.open(store)
+    rows = {}
+    column = 0
+    for stage in stores.meta["methods"][args.name]["stages"]:
+        n = len(datasets[stage])
+        rows[stage] = scores[:, column : column + n]
+        column += n
+    assert column == scores.shape[1]
+    return rows
+
+
+def _close(ours: np.ndarray, expected: np.ndarray) -> None:
+    assert ours.shape == expected.shape
+    np.testing.assert_allclose(ours, expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
+
+
+ONE = {"main": _data(20, 0)}
+ONE_SETTINGS = {"lr": 0.4, "momentum": 0.5, "weight_decay": 0.02}
+ONE_STEPS, ONE_EVERY = 13, 3  # checkpoints 0, 3, 6, 9, 12 and the stage's closing 13
+
+
+@pytest.fixture(scope="module")
+def one_stage(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("one") / "run"
+    _train(run, [("main", ONE["main"], ONE_SETTINGS, ONE_STEPS)], ONE_EVERY)
+    return run
+
+
+@pytest.mark.parametrize("average", ["steps", "checkpoints"])
+@pytest.mark.parametrize("damping_factor", [0.0, 0.5, None])
+def test_unequal_segments_under_a_schedule_with_momentum_and_decay_equal_the_formula(
+    tmp_path: Path, one_stage: Path, average: str, damping_factor: float | None
+) -> None:
+    """Cuts at 5 and 9: segments [0, 5) (checkpoints 0, 3), [4 steps of] [5, 9) (checkpoint 6 only) and [9, 13)
+    (9, 12); the rate changes at every step; λ = the decay + the damping factor × the mean eigenvalue (default 1
+    on the identity projection)."""
+    store = tmp_path / f"s-{average}-{damping_factor}.sp"
+    args = sp.FitArguments(boundaries=(5, 9), damping_factor=damping_factor, average=average)
+    ours = _engine(one_stage, store, ONE, args)
+    lr = np.array([ONE_SETTINGS["lr"] * _schedule(k) for k in range(ONE_STEPS)])
+    steps = (0, 3, 6, 9, 12, 13)
+    segments = []
+    for start, end, own in ((0, 5, (0, 3)), (5, 9, (6,)), (9, 13, (9, 12))):
+        if average == "checkpoints":
+            weights = {s: 1 / len(own) for s in own}
+        else:
+            weights = step_weights_by_hand(start, end, list(steps), lr)
+        segments.append(("main", start, end, weights))
+    factors = {"main": (1 / (1 - ONE_SETTINGS["momentum"]), ONE_SETTINGS["weight_decay"])}
+    factor = 1.0 if damping_factor is None else damping_factor
+    expected = _brute_source(one_stage, ONE, segments, lr, factors, factor, ("main",))
+    _close(ours["main"], expected["main"])
+
+
+TWO = {"pre": _data(20, 0), "fine": _data(12, 1)}
+TWO_STAGES = [
+    ("pre", TWO["pre"], {"lr": 0.4, "momentum": 0.5, "weight_decay": 0.02}, 7),
+    ("fine", TWO["fine"], {"lr": 0.2}, 8),
+]
+
+
+@pytest.fixture(scope="module")
+def two_stages(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("two") / "run"
+    _train(run, TWO_STAGES, 3)
+    return run
+
+
+def _two_stage_brute(run: Path, attributed: tuple[str, ...], damping_factor: float, average: str) -> dict:
+    """Two segments per stage: pre [0, 4) (checkpoints 0, 3) and [4, 7) (6); fine [7, 11) (7, 9) and [11, 15) (12);
+    the fine-tuning stage restarts the schedule at its own first step."""
+    lr = np.array([settings["lr"] * _schedule(k) for _, _, settings, steps in TWO_STAGES for k in range(steps)])
+    stage_steps = {"pre": (0, 3, 6, 7), "fine": (7, 9, 12, 15)}
+    segments = []
+    for stage, start, end, own in (("pre", 0, 4, (0, 3)), ("pre", 4, 7, (6,)), ("fine", 7, 11, (7, 9)),
+                                   ("fine", 11, 15, (12,))):  # fmt: skip
+        if average == "checkpoints":
+            weights = {s: 1 / len(own) for s in own}
+        else:
+            weights = step_weights_by_hand(start, end, list(stage_steps[stage]), lr)
+        segments.append((stage, start, end, weights))
+    factors = {"pre": (2.0, 0.02), "fine": (1.0, 0.0)}
+    return _brute_source(run, TWO, segments, lr, factors, damping_factor, attributed)
+
+
+@pytest.mark.parametrize("average", ["steps", "checkpoints"])
+def test_a_fine_tuning_stage_after_pre_training_equals_the_formula_for_either_stage_or_both(
+    tmp_path: Path, two_stages: Path, average: str
+) -> None:
+    """Each stage's examples are credited with 1/N of their own stage and carried through every later segment's
+    survival; attributing one stage keeps exactly its columns."""
+    store = tmp_path / "s.sp"
+    for stages in (None, ("pre",), ("fine",)):
+        method = "-".join(stages or ("all",))
+        args = sp.FitArguments(segments_per_stage=2, damping_factor=0.25, average=average, stages=stages,
+                               method=method)  # fmt: skip
+        ours = _engine(two_stages, store, TWO, args)
+        expected = _two_stage_brute(two_stages, stages or ("pre", "fine"), 0.25, average)
+        assert set(ours) == set(expected)
+        for stage in expected:
+            _close(ours[stage], expected[stage])
+
+
+def test_fast_source_takes_gradients_and_curvature_at_each_segments_step_averaged_parameters(
+    tmp_path: Path, two_stages: Path
+) -> None:
+    segmentation = sp.SegmentationArguments(per_stage=2)
+    args = sp.FitArguments(fast=True, damping_factor=0.25)
+    ours = _engine(two_stages, tmp_path / "s.sp", TWO, args, segmentation=segmentation, segment_means=True)
+    lr = np.array([settings["lr"] * _schedule(k) for _, _, settings, steps in TWO_STAGES for k in range(steps)])
+    stage_steps = {"pre": [0, 3, 6, 7], "fine": [7, 9, 12, 15]}
+    segments = [(stage, a, b, step_weights_by_hand(a, b, stage_steps[stage], lr))
+                for stage, a, b in (("pre", 0, 4), ("pre", 4, 7), ("fine", 7, 11), ("fine", 11, 15))]  # fmt: skip
+    expected = _brute_source(two_stages, TWO, segments, lr, {"pre": (2.0, 0.02), "fine": (1.0, 0.0)}, 0.25,
+                             ("pre", "fine"), fast=True)  # fmt: skip
+    for stage in expected:
+        _close(ours[stage], expected[stage])
