@@ -239,3 +239,48 @@ def test_under_torchrun_only_rank_0_prints_the_summary_and_every_rank_its_errors
     assert follower.exit_code == 0 and follower.stdout == ""
     failed = cli.invoke(main, ["info", str(tiny_reference) + "-missing"])
     assert failed.exit_code == 1 and failed.stderr.startswith("Error: No store at ")
+
+
+REGRESSION_SPEC = """
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+import source_proj as sp
+
+def _data(seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(16, 3, generator=g)
+    return TensorDataset(x, x @ torch.tensor([1.0, -2.0, 0.5]))
+
+def build_model():
+    return nn.Linear(3, 1)
+
+def build_task():
+    return sp.RegressionTask()
+
+def train_data(stage):
+    return _data(0)
+
+def query_data():
+    return _data(1)
+"""
+
+
+def test_query_of_a_regression_task_says_a_positive_score_raised_the_error(tmp_path: Path) -> None:
+    """A regression's measurement is its error: a positive score means the example raised it (harmed the query),
+    so the CLI must not head those examples "helpful"."""
+    spec = tmp_path / "spec.py"
+    spec.write_text(REGRESSION_SPEC)
+    module = sp.spec.load_spec(spec)
+    torch.manual_seed(0)
+    full_batch_run(tmp_path / "run", module.build_model(), module.train_data("main"),
+                   lambda o, t: (o.squeeze(-1) - t) ** 2, lr=0.05, steps=6, save_every=3)  # fmt: skip
+    store, cli = tmp_path / "s.sp", CliRunner()
+    for command in (["featurize", "--ckpts", str(tmp_path / "run"), "--spec", str(spec), "--out", str(store),
+                     "--projection", "identity", "--batch-size", "8"], ["fit", str(store)],
+                    ["query", str(store), "--queries", "0:2", "--top-k", "2"]):  # fmt: skip
+        out = cli.invoke(main, command)
+        assert out.exit_code == 0, out.output
+    header = next(line for line in out.output.splitlines() if line.strip().startswith("rank"))
+    assert "raised the query's error" in header and "lowered the query's error" in header, header
+    assert "helpful" not in out.output

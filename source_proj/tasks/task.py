@@ -17,7 +17,7 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -413,11 +413,17 @@ def _multi_labels(task: Task, outputs: Tensor, batch: Batch) -> Tensor:
 class RegressionTask(Task):
     """Scalar regression trained with squared error ``(ŷ − y)²``; measurement = |ŷ − y|.
 
-    Batches are ``(inputs, targets, ...)``; the model returns ``[B]`` or ``[B, 1]``.
+    Batches are ``(inputs, targets, ...)``; the model returns ``[B]`` or ``[B, 1]``. The measurement is an error,
+    so a positive score means z raised it: harmed the query (``score_labels`` word it so for reports).
     """
 
     parameters: ParameterSelection = field(default_factory=ParameterSelection)
     name: str = "regression"
+    score_labels: ClassVar[tuple[str, str]] = (
+        "raised the query's error (removing it lowers the error)",
+        "lowered the query's error (removing it raises the error)",
+    )
+    positive_helps: ClassVar[bool] = False
 
     @staticmethod
     def _prediction(outputs: Tensor) -> Tensor:
