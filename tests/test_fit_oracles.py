@@ -9,6 +9,8 @@ gradients, the exact Fisher, the segments' weights and the matrix functions are 
 
 from __future__ import annotations
 
+import itertools
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -124,12 +126,14 @@ def _brute_source(
     damping_factor: float,
     attributed: tuple[str, ...],
     fast: bool = False,
+    empirical: bool = False,
 ) -> dict[str, np.ndarray]:
     """SOURCE_MATH §3 by hand: ``segments`` are (stage, start, end, {checkpoint step: weight}); ``factors`` each
     stage's (momentum factor 1/(1−β), weight decay λ); ``lr`` the rate of every step. Returns the scores of
     ``QUERIES`` per attributed stage.
 
-    Fast-SOURCE takes the segment's gradients and curvature at its weighted mean parameters instead."""
+    Fast-SOURCE takes the segment's gradients and curvature at its weighted mean parameters instead; the empirical
+    Fisher is (1/N) Σ_i ∇ℓ_i ∇ℓ_iᵀ at the observed labels."""
     traj = sp.Trajectory.load(run)
     f = _Flat()
     theta = {c.step: f.flat(traj.load_into(_arch(), c).state_dict()) for c in traj.checkpoints}
@@ -143,7 +147,10 @@ def _brute_source(
             points = {0: (mean, 1.0)}
         else:
             points = {s: (theta[s], w) for s, w in weights.items()}
-        h = sum(w * f.gauss_newton(v, data) for v, w in points.values())
+        if empirical:
+            h = sum(w * f.loss_grads(v, data).T @ f.loss_grads(v, data) / len(data) for v, w in points.values())
+        else:
+            h = sum(w * f.gauss_newton(v, data) for v, w in points.values())
         g = sum(w * f.loss_grads(v, data) for v, w in points.values())
         p = len(h)
         lam = decay + damping_factor * float(torch.linalg.eigvalsh(h).clamp_min(0).mean())
@@ -166,7 +173,9 @@ def _brute_source(
     return out
 
 
-def _engine(run: Path, store: Path, datasets: dict[str, TensorDataset], args: sp.FitArguments, **options) -> dict:
+def _engine(run: Path, store: Path, datasets: dict[str, TensorDataset], args, fisher: str = "exact", **options) -> dict:
+    """The scores of ``QUERIES`` per attributed stage, of SOURCE (``args``: FitArguments) or of a baseline
+    (BaselineArguments)."""
     if not (store / "zarr.json").exists():
         sp.featurize(
             run,
@@ -175,15 +184,22 @@ def _engine(run: Path, store: Path, datasets: dict[str, TensorDataset], args: sp
             datasets if len(datasets) > 1 else next(iter(datasets.values())),
             store,
             projection=sp.ProjectionArguments(kind="identity"),
-            options=sp.FeaturizeArguments(batch_size=5, chunk_rows=10, fisher="exact", **options),
+            options=sp.FeaturizeArguments(batch_size=5, chunk_rows=10, fisher=fisher, **options),
             progress=False,
         )
-    sp.fit(store, args, progress=False)
-    scores = sp.Attributor(store, _arch(), sp.ClassificationTask(), method=args.name).scores(QUERIES)
+    if isinstance(args, sp.FitArguments):
+        sp.fit(store, args, progress=False)
+        method = args.name
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # TRAK's full kernel is near-singular, on purpose
+            sp.fit_baseline(store, args, progress=False)
+        method = args.method or args.kind
+    scores = sp.Attributor(store, _arch(), sp.ClassificationTask(), method=method).scores(QUERIES)
     stores = sp.Store.open(store)
     rows = {}
     column = 0
-    for stage in stores.meta["methods"][args.name]["stages"]:
+    for stage in stores.meta["methods"][method]["stages"]:
         n = len(datasets[stage])
         rows[stage] = scores[:, column : column + n]
         column += n
@@ -297,3 +313,56 @@ def test_fast_source_takes_gradients_and_curvature_at_each_segments_step_average
                              ("pre", "fine"), fast=True)  # fmt: skip
     for stage in expected:
         _close(ours[stage], expected[stage])
+
+
+def test_the_empirical_fisher_is_the_observed_label_gradients_outer_product(tmp_path: Path, one_stage: Path) -> None:
+    args = sp.FitArguments(boundaries=(5, 9), damping_factor=0.0)
+    ours = _engine(one_stage, tmp_path / "s.sp", ONE, args, fisher="empirical")
+    lr = np.array([ONE_SETTINGS["lr"] * _schedule(k) for k in range(ONE_STEPS)])
+    steps = [0, 3, 6, 9, 12, 13]
+    segments = [("main", a, b, step_weights_by_hand(a, b, steps, lr)) for a, b in ((0, 5), (5, 9), (9, 13))]
+    expected = _brute_source(one_stage, ONE, segments, lr, {"main": (2.0, 0.02)}, 0.0, ("main",), empirical=True)
+    _close(ours["main"], expected["main"])
+
+
+def test_tracin_weighs_each_checkpoint_by_the_scheduled_rates_since_the_previous_one_in_its_stage(
+    tmp_path: Path, two_stages: Path
+) -> None:
+    """TracIn-CP: −(1/N_s) Σ_c w_c ∇f(q; θ_c)·∇ℓ(z; θ_c) over the checkpoints c saved during z's stage s,
+    w_c = the recorded rates of the steps since the previous checkpoint (no momentum factor: dattri's)."""
+    ours = _engine(two_stages, tmp_path / "s.sp", TWO, sp.BaselineArguments(kind="tracin"))
+    lr = np.array([settings["lr"] * _schedule(k) for _, _, settings, steps in TWO_STAGES for k in range(steps)])
+    traj = sp.Trajectory.load(two_stages)
+    f = _Flat()
+    theta = {c.step: f.flat(traj.load_into(_arch(), c).state_dict()) for c in traj.checkpoints}
+    for stage, bounds in (("pre", (0, 3, 6, 7)), ("fine", (7, 9, 12, 15))):
+        expected = 0
+        for a, c in itertools.pairwise(bounds):
+            q, g = f.margins(theta[c], QUERIES), f.loss_grads(theta[c], TWO[stage])
+            expected = expected - float(lr[a:c].sum()) * (q @ g.T) / len(TWO[stage])
+        _close(ours[stage], expected.numpy())
+
+
+def test_if_and_trak_take_the_curvature_of_every_stages_examples_at_the_final_checkpoint(
+    tmp_path: Path, two_stages: Path
+) -> None:
+    """IF: −(1/N) q(H + δI)⁻¹ g_T(z), H the Gauss–Newton of all N = 32 examples, δ = 3 × its mean eigenvalue.
+    TRAK on every coordinate: −q (ΦᵀΦ)⁺ g_T(z), Φ the margin gradients of all 32."""
+    store = tmp_path / "s.sp"
+    influence = _engine(two_stages, store, TWO, sp.BaselineArguments(kind="if"))
+    k = sp.Store.open(store).meta["projection"]["dim"]
+    trak = _engine(two_stages, store, TWO, sp.BaselineArguments(kind="trak", trak_dim=k))
+    traj = sp.Trajectory.load(two_stages)
+    f = _Flat()
+    final = f.flat(traj.load_into(_arch(), traj.final_checkpoint).state_dict())
+    n = sum(len(d) for d in TWO.values())
+    h = sum(len(d) * f.gauss_newton(final, d) for d in TWO.values()) / n
+    damping = 3.0 * float(torch.linalg.eigvalsh(h).clamp_min(0).mean())
+    inverse = torch.linalg.inv(h + damping * torch.eye(k, dtype=torch.float64))
+    phi = torch.cat([f.margins(final, d) for d in TWO.values()])
+    gram = torch.linalg.pinv(phi.T @ phi, hermitian=True, rtol=1e-6)
+    q = f.margins(final, QUERIES)
+    for stage, data in TWO.items():
+        g = f.loss_grads(final, data)
+        _close(influence[stage], -(q @ inverse @ g.T / n).numpy())
+        _close(trak[stage], -(q @ gram @ g.T).numpy())
