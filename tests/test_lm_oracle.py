@@ -41,8 +41,13 @@ def _gpt2() -> nn.Module:
     return transformers.GPT2LMHeadModel(config)
 
 
-def _task() -> sp.LanguageModelingTask:
-    return sp.LanguageModelingTask(tokens_per_sequence="own")
+def _task(tokens: float | str) -> sp.LanguageModelingTask:
+    return sp.LanguageModelingTask(tokens_per_sequence=tokens)
+
+
+def _normaliser(tokens: float | str, seq: list[int]) -> float:
+    """n of ℓ = s/n: the sequence's own count of predicted tokens, or the constant n̄."""
+    return len(seq) - 1 if tokens == "own" else float(tokens)
 
 
 def _summed_loss(model: nn.Module, params: dict[str, torch.Tensor], seq: list[int]) -> torch.Tensor:
@@ -52,9 +57,15 @@ def _summed_loss(model: nn.Module, params: dict[str, torch.Tensor], seq: list[in
     return F.cross_entropy(logits[:-1], ids[0, 1:], reduction="sum")
 
 
+@pytest.fixture(scope="module", params=["own", 4.5])
+def tokens(request: pytest.FixtureRequest) -> float | str:
+    """ℓ = s/n(z), each sequence's mean token loss, or ℓ = s/n̄ (Hugging Face's mean over a batch's tokens)."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Full-batch SGD on the mean over sequences of each one's mean token loss, each sequence computed alone."""
+def run(tmp_path_factory: pytest.TempPathFactory, tokens: float | str) -> Path:
+    """Full-batch SGD on the mean over sequences of ℓ = s/n, each sequence computed alone."""
     path = tmp_path_factory.mktemp("lm") / "run"
     model = _gpt2()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
@@ -63,7 +74,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params = dict(model.named_parameters())
     for _ in range(STEPS):
         opt.zero_grad()
-        loss = sum(_summed_loss(model, params, s) / (len(s) - 1) for s in TRAIN) / len(TRAIN)
+        loss = sum(_summed_loss(model, params, s) / _normaliser(tokens, s) for s in TRAIN) / len(TRAIN)
         loss.backward()
         opt.step()
         rec.step()
@@ -71,21 +82,21 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _brute(run: Path) -> np.ndarray:
+def _brute(run: Path, tokens: float | str) -> np.ndarray:
     """−(1/N) ∇f(q; θ_T)ᵀ (I − e^{−tH̄}) H̄⁻¹ ḡ(z), float64, one segment, the empirical Fisher H̄: the step average
     of (1/N) Σ_z ∇ℓ(z)∇ℓ(z)ᵀ over the checkpoints 0, 3 and 6."""
     traj = sp.Trajectory.load(run)
     model = _gpt2().double()
-    names = _task().select_parameters(model)
+    names = _task(tokens).select_parameters(model)
 
-    def grads(step: int, seqs: list[list[int]], per_token_mean: bool) -> torch.Tensor:
+    def grads(step: int, seqs: list[list[int]], training_loss: bool) -> torch.Tensor:
         traj.load_into(model, next(c for c in traj.checkpoints if c.step == step))
         base = {n: p.detach() for n, p in model.named_parameters()}
         out = []
         for s in seqs:
             def value(chosen: dict[str, torch.Tensor], s: list[int] = s) -> torch.Tensor:
                 loss = _summed_loss(model, {**base, **chosen}, s)
-                return loss / (len(s) - 1) if per_token_mean else loss
+                return loss / _normaliser(tokens, s) if training_loss else loss
 
             g = grad(value)({n: base[n] for n in names})
             out.append(torch.cat([g[n].reshape(-1) for n in names]))
@@ -107,25 +118,27 @@ def _brute(run: Path) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def fitted(run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def fitted(run: Path, tmp_path_factory: pytest.TempPathFactory, tokens: float | str) -> Path:
     store = tmp_path_factory.mktemp("lm-store") / "s.sp"
     options = sp.FeaturizeArguments(batch_size=4, chunk_rows=4, fisher="empirical")
     identity = sp.ProjectionArguments(kind="identity")
-    sp.featurize(run, _gpt2(), _task(), sp.TextDataset(TRAIN), store, projection=identity, options=options,
+    sp.featurize(run, _gpt2(), _task(tokens), sp.TextDataset(TRAIN), store, projection=identity, options=options,
                  progress=False)
     sp.fit(store, sp.FitArguments(damping_factor=0.0), progress=False)
     return store
 
 
-def test_padded_language_model_scores_equal_the_formula_on_each_sequence_alone(run: Path, fitted: Path) -> None:
-    expected = _brute(run)
+def test_padded_language_model_scores_equal_the_formula_on_each_sequence_alone(
+    run: Path, fitted: Path, tokens: float | str
+) -> None:
+    expected = _brute(run, tokens)
     for batch_size in (1, 2, 3):  # query batches of other sizes: other padding, the same scores
-        ours = sp.Attributor(fitted, _gpt2(), _task(), batch_size=batch_size).scores(sp.TextDataset(QUERIES))
+        ours = sp.Attributor(fitted, _gpt2(), _task(tokens), batch_size=batch_size).scores(sp.TextDataset(QUERIES))
         np.testing.assert_allclose(ours, expected, rtol=2e-3, atol=2e-4 * np.abs(expected).max())
 
 
-def test_per_token_scores_put_nothing_on_padding_and_sum_to_the_score(fitted: Path) -> None:
-    attributor = sp.Attributor(fitted, _gpt2(), _task())
+def test_per_token_scores_put_nothing_on_padding_and_sum_to_the_score(fitted: Path, tokens: float | str) -> None:
+    attributor = sp.Attributor(fitted, _gpt2(), _task(tokens))
     rows = list(range(len(TRAIN)))
     result = sp.token_scores(attributor, sp.TextDataset(QUERIES), sp.TextDataset(TRAIN), rows, progress=False)
     padding = result.attention_mask == 0
