@@ -209,6 +209,34 @@ def test_repsim_is_the_cosine_of_the_last_hidden_activations(fitted) -> None:
     _close(_engine(run, store, queries, "repsim"), expected)
 
 
+def test_repsim_of_a_task_measuring_an_error_is_minus_the_cosine(tmp_path: Path) -> None:
+    """A regression's measurement is its error, so a positive score means z raised it (docs/concepts/scores.md):
+    RepSim's similar examples, which it takes to help, score negative there, as a language model's do."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20, 4, generator=g)
+    train = TensorDataset(x, x @ torch.tensor([1.0, -2.0, 0.5, 0.0]))
+    queries = TensorDataset(torch.randn(3, 4, generator=g), torch.zeros(3))
+    task = sp.RegressionTask()
+
+    def arch() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1))
+
+    squared = lambda o, t: (o.squeeze(-1) - t) ** 2  # noqa: E731
+    full_batch_run(tmp_path / "run", arch(), train, squared, lr=0.1, steps=4, save_every=2)
+    sp.featurize(tmp_path / "run", arch(), task, train, tmp_path / "s.sp",
+                 projection=sp.ProjectionArguments(kind="identity"),
+                 options=sp.FeaturizeArguments(batch_size=10, chunk_rows=10), progress=False)  # fmt: skip
+    sp.fit_baseline(tmp_path / "s.sp", sp.BaselineArguments(kind="repsim"), model=arch(), task=task, train_data=train,
+                    progress=False)  # fmt: skip
+    net = arch()
+    sp.Trajectory.load(tmp_path / "run").load_into(net, sp.Trajectory.load(tmp_path / "run").final_checkpoint)
+    with torch.no_grad():
+        h_train, h_query = torch.tanh(net[0](train.tensors[0])), torch.tanh(net[0](queries.tensors[0]))
+    expected = -(F.normalize(h_query, dim=1) @ F.normalize(h_train, dim=1).T).numpy()
+    _close(sp.Attributor(tmp_path / "s.sp", arch(), task, method="repsim").scores(queries), expected)
+
+
 def test_an_ensemble_averages_the_scores_of_its_models_and_its_top_k_is_exact(fitted, tmp_path: Path) -> None:
     run, store, train, queries = fitted
     ce = lambda o, t: F.cross_entropy(o, t, reduction="none")  # noqa: E731

@@ -222,8 +222,7 @@ def fit_baseline(
             "does not take; featurize the run after training for TRAK."
         )
     if args.kind == "repsim":
-        dim, recipe, chunk_fn = _repsim(store, unwrap_model(model), task, train_data, device, batch_size)
-        extra: dict[str, Any] = {}
+        dim, recipe, chunk_fn, extra = _repsim(store, unwrap_model(model), task, train_data, device, batch_size)
     elif args.kind == "tracin":
         dim, recipe, chunk_fn, extra = (_captured_tracin if is_captured(meta) else _tracin)(store, attributed, sizes)
     else:
@@ -510,8 +509,10 @@ def _repsim(
     train_data: Dataset | Mapping[str, Dataset] | None,
     device: str | None,
     batch_size: int,
-) -> tuple[int, dict[str, Any], ChunkFn]:
-    """RepSim: unit-normalised last hidden representations at the final checkpoint."""
+) -> tuple[int, dict[str, Any], ChunkFn, dict[str, Any]]:
+    """RepSim: unit-normalised last hidden representations at the final checkpoint, negated for a task whose
+    measurement is a loss or an error (``positive_helps`` False), where the similar examples that RepSim takes to
+    help lower the measurement, so score −cos (score = −Δf, docs/concepts/scores.md)."""
     if model is None or task is None or train_data is None:
         raise TaskError(
             "RepSim compares representations computed by the model, so fit_baseline needs model=, task= and "
@@ -529,11 +530,12 @@ def _repsim(
     net = copy.deepcopy(model).to(where)
     trajectory.load_into(net, trajectory.final_checkpoint)
     net.eval()
+    sign = 1.0 if getattr(task.bind(net), "positive_helps", True) else -1.0
 
     def chunk(stage: str, start: int, stop: int) -> np.ndarray:
         batches = loader(Subset(datasets[stage], range(start, stop)), batch_size=batch_size, shuffle=False)
         reps = [task.representation(net, move_batch(b, where)).cpu() for b in batches]
-        return torch.nn.functional.normalize(torch.cat(reps).double(), dim=1).float().numpy()
+        return (sign * torch.nn.functional.normalize(torch.cat(reps).double(), dim=1)).float().numpy()
 
     first = next(iter(loader(Subset(next(iter(datasets.values())), [0]), batch_size=1)))
     dim = int(task.representation(net, move_batch(first, where)).shape[1])
@@ -543,4 +545,4 @@ def _repsim(
         "features": "representation",
         "normalize": True,
     }
-    return dim, recipe, chunk
+    return dim, recipe, chunk, {} if sign > 0 else {"sign": -1}
