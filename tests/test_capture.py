@@ -170,14 +170,15 @@ def test_full_batch_capture_with_a_checkpoint_per_step_equals_posthoc_source(
     assert np.abs(a).max() > 0
     assert np.allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(a).max())
 
-    # Baselines on the captured store: TracIn over the visits (each step's full batch, lr 0.1, queried at the
-    # window's checkpoint), Grad-Dot at the last window; TRAK needs what capture does not take.
+    # Baselines on the captured store: TracIn over the visits (each step's full batch at the effective rate
+    # 0.1/(1 − 0.9), queried at the window's checkpoint), Grad-Dot at the last window; TRAK needs what capture does
+    # not take.
     grads = {step: posthoc.read(f"grads/main/{ckpt_key(step)}").astype(np.float64) for step in range(6)}
     tracin = sp.fit_baseline(captured.path, sp.BaselineArguments(kind="tracin"), progress=False)
-    expected = np.concatenate([-np.sqrt(0.1 / n) * grads[step] for step in range(6)], axis=1)
+    expected = np.concatenate([-np.sqrt(1.0 / n) * grads[step] for step in range(6)], axis=1)
     assert np.allclose(tracin.read("methods/tracin/train/main"), expected, rtol=1e-4, atol=1e-6)
     recipe = tracin.meta["methods"]["tracin"]["query"]
-    assert recipe["checkpoints"] == list(range(6)) and np.allclose(recipe["weights"], np.sqrt(0.1 / n))
+    assert recipe["checkpoints"] == list(range(6)) and np.allclose(recipe["weights"], np.sqrt(1.0 / n))
     dot = sp.fit_baseline(captured.path, sp.BaselineArguments(kind="grad-dot"), progress=False)
     assert np.allclose(dot.read("methods/grad-dot/train/main"), -grads[5], rtol=1e-4, atol=1e-6)
     sp.fit_baseline(captured.path, sp.BaselineArguments(kind="if"), progress=False)

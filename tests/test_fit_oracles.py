@@ -325,21 +325,22 @@ def test_the_empirical_fisher_is_the_observed_label_gradients_outer_product(tmp_
     _close(ours["main"], expected["main"])
 
 
-def test_tracin_weighs_each_checkpoint_by_the_scheduled_rates_since_the_previous_one_in_its_stage(
+def test_tracin_weighs_each_checkpoint_by_the_effective_rates_since_the_previous_one_in_its_stage(
     tmp_path: Path, two_stages: Path
 ) -> None:
     """TracIn-CP: −(1/N_s) Σ_c w_c ∇f(q; θ_c)·∇ℓ(z; θ_c) over the checkpoints c saved during z's stage s,
-    w_c = the recorded rates of the steps since the previous checkpoint (no momentum factor: dattri's)."""
+    w_c = the steps' effective rates since the previous checkpoint: η/(1−β) under heavy-ball momentum β, as SOURCE's
+    η̄ (the pre-training stage's β = 0.5 doubles its rates)."""
     ours = _engine(two_stages, tmp_path / "s.sp", TWO, sp.BaselineArguments(kind="tracin"))
     lr = np.array([settings["lr"] * _schedule(k) for _, _, settings, steps in TWO_STAGES for k in range(steps)])
     traj = sp.Trajectory.load(two_stages)
     f = _Flat()
     theta = {c.step: f.flat(traj.load_into(_arch(), c).state_dict()) for c in traj.checkpoints}
-    for stage, bounds in (("pre", (0, 3, 6, 7)), ("fine", (7, 9, 12, 15))):
+    for stage, bounds, momentum_factor in (("pre", (0, 3, 6, 7), 2.0), ("fine", (7, 9, 12, 15), 1.0)):
         expected = 0
         for a, c in itertools.pairwise(bounds):
             q, g = f.margins(theta[c], QUERIES), f.loss_grads(theta[c], TWO[stage])
-            expected = expected - float(lr[a:c].sum()) * (q @ g.T) / len(TWO[stage])
+            expected = expected - momentum_factor * float(lr[a:c].sum()) * (q @ g.T) / len(TWO[stage])
         _close(ours[stage], expected.numpy())
 
 

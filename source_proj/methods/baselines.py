@@ -34,9 +34,11 @@ N = 50,000, ≈ N/25); a ``trak_dim`` above N/2 draws a warning.
 **TracIn-CP** mirrors dattri's ``TracInAttributor`` (``weight_list`` = learning rates, no
 normalisation; our TracIn-CP and dattri's agreed to 0.001 in LDS on issue 12's ``early``).
 Checkpoints c saved during a stage (start < c ≤ end, so the last is the stage's final parameters);
-w_c is the sum of the recorded learning rates of the steps since the previous such
+w_c is the sum of the effective learning rates of the steps since the previous such
 checkpoint (or the stage start), i.e. η_c times the steps c stands for: w_c ∝ η_c for evenly spaced
-checkpoints, as in Pruthi et al.
+checkpoints, as in Pruthi et al. The effective rate is SOURCE's (``segments.optimizer_rule``): η/(1−β) under
+heavy-ball momentum β, which moves the weights that much per step, so that TracIn-CP, like SOURCE, predicts the
+change of the measurement in its units (with the recorded η alone it was (1−β) times it: a tenth at β = 0.9).
 
 **IF and TRAK with several stages** cannot separate them: their curvature uses the data of all
 ``curvature_stages`` combined (default: every stage, as in the SOURCE paper) and N is their total size.
@@ -97,7 +99,7 @@ from source_proj.featurize.windows import (
     window_curvature,
     window_maps,
 )
-from source_proj.methods.fit import _claim_method, _finish_method, checkpoint_curvature
+from source_proj.methods.fit import _claim_method, _finish_method, checkpoint_curvature, param_sizes, trajectory_stages
 from source_proj.methods.kinds import BASELINES
 from source_proj.query.attributor import store_trajectory
 from source_proj.store.provenance import other_selection
@@ -106,7 +108,7 @@ from source_proj.tasks.data import loader
 from source_proj.tasks.gradients import move_batch
 from source_proj.tasks.task import Task
 from source_proj.trajectory.recorder import unwrap_model
-from source_proj.trajectory.segments import Segment
+from source_proj.trajectory.segments import Segment, optimizer_rule
 
 
 @dataclass(frozen=True)
@@ -407,6 +409,7 @@ def _tracin(
     k = meta["projection"]["dim"]
     lr = store.read("trajectory/lr")
     stages = {s["name"]: s for s in meta["trajectory"]["stages"]}
+    factors = _rate_factors(meta)
     used: dict[str, list[tuple[int, float]]] = {}
     for stage in attributed:
         start, end = stages[stage]["start_step"], stages[stage]["end_step"]
@@ -417,7 +420,7 @@ def _tracin(
                 "save checkpoints during the stage."
             )
         bounds = [start, *steps]
-        used[stage] = [(c, float(lr[a:c].sum())) for a, c in zip(bounds[:-1], steps, strict=True)]
+        used[stage] = [(c, factors[stage] * float(lr[a:c].sum())) for a, c in zip(bounds[:-1], steps, strict=True)]
     order = sorted((c, w) for pairs in used.values() for c, w in pairs)
     slot = {c: i for i, (c, _) in enumerate(order)}
     _require_complete(
@@ -449,6 +452,11 @@ def _tracin(
     return k * len(order), recipe, chunk, {"checkpoint_weights": [w for _, w in order], "train": train}
 
 
+def _rate_factors(meta: dict[str, Any]) -> dict[str, float]:
+    """Each stage's recorded rate → effective rate (``OptimizerRule.lr_factor``: 1/(1−β) under heavy-ball SGD)."""
+    return {stage.name: optimizer_rule(stage, param_sizes(meta)).lr_factor for stage in trajectory_stages(meta)}
+
+
 def _term(meta: dict[str, Any], stage: str, steps: list[int], columns: list[int], weight: float) -> dict[str, Any]:
     """One term of a method's training recipe (see ``fit._Fit._train_recipe``): the stored gradients of
     ``stage`` at ``steps`` (scaled as featurize scaled them), times ``weight``, in feature ``columns``."""
@@ -473,12 +481,13 @@ def _captured_tracin(
     k = meta["projection"]["dim"]
     lr = store.read("trajectory/lr")
     ends = {s["name"]: s["end_step"] for s in meta["trajectory"]["stages"]}
+    factors = _rate_factors(meta)
     used: list[tuple[int, str, float]] = []
     for stage in attributed:
         starts = stage_windows(meta, stage)
         for start, end in zip(starts, [*starts[1:], ends[stage]], strict=True):
             visits = float(store.read(window_array("visits", stage, start)).sum())
-            weight = float(lr[start:end].mean()) * (end - start) / visits if visits else 0.0
+            weight = factors[stage] * float(lr[start:end].mean()) * (end - start) / visits if visits else 0.0
             used.append((start, stage, weight))
     used.sort()
     rows = meta["featurize"]["chunk_rows"]
