@@ -146,3 +146,35 @@ def test_per_token_scores_put_nothing_on_padding_and_sum_to_the_score(fitted: Pa
     assert np.abs(result.tokens[:, padding]).max() == 0.0
     scale = np.abs(result.scores).max()
     np.testing.assert_allclose(result.tokens.sum(-1) + result.unplaced, result.scores, rtol=0, atol=1e-4 * scale)
+
+
+def test_per_token_scores_of_a_plain_torch_transformer_split_its_attention_layers_exactly(tmp_path: Path) -> None:
+    """``nn.MultiheadAttention`` runs attention in a fused kernel without forward-mode AD and uses its ``out_proj``'s
+    weights as tensors, never calling ``out_proj``: its share must still be split by position, whole."""
+    from .test_text import PlainTransformer
+
+    task = _task("own")
+    model = PlainTransformer(True, VOCAB)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    rec = sp.TrajectoryRecorder(tmp_path / "run", model, opt, save_every=EVERY)
+    rec.begin_stage("main", dataset_size=len(TRAIN))
+    data = sp.TextDataset(TRAIN)
+    batch = {key: torch.stack([data[i][key] for i in range(len(TRAIN))]) for key in data[0]}
+    for _ in range(STEPS):
+        opt.zero_grad()
+        task.loss(task.forward(model, batch), batch).mean().backward()
+        opt.step()
+        rec.step()
+    rec.close()
+    build = lambda: PlainTransformer(True, VOCAB)  # noqa: E731
+    assert any(isinstance(m, nn.MultiheadAttention) for m in build().modules())
+    store = tmp_path / "s.sp"
+    projection = sp.ProjectionArguments(kind="rademacher", dim=32)
+    options = sp.FeaturizeArguments(batch_size=4, chunk_rows=4)
+    sp.featurize(tmp_path / "run", build(), task, data, store, projection=projection, options=options, progress=False)
+    sp.fit(store, progress=False)
+    rows = list(range(len(TRAIN)))
+    result = sp.token_scores(sp.Attributor(store, build(), task), sp.TextDataset(QUERIES), data, rows, progress=False)
+    scale = np.abs(result.scores).max()
+    assert np.abs(result.tokens[:, result.attention_mask == 0]).max() == 0.0
+    np.testing.assert_allclose(result.tokens.sum(-1) + result.unplaced, result.scores, rtol=0, atol=1e-4 * scale)

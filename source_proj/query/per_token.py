@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
@@ -357,14 +358,15 @@ def _split(attributor: Attributor, batch: Batch, u: Mapping[str, Tensor]) -> tup
         on_target = source_side is not None and not source_side.holds(name, args)
         axis, positions = (target, span) if on_target else (placed, length)
         own = owners[name][1]
-        held = dict(module.named_parameters(recurse=False))
+        held = dict(module.named_parameters())
         primals = {local: held[local].detach() for local in own}
         inputs = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
         forward = partial(_module_output, module, inputs, kwargs)
         for q in range(queries):
             tangents = {local: u[full][q].to(primals[local]) for local, full in own.items()}
-            _, tangent = jvp(forward, (primals,), (tangents,))
-            product = delta.double() * tangent.double()
+            with sdpa_kernel(SDPBackend.MATH):  # the fused kernels (nn.MultiheadAttention's) have no forward mode
+                _, tangent = jvp(forward, (primals,), (tangents,))
+            product = delta.double() * tangent.detach().double()
             if out.dim() >= 2 and tuple(out.shape[:2]) == (size, positions):
                 axis[q] += product.reshape(size, positions, -1).sum(-1)
             elif out.shape[0] == size:
@@ -425,15 +427,17 @@ def _first(output: Any) -> Tensor:
 
 
 def _owners(model: nn.Module, names: set[str]) -> dict[str, tuple[nn.Module, dict[str, str]]]:
-    """Modules that hold attributed parameters directly: module name → (module, local name → parameter name)."""
+    """Modules that hold attributed parameters directly: module name → (module, local name → parameter name). An
+    ``nn.MultiheadAttention`` owns its ``out_proj``'s too: its forward uses them as tensors, never calling
+    ``out_proj``, whose own hook would not see them."""
     canonical = {id(p): n for n, p in model.named_parameters()}
+    inside = {id(m) for a in model.modules() if isinstance(a, nn.MultiheadAttention) for m in a.modules() if m is not a}
     owners: dict[str, tuple[nn.Module, dict[str, str]]] = {}
     for module_name, module in model.named_modules():
-        own = {
-            local: canonical[id(p)]
-            for local, p in module.named_parameters(recurse=False)
-            if canonical.get(id(p)) in names
-        }
+        if id(module) in inside:
+            continue
+        held = module.named_parameters(recurse=isinstance(module, nn.MultiheadAttention))
+        own = {local: canonical[id(p)] for local, p in held if canonical.get(id(p)) in names}
         if own:
             owners[module_name] = (module, own)
     return owners
