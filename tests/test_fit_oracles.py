@@ -46,13 +46,15 @@ def _schedule(step: int) -> float:
     return (step + 1) / 3 if step < 3 else 0.9 ** (step - 2)
 
 
-def _train(run: Path, stages: list[tuple[str, TensorDataset, dict, int]], save_every: int) -> None:
-    """Full-batch training through ``stages`` (name, data, SGD settings, steps), each with its own optimizer and
-    the warm-up-and-decay schedule."""
+def _train(
+    run: Path, stages: list[tuple[str, TensorDataset, dict, int]], save_every: int, optimizer: type = torch.optim.SGD
+) -> None:
+    """Full-batch training through ``stages`` (name, data, optimizer settings, steps), each with its own optimizer
+    and the warm-up-and-decay schedule."""
     model = _arch()
     rec = None
     for name, data, settings, steps in stages:
-        opt = torch.optim.SGD(model.parameters(), **settings)
+        opt = optimizer(model.parameters(), **settings)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule)
         if rec is None:
             rec = sp.TrajectoryRecorder(run, model, opt, save_every=save_every)
@@ -367,3 +369,51 @@ def test_if_and_trak_take_the_curvature_of_every_stages_examples_at_the_final_ch
         g = f.loss_grads(final, data)
         _close(influence[stage], -(q @ inverse @ g.T / n).numpy())
         _close(trak[stage], -(q @ gram @ g.T).numpy())
+
+
+def test_adamw_segments_are_the_formula_in_each_segments_preconditioned_coordinates(tmp_path: Path) -> None:
+    """AdamW under the schedule, cut at 5 and 9: segment ℓ works in u = D_ℓ^{1/2}θ, D_ℓ = the mean of √v̂ + ε saved at
+    the checkpoints s with start < s ≤ end (3; 6, 9; 12, 13), every gradient (training, Fisher, query: the last
+    segment's) scaled by D_ℓ^{-1/2}; its step average over the checkpoints featurized in its coordinates (0, 3; 6;
+    9, 12, 13), λ = AdamW's decay."""
+    settings = {"lr": 0.05, "weight_decay": 0.1}
+    run = tmp_path / "run"
+    _train(run, [("main", ONE["main"], settings, ONE_STEPS)], ONE_EVERY, torch.optim.AdamW)
+    segmentation = sp.SegmentationArguments(boundaries=(5, 9))
+    ours = _engine(run, tmp_path / "s.sp", ONE, sp.FitArguments(damping_factor=0.2), segmentation=segmentation)
+
+    traj = sp.Trajectory.load(run)
+    f = _Flat()
+    by_step = {c.step: c for c in traj.checkpoints}
+    theta = {c.step: f.flat(traj.load_into(_arch(), c).state_dict()) for c in traj.checkpoints}
+
+    def denominator(step: int) -> torch.Tensor:
+        state = traj.load_state(by_step[step])["optimizer"]
+        parts = []
+        for index in range(len(f.names)):
+            entry = state["state"][index]
+            v_hat = entry["exp_avg_sq"].double() / (1 - 0.999 ** float(entry["step"]))
+            parts.append((v_hat.sqrt() + 1e-8).reshape(-1))
+        return torch.cat(parts)
+
+    lr = np.array([settings["lr"] * _schedule(k) for k in range(ONE_STEPS)])
+    data, n = ONE["main"], len(ONE["main"])
+    ops = []
+    for (a, b), states, knots in (((0, 5), (3,), (0, 3)), ((5, 9), (6, 9), (6,)), ((9, 13), (12, 13), (9, 12, 13))):
+        scale = sum(denominator(s) for s in states).div(len(states)).rsqrt()
+        weights = step_weights_by_hand(a, b, list(knots), lr)
+        h = sum(w * scale[:, None] * f.gauss_newton(theta[s], data) * scale[None, :] for s, w in weights.items())
+        g = sum(w * f.loss_grads(theta[s], data) * scale for s, w in weights.items())
+        damped = h + (settings["weight_decay"] + 0.2 * float(torch.linalg.eigvalsh(h).clamp_min(0).mean())) * torch.eye(
+            len(h), dtype=torch.float64
+        )
+        survive = torch.linalg.matrix_exp(-float(lr[a:b].mean()) * (b - a) * damped)
+        ops.append((survive, (torch.eye(len(h), dtype=torch.float64) - survive) @ torch.linalg.inv(damped), g, scale))
+    total = 0
+    for i, (_, response, g, _) in enumerate(ops):
+        later = torch.eye(len(response), dtype=torch.float64)
+        for survive, *_ in ops[i + 1 :]:
+            later = survive @ later
+        total = total + later @ response @ g.T / n
+    q = f.margins(theta[ONE_STEPS], QUERIES) * ops[-1][3]
+    _close(ours["main"], -(q @ total).numpy())
