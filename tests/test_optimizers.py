@@ -388,13 +388,39 @@ def test_featurize_refuses_sgd_groups_whose_momentum_differs_instead_of_averagin
     """Momentum 0.8 on the weight and none on the bias are effective rates 5η and η: one rate per step cannot model
     both, where their mean (4η) modelled neither."""
 
-    def factory(params):
-        weight, bias = params
-        return torch.optim.SGD([{"params": [weight], "momentum": 0.8}, {"params": [bias]}], lr=0.01)
-
-    _small_run(tmp_path / "run", regression_data, lambda p: factory(list(p)))
+    _small_run(tmp_path / "run", regression_data, lambda p: torch.optim.SGD(p, lr=0.01))  # the recorder refuses them
+    index = json.loads((tmp_path / "run" / "trajectory.json").read_text())  # so a hand-written trajectory has them
+    group = index["stages"][0]["optimizer"]["groups"][0]
+    index["stages"][0]["optimizer"]["groups"] = [
+        {**group, "params": ["weight"], "momentum": 0.8},
+        {**group, "params": ["bias"], "momentum": 0.0},
+    ]
+    (tmp_path / "run" / "trajectory.json").write_text(json.dumps(index))
     with pytest.raises(sp.TrajectoryError, match=r"different momentum or dampening.* \(1η to 5η\); SOURCE needs one"):
         _featurize(tmp_path / "run", regression_data, tmp_path / "s.sp")
+
+
+@pytest.mark.parametrize(
+    ("groups", "refused"),
+    [
+        ([{"momentum": 0.8}, {}], True),  # 5η and η
+        ([{"momentum": 0.5, "dampening": 0.5}, {}], False),  # η(1 − 0.5)/(1 − 0.5) = η
+        ([{"momentum": 0.0, "dampening": 0.9}, {}], False),  # dampening acts only with momentum
+        ([{"momentum": 0.9}, {"momentum": 0.9}], False),
+    ],
+)
+def test_the_recorder_refuses_sgd_groups_with_different_effective_rates_as_the_stage_begins(
+    tmp_path: Path, groups: list[dict], refused: bool
+) -> None:
+    """Featurize would refuse the run after it trained (the test above): the recorder refuses it before."""
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD([{"params": [model.weight], **groups[0]}, {"params": [model.bias], **groups[1]}], lr=0.01)
+    rec = sp.TrajectoryRecorder(tmp_path / "run", model, opt, save_every=2)
+    if refused:
+        with pytest.raises(sp.TrajectoryError, match=r"different momentum or dampening.* \(1η to 5η\); SOURCE needs"):
+            rec.begin_stage("main", dataset_size=4)
+    else:
+        rec.begin_stage("main", dataset_size=4)
 
 
 @pytest.mark.parametrize("decoupled", [True, False])

@@ -915,7 +915,8 @@ class _ClipWatch:
 def _check_one_rate(optimizer: torch.optim.Optimizer, stage: str) -> None:
     """Refuse, as a stage begins, parameter groups set to train at different learning rates: their rates now, or the
     base rates a scheduler scales (``initial_lr``: a warm-up from 0 starts every group at the same rate, and they
-    part at the first step). Refused now, not at that step, which would stop the training run there."""
+    part at the first step), or SGD groups whose momentum or dampening differ (featurize would refuse the run).
+    Refused now, not at that step or at featurize, which would stop or waste the training run."""
     groups = optimizer.param_groups
     for key, what in (("lr", "learning rates"), ("initial_lr", "base learning rates (the scheduler's initial_lr)")):
         rates = {float(g[key]) for g in groups if key in g}
@@ -923,6 +924,19 @@ def _check_one_rate(optimizer: torch.optim.Optimizer, stage: str) -> None:
             raise TrajectoryError(
                 f"Stage {stage!r}: the optimiser's parameter groups use different {what} {sorted(rates)}; SOURCE needs "
                 "one learning rate per step, so give all groups the same rate (their weight decay may differ)."
+            )
+    if isinstance(optimizer, torch.optim.SGD):  # momentum and dampening scale the rate: η(1 − dampening)/(1 − momentum)
+        trained = [g for g in groups if any(p.requires_grad for p in g["params"])]
+        momenta = [float(g.get("momentum", 0.0)) for g in trained]
+        factors = {
+            (1.0 - (float(g.get("dampening", 0.0)) if m else 0.0)) / (1.0 - m)
+            for g, m in zip(trained, momenta, strict=True) if 0.0 <= m < 1.0
+        }
+        if len(factors) > 1:
+            raise TrajectoryError(
+                f"Stage {stage!r}: the optimiser's parameter groups use different momentum or dampening, so their "
+                f"effective learning rates differ ({min(factors):g}η to {max(factors):g}η); SOURCE needs one rate per "
+                "step, so give every group the same momentum and dampening."
             )
 
 
