@@ -14,13 +14,15 @@ import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 import source_proj as sp
+from source_proj.store import provenance
 
-from .crash_driver import FIT, build_model, data, featurize, files
+from .crash_driver import DIM, FIT, build_model, data, featurize, files
 from .crash_driver import damage as damage_chunk
 
 
@@ -123,6 +125,78 @@ def test_empty_dataset(tmp_path: Path, tiny_run: Path) -> None:
         sp.featurize(tiny_run, build_model(), sp.ClassificationTask(), empty, tmp_path / "s.sp", progress=False)
     _one_sentence(err)
     assert not (tmp_path / "s.sp").exists()
+
+
+class _Unreadable(Dataset):
+    """The tiny training set, its example ``bad`` raising ``error`` as a dataset with a broken file would."""
+
+    def __init__(self, bad: int, error: Exception) -> None:
+        self.examples, self.bad, self.error = data(), bad, error
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if index == self.bad:
+            raise self.error
+        return self.examples[index]
+
+
+def _featurize_data(run: Path, dataset: Dataset, store: Path, workers: int = 0) -> sp.Store:
+    """``featurize`` of the tiny problem, on ``dataset``, with ``workers`` DataLoader workers."""
+    return sp.featurize(run, build_model(), sp.ClassificationTask(), dataset, store,
+                        projection=sp.ProjectionArguments(dim=DIM, seed=3, kind="rademacher"),
+                        options=sp.FeaturizeArguments(batch_size=4, chunk_rows=4, device="cpu", num_workers=workers),
+                        progress=False)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("error", "shown", "workers"),
+    [
+        (OSError("cannot read 9.png"), "OSError: cannot read 9.png", 0),
+        (KeyError("label"), "KeyError: 'label'", 0),
+        (IndexError("list index out of range"), "IndexError: list index out of range", 0),
+    ],
+)
+def test_an_example_the_dataset_cannot_read_is_named_as_the_datasets_error_and_the_store_resumes(
+    tmp_path: Path, tiny_run: Path, tiny_reference: Path, monkeypatch: pytest.MonkeyPatch, error: Exception,
+    shown: str, workers: int,
+) -> None:
+    # The data's fingerprint reads every example of a set this small: let it read a sample without example 9, as it
+    # would in a large set, so that featurize's loop meets the broken example after finishing chunks 0 and 1.
+    monkeypatch.setattr(provenance, "DATA_ROWS", 4)
+    monkeypatch.setattr(provenance, "QUICK_ROWS", 2)
+    store = tmp_path / "s.sp"
+    with pytest.raises(sp.TaskError) as err:
+        _featurize_data(tiny_run, _Unreadable(9, error), store, workers)
+    assert _one_sentence(err) == (
+        f"The dataset raised an error of its own reading training example 9 of stage 'main' ({shown}); fix that "
+        "example in the dataset and run again (a store featurize was writing resumes where it stopped)."
+    )
+    assert sp.Store.open(store).pending_chunks("grads/main/step-00000000") == [2]
+    _featurize_data(tiny_run, data(), store)  # the dataset fixed: the store resumes, and is the uninterrupted one's
+    resumed, reference = sp.Store.open(store), sp.Store.open(tiny_reference)
+    names = reference.progress_arrays("grads/")
+    assert names and resumed.progress_arrays("grads/") == names
+    for name in names:
+        np.testing.assert_array_equal(resumed.read(name), reference.read(name))
+
+
+def test_an_example_the_dataset_cannot_read_is_named_before_a_store_is_written(tmp_path: Path, tiny_run: Path) -> None:
+    """In a set this small the data's fingerprint reads every example, before the store is created."""
+    with pytest.raises(sp.TaskError) as err:
+        _featurize_data(tiny_run, _Unreadable(5, OSError("cannot read 5.png")), tmp_path / "s.sp")
+    assert "reading training example 5 of stage 'main' (OSError: cannot read 5.png)" in _one_sentence(err)
+    assert not (tmp_path / "s.sp").exists()
+
+
+def test_a_query_the_dataset_cannot_read_is_named(tiny_reference: Path) -> None:
+    attributor = sp.Attributor(tiny_reference, build_model(), sp.ClassificationTask())
+    with pytest.raises(sp.TaskError) as err:
+        attributor.top_k(_Unreadable(3, OSError("cannot read 3.png")), 2)
+    assert _one_sentence(err).startswith(
+        "The dataset raised an error of its own reading query 3 (OSError: cannot read 3.png); fix that example"
+    )
 
 
 def _with_label(index: int, label: int) -> TensorDataset:

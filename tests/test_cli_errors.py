@@ -256,6 +256,43 @@ def test_changed_training_data_are_refused_before_describing(cli_reference: tupl
     assert "(other contents or order)" in message
 
 
+_UNREADABLE_SPEC = """
+class Unreadable:
+    def __init__(self):
+        self.examples = data()
+    def __len__(self):
+        return len(self.examples)
+    def __getitem__(self, index):
+        if index == 9:
+            raise OSError("cannot read 9.png")
+        return self.examples[index]
+def {function}(*_):
+    return Unreadable()
+"""
+
+
+@pytest.mark.parametrize(("function", "example"), [("train_data", "training example 9 of stage 'main'"),
+                                                   ("query_data", "query 9")])  # fmt: skip
+def test_an_example_the_dataset_cannot_read_is_named_as_the_datasets_error(
+    cli_reference: tuple[Path, Path], tiny_run: Path, tmp_path: Path, function: str, example: str
+) -> None:
+    """Not "failed unexpectedly … a bug": the dataset's own error, with the example it was reading."""
+    reference, good = cli_reference
+    spec = tmp_path / "spec.py"
+    spec.write_text(good.read_text() + _UNREADABLE_SPEC.format(function=function))
+    store = tmp_path / "s.sp"
+    if function == "train_data":
+        args = ["featurize", "--ckpts", str(tiny_run), "--spec", str(spec), "--out", str(store), "--device", "cpu"]
+    else:
+        args = ["query", str(_copy(reference, tmp_path)), "--spec", str(spec)]
+    message = _refused(CliRunner().invoke(main, args))
+    assert message == (
+        f"Error: The dataset raised an error of its own reading {example} (OSError: cannot read 9.png); fix that "
+        "example in the dataset and run again (a store featurize was writing resumes where it stopped)."
+    )
+    assert function != "train_data" or not store.exists()
+
+
 def test_every_option_has_help_text() -> None:
     missing = [
         f"{name} {param.opts[0]}"

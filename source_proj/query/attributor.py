@@ -42,7 +42,7 @@ from source_proj.store.provenance import check_model, check_query_model, check_r
 from source_proj.store.store import Store
 from source_proj.store.verify import method_command
 from source_proj.store.writing import current_writer
-from source_proj.tasks.data import loader
+from source_proj.tasks.data import Examples, loader
 from source_proj.tasks.gradients import PerExampleGradients, move_batch
 from source_proj.tasks.task import Task
 from source_proj.trajectory.preconditioner import read_scale
@@ -122,7 +122,7 @@ def _as_dataset(queries: Dataset | Sequence[Any]) -> Dataset | Sequence[Any]:
 
 
 def _batches(queries: Dataset | Sequence[Any], batch_size: int) -> Iterator[Any]:
-    yield from loader(_as_dataset(queries), batch_size=batch_size, shuffle=False)
+    yield from loader(Examples(_as_dataset(queries), "query {}"), batch_size=batch_size, shuffle=False)
 
 
 class Attributor:

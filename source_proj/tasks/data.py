@@ -18,7 +18,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from source_proj.errors import SourceProjError, TaskError, first_line
+from source_proj.errors import SourceProjError, TaskError, first_line, out_of_memory
 
 
 class CollatedDataset(Dataset):
@@ -96,13 +96,47 @@ def _same(a: Any, b: Any) -> bool:
     return True
 
 
+class ExampleError(TaskError):
+    """The user's dataset raised an error of its own reading one example (a broken file, a missing key)."""
+
+    def __init__(self, message: str) -> None:
+        # A DataLoader's worker hands its error back as this type made from the worker's traceback, whose last line
+        # ends with the sentence: keep the sentence.
+        super().__init__(message.strip().splitlines()[-1].split(": ", 1)[-1] if "\n" in message.strip() else message)
+
+
+class Examples(Dataset):
+    """``dataset`` read as it is, an error it raises reading an example named with the example (``what`` and its
+    index) as the dataset's own: ``Examples(train, "training example {} of stage 'main'")``."""
+
+    def __init__(self, dataset: Any, what: str) -> None:
+        self.dataset, self.what = dataset, what
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return self.dataset[index]
+        except SourceProjError:
+            raise
+        except Exception as err:
+            if out_of_memory(err):
+                raise
+            raise ExampleError(
+                f"The dataset raised an error of its own reading {self.what.format(index)} ({type(err).__name__}: "
+                f"{first_line(err)}); fix that example in the dataset and run again (a store featurize was writing "
+                "resumes where it stopped)."
+            ) from err
+
+
 def collate_of(dataset: Any) -> Callable[[list[Any]], Any]:
-    """How ``dataset``'s examples batch: a ``CollatedDataset``'s ``collate_fn`` (also under ``Subset``s of it);
-    ``default_collate`` otherwise."""
+    """How ``dataset``'s examples batch: a ``CollatedDataset``'s ``collate_fn`` (also under ``Subset``s of it, or
+    ``Examples``); ``default_collate`` otherwise."""
     while True:
         if isinstance(dataset, CollatedDataset):
             return dataset.collate_fn
-        if not isinstance(dataset, Subset):
+        if not isinstance(dataset, (Subset, Examples)):
             return default_collate
         dataset = dataset.dataset
 
