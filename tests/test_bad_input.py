@@ -156,6 +156,8 @@ def _featurize_data(run: Path, dataset: Dataset, store: Path, workers: int = 0) 
         (OSError("cannot read 9.png"), "OSError: cannot read 9.png", 0),
         (KeyError("label"), "KeyError: 'label'", 0),
         (IndexError("list index out of range"), "IndexError: list index out of range", 0),
+        # raised in a DataLoader worker, which the failed call leaves alive until garbage collection
+        (ValueError("bad JPEG"), "ValueError: bad JPEG", 2),
     ],
 )
 def test_an_example_the_dataset_cannot_read_is_named_as_the_datasets_error_and_the_store_resumes(

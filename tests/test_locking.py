@@ -37,6 +37,18 @@ def test_a_second_writer_is_refused_and_a_killed_one_blocks_nothing(tmp_path: Pa
     assert sp.verify_store(store, progress=False).status == "ok"
 
 
+def test_a_child_forked_while_the_lock_is_held_does_not_keep_it(tmp_path: Path) -> None:
+    """A DataLoader worker forked during featurize outlives a failed call until garbage collection: the lock goes
+    with its writer's release all the same."""
+    store = tmp_path / "s.sp"
+    lock = sp.store_lock(store)
+    lock.acquire()
+    with held_in_child(lambda: None):
+        lock.release()
+        with sp.store_lock(store):  # taken anew: no other process holds it
+            pass
+
+
 def test_cooperative_writers_share_the_store_and_exclude_an_exclusive_one(tmp_path: Path) -> None:
     store = tmp_path / "s.sp"
     with _held_by_another_process(store, "cooperative"):

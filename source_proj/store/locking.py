@@ -74,6 +74,17 @@ class StoreLock(ABC):
 _held: dict[str, list[Any]] = {}
 
 
+def _forget_in_child() -> None:
+    """A forked child (a DataLoader's worker) closes its copies of the locks' descriptors: a flock lasts until the
+    last copy is closed, so workers a failed featurize left alive would otherwise keep its store locked."""
+    for fd, _, _ in _held.values():
+        os.close(fd)
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
 class FileStoreLock(StoreLock):
     """``fcntl.flock`` on ``<store>/.source-proj.lock`` (see the module docstring).
 
@@ -137,7 +148,9 @@ class FileStoreLock(StoreLock):
         if not self._owned:
             return
         self._owned = False
-        held = _held[self._key]
+        held = _held.get(self._key)
+        if held is None:  # a forked child's copy of its parent's lock (``_forget_in_child``)
+            return
         held[2] -= 1
         if held[2] == 0:
             del _held[self._key]
