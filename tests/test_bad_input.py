@@ -201,6 +201,30 @@ def test_a_query_the_dataset_cannot_read_is_named(tiny_reference: Path) -> None:
     )
 
 
+def _without_the_first(examples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A collate function that leaves out each batch's first example (as one that skips a bad example would)."""
+    return torch.utils.data.default_collate(examples[1:])
+
+
+def test_a_collate_function_that_drops_examples_is_refused(
+    tmp_path: Path, tiny_run: Path, tiny_reference: Path
+) -> None:
+    """Every row after a dropped example would be scored as the one before it: featurize and queries refuse."""
+    dropping = sp.CollatedDataset(data(), _without_the_first)
+    with pytest.raises(sp.TaskError) as err:
+        _featurize_data(tiny_run, dropping, tmp_path / "s.sp")
+    assert _one_sentence(err) == (
+        f"The collate function made a batch of {provenance.REFERENCE_ROWS - 1} examples from "
+        f"{provenance.REFERENCE_ROWS}; each example's score is kept at its place in the dataset, so the collate "
+        "function must return every example it is given (leave bad examples out of the dataset itself, not out of "
+        "its batches)."
+    )
+    assert not (tmp_path / "s.sp").exists()
+    attributor = sp.Attributor(tiny_reference, build_model(), sp.ClassificationTask(), batch_size=4)
+    with pytest.raises(sp.TaskError, match=r"^The collate function made a batch of 3 examples from 4; each"):
+        attributor.top_k(dropping, 2)
+
+
 def _with_label(index: int, label: int) -> TensorDataset:
     x, y = data().tensors
     y = y.clone()

@@ -21,6 +21,16 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from source_proj.errors import SourceProjError, TaskError, first_line, out_of_memory
 
 
+class ExampleError(TaskError):
+    """The user's data fail on their own: a dataset reading an example (a broken file, a missing key), a collate
+    function batching examples."""
+
+    def __init__(self, message: str) -> None:
+        # A DataLoader's worker hands its error back as this type made from the worker's traceback, whose last line
+        # ends with the sentence: keep the sentence.
+        super().__init__(message.strip().splitlines()[-1].split(": ", 1)[-1] if "\n" in message.strip() else message)
+
+
 class CollatedDataset(Dataset):
     """``dataset``, batched by ``collate_fn`` wherever the library batches it.
 
@@ -36,7 +46,8 @@ class CollatedDataset(Dataset):
         collate_fn: a list of examples → a batch, as the run's training batches were made (the Trainer's
             ``data_collator``). A batch that is a mapping (a ``BatchEncoding``) is made a plain dict. One that draws at
             random (``DataCollatorForLanguageModeling(mlm=True)`` masks each batch anew) is warned of as the first
-            batch is made: every pass and query then sees other masks, and scores do not repeat.
+            batch is made: every pass and query then sees other masks, and scores do not repeat. It must return every
+            example it is given: a batch of fewer is refused, as each example's score is kept at its place.
     """
 
     def __init__(self, dataset: Any, collate_fn: Callable[[list[Any]], Any]) -> None:
@@ -61,11 +72,18 @@ class CollatedDataset(Dataset):
             raise
         except Exception as err:  # a collator's own error, about examples it cannot take: say which
             keys = f" with keys {sorted(examples[0])}" if examples and isinstance(examples[0], Mapping) else ""
-            raise TaskError(
+            raise ExampleError(
                 f"The collate function could not batch {len(examples)} examples{keys} ({type(err).__name__}: "
                 f"{first_line(err)}); give it the examples it batched in training (a Trainer's collator takes the "
                 "model's input columns only: drop the others, e.g. dataset.remove_columns(['text']))."
             ) from err
+        made = _examples_in(batch)
+        if made is not None and made != len(examples):
+            raise ExampleError(
+                f"The collate function made a batch of {made} examples from {len(examples)}; each example's score is "
+                "kept at its place in the dataset, so the collate function must return every example it is given "
+                "(leave bad examples out of the dataset itself, not out of its batches)."
+            )
         if not self._checked:
             self._checked = True
             if not _same(batch, RandomStateKept(self.collate)(examples)):  # the draws of the second put back
@@ -78,6 +96,14 @@ class CollatedDataset(Dataset):
                     stacklevel=2,
                 )
         return dict(batch) if isinstance(batch, Mapping) and not isinstance(batch, dict) else batch
+
+
+def _examples_in(batch: Any) -> int | None:
+    """How many examples a batch holds (its first tensor's first dimension, as ``gradients.batch_size`` counts), or
+    ``None`` if it holds no tensor of one dimension or more."""
+    leaves, _ = tree_flatten(dict(batch) if isinstance(batch, Mapping) else batch)
+    first = next((t for t in leaves if isinstance(t, torch.Tensor)), None)
+    return None if first is None or first.dim() == 0 else int(first.shape[0])
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -94,15 +120,6 @@ def _same(a: Any, b: Any) -> bool:
         elif isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
             return False
     return True
-
-
-class ExampleError(TaskError):
-    """The user's dataset raised an error of its own reading one example (a broken file, a missing key)."""
-
-    def __init__(self, message: str) -> None:
-        # A DataLoader's worker hands its error back as this type made from the worker's traceback, whose last line
-        # ends with the sentence: keep the sentence.
-        super().__init__(message.strip().splitlines()[-1].split(": ", 1)[-1] if "\n" in message.strip() else message)
 
 
 class Examples(Dataset):
