@@ -12,12 +12,13 @@ import hashlib
 import json
 import shutil
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 import source_proj as sp
 from source_proj.store import provenance
@@ -223,6 +224,45 @@ def test_a_collate_function_that_drops_examples_is_refused(
     attributor = sp.Attributor(tiny_reference, build_model(), sp.ClassificationTask(), batch_size=4)
     with pytest.raises(sp.TaskError, match=r"^The collate function made a batch of 3 examples from 4; each"):
         attributor.top_k(dropping, 2)
+
+
+class _Streamed(IterableDataset):
+    """The tiny training set as a stream, without an index."""
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return iter(data())
+
+
+_NO_INDEX = (
+    "cannot be read by index; pass a dataset with __len__ and __getitem__ (a map-style Dataset, or a list of the "
+    "examples)."
+)
+_A_LOADER = (
+    "are a DataLoader; pass the dataset it reads (loader.dataset), whose examples are read by their index and batched "
+    "by the library (a shuffled loader's order is not theirs)."
+)
+
+
+@pytest.mark.parametrize(
+    ("given", "said"),
+    [
+        (lambda: _Streamed(), f"(a _Streamed) {_NO_INDEX}"),
+        (lambda: (example for example in data()), f"(a generator) {_NO_INDEX}"),
+        (lambda: DataLoader(data(), batch_size=1, shuffle=True), _A_LOADER),  # a length, and no index
+        (lambda: DataLoader(data(), batch_size=4), _A_LOADER),  # its length is its 3 batches'
+    ],
+)
+def test_data_without_an_index_are_refused_before_any_work(
+    tmp_path: Path, tiny_run: Path, tiny_reference: Path, given: Callable[[], object], said: str
+) -> None:
+    with pytest.raises(sp.TaskError) as err:
+        _featurize_data(tiny_run, given(), tmp_path / "s.sp")  # type: ignore[arg-type]
+    assert _one_sentence(err) == f"The training data of stage 'main' {said}"
+    assert not (tmp_path / "s.sp").exists()
+    attributor = sp.Attributor(tiny_reference, build_model(), sp.ClassificationTask())
+    with pytest.raises(sp.TaskError) as err:
+        attributor.top_k(given(), 2)  # type: ignore[arg-type]
+    assert _one_sentence(err) == f"The queries {said}"
 
 
 def _with_label(index: int, label: int) -> TensorDataset:

@@ -21,7 +21,7 @@ from source_proj.errors import StoreError, TaskError
 from source_proj.projection.base import Projector
 from source_proj.projection.eigen import EigenBasis
 from source_proj.projection.factory import make_projector
-from source_proj.tasks.data import Examples
+from source_proj.tasks.data import Examples, check_indexed
 from source_proj.tasks.gradients import Precision
 from source_proj.trajectory.recorder import Checkpoint, Trajectory
 from source_proj.trajectory.segments import SegmentationArguments
@@ -426,6 +426,7 @@ def as_stage_datasets(data: Dataset | Mapping[str, Dataset], trajectory: Traject
     if missing:
         raise TaskError(f"No training dataset was given for stage(s) {missing}; pass one per stage.")
     for stage in trajectory.stages:
+        check_indexed(data[stage.name], f"The training data of stage {stage.name!r}")
         size = len(data[stage.name])  # type: ignore[arg-type]
         if size == 0:
             raise TaskError(

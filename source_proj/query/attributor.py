@@ -42,7 +42,7 @@ from source_proj.store.provenance import check_model, check_query_model, check_r
 from source_proj.store.store import Store
 from source_proj.store.verify import method_command
 from source_proj.store.writing import current_writer
-from source_proj.tasks.data import Examples, loader
+from source_proj.tasks.data import Examples, check_indexed, loader
 from source_proj.tasks.gradients import PerExampleGradients, move_batch
 from source_proj.tasks.task import Task
 from source_proj.trajectory.preconditioner import read_scale
@@ -202,6 +202,7 @@ class Attributor:
 
     def query_features(self, queries: Dataset | Sequence[Any]) -> torch.Tensor:
         """q̃ for every query: float32 ``[Q, d]`` (concatenated over the recipe's checkpoints)."""
+        check_indexed(_as_dataset(queries), "The queries")
         if len(_as_dataset(queries)) == 0:  # type: ignore[arg-type]
             raise TaskError("There are no queries to score; pass at least one query example.")
         steps, weights = self.recipe["checkpoints"], self.recipe["weights"]

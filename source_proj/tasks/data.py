@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from torch.utils._pytree import tree_flatten
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from source_proj.errors import SourceProjError, TaskError, first_line, out_of_memory
 
@@ -120,6 +120,21 @@ def _same(a: Any, b: Any) -> bool:
         elif isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
             return False
     return True
+
+
+def check_indexed(data: Any, what: str) -> None:
+    """Refuse ``data`` (``what``: "The queries") that cannot be read by index, in one fixed order: a DataLoader, an
+    ``IterableDataset``, a generator."""
+    if isinstance(data, DataLoader):
+        raise TaskError(
+            f"{what} are a DataLoader; pass the dataset it reads (loader.dataset), whose examples are read by their "
+            "index and batched by the library (a shuffled loader's order is not theirs)."
+        )
+    if isinstance(data, IterableDataset) or not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
+        raise TaskError(
+            f"{what} (a {type(data).__name__}) cannot be read by index; pass a dataset with __len__ and __getitem__ "
+            "(a map-style Dataset, or a list of the examples)."
+        )
 
 
 class Examples(Dataset):
