@@ -271,17 +271,23 @@ def {function}(*_):
 """
 
 
-@pytest.mark.parametrize(("function", "example"), [("train_data", "training example 9 of stage 'main'"),
-                                                   ("query_data", "query 9")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("function", "command", "example"),
+    [
+        ("train_data", "featurize", "training example 9 of stage 'main'"),
+        ("query_data", "query", "query 9"),
+        ("train_data", "query", "training example 9 of stage 'main'"),  # read to check the data before describing
+    ],
+)
 def test_an_example_the_dataset_cannot_read_is_named_as_the_datasets_error(
-    cli_reference: tuple[Path, Path], tiny_run: Path, tmp_path: Path, function: str, example: str
+    cli_reference: tuple[Path, Path], tiny_run: Path, tmp_path: Path, function: str, command: str, example: str
 ) -> None:
     """Not "failed unexpectedly … a bug": the dataset's own error, with the example it was reading."""
     reference, good = cli_reference
     spec = tmp_path / "spec.py"
     spec.write_text(good.read_text() + _UNREADABLE_SPEC.format(function=function))
     store = tmp_path / "s.sp"
-    if function == "train_data":
+    if command == "featurize":
         args = ["featurize", "--ckpts", str(tiny_run), "--spec", str(spec), "--out", str(store), "--device", "cpu"]
     else:
         args = ["query", str(_copy(reference, tmp_path)), "--spec", str(spec)]
@@ -290,7 +296,7 @@ def test_an_example_the_dataset_cannot_read_is_named_as_the_datasets_error(
         f"Error: The dataset raised an error of its own reading {example} (OSError: cannot read 9.png); fix that "
         "example in the dataset and run again (a store featurize was writing resumes where it stopped)."
     )
-    assert function != "train_data" or not store.exists()
+    assert command != "featurize" or not store.exists()
 
 
 def test_every_option_has_help_text() -> None:

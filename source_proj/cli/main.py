@@ -39,6 +39,7 @@ from source_proj.store.info import store_summary
 from source_proj.store.provenance import check_data
 from source_proj.store.store import ckpt_key, is_store, key_step
 from source_proj.store.verify import method_command, verify_store
+from source_proj.tasks.data import training_examples
 
 
 def _fail(err: Exception) -> None:
@@ -865,7 +866,8 @@ def _describer(store: sp.Store, spec: Spec) -> Callable[[str, int], str]:
     training data are the store's, so that descriptions name the examples that were scored."""
     if spec.describes:
         names = [s["name"] for s in store.meta["trajectory"]["stages"]]
-        check_data(store.path, store.meta, {name: spec.train_data(name) for name in names}, quick=True)
+        data = {name: training_examples(spec.train_data(name), name) for name in names}
+        check_data(store.path, store.meta, data, quick=True)
     return functools.cache(spec.describe)
 
 

@@ -21,7 +21,7 @@ from source_proj.errors import StoreError, TaskError
 from source_proj.projection.base import Projector
 from source_proj.projection.eigen import EigenBasis
 from source_proj.projection.factory import make_projector
-from source_proj.tasks.data import Examples, check_indexed
+from source_proj.tasks.data import check_indexed, training_examples
 from source_proj.tasks.gradients import Precision
 from source_proj.trajectory.recorder import Checkpoint, Trajectory
 from source_proj.trajectory.segments import SegmentationArguments
@@ -437,7 +437,7 @@ def as_stage_datasets(data: Dataset | Mapping[str, Dataset], trajectory: Traject
                 f"Stage {stage.name!r} was trained on {stage.dataset_size} examples but its dataset has {size}; "
                 "pass the same training set, in the same order."
             )
-    return {n: Examples(data[n], f"training example {{}} of stage {n!r}") for n in names}
+    return {n: training_examples(data[n], n) for n in names}
 
 
 def checkpoint_stages(trajectory: Trajectory, checkpoint: Checkpoint) -> list[str]:

@@ -162,6 +162,11 @@ class Examples(Dataset):
             ) from err
 
 
+def training_examples(dataset: Any, stage: str) -> Examples:
+    """A stage's training data, read as ``Examples`` that name an example the dataset fails on by index and stage."""
+    return Examples(dataset, f"training example {{}} of stage {stage!r}")
+
+
 def collate_of(dataset: Any) -> Callable[[list[Any]], Any]:
     """How ``dataset``'s examples batch: a ``CollatedDataset``'s ``collate_fn`` (also under ``Subset``s of it, or
     ``Examples``); ``default_collate`` otherwise."""
