@@ -3,6 +3,7 @@ no traceback, and leaves every store as it was."""
 
 from __future__ import annotations
 
+import csv
 import errno
 import fcntl
 import json
@@ -128,6 +129,28 @@ def test_texts_with_a_lone_surrogate_are_written_to_csv_and_html(
     assert out.exit_code == 0, out.output
     assert "half an emoji \\ud83d, then" in (tmp_path / "r.csv").read_text(encoding="utf-8")
     assert "half an emoji \\ud83d, then" in (tmp_path / "r.html").read_text(encoding="utf-8")
+
+
+def test_texts_that_begin_as_spreadsheet_formulas_are_written_to_csv_as_text(
+    cli_reference: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A description from the user's data that begins with = + - @ would run as a formula where the CSV is opened in a
+    spreadsheet (formula injection): its cell begins with a ' instead; scores stay numbers, negative ones too."""
+    store, _ = cli_reference
+    spec = write_spec(tmp_path / "spec.py", tmp_path / "described.log")
+    texts = ["=HYPERLINK(\"http://x\",\"a\")", "+1+1", "-2+3", "@SUM(A1)", "\tTAB", "plain -1"]
+    spec.write_text(spec.read_text().replace(
+        'return f"label {int(data().tensors[1][index])}"', f"return {texts!r}[index % {len(texts)}]"
+    ))  # fmt: skip
+    out = CliRunner().invoke(main, ["query", str(store), "--spec", str(spec), "--top-k", "3", "--show", "0",
+                                    "--out", str(tmp_path / "r.csv")])  # fmt: skip
+    assert out.exit_code == 0, out.output
+    with open(tmp_path / "r.csv", newline="", encoding="utf-8") as file:
+        rows = list(csv.DictReader(file))
+    expected = ["'=HYPERLINK(\"http://x\",\"a\")", "'+1+1", "'-2+3", "'@SUM(A1)", "'\tTAB", "plain -1"]
+    assert rows and [r["description"] for r in rows] == [expected[int(r["index"]) % len(texts)] for r in rows]
+    scores = [float(r["score"]) for r in rows]
+    assert min(scores) < 0 < max(scores)
 
 
 def test_texts_reach_the_terminal_with_control_characters_and_lone_surrogates_escaped(

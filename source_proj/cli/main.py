@@ -673,7 +673,7 @@ def _write(records: list[dict[str, Any]], path: Path, columns: tuple[str, ...] =
         text = io.StringIO(newline="")
         writer = csv.DictWriter(text, fieldnames=list(records[0]) if records else list(columns))
         writer.writeheader()
-        writer.writerows(records)
+        writer.writerows([{key: _inert_cell(value) for key, value in r.items()} for r in records])
         data = text.getvalue().encode("utf-8", "backslashreplace")  # a lone surrogate as \udXXX
     elif suffix == ".jsonl":
         data = "".join(json.dumps(r) + "\n" for r in records).encode()
@@ -689,6 +689,16 @@ def _write(records: list[dict[str, Any]], path: Path, columns: tuple[str, ...] =
         pq.write_table(pa.Table.from_pylist(records), sink)
         data = sink.getvalue().to_pybytes()
     _save(path, lambda: atomic_write_bytes(path, data))
+
+
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+"""How a CSV cell that a spreadsheet runs as a formula begins."""
+
+
+def _inert_cell(value: Any) -> Any:
+    """A CSV cell as a spreadsheet shows it and runs nothing of: a text (an example's description, a stage's name) that
+    begins as a formula would, quoted by a leading ``'``; numbers as they are."""
+    return f"'{value}" if isinstance(value, str) and value.startswith(_FORMULA_STARTS) else value
 
 
 def _save(path: Path, write: Callable[[], Any]) -> Any:
