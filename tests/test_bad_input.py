@@ -178,11 +178,16 @@ def test_an_example_the_dataset_cannot_read_is_named_as_the_datasets_error_and_t
     )
     assert sp.Store.open(store).pending_chunks("grads/main/step-00000000") == [2]
     _featurize_data(tiny_run, data(), store)  # the dataset fixed: the store resumes, and is the uninterrupted one's
-    resumed, reference = sp.Store.open(store), sp.Store.open(tiny_reference)
+    _assert_same_features(store, tiny_reference)
+
+
+def _assert_same_features(path: Path, reference_path: Path) -> None:
+    """The store at ``path`` holds the same projected gradients as the one at ``reference_path``, bit for bit."""
+    store, reference = sp.Store.open(path), sp.Store.open(reference_path)
     names = reference.progress_arrays("grads/")
-    assert names and resumed.progress_arrays("grads/") == names
+    assert names and store.progress_arrays("grads/") == names
     for name in names:
-        np.testing.assert_array_equal(resumed.read(name), reference.read(name))
+        np.testing.assert_array_equal(store.read(name), reference.read(name))
 
 
 def test_an_example_the_dataset_cannot_read_is_named_before_a_store_is_written(tmp_path: Path, tiny_run: Path) -> None:
@@ -270,6 +275,27 @@ def _with_label(index: int, label: int) -> TensorDataset:
     y = y.clone()
     y[index] = label
     return TensorDataset(x, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int32])
+def test_integer_labels_of_any_width_are_class_ids(
+    tmp_path: Path, tiny_run: Path, tiny_reference: Path, dtype: torch.dtype
+) -> None:
+    """Cross-entropy trains on uint8 labels as on int64 ones: the store is the same."""
+    x, y = data().tensors
+    _featurize_data(tiny_run, TensorDataset(x, y.to(dtype)), tmp_path / "s.sp")
+    _assert_same_features(tmp_path / "s.sp", tiny_reference)
+
+
+def test_float_labels_are_refused_as_not_class_ids(tmp_path: Path, tiny_run: Path) -> None:
+    x, y = data().tensors
+    with pytest.raises(sp.TaskError) as err:
+        _featurize_data(tiny_run, TensorDataset(x, torch.nn.functional.one_hot(y, 3).float()), tmp_path / "s.sp")
+    assert _one_sentence(err) == (
+        f"ClassificationTask takes integer class ids as labels, but a batch of the data holds float32 labels of shape "
+        f"[{provenance.REFERENCE_ROWS}, 3]; give each example its class id (of one-hot rows, their argmax)."
+    )
+    assert not (tmp_path / "s.sp").exists()
 
 
 def test_labels_out_of_range(tmp_path: Path, tiny_run: Path) -> None:

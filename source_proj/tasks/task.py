@@ -245,6 +245,20 @@ def _check_labels(logits: Tensor, labels: Tensor) -> None:
         )
 
 
+def _class_ids(task: Task, outputs: Tensor, batch: Batch) -> Tensor:
+    """A batch's labels as class ids ``torch.long``, from any integer type (the uint8 labels cross-entropy trains on
+    too), checked against the logits' classes; other labels are refused in a sentence."""
+    labels = _targets(task, batch, "label")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TaskError(
+            f"{type(task).__name__} takes integer class ids as labels, but a batch of the data holds "
+            f"{str(labels.dtype).removeprefix('torch.')} labels of shape {list(labels.shape)}; give each example its "
+            "class id (of one-hot rows, their argmax)."
+        )
+    _check_labels(outputs, labels)
+    return labels.long()
+
+
 @dataclass
 class ClassificationTask(Task):
     """Multi-class classification trained with cross-entropy; measurement = margin.
@@ -272,13 +286,11 @@ class ClassificationTask(Task):
         return self._cross_entropy(outputs, batch, 0.0)
 
     def _cross_entropy(self, outputs: Tensor, batch: Batch, smoothing: float) -> Tensor:
-        labels = _targets(self, batch, "label")
-        _check_labels(outputs, labels)
+        labels = _class_ids(self, outputs, batch)
         return F.cross_entropy(outputs, labels, reduction="none", label_smoothing=smoothing)
 
     def measurement(self, outputs: Tensor, batch: Batch) -> Tensor:
-        labels = _targets(self, batch, "label")
-        _check_labels(outputs, labels)
+        labels = _class_ids(self, outputs, batch)
         correct = outputs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
         others = outputs.scatter(-1, labels.unsqueeze(-1), float("-inf"))
         return correct - torch.logsumexp(others, dim=-1)
