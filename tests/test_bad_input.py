@@ -298,6 +298,19 @@ def test_float_labels_are_refused_as_not_class_ids(tmp_path: Path, tiny_run: Pat
     assert not (tmp_path / "s.sp").exists()
 
 
+def test_dict_examples_for_a_task_that_reads_pairs_are_refused_as_such(tmp_path: Path, tiny_run: Path) -> None:
+    """Not "the model cannot run on the training examples (KeyError: 0)": the task cannot read them."""
+    x, y = data().tensors
+    with pytest.raises(sp.TaskError) as err:
+        _featurize_data(tiny_run, [{"x": x[i], "y": y[i]} for i in range(len(y))], tmp_path / "s.sp")
+    assert _one_sentence(err) == (
+        "ClassificationTask takes examples (input, label, …), not dicts (keys ['x', 'y']); give tuples, as "
+        "TensorDataset(inputs, labels) does, or a task whose forward reads the keys (a Task subclass's own, or "
+        "sp.SequenceClassificationTask for tokenized text)."
+    )
+    assert not (tmp_path / "s.sp").exists()
+
+
 def test_labels_out_of_range(tmp_path: Path, tiny_run: Path) -> None:
     with pytest.raises(sp.TaskError, match=r"Labels must lie in \[0, 2\] .* labels from \d to 7") as err:
         sp.featurize(tiny_run, build_model(), sp.ClassificationTask(), _with_label(1, 7), tmp_path / "a.sp",

@@ -15,7 +15,7 @@ import fnmatch
 import math
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -104,6 +104,12 @@ class Task(ABC):
     def forward(self, model: Callable[..., Tensor], batch: Batch) -> Tensor:
         """Model outputs for a batch. The default calls ``model(batch[0])`` and takes [`outputs_of`][] what it
         returns: a tensor as it is, a Hugging Face output's ``logits`` (``ViTForImageClassification``)."""
+        if isinstance(batch, Mapping):  # batch[0] would be a KeyError that blames the model
+            raise TaskError(
+                f"{type(self).__name__} takes examples (input, label, …), not dicts (keys {sorted(map(str, batch))}); "
+                "give tuples, as TensorDataset(inputs, labels) does, or a task whose forward reads the keys (a Task "
+                "subclass's own, or sp.SequenceClassificationTask for tokenized text)."
+            )
         return self.outputs_of(model(batch[0]))
 
     def outputs_of(self, output: Any) -> Tensor:
