@@ -198,6 +198,47 @@ def test_an_example_the_dataset_cannot_read_is_named_before_a_store_is_written(t
     assert not (tmp_path / "s.sp").exists()
 
 
+class _OddOne(Dataset):
+    """The tiny training set, its example 9 replaced by ``odd`` (as a broken file may read)."""
+
+    def __init__(self, odd: object) -> None:
+        self.examples, self.odd = data(), odd
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> object:
+        return self.odd if index == 9 else self.examples[index]
+
+
+@pytest.mark.parametrize(
+    ("odd", "error"),
+    [
+        (lambda x, y: (x[:3], y), "RuntimeError: stack expects each tensor to be equal size, but got [5] at entry 0 "
+         "and [3] at entry 1"),  # a grey image among colour ones
+        (lambda x, y: None, "TypeError: "),  # a dataset that skips what it cannot read
+        (lambda x, y: (x,), "RuntimeError: "),
+    ],
+)
+def test_an_example_shaped_unlike_the_others_of_its_batch_is_named(
+    tmp_path: Path, tiny_run: Path, odd: Callable[[torch.Tensor, torch.Tensor], object], error: str
+) -> None:
+    """Example 9 is first batched in featurize's loop (the data's fingerprint reads it alone, the reference batch
+    does not hold it); not "failed unexpectedly … a bug"."""
+    x, y = data()[9]
+    with pytest.raises(sp.TaskError) as err:
+        _featurize_data(tiny_run, _OddOne(odd(x, y)), tmp_path / "s.sp")
+    message = _one_sentence(err)
+    assert message.startswith(
+        "The dataset's training example 9 of stage 'main' differs in shape or structure from the other examples of "
+        f"its batch ({error}"
+    ), message
+    assert message.endswith(
+        "); fix that example in the dataset and run again (a store featurize was writing resumes where it stopped)."
+    )
+    assert sp.Store.open(tmp_path / "s.sp").pending_chunks("grads/main/step-00000000") == [2]
+
+
 def test_a_query_the_dataset_cannot_read_is_named(tiny_reference: Path) -> None:
     attributor = sp.Attributor(tiny_reference, build_model(), sp.ClassificationTask())
     with pytest.raises(sp.TaskError) as err:

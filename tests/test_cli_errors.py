@@ -299,6 +299,7 @@ def {function}(*_):
     [
         ("train_data", "featurize", "training example 9 of stage 'main'"),
         ("query_data", "query", "query 9"),
+        ("query_data", "query --queries 8:10", "query 9"),  # named by its index in query_data(), not in the selection
         ("train_data", "query", "training example 9 of stage 'main'"),  # read to check the data before describing
     ],
 )
@@ -313,7 +314,7 @@ def test_an_example_the_dataset_cannot_read_is_named_as_the_datasets_error(
     if command == "featurize":
         args = ["featurize", "--ckpts", str(tiny_run), "--spec", str(spec), "--out", str(store), "--device", "cpu"]
     else:
-        args = ["query", str(_copy(reference, tmp_path)), "--spec", str(spec)]
+        args = ["query", str(_copy(reference, tmp_path)), "--spec", str(spec), *command.split()[1:]]
     message = _refused(CliRunner().invoke(main, args))
     assert message == (
         f"Error: The dataset raised an error of its own reading {example} (OSError: cannot read 9.png); fix that "

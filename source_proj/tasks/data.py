@@ -156,10 +156,30 @@ class Examples(Dataset):
             if out_of_memory(err):
                 raise
             raise ExampleError(
-                f"The dataset raised an error of its own reading {self.what.format(index)} ({type(err).__name__}: "
+                f"The dataset raised an error of its own reading {self.name(index)} ({type(err).__name__}: "
                 f"{first_line(err)}); fix that example in the dataset and run again (a store featurize was writing "
                 "resumes where it stopped)."
             ) from err
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        """A batch's examples (what a DataLoader collates), with their names: ``default_collate`` names one that is
+        shaped unlike the others."""
+        read = _Read(self[index] for index in indices)
+        read.names = [self.name(index) for index in indices]
+        return read
+
+    def name(self, index: int) -> str:
+        """``what`` of the example at ``index``, by its index in the data given (under any ``Subset`` of them)."""
+        data = self.dataset
+        while isinstance(data, Subset):
+            index, data = data.indices[index], data.dataset
+        return self.what.format(index)
+
+
+class _Read(list):
+    """The examples of a batch, and their names (``Examples.name``)."""
+
+    names: list[str]
 
 
 def training_examples(dataset: Any, stage: str) -> Examples:
@@ -210,8 +230,32 @@ class RandomStateKept:
 def default_collate(examples: list[Any]) -> Any:
     """torch's default collate, once a dict example's lists of numbers (the columns of a tokenized Hugging Face
     dataset) are tensors: examples of one length stack into ``[B, T]``, where torch's would transpose them into T
-    tensors of ``[B]``; examples of different lengths are refused as such (featurize then asks for the collator)."""
-    return torch.utils.data.default_collate([_with_tensors(e) for e in examples])
+    tensors of ``[B]``; examples of different lengths are refused as such (featurize then asks for the collator). One
+    example shaped unlike the others of its batch (``Examples`` names them) is named."""
+    try:
+        return torch.utils.data.default_collate([_with_tensors(e) for e in examples])
+    except Exception as err:
+        odd = _odd_one(examples) if isinstance(examples, _Read) else None
+        if odd is None:
+            raise
+        raise ExampleError(
+            f"The dataset's {examples.names[odd]} differs in shape or structure from the other examples of its batch "
+            f"({type(err).__name__}: {first_line(err)}); fix that example in the dataset and run again (a store "
+            "featurize was writing resumes where it stopped)."
+        ) from err
+
+
+def _odd_one(examples: list[Any]) -> int | None:
+    """The place of the one example whose structure, tensor shapes and types differ from what all the others of a
+    batch share, or ``None`` where there is no such one."""
+
+    def signature(example: Any) -> tuple[Any, ...]:
+        leaves, spec = tree_flatten(_with_tensors(example))
+        return str(spec), *((*t.shape, t.dtype) if isinstance(t, torch.Tensor) else type(t) for t in leaves)
+
+    signatures = [signature(e) for e in examples]
+    odd = [i for i, s in enumerate(signatures) if s != signatures[i - 1] and s != signatures[(i + 1) % len(examples)]]
+    return odd[0] if len(examples) > 2 and len(odd) == 1 else None
 
 
 def _with_tensors(example: Any) -> Any:
