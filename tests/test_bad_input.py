@@ -181,6 +181,33 @@ def test_an_example_the_dataset_cannot_read_is_named_as_the_datasets_error_and_t
     _assert_same_features(store, tiny_reference)
 
 
+class _Batched(_Unreadable):
+    """``_Unreadable`` with a batched read, as a Hugging Face dataset has: it counts the batches it reads."""
+
+    batches = 0
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        type(self).batches += 1
+        return [self[index] for index in indices]
+
+
+def test_a_datasets_own_batched_read_is_used_and_an_example_it_fails_on_still_named(
+    tmp_path: Path, tiny_run: Path, tiny_reference: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(provenance, "DATA_ROWS", 4)
+    monkeypatch.setattr(provenance, "QUICK_ROWS", 2)
+    monkeypatch.setattr(_Batched, "batches", 0)
+    store = tmp_path / "s.sp"
+    with pytest.raises(sp.TaskError) as err:
+        _featurize_data(tiny_run, _Batched(9, OSError("cannot read 9.png")), store)
+    assert "reading training example 9 of stage 'main' (OSError: cannot read 9.png)" in _one_sentence(err)
+    assert _Batched.batches > 0  # featurize's loop read its batches through it
+    monkeypatch.setattr(_Batched, "batches", 0)
+    _featurize_data(tiny_run, _Batched(-1, OSError("never")), store)
+    assert _Batched.batches > 0
+    _assert_same_features(store, tiny_reference)
+
+
 def _assert_same_features(path: Path, reference_path: Path) -> None:
     """The store at ``path`` holds the same projected gradients as the one at ``reference_path``, bit for bit."""
     store, reference = sp.Store.open(path), sp.Store.open(reference_path)

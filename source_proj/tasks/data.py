@@ -163,8 +163,21 @@ class Examples(Dataset):
 
     def __getitems__(self, indices: list[int]) -> list[Any]:
         """A batch's examples (what a DataLoader collates), with their names: ``default_collate`` names one that is
-        shaped unlike the others."""
-        read = _Read(self[index] for index in indices)
+        shaped unlike the others. The dataset's own batched read (a Hugging Face dataset's ``__getitems__``) is used
+        where it has one; where it fails, the examples are read one by one, which names the one the dataset fails on."""
+        batched = getattr(self.dataset, "__getitems__", None)
+        items = None
+        if batched is not None:
+            try:
+                items = list(batched(list(indices)))
+            except SourceProjError:
+                raise
+            except Exception as err:
+                if out_of_memory(err):
+                    raise
+        if items is None or len(items) != len(indices):
+            items = [self[index] for index in indices]
+        read = _Read(items)
         read.names = [self.name(index) for index in indices]
         return read
 
