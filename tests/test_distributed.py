@@ -128,6 +128,17 @@ def one_process(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path, spec: 
     return root / "one.sp"
 
 
+LEAVE = """
+import os as _os
+import sys as _sys
+
+_sys.stdout.flush()
+_sys.stderr.flush()
+_os._exit(0)  # past torch's gloo teardown, which aborts now and then on a loaded CPU ("terminate called ...")
+"""
+"""Appended to each script after it left its process group: the checks read its output and the stores it wrote."""
+
+
 TWO_RANKS = """
 import importlib
 import os
@@ -182,7 +193,7 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path, spec: Pa
     root = tmp_path_factory.mktemp("two-ranks")
     script = root / "ranks.py"
     arguments = {"run": str(tiny_run), "spec": str(spec), "featurize": FEATURIZE, "factored": FACTORED}
-    script.write_text(TWO_RANKS.format(**arguments, probe=PROBE))
+    script.write_text(TWO_RANKS.format(**arguments, probe=PROBE) + LEAVE)
     out = subprocess.run(_torchrun(2, str(script)), capture_output=True, text=True, timeout=240, env=_env(), cwd=root)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     (root / "stderr.txt").write_text(out.stderr)
@@ -217,7 +228,8 @@ def three_ranks(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path, spec: 
     factored projection and --shard-parameters). One launch: each costs 4 interpreters that import torch."""
     root = tmp_path_factory.mktemp("three-ranks")
     script = root / "ranks.py"
-    script.write_text(THREE_RANKS.format(run=str(tiny_run), spec=str(spec), featurize=FEATURIZE, factored=FACTORED))
+    arguments = {"run": str(tiny_run), "spec": str(spec), "featurize": FEATURIZE, "factored": FACTORED}
+    script.write_text(THREE_RANKS.format(**arguments) + LEAVE)
     out = subprocess.run(_torchrun(3, str(script)), capture_output=True, text=True, timeout=240, env=_env(), cwd=root)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     return root
@@ -456,7 +468,8 @@ def test_a_rank_failing_in_lock_step_stops_every_rank_and_the_store_resumes(
     completes it into the one-process store. Then the ranks are given different store paths, and different
     dimensions; and rank 1 fails in fit while rank 0 broadcasts a curvature."""
     script = tmp_path / "ranks.py"
-    script.write_text(FAILING_RANK.format(run=str(tiny_run), spec=str(spec), featurize=FEATURIZE, factored=FACTORED))
+    arguments = {"run": str(tiny_run), "spec": str(spec), "featurize": FEATURIZE, "factored": FACTORED}
+    script.write_text(FAILING_RANK.format(**arguments) + LEAVE)
     launch = subprocess.Popen(_torchrun(2, str(script)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=_env(), cwd=tmp_path, start_new_session=True)  # fmt: skip
     try:
