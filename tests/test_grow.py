@@ -225,3 +225,28 @@ def test_a_growth_with_other_settings_says_to_repeat_them_not_to_replace_the_sto
     assert sp.Store.open(tmp_path / "s.sp").meta["trajectory"]["checkpoints"] == [0, 4, 8]
     grown = _featurize(tmp_path / "run", tmp_path / "s.sp", {"main": MAIN, "extra": EXTRA}, grow=True)
     assert grown.meta["trajectory"]["checkpoints"] == [0, 4, 8, 12, 16]
+
+
+def test_a_store_does_not_grow_with_other_data_or_another_model(tmp_path: Path) -> None:
+    """The old stages' data and the model at the store's final checkpoint are checked before a store grows, as they
+    are before it resumes: reordered examples, or another activation with the same parameters, are refused (they
+    were taken, and the grown store mixed their features with the old ones); the store is left as it was."""
+    _record(tmp_path / "run")
+    _featurize(tmp_path / "run", tmp_path / "s.sp", {"main": MAIN})
+    _continue(tmp_path / "run")
+    x, y = MAIN.tensors
+    reordered = TensorDataset(x.flip(0), y.flip(0))
+    with pytest.raises(sp.TaskError, match=r"data of stage 'main' are not those .* \(other contents or order\)"):
+        _featurize(tmp_path / "run", tmp_path / "s.sp", {"main": reordered, "extra": EXTRA}, grow=True)
+    torch.manual_seed(0)
+    relu = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(sp.TaskError, match=r"computes other outputs at the final checkpoint"):
+        sp.featurize(
+            tmp_path / "run", relu, sp.ClassificationTask(), {"main": MAIN, "extra": EXTRA}, tmp_path / "s.sp",
+            projection=sp.ProjectionArguments(dim=16, kind="rademacher"), options=sp.FeaturizeArguments(chunk_rows=8),
+            progress=False, grow=True,
+        )  # fmt: skip
+    store = sp.Store.open(tmp_path / "s.sp")
+    assert store.meta["trajectory"]["checkpoints"] == [0, 4, 8] and "growth" not in store.meta
+    grown = _featurize(tmp_path / "run", tmp_path / "s.sp", {"main": MAIN, "extra": EXTRA}, grow=True)
+    assert grown.meta["trajectory"]["checkpoints"] == [0, 4, 8, 12, 16]

@@ -65,6 +65,7 @@ from source_proj.store.provenance import (
     check_model_values,
     data_fingerprint,
     describe_provenance,
+    load_reference_batch,
     model_errors,
     model_fingerprint,
     other_selection,
@@ -222,15 +223,10 @@ class _Featurize:
             # What θ_T computes on a fixed reference batch, and what the data hold (see provenance.py).
             with model_errors("the training data"):
                 self.reference = reference_batch(self.datasets)
-            # Sharded parameters are placeholders between layers: the fingerprint runs a whole copy.
-            whole = self.work_model if self.shards is None else copy.deepcopy(self.model).cpu()
-            trajectory.load_into(whole, trajectory.final_checkpoint)
             fingerprint = {
                 "model": {
                     "step": trajectory.final_checkpoint.step,
-                    "values": model_fingerprint(
-                        whole, self.task, self.reference, self.device if self.shards is None else torch.device("cpu")
-                    ),
+                    "values": self._model_values(trajectory.final_checkpoint.step, self.reference),
                 },
                 "data": data_print,
             }
@@ -300,6 +296,13 @@ class _Featurize:
                 "fingerprint": fingerprint,
             }
         return self._meta
+
+    def _model_values(self, step: int, batch: Any) -> dict[str, list[float | None]]:
+        """What the model computes at checkpoint ``step`` on ``batch`` (``model_fingerprint``)."""
+        # Sharded parameters are placeholders between layers: the fingerprint runs a whole copy.
+        whole = self.work_model if self.shards is None else copy.deepcopy(self.model).cpu()
+        self.trajectory.load_into(whole, next(c for c in self.trajectory.checkpoints if c.step == step))
+        return model_fingerprint(whole, self.task, batch, self.device if self.shards is None else torch.device("cpu"))
 
     def set_up_together(self, group: Ranks) -> None:
         """Sharded parameters: every rank sets up (``_setup``) before rank 0 prepares the store, since the eigen
@@ -451,6 +454,7 @@ class _Featurize:
                     f"The store at {self.path} cannot grow into the run at {self.trajectory.path}: {why}; featurize "
                     "that run into a new store (or pass --force to replace this one)."
                 )
+            self._check_grown_inputs(existing)
             record_growth(existing)
             existing.delete("trajectory/lr")
             old_final = ckpt_key(existing.meta["trajectory"]["checkpoints"][-1])
@@ -464,6 +468,17 @@ class _Featurize:
             return existing
         self._refuse_other_settings(existing.meta)
         return existing
+
+    def _check_grown_inputs(self, store: Store) -> None:
+        """Refuse to grow a store with other data for its stages, or a model that computes something else at its final
+        checkpoint (the grown run's θ_T is a later one): the store's features were taken with its own."""
+        recorded = store.meta
+        if not check_data(self.path, recorded, self.datasets, fingerprint=self.meta["fingerprint"]["data"]):
+            return
+        model = (recorded.get("fingerprint") or {}).get("model")
+        batch = load_reference_batch(store)
+        if model is not None and batch is not None:
+            check_model_values(self.path, recorded, self._model_values(model["step"], batch))
 
     def _refuse_other_settings(self, old: dict[str, Any]) -> None:
         """Refuse to resume or reuse a store written with other settings, another library version, a model
