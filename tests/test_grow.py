@@ -250,3 +250,20 @@ def test_a_store_does_not_grow_with_other_data_or_another_model(tmp_path: Path) 
     assert store.meta["trajectory"]["checkpoints"] == [0, 4, 8] and "growth" not in store.meta
     grown = _featurize(tmp_path / "run", tmp_path / "s.sp", {"main": MAIN, "extra": EXTRA}, grow=True)
     assert grown.meta["trajectory"]["checkpoints"] == [0, 4, 8, 12, 16]
+
+
+def test_an_attributor_made_before_its_store_grew_refuses_to_answer(tmp_path: Path) -> None:
+    """An Attributor holds its store's recipe, rows and index: after the store grew and was fitted again they are
+    the old store's (its top-k came from the old index, its scores mixed the new fit's rows with the old recipe), so
+    it refuses, and a new Attributor answers for the grown store."""
+    _record(tmp_path / "run")
+    sp.fit(_featurize(tmp_path / "run", tmp_path / "s.sp", {"main": MAIN}), progress=False)
+    old = sp.Attributor(tmp_path / "s.sp", _mlp(), sp.ClassificationTask(), search_backend="torch", progress=False)
+    old.top_k(EXTRA, 3)
+    _continue(tmp_path / "run")
+    sp.fit(_featurize(tmp_path / "run", tmp_path / "s.sp", {"main": MAIN, "extra": EXTRA}, grow=True), progress=False)
+    for answer in (old.top_k, old.scores, old.query_features):
+        with pytest.raises(sp.StoreError, match=r"s\.sp changed since this Attributor was made .*; make a new"):
+            answer(EXTRA)
+    new = sp.Attributor(tmp_path / "s.sp", _mlp(), sp.ClassificationTask(), search_backend="torch", progress=False)
+    assert new.scores(EXTRA).shape == (10, 30) and new.top_k(EXTRA, 3).rows == new.rows

@@ -109,6 +109,11 @@ def method_rows(store: Store, method: str) -> list[StageRows]:
     return rows
 
 
+def _fitted(meta: dict[str, Any], method: str) -> tuple[Any, Any]:
+    """What an Attributor's answers depend on: the store's run and the method's fit."""
+    return meta["trajectory"]["fingerprint"], (meta.get("methods") or {}).get(method)
+
+
 def train_features(store: Store, method: str = "source") -> np.ndarray:
     """The cached training features of a method, all attributed stages stacked: float32 ``[N, d]``."""
     return np.concatenate([store.read(f"methods/{method}/train/{r.stage}") for r in method_rows(store, method)])
@@ -169,6 +174,7 @@ class Attributor:
         self.store = store if isinstance(store, Store) else Store.open(store)
         meta = self.store.meta
         self.method = method
+        self._fitted = _fitted(meta, method)
         self.recipe = method_meta(self.store, method)["query"]
         self.rows = method_rows(self.store, method)
         self.trajectory = store_trajectory(meta, trajectory)
@@ -200,9 +206,19 @@ class Attributor:
             self.trajectory.load_into(self.model, by_step[step])
             self._loaded = step
 
+    def _check_unchanged(self) -> None:
+        """Refuse to answer once the store changed on disk (it grew, or the method was fitted again): the recipe,
+        rows and index held here are those of the store as it was."""
+        if _fitted(Store.open(self.store.path).meta, self.method) != self._fitted:
+            raise StoreError(
+                f"The store at {self.store.path} changed since this Attributor was made (it grew, or method "
+                f"{self.method!r} was fitted again); make a new Attributor to query it."
+            )
+
     def query_features(self, queries: Dataset | Sequence[Any]) -> torch.Tensor:
         """q̃ for every query: float32 ``[Q, d]`` (concatenated over the recipe's checkpoints)."""
         check_indexed(_as_dataset(queries), "The queries")
+        self._check_unchanged()
         if len(_as_dataset(queries)) == 0:  # type: ignore[arg-type]
             raise TaskError("There are no queries to score; pass at least one query example.")
         steps, weights = self.recipe["checkpoints"], self.recipe["weights"]
@@ -273,6 +289,7 @@ class Attributor:
 
     def index(self) -> faiss.Index | TorchIndex:
         """Exact inner-product index over the training features (built once; see ``search_backend``)."""
+        self._check_unchanged()
         if self._index is None:
             names = [f"methods/{self.method}/train/{r.stage}" for r in self.rows]
 
