@@ -267,3 +267,17 @@ def test_an_attributor_made_before_its_store_grew_refuses_to_answer(tmp_path: Pa
             answer(EXTRA)
     new = sp.Attributor(tmp_path / "s.sp", _mlp(), sp.ClassificationTask(), search_backend="torch", progress=False)
     assert new.scores(EXTRA).shape == (10, 30) and new.top_k(EXTRA, 3).rows == new.rows
+
+
+def test_a_growth_whose_new_stage_the_model_cannot_run_is_refused_and_the_store_kept(tmp_path: Path) -> None:
+    """Examples of the new stage shaped otherwise than the model's input are refused in a sentence naming the stage
+    (a bare RuntimeError came out of the first new chunk), before the store grows: its fit is kept."""
+    _record(tmp_path / "run")
+    sp.fit(_featurize(tmp_path / "run", tmp_path / "s.sp", {"main": MAIN}), progress=False)
+    _continue(tmp_path / "run")
+    x, y = EXTRA.tensors
+    narrow = TensorDataset(x[:, :3], y)
+    with pytest.raises(sp.TaskError, match=r"The model cannot run on the training data of stage 'extra' \(RuntimeErr"):
+        _featurize(tmp_path / "run", tmp_path / "s.sp", {"main": MAIN, "extra": narrow}, grow=True)
+    store = sp.Store.open(tmp_path / "s.sp")
+    assert store.meta["trajectory"]["checkpoints"] == [0, 4, 8] and list(store.meta["methods"]) == ["source"]

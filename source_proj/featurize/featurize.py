@@ -223,10 +223,15 @@ class _Featurize:
             # What θ_T computes on a fixed reference batch, and what the data hold (see provenance.py).
             with model_errors("the training data"):
                 self.reference = reference_batch(self.datasets)
+            # The other stages' examples are run too: one the model cannot run is refused before anything is written.
+            batches = [("the training examples", self.reference)]
+            for stage in list(self.datasets)[1:]:
+                with model_errors(f"the training data of stage {stage!r}"):
+                    batches.append((f"the training data of stage {stage!r}", reference_batch(self.datasets, stage)))
             fingerprint = {
                 "model": {
                     "step": trajectory.final_checkpoint.step,
-                    "values": self._model_values(trajectory.final_checkpoint.step, self.reference),
+                    "values": self._model_values(trajectory.final_checkpoint.step, batches)[0],
                 },
                 "data": data_print,
             }
@@ -297,12 +302,14 @@ class _Featurize:
             }
         return self._meta
 
-    def _model_values(self, step: int, batch: Any) -> dict[str, list[float | None]]:
-        """What the model computes at checkpoint ``step`` on ``batch`` (``model_fingerprint``)."""
+    def _model_values(self, step: int, batches: Sequence[tuple[str, Any]]) -> list[dict[str, list[float | None]]]:
+        """What the model computes at checkpoint ``step`` on each of ``batches`` (``(what, batch)``: what names the
+        batch if the model cannot run it), by ``model_fingerprint``."""
         # Sharded parameters are placeholders between layers: the fingerprint runs a whole copy.
         whole = self.work_model if self.shards is None else copy.deepcopy(self.model).cpu()
         self.trajectory.load_into(whole, next(c for c in self.trajectory.checkpoints if c.step == step))
-        return model_fingerprint(whole, self.task, batch, self.device if self.shards is None else torch.device("cpu"))
+        device = self.device if self.shards is None else torch.device("cpu")
+        return [model_fingerprint(whole, self.task, batch, device, what) for what, batch in batches]
 
     def set_up_together(self, group: Ranks) -> None:
         """Sharded parameters: every rank sets up (``_setup``) before rank 0 prepares the store, since the eigen
@@ -478,7 +485,8 @@ class _Featurize:
         model = (recorded.get("fingerprint") or {}).get("model")
         batch = load_reference_batch(store)
         if model is not None and batch is not None:
-            check_model_values(self.path, recorded, self._model_values(model["step"], batch))
+            (values,) = self._model_values(model["step"], [("the training examples", batch)])
+            check_model_values(self.path, recorded, values)
 
     def _refuse_other_settings(self, old: dict[str, Any]) -> None:
         """Refuse to resume or reuse a store written with other settings, another library version, a model

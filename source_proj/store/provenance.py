@@ -205,20 +205,24 @@ def _seeded_rows(size: int, count: int, salt: int) -> list[int]:
     return sorted(int(i) for i in np.random.default_rng([20261129, salt]).choice(size, count, replace=False))
 
 
-def reference_batch(datasets: Mapping[str, Dataset]) -> Any:
-    """The reference batch: ``REFERENCE_ROWS`` seeded examples of the first stage's data, collated."""
-    first = next(iter(datasets.values()))
-    rows = _seeded_rows(len(first), REFERENCE_ROWS, 0)  # type: ignore[arg-type]
-    return next(iter(loader(Subset(first, rows), batch_size=len(rows))))
+def reference_batch(datasets: Mapping[str, Dataset], stage: str | None = None) -> Any:
+    """The reference batch: ``REFERENCE_ROWS`` seeded examples of the first stage's data (``stage``: of that
+    stage's), collated."""
+    data = next(iter(datasets.values())) if stage is None else datasets[stage]
+    rows = _seeded_rows(len(data), REFERENCE_ROWS, 0)  # type: ignore[arg-type]
+    return next(iter(loader(Subset(data, rows), batch_size=len(rows))))
 
 
-def model_fingerprint(model: nn.Module, task: Task, batch: Any, device: torch.device) -> dict[str, list[float | None]]:
+def model_fingerprint(
+    model: nn.Module, task: Task, batch: Any, device: torch.device, what: str = "the training examples"
+) -> dict[str, list[float | None]]:
     """What ``model`` (holding the weights to describe) computes on ``batch``, per example, in fp32 and
-    eval mode: the task's loss and measurement, and the mean and standard deviation of the outputs."""
+    eval mode: the task's loss and measurement, and the mean and standard deviation of the outputs. ``what``: the
+    batch, as a refusal of examples the model cannot run names it."""
     model.eval()
     bound = task.bind(model)
     batch = move_batch(batch, device)
-    with torch.no_grad(), model_errors("the training examples"):
+    with torch.no_grad(), model_errors(what):
         outputs = bound.forward(model, batch)
         values = {"loss": bound.loss(outputs, batch), "measurement": bound.measurement(outputs, batch)}
     flat = outputs.detach().double().reshape(outputs.shape[0], -1)
