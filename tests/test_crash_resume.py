@@ -121,6 +121,36 @@ def test_resume_recomputes_a_completed_chunk_a_crash_damaged(
     assert files(store) == files(tiny_reference)
 
 
+def test_a_killed_featurize_resumes_from_its_run_moved_to_another_directory(
+    tmp_path: Path, tiny_run: Path, tiny_reference: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run moved or copied elsewhere is the same run (its fingerprint holds every checkpoint's sha256): the store
+    resumes from it and records where it is now. It was refused as featurized "with other settings", whose only
+    advice, --force, threw the finished chunks away."""
+    store, moved = tmp_path / "s.sp", tmp_path / "moved"
+    original = sp.Store.write_chunk
+
+    def interrupted(self: sp.Store, name: str, chunk: int, values) -> None:
+        if name.startswith("grads/main/step-00000004"):
+            raise KeyboardInterrupt
+        original(self, name, chunk, values)
+
+    monkeypatch.setattr(sp.Store, "write_chunk", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        featurize(tiny_run, store)
+    monkeypatch.undo()
+    shutil.copytree(tiny_run, moved)
+    featurize(moved, store)
+    sp.fit(store, FIT, progress=False)
+    meta, expected = sp.Store.open(store).meta, sp.Store.open(tiny_reference).meta
+    assert meta["trajectory"] == {**expected["trajectory"], "path": str(moved.resolve())}
+    assert {**meta, "trajectory": None} == {**expected, "trajectory": None}
+    root = "zarr.json"  # the metadata, compared above
+    assert {k: v for k, v in files(store).items() if k != root} == {
+        k: v for k, v in files(tiny_reference).items() if k != root
+    }
+
+
 def test_disk_full_is_one_sentence_and_the_same_command_resumes(
     tmp_path: Path, tiny_run: Path, tiny_reference: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

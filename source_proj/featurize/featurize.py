@@ -474,6 +474,8 @@ class _Featurize:
             )
             return existing
         self._refuse_other_settings(existing.meta)
+        if existing.meta["trajectory"]["path"] != self.meta["trajectory"]["path"]:  # the run moved: the store follows
+            existing.update_meta(trajectory=self.meta["trajectory"])
         return existing
 
     def _check_grown_inputs(self, store: Store) -> None:
@@ -752,9 +754,14 @@ def _measures(unit: Unit, final: str, options: FeaturizeArguments) -> bool:
 
 def _differing(old: dict[str, Any], meta: dict[str, Any]) -> list[str]:
     """The settings (metadata fields compared exactly) in which ``meta`` differs from a store's ``old``."""
-    # Not compared: how the store was made and named; a store keeps the layout it was created with.
+    # Not compared: how the store was made and named, where its run lies (moved, it has the same fingerprint); a store
+    # keeps the layout it was created with.
     informative = ("spec", "command", "provenance", "fingerprint", "layout")
-    return [key for key in meta if key not in informative and old.get(key) != meta[key]]
+
+    def setting(key: str, value: Any) -> Any:
+        return {**value, "path": None} if key == "trajectory" and isinstance(value, dict) else value
+
+    return [key for key in meta if key not in informative and setting(key, old.get(key)) != setting(key, meta[key])]
 
 
 def _detail(key: str, old: Any, new: Any) -> str:
