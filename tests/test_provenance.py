@@ -254,6 +254,19 @@ def test_a_store_written_before_fingerprints_opens_and_says_once_that_it_cannot_
     assert len(seen) == 1
 
 
+def test_a_store_that_lost_its_reference_batch_is_refused_not_queried_unchecked(
+    tmp_path: Path, tiny_reference: Path
+) -> None:
+    """A store that recorded its model's fingerprint but lost the reference batch it was taken on (its metadata file
+    deleted) was queried with the model unchecked, under a warning that the store predates fingerprints and advice to
+    replace it: it is damaged, and verify --repair with the featurize it prints rewrites the batch."""
+    store = tmp_path / "s.sp"
+    shutil.copytree(tiny_reference, store)
+    (store / REFERENCE_BATCH / "zarr.json").unlink()
+    with pytest.raises(sp.StoreError, match=rf"lacks its reference batch .*`source-proj verify {store} --repair`"):
+        sp.Attributor(store, _tanh(), sp.ClassificationTask())
+
+
 def test_overwrite_replaces_a_finished_store_of_the_same_settings(tmp_path: Path, tiny_run: Path) -> None:
     store = tmp_path / "s.sp"
     featurize(tiny_run, store)

@@ -36,6 +36,7 @@ import hashlib
 import io
 import math
 import platform
+import shlex
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -336,6 +337,11 @@ def check_model(store: Store, model: nn.Module, task: Task, device: torch.device
     store's model on the reference batch, e.g. the same layers with another activation."""
     batch = load_reference_batch(store)
     if batch is None:
+        if (store.meta.get("fingerprint") or {}).get("model") is not None:  # recorded, and lost since
+            raise StoreError(
+                f"The store at {store.path} lacks its reference batch ({REFERENCE_BATCH!r}), on which the model is "
+                f"checked; run `source-proj verify {shlex.quote(store.path)} --repair`, then the command it prints."
+            )
         _unchecked(store.path, store.meta, "model")
         return
     check_model_values(store.path, store.meta, model_fingerprint(model, task, batch, device))
