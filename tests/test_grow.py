@@ -281,3 +281,33 @@ def test_a_growth_whose_new_stage_the_model_cannot_run_is_refused_and_the_store_
         _featurize(tmp_path / "run", tmp_path / "s.sp", {"main": MAIN, "extra": narrow}, grow=True)
     store = sp.Store.open(tmp_path / "s.sp")
     assert store.meta["trajectory"]["checkpoints"] == [0, 4, 8] and list(store.meta["methods"]) == ["source"]
+
+
+def test_fit_of_a_store_whose_growth_was_cut_short_says_to_grow_it_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A growth killed after it dropped the fit and the old learning rates, before it recorded the longer run: fit
+    said only that 'trajectory/lr' was missing ("run the step that writes it"); it now names the interrupted growth,
+    and growing again ends with the longer run's store."""
+    _record(tmp_path / "run")
+    sp.fit(_featurize(tmp_path / "run", tmp_path / "s.sp", {"main": MAIN}), progress=False)
+    _continue(tmp_path / "run")
+    delete = sp.Store.delete
+
+    def killed(store: sp.Store, name: str) -> None:
+        if name.startswith("measurement/"):
+            raise KeyboardInterrupt
+        delete(store, name)
+
+    monkeypatch.setattr(sp.Store, "delete", killed)
+    data = {"main": MAIN, "extra": EXTRA}
+    with pytest.raises(KeyboardInterrupt):
+        _featurize(tmp_path / "run", tmp_path / "s.sp", data, grow=True)
+    monkeypatch.undo()
+    with pytest.raises(sp.StoreError, match=r"learning rates .* a growth \(featurize --grow\) was interrupted"):
+        sp.fit(tmp_path / "s.sp", progress=False)
+    grown = _featurize(tmp_path / "run", tmp_path / "s.sp", data, grow=True)
+    scratch = _featurize(tmp_path / "run", tmp_path / "scratch.sp", data)
+    assert set(grown.progress_arrays()) == set(scratch.progress_arrays())
+    for name in scratch.progress_arrays():
+        assert np.array_equal(grown.read(name), scratch.read(name)), name
