@@ -311,3 +311,24 @@ def test_fit_of_a_store_whose_growth_was_cut_short_says_to_grow_it_again(
     assert set(grown.progress_arrays()) == set(scratch.progress_arrays())
     for name in scratch.progress_arrays():
         assert np.array_equal(grown.read(name), scratch.read(name)), name
+
+
+def test_a_store_grows_into_chosen_checkpoints_that_leave_out_its_final_one(tmp_path: Path) -> None:
+    """The model is checked at the store's final checkpoint (step 8) also where the checkpoints chosen for the growth
+    (``checkpoint_steps``) leave it out."""
+
+    def featurize(model: nn.Module, data: dict, steps: tuple[int, ...], **kwargs) -> sp.Store:
+        return sp.featurize(tmp_path / "run", model, sp.ClassificationTask(), data, tmp_path / "s.sp",
+                            projection=sp.ProjectionArguments(dim=16, kind="rademacher"),
+                            options=sp.FeaturizeArguments(chunk_rows=8, checkpoint_steps=steps), progress=False,
+                            **kwargs)  # fmt: skip
+
+    _record(tmp_path / "run")
+    featurize(_mlp(), {"main": MAIN}, (0, 8))
+    _continue(tmp_path / "run")
+    torch.manual_seed(0)
+    relu = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(sp.TaskError, match=r"computes other outputs at the final checkpoint"):
+        featurize(relu, {"main": MAIN, "extra": EXTRA}, (0, 4, 12), grow=True)
+    grown = featurize(_mlp(), {"main": MAIN, "extra": EXTRA}, (0, 4, 12), grow=True)
+    assert grown.meta["trajectory"]["checkpoints"] == [0, 4, 12, 16]

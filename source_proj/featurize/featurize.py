@@ -77,7 +77,7 @@ from source_proj.store.writer import ChunkWriter
 from source_proj.tasks.data import loader
 from source_proj.tasks.gradients import PerExampleGradients, batch_size, move_batch
 from source_proj.tasks.task import Task, check_task_smoothing
-from source_proj.trajectory.recorder import Trajectory, unwrap_model
+from source_proj.trajectory.recorder import Checkpoint, Trajectory, unwrap_model
 from source_proj.trajectory.segments import check_optimised
 
 
@@ -231,7 +231,7 @@ class _Featurize:
             fingerprint = {
                 "model": {
                     "step": trajectory.final_checkpoint.step,
-                    "values": self._model_values(trajectory.final_checkpoint.step, batches)[0],
+                    "values": self._model_values(trajectory.final_checkpoint, batches)[0],
                 },
                 "data": data_print,
             }
@@ -302,12 +302,14 @@ class _Featurize:
             }
         return self._meta
 
-    def _model_values(self, step: int, batches: Sequence[tuple[str, Any]]) -> list[dict[str, list[float | None]]]:
-        """What the model computes at checkpoint ``step`` on each of ``batches`` (``(what, batch)``: what names the
-        batch if the model cannot run it), by ``model_fingerprint``."""
+    def _model_values(
+        self, checkpoint: Checkpoint, batches: Sequence[tuple[str, Any]]
+    ) -> list[dict[str, list[float | None]]]:
+        """What the model computes at ``checkpoint`` on each of ``batches`` (``(what, batch)``: what names the batch if
+        the model cannot run it), by ``model_fingerprint``."""
         # Sharded parameters are placeholders between layers: the fingerprint runs a whole copy.
         whole = self.work_model if self.shards is None else copy.deepcopy(self.model).cpu()
-        self.trajectory.load_into(whole, next(c for c in self.trajectory.checkpoints if c.step == step))
+        self.trajectory.load_into(whole, checkpoint)
         device = self.device if self.shards is None else torch.device("cpu")
         return [model_fingerprint(whole, self.task, batch, device, what) for what, batch in batches]
 
@@ -487,7 +489,9 @@ class _Featurize:
         model = (recorded.get("fingerprint") or {}).get("model")
         batch = load_reference_batch(store)
         if model is not None and batch is not None:
-            (values,) = self._model_values(model["step"], [("the training examples", batch)])
+            # The store's θ_T, whether or not the checkpoints chosen now (``checkpoint_steps``) hold it.
+            final = self.trajectory.truncated(model["step"]).final_checkpoint
+            (values,) = self._model_values(final, [("the training examples", batch)])
             check_model_values(self.path, recorded, values)
 
     def _refuse_other_settings(self, old: dict[str, Any]) -> None:
