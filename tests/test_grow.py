@@ -287,8 +287,8 @@ def test_fit_of_a_store_whose_growth_was_cut_short_says_to_grow_it_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A growth killed after it dropped the fit and the old learning rates, before it recorded the longer run: fit
-    said only that 'trajectory/lr' was missing ("run the step that writes it"); it now names the interrupted growth,
-    and growing again ends with the longer run's store."""
+    said only that 'trajectory/lr' was missing ("run the step that writes it"), and verify --repair printed the
+    featurize without --grow; both now ask to grow again, which ends with the longer run's store."""
     _record(tmp_path / "run")
     sp.fit(_featurize(tmp_path / "run", tmp_path / "s.sp", {"main": MAIN}), progress=False)
     _continue(tmp_path / "run")
@@ -304,8 +304,10 @@ def test_fit_of_a_store_whose_growth_was_cut_short_says_to_grow_it_again(
     with pytest.raises(KeyboardInterrupt):
         _featurize(tmp_path / "run", tmp_path / "s.sp", data, grow=True)
     monkeypatch.undo()
-    with pytest.raises(sp.StoreError, match=r"learning rates .* a growth \(featurize --grow\) was interrupted"):
+    with pytest.raises(sp.StoreError, match=r"learning rates .* interrupted; re-run .* the store and grow=True"):
         sp.fit(tmp_path / "s.sp", progress=False)
+    repaired = sp.verify_store(tmp_path / "s.sp", repair=True, progress=False)
+    assert next(step for step in repaired.next_steps if "featurize" in step).endswith("and grow=True")
     grown = _featurize(tmp_path / "run", tmp_path / "s.sp", data, grow=True)
     scratch = _featurize(tmp_path / "run", tmp_path / "scratch.sp", data)
     assert set(grown.progress_arrays()) == set(scratch.progress_arrays())

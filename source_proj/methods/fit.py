@@ -422,15 +422,12 @@ class _Fit:
                 "finish or resume training, then fit."
             )
         if not captured and not store.is_complete("trajectory/lr"):  # written as featurize starts, dropped as it grows
-            growth = meta.get("growth") or []
-            if growth and growth[-1]["fingerprint"] == meta["trajectory"]["fingerprint"]:  # the longer run not recorded
-                how = "a growth (featurize --grow) was interrupted: run it again"
-            else:
-                command = featurize_command(store)
-                how = "a featurize was interrupted: " + (
-                    f"finish it with `{command}`" if command.startswith("source-proj") else command
-                )
-            raise StoreError(f"The store at {store.path} lacks its learning rates ('trajectory/lr'); {how}, then fit.")
+            command = featurize_command(store)
+            how = f"run `{command}`" if command.startswith("source-proj") else command
+            raise StoreError(
+                f"The store at {store.path} lacks its learning rates ('trajectory/lr'): a featurize or a growth was "
+                f"interrupted; {how} to finish it, then fit."
+            )
         segments, view = resolve_segments(store, self.args)
         if captured and self.args.fast:
             raise StoreError(f"The store at {store.path} was captured during training; Fast-SOURCE needs featurize.")

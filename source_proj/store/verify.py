@@ -143,9 +143,13 @@ def featurize_command(store: Store) -> str:
             "capture the run again into a new store (a captured window is recomputed only by training through it), "
             "or featurize the run after training into a new store (source-proj featurize --projection factored)"
         )
+    # A growth cut short after it noted the store's run in its history, before it recorded the longer one.
+    growing = bool(meta.get("growth")) and meta["growth"][-1]["fingerprint"] == meta["trajectory"]["fingerprint"]
     spec = meta.get("spec")
     if spec is None:
-        return "re-run source_proj.featurize(...) with the arguments that created the store"
+        return "re-run source_proj.featurize(...) with the arguments that created the store" + (
+            " and grow=True" if growing else ""
+        )
     paths = [
         f"--ckpts {shlex.quote(meta['trajectory']['path'])}",
         f"--spec {shlex.quote(spec)}",
@@ -153,7 +157,7 @@ def featurize_command(store: Store) -> str:
     ]
     recorded, command = str(meta.get("command") or ""), "source-proj featurize"
     if recorded.startswith(command):  # the CLI's own options as they were given, the paths as the store has them now
-        return " ".join([command, *paths]) + recorded[len(command) :]
+        return " ".join([command, *paths]) + recorded[len(command) :] + (" --grow" if growing else "")
     # A store made before the command was recorded: its settings, as far as they name the options.
     proj, feat = meta["projection"], meta["featurize"]
     args = [command, *paths, f"--projection {proj['kind']}"]
@@ -178,7 +182,7 @@ def featurize_command(store: Store) -> str:
     provenance = meta.get("provenance", {})
     if "batch_size" in provenance:
         args += [f"--batch-size {provenance['batch_size']}", f"--device {provenance['device']}"]
-    return " ".join(args)
+    return " ".join([*args, *(["--grow"] if growing else [])])
 
 
 def fit_command(store: Store, method: str) -> str:
