@@ -188,6 +188,10 @@ def test_seq2seq_inputs_and_models_that_do_not_fit_are_refused_with_a_sentence()
     wrong = sp.Seq2SeqTask(tokens_per_sequence=3, decoder_start_token_id=5)
     with pytest.raises(sp.TaskError, match=r"do not reproduce T5ForConditionalGeneration's own logits"):
         PerExampleGradients(t5, wrong, wrong.select_parameters(t5)).outputs(batch)
+    # A target padded with the pad id under a decoder_attention_mask: the model's loss predicts it, the task would not.
+    padded = {**batch, "labels": batch["labels"].clamp_min(0), "decoder_attention_mask": (batch["labels"] >= 0).long()}
+    with pytest.raises(sp.TaskError, match=r"Example 0 .* label at padded position 4 \(decoder_attention_mask 0"):
+        sp.Seq2SeqTask(tokens_per_sequence=3).loss(torch.zeros(3, 6, VOCAB), padded)
     with pytest.raises(sp.TaskError, match=r"needs its target as 'labels' \[B, S\].*holds none"):
         sp.Seq2SeqTask(tokens_per_sequence=3).forward(t5, {k: v for k, v in batch.items() if k != "labels"})
     plain = sp.Seq2SeqTask(tokens_per_sequence=3)

@@ -178,7 +178,7 @@ def test_lm_measurement_and_loss_equal_the_models_own_loss() -> None:
     model = _gpt2().eval()
     task = sp.LanguageModelingTask(tokens_per_sequence=LENGTH - 1)
     batch = _batch(SEQUENCES, length=LENGTH)
-    labels = batch["input_ids"].clone()
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)  # a collator's padded labels
     labels[0, 3] = -100  # a position the model is not asked to predict
     batch["labels"] = labels
     with torch.no_grad():
@@ -188,8 +188,7 @@ def test_lm_measurement_and_loss_equal_the_models_own_loss() -> None:
         for i, seq in enumerate(SEQUENCES):  # the model's own loss is the mean over the predicted tokens
             own = model(input_ids=torch.tensor([seq]), labels=labels[i : i + 1, : len(seq)]).loss
             assert torch.allclose(measured[i], own * counts[i], rtol=1e-5)
-        hf_labels = labels.masked_fill(batch["attention_mask"] == 0, -100)  # a collator's padded labels
-        own = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=hf_labels).loss
+        own = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
         assert torch.allclose(measured.sum() / counts.sum(), own, rtol=1e-5)
 
         # Equal-length sequences: the batch mean of the task's loss is exactly the model's training loss.
@@ -434,6 +433,26 @@ def test_bad_text_input_is_refused_with_a_sentence() -> None:
         task.loss(grads.outputs({**big, "input_ids": big["input_ids"].clamp_max(VOCAB - 1)}), big)
     with pytest.raises(sp.TaskError, match="needs 'labels'"):
         sp.SequenceClassificationTask().loss(torch.zeros(3, 3), _batch(SEQUENCES))
+
+
+def test_labels_at_padded_positions_are_refused_since_the_models_own_loss_predicts_them() -> None:
+    """``labels = input_ids.copy()`` of sequences padded with the EOS id (no pad token): the model's loss predicts the
+    padding, which the task never does, so the run's loss and the task's differ silently; the batch is refused."""
+    model = _gpt2().eval()
+    batch = _batch(SEQUENCES, length=LENGTH)
+    batch["labels"] = batch["input_ids"].clone()  # 0 (the EOS and pad id) at padding, not -100
+    task = sp.LanguageModelingTask(tokens_per_sequence=1)
+    with torch.no_grad():
+        own = model(**batch).loss * (batch["labels"][:, 1:] != -100).sum()
+        masked = {**batch, "labels": batch["labels"].masked_fill(batch["attention_mask"] == 0, -100)}
+        assert not torch.allclose(task.measurement(task.forward(model, masked), masked).sum(), own)
+        with pytest.raises(sp.TaskError, match=r"Example 0 of the batch has a label at padded position 7 .*-100 at "):
+            task.measurement(task.forward(model, batch), batch)
+    tagger = _token_bert()
+    tagged = _tagged(SEQUENCES, LENGTH)
+    tagged["labels"][1, -1] = 2
+    with pytest.raises(sp.TaskError, match=r"Example 1 of the batch has a label at padded position 7 "):
+        sp.TokenClassificationTask(tokens_per_sequence=1).loss(tagger(**tagged).logits, tagged)
 
 
 class _Branching(PlainTransformer):

@@ -647,6 +647,8 @@ class LanguageModelingTask(_TextTask):
         _check_batch(batch)
         labels = batch.get("labels", batch["input_ids"])
         keep = loss_positions(batch)
+        if "labels" in batch:  # the model's loss predicts every label that is not −100, padding's too
+            _check_no_labelled_padding(labels, _padding_mask(batch), "attention_mask", first=1)
         logits = outputs  # half precision stays: token_nll computes in float32 a block at a time
         vocab = logits.shape[-1]
         _check_tokens(torch.where(keep, labels[:, 1:], torch.zeros_like(labels[:, 1:])), vocab)
@@ -876,6 +878,8 @@ class Seq2SeqTask(_TextTask):
                 f"Seq2SeqTask takes the target as 'labels' [B, S] beside logits [B, S, V], but the batch holds labels "
                 f"of shape {list(labels.shape)} for logits of shape {list(outputs.shape)}."
             )
+        if "decoder_attention_mask" in batch:
+            _check_no_labelled_padding(labels, batch["decoder_attention_mask"], "decoder_attention_mask")
         keep = target_positions(batch)
         _check_tokens(torch.where(keep, labels, torch.zeros_like(labels)), outputs.shape[-1])
         return labels, keep
@@ -1054,6 +1058,7 @@ class TokenClassificationTask(_TextTask):
                 f"TokenClassificationTask takes a label per token, 'labels' [B, T] beside logits [B, T, C] (−100 where "
                 f"a token has none), but the batch holds {got} for logits of shape {list(outputs.shape)}."
             )
+        _check_no_labelled_padding(labels, _padding_mask(batch), "attention_mask")
         keep = _padding_mask(batch).bool() & (labels != IGNORE_INDEX)
         classes = outputs.shape[-1]
         if _plain(labels) and keep.any():
@@ -1228,6 +1233,25 @@ def _upcast(logits: Tensor) -> Tensor:
 
 def _has_causal_flags(model: nn.Module) -> bool:
     return any(isinstance(getattr(m, "is_causal", None), bool) for m in model.modules())
+
+
+def _check_no_labelled_padding(labels: Tensor, mask: Tensor, mask_name: str, first: int = 0) -> None:
+    """Refuse, outside vmap, a label (not −100) at a padded position (``mask`` 0) from position ``first`` on (a causal
+    model's loss never reads the label of position 0): the model's own loss counts every such label, whatever the
+    mask, so a run trained on such batches minimised a loss over padding that the tasks, which never predict
+    padding, would silently leave out of every gradient."""
+    if not (_plain(labels) and _plain(mask)) or labels.shape != mask.shape:
+        return
+    padded = (labels[:, first:] != IGNORE_INDEX) & (mask[:, first:] == 0)
+    if padded.any():
+        row, col = (int(i) for i in torch.nonzero(padded)[0])
+        col += first
+        raise TaskError(
+            f"Example {row} of the batch has a label at padded position {col} ({mask_name} 0, label not -100): the "
+            "model's own loss counts it, but attribution never predicts padding, so the gradients would not be "
+            "those of the loss the run minimised. Set the labels to -100 at padding (DataCollatorForLanguageModeling "
+            "and DataCollatorForSeq2Seq do); where the run trained on them, that leaves the padding's loss out."
+        )
 
 
 def _check_tokens(targets: Tensor, vocab: int) -> None:
