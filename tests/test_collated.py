@@ -179,3 +179,25 @@ def test_a_collator_that_masks_at_random_is_warned_of_once_and_its_first_batch_i
     assert told[False] == [] and len(told[True]) == 1
     assert told[True][0].startswith("sp.CollatedDataset's collate function (DataCollatorForLanguageModeling) batches")
     assert "scores do not repeat" in told[True][0]
+
+
+def test_mean_predicted_tokens_counts_what_the_collator_labels_so_the_task_loss_is_the_models() -> None:
+    """A GPT-2-style tokenizer without a pad token pads with its EOS, and ``DataCollatorForLanguageModeling`` then
+    labels every EOS −100, the one ending each text too: n̄ counts the collated labels, so the batch mean of
+    ℓ = s/n̄ is the model's own loss (the run's), not that loss times n/(n + 1)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast
+
+    vocab = {"<eos>": 0, **{f"w{i}": i for i in range(1, VOCAB)}}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<eos>")),
+                                        eos_token="<eos>", pad_token="<eos>")  # fmt: skip
+    rows = [{"input_ids": [*s, 0], "attention_mask": [1] * (len(s) + 1)} for s in _sequences(5, seed=3)]
+    data = sp.CollatedDataset(rows, DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    batch = data.collate_fn(list(rows))
+    model = _gpt2().eval()
+    task = sp.LanguageModelingTask(tokens_per_sequence=mean_predicted_tokens(data))
+    with torch.no_grad():
+        ours = task.loss(task.forward(model, batch), batch).mean()
+        own = model(**batch).loss
+    assert torch.allclose(ours, own, rtol=1e-6), f"{float(ours)} vs the model's {float(own)}"

@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from source_proj.errors import TaskError
+from source_proj.tasks.data import collate_of
 from source_proj.tasks.task import (
     Batch,
     ClassificationTask,
@@ -1393,8 +1394,9 @@ def _sequence_labels(labels: Sequence[Any]) -> Tensor:
 
 
 def predicted_tokens(dataset: Dataset) -> np.ndarray:
-    """Number of next-token predictions carrying loss in each example (``loss_positions``): int ``[N]``."""
-    counts = [int(loss_positions(_batched(dataset[i])).sum()) for i in range(len(dataset))]  # type: ignore[arg-type]
+    """Number of next-token predictions carrying loss in each example (``loss_positions``), each batched as featurize
+    batches it (a ``CollatedDataset`` through its collator, whose labels may leave tokens out): int ``[N]``."""
+    counts = [int(loss_positions(_batched(dataset, i)).sum()) for i in range(len(dataset))]  # type: ignore[arg-type]
     return np.asarray(counts, dtype=np.int64)
 
 
@@ -1405,7 +1407,7 @@ def mean_predicted_tokens(dataset: Dataset) -> float:
 
 def target_tokens(dataset: Dataset) -> np.ndarray:
     """Number of predicted target tokens (``target_positions``) in each seq2seq example: int ``[N]``."""
-    counts = [int(target_positions(_batched(dataset[i])).sum()) for i in range(len(dataset))]  # type: ignore[arg-type]
+    counts = [int(target_positions(_batched(dataset, i)).sum()) for i in range(len(dataset))]  # type: ignore[arg-type]
     return np.asarray(counts, dtype=np.int64)
 
 
@@ -1418,7 +1420,7 @@ def labelled_tokens(dataset: Dataset) -> np.ndarray:
     """Number of tokens carrying a label (not −100, not padding) in each example: int ``[N]``."""
     counts = []
     for i in range(len(dataset)):  # type: ignore[arg-type]
-        example = _batched(dataset[i])
+        example = _batched(dataset, i)
         if "labels" not in example:
             raise TaskError(f"Example {i} has no 'labels'; token classification needs a label per token.")
         counts.append(int((_padding_mask(example).bool() & (example["labels"] != IGNORE_INDEX)).sum()))
@@ -1430,5 +1432,8 @@ def mean_labelled_tokens(dataset: Dataset) -> float:
     return float(labelled_tokens(dataset).mean())
 
 
-def _batched(example: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {key: torch.as_tensor(value).unsqueeze(0) for key, value in example.items()}
+def _batched(dataset: Dataset, index: int) -> dict[str, Tensor]:
+    """Example ``index`` of ``dataset`` as a batch of one, batched as featurize batches it (``collate_of``): a
+    ``CollatedDataset``'s collator may set the labels the run trained on (``DataCollatorForLanguageModeling`` puts
+    −100 at every token equal to the pad token, each EOS where the pad token is the EOS)."""
+    return dict(collate_of(dataset)([dataset[index]]))
