@@ -455,6 +455,26 @@ def test_labels_at_padded_positions_are_refused_since_the_models_own_loss_predic
         sp.TokenClassificationTask(tokens_per_sequence=1).loss(tagger(**tagged).logits, tagged)
 
 
+def test_a_row_that_packs_several_sequences_is_refused_since_the_run_attended_within_each() -> None:
+    """``DataCollatorWithFlattening`` packs a batch into one row whose position_ids restart at each sequence. Trained
+    with flash attention, or without a cache, Llama attends within each sequence; the task's mask (padding only) would
+    let them attend to each other, and its own check (eval, with a cache) agrees with that, so the row is refused."""
+    model = _llama().eval()
+    first, second = SEQUENCES[1], SEQUENCES[2][:3]
+    ids = torch.tensor([first + second])
+    positions = torch.tensor([list(range(len(first))) + list(range(len(second)))])
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+        cut = len(first)
+        alone = torch.cat([model(input_ids=ids[:, :cut]).logits, model(input_ids=ids[:, cut:]).logits], 1)
+    assert torch.allclose(packed, alone, atol=1e-5)  # what the run trained on: each sequence alone
+    task = _lm()
+    grads = PerExampleGradients(model, task, task.select_parameters(model))
+    with pytest.raises(sp.TaskError, match=r"Example 0 of the batch packs several sequences .* restart at position 4"):
+        grads.outputs({"input_ids": ids, "position_ids": positions})
+    grads.outputs({"input_ids": ids, "position_ids": torch.arange(ids.shape[1])[None]})  # one sequence: taken
+
+
 class _Branching(PlainTransformer):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if attention_mask.all():  # data-dependent control flow: vmap cannot batch it

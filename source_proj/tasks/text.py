@@ -281,6 +281,7 @@ def _check_batch(batch: Batch) -> None:
             "Text tasks take batches as dicts with 'input_ids' (and 'attention_mask', 'labels'); got "
             f"{type(batch).__name__}: return dicts of tensors from the dataset (see sp.TextDataset)."
         )
+    _check_unpacked(batch)
     mask = batch.get("attention_mask")
     if mask is None or not _plain(mask) or mask.numel() == 0:
         return
@@ -294,6 +295,25 @@ def _check_batch(batch: Batch) -> None:
         raise TaskError(
             f"Example {row} of the batch has padding before a token; the text tasks need right-padded sequences "
             "(tokenizer.padding_side = 'right'), so that positions match the unpadded sequence."
+        )
+
+
+def _check_unpacked(batch: Mapping[str, Tensor]) -> None:
+    """Refuse, outside vmap, a row that packs several sequences: its ``position_ids`` restart between two tokens
+    (``DataCollatorWithFlattening``, padding-free packing). Trained with flash attention, or without a cache, the
+    model attends within each packed sequence; the task's mask, built from the padding alone, would let them attend
+    to each other, and each row's score would be that of several sequences."""
+    positions = batch.get("position_ids")
+    if positions is None or not _plain(positions) or positions.dim() != 2 or positions.shape[-1] < 2:
+        return
+    tokens = _padding_mask(batch).bool()
+    restart = (positions[:, 1:] - positions[:, :-1] != 1) & tokens[:, 1:] & tokens[:, :-1]
+    if restart.any():
+        row, col = (int(i) for i in torch.nonzero(restart)[0])
+        raise TaskError(
+            f"Example {row} of the batch packs several sequences (its position_ids restart at position {col + 1}); "
+            "attribution scores one sequence per example: give each sequence as an example of its own, padded per "
+            "batch (sp.CollatedDataset with DataCollatorForLanguageModeling), not packed by DataCollatorWithFlattening."
         )
 
 
