@@ -475,6 +475,35 @@ def test_a_row_that_packs_several_sequences_is_refused_since_the_run_attended_wi
     grads.outputs({"input_ids": ids, "position_ids": torch.arange(ids.shape[1])[None]})  # one sequence: taken
 
 
+def test_a_sliding_window_on_some_layers_only_is_exact_up_to_it_and_longer_sequences_are_refused() -> None:
+    """A Qwen2 whose second layer attends through a window of 3 tokens and whose first attends to all: one mask
+    cannot build both. A first batch no longer than the window passes the check against the model's own masking, and
+    is exact; a later batch of longer sequences was then attributed as if no layer had a window (28% off on this
+    model): it is refused, in a sentence."""
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=LENGTH, sliding_window=3, use_sliding_window=True,
+        max_window_layers=1, attn_implementation="eager",
+    )  # fmt: skip
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    assert model.config.layer_types == ["full_attention", "sliding_attention"]
+    task = sp.LanguageModelingTask(tokens_per_sequence=1)
+    names = task.select_parameters(model)
+    grads = PerExampleGradients(model, task, names)
+    short = [SEQUENCES[0][:3], SEQUENCES[1][:2]]
+    got = grads(_batch(short, length=3), "measurement")
+    params = dict(model.named_parameters())
+    for i, seq in enumerate(short):
+        ids = torch.tensor([seq])
+        own = model(input_ids=ids, labels=ids).loss * (len(seq) - 1)
+        want = torch.autograd.grad(own, [params[n] for n in names])
+        scale = max(float(w.abs().max()) for w in want)
+        assert max(float((got[n][i] - w).abs().max()) for n, w in zip(names, want, strict=True)) <= 2e-5 * scale
+    with pytest.raises(sp.TaskError, match=r"Example 0 of the batch has 7 tokens, more than the sliding window of 3"):
+        grads(_batch(SEQUENCES, length=LENGTH), "measurement")
+
+
 class _Branching(PlainTransformer):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if attention_mask.all():  # data-dependent control flow: vmap cannot batch it

@@ -184,6 +184,8 @@ class ModelKind:
             [`inspect_model`][]).
         window: the sliding window of a causal model whose every layer attends through one (Mistral's
             ``sliding_window``): a query attends to the ``window`` keys up to itself; ``None``: no window.
+        unbuilt_window: a sliding window the task's mask cannot build (on some layers only, as Gemma 2 alternates
+            them, or a bidirectional model's): sequences longer than it are refused; ``None``: none.
     """
 
     hugging_face: bool
@@ -192,6 +194,7 @@ class ModelKind:
     name: str
     positions: bool = False
     window: int | None = None
+    unbuilt_window: int | None = None
 
 
 def inspect_model(model: nn.Module, attention: AttentionKind = "auto") -> ModelKind:
@@ -217,31 +220,32 @@ def inspect_model(model: nn.Module, attention: AttentionKind = "auto") -> ModelK
             '`model.set_attn_implementation("eager")`, or build it with attn_implementation="eager".'
         )
     positions = "position_ids" in inspect.signature(model.forward).parameters
-    window = _sliding_window(config)
     if attention != "auto":
         causal = attention == "causal"
-        return ModelKind(True, causal, dtype, name, positions and causal, window if causal else None)
-    flags = {m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)}
-    if not flags:
-        raise TaskError(
-            f"Cannot tell whether {name} attends causally (none of its modules has an is_causal flag); "
-            "pass attention='causal' or attention='bidirectional' to the task."
-        )
-    causal = True in flags and getattr(config, "is_causal", True) is not False
-    return ModelKind(True, causal, dtype, name, positions and causal, window if causal else None)
+    else:
+        flags = {m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)}
+        if not flags:
+            raise TaskError(
+                f"Cannot tell whether {name} attends causally (none of its modules has an is_causal flag); "
+                "pass attention='causal' or attention='bidirectional' to the task."
+            )
+        causal = True in flags and getattr(config, "is_causal", True) is not False
+    window, everywhere = _sliding_window(config)
+    built = window if causal and everywhere else None
+    return ModelKind(True, causal, dtype, name, positions and causal, built, window if built is None else None)
 
 
-def _sliding_window(config: Any) -> int | None:
-    """The sliding window every layer of a Hugging Face model attends through (Mistral's), else ``None``. Models
-    that alternate windowed and full layers (``layer_types``, Gemma 2) get ``None``: one mask cannot serve both,
-    and the task's check against the model's own masking refuses them where the window matters."""
+def _sliding_window(config: Any) -> tuple[int | None, bool]:
+    """The sliding window of a Hugging Face model (``sliding_window``, where enabled and some layer attends through
+    it), else ``None``, and whether every layer attends through it (Mistral's) or only some (``layer_types``: Gemma 2
+    alternates windowed and full layers), which one mask cannot serve."""
     window = getattr(config, "sliding_window", None)
     if not isinstance(window, int) or isinstance(window, bool) or getattr(config, "use_sliding_window", True) is False:
-        return None
+        return None, False
     types = getattr(config, "layer_types", None)
-    if types and any(kind != "sliding_attention" for kind in types):
-        return None
-    return window
+    if types and "sliding_attention" not in types:
+        return None, False
+    return window, not types or all(kind == "sliding_attention" for kind in types)
 
 
 def attention_bias(
@@ -314,6 +318,21 @@ def _check_unpacked(batch: Mapping[str, Tensor]) -> None:
             f"Example {row} of the batch packs several sequences (its position_ids restart at position {col + 1}); "
             "attribution scores one sequence per example: give each sequence as an example of its own, padded per "
             "batch (sp.CollatedDataset with DataCollatorForLanguageModeling), not packed by DataCollatorWithFlattening."
+        )
+
+
+def _check_within_window(batch: Mapping[str, Tensor], kind: ModelKind) -> None:
+    """Refuse, outside vmap, a sequence longer than a sliding window the task's mask does not build: up to the window
+    every key is in reach, so the mask is exact; beyond it the windowed layers would silently attend to all. (The
+    check of the first batch against the model's own masking cannot see this where that batch is short.)"""
+    window = kind.unbuilt_window
+    lengths = _padding_mask(batch).sum(-1)
+    if window is not None and lengths.numel() and int(lengths.max()) > window:
+        row = int(lengths.argmax())
+        raise TaskError(
+            f"Example {row} of the batch has {int(lengths[row])} tokens, more than the sliding window of {window} that "
+            f"some of {kind.name}'s layers attend through, which one attention mask cannot build; split the "
+            f"sequences into pieces of at most {window} tokens, or subclass the task and override forward."
         )
 
 
@@ -393,6 +412,8 @@ class _TextTask(Task):
         if kind.positions and "position_ids" not in inputs:
             ids = batch["input_ids"]
             inputs["position_ids"] = torch.arange(ids.shape[-1], device=ids.device).expand(ids.shape[0], -1)
+        if kind.unbuilt_window is not None and _plain(batch["input_ids"]):
+            _check_within_window(batch, kind)
         logits = _call_model(model, inputs, kind)
         if bound and kind.hugging_face and not self._mask_checked and _plain(batch["input_ids"]):
             self._check_mask(model, batch, logits, kind)
