@@ -28,6 +28,7 @@ from source_proj.store.store import Store
 from source_proj.store.verify import VerifyReport, verify_store
 from source_proj.store.writing import store_lock
 from source_proj.tasks.data import CollatedDataset
+from source_proj.tasks.draws import FisherDraws
 from source_proj.tasks.task import (
     ClassificationTask,
     MultiLabelClassificationTask,
@@ -60,6 +61,7 @@ __all__ = [
     "FactoredProjector",
     "FastJLProjector",
     "FeaturizeArguments",
+    "FisherDraws",
     "FitArguments",
     "GradientCapture",
     "IVFArguments",

@@ -17,6 +17,7 @@ from torch.func import functional_call, jacrev
 
 import source_proj as sp
 from source_proj.query.text_report import token_report
+from source_proj.tasks.draws import FisherDraws
 from source_proj.tasks.gradients import PerExampleGradients
 from source_proj.tasks.text import OBSERVED_TARGET_KEY, mean_target_tokens, shift_right, target_positions
 
@@ -163,10 +164,9 @@ def test_sampled_seq2seq_fisher_targets_draw_from_the_model_at_target_positions_
     task = sp.Seq2SeqTask(tokens_per_sequence=2.5)
     batch = _pairs([[3, 4], [5, 6]], [[7, 8, 9], [4]], length=2, target_length=3)
     logits = torch.randn(2, 3, 10, generator=torch.Generator().manual_seed(0))
-    gen = torch.Generator().manual_seed(1)
     counts = torch.zeros(10)
-    for _ in range(3000):
-        ((weight, sampled),) = task.fisher_targets(logits, batch, gen)
+    for trial in range(3000):
+        ((weight, sampled),) = task.fisher_targets(logits, batch, FisherDraws.of([1, trial], [0, 1]))
         labels = sampled["labels"]
         assert torch.equal(weight, torch.full((2,), 2.5))
         assert torch.equal(shift_right(sampled[OBSERVED_TARGET_KEY], 0, 0), torch.tensor([[0, 7, 8], [0, 4, 0]]))

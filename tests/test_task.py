@@ -8,6 +8,7 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 import source_proj as sp
+from source_proj.tasks.draws import FisherDraws
 from source_proj.tasks.gradients import PerExampleGradients
 
 
@@ -99,10 +100,9 @@ def test_exact_fisher_targets_give_the_gauss_newton_matrix(task: sp.Task) -> Non
 def test_sampled_fisher_targets_are_unbiased() -> None:
     task = sp.ClassificationTask()
     logits = torch.tensor([[1.0, 0.0, -1.0]])
-    gen = torch.Generator().manual_seed(0)
     counts = torch.zeros(3)
-    for _ in range(4000):
-        ((weight, batch),) = task.fisher_targets(logits, (None, torch.tensor([0])), gen)
+    for trial in range(4000):  # each trial its own key: an example's draw is fixed by its key
+        ((weight, batch),) = task.fisher_targets(logits, (None, torch.tensor([0])), FisherDraws.of([0, trial], [0]))
         counts[batch[1]] += weight
     assert torch.allclose(counts / 4000, torch.softmax(logits[0], 0), atol=0.03)
 
@@ -114,10 +114,9 @@ def test_multi_label_task_is_hugging_faces_loss_and_samples_each_label_from_its_
     batch = (None, labels)
     assert torch.allclose(task.loss(logits, batch).mean(), torch.nn.BCEWithLogitsLoss()(logits, labels))
     assert torch.allclose(task.measurement(logits, batch), torch.tensor([2.0 - 0.0 - 1.0, -0.5 + 3.0 + 1.0]))
-    gen = torch.Generator().manual_seed(0)
     drawn = torch.zeros(2, 3)
-    for _ in range(4000):
-        ((weight, targets),) = task.fisher_targets(logits, batch, gen)
+    for trial in range(4000):
+        ((weight, targets),) = task.fisher_targets(logits, batch, FisherDraws.of([0, trial], [0, 1]))
         assert torch.equal(weight, torch.full((2,), 3.0))
         drawn += targets[1]
     assert torch.allclose(drawn / 4000, torch.sigmoid(logits), atol=0.03)

@@ -15,6 +15,7 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 import source_proj as sp
+from source_proj.tasks.draws import FisherDraws
 from source_proj.tasks.gradients import PerExampleGradients
 from source_proj.tasks.text import attention_bias, loss_positions
 
@@ -244,10 +245,9 @@ def test_sampled_lm_fisher_targets_draw_from_the_model_at_loss_positions_only() 
     batch["labels"] = batch["input_ids"].clone()
     batch["labels"][0, 2] = -100
     logits = torch.randn(2, 4, 5, generator=torch.Generator().manual_seed(0))
-    gen = torch.Generator().manual_seed(1)
     counts = torch.zeros(5)
-    for _ in range(3000):
-        ((weight, sampled),) = task.fisher_targets(logits, batch, gen)
+    for trial in range(3000):
+        ((weight, sampled),) = task.fisher_targets(logits, batch, FisherDraws.of([1, trial], [0, 1]))
         labels = sampled["labels"]
         assert torch.equal(weight, torch.full((2,), 2.5))
         assert (labels[0, [0, 2]] == -100).all() and (labels[1, [0, 2, 3]] == -100).all()
@@ -594,7 +594,7 @@ def test_sequence_classification_trains_each_head_as_the_model_does(outputs, con
     with torch.no_grad():
         assert torch.allclose(task.loss(logits, batch).mean(), model(**batch).loss, atol=1e-6)
     assert task.measurement(logits, batch).shape == (3,)
-    ((weight, drawn),) = task.fisher_targets(logits.detach(), batch, torch.Generator().manual_seed(0))
+    ((weight, drawn),) = task.fisher_targets(logits.detach(), batch, FisherDraws.of([0], range(3)))
     assert drawn["labels"].dtype == labels.dtype and drawn["labels"].shape == labels.shape
     assert torch.isfinite(task.fisher_loss(logits, drawn)).all() and weight.shape == (3,)
     said = {"regression": "error", "multi_label_classification": "log-odds"}.get(problem, "margin")
@@ -702,7 +702,7 @@ def test_exact_token_classification_fisher_targets_give_the_gauss_newton_matrix(
                 gn += j[b, t].T @ (torch.diag(p) - torch.outer(p, p)) @ j[b, t] / n
     assert gn.abs().max() > 0 and torch.allclose(fisher, gn, atol=1e-12, rtol=1e-8)
     # Sampled: a class at every labelled token and nowhere else, weight n.
-    ((weight, drawn),) = task.fisher_targets(logits, batch, torch.Generator().manual_seed(0))
+    ((weight, drawn),) = task.fisher_targets(logits, batch, FisherDraws.of([0], range(2)))
     assert torch.equal(drawn["labels"] != -100, keep)
     n = keep.sum(-1).double() if tokens == "own" else torch.full((2,), 2.5, dtype=torch.float64)
     assert torch.allclose(weight, n)

@@ -21,6 +21,7 @@ from source_proj.projection.eigen import EigenBasis, _has_rest, basis_budget
 from source_proj.projection.layers import FactoredLayer, factorable_layers
 from source_proj.projection.transform import scaling_transform
 from source_proj.tasks.data import RandomStateKept, collate_of
+from source_proj.tasks.draws import FisherDraws
 from source_proj.tasks.gradients import PerExampleGradients, move_batch
 from source_proj.tasks.task import Task
 from source_proj.trajectory.preconditioner import checkpoint_preconditioner, steps_preconditioner
@@ -31,6 +32,9 @@ from source_proj.trajectory.segments import optimizer_rule
 class NoBasis(TaskError):
     """The model has no layer the eigen projection can take a basis for (featurize falls back to 'rademacher')."""
 
+
+_BASIS_LABELS = 0xBA515
+"""A word of the basis pass's label key (with the seed, the visit and the stage): not featurize's draws."""
 
 LAYER_WIDTHS = 2
 """With a budget of positions per layer (``BasisPass``), a layer also wants this many positions per unit of its
@@ -88,7 +92,8 @@ class BasisPass:
     """The factors' sums of a basis: ``visit`` adds one Fisher pass over a stage's subset at the model's current
     weights (each visit normalised, every visit weighing the same), ``basis`` eigendecomposes their mean.
     featurize visits every checkpoint; in-run capture (``capture.py``) visits each window's start as training
-    reaches it, and the final weights.
+    reaches it, and the final weights. The labels of example i of a stage at the n-th visit are drawn from the key of
+    (``seed``, n, the stage) and i (``FisherDraws``): the batch size changes none.
 
     Args:
         grads_fn: gradients of the model whose weights are visited.
@@ -145,7 +150,7 @@ class BasisPass:
         self.b_mean = [np.zeros((layer.out_features, layer.out_features)) for layer in layers]
         self.visits = 0
         rng = np.random.default_rng(seed)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
         self.subsets, self.orders = {}, {}
         for stage, data in datasets.items():
             size = len(data)  # type: ignore[arg-type]
@@ -245,10 +250,12 @@ class BasisPass:
         # in-run capture must leave as training would find it.
         loader = DataLoader(Subset(self.datasets[stage], subset), batch_size=self.batch_size,
                             collate_fn=self._collate(stage), generator=torch.Generator())  # fmt: skip
+        stages = list(self.datasets)
         for batch in loader:
             batch = move_batch(batch, self.device)
             rows = subset[done : done + self.batch_size]
-            draw = _drawer(self.task, batch, self.generator, rows, where)
+            draws = FisherDraws.of([self.seed, _BASIS_LABELS, self.visits, stages.index(stage)], rows, self.device)
+            draw = _drawer(self.task, batch, draws, rows, where)
             try:
                 self.collector.add_shared(sums, batch, draw)
             except _Refused as refused:  # the inputs' fault, not the layers'
@@ -409,7 +416,7 @@ def finite_rows(outputs: torch.Tensor) -> torch.Tensor:
 
 
 def _drawer(
-    task: Task, batch: object, generator: torch.Generator, rows: Sequence[int], where: str
+    task: Task, batch: object, draws: FisherDraws, rows: Sequence[int], where: str
 ) -> Callable[[torch.Tensor], Sequence[tuple[torch.Tensor, object]]]:
     """The Fisher's targets from a batch's outputs, after checking its labels and that the outputs are finite
     (``rows``: the examples' indices in their stage's data, for the error)."""
@@ -424,7 +431,7 @@ def _drawer(
                     f"The output of training example {row} at {where} is NaN or infinite; check that example's "
                     "input and label, and the checkpoint's weights."
                 )
-            return task.fisher_targets(outputs, batch, generator)
+            return task.fisher_targets(outputs, batch, draws)
         except Exception as err:
             raise _Refused(err) from err
 

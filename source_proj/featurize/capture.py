@@ -103,6 +103,7 @@ from source_proj.store.store import Store, is_store
 from source_proj.store.writer import ChunkWriter
 from source_proj.store.writing import store_lock, writing
 from source_proj.tasks.data import RandomStateKept, collate_of
+from source_proj.tasks.draws import DRAWS_ID, FisherDraws
 from source_proj.tasks.gradients import PerExampleGradients, batch_rows, batch_size, move_batch
 from source_proj.tasks.task import Batch, Task, check_task_smoothing
 from source_proj.trajectory.preconditioner import live_preconditioner
@@ -407,6 +408,7 @@ class GradientCapture:
             "featurize": {
                 "chunk_rows": options.chunk_rows,
                 "fisher": options.fisher,
+                **({"fisher_draws": DRAWS_ID} if options.fisher == "sampled" else {}),
                 "seed": options.seed,
                 "precision": options.precision,
                 "fisher_directions": 0,
@@ -438,6 +440,7 @@ class GradientCapture:
         self._pending: tuple[Tensor, Tensor, float] | None = None
         self._fisher_batch = False
         self._fisher_due: Batch | None = None  # a batch whose sampled Fisher is still to be taken
+        self._fisher_rows = torch.zeros(0, dtype=torch.long)  # its examples' row indices
         self._outputs_checked = False
         self._inside_check = False
         self._bound: Task | None = None
@@ -659,9 +662,9 @@ class GradientCapture:
         self._fisher_batch = self._batches % self.options.fisher_every == 0
         if self.options.fisher == "sampled" and self._fisher_batch:
             if self.options.fisher_forward == "separate":
-                self._fisher_pass(rest, count)
+                self._fisher_pass(rest, rows)
             else:
-                self._fisher_due = rest  # taken from the training forward (_after_model_forward)
+                self._fisher_due, self._fisher_rows = rest, rows  # taken from the training forward
         factor = float(scale) if scale is not None else float(count if self.options.reduction == "mean" else 1)
         out = torch.zeros(count, self.dim, dtype=torch.float32, device=self.device)
         self._pending = (rows, out, factor)
@@ -823,7 +826,7 @@ class GradientCapture:
     def _separate_if_due(self) -> None:
         if self._fisher_due is not None:
             batch, self._fisher_due = self._fisher_due, None
-            self._fisher_pass(batch, batch_size(batch))
+            self._fisher_pass(batch, self._fisher_rows)
 
     def commit(self) -> None:
         """Add the begun batch's captured gradients to the current window (its backward must have run)."""
@@ -972,7 +975,7 @@ class GradientCapture:
             self._check_outputs(module, args, kwargs, batch)
         self._fisher_due = None
         task = self._bound_task()
-        ((weight, pseudo),) = task.fisher_targets(outputs.detach(), batch, self._fisher_generator())
+        ((weight, pseudo),) = task.fisher_targets(outputs.detach(), batch, self._fisher_draws(self._fisher_rows))
         total = task.fisher_loss(outputs, pseudo).sum()
         torch.autograd.grad(total, self._probe, retain_graph=True, allow_unused=True)
         fisher = target * weight.to(target).sqrt()[:, None]
@@ -1049,14 +1052,14 @@ class GradientCapture:
             self._bound = self.task.bind(self.model)
         return self._bound
 
-    def _fisher_generator(self) -> torch.Generator:
-        """The label sampler of the current batch: seeded by (seed, step, batch), whichever pass takes it."""
-        seed = np.random.SeedSequence([self.options.seed, self.recorder.global_step, self._batches])
-        return torch.Generator().manual_seed(int(seed.generate_state(1, dtype=np.uint64)[0] >> 1))
+    def _fisher_draws(self, rows: Tensor) -> FisherDraws:
+        """The sampled labels of the current batch's examples ``rows`` (their indices in the stage's data): keyed on
+        (seed, step) and each row, whichever pass takes them and however the step's examples are batched."""
+        return FisherDraws.of([self.options.seed, self.recorder.global_step], rows, self.device)
 
-    def _fisher_pass(self, batch: Batch, count: int) -> None:
+    def _fisher_pass(self, batch: Batch, rows: Tensor) -> None:
         """ũ = P ∇ℓ(x, ŷ; θ_t) with ŷ drawn from the model, in eval mode: add ũũᵀ to the window's Fisher sum."""
-        generator = self._fisher_generator()
+        draws, count = self._fisher_draws(rows), rows.numel()
         out = torch.zeros(count, self.dim, dtype=torch.float32, device=self.device)
         try:
             with modes_kept(self.model), torch.enable_grad():
@@ -1065,7 +1068,7 @@ class GradientCapture:
                 task = self._bound_task()
                 with self._autocast():
                     outputs = task.forward(self.model, batch)
-                ((weight, pseudo),) = task.fisher_targets(outputs.detach(), batch, generator)  # as featurize: outside
+                ((weight, pseudo),) = task.fisher_targets(outputs.detach(), batch, draws)  # as featurize: outside
                 with self._autocast():
                     total = task.fisher_loss(outputs, pseudo).sum()
                 torch.autograd.grad(total, self._probe, allow_unused=True)

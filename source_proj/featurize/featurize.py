@@ -75,6 +75,7 @@ from source_proj.store.provenance import (
 from source_proj.store.store import Store, ckpt_key, is_store, shard_chunks_for
 from source_proj.store.writer import ChunkWriter
 from source_proj.tasks.data import loader
+from source_proj.tasks.draws import DRAWS_ID, FisherDraws
 from source_proj.tasks.gradients import PerExampleGradients, batch_size, move_batch
 from source_proj.tasks.task import Task, check_task_smoothing
 from source_proj.trajectory.recorder import Checkpoint, Trajectory, unwrap_model
@@ -280,6 +281,7 @@ class _Featurize:
                 "featurize": {
                     "chunk_rows": options.chunk_rows,
                     "fisher": options.fisher,
+                **({"fisher_draws": DRAWS_ID} if options.fisher == "sampled" else {}),
                     "seed": options.seed,
                     "precision": options.precision,
                     "fisher_directions": self.directions,
@@ -649,9 +651,9 @@ def _featurize_units(
             batches = iter(_chunk_loader(unit.dataset, spans, options, device))
             where = f"{unit.where}, stage {unit.stage!r}"
             taken = FisherRows.of(plan.store.meta["featurize"], size, stage_index[unit.stage])
+            # The sampled labels' key: example i's draws are those of (seed, point, stage, i) whatever its batch.
+            key = FisherDraws.key_of([options.seed, *unit.seed, stage_index[unit.stage]])
             for chunk, (start, stop) in zip(chunks, spans, strict=True):
-                seed = np.random.SeedSequence([options.seed, *unit.seed, stage_index[unit.stage], chunk])
-                generator = torch.Generator().manual_seed(int(seed.generate_state(1, dtype=np.uint64)[0] >> 1))
                 factors = collector if collector is not None and not unit.prefix else None
                 with saving():
                     feats, fisher, measured, sums = _featurize_rows(
@@ -661,7 +663,7 @@ def _featurize_units(
                         itertools.islice(batches, -(-(stop - start) // options.batch_size)),
                         start,
                         options,
-                        generator,
+                        key,
                         device,
                         where=where,
                         transform=transform,
@@ -684,7 +686,7 @@ def _featurize_units(
                 spare = _chunk_loader(unit.dataset, [(0, min(size, options.batch_size))], options, device)
                 with saving():
                     _featurize_rows(
-                        grads_fn, projector, task, list(spare) * idle, 0, options, torch.Generator(), device,
+                        grads_fn, projector, task, list(spare) * idle, 0, options, 0, device,
                         where=where, transform=transform, measure=_measures(unit, final, options),
                         collector=collector if not unit.prefix else None,
                         projected_fisher=projected_fisher_at(options.curvature, unit.prefix, unit.key, final),
@@ -819,7 +821,7 @@ def _featurize_rows(
     batches: Iterable[Any],
     start: int,
     options: FeaturizeArguments,
-    generator: torch.Generator,
+    key: int,
     device: torch.device,
     where: str,
     transform: GradientTransform | None = None,
@@ -830,9 +832,10 @@ def _featurize_rows(
     fisher_batches: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, ChunkFactors | None]:
     """Projected gradients (and projected Fisher factors, Kronecker factor sums, measurement gradients)
-    of one chunk's ``batches``, whose first row is ``start``. ``shared_forward``: a factored projection
-    takes them all from one forward per batch (sharded parameters gather every layer at each forward
-    and backward in lockstep, so they keep a pass per quantity). ``fisher_batches``: the batches (their
+    of one chunk's ``batches``, whose first row is ``start``; ``key``: the sampled labels' (``FisherDraws``, with
+    each batch's rows). ``shared_forward``: a factored projection takes them all from one forward per batch
+    (sharded parameters gather every layer at each forward and backward in lockstep, so they keep a pass per
+    quantity). ``fisher_batches``: the batches (their
     order in the chunk) whose projected Fisher is taken (``FisherRows``); ``None``: every batch."""
     feats, fisher, measured = [], [], []
     spans: list[tuple[int, int]] = []  # (first row, examples) of each batch whose Fisher is taken
@@ -842,6 +845,7 @@ def _featurize_rows(
     taken = None if fisher_batches is None else set(fisher_batches)
     for index, batch in enumerate(batches):
         batch = move_batch(batch, device)
+        draws = FisherDraws(key, torch.arange(row, row + batch_size(batch), device=device))
         take = projected_fisher and options.fisher != "empirical" and (taken is None or index in taken)
         if once:
             # One forward, a backward per quantity (loss, each Fisher direction, measurement): the same
@@ -858,7 +862,7 @@ def _featurize_rows(
             if not take and collector is None:  # nothing needs this batch's labels
                 targets = []
             else:
-                targets = _targets(task, outputs.detach(), batch, options, generator, device)
+                targets = _targets(task, outputs.detach(), batch, options, draws, device)
             if take:
                 with torch.enable_grad(), grads_fn.autocast():
                     per_direction = [project(task.fisher_loss(outputs, tb)) * w.sqrt().unsqueeze(-1).float()
@@ -883,7 +887,7 @@ def _featurize_rows(
         if not take and collector is None:
             targets = []
         else:
-            targets = _targets(task, outputs.detach(), batch, options, generator, device)
+            targets = _targets(task, outputs.detach(), batch, options, draws, device)
         if take:
             per_direction = []
             for weight, target_batch in targets:
@@ -915,14 +919,14 @@ def _featurize_rows(
 
 
 def _targets(
-    task: Task, outputs: torch.Tensor, batch: Any, options: FeaturizeArguments, generator: torch.Generator,
+    task: Task, outputs: torch.Tensor, batch: Any, options: FeaturizeArguments, draws: FisherDraws,
     device: torch.device,
 ) -> list[tuple[torch.Tensor, Any]]:
     """The Fisher's ``(weight, batch)`` directions of a batch: its own labels (empirical), one sampled label
     per example, or the exact expectation."""
     if options.fisher == "empirical":
         return [(torch.ones(batch_size(batch), device=device), batch)]
-    return task.fisher_targets(outputs, batch, generator if options.fisher == "sampled" else None)
+    return task.fisher_targets(outputs, batch, draws if options.fisher == "sampled" else None)
 
 
 def _check_factors(sums: ChunkFactors, first_row: int, where: str) -> None:

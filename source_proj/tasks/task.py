@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from source_proj.errors import TaskError
+from source_proj.tasks.draws import FisherDraws, inverse_cdf
 
 Batch = Any
 """A pytree (tuple, list or dict) of tensors whose first dimension indexes examples."""
@@ -149,16 +150,17 @@ class Task(ABC):
 
     @abstractmethod
     def fisher_targets(
-        self, outputs: Tensor, batch: Batch, generator: torch.Generator | None
+        self, outputs: Tensor, batch: Batch, draws: FisherDraws | None
     ) -> list[tuple[Tensor, Batch]]:
         """Pseudo-targets whose loss gradients give the Gauss–Newton (true Fisher) matrix.
 
         Returns a list of ``(weight [B], batch with replaced targets)`` such that
         ``Σ_s weight_s · ∇fisher_loss_s ∇fisher_loss_sᵀ`` has expectation equal to the Gauss–Newton
-        matrix of [`loss`][] for each example (see [`fisher_loss`][]). With a ``generator`` the targets
-        are sampled from the model's predictive distribution (one sample, weight 1); with ``None`` the
-        expectation is enumerated exactly where the task can (used by the ``"exact"`` Fisher mode).
-        ``outputs`` are detached.
+        matrix of [`loss`][] for each example (see [`fisher_loss`][]). With ``draws`` the targets are
+        sampled from the model's predictive distribution (one sample, weight 1), each example's from its own
+        uniforms (``draws.per_example``, ``draws.at``, ``draws.normal``: keyed on the example, so the batch it
+        is in changes nothing); with ``None`` the expectation is enumerated exactly where the task can (used by
+        the ``"exact"`` Fisher mode). ``outputs`` are detached.
         """
 
     def bind(self, model: nn.Module) -> Task:
@@ -302,12 +304,12 @@ class ClassificationTask(Task):
         return correct - torch.logsumexp(others, dim=-1)
 
     def fisher_targets(
-        self, outputs: Tensor, batch: Batch, generator: torch.Generator | None
+        self, outputs: Tensor, batch: Batch, draws: FisherDraws | None
     ) -> list[tuple[Tensor, Batch]]:
         probs = torch.softmax(outputs.float(), dim=-1)
-        if generator is not None:
-            sampled = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1)
-            return [(torch.ones_like(probs[:, 0]), _replace_target(batch, sampled.to(outputs.device)))]
+        if draws is not None:
+            sampled = inverse_cdf(probs, draws.per_example(1)[:, 0]).to(outputs.device)
+            return [(torch.ones_like(probs[:, 0]), _replace_target(batch, sampled))]
         classes = probs.shape[-1]
         return [(probs[:, c], _replace_target(batch, torch.full_like(batch[1], c))) for c in range(classes)]
 
@@ -394,7 +396,7 @@ class MultiLabelClassificationTask(Task):
         return ((2.0 * labels - 1.0) * outputs).sum(-1)
 
     def fisher_targets(
-        self, outputs: Tensor, batch: Batch, generator: torch.Generator | None
+        self, outputs: Tensor, batch: Batch, draws: FisherDraws | None
     ) -> list[tuple[Tensor, Batch]]:
         # ℓ = (1/C) Σ_c BCE(z_c, y_c): ∂ℓ/∂z_c = (σ_c − y_c)/C and the Gauss–Newton in the logits is diag σ(1 − σ)/C.
         # Sampled: every label drawn from Bernoulli(σ_c), weight C (E[C·(σ − y)(σ − y)ᵀ/C²] = diag σ(1 − σ)/C).
@@ -403,8 +405,8 @@ class MultiLabelClassificationTask(Task):
         probs = torch.sigmoid(outputs.float() if outputs.dtype in (torch.float16, torch.bfloat16) else outputs)
         classes = probs.shape[-1]
         weight = torch.full_like(probs[:, 0], float(classes))
-        if generator is not None:
-            drawn = torch.bernoulli(probs.cpu(), generator=generator).to(device=outputs.device)
+        if draws is not None:
+            drawn = (draws.per_example(classes).to(probs.device) < probs).to(probs.dtype)
             return [(weight, _replace_target(batch, drawn))]
         directions = []
         for c in range(classes):
@@ -454,13 +456,13 @@ class RegressionTask(Task):
         return (self._prediction(outputs) - _targets(self, batch, "target").to(outputs.dtype)).abs()
 
     def fisher_targets(
-        self, outputs: Tensor, batch: Batch, generator: torch.Generator | None
+        self, outputs: Tensor, batch: Batch, draws: FisherDraws | None
     ) -> list[tuple[Tensor, Batch]]:
         # Gauss–Newton of (ŷ − y)² is 2·JᵀJ. A target y' = ŷ − s gives gradient 2s·J, so
         # E[(2s)²] must be 2: s ~ N(0, 1/2) when sampling, or the fixed s = 1/√2 exactly.
         pred = self._prediction(outputs).detach()
-        if generator is not None:
-            noise = torch.randn(pred.shape, generator=generator, dtype=pred.dtype).to(pred.device)
+        if draws is not None:
+            noise = draws.normal(1)[:, 0].to(device=pred.device, dtype=pred.dtype)
             shift = noise / math.sqrt(2.0)
         else:
             shift = torch.full_like(pred, 1.0 / math.sqrt(2.0))

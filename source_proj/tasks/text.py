@@ -53,6 +53,7 @@ from torch.utils.data import Dataset
 
 from source_proj.errors import TaskError
 from source_proj.tasks.data import collate_of
+from source_proj.tasks.draws import FisherDraws
 from source_proj.tasks.task import (
     Batch,
     ClassificationTask,
@@ -577,11 +578,11 @@ class SequenceClassificationTask(_TextTask, ClassificationTask):
         return super().measurement(outputs, plain) if task is None else task.measurement(outputs, plain)
 
     def fisher_targets(
-        self, outputs: Tensor, batch: Batch, generator: torch.Generator | None
+        self, outputs: Tensor, batch: Batch, draws: FisherDraws | None
     ) -> list[tuple[Tensor, Batch]]:
         task, plain = self._as(outputs, batch)
-        pairs = (super().fisher_targets(outputs, plain, generator) if task is None
-                 else task.fisher_targets(outputs, plain, generator))  # fmt: skip
+        pairs = (super().fisher_targets(outputs, plain, draws) if task is None
+                 else task.fisher_targets(outputs, plain, draws))  # fmt: skip
         labels = _labels(batch)
         return [(weight, {**batch, "labels": targets[1].to(labels.dtype) if labels.is_floating_point()
                           else targets[1]}) for weight, targets in pairs]  # fmt: skip
@@ -717,18 +718,18 @@ class LanguageModelingTask(_TextTask):
         return self.token_losses(outputs, batch).sum(-1)
 
     def fisher_targets(
-        self, outputs: Tensor, batch: Batch, generator: torch.Generator | None
+        self, outputs: Tensor, batch: Batch, draws: FisherDraws | None
     ) -> list[tuple[Tensor, Batch]]:
         """Sampled: one token per loss-carrying position from the model's predictive distribution,
         weight n (ℓ = s/n, so E[n·∇ℓ∇ℓᵀ] = (1/n)Σ_t J_tᵀ(diag p_t − p_t p_tᵀ)J_t, the Gauss–Newton of ℓ;
-        cross-position terms vanish in expectation). Exact (``generator=None``): one direction per
+        cross-position terms vanish in expectation). Exact (``draws=None``): one direction per
         (position, token), (T−1)·V of them (tiny vocabularies only), weight p·n'²/n where n' is the
         direction's own normaliser (1 with ``"own"``: a single position carries its loss)."""
         keep = loss_positions(batch)
         observed = self._normalizers(batch).to(_upcast(outputs[:1, :1]))
         ignored = torch.full_like(batch["input_ids"], IGNORE_INDEX)
-        if generator is not None:
-            uniform = _uniform_at(keep, generator)
+        if draws is not None:
+            uniform = draws.at(keep)
             # Drawn at every position where the logits lie (the last one's draw is dropped): a slice of the
             # logits would copy all B·T·V of them.
             drawn = sample_tokens(outputs, F.pad(uniform, (0, 1)))[:, :-1]
@@ -941,17 +942,17 @@ class Seq2SeqTask(_TextTask):
         return self.token_losses(outputs, batch).sum(-1)
 
     def fisher_targets(
-        self, outputs: Tensor, batch: Batch, generator: torch.Generator | None
+        self, outputs: Tensor, batch: Batch, draws: FisherDraws | None
     ) -> list[tuple[Tensor, Batch]]:
         """Sampled: a token for every predicted position from the model, weight n (E[n·∇ℓ∇ℓᵀ] is the Gauss–Newton
-        of ℓ = s/n, as for [`LanguageModelingTask`][]). Exact (``generator=None``): one direction per (position,
+        of ℓ = s/n, as for [`LanguageModelingTask`][]). Exact (``draws=None``): one direction per (position,
         token), weight p·n'²/n, n' the direction's own normaliser (1 with ``"own"``). Every direction's decoder
         reads the observed target (kept under ``OBSERVED_TARGET_KEY`` where the batch has no ``decoder_input_ids``):
         only what is predicted changes."""
         labels, keep = self._predicted(outputs, batch)
         reads = batch if "decoder_input_ids" in batch else {**batch, OBSERVED_TARGET_KEY: labels}
         return _aligned_fisher_targets(outputs, labels, keep, self._scale(keep), self.tokens_per_sequence == "own",
-                                       reads, generator)  # fmt: skip
+                                       reads, draws)  # fmt: skip
 
     def representation(self, model: nn.Module, batch: Batch) -> Tensor:
         """The decoder's last hidden states (the input of the output head), averaged over the target's predicted
@@ -1001,30 +1002,21 @@ def target_positions(batch: Batch) -> Tensor:
     return keep if mask is None else keep & mask.bool()
 
 
-def _uniform_at(keep: Tensor, generator: torch.Generator) -> Tensor:
-    """Uniform draws at the positions ``keep`` marks, in their row-major order, 0 elsewhere (float64 ``[B, P]``, on
-    the CPU): a batch padded to another length draws the same labels at the same positions."""
-    mask = keep.cpu()
-    uniform = torch.zeros(mask.shape, dtype=torch.float64)
-    uniform[mask] = torch.rand(int(mask.sum()), generator=generator, dtype=torch.float64)
-    return uniform
-
-
 def _aligned_fisher_targets(
     outputs: Tensor, labels: Tensor, keep: Tensor, scale: Tensor | float, own: bool, batch: Batch,
-    generator: torch.Generator | None,
+    draws: FisherDraws | None,
 ) -> list[tuple[Tensor, Batch]]:
     """Fisher targets of a loss s/n over positions whose logits ``outputs`` ``[B, P, C]`` are aligned with their
     ``labels`` ``[B, P]`` (token classification's tags, a seq2seq target), ``keep`` marking those carrying loss.
 
-    Sampled: a class drawn from the model at every kept position, weight n. Exact (``generator=None``): one
+    Sampled: a class drawn from the model at every kept position, weight n. Exact (``draws=None``): one
     direction per (position, class), weight p·n'²/n, n' the direction's own normaliser (1 with ``own``: a single
     position carries its loss). Each direction is ``batch`` with its ``labels`` replaced."""
     observed = scale if isinstance(scale, Tensor) else torch.full((labels.shape[0],), scale)
     observed = observed.to(device=outputs.device, dtype=_upcast(outputs[:1, :1]).dtype)
     ignored = torch.full_like(labels, IGNORE_INDEX)
-    if generator is not None:
-        uniform = _uniform_at(keep, generator)
+    if draws is not None:
+        uniform = draws.at(keep)
         drawn = sample_tokens(outputs, uniform).to(labels.device)
         return [(observed, {**batch, "labels": torch.where(keep, drawn, IGNORE_INDEX)})]
     probs = torch.softmax(_upcast(outputs), dim=-1)
@@ -1144,14 +1136,14 @@ class TokenClassificationTask(_TextTask):
         return torch.where(keep, correct - others, 0.0).sum(-1)
 
     def fisher_targets(
-        self, outputs: Tensor, batch: Batch, generator: torch.Generator | None
+        self, outputs: Tensor, batch: Batch, draws: FisherDraws | None
     ) -> list[tuple[Tensor, Batch]]:
         """Sampled: a class for every labelled token from the model, weight n (E[n·∇ℓ∇ℓᵀ] is the Gauss–Newton of
-        ℓ = s/n, as for [`LanguageModelingTask`][]). Exact (``generator=None``): one direction per (token, class),
+        ℓ = s/n, as for [`LanguageModelingTask`][]). Exact (``draws=None``): one direction per (token, class),
         weight p·n'²/n, n' the direction's own normaliser (1 with ``"own"``)."""
         labels, keep = self._labelled(outputs, batch)
         return _aligned_fisher_targets(outputs, labels, keep, self._scale(keep), self.tokens_per_sequence == "own",
-                                       batch, generator)  # fmt: skip
+                                       batch, draws)  # fmt: skip
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "tokens_per_sequence": self.tokens_per_sequence,
