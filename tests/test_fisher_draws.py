@@ -211,3 +211,23 @@ def test_a_store_of_per_batch_draws_is_not_resumed_with_per_example_ones(run: tu
     sp.Store.open(tmp_path / "old.sp", writable=True).update_meta(featurize=featurize)
     with pytest.raises(sp.StoreError, match=r"other settings.*fisher_draws"):
         _featurize(run, tmp_path / "old.sp", OPTIONS)
+
+
+def test_the_eigen_basis_pass_draws_the_same_labels_in_batches_of_any_size(
+    run: tuple[str, Path], tmp_path: Path
+) -> None:
+    """The eigen projection's basis comes from a Fisher pass at every checkpoint: its labels too are each example's
+    (before, one generator ran through every visit's batches, and the regression task's Gaussian targets came out
+    in another order in batches of 20)."""
+    kind, path = run
+    bases = []
+    for size in (4, 20):
+        store = sp.featurize(path, _model(kind), TASKS[kind][0](), _data(kind), tmp_path / f"{size}.sp",
+                             options=dataclasses.replace(OPTIONS, batch_size=size), progress=False,
+                             projection=sp.ProjectionArguments(dim=16, seed=3, kind="eigen"))  # fmt: skip
+        assert store.meta["projection"]["kind"] == "eigen"
+        bases.append(_arrays(tmp_path / f"{size}.sp", "projection"))
+    assert bases[0] and bases[0].keys() == bases[1].keys()
+    for name, values in bases[0].items():  # eigenvectors up to sign: compare |⟨u, v⟩| row by row
+        other = bases[1][name]
+        np.testing.assert_allclose(np.abs((values * other).sum(-1)), 1.0, atol=1e-4)
