@@ -100,8 +100,8 @@ class BasisPass:
         datasets: stage name → its training data; each stage's subset of at most ``examples`` rows is drawn
             once, from ``seed``, so a later visit (or a resumed run's) uses the same examples.
         positions: at most this many positions of each example enter the factors (``FactorCollector``),
-            drawn from their own generator seeded by ``seed``: the visits of a run, taken in the same order
-            (a resumed capture's), draw the same positions. ``None``: every position.
+            drawn with the labels' key (below), each example's own: the visits of a run, taken in the same order
+            (a resumed capture's), draw the same positions, in batches of any size. ``None``: every position.
         layer_positions: the positions every layer's factors need (``ProjectionArguments.basis_layer_positions``):
             a stage's subset keeps only the first examples of its seeded order that give each layer that many, or
             ``LAYER_WIDTHS`` times its widest factor's side where that is more. The positions an example gives a
@@ -144,8 +144,7 @@ class BasisPass:
         """Call the collate function with the random state put back (``RandomStateKept``): in-run capture's passes."""
         self.drawn = examples
         self.positions = positions
-        drawn = None if positions is None else torch.Generator().manual_seed(seed + 1)  # not the labels' stream
-        self.collector = FactorCollector(grads_fn, layers, [], positions, drawn)
+        self.collector = FactorCollector(grads_fn, layers, [], positions)
         self.a_mean = [np.zeros((layer.in_rows, layer.in_rows)) for layer in layers]
         self.b_mean = [np.zeros((layer.out_features, layer.out_features)) for layer in layers]
         self.visits = 0
@@ -257,7 +256,7 @@ class BasisPass:
             draws = FisherDraws.of([self.seed, _BASIS_LABELS, self.visits, stages.index(stage)], rows, self.device)
             draw = _drawer(self.task, batch, draws, rows, where)
             try:
-                self.collector.add_shared(sums, batch, draw)
+                self.collector.add_shared(sums, batch, draw, draws)
             except _Refused as refused:  # the inputs' fault, not the layers'
                 raise refused.error from None
             except TaskError as err:  # the layers' structure (inputs not batch-first, unused layers)

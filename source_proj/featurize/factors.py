@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from source_proj.compiled import eager_if_compiling
 from source_proj.errors import TaskError
 from source_proj.projection.layers import FactoredLayer, examples_first, factorable_layers
+from source_proj.tasks.draws import FisherDraws
 from source_proj.tasks.gradients import OutputTap, PerExampleGradients, Quantity, batch_size, quantity_of
 from source_proj.tasks.task import Batch
 
@@ -64,6 +65,9 @@ def layers_from_description(desc: Mapping[str, Any]) -> tuple[list[FactoredLayer
     return [FactoredLayer.from_description(d) for d in desc["layers"]], list(desc["diagonal"])
 
 
+_POSITIONS = 3
+"""The stream of ``FisherDraws`` the sampled positions come from (the labels' are 0, 1 and 2)."""
+
 @dataclass
 class ChunkFactors:
     """Sums over one row chunk, float64 on the model's device: per layer A ``[d_in', d_in']``, B ``[d_out, d_out]``
@@ -89,13 +93,12 @@ class FactorCollector:
         diagonal: parameters that get a Fisher diagonal.
         positions: at most this many positions (tokens, or a convolution's patches) per example enter a layer's
             factors, of those that take part in the loss (see ``_accumulate``), drawn at random without
-            replacement for each example and batch (shared by the batch's layers
-            with as many positions); ``None``: every position. The sums stay unbiased: A averages the positions
-            it took, and each example's B terms are scaled by its positions over those taken. The factor products
+            replacement for each example from the batch's ``draws`` (shared by the batch's layers with as many
+            positions): each example's own, whatever its batch; ``None``: every position. The sums stay unbiased:
+            A averages the positions it took, and each example's B terms are scaled by its positions over those
+            taken. The factor products
             (d_in'² + d_out² per position, more than a transformer block's forward and input backward together)
             shrink by that ratio.
-        generator: the draws' random source (required with ``positions``); a CPU generator, so the same
-            seed draws the same positions on every device.
         quantity: what the target batches' gradients are of: ``"fisher"`` (``Task.fisher_loss``, at sampled or
             enumerated labels) or ``"loss"`` (the training loss at the observed labels: the empirical Fisher).
     """
@@ -106,15 +109,14 @@ class FactorCollector:
         layers: Sequence[FactoredLayer],
         diagonal: Sequence[str],
         positions: int | None = None,
-        generator: torch.Generator | None = None,
         quantity: Quantity = "fisher",
     ):
-        if positions is not None and (positions < 1 or generator is None):
-            raise ValueError("positions must be at least 1, and come with a generator")
+        if positions is not None and positions < 1:
+            raise ValueError("positions must be at least 1")
         self.grads_fn = grads_fn
         self.layers = list(layers)
         self.diagonal = list(diagonal)
-        self.positions, self.generator = positions, generator
+        self.positions = positions
         self.quantity = quantity
         self.sampled = False
         """Whether some example had more than ``positions`` positions (the factors then took a sample)."""
@@ -133,16 +135,23 @@ class FactorCollector:
         diag = {n: torch.zeros(self.shapes[n], dtype=torch.float64, device=device) for n in self.diagonal}
         return ChunkFactors(a, b, [0] * len(self.layers), diag)
 
-    def add(self, sums: ChunkFactors, targets: Sequence[tuple[Tensor, Batch]]) -> None:
+    def add(
+        self, sums: ChunkFactors, targets: Sequence[tuple[Tensor, Batch]], draws: FisherDraws | None = None
+    ) -> None:
         """Add one batch of examples to ``sums``: ``targets`` are its Fisher pseudo-target batches with
         their per-example weights (``Task.fisher_targets``: one sampled batch, or every class weighted by
-        its probability). The inputs (A) do not depend on the targets and are counted once."""
+        its probability). The inputs (A) do not depend on the targets and are counted once. ``draws``: the
+        batch's (required with ``positions``), whose uniforms pick each example's positions."""
         for index, (weight, target_batch) in enumerate(targets):
-            self._add_targets(sums, target_batch, weight, inputs_too=index == 0)
+            self._add_targets(sums, target_batch, weight, inputs_too=index == 0, draws=draws)
         sums.examples += int(targets[0][0].shape[0])
 
     def add_shared(
-        self, sums: ChunkFactors, batch: Batch, draw: Callable[[Tensor], Sequence[tuple[Tensor, Batch]]]
+        self,
+        sums: ChunkFactors,
+        batch: Batch,
+        draw: Callable[[Tensor], Sequence[tuple[Tensor, Batch]]],
+        draws: FisherDraws | None = None,
     ) -> None:
         """``add`` from one forward pass: ``draw(outputs)`` returns the Fisher targets from the detached
         outputs (labels drawn from the model), and each target batch's loss is differentiated through
@@ -159,19 +168,21 @@ class FactorCollector:
                 total = (quantity_of(self.grads_fn.task, self.quantity)(outputs, target_batch).float() * w.sqrt()).sum()
             if total.requires_grad:
                 torch.autograd.grad(total, probe, retain_graph=index < len(targets) - 1, allow_unused=True)
-            self._accumulate(sums, inputs, deltas, inputs_too=index == 0, size=size, weight=w)
+            self._accumulate(sums, inputs, deltas, inputs_too=index == 0, size=size, weight=w, draws=draws)
             if self.diagonal:
                 self._add_diagonal(sums, target_batch, w)
         sums.examples += size
 
-    def _add_targets(self, sums: ChunkFactors, target_batch: Batch, weight: Tensor, inputs_too: bool) -> None:
+    def _add_targets(
+        self, sums: ChunkFactors, target_batch: Batch, weight: Tensor, inputs_too: bool, draws: FisherDraws | None
+    ) -> None:
         w = weight.to(device=self.grads_fn.device, dtype=torch.float32)
         with self._hooked(int(weight.shape[0])) as (inputs, deltas, probe):
             values = self.grads_fn.values(target_batch, self.quantity)
             total = (values.float() * w.sqrt()).sum()  # δ scaled by √w: B collects w δ δᵀ
             if total.requires_grad:
                 torch.autograd.grad(total, probe, allow_unused=True)
-        self._accumulate(sums, inputs, deltas, inputs_too, size=int(weight.shape[0]), weight=w)
+        self._accumulate(sums, inputs, deltas, inputs_too, size=int(weight.shape[0]), weight=w, draws=draws)
         if self.diagonal:
             self._add_diagonal(sums, target_batch, w)
 
@@ -201,6 +212,7 @@ class FactorCollector:
         inputs_too: bool,
         size: int,
         weight: Tensor | None = None,
+        draws: FisherDraws | None = None,
     ) -> None:
         """Add a target batch's layer products. Of a token layer (``TOKEN_LAYERS``), only positions that take part
         in the loss enter them: where a token's δ is 0 (padding, a causal language model's last token, the tokens
@@ -231,7 +243,7 @@ class FactorCollector:
                 if silent is not None:
                     live = live | silent.to(live.device)
             lives.append(live)
-        keys = self._keys(lives)
+        keys = self._keys(lives, draws)
         for (i, a, d), live in zip(pairs, lives, strict=True):
             take, scale = self._take(live, keys.get(live.shape[1]))
             if inputs_too:
@@ -244,10 +256,11 @@ class FactorCollector:
                 d = d * scale.to(d).sqrt().unsqueeze(1)
             sums.b[i] += (d.T @ d).double()
 
-    def _keys(self, lives: Sequence[Tensor]) -> dict[int, Tensor]:
+    def _keys(self, lives: Sequence[Tensor], draws: FisherDraws | None) -> dict[int, Tensor]:
         """The draw's keys ``[size, T]`` per length T whose live positions exceed ``positions`` in some example: one
         uniform draw at each position live in some layer of that length (-1 elsewhere), shared by those layers.
-        Drawn position-major at live positions only, so a batch padded further draws the same keys."""
+        Drawn from each example's ``draws`` at its live positions, numbered among them: a batch padded further, or
+        the example in another batch, draws the same keys."""
         if self.positions is None:
             return {}
         unions: dict[int, Tensor] = {}
@@ -258,11 +271,9 @@ class FactorCollector:
         for per, union in unions.items():
             if int(union.sum(1).max()) <= self.positions:
                 continue
-            assert self.generator is not None
-            where = union.T.cpu()
-            drawn = torch.full(where.shape, -1.0)
-            drawn[where] = torch.rand(int(where.sum()), generator=self.generator)
-            keys[per] = drawn.T.to(union.device)
+            if draws is None:
+                raise ValueError("positions are drawn from the batch's draws; pass them")
+            keys[per] = torch.where(union, draws.at(union, stream=_POSITIONS).to(union.device), -1.0)
             self.sampled = True
         return keys
 

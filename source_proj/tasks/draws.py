@@ -67,12 +67,12 @@ class FisherDraws:
         counters = torch.arange(count, device=self.rows.device).expand(self.rows.shape[0], count)
         return self.uniform(counters, stream)
 
-    def at(self, keep: Tensor) -> Tensor:
+    def at(self, keep: Tensor, stream: int = 0) -> Tensor:
         """A uniform at every position ``keep`` (bool ``[B, P]``) marks, numbered by its ordinal among the example's
         marked positions (padding on either side changes no draw); 0 elsewhere. Float64 ``[B, P]``."""
         keep = keep.to(self.rows.device)
         ordinal = (keep.long().cumsum(-1) - 1).clamp_min(0)
-        return torch.where(keep, self.uniform(ordinal), 0.0)
+        return torch.where(keep, self.uniform(ordinal, stream), 0.0)
 
     def normal(self, count: int) -> Tensor:
         """``count`` standard normal draws of every example, float64 ``[B, count]`` (Box–Muller of two streams)."""
