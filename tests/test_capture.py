@@ -34,6 +34,7 @@ from source_proj.store.provenance import (
     model_fingerprint,
 )
 from source_proj.store.store import ckpt_key
+from source_proj.tasks.draws import FisherDraws
 from source_proj.tasks.gradients import PerExampleGradients
 from source_proj.trajectory.preconditioner import checkpoint_preconditioner
 
@@ -189,8 +190,35 @@ def test_full_batch_capture_with_a_checkpoint_per_step_equals_posthoc_source(
 class _ArgmaxFisher(sp.ClassificationTask):
     """Fisher pseudo-labels = the model's own argmax, weight 2: deterministic, so a brute force can repeat them."""
 
-    def fisher_targets(self, outputs, batch, generator):
+    def fisher_targets(self, outputs, batch, draws):
         return [(torch.full_like(outputs[:, 0], 2.0), (batch[0], outputs.argmax(-1), *batch[2:]))]
+
+
+class _DrawsSeen(sp.ClassificationTask):
+    """Records the draws each sampled Fisher is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[int, list[int]]] = []
+
+    def fisher_targets(self, outputs, batch, draws):
+        if draws is not None:
+            self.seen.append((draws.key, draws.rows.tolist()))
+        return super().fisher_targets(outputs, batch, draws)
+
+
+@pytest.mark.parametrize("fisher_forward", ["separate", "training"])
+def test_captured_sampled_labels_are_keyed_on_the_seed_the_step_and_each_examples_row(
+    tmp_path: Path, classification_data, fisher_forward: str
+) -> None:
+    """In-run capture draws an example's label from (seed, step) and its row in the stage's data, as featurize does
+    from (seed, checkpoint, stage) and its row: not from the batch's position in its window."""
+    task, steps = _DrawsSeen(), []
+    _train(tmp_path / "run", tmp_path / "cap.sp", classification_data, steps=5, batch=8, save_every=3, task=task,
+           options=sp.CaptureArguments(fisher_forward=fisher_forward, seed=4),
+           on_batch=lambda model, rows, opt: steps.append(rows.tolist()))  # fmt: skip
+    assert [rows for _, rows in task.seen] == steps
+    assert [key for key, _ in task.seen] == [FisherDraws.key_of([4, step]) for step in range(5)]
 
 
 @pytest.mark.parametrize(("fisher_every", "fisher_forward"), [(1, "separate"), (2, "separate"), (1, "training"),
