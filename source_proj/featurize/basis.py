@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -249,11 +250,11 @@ class BasisPass:
         # in-run capture must leave as training would find it.
         loader = DataLoader(Subset(self.datasets[stage], subset), batch_size=self.batch_size,
                             collate_fn=self._collate(stage), generator=torch.Generator())  # fmt: skip
-        stages = list(self.datasets)
+        stage_word = zlib.crc32(stage.encode())  # the stage by name: the datasets' order changes no draw
         for batch in loader:
             batch = move_batch(batch, self.device)
             rows = subset[done : done + self.batch_size]
-            draws = FisherDraws.of([self.seed, _BASIS_LABELS, self.visits, stages.index(stage)], rows, self.device)
+            draws = FisherDraws.of([self.seed, _BASIS_LABELS, self.visits, stage_word], rows, self.device)
             draw = _drawer(self.task, batch, draws, rows, where)
             try:
                 self.collector.add_shared(sums, batch, draw, draws)
