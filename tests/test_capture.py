@@ -1143,8 +1143,8 @@ def test_capture_takes_the_eigen_projection_when_it_has_the_data_and_says_what_i
     wrong = TensorDataset(torch.randn(len(y), 5), y)  # 5 features, not 4
     for i, (data, message) in enumerate([
         (wrong, r"cannot run on the training data of stage 'main' given as datasets="),
-        (Unreadable(), r"cannot read the training data of stage 'main' given as datasets= \(the eigen projection's "
-                      r"basis pass\): OSError: disk gone\."),
+        (Unreadable(), r"^The dataset raised an error of its own reading training example \d+ of stage 'main' "
+                      r"\(OSError: disk gone\)"),
     ]):
         with pytest.raises(sp.TaskError, match=message):  # before training: the basis pass counts positions
             sp.GradientCapture(recorder(f"bad{i}"), tmp_path / f"bad{i}.sp", task, projection=_eigen_capture(16),
@@ -1737,3 +1737,54 @@ def test_a_compiled_model_is_captured_as_the_eager_one_also_where_it_was_compile
         want, got = eager.read(window_array("grads", "main", start)), warmed.read(window_array("grads", "main", start))
         assert np.allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
     torch._dynamo.reset()
+
+
+class _Unreadable(torch.utils.data.Dataset):
+    """``data``, whose example 7 cannot be read once ``broken`` (a file truncated while the run trains)."""
+
+    def __init__(self, data: TensorDataset, broken: bool) -> None:
+        self.data, self.broken = data, broken
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        if self.broken and index == 7:
+            raise ValueError("image 7 is truncated")
+        return self.data[index]
+
+
+@pytest.mark.parametrize("projection", ["factored", "eigen"])
+def test_an_example_capture_cannot_read_is_named_as_the_datasets_error_and_the_run_resumes_once_it_is_fixed(
+    tmp_path: Path, classification_data, projection: str
+) -> None:
+    """An example of datasets= that raises as it is read is named, by index and stage, as the dataset's own error (not
+    a model that cannot run, nor a traceback): at the stage's start (the data fingerprint, the eigen basis) and in the
+    end pass, where it broke during training; the run then resumes with the example fixed into the store of an
+    uninterrupted run."""
+    said = ("The dataset raised an error of its own reading training example 7 of stage 'main' (ValueError: image 7 "
+            "is truncated); fix that example in the dataset and run again (a store featurize was writing resumes where "
+            "it stopped).")  # fmt: skip
+    kwargs = {"steps": 8, "batch": 8, "save_every": 4, "options": sp.CaptureArguments(chunk_rows=8),
+              "projection": _eigen_capture(24) if projection == "eigen" else _projection()}  # fmt: skip
+    data = _Unreadable(classification_data, True)
+    with pytest.raises(sp.TaskError) as err:
+        _train(tmp_path / "b", tmp_path / "b.sp", classification_data, datasets={"main": data}, **kwargs)
+    assert str(err.value) == said
+    data.broken = False
+
+    def breaks(model, rows, optimizer) -> None:
+        data.broken = True  # read whole as the stage began; unreadable by its end
+
+    _train(tmp_path / "a", tmp_path / "a.sp", classification_data, datasets={"main": classification_data}, **kwargs)
+    with pytest.raises(sp.TaskError) as err:
+        _train(tmp_path / "b", tmp_path / "b.sp", classification_data, datasets={"main": data}, on_batch=breaks,
+               **kwargs)  # fmt: skip
+    assert str(err.value) == said
+    data.broken = False
+    _train(tmp_path / "b", tmp_path / "b.sp", classification_data, datasets={"main": data}, resume=True, **kwargs)
+    expected, got = _store_arrays(tmp_path / "a.sp"), _store_arrays(tmp_path / "b.sp")
+    assert sorted(expected) == sorted(got) and window_array("end", "main", 4) in got
+    for name in expected:
+        assert np.array_equal(expected[name], got[name]), name
+

@@ -102,7 +102,7 @@ from source_proj.store.provenance import (
 from source_proj.store.store import Store, is_store
 from source_proj.store.writer import ChunkWriter
 from source_proj.store.writing import store_lock, writing
-from source_proj.tasks.data import RandomStateKept, collate_of
+from source_proj.tasks.data import RandomStateKept, collate_of, training_examples
 from source_proj.tasks.draws import DRAWS_ID, FisherDraws
 from source_proj.tasks.gradients import PerExampleGradients, batch_rows, batch_size, move_batch
 from source_proj.tasks.task import Batch, Task, check_task_smoothing
@@ -347,10 +347,13 @@ class GradientCapture:
         self.model = recorder.model
         self.device = next(self.model.parameters()).device
         self.buffer_device = self.device if options.buffer == "device" else torch.device("cpu")
-        self.datasets = (
+        self.datasets = (  # read as Examples: an example the dataset fails on is named as the dataset's error
             None
             if datasets is None
-            else {name: d.dataset if isinstance(d, IndexedDataset) else d for name, d in datasets.items()}
+            else {
+                name: training_examples(d.dataset if isinstance(d, IndexedDataset) else d, name)
+                for name, d in datasets.items()
+            }
         )
         names = task.select_parameters(self.model)
         params = dict(self.model.named_parameters())
