@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import gc
 import importlib
+import json
 import shutil
 import threading
 import time
@@ -1787,4 +1788,61 @@ def test_an_example_capture_cannot_read_is_named_as_the_datasets_error_and_the_r
     assert sorted(expected) == sorted(got) and window_array("end", "main", 4) in got
     for name in expected:
         assert np.array_equal(expected[name], got[name]), name
+
+
+@pytest.mark.parametrize("kind", ["factored", "eigen"])
+def test_a_killed_run_moved_to_another_directory_resumes_into_the_uninterrupted_store(
+    tmp_path: Path, classification_data, kind: str
+) -> None:
+    """A capture knows its run by the name the run records (``trajectory.json``'s ``run``), not by its directory: a run
+    killed mid-window and then moved (or copied) resumes from its new directory into the windows, end pass and
+    fingerprints of an uninterrupted run, and the store follows the run there. A run recorded anew in the same
+    directory is another run: its resume is refused in one sentence, the store left as it was."""
+    kwargs = {"steps": 14, "batch": 8, "save_every": 4, "options": sp.CaptureArguments(chunk_rows=8),
+              "datasets": {"main": classification_data},
+              "projection": _eigen_capture(24) if kind == "eigen" else _projection()}  # fmt: skip
+    _train(tmp_path / "a", tmp_path / "a.sp", classification_data, **kwargs)
+    with pytest.raises(_Killed):
+        _train(tmp_path / "b", tmp_path / "b.sp", classification_data, crash_after=10, **kwargs)
+    shutil.move(tmp_path / "b", tmp_path / "moved")
+    _train(tmp_path / "moved", tmp_path / "b.sp", classification_data, resume=True, **kwargs)
+    expected, got = _store_arrays(tmp_path / "a.sp"), _store_arrays(tmp_path / "b.sp")
+    assert sorted(expected) == sorted(got) and window_array("end", "main", 12) in got
+    for name in expected:
+        assert np.array_equal(expected[name], got[name]), name
+    a, b = sp.Store.open(tmp_path / "a.sp").meta, sp.Store.open(tmp_path / "b.sp").meta
+    assert a["fingerprint"] == b["fingerprint"] and a["trajectory"]["fingerprint"] == b["trajectory"]["fingerprint"]
+    assert b["trajectory"]["path"] == str((tmp_path / "moved").resolve()) and b["captured"]
+
+    with pytest.raises(_Killed):  # another run recorded where the first one lay
+        _train(tmp_path / "moved", None, classification_data, crash_after=10, **kwargs)
+    kept = _files(tmp_path / "b.sp")
+    with pytest.raises(sp.StoreError) as err:
+        _train(tmp_path / "moved", tmp_path / "b.sp", classification_data, resume=True, **dict(kwargs, steps=20))
+    assert str(err.value) == (
+        f"The store at {tmp_path / 'b.sp'} holds features of other settings or another run (trajectory); capture with "
+        "the settings it was made with, pass overwrite=True to replace it, or use another store path."
+    )
+    assert _files(tmp_path / "b.sp") == kept
+
+
+def test_a_store_captured_before_runs_were_named_resumes_in_its_runs_directory_and_learns_its_name(
+    tmp_path: Path, classification_data
+) -> None:
+    """A killed run and its store that name no run (written before ``run`` was recorded) resume where the run lies, as
+    they did, and the store takes the name the resumed run is given; moved, they are known by directory only."""
+    kwargs = {"steps": 10, "batch": 8, "save_every": 4, "options": sp.CaptureArguments(chunk_rows=8)}
+    with pytest.raises(_Killed):
+        _train(tmp_path / "b", tmp_path / "b.sp", classification_data, crash_after=6, **kwargs)
+    index = json.loads((tmp_path / "b" / "trajectory.json").read_text())
+    del index["run"]
+    (tmp_path / "b" / "trajectory.json").write_text(json.dumps(index))
+    store = sp.Store.open(tmp_path / "b.sp", writable=True)
+    store.update_meta(trajectory={k: v for k, v in store.meta["trajectory"].items() if k != "run"})
+    shutil.copytree(tmp_path / "b", tmp_path / "moved")
+    with pytest.raises(sp.StoreError, match=r"holds features of other settings or another run \(trajectory\)"):
+        _train(tmp_path / "moved", tmp_path / "b.sp", classification_data, resume=True, **kwargs)
+    _train(tmp_path / "b", tmp_path / "b.sp", classification_data, resume=True, **kwargs)
+    name = json.loads((tmp_path / "b" / "trajectory.json").read_text())["run"]
+    assert sp.Store.open(tmp_path / "b.sp").meta["trajectory"]["run"] == name
 

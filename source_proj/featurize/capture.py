@@ -420,6 +420,7 @@ class GradientCapture:
             "capture": options.identity(),
             "trajectory": {
                 "path": str(recorder.run_dir.resolve()),
+                "run": recorder.run_id,
                 "fingerprint": None,
                 "stages": [],
                 "checkpoints": [],
@@ -523,7 +524,12 @@ class GradientCapture:
                     "its eigen basis passes visit every one of basis_examples: resume it with "
                     "ProjectionArguments(basis_layer_positions=None)"
                 )
-            if old.get("trajectory", {}).get("path") != self._meta["trajectory"]["path"]:
+            ran, here = old.get("trajectory") or {}, self._meta["trajectory"]
+            if self.recorder.checkpoint_steps and ran.get("run") is not None:  # a resumed run, wherever it lies now
+                other = ran["run"] != here["run"]
+            else:  # a new run, or a store captured before runs were named: by its directory
+                other = ran.get("path") != here["path"]
+            if other:
                 differing.append("trajectory")
             if differing:
                 raise StoreError(
@@ -558,6 +564,8 @@ class GradientCapture:
                     f"The store at {self.path} lacks the captured window of stage {stage!r} from step {start} that the "
                     "resumed run has already trained through; capture the run from its start into a new store."
                 )
+            if (ran.get("path"), ran.get("run")) != (here["path"], here["run"]):  # the store follows its run (moved)
+                store.update_meta(trajectory={**ran, "path": here["path"], "run": here["run"]})
             if old.get("captured"):  # a finished run trains further (rewound first, maybe): the store grows with it
                 finished = max((old.get("trajectory") or {}).get("checkpoints") or [0])
                 record_growth(store, rewound_to=last if last < finished else None)
@@ -1248,6 +1256,7 @@ class GradientCapture:
                 fingerprint=self._fingerprint(trajectory, _recorded_data(store.meta)),
                 trajectory={
                     "path": str(Path(trajectory.path).resolve()),
+                    "run": self.recorder.run_id,
                     "fingerprint": trajectory.fingerprint(),
                     "stages": [s.describe() for s in trajectory.stages],
                     "checkpoints": [c.step for c in trajectory.checkpoints],

@@ -10,6 +10,8 @@ so an interrupted training run leaves a readable, incomplete trajectory)::
 ``trajectory.json``::
 
     {"format": "source-proj-trajectory", "version": 1, "complete": true,
+     "run": "3f0c…",                               optional: drawn as the run starts and kept as it is resumed; a store
+                                                   captured from the run finds it by this (moved, it is the same run)
      "lr": [η_0, η_1, ...],                        one learning rate per optimiser step
      "clip": [α_0, α_1, ...],                      optional: the factor gradient clipping scaled each
                                                    step's gradient by (1 = not clipped)
@@ -51,6 +53,7 @@ import math
 import os
 import tempfile
 import time
+import uuid
 import warnings
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -301,6 +304,8 @@ class TrajectoryRecorder:
         if weights == "auto":  # a peft model's base is frozen by construction: its checkpoints are its adapters
             weights = "trainable" if hasattr(model, "peft_config") else "all"
         self.run_dir = run_dir
+        self.run_id = uuid.uuid4().hex
+        """What names this run wherever its directory lies (``trajectory.json``'s ``run``; kept by ``resume``)."""
         self.model = model
         self.optimizer = optimizer
         self.save_every = save_every
@@ -418,6 +423,8 @@ class TrajectoryRecorder:
             load_weights(recorder.model, state["model"], partial=bool(recorded_frozen))  # inside a wrapper, as saved
             if "optimizer" in state:
                 optimizer.load_state_dict(state["optimizer"])
+        if isinstance(index.get("run"), str):  # a run recorded before it was named gets its name now
+            recorder.run_id = index["run"]
         step = int(last["step"])
         recorder.global_step = step
         recorder._lr = [float(v) for v in lr[:step]]
@@ -794,6 +801,7 @@ class TrajectoryRecorder:
             "format": FORMAT,
             "version": VERSION,
             "complete": self._complete,
+            "run": self.run_id,
             "lr": self._lr,
             "clip": self._clip_factors(),
             **({"momentum": self._momentum} if self._momentum_moved else {}),
