@@ -1846,3 +1846,25 @@ def test_a_store_captured_before_runs_were_named_resumes_in_its_runs_directory_a
     name = json.loads((tmp_path / "b" / "trajectory.json").read_text())["run"]
     assert sp.Store.open(tmp_path / "b.sp").meta["trajectory"]["run"] == name
 
+
+def test_a_killed_run_given_its_data_is_not_resumed_without_them(tmp_path: Path, classification_data) -> None:
+    """A killed run captured with datasets= (its data fingerprint, its end pass) resumed without them would end with
+    neither, and fit and verify would take the store: refused in one sentence, the store left as it was; given them,
+    the run ends as the uninterrupted one."""
+    kwargs = {"steps": 14, "batch": 8, "save_every": 4, "options": sp.CaptureArguments(chunk_rows=8),
+              "datasets": {"main": classification_data}}  # fmt: skip
+    _train(tmp_path / "a", tmp_path / "a.sp", classification_data, **kwargs)
+    with pytest.raises(_Killed):
+        _train(tmp_path / "b", tmp_path / "b.sp", classification_data, crash_after=10, **kwargs)
+    killed = _files(tmp_path / "b.sp")
+    with pytest.raises(sp.TaskError) as err:
+        _train(tmp_path / "b", tmp_path / "b.sp", classification_data, resume=True, **dict(kwargs, datasets=None))
+    assert str(err.value) == (
+        "The captured run was given the training data of stage 'main' as datasets= (its data fingerprint and end "
+        "pass are taken from them); resume it with the same datasets=."
+    )
+    assert _files(tmp_path / "b.sp") == killed
+    _train(tmp_path / "b", tmp_path / "b.sp", classification_data, resume=True, **kwargs)
+    expected, got = _store_arrays(tmp_path / "a.sp"), _store_arrays(tmp_path / "b.sp")
+    assert sorted(expected) == sorted(got) and window_array("end", "main", 12) in got
+    assert sp.Store.open(tmp_path / "b.sp").meta["fingerprint"] == sp.Store.open(tmp_path / "a.sp").meta["fingerprint"]

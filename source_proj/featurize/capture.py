@@ -546,6 +546,13 @@ class GradientCapture:
                     "again."
                 )
             if steps:  # before anything is dropped: a refused resume leaves the store as it was
+                stage = self.recorder.stages[-1][0]  # the stage a killed run goes on with
+                given = store.meta.get("capture_data") or {}
+                if not old.get("captured") and stage in given and stage not in (self.datasets or {}):
+                    raise TaskError(
+                        f"The captured run was given the training data of stage {stage!r} as datasets= (its data "
+                        "fingerprint and end pass are taken from them); resume it with the same datasets=."
+                    )
                 self._check_resumed_data(_recorded_data(store.meta))
             elif store.meta.get("capture_data"):  # a new run into a store no window was written to: its data anew
                 store.update_meta(capture_data={})
