@@ -1868,3 +1868,27 @@ def test_a_killed_run_given_its_data_is_not_resumed_without_them(tmp_path: Path,
     expected, got = _store_arrays(tmp_path / "a.sp"), _store_arrays(tmp_path / "b.sp")
     assert sorted(expected) == sorted(got) and window_array("end", "main", 12) in got
     assert sp.Store.open(tmp_path / "b.sp").meta["fingerprint"] == sp.Store.open(tmp_path / "a.sp").meta["fingerprint"]
+
+
+def test_a_loop_that_trains_a_first_window_without_capturing_it_is_refused_at_its_checkpoint(
+    tmp_path: Path, classification_data
+) -> None:
+    """Steps recorded before any batch was captured close a window capture never saw: refused at the checkpoint that
+    closes it, as a later window without a captured batch is, not by fit after training (the store lacking it)."""
+    x, y = classification_data.tensors
+    model = _mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = sp.TrajectoryRecorder(tmp_path / "run", model, optimizer, save_every=2)
+    sp.GradientCapture(rec, tmp_path / "run.sp", sp.ClassificationTask(), projection=_projection())
+    rec.begin_stage("main", dataset_size=len(y))
+    F.cross_entropy(model(x[:8]), y[:8]).backward()  # the loop forgot GradientCapture.batch
+    optimizer.step()
+    rec.step()
+    optimizer.step()
+    with pytest.raises(sp.TaskError) as err:
+        rec.step()
+    assert str(err.value) == (
+        "Steps 0–1 were recorded without a captured batch; wrap every training batch in GradientCapture.batch (or use "
+        "the framework's capture callback)."
+    )
+

@@ -1115,9 +1115,9 @@ class GradientCapture:
             return
         self.commit()
         start, self._window_start = self._window_start, step
-        if start is None or self._stage is None or start >= step:
+        if start is None or start >= step:
             return
-        if self._batches == 0 and not self._skipped_in_window:
+        if self._stage is None or (self._batches == 0 and not self._skipped_in_window):
             raise TaskError(
                 f"Steps {start}–{step - 1} were recorded without a captured batch; wrap every training batch in "
                 "GradientCapture.batch (or use the framework's capture callback)."
