@@ -1892,3 +1892,30 @@ def test_a_loop_that_trains_a_first_window_without_capturing_it_is_refused_at_it
         "the framework's capture callback)."
     )
 
+
+@pytest.mark.parametrize("forward", ["training", "separate"])
+def test_a_training_batch_whose_outputs_are_nan_is_refused_in_one_sentence_and_the_store_keeps_its_windows(
+    tmp_path: Path, classification_data, forward: str
+) -> None:
+    """A batch whose outputs are NaN (here: step 4's gradient was, so the weights are from step 5 on) cannot have its
+    sampled Fisher labels drawn: refused in one sentence (not torch's multinomial error), the windows written before it
+    kept and none written after."""
+    steps = []
+
+    def diverges(model, rows, optimizer) -> None:
+        steps.append(len(steps))
+        if len(steps) == 5:
+            model[0].weight.grad[0, 0] = float("nan")
+
+    options = sp.CaptureArguments(chunk_rows=8, fisher_forward=forward)
+    with pytest.raises(sp.NumericalError) as err:
+        _train(tmp_path / "run", tmp_path / "run.sp", classification_data, steps=8, batch=8, save_every=4,
+               options=options, on_batch=diverges)  # fmt: skip
+    assert str(err.value) == (
+        "The model's outputs on the training batch at step 5 are NaN or infinite, so capture cannot draw its Fisher "
+        "labels; check that batch's examples and the training loss, and resume the run from its last checkpoint."
+    )
+    stored = _store_arrays(tmp_path / "run.sp")
+    assert window_array("grads", "main", 0) in stored and window_array("grads", "main", 4) not in stored
+    assert np.isfinite(stored[window_array("grads", "main", 0)]).all()
+

@@ -993,7 +993,7 @@ class GradientCapture:
             self._check_outputs(module, args, kwargs, batch)
         self._fisher_due = None
         task = self._bound_task()
-        ((weight, pseudo),) = task.fisher_targets(outputs.detach(), batch, self._fisher_draws(self._fisher_rows))
+        ((weight, pseudo),) = self._fisher_labels(task, outputs.detach(), batch, self._fisher_draws(self._fisher_rows))
         total = task.fisher_loss(outputs, pseudo).sum()
         torch.autograd.grad(total, self._probe, retain_graph=True, allow_unused=True)
         fisher = target * weight.to(target).sqrt()[:, None]
@@ -1075,6 +1075,17 @@ class GradientCapture:
         (seed, step) and each row, whichever pass takes them and however the step's examples are batched."""
         return FisherDraws.of([self.options.seed, self.recorder.global_step], rows, self.device)
 
+    def _fisher_labels(self, task: Task, outputs: Tensor, batch: Batch, draws: FisherDraws) -> list[tuple[Tensor, Any]]:
+        """The current batch's sampled Fisher labels (``Task.fisher_targets``), drawn from finite outputs only. Checked
+        on the CPU only, where it costs no wait: on a GPU the step's NaN gradients are refused at its checkpoint."""
+        if outputs.device.type == "cpu" and not bool(torch.isfinite(outputs).all()):
+            raise NumericalError(
+                f"The model's outputs on the training batch at step {self.recorder.global_step} are NaN or infinite, "
+                "so capture cannot draw its Fisher labels; check that batch's examples and the training loss, and "
+                "resume the run from its last checkpoint."
+            )
+        return task.fisher_targets(outputs, batch, draws)
+
     def _fisher_pass(self, batch: Batch, rows: Tensor) -> None:
         """ũ = P ∇ℓ(x, ŷ; θ_t) with ŷ drawn from the model, in eval mode: add ũũᵀ to the window's Fisher sum."""
         draws, count = self._fisher_draws(rows), rows.numel()
@@ -1086,7 +1097,7 @@ class GradientCapture:
                 task = self._bound_task()
                 with self._autocast():
                     outputs = task.forward(self.model, batch)
-                ((weight, pseudo),) = task.fisher_targets(outputs.detach(), batch, draws)  # as featurize: outside
+                ((weight, pseudo),) = self._fisher_labels(task, outputs.detach(), batch, draws)  # as featurize: outside
                 with self._autocast():
                     total = task.fisher_loss(outputs, pseudo).sum()
                 torch.autograd.grad(total, self._probe, allow_unused=True)
