@@ -1919,3 +1919,25 @@ def test_a_training_batch_whose_outputs_are_nan_is_refused_in_one_sentence_and_t
     assert window_array("grads", "main", 0) in stored and window_array("grads", "main", 4) not in stored
     assert np.isfinite(stored[window_array("grads", "main", 0)]).all()
 
+
+def test_row_indices_that_are_not_whole_numbers_or_no_rows_at_all_are_refused_in_one_sentence(
+    tmp_path: Path, classification_data
+) -> None:
+    """Fractional indices would be truncated to other rows, booleans read as rows 0 and 1, and text fails in torch:
+    each is refused with a sentence, as is a batch without examples."""
+    x, y = classification_data.tensors
+    model = _mlp()
+    rec = sp.TrajectoryRecorder(tmp_path / "run", model, torch.optim.SGD(model.parameters(), lr=0.1), save_every=2)
+    cap = sp.GradientCapture(rec, tmp_path / "run.sp", sp.ClassificationTask(), projection=_projection())
+    rec.begin_stage("main", dataset_size=len(y))
+    for indices, what in ([0.5, 1.5, 2.5, 3.5], "float32"), (torch.ones(4, dtype=torch.bool), "bool"),\
+                         (["a", "b", "c", "d"], "list"):  # fmt: skip
+        with pytest.raises(sp.TaskError) as err:
+            cap.begin((x[:4], y[:4]), indices=indices)
+        assert str(err.value) == (
+            f"The batch's row indices must be whole numbers (each example's row in its stage's dataset), not {what}; "
+            "pass integers, as sp.IndexedDataset gives them."
+        )
+    with pytest.raises(sp.TaskError) as err:
+        cap.begin((x[:0], y[:0]), indices=[])
+    assert str(err.value) == "The batch holds no examples; capture a batch of one example or more."

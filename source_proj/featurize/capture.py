@@ -222,10 +222,10 @@ def split_indices(batch: Any, indices: Tensor | Sequence[int] | None = None) -> 
     """``(row indices [B] int64, the batch without them)`` of a batch of ``IndexedDataset`` (or
     of any batch whose ``indices`` are given)."""
     if indices is not None:
-        return torch.as_tensor(indices, dtype=torch.long).reshape(-1).cpu(), batch
+        return _row_indices(indices), batch
     if isinstance(batch, Mapping) and INDEX_KEY in batch:
         rest = {k: v for k, v in batch.items() if k != INDEX_KEY}
-        return torch.as_tensor(batch[INDEX_KEY], dtype=torch.long).reshape(-1).cpu(), rest
+        return _row_indices(batch[INDEX_KEY]), rest
     if (
         isinstance(batch, (tuple, list))
         and len(batch) == 2
@@ -238,6 +238,23 @@ def split_indices(batch: Any, indices: Tensor | Sequence[int] | None = None) -> 
         "Capture needs each batch's dataset row indices; wrap the training set in sp.IndexedDataset, or pass "
         "indices= to GradientCapture.batch."
     )
+
+
+def _row_indices(values: Any) -> Tensor:
+    """A batch's row indices as int64 ``[B]``: whole numbers only (a float would be truncated to another row)."""
+    try:
+        rows = torch.as_tensor(values)
+    except (TypeError, ValueError, RuntimeError):
+        rows = None
+    if rows is not None and rows.numel() == 0:  # [] is a float tensor: no rows, refused as such (``begin``)
+        return torch.zeros(0, dtype=torch.long)
+    if rows is None or rows.is_floating_point() or rows.is_complex() or rows.dtype == torch.bool:
+        raise TaskError(
+            "The batch's row indices must be whole numbers (each example's row in its stage's dataset), not "
+            f"{type(values).__name__ if rows is None else str(rows.dtype).removeprefix('torch.')}; pass integers, as "
+            "sp.IndexedDataset gives them."
+        )
+    return rows.long().reshape(-1).cpu()
 
 
 class GradientCapture:
@@ -654,10 +671,12 @@ class GradientCapture:
         name, size = self.recorder.stage
         if self._stage != (name, size):
             self._open_stage(name, size)
-        if rows.numel() == 0 or int(rows.min()) < 0 or int(rows.max()) >= size:
+        if rows.numel() == 0:
+            raise TaskError("The batch holds no examples; capture a batch of one example or more.")
+        if int(rows.min()) < 0 or int(rows.max()) >= size:
             raise TaskError(
                 f"The batch's row indices must lie in [0, {size - 1}] (stage {name!r} has {size} examples), not "
-                f"[{int(rows.min()) if rows.numel() else '-'}, {int(rows.max()) if rows.numel() else '-'}]."
+                f"[{int(rows.min())}, {int(rows.max())}]."
             )
         count = rows.numel()
         if batch_size(rest) != count:
