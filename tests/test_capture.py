@@ -13,6 +13,7 @@ import threading
 import time
 import warnings
 import weakref
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -1941,3 +1942,35 @@ def test_row_indices_that_are_not_whole_numbers_or_no_rows_at_all_are_refused_in
     with pytest.raises(sp.TaskError) as err:
         cap.begin((x[:0], y[:0]), indices=[])
     assert str(err.value) == "The batch holds no examples; capture a batch of one example or more."
+
+
+def test_a_killed_run_resumed_with_other_settings_is_refused_naming_the_setting(
+    tmp_path: Path, classification_data
+) -> None:
+    """A resume whose projection or task differs from the killed run's is refused naming the setting and both values,
+    the store left as it was."""
+    kwargs = {"steps": 14, "batch": 8, "save_every": 4, "options": sp.CaptureArguments(chunk_rows=8),
+              "datasets": {"main": classification_data}}  # fmt: skip
+    cases = {
+        "factored": (_projection(), [
+            ({"projection": sp.ProjectionArguments(dim=32, kind="factored")},
+             "projection: dim=16 there, 32 here; factors=[4, 4] there, [8, 4] here"),
+            ({"projection": replace(_projection(), seed=5)}, "projection: seed=0 there, 5 here"),
+            ({"projection": _eigen_capture(24)}, "projection: kind='factored' there, 'eigen' here"),
+            ({"task": sp.ClassificationTask(label_smoothing=0.1)}, "task: label_smoothing=None there, 0.1 here"),
+        ]),
+        "eigen": (_eigen_capture(24), [({"projection": _eigen_capture(32)}, "projection: k=24 there, 32 here")]),
+    }
+    for kind, (projection, resumes) in cases.items():
+        run, store = tmp_path / kind, tmp_path / f"{kind}.sp"
+        with pytest.raises(_Killed):
+            _train(run, store, classification_data, crash_after=10, projection=projection, **kwargs)
+        killed = _files(store)
+        for changed, said in resumes:
+            with pytest.raises(sp.StoreError) as err:
+                _train(run, store, classification_data, resume=True, **{"projection": projection, **kwargs, **changed})
+            assert str(err.value) == (
+                f"The store at {store} holds features of other settings or another run ({said}); capture with the "
+                "settings it was made with, pass overwrite=True to replace it, or use another store path."
+            )
+            assert _files(store) == killed

@@ -541,6 +541,9 @@ class GradientCapture:
                     "its eigen basis passes visit every one of basis_examples: resume it with "
                     "ProjectionArguments(basis_layer_positions=None)"
                 )
+            for key in ("projection", "task"):  # say which of their settings
+                if key in differing:
+                    differing[differing.index(key)] = _setting_differs(key, old.get(key), self._meta[key])
             ran, here = old.get("trajectory") or {}, self._meta["trajectory"]
             if self.recorder.checkpoint_steps and ran.get("run") is not None:  # a resumed run, wherever it lies now
                 other = ran["run"] != here["run"]
@@ -1338,6 +1341,27 @@ def _identity(key: str, value: Any) -> Any:
     if key != "projection" or not value or value.get("kind") != "eigen":
         return value
     return [value.get("k"), value.get("seed"), value.get("adam_rank", 1), (value.get("basis") or {}).get("inputs")]
+
+
+def _setting_differs(key: str, was: Any, now: Any) -> str:
+    """``key``, with those of its settings that differ between a store's ``was`` and the capture's ``now`` (``"task:
+    label_smoothing=None there, 0.1 here"``); only ``key`` where none of its plain values tells them apart."""
+    if key == "projection" and (was or {}).get("kind") == (now or {}).get("kind") == "eigen":
+        was, now = _identity(key, was), _identity(key, now)
+        told = 3 if was[:3] != now[:3] else 4  # the digest of the basis inputs follows k, seed and adam_rank
+        names = ("k", "seed", "adam_rank", "basis inputs")[:told]
+        was, now = (dict(zip(names, value[:told], strict=True)) for value in (was, now))
+
+    def leaves(value: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(value, Mapping):
+            return {prefix[:-1]: value}
+        return {k: v for name, inner in value.items() for k, v in leaves(inner, f"{prefix}{name}.").items()}
+
+    old, new = leaves(was or {}), leaves(now or {})
+    names = ["kind"] if old.get("kind") != new.get("kind") else dict.fromkeys([*old, *new])  # the rest follows the kind
+    told = [(name, repr(old.get(name)), repr(new.get(name))) for name in names]
+    parts = [f"{name}={a} there, {b} here" for name, a, b in told if a != b and len(a) + len(b) <= 80]
+    return f"{key}: {'; '.join(parts)}" if parts else key
 
 
 def _recorded_data(meta: Mapping[str, Any]) -> dict[str, Any]:
