@@ -1974,3 +1974,38 @@ def test_a_killed_run_resumed_with_other_settings_is_refused_naming_the_setting(
                 "settings it was made with, pass overwrite=True to replace it, or use another store path."
             )
             assert _files(store) == killed
+
+
+class _Streamed(torch.utils.data.IterableDataset):
+    """``data`` as a stream: no len(), no indexing."""
+
+    def __init__(self, data: TensorDataset) -> None:
+        self.data = data
+
+    def __iter__(self):
+        return iter(self.data)
+
+
+def test_an_iterable_dataset_given_as_datasets_is_captured_unfingerprinted_and_refused_by_the_eigen_projection(
+    tmp_path: Path, classification_data
+) -> None:
+    """A stream given as datasets= (no len()) is trained on and captured as without it (no data fingerprint, no end
+    pass with end_pass='auto'), not failed with len()'s TypeError; the eigen projection, which reads examples by
+    index, refuses it in one sentence."""
+    kwargs = {"steps": 8, "batch": 8, "save_every": 4, "options": sp.CaptureArguments(chunk_rows=8)}
+    streamed = {"main": _Streamed(classification_data)}
+    _train(tmp_path / "a", tmp_path / "a.sp", classification_data, **kwargs)
+    _train(tmp_path / "b", tmp_path / "b.sp", classification_data, datasets=streamed, **kwargs)
+    expected, got = _store_arrays(tmp_path / "a.sp"), _store_arrays(tmp_path / "b.sp")
+    assert sorted(expected) == sorted(got) and not any(name.startswith("capture/end/") for name in got)
+    for name in expected:
+        assert np.array_equal(expected[name], got[name]), name
+    assert sp.Store.open(tmp_path / "b.sp").meta["fingerprint"]["data"] is None
+    with pytest.raises(sp.TaskError) as err:
+        _train(tmp_path / "c", tmp_path / "c.sp", classification_data, datasets=streamed, projection=_eigen_capture(24),
+               **kwargs)  # fmt: skip
+    assert str(err.value) == (
+        "The 'eigen' projection's bases are estimated from examples of the training data read by index, but the "
+        "datasets= of ['main'] have no len(); pass map-style datasets, or capture with "
+        "ProjectionArguments(kind='factored')."
+    )

@@ -357,6 +357,12 @@ class GradientCapture:
                 "checkpoint; pass datasets= (each stage's training dataset under its name), or capture with "
                 "ProjectionArguments(kind='factored')."
             )
+        if projection.kind == "eigen" and unsized:
+            raise TaskError(
+                f"The 'eigen' projection's bases are estimated from examples of the training data read by index, but "
+                f"the datasets= of {unsized} have no len(); pass map-style datasets, or capture with "
+                "ProjectionArguments(kind='factored')."
+            )
         self.recorder, self.task, self.options = recorder, task, options
         self._own: int | None = None  # basis_batch="auto": the run's first captured batch's size (the store's)
         self._collate, self._progress = collate_fn, progress
@@ -906,23 +912,25 @@ class GradientCapture:
         check_optimised(name, described["groups"], self.names)
         if self.datasets is not None and name not in self._data:  # fingerprinted as the stage starts: errors come early
             given = self.datasets.get(name)
-            if given is None or len(given) != size:  # type: ignore[arg-type]
-                what = "names no such stage" if given is None else f"holds {len(given)} examples"  # type: ignore[arg-type]
+            rows = None if given is None else _rows(given)
+            if given is None or rows not in (None, size):
+                what = "names no such stage" if given is None else f"holds {rows} examples"
                 raise TaskError(
                     f"Stage {name!r} trains on {size} examples, but GradientCapture's datasets= {what}; pass each "
                     "stage's training dataset under its name."
                 )
-            entry = self._data_fingerprint(name)
-            # Kept in the store before any window of the stage is: a killed run resumed with other data is refused
-            # (``_check_resumed_data``), and the finished store's fingerprint covers stages of every session.
-            with store_lock(self.path):
-                store = Store.open(self.path, writable=True)
-                recorded = store.meta.get("capture_data") or {}
-                if name in recorded:
-                    self._same_data(name, recorded[name], entry)
-                else:
-                    store.update_meta(capture_data={**recorded, name: entry})
-            self._data[name] = entry
+            if rows is not None:  # a stream (no len()) goes unfingerprinted, and without the end pass
+                entry = self._data_fingerprint(name)
+                # Kept in the store before any window of the stage is: a killed run resumed with other data is refused
+                # (``_check_resumed_data``), and the finished store's fingerprint covers stages of every session.
+                with store_lock(self.path):
+                    store = Store.open(self.path, writable=True)
+                    recorded = store.meta.get("capture_data") or {}
+                    if name in recorded:
+                        self._same_data(name, recorded[name], entry)
+                    else:
+                        store.update_meta(capture_data={**recorded, name: entry})
+                self._data[name] = entry
         self._trained.add(name)
         if self._stage is None or self._stage[0] != name:
             self._transform = None  # a new stage: its optimizer's state, not the last stage's
