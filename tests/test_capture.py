@@ -2009,3 +2009,20 @@ def test_an_iterable_dataset_given_as_datasets_is_captured_unfingerprinted_and_r
         "datasets= of ['main'] have no len(); pass map-style datasets, or capture with "
         "ProjectionArguments(kind='factored')."
     )
+
+
+def test_a_closed_capture_refuses_a_batch_saying_it_was_closed(tmp_path: Path, classification_data) -> None:
+    """After ``close`` (or the recorder's close) the layer hooks are gone: a batch begun then is refused as a batch of
+    a closed capture, not as one whose backward never reached the layers."""
+    x, y = classification_data.tensors
+    model = _mlp()
+    rec = sp.TrajectoryRecorder(tmp_path / "run", model, torch.optim.SGD(model.parameters(), lr=0.1), save_every=2)
+    cap = sp.GradientCapture(rec, tmp_path / "run.sp", sp.ClassificationTask(), projection=_projection())
+    rec.begin_stage("main", dataset_size=len(y))
+    cap.close()
+    with pytest.raises(sp.TaskError) as err:
+        cap.begin((x[:4], y[:4]), indices=range(4))
+    assert str(err.value) == (
+        "This GradientCapture was closed; to capture further, resume the run (TrajectoryRecorder.resume) and capture "
+        "it with a new GradientCapture."
+    )

@@ -675,6 +675,11 @@ class GradientCapture:
     def begin(self, batch: Any, indices: Tensor | Sequence[int] | None = None, *, scale: float | None = None) -> Batch:
         """Start capturing a batch (the forward and backward that follow are captured); returns the batch
         without its indices. ``commit`` (or the next ``begin``, or the next checkpoint) ends it."""
+        if self._closed:  # its layer hooks are gone
+            raise TaskError(
+                "This GradientCapture was closed; to capture further, resume the run (TrajectoryRecorder.resume) and "
+                "capture it with a new GradientCapture."
+            )
         self.commit()
         rows, rest = split_indices(batch, indices)
         name, size = self.recorder.stage
