@@ -478,8 +478,8 @@ def _module_dims(values: tuple[str, ...]) -> dict[str, int]:
 @click.option(
     "--segments",
     default=None,
-    help="Equal segments per stage (3), auto:L for L segments placed automatically, or auto to choose L too "
-    "(default: the store's, else 1).",
+    help="Equal segments per stage (3), auto:L for L segments placed automatically, auto to choose L too, or "
+    "at:STEP,STEP to cut at those steps, as --boundaries (default: the store's, else 1).",
 )
 @click.option(
     "--curvature",
