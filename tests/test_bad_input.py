@@ -530,7 +530,7 @@ def test_papercuts_of_the_second_audit_are_refused_or_warned(tmp_path: Path) -> 
     with pytest.raises(sp.TaskError, match="fit's args is None; pass a FitArguments"):
         sp.fit(tmp_path / "s.sp", None)  # type: ignore[arg-type]
     with pytest.raises(click.BadParameter, match="expected comma-separated integers, got ''"):
-        _ints("")
+        _ints("", "--checkpoints")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     rec = sp.TrajectoryRecorder(tmp_path / "run", model, opt, save_every=2, save_optimizer_state=False)
     with pytest.warns(UserWarning, match="trains with adamw but the recorder was made with save_optimizer_state=False"):

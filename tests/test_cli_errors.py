@@ -42,6 +42,23 @@ def _copy(store: Path, tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize(
+    ("command", "option", "value"),
+    [("fit", "--boundaries", "x,y"), ("featurize", "--checkpoints", "a,b"), ("featurize", "--module-dim", "abc")],
+)
+def test_a_malformed_option_value_names_the_option(
+    cli_reference: tuple[Path, Path], tiny_run: Path, tmp_path: Path, command: str, option: str, value: str
+) -> None:
+    """These values are parsed inside the command, where click cannot tell which option they came from."""
+    store, spec = cli_reference
+    if command == "fit":
+        args = ["fit", str(_copy(store, tmp_path)), "--force"]
+    else:
+        args = ["featurize", "--ckpts", str(tiny_run), "--spec", str(spec), "--out", str(tmp_path / "new.sp")]
+    message = _refused(CliRunner().invoke(main, [*args, option, value]), code=2)
+    assert f"Invalid value for {option}: " in message and repr(value) in message
+
+
+@pytest.mark.parametrize(
     ("which", "expected"),
     [
         ("400:410", "the range 400:410 reaches outside the 12 query examples; use indices from 0 to 11"),

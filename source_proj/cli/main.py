@@ -111,13 +111,13 @@ def _format_warning(message: Warning | str, *_: Any, **__: Any) -> str:
     return f"Warning: {message}\n"
 
 
-def _ints(value: str | None) -> tuple[int, ...] | None:
+def _ints(value: str | None, option: str) -> tuple[int, ...] | None:
     if value is None:
         return None
     try:
         return tuple(int(v) for v in value.split(","))
     except ValueError as err:  # "" too: an empty list would select nothing, not everything
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from err
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}", param_hint=option) from err
 
 
 def _basis_positions(value: str, option: str = "--basis-positions") -> int | None:
@@ -389,7 +389,7 @@ def featurize(
                 num_workers=workers,
                 segmentation=sp.SegmentationArguments.parse(segmentation) if segmentation else None,
                 checkpoints=not fast_only,
-                checkpoint_steps=_ints(checkpoint_steps),
+                checkpoint_steps=_ints(checkpoint_steps, "--checkpoints"),
                 segment_means=fast or fast_only,
                 precision=precision,
                 shard_chunks=shard_chunks,
@@ -468,7 +468,10 @@ def _module_dims(values: tuple[str, ...]) -> dict[str, int]:
     for value in values:
         pattern, _, k = value.rpartition("=")
         if not k.isdigit():
-            raise click.BadParameter(f"expected PATTERN=K or K, K a whole number (e.g. '*.mlp.*=256'), not {value!r}")
+            raise click.BadParameter(
+                f"expected PATTERN=K or K, K a whole number (e.g. '*.mlp.*=256'), not {value!r}",
+                param_hint="--module-dim",
+            )
         dims[pattern or "*"] = int(k)
     return dims
 
@@ -542,7 +545,7 @@ def fit(
     seg = sp.SegmentationArguments.parse(segments) if segments else None
     args = sp.FitArguments(
         segments_per_stage=seg.per_stage if seg and seg.auto is None and seg.boundaries is None else None,
-        boundaries=_ints(boundaries) or (seg.boundaries if seg else None),
+        boundaries=_ints(boundaries, "--boundaries") or (seg.boundaries if seg else None),
         auto_segments=seg.auto if seg else None,
         stages=_names(stages),
         method=method,
