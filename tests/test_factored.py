@@ -576,7 +576,7 @@ def test_featurize_takes_every_quantity_from_one_forward_as_separate_passes_do(c
     for shared in (False, True):
         calls.clear()
         results[shared] = _featurize_rows(
-            grads_fn, projector, task, [b for b, _ in made], 0, options, torch.Generator().manual_seed(1),
+            grads_fn, projector, task, [b for b, _ in made], 0, options, sp.FisherDraws.key_of([1]),
             torch.device("cpu"), where="test", transform=transform, measure=True, shared_forward=shared,
         )  # fmt: skip
         forwards[shared] = len(calls)
