@@ -281,7 +281,7 @@ class _Featurize:
                 "featurize": {
                     "chunk_rows": options.chunk_rows,
                     "fisher": options.fisher,
-                **({"fisher_draws": DRAWS_ID} if options.fisher == "sampled" else {}),
+                    **({"fisher_draws": DRAWS_ID} if options.fisher == "sampled" else {}),
                     "seed": options.seed,
                     "precision": options.precision,
                     "fisher_directions": self.directions,
@@ -835,8 +835,8 @@ def _featurize_rows(
     of one chunk's ``batches``, whose first row is ``start``; ``key``: the sampled labels' (``FisherDraws``, with
     each batch's rows). ``shared_forward``: a factored projection takes them all from one forward per batch
     (sharded parameters gather every layer at each forward and backward in lockstep, so they keep a pass per
-    quantity). ``fisher_batches``: the batches (their
-    order in the chunk) whose projected Fisher is taken (``FisherRows``); ``None``: every batch."""
+    quantity). ``fisher_batches``: the batches (their order in the chunk) whose projected Fisher is taken
+    (``FisherRows``); ``None``: every batch."""
     feats, fisher, measured = [], [], []
     spans: list[tuple[int, int]] = []  # (first row, examples) of each batch whose Fisher is taken
     sums = collector.empty() if collector is not None else None
