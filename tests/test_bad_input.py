@@ -270,8 +270,9 @@ def test_a_query_the_dataset_cannot_read_is_named(tiny_reference: Path) -> None:
     attributor = sp.Attributor(tiny_reference, build_model(), sp.ClassificationTask())
     with pytest.raises(sp.TaskError) as err:
         attributor.top_k(_Unreadable(3, OSError("cannot read 3.png")), 2)
-    assert _one_sentence(err).startswith(
-        "The dataset raised an error of its own reading query 3 (OSError: cannot read 3.png); fix that example"
+    assert _one_sentence(err) == (  # nothing resumes: a query is read again
+        "The dataset raised an error of its own reading query 3 (OSError: cannot read 3.png); fix that example in the "
+        "dataset and run again."
     )
 
 

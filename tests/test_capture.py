@@ -1765,8 +1765,8 @@ def test_an_example_capture_cannot_read_is_named_as_the_datasets_error_and_the_r
     end pass, where it broke during training; the run then resumes with the example fixed into the store of an
     uninterrupted run."""
     said = ("The dataset raised an error of its own reading training example 7 of stage 'main' (ValueError: image 7 "
-            "is truncated); fix that example in the dataset and run again (a store featurize was writing resumes where "
-            "it stopped).")  # fmt: skip
+            "is truncated); fix that example in the dataset and run again (the captured run resumes from its last "
+            "checkpoint, its store with it).")  # fmt: skip
     kwargs = {"steps": 8, "batch": 8, "save_every": 4, "options": sp.CaptureArguments(chunk_rows=8),
               "projection": _eigen_capture(24) if projection == "eigen" else _projection()}  # fmt: skip
     data = _Unreadable(classification_data, True)

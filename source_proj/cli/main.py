@@ -879,7 +879,7 @@ def _describer(store: sp.Store, spec: Spec) -> Callable[[str, int], str]:
     training data are the store's, so that descriptions name the examples that were scored."""
     if spec.describes:
         names = [s["name"] for s in store.meta["trajectory"]["stages"]]
-        data = {name: training_examples(spec.train_data(name), name) for name in names}
+        data = {name: training_examples(spec.train_data(name), name, resumes="") for name in names}
         check_data(store.path, store.meta, data, quick=True)
     return functools.cache(spec.describe)
 

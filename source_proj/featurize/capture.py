@@ -129,6 +129,9 @@ AUTO_BASIS_BATCH = 64
 INDEX_KEY = "source_proj_index"
 """The key ``IndexedDataset`` adds to dict items (a batch's dataset row indices)."""
 
+CAPTURE_RESUMES = " (the captured run resumes from its last checkpoint, its store with it)"
+"""What the sentence naming an example of ``datasets=`` the dataset cannot read ends with."""
+
 
 @dataclass(frozen=True)
 class CaptureArguments:
@@ -374,7 +377,7 @@ class GradientCapture:
             None
             if datasets is None
             else {
-                name: training_examples(d.dataset if isinstance(d, IndexedDataset) else d, name)
+                name: training_examples(d.dataset if isinstance(d, IndexedDataset) else d, name, CAPTURE_RESUMES)
                 for name, d in datasets.items()
             }
         )

@@ -137,12 +137,17 @@ def check_indexed(data: Any, what: str) -> None:
         )
 
 
+FEATURIZE_RESUMES = " (a store featurize was writing resumes where it stopped)"
+"""What ``Examples``' sentence ends with where featurize reads them."""
+
+
 class Examples(Dataset):
     """``dataset`` read as it is, an error it raises reading an example named with the example (``what`` and its
-    index) as the dataset's own: ``Examples(train, "training example {} of stage 'main'")``."""
+    index) as the dataset's own: ``Examples(train, "training example {} of stage 'main'")``; ``resumes``: what the
+    sentence ends with, what resumes once the example is fixed (``FEATURIZE_RESUMES``), or nothing."""
 
-    def __init__(self, dataset: Any, what: str) -> None:
-        self.dataset, self.what = dataset, what
+    def __init__(self, dataset: Any, what: str, resumes: str = "") -> None:
+        self.dataset, self.what, self.resumes = dataset, what, resumes
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -157,8 +162,7 @@ class Examples(Dataset):
                 raise
             raise ExampleError(
                 f"The dataset raised an error of its own reading {self.name(index)} ({type(err).__name__}: "
-                f"{first_line(err)}); fix that example in the dataset and run again (a store featurize was writing "
-                "resumes where it stopped)."
+                f"{first_line(err)}); fix that example in the dataset and run again{self.resumes}."
             ) from err
 
     def __getitems__(self, indices: list[int]) -> list[Any]:
@@ -178,6 +182,7 @@ class Examples(Dataset):
         if items is None or len(items) != len(indices):
             items = [self[index] for index in indices]
         read = _Read(items)
+        read.resumes = self.resumes
         read.names = [self.name(index) for index in indices]
         return read
 
@@ -193,11 +198,13 @@ class _Read(list):
     """The examples of a batch, and their names (``Examples.name``)."""
 
     names: list[str]
+    resumes: str
 
 
-def training_examples(dataset: Any, stage: str) -> Examples:
-    """A stage's training data, read as ``Examples`` that name an example the dataset fails on by index and stage."""
-    return Examples(dataset, f"training example {{}} of stage {stage!r}")
+def training_examples(dataset: Any, stage: str, resumes: str = FEATURIZE_RESUMES) -> Examples:
+    """A stage's training data, read as ``Examples`` that name an example the dataset fails on by index and stage;
+    ``resumes``: what the sentence ends with (featurize's store resuming, by default)."""
+    return Examples(dataset, f"training example {{}} of stage {stage!r}", resumes)
 
 
 def collate_of(dataset: Any) -> Callable[[list[Any]], Any]:
@@ -253,8 +260,8 @@ def default_collate(examples: list[Any]) -> Any:
             raise
         raise ExampleError(
             f"The dataset's {examples.names[odd]} differs in shape or structure from the other examples of its batch "
-            f"({type(err).__name__}: {first_line(err)}); fix that example in the dataset and run again (a store "
-            "featurize was writing resumes where it stopped)."
+            f"({type(err).__name__}: {first_line(err)}); fix that example in the dataset and run again"
+            f"{examples.resumes}."
         ) from err
 
 
