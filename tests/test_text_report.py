@@ -165,3 +165,36 @@ def test_query_names_not_one_per_query_are_refused(tmp_path: Path) -> None:
         with pytest.raises(TaskError, match=f"{len(names)} query names were given for 1 queries; give one each"):
             text_report(_one_sided(), ["q"], lambda stage, i: TEXTS[i], tmp_path / "r.html", query_names=names)
     assert not (tmp_path / "r.html").exists()
+
+
+@pytest.mark.parametrize(
+    ("task", "positive_colour"),
+    [
+        (SequenceClassificationTask(), "green"),
+        (SequenceClassificationTask(problem_type="regression"), "red"),
+        (LanguageModelingTask(tokens_per_sequence=4), "red"),
+        (Seq2SeqTask(tokens_per_sequence="own"), "red"),
+    ],
+)
+def test_the_figure_colours_and_names_each_list_by_what_its_sign_means(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, task, positive_colour: str
+) -> None:
+    """For a loss or an error a positive score means the example raised it: the figure drew those examples in the
+    helpful green under a "most helpful (green, score > 0)" title, whatever the task measured."""
+    import source_proj.query.report as report
+
+    drawn = []
+    save = report.save_figure
+    monkeypatch.setattr(report, "save_figure", lambda fig, path, dpi: (drawn.append(fig), save(fig, path, dpi))[1])
+    result = _one_sided()
+    topk_figure([np.zeros((4, 4))], ["q"], lambda row: np.zeros((4, 4)), str, result, tmp_path / "f.png",
+                score_labels=task.score_labels, positive_helps=task.positive_helps)  # fmt: skip
+    (fig,) = drawn
+    _, positive, _, _, negative, _, _ = fig.axes
+    negative_colour = "red" if positive_colour == "green" else "green"
+    assert positive.get_title() == "0\n+2.0e+00" and positive.title.get_color() == positive_colour
+    assert negative.get_title() == "2\n-1.0e+00" and negative.title.get_color() == negative_colour
+    short = [label.split(" (")[0] for label in task.score_labels]
+    assert fig._suptitle.get_text() == (
+        f"query  |  {short[0]} ({positive_colour}, score > 0)  |  {short[1]} ({negative_colour}, score < 0)"
+    )

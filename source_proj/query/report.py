@@ -1,4 +1,5 @@
-"""Pictures of results: a grid of each query with its most helpful and most harmful examples."""
+"""Pictures of results: a grid of each query with its training examples of the largest positive and the most negative
+scores, coloured by what the sign means for the task (helpful green, harmful red)."""
 
 from __future__ import annotations
 
@@ -18,27 +19,37 @@ def topk_figure(
     train_title: Callable[[int], str],
     result: QueryResult,
     path: str | Path,
+    *,
+    score_labels: tuple[str, str] = ("most helpful", "most harmful"),
+    positive_helps: bool = True,
 ) -> Path:
-    """Save a PNG: one row per query — the query, then its top-k helpful (green) and harmful (red); a list
-    stops where the scores change sign (its remaining cells are left empty).
+    """Save a PNG: one row per query — the query, then its k largest positive scores and its k most negative; a
+    list stops where the scores change sign (its remaining cells are left empty). The list of the examples that
+    helped the query is drawn in green, the other in red.
 
     Args:
         query_images: one 2-D (or H×W×3) image per query.
         query_titles: one caption per query.
         train_image: the image of a feature row id of the result.
         train_title: the caption of a feature row id of the result.
-        result: the top-k result (row ids and scores).
+        result: the top-k result (``[Q, k]`` row ids and scores; score = −Δf, docs/concepts/scores.md).
         path: where the PNG goes.
+        score_labels: what a positive and a negative score mean for the task's measurement (the tasks'
+            ``score_labels``; the figure's title shows each up to its first " (").
+        positive_helps: whether a positive score means the example helped the query (the tasks' ``positive_helps``):
+            ``False`` for a measurement that is a loss or an error, where a positive score means the example raised
+            it, and the positive list is drawn in red.
     """
     plt = pyplot()
 
     queries, k = result.helpful_ids.shape
+    colours = ("green", "red") if positive_helps else ("red", "green")
     fig, axes = plt.subplots(queries, 2 * k + 1, figsize=(1.3 * (2 * k + 1), 1.5 * queries), squeeze=False)
     for q in range(queries):
         cells: list[tuple[np.ndarray, str, str] | None] = [(query_images[q], query_titles[q], "black")]
         for sign, colour, ids, scores in (
-            (1.0, "green", result.helpful_ids[q], result.helpful_scores[q]),
-            (-1.0, "red", result.harmful_ids[q], result.harmful_scores[q]),
+            (1.0, colours[0], result.helpful_ids[q], result.helpful_scores[q]),
+            (-1.0, colours[1], result.harmful_ids[q], result.harmful_scores[q]),
         ):  # a list stops where the scores change sign (QueryResult.short_lists): the rest of its cells stay empty
             cells += [(train_image(int(i)), f"{train_title(int(i))}\n{s:+.1e}", colour) if sign * s > 0 else None
                       for i, s in zip(ids, scores, strict=True)]  # fmt: skip
@@ -51,5 +62,6 @@ def topk_figure(
             ax.set_title(title, fontsize=7, color=colour)
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle("query  |  most helpful (green, score > 0)  |  most harmful (red, score < 0)", fontsize=9)
+    short = [label.split(" (")[0] for label in score_labels]
+    fig.suptitle(f"query  |  {short[0]} ({colours[0]}, score > 0)  |  {short[1]} ({colours[1]}, score < 0)", fontsize=9)
     return save_figure(fig, path, dpi=110)
