@@ -266,9 +266,9 @@ def query_data():
 """
 
 
-def test_query_of_a_regression_task_says_a_positive_score_raised_the_error(tmp_path: Path) -> None:
-    """A regression's measurement is its error: a positive score means the example raised it (harmed the query),
-    so the CLI must not head those examples "helpful"."""
+@pytest.fixture
+def regression_store(tmp_path: Path) -> Path:
+    """A fitted store of a linear regression (16 training examples) trained by full-batch gradient descent."""
     spec = tmp_path / "spec.py"
     spec.write_text(REGRESSION_SPEC)
     module = sp.spec.load_spec(spec)
@@ -277,10 +277,39 @@ def test_query_of_a_regression_task_says_a_positive_score_raised_the_error(tmp_p
                    lambda o, t: (o.squeeze(-1) - t) ** 2, lr=0.05, steps=6, save_every=3)  # fmt: skip
     store, cli = tmp_path / "s.sp", CliRunner()
     for command in (["featurize", "--ckpts", str(tmp_path / "run"), "--spec", str(spec), "--out", str(store),
-                     "--projection", "identity", "--batch-size", "8"], ["fit", str(store)],
-                    ["query", str(store), "--queries", "0:2", "--top-k", "2"]):  # fmt: skip
+                     "--projection", "identity", "--batch-size", "8"], ["fit", str(store)]):  # fmt: skip
         out = cli.invoke(main, command)
         assert out.exit_code == 0, out.output
+    return store
+
+
+def test_query_of_a_regression_task_says_a_positive_score_raised_the_error(regression_store: Path) -> None:
+    """A regression's measurement is its error: a positive score means the example raised it (harmed the query),
+    so the CLI must not head those examples "helpful"."""
+    out = CliRunner().invoke(main, ["query", str(regression_store), "--queries", "0:2", "--top-k", "2"])
+    assert out.exit_code == 0, out.output
     header = next(line for line in out.output.splitlines() if line.strip().startswith("rank"))
     assert "raised the query's error" in header and "lowered the query's error" in header, header
     assert "helpful" not in out.output
+
+
+def test_query_results_file_names_a_row_helpful_when_it_lowered_the_error(
+    tmp_path: Path, regression_store: Path
+) -> None:
+    """The results file's ``kind`` said "helpful" for every positive score, also where (a regression's error, a
+    language model's loss) a positive score means the example raised the measurement: harmed the query. Oracle:
+    the full score matrix, whose sign says what removing each example does to the query's error."""
+    out = CliRunner().invoke(main, ["query", str(regression_store), "--queries", "0:3", "--top-k", "3",
+                                    "--out", str(tmp_path / "r.jsonl")])  # fmt: skip
+    assert out.exit_code == 0, out.output
+    rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    module = sp.spec.load_spec(tmp_path / "spec.py")
+    scores = sp.Attributor(regression_store, module.build_model(), module.build_task()).scores(
+        torch.utils.data.Subset(module.query_data(), range(3))
+    )
+    assert {row["kind"] for row in rows} == {"helpful", "harmful"}
+    for row in rows:  # score = −Δ|error|: removing a helpful example raises the query's error (a negative score)
+        assert row["kind"] == ("harmful" if scores[row["query"], row["index"]] > 0 else "helpful"), row
+        if row["rank"] == 1:  # the most harmful raises the error most: the largest score
+            best = np.argmax if row["kind"] == "harmful" else np.argmin
+            assert row["index"] == int(best(scores[row["query"]])), row

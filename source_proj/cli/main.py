@@ -737,7 +737,9 @@ def _save(path: Path, write: Callable[[], Any]) -> Any:
     "out_path",
     default=None,
     type=click.Path(path_type=Path),
-    help="Write all results (.csv, .jsonl, .parquet); an existing file is replaced.",
+    help="Write all results (.csv, .jsonl, .parquet): query, kind, rank, stage, index, score, description; kind is "
+    "helpful or harmful for the query (for a task measuring a loss or an error, a positive score is harmful); an "
+    "existing file is replaced.",
 )
 @click.option(
     "--show", default=5, show_default=True, type=click.IntRange(min=0), help="Queries to print on the terminal."
@@ -861,6 +863,8 @@ def query(
         records = result.records()
         for r in tqdm(records, desc="describe", unit="row", delay=2.0):
             r["query"] = indices[r["query"]]
+            if not positive_helps:  # records() names the kinds by sign; a positive score raised a loss or an error
+                r["kind"] = "harmful" if r["kind"] == "helpful" else "helpful"
             r["description"] = describe(r["stage"], r["index"])
         _write(records, out_path, ("query", "kind", "rank", "stage", "index", "score", "description"))
         click.echo(f"wrote {len(records)} rows to {out_path}")
