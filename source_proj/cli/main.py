@@ -28,6 +28,7 @@ import source_proj as sp
 from source_proj import evaluation as ev
 from source_proj.distributed import Shard, launched
 from source_proj.errors import describe_out_of_memory, first_line, out_of_memory
+from source_proj.figures import check_figure_path
 from source_proj.methods.fit import store_view
 from source_proj.projection.factory import PROJECTION_KINDS
 from source_proj.query.attributor import method_meta
@@ -591,11 +592,13 @@ def fit(
 @click.option("--plot", "plot_path", default=None, type=click.Path(path_type=Path), help="Write the view as a PNG.")
 def trajectory(store_path: str, segments: str | None, plot_path: Path | None) -> None:
     """Show how curvature and gradients change between checkpoints, and where automatic segments cut."""
+    if plot_path is not None:
+        check_figure_path(plot_path)
     store = sp.Store.open(store_path)
     view = _trajectory_view(store, segments)
     click.echo(view.table())
     if plot_path is not None:
-        click.echo(f"wrote {view.plot(plot_path)}")
+        click.echo(f"wrote {_save(plot_path, lambda: view.plot(plot_path))}")
 
 
 def _trajectory_view(store: sp.Store, segments: str | None) -> sp.TrajectoryView:
@@ -1206,9 +1209,11 @@ def lds(store_paths: tuple[str, ...], method: str, plot_path: Path | None, **opt
     STORE's spec file must define retrain(keep, seed); finished retrains are cached (see --cache),
     so an interrupted run resumes where it stopped. Several STOREs evaluate an ensemble.
     """
+    if plot_path is not None:  # before the scores and the retrains, as --out is
+        check_figure_path(plot_path)
     results, levels = _lds_table(store_paths, [method], **options)
     if plot_path is not None:
-        click.echo(f"plot: {ev.plot_lds(results, levels, plot_path, title=method)}")
+        click.echo(f"plot: {_save(plot_path, lambda: ev.plot_lds(results, levels, plot_path, title=method))}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,55 @@
+"""Figures are drawn headless (Agg); without matplotlib, or to a path no image can be written to, drawing is refused
+in one sentence, by the CLI before its work."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from source_proj.cli.main import main
+from source_proj.errors import TaskError
+from source_proj.evaluation.lds import plot_lds
+from source_proj.evaluation.metrics import Correlation
+from source_proj.figures import check_figure_path, pyplot
+
+
+def _lds_result() -> dict[str, list[Correlation]]:
+    return {"source": [Correlation(0.4, 0.3, 0.5, np.array([0.4]), 50)]}
+
+
+def test_without_matplotlib_a_figure_is_refused_in_one_sentence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    with pytest.raises(TaskError, match=r"^Drawing a figure needs matplotlib, .*`pip install source-proj\[demo\]`"):
+        plot_lds(_lds_result(), [0.5], tmp_path / "lds.png")
+    cli = CliRunner()
+    for command in (["lds", str(tmp_path / "missing.sp"), "--plot", str(tmp_path / "lds.png")],
+                    ["trajectory", str(tmp_path / "missing.sp"), "--plot", str(tmp_path / "t.png")]):  # fmt: skip
+        out = cli.invoke(main, command)  # refused before the store is opened: before any work
+        assert out.exit_code == 1 and out.output.startswith("Error: Drawing a figure needs matplotlib"), out.output
+        assert "bug" not in out.output and len(out.output.strip().splitlines()) == 1
+
+
+def test_a_figure_path_no_image_can_be_written_to_is_refused_before_the_work(tmp_path: Path) -> None:
+    """A folder, an unknown suffix, or none (matplotlib writes NAME.png, and the path reported would not exist)."""
+    cli = CliRunner()
+    for plot, message in ((tmp_path, "is a folder"), (tmp_path / "lds.txt", "names no image format (.txt)"),
+                          (tmp_path / "lds", "names no image format (no suffix)")):  # fmt: skip
+        with pytest.raises(TaskError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            check_figure_path(plot)
+        out = cli.invoke(main, ["lds", str(tmp_path / "missing.sp"), "--plot", str(plot)])
+        assert out.exit_code == 1 and message in out.output and "No store" not in out.output, out.output
+    with pytest.raises(TaskError, match="names no image format"):
+        plot_lds(_lds_result(), [0.5], tmp_path / "lds")
+    assert not (tmp_path / "lds").exists() and not (tmp_path / "lds.png").exists()
+
+
+def test_figures_are_drawn_headless_in_the_format_their_suffix_names(tmp_path: Path) -> None:
+    assert pyplot().get_backend().lower() == "agg"
+    png = plot_lds(_lds_result(), [0.5], tmp_path / "a" / "lds.png")
+    svg = plot_lds(_lds_result(), [0.5], tmp_path / "lds.SVG")
+    assert png.read_bytes().startswith(b"\x89PNG") and b"<svg" in svg.read_bytes()[:1000]
