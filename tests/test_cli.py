@@ -313,3 +313,16 @@ def test_query_results_file_names_a_row_helpful_when_it_lowered_the_error(
         if row["rank"] == 1:  # the most harmful raises the error most: the largest score
             best = np.argmax if row["kind"] == "harmful" else np.argmin
             assert row["index"] == int(best(scores[row["query"]])), row
+
+
+def test_fit_says_when_it_has_no_trajectory_view_to_plot(tmp_path: Path, regression_store: Path) -> None:
+    """fit --plot drew the trajectory view of automatic segments and, for segments placed otherwise, wrote nothing
+    and said nothing; a path no figure can be written to is refused before the fit."""
+    cli = CliRunner()
+    out = cli.invoke(main, ["fit", str(regression_store), "--method", "other", "--plot", str(tmp_path)])
+    assert out.exit_code == 1 and "is a folder" in out.output, out.output
+    assert "other" not in (sp.Store.open(regression_store).meta.get("methods") or {})
+    plot = tmp_path / "fit.png"
+    out = cli.invoke(main, ["fit", str(regression_store), "--method", "other", "--plot", str(plot)])
+    assert out.exit_code == 0 and f"no plot written to {plot}" in out.output, out.output
+    assert not plot.exists()

@@ -543,6 +543,8 @@ def fit(
     Under torchrun the ranks split the checkpoints' curvature and the cached chunks; --shard i/n
     writes one shard as an independent process.
     """
+    if plot_path is not None:  # before the work, as trajectory's and lds's are
+        check_figure_path(plot_path)
     seg = sp.SegmentationArguments.parse(segments) if segments else None
     args = sp.FitArguments(
         segments_per_stage=seg.per_stage if seg and seg.auto is None and seg.boundaries is None else None,
@@ -565,7 +567,11 @@ def fit(
         view = sp.TrajectoryView.from_description(described["view"])
         click.echo(view.table())
         if plot_path is not None:
-            click.echo(f"wrote {view.plot(plot_path)}")
+            click.echo(f"wrote {_save(plot_path, lambda: view.plot(plot_path))}")
+    elif plot_path is not None:
+        click.echo(f"no plot written to {plot_path}: its trajectory view shows where automatic segments cut, and "
+                   f"{args.name!r} has none; `source-proj trajectory {store_path} --segments auto:L --plot "
+                   f"{plot_path}` draws one")  # fmt: skip
     if described.get("means"):  # Fast-SOURCE: the checkpoints whose parameters were averaged
         points = [[(ckpt_key(step), weight) for step, weight in own] for own in described["means"]]
     else:
