@@ -12,7 +12,7 @@ from source_proj.errors import TaskError
 from source_proj.query.attributor import QueryResult, StageRows
 from source_proj.query.per_token import TokenScores
 from source_proj.query.report import topk_figure
-from source_proj.query.text_report import text_report, token_report
+from source_proj.query.text_report import ShadedText, text_report, token_report
 from source_proj.tasks.text import LanguageModelingTask, Seq2SeqTask, SequenceClassificationTask
 
 TEXTS = ["the first", "the second", "the third"]
@@ -198,3 +198,56 @@ def test_the_figure_colours_and_names_each_list_by_what_its_sign_means(
     assert fig._suptitle.get_text() == (
         f"query  |  {short[0]} ({positive_colour}, score > 0)  |  {short[1]} ({negative_colour}, score < 0)"
     )
+
+
+def test_a_sequences_unplaced_part_is_written_with_one_sign(tmp_path: Path) -> None:
+    """The unplaced part (a classifier head's) was written "(++1.00e+00 unplaced)", or "(+-…" for a negative one."""
+    scores = TokenScores(
+        rows=np.arange(2), where=[("main", 0), ("main", 1)], input_ids=np.zeros((2, 1), dtype=np.int64),
+        attention_mask=np.ones((2, 1), dtype=np.int64), tokens=np.array([[[2.0], [1.0]]], dtype=np.float32),
+        unplaced=np.array([[1.0, -0.5]], dtype=np.float32), scores=np.array([[3.0, 0.5]], dtype=np.float32),
+    )  # fmt: skip
+    cells = _Cells()
+    cells.feed(token_report(scores, ["q"], lambda t: "a", tmp_path / "t.html").read_text())
+    assert cells.tables[0][0::3] == ["+3.000e+00 (+1.00e+00 unplaced)", "+5.000e-01 (-5.00e-01 unplaced)"]
+
+
+def test_query_shading_scales_by_the_largest_absolute_value(tmp_path: Path) -> None:
+    """The darkest shade was the largest *signed* value: a query of negative values (a score's shares, a log-prob)
+    was left unshaded, and one of −4 and 2 shaded −4 as dark as 2."""
+    query = ShadedText(["a", "b", "c"], [-4.0, 2.0, 0.0])
+    page = text_report(_one_sided(), [query], lambda stage, i: TEXTS[i], tmp_path / "r.html", shading="share")
+    parser = _Tokens()
+    parser.feed(page.read_text())
+    assert [style for style, _ in parser.tokens] == [
+        "background: rgba(40, 110, 220, 0.75)", "background: rgba(220, 80, 40, 0.38)",
+        "background: rgba(220, 80, 40, 0.00)",
+    ]  # fmt: skip
+    assert "up to 4;" in page.read_text()
+
+
+def test_an_empty_list_says_no_training_example_not_no_other(tmp_path: Path) -> None:
+    """Every score zero (or one example only): a list with no row said "no other training example has …"."""
+    result = QueryResult(np.array([[0, 1]]), np.zeros((1, 2), dtype=np.float32), np.array([[1, 0]]),
+                         np.zeros((1, 2), dtype=np.float32), [StageRows("main", 0, 2)])  # fmt: skip
+    cells = _Cells()
+    cells.feed(text_report(result, ["q"], lambda stage, i: TEXTS[i], tmp_path / "r.html").read_text())
+    assert cells.tables == [["no training example has a score > 0"], ["no training example has a score < 0"]]
+
+
+def test_the_page_escapes_every_text_and_fetches_nothing(tmp_path: Path) -> None:
+    """Texts, stage names, headings and labels that hold markup, quotes, non-ASCII or a lone surrogate are shown as
+    they are, inject nothing, and the page loads no script, style sheet, font or image from anywhere."""
+    evil = "<script>alert('x')</script> \"q\" & é 字 \ud800 " + "long " * 2000
+    result = QueryResult(np.array([[0]]), np.array([[1.0]], dtype=np.float32), np.array([[0]]),
+                         np.array([[1.0]], dtype=np.float32), [StageRows("<b>stage", 0, 1)])  # fmt: skip
+    page = text_report(result, [evil], lambda stage, i: evil, tmp_path / "r.html", title=evil,
+                       score_labels=("<i>up", "\"down"), query_names=["<h1>"]).read_text()  # fmt: skip
+    evil_written = evil.replace("\ud800", "\\ud800")  # UTF-8 holds no lone surrogate: written as its escape
+    cells, headings = _Cells(), _Headings()
+    cells.feed(page)
+    headings.feed(page)
+    assert cells.tables[0][:3] == ["+1.000e+00", "<b>stage[0]", evil_written]
+    assert headings.headings == [("pos", "<i>up"), ("neg", "\"down")]
+    assert "<script" not in page and "<b>" not in page and "<i>" not in page
+    assert not any(word in page.lower() for word in ("http", "src=", "url(", "@import", "<link"))

@@ -63,7 +63,8 @@ from source_proj.trajectory.preconditioner import read_scale
 
 @dataclass
 class TokenScores:
-    """Per-token scores of training sequences for queries (score sign as everywhere: positive = helpful).
+    """Per-token scores of training sequences for queries (score = −Δf as everywhere: positive = the sequence raised
+    the query's measurement, which helped it for a margin and harmed it for a loss; see the task's ``score_labels``).
 
     Attributes:
         rows: the sequences' rows in the method's feature matrix (as in ``QueryResult`` ids) ``[n]``.

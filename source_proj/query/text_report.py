@@ -44,7 +44,7 @@ h3.pos { color: #1a7f37; } h3.neg { color: #b42318; } mark { background: #fff3a3
 @dataclass(frozen=True)
 class ShadedText:
     """A text as pieces with one value each (e.g. tokens and their loss); pieces are joined with spaces
-    and shaded in proportion to value / the largest value of the report."""
+    and shaded in proportion to |value| / the largest finite |value| of the report (orange > 0, blue < 0)."""
 
     pieces: Sequence[str]
     values: Sequence[float]
@@ -83,14 +83,15 @@ def text_report(
         raise TaskError(f"{len(queries)} query texts were given for the {count} queries of the result; give one each.")
     names = _names(query_names, count)
     shaded = [q for q in queries if isinstance(q, ShadedText)]
-    top = max((v for q in shaded for v in q.values if math.isfinite(v)), default=0.0)
+    top = max((_largest(q.values) for q in shaded), default=0.0)
     legend = [
         "score = −(predicted change of the query's measurement if the training sequence were left out): "
         f"score &gt; 0 = {html.escape(score_labels[0])}; score &lt; 0 = {html.escape(score_labels[1])}.",
         "<mark>marked</mark> words also occur in the query (a reading aid, not part of the score).",
     ]
     if shaded and shading:
-        legend.append(f"Query shading: {html.escape(shading)} (darker = larger, up to {top:.3g}).")
+        legend.append(f"Query shading: {html.escape(shading)} (darker = larger in absolute value, up to {top:.3g}; "
+                      "orange &gt; 0, blue &lt; 0).")
     parts = [f"<h1>{html.escape(title)}</h1>", *(f'<p class="legend">{line}</p>' for line in legend)]
     for q in range(count):
         query = queries[q]
@@ -107,8 +108,8 @@ def text_report(
             for row, score in zip(ids, scores, strict=True):
                 if not sign * score > 0:  # the list ran out of examples of its sign (QueryResult.short_lists)
                     sign_text = "&gt; 0" if sign > 0 else "&lt; 0"
-                    rows.append(f"<tr><td colspan='3' class='where'>no other training example has a score "
-                                f"{sign_text}</td></tr>")  # fmt: skip
+                    rows.append(f"<tr><td colspan='3' class='where'>no{' other' if rows else ''} training example "
+                                f"has a score {sign_text}</td></tr>")  # fmt: skip
                     break
                 stage, index = result.locate(int(row))
                 rows.append(
@@ -222,7 +223,7 @@ def token_report(
                 sides.append((ShadedText(words, target.tolist()), target))
             top = max(_largest(v) for _, v in sides)
             text = " <span class='arrow'>→</span> ".join(_shaded(side, top, "") for side, _ in sides)
-            rest = f" (+{scores.unplaced[q, i]:+.2e} unplaced)" if scores.unplaced[q, i] else ""
+            rest = f" ({scores.unplaced[q, i]:+.2e} unplaced)" if scores.unplaced[q, i] else ""
             rows.append(
                 f"<tr><td class='score'>{scores.scores[q, i]:+.3e}{rest}</td><td class='where'>"
                 f"{html.escape(stage)}[{index}]</td><td>{text}</td></tr>"
