@@ -3,12 +3,15 @@ in one sentence, by the CLI before its work."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from matplotlib.container import BarContainer
 
 from source_proj.cli.main import main
 from source_proj.errors import TaskError
@@ -53,3 +56,28 @@ def test_figures_are_drawn_headless_in_the_format_their_suffix_names(tmp_path: P
     png = plot_lds(_lds_result(), [0.5], tmp_path / "a" / "lds.png")
     svg = plot_lds(_lds_result(), [0.5], tmp_path / "lds.SVG")
     assert png.read_bytes().startswith(b"\x89PNG") and b"<svg" in svg.read_bytes()[:1000]
+
+
+def test_the_text_lds_figure_is_redrawn_from_its_recorded_numbers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """docs/text_lds.png is drawn by `examples/text/lds.py --replot docs/text_lds.json`: each bar is its number,
+    RepSim's with the sign it has since it scores −cos on a loss (BENCHMARKS.md's text table), and nothing trains."""
+    pytest.importorskip("transformers")
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("lds_text_replot", root / "examples" / "text" / "lds.py")
+    assert spec is not None and spec.loader is not None
+    lds = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, lds)
+    spec.loader.exec_module(lds)
+    drawn = []
+    save = lds.save_figure
+    monkeypatch.setattr(lds, "save_figure", lambda fig, path, dpi: (drawn.append(fig), save(fig, path, dpi))[1])
+    monkeypatch.setattr(sys, "argv", ["lds.py", "--replot", str(root / "docs" / "text_lds.json"),
+                                      str(tmp_path / "f.png"), "--note", "a note"])  # fmt: skip
+    lds.main()
+    recorded = json.loads((root / "docs" / "text_lds.json").read_text())
+    (ax,) = drawn[0].axes
+    heights = {c.get_label(): [bar.get_height() for bar in c] for c in ax.containers if isinstance(c, BarContainer)}
+    methods = list(recorded["finetune"])
+    assert heights == {m: [recorded[s][m]["lds"] for s in recorded] for m in methods}
+    assert recorded["finetune"]["repsim"]["lds"] > 0  # measured −0.151 with +cos
+    assert ax.get_xlabel() == "a note" and (tmp_path / "f.png").read_bytes().startswith(b"\x89PNG")

@@ -1,6 +1,7 @@
 """LDS of SOURCE against TRAK, IF and other baselines on the two-stage tiny GPT-2 of ``lm.py``.
 
     python examples/text/lds.py [--subsets 50] [--repeats 4] [--dim 512] [--workers 2] [--out runs/text-lds]
+    python examples/text/lds.py --replot OUT/lds.json OUT/lds.png [--note TEXT]
 
 Trains the model once (seed 0, recorded), featurizes every checkpoint (k = ``--dim``) and, for each
 stage separately, fits SOURCE and the baselines attributing the fine-tuned model's loss on the 40
@@ -10,7 +11,9 @@ both stages from scratch (seeded initialisation and shuffles); ``pretrain-fixed-
 stages from the recorded run's initialisation (seeded shuffles); ``finetune`` fine-tunes the
 recorded pre-trained model again (fresh shuffles). Retrains are cached in OUT/<setting>/retrains,
 so an interrupted run resumes. Prints the table, writes OUT/lds.md and OUT/lds.json and draws
-OUT/lds.png. Every size and setting is fixed in advance; nothing is tuned on the queries.
+OUT/lds.png. Every size and setting is fixed in advance; nothing is tuned on the queries. ``--replot``
+only redraws the figure from the numbers of an ``lds.json`` (``--note``: a line under it), training nothing:
+docs/text_lds.png is drawn so from docs/text_lds.json.
 """
 
 from __future__ import annotations
@@ -58,12 +61,12 @@ def prepare(out: Path, dim: int) -> Path:
     return store
 
 
-def plot(results: dict[str, dict[str, ev.Correlation]], path: Path) -> Path:
-    """Grouped bars: LDS with its 95% interval per method, one group per setting."""
+def plot(results: dict[str, dict[str, ev.Correlation]], path: Path, note: str = "") -> Path:
+    """Grouped bars: LDS with its 95% interval per method, one group per setting; ``note``, a line under them."""
     plt = pyplot()
     stages = list(results)
     methods = list(results[stages[0]])
-    fig, ax = plt.subplots(figsize=(8, 3.4))
+    fig, ax = plt.subplots(figsize=(8, 3.4 + 0.25 * bool(note)))
     width = 0.8 / len(methods)
     others = iter(["C0", "C1", "C2", "C4", "C5", "C6", "C7"])
     colours = {method: "C3" if method == "source" else next(others) for method in methods}
@@ -78,7 +81,16 @@ def plot(results: dict[str, dict[str, ev.Correlation]], path: Path) -> Path:
     ax.set_ylabel("LDS (α = 0.5), 95% CI")
     ax.set_title("tiny GPT-2: docstrings → dataset descriptions, loss on 40 held-out queries", fontsize=9)
     ax.legend(fontsize=7, ncol=3)
+    ax.set_xlabel(note, fontsize=7, loc="left")  # under the settings' names, inside the layout
     return save_figure(fig, path, dpi=120)
+
+
+def replot(numbers: Path, path: Path, note: str) -> Path:
+    """The figure of an ``lds.json`` (setting → method → lds, low, high), without training anything."""
+    recorded = json.loads(numbers.read_text())
+    results = {setting: {method: ev.Correlation(r["lds"], r["low"], r["high"], np.array([]), 0)
+                         for method, r in methods.items()} for setting, methods in recorded.items()}  # fmt: skip
+    return plot(results, path, note)
 
 
 def main() -> None:
@@ -88,7 +100,13 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512, help="projection dimension k")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default="runs/text-lds")
+    parser.add_argument("--replot", nargs=2, type=Path, metavar=("JSON", "PNG"),
+                        help="only draw PNG from the numbers of an lds.json this script wrote (no training)")
+    parser.add_argument("--note", default="", help="with --replot: a line of text under the figure")
     args = parser.parse_args()
+    if args.replot:
+        print("plot:", replot(*args.replot, args.note))
+        return
     if args.repeats < 2:  # checked before any training: the report's split-half reliability needs two halves
         parser.error(f"argument --repeats: {args.repeats} leaves no second half for the ground truth's split-half "
                      "reliability; ask for 2 or more")
