@@ -1,9 +1,9 @@
 """Counterfactual evaluation of attribution scores: LDS, subset removal, further training.
 
-Everything takes score matrices ``[Q, N]`` in the project's convention (score = −Δf, positive =
-helpful) and a user-supplied training function ``retrain(keep, seed) -> [Q]`` (see retrain.py; or a
-batched one training many copies of a small model at once, see batched.py), so
-any fitted method (SOURCE, a baseline, an ensemble, Fast-SOURCE) is evaluated the same way.
+Everything takes score matrices ``[Q, N]`` in the project's convention (score = −Δf, positive = z raised
+the query's measurement: helped it for a margin, harmed it for a loss) and a user-supplied training function
+``retrain(keep, seed) -> [Q]`` (see retrain.py; or a batched one training many copies of a small model at once,
+see batched.py), so any fitted method (SOURCE, a baseline, an ensemble, Fast-SOURCE) is evaluated the same way.
 """
 
 from source_proj.evaluation.batched import BatchedRetrain, BatchedSGD, SGDStage

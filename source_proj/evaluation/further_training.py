@@ -50,7 +50,7 @@ class FurtherTrainingArguments:
 class FurtherTraining:
     """Attributes:
     examples: ``[E]`` training rows left out one at a time.
-    scores: ``[Q, E]`` gold-standard scores (positive = helpful).
+    scores: ``[Q, E]`` gold-standard scores (score = −Δf: positive = z raised the query's measurement).
     """
 
     examples: np.ndarray

@@ -172,7 +172,8 @@ def lds_ground_truth(
 
 
 def lds(scores: np.ndarray, truth: Counterfactuals, args: LDSArguments = LDSArguments()) -> Correlation:
-    """The LDS of a score matrix ``[Q, N]`` (positive = helpful) against a ground truth.
+    """The LDS of a score matrix ``[Q, N]`` (score = −Δf: positive = z raised the query's measurement) against a
+    ground truth.
 
     Returns the mean per-query Spearman correlation with its bootstrap interval (over subsets, or
     over queries with ``args.resample == "queries"``) and the per-query values.

@@ -65,7 +65,7 @@ def group_predictions(scores: np.ndarray, masks: np.ndarray) -> np.ndarray:
     """Predicted measurement of each kept subset, up to a constant: Σ_{z∈S_m} scores[q, z].
 
     Args:
-        scores: ``[Q, N]`` finite attribution scores (positive = helpful).
+        scores: ``[Q, N]`` finite attribution scores (score = −Δf: positive = z raised the query's measurement).
         masks: boolean ``[M, N]``, True where a training row is kept in subset m.
 
     Returns:
