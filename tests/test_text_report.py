@@ -251,3 +251,19 @@ def test_the_page_escapes_every_text_and_fetches_nothing(tmp_path: Path) -> None
     assert headings.headings == [("pos", "<i>up"), ("neg", "\"down")]
     assert "<script" not in page and "<b>" not in page and "<i>" not in page
     assert not any(word in page.lower() for word in ("http", "src=", "url(", "@import", "<link"))
+
+
+def test_figure_captions_are_shown_as_they_are(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """matplotlib reads text between two "$" as mathtext: a caption such as "$x^$" stopped the figure with a parse
+    error, and "$5 or $6" was drawn as "5 or " in italics."""
+    import source_proj.query.report as report
+
+    drawn = []
+    save = report.save_figure
+    monkeypatch.setattr(report, "save_figure", lambda fig, path, dpi: (drawn.append(fig), save(fig, path, dpi))[1])
+    path = topk_figure([np.zeros((4, 4))], ["q $x^$"], lambda row: np.zeros((4, 4)), lambda row: "$5 or $6",
+                       _one_sided(), tmp_path / "f.png", score_labels=("up $", "$down"))  # fmt: skip
+    assert path.read_bytes().startswith(b"\x89PNG")
+    titles = [text for ax in drawn[0].axes for text in [ax.title] if text.get_text()]
+    assert [t.get_text() for t in titles] == ["q $x^$", "$5 or $6\n+2.0e+00", "$5 or $6\n-1.0e+00"]
+    assert not any(t.get_parse_math() for t in [*titles, drawn[0]._suptitle])

@@ -29,9 +29,9 @@ def topk_figure(
 
     Args:
         query_images: one 2-D (or H×W×3) image per query.
-        query_titles: one caption per query.
+        query_titles: one caption per query (shown as it is: a ``$`` starts no mathtext).
         train_image: the image of a feature row id of the result.
-        train_title: the caption of a feature row id of the result.
+        train_title: the caption of a feature row id of the result (shown as it is).
         result: the top-k result (``[Q, k]`` row ids and scores; score = −Δf, docs/concepts/scores.md).
         path: where the PNG goes.
         score_labels: what a positive and a negative score mean for the task's measurement (the tasks'
@@ -59,9 +59,10 @@ def topk_figure(
                 continue
             image, title, colour = cell
             ax.imshow(image, cmap="gray_r" if image.ndim == 2 else None)
-            ax.set_title(title, fontsize=7, color=colour)
+            ax.set_title(title, fontsize=7, color=colour, parse_math=False)  # a "$" in a caption is a dollar
             ax.set_xticks([])
             ax.set_yticks([])
     short = [label.split(" (")[0] for label in score_labels]
-    fig.suptitle(f"query  |  {short[0]} ({colours[0]}, score > 0)  |  {short[1]} ({colours[1]}, score < 0)", fontsize=9)
+    heading = f"query  |  {short[0]} ({colours[0]}, score > 0)  |  {short[1]} ({colours[1]}, score < 0)"
+    fig.suptitle(heading, fontsize=9, parse_math=False)
     return save_figure(fig, path, dpi=110)
