@@ -251,6 +251,8 @@ def test_the_page_escapes_every_text_and_fetches_nothing(tmp_path: Path) -> None
     assert headings.headings == [("pos", "<i>up"), ("neg", "\"down")]
     assert "<script" not in page and "<b>" not in page and "<i>" not in page
     assert not any(word in page.lower() for word in ("http", "src=", "url(", "@import", "<link"))
+    # a word longer than its column (a URL, base64, a tokenizer's pieces joined without spaces) wraps inside it
+    assert "td, .query { overflow-wrap: anywhere; }" in page
 
 
 def test_figure_captions_are_shown_as_they_are(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

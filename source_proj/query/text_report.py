@@ -35,6 +35,7 @@ h1 { font-size: 1.4em; } h2 { font-size: 1.1em; margin-top: 2em; border-bottom: 
 .cols { display: flex; gap: 1.5em; } .cols > div { flex: 1; min-width: 0; }
 table { border-collapse: collapse; width: 100%; font-size: .9em; }
 td { border-top: 1px solid #eee; padding: .3em; vertical-align: top; }
+td, .query { overflow-wrap: anywhere; }
 td.score { white-space: nowrap; font-family: monospace; } td.where { white-space: nowrap; color: #666; }
 h3.pos { color: #1a7f37; } h3.neg { color: #b42318; } mark { background: #fff3a3; }
 .tok { border-radius: 2px; } .legend { color: #555; font-size: .9em; }
