@@ -269,3 +269,13 @@ def test_figure_captions_are_shown_as_they_are(tmp_path: Path, monkeypatch: pyte
     titles = [text for ax in drawn[0].axes for text in [ax.title] if text.get_text()]
     assert [t.get_text() for t in titles] == ["q $x^$", "$5 or $6\n+2.0e+00", "$5 or $6\n-1.0e+00"]
     assert not any(t.get_parse_math() for t in [*titles, drawn[0]._suptitle])
+
+
+def test_figure_query_images_and_titles_not_one_per_query_are_refused(tmp_path: Path) -> None:
+    """One too few was an IndexError traceback, one too many silently dropped (a caption under the wrong query)."""
+    image = np.zeros((4, 4))
+    for images, titles in (([image], []), ([image, image], ["q"]), ([image], ["q", "r"])):
+        wrong, what = (len(images), "query images") if len(images) != 1 else (len(titles), "query titles")
+        with pytest.raises(TaskError, match=f"^{wrong} {what} were given for the 1 queries of the result; give one"):
+            topk_figure(images, titles, lambda row: image, str, _one_sided(), tmp_path / "f.png")
+    assert not (tmp_path / "f.png").exists()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from source_proj.errors import TaskError
 from source_proj.figures import pyplot, save_figure
 from source_proj.query.attributor import QueryResult
 
@@ -43,6 +44,9 @@ def topk_figure(
     plt = pyplot()
 
     queries, k = result.helpful_ids.shape
+    for given, what in ((query_images, "query images"), (query_titles, "query titles")):
+        if len(given) != queries:
+            raise TaskError(f"{len(given)} {what} were given for the {queries} queries of the result; give one each.")
     colours = ("green", "red") if positive_helps else ("red", "green")
     fig, axes = plt.subplots(queries, 2 * k + 1, figsize=(1.3 * (2 * k + 1), 1.5 * queries), squeeze=False)
     for q in range(queries):
