@@ -5,6 +5,7 @@ matplotlib is an optional extra (``pip install source-proj[demo]``): without it,
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +13,14 @@ from source_proj.errors import TaskError
 
 
 def pyplot() -> Any:
-    """``matplotlib.pyplot`` on the Agg backend (imported lazily: matplotlib is needed only for pictures); refuses,
-    in one sentence, where matplotlib cannot be imported."""
+    """``matplotlib.pyplot``, imported lazily (matplotlib is needed only for pictures) on the Agg backend, which
+    needs no display; where pyplot is imported already (a notebook's inline backend) its backend is left as it is,
+    as figures are only ever saved. Refuses, in one sentence, where matplotlib cannot be imported."""
     try:
         import matplotlib
 
-        matplotlib.use("Agg")
+        if "matplotlib.pyplot" not in sys.modules:
+            matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as err:
         raise TaskError(

@@ -51,8 +51,20 @@ def test_a_figure_path_no_image_can_be_written_to_is_refused_before_the_work(tmp
     assert not (tmp_path / "lds").exists() and not (tmp_path / "lds.png").exists()
 
 
-def test_figures_are_drawn_headless_in_the_format_their_suffix_names(tmp_path: Path) -> None:
-    assert pyplot().get_backend().lower() == "agg"
+def test_a_figure_leaves_a_sessions_own_backend_alone(tmp_path: Path) -> None:
+    """Figures selected Agg even where pyplot was imported already: a notebook's inline backend was switched to Agg,
+    and its own plots stopped showing. Agg is chosen only for a first import (headless, as figures are saved)."""
+    plt = pyplot()
+    before = plt.get_backend()
+    plt.switch_backend("svg")
+    try:
+        plot_lds(_lds_result(), [0.5], tmp_path / "kept.png")
+        assert plt.get_backend() == "svg" and (tmp_path / "kept.png").read_bytes().startswith(b"\x89PNG")
+    finally:
+        plt.switch_backend(before)
+
+
+def test_figures_are_written_in_the_format_their_suffix_names(tmp_path: Path) -> None:
     png = plot_lds(_lds_result(), [0.5], tmp_path / "a" / "lds.png")
     svg = plot_lds(_lds_result(), [0.5], tmp_path / "lds.SVG")
     assert png.read_bytes().startswith(b"\x89PNG") and b"<svg" in svg.read_bytes()[:1000]
