@@ -51,7 +51,7 @@ def check_figure_path(path: str | Path) -> Path:
 
 def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> Path:
     """Lay out, write ``fig`` at ``path`` (creating its folder) in the format its suffix names (PNG for ``.png``)
-    and close it; returns the path. A path [`check_figure_path`][] refuses is refused before anything is written."""
+    and close it; returns the path. A path ``check_figure_path`` refuses is refused before anything is written."""
     try:
         path = check_figure_path(path)
         fig.tight_layout()
