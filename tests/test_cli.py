@@ -291,6 +291,9 @@ def test_query_of_a_regression_task_says_a_positive_score_raised_the_error(regre
     header = next(line for line in out.output.splitlines() if line.strip().startswith("rank"))
     assert "raised the query's error" in header and "lowered the query's error" in header, header
     assert "helpful" not in out.output
+    out = CliRunner().invoke(main, ["query", str(regression_store), "--queries", "0:2", "--top-k", "16"])
+    assert out.exit_code == 0, out.output  # 16 of 16 examples: no list is full; its words read as a sentence
+    assert "queries have fewer than 16 training examples with a score > 0 (raised the query's error) and " in out.output
 
 
 def test_query_results_file_names_a_row_helpful_when_it_lowered_the_error(

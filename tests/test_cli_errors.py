@@ -103,7 +103,7 @@ def test_lists_stop_where_the_scores_change_sign(cli_reference: tuple[Path, Path
     for kind, sign in (("helpful", 1), ("harmful", -1)):
         listed = sum(1 for row in rows if row["kind"] == kind)
         assert listed == int((sign * scores > 0).sum())  # every example of the right sign, none of the other
-    assert "12 of 12 queries have fewer than 12 helpful training examples (score > 0)" in out.output
+    assert "12 of 12 queries have fewer than 12 training examples with a score > 0 (helpful)" in out.output
 
 
 def test_a_query_without_any_example_of_either_sign_writes_a_csv_header_and_no_rows(

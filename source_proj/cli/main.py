@@ -865,8 +865,8 @@ def query(
     few_helpful, few_harmful = result.short_lists()
     if few_helpful or few_harmful:
         click.echo(
-            f"\n{few_helpful} of {len(indices)} queries have fewer than {top_k} {short[0]} training examples "
-            f"(score > 0) and {few_harmful} fewer than {top_k} {short[1]} ones (score < 0); their lists stop there."
+            f"\n{few_helpful} of {len(indices)} queries have fewer than {top_k} training examples with a score > 0 "
+            f"({short[0]}) and {few_harmful} fewer than {top_k} with a score < 0 ({short[1]}); their lists stop there."
         )
     if out_path is not None:
         records = result.records()
