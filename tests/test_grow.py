@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import source_proj as sp
+from source_proj.store.provenance import REFERENCE_ROWS, _seeded_rows
 
 
 def _mlp() -> nn.Module:
@@ -288,7 +289,8 @@ def test_fit_of_a_store_whose_growth_was_cut_short_says_to_grow_it_again(
 ) -> None:
     """A growth killed after it dropped the fit and the old learning rates, before it recorded the longer run: fit
     said only that 'trajectory/lr' was missing ("run the step that writes it"), and verify --repair printed the
-    featurize without --grow; both now ask to grow again, which ends with the longer run's store."""
+    featurize without --grow; both now ask to grow again, which ends with the longer run's store, its growth noted
+    once (growing again noted it a second time, with no dropped fit)."""
     _record(tmp_path / "run")
     sp.fit(_featurize(tmp_path / "run", tmp_path / "s.sp", {"main": MAIN}), progress=False)
     _continue(tmp_path / "run")
@@ -313,6 +315,35 @@ def test_fit_of_a_store_whose_growth_was_cut_short_says_to_grow_it_again(
     assert set(grown.progress_arrays()) == set(scratch.progress_arrays())
     for name in scratch.progress_arrays():
         assert np.array_equal(grown.read(name), scratch.read(name)), name
+    assert [(h["checkpoints"], h["dropped_methods"]) for h in grown.meta["growth"]] == [([0, 4, 8], ["source"])]
+
+
+@pytest.mark.parametrize("bad", ["nan", "label"])
+def test_a_new_stages_bad_example_outside_the_reference_batch_is_refused_before_the_store_grows(
+    tmp_path: Path, bad: str
+) -> None:
+    """A NaN input or a label out of range in a new stage's example that the reference batch does not hold was
+    found in its gradients only after the store had switched to the grown run: its fit was dropped, and its data
+    fingerprint was the bad data's, so the mended data were refused (featurize --force, all work lost). It is
+    refused before anything changes, and the mended data grow the store."""
+    _record(tmp_path / "run")
+    sp.fit(_featurize(tmp_path / "run", tmp_path / "s.sp", {"main": MAIN}), progress=False)
+    before = sp.Store.open(tmp_path / "s.sp").meta
+    _continue(tmp_path / "run")
+    x, y = (t.clone() for t in EXTRA.tensors)
+    row = 3  # not among the reference batch's rows of the 10 examples
+    assert row not in _seeded_rows(len(y), REFERENCE_ROWS, 0)
+    if bad == "nan":
+        x[row, 1] = float("nan")
+        refusal = (sp.NumericalError, rf"loss of example {row} of the new stage 'extra' is NaN .* does not grow")
+    else:
+        y[row] = 7
+        refusal = (sp.TaskError, r"Labels must lie in \[0, 2\]")
+    with pytest.raises(refusal[0], match=refusal[1]):
+        _featurize(tmp_path / "run", tmp_path / "s.sp", {"main": MAIN, "extra": TensorDataset(x, y)}, grow=True)
+    assert sp.Store.open(tmp_path / "s.sp").meta == before
+    grown = _featurize(tmp_path / "run", tmp_path / "s.sp", {"main": MAIN, "extra": EXTRA}, grow=True)
+    assert grown.meta["trajectory"]["checkpoints"] == [0, 4, 8, 12, 16] and len(grown.meta["growth"]) == 1
 
 
 def test_a_store_grows_into_chosen_checkpoints_that_leave_out_its_final_one(tmp_path: Path) -> None:

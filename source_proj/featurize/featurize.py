@@ -309,11 +309,42 @@ class _Featurize:
     ) -> list[dict[str, list[float | None]]]:
         """What the model computes at ``checkpoint`` on each of ``batches`` (``(what, batch)``: what names the batch if
         the model cannot run it), by ``model_fingerprint``."""
-        # Sharded parameters are placeholders between layers: the fingerprint runs a whole copy.
+        whole, device = self._whole_at(checkpoint)
+        return [model_fingerprint(whole, self.task, batch, device, what) for what, batch in batches]
+
+    def _whole_at(self, checkpoint: Checkpoint) -> tuple[nn.Module, torch.device]:
+        """The model holding ``checkpoint``'s weights, and the device it runs on (sharded parameters are placeholders
+        between layers: then a whole copy, on the CPU)."""
         whole = self.work_model if self.shards is None else copy.deepcopy(self.model).cpu()
         self.trajectory.load_into(whole, checkpoint)
-        device = self.device if self.shards is None else torch.device("cpu")
-        return [model_fingerprint(whole, self.task, batch, device, what) for what, batch in batches]
+        return whole, self.device if self.shards is None else torch.device("cpu")
+
+    def _check_new_examples(self, stages: Sequence[str]) -> None:
+        """Refuse, before a store grows, an example of a new stage whose training loss at the grown run's final
+        checkpoint is not finite (a NaN input) or cannot be taken (a label out of range): found in its gradients
+        only after the store had switched to the grown run, it left the store's fit dropped and its data fingerprint
+        that of the bad examples, so that the mended data were refused. One forward pass over each new stage."""
+        if not stages:
+            return
+        final = self.trajectory.final_checkpoint
+        whole, device = self._whole_at(final)
+        whole.eval()
+        bound = self.task.bind(whole)
+        for stage in stages:
+            row = 0
+            what = f"the training data of stage {stage!r}"
+            for batch in loader(self.datasets[stage], batch_size=self.options.batch_size):
+                batch = move_batch(batch, device)
+                with torch.no_grad(), model_errors(what):
+                    losses = bound.loss(bound.forward(whole, batch), batch).reshape(-1)
+                bad = ~torch.isfinite(losses)
+                if bad.any():
+                    raise NumericalError(
+                        f"The training loss of example {row + int(torch.nonzero(bad)[0, 0])} of the new stage "
+                        f"{stage!r} is NaN or infinite at the run's final checkpoint {final.file}, so the store at "
+                        f"{self.path} does not grow (it is left as it was); check that example's input and label."
+                    )
+                row += losses.shape[0]
 
     def set_up_together(self, group: Ranks) -> None:
         """Sharded parameters: every rank sets up (``_setup``) before rank 0 prepares the store, since the eigen
@@ -466,6 +497,8 @@ class _Featurize:
                     "that run into a new store (or pass --force to replace this one)."
                 )
             self._check_grown_inputs(existing)
+            old_stages = {stage["name"] for stage in existing.meta["trajectory"]["stages"]}
+            self._check_new_examples([s.name for s in self.trajectory.stages if s.name not in old_stages])
             record_growth(existing)
             existing.delete("trajectory/lr")
             old_final = ckpt_key(existing.meta["trajectory"]["checkpoints"][-1])

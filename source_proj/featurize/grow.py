@@ -50,6 +50,14 @@ def record_growth(store: Store, rewound_to: int | None = None) -> None:
     the store kept only what came before it."""
     meta = store.meta
     methods = sorted(meta.get("methods") or {})
+    history = meta.get("growth") or []
+    if history and (history[-1]["fingerprint"], history[-1]["checkpoints"]) == (
+        meta["trajectory"]["fingerprint"], meta["trajectory"]["checkpoints"]
+    ):  # a growth noted, then cut short before the store took the grown run: this one goes on with it
+        for method in methods:
+            store.delete(f"methods/{method}")
+        store.update_meta(methods={})
+        return
     entry = {
         "checkpoints": meta["trajectory"]["checkpoints"],
         "fingerprint": meta["trajectory"]["fingerprint"],
