@@ -130,6 +130,36 @@ def test_a_run_whose_final_checkpoint_is_not_the_stores_is_refused(
         sp.Attributor(tiny_reference, build_model(), sp.ClassificationTask(), trajectory=run)
 
 
+def test_a_store_whose_run_moved_after_it_closed_says_how_to_name_the_new_place(
+    tmp_path: Path, tiny_run: Path, tiny_reference: Path
+) -> None:
+    """An Attributor loads the run from the directory the store records. Moved away, that said only "... is not a
+    directory; pass the run directory" (of which, and how, for a store?); now the refusal names the store and how to
+    point it at the run, and the featurize it names records the new place without recomputing anything. Another run
+    in the old place is refused as not the store's run, never used."""
+    shutil.copytree(tiny_run, tmp_path / "run")
+    shutil.copytree(tiny_reference, tmp_path / "s.sp")
+    featurize(tmp_path / "run", tmp_path / "s.sp")  # the store follows its copied run
+    (tmp_path / "run").rename(tmp_path / "moved")
+    with pytest.raises(sp.StoreError, match=r"s\.sp records its run at .*run, where there is no run now .*trajectory="):
+        sp.Attributor(tmp_path / "s.sp", build_model(), sp.ClassificationTask(), progress=False)
+    other = tmp_path / "run"  # another run, recorded where the store's was
+    shutil.copytree(tiny_run, other)
+    index = json.loads((other / "trajectory.json").read_text())
+    index["lr"] = [rate / 2 for rate in index["lr"]]
+    (other / "trajectory.json").write_text(json.dumps(index))
+    with pytest.raises(sp.StoreError, match=r"run at .*run, where the store at .*s\.sp records its run, is another"):
+        sp.Attributor(tmp_path / "s.sp", build_model(), sp.ClassificationTask(), progress=False)
+    expected = sp.Attributor(tiny_reference, build_model(), sp.ClassificationTask(), progress=False).scores(data())
+    moved = sp.Attributor(tmp_path / "s.sp", build_model(), sp.ClassificationTask(), trajectory=tmp_path / "moved",
+                          progress=False)  # fmt: skip
+    assert np.array_equal(moved.scores(data()), expected)
+    featurize(tmp_path / "moved", tmp_path / "s.sp")
+    assert sp.Store.open(tmp_path / "s.sp").meta["trajectory"]["path"] == str((tmp_path / "moved").resolve())
+    assert np.array_equal(sp.Attributor(tmp_path / "s.sp", build_model(), sp.ClassificationTask(),
+                                        progress=False).scores(data()), expected)  # fmt: skip
+
+
 def test_another_projection_is_refused_and_leaves_the_store_untouched(tmp_path: Path, tiny_run: Path) -> None:
     store = tmp_path / "s.sp"
     featurize(tiny_run, store)

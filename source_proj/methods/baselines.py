@@ -533,7 +533,7 @@ def _repsim(
         raise TaskError(f"{selection[0].upper()}{selection[1:]}.")
     if task.describe() != meta["task"]:
         raise TaskError(f"The task {task.describe()} differs from the store's {meta['task']}; use the same task.")
-    trajectory = store_trajectory(meta)
+    trajectory = store_trajectory(store)
     datasets = as_stage_datasets(train_data, trajectory)
     where = default_device(device)
     net = copy.deepcopy(model).to(where)

@@ -38,7 +38,7 @@ from source_proj.methods.kronecker import KroneckerCurvature, source_query_direc
 from source_proj.projection.factory import projector_from_meta
 from source_proj.projection.transform import scaling_transform
 from source_proj.query.topk import IVFArguments, SearchBackend, TorchIndex, build_index, faiss_gpu_available
-from source_proj.store.provenance import check_model, check_query_model, check_run, model_errors
+from source_proj.store.provenance import check_model, check_query_model, check_run, model_errors, run_difference
 from source_proj.store.store import Store
 from source_proj.store.verify import method_command
 from source_proj.store.writing import current_writer
@@ -50,12 +50,32 @@ from source_proj.trajectory.recorder import Trajectory, unwrap_model
 from source_proj.trajectory.segments import Segment
 
 
-def store_trajectory(meta: dict[str, Any], trajectory: Trajectory | str | Path | None = None) -> Trajectory:
-    """The run a store was featurized from (default: the directory it records), checked by fingerprint."""
-    if trajectory is None:
-        trajectory = meta["trajectory"]["path"]
-    loaded = trajectory if isinstance(trajectory, Trajectory) else Trajectory.load(trajectory)
-    check_run(meta, loaded)
+def store_trajectory(store: Store, trajectory: Trajectory | str | Path | None = None) -> Trajectory:
+    """The run a store was featurized from (default: the directory it records), checked by fingerprint. A recorded
+    directory that no longer holds a run, or holds another one (the run moved, another took its place), is refused
+    with how to name where the run lies now."""
+    meta = store.meta
+    if trajectory is not None:
+        loaded = trajectory if isinstance(trajectory, Trajectory) else Trajectory.load(trajectory)
+        check_run(meta, loaded)
+        return loaded
+    recorded = meta["trajectory"]["path"]
+    advice = (
+        "pass the run's directory as it is now (Attributor's trajectory=), or re-run the featurize that made the store "
+        "with it (--ckpts; nothing is recomputed), which records it in the store"
+    )
+    if not (Path(recorded) / "trajectory.json").is_file():
+        raise StoreError(
+            f"The store at {store.path} records its run at {recorded}, where there is no run now (moved or deleted?); "
+            f"{advice}."
+        )
+    loaded = Trajectory.load(recorded)
+    why = run_difference(meta, loaded)
+    if why is not None:
+        raise StoreError(
+            f"The run at {recorded}, where the store at {store.path} records its run, is another run than the store's "
+            f"({why}: the store's run moved and another took its place?); {advice}."
+        )
     return loaded
 
 
@@ -177,7 +197,7 @@ class Attributor:
         self._fitted = _fitted(meta, method)
         self.recipe = method_meta(self.store, method)["query"]
         self.rows = method_rows(self.store, method)
-        self.trajectory = store_trajectory(meta, trajectory)
+        self.trajectory = store_trajectory(self.store, trajectory)
         model = unwrap_model(model)  # as the recorder saved it: the model inside a wrapper
         check_query_model(meta, model, task, self.trajectory, self.store.path)
         self.device = default_device(device)

@@ -132,15 +132,21 @@ def _parameter_mismatch(stored: list[tuple[str, list[int]]], actual: list[tuple[
     return "; ".join(parts)
 
 
+def run_difference(meta: dict[str, Any], trajectory: Trajectory) -> str | None:
+    """How ``trajectory`` differs from the run the store was featurized from (``None``: it is that run)."""
+    recorded = meta["trajectory"]
+    if trajectory.fingerprint() == recorded["fingerprint"]:
+        return None
+    steps = [c.step for c in trajectory.checkpoints]
+    if steps != recorded["checkpoints"]:
+        return f"it has checkpoints at steps {steps}, the store's run at {recorded['checkpoints']}"
+    return "its learning rates, stages or checkpoint files differ"
+
+
 def check_run(meta: dict[str, Any], trajectory: Trajectory) -> None:
     """Refuse a run that is not the one the store was featurized from (its final checkpoint is the query model)."""
-    recorded = meta["trajectory"]
-    if trajectory.fingerprint() != recorded["fingerprint"]:
-        steps = [c.step for c in trajectory.checkpoints]
-        if steps != recorded["checkpoints"]:
-            why = f"it has checkpoints at steps {steps}, the store's run at {recorded['checkpoints']}"
-        else:
-            why = "its learning rates, stages or checkpoint files differ"
+    why = run_difference(meta, trajectory)
+    if why is not None:
         raise StoreError(
             f"The run at {trajectory.path} is not the one the store was featurized from ({why}), so its final "
             "checkpoint is not the store's query model; pass the original run, or featurize this one into a new store."
