@@ -485,6 +485,36 @@ def test_killed_captured_run_resumes_into_the_store_of_an_uninterrupted_run(
     _refuses_another_activation(tmp_path / "b", tmp_path / "b.sp")
 
 
+def test_a_copy_of_a_run_that_trained_on_into_the_same_store_is_refused_where_its_windows_differ(
+    tmp_path: Path, classification_data
+) -> None:
+    """Two copies of one run (``cp -r``) share the run's name, so either resumes into its store. Copy A trained on to
+    step 12 into the store; copy B, resumed into it at step 8, dropped A's window from step 8 and wrote its own (a
+    run of its own from there); A, resumed at its checkpoint 12, took B's window from step 8 as its own and ended with
+    a store mixing the two runs. Each window records the checkpoint that closed it: A is refused, the store kept."""
+    kwargs = {"steps": 14, "batch": 8, "save_every": 4, "options": sp.CaptureArguments(chunk_rows=8)}
+    store = tmp_path / "s.sp"
+    with pytest.raises(_Killed):
+        _train(tmp_path / "a", store, classification_data, crash_after=10, **kwargs)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    with pytest.raises(_Killed):
+        _train(tmp_path / "a", store, classification_data, resume=True, crash_after=13, **kwargs)
+
+    def halved(model: nn.Module, rows: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        for p in model.parameters():
+            p.grad.mul_(0.5)
+
+    with pytest.raises(_Killed):  # B trains otherwise from step 8 on
+        _train(tmp_path / "b", store, classification_data, resume=True, crash_after=13, on_batch=halved, **kwargs)
+    before = _files(store)
+    with pytest.raises(sp.StoreError, match=r"window of stage 'main' from step 8 closed by another checkpoint at "
+                                            r"step 12 than this run's"):  # fmt: skip
+        _train(tmp_path / "a", store, classification_data, resume=True, **kwargs)
+    assert _files(store) == before
+    _train(tmp_path / "b", store, classification_data, resume=True, on_batch=halved, **kwargs)  # B goes on with it
+    assert sp.Store.open(store).meta["trajectory"]["fingerprint"] == sp.Trajectory.load(tmp_path / "b").fingerprint()
+
+
 @pytest.mark.parametrize("kind", ["factored", "eigen"])
 def test_a_finished_captured_run_rewound_to_an_earlier_checkpoint_trains_into_the_uninterrupted_store(
     tmp_path: Path, classification_data, kind: str

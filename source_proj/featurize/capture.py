@@ -583,6 +583,7 @@ class GradientCapture:
                         "fingerprint and end pass are taken from them); resume it with the same datasets=."
                     )
                 self._check_resumed_data(_recorded_data(store.meta))
+                self._check_closers(store, [w for w in windows if w[1] < steps[-1]])
             elif store.meta.get("capture_data"):  # a new run into a store no window was written to: its data anew
                 store.update_meta(capture_data={})
             last = steps[-1] if steps else 0
@@ -608,6 +609,22 @@ class GradientCapture:
                 store.update_meta(captured=False)
             self._reference = load_reference_batch(store)
 
+    def _check_closers(self, store: Store, kept: Sequence[tuple[str, int]]) -> None:
+        """Refuse to resume into a store whose ``kept`` windows ``(stage, first step)`` were closed by other checkpoints
+        than this run's: two copies of one run share its name, and one that trained on otherwise wrote them. A store
+        captured before windows named their checkpoints is taken as it is."""
+        closers = store.meta.get("capture_closers") or {}
+        digests = self.recorder.checkpoint_digests
+        for stage, start in kept:
+            closer = closers.get(f"{stage}/{start}")
+            if closer is not None and digests.get(closer["step"]) != closer["sha256"]:
+                raise StoreError(
+                    f"The store at {self.path} holds the captured window of stage {stage!r} from step {start} closed "
+                    f"by another checkpoint at step {closer['step']} than this run's (a copy of the run that trained "
+                    "on from there was captured into it?); capture this run into a new store, or resume the copy the "
+                    "store was captured from."
+                )
+
     def _write_window(
         self,
         stage: str,
@@ -617,7 +634,9 @@ class GradientCapture:
         fisher: Tensor,
         count: float,
         denominator: Tensor | None,
+        closer: dict[str, Any],
     ) -> None:
+        """``closer``: the step and sha256 of the checkpoint that closes the window (``meta["capture_closers"]``)."""
         bad = ~torch.isfinite(sums).all(dim=1)
         if bool(bad.any()):
             row = int(torch.nonzero(bad)[0, 0])
@@ -630,6 +649,9 @@ class GradientCapture:
             store = Store.open(self.path, writable=True)
             for kind in (*WINDOW_ARRAYS, DENOMINATOR):
                 store.delete(window_array(kind, stage, start))
+            # First: a complete window names the checkpoint that closed it (a copy of the run resumed into the store
+            # is refused where its own checkpoint closes that window otherwise, ``_check_closers``).
+            store.update_meta(capture_closers={**(store.meta.get("capture_closers") or {}), f"{stage}/{start}": closer})
             if self._window_basis is not None:  # first, as the denominator: a complete window has its basis
                 _drop_window_basis(store, stage, start)
                 values, shapes = self._window_basis.packed()
@@ -1158,8 +1180,9 @@ class GradientCapture:
 
     # -- the recorder's events ----------------------------------------------------------------
 
-    def before_checkpoint(self, step: int) -> None:
-        """Write the window this checkpoint closes (called by the recorder before it saves the checkpoint)."""
+    def before_checkpoint(self, step: int, sha256: str) -> None:
+        """Write the window this checkpoint (its file's ``sha256``) closes (called by the recorder before it saves
+        the checkpoint)."""
         if self._closed:
             return
         self.commit()
@@ -1182,7 +1205,8 @@ class GradientCapture:
                 )
             denominator = torch.cat([d[n].reshape(-1) for n in self.names]).float()
         self._write_window(
-            self._stage[0], start, self._sums, self._visits, self._fisher, float(self._count), denominator
+            self._stage[0], start, self._sums, self._visits, self._fisher, float(self._count), denominator,
+            closer={"step": step, "sha256": sha256},
         )
         self._examples_before, self._window_examples = self._window_examples, 0
         self._open_stage(*self._stage)

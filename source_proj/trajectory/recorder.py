@@ -194,8 +194,8 @@ class Stage:
 class RecorderListener(Protocol):
     """Kept in step with a recorder (in-run gradient capture, ``featurize/capture.py``, listens)."""
 
-    def before_checkpoint(self, step: int) -> None:
-        """A new checkpoint is about to be saved after ``step`` optimiser steps."""
+    def before_checkpoint(self, step: int, sha256: str) -> None:
+        """A new checkpoint is about to be saved after ``step`` optimiser steps; ``sha256``: its file's."""
 
     def after_stage_end(self, stage: str, step: int) -> None:
         """Stage ``stage`` has ended at ``step``; its final checkpoint is saved."""
@@ -468,6 +468,11 @@ class TrajectoryRecorder:
         """Steps of the checkpoints saved so far."""
         return [c["step"] for c in self._checkpoints]
 
+    @property
+    def checkpoint_digests(self) -> dict[int, str]:
+        """The sha256 of every checkpoint saved so far, by step."""
+        return {c["step"]: c["sha256"] for c in self._checkpoints}
+
     def stage_optimizers(self) -> dict[str, str]:
         """Each stage's optimizer kind (``describe_optimizer``'s ``"kind"``: ``"sgd"``, ``"adamw"``…)."""
         return {s["name"]: s["optimizer"]["kind"] for s in self._stages}
@@ -726,8 +731,6 @@ class TrajectoryRecorder:
         if self._checkpoints and self._checkpoints[-1]["step"] == self.global_step:
             self._write_index()
             return
-        for listener in self._listeners:
-            listener.before_checkpoint(self.global_step)
         save_opt = self._save_optimizer_state
         if save_opt is None:
             save_opt = self._stages[-1]["optimizer"]["kind"] in ("adam", "adamw")
@@ -752,12 +755,15 @@ class TrajectoryRecorder:
             torch.save(payload, buffer)
             buffer.seek(0)
             data = buffer.read()
+        digest = hashlib.sha256(data).hexdigest()
+        for listener in self._listeners:  # before the file: a checkpoint on disk has its window written
+            listener.before_checkpoint(self.global_step, digest)
         atomic_write_bytes(path, data)
         self._checkpoints.append(
             {
                 "step": self.global_step,
                 "file": rel,
-                "sha256": hashlib.sha256(data).hexdigest(),
+                "sha256": digest,
                 "optimizer_state": save_opt,
             }
         )
