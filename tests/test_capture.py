@@ -645,6 +645,38 @@ def test_a_captured_store_grows_with_a_run_that_trains_a_new_stage_on_new_exampl
     assert sp.verify_store(store.path, progress=False).status == "ok"
 
 
+def test_a_captured_growth_killed_after_noting_itself_is_noted_once(
+    tmp_path: Path, classification_data, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished captured run resumed to train further notes its growth, then marks the store unfinished; killed in
+    between, the next resume noted the growth again (a second entry, dropping no fit)."""
+    options = sp.CaptureArguments(chunk_rows=64)
+    _train(tmp_path / "run", tmp_path / "cap.sp", classification_data, steps=6, batch=10, save_every=3, options=options)
+    sp.fit(tmp_path / "cap.sp", progress=False)
+    update = sp.Store.update_meta
+
+    def killed(store: sp.Store, **fields: object) -> None:
+        if fields.get("captured") is False:
+            raise _Killed
+        update(store, **fields)
+
+    def resume() -> None:
+        model = _mlp()
+        rec = sp.TrajectoryRecorder.resume(tmp_path / "run", model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                           save_every=3)  # fmt: skip
+        sp.GradientCapture(rec, tmp_path / "cap.sp", sp.ClassificationTask(), projection=_projection(),
+                           options=options).close()  # fmt: skip
+
+    monkeypatch.setattr(sp.Store, "update_meta", killed)
+    with pytest.raises(_Killed):
+        resume()
+    monkeypatch.undo()
+    resume()
+    meta = sp.Store.open(tmp_path / "cap.sp").meta
+    assert [(g["checkpoints"], g["dropped_methods"]) for g in meta["growth"]] == [([0, 3, 6], ["source"])]
+    assert not meta["captured"] and not meta["methods"]
+
+
 def test_capture_refuses_what_it_cannot_capture_with_a_sentence(tmp_path: Path, classification_data) -> None:
     x, y = classification_data.tensors
     task = sp.ClassificationTask()
