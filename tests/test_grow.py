@@ -3,6 +3,7 @@ to its store computing only the new checkpoints' work, and the grown store is th
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +147,48 @@ def test_a_store_does_not_grow_into_a_run_that_did_not_continue_it(tmp_path: Pat
     with pytest.raises(sp.StoreError, match=r"cannot grow .* first 8 steps are not the store's run"):
         _featurize(tmp_path / "other", tmp_path / "s.sp", {"main": MAIN}, grow=True)
     assert sp.Store.open(tmp_path / "s.sp").meta["trajectory"]["checkpoints"] == [0, 4, 8]
+
+
+@pytest.mark.slow
+def test_two_copies_of_a_run_that_trained_on_apart_each_grow_only_a_store_of_their_common_part(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run copied (``cp -r``) and then trained on in both copies, differently: a store of their common part grows
+    into one copy, and then (as a store featurized from that copy, finished or cut short) is another run's to the
+    other: it neither grows into it nor resumes from it (the fingerprints hold every checkpoint's sha256)."""
+    _record(tmp_path / "a")
+    _featurize(tmp_path / "a", tmp_path / "common.sp", {"main": MAIN})
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    _continue(tmp_path / "a")
+    x, y = EXTRA.tensors
+    other = {"main": MAIN, "extra": TensorDataset(x.flip(0), y.flip(0))}
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    rec = sp.TrajectoryRecorder.resume(tmp_path / "b", model, opt, save_every=4)
+    _steps(rec, model, opt, MAIN, 2)  # B trains on otherwise: fewer steps of main, then the new stage
+    rec.begin_stage("extra", dataset_size=len(EXTRA), optimizer=torch.optim.SGD(model.parameters(), lr=0.05))
+    _steps(rec, model, rec.optimizer, other["extra"], 6)
+    rec.close()
+    data = {"main": MAIN, "extra": EXTRA}
+    _featurize(tmp_path / "a", tmp_path / "common.sp", data, grow=True)
+    with pytest.raises(sp.StoreError, match=r"cannot grow .* first 16 steps are not the store's run"):
+        _featurize(tmp_path / "b", tmp_path / "common.sp", other, grow=True)
+    with pytest.raises(sp.StoreError, match=r"featurized from another run"):
+        _featurize(tmp_path / "b", tmp_path / "common.sp", other)
+    # A featurize of copy A cut short is not resumed from copy B either.
+    original = sp.Store.write_chunk
+
+    def killed(store: sp.Store, name: str, chunk: int, values: np.ndarray) -> None:
+        if name == "grads/extra/step-00000016":
+            raise KeyboardInterrupt
+        original(store, name, chunk, values)
+
+    monkeypatch.setattr(sp.Store, "write_chunk", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _featurize(tmp_path / "a", tmp_path / "cut.sp", data)
+    monkeypatch.undo()
+    with pytest.raises(sp.StoreError, match=r"featurized from another run"):
+        _featurize(tmp_path / "b", tmp_path / "cut.sp", other)
 
 
 def test_a_grown_eigen_store_keeps_its_basis(tmp_path: Path) -> None:
