@@ -148,7 +148,7 @@ def test_a_store_whose_run_moved_after_it_closed_says_how_to_name_the_new_place(
     index = json.loads((other / "trajectory.json").read_text())
     index["lr"] = [rate / 2 for rate in index["lr"]]
     (other / "trajectory.json").write_text(json.dumps(index))
-    with pytest.raises(sp.StoreError, match=r"run at .*run, where the store at .*s\.sp records its run, is another"):
+    with pytest.raises(sp.StoreError, match=r"where the store at .*s\.sp records its run, is not the store's"):
         sp.Attributor(tmp_path / "s.sp", build_model(), sp.ClassificationTask(), progress=False)
     expected = sp.Attributor(tiny_reference, build_model(), sp.ClassificationTask(), progress=False).scores(data())
     moved = sp.Attributor(tmp_path / "s.sp", build_model(), sp.ClassificationTask(), trajectory=tmp_path / "moved",

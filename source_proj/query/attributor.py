@@ -52,29 +52,27 @@ from source_proj.trajectory.segments import Segment
 
 def store_trajectory(store: Store, trajectory: Trajectory | str | Path | None = None) -> Trajectory:
     """The run a store was featurized from (default: the directory it records), checked by fingerprint. A recorded
-    directory that no longer holds a run, or holds another one (the run moved, another took its place), is refused
-    with how to name where the run lies now."""
+    directory that no longer holds a run, or holds another one (the run trained on, or moved and another took its
+    place), is refused with how to name where the store's run lies now."""
     meta = store.meta
     if trajectory is not None:
         loaded = trajectory if isinstance(trajectory, Trajectory) else Trajectory.load(trajectory)
         check_run(meta, loaded)
         return loaded
     recorded = meta["trajectory"]["path"]
-    advice = (
-        "pass the run's directory as it is now (Attributor's trajectory=), or re-run the featurize that made the store "
-        "with it (--ckpts; nothing is recomputed), which records it in the store"
-    )
     if not (Path(recorded) / "trajectory.json").is_file():
         raise StoreError(
             f"The store at {store.path} records its run at {recorded}, where there is no run now (moved or deleted?); "
-            f"{advice}."
+            "pass the run's directory as it is now (Attributor's trajectory=), or re-run the featurize that made the "
+            "store with it (--ckpts; nothing is recomputed), which records it in the store."
         )
     loaded = Trajectory.load(recorded)
     why = run_difference(meta, loaded)
     if why is not None:
         raise StoreError(
-            f"The run at {recorded}, where the store at {store.path} records its run, is another run than the store's "
-            f"({why}: the store's run moved and another took its place?); {advice}."
+            f"The run at {recorded}, where the store at {store.path} records its run, is not the store's run ({why}: "
+            "it trained on since, or another run took its place); pass the store's run where it lies now (Attributor's "
+            "trajectory=), or grow the store into this run (featurize --grow) or featurize it into a new store."
         )
     return loaded
 
