@@ -515,6 +515,25 @@ def test_a_copy_of_a_run_that_trained_on_into_the_same_store_is_refused_where_it
     assert sp.Store.open(store).meta["trajectory"]["fingerprint"] == sp.Trajectory.load(tmp_path / "b").fingerprint()
 
 
+def test_a_captured_store_whose_run_moved_is_queried_with_the_runs_new_place(
+    tmp_path: Path, classification_data
+) -> None:
+    """The query of a captured store whose run moved names the run's new place as the way out (not featurize, which
+    does not take a captured store), and answers as before with it."""
+    _train(tmp_path / "run", tmp_path / "cap.sp", classification_data, steps=6, batch=10, save_every=3,
+           options=sp.CaptureArguments(chunk_rows=64))  # fmt: skip
+    sp.fit(tmp_path / "cap.sp", progress=False)
+    expected = sp.Attributor(tmp_path / "cap.sp", _mlp(), sp.ClassificationTask(), progress=False).scores(
+        classification_data
+    )
+    (tmp_path / "run").rename(tmp_path / "moved")
+    with pytest.raises(sp.StoreError, match=r"where there is no run now .*\(Attributor's trajectory=\)\.$"):
+        sp.Attributor(tmp_path / "cap.sp", _mlp(), sp.ClassificationTask(), progress=False)
+    moved = sp.Attributor(tmp_path / "cap.sp", _mlp(), sp.ClassificationTask(), trajectory=tmp_path / "moved",
+                          progress=False)  # fmt: skip
+    assert np.array_equal(moved.scores(classification_data), expected)
+
+
 @pytest.mark.parametrize("kind", ["factored", "eigen"])
 def test_a_finished_captured_run_rewound_to_an_earlier_checkpoint_trains_into_the_uninterrupted_store(
     tmp_path: Path, classification_data, kind: str

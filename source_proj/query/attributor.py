@@ -61,10 +61,14 @@ def store_trajectory(store: Store, trajectory: Trajectory | str | Path | None = 
         return loaded
     recorded = meta["trajectory"]["path"]
     if not (Path(recorded) / "trajectory.json").is_file():
+        # A captured store records where its run lies when the run is next resumed (``capture.py``), not by featurize.
+        records = (
+            "" if meta.get("capture") is not None else ", or re-run the featurize that made the store with it "
+            "(--ckpts; nothing is recomputed), which records it in the store"
+        )
         raise StoreError(
             f"The store at {store.path} records its run at {recorded}, where there is no run now (moved or deleted?); "
-            "pass the run's directory as it is now (Attributor's trajectory=), or re-run the featurize that made the "
-            "store with it (--ckpts; nothing is recomputed), which records it in the store."
+            f"pass the run's directory as it is now (Attributor's trajectory=){records}."
         )
     loaded = Trajectory.load(recorded)
     why = run_difference(meta, loaded)
