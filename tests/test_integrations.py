@@ -324,9 +324,9 @@ def _captured_and_posthoc(tmp_path: Path, build: Callable[[], nn.Module], data: 
     from source_proj.integrations import HuggingFaceCapture
 
     args = TrainingArguments(
-        output_dir=str(tmp_path / "hf"), per_device_train_batch_size=8, num_train_epochs=1, learning_rate=0.05,
-        optim="sgd", lr_scheduler_type="constant", save_strategy="no", report_to=[], use_cpu=True,
-        disable_tqdm=True, logging_strategy="no", seed=0, **training,
+        output_dir=str(tmp_path / "hf"), num_train_epochs=1, learning_rate=0.05, optim="sgd",
+        lr_scheduler_type="constant", save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+        logging_strategy="no", seed=0, **{"per_device_train_batch_size": 8, **training},
     )  # fmt: skip
     callback = HuggingFaceCapture(tmp_path / "run", tmp_path / "cap.sp", task, save_every=1, projection=_PROJECTION,
                                   options=sp.CaptureArguments(fisher="empirical"))  # fmt: skip
@@ -1681,6 +1681,20 @@ def test_a_trainer_that_accumulates_gradients_steps_on_the_mean_loss_or_is_refus
     Trainer(model=gpt, args=args(2), train_dataset=_Dicts(ids, ids),
             callbacks=[HuggingFaceRecorder(tmp_path / "gpt", save_every=2)]).train()  # fmt: skip
     assert sp.Trajectory.load(tmp_path / "gpt").complete
+
+
+def test_an_accumulated_step_of_uneven_batches_whose_loss_divides_by_its_items_is_captured_at_its_gradients(
+    tmp_path: Path,
+) -> None:
+    """14 examples in batches of 4, 2 accumulated per step: the second step accumulates a batch of 4 and one of 2. The
+    Trainer's ``LabelSmoother`` divides each batch's summed loss by the ``num_items_in_batch`` of the whole step (6),
+    not by the batches times their own size (8, then 4): capture taps the gradients post-hoc featurize computes at
+    every step."""
+    ids, labels = _tokens(14, 0)
+    task = sp.SequenceClassificationTask(attention="bidirectional", label_smoothing=0.1)
+    _captured_and_posthoc(tmp_path, _tiny_bert, _Dicts(ids, labels), task, label_smoothing_factor=0.1,
+                          per_device_train_batch_size=4, gradient_accumulation_steps=2)  # fmt: skip
+    assert sp.Trajectory.load(tmp_path / "run").num_steps == 2
 
 
 @pytest.mark.parametrize("seed", [None, 3])

@@ -403,8 +403,9 @@ class HuggingFaceCapture(HuggingFaceRecorder):
     The training set must be wrapped in ``source_proj.IndexedDataset`` (dict items gain a
     ``"source_proj_index"`` column; the callback keeps the Trainer from dropping it and takes it out of
     the model's inputs). The model's loss must be the batch mean of ``task``'s per-example loss (HF's
-    default); with gradient accumulation it is scaled by B times the batches the step accumulates. One process only. The
-    store records the model fingerprint and, from the Trainer's ``train_dataset``, the stage's data
+    default); with gradient accumulation each batch's gradients are scaled by the examples of the step where the
+    Trainer's loss divides by its ``num_items_in_batch``, else by B times the batches it accumulates. One process
+    only. The store records the model fingerprint and, from the Trainer's ``train_dataset``, the stage's data
     fingerprint (``source_proj.GradientCapture``), so a model or data that changed are refused.
 
     Args:
@@ -447,6 +448,7 @@ class HuggingFaceCapture(HuggingFaceRecorder):
         self.settings = CaptureSettings(store_path, task, projection=projection, options=options)
         self._model_hooks: list[Any] = []
         self._accumulation = 1
+        self._step_rows: int | None = None  # the examples of the batches the Trainer accumulates into this step
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         processes = int(getattr(args, "world_size", 1) or 1)
@@ -469,6 +471,7 @@ class HuggingFaceCapture(HuggingFaceRecorder):
             while getattr(loader, "base_dataloader", None) is not None:  # accelerate's adapters iterate their base
                 loader = loader.base_dataloader
             loader.collate_fn = _KeepLabels(collate)
+        self._count_step_rows(self._trainer)
         model = kwargs["model"]
         self._model_hooks = [
             # eager under the Trainer's torch_compile: dynamo runs the hooks as Python, never traces them
@@ -492,11 +495,40 @@ class HuggingFaceCapture(HuggingFaceRecorder):
             batch = {k: v for k, v in inputs.items() if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == count}
             if "labels" not in batch and isinstance(labels, Tensor):  # the Trainer's loss took them out
                 batch["labels"] = labels
-            # The batches the Trainer accumulates into this step: its loss divides by them (fewer in an epoch's last
-            # step where the epoch's batches are not a multiple of gradient_accumulation_steps).
-            batches = int(getattr(self._trainer, "current_gradient_accumulation_steps", 0) or self._accumulation)
-            self.settings.capture.begin(batch, indices, scale=float(count * batches))
+            self.settings.capture.begin(batch, indices, scale=self._scale(count, kwargs))
         return args, inputs
+
+    def _scale(self, count: int, kwargs: dict[str, Any]) -> float:
+        """What the batch's tapped gradients are multiplied by to give each example's own (``GradientCapture.begin``):
+        where the Trainer's loss divides by the ``num_items_in_batch`` of the step (its label smoother, a model's loss
+        that takes it), the examples of the batches the step accumulates, of whatever sizes (an epoch's last batch is
+        short); where the Trainer divides each batch's mean loss by the batches it accumulates, the batch's size times
+        those batches (fewer in an epoch's last step where its batches are not a multiple of
+        gradient_accumulation_steps)."""
+        trainer = self._trainer
+        by_items = getattr(trainer, "loss_is_scaled_for_ga", None)  # the Trainer's own rule (``training_step``)
+        if by_items is None:
+            by_items = kwargs.get("num_items_in_batch") is not None or getattr(trainer, "compute_loss_func", None)
+        if by_items and self._step_rows is not None:
+            return float(self._step_rows)
+        batches = int(getattr(trainer, "current_gradient_accumulation_steps", 0) or self._accumulation)
+        return float(count * batches)
+
+    def _count_step_rows(self, trainer: Any) -> None:
+        """Count the examples of the batches the Trainer takes for each step (its ``get_batch_samples``, the class's:
+        never a wrapper a failed run left), removed again in ``_finish``."""
+        take = getattr(type(trainer), "get_batch_samples", None)
+        self._step_rows = None
+        if trainer is None or not callable(take):
+            return
+
+        def counted(*take_args: Any, **take_kwargs: Any) -> Any:
+            samples, items = take(trainer, *take_args, **take_kwargs)
+            rows = [b.get(INDEX_KEY) if isinstance(b, MutableMapping) else None for b in samples]
+            self._step_rows = None if any(r is None for r in rows) else sum(len(r) for r in rows)
+            return samples, items
+
+        trainer.get_batch_samples = counted
 
     def _after_forward(self, module: Any, args: Any, output: Any) -> None:
         if module.training and self.settings.capture is not None:
@@ -506,4 +538,6 @@ class HuggingFaceCapture(HuggingFaceRecorder):
         for handle in self._model_hooks:
             handle.remove()
         self._model_hooks = []
+        if self._trainer is not None:
+            vars(self._trainer).pop("get_batch_samples", None)
         super()._finish()
