@@ -1307,17 +1307,21 @@ class _Killed(Exception):
 
 
 def _hf_run(
-    tmp_path: Path, name: str, callback, *, kill_at: int | None = None, resume: bool | Path = False
+    tmp_path: Path, name: str, callback, *, kill_at: int | None = None, resume: bool | Path = False,
+    again: bool = False,
 ) -> None:
     """A tiny BERT trained 12 AdamW steps (4 epochs of 3) by a Trainer that saves its checkpoints every 4 steps
-    into ``tmp_path / name``; ``kill_at``: raise at that step (a killed run); ``resume``:
+    into ``tmp_path / name``; ``kill_at``: raise at that step (a killed run), once; ``resume``:
     ``train(resume_from_checkpoint=True)`` (from step 4: mid-epoch, the Trainer skips the epoch's first batch), or
-    from the checkpoint directory given."""
+    from the checkpoint directory given; ``again``: after the raise, the same Trainer in the same process does so."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    killed: list[int] = []
 
     class Kill(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == kill_at:
+            if state.global_step == kill_at and not killed:
+                killed.append(kill_at)
                 raise _Killed
 
     args = TrainingArguments(
@@ -1328,7 +1332,12 @@ def _hf_run(
     ids, labels = _tokens(24, 0)
     trainer = Trainer(model=_tiny_bert(), args=args, train_dataset=sp.IndexedDataset(_Dicts(ids, labels)),
                       callbacks=[callback, Kill()])  # fmt: skip
-    trainer.train(resume_from_checkpoint=str(resume) if isinstance(resume, Path) else (True if resume else None))
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if isinstance(resume, Path) else (True if resume else None))
+    except _Killed:
+        if not again:
+            raise
+        trainer.train(resume_from_checkpoint=True)
 
 
 def _hf_capture(tmp_path: Path, run: str, **kwargs):
@@ -1394,6 +1403,18 @@ def test_a_killed_trainer_resumes_its_captured_run_exactly_where_the_recorder_ha
         "resume the trainer from its checkpoint at step 6 (save trainer checkpoints at multiples of save_every), or "
         "record a new run from the start."
     )
+
+
+def test_a_trainer_resumed_in_the_process_its_training_failed_in_captures_the_uninterrupted_run(
+    tmp_path: Path,
+) -> None:
+    """A Trainer whose training raised at step 6 (a notebook's interrupt) calls no callback's on_train_end, so the
+    capture's hooks stay on its model; resumed in the same process from its checkpoint at step 4, with the same
+    callback, the run and store are the uninterrupted run's (the hooks left behind once took the row indices out of
+    every batch first, and the training was refused as lacking them)."""
+    _hf_run(tmp_path, "hf-a", _hf_capture(tmp_path, "a", projection=_PROJECTION))
+    _hf_run(tmp_path, "hf-b", _hf_capture(tmp_path, "b", projection=_PROJECTION), kill_at=6, again=True)
+    _same_captured_runs(tmp_path / "a", tmp_path / "b")
 
 
 def test_a_trainer_resumed_from_an_earlier_checkpoint_rewinds_the_captured_run_when_asked(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import inspect
 import os
 import warnings
+import weakref
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -390,6 +391,11 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
             )
 
 
+_CAPTURING: weakref.WeakKeyDictionary[Any, HuggingFaceCapture] = weakref.WeakKeyDictionary()
+"""The capture callback whose hooks are on a model, while it trains. A training that fails tells its callbacks nothing
+(no ``on_train_end``), so its hooks stay: the model's next capture removes them, and closes that capture."""
+
+
 class HuggingFaceCapture(HuggingFaceRecorder):
     """Records the run (as ``HuggingFaceRecorder``) and captures projected per-example gradients in-run.
 
@@ -457,6 +463,11 @@ class HuggingFaceCapture(HuggingFaceRecorder):
                 f"HuggingFaceCapture captures the batches of one process, and this run trains on {processes}; record "
                 "it with HuggingFaceRecorder and featurize after training, or capture on one process."
             )
+        left = _CAPTURING.pop(kwargs["model"], None)
+        if left is not None:  # of a training that failed (this callback's, or another's): its store stays resumable
+            left._unhook()
+            if left.settings.capture is not None:
+                left.settings.capture.close()
         super().on_train_begin(args, state, control, **kwargs)
         assert self.recorder is not None
         self.settings.start_capture(self.recorder, self.overwrite, kwargs.get("train_dataloader"),
@@ -478,6 +489,7 @@ class HuggingFaceCapture(HuggingFaceRecorder):
             model.register_forward_pre_hook(eager(self._before_forward), with_kwargs=True),
             model.register_forward_hook(eager(self._after_forward)),
         ]
+        _CAPTURING[model] = self
 
     def _before_forward(self, module: Any, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]] | None:
         if INDEX_KEY not in kwargs:
@@ -534,10 +546,17 @@ class HuggingFaceCapture(HuggingFaceRecorder):
         if module.training and self.settings.capture is not None:
             self.settings.capture.end_forward()
 
-    def _finish(self) -> None:
+    def _unhook(self) -> None:
+        """Remove this callback's hooks from the model and the Trainer."""
         for handle in self._model_hooks:
             handle.remove()
         self._model_hooks = []
+        for model, capturing in list(_CAPTURING.items()):
+            if capturing is self:
+                del _CAPTURING[model]
         if self._trainer is not None:
             vars(self._trainer).pop("get_batch_samples", None)
+
+    def _finish(self) -> None:
+        self._unhook()
         super()._finish()
