@@ -1559,6 +1559,53 @@ def test_a_lightning_capture_killed_mid_epoch_resumes_into_the_training_that_hap
     )
 
 
+def test_a_lightning_capture_refitted_in_the_process_its_training_failed_in_captures_the_uninterrupted_run(
+    tmp_path: Path, classification_data
+) -> None:
+    """A training_step that raises at step 4, after capture began its batch (a NaN refused, a notebook's interrupt):
+    the same module and callback fitted again in the same process from Lightning's checkpoint at step 3 give the
+    uninterrupted run's store (the failed capture's layer hooks, left on the module with its begun batch, once fired
+    in the new capture's first check and refused the run as a model the projection cannot take)."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from source_proj.integrations import LightningCapture
+
+    Module = _lightning_mlp(lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9))
+
+    class Failing(Module):  # type: ignore[misc, valid-type]
+        fail_at: int | None = 4
+
+        def training_step(self, batch, index):
+            loss = super().training_step(batch, index)
+            if self.global_step == self.fail_at:
+                self.fail_at = None
+                raise _Killed
+            return loss
+
+    def fit(name: str, module: nn.Module, capture: Any, ckpt: Path | None = None) -> None:
+        saves = ModelCheckpoint(dirpath=tmp_path / f"pl-{name}", every_n_train_steps=3, save_top_k=-1)
+        trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=[capture, saves])  # fmt: skip
+        trainer.fit(module, torch.utils.data.DataLoader(sp.IndexedDataset(classification_data), batch_size=10),
+                    ckpt_path=ckpt)  # fmt: skip
+
+    def capture(name: str) -> LightningCapture:
+        return LightningCapture(tmp_path / name, tmp_path / f"{name}.sp", sp.ClassificationTask(), save_every=3,
+                                projection=_PROJECTION, options=sp.CaptureArguments(chunk_rows=8))  # fmt: skip
+
+    fit("a", Module(), capture("a"))
+    module, callback = Failing(), capture("b")
+    with pytest.raises(_Killed):
+        fit("b", module, callback)
+    fit("b", module, callback, next((tmp_path / "pl-b").glob("*step=3.ckpt")))
+    a, b = sp.Store.open(tmp_path / "a.sp"), sp.Store.open(tmp_path / "b.sp")
+    assert b.meta["captured"] and a.meta["fingerprint"] == b.meta["fingerprint"]
+    assert sorted(a.progress_arrays()) == sorted(b.progress_arrays())
+    for name in a.progress_arrays():
+        np.testing.assert_allclose(a.read(name), b.read(name), rtol=1e-5, atol=1e-7, err_msg=name)
+
+
 def test_a_trainer_with_torch_compile_captures_what_the_eager_trainer_captures(tmp_path: Path) -> None:
     """``TrainingArguments(torch_compile=True)``: dynamo traced the callback's forward hooks and capture's, and
     failed; they run eagerly now, and the compiled run's store (eigen projection, the sampled Fisher from the

@@ -187,12 +187,23 @@ class LightningRecorder(RecorderSettings, Callback):
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._finish()
 
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        """Training failed: the callback's hooks come off (a later fit of the module, in this process too, starts
+        clean), and the recorded run stays as its last checkpoint left it, to resume from (``fit(ckpt_path=...)``)."""
+        self._unhook()
+
+    def _unhook(self) -> None:
+        """Remove the hook that steps the recorder from the optimizer."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
     def _finish(self) -> None:
         """Close the recorded run (once)."""
         if self.recorder is None or self._closed:
             return
         self._closed = True
-        self._handle.remove()
+        LightningRecorder._unhook(self)
         self.recorder.close()
 
 
@@ -308,6 +319,13 @@ class LightningCapture(LightningRecorder):
                 "accumulate_grad_batches, which capture scales for.",
                 stacklevel=2,
             )
+
+    def _unhook(self) -> None:
+        """Also close the capture (its hooks on the module's layers), without finishing its store: the captured run
+        resumes from its last checkpoint, its store with it."""
+        super()._unhook()
+        if self.settings.capture is not None:
+            self.settings.capture.close()
 
     def _forget_untrained(self) -> None:
         """A batch whose training_step returned None (Lightning skips its backward) was not trained on: not captured.
