@@ -952,6 +952,11 @@ def test_huggingface_capture_refuses_a_run_of_several_processes(tmp_path: Path) 
     with pytest.raises(sp.TrajectoryError, match="captures the batches of one process, and this run trains on 2"):
         capture.on_train_begin(SimpleNamespace(world_size=2, process_index=0), None, None)
     assert not (tmp_path / "run").exists()
+    # One process on two GPUs: the Trainer's torch.nn.DataParallel runs each GPU's share of a batch through a replica.
+    with pytest.raises(sp.TrajectoryError, match=r"captures the batches of one device, and this Trainer splits each "
+                                                 r"batch over 2 GPUs \(torch.nn.DataParallel\)"):  # fmt: skip
+        capture.on_train_begin(SimpleNamespace(world_size=1, n_gpu=2, process_index=0), None, None)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("flag, name", [("is_fsdp_enabled", "FSDP"), ("is_deepspeed_enabled", "DeepSpeed")])

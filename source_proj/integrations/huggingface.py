@@ -411,8 +411,9 @@ class HuggingFaceCapture(HuggingFaceRecorder):
     the model's inputs). The model's loss must be the batch mean of ``task``'s per-example loss (HF's
     default); with gradient accumulation each batch's gradients are scaled by the examples of the step where the
     Trainer's loss divides by its ``num_items_in_batch``, else by B times the batches it accumulates. One process
-    only. The store records the model fingerprint and, from the Trainer's ``train_dataset``, the stage's data
-    fingerprint (``source_proj.GradientCapture``), so a model or data that changed are refused.
+    only, on one device (a Trainer that splits batches over GPUs by DataParallel is refused). The store records
+    the model fingerprint and, from the Trainer's ``train_dataset``, the stage's data fingerprint
+    (``source_proj.GradientCapture``), so a model or data that changed are refused.
 
     Args:
         run_dir: the run directory to write (see ``TrajectoryRecorder``).
@@ -462,6 +463,13 @@ class HuggingFaceCapture(HuggingFaceRecorder):
             raise TrajectoryError(
                 f"HuggingFaceCapture captures the batches of one process, and this run trains on {processes}; record "
                 "it with HuggingFaceRecorder and featurize after training, or capture on one process."
+            )
+        gpus = int(getattr(args, "n_gpu", 1) or 1)
+        if gpus > 1:  # torch.nn.DataParallel: every GPU's replica would run the capture's hooks on its share, at once
+            raise TrajectoryError(
+                f"HuggingFaceCapture captures the batches of one device, and this Trainer splits each batch over "
+                f"{gpus} GPUs (torch.nn.DataParallel); capture on one GPU (CUDA_VISIBLE_DEVICES=0), or record the run "
+                "with HuggingFaceRecorder and featurize after training."
             )
         left = _CAPTURING.pop(kwargs["model"], None)
         if left is not None:  # of a training that failed (this callback's, or another's): its store stays resumable
