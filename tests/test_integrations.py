@@ -315,10 +315,11 @@ _EMPIRICAL = sp.FeaturizeArguments(batch_size=8, fisher="empirical", measurement
 
 
 def _captured_and_posthoc(tmp_path: Path, build: Callable[[], nn.Module], data: Dataset, task: sp.Task,
-                          **training: Any) -> sp.Store:  # fmt: skip
-    """One epoch of SGD by the Trainer (batches of 8, a checkpoint per step, ``training``: more of its arguments),
-    captured in-run (the empirical Fisher) into ``tmp_path / "cap.sp"``; then post-hoc featurize of the run, which
-    must equal the captured gradients at every step. Returns the post-hoc store."""
+                          callbacks: tuple[Any, ...] = (), **training: Any) -> sp.Store:  # fmt: skip
+    """One epoch of SGD by the Trainer (batches of 8, a checkpoint per step, ``training``: more of its arguments,
+    ``callbacks``: more of its callbacks), captured in-run (the empirical Fisher) into ``tmp_path / "cap.sp"``; then
+    post-hoc featurize of the run, which must equal the captured gradients at every step. Returns the post-hoc
+    store."""
     from transformers import Trainer, TrainingArguments
 
     from source_proj.integrations import HuggingFaceCapture
@@ -330,7 +331,7 @@ def _captured_and_posthoc(tmp_path: Path, build: Callable[[], nn.Module], data: 
     )  # fmt: skip
     callback = HuggingFaceCapture(tmp_path / "run", tmp_path / "cap.sp", task, save_every=1, projection=_PROJECTION,
                                   options=sp.CaptureArguments(fisher="empirical"))  # fmt: skip
-    Trainer(model=build(), args=args, train_dataset=sp.IndexedDataset(data), callbacks=[callback]).train()
+    Trainer(model=build(), args=args, train_dataset=sp.IndexedDataset(data), callbacks=[callback, *callbacks]).train()
     posthoc = sp.featurize(tmp_path / "run", build(), task, data, tmp_path / "post.sp", projection=_PROJECTION,
                            options=_EMPIRICAL, progress=False)  # fmt: skip
     assert _matches_posthoc_at_every_step(tmp_path / "run", tmp_path / "cap.sp", posthoc) == len(data)  # type: ignore[arg-type]
@@ -1768,6 +1769,28 @@ def test_an_accumulated_step_of_uneven_batches_whose_loss_divides_by_its_items_i
     _captured_and_posthoc(tmp_path, _tiny_bert, _Dicts(ids, labels), task, label_smoothing_factor=0.1,
                           per_device_train_batch_size=4, gradient_accumulation_steps=2)  # fmt: skip
     assert sp.Trajectory.load(tmp_path / "run").num_steps == 2
+
+
+def test_a_trainer_that_finds_its_batch_size_records_and_captures_the_training_it_retried(tmp_path: Path) -> None:
+    """``auto_find_batch_size``: out of memory at its first step, the Trainer trains again from step 0 at 90 % of
+    the batch size and calls on_train_begin again, without a word of the failure. The callback records the retry
+    over the run it had begun (refused before, as a directory that already holds files), and captures the
+    gradients post-hoc featurize computes at every step of it."""
+    from transformers import TrainerCallback
+
+    class OutOfMemory(TrainerCallback):
+        failed = False
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("CUDA out of memory.")  # what accelerate's find_executable_batch_size retries on
+
+    ids, labels = _tokens(24, 0)
+    task = sp.SequenceClassificationTask(attention="bidirectional")
+    _captured_and_posthoc(tmp_path, _tiny_bert, _Dicts(ids, labels), task, callbacks=(OutOfMemory(),),
+                          auto_find_batch_size=True)  # fmt: skip
+    assert sp.Trajectory.load(tmp_path / "run").num_steps == 4  # batches of 7
 
 
 @pytest.mark.parametrize("seed", [None, 3])

@@ -224,9 +224,15 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
     _model: Any = None  # and the model whose averaged gradients give each step's clipping factor
     _unclipped: float | None = None  # their norm before clipping, at the step being taken
     _closed = False  # the recorded run was closed (before the Trainer loaded its best checkpoint, or as it ended)
+    _retried = False  # this training restarts one of this callback's that failed before its first step
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._unclipped = None
+        # auto_find_batch_size: the Trainer trains again from step 0, at a smaller batch size, after running out of
+        # memory, and tells its callbacks nothing of the failure; where it failed before the first step (or the
+        # training is restarted after such a failure) the run recorded only its start, which is recorded again.
+        self._retried = (self.recorder is not None and not self._closed and self.recorder.global_step == 0
+                         and int(state.global_step) == 0)  # fmt: skip
         processes = int(getattr(args, "world_size", 1) or 1)
         if processes > 1 and int(getattr(args, "process_index", 0)) != 0:
             # Every process holds the same weights and averaged gradients: the first records, checks and warns
@@ -284,7 +290,7 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
             stage=self.stage,
             dataset_size=size,
             save_every=self.save_every,
-            overwrite=self.overwrite,
+            overwrite=self.overwrite or self._retried,
             rewind=self.rewind,
             grad_scaler=getattr(kwargs["optimizer"], "scaler", None),  # accelerate's optimizer holds the fp16 scaler
             start_step=int(state.global_step),  # above 0: resume_from_checkpoint (see _hook.resume_recording)
@@ -478,7 +484,7 @@ class HuggingFaceCapture(HuggingFaceRecorder):
                 left.settings.capture.close()
         super().on_train_begin(args, state, control, **kwargs)
         assert self.recorder is not None
-        self.settings.start_capture(self.recorder, self.overwrite, kwargs.get("train_dataloader"),
+        self.settings.start_capture(self.recorder, self.overwrite or self._retried, kwargs.get("train_dataloader"),
                                     trains_bf16=bool(getattr(args, "bf16", False)))  # fmt: skip
         self._accumulation = int(args.gradient_accumulation_steps)
         loader = kwargs.get("train_dataloader")
