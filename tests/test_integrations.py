@@ -944,6 +944,32 @@ def test_a_trainer_run_under_torchrun_is_recorded_by_rank_zero_with_its_averaged
     assert clip.max() < 0.95 and np.allclose(trajectory.clip, clip, rtol=1e-4)
 
 
+def test_a_capture_callback_training_on_a_stream_says_what_gives_the_eigen_projection(tmp_path: Path) -> None:
+    """A training dataloader over a stream (no len()) gives capture no data to estimate eigen bases from: the
+    callback captures with the 'factored' projection and says how to get the 'eigen' one in terms of the callback,
+    which takes no datasets= (GradientCapture's own sentence asked for them)."""
+    from source_proj.integrations._hook import CaptureSettings
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter([(torch.zeros(4), 0)] * 4)
+
+    model = nn.Linear(4, 3)
+    recorder = sp.TrajectoryRecorder(tmp_path / "run", model, torch.optim.SGD(model.parameters(), lr=0.1), save_every=1)
+    recorder.begin_stage("main", dataset_size=4)
+    settings = CaptureSettings(tmp_path / "s.sp", sp.ClassificationTask(), projection=None,
+                               options=sp.CaptureArguments())  # fmt: skip
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        capture = settings.start_capture(recorder, False, torch.utils.data.DataLoader(Stream(), batch_size=2))
+    assert capture.projection.kind == "factored"
+    told = [str(w.message) for w in seen]
+    assert [m for m in told if m.startswith("The training dataloader's dataset is not a map-style dataset of the "
+                                            "stage's 4 examples, so capture projects with the random 'factored'")]
+    assert not [m for m in told if "datasets=" in m]
+    capture.close()
+
+
 def test_huggingface_capture_refuses_a_run_of_several_processes(tmp_path: Path) -> None:
     from types import SimpleNamespace
 

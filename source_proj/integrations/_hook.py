@@ -276,11 +276,21 @@ class CaptureSettings:
             sized = sized and len(dataset) == size  # type: ignore[arg-type]
         except TypeError:  # no len()
             sized = False
+        projection = self.projection
+        if projection is None and not sized:  # GradientCapture's warning asks for datasets=, which callbacks lack
+            warnings.warn(
+                f"The training dataloader's dataset is not a map-style dataset of the stage's {size} examples, so "
+                "capture projects with the random 'factored' projection and takes no end pass; train on a map-style "
+                "dataset of them (sp.IndexedDataset of one with a len()) for the more accurate 'eigen' projection and "
+                "the end pass, or pass projection=sp.ProjectionArguments(kind='factored') to the callback.",
+                stacklevel=3,
+            )
+            projection = ProjectionArguments(kind="factored")
         self.capture = GradientCapture(
             recorder,
             self.store_path,
             self.task,
-            projection=self.projection,
+            projection=projection,
             options=self.capture_options,
             overwrite=overwrite,
             datasets={stage: dataset} if sized else None,
