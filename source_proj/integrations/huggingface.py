@@ -534,7 +534,9 @@ class HuggingFaceCapture(HuggingFaceRecorder):
         trainer = self._trainer
         by_items = getattr(trainer, "loss_is_scaled_for_ga", None)  # the Trainer's own rule (``training_step``)
         if by_items is None:
-            by_items = kwargs.get("num_items_in_batch") is not None or getattr(trainer, "compute_loss_func", None)
+            by_items = kwargs.get("num_items_in_batch") is not None or (
+                getattr(trainer, "compute_loss_func", None) is not None
+            )
         if by_items and self._step_rows is not None:
             return float(self._step_rows)
         batches = int(getattr(trainer, "current_gradient_accumulation_steps", 0) or self._accumulation)

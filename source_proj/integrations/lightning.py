@@ -203,7 +203,7 @@ class LightningRecorder(RecorderSettings, Callback):
         if self.recorder is None or self._closed:
             return
         self._closed = True
-        LightningRecorder._unhook(self)
+        LightningRecorder._unhook(self)  # not LightningCapture's, which closes the capture: the recorder finishes it
         self.recorder.close()
 
 
