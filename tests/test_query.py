@@ -96,3 +96,62 @@ def test_a_store_without_a_fitted_method_is_refused(tmp_path: Path, classificati
     )
     with pytest.raises(sp.StoreError, match="no fitted method 'source'"):
         sp.Attributor(tmp_path / "s.sp", nn.Linear(4, 3), sp.ClassificationTask())
+
+
+def _regression_store(root: Path, data: TensorDataset, seed: int) -> Path:
+    """A fitted store (identity projection) of a linear regression trained full-batch from initialisation ``seed``."""
+    torch.manual_seed(seed)
+    full_batch_run(root / "run", nn.Linear(3, 1), data, lambda o, t: (o.squeeze(-1) - t) ** 2, lr=0.05, steps=6,
+                   save_every=3)  # fmt: skip
+    store = sp.featurize(root / "run", nn.Linear(3, 1), sp.RegressionTask(), data, root / "s.sp",
+                         projection=sp.ProjectionArguments(kind="identity"), progress=False)  # fmt: skip
+    sp.fit(store, progress=False)
+    return root / "s.sp"
+
+
+def _check_named_by_meaning(result: sp.QueryResult, scores: np.ndarray, k: int) -> None:
+    """A regression's measurement is its error and score = −Δerror: an example helped the query (removing it would
+    raise the error) exactly where its score is negative. Oracle: the full score matrix ``scores``."""
+    records = result.records()
+    assert {r["kind"] for r in records} == {"helpful", "harmful"}
+    for r in records:
+        assert r["kind"] == ("helpful" if scores[r["query"], r["index"]] < 0 else "harmful"), r
+        if r["rank"] == 1:  # the most helpful lowers the error most: the most negative score
+            best = np.argmin if r["kind"] == "helpful" else np.argmax
+            assert r["index"] == int(best(scores[r["query"]])), r
+    np.testing.assert_array_equal(result.helpful_ids, np.argsort(scores, axis=1, kind="stable")[:, :k])
+    assert result.positive_helps is False and result.score_labels == sp.RegressionTask.score_labels
+    np.testing.assert_array_equal(result.positive_ids, np.argsort(-scores, axis=1, kind="stable")[:, :k])
+    assert (result.helpful_ids == result.negative_ids).all() and (result.harmful_ids == result.positive_ids).all()
+
+
+def test_a_regression_result_names_the_examples_that_lowered_the_error_helpful(
+    tmp_path: Path, regression_data: TensorDataset
+) -> None:
+    """``records()`` named every positive score "helpful", and the reports headed it so, also where a positive score
+    means the example raised the query's error (a regression's, a language model's loss): a silent wrong answer for
+    a library user. The result now carries its task's meaning."""
+    from source_proj.query.text_report import text_report
+
+    store = _regression_store(tmp_path, regression_data, 0)
+    queries = TensorDataset(*(t[:4] for t in regression_data.tensors))
+    attributor = sp.Attributor(store, nn.Linear(3, 1), sp.RegressionTask())
+    scores = attributor.scores(queries)
+    result = attributor.top_k(queries, 3)
+    _check_named_by_meaning(result, scores, 3)
+    page = text_report(result, ["q"] * 4, lambda stage, i: f"example {i}", tmp_path / "r.html").read_text()
+    raised, lowered = sp.RegressionTask.score_labels
+    assert f"<h3 class='neg'>{raised}</h3>" in page.replace("&#x27;", "'")  # a positive score: in red
+    assert f"<h3 class='pos'>{lowered}</h3>" in page.replace("&#x27;", "'")
+    assert "helpful" not in page
+
+
+def test_an_ensemble_result_carries_its_tasks_meaning(tmp_path: Path, regression_data: TensorDataset) -> None:
+    stores = [_regression_store(tmp_path / str(seed), regression_data, seed) for seed in (0, 1)]
+    queries = TensorDataset(*(t[:4] for t in regression_data.tensors))
+    ensemble = sp.Ensemble.open(stores, nn.Linear(3, 1), sp.RegressionTask())
+    _check_named_by_meaning(ensemble.top_k(queries, 3), ensemble.scores(queries), 3)
+    attributors = [sp.Attributor(s, nn.Linear(3, 1), sp.RegressionTask()) for s in stores]
+    attributors[1].positive_helps = True  # as a task that says otherwise would
+    with pytest.raises(sp.TaskError, match="disagree on what a score's sign means"):
+        sp.Ensemble(attributors)

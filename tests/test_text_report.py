@@ -18,14 +18,17 @@ from source_proj.tasks.text import LanguageModelingTask, Seq2SeqTask, SequenceCl
 TEXTS = ["the first", "the second", "the third"]
 
 
-def _one_sided() -> QueryResult:
-    """One query over three rows scoring 2, 0 and -1: one helpful row, one harmful, one neither."""
+def _one_sided(task: object = None) -> QueryResult:
+    """One query over three rows scoring 2, 0 and -1: one row of each sign, one neither; with ``task``, carrying what
+    its sign means (as ``Attributor.top_k`` records it)."""
+    meaning = {} if task is None else {"positive_helps": task.positive_helps, "score_labels": task.score_labels}
     return QueryResult(
-        helpful_ids=np.array([[0, 1, 2]]),
-        helpful_scores=np.array([[2.0, 0.0, -1.0]], dtype=np.float32),
-        harmful_ids=np.array([[2, 1, 0]]),
-        harmful_scores=np.array([[-1.0, 0.0, 2.0]], dtype=np.float32),
+        positive_ids=np.array([[0, 1, 2]]),
+        positive_scores=np.array([[2.0, 0.0, -1.0]], dtype=np.float32),
+        negative_ids=np.array([[2, 1, 0]]),
+        negative_scores=np.array([[-1.0, 0.0, 2.0]], dtype=np.float32),
         rows=[StageRows("main", 0, 3)],
+        **meaning,
     )
 
 
@@ -86,12 +89,20 @@ class _Headings(HTMLParser):
 def test_the_list_of_examples_that_raised_a_loss_is_headed_in_red(tmp_path: Path, task, positive: str) -> None:
     """For a language model a positive score means the example raised the query's loss: its list was headed in the
     helpful green, whatever its label said. Each list is coloured by what its sign means for the task."""
-    page = text_report(_one_sided(), ["a query"], lambda stage, i: TEXTS[i], tmp_path / "r.html",
-                       score_labels=task.score_labels, positive_helps=task.positive_helps)  # fmt: skip
+    negative = "neg" if positive == "pos" else "pos"
+    for result, given in (
+        (_one_sided(), {"score_labels": task.score_labels, "positive_helps": task.positive_helps}),
+        (_one_sided(task), {}),  # the result's own meaning, without a word from the caller
+    ):
+        page = text_report(result, ["a query"], lambda stage, i: TEXTS[i], tmp_path / "r.html", **given)
+        headings = _Headings()
+        headings.feed(page.read_text())
+        assert headings.headings == [(positive, task.score_labels[0]), (negative, task.score_labels[1])]
+    helpful = {"score_labels": ("up", "down"), "positive_helps": True}  # the caller's words override the result's
+    page = text_report(_one_sided(task), ["a query"], lambda stage, i: TEXTS[i], tmp_path / "r.html", **helpful)
     headings = _Headings()
     headings.feed(page.read_text())
-    negative = "neg" if positive == "pos" else "pos"
-    assert headings.headings == [(positive, task.score_labels[0]), (negative, task.score_labels[1])]
+    assert headings.headings == [("pos", "up"), ("neg", "down")]
 
 
 def test_html_lists_stop_where_the_scores_change_sign(tmp_path: Path) -> None:
@@ -186,10 +197,11 @@ def test_the_figure_colours_and_names_each_list_by_what_its_sign_means(
     drawn = []
     save = report.save_figure
     monkeypatch.setattr(report, "save_figure", lambda fig, path, dpi: (drawn.append(fig), save(fig, path, dpi))[1])
-    result = _one_sided()
-    topk_figure([np.zeros((4, 4))], ["q"], lambda row: np.zeros((4, 4)), str, result, tmp_path / "f.png",
+    topk_figure([np.zeros((4, 4))], ["q"], lambda row: np.zeros((4, 4)), str, _one_sided(), tmp_path / "f.png",
                 score_labels=task.score_labels, positive_helps=task.positive_helps)  # fmt: skip
-    (fig,) = drawn
+    topk_figure([np.zeros((4, 4))], ["q"], lambda row: np.zeros((4, 4)), str, _one_sided(task), tmp_path / "f.png")
+    assert len(drawn) == 2 and drawn[0]._suptitle.get_text() == drawn[1]._suptitle.get_text()  # the result's own
+    fig = drawn[1]
     _, positive, _, _, negative, _, _ = fig.axes
     negative_colour = "red" if positive_colour == "green" else "green"
     assert positive.get_title() == "0\n+2.0e+00" and positive.title.get_color() == positive_colour
@@ -210,6 +222,21 @@ def test_a_sequences_unplaced_part_is_written_with_one_sign(tmp_path: Path) -> N
     cells = _Cells()
     cells.feed(token_report(scores, ["q"], lambda t: "a", tmp_path / "t.html").read_text())
     assert cells.tables[0][0::3] == ["+3.000e+00 (+1.00e+00 unplaced)", "+5.000e-01 (-5.00e-01 unplaced)"]
+
+
+def test_the_token_page_words_the_signs_as_the_scores_task_does(tmp_path: Path) -> None:
+    """token_report said "score > 0 = helpful" unless told otherwise, also for a language model's scores, where a
+    positive score means the sequence raised the query's loss; the scores now carry their task's words."""
+    task = LanguageModelingTask(tokens_per_sequence=4)
+    scores = TokenScores(
+        rows=np.arange(1), where=[("main", 0)], input_ids=np.zeros((1, 1), dtype=np.int64),
+        attention_mask=np.ones((1, 1), dtype=np.int64), tokens=np.array([[[2.0]]], dtype=np.float32),
+        unplaced=np.zeros((1, 1), dtype=np.float32), scores=np.array([[2.0]], dtype=np.float32),
+        score_labels=task.score_labels,
+    )  # fmt: skip
+    page = token_report(scores, ["q"], lambda t: "a", tmp_path / "t.html").read_text()
+    raised, lowered = (label.replace("'", "&#x27;") for label in task.score_labels)
+    assert f"score &gt; 0 = {raised}; score &lt; 0 = {lowered}." in page and "helpful" not in page
 
 
 def test_query_shading_scales_by_the_largest_absolute_value(tmp_path: Path) -> None:

@@ -833,24 +833,21 @@ def query(
     )
     result = attributor.top_k(torch.utils.data.Subset(queries, indices), top_k)
     describe = _describer(store, spec)
-    # What score > 0 and < 0 mean: the task bound to the model knows its problem (a regression head's error…).
-    bound = task.bind(attributor.model)
-    labels = getattr(bound, "score_labels", ("helpful", "harmful"))
-    positive_helps = bool(getattr(bound, "positive_helps", True))
-    short = [label.split(" (")[0] for label in labels]
+    # What score > 0 and < 0 mean is the result's own (its task's, bound to the model: a regression head's error…).
+    short = [label.split(" (")[0] for label in result.score_labels]
     shown = indices[:show]
-    shown_rows = [int(row) for ids in (result.helpful_ids, result.harmful_ids) for row in ids[: len(shown)].ravel()]
+    shown_rows = [int(row) for ids in (result.positive_ids, result.negative_ids) for row in ids[: len(shown)].ravel()]
     text_layout = any(len(describe(*result.locate(row))) > 22 for row in shown_rows)
     if text_layout:  # texts: one line per example
         _echo_texts(result, shown, spec, describe, short)
     for q, qi in enumerate([] if text_layout else shown):
         click.echo(f"\nquery {qi}")
         click.echo(f"  {'rank':>4}  {short[0][:34]:<34} {short[1][:34]:<34}")
-        for rank in range(result.helpful_ids.shape[1]):
+        for rank in range(result.positive_ids.shape[1]):
             row = []
             for sign, ids, scores in (
-                (1.0, result.helpful_ids, result.helpful_scores),
-                (-1.0, result.harmful_ids, result.harmful_scores),
+                (1.0, result.positive_ids, result.positive_scores),
+                (-1.0, result.negative_ids, result.negative_scores),
             ):
                 if not sign * scores[q, rank] > 0:
                     row.append(f"{'–':<22} {'':>10}")
@@ -862,18 +859,16 @@ def query(
     if len(indices) > show:
         where = f"all are in {out_path}" if out_path is not None else "use --out to save all"
         click.echo(f"\n({len(indices) - show} more queries not shown; {where})")
-    few_helpful, few_harmful = result.short_lists()
-    if few_helpful or few_harmful:
+    few_positive, few_negative = result.short_lists()
+    if few_positive or few_negative:
         click.echo(
-            f"\n{few_helpful} of {len(indices)} queries have fewer than {top_k} training examples with a score > 0 "
-            f"({short[0]}) and {few_harmful} fewer than {top_k} with a score < 0 ({short[1]}); their lists stop there."
+            f"\n{few_positive} of {len(indices)} queries have fewer than {top_k} training examples with a score > 0 "
+            f"({short[0]}) and {few_negative} fewer than {top_k} with a score < 0 ({short[1]}); their lists stop there."
         )
     if out_path is not None:
-        records = result.records()
+        records = result.records()  # kinds named by what each row did to the query for its task
         for r in tqdm(records, desc="describe", unit="row", delay=2.0):
             r["query"] = indices[r["query"]]
-            if not positive_helps:  # records() names the kinds by sign; a positive score raised a loss or an error
-                r["kind"] = "harmful" if r["kind"] == "helpful" else "helpful"
             r["description"] = describe(r["stage"], r["index"])
         _write(records, out_path, ("query", "kind", "rank", "stage", "index", "score", "description"))
         click.echo(f"wrote {len(records)} rows to {out_path}")
@@ -882,8 +877,7 @@ def query(
         names = [f"query {i}" for i in indices]
         title = f"{store_path}: {method}"
         report = _save(html_path, lambda: text_report(result, texts, describe, html_path, title=title,
-                                                      score_labels=labels, query_names=names,
-                                                      positive_helps=positive_helps))  # fmt: skip
+                                                      query_names=names))  # fmt: skip
         click.echo(f"wrote {report}")
 
 
@@ -905,8 +899,8 @@ def _echo_texts(
     for q, qi in enumerate(indices):
         click.echo(f"\nquery {qi}: {_printable(spec.describe_query(qi))[:100]}")
         for label, sign, ids, scores in (
-            (labels[0], 1.0, result.helpful_ids, result.helpful_scores),
-            (labels[1], -1.0, result.harmful_ids, result.harmful_scores),
+            (labels[0], 1.0, result.positive_ids, result.positive_scores),
+            (labels[1], -1.0, result.negative_ids, result.negative_scores),
         ):
             for row, score in zip(ids[q], scores[q], strict=True):
                 if not sign * score > 0:

@@ -1,7 +1,8 @@
 """query: query features at the final checkpoint, scores, and top-k through a FAISS index.
 
-score(q, z) = ⟨q̃, T(z)⟩ with q̃ = P ∇f(q; θ_T) (for SOURCE). Positive = z helps q. The most
-helpful examples are the top-k of the inner product; the most harmful are the top-k for −q̃.
+score(q, z) = ⟨q̃, T(z)⟩ with q̃ = P ∇f(q; θ_T) (for SOURCE), an estimate of −Δf(q, z): positive = z raised the
+query's measurement, which helped the query for a margin and harmed it for a loss or an error (the task's
+``positive_helps``). The largest scores are the top-k of the inner product; the most negative the top-k for −q̃.
 
 A fitted method's ``query`` recipe says how q̃ is built::
 
@@ -217,6 +218,7 @@ class Attributor:
         self.search_devices = [default_device(d) for d in search_devices] if search_devices else None
         self.search_ivf = search_ivf
         self.progress = progress
+        self.positive_helps, self.score_labels = score_meaning(task, self.model)
         self._index: faiss.Index | TorchIndex | None = None
         self._curvatures: list[KroneckerCurvature] | None = None
         self._times: list[float] = []
@@ -338,22 +340,43 @@ class Attributor:
         return q @ train_features(self.store, self.method).T
 
     def top_k(self, queries: Dataset | Sequence[Any], k: int = 10) -> QueryResult:
-        """The k most helpful and k most harmful training examples of each query."""
+        """The k largest and k most negative scores of each query: its k most helpful and k most harmful training
+        examples, named by what the sign means for the task (see [`QueryResult`][])."""
         q = np.ascontiguousarray(self.query_features(queries).numpy(), dtype=np.float32)
-        return search(self.index(), q, k, self.rows)
+        return search(self.index(), q, k, self.rows, positive_helps=self.positive_helps, score_labels=self.score_labels)
+
+
+def score_meaning(task: Task, model: nn.Module) -> tuple[bool, tuple[str, str]]:
+    """What a score's sign means for ``task`` bound to ``model``: (``positive_helps``, ``score_labels``).
+
+    A task says it with the attributes ``positive_helps`` (whether a positive score, z raising the measurement,
+    helped the query: True for a margin, False for a loss or an error) and ``score_labels`` (the words for a
+    positive and a negative score). A task without them measures a margin; one with ``positive_helps`` alone gets
+    the plain words in its order."""
+    bound = task.bind(model)
+    positive_helps = bool(getattr(bound, "positive_helps", True))
+    plain = ("helpful", "harmful") if positive_helps else ("harmful", "helpful")
+    labels = getattr(bound, "score_labels", plain)
+    return positive_helps, (str(labels[0]), str(labels[1]))
 
 
 def search(
-    index: faiss.Index | TorchIndex, query_features: np.ndarray, k: int, rows: Sequence[StageRows]
+    index: faiss.Index | TorchIndex,
+    query_features: np.ndarray,
+    k: int,
+    rows: Sequence[StageRows],
+    *,
+    positive_helps: bool = True,
+    score_labels: tuple[str, str] = ("helpful", "harmful"),
 ) -> QueryResult:
-    """Top-k helpful (largest ⟨q, T⟩) and harmful (smallest) rows of an inner-product index.
+    """Top-k largest ⟨q, T⟩ and most negative rows of an inner-product index, as a ``QueryResult`` whose sign
+    means what ``positive_helps`` and ``score_labels`` say (the task's, see ``score_meaning``).
 
     ``k`` is a whole number (a NumPy integer too); refuses ``k`` < 1 and ``k`` larger than the number of
-    training rows (which would return every row as both helpful and harmful). When fewer than ``k`` rows
-    score above zero for a query, its helpful list ends in rows that do not help it (score ≤ 0);
-    :meth:`QueryResult.records` leaves those out, and likewise harmful rows scoring ≥ 0. A query whose
-    ``nprobe`` cells of an approximate (IVF) index hold fewer than ``k`` rows is searched again over every
-    cell (FAISS would pad its lists with row −1).
+    training rows (which would return every row in both lists). When fewer than ``k`` rows score above zero
+    for a query, its positive list ends in rows scoring ≤ 0; :meth:`QueryResult.records` leaves those out, and
+    likewise negative rows scoring ≥ 0. A query whose ``nprobe`` cells of an approximate (IVF) index hold fewer
+    than ``k`` rows is searched again over every cell (FAISS would pad its lists with row −1).
     """
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TaskError(f"top-k must be a whole number of training examples, not {k!r}.")
@@ -373,7 +396,7 @@ def search(
             f"{len(short)} queries (as few as {found}), even scanning every cell it may; ask for a smaller k, or "
             "use an exact search."
         )
-    return QueryResult(help_ids, help_scores, harm_ids, -harm_scores, list(rows))
+    return QueryResult(help_ids, help_scores, harm_ids, -harm_scores, list(rows), positive_helps, score_labels)
 
 
 def _search(index: faiss.Index | TorchIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -393,21 +416,66 @@ def _search(index: faiss.Index | TorchIndex, queries: np.ndarray, k: int) -> tup
 
 @dataclass
 class QueryResult:
-    """Top-k results. ids are rows of the method's feature matrix; ``locate`` maps them to (stage, index).
+    """Top-k results of each query. ids are rows of the method's feature matrix; ``locate`` maps them to (stage,
+    index).
+
+    score(q, z) = −Δf(q, z), the predicted change of the query's measurement f if z were left out
+    (docs/concepts/scores.md): a positive score says z *raised* f. For a margin (classification) that helped the
+    query; for a loss or an error (language modelling, seq2seq, regression) it harmed the query, and the examples
+    that helped it (lowered its loss) have the most *negative* scores. The result carries its task's meaning
+    (``positive_helps``, ``score_labels``) and has two sets of names:
+
+    - by sign, as searched: ``positive_ids`` / ``positive_scores`` (the largest scores) and ``negative_ids`` /
+      ``negative_scores`` (the most negative);
+    - by meaning: ``helpful_ids`` / ``helpful_scores`` and ``harmful_ids`` / ``harmful_scores``. Where a positive
+      score helps these are the positive and the negative lists; where it harms (``positive_helps`` False: a
+      language model's loss) ``helpful_*`` are the **negative** lists and ``harmful_*`` the positive ones.
+
+    ``records()`` names its rows by meaning too, and the reports (``text_report``, ``topk_figure``) word and colour
+    the lists by ``score_labels`` and ``positive_helps``.
 
     Attributes:
-        helpful_ids: ``[Q, k]`` feature rows of the most helpful examples, most helpful first.
-        helpful_scores: ``[Q, k]`` their scores, decreasing (positive = helpful).
-        harmful_ids: ``[Q, k]`` feature rows of the most harmful examples, most harmful first.
-        harmful_scores: ``[Q, k]`` their scores, increasing (negative = harmful).
+        positive_ids: ``[Q, k]`` feature rows of the largest scores, largest first.
+        positive_scores: ``[Q, k]`` their scores, decreasing.
+        negative_ids: ``[Q, k]`` feature rows of the most negative scores, most negative first.
+        negative_scores: ``[Q, k]`` their scores, increasing.
         rows: stage layout of the feature rows.
+        positive_helps: whether a positive score means z helped the query (the task's: True for a margin, False
+            for a loss or an error).
+        score_labels: what a positive and a negative score mean, in words (the task's ``score_labels``).
     """
 
-    helpful_ids: np.ndarray
-    helpful_scores: np.ndarray
-    harmful_ids: np.ndarray
-    harmful_scores: np.ndarray
+    positive_ids: np.ndarray
+    positive_scores: np.ndarray
+    negative_ids: np.ndarray
+    negative_scores: np.ndarray
     rows: list[StageRows]
+    positive_helps: bool = True
+    score_labels: tuple[str, str] = ("helpful", "harmful")
+
+    @property
+    def helpful_ids(self) -> np.ndarray:
+        """``[Q, k]`` feature rows of the examples that helped each query most, most helpful first: the positive
+        list where a positive score helps, the negative one where it harms (a loss's)."""
+        return self.positive_ids if self.positive_helps else self.negative_ids
+
+    @property
+    def helpful_scores(self) -> np.ndarray:
+        """``[Q, k]`` the scores of ``helpful_ids``: decreasing and positive where a positive score helps,
+        increasing and negative where it harms."""
+        return self.positive_scores if self.positive_helps else self.negative_scores
+
+    @property
+    def harmful_ids(self) -> np.ndarray:
+        """``[Q, k]`` feature rows of the examples that harmed each query most, most harmful first: the negative
+        list where a positive score helps, the positive one where it harms (a loss's)."""
+        return self.negative_ids if self.positive_helps else self.positive_ids
+
+    @property
+    def harmful_scores(self) -> np.ndarray:
+        """``[Q, k]`` the scores of ``harmful_ids``: increasing and negative where a positive score helps,
+        decreasing and positive where it harms."""
+        return self.negative_scores if self.positive_helps else self.positive_scores
 
     def locate(self, row: int) -> tuple[str, int]:
         """(stage, index within the stage's dataset) of a feature row."""
@@ -417,19 +485,22 @@ class QueryResult:
         raise IndexError(row)
 
     def short_lists(self) -> tuple[int, int]:
-        """How many queries have fewer than k training examples that help them (score > 0), and how many
-        fewer than k that harm them (score < 0): their lists end in rows of the other sign or zero."""
-        return int((~(self.helpful_scores > 0)).any(axis=1).sum()), int((~(self.harmful_scores < 0)).any(axis=1).sum())
+        """How many queries have fewer than k training examples with a score > 0, and how many fewer than k with a
+        score < 0 (by sign, in the order of ``score_labels``): their lists end in rows of the other sign or zero."""
+        positive = (~(self.positive_scores > 0)).any(axis=1).sum()
+        return int(positive), int((~(self.negative_scores < 0)).any(axis=1).sum())
 
     def records(self) -> list[dict[str, Any]]:
-        """One dict per (query, kind, rank): query, kind, rank, stage, index, score; a helpful row is
-        kept only if its score is positive, a harmful one only if negative (see :meth:`short_lists`)."""
+        """One dict per (query, kind, rank): query, kind, rank, stage, index, score; the helpful rows
+        (``helpful_ids``) first, then the harmful ones, ``kind`` naming what each did to the query for this task
+        (``positive_helps``: for a loss, a "helpful" row has a negative score). A row is kept only if its score
+        has its list's sign (see :meth:`short_lists`)."""
         out = []
-        for kind, ids, scores in (
-            ("helpful", self.helpful_ids, self.helpful_scores),
-            ("harmful", self.harmful_ids, self.harmful_scores),
+        helps = 1.0 if self.positive_helps else -1.0
+        for kind, sign, ids, scores in (
+            ("helpful", helps, self.helpful_ids, self.helpful_scores),
+            ("harmful", -helps, self.harmful_ids, self.harmful_scores),
         ):
-            sign = 1.0 if kind == "helpful" else -1.0
             for q in range(ids.shape[0]):
                 for rank in range(ids.shape[1]):
                     if not sign * scores[q, rank] > 0:

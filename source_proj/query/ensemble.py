@@ -2,8 +2,10 @@
 
 Each model has its own store (its own trajectory, featurized and fitted as usual). The ensemble
 concatenates the per-model query features q̃_m and training features T_m(z)/M, so that one inner
-product averages the scores, score(q, z) = (1/M) Σ_m ⟨q̃_m, T_m(z)⟩ (positive = z helps q), and one
-FAISS index serves the top-k. Any fitted method name works, SOURCE's and every baseline's alike.
+product averages the scores, score(q, z) = (1/M) Σ_m ⟨q̃_m, T_m(z)⟩ (score = −Δf as everywhere: positive = z
+raised the query's measurement, which helped it for a margin and harmed it for a loss or an error; see the task's
+``positive_helps``), and one FAISS index serves the top-k. Any fitted method name works, SOURCE's and every
+baseline's alike.
 """
 
 from __future__ import annotations
@@ -47,9 +49,10 @@ class Ensemble:
     """A method's scores averaged over several models; the same interface as [`Attributor`][].
 
     Args:
-        attributors: one per model, all for the same method and the same training rows. The same store
-            given twice, or two stores featurized from the same training run (same trajectory
-            fingerprint), are refused: they would be one model counted twice.
+        attributors: one per model, all for the same method and the same training rows, and tasks that agree on
+            what a score's sign means (``positive_helps``, ``score_labels``). The same store given twice, or two
+            stores featurized from the same training run (same trajectory fingerprint), are refused: they would
+            be one model counted twice.
     """
 
     def __init__(self, attributors: Sequence[Attributor]) -> None:
@@ -72,8 +75,15 @@ class Ensemble:
                 f"The ensemble's stores attribute different training rows {sorted(layouts)}; fit the same method "
                 "on the same stages and datasets in every store."
             )
+        meanings = {(a.positive_helps, a.score_labels) for a in attributors}
+        if len(meanings) != 1:
+            raise TaskError(
+                f"The ensemble's tasks disagree on what a score's sign means ({sorted(meanings)}); give every model "
+                "the same task."
+            )
         self.attributors = list(attributors)
         self.rows = self.attributors[0].rows
+        self.positive_helps, self.score_labels = meanings.pop()
         self._index: faiss.Index | None = None
 
     @classmethod
@@ -102,7 +112,7 @@ class Ensemble:
         return np.concatenate([train_features(a.store, a.method) * scale for a in self.attributors], axis=1)
 
     def scores(self, queries: Dataset | Sequence[Any]) -> np.ndarray:
-        """The averaged score matrix ``[Q, N]`` (positive = helpful)."""
+        """The averaged score matrix ``[Q, N]`` (score = −Δf: positive = z raised the query's measurement)."""
         return self.query_features(queries) @ self.train_features().T
 
     def index(self) -> faiss.Index:
@@ -114,6 +124,7 @@ class Ensemble:
         return self._index
 
     def top_k(self, queries: Dataset | Sequence[Any], k: int = 10) -> QueryResult:
-        """The k most helpful and k most harmful training examples of each query, by averaged score."""
+        """The k largest and k most negative averaged scores of each query, named by what the sign means for the
+        task (see [`QueryResult`][])."""
         q = np.ascontiguousarray(self.query_features(queries), dtype=np.float32)
-        return search(self.index(), q, k, self.rows)
+        return search(self.index(), q, k, self.rows, positive_helps=self.positive_helps, score_labels=self.score_labels)

@@ -64,7 +64,7 @@ from source_proj.trajectory.preconditioner import read_scale
 @dataclass
 class TokenScores:
     """Per-token scores of training sequences for queries (score = −Δf as everywhere: positive = the sequence raised
-    the query's measurement, which helped it for a margin and harmed it for a loss; see the task's ``score_labels``).
+    the query's measurement, which helped it for a margin and harmed it for a loss; ``score_labels`` say which).
 
     Attributes:
         rows: the sequences' rows in the method's feature matrix (as in ``QueryResult`` ids) ``[n]``.
@@ -78,6 +78,7 @@ class TokenScores:
         target_ids: an encoder–decoder model's targets ``[n, S]`` (−100 at their padding), else ``None``.
         target_tokens: float32 ``[Q, n, S]``: the score carried by each target position (the decoder's activations
             there: reading the target before it, predicting its token), else ``None``.
+        score_labels: what a positive and a negative score mean, in words (the task's ``score_labels``).
     """
 
     rows: np.ndarray
@@ -89,6 +90,7 @@ class TokenScores:
     scores: np.ndarray
     target_ids: np.ndarray | None = None
     target_tokens: np.ndarray | None = None
+    score_labels: tuple[str, str] = ("helpful", "harmful")
 
 
 def single_token_query(example: Mapping[str, Tensor], position: int, *, target: bool = False) -> dict[str, Tensor]:
@@ -217,6 +219,7 @@ def token_scores(
         scores=_cached_scores(attributor, query, places).astype(np.float32),
         target_ids=target_ids.numpy() if target_ids is not None else None,
         target_tokens=targets.float().numpy() if seq2seq else None,
+        score_labels=attributor.score_labels,
     )
 
 

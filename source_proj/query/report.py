@@ -21,8 +21,8 @@ def topk_figure(
     result: QueryResult,
     path: str | Path,
     *,
-    score_labels: tuple[str, str] = ("most helpful", "most harmful"),
-    positive_helps: bool = True,
+    score_labels: tuple[str, str] | None = None,
+    positive_helps: bool | None = None,
 ) -> Path:
     """Save a PNG: one row per query — the query, then its k largest positive scores and its k most negative; a
     list stops where the scores change sign (its remaining cells are left empty). The list of the examples that
@@ -35,15 +35,16 @@ def topk_figure(
         train_title: the caption of a feature row id of the result (shown as it is).
         result: the top-k result (``[Q, k]`` row ids and scores; score = −Δf, docs/concepts/scores.md).
         path: where the PNG goes.
-        score_labels: what a positive and a negative score mean for the task's measurement (the tasks'
-            ``score_labels``; the figure's title shows each up to its first " (").
-        positive_helps: whether a positive score means the example helped the query (the tasks' ``positive_helps``):
-            ``False`` for a measurement that is a loss or an error, where a positive score means the example raised
-            it, and the positive list is drawn in red.
+        score_labels: what a positive and a negative score mean for the task's measurement (default: the result's
+            own, its task's ``score_labels``; the figure's title shows each up to its first " (").
+        positive_helps: whether a positive score means the example helped the query (default: the result's own,
+            its task's ``positive_helps``): ``False`` for a measurement that is a loss or an error, where a positive
+            score means the example raised it, and the positive list is drawn in red.
     """
     plt = pyplot()
-
-    queries, k = result.helpful_ids.shape
+    score_labels = result.score_labels if score_labels is None else score_labels
+    positive_helps = result.positive_helps if positive_helps is None else positive_helps
+    queries, k = result.positive_ids.shape
     for given, what in ((query_images, "query images"), (query_titles, "query titles")):
         if len(given) != queries:
             raise TaskError(f"{len(given)} {what} were given for the {queries} queries of the result; give one each.")
@@ -52,8 +53,8 @@ def topk_figure(
     for q in range(queries):
         cells: list[tuple[np.ndarray, str, str] | None] = [(query_images[q], query_titles[q], "black")]
         for sign, colour, ids, scores in (
-            (1.0, colours[0], result.helpful_ids[q], result.helpful_scores[q]),
-            (-1.0, colours[1], result.harmful_ids[q], result.harmful_scores[q]),
+            (1.0, colours[0], result.positive_ids[q], result.positive_scores[q]),
+            (-1.0, colours[1], result.negative_ids[q], result.negative_scores[q]),
         ):  # a list stops where the scores change sign (QueryResult.short_lists): the rest of its cells stay empty
             cells += [(train_image(int(i)), f"{train_title(int(i))}\n{s:+.1e}", colour) if sign * s > 0 else None
                       for i, s in zip(ids, scores, strict=True)]  # fmt: skip

@@ -58,28 +58,31 @@ def text_report(
     path: str | Path,
     *,
     title: str = "Training data attribution",
-    score_labels: tuple[str, str] = ("helpful", "harmful"),
+    score_labels: tuple[str, str] | None = None,
     query_names: Sequence[str] | None = None,
     shading: str = "",
-    positive_helps: bool = True,
+    positive_helps: bool | None = None,
 ) -> Path:
     """Write the HTML report; returns its path.
 
     Args:
-        result: top-k of the queries (``[Q, k]`` helpful and harmful rows and scores).
+        result: top-k of the queries (``[Q, k]`` rows and scores of each sign; score = −Δf, docs/concepts/scores.md).
         queries: each query's text, or a [`ShadedText`][], in the order of the result's rows.
         train_text: the text of training example ``(stage, index)``.
         path: the ``.html`` file to write (replaced atomically).
         title: the page heading.
-        score_labels: what a positive and a negative score mean for this task's measurement
-            (the tasks' ``score_labels``; score = −Δf, docs/concepts/source.md §1).
+        score_labels: what a positive and a negative score mean for this task's measurement (default: the
+            result's own, its task's ``score_labels``).
         query_names: one heading per query (default ``query 0``, ``query 1``, …); other counts are refused.
         shading: what the shading of [`ShadedText`][] queries shows (for the legend).
-        positive_helps: whether a positive score means the example helped the query (the tasks'
-            ``positive_helps``): its list is headed in green, the other in red. ``False`` for a measurement that
-            is a loss or an error (a language model's), where a positive score means the example raised it.
+        positive_helps: whether a positive score means the example helped the query (default: the result's own,
+            its task's ``positive_helps``): its list is headed in green, the other in red. ``False`` for a
+            measurement that is a loss or an error (a language model's), where a positive score means the example
+            raised it.
     """
-    count = result.helpful_ids.shape[0]
+    score_labels = result.score_labels if score_labels is None else score_labels
+    positive_helps = result.positive_helps if positive_helps is None else positive_helps
+    count = result.positive_ids.shape[0]
     if len(queries) != count:
         raise TaskError(f"{len(queries)} query texts were given for the {count} queries of the result; give one each.")
     names = _names(query_names, count)
@@ -102,8 +105,8 @@ def text_report(
         parts.append(f"<h2>{html.escape(names[q])}</h2><div class='query'>{body}</div><div class='cols'>")
         good, bad = ("pos", "neg") if positive_helps else ("neg", "pos")
         for css, label, sign, ids, scores in (
-            (good, score_labels[0], 1.0, result.helpful_ids[q], result.helpful_scores[q]),
-            (bad, score_labels[1], -1.0, result.harmful_ids[q], result.harmful_scores[q]),
+            (good, score_labels[0], 1.0, result.positive_ids[q], result.positive_scores[q]),
+            (bad, score_labels[1], -1.0, result.negative_ids[q], result.negative_scores[q]),
         ):
             rows = []
             for row, score in zip(ids, scores, strict=True):
@@ -175,7 +178,7 @@ def token_report(
     path: str | Path,
     *,
     title: str = "Per-token attribution",
-    score_labels: tuple[str, str] = ("helpful", "harmful"),
+    score_labels: tuple[str, str] | None = None,
     query_names: Sequence[str] | None = None,
 ) -> Path:
     """Write an HTML page of per-token scores (``per_token.token_scores``); returns its path.
@@ -191,9 +194,11 @@ def token_report(
         decode: the text of one token id (e.g. ``lambda t: tokenizer.decode([t])``).
         path: the ``.html`` file to write (replaced atomically).
         title: the page's heading.
-        score_labels: what a positive and a negative score mean.
+        score_labels: what a positive and a negative score mean (default: the scores' own, their task's
+            ``score_labels``).
         query_names: one heading per query (default ``query 0``, ``query 1``, …); other counts are refused.
     """
+    score_labels = scores.score_labels if score_labels is None else score_labels
     count = scores.tokens.shape[0]
     if len(queries) != count:
         raise TaskError(f"{len(queries)} query texts were given for the {count} queries of the scores; give one each.")
