@@ -1,8 +1,10 @@
 """source-proj: training data attribution with SOURCE (segmented stationary unrolling) in a
 projection engine (onto each layer's Kronecker-factor eigenvectors by default, or random).
 
-Score convention everywhere: ``score(q, z) = −Δf(q, z)``; positive means training example ``z``
-helps query ``q`` (removing ``z`` would lower the measurement).
+Score convention everywhere: ``score(q, z) = −Δf(q, z)``; positive means training example ``z`` raised
+query ``q``'s measurement (removing ``z`` would lower it): it helped ``q`` where the measurement is a margin
+(classification) and harmed it where it is a loss or an error (language modelling, seq2seq, regression; the task's
+``positive_helps`` is False there). Query results carry that meaning (``QueryResult.positive_helps``).
 """
 
 __version__ = "0.1.0"

@@ -34,10 +34,11 @@ def attribute(
     grow: bool = False,
     progress: bool = True,
 ) -> QueryResult:
-    """Featurize (or resume), fit and return the top-k helpful and harmful training examples.
+    """Featurize (or resume), fit and return the top-k training examples of each sign.
 
     A finished store at ``store_path`` with the same settings is reused as it is; an interrupted one
-    is resumed. Scores follow score(q, z) = −Δf(q, z): positive = z helps q.
+    is resumed. Scores follow score(q, z) = −Δf(q, z): positive = z raised the query's measurement, which helped
+    it for a margin and harmed it for a loss or an error; the result carries which (see [`QueryResult`][]).
 
     Args:
         trajectory: the run recorded by [`TrajectoryRecorder`][] (or its directory).
@@ -47,7 +48,7 @@ def attribute(
             ``{stage: dataset}`` for several stages. Example i of a stage is its row i in the results.
         queries: the examples to explain (a dataset, or a tuple of batched tensors).
         store_path: where the features go (a directory, or a URL such as ``s3://…``).
-        top_k: how many helpful and harmful examples to return per query.
+        top_k: how many examples of each sign to return per query.
         projection: the projection's kind, dimension k and seed.
         options: featurize's options (batch size, device, Fisher mode, …).
         fit_args: fit's options (segments, stages attributed, Fast-SOURCE).
@@ -59,7 +60,8 @@ def attribute(
         progress: show progress bars.
 
     Returns:
-        ``[Q, top_k]`` ids and scores of the most helpful and most harmful examples of each query.
+        ``[Q, top_k]`` ids and scores of the largest and most negative scores of each query, also named by what
+        they mean for the task (``helpful_ids``, ``harmful_ids``, ``records()``).
     """
     store: Store = featurize(
         trajectory, model, task, train_data, store_path, projection=projection, options=options, progress=progress,

@@ -6,7 +6,8 @@ attribution of example i is the mean over seeds of the difference,
 
     score_gold(q, i) = −mean_ξ [ f(q; θ_ξ(D∖{i})) − f(q; θ_ξ(D)) ]
 
-(the minus sign gives the project's convention: positive = i helps q). Methods are compared with it
+(the minus sign gives the project's convention: positive = i raised f(q), which helped q for a margin and
+harmed it for a loss). Methods are compared with it
 per query, over the left-out examples, by Spearman correlation (with a bootstrap interval over the
 examples) and cosine similarity. The user's ``further_train(keep, seed) -> [Q]`` continues training
 the final model on the kept examples (see retrain.py for ``keep``); its length and learning rate

@@ -1,8 +1,8 @@
 """Pure metric functions: ranks, Spearman correlation, group predictions, bootstrap intervals.
 
 No retraining, no I/O: every function maps arrays to arrays, so each is tested against scipy on
-fixed data. Score convention: ``scores[q, z] = −Δf(q, z)``, positive = z helps q; the prediction
-for a kept subset S is Σ_{z∈S} scores[q, z].
+fixed data. Score convention: ``scores[q, z] = −Δf(q, z)``, positive = z raised f(q) (helped q for a margin,
+harmed it for a loss); the prediction for a kept subset S is Σ_{z∈S} scores[q, z].
 """
 
 from __future__ import annotations

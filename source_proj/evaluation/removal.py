@@ -71,7 +71,8 @@ def subset_removal(
     *,
     progress: bool = True,
 ) -> dict[str, RemovalResult]:
-    """Fraction of queries flipped against k for every method (name → finite scores ``[Q, N]``, positive = helpful).
+    """Fraction of queries flipped against k for every method (name → finite scores ``[Q, N]``, score = −Δf:
+    positive = z raised the query's measurement, which here is a margin, so positive = z helped it).
 
     Raises ``TaskError`` when no query is correct under every seed of the full-data models (nothing to flip).
     """

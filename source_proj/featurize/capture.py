@@ -283,7 +283,8 @@ class GradientCapture:
 
     The store holds, per window between checkpoints, the sum of every example's projected gradients
     and its visit count, and the window's Fisher sum (``windows.py``); ``sp.fit`` turns them into
-    SOURCE once the recorder is closed. Scores keep the library's sign: positive = helpful.
+    SOURCE once the recorder is closed. Scores keep the library's sign, score = −Δf: positive = z raised the
+    query's measurement (helped it for a margin, harmed it for a loss or an error: the task's ``positive_helps``).
 
     **Fingerprints.** The first captured batch's first ``REFERENCE_ROWS`` examples become the store's
     reference batch, written at once: a resumed run finds it in the store and fingerprints on the

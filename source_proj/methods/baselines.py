@@ -2,7 +2,8 @@
 
 Every baseline is a fitted method like SOURCE: cached training features ``methods/<name>/train/<stage>``
 and a query recipe in ``meta["methods"][name]`` (see query.py), so that score(q, z) = ⟨q̃, T(z)⟩,
-positive = z helps q, and the [`Attributor`][], its FAISS top-k and the
+positive = z raised the query's measurement (as SOURCE's: helped q for a margin, harmed it for a loss or an error),
+and the [`Attributor`][], its FAISS top-k and the
 evaluation serve them unchanged. With g̃_c(z) = P ∇ℓ(z; θ_c) and Φ̃ = [P ∇f(z_i; θ_T)]_i (stored by
 featurize), q̃_c = P ∇f(q; θ_c), T the final checkpoint and N the attributed stage's size::
 
@@ -201,7 +202,8 @@ def fit_baseline(
     with other arguments over an existing method needs ``overwrite``.
 
     Returns:
-        The store; score(q, z) = ⟨q̃, T(z)⟩ with the method's recipe (positive = z helps q).
+        The store; score(q, z) = ⟨q̃, T(z)⟩ with the method's recipe (positive = z raised the query's
+        measurement: helped it for a margin, harmed it for a loss or an error).
     """
     default_device(device)  # a device this machine lacks is refused before the store is touched
     if not isinstance(store, Store):

@@ -367,7 +367,8 @@ def fit(
     """Compute SOURCE's operators and cache the training features ``methods/<method>/train/<stage>``.
 
     The cached feature of training example z is T(z) = −Σ_{ℓ: z∈D_ℓ} (1/N_ℓ) A_ℓ ḡ̃_ℓ(z), so
-    score(q, z) = ⟨P ∇f(q; θ_T), T(z)⟩ (positive = helpful). An interrupted fit resumes; a fit
+    score(q, z) = ⟨P ∇f(q; θ_T), T(z)⟩ ≈ −Δf(q, z) (positive = z raised the query's measurement: helped it for a
+    margin, harmed it for a loss or an error, see the task's ``positive_helps``). An interrupted fit resumes; a fit
     with other arguments over an existing method needs ``overwrite``. The store is locked while
     fit runs, and a resumed fit recomputes cached chunks whose crc no longer matches. ``device``
     runs the k × k products and eigendecompositions there (default: CUDA when available); memory is
