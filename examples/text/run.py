@@ -78,9 +78,9 @@ def main() -> None:
     print(f"prepared and scored in {time.perf_counter() - t0:.0f}s\n")
     for q, qi in enumerate(indices):
         print(f"query {qi}: {lm.describe_query(qi)[:110]}")
-        for label, ids, vals in (
-            ("lowered its loss", result.harmful_ids[q], result.harmful_scores[q]),
-            ("raised its loss ", result.helpful_ids[q], result.helpful_scores[q]),
+        for label, ids, vals in (  # by meaning: for a loss the helpful examples have the most negative scores
+            ("lowered its loss", result.helpful_ids[q], result.helpful_scores[q]),
+            ("raised its loss ", result.harmful_ids[q], result.harmful_scores[q]),
         ):
             for row, score in zip(ids[:3], vals[:3], strict=True):
                 stage, index = result.locate(int(row))
@@ -95,8 +95,6 @@ def main() -> None:
         lm.describe,
         out / "report.html",
         title="Tiny GPT-2 (docstrings → dataset descriptions): held-out queries",
-        score_labels=task.score_labels,
-        positive_helps=task.positive_helps,
         query_names=[f"query {i}: summed loss {sum(s.values):.1f}" for i, s in zip(indices, shaded, strict=True)],
         shading="next-token loss",
     )
@@ -108,7 +106,7 @@ def main() -> None:
         names = [f"query {i}" for i in indices]
         page = token_report(scores, shaded, lambda t: tokenizer.decode([t])[0], out / "tokens.html",
                             title="Tiny GPT-2: which tokens carry each training sequence's score",
-                            score_labels=task.score_labels, query_names=names)  # fmt: skip
+                            query_names=names)  # fmt: skip
         print("per-token report:", page)
 
 
