@@ -89,15 +89,19 @@ def test_html_report_shows_query_and_training_texts(fitted: tuple[Path, Path], t
     _, store = fitted
     task = lm.build_task(TINY)
     data = lm.corpus(TINY)
-    result = sp.Attributor(store, lm.build_model(0, TINY), task).top_k(data.queries, 3)
+    attributor = sp.Attributor(store, lm.build_model(0, TINY), task)
+    result, scores = attributor.top_k(data.queries, 3), attributor.scores(data.queries)
+    offsets = {rows.stage: rows.offset for rows in result.rows}
+    for r in result.records():  # score = −Δloss: a sequence that lowered the query's loss (helped) scores < 0
+        assert r["kind"] == ("helpful" if scores[r["query"], offsets[r["stage"]] + r["index"]] < 0 else "harmful"), r
     first = ShadedText(["alpha", "beta<"], [0.0, 2.0])
     path = text_report(result, [first, data.queries.text(1), "q2", "q3"], lambda s, i: data.train[s].text(i),
-                       tmp_path / "report.html", score_labels=task.score_labels, shading="next-token loss")  # fmt: skip
+                       tmp_path / "report.html", shading="next-token loss")  # fmt: skip
     page = path.read_text()
-    stage, index = result.locate(int(result.harmful_ids[1, 0]))
+    stage, index = result.locate(int(result.helpful_ids[1, 0]))
     assert html.escape(data.train[stage].text(index)).split("&")[0][:20] in page
     assert "beta&lt;" in page and "rgba(220, 80, 40, 0.75)" in page  # escaped; the largest value is darkest
-    assert html.escape(task.score_labels[1]) in page and "<mark>" in page
+    assert html.escape(task.score_labels[1]) in page and "<mark>" in page  # the task's words, from the result
     with pytest.raises(sp.TaskError, match="give one each"):
         text_report(result, ["only one"], lambda s, i: "", tmp_path / "bad.html")
 
@@ -194,9 +198,9 @@ def test_per_token_scores_of_a_sequence_sum_to_its_score(fitted: tuple[Path, Pat
     assert np.abs(result.unplaced).max() == 0.0  # every attributed layer's output is per position
     assert (np.abs(result.tokens).max(axis=-1) > 1e-3 * scale).all()  # not one position carrying everything
 
+    assert result.score_labels == lm.build_task(TINY).score_labels  # the report's words, as the result's
     page = token_report(result, [data.queries.text(0), data.queries.text(1)],
-                        lambda t: data.tokenizer.decode([t])[0], tmp_path / "tokens.html",
-                        score_labels=lm.build_task(TINY).score_labels).read_text()  # fmt: skip
+                        lambda t: data.tokenizer.decode([t])[0], tmp_path / "tokens.html").read_text()  # fmt: skip
     assert page.count("<tr>") == 2 * len(rows) and "rgba(220, 80, 40" in page and "rgba(40, 110, 220" in page
 
 
