@@ -177,6 +177,11 @@ class Attributor:
             refused as ``device`` is.
         search_ivf: the approximate index's settings (``search_backend="ivf"``).
         progress: show a progress bar while query features take longer than two seconds.
+
+    Attributes:
+        positive_helps: whether a positive score means the example helped the query (the task's, bound to the
+            model: True for a margin, False for a loss or an error); ``top_k`` records it on its result.
+        score_labels: what a positive and a negative score mean, in words (the task's).
     """
 
     def __init__(
@@ -386,17 +391,17 @@ def search(
             f"top-k {k} is not between 1 and the {index.ntotal} training examples the method scores; ask for "
             f"1 to {index.ntotal}."
         )
-    help_scores, help_ids = _search(index, query_features, k)
-    harm_scores, harm_ids = _search(index, -query_features, k)
-    short = (help_ids < 0).any(axis=1) | (harm_ids < 0).any(axis=1)
+    pos_scores, pos_ids = _search(index, query_features, k)
+    neg_scores, neg_ids = _search(index, -query_features, k)
+    short = (pos_ids < 0).any(axis=1) | (neg_ids < 0).any(axis=1)
     if short.any():
-        found = int(min((help_ids >= 0).sum(axis=1).min(), (harm_ids >= 0).sum(axis=1).min()))
+        found = int(min((pos_ids >= 0).sum(axis=1).min(), (neg_ids >= 0).sum(axis=1).min()))
         raise TaskError(
             f"The approximate search found fewer than k = {k} training examples for {int(short.sum())} of the "
             f"{len(short)} queries (as few as {found}), even scanning every cell it may; ask for a smaller k, or "
             "use an exact search."
         )
-    return QueryResult(help_ids, help_scores, harm_ids, -harm_scores, list(rows), positive_helps, score_labels)
+    return QueryResult(pos_ids, pos_scores, neg_ids, -neg_scores, list(rows), positive_helps, score_labels)
 
 
 def _search(index: faiss.Index | TorchIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
