@@ -77,6 +77,18 @@ def _mistral() -> nn.Module:
     return transformers.MistralForCausalLM(config)
 
 
+def _alibi(family: str, classes: int | None = None) -> nn.Module:
+    """BLOOM and Falcon (with ``alibi=True``) place ALiBi biases from the 2-D mask, which the task leaves out."""
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=16, hidden_dropout=0.0, attention_dropout=0.0, pad_token_id=0,
+                  num_labels=classes or 2, attn_implementation="eager")  # fmt: skip
+    if family == "bloom":
+        config = transformers.BloomConfig(n_layer=2, n_head=2, **common)
+        return (transformers.BloomForSequenceClassification if classes else transformers.BloomForCausalLM)(config)
+    config = transformers.FalconConfig(num_hidden_layers=2, num_attention_heads=2, alibi=True, **common)
+    return transformers.FalconForCausalLM(config)
+
+
 class PlainTransformer(nn.Module):
     """A plain torch.nn transformer: causal LM (logits per position) or mean-pooled classifier."""
 
@@ -116,10 +128,13 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], sp.Task], bool]] = 
     "llama-lm-eager": (_llama, _lm, False),
     "opt-lm-eager": (_opt, _lm, False),
     "mistral-window-lm-eager": (_mistral, _lm, False),
+    "bloom-alibi-lm-eager": (lambda: _alibi("bloom"), _lm, False),
+    "falcon-alibi-lm-eager": (lambda: _alibi("falcon"), _lm, False),
     "nn-causal-lm": (lambda: PlainTransformer(True, VOCAB), _lm, False),
     "gpt2-classifier": (lambda: _gpt2(classes=3), sp.SequenceClassificationTask, True),
     "bert-classifier-eager": (lambda: _bert("eager"), sp.SequenceClassificationTask, True),
     "bert-classifier-sdpa": (lambda: _bert("sdpa"), sp.SequenceClassificationTask, True),
+    "bloom-alibi-classifier": (lambda: _alibi("bloom", classes=3), sp.SequenceClassificationTask, True),
     "nn-bidirectional-classifier": (lambda: PlainTransformer(False, 3), sp.SequenceClassificationTask, True),
 }
 
@@ -433,6 +448,31 @@ def test_bad_text_input_is_refused_with_a_sentence() -> None:
         task.loss(grads.outputs({**big, "input_ids": big["input_ids"].clamp_max(VOCAB - 1)}), big)
     with pytest.raises(sp.TaskError, match="needs 'labels'"):
         sp.SequenceClassificationTask().loss(torch.zeros(3, 3), _batch(SEQUENCES))
+
+
+@pytest.mark.parametrize("build", [_gpt2, _opt, _bert], ids=["gpt2-wpe", "opt-offset-2", "bert"])
+def test_sequences_beyond_the_position_table_are_refused_by_name_before_the_model_indexes_past_it(
+    build: Callable[[], nn.Module],
+) -> None:
+    """A learned position table of LENGTH rows (OPT's holds two more, before position 0): a batch padded to more
+    would make the model index past it (an IndexError on the CPU, a device-side assert on a GPU). Up to LENGTH runs;
+    beyond, the sentence names the longest sequence, or the padding when every sequence fits."""
+    model = build()
+    task = _lm() if isinstance(model, transformers.GenerationMixin) else sp.SequenceClassificationTask()
+    grads = PerExampleGradients(model, task, task.select_parameters(model))
+    labels = None if isinstance(task, sp.LanguageModelingTask) else [0, 1]
+    assert grads(_batch([list(range(1, LENGTH + 1)), [3, 4]], labels), "loss")  # exactly LENGTH positions
+    name = type(model).__name__
+    with pytest.raises(sp.TaskError, match=rf"^Example 1 of the batch has {LENGTH + 1} tokens, more than the "
+                       rf"{LENGTH} positions of {name}'s position table; truncate or split"):  # fmt: skip
+        grads.outputs(_batch([[3, 4], list(range(1, LENGTH + 2))], labels))
+    with pytest.raises(sp.TaskError, match=rf"^The batch's sequences are padded to {LENGTH + 1} positions, more"):
+        grads(_batch([[3, 4], [5, 6, 7]], labels, length=LENGTH + 1), "loss")
+
+
+def test_a_rotary_model_has_no_position_table_to_run_past() -> None:
+    batch = _batch([list(range(1, LENGTH + 3))])  # beyond max_position_embeddings: rotary positions extrapolate
+    assert _lm().forward(_llama(), batch).shape == (1, LENGTH + 2, VOCAB)
 
 
 def test_labels_at_padded_positions_are_refused_since_the_models_own_loss_predicts_them() -> None:

@@ -187,6 +187,10 @@ class ModelKind:
             ``sliding_window``): a query attends to the ``window`` keys up to itself; ``None``: no window.
         unbuilt_window: a sliding window the task's mask cannot build (on some layers only, as Gemma 2 alternates
             them, or a bidirectional model's): sequences longer than it are refused; ``None``: none.
+        max_positions: the positions its learned position table holds (GPT-2's ``wpe``, OPT's ``embed_positions``):
+            a batch padded to more is refused, where the model would index past the table; ``None``: no such table.
+        alibi: its attention biases are ALiBi's, which it builds from the 2-D padding mask (BLOOM, Falcon with
+            ``alibi=True``): it is called without a mask (see [`inspect_model`][]).
     """
 
     hugging_face: bool
@@ -196,6 +200,8 @@ class ModelKind:
     positions: bool = False
     window: int | None = None
     unbuilt_window: int | None = None
+    max_positions: int | None = None
+    alibi: bool = False
 
 
 def inspect_model(model: nn.Module, attention: AttentionKind = "auto") -> ModelKind:
@@ -206,6 +212,11 @@ def inspect_model(model: nn.Module, attention: AttentionKind = "auto") -> ModelK
     whose forward takes ``position_ids`` is given them (0 … T − 1, what right-padded tokens get from every causal
     model): some derive them from the attention mask (OPT's cumulative sum), which the task replaces by its 4-D
     additive mask.
+
+    An ALiBi model (BLOOM, Falcon with ``alibi=True``) reads the 2-D mask itself, to place its linear biases, and
+    cannot take the 4-D one; it is called without a mask, which is exact for what the tasks predict: its attention
+    is causal, so over right-padded sequences a token never reaches the padding after it, and its biases, a slope
+    times each key's position, are those of the padded mask at every token. (A bidirectional one is refused.)
     """
     params = list(model.parameters())
     dtype = params[0].dtype if params and params[0].is_floating_point() else torch.float32
@@ -221,8 +232,11 @@ def inspect_model(model: nn.Module, attention: AttentionKind = "auto") -> ModelK
             '`model.set_attn_implementation("eager")`, or build it with attn_implementation="eager".'
         )
     positions = "position_ids" in inspect.signature(model.forward).parameters
+    alibi = _alibi(config)
     if attention != "auto":
         causal = attention == "causal"
+    elif alibi:  # BLOOM's attention modules carry no flag; every ALiBi model transformers holds is causal
+        causal = True
     else:
         flags = {m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)}
         if not flags:
@@ -233,7 +247,36 @@ def inspect_model(model: nn.Module, attention: AttentionKind = "auto") -> ModelK
         causal = True in flags and getattr(config, "is_causal", True) is not False
     window, everywhere = _sliding_window(config)
     built = window if causal and everywhere else None
-    return ModelKind(True, causal, dtype, name, positions and causal, built, window if built is None else None)
+    if alibi and not causal:
+        raise TaskError(
+            f"{name} places its ALiBi position biases from the 2-D attention mask, which the task can only leave out "
+            "for causal attention; attribute it with attention='causal' (or 'auto'), as it was trained."
+        )
+    return ModelKind(True, causal, dtype, name, positions and causal, built, window if built is None else None,
+                     _position_table(model), alibi)  # fmt: skip
+
+
+def _alibi(config: Any) -> bool:
+    """Whether a Hugging Face model builds ALiBi biases from its 2-D mask: BLOOM always, Falcon and MPT when set."""
+    attn_config = getattr(config, "attn_config", None)  # MPT's
+    return (getattr(config, "model_type", None) == "bloom" or getattr(config, "alibi", None) is True
+            or getattr(attn_config, "alibi", None) is True)  # fmt: skip
+
+
+def _position_table(model: nn.Module) -> int | None:
+    """How many positions a model's learned position tables hold (the fewest, if several), else ``None``: the
+    embeddings named as transformers names them (``wpe``, ``*position_embeddings``, ``embed_positions``), less the
+    rows before position 0 (OPT's and BART's ``offset`` of 2, RoBERTa's ``padding_idx`` + 1)."""
+    sizes = []
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, nn.Embedding) and (leaf == "wpe" or "position" in leaf):
+            offset = getattr(module, "offset", 0)
+            start = int(offset) if isinstance(offset, int) else 0
+            if module.padding_idx is not None:
+                start = max(start, int(module.padding_idx) + 1)
+            sizes.append(module.num_embeddings - start)
+    return min(sizes) if sizes else None
 
 
 def _sliding_window(config: Any) -> tuple[int | None, bool]:
@@ -337,6 +380,26 @@ def _check_within_window(batch: Mapping[str, Tensor], kind: ModelKind) -> None:
         )
 
 
+def _check_positions(width: int, kind: ModelKind, mask: Tensor | None, what: str = "") -> None:
+    """Refuse a batch whose sequences are padded to more positions (``width``) than the model's position table
+    holds: its lookup would fail, an index error on the CPU and a device-side assert on a GPU. The width is the
+    batch's shape, known on the host; only a refused batch reads ``mask`` ``[B, width]`` (1 = token), to name its
+    longest sequence. ``what``: which sequences (``" target"``, a decoder's)."""
+    limit = kind.max_positions
+    if limit is None or width <= limit:
+        return
+    said = f"The batch's{what} sequences are padded to {width} positions"
+    if mask is not None and _plain(mask) and mask.numel():
+        lengths = mask.reshape(-1, mask.shape[-1]).sum(-1)
+        row = int(lengths.argmax())
+        if int(lengths[row]) > limit:
+            said = f"Example {row} of the batch has {int(lengths[row])}{what} tokens"
+    raise TaskError(
+        f"{said}, more than the {limit} positions of {kind.name}'s position table; truncate or split the sequences "
+        f"to at most {limit} tokens, and pad them to at most {limit}."
+    )
+
+
 def _logits(output: Any) -> Tensor:
     logits = output_tensor(output)
     if logits is not None:
@@ -408,7 +471,10 @@ class _TextTask(Task):
                 "with a functional model (featurize, Attributor and PerExampleGradients do this)."
             )
         inputs = {key: value for key, value in batch.items() if key != "labels"}
-        if kind.hugging_face:
+        _check_positions(batch["input_ids"].shape[-1], kind, _padding_mask(batch))
+        if kind.alibi:  # causal over right padding: no token reaches the padding (see inspect_model)
+            inputs.pop("attention_mask", None)
+        elif kind.hugging_face:
             inputs["attention_mask"] = attention_bias(_padding_mask(batch), bool(kind.causal), kind.dtype, kind.window)
         if kind.positions and "position_ids" not in inputs:
             ids = batch["input_ids"]
@@ -865,7 +931,9 @@ class Seq2SeqTask(_TextTask):
                 f"This {type(self).__name__} has not seen its model; call task.bind(model) before calling forward "
                 "with a functional model (featurize, Attributor and PerExampleGradients do this)."
             )
+        _check_positions(batch["input_ids"].shape[-1], kind, _padding_mask(batch))
         decoder_ids = self._decoder_inputs(batch, shift, kind.name)
+        _check_positions(decoder_ids.shape[-1], kind, target_positions(batch) if "labels" in batch else None, " target")
         inputs = {key: value for key, value in batch.items() if key not in ("labels", OBSERVED_TARGET_KEY)}
         inputs["decoder_input_ids"] = decoder_ids
         if kind.hugging_face:
