@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from torch import nn
 
@@ -201,3 +202,47 @@ def test_mean_predicted_tokens_counts_what_the_collator_labels_so_the_task_loss_
         ours = task.loss(task.forward(model, batch), batch).mean()
         own = model(**batch).loss
     assert torch.allclose(ours, own, rtol=1e-6), f"{float(ours)} vs the model's {float(own)}"
+
+
+def test_single_token_queries_keep_their_labels_through_a_language_models_collator() -> None:
+    """``DataCollatorForLanguageModeling`` labels every token anew, whatever labels an example holds: a batch of
+    single-token queries measured every token's loss. Their chosen labels are kept, right-padded with −100, so each
+    query's measurement is the loss of its one token, computed on the sequence alone; for an encoder–decoder pair
+    (``DataCollatorForSeq2Seq``, ``target=True``), of its one target token with the decoder reading the whole target."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import DataCollatorForLanguageModeling, DataCollatorForSeq2Seq, PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, **{f"w{i}": i for i in range(1, VOCAB)}}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="[PAD]")),
+                                        pad_token="[PAD]")  # fmt: skip
+    model = _gpt2().eval()
+    task = sp.LanguageModelingTask(tokens_per_sequence=1)
+    rows = [{"input_ids": torch.tensor(s)} for s in _sequences(3, seed=4)]  # as a dataset formatted "torch" gives
+    # One sequence's tokens (one length: the collator's labels were silently every token's), then ragged ones.
+    for picked in ([(0, 1), (0, 2), (0, 5)], [(0, 2), (1, len(rows[1]["input_ids"]) - 1), (2, 1)]):
+        queries = [sp.single_token_query(rows[i], j) for i, j in picked]
+        batch = sp.CollatedDataset(queries, DataCollatorForLanguageModeling(tokenizer, mlm=False)).collate_fn(queries)
+        with torch.no_grad():
+            ours = task.measurement(task.forward(model, batch), batch)
+            want = [F.cross_entropy(model(rows[i]["input_ids"][None, :j]).logits[0, -1], rows[i]["input_ids"][j])
+                    for i, j in picked]  # fmt: skip
+        torch.testing.assert_close(ours, torch.stack(want), rtol=1e-5, atol=1e-6)
+
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=VOCAB, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2, dropout_rate=0.0, pad_token_id=0,
+        decoder_start_token_id=0, attn_implementation="eager")).eval()  # fmt: skip
+    pairs = [{"input_ids": s, "labels": t} for s, t in zip(_sequences(2, seed=5), ([3, 4, 5], [6, 7]), strict=True)]
+    picked = [(0, 1), (1, 1)]
+    queries = [sp.single_token_query(pairs[i], j, target=True) for i, j in picked]
+    batch = sp.CollatedDataset(queries, DataCollatorForSeq2Seq(tokenizer, model=t5)).collate_fn(queries)
+    seq2seq = sp.Seq2SeqTask(tokens_per_sequence=1)
+    with torch.no_grad():
+        ours = seq2seq.measurement(seq2seq.forward(t5, batch), batch)
+        want = [F.cross_entropy(t5(input_ids=torch.tensor([pairs[i]["input_ids"]]),
+                                   labels=torch.tensor([pairs[i]["labels"]])).logits[0, j],
+                                torch.tensor(pairs[i]["labels"][j])) for i, j in picked]  # fmt: skip
+    torch.testing.assert_close(ours, torch.stack(want), rtol=1e-5, atol=1e-6)
+    with pytest.raises(sp.TaskError, match="mixes single-token queries"):
+        sp.CollatedDataset(rows, DataCollatorForLanguageModeling(tokenizer, mlm=False)).collate_fn(
+            [rows[0], sp.single_token_query(rows[1], 1)])

@@ -54,7 +54,7 @@ from source_proj.featurize.plan import mean_state
 from source_proj.projection.base import Projector
 from source_proj.projection.factored import FactoredProjector
 from source_proj.query.attributor import Attributor, method_meta
-from source_proj.tasks.data import collate_of
+from source_proj.tasks.data import ChosenLabels, collate_of
 from source_proj.tasks.gradients import move_batch
 from source_proj.tasks.task import Batch, output_tensor
 from source_proj.tasks.text import IGNORE_INDEX, OBSERVED_TARGET_KEY, Seq2SeqTask
@@ -99,7 +99,10 @@ def single_token_query(example: Mapping[str, Tensor], position: int, *, target: 
 
     ``target=True``: an encoder–decoder pair's (``Seq2SeqTask``), whose ``labels`` ``[S]`` are the target;
     ``position`` is then the target's, 0 ≤ position < S, and the decoder still reads the whole target (kept
-    under ``OBSERVED_TARGET_KEY``)."""
+    under ``OBSERVED_TARGET_KEY``).
+
+    A ``sp.CollatedDataset`` of such queries keeps their labels whatever its collate function makes of labels
+    (``DataCollatorForLanguageModeling`` labels every token anew): see ``ChosenLabels``."""
     ids = torch.as_tensor(example["input_ids"])
     if target:
         if "labels" not in example:
@@ -110,7 +113,8 @@ def single_token_query(example: Mapping[str, Tensor], position: int, *, target: 
             raise TaskError(f"Target token {position} is not predicted: the target has {count} tokens, from 0.")
         single = torch.full_like(labels, IGNORE_INDEX)
         single[position] = labels[position]
-        return {OBSERVED_TARGET_KEY: labels, **example, "labels": single}  # the decoder still reads the whole target
+        # the decoder still reads the whole target
+        return ChosenLabels({OBSERVED_TARGET_KEY: labels, **example, "labels": single}, (OBSERVED_TARGET_KEY,))
     if "labels" in example:
         # A language model's labels are its input tokens (−100 where not predicted). Labels of another shape, or
         # of this shape but other tokens, are a target: an encoder–decoder pair's, whose source and target can
@@ -131,7 +135,7 @@ def single_token_query(example: Mapping[str, Tensor], position: int, *, target: 
         )
     labels = torch.full_like(ids, IGNORE_INDEX)
     labels[position] = ids[position]
-    return {**example, "labels": labels}
+    return ChosenLabels({**example, "labels": labels})
 
 
 def token_scores(

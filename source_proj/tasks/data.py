@@ -20,6 +20,21 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from source_proj.errors import SourceProjError, TaskError, first_line, out_of_memory
 
+IGNORE_INDEX = -100
+"""Label of a position that is not predicted (Hugging Face's convention)."""
+
+
+class ChosenLabels(dict):
+    """An example (a dict) whose ``labels`` choose what its measurement predicts, which a ``CollatedDataset`` keeps as
+    they are: ``single_token_query``'s, −100 but at one token. A language model's collator labels every token anew
+    (``DataCollatorForLanguageModeling`` overwrites any ``labels``), so the collate function batches the example
+    without them, and its labels ``[T]`` (an encoder–decoder pair's ``[S]``, with the keys in ``with_labels``) are
+    then right-padded with −100 to the batch's width."""
+
+    def __init__(self, example: Mapping[str, Any], with_labels: tuple[str, ...] = ()) -> None:
+        super().__init__(example)
+        self.with_labels = with_labels  # other keys batched as the labels are: a pair's observed target
+
 
 class ExampleError(TaskError):
     """The user's data fail on their own: a dataset reading an example (a broken file, a missing key), a collate
@@ -66,6 +81,18 @@ class CollatedDataset(Dataset):
         return self.dataset[index]
 
     def collate_fn(self, examples: list[Any]) -> Any:
+        chosen = [isinstance(e, ChosenLabels) for e in examples]
+        if any(chosen):
+            if not all(chosen):
+                raise TaskError(
+                    "A batch mixes single-token queries (sp.single_token_query) with other examples, whose labels its "
+                    "collate function makes itself; make every query of the dataset a single-token query, or score "
+                    "the others in a dataset of their own."
+                )
+            return _with_chosen_labels(self._collated, examples)
+        return self._collated(examples)
+
+    def _collated(self, examples: list[Any]) -> Any:
         try:
             batch = self.collate(examples)
         except SourceProjError:
@@ -96,6 +123,26 @@ class CollatedDataset(Dataset):
                     stacklevel=2,
                 )
         return dict(batch) if isinstance(batch, Mapping) and not isinstance(batch, dict) else batch
+
+
+def _with_chosen_labels(collate: Callable[[list[Any]], Any], examples: list[Any]) -> dict[str, Any]:
+    """``ChosenLabels`` examples batched by ``collate`` without their labels, which are then put in the batch as they
+    were chosen, right-padded with −100: a language model's to the batch's ``input_ids`` width (a collator may pad
+    beyond the longest sequence), a target (labels of another length than the example's input) to the longest."""
+    keys = ("labels", *examples[0].with_labels)
+    batch = dict(collate([{k: v for k, v in e.items() if k not in keys} for e in examples]))
+    rows = {key: [torch.as_tensor(e[key]).reshape(-1) for e in examples] for key in keys if key in examples[0]}
+    ids = batch.get("input_ids")
+    aligned = isinstance(ids, torch.Tensor) and all(
+        len(label) == len(e["input_ids"]) for label, e in zip(rows.get("labels", []), examples, strict=False)
+    )
+    for key, values in rows.items():
+        width = ids.shape[-1] if aligned and isinstance(ids, torch.Tensor) else max(len(v) for v in values)
+        padded = torch.full((len(values), width), IGNORE_INDEX, dtype=torch.long)
+        for i, value in enumerate(values):
+            padded[i, : len(value)] = value
+        batch[key] = padded
+    return batch
 
 
 def _examples_in(batch: Any) -> int | None:

@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from source_proj.errors import TaskError
-from source_proj.tasks.data import collate_of
+from source_proj.tasks.data import IGNORE_INDEX, collate_of
 from source_proj.tasks.draws import FisherDraws
 from source_proj.tasks.task import (
     Batch,
@@ -65,9 +65,6 @@ from source_proj.tasks.task import (
     output_tensor,
     smoothing_described,
 )
-
-IGNORE_INDEX = -100
-"""Label of a position that is not predicted (Hugging Face's convention)."""
 
 VMAP_ATTENTION = ("eager", "sdpa")
 """Hugging Face attention implementations that run under ``torch.func.vmap`` with the tasks' masks."""
