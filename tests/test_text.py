@@ -158,6 +158,19 @@ def test_padded_per_example_gradients_equal_single_sequences(case: str) -> None:
             assert error <= 2e-5 * scale, f"{quantity} of sequence {i}: {error:.2e} vs scale {scale:.2e}"
 
 
+def test_a_batch_of_one_gets_its_plain_autograd_gradient_where_vmap_cannot_run_the_model() -> None:
+    """BLOOM's GELU is an autograd.Function without setup_context, which torch.func refuses: a single query (or a
+    dataset's last batch of one), which the hooks' two-example check never sees, takes plain autograd."""
+    model, task = _alibi("bloom"), _lm()
+    names = task.select_parameters(model)
+    one = _batch([SEQUENCES[1]])
+    got = PerExampleGradients(model, task, names)(one, "loss")
+    params = dict(model.named_parameters())
+    want = torch.autograd.grad(task.loss(task.forward(model, one), one).sum(), [params[n] for n in names])
+    for name, expected in zip(names, want, strict=True):
+        torch.testing.assert_close(got[name][0], expected, rtol=1e-5, atol=1e-7)
+
+
 def test_a_model_with_gradient_checkpointing_enabled_gives_the_gradients_of_the_same_model_without() -> None:
     """Hugging Face models checkpoint in training mode only, and attribution runs them in eval() mode: the
     per-example gradients of a Llama after gradient_checkpointing_enable (either form) are those without it."""

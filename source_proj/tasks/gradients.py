@@ -20,7 +20,10 @@ compiler package (about 2 s), which the hook path never does.
 ``nn.RNN``: their fused kernels fail on a batched input), so a model holding one takes plain autograd one example
 after another instead: the same gradients, B backward passes a batch (with cuDNN off, whose recurrent backward
 refuses a model in ``eval()`` mode). So does a model with an embedding given ``max_norm``, whose in-place
-renormalisation of the rows it looks up ``vmap`` cannot batch.
+renormalisation of the rows it looks up ``vmap`` cannot batch. A batch of one example is its own plain autograd
+gradient (where the hooks have not been checked yet, or do not apply): a model whose forward ``vmap`` cannot run
+(BLOOM's GELU is an ``autograd.Function`` without ``setup_context``) still scores a single query, and a dataset
+whose last batch holds one example.
 """
 
 from __future__ import annotations
@@ -298,6 +301,9 @@ class PerExampleGradients:
                 self._hooked_layers[selected] = None
         if self._looped:
             with self.autocast(), torch.backends.cudnn.flags(enabled=False):
+                return self._one_by_one(selected, batch, quantity)
+        if self.hooks and batch_size(batch) == 1:  # its gradient is plain autograd's, whatever vmap can run
+            with self.autocast():
                 return self._one_by_one(selected, batch, quantity)
         params = self.params if names is None else {n: self.params[n] for n in names}
         with self.autocast():
