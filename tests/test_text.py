@@ -171,6 +171,24 @@ def test_a_batch_of_one_gets_its_plain_autograd_gradient_where_vmap_cannot_run_t
         torch.testing.assert_close(got[name][0], expected, rtol=1e-5, atol=1e-7)
 
 
+def test_falcons_linear_layers_are_factored_by_the_hooks_as_nn_linear_is() -> None:
+    """FalconLinear overrides forward with x Wᵀ + b: the hooks factor it (the factored projection refused Falcon, none
+    of its layers being factorable), and the hooks' features are the projection of its materialised gradients."""
+    from source_proj.projection.factory import make_projector
+
+    model, task = _alibi("falcon"), _lm()
+    names = task.select_parameters(model)
+    shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters() if n in names]
+    projector = make_projector("factored", shapes, 32, 0, model=model)
+    grads = PerExampleGradients(model, task, names)
+    batch = _batch(SEQUENCES, length=LENGTH)
+    materialised = grads(batch, "loss")
+    assert grads._hooked_layers[tuple(names)] is not None  # the hooks agreed with plain autograd
+    want = projector.project(materialised)
+    torch.testing.assert_close(projector.project_batch(grads, batch, "loss"), want, rtol=1e-4, atol=1e-5 * float(
+        want.abs().max()))
+
+
 def test_a_model_with_gradient_checkpointing_enabled_gives_the_gradients_of_the_same_model_without() -> None:
     """Hugging Face models checkpoint in training mode only, and attribution runs them in eval() mode: the
     per-example gradients of a Llama after gradient_checkpointing_enable (either form) are those without it."""

@@ -16,7 +16,8 @@ A weight held by several modules (GPT-2's token embedding tied to its LM head, b
 one layer with several *uses*: each adds its outer products to the same G. Its bias, if any, is
 left to the dense part. Everything else (norms, packed attention projections used functionally, the
 ``out_proj`` of an ``nn.MultiheadAttention``, whose forward never runs, grouped convolutions, subclasses that
-override ``forward``) is not a factorable layer: it is projected densely.
+override ``forward``, but for transformers' ``FalconLinear``, whose forward is ``nn.Linear``'s as a matmul) is not a
+factorable layer: it is projected densely.
 
 ``FactoredLayer.matrix`` and ``FactoredLayer.split`` convert between the parameters'
 materialised per-example gradients and G: the projections and gradient transforms use them on the
@@ -48,8 +49,8 @@ def layer_kind(module: nn.Module) -> LayerKind | None:
     its ``embed_scale``), whose hooks scale the output gradient back (``embedding_scale``); the self-checks of the
     hook paths confirm it."""
     forward = type(module).forward
-    if isinstance(module, nn.Linear) and forward is nn.Linear.forward:
-        return "linear"
+    if isinstance(module, nn.Linear) and (forward is nn.Linear.forward or _is_transformers(module, "FalconLinear")):
+        return "linear"  # FalconLinear computes x Wᵀ + b as a matmul and an addition: nn.Linear's own
     if isinstance(module, _CONVS) and module.groups == 1 and forward in _CONV_FORWARDS:
         return "conv"
     if (
@@ -59,10 +60,14 @@ def layer_kind(module: nn.Module) -> LayerKind | None:
         and not module.scale_grad_by_freq
     ):
         return "embedding"
-    cls = type(module)
-    if cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") and hasattr(module, "nf"):
+    if _is_transformers(module, "Conv1D") and hasattr(module, "nf"):
         return "hf_conv1d"
     return None
+
+
+def _is_transformers(module: nn.Module, name: str) -> bool:
+    cls = type(module)
+    return cls.__name__ == name and cls.__module__.startswith("transformers")
 
 
 def embedding_scale(module: nn.Module) -> float | Tensor:
