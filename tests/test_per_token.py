@@ -3,6 +3,8 @@ that per-token scores accept (the sum identity itself is tested on the text exam
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -58,3 +60,46 @@ def test_the_pull_back_of_a_factored_projection_matches_its_hooks_features(kind:
     torch.testing.assert_close(pulled, w @ features.T, rtol=1e-4, atol=1e-5)
     exact = torch.cat([(u[n] / scale[n]).reshape(3, -1) for n in names], dim=1)
     assert not torch.allclose(exact, w @ projector.dense(), rtol=1e-3, atol=1e-4)  # the rank-1 form, not s itself
+
+
+@pytest.mark.slow
+def test_per_token_scores_read_a_modules_flattened_positions_as_the_sequences_own(tmp_path: Path) -> None:
+    """OPT's MLP runs on ``[B·T, d]``, its positions flattened into rows example by example: its shares lie on the
+    positions of those rows (a batch of one, whose rows are its own positions, gives the same), none on padding, and
+    the shares sum to the cached score. It was refused as mixing the examples."""
+    import numpy as np
+    import transformers
+
+    def opt() -> nn.Module:
+        torch.manual_seed(0)
+        config = transformers.OPTConfig(vocab_size=13, hidden_size=8, ffn_dim=16, num_hidden_layers=1,
+                                        num_attention_heads=2, word_embed_proj_dim=8, max_position_embeddings=8,
+                                        dropout=0.0, pad_token_id=0, attn_implementation="eager")  # fmt: skip
+        return transformers.OPTForCausalLM(config)
+
+    train = sp.TextDataset([[1, 5, 2, 7, 3, 9, 4], [4, 2, 6], [7, 1, 9, 3, 11], [2, 8]])
+    queries = sp.TextDataset([[3, 9, 4, 2, 7], [6, 1]])
+    task = sp.LanguageModelingTask(tokens_per_sequence="own")
+    model = opt()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
+    recorder = sp.TrajectoryRecorder(tmp_path / "run", model, optimizer, save_every=1)
+    recorder.begin_stage("main", dataset_size=len(train))
+    batch = {key: torch.stack([train[i][key] for i in range(len(train))]) for key in train[0]}
+    for _ in range(2):
+        optimizer.zero_grad()
+        task.loss(task.forward(model, batch), batch).mean().backward()
+        optimizer.step()
+        recorder.step()
+    recorder.close()
+    store = sp.featurize(tmp_path / "run", opt(), task, train, tmp_path / "s.sp", progress=False,
+                         projection=sp.ProjectionArguments(kind="identity"))  # fmt: skip
+    sp.fit(store.path, progress=False)
+    attributor = sp.Attributor(store.path, opt(), task)
+    rows = [0, 1, 3]
+    together = sp.token_scores(attributor, queries, train, rows, batch_size=3, progress=False)
+    alone = sp.token_scores(attributor, queries, train, rows, batch_size=1, progress=False)
+    scale = np.abs(together.tokens).max()
+    assert scale > 0 and np.abs(together.tokens[:, together.attention_mask == 0]).max() == 0.0
+    np.testing.assert_allclose(together.tokens, alone.tokens, rtol=0, atol=1e-5 * scale)
+    np.testing.assert_allclose(together.tokens.sum(-1) + together.unplaced, together.scores, rtol=0,
+                               atol=1e-4 * np.abs(together.scores).max())  # fmt: skip

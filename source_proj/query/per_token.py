@@ -20,7 +20,8 @@ share is what the gradient of the sequence carries through the activations at t 
 and context, and its own next-token loss), the decomposition kronfluence's per-token scores use. The
 shares of a sequence sum to its score (``TokenScores.scores``, read from the cached features; the
 difference is float rounding, or a parameter used outside its module's forward). A module output
-without a position axis (a classifier head) goes to ``unplaced``.
+without a position axis (a classifier head) goes to ``unplaced``; one whose positions are flattened into its rows
+(OPT's MLP takes ``[B·T, d]``) is read as ``[B, T, …]``.
 
 An encoder–decoder model (``Seq2SeqTask``) has two position axes: its encoder's module outputs, and its decoder's
 cross-attention keys and values (which read the encoder's output), lie on the source's positions
@@ -375,7 +376,9 @@ def _split(attributor: Attributor, batch: Batch, u: Mapping[str, Tensor]) -> tup
             with sdpa_kernel(SDPBackend.MATH):  # the fused kernels (nn.MultiheadAttention's) have no forward mode
                 _, tangent = jvp(forward, (primals,), (tangents,))
             product = delta.double() * tangent.detach().double()
-            if out.dim() >= 2 and tuple(out.shape[:2]) == (size, positions):
+            if (out.dim() >= 2 and tuple(out.shape[:2]) == (size, positions)) or (
+                out.dim() == 2 and out.shape[0] == size * positions  # OPT's MLP: [B·T, d], example by example
+            ):
                 axis[q] += product.reshape(size, positions, -1).sum(-1)
             elif out.shape[0] == size:
                 rest[q] += product.reshape(size, -1).sum(-1)
