@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import pytest
@@ -77,7 +78,8 @@ TASKS: dict[str, sp.Seq2SeqTask] = {  # a plain model has no config: the task sa
 }
 
 
-def _pairs(sources: list[list[int]], targets: list[list[int]], length: int = 8, target_length: int = 6) -> dict:
+def _pairs(sources: list[list[int]], targets: list[list[int]], length: int | None = 8,
+           target_length: int | None = 6) -> dict:  # fmt: skip
     data = sp.TextDataset(sources, targets=targets, length=length, target_length=target_length)
     return {key: torch.stack([data[i][key] for i in range(len(data))]) for key in data[0]}
 
@@ -209,6 +211,20 @@ def test_seq2seq_inputs_and_models_that_do_not_fit_are_refused_with_a_sentence()
         sp.TextDataset(SOURCES, labels=[0, 1, 0], targets=TARGETS)
     with pytest.raises(sp.TaskError, match=r"2 targets were given for 3 sequences"):
         sp.TextDataset(SOURCES, targets=TARGETS[:2])
+
+
+def test_sources_and_targets_beyond_barts_position_tables_are_refused_by_name() -> None:
+    """BART's encoder and decoder look positions up in tables of 16 rows (two more before position 0): a source or a
+    target longer would index past them (an IndexError on the CPU, a device-side assert on a GPU)."""
+    bart, task = _bart(), sp.Seq2SeqTask(tokens_per_sequence=3)
+    long = list(range(3, 20))  # 17 tokens
+    pairs = partial(_pairs, length=None, target_length=None)
+    assert task.forward(bart, pairs([long[:16], [3]], [long[:16], [4]])).shape == (2, 16, VOCAB)
+    with pytest.raises(sp.TaskError, match=r"^Example 1 of the batch has 17 tokens, more than the 16 positions of "
+                       r"BartForConditionalGeneration's position table"):  # fmt: skip
+        task.forward(bart, pairs([[3], long], [[4], [5]]))
+    with pytest.raises(sp.TaskError, match=r"^Example 0 of the batch has 17 target tokens, more than the 16"):
+        task.forward(bart, pairs([[3], [4]], [long, [5]]))
 
 
 def test_examples_of_different_lengths_are_refused_with_how_to_pad_them(tmp_path) -> None:
