@@ -416,6 +416,10 @@ def test_module_selection_includes_and_excludes_exactly_what_it_says() -> None:
         assert not any(word in name for name in sp.ModuleSelection().select(model) for word in never)
     with pytest.raises(sp.TaskError, match="keeps no trainable linear layer"):
         sp.ModuleSelection(include=("nothing*",)).select(lm)
+    # Asking for the tied head alone says why it is left out, where it said only to set blocks_only=False.
+    with pytest.raises(sp.TaskError, match=r"\(lm_head\.weight is transformer\.wte\.weight: a weight tied to an "
+                       r"embedding is left out with the embeddings, select it by name with sp\.ParameterSelection\)"):
+        sp.ModuleSelection(include=("lm_head",), blocks_only=False).select(lm)
     assert sp.LanguageModelingTask(tokens_per_sequence=1).select_parameters(lm) == gpt2_blocks
 
 

@@ -86,7 +86,8 @@ class ModuleSelection:
     A linear layer is an ``nn.Linear`` (and subclasses), transformers' ``Conv1D`` (GPT-2) or an
     ``nn.MultiheadAttention`` (its packed input projection; its ``out_proj`` is an ``nn.Linear`` of
     its own). Nothing else is ever selected: embeddings, norms and position tables are excluded by
-    construction, and a weight shared with another module (a tied LM head) only under its first name.
+    construction, and so is a layer whose weight is another module's by its first name (an LM head tied to the token
+    embedding: ``lm_head.weight`` is ``transformer.wte.weight``), left out with the embeddings.
 
     Attributes:
         include: glob patterns on module names (``"*.mlp.*"``, ``"transformer.h.1.*"``).
@@ -115,19 +116,25 @@ class ModuleSelection:
 
     def select(self, model: nn.Module) -> list[str]:
         """Names of the selected trainable parameters, in ``model.named_parameters()`` order."""
-        canonical = {name for name, _ in model.named_parameters()}  # a tied weight keeps its first name
+        canonical = {id(param): name for name, param in model.named_parameters()}  # a tied weight's first name
         wanted: set[str] = set()
+        tied: list[str] = []
         for module_name in self.modules(model):
             module = model.get_submodule(module_name)
             for local, param in module.named_parameters(recurse=False):
                 full = f"{module_name}.{local}"
-                if full in canonical and param.requires_grad and (self.bias or not _is_bias(local)):
+                if canonical.get(id(param)) != full:  # another module's weight (an LM head's tied to the embedding)
+                    tied.append(f"{full} is {canonical.get(id(param))}")
+                elif param.requires_grad and (self.bias or not _is_bias(local)):
                     wanted.add(full)
         names = [name for name, _ in model.named_parameters() if name in wanted]
         if not names:
+            shared = (f" ({'; '.join(tied)}: a weight tied to an embedding is left out with the embeddings, select it "
+                      "by name with sp.ParameterSelection)" if tied else "")  # fmt: skip
             raise TaskError(
-                f"The module selection {self.describe()} keeps no trainable linear layer of {type(model).__name__}; "
-                "loosen include/exclude, set blocks_only=False, or select by parameter name with sp.ParameterSelection."
+                f"The module selection {self.describe()} keeps no trainable linear layer of {type(model).__name__}"
+                f"{shared}; loosen include/exclude, set blocks_only=False, or select by parameter name with "
+                "sp.ParameterSelection."
             )
         return names
 
