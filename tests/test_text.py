@@ -189,6 +189,23 @@ def test_falcons_linear_layers_are_factored_by_the_hooks_as_nn_linear_is() -> No
         want.abs().max()))
 
 
+def test_a_model_torch_func_cannot_run_takes_plain_autograd_for_parameters_the_hooks_do_not_factor() -> None:
+    """BLOOM's GELU is an autograd.Function without setup_context: its layer norms, which the hooks do not factor,
+    went to torch.func, which refused the model with advice for checkpointing. Plain autograd, one sequence at a time,
+    gives each padded sequence's gradient, that of the model's own loss on the sequence alone."""
+    model = _alibi("bloom")
+    task = sp.LanguageModelingTask(tokens_per_sequence=1, parameters=sp.ParameterSelection(include=("*h.1.*",)))
+    names = task.select_parameters(model)
+    assert any("layernorm" in n for n in names)
+    got = PerExampleGradients(model, task, names)(_batch(SEQUENCES, length=LENGTH), "loss")
+    params = dict(model.named_parameters())
+    for i, seq in enumerate(SEQUENCES):
+        ids = torch.tensor([seq])
+        own = model(input_ids=ids, labels=ids).loss * (len(seq) - 1)  # the summed token loss
+        for name, want in zip(names, torch.autograd.grad(own, [params[n] for n in names]), strict=True):
+            torch.testing.assert_close(got[name][i], want, rtol=1e-4, atol=1e-6)
+
+
 def test_a_model_with_gradient_checkpointing_enabled_gives_the_gradients_of_the_same_model_without() -> None:
     """Hugging Face models checkpoint in training mode only, and attribution runs them in eval() mode: the
     per-example gradients of a Llama after gradient_checkpointing_enable (either form) are those without it."""

@@ -20,10 +20,10 @@ compiler package (about 2 s), which the hook path never does.
 ``nn.RNN``: their fused kernels fail on a batched input), so a model holding one takes plain autograd one example
 after another instead: the same gradients, B backward passes a batch (with cuDNN off, whose recurrent backward
 refuses a model in ``eval()`` mode). So does a model with an embedding given ``max_norm``, whose in-place
-renormalisation of the rows it looks up ``vmap`` cannot batch. A batch of one example is its own plain autograd
-gradient (where the hooks have not been checked yet, or do not apply): a model whose forward ``vmap`` cannot run
-(BLOOM's GELU is an ``autograd.Function`` without ``setup_context``) still scores a single query, and a dataset
-whose last batch holds one example.
+renormalisation of the rows it looks up ``vmap`` cannot batch, and a model whose forward calls an
+``autograd.Function`` without ``setup_context``, which ``torch.func`` refuses (BLOOM's GELU), once ``vmap`` has
+refused it. A batch of one example is its own plain autograd gradient (where the hooks have not been checked yet,
+or do not apply). Reentrant ``torch.utils.checkpoint`` refuses plain autograd's ``grad`` too, and is refused.
 """
 
 from __future__ import annotations
@@ -306,8 +306,14 @@ class PerExampleGradients:
             with self.autocast():
                 return self._one_by_one(selected, batch, quantity)
         params = self.params if names is None else {n: self.params[n] for n in names}
-        with self.autocast():
-            return self._fns[quantity](params, batch)
+        try:
+            with self.autocast():
+                return self._fns[quantity](params, batch)
+        except RuntimeError as err:
+            if _OLD_FUNCTION not in str(err):
+                raise
+            self._looped = True  # an autograd.Function torch.func cannot run: plain autograd can (see the docstring)
+            return self._gradients(batch, quantity, names)
 
     def _layers_for(self, selected: tuple[str, ...], batch: Batch, quantity: Quantity) -> list[FactoredLayer] | None:
         """The factorable layers holding every selected parameter, or ``None`` (use ``torch.func``).
