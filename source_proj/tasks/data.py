@@ -133,9 +133,7 @@ def _with_chosen_labels(collate: Callable[[list[Any]], Any], examples: list[Any]
     batch = dict(collate([{k: v for k, v in e.items() if k not in keys} for e in examples]))
     rows = {key: [torch.as_tensor(e[key]).reshape(-1) for e in examples] for key in keys if key in examples[0]}
     ids = batch.get("input_ids")
-    aligned = isinstance(ids, torch.Tensor) and all(
-        len(label) == len(e["input_ids"]) for label, e in zip(rows.get("labels", []), examples, strict=False)
-    )
+    aligned = all(len(label) == len(e["input_ids"]) for label, e in zip(rows["labels"], examples, strict=True))
     for key, values in rows.items():
         width = ids.shape[-1] if aligned and isinstance(ids, torch.Tensor) else max(len(v) for v in values)
         padded = torch.full((len(values), width), IGNORE_INDEX, dtype=torch.long)
