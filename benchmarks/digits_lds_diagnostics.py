@@ -29,21 +29,29 @@ import settings
 
 import source_proj as sp
 from source_proj import evaluation as ev
-from source_proj.methods.fit import _fold_chunk, segment_operators, store_segments
+from source_proj.methods.fit import _checkpoint_means, feature_points, segment_operators, store_segments
 from source_proj.methods.source import fold
 
 
 def scaled_source_features(store: sp.Store, args: sp.FitArguments, scale: float) -> np.ndarray:
-    """SOURCE's T(z) ``[N, k]`` with every segment's time η̄K multiplied by ``scale``."""
+    """SOURCE's T(z) ``[N, k]`` with every segment's time η̄K multiplied by ``scale`` (``scale=1``: the features
+    ``sp.fit(store, args)`` stores: the same feature points and damping)."""
     segments = store_segments(store, args)
-    operators = [dataclasses.replace(op, time=op.time * scale) for op in segment_operators(store, segments)]
-    folded = fold(operators)
-    meta = store.meta
-    rows = meta["featurize"]["chunk_rows"]
+    points = feature_points(store, segments, args.fast, args.average)
+    damping = args.resolve_damping("projected", store.meta["projection"]["kind"])
+    operators = segment_operators(store, segments, points, damping_factor=damping)
+    folded = dict(zip(segments, fold([dataclasses.replace(op, time=op.time * scale) for op in operators]),
+                      strict=True))  # fmt: skip
+    means = dict(zip(segments, points, strict=True))
+    rows = store.meta["featurize"]["chunk_rows"]
     out = []
-    for stage in args.stages or [s["name"] for s in meta["trajectory"]["stages"]]:
-        size = next(s["dataset_size"] for s in meta["trajectory"]["stages"] if s["name"] == stage)
-        out += [_fold_chunk(store, stage, c, size, segments, folded) for c in range(-(-size // rows))]
+    for stage in args.stages or [s["name"] for s in store.meta["trajectory"]["stages"]]:
+        size = next(s["dataset_size"] for s in store.meta["trajectory"]["stages"] if s["name"] == stage)
+        own = [seg for seg in segments if seg.stage == stage]
+        for chunk in range(-(-size // rows)):
+            total = sum(g @ folded[seg].T for seg, g in zip(own, _checkpoint_means(store, means, stage, chunk, own),
+                                                            strict=True))  # fmt: skip
+            out.append((-total / size).float().numpy())
     return np.concatenate(out)
 
 

@@ -1,16 +1,105 @@
-"""The prepared GPU benchmark (``benchmarks/transformer_gpu.py``) runs end to end at toy size on the CPU, so that
-a session with a GPU only changes its sizes."""
+"""The benchmark scripts keep up with the library: every ``benchmarks/**/*.py`` imports, every name it takes from
+``source_proj`` exists and every script's ``--help`` parses (without running a benchmark); and the prepared GPU
+benchmark (``benchmarks/transformer_gpu.py``) runs end to end at toy size on the CPU, so that a session with a GPU
+only changes its sizes."""
 
 from __future__ import annotations
 
+import ast
+import importlib
+import importlib.util
 import sys
 from pathlib import Path
+from types import ModuleType
 
+import numpy as np
 import pytest
 
 import source_proj as sp
 
 ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted(path.relative_to(ROOT).as_posix() for path in (ROOT / "benchmarks").rglob("*.py"))
+LOCAL = (ROOT / "benchmarks", ROOT / "examples")  # the scripts' own modules (digits, lm, settings, harness, ...)
+
+
+def _local(module: object) -> bool:
+    file = getattr(module, "__file__", None)
+    return file is not None and any(Path(file).is_relative_to(folder) for folder in LOCAL)
+
+
+def _has(module: ModuleType, name: str) -> bool:
+    """Whether ``module`` has ``name``, without importing what a lazy ``__getattr__`` would (the integrations')."""
+    return (
+        name in vars(module)
+        or name in getattr(module, "__all__", ())
+        or (hasattr(module, "__path__") and importlib.util.find_spec(f"{module.__name__}.{name}") is not None)
+    )
+
+
+def _missing_library_names(tree: ast.Module) -> list[str]:
+    """The names a script takes from ``source_proj`` that it lacks, those an import alone does not check included:
+    ``from source_proj... import name`` inside a function, and ``alias.name`` on a ``source_proj`` module."""
+    aliases: dict[str, ModuleType] = {}
+    missing = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:  # `import source_proj.x as y` binds y to source_proj.x, `import source_proj.x` the top
+                if a.name.split(".")[0] == "source_proj":
+                    aliases[a.asname or "source_proj"] = importlib.import_module(a.name if a.asname else "source_proj")
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "source_proj":
+            assert node.module is not None
+            module = importlib.import_module(node.module)
+            for a in node.names:
+                if not _has(module, a.name):
+                    missing.append(f"line {node.lineno}: from {node.module} import {a.name}")
+                elif isinstance(vars(module).get(a.name), ModuleType):
+                    aliases[a.asname or a.name] = vars(module)[a.name]
+    missing += [
+        f"line {node.lineno}: {node.value.id}.{node.attr}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+        and not _has(aliases[node.value.id], node.attr)
+    ]  # fmt: skip
+    return missing
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_benchmark_script_imports_and_parses_help(
+    script: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Imported as ``python benchmarks/x.py`` would run it (its folder first on sys.path, its sibling modules
+    fresh), but not run: a script that imports or uses a name the library no longer has fails here, and so does an
+    argparse script whose ``--help`` does not parse. A third-party package missing here (an optional peer) skips."""
+    path = ROOT / script
+    tree = ast.parse(path.read_text(), filename=script)
+    for name, module in list(sys.modules.items()):  # a digits `settings` must not stand in for accuracy's
+        if _local(module):
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "path", [str(path.parent), *sys.path])
+    spec = importlib.util.spec_from_file_location(f"benchmark_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # as __main__ is: its dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+        missing = _missing_library_names(tree)
+        assert not missing, f"{script} uses names source_proj lacks: {missing}"
+        if callable(getattr(module, "main", None)):
+            monkeypatch.setattr(sys, "argv", [str(path), "--help"])
+            with pytest.raises(SystemExit) as leave:
+                module.main()
+            assert leave.value.code == 0 and "usage:" in capsys.readouterr().out
+    except ModuleNotFoundError as err:
+        top = (err.name or "").split(".")[0]
+        if top == "source_proj" or importlib.util.find_spec(top) is not None or any(
+            next(folder.rglob(f"{top}.py"), None) for folder in LOCAL
+        ):
+            raise
+        pytest.skip(f"{script} needs {top}, not installed here")
+    finally:
+        for name, loaded in list(sys.modules.items()):
+            if _local(loaded):
+                del sys.modules[name]
 
 
 @pytest.mark.slow
@@ -29,3 +118,20 @@ def test_transformer_gpu_benchmark_smoke(tmp_path: Path, model: str) -> None:
     assert store.meta["methods"]["source"]["complete"]
     trajectory = sp.Trajectory.load(tmp_path / "run")
     assert trajectory.num_steps == 4 and (trajectory.clip <= 1).all()
+
+
+def test_digits_diagnostics_scaled_source_features_at_scale_one_are_fit_s(fitted_mlp_store: Path) -> None:
+    """``digits_lds_diagnostics.py``'s SOURCE with every segment's time η̄K scaled: at scale 1 the features fit
+    stores, with fit's feature points and damping; another scale changes them."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import digits_lds_diagnostics as diagnostics
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    store = sp.Store.open(fitted_mlp_store, writable=True)
+    args = sp.FitArguments(segments_per_stage=2, method="two")
+    sp.fit(store, args, progress=False)
+    stages = [s["name"] for s in store.meta["trajectory"]["stages"]]
+    fitted = np.concatenate([store.read(f"methods/two/train/{stage}") for stage in stages])
+    np.testing.assert_allclose(diagnostics.scaled_source_features(store, args, 1.0), fitted, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(diagnostics.scaled_source_features(store, args, 3.0), fitted, rtol=1e-3)
