@@ -9,6 +9,7 @@ import ast
 import importlib
 import importlib.util
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -63,16 +64,11 @@ def _missing_library_names(tree: ast.Module) -> list[str]:
     return missing
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_benchmark_script_imports_and_parses_help(
-    script: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Imported as ``python benchmarks/x.py`` would run it (its folder first on sys.path, its sibling modules
-    fresh), but not run: a script that imports or uses a name the library no longer has fails here, and so does an
-    argparse script whose ``--help`` does not parse. A third-party package missing here (an optional peer) skips."""
+def _load(script: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """``script`` imported as ``python script`` would run it, but not run: its folder first on sys.path and its
+    sibling modules fresh (a digits ``settings`` must not stand in for accuracy's); ``monkeypatch`` undoes both."""
     path = ROOT / script
-    tree = ast.parse(path.read_text(), filename=script)
-    for name, module in list(sys.modules.items()):  # a digits `settings` must not stand in for accuracy's
+    for name, module in list(sys.modules.items()):
         if _local(module):
             monkeypatch.delitem(sys.modules, name)
     monkeypatch.setattr(sys, "path", [str(path.parent), *sys.path])
@@ -80,15 +76,27 @@ def test_benchmark_script_imports_and_parses_help(
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)  # as __main__ is: its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def fresh_modules() -> Iterator[None]:
+    """The scripts' own modules a test imported are dropped after it, so the next script imports its own."""
+    yield
+    for name, loaded in list(sys.modules.items()):
+        if _local(loaded):
+            del sys.modules[name]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_benchmark_script_imports_and_parses_help(
+    script: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], fresh_modules: None
+) -> None:
+    """A script that imports or uses a name the library no longer has fails here, and so does an argparse script
+    whose ``--help`` does not parse. A third-party package missing here (an optional peer) skips."""
     try:
-        spec.loader.exec_module(module)
-        missing = _missing_library_names(tree)
-        assert not missing, f"{script} uses names source_proj lacks: {missing}"
-        if callable(getattr(module, "main", None)):
-            monkeypatch.setattr(sys, "argv", [str(path), "--help"])
-            with pytest.raises(SystemExit) as leave:
-                module.main()
-            assert leave.value.code == 0 and "usage:" in capsys.readouterr().out
+        module = _load(script, monkeypatch)
     except ModuleNotFoundError as err:
         top = (err.name or "").split(".")[0]
         if top == "source_proj" or importlib.util.find_spec(top) is not None or any(
@@ -96,10 +104,35 @@ def test_benchmark_script_imports_and_parses_help(
         ):
             raise
         pytest.skip(f"{script} needs {top}, not installed here")
-    finally:
-        for name, loaded in list(sys.modules.items()):
-            if _local(loaded):
-                del sys.modules[name]
+    missing = _missing_library_names(ast.parse((ROOT / script).read_text(), filename=script))
+    assert not missing, f"{script} uses names source_proj lacks: {missing}"
+    if callable(getattr(module, "main", None)):
+        monkeypatch.setattr(sys, "argv", [script, "--help"])
+        with pytest.raises(SystemExit) as leave:
+            module.main()
+        assert leave.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def test_peers_absent_is_one_sentence_before_any_work(monkeypatch: pytest.MonkeyPatch, fresh_modules: None) -> None:
+    """``accuracy/peers.py`` for a peer library that is not installed stops at once in one sentence naming it,
+    before it locates (trains) any model, and refuses a peer it does not know by name."""
+    peers = _load("benchmarks/accuracy/peers.py", monkeypatch)
+    absent = [p for p in ("kronfluence", "dattri", "bergson") if importlib.util.find_spec(p) is None]
+    if not absent:
+        pytest.skip("every peer is installed here")
+
+    def locate(*args: object, **kwargs: object) -> None:
+        raise AssertionError("located the models before checking the peers")
+
+    monkeypatch.setattr(peers.harness, "locate", locate)
+    monkeypatch.setattr(sys, "argv", ["peers.py", "--settings", "early", "--peers", absent[0]])
+    with pytest.raises(SystemExit) as leave:
+        peers.main()
+    assert str(leave.value.code).startswith(f"{absent[0]} cannot be imported by {sys.executable}; install")
+    monkeypatch.setattr(sys, "argv", ["peers.py", "--peers", "trak"])
+    with pytest.raises(SystemExit) as leave:
+        peers.main()
+    assert leave.value.code == 2
 
 
 @pytest.mark.slow

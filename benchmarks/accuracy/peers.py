@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import os
 import shutil
 import sys
@@ -74,6 +75,7 @@ import source_proj as sp
 
 GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 STRATEGIES = ("ekfac", "kfac", "diagonal")
+PEERS = ("kronfluence", "dattri", "bergson")
 
 
 def margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -337,7 +339,7 @@ def bergson_scores(s: settings_module.Setting, run: Path, out: Path) -> dict[str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", default="early,converged,two-stage,early-fast")
-    parser.add_argument("--peers", default="kronfluence,dattri", help="any of kronfluence, dattri, bergson")
+    parser.add_argument("--peers", default="kronfluence,dattri", help=f"any of {', '.join(PEERS)}")
     parser.add_argument("--root", default=str(harness.ROOT))
     parser.add_argument("--mnist", default=None)
     parser.add_argument("--models", type=int, default=3)
@@ -346,6 +348,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     peers = args.peers.split(",")
+    if unknown := [p for p in peers if p not in PEERS]:
+        parser.error(f"unknown peer {', '.join(unknown)}; use any of {', '.join(PEERS)}")
+    if missing := [p for p in peers if importlib.util.find_spec(p) is None]:
+        raise SystemExit(
+            f"{', '.join(missing)} cannot be imported by {sys.executable}; install the peers with "
+            "benchmarks/accuracy/install_peers.sh (kronfluence, dattri) or install_peers.sh --bergson (bergson)."
+        )
     for name in args.settings.split(","):
         s, folder, runs = harness.locate(name, root=args.root, mnist=args.mnist, models=args.models)
         for seed, run in enumerate(runs):
