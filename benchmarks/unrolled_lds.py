@@ -152,7 +152,9 @@ def grouped_inner_products(model, training, args, trajectory, d_fixed) -> dict[s
     return out
 
 
-def main() -> None:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, completed with what ``sequence_heads_lds.Training`` reads of the recorded run's recipe: AdamW and
+    fixed-length sentences (``--min-length`` at its default; the unrolled training below passes no attention mask)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--head", choices=("multi", "regression"), default="multi")
     parser.add_argument("--epochs", type=int, default=1)
@@ -162,8 +164,13 @@ def main() -> None:
     parser.add_argument("--subsets", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("runs/multi-label-lds-1"))
-    args = parser.parse_args()
-    args.optimizer = "adamw"
+    args = parser.parse_args(argv)
+    args.optimizer, args.min_length = "adamw", heads.LENGTH
+    return args
+
+
+def main() -> None:
+    args = parse()
     torch.set_num_threads(2)
     training = heads.Training(args)
     trajectory = Trajectory.load(args.out / "run")

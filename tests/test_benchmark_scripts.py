@@ -168,3 +168,12 @@ def test_digits_diagnostics_scaled_source_features_at_scale_one_are_fit_s(fitted
     fitted = np.concatenate([store.read(f"methods/two/train/{stage}") for stage in stages])
     np.testing.assert_allclose(diagnostics.scaled_source_features(store, args, 1.0), fitted, rtol=1e-5, atol=1e-7)
     assert not np.allclose(diagnostics.scaled_source_features(store, args, 3.0), fitted, rtol=1e-3)
+
+
+def test_unrolled_lds_reads_the_sequence_heads_recipe(monkeypatch: pytest.MonkeyPatch, fresh_modules: None) -> None:
+    """``unrolled_lds.py`` rebuilds ``sequence_heads_lds.py``'s training from its own options: the fixed-length
+    sentences that benchmark records by default (the unrolled training passes no attention mask)."""
+    unrolled = _load("benchmarks/unrolled_lds.py", monkeypatch)
+    training = unrolled.heads.Training(unrolled.parse(["--train", "6", "--queries", "2"]))
+    assert len(training.train_data) == 6 and len(training.queries) == 2
+    assert bool(training.train_data.attention_mask.all()) and bool(training.queries.attention_mask.all())
