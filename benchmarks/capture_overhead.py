@@ -63,6 +63,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import devices
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -261,6 +262,7 @@ def main() -> None:
     parser.add_argument("--variants", default=None, help=f"comma-separated, of {', '.join(VARIANTS)} (default: all; "
                         "the recorder alone always runs)")  # fmt: skip
     args = parser.parse_args()
+    devices.device(args.device)
     torch.set_num_threads(args.threads)
     chosen = args.variants.split(",") if args.variants else list(VARIANTS)
     unknown = sorted(set(chosen) - set(VARIANTS))

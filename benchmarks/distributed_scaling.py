@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import devices
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "digits"))
@@ -62,6 +63,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--featurize-args", default="", help="more featurize options, e.g. --shard-parameters")
     args = parser.parse_args()
+    devices.device(args.device)
     spec = ROOT / "examples" / "digits" / "digits.py"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

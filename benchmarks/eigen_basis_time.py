@@ -27,6 +27,7 @@ import json
 import time
 from pathlib import Path
 
+import devices
 import numpy as np
 import torch
 
@@ -110,6 +111,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="where the decompositions run (cuda: torch's, as the library)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    devices.device(args.device)
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{args.threads} CPU threads"

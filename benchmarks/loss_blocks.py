@@ -25,6 +25,7 @@ import statistics
 import time
 from collections.abc import Callable
 
+import devices
 import torch
 
 from source_proj.tasks import text
@@ -107,6 +108,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    devices.device(args.device)
     torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     library = (text._HOST_BLOCK, text._DEVICE_BLOCK)

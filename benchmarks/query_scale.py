@@ -25,6 +25,7 @@ import platform
 import statistics
 import time
 
+import devices
 import faiss
 import numpy as np
 import torch
@@ -93,7 +94,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = devices.device(args.device)
     backends = args.backends.split(",")
     half = {"torch-bf16": torch.bfloat16, "torch-fp16": torch.float16}
     only_half = all(b in half for b in backends)  # 10⁷ × 4096 rows fit one H200 only in half precision

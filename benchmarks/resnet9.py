@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import devices
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -309,7 +310,7 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = devices.device(args.device)
     timer = Timer(device)
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(args.n, 3, 32, 32, generator=g), torch.randint(0, 10, (args.n,), generator=g))

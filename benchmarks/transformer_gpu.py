@@ -26,6 +26,7 @@ import sysconfig
 import time
 from pathlib import Path
 
+import devices
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -215,7 +216,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = devices.device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     vocab = MODELS[args.model][1]["vocab_size"]
     data = Blocks(stdlib_tokens(args.sequences * args.length, vocab).reshape(args.sequences, args.length))

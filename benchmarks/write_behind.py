@@ -25,6 +25,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import devices
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,6 +79,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--out", type=Path, default=Path("runs/write-behind"))
     args = parser.parse_args()
+    devices.device(args.device)
     torch.set_num_threads(args.threads)
     train_set, _ = digits.load_split()
     run = args.out / "run"

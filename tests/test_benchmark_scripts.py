@@ -15,6 +15,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+import torch
 
 import source_proj as sp
 
@@ -177,3 +178,21 @@ def test_unrolled_lds_reads_the_sequence_heads_recipe(monkeypatch: pytest.Monkey
     training = unrolled.heads.Training(unrolled.parse(["--train", "6", "--queries", "2"]))
     assert len(training.train_data) == 6 and len(training.queries) == 2
     assert bool(training.train_data.attention_mask.all()) and bool(training.queries.attention_mask.all())
+
+
+GPU_SCRIPTS = ["capture_overhead", "distributed_scaling", "eigen_basis_time", "loss_blocks", "query_scale", "resnet9",
+               "transformer_gpu", "write_behind"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", GPU_SCRIPTS)
+def test_gpu_script_without_a_gpu_is_one_sentence_before_any_work(
+    name: str, monkeypatch: pytest.MonkeyPatch, fresh_modules: None
+) -> None:
+    """``--device cuda`` where there is no GPU ends a benchmark script in one sentence saying so, before it trains or
+    allocates anything (it was torch's assertion, or a featurize subprocess's error, in a traceback)."""
+    script = _load(f"benchmarks/{name}.py", monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", "--device", "cuda"])
+    with pytest.raises(SystemExit) as leave:
+        script.main()
+    assert str(leave.value.code).startswith("--device cuda needs a CUDA GPU, but ")
