@@ -34,7 +34,7 @@ import source_proj as sp  # noqa: E402
 from source_proj.evaluation.lds import LDSArguments  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from methods_lds import compare_methods, train_kept  # noqa: E402
+from methods_lds import compare_methods, parse_args, train_kept  # noqa: E402
 
 
 class LoRAFineTune:
@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("runs/lora-lds"))
-    args = parser.parse_args()
+    args = parse_args(parser)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     base_file = args.out / "base.pt"

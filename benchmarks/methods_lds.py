@@ -90,6 +90,16 @@ def selection(args: argparse.Namespace) -> dict[str, sp.ModuleSelection]:
     return {"parameters": sp.ModuleSelection()} if getattr(args, "blocks_only", False) else {}
 
 
+def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The script's options, ``--repeats`` below 2 refused before any training (as ``examples/digits/lds.py`` does):
+    the report's split-half reliability compares two halves of each subset's retrains."""
+    args = parser.parse_args()
+    if args.repeats < 2:
+        parser.error(f"argument --repeats: {args.repeats} leaves no second half for the ground truth's split-half "
+                     "reliability; ask for 2 or more")  # fmt: skip
+    return args
+
+
 def reliability(measurements: np.ndarray) -> tuple[float, float]:
     """Split-half reliability r of a ground truth's measurements ``[subsets, repeats, queries]`` (Spearman over the
     subsets between the means of the first and the second half of the retrains, mean over queries) and the LDS

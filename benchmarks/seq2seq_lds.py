@@ -31,9 +31,9 @@ import source_proj as sp
 from source_proj.evaluation.lds import LDSArguments
 
 try:
-    from methods_lds import compare_methods, measurements, recorded_store, train_kept
+    from methods_lds import compare_methods, measurements, parse_args, recorded_store, train_kept
 except ImportError:  # imported as benchmarks.seq2seq_lds
-    from benchmarks.methods_lds import compare_methods, measurements, recorded_store, train_kept
+    from benchmarks.methods_lds import compare_methods, measurements, parse_args, recorded_store, train_kept
 
 VOCAB, LENGTH, BATCH, FIRST = 40, 10, 16, 3
 
@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("runs/seq2seq-lds-4"))
-    args = parser.parse_args()
+    args = parse_args(parser)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     training = Training(args)

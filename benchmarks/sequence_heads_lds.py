@@ -33,9 +33,17 @@ import source_proj as sp
 from source_proj.evaluation.lds import LDSArguments, lds, lds_ground_truth
 
 try:
-    from methods_lds import METHODS, compare_methods, measurements, recorded_store, selection, train_kept
+    from methods_lds import METHODS, compare_methods, measurements, parse_args, recorded_store, selection, train_kept
 except ImportError:  # imported as benchmarks.sequence_heads_lds
-    from benchmarks.methods_lds import METHODS, compare_methods, measurements, recorded_store, selection, train_kept
+    from benchmarks.methods_lds import (
+        METHODS,
+        compare_methods,
+        measurements,
+        parse_args,
+        recorded_store,
+        selection,
+        train_kept,
+    )
 
 VOCAB, LENGTH, BATCH = 48, 12, 16
 
@@ -135,7 +143,7 @@ def main() -> None:
     parser.add_argument("--averages", nargs="*", default=(), choices=("steps", "checkpoints"),
                         help="SOURCE again with each of these segment averages (FitArguments.average)")
     parser.add_argument("--out", type=Path, default=Path("runs/multi-label-lds"))
-    args = parser.parse_args()
+    args = parse_args(parser)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     training = Training(args)

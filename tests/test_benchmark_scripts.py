@@ -196,3 +196,21 @@ def test_gpu_script_without_a_gpu_is_one_sentence_before_any_work(
     with pytest.raises(SystemExit) as leave:
         script.main()
     assert str(leave.value.code).startswith("--device cuda needs a CUDA GPU, but ")
+
+
+@pytest.mark.parametrize("name", ["lora_lds", "seq2seq_lds", "sequence_heads_lds", "token_classification_lds"])
+def test_methods_lds_scripts_refuse_a_single_repeat_before_training(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], fresh_modules: None
+) -> None:
+    """The LDS scripts that report the ground truth's split-half reliability refuse ``--repeats 1`` as a usage error
+    before they train (they trained, then failed on the empty second half's NaNs), as ``examples/digits/lds.py``."""
+    script = _load(f"benchmarks/{name}.py", monkeypatch)
+
+    def train_kept(*args: object, **kwargs: object) -> None:
+        raise AssertionError("trained before refusing --repeats 1")
+
+    monkeypatch.setattr(script, "train_kept", train_kept)
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", "--repeats", "1", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as leave:
+        script.main()
+    assert leave.value.code == 2 and "--repeats: 1 leaves no second half" in capsys.readouterr().err
