@@ -214,3 +214,25 @@ def test_methods_lds_scripts_refuse_a_single_repeat_before_training(
     with pytest.raises(SystemExit) as leave:
         script.main()
     assert leave.value.code == 2 and "--repeats: 1 leaves no second half" in capsys.readouterr().err
+
+
+def test_baseline_grid_without_run_s_store_names_the_command_that_writes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_modules: None
+) -> None:
+    """``accuracy/baseline_grid.py`` reads model 0's store that ``run.py --kind KIND`` writes; without it the script
+    stops in one sentence giving that command, before it builds the ground truth (since run.py's default became eigen,
+    its dense store is not there)."""
+    grid = _load("benchmarks/accuracy/baseline_grid.py", monkeypatch)
+    monkeypatch.setattr(grid.harness, "locate", lambda name, **kwargs: (None, tmp_path, []))
+
+    def prepare(*args: object, **kwargs: object) -> None:
+        raise AssertionError("built the ground truth before refusing")
+
+    monkeypatch.setattr(grid.harness, "prepare", prepare)
+    monkeypatch.setattr(sys, "argv", ["baseline_grid.py", "--settings", "early", "--root", "r", "--dim", "32"])
+    with pytest.raises(SystemExit) as leave:
+        grid.main()
+    assert leave.value.code == (
+        f"No store at {tmp_path / 'model-0-k32.sp'}; write it first with `python benchmarks/accuracy/run.py "
+        "--settings early --root r --dim 32 --kind rademacher`."
+    )

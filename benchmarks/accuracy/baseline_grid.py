@@ -1,8 +1,9 @@
 """IF's damping and TRAK's kernel dimension swept on the harness: what the baselines' defaults rest on.
 
-    python benchmarks/accuracy/baseline_grid.py [--settings early,two-stage] [--root runs/accuracy]
+    python benchmarks/accuracy/baseline_grid.py [--settings early,two-stage] [--root runs/accuracy] [--kind rademacher]
 
-For each setting, model 0's featurized store (``run.py`` writes it: dense Rademacher, k = 1024) gets
+For each setting, model 0's featurized store (``run.py --kind KIND`` writes it; default the dense Rademacher one,
+``run.py --kind rademacher``, on which the recorded figures were taken; k = 1024) gets
 IF fitted at every damping of the grid (relative: δ = factor × mean eigenvalue of the projected
 Fisher; absolute: δ as given, kronfluence's ``damping_factor``) and TRAK at every kernel dimension
 of the grid, each as its own method (``if@…``, ``trak@…``; ``@default``: the library's defaults);
@@ -23,8 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness
+from run import tag
 
 import source_proj as sp
+from source_proj.store.store import is_store
 
 RELATIVE = (1e-4, 1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
 ABSOLUTE = (1e-4, 1e-3, 1e-2, 0.03, 0.1, 0.3, 1.0)
@@ -52,12 +55,20 @@ def main() -> None:
     parser.add_argument("--refit", action="store_true")
     parser.add_argument("--methods", default=None, help="comma-separated methods of the grid (default: all)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--kind", default="rademacher", help="the projection of run.py's store (rademacher: the "
+                        "store the recorded figures used; run.py's default is eigen)")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for name in args.settings.split(","):
+        path = harness.locate(name, root=args.root, models=0)[1] / f"model-0-{tag(args.dim, args.kind)}.sp"
+        if not is_store(path):  # before the ground truth is built: it would be retrained for nothing
+            raise SystemExit(
+                f"No store at {path}; write it first with `python benchmarks/accuracy/run.py --settings {name} "
+                f"--root {args.root} --dim {args.dim} --kind {args.kind}`."
+            )
         repeats = 10 if name == "two-stage" else 20
         h = harness.prepare(name, root=args.root, repeats=repeats, progress=False)
-        store = sp.Store.open(h.folder / f"model-0-k{args.dim}.sp", writable=True)
+        store = sp.Store.open(path, writable=True)
         stages = (h.setting.attributed,)
         rows = []
         chosen = variants(store)
