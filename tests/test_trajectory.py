@@ -205,19 +205,99 @@ def test_missing_directory_names_the_path(tmp_path: Path) -> None:
         sp.Trajectory.load(tmp_path / "nowhere")
 
 
-@pytest.mark.parametrize("warmup", [False, True])
-def test_parameter_groups_with_different_rates_are_refused_as_the_stage_begins(tmp_path: Path, warmup: bool) -> None:
-    """Refused before training, not at the first step (which stops the run there): also where a warm-up from 0 gives
-    every group the same rate until that step, from base rates that differ."""
+def _two_groups(lr: tuple[float, float], **settings) -> tuple[nn.Module, torch.optim.SGD]:
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
-    opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.1}, {"params": model[1].parameters(), "lr": 0.2}])
-    if warmup:
-        torch.optim.lr_scheduler.LambdaLR(opt, lambda step: step / 10)
-        assert {g["lr"] for g in opt.param_groups} == {0.0}
-    rec = sp.TrajectoryRecorder(tmp_path / "run", model, opt, save_every=1)
-    with pytest.raises(sp.TrajectoryError, match=r"use different (base )?learning rates .*0\.1, 0\.2"):
-        rec.begin_stage("main", dataset_size=3)
-    rec.begin_stage("main", dataset_size=3, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))  # nothing was begun
+    groups = [{"params": model[i].parameters(), "lr": rate} for i, rate in enumerate(lr)]
+    return model, torch.optim.SGD(groups, **settings)
+
+
+def _train_steps(rec: sp.TrajectoryRecorder, model: nn.Module, opt: torch.optim.Optimizer, sched, steps: int) -> None:
+    x = torch.randn(3, 2, generator=torch.Generator().manual_seed(1))
+    for _ in range(steps):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        rec.step()
+        sched.step()
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_groups_at_a_constant_ratio_record_the_reference_rate_and_each_groups_ratio(
+    tmp_path: Path, warmup: bool
+) -> None:
+    """A backbone at 0.1 and a head at 0.5 under one LambdaLR: every step records the head's rate (the largest base
+    rate: the reference), 0.5·λ(k), and the stage's groups their ratios 0.2 and 1, also where a warm-up from 0 gives
+    every group rate 0 as the stage begins (the ratio is then the scheduler's base rates')."""
+    model, opt = _two_groups((0.1, 0.5))
+    schedule = (lambda k: (k + 1) / 4) if warmup else (lambda k: 0.9**k)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.0 if warmup and k == 0 else schedule(k))
+    rec = sp.TrajectoryRecorder(tmp_path / "run", model, opt, save_every=2)
+    rec.begin_stage("main", dataset_size=3)
+    _train_steps(rec, model, opt, sched, 4)
+    rec.close()
+    traj = sp.Trajectory.load(tmp_path / "run")
+    expected = [0.5 * (0.0 if warmup and k == 0 else schedule(k)) for k in range(4)]
+    np.testing.assert_allclose(traj.lr, expected, rtol=1e-12)
+    assert [g["lr_ratio"] for g in traj.stages[0].optimizer["groups"]] == pytest.approx([0.2, 1.0], rel=1e-12)
+    assert traj.stages[0].lr_ratios == pytest.approx({"0.weight": 0.2, "0.bias": 0.2, "1.weight": 1.0, "1.bias": 1.0})
+
+
+def test_a_step_whose_groups_leave_their_ratio_is_refused_at_that_step(tmp_path: Path) -> None:
+    """A scheduler that treats the groups differently (a lambda per group) keeps their ratio at the first step and
+    leaves it at the second: that step is refused, naming the group and the rates."""
+    model, opt = _two_groups((0.1, 0.5))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda k: 1.0, lambda k: 0.5**k])
+    rec = sp.TrajectoryRecorder(tmp_path / "run", model, opt, save_every=10)
+    rec.begin_stage("main", dataset_size=3)
+    _train_steps(rec, model, opt, sched, 1)
+    with pytest.raises(sp.TrajectoryError, match=r"^Step 1: parameter group 0 used learning rate 0\.1, not 0\.2 times "
+                                                 r"the reference group's 0\.25 .*stage 'main' began"):  # fmt: skip
+        _train_steps(rec, model, opt, sched, 1)
+
+
+def test_a_group_at_rate_0_is_recorded_as_frozen_and_a_step_that_moves_it_refused(tmp_path: Path) -> None:
+    """A group whose base rate is 0 has ratio 0 (SOURCE scales its gradients by 0: it did not move); a rate given to it
+    later leaves the ratio, and is refused."""
+    model, opt = _two_groups((0.0, 0.3))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0)
+    rec = sp.TrajectoryRecorder(tmp_path / "run", model, opt, save_every=10)
+    rec.begin_stage("main", dataset_size=3)
+    _train_steps(rec, model, opt, sched, 2)
+    index = json.loads((tmp_path / "run" / "trajectory.json").read_text())
+    assert [g["lr_ratio"] for g in index["stages"][0]["optimizer"]["groups"]] == [0.0, 1.0]
+    opt.param_groups[0]["lr"] = 0.1
+    with pytest.raises(sp.TrajectoryError, match=r"parameter group 0 used learning rate 0\.1, not 0 times"):
+        _train_steps(rec, model, opt, sched, 1)
+
+
+def test_groups_that_share_a_rate_record_no_ratio(tmp_path: Path) -> None:
+    """A run whose groups share one rate writes its stages as before (no lr_ratio), and so keeps its fingerprint."""
+    model, opt = _two_groups((0.1, 0.1), weight_decay=0.01)
+    rec = sp.TrajectoryRecorder(tmp_path / "run", model, opt, save_every=2)
+    rec.begin_stage("main", dataset_size=3)
+    _train_steps(rec, model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0), 2)
+    rec.close()
+    groups = json.loads((tmp_path / "run" / "trajectory.json").read_text())["stages"][0]["optimizer"]["groups"]
+    assert all("lr_ratio" not in g for g in groups)
+    assert set(sp.Trajectory.load(tmp_path / "run").stages[0].lr_ratios.values()) == {1.0}
+
+
+@pytest.mark.parametrize("ratios", [[0.2, None], [0.2, 0.5], [-0.1, 1.0], [0.2, 1.5]])
+def test_malformed_lr_ratios_are_refused_as_the_trajectory_loads(tmp_path: Path, ratios: list) -> None:
+    model, opt = _two_groups((0.1, 0.5))
+    rec = sp.TrajectoryRecorder(tmp_path / "run", model, opt, save_every=2)
+    rec.begin_stage("main", dataset_size=3)
+    _train_steps(rec, model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0), 2)
+    rec.close()
+    index = json.loads((tmp_path / "run" / "trajectory.json").read_text())
+    for group, ratio in zip(index["stages"][0]["optimizer"]["groups"], ratios, strict=True):
+        group.pop("lr_ratio")
+        if ratio is not None:
+            group["lr_ratio"] = ratio
+    (tmp_path / "run" / "trajectory.json").write_text(json.dumps(index))
+    with pytest.raises(sp.TrajectoryError, match="lr_ratio in \\[0, 1\\]"):
+        sp.Trajectory.load(tmp_path / "run")
 
 
 @pytest.mark.parametrize("where", ["mid_stage", "new_stage"])

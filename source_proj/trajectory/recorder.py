@@ -12,12 +12,12 @@ so an interrupted training run leaves a readable, incomplete trajectory)::
     {"format": "source-proj-trajectory", "version": 1, "complete": true,
      "run": "3f0c…",                               optional: drawn as the run starts and kept as it is resumed; a store
                                                    captured from the run finds it by this (moved, it is the same run)
-     "lr": [η_0, η_1, ...],                        one learning rate per optimiser step
+     "lr": [η_0, η_1, ...],                        one learning rate per optimiser step: the reference group's
      "clip": [α_0, α_1, ...],                      optional: the factor gradient clipping scaled each
                                                    step's gradient by (1 = not clipped)
      "stages": [{"name": "main", "start_step": 0, "end_step": 300, "dataset_size": 1437,
                  "optimizer": {"kind": "sgd", "groups": [{"params": [...], "lr": .., "momentum": ..,
-                               "dampening": .., "nesterov": .., "weight_decay": ..}]},
+                               "dampening": .., "nesterov": .., "weight_decay": .., "lr_ratio": ..}]},
                  "label_smoothing": 0.1}],               optional: the stage trained on smoothed labels
      "checkpoints": [{"step": 0, "file": "checkpoints/step-00000000.pt", "sha256": "..",
                       "optimizer_state": false}, ...],
@@ -28,6 +28,13 @@ so an interrupted training run leaves a readable, incomplete trajectory)::
 
 ``step`` counts optimiser steps taken before the checkpoint was saved (global across stages);
 stage ``s`` owns steps ``start_step ≤ t < end_step``.
+
+**Parameter groups at different learning rates** keep the ratio of their base rates (the scheduler's
+``initial_lr``, else their rates as the stage begins): group g steps at r_g·η_k. The *reference* group is
+the one with the largest base rate (the first of them), r = 1; ``lr`` records its rate, and each group
+its ``lr_ratio`` r_g ∈ [0, 1], written only where some r_g ≠ 1 (a file without them: every r_g = 1). A
+group whose base rate is 0 (r = 0, frozen by its rate) must stay at 0. ``step`` refuses a step whose
+rates leave these ratios (a scheduler that treats groups differently).
 
 **Gradient clipping** (``clip_grad_norm_``, the Hugging Face Trainer's ``max_grad_norm``, 1.0 by
 default) multiplies step k's gradient by α_k = min(1, c/‖g_k‖), so the step an example's gradient
@@ -135,9 +142,12 @@ def describe_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> di
     else:
         kind = type(optimizer).__name__
     keys = ("momentum", "dampening", "nesterov", "weight_decay", "betas", "eps", "amsgrad", "maximize")
+    ratios = lr_ratios(optimizer)
     groups = []
-    for group in optimizer.param_groups:
+    for group, ratio in zip(optimizer.param_groups, ratios, strict=True):
         entry: dict[str, Any] = {"params": [names.get(id(p), "?") for p in group["params"]], "lr": float(group["lr"])}
+        if any(r != 1.0 for r in ratios):  # written only where the groups' rates differ: other runs are unchanged
+            entry["lr_ratio"] = ratio
         for key in keys:
             if key in group:
                 value = group[key]
@@ -146,6 +156,17 @@ def describe_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> di
             entry = {k: v for k, v in entry.items() if _group_problem({k: v}) is None}  # featurize refuses the kind
         groups.append(entry)
     return {"kind": kind, "groups": groups}
+
+
+def lr_ratios(optimizer: torch.optim.Optimizer) -> list[float]:
+    """Each parameter group's base learning rate over the reference's, the largest base rate (so 1 for the reference
+    and 0 ≤ r ≤ 1 for the others). The base rates are the scheduler's (``initial_lr``) where every group has one: a
+    warm-up from 0 starts every group at rate 0. All 1 where every base rate is 0."""
+    groups = optimizer.param_groups
+    key = "initial_lr" if all("initial_lr" in g for g in groups) else "lr"
+    base = [float(g[key]) for g in groups]
+    top = max(base, default=0.0)
+    return [b / top if top > 0 else 1.0 for b in base]
 
 
 def _adam_kind(optimizer: torch.optim.Optimizer) -> str:
@@ -181,6 +202,12 @@ class Stage:
     optimizer: dict[str, Any]
     label_smoothing: float = 0.0
     """ε of the labels the stage trained on (0: not smoothed); the task's ``label_smoothing`` must equal it."""
+
+    @property
+    def lr_ratios(self) -> dict[str, float]:
+        """r_g of every parameter its optimizer's groups name: its group's learning rate over the reference group's,
+        the rate recorded per step (1 for every parameter of a run whose groups share one rate)."""
+        return {name: float(g.get("lr_ratio", 1.0)) for g in self.optimizer.get("groups", []) for name in g["params"]}
 
     def describe(self) -> dict[str, Any]:
         """The stage as a store's metadata records it (``label_smoothing`` only where the labels were smoothed, so
@@ -514,7 +541,7 @@ class TrajectoryRecorder:
             raise TrajectoryError(
                 f"Stage {name!r} needs a label_smoothing from 0 to 1 (the ε its loss used), not {label_smoothing!r}."
             )
-        _check_one_rate(optimizer or self.optimizer, name)
+        _check_effective_rates(optimizer or self.optimizer, name)
         if running:
             self.end_stage()
         if optimizer is not None:
@@ -567,13 +594,7 @@ class TrajectoryRecorder:
         groups = self.optimizer.param_groups
         used = self._used if self._taken else [float(g["lr"]) for g in groups]
         momenta = self._used_momentum if self._taken else [float(g.get("momentum", 0.0)) for g in groups]
-        rates = set(used)
-        if len(rates) != 1:
-            raise TrajectoryError(
-                f"The optimiser's parameter groups use different learning rates {sorted(rates)}; "
-                "SOURCE needs one learning rate per step, so give all groups the same rate."
-            )
-        lr = rates.pop()
+        lr = self._reference_rate(used)
         if not math.isfinite(lr) or lr < 0:
             raise TrajectoryError(
                 f"Step {self.global_step} used learning rate {lr}; it must be finite and non-negative."
@@ -596,6 +617,29 @@ class TrajectoryRecorder:
         self.global_step += 1
         if self.global_step % self.save_every == 0:
             self._save()
+
+    def _reference_rate(self, used: list[float]) -> float:
+        """The rate to record for a step whose groups used ``used``: the reference group's, refused where another
+        group's rate left the ratio to it that the stage began with (``lr_ratio``)."""
+        groups = self._stages[-1]["optimizer"]["groups"]
+        ratios = [float(g.get("lr_ratio", 1.0)) for g in groups]
+        if len(ratios) != len(used):
+            raise TrajectoryError(
+                f"Step {self.global_step}: the optimiser has {len(used)} parameter groups, not the {len(ratios)} its "
+                "stage began with; begin a new stage (begin_stage) after adding a parameter group."
+            )
+        lr = used[ratios.index(1.0)]
+        off = [(i, rate) for i, (rate, r) in enumerate(zip(used, ratios, strict=True))
+               if abs(rate - r * lr) > 1e-6 * max(abs(rate), abs(lr))]  # fmt: skip
+        if off:
+            i, rate = off[0]
+            raise TrajectoryError(
+                f"Step {self.global_step}: parameter group {i} used learning rate {rate:g}, not {ratios[i]:g} times "
+                f"the reference group's {lr:g} (the ratio of their base rates as stage "
+                f"{self._stages[-1]['name']!r} began); SOURCE follows groups whose rates keep one ratio, so scale "
+                "every group's rate by the same schedule (LambdaLR, get_linear_schedule_with_warmup)."
+            )
+        return lr
 
     def _count_steps(self, optimizer: torch.optim.Optimizer) -> None:
         """Count ``optimizer``'s steps, so that ``step`` can tell a call without one. A step pre-hook: it runs before
@@ -926,19 +970,11 @@ class _ClipWatch:
             handle.remove()
 
 
-def _check_one_rate(optimizer: torch.optim.Optimizer, stage: str) -> None:
-    """Refuse, as a stage begins, parameter groups set to train at different learning rates: their rates now, or the
-    base rates a scheduler scales (``initial_lr``: a warm-up from 0 starts every group at the same rate, and they
-    part at the first step), or SGD groups whose momentum or dampening differ (featurize would refuse the run).
-    Refused now, not at that step or at featurize, which would stop or waste the training run."""
+def _check_effective_rates(optimizer: torch.optim.Optimizer, stage: str) -> None:
+    """Refuse, as a stage begins, SGD groups whose momentum or dampening differ (featurize would refuse the run):
+    refused now, not at featurize, which would waste the training run. (Groups at different learning rates keep the
+    ratio of their base rates: ``lr_ratios``.)"""
     groups = optimizer.param_groups
-    for key, what in (("lr", "learning rates"), ("initial_lr", "base learning rates (the scheduler's initial_lr)")):
-        rates = {float(g[key]) for g in groups if key in g}
-        if len(rates) > 1:
-            raise TrajectoryError(
-                f"Stage {stage!r}: the optimiser's parameter groups use different {what} {sorted(rates)}; SOURCE needs "
-                "one learning rate per step, so give all groups the same rate (their weight decay may differ)."
-            )
     if isinstance(optimizer, torch.optim.SGD):  # momentum and dampening scale the rate: η(1 − dampening)/(1 − momentum)
         trained = [g for g in groups if any(p.requires_grad for p in g["params"])]
         momenta = [float(g.get("momentum", 0.0)) for g in trained]
@@ -1351,6 +1387,12 @@ def _validate_index(index: Any, where: Path) -> None:
             problem = _group_problem(group)
             if problem is not None:
                 raise bad(f"an optimizer parameter group of stage {s['name']!r} {problem}")
+        ratios = [g.get("lr_ratio") for g in opt["groups"]]
+        if any(r is not None for r in ratios) and not (
+            all(_is_number(r) and 0 <= r <= 1 for r in ratios) and max(ratios) == 1
+        ):
+            raise bad(f"stage {s['name']!r} must give every optimizer parameter group an lr_ratio in [0, 1], and the "
+                      "reference group 1, or none")
         expected_start = s["end_step"]
     if expected_start != len(lr):
         raise bad(f"the stages cover {expected_start} steps but {len(lr)} learning rates are recorded")

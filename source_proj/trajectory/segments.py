@@ -239,10 +239,15 @@ def optimizer_rule(stage: Stage, param_sizes: Mapping[str, int]) -> OptimizerRul
         )
     groups = opt["groups"]
     rates = {float(g["lr"]) for g in groups if "lr" in g}
-    if len(rates) > 1:
+    if len(rates) > 1 and not any("lr_ratio" in g for g in groups):
         raise TrajectoryError(
-            f"{where}'s parameter groups use different learning rates {sorted(rates)}; SOURCE needs one rate per "
-            "step, so give every group the same rate (a per-group schedule is not supported)."
+            f"{where}'s parameter groups use different learning rates {sorted(rates)} but record no ratio between "
+            "them (lr_ratio); record the run with TrajectoryRecorder, which records each group's."
+        )
+    if any(float(g.get("lr_ratio", 1.0)) != 1.0 for g in groups):
+        raise TrajectoryError(
+            f"{where}'s parameter groups train at different learning rates, which featurize does not attribute yet; "
+            "give every group the same rate."
         )
     if any(g.get("maximize") for g in groups):
         raise TrajectoryError(f"{where} maximised its objective (maximize=True); SOURCE attributes minimisation only.")
