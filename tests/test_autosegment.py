@@ -136,7 +136,7 @@ def test_adam_run_chooses_automatic_cuts_before_featurize_and_keeps_them(tmp_pat
     assert store.array("probe/grads/main/step-00000000").shape == (40, 64)
     sp.fit(store, progress=False)
     assert [s["end_step"] for s in store.meta["methods"]["source"]["segments"]] == [100, 200]
-    with pytest.raises(sp.StoreError, match="Adam-preconditioned features"):
+    with pytest.raises(sp.StoreError, match="preconditioned features"):
         sp.fit(store, sp.FitArguments(auto_segments=3, method="other"), progress=False)
 
     out = CliRunner().invoke(main, ["trajectory", str(tmp_path / "s.sp"), "--plot", str(tmp_path / "t.png")])

@@ -729,6 +729,13 @@ def test_capture_refuses_what_it_cannot_capture_with_a_sentence(tmp_path: Path, 
     cap = sp.GradientCapture(other, tmp_path / "m0.sp", task, projection=_projection())
     with pytest.raises(sp.TrajectoryError, match="different momentum or dampening"):
         other.begin_stage("main", dataset_size=len(y))
+    groups = [{"params": list(model[0].parameters()), "lr": 0.02}, {"params": list(model[3].parameters())}]
+    other = recorder(model, "r", torch.optim.SGD(groups, lr=0.1))  # a recorded ratio featurize attributes, capture not
+    cap = sp.GradientCapture(other, tmp_path / "r.sp", task, projection=_projection())
+    other.begin_stage("main", dataset_size=len(y))
+    with pytest.raises(sp.TaskError, match=r"^Stage 'main' trains its parameter groups at different learning rates, "
+                                           r"which in-run capture does not follow; featurize .*after training"):
+        cap.begin((x[:4], y[:4]), indices=range(4))
     other = recorder(model, "m1", torch.optim.SGD(model.parameters(), lr=0.1, maximize=True))
     cap = sp.GradientCapture(other, tmp_path / "m1.sp", task, projection=_projection())
     other.begin_stage("main", dataset_size=len(y))

@@ -245,6 +245,36 @@ def test_adam_full_rank_eigen_source_equals_source_without_projection(tmp_path: 
     _assert_same_source(eigen, exact, TensorDataset(x[:5], y[:5]))
 
 
+@pytest.mark.parametrize("optimizer", [torch.optim.SGD, torch.optim.AdamW])
+def test_groups_at_a_rate_ratio_full_rank_eigen_source_equals_source_without_projection(
+    tmp_path: Path, classification_data, optimizer: type
+) -> None:
+    """The first layer at 1/5 of the head's rate under one LambdaLR: its gradients are scaled by √(1/5) (and Adam's
+    D^{-1/2}), through the eigen projection's layer factors, in its basis estimate too. On SGD the scale is rank one
+    per layer, so the default rank applies it exactly; on AdamW a rank above every layer's makes Adam's D exact. So
+    SOURCE's scores through the full-rank basis equal those of the identity projection."""
+    run = tmp_path / "run"
+    model = _mlp()
+    x, y = classification_data.tensors
+    rate = 0.3 if optimizer is torch.optim.SGD else 0.05
+    opt = optimizer([{"params": model[0].parameters(), "lr": rate / 5}, {"params": model[2].parameters()}], lr=rate)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.8**k)
+    rec = sp.TrajectoryRecorder(run, model, opt, save_every=2)
+    rec.begin_stage("main", dataset_size=len(y))
+    for _ in range(6):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        rec.step()
+        sched.step()
+    rec.close()
+    p = sum(t.numel() for t in model.parameters())
+    rank = {} if optimizer is torch.optim.SGD else {"adam_rank": 10**6}
+    eigen = _featurize(run, _mlp(), classification_data, tmp_path / "eigen.sp", kind="eigen", dim=p, **rank)
+    exact = _featurize(run, _mlp(), classification_data, tmp_path / "identity.sp", kind="identity")
+    _assert_same_source(eigen, exact, TensorDataset(x[:5], y[:5]))
+
+
 class _Bilinear(nn.Module):
     """No nn.Linear/Conv: a bare parameter, which no Kronecker factor covers."""
 

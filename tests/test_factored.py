@@ -518,6 +518,26 @@ def test_elementwise_scaling_on_a_factored_layer_is_refused_and_its_rank_r_form_
     )
 
 
+def test_a_per_group_rate_ratio_is_applied_exactly_at_rank_one() -> None:
+    """Groups at rates r·η scale each parameter's gradient by √r (``preconditioner.py``): one number per layer's weight
+    and bias, a rank-one grid, so the factored projection's rank-one scaling is exact (a group at rate 0 included),
+    where an Adam D is approximated."""
+    torch.manual_seed(0)
+    model = _Mixed()
+    projector = _projector(model, 16)
+    names = [n for n, _ in projector.shapes]
+    grads_fn = PerExampleGradients(model, ClassificationTask(), names)
+    batch = (torch.randn(4, 6), torch.tensor([0, 1, 2, 0]))
+    ratio = {"fc1": 0.2, "norm": 0.5, "fc2": 0.0, "head": 1.0, "tied": 1.0}
+    params = dict(model.named_parameters())
+    scale = {n: torch.full_like(params[n], ratio[n.split(".")[0]] ** 0.5) for n in names}
+    transform = projector.scaling(scale)
+    assert transform.layers and all(term.rank == 1 for term in transform.layers)
+    got = projector.project_batch(grads_fn, batch, transform=transform)
+    expected = projector.project({n: g * scale[n] for n, g in grads_fn(batch).items()})
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+
+
 def test_dimensions_without_a_near_square_split_are_refused() -> None:
     assert factor_split(4096) == (64, 64) and factor_split(2048) == (64, 32) and factor_split(1000) == (40, 25)
     with pytest.raises(TaskError, match="no near-square factorisation"):

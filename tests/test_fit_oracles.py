@@ -47,14 +47,19 @@ def _schedule(step: int) -> float:
 
 
 def _train(
-    run: Path, stages: list[tuple[str, TensorDataset, dict, int]], save_every: int, optimizer: type = torch.optim.SGD
+    run: Path,
+    stages: list[tuple[str, TensorDataset, dict, int]],
+    save_every: int,
+    optimizer: type = torch.optim.SGD,
+    ratio: float = 1.0,
 ) -> None:
     """Full-batch training through ``stages`` (name, data, optimizer settings, steps), each with its own optimizer
-    and the warm-up-and-decay schedule."""
+    and the warm-up-and-decay schedule; the first layer at ``ratio`` times the settings' rate (a group of its own)."""
     model = _arch()
     rec = None
     for name, data, settings, steps in stages:
-        opt = optimizer(model.parameters(), **settings)
+        groups = [{"params": model[0].parameters(), "lr": ratio * settings["lr"]}, {"params": model[2].parameters()}]
+        opt = optimizer(groups, **settings)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule)
         if rec is None:
             rec = sp.TrajectoryRecorder(run, model, opt, save_every=save_every)
@@ -129,10 +134,12 @@ def _brute_source(
     attributed: tuple[str, ...],
     fast: bool = False,
     empirical: bool = False,
+    scale: torch.Tensor | None = None,
 ) -> dict[str, np.ndarray]:
     """SOURCE_MATH §3 by hand: ``segments`` are (stage, start, end, {checkpoint step: weight}); ``factors`` each
     stage's (momentum factor 1/(1−β), weight decay λ); ``lr`` the rate of every step. Returns the scores of
-    ``QUERIES`` per attributed stage.
+    ``QUERIES`` per attributed stage. ``scale``: s = r^{1/2} per coordinate, where the groups train at rates r·η:
+    SOURCE in u = θ/s, whose gradients (training and query) are s ⊙ ∇_θ and whose curvature is diag(s) H diag(s).
 
     Fast-SOURCE takes the segment's gradients and curvature at its weighted mean parameters instead; the empirical
     Fisher is (1/N) Σ_i ∇ℓ_i ∇ℓ_iᵀ at the observed labels."""
@@ -154,13 +161,15 @@ def _brute_source(
         else:
             h = sum(w * f.gauss_newton(v, data) for v, w in points.values())
         g = sum(w * f.loss_grads(v, data) for v, w in points.values())
+        if scale is not None:
+            h, g = scale[:, None] * h * scale[None, :], g * scale
         p = len(h)
         lam = decay + damping_factor * float(torch.linalg.eigvalsh(h).clamp_min(0).mean())
         damped = h + lam * torch.eye(p, dtype=torch.float64)
         survive = torch.linalg.matrix_exp(-time * damped)
         response = (torch.eye(p, dtype=torch.float64) - survive) @ torch.linalg.inv(damped)
         ops.append((stage, survive, response, g, len(data)))
-    q = f.margins(theta[max(theta)], QUERIES)
+    q = f.margins(theta[max(theta)], QUERIES) * (1.0 if scale is None else scale)
     out = {}
     for stage in attributed:
         total = 0
@@ -250,6 +259,86 @@ def test_unequal_segments_under_a_schedule_with_momentum_and_decay_equal_the_for
     factor = 1.0 if damping_factor is None else damping_factor
     expected = _brute_source(one_stage, ONE, segments, lr, factors, factor, ("main",))
     _close(ours["main"], expected["main"])
+
+
+def _group_ratios(ratio: float) -> torch.Tensor:
+    """r per coordinate of ``_Flat``: the first layer's weight and bias (16) at ``ratio``, the head's (15) at 1."""
+    return torch.cat([torch.full((16,), ratio, dtype=torch.float64), torch.ones(15, dtype=torch.float64)])
+
+
+RATIO = 0.2
+
+
+@pytest.fixture(scope="module")
+def ratio_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ONE's run with the first layer at ``RATIO`` times the head's rate."""
+    run = tmp_path_factory.mktemp("ratio") / "run"
+    _train(run, [("main", ONE["main"], ONE_SETTINGS, ONE_STEPS)], ONE_EVERY, ratio=RATIO)
+    return run
+
+
+def test_sgd_groups_at_a_rate_ratio_are_the_formula_in_the_coordinates_their_rates_make(
+    tmp_path: Path, ratio_run: Path
+) -> None:
+    """The first layer at 1/5 of the head's rate under one LambdaLR, heavy-ball momentum and decay: SGD's step
+    θ ← θ − ηRg is gradient descent in u = R^{-1/2}θ, so SOURCE there is the formula with every gradient scaled by
+    R^{1/2}, η the head's (reference) rate and λ = mean(r)·λ_g = (16·0.2 + 15)/31 · 0.02; the segmentation is fixed at
+    featurize (cuts 5, 9; each segment's step average over its own checkpoints, as on Adam stages). Read as one rate
+    (R = I), the scores are far from it."""
+    run, ratio, settings = ratio_run, RATIO, ONE_SETTINGS
+    segmentation = sp.SegmentationArguments(boundaries=(5, 9))
+    ours = _engine(run, tmp_path / "s.sp", ONE, sp.FitArguments(damping_factor=0.5), segmentation=segmentation)
+    lr = np.array([settings["lr"] * _schedule(k) for k in range(ONE_STEPS)])
+    np.testing.assert_allclose(sp.Trajectory.load(run).lr, lr, rtol=1e-6)
+    segments = [("main", a, b, step_weights_by_hand(a, b, list(knots), lr))
+                for a, b, knots in ((0, 5, (0, 3)), (5, 9, (6,)), (9, 13, (9, 12, 13)))]  # fmt: skip
+    r = _group_ratios(ratio)
+    factors = {"main": (1 / (1 - settings["momentum"]), float(r.mean()) * settings["weight_decay"])}
+    expected = _brute_source(run, ONE, segments, lr, factors, 0.5, ("main",), scale=r.sqrt())
+    _close(ours["main"], expected["main"])
+    unscaled = _brute_source(run, ONE, segments, lr, {"main": (2.0, settings["weight_decay"])}, 0.5, ("main",))
+    assert np.abs(unscaled["main"] - expected["main"]).max() > 0.1 * np.abs(expected["main"]).max()
+
+
+def test_tracin_on_groups_at_a_rate_ratio_takes_every_gradient_in_the_coordinates_their_rates_make(
+    tmp_path: Path, ratio_run: Path
+) -> None:
+    """TracIn-CP on the ratio run: −(1/N) Σ_c w_c (R^{1/2}∇f(q; θ_c))·(R^{1/2}∇ℓ(z; θ_c)), w_c the effective rates
+    (the head's, the reference, × 1/(1−β) = 2) of the steps since the previous checkpoint."""
+    ours = _engine(ratio_run, tmp_path / "s.sp", ONE, sp.BaselineArguments(kind="tracin"))
+    lr = np.array([ONE_SETTINGS["lr"] * _schedule(k) for k in range(ONE_STEPS)])
+    traj = sp.Trajectory.load(ratio_run)
+    f = _Flat()
+    scale = _group_ratios(RATIO).sqrt()
+    by_step = {c.step: c for c in traj.checkpoints}
+    expected = 0
+    for a, c in itertools.pairwise((0, 3, 6, 9, 12, 13)):
+        theta = f.flat(traj.load_into(_arch(), by_step[c]).state_dict())
+        q, g = f.margins(theta, QUERIES) * scale, f.loss_grads(theta, ONE["main"]) * scale
+        expected = expected - 2.0 * float(lr[a:c].sum()) * (q @ g.T) / len(ONE["main"])
+    _close(ours["main"], expected.numpy())
+
+
+def test_a_group_at_rate_0_is_attributed_as_frozen(tmp_path: Path) -> None:
+    """The first layer at rate 0 (ratio 0) never moves: its gradients are scaled by 0, so SOURCE's scores are those
+    of the run attributed without it (no decay here: a frozen group counts 0 in the mean decay, as a group without
+    decay does)."""
+    run = tmp_path / "run"
+    _train(run, [("main", ONE["main"], {"lr": 0.4, "momentum": 0.5}, ONE_STEPS)], ONE_STEPS, ratio=0.0)
+    traj = sp.Trajectory.load(run)
+    assert torch.equal(traj.load_state(traj.checkpoints[0])["model"]["0.weight"],
+                       traj.load_state(traj.final_checkpoint)["model"]["0.weight"])  # fmt: skip
+    scores = []
+    head = sp.ParameterSelection(exclude=("0.*",))
+    for name, task in (("all", sp.ClassificationTask()), ("head", sp.ClassificationTask(parameters=head))):
+        store = sp.featurize(run, _arch(), task, ONE["main"], tmp_path / f"{name}.sp",
+                             projection=sp.ProjectionArguments(kind="identity"),
+                             options=sp.FeaturizeArguments(batch_size=5, chunk_rows=10, fisher="exact"),
+                             progress=False)  # fmt: skip
+        sp.fit(store, sp.FitArguments(damping_factor=0.0), progress=False)
+        scores.append(np.asarray(sp.Attributor(store, _arch(), task).scores(QUERIES)))
+    assert np.abs(scores[1]).max() > 1e-3
+    _close(scores[0], scores[1])
 
 
 TWO = {"pre": _data(20, 0), "fine": _data(12, 1)}
@@ -371,14 +460,18 @@ def test_if_and_trak_take_the_curvature_of_every_stages_examples_at_the_final_ch
         _close(trak[stage], -(q @ gram @ g.T).numpy())
 
 
-def test_adamw_segments_are_the_formula_in_each_segments_preconditioned_coordinates(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ratio", [1.0, 0.2])
+def test_adamw_segments_are_the_formula_in_each_segments_preconditioned_coordinates(
+    tmp_path: Path, ratio: float
+) -> None:
     """AdamW under the schedule, cut at 5 and 9: segment ℓ works in u = D_ℓ^{1/2}θ, D_ℓ = the mean of √v̂ + ε saved at
     the checkpoints s with start < s ≤ end (3; 6, 9; 12, 13), every gradient (training, Fisher, query: the last
     segment's) scaled by D_ℓ^{-1/2}; its step average over the checkpoints featurized in its coordinates (0, 3; 6;
-    9, 12, 13), λ = AdamW's decay."""
+    9, 12, 13), λ = AdamW's decay. With the first layer at ``ratio`` of the head's rate, D is D/R and λ the mean of
+    r·λ (θ ← (1 − rηλ)θ)."""
     settings = {"lr": 0.05, "weight_decay": 0.1}
     run = tmp_path / "run"
-    _train(run, [("main", ONE["main"], settings, ONE_STEPS)], ONE_EVERY, torch.optim.AdamW)
+    _train(run, [("main", ONE["main"], settings, ONE_STEPS)], ONE_EVERY, torch.optim.AdamW, ratio=ratio)
     segmentation = sp.SegmentationArguments(boundaries=(5, 9))
     ours = _engine(run, tmp_path / "s.sp", ONE, sp.FitArguments(damping_factor=0.2), segmentation=segmentation)
 
@@ -399,12 +492,14 @@ def test_adamw_segments_are_the_formula_in_each_segments_preconditioned_coordina
     lr = np.array([settings["lr"] * _schedule(k) for k in range(ONE_STEPS)])
     data, n = ONE["main"], len(ONE["main"])
     ops = []
+    r = _group_ratios(ratio)
+    decay = float(r.mean()) * settings["weight_decay"]
     for (a, b), states, knots in (((0, 5), (3,), (0, 3)), ((5, 9), (6, 9), (6,)), ((9, 13), (12, 13), (9, 12, 13))):
-        scale = sum(denominator(s) for s in states).div(len(states)).rsqrt()
+        scale = (sum(denominator(s) for s in states).div(len(states)) / r).rsqrt()
         weights = step_weights_by_hand(a, b, list(knots), lr)
         h = sum(w * scale[:, None] * f.gauss_newton(theta[s], data) * scale[None, :] for s, w in weights.items())
         g = sum(w * f.loss_grads(theta[s], data) * scale for s, w in weights.items())
-        damped = h + (settings["weight_decay"] + 0.2 * float(torch.linalg.eigvalsh(h).clamp_min(0).mean())) * torch.eye(
+        damped = h + (decay + 0.2 * float(torch.linalg.eigvalsh(h).clamp_min(0).mean())) * torch.eye(
             len(h), dtype=torch.float64
         )
         survive = torch.linalg.matrix_exp(-float(lr[a:b].mean()) * (b - a) * damped)

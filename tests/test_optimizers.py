@@ -256,6 +256,66 @@ def test_momentum_effective_rate_matches_unrolling_on_a_quadratic(
     assert rel(closed_form(lr)) > 10 * rel(ours)
 
 
+@pytest.mark.filterwarnings("ignore:The model's weights did not change")  # at the optimum: every gradient is 0
+def test_groups_at_a_rate_ratio_match_unrolling_on_a_quadratic(tmp_path: Path, regression_data) -> None:
+    """At the optimum of a quadratic (H and every ∇ℓ(z) constant), the weight at 1/4 of the bias's rate under one
+    LambdaLR: one SOURCE segment in u = R^{-1/2}θ must match the derivative unrolled through θ ← θ − η_k R g, and
+    the same closed form read at one rate (R = I) must not."""
+    lr, ratio, steps = 0.02, 0.25, 150
+    x, y = regression_data.tensors
+    model = _quadratic_at_optimum(regression_data)
+    theta0 = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD([{"params": [model.weight], "lr": ratio * lr}, {"params": [model.bias]}], lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 if k < 50 else 0.5)
+    rec = sp.TrajectoryRecorder(tmp_path / "run", model, opt, save_every=50)
+    rec.begin_stage("main", dataset_size=len(y))
+    for _ in range(steps):
+        opt.zero_grad()
+        _squared(model(x), y).mean().backward()
+        opt.step()
+        rec.step()
+        sched.step()
+    rec.close()
+    rates = np.array([lr if k < 50 else lr / 2 for k in range(steps)])
+    np.testing.assert_allclose(sp.Trajectory.load(tmp_path / "run").lr, rates, rtol=1e-12)
+    queries = TensorDataset(torch.randn(4, 3, generator=torch.Generator().manual_seed(5)), torch.ones(4))
+    ours = _identity_scores(tmp_path / "run", regression_data, queries, tmp_path / "s.sp",
+                            sp.FeaturizeArguments(batch_size=12, chunk_rows=12, fisher="exact"))  # fmt: skip
+
+    xd, yd = x.double(), y.double()
+    qx, qy = (t.double() for t in queries.tensors)
+    net = nn.Linear(3, 1).double()
+    r = torch.tensor([ratio, ratio, ratio, 1.0], dtype=torch.float64)  # weight, then bias
+
+    def final(w: torch.Tensor) -> torch.Tensor:
+        theta = dict(theta0)
+        for k in range(steps):
+            g = grad(lambda t: (w * _squared(functional_call(net, t, (xd,)), yd)).mean())(theta)
+            step = {"weight": ratio * rates[k], "bias": rates[k]}
+            theta = {n: theta[n] - step[n] * g[n] for n in theta}
+        return (functional_call(net, theta, (qx,)).squeeze(-1) - qy).abs()
+
+    exact = jacrev(final)(torch.ones(len(y), dtype=torch.float64)).numpy()
+    features = torch.cat([xd, torch.ones(len(y), 1, dtype=torch.float64)], 1)
+    flat0 = torch.cat([theta0["weight"][0], theta0["bias"]])
+    per_example = 2 * (features @ flat0 - yd)[:, None] * features
+    qfeat = torch.cat([qx, torch.ones(4, 1, dtype=torch.float64)], 1)
+    q_grad = torch.sign(qfeat @ flat0 - qy)[:, None] * qfeat
+
+    def closed_form(scale: torch.Tensor) -> np.ndarray:
+        hessian = scale[:, None] * (2 * features.T @ features / len(y)) * scale[None, :]
+        survive = torch.linalg.matrix_exp(-float(rates.sum()) * hessian)
+        response = (torch.eye(4, dtype=torch.float64) - survive) @ torch.inverse(hessian)
+        return -((q_grad * scale) @ response @ (per_example * scale).T / len(y)).numpy()
+
+    def rel(a: np.ndarray) -> float:
+        return float(np.linalg.norm(a - exact) / np.linalg.norm(exact))
+
+    assert rel(ours) < 0.03, rel(ours)
+    assert np.allclose(ours, closed_form(r.sqrt()), rtol=1e-3, atol=1e-6 * np.abs(ours).max())
+    assert rel(closed_form(torch.ones(4, dtype=torch.float64))) > 10 * rel(ours)
+
+
 def _stage(kind: str, **group) -> Stage:
     return Stage("main", 0, 4, 4, {"kind": kind, "groups": [{"params": ["w", "b"], "lr": 0.1, **group}]})
 
@@ -479,7 +539,7 @@ def test_adam_store_keeps_its_segmentation(tmp_path: Path, regression_data) -> N
     assert [s["preconditioner"] for s in recorded["segments"]] == ["preconditioner/0"]
     sp.fit(store, progress=False)
     sp.fit(store, sp.FitArguments(segments_per_stage=1, method="same-cuts"), progress=False)
-    with pytest.raises(sp.StoreError, match=r"Adam-preconditioned features computed for the segmentation"):
+    with pytest.raises(sp.StoreError, match=r"preconditioned features \(Adam, .*\) computed for the segmentation"):
         sp.fit(store, sp.FitArguments(segments_per_stage=2, method="other"), progress=False)
     with pytest.raises(sp.StoreError, match="was featurized for the segmentation"):
         _featurize(

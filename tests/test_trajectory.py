@@ -256,6 +256,19 @@ def test_a_step_whose_groups_leave_their_ratio_is_refused_at_that_step(tmp_path:
         _train_steps(rec, model, opt, sched, 1)
 
 
+def test_a_group_added_to_a_stage_of_rate_ratios_is_refused_at_the_next_step(tmp_path: Path) -> None:
+    """The stage recorded the ratios of its groups; a group added later has none, so its step is refused (a stage
+    of one rate takes the new group at that rate, as before)."""
+    model, opt = _two_groups((0.1, 0.5))
+    rec = sp.TrajectoryRecorder(tmp_path / "run", model, opt, save_every=10)
+    rec.begin_stage("main", dataset_size=3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0)
+    _train_steps(rec, model, opt, sched, 1)
+    opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))], "lr": 0.5})
+    with pytest.raises(sp.TrajectoryError, match=r"^Step 1: the optimiser has 3 parameter groups, not the 2 whose "):
+        _train_steps(rec, model, opt, sched, 1)
+
+
 def test_a_group_at_rate_0_is_recorded_as_frozen_and_a_step_that_moves_it_refused(tmp_path: Path) -> None:
     """A group whose base rate is 0 has ratio 0 (SOURCE scales its gradients by 0: it did not move); a rate given to it
     later leaves the ratio, and is refused."""

@@ -310,7 +310,9 @@ def _adam_sides(
     trajectory: Trajectory, checkpoint: Checkpoint, stage: Stage, names: Sequence[str], layers: Sequence[FactoredLayer]
 ) -> list[tuple[np.ndarray, np.ndarray]] | None:
     """Per layer the rank-one factors (row r, column c) of D^{-1/2} ≈ r cᵀ for the steps after ``checkpoint``
-    (the stage's last checkpoint: its own state); ``None`` where no state says (the raw factors are used)."""
+    (the stage's last checkpoint: its own state); ``None`` where no state says (the raw factors are used). D is
+    Adam's over the groups' rate ratios, or 1/r on an SGD stage whose groups train at different rates (exactly rank
+    one: ``checkpoint_preconditioner``)."""
     try:
         d = steps_preconditioner(trajectory, stage, checkpoint.step, checkpoint.step + 1, names)
     except TrajectoryError:

@@ -46,7 +46,9 @@ pass; biased). Only the k × k sum of ũũᵀ per window is kept (B·k² multipl
 with D_t read from the optimizer's state as each batch begins and applied through the layer hooks as
 its rank-``adam_rank`` form (``projection/transform.py``); each window also keeps D at its closing
 checkpoint, from which fit takes each segment's D_ℓ (``windows.py``). A stage's first step is not
-captured: before it the optimizer holds no state, so its preconditioner is unknown (``skipped``).
+captured: before it the optimizer holds no state, so its preconditioner is unknown (``skipped``). Parameter
+groups at different learning rates (``lr_ratio``) are refused as their stage begins: featurize the run after
+training.
 
 **Crash safety.** A window is written (chunks, then progress entries) just before the checkpoint that
 closes it is saved. A killed run resumed with ``TrajectoryRecorder.resume`` and the same store
@@ -939,7 +941,12 @@ class GradientCapture:
                 "SOURCE models: train with one of them."
             )
         sizes = {n: p.numel() for n, p in self.params.items()}
-        optimizer_rule(Stage(name, 0, 0, size, described), sizes)  # maximize=True, groups at different effective rates
+        rule = optimizer_rule(Stage(name, 0, 0, size, described), sizes)  # maximize=True, different momentum factors
+        if any(r != 1.0 for r in rule.ratio.values()):
+            raise TaskError(
+                f"Stage {name!r} trains its parameter groups at different learning rates, which in-run capture does "
+                "not follow; featurize the recorded run after training, which attributes them."
+            )
         check_optimised(name, described["groups"], self.names)
         if self.datasets is not None and name not in self._data:  # fingerprinted as the stage starts: errors come early
             given = self.datasets.get(name)

@@ -92,7 +92,7 @@ class LightningRecorder(RecorderSettings, Callback):
         if finetuning is not None:
             raise TrajectoryError(
                 f"{type(finetuning).__name__} freezes part of the module and trains it later in a parameter group of "
-                "its own learning rate, but SOURCE takes every parameter as trained at one learning rate throughout; "
+                "its own learning rate, but SOURCE takes every parameter as trained, at fixed rate ratios, throughout; "
                 f"record the run without {type(finetuning).__name__}."
             )
         if len(trainer.optimizers) != 1:

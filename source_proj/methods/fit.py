@@ -230,7 +230,7 @@ def resolve_segments(store: Store, args: FitArguments) -> tuple[list[Segment], T
         (d["stage"], d["start_step"], d["end_step"], tuple(d["checkpoints"])) for d in recorded["segments"]
     ]:
         return [Segment.from_description(d) for d in recorded["segments"]], None
-    why = "Fast-SOURCE features" if args.fast else "Adam-preconditioned features"
+    why = "Fast-SOURCE features" if args.fast else "preconditioned features (Adam, or groups at different rates)"
     raise StoreError(
         f"The store at {store.path} holds {why} computed for the segmentation {recorded['arguments']}, so it cannot be "
         f"fitted with {requested.describe()}; fit without --segments/--boundaries, or re-run featurize with the new "

@@ -25,6 +25,11 @@ coordinates of a diagonal term, as SGD's per-group decay is):
 
 The query is scaled with the last segment's D_L: the final model is read in the coordinates of
 the last segment (a documented approximation where D changes between segments).
+
+Parameter groups at a constant ratio r_g of learning rates (``Stage.lr_ratios``) enter the same way: group g steps
+at r_g·η, so Adam's D becomes D/r_g, and an SGD stage gets D = 1/r_g (its step θ ← θ − η r g is gradient descent in
+u = r^{-1/2}θ; a group at rate 0 gets D = ∞, scale 0: it did not move). A per-group scalar is rank one on a layer,
+so the factored projection applies it exactly.
 """
 
 from __future__ import annotations
@@ -44,12 +49,17 @@ from source_proj.trajectory.recorder import Checkpoint, Stage, Trajectory
 def checkpoint_preconditioner(
     trajectory: Trajectory, checkpoint: Checkpoint, stage: Stage, names: Sequence[str]
 ) -> dict[str, Tensor]:
-    """D = √v̂ + ε of every parameter in ``names`` from the Adam state saved with ``checkpoint``.
+    """D = (√v̂ + ε)/r of every parameter in ``names`` from the Adam state saved with ``checkpoint``, r its group's
+    rate ratio (``Stage.lr_ratios``); on an SGD stage D = 1/r (the checkpoint's shapes only).
 
     Returns float64 tensors shaped like the parameters. A parameter that has no state yet (it
-    never received a gradient, so Adam never moved it) gets D = ∞ (scale 0).
+    never received a gradient, so Adam never moved it), or whose group's rate is 0, gets D = ∞ (scale 0).
     """
     payload = trajectory.load_state(checkpoint)
+    if stage.optimizer.get("kind") == "sgd":
+        ratios = stage.lr_ratios
+        _check_held(stage, [n for n in names if n not in ratios])
+        return {n: _over(torch.ones(tuple(payload["model"][n].shape), dtype=torch.float64), ratios[n]) for n in names}
     state = payload.get("optimizer")
     if not checkpoint.optimizer_state or not isinstance(state, Mapping):
         raise TrajectoryError(
@@ -77,14 +87,22 @@ def checkpoint_preconditioner(
             if not entry:
                 out[name] = torch.full(tuple(model[name].shape), float("inf"), dtype=torch.float64)
                 continue
-            out[name] = adam_denominator(entry, group)
-    missing = [n for n in names if n not in out]
+            out[name] = _over(adam_denominator(entry, group), float(desc.get("lr_ratio", 1.0)))
+    _check_held(stage, [n for n in names if n not in out])
+    return out
+
+
+def _over(d: Tensor, ratio: float) -> Tensor:
+    """D/r: the denominator of a parameter whose group steps at r times the recorded rate (r = 0: ∞, scale 0)."""
+    return d / ratio if ratio > 0 else torch.full_like(d, float("inf"))
+
+
+def _check_held(stage: Stage, missing: Sequence[str]) -> None:
     if missing:
         raise TrajectoryError(
             f"Parameters {missing[:3]} are attributed but not optimised in stage {stage.name!r}; exclude them with "
             "ParameterSelection or add them to the optimizer."
         )
-    return out
 
 
 def adam_denominator(entry: Mapping[str, Any], group: Mapping[str, Any]) -> Tensor:
@@ -143,7 +161,8 @@ def flat_inverse_sqrt(d: Mapping[str, Tensor], names: Sequence[str]) -> np.ndarr
 
 
 def coupled_decay(decay: Mapping[str, float], d: Mapping[str, Tensor], names: Sequence[str]) -> float:
-    """λ·mean(1/D) over the attributed coordinates: Adam's coupled L2 decay as an isotropic term."""
+    """λ·mean(1/D) over the attributed coordinates: Adam's coupled L2 decay as an isotropic term (with D over the
+    groups' rate ratios, ``checkpoint_preconditioner``: r·λ/D)."""
     total = sum(float(decay.get(n, 0.0)) * float(d[n].reciprocal().sum()) for n in names)
     return total / sum(d[n].numel() for n in names)
 

@@ -624,10 +624,13 @@ class TrajectoryRecorder:
         groups = self._stages[-1]["optimizer"]["groups"]
         ratios = [float(g.get("lr_ratio", 1.0)) for g in groups]
         if len(ratios) != len(used):
-            raise TrajectoryError(
-                f"Step {self.global_step}: the optimiser has {len(used)} parameter groups, not the {len(ratios)} its "
-                "stage began with; begin a new stage (begin_stage) after adding a parameter group."
-            )
+            if any(r != 1.0 for r in ratios):
+                raise TrajectoryError(
+                    f"Step {self.global_step}: the optimiser has {len(used)} parameter groups, not the {len(ratios)} "
+                    "whose ratios of learning rates its stage began with; begin a new stage (begin_stage) after "
+                    "adding a parameter group."
+                )
+            ratios = [1.0] * len(used)  # a group added to a stage of one rate: it must share that rate
         lr = used[ratios.index(1.0)]
         off = [(i, rate) for i, (rate, r) in enumerate(zip(used, ratios, strict=True))
                if abs(rate - r * lr) > 1e-6 * max(abs(rate), abs(lr))]  # fmt: skip

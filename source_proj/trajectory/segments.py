@@ -89,7 +89,8 @@ class Segment:
         weight_decay: λ, added as λ·I to the segment's curvature (for Adam, in its preconditioned
             coordinates; see ``preconditioner.py``).
         preconditioner: store array holding D_ℓ^{-1/2} (flat, float32 ``[p]``) for Adam/AdamW
-            stages, ``None`` for SGD.
+            stages and stages whose groups train at different rates (``OptimizerRule.preconditioned``),
+            ``None`` for other SGD stages.
     """
 
     stage: str
@@ -206,28 +207,35 @@ class OptimizerRule:
             terminal velocity under a steady gradient; Nesterov SGD reaches the same terminal step
             η·g/(1 − β) (g + β·g/(1 − β)); Adam: 1 (its first moment is an average, m̂ → g).
         decay: λ of every parameter named in the optimiser's groups.
-        weight_decay: the isotropic λ·I added to the curvature: the mean of ``decay`` over the
-            attributed coordinates (a group without decay, e.g. biases and norms, counts as 0).
+        weight_decay: the isotropic λ·I added to the curvature: the mean of r·``decay`` over the
+            attributed coordinates (a group without decay, e.g. biases and norms, counts as 0; r its
+            ``ratio``: the decay a group at rate r·η applies in the coordinates u = r^{-1/2}θ, SGD's coupled
+            and AdamW's decoupled alike; Adam's coupled decay is r·λ/D, ``preconditioner.coupled_decay``).
             A diagonal term is represented by its mean because the projected engine adds damping
-            as λ·I_k (docs/concepts/source.md §4); exact when every group has the same λ.
+            as λ·I_k (docs/concepts/source.md §4); exact when every group has the same r·λ.
+        ratio: r of every parameter named in the groups: its group's learning rate over the rate recorded per
+            step (``Stage.lr_ratios``; 1 where the groups share one rate).
     """
 
     kind: str
     lr_factor: float
     decay: Mapping[str, float]
     weight_decay: float
+    ratio: Mapping[str, float]
 
     @property
     def preconditioned(self) -> bool:
-        """Adam and AdamW: gradients are scaled by D^{-1/2} (``preconditioner.py``)."""
-        return self.kind in ("adam", "adamw")
+        """Adam and AdamW, and groups at different learning rates: gradients are scaled by D^{-1/2}, with D = Adam's
+        denominator over r, or 1/r under SGD (``preconditioner.py``)."""
+        return self.kind in ("adam", "adamw") or any(r != 1.0 for r in self.ratio.values())
 
 
 def optimizer_rule(stage: Stage, param_sizes: Mapping[str, int]) -> OptimizerRule:
     """Read a stage's optimiser description; refuse, with a reason, what SOURCE cannot model.
 
     Group decays are averaged with weights = attributed parameters in each group; the groups holding attributed
-    parameters must share one effective rate (momentum and dampening), as they must share one learning rate.
+    parameters must share one momentum factor (momentum and dampening). Groups at different learning rates are
+    read from their recorded ratios (``lr_ratio``); a description whose groups' rates differ without them is refused.
     """
     opt = stage.optimizer
     kind = opt.get("kind")
@@ -244,19 +252,15 @@ def optimizer_rule(stage: Stage, param_sizes: Mapping[str, int]) -> OptimizerRul
             f"{where}'s parameter groups use different learning rates {sorted(rates)} but record no ratio between "
             "them (lr_ratio); record the run with TrajectoryRecorder, which records each group's."
         )
-    if any(float(g.get("lr_ratio", 1.0)) != 1.0 for g in groups):
-        raise TrajectoryError(
-            f"{where}'s parameter groups train at different learning rates, which featurize does not attribute yet; "
-            "give every group the same rate."
-        )
     if any(g.get("maximize") for g in groups):
         raise TrajectoryError(f"{where} maximised its objective (maximize=True); SOURCE attributes minimisation only.")
     weights = np.array([sum(param_sizes.get(n, 0) for n in g.get("params", [])) for g in groups], dtype=float)
     if weights.sum() == 0:
         weights = np.ones(len(groups))
     weights /= weights.sum()
-    factors, decays, decay = [], [], {}
-    for g in groups:
+    factors, decays, decay, ratio = [], [], {}, {}
+    ratios = np.array([float(g.get("lr_ratio", 1.0)) for g in groups])
+    for g, r in zip(groups, ratios, strict=True):
         if kind == "sgd":
             factors.append(_sgd_factor(g, where))
         else:
@@ -264,6 +268,7 @@ def optimizer_rule(stage: Stage, param_sizes: Mapping[str, int]) -> OptimizerRul
             factors.append(1.0)
         decays.append(float(g.get("weight_decay", 0.0)))
         decay.update({name: decays[-1] for name in g.get("params", [])})
+        ratio.update({name: float(r) for name in g.get("params", [])})
     used = sorted({f for f, w in zip(factors, weights, strict=True) if w > 0})
     if used and used[-1] - used[0] > 1e-9 * used[-1]:
         raise TrajectoryError(
@@ -271,7 +276,7 @@ def optimizer_rule(stage: Stage, param_sizes: Mapping[str, int]) -> OptimizerRul
             f"η(1 − dampening)/(1 − momentum) differ ({used[0]:g}η to {used[-1]:g}η); SOURCE needs one rate per step, "
             "so give every group the same momentum and dampening."
         )
-    return OptimizerRule(kind, float(weights @ factors), decay, float(weights @ decays))
+    return OptimizerRule(kind, float(weights @ factors), decay, float(weights @ (ratios * decays)), ratio)
 
 
 def check_optimised(stage: str, groups: Sequence[Mapping[str, Any]], names: Sequence[str]) -> None:
