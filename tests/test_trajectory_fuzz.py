@@ -26,7 +26,8 @@ VALID: dict[str, Any] = {
             "start_step": 0,
             "end_step": 2,
             "dataset_size": 8,
-            "optimizer": {"kind": "sgd", "groups": [{"params": ["w"], "lr": 0.1, "momentum": 0.9}]},
+            "optimizer": {"kind": "sgd", "groups": [{"params": ["w"], "lr": 0.1, "momentum": 0.9, "lr_ratio": 1.0},
+                                                    {"params": ["b"], "lr": 0.02, "momentum": 0.9, "lr_ratio": 0.2}]},
         },
         {
             "name": "b",
@@ -70,6 +71,7 @@ def _load(run: Path, text: bytes) -> None:
     steps = [c.step for c in trajectory.checkpoints]
     assert steps == sorted(set(steps)) and 0 <= steps[0] and steps[-1] <= trajectory.num_steps
     assert len(trajectory.fingerprint()) == 64
+    assert all(0 <= r <= 1 for stage in trajectory.stages for r in stage.lr_ratios.values())
 
 
 def _mutate(index: Any, data: st.DataObject) -> Any:

@@ -207,7 +207,7 @@ class Stage:
     def lr_ratios(self) -> dict[str, float]:
         """r_g of every parameter its optimizer's groups name: its group's learning rate over the reference group's,
         the rate recorded per step (1 for every parameter of a run whose groups share one rate)."""
-        return {name: float(g.get("lr_ratio", 1.0)) for g in self.optimizer.get("groups", []) for name in g["params"]}
+        return {n: float(g.get("lr_ratio", 1.0)) for g in self.optimizer.get("groups", []) for n in g.get("params", [])}
 
     def describe(self) -> dict[str, Any]:
         """The stage as a store's metadata records it (``label_smoothing`` only where the labels were smoothed, so
