@@ -1,13 +1,13 @@
 """What featurize computes: the feature points, their data, and the segmentation fixed up front.
 
 A *unit* is one parameter point (a checkpoint, or a segment's averaged parameters for
-Fast-SOURCE) featurized on one stage's data, optionally preconditioned. Plain SGD runs need no
+Fast-SOURCE) featurized on one stage's data, optionally preconditioned. SGD runs of one rate for all groups need no
 segmentation here: fit may cut the trajectory as it likes. Two things tie the features to the
 segmentation, and then it is chosen once, recorded in the store's metadata
 (``meta["segmentation"]``) and enforced by fit:
 
-- a stage trained with Adam/AdamW: gradients are scaled by the segment's D_ℓ^{-1/2}
-  (``preconditioner.py``), stored as ``preconditioner/<ℓ>`` (float32 ``[p]``);
+- a stage trained with Adam/AdamW, or whose parameter groups train at different learning rates: gradients
+  are scaled by the segment's D_ℓ^{-1/2} (``preconditioner.py``), stored as ``preconditioner/<ℓ>`` (float32 ``[p]``);
 - Fast-SOURCE (``segment_means``): gradients at the mean of each segment's checkpoint parameters,
   stored as ``grads/<stage>/mean-<start>-<end>``.
 
@@ -293,7 +293,8 @@ def _record_segmentation(
     names: Sequence[str],
     sizes: Mapping[str, int],
 ) -> None:
-    """Cut the trajectory, write each Adam segment's D^{-1/2}, then record everything in the metadata."""
+    """Cut the trajectory, write each preconditioned segment's D^{-1/2} (Adam's, or the groups' rate ratios'), then
+    record everything in the metadata."""
     steps = [c.step for c in trajectory.checkpoints]
     view = None
     boundaries = requested.boundaries

@@ -147,7 +147,8 @@ ChunkFn = Callable[[str, int, int], Any]
 
 
 def _query_scales(meta: dict[str, Any], steps: Sequence[int]) -> list[str | None] | None:
-    """D^{-1/2} names for query gradients at ``steps`` on an Adam store (``None`` when nothing is scaled).
+    """D^{-1/2} names for query gradients at ``steps`` on an Adam store, or one whose groups train at different rates
+    (``None`` when nothing is scaled).
 
     featurize scaled checkpoint c's training gradients on stage s by the preconditioner of the stage-s
     segment holding c; the query at c takes that of the stage c was saved in (start < c ≤ end: the stage
