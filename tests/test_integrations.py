@@ -137,6 +137,56 @@ def test_transformers_trainer_callback_records_an_attributable_run(tmp_path: Pat
     assert scores.shape == (3, 24) and np.isfinite(scores).all() and np.abs(scores).max() > 0
 
 
+def test_a_trainer_with_the_head_at_ten_times_the_backbones_rate_is_recorded_and_attributed(tmp_path: Path) -> None:
+    """The fine-tuning recipe: AdamW with the classifier at 10× the rest's rate, the Trainer's linear warm-up
+    schedule over both groups. The recorder keeps the classifier's rate (the largest: the reference) per step and
+    each group's ratio; featurize scales the other group's gradients by √0.1 and attributes the run."""
+    from transformers import Trainer, TrainingArguments, get_linear_schedule_with_warmup
+
+    from source_proj.integrations import HuggingFaceRecorder
+
+    ids, labels = _tokens(24, 0)
+    model = _tiny_bert()
+    head = [p for n, p in model.named_parameters() if n.startswith("classifier.")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("classifier.")]
+    optimizer = torch.optim.AdamW([{"params": rest, "lr": 1e-3}, {"params": head, "lr": 1e-2}])
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"), per_device_train_batch_size=8, num_train_epochs=2, warmup_steps=2,
+        lr_scheduler_type="linear", save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+        logging_strategy="no", seed=0,
+    )  # fmt: skip
+    Trainer(model=model, args=args, train_dataset=_Dicts(ids, labels), optimizers=(optimizer, None),
+            callbacks=[HuggingFaceRecorder(tmp_path / "run", save_every=3)]).train()  # fmt: skip
+    traj = sp.Trajectory.load(tmp_path / "run")
+    assert [g["lr_ratio"] for g in traj.stages[0].optimizer["groups"]] == pytest.approx([0.1, 1.0])
+    dummy = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1e-2)
+    schedule = get_linear_schedule_with_warmup(dummy, 2, 6)
+    expected = []
+    for _ in range(6):
+        expected.append(dummy.param_groups[0]["lr"])
+        dummy.step()
+        schedule.step()
+    assert np.allclose(traj.rates, expected)
+    task = _SequenceClassification(parameters=sp.ParameterSelection(include=("classifier.*", "bert.pooler.*")))
+    store = sp.featurize(tmp_path / "run", _tiny_bert(), task, TensorDataset(ids, labels), tmp_path / "s.sp",
+                         projection=sp.ProjectionArguments(kind="identity"),
+                         options=sp.FeaturizeArguments(batch_size=8, chunk_rows=8), progress=False)  # fmt: skip
+    # D_ℓ^{-1/2} of the one segment: √(r/D), D = √v̂ + ε averaged over the states saved at steps 3 and 6
+    order = [n for n, _ in model.named_parameters() if not n.startswith("classifier.")]
+    order += [n for n, _ in model.named_parameters() if n.startswith("classifier.")]
+    states = {c.step: traj.load_state(c)["optimizer"]["state"] for c in traj.checkpoints if c.step > 0}
+
+    def expected(name: str) -> torch.Tensor:
+        d = sum((s[order.index(name)]["exp_avg_sq"].double() / (1 - 0.999**t)).sqrt() + 1e-8 for t, s in states.items())
+        return ((1.0 if name.startswith("classifier.") else 0.1) * len(states) / d).sqrt().reshape(-1)
+
+    scale = torch.from_numpy(store.read(store.meta["segmentation"]["segments"][0]["preconditioner"])).double()
+    assert torch.allclose(scale, torch.cat([expected(n) for n, _ in store.meta["params"]]), rtol=1e-5)
+    sp.fit(store, progress=False)
+    scores = sp.Attributor(store, _tiny_bert(), task).scores(TensorDataset(*_tokens(3, 1)))
+    assert scores.shape == (3, 24) and np.isfinite(scores).all() and np.abs(scores).max() > 0
+
+
 def test_a_step_the_loss_scaler_skips_keeps_the_recorded_run_in_step_with_the_trainer(tmp_path: Path) -> None:
     """An fp16 loss scaler that finds an inf gradient skips ``optimizer.step`` (no step hooks run), and the Trainer
     counts the step all the same. The callback records it at rate 0, so its checkpoints stay at the Trainer's steps
