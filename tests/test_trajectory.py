@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import source_proj as sp
+from source_proj.trajectory.recorder import Stage
 
 
 def _record(run: Path, steps_per_stage=(5, 3), save_every: int = 2, momentum: float = 0.9) -> nn.Module:
@@ -294,6 +295,12 @@ def test_groups_that_share_a_rate_record_no_ratio(tmp_path: Path) -> None:
     groups = json.loads((tmp_path / "run" / "trajectory.json").read_text())["stages"][0]["optimizer"]["groups"]
     assert all("lr_ratio" not in g for g in groups)
     assert set(sp.Trajectory.load(tmp_path / "run").stages[0].lr_ratios.values()) == {1.0}
+
+
+def test_a_hand_written_group_that_names_no_parameters_has_no_ratios() -> None:
+    """The format lets a hand-written group leave out its parameter names: it gives no parameter a ratio."""
+    stage = Stage("main", 0, 2, 3, {"kind": "sgd", "groups": [{"lr": 0.1}]})
+    assert stage.lr_ratios == {}
 
 
 @pytest.mark.parametrize("ratios", [[0.2, None], [0.2, 0.5], [-0.1, 1.0], [0.2, 1.5]])
