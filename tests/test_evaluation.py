@@ -255,3 +255,22 @@ def test_agreement_refuses_non_finite_scores_at_the_left_out_examples(tmp_path: 
     scores = EFFECTS.copy()
     scores[1, 0] = np.inf  # not a left-out example: not compared, so not refused
     assert ev.agreement(scores, gold, args).cosine == pytest.approx(1.0)
+
+
+def test_subset_removal_of_a_loss_task_removes_its_most_negative_scores_the_helpful_ones(tmp_path: Path) -> None:
+    """For a loss or an error (``positive_helps`` False) a positive score means z raised the query's loss, so the
+    most helpful examples are the most negative scores; removal used to take the largest, the most harmful ones."""
+    ks = (2, 4, 8)
+    args = ev.RemovalArguments(ks=ks, seeds=(0, 1, 2), positive_helps=False)
+    # A loss-measuring method's scores of the same examples: removing z moves the loss against the margin.
+    loss = ev.subset_removal({"loss": -EFFECTS}, linear_retrain, ROWS, tmp_path / "cache", args, progress=False)
+    full = np.stack([linear_retrain({"main": np.arange(N)}, s) for s in args.seeds])
+    eligible = np.flatnonzero((full > 0).all(axis=0))
+    noise = full.mean(axis=0) - 1.0
+    expected = []
+    for q in eligible:  # brute force: remove the k examples whose removal lowers the margin most
+        drops = np.cumsum(np.sort(EFFECTS[q])[::-1])
+        expected.append(next((k for k in ks if 1.0 + noise[q] - drops[k - 1] <= 0), 0))
+    np.testing.assert_array_equal(loss["loss"].queries, eligible)
+    np.testing.assert_array_equal(loss["loss"].flipped_at, expected)
+    assert loss["loss"].fraction[-1] > 0.5

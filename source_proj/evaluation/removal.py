@@ -36,6 +36,9 @@ class RemovalArguments:
         ks: removal sizes, increasing, each below the number of training rows.
         seeds: training seeds; a query must be correct under all of them to be evaluated.
         threshold: a query counts as flipped when its mean returned value is ≤ this (0 for a decision margin).
+        positive_helps: what a positive score means for the task the scores were computed for (the attributor's
+            ``positive_helps``): True for a margin, so the most helpful examples are the largest scores; False for
+            a loss or an error (a positive score raised it), so the most helpful are the most negative scores.
         workers: parallel worker processes for retraining.
         threads_per_worker: torch threads per worker process.
     """
@@ -43,6 +46,7 @@ class RemovalArguments:
     ks: tuple[int, ...] = (10, 20, 40)
     seeds: tuple[int, ...] = (1000, 1001, 1002)
     threshold: float = 0.0
+    positive_helps: bool = True
     workers: int = 1
     threads_per_worker: int = 1
 
@@ -72,7 +76,10 @@ def subset_removal(
     progress: bool = True,
 ) -> dict[str, RemovalResult]:
     """Fraction of queries flipped against k for every method (name → finite scores ``[Q, N]``, score = −Δf:
-    positive = z raised the query's measurement, which here is a margin, so positive = z helped it).
+    positive = z raised the task's measurement: helped the query for a margin, harmed it for a loss or an error).
+
+    The k removed for a query are its k most helpful examples: the largest scores, or the most negative ones with
+    ``args.positive_helps`` False. ``retrain`` returns a value whose sign is correctness whatever the task measured.
 
     Raises ``TaskError`` when no query is correct under every seed of the full-data models (nothing to flip).
     """
@@ -107,6 +114,7 @@ def subset_removal(
     for name, s in scores.items():
         if s.shape != (full.shape[1], total):
             raise TaskError(f"Scores of {name!r} have shape {s.shape}; expected {(full.shape[1], total)}.")
+    sign = -1.0 if args.positive_helps else 1.0  # ascending sign·score: the most helpful first
     for k in ks:
         jobs, owners = [], []
         for name, s in scores.items():
@@ -114,7 +122,7 @@ def subset_removal(
                 if flipped[name][j]:
                     continue
                 mask = everyone.copy()
-                mask[np.argsort(-s[q], kind="stable")[:k]] = False
+                mask[np.argsort(sign * s[q], kind="stable")[:k]] = False
                 owners.append((name, j, q, len(jobs)))
                 jobs.extend(Job(keep_from_mask(rows, mask), seed) for seed in args.seeds)
         if not jobs:
