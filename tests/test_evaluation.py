@@ -274,3 +274,14 @@ def test_subset_removal_of_a_loss_task_removes_its_most_negative_scores_the_help
     np.testing.assert_array_equal(loss["loss"].queries, eligible)
     np.testing.assert_array_equal(loss["loss"].flipped_at, expected)
     assert loss["loss"].fraction[-1] > 0.5
+
+
+def test_agreement_refuses_scores_over_other_training_rows_than_the_gold_standard(tmp_path: Path) -> None:
+    """Scores of a method fitted on other rows (more, or fewer but past the left-out examples) used to be compared
+    column by column as if their row i were the gold standard's."""
+    args = ev.FurtherTrainingArguments(seeds=(0,), resamples=50)
+    gold = ev.further_training_ground_truth(linear_retrain, ROWS, [3, 17, 25], tmp_path, args, progress=False)
+    for wrong in (np.hstack([EFFECTS[:, :7], EFFECTS]), EFFECTS[:, :30]):
+        with pytest.raises(TaskError, match=f"{wrong.shape[1]} training rows but the gold standard {N}"):
+            ev.agreement(wrong, gold, args)
+    assert ev.agreement(EFFECTS, gold, args).cosine == pytest.approx(1.0)

@@ -52,10 +52,12 @@ class FurtherTraining:
     """Attributes:
     examples: ``[E]`` training rows left out one at a time.
     scores: ``[Q, E]`` gold-standard scores (score = −Δf: positive = z raised the query's measurement).
+    num_rows: N, the number of attributed training rows the examples index (a method's scores are ``[Q, N]``).
     """
 
     examples: np.ndarray
     scores: np.ndarray
+    num_rows: int
 
 
 def further_training_ground_truth(
@@ -101,7 +103,7 @@ def further_training_ground_truth(
     seeds = len(args.seeds)
     full = values[:seeds]
     left_out = values[seeds:].reshape(len(examples), seeds, -1)
-    return FurtherTraining(examples, -(left_out - full[None]).mean(axis=1).T)
+    return FurtherTraining(examples, -(left_out - full[None]).mean(axis=1).T, total)
 
 
 @dataclass(frozen=True)
@@ -122,12 +124,18 @@ class Agreement:
 def agreement(
     scores: np.ndarray, truth: FurtherTraining, args: FurtherTrainingArguments = FurtherTrainingArguments()
 ) -> Agreement:
-    """Compare a score matrix ``[Q, N]`` (finite at the left-out examples) with the gold standard on them."""
+    """Compare a score matrix ``[Q, N]`` (finite at the left-out examples; N the gold standard's ``num_rows``) with
+    the gold standard on them."""
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 2 or scores.shape[1] <= truth.examples.max():
         raise TaskError(
             f"Scores of shape {scores.shape} are not [queries, training rows] reaching row {truth.examples.max()}, "
             "a left-out example; give the method's score matrix [Q, N]."
+        )
+    if scores.shape[1] != truth.num_rows:
+        raise TaskError(
+            f"The scores cover {scores.shape[1]} training rows but the gold standard {truth.num_rows}; score the "
+            "training rows the gold standard left examples out of (a method fitted on the same stages)."
         )
     predicted = scores[:, truth.examples]
     if predicted.shape != truth.scores.shape:
