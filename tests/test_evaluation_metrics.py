@@ -220,6 +220,7 @@ def test_a_hand_built_ground_truth_of_the_wrong_layout_is_refused_when_built() -
         (masks[0], measurements, r"boolean \[M, N\]"),
         (masks * 2, measurements, r"boolean \[M, N\]"),
         (masks, np.where(measurements > 1, np.nan, measurements), "NaN or infinite"),
+        (masks, measurements[:, :0], "no retrain"),  # its mean was NaN: "check the scores for NaNs" in lds()
     ):
         with pytest.raises(TaskError, match=match):
             Counterfactuals(0.5, wrong_masks, wrong_measurements)

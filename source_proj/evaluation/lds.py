@@ -104,6 +104,11 @@ class Counterfactuals:
                 f"Measurements of shape {measurements.shape} are not [M, R, Q] (subsets, repeats, queries); with one "
                 "retrain per subset pass measurements[:, None, :]."
             )
+        if measurements.shape[1] == 0:
+            raise TaskError(
+                f"The measurements of shape {measurements.shape} hold no retrain of any subset (R = 0 in [M, R, Q]); "
+                "the ground truth is their mean over at least one retrain."
+            )
         if masks.ndim != 2 or not (masks.dtype == bool or np.isin(masks, (0, 1)).all()):
             raise TaskError(
                 f"Subset masks must be boolean [M, N] (True where a row is kept), not {masks.dtype} of shape "
