@@ -243,3 +243,11 @@ def test_a_query_without_a_correlation_is_written_as_null_not_as_json_nan(fitted
 
     rows = [json.loads(line, parse_constant=strict) for line in out_path.read_text().splitlines()]
     assert rows[0]["spearman"] is None and all(isinstance(r["spearman"], float) for r in rows[1:])
+
+
+def test_fewer_than_three_subsets_are_refused_before_any_scoring(fitted, tmp_path: Path) -> None:
+    """--subsets accepted 2, which the LDS refuses (a rank correlation needs 3): after every method was scored."""
+    _, store = fitted
+    out = CliRunner().invoke(main, ["lds", str(store), "--subsets", "2", "--cache", str(tmp_path / "cache")])
+    assert out.exit_code == 2 and "--subsets" in out.output and "Traceback" not in out.output, out.output
+    assert not (tmp_path / "cache").exists()

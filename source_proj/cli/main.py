@@ -1063,7 +1063,7 @@ def _evaluation_options(fn: Any) -> Any:
     options = [
         click.argument("store_paths", nargs=-1, required=True),
         click.option("--alpha", "alphas", default="0.5", show_default=True, help="Kept fraction(s), e.g. 0.25,0.5."),
-        click.option("--subsets", default=100, show_default=True, type=click.IntRange(min=2),
+        click.option("--subsets", default=100, show_default=True, type=click.IntRange(min=3),
                      help="M, random subsets per α."),
         click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),
                      help="R, retrains per subset (averaged)."),
