@@ -251,3 +251,21 @@ def test_fewer_than_three_subsets_are_refused_before_any_scoring(fitted, tmp_pat
     out = CliRunner().invoke(main, ["lds", str(store), "--subsets", "2", "--cache", str(tmp_path / "cache")])
     assert out.exit_code == 2 and "--subsets" in out.output and "Traceback" not in out.output, out.output
     assert not (tmp_path / "cache").exists()
+
+
+def test_lds_warns_when_its_retrain_cache_holds_retrains_no_spec_is_recorded_for(fitted, tmp_path: Path) -> None:
+    """A cache filled from Python (or before caches recorded their spec) was claimed by the first spec that came,
+    its retrains reused without a word whatever retrain() had made them."""
+    _, store = fitted
+    cache = tmp_path / "cache"
+    rows = [StageRows("main", 0, 40)]
+    args = ev.LDSArguments(num_subsets=4, repeats=1)
+    ev.lds_ground_truth(lambda keep, seed: np.random.default_rng(seed).normal(size=40), rows, cache, args,
+                        progress=False)  # fmt: skip
+    base = ["lds", str(store), "--subsets", "4", "--repeats", "1", "--cache", str(cache)]
+    with pytest.warns(UserWarning, match="no spec file is recorded for"):
+        out = CliRunner().invoke(main, base)
+    assert out.exit_code == 0, out.output
+    with warnings.catch_warnings(record=True) as caught:  # said once: the cache now records the spec
+        assert CliRunner().invoke(main, base).exit_code == 0
+    assert not [w for w in caught if "spec file" in str(w.message)]

@@ -1094,10 +1094,18 @@ def _finite_or_none(value: float) -> float | None:
 
 def _claim_cache(directory: Path, spec: Spec) -> None:
     """Record which spec file filled a retrain cache, and warn when another (or an edited) one reuses it: cached
-    retrains are keyed by kept subset and seed only, so a changed retrain() would get the old measurements."""
+    retrains are keyed by kept subset and seed only, so a changed retrain() would get the old measurements. A cache
+    that holds retrains but records no spec (filled from Python) is claimed with a warning."""
     digest = hashlib.sha256(Path(spec.path).read_bytes()).hexdigest()
     stamp = directory / "spec.sha256"
     if not stamp.exists():
+        if any((directory / "retrains").glob("*.npy")):
+            warnings.warn(
+                f"The retrain cache {directory} holds retrains that no spec file is recorded for (filled from "
+                f"Python, or by an older version) and reuses them as those of {spec.path}; if another retrain() or "
+                "query_data() made them, pass a fresh --cache.",
+                stacklevel=2,
+            )
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(stamp, f"{digest}  {Path(spec.path).resolve()}\n".encode())
         return
