@@ -285,3 +285,21 @@ def test_agreement_refuses_scores_over_other_training_rows_than_the_gold_standar
         with pytest.raises(TaskError, match=f"{wrong.shape[1]} training rows but the gold standard {N}"):
             ev.agreement(wrong, gold, args)
     assert ev.agreement(EFFECTS, gold, args).cosine == pytest.approx(1.0)
+
+
+def test_the_exact_scores_of_a_loss_measuring_task_have_lds_one(tmp_path: Path) -> None:
+    """The LDS correlates Σ_{z∈S} score with the measurement itself, whatever it measures: for a loss, where a
+    positive score means z raised it, the exact scores −Δf still have LDS +1 (and their negation −1)."""
+    raises = np.random.default_rng(21).normal(size=(Q, N))  # how much each kept example raises each query's loss
+
+    def loss_retrain(keep: dict[str, np.ndarray], seed: int) -> np.ndarray:
+        return 2.0 + raises[:, keep["main"]].sum(axis=1)
+
+    args = ev.LDSArguments(num_subsets=20, repeats=1, resamples=50)
+    truth = ev.lds_ground_truth(loss_retrain, ROWS, tmp_path, args, progress=False)
+    removed = {z: loss_retrain({"main": np.delete(np.arange(N), z)}, 0) - loss_retrain({"main": np.arange(N)}, 0)
+               for z in range(N)}  # fmt: skip
+    exact = -np.stack([removed[z] for z in range(N)], axis=1)  # score = −Δf, [Q, N]
+    np.testing.assert_allclose(exact, raises, atol=1e-12)
+    assert ev.lds(exact, truth, args).mean == pytest.approx(1.0)
+    assert ev.lds(-exact, truth, args).mean == pytest.approx(-1.0)
