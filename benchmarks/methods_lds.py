@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 import source_proj as sp
-from source_proj.evaluation.lds import LDSArguments, lds, lds_ground_truth
-from source_proj.evaluation.metrics import spearman
+from source_proj.evaluation.lds import LDSArguments, lds, lds_ground_truth, split_half_reliability
 
 METHODS = ("source", "trak", "tracin", "grad-dot")
 
@@ -100,15 +99,6 @@ def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
     return args
 
 
-def reliability(measurements: np.ndarray) -> tuple[float, float]:
-    """Split-half reliability r of a ground truth's measurements ``[subsets, repeats, queries]`` (Spearman over the
-    subsets between the means of the first and the second half of the retrains, mean over queries) and the LDS
-    ceiling √ρ it implies, ρ = 2r/(1 + r) by Spearman–Brown (as ``accuracy/harness.py``)."""
-    half = measurements.shape[1] // 2
-    r = float(np.nanmean(spearman(measurements[:, :half].mean(1), measurements[:, half : 2 * half].mean(1), axis=0)))
-    return r, float(np.sqrt(max(0.0, 2 * r / (1 + r))))
-
-
 def compare_methods(
     store: Path,
     build_model: Callable[[], nn.Module],
@@ -149,7 +139,7 @@ def compare_methods(
     report: dict[str, Any] = {m: {"lds": r.mean, "ci": [r.low, r.high], "per_query": r.per_query.tolist()}
                               for m, r in results.items()}  # fmt: skip
     report["fit_s"] = fitting
-    report["reliability"], report["ceiling"] = reliability(truth.measurements)
+    report["reliability"], report["ceiling"] = split_half_reliability(truth)
     for method in list(results)[1:]:
         diff = results[methods[0]].per_query - results[method].per_query
         diff = diff[np.isfinite(diff)]

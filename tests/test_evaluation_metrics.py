@@ -25,6 +25,7 @@ from source_proj.evaluation import (
     rank,
     sample_subsets,
     spearman,
+    split_half_reliability,
 )
 
 
@@ -246,3 +247,22 @@ def test_group_predictions_equal_in_exact_arithmetic_are_exactly_equal_so_their_
             expected = [stats.spearmanr(exact[:, q], actual[:, q]).statistic for q in range(queries - 1)]
             np.testing.assert_allclose(result.per_query[:-1], expected, rtol=1e-12)
             assert np.isnan(result.per_query[-1])
+
+
+def test_split_half_reliability_is_scipys_spearman_of_the_half_means_extrapolated_to_all_r_retrains() -> None:
+    """The benchmarks' copies extrapolated to 2·⌊R/2⌋ retrains whatever R was (ρ = 2r/(1+r) for R = 5 or 3), and for
+    R = 1 correlated two empty means: NaN, reported as an LDS ceiling of 0."""
+    rng = np.random.default_rng(13)
+    signal = rng.normal(size=(12, 1, 4))
+    for repeats in (2, 3, 4, 5):
+        measurements = signal + rng.normal(size=(12, repeats, 4))
+        measurements[:, :, 1] = _tied(rng, (12, repeats))  # ties: average ranks, as scipy
+        half = repeats // 2
+        first, second = measurements[:, :half].mean(1), measurements[:, half : 2 * half].mean(1)
+        r = np.mean([stats.spearmanr(first[:, q], second[:, q]).statistic for q in range(4)])
+        k = repeats / half  # Spearman–Brown from ⌊R/2⌋ retrains to all R
+        rho = k * r / (1 + (k - 1) * r)
+        got = split_half_reliability(Counterfactuals(0.5, sample_subsets(10, 12, 0.5), measurements))
+        assert got == pytest.approx((r, math.sqrt(max(rho, 0.0))), abs=1e-12)
+    with pytest.raises(TaskError, match="at least two retrains"):
+        split_half_reliability(Counterfactuals(0.5, sample_subsets(10, 12, 0.5), signal))

@@ -105,15 +105,10 @@ class Prepared:
     def reliability(self, queries: str | None = None) -> tuple[float, float]:
         """Split-half reliability of the ground truth and the LDS ceiling it implies.
 
-        r = Spearman (over subsets, mean over queries) between the mean of the first half of the
-        retrains and the mean of the second half; Spearman–Brown gives the reliability of the mean of
-        all of them, ρ = 2r/(1+r), and a perfect predictor of the expected measurement correlates
-        with that noisy mean at about √ρ: the ceiling of any method's LDS. Returns (r, √ρ).
+        Returns (r, √ρ), ``ev.split_half_reliability`` of the ground truth: r the Spearman correlation of the
+        half means of the retrains, √ρ the ceiling of any method's LDS.
         """
-        m = self.truth_for(queries or self.query_sets[0]).measurements
-        half = m.shape[1] // 2
-        r = float(np.nanmean(ev.spearman(m[:, :half].mean(1), m[:, half : 2 * half].mean(1), axis=0)))
-        return r, float(np.sqrt(max(0.0, 2 * r / (1 + r))))
+        return ev.split_half_reliability(self.truth_for(queries or self.query_sets[0]))
 
     def difference(self, a: np.ndarray, b: np.ndarray, queries: str | None = None) -> tuple[float, float, float]:
         """LDS(a) − LDS(b) on the same queries with its paired bootstrap 95 % interval over queries."""

@@ -24,6 +24,7 @@ from source_proj.evaluation.lds import (
     plot_lds,
     query_interval,
     sample_subsets,
+    split_half_reliability,
 )
 from source_proj.evaluation.metrics import (
     Correlation,
@@ -78,5 +79,6 @@ __all__ = [
     "run_retrains",
     "sample_subsets",
     "spearman",
+    "split_half_reliability",
     "subset_removal",
 ]

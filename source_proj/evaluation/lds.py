@@ -21,7 +21,7 @@ from typing import Literal
 import numpy as np
 
 from source_proj.errors import TaskError
-from source_proj.evaluation.metrics import Correlation, bootstrap_ci, correlate, group_predictions
+from source_proj.evaluation.metrics import Correlation, bootstrap_ci, correlate, group_predictions, spearman
 from source_proj.evaluation.retrain import Job, RetrainCache, RetrainFunction, keep_from_mask, run_retrains
 from source_proj.figures import pyplot, save_figure
 from source_proj.query.attributor import StageRows
@@ -224,6 +224,32 @@ def query_interval(per_query: np.ndarray, args: LDSArguments = LDSArguments()) -
         confidence=args.confidence,
         seed=args.seed,
     )
+
+
+def split_half_reliability(truth: Counterfactuals) -> tuple[float, float]:
+    """How reproducible a ground truth is, and the LDS ceiling that implies: ``(r, √ρ)``.
+
+    r is the split-half reliability: the Spearman correlation over the subsets between the mean of the first
+    h = ⌊R/2⌋ retrains and the mean of the next h, averaged over the queries where it is defined. Spearman–Brown
+    extrapolates it from h retrains to the mean of all R, ρ = k·r / (1 + (k − 1)·r) with k = R/h (2r/(1 + r) for
+    an even R), and a perfect predictor of the expected measurement correlates with that noisy mean at about
+    √ρ (0 where r ≤ 0): quote it beside an LDS as its ceiling. Needs R ≥ 2 retrains per subset.
+    """
+    repeats = truth.measurements.shape[1]
+    if repeats < 2:
+        raise TaskError(
+            f"A split-half reliability needs at least two retrains per subset to split, not {repeats}; retrain each "
+            "subset more than once (LDSArguments.repeats)."
+        )
+    half = repeats // 2
+    first = truth.measurements[:, :half].mean(axis=1)
+    second = truth.measurements[:, half : 2 * half].mean(axis=1)
+    per_query = spearman(first, second, axis=0)
+    if not np.isfinite(per_query).any():
+        raise TaskError("Every query's measurement is constant over the subsets, so no reliability is defined.")
+    r = float(np.nanmean(per_query))
+    k = repeats / half
+    return r, (float(np.sqrt(k * r / (1.0 + (k - 1.0) * r))) if r > 0 else 0.0)
 
 
 def compare(
