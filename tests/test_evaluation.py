@@ -303,3 +303,20 @@ def test_the_exact_scores_of_a_loss_measuring_task_have_lds_one(tmp_path: Path) 
     np.testing.assert_allclose(exact, raises, atol=1e-12)
     assert ev.lds(exact, truth, args).mean == pytest.approx(1.0)
     assert ev.lds(-exact, truth, args).mean == pytest.approx(-1.0)
+
+
+def test_subset_removal_trains_a_removal_two_methods_share_once(tmp_path: Path) -> None:
+    """Retrains are shared between methods that remove the same examples; within one k every method's job was
+    trained again, so two methods that agree doubled the work."""
+    trained: list[tuple[bytes, int]] = []
+
+    def counting(keep: dict[str, np.ndarray], seed: int) -> np.ndarray:
+        trained.append((keep["main"].tobytes(), seed))
+        return linear_retrain(keep, seed)
+
+    args = ev.RemovalArguments(ks=(2, 4), seeds=(0, 1))
+    both = ev.subset_removal({"a": EFFECTS, "b": EFFECTS.copy()}, counting, ROWS, tmp_path, args, progress=False)
+    assert len(trained) == len(set(trained))  # every (kept subset, seed) trained once
+    np.testing.assert_array_equal(both["a"].flipped_at, both["b"].flipped_at)
+    alone = ev.subset_removal({"a": EFFECTS}, linear_retrain, ROWS, tmp_path / "alone", args, progress=False)
+    np.testing.assert_array_equal(both["a"].flipped_at, alone["a"].flipped_at)

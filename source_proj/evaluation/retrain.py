@@ -151,7 +151,8 @@ def run_retrains(
     progress: bool = True,
     desc: str = "retrain",
 ) -> np.ndarray:
-    """Measurements of every job, ``[len(jobs), Q]``: cached ones are read, the others trained.
+    """Measurements of every job, ``[len(jobs), Q]``: cached ones are read, the others trained (a job listed twice,
+    once).
 
     Args:
         retrain: the training function (module-level, so that worker processes can import it).
@@ -169,13 +170,16 @@ def run_retrains(
         )
     results: dict[int, np.ndarray] = {}
     todo: list[int] = []
+    first: dict[str, int] = {}  # a job given twice (two methods removing the same examples) is trained once
     for i, job in enumerate(jobs):
+        if first.setdefault(job.key(), i) != i:
+            continue
         cached = cache.get(job)
         if cached is None:
             todo.append(i)
         else:
             results[i] = cached
-    bar = tqdm(total=len(jobs), initial=len(results), desc=desc, unit="model", disable=not progress)
+    bar = tqdm(total=len(first), initial=len(results), desc=desc, unit="model", disable=not progress)
     try:
         if isinstance(retrain, BatchedRetrainFunction):
             _run_batched(retrain, jobs, todo, cache, results, bar)
@@ -193,7 +197,7 @@ def run_retrains(
             f"The retrains return different numbers of measurements {sorted(lengths)}; the cache at "
             f"{cache.directory} mixes training functions or query sets, so use a fresh cache directory."
         )
-    return np.stack([results[i] for i in range(len(jobs))])
+    return np.stack([results[first[job.key()]] for job in jobs])
 
 
 def _run_batched(
