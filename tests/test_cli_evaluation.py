@@ -269,3 +269,13 @@ def test_lds_warns_when_its_retrain_cache_holds_retrains_no_spec_is_recorded_for
     with warnings.catch_warnings(record=True) as caught:  # said once: the cache now records the spec
         assert CliRunner().invoke(main, base).exit_code == 0
     assert not [w for w in caught if "spec file" in str(w.message)]
+
+
+def test_an_alpha_the_lds_refuses_is_refused_before_the_retrains_of_the_others(fitted, tmp_path: Path) -> None:
+    """--alpha 0.5,1.5 retrained every model of α = 0.5 before refusing 1.5; 0.01 keeps no row of 40."""
+    _, store = fitted
+    cache = tmp_path / "cache"
+    for alphas, match in (("0.5,1.5", "strictly between 0 and 1"), ("0.5,0.01", "keeps 0 of 40 rows")):
+        out = CliRunner().invoke(main, ["lds", str(store), "--subsets", "3", "--alpha", alphas, "--cache", str(cache)])
+        assert out.exit_code != 0 and match in out.output and "Traceback" not in out.output, out.output
+        assert not list(cache.glob("retrains/*.npy"))

@@ -1162,6 +1162,8 @@ def _lds_table(
             )
         rows = scorer.rows
         scores[method] = scorer.scores(subset)
+    for alpha in levels:  # every α checked before the retrains of any: a refused one would come after hours
+        ev.sample_subsets(sum(r.size for r in rows), subsets, alpha, seed)
     cache_dir = cache or Path(str(store_paths[0]).rstrip("/") + ".retrains")
     _claim_cache(cache_dir, spec)
     truths = []
