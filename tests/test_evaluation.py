@@ -320,3 +320,12 @@ def test_subset_removal_trains_a_removal_two_methods_share_once(tmp_path: Path) 
     np.testing.assert_array_equal(both["a"].flipped_at, both["b"].flipped_at)
     alone = ev.subset_removal({"a": EFFECTS}, linear_retrain, ROWS, tmp_path / "alone", args, progress=False)
     np.testing.assert_array_equal(both["a"].flipped_at, alone["a"].flipped_at)
+
+
+def test_lds_arguments_the_lds_would_refuse_are_refused_when_built_not_after_the_retrains(tmp_path: Path) -> None:
+    """A bootstrap setting the LDS refuses (a misspelt resample, no resample, a confidence of 95) was refused by
+    lds(), after lds_ground_truth had run every retrain with the same arguments."""
+    for wrong, match in (({"resample": "query"}, "'subsets' or 'queries'"), ({"resamples": 0}, "at least one"),
+                         ({"confidence": 95.0}, r"\(0, 1\)")):  # fmt: skip
+        with pytest.raises(TaskError, match=match):
+            ev.LDSArguments(**wrong)  # type: ignore[arg-type]

@@ -42,6 +42,8 @@ class LDSArguments:
         confidence: coverage of the interval.
         resample: what the bootstrap resamples: ``"subsets"`` (the SOURCE paper's interval) or
             ``"queries"`` (how much the LDS depends on which queries were drawn).
+
+    A bootstrap setting the LDS cannot use is refused when the arguments are built, before any retrain.
     """
 
     alpha: float = 0.5
@@ -53,6 +55,15 @@ class LDSArguments:
     resamples: int = 1000
     confidence: float = 0.95
     resample: Literal["subsets", "queries"] = "subsets"
+
+    def __post_init__(self) -> None:
+        # Refused here, not in lds(): the same arguments usually run the retrains first, for hours.
+        if self.resample not in ("subsets", "queries"):
+            raise TaskError(f"The LDS bootstrap resamples 'subsets' or 'queries', not {self.resample!r}.")
+        if self.resamples < 1:
+            raise TaskError(f"A confidence interval needs at least one bootstrap resample, not {self.resamples}.")
+        if not 0.0 < self.confidence < 1.0:
+            raise TaskError(f"The confidence level must lie in (0, 1), not {self.confidence}.")
 
 
 def sample_subsets(num_rows: int, num_subsets: int, alpha: float, seed: int = 0) -> np.ndarray:
@@ -202,8 +213,6 @@ def lds(scores: np.ndarray, truth: Counterfactuals, args: LDSArguments = LDSArgu
     )
     if args.resample == "subsets":
         return result
-    if args.resample != "queries":
-        raise TaskError(f"The LDS bootstrap resamples 'subsets' or 'queries', not {args.resample!r}.")
     return Correlation(result.mean, *query_interval(result.per_query, args), result.per_query, result.units)
 
 
