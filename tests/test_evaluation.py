@@ -329,3 +329,10 @@ def test_lds_arguments_the_lds_would_refuse_are_refused_when_built_not_after_the
                          ({"confidence": 95.0}, r"\(0, 1\)")):  # fmt: skip
         with pytest.raises(TaskError, match=match):
             ev.LDSArguments(**wrong)  # type: ignore[arg-type]
+
+
+def test_further_training_arguments_the_agreement_would_refuse_are_refused_when_built() -> None:
+    """As with LDSArguments: a bad bootstrap setting was refused by agreement(), after the gold standard's retrains."""
+    for wrong, match in (({"resamples": 0}, "at least one"), ({"confidence": 95.0}, r"\(0, 1\)")):
+        with pytest.raises(TaskError, match=match):
+            ev.FurtherTrainingArguments(**wrong)  # type: ignore[arg-type]

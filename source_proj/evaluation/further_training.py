@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from source_proj.errors import TaskError
-from source_proj.evaluation.metrics import Correlation, correlate, cosine
+from source_proj.evaluation.metrics import Correlation, check_bootstrap, correlate, cosine
 from source_proj.evaluation.retrain import Job, RetrainCache, RetrainFunction, keep_from_mask, run_retrains
 from source_proj.query.attributor import StageRows
 
@@ -45,6 +45,10 @@ class FurtherTrainingArguments:
     threads_per_worker: int = 1
     resamples: int = 1000
     confidence: float = 0.95
+
+    def __post_init__(self) -> None:
+        # Refused here, not in agreement(): the same arguments run the gold standard's retrains first.
+        check_bootstrap(self.resamples, self.confidence)
 
 
 @dataclass(frozen=True)

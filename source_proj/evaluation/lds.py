@@ -21,7 +21,14 @@ from typing import Literal
 import numpy as np
 
 from source_proj.errors import TaskError
-from source_proj.evaluation.metrics import Correlation, bootstrap_ci, correlate, group_predictions, spearman
+from source_proj.evaluation.metrics import (
+    Correlation,
+    bootstrap_ci,
+    check_bootstrap,
+    correlate,
+    group_predictions,
+    spearman,
+)
 from source_proj.evaluation.retrain import Job, RetrainCache, RetrainFunction, keep_from_mask, run_retrains
 from source_proj.figures import pyplot, save_figure
 from source_proj.query.attributor import StageRows
@@ -60,10 +67,7 @@ class LDSArguments:
         # Refused here, not in lds(): the same arguments usually run the retrains first, for hours.
         if self.resample not in ("subsets", "queries"):
             raise TaskError(f"The LDS bootstrap resamples 'subsets' or 'queries', not {self.resample!r}.")
-        if self.resamples < 1:
-            raise TaskError(f"A confidence interval needs at least one bootstrap resample, not {self.resamples}.")
-        if not 0.0 < self.confidence < 1.0:
-            raise TaskError(f"The confidence level must lie in (0, 1), not {self.confidence}.")
+        check_bootstrap(self.resamples, self.confidence)
 
 
 def sample_subsets(num_rows: int, num_subsets: int, alpha: float, seed: int = 0) -> np.ndarray:

@@ -96,6 +96,15 @@ def group_predictions(scores: np.ndarray, masks: np.ndarray) -> np.ndarray:
     return predictions
 
 
+def check_bootstrap(resamples: int, confidence: float) -> None:
+    """Refuse, in one sentence, bootstrap settings no interval can be drawn with (checked where the settings are
+    given, before the retrains they summarise)."""
+    if not 0.0 < confidence < 1.0:
+        raise TaskError(f"The confidence level must lie in (0, 1), not {confidence}.")
+    if resamples < 1:
+        raise TaskError(f"A confidence interval needs at least one bootstrap resample, not {resamples}.")
+
+
 def bootstrap_ci(
     statistic: Callable[[np.ndarray], np.ndarray],
     n: int,
@@ -117,10 +126,7 @@ def bootstrap_ci(
 
     Resamples on which the statistic is not finite (e.g. every unit drawn the same) are left out.
     """
-    if not 0.0 < confidence < 1.0:
-        raise TaskError(f"The confidence level must lie in (0, 1), not {confidence}.")
-    if resamples < 1:
-        raise TaskError(f"A confidence interval needs at least one bootstrap resample, not {resamples}.")
+    check_bootstrap(resamples, confidence)
     rng = np.random.default_rng(seed)
     values = []
     for begin in range(0, resamples, batch):
