@@ -279,3 +279,31 @@ def test_an_alpha_the_lds_refuses_is_refused_before_the_retrains_of_the_others(f
         out = CliRunner().invoke(main, ["lds", str(store), "--subsets", "3", "--alpha", alphas, "--cache", str(cache)])
         assert out.exit_code != 0 and match in out.output and "Traceback" not in out.output, out.output
         assert not list(cache.glob("retrains/*.npy"))
+
+
+def test_compare_of_an_ensemble_at_several_alphas_is_the_library_lds_of_the_ensembles_scores(
+    fitted, tmp_path: Path
+) -> None:
+    spec_path, store = fitted
+    load_spec(spec_path).module.train(1, run_dir=tmp_path / "run1")
+    second = tmp_path / "s1.sp"
+    runner = CliRunner()
+    featurize = ["featurize", "--ckpts", str(tmp_path / "run1"), "--spec", str(spec_path), "--out", str(second)]
+    assert runner.invoke(main, [*featurize, "--dim", "16"]).exit_code == 0
+    assert runner.invoke(main, ["fit", str(second)]).exit_code == 0
+    cache = tmp_path / "cache"
+    args = ["--subsets", "5", "--repeats", "1", "--alpha", "0.3,0.6", "--queries", "0:6", "--cache", str(cache)]
+    out = runner.invoke(main, ["compare", str(store), str(second), "--methods", "source", *args])
+    assert out.exit_code == 0, out.output
+    assert "ensemble of 2 models" in out.output
+
+    spec = load_spec(spec_path)
+    queries = torch.utils.data.Subset(spec.query_data(), range(6))
+    ensemble = sp.Ensemble.open([store, second], spec.build_model(), spec.build_task(), method="source")
+    line = next(line for line in out.output.splitlines() if line.startswith("source "))
+    for alpha in (0.3, 0.6):
+        truth = ev.lds_ground_truth(
+            spec.retrainer(), ensemble.rows, cache, ev.LDSArguments(alpha=alpha, num_subsets=5, repeats=1),
+            progress=False,
+        ).select(range(6))
+        assert str(ev.lds(ensemble.scores(queries), truth)) in line, (alpha, line)
