@@ -217,6 +217,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse(argv)
     device = devices.device(args.device)
+    if device.type == "cpu" and args.device is None and not args.model.startswith("toy"):
+        raise SystemExit(f"--model {args.model} is sized for a GPU and this machine has none; pass --smoke for toy "
+                         "sizes, or --device cpu to run these sizes on the CPU anyway.")  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     vocab = MODELS[args.model][1]["vocab_size"]
     data = Blocks(stdlib_tokens(args.sequences * args.length, vocab).reshape(args.sequences, args.length))

@@ -198,6 +198,19 @@ def test_gpu_script_without_a_gpu_is_one_sentence_before_any_work(
     assert str(leave.value.code).startswith("--device cuda needs a CUDA GPU, but ")
 
 
+def test_the_gpu_transformer_script_at_gpu_sizes_without_a_gpu_refuses_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_modules: None
+) -> None:
+    """``transformer_gpu.py`` at a real model's sizes with no ``--device`` on a machine without a GPU stops in one
+    sentence (it trained GPT-2 124M on the CPU for hours instead); ``--smoke`` is what runs on a CPU."""
+    script = _load("benchmarks/transformer_gpu.py", monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as leave:
+        script.main(["--model", "gpt2-124m", "--out", str(tmp_path / "out")])
+    assert "is sized for a GPU and this machine has none; pass --smoke" in str(leave.value.code)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("name", ["lora_lds", "seq2seq_lds", "sequence_heads_lds", "token_classification_lds"])
 def test_methods_lds_scripts_refuse_a_single_repeat_before_training(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], fresh_modules: None
