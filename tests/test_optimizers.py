@@ -4,6 +4,7 @@ and a clear refusal of everything SOURCE cannot model."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -429,6 +430,20 @@ def test_featurize_refuses_an_rmsprop_run_instead_of_treating_it_as_sgd(tmp_path
         _featurize(tmp_path / "run", regression_data, tmp_path / "s.sp")
 
 
+def test_a_maximising_sgd_run_is_told_as_its_stage_begins_and_refused_by_featurize(
+    tmp_path: Path, regression_data
+) -> None:
+    """A modelled optimizer in a setting featurize refuses (``maximize=True``) is told as the stage begins, as an
+    unmodelled optimizer is, not only after training; one that minimises is not."""
+    with pytest.warns(UserWarning, match=r"maximize=True.*Featurize will refuse this run\.$"):
+        _small_run(tmp_path / "run", regression_data, lambda p: torch.optim.SGD(p, lr=0.01, maximize=True))
+    with pytest.raises(sp.TrajectoryError, match="maximize=True"):
+        _featurize(tmp_path / "run", regression_data, tmp_path / "s.sp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _small_run(tmp_path / "plain", regression_data, lambda p: torch.optim.SGD(p, lr=0.01))
+
+
 def test_featurize_refuses_an_adafactor_run_as_one_it_cannot_model_not_as_a_malformed_file(
     tmp_path: Path, regression_data
 ) -> None:
@@ -624,12 +639,6 @@ def test_hand_written_trajectory_with_per_group_rates_is_refused(tmp_path: Path,
     ]
     (tmp_path / "run" / "trajectory.json").write_text(json.dumps(index))
     with pytest.raises(sp.TrajectoryError, match="different learning rates"):
-        _featurize(tmp_path / "run", regression_data, tmp_path / "s.sp")
-
-
-def test_recorded_maximising_run_is_refused(tmp_path: Path, regression_data) -> None:
-    _small_run(tmp_path / "run", regression_data, lambda p: torch.optim.SGD(p, lr=0.01, maximize=True))
-    with pytest.raises(sp.TrajectoryError, match="maximize=True"):
         _featurize(tmp_path / "run", regression_data, tmp_path / "s.sp")
 
 

@@ -568,6 +568,8 @@ class TrajectoryRecorder:
                 f"run; train with {MODELLED_OPTIMIZERS} to attribute it.",
                 stacklevel=2,
             )
+        else:
+            self._warn_unmodelled(self._stages[-1])
         if kind in ("adam", "adamw") and self._save_optimizer_state is False:
             warnings.warn(
                 f"Stage {name!r} trains with {kind} but the recorder was made with save_optimizer_state=False: SOURCE "
@@ -576,6 +578,18 @@ class TrajectoryRecorder:
                 stacklevel=2,
             )
         self._save()
+
+    def _warn_unmodelled(self, stage: dict[str, Any]) -> None:
+        """Warn, as a stage begins, of a setting of a modelled optimizer that featurize refuses (``maximize=True``,
+        Adam groups that couple and decouple their decay): told now, not after the training run."""
+        from source_proj.trajectory.segments import optimizer_rule  # segments reads this module's Stage
+
+        described = Stage(stage["name"], stage["start_step"], stage["start_step"], stage["dataset_size"],
+                          stage["optimizer"])  # fmt: skip
+        try:
+            optimizer_rule(described, {n: p.numel() for n, p in self.model.named_parameters()})
+        except TrajectoryError as err:
+            warnings.warn(f"{err} Featurize will refuse this run.", stacklevel=3)
 
     def step(self, clip: float | None = None, *, scale: float = 1.0) -> None:
         """Record one optimiser step (call right after ``optimizer.step()``). The learning rate recorded is the one
