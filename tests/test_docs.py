@@ -133,18 +133,42 @@ def test_code_blocks_name_what_exists(page: Path) -> None:
     assert not stale, f"{page.relative_to(ROOT)} shows names that do not exist: {stale}"
 
 
-def test_the_readme_python_example_defines_what_it_uses_beyond_the_readers_own_objects() -> None:
-    """The quick start is pasted as it is: every name it reads is the reader's (their model, optimizer, data and
-    model builder), a builtin, or bound in the block itself."""
-    readers = {"model", "optimizer", "loader", "train_set", "test_set", "test_subset", "build_model", "F"}
-    (code,) = [code for language, code in _code_blocks(ROOT / "README.md") if language == "python"]
+def _unbound_names(code: str, readers: set[str]) -> list[str]:
+    """Names a block of Python reads that it never binds, other than the reader's own and builtins."""
     tree = ast.parse(code)
     bound = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
     bound |= {(a.asname or a.name).split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom)
               for a in n.names}
     read = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
-    missing = sorted(read - bound - readers - set(dir(builtins)))
+    return sorted(read - bound - readers - set(dir(builtins)))
+
+
+def test_the_readme_python_example_defines_what_it_uses_beyond_the_readers_own_objects() -> None:
+    """The quick start is pasted as it is: every name it reads is the reader's (their model, optimizer, data and
+    model builder), a builtin, or bound in the block itself."""
+    readers = {"model", "optimizer", "loader", "train_set", "test_set", "test_subset", "build_model", "F"}
+    (code,) = [code for language, code in _code_blocks(ROOT / "README.md") if language == "python"]
+    missing = _unbound_names(code, readers)
     assert not missing, f"the README's Python example uses names it never defines: {missing}"
+
+
+def test_the_digits_tutorial_defines_what_its_python_uses_beyond_the_demos_objects() -> None:
+    """The digits tutorial's blocks, read in order as one script, use only what the demo provides
+    (``examples/digits/digits.py``, its data and training loop's objects) and what they bind themselves."""
+    demo = {"sp", "torch", "F", "digits", "train_set", "test_set", "run_dir", "model", "optimizer", "batches"}
+    code = "\n".join(code for language, code in _code_blocks(ROOT / "docs" / "tutorials" / "digits.md")
+                     if language == "python")
+    missing = _unbound_names(code, demo)
+    assert not missing, f"docs/tutorials/digits.md's Python uses names it never defines: {missing}"
+
+
+def test_dev_sh_installs_the_cpu_build_of_torch() -> None:
+    """The README and the digits tutorial say ``./dev.sh`` installs torch's CPU build where no torch is present:
+    a plain ``pip install torch`` from PyPI is the multi-GB CUDA build on Linux."""
+    installs = [line for line in (ROOT / "dev.sh").read_text().splitlines()
+                if "pip install" in line and re.search(r"\btorch\b", line)]
+    assert installs, "dev.sh installs torch where none is present"
+    assert all("--index-url https://download.pytorch.org/whl/cpu" in line for line in installs), installs
 
 
 def test_readme_links_point_at_files_that_exist() -> None:
