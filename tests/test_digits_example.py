@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -83,3 +84,27 @@ def test_the_lds_examples_refuse_one_repeat_before_training(
         "ask for 2 or more"
     )
     assert not out.exists()  # nothing was trained
+
+
+def _top_lists(text: str) -> list[tuple[str, list[tuple[int, str, float]]]]:
+    """The demo's printed query-0 lists, ``(kind, [(row, label, score)])``, as they appear in ``text``."""
+    block = text[text.index("query 0: a test '2' (predicted 2)") :].splitlines()[1:3]
+    cell = re.compile(r"#(\d+):'(\d)' ([+-]\d\.\d\de[+-]\d\d)")
+    return [(line.split()[0], [(int(r), y, float(s)) for r, y, s in cell.findall(line)]) for line in block]
+
+
+@pytest.mark.slow
+def test_the_demo_prints_the_output_the_readme_and_the_tutorial_show(tmp_path: Path) -> None:
+    """The quick start's printed lists (README.md and docs/tutorials/digits.md) are the demo's: the same training
+    rows in the same order, the scores to their printed precision give or take a BLAS's rounding."""
+    done = _demo("--out", tmp_path, "--queries", "1")
+    assert done.returncode == 0, done.stderr
+    printed = _top_lists(done.stdout)
+    assert [kind for kind, _ in printed] == ["helpful", "harmful"]
+    for page in (ROOT / "README.md", ROOT / "docs" / "tutorials" / "digits.md"):
+        shown = _top_lists(page.read_text())
+        assert [[(r, y) for r, y, _ in cells] for _, cells in shown] == [
+            [(r, y) for r, y, _ in cells] for _, cells in printed
+        ], f"{page.relative_to(ROOT)} shows other training digits than the demo prints:\n{done.stdout}"
+        for (_, want), (_, got) in zip(shown, printed, strict=True):
+            assert [s for *_, s in want] == pytest.approx([s for *_, s in got], rel=0.02), page
