@@ -7,6 +7,7 @@ import html
 import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -285,3 +286,29 @@ def test_a_single_token_query_refuses_a_padded_position() -> None:
             sp.single_token_query(padded, position)
     whole = {"input_ids": torch.tensor([5, 6, 7, 8, 9, 10])}  # no mask: every token is the sequence's
     assert sp.single_token_query(whole, 5)["labels"].tolist() == [-100] * 5 + [10]
+
+
+def _tutorial_lines(text: str) -> list[tuple[str, float, int]]:
+    """``(kind, score, row)`` of every ``  helpful +0.0384  #52 '…'`` line of the Trainer tutorial's output."""
+    found = re.findall(r"^  (helpful|harmful) ([+-]\d\.\d{4})  #(\d+) ", text, re.MULTILINE)
+    return [(kind, float(score), int(row)) for kind, score, row in found]
+
+
+@pytest.mark.slow
+def test_the_trainer_tutorial_runs_as_written_and_prints_what_it_shows(tmp_path: Path) -> None:
+    """docs/tutorials/huggingface.md's script, pasted as it is, prints the lists its "What it prints" shows: the same
+    rows in each query's lists (in any order among equal scores: two training sentences repeat) and the same scores
+    to the printed precision, give or take one in its last digit."""
+    pytest.importorskip("transformers")
+    page = (Path(__file__).resolve().parents[1] / "docs" / "tutorials" / "huggingface.md").read_text()
+    (script,) = re.findall(r"^```python\n(.*?)^```", page, re.MULTILINE | re.DOTALL)
+    shown = _tutorial_lines(page[page.index("## What it prints") :])
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=900, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = _tutorial_lines(done.stdout)[: len(shown)]
+    assert len(shown) == 12 and len(printed) == 12, done.stdout
+    for at in range(0, 12, 3):  # one query's helpful or harmful three
+        assert {r for *_, r in shown[at : at + 3]} == {r for *_, r in printed[at : at + 3]}, done.stdout
+    assert [(k, s) for k, s, _ in shown] == [(k, pytest.approx(s, abs=1.5e-4)) for k, s, _ in printed], done.stdout
