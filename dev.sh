@@ -8,7 +8,7 @@ if [ ! -x .venv/bin/python ]; then "${PYTHON:-python3}" -m venv .venv; fi
 . .venv/bin/activate
 if ! python -c "import torch" 2>/dev/null; then
   # The CPU build first: a bare `torch` requirement with no torch installed pulls a multi-GB CUDA build.
-  python -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+  python -m pip install -q torch==2.13.0
 fi
 python -m pip install -q -e ".[demo,test]"
 case "${1:-}" in

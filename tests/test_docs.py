@@ -162,15 +162,6 @@ def test_the_digits_tutorial_defines_what_its_python_uses_beyond_the_demos_objec
     assert not missing, f"docs/tutorials/digits.md's Python uses names it never defines: {missing}"
 
 
-def test_dev_sh_installs_the_cpu_build_of_torch() -> None:
-    """The README and the digits tutorial say ``./dev.sh`` installs torch's CPU build where no torch is present:
-    a plain ``pip install torch`` from PyPI is the multi-GB CUDA build on Linux."""
-    installs = [line for line in (ROOT / "dev.sh").read_text().splitlines()
-                if "pip install" in line and re.search(r"\btorch\b", line)]
-    assert installs, "dev.sh installs torch where none is present"
-    assert all("--index-url https://download.pytorch.org/whl/cpu" in line for line in installs), installs
-
-
 def test_readme_links_point_at_files_that_exist() -> None:
     targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", (ROOT / "README.md").read_text())
     local = [t for t in targets if "://" not in t]
