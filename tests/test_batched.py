@@ -31,12 +31,21 @@ def stages() -> list[SGDStage]:
     ]
 
 
-def sequential(keep: dict[str, np.ndarray], seed: int, builder: Callable[[int], nn.Module] = build) -> nn.Module:
-    """The reference: torch.optim.SGD, the same shuffle with the dropped examples removed from every batch."""
+def sequential(
+    keep: dict[str, np.ndarray],
+    seed: int,
+    builder: Callable[[int], nn.Module] = build,
+    lr_ratio: dict[str, float] | None = None,
+) -> nn.Module:
+    """The reference: torch.optim.SGD, the same shuffle with the dropped examples removed from every batch;
+    ``lr_ratio`` puts each parameter it names in a parameter group of its own at that ratio × the stage's rate."""
     model = builder(seed)
     gen = torch.Generator().manual_seed(seed)
+    ratios = lr_ratio or {}
     for st in stages():
-        opt = torch.optim.SGD(model.parameters(), lr=st.lr, momentum=st.momentum, weight_decay=st.weight_decay)
+        groups = [{"params": [p for n, p in model.named_parameters() if n not in ratios]}]
+        groups += [{"params": [p], "lr": st.lr * ratios[n]} for n, p in model.named_parameters() if n in ratios]
+        opt = torch.optim.SGD(groups, lr=st.lr, momentum=st.momentum, weight_decay=st.weight_decay)
         mask = torch.ones(st.size, dtype=torch.bool)
         if st.name in keep:
             mask[:] = False
@@ -82,6 +91,26 @@ def test_batched_sgd_equals_sequential_training_copy_by_copy() -> None:
         with torch.no_grad():
             expected = sp.ClassificationTask().measurement(model(queries[0]), queries)
         torch.testing.assert_close(measured[m], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_sgd_with_lr_ratios_equals_torch_sgd_with_parameter_groups_copy_by_copy() -> None:
+    """``lr_ratio``: the head at 5× the stage's rate and one body bias at 0.5× train as ``torch.optim.SGD`` with those
+    parameter groups (momentum and weight decay too), copy by copy; the same copies without it differ."""
+    ratios = {"2.weight": 5.0, "2.bias": 5.0, "0.bias": 0.5}
+    params = BatchedSGD(build, sp.ClassificationTask(), stages(), lr_ratio=ratios).train(KEEPS, SEEDS)
+    plain = BatchedSGD(build, sp.ClassificationTask(), stages()).train(KEEPS, SEEDS)
+    for m, (keep, seed) in enumerate(zip(KEEPS, SEEDS, strict=True)):
+        reference = dict(sequential(keep, seed, lr_ratio=ratios).named_parameters())
+        for name, p in params.items():
+            torch.testing.assert_close(p[m], reference[name].detach(), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(params["2.weight"][m], plain["2.weight"][m], rtol=1e-3, atol=1e-4)
+
+
+def test_batched_sgd_refuses_an_lr_ratio_of_an_unknown_parameter_or_a_negative_one() -> None:
+    with pytest.raises(sp.TaskError, match=r"lr_ratio names 'head\.weight', which is not a parameter"):
+        BatchedSGD(build, sp.ClassificationTask(), stages(), lr_ratio={"head.weight": 5.0})
+    with pytest.raises(sp.TaskError, match=r"ratio -1\.0; give each a finite ratio"):
+        BatchedSGD(build, sp.ClassificationTask(), stages(), lr_ratio={"2.weight": -1.0})
 
 
 class Counting(BatchedRetrain):

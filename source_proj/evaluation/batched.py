@@ -20,9 +20,10 @@ decay), and the data order is exactly that of the plain sequential loop it repla
 
 so a copy trained here equals that loop with the same (kept subset, seed) up to float rounding
 (``tests/test_batched.py``); a parameter the model builds with ``requires_grad=False`` stays frozen, as
-``torch.optim.SGD`` leaves it. A batch whose examples are all dropped makes no step and leaves the
-momentum untouched, as in the loop. Models with buffers (BatchNorm) or dropout are refused: their
-per-copy state or randomness is not modelled.
+``torch.optim.SGD`` leaves it. ``lr_ratio`` (parameter name → r) steps a parameter at r·lr, as
+``torch.optim.SGD`` steps a parameter group whose rate is r times the stage's (a head at 5× the body's rate).
+A batch whose examples are all dropped makes no step and leaves the momentum untouched, as in the loop.
+Models with buffers (BatchNorm) or dropout are refused: their per-copy state or randomness is not modelled.
 """
 
 from __future__ import annotations
@@ -99,12 +100,16 @@ class BatchedSGD:
         task: the per-example training loss (``task.loss``) and the measurement (``task.measurement``).
         stages: the training stages, in order.
         device: where to train (default: the CPU).
+        lr_ratio: parameter name (as ``named_parameters`` names it) → r ≥ 0: that parameter steps at r × the stage's
+            rate in every stage, as in a ``torch.optim.SGD`` parameter group of rate r·lr (momentum and weight
+            decay unchanged); a parameter it does not name steps at the stage's rate.
     """
 
     build_model: ModelBuilder
     task: Task
     stages: Sequence[SGDStage]
     device: str | torch.device = "cpu"
+    lr_ratio: Mapping[str, float] = field(default_factory=dict)
     _template: nn.Module = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -119,6 +124,16 @@ class BatchedSGD:
                 "Batched retraining handles models without buffers or dropout (no BatchNorm, no Dropout); "
                 "retrain such a model with a plain retrain(keep, seed) function instead."
             )
+        unknown = sorted(set(self.lr_ratio) - {name for name, _ in template.named_parameters()})
+        if unknown:
+            raise TaskError(
+                f"lr_ratio names {unknown[0]!r}, which is not a parameter of the model; name parameters as "
+                "model.named_parameters() does."
+            )
+        bad = {name: r for name, r in self.lr_ratio.items() if not (np.isfinite(r) and r >= 0)}
+        if bad:
+            name, r = next(iter(bad.items()))
+            raise TaskError(f"lr_ratio gives parameter {name!r} the ratio {r}; give each a finite ratio ≥ 0.")
         self._template = template.to(self.device)
 
     def train(self, keeps: Sequence[Keep], seeds: Sequence[int]) -> dict[str, Tensor]:
@@ -158,7 +173,7 @@ class BatchedSGD:
                     idx = orders[:, b * stage.batch_size : (b + 1) * stage.batch_size]
                     weight = torch.gather(kept, 1, idx).to(dtype)
                     active = weight.sum(1) > 0
-                    _sgd(trainable, momentum, step(params, x[idx], y[idx], weight), active, stage)
+                    _sgd(trainable, momentum, step(params, x[idx], y[idx], weight), active, stage, self.lr_ratio)
         return params
 
     def measure(self, params: Mapping[str, Tensor], inputs: Tensor, targets: Tensor) -> Tensor:
@@ -191,9 +206,15 @@ def _mask(keep: Keep, stage: SGDStage) -> np.ndarray:
 
 
 def _sgd(
-    params: dict[str, Tensor], momentum: dict[str, Tensor], grads: dict[str, Tensor], active: Tensor, stage: SGDStage
+    params: dict[str, Tensor],
+    momentum: dict[str, Tensor],
+    grads: dict[str, Tensor],
+    active: Tensor,
+    stage: SGDStage,
+    lr_ratio: Mapping[str, float],
 ) -> None:
-    """One ``torch.optim.SGD`` step, in place, for the active copies; the others keep parameters and momentum."""
+    """One ``torch.optim.SGD`` step, in place, for the active copies; the others keep parameters and momentum.
+    A parameter named in ``lr_ratio`` steps at its ratio × the stage's rate (its group's rate in torch)."""
     everyone = bool(active.all())
     for name, p in params.items():
         d = grads[name]
@@ -210,7 +231,7 @@ def _sgd(
                 d = torch.where(on, buf, 0.0)
         elif not everyone:
             d = torch.where(active.view(-1, *([1] * (p.dim() - 1))), d, 0.0)
-        p.add_(d, alpha=-stage.lr)
+        p.add_(d, alpha=-(stage.lr * lr_ratio[name]) if name in lr_ratio else -stage.lr)
 
 
 @dataclass
