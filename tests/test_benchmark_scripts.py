@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import source_proj as sp
+from source_proj import evaluation as ev
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(path.relative_to(ROOT).as_posix() for path in (ROOT / "benchmarks").rglob("*.py"))
@@ -249,3 +250,30 @@ def test_baseline_grid_without_run_s_store_names_the_command_that_writes_it(
         f"No store at {tmp_path / 'model-0-k32.sp'}; write it first with `python benchmarks/accuracy/run.py "
         "--settings early --root r --dim 32 --kind rademacher`."
     )
+
+
+def test_accuracy_setting_recorded_with_a_head_ratio_is_what_batched_sgd_retrains(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_modules: None
+) -> None:
+    """``group_rates_lds.py``'s recorded run and its ground truth follow one recipe: ``Setting.train_recorded`` with
+    the head at 5× records the body's ``lr_ratio`` 0.2 and the head's rate, and ends where ``BatchedSGD`` with the
+    same ``lr_ratio`` ends on the whole data with the same seed; ``ignore_ratio`` describes every group at the head's
+    rate and no ratio."""
+    script = _load("benchmarks/group_rates_lds.py", monkeypatch)
+    settings = script.settings_module
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(20, 64, generator=g), torch.randint(0, 10, (20,), generator=g)
+    stage = settings.SGDStage("main", x, y, epochs=2, lr=0.03, batch_size=8, momentum=0.9, weight_decay=1e-3)
+    s = settings._setting("tiny", (64, 5, 10), [stage], "main", {"test": (x[:3], y[:3])}, 3)
+    ratios = dict.fromkeys(script.head_names(s.build_model(0)), 5.0)
+    assert list(ratios) == ["2.weight", "2.bias"]
+    model = s.train_recorded(0, tmp_path / "run", lr_ratio=ratios)
+    groups = sp.Trajectory.load(tmp_path / "run").stages[0].optimizer["groups"]
+    assert [(g["params"], g["lr"], g["lr_ratio"]) for g in groups] == [
+        (["0.weight", "0.bias"], 0.03, 0.2), (["2.weight", "2.bias"], 0.03 * 5.0, 1.0)]  # fmt: skip
+    params = ev.BatchedSGD(s.build_model, sp.ClassificationTask(), s.stages, lr_ratio=ratios).train([{}], [0])
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(params[name][0], p.detach(), rtol=1e-5, atol=1e-6)
+    script.ignore_ratio(tmp_path / "run", tmp_path / "ignored")
+    groups = sp.Trajectory.load(tmp_path / "ignored").stages[0].optimizer["groups"]
+    assert [(g["lr"], "lr_ratio" in g) for g in groups] == [(0.15, False), (0.15, False)]

@@ -35,7 +35,7 @@ import contextlib
 import gzip
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,10 +114,12 @@ class Setting:
         seed: int,
         run_dir: str | Path,
         capture: Callable[[sp.TrajectoryRecorder], sp.GradientCapture] | None = None,
+        lr_ratio: Mapping[str, float] | None = None,
     ) -> nn.Module:
         """Train on all data with ``torch.optim.SGD``, recording the trajectory (the attributed models);
         ``capture(recorder)`` starts in-run gradient capture, which sees every batch (it does not change
-        training: the trajectory is bit-identical)."""
+        training: the trajectory is bit-identical); ``lr_ratio`` (parameter name → r) puts those parameters in
+        parameter groups at r × the stage's rate, as ``BatchedSGD(lr_ratio=…)`` retrains them."""
         model = self.build_model(seed)
         gen = torch.Generator().manual_seed(seed)
         recorder = sp.TrajectoryRecorder(
@@ -125,7 +127,8 @@ class Setting:
         )
         captured = capture(recorder) if capture is not None else None
         for st in self.stages:
-            opt = torch.optim.SGD(model.parameters(), lr=st.lr, momentum=st.momentum, weight_decay=st.weight_decay)
+            opt = torch.optim.SGD(_groups(model, st.lr, lr_ratio or {}), lr=st.lr, momentum=st.momentum,
+                                  weight_decay=st.weight_decay)  # fmt: skip
             recorder.begin_stage(st.name, dataset_size=st.size, optimizer=opt)
             for _ in range(st.epochs):
                 order = torch.randperm(st.size, generator=gen)
@@ -140,6 +143,15 @@ class Setting:
                     recorder.step()
         recorder.close()
         return model.eval()
+
+
+def _groups(model: nn.Module, lr: float, lr_ratio: Mapping[str, float]) -> list[dict[str, Any]]:
+    """SGD parameter groups: the parameters ``lr_ratio`` does not name at ``lr``, then one group per ratio."""
+    named = list(model.named_parameters())
+    groups = [{"params": [p for n, p in named if n not in lr_ratio]}]
+    for r in sorted(set(lr_ratio.values())):
+        groups.append({"params": [p for n, p in named if lr_ratio.get(n) == r], "lr": lr * r})
+    return [g for g in groups if g["params"]]
 
 
 def flip_labels(labels: Tensor, fraction: float, seed: int, classes: int = 10) -> Tensor:
