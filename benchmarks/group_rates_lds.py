@@ -150,6 +150,9 @@ def main() -> None:
         parser.error(f"argument --ratio: {args.ratio} is not a positive ratio")
     torch.set_num_threads(args.threads)
     s = settings_module.setting(args.setting)
+    available = len(next(iter(s.queries.values()))[1])
+    if not 1 <= args.queries <= available:
+        parser.error(f"argument --queries: {args.setting} has {available} test queries, not {args.queries}")
     lds_args = ev.LDSArguments(alpha=0.5, num_subsets=args.subsets, repeats=args.repeats, resample="queries")
     started = time.perf_counter()
     results = {f"head at {r:g}×": score(args, s, r, lds_args) for r in dict.fromkeys([args.ratio, 1.0])}
