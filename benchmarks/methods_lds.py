@@ -111,9 +111,10 @@ def compare_methods(
     damping_factors: Sequence[float] = (),
     averages: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Fit SOURCE (one segment) and the baselines into the featurized ``store``, score ``queries`` with each, and
-    return each method's LDS against ``retrain``'s ground truth (cached in ``retrains``) with the paired
-    per-query difference of SOURCE and each baseline (and ``fit_s``, the fits' seconds); prints them.
+    """Fit SOURCE (its default segmentation: the one featurize recorded, else one per stage) and the baselines into
+    the featurized ``store``, score ``queries`` with each, and return each method's LDS against ``retrain``'s ground
+    truth (cached in ``retrains``) with the paired per-query difference of SOURCE and each baseline (and ``fit_s``,
+    the fits' seconds); prints them.
     ``damping_factors``: SOURCE again at each of these damping factors (methods ``source-damping-F``), scored
     beside the others; ``averages``: SOURCE again with each of these segment averages (``FitArguments.average``,
     methods ``source-average-A``), likewise."""
