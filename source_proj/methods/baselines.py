@@ -107,7 +107,7 @@ from source_proj.store.provenance import other_selection
 from source_proj.store.store import Store, ckpt_key
 from source_proj.tasks.data import loader
 from source_proj.tasks.gradients import move_batch
-from source_proj.tasks.task import Task
+from source_proj.tasks.task import Task, score_meaning
 from source_proj.trajectory.recorder import unwrap_model
 from source_proj.trajectory.segments import Segment, optimizer_rule
 
@@ -542,7 +542,7 @@ def _repsim(
     net = copy.deepcopy(model).to(where)
     trajectory.load_into(net, trajectory.final_checkpoint)
     net.eval()
-    sign = 1.0 if getattr(task.bind(net), "positive_helps", True) else -1.0
+    sign = 1.0 if score_meaning(task, net)[0] else -1.0
 
     def chunk(stage: str, start: int, stop: int) -> np.ndarray:
         batches = loader(Subset(datasets[stage], range(start, stop)), batch_size=batch_size, shuffle=False)

@@ -45,7 +45,7 @@ from source_proj.store.verify import method_command
 from source_proj.store.writing import current_writer
 from source_proj.tasks.data import Examples, check_indexed, loader
 from source_proj.tasks.gradients import PerExampleGradients, move_batch
-from source_proj.tasks.task import Task
+from source_proj.tasks.task import Task, score_meaning
 from source_proj.trajectory.preconditioner import read_scale
 from source_proj.trajectory.recorder import Trajectory, unwrap_model
 from source_proj.trajectory.segments import Segment
@@ -349,20 +349,6 @@ class Attributor:
         examples, named by what the sign means for the task (see [`QueryResult`][])."""
         q = np.ascontiguousarray(self.query_features(queries).numpy(), dtype=np.float32)
         return search(self.index(), q, k, self.rows, positive_helps=self.positive_helps, score_labels=self.score_labels)
-
-
-def score_meaning(task: Task, model: nn.Module) -> tuple[bool, tuple[str, str]]:
-    """What a score's sign means for ``task`` bound to ``model``: (``positive_helps``, ``score_labels``).
-
-    A task says it with the attributes ``positive_helps`` (whether a positive score, z raising the measurement,
-    helped the query: True for a margin, False for a loss or an error) and ``score_labels`` (the words for a
-    positive and a negative score). A task without them measures a margin; one with ``positive_helps`` alone gets
-    the plain words in its order."""
-    bound = task.bind(model)
-    positive_helps = bool(getattr(bound, "positive_helps", True))
-    plain = ("helpful", "harmful") if positive_helps else ("harmful", "helpful")
-    labels = getattr(bound, "score_labels", plain)
-    return positive_helps, (str(labels[0]), str(labels[1]))
 
 
 def search(

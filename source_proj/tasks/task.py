@@ -467,3 +467,17 @@ class RegressionTask(Task):
         else:
             shift = torch.full_like(pred, 1.0 / math.sqrt(2.0))
         return [(torch.ones_like(pred), _replace_target(batch, pred - shift))]
+
+
+def score_meaning(task: Task, model: nn.Module) -> tuple[bool, tuple[str, str]]:
+    """What a score's sign means for ``task`` bound to ``model``: (``positive_helps``, ``score_labels``).
+
+    A task says it with the attributes ``positive_helps`` (whether a positive score, z raising the measurement,
+    helped the query: True for a margin, False for a loss or an error) and ``score_labels`` (the words for a
+    positive and a negative score). A task without them measures a margin; one with ``positive_helps`` alone gets
+    the plain words in its order."""
+    bound = task.bind(model)
+    positive_helps = bool(getattr(bound, "positive_helps", True))
+    plain = ("helpful", "harmful") if positive_helps else ("harmful", "helpful")
+    labels = getattr(bound, "score_labels", plain)
+    return positive_helps, (str(labels[0]), str(labels[1]))
