@@ -15,9 +15,9 @@ from torch.func import functional_call, grad, jacrev
 from torch.utils.data import TensorDataset
 
 import source_proj as sp
+from source_proj.trajectory.optimizers import optimizer_rule
 from source_proj.trajectory.preconditioner import checkpoint_preconditioner, coupled_decay
 from source_proj.trajectory.recorder import Stage
-from source_proj.trajectory.segments import optimizer_rule
 
 from .conftest import step_weights_by_hand
 

@@ -25,9 +25,9 @@ from source_proj.tasks.data import RandomStateKept, collate_of
 from source_proj.tasks.draws import FisherDraws
 from source_proj.tasks.gradients import PerExampleGradients, move_batch
 from source_proj.tasks.task import Task
+from source_proj.trajectory.optimizers import optimizer_rule
 from source_proj.trajectory.preconditioner import checkpoint_preconditioner, steps_preconditioner
 from source_proj.trajectory.recorder import Checkpoint, Stage, Trajectory
-from source_proj.trajectory.segments import optimizer_rule
 
 
 class NoBasis(TaskError):

@@ -108,6 +108,7 @@ from source_proj.tasks.data import RandomStateKept, collate_of, training_example
 from source_proj.tasks.draws import DRAWS_ID, FisherDraws
 from source_proj.tasks.gradients import PerExampleGradients, batch_rows, batch_size, move_batch
 from source_proj.tasks.task import Batch, Task, check_task_smoothing
+from source_proj.trajectory.optimizers import check_optimised, optimizer_rule
 from source_proj.trajectory.preconditioner import live_preconditioner
 from source_proj.trajectory.recorder import (
     Stage,
@@ -117,7 +118,6 @@ from source_proj.trajectory.recorder import (
     load_checkpoint,
     load_weights,
 )
-from source_proj.trajectory.segments import check_optimised, optimizer_rule
 
 _FOLD_EVERY = 64
 MIN_BASIS_PASS = 64

@@ -78,8 +78,8 @@ from source_proj.tasks.data import loader
 from source_proj.tasks.draws import DRAWS_ID, FisherDraws
 from source_proj.tasks.gradients import PerExampleGradients, batch_size, move_batch
 from source_proj.tasks.task import Task, check_task_smoothing
+from source_proj.trajectory.optimizers import check_optimised
 from source_proj.trajectory.recorder import Checkpoint, Trajectory, unwrap_model
-from source_proj.trajectory.segments import check_optimised
 
 
 def _has_features(path: str) -> bool:

@@ -33,6 +33,7 @@ from source_proj.errors import StoreError
 from source_proj.featurize.arguments import checkpoint_stages
 from source_proj.store.store import Store, ckpt_key
 from source_proj.trajectory.autosegment import checkpoint_units, trajectory_view
+from source_proj.trajectory.optimizers import optimizer_rule
 from source_proj.trajectory.preconditioner import (
     coupled_decay,
     flat_inverse_sqrt,
@@ -45,7 +46,6 @@ from source_proj.trajectory.segments import (
     Segment,
     SegmentationArguments,
     make_segments,
-    optimizer_rule,
     segment_average,
     segment_for,
 )

@@ -37,7 +37,7 @@ normalisation; our TracIn-CP and dattri's agreed to 0.001 in LDS on issue 12's `
 Checkpoints c saved during a stage (start < c ≤ end, so the last is the stage's final parameters);
 w_c is the sum of the effective learning rates of the steps since the previous such
 checkpoint (or the stage start), i.e. η_c times the steps c stands for: w_c ∝ η_c for evenly spaced
-checkpoints, as in Pruthi et al. The effective rate is SOURCE's (``segments.optimizer_rule``): η/(1−β) under
+checkpoints, as in Pruthi et al. The effective rate is SOURCE's (``optimizers.optimizer_rule``): η/(1−β) under
 heavy-ball momentum β, which moves the weights that much per step, so that TracIn-CP, like SOURCE, predicts the
 change of the measurement in its units (with the recorded η alone it was (1−β) times it: a tenth at β = 0.9).
 
@@ -108,8 +108,9 @@ from source_proj.store.store import Store, ckpt_key
 from source_proj.tasks.data import loader
 from source_proj.tasks.gradients import move_batch
 from source_proj.tasks.task import Task, score_meaning
+from source_proj.trajectory.optimizers import optimizer_rule
 from source_proj.trajectory.recorder import unwrap_model
-from source_proj.trajectory.segments import Segment, optimizer_rule
+from source_proj.trajectory.segments import Segment
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from source_proj.projection.transform import scaling_transform
 from source_proj.store.store import Store, ckpt_key, is_store, key_step, refuse_foreign_directory
 from source_proj.store.verify import featurize_command
 from source_proj.trajectory.autosegment import TrajectoryView, trajectory_view
+from source_proj.trajectory.optimizers import optimizer_rule
 from source_proj.trajectory.preconditioner import coupled_decay, unflatten
 from source_proj.trajectory.recorder import Stage
 from source_proj.trajectory.segments import (
@@ -45,7 +46,6 @@ from source_proj.trajectory.segments import (
     SegmentationArguments,
     check_boundaries,
     make_segments,
-    optimizer_rule,
     segment_average,
     segment_for,
 )

@@ -41,8 +41,8 @@ import torch
 from source_proj.errors import TrajectoryError
 from source_proj.figures import pyplot, save_figure
 from source_proj.store.store import Store, ckpt_key
+from source_proj.trajectory.optimizers import optimizer_rule
 from source_proj.trajectory.recorder import Stage
-from source_proj.trajectory.segments import optimizer_rule
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,7 @@ from torch import nn
 
 from source_proj.errors import TrajectoryError, first_line
 from source_proj.store.durable import atomic_write_bytes
+from source_proj.trajectory.optimizers import MODELLED_OPTIMIZERS, optimizer_rule
 
 FORMAT = "source-proj-trajectory"
 VERSION = 1
@@ -127,9 +128,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         else:
             return model
 
-
-MODELLED_OPTIMIZERS = "SGD (heavy-ball or Nesterov momentum, dampening, weight decay), Adam, AdamW"
-"""The optimizers whose update SOURCE models (``segments.optimizer_rule``), in words."""
 
 
 def describe_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
@@ -582,8 +580,6 @@ class TrajectoryRecorder:
     def _warn_unmodelled(self, stage: dict[str, Any]) -> None:
         """Warn, as a stage begins, of a setting of a modelled optimizer that featurize refuses (``maximize=True``,
         Adam groups that couple and decouple their decay): told now, not after the training run."""
-        from source_proj.trajectory.segments import optimizer_rule  # segments reads this module's Stage
-
         described = Stage(stage["name"], stage["start_step"], stage["start_step"], stage["dataset_size"],
                           stage["optimizer"])  # fmt: skip
         try:
