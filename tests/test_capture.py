@@ -189,6 +189,108 @@ def test_full_batch_capture_with_a_checkpoint_per_step_equals_posthoc_source(
         sp.fit_baseline(captured.path, sp.BaselineArguments(kind="trak"), progress=False)
 
 
+RATIOS = {"0.weight": 0.2, "0.bias": 0.2, "3.weight": 1.0, "3.bias": 0.2}
+"""``_two_rates``: each parameter's rate over the reference group's (1:5)."""
+
+
+def _two_rates(parameters, lr: float) -> list[dict]:
+    """Groups at 1:5 of ``_mlp``'s parameters (in its order): the first layer and the last one's bias at lr/5, the
+    last one's weight at lr (the reference): a layer inside one group, and one whose weight and bias straddle two."""
+    first_weight, first_bias, last_weight, last_bias = parameters
+    slow = [first_weight, first_bias, last_bias]
+    return [{"params": slow, "lr": lr * RATIOS["0.weight"]}, {"params": [last_weight], "lr": lr}]
+
+
+@pytest.mark.parametrize("kind", ["sgd", "sgd-eigen", "adamw"])
+def test_full_batch_capture_of_groups_at_a_ratio_of_rates_equals_posthoc_featurize(
+    tmp_path: Path, classification_data, kind: str
+) -> None:
+    """Groups at 1:5 (SGD with momentum; AdamW), full-batch steps and a checkpoint every step: every window is one
+    step at a checkpoint's parameters, so its captured gradients are post-hoc featurize's in u = R^{-1/2}θ
+    (D = 1/r; AdamW D/r), on the factored projection (rank one: exact where a layer's weight and bias straddle two
+    groups) and on the eigen one at k ≥ p (whose basis passes scale alike). Each window keeps featurize's D of the
+    checkpoint closing it; SOURCE and its scores, whose query is scaled by the last segment's D, equal post-hoc's;
+    TracIn over the visits is −√w times those gradients, its query at each window's checkpoint scaled by the window's
+    D (materialised). AdamW is captured from its second step (no state before it) and at eps = 10⁶, where D barely
+    moves: in-run takes each step's own D, featurize its segment's mean, which agree only where D is constant."""
+    from source_proj.featurize.windows import window_maps
+
+    x, y = classification_data.tensors
+    n, steps = len(y), 6
+    names = list(RATIOS)
+    task = sp.ClassificationTask()
+    if kind == "adamw":  # a step of lr·m̂/D ≈ 0.1·m̂, as SGD's
+        lr, first = 1e5, 1
+        optimizer = lambda params: torch.optim.AdamW(_two_rates(params, lr), eps=1e6, weight_decay=0.0)  # noqa: E731
+    else:
+        lr, first = 0.1, 0
+        optimizer = lambda params: torch.optim.SGD(_two_rates(params, lr), momentum=0.9)  # noqa: E731
+    eigen = kind == "sgd-eigen"
+    projection = _eigen_capture(128) if eigen else _projection()
+    _train(tmp_path / "run", tmp_path / "cap.sp", classification_data, steps=steps, batch=n, save_every=1,
+           options=sp.CaptureArguments(fisher="empirical", chunk_rows=8, end_pass=False),
+           optimizer=optimizer, projection=projection,
+           datasets={"main": classification_data} if eigen else None)  # fmt: skip
+    posthoc = sp.featurize(
+        tmp_path / "run", _mlp(), task, classification_data, tmp_path / "post.sp", projection=projection,
+        options=sp.FeaturizeArguments(fisher="empirical", chunk_rows=8, measurement=False,
+                                      segmentation=sp.SegmentationArguments(per_stage=2)),
+        progress=False,
+    )  # fmt: skip
+    captured = sp.Store.open(tmp_path / "cap.sp")
+    trajectory = sp.Trajectory.load(tmp_path / "run")
+    stage = trajectory.stage("main")
+    maps = window_maps(captured)
+    grads = {}
+    for step in range(first, steps):
+        got = torch.from_numpy(captured.read(window_array("grads", "main", step))).double()
+        got = maps[("main", step)](got).numpy() if eigen else got.numpy()
+        grads[step] = posthoc.read(f"grads/main/{ckpt_key(step)}").astype(np.float64)
+        assert np.allclose(got, grads[step], rtol=1e-4, atol=1e-5 * np.abs(grads[step]).max()), step
+        assert (captured.read(window_array("visits", "main", step)) == 1).all()
+        closing = next(c for c in trajectory.checkpoints if c.step == step + 1)
+        d = checkpoint_preconditioner(trajectory, closing, stage, names)
+        if kind != "adamw":
+            assert all(torch.allclose(d[name], torch.full_like(d[name], 1 / RATIOS[name])) for name in names)
+        flat = torch.cat([d[name].reshape(-1) for name in names]).float().numpy()
+        assert np.allclose(captured.read(window_array("denominator", "main", step)), flat, rtol=1e-6)
+    assert (captured.read(window_array("visits", "main", 0)) == 1 - first).all()
+
+    queries = (x[:3], y[:3])
+    if kind != "adamw":  # AdamW's first window is not captured: its SOURCE lacks a step featurize has
+        args = sp.FitArguments(segments_per_stage=2)
+        a = sp.fit(posthoc, args, progress=False).read("methods/source/train/main")
+        b = sp.fit(captured.path, args, progress=False).read("methods/source/train/main")
+        assert np.abs(a).max() > 0
+        assert np.allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(a).max())
+        theirs = sp.Attributor(posthoc.path, _mlp(), task, progress=False).scores(queries)
+        ours = sp.Attributor(captured.path, _mlp(), task, progress=False).scores(queries)
+        assert np.allclose(ours, theirs, rtol=1e-4, atol=1e-5 * np.abs(theirs).max())
+
+    tracin = sp.fit_baseline(captured.path, sp.BaselineArguments(kind="tracin"), progress=False)
+    effective = lr / (1 - 0.9) if kind != "adamw" else lr  # heavy-ball momentum's terminal rate
+    recipe = tracin.meta["methods"]["tracin"]["query"]
+    assert recipe["checkpoints"] == list(range(steps))
+    assert np.allclose(recipe["weights"][first:], np.sqrt(effective / n))
+    train = tracin.read("methods/tracin/train/main").reshape(n, steps, -1)[:, first:]
+    want = np.stack([-np.sqrt(effective / n) * grads[step] for step in range(first, steps)], axis=1)
+    assert np.allclose(train, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    projector = sp.projection.factory.projector_from_meta(captured.meta, _mlp(), captured)
+    exact = np.zeros((len(queries[0]), n))
+    for step in range(first, steps):
+        model = trajectory.load_into(_mlp(), next(c for c in trajectory.checkpoints if c.step == step)).eval()
+        d = checkpoint_preconditioner(trajectory, next(c for c in trajectory.checkpoints if c.step == step + 1), stage,
+                                      names)  # fmt: skip
+        q = PerExampleGradients(model, task, names)(queries, "measurement")
+        q = projector.project({name: q[name] * d[name].rsqrt().float() for name in names}).double().numpy()
+        exact -= effective / n * q @ grads[step].T
+    ours = sp.Attributor(tracin.path, _mlp(), task, method="tracin", progress=False).scores(queries)
+    assert np.abs(exact).max() > 0
+    np.testing.assert_allclose(ours, exact, rtol=1e-3, atol=1e-5 * np.abs(exact).max())
+    report = sp.verify_store(captured.path, progress=False)
+    assert report.status == "ok" and not report.notes, report.notes
+
+
 class _ArgmaxFisher(sp.ClassificationTask):
     """Fisher pseudo-labels = the model's own argmax, weight 2: deterministic, so a brute force can repeat them."""
 
@@ -286,25 +388,28 @@ def test_captured_windows_sum_each_visits_materialised_gradient_and_fisher(
 
 
 def _adam_scale(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, torch.Tensor]:
-    """D^{-1/2} = (√v̂ + ε)^{-1/2} of every parameter, written out from Adam's state (bias-corrected v)."""
+    """D^{-1/2} = ((√v̂ + ε)/r)^{-1/2} of every parameter, written out from Adam's state (bias-corrected v), r its
+    group's rate over the largest group rate."""
     out = {}
+    top = max(g["lr"] for g in optimizer.param_groups)
     for name, param in model.named_parameters():
         group = next(g for g in optimizer.param_groups if any(q is param for q in g["params"]))
         state = optimizer.state[param]
         v_hat = state["exp_avg_sq"].double() / (1 - group["betas"][1] ** float(state["step"]))
-        out[name] = (v_hat.sqrt() + group["eps"]).rsqrt().float()
+        out[name] = ((v_hat.sqrt() + group["eps"]) * top / group["lr"]).rsqrt().float()
     return out
 
 
-@pytest.mark.parametrize("kind", ["adam", "adamw"])
+@pytest.mark.parametrize("kind", ["adam", "adamw", "adamw 1:5"])
 def test_adam_capture_takes_each_visit_in_the_coordinates_of_its_step(
     tmp_path: Path, classification_data, kind: str
 ) -> None:
-    """Adam (coupled L2) and AdamW, 3 steps per window, D^{-1/2} in its exact form on the layers (``adam_rank``
-    at least each layer's rank): each window holds the sum over visits of P(D_t^{-1/2} ⊙ ∇ℓ(z; θ_t)) with D_t
-    the optimiser state the step began with, the Fisher in the same coordinates, and D at the checkpoint closing
-    it; the stage's first step (no state yet) is not captured. fit scales the query by the mean of a segment's
-    windows' D, and turns Adam's coupled decay into λ·mean(1/D) (brute force: materialised gradients)."""
+    """Adam (coupled L2) and AdamW, also with groups at 1:5 (``_two_rates``), 3 steps per window, D^{-1/2} in its
+    exact form on the layers (``adam_rank`` at least each layer's rank): each window holds the sum over visits of
+    P(D_t^{-1/2} ⊙ ∇ℓ(z; θ_t)) with D_t the optimiser state the step began with (over each group's rate ratio r),
+    the Fisher in the same coordinates, and D at the checkpoint closing it, as featurize reads it; the stage's first
+    step (no state yet) is not captured. fit scales the query by the mean of a segment's windows' D, and turns
+    Adam's coupled decay into λ·mean(1/D) (brute force: materialised gradients)."""
     x, y = classification_data.tensors
     n, batch, save_every, steps = len(y), 8, 3, 10
     names = [name for name, _ in _mlp().named_parameters()]
@@ -334,11 +439,12 @@ def test_adam_capture_takes_each_visit_in_the_coordinates_of_its_step(
 
     decay = 1e-3 if kind == "adam" else 1e-2
     optimizer = torch.optim.Adam if kind == "adam" else torch.optim.AdamW
+    groups = (lambda params: _two_rates(params, 0.01)) if kind == "adamw 1:5" else list
     projection = sp.ProjectionArguments(dim=DIM, kind="factored", adam_rank=8)  # ≥ min(d_out, d_in + 1): exact
     _train(tmp_path / "run", tmp_path / "cap.sp", classification_data, steps=steps, batch=batch,
            save_every=save_every, options=sp.CaptureArguments(chunk_rows=64, scale_every=1), on_batch=brute_force,
            task=_ArgmaxFisher(), projection=projection,
-           optimizer=lambda params: optimizer(params, lr=0.01, weight_decay=decay))  # fmt: skip
+           optimizer=lambda params: optimizer(groups(params), lr=0.01, weight_decay=decay))  # fmt: skip
     store = sp.Store.open(tmp_path / "cap.sp")
     trajectory = sp.Trajectory.load(tmp_path / "run")
     stage = trajectory.stage("main")
@@ -364,7 +470,10 @@ def test_adam_capture_takes_each_visit_in_the_coordinates_of_its_step(
         mean = (denominators[windows[0]] + denominators[windows[1]]) / 2
         assert seg["preconditioner"] == f"methods/source/preconditioner/{index}"
         assert np.allclose(store.read(seg["preconditioner"]), mean.rsqrt().numpy(), rtol=1e-5)
-        coupled = decay * float(mean.reciprocal().mean()) if kind == "adam" else decay
+        # AdamW: r·λ per coordinate, added as its mean
+        ratio = torch.cat([torch.full((p.numel(),), RATIOS[name] if kind == "adamw 1:5" else 1.0)
+                           for name, p in _mlp().named_parameters()])  # fmt: skip
+        coupled = decay * float(mean.reciprocal().mean()) if kind == "adam" else decay * float(ratio.mean())
         assert seg["weight_decay"] == pytest.approx(coupled, rel=1e-5)
     assert method["query"]["scales"] == [segments[-1]["preconditioner"]]
     scores = sp.Attributor(store.path, _mlp(), _ArgmaxFisher(), progress=False).scores(classification_data)
@@ -729,13 +838,6 @@ def test_capture_refuses_what_it_cannot_capture_with_a_sentence(tmp_path: Path, 
     cap = sp.GradientCapture(other, tmp_path / "m0.sp", task, projection=_projection())
     with pytest.raises(sp.TrajectoryError, match="different momentum or dampening"):
         other.begin_stage("main", dataset_size=len(y))
-    groups = [{"params": list(model[0].parameters()), "lr": 0.02}, {"params": list(model[3].parameters())}]
-    other = recorder(model, "r", torch.optim.SGD(groups, lr=0.1))  # a recorded ratio featurize attributes, capture not
-    cap = sp.GradientCapture(other, tmp_path / "r.sp", task, projection=_projection())
-    other.begin_stage("main", dataset_size=len(y))
-    with pytest.raises(sp.TaskError, match=r"^Stage 'main' trains its parameter groups at different learning rates, "
-                                           r"which in-run capture does not follow; featurize .*after training"):
-        cap.begin((x[:4], y[:4]), indices=range(4))
     other = recorder(model, "m1", torch.optim.SGD(model.parameters(), lr=0.1, maximize=True))
     cap = sp.GradientCapture(other, tmp_path / "m1.sp", task, projection=_projection())
     other.begin_stage("main", dataset_size=len(y))
@@ -1159,6 +1261,27 @@ def test_eigen_capture_leaves_training_unchanged_and_a_killed_run_resumes_into_t
     assert sp.fit(tmp_path / "b.sp", progress=False).read("methods/source/train/main").shape[0] == 30
 
 
+def test_eigen_capture_of_sgd_groups_at_a_ratio_of_rates_resumes_into_the_uninterrupted_store(
+    tmp_path: Path, classification_data
+) -> None:
+    """SGD with groups at 1:5 on the eigen projection: a run killed mid-window resumes, the basis passes of the windows
+    before it re-taken in u = R^{-1/2}θ (the stage's ratios, whatever optimizer state the checkpoint holds), into the
+    windows, window bases, denominators and final basis of an uninterrupted run."""
+    kwargs = {"steps": 14, "batch": 8, "save_every": 4, "options": sp.CaptureArguments(chunk_rows=8),
+              "datasets": {"main": classification_data}, "projection": _eigen_capture(24),
+              "optimizer": lambda params: torch.optim.SGD(_two_rates(params, 0.1), momentum=0.9)}
+    _train(tmp_path / "a", tmp_path / "a.sp", classification_data, **kwargs)
+    with pytest.raises(_Killed):
+        _train(tmp_path / "b", tmp_path / "b.sp", classification_data, crash_after=10, **kwargs)
+    _train(tmp_path / "b", tmp_path / "b.sp", classification_data, resume=True, **kwargs)
+    a, b = sp.Store.open(tmp_path / "a.sp"), sp.Store.open(tmp_path / "b.sp")
+    assert a.meta["projection"] == b.meta["projection"] and a.meta["capture_bases"] == b.meta["capture_bases"]
+    names = a.progress_arrays("capture/")
+    assert sum(name.startswith("capture/denominator/") for name in names) == 4
+    for name in names:
+        assert np.array_equal(a.read(name), b.read(name)), name
+
+
 def _files(path: Path) -> dict[str, bytes]:
     """Every file of a store, but its writer's lock (which says when it was last taken)."""
     files = (f for f in sorted(path.rglob("*")) if f.is_file() and f.name != ".source-proj.lock")
@@ -1284,7 +1407,7 @@ def test_eigen_capture_of_adamw_takes_each_windows_factors_in_adams_coordinates_
         state = trajectory.load_state(next(c for c in trajectory.checkpoints if c.step == start))
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        d = live_preconditioner(optimizer, dict(model.named_parameters()))
+        d = live_preconditioner(optimizer, dict(model.named_parameters()), {})
         assert (d is None) == (start == 0)
         basis_pass.visit("main", "test", basis_pass.quiet(), rank_one_sides(d, basis_pass.layers) if d else None)
         raw_pass.visit("main", "test", raw_pass.quiet())

@@ -1227,6 +1227,37 @@ def test_lightning_capture_keeps_a_manual_training_step_that_calls_backward_itse
     assert _matches_posthoc_at_every_step(tmp_path / "run", tmp_path / "cap.sp", posthoc) == 30
 
 
+def test_lightning_capture_of_groups_at_a_ratio_of_rates_is_what_featurize_computes_at_every_step(
+    tmp_path: Path, classification_data
+) -> None:
+    """SGD with momentum, the first layer at 1/5 of the last one's rate: the callback captures every step in
+    u = R^{-1/2}θ, as featurize computes it at each checkpoint, and each window keeps D = 1/r."""
+    import lightning.pytorch as pl
+
+    from source_proj.featurize.windows import window_array
+    from source_proj.integrations import LightningCapture
+
+    class Grouped(_lightning_mlp(lambda params: None)):  # type: ignore[misc]
+        def configure_optimizers(self):
+            groups = [{"params": self.net[0].parameters(), "lr": 0.02}, {"params": self.net[2].parameters()}]
+            return torch.optim.SGD(groups, lr=0.1, momentum=0.9)
+
+    projection = sp.ProjectionArguments(dim=16, kind="factored")
+    callback = LightningCapture(tmp_path / "run", tmp_path / "cap.sp", sp.ClassificationTask(), save_every=1,
+                                projection=projection, options=sp.CaptureArguments(fisher="empirical", end_pass=False))
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])  # fmt: skip
+    trainer.fit(Grouped(), torch.utils.data.DataLoader(sp.IndexedDataset(classification_data), batch_size=10))
+    posthoc = sp.featurize(tmp_path / "run", Grouped(), sp.ClassificationTask(), classification_data,
+                           tmp_path / "post.sp", projection=projection,
+                           options=sp.FeaturizeArguments(fisher="empirical", measurement=False), progress=False)
+    assert _matches_posthoc_at_every_step(tmp_path / "run", tmp_path / "cap.sp", posthoc) == 30
+    sizes = [p.numel() for p in Grouped().parameters()]  # net.0 weight and bias (r = 0.2), then net.2's (r = 1)
+    want = np.repeat([5.0, 5.0, 1.0, 1.0], sizes)
+    for step in range(3):
+        assert np.allclose(sp.Store.open(tmp_path / "cap.sp").read(window_array("denominator", "main", step)), want)
+
+
 def test_lightning_capture_refuses_a_multi_process_run(tmp_path: Path) -> None:
     from types import SimpleNamespace
 

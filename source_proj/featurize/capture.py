@@ -46,9 +46,15 @@ pass; biased). Only the k × k sum of ũũᵀ per window is kept (B·k² multipl
 with D_t read from the optimizer's state as each batch begins and applied through the layer hooks as
 its rank-``adam_rank`` form (``projection/transform.py``); each window also keeps D at its closing
 checkpoint, from which fit takes each segment's D_ℓ (``windows.py``). A stage's first step is not
-captured: before it the optimizer holds no state, so its preconditioner is unknown (``skipped``). Parameter
-groups at different learning rates (``lr_ratio``) are refused as their stage begins: featurize the run after
-training.
+captured: before it the optimizer holds no state, so its preconditioner is unknown (``skipped``).
+
+**Parameter groups at a constant ratio of learning rates** (``lr_ratio``, r per group, as the recorder records
+them; ``preconditioner.py``) are captured in u = R^{-1/2}θ, as featurize takes them: an Adam stage's D is
+(√v̂ + ε)/r, and an SGD stage whose groups' rates differ gets D = 1/r, built once per stage (every step captured)
+and kept per window as Adam's. A per-group constant is constant over a parameter, so on a layer its grid of
+multipliers is rank one even where the weight and the bias lie in groups of different rates (the bias is a column):
+the rank-``adam_rank`` form applies an SGD stage's scaling exactly; under Adam it approximates the grid of D/r as
+featurize's does.
 
 **Crash safety.** A window is written (chunks, then progress entries) just before the checkpoint that
 closes it is saved. A killed run resumed with ``TrajectoryRecorder.resume`` and the same store
@@ -109,12 +115,13 @@ from source_proj.tasks.draws import DRAWS_ID, FisherDraws
 from source_proj.tasks.gradients import PerExampleGradients, batch_rows, batch_size, move_batch
 from source_proj.tasks.task import Batch, Task, check_task_smoothing
 from source_proj.trajectory.optimizers import check_optimised, optimizer_rule
-from source_proj.trajectory.preconditioner import live_preconditioner
+from source_proj.trajectory.preconditioner import live_preconditioner, ratio_denominator
 from source_proj.trajectory.recorder import (
     Stage,
     Trajectory,
     TrajectoryRecorder,
     describe_optimizer,
+    group_ratios,
     load_checkpoint,
     load_weights,
 )
@@ -734,7 +741,7 @@ class GradientCapture:
             self._check(rest)
         if self._reference is None:
             self._keep_reference(rest)
-        if self._adam and not self._precondition():
+        if self._scaled and not self._precondition():
             self.skipped += 1
             self._skipped_in_window += 1
             return rest
@@ -800,16 +807,16 @@ class GradientCapture:
         return self._own or AUTO_BASIS_BATCH
 
     def _visit(
-        self, stage: str, where: str, adam: bool, limit: int | None = None
+        self, stage: str, where: str, scaled: bool, limit: int | None = None
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """One pass of the eigen basis over ``stage``'s subset at the model's current weights, in eval mode;
-        untapped (no batch is begun), and the global random state is not touched (``BasisPass``). On an Adam
-        stage (``adam``) the factors are those of D^{-1/2}-scaled gradients, as featurize takes them, with D
-        from the optimizer's state as it stands (none before the stage's first step: the raw factors). ``limit``:
-        at most that many of the subset's examples (``BasisPass.visit``)."""
+        untapped (no batch is begun), and the global random state is not touched (``BasisPass``). Where ``scaled``,
+        on a preconditioned stage the factors are those of D^{-1/2}-scaled gradients, as featurize takes them, with
+        D as ``_denominator`` gives it (none before an Adam stage's first step: the raw factors). ``limit``: at most
+        that many of the subset's examples (``BasisPass.visit``)."""
         assert self._pass is not None
         self._pass.batch_size = self._own_batch()
-        d = live_preconditioner(self.recorder.optimizer, self.params) if adam else None
+        d = self._denominator(stage) if scaled else None
         sides = None if d is None else rank_one_sides(d, self._pass.layers)
         with modes_kept(self.model), self._basis_data(stage, f"the eigen projection's basis pass, {where}"):
             self.model.eval()
@@ -838,7 +845,7 @@ class GradientCapture:
         assert self._pass is not None
         step = self.recorder.global_step
         self._pass_size = self._pass_limit(self._examples_before)
-        self._visit(stage, f"step {step}", self._adam, self._pass_size)
+        self._visit(stage, f"step {step}", True, self._pass_size)
         self._visited.append(step)
         basis = self._pass.basis(self._visited, self._inputs)
         projector = self.projection.projector(self._shapes, self.model, basis)
@@ -862,7 +869,7 @@ class GradientCapture:
         if not closed:
             return
         optimizer = self.recorder.optimizer
-        adam = {name for name, kind in self.recorder.stage_optimizers().items() if kind in ADAM_KINDS}
+        adam = {name for name, desc in self.recorder.stage_optimizers().items() if desc["kind"] in ADAM_KINDS}
         recorded = Store.open(self.path).meta.get("capture_bases") or {}
         state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         optimizer_state = copy.deepcopy(optimizer.state_dict())
@@ -877,7 +884,8 @@ class GradientCapture:
                     except ValueError:  # another stage's optimizer, shaped otherwise: the raw factors
                         with_state = False
                 window = recorded.get(f"{stage}/{start}") or {}
-                self._visit(stage, f"step {start}", with_state, window.get("pass"))
+                # an Adam stage's D from the state saved with the checkpoint; an SGD stage's (rate ratios) is fixed
+                self._visit(stage, f"step {start}", with_state or stage not in adam, window.get("pass"))
                 self._visited.append(start)
                 self._examples_before = window.get("trained")
         finally:
@@ -885,14 +893,29 @@ class GradientCapture:
             optimizer.load_state_dict(optimizer_state)
 
     def _precondition(self) -> bool:
-        """An Adam stage: refresh D^{-1/2} from the optimizer when due; ``False`` before its first step."""
-        if self._transform is not None and self._batches % self.options.scale_every:
+        """A preconditioned stage: refresh D^{-1/2} when due (Adam's from the optimizer; an SGD stage's 1/r once);
+        ``False`` before an Adam stage's first step."""
+        if self._transform is not None and (not self._adam or self._batches % self.options.scale_every):
             return True
-        d = live_preconditioner(self.recorder.optimizer, self.params)
+        assert self._stage is not None
+        d = self._denominator(self._stage[0])
         if d is None:
             return False
         self._transform = self.projector.scaling({n: t.rsqrt() for n, t in d.items()})
         return True
+
+    def _denominator(self, stage: str) -> dict[str, Tensor] | None:
+        """D of ``stage``'s next step, its optimizer the recorder's current one (docs/concepts/source.md §6): on an
+        Adam stage (√v̂ + ε)/r from the optimizer's state (``None`` before its first step), on an SGD stage whose groups
+        train at different rates 1/r, r each parameter's group's rate ratio as the stage recorded it; ``None`` on an
+        SGD stage of one rate (nothing is scaled)."""
+        described = self.recorder.stage_optimizers()[stage]
+        ratios = group_ratios(described)
+        if described["kind"] in ADAM_KINDS:
+            return live_preconditioner(self.recorder.optimizer, self.params, ratios)
+        if any(r != 1.0 for r in ratios.values()):
+            return ratio_denominator(self.params, ratios)
+        return None
 
     def end_forward(self) -> None:
         """The begun batch's forward is over: later forwards (evaluation) are not tapped; its backward still is.
@@ -942,11 +965,6 @@ class GradientCapture:
             )
         sizes = {n: p.numel() for n, p in self.params.items()}
         rule = optimizer_rule(Stage(name, 0, 0, size, described), sizes)  # maximize=True, different momentum factors
-        if any(r != 1.0 for r in rule.ratio.values()):
-            raise TaskError(
-                f"Stage {name!r} trains its parameter groups at different learning rates, which in-run capture does "
-                "not follow; featurize the recorded run after training, which attributes them."
-            )
         check_optimised(name, described["groups"], self.names)
         if self.datasets is not None and name not in self._data:  # fingerprinted as the stage starts: errors come early
             given = self.datasets.get(name)
@@ -973,6 +991,7 @@ class GradientCapture:
         if self._stage is None or self._stage[0] != name:
             self._transform = None  # a new stage: its optimizer's state, not the last stage's
         self._adam = kind in ADAM_KINDS
+        self._scaled = rule.preconditioned  # Adam, or groups at different rates: gradients scaled by D^{-1/2}
         self._stage = (name, size)
         self._sums = torch.zeros(size, self.dim, dtype=torch.float32, device=self.buffer_device)
         self._visits = torch.zeros(size, dtype=torch.int32, device=self.buffer_device)
@@ -1204,8 +1223,8 @@ class GradientCapture:
             )
         self._fold_fisher()
         denominator = None
-        if self._adam:
-            d = live_preconditioner(self.recorder.optimizer, self.params)
+        if self._scaled:
+            d = self._denominator(self._stage[0])
             if d is None:
                 raise TaskError(
                     f"The Adam optimizer of stage {self._stage[0]!r} holds no state after steps {start}–{step - 1}; "
@@ -1277,9 +1296,8 @@ class GradientCapture:
             store.require_array(name, (size, self.dim), rows, "float32")
             try:
                 with ChunkWriter(store) as writer:  # each chunk written while the next is computed
-                    if self.recorder.stage_optimizers().get(stage) in ADAM_KINDS:
-                        d = live_preconditioner(self.recorder.optimizer, self.params)
-                        self._transform = None if d is None else projector.scaling({n: t.rsqrt() for n, t in d.items()})
+                    d = self._denominator(stage)
+                    self._transform = None if d is None else projector.scaling({n: t.rsqrt() for n, t in d.items()})
                     with modes_kept(self.model), model_errors(what), torch.enable_grad():
                         self.model.eval()
                         for batch in tqdm(loader, desc=f"end pass ({stage})", unit="batch", disable=not self._progress):
@@ -1324,8 +1342,7 @@ class GradientCapture:
         if self._pass is not None and self.recorder.stages:  # the final weights join the average
             # the recorder's last stage: a run resumed at its final checkpoint captures no batch before it closes
             stage = self.recorder.stages[-1][0]
-            adam = self.recorder.stage_optimizers()[stage] in ADAM_KINDS
-            self._visit(stage, f"step {self.recorder.global_step}", adam)
+            self._visit(stage, f"step {self.recorder.global_step}", True)
             final = self._pass.basis([*self._visited, self.recorder.global_step], self._inputs)
         self.close()
         trajectory = Trajectory.load(self.recorder.run_dir)

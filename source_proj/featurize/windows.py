@@ -22,7 +22,10 @@ the eigen or factored projection its rank-``adam_rank`` form), and each window a
 so a segment's D_ℓ is the mean of its windows' D, as featurize takes the mean of the states saved
 at the segment's checkpoints: fit writes D_ℓ^{-1/2} as ``methods/<name>/preconditioner/<ℓ>`` (the
 query's scale) and derives Adam's coupled decay from it. A stage's first step, before the optimizer
-holds any state, is not captured (its preconditioner is only known after the step).
+holds any state, is not captured (its preconditioner is only known after the step). Parameter groups at a
+constant ratio r of learning rates (``lr_ratio``) enter the same way (``preconditioner.py``): an Adam stage's D is
+(√v̂ + ε)/r, and an SGD stage whose groups' rates differ is preconditioned by D = 1/r (every step captured; a
+per-group constant is rank one on a layer, so its rank-``adam_rank`` form is exact), kept per window as Adam's.
 
 With ``CaptureArguments.end_pass`` (by default on every stage whose examples ``datasets=`` holds), as each stage
 ends one more pass takes every example's gradient at the stage's final weights (eval mode, as featurize), in the
@@ -65,12 +68,14 @@ import torch
 from source_proj.errors import NumericalError, StoreError
 from source_proj.projection.eigen import EigenBasis, change_basis
 from source_proj.store.store import Store, ckpt_key
+from source_proj.trajectory.recorder import group_ratios
 from source_proj.trajectory.segments import Segment
 
 PREFIX = "capture/"
 WINDOW_ARRAYS = ("grads", "visits", "fisher", "fisher-count")
 DENOMINATOR = "denominator"
-"""An Adam stage's windows also hold Adam's D = √v̂ + ε at the checkpoint closing them (float32 ``[p]``)."""
+"""A preconditioned stage's windows also hold D at the checkpoint closing them (float32 ``[p]``): Adam's (√v̂ + ε)/r,
+or 1/r on an SGD stage whose groups train at different rates (r: each group's ``lr_ratio``)."""
 ADAM_KINDS = ("adam", "adamw")
 END = "end"
 """``CaptureArguments.end_pass``: every example's gradient at the stage's final weights, keyed by its last window."""
@@ -119,9 +124,11 @@ def stage_windows(meta: dict[str, Any], stage: str) -> list[int]:
     return [c for c in meta["trajectory"]["checkpoints"] if desc["start_step"] <= c < desc["end_step"]]
 
 
-def is_adam_stage(stage: dict[str, Any]) -> bool:
-    """Whether a described stage (``meta["trajectory"]["stages"]``) was trained with Adam or AdamW."""
-    return (stage.get("optimizer") or {}).get("kind") in ADAM_KINDS
+def is_preconditioned_stage(stage: dict[str, Any]) -> bool:
+    """Whether a described stage (``meta["trajectory"]["stages"]``) was trained with Adam or AdamW, or with parameter
+    groups at different learning rates (``OptimizerRule.preconditioned``): its windows hold D."""
+    optimizer = stage.get("optimizer") or {}
+    return optimizer.get("kind") in ADAM_KINDS or any(r != 1.0 for r in group_ratios(optimizer).values())
 
 
 def expected_windows(meta: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -137,7 +144,7 @@ def expected_windows(meta: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], s
             out[window_array("visits", stage["name"], start)] = ((n,), "uint32")
             out[window_array("fisher", stage["name"], start)] = ((k, k), "float64")
             out[window_array("fisher-count", stage["name"], start)] = ((1,), "float64")
-            if is_adam_stage(stage):
+            if is_preconditioned_stage(stage):
                 out[window_array(DENOMINATOR, stage["name"], start)] = ((p,), "float32")
         windows = stage_windows(meta, stage["name"])
         named = (key.rpartition("/") for key in meta.get("capture_ends") or [])
@@ -150,7 +157,8 @@ def expected_windows(meta: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], s
 
 
 def segment_denominator(store: Store, segment: Segment) -> torch.Tensor:
-    """D_ℓ of an Adam segment: the mean of its windows' D, float64 ``[p]`` (module docstring)."""
+    """D_ℓ of a preconditioned segment (Adam, or groups at different rates): the mean of its windows' D, float64
+    ``[p]`` (module docstring)."""
     windows = segment_windows(store.meta, segment)
     total = sum(torch.from_numpy(store.read(window_array(DENOMINATOR, segment.stage, w))).double() for w in windows)
     assert isinstance(total, torch.Tensor)

@@ -173,7 +173,8 @@ def _captured_denominators(store: Store, steps: Sequence[int]) -> list[str | Non
     """The D (``capture/denominator/…``) a query at each of ``steps`` is scaled by on a captured store: a window's
     start takes its window's, whose visits were scaled by the optimizer state of their steps (TracIn); the final
     checkpoint the last stage's last window's, which holds the D of the final state (Grad-Dot, Grad-Cos, IF: the
-    end pass is in those coordinates). ``None`` on a stage that is not Adam's (no denominator)."""
+    end pass is in those coordinates). ``None`` on a stage that is not preconditioned (neither Adam's nor one of
+    groups at different rates: no denominator)."""
     stages = [s["name"] for s in store.meta["trajectory"]["stages"]]
     owner = {window: stage for stage in stages for window in stage_windows(store.meta, stage)}
     out: list[str | None] = []

@@ -239,9 +239,9 @@ def resolve_segments(store: Store, args: FitArguments) -> tuple[list[Segment], T
 
 
 def captured_preconditioners(store: Store, segments: Sequence[Segment], method: str) -> list[Segment]:
-    """The segments of a captured store with each Adam segment's D_ℓ^{-1/2} named (``methods/<method>/
-    preconditioner/<ℓ>``, written by `prepare`) and, for Adam's coupled L2, its decay λ·mean(1/D_ℓ)
-    (``windows.py``; featurize does the same from the saved optimizer states, ``plan.py``)."""
+    """The segments of a captured store with each preconditioned segment's (Adam, or groups at different rates)
+    D_ℓ^{-1/2} named (``methods/<method>/preconditioner/<ℓ>``, written by `prepare`) and, for Adam's coupled L2, its
+    decay λ·mean(1/D_ℓ) (``windows.py``; featurize does the same from the saved optimizer states, ``plan.py``)."""
     meta = store.meta
     stages = {s.name: s for s in trajectory_stages(meta)}
     names = [n for n, _ in meta["params"]]
@@ -564,7 +564,7 @@ class _Fit:
         store = Store.open(self.path, writable=True)
         description, segments = self._describe(store)
         _claim_method(store, self.method, description, overwrite)
-        if is_captured(store.meta):  # an Adam segment's D_ℓ^{-1/2}, from its windows
+        if is_captured(store.meta):  # a preconditioned segment's D_ℓ^{-1/2}, from its windows
             for seg in segments:
                 if seg.preconditioner is not None and not store.is_complete(seg.preconditioner):
                     store.write_whole(seg.preconditioner, segment_denominator(store, seg).rsqrt().float().numpy())

@@ -59,7 +59,7 @@ def checkpoint_preconditioner(
     if stage.optimizer.get("kind") == "sgd":
         ratios = stage.lr_ratios
         _check_held(stage, [n for n in names if n not in ratios])
-        return {n: _over(torch.ones(tuple(payload["model"][n].shape), dtype=torch.float64), ratios[n]) for n in names}
+        return ratio_denominator({n: payload["model"][n] for n in names}, ratios)
     state = payload.get("optimizer")
     if not checkpoint.optimizer_state or not isinstance(state, Mapping):
         raise TrajectoryError(
@@ -92,6 +92,15 @@ def checkpoint_preconditioner(
     return out
 
 
+def ratio_denominator(params: Mapping[str, Tensor], ratios: Mapping[str, float]) -> dict[str, Tensor]:
+    """D = 1/r of every parameter of ``params`` (name → a tensor of its shape and device) on an SGD stage, r its
+    group's rate ratio (``ratios``, name → r): float64 tensors of the parameters' shapes (r = 0: D = ∞, scale 0)."""
+    return {
+        name: _over(torch.ones(tuple(param.shape), dtype=torch.float64, device=param.device), float(ratios[name]))
+        for name, param in params.items()
+    }
+
+
 def _over(d: Tensor, ratio: float) -> Tensor:
     """D/r: the denominator of a parameter whose group steps at r times the recorded rate (r = 0: ∞, scale 0)."""
     return d / ratio if ratio > 0 else torch.full_like(d, float("inf"))
@@ -113,11 +122,14 @@ def adam_denominator(entry: Mapping[str, Any], group: Mapping[str, Any]) -> Tens
     return v_hat.sqrt() + eps
 
 
-def live_preconditioner(optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
-    """D = √v̂ + ε of the parameters ``params`` (name → the optimised tensor) from a running Adam's state,
-    on the parameters' device: the preconditioner of the step just taken, which in-run capture applies
-    to the next step's gradients. ``None`` while none of them has a state yet (before the first step); one
-    without a state among others gets D = ∞, as in ``checkpoint_preconditioner``."""
+def live_preconditioner(
+    optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor], ratios: Mapping[str, float]
+) -> dict[str, Tensor] | None:
+    """D = (√v̂ + ε)/r of the parameters ``params`` (name → the optimised tensor) from a running Adam's state,
+    on the parameters' device, r the rate ratio of each one's group (``ratios``, name → r: ``Stage.lr_ratios``; 1
+    where absent): the preconditioner of the step just taken, which in-run capture applies to the next step's
+    gradients. ``None`` while none of them has a state yet (before the first step); one without a state among
+    others, or whose group's rate is 0, gets D = ∞, as in ``checkpoint_preconditioner``."""
     groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
     out: dict[str, Tensor] = {}
     unoptimised = [name for name, param in params.items() if id(param) not in groups]
@@ -130,7 +142,8 @@ def live_preconditioner(optimizer: torch.optim.Optimizer, params: Mapping[str, T
     for name, param in params.items():
         entry = optimizer.state.get(param)
         if entry:
-            out[name], stepped = adam_denominator(entry, groups[id(param)]), True
+            out[name] = _over(adam_denominator(entry, groups[id(param)]), float(ratios.get(name, 1.0)))
+            stepped = True
         else:  # never stepped (no gradient yet): D = ∞, scale 0, as checkpoint_preconditioner
             out[name] = torch.full(tuple(param.shape), float("inf"), dtype=torch.float64, device=param.device)
     return out if stepped else None

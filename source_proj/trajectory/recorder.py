@@ -167,6 +167,12 @@ def lr_ratios(optimizer: torch.optim.Optimizer) -> list[float]:
     return [b / top if top > 0 else 1.0 for b in base]
 
 
+def group_ratios(described: Mapping[str, Any]) -> dict[str, float]:
+    """r_g of every parameter an optimizer description (``describe_optimizer``) names: its group's ``lr_ratio`` (1 where
+    the groups share one rate)."""
+    return {n: float(g.get("lr_ratio", 1.0)) for g in described.get("groups", []) for n in g.get("params", [])}
+
+
 def _adam_kind(optimizer: torch.optim.Optimizer) -> str:
     """``"adamw"`` where the groups that decay their weights decouple the decay, ``"adam"`` where they couple it:
     torch's Adam reads ``decoupled_weight_decay`` per parameter group (AdamW is Adam with it on by default). Groups
@@ -205,7 +211,7 @@ class Stage:
     def lr_ratios(self) -> dict[str, float]:
         """r_g of every parameter its optimizer's groups name: its group's learning rate over the reference group's,
         the rate recorded per step (1 for every parameter of a run whose groups share one rate)."""
-        return {n: float(g.get("lr_ratio", 1.0)) for g in self.optimizer.get("groups", []) for n in g.get("params", [])}
+        return group_ratios(self.optimizer)
 
     def describe(self) -> dict[str, Any]:
         """The stage as a store's metadata records it (``label_smoothing`` only where the labels were smoothed, so
@@ -498,9 +504,10 @@ class TrajectoryRecorder:
         """The sha256 of every checkpoint saved so far, by step."""
         return {c["step"]: c["sha256"] for c in self._checkpoints}
 
-    def stage_optimizers(self) -> dict[str, str]:
-        """Each stage's optimizer kind (``describe_optimizer``'s ``"kind"``: ``"sgd"``, ``"adamw"``…)."""
-        return {s["name"]: s["optimizer"]["kind"] for s in self._stages}
+    def stage_optimizers(self) -> dict[str, dict[str, Any]]:
+        """Each stage's optimizer as ``describe_optimizer`` described it as the stage began (its ``"kind"``:
+        ``"sgd"``, ``"adamw"``…, and its parameter groups with their ``lr_ratio``)."""
+        return {s["name"]: s["optimizer"] for s in self._stages}
 
     def saved_checkpoint(self, step: int) -> Checkpoint:
         """The checkpoint saved at ``step`` (its file and sha256, for ``load_checkpoint``)."""
