@@ -388,6 +388,38 @@ def _captured_and_posthoc(tmp_path: Path, build: Callable[[], nn.Module], data: 
     return posthoc
 
 
+def test_transformers_capture_of_a_head_at_five_times_the_backbones_rate_is_what_featurize_computes(
+    tmp_path: Path,
+) -> None:
+    """SGD with the classifier at 5× the rest's rate under the Trainer's linear warm-up (one schedule over both
+    groups, from rate 0): the callback captures every step in u = R^{-1/2}θ, as featurize computes it at each
+    checkpoint."""
+    from transformers import Trainer, TrainingArguments
+
+    from source_proj.integrations import HuggingFaceCapture
+
+    ids, labels = _tokens(24, 0)
+    task = sp.SequenceClassificationTask(attention="bidirectional")
+    model = _tiny_bert()
+    head = [p for n, p in model.named_parameters() if n.startswith("classifier.")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("classifier.")]
+    optimizer = torch.optim.SGD([{"params": rest, "lr": 0.02}, {"params": head, "lr": 0.1}], momentum=0.9)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"), per_device_train_batch_size=8, num_train_epochs=1, warmup_steps=1,
+        lr_scheduler_type="linear", save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+        logging_strategy="no", seed=0,
+    )  # fmt: skip
+    callback = HuggingFaceCapture(tmp_path / "run", tmp_path / "cap.sp", task, save_every=1, projection=_PROJECTION,
+                                  options=sp.CaptureArguments(fisher="empirical"))  # fmt: skip
+    Trainer(model=model, args=args, train_dataset=sp.IndexedDataset(_Dicts(ids, labels)),
+            optimizers=(optimizer, None), callbacks=[callback]).train()  # fmt: skip
+    stage = sp.Trajectory.load(tmp_path / "run").stages[0]
+    assert [g["lr_ratio"] for g in stage.optimizer["groups"]] == pytest.approx([0.2, 1.0])
+    posthoc = sp.featurize(tmp_path / "run", _tiny_bert(), task, _Dicts(ids, labels), tmp_path / "post.sp",
+                           projection=_PROJECTION, options=_EMPIRICAL, progress=False)  # fmt: skip
+    assert _matches_posthoc_at_every_step(tmp_path / "run", tmp_path / "cap.sp", posthoc) == 24
+
+
 def test_a_trainer_that_pads_each_batch_is_captured_as_featurize_computes_through_its_collator(tmp_path: Path) -> None:
     """Sentences of their own lengths, padded per batch by the Trainer's ``DataCollatorWithPadding`` (a real tokenizer,
     built offline): capture at every step equals post-hoc featurize of ``sp.CollatedDataset(sentences, collator)``,
