@@ -490,6 +490,7 @@ class GradientCapture:
         self._scale_checked = False
         self._probe = torch.zeros((), device=self.device, requires_grad=True)
         self._adam = False
+        self._scaled = False  # Adam, or groups at different rates (``_open_stage``)
         self._transform: GradientTransform | None = None  # an Adam stage's current D^{-1/2}, on the layers
         self.skipped = 0
         """Batches not captured: a stage's first Adam step, whose preconditioner is not known before it."""

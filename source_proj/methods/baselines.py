@@ -52,9 +52,10 @@ TracIn-CP. Grad-Dot, Grad-Cos and IF use each attributed stage's last window (it
 gradients and its Fisher) in place of θ_T's: a stand-in, exact only as the window shrinks to a
 step. A store captured with ``CaptureArguments.end_pass`` holds every example's gradient at the end of its
 stage, which they use instead (θ_T's own for the last stage; the Fisher stays the window's). TRAK needs
-the measurement gradients of the training examples, which capture does not take. On an Adam stage the captured
-gradients are in Adam's coordinates, so the query is too: scaled by D^{-1/2} of the window it is taken for
-(``capture/denominator``, the D of the checkpoint closing it; θ_T's is the last window's).
+the measurement gradients of the training examples, which capture does not take. On an Adam stage (or one whose
+parameter groups train at different rates) the captured gradients are in Adam's coordinates (u = R^{-1/2}θ), so the
+query is too: scaled by D^{-1/2} of the window it is taken for (``capture/denominator``, the D of the checkpoint
+closing it; θ_T's is the last window's).
 
 **Influence-function damping**: δ = ``damping_factor`` × the mean eigenvalue of the projected Fisher,
 the form of kronfluence's heuristic (``damping_factor=None``: 0.1 × the mean eigenvalue, per module,
