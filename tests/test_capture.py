@@ -4,6 +4,7 @@ resumes into the store an uninterrupted run writes."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import importlib
@@ -77,12 +78,16 @@ def _train(
     optimizer=None,
     at_step: int | None = None,
     on_start=None,
+    fail_at: int | None = None,
+    within: bool = False,
 ) -> nn.Module:
     """SGD (momentum 0.9, weight decay) over epochs of a fixed per-epoch order; captured into ``store`` if given.
     ``crash_after``: raise after that many optimiser steps (a killed run); ``resume``: continue ``run``;
     ``on_batch(model, rows, optimizer)``: called after each backward, before the optimiser step; ``datasets``: for
     capture; ``optimizer(parameters)``: another optimiser; ``at_step``: resume rewound to that checkpoint;
-    ``on_start()``: called once capture has begun, before the first step."""
+    ``on_start()``: called once capture has begun, before the first step; ``fail_at``: the loop's own loss raises
+    ``KeyboardInterrupt`` at that step, after the forward (nothing is closed); ``within``: the loop runs inside
+    ``with rec:``."""
     model = model if model is not None else _mlp()
     if optimizer is not None:
         opt = optimizer(model.parameters())
@@ -104,27 +109,36 @@ def _train(
         on_start()
     x, y = data.tensors
     per_epoch = -(-len(y) // batch)
-    for step in range(rec.global_step, steps):
-        epoch, b = divmod(step, per_epoch)
-        rows = _order(epoch, len(y))[b * batch : (b + 1) * batch]
-        if cap is not None:
-            with cap.batch((rows, (x[rows], y[rows]))) as (bx, by):
-                loss = F.cross_entropy(model(bx), by)
+
+    def loss_of(inputs: torch.Tensor, labels: torch.Tensor, step: int) -> torch.Tensor:
+        outputs = model(inputs)
+        if step == fail_at:
+            raise KeyboardInterrupt
+        return F.cross_entropy(outputs, labels)
+
+    with rec if within else contextlib.nullcontext():
+        for step in range(rec.global_step, steps):
+            epoch, b = divmod(step, per_epoch)
+            rows = _order(epoch, len(y))[b * batch : (b + 1) * batch]
+            if cap is not None:
+                with cap.batch((rows, (x[rows], y[rows]))) as (bx, by):
+                    loss = loss_of(bx, by, step)
+                    opt.zero_grad()
+                    loss.backward()
+            else:
+                loss = loss_of(x[rows], y[rows], step)
                 opt.zero_grad()
                 loss.backward()
-        else:
-            loss = F.cross_entropy(model(x[rows]), y[rows])
-            opt.zero_grad()
-            loss.backward()
-        if on_batch is not None:
-            on_batch(model, rows, opt)
-        opt.step()
-        rec.step()
-        if crash_after is not None and rec.global_step == crash_after:
-            if cap is not None:
-                cap.close()
-            raise _Killed
-    rec.close()
+            if on_batch is not None:
+                on_batch(model, rows, opt)
+            opt.step()
+            rec.step()
+            if crash_after is not None and rec.global_step == crash_after:
+                if cap is not None:
+                    cap.close()
+                raise _Killed
+    if not within:
+        rec.close()
     return model
 
 
@@ -592,6 +606,43 @@ def test_killed_captured_run_resumes_into_the_store_of_an_uninterrupted_run(
     assert np.array_equal(uninterrupted.read(REFERENCE_BATCH), sp.Store.open(tmp_path / "b.sp").read(REFERENCE_BATCH))
     assert meta["fingerprint"] == uninterrupted.meta["fingerprint"] and meta["fingerprint"]["data"] is not None
     _refuses_another_activation(tmp_path / "b", tmp_path / "b.sp")
+
+
+def _hooks_on(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """The hooks on ``model``'s modules and parameters and on ``optimizer``'s steps."""
+    on_modules = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+                     + len(m._backward_pre_hooks) for m in model.modules())  # fmt: skip
+    on_params = sum(len(p._post_accumulate_grad_hooks or {}) + len(p._backward_hooks or {}) for p in model.parameters())
+    return on_modules + on_params + len(optimizer._optimizer_step_pre_hooks) + len(optimizer._optimizer_step_post_hooks)
+
+
+@pytest.mark.parametrize("within", [True, False], ids=["with-recorder", "plain-loop"])
+def test_a_captured_loop_that_raised_resumes_in_the_same_process_on_the_same_model_into_the_uninterrupted_store(
+    tmp_path: Path, classification_data, within: bool
+) -> None:
+    """The loop's loss raises (a KeyboardInterrupt) at step 10, inside the capture block. Inside ``with rec:`` the
+    recorder's and capture's hooks come off as it leaves the block (``detach``); a plain loop leaves them, and
+    ``TrajectoryRecorder.resume`` on the same model takes them off. Resumed in the same process with the same model
+    and optimizer, run and store are the uninterrupted run's, and no hook is left (the stale layer taps once fired
+    in the new capture's first check and refused the run)."""
+    kwargs = {"steps": 14, "batch": 8, "save_every": 4, "options": sp.CaptureArguments(chunk_rows=8),
+              "datasets": {"main": classification_data}}
+    _train(tmp_path / "a", tmp_path / "a.sp", classification_data, **kwargs)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    same = {"model": model, "optimizer": lambda _: opt, "within": within}
+    assert _hooks_on(model, opt) == 0
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path / "b", tmp_path / "b.sp", classification_data, fail_at=10, **same, **kwargs)
+    assert (_hooks_on(model, opt) == 0) is within
+    _train(tmp_path / "b", tmp_path / "b.sp", classification_data, resume=True, **same, **kwargs)
+    assert _hooks_on(model, opt) == 0
+    assert sp.Trajectory.load(tmp_path / "a").fingerprint() == sp.Trajectory.load(tmp_path / "b").fingerprint()
+    expected, got = _store_arrays(tmp_path / "a.sp"), _store_arrays(tmp_path / "b.sp")
+    assert sorted(expected) == sorted(got) and len(expected) == 17
+    for name in expected:
+        assert np.array_equal(expected[name], got[name]), name
+    assert sp.Store.open(tmp_path / "b.sp").meta["fingerprint"] == sp.Store.open(tmp_path / "a.sp").meta["fingerprint"]
 
 
 def test_a_copy_of_a_run_that_trained_on_into_the_same_store_is_refused_where_its_windows_differ(

@@ -101,6 +101,50 @@ def test_a_refused_begin_stage_leaves_the_running_stage_as_it_was(tmp_path: Path
     assert [(s.name, s.start_step, s.end_step) for s in traj.stages] == [("main", 0, 4)]
 
 
+def _recorder_hooks(model: nn.Module, opt: torch.optim.Optimizer) -> int:
+    """The hooks on ``model``'s parameters and on ``opt``'s steps."""
+    on_params = sum(len(p._post_accumulate_grad_hooks or {}) for p in model.parameters())
+    return on_params + len(opt._optimizer_step_pre_hooks) + len(opt._optimizer_step_post_hooks)
+
+
+def test_a_loop_that_raised_leaves_no_recorder_hook_on_its_model_and_the_recorder_refuses_more(tmp_path: Path) -> None:
+    """A loop inside ``with rec:`` that raises (a KeyboardInterrupt) at step 3: the recorder's hooks come off
+    (``detach``), the run stays resumable at its last checkpoint, and the detached recorder refuses a further step
+    in one sentence. A plain loop's recorder left open is detached by the model's next recorder (a resume in the
+    same process), so the model carries one recorder's hooks, not two."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    def train(rec: sp.TrajectoryRecorder, steps: int) -> None:
+        for _ in range(steps):
+            opt.zero_grad()
+            model(torch.randn(4, 3)).sum().backward()
+            opt.step()
+            rec.step()
+
+    with pytest.raises(KeyboardInterrupt), sp.TrajectoryRecorder(tmp_path / "run", model, opt, save_every=2) as rec:
+        rec.begin_stage("main", dataset_size=10)
+        one = _recorder_hooks(model, opt)
+        train(rec, 3)
+        raise KeyboardInterrupt
+    assert one > 0 and _recorder_hooks(model, opt) == 0
+    with pytest.raises(sp.TrajectoryError, match=r"was detached \(its training loop raised.*TrajectoryRecorder.resume"):
+        rec.step()
+    rec.detach()  # again: nothing
+    index = json.loads((tmp_path / "run" / "trajectory.json").read_text())
+    assert not index["complete"] and [c["step"] for c in index["checkpoints"]] == [0, 2]
+    left = sp.TrajectoryRecorder.resume(tmp_path / "run", model, opt, save_every=2)
+    train(left, 1)  # and raised, outside any with: nothing detached it
+    again = sp.TrajectoryRecorder.resume(tmp_path / "run", model, opt, save_every=2)
+    assert _recorder_hooks(model, opt) == one
+    with pytest.raises(sp.TrajectoryError, match="was detached"):
+        left.step()
+    train(again, 2)
+    again.close()
+    assert _recorder_hooks(model, opt) == 0 and sp.Trajectory.load(tmp_path / "run").num_steps == 4
+
+
 def test_fingerprint_changes_with_any_checkpoint(tmp_path: Path) -> None:
     _record(tmp_path / "a")
     _record(tmp_path / "b", steps_per_stage=(5, 4))

@@ -1393,6 +1393,10 @@ class GradientCapture:
         self._closed = True
         self._hooks.close()
 
+    def after_detach(self) -> None:
+        """The recorder was detached (its training loop raised): ``close``, the store left to resume."""
+        self.close()
+
 
 def _in_run_eigen(projection: ProjectionArguments, inputs: str) -> dict[str, Any]:
     """The store's projection while an eigen capture trains: what fixes it (each window's basis is in

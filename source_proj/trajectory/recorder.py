@@ -234,6 +234,14 @@ class RecorderListener(Protocol):
     def after_close(self) -> None:
         """The trajectory has been marked complete."""
 
+    def after_detach(self) -> None:
+        """The recorder took its hooks off without finishing the run (``TrajectoryRecorder.detach``)."""
+
+
+_RECORDING: weakref.WeakKeyDictionary[nn.Module, weakref.ref[TrajectoryRecorder]] = weakref.WeakKeyDictionary()
+"""The recorder whose hooks are on a model, until it closes or detaches. A loop that raised leaves its recorder open
+(nothing tells it), so the model's next recorder (a ``resume`` in the same process) detaches it first."""
+
 
 class TrajectoryRecorder:
     """Records what SOURCE needs from an ordinary training loop.
@@ -258,6 +266,11 @@ class TrajectoryRecorder:
     of every stage. ``begin_stage`` may be called again (with a new optimiser) for a
     multi-stage pipeline. ``resume`` continues a run that was interrupted, or one that
     finished and now trains further.
+
+    The recorder hooks the model's parameters and the optimizer (and an in-run capture the model's layers). A loop
+    that raises leaves them on: ``with TrajectoryRecorder(...) as rec:`` takes them off as the exception leaves the
+    block (``detach``), and closes the run where the block ends without one; the model's next recorder (a ``resume``
+    in the same process: a notebook's rerun) takes off those a recorder left, either way.
 
     Args:
         run_dir: directory to create; an existing non-empty one is refused unless ``overwrite``.
@@ -332,6 +345,11 @@ class TrajectoryRecorder:
                 stacklevel=3,
             )
         model = unwrap_model(model)
+        left = _RECORDING.get(model)
+        if left is not None and left() is not None:  # a recorder a loop that raised left on the model (see above)
+            left().detach()  # type: ignore[union-attr]
+        _RECORDING[model] = weakref.ref(self)
+        self._detached = False
         if weights == "auto":  # a peft model's base is frozen by construction: its checkpoints are its adapters
             weights = "trainable" if hasattr(model, "peft_config") else "all"
         self.run_dir = run_dir
@@ -533,6 +551,7 @@ class TrajectoryRecorder:
 
         ``label_smoothing``: ε of a stage whose loss smooths its labels (``F.cross_entropy(...,
         label_smoothing=ε)``); featurize then refuses a task that does not smooth them by the same ε."""
+        self._check_attached()
         running = bool(self._stages) and self._stages[-1]["end_step"] is None
         if any(s["name"] == name for s in self._stages):
             again = running and self._stages[-1]["name"] == name
@@ -606,6 +625,7 @@ class TrajectoryRecorder:
         examples it accumulated: m/n for an epoch's last accumulation of m batches whose loss was divided by n, as
         Lightning divides it (``accumulate_grad_batches``); 1 otherwise. SOURCE's step size is η·α·scale.
         """
+        self._check_attached()
         if not self._stages or self._stages[-1]["end_step"] is not None:
             raise TrajectoryError("Call begin_stage(name, dataset_size) before recording steps.")
         groups = self.optimizer.param_groups
@@ -750,6 +770,7 @@ class TrajectoryRecorder:
 
     def end_stage(self) -> None:
         """End the current stage, saving its final checkpoint."""
+        self._check_attached()
         if not self._stages or self._stages[-1]["end_step"] is not None:
             raise TrajectoryError("There is no open stage to end; call begin_stage first.")
         self._stages[-1]["end_step"] = self.global_step
@@ -759,27 +780,56 @@ class TrajectoryRecorder:
 
     def close(self) -> None:
         """End the last stage and mark the trajectory complete."""
+        self._check_attached()
         if self._stages and self._stages[-1]["end_step"] is None:
             self.end_stage()
         if not self._stages:
             raise TrajectoryError("Nothing was recorded; call begin_stage and step before close.")
         self._complete = True
+        self._unhook()
+        self._write_index()
+        for listener in self._listeners:
+            listener.after_close()
+
+    def detach(self) -> None:
+        """Take the recorder's hooks off the model and optimizer, and an in-run capture's off the model's layers,
+        without finishing the run: for a training loop that stopped by an exception. The run (and a captured store)
+        stays as its last checkpoint left it, to resume with ``resume`` (in this process too, on the same model).
+        A detached recorder records nothing more; detaching it again, or a closed one, does nothing."""
+        if self._detached or self._complete:
+            return
+        self._detached = True
+        self._unhook()
+        for listener in self._listeners:
+            listener.after_detach()
+
+    def _unhook(self) -> None:
+        """Remove the hooks on the parameters (clipping's) and on the optimizer (the step counts)."""
         if self._clipping is not None:
             self._clipping.remove()
         for handle in (self._taken_handle, self._gradless_handle):
             if handle is not None:
                 handle.remove()
         self._taken_handle = self._gradless_handle = None
-        self._write_index()
-        for listener in self._listeners:
-            listener.after_close()
+        if _RECORDING.get(self.model) is not None and _RECORDING[self.model]() is self:
+            del _RECORDING[self.model]
+
+    def _check_attached(self) -> None:
+        if self._detached:
+            raise TrajectoryError(
+                f"This recorder of {self.run_dir} was detached (its training loop raised, or another recorder started "
+                "on its model) and records nothing more; resume the run with TrajectoryRecorder.resume."
+            )
 
     def __enter__(self) -> TrajectoryRecorder:
         return self
 
     def __exit__(self, exc_type: object, *_: object) -> None:
+        """Close the run where the block ends normally; where an exception leaves it, ``detach``."""
         if exc_type is None:
             self.close()
+        else:
+            self.detach()
 
     def _save(self) -> None:
         if self._clipping is not None and self._clipping.uneven_since():
