@@ -193,12 +193,41 @@ def ranks(shard: Shard | None = None) -> Ranks:
 
 
 def rank_device(device: torch.device, group: Ranks) -> torch.device:
-    """The device of this rank: with ranks joined by a process group, an unnumbered ``cuda`` becomes
-    ``cuda:LOCAL_RANK`` (one GPU per rank on each node)."""
-    if device.type == "cuda" and device.index is None and group.coordinated:
-        local = int(os.environ.get("LOCAL_RANK", group.shard.rank % max(1, torch.cuda.device_count())))
+    """The device of this rank. Ranks joined by a process group compute one per GPU: an unnumbered ``cuda``
+    becomes this rank's GPU (``local_gpu``: ``cuda:LOCAL_RANK``), and a numbered ``cuda:N`` must be it where
+    several ranks share the node (``LOCAL_WORLD_SIZE``, else the world size), or every rank there would compute
+    on GPU N (the one command line gives every rank the same ``--device``): it is refused in one sentence. A
+    node's only rank keeps its ``cuda:N``; independent shards (``--shard``) keep the device they were given."""
+    if device.type != "cuda" or not group.coordinated:
+        return device
+    local = local_gpu(group.shard.rank)
+    if device.index is None or device.index == local:
         return torch.device("cuda", local)
+    sharing = int(os.environ.get("LOCAL_WORLD_SIZE", group.shard.world))
+    if sharing > 1:
+        raise StoreError(
+            f"Rank {group.shard.rank} of {group.shard.world} was given device {device}, but the {sharing} ranks on "
+            f"its node compute one per GPU (this one on cuda:{local}, its LOCAL_RANK's), so all would compute on "
+            f"{device}; pass --device cuda (device='cuda'), and each rank takes its own."
+        )
     return device
+
+
+def local_gpu(rank: int) -> int:
+    """The GPU a rank of a process group computes on, among those its process sees: its rank on the node
+    (``LOCAL_RANK``, as torchrun sets it; else ``rank`` over the GPUs), or the only one it sees where the launcher
+    gives each process a GPU of its own (``CUDA_VISIBLE_DEVICES`` per process). A node's rank beyond its GPUs is
+    refused in one sentence."""
+    count = torch.cuda.device_count()
+    local = int(os.environ.get("LOCAL_RANK", rank % max(1, count)))
+    if count == 1:
+        return 0
+    if local >= count:
+        raise StoreError(
+            f"Rank {rank} is rank {local} on its node, which has {count} GPUs; run at most {count} processes per "
+            f"node (torchrun --nproc-per-node {count}), one per GPU."
+        )
+    return local
 
 
 @contextmanager
@@ -211,7 +240,7 @@ def launched(device: str | None) -> Iterator[None]:
         return
     cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local_gpu(int(os.environ.get("RANK", "0"))))
     # Ranks wait for each other only at a handful of barriers, possibly for hours (uneven shards).
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(days=7))
     try:

@@ -12,11 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 import source_proj as sp
 from source_proj.cli.main import main
-from source_proj.distributed import Shard, ranks
+from source_proj.distributed import Ranks, Shard, rank_device, ranks
+from source_proj.featurize.arguments import default_device
 
 from .crash_driver import files
 
@@ -313,6 +315,39 @@ def test_shards_are_read_from_the_command_line_and_slurm(monkeypatch: pytest.Mon
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
     assert Shard.parse("slurm") == Shard(1, 4)
     assert ranks(Shard(1, 4)).coordinated is False and ranks().single
+
+
+def test_each_rank_of_a_process_group_computes_on_its_own_gpu_and_one_gpu_named_for_all_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under torchrun every rank gets the same --device. ``cuda`` is the rank's own GPU, cuda:LOCAL_RANK (or cuda:0
+    where each process sees one GPU of its own); an explicit ``cuda:N`` is kept where it is that GPU or the node has
+    one rank, and refused in one sentence where the node's ranks would all compute on GPU N (it pinned every rank to
+    it). A node's rank beyond its GPUs is refused; independent shards and the CPU keep what they were given. (CUDA
+    itself is not needed: the visible GPUs and the launcher's variables are set here.)"""
+    gpus = {"count": 4}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus["count"])
+
+    def device(given: str, rank: int, local: int, per_node: int, world: int = 8, joined: bool = True) -> str:
+        monkeypatch.setenv("LOCAL_RANK", str(local))
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(per_node))
+        return str(rank_device(default_device(given), Ranks(Shard(rank, world), coordinated=joined)))
+
+    assert [device("cuda", 4 + i, i, 4) for i in range(4)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+    assert device("cuda:2", 6, 2, 4) == "cuda:2"  # a launcher script's --device cuda:$LOCAL_RANK
+    for rank, local in ((5, 1), (7, 3)):
+        with pytest.raises(sp.StoreError, match=rf"^Rank {rank} of 8 was given device cuda:0, but the 4 ranks on its "
+                           rf"node compute one per GPU \(this one on cuda:{local}.*pass --device cuda"):  # fmt: skip
+            device("cuda:0", rank, local, 4)
+    assert device("cuda:3", 1, 0, 1, world=2) == "cuda:3"  # one rank per node: its GPU is its own choice
+    assert device("cpu", 5, 1, 4) == "cpu"
+    assert device("cuda:0", 3, 3, 4, world=4, joined=False) == "cuda:0"  # independent shards: as given
+    assert device("cuda", 3, 3, 4, world=4, joined=False) == "cuda"
+    with pytest.raises(sp.StoreError, match=r"^Rank 5 is rank 5 on its node, which has 4 GPUs; run at most 4"):
+        device("cuda", 5, 5, 8)
+    gpus["count"] = 1  # each process sees its own GPU (CUDA_VISIBLE_DEVICES per rank)
+    assert device("cuda", 3, 3, 4) == device("cuda:0", 3, 3, 4) == "cuda:0"
 
 
 def test_independent_shards_refuse_overwrite(tmp_path: Path, tiny_run: Path) -> None:
