@@ -27,7 +27,7 @@ window (``windows.py``). After the run's first window a pass visits at most ``ba
 the window before it trained on (at least ``MIN_BASIS_PASS``), so short windows do not pay more for their
 basis than for their training. A resumed run re-takes the closed windows' passes at their checkpoints, each as
 long as it was (recorded with the window's basis). With the loss the batch mean, δ_t is (1/B)·∇ of the
-example's own loss: it is multiplied by B (``reduction="sum"``: by 1). The model is in training mode: this is
+example's own loss: it is multiplied by B. The model is in training mode: this is
 the gradient training used (dropout masks, batch-norm batch statistics), where post-hoc featurize takes
 eval-mode gradients at the saved checkpoints.
 
@@ -157,8 +157,9 @@ class CaptureArguments:
         fisher_every: the Fisher on every n-th batch of a window only: its cost divided by n, at a cost in
             accuracy (n = 2 lost 0.036 LDS on digits `converged`, 0.002 on the text example; BENCHMARKS.md).
         seed: seed of the Fisher's label sampling.
-        reduction: ``"mean"`` when the training loss is the batch mean of the task's per-example loss
-            (the default everywhere in source-proj), ``"sum"`` when it is their sum.
+        reduction: ``"mean"``: the training loss is the batch mean of the task's per-example loss, the step
+            SOURCE models (the recorded rate times the mean's gradient). ``"sum"`` is refused: a loss summed over
+            the batch steps B times as far as the recorded rate, which SOURCE would model B times too short.
         chunk_rows: examples per store chunk.
         scale_every: Adam and AdamW stages: Adam's D^{-1/2} is read from the optimizer, and its rank-R
             form built, on every n-th batch of a window (and at each window's start); between, the last
@@ -324,8 +325,17 @@ class GradientCapture:
             raise TaskError(f"Capture's Fisher is 'sampled' or 'empirical', not {options.fisher!r}.")
         if options.fisher_forward not in ("training", "separate"):
             raise TaskError(f"Capture's fisher_forward is 'training' or 'separate', not {options.fisher_forward!r}.")
-        if options.reduction not in ("mean", "sum"):
-            raise TaskError(f"The loss reduction is 'mean' or 'sum', not {options.reduction!r}.")
+        if options.reduction == "sum":
+            raise TaskError(
+                "A training loss summed over the batch (reduction='sum') steps the weights B times as far as the "
+                "learning rate the recorder records, and SOURCE takes each step as that rate times the batch mean's "
+                "gradient, so it would model every step B times too short; train on the batch mean (plain SGD takes "
+                "the same steps with the learning rate times B and the weight decay over B) and capture with the "
+                "default reduction='mean'."
+            )
+        if options.reduction != "mean":
+            raise TaskError(f"The loss reduction is 'mean' (the task's loss averaged over the batch), not "
+                            f"{options.reduction!r}.")  # fmt: skip
         if options.basis_batch != "auto" and (
             not isinstance(options.basis_batch, int) or isinstance(options.basis_batch, bool) or options.basis_batch < 1
         ):
@@ -699,8 +709,8 @@ class GradientCapture:
         Args:
             batch: a batch of ``IndexedDataset`` (its indices are taken out), or any batch with ``indices``.
             indices: the batch's dataset row indices ``[B]`` in the current stage's dataset.
-            scale: what the tapped δ is multiplied by to give ∇ℓ (default: B for ``reduction="mean"``,
-                1 for ``"sum"``; with gradient accumulation over n batches, n·B).
+            scale: what the tapped δ is multiplied by to give ∇ℓ (default: B, the loss being the batch mean;
+                with gradient accumulation over n batches, n·B).
 
         Yields the batch without its indices. Call ``optimizer.step()`` after the block.
         """
@@ -752,7 +762,7 @@ class GradientCapture:
                 self._fisher_pass(rest, rows)
             else:
                 self._fisher_due, self._fisher_rows = rest, rows  # taken from the training forward
-        factor = float(scale) if scale is not None else float(count if self.options.reduction == "mean" else 1)
+        factor = float(scale) if scale is not None else float(count)
         out = torch.zeros(count, self.dim, dtype=torch.float32, device=self.device)
         self._pending = (rows, out, factor)
         if not self._scale_checked:
@@ -1091,8 +1101,10 @@ class GradientCapture:
     def _check_scale(self, batch: Batch, grads: Tensor) -> None:
         """Once, at the first captured batch: its captured gradients (the tapped δ times ``scale``) against the
         task's per-example gradients of its first ``SCALE_ROWS`` examples, projected alike (eval mode, the random
-        state untouched). They agree up to dropout's and batch norm's noise where the training loss is what
-        ``reduction`` / ``scale`` say; a loss summed over the batch gives B times, an fp16 loss scaler its scale."""
+        state untouched). They agree up to dropout's and batch norm's noise where the training loss is the batch
+        mean (times what ``scale`` says); a loss summed over the batch gives B times, an fp16 loss scaler its scale.
+        A mean over tokens with padding or ignored labels weighs each sequence by its share of the tokens, far
+        inside the bounds (B/2 and 2/B)."""
         count = grads.shape[0]
         if count < MIN_SCALE_BATCH:
             return
@@ -1116,10 +1128,11 @@ class GradientCapture:
         if ratio > count / 2 or ratio < 2 / count:
             raise TaskError(
                 f"The captured gradients of the first batch are {ratio:.3g} times the task's per-example gradients of "
-                f"the same examples (batches of {count}): the training loss is not what capture was told. A loss "
-                "summed over the batch needs CaptureArguments(reduction='sum'); a mean loss, the default; fp16 loss "
-                "scaling inflates the gradients capture taps (train in bf16 or fp32); with gradient accumulation pass "
-                "scale= (batch size times the batches accumulated)."
+                f"the same examples (batches of {count}): the training loss is not the batch mean of the task's loss. "
+                "A loss summed over the batch steps B times as far as the recorded rate, which SOURCE cannot follow: "
+                "train on the batch mean (plain SGD takes the same steps with the learning rate times B and the weight "
+                "decay over B); fp16 loss scaling inflates the gradients capture taps (train in bf16 or fp32); with "
+                "gradient accumulation pass scale= (batch size times the batches accumulated)."
             )
 
     def _check_outputs(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], batch: Batch) -> None:

@@ -258,6 +258,11 @@ class TrajectoryRecorder:
     rec.close()
     ```
 
+    SOURCE takes each step as the recorded learning rate times the gradient of the batch *mean* of the task's
+    per-example loss. A loss summed over the batch (``reduction="sum"``) steps B times as far and would be
+    modelled B times too short; the recorder cannot tell (it sees neither the loss nor the examples), in-run
+    capture refuses it at its first batch, and featurize after training cannot tell either: train on the mean.
+
     The recorder counts its optimiser's steps: a ``step()`` after none (a loss scaler's skipped step, or a call
     after every batch of a gradient accumulation) is recorded at learning rate 0, and warned of unless a loss
     scaler is given. An optimiser other than the recorder's that trains the model is warned of too.
