@@ -645,6 +645,49 @@ def test_a_captured_loop_that_raised_resumes_in_the_same_process_on_the_same_mod
     assert sp.Store.open(tmp_path / "b.sp").meta["fingerprint"] == sp.Store.open(tmp_path / "a.sp").meta["fingerprint"]
 
 
+def test_a_batch_whose_capture_block_raised_is_forgotten_so_a_loop_that_skips_it_captures_as_one_that_never_took_it(
+    tmp_path: Path, classification_data
+) -> None:
+    """A loop whose own check refuses a batch after its backward (raising inside the capture block) and goes on
+    without stepping: the batch is forgotten, so run and store equal those of a loop that never took it (it was
+    once committed by the next batch's begin, its examples counted as visited and its gradients summed though no
+    step trained on them). The empirical Fisher, from the committed gradients, makes every array comparable."""
+    x, y = classification_data.tensors
+
+    def run(name: str, raising: bool) -> None:
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        rec = sp.TrajectoryRecorder(tmp_path / name, model, opt, save_every=3)
+        cap = sp.GradientCapture(rec, tmp_path / f"{name}.sp", sp.ClassificationTask(), projection=_projection(),
+                                 options=sp.CaptureArguments(fisher="empirical", chunk_rows=8))  # fmt: skip
+        rec.begin_stage("main", dataset_size=len(y))
+        for b in range(8):
+            rows = _order(b // 5, len(y))[6 * (b % 5) : 6 * (b % 5) + 6]
+            if b == 4 and not raising:
+                continue
+            try:
+                with cap.batch((rows, (x[rows], y[rows]))) as (bx, by):
+                    loss = F.cross_entropy(model(bx), by)
+                    opt.zero_grad()
+                    loss.backward()
+                    if b == 4:
+                        raise FloatingPointError  # the loop's own check refuses the step
+            except FloatingPointError:
+                continue
+            opt.step()
+            rec.step()
+        rec.close()
+
+    run("skipped", raising=False)
+    run("raised", raising=True)
+    skipped, raised = sp.Trajectory.load(tmp_path / "skipped"), sp.Trajectory.load(tmp_path / "raised")
+    assert skipped.fingerprint() == raised.fingerprint()
+    expected, got = _store_arrays(tmp_path / "skipped.sp"), _store_arrays(tmp_path / "raised.sp")
+    assert sorted(expected) == sorted(got) and expected
+    for name in expected:
+        assert np.array_equal(expected[name], got[name]), name
+
+
 def test_a_copy_of_a_run_that_trained_on_into_the_same_store_is_refused_where_its_windows_differ(
     tmp_path: Path, classification_data
 ) -> None:

@@ -712,10 +712,17 @@ class GradientCapture:
             scale: what the tapped δ is multiplied by to give ∇ℓ (default: B, the loss being the batch mean;
                 with gradient accumulation over n batches, n·B).
 
-        Yields the batch without its indices. Call ``optimizer.step()`` after the block.
+        Yields the batch without its indices. Call ``optimizer.step()`` after the block. A block that raises
+        (a loop's own check of the loss, an interrupt) leaves a batch no step trained on: it is forgotten
+        (``discard``), so a loop that skips it and goes on captures what one that never took it does (its sampled
+        Fisher, taken at its forward, stays: a curvature sample at the same weights).
         """
         rest = self.begin(batch, indices, scale=scale)
-        yield rest
+        try:
+            yield rest
+        except BaseException:
+            self.discard()
+            raise
         self.commit()
 
     def begin(self, batch: Any, indices: Tensor | Sequence[int] | None = None, *, scale: float | None = None) -> Batch:
