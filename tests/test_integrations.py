@@ -1562,6 +1562,23 @@ def test_a_trainer_resumed_in_the_process_its_training_failed_in_captures_the_un
     _same_captured_runs(tmp_path / "a", tmp_path / "b")
 
 
+def test_a_trainer_without_on_optimizer_step_resumed_in_the_process_its_training_failed_in_records_the_run_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An older transformers (no ``on_optimizer_step``): the callback steps the recorder from an optimizer post-hook,
+    and the Trainer keeps its optimizer from one ``train`` to the next. A training that raised at step 6 and is
+    resumed in the same process from step 4 records the uninterrupted run (the failed training's post-hook, left on
+    the optimizer, once went on stepping its own recorder into the same run directory)."""
+    from source_proj.integrations import HuggingFaceRecorder
+    from source_proj.integrations import huggingface as hf
+
+    monkeypatch.setattr(hf, "_CALLS_OPTIMIZER_STEP", False)
+    _hf_run(tmp_path, "hf-a", HuggingFaceRecorder(tmp_path / "a", save_every=4))
+    _hf_run(tmp_path, "hf-b", HuggingFaceRecorder(tmp_path / "b", save_every=4), kill_at=6, again=True)
+    a, b = sp.Trajectory.load(tmp_path / "a"), sp.Trajectory.load(tmp_path / "b")
+    assert b.complete and [c.step for c in b.checkpoints] == [0, 4, 8, 12] and a.fingerprint() == b.fingerprint()
+
+
 def test_a_trainer_resumed_from_an_earlier_checkpoint_rewinds_the_captured_run_when_asked(tmp_path: Path) -> None:
     """A Trainer killed at step 10 and resumed from its checkpoint at step 4, not its last (8): refused in one sentence
     that offers rewind=True; with it, the recorded run is rewound to step 4 and the store drops its windows from there,

@@ -228,6 +228,9 @@ class HuggingFaceRecorder(RecorderSettings, TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._unclipped = None
+        if self._handle is not None:  # the post-hook of a training that raised, on the optimizer the Trainer keeps
+            self._handle.remove()
+            self._handle = None
         # auto_find_batch_size: the Trainer trains again from step 0, at a smaller batch size, after running out of
         # memory, and tells its callbacks nothing of the failure; where it failed before the first step (or the
         # training is restarted after such a failure) the run recorded only its start, which is recorded again.

@@ -350,9 +350,10 @@ class TrajectoryRecorder:
                 stacklevel=3,
             )
         model = unwrap_model(model)
-        left = _RECORDING.get(model)
-        if left is not None and left() is not None:  # a recorder a loop that raised left on the model (see above)
-            left().detach()  # type: ignore[union-attr]
+        ref = _RECORDING.get(model)
+        left = ref() if ref is not None else None
+        if left is not None:  # a recorder a loop that raised left on the model (see above)
+            left.detach()
         _RECORDING[model] = weakref.ref(self)
         self._detached = False
         if weights == "auto":  # a peft model's base is frozen by construction: its checkpoints are its adapters
@@ -816,7 +817,8 @@ class TrajectoryRecorder:
             if handle is not None:
                 handle.remove()
         self._taken_handle = self._gradless_handle = None
-        if _RECORDING.get(self.model) is not None and _RECORDING[self.model]() is self:
+        ref = _RECORDING.get(self.model)
+        if ref is not None and ref() is self:
             del _RECORDING[self.model]
 
     def _check_attached(self) -> None:
