@@ -1725,9 +1725,10 @@ def test_a_lightning_capture_refitted_in_the_process_its_training_failed_in_capt
     tmp_path: Path, classification_data
 ) -> None:
     """A training_step that raises at step 4, after capture began its batch (a NaN refused, a notebook's interrupt):
-    the same module and callback fitted again in the same process from Lightning's checkpoint at step 3 give the
-    uninterrupted run's store (the failed capture's layer hooks, left on the module with its begun batch, once fired
-    in the new capture's first check and refused the run as a model the projection cannot take)."""
+    no hook of the recorder's or capture's stays on the module, and the same module and callback fitted again in the
+    same process from Lightning's checkpoint at step 3 give the uninterrupted run's store (the failed capture's layer
+    hooks, left on the module with its begun batch, once fired in the new capture's first check and refused the run
+    as a model the projection cannot take; the recorder's clipping hooks stayed until the next fit's recorder)."""
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -1760,6 +1761,8 @@ def test_a_lightning_capture_refitted_in_the_process_its_training_failed_in_capt
     module, callback = Failing(), capture("b")
     with pytest.raises(_Killed):
         fit("b", module, callback)
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+    assert hooks + sum(len(p._post_accumulate_grad_hooks or {}) for p in module.parameters()) == 0  # nor clipping's
     fit("b", module, callback, next((tmp_path / "pl-b").glob("*step=3.ckpt")))
     a, b = sp.Store.open(tmp_path / "a.sp"), sp.Store.open(tmp_path / "b.sp")
     assert b.meta["captured"] and a.meta["fingerprint"] == b.meta["fingerprint"]

@@ -188,9 +188,12 @@ class LightningRecorder(RecorderSettings, Callback):
         self._finish()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        """Training failed: the callback's hooks come off (a later fit of the module, in this process too, starts
-        clean), and the recorded run stays as its last checkpoint left it, to resume from (``fit(ckpt_path=...)``)."""
+        """Training failed: the callback's hooks come off, and the recorder's and capture's (``detach``), so a later
+        fit of the module, in this process too, starts clean; the recorded run (and store) stays as its last
+        checkpoint left it, to resume from (``fit(ckpt_path=...)``)."""
         self._unhook()
+        if self.recorder is not None:
+            self.recorder.detach()
 
     def _unhook(self) -> None:
         """Remove the hook that steps the recorder from the optimizer."""
@@ -203,7 +206,7 @@ class LightningRecorder(RecorderSettings, Callback):
         if self.recorder is None or self._closed:
             return
         self._closed = True
-        LightningRecorder._unhook(self)  # not LightningCapture's, which closes the capture: the recorder finishes it
+        self._unhook()
         self.recorder.close()
 
 
@@ -319,13 +322,6 @@ class LightningCapture(LightningRecorder):
                 "accumulate_grad_batches, which capture scales for.",
                 stacklevel=2,
             )
-
-    def _unhook(self) -> None:
-        """Also close the capture (its hooks on the module's layers), without finishing its store: the captured run
-        resumes from its last checkpoint, its store with it."""
-        super()._unhook()
-        if self.settings.capture is not None:
-            self.settings.capture.close()
 
     def _forget_untrained(self) -> None:
         """A batch whose training_step returned None (Lightning skips its backward) was not trained on: not captured.
