@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -293,7 +294,8 @@ def test_query_of_a_regression_task_says_a_positive_score_raised_the_error(regre
     assert "helpful" not in out.output
     out = CliRunner().invoke(main, ["query", str(regression_store), "--queries", "0:2", "--top-k", "16"])
     assert out.exit_code == 0, out.output  # 16 of 16 examples: no list is full; its words read as a sentence
-    assert "queries have fewer than 16 training examples with a score > 0 (raised the query's error) and " in out.output
+    said = "queries have fewer than 16 training examples with a score < 0 (lowered the query's error) and 2 fewer "
+    assert said + "than 16 with a score > 0 (raised the query's error)" in out.output, out.output
 
 
 def test_query_results_file_names_a_row_helpful_when_it_lowered_the_error(
@@ -329,3 +331,51 @@ def test_fit_says_when_it_has_no_trajectory_view_to_plot(tmp_path: Path, regress
     out = cli.invoke(main, ["fit", str(regression_store), "--method", "other", "--plot", str(plot)])
     assert out.exit_code == 0 and f"no plot written to {plot}" in out.output, out.output
     assert not plot.exists()
+
+
+def _first_helpful(output: str, query: int) -> int:
+    """The training index printed first under ``query`` (the table's left column, or the first line of texts)."""
+    lines = output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"query {query}"))
+    first = next(line for line in lines[start + 1 :] if "main[" in line)
+    return int(first.split("main[", 1)[1].split("]", 1)[0])
+
+
+def _check_helpful_first(path: Path, spec: Path, best: Callable[[np.ndarray], int], words: str) -> None:
+    """``source-proj query`` of the store at ``path`` leads, in both layouts (a table, and one line per example where
+    descriptions are long texts), with the list headed ``words`` whose first example per query is ``best`` of the
+    query's row of the full score matrix (the oracle)."""
+    cli = CliRunner()
+    module = sp.spec.load_spec(spec)
+    scores = sp.Attributor(path, module.build_model(), module.build_task()).scores(
+        torch.utils.data.Subset(module.query_data(), range(3))
+    )
+    long = spec.with_name(f"long_{spec.name}")  # descriptions longer than a table cell: one line per example
+    long.write_text(spec.read_text() + "\ndef describe(stage, index):\n    return 'example ' * 9\n")
+    for spec_path, texts in ((spec, False), (long, True)):
+        out = cli.invoke(main, ["query", str(path), "--spec", str(spec_path), "--queries", "0:3", "--top-k", "3"])
+        assert out.exit_code == 0 and ("  rank  " in out.output) != texts, out.output
+        for q in range(3):
+            assert _first_helpful(out.output, q) == int(best(scores[q])), out.output
+        lines = out.output.splitlines()
+        heading = lines.index(next(line for line in lines if line.startswith("query 0")))
+        first = lines[heading + 1].strip()  # the table's heading, or the first example's line
+        assert first.removeprefix("rank").strip().startswith(words), out.output
+
+
+def test_query_prints_the_examples_that_lowered_a_loss_first(regression_store: Path) -> None:
+    """The printed lists came by sign, the largest scores first, under the task's words: for a regression's error
+    (or a language model's loss) the list a reader met first was the examples that harmed the query. It leads with
+    the helpful ones now: the most negative scores."""
+    spec = regression_store.with_name("spec.py")
+    _check_helpful_first(regression_store, spec, np.argmin, "lowered the query's error")
+
+
+def test_query_prints_the_examples_that_raised_a_margin_first(tmp_path: Path, run: tuple[Path, Path]) -> None:
+    """For a classification margin the helpful examples are the most positive scores, still printed first."""
+    run_dir, spec = run
+    store = tmp_path / "c.sp"
+    for command in (["featurize", "--ckpts", str(run_dir), "--spec", str(spec), "--out", str(store), "--projection",
+                     "identity", "--batch-size", "8"], ["fit", str(store)]):  # fmt: skip
+        assert CliRunner().invoke(main, command).exit_code == 0
+    _check_helpful_first(store, spec, np.argmax, "helpful")

@@ -88,16 +88,20 @@ class _Headings(HTMLParser):
 )
 def test_the_list_of_examples_that_raised_a_loss_is_headed_in_red(tmp_path: Path, task, positive: str) -> None:
     """For a language model a positive score means the example raised the query's loss: its list was headed in the
-    helpful green, whatever its label said. Each list is coloured by what its sign means for the task."""
-    negative = "neg" if positive == "pos" else "pos"
+    helpful green, whatever its label said. Each list is coloured by what its sign means for the task, and the helpful
+    one (for a loss: the negative scores) comes first, as ``records()`` and ``source-proj query`` order them."""
+    helpful, harmful = task.score_labels if positive == "pos" else task.score_labels[::-1]
     for result, given in (
         (_one_sided(), {"score_labels": task.score_labels, "positive_helps": task.positive_helps}),
         (_one_sided(task), {}),  # the result's own meaning, without a word from the caller
     ):
         page = text_report(result, ["a query"], lambda stage, i: TEXTS[i], tmp_path / "r.html", **given)
-        headings = _Headings()
+        headings, cells = _Headings(), _Cells()
         headings.feed(page.read_text())
-        assert headings.headings == [(positive, task.score_labels[0]), (negative, task.score_labels[1])]
+        cells.feed(page.read_text())
+        assert headings.headings == [("pos", helpful), ("neg", harmful)]
+        first = "-1.000e+00" if positive == "neg" else "+2.000e+00"  # a loss's helpful example scores -1
+        assert cells.tables[0][0] == first, cells.tables
     helpful = {"score_labels": ("up", "down"), "positive_helps": True}  # the caller's words override the result's
     page = text_report(_one_sided(task), ["a query"], lambda stage, i: TEXTS[i], tmp_path / "r.html", **helpful)
     headings = _Headings()
@@ -191,7 +195,8 @@ def test_the_figure_colours_and_names_each_list_by_what_its_sign_means(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, task, positive_colour: str
 ) -> None:
     """For a loss or an error a positive score means the example raised it: the figure drew those examples in the
-    helpful green under a "most helpful (green, score > 0)" title, whatever the task measured."""
+    helpful green under a "most helpful (green, score > 0)" title, whatever the task measured. The helpful list (for
+    a loss: the negative scores) comes first, in green, as in ``records()`` and the HTML report."""
     import source_proj.query.report as report
 
     drawn = []
@@ -202,14 +207,16 @@ def test_the_figure_colours_and_names_each_list_by_what_its_sign_means(
     topk_figure([np.zeros((4, 4))], ["q"], lambda row: np.zeros((4, 4)), str, _one_sided(task), tmp_path / "f.png")
     assert len(drawn) == 2 and drawn[0]._suptitle.get_text() == drawn[1]._suptitle.get_text()  # the result's own
     fig = drawn[1]
-    _, positive, _, _, negative, _, _ = fig.axes
-    negative_colour = "red" if positive_colour == "green" else "green"
-    assert positive.get_title() == "0\n+2.0e+00" and positive.title.get_color() == positive_colour
-    assert negative.get_title() == "2\n-1.0e+00" and negative.title.get_color() == negative_colour
+    _, first, _, _, second, _, _ = fig.axes
+    positive, negative = ("0\n+2.0e+00", "2\n-1.0e+00")
+    helpful, harmful = (positive, negative) if positive_colour == "green" else (negative, positive)
+    assert first.get_title() == helpful and first.title.get_color() == "green"
+    assert second.get_title() == harmful and second.title.get_color() == "red"
     short = [label.split(" (")[0] for label in task.score_labels]
-    assert fig._suptitle.get_text() == (
-        f"query  |  {short[0]} ({positive_colour}, score > 0)  |  {short[1]} ({negative_colour}, score < 0)"
-    )
+    if positive_colour == "green":
+        assert fig._suptitle.get_text() == f"query  |  {short[0]} (green, score > 0)  |  {short[1]} (red, score < 0)"
+    else:
+        assert fig._suptitle.get_text() == f"query  |  {short[1]} (green, score < 0)  |  {short[0]} (red, score > 0)"
 
 
 def test_a_sequences_unplaced_part_is_written_with_one_sign(tmp_path: Path) -> None:
@@ -306,3 +313,4 @@ def test_figure_query_images_and_titles_not_one_per_query_are_refused(tmp_path: 
         with pytest.raises(TaskError, match=f"^{wrong} {what} were given for the 1 queries of the result; give one"):
             topk_figure(images, titles, lambda row: image, str, _one_sided(), tmp_path / "f.png")
     assert not (tmp_path / "f.png").exists()
+

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import click
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -800,6 +801,9 @@ def query(
 ) -> None:
     """Print the most helpful and most harmful training examples of each query.
 
+    The helpful ones come first, named by the task's words: for a margin (classification) the largest scores, for
+    a loss or an error (language modelling, seq2seq, regression) the most negative ones (docs/concepts/scores.md).
+
     Training examples are described (by the spec's describe function) only where they are printed or
     written, each once.
     """
@@ -833,37 +837,36 @@ def query(
     )
     result = attributor.top_k(torch.utils.data.Subset(queries, indices), top_k)
     describe = _describer(store, spec)
-    # What score > 0 and < 0 mean is the result's own (its task's, bound to the model: a regression head's error…).
-    short = [label.split(" (")[0] for label in result.score_labels]
+    lists = _lists(result)  # the helpful examples first, for every task (for a loss: the most negative scores)
     shown = indices[:show]
-    shown_rows = [int(row) for ids in (result.positive_ids, result.negative_ids) for row in ids[: len(shown)].ravel()]
+    shown_rows = [int(row) for _, _, ids, _ in lists for row in ids[: len(shown)].ravel()]
     text_layout = any(len(describe(*result.locate(row))) > 22 for row in shown_rows)
     if text_layout:  # texts: one line per example
-        _echo_texts(result, shown, spec, describe, short)
+        _echo_texts(result, lists, shown, spec, describe)
     for q, qi in enumerate([] if text_layout else shown):
         click.echo(f"\nquery {qi}")
-        click.echo(f"  {'rank':>4}  {short[0][:34]:<34} {short[1][:34]:<34}")
+        click.echo(f"  {'rank':>4}  {lists[0][0][:34]:<34} {lists[1][0][:34]}")
         for rank in range(result.positive_ids.shape[1]):
             row = []
-            for sign, ids, scores in (
-                (1.0, result.positive_ids, result.positive_scores),
-                (-1.0, result.negative_ids, result.negative_scores),
-            ):
+            for _, sign, ids, scores in lists:
                 if not sign * scores[q, rank] > 0:
                     row.append(f"{'–':<22} {'':>10}")
                     continue
                 stage, index = result.locate(int(ids[q, rank]))
                 label = f"{stage}[{index}] {_printable(describe(stage, index))}"[:22]
                 row.append(f"{label:<22} {scores[q, rank]:+.3e}")
-            click.echo(f"  {rank + 1:>4}  {row[0]:<34} {row[1]:<34}")
+            click.echo(f"  {rank + 1:>4}  {row[0]:<34} {row[1]}".rstrip())
     if len(indices) > show:
         where = f"all are in {out_path}" if out_path is not None else "use --out to save all"
         click.echo(f"\n({len(indices) - show} more queries not shown; {where})")
-    few_positive, few_negative = result.short_lists()
-    if few_positive or few_negative:
+    few = result.short_lists()  # by sign: (score > 0, score < 0)
+    few_helpful, few_harmful = few if result.positive_helps else few[::-1]
+    if few_helpful or few_harmful:
+        (helpful, helpful_sign, _, _), (harmful, harmful_sign, _, _) = lists
         click.echo(
-            f"\n{few_positive} of {len(indices)} queries have fewer than {top_k} training examples with a score > 0 "
-            f"({short[0]}) and {few_negative} fewer than {top_k} with a score < 0 ({short[1]}); their lists stop there."
+            f"\n{few_helpful} of {len(indices)} queries have fewer than {top_k} training examples with a score "
+            f"{'>' if helpful_sign > 0 else '<'} 0 ({helpful}) and {few_harmful} fewer than {top_k} with a score "
+            f"{'>' if harmful_sign > 0 else '<'} 0 ({harmful}); their lists stop there."
         )
     if out_path is not None:
         records = result.records()  # kinds named by what each row did to the query for its task
@@ -891,17 +894,32 @@ def _describer(store: sp.Store, spec: Spec) -> Callable[[str, int], str]:
     return functools.cache(spec.describe)
 
 
+def _lists(result: sp.QueryResult) -> list[tuple[str, float, np.ndarray, np.ndarray]]:
+    """The result's two lists by meaning, the helpful one first: (words, sign of its scores, ids ``[Q, k]``,
+    scores ``[Q, k]``) each, the words the task's ``score_labels`` up to their first " (". For a loss or an error
+    (``positive_helps`` False) the helpful list holds the most negative scores."""
+    words = [label.split(" (")[0] for label in result.score_labels]  # words for a score > 0 and < 0
+    helps = 1.0 if result.positive_helps else -1.0
+    helpful, harmful = (words[0], words[1]) if result.positive_helps else (words[1], words[0])
+    return [
+        (helpful, helps, result.helpful_ids, result.helpful_scores),
+        (harmful, -helps, result.harmful_ids, result.harmful_scores),
+    ]
+
+
 def _echo_texts(
-    result: sp.QueryResult, indices: list[int], spec: Spec, describe: Callable[[str, int], str], labels: list[str]
+    result: sp.QueryResult,
+    lists: list[tuple[str, float, np.ndarray, np.ndarray]],
+    indices: list[int],
+    spec: Spec,
+    describe: Callable[[str, int], str],
 ) -> None:
-    """Each query's text, then its top examples' scores, stages and texts (100 characters each)."""
-    width = max(len(label) for label in labels)
+    """Each query's text, then its top examples' scores, stages and texts (100 characters each), the helpful ones
+    first (``_lists``)."""
+    width = max(len(label) for label, _, _, _ in lists)
     for q, qi in enumerate(indices):
         click.echo(f"\nquery {qi}: {_printable(spec.describe_query(qi))[:100]}")
-        for label, sign, ids, scores in (
-            (labels[0], 1.0, result.positive_ids, result.positive_scores),
-            (labels[1], -1.0, result.negative_ids, result.negative_scores),
-        ):
+        for label, sign, ids, scores in lists:
             for row, score in zip(ids[q], scores[q], strict=True):
                 if not sign * score > 0:
                     continue

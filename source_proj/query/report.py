@@ -1,5 +1,5 @@
-"""Pictures of results: a grid of each query with its training examples of the largest positive and the most negative
-scores, coloured by what the sign means for the task (helpful green, harmful red)."""
+"""Pictures of results: a grid of each query with the training examples that helped it most, then those that harmed it
+most, coloured by what the sign means for the task (helpful green, harmful red)."""
 
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ def topk_figure(
     score_labels: tuple[str, str] | None = None,
     positive_helps: bool | None = None,
 ) -> Path:
-    """Save a PNG: one row per query — the query, then its k largest positive scores and its k most negative; a
-    list stops where the scores change sign (its remaining cells are left empty). The list of the examples that
-    helped the query is drawn in green, the other in red.
+    """Save a PNG: one row per query — the query, then the k examples that helped it most, drawn in green, then the
+    k that harmed it most, in red (for a margin the largest scores, then the most negative; for a loss or an error
+    the other way round); a list stops where the scores change sign (its remaining cells are left empty).
 
     Args:
         query_images: one 2-D (or H×W×3) image per query.
@@ -39,7 +39,7 @@ def topk_figure(
             own, its task's ``score_labels``; the figure's title shows each up to its first " (").
         positive_helps: whether a positive score means the example helped the query (default: the result's own,
             its task's ``positive_helps``): ``False`` for a measurement that is a loss or an error, where a positive
-            score means the example raised it, and the positive list is drawn in red.
+            score means the example raised it, and the positive list is drawn second, in red.
     """
     plt = pyplot()
     score_labels = result.score_labels if score_labels is None else score_labels
@@ -48,16 +48,17 @@ def topk_figure(
     for given, what in ((query_images, "query images"), (query_titles, "query titles")):
         if len(given) != queries:
             raise TaskError(f"{len(given)} {what} were given for the {queries} queries of the result; give one each.")
-    colours = ("green", "red") if positive_helps else ("red", "green")
+    short = [label.split(" (")[0] for label in score_labels]
+    by_sign = [(short[0], ">", 1.0, result.positive_ids, result.positive_scores),
+               (short[1], "<", -1.0, result.negative_ids, result.negative_scores)]  # fmt: skip
+    lists = by_sign if positive_helps else by_sign[::-1]  # the helpful list first, in green
     fig, axes = plt.subplots(queries, 2 * k + 1, figsize=(1.3 * (2 * k + 1), 1.5 * queries), squeeze=False)
     for q in range(queries):
         cells: list[tuple[np.ndarray, str, str] | None] = [(query_images[q], query_titles[q], "black")]
-        for sign, colour, ids, scores in (
-            (1.0, colours[0], result.positive_ids[q], result.positive_scores[q]),
-            (-1.0, colours[1], result.negative_ids[q], result.negative_scores[q]),
-        ):  # a list stops where the scores change sign (QueryResult.short_lists): the rest of its cells stay empty
+        for colour, (_, _, sign, ids, scores) in zip(("green", "red"), lists, strict=True):
+            # a list stops where the scores change sign (QueryResult.short_lists): the rest of its cells stay empty
             cells += [(train_image(int(i)), f"{train_title(int(i))}\n{s:+.1e}", colour) if sign * s > 0 else None
-                      for i, s in zip(ids, scores, strict=True)]  # fmt: skip
+                      for i, s in zip(ids[q], scores[q], strict=True)]  # fmt: skip
         for ax, cell in zip(axes[q], cells, strict=True):
             if cell is None:
                 ax.axis("off")
@@ -67,7 +68,7 @@ def topk_figure(
             ax.set_title(title, fontsize=7, color=colour, parse_math=False)  # a "$" in a caption is a dollar
             ax.set_xticks([])
             ax.set_yticks([])
-    short = [label.split(" (")[0] for label in score_labels]
-    heading = f"query  |  {short[0]} ({colours[0]}, score > 0)  |  {short[1]} ({colours[1]}, score < 0)"
+    (helpful, helpful_sign, *_), (harmful, harmful_sign, *_) = lists
+    heading = f"query  |  {helpful} (green, score {helpful_sign} 0)  |  {harmful} (red, score {harmful_sign} 0)"
     fig.suptitle(heading, fontsize=9, parse_math=False)
     return save_figure(fig, path, dpi=110)

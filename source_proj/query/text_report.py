@@ -2,10 +2,10 @@
 (``text_report``), and the per-token scores of training sequences (``token_report``).
 
 For every query: its text (optionally shaded token by token, e.g. by the next-token loss the
-measurement sums), then its training sequences with the largest positive and the most negative scores,
-with their stage, index, score and text (a list stops where the scores change sign, as
-``QueryResult.records`` does). Words a training text shares with its query are marked,
-to help a reader see what connects them (a reading aid, not part of the score). The page is
+measurement sums), then its training sequences that helped it most and those that harmed it most, in that order
+(for a loss or an error the helpful ones have the most negative scores), with their stage, index, score and text (a
+list stops where the scores change sign, as ``QueryResult.records`` does). Words a training text shares with its
+query are marked, to help a reader see what connects them (a reading aid, not part of the score). The page is
 self-contained (no scripts, no external files). Texts are escaped; a lone UTF-16 surrogate (text decoded
 from broken JSON escapes, common in scraped data), which UTF-8 cannot hold, is written as its backslash escape.
 """
@@ -76,9 +76,9 @@ def text_report(
         query_names: one heading per query (default ``query 0``, ``query 1``, …); other counts are refused.
         shading: what the shading of [`ShadedText`][] queries shows (for the legend).
         positive_helps: whether a positive score means the example helped the query (default: the result's own,
-            its task's ``positive_helps``): its list is headed in green, the other in red. ``False`` for a
-            measurement that is a loss or an error (a language model's), where a positive score means the example
-            raised it.
+            its task's ``positive_helps``): the helpful list comes first, headed in green, the other second, in red.
+            ``False`` for a measurement that is a loss or an error (a language model's), where a positive score means
+            the example raised it and the helpful list holds the most negative scores.
     """
     score_labels = result.score_labels if score_labels is None else score_labels
     positive_helps = result.positive_helps if positive_helps is None else positive_helps
@@ -103,11 +103,12 @@ def text_report(
         words = {w.lower() for w in _WORD.findall(plain)}
         body = _shaded(query, top) if isinstance(query, ShadedText) else html.escape(query)
         parts.append(f"<h2>{html.escape(names[q])}</h2><div class='query'>{body}</div><div class='cols'>")
-        good, bad = ("pos", "neg") if positive_helps else ("neg", "pos")
-        for css, label, sign, ids, scores in (
-            (good, score_labels[0], 1.0, result.positive_ids[q], result.positive_scores[q]),
-            (bad, score_labels[1], -1.0, result.negative_ids[q], result.negative_scores[q]),
-        ):
+        by_sign = [
+            (score_labels[0], 1.0, result.positive_ids[q], result.positive_scores[q]),
+            (score_labels[1], -1.0, result.negative_ids[q], result.negative_scores[q]),
+        ]
+        helpful, harmful = by_sign if positive_helps else by_sign[::-1]
+        for css, (label, sign, ids, scores) in (("pos", helpful), ("neg", harmful)):  # helpful first, in green
             rows = []
             for row, score in zip(ids, scores, strict=True):
                 if not sign * score > 0:  # the list ran out of examples of its sign (QueryResult.short_lists)
