@@ -276,7 +276,7 @@ def test_the_page_escapes_every_text_and_fetches_nothing(tmp_path: Path) -> None
     result = QueryResult(np.array([[0]]), np.array([[1.0]], dtype=np.float32), np.array([[0]]),
                          np.array([[1.0]], dtype=np.float32), [StageRows("<b>stage", 0, 1)])  # fmt: skip
     page = text_report(result, [evil], lambda stage, i: evil, tmp_path / "r.html", title=evil,
-                       score_labels=("<i>up", "\"down"), query_names=["<h1>"]).read_text()  # fmt: skip
+                       score_labels=("<i>up", "\"down"), query_names=["<h1>"], max_chars=None).read_text()  # fmt: skip
     evil_written = evil.replace("\ud800", "\\ud800")  # UTF-8 holds no lone surrogate: written as its escape
     cells, headings = _Cells(), _Headings()
     cells.feed(page)
@@ -314,3 +314,89 @@ def test_figure_query_images_and_titles_not_one_per_query_are_refused(tmp_path: 
             topk_figure(images, titles, lambda row: image, str, _one_sided(), tmp_path / "f.png")
     assert not (tmp_path / "f.png").exists()
 
+
+class _Shown(HTMLParser):
+    """Of every table cell: the text a reader sees before expanding anything (outside ``<details>``, or in its
+    ``<summary>``), the text behind a click, and the (style, text) of the token spans in each of the two."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cells: list[dict[str, list]] = []
+        self._depth = self._summary = 0
+        self._style: str | None = None
+        self._open = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "td":
+            self.cells.append({"shown": [], "hidden": [], "shown_tokens": [], "hidden_tokens": []})
+            self._open = True
+        self._depth += tag == "details"
+        self._summary += tag == "summary"
+        if tag == "span" and ("class", "tok") in attrs:
+            self._style = dict(attrs)["style"] or ""
+
+    def handle_endtag(self, tag: str) -> None:
+        self._open = self._open and tag != "td"
+        self._depth -= tag == "details"
+        self._summary -= tag == "summary"
+
+    def handle_data(self, data: str) -> None:
+        if not self._open:
+            return
+        part = "hidden" if self._depth and not self._summary else "shown"
+        self.cells[-1][part].append(data)
+        if self._style is not None:
+            self.cells[-1][f"{part}_tokens"].append((self._style, data))
+            self._style = None
+
+
+def test_a_long_training_text_shows_its_start_and_the_rest_behind_a_click(tmp_path: Path) -> None:
+    """A training text of 2,000 words filled the report's column whole: one such example made the page unreadable.
+    It shows its first ``max_chars`` characters (cut between words) and "…", the whole text behind a click;
+    ``max_chars=None`` shows it whole, and a short text is shown whole either way."""
+    long = " ".join(f"word{i}" for i in range(2000))
+    texts = [long, "short", long]
+    for max_chars, bounded in ((500, True), (None, False)):
+        page = text_report(_one_sided(), ["word7 query"], lambda stage, i: texts[i], tmp_path / "r.html",
+                           max_chars=max_chars).read_text()  # fmt: skip
+        shown = _Shown()
+        shown.feed(page)
+        cell = shown.cells[2]  # row 0 (score +2): the long text
+        visible, hidden = "".join(cell["shown"]), "".join(cell["hidden"])
+        if bounded:
+            head = visible.split(" …")[0]
+            assert long.startswith(head + " ") and 250 <= len(head) <= 500, visible
+            assert visible.endswith(f" …show all {len(long):,} characters") and hidden == long
+            assert "<mark>word7</mark>" in page  # words shared with the query are marked in both parts
+        else:
+            assert visible == long and hidden == "" and "<details>" not in page
+    with pytest.raises(TaskError, match="max_chars is 0; pass a whole number ≥ 1, or None"):
+        text_report(_one_sided(), ["q"], lambda stage, i: texts[i], tmp_path / "r.html", max_chars=0)
+
+
+def test_a_long_sequence_shows_the_tokens_around_its_largest_share_shaded_as_in_the_whole(tmp_path: Path) -> None:
+    """The per-token page printed every token of every sequence: a 2,000-token sequence shows the ``max_tokens``
+    around its largest |share| (shaded on the whole sequence's scale, so each shown token is exactly as dark as on
+    the full page), "…" either side, the whole sequence behind a click; ``max_tokens=None`` shows it whole."""
+    length, peak = 2000, 1500
+    shares = np.linspace(-0.2, 0.3, length, dtype=np.float32)
+    shares[peak] = -1.0
+    scores = TokenScores(rows=np.arange(1), where=[("main", 0)], input_ids=np.arange(length)[None],
+                         attention_mask=np.ones((1, length), dtype=np.int64), tokens=shares[None, None],
+                         unplaced=np.zeros((1, 1), dtype=np.float32),
+                         scores=shares.sum(keepdims=True)[None])  # fmt: skip
+    cells = {}
+    for max_tokens in (200, None):
+        page = token_report(scores, ["q"], lambda t: f"t{t} ", tmp_path / "t.html", max_tokens=max_tokens)
+        parsed = _Shown()
+        parsed.feed(page.read_text())
+        cells[max_tokens] = parsed.cells[2]  # score, stage[index], tokens
+    whole = cells[None]["shown_tokens"]
+    assert [text for _, text in whole] == [f"t{t} " for t in range(length)] and not cells[None]["hidden"]
+    window = cells[200]["shown_tokens"]
+    assert window == whole[peak - 100 : peak + 100]  # the same tokens in the same shades as on the whole page
+    visible = "".join(cells[200]["shown"])
+    assert visible.startswith("… t1400 t1401 ") and visible.endswith("t1599  …show all 2,000 tokens"), visible
+    assert cells[200]["hidden_tokens"] == whole  # behind the click: the whole sequence, shaded the same
+    with pytest.raises(TaskError, match="max_tokens is True; pass a whole number ≥ 1, or None"):
+        token_report(scores, ["q"], str, tmp_path / "t.html", max_tokens=True)

@@ -759,7 +759,8 @@ def _save(path: Path, write: Callable[[], Any]) -> Any:
     "html_path",
     default=None,
     type=click.Path(path_type=Path),
-    help="Write an HTML report: each query's text and its top training examples' texts (spec's describe); an "
+    help="Write an HTML report: each query's text and its top training examples' texts (spec's describe; one "
+    "longer than 500 characters shows its start, the whole text a click away), the helpful examples first; an "
     "existing file is replaced.",
 )
 @click.option("--device", default=None, help="Where query gradients are computed (default: cuda when available).")

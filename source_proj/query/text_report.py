@@ -6,14 +6,18 @@ measurement sums), then its training sequences that helped it most and those tha
 (for a loss or an error the helpful ones have the most negative scores), with their stage, index, score and text (a
 list stops where the scores change sign, as ``QueryResult.records`` does). Words a training text shares with its
 query are marked, to help a reader see what connects them (a reading aid, not part of the score). The page is
-self-contained (no scripts, no external files). Texts are escaped; a lone UTF-16 surrogate (text decoded
-from broken JSON escapes, common in scraped data), which UTF-8 cannot hold, is written as its backslash escape.
+self-contained (no scripts, no external files). A long training text shows its start (``text_report``) or the
+window of tokens around its largest share (``token_report``), the whole text one click away in a ``<details>``
+element; ``max_chars=None`` / ``max_tokens=None`` show every text whole. Texts are escaped; a lone UTF-16
+surrogate (text decoded from broken JSON escapes, common in scraped data), which UTF-8 cannot hold, is written as its
+backslash escape.
 """
 
 from __future__ import annotations
 
 import html
 import math
+import numbers
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,6 +43,7 @@ td, .query { overflow-wrap: anywhere; }
 td.score { white-space: nowrap; font-family: monospace; } td.where { white-space: nowrap; color: #666; }
 h3.pos { color: #1a7f37; } h3.neg { color: #b42318; } mark { background: #fff3a3; }
 .tok { border-radius: 2px; } .legend { color: #555; font-size: .9em; }
+details { margin-top: .3em; } summary { color: #666; cursor: pointer; }
 """
 
 
@@ -62,6 +67,7 @@ def text_report(
     query_names: Sequence[str] | None = None,
     shading: str = "",
     positive_helps: bool | None = None,
+    max_chars: int | None = 500,
 ) -> Path:
     """Write the HTML report; returns its path.
 
@@ -79,7 +85,11 @@ def text_report(
             its task's ``positive_helps``): the helpful list comes first, headed in green, the other second, in red.
             ``False`` for a measurement that is a loss or an error (a language model's), where a positive score means
             the example raised it and the helpful list holds the most negative scores.
+        max_chars: the characters of a training text shown (cut at the last space before, where there is one in
+            the second half), then "…" and the whole text behind a click (a ``<details>`` element); ``None``: every
+            training text whole.
     """
+    _check_bound(max_chars, "max_chars")
     score_labels = result.score_labels if score_labels is None else score_labels
     positive_helps = result.positive_helps if positive_helps is None else positive_helps
     count = result.positive_ids.shape[0]
@@ -119,7 +129,7 @@ def text_report(
                 stage, index = result.locate(int(row))
                 rows.append(
                     f"<tr><td class='score'>{score:+.3e}</td><td class='where'>{html.escape(stage)}[{index}]</td>"
-                    f"<td>{_marked(train_text(stage, index), words)}</td></tr>"
+                    f"<td>{_clipped(train_text(stage, index), words, max_chars)}</td></tr>"
                 )
             parts.append(f"<div><h3 class='{css}'>{html.escape(label)}</h3><table>{''.join(rows)}</table></div>")
         parts.append("</div>")
@@ -138,6 +148,44 @@ def _names(query_names: Sequence[str] | None, count: int) -> list[str]:
     if len(query_names) != count:
         raise TaskError(f"{len(query_names)} query names were given for {count} queries; give one each.")
     return list(query_names)
+
+
+def _check_bound(value: int | None, name: str) -> None:
+    """Refuses a bound on a shown text that is not ``None`` or a whole number ≥ 1."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+        raise TaskError(f"{name} is {value!r}; pass a whole number ≥ 1, or None to show every text whole.")
+
+
+def _expandable(shown: str, full: str, what: str) -> str:
+    """HTML of the shown part of a text, then the whole text behind a click (``what``: how much it holds)."""
+    return f"{shown}<details><summary>show all {what}</summary>{full}</details>"
+
+
+def _clipped(text: str, words: set[str], max_chars: int | None) -> str:
+    """HTML of ``text`` with ``words`` marked (``_marked``): whole when it has at most ``max_chars`` characters
+    (or ``max_chars`` is None), else its first ``max_chars`` (cut at the last whitespace in their second half, where
+    there is one) and "…", the whole text behind a click."""
+    if max_chars is None or len(text) <= max_chars:
+        return _marked(text, words)
+    space = max(text.rfind(c, max_chars // 2, max_chars + 1) for c in (" ", "\n", "\t"))
+    head = text[: space if space > 0 else max_chars]
+    return _expandable(f"{_marked(head, words)} …", _marked(text, words), f"{len(text):,} characters")
+
+
+def _windowed(text: ShadedText, top: float, max_tokens: int | None) -> tuple[str, bool]:
+    """HTML of ``text``'s pieces shaded on the scale ``top`` (``_shaded``, joined without spaces): all of them, or
+    (more than ``max_tokens``) the ``max_tokens`` consecutive pieces centred on the one of largest finite |value|
+    (the first where there is none), "…" marking what is left out; and whether pieces were left out. The shading's
+    scale is the caller's (the whole text's), so a shown piece is as dark as it is in the whole text."""
+    count = len(text.pieces)
+    if max_tokens is None or count <= max_tokens:
+        return _shaded(text, top, ""), False
+    size = np.abs(np.asarray(text.values, dtype=np.float64))
+    centre = int(np.argmax(np.where(np.isfinite(size), size, -1.0)))
+    start = min(max(0, centre - max_tokens // 2), count - max_tokens)
+    stop = start + max_tokens
+    shown = _shaded(ShadedText(text.pieces[start:stop], text.values[start:stop]), top, "")
+    return f"{'… ' if start else ''}{shown}{' …' if stop < count else ''}", True
 
 
 def _marked(text: str, words: set[str]) -> str:
@@ -181,6 +229,7 @@ def token_report(
     title: str = "Per-token attribution",
     score_labels: tuple[str, str] | None = None,
     query_names: Sequence[str] | None = None,
+    max_tokens: int | None = 200,
 ) -> Path:
     """Write an HTML page of per-token scores (``per_token.token_scores``); returns its path.
 
@@ -198,7 +247,11 @@ def token_report(
         score_labels: what a positive and a negative score mean (default: the scores' own, their task's
             ``score_labels``).
         query_names: one heading per query (default ``query 0``, ``query 1``, …); other counts are refused.
+        max_tokens: the tokens of a training sequence shown (of a seq2seq pair: of each side), centred on its
+            token of largest |share| and shaded on the whole sequence's scale, then the whole sequence behind a
+            click (a ``<details>`` element); ``None``: every sequence whole.
     """
+    _check_bound(max_tokens, "max_tokens")
     score_labels = scores.score_labels if score_labels is None else score_labels
     count = scores.tokens.shape[0]
     if len(queries) != count:
@@ -229,7 +282,12 @@ def token_report(
                 words = [decode(int(t)) for t in scores.target_ids[i][said]]
                 sides.append((ShadedText(words, target.tolist()), target))
             top = max(_largest(v) for _, v in sides)
-            text = " <span class='arrow'>→</span> ".join(_shaded(side, top, "") for side, _ in sides)
+            arrow = " <span class='arrow'>→</span> "
+            shown = [_windowed(side, top, max_tokens) for side, _ in sides]
+            text = arrow.join(html_text for html_text, _ in shown)
+            if any(cut for _, cut in shown):
+                length = sum(len(side.pieces) for side, _ in sides)
+                text = _expandable(text, arrow.join(_shaded(side, top, "") for side, _ in sides), f"{length:,} tokens")
             rest = f" ({scores.unplaced[q, i]:+.2e} unplaced)" if scores.unplaced[q, i] else ""
             rows.append(
                 f"<tr><td class='score'>{scores.scores[q, i]:+.3e}{rest}</td><td class='where'>"
