@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 import source_proj as sp
 from source_proj.store import provenance
 
-from .crash_driver import DIM, FIT, build_model, data, featurize, files
+from .crash_driver import DIM, FIT, OPTIONS, build_model, data, featurize, files
 from .crash_driver import damage as damage_chunk
 
 
@@ -555,3 +555,58 @@ def test_a_store_of_other_settings_names_the_fields_that_differ() -> None:
         "trajectory: checkpoints [0, 4, 8] → [4, 8]"
     )
     assert _detail("task", "classification", "regression") == "task"
+
+
+def _with_nan(example: int) -> TensorDataset:
+    """The tiny training set with a NaN in example ``example``'s input."""
+    x, y = data().tensors
+    x = x.clone()
+    x[example, 3] = float("nan")
+    return TensorDataset(x, y)
+
+
+def _assert_same_store(path: Path, reference_path: Path) -> None:
+    """The store at ``path`` holds what the one at ``reference_path`` holds: the same arrays, bit for bit, and the
+    same projection (its eigen basis too) and fingerprints."""
+    store, reference = sp.Store.open(path), sp.Store.open(reference_path)
+    names = reference.progress_arrays()
+    assert names and store.progress_arrays() == names
+    for name in names:
+        np.testing.assert_array_equal(store.read(name), reference.read(name))
+    for key in ("projection", "fingerprint", "featurize", "featurized"):
+        assert store.meta[key] == reference.meta[key], key
+    assert not store.meta.get("nonfinite")
+
+
+@pytest.mark.parametrize(("kind", "bad", "sampled"), [("rademacher", 11, False), ("eigen", 11, False),
+                                                      ("rademacher", 9, True)])  # fmt: skip
+def test_a_store_stopped_by_a_nan_example_starts_afresh_once_the_data_are_fixed(
+    tmp_path: Path, tiny_run: Path, monkeypatch: pytest.MonkeyPatch, kind: str, bad: int, sampled: bool
+) -> None:
+    """A featurize that met a NaN gradient late kept the store with the bad data's fingerprint, so the rerun on the
+    fixed data was refused as "not those the store was featurized with" and needed --force. The refusal now says what
+    to do, and the rerun on fixed data starts the store afresh (saying so): it equals a fresh featurize of those
+    data, also where the data's fingerprint, a sample of a large set (``sampled``), does not read the example fixed.
+    The same bad data resume (and stop again); a store that finished is still refused other data."""
+    if sampled:  # the fingerprint reads examples 0, 1, 7 and 11 (and 5, 8): not the bad one
+        monkeypatch.setattr(provenance, "DATA_ROWS", 4)
+        monkeypatch.setattr(provenance, "QUICK_ROWS", 2)
+    projection = sp.ProjectionArguments(dim=DIM, seed=3, kind=kind, basis_examples=6)  # eigen: the basis draws 6
+    arguments = {"projection": projection, "options": OPTIONS, "progress": False}  # examples, not example 11
+    store, fresh = tmp_path / "s.sp", tmp_path / "fresh.sp"
+    for _ in range(2):  # the same bad data: the store resumes, and stops at the same example
+        with pytest.raises(sp.NumericalError) as err:
+            sp.featurize(tiny_run, build_model(), sp.ClassificationTask(), _with_nan(bad), store, **arguments)
+        assert _one_sentence(err) == (
+            f"The training-loss gradient of training example {bad} at checkpoint checkpoints/step-00000000.pt, stage "
+            "'main' is NaN or infinite; fix that example's input or label (or the checkpoint's weights) and run "
+            "featurize again, which starts this store afresh once its training data changed."
+        )
+        assert sp.Store.open(store).pending_chunks("grads/main/step-00000000") == [2]  # chunks 0 and 1 finished
+    with pytest.warns(UserWarning, match=f"The store at {store} stopped on a NaN or infinite gradient and its "
+                      "training data have changed since, so nothing in it matches them: featurizing it afresh"):
+        sp.featurize(tiny_run, build_model(), sp.ClassificationTask(), data(), store, **arguments)
+    sp.featurize(tiny_run, build_model(), sp.ClassificationTask(), data(), fresh, **arguments)
+    _assert_same_store(store, fresh)
+    with pytest.raises(sp.TaskError, match="The training data of stage 'main' are not those the store at"):
+        sp.featurize(tiny_run, build_model(), sp.ClassificationTask(), _with_nan(0), store, **arguments)

@@ -52,7 +52,7 @@ from source_proj.featurize.factors import (
     kronecker_layers,
 )
 from source_proj.featurize.grow import finished_before_growth, growth_refusal, record_growth
-from source_proj.featurize.plan import FeaturizePlan, NotPrepared, Unit, featurize_plan
+from source_proj.featurize.plan import PROBE, FeaturizePlan, NotPrepared, Unit, featurize_plan
 from source_proj.featurize.sharded import ShardedParameters
 from source_proj.projection.base import Projector, RademacherProjector
 from source_proj.projection.eigen import EigenBasis
@@ -63,6 +63,7 @@ from source_proj.store.provenance import (
     check_checkpoints,
     check_data,
     check_model_values,
+    data_digest,
     data_fingerprint,
     describe_provenance,
     load_reference_batch,
@@ -199,6 +200,7 @@ class _Featurize:
         self.overwrite = False  # the eigen basis of a store being replaced is estimated again
         self.command: str | None = None  # the command line that featurizes the store (meta["command"])
         self._checkpoints_checked = False
+        self._data_fingerprint: dict[str, dict[str, Any]] | None = None
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -220,7 +222,7 @@ class _Featurize:
             )
             if self.shards is not None:
                 self.grads_fn.device = self.device  # the parameters are placeholders between layers
-            data_print = data_fingerprint(self.datasets)
+            data_print = self._data_print()
             # What θ_T computes on a fixed reference batch, and what the data hold (see provenance.py).
             with model_errors("the training data"):
                 self.reference = reference_batch(self.datasets)
@@ -304,6 +306,31 @@ class _Featurize:
             }
         return self._meta
 
+    def _data_print(self) -> dict[str, dict[str, Any]]:
+        """The training data's fingerprint (``data_fingerprint``), computed once."""
+        if self._data_fingerprint is None:
+            self._data_fingerprint = data_fingerprint(self.datasets)
+        return self._data_fingerprint
+
+    def _restarts(self, old: Mapping[str, Any]) -> bool:
+        """Whether the store (metadata ``old``) is one whose featurize stopped on a gradient that was not finite
+        (``meta["nonfinite"]``, written by ``_compute``) and these training data are not those it was featurized
+        with (their fingerprint, or the example it stopped at, which a large set's sampled fingerprint may not
+        read): the data were fixed, so nothing in the store can be trusted to match them, and it starts afresh."""
+        mark = old.get("nonfinite")
+        if not mark:
+            return False
+        data = self.datasets.get(mark.get("stage"))
+        row = mark.get("row")
+        if data is not None and row is not None and row < len(data):  # type: ignore[arg-type]
+            if data_digest(data, [row]) != mark.get("sha256"):
+                return True
+        try:
+            check_data(self.path, old, self.datasets, fingerprint=self._data_print())
+        except TaskError:
+            return True
+        return False
+
     def _model_values(
         self, checkpoint: Checkpoint, batches: Sequence[tuple[str, Any]]
     ) -> list[dict[str, list[float | None]]]:
@@ -368,12 +395,19 @@ class _Featurize:
             check_checkpoints(self.trajectory, whole, self.progress)
             self._checkpoints_checked = True
 
-    def _recorded_featurize(self) -> dict[str, Any] | None:
-        """The ``meta["featurize"]`` of the store this job resumes or grows (``None``: it writes a new one)."""
+    def _kept(self) -> Store | None:
+        """The store this job resumes or grows, or ``None`` where it writes a new one: none there, ``overwrite``, or
+        one that starts afresh (``_restarts``)."""
         if self.overwrite or not is_store(self.path):
             return None
+        store = Store.open(self.path)
+        return None if self._restarts(store.meta) else store
+
+    def _recorded_featurize(self) -> dict[str, Any] | None:
+        """The ``meta["featurize"]`` of the store this job resumes or grows (``None``: it writes a new one)."""
         with contextlib.suppress(StoreError):
-            return Store.open(self.path).meta.get("featurize")
+            store = self._kept()
+            return None if store is None else store.meta.get("featurize")
         return None
 
     def _eigen_basis(self) -> EigenBasis:
@@ -384,8 +418,8 @@ class _Featurize:
         pass_ = BasisPass.of(projection, self.grads_fn, self.task, self.datasets, self.names,
                              batch_size=self.options.batch_size, device=self.device)  # fmt: skip
         inputs = projection.basis_inputs(self.names, *pass_.inputs_cut())
-        if is_store(self.path) and not self.overwrite:
-            store = Store.open(self.path)
+        store = self._kept()
+        if store is not None:
             desc = store.meta.get("projection") or {}
             basis = desc.get("basis") or {}
             # A store's basis estimated from more than asked for estimates what this one would, and its rows were
@@ -433,6 +467,8 @@ class _Featurize:
         if not is_store(self.path):
             return False
         store = Store.open(self.path)
+        if self._restarts(store.meta):
+            return False  # the store starts afresh when it is prepared
         if self.grow and _differing(store.meta, self.meta) == ["trajectory"]:
             return False  # the store grows when it is prepared
         self._refuse_other_settings(store.meta)
@@ -476,8 +512,8 @@ class _Featurize:
         old = store.meta.get("products") or {}
         products = {"checkpoints": bool(old.get("checkpoints")) or self.options.checkpoints,
                     "segment_means": bool(old.get("segment_means")) or self.options.segment_means}
-        if not store.meta.get("featurized") or old != products:
-            store.update_meta(featurized=True, products=products)
+        if not store.meta.get("featurized") or old != products or store.meta.get("nonfinite"):
+            store.update_meta(featurized=True, products=products, nonfinite=None)
         return True
 
     def _open_or_create(self, overwrite: bool) -> Store:
@@ -489,6 +525,13 @@ class _Featurize:
             existing = Store.open(self.path, writable=True)
         except StoreError:
             return Store.create(self.path, self.meta)
+        if self._restarts(existing.meta):
+            warnings.warn(
+                f"The store at {self.path} stopped on a NaN or infinite gradient and its training data have changed "
+                "since, so nothing in it matches them: featurizing it afresh.",
+                stacklevel=2,
+            )
+            return Store.create(self.path, self.meta, overwrite=True)  # nothing of it read (``_kept``): not its basis
         if self.grow and _differing(existing.meta, self.meta) == ["trajectory"]:
             why = growth_refusal(existing.meta, self.trajectory)
             if why is not None:
@@ -620,9 +663,17 @@ class _Featurize:
         units = {id(unit): unit for unit, _ in items}.values()
         pending = {name: set(store.pending_chunks(name)) for unit in units for name, _, _ in self._arrays(unit)}
         work = [(unit, chunk) for unit, chunk in items if any(chunk in pending[n] for n, _, _ in self._arrays(unit))]
-        _featurize_units(plan, work, self.grads_fn, self.projector, self.task, self.options, self.device,
-                         self.work_model, self.progress, collector=self.collector, lockstep=self.lockstep,
-                         shards=self.shards)
+        try:
+            _featurize_units(plan, work, self.grads_fn, self.projector, self.task, self.options, self.device,
+                             self.work_model, self.progress, collector=self.collector, lockstep=self.lockstep,
+                             shards=self.shards)
+        except NumericalError as err:  # a rerun with fixed data starts the store afresh (``_restarts``)
+            mark: dict[str, Any] = {"error": str(err)}
+            if isinstance(err, NonFiniteExample) and err.stage is not None:
+                data = self.datasets[err.stage]
+                mark.update(stage=err.stage, row=err.row, sha256=data_digest(data, [err.row]))
+            store.update_meta(nonfinite=mark)
+            raise
 
 
 def _open_units(plan: FeaturizePlan) -> list[Unit]:
@@ -689,23 +740,28 @@ def _featurize_units(
             for chunk, (start, stop) in zip(chunks, spans, strict=True):
                 factors = collector if collector is not None and not unit.prefix else None
                 with saving():
-                    feats, fisher, measured, sums = _featurize_rows(
-                        grads_fn,
-                        projector,
-                        task,
-                        itertools.islice(batches, -(-(stop - start) // options.batch_size)),
-                        start,
-                        options,
-                        key,
-                        device,
-                        where=where,
-                        transform=transform,
-                        measure=_measures(unit, final, options),
-                        collector=factors,
-                        projected_fisher=projected_fisher_at(options.curvature, unit.prefix, unit.key, final),
-                        shared_forward=shards is None,
-                        fisher_batches=taken.batches(chunk, of=options.batch_size),
-                    )
+                    try:
+                        feats, fisher, measured, sums = _featurize_rows(
+                            grads_fn,
+                            projector,
+                            task,
+                            itertools.islice(batches, -(-(stop - start) // options.batch_size)),
+                            start,
+                            options,
+                            key,
+                            device,
+                            where=where,
+                            transform=transform,
+                            measure=_measures(unit, final, options),
+                            collector=factors,
+                            projected_fisher=projected_fisher_at(options.curvature, unit.prefix, unit.key, final),
+                            shared_forward=shards is None,
+                            fisher_batches=taken.batches(chunk, of=options.batch_size),
+                        )
+                    except NonFiniteExample as err:  # its row in the stage's data (a probe's rows are a subset's)
+                        probe = unit.prefix == PROBE and isinstance(unit.dataset, Subset)
+                        err.stage, err.row = unit.stage, int(unit.dataset.indices[err.row]) if probe else err.row
+                        raise
                 if fisher is not None:
                     writer.write(f"{unit.prefix}fisher/{unit.stage}/{unit.key}", chunk, fisher)
                 if sums is not None and factors is not None:
@@ -887,7 +943,7 @@ def _featurize_rows(
             outputs, project = projector.forward_once(grads_fn, batch, transform=transform)
             with torch.enable_grad(), grads_fn.autocast():
                 projected = project(task.loss(outputs, batch))
-            check_finite(projected, row, where, "training-loss gradient")
+            check_finite(projected, row, where, "training-loss gradient", then=_FIX)
             feats.append(projected)
             if take:
                 spans.append((row, projected.shape[0]))
@@ -912,7 +968,7 @@ def _featurize_rows(
         task.loss(outputs, batch)  # validates targets (label ranges) outside vmap
         projected = projector.project_batch(grads_fn, batch, "loss", transform=transform)
         # Checked per batch, before labels are sampled from outputs a non-finite example would poison.
-        check_finite(projected, row, where, "training-loss gradient")
+        check_finite(projected, row, where, "training-loss gradient", then=_FIX)
         feats.append(projected)
         if take:
             spans.append((row, projected.shape[0]))
@@ -939,12 +995,12 @@ def _featurize_rows(
         per_example = all_fisher.reshape(sum(n for _, n in spans), -1)
         at = 0
         for first, n in spans:  # each taken batch's examples, named by their rows
-            check_finite(per_example[at : at + n], first, where, "Fisher (sampled-label) gradient")
+            check_finite(per_example[at : at + n], first, where, "Fisher (sampled-label) gradient", then=_FIX)
             at += n
         out_fisher = all_fisher.cpu().numpy()
     if measured:
         all_measured = torch.cat(measured)
-        check_finite(all_measured, start, where, "measurement gradient")
+        check_finite(all_measured, start, where, "measurement gradient", then=_FIX)
         out_measured = all_measured.cpu().numpy()
     if sums is not None:
         _check_factors(sums, start, where)
@@ -966,23 +1022,44 @@ def _check_factors(sums: ChunkFactors, first_row: int, where: str) -> None:
     """Refuse non-finite Kronecker factor sums (a NaN example poisons its whole chunk's factors)."""
     finite = all(bool(torch.isfinite(m).all()) for m in (*sums.a, *sums.b, *sums.diagonal.values()))
     if not finite:
-        raise NumericalError(
+        raise NonFiniteExample(
             f"The Fisher factors of the chunk starting at training example {first_row} at {where} are NaN or "
-            "infinite; check those examples' inputs and labels, and the checkpoint's weights."
+            f"infinite; fix those examples' inputs or labels (or the checkpoint's weights) {_FIX}.",
+            first_row,
         )
+
+
+# What featurize's refusal of a gradient that is not finite advises, after what to fix: a store whose featurize stopped
+# so is marked (``_Featurize._compute``), and starts afresh on other data (``_Featurize._restarts``).
+_FIX = "and run featurize again, which starts this store afresh once its training data changed"
+
+
+class NonFiniteExample(NumericalError):
+    """A training example's gradient (or its chunk's Fisher factors) is not finite: ``row`` is its index in the data
+    featurize iterated, ``stage`` (set by featurize) the stage whose data those are."""
+
+    def __init__(self, message: str, row: int) -> None:
+        super().__init__(message)
+        self.row = row
+        self.stage: str | None = None
 
 
 def check_finite(
-    values: torch.Tensor, first_row: int, where: str, what: str, example: str = "training example"
+    values: torch.Tensor,
+    first_row: int,
+    where: str,
+    what: str,
+    example: str = "training example",
+    then: str = "",
 ) -> None:
-    """Raise a [`NumericalError`][] naming the first row of ``values`` (``[rows, k]``) that is not finite."""
+    """Raise a ``NonFiniteExample`` naming the first row of ``values`` (``[rows, k]``) that is not finite; ``then``:
+    what to do once the example's input and label (or the checkpoint's weights) are fixed."""
     bad = ~torch.isfinite(values).all(dim=1)
     if bad.any():
         row = first_row + int(torch.nonzero(bad)[0, 0])
-        raise NumericalError(
-            f"The {what} of {example} {row} at {where} is NaN or infinite; check that example's "
-            "input and label, and the checkpoint's weights."
-        )
+        fix = (f"fix that example's input or label (or the checkpoint's weights) {then}" if then
+               else "check that example's input and label, and the checkpoint's weights")  # fmt: skip
+        raise NonFiniteExample(f"The {what} of {example} {row} at {where} is NaN or infinite; {fix}.", row)
 
 
 def _warn_dense_on_cpu(projector: Projector, device: torch.device) -> None:

@@ -404,7 +404,8 @@ def _digest(value: Any, digest: Any) -> None:
             digest.update(type(value).__qualname__.encode())
 
 
-def _data_digest(dataset: Dataset, rows: Sequence[int]) -> str:
+def data_digest(dataset: Dataset, rows: Sequence[int]) -> str:
+    """The sha256 of ``dataset``'s examples ``rows``, in that order (what ``data_fingerprint`` records)."""
     digest = hashlib.sha256()
     for row in rows:
         _digest(dataset[row], digest)
@@ -417,10 +418,10 @@ def data_fingerprint(datasets: Mapping[str, Dataset], *, quick: bool = False) ->
     out = {}
     for stage, dataset in datasets.items():
         size = len(dataset)  # type: ignore[arg-type]
-        entry: dict[str, Any] = {"size": size, "quick": _data_digest(dataset, _seeded_rows(size, QUICK_ROWS, 1))}
+        entry: dict[str, Any] = {"size": size, "quick": data_digest(dataset, _seeded_rows(size, QUICK_ROWS, 1))}
         if not quick:
             rows = _seeded_rows(size, DATA_ROWS, 2)
-            entry.update(rows=len(rows), sha256=_data_digest(dataset, rows))
+            entry.update(rows=len(rows), sha256=data_digest(dataset, rows))
         out[stage] = entry
     return out
 
