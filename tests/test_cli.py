@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 import source_proj as sp
 from source_proj.cli.main import main
@@ -379,3 +379,37 @@ def test_query_prints_the_examples_that_raised_a_margin_first(tmp_path: Path, ru
                      "identity", "--batch-size", "8"], ["fit", str(store)]):  # fmt: skip
         assert CliRunner().invoke(main, command).exit_code == 0
     _check_helpful_first(store, spec, np.argmax, "helpful")
+
+
+def test_featurize_stopped_by_a_nan_example_reruns_without_force_once_the_data_are_fixed(
+    tmp_path: Path, run: tuple[Path, Path]
+) -> None:
+    """The rerun on fixed data was refused as "not the data the store was featurized with" until --force: it now
+    starts the store afresh with a one-line warning, and the store equals a fresh featurize of the fixed data."""
+    run_dir, spec = run
+    bad = tmp_path / "bad.py"  # the spec's training data with a NaN in example 37 (the last chunk)
+    bad.write_text(SPEC.replace("def train_data(stage):\n    return _data(0)",
+                                "def train_data(stage):\n    x, y = _data(0).tensors\n    x = x.clone()\n"
+                                "    x[37, 2] = float('nan')\n    return TensorDataset(x, y)"))  # fmt: skip
+    cli = CliRunner()
+
+    def featurize(spec_path: Path, store: Path) -> Result:
+        return cli.invoke(main, ["featurize", "--ckpts", str(run_dir), "--spec", str(spec_path), "--out", str(store),
+                                 "--projection", "identity", "--batch-size", "20", "--chunk-rows", "20"])  # fmt: skip
+
+    store, fresh = tmp_path / "s.sp", tmp_path / "fresh.sp"
+    out = featurize(bad, store)
+    assert out.exit_code == 1 and out.output.strip().splitlines()[-1] == (
+        "Error: The training-loss gradient of training example 37 at checkpoint checkpoints/step-00000000.pt, stage "
+        "'main' is NaN or infinite; fix that example's input or label (or the checkpoint's weights) and run featurize "
+        "again, which starts this store afresh once its training data changed."
+    ), out.output
+    with pytest.warns(UserWarning, match="its training data have changed since, so nothing in it matches them: "
+                      "featurizing it afresh"):  # fmt: skip
+        out = featurize(spec, store)
+    assert out.exit_code == 0, out.output
+    assert featurize(spec, fresh).exit_code == 0
+    ours, theirs = sp.Store.open(store), sp.Store.open(fresh)
+    assert ours.progress_arrays() == theirs.progress_arrays()
+    for name in theirs.progress_arrays():
+        np.testing.assert_array_equal(ours.read(name), theirs.read(name))
