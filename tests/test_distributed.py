@@ -3,6 +3,7 @@ with stores bit-identical to a one-process run, and a killed shard re-run alone 
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import signal
@@ -13,12 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from click.testing import CliRunner
+from torch import nn
 
 import source_proj as sp
 from source_proj.cli.main import main
 from source_proj.distributed import Ranks, Shard, rank_device, ranks
 from source_proj.featurize.arguments import default_device
+from source_proj.featurize.sharded import ShardedParameters
 
 from .crash_driver import files
 
@@ -417,6 +421,31 @@ def test_sharded_parameters_hold_a_slice_and_gather_a_layer_only_while_it_runs(t
     assert out.count("probe ok") == 2, out
 
 
+def test_sharded_parameters_gather_the_out_proj_weights_multihead_attention_reads_as_tensors(tmp_path: Path) -> None:
+    """nn.MultiheadAttention (so nn.TransformerEncoderLayer) uses its out_proj's weights without calling out_proj, whose
+    own gather never runs: it gathers them with its own, and computes what the unsharded layer computes. One rank (a
+    process group of one, in this process) holds every slice, yet keeps placeholders between layers as W ranks do."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        reference = copy.deepcopy(layer)
+        shards = ShardedParameters(layer, torch.device("cpu"))
+        x = torch.randn(3, 5, 8, requires_grad=True)
+        with shards.saving():
+            y = layer(x)
+        (gx,) = torch.autograd.grad(y.square().sum(), x)
+        y0 = reference(x)
+        (gx0,) = torch.autograd.grad(y0.square().sum(), x)
+        # Equal to rounding: the attention kernels' order of summation differs between the two (the store two gloo
+        # ranks featurize through such layers is byte-identical to one process's all the same).
+        torch.testing.assert_close(y, y0, rtol=0, atol=1e-6)
+        torch.testing.assert_close(gx, gx0, rtol=0, atol=1e-6)
+        assert all(p.device.type == "meta" for p in layer.parameters())
+    finally:
+        dist.destroy_process_group()
+
+
 PROBE = """
 import torch
 from torch import nn
@@ -448,6 +477,7 @@ print("probe ok")
 
 
 FAILING_RANK = """
+import copy
 import os
 import shutil
 

@@ -41,6 +41,9 @@ from torch import Tensor, nn
 from source_proj.distributed import ranks
 from source_proj.errors import TaskError
 
+_READS_SUBMODULES = (nn.MultiheadAttention,)
+"""Modules whose forward uses their submodules' parameters without calling the submodules."""
+
 
 @dataclass
 class _Unit:
@@ -81,7 +84,11 @@ class ShardedParameters:
             for local, parameter in held:
                 unit, index = owner[id(parameter)]
                 self.units[unit].slots.append((module, local, index))
-            needed = sorted({owner[id(p)][0] for _, p in held})
+        for module in model.modules():
+            # A module that reads its submodules' weights in its own forward gathers them too (never called, their
+            # hooks never run): nn.MultiheadAttention uses its out_proj's as tensors.
+            read = module.parameters(recurse=isinstance(module, _READS_SUBMODULES))
+            needed = sorted({owner[id(p)][0] for p in read})
             if needed:
                 module.register_forward_pre_hook(self._pre(needed))
                 module.register_forward_hook(self._post(needed))
