@@ -98,6 +98,21 @@ def _torchrun(ranks: int, *command: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *command]
 
 
+def _launch(ranks: int, script: Path, timeout: float) -> tuple[str, str]:
+    """(stdout, stderr) of ``script`` run by ``ranks`` torchrun ranks in its folder; fails the test where they hang
+    (killing torchrun and every rank, which would otherwise outlive it) or fail."""
+    launch = subprocess.Popen(_torchrun(ranks, str(script)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=_env(), cwd=script.parent, start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = launch.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(launch.pid, signal.SIGKILL)
+        stdout, stderr = launch.communicate()
+        pytest.fail(f"the ranks hung: {stdout[-3000:]}")
+    assert launch.returncode == 0, stdout[-2000:] + stderr[-4000:]
+    return stdout, stderr
+
+
 def _in_process(*args: str) -> str:
     """A CLI command run in this process (where a separate process is not what is tested)."""
     out = CliRunner().invoke(main, list(args))
@@ -183,6 +198,9 @@ featurizing.estimate_basis = lambda *args, **kwargs: estimated.append(1) or esti
 cli(*featurize, "--out", "forced.sp", "--force")
 print(f"rank {{dist.get_rank()}} estimated the eigen basis {{len(estimated)}} times")
 featurizing.estimate_basis = estimate
+rank = dist.get_rank()
+for attempt in range(2):  # each rank its own path: the second attempt finds rank 0's store (its basis), not rank 1's
+    cli(*featurize, "--out", f"own-eigen-{{rank}}.sp", "--shard-parameters")
 {probe}
 dist.destroy_process_group()
 """
@@ -194,16 +212,16 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path, spec: Pa
     (``2.sp``), fit --segments 2 of it, featurize with the factored projection and --shard-parameters
     (``2-factored.sp``), the same with the default eigen projection (``2-eigen.sp``), with the dense one
     (refused), and of the biases only (no layer to factor: refused; unsharded, ``dense.sp``), ``forced.sp`` with
-    --force (counting the eigen basis passes of each rank), and :data:`PROBE`.
+    --force (counting the eigen basis passes of each rank), twice the eigen projection and --shard-parameters with
+    a store path of each rank's own (``own-eigen-R.sp``), and :data:`PROBE`.
     The ranks' stderr is left in ``stderr.txt``."""
     root = tmp_path_factory.mktemp("two-ranks")
     script = root / "ranks.py"
     arguments = {"run": str(tiny_run), "spec": str(spec), "featurize": FEATURIZE, "factored": FACTORED}
     script.write_text(TWO_RANKS.format(**arguments, probe=PROBE) + LEAVE)
-    out = subprocess.run(_torchrun(2, str(script)), capture_output=True, text=True, timeout=240, env=_env(), cwd=root)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-    (root / "stderr.txt").write_text(out.stderr)
-    return root, out.stdout
+    stdout, stderr = _launch(2, script, timeout=240)
+    (root / "stderr.txt").write_text(stderr)
+    return root, stdout
 
 
 THREE_RANKS = """
@@ -236,8 +254,7 @@ def three_ranks(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path, spec: 
     script = root / "ranks.py"
     arguments = {"run": str(tiny_run), "spec": str(spec), "featurize": FEATURIZE, "factored": FACTORED}
     script.write_text(THREE_RANKS.format(**arguments) + LEAVE)
-    out = subprocess.run(_torchrun(3, str(script)), capture_output=True, text=True, timeout=240, env=_env(), cwd=root)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    _launch(3, script, timeout=240)
     return root
 
 
@@ -421,6 +438,18 @@ def test_sharded_parameters_hold_a_slice_and_gather_a_layer_only_while_it_runs(t
     assert out.count("probe ok") == 2, out
 
 
+def test_sharded_parameters_agree_before_the_eigen_basis_pass_so_a_rank_without_the_store_stops_them_all(
+    two_ranks: tuple[Path, str],
+) -> None:
+    """Given their own paths, rank 0 prepares its store (with the eigen basis) and rank 1 refuses; run again, rank 0
+    would read the basis its store holds while rank 1 estimated it, gathering every layer alone: the ranks hung
+    until the process group's timeout. They agree first, estimate it together, and refuse again in one sentence."""
+    root, out = two_ranks
+    assert out.count("refused: Rank 1 of 2 does not find at own-eigen-1.sp the store rank 0 prepared") == 2, out
+    assert out.count("refused: Rank 1 of 2 failed (its error is in its output)") >= 2, out
+    assert not (root / "own-eigen-1.sp").exists()
+
+
 def test_sharded_parameters_gather_the_out_proj_weights_multihead_attention_reads_as_tensors(tmp_path: Path) -> None:
     """nn.MultiheadAttention (so nn.TransformerEncoderLayer) uses its out_proj's weights without calling out_proj, whose
     own gather never runs: it gathers them with its own, and computes what the unsharded layer computes. One rank (a
@@ -535,14 +564,7 @@ def test_a_rank_failing_in_lock_step_stops_every_rank_and_the_store_resumes(
     script = tmp_path / "ranks.py"
     arguments = {"run": str(tiny_run), "spec": str(spec), "featurize": FEATURIZE, "factored": FACTORED}
     script.write_text(FAILING_RANK.format(**arguments) + LEAVE)
-    launch = subprocess.Popen(_torchrun(2, str(script)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=_env(), cwd=tmp_path, start_new_session=True)  # fmt: skip
-    try:
-        stdout, stderr = launch.communicate(timeout=90)
-    except subprocess.TimeoutExpired:
-        os.killpg(launch.pid, signal.SIGKILL)  # torchrun and both ranks
-        pytest.fail(f"the ranks hung after rank 1 failed: {launch.communicate()[0]}")
-    assert launch.returncode == 0, stdout[-2000:] + stderr[-4000:]
+    stdout, _ = _launch(2, script, timeout=90)
     assert "rank 1 refused: " in stdout and "cannot decode example" in stdout, stdout
     assert "rank 0 refused: Rank 1 of 2 failed (its error is in its output)" in stdout, stdout
     assert "featurized False, pending [0, 2, 3]" in stdout, stdout

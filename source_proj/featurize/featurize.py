@@ -418,6 +418,7 @@ class _Featurize:
         pass_ = BasisPass.of(projection, self.grads_fn, self.task, self.datasets, self.names,
                              batch_size=self.options.batch_size, device=self.device)  # fmt: skip
         inputs = projection.basis_inputs(self.names, *pass_.inputs_cut())
+        stored: EigenBasis | None = None
         store = self._kept()
         if store is not None:
             desc = store.meta.get("projection") or {}
@@ -432,9 +433,15 @@ class _Featurize:
                 basis.get("inputs") in (inputs, whole) or (basis.get("inputs") == every and "positions" not in basis)
             ):
                 with contextlib.suppress(StoreError):  # half-written: estimate it again
-                    return EigenBasis.read(store, basis)
+                    stored = EigenBasis.read(store, basis)
         # Sharded parameters: every rank runs the same pass over the same seeded draw, so the ranks gather each
-        # layer together, and each estimates the basis one process would (the gathered weights are the same).
+        # layer together, and each estimates the basis one process would (the gathered weights are the same). The
+        # ranks agree first: where one rank finds no basis to read (its path holds no store), every rank estimates it,
+        # else the others would leave it alone in its gathers.
+        if self.lockstep is not None and self.lockstep.most(int(stored is None)):
+            stored = None
+        if stored is not None:
+            return stored
         with self.shards.saving() if self.shards is not None else contextlib.nullcontext():
             return estimate_basis(trajectory, trajectory.checkpoints, pass_, inputs=inputs, progress=self.progress,
                                   per_stage=projection.basis_checkpoints)  # fmt: skip
