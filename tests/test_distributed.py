@@ -201,9 +201,28 @@ featurizing.estimate_basis = estimate
 rank = dist.get_rank()
 for attempt in range(2):  # each rank its own path: the second attempt finds rank 0's store (its basis), not rank 1's
     cli(*featurize, "--out", f"own-eigen-{{rank}}.sp", "--shard-parameters")
+cli(*featurize, "--out", "share.sp", *{factored!r}, "--batch-size", "2")  # resumes share.sp's --fisher-examples 4
 {probe}
 dist.destroy_process_group()
 """
+
+
+def _interrupted_with_a_fisher_share(run: Path, spec: Path, store: Path) -> None:
+    """One process featurizes ``store`` with the factored projection, the Fisher of 4 examples in batches of 2, and
+    stops at checkpoint 4 (its 50th example read fails): checkpoint 0's chunks are written, 5 chunks are pending."""
+    options = ["--projection", "factored", "--dim", "16", "--fisher-examples", "4", "--batch-size", "2"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FAIL_RANK", "0")
+        patch.setenv("FAIL_READ", "50")
+        out = CliRunner().invoke(main, _featurize(run, spec, store, *options))
+    assert "cannot decode example" in out.output, out.output
+    assert _pending(store) == [0, 2, 3]
+
+
+def _pending(store: Path) -> list[int]:
+    """How many row chunks of checkpoints 0, 4 and 8 are not written in ``store``."""
+    opened = sp.Store.open(store)
+    return [len(opened.pending_chunks(f"grads/main/step-0000000{step}")) for step in (0, 4, 8)]
 
 
 @pytest.fixture(scope="module")
@@ -213,9 +232,11 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path, spec: Pa
     (``2-factored.sp``), the same with the default eigen projection (``2-eigen.sp``), with the dense one
     (refused), and of the biases only (no layer to factor: refused; unsharded, ``dense.sp``), ``forced.sp`` with
     --force (counting the eigen basis passes of each rank), twice the eigen projection and --shard-parameters with
-    a store path of each rank's own (``own-eigen-R.sp``), and :data:`PROBE`.
+    a store path of each rank's own (``own-eigen-R.sp``), --shard-parameters resuming ``share.sp``
+    (:func:`_interrupted_with_a_fisher_share`), and :data:`PROBE`.
     The ranks' stderr is left in ``stderr.txt``."""
     root = tmp_path_factory.mktemp("two-ranks")
+    _interrupted_with_a_fisher_share(tiny_run, spec, root / "share.sp")
     script = root / "ranks.py"
     arguments = {"run": str(tiny_run), "spec": str(spec), "featurize": FEATURIZE, "factored": FACTORED}
     script.write_text(TWO_RANKS.format(**arguments, probe=PROBE) + LEAVE)
@@ -448,6 +469,16 @@ def test_sharded_parameters_agree_before_the_eigen_basis_pass_so_a_rank_without_
     assert out.count("refused: Rank 1 of 2 does not find at own-eigen-1.sp the store rank 0 prepared") == 2, out
     assert out.count("refused: Rank 1 of 2 failed (its error is in its output)") >= 2, out
     assert not (root / "own-eigen-1.sp").exists()
+
+
+def test_sharded_parameters_refuse_to_resume_a_store_that_takes_a_fisher_share(two_ranks: tuple[Path, str]) -> None:
+    """A store featurized by one process with the Fisher of some batches only (``--fisher-examples``) resumes that
+    share under ``auto``; sharded, the ranks would take different numbers of Fisher passes and gather out of step
+    (rank 0 aborted in gloo). Every rank refuses in one sentence, and the store is left as it was."""
+    root, out = two_ranks
+    refusal = "refused: The store at share.sp takes the Fisher of 4 examples per stage (fisher_examples, as it was"
+    assert out.count(refusal) == 2, out
+    assert _pending(root / "share.sp") == [0, 2, 3]
 
 
 def test_sharded_parameters_gather_the_out_proj_weights_multihead_attention_reads_as_tensors(tmp_path: Path) -> None:

@@ -263,6 +263,12 @@ class _Featurize:
             recorded = self._recorded_featurize()
             examples = resolve_fisher_examples(options, self.projector.dim, [len(d) for d in self.datasets.values()],
                                                recorded)  # fmt: skip
+            if self.shards is not None and examples is not None:  # "auto" resumes the share the store took
+                raise TaskError(
+                    f"The store at {self.path} takes the Fisher of {examples} examples per stage (fisher_examples, as "
+                    "it was featurized), which sharded parameters cannot (the ranks take each Fisher batch together): "
+                    "resume it without --shard-parameters, or featurize a new store with them."
+                )
             self.options = options = replace(options, curvature=curvature, fisher_examples=examples)  # type: ignore[arg-type]
             self.fisher_block = fisher_block(self.path, options, recorded)
             self.directions = _fisher_directions(self.grads_fn, self.task, self.datasets, options, self.device)
