@@ -166,6 +166,12 @@ class Ranks:
         dist.all_reduce(held, op=dist.ReduceOp.MAX)
         return int(held.item())
 
+    def busiest(self, work: int) -> bool:
+        """Whether this rank holds the most ``work`` of all ranks (the first of those that do): the rank whose progress
+        stands for the command's (a collective, see ``most``)."""
+        world, rank = self.shard.world, self.shard.rank
+        return self.most(work * world + world - 1 - rank) % world == world - 1 - rank
+
     def broadcast(self, tensor: torch.Tensor, source: int) -> torch.Tensor:
         """``tensor`` as held by rank ``source``, on every rank (on ``tensor``'s device). The ranks agree first
         (see ``agree``): a rank that failed since the last broadcast stops the others here."""

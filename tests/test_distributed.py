@@ -452,6 +452,18 @@ def test_only_rank_0_prints_the_summary_and_the_warnings(two_ranks: tuple[Path, 
     assert (root / "stderr.txt").read_text().count(warning) == 1, (root / "stderr.txt").read_text()[-3000:]
 
 
+def test_the_rank_with_the_most_chunks_shows_the_progress(two_ranks: tuple[Path, str]) -> None:
+    """Each checkpoint's 3 row chunks fill one store file, which one rank writes: unsharded, rank 1 has 2 of the 3
+    files; with --shard-parameters (``2-factored.sp``, ``2-eigen.sp``) it has every file, and in fit the one file of
+    the cached features. Rank 0 showed the only bar, of its own share (nothing at all, "featurize: 0chunk", while
+    rank 1 computed 9 chunks unseen); the busiest rank shows its bar instead."""
+    root, _ = two_ranks
+    bars = (root / "stderr.txt").read_text().replace("\r", "\n")
+    assert "featurize: 0chunk" not in bars and "fit: 0chunk" not in bars, bars[-3000:]
+    assert "featurize: 100%|██████████| 9/9 " in bars and "featurize: 100%|██████████| 6/6 " in bars, bars[-3000:]
+    assert "fit: 100%|██████████| 3/3 " in bars, bars[-3000:]
+
+
 def test_sharded_parameters_hold_a_slice_and_gather_a_layer_only_while_it_runs(two_ranks: tuple[Path, str]) -> None:
     """Each gloo rank of :func:`two_ranks` runs :data:`PROBE` by hand: the layers hold placeholders between runs,
     the forward and the backward through them match the unsharded model's, and a checkpoint loads as slices."""

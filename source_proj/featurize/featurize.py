@@ -193,8 +193,10 @@ class _Featurize:
             self.shards = ShardedParameters(self.work_model, self.device)
         else:
             self.work_model = copy.deepcopy(model).to(self.device)
-        # Ranks of a process group show one progress bar (rank 0's); independent shards each show theirs.
+        # Ranks of a process group show one progress bar: rank 0's, but for the chunks (the busiest rank's: see
+        # ``_compute``); independent shards each show theirs.
         self.progress = progress and (group.leader or not group.coordinated)
+        self.show_work = progress
         self._meta: dict[str, Any] | None = None
         self._fisher_layouts: dict[tuple[str, int], FisherRows] = {}  # (stage, rows) → the rows its Fisher keeps
         self.overwrite = False  # the eigen basis of a store being replaced is estimated again
@@ -510,7 +512,7 @@ class _Featurize:
         else:  # the ranks go through the units together: each takes its part of every unit
             runs = [list(run) for _, run in itertools.groupby(items, key=lambda item: id(item[0]))]
             mine = [item for run in runs for item in group.shard.take_groups(run, file)]
-        self._compute(plan, mine, heal=not store.meta.get("featurized"))
+        self._compute(plan, mine, heal=not store.meta.get("featurized"), group=group)
 
     def finish(self) -> bool:
         store = Store.open(self.path, writable=True)
@@ -667,18 +669,24 @@ class _Featurize:
             items.extend((unit, chunk) for chunk in range(chunks))
         return items
 
-    def _compute(self, plan: FeaturizePlan, items: Sequence[tuple[Unit, int]], heal: bool) -> None:
+    def _compute(
+        self, plan: FeaturizePlan, items: Sequence[tuple[Unit, int]], heal: bool, group: Ranks | None = None
+    ) -> None:
         """Compute and write the unfinished chunks among ``items`` (after re-checking the finished
-        ones' crc when ``heal``)."""
+        ones' crc when ``heal``). Of the ranks of a process group (``group``), the one with the most chunks to compute
+        shows its progress (a collective)."""
         store = plan.store
         if heal:
             store.heal_chunks([(name, chunk) for unit, chunk in items for name, _, _ in self._arrays(unit)])
         units = {id(unit): unit for unit, _ in items}.values()
         pending = {name: set(store.pending_chunks(name)) for unit in units for name, _, _ in self._arrays(unit)}
         work = [(unit, chunk) for unit, chunk in items if any(chunk in pending[n] for n, _, _ in self._arrays(unit))]
+        progress = self.progress
+        if group is not None and group.coordinated:
+            progress = group.busiest(len(work)) and self.show_work
         try:
             _featurize_units(plan, work, self.grads_fn, self.projector, self.task, self.options, self.device,
-                             self.work_model, self.progress, collector=self.collector, lockstep=self.lockstep,
+                             self.work_model, progress, collector=self.collector, lockstep=self.lockstep,
                              shards=self.shards)
         except NumericalError as err:  # a rerun with fixed data starts the store afresh (``_restarts``)
             mark: dict[str, Any] = {"error": str(err)}

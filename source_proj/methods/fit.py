@@ -390,7 +390,7 @@ def fit(
         Store.open(path)  # fit creates no store: a file or a folder of other files holds none, and is named so
         raise
     group = ranks(shard)
-    job = _Fit(path, args, progress and (group.leader or not group.coordinated), default_device(device), group)
+    job = _Fit(path, args, progress, default_device(device), group)
     run_sharded(path, job, group, overwrite=overwrite, keep_new=is_store)
     if isinstance(store, Store):
         store.refresh()
@@ -590,6 +590,8 @@ class _Fit:
         store.heal_chunks([(names[stage], chunk) for stage, chunk in mine])
         pending = {stage: set(store.pending_chunks(name)) for stage, name in names.items()}
         work = [(stage, chunk) for stage, chunk in mine if chunk in pending[stage]]
+        # Ranks of a process group show one progress bar: the busiest rank's (rank 0 may have nothing to compute).
+        progress = (group.busiest(len(work)) if group.coordinated else True) and self.progress
         segments = [Segment.from_description(d) for d in description["segments"]]
         sizes = {s["name"]: s["dataset_size"] for s in store.meta["trajectory"]["stages"]}
         if not work and group.single and self._refit_unchanged(store, description, segments):
@@ -601,7 +603,7 @@ class _Fit:
                 for seg, own in zip(segments, points, strict=True)
             ]
             blocks = description["query"]["operators"]["blocks"]
-            for stage, chunk in tqdm(work, desc="fit", unit="chunk", disable=not self.progress):
+            for stage, chunk in tqdm(work, desc="fit", unit="chunk", disable=not progress):
                 values = _segment_blocks(store, stage, chunk, sizes[stage], segments, points, blocks)
                 store.write_chunk(names[stage], chunk, values)
             return
@@ -628,7 +630,7 @@ class _Fit:
             )
             means = partial(_checkpoint_means, store, dict(zip(segments, points, strict=True)))
         folded = dict(zip(segments, fold(self._operators), strict=True))
-        for stage, chunk in tqdm(work, desc="fit", unit="chunk", disable=not self.progress):
+        for stage, chunk in tqdm(work, desc="fit", unit="chunk", disable=not progress):
             own = [seg for seg in segments if seg.stage == stage]
             if not own:
                 raise TaskError(
