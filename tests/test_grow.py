@@ -313,6 +313,29 @@ def test_an_attributor_made_before_its_store_grew_refuses_to_answer(tmp_path: Pa
     assert new.scores(EXTRA).shape == (10, 30) and new.top_k(EXTRA, 3).rows == new.rows
 
 
+@pytest.mark.parametrize("backend", ["torch", "stream"])
+def test_an_attributor_made_before_its_store_was_featurized_again_refuses_to_answer(
+    tmp_path: Path, backend: str
+) -> None:
+    """A store replaced (featurize --force) by one of the same run with another projection, and fitted with the same
+    settings, is another store: an Attributor made before answered from the old projection and index (torch), or
+    projected its queries the old way and searched the new rows with them (stream: scores of neither store)."""
+    _record(tmp_path / "run")
+    store = tmp_path / "s.sp"
+    sp.fit(_featurize(tmp_path / "run", store, {"main": MAIN}), progress=False)
+    old = sp.Attributor(store, _mlp(), sp.ClassificationTask(), search_backend=backend, progress=False)
+    old.top_k(EXTRA, 3)
+    sp.featurize(tmp_path / "run", _mlp(), sp.ClassificationTask(), {"main": MAIN}, store, overwrite=True,
+                 projection=sp.ProjectionArguments(dim=16, kind="rademacher", seed=1), progress=False)  # fmt: skip
+    sp.fit(store, progress=False)
+    for answer in (old.top_k, old.scores, old.query_features):
+        with pytest.raises(sp.StoreError, match=r"s\.sp changed since this Attributor was made .*; make a new"):
+            answer(EXTRA)
+    new = sp.Attributor(store, _mlp(), sp.ClassificationTask(), search_backend=backend, progress=False)
+    result = new.top_k(EXTRA, 3)
+    np.testing.assert_allclose(result.positive_scores, np.sort(new.scores(EXTRA), axis=1)[:, ::-1][:, :3], rtol=1e-5)
+
+
 def test_a_growth_whose_new_stage_the_model_cannot_run_is_refused_and_the_store_kept(tmp_path: Path) -> None:
     """Examples of the new stage shaped otherwise than the model's input are refused in a sentence naming the stage
     (a bare RuntimeError came out of the first new chunk), before the store grows: its fit is kept."""

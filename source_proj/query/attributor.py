@@ -132,9 +132,15 @@ def method_rows(store: Store, method: str) -> list[StageRows]:
     return rows
 
 
-def _fitted(meta: dict[str, Any], method: str) -> tuple[Any, Any]:
-    """What an Attributor's answers depend on: the store's run and the method's fit."""
-    return meta["trajectory"]["fingerprint"], (meta.get("methods") or {}).get(method)
+_FEATURIZED_WITH = ("params", "projection", "task", "featurize", "fingerprint", "segmentation")
+"""The store metadata that says what its features are, besides its run: a store featurized again in its place
+(``featurize --force``) with another projection, task or data, and fitted with the same settings, differs here."""
+
+
+def _fitted(meta: dict[str, Any], method: str) -> tuple[Any, ...]:
+    """What an Attributor's answers depend on: the store's run, how its features were taken, and the method's fit."""
+    featurized = tuple(meta.get(key) for key in _FEATURIZED_WITH)
+    return meta["trajectory"]["fingerprint"], (meta.get("methods") or {}).get(method), featurized
 
 
 def train_features(store: Store, method: str = "source") -> np.ndarray:
@@ -240,8 +246,8 @@ class Attributor:
         rows and index held here are those of the store as it was."""
         if _fitted(Store.open(self.store.path).meta, self.method) != self._fitted:
             raise StoreError(
-                f"The store at {self.store.path} changed since this Attributor was made (it grew, or method "
-                f"{self.method!r} was fitted again); make a new Attributor to query it."
+                f"The store at {self.store.path} changed since this Attributor was made (it grew, was featurized "
+                f"again, or method {self.method!r} was fitted again); make a new Attributor to query it."
             )
 
     def query_features(self, queries: Dataset | Sequence[Any]) -> torch.Tensor:
