@@ -262,6 +262,11 @@ def test_an_ensemble_averages_the_scores_of_its_models_and_its_top_k_is_exact(fi
     assert not np.allclose(singles[0], singles[1], rtol=0.05)  # the two models really differ
     top = ensemble.top_k(queries, 5)
     np.testing.assert_array_equal(top.helpful_ids, np.argsort(-scores, axis=1, kind="stable")[:, :5])
+    for attributor in ensemble.attributors:  # a k beyond the rows is refused before any query gradient
+        attributor.query_features = None  # type: ignore[assignment,method-assign]
+    rows = scores.shape[1]
+    with pytest.raises(sp.TaskError, match=rf"^top-k {rows + 1} is not between 1 and the {rows} training examples"):
+        ensemble.top_k(queries, rows + 1)
 
 
 def test_an_ensemble_refuses_one_model_counted_twice(fitted, tmp_path: Path) -> None:

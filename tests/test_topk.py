@@ -159,3 +159,42 @@ def test_a_query_whose_probed_cells_hold_fewer_than_k_rows_is_searched_over_ever
         assert np.array_equal(np.sort(got_ids, axis=1), np.sort(expected_ids, axis=1))
         assert np.allclose(got_scores, sign * expected_scores, rtol=1e-5)
     assert index.nprobe == 1  # the index keeps its setting for the next search
+
+
+def test_an_ivf_sample_smaller_than_its_cells_is_refused_in_one_sentence_not_by_faiss() -> None:
+    """FAISS's k-means needs a training row per cell; fewer raised its C++ RuntimeError after the sample was read."""
+    feats = _clustered(200, 8, 7)
+    with pytest.raises(sp.TaskError, match=r"^IVFArguments\.train_rows 3 is fewer than the 10 cells .*train_rows ≥ 10"):
+        build_index(lambda: feats, lambda: [(0, feats)], 200, 8, torch.device("cpu"), "ivf",
+                    ivf=sp.IVFArguments(nlist=10, train_rows=3))  # fmt: skip
+    index = build_index(lambda: feats, lambda: [(0, feats)], 200, 8, torch.device("cpu"), "ivf",
+                        ivf=sp.IVFArguments(nlist=10, nprobe=10, train_rows=10))  # fmt: skip
+    assert np.array_equal(index.search(feats[:3], 5)[1], _brute(feats[:3], feats, 5)[1])  # every cell: exact
+
+
+@pytest.mark.parametrize(
+    ("k", "backend", "ivf", "message"),
+    [
+        (10_000, "torch", sp.IVFArguments(), r"^top-k 10000 is not between 1 and the \d+ training examples"),
+        (0, "stream", sp.IVFArguments(), r"^top-k 0 is not between 1"),
+        (2.5, "faiss", sp.IVFArguments(), r"^top-k must be a whole number"),
+        (3, "ivf", sp.IVFArguments(nlist=10_000), r"^An IVF index of \d+ rows needs 1 ≤ nlist ≤ \d+, not 10000\."),
+        (3, "ivf", sp.IVFArguments(nlist=4, train_rows=2), r"^IVFArguments\.train_rows 2 is fewer than the 4 cells"),
+    ],
+)
+def test_a_bad_k_or_ivf_setting_is_refused_before_the_query_gradients(
+    fitted_mlp_store: Path, monkeypatch: pytest.MonkeyPatch, k: object, backend: str, ivf: sp.IVFArguments,
+    message: str
+) -> None:
+    """top_k checks k and the approximate index's settings against the store's rows first: they were refused only
+    once every query's gradient had been computed (minutes for many queries), by the search or the index build."""
+    attributor = sp.Attributor(fitted_mlp_store, mlp(), sp.ClassificationTask(), search_backend=backend,
+                               search_ivf=ivf, progress=False)  # fmt: skip
+
+    def no_gradients(queries: object) -> None:
+        raise AssertionError("query gradients computed before the arguments were checked")
+
+    monkeypatch.setattr(attributor, "query_features", no_gradients)
+    queries = TensorDataset(torch.randn(2, 4), torch.tensor([0, 1]))
+    with pytest.raises(sp.TaskError, match=message):
+        attributor.top_k(queries, k)  # type: ignore[arg-type]

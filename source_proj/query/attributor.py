@@ -353,8 +353,22 @@ class Attributor:
     def top_k(self, queries: Dataset | Sequence[Any], k: int = 10) -> QueryResult:
         """The k largest and k most negative scores of each query: its k most helpful and k most harmful training
         examples, named by what the sign means for the task (see [`QueryResult`][])."""
+        k = check_k(k, sum(r.size for r in self.rows))  # the arguments before the query gradients
+        if self.search_backend == "ivf":
+            self.search_ivf.cells(sum(r.size for r in self.rows))
         q = np.ascontiguousarray(self.query_features(queries).numpy(), dtype=np.float32)
         return search(self.index(), q, k, self.rows, positive_helps=self.positive_helps, score_labels=self.score_labels)
+
+
+def check_k(k: object, ntotal: int) -> int:
+    """``k`` as an ``int``; refuses anything but a whole number (a NumPy integer too) from 1 to ``ntotal``."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TaskError(f"top-k must be a whole number of training examples, not {k!r}.")
+    if not 1 <= int(k) <= ntotal:
+        raise TaskError(
+            f"top-k {k} is not between 1 and the {ntotal} training examples the method scores; ask for 1 to {ntotal}."
+        )
+    return int(k)  # FAISS takes a Python int only (a NumPy one fails in its C++ bindings)
 
 
 def search(
@@ -375,14 +389,7 @@ def search(
     likewise negative rows scoring ≥ 0. A query whose ``nprobe`` cells of an approximate (IVF) index hold fewer
     than ``k`` rows is searched again over every cell (FAISS would pad its lists with row −1).
     """
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise TaskError(f"top-k must be a whole number of training examples, not {k!r}.")
-    k = int(k)  # FAISS takes a Python int only (a NumPy one fails in its C++ bindings)
-    if not 1 <= k <= index.ntotal:
-        raise TaskError(
-            f"top-k {k} is not between 1 and the {index.ntotal} training examples the method scores; ask for "
-            f"1 to {index.ntotal}."
-        )
+    k = check_k(k, index.ntotal)
     pos_scores, pos_ids = _search(index, query_features, k)
     neg_scores, neg_ids = _search(index, -query_features, k)
     short = (pos_ids < 0).any(axis=1) | (neg_ids < 0).any(axis=1)

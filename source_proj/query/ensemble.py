@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from source_proj.errors import StoreError, TaskError
-from source_proj.query.attributor import Attributor, QueryResult, search, train_features
+from source_proj.query.attributor import Attributor, QueryResult, check_k, search, train_features
 from source_proj.store.objectstore import is_remote
 from source_proj.store.store import Store, local_path
 from source_proj.tasks.task import Task
@@ -126,5 +126,6 @@ class Ensemble:
     def top_k(self, queries: Dataset | Sequence[Any], k: int = 10) -> QueryResult:
         """The k largest and k most negative averaged scores of each query, named by what the sign means for the
         task (see [`QueryResult`][])."""
+        k = check_k(k, sum(r.size for r in self.rows))  # before the query gradients
         q = np.ascontiguousarray(self.query_features(queries), dtype=np.float32)
         return search(self.index(), q, k, self.rows, positive_helps=self.positive_helps, score_labels=self.score_labels)

@@ -64,12 +64,17 @@ class IVFArguments:
                 raise TaskError(f"IVFArguments.{name} is {value!r}; pass a whole number ≥ 1.")
 
     def cells(self, ntotal: int) -> int:
-        """The number of cells for ``ntotal`` rows."""
-        if self.nlist is not None:
-            if not 1 <= self.nlist <= ntotal:
-                raise TaskError(f"An IVF index of {ntotal} rows needs 1 ≤ nlist ≤ {ntotal}, not {self.nlist}.")
-            return self.nlist
-        return max(1, min(ntotal // 39, int(4 * math.sqrt(ntotal))))
+        """The number of cells for ``ntotal`` rows; refuses more cells than rows, or than training rows (k-means
+        needs one per cell)."""
+        if self.nlist is not None and not 1 <= self.nlist <= ntotal:
+            raise TaskError(f"An IVF index of {ntotal} rows needs 1 ≤ nlist ≤ {ntotal}, not {self.nlist}.")
+        cells = self.nlist if self.nlist is not None else max(1, min(ntotal // 39, int(4 * math.sqrt(ntotal))))
+        if self.train_rows is not None and self.train_rows < cells:
+            raise TaskError(
+                f"IVFArguments.train_rows {self.train_rows} is fewer than the {cells} cells its k-means trains; pass "
+                f"train_rows ≥ {cells} (default: 64 per cell), or fewer cells (nlist)."
+            )
+        return cells
 
 
 class TorchIndex:
