@@ -121,7 +121,6 @@ def main() -> None:
             host = feats.float().cpu().numpy()
             t0 = time.perf_counter()
             index = build_index(
-                lambda host=host: host,
                 lambda host=host: ((s, host[s : s + args.block_rows]) for s in range(0, args.n, args.block_rows)),
                 args.n, args.dim, device, "ivf", ivf=IVFArguments(nlist=args.nlist, fp16=args.ivf_fp16),
             )  # fmt: skip

@@ -102,7 +102,7 @@ def test_faiss_gpu_index_equals_torch_index() -> None:
     rng = np.random.default_rng(1)
     feats = rng.standard_normal((5000, 32)).astype(np.float32)
     q = rng.standard_normal((10, 32)).astype(np.float32)
-    gpu = build_index(lambda: feats, lambda: iter(()), 5000, 32, torch.device("cuda"), "auto")
+    gpu = build_index(lambda: [(0, feats)], 5000, 32, torch.device("cuda"), "auto")
     _, ids = gpu.search(q, 20)
     _, expected = TorchIndex.resident(feats, "cuda").search(q, 20)
     assert np.array_equal(ids, expected)

@@ -51,10 +51,10 @@ def test_shards_filled_from_chunks_give_the_exact_top_k(chunks) -> None:
 
 
 def test_explicit_search_devices_reach_the_index(chunks) -> None:
-    feats, blocks = chunks
-    index = build_index(lambda: feats, lambda: blocks, 611, 16, torch.device("cpu"), "torch", ["cpu", "cpu"])
+    _, blocks = chunks
+    index = build_index(lambda: blocks, 611, 16, torch.device("cpu"), "torch", ["cpu", "cpu"])
     assert isinstance(index, TorchIndex) and index.devices == [torch.device("cpu")] * 2
-    streamed = build_index(lambda: feats, lambda: blocks, 611, 16, torch.device("cpu"), "stream")
+    streamed = build_index(lambda: blocks, 611, 16, torch.device("cpu"), "stream")
     assert streamed.devices == [torch.device("cpu")]
 
 

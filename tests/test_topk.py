@@ -48,16 +48,16 @@ def test_torch_faiss_and_streamed_backends_agree_through_search() -> None:
             yield start, feats[start : start + 64]
 
     results = {
-        backend: search(build_index(lambda: feats, blocks, 500, 16, torch.device("cpu"), backend), queries, 10, rows)
+        backend: search(build_index(blocks, 500, 16, torch.device("cpu"), backend), queries, 10, rows)
         for backend in ("faiss", "torch", "stream")
     }
     for backend in ("torch", "stream"):
         assert np.array_equal(results[backend].helpful_ids, results["faiss"].helpful_ids), backend
         assert np.array_equal(results[backend].harmful_ids, results["faiss"].harmful_ids), backend
         assert np.allclose(results[backend].harmful_scores, results["faiss"].harmful_scores, rtol=1e-5)
-    assert isinstance(build_index(lambda: feats, blocks, 500, 16, torch.device("cpu"), "auto"), faiss.Index)
+    assert isinstance(build_index(blocks, 500, 16, torch.device("cpu"), "auto"), faiss.Index)
     with pytest.raises(sp.TaskError, match="Unknown search backend"):
-        build_index(lambda: feats, blocks, 500, 16, torch.device("cpu"), "gpu")  # type: ignore[arg-type]
+        build_index(blocks, 500, 16, torch.device("cpu"), "gpu")  # type: ignore[arg-type]
 
 
 def test_streamed_search_reads_one_chunk_at_a_time() -> None:
@@ -113,19 +113,19 @@ def test_ivf_probing_every_cell_is_exact_and_fewer_cells_trade_recall() -> None:
     recall = {}
     for nprobe in (1, 4, 16):
         ivf = sp.IVFArguments(nlist=16, nprobe=nprobe, train_rows=800)
-        result = search(build_index(lambda: feats, blocks, 2000, 16, torch.device("cpu"), "ivf", ivf=ivf), queries, 20,
+        result = search(build_index(blocks, 2000, 16, torch.device("cpu"), "ivf", ivf=ivf), queries, 20,
                         rows)  # fmt: skip
         recall[nprobe] = (_recall(result.helpful_ids, expected_help), _recall(result.harmful_ids, expected_harm))
     assert recall[16] == (1.0, 1.0)  # every cell scanned: exactly the brute-force top-k
     assert recall[1][0] < recall[4][0] <= 1.0 and recall[1][1] < 1.0
-    fp16 = build_index(lambda: feats, blocks, 2000, 16, torch.device("cpu"), "ivf",
+    fp16 = build_index(blocks, 2000, 16, torch.device("cpu"), "ivf",
                        ivf=sp.IVFArguments(nlist=16, nprobe=16, fp16=True, train_rows=800))  # fmt: skip
     scores, ids = fp16.search(queries, 20)
     exact = np.take_along_axis(queries.astype(np.float64) @ feats.astype(np.float64).T, ids, 1)
     assert np.allclose(scores, exact, rtol=2e-3, atol=2e-3) and _recall(ids, expected_help) > 0.95
     assert sp.IVFArguments().cells(10_000) == 256 and sp.IVFArguments().cells(1000) == 25
     with pytest.raises(sp.TaskError, match="needs 1 ≤ nlist ≤ 2000"):
-        build_index(lambda: feats, blocks, 2000, 16, torch.device("cpu"), "ivf", ivf=sp.IVFArguments(nlist=5000))
+        build_index(blocks, 2000, 16, torch.device("cpu"), "ivf", ivf=sp.IVFArguments(nlist=5000))
 
 
 def test_a_half_precision_torch_index_ranks_by_the_rounded_rows() -> None:
@@ -149,7 +149,7 @@ def test_a_query_whose_probed_cells_hold_fewer_than_k_rows_is_searched_over_ever
     centres = rng.normal(size=(4, 8)) * 10
     feats = np.concatenate([c + 0.01 * rng.normal(size=(50, 8)) for c in centres]).astype(np.float32)
     queries = centres[:2].astype(np.float32)
-    index = build_index(lambda: feats, lambda: [(0, feats)], 200, 8, torch.device("cpu"), "ivf",
+    index = build_index(lambda: [(0, feats)], 200, 8, torch.device("cpu"), "ivf",
                         ivf=sp.IVFArguments(nlist=4, nprobe=1))  # fmt: skip
     assert (index.search(queries, 60)[1] < 0).any()  # the case: FAISS alone pads
     result = search(index, queries, 60, [StageRows("main", 0, 200)])
@@ -165,9 +165,9 @@ def test_an_ivf_sample_smaller_than_its_cells_is_refused_in_one_sentence_not_by_
     """FAISS's k-means needs a training row per cell; fewer raised its C++ RuntimeError after the sample was read."""
     feats = _clustered(200, 8, 7)
     with pytest.raises(sp.TaskError, match=r"^IVFArguments\.train_rows 3 is fewer than the 10 cells .*train_rows ≥ 10"):
-        build_index(lambda: feats, lambda: [(0, feats)], 200, 8, torch.device("cpu"), "ivf",
+        build_index(lambda: [(0, feats)], 200, 8, torch.device("cpu"), "ivf",
                     ivf=sp.IVFArguments(nlist=10, train_rows=3))  # fmt: skip
-    index = build_index(lambda: feats, lambda: [(0, feats)], 200, 8, torch.device("cpu"), "ivf",
+    index = build_index(lambda: [(0, feats)], 200, 8, torch.device("cpu"), "ivf",
                         ivf=sp.IVFArguments(nlist=10, nprobe=10, train_rows=10))  # fmt: skip
     assert np.array_equal(index.search(feats[:3], 5)[1], _brute(feats[:3], feats, 5)[1])  # every cell: exact
 
@@ -198,3 +198,72 @@ def test_a_bad_k_or_ivf_setting_is_refused_before_the_query_gradients(
     queries = TensorDataset(torch.randn(2, 4), torch.tensor([0, 1]))
     with pytest.raises(sp.TaskError, match=message):
         attributor.top_k(queries, k)  # type: ignore[arg-type]
+
+
+class _Bars:
+    """Records the progress bars made (as tqdm's stand-in): description, total and count reached."""
+
+    def __init__(self) -> None:
+        self.made: list[_Bars.Bar] = []
+
+    class Bar:
+        def __init__(self, iterable: object = None, *, total: int | None = None, desc: str = "", disable: bool = False,
+                     **_: object) -> None:  # fmt: skip
+            self.iterable, self.total, self.desc, self.disable, self.n = iterable, total, desc, disable, 0
+
+        def __iter__(self):
+            for item in self.iterable:  # type: ignore[union-attr]
+                yield item
+                self.n += 1
+
+        def __enter__(self) -> _Bars.Bar:
+            return self
+
+        def __exit__(self, *_: object) -> None:
+            pass
+
+        def update(self, n: int = 1) -> None:
+            self.n += n
+
+        def set_description(self, desc: str) -> None:
+            self.desc = desc
+
+        def close(self) -> None:
+            pass
+
+    def __call__(self, *args: object, **kwargs: object) -> _Bars.Bar:
+        self.made.append(_Bars.Bar(*args, **kwargs))  # type: ignore[arg-type]
+        return self.made[-1]
+
+    def reached(self, desc: str) -> list[tuple[int, int | None]]:
+        return [(b.n, b.total) for b in self.made if desc in b.desc and not b.disable]
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch", "stream", "ivf"])
+def test_building_and_searching_an_index_show_progress(
+    fitted_mlp_store: Path, monkeypatch: pytest.MonkeyPatch, backend: str
+) -> None:
+    """The index build (reading every row; IVF: twice, with its k-means between) and the search (a torch index over
+    its rows, FAISS over the queries, both signs in one pass) are counted by progress bars: the IVF build of 2·10⁵
+    rows took minutes, the exact search of 10³ queries tens of seconds, with nothing shown."""
+    bars = _Bars()
+    monkeypatch.setattr("source_proj.query.topk.tqdm", bars)
+    monkeypatch.setattr("source_proj.query.attributor.tqdm", bars)
+    attributor = sp.Attributor(fitted_mlp_store, mlp(), sp.ClassificationTask(), search_backend=backend,
+                               search_ivf=sp.IVFArguments(nlist=2, nprobe=2))  # fmt: skip
+    rows = sum(r.size for r in attributor.rows)
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    queries = TensorDataset(torch.randn(5, 4, generator=torch.Generator().manual_seed(3)), labels)
+    result = attributor.top_k(queries, 4)
+    scores = attributor.scores(queries)
+    np.testing.assert_allclose(result.positive_scores, -np.sort(-scores, axis=1)[:, :4], rtol=1e-5)
+    np.testing.assert_allclose(result.negative_scores, np.sort(scores, axis=1)[:, :4], rtol=1e-5)
+    built = bars.reached("IVF index") if backend == "ivf" else bars.reached("top-k index")
+    assert built == ([(2 * rows, 2 * rows)] if backend == "ivf" else [] if backend == "stream" else [(rows, rows)])
+    searched = {"faiss": [(10, 10)], "ivf": [(10, 10)], "torch": [(rows, rows)], "stream": [(rows, rows)]}[backend]
+    assert bars.reached("top-k search") == searched  # one pass for both signs: 2 × 5 queries, or the rows once
+    shown = len(bars.reached(""))
+    attributor.progress = False
+    attributor._index = None
+    attributor.top_k(queries, 4)
+    assert len(bars.reached("")) == shown  # progress=False: no bar shown

@@ -334,7 +334,6 @@ class Attributor:
                         yield r.offset + start, rows
 
             self._index = build_index(
-                lambda: train_features(self.store, self.method),
                 blocks,
                 sum(r.size for r in self.rows),
                 int(self.store.array(names[0]).shape[1]),
@@ -342,6 +341,7 @@ class Attributor:
                 self.search_backend,
                 self.search_devices,
                 self.search_ivf,
+                progress=self.progress,
             )
         return self._index
 
@@ -357,7 +357,8 @@ class Attributor:
         if self.search_backend == "ivf":
             self.search_ivf.cells(sum(r.size for r in self.rows))
         q = np.ascontiguousarray(self.query_features(queries).numpy(), dtype=np.float32)
-        return search(self.index(), q, k, self.rows, positive_helps=self.positive_helps, score_labels=self.score_labels)
+        return search(self.index(), q, k, self.rows, positive_helps=self.positive_helps, score_labels=self.score_labels,
+                      progress=self.progress)  # fmt: skip
 
 
 def check_k(k: object, ntotal: int) -> int:
@@ -379,6 +380,7 @@ def search(
     *,
     positive_helps: bool = True,
     score_labels: tuple[str, str] = ("helpful", "harmful"),
+    progress: bool = False,
 ) -> QueryResult:
     """Top-k largest ⟨q, T⟩ and most negative rows of an inner-product index, as a ``QueryResult`` whose sign
     means what ``positive_helps`` and ``score_labels`` say (the task's, see ``score_meaning``).
@@ -388,10 +390,14 @@ def search(
     for a query, its positive list ends in rows scoring ≤ 0; :meth:`QueryResult.records` leaves those out, and
     likewise negative rows scoring ≥ 0. A query whose ``nprobe`` cells of an approximate (IVF) index hold fewer
     than ``k`` rows is searched again over every cell (FAISS would pad its lists with row −1).
+
+    Both lists come from one search of ``[q; −q]`` (a streamed index reads the store once); ``progress``: a bar over
+    the queries (a FAISS index) or the rows (a torch index) while it takes longer than two seconds.
     """
     k = check_k(k, index.ntotal)
-    pos_scores, pos_ids = _search(index, query_features, k)
-    neg_scores, neg_ids = _search(index, -query_features, k)
+    count = query_features.shape[0]
+    scores, ids = _search(index, np.concatenate([query_features, -query_features]), k, progress)
+    pos_scores, pos_ids, neg_scores, neg_ids = scores[:count], ids[:count], scores[count:], ids[count:]
     short = (pos_ids < 0).any(axis=1) | (neg_ids < 0).any(axis=1)
     if short.any():
         found = int(min((pos_ids >= 0).sum(axis=1).min(), (neg_ids >= 0).sum(axis=1).min()))
@@ -403,10 +409,25 @@ def search(
     return QueryResult(pos_ids, pos_scores, neg_ids, -neg_scores, list(rows), positive_helps, score_labels)
 
 
-def _search(index: faiss.Index | TorchIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+_FAISS_QUERY_BATCH = 4096
+"""Queries per FAISS search call when a progress bar counts them (FAISS's own block of queries)."""
+
+
+def _search(
+    index: faiss.Index | TorchIndex, queries: np.ndarray, k: int, progress: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """``index.search``; an IVF index whose ``nprobe`` scanned cells hold fewer than ``k`` rows for a query (FAISS
-    pads its list with row −1) searches that query again scanning every cell (at most 2,048 on a GPU)."""
-    scores, ids = index.search(queries, k)
+    pads its list with row −1) searches that query again scanning every cell (at most 2,048 on a GPU). A FAISS index
+    is searched in batches of queries counted by a progress bar (a torch index counts its rows itself)."""
+    if isinstance(index, TorchIndex):
+        scores, ids = index.search(queries, k)
+    else:
+        found = []
+        with tqdm(total=len(queries), desc="top-k search", unit="query", delay=2.0, disable=not progress) as bar:
+            for start in range(0, len(queries), _FAISS_QUERY_BATCH):
+                found.append(index.search(np.ascontiguousarray(queries[start : start + _FAISS_QUERY_BATCH]), k))
+                bar.update(len(found[-1][0]))
+        scores, ids = np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
     short = np.flatnonzero((ids < 0).any(axis=1))
     if short.size and getattr(index, "nlist", 0) > getattr(index, "nprobe", 0):
         nprobe = index.nprobe

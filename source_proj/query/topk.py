@@ -30,11 +30,17 @@ import faiss
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from source_proj.errors import TaskError
 
 SearchBackend = Literal["auto", "faiss", "torch", "stream", "ivf"]
 SEARCH_BACKENDS = ("auto", "faiss", "torch", "stream", "ivf")
+
+
+def rows_bar(desc: str, total: int, progress: bool) -> tqdm:
+    """A progress bar over ``total`` feature rows, shown once the work takes longer than two seconds."""
+    return tqdm(total=total, desc=desc, unit="row", unit_scale=True, delay=2.0, disable=not progress)
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,7 @@ class TorchIndex:
         dtype: the precision of the products: ``torch.float32`` (exact), or ``torch.float16`` /
             ``torch.bfloat16`` with rows held rounded to it (half the memory, twice the speed on a GPU; the
             order of rows whose scores differ by less than the rounding may swap).
+        progress: show a progress bar over the rows while a search takes longer than two seconds.
     """
 
     def __init__(
@@ -103,6 +110,7 @@ class TorchIndex:
         *,
         query_batch: int = 4096,
         dtype: torch.dtype = torch.float32,
+        progress: bool = False,
     ) -> None:
         self._blocks = blocks
         self.ntotal = ntotal
@@ -111,6 +119,7 @@ class TorchIndex:
         self.device = self.devices[0]
         self.query_batch = query_batch
         self.dtype = dtype
+        self.progress = progress
 
     @classmethod
     def resident(
@@ -135,29 +144,33 @@ class TorchIndex:
         *,
         block_rows: int = 65536,
         dtype: torch.dtype = torch.float32,
+        progress: bool = False,
     ) -> TorchIndex:
         """An index whose rows are split into ``len(devices)`` contiguous shards, one held on each
         device (in ``dtype``), filled from ``blocks`` read once (the host holds one block at a time):
-        for feature matrices larger than one GPU. Searches score every shard on its own device."""
+        for feature matrices larger than one GPU. Searches score every shard on its own device. ``progress``: bars
+        over the rows while filling and searching take longer than two seconds."""
         places = [torch.device(d) for d in devices]
         bounds = [i * ntotal // len(places) for i in range(len(places) + 1)]
         shards = [
             torch.empty((hi - lo, dim), dtype=dtype, device=place)
             for lo, hi, place in zip(bounds, bounds[1:], places, strict=False)
         ]
-        for first, rows in blocks():
-            rows = torch.as_tensor(rows, dtype=torch.float32)
-            for shard, lo, hi in zip(shards, bounds, bounds[1:], strict=False):
-                start, stop = max(first, lo), min(first + rows.shape[0], hi)
-                if start < stop:
-                    shard[start - lo : stop - lo] = rows[start - first : stop - first].to(shard.device)
+        with rows_bar("top-k index", ntotal, progress) as bar:
+            for first, rows in blocks():
+                rows = torch.as_tensor(rows, dtype=torch.float32)
+                for shard, lo, hi in zip(shards, bounds, bounds[1:], strict=False):
+                    start, stop = max(first, lo), min(first + rows.shape[0], hi)
+                    if start < stop:
+                        shard[start - lo : stop - lo] = rows[start - first : stop - first].to(shard.device)
+                bar.update(rows.shape[0])
 
         def held() -> Iterator[tuple[int, Tensor]]:
             for shard, lo in zip(shards, bounds, strict=False):
                 for start in range(0, shard.shape[0], block_rows):
                     yield lo + start, shard[start : start + block_rows]
 
-        return cls(held, ntotal, dim, places, dtype=dtype)
+        return cls(held, ntotal, dim, places, dtype=dtype, progress=progress)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The k largest ⟨q, row⟩ of every query: (scores float32 ``[Q, k]`` decreasing, ids int64 ``[Q, k]``)."""
@@ -167,6 +180,7 @@ class TorchIndex:
         q_on = {place: q.to(place, self.dtype) for place in self.devices}
         best_scores = torch.full((q.shape[0], 0), float("-inf"), device=self.device)
         best_ids = torch.zeros((q.shape[0], 0), dtype=torch.int64, device=self.device)
+        bar = rows_bar("top-k search", self.ntotal, self.progress)
         for index, (first, rows) in enumerate(self._blocks()):
             rows = torch.as_tensor(rows)
             place = rows.device if rows.device in q_on else self.devices[index % len(self.devices)]
@@ -182,6 +196,8 @@ class TorchIndex:
                 merged_scores.append(top)
                 merged_ids.append(ids.gather(1, where))
             best_scores, best_ids = torch.cat(merged_scores), torch.cat(merged_ids)
+            bar.update(rows.shape[0])
+        bar.close()
         return best_scores.cpu().numpy(), best_ids.cpu().numpy()
 
 
@@ -202,7 +218,12 @@ def search_devices(device: torch.device, nbytes: int) -> list[torch.device]:
 
 
 def faiss_shards(
-    blocks: Callable[[], Iterable[tuple[int, np.ndarray]]], ntotal: int, dim: int, gpus: Sequence[int] | None = None
+    blocks: Callable[[], Iterable[tuple[int, np.ndarray]]],
+    ntotal: int,
+    dim: int,
+    gpus: Sequence[int] | None = None,
+    *,
+    progress: bool = False,
 ) -> faiss.Index:
     """One exact FAISS inner-product index over ``ntotal`` rows split into contiguous shards
     (``faiss.IndexShards``, searched in parallel, ids continuing from shard to shard), filled from
@@ -222,11 +243,13 @@ def faiss_shards(
             kept.append(resources)
         else:
             parts.append(faiss.IndexFlatIP(dim))
-    for first, rows in blocks():
-        for part, lo, hi in zip(parts, bounds, bounds[1:], strict=False):
-            start, stop = max(first, lo), min(first + rows.shape[0], hi)
-            if start < stop:
-                part.add(np.ascontiguousarray(rows[start - first : stop - first], dtype=np.float32))
+    with rows_bar("top-k index", ntotal, progress) as bar:
+        for first, rows in blocks():
+            for part, lo, hi in zip(parts, bounds, bounds[1:], strict=False):
+                start, stop = max(first, lo), min(first + rows.shape[0], hi)
+                if start < stop:
+                    part.add(np.ascontiguousarray(rows[start - first : stop - first], dtype=np.float32))
+            bar.update(rows.shape[0])
     for part in parts:
         index.add_shard(part)
     index.referenced_objects = parts + kept  # the shards (and GPU resources) must live as long as the index
@@ -239,17 +262,22 @@ def ivf_index(
     dim: int,
     args: IVFArguments = IVFArguments(),
     gpu: int | None = None,
+    *,
+    progress: bool = False,
 ) -> faiss.Index:
     """An approximate inner-product index (FAISS IVF, see ``IVFArguments``) over ``ntotal`` rows
     from ``blocks``, read twice (the training sample, then every row), one block in memory at a time;
-    on GPU ``gpu`` where this FAISS build has GPU support, else on the CPU."""
+    on GPU ``gpu`` where this FAISS build has GPU support, else on the CPU. ``progress``: a bar over both
+    reads (and naming the k-means between them) once they take longer than two seconds."""
     cells = args.cells(ntotal)
     wanted = min(ntotal, args.train_rows or 64 * cells)
     picked = np.sort(np.random.default_rng(args.seed).choice(ntotal, size=wanted, replace=False))
     sample, added = [], 0
+    bar = rows_bar("IVF index: sample", 2 * ntotal, progress)
     for first, rows in blocks():
         inside = picked[(picked >= first) & (picked < first + rows.shape[0])] - first
         sample.append(np.asarray(rows, dtype=np.float32)[inside])
+        bar.update(rows.shape[0])
     quantizer = faiss.IndexFlatIP(dim)
     if args.fp16:
         index = faiss.IndexIVFScalarQuantizer(
@@ -262,19 +290,22 @@ def ivf_index(
         resources = faiss.StandardGpuResources()
         index = faiss.index_cpu_to_gpu(resources, gpu, index)
         kept.append(resources)
+    bar.set_description(f"IVF index: k-means of {wanted} rows into {cells} cells")
     index.train(np.ascontiguousarray(np.concatenate(sample)))
+    bar.set_description("IVF index: add")
     for first, rows in blocks():
         if first != added:
             raise TaskError(f"The feature blocks must come in row order; got row {first} after {added} rows.")
         index.add(np.ascontiguousarray(rows, dtype=np.float32))  # ids continue from row to row
         added += rows.shape[0]
+        bar.update(rows.shape[0])
+    bar.close()
     index.nprobe = min(args.nprobe, cells)
     index.referenced_objects = kept  # the quantizer (and GPU resources) must live as long as the index
     return index
 
 
 def build_index(
-    features: Callable[[], np.ndarray],
     blocks: Callable[[], Iterable[tuple[int, np.ndarray]]],
     ntotal: int,
     dim: int,
@@ -282,6 +313,8 @@ def build_index(
     backend: SearchBackend = "auto",
     devices: Sequence[torch.device | str] | None = None,
     ivf: IVFArguments = IVFArguments(),
+    *,
+    progress: bool = False,
 ) -> faiss.Index | TorchIndex:
     """An inner-product index over the training features: exact, or approximate with ``"ivf"``.
 
@@ -294,22 +327,29 @@ def build_index(
     ``device``, or every GPU when the features do not fit on ``device`` (``search_devices``).
     ``"ivf"``: FAISS's approximate inverted-file index with ``ivf``'s settings (``ivf_index``), on
     ``device``'s GPU where this FAISS build has GPU support.
+
+    ``blocks`` returns the feature rows as ``(first_row, float32 [rows, d])`` in row order (store chunks);
+    ``progress``: bars over the rows while building (and, for the torch index, searching) take longer than two
+    seconds.
     """
     if backend not in SEARCH_BACKENDS:
         raise TaskError(f"Unknown search backend {backend!r}; use one of {', '.join(SEARCH_BACKENDS)}.")
     if backend == "ivf":
         gpu = (device.index or 0) if device.type == "cuda" and faiss_gpu_available() else None
-        return ivf_index(blocks, ntotal, dim, ivf, gpu)
+        return ivf_index(blocks, ntotal, dim, ivf, gpu, progress=progress)
     places = [torch.device(d) for d in devices] if devices else search_devices(device, ntotal * dim * 4)
     if backend == "stream":
-        return TorchIndex(blocks, ntotal, dim, places)
+        return TorchIndex(blocks, ntotal, dim, places, progress=progress)
     on_gpu = device.type == "cuda"
     if backend == "torch" or (backend == "auto" and on_gpu and not faiss_gpu_available()):
-        return TorchIndex.sharded(blocks, ntotal, dim, places)
+        return TorchIndex.sharded(blocks, ntotal, dim, places, progress=progress)
     if backend == "auto" and on_gpu and len(places) > 1:
-        return faiss_shards(blocks, ntotal, dim, [p.index or 0 for p in places])
+        return faiss_shards(blocks, ntotal, dim, [p.index or 0 for p in places], progress=progress)
     index = faiss.IndexFlatIP(dim)
-    index.add(np.ascontiguousarray(features(), dtype=np.float32))
+    with rows_bar("top-k index", ntotal, progress) as bar:
+        for _, rows in blocks():  # ids continue from block to block
+            index.add(np.ascontiguousarray(rows, dtype=np.float32))
+            bar.update(rows.shape[0])
     if backend == "auto" and on_gpu:
         resources = faiss.StandardGpuResources()
         gpu_index = faiss.index_cpu_to_gpu(resources, places[0].index or 0, index)
