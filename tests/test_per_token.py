@@ -103,3 +103,20 @@ def test_per_token_scores_read_a_modules_flattened_positions_as_the_sequences_ow
     np.testing.assert_allclose(together.tokens, alone.tokens, rtol=0, atol=1e-5 * scale)
     np.testing.assert_allclose(together.tokens.sum(-1) + together.unplaced, together.scores, rtol=0,
                                atol=1e-4 * np.abs(together.scores).max())  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("rows", "given"),
+    [([[0, 1], [2, 3]], r"rows of shape \[2, 2\]"), ([1.5], r"1\.5"), ([True, False], "True")],
+)
+def test_token_scores_refuse_rows_that_are_not_a_flat_list_of_whole_numbers(
+    fitted_mlp_store: Path, rows: object, given: str
+) -> None:
+    """A query result's ``helpful_ids`` ``[Q, k]`` passed whole raised numpy's TypeError; a row 1.5 or True was read
+    as row 1 without a word."""
+    from tests.conftest import _classification_data, mlp
+
+    attributor = sp.Attributor(fitted_mlp_store, mlp(), sp.ClassificationTask(), progress=False)
+    data = _classification_data()
+    with pytest.raises(sp.TaskError, match=rf"^token_scores takes rows .*; got {given}"):
+        sp.token_scores(attributor, torch.utils.data.Subset(data, [0]), data, rows, progress=False)  # type: ignore[arg-type]

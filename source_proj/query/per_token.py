@@ -36,6 +36,7 @@ of the chosen training sequences, and one module forward per module and query.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -155,7 +156,8 @@ def token_scores(
         attributor: the fitted store, model, task and method (its query features are used as they are).
         queries: the queries (as for ``Attributor.top_k``).
         train_data: the training set (or a dict ``stage → dataset``) as given to featurize.
-        rows: rows of the method's feature matrix.
+        rows: rows of the method's feature matrix, a flat list of whole numbers (one query's ids:
+            ``result.helpful_ids[q]``).
         batch_size: training sequences per forward/backward.
         progress: show a progress bar (one step per feature point and stage).
 
@@ -178,7 +180,8 @@ def token_scores(
             "featurize with the 'eigen' (the default), 'rademacher' or 'factored' projection."
         )
     datasets = as_stage_datasets(train_data, attributor.trajectory)
-    places = [_locate(attributor, int(row)) for row in rows]
+    rows = _whole_rows(rows)
+    places = [_locate(attributor, row) for row in rows]
     if not places:
         raise TaskError("Give token_scores at least one row of the method's features (e.g. a query's top-k ids).")
     query = attributor.query_features(queries).double()
@@ -226,6 +229,20 @@ def token_scores(
         target_tokens=targets.float().numpy() if seq2seq else None,
         score_labels=attributor.score_labels,
     )
+
+
+def _whole_rows(rows: Sequence[int]) -> list[int]:
+    """``rows`` as ints; refuses a nested list (a result's ``[Q, k]`` ids), fractions and booleans."""
+    given = np.asarray(rows, dtype=object)
+    if given.ndim != 1:
+        raise TaskError(
+            f"token_scores takes rows as a flat list of feature rows (one query's ids, e.g. result.helpful_ids[0]); "
+            f"got rows of shape {list(given.shape)}."
+        )
+    for row in given:
+        if isinstance(row, (bool, np.bool_)) or not isinstance(row, numbers.Integral):
+            raise TaskError(f"token_scores takes rows as a flat list of whole numbers (feature rows); got {row!r}.")
+    return [int(row) for row in given]
 
 
 def _by_stage(places: Sequence[tuple[str, int]]) -> dict[str, list[int]]:
