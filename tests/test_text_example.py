@@ -286,6 +286,10 @@ def test_a_single_token_query_refuses_a_padded_position() -> None:
             sp.single_token_query(padded, position)
     whole = {"input_ids": torch.tensor([5, 6, 7, 8, 9, 10])}  # no mask: every token is the sequence's
     assert sp.single_token_query(whole, 5)["labels"].tolist() == [-100] * 5 + [10]
+    assert sp.single_token_query(padded, torch.tensor(3))["labels"].tolist() == last["labels"].tolist()
+    for position in (True, 2.0, torch.tensor(2.0)):  # True predicted every token, padding too, without a word
+        with pytest.raises(sp.TaskError, match=r"^The token position must be a whole number, not "):
+            sp.single_token_query(padded, position)  # type: ignore[arg-type]
 
 
 def _tutorial_lines(text: str) -> list[tuple[str, float, int]]:

@@ -105,6 +105,11 @@ def single_token_query(example: Mapping[str, Tensor], position: int, *, target: 
 
     A ``sp.CollatedDataset`` of such queries keeps their labels whatever its collate function makes of labels
     (``DataCollatorForLanguageModeling`` labels every token anew): see ``ChosenLabels``."""
+    if isinstance(position, Tensor) and position.dim() == 0 and not position.is_floating_point():
+        position = position.item()  # a position read from a tensor
+    if isinstance(position, (bool, np.bool_)) or not isinstance(position, numbers.Integral):
+        raise TaskError(f"The token position must be a whole number, not {position!r}.")
+    position = int(position)  # a bool index would predict every token, a float one fail in torch's indexing
     ids = torch.as_tensor(example["input_ids"])
     if target:
         if "labels" not in example:
