@@ -68,3 +68,14 @@ def test_attributor_over_sharded_devices_equals_faiss(tiny_reference: Path) -> N
     for backend in ("torch", "stream"):
         assert np.array_equal(results[backend].helpful_ids, results["faiss"].helpful_ids), backend
         assert np.array_equal(results[backend].harmful_ids, results["faiss"].harmful_ids), backend
+
+
+@pytest.mark.parametrize("backend", ["faiss", "ivf"])
+def test_search_devices_for_an_index_that_runs_on_one_device_are_refused(tiny_reference: Path, backend: str) -> None:
+    """The FAISS flat (CPU) and IVF indexes are built on one device: devices to shard them over were dropped
+    without a word, and the search ran on one."""
+    with pytest.raises(sp.TaskError, match=rf"^search_devices shard .*; the {backend} backend runs on one device"):
+        sp.Attributor(tiny_reference, build_model(), sp.ClassificationTask(), search_backend=backend,
+                      search_devices=["cpu", "cpu"])  # fmt: skip
+    with pytest.raises(sp.TaskError, match=r"^Unknown search backend 'gpu'; use one of auto, faiss"):  # not at top_k
+        sp.Attributor(tiny_reference, build_model(), sp.ClassificationTask(), search_backend="gpu")  # type: ignore[arg-type]

@@ -38,7 +38,14 @@ from source_proj.methods.kinds import BASELINES
 from source_proj.methods.kronecker import KroneckerCurvature, source_query_directions
 from source_proj.projection.factory import projector_from_meta
 from source_proj.projection.transform import scaling_transform
-from source_proj.query.topk import IVFArguments, SearchBackend, TorchIndex, build_index, faiss_gpu_available
+from source_proj.query.topk import (
+    SEARCH_BACKENDS,
+    IVFArguments,
+    SearchBackend,
+    TorchIndex,
+    build_index,
+    faiss_gpu_available,
+)
 from source_proj.store.provenance import check_model, check_query_model, check_run, model_errors, run_difference
 from source_proj.store.store import Store
 from source_proj.store.verify import method_command
@@ -205,6 +212,13 @@ class Attributor:
         search_ivf: IVFArguments = IVFArguments(),
         progress: bool = True,
     ) -> None:
+        if search_backend not in SEARCH_BACKENDS:  # the search's settings before any work, as the device's
+            raise TaskError(f"Unknown search backend {search_backend!r}; use one of {', '.join(SEARCH_BACKENDS)}.")
+        if search_devices and search_backend in ("faiss", "ivf"):
+            raise TaskError(
+                f"search_devices shard the torch, stream and auto (GPU) indexes; the {search_backend} backend runs on "
+                "one device, so drop search_devices or use search_backend='torch'."
+            )
         self.store = store if isinstance(store, Store) else Store.open(store)
         meta = self.store.meta
         self.method = method
