@@ -573,6 +573,8 @@ def test_a_reader_that_leaves_ends_the_output_quietly(cli_reference: tuple[Path,
         (["--search", "ivf", "--nlist", "0"], "Invalid value for '--nlist': 0 is not in the range x>=1."),
         (["--nprobe", "4"], "--nprobe applies to the approximate search only; add --search ivf, or drop it."),
         (["--nlist", "2", "--ivf-fp16"], "--nlist and --ivf-fp16 apply to the approximate search only; add --search"),
+        (["--search", "ivf", "--search-devices", "cpu,cpu"],
+         "--search-devices shards --search torch, stream or auto; --search ivf runs on one device, so drop it."),
     ],
 )
 def test_approximate_search_options_are_checked(

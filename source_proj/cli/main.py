@@ -821,6 +821,11 @@ def query(
             f"{' and '.join(given)} {'applies' if one else 'apply'} to the approximate search only; add --search ivf, "
             f"or drop {'it' if one else 'them'}."
         )
+    if search_devices is not None and search_backend in ("faiss", "ivf"):
+        raise click.UsageError(
+            f"--search-devices shards --search torch, stream or auto; --search {search_backend} runs on one device, "
+            "so drop it."
+        )
     store = sp.Store.open(store_path)
     spec = _spec_of(store, spec_path)
     queries = spec.query_data()
