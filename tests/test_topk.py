@@ -267,3 +267,23 @@ def test_building_and_searching_an_index_show_progress(
     attributor._index = None
     attributor.top_k(queries, 4)
     assert len(bars.reached("")) == shown  # progress=False: no bar shown
+
+
+def test_a_float16_torch_index_ranks_large_scores_instead_of_overflowing_and_refuses_rows_beyond_its_range() -> None:
+    """float16 ends at 65504: scores of features ×60 at d = 64 (about 10⁵) came back as inf, the top-k ids among
+    them in arbitrary order. The queries are searched as unit vectors (their order per query is the same) and the
+    scores scaled back in float32; rows float16 cannot hold are refused, not searched as inf."""
+    rng = np.random.default_rng(8)
+    feats = (60 * rng.standard_normal((500, 64))).astype(np.float32)
+    queries = (60 * rng.standard_normal((6, 64))).astype(np.float32)
+    index = TorchIndex.resident(feats, "cpu", block_rows=128, dtype=torch.float16)
+    scores, ids = index.search(queries, 10)
+    expected_scores, expected_ids = _brute(queries, feats, 10)
+    assert np.abs(expected_scores).max() > 65504  # the case: scores beyond float16's range
+    assert np.isfinite(scores).all() and _recall(ids, expected_ids) > 0.95
+    np.testing.assert_allclose(scores, np.take_along_axis(queries.astype(np.float64) @ feats.T.astype(np.float64),
+                                                          ids, 1), rtol=3e-3)  # fmt: skip
+    huge = feats.copy()
+    huge[7, 3] = 1e5
+    with pytest.raises(sp.TaskError, match=r"^The torch index's float16 rows overflow .*; hold them in bfloat16"):
+        TorchIndex.resident(huge, "cpu", dtype=torch.float16).search(queries, 10)

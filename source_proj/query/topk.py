@@ -97,7 +97,8 @@ class TorchIndex:
         query_batch: queries per product (bounds the ``query_batch × rows`` score block).
         dtype: the precision of the products: ``torch.float32`` (exact), or ``torch.float16`` /
             ``torch.bfloat16`` with rows held rounded to it (half the memory, twice the speed on a GPU; the
-            order of rows whose scores differ by less than the rounding may swap).
+            order of rows whose scores differ by less than the rounding may swap). float16 searches unit queries
+            (scores scaled back in float32) and refuses rows beyond its range (65504).
         progress: show a progress bar over the rows while a search takes longer than two seconds.
     """
 
@@ -177,7 +178,10 @@ class TorchIndex:
         if not 1 <= k <= self.ntotal:
             raise TaskError(f"top-k needs 1 ≤ k ≤ {self.ntotal} (the number of training rows), not {k}.")
         q = torch.as_tensor(np.ascontiguousarray(queries), dtype=torch.float32)
-        q_on = {place: q.to(place, self.dtype) for place in self.devices}
+        norms = torch.ones(q.shape[0], 1)
+        if self.dtype == torch.float16:  # its range ends at 65504: unit queries keep each score within |row|
+            norms = q.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        q_on = {place: (q / norms).to(place, self.dtype) for place in self.devices}
         best_scores = torch.full((q.shape[0], 0), float("-inf"), device=self.device)
         best_ids = torch.zeros((q.shape[0], 0), dtype=torch.int64, device=self.device)
         bar = rows_bar("top-k search", self.ntotal, self.progress)
@@ -189,6 +193,11 @@ class TorchIndex:
             for start in range(0, q.shape[0], self.query_batch):
                 stop = start + self.query_batch
                 scores = (q_on[place][start:stop] @ rows.T).float()
+                if self.dtype == torch.float16 and not bool(torch.isfinite(scores).all()):
+                    raise TaskError(
+                        "The torch index's float16 rows overflow (a row or its length beyond 65504); hold them in "
+                        "bfloat16 or float32 (dtype=)."
+                    )
                 top, where = scores.topk(min(k, rows.shape[0]), dim=1)
                 candidates = torch.cat([best_scores[start:stop], top.to(self.device)], dim=1)
                 ids = torch.cat([best_ids[start:stop], where.to(self.device) + first], dim=1)
@@ -198,7 +207,7 @@ class TorchIndex:
             best_scores, best_ids = torch.cat(merged_scores), torch.cat(merged_ids)
             bar.update(rows.shape[0])
         bar.close()
-        return best_scores.cpu().numpy(), best_ids.cpu().numpy()
+        return (best_scores.cpu() * norms).numpy(), best_ids.cpu().numpy()
 
 
 def faiss_gpu_available() -> bool:
