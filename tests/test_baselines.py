@@ -267,6 +267,9 @@ def test_an_ensemble_averages_the_scores_of_its_models_and_its_top_k_is_exact(fi
     rows = scores.shape[1]
     with pytest.raises(sp.TaskError, match=rf"^top-k {rows + 1} is not between 1 and the {rows} training examples"):
         ensemble.top_k(queries, rows + 1)
+    sp.fit(second, sp.FitArguments(damping_factor=0.5), overwrite=True, progress=False)  # refitted otherwise
+    with pytest.raises(sp.StoreError, match=r"s2\.sp changed since this Attributor was made"):
+        ensemble.train_features()  # they were the new fit's, silently, next to the old query recipe
 
 
 def test_an_ensemble_refuses_one_model_counted_twice(fitted, tmp_path: Path) -> None:

@@ -255,9 +255,9 @@ class Attributor:
             self.trajectory.load_into(self.model, by_step[step])
             self._loaded = step
 
-    def _check_unchanged(self) -> None:
-        """Refuse to answer once the store changed on disk (it grew, or the method was fitted again): the recipe,
-        rows and index held here are those of the store as it was."""
+    def check_unchanged(self) -> None:
+        """Refuse to answer once the store changed on disk (it grew, was featurized again, or the method was fitted
+        again): the recipe, rows and index held here are those of the store as it was."""
         if _fitted(Store.open(self.store.path).meta, self.method) != self._fitted:
             raise StoreError(
                 f"The store at {self.store.path} changed since this Attributor was made (it grew, was featurized "
@@ -267,7 +267,7 @@ class Attributor:
     def query_features(self, queries: Dataset | Sequence[Any]) -> torch.Tensor:
         """q̃ for every query: float32 ``[Q, d]`` (concatenated over the recipe's checkpoints)."""
         check_indexed(_as_dataset(queries), "The queries")
-        self._check_unchanged()
+        self.check_unchanged()
         if len(_as_dataset(queries)) == 0:  # type: ignore[arg-type]
             raise TaskError("There are no queries to score; pass at least one query example.")
         steps, weights = self.recipe["checkpoints"], self.recipe["weights"]
@@ -338,7 +338,7 @@ class Attributor:
 
     def index(self) -> faiss.Index | TorchIndex:
         """Exact inner-product index over the training features (built once; see ``search_backend``)."""
-        self._check_unchanged()
+        self.check_unchanged()
         if self._index is None:
             names = [f"methods/{self.method}/train/{r.stage}" for r in self.rows]
 

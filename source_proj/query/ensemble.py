@@ -107,7 +107,9 @@ class Ensemble:
         return np.concatenate([a.query_features(queries).numpy() for a in self.attributors], axis=1)
 
     def train_features(self) -> np.ndarray:
-        """Concatenated T_m(z)/M of every model: float32 ``[N, Σ_m d_m]``."""
+        """Concatenated T_m(z)/M of every model: float32 ``[N, Σ_m d_m]``; refuses once a store changed since."""
+        for attributor in self.attributors:
+            attributor.check_unchanged()
         scale = 1.0 / len(self.attributors)
         return np.concatenate([train_features(a.store, a.method) * scale for a in self.attributors], axis=1)
 
@@ -116,7 +118,10 @@ class Ensemble:
         return self.query_features(queries) @ self.train_features().T
 
     def index(self) -> faiss.Index:
-        """Exact inner-product FAISS index over the concatenated training features (built once)."""
+        """Exact inner-product FAISS index over the concatenated training features (built once; refused once a store
+        changed since)."""
+        for attributor in self.attributors:
+            attributor.check_unchanged()
         if self._index is None:
             feats = np.ascontiguousarray(self.train_features(), dtype=np.float32)
             self._index = faiss.IndexFlatIP(feats.shape[1])
