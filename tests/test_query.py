@@ -15,7 +15,7 @@ from torch.utils.data import TensorDataset
 import source_proj as sp
 from source_proj.query.attributor import StageRows, search
 
-from .conftest import full_batch_run, mlp
+from .conftest import _classification_data, full_batch_run, mlp
 
 
 def test_faiss_top_k_equals_a_brute_force_sort() -> None:
@@ -155,3 +155,15 @@ def test_an_ensemble_result_carries_its_tasks_meaning(tmp_path: Path, regression
     attributors[1].positive_helps = True  # as a task that says otherwise would
     with pytest.raises(sp.TaskError, match="disagree on what a score's sign means"):
         sp.Ensemble(attributors)
+
+
+@pytest.mark.parametrize("size", [0, -1, 2.5, True])
+def test_a_batch_size_that_is_not_a_count_is_refused_before_any_work(fitted_mlp_store: Path, size: object) -> None:
+    """0 raised ZeroDivisionError at the first query, −1 and 2.5 the data loader's ValueError; token_scores' 0 was
+    reported as text examples missing."""
+    with pytest.raises(sp.TaskError, match=rf"^Attributor's batch_size is {size!r}; pass a whole number ≥ 1\.$"):
+        sp.Attributor(fitted_mlp_store, mlp(), sp.ClassificationTask(), batch_size=size)  # type: ignore[arg-type]
+    attributor = sp.Attributor(fitted_mlp_store, mlp(), sp.ClassificationTask(), progress=False)
+    data = _classification_data()
+    with pytest.raises(sp.TaskError, match=rf"^token_scores's batch_size is {size!r}; pass a whole number ≥ 1\.$"):
+        sp.token_scores(attributor, [data[0]], data, [0], batch_size=size, progress=False)  # type: ignore[arg-type]

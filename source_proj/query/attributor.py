@@ -155,6 +155,12 @@ def train_features(store: Store, method: str = "source") -> np.ndarray:
     return np.concatenate([store.read(f"methods/{method}/train/{r.stage}") for r in method_rows(store, method)])
 
 
+def check_batch_size(value: object, name: str) -> None:
+    """Refuse a batch size that is not a whole number ≥ 1 (before the work it would fail in)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise TaskError(f"{name} is {value!r}; pass a whole number ≥ 1.")
+
+
 def _as_dataset(queries: Dataset | Sequence[Any]) -> Dataset | Sequence[Any]:
     """Queries given as a tuple of tensors (inputs, labels, …) become a dataset of their rows."""
     if isinstance(queries, (tuple, list)) and queries and all(isinstance(t, torch.Tensor) for t in queries):
@@ -212,6 +218,7 @@ class Attributor:
         search_ivf: IVFArguments = IVFArguments(),
         progress: bool = True,
     ) -> None:
+        check_batch_size(batch_size, "Attributor's batch_size")
         if search_backend not in SEARCH_BACKENDS:  # the search's settings before any work, as the device's
             raise TaskError(f"Unknown search backend {search_backend!r}; use one of {', '.join(SEARCH_BACKENDS)}.")
         if search_devices and search_backend in ("faiss", "ivf"):

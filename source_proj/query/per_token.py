@@ -55,7 +55,7 @@ from source_proj.featurize.arguments import as_stage_datasets
 from source_proj.featurize.plan import mean_state
 from source_proj.projection.base import Projector
 from source_proj.projection.factored import FactoredProjector
-from source_proj.query.attributor import Attributor, method_meta
+from source_proj.query.attributor import Attributor, check_batch_size, method_meta
 from source_proj.tasks.data import ChosenLabels, collate_of
 from source_proj.tasks.gradients import move_batch
 from source_proj.tasks.task import Batch, output_tensor
@@ -169,6 +169,7 @@ def token_scores(
     Returns:
         ``TokenScores`` with ``tokens`` ``[Q, len(rows), T]``.
     """
+    check_batch_size(batch_size, "token_scores's batch_size")
     store = attributor.store
     described = method_meta(store, attributor.method)
     recipe = described.get("train")
