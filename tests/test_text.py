@@ -158,6 +158,22 @@ def test_padded_per_example_gradients_equal_single_sequences(case: str) -> None:
             assert error <= 2e-5 * scale, f"{quantity} of sequence {i}: {error:.2e} vs scale {scale:.2e}"
 
 
+def test_a_float64_model_gets_finite_gradients_where_its_float32_softmax_meets_a_row_masked_whole() -> None:
+    """Mistral's window masks every key of a padding row past it; Mistral takes its softmax in float32, where float64's
+    minimum is -inf: the row was NaN, and its backward (0 · NaN) made every gradient NaN."""
+    model, task = _mistral().double(), _lm()
+    names = task.select_parameters(model)
+    grads = PerExampleGradients(model, task, names)
+    batch = _batch(SEQUENCES, None, LENGTH)
+    grads.outputs(batch)
+    padded = grads(batch)
+    for i, seq in enumerate(SEQUENCES):
+        alone = grads(_batch([seq]))
+        scale = max(float(alone[n].abs().max()) for n in names)
+        error = max(float((padded[n][i] - alone[n][0]).abs().max()) for n in names)
+        assert scale > 1e-4 and error <= 1e-7 * scale, f"sequence {i}: {error:.2e} vs {scale:.2e}"
+
+
 def test_a_batch_of_one_gets_its_plain_autograd_gradient_where_vmap_cannot_run_the_model() -> None:
     """BLOOM's GELU is an autograd.Function without setup_context, which torch.func refuses: a single query (or a
     dataset's last batch of one), which the hooks' two-example check never sees, takes plain autograd."""

@@ -302,8 +302,9 @@ def attention_bias(
     """The additive 4-D mask ``[B, 1, T, T]`` of a ``[B, T]`` padding mask (1 = token, 0 = padding).
 
     Entry ``[b, 0, i, j]`` is 0 where position i may attend to key j (j is a token, and j ≤ i when
-    ``causal``, and i − j < ``window`` with a sliding window) and the minimum of ``dtype`` elsewhere (finite,
-    so a fully masked row stays finite). Pure tensor operations: safe under ``torch.func.vmap``.
+    ``causal``, and i − j < ``window`` with a sliding window) and the minimum of ``dtype`` elsewhere (float32's for
+    float64: finite where models take their softmax, so a fully masked row stays finite). Pure tensor operations:
+    safe under ``torch.func.vmap``.
     """
     length = attention_mask.shape[-1]
     allowed = attention_mask[:, None, None, :].bool()
@@ -313,7 +314,14 @@ def attention_bias(
         allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).triu(1 - window)
     allowed = allowed.expand(attention_mask.shape[0], 1, length, length)
     zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
-    return torch.where(allowed, zero, torch.finfo(dtype).min)
+    return torch.where(allowed, zero, _masked(dtype))
+
+
+def _masked(dtype: torch.dtype) -> float:
+    """The additive mask's value at a masked key: the minimum of ``dtype``, but float32's for float64, since models
+    take their softmax in float32 (Llama's, Mistral's), where float64's minimum is -inf: a row masked whole (a
+    padding row past a sliding window) would be NaN, and its backward (0 · NaN) would make every gradient NaN."""
+    return torch.finfo(torch.float32 if dtype == torch.float64 else dtype).min
 
 
 def _plain(tensor: Tensor) -> bool:
@@ -943,7 +951,7 @@ class Seq2SeqTask(_TextTask):
         if kind.hugging_face:
             padding = _padding_mask(batch)[:, None, None, :].bool()
             zero = torch.zeros((), dtype=kind.dtype, device=padding.device)
-            inputs["attention_mask"] = torch.where(padding, zero, torch.finfo(kind.dtype).min)
+            inputs["attention_mask"] = torch.where(padding, zero, _masked(kind.dtype))
             target = batch.get("decoder_attention_mask")
             target = torch.ones_like(decoder_ids) if target is None else target
             inputs["decoder_attention_mask"] = attention_bias(target, True, kind.dtype)
