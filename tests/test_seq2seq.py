@@ -105,6 +105,27 @@ def test_padded_per_example_gradients_equal_single_pairs_by_vmap_and_by_hooks(ca
 
 
 @pytest.mark.parametrize("case", ["t5-eager", "bart-eager"])
+def test_left_padded_sources_give_the_gradients_of_right_padded_ones_by_vmap_and_by_hooks(case: str) -> None:
+    """A left-padded source (tokenizer.padding_side = "left") is rolled to the right before the encoder runs:
+    BART's learned positions see the source from 0, as the pair alone does; the target keeps its own axis."""
+    model, task = MODELS[case]().double(), sp.Seq2SeqTask(tokens_per_sequence=3.5)
+    names = task.select_parameters(model)
+    right = _pairs(SOURCES, TARGETS)
+    shift = right["attention_mask"].shape[1] - right["attention_mask"].sum(-1)
+    left = {**right, **{key: torch.stack([row.roll(int(s)) for row, s in zip(right[key], shift, strict=True)])
+                        for key in ("input_ids", "attention_mask")}}  # fmt: skip
+    for hooks in (True, False):
+        grads = PerExampleGradients(model, task, names, hooks=hooks)
+        assert torch.equal(grads.outputs(left), grads.outputs(right))
+        for quantity in ("loss", "measurement"):
+            got, want = grads(left, quantity), grads(right, quantity)
+            assert all(torch.equal(got[n], want[n]) for n in names), f"{quantity}, hooks={hooks}"
+    alone = grads(_pairs(SOURCES[1:2], TARGETS[1:2], len(SOURCES[1]), len(TARGETS[1])), "measurement")
+    scale = max(float(alone[n].abs().max()) for n in names)
+    assert scale > 1e-4 and max(float((got[n][1] - alone[n][0]).abs().max()) for n in names) <= 1e-7 * scale
+
+
+@pytest.mark.parametrize("case", ["t5-eager", "bart-eager"])
 def test_loss_and_measurement_are_the_models_own_seq2seq_loss(case: str) -> None:
     model = MODELS[case]().eval()
     batch = _pairs(SOURCES, TARGETS)

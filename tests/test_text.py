@@ -174,6 +174,41 @@ def test_a_float64_model_gets_finite_gradients_where_its_float32_softmax_meets_a
         assert scale > 1e-4 and error <= 1e-7 * scale, f"sequence {i}: {error:.2e} vs {scale:.2e}"
 
 
+def _left_padded(batch: dict, aligned: tuple[str, ...] = ("input_ids", "attention_mask")) -> dict:
+    """``batch`` (right-padded) with each row's padding moved before its tokens in the ``aligned`` tensors."""
+    shift = batch["attention_mask"].shape[1] - batch["attention_mask"].sum(-1)
+    return {key: torch.stack([row.roll(int(s)) for row, s in zip(value, shift, strict=True)]) if key in aligned
+            else value for key, value in batch.items()}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_left_padded_per_example_gradients_equal_single_sequences(case: str) -> None:
+    """Left padding (tokenizer.padding_side = "left") shifts every token's position; the task rolls each row to the
+    right before the model runs, so each row's gradients are those of its sequence alone, on both gradient paths."""
+    build, make_task, classify = CASES[case]
+    model, task = build().double(), make_task()
+    names = task.select_parameters(model)
+    labels = CLASSES if classify else None
+    right = _batch(SEQUENCES, labels, LENGTH)
+    left = _left_padded(right, ("input_ids", "attention_mask") if classify else ("input_ids", "attention_mask",
+                                                                                  "labels"))
+    assert bool((left["attention_mask"][:, 0] == 0).any()), "some row must be padded on the left"
+    for hooks in (True, False):  # the layer hooks' path, and vmap's
+        grads = PerExampleGradients(model, task, names, hooks=hooks)
+        outputs = grads.outputs(left)  # outside vmap: the task checks its mask against the model's own masking
+        assert torch.equal(outputs, grads.outputs(right)), "the left-padded batch runs as the right-padded one"
+        for quantity in ("loss", "measurement"):
+            padded, rolled = grads(left, quantity), grads(right, quantity)
+            assert all(torch.equal(padded[n], rolled[n]) for n in names), f"{quantity}, hooks={hooks}"
+    for i, seq in enumerate(SEQUENCES):
+        alone = grads(_batch([seq], None if labels is None else [labels[i]]), "measurement")
+        scale = max(float(alone[n].abs().max()) for n in names)
+        error = max(float((padded[n][i] - alone[n][0]).abs().max()) for n in names)
+        assert scale > 1e-4, "the gradient must not vanish, or the comparison proves nothing"
+        # float64 throughout, but Llama, OPT and BLOOM take their attention's softmax in float32
+        assert error <= 1e-7 * scale, f"sequence {i}: {error:.2e} vs {scale:.2e}"
+
+
 def test_a_batch_of_one_gets_its_plain_autograd_gradient_where_vmap_cannot_run_the_model() -> None:
     """BLOOM's GELU is an autograd.Function without setup_context, which torch.func refuses: a single query (or a
     dataset's last batch of one), which the hooks' two-example check never sees, takes plain autograd."""
@@ -499,10 +534,10 @@ def test_bad_text_input_is_refused_with_a_sentence() -> None:
     model = _gpt2()
     task = _lm()
     grads = PerExampleGradients(model, task, task.select_parameters(model))
-    left = _batch(SEQUENCES, length=LENGTH)
-    left["input_ids"], left["attention_mask"] = left["input_ids"].flip(1), left["attention_mask"].flip(1)
-    with pytest.raises(sp.TaskError, match="right-padded"):
-        grads.outputs(left)
+    holed = _batch(SEQUENCES, length=LENGTH)
+    holed["attention_mask"][2, 3] = 0
+    with pytest.raises(sp.TaskError, match="Example 2 of the batch has padding between two of its tokens"):
+        grads.outputs(holed)
     with pytest.raises(sp.TaskError, match="dicts with 'input_ids'"):
         grads.outputs((torch.ones(2, 4, dtype=torch.long),))
     with pytest.raises(sp.TaskError, match="attends bidirectionally"):
@@ -739,6 +774,30 @@ def _tagged(sequences: list[list[int]], length: int) -> dict:
     tags[:, 2::3] = -100
     batch["labels"] = tags.masked_fill(batch["attention_mask"] == 0, -100)
     return batch
+
+
+@pytest.mark.parametrize("case", ["token-classification", "language-modeling"])
+def test_left_padded_token_losses_and_exact_fisher_targets_are_the_right_padded_ones(case: str) -> None:
+    """A per-token task reads its labels where forward ran the tokens: on the rows rolled to right padding."""
+    if case == "token-classification":
+        model, task = _token_bert().double(), sp.TokenClassificationTask(tokens_per_sequence=3)
+        right = _tagged(SEQUENCES, LENGTH)
+    else:
+        model, task = _gpt2().double(), _lm()
+        right = _batch(SEQUENCES, length=LENGTH)
+        right["labels"] = right["input_ids"].masked_fill(right["attention_mask"] == 0, -100)
+    left = _left_padded(right, ("input_ids", "attention_mask", "labels"))
+    names = task.select_parameters(model)
+    grads = PerExampleGradients(model, task, names)
+    outputs = grads.outputs(left)
+    assert torch.equal(outputs, grads.outputs(right))
+    for quantity in ("loss", "fisher", "measurement"):
+        got, want = grads(left, quantity), grads(right, quantity)
+        assert all(torch.equal(got[n], want[n]) for n in names), quantity
+    bound = task.bind(model)
+    for (weight, batch), (expected, rolled) in zip(bound.fisher_targets(outputs, left, None),
+                                                   bound.fisher_targets(outputs, right, None), strict=True):
+        assert torch.equal(weight, expected) and torch.equal(batch["labels"], rolled["labels"])
 
 
 def test_token_classification_loss_is_the_models_own_and_its_measurement_the_summed_margins() -> None:

@@ -2,10 +2,16 @@
 parameters.
 
 **Batches** are dicts of tensors, as Hugging Face models take them: ``input_ids`` ``[B, T]``,
-``attention_mask`` ``[B, T]`` (1 = token, 0 = padding; sequences are *right*-padded), ``labels``
+``attention_mask`` ``[B, T]`` (1 = token, 0 = padding, on either side of each sequence's tokens), ``labels``
 (``[B]`` class ids for classification; ``[B, T]`` token ids for language modelling, −100 = not
 predicted, default ``input_ids``; ``[B, S]`` the target of an encoder–decoder model), and any other model
 input (``token_type_ids``…), passed on as it is. [`TextDataset`][] builds such examples from token ids.
+
+**Left padding** (``tokenizer.padding_side = "left"``, decoder models' default) would shift every token's position,
+and an ALiBi model, called without a mask, would attend to it: the tasks roll each left-padded row to the right
+before the model runs, in every tensor ``[B, T, …]`` on the tokens' positions ([`right_padded`][]), and read their
+labels there, so a row's score, gradient and per-token scores are those of its sequence alone. Padding inside a
+sequence (a 0 between two 1s of its mask) is refused.
 
 **Masks.** Per-example gradients run the model under ``torch.func.vmap``, where Hugging Face's own
 mask code fails: it branches on the mask's values (``padding_mask.all()``, to skip the mask when
@@ -214,8 +220,8 @@ def inspect_model(model: nn.Module, attention: AttentionKind = "auto") -> ModelK
     A Hugging Face model must use an attention implementation of ``VMAP_ATTENTION``; its
     causality is ``attention`` when given, else read from its attention modules' ``is_causal``. A causal one
     whose forward takes ``position_ids`` is given them (0 … T − 1, what right-padded tokens get from every causal
-    model): some derive them from the attention mask (OPT's cumulative sum), which the task replaces by its 4-D
-    additive mask.
+    model; the tasks roll left-padded rows to the right first, see [`right_padded`][]): some derive them from the
+    attention mask (OPT's cumulative sum), which the task replaces by its 4-D additive mask.
 
     An ALiBi model (BLOOM, Falcon with ``alibi=True``) reads the 2-D mask itself, to place its linear biases, and
     cannot take the 4-D one; it is called without a mask, which is exact for what the tasks predict: its attention
@@ -335,7 +341,7 @@ def _padding_mask(batch: Mapping[str, Tensor]) -> Tensor:
 
 
 def _check_batch(batch: Batch) -> None:
-    """Refuse, outside vmap, a batch that is not a dict with right-padded 0/1 attention masks."""
+    """Refuse, outside vmap, a batch that is not a dict with 0/1 attention masks, each row's tokens in one run."""
     if not isinstance(batch, Mapping) or "input_ids" not in batch:
         raise TaskError(
             "Text tasks take batches as dicts with 'input_ids' (and 'attention_mask', 'labels'); got "
@@ -349,13 +355,33 @@ def _check_batch(batch: Batch) -> None:
         raise TaskError(f"'attention_mask' must have shape [B, T] (1 = token, 0 = padding), not {list(mask.shape)}.")
     if ((mask != 0) & (mask != 1)).any():
         raise TaskError("'attention_mask' must hold only 0 (padding) and 1 (token); pass the tokenizer's mask.")
-    left = (mask[:, 1:] > mask[:, :-1]).any(dim=1)
-    if left.any():
-        row = int(torch.nonzero(left)[0, 0])
+    runs = (mask[:, 1:] > mask[:, :-1]).sum(dim=1) + (mask[:, 0] > 0).long()  # where each run of tokens starts
+    if (runs > 1).any():
+        row = int(torch.nonzero(runs > 1)[0, 0])
         raise TaskError(
-            f"Example {row} of the batch has padding before a token; the text tasks need right-padded sequences "
-            "(tokenizer.padding_side = 'right'), so that positions match the unpadded sequence."
+            f"Example {row} of the batch has padding between two of its tokens; the text tasks take each sequence as "
+            "one run of tokens, padded on the left or the right (tokenizer.padding_side), not inside it."
         )
+
+
+def _leading_padding(mask: Tensor) -> Tensor:
+    """How many padding positions open each row of a ``[B, T]`` padding mask: ``[B]`` (0 for right padding)."""
+    return (mask.cumsum(-1) == 0).sum(-1)
+
+
+def _roll_left(value: Tensor, shift: Tensor) -> Tensor:
+    """Each row of ``value`` ``[B, T, …]`` rolled ``shift[b]`` positions to the left (a gather: vmap-safe)."""
+    length = value.shape[1]
+    index = (torch.arange(length, device=value.device) + shift.to(value.device)[:, None]) % length
+    return value.gather(1, index.view(*index.shape, *[1] * (value.dim() - 2)).expand_as(value))
+
+
+def right_padded(batch: Batch, task: Task) -> Batch:
+    """``batch`` as a text ``task`` runs it: each left-padded row rolled to the right (its tokens from position 0,
+    then its padding) in every tensor ``[B, T, …]`` aligned with ``input_ids`` ``[B, T]`` but the task's targets on
+    another axis (a sequence classifier's labels, a seq2seq target). A right-padded batch, and any batch of another
+    task, is returned as it is. Tensor operations only: safe under ``torch.func.vmap``."""
+    return task._right_padded(batch) if isinstance(task, _TextTask) else batch
 
 
 def _check_unpacked(batch: Mapping[str, Tensor]) -> None:
@@ -465,13 +491,33 @@ class _TextTask(Task):
     def _resolve(self, model: nn.Module) -> ModelKind:
         return inspect_model(model, self.attention)
 
+    def _token_aligned(self, key: str) -> bool:
+        """Whether the batch's ``key``, where it is ``[B, T, …]``, lies on the positions of ``input_ids``."""
+        return True
+
+    def _right_padded(self, batch: Batch) -> Batch:
+        """See [`right_padded`][]: outside vmap a batch without left padding is returned itself."""
+        mask = batch.get("attention_mask")
+        if mask is None or mask.dim() != 2:
+            return batch
+        shift = _leading_padding(mask)
+        if _plain(shift) and not bool(shift.any()):
+            return batch
+        width = tuple(batch["input_ids"].shape[:2])
+        return {key: _roll_left(value, shift) if isinstance(value, Tensor) and value.dim() >= 2
+                and tuple(value.shape[:2]) == width and self._token_aligned(key) else value
+                for key, value in batch.items()}  # fmt: skip
+
     def forward(self, model: Callable[..., Any], batch: Batch) -> Tensor:
-        """Logits of the batch: ``[B, C]`` (classification) or ``[B, T, V]`` (language modelling).
+        """Logits of the batch: ``[B, C]`` (classification) or ``[B, T, V]`` (language modelling), per-position
+        logits on the positions of the batch rolled to right padding ([`right_padded`][]), as the task's losses
+        read them.
 
         ``model`` is the module itself, or (inside the gradient engine) a functional call of the
         module the task was bound to (see [`bind`][]).
         """
         _check_batch(batch)
+        batch = self._right_padded(batch)
         bound = self._kind is not None
         if isinstance(model, nn.Module):
             kind = self._resolve(model)
@@ -528,6 +574,7 @@ class _TextTask(Task):
     def representation(self, model: nn.Module, batch: Batch) -> Tensor:
         """The input of the model's last ``nn.Linear`` (its last hidden states), averaged over the tokens of
         each sequence when it is per position: float ``[B, h]`` (RepSim compares these)."""
+        batch = self._right_padded(batch)  # the hidden states lie on the positions the model ran
         hidden = self._last_linear_input(model, batch)
         if hidden is None:
             return super().representation(model, batch)
@@ -602,6 +649,9 @@ class SequenceClassificationTask(_TextTask, ClassificationTask):
         """A regression head's measurement is its error: there a positive score means the example raised it."""
         problem = self.problem_type if self.problem_type != "auto" else self._config_problem
         return problem != "regression"
+
+    def _token_aligned(self, key: str) -> bool:
+        return key != "labels"  # one label (or row of them) per sequence
 
     def bind(self, model: nn.Module) -> SequenceClassificationTask:
         bound = super().bind(model)
@@ -716,7 +766,7 @@ class LanguageModelingTask(_TextTask):
       sequences' mean token losses).
 
     Batches: ``{"input_ids", "attention_mask", "labels" [B, T] (optional, −100 = not predicted), ...}``,
-    right-padded; the model returns logits ``[B, T, V]``. Fisher targets sample a token from the
+    padded on either side; the model returns logits ``[B, T, V]``. Fisher targets sample a token from the
     model's predictive distribution at every position that carries loss.
 
     A run trained on smoothed labels (the Trainer's ``label_smoothing_factor`` ε) minimised the token loss
@@ -766,10 +816,11 @@ class LanguageModelingTask(_TextTask):
         −log p(token t+1 | tokens ≤ t), or with ``smoothing`` ε the smoothed loss
         (1 − ε)·(−log p(token t+1)) − ε·mean_v log p(v)."""
         _check_batch(batch)
+        if "labels" in batch:  # the model's loss predicts every label that is not −100, padding's too
+            _check_no_labelled_padding(batch["labels"], _padding_mask(batch), "attention_mask", first=1)
+        batch = self._right_padded(batch)  # as forward ran it
         labels = batch.get("labels", batch["input_ids"])
         keep = loss_positions(batch)
-        if "labels" in batch:  # the model's loss predicts every label that is not −100, padding's too
-            _check_no_labelled_padding(labels, _padding_mask(batch), "attention_mask", first=1)
         logits = outputs  # half precision stays: token_nll computes in float32 a block at a time
         vocab = logits.shape[-1]
         _check_tokens(torch.where(keep, labels[:, 1:], torch.zeros_like(labels[:, 1:])), vocab)
@@ -802,7 +853,9 @@ class LanguageModelingTask(_TextTask):
         weight n (ℓ = s/n, so E[n·∇ℓ∇ℓᵀ] = (1/n)Σ_t J_tᵀ(diag p_t − p_t p_tᵀ)J_t, the Gauss–Newton of ℓ;
         cross-position terms vanish in expectation). Exact (``draws=None``): one direction per
         (position, token), (T−1)·V of them (tiny vocabularies only), weight p·n'²/n where n' is the
-        direction's own normaliser (1 with ``"own"``: a single position carries its loss)."""
+        direction's own normaliser (1 with ``"own"``: a single position carries its loss). The batches are
+        rolled to right padding ([`right_padded`][]), as the outputs are."""
+        batch = self._right_padded(batch)
         keep = loss_positions(batch)
         observed = self._normalizers(batch).to(_upcast(outputs[:1, :1]))
         ignored = torch.full_like(batch["input_ids"], IGNORE_INDEX)
@@ -841,9 +894,11 @@ class LanguageModelingTask(_TextTask):
 class Seq2SeqTask(_TextTask):
     """Encoder–decoder generation: Hugging Face's ``*ForConditionalGeneration`` (T5, BART, Marian, Pegasus…).
 
-    Batches: ``{"input_ids", "attention_mask"}`` ``[B, T]`` (the source, right-padded) and ``"labels"`` ``[B, S]``
-    (the target, −100 where nothing is predicted: padding), as ``DataCollatorForSeq2Seq`` builds them, or
-    [`TextDataset`][] with ``targets=``. The decoder reads the target shifted right by one, starting from the
+    Batches: ``{"input_ids", "attention_mask"}`` ``[B, T]`` (the source, padded on either side) and ``"labels"``
+    ``[B, S]`` (the target, −100 where nothing is predicted: padding), as ``DataCollatorForSeq2Seq`` builds them, or
+    [`TextDataset`][] with ``targets=``. The target is read as given: a left-padded one (``DataCollatorForSeq2Seq``
+    pads it on the tokenizer's side) has its −100s before its tokens, which the decoder reads as pad tokens, as the
+    model itself does when given those labels. The decoder reads the target shifted right by one, starting from the
     model's ``decoder_start_token_id`` (−100 read as ``pad_token_id``), as the model does itself when given
     ``labels``; a batch's own ``decoder_input_ids`` are taken as they are. The model returns logits ``[B, S, V]``.
 
@@ -910,6 +965,9 @@ class Seq2SeqTask(_TextTask):
             )
         return kind
 
+    def _token_aligned(self, key: str) -> bool:
+        return key not in ("labels", OBSERVED_TARGET_KEY) and not key.startswith("decoder_")  # the target's axis
+
     def _shift_ids(self, model: nn.Module | None) -> tuple[int, int] | None:
         """(decoder_start_token_id, pad_token_id): the task's, else the model config's; None where neither is."""
         config = getattr(model, "config", None)
@@ -931,8 +989,10 @@ class Seq2SeqTask(_TextTask):
         return shift_right(batch.get(OBSERVED_TARGET_KEY, _targets(batch)), *shift)
 
     def forward(self, model: Callable[..., Any], batch: Batch) -> Tensor:
-        """Logits ``[B, S, V]`` of the target given the source (teacher forcing)."""
+        """Logits ``[B, S, V]`` of the target given the source (teacher forcing; a left-padded source is rolled to
+        the right, [`right_padded`][])."""
         _check_batch(batch)
+        batch = self._right_padded(batch)
         bound = self._kind is not None
         if isinstance(model, nn.Module):
             kind, shift = self._resolve(model), self._shift_ids(model)
@@ -1173,6 +1233,8 @@ class TokenClassificationTask(_TextTask):
                 f"a token has none), but the batch holds {got} for logits of shape {list(outputs.shape)}."
             )
         _check_no_labelled_padding(labels, _padding_mask(batch), "attention_mask")
+        batch = self._right_padded(batch)  # as forward ran it
+        labels = batch["labels"]
         keep = _padding_mask(batch).bool() & (labels != IGNORE_INDEX)
         classes = outputs.shape[-1]
         if _plain(labels) and keep.any():
@@ -1220,10 +1282,11 @@ class TokenClassificationTask(_TextTask):
     ) -> list[tuple[Tensor, Batch]]:
         """Sampled: a class for every labelled token from the model, weight n (E[n·∇ℓ∇ℓᵀ] is the Gauss–Newton of
         ℓ = s/n, as for [`LanguageModelingTask`][]). Exact (``draws=None``): one direction per (token, class),
-        weight p·n'²/n, n' the direction's own normaliser (1 with ``"own"``)."""
+        weight p·n'²/n, n' the direction's own normaliser (1 with ``"own"``). The batches are rolled to right
+        padding ([`right_padded`][]), as the outputs are."""
         labels, keep = self._labelled(outputs, batch)
         return _aligned_fisher_targets(outputs, labels, keep, self._scale(keep), self.tokens_per_sequence == "own",
-                                       batch, draws)  # fmt: skip
+                                       self._right_padded(batch), draws)  # fmt: skip
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "tokens_per_sequence": self.tokens_per_sequence,
