@@ -50,6 +50,14 @@ def _pad(examples: list[dict]) -> transformers.BatchEncoding:
     return transformers.BatchEncoding({"input_ids": ids, "attention_mask": mask, "labels": labels})
 
 
+def _pad_left(examples: list[dict]) -> transformers.BatchEncoding:
+    """``_pad`` with the padding before each sequence's tokens, as a tokenizer with ``padding_side="left"`` pads."""
+    batch = _pad(examples)
+    shift = batch["attention_mask"].shape[1] - batch["attention_mask"].sum(-1)
+    return transformers.BatchEncoding({key: torch.stack([row.roll(int(s)) for row, s in zip(value, shift, strict=True)])
+                                       for key, value in batch.items()})  # fmt: skip
+
+
 def _pad_ids_only(examples: list[dict]) -> transformers.BatchEncoding:
     """``_pad``, refusing a key it does not know, as a tokenizer's ``pad`` refuses a text column."""
     unknown = sorted(set(examples[0]) - {"input_ids"})
@@ -127,6 +135,47 @@ def test_sequences_of_their_own_lengths_are_attributed_as_when_padded_to_one(tmp
     np.testing.assert_allclose(got.tokens, want.tokens[..., :width], rtol=1e-3, atol=1e-4 * scale)
     assert np.all(want.tokens[..., width:] == 0)
     np.testing.assert_allclose(got.scores, want.scores, rtol=1e-3, atol=1e-4 * np.abs(want.scores).max())
+
+
+@pytest.mark.slow
+def test_left_padded_batches_are_attributed_as_right_padded_ones(tmp_path: Path) -> None:
+    """A left-padding collator (tokenizer.padding_side = "left") gives the store, the scores, the per-token scores and
+    the single-token queries that a right-padding one gives: the task rolls each row to the right before GPT-2's
+    learned positions see it, and a single-token query's label stays on its token wherever the collator pads."""
+    train, queries = _sequences(8, 0), _sequences(3, 1)
+    right = sp.CollatedDataset([{"input_ids": s} for s in train], _pad)
+    left = sp.CollatedDataset([{"input_ids": s} for s in train], _pad_left)
+    task = sp.LanguageModelingTask(tokens_per_sequence="own")
+    model = _gpt2()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
+    recorder = sp.TrajectoryRecorder(tmp_path / "run", model, optimizer, save_every=1)
+    recorder.begin_stage("main", dataset_size=len(train))
+    for batch in torch.utils.data.DataLoader(left, batch_size=4, collate_fn=left.collate_fn):
+        optimizer.zero_grad()
+        task.loss(task.forward(model, batch), batch).mean().backward()
+        optimizer.step()
+        recorder.step()
+    recorder.close()
+    stores = {}
+    for name, data in (("left", left), ("right", right)):
+        stores[name] = sp.featurize(tmp_path / "run", _gpt2(), task, data, tmp_path / f"{name}.sp", progress=False,
+                                    projection=sp.ProjectionArguments(dim=32),
+                                    options=sp.FeaturizeArguments(batch_size=4))  # fmt: skip
+        sp.fit(stores[name].path, progress=False)
+    for step in (c.step for c in sp.Trajectory.load(tmp_path / "run").checkpoints):
+        want = stores["right"].read(f"grads/main/step-{step:08d}")
+        assert np.abs(want).max() > 0 and np.array_equal(stores["left"].read(f"grads/main/step-{step:08d}"), want)
+    ours, theirs = (sp.Attributor(stores[name].path, _gpt2(), task) for name in ("left", "right"))
+    single = [sp.single_token_query({"input_ids": q}, 2) for q in queries]
+    for chosen in ([{"input_ids": q} for q in queries], single):
+        want = theirs.scores(sp.CollatedDataset(chosen, _pad))
+        assert np.abs(want).max() > 0 and np.array_equal(ours.scores(sp.CollatedDataset(chosen, _pad_left)), want)
+    rows = [0, 3, 6]
+    got = sp.token_scores(ours, sp.CollatedDataset(single, _pad_left), left, rows, progress=False)
+    want = sp.token_scores(theirs, sp.CollatedDataset(single, _pad), right, rows, progress=False)
+    assert np.abs(want.tokens).max() > 0 and np.array_equal(got.input_ids, want.input_ids)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_array_equal(got.scores, want.scores)
 
 
 def test_the_basis_budget_counts_a_padded_sequences_real_tokens() -> None:

@@ -275,8 +275,8 @@ def test_single_token_queries_split_the_summed_query_loss(fitted: tuple[Path, Pa
 
 
 def test_a_single_token_query_refuses_a_padded_position() -> None:
-    """A position in a sequence's right padding is never predicted: its query measured nothing (scores of 0) without
-    a word. It is refused naming the sequence's own length; the last real token is taken."""
+    """A position in a sequence's padding (or its first token) is never predicted: its query measured nothing (scores
+    of 0) without a word. It is refused naming the sequence's own length; the last real token is taken."""
     padded = sp.TextDataset([[5, 6, 7, 8]], length=6)[0]  # 4 tokens, 2 of padding
     last = sp.single_token_query(padded, 3)
     assert last["labels"].tolist() == [-100, -100, -100, 8, -100, -100]
@@ -290,6 +290,13 @@ def test_a_single_token_query_refuses_a_padded_position() -> None:
     for position in (True, 2.0, torch.tensor(2.0)):  # True predicted every token, padding too, without a word
         with pytest.raises(sp.TaskError, match=r"^The token position must be a whole number, not "):
             sp.single_token_query(padded, position)  # type: ignore[arg-type]
+    # Left padding (tokenizer.padding_side = "left"): the tokens lie at 2 … 5, the first of them predicts nothing.
+    left = {"input_ids": torch.tensor([0, 0, 5, 6, 7, 8]), "attention_mask": torch.tensor([0, 0, 1, 1, 1, 1])}
+    assert sp.single_token_query(left, 5)["labels"].tolist() == [-100] * 5 + [8]
+    for position in (1, 2):
+        with pytest.raises(sp.TaskError, match=rf"^Token {position} is not predicted in this sequence of 4 tokens; "
+                                                r"use 3 ≤ position < 6\.$"):
+            sp.single_token_query(left, position)
 
 
 def _tutorial_lines(text: str) -> list[tuple[str, float, int]]:

@@ -59,7 +59,7 @@ from source_proj.query.attributor import Attributor, check_batch_size, method_me
 from source_proj.tasks.data import ChosenLabels, collate_of
 from source_proj.tasks.gradients import move_batch
 from source_proj.tasks.task import Batch, output_tensor
-from source_proj.tasks.text import IGNORE_INDEX, OBSERVED_TARGET_KEY, Seq2SeqTask
+from source_proj.tasks.text import IGNORE_INDEX, OBSERVED_TARGET_KEY, Seq2SeqTask, right_padded
 from source_proj.trajectory.preconditioner import read_scale
 
 
@@ -71,7 +71,8 @@ class TokenScores:
     Attributes:
         rows: the sequences' rows in the method's feature matrix (as in ``QueryResult`` ids) ``[n]``.
         where: ``(stage, index)`` of each sequence in its stage's dataset.
-        input_ids: the sequences' token ids ``[n, T]``; ``attention_mask`` ``[n, T]`` (0 = padding).
+        input_ids: the sequences' token ids ``[n, T]``; ``attention_mask`` ``[n, T]`` (0 = padding), each row
+            right-padded (a left-padded one rolled to the right, as the task ran it).
         tokens: float32 ``[Q, n, T]``: the score carried by each position of each sequence (an encoder–decoder
             model's: of its source).
         unplaced: float32 ``[Q, n]``: the part through module outputs without a position axis.
@@ -133,12 +134,15 @@ def single_token_query(example: Mapping[str, Tensor], position: int, *, target: 
                 f"This example's labels are {what}, so it is not a language model's sequence; for an encoder–decoder "
                 "pair's target, pass target=True to predict one token of it."
             )
-    # Right padding (TextDataset's) is never predicted: a padded position would measure nothing, silently.
+    # Padding (TextDataset's on the right, a left-padding tokenizer's before the tokens) is never predicted, nor the
+    # first token: such a position would measure nothing, silently.
     mask = example.get("attention_mask")
-    length = int(torch.as_tensor(mask).sum()) if mask is not None else ids.shape[0]
-    if not 1 <= position < length:
+    mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask).reshape(-1)
+    first, length = int((mask.cumsum(0) == 0).sum()), int(mask.sum())
+    if not first + 1 <= position < first + length:
         raise TaskError(
-            f"Token {position} is not predicted in this sequence of {length} tokens; use 1 ≤ position < {length}."
+            f"Token {position} is not predicted in this sequence of {length} tokens; use {first + 1} ≤ position < "
+            f"{first + length}."
         )
     labels = torch.full_like(ids, IGNORE_INDEX)
     labels[position] = ids[position]
@@ -191,9 +195,10 @@ def token_scores(
     if not places:
         raise TaskError("Give token_scores at least one row of the method's features (e.g. a query's top-k ids).")
     query = attributor.query_features(queries).double()
-    # Each stage's sequences batched by that stage's own collate (stages may pad differently), right-padded to one
-    # length in what is returned.
-    batches = {stage: _stack([datasets[stage][places[i][1]] for i in chosen], collate_of(datasets[stage]))
+    # Each stage's sequences batched by that stage's own collate (stages may pad differently), each row rolled to
+    # right padding as the task runs it (a left-padding collator's), right-padded to one length in what is returned.
+    batches = {stage: right_padded(_stack([datasets[stage][places[i][1]] for i in chosen], collate_of(datasets[stage])),
+                                   attributor.task)
                for stage, chosen in _by_stage(places).items()}  # fmt: skip
     seq2seq = isinstance(attributor.task, Seq2SeqTask)
     input_ids, attention_mask = _padded(batches, places, "input_ids", 0), _padded(batches, places, "attention_mask", 0)

@@ -127,20 +127,31 @@ class CollatedDataset(Dataset):
 
 def _with_chosen_labels(collate: Callable[[list[Any]], Any], examples: list[Any]) -> dict[str, Any]:
     """``ChosenLabels`` examples batched by ``collate`` without their labels, which are then put in the batch as they
-    were chosen, right-padded with −100: a language model's to the batch's ``input_ids`` width (a collator may pad
-    beyond the longest sequence), a target (labels of another length than the example's input) to the longest."""
+    were chosen, padded with −100: a language model's to the batch's ``input_ids`` width (a collator may pad beyond
+    the longest sequence), on the side the collator padded each row's tokens (a left-padding tokenizer's: the label
+    stays on its token), a target (labels of another length than the example's input) on the right, to the
+    longest."""
     keys = ("labels", *examples[0].with_labels)
     batch = dict(collate([{k: v for k, v in e.items() if k not in keys} for e in examples]))
     rows = {key: [torch.as_tensor(e[key]).reshape(-1) for e in examples] for key in keys if key in examples[0]}
-    ids = batch.get("input_ids")
+    ids, mask = batch.get("input_ids"), batch.get("attention_mask")
     aligned = all(len(label) == len(e["input_ids"]) for label, e in zip(rows["labels"], examples, strict=True))
     for key, values in rows.items():
         width = ids.shape[-1] if aligned and isinstance(ids, torch.Tensor) else max(len(v) for v in values)
         padded = torch.full((len(values), width), IGNORE_INDEX, dtype=torch.long)
         for i, value in enumerate(values):
-            padded[i, : len(value)] = value
+            start = 0
+            if aligned and isinstance(mask, torch.Tensor) and mask.dim() == 2:  # the padding the collator put before
+                own = examples[i].get("attention_mask")
+                start = _leading_padding(mask[i]) - (0 if own is None else _leading_padding(torch.as_tensor(own)))
+            padded[i, start : start + len(value)] = value
         batch[key] = padded
     return batch
+
+
+def _leading_padding(mask: torch.Tensor) -> int:
+    """How many padding positions (0) open a ``[T]`` attention mask."""
+    return int((mask.reshape(-1).cumsum(0) == 0).sum())
 
 
 def _examples_in(batch: Any) -> int | None:
