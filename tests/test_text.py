@@ -193,6 +193,7 @@ def test_left_padded_per_example_gradients_equal_single_sequences(case: str) -> 
     left = _left_padded(right, ("input_ids", "attention_mask") if classify else ("input_ids", "attention_mask",
                                                                                   "labels"))
     assert bool((left["attention_mask"][:, 0] == 0).any()), "some row must be padded on the left"
+    assert torch.equal(task.representation(model, left), task.representation(model, right))  # RepSim's
     for hooks in (True, False):  # the layer hooks' path, and vmap's
         grads = PerExampleGradients(model, task, names, hooks=hooks)
         outputs = grads.outputs(left)  # outside vmap: the task checks its mask against the model's own masking
