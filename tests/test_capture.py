@@ -2365,3 +2365,26 @@ def test_a_closed_capture_refuses_a_batch_saying_it_was_closed(tmp_path: Path, c
         "This GradientCapture was closed; to capture further, resume the run (TrajectoryRecorder.resume) and capture "
         "it with a new GradientCapture."
     )
+
+
+def test_a_left_padded_training_batch_is_refused_since_the_training_forward_shifts_its_positions(
+    tmp_path: Path,
+) -> None:
+    """GPT-2's own forward numbers a left-padded row's positions from its padding; the task reads each sequence from
+    position 0 (it rolls the row), so the gradients capture taps from the training step would not be featurize's."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=11, n_positions=6, n_embd=8, n_layer=1, n_head=2,
+                                     attn_implementation="eager")  # fmt: skip
+    model = transformers.GPT2LMHeadModel(config)
+    task = sp.LanguageModelingTask(tokens_per_sequence="own")
+    rec = sp.TrajectoryRecorder(tmp_path / "run", model, torch.optim.SGD(model.parameters(), lr=0.1), save_every=2)
+    cap = sp.GradientCapture(rec, tmp_path / "cap.sp", task, projection=_projection())
+    rec.begin_stage("main", dataset_size=2)
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    left = {"input_ids": torch.tensor([[3, 4, 5, 6], [0, 0, 7, 8]]), "attention_mask": mask}
+    with pytest.raises(sp.TaskError, match=r"^The training batch is padded on the left .* pad the training batches on "
+                                           r"the right, or featurize the run after training\.$"):
+        cap.begin(left, indices=range(2))
+    cap.begin({**left, "input_ids": left["input_ids"].roll(-2, 1), "attention_mask": mask.roll(-2, 1)}, range(2))

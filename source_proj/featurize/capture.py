@@ -114,6 +114,7 @@ from source_proj.tasks.data import RandomStateKept, collate_of, training_example
 from source_proj.tasks.draws import DRAWS_ID, FisherDraws
 from source_proj.tasks.gradients import PerExampleGradients, batch_rows, batch_size, move_batch
 from source_proj.tasks.task import Batch, Task, check_task_smoothing
+from source_proj.tasks.text import right_padded
 from source_proj.trajectory.optimizers import check_optimised, optimizer_rule
 from source_proj.trajectory.preconditioner import live_preconditioner, ratio_denominator
 from source_proj.trajectory.recorder import (
@@ -749,6 +750,13 @@ class GradientCapture:
         if batch_size(rest) != count:
             raise TaskError(
                 f"The batch holds {batch_size(rest)} examples but {count} row indices; pass one index per example."
+            )
+        if right_padded(rest, self.task) is not rest:  # some row of a text task's batch is padded on the left
+            raise TaskError(
+                "The training batch is padded on the left (tokenizer.padding_side = 'left'): capture taps the training "
+                "forward, which runs it as the model does (GPT-2's numbers positions from the padding), where "
+                "attribution reads each sequence from position 0; pad the training batches on the right, or featurize "
+                "the run after training."
             )
         if self._own is None:
             self._own = count

@@ -497,7 +497,7 @@ class _TextTask(Task):
 
     def _right_padded(self, batch: Batch) -> Batch:
         """See [`right_padded`][]: outside vmap a batch without left padding is returned itself."""
-        mask = batch.get("attention_mask")
+        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
         if mask is None or mask.dim() != 2:
             return batch
         shift = _leading_padding(mask)
