@@ -535,6 +535,11 @@ def test_bad_text_input_is_refused_with_a_sentence() -> None:
     model = _gpt2()
     task = _lm()
     grads = PerExampleGradients(model, task, task.select_parameters(model))
+    right = _batch(SEQUENCES, length=LENGTH)  # a row padded on both sides runs as if padded on the right
+    both = {key: torch.stack([row.roll(2) if i == 1 else row for i, row in enumerate(value)])
+            for key, value in right.items()}  # fmt: skip
+    assert both["attention_mask"][1].tolist() == [0, 0, 1, 1, 1, 1, 0, 0]
+    assert torch.equal(grads.outputs(both), grads.outputs(right))
     holed = _batch(SEQUENCES, length=LENGTH)
     holed["attention_mask"][2, 3] = 0
     with pytest.raises(sp.TaskError, match="Example 2 of the batch has padding between two of its tokens"):
