@@ -1,0 +1,210 @@
+"""Every common torch layer under the factored and eigen projections: the projected gradient equals the same
+projection matrix applied to brute-force per-example gradients (one float64 backward pass per example), whether the
+layer is factored by hooks or falls back to the dense part (torch.func, or plain autograd example by example).
+
+test_factored.py covers Linear, HF Conv1D, groups=1 Conv1d/2d (stride, dilation, reflect and 'same' padding), a
+grouped Conv2d, Embedding with a padding row, tied embeddings and transformers' models; these are the rest."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import source_proj as sp
+from source_proj.featurize.factors import kronecker_layers
+from source_proj.projection.eigen import EigenBasis
+from source_proj.projection.factory import make_projector
+from source_proj.projection.layers import factorable_layers
+from source_proj.tasks.gradients import PerExampleGradients
+
+_B = 5
+pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # vmap of EmbeddingBag
+
+
+class _Net(nn.Module):
+    """``body`` (the layer under test, or a small model around it), tanh, then a linear head to 3 classes."""
+
+    def __init__(self, body: nn.Module, pool: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        super().__init__()
+        self.body, self.pool, self.head = body, pool, nn.LazyLinear(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x)
+        h = torch.tanh(h[0] if isinstance(h, tuple) else h)
+        return self.head(self.pool(h) if self.pool else h.flatten(1))
+
+
+def _over_time(h: torch.Tensor) -> torch.Tensor:
+    return h.mean(1)
+
+
+class _Twice(nn.Module):
+    """One module called twice in a forward: on its own output, or on two different inputs."""
+
+    def __init__(self, layer: nn.Module, chained: bool) -> None:
+        super().__init__()
+        self.layer, self.chained = layer, chained
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first = torch.tanh(self.layer(x))
+        return self.layer(first) if self.chained else torch.cat([first, self.layer(x * x - 1)], 1)
+
+
+class _Tied(nn.Module):
+    """Two modules holding one weight (``second.weight = first.weight``), called one after the other."""
+
+    def __init__(self, first: nn.Module, second: nn.Module) -> None:
+        super().__init__()
+        self.first, self.second = first, second
+        self.second.weight = self.first.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.tanh(self.first(x)))
+
+
+class _Frozen(nn.Module):
+    """A Linear with one of its parameters frozen (``requires_grad=False``: no parameter selection keeps it)."""
+
+    def __init__(self, frozen: str) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+        getattr(self.layer, frozen).requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+class _Bag(nn.Module):
+    """An nn.EmbeddingBag of [B, L] ids, with per-sample weights or flattened ids and offsets."""
+
+    def __init__(self, mode: str, weighted: bool = False, offsets: bool = False, **kwargs: float) -> None:
+        super().__init__()
+        self.bag, self.weighted, self.offsets = nn.EmbeddingBag(9, 4, mode=mode, **kwargs), weighted, offsets
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = x.to(self.bag.weight.dtype) / 9 + 0.5 if self.weighted else None
+        if not self.offsets:
+            return self.bag(x, per_sample_weights=weights)
+        starts = torch.arange(0, x.numel(), x.shape[1])
+        return self.bag(x.reshape(-1), starts, per_sample_weights=None if weights is None else weights.reshape(-1))
+
+
+class _Recurrent(nn.Module):
+    def __init__(self, cls: type[nn.RNNBase]) -> None:
+        super().__init__()
+        self.rnn = cls(4, 3, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rnn(x)[0].mean(1)
+
+
+class _Attention(nn.Module):
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(4, 2, batch_first=True, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attention(x, x, x)[0].mean(1)
+
+
+def _inputs(*shape: int) -> Callable[[torch.Generator], torch.Tensor]:
+    return lambda g: torch.randn(_B, *shape, generator=g)
+
+
+def _ids(vocabulary: int, length: int) -> Callable[[torch.Generator], torch.Tensor]:
+    return lambda g: torch.randint(0, vocabulary, (_B, length), generator=g)
+
+
+CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[torch.Generator], torch.Tensor], list[str]]] = {
+    # name: (body, inputs, the body's modules factored by hooks; the rest is dense)
+    "linear-4d-input": (lambda: nn.Linear(4, 4), _inputs(2, 3, 4), ["body"]),
+    "linear-called-twice-chained": (lambda: _Twice(nn.Linear(4, 4), True), _inputs(4), ["body.layer"]),
+    "linear-called-twice-different-inputs": (lambda: _Twice(nn.Linear(4, 4), False), _inputs(4), ["body.layer"]),
+    "conv1d-called-twice": (lambda: _Twice(nn.Conv1d(2, 2, 3, padding=1), True), _inputs(2, 6), ["body.layer"]),
+    "linear-tied-to-linear": (lambda: _Tied(nn.Linear(4, 4), nn.Linear(4, 4)), _inputs(4), ["body.first"]),
+    "embedding-tied-to-biased-head": (
+        lambda: nn.Sequential(_Tied(nn.Embedding(7, 4, padding_idx=1), nn.Linear(4, 7))), _ids(7, 5), ["body.0.first"]),
+    "conv-tied-to-conv": (
+        lambda: _Tied(nn.Conv1d(2, 2, 3, padding=1), nn.Conv1d(2, 2, 3, padding=1)), _inputs(2, 6), []),
+    "linear-frozen-weight": (lambda: _Frozen("weight"), _inputs(4), []),
+    "linear-frozen-bias": (lambda: _Frozen("bias"), _inputs(4), ["body.layer"]),
+    "conv1d-circular-stride-dilation": (
+        lambda: nn.Conv1d(2, 3, 3, stride=2, dilation=2, padding=2, padding_mode="circular"), _inputs(2, 7), ["body"]),
+    "conv2d-replicate-no-bias": (
+        lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="replicate", bias=False), _inputs(2, 4, 4), ["body"]),
+    "conv2d-depthwise": (lambda: nn.Conv2d(3, 6, 3, groups=3), _inputs(3, 4, 4), []),
+    "conv3d": (lambda: nn.Conv3d(2, 2, 2, stride=(1, 2, 1)), _inputs(2, 3, 3, 3), ["body"]),
+    "conv-transpose1d": (lambda: nn.ConvTranspose1d(2, 3, 3, stride=2), _inputs(2, 4), []),
+    "conv-transpose2d": (lambda: nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1), _inputs(2, 3, 3), []),
+    "embedding-max-norm": (lambda: nn.Embedding(9, 4, max_norm=1.0), _ids(9, 5), []),
+    "embedding-scale-grad-by-freq": (lambda: nn.Embedding(9, 4, scale_grad_by_freq=True), _ids(4, 6), []),
+    "embedding-sparse": (lambda: nn.Embedding(9, 4, sparse=True), _ids(9, 5), ["body"]),
+    "embedding-bag-sum-padding": (lambda: _Bag("sum", padding_idx=0), _ids(3, 5), []),
+    "embedding-bag-mean-offsets": (lambda: _Bag("mean", offsets=True), _ids(9, 5), []),
+    "embedding-bag-max": (lambda: _Bag("max"), _ids(9, 5), []),
+    "embedding-bag-weighted-max-norm": (lambda: _Bag("sum", weighted=True, max_norm=1.0), _ids(9, 5), []),
+    "layer-norm": (lambda: nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), _inputs(4), ["body.0"]),
+    "rms-norm": (lambda: nn.Sequential(nn.Linear(4, 4), nn.RMSNorm(4)), _inputs(4), ["body.0"]),
+    "group-norm": (lambda: nn.Sequential(nn.Conv1d(2, 4, 1), nn.GroupNorm(2, 4)), _inputs(2, 3), ["body.0"]),
+    "batch-norm": (lambda: nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3)), _inputs(2, 3, 3), ["body.0"]),
+    "prelu": (lambda: nn.Sequential(nn.Linear(4, 4), nn.PReLU(4)), _inputs(4), ["body.0"]),
+    "multihead-attention": (lambda: _Attention(), _inputs(3, 4), []),
+    "multihead-attention-bias-kv": (lambda: _Attention(bias=False, add_bias_kv=True), _inputs(3, 4), []),
+    "lstm": (lambda: _Recurrent(nn.LSTM), _inputs(3, 4), []),
+    "gru": (lambda: _Recurrent(nn.GRU), _inputs(3, 4), []),
+}
+_POOLED = {"embedding-max-norm", "embedding-scale-grad-by-freq", "embedding-sparse"}
+
+
+def _case(name: str) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    body, inputs, _ = CASES[name]
+    torch.manual_seed(0)
+    model = _Net(body(), _over_time if name in _POOLED else None)
+    g = torch.Generator().manual_seed(1)
+    batch = (inputs(g), torch.randint(0, 3, (_B,), generator=g))
+    with torch.no_grad():
+        model.eval()(batch[0][:2])  # sizes the lazy head
+    return model, batch
+
+
+def _brute_force(name: str, names: list[str], batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``[B, p]``: each example's gradient from its own backward pass, in float64 (a fresh copy of the model)."""
+    model = _case(name)[0].double()
+    params = dict(model.named_parameters())
+    task = sp.ClassificationTask()
+    rows = []
+    for i in range(_B):
+        x = batch[0][i : i + 1]
+        one = (x.double() if x.is_floating_point() else x, batch[1][i : i + 1])
+        grads = torch.autograd.grad(task.loss(model(one[0]), one).sum(), [params[n] for n in names])
+        rows.append(torch.cat([(g.to_dense() if g.is_sparse else g).reshape(-1) for g in grads]))
+    return torch.stack(rows)
+
+
+def _random_basis(model: nn.Module, names: list[str]) -> EigenBasis:
+    """Orthonormal rows for every layer the eigen basis pass covers: any basis gives a map to check against."""
+    g = torch.Generator().manual_seed(5)
+    layers, _ = kronecker_layers(model, names)
+    out = [torch.linalg.qr(torch.randn(la.out_features, 2, generator=g))[0].T.contiguous() for la in layers]
+    inp = [torch.linalg.qr(torch.randn(la.in_rows, 3, generator=g))[0].T.contiguous() for la in layers]
+    return EigenBasis([la.module for la in layers], out, inp, [0], _B, 1.0)
+
+
+@pytest.mark.parametrize("kind", ["factored", "eigen"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_projected_gradients_equal_the_projection_of_brute_force_per_example_gradients(name: str, kind: str) -> None:
+    model, batch = _case(name)
+    task = sp.ClassificationTask()
+    names = task.select_parameters(model)
+    layers, _ = factorable_layers(model, names)
+    assert sorted(la.module for la in layers if la.module != "head") == sorted(CASES[name][2])
+    params = dict(model.named_parameters())
+    shapes = [(n, tuple(params[n].shape)) for n in names]
+    basis = {"basis": _random_basis(model, names)} if kind == "eigen" else {}
+    projector = make_projector(kind, shapes, 128 if kind == "eigen" else 64, 3, model=model, **basis)
+    got = projector.project_batch(PerExampleGradients(model, task, names), batch).double()
+    expected = _brute_force(name, names, batch) @ projector.dense().double().T
+    assert float((got - expected).norm() / expected.norm()) < 1e-5
