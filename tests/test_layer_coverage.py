@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 import source_proj as sp
+from source_proj.featurize.basis import BasisPass
 from source_proj.featurize.factors import kronecker_layers
 from source_proj.projection.eigen import EigenBasis
 from source_proj.projection.factory import make_projector
@@ -77,6 +80,17 @@ class _Frozen(nn.Module):
         return self.layer(x)
 
 
+class _Keyword(nn.Module):
+    """A Linear called with its input as a keyword (``layer(input=x)``): a forward hook's positional args are empty."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(input=x)
+
+
 class _Bag(nn.Module):
     """An nn.EmbeddingBag of [B, L] ids, with per-sample weights or flattened ids and offsets."""
 
@@ -121,6 +135,7 @@ def _ids(vocabulary: int, length: int) -> Callable[[torch.Generator], torch.Tens
 CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[torch.Generator], torch.Tensor], list[str]]] = {
     # name: (body, inputs, the body's modules factored by hooks; the rest is dense)
     "linear-4d-input": (lambda: nn.Linear(4, 4), _inputs(2, 3, 4), ["body"]),
+    "linear-keyword-input": (_Keyword, _inputs(4), ["body.layer"]),
     "linear-called-twice-chained": (lambda: _Twice(nn.Linear(4, 4), True), _inputs(4), ["body.layer"]),
     "linear-called-twice-different-inputs": (lambda: _Twice(nn.Linear(4, 4), False), _inputs(4), ["body.layer"]),
     "conv1d-called-twice": (lambda: _Twice(nn.Conv1d(2, 2, 3, padding=1), True), _inputs(2, 6), ["body.layer"]),
@@ -208,3 +223,30 @@ def test_projected_gradients_equal_the_projection_of_brute_force_per_example_gra
     got = projector.project_batch(PerExampleGradients(model, task, names), batch).double()
     expected = _brute_force(name, names, batch) @ projector.dense().double().T
     assert float((got - expected).norm() / expected.norm()) < 1e-5
+
+
+class _Positional(_Keyword):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+def test_the_eigen_basis_pass_takes_a_layer_called_by_keyword_as_one_called_positionally() -> None:
+    """The basis pass counts each layer's positions and takes its Kronecker factors from forward hooks: a layer
+    called as ``layer(input=x)`` gives the factors of the same layer called ``layer(x)`` (it was an IndexError)."""
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(20, 3, 4, generator=g), torch.randint(0, 3, (20,), generator=g))
+    factors = []
+    for body in (_Keyword, _Positional):
+        torch.manual_seed(0)
+        model = _Net(body(), _over_time)
+        model.eval()(data.tensors[0][:2])
+        task = sp.ClassificationTask()
+        names = task.select_parameters(model)
+        basis = BasisPass(PerExampleGradients(model, task, names), task, {"main": data}, names, 12, examples=16,
+                          seed=0, batch_size=8, device=torch.device("cpu"), layer_positions=12)  # fmt: skip
+        a, b = basis.visit("main", "test", basis.quiet())  # counts the layers' positions first
+        factors.append((len(basis.subsets["main"]), a, b))
+    (kept, a, b), (kept_positional, a_positional, b_positional) = factors
+    assert (kept, kept_positional) == (12, 12)  # the head sees one position an example: 12 examples for 12
+    for mine, theirs in zip([*a, *b], [*a_positional, *b_positional], strict=True):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-6)

@@ -19,7 +19,7 @@ from source_proj.errors import NumericalError, TaskError, TrajectoryError
 from source_proj.featurize.arguments import ProjectionArguments, checkpoint_stages
 from source_proj.featurize.factors import FactorCollector, kronecker_layers
 from source_proj.projection.eigen import EigenBasis, _has_rest, basis_budget
-from source_proj.projection.layers import FactoredLayer, factorable_layers
+from source_proj.projection.layers import FactoredLayer, factorable_layers, layer_input
 from source_proj.projection.transform import scaling_transform
 from source_proj.tasks.data import RandomStateKept, collate_of
 from source_proj.tasks.draws import FisherDraws
@@ -346,14 +346,15 @@ def _positions_per_example(
     modules = dict(grads_fn.model.named_modules())
     counts: list[int | None] = [None] * len(layers)
 
-    def hook(index: int) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], None]:
-        def record(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
-            if args and isinstance(args[0], torch.Tensor) and args[0].shape[0] == size:
+    def hook(index: int) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any], torch.Tensor], None]:
+        def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor) -> None:
+            x = layer_input(args, kwargs)
+            if isinstance(x, torch.Tensor) and x.shape[0] == size:
                 counts[index] = output.numel() // (size * layers[index].out_features)
 
         return record
 
-    handles = [modules[layer.module].register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    handles = [modules[layer.module].register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
         with _evaluating(grads_fn.model), grads_fn.autocast():
             grads_fn.outputs(batch)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from source_proj.compiled import eager_if_compiling
 from source_proj.errors import TaskError
-from source_proj.projection.layers import FactoredLayer, examples_first, factorable_layers
+from source_proj.projection.layers import FactoredLayer, examples_first, factorable_layers, layer_input
 from source_proj.tasks.draws import FisherDraws
 from source_proj.tasks.gradients import OutputTap, PerExampleGradients, Quantity, batch_size, quantity_of
 from source_proj.tasks.task import Batch
@@ -195,7 +195,9 @@ class FactorCollector:
         deltas: list[list[Tensor | None]] = [[] for _ in self.layers]
         probe = torch.zeros((), device=self.grads_fn.device, requires_grad=True)
         handles = [
-            module.register_forward_hook(eager_if_compiling(self._hook(i, size, inputs, deltas, probe)))
+            module.register_forward_hook(
+                eager_if_compiling(self._hook(i, size, inputs, deltas, probe)), with_kwargs=True
+            )
             for i, module in enumerate(self.modules)
         ]
         try:
@@ -300,11 +302,11 @@ class FactorCollector:
 
     def _hook(
         self, index: int, size: int, inputs: list[Tensor | None], deltas: list[Tensor | None], probe: Tensor
-    ) -> Callable[[nn.Module, tuple[Any, ...], Tensor], Tensor]:
+    ) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Tensor], Tensor]:
         layer = self.layers[index]
 
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
-            x = args[0]
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> Tensor:
+            x = layer_input(args, kwargs)
             if not examples_first(layer.kind, x.shape, size):
                 raise TaskError(
                     f"Layer {layer.module!r} sees inputs of first dimension {x.shape[0]}, not the batch size {size}: "

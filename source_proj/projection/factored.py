@@ -70,7 +70,7 @@ from torch.utils._pytree import tree_map
 from source_proj.compiled import eager_if_compiling
 from source_proj.errors import TaskError
 from source_proj.projection.base import _GENERATOR_ID, Projector, RademacherProjector, rademacher_signs
-from source_proj.projection.layers import FactoredLayer, LayerKind, embedding_scale, examples_first
+from source_proj.projection.layers import FactoredLayer, LayerKind, embedding_scale, examples_first, layer_input
 from source_proj.projection.transform import GradientTransform, LayerTransform, scaling_transform
 from source_proj.tasks.gradients import (
     OutputTap,
@@ -402,7 +402,7 @@ class FactoredProjector(Projector):
             for index, (layer, block) in enumerate(zip(self.layers, self.blocks, strict=True)):
                 for name, kind in layer.uses:
                     hook = _LayerHook(layer, block, kind, modules[name], partial(sides, index), probe, target)
-                    handles.append(modules[name].register_forward_hook(eager_if_compiling(hook)))
+                    handles.append(modules[name].register_forward_hook(eager_if_compiling(hook), with_kwargs=True))
             yield
         finally:
             for handle in handles:
@@ -489,13 +489,15 @@ class _LayerHook:
         self.scale = embedding_scale(module) if kind == "embedding" else 1.0  # a scaled word embedding's rows
         self.probe, self.target = probe, target
 
-    def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor | None:
+    def __call__(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor
+    ) -> Tensor | None:
         target = self.target()
         if target is None:
             return None
         left, right = self.sides()  # this forward's transform; its backward uses the same
         batch = target.shape[0]
-        x = inputs[0]
+        x = layer_input(args, kwargs)
         if self.kind == "embedding" and x.shape[0] == 1 < batch:
             # Positions shared by the batch ([1, T]): one row per example, so the tap sees per-example gradients.
             x, output = x.expand(batch, *x.shape[1:]), output.expand(batch, *output.shape[1:])

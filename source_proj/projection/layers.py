@@ -90,6 +90,12 @@ def _scale_of(module: nn.Module) -> float | Tensor | None:
     return float(scale) if isinstance(scale, (int, float)) else None
 
 
+def layer_input(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+    """The one input a factorable layer's forward takes, from a forward hook's positional ``args`` or, for a layer
+    called with it by keyword (``layer(input=x)``), its ``kwargs`` (hooks registered ``with_kwargs=True``)."""
+    return args[0] if args else next(iter(kwargs.values()), None)
+
+
 def examples_first(kind: LayerKind, shape: Sequence[int], batch: int) -> bool:
     """Whether a layer's input of ``shape`` holds ``batch`` examples along its first dimension: as many, or for a
     linear layer's matrix of rows a multiple, its positions flattened into the rows example by example (OPT's MLP
