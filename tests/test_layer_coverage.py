@@ -17,7 +17,7 @@ from torch.utils.data import TensorDataset
 
 import source_proj as sp
 from source_proj.featurize.basis import BasisPass
-from source_proj.featurize.factors import kronecker_layers
+from source_proj.featurize.factors import _positions, kronecker_layers
 from source_proj.projection.eigen import EigenBasis
 from source_proj.projection.factory import make_projector
 from source_proj.projection.layers import factorable_layers
@@ -250,3 +250,55 @@ def test_the_eigen_basis_pass_takes_a_layer_called_by_keyword_as_one_called_posi
     assert (kept, kept_positional) == (12, 12)  # the head sees one position an example: 12 examples for 12
     for mine, theirs in zip([*a, *b], [*a_positional, *b_positional], strict=True):
         np.testing.assert_allclose(mine, theirs, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"),
+        nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 2), padding_mode="circular"),
+        nn.Conv2d(2, 3, (2, 3), dilation=(2, 1), padding="same", padding_mode="replicate"),
+        nn.Conv2d(2, 3, 4, padding="same"),  # even kernel: torch pads 'same' unevenly
+        nn.Conv2d(2, 3, 3, padding="valid", bias=False),
+        nn.Conv1d(2, 3, 3, stride=2, dilation=2, padding=3, padding_mode="reflect"),
+        nn.Conv1d(2, 3, 4, padding="same", padding_mode="circular"),
+    ],
+    ids=["reflect", "circular-stride", "same-replicate", "same-even", "valid", "conv1d-reflect", "conv1d-same"],
+)
+def test_kronecker_factors_take_the_patches_a_convolution_sees_whatever_its_padding(conv: nn.Module) -> None:
+    """The eigen basis pass (and K-FAC) take a convolution's input factor from its im2col patches: they are the
+    inputs its weight multiplies, padded as the layer pads (reflect, replicate, circular, 'same'), so that
+    Σ_patches δ āᵀ is the weight's gradient. Such layers were refused, and featurize fell back to the dense
+    Rademacher projection for the whole model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(conv)
+    names = [n for n, _ in model.named_parameters()]
+    (layer,), _ = kronecker_layers(model, names)
+    x = torch.randn(3, 2, *([7] if isinstance(conv, nn.Conv1d) else [7, 6]), requires_grad=False)
+    patches = _positions(conv, x, layer)  # [B·positions, d_in']
+    output = conv(x)
+    delta = torch.randn_like(output)
+    weight_grad = torch.autograd.grad(output, conv.weight, delta)[0]
+    deltas = delta.flatten(2).transpose(1, 2).reshape(-1, conv.out_channels)
+    g = deltas.T @ patches  # Σ over examples and positions of δ āᵀ: the summed gradient, with the bias column
+    torch.testing.assert_close(g[:, : layer.in_features], weight_grad.reshape(conv.out_channels, -1))
+    if conv.bias is not None:
+        torch.testing.assert_close(g[:, -1], deltas.sum(0))
+
+
+def test_the_eigen_basis_covers_a_reflect_padded_convolution() -> None:
+    """The basis pass over a CNN whose convolution pads 'same' by reflection takes its factors (it raised NoBasis,
+    and featurize projected the whole model with the dense Rademacher projection instead)."""
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(12, 2, 5, 5, generator=g), torch.randint(0, 3, (12,), generator=g))
+    torch.manual_seed(0)
+    model = _Net(nn.Conv2d(2, 3, 3, padding="same", padding_mode="reflect"))
+    model.eval()(data.tensors[0][:2])
+    task = sp.ClassificationTask()
+    names = task.select_parameters(model)
+    basis = BasisPass(PerExampleGradients(model, task, names), task, {"main": data}, names, 12, examples=12, seed=0,
+                      batch_size=6, device=torch.device("cpu"))  # fmt: skip
+    a, b = basis.visit("main", "test", basis.quiet())
+    assert [layer.module for layer in basis.layers] == ["body", "head"]
+    assert a[0].shape == (2 * 9 + 1, 2 * 9 + 1) and b[0].shape == (3, 3)
+    assert np.trace(a[0]) > 0 and np.trace(b[0]) > 0

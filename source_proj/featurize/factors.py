@@ -331,22 +331,17 @@ def _positions(module: nn.Module, x: Tensor, layer: FactoredLayer) -> Tensor:
         a = x.reshape(-1, layer.in_features)
     else:
         conv = module
-        if isinstance(conv.padding, str):
-            raise TaskError(
-                f"Layer {layer.module!r} uses padding={conv.padding!r}; Kronecker factors need numeric padding "
-                "(or use FeaturizeArguments(curvature='projected'))."
-            )
-        if conv.padding_mode != "zeros":
-            raise TaskError(
-                f"Layer {layer.module!r} pads with {conv.padding_mode!r}; Kronecker factors support zero padding "
-                "(or use FeaturizeArguments(curvature='projected'))."
-            )
+        padding = tuple(conv.padding)
+        if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+            # Padded as the layer pads ('same' may pad one side more; reflect, replicate, circular), then unfolded
+            # without padding: the patches are those the weight multiplies.
+            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+            x, padding = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode), (0,) * (x.dim() - 2)
         if isinstance(conv, nn.Conv2d):
-            spatial, kernel, dilation = x, tuple(conv.kernel_size), tuple(conv.dilation)
-            padding, stride = tuple(conv.padding), tuple(conv.stride)
+            spatial, kernel, dilation, stride = x, tuple(conv.kernel_size), tuple(conv.dilation), tuple(conv.stride)
         else:  # Conv1d as a 2-d convolution of height 1
             spatial, kernel, dilation = x.unsqueeze(2), (1, conv.kernel_size[0]), (1, conv.dilation[0])
-            padding, stride = (0, conv.padding[0]), (1, conv.stride[0])
+            padding, stride = (0, padding[0]), (1, conv.stride[0])
         patches = F.unfold(spatial, kernel, dilation=dilation, padding=padding, stride=stride)
         a = patches.transpose(1, 2).reshape(-1, layer.in_features)
     if layer.bias:
