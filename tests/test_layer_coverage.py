@@ -302,3 +302,14 @@ def test_the_eigen_basis_covers_a_reflect_padded_convolution() -> None:
     assert [layer.module for layer in basis.layers] == ["body", "head"]
     assert a[0].shape == (2 * 9 + 1, 2 * 9 + 1) and b[0].shape == (3, 3)
     assert np.trace(a[0]) > 0 and np.trace(b[0]) > 0
+
+
+@pytest.mark.parametrize("norm", [nn.BatchNorm1d, nn.BatchNorm2d])
+def test_a_batch_norm_without_running_statistics_is_refused_in_one_sentence(norm: type[nn.Module]) -> None:
+    """Without running statistics a batch norm normalises by the batch's even in eval() mode, so an example's
+    gradient depends on the rest of its batch: BatchNorm1d stopped with torch's 'Expected more than 1 value per channel
+    when training', BatchNorm2d silently normalised each example by its own pixels (not the model's function)."""
+    model = nn.Sequential(nn.Linear(4, 4), norm(4, track_running_stats=False))
+    task = sp.ClassificationTask()
+    with pytest.raises(sp.TaskError, match=r"^Layer '1' \(BatchNorm.d\) keeps no running statistics.*GroupNorm"):
+        PerExampleGradients(model, task, task.select_parameters(model))

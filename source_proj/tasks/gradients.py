@@ -225,6 +225,7 @@ class PerExampleGradients:
         precision: Precision = "fp32",
         hooks: bool = True,
     ) -> None:
+        _refuse_batch_statistics(model)
         self.model = model.eval()
         self.task = task.bind(model)
         self.param_names = list(param_names)
@@ -433,6 +434,19 @@ class _LayerGradients:
         g = g.reshape(self.size, *self.shapes[name])
         previous = self.grads.get(name)
         self.grads[name] = g if previous is None else previous + g
+
+
+def _refuse_batch_statistics(model: nn.Module) -> None:
+    """A batch norm without running statistics normalises by the batch's even in ``eval()`` mode: an example's
+    gradient would depend on the rest of its batch (or, taken alone, be that of another function)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None:
+            raise TaskError(
+                f"Layer {name!r} ({type(module).__name__}) keeps no running statistics (track_running_stats=False), "
+                "so it normalises every batch by the batch's own, even in eval() mode, and an example's gradient "
+                "depends on the rest of its batch; attribute a model whose batch norms track running statistics, or "
+                "that normalises each example alone (GroupNorm, LayerNorm, InstanceNorm)."
+            )
 
 
 def _unbatchable(module: nn.Module) -> bool:
