@@ -313,3 +313,30 @@ def test_a_batch_norm_without_running_statistics_is_refused_in_one_sentence(norm
     task = sp.ClassificationTask()
     with pytest.raises(sp.TaskError, match=r"^Layer '1' \(BatchNorm.d\) keeps no running statistics.*GroupNorm"):
         PerExampleGradients(model, task, task.select_parameters(model))
+
+
+def test_the_layer_check_names_the_layer_whose_weight_is_used_outside_its_forward() -> None:
+    """The factored and eigen projections' self-check compares the hook path with materialised gradients; when they
+    differ, the refusal names the layer that differs (here the second of three, whose weight is also applied
+    functionally), so that it can be left out of the selection."""
+
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second, self.third = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.tanh(self.first(x))
+            h = torch.tanh(self.second(h) + nn.functional.linear(h, self.second.weight))
+            return self.third(h)
+
+    torch.manual_seed(0)
+    model, task = Functional(), sp.ClassificationTask()
+    names = task.select_parameters(model)
+    params = dict(model.named_parameters())
+    shapes = [(n, tuple(params[n].shape)) for n in names]
+    batch = (torch.randn(3, 4), torch.tensor([0, 1, 2]))
+    for kind, basis in (("factored", {}), ("eigen", {"basis": _random_basis(model, names)})):
+        projector = make_projector(kind, shapes, 16 if kind == "factored" else 64, 0, model=model, **basis)
+        with pytest.raises(sp.TaskError, match=r"on this model, at layer 'second': a layer's weight is used outside"):
+            projector.project_batch(PerExampleGradients(model, task, names), batch)

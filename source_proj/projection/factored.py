@@ -86,6 +86,8 @@ if TYPE_CHECKING:
 
 _FACTOR_KEY = 2**63
 _CHECK_EXAMPLES = 2
+_APART_DIM = 16
+"""k of each layer's own block where a failed self-check looks for the layers that differ."""
 
 
 def factor_split(dim: int) -> tuple[int, int]:
@@ -424,18 +426,44 @@ class FactoredProjector(Projector):
         layer_names = [layer.weight for layer in self.layers] + [layer.bias for layer in self.layers if layer.bias]
         # In fp32 even where it is called under an autocast (capture checks in a mixed-precision loop's forward):
         # half precision alone differs by about the tolerance.
+        tolerance = check_tolerance(exact.params[name] for name in layer_names)
         with torch.autocast(exact.device.type, enabled=False):
-            expected = self._project_layers(exact(few, quantity, names=layer_names))
+            grads = exact(few, quantity, names=layer_names)
+            expected = self._project_layers(grads)
             got = self._layer_features(exact, few, quantity, None)
-        error = float((got - expected).norm() / expected.norm().clamp_min(1e-30))
-        if error > check_tolerance(exact.params[name] for name in layer_names):
+            error = float((got - expected).norm() / expected.norm().clamp_min(1e-30))
+            differing = self._differing_layers(exact, few, quantity, grads, tolerance) if error > tolerance else []
+        if error > tolerance:
+            more = f" (and {len(differing) - 3} more)" if len(differing) > 3 else ""
+            where = ", at layer" + "s" * (len(differing) > 1) + " " + ", ".join(map(repr, differing[:3])) + more
             raise TaskError(
                 f"The factored projection differs from the per-example gradients by {error:.1e} (relative) on this "
-                "model: a layer's weight is used outside that layer's forward (tied or functional use), or a layer "
-                "sees the examples mixed in its input's first dimension; select parameters without it, or use the "
-                "'rademacher' projection."
+                f"model{where if differing else ''}: a layer's weight is used outside that layer's forward (tied or "
+                "functional use), or a layer sees the examples mixed in its input's first dimension; select "
+                "parameters without it (ParameterSelection(exclude=...)), or use the 'rademacher' projection."
             )
         self._checked = True
+
+    def _differing_layers(
+        self,
+        grads_fn: PerExampleGradients,
+        batch: Batch,
+        quantity: Quantity,
+        grads: Mapping[str, Tensor],
+        tolerance: float,
+    ) -> list[str]:
+        """The layers whose hook path differs from their materialised gradients (``grads``), each projected into a
+        block of its own (shared coordinates mix every layer's difference into one)."""
+        shapes = [(name, tuple(g.shape[1:])) for name, g in grads.items()]
+        apart = FactoredProjector(shapes, self.layers, _APART_DIM, self.seed, module_dims={"*": _APART_DIM})
+        expected = apart._project_layers(grads)
+        got = apart._layer_features(grads_fn, batch, quantity, None)
+        return [
+            layer.module
+            for layer, block in zip(apart.layers, apart.blocks, strict=True)
+            if float((got[:, block.columns] - expected[:, block.columns]).norm())
+            > tolerance * float(expected[:, block.columns].norm())
+        ]
 
 
 def _layer_terms(layer: FactoredLayer, transform: GradientTransform | None) -> LayerTransform | None:
