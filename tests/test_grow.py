@@ -431,3 +431,67 @@ def test_a_store_grows_into_chosen_checkpoints_that_leave_out_its_final_one(tmp_
         featurize(relu, {"main": MAIN, "extra": EXTRA}, (0, 4, 12), grow=True)
     grown = featurize(_mlp(), {"main": MAIN, "extra": EXTRA}, (0, 4, 12), grow=True)
     assert grown.meta["trajectory"]["checkpoints"] == [0, 4, 12, 16]
+
+
+
+def _continue_at_a_ratio(run: Path) -> None:
+    """The finished run trains 4 steps with its two layers at 1:5: a new stage, extra, on new examples, or (once it
+    has one) extra further."""
+    model = _mlp()
+    groups = [{"params": model[0].parameters(), "lr": 0.01}, {"params": model[2].parameters(), "lr": 0.05}]
+    opt = torch.optim.SGD(groups, momentum=0.5)
+    new = "extra" not in [stage.name for stage in sp.Trajectory.load(run).stages]
+    rec = sp.TrajectoryRecorder.resume(run, model, torch.optim.SGD(model.parameters(), lr=0.1) if new else opt,
+                                       save_every=4)  # fmt: skip
+    if new:
+        rec.begin_stage("extra", dataset_size=len(EXTRA), optimizer=opt)
+    _steps(rec, model, rec.optimizer, EXTRA, 4)
+    rec.close()
+
+
+def test_a_store_grows_into_a_new_stage_at_a_ratio_of_rates_and_then_refuses_to_grow_naming_why(
+    tmp_path: Path,
+) -> None:
+    """A store of one-rate SGD grows into a run whose new stage trains its groups at 1:5: the segmentation is recorded
+    as it grows, and the store, its SOURCE and TracIn are those of the whole run featurized at once. Grown again,
+    its preconditioned features are refused in one sentence naming why; it once said "an Adam run, or Fast-SOURCE"
+    for every store with a segmentation, this one and one featurized with --segments included."""
+    _record(tmp_path / "run")
+    sp.fit(_featurize(tmp_path / "run", tmp_path / "grown.sp", {"main": MAIN}), progress=False)
+    _continue_at_a_ratio(tmp_path / "run")
+    data = {"main": MAIN, "extra": EXTRA}
+    grown = _featurize(tmp_path / "run", tmp_path / "grown.sp", data, grow=True)
+    scratch = _featurize(tmp_path / "run", tmp_path / "scratch.sp", data)
+    assert grown.meta["segmentation"] == scratch.meta["segmentation"]
+    assert any(s["preconditioner"] for s in grown.meta["segmentation"]["segments"])
+    assert set(grown.progress_arrays()) == set(scratch.progress_arrays())
+    for name in scratch.progress_arrays():
+        assert np.array_equal(grown.read(name), scratch.read(name)), name
+    assert sp.verify_store(grown.path, progress=False).status == "ok"
+    for store in (grown, scratch):
+        sp.fit(store, progress=False)
+        sp.fit_baseline(store, sp.BaselineArguments(kind="tracin"), progress=False)
+    for method in ("source", "tracin"):
+        a, b = (sp.Attributor(s, _mlp(), sp.ClassificationTask(), method=method).scores(EXTRA)
+                for s in (grown, scratch))  # fmt: skip
+        assert np.array_equal(a, b), method
+    _continue_at_a_ratio(tmp_path / "run")
+    before = sp.Store.open(grown.path).meta
+    with pytest.raises(sp.StoreError, match="scaled by each segment's preconditioner: an Adam stage, or parameter "
+                                            "groups at different learning rates"):  # fmt: skip
+        _featurize(tmp_path / "run", tmp_path / "grown.sp", data, grow=True)
+    assert sp.Store.open(grown.path).meta == before
+
+
+def test_a_store_featurized_with_segments_refuses_to_grow_naming_them(tmp_path: Path) -> None:
+    """Plain SGD features do not depend on the segments, but the store records them for its own run: its growth is
+    refused, naming them (it once blamed an Adam run or Fast-SOURCE)."""
+    _record(tmp_path / "run")
+    options = sp.FeaturizeArguments(chunk_rows=8, segmentation=sp.SegmentationArguments(per_stage=2))
+    projection = sp.ProjectionArguments(dim=16, kind="rademacher")
+    sp.featurize(tmp_path / "run", _mlp(), sp.ClassificationTask(), {"main": MAIN}, tmp_path / "s.sp",
+                 projection=projection, options=options, progress=False)  # fmt: skip
+    _continue(tmp_path / "run")
+    with pytest.raises(sp.StoreError, match=r"recorded with them \(the segments featurize was given\)"):
+        sp.featurize(tmp_path / "run", _mlp(), sp.ClassificationTask(), {"main": MAIN, "extra": EXTRA},
+                     tmp_path / "s.sp", projection=projection, options=options, progress=False, grow=True)  # fmt: skip

@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from source_proj.featurize.arguments import checkpoint_stages
+from source_proj.featurize.windows import is_preconditioned_stage
 from source_proj.store.store import Store, ckpt_key
 from source_proj.trajectory.recorder import Trajectory
 
@@ -30,7 +31,7 @@ def growth_refusal(meta: dict[str, Any], trajectory: Trajectory) -> str | None:
     """Why the store described by ``meta`` cannot grow into ``trajectory`` (``None``: it can)."""
     if meta.get("segmentation"):
         return (
-            "its features depend on the segmentation recorded for them (an Adam run, or Fast-SOURCE), which the "
+            f"its features were computed for the segmentation recorded with them ({_segmented_by(meta)}), which the "
             "longer run changes"
         )
     old = meta["trajectory"]
@@ -42,6 +43,15 @@ def growth_refusal(meta: dict[str, Any], trajectory: Trajectory) -> str | None:
             f"its first {steps} steps are not the store's run (other learning rates, stages, or checkpoint files)"
         )
     return None
+
+
+def _segmented_by(meta: dict[str, Any]) -> str:
+    """What tied a store's features to its recorded segmentation, in words (``plan.py``)."""
+    if (meta.get("products") or {}).get("segment_means"):
+        return "Fast-SOURCE's, at each segment's averaged parameters"
+    if any(is_preconditioned_stage(stage) for stage in meta["trajectory"]["stages"]):
+        return "scaled by each segment's preconditioner: an Adam stage, or parameter groups at different learning rates"
+    return "the segments featurize was given"
 
 
 def record_growth(store: Store, rewound_to: int | None = None) -> None:
