@@ -821,6 +821,19 @@ def test_verify_checks_a_captured_store_and_a_damaged_window_stops_fit(tmp_path:
         sp.fit(tmp_path / "cap.sp", progress=False)
 
 
+def test_a_captured_store_refuses_the_checkpoints_average_which_it_has_no_checkpoints_features_for(
+    tmp_path: Path, classification_data
+) -> None:
+    """fit with average="checkpoints" on a captured store once fitted its windows' visit average silently, recording
+    no average: asked for the paper's plain mean of the checkpoints, it is refused in one sentence, as --fast is."""
+    _train(tmp_path / "run", tmp_path / "cap.sp", classification_data, steps=8, batch=10, save_every=4,
+           options=sp.CaptureArguments(chunk_rows=16))  # fmt: skip
+    with pytest.raises(sp.StoreError, match="captured during training, so each segment averages its examples' visits"):
+        sp.fit(tmp_path / "cap.sp", sp.FitArguments(average="checkpoints"), progress=False)
+    assert not sp.Store.open(tmp_path / "cap.sp").meta.get("methods")
+    sp.fit(tmp_path / "cap.sp", progress=False)  # the default, "steps", is the visits' average
+
+
 @pytest.mark.parametrize("end_pass", [False, True])
 def test_a_captured_store_grows_with_a_run_that_trains_a_new_stage_on_new_examples(
     tmp_path: Path, classification_data, end_pass: bool

@@ -101,7 +101,8 @@ class FitArguments:
             segment's average over its steps"). ``"checkpoints"``: the plain mean over
             the checkpoints its own steps start from, as the paper writes it (this library's rule before
             2026-12-02). Fast-SOURCE's features are taken at each segment's parameters averaged this way (by
-            featurize, so only ``"steps"``); captured stores average their windows' visits.
+            featurize, so only ``"steps"``); captured stores average their windows' visits (and refuse
+            ``"checkpoints"``).
     """
 
     segments_per_stage: int | None = None
@@ -432,6 +433,11 @@ class _Fit:
         segments, view = resolve_segments(store, self.args)
         if captured and self.args.fast:
             raise StoreError(f"The store at {store.path} was captured during training; Fast-SOURCE needs featurize.")
+        if captured and self.args.average == "checkpoints":
+            raise StoreError(
+                f"The store at {store.path} was captured during training, so each segment averages its examples' "
+                "visits; average='checkpoints' applies to a featurized store's checkpoints only."
+            )
         points = [] if captured else feature_points(store, segments, self.args.fast, self.args.average)
         keys = point_keys(points)
         if captured:
