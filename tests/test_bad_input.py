@@ -578,6 +578,21 @@ def _assert_same_store(path: Path, reference_path: Path) -> None:
     assert not store.meta.get("nonfinite")
 
 
+def test_verify_of_a_store_stopped_by_a_nan_example_says_so_and_to_fix_the_example_first(
+    tmp_path: Path, tiny_run: Path
+) -> None:
+    """verify of a store featurize stopped on a NaN gradient said only to re-run featurize as before, which stops at
+    the same example again: it now notes the stop and says to fix that example first."""
+    store = tmp_path / "s.sp"
+    projection = sp.ProjectionArguments(dim=DIM, seed=3, kind="rademacher")
+    arguments = {"projection": projection, "options": OPTIONS, "progress": False}
+    with pytest.raises(sp.NumericalError) as err:
+        sp.featurize(tiny_run, build_model(), sp.ClassificationTask(), _with_nan(11), store, **arguments)
+    report = sp.verify_store(store, progress=False)
+    assert report.status == "incomplete" and f"featurize stopped: {_one_sentence(err)}" in report.notes
+    assert [step[:46] for step in report.next_steps] == ["fix the example featurize stopped on, then re-"]
+
+
 @pytest.mark.parametrize(("kind", "bad", "sampled"), [("rademacher", 11, False), ("eigen", 11, False),
                                                       ("rademacher", 9, True)])  # fmt: skip
 def test_a_store_stopped_by_a_nan_example_starts_afresh_once_the_data_are_fixed(

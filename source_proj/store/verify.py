@@ -323,6 +323,9 @@ def _verify(store: Store, *, repair: bool, progress: bool) -> VerifyReport:
         return report
     if not featurized:
         report.notes.append("the store holds no featurize output (another writer's store): its chunks were checked")
+    stopped = (meta.get("nonfinite") or {}).get("error")  # featurize stopped on a NaN gradient (``_restarts``)
+    if stopped:
+        report.notes.append(f"featurize stopped: {stopped}")
     capturing = is_captured(meta) and not meta.get("captured")
     if capturing:
         report.notes.append(
@@ -379,7 +382,8 @@ def _verify(store: Store, *, repair: bool, progress: bool) -> VerifyReport:
                 store.update_meta(methods=methods)
                 report.repaired.append(f"method {method!r} marked unfinished")
     if featurize_unfinished:
-        report.next_steps.append(featurize_command(store))
+        command = featurize_command(store)
+        report.next_steps.append(f"fix the example featurize stopped on, then {command}" if stopped else command)
     for method in sorted(set(meta.get("methods") or {})):
         if method in broken_methods or not meta["methods"][method].get("complete"):
             report.next_steps.append(method_command(store, method))
