@@ -495,3 +495,27 @@ def test_a_store_featurized_with_segments_refuses_to_grow_naming_them(tmp_path: 
     with pytest.raises(sp.StoreError, match=r"recorded with them \(the segments featurize was given\)"):
         sp.featurize(tmp_path / "run", _mlp(), sp.ClassificationTask(), {"main": MAIN, "extra": EXTRA},
                      tmp_path / "s.sp", projection=projection, options=options, progress=False, grow=True)  # fmt: skip
+
+
+def test_a_run_resumed_with_other_parameter_groups_is_refused_in_one_sentence_and_left_as_it_was(
+    tmp_path: Path,
+) -> None:
+    """Resuming a finished run to grow its store, with its layers split into groups at 1:5 inside its stage of one
+    rate, raised torch's ValueError from load_state_dict (a traceback); it is one sentence naming the way that works
+    (a new stage), the run is left as it was and no recorder's hook stays on the model."""
+    _record(tmp_path / "run")
+    index = (tmp_path / "run" / "trajectory.json").read_text()
+    model = _mlp()
+    groups = [{"params": model[0].parameters(), "lr": 0.02}, {"params": model[2].parameters(), "lr": 0.1}]
+    split = torch.optim.SGD(groups, momentum=0.9)
+    with pytest.raises(sp.TrajectoryError, match=r"The optimizer's parameter groups are not those whose state .* "
+                                                 r"begin a new stage \(begin_stage\(optimizer=\.\.\.\)\)"):  # fmt: skip
+        sp.TrajectoryRecorder.resume(tmp_path / "run", model, split, save_every=4)
+    assert (tmp_path / "run" / "trajectory.json").read_text() == index
+    assert not split._optimizer_step_pre_hooks and not split._optimizer_step_post_hooks
+    rec = sp.TrajectoryRecorder.resume(tmp_path / "run", model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                       save_every=4)  # fmt: skip
+    rec.begin_stage("extra", dataset_size=len(EXTRA), optimizer=split)  # the groups, in a stage of their own
+    _steps(rec, model, split, EXTRA, 4)
+    rec.close()
+    assert [s.name for s in sp.Trajectory.load(tmp_path / "run").stages] == ["main", "extra"]

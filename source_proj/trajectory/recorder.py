@@ -477,7 +477,15 @@ class TrajectoryRecorder:
             state = load_checkpoint(run, Checkpoint(**last))
             load_weights(recorder.model, state["model"], partial=bool(recorded_frozen))  # inside a wrapper, as saved
             if "optimizer" in state:
-                optimizer.load_state_dict(state["optimizer"])
+                try:
+                    optimizer.load_state_dict(state["optimizer"])
+                except ValueError as err:  # torch's check of the groups, before it changes anything
+                    recorder.detach()
+                    raise TrajectoryError(
+                        f"The optimizer's parameter groups are not those whose state {last['file']} of the run in "
+                        f"{run} holds ({err}); resume with the optimizer the run was trained with, and begin a new "
+                        "stage (begin_stage(optimizer=...)) to train other groups or groups at other rates."
+                    ) from err
         if isinstance(index.get("run"), str):  # a run recorded before it was named gets its name now
             recorder.run_id = index["run"]
         step = int(last["step"])
