@@ -821,6 +821,86 @@ def test_verify_checks_a_captured_store_and_a_damaged_window_stops_fit(tmp_path:
         sp.fit(tmp_path / "cap.sp", progress=False)
 
 
+@pytest.mark.slow
+def test_a_captured_adamw_run_at_a_ratio_of_rates_trained_further_is_the_store_of_the_longer_run(
+    tmp_path: Path, classification_data
+) -> None:
+    """AdamW with groups at 1:5, captured to step 8 and fitted, then resumed and trained on to step 14 (its store
+    grows): its windows, denominators and SOURCE are those of a run captured to step 14 at once."""
+    kwargs = {"batch": 8, "save_every": 4, "options": sp.CaptureArguments(chunk_rows=8, end_pass=False),
+              "optimizer": lambda params: torch.optim.AdamW(_two_rates(params, 0.01))}
+    _train(tmp_path / "a", tmp_path / "a.sp", classification_data, steps=14, **kwargs)
+    _train(tmp_path / "b", tmp_path / "b.sp", classification_data, steps=8, **kwargs)
+    sp.fit(tmp_path / "b.sp", progress=False)
+    _train(tmp_path / "b", tmp_path / "b.sp", classification_data, steps=14, resume=True, **kwargs)
+    expected, got = _store_arrays(tmp_path / "a.sp"), _store_arrays(tmp_path / "b.sp")
+    assert sorted(expected) == sorted(got) and sum(n.startswith("capture/denominator/") for n in got) == 4
+    for name in expected:
+        assert np.array_equal(expected[name], got[name]), name
+    assert sp.verify_store(tmp_path / "b.sp", progress=False).status == "ok"
+    a, b = (sp.fit(tmp_path / f"{n}.sp", progress=False).read("methods/source/train/main") for n in "ab")
+    assert np.array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_a_captured_sgd_run_grown_by_an_adamw_stage_at_a_ratio_is_the_run_captured_at_once(
+    tmp_path: Path, classification_data
+) -> None:
+    """An SGD stage captured and fitted, then resumed into a new AdamW stage with groups at 1:5 on new examples: the
+    grown store is the one capture writes for the two stages in one go, and so are SOURCE's, TracIn's and IF's
+    scores."""
+    y = classification_data.tensors[1]
+    more = TensorDataset(torch.randn(12, 4, generator=torch.Generator().manual_seed(3)), torch.arange(12) % 3)
+    options = sp.CaptureArguments(chunk_rows=8)
+
+    def steps(rec, cap, model, opt, data, n: int, batch: int) -> None:
+        inputs, labels = data.tensors
+        for i in range(n):
+            rows = _order(rec.global_step + i, len(labels))[:batch]
+            with cap.batch((rows, (inputs[rows], labels[rows]))) as (bx, by):
+                opt.zero_grad()
+                F.cross_entropy(model(bx), by).backward()
+            opt.step()
+            rec.step()
+
+    def run(name: str, at_once: bool) -> sp.Store:
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        rec = sp.TrajectoryRecorder(tmp_path / name, model, opt, save_every=3, save_optimizer_state=True)
+        datasets = {"main": classification_data, **({"more": more} if at_once else {})}
+        cap = sp.GradientCapture(rec, tmp_path / f"{name}.sp", sp.ClassificationTask(), projection=_projection(),
+                                 options=options, datasets=datasets)  # fmt: skip
+        rec.begin_stage("main", dataset_size=len(y))
+        steps(rec, cap, model, opt, classification_data, 6, 8)
+        if not at_once:
+            rec.close()
+            sp.fit(tmp_path / f"{name}.sp", progress=False)
+            model = _mlp()
+            rec = sp.TrajectoryRecorder.resume(tmp_path / name, model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                               save_every=3)  # fmt: skip
+            cap = sp.GradientCapture(rec, tmp_path / f"{name}.sp", sp.ClassificationTask(), projection=_projection(),
+                                     options=options, datasets={"more": more})  # fmt: skip
+        adamw = torch.optim.AdamW(_two_rates(list(model.parameters()), 0.01))
+        rec.begin_stage("more", dataset_size=len(more), optimizer=adamw)
+        steps(rec, cap, model, adamw, more, 6, 4)
+        rec.close()
+        store = sp.fit(tmp_path / f"{name}.sp", progress=False)
+        for kind in ("tracin", "if"):
+            sp.fit_baseline(store, sp.BaselineArguments(kind=kind), progress=False)
+        return store
+
+    once, grown = run("once", True), run("grown", False)
+    expected, got = _store_arrays(once.path), _store_arrays(grown.path)
+    assert sorted(expected) == sorted(got) and any(n.startswith("capture/denominator/more/") for n in got)
+    for name in expected:
+        assert np.array_equal(expected[name], got[name]), name
+    assert grown.meta["fingerprint"] == once.meta["fingerprint"] and len(grown.meta["growth"]) == 1
+    assert sp.verify_store(grown.path, progress=False).status == "ok"
+    for method in ("source", "tracin", "if"):
+        a, b = (sp.Attributor(s, _mlp(), sp.ClassificationTask(), method=method).scores(more) for s in (once, grown))
+        assert np.array_equal(a, b), method
+
+
 def test_a_captured_store_refuses_the_checkpoints_average_which_it_has_no_checkpoints_features_for(
     tmp_path: Path, classification_data
 ) -> None:
