@@ -434,12 +434,12 @@ def test_a_store_grows_into_chosen_checkpoints_that_leave_out_its_final_one(tmp_
 
 
 
-def _continue_at_a_ratio(run: Path) -> None:
-    """The finished run trains 4 steps with its two layers at 1:5: a new stage, extra, on new examples, or (once it
-    has one) extra further."""
+def _continue_at_a_ratio(run: Path, kind: str = "sgd") -> None:
+    """The finished run trains 4 steps with its two layers at 1:5 (SGD or AdamW, ``kind``): a new stage, extra, on new
+    examples, or (once it has one) extra further."""
     model = _mlp()
     groups = [{"params": model[0].parameters(), "lr": 0.01}, {"params": model[2].parameters(), "lr": 0.05}]
-    opt = torch.optim.SGD(groups, momentum=0.5)
+    opt = torch.optim.SGD(groups, momentum=0.5) if kind == "sgd" else torch.optim.AdamW(groups)
     new = "extra" not in [stage.name for stage in sp.Trajectory.load(run).stages]
     rec = sp.TrajectoryRecorder.resume(run, model, torch.optim.SGD(model.parameters(), lr=0.1) if new else opt,
                                        save_every=4)  # fmt: skip
@@ -449,16 +449,19 @@ def _continue_at_a_ratio(run: Path) -> None:
     rec.close()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
 def test_a_store_grows_into_a_new_stage_at_a_ratio_of_rates_and_then_refuses_to_grow_naming_why(
-    tmp_path: Path,
+    tmp_path: Path, kind: str
 ) -> None:
-    """A store of one-rate SGD grows into a run whose new stage trains its groups at 1:5: the segmentation is recorded
-    as it grows, and the store, its SOURCE and TracIn are those of the whole run featurized at once. Grown again,
+    """A store of one-rate SGD grows into a run whose new stage trains its groups at 1:5 (SGD, or AdamW): the
+    segmentation is recorded as it grows, and the store, its SOURCE and baselines are those of the whole run
+    featurized at once. Grown again,
     its preconditioned features are refused in one sentence naming why; it once said "an Adam run, or Fast-SOURCE"
     for every store with a segmentation, this one and one featurized with --segments included."""
     _record(tmp_path / "run")
     sp.fit(_featurize(tmp_path / "run", tmp_path / "grown.sp", {"main": MAIN}), progress=False)
-    _continue_at_a_ratio(tmp_path / "run")
+    _continue_at_a_ratio(tmp_path / "run", kind)
     data = {"main": MAIN, "extra": EXTRA}
     grown = _featurize(tmp_path / "run", tmp_path / "grown.sp", data, grow=True)
     scratch = _featurize(tmp_path / "run", tmp_path / "scratch.sp", data)
@@ -470,12 +473,13 @@ def test_a_store_grows_into_a_new_stage_at_a_ratio_of_rates_and_then_refuses_to_
     assert sp.verify_store(grown.path, progress=False).status == "ok"
     for store in (grown, scratch):
         sp.fit(store, progress=False)
-        sp.fit_baseline(store, sp.BaselineArguments(kind="tracin"), progress=False)
-    for method in ("source", "tracin"):
+        for baseline in ("tracin", "trak", "if"):
+            sp.fit_baseline(store, sp.BaselineArguments(kind=baseline), progress=False)
+    for method in ("source", "tracin", "trak", "if"):
         a, b = (sp.Attributor(s, _mlp(), sp.ClassificationTask(), method=method).scores(EXTRA)
                 for s in (grown, scratch))  # fmt: skip
         assert np.array_equal(a, b), method
-    _continue_at_a_ratio(tmp_path / "run")
+    _continue_at_a_ratio(tmp_path / "run", kind)
     before = sp.Store.open(grown.path).meta
     with pytest.raises(sp.StoreError, match="scaled by each segment's preconditioner: an Adam stage, or parameter "
                                             "groups at different learning rates"):  # fmt: skip
