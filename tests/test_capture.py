@@ -901,6 +901,22 @@ def test_a_captured_sgd_run_grown_by_an_adamw_stage_at_a_ratio_is_the_run_captur
         assert np.array_equal(a, b), method
 
 
+def test_featurize_grow_of_a_captured_store_says_it_grows_by_training_not_to_repeat_options(
+    tmp_path: Path, classification_data
+) -> None:
+    """A captured run trained further without capture, then featurize(grow=True) into its captured store: it said to
+    repeat the options of the store's "first featurize" with --grow, which none can; it says how a captured store
+    grows, and leaves it as it was."""
+    _train(tmp_path / "run", tmp_path / "cap.sp", classification_data, steps=2, batch=8, save_every=2,
+           options=sp.CaptureArguments(chunk_rows=8, end_pass=False))  # fmt: skip
+    _train(tmp_path / "run", None, classification_data, steps=4, batch=8, save_every=2, resume=True)
+    before = _files(tmp_path / "cap.sp")
+    with pytest.raises(sp.StoreError, match="was captured during training, so it grows only as its run trains further"):
+        sp.featurize(tmp_path / "run", _mlp(), sp.ClassificationTask(), classification_data, tmp_path / "cap.sp",
+                     projection=_projection(), progress=False, grow=True)  # fmt: skip
+    assert _files(tmp_path / "cap.sp") == before
+
+
 def test_a_captured_store_refuses_the_checkpoints_average_which_it_has_no_checkpoints_features_for(
     tmp_path: Path, classification_data
 ) -> None:

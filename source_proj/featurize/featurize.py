@@ -54,6 +54,7 @@ from source_proj.featurize.factors import (
 from source_proj.featurize.grow import finished_before_growth, growth_refusal, record_growth
 from source_proj.featurize.plan import PROBE, FeaturizePlan, NotPrepared, Unit, featurize_plan
 from source_proj.featurize.sharded import ShardedParameters
+from source_proj.featurize.windows import is_captured
 from source_proj.projection.base import Projector, RademacherProjector
 from source_proj.projection.eigen import EigenBasis
 from source_proj.projection.factored import FactoredProjector
@@ -610,6 +611,11 @@ class _Featurize:
             raise StoreError(
                 f"The store at {self.path} was featurized with another parameter selection: {selection}, pass --force "
                 "(overwrite=True) to replace it, or use another store path."
+            )
+        if self.grow and is_captured(old):
+            raise StoreError(
+                f"The store at {self.path} was captured during training, so it grows only as its run trains further: "
+                "resume the recorder with a GradientCapture on this store, or featurize the run into another store."
             )
         if self.grow and "trajectory" in differing and len(differing) > 1:
             # Growing changes the run; anything else must be as the store was featurized (its projection above all,
