@@ -625,3 +625,43 @@ def test_a_store_stopped_by_a_nan_example_starts_afresh_once_the_data_are_fixed(
     _assert_same_store(store, fresh)
     with pytest.raises(sp.TaskError, match="The training data of stage 'main' are not those the store at"):
         sp.featurize(tiny_run, build_model(), sp.ClassificationTask(), _with_nan(0), store, **arguments)
+
+
+class _Counted(Dataset):
+    """The tiny training set, counting the examples read."""
+
+    def __init__(self) -> None:
+        self.examples, self.reads = data(), 0
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        self.reads += 1
+        return self.examples[index]
+
+
+def test_a_model_builder_or_task_class_given_for_the_object_is_named_before_any_work(
+    tmp_path: Path, tiny_run: Path, tiny_reference: Path
+) -> None:
+    """``build_model`` for ``build_model()``, ``ClassificationTask`` for ``ClassificationTask()``: an AttributeError
+    or TypeError from deep inside featurize or the Attributor, now one sentence naming what to pass."""
+    model, task, store = build_model(), sp.ClassificationTask(), tmp_path / "s.sp"
+    expected = {
+        "model": "The model given is the function build_model, not a torch.nn.Module; pass what it builds: "
+                 "build_model().",
+        "task": "The task given is the class ClassificationTask, not a Task; pass what it builds: "
+                "ClassificationTask().",
+        "string": "The task given is a str, not a Task; pass one such as sp.ClassificationTask().",
+    }
+    for what, (m, t) in {"model": (build_model, task), "task": (model, sp.ClassificationTask),
+                         "string": (model, "classification")}.items():
+        with pytest.raises(sp.TaskError) as err:
+            sp.featurize(tiny_run, m, t, data(), store, progress=False)  # type: ignore[arg-type]
+        assert _one_sentence(err) == expected[what]
+        assert not store.exists()
+        with pytest.raises(sp.TaskError) as err:
+            sp.Attributor(tiny_reference, m, t)  # type: ignore[arg-type]
+        assert _one_sentence(err) == expected[what]
+
+

@@ -79,7 +79,7 @@ from source_proj.store.writer import ChunkWriter
 from source_proj.tasks.data import loader
 from source_proj.tasks.draws import DRAWS_ID, FisherDraws
 from source_proj.tasks.gradients import PerExampleGradients, batch_size, move_batch
-from source_proj.tasks.task import Task, check_task_smoothing
+from source_proj.tasks.task import Task, check_model_and_task, check_task_smoothing
 from source_proj.trajectory.optimizers import check_optimised
 from source_proj.trajectory.recorder import Checkpoint, Trajectory, unwrap_model
 
@@ -142,6 +142,7 @@ def featurize(
     chunks already written and recomputes damaged ones. If the call fails before it finishes a
     work unit of a new store, the store is removed.
     """
+    check_model_and_task(model, task)
     if not isinstance(trajectory, Trajectory):
         trajectory = Trajectory.load(trajectory)
     model = unwrap_model(model)  # the recorder saved the model inside DataParallel, DDP or torch.compile's wrapper

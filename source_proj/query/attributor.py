@@ -52,7 +52,7 @@ from source_proj.store.verify import method_command
 from source_proj.store.writing import current_writer
 from source_proj.tasks.data import Examples, check_indexed, loader
 from source_proj.tasks.gradients import PerExampleGradients, move_batch
-from source_proj.tasks.task import Task, score_meaning
+from source_proj.tasks.task import Task, check_model_and_task, score_meaning
 from source_proj.trajectory.preconditioner import read_scale
 from source_proj.trajectory.recorder import Trajectory, unwrap_model
 from source_proj.trajectory.segments import Segment
@@ -218,6 +218,7 @@ class Attributor:
         search_ivf: IVFArguments = IVFArguments(),
         progress: bool = True,
     ) -> None:
+        check_model_and_task(model, task)
         check_batch_size(batch_size, "Attributor's batch_size")
         if search_backend not in SEARCH_BACKENDS:  # the search's settings before any work, as the device's
             raise TaskError(f"Unknown search backend {search_backend!r}; use one of {', '.join(SEARCH_BACKENDS)}.")
@@ -226,6 +227,7 @@ class Attributor:
                 f"search_devices shard the torch, stream and auto (GPU) indexes; the {search_backend} backend runs on "
                 "one device, so drop search_devices or use search_backend='torch'."
             )
+        self.batch_size = int(batch_size)
         self.store = store if isinstance(store, Store) else Store.open(store)
         meta = self.store.meta
         self.method = method
@@ -244,7 +246,6 @@ class Attributor:
         names = [name for name, _ in meta["params"]]
         self.projector = projector_from_meta(meta, self.model, self.store)
         self.param_names = names
-        self.batch_size = batch_size
         self.search_backend = search_backend
         # Checked here, as ``device`` is: not after every query's gradient, where the index is built.
         self.search_devices = [default_device(d) for d in search_devices] if search_devices else None
