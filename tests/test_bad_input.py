@@ -665,3 +665,25 @@ def test_a_model_builder_or_task_class_given_for_the_object_is_named_before_any_
         assert _one_sentence(err) == expected[what]
 
 
+@pytest.mark.parametrize("k", [0, 13, 2.0])
+def test_a_top_k_out_of_range_is_refused_before_any_query_is_read(tiny_reference: Path, k: object) -> None:
+    """k is checked against the 12 training rows before the query gradients are taken (not after), by the Attributor
+    and by an Ensemble."""
+    for attributor in (sp.Attributor(tiny_reference, build_model(), sp.ClassificationTask()),
+                       sp.Ensemble.open([tiny_reference], build_model(), sp.ClassificationTask())):
+        queries = _Counted()
+        with pytest.raises(sp.TaskError, match="top-k"):
+            attributor.top_k(queries, k)  # type: ignore[arg-type]
+        assert queries.reads == 0
+
+
+def test_attribute_refuses_a_top_k_larger_than_the_training_set_before_featurizing(
+    tmp_path: Path, tiny_run: Path
+) -> None:
+    with pytest.raises(sp.TaskError) as err:
+        sp.attribute(tiny_run, build_model(), sp.ClassificationTask(), data(), data(), tmp_path / "s.sp", top_k=50,
+                     projection=sp.ProjectionArguments(dim=DIM, kind="rademacher"), options=OPTIONS, progress=False)
+    assert _one_sentence(err) == (
+        "top-k 50 is not between 1 and the 12 training examples the method scores; ask for 1 to 12."
+    )
+    assert not (tmp_path / "s.sp").exists()
