@@ -687,3 +687,9 @@ def test_attribute_refuses_a_top_k_larger_than_the_training_set_before_featurizi
         "top-k 50 is not between 1 and the 12 training examples the method scores; ask for 1 to 12."
     )
     assert not (tmp_path / "s.sp").exists()
+
+
+def test_fit_baseline_given_a_kind_for_its_arguments_says_how_to_pass_it(tiny_reference: Path) -> None:
+    with pytest.raises(sp.TaskError) as err:
+        sp.fit_baseline(tiny_reference, "trak")  # type: ignore[arg-type]
+    assert _one_sentence(err) == "fit_baseline's args is 'trak'; pass a BaselineArguments(kind='trak')."

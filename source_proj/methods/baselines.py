@@ -209,6 +209,9 @@ def fit_baseline(
         The store; score(q, z) = ⟨q̃, T(z)⟩ with the method's recipe (positive = z raised the query's
         measurement: helped it for a margin, harmed it for a loss or an error).
     """
+    if not isinstance(args, BaselineArguments):
+        kind = f"kind={args!r}" if isinstance(args, str) else "kind=..."
+        raise TaskError(f"fit_baseline's args is {args!r}; pass a BaselineArguments({kind}).")
     default_device(device)  # a device this machine lacks is refused before the store is touched
     if not isinstance(store, Store):
         store = Store.open(store, writable=True)
