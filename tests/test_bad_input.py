@@ -693,3 +693,23 @@ def test_fit_baseline_given_a_kind_for_its_arguments_says_how_to_pass_it(tiny_re
     with pytest.raises(sp.TaskError) as err:
         sp.fit_baseline(tiny_reference, "trak")  # type: ignore[arg-type]
     assert _one_sentence(err) == "fit_baseline's args is 'trak'; pass a BaselineArguments(kind='trak')."
+
+
+def test_a_store_given_for_the_run_and_a_run_for_the_store_are_named_as_such(tmp_path: Path, tiny_run: Path,
+                                                                                tiny_reference: Path) -> None:
+    """Both read "no trajectory.json" / "No store at" before, which says nothing of the swap."""
+    with pytest.raises(sp.TrajectoryError) as err:
+        featurize(tiny_reference, tmp_path / "s.sp")
+    assert _one_sentence(err) == (
+        f"{tiny_reference} is a source-proj store, not a training run; pass the run directory it was featurized from "
+        f"({tiny_run}, as the store records it)."
+    )
+    assert not (tmp_path / "s.sp").exists()
+    for opens in (sp.Store.open, sp.fit, sp.verify_store,
+                  lambda path: sp.Attributor(path, build_model(), sp.ClassificationTask())):
+        with pytest.raises(sp.StoreError) as err:
+            opens(tiny_run)
+        assert _one_sentence(err) == (
+            f"{tiny_run} is a training run recorded by TrajectoryRecorder, not a store; pass the store featurize "
+            "wrote from it, or create one with `source-proj featurize` (source_proj.featurize)."
+        )

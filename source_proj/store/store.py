@@ -118,6 +118,11 @@ class Store:
     @classmethod
     def open(cls, path: str | Path, *, writable: bool = False) -> Store:
         """Open an existing store, checking that this library can read it."""
+        if not is_store(path) and not is_remote(path) and (local_path(path) / "trajectory.json").is_file():
+            raise StoreError(
+                f"{path} is a training run recorded by TrajectoryRecorder, not a store; pass the store featurize wrote "
+                "from it, or create one with `source-proj featurize` (source_proj.featurize)."
+            )
         if not is_store(path):
             raise StoreError(f"No store at {path}; create one with `source-proj featurize` (source_proj.featurize).")
         try:

@@ -130,6 +130,15 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 
+def _store_run(store: Path) -> str:
+    """The run directory a store at ``store`` records, in words for a message (its metadata read as plain JSON)."""
+    try:
+        recorded = json.loads((store / "zarr.json").read_text())["attributes"]["source_proj"]["trajectory"]["path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "the run directory written by TrajectoryRecorder"
+    return f"the run directory it was featurized from ({recorded}, as the store records it)"
+
+
 def describe_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
     """What SOURCE needs to know of an optimiser: its kind and each parameter group's settings."""
     names = {id(p): n for n, p in model.named_parameters()}
@@ -1213,6 +1222,8 @@ class Trajectory:
         index_file = path / "trajectory.json"
         if not path.is_dir():
             raise TrajectoryError(f"{path} is not a directory; pass the run directory written by TrajectoryRecorder.")
+        if not index_file.is_file() and (path / "zarr.json").is_file():
+            raise TrajectoryError(f"{path} is a source-proj store, not a training run; pass {_store_run(path)}.")
         if not index_file.is_file():
             raise TrajectoryError(
                 f"{path} has no trajectory.json; record the run with TrajectoryRecorder or write the file "
