@@ -15,6 +15,7 @@ from source_proj.evaluation import (
     Counterfactuals,
     LDSArguments,
     bootstrap_ci,
+    compare,
     correlate,
     cosine,
     format_table,
@@ -266,3 +267,31 @@ def test_split_half_reliability_is_scipys_spearman_of_the_half_means_extrapolate
         assert got == pytest.approx((r, math.sqrt(max(rho, 0.0))), abs=1e-12)
     with pytest.raises(TaskError, match="at least two retrains"):
         split_half_reliability(Counterfactuals(0.5, sample_subsets(10, 12, 0.5), signal))
+
+
+def test_compare_and_lds_name_scores_and_ground_truths_given_in_another_form() -> None:
+    """compare(scores_array, …) raised AttributeError ('no attribute items'), compare(…, truth) TypeError ('not
+    iterable'), and lds of [N, Q] scores said they 'cover N queries'. Each is one sentence saying what to pass; the
+    forms asked for give lds's own values."""
+    rng = np.random.default_rng(11)
+    masks = rng.random((10, 8)) < 0.5
+    scores = rng.normal(size=(3, 8))
+    truth = Counterfactuals(0.5, masks, (masks @ scores.T + rng.normal(size=(10, 3)))[:, None, :])
+    args = LDSArguments(resamples=20)
+    with pytest.raises(TaskError) as err:
+        compare(scores, [truth], args)  # type: ignore[arg-type]
+    assert str(err.value) == ("compare takes the scores as a mapping {method name: [Q, N] scores}, not a ndarray; "
+                              "pass {'source': scores}, or call lds for one method.")
+    with pytest.raises(TaskError) as err:
+        compare({"source": scores}, truth, args)  # type: ignore[arg-type]
+    assert str(err.value) == (
+        "compare takes a sequence of ground truths (one per α), not a Counterfactuals; pass [truth]."
+    )
+    with pytest.raises(TaskError) as err:
+        lds(scores.T, truth, args)
+    assert str(err.value) == (
+        "The scores of shape (8, 3) are [training rows, queries], the transpose of the [Q, N] the ground truth needs; "
+        "pass scores.T."
+    )
+    (result,) = compare({"source": scores}, (truth,), args)["source"]
+    assert result.mean == lds(scores, truth, args).mean

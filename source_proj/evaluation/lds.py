@@ -204,6 +204,11 @@ def lds(scores: np.ndarray, truth: Counterfactuals, args: LDSArguments = LDSArgu
             f"Scores of shape {scores.shape} are not [queries, training rows]; for a single query pass scores[None]."
         )
     if scores.shape[0] != truth.measurements.shape[2]:
+        if scores.shape == (truth.masks.shape[1], truth.measurements.shape[2]):
+            raise TaskError(
+                f"The scores of shape {scores.shape} are [training rows, queries], the transpose of the [Q, N] the "
+                "ground truth needs; pass scores.T."
+            )
         raise TaskError(
             f"The scores cover {scores.shape[0]} queries but the ground truth measures {truth.measurements.shape[2]}; "
             "score the same queries the retrain function measures."
@@ -268,7 +273,17 @@ def split_half_reliability(truth: Counterfactuals) -> tuple[float, float]:
 def compare(
     scores: Mapping[str, np.ndarray], truths: Sequence[Counterfactuals], args: LDSArguments = LDSArguments()
 ) -> dict[str, list[Correlation]]:
-    """LDS of every method (name → ``[Q, N]`` scores) at every α of ``truths``."""
+    """LDS of every method (name → ``[Q, N]`` scores, score = −Δf) at every α of ``truths``: name → one
+    ``Correlation`` per ground truth, in their order."""
+    if not isinstance(scores, Mapping):
+        raise TaskError(
+            f"compare takes the scores as a mapping {{method name: [Q, N] scores}}, not a {type(scores).__name__}; "
+            "pass {'source': scores}, or call lds for one method."
+        )
+    if isinstance(truths, Counterfactuals) or not isinstance(truths, Sequence):
+        raise TaskError(
+            f"compare takes a sequence of ground truths (one per α), not a {type(truths).__name__}; pass [truth]."
+        )
     return {name: [lds(s, t, args) for t in truths] for name, s in scores.items()}
 
 
