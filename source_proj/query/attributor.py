@@ -368,7 +368,9 @@ class Attributor:
         return self._index
 
     def scores(self, queries: Dataset | Sequence[Any]) -> np.ndarray:
-        """The full score matrix ``[Q, N]`` (rows: queries; columns: training rows, see ``rows``)."""
+        """The full score matrix, float32 ``[Q, N]`` (rows: queries; columns: training rows, see ``rows``).
+        score = −Δf: positive = the training row raised the query's measurement (helped it where
+        ``positive_helps``, a margin; harmed it for a loss or an error)."""
         q = self.query_features(queries).numpy()
         return q @ train_features(self.store, self.method).T
 

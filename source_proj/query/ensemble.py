@@ -114,7 +114,7 @@ class Ensemble:
         return np.concatenate([train_features(a.store, a.method) * scale for a in self.attributors], axis=1)
 
     def scores(self, queries: Dataset | Sequence[Any]) -> np.ndarray:
-        """The averaged score matrix ``[Q, N]`` (score = −Δf: positive = z raised the query's measurement)."""
+        """The averaged score matrix, float32 ``[Q, N]`` (score = −Δf: positive = z raised the query's measurement)."""
         return self.query_features(queries) @ self.train_features().T
 
     def index(self) -> faiss.Index:
