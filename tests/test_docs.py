@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import builtins
 import importlib
+import inspect
 import os
 import re
 import subprocess
@@ -131,6 +132,71 @@ def test_code_blocks_name_what_exists(page: Path) -> None:
             options = {o for p in cli.commands[command].params for o in p.opts}  # type: ignore[attr-defined]
             stale += [f"source-proj {command} {f} (option)" for f in flags if f not in options | {"--help"}]
     assert not stale, f"{page.relative_to(ROOT)} shows names that do not exist: {stale}"
+
+
+def _public_object(dotted: str) -> object | None:
+    """What ``source_proj.x.y`` names as a reader reaches it: attributes of the shortest importable module (so
+    ``source_proj.featurize`` is the function, not the subpackage of that name); ``None`` if nothing."""
+    parts = dotted.split(".")
+    for cut in range(1, len(parts) + 1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for part in parts[cut:]:
+            if not hasattr(obj, part):
+                break
+            obj = getattr(obj, part)
+        else:
+            return obj
+    return None
+
+
+def _call_mismatches(code: str) -> list[str]:
+    """Calls of the package's functions and classes (``sp.x(...)``, ``ev.x(...)``, names imported from
+    ``source_proj``) whose arguments their signature does not take: a stale keyword, one positional too many, a
+    required argument left out. Calls of the reader's objects' methods (``attributor.top_k``) are not checked, nor
+    blocks that are not Python as they stand (tasks.md's list of a spec's functions, signatures without bodies)."""
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return []
+    names = {"sp": "source_proj", "ev": "source_proj.evaluation"}
+    names |= {a.asname or a.name: f"{n.module}.{a.name}" for n in ast.walk(tree)
+              if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("source_proj") for a in n.names}
+    found = []
+    for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call)):
+        parts, func = [], call.func
+        while isinstance(func, ast.Attribute):
+            parts, func = [func.attr, *parts], func.value
+        if not isinstance(func, ast.Name) or func.id not in names:
+            continue
+        obj = _public_object(".".join([names[func.id], *parts]))
+        if not callable(obj) or any(isinstance(a, ast.Starred) for a in call.args) or None in [
+            k.arg for k in call.keywords
+        ]:
+            continue
+        try:
+            inspect.signature(obj).bind(*call.args, **{k.arg: k.value for k in call.keywords if k.arg})
+        except TypeError as err:
+            found.append(f"{ast.unparse(call)[:80]}: {err}")
+    return found
+
+
+@pytest.mark.parametrize("page", [ROOT / "README.md", *PAGES], ids=lambda p: str(p.relative_to(ROOT)))
+def test_code_blocks_call_the_package_with_arguments_it_takes(page: Path) -> None:
+    """Each page's Python calls of the package bind to its signatures (no page's Python is run: most use the
+    reader's model and data)."""
+    stale = [m for language, code in _code_blocks(page) if language == "python" for m in _call_mismatches(code)]
+    assert not stale, f"{page.relative_to(ROOT)} calls the package with arguments it does not take: {stale}"
+
+
+def test_a_stale_keyword_or_argument_in_a_code_block_is_found() -> None:
+    code = "import source_proj as sp\nsp.fit(store, segments=3)\nsp.featurize(a, b, c, d, e, f)\nev.lds(s)\n"
+    assert [m.split(": ", 1)[1] for m in _call_mismatches(code)] == [
+        "got an unexpected keyword argument 'segments'", "too many positional arguments",
+        "missing a required argument: 'truth'",
+    ]
 
 
 def _unbound_names(code: str, readers: set[str]) -> list[str]:
