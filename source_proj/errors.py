@@ -25,6 +25,20 @@ class NumericalError(SourceProjError):
     """A gradient or a curvature matrix is not finite."""
 
 
+def not_an_instance(value: object, kind: type, what: str, called: str, hint: str) -> str | None:
+    """The sentence refusing ``value`` as the ``what`` (``"model"``) when it is not a ``kind`` (``called``, in
+    words: ``"torch.nn.Module"``), else ``None``: a class or a function given for what it builds (``Net`` for
+    ``Net()``) is named as such; ``hint`` ends other refusals (``"pass the model whose run was recorded."``)."""
+    if isinstance(value, kind):
+        return None
+    name = getattr(value, "__name__", None)
+    if isinstance(value, type) or (callable(value) and name):
+        if isinstance(value, type):
+            return f"The {what} given is the class {name}, not a {called}; pass an instance of it: {name}(...)."
+        return f"The {what} given is the function {name}, not a {called}; pass what it returns: {name}()."
+    return f"The {what} given is a {type(value).__name__}, not a {called}; {hint}"
+
+
 def first_line(err: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message (at most ``limit`` characters), or its type's name."""
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:limit]

@@ -648,10 +648,10 @@ def test_a_model_builder_or_task_class_given_for_the_object_is_named_before_any_
     or TypeError from deep inside featurize or the Attributor, now one sentence naming what to pass."""
     model, task, store = build_model(), sp.ClassificationTask(), tmp_path / "s.sp"
     expected = {
-        "model": "The model given is the function build_model, not a torch.nn.Module; pass what it builds: "
+        "model": "The model given is the function build_model, not a torch.nn.Module; pass what it returns: "
                  "build_model().",
-        "task": "The task given is the class ClassificationTask, not a Task; pass what it builds: "
-                "ClassificationTask().",
+        "task": "The task given is the class ClassificationTask, not a Task; pass an instance of it: "
+                "ClassificationTask(...).",
         "string": "The task given is a str, not a Task; pass one such as sp.ClassificationTask().",
     }
     for what, (m, t) in {"model": (build_model, task), "task": (model, sp.ClassificationTask),

@@ -952,3 +952,30 @@ def test_a_wrapped_model_is_recorded_as_the_model_inside(tmp_path: Path, wrapper
     prefix = "module." if wrapper == "DataParallel" else "_orig_mod."
     with pytest.raises(sp.TrajectoryError, match=rf"every name begins with '{prefix}'.*record the run again"):
         before.load_into(model, before.final_checkpoint)
+
+
+def test_a_model_optimizer_or_dataset_size_of_another_kind_is_refused_by_the_recorder(tmp_path: Path) -> None:
+    """A model builder or an optimizer class raised AttributeError / TypeError from the recorder's hooks, and a
+    dataset_size of 12.5 was recorded (featurize then refused every dataset as not of 12.5 examples)."""
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(sp.TrajectoryError) as err:
+        sp.TrajectoryRecorder(tmp_path / "a", lambda: model, optimizer, save_every=1)
+    assert str(err.value) == (
+        "The model given is the function <lambda>, not a torch.nn.Module; pass what it returns: <lambda>()."
+    )
+    with pytest.raises(sp.TrajectoryError) as err:
+        sp.TrajectoryRecorder(tmp_path / "b", model, torch.optim.SGD, save_every=1)
+    assert str(err.value) == (
+        "The optimizer given is the class SGD, not a torch.optim.Optimizer; pass an instance of it: SGD(...)."
+    )
+    with pytest.raises(sp.TrajectoryError) as err:
+        sp.TrajectoryRecorder(tmp_path / "c", model, "sgd", save_every=1)  # type: ignore[arg-type]
+    assert str(err.value) == (
+        "The optimizer given is a str, not a torch.optim.Optimizer; pass the optimizer that steps the model."
+    )
+    recorder = sp.TrajectoryRecorder(tmp_path / "d", model, optimizer, save_every=1)
+    with pytest.raises(sp.TrajectoryError) as err:
+        recorder.begin_stage("main", dataset_size=12.5)  # type: ignore[arg-type]
+    assert str(err.value) == "Stage 'main' needs a positive dataset size, a whole number of examples, not 12.5."
+    recorder.begin_stage("main", dataset_size=np.int64(12))  # a NumPy integer is a whole number

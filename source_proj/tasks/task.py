@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from source_proj.errors import TaskError
+from source_proj.errors import TaskError, not_an_instance
 from source_proj.tasks.draws import FisherDraws, inverse_cdf
 
 Batch = Any
@@ -486,14 +486,8 @@ def score_meaning(task: Task, model: nn.Module) -> tuple[bool, tuple[str, str]]:
 def check_model_and_task(model: object, task: object) -> None:
     """Refuse, before any work, a ``model`` that is not a ``torch.nn.Module`` and a ``task`` that is not a
     [`Task`][source_proj.Task] (a class or a function given for the object it builds: ``Net`` for ``Net()``)."""
-    for value, kind, what, example in ((model, nn.Module, "model", "torch.nn.Module"), (task, Task, "task", "Task")):
-        if isinstance(value, kind):
-            continue
-        name = getattr(value, "__name__", None)
-        if isinstance(value, type) or (callable(value) and name):
-            built = f"the class {name}" if isinstance(value, type) else f"the function {name}"
-            raise TaskError(f"The {what} given is {built}, not a {example}; pass what it builds: {name}().")
-        raise TaskError(
-            f"The {what} given is a {type(value).__name__}, not a {example}; pass "
-            + ("the model whose run was recorded." if what == "model" else "one such as sp.ClassificationTask().")
-        )
+    refusal = not_an_instance(
+        model, nn.Module, "model", "torch.nn.Module", "pass the model whose run was recorded."
+    ) or not_an_instance(task, Task, "task", "Task", "pass one such as sp.ClassificationTask().")
+    if refusal is not None:
+        raise TaskError(refusal)

@@ -57,6 +57,7 @@ import errno
 import hashlib
 import json
 import math
+import numbers
 import os
 import tempfile
 import time
@@ -72,7 +73,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from source_proj.errors import TrajectoryError, first_line
+from source_proj.errors import TrajectoryError, first_line, not_an_instance
 from source_proj.store.durable import atomic_write_bytes
 from source_proj.trajectory.optimizers import MODELLED_OPTIMIZERS, optimizer_rule
 
@@ -345,6 +346,12 @@ class TrajectoryRecorder:
         watch_clipping: bool = True,
         weights: str = "auto",
     ) -> None:
+        refusal = not_an_instance(
+            model, nn.Module, "model", "torch.nn.Module", "pass the model being trained."
+        ) or not_an_instance(optimizer, torch.optim.Optimizer, "optimizer", "torch.optim.Optimizer", "pass the "
+                             "optimizer that steps the model.")
+        if refusal is not None:
+            raise TrajectoryError(refusal)
         if save_every < 1:
             raise TrajectoryError(f"save_every must be a positive number of steps, not {save_every}.")
         if weights not in ("auto", "all", "trainable"):
@@ -581,8 +588,10 @@ class TrajectoryRecorder:
             hint = " (it is the stage being recorded: a resumed run goes on with it without begin_stage)"
             hint = hint if again else ""
             raise TrajectoryError(f"A stage named {name!r} was already recorded{hint}; give each stage its own name.")
-        if dataset_size < 1:
-            raise TrajectoryError(f"Stage {name!r} needs a positive dataset size, not {dataset_size}.")
+        if isinstance(dataset_size, bool) or not isinstance(dataset_size, numbers.Integral) or dataset_size < 1:
+            raise TrajectoryError(
+                f"Stage {name!r} needs a positive dataset size, a whole number of examples, not {dataset_size!r}."
+            )
         if isinstance(label_smoothing, bool) or not (isinstance(label_smoothing, (int, float))
                                                     and 0.0 <= label_smoothing <= 1.0):
             raise TrajectoryError(
