@@ -713,3 +713,25 @@ def test_a_store_given_for_the_run_and_a_run_for_the_store_are_named_as_such(tmp
             f"{tiny_run} is a training run recorded by TrajectoryRecorder, not a store; pass the store featurize "
             "wrote from it, or create one with `source-proj featurize` (source_proj.featurize)."
         )
+
+
+def test_training_columns_given_for_a_dataset_and_one_store_for_an_ensemble_are_named(
+    tmp_path: Path, tiny_run: Path, tiny_reference: Path
+) -> None:
+    """featurize(..., (x, y), ...) read 'trained on 12 examples but its dataset has 2', as though the data were
+    short; Ensemble.open("m.sp", ...) took the path's characters for stores ('given the store / twice')."""
+    with pytest.raises(sp.TaskError) as err:
+        sp.featurize(tiny_run, build_model(), sp.ClassificationTask(), data().tensors, tmp_path / "s.sp",
+                     progress=False)
+    assert _one_sentence(err) == (
+        "The training data of stage 'main' are a tuple of 2 tensors of 12 rows (inputs, labels, …), not a dataset of "
+        "examples; pass TensorDataset(*tensors)."
+    )
+    assert not (tmp_path / "s.sp").exists()
+    for one in (tiny_reference, str(tiny_reference)):
+        with pytest.raises(sp.TaskError) as err:
+            sp.Ensemble.open(one, build_model(), sp.ClassificationTask())  # type: ignore[arg-type]
+        assert _one_sentence(err) == (
+            f"Ensemble.open takes a list of stores, one per trained model, not the one store {tiny_reference}; pass "
+            "[store, …], or query a single model's store with sp.Attributor."
+        )

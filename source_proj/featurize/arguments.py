@@ -432,6 +432,14 @@ def as_stage_datasets(data: Dataset | Mapping[str, Dataset], trajectory: Traject
             raise TaskError(
                 f"The training dataset of stage {stage.name!r} is empty; pass the data the stage was trained on."
             )
+        given = data[stage.name]
+        if size != stage.dataset_size and isinstance(given, tuple) and given and all(
+            isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == stage.dataset_size for t in given
+        ):
+            raise TaskError(
+                f"The training data of stage {stage.name!r} are a tuple of {size} tensors of {stage.dataset_size} rows "
+                "(inputs, labels, …), not a dataset of examples; pass TensorDataset(*tensors)."
+            )
         if size != stage.dataset_size:
             raise TaskError(
                 f"Stage {stage.name!r} was trained on {stage.dataset_size} examples but its dataset has {size}; "

@@ -99,6 +99,11 @@ class Ensemble:
     ) -> Ensemble:
         """An ensemble over stores (one per trained model) of the same architecture; a store given twice
         is refused before any is opened."""
+        if isinstance(stores, (str, Path, Store)):
+            raise TaskError(
+                f"Ensemble.open takes a list of stores, one per trained model, not the one store {stores}; pass "
+                "[store, …], or query a single model's store with sp.Attributor."
+            )
         _refuse_repeated_paths([s.path if isinstance(s, Store) else str(s) for s in stores])
         return cls([Attributor(s, model, task, method=method, device=device, batch_size=batch_size) for s in stores])
 
