@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 from source_proj.featurize.arguments import FeaturizeArguments, ProjectionArguments
 from source_proj.featurize.featurize import featurize
 from source_proj.methods.fit import FitArguments, fit
-from source_proj.query.attributor import Attributor, QueryResult, check_k
+from source_proj.query.attributor import Attributor, QueryResult, check_k, check_queries
 from source_proj.store.store import Store
 from source_proj.tasks.task import Task, check_model_and_task
 from source_proj.trajectory.recorder import Trajectory
@@ -63,8 +63,9 @@ def attribute(
         ``[Q, top_k]`` ids and scores of the largest and most negative scores of each query, also named by what
         they mean for the task (``helpful_ids``, ``harmful_ids``, ``records()``).
     """
-    # top_k is checked before the run is featurized (the attributed stages' size is checked again at the query)
+    # top_k and the queries are checked before the run is featurized (the attributed stages' size again at the query)
     check_model_and_task(model, task)
+    check_queries(queries)
     if not isinstance(trajectory, Trajectory):
         trajectory = Trajectory.load(trajectory)
     check_k(top_k, sum(stage.dataset_size for stage in trajectory.stages))

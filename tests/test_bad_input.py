@@ -735,3 +735,19 @@ def test_training_columns_given_for_a_dataset_and_one_store_for_an_ensemble_are_
             f"Ensemble.open takes a list of stores, one per trained model, not the one store {tiny_reference}; pass "
             "[store, …], or query a single model's store with sp.Attributor."
         )
+
+
+@pytest.mark.parametrize("queries", ["empty", "loader"])
+def test_attribute_refuses_queries_it_cannot_score_before_featurizing(
+    tmp_path: Path, tiny_run: Path, queries: str
+) -> None:
+    """No query, or a DataLoader of them, was refused only by the query, once the whole run was featurized and fit."""
+    given = {"empty": TensorDataset(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long)),
+             "loader": DataLoader(data(), batch_size=4)}[queries]
+    with pytest.raises(sp.TaskError) as err:
+        sp.attribute(tiny_run, build_model(), sp.ClassificationTask(), data(), given, tmp_path / "s.sp", top_k=3,
+                     projection=sp.ProjectionArguments(dim=DIM, kind="rademacher"), options=OPTIONS, progress=False)
+    assert _one_sentence(err).startswith(
+        {"empty": "There are no queries to score", "loader": "The queries are a DataLoader"}[queries]
+    )
+    assert not (tmp_path / "s.sp").exists()

@@ -168,6 +168,13 @@ def _as_dataset(queries: Dataset | Sequence[Any]) -> Dataset | Sequence[Any]:
     return queries
 
 
+def check_queries(queries: Dataset | Sequence[Any]) -> None:
+    """Refuse queries that cannot be read by index (a DataLoader) or that hold no example, before any work."""
+    check_indexed(_as_dataset(queries), "The queries")
+    if len(_as_dataset(queries)) == 0:  # type: ignore[arg-type]
+        raise TaskError("There are no queries to score; pass at least one query example.")
+
+
 def _batches(queries: Dataset | Sequence[Any], batch_size: int) -> Iterator[Any]:
     yield from loader(Examples(_as_dataset(queries), "query {}"), batch_size=batch_size, shuffle=False)
 
@@ -274,10 +281,8 @@ class Attributor:
 
     def query_features(self, queries: Dataset | Sequence[Any]) -> torch.Tensor:
         """q̃ for every query: float32 ``[Q, d]`` (concatenated over the recipe's checkpoints)."""
-        check_indexed(_as_dataset(queries), "The queries")
+        check_queries(queries)
         self.check_unchanged()
-        if len(_as_dataset(queries)) == 0:  # type: ignore[arg-type]
-            raise TaskError("There are no queries to score; pass at least one query example.")
         steps, weights = self.recipe["checkpoints"], self.recipe["weights"]
         scales = self.recipe.get("scales") or [None] * len(steps)
         representation = self.recipe.get("features", "gradient") == "representation"
