@@ -751,3 +751,19 @@ def test_attribute_refuses_queries_it_cannot_score_before_featurizing(
         {"empty": "There are no queries to score", "loader": "The queries are a DataLoader"}[queries]
     )
     assert not (tmp_path / "s.sp").exists()
+
+
+@pytest.mark.parametrize("which", ["model", "examples"])
+def test_a_model_or_examples_of_another_dtype_are_named_as_such(tmp_path: Path, tiny_run: Path, which: str) -> None:
+    """A float64 model (build_model().double()) on the run's float32 checkpoints was told to 'pass examples typed as
+    the model was trained on', which they were; the refusal now names the dtypes as what differs, on either side."""
+    model = build_model().double() if which == "model" else build_model()
+    x, y = data().tensors
+    examples = TensorDataset(x.double(), y) if which == "examples" else data()
+    with pytest.raises(sp.TaskError) as err:
+        sp.featurize(tiny_run, model, sp.ClassificationTask(), examples, tmp_path / "s.sp", progress=False)
+    assert _one_sentence(err).endswith(
+        "whose dtype is not its weights'; pass examples of the dtype used in training, to the model built as for "
+        "training (in its checkpoints' dtype: no .double() or .half())."
+    )
+    assert not (tmp_path / "s.sp").exists()

@@ -240,6 +240,9 @@ def model_fingerprint(
     }
 
 
+DTYPES_DIFFER = ("must have the same dtype", "mixed dtype", "expected scalar type", "and bias type (")
+"""What torch says of an input whose floating dtype is not its layer's weights' (Linear, Conv, LayerNorm, bmm)."""
+
 RAGGED = ("stack expects each tensor to be equal size", "each element in list of batch should be of equal size")
 """What torch's default collate says of examples of different lengths (tensors, lists)."""
 
@@ -263,6 +266,12 @@ def model_errors(what: str) -> Iterator[None]:
                 "are: give the collate function that padded the training batches, sp.CollatedDataset(dataset, "
                 "collate_fn) (a Trainer's is trainer.data_collator), or pad every example to one length "
                 "(sp.TextDataset(sequences, length=T))."
+            ) from err
+        if any(s in str(err) for s in DTYPES_DIFFER):  # the examples' dtype, or the model's (model.double())
+            raise TaskError(
+                f"The model cannot run on {what} ({type(err).__name__}: {first_line(err)}), whose dtype is not its "
+                "weights'; pass examples of the dtype used in training, to the model built as for training (in its "
+                "checkpoints' dtype: no .double() or .half())."
             ) from err
         raise TaskError(
             f"The model cannot run on {what} ({type(err).__name__}: {first_line(err)}); pass examples shaped and "
