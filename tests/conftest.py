@@ -112,6 +112,10 @@ def step_weights_by_hand(start: int, end: int, knots: list[int], lr) -> dict[int
 
 @pytest.fixture
 def regression_data() -> TensorDataset:
+    return _regression_data()
+
+
+def _regression_data() -> TensorDataset:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(12, 3, generator=g)
     y = x @ torch.tensor([1.0, -2.0, 0.5]) + 0.3 * torch.randn(12, generator=g)

@@ -15,7 +15,7 @@ from torch.utils.data import TensorDataset
 import source_proj as sp
 from source_proj.query.attributor import StageRows, search
 
-from .conftest import _classification_data, full_batch_run, mlp
+from .conftest import _classification_data, _regression_data, full_batch_run, mlp
 
 
 def test_faiss_top_k_equals_a_brute_force_sort() -> None:
@@ -167,3 +167,75 @@ def test_a_batch_size_that_is_not_a_count_is_refused_before_any_work(fitted_mlp_
     data = _classification_data()
     with pytest.raises(sp.TaskError, match=rf"^token_scores's batch_size is {size!r}; pass a whole number ≥ 1\.$"):
         sp.token_scores(attributor, [data[0]], data, [0], batch_size=size, progress=False)  # type: ignore[arg-type]
+
+
+def test_aligned_blocks_set_members_chunked_differently_side_by_side() -> None:
+    """The ensemble's index reads its models' stores together; their chunks need not end at the same rows."""
+    from source_proj.query.ensemble import aligned_blocks
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((10, 2)).astype(np.float32), rng.standard_normal((10, 3)).astype(np.float32)
+
+    def chunks(x: np.ndarray, size: int) -> list[tuple[int, np.ndarray]]:
+        return [(i, x[i : i + size]) for i in range(0, len(x), size)]
+
+    blocks = list(aligned_blocks([chunks(a, 4), chunks(b, 3)], 0.5))
+    assert [first for first, _ in blocks] == [0, 3, 4, 6, 8, 9]  # cut where either member's chunk ends
+    np.testing.assert_array_equal(np.concatenate([rows for _, rows in blocks]), np.concatenate([a, b], axis=1) * 0.5)
+    with pytest.raises(sp.TaskError, match=r"^The ensemble's members hold different numbers of training rows"):
+        list(aligned_blocks([chunks(a, 4), chunks(b[:7], 3)], 0.5))
+
+
+@pytest.fixture(scope="module")
+def ensemble_stores(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two fitted regression stores whose feature chunks end at different rows (5 and 4 rows a chunk)."""
+    root = tmp_path_factory.mktemp("ensemble")
+    regression_data = _regression_data()
+    stores = []
+    for seed, chunk in ((0, 5), (1, 4)):
+        torch.manual_seed(seed)
+        full_batch_run(root / f"run{seed}", nn.Linear(3, 1), regression_data,
+                       lambda o, t: (o.squeeze(-1) - t) ** 2, lr=0.05, steps=6, save_every=3)  # fmt: skip
+        store = sp.featurize(root / f"run{seed}", nn.Linear(3, 1), sp.RegressionTask(), regression_data,
+                             root / f"s{seed}.sp", projection=sp.ProjectionArguments(kind="identity"),
+                             options=sp.FeaturizeArguments(batch_size=1, chunk_rows=chunk), progress=False)  # fmt: skip
+        sp.fit(store, progress=False)
+        (stage,) = store.meta["methods"]["source"]["stages"]
+        assert store.num_chunks(f"methods/source/train/{stage}") == -(-12 // chunk)  # as the fixture says
+        stores.append(root / f"s{seed}.sp")
+    return stores
+
+
+@pytest.mark.parametrize("backend", ["auto", "faiss", "torch", "stream", "ivf"])
+def test_an_ensemble_top_k_equals_the_brute_force_top_k_with_each_search_backend(
+    ensemble_stores: list[Path], regression_data: TensorDataset, backend: str
+) -> None:
+    """An ensemble always built a CPU FAISS flat index of every averaged row and took no search settings. Now it
+    builds its index as the Attributor does; oracle: a sort of the averaged score matrix (its scores distinct).
+    The IVF index has one cell here (12 rows), so it scans every row and is exact."""
+    queries = TensorDataset(*(t[:5] for t in regression_data.tensors))
+    ensemble = sp.Ensemble.open(ensemble_stores, nn.Linear(3, 1), sp.RegressionTask(), search_backend=backend,
+                                progress=False)  # type: ignore[arg-type]  # fmt: skip
+    scores = ensemble.scores(queries)
+    assert all(len(np.unique(row)) == row.size for row in scores)  # no ties: one right answer
+    result = ensemble.top_k(queries, 4)
+    np.testing.assert_array_equal(result.positive_ids, np.argsort(-scores, axis=1)[:, :4])
+    np.testing.assert_array_equal(result.negative_ids, np.argsort(scores, axis=1)[:, :4])
+    np.testing.assert_allclose(result.positive_scores, np.sort(scores, axis=1)[:, ::-1][:, :4], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result.negative_scores, np.sort(scores, axis=1)[:, :4], rtol=1e-5, atol=1e-6)
+
+
+def test_an_ensemble_refuses_search_settings_it_cannot_use_before_opening_a_store(
+    ensemble_stores: list[Path], tmp_path: Path
+) -> None:
+    """Refused in one sentence at construction, before any store is opened (the paths here hold none)."""
+    missing = [tmp_path / "a.sp", tmp_path / "b.sp"]
+    with pytest.raises(sp.TaskError, match=r"^Unknown search backend 'annoy'; use one of auto, faiss, torch, stream, "
+                                           r"ivf\.$"):  # fmt: skip
+        sp.Ensemble.open(missing, nn.Linear(3, 1), sp.RegressionTask(), search_backend="annoy")  # type: ignore[arg-type]
+    with pytest.raises(sp.TaskError, match=r"^search_devices shard the torch, stream and auto \(GPU\) indexes; the "
+                                           r"faiss backend runs on one device"):  # fmt: skip
+        sp.Ensemble.open(missing, nn.Linear(3, 1), sp.RegressionTask(), search_backend="faiss", search_devices=["cpu"])
+    attributors = [sp.Attributor(s, nn.Linear(3, 1), sp.RegressionTask(), progress=False) for s in ensemble_stores]
+    with pytest.raises(sp.TaskError, match=r"^Unknown search backend 'flat'"):
+        sp.Ensemble(attributors, search_backend="flat")  # type: ignore[arg-type]

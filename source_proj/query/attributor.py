@@ -39,11 +39,11 @@ from source_proj.methods.kronecker import KroneckerCurvature, source_query_direc
 from source_proj.projection.factory import projector_from_meta
 from source_proj.projection.transform import scaling_transform
 from source_proj.query.topk import (
-    SEARCH_BACKENDS,
     IVFArguments,
     SearchBackend,
     TorchIndex,
     build_index,
+    check_search,
     faiss_gpu_available,
 )
 from source_proj.store.provenance import check_model, check_query_model, check_run, model_errors, run_difference
@@ -227,13 +227,7 @@ class Attributor:
     ) -> None:
         check_model_and_task(model, task)
         check_batch_size(batch_size, "Attributor's batch_size")
-        if search_backend not in SEARCH_BACKENDS:  # the search's settings before any work, as the device's
-            raise TaskError(f"Unknown search backend {search_backend!r}; use one of {', '.join(SEARCH_BACKENDS)}.")
-        if search_devices and search_backend in ("faiss", "ivf"):
-            raise TaskError(
-                f"search_devices shard the torch, stream and auto (GPU) indexes; the {search_backend} backend runs on "
-                "one device, so drop search_devices or use search_backend='torch'."
-            )
+        check_search(search_backend, search_devices)  # the search's settings before any work, as the device's
         self.batch_size = int(batch_size)
         self.store = store if isinstance(store, Store) else Store.open(store)
         meta = self.store.meta

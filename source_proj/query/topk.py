@@ -38,6 +38,17 @@ SearchBackend = Literal["auto", "faiss", "torch", "stream", "ivf"]
 SEARCH_BACKENDS = ("auto", "faiss", "torch", "stream", "ivf")
 
 
+def check_search(backend: object, devices: Sequence[object] | None) -> None:
+    """Refuse an unknown search backend, or devices to shard one that runs on a single device, before any work."""
+    if backend not in SEARCH_BACKENDS:
+        raise TaskError(f"Unknown search backend {backend!r}; use one of {', '.join(SEARCH_BACKENDS)}.")
+    if devices and backend in ("faiss", "ivf"):
+        raise TaskError(
+            f"search_devices shard the torch, stream and auto (GPU) indexes; the {backend} backend runs on "
+            "one device, so drop search_devices or use search_backend='torch'."
+        )
+
+
 def rows_bar(desc: str, total: int, progress: bool) -> tqdm:
     """A progress bar over ``total`` feature rows, shown once the work takes longer than two seconds."""
     return tqdm(total=total, desc=desc, unit="row", unit_scale=True, delay=2.0, disable=not progress)
