@@ -239,3 +239,6 @@ def test_an_ensemble_refuses_search_settings_it_cannot_use_before_opening_a_stor
     attributors = [sp.Attributor(s, nn.Linear(3, 1), sp.RegressionTask(), progress=False) for s in ensemble_stores]
     with pytest.raises(sp.TaskError, match=r"^Unknown search backend 'flat'"):
         sp.Ensemble(attributors, search_backend="flat")  # type: ignore[arg-type]
+    ivf = sp.Ensemble(attributors, search_backend="ivf", search_ivf=sp.IVFArguments(nlist=13), progress=False)
+    with pytest.raises(sp.TaskError, match=r"^An IVF index of 12 rows needs 1 ≤ nlist ≤ 12, not 13\.$"):
+        ivf.top_k([], 3)  # before the queries (none here, refused on their own) are read
