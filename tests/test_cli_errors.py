@@ -479,7 +479,12 @@ def test_an_unfinished_method_names_the_command_that_completes_it(
 
 @pytest.mark.parametrize(
     ("method", "hint"),
-    [("trak", "`source-proj baseline {s} --kind trak`"), ("mine", "`source-proj fit {s} --method mine` (SOURCE)")],
+    [
+        ("trak", "`source-proj baseline {s} --kind trak` (in Python: sp.fit_baseline(store, "
+                 "sp.BaselineArguments('trak')))"),
+        ("mine", "`source-proj fit {s} --method mine` (SOURCE; in Python: sp.fit(store, "
+                 "sp.FitArguments(method='mine')))"),
+    ],
 )
 def test_a_method_the_store_lacks_names_the_command_that_fits_it(
     cli_reference: tuple[Path, Path], method: str, hint: str

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import faiss
@@ -94,8 +95,13 @@ def test_a_store_without_a_fitted_method_is_refused(tmp_path: Path, classificati
         projection=sp.ProjectionArguments(dim=8),
         progress=False,
     )
-    with pytest.raises(sp.StoreError, match="no fitted method 'source'"):
+    with pytest.raises(sp.StoreError) as err:
         sp.Attributor(tmp_path / "s.sp", nn.Linear(4, 3), sp.ClassificationTask())
+    path = sp.Store.open(tmp_path / "s.sp").path
+    assert str(err.value) == (
+        f"The store at {path} has no fitted method 'source' (it has []); run `source-proj fit {shlex.quote(path)}` "
+        "(in Python: sp.fit(store)) first."
+    )
 
 
 def _regression_store(root: Path, data: TensorDataset, seed: int) -> Path:

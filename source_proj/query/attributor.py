@@ -111,11 +111,13 @@ def method_meta(store: Store, method: str) -> dict[str, Any]:
     if method not in methods:
         path = shlex.quote(store.path)
         if method in BASELINES:
-            hint = f"`source-proj baseline {path} --kind {method}`"
+            hint = f"`source-proj baseline {path} --kind {method}` (in Python: sp.fit_baseline(store, " \
+                f"sp.BaselineArguments({method!r})))"
         elif method == "source":
-            hint = f"`source-proj fit {path}`"
+            hint = f"`source-proj fit {path}` (in Python: sp.fit(store))"
         else:
-            hint = f"`source-proj fit {path} --method {shlex.quote(method)}` (SOURCE)"
+            hint = f"`source-proj fit {path} --method {shlex.quote(method)}` (SOURCE; in Python: sp.fit(store, " \
+                f"sp.FitArguments(method={method!r})))"
         raise StoreError(
             f"The store at {store.path} has no fitted method {method!r} (it has {sorted(methods)}); run {hint} first."
         )
