@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+import numbers
 import re
+from collections.abc import Collection, Sequence
 
 
 class SourceProjError(Exception):
@@ -37,6 +41,49 @@ def not_an_instance(value: object, kind: type, what: str, called: str, hint: str
             return f"The {what} given is the class {name}, not a {called}; pass an instance of it: {name}(...)."
         return f"The {what} given is the function {name}, not a {called}; pass what it returns: {name}()."
     return f"The {what} given is a {type(value).__name__}, not a {called}; {hint}"
+
+
+def check_whole(
+    what: str, value: object, minimum: int = 1, error: type[SourceProjError] = TaskError, *, also: str = ""
+) -> None:
+    """Refuse ``value`` as ``what`` (``"LDSArguments.repeats"``) in one sentence unless it is an integer (a bool is
+    not one) ≥ ``minimum``; ``also`` names what else is allowed (``" or 'auto'"``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise error(f"{what} is {value!r}; pass a whole number ≥ {minimum}{also}.")
+
+
+def check_wholes(what: str, values: object, minimum: int = 0, *, increasing: bool = False) -> None:
+    """Refuse ``values`` as ``what`` (``"RemovalArguments.seeds"``) in one sentence unless it is a non-empty sequence
+    of whole numbers ≥ ``minimum`` (strictly ``increasing`` where asked)."""
+    whole = isinstance(values, Sequence) and not isinstance(values, str | bytes) and len(values) > 0
+    whole = whole and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= minimum for v in values)
+    if not whole or (increasing and any(a >= b for a, b in itertools.pairwise(values))):  # type: ignore[arg-type]
+        order = "increasing " if increasing else ""
+        raise TaskError(f"{what} is {values!r}; pass a non-empty tuple of {order}whole numbers ≥ {minimum}.")
+
+
+def check_choice(
+    what: str, value: object, allowed: Collection[object], error: type[SourceProjError] = TaskError
+) -> None:
+    """Refuse ``value`` as ``what`` in one sentence unless it is one of ``allowed`` (``1`` does not pass for
+    ``True``)."""
+    if not any(isinstance(value, type(option)) and value == option for option in allowed):
+        raise error(f"{what} is {value!r}; use one of {', '.join(map(str, allowed))}.")
+
+
+def check_real(
+    what: str, value: object, low: float = 0.0, high: float = math.inf, *, closed: bool = True,
+    error: type[SourceProjError] = TaskError,
+) -> None:  # fmt: skip
+    """Refuse ``value`` as ``what`` in one sentence unless it is a finite real number (not a bool) in
+    ``[low, high)``, or ``(low, high)`` where not ``closed``."""
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if number and (low <= value if closed else low < value) and value < high:  # type: ignore[operator]
+        return
+    if math.isinf(high):
+        above = "" if math.isinf(low) else f" {'≥' if closed else '>'} {low:g}"
+        raise error(f"{what} is {value!r}; pass a finite number{above}.")
+    raise error(f"{what} is {value!r}; pass a number in {'[' if closed else '('}{low:g}, {high:g}).")
 
 
 def first_line(err: BaseException, limit: int = 200) -> str:

@@ -444,9 +444,9 @@ def test_queries_without_labels_are_refused_as_such(tiny_reference: Path) -> Non
 @pytest.mark.parametrize(
     ("arguments", "expected"),
     [
-        ({"segments_per_stage": "3"}, "FitArguments.segments_per_stage is '3'; pass a whole number."),
-        ({"segments_per_stage": 2.5}, "FitArguments.segments_per_stage is 2.5; pass a whole number."),
-        ({"auto_segments": True}, "FitArguments.auto_segments is True; pass a whole number."),
+        ({"segments_per_stage": "3"}, "FitArguments.segments_per_stage is '3'; pass a whole number ≥ 1."),
+        ({"segments_per_stage": 2.5}, "FitArguments.segments_per_stage is 2.5; pass a whole number ≥ 1."),
+        ({"auto_segments": True}, "FitArguments.auto_segments is True; pass a whole number ≥ 0."),
         ({"boundaries": "4"}, "FitArguments.boundaries is '4'; pass whole step numbers, e.g. (100, 200)."),
         ({"boundaries": 4}, "FitArguments.boundaries is 4; pass whole step numbers, e.g. (100, 200)."),
         ({"boundaries": (4.5,)}, "FitArguments.boundaries is (4.5,); pass whole step numbers, e.g. (100, 200)."),

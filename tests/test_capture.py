@@ -1019,7 +1019,7 @@ def test_capture_refuses_what_it_cannot_capture_with_a_sentence(tmp_path: Path, 
     model = _mlp()
     with pytest.raises(sp.TaskError, match="kind='factored'"):
         sp.GradientCapture(recorder(model, "a"), tmp_path / "a.sp", task, projection=sp.ProjectionArguments(dim=16))
-    with pytest.raises(sp.TaskError, match=r"^Capture's end_pass is True, False or 'auto', not 'yes'\.$"):
+    with pytest.raises(sp.TaskError, match=r"^CaptureArguments.end_pass is 'yes'; use one of True, False, auto\.$"):
         sp.GradientCapture(recorder(model, "a"), tmp_path / "a.sp", task, projection=_projection(),
                            options=sp.CaptureArguments(end_pass="yes"))  # type: ignore[arg-type]
     streamed = {"main": _Stream()}  # no len(): the end pass cannot read every example
@@ -1667,7 +1667,7 @@ def test_eigen_capture_bounds_each_windows_basis_pass_by_a_share_of_the_window_b
             assert bases[f"main/{start}"]["digest"] == want.digest(), start
     final = EigenBasis.read(a, a.meta["projection"]["basis"])
     assert all(torch.equal(p, q) for p, q in zip([*final.out, *final.inp], [*want.out, *want.inp], strict=True))
-    with pytest.raises(sp.TaskError, match="basis_share must be a positive share"):
+    with pytest.raises(sp.TaskError, match=r"^CaptureArguments.basis_share is .*; pass a finite number > 0\.$"):
         sp.GradientCapture(sp.TrajectoryRecorder(tmp_path / "c", model, torch.optim.SGD(model.parameters(), lr=0.1),
                                                   save_every=2),
                            tmp_path / "c.sp", sp.ClassificationTask(), datasets={"main": classification_data},
@@ -2056,7 +2056,8 @@ def test_capture_passes_take_batches_no_larger_than_training_and_a_resumed_run_k
     for name in a.progress_arrays("capture/"):
         assert np.array_equal(a.read(name), b.read(name)), name
     for bad in (0, -3, "big", True, 2.5):
-        with pytest.raises(sp.TaskError, match=r"^Capture's basis_batch is 'auto' or a positive number, not "):
+        refused = r"^CaptureArguments\.basis_batch is .*; pass a whole number ≥ 1 or 'auto'\.$"
+        with pytest.raises(sp.TaskError, match=refused):
             _train(tmp_path / "bad", tmp_path / "bad.sp", classification_data, options=sp.CaptureArguments(
                 basis_batch=bad), **kwargs)  # fmt: skip
 

@@ -275,7 +275,7 @@ def test_an_alpha_the_lds_refuses_is_refused_before_the_retrains_of_the_others(f
     """--alpha 0.5,1.5 retrained every model of α = 0.5 before refusing 1.5; 0.01 keeps no row of 40."""
     _, store = fitted
     cache = tmp_path / "cache"
-    for alphas, match in (("0.5,1.5", "strictly between 0 and 1"), ("0.5,0.01", "keeps 0 of 40 rows")):
+    for alphas, match in (("0.5,1.5", "alpha is 1.5; pass a number in (0, 1)."), ("0.5,0.01", "keeps 0 of 40 rows")):
         out = CliRunner().invoke(main, ["lds", str(store), "--subsets", "3", "--alpha", alphas, "--cache", str(cache)])
         assert out.exit_code != 0 and match in out.output and "Traceback" not in out.output, out.output
         assert not list(cache.glob("retrains/*.npy"))

@@ -161,17 +161,13 @@ def test_a_retrain_that_returns_the_wrong_shape_or_nan_is_refused(tmp_path: Path
         ev.lds_ground_truth(lambda k, s: np.full(Q, np.nan), ROWS, tmp_path / "b", args, progress=False)
 
 
-def test_zero_repeats_or_no_seeds_is_refused_in_one_sentence(tmp_path: Path) -> None:
-    with pytest.raises(TaskError, match="no retrain to run"):
-        ev.lds_ground_truth(ridge_retrain, ROWS, tmp_path, ev.LDSArguments(num_subsets=3, repeats=0), progress=False)
-    with pytest.raises(TaskError, match="no retrain to run"):
-        ev.subset_removal(
-            {"a": EFFECTS}, linear_retrain, ROWS, tmp_path, ev.RemovalArguments((2,), seeds=()), progress=False
-        )
-    with pytest.raises(TaskError, match="no retrain to run"):
-        ev.further_training_ground_truth(
-            linear_retrain, ROWS, [1, 2, 3], tmp_path, ev.FurtherTrainingArguments(seeds=()), progress=False
-        )
+def test_zero_repeats_or_no_seeds_is_refused_when_the_arguments_are_built() -> None:
+    with pytest.raises(TaskError, match=r"^LDSArguments\.repeats is 0; pass a whole number ≥ 1\.$"):
+        ev.LDSArguments(num_subsets=3, repeats=0)
+    with pytest.raises(TaskError, match=r"^RemovalArguments\.seeds is \(\); pass a non-empty tuple of whole numbers"):
+        ev.RemovalArguments((2,), seeds=())
+    with pytest.raises(TaskError, match=r"^FurtherTrainingArguments\.seeds is \(\); pass a non-empty tuple of whole"):
+        ev.FurtherTrainingArguments(seeds=())
 
 
 def test_subset_removal_refuses_scores_it_cannot_rank_before_training_anything(tmp_path: Path) -> None:
@@ -325,7 +321,7 @@ def test_subset_removal_trains_a_removal_two_methods_share_once(tmp_path: Path) 
 def test_lds_arguments_the_lds_would_refuse_are_refused_when_built_not_after_the_retrains(tmp_path: Path) -> None:
     """A bootstrap setting the LDS refuses (a misspelt resample, no resample, a confidence of 95) was refused by
     lds(), after lds_ground_truth had run every retrain with the same arguments."""
-    for wrong, match in (({"resample": "query"}, "'subsets' or 'queries'"), ({"resamples": 0}, "at least one"),
+    for wrong, match in (({"resample": "query"}, "use one of subsets, queries"), ({"resamples": 0}, "≥ 1"),
                          ({"confidence": 95.0}, r"\(0, 1\)")):  # fmt: skip
         with pytest.raises(TaskError, match=match):
             ev.LDSArguments(**wrong)  # type: ignore[arg-type]
@@ -333,6 +329,6 @@ def test_lds_arguments_the_lds_would_refuse_are_refused_when_built_not_after_the
 
 def test_further_training_arguments_the_agreement_would_refuse_are_refused_when_built() -> None:
     """As with LDSArguments: a bad bootstrap setting was refused by agreement(), after the gold standard's retrains."""
-    for wrong, match in (({"resamples": 0}, "at least one"), ({"confidence": 95.0}, r"\(0, 1\)")):
+    for wrong, match in (({"resamples": 0}, "≥ 1"), ({"confidence": 95.0}, r"\(0, 1\)")):
         with pytest.raises(TaskError, match=match):
             ev.FurtherTrainingArguments(**wrong)  # type: ignore[arg-type]

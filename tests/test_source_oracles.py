@@ -297,7 +297,7 @@ def test_default_damping_is_the_mean_eigenvalue_on_the_projected_curvature(fitte
             damped = store.read(f"methods/{method}/operators/{segment}/eigvals")
             np.testing.assert_allclose(damped, plain + factor * mean, rtol=1e-6, atol=1e-9)
     for bad in (-1.0, float("nan")):
-        with pytest.raises(sp.TaskError, match="damping_factor must be a finite number"):
+        with pytest.raises(sp.TaskError, match=r"^FitArguments.damping_factor is .*; pass a finite number ≥ 0\.$"):
             sp.FitArguments(damping_factor=bad)
 
 

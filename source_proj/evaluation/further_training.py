@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from source_proj.errors import TaskError
+from source_proj.errors import TaskError, check_whole, check_wholes
 from source_proj.evaluation.metrics import Correlation, check_bootstrap, correlate, cosine
 from source_proj.evaluation.retrain import Job, RetrainCache, RetrainFunction, keep_from_mask, run_retrains
 from source_proj.query.attributor import StageRows
@@ -48,7 +48,10 @@ class FurtherTrainingArguments:
 
     def __post_init__(self) -> None:
         # Refused here, not in agreement(): the same arguments run the gold standard's retrains first.
-        check_bootstrap(self.resamples, self.confidence)
+        check_wholes("FurtherTrainingArguments.seeds", self.seeds)
+        check_whole("FurtherTrainingArguments.workers", self.workers)
+        check_whole("FurtherTrainingArguments.threads_per_worker", self.threads_per_worker)
+        check_bootstrap(self.resamples, self.confidence, "FurtherTrainingArguments.")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from typing import Literal
 
 import numpy as np
 
-from source_proj.errors import TaskError
+from source_proj.errors import TaskError, check_choice, check_real, check_whole
 from source_proj.evaluation.metrics import (
     Correlation,
     bootstrap_ci,
@@ -32,6 +32,9 @@ from source_proj.evaluation.metrics import (
 from source_proj.evaluation.retrain import Job, RetrainCache, RetrainFunction, keep_from_mask, run_retrains
 from source_proj.figures import pyplot, save_figure
 from source_proj.query.attributor import StageRows
+
+MIN_SUBSETS = 3
+"""The fewest subsets the LDS ranks its predictions over."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,8 @@ class LDSArguments:
         resample: what the bootstrap resamples: ``"subsets"`` (the SOURCE paper's interval) or
             ``"queries"`` (how much the LDS depends on which queries were drawn).
 
-    A bootstrap setting the LDS cannot use is refused when the arguments are built, before any retrain.
+    A field outside its range (a bootstrap setting the LDS cannot use, an α outside (0, 1), fewer than 3 subsets) is
+    refused when the arguments are built, before any retrain.
     """
 
     alpha: float = 0.5
@@ -65,9 +69,12 @@ class LDSArguments:
 
     def __post_init__(self) -> None:
         # Refused here, not in lds(): the same arguments usually run the retrains first, for hours.
-        if self.resample not in ("subsets", "queries"):
-            raise TaskError(f"The LDS bootstrap resamples 'subsets' or 'queries', not {self.resample!r}.")
-        check_bootstrap(self.resamples, self.confidence)
+        check_real("LDSArguments.alpha", self.alpha, 0.0, 1.0, closed=False)
+        check_whole("LDSArguments.num_subsets", self.num_subsets, MIN_SUBSETS)
+        for field, minimum in (("repeats", 1), ("seed", 0), ("workers", 1), ("threads_per_worker", 1)):
+            check_whole(f"LDSArguments.{field}", getattr(self, field), minimum)
+        check_choice("LDSArguments.resample", self.resample, ("subsets", "queries"))
+        check_bootstrap(self.resamples, self.confidence, "LDSArguments.")
 
 
 def sample_subsets(num_rows: int, num_subsets: int, alpha: float, seed: int = 0) -> np.ndarray:
@@ -77,10 +84,10 @@ def sample_subsets(num_rows: int, num_subsets: int, alpha: float, seed: int = 0)
     2, of 14 rows 4). Subsets are drawn independently, so the same subset may be drawn twice when α·N is near 0
     or N.
     """
-    if not 0.0 < alpha < 1.0:
-        raise TaskError(f"The subset ratio alpha must lie strictly between 0 and 1, not {alpha}.")
-    if num_subsets < 3:
-        raise TaskError(f"The LDS needs at least 3 subsets to rank, not {num_subsets}.")
+    check_whole("num_rows", num_rows)
+    check_whole("num_subsets", num_subsets, MIN_SUBSETS)
+    check_real("alpha", alpha, 0.0, 1.0, closed=False)
+    check_whole("seed", seed, 0)
     size = round(alpha * num_rows)
     if not 0 < size < num_rows:
         raise TaskError(f"alpha={alpha} keeps {size} of {num_rows} rows; choose alpha so that 0 < αN < N.")

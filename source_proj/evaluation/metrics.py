@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from source_proj.errors import TaskError
+from source_proj.errors import TaskError, check_real, check_whole
 
 
 def rank(values: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -39,6 +39,7 @@ def pearson(x: np.ndarray, y: np.ndarray, axis: int = 0) -> np.ndarray:
     """Pearson correlation along ``axis``; NaN where either side is constant."""
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
+    _same_shape(x, y)
     xc = x - x.mean(axis=axis, keepdims=True)
     yc = y - y.mean(axis=axis, keepdims=True)
     num = (xc * yc).sum(axis=axis)
@@ -49,6 +50,7 @@ def pearson(x: np.ndarray, y: np.ndarray, axis: int = 0) -> np.ndarray:
 
 def spearman(x: np.ndarray, y: np.ndarray, axis: int = 0) -> np.ndarray:
     """Spearman rank correlation along ``axis`` (Pearson of average ranks); NaN where a side is constant."""
+    _same_shape(np.asarray(x), np.asarray(y))
     return pearson(rank(x, axis), rank(y, axis), axis)
 
 
@@ -56,6 +58,7 @@ def cosine(x: np.ndarray, y: np.ndarray, axis: int = 0) -> np.ndarray:
     """Cosine similarity along ``axis``; NaN where a side is zero."""
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
+    _same_shape(x, y)
     den = np.linalg.norm(x, axis=axis) * np.linalg.norm(y, axis=axis)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 0, (x * y).sum(axis=axis) / np.where(den > 0, den, 1.0), np.nan)
@@ -96,13 +99,17 @@ def group_predictions(scores: np.ndarray, masks: np.ndarray) -> np.ndarray:
     return predictions
 
 
-def check_bootstrap(resamples: int, confidence: float) -> None:
+def check_bootstrap(resamples: int, confidence: float, owner: str = "") -> None:
     """Refuse, in one sentence, bootstrap settings no interval can be drawn with (checked where the settings are
-    given, before the retrains they summarise)."""
-    if not 0.0 < confidence < 1.0:
-        raise TaskError(f"The confidence level must lie in (0, 1), not {confidence}.")
-    if resamples < 1:
-        raise TaskError(f"A confidence interval needs at least one bootstrap resample, not {resamples}.")
+    given, before the retrains they summarise); ``owner`` prefixes the fields' names (``"LDSArguments."``)."""
+    check_whole(f"{owner}resamples", resamples)
+    check_real(f"{owner}confidence", confidence, 0.0, 1.0, closed=False)
+
+
+def _same_shape(x: np.ndarray, y: np.ndarray) -> None:
+    """Refuse two arrays compared element by element whose shapes differ, in one sentence."""
+    if x.shape != y.shape:
+        raise TaskError(f"The arrays compared have shapes {x.shape} and {y.shape}; pass two arrays of one shape.")
 
 
 def bootstrap_ci(
@@ -126,7 +133,9 @@ def bootstrap_ci(
 
     Resamples on which the statistic is not finite (e.g. every unit drawn the same) are left out.
     """
+    check_whole("n", n)
     check_bootstrap(resamples, confidence)
+    check_whole("batch", batch)
     rng = np.random.default_rng(seed)
     values = []
     for begin in range(0, resamples, batch):

@@ -16,13 +16,14 @@ that remove the same examples.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from source_proj.errors import TaskError
+from source_proj.errors import TaskError, check_choice, check_real, check_whole, check_wholes
 from source_proj.evaluation.retrain import Job, RetrainCache, RetrainFunction, keep_from_mask, run_retrains
 from source_proj.figures import pyplot, save_figure
 from source_proj.query.attributor import StageRows
@@ -49,6 +50,14 @@ class RemovalArguments:
     positive_helps: bool = True
     workers: int = 1
     threads_per_worker: int = 1
+
+    def __post_init__(self) -> None:
+        check_wholes("RemovalArguments.ks", self.ks, 1, increasing=True)
+        check_wholes("RemovalArguments.seeds", self.seeds)
+        check_real("RemovalArguments.threshold", self.threshold, -math.inf)
+        check_choice("RemovalArguments.positive_helps", self.positive_helps, (True, False))
+        check_whole("RemovalArguments.workers", self.workers)
+        check_whole("RemovalArguments.threads_per_worker", self.threads_per_worker)
 
 
 @dataclass(frozen=True)
@@ -84,8 +93,6 @@ def subset_removal(
     Raises ``TaskError`` when no query is correct under every seed of the full-data models (nothing to flip).
     """
     ks = tuple(args.ks)
-    if not ks or list(ks) != sorted(set(ks)) or ks[0] < 1:
-        raise TaskError(f"Removal sizes must be positive and increasing, not {ks}.")
     total = sum(r.size for r in rows)
     if ks[-1] >= total:
         raise TaskError(

@@ -7,27 +7,29 @@ import functools
 import hashlib
 import json
 import math
-import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from source_proj.errors import StoreError, TaskError
+from source_proj.errors import StoreError, TaskError, check_choice, check_whole
 from source_proj.projection.base import Projector
 from source_proj.projection.eigen import EigenBasis
-from source_proj.projection.factory import make_projector
+from source_proj.projection.factory import PROJECTION_KINDS, make_projector
 from source_proj.tasks.data import check_indexed, training_examples
 from source_proj.tasks.gradients import Precision
 from source_proj.trajectory.recorder import Checkpoint, Trajectory
 from source_proj.trajectory.segments import SegmentationArguments
 
 FisherMode = Literal["sampled", "exact", "empirical"]
+FISHER_MODES = get_args(FisherMode)
 CurvatureKind = Literal["auto", "kfac", "projected", "both"]
+CURVATURE_KINDS = get_args(CurvatureKind)
+PRECISIONS = get_args(Precision)
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,10 @@ class ProjectionArguments:
     basis_checkpoints: int | None = None
 
     def __post_init__(self) -> None:
+        check_choice("ProjectionArguments.kind", self.kind, (*PROJECTION_KINDS, "auto"))
+        _positive(self, "adam_rank")
+        for pattern, dim in self.module_dims.items():
+            check_whole(f"ProjectionArguments.module_dims[{pattern!r}]", dim)
         if self.kind != "identity":  # k = p there, whatever dim says
             _positive(self, "dim")
         _positive(self, "seed", minimum=0)
@@ -213,12 +219,16 @@ class FeaturizeArguments:
     fisher_examples: int | Literal["auto"] | None = "auto"
 
     def __post_init__(self) -> None:
+        check_choice("FeaturizeArguments.fisher", self.fisher, FISHER_MODES)
+        check_choice("FeaturizeArguments.precision", self.precision, PRECISIONS)
+        check_choice("FeaturizeArguments.curvature", self.curvature, CURVATURE_KINDS)
         _positive(self, "batch_size")
         _positive(self, "chunk_rows")
         _positive(self, "seed", minimum=0)
         _positive(self, "num_workers", minimum=0)
-        if self.vmap_chunk is not None:
-            _positive(self, "vmap_chunk")
+        for optional in ("vmap_chunk", "shard_chunks"):
+            if getattr(self, optional) is not None:
+                _positive(self, optional)
         if self.fisher_examples is not None and self.fisher_examples != "auto":
             _positive(self, "fisher_examples")
             if self.chunk_rows % self.batch_size:
@@ -384,9 +394,7 @@ class FisherRows:
 
 def _positive(arguments: object, field: str, minimum: int = 1) -> None:
     """Refuse a field of ``arguments`` that is not an integer ≥ ``minimum``."""
-    value = getattr(arguments, field)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise TaskError(f"{type(arguments).__name__}.{field} is {value!r}; pass a whole number ≥ {minimum}.")
+    check_whole(f"{type(arguments).__name__}.{field}", getattr(arguments, field), minimum)
 
 
 def default_device(device: str | torch.device | None) -> torch.device:

@@ -82,7 +82,7 @@ from tqdm.auto import tqdm
 
 from source_proj import __version__
 from source_proj.compiled import eager, hold_compiler_settings, release_compiler_settings
-from source_proj.errors import NumericalError, StoreError, TaskError
+from source_proj.errors import NumericalError, StoreError, TaskError, check_choice, check_real, check_whole
 from source_proj.featurize.arguments import ProjectionArguments
 from source_proj.featurize.basis import BasisPass, NoBasis, modes_kept, rank_one_sides
 from source_proj.featurize.grow import record_growth
@@ -207,6 +207,29 @@ class CaptureArguments:
     end_pass: bool | Literal["auto"] = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
 
+    def __post_init__(self) -> None:
+        name = "CaptureArguments"
+        for field, allowed in (("fisher", ("sampled", "empirical")), ("fisher_forward", ("training", "separate")),
+                               ("buffer", ("device", "cpu")), ("end_pass", (True, False, "auto")),
+                               ("precision", ("fp32", "bf16"))):  # fmt: skip
+            check_choice(f"{name}.{field}", getattr(self, field), allowed)
+        if self.reduction == "sum":
+            raise TaskError(
+                "A training loss summed over the batch (reduction='sum') steps the weights B times as far as the "
+                "learning rate the recorder records, and SOURCE takes each step as that rate times the batch mean's "
+                "gradient, so it would model every step B times too short; train on the batch mean (plain SGD takes "
+                "the same steps with the learning rate times B and the weight decay over B) and capture with the "
+                "default reduction='mean'."
+            )
+        check_choice(f"{name}.reduction", self.reduction, ("mean",))
+        for field in ("fisher_every", "chunk_rows", "scale_every"):
+            check_whole(f"{name}.{field}", getattr(self, field))
+        check_whole(f"{name}.seed", self.seed, 0)
+        if self.basis_batch != "auto":
+            check_whole(f"{name}.basis_batch", self.basis_batch, also=" or 'auto'")
+        if self.basis_share is not None:
+            check_real(f"{name}.basis_share", self.basis_share, closed=False)
+
     def identity(self) -> dict[str, Any]:
         """What the captured numbers depend on (``buffer`` and ``basis_batch`` do not)."""
         return {k: v for k, v in asdict(self).items() if k not in ("buffer", "basis_batch")}
@@ -322,34 +345,6 @@ class GradientCapture:
         collate_fn: Callable[[list[Any]], Any] | None = None,
         progress: bool = True,
     ) -> None:
-        if options.fisher not in ("sampled", "empirical"):
-            raise TaskError(f"Capture's Fisher is 'sampled' or 'empirical', not {options.fisher!r}.")
-        if options.fisher_forward not in ("training", "separate"):
-            raise TaskError(f"Capture's fisher_forward is 'training' or 'separate', not {options.fisher_forward!r}.")
-        if options.reduction == "sum":
-            raise TaskError(
-                "A training loss summed over the batch (reduction='sum') steps the weights B times as far as the "
-                "learning rate the recorder records, and SOURCE takes each step as that rate times the batch mean's "
-                "gradient, so it would model every step B times too short; train on the batch mean (plain SGD takes "
-                "the same steps with the learning rate times B and the weight decay over B) and capture with the "
-                "default reduction='mean'."
-            )
-        if options.reduction != "mean":
-            raise TaskError(f"The loss reduction is 'mean' (the task's loss averaged over the batch), not "
-                            f"{options.reduction!r}.")  # fmt: skip
-        if options.basis_batch != "auto" and (
-            not isinstance(options.basis_batch, int) or isinstance(options.basis_batch, bool) or options.basis_batch < 1
-        ):
-            raise TaskError(f"Capture's basis_batch is 'auto' or a positive number, not {options.basis_batch!r}.")
-        if min(options.fisher_every, options.chunk_rows, options.scale_every) < 1:
-            raise TaskError("fisher_every, chunk_rows and scale_every must be positive.")
-        if options.basis_share is not None and not 0 < options.basis_share:
-            raise TaskError(f"basis_share must be a positive share of a window's examples, or None, not "
-                            f"{options.basis_share!r}.")  # fmt: skip
-        if options.end_pass not in (True, False, "auto"):
-            raise TaskError(f"Capture's end_pass is True, False or 'auto', not {options.end_pass!r}.")
-        if options.precision not in ("fp32", "bf16"):
-            raise TaskError(f"Capture's precision is 'fp32' or 'bf16', not {options.precision!r}.")
         if options.end_pass is True and datasets is None:
             raise TaskError(
                 "The end pass reads each stage's examples at the stage's final weights; pass datasets= (each stage's "

@@ -88,7 +88,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
-from source_proj.errors import StoreError, TaskError
+from source_proj.errors import StoreError, TaskError, check_choice, check_real, check_whole
 from source_proj.featurize.arguments import PROJECTED_MAX, as_stage_datasets, default_device
 from source_proj.featurize.plan import segment_for
 from source_proj.featurize.windows import (
@@ -142,6 +142,15 @@ class BaselineArguments:
     damping: float | None = None
     trak_dim: int | None = None
     rcond: float = 1e-6
+
+    def __post_init__(self) -> None:
+        check_choice("BaselineArguments.kind", self.kind, BASELINES)
+        check_real("BaselineArguments.damping_factor", self.damping_factor)
+        if self.damping is not None:
+            check_real("BaselineArguments.damping", self.damping)
+        if self.trak_dim is not None:
+            check_whole("BaselineArguments.trak_dim", self.trak_dim)
+        check_real("BaselineArguments.rcond", self.rcond, 0.0, 1.0)
 
 
 ChunkFn = Callable[[str, int, int], Any]
@@ -218,8 +227,6 @@ def fit_baseline(
     given = store
     if store.group.store.read_only:  # opened for reading (Store.open's default): fit takes such a store too
         store = Store.open(store.path, writable=True)
-    if args.kind not in BASELINES:
-        raise TaskError(f"Unknown baseline {args.kind!r}; choose one of {', '.join(BASELINES)}.")
     meta = store.meta
     sizes = {s["name"]: s["dataset_size"] for s in meta["trajectory"]["stages"]}
     attributed = _stages(args.stages, sizes)

@@ -8,7 +8,6 @@ and one pass over the stored gradients folds every operator into T(z) (see sourc
 from __future__ import annotations
 
 import json
-import math
 import numbers
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -21,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from source_proj.distributed import Ranks, Shard, rank_device, ranks, run_sharded
-from source_proj.errors import NumericalError, StoreError, TaskError
+from source_proj.errors import NumericalError, StoreError, TaskError, check_choice, check_real, check_whole
 from source_proj.featurize.arguments import default_device
 from source_proj.featurize.factors import layers_from_description
 from source_proj.featurize.windows import (
@@ -53,6 +52,9 @@ from source_proj.trajectory.segments import (
 DAMPING_FACTORS = {"projected": 1.0, "kfac": 0.0, "eigen": 0.3}
 """SOURCE's default damping factor per curvature (`FitArguments.damping_factor`); ``"eigen"``: the projected
 curvature of a store featurized with the ``eigen`` projection."""
+
+CURVATURES = ("kfac", "projected")
+"""The curvatures fit computes SOURCE's operators from (`FitArguments.curvature`)."""
 
 AVERAGES = ("steps", "checkpoints")
 """How a segment's ḡ_ℓ and H̄_ℓ weigh its checkpoints (`FitArguments.average`)."""
@@ -123,13 +125,13 @@ class FitArguments:
                 "Fast-SOURCE's features were computed at each segment's step-averaged parameters by featurize; "
                 f"average={self.average!r} applies to SOURCE's per-checkpoint features only."
             )
-        factor = self.damping_factor
-        if factor is not None and (not isinstance(factor, int | float) or not math.isfinite(factor) or factor < 0):
-            raise TaskError(f"damping_factor must be a finite number ≥ 0, not {factor!r}.")
-        for field in ("segments_per_stage", "auto_segments"):
-            value = getattr(self, field)
-            if value is not None and not _whole(value):
-                raise TaskError(f"FitArguments.{field} is {value!r}; pass a whole number.")
+        if self.damping_factor is not None:
+            check_real("FitArguments.damping_factor", self.damping_factor)
+        if self.curvature is not None:
+            check_choice("FitArguments.curvature", self.curvature, CURVATURES)
+        for field, minimum in (("segments_per_stage", 1), ("auto_segments", 0)):
+            if getattr(self, field) is not None:
+                check_whole(f"FitArguments.{field}", getattr(self, field), minimum)
         steps = self.boundaries
         if steps is not None and (isinstance(steps, str | bytes) or not isinstance(steps, Iterable)
                                   or not all(_whole(b) for b in steps)):  # fmt: skip
@@ -151,8 +153,6 @@ class FitArguments:
         """The curvature this fit uses on a store with metadata ``meta`` (see ``curvature``)."""
         stored = meta["featurize"].get("curvature", "projected")
         curvature = self.curvature or ("kfac" if stored == "kfac" else "projected")
-        if curvature not in ("kfac", "projected"):
-            raise TaskError(f"Unknown curvature {curvature!r}; use 'kfac' or 'projected'.")
         available = {"kfac": ("kfac", "both"), "projected": ("projected", "both")}[curvature]
         if stored not in available:
             raise StoreError(

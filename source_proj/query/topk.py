@@ -21,7 +21,6 @@ rows in half precision too (``dtype``): exact search over rounded rows.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -32,7 +31,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from source_proj.errors import TaskError
+from source_proj.errors import TaskError, check_choice, check_whole
 
 SearchBackend = Literal["auto", "faiss", "torch", "stream", "ivf"]
 SEARCH_BACKENDS = ("auto", "faiss", "torch", "stream", "ivf")
@@ -76,9 +75,10 @@ class IVFArguments:
 
     def __post_init__(self) -> None:
         for name in ("nlist", "nprobe", "train_rows"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
-                raise TaskError(f"IVFArguments.{name} is {value!r}; pass a whole number ≥ 1.")
+            if getattr(self, name) is not None:
+                check_whole(f"IVFArguments.{name}", getattr(self, name))
+        check_whole("IVFArguments.seed", self.seed, 0)
+        check_choice("IVFArguments.fp16", self.fp16, (True, False))
 
     def cells(self, ntotal: int) -> int:
         """The number of cells for ``ntotal`` rows; refuses more cells than rows, or than training rows (k-means

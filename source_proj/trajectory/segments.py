@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from source_proj.errors import TrajectoryError
+from source_proj.errors import TrajectoryError, check_whole
 from source_proj.trajectory.optimizers import optimizer_rule
 from source_proj.trajectory.recorder import Stage
 
@@ -42,6 +42,12 @@ class SegmentationArguments:
     boundaries: tuple[int, ...] | None = None
     auto: int | None = None
     probe_rows: int = 256
+
+    def __post_init__(self) -> None:
+        check_whole("SegmentationArguments.per_stage", self.per_stage, error=TrajectoryError)
+        if self.auto is not None:
+            check_whole("SegmentationArguments.auto", self.auto, 0, error=TrajectoryError)
+        check_whole("SegmentationArguments.probe_rows", self.probe_rows, error=TrajectoryError)
 
     @classmethod
     def parse(cls, text: str) -> SegmentationArguments:
