@@ -52,14 +52,25 @@ def check_whole(
         raise error(f"{what} is {value!r}; pass a whole number ≥ {minimum}{also}.")
 
 
-def check_wholes(what: str, values: object, minimum: int = 0, *, increasing: bool = False) -> None:
+def check_wholes(
+    what: str, values: object, minimum: int = 0, *, increasing: bool = False, error: type[SourceProjError] = TaskError
+) -> None:
     """Refuse ``values`` as ``what`` (``"RemovalArguments.seeds"``) in one sentence unless it is a non-empty sequence
     of whole numbers ≥ ``minimum`` (strictly ``increasing`` where asked)."""
     whole = isinstance(values, Sequence) and not isinstance(values, str | bytes) and len(values) > 0
     whole = whole and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= minimum for v in values)
     if not whole or (increasing and any(a >= b for a, b in itertools.pairwise(values))):  # type: ignore[arg-type]
         order = "increasing " if increasing else ""
-        raise TaskError(f"{what} is {values!r}; pass a non-empty tuple of {order}whole numbers ≥ {minimum}.")
+        raise error(f"{what} is {values!r}; pass a non-empty tuple of {order}whole numbers ≥ {minimum}.")
+
+
+def check_names(what: str, values: object) -> None:
+    """Refuse ``values`` as ``what`` (``"FitArguments.stages"``) in one sentence unless it is a non-empty sequence of
+    names (a lone string is not one: its letters are not stage names)."""
+    if isinstance(values, str | bytes) or not isinstance(values, Sequence) or not values or not all(
+        isinstance(v, str) for v in values
+    ):
+        raise TaskError(f"{what} is {values!r}; pass a non-empty tuple of names, e.g. ('main',).")
 
 
 def check_choice(

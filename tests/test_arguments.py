@@ -31,6 +31,9 @@ def _refusal(build: Any, error: type[SourceProjError] = sp.TaskError) -> str:
         ({"dim": 64.0}, "ProjectionArguments.dim is 64.0; " + WHOLE.format(1)),
         ({"kind": "factored", "module_dims": {"fc*": 0}}, "ProjectionArguments.module_dims['fc*'] is 0; "
                                                           + WHOLE.format(1)),
+        ({"kind": "factored", "module_dims": [("fc*", 8)]}, "ProjectionArguments.module_dims is [('fc*', 8)]; pass a "
+                                                            "dict of module-name patterns to dimensions, e.g. "
+                                                            "{'fc*': 64}."),
     ],
 )
 def test_projection_arguments_refuse_bad_fields(fields: dict, expected: str) -> None:
@@ -45,6 +48,10 @@ def test_projection_arguments_refuse_bad_fields(fields: dict, expected: str) -> 
         ({"curvature": "ekfac"}, "FeaturizeArguments.curvature is 'ekfac'; use one of auto, kfac, projected, both."),
         ({"shard_chunks": 0}, "FeaturizeArguments.shard_chunks is 0; " + WHOLE.format(1)),
         ({"batch_size": True}, "FeaturizeArguments.batch_size is True; " + WHOLE.format(1)),
+        ({"checkpoints": "no"}, "FeaturizeArguments.checkpoints is 'no'; use one of True, False."),
+        ({"checkpoint_steps": (1.5,)}, "FeaturizeArguments.checkpoint_steps is (1.5,); " + SEEDS),
+        ({"segmentation": "3"}, "The FeaturizeArguments.segmentation given is a str, not a SegmentationArguments; "
+                                "pass SegmentationArguments.parse('3') or None."),
     ],
 )
 def test_featurize_arguments_refuse_bad_fields(fields: dict, expected: str) -> None:
@@ -58,6 +65,7 @@ def test_featurize_arguments_refuse_bad_fields(fields: dict, expected: str) -> N
         ({"per_stage": 2.0}, "SegmentationArguments.per_stage is 2.0; " + WHOLE.format(1)),
         ({"auto": -1}, "SegmentationArguments.auto is -1; " + WHOLE.format(0)),
         ({"probe_rows": 0}, "SegmentationArguments.probe_rows is 0; " + WHOLE.format(1)),
+        ({"boundaries": (1.5,)}, "SegmentationArguments.boundaries is (1.5,); " + SEEDS),
     ],
 )
 def test_segmentation_arguments_refuse_bad_fields(fields: dict, expected: str) -> None:
@@ -82,6 +90,8 @@ def test_ivf_arguments_refuse_bad_fields(fields: dict, expected: str) -> None:
         ({"auto_segments": -2}, "FitArguments.auto_segments is -2; " + WHOLE.format(0)),
         ({"curvature": "ekfac"}, "FitArguments.curvature is 'ekfac'; use one of kfac, projected."),
         ({"damping_factor": True}, "FitArguments.damping_factor is True; pass a finite number ≥ 0."),
+        ({"stages": "main"}, "FitArguments.stages is 'main'; pass a non-empty tuple of names, e.g. ('main',)."),
+        ({"fast": "yes"}, "FitArguments.fast is 'yes'; use one of True, False."),
     ],
 )
 def test_fit_arguments_refuse_bad_fields(fields: dict, expected: str) -> None:
@@ -97,6 +107,8 @@ def test_fit_arguments_refuse_bad_fields(fields: dict, expected: str) -> None:
         ({"kind": "if", "damping": float("nan")}, "BaselineArguments.damping is nan; pass a finite number ≥ 0."),
         ({"kind": "trak", "trak_dim": 0}, "BaselineArguments.trak_dim is 0; " + WHOLE.format(1)),
         ({"kind": "trak", "rcond": 1.0}, "BaselineArguments.rcond is 1.0; pass a number in [0, 1)."),
+        ({"kind": "trak", "curvature_stages": "main"}, "BaselineArguments.curvature_stages is 'main'; pass a non-empty "
+                                                       "tuple of names, e.g. ('main',)."),
     ],
 )
 def test_baseline_arguments_refuse_bad_fields(fields: dict, expected: str) -> None:
@@ -178,6 +190,12 @@ def test_removal_arguments_refuse_bad_fields(fields: dict, expected: str) -> Non
         (lambda: ev.sample_subsets(10, 5, "0.5"), "alpha is '0.5'; pass a number in (0, 1)."),
         (lambda: ev.bootstrap_ci(lambda idx: idx.mean(axis=1), 5, resamples=10.0),
          "resamples is 10.0; " + WHOLE.format(1)),
+        (lambda: ev.bootstrap_ci(lambda idx: idx.mean(axis=1), 5, seed=-1), "seed is -1; " + WHOLE.format(0)),
+        (lambda: ev.rank(np.zeros(3), axis=1), "axis is 1; pass an axis of the 1-dimensional arrays, from -1 to 0."),
+        (lambda: ev.spearman(np.zeros((2, 3)), np.zeros((2, 3)), axis=0.0),
+         "axis is 0.0; pass an axis of the 2-dimensional arrays, from -2 to 1."),
+        (lambda: ev.run_retrains(lambda keep, seed: np.zeros(2), [], None, workers=0),  # type: ignore[arg-type]
+         "workers is 0; " + WHOLE.format(1)),
     ],
 )
 def test_evaluation_helpers_refuse_bad_values(call: Any, expected: str) -> None:

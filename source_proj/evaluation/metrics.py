@@ -7,6 +7,7 @@ harmed it for a loss); the prediction for a kept subset S is Σ_{z∈S} scores[q
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +19,9 @@ from source_proj.errors import TaskError, check_real, check_whole
 
 def rank(values: np.ndarray, axis: int = 0) -> np.ndarray:
     """Ranks 1..n along ``axis``; tied values share their average rank (as ``scipy.stats.rankdata``)."""
-    x = np.moveaxis(np.asarray(values, dtype=np.float64), axis, -1)
+    x = np.asarray(values, dtype=np.float64)
+    _check_axis(x, axis)
+    x = np.moveaxis(x, axis, -1)
     if np.isnan(x).any():
         raise TaskError("Cannot rank values that contain NaN; check the scores and measurements for NaNs.")
     n = x.shape[-1]
@@ -39,7 +42,7 @@ def pearson(x: np.ndarray, y: np.ndarray, axis: int = 0) -> np.ndarray:
     """Pearson correlation along ``axis``; NaN where either side is constant."""
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
-    _same_shape(x, y)
+    _same_shape(x, y, axis)
     xc = x - x.mean(axis=axis, keepdims=True)
     yc = y - y.mean(axis=axis, keepdims=True)
     num = (xc * yc).sum(axis=axis)
@@ -50,7 +53,7 @@ def pearson(x: np.ndarray, y: np.ndarray, axis: int = 0) -> np.ndarray:
 
 def spearman(x: np.ndarray, y: np.ndarray, axis: int = 0) -> np.ndarray:
     """Spearman rank correlation along ``axis`` (Pearson of average ranks); NaN where a side is constant."""
-    _same_shape(np.asarray(x), np.asarray(y))
+    _same_shape(np.asarray(x), np.asarray(y), axis)
     return pearson(rank(x, axis), rank(y, axis), axis)
 
 
@@ -58,7 +61,7 @@ def cosine(x: np.ndarray, y: np.ndarray, axis: int = 0) -> np.ndarray:
     """Cosine similarity along ``axis``; NaN where a side is zero."""
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
-    _same_shape(x, y)
+    _same_shape(x, y, axis)
     den = np.linalg.norm(x, axis=axis) * np.linalg.norm(y, axis=axis)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 0, (x * y).sum(axis=axis) / np.where(den > 0, den, 1.0), np.nan)
@@ -106,10 +109,19 @@ def check_bootstrap(resamples: int, confidence: float, owner: str = "") -> None:
     check_real(f"{owner}confidence", confidence, 0.0, 1.0, closed=False)
 
 
-def _same_shape(x: np.ndarray, y: np.ndarray) -> None:
-    """Refuse two arrays compared element by element whose shapes differ, in one sentence."""
+def _same_shape(x: np.ndarray, y: np.ndarray, axis: int) -> None:
+    """Refuse two arrays compared element by element whose shapes differ, or an ``axis`` they lack, in one
+    sentence."""
     if x.shape != y.shape:
         raise TaskError(f"The arrays compared have shapes {x.shape} and {y.shape}; pass two arrays of one shape.")
+    _check_axis(x, axis)
+
+
+def _check_axis(x: np.ndarray, axis: int) -> None:
+    """Refuse an ``axis`` the array ``x`` lacks, in one sentence."""
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral) or not -x.ndim <= axis < x.ndim:
+        raise TaskError(f"axis is {axis!r}; pass an axis of the {x.ndim}-dimensional arrays, from {-x.ndim} to "
+                        f"{x.ndim - 1}.")  # fmt: skip
 
 
 def bootstrap_ci(
@@ -136,6 +148,7 @@ def bootstrap_ci(
     check_whole("n", n)
     check_bootstrap(resamples, confidence)
     check_whole("batch", batch)
+    check_whole("seed", seed, 0)
     rng = np.random.default_rng(seed)
     values = []
     for begin in range(0, resamples, batch):

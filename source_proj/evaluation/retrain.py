@@ -30,7 +30,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from tqdm.auto import tqdm
 
-from source_proj.errors import NumericalError, TaskError
+from source_proj.errors import NumericalError, TaskError, check_whole
 from source_proj.query.attributor import StageRows
 from source_proj.store.durable import atomic_write_bytes
 
@@ -163,6 +163,8 @@ def run_retrains(
         threads_per_worker: torch threads in each worker process.
         progress: show a progress bar.
     """
+    check_whole("workers", workers)
+    check_whole("threads_per_worker", threads_per_worker)
     if not jobs:
         raise TaskError(
             "There is no retrain to run: give at least one seed (LDS repeats ≥ 1; removal and further-training "

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from source_proj.errors import StoreError, TaskError, check_choice, check_whole
+from source_proj.errors import StoreError, TaskError, check_choice, check_whole, check_wholes, not_an_instance
 from source_proj.projection.base import Projector
 from source_proj.projection.eigen import EigenBasis
 from source_proj.projection.factory import PROJECTION_KINDS, make_projector
@@ -92,6 +92,11 @@ class ProjectionArguments:
     def __post_init__(self) -> None:
         check_choice("ProjectionArguments.kind", self.kind, (*PROJECTION_KINDS, "auto"))
         _positive(self, "adam_rank")
+        if not isinstance(self.module_dims, Mapping):
+            raise TaskError(
+                f"ProjectionArguments.module_dims is {self.module_dims!r}; pass a dict of module-name patterns to "
+                "dimensions, e.g. {'fc*': 64}."
+            )
         for pattern, dim in self.module_dims.items():
             check_whole(f"ProjectionArguments.module_dims[{pattern!r}]", dim)
         if self.kind != "identity":  # k = p there, whatever dim says
@@ -222,6 +227,14 @@ class FeaturizeArguments:
         check_choice("FeaturizeArguments.fisher", self.fisher, FISHER_MODES)
         check_choice("FeaturizeArguments.precision", self.precision, PRECISIONS)
         check_choice("FeaturizeArguments.curvature", self.curvature, CURVATURE_KINDS)
+        for flag in ("checkpoints", "segment_means", "measurement", "shard_parameters"):
+            check_choice(f"FeaturizeArguments.{flag}", getattr(self, flag), (True, False))
+        if self.checkpoint_steps is not None:
+            check_wholes("FeaturizeArguments.checkpoint_steps", self.checkpoint_steps)
+        what, hint = "FeaturizeArguments.segmentation", "pass SegmentationArguments.parse('3') or None."
+        message = not_an_instance(self.segmentation, SegmentationArguments | None, what, "SegmentationArguments", hint)
+        if message:
+            raise TaskError(message)
         _positive(self, "batch_size")
         _positive(self, "chunk_rows")
         _positive(self, "seed", minimum=0)

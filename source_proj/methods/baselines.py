@@ -88,7 +88,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
-from source_proj.errors import StoreError, TaskError, check_choice, check_real, check_whole
+from source_proj.errors import StoreError, TaskError, check_choice, check_names, check_real, check_whole
 from source_proj.featurize.arguments import PROJECTED_MAX, as_stage_datasets, default_device
 from source_proj.featurize.plan import segment_for
 from source_proj.featurize.windows import (
@@ -145,6 +145,9 @@ class BaselineArguments:
 
     def __post_init__(self) -> None:
         check_choice("BaselineArguments.kind", self.kind, BASELINES)
+        for field in ("stages", "curvature_stages"):
+            if getattr(self, field) is not None:
+                check_names(f"BaselineArguments.{field}", getattr(self, field))
         check_real("BaselineArguments.damping_factor", self.damping_factor)
         if self.damping is not None:
             check_real("BaselineArguments.damping", self.damping)

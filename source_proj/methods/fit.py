@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from source_proj.distributed import Ranks, Shard, rank_device, ranks, run_sharded
-from source_proj.errors import NumericalError, StoreError, TaskError, check_choice, check_real, check_whole
+from source_proj.errors import NumericalError, StoreError, TaskError, check_choice, check_names, check_real, check_whole
 from source_proj.featurize.arguments import default_device
 from source_proj.featurize.factors import layers_from_description
 from source_proj.featurize.windows import (
@@ -125,6 +125,9 @@ class FitArguments:
                 "Fast-SOURCE's features were computed at each segment's step-averaged parameters by featurize; "
                 f"average={self.average!r} applies to SOURCE's per-checkpoint features only."
             )
+        check_choice("FitArguments.fast", self.fast, (True, False))
+        if self.stages is not None:
+            check_names("FitArguments.stages", self.stages)
         if self.damping_factor is not None:
             check_real("FitArguments.damping_factor", self.damping_factor)
         if self.curvature is not None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from source_proj.errors import TrajectoryError, check_whole
+from source_proj.errors import TrajectoryError, check_whole, check_wholes
 from source_proj.trajectory.optimizers import optimizer_rule
 from source_proj.trajectory.recorder import Stage
 
@@ -48,6 +48,8 @@ class SegmentationArguments:
         if self.auto is not None:
             check_whole("SegmentationArguments.auto", self.auto, 0, error=TrajectoryError)
         check_whole("SegmentationArguments.probe_rows", self.probe_rows, error=TrajectoryError)
+        if self.boundaries is not None:
+            check_wholes("SegmentationArguments.boundaries", self.boundaries, error=TrajectoryError)
 
     @classmethod
     def parse(cls, text: str) -> SegmentationArguments:
