@@ -82,21 +82,6 @@ def _code_blocks(path: Path) -> list[tuple[str, str]]:
     return [(m.group(1), m.group(2)) for m in FENCE.finditer(path.read_text())]
 
 
-def _resolve(dotted: str) -> bool:
-    parts = dotted.split(".")
-    for cut in range(len(parts), 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:cut]))
-        except ImportError:
-            continue
-        for part in parts[cut:]:
-            if not hasattr(obj, part):
-                return False
-            obj = getattr(obj, part)
-        return True
-    return False
-
-
 def _python_names(code: str) -> set[str]:
     aliases = {"sp": "source_proj", "ev": "source_proj.evaluation"}
     names = {f"{aliases[a]}.{rest}" for a, rest in re.findall(r"(?<![\w.])(sp|ev)\.([A-Za-z_][\w.]*\w)", code)}
@@ -121,7 +106,7 @@ def test_code_blocks_name_what_exists(page: Path) -> None:
     stale: list[str] = []
     for language, code in _code_blocks(page):
         if language == "python":
-            stale += [f"{name} (Python)" for name in sorted(_python_names(code)) if not _resolve(name)]
+            stale += [f"{name} (Python)" for name in sorted(_python_names(code)) if _public_object(name) is None]
         if language in ("bash", "python"):
             stale += [f"{s} (file)" for s in re.findall(r"\b((?:examples|benchmarks|tests)/[\w/]+\.py)", code)
                       if not (ROOT / s).is_file()]
