@@ -146,6 +146,15 @@ class _Killed(Exception):
     pass
 
 
+def _uninterrupted_and_resumed(tmp_path: Path, data: TensorDataset, **kwargs: object) -> tuple[sp.Store, sp.Store]:
+    """The stores of one run trained through (``a.sp``) and of the same run killed at step 10 and resumed (``b.sp``)."""
+    _train(tmp_path / "a", tmp_path / "a.sp", data, **kwargs)
+    with pytest.raises(_Killed):
+        _train(tmp_path / "b", tmp_path / "b.sp", data, crash_after=10, **kwargs)
+    _train(tmp_path / "b", tmp_path / "b.sp", data, resume=True, **kwargs)
+    return sp.Store.open(tmp_path / "a.sp"), sp.Store.open(tmp_path / "b.sp")
+
+
 def _killed_while_writing(monkeypatch: pytest.MonkeyPatch, store: Path, array: str, run) -> None:
     """``run()`` killed while it writes chunk 2 of ``array`` into ``store``, which it leaves pending."""
     original = sp.Store.write_chunk
@@ -1473,11 +1482,7 @@ def test_eigen_capture_of_sgd_groups_at_a_ratio_of_rates_resumes_into_the_uninte
     kwargs = {"steps": 14, "batch": 8, "save_every": 4, "options": sp.CaptureArguments(chunk_rows=8),
               "datasets": {"main": classification_data}, "projection": _eigen_capture(24),
               "optimizer": lambda params: torch.optim.SGD(_two_rates(params, 0.1), momentum=0.9)}
-    _train(tmp_path / "a", tmp_path / "a.sp", classification_data, **kwargs)
-    with pytest.raises(_Killed):
-        _train(tmp_path / "b", tmp_path / "b.sp", classification_data, crash_after=10, **kwargs)
-    _train(tmp_path / "b", tmp_path / "b.sp", classification_data, resume=True, **kwargs)
-    a, b = sp.Store.open(tmp_path / "a.sp"), sp.Store.open(tmp_path / "b.sp")
+    a, b = _uninterrupted_and_resumed(tmp_path, classification_data, **kwargs)
     assert a.meta["projection"] == b.meta["projection"] and a.meta["capture_bases"] == b.meta["capture_bases"]
     names = a.progress_arrays("capture/")
     assert sum(name.startswith("capture/denominator/") for name in names) == 4
@@ -1587,11 +1592,7 @@ def test_eigen_capture_of_adamw_takes_each_windows_factors_in_adams_coordinates_
 
     kwargs = {"steps": 14, "batch": 8, "save_every": 4, "options": sp.CaptureArguments(chunk_rows=8),
               "datasets": {"main": classification_data}, "projection": _eigen_capture(24), "optimizer": adamw}
-    _train(tmp_path / "a", tmp_path / "a.sp", classification_data, **kwargs)
-    with pytest.raises(_Killed):
-        _train(tmp_path / "b", tmp_path / "b.sp", classification_data, crash_after=10, **kwargs)
-    _train(tmp_path / "b", tmp_path / "b.sp", classification_data, resume=True, **kwargs)
-    a, b = sp.Store.open(tmp_path / "a.sp"), sp.Store.open(tmp_path / "b.sp")
+    a, b = _uninterrupted_and_resumed(tmp_path, classification_data, **kwargs)
     assert a.meta["projection"] == b.meta["projection"] and a.meta["capture_bases"] == b.meta["capture_bases"]
     for name in a.progress_arrays("capture/"):
         assert np.array_equal(a.read(name), b.read(name)), name
