@@ -770,8 +770,9 @@ def _save(path: Path, write: Callable[[], Any]) -> Any:
     type=click.Choice(list(SEARCH_BACKENDS)),
     default="auto",
     show_default=True,
-    help="Top-k search: FAISS, torch matmul+top-k on the device, stream store chunks (bounded memory), or ivf "
-    "(approximate: FAISS inverted file, see --nprobe).",
+    help="Top-k search: auto (FAISS where installed, else torch), faiss, torch matmul+top-k on the device, stream "
+    "store chunks (bounded memory), or ivf (approximate: FAISS inverted file, see --nprobe); faiss and ivf need "
+    'pip install "source-proj[faiss]".',
 )
 @click.option(
     "--search-devices",

@@ -21,9 +21,8 @@ import shlex
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import faiss
 import numpy as np
 import torch
 from torch import nn
@@ -56,6 +55,9 @@ from source_proj.tasks.task import Task, check_model_and_task, score_meaning
 from source_proj.trajectory.preconditioner import read_scale
 from source_proj.trajectory.recorder import Trajectory, unwrap_model
 from source_proj.trajectory.segments import Segment
+
+if TYPE_CHECKING:
+    import faiss
 
 
 def store_trajectory(store: Store, trajectory: Trajectory | str | Path | None = None) -> Trajectory:
@@ -197,9 +199,10 @@ class Attributor:
         device: where query gradients are computed.
         batch_size: queries per gradient batch.
         search_backend: top-k search (see ``topk.build_index``): ``"auto"`` (FAISS-GPU, else torch on
-            a CUDA device, else FAISS), ``"faiss"``, ``"torch"`` (resident on ``device``),
-            ``"stream"`` (store chunk by chunk: memory bounded by the chunk size), or ``"ivf"``
-            (approximate: FAISS inverted file, see ``search_ivf``).
+            a CUDA device, else FAISS where it is installed, else torch), ``"faiss"``, ``"torch"`` (resident on
+            ``device``), ``"stream"`` (store chunk by chunk: memory bounded by the chunk size), or ``"ivf"``
+            (approximate: FAISS inverted file, see ``search_ivf``). ``"faiss"`` and ``"ivf"`` need the optional
+            ``faiss`` extra (``pip install "source-proj[faiss]"``) and are refused here without it.
         search_devices: devices the index is sharded over (e.g. ``["cuda:0", "cuda:1"]``); default
             ``device``, or every GPU when the features do not fit on it. A device this machine lacks is
             refused as ``device`` is.

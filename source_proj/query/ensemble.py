@@ -14,9 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import faiss
 import numpy as np
 from torch import nn
 from torch.utils.data import Dataset
@@ -28,6 +27,9 @@ from source_proj.query.topk import IVFArguments, SearchBackend, TorchIndex, buil
 from source_proj.store.objectstore import is_remote
 from source_proj.store.store import Store, local_path
 from source_proj.tasks.task import Task
+
+if TYPE_CHECKING:
+    import faiss
 
 
 def _store_key(store: Store | str | Path) -> str:
@@ -82,10 +84,12 @@ class Ensemble:
             be one model counted twice. Their own search settings are not used: the ensemble searches its
             concatenated rows with the settings below.
         search_backend: the top-k search over the concatenated rows, as the Attributor's (see
-            ``topk.build_index``): ``"auto"`` (FAISS-GPU, else torch on a CUDA device, else FAISS on the CPU),
-            ``"faiss"``, ``"torch"`` (resident on the first model's device), ``"stream"`` (the models' stores read
-            together chunk by chunk at every search: memory bounded by one chunk of each), or ``"ivf"``
-            (approximate: FAISS inverted file, see ``search_ivf``).
+            ``topk.build_index``): ``"auto"`` (FAISS-GPU, else torch on a CUDA device, else FAISS on the CPU
+            where it is installed, else torch), ``"faiss"``, ``"torch"`` (resident on the first model's device),
+            ``"stream"`` (the models' stores read together chunk by chunk at every search: memory bounded by one
+            chunk of each), or ``"ivf"`` (approximate: FAISS inverted file, see ``search_ivf``). ``"faiss"`` and
+            ``"ivf"`` need the optional ``faiss`` extra (``pip install "source-proj[faiss]"``) and are refused here
+            without it.
         search_devices: devices the index is sharded over; default the first model's device, or every GPU when
             the features do not fit on it.
         search_ivf: the approximate index's settings (``search_backend="ivf"``).

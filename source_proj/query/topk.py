@@ -9,6 +9,10 @@ devices (``TorchIndex.sharded``) when they do not fit one; streamed, only one st
 time (plus ``query_batch × block`` scores and ``Q × k`` winners), scored on one or several devices.
 ``faiss_shards`` is the FAISS counterpart (``IndexShards`` of GPU flat indexes).
 
+**FAISS is optional** (``pip install "source-proj[faiss]"``) and imported only where an index needs it
+(``require_faiss``): without it ``"auto"`` searches with the torch index (the same exact top-k), and the ``"faiss"``
+and ``"ivf"`` backends are refused in one sentence naming the extra.
+
 **Approximate search** (``"ivf"``, ``IVFArguments``): a FAISS inverted-file index clusters the
 rows into ``nlist`` cells (k-means on a sample) and each query scans only the ``nprobe`` cells whose
 centroids have the largest inner product with it, optionally holding the rows in float16
@@ -23,9 +27,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from types import ModuleType
+from typing import TYPE_CHECKING, Literal
 
-import faiss
 import numpy as np
 import torch
 from torch import Tensor
@@ -33,12 +37,49 @@ from tqdm.auto import tqdm
 
 from source_proj.errors import TaskError, check_choice, check_whole
 
+if TYPE_CHECKING:
+    import faiss
+
 SearchBackend = Literal["auto", "faiss", "torch", "stream", "ivf"]
 SEARCH_BACKENDS = ("auto", "faiss", "torch", "stream", "ivf")
 
 
+_WITHOUT_FAISS = {
+    "faiss": ("needs FAISS", "search with the torch backend (the same exact top-k)"),
+    "ivf": (
+        "is FAISS's approximate inverted-file index and needs FAISS",
+        "search exactly with the auto, torch or stream backend",
+    ),
+}
+"""What each FAISS backend is, and what to use instead, in the sentence refusing it where FAISS is missing."""
+
+
+def require_faiss(backend: Literal["faiss", "ivf"] = "faiss") -> ModuleType:
+    """The ``faiss`` module, imported on first use (the optional ``faiss`` extra); where it cannot be imported, the
+    ``backend`` that needs it is refused in one sentence naming the extra."""
+    try:
+        import faiss
+    except ImportError as err:
+        needs, instead = _WITHOUT_FAISS[backend]
+        raise TaskError(
+            f"The {backend} search backend {needs}, which cannot be imported ({err}); install it with "
+            f'`pip install "source-proj[faiss]"`, or {instead}.'
+        ) from err
+    return faiss
+
+
+def faiss_available() -> bool:
+    """True when FAISS (the optional ``faiss`` extra) can be imported."""
+    try:
+        require_faiss()
+    except TaskError:
+        return False
+    return True
+
+
 def check_search(backend: object, devices: Sequence[object] | None) -> None:
-    """Refuse an unknown search backend, or devices to shard one that runs on a single device, before any work."""
+    """Refuse an unknown search backend, devices to shard one that runs on a single device, or a FAISS backend
+    (``"faiss"``, ``"ivf"``) where FAISS is not installed, before any work."""
     if backend not in SEARCH_BACKENDS:
         raise TaskError(f"Unknown search backend {backend!r}; use one of {', '.join(SEARCH_BACKENDS)}.")
     if devices and backend in ("faiss", "ivf"):
@@ -46,6 +87,8 @@ def check_search(backend: object, devices: Sequence[object] | None) -> None:
             f"search_devices shard the torch, stream and auto (GPU) indexes; the {backend} backend runs on "
             "one device, so drop search_devices or use search_backend='torch'."
         )
+    if backend in ("faiss", "ivf"):
+        require_faiss(backend)
 
 
 def rows_bar(desc: str, total: int, progress: bool) -> tqdm:
@@ -222,7 +265,10 @@ class TorchIndex:
 
 
 def faiss_gpu_available() -> bool:
-    """True when this FAISS build has GPU support and sees a GPU."""
+    """True when FAISS is installed, this build has GPU support and it sees a GPU."""
+    if not faiss_available():
+        return False
+    faiss = require_faiss()
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
@@ -249,6 +295,7 @@ def faiss_shards(
     (``faiss.IndexShards``, searched in parallel, ids continuing from shard to shard), filled from
     ``blocks`` read once: one shard per GPU of ``gpus`` (FAISS with GPU support), or ``gpus=None``:
     two CPU shards (the same code, testable without a GPU)."""
+    faiss = require_faiss()
     count = len(gpus) if gpus else 2
     bounds = [i * ntotal // count for i in range(count + 1)]
     index = faiss.IndexShards(dim, True, True)
@@ -289,6 +336,7 @@ def ivf_index(
     from ``blocks``, read twice (the training sample, then every row), one block in memory at a time;
     on GPU ``gpu`` where this FAISS build has GPU support, else on the CPU. ``progress``: a bar over both
     reads (and naming the k-means between them) once they take longer than two seconds."""
+    faiss = require_faiss("ivf")
     cells = args.cells(ntotal)
     wanted = min(ntotal, args.train_rows or 64 * cells)
     picked = np.sort(np.random.default_rng(args.seed).choice(ntotal, size=wanted, replace=False))
@@ -339,14 +387,16 @@ def build_index(
     """An inner-product index over the training features: exact, or approximate with ``"ivf"``.
 
     ``"auto"``: FAISS on the GPU where this FAISS build has GPU support, else the torch index
-    resident on a CUDA ``device``, else FAISS on the CPU. ``"faiss"``: FAISS (CPU, all features in
+    resident on a CUDA ``device``; on the CPU, FAISS where it is installed (the optional ``faiss`` extra), else
+    the torch index (the same exact search, all features in memory too). ``"faiss"``: FAISS (CPU, all features in
     memory). ``"torch"``: the torch index resident on ``device``. ``"stream"``: the torch index
     reading ``blocks`` (store chunks) at every search, so memory stays bounded by one chunk.
     ``devices``: several devices to shard the GPU index over (torch or FAISS-GPU: contiguous
     shards filled from ``blocks``; ``stream``: chunks scored on the devices in turn); default
     ``device``, or every GPU when the features do not fit on ``device`` (``search_devices``).
     ``"ivf"``: FAISS's approximate inverted-file index with ``ivf``'s settings (``ivf_index``), on
-    ``device``'s GPU where this FAISS build has GPU support.
+    ``device``'s GPU where this FAISS build has GPU support. ``"faiss"`` and ``"ivf"`` need FAISS
+    (``pip install "source-proj[faiss]"``) and are refused in one sentence without it.
 
     ``blocks`` returns the feature rows as ``(first_row, float32 [rows, d])`` in row order (store chunks);
     ``progress``: bars over the rows while building (and, for the torch index, searching) take longer than two
@@ -361,10 +411,11 @@ def build_index(
     if backend == "stream":
         return TorchIndex(blocks, ntotal, dim, places, progress=progress)
     on_gpu = device.type == "cuda"
-    if backend == "torch" or (backend == "auto" and on_gpu and not faiss_gpu_available()):
+    if backend == "torch" or (backend == "auto" and not (faiss_gpu_available() if on_gpu else faiss_available())):
         return TorchIndex.sharded(blocks, ntotal, dim, places, progress=progress)
     if backend == "auto" and on_gpu and len(places) > 1:
         return faiss_shards(blocks, ntotal, dim, [p.index or 0 for p in places], progress=progress)
+    faiss = require_faiss()
     index = faiss.IndexFlatIP(dim)
     with rows_bar("top-k index", ntotal, progress) as bar:
         for _, rows in blocks():  # ids continue from block to block
