@@ -37,6 +37,28 @@ def test_blocked_search_with_exact_merge_equals_brute_force(block_rows: int, que
         assert np.allclose(scores, expected_scores, rtol=1e-5, atol=1e-5)
 
 
+def test_a_cpu_torch_index_scores_at_most_256_queries_per_product(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The torch index is what ``auto`` searches with on a CPU without FAISS. There 4,096 queries per product made a
+    4,096 × 65,536-row score block (1 GiB; FAISS's flat index scores 16 MB blocks) no faster than 256 queries (64 MB),
+    so the CPU default is 256; oracle: brute force."""
+    rng = np.random.default_rng(4)
+    feats = rng.standard_normal((600, 8)).astype(np.float32)
+    queries = rng.standard_normal((300, 8)).astype(np.float32)
+    scored: list[int] = []
+    topk = torch.Tensor.topk
+
+    def counted(self: torch.Tensor, *args: object, **kwargs: object) -> object:
+        scored.append(self.shape[0])  # queries in this score block (or merge)
+        return topk(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "topk", counted)
+    scores, ids = TorchIndex.resident(feats, "cpu").search(queries, 5)
+    expected_scores, expected_ids = _brute(queries, feats, 5)
+    np.testing.assert_array_equal(ids, expected_ids)
+    np.testing.assert_allclose(scores, expected_scores, rtol=1e-5, atol=1e-5)
+    assert max(scored) == 256
+
+
 def test_torch_faiss_and_streamed_backends_agree_through_search() -> None:
     rng = np.random.default_rng(1)
     feats = rng.standard_normal((500, 16)).astype(np.float32)
