@@ -267,9 +267,10 @@ class TorchIndex:
 
 def faiss_gpu_available() -> bool:
     """True when FAISS is installed, this build has GPU support and it sees a GPU."""
-    if not faiss_available():
+    try:
+        faiss = require_faiss()
+    except TaskError:
         return False
-    faiss = require_faiss()
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
