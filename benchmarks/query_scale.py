@@ -26,12 +26,12 @@ import statistics
 import time
 
 import devices
-import faiss
 import numpy as np
 import torch
 
+from source_proj.errors import TaskError
 from source_proj.query.attributor import StageRows, search
-from source_proj.query.topk import IVFArguments, TorchIndex, build_index, faiss_gpu_available
+from source_proj.query.topk import IVFArguments, TorchIndex, build_index, faiss_gpu_available, require_faiss
 
 
 def timed(fn, device: torch.device) -> float:
@@ -93,9 +93,13 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    faiss.omp_set_num_threads(args.threads)
     device = devices.device(args.device)
     backends = args.backends.split(",")
+    for backend in sorted({"faiss", "ivf"} & set(backends)):  # the optional extra, before any feature is made
+        try:
+            require_faiss(backend).omp_set_num_threads(args.threads)
+        except TaskError as err:
+            raise SystemExit(str(err)) from err
     half = {"torch-bf16": torch.bfloat16, "torch-fp16": torch.float16}
     only_half = all(b in half for b in backends)  # 10⁷ × 4096 rows fit one H200 only in half precision
     feats, queries = features(args, device, half[backends[0]] if only_half else torch.float32)
@@ -127,6 +131,7 @@ def main() -> None:
             build = time.perf_counter() - t0
             runs = [(f"ivf nprobe={p}{' fp16' if args.ivf_fp16 else ''}", int(p)) for p in args.nprobe.split(",")]
         else:
+            faiss = require_faiss()
             index = faiss.IndexFlatIP(args.dim)
             index.add(feats.float().cpu().numpy())
             if device.type == "cuda" and faiss_gpu_available():

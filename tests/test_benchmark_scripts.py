@@ -137,6 +137,25 @@ def test_peers_absent_is_one_sentence_before_any_work(monkeypatch: pytest.Monkey
     assert leave.value.code == 2
 
 
+def test_query_scale_without_faiss_says_which_extra_before_any_work(
+    monkeypatch: pytest.MonkeyPatch, fresh_modules: None
+) -> None:
+    """``query_scale.py`` imported FAISS on its first line, so even ``--backends torch`` needed it; now a FAISS
+    backend without FAISS stops at once in the library's sentence naming the extra (absence simulated)."""
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    bench = _load("benchmarks/query_scale.py", monkeypatch)
+
+    def features(*args: object) -> None:
+        raise AssertionError("made the features before checking for FAISS")
+
+    monkeypatch.setattr(bench, "features", features)
+    monkeypatch.setattr(sys, "argv", ["query_scale.py", "--backends", "torch,ivf", "--device", "cpu"])
+    with pytest.raises(SystemExit) as leave:
+        bench.main()
+    assert str(leave.value.code).startswith("The ivf search backend is FAISS's approximate inverted-file index")
+    assert 'pip install "source-proj[faiss]"' in str(leave.value.code)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["toy-llama", "toy-gpt2"])
 def test_transformer_gpu_benchmark_smoke(tmp_path: Path, model: str) -> None:
