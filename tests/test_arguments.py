@@ -92,10 +92,18 @@ def test_ivf_arguments_refuse_bad_fields(fields: dict, expected: str) -> None:
         ({"damping_factor": True}, "FitArguments.damping_factor is True; pass a finite number ≥ 0."),
         ({"stages": "main"}, "FitArguments.stages is 'main'; pass a non-empty tuple of names, e.g. ('main',)."),
         ({"fast": "yes"}, "FitArguments.fast is 'yes'; use one of True, False."),
+        ({"boundaries": (-1,)}, "FitArguments.boundaries is (-1,); " + SEEDS),  # not SegmentationArguments', at fit
+        ({"boundaries": ()}, "FitArguments.boundaries is (); " + SEEDS),
+        ({"average": "mean"}, "FitArguments.average is 'mean'; use one of steps, checkpoints."),
     ],
 )
 def test_fit_arguments_refuse_bad_fields(fields: dict, expected: str) -> None:
     assert _refusal(lambda: sp.FitArguments(**fields)) == expected
+
+
+def test_fit_arguments_take_any_iterable_of_boundary_steps() -> None:
+    assert sp.FitArguments(boundaries=np.array([4, 8])).segmentation() == sp.SegmentationArguments(boundaries=(4, 8))
+    assert sp.FitArguments(boundaries=[4]).segmentation() == sp.SegmentationArguments(boundaries=(4,))
 
 
 @pytest.mark.parametrize(

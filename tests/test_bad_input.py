@@ -447,9 +447,9 @@ def test_queries_without_labels_are_refused_as_such(tiny_reference: Path) -> Non
         ({"segments_per_stage": "3"}, "FitArguments.segments_per_stage is '3'; pass a whole number ≥ 1."),
         ({"segments_per_stage": 2.5}, "FitArguments.segments_per_stage is 2.5; pass a whole number ≥ 1."),
         ({"auto_segments": True}, "FitArguments.auto_segments is True; pass a whole number ≥ 0."),
-        ({"boundaries": "4"}, "FitArguments.boundaries is '4'; pass whole step numbers, e.g. (100, 200)."),
-        ({"boundaries": 4}, "FitArguments.boundaries is 4; pass whole step numbers, e.g. (100, 200)."),
-        ({"boundaries": (4.5,)}, "FitArguments.boundaries is (4.5,); pass whole step numbers, e.g. (100, 200)."),
+        ({"boundaries": "4"}, "FitArguments.boundaries is '4'; pass a non-empty tuple of whole numbers ≥ 0."),
+        ({"boundaries": 4}, "FitArguments.boundaries is 4; pass a non-empty tuple of whole numbers ≥ 0."),
+        ({"boundaries": (4.5,)}, "FitArguments.boundaries is (4.5,); pass a non-empty tuple of whole numbers ≥ 0."),
     ],
 )
 def test_fit_arguments_that_are_not_whole_numbers_are_refused(arguments: dict, expected: str) -> None:

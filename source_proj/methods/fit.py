@@ -8,7 +8,6 @@ and one pass over the stored gradients folds every operator into T(z) (see sourc
 from __future__ import annotations
 
 import json
-import numbers
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -20,7 +19,16 @@ import torch
 from tqdm.auto import tqdm
 
 from source_proj.distributed import Ranks, Shard, rank_device, ranks, run_sharded
-from source_proj.errors import NumericalError, StoreError, TaskError, check_choice, check_names, check_real, check_whole
+from source_proj.errors import (
+    NumericalError,
+    StoreError,
+    TaskError,
+    check_choice,
+    check_names,
+    check_real,
+    check_whole,
+    check_wholes,
+)
 from source_proj.featurize.arguments import default_device
 from source_proj.featurize.factors import layers_from_description
 from source_proj.featurize.windows import (
@@ -118,8 +126,7 @@ class FitArguments:
     average: str = "steps"
 
     def __post_init__(self) -> None:
-        if self.average not in AVERAGES:
-            raise TaskError(f"FitArguments.average is {self.average!r}; use one of {', '.join(AVERAGES)}.")
+        check_choice("FitArguments.average", self.average, AVERAGES)
         if self.fast and self.average != "steps":
             raise TaskError(
                 "Fast-SOURCE's features were computed at each segment's step-averaged parameters by featurize; "
@@ -135,10 +142,10 @@ class FitArguments:
         for field, minimum in (("segments_per_stage", 1), ("auto_segments", 0)):
             if getattr(self, field) is not None:
                 check_whole(f"FitArguments.{field}", getattr(self, field), minimum)
-        steps = self.boundaries
-        if steps is not None and (isinstance(steps, str | bytes) or not isinstance(steps, Iterable)
-                                  or not all(_whole(b) for b in steps)):  # fmt: skip
-            raise TaskError(f"FitArguments.boundaries is {steps!r}; pass whole step numbers, e.g. (100, 200).")
+        steps = self.boundaries  # refused here, not where fit cuts at them (naming SegmentationArguments)
+        if steps is not None:  # any iterable of steps (an array) is taken as their tuple
+            listed = steps if isinstance(steps, str | bytes) or not isinstance(steps, Iterable) else tuple(steps)
+            check_wholes("FitArguments.boundaries", listed)
 
     def resolve_damping(self, curvature: str, projection: str | None = None) -> float:
         """The damping factor this fit uses with ``curvature`` on a store of ``projection``'s kind (see
@@ -176,11 +183,6 @@ class FitArguments:
         if self.segments_per_stage is not None:
             return SegmentationArguments(per_stage=self.segments_per_stage)
         return None
-
-
-def _whole(value: object) -> bool:
-    """Whether ``value`` is an integer (not a bool)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def trajectory_stages(meta: dict[str, Any]) -> list[Stage]:
