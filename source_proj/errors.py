@@ -10,7 +10,15 @@ from collections.abc import Collection, Sequence
 
 
 class SourceProjError(Exception):
-    """Base class of every error source-proj raises on purpose."""
+    """Base class of every error source-proj raises on purpose.
+
+    Attributes:
+        subject: where the sentence refuses one argument's value (the ``check_*`` helpers below), the argument as it
+            begins the sentence (``"LDSArguments.num_subsets"``, ``"ProjectionArguments.module_dims['fc']"``), else
+            ``None``: a caller that knows the argument by another name (the command line, by its option) names it so.
+    """
+
+    subject: str | None = None
 
 
 class TrajectoryError(SourceProjError):
@@ -43,13 +51,20 @@ def not_an_instance(value: object, kind: type, what: str, called: str, hint: str
     return f"The {what} given is a {type(value).__name__}, not a {called}; {hint}"
 
 
+def refusal(error: type[SourceProjError], what: str, rest: str) -> SourceProjError:
+    """``error`` with the sentence ``what`` + ``rest``, ``what`` (the argument it refuses) its subject."""
+    err = error(what + rest)
+    err.subject = what
+    return err
+
+
 def check_whole(
     what: str, value: object, minimum: int = 1, error: type[SourceProjError] = TaskError, *, also: str = ""
 ) -> None:
     """Refuse ``value`` as ``what`` (``"LDSArguments.repeats"``) in one sentence unless it is an integer (a bool is
     not one) ≥ ``minimum``; ``also`` names what else is allowed (``" or 'auto'"``)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise error(f"{what} is {value!r}; pass a whole number ≥ {minimum}{also}.")
+        raise refusal(error, what, f" is {value!r}; pass a whole number ≥ {minimum}{also}.")
 
 
 def check_wholes(
@@ -61,7 +76,7 @@ def check_wholes(
     whole = whole and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= minimum for v in values)
     if not whole or (increasing and any(a >= b for a, b in itertools.pairwise(values))):  # type: ignore[arg-type]
         order = "increasing " if increasing else ""
-        raise error(f"{what} is {values!r}; pass a non-empty tuple of {order}whole numbers ≥ {minimum}.")
+        raise refusal(error, what, f" is {values!r}; pass a non-empty tuple of {order}whole numbers ≥ {minimum}.")
 
 
 def check_names(what: str, values: object) -> None:
@@ -70,7 +85,7 @@ def check_names(what: str, values: object) -> None:
     if isinstance(values, str | bytes) or not isinstance(values, Sequence) or not values or not all(
         isinstance(v, str) for v in values
     ):
-        raise TaskError(f"{what} is {values!r}; pass a non-empty tuple of names, e.g. ('main',).")
+        raise refusal(TaskError, what, f" is {values!r}; pass a non-empty tuple of names, e.g. ('main',).")
 
 
 def check_choice(
@@ -79,7 +94,7 @@ def check_choice(
     """Refuse ``value`` as ``what`` in one sentence unless it is one of ``allowed`` (``1`` does not pass for
     ``True``)."""
     if not any(isinstance(value, type(option)) and value == option for option in allowed):
-        raise error(f"{what} is {value!r}; use one of {', '.join(map(str, allowed))}.")
+        raise refusal(error, what, f" is {value!r}; use one of {', '.join(map(str, allowed))}.")
 
 
 def check_real(
@@ -93,8 +108,8 @@ def check_real(
         return
     if math.isinf(high):
         above = "" if math.isinf(low) else f" {'≥' if closed else '>'} {low:g}"
-        raise error(f"{what} is {value!r}; pass a finite number{above}.")
-    raise error(f"{what} is {value!r}; pass a number in {'[' if closed else '('}{low:g}, {high:g}).")
+        raise refusal(error, what, f" is {value!r}; pass a finite number{above}.")
+    raise refusal(error, what, f" is {value!r}; pass a number in {'[' if closed else '('}{low:g}, {high:g}).")
 
 
 def first_line(err: BaseException, limit: int = 200) -> str:

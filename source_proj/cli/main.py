@@ -29,6 +29,7 @@ import source_proj as sp
 from source_proj import evaluation as ev
 from source_proj.distributed import Shard, launched
 from source_proj.errors import describe_out_of_memory, first_line, out_of_memory
+from source_proj.evaluation.lds import MIN_SUBSETS
 from source_proj.figures import check_figure_path
 from source_proj.methods.fit import store_view
 from source_proj.projection.factory import PROJECTION_KINDS
@@ -44,12 +45,9 @@ from source_proj.store.verify import method_command, verify_store
 from source_proj.tasks.data import training_examples
 
 
-def _fail(err: Exception) -> None:
-    raise click.ClickException(str(err)) from err
-
-
 class _Command(click.Command):
-    """Turns the library's errors into one-line messages (exit code 1) instead of tracebacks.
+    """Turns the library's errors into one-line messages (exit code 1) instead of tracebacks; one refusing the value
+    of an argument an option set names the option instead (``--subsets is 0; …``, a usage error: exit code 2).
 
     An error the library did not anticipate is a bug: it is named in one line too (set
     ``SOURCE_PROJ_TRACEBACK=1`` to see the traceback instead).
@@ -69,7 +67,10 @@ class _Command(click.Command):
             sys.stdout.flush()  # a reader that has left (`| head`) is met here, where click handles it, not at exit
             return result
         except sp.SourceProjError as err:
-            _fail(err)
+            option = _option_of(self, err.subject)
+            if option is None:
+                raise click.ClickException(str(err)) from err
+            raise click.UsageError(option + str(err)[len(err.subject or ""):], ctx) from err
         except (click.ClickException, click.exceptions.Exit, click.Abort, BrokenPipeError):
             raise  # click ends a command whose output's reader left quietly (exit status 1)
         except Exception as err:
@@ -109,6 +110,41 @@ _MEMORY_ADVICE = {  # what to change when a command runs out of memory
 }
 
 
+_OPTIONS: dict[str, str | None] = {
+    # The arguments' fields set from an option of another name; the other fields an option sets share its name
+    # (batch_size: --batch-size). None: no option sets it, though one of its name sets another class's field.
+    "BaselineArguments.kind": "--kind",
+    "FeaturizeArguments.num_workers": "--workers",
+    "FeaturizeArguments.seed": None,  # featurize's --seed is the projection's
+    "FeaturizeArguments.segmentation": "--segments",
+    "FitArguments.auto_segments": "--segments",
+    "FitArguments.segments_per_stage": "--segments",
+    "IVFArguments.fp16": "--ivf-fp16",
+    "LDSArguments.alpha": "--alpha",
+    "LDSArguments.num_subsets": "--subsets",
+    "ProjectionArguments.kind": "--projection",
+    "ProjectionArguments.module_dims": "--module-dim",
+    "SegmentationArguments.auto": "--segments",
+    "SegmentationArguments.boundaries": "--segments",
+    "SegmentationArguments.per_stage": "--segments",
+}
+
+
+def _option_of(command: click.Command, subject: str | None) -> str | None:
+    """The option of ``command`` that set the field an error refuses (its ``subject``: ``"LDSArguments.num_subsets"``,
+    ``"ProjectionArguments.module_dims['fc']"``) as the user types it (``"--subsets"``, ``"--module-dim 'fc'"``), or
+    ``None``: a subject that is no arguments' field, or one no option of ``command`` sets."""
+    field, keyed, key = (subject or "").partition("[")
+    owner, _, name = field.partition(".")
+    if not owner.endswith("Arguments"):
+        return None
+    options = {param.name: param.opts[0] for param in command.params if isinstance(param, click.Option)}
+    option = _OPTIONS[field] if field in _OPTIONS else options.get(name)
+    if option not in options.values():
+        return None
+    return f"{option} {key.removesuffix(']')}" if keyed else option
+
+
 def _format_warning(message: Warning | str, *_: Any, **__: Any) -> str:
     return f"Warning: {message}\n"
 
@@ -142,6 +178,19 @@ def _fisher_examples(value: str) -> int | Literal["auto"] | None:
         raise click.BadParameter(f"expected a whole number ≥ 1, 'all' or 'auto', got {value!r}",
                                  param_hint="--fisher-examples")  # fmt: skip
     return int(word)
+
+
+def _segmentation(text: str | None) -> sp.SegmentationArguments | None:
+    """``--segments`` read (``None`` where not given); a text that names no segmentation is refused as the option's
+    value, as is one whose number is out of range (that one by its field, which names the option: ``_option_of``)."""
+    if text is None:
+        return None
+    try:
+        return sp.SegmentationArguments.parse(text)
+    except sp.TrajectoryError as err:
+        if err.subject is not None:
+            raise
+        raise click.BadParameter(str(err), param_hint="--segments") from err
 
 
 def _names(value: str | None) -> tuple[str, ...] | None:
@@ -364,6 +413,28 @@ def featurize(
     Run it under torchrun (torchrun --nproc-per-node G -m source_proj.cli featurize ...) or as n
     independent processes with --shard i/n to split the work; see docs/howto/distributed.md.
     """
+    projection_args = sp.ProjectionArguments(  # the options first: a bad one is refused before any work
+        dim=dim, seed=seed, kind=projection, module_dims=_module_dims(module_dims), adam_rank=adam_rank,
+        basis_examples=basis_examples, basis_positions=_basis_positions(basis_positions),
+        basis_layer_positions=_basis_positions(basis_layer_positions, "--basis-layer-positions"),
+        basis_checkpoints=_basis_positions(basis_checkpoints, "--basis-checkpoints"),
+    )  # fmt: skip
+    options = sp.FeaturizeArguments(
+        batch_size=batch_size,
+        chunk_rows=chunk_rows,
+        fisher=fisher,
+        curvature=curvature,  # type: ignore[arg-type]
+        device=device,
+        num_workers=workers,
+        segmentation=_segmentation(segmentation),
+        checkpoints=not fast_only,
+        checkpoint_steps=_ints(checkpoint_steps, "--checkpoints"),
+        segment_means=fast or fast_only,
+        precision=precision,
+        shard_chunks=shard_chunks,
+        shard_parameters=shard_parameters,
+        fisher_examples=_fisher_examples(fisher_examples),
+    )
     spec = load_spec(spec_path)
     trajectory = sp.Trajectory.load(run_dir)
     data = {s.name: spec.train_data(s.name) for s in trajectory.stages}
@@ -376,28 +447,8 @@ def featurize(
             spec.build_task(),
             data,
             store_path,
-            projection=sp.ProjectionArguments(
-                dim=dim, seed=seed, kind=projection, module_dims=_module_dims(module_dims), adam_rank=adam_rank,
-                basis_examples=basis_examples, basis_positions=_basis_positions(basis_positions),
-                basis_layer_positions=_basis_positions(basis_layer_positions, "--basis-layer-positions"),
-                basis_checkpoints=_basis_positions(basis_checkpoints, "--basis-checkpoints"),
-            ),
-            options=sp.FeaturizeArguments(
-                batch_size=batch_size,
-                chunk_rows=chunk_rows,
-                fisher=fisher,
-                curvature=curvature,  # type: ignore[arg-type]
-                device=device,
-                num_workers=workers,
-                segmentation=sp.SegmentationArguments.parse(segmentation) if segmentation else None,
-                checkpoints=not fast_only,
-                checkpoint_steps=_ints(checkpoint_steps, "--checkpoints"),
-                segment_means=fast or fast_only,
-                precision=precision,
-                shard_chunks=shard_chunks,
-                shard_parameters=shard_parameters,
-                fisher_examples=_fisher_examples(fisher_examples),
-            ),
+            projection=projection_args,
+            options=options,
             overwrite=force,
             spec=str(spec.path),
             shard=Shard.parse(shard) if shard else None,
@@ -546,7 +597,7 @@ def fit(
     """
     if plot_path is not None:  # before the work, as trajectory's and lds's are
         check_figure_path(plot_path)
-    seg = sp.SegmentationArguments.parse(segments) if segments else None
+    seg = _segmentation(segments)
     args = sp.FitArguments(
         segments_per_stage=seg.per_stage if seg and seg.auto is None and seg.boundaries is None else None,
         boundaries=_ints(boundaries, "--boundaries") or (seg.boundaries if seg else None),
@@ -601,18 +652,17 @@ def trajectory(store_path: str, segments: str | None, plot_path: Path | None) ->
     """Show how curvature and gradients change between checkpoints, and where automatic segments cut."""
     if plot_path is not None:
         check_figure_path(plot_path)
-    store = sp.Store.open(store_path)
-    view = _trajectory_view(store, segments)
+    seg = _segmentation(segments)  # refused before the store is read
+    if seg is not None and seg.auto is None:
+        raise click.BadParameter("the trajectory view places automatic cuts: write auto:L", param_hint="--segments")
+    view = _trajectory_view(sp.Store.open(store_path), seg)
     click.echo(view.table())
     if plot_path is not None:
         click.echo(f"wrote {_save(plot_path, lambda: view.plot(plot_path))}")
 
 
-def _trajectory_view(store: sp.Store, segments: str | None) -> sp.TrajectoryView:
-    if segments:
-        seg = sp.SegmentationArguments.parse(segments)
-        if seg.auto is None:
-            raise click.BadParameter("the trajectory view places automatic cuts: write auto:L", param_hint="--segments")
+def _trajectory_view(store: sp.Store, seg: sp.SegmentationArguments | None) -> sp.TrajectoryView:
+    if seg is not None:
         return store_view(store, seg.auto)
     meta = store.meta
     recorded = [(meta.get("segmentation") or {}).get("view")]
@@ -827,6 +877,8 @@ def query(
             f"--search-devices shards --search torch, stream or auto; --search {search_backend} runs on one device, "
             "so drop it."
         )
+    ivf = sp.IVFArguments(nlist=nlist, nprobe=nprobe, fp16=ivf_fp16)
+    devices = _names(search_devices)
     store = sp.Store.open(store_path)
     spec = _spec_of(store, spec_path)
     queries = spec.query_data()
@@ -839,8 +891,8 @@ def query(
         method=method,
         device=device,
         search_backend=search_backend,
-        search_devices=_names(search_devices),
-        search_ivf=sp.IVFArguments(nlist=nlist, nprobe=nprobe, fp16=ivf_fp16),
+        search_devices=devices,
+        search_ivf=ivf,
     )
     result = attributor.top_k(torch.utils.data.Subset(queries, indices), top_k)
     describe = _describer(store, spec)
@@ -1071,24 +1123,28 @@ def baseline(
     force: bool,
 ) -> None:
     """Fit baselines (TRAK, IF, TracIn-CP, Grad-Dot, Grad-Cos, RepSim) into STORE, next to SOURCE."""
+    chosen = [  # every kind's before any is fitted (or the store read)
+        sp.BaselineArguments(kind=kind, stages=_names(stages), damping_factor=damping_factor,
+                             trak_dim=trak_dim)
+        for kind in _names(kinds) or ()
+    ]  # fmt: skip
     store = sp.Store.open(store_path, writable=True)
-    for kind in _names(kinds) or ():
+    for args in chosen:
         extra: dict[str, Any] = {}
-        if kind == "repsim":
+        if args.kind == "repsim":
             spec = _spec_of(store, spec_path)
             names = [s["name"] for s in store.meta["trajectory"]["stages"]]
             data = {n: spec.train_data(n) for n in names}
             extra = dict(model=spec.build_model(), task=spec.build_task(), train_data=data)
-        args = sp.BaselineArguments(kind=kind, stages=_names(stages), damping_factor=damping_factor, trak_dim=trak_dim)
         sp.fit_baseline(store, args, device=device, overwrite=force, **extra)
-        click.echo(f"fitted {kind!r} in {store.path}")
+        click.echo(f"fitted {args.kind!r} in {store.path}")
 
 
 def _evaluation_options(fn: Any) -> Any:
     options = [
         click.argument("store_paths", nargs=-1, required=True),
         click.option("--alpha", "alphas", default="0.5", show_default=True, help="Kept fraction(s), e.g. 0.25,0.5."),
-        click.option("--subsets", default=100, show_default=True, type=click.IntRange(min=3),
+        click.option("--subsets", default=100, show_default=True, type=click.IntRange(min=MIN_SUBSETS),
                      help="M, random subsets per α."),
         click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),
                      help="R, retrains per subset (averaged)."),
@@ -1146,7 +1202,7 @@ def _claim_cache(directory: Path, spec: Spec) -> None:
 
 def _lds_table(
     store_paths: tuple[str, ...],
-    methods: list[str],
+    methods: list[str] | None,
     alphas: str,
     subsets: int,
     repeats: int,
@@ -1158,12 +1214,19 @@ def _lds_table(
     out_path: Path | None,
     device: str | None,
 ) -> tuple[dict[str, list[Any]], list[float]]:
+    """The LDS of ``methods`` (``None``: every method fitted in the first store) at each ``--alpha``, printed (and
+    written to ``--out``); every option is checked before the store is read."""
     try:
         levels = [float(a) for a in alphas.split(",")]
     except ValueError as err:
         raise click.BadParameter(f"expected comma-separated fractions, got {alphas!r}", param_hint="--alpha") from err
+    arguments = [ev.LDSArguments(alpha=a, num_subsets=subsets, repeats=repeats, seed=seed, workers=workers)
+                 for a in levels]  # fmt: skip
     _check_out(out_path)
     first = sp.Store.open(store_paths[0])
+    methods = methods or sorted(first.meta.get("methods") or {})
+    if not methods:
+        raise click.UsageError("The store has no fitted method; run `source-proj fit` or `source-proj baseline` first.")
     spec = _spec_of(first, spec_path)
     queries = spec.query_data()
     indices = _select(len(queries), which)
@@ -1185,15 +1248,18 @@ def _lds_table(
                 f"({[(r.stage, r.size) for r in rows]} against {[(r.stage, r.size) for r in scorer.rows]}), and one "
                 "ground truth draws its subsets over one set of rows; compare methods fitted on the same stages."
             )
+        if rows is None:  # every α checked against the rows before the scores and the retrains (hours)
+            for alpha in levels:
+                try:
+                    ev.sample_subsets(sum(r.size for r in scorer.rows), subsets, alpha, seed)
+                except sp.TaskError as err:  # an α that keeps no row, or every one, of these rows
+                    raise click.BadParameter(str(err), param_hint="--alpha") from err
         rows = scorer.rows
         scores[method] = scorer.scores(subset)
-    for alpha in levels:  # every α checked before the retrains of any: a refused one would come after hours
-        ev.sample_subsets(sum(r.size for r in rows), subsets, alpha, seed)
     cache_dir = cache or Path(str(store_paths[0]).rstrip("/") + ".retrains")
     _claim_cache(cache_dir, spec)
     truths = []
-    for alpha in levels:
-        args = ev.LDSArguments(alpha=alpha, num_subsets=subsets, repeats=repeats, seed=seed, workers=workers)
+    for args in arguments:
         truth = ev.lds_ground_truth(spec.retrainer(), rows, cache_dir, args)
         if truth.measurements.shape[2] != len(queries):
             raise click.ClickException(
@@ -1226,12 +1292,8 @@ def compare(store_paths: tuple[str, ...], methods: str | None, **options: Any) -
     Several STOREs (one per independently trained model) evaluate the ensemble of each method. The methods must
     attribute the same training rows (fitted on the same stages).
     """
-    _check_out(options["out_path"])
-    fitted = sorted(sp.Store.open(store_paths[0]).meta.get("methods") or {})
-    chosen = list(_names(methods) or fitted)
-    if not chosen:
-        raise click.UsageError("The store has no fitted method; run `source-proj fit` or `source-proj baseline` first.")
-    _lds_table(store_paths, chosen, **options)
+    chosen = _names(methods)
+    _lds_table(store_paths, list(chosen) if chosen else None, **options)
 
 
 @main.command(cls=_Command)

@@ -16,7 +16,15 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from source_proj.errors import StoreError, TaskError, check_choice, check_whole, check_wholes, not_an_instance
+from source_proj.errors import (
+    StoreError,
+    TaskError,
+    check_choice,
+    check_whole,
+    check_wholes,
+    not_an_instance,
+    refusal,
+)
 from source_proj.projection.base import Projector
 from source_proj.projection.eigen import EigenBasis
 from source_proj.projection.factory import PROJECTION_KINDS, make_projector
@@ -110,9 +118,11 @@ class ProjectionArguments:
         if self.basis_checkpoints is not None:
             _positive(self, "basis_checkpoints")
             if self.kind != "eigen":
-                raise TaskError(
-                    f"ProjectionArguments.basis_checkpoints sets the eigen projection's basis; kind={self.kind!r} has "
-                    "none, so drop it (or use kind='eigen')."
+                raise refusal(
+                    TaskError,
+                    "ProjectionArguments.basis_checkpoints",
+                    f" sets the eigen projection's basis; kind={self.kind!r} has none, so drop it (or use "
+                    "kind='eigen').",
                 )
 
     def basis_inputs(self, *more: object) -> str:
