@@ -61,6 +61,11 @@ def test_a_value_the_arguments_refuse_is_named_by_its_option(
         ([*FEATURIZE, "--segments", "x"], "--segments"),
         (["fit", "/missing/s.sp", "--segments", "auto:0"], "--segments"),
         (["trajectory", "/missing/s.sp", "--segments", "at:a"], "--segments"),
+        (["baseline", "/missing/s.sp", "--kind", ""], "--kind"),  # fitted nothing and said nothing
+        (["baseline", "/missing/s.sp", "--kind", "trak", "--stages", ","], "--stages"),
+        (["fit", "/missing/s.sp", "--stages", ""], "--stages"),  # attributed every stage
+        (["query", "/missing/s.sp", "--search-devices", ","], "--search-devices"),  # searched on --device
+        (["compare", "/missing/s.sp", "--methods", ","], "--methods"),  # compared every fitted method
     ],
 )
 def test_an_unreadable_value_is_refused_as_the_options(args: list[str], option: str) -> None:

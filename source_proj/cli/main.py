@@ -193,8 +193,13 @@ def _segmentation(text: str | None) -> sp.SegmentationArguments | None:
         raise click.BadParameter(str(err), param_hint="--segments") from err
 
 
-def _names(value: str | None) -> tuple[str, ...] | None:
-    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
+def _names(value: str | None, option: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not names:  # "" too: an empty list would select nothing (or, left out, everything)
+        raise click.BadParameter(f"expected comma-separated names, got {value!r}", param_hint=option)
+    return names
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -602,7 +607,7 @@ def fit(
         segments_per_stage=seg.per_stage if seg and seg.auto is None and seg.boundaries is None else None,
         boundaries=_ints(boundaries, "--boundaries") or (seg.boundaries if seg else None),
         auto_segments=seg.auto if seg else None,
-        stages=_names(stages),
+        stages=_names(stages, "--stages"),
         method=method,
         fast=fast,
         curvature=curvature,
@@ -878,7 +883,7 @@ def query(
             "so drop it."
         )
     ivf = sp.IVFArguments(nlist=nlist, nprobe=nprobe, fp16=ivf_fp16)
-    devices = _names(search_devices)
+    devices = _names(search_devices, "--search-devices")
     store = sp.Store.open(store_path)
     spec = _spec_of(store, spec_path)
     queries = spec.query_data()
@@ -1124,9 +1129,9 @@ def baseline(
 ) -> None:
     """Fit baselines (TRAK, IF, TracIn-CP, Grad-Dot, Grad-Cos, RepSim) into STORE, next to SOURCE."""
     chosen = [  # every kind's before any is fitted (or the store read)
-        sp.BaselineArguments(kind=kind, stages=_names(stages), damping_factor=damping_factor,
+        sp.BaselineArguments(kind=kind, stages=_names(stages, "--stages"), damping_factor=damping_factor,
                              trak_dim=trak_dim)
-        for kind in _names(kinds) or ()
+        for kind in _names(kinds, "--kind") or ()
     ]  # fmt: skip
     store = sp.Store.open(store_path, writable=True)
     for args in chosen:
@@ -1292,7 +1297,7 @@ def compare(store_paths: tuple[str, ...], methods: str | None, **options: Any) -
     Several STOREs (one per independently trained model) evaluate the ensemble of each method. The methods must
     attribute the same training rows (fitted on the same stages).
     """
-    chosen = _names(methods)
+    chosen = _names(methods, "--methods")
     _lds_table(store_paths, list(chosen) if chosen else None, **options)
 
 
