@@ -232,6 +232,20 @@ def test_an_html_report_path_that_is_a_directory_is_refused_before_any_work(tmp_
     assert f"{tmp_path} is a directory; give a file name such as report.html" in _refused(out, code=2)
 
 
+@pytest.mark.parametrize("command", ["lds", "compare"])
+def test_an_alpha_that_keeps_no_training_row_is_refused_as_the_options_before_any_score(
+    cli_reference: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    """Checked once the first method's rows are known (α · 12 rows rounds to 0), before its scores or a retrain."""
+    store, _ = cli_reference
+    monkeypatch.setattr(sp.Ensemble, "scores", lambda *_: pytest.fail("scored before the α was checked"))
+    out = CliRunner().invoke(main, [command, str(store), "--alpha", "0.5,0.01", "--cache", str(tmp_path / "cache")])
+    assert _refused(out, code=2) == (
+        "Error: Invalid value for --alpha: alpha=0.01 keeps 0 of 12 rows; choose alpha so that 0 < αN < N."
+    )
+    assert not (tmp_path / "cache").exists()
+
+
 @pytest.mark.parametrize("command", [["query"], ["lds", "--method", "source"], ["compare"]])
 def test_an_out_without_a_known_format_is_refused_before_any_work(tmp_path: Path, command: list[str]) -> None:
     """Before the store is even opened: not after the queries were scored or the models retrained."""
