@@ -74,6 +74,12 @@ def test_an_unreadable_value_is_refused_as_the_options(args: list[str], option: 
     assert out.output.splitlines()[-1].startswith(f"Error: Invalid value for {option}: "), out.output
 
 
+def test_a_shard_featurize_cannot_read_is_refused_before_any_work() -> None:
+    out = CliRunner().invoke(main, [*FEATURIZE, "--shard", "x"])
+    assert out.exit_code == 1, out.output  # the sentence names the option already
+    assert out.output.splitlines()[-1] == "Error: --shard takes i/n (e.g. 0/4) or slurm, not 'x'."
+
+
 def test_every_renamed_field_is_a_field_set_by_an_option_of_that_name() -> None:
     """The table of fields set from an option of another name stays true to both: the field exists, and so does the
     option (a field mapped to ``None`` is one an option of its name does not set)."""

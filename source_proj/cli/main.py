@@ -440,6 +440,7 @@ def featurize(
         shard_parameters=shard_parameters,
         fisher_examples=_fisher_examples(fisher_examples),
     )
+    part = Shard.parse(shard) if shard else None
     spec = load_spec(spec_path)
     trajectory = sp.Trajectory.load(run_dir)
     data = {s.name: spec.train_data(s.name) for s in trajectory.stages}
@@ -456,13 +457,12 @@ def featurize(
             options=options,
             overwrite=force,
             spec=str(spec.path),
-            shard=Shard.parse(shard) if shard else None,
+            shard=part,
             grow=grow,
             command=command,
         )
     if not store.meta.get("featurized"):
-        resolved = Shard.parse(shard) if shard else None
-        which = f"{resolved.rank}/{resolved.world}" if resolved is not None else shard
+        which = f"{part.rank}/{part.world}" if part is not None else shard
         click.echo(f"featurized shard {which} of {store.path}; the store is finished once every shard has run")
         return
     products = store.meta.get("products") or {"checkpoints": True}
