@@ -169,3 +169,13 @@ def test_a_stage_without_data_is_refused(tmp_path: Path) -> None:
             tmp_path / "s.sp",
             progress=False,
         )
+
+
+def test_data_for_a_stage_the_run_lacks_is_refused_not_left_out(tmp_path: Path) -> None:
+    """A new stage's data passed before the run recorded that stage (growing a store too early) was ignored: the
+    store was written, or kept, without it and nothing said so."""
+    _two_stage_run(tmp_path / "run", 4)
+    data = {**_datasets(), "more": _datasets()["fine"]}
+    with pytest.raises(sp.TaskError, match=r"stage\(s\) \['more'\], which the trajectory does not have"):
+        sp.featurize(tmp_path / "run", nn.Linear(3, 1), sp.RegressionTask(), data, tmp_path / "s.sp", progress=False)
+    assert not (tmp_path / "s.sp").exists()

@@ -456,6 +456,12 @@ def as_stage_datasets(data: Dataset | Mapping[str, Dataset], trajectory: Traject
     missing = [n for n in names if n not in data]
     if missing:
         raise TaskError(f"No training dataset was given for stage(s) {missing}; pass one per stage.")
+    extra = [n for n in data if n not in names]
+    if extra:  # e.g. a new stage's data before the run recorded it: silently left out otherwise
+        raise TaskError(
+            f"Training data was given for stage(s) {extra}, which the trajectory does not have (its stages are "
+            f"{names}); pass one dataset per recorded stage, under its recorded name."
+        )
     for stage in trajectory.stages:
         check_indexed(data[stage.name], f"The training data of stage {stage.name!r}")
         size = len(data[stage.name])  # type: ignore[arg-type]
