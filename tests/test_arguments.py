@@ -95,6 +95,15 @@ def test_ivf_arguments_refuse_bad_fields(fields: dict, expected: str) -> None:
         ({"boundaries": (-1,)}, "FitArguments.boundaries is (-1,); " + SEEDS),  # not SegmentationArguments', at fit
         ({"boundaries": ()}, "FitArguments.boundaries is (); " + SEEDS),
         ({"average": "mean"}, "FitArguments.average is 'mean'; use one of steps, checkpoints."),
+        # two ways to segment: one silently won (auto over boundaries over segments_per_stage)
+        (
+            {"segments_per_stage": 2, "boundaries": (100,)},
+            "FitArguments gives segments_per_stage and boundaries, each a way to segment the run; give one of them.",
+        ),
+        (
+            {"boundaries": (100,), "auto_segments": 3},
+            "FitArguments gives boundaries and auto_segments, each a way to segment the run; give one of them.",
+        ),
     ],
 )
 def test_fit_arguments_refuse_bad_fields(fields: dict, expected: str) -> None:

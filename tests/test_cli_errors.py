@@ -58,6 +58,15 @@ def test_a_malformed_option_value_names_the_option(
     assert f"Invalid value for {option}: " in message and repr(value) in message
 
 
+@pytest.mark.parametrize("segments", ["2", "auto:3"])
+def test_fit_refuses_segments_with_boundaries(cli_reference: tuple[Path, Path], tmp_path: Path, segments: str) -> None:
+    """--boundaries overrode --segments 2 and was itself overridden by --segments auto:3, silently either way."""
+    store = _copy(cli_reference[0], tmp_path)
+    out = CliRunner().invoke(main, ["fit", str(store), "--method", "x", "--segments", segments, "--boundaries", "4"])
+    assert "--segments and --boundaries each say where to cut; give one" in _refused(out, code=2)
+    assert "x" not in sp.Store.open(store).meta["methods"]
+
+
 @pytest.mark.parametrize(
     ("which", "expected"),
     [

@@ -550,7 +550,7 @@ def _module_dims(values: tuple[str, ...]) -> dict[str, int]:
     "only those).",
 )
 @click.option(
-    "--boundaries", default=None, help="Explicit global steps to cut at, e.g. 100,200 (overrides --segments)."
+    "--boundaries", default=None, help="Explicit global steps to cut at, e.g. 100,200 (not with --segments)."
 )
 @click.option("--stages", default=None, help="Attribute to these stages' data only, e.g. pretrain (default: all).")
 @click.option("--fast", is_flag=True, help="Fast-SOURCE: features at each segment's averaged parameters.")
@@ -602,6 +602,11 @@ def fit(
     """
     if plot_path is not None:  # before the work, as trajectory's and lds's are
         check_figure_path(plot_path)
+    if segments and boundaries:
+        raise click.UsageError(
+            "--segments and --boundaries each say where to cut; give one (--segments at:100,200 is --boundaries "
+            "100,200)."
+        )
     seg = _segmentation(segments)
     args = sp.FitArguments(
         segments_per_stage=seg.per_stage if seg and seg.auto is None and seg.boundaries is None else None,

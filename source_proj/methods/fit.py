@@ -82,7 +82,8 @@ class FitArguments:
 
     Attributes:
         segments_per_stage: equal parts (by step) each stage is cut into (default 1; the paper uses 3).
-        boundaries: explicit global steps to cut at instead (stage boundaries are always cut).
+        boundaries: explicit global steps to cut at instead (stage boundaries are always cut); give at most one
+            of ``segments_per_stage``, ``boundaries`` and ``auto_segments``.
         auto_segments: L, a budget of segments placed automatically where the projected curvature
             and gradients change most (``autosegment.py``); ``0``: their number is chosen too.
         stages: attribute to these stages' examples only (e.g. the pre-training data); default all.
@@ -142,6 +143,11 @@ class FitArguments:
         for field, minimum in (("segments_per_stage", 1), ("auto_segments", 0)):
             if getattr(self, field) is not None:
                 check_whole(f"FitArguments.{field}", getattr(self, field), minimum)
+        given = [f for f in ("segments_per_stage", "boundaries", "auto_segments") if getattr(self, f) is not None]
+        if len(given) > 1:  # one would silently win over the others
+            raise TaskError(
+                f"FitArguments gives {' and '.join(given)}, each a way to segment the run; give one of them."
+            )
         steps = self.boundaries  # refused here, not where fit cuts at them (naming SegmentationArguments)
         if steps is not None:  # any iterable of steps (an array) is taken as their tuple
             listed = steps if isinstance(steps, str | bytes) or not isinstance(steps, Iterable) else tuple(steps)
