@@ -186,3 +186,24 @@ def test_a_batched_retrain_with_unequal_query_inputs_and_targets_is_refused_when
         BatchedRetrain(trainer, torch.randn(5, 6), torch.tensor([0, 1, 2]))
     with pytest.raises(sp.TaskError, match="at least one model per call"):
         BatchedRetrain(trainer, torch.randn(3, 6), torch.tensor([0, 1, 2]), models_per_call=0)
+
+
+def test_a_model_builder_without_a_seed_is_refused_in_one_sentence() -> None:
+    """The other guides' zero-argument build_model() ended in a TypeError traceback from inside BatchedSGD."""
+    with pytest.raises(sp.TaskError, match=r"calls build_model\(seed\) for each copy .* takes no seed"):
+        BatchedSGD(lambda: build(0), sp.ClassificationTask(), stages())
+
+
+@pytest.mark.parametrize("size", [12, 14])
+def test_rows_of_another_size_than_the_trainers_stage_are_refused_before_any_retrain(tmp_path, size: int) -> None:
+    """Stage "a" holds 13 examples; attributed rows of 14 were refused only as a kept index outside the stage,
+    and rows of 12 trained every copy on example 12 as well, a ground truth of other data than the scores'."""
+    batched = Counting(BatchedSGD(build, sp.ClassificationTask(), stages()), torch.randn(2, 6), torch.tensor([0, 1]))
+    calls = Counting.calls
+    rows = [StageRows("a", 0, size)]
+    expected = rf"SGDStage 'a' holds 13 examples but the attributed stage has {size} rows"
+    with pytest.raises(sp.TaskError, match=expected):
+        ev.lds_ground_truth(batched, rows, tmp_path / "lds", ev.LDSArguments(num_subsets=4), progress=False)
+    with pytest.raises(sp.TaskError, match=expected):
+        ev.subset_removal({"m": np.zeros((2, size))}, batched, rows, tmp_path / "removal", progress=False)
+    assert Counting.calls == calls

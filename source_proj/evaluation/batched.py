@@ -28,6 +28,7 @@ Models with buffers (BatchNorm) or dropout are refused: their per-copy state or 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -38,6 +39,7 @@ from torch.func import functional_call, grad, vmap
 
 from source_proj.errors import TaskError
 from source_proj.evaluation.retrain import Keep
+from source_proj.query.attributor import StageRows
 from source_proj.tasks.task import Task
 
 ModelBuilder = Callable[[int], nn.Module]
@@ -116,6 +118,7 @@ class BatchedSGD:
         names = [s.name for s in self.stages]
         if not names or len(set(names)) != len(names):
             raise TaskError(f"Batched training needs at least one stage and distinct stage names, not {names}.")
+        _check_takes_seed(self.build_model)
         template = self.build_model(0)
         if any(True for _ in template.buffers()) or any(
             isinstance(m, nn.modules.dropout._DropoutNd) for m in template.modules()
@@ -191,6 +194,20 @@ class BatchedSGD:
         return (losses * weight).sum() / weight.sum().clamp_min(1.0)
 
 
+def _check_takes_seed(build_model: ModelBuilder) -> None:
+    """Refuse a model builder that cannot be called as ``build_model(seed)`` (the other guides' zero-argument
+    ``build_model()``), which would end in a TypeError from inside the trainer."""
+    try:
+        inspect.signature(build_model).bind(0)
+    except TypeError:
+        raise TaskError(
+            "BatchedSGD calls build_model(seed) for each copy (its initialisation drawn from the seed), but this "
+            "build_model takes no seed; give it one parameter, e.g. def build_model(seed): torch.manual_seed(seed); ..."
+        ) from None
+    except ValueError:  # a builtin without a readable signature: let the call say what it takes
+        pass
+
+
 def _mask(keep: Keep, stage: SGDStage) -> np.ndarray:
     mask = np.ones(stage.size, dtype=bool)
     if stage.name in keep:
@@ -264,6 +281,17 @@ class BatchedRetrain:
             )
         if self.models_per_call < 1:
             raise TaskError(f"A batched retrain must train at least one model per call, not {self.models_per_call}.")
+
+    def check_rows(self, rows: Sequence[StageRows]) -> None:
+        """Refuse attributed rows (``Attributor.rows``) whose stage the trainer holds with another number of
+        examples: its extra examples would be kept in every copy, a ground truth of other data than the scores'."""
+        sizes = {stage.name: stage.size for stage in self.trainer.stages}
+        for row in rows:
+            if row.stage in sizes and sizes[row.stage] != row.size:
+                raise TaskError(
+                    f"SGDStage {row.stage!r} holds {sizes[row.stage]} examples but the attributed stage has "
+                    f"{row.size} rows; give it the examples the stage was featurized with, in the same order."
+                )
 
     def retrain_many(self, keeps: Sequence[Keep], seeds: Sequence[int]) -> np.ndarray:
         """Measurements ``[len(seeds), Q]`` after training one copy per (kept subset, seed)."""

@@ -21,6 +21,7 @@ from typing import Literal
 import numpy as np
 
 from source_proj.errors import TaskError, check_choice, check_real, check_whole
+from source_proj.evaluation.batched import BatchedRetrain
 from source_proj.evaluation.metrics import (
     Correlation,
     bootstrap_ci,
@@ -179,6 +180,8 @@ def lds_ground_truth(
         cache_dir: where finished retrains are kept (one directory per training function).
         args: α, M, R, seeds, workers.
     """
+    if isinstance(retrain, BatchedRetrain):
+        retrain.check_rows(rows)
     total = sum(r.size for r in rows)
     masks = sample_subsets(total, args.num_subsets, args.alpha, args.seed)
     jobs = [

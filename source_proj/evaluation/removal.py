@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from source_proj.errors import TaskError, check_choice, check_real, check_whole, check_wholes
+from source_proj.evaluation.batched import BatchedRetrain
 from source_proj.evaluation.retrain import Job, RetrainCache, RetrainFunction, keep_from_mask, run_retrains
 from source_proj.figures import pyplot, save_figure
 from source_proj.query.attributor import StageRows
@@ -92,6 +93,8 @@ def subset_removal(
 
     Raises ``TaskError`` when no query is correct under every seed of the full-data models (nothing to flip).
     """
+    if isinstance(retrain, BatchedRetrain):
+        retrain.check_rows(rows)
     ks = tuple(args.ks)
     total = sum(r.size for r in rows)
     if ks[-1] >= total:
