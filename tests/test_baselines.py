@@ -356,3 +356,23 @@ def test_tracin_under_momentum_predicts_the_change_of_the_measurement_in_its_uni
     # steps' momentum, which has not built up by the end (Σ_t β^{K−t}/K ≈ β/((1−β)K) = 1/60); with η alone: 0.52
     scale = float((ours * exact).sum() / (exact * exact).sum())
     assert 0.95 < scale < 1.06, scale
+
+
+def test_repsim_refuses_training_data_other_than_the_stores(fitted, tmp_path: Path) -> None:
+    """RepSim reads the training examples again; other examples of the store's size were scored as its rows."""
+    _, store, train, _ = fitted
+    copy = tmp_path / "copy.sp"
+    shutil.copytree(store, copy)
+    other = _data(len(train), 7)
+    with pytest.raises(sp.TaskError, match=r"^The training data of stage 'main' are not those the store at .* was"):
+        sp.fit_baseline(copy, sp.BaselineArguments(kind="repsim", method="r2"), model=_arch(),
+                        task=sp.ClassificationTask(), train_data=other, progress=False)  # fmt: skip
+    assert "r2" not in sp.Store.open(copy).meta["methods"]
+
+
+def test_a_baseline_refitted_with_other_settings_names_baseline_arguments(fitted, tmp_path: Path) -> None:
+    _, store, _, _ = fitted
+    copy = tmp_path / "copy.sp"
+    shutil.copytree(store, copy)
+    with pytest.raises(sp.StoreError, match=r"another --method name \(BaselineArguments\(method=\.\.\.\)\)\.$"):
+        sp.fit_baseline(copy, sp.BaselineArguments(kind="if", damping=0.5), progress=False)

@@ -104,7 +104,7 @@ from source_proj.featurize.windows import (
 from source_proj.methods.fit import _claim_method, _finish_method, checkpoint_curvature, param_sizes, trajectory_stages
 from source_proj.methods.kinds import BASELINES
 from source_proj.query.attributor import store_trajectory
-from source_proj.store.provenance import other_selection
+from source_proj.store.provenance import check_data, other_selection
 from source_proj.store.store import Store, ckpt_key
 from source_proj.tasks.data import loader
 from source_proj.tasks.gradients import move_batch
@@ -270,7 +270,7 @@ def fit_baseline(
             }
         )
     )
-    _claim_method(store, name, description, overwrite)
+    _claim_method(store, name, description, overwrite, arguments="BaselineArguments")
     for index, denominator in enumerate(denominators):  # the query's D^{-1/2} on a captured Adam store
         scale = f"methods/{name}/preconditioner/{index}"
         if denominator is not None and not store.is_complete(scale):
@@ -554,6 +554,7 @@ def _repsim(
         raise TaskError(f"The task {task.describe()} differs from the store's {meta['task']}; use the same task.")
     trajectory = store_trajectory(store)
     datasets = as_stage_datasets(train_data, trajectory)
+    check_data(str(store.path), meta, datasets)  # other examples would be scored as the store's rows, silently
     where = default_device(device)
     net = copy.deepcopy(model).to(where)
     trajectory.load_into(net, trajectory.final_checkpoint)

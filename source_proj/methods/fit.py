@@ -758,7 +758,11 @@ def described_points(description: dict[str, Any]) -> Points:
     return [[(str(key), float(weight)) for key, weight in own] for own in description["points"]]
 
 
-def _claim_method(store: Store, method: str, description: dict[str, Any], overwrite: bool) -> None:
+def _claim_method(
+    store: Store, method: str, description: dict[str, Any], overwrite: bool, arguments: str = "FitArguments"
+) -> None:
+    """Record ``method`` as being fitted with ``description``; refuse one fitted with other settings unless
+    ``overwrite`` (``arguments``: the class whose ``method=`` names another, for the refusal's advice)."""
     methods = dict(store.meta.get("methods") or {})
     existing = methods.get(method)
     if existing is not None:
@@ -769,7 +773,7 @@ def _claim_method(store: Store, method: str, description: dict[str, Any], overwr
             differing = _differences(existing, description)
             raise StoreError(
                 f"Method {method!r} in {store.path} was fitted with other settings ({differing}); pass --force "
-                "(overwrite=True) to replace it, or fit under another --method name (FitArguments(method=...))."
+                f"(overwrite=True) to replace it, or fit under another --method name ({arguments}(method=...))."
             )
         store.delete(f"methods/{method}")
     methods[method] = {**description, "complete": False}
