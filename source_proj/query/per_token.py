@@ -56,6 +56,7 @@ from source_proj.featurize.plan import mean_state
 from source_proj.projection.base import Projector
 from source_proj.projection.factored import FactoredProjector
 from source_proj.query.attributor import Attributor, check_batch_size, method_meta
+from source_proj.store.provenance import check_data
 from source_proj.tasks.data import ChosenLabels, collate_of
 from source_proj.tasks.gradients import move_batch
 from source_proj.tasks.task import Batch, output_tensor
@@ -190,6 +191,8 @@ def token_scores(
             "featurize with the 'eigen' (the default), 'rademacher' or 'factored' projection."
         )
     datasets = as_stage_datasets(train_data, attributor.trajectory)
+    # other examples' shares would not add up to the store's scores, silently: a seeded sample, as a query checks
+    check_data(str(store.path), store.meta, datasets, quick=True)
     rows = _whole_rows(rows)
     places = [_locate(attributor, row) for row in rows]
     if not places:
