@@ -73,9 +73,26 @@ def test_a_query_model_of_another_architecture_is_refused(tiny_reference: Path) 
     assert str(err.value).endswith("build the model and parameter selection used for featurize.")
 
 
-def test_a_query_task_that_is_not_the_stores_is_refused(tiny_reference: Path) -> None:
-    with pytest.raises(sp.TaskError, match=r"is not the store's .*query with the task the store was featurized with"):
-        sp.Attributor(tiny_reference, build_model(), sp.RegressionTask())
+@pytest.mark.parametrize(
+    ("task", "differing"),
+    [
+        (
+            sp.RegressionTask(),
+            "class 'source_proj.tasks.task.RegressionTask', the store's 'source_proj.tasks.task.ClassificationTask'; "
+            "name 'regression', the store's 'classification'",
+        ),
+        # the field that differs was lost in two whole descriptions printed side by side
+        (sp.ClassificationTask(label_smoothing=0.1), "label_smoothing 0.1, the store's None"),
+    ],
+)
+def test_a_query_task_that_is_not_the_stores_is_refused_naming_what_differs(
+    tiny_reference: Path, task: sp.Task, differing: str
+) -> None:
+    with pytest.raises(sp.TaskError) as err:
+        sp.Attributor(tiny_reference, build_model(), task)
+    assert str(err.value) == (
+        f"The task is not the store's ({differing}); query with the task the store was featurized with."
+    )
 
 
 def test_another_parameter_selection_is_refused_with_the_stores_to_pass(tiny_reference: Path) -> None:

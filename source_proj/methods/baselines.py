@@ -104,7 +104,7 @@ from source_proj.featurize.windows import (
 from source_proj.methods.fit import _claim_method, _finish_method, checkpoint_curvature, param_sizes, trajectory_stages
 from source_proj.methods.kinds import BASELINES
 from source_proj.query.attributor import store_trajectory
-from source_proj.store.provenance import check_data, other_selection
+from source_proj.store.provenance import check_data, other_selection, task_differences
 from source_proj.store.store import Store, ckpt_key
 from source_proj.tasks.data import loader
 from source_proj.tasks.gradients import move_batch
@@ -551,7 +551,8 @@ def _repsim(
     if selection is not None:
         raise TaskError(f"{selection[0].upper()}{selection[1:]}.")
     if task.describe() != meta["task"]:
-        raise TaskError(f"The task {task.describe()} differs from the store's {meta['task']}; use the same task.")
+        differing = task_differences(meta["task"], task.describe())
+        raise TaskError(f"The task is not the store's ({differing}); use the task the store was featurized with.")
     trajectory = store_trajectory(store)
     datasets = as_stage_datasets(train_data, trajectory)
     check_data(str(store.path), meta, datasets)  # other examples would be scored as the store's rows, silently

@@ -165,8 +165,8 @@ def check_query_model(
         raise TaskError(f"{selection[0].upper()}{selection[1:]}.")
     if described != meta["task"]:
         raise TaskError(
-            f"The task {task.describe()} is not the store's {meta['task']}; query with the task the store was "
-            "featurized with."
+            f"The task is not the store's ({task_differences(meta['task'], described)}); query with the task the store "
+            "was featurized with."
         )
     names = task.select_parameters(model)
     params = dict(model.named_parameters())
@@ -190,6 +190,16 @@ def other_selection(stored: Mapping[str, Any], described: Mapping[str, Any]) -> 
     return (
         f"the task selects the parameters {described['parameters']}, the store was featurized with "
         f"{stored['parameters']}; build the task with the store's selection ({selection_code(stored)})"
+    )
+
+
+def task_differences(stored: Mapping[str, Any], described: Mapping[str, Any]) -> str:
+    """``"tokens_per_sequence 7.0, the store's 4.0"``: each field where a task's description differs from the stored
+    one, as given and as stored (two whole descriptions, side by side, hid the one field that differs)."""
+    return "; ".join(
+        f"{key} {described.get(key)!r}, the store's {stored.get(key)!r}"
+        for key in sorted(set(stored) | set(described), key=str)
+        if stored.get(key) != described.get(key)
     )
 
 
