@@ -17,7 +17,7 @@ A store without featurize's metadata (another writer's, e.g. a cache built on [`
 checks 3 and 5 only.
 
 ``repair=True`` (``verify --repair``) takes the store's exclusive lock, marks damaged chunks
-pending (and the methods and featurize state that relied on them unfinished), drops arrays whose
+pending (and featurize's state, or a method whose own chunks they are, unfinished), drops arrays whose
 metadata is unreadable or whose shape is wrong, and deletes leftover temporary files; re-running
 the command that wrote the store then recomputes exactly what was lost (``VerifyReport.next_steps``).
 """
