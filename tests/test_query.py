@@ -248,3 +248,14 @@ def test_an_ensemble_refuses_search_settings_it_cannot_use_before_opening_a_stor
     ivf = sp.Ensemble(attributors, search_backend="ivf", search_ivf=sp.IVFArguments(nlist=13), progress=False)
     with pytest.raises(sp.TaskError, match=r"^An IVF index of 12 rows needs 1 ≤ nlist ≤ 12, not 13\.$"):
         ivf.top_k([], 3)  # before the queries (none here, refused on their own) are read
+
+
+@pytest.mark.parametrize("row", [-1, 50])
+def test_locate_maps_rows_to_stages_and_refuses_a_row_outside_them(row: int) -> None:
+    """A row past the last stage's (or negative) raised a bare IndexError."""
+    empty = np.zeros((1, 1))
+    result = sp.QueryResult(empty, empty, empty, empty, [StageRows("pre", 0, 30), StageRows("fine", 30, 20)])
+    assert result.locate(0) == ("pre", 0) and result.locate(29) == ("pre", 29) and result.locate(49) == ("fine", 19)
+    expected = rf"^Row {row} is not a feature row of this result, whose rows are 0 to 49\.$"
+    with pytest.raises(sp.TaskError, match=expected):
+        result.locate(row)

@@ -531,11 +531,12 @@ class QueryResult:
         return self.negative_scores if self.positive_helps else self.positive_scores
 
     def locate(self, row: int) -> tuple[str, int]:
-        """(stage, index within the stage's dataset) of a feature row."""
+        """(stage, index within the stage's dataset) of a feature row; a row outside the method's is refused."""
         for r in self.rows:
             if r.offset <= row < r.offset + r.size:
                 return r.stage, row - r.offset
-        raise IndexError(row)
+        total = sum(r.size for r in self.rows)
+        raise TaskError(f"Row {row} is not a feature row of this result, whose rows are 0 to {total - 1}.")
 
     def short_lists(self) -> tuple[int, int]:
         """How many queries have fewer than k training examples with a score > 0, and how many fewer than k with a
