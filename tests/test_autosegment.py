@@ -157,6 +157,25 @@ def test_budget_outside_the_checkpoints_is_refused(tmp_path: Path, featurized: d
     assert out.exit_code != 0 and "auto:L" in out.output
 
 
+def test_trajectory_refuses_to_pick_one_of_several_methods_different_cuts(
+    tmp_path: Path, featurized: dict[str, Path]
+) -> None:
+    """It showed the first method's cuts without saying whose, so `fit --segments auto:3 --method a3` after auto:2
+    showed auto:2's."""
+    store = _copy(featurized["plain"], tmp_path).path
+    two = sp.fit(store, sp.FitArguments(auto_segments=2, method="a2"), progress=False).meta["methods"]["a2"]["view"]
+    sp.fit(store, sp.FitArguments(auto_segments=2, method="again"), progress=False)
+    out = CliRunner().invoke(main, ["trajectory", str(store)])  # the same cuts twice: shown
+    assert out.exit_code == 0 and f"cuts at steps {two['cuts']}" in out.output, out.output
+    three = sp.fit(store, sp.FitArguments(auto_segments=3, method="a3"), progress=False).meta["methods"]["a3"]["view"]
+    out = CliRunner().invoke(main, ["trajectory", str(store)])
+    assert out.exit_code == 2, out.output
+    assert (
+        f"The store holds automatic cuts that differ (method 'a2' at {two['cuts']}, method 'again' at {two['cuts']}, "
+        f"method 'a3' at {three['cuts']}); pass --segments auto:L for the L to show."
+    ) in " ".join(out.output.split())
+
+
 def test_auto_without_a_budget_chooses_the_number_of_segments() -> None:
     """A stationary stage stays whole, a planted jump is cut once, an even drift gets the fewest segments
     that remove ``1 − AUTO_KEEP`` of one segment's dispersion (brute force over the budgets)."""

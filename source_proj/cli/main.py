@@ -675,12 +675,17 @@ def _trajectory_view(store: sp.Store, seg: sp.SegmentationArguments | None) -> s
     if seg is not None:
         return store_view(store, seg.auto)
     meta = store.meta
-    recorded = [(meta.get("segmentation") or {}).get("view")]
-    recorded += [m.get("view") for m in (meta.get("methods") or {}).values()]
-    views = [v for v in recorded if v]
+    recorded = [("featurize", (meta.get("segmentation") or {}).get("view"))]
+    recorded += [(f"method {name!r}", m.get("view")) for name, m in (meta.get("methods") or {}).items()]
+    views = [(who, v) for who, v in recorded if v]
     if not views:
         raise click.UsageError("The store holds no automatic segmentation yet; pass --segments auto:L.")
-    return sp.TrajectoryView.from_description(views[0])
+    if any(v != views[0][1] for _, v in views):  # showing the first would hide which one it is
+        held = ", ".join(f"{who} at {v['cuts']}" for who, v in views)
+        raise click.UsageError(
+            f"The store holds automatic cuts that differ ({held}); pass --segments auto:L for the L to show."
+        )
+    return sp.TrajectoryView.from_description(views[0][1])
 
 
 def _select(n: int, spec: str | None) -> list[int]:
