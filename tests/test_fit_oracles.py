@@ -10,7 +10,9 @@ gradients, the exact Fisher, the segments' weights and the matrix functions are 
 from __future__ import annotations
 
 import itertools
+import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -184,20 +186,43 @@ def _brute_source(
     return out
 
 
+def _featurize(run: Path, store: Path, datasets: dict[str, TensorDataset], fisher: str = "exact", **options) -> None:
+    """``run`` featurized into ``store`` on the identity projection (every coordinate)."""
+    sp.featurize(
+        run,
+        _arch(),
+        sp.ClassificationTask(),
+        datasets if len(datasets) > 1 else next(iter(datasets.values())),
+        store,
+        projection=sp.ProjectionArguments(kind="identity"),
+        options=sp.FeaturizeArguments(batch_size=5, chunk_rows=10, fisher=fisher, **options),
+        progress=False,
+    )
+
+
+Featurized = Callable[[Path, Path, dict[str, TensorDataset]], None]
+
+
+@pytest.fixture(scope="module")
+def featurized(tmp_path_factory: pytest.TempPathFactory) -> Featurized:
+    """``copy(run, store, datasets)``: ``run`` featurized with :func:`_featurize`'s defaults, copied into ``store``;
+    each run is featurized once for the module (the tests that only fit it with other settings share it)."""
+    cache: dict[Path, Path] = {}
+
+    def copy(run: Path, store: Path, datasets: dict[str, TensorDataset]) -> None:
+        if run not in cache:
+            cache[run] = tmp_path_factory.mktemp("featurized") / "s.sp"
+            _featurize(run, cache[run], datasets)
+        shutil.copytree(cache[run], store)
+
+    return copy
+
+
 def _engine(run: Path, store: Path, datasets: dict[str, TensorDataset], args, fisher: str = "exact", **options) -> dict:
     """The scores of ``QUERIES`` per attributed stage, of SOURCE (``args``: FitArguments) or of a baseline
-    (BaselineArguments)."""
+    (BaselineArguments); ``run`` is featurized into ``store`` unless ``store`` exists."""
     if not (store / "zarr.json").exists():
-        sp.featurize(
-            run,
-            _arch(),
-            sp.ClassificationTask(),
-            datasets if len(datasets) > 1 else next(iter(datasets.values())),
-            store,
-            projection=sp.ProjectionArguments(kind="identity"),
-            options=sp.FeaturizeArguments(batch_size=5, chunk_rows=10, fisher=fisher, **options),
-            progress=False,
-        )
+        _featurize(run, store, datasets, fisher, **options)
     if isinstance(args, sp.FitArguments):
         sp.fit(store, args, progress=False)
         method = args.name
@@ -238,12 +263,13 @@ def one_stage(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("average", ["steps", "checkpoints"])
 @pytest.mark.parametrize("damping_factor", [0.0, 0.5, None])
 def test_unequal_segments_under_a_schedule_with_momentum_and_decay_equal_the_formula(
-    tmp_path: Path, one_stage: Path, average: str, damping_factor: float | None
+    tmp_path: Path, one_stage: Path, featurized: Featurized, average: str, damping_factor: float | None
 ) -> None:
     """Cuts at 5 and 9: segments [0, 5) (checkpoints 0, 3), [4 steps of] [5, 9) (checkpoint 6 only) and [9, 13)
     (9, 12); the rate changes at every step; λ = the decay + the damping factor × the mean eigenvalue (default 1
     on the identity projection)."""
     store = tmp_path / f"s-{average}-{damping_factor}.sp"
+    featurized(one_stage, store, ONE)
     args = sp.FitArguments(boundaries=(5, 9), damping_factor=damping_factor, average=average)
     ours = _engine(one_stage, store, ONE, args)
     lr = np.array([ONE_SETTINGS["lr"] * _schedule(k) for k in range(ONE_STEPS)])
@@ -374,11 +400,12 @@ def _two_stage_brute(run: Path, attributed: tuple[str, ...], damping_factor: flo
 
 @pytest.mark.parametrize("average", ["steps", "checkpoints"])
 def test_a_fine_tuning_stage_after_pre_training_equals_the_formula_for_either_stage_or_both(
-    tmp_path: Path, two_stages: Path, average: str
+    tmp_path: Path, two_stages: Path, featurized: Featurized, average: str
 ) -> None:
     """Each stage's examples are credited with 1/N of their own stage and carried through every later segment's
     survival; attributing one stage keeps exactly its columns."""
     store = tmp_path / "s.sp"
+    featurized(two_stages, store, TWO)
     for stages in (None, ("pre",), ("fine",)):
         method = "-".join(stages or ("all",))
         args = sp.FitArguments(segments_per_stage=2, damping_factor=0.25, average=average, stages=stages,
@@ -417,11 +444,12 @@ def test_the_empirical_fisher_is_the_observed_label_gradients_outer_product(tmp_
 
 
 def test_tracin_weighs_each_checkpoint_by_the_effective_rates_since_the_previous_one_in_its_stage(
-    tmp_path: Path, two_stages: Path
+    tmp_path: Path, two_stages: Path, featurized: Featurized
 ) -> None:
     """TracIn-CP: −(1/N_s) Σ_c w_c ∇f(q; θ_c)·∇ℓ(z; θ_c) over the checkpoints c saved during z's stage s,
     w_c = the steps' effective rates since the previous checkpoint: η/(1−β) under heavy-ball momentum β, as SOURCE's
     η̄ (the pre-training stage's β = 0.5 doubles its rates)."""
+    featurized(two_stages, tmp_path / "s.sp", TWO)
     ours = _engine(two_stages, tmp_path / "s.sp", TWO, sp.BaselineArguments(kind="tracin"))
     lr = np.array([settings["lr"] * _schedule(k) for _, _, settings, steps in TWO_STAGES for k in range(steps)])
     traj = sp.Trajectory.load(two_stages)
@@ -436,11 +464,12 @@ def test_tracin_weighs_each_checkpoint_by_the_effective_rates_since_the_previous
 
 
 def test_if_and_trak_take_the_curvature_of_every_stages_examples_at_the_final_checkpoint(
-    tmp_path: Path, two_stages: Path
+    tmp_path: Path, two_stages: Path, featurized: Featurized
 ) -> None:
     """IF: −(1/N) q(H + δI)⁻¹ g_T(z), H the Gauss–Newton of all N = 32 examples, δ = 3 × its mean eigenvalue.
     TRAK on every coordinate: −q (ΦᵀΦ)⁺ g_T(z), Φ the margin gradients of all 32."""
     store = tmp_path / "s.sp"
+    featurized(two_stages, store, TWO)
     influence = _engine(two_stages, store, TWO, sp.BaselineArguments(kind="if"))
     k = sp.Store.open(store).meta["projection"]["dim"]
     trak = _engine(two_stages, store, TWO, sp.BaselineArguments(kind="trak", trak_dim=k))
