@@ -109,11 +109,17 @@ _ADAM_CASES = [("adam", 0.0, "anisotropic"), ("adamw", 0.5, "anisotropic"), ("ad
 _adam_errors: dict[tuple[str, float, str, float], float] = {}
 
 
+_HELD_HORIZON = 0.064
+"""ηT of the held-preconditioner runs: 4 and 8 steps. Their error does not grow with the horizon (at 0.12, 8 and 15
+steps, each case's error was within 6 % of its error here), so the shorter run checks the same bounds."""
+
+
 def _held_adam_error(tmp_path: Path, data: TensorDataset, kind: str, decay: float, hold: str, lr: float) -> float:
     """The relative error of one held-preconditioner case, computed once per test session."""
     key = (kind, decay, hold, lr)
     if key not in _adam_errors:
-        _adam_errors[key] = _adam_error(tmp_path / f"{kind}-{decay}-{hold}-{lr}", data, lr, kind, decay, hold=hold)
+        folder = tmp_path / f"{kind}-{decay}-{hold}-{lr}"
+        _adam_errors[key] = _adam_error(folder, data, lr, kind, decay, hold=hold, horizon=_HELD_HORIZON)
     return _adam_errors[key]
 
 
@@ -143,8 +149,12 @@ def test_real_adam_run_stays_close_to_the_unrolled_derivative(tmp_path: Path, re
     assert _adam_error(tmp_path, regression_data, 0.008, "adam", 0.0, hold=None) < 0.05
 
 
-def _adam_error(tmp_path: Path, data: TensorDataset, lr: float, kind: str, decay: float, hold: str | None) -> float:
-    steps = int(0.12 / lr)
+def _adam_error(
+    tmp_path: Path, data: TensorDataset, lr: float, kind: str, decay: float, hold: str | None, horizon: float = 0.12
+) -> float:
+    """‖SOURCE − unrolled‖/‖unrolled‖ over the scores of 4 queries, for a run of int(``horizon``/``lr``) steps with one
+    segment per step."""
+    steps = int(horizon / lr)
     queries = TensorDataset(torch.randn(4, 3, generator=torch.Generator().manual_seed(5)), torch.zeros(4))
     model, theta0, precond = _adam_run(tmp_path / "run", data, lr, steps, kind, decay, hold)
     exact, theta_t = _unrolled_adam(data, queries, theta0, precond, lr, kind, decay)
