@@ -41,7 +41,7 @@ def test_sigkilled_featurize_and_fit_resume_bit_identical(tmp_path: Path) -> Non
     work = _scratch(tmp_path)
     try:
         out = subprocess.run(
-            [sys.executable, str(DRIVER), str(work), "--kills", "20", "--fit-kills", "5", "--seed", "0"],
+            [sys.executable, str(DRIVER), str(work), "--kills", "12", "--fit-kills", "4", "--seed", "0"],
             capture_output=True,
             text=True,
             timeout=240,
@@ -51,7 +51,7 @@ def test_sigkilled_featurize_and_fit_resume_bit_identical(tmp_path: Path) -> Non
     # The driver compares every file of every resumed store with the reference and fails otherwise.
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.splitlines()[-1])
-    assert result["featurize"]["kills"] >= 20 and result["fit"]["kills"] >= 5
+    assert result["featurize"]["kills"] >= 12 and result["fit"]["kills"] >= 4
     assert result["featurize"]["identical"] == result["featurize"]["trials"] >= 1
 
 
