@@ -3,7 +3,8 @@ matrix functions fit builds from them, and SOURCE's query-side operators, agains
 
 from __future__ import annotations
 
-from dataclasses import replace
+import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from source_proj.projection.factored import FactoredLayer
 from source_proj.tasks.draws import FisherDraws
 from source_proj.tasks.gradients import PerExampleGradients
 
-from .conftest import full_batch_run, step_weights_by_hand
+from .conftest import _classification_data, full_batch_run, step_weights_by_hand
 
 
 class _ConvNet(nn.Module):
@@ -171,16 +172,22 @@ def test_sampled_positions_are_exact_where_an_examples_positions_repeat_and_unbi
 
     x = torch.randn(8, 6, 3, generator=g)  # every position its own
     full = _factor_sums(FactorCollector(grads_fn, layers, diagonal), x, y, weight)
-    draws = [_factor_sums(sampler, x, y, weight, key) for key in range(1500)]  # each key its own draw
 
     def gap(estimate: torch.Tensor, exact: torch.Tensor) -> float:
         return float((estimate - exact).norm() / exact.norm())
 
     a_full, b_full = full.a[0] / full.positions[0], full.b[0]
-    single = [(gap(d.a[0] / 16, a_full), gap(d.b[0], b_full)) for d in draws[:20]]  # a draw is not the factors
-    assert np.median([a for a, _ in single]) > 0.05 and np.median([b for _, b in single]) > 0.05
-    assert gap(sum(d.a[0] for d in draws) / (16 * len(draws)), a_full) < 0.02
-    assert gap(sum(d.b[0] for d in draws) / len(draws), b_full) < 0.02
+    single = [_factor_sums(sampler, x, y, weight, key) for key in range(20)]  # each key its own draw
+    single_gaps = [(gap(d.a[0] / 16, a_full), gap(d.b[0], b_full)) for d in single]  # a draw is not the factors
+    assert np.median([a for a, _ in single_gaps]) > 0.05 and np.median([b for _, b in single_gaps]) > 0.05
+    # 1,500 draws: 5 keys, each over 300 copies of the 8 examples (a copy's rows are its own, so its own draw).
+    # A draw's gap is 0.46 (A) and 0.12 (B) in root mean square: the mean of 1,500 independent ones, 0.012 and 0.003.
+    copies = 300
+    xs, ys, ws = x.repeat(copies, 1, 1), y.repeat(copies), weight.repeat(copies)
+    draws = [_factor_sums(sampler, xs, ys, ws, key) for key in range(5)]
+    assert all(d.positions[0] == 16 * copies for d in draws)
+    assert gap(sum(d.a[0] for d in draws) / (16 * copies * len(draws)), a_full) < 0.02
+    assert gap(sum(d.b[0] for d in draws) / (copies * len(draws)), b_full) < 0.02
 
 
 def test_sampled_positions_are_each_examples_own_whatever_its_batch() -> None:
@@ -291,19 +298,30 @@ def _kfac_by_hand(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[tu
     return out
 
 
-@pytest.mark.parametrize("damping_factor", [None, 1.0])  # None: the default, undamped for kfac
-def test_source_with_kronecker_curvature_equals_brute_force(
-    tmp_path: Path, classification_data: TensorDataset, damping_factor: float | None
-) -> None:
-    """The whole pipeline (featurize with Kronecker factors → fit → query, identity projection, two
-    segments) equals SOURCE computed by hand with dense Kronecker matrices: score = −Σ_ℓ (1/N) ∇fᵀ A_ℓ ḡ_ℓ,
-    A_ℓ = S_L ⋯ S_{ℓ+1} F_ℓ, H_ℓ = B̄ ⊗ Ā + λI per layer with the factors, and ḡ_ℓ, averaged over the segment's
-    steps from the checkpoints around them (K-FAC's pooled statistics; `step_weights_by_hand`),
-    λ = weight decay + damping_factor × tr(B̄ ⊗ Ā)/p."""
+@dataclass(frozen=True)
+class _KfacRun:
+    """A run featurized with exact-Fisher Kronecker factors (not fitted), and SOURCE's pieces by hand: per segment
+    the undamped block-diagonal ``B̄ ⊗ Ā`` and the averaged training gradients ``ḡ`` ``[N, p]``, and the queries'
+    measurement gradients ``[Q, p]`` at the final checkpoint (float64, every layer's ``vec(G)`` in turn)."""
+
+    store: Path
+    queries: TensorDataset
+    segments: list[sp.Segment]
+    kronecker: list[torch.Tensor]
+    gbars: list[torch.Tensor]
+    query_grads: torch.Tensor
+
+
+@pytest.fixture(scope="module")
+def kfac_run(tmp_path_factory: pytest.TempPathFactory) -> _KfacRun:
+    """Featurized once for both dampings of ``test_source_with_kronecker_curvature_equals_brute_force`` (only fit
+    takes the damping; each test fits its own copy of the store)."""
+    classification_data = _classification_data()
     data = TensorDataset(classification_data.tensors[0][:24], classification_data.tensors[1][:24] % 3)
     model = _two_layer_classifier()
     task = sp.ClassificationTask()
-    run = tmp_path / "run"
+    root = tmp_path_factory.mktemp("kfac")
+    run = root / "run"
     full_batch_run(
         run,
         model,
@@ -314,7 +332,7 @@ def test_source_with_kronecker_curvature_equals_brute_force(
         weight_decay=0.01,
         save_every=2,
     )
-    store = tmp_path / "s.sp"
+    store = root / "s.sp"
     sp.featurize(
         run,
         _two_layer_classifier(),
@@ -325,9 +343,7 @@ def test_source_with_kronecker_curvature_equals_brute_force(
         options=sp.FeaturizeArguments(batch_size=8, chunk_rows=16, fisher="exact", curvature="kfac"),
         progress=False,
     )
-    sp.fit(store, sp.FitArguments(segments_per_stage=2, damping_factor=damping_factor), progress=False)
     queries = TensorDataset(classification_data.tensors[0][24:28], classification_data.tensors[1][24:28] % 3)
-    ours = sp.Attributor(store, _two_layer_classifier(), task).scores(queries)
 
     traj = sp.Trajectory.load(run)
     work = _two_layer_classifier()
@@ -335,7 +351,6 @@ def test_source_with_kronecker_curvature_equals_brute_force(
     steps = [c.step for c in traj.checkpoints]
     segments = sp.make_segments(traj.stages, steps, traj.lr, {n: 1 for n in names}, per_stage=2)
     x, y = data.tensors
-    n = len(y)
 
     def flat_grads(quantity: str, xs, ys) -> torch.Tensor:
         grads_fn = PerExampleGradients(work, task, names)
@@ -344,7 +359,7 @@ def test_source_with_kronecker_curvature_equals_brute_force(
         return torch.cat([layer_matrix(g, layer).reshape(len(xs), -1) for layer in layers], 1).double()
 
     by_step = {c.step: c for c in traj.checkpoints}
-    hessians, gbars = [], []
+    kronecker, gbars = [], []
     for seg in segments:
         factor_sums, gsum = None, 0
         # the segment's average over its steps: every checkpoint of the stage may take a share (SGD)
@@ -356,22 +371,38 @@ def test_source_with_kronecker_curvature_equals_brute_force(
                 (a0 + a1, b0 + b1) for (a0, b0), (a1, b1) in zip(factor_sums, factors, strict=True)
             ]
             gsum = gsum + w * flat_grads("loss", x, y)
-        h = torch.block_diag(*[torch.kron(b, a) for a, b in factor_sums])
-        damping = seg.weight_decay + (damping_factor or 0.0) * float(torch.trace(h)) / h.shape[0]
-        hessians.append(h + damping * torch.eye(h.shape[0], dtype=torch.float64))
+        kronecker.append(torch.block_diag(*[torch.kron(b, a) for a, b in factor_sums]))
         gbars.append(gsum)
     traj.load_into(work, traj.final_checkpoint)
-    q = flat_grads("measurement", *queries.tensors)
+    return _KfacRun(store, queries, segments, kronecker, gbars, flat_grads("measurement", *queries.tensors))
+
+
+@pytest.mark.parametrize("damping_factor", [None, 1.0])  # None: the default, undamped for kfac
+def test_source_with_kronecker_curvature_equals_brute_force(
+    tmp_path: Path, kfac_run: _KfacRun, damping_factor: float | None
+) -> None:
+    """The whole pipeline (featurize with Kronecker factors → fit → query, identity projection, two
+    segments) equals SOURCE computed by hand with dense Kronecker matrices: score = −Σ_ℓ (1/N) ∇fᵀ A_ℓ ḡ_ℓ,
+    A_ℓ = S_L ⋯ S_{ℓ+1} F_ℓ, H_ℓ = B̄ ⊗ Ā + λI per layer with the factors, and ḡ_ℓ, averaged over the segment's
+    steps from the checkpoints around them (K-FAC's pooled statistics; `step_weights_by_hand`),
+    λ = weight decay + damping_factor × tr(B̄ ⊗ Ā)/p."""
+    store = tmp_path / "s.sp"
+    shutil.copytree(kfac_run.store, store)
+    sp.fit(store, sp.FitArguments(segments_per_stage=2, damping_factor=damping_factor), progress=False)
+    ours = sp.Attributor(store, _two_layer_classifier(), sp.ClassificationTask()).scores(kfac_run.queries)
 
     def fn_of(h: torch.Tensor, f) -> torch.Tensor:
         sigma, u = torch.linalg.eigh(h)
         return (u * f(sigma.clamp_min(0))) @ u.T
 
-    expected = torch.zeros(len(q), n, dtype=torch.float64)
+    q = kfac_run.query_grads
+    expected = torch.zeros(len(q), kfac_run.gbars[0].shape[0], dtype=torch.float64)
     carried = q
-    for h, gbar, seg in reversed(list(zip(hessians, gbars, segments, strict=True))):
+    for k, gbar, seg in reversed(list(zip(kfac_run.kronecker, kfac_run.gbars, kfac_run.segments, strict=True))):
+        damping = seg.weight_decay + (damping_factor or 0.0) * float(torch.trace(k)) / k.shape[0]
+        h = k + damping * torch.eye(k.shape[0], dtype=torch.float64)
         direction = carried @ fn_of(h, lambda s, t=seg.time: phi(s, t))
-        expected += -(direction @ gbar.T) / n
+        expected += -(direction @ gbar.T) / gbar.shape[0]
         carried = carried @ fn_of(h, lambda s, t=seg.time: survival(s, t))
     np.testing.assert_allclose(ours, expected.numpy(), rtol=2e-3, atol=1e-6 * float(expected.abs().max()))
 
