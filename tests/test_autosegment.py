@@ -52,14 +52,21 @@ def _data() -> TensorDataset:
     return TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long())
 
 
-def _run(run: Path, *, lr_after: float = 0.2, classes_before: tuple[int, ...] | None = None, adam: bool = False):
-    """200 mini-batch steps, checkpoints every 10; at step 100 the rate or the data change."""
+def _run(
+    run: Path,
+    *,
+    lr_after: float = 0.2,
+    classes_before: tuple[int, ...] | None = None,
+    adam: bool = False,
+    save_every: int = 10,
+):
+    """200 mini-batch steps, checkpoints every ``save_every``; at step 100 the rate or the data change."""
     data = _data()
     x, y = data.tensors
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
     opt = torch.optim.Adam(model.parameters(), lr=0.01) if adam else torch.optim.SGD(model.parameters(), lr=0.2)
-    rec = sp.TrajectoryRecorder(run, model, opt, save_every=10)
+    rec = sp.TrajectoryRecorder(run, model, opt, save_every=save_every)
     rec.begin_stage("main", dataset_size=len(y))
     g = torch.Generator().manual_seed(1)
     pool = torch.arange(len(y))
@@ -129,7 +136,7 @@ def test_automatic_cut_lands_on_a_planted_change_of_data(tmp_path: Path, featuri
 
 
 def test_adam_run_chooses_automatic_cuts_before_featurize_and_keeps_them(tmp_path: Path) -> None:
-    _run(tmp_path / "run", lr_after=0.02, adam=True)
+    _run(tmp_path / "run", lr_after=0.02, adam=True, save_every=20)  # 11 checkpoints: the cut at 100 is one of 9
     store = _store(tmp_path / "run", tmp_path / "s.sp", segmentation=sp.SegmentationArguments(auto=2, probe_rows=40))
     recorded = store.meta["segmentation"]
     assert recorded["arguments"] == {"auto": 2, "probe_rows": 40} and recorded["view"]["cuts"] == [100]
