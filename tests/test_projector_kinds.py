@@ -60,7 +60,7 @@ def test_factored_store_is_rebuilt_for_queries_and_agrees_with_exact_scores(
     tmp_path: Path, trained: Path, classification_data
 ) -> None:
     exact = _scores(trained, classification_data, tmp_path / "exact.sp", "identity", 0)
-    factored = [_scores(trained, classification_data, tmp_path / f"f{s}.sp", "factored", 1024, s) for s in range(2)]
+    factored = [_scores(trained, classification_data, tmp_path / f"f{s}.sp", "factored", 1024, s) for s in range(3)]
     meta = sp.Store.open(tmp_path / "f0.sp").meta
     assert meta["projection"]["kind"] == "factored" and meta["projection"]["factors"] == [32, 32]
     assert [layer[0] for layer in meta["projection"]["layers"]] == ["0", "2", "4"]
