@@ -71,6 +71,20 @@ def _featurize(run: Path, store: Path, data: dict, kind: str = "rademacher", **k
     )  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Made once for the module and only read (featurize leaves a run as it was): ``run8`` (``_record``), ``s8.sp``
+    (its store on main, fitted), ``run16`` (a copy of run8 that trained on: ``_continue``) and ``scratch16.sp``
+    (run16's store featurized at once on main and extra, not fitted). A test copies a store it changes."""
+    root = tmp_path_factory.mktemp("grow")
+    _record(root / "run8")
+    sp.fit(_featurize(root / "run8", root / "s8.sp", {"main": MAIN}), progress=False)
+    shutil.copytree(root / "run8", root / "run16")
+    _continue(root / "run16")
+    _featurize(root / "run16", root / "scratch16.sp", {"main": MAIN, "extra": EXTRA})
+    return root
+
+
 class _Counted:
     """Counts the examples whose projected gradients featurize computes, per quantity."""
 
@@ -134,9 +148,8 @@ def test_a_grown_store_is_the_longer_runs_store_and_only_new_checkpoints_are_com
         assert np.array_equal(a.read(f"methods/source/train/{stage}"), b.read(f"methods/source/train/{stage}"))
 
 
-def test_a_store_does_not_grow_into_a_run_that_did_not_continue_it(tmp_path: Path) -> None:
-    _record(tmp_path / "run")
-    _featurize(tmp_path / "run", tmp_path / "s.sp", {"main": MAIN})
+def test_a_store_does_not_grow_into_a_run_that_did_not_continue_it(tmp_path: Path, runs: Path) -> None:
+    store = shutil.copytree(runs / "s8.sp", tmp_path / "s.sp")
     model = _mlp()
     torch.nn.init.zeros_(model[0].bias)  # another run: the first checkpoint already differs
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -145,36 +158,34 @@ def test_a_store_does_not_grow_into_a_run_that_did_not_continue_it(tmp_path: Pat
     _steps(rec, model, opt, MAIN, 12)
     rec.close()
     with pytest.raises(sp.StoreError, match=r"cannot grow .* first 8 steps are not the store's run"):
-        _featurize(tmp_path / "other", tmp_path / "s.sp", {"main": MAIN}, grow=True)
-    assert sp.Store.open(tmp_path / "s.sp").meta["trajectory"]["checkpoints"] == [0, 4, 8]
+        _featurize(tmp_path / "other", store, {"main": MAIN}, grow=True)
+    assert sp.Store.open(store).meta["trajectory"]["checkpoints"] == [0, 4, 8]
 
 
 @pytest.mark.slow
 def test_two_copies_of_a_run_that_trained_on_apart_each_grow_only_a_store_of_their_common_part(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, runs: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A run copied (``cp -r``) and then trained on in both copies, differently: a store of their common part grows
     into one copy, and then (as a store featurized from that copy, finished or cut short) is another run's to the
     other: it neither grows into it nor resumes from it (the fingerprints hold every checkpoint's sha256)."""
-    _record(tmp_path / "a")
-    _featurize(tmp_path / "a", tmp_path / "common.sp", {"main": MAIN})
-    shutil.copytree(tmp_path / "a", tmp_path / "b")
-    _continue(tmp_path / "a")
+    common = shutil.copytree(runs / "s8.sp", tmp_path / "common.sp")  # run8's store; run16 (copy A) trained on
+    a, b = runs / "run16", shutil.copytree(runs / "run8", tmp_path / "b")
     x, y = EXTRA.tensors
     other = {"main": MAIN, "extra": TensorDataset(x.flip(0), y.flip(0))}
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    rec = sp.TrajectoryRecorder.resume(tmp_path / "b", model, opt, save_every=4)
+    rec = sp.TrajectoryRecorder.resume(b, model, opt, save_every=4)
     _steps(rec, model, opt, MAIN, 2)  # B trains on otherwise: fewer steps of main, then the new stage
     rec.begin_stage("extra", dataset_size=len(EXTRA), optimizer=torch.optim.SGD(model.parameters(), lr=0.05))
     _steps(rec, model, rec.optimizer, other["extra"], 6)
     rec.close()
     data = {"main": MAIN, "extra": EXTRA}
-    _featurize(tmp_path / "a", tmp_path / "common.sp", data, grow=True)
+    _featurize(a, common, data, grow=True)
     with pytest.raises(sp.StoreError, match=r"cannot grow .* first 16 steps are not the store's run"):
-        _featurize(tmp_path / "b", tmp_path / "common.sp", other, grow=True)
+        _featurize(b, common, other, grow=True)
     with pytest.raises(sp.StoreError, match=r"featurized from another run"):
-        _featurize(tmp_path / "b", tmp_path / "common.sp", other)
+        _featurize(b, common, other)
     # A featurize of copy A cut short is not resumed from copy B either.
     original = sp.Store.write_chunk
 
@@ -185,20 +196,18 @@ def test_two_copies_of_a_run_that_trained_on_apart_each_grow_only_a_store_of_the
 
     monkeypatch.setattr(sp.Store, "write_chunk", killed)
     with pytest.raises(KeyboardInterrupt):
-        _featurize(tmp_path / "a", tmp_path / "cut.sp", data)
+        _featurize(a, tmp_path / "cut.sp", data)
     monkeypatch.undo()
     with pytest.raises(sp.StoreError, match=r"featurized from another run"):
-        _featurize(tmp_path / "b", tmp_path / "cut.sp", other)
+        _featurize(b, tmp_path / "cut.sp", other)
 
 
-def test_a_grown_eigen_store_keeps_its_basis(tmp_path: Path) -> None:
+def test_a_grown_eigen_store_keeps_its_basis(tmp_path: Path, runs: Path) -> None:
     """The eigen projection's basis was estimated from the checkpoints the store first saw; growing
     keeps it (the old features stay valid), projects the new checkpoints onto it, and fits."""
-    _record(tmp_path / "run")
-    store = _featurize(tmp_path / "run", tmp_path / "grown.sp", {"main": MAIN}, kind="eigen")
+    store = _featurize(runs / "run8", tmp_path / "grown.sp", {"main": MAIN}, kind="eigen")
     basis = store.meta["projection"]["basis"]
-    _continue(tmp_path / "run")
-    grown = _featurize(tmp_path / "run", tmp_path / "grown.sp", {"main": MAIN, "extra": EXTRA}, kind="eigen", grow=True)
+    grown = _featurize(runs / "run16", tmp_path / "grown.sp", {"main": MAIN, "extra": EXTRA}, kind="eigen", grow=True)
     assert grown.meta["projection"]["basis"] == basis and basis["checkpoints"] == [0, 4, 8]
     assert sp.verify_store(grown.path, progress=False).status == "ok"
     sp.fit(grown, progress=False)
@@ -206,22 +215,20 @@ def test_a_grown_eigen_store_keeps_its_basis(tmp_path: Path) -> None:
     assert scores.shape == (10, 30) and np.isfinite(scores).all()
 
 
-def test_a_grown_store_takes_the_fisher_of_the_same_batches(tmp_path: Path) -> None:
+def test_a_grown_store_takes_the_fisher_of_the_same_batches(tmp_path: Path, runs: Path) -> None:
     """``fisher_examples``: a stage's Fisher batches are drawn per row chunk, so the old stage keeps its draw as the
     store grows and the new stage draws its own, as the longer run's store from scratch does."""
 
-    def featurize(store: Path, data: dict, **kwargs) -> sp.Store:
-        return sp.featurize(tmp_path / "run", _mlp(), sp.ClassificationTask(), data, store,
+    def featurize(run: str, store: Path, data: dict, **kwargs) -> sp.Store:
+        return sp.featurize(runs / run, _mlp(), sp.ClassificationTask(), data, store,
                             projection=sp.ProjectionArguments(dim=16, kind="rademacher"),
                             options=sp.FeaturizeArguments(batch_size=4, chunk_rows=8, fisher_examples=4),
                             progress=False, **kwargs)  # fmt: skip
 
-    _record(tmp_path / "run")
-    featurize(tmp_path / "grown.sp", {"main": MAIN})
-    _continue(tmp_path / "run")
+    featurize("run8", tmp_path / "grown.sp", {"main": MAIN})
     data = {"main": MAIN, "extra": EXTRA}
-    grown = featurize(tmp_path / "grown.sp", data, grow=True)
-    scratch = featurize(tmp_path / "scratch.sp", data)
+    grown = featurize("run16", tmp_path / "grown.sp", data, grow=True)
+    scratch = featurize("run16", tmp_path / "scratch.sp", data)
     assert grown.array("fisher/main/step-00000000").shape[0] < len(MAIN)  # a share of each stage
     assert 0 < grown.array("fisher/extra/step-00000016").shape[0] < len(EXTRA)
     for name in scratch.progress_arrays():
@@ -229,21 +236,23 @@ def test_a_grown_store_takes_the_fisher_of_the_same_batches(tmp_path: Path) -> N
     assert sp.verify_store(grown.path).status == "ok"
 
 
-def test_a_new_stage_that_starts_at_the_old_final_checkpoint_gets_that_checkpoint_on_its_data(tmp_path: Path) -> None:
+def test_a_new_stage_that_starts_at_the_old_final_checkpoint_gets_that_checkpoint_on_its_data(
+    tmp_path: Path, runs: Path
+) -> None:
     """The old run ended at step 8, a checkpoint featurized on main's data; the new stage starts there, so the
     grown store needs step 8 on the new stage's data too (it used to be skipped: fit refused the grown store, and
     verify --repair and a second featurize could not mend it)."""
-    _record(tmp_path / "run")
-    store = _featurize(tmp_path / "run", tmp_path / "grown.sp", {"main": MAIN})
+    store = shutil.copytree(runs / "s8.sp", tmp_path / "grown.sp")
+    run = shutil.copytree(runs / "run8", tmp_path / "run")
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    rec = sp.TrajectoryRecorder.resume(tmp_path / "run", model, opt, save_every=4)
+    rec = sp.TrajectoryRecorder.resume(run, model, opt, save_every=4)
     rec.begin_stage("extra", dataset_size=len(EXTRA), optimizer=torch.optim.SGD(model.parameters(), lr=0.05))
     _steps(rec, model, rec.optimizer, EXTRA, 4)
     rec.close()
     data = {"main": MAIN, "extra": EXTRA}
-    grown = _featurize(tmp_path / "run", store.path, data, grow=True)
-    scratch = _featurize(tmp_path / "run", tmp_path / "scratch.sp", data)
+    grown = _featurize(run, store, data, grow=True)
+    scratch = _featurize(run, tmp_path / "scratch.sp", data)
     assert "grads/extra/step-00000008" in set(scratch.progress_arrays())
     assert set(grown.progress_arrays()) == set(scratch.progress_arrays())
     for name in scratch.progress_arrays():
@@ -252,60 +261,54 @@ def test_a_new_stage_that_starts_at_the_old_final_checkpoint_gets_that_checkpoin
     sp.fit(grown, progress=False)  # refused before: it lacked grads/extra/step-00000008
 
 
-def test_a_growth_with_other_settings_says_to_repeat_them_not_to_replace_the_store(tmp_path: Path) -> None:
+def test_a_growth_with_other_settings_says_to_repeat_them_not_to_replace_the_store(tmp_path: Path, runs: Path) -> None:
     """`--grow` without the first featurize's `--dim` (the CLI's default k instead) is refused with the setting
     that differs, not the run's own change, and without advice to replace the store; the store is untouched."""
-    _record(tmp_path / "run")
-    _featurize(tmp_path / "run", tmp_path / "s.sp", {"main": MAIN})
-    _continue(tmp_path / "run")
+    store = shutil.copytree(runs / "s8.sp", tmp_path / "s.sp")
     with pytest.raises(sp.StoreError, match=r"cannot grow with other settings") as refused:
         sp.featurize(
-            tmp_path / "run", _mlp(), sp.ClassificationTask(), {"main": MAIN, "extra": EXTRA}, tmp_path / "s.sp",
+            runs / "run16", _mlp(), sp.ClassificationTask(), {"main": MAIN, "extra": EXTRA}, store,
             projection=sp.ProjectionArguments(dim=32, kind="rademacher"), options=sp.FeaturizeArguments(chunk_rows=8),
             progress=False, grow=True,
         )  # fmt: skip
     message = str(refused.value)
     assert "projection: dim 16 → 32" in message and "trajectory" not in message and "--force" not in message
-    assert sp.Store.open(tmp_path / "s.sp").meta["trajectory"]["checkpoints"] == [0, 4, 8]
-    grown = _featurize(tmp_path / "run", tmp_path / "s.sp", {"main": MAIN, "extra": EXTRA}, grow=True)
+    assert sp.Store.open(store).meta["trajectory"]["checkpoints"] == [0, 4, 8]
+    grown = _featurize(runs / "run16", store, {"main": MAIN, "extra": EXTRA}, grow=True)
     assert grown.meta["trajectory"]["checkpoints"] == [0, 4, 8, 12, 16]
 
 
-def test_a_store_does_not_grow_with_other_data_or_another_model(tmp_path: Path) -> None:
+def test_a_store_does_not_grow_with_other_data_or_another_model(tmp_path: Path, runs: Path) -> None:
     """The old stages' data and the model at the store's final checkpoint are checked before a store grows, as they
     are before it resumes: reordered examples, or another activation with the same parameters, are refused (they
     were taken, and the grown store mixed their features with the old ones); the store is left as it was."""
-    _record(tmp_path / "run")
-    _featurize(tmp_path / "run", tmp_path / "s.sp", {"main": MAIN})
-    _continue(tmp_path / "run")
+    path, run = shutil.copytree(runs / "s8.sp", tmp_path / "s.sp"), runs / "run16"
     x, y = MAIN.tensors
     reordered = TensorDataset(x.flip(0), y.flip(0))
     with pytest.raises(sp.TaskError, match=r"data of stage 'main' are not those .* \(other contents or order\)"):
-        _featurize(tmp_path / "run", tmp_path / "s.sp", {"main": reordered, "extra": EXTRA}, grow=True)
+        _featurize(run, path, {"main": reordered, "extra": EXTRA}, grow=True)
     torch.manual_seed(0)
     relu = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     with pytest.raises(sp.TaskError, match=r"computes other outputs at the final checkpoint"):
         sp.featurize(
-            tmp_path / "run", relu, sp.ClassificationTask(), {"main": MAIN, "extra": EXTRA}, tmp_path / "s.sp",
+            run, relu, sp.ClassificationTask(), {"main": MAIN, "extra": EXTRA}, path,
             projection=sp.ProjectionArguments(dim=16, kind="rademacher"), options=sp.FeaturizeArguments(chunk_rows=8),
             progress=False, grow=True,
         )  # fmt: skip
-    store = sp.Store.open(tmp_path / "s.sp")
+    store = sp.Store.open(path)
     assert store.meta["trajectory"]["checkpoints"] == [0, 4, 8] and "growth" not in store.meta
-    grown = _featurize(tmp_path / "run", tmp_path / "s.sp", {"main": MAIN, "extra": EXTRA}, grow=True)
+    grown = _featurize(run, path, {"main": MAIN, "extra": EXTRA}, grow=True)
     assert grown.meta["trajectory"]["checkpoints"] == [0, 4, 8, 12, 16]
 
 
-def test_an_attributor_made_before_its_store_grew_refuses_to_answer(tmp_path: Path) -> None:
+def test_an_attributor_made_before_its_store_grew_refuses_to_answer(tmp_path: Path, runs: Path) -> None:
     """An Attributor holds its store's recipe, rows and index: after the store grew and was fitted again they are
     the old store's (its top-k came from the old index, its scores mixed the new fit's rows with the old recipe), so
     it refuses, and a new Attributor answers for the grown store."""
-    _record(tmp_path / "run")
-    sp.fit(_featurize(tmp_path / "run", tmp_path / "s.sp", {"main": MAIN}), progress=False)
+    shutil.copytree(runs / "s8.sp", tmp_path / "s.sp")  # fitted
     old = sp.Attributor(tmp_path / "s.sp", _mlp(), sp.ClassificationTask(), search_backend="torch", progress=False)
     old.top_k(EXTRA, 3)
-    _continue(tmp_path / "run")
-    sp.fit(_featurize(tmp_path / "run", tmp_path / "s.sp", {"main": MAIN, "extra": EXTRA}, grow=True), progress=False)
+    sp.fit(_featurize(runs / "run16", tmp_path / "s.sp", {"main": MAIN, "extra": EXTRA}, grow=True), progress=False)
     for answer in (old.top_k, old.scores, old.query_features):
         with pytest.raises(sp.StoreError, match=r"s\.sp changed since this Attributor was made .*; make a new"):
             answer(EXTRA)
@@ -315,17 +318,15 @@ def test_an_attributor_made_before_its_store_grew_refuses_to_answer(tmp_path: Pa
 
 @pytest.mark.parametrize("backend", ["torch", "stream"])
 def test_an_attributor_made_before_its_store_was_featurized_again_refuses_to_answer(
-    tmp_path: Path, backend: str
+    tmp_path: Path, runs: Path, backend: str
 ) -> None:
     """A store replaced (featurize --force) by one of the same run with another projection, and fitted with the same
     settings, is another store: an Attributor made before answered from the old projection and index (torch), or
     projected its queries the old way and searched the new rows with them (stream: scores of neither store)."""
-    _record(tmp_path / "run")
-    store = tmp_path / "s.sp"
-    sp.fit(_featurize(tmp_path / "run", store, {"main": MAIN}), progress=False)
+    store = shutil.copytree(runs / "s8.sp", tmp_path / "s.sp")  # fitted
     old = sp.Attributor(store, _mlp(), sp.ClassificationTask(), search_backend=backend, progress=False)
     old.top_k(EXTRA, 3)
-    sp.featurize(tmp_path / "run", _mlp(), sp.ClassificationTask(), {"main": MAIN}, store, overwrite=True,
+    sp.featurize(runs / "run8", _mlp(), sp.ClassificationTask(), {"main": MAIN}, store, overwrite=True,
                  projection=sp.ProjectionArguments(dim=16, kind="rademacher", seed=1), progress=False)  # fmt: skip
     sp.fit(store, progress=False)
     for answer in (old.top_k, old.scores, old.query_features):
@@ -336,30 +337,28 @@ def test_an_attributor_made_before_its_store_was_featurized_again_refuses_to_ans
     np.testing.assert_allclose(result.positive_scores, np.sort(new.scores(EXTRA), axis=1)[:, ::-1][:, :3], rtol=1e-5)
 
 
-def test_a_growth_whose_new_stage_the_model_cannot_run_is_refused_and_the_store_kept(tmp_path: Path) -> None:
+def test_a_growth_whose_new_stage_the_model_cannot_run_is_refused_and_the_store_kept(
+    tmp_path: Path, runs: Path
+) -> None:
     """Examples of the new stage shaped otherwise than the model's input are refused in a sentence naming the stage
     (a bare RuntimeError came out of the first new chunk), before the store grows: its fit is kept."""
-    _record(tmp_path / "run")
-    sp.fit(_featurize(tmp_path / "run", tmp_path / "s.sp", {"main": MAIN}), progress=False)
-    _continue(tmp_path / "run")
+    shutil.copytree(runs / "s8.sp", tmp_path / "s.sp")  # fitted
     x, y = EXTRA.tensors
     narrow = TensorDataset(x[:, :3], y)
     with pytest.raises(sp.TaskError, match=r"The model cannot run on the training data of stage 'extra' \(RuntimeErr"):
-        _featurize(tmp_path / "run", tmp_path / "s.sp", {"main": MAIN, "extra": narrow}, grow=True)
+        _featurize(runs / "run16", tmp_path / "s.sp", {"main": MAIN, "extra": narrow}, grow=True)
     store = sp.Store.open(tmp_path / "s.sp")
     assert store.meta["trajectory"]["checkpoints"] == [0, 4, 8] and list(store.meta["methods"]) == ["source"]
 
 
 def test_fit_of_a_store_whose_growth_was_cut_short_says_to_grow_it_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, runs: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A growth killed after it dropped the fit and the old learning rates, before it recorded the longer run: fit
     said only that 'trajectory/lr' was missing ("run the step that writes it"), and verify --repair printed the
     featurize without --grow; both now ask to grow again, which ends with the longer run's store, its growth noted
     once (growing again noted it a second time, with no dropped fit)."""
-    _record(tmp_path / "run")
-    sp.fit(_featurize(tmp_path / "run", tmp_path / "s.sp", {"main": MAIN}), progress=False)
-    _continue(tmp_path / "run")
+    shutil.copytree(runs / "s8.sp", tmp_path / "s.sp")  # fitted
     delete = sp.Store.delete
 
     def killed(store: sp.Store, name: str) -> None:
@@ -370,14 +369,14 @@ def test_fit_of_a_store_whose_growth_was_cut_short_says_to_grow_it_again(
     monkeypatch.setattr(sp.Store, "delete", killed)
     data = {"main": MAIN, "extra": EXTRA}
     with pytest.raises(KeyboardInterrupt):
-        _featurize(tmp_path / "run", tmp_path / "s.sp", data, grow=True)
+        _featurize(runs / "run16", tmp_path / "s.sp", data, grow=True)
     monkeypatch.undo()
     with pytest.raises(sp.StoreError, match=r"learning rates .* interrupted; re-run .* the store and grow=True"):
         sp.fit(tmp_path / "s.sp", progress=False)
     repaired = sp.verify_store(tmp_path / "s.sp", repair=True, progress=False)
     assert next(step for step in repaired.next_steps if "featurize" in step).endswith("and grow=True")
-    grown = _featurize(tmp_path / "run", tmp_path / "s.sp", data, grow=True)
-    scratch = _featurize(tmp_path / "run", tmp_path / "scratch.sp", data)
+    grown = _featurize(runs / "run16", tmp_path / "s.sp", data, grow=True)
+    scratch = sp.Store.open(runs / "scratch16.sp")
     assert set(grown.progress_arrays()) == set(scratch.progress_arrays())
     for name in scratch.progress_arrays():
         assert np.array_equal(grown.read(name), scratch.read(name)), name
@@ -386,16 +385,14 @@ def test_fit_of_a_store_whose_growth_was_cut_short_says_to_grow_it_again(
 
 @pytest.mark.parametrize("bad", ["nan", "label"])
 def test_a_new_stages_bad_example_outside_the_reference_batch_is_refused_before_the_store_grows(
-    tmp_path: Path, bad: str
+    tmp_path: Path, runs: Path, bad: str
 ) -> None:
     """A NaN input or a label out of range in a new stage's example that the reference batch does not hold was
     found in its gradients only after the store had switched to the grown run: its fit was dropped, and its data
     fingerprint was the bad data's, so the mended data were refused (featurize --force, all work lost). It is
     refused before anything changes, and the mended data grow the store."""
-    _record(tmp_path / "run")
-    sp.fit(_featurize(tmp_path / "run", tmp_path / "s.sp", {"main": MAIN}), progress=False)
+    shutil.copytree(runs / "s8.sp", tmp_path / "s.sp")  # fitted
     before = sp.Store.open(tmp_path / "s.sp").meta
-    _continue(tmp_path / "run")
     x, y = (t.clone() for t in EXTRA.tensors)
     row = 3  # not among the reference batch's rows of the 10 examples
     assert row not in _seeded_rows(len(y), REFERENCE_ROWS, 0)
@@ -406,30 +403,28 @@ def test_a_new_stages_bad_example_outside_the_reference_batch_is_refused_before_
         y[row] = 7
         refusal = (sp.TaskError, r"Labels must lie in \[0, 2\]")
     with pytest.raises(refusal[0], match=refusal[1]):
-        _featurize(tmp_path / "run", tmp_path / "s.sp", {"main": MAIN, "extra": TensorDataset(x, y)}, grow=True)
+        _featurize(runs / "run16", tmp_path / "s.sp", {"main": MAIN, "extra": TensorDataset(x, y)}, grow=True)
     assert sp.Store.open(tmp_path / "s.sp").meta == before
-    grown = _featurize(tmp_path / "run", tmp_path / "s.sp", {"main": MAIN, "extra": EXTRA}, grow=True)
+    grown = _featurize(runs / "run16", tmp_path / "s.sp", {"main": MAIN, "extra": EXTRA}, grow=True)
     assert grown.meta["trajectory"]["checkpoints"] == [0, 4, 8, 12, 16] and len(grown.meta["growth"]) == 1
 
 
-def test_a_store_grows_into_chosen_checkpoints_that_leave_out_its_final_one(tmp_path: Path) -> None:
+def test_a_store_grows_into_chosen_checkpoints_that_leave_out_its_final_one(tmp_path: Path, runs: Path) -> None:
     """The model is checked at the store's final checkpoint (step 8) also where the checkpoints chosen for the growth
     (``checkpoint_steps``) leave it out."""
 
-    def featurize(model: nn.Module, data: dict, steps: tuple[int, ...], **kwargs) -> sp.Store:
-        return sp.featurize(tmp_path / "run", model, sp.ClassificationTask(), data, tmp_path / "s.sp",
+    def featurize(run: str, model: nn.Module, data: dict, steps: tuple[int, ...], **kwargs) -> sp.Store:
+        return sp.featurize(runs / run, model, sp.ClassificationTask(), data, tmp_path / "s.sp",
                             projection=sp.ProjectionArguments(dim=16, kind="rademacher"),
                             options=sp.FeaturizeArguments(chunk_rows=8, checkpoint_steps=steps), progress=False,
                             **kwargs)  # fmt: skip
 
-    _record(tmp_path / "run")
-    featurize(_mlp(), {"main": MAIN}, (0, 8))
-    _continue(tmp_path / "run")
+    featurize("run8", _mlp(), {"main": MAIN}, (0, 8))
     torch.manual_seed(0)
     relu = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     with pytest.raises(sp.TaskError, match=r"computes other outputs at the final checkpoint"):
-        featurize(relu, {"main": MAIN, "extra": EXTRA}, (0, 4, 12), grow=True)
-    grown = featurize(_mlp(), {"main": MAIN, "extra": EXTRA}, (0, 4, 12), grow=True)
+        featurize("run16", relu, {"main": MAIN, "extra": EXTRA}, (0, 4, 12), grow=True)
+    grown = featurize("run16", _mlp(), {"main": MAIN, "extra": EXTRA}, (0, 4, 12), grow=True)
     assert grown.meta["trajectory"]["checkpoints"] == [0, 4, 12, 16]
 
 
@@ -452,15 +447,15 @@ def _continue_at_a_ratio(run: Path, kind: str = "sgd") -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
 def test_a_store_grows_into_a_new_stage_at_a_ratio_of_rates_and_then_refuses_to_grow_naming_why(
-    tmp_path: Path, kind: str
+    tmp_path: Path, runs: Path, kind: str
 ) -> None:
     """A store of one-rate SGD grows into a run whose new stage trains its groups at 1:5 (SGD, or AdamW): the
     segmentation is recorded as it grows, and the store, its SOURCE and baselines are those of the whole run
     featurized at once. Grown again,
     its preconditioned features are refused in one sentence naming why; it once said "an Adam run, or Fast-SOURCE"
     for every store with a segmentation, this one and one featurized with --segments included."""
-    _record(tmp_path / "run")
-    sp.fit(_featurize(tmp_path / "run", tmp_path / "grown.sp", {"main": MAIN}), progress=False)
+    shutil.copytree(runs / "s8.sp", tmp_path / "grown.sp")  # fitted
+    shutil.copytree(runs / "run8", tmp_path / "run")
     _continue_at_a_ratio(tmp_path / "run", kind)
     data = {"main": MAIN, "extra": EXTRA}
     grown = _featurize(tmp_path / "run", tmp_path / "grown.sp", data, grow=True)
@@ -487,27 +482,25 @@ def test_a_store_grows_into_a_new_stage_at_a_ratio_of_rates_and_then_refuses_to_
     assert sp.Store.open(grown.path).meta == before
 
 
-def test_a_store_featurized_with_segments_refuses_to_grow_naming_them(tmp_path: Path) -> None:
+def test_a_store_featurized_with_segments_refuses_to_grow_naming_them(tmp_path: Path, runs: Path) -> None:
     """Plain SGD features do not depend on the segments, but the store records them for its own run: its growth is
     refused, naming them (it once blamed an Adam run or Fast-SOURCE)."""
-    _record(tmp_path / "run")
     options = sp.FeaturizeArguments(chunk_rows=8, segmentation=sp.SegmentationArguments(per_stage=2))
     projection = sp.ProjectionArguments(dim=16, kind="rademacher")
-    sp.featurize(tmp_path / "run", _mlp(), sp.ClassificationTask(), {"main": MAIN}, tmp_path / "s.sp",
+    sp.featurize(runs / "run8", _mlp(), sp.ClassificationTask(), {"main": MAIN}, tmp_path / "s.sp",
                  projection=projection, options=options, progress=False)  # fmt: skip
-    _continue(tmp_path / "run")
     with pytest.raises(sp.StoreError, match=r"recorded with them \(the segments featurize was given\)"):
-        sp.featurize(tmp_path / "run", _mlp(), sp.ClassificationTask(), {"main": MAIN, "extra": EXTRA},
+        sp.featurize(runs / "run16", _mlp(), sp.ClassificationTask(), {"main": MAIN, "extra": EXTRA},
                      tmp_path / "s.sp", projection=projection, options=options, progress=False, grow=True)  # fmt: skip
 
 
 def test_a_run_resumed_with_other_parameter_groups_is_refused_in_one_sentence_and_left_as_it_was(
-    tmp_path: Path,
+    tmp_path: Path, runs: Path
 ) -> None:
     """Resuming a finished run to grow its store, with its layers split into groups at 1:5 inside its stage of one
     rate, raised torch's ValueError from load_state_dict (a traceback); it is one sentence naming the way that works
     (a new stage), the run is left as it was and no recorder's hook stays on the model."""
-    _record(tmp_path / "run")
+    shutil.copytree(runs / "run8", tmp_path / "run")
     index = (tmp_path / "run" / "trajectory.json").read_text()
     model = _mlp()
     groups = [{"params": model[0].parameters(), "lr": 0.02}, {"params": model[2].parameters(), "lr": 0.1}]
