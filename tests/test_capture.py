@@ -41,7 +41,7 @@ from source_proj.tasks.draws import FisherDraws
 from source_proj.tasks.gradients import PerExampleGradients
 from source_proj.trajectory.preconditioner import checkpoint_preconditioner
 
-from .conftest import TokenModel
+from .conftest import TokenModel, _classification_data
 
 DIM = 16
 
@@ -153,6 +153,25 @@ def _uninterrupted_and_resumed(tmp_path: Path, data: TensorDataset, **kwargs: ob
         _train(tmp_path / "b", tmp_path / "b.sp", data, crash_after=10, **kwargs)
     _train(tmp_path / "b", tmp_path / "b.sp", data, resume=True, **kwargs)
     return sp.Store.open(tmp_path / "a.sp"), sp.Store.open(tmp_path / "b.sp")
+
+
+def _fourteen_steps(kind: str) -> dict:
+    """``_train``'s arguments for 14 steps (3.5 epochs of the classification data in batches of 8, a checkpoint every
+    4 steps: windows from 0, 4, 8 and 12, the end pass at 14) captured with datasets= and the ``kind`` projection:
+    factored (k = 16) or eigen (k = 24)."""
+    data = _classification_data()
+    return {"steps": 14, "batch": 8, "save_every": 4, "options": sp.CaptureArguments(chunk_rows=8),
+            "datasets": {"main": data}, "projection": _eigen_capture(24) if kind == "eigen" else _projection()}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Made once for the module and only read: ``factored``/``factored.sp`` and ``eigen``/``eigen.sp``, the run and
+    store of ``_fourteen_steps(kind)`` trained through, which the runs killed and resumed must end as."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    for kind in ("factored", "eigen"):
+        _train(root / kind, root / f"{kind}.sp", _classification_data(), **_fourteen_steps(kind))
+    return root
 
 
 def _killed_while_writing(monkeypatch: pytest.MonkeyPatch, store: Path, array: str, run) -> None:
@@ -587,14 +606,12 @@ def _store_arrays(path: Path) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("crash", ["mid-window", "while-writing"])
 def test_killed_captured_run_resumes_into_the_store_of_an_uninterrupted_run(
-    tmp_path: Path, classification_data, monkeypatch: pytest.MonkeyPatch, crash: str
+    tmp_path: Path, classification_data, uninterrupted: Path, monkeypatch: pytest.MonkeyPatch, crash: str
 ) -> None:
     """Killed between checkpoints, or while a window's chunks are being written: the resumed run (recorder
     and capture on the same directories) ends with the run, windows (and the end pass of its 3.7 epochs) and
     trajectory of an uninterrupted one."""
-    kwargs = {"steps": 14, "batch": 8, "save_every": 4, "options": sp.CaptureArguments(chunk_rows=8),
-              "datasets": {"main": classification_data}}
-    _train(tmp_path / "a", tmp_path / "a.sp", classification_data, **kwargs)
+    kwargs = _fourteen_steps("factored")
     if crash == "mid-window":
         with pytest.raises(_Killed):
             _train(tmp_path / "b", tmp_path / "b.sp", classification_data, crash_after=10, **kwargs)
@@ -602,18 +619,18 @@ def test_killed_captured_run_resumes_into_the_store_of_an_uninterrupted_run(
         _killed_while_writing(monkeypatch, tmp_path / "b.sp", "capture/grads/main/step-00000004",
                               lambda: _train(tmp_path / "b", tmp_path / "b.sp", classification_data, **kwargs))
     _train(tmp_path / "b", tmp_path / "b.sp", classification_data, resume=True, **kwargs)
-    a, b = sp.Trajectory.load(tmp_path / "a"), sp.Trajectory.load(tmp_path / "b")
+    a, b = sp.Trajectory.load(uninterrupted / "factored"), sp.Trajectory.load(tmp_path / "b")
     assert a.fingerprint() == b.fingerprint() and [c.step for c in b.checkpoints] == [0, 4, 8, 12, 14]
-    expected, got = _store_arrays(tmp_path / "a.sp"), _store_arrays(tmp_path / "b.sp")
+    expected, got = _store_arrays(uninterrupted / "factored.sp"), _store_arrays(tmp_path / "b.sp")
     assert sorted(expected) == sorted(got) and len(expected) == 17 and window_array("end", "main", 12) in got
     for name in expected:
         assert np.array_equal(expected[name], got[name]), name
     meta = sp.Store.open(tmp_path / "b.sp").meta
     assert meta["captured"] and meta["trajectory"]["fingerprint"] == a.fingerprint()
     # The reference batch was written when the killed run took it: the resumed store fingerprints the same examples.
-    uninterrupted = sp.Store.open(tmp_path / "a.sp")
-    assert np.array_equal(uninterrupted.read(REFERENCE_BATCH), sp.Store.open(tmp_path / "b.sp").read(REFERENCE_BATCH))
-    assert meta["fingerprint"] == uninterrupted.meta["fingerprint"] and meta["fingerprint"]["data"] is not None
+    through = sp.Store.open(uninterrupted / "factored.sp")
+    assert np.array_equal(through.read(REFERENCE_BATCH), sp.Store.open(tmp_path / "b.sp").read(REFERENCE_BATCH))
+    assert meta["fingerprint"] == through.meta["fingerprint"] and meta["fingerprint"]["data"] is not None
     _refuses_another_activation(tmp_path / "b", tmp_path / "b.sp")
 
 
@@ -627,16 +644,14 @@ def _hooks_on(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
 
 @pytest.mark.parametrize("within", [True, False], ids=["with-recorder", "plain-loop"])
 def test_a_captured_loop_that_raised_resumes_in_the_same_process_on_the_same_model_into_the_uninterrupted_store(
-    tmp_path: Path, classification_data, within: bool
+    tmp_path: Path, classification_data, uninterrupted: Path, within: bool
 ) -> None:
     """The loop's loss raises (a KeyboardInterrupt) at step 10, inside the capture block. Inside ``with rec:`` the
     recorder's and capture's hooks come off as it leaves the block (``detach``); a plain loop leaves them, and
     ``TrajectoryRecorder.resume`` on the same model takes them off. Resumed in the same process with the same model
     and optimizer, run and store are the uninterrupted run's, and no hook is left (the stale layer taps once fired
     in the new capture's first check and refused the run)."""
-    kwargs = {"steps": 14, "batch": 8, "save_every": 4, "options": sp.CaptureArguments(chunk_rows=8),
-              "datasets": {"main": classification_data}}
-    _train(tmp_path / "a", tmp_path / "a.sp", classification_data, **kwargs)
+    kwargs = _fourteen_steps("factored")
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     same = {"model": model, "optimizer": lambda _: opt, "within": within}
@@ -646,12 +661,13 @@ def test_a_captured_loop_that_raised_resumes_in_the_same_process_on_the_same_mod
     assert (_hooks_on(model, opt) == 0) is within
     _train(tmp_path / "b", tmp_path / "b.sp", classification_data, resume=True, **same, **kwargs)
     assert _hooks_on(model, opt) == 0
-    assert sp.Trajectory.load(tmp_path / "a").fingerprint() == sp.Trajectory.load(tmp_path / "b").fingerprint()
-    expected, got = _store_arrays(tmp_path / "a.sp"), _store_arrays(tmp_path / "b.sp")
+    a = uninterrupted / "factored"
+    assert sp.Trajectory.load(a).fingerprint() == sp.Trajectory.load(tmp_path / "b").fingerprint()
+    expected, got = _store_arrays(uninterrupted / "factored.sp"), _store_arrays(tmp_path / "b.sp")
     assert sorted(expected) == sorted(got) and len(expected) == 17
     for name in expected:
         assert np.array_equal(expected[name], got[name]), name
-    assert sp.Store.open(tmp_path / "b.sp").meta["fingerprint"] == sp.Store.open(tmp_path / "a.sp").meta["fingerprint"]
+    assert sp.Store.open(tmp_path / "b.sp").meta["fingerprint"] == sp.Store.open(f"{a}.sp").meta["fingerprint"]
 
 
 def test_a_batch_whose_capture_block_raised_is_forgotten_so_a_loop_that_skips_it_captures_as_one_that_never_took_it(
@@ -748,15 +764,13 @@ def test_a_captured_store_whose_run_moved_is_queried_with_the_runs_new_place(
 
 @pytest.mark.parametrize("kind", ["factored", "eigen"])
 def test_a_finished_captured_run_rewound_to_an_earlier_checkpoint_trains_into_the_uninterrupted_store(
-    tmp_path: Path, classification_data, kind: str
+    tmp_path: Path, classification_data, uninterrupted: Path, kind: str
 ) -> None:
     """``TrajectoryRecorder.resume(at_step=8)`` on a finished captured run (checkpoints 0, 4, 8, 12, 14; the end pass
     at 14): the recorder forgets steps 9-14 and deletes their checkpoints at once, capture drops the windows from
     step 8 (and the end pass) and its eigen basis sums are those of the windows before; trained again over the same
     batches, run and store equal the uninterrupted ones, array for array. A step without a checkpoint is refused."""
-    kwargs = {"steps": 14, "batch": 8, "save_every": 4, "options": sp.CaptureArguments(chunk_rows=8),
-              "datasets": {"main": classification_data}, "projection": sp.ProjectionArguments(dim=DIM, kind=kind)}
-    _train(tmp_path / "a", tmp_path / "a.sp", classification_data, **kwargs)
+    kwargs = _fourteen_steps(kind)
     _train(tmp_path / "b", tmp_path / "b.sp", classification_data, **kwargs)
     with pytest.raises(sp.TrajectoryError, match=r"has no checkpoint at step 9 to rewind to \(its checkpoints: steps "
                                                  r"0, 4, 8, 12, 14\); resume from one of those steps\.$"):
@@ -773,15 +787,15 @@ def test_a_finished_captured_run_rewound_to_an_earlier_checkpoint_trains_into_th
     windows = {int(n.rsplit("-", 1)[1]) for n in sp.Store.open(tmp_path / "b.sp").progress_arrays("capture/grads/")}
     assert windows == {0, 4}  # the windows from step 8 on, and the end pass, are gone
     _train(tmp_path / "b", tmp_path / "b.sp", classification_data, resume=True, at_step=8, **kwargs)
-    a, b = sp.Trajectory.load(tmp_path / "a"), sp.Trajectory.load(tmp_path / "b")
+    a, b = sp.Trajectory.load(uninterrupted / kind), sp.Trajectory.load(tmp_path / "b")
     assert a.fingerprint() == b.fingerprint() and [c.step for c in b.checkpoints] == [0, 4, 8, 12, 14]
-    expected, got = _store_arrays(tmp_path / "a.sp"), _store_arrays(tmp_path / "b.sp")
+    expected, got = _store_arrays(uninterrupted / f"{kind}.sp"), _store_arrays(tmp_path / "b.sp")
     assert sorted(expected) == sorted(got) and window_array("end", "main", 12) in got
     for name in expected:
         assert np.array_equal(expected[name], got[name]), name
     meta = sp.Store.open(tmp_path / "b.sp").meta
     assert meta["captured"] and meta["trajectory"]["fingerprint"] == a.fingerprint()
-    assert meta.get("capture_bases") == sp.Store.open(tmp_path / "a.sp").meta.get("capture_bases")
+    assert meta.get("capture_bases") == sp.Store.open(uninterrupted / f"{kind}.sp").meta.get("capture_bases")
     # Its history: the finished run it was, and the rewind (`source-proj info` prints it).
     assert [(g["checkpoints"], g.get("rewound_to")) for g in meta["growth"]] == [([0, 4, 8, 12, 14], 8)]
     shown = CliRunner().invoke(main, ["info", str(tmp_path / "b.sp")])
@@ -1415,14 +1429,13 @@ def test_tracin_on_an_eigen_capture_reads_every_window_in_the_final_basis_its_qu
 
 
 def test_eigen_capture_leaves_training_unchanged_and_a_killed_run_resumes_into_the_uninterrupted_store(
-    tmp_path: Path, classification_data
+    tmp_path: Path, classification_data, uninterrupted: Path
 ) -> None:
     """The basis passes (eval mode, their own generators) leave a run with dropout bit-identical to an uncaptured
     one, global random state included; a run killed mid-window resumes (the sums of the windows before it are
     visited again at their checkpoints) into the windows, window bases and final basis of an uninterrupted run,
     and the store grows with a run trained further (a new final basis)."""
-    kwargs = {"steps": 14, "batch": 8, "save_every": 4, "options": sp.CaptureArguments(chunk_rows=8),
-              "datasets": {"main": classification_data}, "projection": _eigen_capture(24)}
+    kwargs = _fourteen_steps("eigen")
     torch.manual_seed(5)
     plain = _train(tmp_path / "p", None, classification_data, steps=14, batch=8, save_every=4, model=_mlp(dropout=0.3))
     plain_state = torch.get_rng_state()
@@ -1433,7 +1446,6 @@ def test_eigen_capture_leaves_training_unchanged_and_a_killed_run_resumes_into_t
         assert torch.equal(a, b), name
     assert not any(m._forward_hooks for m in captured.modules())
     # Without dropout from here: a resumed loop does not restore the global random state of the killed one.
-    _train(tmp_path / "a", tmp_path / "a.sp", classification_data, **kwargs)
     with pytest.raises(_Killed):
         _train(tmp_path / "b", tmp_path / "b.sp", classification_data, crash_after=10, **kwargs)
     info = CliRunner().invoke(main, ["info", str(tmp_path / "b.sp")])
@@ -1448,12 +1460,12 @@ def test_eigen_capture_leaves_training_unchanged_and_a_killed_run_resumes_into_t
         store = sp.Store.open(path)
         return {name: store.read(name) for name in store.progress_arrays() if name.startswith(("capture/", "proj"))}
 
-    expected, got = arrays(tmp_path / "a.sp"), arrays(tmp_path / "b.sp")
+    expected, got = arrays(uninterrupted / "eigen.sp"), arrays(tmp_path / "b.sp")
     assert sorted(expected) == sorted(got)
     assert sum(name.startswith("projection/windows/") for name in got) == 4  # one array per window
     for name in expected:
         assert np.array_equal(expected[name], got[name]), name
-    a_meta, b_meta = sp.Store.open(tmp_path / "a.sp").meta, sp.Store.open(tmp_path / "b.sp").meta
+    a_meta, b_meta = sp.Store.open(uninterrupted / "eigen.sp").meta, sp.Store.open(tmp_path / "b.sp").meta
     assert a_meta["projection"] == b_meta["projection"] and a_meta["capture_bases"] == b_meta["capture_bases"]
     fitted = sp.fit(tmp_path / "b.sp", progress=False)
     assert fitted.read("methods/source/train/main").shape == (30, b_meta["projection"]["dim"])
@@ -1497,16 +1509,14 @@ def _files(path: Path) -> dict[str, bytes]:
 
 
 def test_a_killed_run_resumed_with_other_training_data_is_refused_and_its_store_kept(
-    tmp_path: Path, classification_data
+    tmp_path: Path, classification_data, uninterrupted: Path
 ) -> None:
     """The data fingerprint of a stage is recorded in the store as the stage starts: a killed eigen run (with its end
     pass) resumed with other examples of the same size is refused in one sentence before the store is taken up (it is
     left byte for byte as the killed run left it); resumed with its own data it ends as the uninterrupted run."""
-    kwargs = {"steps": 20, "batch": 8, "save_every": 5, "options": sp.CaptureArguments(chunk_rows=8),
-              "datasets": {"main": classification_data}, "projection": _eigen_capture(24)}
-    _train(tmp_path / "a", tmp_path / "a.sp", classification_data, **kwargs)
+    kwargs = _fourteen_steps("eigen")
     with pytest.raises(_Killed):
-        _train(tmp_path / "b", tmp_path / "b.sp", classification_data, crash_after=13, **kwargs)
+        _train(tmp_path / "b", tmp_path / "b.sp", classification_data, crash_after=10, **kwargs)
     killed = _files(tmp_path / "b.sp")
     x, y = classification_data.tensors
     other = TensorDataset(x.flip(0), y.flip(0))  # the same examples in another order
@@ -1524,14 +1534,14 @@ def test_a_killed_run_resumed_with_other_training_data_is_refused_and_its_store_
                **dict(kwargs, datasets={"main": TensorDataset(x[:20], y[:20])}))  # fmt: skip
     assert _files(tmp_path / "b.sp") == killed
     _train(tmp_path / "b", tmp_path / "b.sp", classification_data, resume=True, **kwargs)
-    a, b = sp.Store.open(tmp_path / "a.sp"), sp.Store.open(tmp_path / "b.sp")
+    a, b = sp.Store.open(uninterrupted / "eigen.sp"), sp.Store.open(tmp_path / "b.sp")
     assert sorted(a.progress_arrays()) == sorted(b.progress_arrays())
     for name in a.progress_arrays():
         assert np.array_equal(a.read(name), b.read(name)), name
     assert a.meta["fingerprint"] == b.meta["fingerprint"] == {**a.meta["fingerprint"],
                                                              "data": data_fingerprint({"main": classification_data})}
-    assert b.meta["captured"] and window_array("end", "main", 20) not in b.progress_arrays()  # the last window: 15
-    assert window_array("end", "main", 15) in b.progress_arrays()
+    assert b.meta["captured"] and window_array("end", "main", 14) not in b.progress_arrays()  # the last window: 12
+    assert window_array("end", "main", 12) in b.progress_arrays()
 
 
 def test_capture_takes_the_eigen_projection_when_it_has_the_data_and_says_what_it_needs(
@@ -2243,25 +2253,22 @@ def test_an_example_capture_cannot_read_is_named_as_the_datasets_error_and_the_r
 
 @pytest.mark.parametrize("kind", ["factored", "eigen"])
 def test_a_killed_run_moved_to_another_directory_resumes_into_the_uninterrupted_store(
-    tmp_path: Path, classification_data, kind: str
+    tmp_path: Path, classification_data, uninterrupted: Path, kind: str
 ) -> None:
     """A capture knows its run by the name the run records (``trajectory.json``'s ``run``), not by its directory: a run
     killed mid-window and then moved (or copied) resumes from its new directory into the windows, end pass and
     fingerprints of an uninterrupted run, and the store follows the run there. A run recorded anew in the same
     directory is another run: its resume is refused in one sentence, the store left as it was."""
-    kwargs = {"steps": 14, "batch": 8, "save_every": 4, "options": sp.CaptureArguments(chunk_rows=8),
-              "datasets": {"main": classification_data},
-              "projection": _eigen_capture(24) if kind == "eigen" else _projection()}  # fmt: skip
-    _train(tmp_path / "a", tmp_path / "a.sp", classification_data, **kwargs)
+    kwargs = _fourteen_steps(kind)
     with pytest.raises(_Killed):
         _train(tmp_path / "b", tmp_path / "b.sp", classification_data, crash_after=10, **kwargs)
     shutil.move(tmp_path / "b", tmp_path / "moved")
     _train(tmp_path / "moved", tmp_path / "b.sp", classification_data, resume=True, **kwargs)
-    expected, got = _store_arrays(tmp_path / "a.sp"), _store_arrays(tmp_path / "b.sp")
+    expected, got = _store_arrays(uninterrupted / f"{kind}.sp"), _store_arrays(tmp_path / "b.sp")
     assert sorted(expected) == sorted(got) and window_array("end", "main", 12) in got
     for name in expected:
         assert np.array_equal(expected[name], got[name]), name
-    a, b = sp.Store.open(tmp_path / "a.sp").meta, sp.Store.open(tmp_path / "b.sp").meta
+    a, b = sp.Store.open(uninterrupted / f"{kind}.sp").meta, sp.Store.open(tmp_path / "b.sp").meta
     assert a["fingerprint"] == b["fingerprint"] and a["trajectory"]["fingerprint"] == b["trajectory"]["fingerprint"]
     assert b["trajectory"]["path"] == str((tmp_path / "moved").resolve()) and b["captured"]
 
@@ -2298,13 +2305,13 @@ def test_a_store_captured_before_runs_were_named_resumes_in_its_runs_directory_a
     assert sp.Store.open(tmp_path / "b.sp").meta["trajectory"]["run"] == name
 
 
-def test_a_killed_run_given_its_data_is_not_resumed_without_them(tmp_path: Path, classification_data) -> None:
+def test_a_killed_run_given_its_data_is_not_resumed_without_them(
+    tmp_path: Path, classification_data, uninterrupted: Path
+) -> None:
     """A killed run captured with datasets= (its data fingerprint, its end pass) resumed without them would end with
     neither, and fit and verify would take the store: refused in one sentence, the store left as it was; given them,
     the run ends as the uninterrupted one."""
-    kwargs = {"steps": 14, "batch": 8, "save_every": 4, "options": sp.CaptureArguments(chunk_rows=8),
-              "datasets": {"main": classification_data}}  # fmt: skip
-    _train(tmp_path / "a", tmp_path / "a.sp", classification_data, **kwargs)
+    kwargs = _fourteen_steps("factored")
     with pytest.raises(_Killed):
         _train(tmp_path / "b", tmp_path / "b.sp", classification_data, crash_after=10, **kwargs)
     killed = _files(tmp_path / "b.sp")
@@ -2316,9 +2323,10 @@ def test_a_killed_run_given_its_data_is_not_resumed_without_them(tmp_path: Path,
     )
     assert _files(tmp_path / "b.sp") == killed
     _train(tmp_path / "b", tmp_path / "b.sp", classification_data, resume=True, **kwargs)
-    expected, got = _store_arrays(tmp_path / "a.sp"), _store_arrays(tmp_path / "b.sp")
+    a = uninterrupted / "factored.sp"
+    expected, got = _store_arrays(a), _store_arrays(tmp_path / "b.sp")
     assert sorted(expected) == sorted(got) and window_array("end", "main", 12) in got
-    assert sp.Store.open(tmp_path / "b.sp").meta["fingerprint"] == sp.Store.open(tmp_path / "a.sp").meta["fingerprint"]
+    assert sp.Store.open(tmp_path / "b.sp").meta["fingerprint"] == sp.Store.open(a).meta["fingerprint"]
 
 
 def test_a_loop_that_trains_a_first_window_without_capturing_it_is_refused_at_its_checkpoint(
