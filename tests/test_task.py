@@ -97,14 +97,24 @@ def test_exact_fisher_targets_give_the_gauss_newton_matrix(task: sp.Task) -> Non
     assert torch.allclose(fisher, gn, atol=1e-10)
 
 
+TRIALS = 20000
+
+
+def _within_five_sigma(mean: torch.Tensor, probs: torch.Tensor) -> bool:
+    """Each of ``mean`` (of TRIALS independent 0/1 draws) within 5 binomial standard deviations of its ``probs``."""
+    return bool(((mean - probs).abs() <= 5 * torch.sqrt(probs * (1 - probs) / TRIALS) + 1 / TRIALS).all())
+
+
 def test_sampled_fisher_targets_are_unbiased() -> None:
+    """Each of TRIALS examples of the same logits draws its class from its own uniform (one call: the draws across
+    keys are test_fisher_draws' test_sampled_classes_follow_the_softmax_over_keys); the weighted counts are the
+    softmax."""
     task = sp.ClassificationTask()
     logits = torch.tensor([[1.0, 0.0, -1.0]])
-    counts = torch.zeros(3)
-    for trial in range(4000):  # each trial its own key: an example's draw is fixed by its key
-        ((weight, batch),) = task.fisher_targets(logits, (None, torch.tensor([0])), FisherDraws.of([0, trial], [0]))
-        counts[batch[1]] += weight
-    assert torch.allclose(counts / 4000, torch.softmax(logits[0], 0), atol=0.03)
+    ((weight, batch),) = task.fisher_targets(logits.repeat(TRIALS, 1), (None, torch.zeros(TRIALS, dtype=torch.long)),
+                                             FisherDraws.of([0], range(TRIALS)))  # fmt: skip
+    counts = torch.zeros(3).index_add_(0, batch[1], weight)
+    assert _within_five_sigma(counts / TRIALS, torch.softmax(logits[0], 0))
 
 
 def test_multi_label_task_is_hugging_faces_loss_and_samples_each_label_from_its_sigmoid() -> None:
@@ -114,12 +124,12 @@ def test_multi_label_task_is_hugging_faces_loss_and_samples_each_label_from_its_
     batch = (None, labels)
     assert torch.allclose(task.loss(logits, batch).mean(), torch.nn.BCEWithLogitsLoss()(logits, labels))
     assert torch.allclose(task.measurement(logits, batch), torch.tensor([2.0 - 0.0 - 1.0, -0.5 + 3.0 + 1.0]))
-    drawn = torch.zeros(2, 3)
-    for trial in range(4000):
-        ((weight, targets),) = task.fisher_targets(logits, batch, FisherDraws.of([0, trial], [0, 1]))
-        assert torch.equal(weight, torch.full((2,), 3.0))
-        drawn += targets[1]
-    assert torch.allclose(drawn / 4000, torch.sigmoid(logits), atol=0.03)
+    # TRIALS copies of both examples, each copy its own row of the draws.
+    ((weight, targets),) = task.fisher_targets(logits.repeat(TRIALS, 1), (None, labels.repeat(TRIALS, 1)),
+                                               FisherDraws.of([0], range(2 * TRIALS)))  # fmt: skip
+    assert torch.equal(weight, torch.full((2 * TRIALS,), 3.0))
+    drawn = targets[1].reshape(TRIALS, 2, 3).mean(0)
+    assert _within_five_sigma(drawn, torch.sigmoid(logits))
     with pytest.raises(sp.TaskError, match=r"labels of shape \[2, 3\], but the data hold labels of shape \[2\]"):
         task.loss(logits, (None, torch.tensor([0, 1])))
 
