@@ -56,6 +56,14 @@ class TokenModel(nn.Module):
         return self.head(self.drop(torch.tanh(self.inner(x)))).mean(1)
 
 
+def assert_binomial(counts: torch.Tensor, probs: torch.Tensor, trials: int) -> None:
+    """Each of ``counts`` (how many of ``trials`` independent draws fell in a class) within 5 binomial standard
+    deviations (plus one draw) of ``trials · probs``, elementwise; shapes broadcast."""
+    probs = probs.double()
+    spread = 5 * torch.sqrt(trials * probs * (1 - probs)) + 1
+    assert ((counts.double() - trials * probs).abs() <= spread).all(), (counts / trials, probs)
+
+
 def full_batch_run(
     run_dir: Path,
     model: nn.Module,

@@ -11,6 +11,8 @@ import source_proj as sp
 from source_proj.tasks.draws import FisherDraws
 from source_proj.tasks.gradients import PerExampleGradients
 
+from .conftest import assert_binomial
+
 
 def test_margin_is_correct_logit_minus_logsumexp_of_the_others() -> None:
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
@@ -100,11 +102,6 @@ def test_exact_fisher_targets_give_the_gauss_newton_matrix(task: sp.Task) -> Non
 TRIALS = 20000
 
 
-def _within_five_sigma(mean: torch.Tensor, probs: torch.Tensor) -> bool:
-    """Each of ``mean`` (of TRIALS independent 0/1 draws) within 5 binomial standard deviations of its ``probs``."""
-    return bool(((mean - probs).abs() <= 5 * torch.sqrt(probs * (1 - probs) / TRIALS) + 1 / TRIALS).all())
-
-
 def test_sampled_fisher_targets_are_unbiased() -> None:
     """Each of TRIALS examples of the same logits draws its class from its own uniform (one call: the draws across
     keys are test_fisher_draws' test_sampled_classes_follow_the_softmax_over_keys); the weighted counts are the
@@ -114,7 +111,7 @@ def test_sampled_fisher_targets_are_unbiased() -> None:
     ((weight, batch),) = task.fisher_targets(logits.repeat(TRIALS, 1), (None, torch.zeros(TRIALS, dtype=torch.long)),
                                              FisherDraws.of([0], range(TRIALS)))  # fmt: skip
     counts = torch.zeros(3).index_add_(0, batch[1], weight)
-    assert _within_five_sigma(counts / TRIALS, torch.softmax(logits[0], 0))
+    assert_binomial(counts, torch.softmax(logits[0], 0), TRIALS)
 
 
 def test_multi_label_task_is_hugging_faces_loss_and_samples_each_label_from_its_sigmoid() -> None:
@@ -128,8 +125,7 @@ def test_multi_label_task_is_hugging_faces_loss_and_samples_each_label_from_its_
     ((weight, targets),) = task.fisher_targets(logits.repeat(TRIALS, 1), (None, labels.repeat(TRIALS, 1)),
                                                FisherDraws.of([0], range(2 * TRIALS)))  # fmt: skip
     assert torch.equal(weight, torch.full((2 * TRIALS,), 3.0))
-    drawn = targets[1].reshape(TRIALS, 2, 3).mean(0)
-    assert _within_five_sigma(drawn, torch.sigmoid(logits))
+    assert_binomial(targets[1].reshape(TRIALS, 2, 3).sum(0), torch.sigmoid(logits), TRIALS)
     with pytest.raises(sp.TaskError, match=r"labels of shape \[2, 3\], but the data hold labels of shape \[2\]"):
         task.loss(logits, (None, torch.tensor([0, 1])))
 
