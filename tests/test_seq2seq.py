@@ -22,6 +22,8 @@ from source_proj.tasks.draws import FisherDraws
 from source_proj.tasks.gradients import PerExampleGradients
 from source_proj.tasks.text import OBSERVED_TARGET_KEY, mean_target_tokens, shift_right, target_positions
 
+from .conftest import assert_binomial
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model is built from a config: nothing may be downloaded
 transformers.logging.set_verbosity_error()
 
@@ -184,18 +186,21 @@ def test_exact_seq2seq_fisher_targets_give_the_gauss_newton_matrix_with_the_obse
 
 
 def test_sampled_seq2seq_fisher_targets_draw_from_the_model_at_target_positions_only() -> None:
-    task = sp.Seq2SeqTask(tokens_per_sequence=2.5)
-    batch = _pairs([[3, 4], [5, 6]], [[7, 8, 9], [4]], length=2, target_length=3)
+    """6,000 copies of two pairs in one batch, each copy its own rows of the draws (the draws across keys are
+    test_fisher_draws' over-keys check): tokens are drawn at target positions only, from the softmax there, and the
+    decoder still reads the observed target."""
+    task, copies = sp.Seq2SeqTask(tokens_per_sequence=2.5), 6000
+    pairs = _pairs([[3, 4], [5, 6]], [[7, 8, 9], [4]], length=2, target_length=3)
+    batch = {key: value.repeat(copies, 1) for key, value in pairs.items()}
     logits = torch.randn(2, 3, 10, generator=torch.Generator().manual_seed(0))
-    counts = torch.zeros(10)
-    for trial in range(3000):
-        ((weight, sampled),) = task.fisher_targets(logits, batch, FisherDraws.of([1, trial], [0, 1]))
-        labels = sampled["labels"]
-        assert torch.equal(weight, torch.full((2,), 2.5))
-        assert torch.equal(shift_right(sampled[OBSERVED_TARGET_KEY], 0, 0), torch.tensor([[0, 7, 8], [0, 4, 0]]))
-        assert (labels[0] >= 0).all() and labels[1, 0] >= 0 and (labels[1, 1:] == -100).all()
-        counts[labels[0, 2]] += 1
-    assert torch.allclose(counts / 3000, torch.softmax(logits[0, 2], 0), atol=0.03)
+    draws = FisherDraws.of([1], range(2 * copies))
+    ((weight, sampled),) = task.fisher_targets(logits.repeat(copies, 1, 1), batch, draws)
+    labels = sampled["labels"].reshape(copies, 2, 3)
+    assert torch.equal(weight, torch.full((2 * copies,), 2.5))
+    observed = shift_right(sampled[OBSERVED_TARGET_KEY], 0, 0).reshape(copies, 2, 3)
+    assert torch.equal(observed, torch.tensor([[0, 7, 8], [0, 4, 0]]).expand(copies, 2, 3))
+    assert (labels[:, 0] >= 0).all() and (labels[:, 1, 0] >= 0).all() and (labels[:, 1, 1:] == -100).all()
+    assert_binomial(torch.bincount(labels[:, 0, 2], minlength=10), torch.softmax(logits[0, 2], 0), copies)
 
 
 def test_seq2seq_inputs_and_models_that_do_not_fit_are_refused_with_a_sentence() -> None:

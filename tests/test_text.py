@@ -19,6 +19,8 @@ from source_proj.tasks.draws import FisherDraws
 from source_proj.tasks.gradients import PerExampleGradients
 from source_proj.tasks.text import attention_bias, loss_positions
 
+from .conftest import assert_binomial
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model is built from a config: nothing may be downloaded
 transformers.logging.set_verbosity_error()
 
@@ -355,20 +357,21 @@ def test_exact_lm_fisher_targets_give_the_gauss_newton_matrix_of_the_loss(tokens
 
 
 def test_sampled_lm_fisher_targets_draw_from_the_model_at_loss_positions_only() -> None:
-    task = sp.LanguageModelingTask(tokens_per_sequence=2.5)
-    batch = _batch([[3, 4, 5, 6], [7, 8]], length=4)
-    batch["labels"] = batch["input_ids"].clone()
-    batch["labels"][0, 2] = -100
+    """6,000 copies of two sequences in one batch, each copy its own rows of the draws (the draws across keys are
+    test_fisher_draws' over-keys check): tokens are drawn at loss positions only, from the softmax there."""
+    task, copies = sp.LanguageModelingTask(tokens_per_sequence=2.5), 6000
+    pair = _batch([[3, 4, 5, 6], [7, 8]], length=4)
+    pair["labels"] = pair["input_ids"].clone()
+    pair["labels"][0, 2] = -100
+    batch = {key: value.repeat(copies, 1) for key, value in pair.items()}
     logits = torch.randn(2, 4, 5, generator=torch.Generator().manual_seed(0))
-    counts = torch.zeros(5)
-    for trial in range(3000):
-        ((weight, sampled),) = task.fisher_targets(logits, batch, FisherDraws.of([1, trial], [0, 1]))
-        labels = sampled["labels"]
-        assert torch.equal(weight, torch.full((2,), 2.5))
-        assert (labels[0, [0, 2]] == -100).all() and (labels[1, [0, 2, 3]] == -100).all()
-        assert (labels[0, [1, 3]] >= 0).all() and labels[1, 1] >= 0
-        counts[labels[0, 3]] += 1
-    assert torch.allclose(counts / 3000, torch.softmax(logits[0, 2], 0), atol=0.03)
+    draws = FisherDraws.of([1], range(2 * copies))
+    ((weight, sampled),) = task.fisher_targets(logits.repeat(copies, 1, 1), batch, draws)
+    labels = sampled["labels"].reshape(copies, 2, 4)
+    assert torch.equal(weight, torch.full((2 * copies,), 2.5))
+    assert (labels[:, 0, [0, 2]] == -100).all() and (labels[:, 1, [0, 2, 3]] == -100).all()
+    assert (labels[:, 0, [1, 3]] >= 0).all() and (labels[:, 1, 1] >= 0).all()
+    assert_binomial(torch.bincount(labels[:, 0, 3], minlength=5), torch.softmax(logits[0, 2], 0), copies)
 
 
 def test_token_sampling_is_the_float64_inverse_cdf_in_blocks_and_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
