@@ -32,10 +32,10 @@ SOURCES = [[5, 9, 2, 17, 3, 11, 8], [4, 12, 6, 21], [7, 3, 19, 13, 10, 15]]
 TARGETS = [[8, 11, 3, 17], [21, 6], [15, 10, 13, 19, 3]]
 
 
-def _t5(attn: str = "eager", width: int = 16) -> nn.Module:
+def _t5(attn: str = "eager", width: int = 16, vocab: int = VOCAB) -> nn.Module:
     torch.manual_seed(0)
     config = transformers.T5Config(
-        vocab_size=VOCAB, d_model=width, d_kv=8, d_ff=2 * width, num_layers=2, num_decoder_layers=2, num_heads=2,
+        vocab_size=vocab, d_model=width, d_kv=8, d_ff=2 * width, num_layers=2, num_decoder_layers=2, num_heads=2,
         dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, attn_implementation=attn,
     )  # fmt: skip
     return transformers.T5ForConditionalGeneration(config)
@@ -151,10 +151,11 @@ def test_loss_and_measurement_are_the_models_own_seq2seq_loss(case: str) -> None
 
 @pytest.mark.parametrize("tokens", [2.5, "own"])
 def test_exact_seq2seq_fisher_targets_give_the_gauss_newton_matrix_with_the_observed_decoder_inputs(tokens) -> None:
-    model = _t5(width=8).double().eval()
+    vocab = 12  # one exact direction per (target position, token): a small vocabulary keeps them few
+    model = _t5(width=8, vocab=vocab).double().eval()
     task = sp.Seq2SeqTask(tokens_per_sequence=tokens, parameters=sp.ModuleSelection(include=("decoder.block.1.*",)))
     names = task.select_parameters(model)
-    batch = _pairs([[5, 9, 2], [4, 12]], [[8, 11, 3], [21]], length=3, target_length=3)
+    batch = _pairs([[5, 9, 2], [4, 10]], [[8, 11, 3], [7]], length=3, target_length=3)
     grads = PerExampleGradients(model, task, names)
     outputs = grads.outputs(batch)
     directions = task.fisher_targets(outputs, batch, None)
@@ -170,7 +171,7 @@ def test_exact_seq2seq_fisher_targets_give_the_gauss_newton_matrix_with_the_obse
     params = {n: p.detach() for n, p in model.named_parameters() if n in names}
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "decoder_input_ids": observed}
     jac = jacrev(lambda p: functional_call(model, p, (), inputs).logits)(params)
-    j = torch.cat([jac[n].reshape(2, 3, VOCAB, -1) for n in names], dim=3)
+    j = torch.cat([jac[n].reshape(2, 3, vocab, -1) for n in names], dim=3)
     logits = model(**inputs).logits.detach()
     keep = target_positions(batch)
     gn = torch.zeros_like(fisher)
@@ -273,19 +274,19 @@ def test_examples_of_different_lengths_are_refused_with_how_to_pad_them(tmp_path
 
 @pytest.mark.parametrize("case", ["t5-eager", "bart-eager"])
 def test_a_trainer_run_is_captured_as_featurize_computes_it_and_answers_queries(tmp_path, case: str) -> None:
-    """A T5 or a BART trained by the Trainer on reversed sources (4 target tokens a pair, so the batch mean of s/n̄
-    is the Trainer's loss exactly): capture taps the Trainer's own gradients, and post-hoc featurize with
-    ``Seq2SeqTask`` computes them at every step; featurize at the defaults (eigen projection, sampled Fisher) fits
-    and answers queries, and splits each pair's score over its source and target tokens."""
+    """A T5 or a BART trained by the Trainer on reversed sources (8 pairs, two steps of 4; 4 target tokens a pair,
+    so the batch mean of s/n̄ is the Trainer's loss exactly): capture taps the Trainer's own gradients, and post-hoc
+    featurize with ``Seq2SeqTask`` computes them at every step; featurize at the defaults (eigen projection, sampled
+    Fisher) fits and answers queries, and splits each pair's score over its source and target tokens."""
     from .test_integrations import _captured_and_posthoc
 
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, VOCAB, (16, 6), generator=g)
+    ids = torch.randint(3, VOCAB, (8, 6), generator=g)
     data = sp.TextDataset(ids.tolist(), targets=ids.flip(1)[:, :4].tolist())
     task = sp.Seq2SeqTask(tokens_per_sequence=mean_target_tokens(data))
     assert task.tokens_per_sequence == 4.0
     build = MODELS[case]
-    _captured_and_posthoc(tmp_path, build, data, task)
+    _captured_and_posthoc(tmp_path, build, data, task, per_device_train_batch_size=4)
     store = sp.featurize(tmp_path / "run", build(), task, data, tmp_path / "default.sp", progress=False,
                          projection=sp.ProjectionArguments(dim=32))  # fmt: skip
     assert store.meta["projection"]["kind"] == "eigen"
@@ -293,7 +294,7 @@ def test_a_trainer_run_is_captured_as_featurize_computes_it_and_answers_queries(
     attributor = sp.Attributor(store.path, build(), task)
     queries = torch.utils.data.Subset(data, [0, 1, 2])
     scores = attributor.scores(queries)
-    assert scores.shape == (3, 16) and np.isfinite(scores).all() and np.abs(scores).max() > 0
+    assert scores.shape == (3, 8) and np.isfinite(scores).all() and np.abs(scores).max() > 0
     # Per-token scores: the source's and the target's shares sum to each pair's score. With the targets padded to
     # the source's length (S = T), the shares are the same: the cross-attention's keys and values lie on the
     # source's positions by what they read (the encoder's output), not by their shape.
@@ -343,7 +344,7 @@ def test_pairs_padded_per_batch_by_data_collator_for_seq2seq_are_attributed_as_w
                                         pad_token="<pad>", bos_token="<s>", eos_token="</s>")  # fmt: skip
     g = torch.Generator().manual_seed(0)
     pairs = []
-    for _ in range(16):
+    for _ in range(8):  # two batches of 4, each padded to its own longest pair
         source = torch.randint(3, VOCAB, (int(torch.randint(3, 8, (1,), generator=g)),), generator=g).tolist()
         pairs.append({"input_ids": source, "labels": source[::-1][: max(2, len(source) - 2)]})
     model = _bart()
@@ -367,7 +368,7 @@ def test_pairs_padded_per_batch_by_data_collator_for_seq2seq_are_attributed_as_w
         stores = [sp.featurize(tmp_path / "run", _bart(), task, data, tmp_path / f"{kind}-{i}.sp",
                                projection=projection, options=options, progress=False)
                   for i, data in enumerate((ragged, padded))]  # fmt: skip
-        for step in (0, 4):
+        for step in (0, 2):
             got, want = (store.read(f"grads/main/step-{step:08d}") for store in stores)
             assert np.abs(want).max() > 0
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
