@@ -1508,8 +1508,18 @@ def _same_captured_runs(a_run: Path, b_run: Path) -> None:
     assert sb.meta["captured"] and sa.meta["fingerprint"] == sb.meta["fingerprint"]
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_capture(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The resume tests' oracle, trained once for the module: ``_hf_run`` uninterrupted, captured by ``_hf_capture``
+    (eigen projection) into the run directory returned (its store beside it, with ``.sp`` appended). Tests only read
+    it."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    _hf_run(folder, "hf-a", _hf_capture(folder, "a"))
+    return folder / "a"
+
+
 def test_a_killed_trainer_resumes_its_captured_run_exactly_where_the_recorder_has_its_checkpoint(
-    tmp_path: Path,
+    tmp_path: Path, uninterrupted_capture: Path
 ) -> None:
     """A Trainer killed at step 6 and resumed from its checkpoint at step 4 resumes the recorded run and its store
     at step 4 (the recorder's last checkpoint): the trajectory and store are the uninterrupted run's. Resuming where
@@ -1520,7 +1530,6 @@ def test_a_killed_trainer_resumes_its_captured_run_exactly_where_the_recorder_ha
     def capture(run: str, **kwargs) -> HuggingFaceCapture:
         return _hf_capture(tmp_path, run, **kwargs)
 
-    _hf_run(tmp_path, "hf-a", capture("a"))
     with pytest.raises(_Killed):
         _hf_run(tmp_path, "hf-b", capture("b"), kill_at=6)
     with pytest.raises(sp.TrajectoryError) as err:
@@ -1531,7 +1540,7 @@ def test_a_killed_trainer_resumes_its_captured_run_exactly_where_the_recorder_ha
         f"{tmp_path / 'b'}."
     )
     _hf_run(tmp_path, "hf-b", capture("b"), resume=True)
-    _same_captured_runs(tmp_path / "a", tmp_path / "b")
+    _same_captured_runs(uninterrupted_capture, tmp_path / "b")
 
     with pytest.raises(sp.TrajectoryError) as err:
         _hf_run(tmp_path, "hf-b", HuggingFaceRecorder(tmp_path / "none", save_every=4), resume=True)
@@ -1579,7 +1588,9 @@ def test_a_trainer_without_on_optimizer_step_resumed_in_the_process_its_training
     assert b.complete and [c.step for c in b.checkpoints] == [0, 4, 8, 12] and a.fingerprint() == b.fingerprint()
 
 
-def test_a_trainer_resumed_from_an_earlier_checkpoint_rewinds_the_captured_run_when_asked(tmp_path: Path) -> None:
+def test_a_trainer_resumed_from_an_earlier_checkpoint_rewinds_the_captured_run_when_asked(
+    tmp_path: Path, uninterrupted_capture: Path
+) -> None:
     """A Trainer killed at step 10 and resumed from its checkpoint at step 4, not its last (8): refused in one sentence
     that offers rewind=True; with it, the recorded run is rewound to step 4 and the store drops its windows from there,
     so run and store end as the uninterrupted ones."""
@@ -1588,7 +1599,6 @@ def test_a_trainer_resumed_from_an_earlier_checkpoint_rewinds_the_captured_run_w
     def capture(run: str, **kwargs) -> HuggingFaceCapture:
         return _hf_capture(tmp_path, run, **kwargs)
 
-    _hf_run(tmp_path, "hf-a", capture("a"))
     with pytest.raises(_Killed):
         _hf_run(tmp_path, "hf-b", capture("b"), kill_at=10)
     earlier = tmp_path / "hf-b" / "checkpoint-4"
@@ -1601,7 +1611,7 @@ def test_a_trainer_resumed_from_an_earlier_checkpoint_rewinds_the_captured_run_w
         "are forgotten), or record a new run from the start."
     )
     _hf_run(tmp_path, "hf-b", capture("b", rewind=True), resume=earlier)
-    _same_captured_runs(tmp_path / "a", tmp_path / "b")
+    _same_captured_runs(uninterrupted_capture, tmp_path / "b")
 
 
 def test_a_killed_lightning_trainer_resumes_its_recorded_run_where_the_recorder_has_its_checkpoint(
