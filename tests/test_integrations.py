@@ -1564,15 +1564,14 @@ def test_a_killed_trainer_resumes_its_captured_run_exactly_where_the_recorder_ha
 
 
 def test_a_trainer_resumed_in_the_process_its_training_failed_in_captures_the_uninterrupted_run(
-    tmp_path: Path,
+    tmp_path: Path, uninterrupted_capture: Path
 ) -> None:
     """A Trainer whose training raised at step 6 (a notebook's interrupt) calls no callback's on_train_end, so the
     capture's hooks stay on its model; resumed in the same process from its checkpoint at step 4, with the same
     callback, the run and store are the uninterrupted run's (the hooks left behind once took the row indices out of
     every batch first, and the training was refused as lacking them)."""
-    _hf_run(tmp_path, "hf-a", _hf_capture(tmp_path, "a", projection=_PROJECTION))
-    _hf_run(tmp_path, "hf-b", _hf_capture(tmp_path, "b", projection=_PROJECTION), kill_at=6, again=True)
-    _same_captured_runs(tmp_path / "a", tmp_path / "b")
+    _hf_run(tmp_path, "hf-b", _hf_capture(tmp_path, "b"), kill_at=6, again=True)
+    _same_captured_runs(uninterrupted_capture, tmp_path / "b")
 
 
 def test_a_trainer_without_on_optimizer_step_resumed_in_the_process_its_training_failed_in_records_the_run_once(
