@@ -1575,7 +1575,7 @@ def test_a_trainer_resumed_in_the_process_its_training_failed_in_captures_the_un
 
 
 def test_a_trainer_without_on_optimizer_step_resumed_in_the_process_its_training_failed_in_records_the_run_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uninterrupted_capture: Path
 ) -> None:
     """An older transformers (no ``on_optimizer_step``): the callback steps the recorder from an optimizer post-hook,
     and the Trainer keeps its optimizer from one ``train`` to the next. A training that raised at step 6 and is
@@ -1585,9 +1585,8 @@ def test_a_trainer_without_on_optimizer_step_resumed_in_the_process_its_training
     from source_proj.integrations import huggingface as hf
 
     monkeypatch.setattr(hf, "_CALLS_OPTIMIZER_STEP", False)
-    _hf_run(tmp_path, "hf-a", HuggingFaceRecorder(tmp_path / "a", save_every=4))
     _hf_run(tmp_path, "hf-b", HuggingFaceRecorder(tmp_path / "b", save_every=4), kill_at=6, again=True)
-    a, b = sp.Trajectory.load(tmp_path / "a"), sp.Trajectory.load(tmp_path / "b")
+    a, b = sp.Trajectory.load(uninterrupted_capture), sp.Trajectory.load(tmp_path / "b")
     assert b.complete and [c.step for c in b.checkpoints] == [0, 4, 8, 12] and a.fingerprint() == b.fingerprint()
 
 
