@@ -875,7 +875,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import source_proj.integrations.lightning as recording
 from source_proj.integrations import LightningRecorder
+
+_start_recording = recording.start_recording
+
+
+def start_recording(run_dir, module, *args, **kwargs):  # leaves a mark of each process that starts recording
+    open(f"recorded-by-rank-{module.global_rank}", "w").close()
+    return _start_recording(run_dir, module, *args, **kwargs)
+
+
+recording.start_recording = start_recording
 
 
 class Module(pl.LightningModule):
@@ -927,6 +938,7 @@ def test_a_lightning_ddp_run_is_recorded_by_rank_zero_with_its_averaged_gradient
     from the script rather than started by running it again (which imported Lightning once more, half the test's
     time)."""
     trajectory, told, _ = _recorded_on_two_processes(tmp_path, _DDP_RUN, [])
+    assert [p.name for p in tmp_path.glob("recorded-by-rank-*")] == ["recorded-by-rank-0"]
     assert trajectory.num_steps == 4 and [c.step for c in trajectory.checkpoints] == [0, 2, 4]
     assert min(told["factors"]) < 0.95 and np.allclose(trajectory.clip, told["factors"], rtol=1e-4)
 
