@@ -245,6 +245,15 @@ def test_an_ensemble_refuses_search_settings_it_cannot_use_before_opening_a_stor
     attributors = [sp.Attributor(s, nn.Linear(3, 1), sp.RegressionTask(), progress=False) for s in ensemble_stores]
     with pytest.raises(sp.TaskError, match=r"^Unknown search backend 'flat'"):
         sp.Ensemble(attributors, search_backend="flat")  # type: ignore[arg-type]
+    ignored = r"^search_ivf sets the approximate \(ivf\) search, which search_backend='(auto|torch)' does not use"
+    with pytest.raises(sp.TaskError, match=ignored):  # an approximate search asked for, an exact one given silently
+        sp.Ensemble(attributors, search_ivf=sp.IVFArguments(nprobe=4))
+    with pytest.raises(sp.TaskError, match=ignored):
+        sp.Attributor(missing[0], nn.Linear(3, 1), sp.RegressionTask(), search_backend="torch",
+                      search_ivf=sp.IVFArguments(fp16=True))  # fmt: skip
+    with pytest.raises(sp.TaskError, match=r"^search_ivf is a dict; pass sp.IVFArguments\("):
+        sp.Ensemble.open(missing, nn.Linear(3, 1), sp.RegressionTask(), search_backend="ivf",
+                         search_ivf={"nlist": 4})  # type: ignore[arg-type]  # fmt: skip
     ivf = sp.Ensemble(attributors, search_backend="ivf", search_ivf=sp.IVFArguments(nlist=13), progress=False)
     with pytest.raises(sp.TaskError, match=r"^An IVF index of 12 rows needs 1 ≤ nlist ≤ 12, not 13\.$"):
         ivf.top_k([], 3)  # before the queries (none here, refused on their own) are read

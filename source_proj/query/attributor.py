@@ -206,7 +206,8 @@ class Attributor:
         search_devices: devices the index is sharded over (e.g. ``["cuda:0", "cuda:1"]``); default
             ``device``, or every GPU when the features do not fit on it. A device this machine lacks is
             refused as ``device`` is.
-        search_ivf: the approximate index's settings (``search_backend="ivf"``).
+        search_ivf: the approximate index's settings (``search_backend="ivf"``; refused with another backend,
+            which would ignore them).
         progress: show a progress bar while query features take longer than two seconds.
 
     Attributes:
@@ -232,7 +233,7 @@ class Attributor:
     ) -> None:
         check_model_and_task(model, task)
         check_batch_size(batch_size, "Attributor's batch_size")
-        check_search(search_backend, search_devices)  # the search's settings before any work, as the device's
+        check_search(search_backend, search_devices, search_ivf)  # before any work, as the device
         self.batch_size = int(batch_size)
         self.store = store if isinstance(store, Store) else Store.open(store)
         meta = self.store.meta

@@ -92,7 +92,8 @@ class Ensemble:
             without it.
         search_devices: devices the index is sharded over; default the first model's device, or every GPU when
             the features do not fit on it.
-        search_ivf: the approximate index's settings (``search_backend="ivf"``).
+        search_ivf: the approximate index's settings (``search_backend="ivf"``; refused with another backend,
+            which would ignore them).
         progress: show progress bars while the index is built and searched for longer than two seconds.
     """
 
@@ -105,7 +106,7 @@ class Ensemble:
         search_ivf: IVFArguments = IVFArguments(),
         progress: bool = True,
     ) -> None:
-        check_search(search_backend, search_devices)
+        check_search(search_backend, search_devices, search_ivf)
         if not attributors:
             raise TaskError("An ensemble needs at least one model's store.")
         _refuse_repeated_paths([a.store.path for a in attributors])
@@ -164,7 +165,7 @@ class Ensemble:
                 "[store, …], or query a single model's store with sp.Attributor."
             )
         _refuse_repeated_paths([s.path if isinstance(s, Store) else str(s) for s in stores])
-        check_search(search_backend, search_devices)
+        check_search(search_backend, search_devices, search_ivf)
         return cls(
             [
                 Attributor(s, model, task, method=method, device=device, batch_size=batch_size, progress=progress)

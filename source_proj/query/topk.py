@@ -77,11 +77,20 @@ def faiss_available() -> bool:
     return True
 
 
-def check_search(backend: object, devices: Sequence[object] | None) -> None:
-    """Refuse an unknown search backend, devices to shard one that runs on a single device, or a FAISS backend
-    (``"faiss"``, ``"ivf"``) where FAISS is not installed, before any work."""
+def check_search(backend: object, devices: Sequence[object] | None, ivf: object = None) -> None:
+    """Refuse an unknown search backend, devices to shard one that runs on a single device, approximate-search
+    settings ``ivf`` (``search_ivf``; ``None``: none given) that are not ``IVFArguments``, or not its defaults where
+    the backend is not ``"ivf"`` (they would be ignored), or a FAISS backend (``"faiss"``, ``"ivf"``) where FAISS is
+    not installed, before any work."""
     if backend not in SEARCH_BACKENDS:
         raise TaskError(f"Unknown search backend {backend!r}; use one of {', '.join(SEARCH_BACKENDS)}.")
+    if ivf is not None and not isinstance(ivf, IVFArguments):
+        raise TaskError(f"search_ivf is a {type(ivf).__name__}; pass sp.IVFArguments(nlist=..., nprobe=...).")
+    if ivf is not None and backend != "ivf" and ivf != IVFArguments():
+        raise TaskError(
+            f"search_ivf sets the approximate (ivf) search, which search_backend={backend!r} does not use, so it "
+            "would be ignored; pass search_backend='ivf', or drop search_ivf."
+        )
     if devices and backend in ("faiss", "ivf"):
         raise TaskError(
             f"search_devices shard the torch, stream and auto (GPU) indexes; the {backend} backend runs on "
