@@ -272,7 +272,7 @@ def test_building_and_searching_an_index_show_progress(
     monkeypatch.setattr("source_proj.query.topk.tqdm", bars)
     monkeypatch.setattr("source_proj.query.attributor.tqdm", bars)
     attributor = sp.Attributor(fitted_mlp_store, mlp(), sp.ClassificationTask(), search_backend=backend,
-                               search_ivf=sp.IVFArguments(nlist=2, nprobe=2))  # fmt: skip
+                               search_ivf=sp.IVFArguments(nlist=2, nprobe=2) if backend == "ivf" else sp.IVFArguments())
     rows = sum(r.size for r in attributor.rows)
     labels = torch.tensor([0, 1, 2, 0, 1])
     queries = TensorDataset(torch.randn(5, 4, generator=torch.Generator().manual_seed(3)), labels)
