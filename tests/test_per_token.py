@@ -121,15 +121,3 @@ def test_token_scores_refuse_rows_that_are_not_a_flat_list_of_whole_numbers(
     with pytest.raises(sp.TaskError, match=rf"^token_scores takes rows .*; got {given}"):
         sp.token_scores(attributor, torch.utils.data.Subset(data, [0]), data, rows, progress=False)  # type: ignore[arg-type]
 
-
-def test_token_scores_refuse_training_data_other_than_the_stores(fitted_mlp_store: Path) -> None:
-    """The rows' gradients are taken on ``train_data`` again: other examples of the store's size gave shares that
-    did not add up to the store's scores, without a word."""
-    from tests.conftest import _classification_data, mlp
-
-    attributor = sp.Attributor(fitted_mlp_store, mlp(), sp.ClassificationTask(), progress=False)
-    data = _classification_data()
-    x, y = data.tensors
-    other = torch.utils.data.TensorDataset(x.flip(0), y.flip(0))  # the same examples in another order
-    with pytest.raises(sp.TaskError, match=r"^The training data of stage 'main' are not those the store at .* was"):
-        sp.token_scores(attributor, torch.utils.data.Subset(data, [0]), other, [0, 1], progress=False)

@@ -231,6 +231,12 @@ def test_per_token_scores_batch_each_stages_sequences_by_that_stages_own_collate
     np.testing.assert_allclose(mixed.unplaced, reference.unplaced, rtol=1e-6, atol=1e-9)
     with pytest.raises(sp.TaskError, match=r"^Give token_scores at least one row"):
         sp.token_scores(attributor, queries, data.train, [], progress=False)
+    # The same sequences in another order: row 30's shares were those of another sequence, silently.
+    shuffled = sp.CollatedDataset([raw.dataset[i] for i in reversed(range(len(raw.dataset)))], tokenize)
+    with pytest.raises(sp.TaskError, match=r"^The per-token shares of training row 30 \(stage 'finetune', example 6\) "
+                                           r"sum to .* so train_data are not the examples the store was featurized"):
+        sp.token_scores(attributor, queries, {"pretrain": data.train["pretrain"], "finetune": shuffled}, [30],
+                        progress=False)  # fmt: skip
 
 
 def test_per_token_scores_of_a_method_without_a_recipe_name_the_methods_that_have_one(

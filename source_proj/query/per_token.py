@@ -56,7 +56,6 @@ from source_proj.featurize.plan import mean_state
 from source_proj.projection.base import Projector
 from source_proj.projection.factored import FactoredProjector
 from source_proj.query.attributor import Attributor, check_batch_size, method_meta
-from source_proj.store.provenance import check_data
 from source_proj.tasks.data import ChosenLabels, collate_of
 from source_proj.tasks.gradients import move_batch
 from source_proj.tasks.task import Batch, output_tensor
@@ -191,8 +190,6 @@ def token_scores(
             "featurize with the 'eigen' (the default), 'rademacher' or 'factored' projection."
         )
     datasets = as_stage_datasets(train_data, attributor.trajectory)
-    # other examples' shares would not add up to the store's scores, silently: a seeded sample, as a query checks
-    check_data(str(store.path), store.meta, datasets, quick=True)
     rows = _whole_rows(rows)
     places = [_locate(attributor, row) for row in rows]
     if not places:
@@ -231,6 +228,8 @@ def token_scores(
             tokens[:, part, : placed.shape[2]] += placed.cpu()
             targets[:, part, : target.shape[2]] += target.cpu()
             unplaced[:, part] += rest.cpu()
+    scores = _cached_scores(attributor, query, places)
+    _refuse_other_data(tokens.sum(-1) + targets.sum(-1) + unplaced, scores, rows, places)
     return TokenScores(
         rows=np.asarray(rows, dtype=np.int64),
         where=places,
@@ -238,7 +237,7 @@ def token_scores(
         attention_mask=attention_mask.numpy(),
         tokens=tokens.float().numpy(),
         unplaced=unplaced.float().numpy(),
-        scores=_cached_scores(attributor, query, places).astype(np.float32),
+        scores=scores.astype(np.float32),
         target_ids=target_ids.numpy() if target_ids is not None else None,
         target_tokens=targets.float().numpy() if seq2seq else None,
         score_labels=attributor.score_labels,
@@ -483,6 +482,30 @@ def _owners(model: nn.Module, names: set[str]) -> dict[str, tuple[nn.Module, dic
         if own:
             owners[module_name] = (module, own)
     return owners
+
+
+SHARES_RTOL = 0.02
+"""How far a sequence's shares may sum from its score read from the store, relative to the query's largest score:
+float rounding (a bf16 featurize's included) stays far below; another example's gradient lands anywhere."""
+
+
+def _refuse_other_data(
+    shares: Tensor, scores: np.ndarray, rows: Sequence[int], places: Sequence[tuple[str, int]]
+) -> None:
+    """Refuse ``train_data`` whose chosen sequences are not the store's: their shares (summed, ``[Q, n]``) must add up
+    to the scores of the store's cached features (``[Q, n]``), which they do for the same examples however they are
+    held (raw token lists and their collate, other padding) and do not for other examples or another order."""
+    total = shares.numpy()
+    tolerance = SHARES_RTOL * np.abs(scores).max(axis=1, keepdims=True) + 1e-6 * np.abs(total).max()
+    off = np.argwhere(np.abs(total - scores) > tolerance)
+    if off.size:
+        q, i = (int(v) for v in off[0])
+        stage, example = places[i]
+        raise TaskError(
+            f"The per-token shares of training row {rows[i]} (stage {stage!r}, example {example}) sum to "
+            f"{total[q, i]:.4g} where the store's features score it {scores[q, i]:.4g}, so train_data are not the "
+            "examples the store was featurized with (other examples, or another order); pass those, in their order."
+        )
 
 
 def _cached_scores(attributor: Attributor, query: Tensor, places: Sequence[tuple[str, int]]) -> np.ndarray:
