@@ -868,6 +868,7 @@ def test_lightning_weight_averaging_leaves_the_trained_weights_in_the_recorded_r
 
 _DDP_RUN = """
 import json
+import os
 import sys
 
 import lightning.pytorch as pl
@@ -927,6 +928,8 @@ if __name__ == "__main__":
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          gradient_clip_val=0.3, callbacks=[LightningRecorder(sys.argv[1], save_every=2)])
     trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=10))
+    sys.stdout.flush()
+    os._exit(0)  # the processes have joined and the run is recorded: past the interpreter's teardown (seconds)
 """
 
 
