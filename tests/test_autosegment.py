@@ -46,6 +46,11 @@ def test_optimal_partition_matches_brute_force() -> None:
         optimal_partition(gram, ["a", "b", "a"] + ["b"] * 6, 2)
 
 
+PLANT = 140
+"""The step of the planted change in the 200-step runs: off the midpoint, so that a segmenter cutting a run into
+equal parts does not land on it by chance (a checkpoint every 10 or 20 steps falls on it)."""
+
+
 def _data() -> TensorDataset:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(120, 5, generator=g)
@@ -60,7 +65,7 @@ def _run(
     adam: bool = False,
     save_every: int = 10,
 ):
-    """200 mini-batch steps, checkpoints every ``save_every``; at step 100 the rate or the data change."""
+    """200 mini-batch steps, checkpoints every ``save_every``; at step ``PLANT`` the rate or the data change."""
     data = _data()
     x, y = data.tensors
     torch.manual_seed(0)
@@ -72,10 +77,10 @@ def _run(
     pool = torch.arange(len(y))
     early = pool if classes_before is None else pool[torch.isin(y, torch.tensor(classes_before))]
     for step in range(200):
-        if step == 100:
+        if step == PLANT:
             for group in opt.param_groups:
                 group["lr"] = group["lr"] * lr_after / 0.2
-        source = early if step < 100 else pool
+        source = early if step < PLANT else pool
         idx = source[torch.randint(len(source), (16,), generator=g)]
         opt.zero_grad()
         F.cross_entropy(model(x[idx]), y[idx]).backward()
@@ -103,7 +108,7 @@ def _store(run: Path, store: Path, **options) -> sp.Store:
 @pytest.fixture(scope="module")
 def featurized(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """SGD runs featurized once for the module (``copy`` one before fitting it): ``"lr drop"`` (the rate falls
-    tenfold at step 100), ``"data change"`` (classes 0 and 1 only before step 100) and ``"plain"``."""
+    tenfold at step ``PLANT``), ``"data change"`` (classes 0 and 1 only before it) and ``"plain"``."""
     root = tmp_path_factory.mktemp("autosegment")
     runs = {"lr drop": {"lr_after": 0.02}, "data change": {"classes_before": (0, 1)}, "plain": {}}
     for i, kwargs in enumerate(runs.values()):
@@ -121,34 +126,34 @@ def test_automatic_cut_lands_on_a_planted_learning_rate_drop(tmp_path: Path, fea
     store = _copy(featurized["lr drop"], tmp_path)
     sp.fit(store, sp.FitArguments(auto_segments=2), progress=False)
     method = store.meta["methods"]["source"]
-    assert [(s["start_step"], s["end_step"]) for s in method["segments"]] == [(0, 100), (100, 200)]
-    assert method["view"]["cuts"] == [100]
+    assert [(s["start_step"], s["end_step"]) for s in method["segments"]] == [(0, PLANT), (PLANT, 200)]
+    assert method["view"]["cuts"] == [PLANT]
 
 
 def test_automatic_cut_lands_on_a_planted_change_of_data(tmp_path: Path, featurized: dict[str, Path]) -> None:
     store = sp.fit(_copy(featurized["data change"], tmp_path), sp.FitArguments(auto_segments=2), progress=False)
-    # the checkpoint at step 100 still holds the parameters trained on the old data: the change shows from 110
+    # the checkpoint at the plant still holds the parameters trained on the old data: the change shows from the next
     [cut] = store.meta["methods"]["source"]["view"]["cuts"]
-    assert cut in (100, 110), cut
+    assert cut in (PLANT, PLANT + 10), cut
     # a stationary run gives no reason to cut there: the same budget goes elsewhere
     plain = sp.fit(_copy(featurized["plain"], tmp_path, "p.sp"), sp.FitArguments(auto_segments=2), progress=False)
-    assert plain.meta["methods"]["source"]["view"]["cuts"][0] not in (100, 110)
+    assert plain.meta["methods"]["source"]["view"]["cuts"][0] not in (PLANT, PLANT + 10)
 
 
 def test_adam_run_chooses_automatic_cuts_before_featurize_and_keeps_them(tmp_path: Path) -> None:
-    _run(tmp_path / "run", lr_after=0.02, adam=True, save_every=20)  # 11 checkpoints: the cut at 100 is one of 9
+    _run(tmp_path / "run", lr_after=0.02, adam=True, save_every=20)  # 11 checkpoints: the cut at PLANT is one of 9
     store = _store(tmp_path / "run", tmp_path / "s.sp", segmentation=sp.SegmentationArguments(auto=2, probe_rows=40))
     recorded = store.meta["segmentation"]
-    assert recorded["arguments"] == {"auto": 2, "probe_rows": 40} and recorded["view"]["cuts"] == [100]
+    assert recorded["arguments"] == {"auto": 2, "probe_rows": 40} and recorded["view"]["cuts"] == [PLANT]
     assert store.array("probe/grads/main/step-00000000").shape == (40, 64)
     sp.fit(store, progress=False)
-    assert [s["end_step"] for s in store.meta["methods"]["source"]["segments"]] == [100, 200]
+    assert [s["end_step"] for s in store.meta["methods"]["source"]["segments"]] == [PLANT, 200]
     with pytest.raises(sp.StoreError, match="preconditioned features"):
         sp.fit(store, sp.FitArguments(auto_segments=3, method="other"), progress=False)
 
     out = CliRunner().invoke(main, ["trajectory", str(tmp_path / "s.sp"), "--plot", str(tmp_path / "t.png")])
     assert out.exit_code == 0, out.output
-    assert "cut at step 100" in out.output and (tmp_path / "t.png").stat().st_size > 10_000
+    assert f"cut at step {PLANT}" in out.output and (tmp_path / "t.png").stat().st_size > 10_000
 
 
 def test_budget_outside_the_checkpoints_is_refused(tmp_path: Path, featurized: dict[str, Path]) -> None:
@@ -205,7 +210,7 @@ def test_auto_without_a_budget_chooses_the_number_of_segments() -> None:
 def test_auto_without_a_budget_cuts_a_planted_learning_rate_drop(tmp_path: Path, featurized: dict[str, Path]) -> None:
     store = _copy(featurized["lr drop"], tmp_path)
     sp.fit(store, sp.FitArguments(auto_segments=0), progress=False)
-    assert 100 in store.meta["methods"]["source"]["view"]["cuts"]
+    assert PLANT in store.meta["methods"]["source"]["view"]["cuts"]
 
 
 def test_wide_curvature_signatures_are_sketched_and_keep_their_gram(
@@ -243,7 +248,7 @@ def test_auto_segments_a_store_of_exact_gradients_without_a_parameter_square_mat
         tmp_path / "exact.sp",
         projection=sp.ProjectionArguments(kind="identity"),
         options=sp.FeaturizeArguments(
-            batch_size=60, chunk_rows=60, curvature="kfac", checkpoint_steps=(0, 40, 80, 100, 140, 180)
+            batch_size=60, chunk_rows=60, curvature="kfac", checkpoint_steps=(0, 40, 80, 100, PLANT, 180)
         ),
         progress=False,
     )
@@ -254,7 +259,7 @@ def test_auto_segments_a_store_of_exact_gradients_without_a_parameter_square_mat
     monkeypatch.setattr(autosegment, "_sketch", lambda k: sketched.append(k) or real(k))
     sp.fit(store, sp.FitArguments(auto_segments=2, curvature="kfac"), progress=False)
     assert sketched == [147]
-    assert store.meta["methods"]["source"]["view"]["cuts"] == [100]
+    assert store.meta["methods"]["source"]["view"]["cuts"] == [PLANT]
 
 
 def test_the_trajectory_view_of_a_fast_only_store_says_what_it_lacks(tmp_path: Path, tiny_run: Path) -> None:
