@@ -610,7 +610,8 @@ def test_killed_captured_run_resumes_into_the_store_of_an_uninterrupted_run(
 ) -> None:
     """Killed between checkpoints, or while a window's chunks are being written: the resumed run (recorder
     and capture on the same directories) ends with the run, windows (and the end pass of its 3.7 epochs) and
-    trajectory of an uninterrupted one."""
+    trajectory of an uninterrupted one. Before it trains, the resumed capture holds the windows before its
+    checkpoint only: the one cut short from that checkpoint (while-writing) is dropped, not left to be overwritten."""
     kwargs = _fourteen_steps("factored")
     if crash == "mid-window":
         with pytest.raises(_Killed):
@@ -618,7 +619,15 @@ def test_killed_captured_run_resumes_into_the_store_of_an_uninterrupted_run(
     else:
         _killed_while_writing(monkeypatch, tmp_path / "b.sp", "capture/grads/main/step-00000004",
                               lambda: _train(tmp_path / "b", tmp_path / "b.sp", classification_data, **kwargs))
-    _train(tmp_path / "b", tmp_path / "b.sp", classification_data, resume=True, **kwargs)
+    resumed_at = max(int(p.stem.removeprefix("step-")) for p in (tmp_path / "b" / "checkpoints").iterdir())
+    assert resumed_at == (8 if crash == "mid-window" else 4)
+
+    def windows_before_the_resume() -> None:
+        names = sp.Store.open(tmp_path / "b.sp").progress_arrays("capture/grads/")
+        assert [int(n.rsplit("-", 1)[1]) for n in names] == list(range(0, resumed_at, 4))
+
+    _train(tmp_path / "b", tmp_path / "b.sp", classification_data, resume=True, on_start=windows_before_the_resume,
+           **kwargs)  # fmt: skip
     a, b = sp.Trajectory.load(uninterrupted / "factored"), sp.Trajectory.load(tmp_path / "b")
     assert a.fingerprint() == b.fingerprint() and [c.step for c in b.checkpoints] == [0, 4, 8, 12, 14]
     expected, got = _store_arrays(uninterrupted / "factored.sp"), _store_arrays(tmp_path / "b.sp")
