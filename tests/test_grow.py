@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import source_proj as sp
+from source_proj.featurize.grow import record_growth
 from source_proj.store.provenance import REFERENCE_ROWS, _seeded_rows
 
 
@@ -146,6 +147,16 @@ def test_a_grown_store_is_the_longer_runs_store_and_only_new_checkpoints_are_com
     b = sp.fit(scratch, progress=False)
     for stage in ("main", "extra"):
         assert np.array_equal(a.read(f"methods/source/train/{stage}"), b.read(f"methods/source/train/{stage}"))
+
+
+def test_each_growth_is_added_to_the_history_of_those_before(tmp_path: Path) -> None:
+    """A store grown twice names both runs it held (``meta["growth"]``), not only the latest."""
+    first = {"checkpoints": [0, 4], "fingerprint": "a", "dropped_methods": [], "finished": True}
+    store = sp.Store.create(tmp_path / "s.sp", {"trajectory": {"checkpoints": [0, 4, 8], "fingerprint": "b"},
+                                               "growth": [first], "featurized": True, "methods": {}})  # fmt: skip
+    record_growth(store)
+    second = {"checkpoints": [0, 4, 8], "fingerprint": "b", "dropped_methods": [], "finished": True}
+    assert sp.Store.open(store.path).meta["growth"] == [first, second]
 
 
 def test_a_store_does_not_grow_into_a_run_that_did_not_continue_it(tmp_path: Path, runs: Path) -> None:
