@@ -14,8 +14,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import source_proj as sp
-from source_proj.featurize.grow import record_growth
+from source_proj.featurize.grow import finished_before_growth, record_growth
 from source_proj.store.provenance import REFERENCE_ROWS, _seeded_rows
+from source_proj.store.store import ckpt_key
 
 
 def _mlp() -> nn.Module:
@@ -157,6 +158,17 @@ def test_each_growth_is_added_to_the_history_of_those_before(tmp_path: Path) -> 
     record_growth(store)
     second = {"checkpoints": [0, 4, 8], "fingerprint": "b", "dropped_methods": [], "finished": True}
     assert sp.Store.open(store.path).meta["growth"] == [first, second]
+
+
+def test_only_the_work_of_a_store_that_had_finished_is_trusted_after_its_growth(runs: Path) -> None:
+    """Writers resuming a growth skip re-checking the chunks of the units the store had finished before it; a store
+    killed before it finished trusts none of them (its chunks may be torn)."""
+    grown = sp.Trajectory.load(runs / "run16")
+    entry = {"checkpoints": [0, 4, 8], "fingerprint": "f", "dropped_methods": []}
+    assert finished_before_growth({"growth": [{**entry, "finished": False}]}, grown) == set()
+    assert finished_before_growth({"growth": [{**entry, "finished": True}]}, grown) == {
+        ("main", ckpt_key(step)) for step in (0, 4, 8)
+    }
 
 
 def test_a_store_does_not_grow_into_a_run_that_did_not_continue_it(tmp_path: Path, runs: Path) -> None:
