@@ -67,9 +67,9 @@ def _unrolled_scores(data: TensorDataset, queries: TensorDataset, lr: float, ste
     return jacrev(final_measurement)(torch.ones(len(y), dtype=torch.float64)).numpy()
 
 
-@pytest.mark.parametrize("lr", [0.04, 0.02])
+@pytest.mark.parametrize("lr", [0.08, 0.04])  # 5 and 10 one-step segments: each a checkpoint to store
 def test_one_segment_per_step_matches_the_exact_unrolled_derivative(tmp_path: Path, regression_data, lr) -> None:
-    steps = int(0.4 / lr)
+    steps = round(0.4 / lr)
     queries = TensorDataset(torch.randn(4, 3, generator=torch.Generator().manual_seed(5)), torch.zeros(4))
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
@@ -89,7 +89,7 @@ def test_one_segment_per_step_matches_the_exact_unrolled_derivative(tmp_path: Pa
     exact = _unrolled_scores(regression_data, queries, lr, steps)
     rel = np.linalg.norm(ours - exact) / np.linalg.norm(exact)
     # exp(−ηH) and (I − ηH) differ by η²H²/2 per step: the relative error is about η·σ_max/2 at most (0.2·η·σ_max
-    # here; a survival exp(−0.9·ηH) is 0.75·η·σ_max off at η = 0.02).
+    # here; a survival exp(−0.9·ηH) stays under it at these rates, but its error is no longer first order: see below).
     sigma_max = float(torch.linalg.eigvalsh(2 * regression_data.tensors[0].T @ regression_data.tensors[0] / 12).max())
     assert rel < lr * sigma_max / 2, (rel, lr * sigma_max / 2)
     _unrolled_errors[lr] = rel
@@ -99,10 +99,10 @@ _unrolled_errors: dict[float, float] = {}
 
 
 def test_unrolled_error_is_first_order_in_the_learning_rate() -> None:
-    if set(_unrolled_errors) != {0.04, 0.02}:
+    if set(_unrolled_errors) != {0.08, 0.04}:
         pytest.fail("run together with test_one_segment_per_step_matches_the_exact_unrolled_derivative")
-    ratio = _unrolled_errors[0.02] / _unrolled_errors[0.04]
-    assert 0.35 < ratio < 0.65, ratio
+    ratio = _unrolled_errors[0.04] / _unrolled_errors[0.08]
+    assert 0.35 < ratio < 0.65, ratio  # 0.51; 1.8 with a survival exp(−0.9·ηH)
 
 
 @pytest.mark.parametrize("damping_factor", [0.0, 0.5])
