@@ -4,6 +4,7 @@ rows' own mean, a sharded run against one process, and the refusals."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import click
@@ -23,26 +24,44 @@ from source_proj.methods.fit import checkpoint_curvature
 from source_proj.store.info import store_summary
 from source_proj.store.store import Store, ckpt_key
 
-from .conftest import full_batch_run, mlp
+from .conftest import _classification_data, full_batch_run, mlp
 
 BATCH, CHUNK = 3, 9  # 30 examples: chunks of 9, 9, 9 and 3 rows, of 3, 3, 3 and 1 batches
 
 
-@pytest.fixture
-def run(tmp_path: Path, classification_data: TensorDataset) -> Path:
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Made once for the module and only read (featurize reads it): checkpoints at steps 0, 5 and 10."""
+    path = tmp_path_factory.mktemp("fisher-examples") / "run"
     torch.manual_seed(0)
-    full_batch_run(tmp_path / "run", mlp(), classification_data, lambda o, t: F.cross_entropy(o, t, reduction="none"),
+    full_batch_run(path, mlp(), _classification_data(), lambda o, t: F.cross_entropy(o, t, reduction="none"),
                    lr=0.1, steps=10, save_every=5)  # fmt: skip
-    return tmp_path / "run"
+    return path
+
+
+_finished: dict[tuple, Path] = {}
+"""The finished stores :func:`_featurize` wrote, by their run and settings: a later call with the same ones gets a
+copy (the tests featurize some settings several times; what they test is what the store holds)."""
 
 
 def _featurize(run: Path, data: TensorDataset, store: Path, kind: str, fisher: str, examples: int | str | None,
                shard: Shard | None = None) -> Store:  # fmt: skip
+    """``store`` featurized from ``run`` at k = 16 in chunks of 9 rows and batches of 3 (a fresh copy of an equal
+    store already written, where ``store`` does not exist and no shard or ``"auto"`` is asked for)."""
+    key = (run, kind, fisher, examples)
+    same_data = all(torch.equal(a, b) for a, b in zip(data.tensors, _classification_data().tensors, strict=True))
+    reusable = shard is None and examples != "auto" and same_data and not store.exists()
+    if reusable and key in _finished:
+        shutil.copytree(_finished[key], store)
+        return Store.open(store)
     sp.featurize(run, mlp(), sp.ClassificationTask(), data, store,
                  projection=sp.ProjectionArguments(dim=16, kind=kind),
                  options=sp.FeaturizeArguments(batch_size=BATCH, chunk_rows=CHUNK, fisher=fisher,
                                                fisher_examples=examples),
                  progress=False, shard=shard)  # fmt: skip
+    if reusable:
+        _finished[key] = store.with_name(f"{store.name}.finished")
+        shutil.copytree(store, _finished[key])
     return Store.open(store)
 
 
