@@ -1703,9 +1703,9 @@ def test_the_end_pass_adds_each_examples_gradient_at_the_stages_final_weights_as
     it at the final checkpoint) is kept with the last window, training and the random state stay untouched, and fit
     reads it as one more visit of every example there: the same SOURCE as the store without it with the pass added
     to that window's sums by hand. A store whose end pass is missing is refused by fit and flagged by verify."""
-    kwargs = {"steps": 14, "batch": 8, "save_every": 4, "datasets": {"main": classification_data}}
+    kwargs = {"steps": 8, "batch": 8, "save_every": 4, "datasets": {"main": classification_data}}
     torch.manual_seed(5)
-    plain = _train(tmp_path / "p", None, classification_data, steps=14, batch=8, save_every=4, model=_mlp(dropout=0.3))
+    plain = _train(tmp_path / "p", None, classification_data, steps=8, batch=8, save_every=4, model=_mlp(dropout=0.3))
     plain_state = torch.get_rng_state()
     torch.manual_seed(5)
     end = sp.CaptureArguments(chunk_rows=8, end_pass=True, basis_batch=7)  # batches straddle the chunks
@@ -1722,14 +1722,14 @@ def test_the_end_pass_adds_each_examples_gradient_at_the_stages_final_weights_as
         projection=_projection(), options=sp.FeaturizeArguments(chunk_rows=8, measurement=False), progress=False,
     )  # fmt: skip
     with_end, without = sp.Store.open(tmp_path / "e.sp"), sp.Store.open(tmp_path / "n.sp", writable=True)
-    last = window_array("end", "main", 12)  # the stage's last window starts at step 12 and closes at 14
+    last = window_array("end", "main", 4)  # the stage's last window starts at step 4 and closes at 8
     assert [n for n in with_end.progress_arrays("capture/end/")] == [last]
-    want = posthoc.read(f"grads/main/{ckpt_key(14)}")
+    want = posthoc.read(f"grads/main/{ckpt_key(8)}")
     assert np.abs(want).max() > 0
     assert np.allclose(with_end.read(last), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
     for kind in ("grads", "visits"):  # by hand: the pass as one more visit of the last window
-        name = window_array(kind, "main", 12)
+        name = window_array(kind, "main", 4)
         values = without.read(name)
         added = values + (with_end.read(last) if kind == "grads" else 1)
         for chunk in range(-(-len(values) // 8)):
@@ -1745,7 +1745,7 @@ def test_the_end_pass_adds_each_examples_gradient_at_the_stages_final_weights_as
 
     shutil.rmtree(tmp_path / "e.sp" / last)
     assert sp.verify_store(tmp_path / "e.sp", progress=False).status != "ok"
-    with pytest.raises(sp.StoreError, match=r"lacks the features \['capture/end/main/step-00000012'\]"):
+    with pytest.raises(sp.StoreError, match=r"lacks the features \['capture/end/main/step-00000004'\]"):
         sp.fit(tmp_path / "e.sp", overwrite=True, progress=False)
     with pytest.raises(sp.TaskError, match=r"^The end pass reads each stage's examples .* pass datasets="):
         _train(tmp_path / "x", tmp_path / "x.sp", classification_data, steps=4, batch=8, save_every=4, options=end)
@@ -1796,11 +1796,11 @@ def test_the_eigen_end_pass_of_adamw_projects_with_the_last_windows_basis_and_a_
         return torch.optim.AdamW(params, lr=0.05, weight_decay=0.01)
 
     projection = sp.ProjectionArguments(dim=24, kind="eigen", adam_rank=8)
-    kwargs = {"steps": 14, "batch": 8, "save_every": 4, "options": sp.CaptureArguments(chunk_rows=8, end_pass=True),
+    kwargs = {"steps": 8, "batch": 8, "save_every": 4, "options": sp.CaptureArguments(chunk_rows=8, end_pass=True),
               "datasets": {"main": classification_data}, "projection": projection, "optimizer": adamw}
     _train(tmp_path / "a", tmp_path / "a.sp", classification_data, **kwargs)
     store = sp.Store.open(tmp_path / "a.sp")
-    last = window_array("end", "main", 12)
+    last = window_array("end", "main", 4)  # the last window: steps 4 to 8
     trajectory = sp.Trajectory.load(tmp_path / "a")
     model = _mlp()
     optimizer = adamw(model.parameters())
@@ -1810,8 +1810,8 @@ def test_the_eigen_end_pass_of_adamw_projects_with_the_last_windows_basis_and_a_
     names = [name for name, _ in model.named_parameters()]
     scale = _adam_scale(optimizer, model)
     grads = PerExampleGradients(model, sp.ClassificationTask(), names)(classification_data.tensors)
-    name = window_basis_array("main", 12)
-    basis = EigenBasis.unpack(store.read(name), store.meta["capture_bases"]["main/12"], name)
+    name = window_basis_array("main", 4)
+    basis = EigenBasis.unpack(store.read(name), store.meta["capture_bases"]["main/4"], name)
     projector = projection.projector([(n, tuple(p.shape)) for n, p in model.named_parameters()], model, basis)
     want = projector.project({n: grads[n] * scale[n] for n in names}).numpy()
     got = store.read(last)
