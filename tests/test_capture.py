@@ -147,10 +147,11 @@ class _Killed(Exception):
 
 
 def _uninterrupted_and_resumed(tmp_path: Path, data: TensorDataset, **kwargs: object) -> tuple[sp.Store, sp.Store]:
-    """The stores of one run trained through (``a.sp``) and of the same run killed at step 10 and resumed (``b.sp``)."""
+    """The stores of one run trained through (``a.sp``) and of the same run killed at step 6 (mid-window, where a
+    checkpoint every 4 steps) and resumed (``b.sp``)."""
     _train(tmp_path / "a", tmp_path / "a.sp", data, **kwargs)
     with pytest.raises(_Killed):
-        _train(tmp_path / "b", tmp_path / "b.sp", data, crash_after=10, **kwargs)
+        _train(tmp_path / "b", tmp_path / "b.sp", data, crash_after=6, **kwargs)
     _train(tmp_path / "b", tmp_path / "b.sp", data, resume=True, **kwargs)
     return sp.Store.open(tmp_path / "a.sp"), sp.Store.open(tmp_path / "b.sp")
 
@@ -1502,13 +1503,13 @@ def test_eigen_capture_of_sgd_groups_at_a_ratio_of_rates_resumes_into_the_uninte
     """SGD with groups at 1:5 on the eigen projection: a run killed mid-window resumes, the basis passes of the windows
     before it re-taken in u = R^{-1/2}θ (the stage's ratios, whatever optimizer state the checkpoint holds), into the
     windows, window bases, denominators and final basis of an uninterrupted run."""
-    kwargs = {"steps": 14, "batch": 8, "save_every": 4, "options": sp.CaptureArguments(chunk_rows=8),
+    kwargs = {"steps": 10, "batch": 8, "save_every": 4, "options": sp.CaptureArguments(chunk_rows=8),
               "datasets": {"main": classification_data}, "projection": _eigen_capture(24),
               "optimizer": lambda params: torch.optim.SGD(_two_rates(params, 0.1), momentum=0.9)}
     a, b = _uninterrupted_and_resumed(tmp_path, classification_data, **kwargs)
     assert a.meta["projection"] == b.meta["projection"] and a.meta["capture_bases"] == b.meta["capture_bases"]
     names = a.progress_arrays("capture/")
-    assert sum(name.startswith("capture/denominator/") for name in names) == 4
+    assert sum(name.startswith("capture/denominator/") for name in names) == 3  # windows 0, 4 and 8
     for name in names:
         assert np.array_equal(a.read(name), b.read(name)), name
 
@@ -1611,7 +1612,7 @@ def test_eigen_capture_of_adamw_takes_each_windows_factors_in_adams_coordinates_
     def adamw(params):
         return torch.optim.AdamW(params, lr=0.05, weight_decay=0.01)
 
-    kwargs = {"steps": 14, "batch": 8, "save_every": 4, "options": sp.CaptureArguments(chunk_rows=8),
+    kwargs = {"steps": 10, "batch": 8, "save_every": 4, "options": sp.CaptureArguments(chunk_rows=8),
               "datasets": {"main": classification_data}, "projection": _eigen_capture(24), "optimizer": adamw}
     a, b = _uninterrupted_and_resumed(tmp_path, classification_data, **kwargs)
     assert a.meta["projection"] == b.meta["projection"] and a.meta["capture_bases"] == b.meta["capture_bases"]
@@ -1628,7 +1629,7 @@ def test_eigen_capture_of_adamw_takes_each_windows_factors_in_adams_coordinates_
                   batch_size=8, device=torch.device("cpu"))  # basis_batch="auto": the first training batch
         for _ in range(2)
     )  # fmt: skip
-    for i, start in enumerate((0, 4, 8, 12)):  # in order: each window's basis averages the factors so far
+    for i, start in enumerate((0, 4, 8)):  # in order: each window's basis averages the factors so far
         state = trajectory.load_state(next(c for c in trajectory.checkpoints if c.step == start))
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -1636,10 +1637,10 @@ def test_eigen_capture_of_adamw_takes_each_windows_factors_in_adams_coordinates_
         assert (d is None) == (start == 0)
         basis_pass.visit("main", "test", basis_pass.quiet(), rank_one_sides(d, basis_pass.layers) if d else None)
         raw_pass.visit("main", "test", raw_pass.quiet())
-        want = basis_pass.basis([0, 4, 8, 12][: i + 1], "")
+        want = basis_pass.basis([0, 4, 8][: i + 1], "")
         assert a.meta["capture_bases"][f"main/{start}"]["digest"] == want.digest(), start
         if d is not None:  # the raw factors give another basis: the scaling is what made it
-            assert raw_pass.basis([0, 4, 8, 12][: i + 1], "").digest() != want.digest()
+            assert raw_pass.basis([0, 4, 8][: i + 1], "").digest() != want.digest()
 
 
 def test_eigen_capture_bounds_each_windows_basis_pass_by_a_share_of_the_window_before_and_resumes_exactly(
