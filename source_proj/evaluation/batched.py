@@ -198,14 +198,16 @@ def _check_takes_seed(build_model: ModelBuilder) -> None:
     """Refuse a model builder that cannot be called as ``build_model(seed)`` (the other guides' zero-argument
     ``build_model()``), which would end in a TypeError from inside the trainer."""
     try:
-        inspect.signature(build_model).bind(0)
+        signature = inspect.signature(build_model)
+    except ValueError:  # a builtin without a readable signature: let the call say what it takes
+        return
+    try:
+        signature.bind(0)
     except TypeError:
         raise TaskError(
             "BatchedSGD calls build_model(seed) for each copy (its initialisation drawn from the seed), but this "
             "build_model takes no seed; give it one parameter, e.g. def build_model(seed): torch.manual_seed(seed); ..."
         ) from None
-    except ValueError:  # a builtin without a readable signature: let the call say what it takes
-        pass
 
 
 def _mask(keep: Keep, stage: SGDStage) -> np.ndarray:
