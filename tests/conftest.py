@@ -40,6 +40,7 @@ def _one_thread() -> Iterator[None]:
     if torch.get_num_threads() != 1:
         torch.set_num_threads(1)
 
+
 RAM_DISK = Path("/dev/shm")
 
 
