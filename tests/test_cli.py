@@ -198,6 +198,11 @@ def test_info_shows_the_settings_fit_and_featurize_fixed(tmp_path: Path, run: tu
     assert ("  curvature projected; damping λ = weight decay + 0.5 × mean eigenvalue; each segment averaged over "
             "its steps\n") in text, text
     assert "  damping factor 2.0, rcond 1e-06\n" in text, text
+    # no damping at all is IF's pseudo-inverse, as BaselineArguments(damping_factor=0) allows
+    undamped = cli.invoke(main, ["baseline", str(store), "--kind", "if", "--damping-factor", "0", "--force"])
+    assert undamped.exit_code == 0, undamped.output
+    summary = json.loads(cli.invoke(main, ["info", str(store), "--json"]).output)
+    assert summary["methods"]["if"]["settings"] == {"damping_factor": 0.0, "rcond": 1e-6}
     opened = sp.Store.open(store, writable=True)
     methods = opened.meta["methods"]
     opened.update_meta(methods={**methods, "source": {**methods["source"], "complete": False}})

@@ -1111,8 +1111,8 @@ def verify(store_path: str, repair: bool, as_json: bool) -> None:
     "--damping-factor",
     default=3.0,
     show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
-    help="IF: damping = factor × mean eigenvalue.",
+    type=click.FloatRange(min=0),
+    help="IF: damping = factor × mean eigenvalue (0: none; eigenvalues below 1e-6 × the largest are dropped).",
 )
 @click.option(
     "--trak-dim",
