@@ -16,9 +16,19 @@ class SourceProjError(Exception):
         subject: where the sentence refuses one argument's value (the ``check_*`` helpers below), the argument as it
             begins the sentence (``"LDSArguments.num_subsets"``, ``"ProjectionArguments.module_dims['fc']"``), else
             ``None``: a caller that knows the argument by another name (the command line, by its option) names it so.
+        mentions: other arguments the sentence names with a value, each ``(field, value)``
+            (``("FitArguments.average", "checkpoints")``), written ``average='checkpoints'`` (``mention``): the
+            command line writes them as options (``--average checkpoints``).
     """
 
     subject: str | None = None
+    mentions: tuple[tuple[str, object], ...] = ()
+
+
+def mention(field: str, value: object) -> str:
+    """How a sentence names the argument ``field`` (``"FitArguments.average"``) set to ``value`` in Python
+    (``average='checkpoints'``); an error lists it in its ``mentions`` so that the command line names its option."""
+    return f"{field.rpartition('.')[2]}={value!r}"
 
 
 class TrajectoryError(SourceProjError):
@@ -51,10 +61,14 @@ def not_an_instance(value: object, kind: type, what: str, called: str, hint: str
     return f"The {what} given is a {type(value).__name__}, not a {called}; {hint}"
 
 
-def refusal(error: type[SourceProjError], what: str, rest: str) -> SourceProjError:
-    """``error`` with the sentence ``what`` + ``rest``, ``what`` (the argument it refuses) its subject."""
-    err = error(what + rest)
+def refusal(
+    error: type[SourceProjError], what: str | None, rest: str, mentions: Sequence[tuple[str, object]] = ()
+) -> SourceProjError:
+    """``error`` with the sentence ``what`` + ``rest``, ``what`` (the argument it refuses) its subject (``None``: a
+    sentence that begins otherwise) and ``mentions`` the other arguments ``rest`` names (``mention``)."""
+    err = error((what or "") + rest)
     err.subject = what
+    err.mentions = tuple(mentions)
     return err
 
 

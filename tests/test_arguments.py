@@ -34,6 +34,9 @@ def _refusal(build: Any, error: type[SourceProjError] = sp.TaskError) -> str:
         ({"kind": "factored", "module_dims": [("fc*", 8)]}, "ProjectionArguments.module_dims is [('fc*', 8)]; pass a "
                                                             "dict of module-name patterns to dimensions, e.g. "
                                                             "{'fc*': 64}."),
+        ({"kind": "rademacher", "basis_checkpoints": 2}, "ProjectionArguments.basis_checkpoints sets the eigen "
+                                                         "projection's basis; kind='rademacher' has none, so drop it "
+                                                         "(or use kind='eigen')."),
     ],
 )
 def test_projection_arguments_refuse_bad_fields(fields: dict, expected: str) -> None:
@@ -95,6 +98,9 @@ def test_ivf_arguments_refuse_bad_fields(fields: dict, expected: str) -> None:
         ({"boundaries": (-1,)}, "FitArguments.boundaries is (-1,); " + SEEDS),  # not SegmentationArguments', at fit
         ({"boundaries": ()}, "FitArguments.boundaries is (); " + SEEDS),
         ({"average": "mean"}, "FitArguments.average is 'mean'; use one of steps, checkpoints."),
+        ({"fast": True, "average": "checkpoints"}, "Fast-SOURCE's features were computed at each segment's "
+                                                   "step-averaged parameters by featurize; average='checkpoints' "
+                                                   "applies to SOURCE's per-checkpoint features only."),
         # two ways to segment: one silently won (auto over boundaries over segments_per_stage)
         (
             {"segments_per_stage": 2, "boundaries": (100,)},

@@ -28,8 +28,11 @@ STEPS = "pass a non-empty tuple of whole numbers ≥ 0."
         ([*FEATURIZE, "--segments", "at:-5"], "--segments is (-5,); " + STEPS, "boundaries"),
         ([*FEATURIZE, "--shard-chunks", "0"], "--shard-chunks is 0; " + WHOLE.format(1), "shard_chunks"),
         ([*FEATURIZE, "--basis-checkpoints", "2", "--projection", "rademacher"],
-         "--basis-checkpoints sets the eigen projection's basis; kind='rademacher' has none, so drop it (or use "
-         "kind='eigen').", None),
+         "--basis-checkpoints sets the eigen projection's basis; --projection rademacher has none, so drop it (or "
+         "use --projection eigen).", None),
+        (["fit", "/missing/s.sp", "--fast", "--average", "checkpoints"],
+         "Fast-SOURCE's features were computed at each segment's step-averaged parameters by featurize; --average "
+         "checkpoints applies to SOURCE's per-checkpoint features only.", "average="),
         (["fit", "/missing/s.sp", "--segments", "-2"], "--segments is -2; " + WHOLE.format(1), "per_stage"),
         (["fit", "/missing/s.sp", "--segments", "at:"], "--segments is (); " + STEPS, "boundaries"),
         (["fit", "/missing/s.sp", "--boundaries", "-1"], "--boundaries is (-1,); " + STEPS, None),

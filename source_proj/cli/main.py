@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 import source_proj as sp
 from source_proj import evaluation as ev
 from source_proj.distributed import Shard, launched
-from source_proj.errors import describe_out_of_memory, first_line, out_of_memory
+from source_proj.errors import describe_out_of_memory, first_line, mention, out_of_memory
 from source_proj.evaluation.lds import MIN_SUBSETS
 from source_proj.figures import check_figure_path
 from source_proj.methods.fit import store_view
@@ -67,10 +67,13 @@ class _Command(click.Command):
             sys.stdout.flush()  # a reader that has left (`| head`) is met here, where click handles it, not at exit
             return result
         except sp.SourceProjError as err:
+            text = self._spelled(str(err), err.mentions)
             option = _option_of(self, err.subject)
-            if option is None:
-                raise click.ClickException(str(err)) from err
-            raise click.UsageError(option + str(err)[len(err.subject or ""):], ctx) from err
+            if option is not None:
+                raise click.UsageError(option + text[len(err.subject or ""):], ctx) from err
+            if text != str(err):  # options that do not go together
+                raise click.UsageError(text, ctx) from err
+            raise click.ClickException(text) from err
         except (click.ClickException, click.exceptions.Exit, click.Abort, BrokenPipeError):
             raise  # click ends a command whose output's reader left quietly (exit status 1)
         except Exception as err:
@@ -85,6 +88,16 @@ class _Command(click.Command):
                 f"source-proj {ctx.info_name} failed unexpectedly ({type(err).__name__}: {first_line(err)}); this is "
                 "a bug, please report it with the command (SOURCE_PROJ_TRACEBACK=1 shows where it happened)."
             ) from err
+
+    def _spelled(self, text: str, mentions: tuple[tuple[str, object], ...]) -> str:
+        """``text`` with the arguments it names in Python (``average='checkpoints'``) named by this command's options
+        (``--average checkpoints``), where it has them."""
+        for field, value in mentions:
+            option = _option_of(self, field)
+            if option is not None:
+                typed = option if value is True else f"{option} {value}"
+                text = text.replace(mention(field, value), typed)
+        return text
 
     def _memory_advice(self, ctx: click.Context) -> str:
         """What to change when the command ran out of memory."""

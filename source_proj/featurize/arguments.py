@@ -22,6 +22,7 @@ from source_proj.errors import (
     check_choice,
     check_whole,
     check_wholes,
+    mention,
     not_an_instance,
     refusal,
 )
@@ -118,11 +119,13 @@ class ProjectionArguments:
         if self.basis_checkpoints is not None:
             _positive(self, "basis_checkpoints")
             if self.kind != "eigen":
+                kind = "ProjectionArguments.kind"
                 raise refusal(
                     TaskError,
                     "ProjectionArguments.basis_checkpoints",
-                    f" sets the eigen projection's basis; kind={self.kind!r} has none, so drop it (or use "
-                    "kind='eigen').",
+                    f" sets the eigen projection's basis; {mention(kind, self.kind)} has none, so drop it (or use "
+                    f"{mention(kind, 'eigen')}).",
+                    [(kind, self.kind), (kind, "eigen")],
                 )
 
     def basis_inputs(self, *more: object) -> str:

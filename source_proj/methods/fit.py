@@ -28,6 +28,8 @@ from source_proj.errors import (
     check_real,
     check_whole,
     check_wholes,
+    mention,
+    refusal,
 )
 from source_proj.featurize.arguments import default_device
 from source_proj.featurize.factors import layers_from_description
@@ -129,9 +131,12 @@ class FitArguments:
     def __post_init__(self) -> None:
         check_choice("FitArguments.average", self.average, AVERAGES)
         if self.fast and self.average != "steps":
-            raise TaskError(
+            raise refusal(
+                TaskError,
+                None,
                 "Fast-SOURCE's features were computed at each segment's step-averaged parameters by featurize; "
-                f"average={self.average!r} applies to SOURCE's per-checkpoint features only."
+                f"{mention('FitArguments.average', self.average)} applies to SOURCE's per-checkpoint features only.",
+                [("FitArguments.average", self.average)],
             )
         check_choice("FitArguments.fast", self.fast, (True, False))
         if self.stages is not None:
