@@ -34,6 +34,15 @@ def _refusal(build: Any, error: type[SourceProjError] = sp.TaskError) -> str:
         ({"kind": "factored", "module_dims": [("fc*", 8)]}, "ProjectionArguments.module_dims is [('fc*', 8)]; pass a "
                                                             "dict of module-name patterns to dimensions, e.g. "
                                                             "{'fc*': 64}."),
+        ({"module_dims": {"fc*": 8}}, "ProjectionArguments.module_dims sets the 'factored' projection's per-layer "
+                                      "blocks; kind='eigen' shares k between the layers itself, so drop it (or use "
+                                      "kind='factored')."),
+        ({"kind": "auto", "module_dims": {"fc*": 8}}, "ProjectionArguments.module_dims sets the 'factored' "
+                                                      "projection's per-layer blocks; kind='auto' has no per-layer "
+                                                      "blocks, so drop it (or use kind='factored')."),
+        ({"kind": "rademacher", "adam_rank": 2}, "ProjectionArguments.adam_rank sets the rank of the per-layer "
+                                                 "projections' Adam scaling; kind='rademacher' has no layers (the "
+                                                 "dense one scales exactly), so drop it (or use kind='eigen')."),
         ({"kind": "rademacher", "basis_checkpoints": 2}, "ProjectionArguments.basis_checkpoints sets the eigen "
                                                          "projection's basis; kind='rademacher' has none, so drop it "
                                                          "(or use kind='eigen')."),
@@ -230,6 +239,7 @@ def test_valid_arguments_are_still_accepted() -> None:
     sp.ProjectionArguments(kind="auto")
     sp.ProjectionArguments(kind="identity", dim=0)
     sp.ProjectionArguments(kind="factored", module_dims={"fc*": 8}, adam_rank=2)
+    sp.ProjectionArguments(kind="eigen", adam_rank=2)
     sp.FeaturizeArguments(fisher="exact", curvature="both", precision="bf16", shard_chunks=1)
     sp.SegmentationArguments(auto=0)
     sp.IVFArguments(fp16=True, seed=0)

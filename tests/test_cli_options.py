@@ -30,6 +30,12 @@ STEPS = "pass a non-empty tuple of whole numbers ≥ 0."
         ([*FEATURIZE, "--basis-checkpoints", "2", "--projection", "rademacher"],
          "--basis-checkpoints sets the eigen projection's basis; --projection rademacher has none, so drop it (or "
          "use --projection eigen).", None),
+        ([*FEATURIZE, "--module-dim", "fc=8"], "--module-dim sets the 'factored' projection's per-layer blocks; "
+         "--projection eigen shares k between the layers itself, so drop it (or use --projection factored).",
+         "module_dims"),
+        ([*FEATURIZE, "--adam-rank", "2", "--projection", "rademacher"], "--adam-rank sets the rank of the per-layer "
+         "projections' Adam scaling; --projection rademacher has no layers (the dense one scales exactly), so drop "
+         "it (or use --projection eigen).", "kind="),
         (["fit", "/missing/s.sp", "--fast", "--average", "checkpoints"],
          "Fast-SOURCE's features were computed at each segment's step-averaged parameters by featurize; --average "
          "checkpoints applies to SOURCE's per-checkpoint features only.", "average="),

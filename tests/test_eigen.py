@@ -287,16 +287,19 @@ class _Bilinear(nn.Module):
         return x @ self.w
 
 
+@pytest.mark.parametrize("adam_rank", [1, 2])
 def test_a_model_without_kronecker_layers_falls_back_to_the_dense_projection(
-    tmp_path: Path, classification_data
+    tmp_path: Path, classification_data, adam_rank: int
 ) -> None:
     """The eigen projection needs layers with Kronecker factors; without any, featurize warns in one
-    sentence and uses the dense Rademacher projection, which the store records (and queries rebuild)."""
+    sentence and uses the dense Rademacher projection, which the store records (and queries rebuild). An
+    ``adam_rank`` the eigen projection took goes with it: the dense projection scales by Adam's D exactly."""
     run = tmp_path / "run"
     full_batch_run(run, _Bilinear(), classification_data, lambda o, y: F.cross_entropy(o, y, reduction="none"),
                    lr=0.3, steps=2)  # fmt: skip
     with pytest.warns(UserWarning, match="dense 'rademacher' projection instead"):
-        store = _featurize(run, _Bilinear(), classification_data, tmp_path / "s.sp", kind="eigen", dim=8)
+        store = _featurize(run, _Bilinear(), classification_data, tmp_path / "s.sp", kind="eigen", dim=8,
+                           adam_rank=adam_rank)  # fmt: skip
     assert store.meta["projection"]["kind"] == "rademacher"
     sp.fit(store, progress=False)
     scores = sp.Attributor(store, _Bilinear(), sp.ClassificationTask()).scores(classification_data)

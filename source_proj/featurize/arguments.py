@@ -108,6 +108,7 @@ class ProjectionArguments:
             )
         for pattern, dim in self.module_dims.items():
             check_whole(f"ProjectionArguments.module_dims[{pattern!r}]", dim)
+        self._check_layer_fields()
         if self.kind != "identity":  # k = p there, whatever dim says
             _positive(self, "dim")
         _positive(self, "seed", minimum=0)
@@ -127,6 +128,28 @@ class ProjectionArguments:
                     f"{mention(kind, 'eigen')}).",
                     [(kind, self.kind), (kind, "eigen")],
                 )
+
+    def _check_layer_fields(self) -> None:
+        """Refuse ``module_dims`` on a kind other than ``"factored"`` and ``adam_rank`` on one without layers (they
+        would be ignored, or refused only once the run and the model are read)."""
+        kind = "ProjectionArguments.kind"
+        if self.module_dims and self.kind != "factored":
+            why = "shares k between the layers itself" if self.kind == "eigen" else "has no per-layer blocks"
+            raise refusal(
+                TaskError,
+                "ProjectionArguments.module_dims",
+                f" sets the 'factored' projection's per-layer blocks; {mention(kind, self.kind)} {why}, so drop it "
+                f"(or use {mention(kind, 'factored')}).",
+                [(kind, self.kind), (kind, "factored")],
+            )
+        if self.adam_rank != 1 and self.kind not in ("factored", "eigen"):
+            raise refusal(
+                TaskError,
+                "ProjectionArguments.adam_rank",
+                f" sets the rank of the per-layer projections' Adam scaling; {mention(kind, self.kind)} has no layers "
+                f"(the dense one scales exactly), so drop it (or use {mention(kind, 'eigen')}).",
+                [(kind, self.kind), (kind, "eigen")],
+            )
 
     def basis_inputs(self, *more: object) -> str:
         """The digest of what an eigen basis is estimated from (with ``more``: the parameters' names, ...): a store

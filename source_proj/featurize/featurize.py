@@ -255,7 +255,7 @@ class _Featurize:
                         f"{err} Featurize uses the dense 'rademacher' projection instead; the store records it.",
                         stacklevel=4,
                     )
-                    self.projection = replace(self.projection, kind="rademacher")
+                    self.projection = replace(self.projection, kind="rademacher", adam_rank=1)  # D exactly there
             self.projector = self.projection.projector(shapes, self.work_model, self.basis)
             _warn_dense_on_cpu(self.projector, self.device)
             if self.shards is not None:

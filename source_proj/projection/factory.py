@@ -38,15 +38,8 @@ def make_projector(
     ``feature_tiles`` rebuilds a recorded ``"fast_jl"`` projection. ``"eigen"`` needs the model and its
     ``basis`` (featurize estimates it from the run, ``featurize/basis.py``) and takes ``adam_rank``.
     """
-    if kind not in ("factored", "eigen") and (module_dims or adam_rank != 1):
-        raise TaskError(
-            f"module_dims and adam_rank set the 'factored' projection, not {kind!r}; use kind='factored' or drop them."
-        )
-    if kind == "eigen" and module_dims:
-        raise TaskError(
-            "module_dims set the 'factored' projection's blocks, and the 'eigen' projection (the default) shares k "
-            "between the layers itself; pass kind='factored' (--projection factored) with them, or drop them."
-        )
+    # module_dims and adam_rank on a kind that takes neither: refused by ProjectionArguments (a store holds them only
+    # for the kinds that take them)
     if kind == "identity":
         return IdentityProjector(shapes)
     if dim is None:
