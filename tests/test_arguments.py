@@ -107,9 +107,10 @@ def test_ivf_arguments_refuse_bad_fields(fields: dict, expected: str) -> None:
         ({"boundaries": (-1,)}, "FitArguments.boundaries is (-1,); " + SEEDS),  # not SegmentationArguments', at fit
         ({"boundaries": ()}, "FitArguments.boundaries is (); " + SEEDS),
         ({"average": "mean"}, "FitArguments.average is 'mean'; use one of steps, checkpoints."),
-        ({"fast": True, "average": "checkpoints"}, "Fast-SOURCE's features were computed at each segment's "
-                                                   "step-averaged parameters by featurize; average='checkpoints' "
-                                                   "applies to SOURCE's per-checkpoint features only."),
+        ({"fast": True, "average": "checkpoints"}, "FitArguments.average is 'checkpoints', which Fast-SOURCE does "
+                                                   "not take: featurize computed its features at each segment's "
+                                                   "step-averaged parameters; drop it, or fit SOURCE (without "
+                                                   "fast=True)."),
         # two ways to segment: one silently won (auto over boundaries over segments_per_stage)
         (
             {"segments_per_stage": 2, "boundaries": (100,)},

@@ -37,8 +37,8 @@ STEPS = "pass a non-empty tuple of whole numbers ≥ 0."
          "projections' Adam scaling; --projection rademacher has no layers (the dense one scales exactly), so drop "
          "it (or use --projection eigen).", "kind="),
         (["fit", "/missing/s.sp", "--fast", "--average", "checkpoints"],
-         "Fast-SOURCE's features were computed at each segment's step-averaged parameters by featurize; --average "
-         "checkpoints applies to SOURCE's per-checkpoint features only.", "average="),
+         "--average is 'checkpoints', which Fast-SOURCE does not take: featurize computed its features at each "
+         "segment's step-averaged parameters; drop it, or fit SOURCE (without --fast).", "fast="),
         (["fit", "/missing/s.sp", "--segments", "-2"], "--segments is -2; " + WHOLE.format(1), "per_stage"),
         (["fit", "/missing/s.sp", "--segments", "at:"], "--segments is (); " + STEPS, "boundaries"),
         (["fit", "/missing/s.sp", "--boundaries", "-1"], "--boundaries is (-1,); " + STEPS, None),

@@ -57,7 +57,7 @@ def test_fast_source_equals_source_when_gradients_are_affine_in_the_parameters(t
     assert np.allclose(fast, source, rtol=1e-4, atol=1e-6 * np.abs(source).max())
     plain = sp.Attributor(store, nn.Linear(3, 1), task, method="plain").scores(queries)
     assert not np.allclose(plain, source, rtol=1e-2)
-    with pytest.raises(sp.TaskError, match="Fast-SOURCE's features were computed at each segment's step-averaged"):
+    with pytest.raises(sp.TaskError, match="which Fast-SOURCE does not take: featurize computed its features at each"):
         sp.FitArguments(fast=True, average="checkpoints")
 
 

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from click.testing import CliRunner
 from torch import nn
 from torch.utils.data import TensorDataset
 
 import source_proj as sp
+from source_proj.cli.main import main
 from source_proj.featurize import arguments
 from source_proj.featurize.factors import FactorCollector, _output_positions, _positions, kronecker_layers
 from source_proj.methods.kronecker import KroneckerCurvature, LayerFactors, layer_matrix, source_query_directions
@@ -405,6 +407,30 @@ def test_source_with_kronecker_curvature_equals_brute_force(
         expected += -(direction @ gbar.T) / gbar.shape[0]
         carried = carried @ fn_of(h, lambda s, t=seg.time: survival(s, t))
     np.testing.assert_allclose(ours, expected.numpy(), rtol=2e-3, atol=1e-6 * float(expected.abs().max()))
+
+
+def test_a_store_of_kronecker_factors_only_refuses_the_projected_curvature_naming_what_to_fit_with(
+    tmp_path: Path, kfac_run: _KfacRun
+) -> None:
+    """featurize(curvature="kfac") keeps no projected Fisher; fit asked for the projected curvature says to fit with
+    the Kronecker one, as ``curvature='kfac'`` in Python and as ``--curvature kfac`` on the command line."""
+    store = tmp_path / "s.sp"
+    shutil.copytree(kfac_run.store, store)
+    with pytest.raises(sp.StoreError) as err:
+        sp.fit(store, sp.FitArguments(curvature="projected"), progress=False)
+    assert str(err.value) == (
+        "This store was featurized with curvature='kfac', so it has no 'projected' curvature; fit with "
+        "curvature='kfac', or re-run featurize with FeaturizeArguments(curvature='projected') (--curvature) into "
+        "another store."
+    )
+    out = CliRunner().invoke(main, ["fit", str(store), "--curvature", "projected"])
+    assert out.exit_code == 1 and "Traceback" not in out.output, out.output
+    assert out.output.splitlines()[-1] == (
+        "Error: This store was featurized with --curvature kfac, so it has no 'projected' curvature; fit with "
+        "--curvature kfac, or re-run featurize with FeaturizeArguments(curvature='projected') (--curvature) into "
+        "another store."
+    )
+    assert "methods" not in sp.Store.open(store).meta or not sp.Store.open(store).meta["methods"]
 
 
 def test_query_directions_reduce_to_the_influence_function_and_to_grad_dot() -> None:

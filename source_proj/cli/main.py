@@ -69,11 +69,9 @@ class _Command(click.Command):
         except sp.SourceProjError as err:
             text = self._spelled(str(err), err.mentions)
             option = _option_of(self, err.subject)
-            if option is not None:
-                raise click.UsageError(option + text[len(err.subject or ""):], ctx) from err
-            if text != str(err):  # options that do not go together
-                raise click.UsageError(text, ctx) from err
-            raise click.ClickException(text) from err
+            if option is None:
+                raise click.ClickException(text) from err
+            raise click.UsageError(option + text[len(err.subject or ""):], ctx) from err
         except (click.ClickException, click.exceptions.Exit, click.Abort, BrokenPipeError):
             raise  # click ends a command whose output's reader left quietly (exit status 1)
         except Exception as err:

@@ -133,10 +133,11 @@ class FitArguments:
         if self.fast and self.average != "steps":
             raise refusal(
                 TaskError,
-                None,
-                "Fast-SOURCE's features were computed at each segment's step-averaged parameters by featurize; "
-                f"{mention('FitArguments.average', self.average)} applies to SOURCE's per-checkpoint features only.",
-                [("FitArguments.average", self.average)],
+                "FitArguments.average",
+                f" is {self.average!r}, which Fast-SOURCE does not take: featurize computed its features at each "
+                "segment's step-averaged parameters; drop it, or fit SOURCE (without "
+                f"{mention('FitArguments.fast', True)}).",
+                [("FitArguments.fast", True)],
             )
         check_choice("FitArguments.fast", self.fast, (True, False))
         if self.stages is not None:
@@ -175,14 +176,19 @@ class FitArguments:
         stored = meta["featurize"].get("curvature", "projected")
         curvature = self.curvature or ("kfac" if stored == "kfac" else "projected")
         available = {"kfac": ("kfac", "both"), "projected": ("projected", "both")}[curvature]
+        field = "FitArguments.curvature"
         if stored not in available:
-            raise StoreError(
+            raise refusal(
+                StoreError,
+                None,
                 f"This store was featurized with curvature={stored!r}, so it has no {curvature!r} curvature; fit "
-                f"with curvature={stored!r}, or re-run featurize with FeaturizeArguments(curvature={curvature!r}) "
-                "(--curvature) into another store."
+                f"with {mention(field, stored)}, or re-run featurize with FeaturizeArguments(curvature={curvature!r}) "
+                "(--curvature) into another store.",
+                [(field, stored)],
             )
         if curvature == "projected" and not meta["featurize"].get("fisher_directions") and stored == "kfac":
-            raise StoreError("This store holds no projected Fisher factors; fit with curvature='kfac'.")
+            raise refusal(StoreError, None, "This store holds no projected Fisher factors; fit with "
+                          f"{mention(field, 'kfac')}.", [(field, "kfac")])  # fmt: skip
         return curvature
 
     def segmentation(self) -> SegmentationArguments | None:
