@@ -120,6 +120,19 @@ def test_trajectory_without_learning_rates(tmp_path: Path, tiny_run: Path) -> No
     assert not (tmp_path / "s.sp").exists()
 
 
+def test_a_run_still_being_recorded_is_refused_as_a_trajectory_error(tmp_path: Path, tiny_run: Path) -> None:
+    """An unfinished run (``complete: false``) is the trajectory's fault, not a store's: TrajectoryError, as
+    docs/reference/errors.md lists it, and no store is begun."""
+    run = _copy_run(tiny_run, tmp_path)
+    trajectory = json.loads((run / "trajectory.json").read_text())
+    trajectory["complete"] = False
+    (run / "trajectory.json").write_text(json.dumps(trajectory))
+    with pytest.raises(sp.TrajectoryError, match=r"is incomplete \(training was interrupted") as err:
+        featurize(run, tmp_path / "s.sp")
+    _one_sentence(err)
+    assert not (tmp_path / "s.sp").exists()
+
+
 def test_empty_dataset(tmp_path: Path, tiny_run: Path) -> None:
     empty = TensorDataset(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long))
     with pytest.raises(sp.TaskError, match="The training dataset of stage 'main' is empty") as err:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from source_proj import __version__
 from source_proj.distributed import Ranks, Shard, rank_device, ranks, run_sharded
-from source_proj.errors import NumericalError, StoreError, TaskError
+from source_proj.errors import NumericalError, StoreError, TaskError, TrajectoryError
 from source_proj.featurize.arguments import (
     FeaturizeArguments,
     FisherRows,
@@ -149,7 +149,7 @@ def featurize(
     if options.checkpoint_steps is not None:
         trajectory = trajectory.select(options.checkpoint_steps)
     if not trajectory.complete:
-        raise StoreError(
+        raise TrajectoryError(
             f"The trajectory at {trajectory.path} is incomplete (training was interrupted or close() was not called); "
             "finish training or call TrajectoryRecorder.close()."
         )
