@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -184,9 +185,19 @@ def test_info_shows_the_settings_fit_and_featurize_fixed(tmp_path: Path, run: tu
     featurized = cli.invoke(main, [*args, "--segments", "2", "--fast"])
     assert featurized.exit_code == 0
     assert "segmentation fixed for this store: 2 segments a stage\n" in featurized.output, featurized.output
-    assert cli.invoke(main, ["fit", str(store), "--segments", "2", "--damping-factor", "0.5"]).exit_code == 0
+    fitted = cli.invoke(main, ["fit", str(store), "--segments", "2", "--damping-factor", "0.5"])
+    assert fitted.exit_code == 0, fitted.output
     assert cli.invoke(main, ["baseline", str(store), "--kind", "if,trak", "--damping-factor", "2"]).exit_code == 0
     summary = json.loads(cli.invoke(main, ["info", str(store), "--json"]).output)
+    # info lists the checkpoints each segment averages with their weights, as fit printed them: a segment averaged
+    # over its steps weighs its closing checkpoint too, which its own checkpoints leave out
+    averaged = re.findall(r"averages checkpoints (.*?)  η̄K", fitted.output)
+    listed = re.findall(r"\) checkpoints (.*?) η̄K=", cli.invoke(main, ["info", str(store)]).output)
+    assert len(averaged) == 2 and listed == averaged, (averaged, listed)
+    for seg in summary["methods"]["source"]["segments"]:
+        assert sum(weight for _, weight in seg["averages"]) == pytest.approx(1.0)
+        steps = [step for step, _ in seg["averages"]]
+        assert steps[:-1] == seg["checkpoints"] and steps[-1] > seg["checkpoints"][-1]
     assert summary["segmentation"] == {"per_stage": 2} and summary["segment_means"] is True
     assert summary["methods"]["source"]["settings"] == {"curvature": "projected", "damping_factor": 0.5,
                                                         "average": "steps"}

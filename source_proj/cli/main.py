@@ -38,9 +38,9 @@ from source_proj.query.text_report import text_report
 from source_proj.query.topk import SEARCH_BACKENDS
 from source_proj.spec import Spec, load_spec
 from source_proj.store.durable import atomic_write_bytes
-from source_proj.store.info import store_summary
+from source_proj.store.info import segment_points, store_summary
 from source_proj.store.provenance import check_data
-from source_proj.store.store import ckpt_key, is_store, key_step
+from source_proj.store.store import is_store
 from source_proj.store.verify import method_command, verify_store
 from source_proj.tasks.data import training_examples
 
@@ -645,21 +645,12 @@ def fit(
         click.echo(f"no plot written to {plot_path}: its trajectory view shows where automatic segments cut, and "
                    f"{args.name!r} has none; `source-proj trajectory {store_path} --segments auto:L --plot "
                    f"{plot_path}` draws one")  # fmt: skip
-    if described.get("means"):  # Fast-SOURCE: the checkpoints whose parameters were averaged
-        points = [[(ckpt_key(step), weight) for step, weight in own] for own in described["means"]]
-    else:
-        points = described.get("points") or [None] * len(described["segments"])
     what = "averages the parameters of checkpoints" if described.get("means") else "averages checkpoints"
-    for seg_desc, own in zip(described["segments"], points, strict=True):
+    for seg_desc, own in zip(described["segments"], segment_points(described), strict=True):
         t = seg_desc["mean_lr"] * (seg_desc["end_step"] - seg_desc["start_step"])
-        averaged = (
-            ", ".join(f"{key_step(key)} ×{weight:.3f}" for key, weight in own)
-            if own
-            else ", ".join(str(c) for c in seg_desc["checkpoints"])
-        )
         click.echo(
             f"segment {seg_desc['stage']} steps [{seg_desc['start_step']}, {seg_desc['end_step']}) "
-            f"{what} {averaged}  η̄K = {t:.4g}  λ = {seg_desc['weight_decay']:.3g} "
+            f"{what} {_averaged(seg_desc, own)}  η̄K = {t:.4g}  λ = {seg_desc['weight_decay']:.3g} "
             f"+ {described['damping_factor']:g} × mean eigenvalue"
         )
     click.echo(f"fitted {args.name!r} ({described['kind']}) in {store.path}; attributes stages {described['stages']}")
@@ -1084,9 +1075,16 @@ def info(store_path: str, as_json: bool) -> None:
             click.echo("  " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in settings.items()))
         for seg in m["segments"]:
             click.echo(
-                f"  {seg['stage']} [{seg['start_step']}, {seg['end_step']}) checkpoints {seg['checkpoints']} "
-                f"η̄K={seg['time']:.4g} weight decay {seg['weight_decay']:.3g}"
+                f"  {seg['stage']} [{seg['start_step']}, {seg['end_step']}) checkpoints "
+                f"{_averaged(seg, seg['averages'])} η̄K={seg['time']:.4g} weight decay {seg['weight_decay']:.3g}"
             )
+
+
+def _averaged(segment: dict[str, Any], points: list[tuple[int, float]] | None) -> str:
+    """The checkpoints a segment's features average, each with its weight (``segment_points``), else its own."""
+    if points:
+        return ", ".join(f"{step} ×{weight:.3f}" for step, weight in points)
+    return ", ".join(str(c) for c in segment["checkpoints"])
 
 
 def _segmentation_text(arguments: dict[str, Any]) -> str:

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from source_proj.store.store import Store, ckpt_key
+from source_proj.store.store import Store, ckpt_key, key_step
 
 
 def store_summary(store: Store) -> dict[str, Any]:
@@ -33,7 +33,8 @@ def store_summary(store: Store) -> dict[str, Any]:
             "stages": method["stages"],
             "settings": _settings(method),
             "segments": [
-                {**s, "time": s["mean_lr"] * (s["end_step"] - s["start_step"])} for s in method.get("segments", [])
+                {**s, "time": s["mean_lr"] * (s["end_step"] - s["start_step"]), "averages": own}
+                for s, own in zip(method.get("segments", []), segment_points(method), strict=True)
             ],
         }
     segmentation = (meta.get("segmentation") or {}).get("arguments")
@@ -63,6 +64,19 @@ def store_summary(store: Store) -> dict[str, Any]:
         "spec": meta.get("spec"),
         "methods": methods,
     }
+
+
+def segment_points(method: dict[str, Any]) -> list[list[tuple[int, float]] | None]:
+    """Per segment of a fitted SOURCE ``method`` (its description in the store's metadata), the checkpoints its
+    features average as ``(step, weight)``: the gradients' (SOURCE, ``points``; a segment's closing checkpoint too
+    where it averages its steps) or the parameters' (Fast-SOURCE, ``means``). ``None`` for a segment of a method
+    fitted before the weights were recorded (the plain mean of its own checkpoints) and of the baselines."""
+    segments = method.get("segments", [])
+    if method.get("means"):
+        return [[(int(step), float(weight)) for step, weight in own] for own in method["means"]]
+    if method.get("points"):
+        return [[(key_step(key), float(weight)) for key, weight in own] for own in method["points"]]
+    return [None] * len(segments)
 
 
 def _settings(method: dict[str, Any]) -> dict[str, Any]:
