@@ -1,10 +1,8 @@
 """Gradient transforms (``projection/transform.py``): Kronecker terms per layer and elementwise scales,
 applied identically by the factored hooks and on materialised gradients; Adam's D^{-1/2} as a rank-R
-approximation whose error shrinks with R; saved into and rebuilt from a store."""
+approximation whose error shrinks with R."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +15,6 @@ from source_proj.projection.factored import FactoredProjector
 from source_proj.projection.factory import make_projector
 from source_proj.projection.layers import FactoredLayer
 from source_proj.projection.transform import GradientTransform, LayerTransform, low_rank, scaling_transform
-from source_proj.store.store import Store
 from source_proj.tasks.gradients import PerExampleGradients
 
 
@@ -225,24 +222,6 @@ def test_adams_rank_r_scaling_error_is_bounded_and_shrinks_with_r() -> None:
     assert errors[1] < 0.1 and errors[4] < 0.03, errors  # measured: 0.061, 0.029, 0.015 for R = 1, 2, 4
     assert errors[1] > errors[2] > errors[4], errors
     assert float((gram(GradientTransform()) - exact).norm() / exact.norm()) > 3 * errors[1]  # far better than none
-
-
-def test_transform_saved_into_a_store_is_rebuilt_equal(tmp_path: Path) -> None:
-    model, task, _ = _case("net")
-    names = task.select_parameters(model)
-    params = dict(model.named_parameters())
-    projector = make_projector("factored", [(n, tuple(params[n].shape)) for n in names], 64, 0, model=model)
-    assert isinstance(projector, FactoredProjector)
-    transform = _random_transform(projector, 3, torch.Generator().manual_seed(4))
-    store = Store.create(tmp_path / "s.sp", {})
-    desc = transform.save(store, "transforms/example")
-    again = GradientTransform.load(Store.open(tmp_path / "s.sp"), desc)
-    assert [lt.layer.describe() for lt in again.layers] == [lt.layer.describe() for lt in transform.layers]
-    for a, b in zip(again.layers, transform.layers, strict=True):
-        assert torch.equal(a.left, b.left) and torch.equal(a.right, b.right)
-    assert all(torch.equal(again.elementwise[n], s) for n, s in transform.elementwise.items())
-    with pytest.raises(sp.StoreError, match="incomplete or damaged"):
-        GradientTransform.load(store, {**desc, "prefix": "transforms/missing"})
 
 
 def test_a_parameter_mapped_twice_is_refused() -> None:

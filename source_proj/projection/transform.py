@@ -29,16 +29,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from source_proj.errors import StoreError, TaskError
+from source_proj.errors import TaskError
 from source_proj.projection.layers import FactoredLayer
 
 if TYPE_CHECKING:
-    from source_proj.store.store import Store
+    pass
 
 
 @dataclass(frozen=True)
@@ -152,43 +152,6 @@ class GradientTransform:
         return GradientTransform(
             tuple(lt.to(device) for lt in self.layers), {n: s.to(device) for n, s in self.elementwise.items()}
         )
-
-    def save(self, store: Store, prefix: str) -> dict[str, Any]:
-        """Write the factors as store arrays under ``prefix/``; returns the JSON description ``load`` reads."""
-        layers = []
-        for index, lt in enumerate(self.layers):
-            for side, factors in (("left", lt.left), ("right", lt.right)):
-                store.write_whole(f"{prefix}/layer-{index}/{side}", factors.detach().cpu().float().numpy())
-            layers.append(lt.layer.describe())
-        scales = []
-        for index, (name, scale) in enumerate(self.elementwise.items()):
-            store.write_whole(f"{prefix}/scale-{index}", scale.detach().cpu().float().numpy())
-            scales.append(name)
-        return {"prefix": prefix, "layers": layers, "elementwise": scales}
-
-    @classmethod
-    def load(cls, store: Store, desc: Mapping[str, Any], device: torch.device | str = "cpu") -> GradientTransform:
-        """Rebuild a transform written by ``save`` from its description."""
-        prefix = desc["prefix"]
-        try:
-            layers = tuple(
-                LayerTransform(
-                    FactoredLayer.from_description(layer),
-                    torch.from_numpy(store.read(f"{prefix}/layer-{index}/left")).to(device),
-                    torch.from_numpy(store.read(f"{prefix}/layer-{index}/right")).to(device),
-                )
-                for index, layer in enumerate(desc["layers"])
-            )
-            scales = {
-                name: torch.from_numpy(store.read(f"{prefix}/scale-{index}")).to(device)
-                for index, name in enumerate(desc["elementwise"])
-            }
-        except (KeyError, TaskError, StoreError) as err:
-            raise StoreError(
-                f"The gradient transform {prefix!r} in the store at {store.path} is incomplete or damaged ({err}); "
-                "re-create it with the command that wrote it."
-            ) from err
-        return cls(layers, scales)
 
 
 def low_rank(grid: Tensor, rank: int, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
