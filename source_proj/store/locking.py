@@ -175,11 +175,6 @@ class FileStoreLock(StoreLock):
             os.close(fd)  # drops the probe's lock
         return None
 
-    def held_exclusively(self) -> bool:
-        """Whether this process holds the lock, exclusively (the only writer)."""
-        held = _held.get(self._key)
-        return held is not None and held[1] == "exclusive"
-
     def _refusal(self) -> str:
         try:
             holder = json.loads(self.file.read_text() or "{}")

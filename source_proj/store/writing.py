@@ -3,22 +3,17 @@ session that undoes a store creation that came to nothing."""
 
 from __future__ import annotations
 
-import functools
-import inspect
 import os
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
 
 from source_proj.store import objectstore
 from source_proj.store.durable import remove_partial_files
 from source_proj.store.leaselock import ObjectStoreLock
 from source_proj.store.locking import FileStoreLock, LockMode, StoreLock, writer_name
-from source_proj.store.store import Store, is_remote, is_store, local_path, refuse_foreign_directory
-
-F = TypeVar("F", bound=Callable[..., Any])
+from source_proj.store.store import is_remote, is_store, local_path, refuse_foreign_directory
 
 
 def current_writer(path: str | os.PathLike[str]) -> str | None:
@@ -77,21 +72,3 @@ def _discard(root: Path, *, keep_dir: bool) -> None:
             shutil.rmtree(entry, ignore_errors=True)
         else:
             entry.unlink(missing_ok=True)
-
-
-def writes_store(argument: str, *, keep_new: Callable[[str], bool] = is_store) -> Callable[[F], F]:
-    """Decorator: run the function inside [`writing`][] (exclusive) for the store passed as ``argument``
-    (a path or a [`Store`][])."""
-
-    def decorate(fn: F) -> F:
-        signature = inspect.signature(fn)
-
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            target = signature.bind(*args, **kwargs).arguments[argument]
-            with writing(target.path if isinstance(target, Store) else target, keep_new=keep_new):
-                return fn(*args, **kwargs)
-
-        return wrapper  # type: ignore[return-value]
-
-    return decorate
