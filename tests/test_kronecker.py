@@ -266,6 +266,44 @@ def test_layer_matrix_function_equals_the_explicit_kronecker_matrix_function() -
         torch.testing.assert_close(factors.apply(mats, fn, 0.05).reshape(3, 24), expected, rtol=1e-9, atol=1e-10)
 
 
+def test_query_directions_of_three_segments_with_a_diagonal_equal_the_dense_matrix_functions() -> None:
+    """A_ℓᵀ ∇f = F_ℓ S_{ℓ+1} ⋯ S_L ∇f for three segments (the survival is carried through every later segment, not
+    just the last), each H_ℓ = (B_ℓ ⊗ A_ℓ) ⊕ diag(d_ℓ) + λ_ℓ I on a non-square layer with a bias and a parameter no
+    layer factors, against dense 14 × 14 matrix exponentials and inverses; and its mean eigenvalue is tr(H_ℓ)/p."""
+    g = torch.Generator().manual_seed(11)
+    lin = FactoredLayer("fc", "fc.weight", "fc.bias", 4, 2)  # G is 4 × (2 + 1)
+    shapes = {"fc.weight": (4, 2), "fc.bias": (4,), "norm.weight": (2,)}
+    p = 4 * 3 + 2
+    curvatures, dense = [], []
+    for damping in (0.05, 0.2, 0.1):
+        a_root = torch.randn(3, 3, generator=g, dtype=torch.float64)
+        b_root = torch.randn(4, 4, generator=g, dtype=torch.float64)
+        a, b = a_root @ a_root.T / 3, b_root @ b_root.T / 4
+        diag = torch.rand(2, generator=g, dtype=torch.float64) * 2
+        curvature = KroneckerCurvature((lin,), (LayerFactors.from_factors(a, b),), {"norm.weight": diag}, damping)
+        h = torch.block_diag(torch.kron(b, a), torch.diag(diag))  # row-major vec([W | b]), then the diagonal's
+        assert curvature.mean_eigenvalue() == pytest.approx(float(torch.trace(h)) / p, rel=1e-12)
+        curvatures.append(curvature)
+        dense.append(h + damping * torch.eye(p, dtype=torch.float64))
+    times = [0.7, 1.5, 0.4]
+    grads = {name: torch.randn(2, *shape, generator=g, dtype=torch.float64) for name, shape in shapes.items()}
+
+    def flat(d: dict[str, torch.Tensor]) -> torch.Tensor:
+        mat = torch.cat([d["fc.weight"], d["fc.bias"][:, :, None]], dim=2)
+        return torch.cat([mat.reshape(2, -1), d["norm.weight"]], dim=1)
+
+    eye = torch.eye(p, dtype=torch.float64)
+    survive = [torch.linalg.matrix_exp(-t * h) for h, t in zip(dense, times, strict=True)]
+    response = [(eye - s) @ torch.linalg.inv(h) for s, h in zip(survive, dense, strict=True)]
+    ours = source_query_directions(grads, curvatures, times, shapes)
+    q = flat(grads)
+    for index in range(3):
+        carried = q
+        for later in reversed(survive[index + 1 :]):
+            carried = carried @ later  # q S_L ⋯ S_{ℓ+1}
+        torch.testing.assert_close(flat(ours[index]), carried @ response[index], rtol=1e-9, atol=1e-12)
+
+
 def _two_layer_classifier() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
