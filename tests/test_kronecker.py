@@ -19,9 +19,11 @@ import source_proj as sp
 from source_proj.cli.main import main
 from source_proj.featurize import arguments
 from source_proj.featurize.factors import FactorCollector, _output_positions, _positions, kronecker_layers
+from source_proj.methods.fit import read_curvature
 from source_proj.methods.kronecker import KroneckerCurvature, LayerFactors, layer_matrix, source_query_directions
 from source_proj.methods.source import phi, survival
 from source_proj.projection.factored import FactoredLayer
+from source_proj.store.store import key_step
 from source_proj.tasks.draws import FisherDraws
 from source_proj.tasks.gradients import PerExampleGradients
 
@@ -247,6 +249,66 @@ def test_positions_that_take_no_part_in_the_loss_enter_no_factor() -> None:
     torch.testing.assert_close(every.a[0], inner.T @ inner, rtol=1e-5, atol=1e-6 * float(every.a[0].abs().max()))
     silent = _factor_sums(FactorCollector(grads_fn, layers, diagonal), padded, y, weight * (torch.arange(8) > 0))
     assert silent.positions == [7 + 7 * 4, 8]
+
+
+def test_fitted_kronecker_factors_of_a_layer_over_positions_are_the_mean_over_positions_and_over_examples(
+    tmp_path: Path,
+) -> None:
+    """fit's Kronecker curvature of a layer that sees T = 6 positions per example (``_Pooled``) is B̄ ⊗ Ā with
+    Ā = Σ_n Σ_t ā āᵀ / (N·T) (a mean over positions) and B̄ = Σ_n Σ_c p_c Σ_t δ δᵀ / N (a mean over examples),
+    each averaged over the segment's checkpoints with fit's weights, against explicit per-example loops (the
+    MLP oracles have one position per example, where the two means coincide)."""
+    g = torch.Generator().manual_seed(5)
+    data = TensorDataset(torch.randn(8, 6, 3, generator=g), torch.randint(0, 4, (8,), generator=g))
+    ce = lambda o, t: F.cross_entropy(o, t, reduction="none")  # noqa: E731
+    full_batch_run(tmp_path / "run", _Pooled(), data, ce, lr=0.5, steps=2, save_every=2)
+    store = sp.featurize(
+        tmp_path / "run",
+        _Pooled(),
+        sp.ClassificationTask(),
+        data,
+        tmp_path / "s.sp",
+        projection=sp.ProjectionArguments(kind="identity"),
+        options=sp.FeaturizeArguments(batch_size=8, chunk_rows=8, fisher="exact", curvature="kfac"),
+        progress=False,
+    )
+    sp.fit(store, sp.FitArguments(curvature="kfac"), progress=False)
+    store = sp.Store.open(tmp_path / "s.sp")
+    fitted = read_curvature(store, "methods/source/operators/0", 0.0)
+    traj, model = sp.Trajectory.load(tmp_path / "run"), _Pooled()
+    expected = [[0.0, 0.0], [0.0, 0.0]]  # [layer][A, B]
+    for key, weight in store.meta["methods"]["source"]["points"][0]:
+        traj.load_into(model, next(c for c in traj.checkpoints if c.step == key_step(key)))
+        for i, module in enumerate((model.inner, model.head)):
+            a_total, b_total, positions = 0.0, 0.0, 0
+            for n in range(len(data)):
+                x = data.tensors[0][n : n + 1]
+                probs = torch.softmax(model(x), -1).detach()[0]
+                for c in range(len(probs)):
+                    seen: dict[str, torch.Tensor] = {}
+
+                    def hook(module, args, output, seen=seen):
+                        seen["a"] = args[0].detach()
+                        output.register_hook(lambda grad: seen.__setitem__("d", grad.detach()))
+
+                    handle = module.register_forward_hook(hook)
+                    F.cross_entropy(model(x), torch.tensor([c])).backward()
+                    handle.remove()
+                    a = seen["a"].reshape(-1, module.in_features).double()
+                    a = torch.cat([a, torch.ones(len(a), 1, dtype=torch.float64)], 1)
+                    d = seen["d"].reshape(-1, module.out_features).double()
+                    if c == 0:
+                        a_total, positions = a_total + a.T @ a, positions + len(a)
+                    b_total = b_total + probs[c].double() * d.T @ d
+            assert positions == len(data) * (6 if i == 0 else 1)
+            expected[i][0] = expected[i][0] + weight * a_total / positions
+            expected[i][1] = expected[i][1] + weight * b_total / len(data)
+    for factors, (a, b) in zip(fitted.factors, expected, strict=True):
+        ours_a = (factors.a_vectors * factors.a_values) @ factors.a_vectors.T
+        ours_b = (factors.b_vectors * factors.b_values) @ factors.b_vectors.T
+        product = torch.kron(b, a)  # only B ⊗ A is defined: a scale may move between its factors
+        scale = float(product.abs().max())
+        torch.testing.assert_close(torch.kron(ours_b, ours_a), product, rtol=1e-4, atol=1e-6 * scale)
 
 
 def test_layer_matrix_function_equals_the_explicit_kronecker_matrix_function() -> None:
