@@ -24,6 +24,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 from torch.utils.data import TensorDataset
 
 import source_proj as sp
+from source_proj.store.store import ckpt_key
 
 from .conftest import step_weights_by_hand
 
@@ -542,3 +543,50 @@ def test_adamw_segments_are_the_formula_in_each_segments_preconditioned_coordina
         total = total + later @ response @ g.T / n
     q = f.margins(theta[ONE_STEPS], QUERIES) * ops[-1][3]
     _close(ours["main"], -(q @ total).numpy())
+
+
+def _rebuilt_features(store: sp.Store, method: str, stage: str) -> np.ndarray:
+    """T(z) of ``stage``'s examples rebuilt from the method's ``train`` recipe (what per-token scores split, see
+    ``query/per_token.py``) and the stored gradients: T[columns] += weight · O · Σ_points w_point g̃_point(z)."""
+    description = store.meta["methods"][method]
+    out = np.zeros((store.meta["trajectory"]["stages"][[s["name"] for s in store.meta["trajectory"]["stages"]].index(
+        stage)]["dataset_size"], description["dim"]))  # fmt: skip
+    for term in description["train"]["terms"]:
+        if term["stage"] != stage:
+            continue
+        assert all(point["point"][0] == "checkpoint" and point.get("scale") is None for point in term["points"])
+        summed = sum(float(point.get("weight", 1.0)) * store.read(f"grads/{stage}/{ckpt_key(point['point'][1])}")
+                     .astype(np.float64) for point in term["points"])  # fmt: skip
+        if term["operator"]:
+            summed = summed @ store.read(term["operator"]).astype(np.float64).T
+        lo, hi = term["columns"]
+        assert out[:, lo:hi].shape == summed.shape, (lo, hi, out.shape)
+        out[:, lo:hi] += float(term["weight"]) * summed
+    return out
+
+
+@pytest.mark.slow  # featurizes the two-stage run with Kronecker factors too
+def test_every_train_recipe_rebuilds_the_cached_features_from_the_stored_gradients(
+    tmp_path: Path, two_stages: Path
+) -> None:
+    """The recipe per-token scores follow (``fit._Fit._train_recipe``, ``baselines._term``) is the cached training
+    features exactly: SOURCE (projected: A_ℓ folded, −1/N; Kronecker: one block of k columns per attributed segment,
+    counted among the attributed segments only), fitted to the fine-tuning stage alone after pre-training, and
+    TracIn-CP and Grad-Dot on both stages."""
+    store_path = tmp_path / "s.sp"
+    _featurize(two_stages, store_path, TWO, curvature="both")
+    fits = {
+        "projected": sp.FitArguments(segments_per_stage=2, stages=("fine",), method="projected"),
+        "kfac": sp.FitArguments(segments_per_stage=2, stages=("fine",), curvature="kfac", method="kfac"),
+    }
+    for args in fits.values():
+        sp.fit(store_path, args, progress=False)
+    for kind in ("tracin", "grad-dot"):
+        sp.fit_baseline(store_path, sp.BaselineArguments(kind=kind), progress=False)
+    store = sp.Store.open(store_path)
+    assert store.meta["methods"]["kfac"]["dim"] == 2 * store.meta["projection"]["dim"]  # the fine stage's segments
+    for method in (*fits, "tracin", "grad-dot"):
+        for stage in store.meta["methods"][method]["stages"]:
+            cached = store.read(f"methods/{method}/train/{stage}").astype(np.float64)
+            rebuilt = _rebuilt_features(store, method, stage)
+            np.testing.assert_allclose(rebuilt, cached, rtol=1e-4, atol=1e-5 * np.abs(cached).max(), err_msg=method)
