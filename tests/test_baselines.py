@@ -161,6 +161,19 @@ def test_influence_function_uses_the_damped_gauss_newton_at_the_final_checkpoint
     assert sp.Store.open(store).meta["methods"]["if"]["damping"] == pytest.approx(damping, rel=1e-4)
 
 
+def test_an_absolute_damping_replaces_the_damping_factor_and_zero_is_the_pseudo_inverse(fitted) -> None:
+    """``damping`` δ is added as given (kronfluence's ``damping_factor``), whatever ``damping_factor`` says; δ = 0 is
+    the pseudo-inverse, eigenvalues below rcond × the largest dropped."""
+    run, store, train, queries = fitted
+    b = Brute(run, STEPS, train, queries)
+    h = b.gauss_newton
+    for damping in (0.05, 0.0):
+        method = f"if-{damping}"
+        sp.fit_baseline(store, sp.BaselineArguments(kind="if", method=method, damping=damping), progress=False)
+        assert sp.Store.open(store).meta["methods"][method]["damping"] == damping
+        inverse = torch.linalg.pinv(h + damping * torch.eye(len(h), dtype=torch.float64), hermitian=True, rtol=1e-6)
+        _close(_engine(run, store, queries, method), -(b.q @ inverse @ b.g.T / len(train)).numpy())
+
 def test_trak_is_the_margin_gauss_newton_estimator_with_its_one_minus_p_weights(fitted) -> None:
     run, store, train, queries = fitted
     b = Brute(run, STEPS, train, queries)
