@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 from torch import nn
+from torch.func import functional_call, grad, vmap
 from torch.utils.data import TensorDataset
 
 import source_proj as sp
@@ -26,6 +27,8 @@ from source_proj.projection.factored import FactoredLayer
 from source_proj.store.store import key_step
 from source_proj.tasks.draws import FisherDraws
 from source_proj.tasks.gradients import PerExampleGradients
+from source_proj.trajectory.preconditioner import unflatten
+from source_proj.trajectory.recorder import TrajectoryRecorder
 
 from .conftest import _classification_data, full_batch_run, step_weights_by_hand
 
@@ -289,7 +292,7 @@ def test_fitted_kronecker_factors_of_a_layer_over_positions_are_the_mean_over_po
 
                     def hook(module, args, output, seen=seen):
                         seen["a"] = args[0].detach()
-                        output.register_hook(lambda grad: seen.__setitem__("d", grad.detach()))
+                        output.register_hook(lambda out_grad: seen.__setitem__("d", out_grad.detach()))
 
                     handle = module.register_forward_hook(hook)
                     F.cross_entropy(model(x), torch.tensor([c])).backward()
@@ -653,3 +656,57 @@ def test_a_layer_used_twice_enters_its_factors_with_both_uses_as_positions() -> 
         torch.testing.assert_close(sums[0].a[i], sums[1].a[i], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(sums[0].b[i], sums[1].b[i], rtol=1e-5, atol=1e-6)
         assert sums[0].positions[i] == sums[1].positions[i]
+
+
+def _normed_classifier() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def test_an_adam_segments_fisher_diagonal_is_taken_in_adams_coordinates(tmp_path: Path) -> None:
+    """On an Adam run, fit's Kronecker curvature gives the parameters no layer factors (a LayerNorm's) the Fisher
+    diagonal of the gradients in Adam's coordinates, D^{-1/2} ⊙ ∇ℓ: mean over examples of Σ_c p_c (D^{-1/2} ⊙ ∇ℓ_c)²
+    = D^{-1} times the plain diagonal, averaged over the segment's checkpoints with fit's weights; against per-example
+    per-class autodiff (D^{-1/2}: the segment's stored preconditioner)."""
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(12, 4, generator=g), torch.randint(0, 3, (12,), generator=g)
+    model = _normed_classifier()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    rec = TrajectoryRecorder(tmp_path / "run", model, opt, save_every=2)
+    rec.begin_stage("main", dataset_size=len(y))
+    for _ in range(4):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        rec.step()
+    rec.close()
+    options = sp.FeaturizeArguments(batch_size=12, chunk_rows=12, fisher="exact", curvature="kfac")
+    store = sp.featurize(tmp_path / "run", _normed_classifier(), sp.ClassificationTask(), TensorDataset(x, y),
+                         tmp_path / "s.sp", projection=sp.ProjectionArguments(kind="identity"), options=options,
+                         progress=False)  # fmt: skip
+    sp.fit(store, sp.FitArguments(curvature="kfac"), progress=False)
+    store = sp.Store.open(tmp_path / "s.sp")
+    method = store.meta["methods"]["source"]
+    fitted = read_curvature(store, "methods/source/operators/0", 0.0)
+    assert set(fitted.diagonal) == {"1.weight", "1.bias"}
+    preconditioner = method["segments"][0]["preconditioner"]
+    assert preconditioner is not None
+    scale = unflatten(torch.from_numpy(store.read(preconditioner)).double(), store.meta["params"])
+    traj, net = sp.Trajectory.load(tmp_path / "run"), _normed_classifier().double()
+    expected = dict.fromkeys(fitted.diagonal, 0.0)
+    for key, weight in method["points"][0]:
+        traj.load_into(net, next(c for c in traj.checkpoints if c.step == key_step(key)))
+        params = {n: p.detach() for n, p in net.named_parameters()}
+        probs = torch.softmax(net(x.double()), -1).detach()
+
+        def loss(p, xi, c):
+            return F.cross_entropy(functional_call(net, p, (xi[None],)), c[None])
+
+        for c in range(3):
+            grads = vmap(grad(loss), in_dims=(None, 0, 0))(params, x.double(), torch.full((12,), c))
+            for name in expected:
+                w = probs[:, c].reshape(-1, *[1] * (grads[name].dim() - 1))
+                expected[name] = expected[name] + weight * (w * (scale[name] * grads[name]) ** 2).mean(0)
+    for name, diagonal in fitted.diagonal.items():
+        atol = 1e-7 * float(expected[name].max())
+        torch.testing.assert_close(diagonal.double(), expected[name], rtol=1e-4, atol=atol)
