@@ -244,6 +244,24 @@ def _two_rates(parameters, lr: float) -> list[dict]:
     return [{"params": slow, "lr": lr * RATIOS["0.weight"]}, {"params": [last_weight], "lr": lr}]
 
 
+def test_captured_tracin_weighs_a_window_of_several_steps_by_its_rate_over_its_batch(
+    tmp_path: Path, classification_data
+) -> None:
+    """TracIn over the visits: a window w of K_w = 3 full-batch steps weighs the sum of its 3 N visits' gradients by
+    η̄_w K_w / visits_w = η̄_w / N (η̄ the effective rate 0.1/(1 − 0.9) = 1), not by η̄_w K_w / N or η̄_w K_w (a window
+    of one step, as the test above has, cannot tell these apart)."""
+    n = len(classification_data)
+    _train(tmp_path / "run", tmp_path / "cap.sp", classification_data, steps=6, batch=n, save_every=3,
+           options=sp.CaptureArguments(fisher="empirical", chunk_rows=8))  # fmt: skip
+    store = sp.fit_baseline(tmp_path / "cap.sp", sp.BaselineArguments(kind="tracin"), progress=False)
+    recipe = store.meta["methods"]["tracin"]["query"]
+    assert recipe["checkpoints"] == [0, 3]
+    np.testing.assert_allclose(recipe["weights"], np.sqrt(1.0 / n), rtol=1e-6)
+    sums = [store.read(window_array("grads", "main", window)).astype(np.float64) for window in (0, 3)]
+    assert all((store.read(window_array("visits", "main", window)) == 3).all() for window in (0, 3))
+    expected = np.concatenate([-np.sqrt(1.0 / n) * s for s in sums], axis=1)
+    np.testing.assert_allclose(store.read("methods/tracin/train/main"), expected, rtol=1e-4, atol=1e-6)
+
 @pytest.mark.parametrize("kind", ["sgd", "sgd-eigen", "adamw"])
 def test_full_batch_capture_of_groups_at_a_ratio_of_rates_equals_posthoc_featurize(
     tmp_path: Path, classification_data, kind: str
