@@ -19,11 +19,18 @@ from torch.utils.data import TensorDataset
 import source_proj as sp
 from source_proj.cli.main import main
 from source_proj.featurize import arguments
-from source_proj.featurize.factors import FactorCollector, _output_positions, _positions, kronecker_layers
+from source_proj.featurize.factors import (
+    FactorCollector,
+    _output_positions,
+    _positions,
+    kronecker_layers,
+    layers_from_description,
+)
 from source_proj.methods.fit import read_curvature
 from source_proj.methods.kronecker import KroneckerCurvature, LayerFactors, layer_matrix, source_query_directions
 from source_proj.methods.source import phi, survival
 from source_proj.projection.factored import FactoredLayer
+from source_proj.projection.transform import scaling_transform
 from source_proj.store.store import key_step
 from source_proj.tasks.draws import FisherDraws
 from source_proj.tasks.gradients import PerExampleGradients
@@ -663,11 +670,12 @@ def _normed_classifier() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3))
 
 
-def test_an_adam_segments_fisher_diagonal_is_taken_in_adams_coordinates(tmp_path: Path) -> None:
-    """On an Adam run, fit's Kronecker curvature gives the parameters no layer factors (a LayerNorm's) the Fisher
-    diagonal of the gradients in Adam's coordinates, D^{-1/2} ⊙ ∇ℓ: mean over examples of Σ_c p_c (D^{-1/2} ⊙ ∇ℓ_c)²
-    = D^{-1} times the plain diagonal, averaged over the segment's checkpoints with fit's weights; against per-example
-    per-class autodiff (D^{-1/2}: the segment's stored preconditioner)."""
+def test_an_adam_segments_kronecker_curvature_is_taken_in_adams_coordinates(tmp_path: Path) -> None:
+    """On an Adam run, fit's Kronecker curvature is that of the gradients in Adam's coordinates, D^{-1/2} ⊙ ∇ℓ,
+    averaged over the segment's checkpoints with fit's weights, against per-example per-class autodiff (D^{-1/2}:
+    the segment's stored preconditioner): the parameters no layer factors (a LayerNorm's) get the Fisher diagonal
+    mean Σ_c p_c (D^{-1/2} ⊙ ∇ℓ_c)² = D^{-1} times the plain one; a layer, whose D^{-1/2} enters as its rank-one fit
+    r cᵀ (checked on its own above), the factors of (r cᵀ) ⊙ G = diag(r) G diag(c): B ⊗ A with ā → c ⊙ ā, δ → r ⊙ δ."""
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn(12, 4, generator=g), torch.randint(0, 3, (12,), generator=g)
     model = _normed_classifier()
@@ -694,6 +702,9 @@ def test_an_adam_segments_fisher_diagonal_is_taken_in_adams_coordinates(tmp_path
     scale = unflatten(torch.from_numpy(store.read(preconditioner)).double(), store.meta["params"])
     traj, net = sp.Trajectory.load(tmp_path / "run"), _normed_classifier().double()
     expected = dict.fromkeys(fitted.diagonal, 0.0)
+    layers = layers_from_description(store.meta["featurize"]["kronecker"])[0]
+    assert [layer.weight for layer in layers] == ["0.weight", "3.weight"]
+    factors: list = [[0.0, 0.0], [0.0, 0.0]]  # A and B per layer, each averaged over the points
     for key, weight in method["points"][0]:
         traj.load_into(net, next(c for c in traj.checkpoints if c.step == key_step(key)))
         params = {n: p.detach() for n, p in net.named_parameters()}
@@ -707,6 +718,30 @@ def test_an_adam_segments_fisher_diagonal_is_taken_in_adams_coordinates(tmp_path
             for name in expected:
                 w = probs[:, c].reshape(-1, *[1] * (grads[name].dim() - 1))
                 expected[name] = expected[name] + weight * (w * (scale[name] * grads[name]) ** 2).mean(0)
+        for i, (layer, module) in enumerate(zip(layers, (net[0], net[3]), strict=True)):
+            terms = scaling_transform(scale, [layer], rank=1).layer(layer.weight)
+            row, col = terms.left[0].double(), terms.right[0].double()
+            a_total, b_total = 0.0, 0.0
+            for n in range(len(y)):
+                for c in range(3):
+                    seen: dict[str, torch.Tensor] = {}
+
+                    def hook(module, args, output, seen=seen):
+                        seen["a"] = args[0].detach()
+                        output.register_hook(lambda out_grad: seen.__setitem__("d", out_grad.detach()))
+
+                    handle = module.register_forward_hook(hook)
+                    F.cross_entropy(net(x[n : n + 1].double()), torch.tensor([c])).backward()
+                    handle.remove()
+                    a = torch.cat([seen["a"], torch.ones(1, 1, dtype=torch.float64)], 1) * col
+                    d = seen["d"] * row
+                    a_total = a_total + (a.T @ a if c == 0 else 0.0)
+                    b_total = b_total + probs[n, c] * d.T @ d
+            factors[i] = [factors[i][0] + weight * a_total / len(y), factors[i][1] + weight * b_total / len(y)]
     for name, diagonal in fitted.diagonal.items():
         atol = 1e-7 * float(expected[name].max())
         torch.testing.assert_close(diagonal.double(), expected[name], rtol=1e-4, atol=atol)
+    for f, (a, b) in zip(fitted.factors, factors, strict=True):
+        product = torch.kron(b, a)  # only B ⊗ A is defined: a scale may move between its factors
+        ours = torch.kron((f.b_vectors * f.b_values) @ f.b_vectors.T, (f.a_vectors * f.a_values) @ f.a_vectors.T)
+        torch.testing.assert_close(ours, product, rtol=1e-4, atol=1e-6 * float(product.abs().max()))
