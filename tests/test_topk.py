@@ -309,3 +309,14 @@ def test_a_float16_torch_index_ranks_large_scores_instead_of_overflowing_and_ref
     huge[7, 3] = 1e5
     with pytest.raises(sp.TaskError, match=r"^The torch index's float16 rows overflow .*; hold them in bfloat16"):
         TorchIndex.resident(huge, "cpu", dtype=torch.float16).search(queries, 10)
+
+
+@pytest.mark.parametrize("block_rows", [1000, 7])
+def test_a_torch_index_asked_for_every_row_returns_them_all_in_order(block_rows: int) -> None:
+    """k = N is a valid top-k (``check_k`` takes it, FAISS answers it): every row, sorted. Oracle: brute force."""
+    rng = np.random.default_rng(10)
+    feats, queries = rng.standard_normal((30, 5)).astype(np.float32), rng.standard_normal((3, 5)).astype(np.float32)
+    scores, ids = TorchIndex.resident(feats, "cpu", block_rows=block_rows).search(queries, 30)
+    expected_scores, expected_ids = _brute(queries, feats, 30)
+    np.testing.assert_array_equal(ids, expected_ids)
+    np.testing.assert_allclose(scores, expected_scores, rtol=1e-5, atol=1e-5)
