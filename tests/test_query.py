@@ -126,6 +126,10 @@ def _check_named_by_meaning(result: sp.QueryResult, scores: np.ndarray, k: int) 
             best = np.argmin if r["kind"] == "helpful" else np.argmax
             assert r["index"] == int(best(scores[r["query"]])), r
     np.testing.assert_array_equal(result.helpful_ids, np.argsort(scores, axis=1, kind="stable")[:, :k])
+    # the scores by meaning are the scores of those rows: the most negative first for the helpful ones
+    np.testing.assert_allclose(result.helpful_scores, np.take_along_axis(scores, result.helpful_ids, 1), rtol=1e-5)
+    np.testing.assert_allclose(result.harmful_scores, np.take_along_axis(scores, result.harmful_ids, 1), rtol=1e-5)
+    assert (result.helpful_scores[:, 0] < 0).all() and (np.diff(result.helpful_scores, axis=1) >= 0).all()
     assert result.positive_helps is False and result.score_labels == sp.RegressionTask.score_labels
     np.testing.assert_array_equal(result.positive_ids, np.argsort(-scores, axis=1, kind="stable")[:, :k])
     assert (result.helpful_ids == result.negative_ids).all() and (result.harmful_ids == result.positive_ids).all()
@@ -268,3 +272,37 @@ def test_locate_maps_rows_to_stages_and_refuses_a_row_outside_them(row: int) -> 
     expected = rf"^Row {row} is not a feature row of this result, whose rows are 0 to 49\.$"
     with pytest.raises(sp.TaskError, match=expected):
         result.locate(row)
+
+
+def test_rows_scoring_zero_are_in_neither_list_of_records_nor_counted_as_full_lists() -> None:
+    """A row scoring exactly 0 neither helped nor harmed the query: ``records()`` leaves it out of both lists and
+    ``short_lists()`` counts a list ending in it as short (mutants: ``≥ 0`` kept it as helpful and harmful, ``< 0``
+    counted a positive list ending in it as full). Oracle: scores 1, 0, −1."""
+    index = faiss.IndexFlatIP(2)
+    index.add(np.array([[1, 0], [0, 0], [-1, 0]], dtype=np.float32))
+    result = search(index, np.array([[1.0, 0.5]], dtype=np.float32), 2, [StageRows("a", 0, 3)])
+    assert result.positive_scores.tolist() == [[1.0, 0.0]] and result.negative_scores.tolist() == [[-1.0, 0.0]]
+    assert result.short_lists() == (1, 1)
+    records = [(r["kind"], r["index"], r["score"]) for r in result.records()]
+    assert records == [("helpful", 0, 1.0), ("harmful", 2, -1.0)]
+
+
+def test_a_faiss_search_of_more_queries_than_one_batch_keeps_every_querys_lists(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A FAISS index is searched in batches of queries (``[q; −q]``, 4,096 rows a call); a batch that dropped or
+    repeated a row would shift every later query's lists, the harmful ones into another query's. The batch is
+    made 4 rows here so that 7 queries (14 rows) take four; oracle: a sort of the score matrix."""
+    from source_proj.query import attributor as attributor_module
+
+    monkeypatch.setattr(attributor_module, "_FAISS_QUERY_BATCH", 4)
+    rng = np.random.default_rng(9)
+    feats, queries = rng.standard_normal((40, 6)).astype(np.float32), rng.standard_normal((7, 6)).astype(np.float32)
+    index = faiss.IndexFlatIP(6)
+    index.add(feats)
+    result = search(index, queries, 5, [StageRows("a", 0, 40)])
+    scores = queries.astype(np.float64) @ feats.T.astype(np.float64)
+    np.testing.assert_array_equal(result.positive_ids, np.argsort(-scores, axis=1)[:, :5])
+    np.testing.assert_array_equal(result.negative_ids, np.argsort(scores, axis=1)[:, :5])
+    np.testing.assert_allclose(result.negative_scores, np.sort(scores, axis=1)[:, :5], rtol=1e-5)
+
