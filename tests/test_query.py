@@ -306,3 +306,57 @@ def test_a_faiss_search_of_more_queries_than_one_batch_keeps_every_querys_lists(
     np.testing.assert_array_equal(result.negative_ids, np.argsort(scores, axis=1)[:, :5])
     np.testing.assert_allclose(result.negative_scores, np.sort(scores, axis=1)[:, :5], rtol=1e-5)
 
+
+@pytest.fixture(scope="module")
+def two_stage_stores(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two fitted stores (identity projection) of two-stage runs ("pre": 6 rows, then "fine": 5 rows) of a linear
+    regression from two initialisations; chunks of 4 rows, so stage and chunk ends differ."""
+    root = tmp_path_factory.mktemp("two-stage")
+    g = torch.Generator().manual_seed(0)
+    data = {"pre": TensorDataset(torch.randn(6, 3, generator=g), torch.randn(6, generator=g)),
+            "fine": TensorDataset(torch.randn(5, 3, generator=g), torch.randn(5, generator=g))}  # fmt: skip
+    stores = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = nn.Linear(3, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        rec = sp.TrajectoryRecorder(root / f"run{seed}", model, opt, save_every=3)
+        for name, stage in data.items():
+            x, y = stage.tensors
+            rec.begin_stage(name, dataset_size=len(y))
+            for _ in range(3):
+                opt.zero_grad()
+                ((model(x).squeeze(-1) - y) ** 2).mean().backward()
+                opt.step()
+                rec.step()
+        rec.close()
+        store = sp.featurize(root / f"run{seed}", nn.Linear(3, 1), sp.RegressionTask(), data, root / f"s{seed}.sp",
+                             projection=sp.ProjectionArguments(kind="identity"),
+                             options=sp.FeaturizeArguments(chunk_rows=4), progress=False)  # fmt: skip
+        sp.fit(store, progress=False)
+        stores.append(root / f"s{seed}.sp")
+    return stores
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch", "stream"])
+def test_a_two_stage_top_k_finds_and_locates_each_stages_rows_with_each_backend(
+    two_stage_stores: list[Path], backend: str
+) -> None:
+    """The rows of a method attributing two stages are the first stage's, then the second's (offset 6): the index
+    must place each stage's chunks at their offset and ``locate`` must name the stage. The tests' stores had one
+    stage, where a lost offset (0 for every stage, or each stage's chunks written over the first's) goes unseen.
+    Oracle: a sort of the score matrix, and the stage sizes."""
+    queries = TensorDataset(torch.randn(4, 3, generator=torch.Generator().manual_seed(5)), torch.zeros(4))
+    attributor = sp.Attributor(two_stage_stores[0], nn.Linear(3, 1), sp.RegressionTask(), search_backend=backend,
+                               progress=False)  # type: ignore[arg-type]  # fmt: skip
+    ensemble = sp.Ensemble.open(two_stage_stores, nn.Linear(3, 1), sp.RegressionTask(), search_backend=backend,
+                                progress=False)  # type: ignore[arg-type]  # fmt: skip
+    assert attributor.rows == [StageRows("pre", 0, 6), StageRows("fine", 6, 5)] == ensemble.rows
+    for source in (attributor, ensemble):
+        scores = source.scores(queries)
+        assert scores.shape == (4, 11) and all(len(np.unique(row)) == 11 for row in scores)
+        result = source.top_k(queries, 11)  # every row: each must come back once, in score order
+        np.testing.assert_array_equal(result.positive_ids, np.argsort(-scores, axis=1))
+        np.testing.assert_allclose(result.positive_scores, -np.sort(-scores, axis=1), rtol=1e-5, atol=1e-7)
+        located = [result.locate(row) for row in range(11)]
+        assert located == [("pre", i) for i in range(6)] + [("fine", i) for i in range(5)]
