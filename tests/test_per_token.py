@@ -121,3 +121,70 @@ def test_token_scores_refuse_rows_that_are_not_a_flat_list_of_whole_numbers(
     with pytest.raises(sp.TaskError, match=rf"^token_scores takes rows .*; got {given}"):
         sp.token_scores(attributor, torch.utils.data.Subset(data, [0]), data, rows, progress=False)  # type: ignore[arg-type]
 
+
+
+class _Bigram(nn.Module):
+    """A bigram language model: token t's logits read token t alone, so position t's activations reach only the
+    loss of predicting token t + 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.head = nn.Embedding(13, 4), nn.Linear(4, 13)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(input_ids))
+
+
+@pytest.mark.slow
+def test_per_token_scores_put_each_positions_share_at_that_position(tmp_path: Path) -> None:
+    """Oracle: in a bigram model position t's activations carry only the loss of predicting token t + 1, so under
+    grad-dot (identity projection: score ∝ ⟨∇f(q), ∇ℓ(z)⟩) position t's share is ⟨∇f(q), ∇ℓ_t(z)⟩ up to the
+    method's one constant, brute-forced per position. The other tests check that the shares sum to the score and
+    leave padding at zero, which shares moved to a neighbouring position (the last real token's is zero in a causal
+    model) also do."""
+    import numpy as np
+    import torch.nn.functional as F
+    from torch.func import functional_call, grad
+
+    train = sp.TextDataset([[1, 5, 2, 7, 3], [4, 2, 6], [7, 1, 9, 3, 11]])
+    queries = sp.TextDataset([[3, 9, 4, 2], [6, 1, 5]])
+    task = sp.LanguageModelingTask(tokens_per_sequence=4.5, parameters=sp.ParameterSelection())  # every parameter
+    model = _Bigram()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
+    recorder = sp.TrajectoryRecorder(tmp_path / "run", model, optimizer, save_every=2)
+    recorder.begin_stage("main", dataset_size=len(train))
+    batch = {key: torch.stack([train[i][key] for i in range(len(train))]) for key in train[0]}
+    for _ in range(2):
+        optimizer.zero_grad()
+        task.loss(task.forward(model, batch), batch).mean().backward()
+        optimizer.step()
+        recorder.step()
+    recorder.close()
+    store = sp.featurize(tmp_path / "run", _Bigram(), task, train, tmp_path / "s.sp", progress=False,
+                         projection=sp.ProjectionArguments(kind="identity"))  # fmt: skip
+    sp.fit_baseline(store, sp.BaselineArguments(kind="grad-dot"), progress=False)
+    result = sp.token_scores(sp.Attributor(store.path, _Bigram(), task, method="grad-dot"), queries, train, [0, 1, 2],
+                             progress=False)  # fmt: skip
+
+    final = _Bigram().double()
+    sp.Trajectory.load(tmp_path / "run").load_into(final, sp.Trajectory.load(tmp_path / "run").final_checkpoint)
+    params = {n: p.detach() for n, p in final.named_parameters()}
+
+    def token_loss(theta: dict[str, torch.Tensor], seq: list[int], t: int) -> torch.Tensor:
+        ids = torch.tensor([seq])
+        return F.cross_entropy(functional_call(final, theta, (ids, torch.ones_like(ids)))[0, t], ids[0, t + 1])
+
+    def flat(g: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([g[n].reshape(-1) for n in params])
+
+    query_grads = [flat(grad(lambda th, s=s: sum(token_loss(th, s, t) for t in range(len(s) - 1)))(params))
+                   for s in ([3, 9, 4, 2], [6, 1, 5])]  # fmt: skip
+    expected = np.zeros(result.tokens.shape)
+    for i, seq in enumerate([[1, 5, 2, 7, 3], [4, 2, 6], [7, 1, 9, 3, 11]]):
+        for t in range(len(seq) - 1):  # the last token predicts nothing: its share stays 0
+            g = flat(grad(lambda th, s=seq, t=t: token_loss(th, s, t))(params))
+            expected[:, i, t] = [float(q @ g) for q in query_grads]
+    constant = float((result.tokens * expected).sum() / (expected**2).sum())  # the method's −1/4.5
+    assert constant == pytest.approx(-1 / 4.5, rel=1e-3)
+    np.testing.assert_allclose(result.tokens, constant * expected, rtol=0, atol=1e-4 * np.abs(expected).max())
