@@ -60,6 +60,8 @@ def test_cosine_and_group_predictions_match_direct_computation() -> None:
     expected = [a[:, j] @ b[:, j] / np.linalg.norm(a[:, j]) / np.linalg.norm(b[:, j]) for j in range(3)]
     np.testing.assert_allclose(cosine(a, b, axis=0), expected, rtol=1e-12)
     scores, masks = rng.normal(size=(4, 10)), rng.random((6, 10)) < 0.5
+    scores[2] = 0.7  # a query scoring every row alike: its prediction is still the count kept times the score
+    assert len(set(masks.sum(axis=1))) > 1
     loop = np.array([[scores[q, masks[m]].sum() for q in range(4)] for m in range(6)])
     np.testing.assert_allclose(group_predictions(scores, masks), loop, rtol=1e-12)
     with pytest.raises(TaskError, match="do not match"):
@@ -100,6 +102,13 @@ def test_correlate_reports_the_mean_per_query_spearman_and_an_interval_around_it
     assert result.mean == pytest.approx(np.mean(per_query))
     assert result.low < result.mean < result.high
     assert result.units == 80
+    # the interval is the percentile bootstrap of that mean (resampling the units, paired), with the same draws
+
+    def mean_of_resample(idx: np.ndarray) -> np.ndarray:
+        return np.array([np.mean([stats.spearmanr(predicted[i, q], actual[i, q]).statistic for q in range(12)])
+                         for i in idx])  # fmt: skip
+
+    assert (result.low, result.high) == pytest.approx(bootstrap_ci(mean_of_resample, 80, resamples=500), abs=1e-12)
 
 
 def test_query_interval_is_scipys_percentile_bootstrap_of_the_mean_over_queries_without_nans() -> None:
@@ -117,6 +126,11 @@ def test_query_interval_is_scipys_percentile_bootstrap_of_the_mean_over_queries_
     ).confidence_interval
     assert abs(low - ref.low) < 0.01 and abs(high - ref.high) < 0.01, (low, high, ref)
     assert query_interval(np.full(10, 0.3)) == pytest.approx((0.3, 0.3))
+    # NaNs (queries without a correlation) are left out before resampling: the interval is the finite values' own
+    finite = np.array([0.2, 0.4, 0.9, 0.5])
+    assert query_interval(np.concatenate([finite, np.full(30, np.nan)])) == query_interval(finite)
+    with pytest.raises(TaskError, match="at least two queries with a defined correlation"):
+        query_interval(np.array([0.3, np.nan, np.nan]))
 
 
 def test_lds_bootstraps_over_queries_when_asked_with_the_same_mean() -> None:
@@ -129,6 +143,11 @@ def test_lds_bootstraps_over_queries_when_asked_with_the_same_mean() -> None:
     by_queries = lds(scores, truth, LDSArguments(resample="queries"))
     assert by_queries.mean == by_subsets.mean
     assert (by_queries.low, by_queries.high) == query_interval(by_subsets.per_query)
+    # the interval takes the arguments' own coverage and resamples, not the defaults
+    narrow = LDSArguments(resample="queries", confidence=0.5, resamples=300, seed=4)
+    assert (lds(scores, truth, narrow).low, lds(scores, truth, narrow).high) == query_interval(by_subsets.per_query,
+                                                                                               narrow)  # fmt: skip
+    assert query_interval(by_subsets.per_query, narrow) != query_interval(by_subsets.per_query)
     with pytest.raises(TaskError, match="resample is 'models'; use one of subsets, queries"):
         lds(scores, truth, LDSArguments(resample="models"))  # type: ignore[arg-type]
 
@@ -295,3 +314,21 @@ def test_compare_and_lds_name_scores_and_ground_truths_given_in_another_form() -
     )
     (result,) = compare({"source": scores}, (truth,), args)["source"]
     assert result.mean == lds(scores, truth, args).mean
+
+
+def test_the_lds_correlates_the_group_predictions_with_the_mean_over_the_repeats() -> None:
+    """The ground truth of a subset is its measurement averaged over the R retrains (``Counterfactuals.mean``), not
+    one retrain's nor another summary. Oracle: scipy's Spearman of Σ_{z∈S} score against the mean, with repeats
+    noisy enough that the first retrain, or the largest, ranks the subsets otherwise."""
+    rng = np.random.default_rng(14)
+    masks = rng.random((25, 12)) < 0.5
+    scores = rng.normal(size=(3, 12))
+    measurements = (masks @ scores.T)[:, None, :] + rng.normal(scale=3.0, size=(25, 4, 3))
+    truth = Counterfactuals(0.5, masks, measurements)
+    np.testing.assert_array_equal(truth.mean, measurements.mean(axis=1))
+    predicted = np.array([[scores[q, m].sum() for q in range(3)] for m in masks])
+    expected = [stats.spearmanr(predicted[:, q], measurements[:, :, q].mean(axis=1)).statistic for q in range(3)]
+    first = [stats.spearmanr(predicted[:, q], measurements[:, 0, q]).statistic for q in range(3)]
+    assert not np.allclose(expected, first)  # the case: one retrain is not the mean
+    result = lds(scores, truth, LDSArguments(resamples=20))
+    np.testing.assert_allclose(result.per_query, expected, rtol=1e-12)
