@@ -14,6 +14,7 @@ import pytest
 
 from source_proj import NumericalError, TaskError
 from source_proj import evaluation as ev
+from source_proj.evaluation.lds import retrain_seed
 from source_proj.query.attributor import StageRows
 
 N, Q = 40, 20
@@ -332,3 +333,20 @@ def test_further_training_arguments_the_agreement_would_refuse_are_refused_when_
     for wrong, match in (({"resamples": 0}, "≥ 1"), ({"confidence": 95.0}, r"\(0, 1\)")):
         with pytest.raises(TaskError, match=match):
             ev.FurtherTrainingArguments(**wrong)  # type: ignore[arg-type]
+
+
+def test_every_subset_and_repeat_is_retrained_with_its_own_seed(tmp_path: Path) -> None:
+    """Retrain seeds are independent across subsets and repeats (``retrain_seed``): a seed shared between subsets
+    would give their retrains the same noise. Oracle: the seeds the training function saw, one per (subset, repeat)."""
+    seen: list[tuple[bytes, int]] = []
+
+    def recording(keep: dict[str, np.ndarray], seed: int) -> np.ndarray:
+        seen.append((keep["main"].tobytes(), seed))
+        return linear_retrain(keep, seed)
+
+    args = ev.LDSArguments(num_subsets=5, repeats=3, seed=2)
+    truth = ev.lds_ground_truth(recording, ROWS, tmp_path, args, progress=False)
+    assert len(seen) == 15 and len({seed for _, seed in seen}) == 15
+    expected = {(np.flatnonzero(truth.masks[m]).tobytes(), retrain_seed(2, m, r)) for m in range(5) for r in range(3)}
+    assert set(seen) == expected
+
