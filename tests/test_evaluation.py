@@ -350,3 +350,28 @@ def test_every_subset_and_repeat_is_retrained_with_its_own_seed(tmp_path: Path) 
     expected = {(np.flatnonzero(truth.masks[m]).tobytes(), retrain_seed(2, m, r)) for m in range(5) for r in range(3)}
     assert set(seen) == expected
 
+
+# Query 0 is wrong on the full data, query 3 under seed 1 (0.1 − 0.25): only queries 1 and 2 are evaluated.
+_BASE = np.array([-1.0, 3.0, 2.0, 0.1])
+_EFFECTS = np.array([[0, 0, 0, 0, 0, 5.0], [2, 1, 0, 0, 0, 0], [0, 0, 0, 1.5, 1, 0], [0, 0, 0, 0, 0, 0]])
+
+
+def _exact_retrain(keep: dict[str, np.ndarray], seed: int) -> np.ndarray:
+    """Margin = base − Σ_{removed z} effect, ± 0.25 by seed (0: +, 1: −), so the mean over both seeds is exact."""
+    removed = np.setdiff1d(np.arange(6), keep["main"])
+    return _BASE - _EFFECTS[:, removed].sum(axis=1) + (0.25 if seed == 0 else -0.25)
+
+
+def test_subset_removal_of_an_exact_case_flips_at_the_threshold_and_reads_each_evaluated_querys_own_scores(
+    tmp_path: Path,
+) -> None:
+    """Worked by hand: query 1 loses 2 then 1 (margin 3 → 0, flipped: ≤ the threshold), query 2 loses 1.5 then 1
+    (2 → −0.5); both flip at k = 2. A query must be right under every seed to be evaluated, the evaluated queries
+    (1, 2) are not their positions (0, 1) among the evaluated, and the mean is over every seed (the first alone is
+    0.25 above it)."""
+    args = ev.RemovalArguments(ks=(1, 2, 3), seeds=(0, 1))
+    result = ev.subset_removal({"exact": _EFFECTS}, _exact_retrain, [StageRows("main", 0, 6)], tmp_path, args,
+                               progress=False)["exact"]  # fmt: skip
+    np.testing.assert_array_equal(result.queries, [1, 2])
+    np.testing.assert_array_equal(result.flipped_at, [2, 2])
+    np.testing.assert_array_equal(result.fraction, [0.0, 1.0, 1.0])
