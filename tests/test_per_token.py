@@ -136,7 +136,6 @@ class _Bigram(nn.Module):
         return self.head(self.embed(input_ids))
 
 
-@pytest.mark.slow
 def test_per_token_scores_put_each_positions_share_at_that_position(tmp_path: Path) -> None:
     """Oracle: in a bigram model position t's activations carry only the loss of predicting token t + 1, so under
     grad-dot (identity projection: score ∝ ⟨∇f(q), ∇ℓ(z)⟩) position t's share is ⟨∇f(q), ∇ℓ_t(z)⟩ up to the
