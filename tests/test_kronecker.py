@@ -461,7 +461,7 @@ def kfac_run(tmp_path_factory: pytest.TempPathFactory) -> _KfacRun:
     work = _two_layer_classifier()
     names = [n for n, _ in work.named_parameters()]
     steps = [c.step for c in traj.checkpoints]
-    segments = sp.make_segments(traj.stages, steps, traj.lr, {n: 1 for n in names}, per_stage=2)
+    segments = sp.make_segments(traj.stages, steps, traj.lr, {n: 1 for n in names}, boundaries=(2,))
     x, y = data.tensors
 
     def flat_grads(quantity: str, xs, ys) -> torch.Tensor:
@@ -494,13 +494,14 @@ def test_source_with_kronecker_curvature_equals_brute_force(
     tmp_path: Path, kfac_run: _KfacRun, damping_factor: float | None
 ) -> None:
     """The whole pipeline (featurize with Kronecker factors → fit → query, identity projection, two
-    segments) equals SOURCE computed by hand with dense Kronecker matrices: score = −Σ_ℓ (1/N) ∇fᵀ A_ℓ ḡ_ℓ,
+    segments of unequal length, steps 0–2 and 2–8, so each has its own η̄K) equals SOURCE computed by hand with
+    dense Kronecker matrices: score = −Σ_ℓ (1/N) ∇fᵀ A_ℓ ḡ_ℓ,
     A_ℓ = S_L ⋯ S_{ℓ+1} F_ℓ, H_ℓ = B̄ ⊗ Ā + λI per layer with the factors, and ḡ_ℓ, averaged over the segment's
     steps from the checkpoints around them (K-FAC's pooled statistics; `step_weights_by_hand`),
     λ = weight decay + damping_factor × tr(B̄ ⊗ Ā)/p."""
     store = tmp_path / "s.sp"
     shutil.copytree(kfac_run.store, store)
-    sp.fit(store, sp.FitArguments(segments_per_stage=2, damping_factor=damping_factor), progress=False)
+    sp.fit(store, sp.FitArguments(boundaries=(2,), damping_factor=damping_factor), progress=False)
     ours = sp.Attributor(store, _two_layer_classifier(), sp.ClassificationTask()).scores(kfac_run.queries)
 
     def fn_of(h: torch.Tensor, f) -> torch.Tensor:
