@@ -151,7 +151,7 @@ def test_per_token_scores_put_each_positions_share_at_that_position(tmp_path: Pa
     task = sp.LanguageModelingTask(tokens_per_sequence=4.5, parameters=sp.ParameterSelection())  # every parameter
     model = _Bigram()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
-    recorder = sp.TrajectoryRecorder(tmp_path / "run", model, optimizer, save_every=2)
+    recorder = sp.TrajectoryRecorder(tmp_path / "run", model, optimizer, save_every=1)
     recorder.begin_stage("main", dataset_size=len(train))
     batch = {key: torch.stack([train[i][key] for i in range(len(train))]) for key in train[0]}
     for _ in range(2):
@@ -187,3 +187,12 @@ def test_per_token_scores_put_each_positions_share_at_that_position(tmp_path: Pa
     constant = float((result.tokens * expected).sum() / (expected**2).sum())  # the method's −1/4.5
     assert constant == pytest.approx(-1 / 4.5, rel=1e-3)
     np.testing.assert_allclose(result.tokens, constant * expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+    # SOURCE over two segments: T(z) = Σ_ℓ A_ℓ ḡ_ℓ(z) with A_1 = S_2 F_1, a product that is not symmetric, so the
+    # query is pulled back through A_ℓᵀ; token_scores refuses shares that do not sum to the cached score.
+    sp.fit(store, sp.FitArguments(boundaries=(1,)), progress=False)
+    source = sp.token_scores(sp.Attributor(store.path, _Bigram(), task), queries, train, [0, 1, 2], progress=False)
+    scale = np.abs(source.scores).max()
+    assert scale > 0  # the shares sum to the score far inside token_scores' own refusal (2 % of the largest score)
+    np.testing.assert_allclose(source.tokens.sum(-1) + source.unplaced, source.scores, rtol=0, atol=1e-5 * scale)
+    operator = store.read(store.meta["methods"]["source"]["train"]["terms"][0]["operator"])
+    assert not np.allclose(operator, operator.T)  # the case: a transposed pull-back would be another one
