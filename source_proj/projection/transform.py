@@ -29,16 +29,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from source_proj.errors import TaskError
 from source_proj.projection.layers import FactoredLayer
-
-if TYPE_CHECKING:
-    pass
 
 
 @dataclass(frozen=True)
