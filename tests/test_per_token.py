@@ -3,6 +3,7 @@ that per-token scores accept (the sum identity itself is tested on the text exam
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,26 @@ def test_the_pull_back_of_a_factored_projection_matches_its_hooks_features(kind:
 
 
 @pytest.mark.slow
+def _identity_store(
+    tmp_path: Path, build: Callable[[], nn.Module], task: sp.LanguageModelingTask, train: sp.TextDataset
+) -> sp.Store:
+    """The store (identity projection) of two full-batch SGD steps of ``build()``'s model on ``train``, a checkpoint
+    at every step, recorded into ``tmp_path/run``."""
+    model = build()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
+    recorder = sp.TrajectoryRecorder(tmp_path / "run", model, optimizer, save_every=1)
+    recorder.begin_stage("main", dataset_size=len(train))
+    batch = {key: torch.stack([train[i][key] for i in range(len(train))]) for key in train[0]}
+    for _ in range(2):
+        optimizer.zero_grad()
+        task.loss(task.forward(model, batch), batch).mean().backward()
+        optimizer.step()
+        recorder.step()
+    recorder.close()
+    return sp.featurize(tmp_path / "run", build(), task, train, tmp_path / "s.sp", progress=False,
+                        projection=sp.ProjectionArguments(kind="identity"))  # fmt: skip
+
+
 def test_per_token_scores_read_a_modules_flattened_positions_as_the_sequences_own(tmp_path: Path) -> None:
     """OPT's MLP runs on ``[B·T, d]``, its positions flattened into rows example by example: its shares lie on the
     positions of those rows (a batch of one, whose rows are its own positions, gives the same), none on padding, and
@@ -80,19 +101,7 @@ def test_per_token_scores_read_a_modules_flattened_positions_as_the_sequences_ow
     train = sp.TextDataset([[1, 5, 2, 7, 3, 9, 4], [4, 2, 6], [7, 1, 9, 3, 11], [2, 8]])
     queries = sp.TextDataset([[3, 9, 4, 2, 7], [6, 1]])
     task = sp.LanguageModelingTask(tokens_per_sequence="own")
-    model = opt()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
-    recorder = sp.TrajectoryRecorder(tmp_path / "run", model, optimizer, save_every=1)
-    recorder.begin_stage("main", dataset_size=len(train))
-    batch = {key: torch.stack([train[i][key] for i in range(len(train))]) for key in train[0]}
-    for _ in range(2):
-        optimizer.zero_grad()
-        task.loss(task.forward(model, batch), batch).mean().backward()
-        optimizer.step()
-        recorder.step()
-    recorder.close()
-    store = sp.featurize(tmp_path / "run", opt(), task, train, tmp_path / "s.sp", progress=False,
-                         projection=sp.ProjectionArguments(kind="identity"))  # fmt: skip
+    store = _identity_store(tmp_path, opt, task, train)
     sp.fit(store.path, progress=False)
     attributor = sp.Attributor(store.path, opt(), task)
     rows = [0, 1, 3]
@@ -149,19 +158,7 @@ def test_per_token_scores_put_each_positions_share_at_that_position(tmp_path: Pa
     train = sp.TextDataset([[1, 5, 2, 7, 3], [4, 2, 6], [7, 1, 9, 3, 11]])
     queries = sp.TextDataset([[3, 9, 4, 2], [6, 1, 5]])
     task = sp.LanguageModelingTask(tokens_per_sequence=4.5, parameters=sp.ParameterSelection())  # every parameter
-    model = _Bigram()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
-    recorder = sp.TrajectoryRecorder(tmp_path / "run", model, optimizer, save_every=1)
-    recorder.begin_stage("main", dataset_size=len(train))
-    batch = {key: torch.stack([train[i][key] for i in range(len(train))]) for key in train[0]}
-    for _ in range(2):
-        optimizer.zero_grad()
-        task.loss(task.forward(model, batch), batch).mean().backward()
-        optimizer.step()
-        recorder.step()
-    recorder.close()
-    store = sp.featurize(tmp_path / "run", _Bigram(), task, train, tmp_path / "s.sp", progress=False,
-                         projection=sp.ProjectionArguments(kind="identity"))  # fmt: skip
+    store = _identity_store(tmp_path, _Bigram, task, train)
     sp.fit_baseline(store, sp.BaselineArguments(kind="grad-dot"), progress=False)
     result = sp.token_scores(sp.Attributor(store.path, _Bigram(), task, method="grad-dot"), queries, train, [0, 1, 2],
                              progress=False)  # fmt: skip
