@@ -525,6 +525,8 @@ def test_a_store_of_kronecker_factors_only_refuses_the_projected_curvature_namin
 ) -> None:
     """featurize(curvature="kfac") keeps no projected Fisher; fit asked for the projected curvature says to fit with
     the Kronecker one, as ``curvature='kfac'`` in Python and as ``--curvature kfac`` on the command line."""
+    # featurize packed each of its many arrays and then dropped the staging group once, at its end
+    assert not (kfac_run.store / "staging").exists()
     store = tmp_path / "s.sp"
     shutil.copytree(kfac_run.store, store)
     with pytest.raises(sp.StoreError) as err:

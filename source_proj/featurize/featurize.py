@@ -524,8 +524,8 @@ class _Featurize:
         staged = store.staged_arrays()
         for name in store.progress_arrays():
             if name in staged and not name.startswith("methods/"):
-                store.pack(name)  # shards a kill left unpacked, then the staged chunks go
-        store.drop_empty_staging()
+                store.pack(name, drop_staging=False)  # shards a kill left unpacked, then the staged chunks go
+        store.drop_empty_staging()  # once: it reads every node still staged
         old = store.meta.get("products") or {}
         products = {"checkpoints": bool(old.get("checkpoints")) or self.options.checkpoints,
                     "segment_means": bool(old.get("segment_means")) or self.options.segment_means}

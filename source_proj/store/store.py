@@ -670,17 +670,19 @@ class Store:
                            [*parts, table, google_crc32c.value(table).to_bytes(4, "little")])  # fmt: skip
         return True
 
-    def pack(self, name: str) -> bool:
+    def pack(self, name: str, *, drop_staging: bool = True) -> bool:
         """Pack every complete shard of array ``name`` (a kill can leave one unpacked) and, once all are
-        packed, delete its staged chunks (and the staging group when it is empty); returns whether the
-        array is entirely packed. Unsharded arrays: no-op."""
+        packed, delete its staged chunks (and, with ``drop_staging``, the staging group when it is empty: a caller
+        packing many arrays passes ``False`` and calls ``drop_empty_staging`` once, which reads every staged node);
+        returns whether the array is entirely packed. Unsharded arrays: no-op."""
         if self.array(name).shards is None:
             return True
         shards = -(-self.num_chunks(name) // self.chunks_per_shard(name))
         packed = all([self._pack_shard(name, shard) for shard in range(shards)])
         if packed:
             self._drop_keys(f"{STAGING}{name}")
-            self.drop_empty_staging()
+            if drop_staging:
+                self.drop_empty_staging()
         return packed
 
     def staged_arrays(self) -> set[str]:
