@@ -75,6 +75,11 @@ def recall(result, reference) -> float:
     return float(np.mean(found))
 
 
+BACKENDS = ("torch", "torch-bf16", "torch-fp16", "stream", "faiss", "ivf")
+"""What ``--backends`` takes: the torch index resident (in fp32 or half precision) or streamed from host blocks,
+FAISS's exact flat index, FAISS's IVF."""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1_000_000)
@@ -92,9 +97,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
+    backends = args.backends.split(",")
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        parser.error(f"unknown backend {unknown[0]!r} in --backends; choose from {', '.join(BACKENDS)}")
     torch.set_num_threads(args.threads)
     device = devices.device(args.device)
-    backends = args.backends.split(",")
     for backend in sorted({"faiss", "ivf"} & set(backends)):  # the optional extra, before any feature is made
         try:
             require_faiss(backend).omp_set_num_threads(args.threads)
@@ -130,7 +138,7 @@ def main() -> None:
             )  # fmt: skip
             build = time.perf_counter() - t0
             runs = [(f"ivf nprobe={p}{' fp16' if args.ivf_fp16 else ''}", int(p)) for p in args.nprobe.split(",")]
-        else:
+        else:  # "faiss"
             faiss = require_faiss()
             index = faiss.IndexFlatIP(args.dim)
             index.add(feats.float().cpu().numpy())

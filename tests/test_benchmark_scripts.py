@@ -156,6 +156,24 @@ def test_query_scale_without_faiss_says_which_extra_before_any_work(
     assert 'pip install "source-proj[faiss]"' in str(leave.value.code)
 
 
+def test_query_scale_refuses_an_unknown_backend_before_any_work(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], fresh_modules: None
+) -> None:
+    """A misspelt ``--backends`` name (``fais``) was taken for FAISS's flat index after the features were made (10⁷
+    rows on the GPU check) and reported under the misspelt name; it now stops at once, naming it and the choices."""
+    bench = _load("benchmarks/query_scale.py", monkeypatch)
+
+    def features(*args: object) -> None:
+        raise AssertionError("made the features before checking the backends")
+
+    monkeypatch.setattr(bench, "features", features)
+    monkeypatch.setattr(sys, "argv", ["query_scale.py", "--backends", "torch,fais", "--device", "cpu"])
+    with pytest.raises(SystemExit) as leave:
+        bench.main()
+    assert leave.value.code == 2
+    assert "unknown backend 'fais' in --backends; choose from torch, torch-bf16" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["toy-llama", "toy-gpt2"])
 def test_transformer_gpu_benchmark_smoke(tmp_path: Path, model: str) -> None:
