@@ -75,6 +75,15 @@ def assert_binomial(counts: torch.Tensor, probs: torch.Tensor, trials: int) -> N
     assert ((counts.double() - trials * probs).abs() <= spread).all(), (counts / trials, probs)
 
 
+def conv_patches(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Brute-force im2col of a convolution's input ``x`` ``[B, C_in, *spatial]``: ``[B·T, C_in·∏kernel]``, the rows
+    example-major, each patch in the order of ``weight.reshape(C_out, -1)``. They are what the convolution outputs
+    with the identity for its weight (one output channel per patch entry), padded as the layer pads."""
+    d_in = conv.weight[0].numel()
+    eye = torch.eye(d_in, dtype=x.dtype).reshape(d_in, *conv.weight.shape[1:])
+    return conv._conv_forward(x, eye, None).flatten(2).transpose(1, 2).reshape(-1, d_in)
+
+
 def full_batch_run(
     run_dir: Path,
     model: nn.Module,

@@ -23,6 +23,8 @@ from source_proj.projection.factory import make_projector
 from source_proj.projection.layers import factorable_layers
 from source_proj.tasks.gradients import PerExampleGradients
 
+from .conftest import conv_patches
+
 _B = 5
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # vmap of EmbeddingBag
 
@@ -262,21 +264,38 @@ def test_the_eigen_basis_pass_takes_a_layer_called_by_keyword_as_one_called_posi
         nn.Conv2d(2, 3, 3, padding="valid", bias=False),
         nn.Conv1d(2, 3, 3, stride=2, dilation=2, padding=3, padding_mode="reflect"),
         nn.Conv1d(2, 3, 4, padding="same", padding_mode="circular"),
+        nn.Conv1d(2, 3, 3, stride=2, padding=2),
+        nn.Conv3d(2, 3, (2, 3, 2), stride=(1, 2, 2), dilation=(2, 1, 1), padding=(1, 0, 2)),
+        nn.Conv3d(2, 3, 3, padding=1, padding_mode="reflect"),
+        nn.Conv3d(2, 3, (3, 2, 2), stride=2, dilation=(1, 2, 1), padding=(1, 1, 0), padding_mode="circular"),
+        nn.Conv3d(2, 3, (2, 3, 4), dilation=(1, 2, 1), padding="same"),  # even kernels: uneven 'same'
+        nn.Conv3d(2, 3, 2, padding="same", padding_mode="replicate", bias=False),
+        nn.Conv3d(2, 3, (1, 3, 2), stride=(3, 1, 2), padding="valid"),
     ],
-    ids=["reflect", "circular-stride", "same-replicate", "same-even", "valid", "conv1d-reflect", "conv1d-same"],
+    ids=["reflect", "circular-stride", "same-replicate", "same-even", "valid", "conv1d-reflect", "conv1d-same",
+         "conv1d-zeros-stride", "conv3d-zeros-stride-dilation", "conv3d-reflect", "conv3d-circular-stride",
+         "conv3d-same-even", "conv3d-same-replicate", "conv3d-valid-stride"],
 )
 def test_kronecker_factors_take_the_patches_a_convolution_sees_whatever_its_padding(conv: nn.Module) -> None:
     """The eigen basis pass (and K-FAC) take a convolution's input factor from its im2col patches: they are the
-    inputs its weight multiplies, padded as the layer pads (reflect, replicate, circular, 'same'), so that
-    Σ_patches δ āᵀ is the weight's gradient. Such layers were refused, and featurize fell back to the dense
-    Rademacher projection for the whole model."""
+    inputs its weight multiplies, padded as the layer pads (reflect, replicate, circular, 'same'), in the order of
+    ``weight.reshape(C_out, -1)``. So a convolution whose weight is the identity (C_out = C_in·∏kernel) outputs them
+    entry for entry, the layer's output is patches @ [W | b]ᵀ, and Σ_patches δ āᵀ is the weight's gradient. Such
+    layers were refused, and featurize fell back to the dense Rademacher projection for the whole model; a Conv3d
+    took the Fisher diagonal."""
     torch.manual_seed(0)
     model = nn.Sequential(conv)
     names = [n for n, _ in model.named_parameters()]
     (layer,), _ = kronecker_layers(model, names)
-    x = torch.randn(3, 2, *([7] if isinstance(conv, nn.Conv1d) else [7, 6]), requires_grad=False)
+    spatial = {nn.Conv1d: [7], nn.Conv2d: [7, 6], nn.Conv3d: [5, 6, 4]}[type(conv)]
+    x = torch.randn(3, 2, *spatial)
     patches = _positions(conv, x, layer)  # [B·positions, d_in']
+    torch.testing.assert_close(patches[:, : layer.in_features], conv_patches(conv, x))
     output = conv(x)
+    weight = conv.weight.reshape(conv.out_channels, -1)
+    if conv.bias is not None:
+        weight = torch.cat([weight, conv.bias[:, None]], 1)
+    torch.testing.assert_close(patches @ weight.T, output.flatten(2).transpose(1, 2).reshape(-1, conv.out_channels))
     delta = torch.randn_like(output)
     weight_grad = torch.autograd.grad(output, conv.weight, delta)[0]
     deltas = delta.flatten(2).transpose(1, 2).reshape(-1, conv.out_channels)

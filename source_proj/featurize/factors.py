@@ -36,19 +36,17 @@ MAX_FACTOR_SIDE = 8192
 
 
 def kronecker_layers(model: nn.Module, names: Sequence[str]) -> tuple[list[FactoredLayer], list[str]]:
-    """The layers whose curvature is Kronecker-factored (``nn.Linear``, GPT-2's ``Conv1D``, ``nn.Conv1d/2d``
+    """The layers whose curvature is Kronecker-factored (``nn.Linear``, GPT-2's ``Conv1D``, ``nn.Conv1d/2d/3d``
     with groups=1) and the parameters that get a diagonal instead, in ``names`` order. Embeddings and tied
     weights take the diagonal: an embedding's input factor is the V × V diagonal of token counts, which
     the diagonal of the Fisher holds exactly and at O(V·d). So does a layer with a side above
     ``MAX_FACTOR_SIDE`` (an untied LM head's V × V output factor would not fit in memory)."""
     layers, rest = factorable_layers(model, names)
-    modules = dict(model.named_modules())
     kept = [
         layer
         for layer in layers
         if layer.kind in ("linear", "hf_conv1d", "conv")
         and not layer.tied
-        and not isinstance(modules[layer.module], nn.Conv3d)
         and max(layer.out_features, layer.in_rows) <= MAX_FACTOR_SIDE
     ]
     dropped = [n for layer in layers if layer not in kept for n in (layer.weight, layer.bias) if n]
@@ -327,26 +325,33 @@ class FactorCollector:
 
 def _positions(module: nn.Module, x: Tensor, layer: FactoredLayer) -> Tensor:
     """ā at every position, ``[B·T, d_in']`` (convolutions: their im2col patches)."""
-    if layer.kind in ("linear", "hf_conv1d"):
-        a = x.reshape(-1, layer.in_features)
-    else:
-        conv = module
-        padding = tuple(conv.padding)
-        if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
-            # Padded as the layer pads ('same' may pad one side more; reflect, replicate, circular), then unfolded
-            # without padding: the patches are those the weight multiplies.
-            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-            x, padding = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode), (0,) * (x.dim() - 2)
-        if isinstance(conv, nn.Conv2d):
-            spatial, kernel, dilation, stride = x, tuple(conv.kernel_size), tuple(conv.dilation), tuple(conv.stride)
-        else:  # Conv1d as a 2-d convolution of height 1
-            spatial, kernel, dilation = x.unsqueeze(2), (1, conv.kernel_size[0]), (1, conv.dilation[0])
-            padding, stride = (0, padding[0]), (1, conv.stride[0])
-        patches = F.unfold(spatial, kernel, dilation=dilation, padding=padding, stride=stride)
-        a = patches.transpose(1, 2).reshape(-1, layer.in_features)
+    a = x.reshape(-1, layer.in_features) if layer.kind in ("linear", "hf_conv1d") else _patches(module, x)
     if layer.bias:
         a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
     return a
+
+
+def _patches(conv: nn.Module, x: Tensor) -> Tensor:
+    """The im2col patches of a convolution's input ``x`` ``[B, C_in, *spatial]`` (1, 2 or 3 spatial dimensions):
+    ``[B·T, C_in·∏kernel]``, T the output positions in the order of the output's flattened spatial dimensions, each
+    patch in the order of ``weight.reshape(C_out, -1)``: the inputs the weight multiplies, padded as the layer pads."""
+    padding = tuple(conv.padding)
+    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        # Padded as the layer pads ('same' may pad one side more; reflect, replicate, circular), then cut without
+        # padding.
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        x, padding = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode), (0,) * (x.dim() - 2)
+    if isinstance(conv, nn.Conv2d):
+        patches = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    # F.unfold takes 2-d images only: each spatial dimension's windows as a strided view, [B, C_in, *T, *kernel].
+    if any(padding):
+        x = F.pad(x, [side for size in reversed(padding) for side in (size, size)])
+    spatial = x.dim() - 2
+    for dim, (kernel, dilation, stride) in enumerate(zip(conv.kernel_size, conv.dilation, conv.stride, strict=True)):
+        x = x.unfold(2 + dim, dilation * (kernel - 1) + 1, stride)[..., ::dilation]
+    x = x.permute(0, *range(2, 2 + spatial), 1, *range(2 + spatial, 2 + 2 * spatial))  # [B, *T, C_in, *kernel]
+    return x.reshape(-1, conv.weight[0].numel())
 
 
 def _output_positions(module: nn.Module, grad: Tensor, layer: FactoredLayer) -> Tensor:
