@@ -37,7 +37,7 @@ from source_proj.tasks.gradients import PerExampleGradients
 from source_proj.trajectory.preconditioner import unflatten
 from source_proj.trajectory.recorder import TrajectoryRecorder
 
-from .conftest import _classification_data, full_batch_run, step_weights_by_hand
+from .conftest import _classification_data, conv_patches, full_batch_run, step_weights_by_hand
 
 
 class _ConvNet(nn.Module):
@@ -56,20 +56,46 @@ class _ConvNet(nn.Module):
         return self.head(self.norm(h))
 
 
-def _conv_batch() -> tuple[torch.Tensor, torch.Tensor]:
+class _Conv3dNet(nn.Module):
+    """Two 3-d convolutions (zero padding with stride and dilation; circular 'same' with an even kernel, no bias)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv3d(2, 3, (2, 3, 2), stride=(1, 2, 1), dilation=(2, 1, 1), padding=(1, 1, 0))
+        self.conv3d = nn.Conv3d(3, 2, 2, padding="same", padding_mode="circular", bias=False)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))  # [B, 3, 4, 3, 2]
+        h = torch.relu(self.conv3d(h))  # [B, 2, 4, 3, 2]
+        h = h.flatten(1)[:, :8]
+        return self.head(self.norm(h))
+
+
+_CONV_NETS = {
+    "conv2d-conv1d": (_ConvNet, (2, 6, 6), ["conv", "conv1d", "head"]),
+    "conv3d": (_Conv3dNet, (2, 4, 5, 3), ["conv", "conv3d", "head"]),
+}
+
+
+def _conv_batch(shape: tuple[int, ...] = (2, 6, 6)) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    return torch.randn(5, 2, 6, 6, generator=g), torch.randint(0, 4, (5,), generator=g)
+    return torch.randn(5, *shape, generator=g), torch.randint(0, 4, (5,), generator=g)
 
 
-def test_positions_rebuild_every_layers_per_example_gradient() -> None:
+@pytest.mark.parametrize("net", sorted(_CONV_NETS))
+def test_positions_rebuild_every_layers_per_example_gradient(net: str) -> None:
     """Σ_t δ_t ā_tᵀ from the collector's per-position inputs and output gradients equals the per-example
-    weight (and bias) gradient from autodiff, for Linear, Conv2d and Conv1d layers."""
-    model = _ConvNet().eval()
+    weight (and bias) gradient from autodiff, for Linear, Conv1d, Conv2d and Conv3d layers."""
+    build, shape, kronecker = _CONV_NETS[net]
+    model = build().eval()
     task = sp.ClassificationTask()
-    x, y = _conv_batch()
+    x, y = _conv_batch(shape)
     names = [n for n, _ in model.named_parameters()]
     layers, diagonal = kronecker_layers(model, names)
-    assert [layer.module for layer in layers] == ["conv", "conv1d", "head"]
+    assert [layer.module for layer in layers] == kronecker
     assert diagonal == ["norm.weight", "norm.bias"]
     grads_fn = PerExampleGradients(model, task, names)
     exact = grads_fn((x, y), "loss")
@@ -94,14 +120,17 @@ def test_positions_rebuild_every_layers_per_example_gradient() -> None:
         torch.testing.assert_close(rebuilt, layer_matrix(exact, layer), rtol=1e-5, atol=1e-6)
 
 
-def test_collected_factors_equal_brute_force_sums() -> None:
+@pytest.mark.parametrize("net", sorted(_CONV_NETS))
+def test_collected_factors_equal_brute_force_sums(net: str) -> None:
     """A = Σ ā āᵀ, B = Σ w δ δᵀ over examples and positions, and the Fisher diagonal Σ w g², for weighted
-    pseudo-targets, against per-example autodiff."""
-    model = _ConvNet().eval()
+    pseudo-targets, against per-example autodiff (a convolution's positions are its patches, from ``conv_patches``)."""
+    build, shape, kronecker = _CONV_NETS[net]
+    model = build().eval()
     task = sp.ClassificationTask()
-    x, y = _conv_batch()
+    x, y = _conv_batch(shape)
     names = [n for n, _ in model.named_parameters()]
     layers, diagonal = kronecker_layers(model, names)
+    assert [layer.module for layer in layers] == kronecker and diagonal == ["norm.weight", "norm.bias"]
     grads_fn = PerExampleGradients(model, task, names)
     collector = FactorCollector(grads_fn, layers, diagonal)
     sums = collector.empty()
@@ -122,8 +151,12 @@ def test_collected_factors_equal_brute_force_sums() -> None:
             handle = modules[layer.module].register_forward_hook(fn)
             F.cross_entropy(model(x[n : n + 1]), y[n : n + 1]).backward()
             handle.remove()
-            a = _positions(modules[layer.module], seen["a"], layer).double()
-            d = _output_positions(modules[layer.module], seen["d"], layer).double()
+            module = modules[layer.module]
+            a = conv_patches(module, seen["a"]) if layer.kind == "conv" else seen["a"].reshape(-1, layer.in_features)
+            if layer.bias:
+                a = torch.cat([a, torch.ones(len(a), 1)], 1)
+            a = a.double()
+            d = seen["d"].movedim(1, -1).reshape(-1, layer.out_features).double()  # channels last: [positions, C_out]
             a_total += a.T @ a
             b_total += weight[n].double() * d.T @ d
         # float32 forwards on both sides: entries near zero differ by float32 rounding of the matrix's scale
