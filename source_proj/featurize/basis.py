@@ -133,8 +133,8 @@ class BasisPass:
         layers, _ = kronecker_layers(model, names)
         if not layers:
             raise NoBasis(
-                "The eigen projection found no layer with Kronecker factors (nn.Linear, nn.Conv1d/2d, GPT-2 Conv1D) "
-                "among the selected parameters."
+                "The eigen projection found no layer with Kronecker factors (nn.Linear, nn.Conv1d/2d/3d, GPT-2 "
+                "Conv1D) among the selected parameters."
             )
         factorable, _ = factorable_layers(model, names)
         shares = len(layers) < len(factorable) or _has_rest([(n, ()) for n in names], factorable)
