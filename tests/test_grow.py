@@ -15,6 +15,7 @@ from torch.utils.data import TensorDataset
 
 import source_proj as sp
 from source_proj.featurize.grow import finished_before_growth, record_growth
+from source_proj.store import provenance
 from source_proj.store.provenance import REFERENCE_ROWS, _seeded_rows
 from source_proj.store.store import ckpt_key
 
@@ -539,3 +540,88 @@ def test_a_run_resumed_with_other_parameter_groups_is_refused_in_one_sentence_an
     _steps(rec, model, split, EXTRA, 4)
     rec.close()
     assert [s.name for s in sp.Trajectory.load(tmp_path / "run").stages] == ["main", "extra"]
+
+
+def _with_inf(data: TensorDataset, row: int) -> TensorDataset:
+    """``data`` with an infinite input in example ``row``: its loss is finite (tanh saturates), its gradient is not
+    (0 · ∞ in the first layer's weights), so the check before a store grows lets it through and featurize stops on
+    it (a NaN input is refused before the store grows: see above)."""
+    x, y = (t.clone() for t in data.tensors)
+    x[row, 1] = float("inf")
+    return TensorDataset(x, y)
+
+
+def _files_of(store: Path, names: list[str]) -> dict[str, tuple[int, bytes]]:
+    """Every file of the arrays ``names`` (and of their progress entries): ``(mtime_ns, bytes)`` by relative path."""
+    found = [p for name in names for root in (store / name, store / "progress" / name) for p in root.rglob("*")]
+    return {str(p.relative_to(store)): (p.stat().st_mtime_ns, p.read_bytes()) for p in found if p.is_file()}
+
+
+def _same_arrays(store: sp.Store, reference: sp.Store) -> None:
+    assert set(store.progress_arrays()) == set(reference.progress_arrays())
+    for name in reference.progress_arrays():
+        assert np.array_equal(store.read(name), reference.read(name)), name
+
+
+@pytest.mark.parametrize("grow", [True, False])  # the rerun as the growth was, or as a plain featurize of the run
+def test_a_growth_stopped_by_a_bad_new_example_keeps_the_earlier_work_once_the_example_is_fixed(
+    tmp_path: Path, runs: Path, monkeypatch: pytest.MonkeyPatch, grow: bool
+) -> None:
+    """Growing into a new stage with an example whose gradient is not finite stopped, and marked the store; the rerun
+    on the fixed data started the WHOLE store afresh, recomputing the work it had finished before it grew, which
+    never read the new stage's data. That work is now kept as it was (its files untouched, its gradients not
+    computed again), the growth alone is done again, and the store ends as a growth of the clean store would, which
+    is the longer run's store featurized at once."""
+    store = shutil.copytree(runs / "s8.sp", tmp_path / "s.sp")  # finished and fitted on main
+    old = [f"{kind}/main/{ckpt_key(step)}" for kind in ("grads", "fisher") for step in (0, 4, 8)]
+    before = _files_of(store, old)
+    assert len(before) > 2 * len(old)
+    with pytest.raises(sp.NumericalError, match=r"gradient of training example 3 at checkpoint .* stage 'extra' is Na"):
+        _featurize(runs / "run16", store, {"main": MAIN, "extra": _with_inf(EXTRA, 3)}, grow=True)
+    assert sp.Store.open(store).meta["nonfinite"]["stage"] == "extra"
+    counter = _Counted(monkeypatch)
+    data = {"main": MAIN, "extra": EXTRA}
+    with pytest.warns(UserWarning, match=r"of stage\(s\) \['extra'\] have changed since, .* keeping that work and"):
+        fixed = _featurize(runs / "run16", store, data, grow=grow)
+    redone = counter.take()
+    clean = _featurize(runs / "run16", shutil.copytree(runs / "s8.sp", tmp_path / "clean.sp"), data, grow=True)
+    assert redone == counter.take()  # the growth's gradients only, as many as a growth of the clean store computes
+    assert _files_of(store, old) == before
+    _same_arrays(fixed, sp.Store.open(runs / "scratch16.sp"))
+    for key in ("trajectory", "fingerprint", "growth", "featurized", "methods"):
+        assert fixed.meta[key] == clean.meta[key], key
+    assert not fixed.meta.get("nonfinite") and sp.verify_store(fixed.path).status == "ok"
+
+
+@pytest.mark.parametrize("where", ["fingerprinted", "sampled"])
+def test_a_growth_stopped_by_a_bad_example_starts_the_store_afresh_once_the_fix_touches_its_earlier_data(
+    tmp_path: Path, runs: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """Where the fixed data are the old stage's, which the work the store finished before it grew read, nothing of
+    the store is kept: it starts afresh and ends as a store featurized at once on the fixed data. ``fingerprinted``:
+    the fix of the new stage's example came with a change to an old stage's example; ``sampled``: the old stage's
+    bad example lies where its sampled fingerprint does not read (so the growth took it), and featurize stopped on it
+    in the grown work; the digest of that example names the fix."""
+    data = {"main": MAIN, "extra": EXTRA}
+    if where == "fingerprinted":
+        store = shutil.copytree(runs / "s8.sp", tmp_path / "s.sp")
+        bad = {"main": MAIN, "extra": _with_inf(EXTRA, 3)}
+        x, y = (t.clone() for t in MAIN.tensors)
+        x[5] += 1.0
+        data["main"] = TensorDataset(x, y)
+    else:
+        monkeypatch.setattr(provenance, "DATA_ROWS", 4)
+        monkeypatch.setattr(provenance, "QUICK_ROWS", 2)
+        row = 9  # read by none of the fingerprints and not in the reference batch
+        assert all(row not in _seeded_rows(len(MAIN), n, salt) for n, salt in ((4, 2), (2, 1), (REFERENCE_ROWS, 0)))
+        store = tmp_path / "s.sp"
+        _featurize(runs / "run8", store, {"main": MAIN})
+        bad = {"main": _with_inf(MAIN, row), "extra": EXTRA}
+    with pytest.raises(sp.NumericalError, match="is NaN or infinite"):
+        _featurize(runs / "run16", store, bad, grow=True)
+    stage = "extra" if where == "fingerprinted" else "main"
+    assert sp.Store.open(store).meta["nonfinite"]["stage"] == stage
+    with pytest.warns(UserWarning, match="its training data have changed since, so nothing in it matches them"):
+        fixed = _featurize(runs / "run16", store, data, grow=True)
+    assert "growth" not in fixed.meta and not fixed.meta.get("nonfinite")
+    _same_arrays(fixed, _featurize(runs / "run16", tmp_path / "fresh.sp", data))

@@ -322,24 +322,42 @@ class _Featurize:
             self._data_fingerprint = data_fingerprint(self.datasets)
         return self._data_fingerprint
 
-    def _restarts(self, old: Mapping[str, Any]) -> bool:
-        """Whether the store (metadata ``old``) is one whose featurize stopped on a gradient that was not finite
-        (``meta["nonfinite"]``, written by ``_compute``) and these training data are not those it was featurized
-        with (their fingerprint, or the example it stopped at, which a large set's sampled fingerprint may not
-        read): the data were fixed, so nothing in the store can be trusted to match them, and it starts afresh."""
+    def _after_stop(self, old: Mapping[str, Any]) -> str | None:
+        """What featurize does with a store (metadata ``old``) whose featurize stopped on a gradient that was not
+        finite (``meta["nonfinite"]``, written by ``_compute``), now that some of these training data are not those it
+        was featurized with (``_changed_stages``): the data were fixed, so what they may have changed is done again.
+        ``"afresh"``: the whole store starts afresh, nothing in it trusted to match the fixed data. ``"growth"``: a
+        grown store of this very run whose changed stages are none that the work it had finished before its latest
+        growth read (``finished_before_growth``; a new stage's data, say): that work is kept and only what the growth
+        took on is done again (``_redo_growth``). ``None``: not stopped so, or the same data (it resumes, and stops at
+        the same example again)."""
         mark = old.get("nonfinite")
         if not mark:
-            return False
-        data = self.datasets.get(mark.get("stage"))
-        row = mark.get("row")
+            return None
+        changed = self._changed_stages(old, mark)
+        if not changed:
+            return None
+        kept = {stage for stage, _ in finished_before_growth(old, self.trajectory)}
+        same_run = (old.get("trajectory") or {}).get("fingerprint") == self.trajectory.fingerprint()
+        return "growth" if kept and same_run and not changed & kept else "afresh"
+
+    def _changed_stages(self, old: Mapping[str, Any], mark: Mapping[str, Any]) -> set[str]:
+        """The stages whose training data are not those the store (metadata ``old``) recorded: by their fingerprint,
+        or by the digest of the example featurize stopped at (``mark``), which a large set's sampled fingerprint may
+        not read."""
+        changed = set()
+        stage, row = mark.get("stage"), mark.get("row")
+        data = self.datasets.get(stage)
         if data is not None and row is not None and row < len(data):  # type: ignore[arg-type]
             if data_digest(data, [row]) != mark.get("sha256"):
-                return True
-        try:
-            check_data(self.path, old, self.datasets, fingerprint=self._data_print())
-        except TaskError:
-            return True
-        return False
+                changed.add(stage)
+        printed = self._data_print()
+        for name, entry in printed.items():
+            try:
+                check_data(self.path, old, {name: self.datasets[name]}, fingerprint={name: entry})
+            except TaskError:
+                changed.add(name)
+        return changed
 
     def _model_values(
         self, checkpoint: Checkpoint, batches: Sequence[tuple[str, Any]]
@@ -407,11 +425,11 @@ class _Featurize:
 
     def _kept(self) -> Store | None:
         """The store this job resumes or grows, or ``None`` where it writes a new one: none there, ``overwrite``, or
-        one that starts afresh (``_restarts``)."""
+        one that starts afresh (``_after_stop``)."""
         if self.overwrite or not is_store(self.path):
             return None
         store = Store.open(self.path)
-        return None if self._restarts(store.meta) else store
+        return None if self._after_stop(store.meta) == "afresh" else store
 
     def _recorded_featurize(self) -> dict[str, Any] | None:
         """The ``meta["featurize"]`` of the store this job resumes or grows (``None``: it writes a new one)."""
@@ -484,8 +502,8 @@ class _Featurize:
         if not is_store(self.path):
             return False
         store = Store.open(self.path)
-        if self._restarts(store.meta):
-            return False  # the store starts afresh when it is prepared
+        if self._after_stop(store.meta):
+            return False  # the store (or its growth) starts afresh when it is prepared
         if self.grow and _differing(store.meta, self.meta) == ["trajectory"]:
             return False  # the store grows when it is prepared
         self._refuse_other_settings(store.meta)
@@ -542,13 +560,16 @@ class _Featurize:
             existing = Store.open(self.path, writable=True)
         except StoreError:
             return Store.create(self.path, self.meta)
-        if self._restarts(existing.meta):
+        after = self._after_stop(existing.meta)
+        if after == "afresh":
             warnings.warn(
                 f"The store at {self.path} stopped on a NaN or infinite gradient and its training data have changed "
                 "since, so nothing in it matches them: featurizing it afresh.",
                 stacklevel=2,
             )
             return Store.create(self.path, self.meta, overwrite=True)  # nothing of it read (``_kept``): not its basis
+        if after == "growth":
+            self._redo_growth(existing)
         if self.grow and _differing(existing.meta, self.meta) == ["trajectory"]:
             why = growth_refusal(existing.meta, self.trajectory)
             if why is not None:
@@ -574,6 +595,35 @@ class _Featurize:
         if existing.meta["trajectory"]["path"] != self.meta["trajectory"]["path"]:  # the run moved: the store follows
             existing.update_meta(trajectory=self.meta["trajectory"])
         return existing
+
+    def _redo_growth(self, store: Store) -> None:
+        """Drop what a grown store took on since its latest growth (``_after_stop``: its featurize stopped there on a
+        gradient that was not finite, and the data were fixed where only that work read them), keeping the work it had
+        finished before: every array of the units it had not, the segmentation probe's, and a segmentation that probe
+        chose (``plan.py``); then the store records the fixed data, and the growth's work is done again on them. The
+        store must be of these settings and this model (``_refuse_other_settings``) before anything is dropped."""
+        fixed = {**store.meta, "fingerprint": {**store.meta["fingerprint"], "data": self._data_print()}}
+        self._refuse_other_settings(fixed)
+        changed = sorted(self._changed_stages(store.meta, store.meta["nonfinite"]))
+        warnings.warn(
+            f"The store at {self.path} stopped on a NaN or infinite gradient in what it took on as it grew, and the "
+            f"training data of stage(s) {changed} have changed since, which the work it had finished before it grew "
+            "did not read: keeping that work and featurizing the rest afresh.",
+            stacklevel=3,
+        )
+        try:
+            units = _open_units(self._plan(store))
+        except NotPrepared:  # the growth's segmentation probe had not finished: it began no unit
+            units = []
+        names = {name for unit in units for name, _, _ in self._arrays(unit)} | set(store.progress_arrays(PROBE))
+        probed = (store.meta.get("segmentation") or {}).get("view") is not None  # cut where the probe's data said
+        if probed:
+            names |= set(store.progress_arrays("preconditioner/"))
+        for name in sorted(names):
+            store.delete(name)
+        # Last: a rerun killed before this line finds the mark and drops the same again.
+        dropped = {"segmentation": None} if probed else {}
+        store.update_meta(fingerprint=fixed["fingerprint"], nonfinite=None, **dropped)
 
     def _check_grown_inputs(self, store: Store) -> None:
         """Refuse to grow a store with other data for its stages, or a model that computes something else at its final
@@ -695,7 +745,7 @@ class _Featurize:
             _featurize_units(plan, work, self.grads_fn, self.projector, self.task, self.options, self.device,
                              self.work_model, progress, collector=self.collector, lockstep=self.lockstep,
                              shards=self.shards)
-        except NumericalError as err:  # a rerun with fixed data starts the store afresh (``_restarts``)
+        except NumericalError as err:  # a rerun with fixed data starts afresh (``_after_stop``)
             mark: dict[str, Any] = {"error": str(err)}
             if isinstance(err, NonFiniteExample) and err.stage is not None:
                 data = self.datasets[err.stage]
@@ -1058,8 +1108,11 @@ def _check_factors(sums: ChunkFactors, first_row: int, where: str) -> None:
 
 
 # What featurize's refusal of a gradient that is not finite advises, after what to fix: a store whose featurize stopped
-# so is marked (``_Featurize._compute``), and starts afresh on other data (``_Featurize._restarts``).
-_FIX = "and run featurize again, which starts this store afresh once its training data changed"
+# so is marked (``_Featurize._compute``), and starts afresh on other data, a grown store whose earlier work read none of
+# them its growth only (``_Featurize._after_stop``).
+_FIX = (
+    "and run featurize again, which starts this store (or only its latest growth) afresh once its training data changed"
+)
 
 
 class NonFiniteExample(NumericalError):
