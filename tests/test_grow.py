@@ -15,6 +15,7 @@ from torch.utils.data import TensorDataset
 
 import source_proj as sp
 from source_proj.featurize.grow import finished_before_growth, record_growth
+from source_proj.featurize.plan import _probe_rows
 from source_proj.store import provenance
 from source_proj.store.provenance import REFERENCE_ROWS, _seeded_rows
 from source_proj.store.store import ckpt_key
@@ -563,34 +564,78 @@ def _same_arrays(store: sp.Store, reference: sp.Store) -> None:
         assert np.array_equal(store.read(name), reference.read(name)), name
 
 
-@pytest.mark.parametrize("grow", [True, False])  # the rerun as the growth was, or as a plain featurize of the run
+@pytest.mark.parametrize(("kind", "grow"), [("rademacher", True), ("rademacher", False), ("eigen", True)])
 def test_a_growth_stopped_by_a_bad_new_example_keeps_the_earlier_work_once_the_example_is_fixed(
-    tmp_path: Path, runs: Path, monkeypatch: pytest.MonkeyPatch, grow: bool
+    tmp_path: Path, runs: Path, monkeypatch: pytest.MonkeyPatch, kind: str, grow: bool
 ) -> None:
     """Growing into a new stage with an example whose gradient is not finite stopped, and marked the store; the rerun
     on the fixed data started the WHOLE store afresh, recomputing the work it had finished before it grew, which
     never read the new stage's data. That work is now kept as it was (its files untouched, its gradients not
-    computed again), the growth alone is done again, and the store ends as a growth of the clean store would, which
-    is the longer run's store featurized at once."""
-    store = shutil.copytree(runs / "s8.sp", tmp_path / "s.sp")  # finished and fitted on main
-    old = [f"{kind}/main/{ckpt_key(step)}" for kind in ("grads", "fisher") for step in (0, 4, 8)]
+    computed again), the growth alone is done again, and the store ends as a growth of the clean store would (the
+    longer run's store featurized at once, with a random projection; the eigen one keeps its first basis). ``grow``:
+    the rerun repeats --grow, or is a plain featurize of the longer run."""
+    if kind == "rademacher":
+        old_store = runs / "s8.sp"  # finished and fitted on main
+    else:
+        old_store = _featurize(runs / "run8", tmp_path / "s8.sp", {"main": MAIN}, kind=kind).path
+    store, clean = (shutil.copytree(old_store, tmp_path / name) for name in ("s.sp", "clean.sp"))
+    old = [f"{what}/main/{ckpt_key(step)}" for what in ("grads", "fisher") for step in (0, 4, 8)]
     before = _files_of(store, old)
     assert len(before) > 2 * len(old)
     with pytest.raises(sp.NumericalError, match=r"gradient of training example 3 at checkpoint .* stage 'extra' is Na"):
-        _featurize(runs / "run16", store, {"main": MAIN, "extra": _with_inf(EXTRA, 3)}, grow=True)
+        _featurize(runs / "run16", store, {"main": MAIN, "extra": _with_inf(EXTRA, 3)}, kind=kind, grow=True)
     assert sp.Store.open(store).meta["nonfinite"]["stage"] == "extra"
     counter = _Counted(monkeypatch)
     data = {"main": MAIN, "extra": EXTRA}
     with pytest.warns(UserWarning, match=r"of stage\(s\) \['extra'\] have changed since, .* keeping that work and"):
-        fixed = _featurize(runs / "run16", store, data, grow=grow)
+        fixed = _featurize(runs / "run16", store, data, kind=kind, grow=grow)
     redone = counter.take()
-    clean = _featurize(runs / "run16", shutil.copytree(runs / "s8.sp", tmp_path / "clean.sp"), data, grow=True)
+    grown = _featurize(runs / "run16", clean, data, kind=kind, grow=True)
     assert redone == counter.take()  # the growth's gradients only, as many as a growth of the clean store computes
     assert _files_of(store, old) == before
-    _same_arrays(fixed, sp.Store.open(runs / "scratch16.sp"))
-    for key in ("trajectory", "fingerprint", "growth", "featurized", "methods"):
-        assert fixed.meta[key] == clean.meta[key], key
+    _same_arrays(fixed, grown)
+    for key in ("projection", "trajectory", "fingerprint", "growth", "featurized", "methods"):
+        assert fixed.meta[key] == grown.meta[key], key
     assert not fixed.meta.get("nonfinite") and sp.verify_store(fixed.path).status == "ok"
+
+
+@pytest.mark.parametrize("probe_rows", [256, 4])  # the probe reads every example of extra, the bad one too; or not
+def test_a_growth_stopped_by_a_bad_example_probes_its_segmentation_again_once_the_example_is_fixed(
+    tmp_path: Path, runs: Path, probe_rows: int
+) -> None:
+    """A store grown into an AdamW stage with automatic segments probes the data before it cuts; the new stage's data
+    given differ from the right ones in every example, and one of them has a gradient that is not finite. It stopped
+    the probe after its first chunk (``256``), or the growth's units after the probe had cut where the other examples
+    said (``4``, the probe not reading the bad one). The right data keep the work finished before the growth, and
+    probe, cut and featurize the growth again: the store ends as a growth of the clean store."""
+    run = shutil.copytree(runs / "run8", tmp_path / "run")
+    _continue_at_a_ratio(run, "adamw")
+    options = sp.FeaturizeArguments(chunk_rows=8, segmentation=sp.SegmentationArguments(auto=3, probe_rows=probe_rows))
+
+    def featurize(store: Path, data: dict) -> sp.Store:
+        return sp.featurize(run, _mlp(), sp.ClassificationTask(), data, store, grow=True, progress=False,
+                            projection=sp.ProjectionArguments(dim=16, kind="rademacher"), options=options)  # fmt: skip
+
+    store, clean = (shutil.copytree(runs / "s8.sp", tmp_path / name) for name in ("s.sp", "clean.sp"))
+    old = [f"{what}/main/{ckpt_key(step)}" for what in ("grads", "fisher") for step in (0, 4, 8)]
+    before = _files_of(store, old)
+    row = 9 if probe_rows > len(EXTRA) else next(r for r in range(len(EXTRA)) if r not in _probe_rows(10, 4, 1))
+    x, y = _with_inf(EXTRA, row).tensors
+    x[torch.arange(len(y)) != row] *= 2
+    with pytest.raises(sp.NumericalError, match=rf"training example {row} at checkpoint .* stage 'extra' is NaN"):
+        featurize(store, {"main": MAIN, "extra": TensorDataset(x, y)})
+    stopped = sp.Store.open(store)
+    assert bool(stopped.meta.get("segmentation")) == (probe_rows < len(EXTRA))  # cut before the units began
+    probed = "probe/grads/extra/step-00000008"  # the probe's first chunk of extra holds the other examples' values
+    assert stopped.pending_chunks(probed) == ([1] if probe_rows > len(EXTRA) else [])
+    data = {"main": MAIN, "extra": EXTRA}
+    with pytest.warns(UserWarning, match=r"of stage\(s\) \['extra'\] have changed since, .* keeping that work and"):
+        fixed = featurize(store, data)
+    grown = featurize(clean, data)
+    assert _files_of(store, old) == before
+    _same_arrays(fixed, grown)
+    for key in ("segmentation", "trajectory", "fingerprint", "growth", "featurized"):
+        assert fixed.meta[key] == grown.meta[key], key
 
 
 @pytest.mark.parametrize("where", ["fingerprinted", "sampled"])
