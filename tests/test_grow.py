@@ -573,7 +573,8 @@ def test_a_growth_stopped_by_a_bad_new_example_keeps_the_earlier_work_once_the_e
     never read the new stage's data. That work is now kept as it was (its files untouched, its gradients not
     computed again), the growth alone is done again, and the store ends as a growth of the clean store would (the
     longer run's store featurized at once, with a random projection; the eigen one keeps its first basis). ``grow``:
-    the rerun repeats --grow, or is a plain featurize of the longer run."""
+    the rerun repeats --grow, or is a plain featurize of the longer run. A rerun with other settings is refused
+    before anything is dropped."""
     if kind == "rademacher":
         old_store = runs / "s8.sp"  # finished and fitted on main
     else:
@@ -585,8 +586,14 @@ def test_a_growth_stopped_by_a_bad_new_example_keeps_the_earlier_work_once_the_e
     with pytest.raises(sp.NumericalError, match=r"gradient of training example 3 at checkpoint .* stage 'extra' is Na"):
         _featurize(runs / "run16", store, {"main": MAIN, "extra": _with_inf(EXTRA, 3)}, kind=kind, grow=True)
     assert sp.Store.open(store).meta["nonfinite"]["stage"] == "extra"
-    counter = _Counted(monkeypatch)
     data = {"main": MAIN, "extra": EXTRA}
+    stopped = sp.Store.open(store).meta
+    with pytest.raises(sp.StoreError, match=r"other settings \(projection: dim 16 → 8[,)].*; pass --force"):
+        sp.featurize(runs / "run16", _mlp(), sp.ClassificationTask(), data, store, progress=False,
+                     projection=sp.ProjectionArguments(dim=8, kind=kind),
+                     options=sp.FeaturizeArguments(chunk_rows=8))  # fmt: skip
+    assert sp.Store.open(store).meta == stopped  # refused before anything was dropped (it used to be replaced)
+    counter = _Counted(monkeypatch)
     with pytest.warns(UserWarning, match=r"of stage\(s\) \['extra'\] have changed since, .* keeping that work and"):
         fixed = _featurize(runs / "run16", store, data, kind=kind, grow=grow)
     redone = counter.take()

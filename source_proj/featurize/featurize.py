@@ -337,9 +337,10 @@ class _Featurize:
         changed = self._changed_stages(old, mark)
         if not changed:
             return None
+        if (old.get("trajectory") or {}).get("fingerprint") != self.trajectory.fingerprint():
+            return "afresh"  # another run (or one grown further): not the growth the store stopped in
         kept = {stage for stage, _ in finished_before_growth(old, self.trajectory)}
-        same_run = (old.get("trajectory") or {}).get("fingerprint") == self.trajectory.fingerprint()
-        return "growth" if kept and same_run and not changed & kept else "afresh"
+        return "growth" if kept and not changed & kept else "afresh"
 
     def _changed_stages(self, old: Mapping[str, Any], mark: Mapping[str, Any]) -> set[str]:
         """The stages whose training data are not those the store (metadata ``old``) recorded: by their fingerprint,
@@ -604,6 +605,10 @@ class _Featurize:
         store must be of these settings and this model (``_refuse_other_settings``) before anything is dropped."""
         fixed = {**store.meta, "fingerprint": {**store.meta["fingerprint"], "data": self._data_print()}}
         self._refuse_other_settings(fixed)
+        try:
+            units = _open_units(self._plan(store))
+        except NotPrepared:  # the growth's segmentation probe had not finished: it began no unit
+            units = []
         changed = sorted(self._changed_stages(store.meta, store.meta["nonfinite"]))
         warnings.warn(
             f"The store at {self.path} stopped on a NaN or infinite gradient in what it took on as it grew, and the "
@@ -611,10 +616,6 @@ class _Featurize:
             "did not read: keeping that work and featurizing the rest afresh.",
             stacklevel=3,
         )
-        try:
-            units = _open_units(self._plan(store))
-        except NotPrepared:  # the growth's segmentation probe had not finished: it began no unit
-            units = []
         names = {name for unit in units for name, _, _ in self._arrays(unit)} | set(store.progress_arrays(PROBE))
         probed = (store.meta.get("segmentation") or {}).get("view") is not None  # cut where the probe's data said
         if probed:
