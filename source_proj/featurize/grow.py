@@ -11,7 +11,9 @@ finished run (``capture.py``).
 What a growth changes is recorded in the store's metadata (``meta["growth"]``: the checkpoints and
 fingerprint before, the fitted methods dropped), so provenance names every run a store has held;
 the work the store had finished before is trusted as it is (resuming writers re-check only the
-chunks written since, see ``finished_before_growth``);
+chunks written since, see ``finished_before_growth``), and kept where featurize stopped on a gradient that was not
+finite in the growth's work and the data were fixed only where that earlier work did not read them (a new stage's):
+the growth alone starts afresh (``featurize._Featurize._after_stop``);
 fitted methods depend on the whole trajectory (its segments, its final checkpoint), so they are
 dropped and must be fitted again. A stage's own dataset cannot grow (the recorder fixes its size):
 new examples enter through a new stage.
