@@ -1027,6 +1027,57 @@ def test_a_captured_store_grows_with_a_run_that_trains_a_new_stage_on_new_exampl
     assert sp.verify_store(store.path, progress=False).status == "ok"
 
 
+def test_a_captured_growth_refused_on_a_bad_new_example_resumes_with_it_fixed_keeping_the_earlier_windows(
+    tmp_path: Path, classification_data
+) -> None:
+    """A finished captured run resumed into a new stage with an example of infinite input: its training step diverges
+    and capture refuses the next batch, keeping the earlier windows (capture marks no store as stopped: nothing after
+    the last checkpoint is written). Resumed from that checkpoint with the example fixed, the new stage's data were
+    refused as not those the run trained on (recorded as the stage began), though no kept window read them: the
+    earlier windows were lost to a capture from the start. The run now grows with the fixed data, its store that of a
+    growth with them from the start."""
+    options = sp.CaptureArguments(chunk_rows=64)
+    g = torch.Generator().manual_seed(5)
+    more = TensorDataset(torch.randn(12, 4, generator=g), torch.randint(0, 3, (12,), generator=g))
+    x, y = (t.clone() for t in more.tensors)
+    x[3, 1] = float("inf")  # a finite loss (tanh saturates), a NaN gradient
+
+    def grow(name: str, data: TensorDataset, begin: bool = True) -> None:
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+        rec = sp.TrajectoryRecorder.resume(tmp_path / name, model, opt, save_every=3)
+        cap = sp.GradientCapture(rec, tmp_path / f"{name}.sp", sp.ClassificationTask(), projection=_projection(),
+                                 options=options, datasets={"more": data})  # fmt: skip
+        if begin:
+            rec.begin_stage("more", dataset_size=len(data))
+        for batch in DataLoader(sp.IndexedDataset(data), batch_size=4):
+            with cap.batch(batch) as (inputs, targets):
+                opt.zero_grad()
+                F.cross_entropy(model(inputs), targets).backward()
+            opt.step()
+            rec.step()
+        rec.close()
+
+    for name in ("run", "clean"):
+        _train(tmp_path / name, tmp_path / f"{name}.sp", classification_data, steps=6, batch=10, save_every=3,
+               options=options, datasets={"main": classification_data})  # fmt: skip
+    before = _store_arrays(tmp_path / "run.sp")
+    with pytest.raises(sp.NumericalError, match="outputs on the training batch at step 7 are NaN or infinite"):
+        grow("run", TensorDataset(x, y))
+    stopped = _store_arrays(tmp_path / "run.sp")
+    assert set(stopped) == set(before) and all(np.array_equal(before[name], stopped[name]) for name in before)
+    grow("run", more, begin=False)  # the run goes on with its stage "more" from its checkpoint at step 6
+    grow("clean", more)
+    grown, clean = _store_arrays(tmp_path / "run.sp"), _store_arrays(tmp_path / "clean.sp")
+    assert all(np.array_equal(before[name], grown[name]) for name in before)
+    assert set(grown) == set(clean) > set(before)
+    for name, values in clean.items():
+        assert np.array_equal(grown[name], values), name
+    meta, reference = sp.Store.open(tmp_path / "run.sp").meta, sp.Store.open(tmp_path / "clean.sp").meta
+    assert meta["fingerprint"] == reference["fingerprint"] and meta["captured"]
+    assert [g["checkpoints"] for g in meta["growth"]] == [[0, 3, 6]]
+
+
 def test_a_captured_growth_killed_after_noting_itself_is_noted_once(
     tmp_path: Path, classification_data, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -599,8 +599,17 @@ class GradientCapture:
                         f"The captured run was given the training data of stage {stage!r} as datasets= (its data "
                         "fingerprint and end pass are taken from them); resume it with the same datasets=."
                     )
-                self._check_resumed_data(_recorded_data(store.meta))
-                self._check_closers(store, [w for w in windows if w[1] < steps[-1]])
+                kept = [w for w in windows if w[1] < steps[-1]]
+                # A stage no kept window read (it began at the last checkpoint; what it trained since is dropped below)
+                # takes its data as it goes on: a resume with its bad example fixed is not refused. Where no window is
+                # kept, the reference batch (the run's first batch) holds examples of the data recorded: they bind.
+                read = {stage for stage, _ in kept}
+                free = {stage for stage in store.meta.get("capture_data") or {} if stage not in read} if kept else set()
+                self._check_resumed_data({k: v for k, v in _recorded_data(store.meta).items() if k not in free})
+                self._check_closers(store, kept)
+                if free:
+                    given = {k: v for k, v in given.items() if k not in free}
+                    store.update_meta(capture_data=given)
             elif store.meta.get("capture_data"):  # a new run into a store no window was written to: its data anew
                 store.update_meta(capture_data={})
             last = steps[-1] if steps else 0
