@@ -604,12 +604,11 @@ class GradientCapture:
                 # takes its data as it goes on: a resume with its bad example fixed is not refused. Where no window is
                 # kept, the reference batch (the run's first batch) holds examples of the data recorded: they bind.
                 read = {stage for stage, _ in kept}
-                free = {stage for stage in store.meta.get("capture_data") or {} if stage not in read} if kept else set()
+                free = {stage for stage in given if stage not in read} if kept else set()
                 self._check_resumed_data({k: v for k, v in _recorded_data(store.meta).items() if k not in free})
                 self._check_closers(store, kept)
                 if free:
-                    given = {k: v for k, v in given.items() if k not in free}
-                    store.update_meta(capture_data=given)
+                    store.update_meta(capture_data={k: v for k, v in given.items() if k not in free})
             elif store.meta.get("capture_data"):  # a new run into a store no window was written to: its data anew
                 store.update_meta(capture_data={})
             last = steps[-1] if steps else 0

@@ -323,7 +323,7 @@ def _verify(store: Store, *, repair: bool, progress: bool) -> VerifyReport:
         return report
     if not featurized:
         report.notes.append("the store holds no featurize output (another writer's store): its chunks were checked")
-    stopped = (meta.get("nonfinite") or {}).get("error")  # featurize stopped on a NaN gradient (``_restarts``)
+    stopped = (meta.get("nonfinite") or {}).get("error")  # featurize stopped on a NaN gradient (``_after_stop``)
     if stopped:
         report.notes.append(f"featurize stopped: {stopped}")
     capturing = is_captured(meta) and not meta.get("captured")
