@@ -559,6 +559,7 @@ def _files_of(store: Path, names: list[str]) -> dict[str, tuple[int, bytes]]:
 
 
 def _same_arrays(store: sp.Store, reference: sp.Store) -> None:
+    """The stores hold the same row-chunked arrays, bit for bit."""
     assert set(store.progress_arrays()) == set(reference.progress_arrays())
     for name in reference.progress_arrays():
         assert np.array_equal(store.read(name), reference.read(name)), name
