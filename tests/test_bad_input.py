@@ -133,6 +133,30 @@ def test_a_run_still_being_recorded_is_refused_as_a_trajectory_error(tmp_path: P
     assert not (tmp_path / "s.sp").exists()
 
 
+def test_a_run_interrupted_mid_stage_is_refused_as_incomplete_not_malformed(tmp_path: Path) -> None:
+    """A run killed while training leaves the recorder's index with an open stage (``end_step: null``); it was
+    refused as a malformed file to be re-recorded, which would throw the training away. It is an incomplete run,
+    which the recorder resumes: every reader (``Trajectory.load``, featurize, the command line) says so."""
+    model = build_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    recorder = sp.TrajectoryRecorder(tmp_path / "run", model, optimizer, save_every=2)
+    recorder.begin_stage("main", dataset_size=len(data()))
+    for x, y in DataLoader(data(), batch_size=16):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        recorder.step()  # never closed: the index on disk is that of a run still training
+    incomplete = r"is incomplete \(training was interrupted or close\(\) was not called\); finish training "
+    with pytest.raises(sp.TrajectoryError, match=incomplete) as err:
+        sp.Trajectory.load(tmp_path / "run")
+    assert "TrajectoryRecorder.resume continues an interrupted run" in _one_sentence(err)
+    with pytest.raises(sp.TrajectoryError, match=incomplete):
+        featurize(tmp_path / "run", tmp_path / "s.sp")
+    assert not (tmp_path / "s.sp").exists()
+    recorder.close()
+    assert sp.Trajectory.load(tmp_path / "run").complete
+
+
 def test_empty_dataset(tmp_path: Path, tiny_run: Path) -> None:
     empty = TensorDataset(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long))
     with pytest.raises(sp.TaskError, match="The training dataset of stage 'main' is empty") as err:

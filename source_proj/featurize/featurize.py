@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from source_proj import __version__
 from source_proj.distributed import Ranks, Shard, rank_device, ranks, run_sharded
-from source_proj.errors import NumericalError, StoreError, TaskError, TrajectoryError
+from source_proj.errors import NumericalError, StoreError, TaskError
 from source_proj.featurize.arguments import (
     FeaturizeArguments,
     FisherRows,
@@ -81,7 +81,7 @@ from source_proj.tasks.draws import DRAWS_ID, FisherDraws
 from source_proj.tasks.gradients import PerExampleGradients, batch_size, move_batch
 from source_proj.tasks.task import Task, check_model_and_task, check_task_smoothing
 from source_proj.trajectory.optimizers import check_optimised
-from source_proj.trajectory.recorder import Checkpoint, Trajectory, unwrap_model
+from source_proj.trajectory.recorder import Checkpoint, Trajectory, incomplete_run, unwrap_model
 
 
 def _has_features(path: str) -> bool:
@@ -149,10 +149,7 @@ def featurize(
     if options.checkpoint_steps is not None:
         trajectory = trajectory.select(options.checkpoint_steps)
     if not trajectory.complete:
-        raise TrajectoryError(
-            f"The trajectory at {trajectory.path} is incomplete (training was interrupted or close() was not called); "
-            "finish training or call TrajectoryRecorder.close()."
-        )
+        raise incomplete_run(trajectory.path)
     group = ranks(shard)
     job = _Featurize(
         trajectory, model, task, train_data, str(store_path), projection, options, spec, progress, group, grow

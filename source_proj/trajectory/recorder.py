@@ -1426,6 +1426,14 @@ def _group_problem(group: Any) -> str | None:
     return None
 
 
+def incomplete_run(run: Path) -> TrajectoryError:
+    """The refusal of a run whose recorder has not closed: it is still training, or was interrupted."""
+    return TrajectoryError(
+        f"The trajectory at {run} is incomplete (training was interrupted or close() was not called); finish "
+        "training (TrajectoryRecorder.resume continues an interrupted run) and call TrajectoryRecorder.close()."
+    )
+
+
 def _validate_index(index: Any, where: Path) -> None:
     def bad(reason: str) -> TrajectoryError:
         return TrajectoryError(f"{where} is malformed: {reason}; re-record the run or fix the file.")
@@ -1436,6 +1444,12 @@ def _validate_index(index: Any, where: Path) -> None:
         raise bad(f"version {index.get('version')!r} is not {VERSION}, the version this library reads")
     if not isinstance(index.get("complete", False), bool):
         raise bad("'complete' must be true or false")
+    stages = index.get("stages")
+    if index.get("complete") is False and (
+        not index.get("lr") or (isinstance(stages, list) and stages and isinstance(stages[-1], dict)
+                                and "end_step" in stages[-1] and stages[-1]["end_step"] is None)
+    ):  # the recorder's own index of a run still training, or interrupted: no step yet, or a stage still open
+        raise incomplete_run(where.parent)
     lr = index.get("lr")
     if not isinstance(lr, list) or not lr:
         raise TrajectoryError(
@@ -1462,7 +1476,6 @@ def _validate_index(index: Any, where: Path) -> None:
         and _is_int(frozen["tensors"]) and frozen["tensors"] >= 1 and _is_int(frozen["numel"]) and frozen["numel"] >= 0
     ):  # fmt: skip
         raise bad("'frozen' must hold the sha256, tensors and numel of the weights the checkpoints leave out")
-    stages = index.get("stages")
     if not isinstance(stages, list) or not stages:
         raise bad("'stages' must be a non-empty list")
     expected_start = 0
