@@ -291,7 +291,7 @@ class Store:
             return np.zeros((self.num_chunks(name), 2), dtype=np.uint32)  # created, never written
         progress = self._progress(name, self.num_chunks(name))
         try:
-            return np.asarray(progress[...])
+            return self._read_rows(progress, 0, progress.shape[0])
         except Exception:
             entries = np.zeros(progress.shape, dtype=np.uint32)
             for i in range(progress.shape[0]):
@@ -332,7 +332,7 @@ class Store:
     def read_chunk(self, name: str, chunk: int) -> np.ndarray:
         """Row chunk ``chunk`` of array ``name``, checked against its crc32; refuses a damaged one."""
         try:
-            entry = np.asarray(self._progress(name, self.num_chunks(name))[chunk])
+            entry = self._read_rows(self._progress(name, self.num_chunks(name)), chunk, chunk + 1)[0]
         except Exception:
             entry = np.zeros(2, dtype=np.uint32)  # an unreadable progress entry: the chunk counts as unwritten
         if not is_done(entry):
@@ -369,7 +369,7 @@ class Store:
         bad = []
         for file in range(-(-progress.shape[0] // per)):
             try:
-                np.asarray(progress[file * per : (file + 1) * per])
+                self._read_rows(progress, file * per, min(progress.shape[0], (file + 1) * per))
             except Exception:
                 bad.append(file)
         return bad
@@ -384,14 +384,14 @@ class Store:
             for file in files:
                 first, last = file * per, min(progress.shape[0], (file + 1) * per)
                 sync(self.group.store.delete(f"{progress.path}/{progress.metadata.encode_chunk_key((file, 0))}"))
-                progress[first:last] = entries[first:last]
+                self._write_rows(progress, first, last, entries[first:last])
 
     def _set_progress(self, name: str, rows: slice, values: np.ndarray) -> None:
         """Write progress entries ``rows`` of array ``name``; a damaged file of entries in the way is
         rewritten first from what can still be read of it."""
         progress = self._progress(name, self.num_chunks(name))
         try:
-            progress[rows] = values
+            self._write_rows(progress, rows.start, rows.stop, values)
         except OSError:
             raise
         except Exception:
@@ -401,7 +401,7 @@ class Store:
             if not damaged:
                 raise
             self.rewrite_progress(name, damaged)
-            progress[rows] = values
+            self._write_rows(progress, rows.start, rows.stop, values)
 
     def progress_arrays(self, prefix: str = "") -> list[str]:
         """Names of the row-chunked arrays (those with progress entries) under ``prefix``, sorted.
@@ -530,7 +530,7 @@ class Store:
         arr, per_shard, num_chunks = self.array(name), self.chunks_per_shard(name), self.num_chunks(name)
         first, last = shard * per_shard, min(num_chunks, (shard + 1) * per_shard)
         try:
-            entries = np.asarray(self._progress(name, num_chunks)[first:last])
+            entries = self._read_rows(self._progress(name, num_chunks), first, last)
         except Exception:  # damaged entries count as unwritten: their chunks are written again first
             return False
         if not is_done(entries).all():
@@ -629,17 +629,79 @@ class Store:
             with path.open("rb") as f:
                 f.seek(-(16 * per + 4), 2)
                 table = f.read(16 * per + 4)
-            if google_crc32c.value(table[:-4]).to_bytes(4, "little") != table[-4:]:
-                raise ValueError("the shard's index fails its crc32c")
-            offset, length = (int(v) for v in np.frombuffer(table[:-4], dtype="<u8").reshape(per, 2)[chunk % per])
-            if offset == length == np.iinfo(np.uint64).max:
+            offset = self._inner_offset(table, chunk % per, nbytes, path.stat().st_size)
+            if offset is None:
                 return zeros  # all zeros: not stored
-            if length != nbytes or offset + length > path.stat().st_size - len(table):
-                raise ValueError(f"the shard's index places the chunk at {offset}:+{length}, not a chunk of {nbytes}")
         values = np.fromfile(path, dtype=arr.dtype, count=nbytes // arr.dtype.itemsize, offset=offset)
         if values.nbytes != nbytes:
             raise ValueError(f"{values.nbytes} bytes where the chunk holds {nbytes}")
         return values.reshape(rows, *tail)[: stop - chunk * rows]
+
+    @staticmethod
+    def _inner_offset(table: bytes, inner: int, nbytes: int, size: int) -> int | None:
+        """Where inner chunk ``inner`` (of ``nbytes`` bytes) starts in a shard file of ``size`` bytes whose index (and
+        its crc32c) is ``table``, or ``None`` where it is not stored; raises ``ValueError`` where the index does not
+        check or places the chunk elsewhere than in the file's data."""
+        if len(table) < 20 or google_crc32c.value(table[:-4]).to_bytes(4, "little") != table[-4:]:
+            raise ValueError("the shard's index fails its crc32c")
+        offset, length = (int(v) for v in np.frombuffer(table[:-4], dtype="<u8").reshape(-1, 2)[inner])
+        if offset == length == np.iinfo(np.uint64).max:
+            return None
+        if length != nbytes or offset + length > size - len(table):
+            raise ValueError(f"the shard's index places the chunk at {offset}:+{length}, not a chunk of {nbytes}")
+        return offset
+
+    def _read_shard_file(self, arr: zarr.Array, shard: int) -> np.ndarray:
+        """Every row of shard ``shard`` of a plain sharded array (``_plain``) within the array, read from its file in
+        one piece as ``_read_chunk_file`` reads one of its chunks (a chunk not stored reads as zeros)."""
+        rows, tail, per = arr.chunks[0], tuple(arr.shape[1:]), arr.shards[0] // arr.chunks[0]
+        nbytes = rows * int(np.prod(tail, dtype=np.int64)) * arr.dtype.itemsize
+        values = np.zeros((per * rows, *tail), dtype=arr.dtype)
+        path = self.group.store.root / self._chunk_key(arr, shard)  # type: ignore[attr-defined]
+        data = path.read_bytes() if path.exists() else b""
+        for inner in range(per) if data else ():
+            offset = self._inner_offset(data[-(16 * per + 4) :], inner, nbytes, len(data))
+            if offset is not None:
+                chunk = np.frombuffer(data, dtype=arr.dtype, count=nbytes // arr.dtype.itemsize, offset=offset)
+                values[inner * rows : (inner + 1) * rows] = chunk.reshape(rows, *tail)
+        return values[: min(arr.shape[0], (shard + 1) * per * rows) - shard * per * rows]
+
+    def _read_rows(self, arr: zarr.Array, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of ``arr``, read by the store from the files that hold them where the array is plain
+        (``_plain``: each file read once), else through zarr."""
+        if not self._plain(arr):
+            return np.asarray(arr[start:stop])
+        size = arr.chunks[0] if arr.shards is None else arr.shards[0]  # rows per file
+        first = start // size
+        files = [self._read_file(arr, file) for file in range(first, max(first + 1, -(-stop // size)))]
+        return np.concatenate(files)[start - first * size : stop - first * size]
+
+    def _read_file(self, arr: zarr.Array, file: int) -> np.ndarray:
+        """The rows of a plain array's chunk file or shard file ``file`` (chunk ``file``, or shard ``file``)."""
+        if arr.shards is None:
+            return self._read_chunk_file(arr, file, min(arr.shape[0], (file + 1) * arr.chunks[0]))
+        return self._read_shard_file(arr, file)
+
+    def _write_rows(self, arr: zarr.Array, start: int, stop: int, values: np.ndarray) -> None:
+        """Write rows ``start:stop`` of ``arr``: where it is plain (``_plain``), the store rewrites each file holding
+        them whole (merged with the rows it already holds, read first, as zarr merges a partial write), each durably;
+        else through zarr."""
+        if not self._plain(arr):
+            arr[start:stop] = values
+            return
+        size = arr.chunks[0] if arr.shards is None else arr.shards[0]  # rows per file
+        for file in range(start // size, -(-stop // size)):
+            lo, hi = file * size, min(arr.shape[0], (file + 1) * size)
+            if start <= lo and hi <= stop:
+                rows = np.asarray(values[lo - start : hi - start], dtype=arr.dtype)
+            else:
+                rows = self._read_file(arr, file)
+                rows[max(lo, start) - lo : min(hi, stop) - lo] = values[max(lo, start) - start : min(hi, stop) - start]
+            if arr.shards is None:
+                self._write_chunk_file(arr, file, rows)
+            else:
+                inner = arr.chunks[0]
+                self._write_shard_file(arr, file, [rows[i : i + inner] for i in range(0, hi - lo, inner)])
 
     def _write_shard_file(self, arr: zarr.Array, shard: int, chunks: list[np.ndarray]) -> bool:
         """Write shard ``shard`` of ``arr`` (all its row chunks, in order) as one durable file on a local store, encoded
