@@ -23,9 +23,10 @@ packed into its shard.
 consecutive row chunks of each array in one file (a zarr v3 shard, ``shards=``), so a store of
 10⁷ rows holds thousands of files, not millions. A shard file is only ever written whole (zarr
 rewrites a whole shard for any partial write): a finished chunk is first written to a file of its
-own under ``staging/`` and its entry set to 1; when the last chunk of a shard is finished, the
-shard is written in one piece from the verified chunks (on a local disk by the store itself, in
-zarr's own encoding: ``_write_shard_file``), their entries set to 2, and the staged files deleted.
+own under ``staging/`` and its entry set to 1, unless it is the last of its shard to be finished:
+then the shard is written in one piece from it and the shard's verified staged chunks (on a local
+disk by the store itself, in zarr's own encoding: ``_write_shard_file``), their entries set to 2,
+and the staged files deleted.
 A kill between these steps leaves every chunk readable from where its entry says, and
 `Store.pack` (run by the writers when they finish) packs what was left. The progress entries of a
 shard's chunks share one file too. Two processes therefore never write the same file as long as
@@ -502,7 +503,8 @@ class Store:
 
     def write_chunk(self, name: str, chunk: int, values: np.ndarray) -> None:
         """Write row chunk ``chunk`` of array ``name`` in full, then mark it complete (in a sharded
-        array: stage it, and pack its shard once the shard's last chunk is written)."""
+        array: the chunk that completes its shard is written there with the shard's staged chunks, any
+        other is staged until then)."""
         arr = self.array(name)
         rows = arr.chunks[0]
         start = chunk * rows
@@ -513,6 +515,9 @@ class Store:
                 f"chunk {chunk} of {name} needs shape {(stop - start, *arr.shape[1:])}, got {values.shape}"
             )
         self._progress(name, -(-arr.shape[0] // rows))
+        shard = None if arr.shards is None else chunk // self.chunks_per_shard(name)
+        if shard is not None and self._pack_shard(name, shard, finished=(chunk, values)):
+            return
         target = arr if arr.shards is None else self._staging(name)
         with io_errors(self.path, f"chunk {chunk} of {name!r}"):
             if self._plain(target):
@@ -521,23 +526,32 @@ class Store:
                 target[start:stop] = values
             entry = np.array([[WRITTEN, crc32(values)]], dtype=np.uint32)
             self._set_progress(name, slice(chunk, chunk + 1), entry)
-        if arr.shards is not None:
-            self._pack_shard(name, chunk // self.chunks_per_shard(name))
+        if shard is not None:
+            self._pack_shard(name, shard)  # complete now if its entries were unreadable before (rewritten since)
 
-    def _pack_shard(self, name: str, shard: int) -> bool:
+    def _pack_shard(self, name: str, shard: int, finished: tuple[int, np.ndarray] | None = None) -> bool:
         """Write shard ``shard`` of sharded array ``name`` in one piece once all its chunks are complete,
-        mark them packed and delete their staged copies; returns whether it is packed now."""
+        mark them packed and delete their staged copies; returns whether it is packed now. ``finished``:
+        ``(chunk, rows)`` of a chunk of the shard just computed and not written yet, which completes it
+        when every other chunk of it is complete: its rows then go straight into the shard, never staged
+        (a kill before its entry is written leaves it unwritten, recomputed)."""
         arr, per_shard, num_chunks = self.array(name), self.chunks_per_shard(name), self.num_chunks(name)
         first, last = shard * per_shard, min(num_chunks, (shard + 1) * per_shard)
         try:
             entries = self._read_rows(self._progress(name, num_chunks), first, last)
         except Exception:  # damaged entries count as unwritten: their chunks are written again first
             return False
-        if not is_done(entries).all():
+        done, crcs = is_done(entries), entries[:, 1].copy()
+        if finished is not None:
+            done[finished[0] - first], crcs[finished[0] - first] = True, crc32(finished[1])
+        if not done.all():
             return False
-        if (entries[:, 0] == PACKED).all():
+        if finished is None and (entries[:, 0] == PACKED).all():
             return True
-        chunks = [self.read_chunk(name, chunk) for chunk in range(first, last)]
+        chunks = [
+            finished[1] if finished is not None and chunk == finished[0] else self.read_chunk(name, chunk)
+            for chunk in range(first, last)
+        ]
         start, stop = self.chunk_rows(name, first)[0], self.chunk_rows(name, last - 1)[1]
         with io_errors(self.path, f"shard {shard} of {name!r}"):
             try:
@@ -547,11 +561,11 @@ class Store:
                 key = f"{arr.path}/{arr.metadata.encode_chunk_key((shard, *[0] * (arr.ndim - 1)))}"
                 sync(self.group.store.delete(key))
                 arr[start:stop] = np.concatenate(chunks)
-            packed = np.column_stack([np.full(last - first, PACKED, dtype=np.uint32), entries[:, 1]])
+            packed = np.column_stack([np.full(last - first, PACKED, dtype=np.uint32), crcs])
             self._set_progress(name, slice(first, last), packed)
-            staged = self._staging(name)
             for chunk in range(first, last):
                 if entries[chunk - first, 0] == WRITTEN:
+                    staged = self._staging(name)
                     key = staged.metadata.encode_chunk_key((chunk, *[0] * (arr.ndim - 1)))
                     sync(self.group.store.delete(f"{staged.path}/{key}"))
         return True
