@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 import source_proj as sp
+import source_proj.store.store as store_module
 from source_proj.cli.main import main
 from source_proj.store.durable import PARTIAL_SUFFIX, DurableLocalStore
 
@@ -155,17 +156,25 @@ def test_disk_full_is_one_sentence_and_the_same_command_resumes(
     tmp_path: Path, tiny_run: Path, tiny_reference: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = tmp_path / "s.sp"
-    original = DurableLocalStore.set
+    original, original_file = DurableLocalStore.set, store_module.atomic_write_bytes
     chunk_writes = []
 
-    async def full_disk(self: DurableLocalStore, key: str, value) -> None:
-        if "/c/" in key:
-            chunk_writes.append(key)
+    def fill(path: str) -> None:  # the 10th write of a chunk or progress entry, through zarr or the store's own
+        if "/c/" in path:
+            chunk_writes.append(path)
             if len(chunk_writes) > 9:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.root / key))
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    async def full_disk(self: DurableLocalStore, key: str, value) -> None:
+        fill(str(self.root / key))
         await original(self, key, value)
 
+    def full_disk_file(path, data) -> None:
+        fill(str(path))
+        original_file(path, data)
+
     monkeypatch.setattr(DurableLocalStore, "set", full_disk)
+    monkeypatch.setattr(store_module, "atomic_write_bytes", full_disk_file)
     with pytest.raises(sp.StoreError) as err:
         featurize(tiny_run, store)
     monkeypatch.undo()

@@ -62,12 +62,13 @@ def test_a_chunk_is_on_disk_before_its_progress_entry(tmp_path: Path, monkeypatc
     root = str(tmp_path / "s.sp")
     data, entry = f"{root}/grads/a/c/1/0", f"{root}/progress/grads/a/c/1/0"
     # zarr's path (DurableLocalStore): the file fsynced once written; the store's own (atomic_write_bytes): the
-    # temporary file fsynced, then renamed to the chunk's name. Either way, then the names, then the entry.
-    written = next(i for i, e in enumerate(events) if e in {("fsync_file", data), ("renamed", data)})
+    # temporary file fsynced, then renamed to the chunk's (or entry's) name. Either way, then the names, then the entry.
+    written, entry_written = (next(i for i, e in enumerate(events) if e in {("fsync_file", key), ("renamed", key)})
+                              for key in (data, entry))  # fmt: skip
     named = events.index(("fsync_dir", f"{root}/grads/a/c/1"), written)
     created = events.index(("fsync_dir", f"{root}/grads/a/c"), written)  # the directory the write created
-    assert written < named and written < created < events.index(("fsync_file", entry))
-    assert named < events.index(("fsync_file", entry))
+    assert written < named and written < created < entry_written
+    assert named < entry_written
     assert np.array_equal(store.read_chunk("grads/a", 1), np.ones((4, 3), np.float32))
 
 
