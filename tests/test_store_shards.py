@@ -127,6 +127,34 @@ def test_chunk_and_shard_files_are_written_and_read_as_zarr_does(
     assert all(np.signbit(got[c * chunk]).all() for c in negative)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "uint8", "uint32", "int64"])
+def test_the_store_creates_arrays_with_the_metadata_zarr_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str
+) -> None:
+    """A plain array's metadata, its progress entries', its staging array's and its parent groups' are written by the
+    store itself (``Store._create_array``): the same files as zarr's, opened as zarr opens them."""
+    def create(path: Path) -> Store:
+        store = Store.create(path, {"layout": {"shard_chunks": 2}})
+        store.require_array("a/b/sharded", (5, 3), 2, dtype)  # in shards of two chunks: staged too
+        store.require_array("a/one", (4,), 4, dtype)  # one chunk: not sharded
+        for name in ("a/b/sharded", "a/one"):
+            store.pending_chunks(name)
+        return store
+
+    own = []
+    plain = Store._plain
+    monkeypatch.setattr(Store, "_plain", lambda self, arr: own.append(plain(self, arr)) or own[-1])
+    create(tmp_path / "own.sp")
+    monkeypatch.setattr(Store, "_plain", lambda self, arr: False)  # zarr creates every array
+    create(tmp_path / "zarr.sp")
+    monkeypatch.setattr(Store, "_plain", plain)
+    assert all(own) and len(own) >= 5
+    assert _files(tmp_path / "own.sp") == _files(tmp_path / "zarr.sp")
+    opened = Store.open(tmp_path / "own.sp")
+    for name in ("a/b/sharded", "a/one", "progress/a/b/sharded", f"{STAGING}a/b/sharded"):
+        assert opened.array(name).metadata == opened.group[name].metadata  # read by the store, and by zarr
+
+
 class _Killed(BaseException):
     pass
 

@@ -158,6 +158,15 @@ class DurableLocalStore(LocalStore):
         super().set_sync(key, value)
         self._sync_key(key)
 
+    def delete_file(self, key: str) -> None:
+        """Delete the file of ``key`` (a chunk's or shard's) if present, durably, as ``delete`` does, in the calling
+        thread: the store's own writes of plain arrays (``Store._plain``) need no round trip through zarr's loop."""
+        self._check_writable()
+        path = self.root / key
+        path.unlink(missing_ok=True)
+        if path.parent.is_dir():
+            fsync_dir(path.parent)
+
     async def delete(self, key: str) -> None:
         await super().delete(key)
         parent = (self.root / key).parent

@@ -45,6 +45,8 @@ Writers hold the store's lock ([`source_proj.store.locking`][]).
 from __future__ import annotations
 
 import collections
+import copy
+import functools
 import json
 import warnings
 import zlib
@@ -57,6 +59,7 @@ import numpy as np
 import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.group import GroupMetadata
+from zarr.core.metadata.v3 import ArrayV3Metadata
 from zarr.core.sync import sync
 
 from source_proj.errors import StoreError
@@ -172,7 +175,7 @@ class Store:
         if name in self._arrays:
             return True
         try:
-            self.group[name]
+            self._node(name)
         except KeyError:
             return False
         except Exception as err:
@@ -186,7 +189,7 @@ class Store:
         if name in self._arrays:
             return self._arrays[name]
         try:
-            arr = self.group[name]
+            arr = self._node(name)
         except KeyError as err:
             raise StoreError(
                 f"The store at {self.path} has no array {name!r}; run the step that writes it first."
@@ -222,6 +225,25 @@ class Store:
         self._staging(name)
         return arr
 
+    def _node(self, name: str) -> zarr.Array | zarr.Group:
+        """The array or group ``name`` (``KeyError`` where there is none). On a local store an array's metadata file is
+        read and parsed by the store itself as zarr reads it (``AsyncGroup.getitem``), without a round trip through
+        zarr's event loop; a group, or a URL, through zarr."""
+        store = self.group.store
+        if not isinstance(store, DurableLocalStore) or self.group.metadata.consolidated_metadata is not None:
+            return self.group[name]
+        try:
+            document = json.loads((store.root / name / "zarr.json").read_bytes())
+        except (FileNotFoundError, NotADirectoryError) as err:
+            raise KeyError(name) from err
+        if not isinstance(document, dict) or document.get("node_type") != "array":
+            return self.group[name]
+        return self._opened(name, ArrayV3Metadata.from_dict(document))
+
+    def _opened(self, name: str, metadata: ArrayV3Metadata) -> zarr.Array:
+        """Array ``name`` of this store with these metadata, as zarr opens it (nothing read or written)."""
+        return zarr.Array(zarr.AsyncArray(metadata, store_path=zarr.storage.StorePath(self.group.store, name)))
+
     def _create_array(
         self,
         name: str,
@@ -231,14 +253,36 @@ class Store:
         shards: tuple[int, ...] | None = None,
     ) -> zarr.Array:
         """Create an uncompressed array, its parent groups first (zarr writes them concurrently
-        otherwise, and a kill in between would leave an array without its parents' metadata)."""
+        otherwise, and a kill in between would leave an array without its parents' metadata).
+
+        A plain array (``_plain``) is created by the store itself: the metadata files zarr would write (the array's
+        from ``_array_metadata_template``, an empty group's for each missing parent), each durably, one after the
+        other, without zarr's round trips through its event loop."""
+        document = copy.deepcopy(_array_metadata_template(dtype, shards is not None))
+        document["shape"] = list(shape)
+        document["chunk_grid"]["configuration"]["chunk_shape"] = list(shards or chunks)
+        if shards is not None:
+            document["codecs"][0]["configuration"]["chunk_shape"] = list(chunks)
+        metadata = ArrayV3Metadata.from_dict(document)
+        arr = self._opened(name, metadata)
+        parents = ["/".join(name.split("/")[:depth]) for depth in range(1, name.count("/") + 1)]
         with io_errors(self.path, f"array {name!r}"):
-            parts = name.split("/")[:-1]
-            for depth in range(1, len(parts) + 1):
-                self.group.require_group("/".join(parts[:depth]))
-            return self.group.create_array(
-                name, shape=shape, chunks=chunks, shards=shards, dtype=dtype, compressors=None, fill_value=0
-            )
+            if not self._plain(arr):
+                for parent in parents:
+                    self.group.require_group(parent)
+                return self.group.create_array(
+                    name, shape=shape, chunks=chunks, shards=shards, dtype=dtype, compressors=None, fill_value=0
+                )
+            root = self.group.store.root  # type: ignore[attr-defined]
+            if (root / name / "zarr.json").exists():
+                raise zarr.errors.ContainsArrayError(f"An array exists in store {self.path!r} at path {name!r}.")
+            for parent in parents:
+                if not (root / parent / "zarr.json").exists():
+                    self.write_group_metadata(parent)
+            atomic_write_bytes(root / name / "zarr.json",
+                               metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes())  # fmt: skip
+        self._arrays[name] = arr
+        return arr
 
     def _forget(self, prefix: str) -> None:
         """Drop the opened arrays at or below ``prefix`` (and their progress and staged chunks)."""
@@ -567,7 +611,7 @@ class Store:
                 if entries[chunk - first, 0] == WRITTEN:
                     staged = self._staging(name)
                     key = staged.metadata.encode_chunk_key((chunk, *[0] * (arr.ndim - 1)))
-                    sync(self.group.store.delete(f"{staged.path}/{key}"))
+                    self._delete_file(f"{staged.path}/{key}")
         return True
 
     def _plain(self, arr: zarr.Array) -> bool:
@@ -600,6 +644,14 @@ class Store:
             and 0 not in arr.shape
         )
 
+    def _delete_file(self, key: str) -> None:
+        """Delete the file of chunk or shard ``key`` (durably): on a local disk by the store itself, else through
+        zarr."""
+        if isinstance(self.group.store, DurableLocalStore):
+            self.group.store.delete_file(key)
+        else:
+            sync(self.group.store.delete(key))
+
     def _chunk_key(self, arr: zarr.Array, index: int) -> str:
         return f"{arr.path}/{arr.metadata.encode_chunk_key((index, *[0] * (arr.ndim - 1)))}"
 
@@ -618,7 +670,7 @@ class Store:
         """Row chunk ``chunk`` of an unsharded plain array (``_plain``), written durably as zarr writes it."""
         key, data = self._chunk_key(arr, chunk), self._chunk_bytes(values, arr.chunks[0], arr.dtype)
         if data is None:
-            sync(self.group.store.delete(key))
+            self._delete_file(key)
         else:
             atomic_write_bytes(self.group.store.root / key, data)  # type: ignore[attr-defined]
 
@@ -739,7 +791,7 @@ class Store:
             offset += data.nbytes
         key = self._chunk_key(arr, shard)
         if not parts:
-            sync(self.group.store.delete(key))
+            self._delete_file(key)
             return True
         table = index.tobytes()
         atomic_write_bytes(self.group.store.root / key,  # type: ignore[attr-defined]
@@ -776,12 +828,13 @@ class Store:
         """Delete every key below ``prefix``: an array or group, whole or as a killed deletion left it."""
         store = self.group.store
 
-        async def present() -> bool:
+        async def listed() -> bool:
             async for _ in store.list_prefix(f"{prefix}/"):
                 return True
             return False
 
-        if sync(present()):
+        present = (store.root / prefix).is_dir() if isinstance(store, DurableLocalStore) else sync(listed())
+        if present:
             self._forget(prefix)
             with io_errors(self.path, f"the deletion of {prefix!r}"):
                 sync(store.delete_dir(prefix))
@@ -820,6 +873,17 @@ class Store:
         self.delete(name)
         self.require_array(name, tuple(values.shape), max(1, values.shape[0]), str(values.dtype))
         self.write_chunk(name, 0, values)
+
+
+@functools.cache
+def _array_metadata_template(dtype: str, sharded: bool) -> dict[str, Any]:
+    """The metadata document zarr creates for an uncompressed array of ``dtype`` with fill value 0, in shards or not,
+    for a placeholder shape (made by zarr in memory, once): ``Store._create_array`` puts its shape and chunks in a
+    copy."""
+    shards = (2, 1) if sharded else None
+    template = zarr.create_array(zarr.storage.MemoryStore(), shape=(2, 1), chunks=(1, 1), shards=shards, dtype=dtype,
+                                 compressors=None, fill_value=0)  # fmt: skip
+    return template.metadata.to_dict()
 
 
 def crc32(values: np.ndarray) -> int:
