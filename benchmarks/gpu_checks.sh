@@ -9,8 +9,10 @@
 # Each step runs under its own time limit, so one slow step cannot take the others' time. Each writes
 # OUT/<step>.log (OUT: the tool's $OUT, else /tmp/gpu-checks); OUT/summary.txt gets one line per step:
 # its exit status and seconds. The steps, most wanted first:
-#   gpu-tests         tests/test_gpu.py: CUDA against CPU features, bf16, the torch index, Adam's rank-R
-#                     refit on the GPU (skipped on the CPU machines CI and development run on)
+#   gpu-tests         tests/test_gpu.py: CUDA against CPU features, bf16, the torch index (float32, float16 and
+#                     bfloat16 rows; more queries than its 4,096 a product), the ensemble's index, Adam's rank-R
+#                     refit and D = 1/r on the GPU, the eigen basis and capture, the per-rank GPU of one GPU
+#                     (skipped on the CPU machines CI and development run on)
 #   capture-adamw     issue 16's target: capture's step overhead at k = 4,096 on a GPT-2-small-shaped
 #                     transformer (12 × 768, vocabulary 50,257, 16 × 512 tokens), AdamW, every Fisher variant
 #   gpt2-124m         issue 13: GPT-2 124M trained with the recorder, featurized (factored, k = 16,384,
