@@ -13,7 +13,7 @@ from torch.utils.data import TensorDataset
 from source_proj import ClassificationTask
 from source_proj.projection.factory import make_projector
 from source_proj.projection.fastjl import fast_jl_available
-from source_proj.query.topk import TorchIndex, faiss_gpu_available
+from source_proj.query.topk import DEVICE_QUERY_BATCH, HOST_QUERY_BATCH, TorchIndex, faiss_gpu_available
 from source_proj.tasks.gradients import PerExampleGradients
 
 from .conftest import full_batch_run
@@ -323,7 +323,7 @@ def test_the_torch_index_answers_more_queries_than_its_cuda_batch_in_one_search_
     rng = np.random.default_rng(5)
     feats = rng.standard_normal((3000, 32)).astype(np.float32)
     index = TorchIndex.resident(feats, DEVICE, block_rows=1000)
-    assert index.query_batch == (4096 if torch.device(DEVICE).type == "cuda" else 256)
+    assert index.query_batch == (DEVICE_QUERY_BATCH if torch.device(DEVICE).type == "cuda" else HOST_QUERY_BATCH)
     queries = rng.standard_normal((2 * index.query_batch + 37, 32)).astype(np.float32)
     scores, ids = index.search(queries, k)
     assert scores.shape == ids.shape == (len(queries), k)

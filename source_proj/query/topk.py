@@ -146,6 +146,13 @@ class IVFArguments:
         return cells
 
 
+HOST_QUERY_BATCH = 256
+"""``TorchIndex``'s queries per product on the CPU: a 65,536-row block's scores take 64 MB, not 1 GiB, at the same
+speed."""
+DEVICE_QUERY_BATCH = 4096
+"""``TorchIndex``'s queries per product on a GPU."""
+
+
 class TorchIndex:
     """Exact maximum-inner-product search by blocked matmul + top-k on one or several devices.
 
@@ -160,7 +167,7 @@ class TorchIndex:
         query_batch: queries per product (bounds the ``query_batch × rows`` score block); default 4,096 on a GPU,
             256 on the CPU (a 65,536-row block's scores then take 64 MB, not 1 GiB, at the same speed there).
         dtype: the precision of the products: ``torch.float32`` (exact), or ``torch.float16`` /
-            ``torch.bfloat16`` with rows held rounded to it (half the memory, twice the speed on a GPU; the
+            ``torch.bfloat16`` with rows held rounded to it (half the memory; its speed on a GPU is unmeasured; the
             order of rows whose scores differ by less than the rounding may swap). float16 searches unit queries
             (scores scaled back in float32) and refuses rows beyond its range (65504).
         progress: show a progress bar over the rows while a search takes longer than two seconds.
@@ -182,7 +189,8 @@ class TorchIndex:
         self.d = dim
         self.devices = [torch.device(d) for d in ([device] if isinstance(device, (str, torch.device)) else device)]
         self.device = self.devices[0]
-        self.query_batch = query_batch if query_batch is not None else 256 if self.device.type == "cpu" else 4096
+        default = HOST_QUERY_BATCH if self.device.type == "cpu" else DEVICE_QUERY_BATCH
+        self.query_batch = query_batch if query_batch is not None else default
         self.dtype = dtype
         self.progress = progress
 
