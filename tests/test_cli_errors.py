@@ -594,6 +594,48 @@ def test_a_reader_that_leaves_ends_the_output_quietly(cli_reference: tuple[Path,
         assert (done.returncode, done.stderr) == (1, ""), (done.returncode, done.stderr)
 
 
+_INTERRUPTED_IN_A_WRITE = """
+import os, signal, sys, threading, time
+from zarr.core.sync import sync
+import source_proj.cli.main as cli
+
+async def stuck_write():
+    time.sleep(1.0)  # zarr's IO thread still in a write (an fsync on a slow disk) when the interrupt comes
+
+def interrupted(store):
+    threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+    sync(stuck_write())
+
+cli.store_summary = interrupted
+cli.main(["info", sys.argv[1]], prog_name="source-proj")
+"""
+
+
+def test_ctrl_c_during_a_store_write_ends_in_one_sentence(cli_reference: tuple[Path, Path]) -> None:
+    """Ctrl-C while zarr's IO thread was writing printed "Aborted!", then zarr's clean-up at exit a traceback ("Cannot
+    close a running event loop"): the write is let finish, and the command ends in one sentence with status 130."""
+    import subprocess
+    import sys
+
+    store, _ = cli_reference
+    done = subprocess.run([sys.executable, "-c", _INTERRUPTED_IN_A_WRITE, str(store)], capture_output=True, text=True)
+    assert (done.returncode, done.stdout, done.stderr) == (130, "", "Error: source-proj info was interrupted.\n")
+
+
+def test_ctrl_c_in_a_command_that_writes_says_it_resumes(
+    cli_reference: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    store, _ = cli_reference
+    monkeypatch.setattr(sp, "fit", interrupted)
+    out = CliRunner().invoke(main, ["fit", str(_copy(store, tmp_path)), "--device", "cpu"])
+    assert _refused(out, 130) == (
+        "Error: source-proj fit was interrupted; run the same command again to resume where it stopped."
+    )
+
+
 @pytest.mark.parametrize(
     ("options", "expected"),
     [

@@ -37,7 +37,7 @@ from source_proj.query.attributor import method_meta
 from source_proj.query.text_report import text_report
 from source_proj.query.topk import SEARCH_BACKENDS
 from source_proj.spec import Spec, load_spec
-from source_proj.store.durable import atomic_write_bytes
+from source_proj.store.durable import atomic_write_bytes, settle_io
 from source_proj.store.info import segment_points, store_summary
 from source_proj.store.provenance import check_data
 from source_proj.store.store import is_store
@@ -74,6 +74,10 @@ class _Command(click.Command):
             raise click.UsageError(option + text[len(err.subject or ""):], ctx) from err
         except (click.ClickException, click.exceptions.Exit, click.Abort, BrokenPipeError):
             raise  # click ends a command whose output's reader left quietly (exit status 1)
+        except KeyboardInterrupt:
+            with contextlib.suppress(Exception, KeyboardInterrupt):  # a second Ctrl-C leaves at once
+                settle_io()  # the write the interrupt left running ends complete, and zarr exits quietly
+            raise _Interrupted(ctx.info_name) from None
         except Exception as err:
             if os.environ.get("SOURCE_PROJ_TRACEBACK"):
                 raise
@@ -112,6 +116,19 @@ class _Command(click.Command):
         if any(param.name == "device" for param in self.params):
             return "run it on the CPU (--device cpu), or on a machine with more memory"
         return "run it on a machine with more memory"
+
+
+class _Interrupted(click.ClickException):
+    """Ctrl-C: one sentence, exit status 130 (the shell's for SIGINT); a command that writes says it resumes."""
+
+    exit_code = 130
+
+    def __init__(self, command: str | None) -> None:
+        resumes = "; run the same command again to resume where it stopped" if command in _RESUMABLE else ""
+        super().__init__(f"source-proj {command} was interrupted{resumes}.")
+
+
+_RESUMABLE = ("featurize", "fit", "baseline", "lds", "compare")  # commands whose finished work an interrupt keeps
 
 
 _MEMORY_ADVICE = {  # what to change when a command runs out of memory

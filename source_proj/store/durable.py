@@ -12,6 +12,7 @@ before the writer goes on. The recipe (used by everything source-proj writes):
 is followed by steps 1–3, so a progress entry written after a chunk is durable only once the
 chunk is. It also hides the store's lock file and the ``*.partial`` temporary files a killed
 writer leaves behind from zarr's listings; [`remove_partial_files`][] deletes those.
+[`settle_io`][] lets the writes an interrupt left running in zarr's IO thread finish.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from zarr.core import sync as zarr_sync
 from zarr.core.buffer import Buffer
 from zarr.storage import LocalStore
 
@@ -53,6 +55,25 @@ def fsync_file(path: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def settle_io(timeout: float = 60.0) -> None:
+    """Wait (at most ``timeout`` seconds) for the reads and writes still running in zarr's IO thread.
+
+    zarr runs every store operation in an event loop of its own thread; a ``KeyboardInterrupt`` reaches the
+    thread that waits for one, not the operation, which goes on. Left running at exit, zarr's own clean-up cannot
+    close the loop and prints a traceback. A write that goes on is still durable (steps 1–3 above): it
+    ends complete, so letting it finish loses nothing.
+    """
+    loop = zarr_sync.loop[0]
+    if loop is None or loop.is_closed():
+        return
+
+    async def rest() -> None:
+        running = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        await asyncio.gather(*running, return_exceptions=True)
+
+    asyncio.run_coroutine_threadsafe(rest(), loop).result(timeout)
 
 
 def _make_parents(directory: Path) -> list[Path]:
