@@ -255,6 +255,28 @@ def test_a_resumed_store_keeps_its_basis_and_other_data_are_refused(
     assert replaced.meta["projection"]["basis"]["digest"] != digest
 
 
+def test_a_store_of_another_k_or_seed_is_refused_before_the_basis_pass(
+    tmp_path: Path, classification_data, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """featurize into a store of another --dim or --seed estimated a whole basis (minutes on a large model) before
+    refusing it, and named the blocks' sum (``dim 24 → 16``) where the user typed k: it is refused first, naming k or
+    the seed, and the store is kept."""
+    run, model = _run(tmp_path, classification_data)
+    path = tmp_path / "eigen.sp"
+    digest = _featurize(run, model, classification_data, path, kind="eigen", dim=24).meta["projection"]["basis"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the basis was estimated before the refusal")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(featurize_module, "estimate_basis", refuse)
+        with pytest.raises(sp.StoreError, match=r"other settings \(projection: k 24 → 16\); pass --force"):
+            _featurize(run, model, classification_data, path, kind="eigen", dim=16)
+        with pytest.raises(sp.StoreError, match=r"other settings \(projection: seed 0 → 5\); pass --force"):
+            _featurize(run, model, classification_data, path, kind="eigen", dim=24, seed=5)
+    assert sp.Store.open(path).meta["projection"]["basis"] == digest
+
+
 def _eigen_featurizer(tmp_path: Path, build: Callable[[], nn.Module], data: TensorDataset) -> Callable[..., sp.Store]:
     """Two full-batch steps of ``build()`` on ``data`` (a checkpoint each), and featurize of that run into a given
     path with the eigen projection at k = 12 and the given projection arguments."""

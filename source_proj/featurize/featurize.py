@@ -441,6 +441,7 @@ class _Featurize:
         arguments (a resumed featurize, a grown store, or inputs that changed otherwise, which the store's
         fingerprints then name), else estimated from the run (``basis.py``)."""
         projection, trajectory = self.projection, self.trajectory
+        self._refuse_other_projection()
         pass_ = BasisPass.of(projection, self.grads_fn, self.task, self.datasets, self.names,
                              batch_size=self.options.batch_size, device=self.device)  # fmt: skip
         inputs = projection.basis_inputs(self.names, *pass_.inputs_cut())
@@ -471,6 +472,32 @@ class _Featurize:
         with self.shards.saving() if self.shards is not None else contextlib.nullcontext():
             return estimate_basis(trajectory, trajectory.checkpoints, pass_, inputs=inputs, progress=self.progress,
                                   per_stage=projection.basis_checkpoints)  # fmt: skip
+
+    def _refuse_other_projection(self) -> None:
+        """Refuse, before the basis pass (minutes on a large model), a store whose eigen projection was asked for
+        another k or seed: the basis estimated here could not be the store's, and its settings would be refused
+        once it is (``_refuse_other_settings``)."""
+        store = self._kept()
+        desc = (store.meta.get("projection") or {}) if store is not None else {}
+        if desc.get("kind") != "eigen":
+            return
+        old = {"k": desc.get("k"), "seed": desc.get("seed")}
+        asked = {"k": self.projection.dim, "seed": self.projection.seed}
+        if old != asked:
+            raise self._other_settings(_detail("projection", old, asked), grow=self.grow)
+
+    def _other_settings(self, details: str, grow: bool = False) -> StoreError:
+        """The refusal of a store featurized with other settings than asked (``details``: as ``_detail`` names them),
+        to be grown (``grow``) or resumed."""
+        if grow:
+            return StoreError(
+                f"The store at {self.path} cannot grow with other settings than it was featurized with ({details}); "
+                "repeat the options of its first featurize (`source-proj info` shows them) with --grow."
+            )
+        return StoreError(
+            f"The store at {self.path} was featurized with other settings ({details}); pass --force (overwrite=True) "
+            "to replace it, or use another store path."
+        )
 
     def _plan(self, store: Store, overwrite: bool = False, record: bool = False) -> FeaturizePlan:
         self._setup()
@@ -669,17 +696,10 @@ class _Featurize:
         if self.grow and "trajectory" in differing and len(differing) > 1:
             # Growing changes the run; anything else must be as the store was featurized (its projection above all,
             # which a --grow without the first featurize's --dim changes), and replacing the store is not the answer.
-            raise StoreError(
-                f"The store at {self.path} cannot grow with other settings than it was featurized with "
-                f"({'; '.join(_detail(key, old.get(key), meta[key]) for key in differing if key != 'trajectory')}); "
-                "repeat the options of its first featurize (`source-proj info` shows them) with --grow."
-            )
+            details = "; ".join(_detail(key, old.get(key), meta[key]) for key in differing if key != "trajectory")
+            raise self._other_settings(details, grow=True)
         if differing:
-            raise StoreError(
-                f"The store at {self.path} was featurized with other settings "
-                f"({'; '.join(_detail(key, old.get(key), meta[key]) for key in differing)}); pass --force "
-                "(overwrite=True) to replace it, or use another store path."
-            )
+            raise self._other_settings("; ".join(_detail(key, old.get(key), meta[key]) for key in differing))
         # The data first: the model's fingerprint is computed on a batch of them.
         if check_data(self.path, old, self.datasets, fingerprint=meta["fingerprint"]["data"]):
             check_model_values(self.path, old, meta["fingerprint"]["model"]["values"])
