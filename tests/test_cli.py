@@ -138,7 +138,7 @@ def test_errors_are_one_line_messages(tmp_path: Path, run: tuple[Path, Path]) ->
     assert cli.invoke(main, args).exit_code == 0
     out = cli.invoke(main, [*args[:-1], "8"])
     assert out.exit_code == 1 and "--force" in out.output
-    assert "other settings (projection: dim 16 → 8, k 16 → 8)" in out.output, out.output
+    assert "other settings (projection: k 16 → 8)" in out.output, out.output
     assert cli.invoke(main, [*args[:-1], "8", "--force"]).exit_code == 0
     assert sp.Store.open(store).meta["projection"]["dim"] == 8
     out = cli.invoke(main, [*args, "--basis-layer-positions", "0"])
