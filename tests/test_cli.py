@@ -221,6 +221,27 @@ def test_info_shows_the_settings_fit_and_featurize_fixed(tmp_path: Path, run: tu
     assert f"source, UNFINISHED (complete it: source-proj fit {store} --method source --segments 2" in text, text
 
 
+def test_a_store_of_another_run_and_model_is_named_as_another_runs(tmp_path: Path, run: tuple[Path, Path]) -> None:
+    """Another run of another model into an existing store was refused with every field of every setting that
+    differed (layers, fingerprints, checkpoints: a paragraph of JSON); it is named as another run's store, with the
+    settings that differ."""
+    run_dir, spec = run
+    store = tmp_path / "s.sp"
+    cli = CliRunner()
+    args = ["featurize", "--ckpts", str(run_dir), "--spec", str(spec), "--out", str(store), "--dim", "8"]
+    assert cli.invoke(main, args).exit_code == 0
+    other_spec = tmp_path / "other.py"
+    other_spec.write_text(SPEC.replace("Linear(8, 3)", "Linear(8, 4)"))
+    module = sp.spec.load_spec(other_spec)
+    full_batch_run(tmp_path / "other", module.build_model(), module.train_data("main"),
+                   lambda o, t: F.cross_entropy(o, t, reduction="none"), lr=0.2, steps=4, save_every=2)  # fmt: skip
+    out = cli.invoke(main, [*args[:2], str(tmp_path / "other"), "--spec", str(other_spec), *args[5:]])
+    assert out.exit_code == 1 and out.output.splitlines()[-1] == (
+        f"Error: The store at {store} was featurized from another run ({run_dir.resolve()}) with other settings "
+        "(params, projection); pass --force (overwrite=True) to replace it, or use another store path."
+    ), out.output
+
+
 def test_featurize_of_a_finished_store_says_it_computed_nothing(tmp_path: Path, run: tuple[Path, Path]) -> None:
     run_dir, spec = run
     store = tmp_path / "s.sp"

@@ -676,6 +676,13 @@ class _Featurize:
                 "--grow (grow=True) if this run continued the store's, --force (overwrite=True) to replace it, or use "
                 "another store path."
             )
+        if not same_run and not self.grow:  # the run's own differences would bury the one that matters
+            where = (old.get("trajectory") or {}).get("path")
+            settings = ", ".join(key for key in differing if key != "trajectory")
+            raise StoreError(
+                f"The store at {self.path} was featurized from another run ({where}) with other settings ({settings}); "
+                "pass --force (overwrite=True) to replace it, or use another store path."
+            )
         if "library_version" in differing:
             raise StoreError(
                 f"The store at {self.path} was featurized by source-proj {old.get('library_version')}, this is "
