@@ -251,6 +251,7 @@ def test_featurize_of_a_finished_store_says_it_computed_nothing(tmp_path: Path, 
     again = cli.invoke(main, [*args, "--batch-size", "4"])
     assert again.exit_code == 0 and "already holds these features; nothing to compute" in again.output, again.output
     assert "featurized 5 checkpoints" not in again.output
+    assert "featurize:" not in again.output, again.output  # no progress bar of no chunks
     changed = cli.invoke(main, [*args, "--segments", "2"])  # records a segmentation: not "nothing"
     assert changed.exit_code == 0 and "nothing to compute" not in changed.output, changed.output
 

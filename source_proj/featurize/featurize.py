@@ -818,7 +818,8 @@ def _featurize_units(
     runs = [(unit, [chunk for u, chunk in work if u is unit]) for unit in _open_units(plan)]
     saving = shards.saving if shards is not None else contextlib.nullcontext
     # Each chunk is written by a thread of its own while the next is computed (``ChunkWriter``).
-    with tqdm(total=len(work), desc=desc, unit="chunk", disable=not progress) as bar, ChunkWriter(store) as writer:
+    bar = tqdm(total=len(work), desc=desc, unit="chunk", disable=not progress or not work)  # none for no work
+    with bar, ChunkWriter(store) as writer:
         # One DataLoader per run of consecutive chunks of a unit: its workers start once and read ahead
         # across the run's chunks (a loader per chunk would restart them every chunk).
         for unit, chunks in runs:
