@@ -162,6 +162,21 @@ def test_each_growth_is_added_to_the_history_of_those_before(tmp_path: Path) -> 
     assert sp.Store.open(store.path).meta["growth"] == [first, second]
 
 
+def test_info_says_to_re_fit_a_grown_stores_methods_only_until_they_are(tmp_path: Path, runs: Path) -> None:
+    """`source-proj info` of a grown store said "re-fit source" even after source had been re-fitted."""
+    from click.testing import CliRunner
+
+    from source_proj.cli.main import main
+
+    shutil.copytree(runs / "s8.sp", tmp_path / "s.sp")
+    grown = _featurize(runs / "run16", tmp_path / "s.sp", {"main": MAIN, "extra": EXTRA}, grow=True)
+    line = "  grown from the run with checkpoints [0, 4, 8]"
+    assert f"{line}; re-fit source\n" in CliRunner().invoke(main, ["info", str(grown.path)]).output
+    sp.fit(grown, progress=False)
+    after = CliRunner().invoke(main, ["info", str(grown.path)]).output
+    assert f"{line}\n" in after and "re-fit" not in after, after
+
+
 def test_only_the_work_of_a_store_that_had_finished_is_trusted_after_its_growth(runs: Path) -> None:
     """Writers resuming a growth skip re-checking the chunks of the units the store had finished before it; a store
     killed before it finished trusts none of them (its chunks may be torn)."""

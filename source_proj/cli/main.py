@@ -1069,8 +1069,9 @@ def info(store_path: str, as_json: bool) -> None:
     click.echo(
         f"features    {summary['features']}: {summary['featurized_chunks']} chunks (Fisher: {summary['fisher']})"
     )
-    for grown in summary["growth"]:
-        dropped = f"; re-fit {', '.join(grown['dropped_methods'])}" if grown["dropped_methods"] else ""
+    for grown in summary["growth"]:  # a method dropped by a growth and complete now was fitted since
+        refit = [m for m in grown["dropped_methods"] if not (summary["methods"].get(m) or {}).get("complete")]
+        dropped = f"; re-fit {', '.join(refit)}" if refit else ""
         rewound = f", rewound to step {grown['rewound_to']}" if grown.get("rewound_to") is not None else ""
         click.echo(f"  grown from the run with checkpoints {grown['checkpoints']}{rewound}{dropped}")
     if summary["segmentation"]:  # featurize --segments / --fast fixed it: fit takes these segments
