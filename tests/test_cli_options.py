@@ -105,3 +105,18 @@ def test_python_keeps_the_field_name_the_command_line_replaces() -> None:
         sp.SegmentationArguments(per_stage=0)
     assert str(err.value) == "SegmentationArguments.per_stage is 0; " + WHOLE.format(1)
     assert err.value.subject == "SegmentationArguments.per_stage"
+
+
+def test_a_number_option_given_a_word_says_it_is_not_a_number() -> None:
+    """Every numeric option of every command, given a word: click's ranges said "'abc' is not a valid integer range"
+    (of ``--dim abc``), as if a range were asked for."""
+    said = []
+    for name, command in main.commands.items():  # type: ignore[attr-defined]
+        for param in command.params:
+            if isinstance(param.type, click.IntRange | click.FloatRange):
+                required = [*FEATURIZE[1:]] if name == "featurize" else ["/missing/s.sp"]
+                out = CliRunner().invoke(main, [name, *required, param.opts[0], "abc"])
+                assert out.exit_code == 2, out.output
+                said.append(out.output.splitlines()[-1])
+    kinds = {line.rsplit("'abc' is not a valid ", 1)[-1] for line in said}
+    assert len(said) >= 18 and kinds == {"integer.", "float."}, said

@@ -158,6 +158,18 @@ _OPTIONS: dict[str, str | None] = {
 }
 
 
+class _Whole(click.IntRange):
+    """A whole number in a range, refused as not "a valid integer" (click's own says "integer range" of ``abc``)."""
+
+    name = "integer"
+
+
+class _Real(click.FloatRange):
+    """A number in a range, refused as not "a valid float" (click's own says "float range")."""
+
+    name = "float"
+
+
 def _option_of(command: click.Command, subject: str | None) -> str | None:
     """The option of ``command`` that set the field an error refuses (its ``subject``: ``"LDSArguments.num_subsets"``,
     ``"ProjectionArguments.module_dims['fc']"``) as the user types it (``"--subsets"``, ``"--module-dim 'fc'"``), or
@@ -264,8 +276,8 @@ def main() -> None:
     help="Python file defining build_model, build_task, train_data(stage), query_data().",
 )
 @click.option("--out", "store_path", required=True, help="Store to write (or resume): a directory or a URL (s3://…).")
-@click.option("--dim", default=1024, show_default=True, type=click.IntRange(min=1), help="Projection dimension k.")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Projection seed.")
+@click.option("--dim", default=1024, show_default=True, type=_Whole(min=1), help="Projection dimension k.")
+@click.option("--seed", default=0, show_default=True, type=_Whole(min=0), help="Projection seed.")
 @click.option(
     "--projection",
     type=click.Choice([*PROJECTION_KINDS, "auto"]),
@@ -286,7 +298,7 @@ def main() -> None:
     "--adam-rank",
     default=1,
     show_default=True,
-    type=click.IntRange(min=1),
+    type=_Whole(min=1),
     help="eigen and factored, Adam/AdamW runs: rank R of each layer's approximation of D^-1/2 (R times the "
     "projection cost).",
 )
@@ -294,7 +306,7 @@ def main() -> None:
     "--basis-examples",
     default=2048,
     show_default=True,
-    type=click.IntRange(min=1),
+    type=_Whole(min=1),
     help="eigen: at most this many examples per stage and checkpoint whose sampled-label Fisher estimates the "
     "basis.",
 )
@@ -361,7 +373,7 @@ def main() -> None:
     "--batch-size",
     default=64,
     show_default=True,
-    type=click.IntRange(min=1),
+    type=_Whole(min=1),
     help="Examples per forward/backward pass (memory against speed); a store resumes with a size that divides the "
     "one it was begun with (half of it, after running out of memory).",
 )
@@ -369,12 +381,12 @@ def main() -> None:
     "--chunk-rows",
     default=1024,
     show_default=True,
-    type=click.IntRange(min=1),
+    type=_Whole(min=1),
     help="Examples per store chunk (unit of resumption).",
 )
 @click.option("--device", default=None, help="cuda, cpu, ... (default: cuda when available).")
 @click.option(
-    "--workers", default=0, show_default=True, type=click.IntRange(min=0), help="DataLoader worker processes."
+    "--workers", default=0, show_default=True, type=_Whole(min=0), help="DataLoader worker processes."
 )
 @click.option(
     "--segments",
@@ -584,7 +596,7 @@ def _module_dims(values: tuple[str, ...]) -> dict[str, int]:
 @click.option("--fast", is_flag=True, help="Fast-SOURCE: features at each segment's averaged parameters.")
 @click.option(
     "--damping-factor",
-    type=click.FloatRange(min=0.0),
+    type=_Real(min=0.0),
     default=None,
     help="Damp each segment's curvature by the weight decay + this × its mean eigenvalue (0: the paper's SOURCE; "
     "default: 1 with the projected curvature, 0.3 with it on the eigen projection, 0 with kfac).",
@@ -822,7 +834,7 @@ def _save(path: Path, write: Callable[[], Any]) -> Any:
     "--top-k",
     default=10,
     show_default=True,
-    type=click.IntRange(min=1),
+    type=_Whole(min=1),
     help="Training examples listed per query and kind (at most the training set's size).",
 )
 @click.option("--method", default="source", show_default=True, help="Fitted method to score with (see `info`).")
@@ -836,7 +848,7 @@ def _save(path: Path, write: Callable[[], Any]) -> Any:
     "existing file is replaced.",
 )
 @click.option(
-    "--show", default=5, show_default=True, type=click.IntRange(min=0), help="Queries to print on the terminal."
+    "--show", default=5, show_default=True, type=_Whole(min=0), help="Queries to print on the terminal."
 )
 @click.option(
     "--html",
@@ -864,9 +876,9 @@ def _save(path: Path, write: Callable[[], Any]) -> Any:
     help="Shard the index over these devices, e.g. cuda:0,cuda:1 (default: --device, or every GPU when the "
     "features do not fit on it).",
 )
-@click.option("--nlist", type=click.IntRange(min=1), default=None, help="--search ivf: cells (default 4·√N).")
+@click.option("--nlist", type=_Whole(min=1), default=None, help="--search ivf: cells (default 4·√N).")
 @click.option(
-    "--nprobe", type=click.IntRange(min=1), default=32, show_default=True, help="--search ivf: cells scanned per query."
+    "--nprobe", type=_Whole(min=1), default=32, show_default=True, help="--search ivf: cells scanned per query."
 )
 @click.option("--ivf-fp16", is_flag=True, help="--search ivf: hold the rows in float16 (half the memory).")
 def query(
@@ -1138,13 +1150,13 @@ def verify(store_path: str, repair: bool, as_json: bool) -> None:
     "--damping-factor",
     default=3.0,
     show_default=True,
-    type=click.FloatRange(min=0),
+    type=_Real(min=0),
     help="IF: damping = factor × mean eigenvalue (0: none; eigenvalues below 1e-6 × the largest are dropped).",
 )
 @click.option(
     "--trak-dim",
     default=None,
-    type=click.IntRange(min=1),
+    type=_Whole(min=1),
     help="TRAK: kernel coordinates d (default: min(k, N/10)).",
 )
 @click.option("--spec", "spec_path", default=None, type=click.Path(path_type=Path), help="Spec file (RepSim).")
@@ -1186,13 +1198,13 @@ def _evaluation_options(fn: Any) -> Any:
     options = [
         click.argument("store_paths", nargs=-1, required=True),
         click.option("--alpha", "alphas", default="0.5", show_default=True, help="Kept fraction(s), e.g. 0.25,0.5."),
-        click.option("--subsets", default=100, show_default=True, type=click.IntRange(min=MIN_SUBSETS),
+        click.option("--subsets", default=100, show_default=True, type=_Whole(min=MIN_SUBSETS),
                      help="M, random subsets per α."),
-        click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),
+        click.option("--repeats", default=5, show_default=True, type=_Whole(min=1),
                      help="R, retrains per subset (averaged)."),
-        click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+        click.option("--seed", default=0, show_default=True, type=_Whole(min=0),
                      help="Seed of the subsets and retrain seeds."),
-        click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+        click.option("--workers", default=1, show_default=True, type=_Whole(min=1),
                      help="Parallel retraining processes."),
         click.option("--queries", "which", default=None, help="Query indices: 0:100, 3,5,8 (default: all)."),
         click.option("--cache", "cache", default=None, type=click.Path(path_type=Path),
