@@ -96,3 +96,29 @@ def test_a_new_store_is_its_root_metadata_written_once(tmp_path: Path, monkeypat
     sp.Store.create(tmp_path / "s.sp", {"x": 1})
     assert writes == ["zarr.json"]
     assert sp.Store.open(tmp_path / "s.sp").meta["x"] == 1
+
+
+_INTERRUPTED_IN_A_WRITE = """
+import os, signal, threading, time
+import source_proj
+from zarr.core.sync import sync
+
+async def stuck_write():
+    time.sleep(1.0)  # zarr's IO thread still in a write (an fsync on a slow disk) when the interrupt comes
+    print("write finished", flush=True)
+
+threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+sync(stuck_write())
+"""
+
+
+def test_a_script_interrupted_in_a_write_lets_it_finish_and_exits_without_zarrs_traceback() -> None:
+    """Ctrl-C while zarr's IO thread was writing: Python's own KeyboardInterrupt, then zarr's clean-up at exit printed
+    a second traceback ("Cannot close a running event loop"), the write cut off by the exit. The write is let
+    finish first, and zarr exits quietly."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _INTERRUPTED_IN_A_WRITE], capture_output=True, text=True)
+    assert done.stderr.rstrip().endswith("KeyboardInterrupt"), done.stderr
+    assert "event loop" not in done.stderr and done.stdout == "write finished\n", (done.stdout, done.stderr)

@@ -37,7 +37,7 @@ from source_proj.query.attributor import method_meta
 from source_proj.query.text_report import text_report
 from source_proj.query.topk import SEARCH_BACKENDS
 from source_proj.spec import Spec, load_spec
-from source_proj.store.durable import atomic_write_bytes, settle_io
+from source_proj.store.durable import atomic_write_bytes
 from source_proj.store.info import segment_points, store_summary
 from source_proj.store.provenance import check_data
 from source_proj.store.store import is_store
@@ -74,9 +74,7 @@ class _Command(click.Command):
             raise click.UsageError(option + text[len(err.subject or ""):], ctx) from err
         except (click.ClickException, click.exceptions.Exit, click.Abort, BrokenPipeError):
             raise  # click ends a command whose output's reader left quietly (exit status 1)
-        except KeyboardInterrupt:
-            with contextlib.suppress(Exception, KeyboardInterrupt):  # a second Ctrl-C leaves at once
-                settle_io()  # the write the interrupt left running ends complete, and zarr exits quietly
+        except KeyboardInterrupt:  # the write it left running ends at exit (``settle_io``)
             raise _Interrupted(ctx.info_name) from None
         except Exception as err:
             if os.environ.get("SOURCE_PROJ_TRACEBACK"):

@@ -12,18 +12,19 @@ before the writer goes on. The recipe (used by everything source-proj writes):
 is followed by steps 1–3, so a progress entry written after a chunk is durable only once the
 chunk is. It also hides the store's lock file and the ``*.partial`` temporary files a killed
 writer leaves behind from zarr's listings; [`remove_partial_files`][] deletes those.
-[`settle_io`][] lets the writes an interrupt left running in zarr's IO thread finish.
+At exit, the writes an interrupt left running in zarr's IO thread are let finish (``_settle_io``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import errno
 import os
 import secrets
 import shutil
 from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from zarr.core import sync as zarr_sync
@@ -57,8 +58,9 @@ def fsync_file(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def settle_io(timeout: float = 60.0) -> None:
-    """Wait (at most ``timeout`` seconds) for the reads and writes still running in zarr's IO thread.
+def _settle_io(timeout: float = 60.0) -> None:
+    """Wait (at most ``timeout`` seconds; a second Ctrl-C ends the wait) for the reads and writes still running in
+    zarr's IO thread.
 
     zarr runs every store operation in an event loop of its own thread; a ``KeyboardInterrupt`` reaches the
     thread that waits for one, not the operation, which goes on. Left running at exit, zarr's own clean-up cannot
@@ -73,7 +75,13 @@ def settle_io(timeout: float = 60.0) -> None:
         running = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
         await asyncio.gather(*running, return_exceptions=True)
 
-    asyncio.run_coroutine_threadsafe(rest(), loop).result(timeout)
+    with suppress(Exception, KeyboardInterrupt):
+        asyncio.run_coroutine_threadsafe(rest(), loop).result(timeout)
+
+
+# At exit, before zarr's own clean-up (registered when zarr was imported, above: exit handlers run last first), so
+# that a script or command interrupted in a write ends with its own message, not zarr's traceback.
+atexit.register(_settle_io)
 
 
 def _make_parents(directory: Path) -> list[Path]:
