@@ -115,6 +115,25 @@ def test_lists_stop_where_the_scores_change_sign(cli_reference: tuple[Path, Path
     assert "12 of 12 queries have fewer than 12 training examples with a score > 0 (helpful)" in out.output
 
 
+@pytest.mark.parametrize(
+    ("short", "said"),
+    [
+        ((0, 3), "3 of 12 queries have fewer than 2 training examples with a score < 0 (harmful)"),
+        ((1, 0), "1 of 12 queries has fewer than 2 training examples with a score > 0 (helpful)"),
+        ((2, 5), "2 of 12 queries have fewer than 2 training examples with a score > 0 (helpful) and 5 fewer than 2 "
+                 "with a score < 0 (harmful)"),
+    ],
+)  # fmt: skip
+def test_the_note_on_short_lists_names_only_the_kinds_that_are_short(
+    cli_reference: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, short: tuple[int, int], said: str
+) -> None:
+    """It read "0 of 12 queries have fewer than 2 training examples with a score > 0 (helpful) and 3 fewer …"."""
+    store, _ = cli_reference
+    monkeypatch.setattr(sp.query.attributor.QueryResult, "short_lists", lambda self: short)
+    out = CliRunner().invoke(main, ["query", str(store), "--top-k", "2"])
+    assert out.exit_code == 0 and out.output.splitlines()[-1] == f"{said}; their lists stop there.", out.output
+
+
 def test_a_query_without_any_example_of_either_sign_writes_a_csv_header_and_no_rows(
     cli_reference: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

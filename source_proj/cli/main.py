@@ -964,12 +964,14 @@ def query(
         click.echo(f"\n({len(indices) - show} more queries not shown; {where})")
     few = result.short_lists()  # by sign: (score > 0, score < 0)
     few_helpful, few_harmful = few if result.positive_helps else few[::-1]
-    if few_helpful or few_harmful:
-        (helpful, helpful_sign, _, _), (harmful, harmful_sign, _, _) = lists
+    counts = (few_helpful, few_harmful)
+    short = [(n, kind, ">" if sign > 0 else "<") for n, (kind, sign, _, _) in zip(counts, lists, strict=True) if n]
+    if short:  # a kind whose lists all are full is left out ("0 of 5 queries have fewer … and 2 fewer …")
+        (n, kind, sign), *other = short
+        also = "".join(f" and {m} fewer than {top_k} with a score {s} 0 ({k})" for m, k, s in other)
         click.echo(
-            f"\n{few_helpful} of {len(indices)} queries have fewer than {top_k} training examples with a score "
-            f"{'>' if helpful_sign > 0 else '<'} 0 ({helpful}) and {few_harmful} fewer than {top_k} with a score "
-            f"{'>' if harmful_sign > 0 else '<'} 0 ({harmful}); their lists stop there."
+            f"\n{n} of {len(indices)} queries {'has' if n == 1 else 'have'} fewer than {top_k} training examples "
+            f"with a score {sign} 0 ({kind}){also}; their lists stop there."
         )
     if out_path is not None:
         records = result.records()  # kinds named by what each row did to the query for its task
