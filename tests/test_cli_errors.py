@@ -706,6 +706,12 @@ def test_fit_of_a_store_whose_featurize_has_not_finished_says_so_and_records_not
     args += ["--batch-size", "4", "--chunk-rows", "4", "--device", "cpu"]
     out = CliRunner().invoke(main, [*args, "--shard", "0/2"])
     assert out.exit_code == 0, out.output
+    # A query said to fit it, and the fit then to finish featurizing first: the query says both, in that order.
+    resume = "source-proj featurize --ckpts"
+    assert _refused(CliRunner().invoke(main, ["query", str(store)])).startswith(
+        f"Error: The store at {store} is not fully featurized, so it has no fitted method 'source'; finish it with "
+        f"`{resume} "
+    )
     message = _refused(CliRunner().invoke(main, ["fit", str(store)]))
     assert f"The store at {store} is not fully featurized ([" in message
     assert "not every shard of a split one (--shard i/n) has run; finish it with `source-proj featurize" in message

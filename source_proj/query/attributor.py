@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from source_proj.errors import StoreError, TaskError
 from source_proj.featurize.arguments import default_device
 from source_proj.featurize.featurize import check_finite
+from source_proj.featurize.windows import is_captured
 from source_proj.methods.fit import read_curvature
 from source_proj.methods.kinds import BASELINES
 from source_proj.methods.kronecker import KroneckerCurvature, source_query_directions
@@ -47,7 +48,7 @@ from source_proj.query.topk import (
 )
 from source_proj.store.provenance import check_model, check_query_model, check_run, model_errors, run_difference
 from source_proj.store.store import Store
-from source_proj.store.verify import method_command
+from source_proj.store.verify import featurize_command, method_command
 from source_proj.store.writing import current_writer
 from source_proj.tasks.data import Examples, check_indexed, loader
 from source_proj.tasks.gradients import PerExampleGradients, move_batch
@@ -120,6 +121,13 @@ def method_meta(store: Store, method: str) -> dict[str, Any]:
         else:
             hint = f"`source-proj fit {path} --method {shlex.quote(method)}` (SOURCE; in Python: sp.fit(store, " \
                 f"sp.FitArguments(method={method!r})))"
+        if not store.meta.get("featurized") and not is_captured(store.meta):  # a fit would refuse it: say so first
+            resume = featurize_command(store)
+            resume = f"`{resume}`" if resume.startswith("source-proj") else resume
+            raise StoreError(
+                f"The store at {store.path} is not fully featurized, so it has no fitted method {method!r}; finish it "
+                f"with {resume}, then run {hint}."
+            )
         raise StoreError(
             f"The store at {store.path} has no fitted method {method!r} (it has {sorted(methods)}); run {hint} first."
         )
