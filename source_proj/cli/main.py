@@ -74,7 +74,7 @@ class _Command(click.Command):
             raise click.UsageError(option + text[len(err.subject or ""):], ctx) from err
         except (click.ClickException, click.exceptions.Exit, click.Abort, BrokenPipeError):
             raise  # click ends a command whose output's reader left quietly (exit status 1)
-        except KeyboardInterrupt:  # the write it left running ends at exit (``settle_io``)
+        except KeyboardInterrupt:  # the write it left running ends at exit (store/durable.py, ``_settle_io``)
             raise _Interrupted(ctx.info_name) from None
         except Exception as err:
             if os.environ.get("SOURCE_PROJ_TRACEBACK"):
