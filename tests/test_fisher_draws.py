@@ -39,12 +39,21 @@ def _murmur3(data: bytes) -> int:
 
 def test_the_draws_hash_is_murmur3_in_integer_tensor_operations_that_never_overflow() -> None:
     """The tensor hash is the reference hash on words up to 2³² − 1: its products are split so that no int64 product
-    overflows, so a CUDA device computes the same bits as the CPU."""
+    overflows, so a CUDA device computes the same bits as the CPU. Each head (integers hashed once, in Python) leads
+    its own hash of the words, tensors and integers alike."""
     rng = np.random.default_rng(0)
     words = rng.integers(0, 2**32, size=(64, 7), dtype=np.uint64)
     words[0] = 2**32 - 1
-    got = _murmur([torch.tensor(words[:, i].astype(np.int64)) for i in range(7)])
+    got = _murmur([[]], [torch.tensor(words[:, i].astype(np.int64)) for i in range(7)])
     expected = [_murmur3(struct.pack("<7I", *map(int, row))) for row in words]
+    assert got.tolist() == [expected]
+    heads = [[int(w) for w in rng.integers(0, 2**32, size=2)], [2**32 - 1, 0]]
+    tail = [torch.tensor(words[:, 2].astype(np.int64)), int(words[1, 3]), torch.tensor(words[:, 4].astype(np.int64))]
+    got = _murmur(heads, tail)
+    expected = [
+        [_murmur3(struct.pack("<5I", *head, int(row[2]), int(words[1, 3]), int(row[4]))) for row in words]
+        for head in heads
+    ]
     assert got.tolist() == expected
 
 
@@ -76,8 +85,8 @@ def test_sampled_classes_follow_the_softmax_over_keys() -> None:
         counts = torch.bincount(batch[1][example::2], minlength=5)
         assert_binomial(counts, probs[example], TRIALS)
     assert not (batch[1][0::2] == 3).any()  # example 0 gives class 3 no probability
-    # The same over keys, for one example (the hash's independence across keys). A key costs a call of its own (two
-    # hashes of ~200 tensor operations), so 1,000 keys: the 5-sigma bound is then ±7.8 points on class 0's 61 %, ample
+    # The same over keys, for one example (the hash's independence across keys). A key costs a call of its own (both
+    # hashes in ~160 tensor operations), so 1,000 keys: the 5-sigma bound is then ±7.8 points on class 0's 61 %, ample
     # for a draw that ignores its key (one class always) or an off-by-one in the inverse CDF.
     one = torch.stack([task.fisher_targets(logits[:1], (None, rows[:1]), FisherDraws.of([1, t], [0]))[0][1][1]
                        for t in range(KEYS)]).flatten()  # fmt: skip

@@ -10,6 +10,7 @@ tensor operations on the rows' device, the same numbers on a CPU and an accelera
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,9 +58,8 @@ class FisherDraws:
         same (key, row, counter, stream) gives the same number in any batch."""
         counters = counters.to(device=self.rows.device, dtype=torch.long)
         rows = self.rows.reshape(-1, *([1] * (counters.dim() - 1))).expand_as(counters)
-        words = [rows & _MASK, rows >> 32, counters & _MASK, counters >> 32, torch.full_like(counters, stream)]
-        high = _murmur([self.key & _MASK, self.key >> 32, *words])
-        low = _murmur([(self.key & _MASK) ^ _SECOND, self.key >> 32, *words])
+        words = [rows & _MASK, rows >> 32, counters & _MASK, counters >> 32, stream]
+        high, low = _murmur([[self.key & _MASK, self.key >> 32], [(self.key & _MASK) ^ _SECOND, self.key >> 32]], words)
         return (high * 2**21 + (low >> 11)).double() / 2**53
 
     def per_example(self, count: int, stream: int = 0) -> Tensor:
@@ -88,24 +88,33 @@ def inverse_cdf(probs: Tensor, uniform: Tensor) -> Tensor:
     return torch.searchsorted(cdf, target.unsqueeze(-1), right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)
 
 
-def _murmur(words: Sequence[Tensor | int]) -> Tensor:
-    """32-bit MurmurHash3 (seed 0) of ``words``, 32-bit values (int64 tensors of one shape, or integers)."""
+def _murmur(heads: Sequence[Sequence[int]], words: Sequence[Tensor | int]) -> Tensor:
+    """32-bit MurmurHash3 (seed 0) of the words ``head + words`` for each head of ``heads``, int64
+    ``[len(heads), *shape]``. ``heads``: 32-bit integers of equal count, hashed in Python once (not per element);
+    ``words``: 32-bit values, int64 tensors of one shape ``shape`` (at least one) or integers, each scrambled once for
+    every head."""
     like = next(word for word in words if isinstance(word, Tensor))
-    h = torch.zeros_like(like)
+    states = [functools.reduce(_mix, head, 0) for head in heads]
+    h = torch.tensor(states, dtype=torch.long, device=like.device).reshape(-1, *([1] * like.dim()))
     for word in words:
-        k = _mul(_rotl(_mul(torch.full_like(like, word) if isinstance(word, int) else word, _C1), 15), _C2)
-        h = _rotl(h ^ k, 13)
-        h = (_mul(h, 5) + 0xE6546B64) & _MASK
-    h = h ^ (4 * len(words))
+        h = _mix(h, word)
+    h = h ^ (4 * (len(heads[0]) + len(words)))
     h = _mul(h ^ (h >> 16), 0x85EBCA6B)
     h = _mul(h ^ (h >> 13), 0xC2B2AE35)
     return h ^ (h >> 16)
 
 
-def _mul(x: Tensor, c: int) -> Tensor:
+def _mix(h: Tensor | int, word: Tensor | int) -> Tensor | int:
+    """MurmurHash3's state ``h`` after one more 32-bit word (tensors or Python integers, broadcast)."""
+    k = _mul(_rotl(_mul(word, _C1), 15), _C2)
+    h = _rotl(h ^ k, 13)
+    return (_mul(h, 5) + 0xE6546B64) & _MASK
+
+
+def _mul(x: Tensor | int, c: int) -> Tensor | int:
     """x·c mod 2³² for 32-bit ``x`` in int64, in 16-bit halves of ``c``: no product overflows (on any device)."""
     return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK
 
 
-def _rotl(x: Tensor, r: int) -> Tensor:
+def _rotl(x: Tensor | int, r: int) -> Tensor | int:
     return ((x << r) & _MASK) | (x >> (32 - r))
