@@ -2460,6 +2460,38 @@ def test_a_training_batch_whose_outputs_are_nan_is_refused_in_one_sentence_and_t
     assert np.isfinite(stored[window_array("grads", "main", 0)]).all()
 
 
+@pytest.mark.parametrize("where", ["row 3 infinite", "every row finite, their total not"])
+def test_a_window_is_refused_where_a_row_of_its_gradient_sums_is_not_finite_and_only_there(
+    tmp_path: Path, classification_data, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """The second window's sums, made here to hold an infinite entry in example 3's row, are refused naming that
+    example; sums whose rows are all finite but whose total overflows float32 (the check's first, cheap look) are
+    written as they are."""
+    write = sp.GradientCapture._write_window
+
+    def altered(self, stage, start, sums, *args, **kwargs) -> None:
+        if start == 4:
+            sums = sums.clone()
+            if where == "row 3 infinite":
+                sums[3, 1] = float("inf")
+            else:
+                sums[:2, 0] = 3e38
+        write(self, stage, start, sums, *args, **kwargs)
+
+    monkeypatch.setattr(sp.GradientCapture, "_write_window", altered)
+    options = sp.CaptureArguments(chunk_rows=8, end_pass=False)
+    run = lambda: _train(tmp_path / "run", tmp_path / "run.sp", classification_data, steps=8, batch=8, save_every=4,  # noqa: E731
+                         options=options)  # fmt: skip
+    if where == "row 3 infinite":
+        with pytest.raises(sp.NumericalError, match="gradient of training example 3 of stage 'main' in the window from "
+                           "step 4 is NaN or infinite"):  # fmt: skip
+            run()
+        assert window_array("grads", "main", 4) not in _store_arrays(tmp_path / "run.sp")
+    else:
+        run()
+        assert (_store_arrays(tmp_path / "run.sp")[window_array("grads", "main", 4)][:2, 0] == np.float32(3e38)).all()
+
+
 def test_row_indices_that_are_not_whole_numbers_or_no_rows_at_all_are_refused_in_one_sentence(
     tmp_path: Path, classification_data
 ) -> None:

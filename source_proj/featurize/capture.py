@@ -662,8 +662,10 @@ class GradientCapture:
         closer: dict[str, Any],
     ) -> None:
         """``closer``: the step and sha256 of the checkpoint that closes the window (``meta["capture_closers"]``)."""
-        bad = ~torch.isfinite(sums).all(dim=1)
-        if bool(bad.any()):
+        # A finite total has no NaN or infinite term (they stay non-finite in any sum): one pass without a mask of
+        # [n, k] booleans; the rows are looked at only where it is not (a total that overflows finds no bad row).
+        bad = ~torch.isfinite(sums).all(dim=1) if not bool(torch.isfinite(sums.sum())) else None
+        if bad is not None and bool(bad.any()):
             row = int(torch.nonzero(bad)[0, 0])
             raise NumericalError(
                 f"The captured gradient of training example {row} of stage {stage!r} in the window from step {start} "
