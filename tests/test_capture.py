@@ -2480,8 +2480,11 @@ def test_a_window_is_refused_where_a_row_of_its_gradient_sums_is_not_finite_and_
 
     monkeypatch.setattr(sp.GradientCapture, "_write_window", altered)
     options = sp.CaptureArguments(chunk_rows=8, end_pass=False)
-    run = lambda: _train(tmp_path / "run", tmp_path / "run.sp", classification_data, steps=8, batch=8, save_every=4,  # noqa: E731
-                         options=options)  # fmt: skip
+
+    def run() -> None:
+        _train(tmp_path / "run", tmp_path / "run.sp", classification_data, steps=8, batch=8, save_every=4,
+               options=options)  # fmt: skip
+
     if where == "row 3 infinite":
         with pytest.raises(sp.NumericalError, match="gradient of training example 3 of stage 'main' in the window from "
                            "step 4 is NaN or infinite"):  # fmt: skip
