@@ -22,7 +22,7 @@ from source_proj.featurize.basis import BasisPass, spread
 from source_proj.methods.fit import read_curvature
 from source_proj.methods.kronecker import layer_matrix
 from source_proj.projection.eigen import allocate
-from source_proj.projection.layers import factorable_layers
+from source_proj.projection.layers import FactoredLayer, factorable_layers
 from source_proj.store.store import ckpt_key, key_step
 from source_proj.tasks.gradients import PerExampleGradients
 from source_proj.trajectory.recorder import Checkpoint
@@ -57,6 +57,27 @@ def _assert_same_source(eigen: sp.Store, exact: sp.Store, queries: TensorDataset
         scores.append(np.asarray(sp.Attributor(store, _mlp(), sp.ClassificationTask()).scores(queries)))
     assert np.abs(scores[1]).max() > 1e-3
     np.testing.assert_allclose(scores[0], scores[1], rtol=2e-3, atol=2e-4 * np.abs(scores[1]).max())
+
+
+def _assert_basis_features(
+    store: sp.Store,
+    trajectory: sp.Trajectory,
+    work: nn.Module,
+    names: list[str],
+    layers: list[FactoredLayer],
+    data: TensorDataset,
+) -> None:
+    """The store's features at step 4 are each layer's per-example gradient matrix G in the stored basis,
+    ``U_out G U_inᵀ`` (flattened, layers concatenated), from gradients taken at the final checkpoint."""
+    trajectory.load_into(work, trajectory.final_checkpoint)
+    grads = PerExampleGradients(work, sp.ClassificationTask(), names)(tuple(data.tensors), "loss")
+    expected = []
+    for i, layer in enumerate(layers):
+        u_in = torch.from_numpy(np.asarray(store.read(f"projection/basis/{i}/in")))
+        u_out = torch.from_numpy(np.asarray(store.read(f"projection/basis/{i}/out")))
+        expected.append((u_out @ layer_matrix(grads, layer).float() @ u_in.T).flatten(1))
+    features = np.asarray(store.read(f"grads/main/{ckpt_key(4)}"))
+    np.testing.assert_allclose(features, torch.cat(expected, dim=1).numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_allocate_takes_the_largest_gain_per_coordinate_and_stays_in_budget() -> None:
@@ -123,15 +144,7 @@ def test_truncated_basis_is_the_leading_eigenvectors_and_features_are_its_projec
         _, vectors = torch.linalg.eigh(a_mean[i])
         top = vectors[:, -ki:]
         torch.testing.assert_close(u_in.T @ u_in, top @ top.T, atol=1e-4, rtol=0)
-    trajectory.load_into(work, trajectory.final_checkpoint)
-    grads = PerExampleGradients(work, sp.ClassificationTask(), names)(tuple(classification_data.tensors), "loss")
-    expected = []
-    for i, layer in enumerate(layers):
-        u_in = torch.from_numpy(np.asarray(store.read(f"projection/basis/{i}/in")))
-        u_out = torch.from_numpy(np.asarray(store.read(f"projection/basis/{i}/out")))
-        expected.append((u_out @ layer_matrix(grads, layer).float() @ u_in.T).flatten(1))
-    features = np.asarray(store.read(f"grads/main/{ckpt_key(4)}"))
-    np.testing.assert_allclose(features, torch.cat(expected, dim=1).numpy(), rtol=1e-4, atol=1e-5)
+    _assert_basis_features(store, trajectory, work, names, layers, classification_data)
 
 
 class _Conv3dNet(nn.Module):
@@ -194,15 +207,7 @@ def test_a_conv3d_model_takes_the_eigen_basis_and_kronecker_curvature_of_its_pat
         u_in = torch.from_numpy(np.asarray(store.read(f"projection/basis/{i}/in"))).double()
         top = torch.linalg.eigh(a_basis[i])[1][:, -ki:]
         torch.testing.assert_close(u_in.T @ u_in, top @ top.T, atol=1e-4, rtol=0)
-    trajectory.load_into(work, trajectory.final_checkpoint)
-    grads = PerExampleGradients(work, sp.ClassificationTask(), names)(tuple(data.tensors), "loss")
-    expected = []
-    for i, layer in enumerate(layers):
-        u_in = torch.from_numpy(np.asarray(store.read(f"projection/basis/{i}/in")))
-        u_out = torch.from_numpy(np.asarray(store.read(f"projection/basis/{i}/out")))
-        expected.append((u_out @ layer_matrix(grads, layer).float() @ u_in.T).flatten(1))
-    features = np.asarray(store.read(f"grads/main/{ckpt_key(4)}"))
-    np.testing.assert_allclose(features, torch.cat(expected, dim=1).numpy(), rtol=1e-4, atol=1e-5)
+    _assert_basis_features(store, trajectory, work, names, layers, data)
 
     fitted = read_curvature(store, "methods/source/operators/0", 0.0)
     a_fit, b_fit = torch.zeros(9, 9, dtype=torch.float64), torch.zeros(2, 2, dtype=torch.float64)
