@@ -184,8 +184,7 @@ def test_eigen_capture_with_the_end_pass_on_cuda_gives_the_cpu_scores(tmp_path) 
     """In-run capture on CUDA (eigen projection at k = p, so the basis is complete and eigenvector signs cannot
     matter; AdamW, so Adam's coordinates; the end pass): fitted, its scores are those of the same capture on
     the CPU. Training itself runs on each device, so the two runs differ by float rounding only."""
-    import torch.nn.functional as F
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import TensorDataset
 
     import source_proj as sp
 
@@ -201,17 +200,7 @@ def test_eigen_capture_with_the_end_pass_on_cuda_gives_the_cpu_scores(tmp_path) 
         cap = sp.GradientCapture(rec, tmp_path / f"{device}.sp", ClassificationTask(),
                                  projection=sp.ProjectionArguments(kind="eigen", dim=83),  # k = p
                                  options=sp.CaptureArguments(end_pass=True), datasets={"main": data})  # fmt: skip
-        rec.begin_stage("main", dataset_size=len(data))
-        loader = DataLoader(sp.IndexedDataset(data), batch_size=8, generator=torch.Generator().manual_seed(1),
-                            shuffle=True)  # fmt: skip
-        for _ in range(2):
-            for rows, (bx, by) in loader:
-                with cap.batch((rows, (bx.to(device), by.to(device)))) as (bx, by):
-                    optimizer.zero_grad()
-                    F.cross_entropy(model(bx), by).backward()
-                optimizer.step()
-                rec.step()
-        rec.close()
+        _train_captured(rec, cap, model, optimizer, data, device, epochs=2)
         store = sp.fit(tmp_path / f"{device}.sp", progress=False)
         assert store.meta["capture_ends"] == ["main/8"]
         torch.manual_seed(0)
@@ -219,6 +208,27 @@ def test_eigen_capture_with_the_end_pass_on_cuda_gives_the_cpu_scores(tmp_path) 
         scores[device] = sp.Attributor(store, fresh, ClassificationTask(), device=device).scores(data)
     assert np.abs(scores["cpu"]).max() > 0
     np.testing.assert_allclose(scores["cuda"], scores["cpu"], rtol=1e-3, atol=1e-3 * np.abs(scores["cpu"]).max())
+
+
+def _train_captured(rec, cap, model: nn.Module, optimizer, data, device: str, epochs: int = 1) -> None:
+    """Train ``model`` on ``data`` (one stage, batches of 8 in a fixed shuffle) for ``epochs`` on ``device``, every
+    batch captured by ``cap`` and every step recorded by ``rec``, and close the run."""
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    import source_proj as sp
+
+    rec.begin_stage("main", dataset_size=len(data))
+    loader = DataLoader(sp.IndexedDataset(data), batch_size=8, generator=torch.Generator().manual_seed(1),
+                        shuffle=True)  # fmt: skip
+    for _ in range(epochs):
+        for rows, (bx, by) in loader:
+            with cap.batch((rows, (bx.to(device), by.to(device)))) as (bx, by):
+                optimizer.zero_grad()
+                F.cross_entropy(model(bx), by).backward()
+            optimizer.step()
+            rec.step()
+    rec.close()
 
 
 def _check_top_k(scores: np.ndarray, ids: np.ndarray, exact: np.ndarray, tol: np.ndarray) -> None:
@@ -341,8 +351,6 @@ def test_a_capture_of_groups_at_a_ratio_of_rates_on_cuda_takes_the_cpus_denomina
     0; then scales the gradients by D^{-1/2} (the factored projection's rank-one terms). On CUDA every window's
     stored D and captured gradients are those of the same run captured on the CPU (the training itself differs by
     float rounding only)."""
-    import torch.nn.functional as F
-    from torch.utils.data import DataLoader
 
     import source_proj as sp
     from source_proj.featurize.windows import window_array
@@ -364,16 +372,7 @@ def test_a_capture_of_groups_at_a_ratio_of_rates_on_cuda_takes_the_cpus_denomina
         cap = sp.GradientCapture(rec, tmp_path / f"{role}.sp", ClassificationTask(),
                                  projection=sp.ProjectionArguments(kind="factored", dim=16),
                                  options=sp.CaptureArguments(fisher="empirical", end_pass=False))  # fmt: skip
-        rec.begin_stage("main", dataset_size=len(data))
-        loader = DataLoader(sp.IndexedDataset(data), batch_size=8, generator=torch.Generator().manual_seed(1),
-                            shuffle=True)  # fmt: skip
-        for rows, (bx, by) in loader:
-            with cap.batch((rows, (bx.to(device), by.to(device)))) as (bx, by):
-                optimizer.zero_grad()
-                F.cross_entropy(model(bx), by).backward()
-            optimizer.step()
-            rec.step()
-        rec.close()
+        _train_captured(rec, cap, model, optimizer, data, device)
         stores[role] = sp.Store.open(tmp_path / f"{role}.sp")
     cpu, cuda = stores["reference"], stores["tried"]
     for start in (4,) if kind == "adamw" else (0, 4):  # AdamW has no D before its first step to capture with
