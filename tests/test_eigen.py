@@ -282,6 +282,42 @@ def test_a_store_of_another_k_or_seed_is_refused_before_the_basis_pass(
     assert sp.Store.open(path).meta["projection"]["basis"] == digest
 
 
+def test_a_store_of_another_run_selection_or_version_is_refused_before_the_basis_pass(
+    tmp_path: Path, classification_data, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store of another run is refused without a basis pass (its basis, of the same inputs, is read); one of this
+    run (or one it grows) whose basis cannot be this featurize's, with another parameter selection or by another
+    library version, was refused only after a whole basis pass (minutes on a large model): first now, with the same
+    sentences, and the store is kept."""
+    run, model = _run(tmp_path, classification_data)
+    other = tmp_path / "other"
+    full_batch_run(other, _mlp(), classification_data, lambda o, y: F.cross_entropy(o, y, reduction="none"), lr=0.1,
+                   steps=4, save_every=2)  # fmt: skip
+    path = tmp_path / "eigen.sp"
+    digest = _featurize(run, model, classification_data, path, kind="eigen", dim=24).meta["projection"]["basis"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the basis was estimated before the refusal")
+
+    def featurize(trajectory: Path, task: sp.Task | None = None, grow: bool = False, **projection):
+        arguments = sp.ProjectionArguments(kind="eigen", dim=24, **projection)
+        return sp.featurize(trajectory, _mlp(), task or sp.ClassificationTask(), classification_data, path, grow=grow,
+                            projection=arguments, progress=False)  # fmt: skip
+
+    head = sp.ClassificationTask(parameters=sp.ParameterSelection(exclude=("0.*",)))
+    with monkeypatch.context() as patch:
+        patch.setattr(featurize_module, "estimate_basis", refuse)
+        with pytest.raises(sp.StoreError, match=r"from another run \(or an earlier part of this one\); pass --grow"):
+            featurize(other)
+        for grow in (False, True):
+            with pytest.raises(sp.StoreError, match="featurized with another parameter selection: the task selects"):
+                featurize(run, head, grow=grow)
+        patch.setattr(featurize_module, "__version__", "0.0.1")
+        with pytest.raises(sp.StoreError, match=r"featurized by source-proj \S+, this is 0\.0\.1, whose numbers"):
+            featurize(run, basis_examples=16)
+    assert sp.Store.open(path).meta["projection"]["basis"] == digest
+
+
 def _eigen_featurizer(tmp_path: Path, build: Callable[[], nn.Module], data: TensorDataset) -> Callable[..., sp.Store]:
     """Two full-batch steps of ``build()`` on ``data`` (a checkpoint each), and featurize of that run into a given
     path with the eigen projection at k = 12 and the given projection arguments."""

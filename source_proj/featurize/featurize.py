@@ -334,7 +334,7 @@ class _Featurize:
         changed = self._changed_stages(old, mark)
         if not changed:
             return None
-        if (old.get("trajectory") or {}).get("fingerprint") != self.trajectory.fingerprint():
+        if not self._same_run(old):
             return "afresh"  # another run (or one grown further): not the growth the store stopped in
         kept = {stage for stage, _ in finished_before_growth(old, self.trajectory)}
         return "growth" if kept and not changed & kept else "afresh"
@@ -461,6 +461,10 @@ class _Featurize:
             ):
                 with contextlib.suppress(StoreError):  # half-written: estimate it again
                     stored = EigenBasis.read(store, basis)
+            elif self.grow or self._same_run(store.meta):
+                # The basis estimated below cannot be the store's, so ``_refuse_other_settings`` will refuse the store
+                # (its projection differs); where it would name the store's inputs, it does so before the pass.
+                self._refuse_other_inputs(store.meta)
         # Sharded parameters: every rank runs the same pass over the same seeded draw, so the ranks gather each
         # layer together, and each estimates the basis one process would (the gathered weights are the same). The
         # ranks agree first: where one rank finds no basis to read (its path holds no store), every rank estimates it,
@@ -669,7 +673,7 @@ class _Featurize:
         that computes something else, or other training data."""
         meta = self.meta
         differing = _differing(old, meta)
-        same_run = (old.get("trajectory") or {}).get("fingerprint") == meta["trajectory"]["fingerprint"]
+        same_run = self._same_run(old)
         if differing == ["trajectory"] and not same_run:
             raise StoreError(
                 f"The store at {self.path} was featurized from another run (or an earlier part of this one); pass "
@@ -683,23 +687,7 @@ class _Featurize:
                 f"The store at {self.path} was featurized from another run ({where}) with other settings ({settings}); "
                 "pass --force (overwrite=True) to replace it, or use another store path."
             )
-        if "library_version" in differing:
-            raise StoreError(
-                f"The store at {self.path} was featurized by source-proj {old.get('library_version')}, this is "
-                f"{__version__}, whose numbers may differ; pass --force (overwrite=True) to featurize it anew, or use "
-                "another store path."
-            )
-        selection = other_selection(old.get("task") or {}, meta["task"])
-        if selection is not None:
-            raise StoreError(
-                f"The store at {self.path} was featurized with another parameter selection: {selection}, pass --force "
-                "(overwrite=True) to replace it, or use another store path."
-            )
-        if self.grow and is_captured(old):
-            raise StoreError(
-                f"The store at {self.path} was captured during training, so it grows only as its run trains further: "
-                "resume the recorder with a GradientCapture on this store, or featurize the run into another store."
-            )
+        self._refuse_other_inputs(old)
         if self.grow and "trajectory" in differing and len(differing) > 1:
             # Growing changes the run; anything else must be as the store was featurized (its projection above all,
             # which a --grow without the first featurize's --dim changes), and replacing the store is not the answer.
@@ -710,6 +698,34 @@ class _Featurize:
         # The data first: the model's fingerprint is computed on a batch of them.
         if check_data(self.path, old, self.datasets, fingerprint=meta["fingerprint"]["data"]):
             check_model_values(self.path, old, meta["fingerprint"]["model"]["values"])
+
+    def _same_run(self, old: Mapping[str, Any]) -> bool:
+        """Whether the store (metadata ``old``) was featurized from this run (or this very part of a grown one): by
+        the run's fingerprint, a digest of its index, which holds each checkpoint file's sha256 as recorded (no file is
+        read for it)."""
+        return (old.get("trajectory") or {}).get("fingerprint") == self.trajectory.fingerprint()
+
+    def _refuse_other_inputs(self, old: dict[str, Any]) -> None:
+        """``_refuse_other_settings``' refusals of a store (metadata ``old``) of this run or one it grows that need no
+        projector: another library version, another parameter selection, a captured store to grow. ``_eigen_basis``
+        makes them before its pass where the store's basis cannot be this one's."""
+        if old.get("library_version") != __version__:
+            raise StoreError(
+                f"The store at {self.path} was featurized by source-proj {old.get('library_version')}, this is "
+                f"{__version__}, whose numbers may differ; pass --force (overwrite=True) to featurize it anew, or use "
+                "another store path."
+            )
+        selection = other_selection(old.get("task") or {}, self.task.describe())
+        if selection is not None:
+            raise StoreError(
+                f"The store at {self.path} was featurized with another parameter selection: {selection}, pass --force "
+                "(overwrite=True) to replace it, or use another store path."
+            )
+        if self.grow and is_captured(old):
+            raise StoreError(
+                f"The store at {self.path} was captured during training, so it grows only as its run trains further: "
+                "resume the recorder with a GradientCapture on this store, or featurize the run into another store."
+            )
 
     def _arrays(self, unit: Unit) -> list[tuple[str, tuple[int, int], int]]:
         """``(name, shape, chunk rows)`` of the arrays a unit writes (row chunk i of each belongs to chunk i)."""
