@@ -15,6 +15,7 @@ from click.testing import CliRunner, Result
 
 import source_proj as sp
 from source_proj.cli.main import main
+from source_proj.featurize import featurize as featurize_module
 
 from .conftest import full_batch_run
 
@@ -138,7 +139,7 @@ def test_errors_are_one_line_messages(tmp_path: Path, run: tuple[Path, Path]) ->
     assert cli.invoke(main, args).exit_code == 0
     out = cli.invoke(main, [*args[:-1], "8"])
     assert out.exit_code == 1 and "--force" in out.output
-    assert "other settings (projection: k 16 → 8)" in out.output, out.output
+    assert "other settings (--dim 16 there, --dim 8 here)" in out.output, out.output
     assert cli.invoke(main, [*args[:-1], "8", "--force"]).exit_code == 0
     assert sp.Store.open(store).meta["projection"]["dim"] == 8
     out = cli.invoke(main, [*args, "--basis-layer-positions", "0"])
@@ -240,6 +241,38 @@ def test_a_store_of_another_run_and_model_is_named_as_another_runs(tmp_path: Pat
         f"Error: The store at {store} was featurized from another run ({run_dir.resolve()}) with other settings "
         "(params, projection); pass --force (overwrite=True) to replace it, or use another store path."
     ), out.output
+
+
+def test_featurize_refuses_other_basis_options_before_the_basis_pass_naming_them_as_typed(
+    tmp_path: Path, run: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store featurized again with other --basis-* options ran the whole eigen basis pass (minutes on a large model)
+    before it was refused as "projection: basis.inputs …" (a digest); it is refused first, each option that differs
+    (the Fisher's and the chunks' too) named as typed, the store's value first ('all' where it is every one)."""
+    run_dir, spec = run
+    store = tmp_path / "s.sp"
+    args = ["featurize", "--ckpts", str(run_dir), "--spec", str(spec), "--out", str(store), "--dim", "16"]
+    cli = CliRunner()
+    assert cli.invoke(main, args).exit_code == 0
+    before = sp.Store.open(store).meta
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the basis was estimated before the refusal")
+
+    monkeypatch.setattr(featurize_module, "estimate_basis", refuse)
+    examples = "--basis-examples 2048 there, --basis-examples 16 here"
+    for more, said in [
+        (["--basis-examples", "16"], f"with other settings ({examples}); pass --force (overwrite=True)"),
+        (["--basis-positions", "all", "--basis-checkpoints", "2"], "(--basis-positions 64 there, --basis-positions "
+         "all here; --basis-checkpoints all there, --basis-checkpoints 2 here)"),
+        (["--basis-examples", "16", "--fisher", "empirical", "--chunk-rows", "16"], f"({examples}; --chunk-rows 1024 "
+         "there, --chunk-rows 16 here; --fisher sampled there, --fisher empirical here)"),
+        (["--basis-examples", "16", "--grow"], f"cannot grow with other settings than it was featurized with "
+         f"({examples}); repeat the options"),
+    ]:  # fmt: skip
+        out = cli.invoke(main, [*args, *more])
+        assert out.exit_code == 1 and said in out.output and "Traceback" not in out.output, out.output
+    assert sp.Store.open(store).meta == before
 
 
 def test_featurize_of_a_finished_store_says_it_computed_nothing(tmp_path: Path, run: tuple[Path, Path]) -> None:

@@ -264,8 +264,8 @@ def test_a_store_of_another_k_or_seed_is_refused_before_the_basis_pass(
     tmp_path: Path, classification_data, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """featurize into a store of another --dim or --seed estimated a whole basis (minutes on a large model) before
-    refusing it, and named the blocks' sum (``dim 24 → 16``) where the user typed k: it is refused first, naming k or
-    the seed, and the store is kept."""
+    refusing it, and named the blocks' sum (``dim 24 → 16``) where the user typed k: it is refused first, naming the
+    argument as typed, and the store is kept."""
     run, model = _run(tmp_path, classification_data)
     path = tmp_path / "eigen.sp"
     digest = _featurize(run, model, classification_data, path, kind="eigen", dim=24).meta["projection"]["basis"]
@@ -275,9 +275,9 @@ def test_a_store_of_another_k_or_seed_is_refused_before_the_basis_pass(
 
     with monkeypatch.context() as patch:
         patch.setattr(featurize_module, "estimate_basis", refuse)
-        with pytest.raises(sp.StoreError, match=r"other settings \(projection: k 24 → 16\); pass --force"):
+        with pytest.raises(sp.StoreError, match=r"other settings \(dim=24 there, dim=16 here\); pass --force"):
             _featurize(run, model, classification_data, path, kind="eigen", dim=16)
-        with pytest.raises(sp.StoreError, match=r"other settings \(projection: seed 0 → 5\); pass --force"):
+        with pytest.raises(sp.StoreError, match=r"other settings \(seed=0 there, seed=5 here\); pass --force"):
             _featurize(run, model, classification_data, path, kind="eigen", dim=24, seed=5)
     assert sp.Store.open(path).meta["projection"]["basis"] == digest
 
@@ -316,6 +316,55 @@ def test_a_store_of_another_run_selection_or_version_is_refused_before_the_basis
         with pytest.raises(sp.StoreError, match=r"featurized by source-proj \S+, this is 0\.0\.1, whose numbers"):
             featurize(run, basis_examples=16)
     assert sp.Store.open(path).meta["projection"]["basis"] == digest
+
+
+def test_other_basis_or_featurize_arguments_are_refused_before_the_basis_pass_naming_them_as_given(
+    tmp_path: Path, classification_data, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """featurize into a store of other eigen basis arguments (basis_examples, basis_positions, basis_checkpoints), or
+    of another projection kind, estimated a whole basis (minutes on a large model) and was then refused as
+    "projection: basis.inputs …", the digest, with the featurize options that differed (fisher, chunk_rows) by their
+    recorded fields: it is refused before the pass, naming every argument that differs as given, grown, of another
+    run or resumed, and the store is kept."""
+    run, model = _run(tmp_path, classification_data)
+    other = tmp_path / "other"
+    full_batch_run(other, _mlp(), classification_data, lambda o, y: F.cross_entropy(o, y, reduction="none"), lr=0.1,
+                   steps=4, save_every=2)  # fmt: skip
+    path, factored = tmp_path / "eigen.sp", tmp_path / "factored.sp"
+    _featurize(run, model, classification_data, path, kind="eigen", dim=24)
+    _featurize(run, _mlp(), classification_data, factored, kind="factored", dim=24)
+    stored = {store: sp.Store.open(store).meta for store in (path, factored)}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the basis was estimated before the refusal")
+
+    def featurize(trajectory: Path = run, store: Path = path, grow: bool = False, options=None, **projection):
+        arguments = sp.ProjectionArguments(kind="eigen", dim=24, **projection)
+        return sp.featurize(trajectory, _mlp(), sp.ClassificationTask(), classification_data, store, grow=grow,
+                            projection=arguments, options=options or sp.FeaturizeArguments(), progress=False)
+
+    examples = r"basis_examples=2048 there, basis_examples=16 here"
+    with monkeypatch.context() as patch:
+        patch.setattr(featurize_module, "estimate_basis", refuse)
+        with pytest.raises(sp.StoreError, match=rf"featurized with other settings \({examples}\); pass --force"):
+            featurize(basis_examples=16)
+        with pytest.raises(sp.StoreError, match=r"other settings \(basis_positions=64 there, basis_positions=8 here; "
+                           r"basis_checkpoints=None there, basis_checkpoints=2 here\)"):  # fmt: skip
+            featurize(basis_positions=8, basis_checkpoints=2)
+        with pytest.raises(sp.StoreError, match=r"other settings \(adam_rank=1 there, adam_rank=2 here; basis_exampl"):
+            featurize(basis_examples=16, adam_rank=2)
+        fisher = sp.FeaturizeArguments(fisher="empirical", chunk_rows=16)
+        with pytest.raises(sp.StoreError, match=rf"\({examples}; chunk_rows=1024 there, chunk_rows=16 here; "
+                           r"fisher='sampled' there, fisher='empirical' here\); pass --force"):  # fmt: skip
+            featurize(basis_examples=16, options=fisher)
+        with pytest.raises(sp.StoreError, match=rf"cannot grow with other settings than it was featurized with "
+                           rf"\({examples}\); repeat the options"):  # fmt: skip
+            featurize(basis_examples=16, grow=True)
+        with pytest.raises(sp.StoreError, match=rf"from another run \(\S+\) with other settings \({examples}\)"):
+            featurize(other, basis_examples=16)
+        with pytest.raises(sp.StoreError, match=r"other settings \(kind='factored' there, kind='eigen' here\)"):
+            featurize(store=factored)
+    assert {store: sp.Store.open(store).meta for store in (path, factored)} == stored
 
 
 def _eigen_featurizer(tmp_path: Path, build: Callable[[], nn.Module], data: TensorDataset) -> Callable[..., sp.Store]:
@@ -373,7 +422,7 @@ def test_sampled_basis_positions_are_recorded_and_a_store_of_other_positions_is_
         again = featurize(tmp_path / "every.sp", basis_positions=2)
         assert again.meta["projection"]["basis"]["digest"] == digests[1]
         featurize(tmp_path / "sampled.sp", basis_positions=2)
-    with pytest.raises(sp.StoreError, match=r"featurized with other settings \(projection: "):
+    with pytest.raises(sp.StoreError, match=r"other settings \(basis_positions=2 there, basis_positions=3 here\)"):
         featurize(tmp_path / "sampled.sp", basis_positions=3)
     assert sp.Store.open(tmp_path / "sampled.sp").meta["projection"]["basis"]["digest"] == digests[0]
     with pytest.raises(sp.TaskError, match="basis_positions is 0; pass a whole number ≥ 1"):
@@ -722,7 +771,7 @@ def test_a_store_whose_basis_visited_every_example_drawn_is_resumed_with_it(
         again = featurize(tmp_path / "whole.sp", basis_layer_positions=20)
         assert again.meta["projection"]["basis"] == whole.meta["projection"]["basis"]
         featurize(tmp_path / "cut.sp", basis_layer_positions=20)
-    with pytest.raises(sp.StoreError, match=r"featurized with other settings \(projection: "):
+    with pytest.raises(sp.StoreError, match=r"\(basis_layer_positions=20 there, basis_layer_positions=30 here\)"):
         featurize(tmp_path / "cut.sp", basis_layer_positions=30)
     with pytest.raises(sp.TaskError, match="basis_layer_positions is 0; pass a whole number ≥ 1"):
         sp.ProjectionArguments(basis_layer_positions=0)

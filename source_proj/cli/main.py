@@ -91,11 +91,11 @@ class _Command(click.Command):
 
     def _spelled(self, text: str, mentions: tuple[tuple[str, object], ...]) -> str:
         """``text`` with the arguments it names in Python (``average='checkpoints'``) named by this command's options
-        (``--average checkpoints``), where it has them."""
+        (``--average checkpoints``), where it has them; ``None`` is the options' ``all`` (``--basis-positions all``)."""
         for field, value in mentions:
             option = _option_of(self, field)
             if option is not None:
-                typed = option if value is True else f"{option} {value}"
+                typed = option if value is True else f"{option} {'all' if value is None else value}"
                 text = text.replace(mention(field, value), typed)
         return text
 

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from source_proj import __version__
 from source_proj.distributed import Ranks, Shard, rank_device, ranks, run_sharded
-from source_proj.errors import NumericalError, StoreError, TaskError
+from source_proj.errors import NumericalError, StoreError, TaskError, mention
 from source_proj.featurize.arguments import (
     FeaturizeArguments,
     FisherRows,
@@ -179,6 +179,7 @@ class _Featurize:
         grow: bool,
     ) -> None:
         self.trajectory, self.model, self.task, self.options, self.path = trajectory, model, task, options, path
+        self.asked = options  # as given: ``self.options`` resolves "auto" (``_setup``), refusals name what was typed
         self.grow = grow
         self.projection, self.spec = projection, spec
         self.datasets = as_stage_datasets(train_data, trajectory)
@@ -305,6 +306,7 @@ class _Featurize:
                     "stages": [s.describe() for s in trajectory.stages],
                     "checkpoints": [c.step for c in trajectory.checkpoints],
                 },
+                **({} if self.basis is None else {"basis_arguments": _basis_arguments(self.projection)}),
                 "spec": self.spec,
                 **({} if self.command is None else {"command": self.command}),
                 "provenance": describe_provenance(self.model, trajectory, self.device, options.batch_size),
@@ -441,7 +443,6 @@ class _Featurize:
         arguments (a resumed featurize, a grown store, or inputs that changed otherwise, which the store's
         fingerprints then name), else estimated from the run (``basis.py``)."""
         projection, trajectory = self.projection, self.trajectory
-        self._refuse_other_projection()
         pass_ = BasisPass.of(projection, self.grads_fn, self.task, self.datasets, self.names,
                              batch_size=self.options.batch_size, device=self.device)  # fmt: skip
         inputs = projection.basis_inputs(self.names, *pass_.inputs_cut())
@@ -461,10 +462,11 @@ class _Featurize:
             ):
                 with contextlib.suppress(StoreError):  # half-written: estimate it again
                     stored = EigenBasis.read(store, basis)
-            elif self.grow or self._same_run(store.meta):
-                # The basis estimated below cannot be the store's, so ``_refuse_other_settings`` will refuse the store
-                # (its projection differs); where it would name the store's inputs, it does so before the pass.
-                self._refuse_other_inputs(store.meta)
+            else:
+                # The basis estimated below cannot be the store's, so ``_refuse_other_settings`` would refuse the
+                # store (its projection differs) after the pass (minutes on a large model): what it would name that
+                # needs no projector, it names now.
+                self._refuse_before_basis(store.meta)
         # Sharded parameters: every rank runs the same pass over the same seeded draw, so the ranks gather each
         # layer together, and each estimates the basis one process would (the gathered weights are the same). The
         # ranks agree first: where one rank finds no basis to read (its path holds no store), every rank estimates it,
@@ -477,31 +479,89 @@ class _Featurize:
             return estimate_basis(trajectory, trajectory.checkpoints, pass_, inputs=inputs, progress=self.progress,
                                   per_stage=projection.basis_checkpoints)  # fmt: skip
 
-    def _refuse_other_projection(self) -> None:
-        """Refuse, before the basis pass (minutes on a large model), a store whose eigen projection was asked for
-        another k or seed: the basis estimated here could not be the store's, and its settings would be refused
-        once it is (``_refuse_other_settings``)."""
-        store = self._kept()
-        desc = (store.meta.get("projection") or {}) if store is not None else {}
-        if desc.get("kind") != "eigen":
+    def _refuse_before_basis(self, old: dict[str, Any]) -> None:
+        """``_refuse_other_settings``' refusals of a store (metadata ``old``) whose eigen basis cannot be the one about
+        to be estimated, made before the basis pass where they need no projector: another run's store with arguments
+        other than it was featurized with, the store's inputs (``_refuse_other_inputs``), and the arguments asked for
+        that differ from its own (``_typed_differences``), in the same sentences. Where none of these is found (a
+        store featurized before its basis arguments were recorded, other data or another model), the pass runs and
+        the refusal follows it."""
+        same_run = self._same_run(old)
+        if same_run or self.grow:
+            self._refuse_other_inputs(old)
+        typed = self._typed_differences(old, ("projection", "featurize"))
+        if not typed:
             return
-        old = {"k": desc.get("k"), "seed": desc.get("seed")}
-        asked = {"k": self.projection.dim, "seed": self.projection.seed}
-        if old != asked:
-            raise self._other_settings(_detail("projection", old, asked), grow=self.grow)
+        details, mentions = _typed_text(typed)
+        if not same_run and not self.grow:
+            raise self._from_another_run(old, details, mentions)
+        raise self._other_settings(details, grow=self.grow, mentions=mentions)
 
-    def _other_settings(self, details: str, grow: bool = False) -> StoreError:
-        """The refusal of a store featurized with other settings than asked (``details``: as ``_detail`` names them),
-        to be grown (``grow``) or resumed."""
+    def _typed_differences(self, old: Mapping[str, Any], keys: Sequence[str]) -> list[tuple[str, Any, Any]]:
+        """The arguments asked for that differ from those the store (metadata ``old``) was featurized with, among the
+        settings ``keys`` (``"projection"``, ``"featurize"``): each ``(field, the store's value, the value asked)``,
+        the field as ``"ProjectionArguments.dim"`` (``mention`` writes it as typed in Python, the CLI as its option).
+        The eigen projection's (where it is asked for: its k, seed, Adam rank and basis arguments as recorded, or the
+        k and seed of a store of its 'rademacher' fallback, or another kind), and the featurize options the store
+        records as given (``curvature`` and ``fisher_examples`` where they resolve to one value without the
+        projector). Needs no projector: ``_refuse_before_basis`` names them before the basis pass."""
+        pairs: list[tuple[str, Any, Any]] = []
+        projection, desc = self.projection, old.get("projection") or {}
+        if "projection" in keys and projection.kind == "eigen":
+            kind = desc.get("kind")
+            if kind == "eigen":
+                recorded = old.get("basis_arguments") or {}  # none: a store featurized before they were recorded
+                pairs += [("dim", desc.get("k"), projection.dim), ("seed", desc.get("seed"), projection.seed),
+                          ("adam_rank", desc.get("adam_rank", 1), projection.adam_rank)]  # fmt: skip
+                pairs += [(name, recorded[name], getattr(projection, name)) for name in _BASIS_FIELDS
+                          if name in recorded]  # fmt: skip
+            elif kind == "rademacher":  # the fallback of a model without Kronecker layers keeps k and the seed
+                pairs += [("dim", desc.get("dim"), projection.dim), ("seed", desc.get("seed"), projection.seed)]
+            elif kind is not None:
+                pairs.append(("kind", kind, projection.kind))
+        differing = [(f"ProjectionArguments.{name}", was, now) for name, was, now in pairs if was != now]
+        recorded = old.get("featurize")
+        if "featurize" not in keys or not recorded:
+            return differing
+        asked = self.asked
+        resolved = {name: getattr(asked, name) for name in ("chunk_rows", "fisher", "seed", "precision", "measurement")}
+        if asked.fisher_examples != "auto":  # "auto" resolves to a kept store's own share
+            resolved["fisher_examples"] = asked.fisher_examples
+        curvature = self.options.curvature  # resolved once the projector is (``_setup``)
+        if curvature == "auto" and projection.kind == "eigen":
+            curvature = resolve_curvature("auto", "eigen", projection.dim)
+        if curvature != "auto":
+            resolved["curvature"] = curvature
+        defaults = {"precision": "fp32", "curvature": "projected", "fisher_examples": None}
+        for name, value in resolved.items():
+            was = recorded.get(name, defaults.get(name))
+            if was != value:
+                differing.append((f"FeaturizeArguments.{name}", was, getattr(asked, name)))
+        return differing
+
+    def _from_another_run(self, old: Mapping[str, Any], settings: str, mentions: Sequence[tuple[str, object]] = ()
+                          ) -> StoreError:  # fmt: skip
+        """The refusal of a store featurized from another run with other settings (``settings``, in words)."""
+        where = (old.get("trajectory") or {}).get("path")
+        return _mentioning(StoreError(
+            f"The store at {self.path} was featurized from another run ({where}) with other settings ({settings}); "
+            "pass --force (overwrite=True) to replace it, or use another store path."
+        ), mentions)  # fmt: skip
+
+    def _other_settings(self, details: str, *, grow: bool = False, mentions: Sequence[tuple[str, object]] = ()
+                        ) -> StoreError:  # fmt: skip
+        """The refusal of a store featurized with other settings than asked (``details``: as ``_detail`` or
+        ``_typed_text`` name them, the latter with the arguments it ``mentions``), to be grown (``grow``) or
+        resumed."""
         if grow:
-            return StoreError(
+            return _mentioning(StoreError(
                 f"The store at {self.path} cannot grow with other settings than it was featurized with ({details}); "
                 "repeat the options of its first featurize (`source-proj info` shows them) with --grow."
-            )
-        return StoreError(
+            ), mentions)  # fmt: skip
+        return _mentioning(StoreError(
             f"The store at {self.path} was featurized with other settings ({details}); pass --force (overwrite=True) "
             "to replace it, or use another store path."
-        )
+        ), mentions)  # fmt: skip
 
     def _plan(self, store: Store, overwrite: bool = False, record: bool = False) -> FeaturizePlan:
         self._setup()
@@ -670,7 +730,8 @@ class _Featurize:
 
     def _refuse_other_settings(self, old: dict[str, Any]) -> None:
         """Refuse to resume or reuse a store written with other settings, another library version, a model
-        that computes something else, or other training data."""
+        that computes something else, or other training data. The arguments asked for that differ are named as typed
+        (``_typed_differences``), the other settings by their fields (``_detail``)."""
         meta = self.meta
         differing = _differing(old, meta)
         same_run = self._same_run(old)
@@ -680,24 +741,39 @@ class _Featurize:
                 "--grow (grow=True) if this run continued the store's, --force (overwrite=True) to replace it, or use "
                 "another store path."
             )
+        others = [key for key in differing if key != "trajectory"]
         if not same_run and not self.grow:  # the run's own differences would bury the one that matters
-            where = (old.get("trajectory") or {}).get("path")
-            settings = ", ".join(key for key in differing if key != "trajectory")
-            raise StoreError(
-                f"The store at {self.path} was featurized from another run ({where}) with other settings ({settings}); "
-                "pass --force (overwrite=True) to replace it, or use another store path."
-            )
+            raise self._from_another_run(old, *self._settings_named(old, others, detailed=False))
         self._refuse_other_inputs(old)
-        if self.grow and "trajectory" in differing and len(differing) > 1:
+        if self.grow and "trajectory" in differing and others:
             # Growing changes the run; anything else must be as the store was featurized (its projection above all,
             # which a --grow without the first featurize's --dim changes), and replacing the store is not the answer.
-            details = "; ".join(_detail(key, old.get(key), meta[key]) for key in differing if key != "trajectory")
-            raise self._other_settings(details, grow=True)
+            details, mentions = self._settings_named(old, others)
+            raise self._other_settings(details, grow=True, mentions=mentions)
         if differing:
-            raise self._other_settings("; ".join(_detail(key, old.get(key), meta[key]) for key in differing))
+            details, mentions = self._settings_named(old, differing)
+            raise self._other_settings(details, mentions=mentions)
         # The data first: the model's fingerprint is computed on a batch of them.
         if check_data(self.path, old, self.datasets, fingerprint=meta["fingerprint"]["data"]):
             check_model_values(self.path, old, meta["fingerprint"]["model"]["values"])
+
+    def _settings_named(self, old: Mapping[str, Any], keys: Sequence[str], detailed: bool = True
+                        ) -> tuple[str, list[tuple[str, object]]]:  # fmt: skip
+        """The settings ``keys`` in which the store (metadata ``old``) differs, in words, and the arguments the words
+        mention: each by the arguments asked for that differ in it, as typed (``_typed_differences``), else by its
+        differing fields (``_detail``) where ``detailed``, else by its name."""
+        typed = self._typed_differences(old, keys)
+        parts, mentions = [], []
+        for key in keys:  # in the metadata's order
+            own = [difference for difference in typed if _SETTING_OF[difference[0].partition(".")[0]] == key]
+            if own:
+                text, said = _typed_text(own)
+                parts.append(text)
+                mentions += said
+            else:
+                parts.append(_detail(key, old.get(key), self.meta[key]) if detailed else key)
+        separator = "; " if detailed or typed else ", "
+        return separator.join(parts), mentions
 
     def _same_run(self, old: Mapping[str, Any]) -> bool:
         """Whether the store (metadata ``old``) was featurized from this run (or this very part of a grown one): by
@@ -970,13 +1046,41 @@ def _measures(unit: Unit, final: str, options: FeaturizeArguments) -> bool:
 def _differing(old: dict[str, Any], meta: dict[str, Any]) -> list[str]:
     """The settings (metadata fields compared exactly) in which ``meta`` differs from a store's ``old``."""
     # Not compared: how the store was made and named, where its run lies (moved, it has the same fingerprint); a store
-    # keeps the layout it was created with.
-    informative = ("spec", "command", "provenance", "fingerprint", "layout")
+    # keeps the layout it was created with; the eigen basis's arguments are compared by what they estimate (the basis's
+    # inputs), and a basis of more than asked is kept (``_Featurize._eigen_basis``).
+    informative = ("spec", "command", "provenance", "fingerprint", "layout", "basis_arguments")
 
     def setting(key: str, value: Any) -> Any:
         return {**value, "path": None} if key == "trajectory" and isinstance(value, dict) else value
 
     return [key for key in meta if key not in informative and setting(key, old.get(key)) != setting(key, meta[key])]
+
+
+_BASIS_FIELDS = ("basis_examples", "basis_positions", "basis_layer_positions", "basis_checkpoints")
+"""The ``ProjectionArguments`` of the eigen basis pass, recorded as given in a store's ``meta["basis_arguments"]``:
+the basis records only what they estimated (its inputs' digest, the examples and checkpoints it took)."""
+
+_SETTING_OF = {"ProjectionArguments": "projection", "FeaturizeArguments": "featurize"}
+"""The store's setting (``meta`` key) each class of arguments is recorded in."""
+
+
+def _basis_arguments(projection: ProjectionArguments) -> dict[str, int | None]:
+    """What a store records of the eigen basis's arguments (``_BASIS_FIELDS``), as given."""
+    return {name: getattr(projection, name) for name in _BASIS_FIELDS}
+
+
+def _typed_text(typed: Sequence[tuple[str, Any, Any]]) -> tuple[str, list[tuple[str, object]]]:
+    """``"basis_examples=2048 there, basis_examples=16 here"``: the arguments that differ from a store's
+    (``_Featurize._typed_differences``) as typed in Python, and the sentence's mentions, which the CLI writes as its
+    options (``--basis-examples 2048 there, …``)."""
+    parts = [f"{mention(field, was)} there, {mention(field, now)} here" for field, was, now in typed]
+    return "; ".join(parts), [pair for field, was, now in typed for pair in ((field, was), (field, now))]
+
+
+def _mentioning(error: StoreError, mentions: Sequence[tuple[str, object]]) -> StoreError:
+    """``error``, naming the arguments ``mentions`` (``errors.refusal``: the CLI names its options instead)."""
+    error.mentions = tuple(mentions)
+    return error
 
 
 def _detail(key: str, old: Any, new: Any) -> str:
