@@ -652,8 +652,7 @@ def test_a_store_stopped_by_a_nan_example_starts_afresh_once_the_data_are_fixed(
         assert _one_sentence(err) == (
             f"The training-loss gradient of training example {bad} at checkpoint checkpoints/step-00000000.pt, stage "
             "'main' is NaN or infinite; fix that example's input or label (or the checkpoint's weights) and run "
-            "featurize again, which starts this store (or only its latest growth) afresh once its training data "
-            "changed."
+            "featurize again, which does afresh what in this store read training data that changed since."
         )
         assert sp.Store.open(store).pending_chunks("grads/main/step-00000000") == [2]  # chunks 0 and 1 finished
     with pytest.warns(UserWarning, match=f"The store at {store} stopped on a NaN or infinite gradient and its "

@@ -473,7 +473,7 @@ def test_featurize_stopped_by_a_nan_example_reruns_without_force_once_the_data_a
     assert out.exit_code == 1 and out.output.strip().splitlines()[-1] == (
         "Error: The training-loss gradient of training example 37 at checkpoint checkpoints/step-00000000.pt, stage "
         "'main' is NaN or infinite; fix that example's input or label (or the checkpoint's weights) and run featurize "
-        "again, which starts this store (or only its latest growth) afresh once its training data changed."
+        "again, which does afresh what in this store read training data that changed since."
     ), out.output
     with pytest.warns(UserWarning, match="its training data have changed since, so nothing in it matches them: "
                       "featurizing it afresh"):  # fmt: skip

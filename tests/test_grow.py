@@ -623,6 +623,56 @@ def test_a_growth_stopped_by_a_bad_new_example_keeps_the_earlier_work_once_the_e
     assert not fixed.meta.get("nonfinite") and sp.verify_store(fixed.path).status == "ok"
 
 
+@pytest.mark.parametrize("kind", ["rademacher", "factored", "eigen"])
+def test_a_store_stopped_by_a_bad_example_keeps_the_other_stages_work_once_the_example_is_fixed(
+    tmp_path: Path, runs: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """A store that never grew, stopped by an example of stage extra whose gradient is not finite, started WHOLE
+    afresh once the example was fixed, recomputing stage main's finished work, which never read extra's data. A random
+    projection reads no data: main's finished work is now kept as it was (its files untouched, its gradients not
+    computed again), extra's is done again, and the store ends as the run's store featurized at once on the fixed
+    data. The eigen projection's basis read every stage's data: that store starts afresh, and ends so too."""
+    data = {"main": MAIN, "extra": EXTRA}
+    store = tmp_path / "s.sp"
+    with pytest.raises(sp.NumericalError, match=r"gradient of training example 3 at checkpoint .* stage 'extra' is Na"):
+        _featurize(runs / "run16", store, {"main": MAIN, "extra": _with_inf(EXTRA, 3)}, kind=kind)
+    stopped = sp.Store.open(store)
+    finished = [name for name in stopped.progress_arrays() if "/main/" in name and not stopped.pending_chunks(name)]
+    assert len(finished) == 8  # main's gradients and Fisher at steps 0, 4, 8 and 12, before extra's first unit
+    before = _files_of(store, finished)
+    counter = _Counted(monkeypatch)  # the dense projection's rows
+    said = (r"stage\(s\) \['extra'\] have changed since; its projection read no data, so it keeps the work of the "
+            "other stages and featurizes those stages afresh") if kind != "eigen" else "nothing in it matches them"
+    with pytest.warns(UserWarning, match=said):
+        fixed = _featurize(runs / "run16", store, data, kind=kind)
+    redone = counter.take()
+    clean = _featurize(runs / "run16", tmp_path / "clean.sp", data, kind=kind)
+    whole = counter.take()
+    if kind == "rademacher":  # all but main's 4 finished units of 20 examples
+        assert redone == {quantity: rows - 80 * (quantity != "measurement") for quantity, rows in whole.items()}
+    assert (_files_of(store, finished) == before) == (kind != "eigen")
+    _same_arrays(fixed, clean)
+    for key in ("projection", "trajectory", "fingerprint", "featurized"):
+        assert fixed.meta[key] == clean.meta[key], key
+    assert not fixed.meta.get("nonfinite") and sp.verify_store(fixed.path).status == "ok"
+
+
+def test_a_store_stopped_by_a_bad_example_of_its_first_stage_starts_afresh_once_it_is_fixed(
+    tmp_path: Path, runs: Path
+) -> None:
+    """The first stage's examples fingerprint the model (a reference batch of them, which the store keeps): a fix
+    there starts the store afresh even with a random projection (kept, it was refused as a model computing other
+    outputs on the fixed examples), and it ends as the run's store featurized at once."""
+    assert 17 in _seeded_rows(len(MAIN), REFERENCE_ROWS, 0)  # one of the reference examples, in main's third chunk
+    store = tmp_path / "s.sp"
+    with pytest.raises(sp.NumericalError, match=r"gradient of training example 17 at checkpoint .* stage 'main' is"):
+        _featurize(runs / "run16", store, {"main": _with_inf(MAIN, 17), "extra": EXTRA})
+    assert sp.Store.open(store).pending_chunks(f"grads/main/{ckpt_key(0)}") == [2]
+    with pytest.warns(UserWarning, match="nothing in it matches them: featurizing it afresh"):
+        fixed = _featurize(runs / "run16", store, {"main": MAIN, "extra": EXTRA})
+    _same_arrays(fixed, sp.Store.open(runs / "scratch16.sp"))
+
+
 @pytest.mark.parametrize("probe_rows", [256, 4])  # the probe reads every example of extra, the bad one too; or not
 def test_a_growth_stopped_by_a_bad_example_probes_its_segmentation_again_once_the_example_is_fixed(
     tmp_path: Path, runs: Path, probe_rows: int

@@ -328,8 +328,12 @@ class _Featurize:
         ``"afresh"``: the whole store starts afresh, nothing in it trusted to match the fixed data. ``"growth"``: a
         grown store of this very run whose changed stages are none that the work it had finished before its latest
         growth read (``finished_before_growth``; a new stage's data, say): that work is kept and only what the growth
-        took on is done again (``_redo_growth``). ``None``: not stopped so, or the same data (it resumes, and stops at
-        the same example again)."""
+        took on is done again (``_redo_changed``). ``"stages"``: a store of this very run with no work finished before
+        a growth, whose features read no stage's data but their own (a random projection: no eigen basis, no
+        segmentation cut where a probe of the data said), where the fix left the first stage alone (its examples
+        fingerprint the model): the unchanged stages' work is kept, the changed stages' done again (``_redo_changed``).
+        ``None``: not stopped so, or the same data (it
+        resumes, and stops at the same example again)."""
         mark = old.get("nonfinite")
         if not mark:
             return None
@@ -339,7 +343,14 @@ class _Featurize:
         if not self._same_run(old):
             return "afresh"  # another run (or one grown further): not the growth the store stopped in
         kept = {stage for stage, _ in finished_before_growth(old, self.trajectory)}
-        return "growth" if kept and not changed & kept else "afresh"
+        if kept:
+            return "growth" if not changed & kept else "afresh"
+        stages = [stage["name"] for stage in old["trajectory"]["stages"]]
+        # The eigen basis, and a probed segmentation (by the preconditioners or segment means it scales), read every
+        # stage's data, a random projection none; the first stage's examples fingerprint the model (its reference
+        # batch, which the store keeps).
+        read_all = (old.get("projection") or {}).get("kind") == "eigen" or (old.get("segmentation") or {}).get("view")
+        return "afresh" if read_all or stages[0] in changed else "stages"
 
     def _changed_stages(self, old: Mapping[str, Any], mark: Mapping[str, Any]) -> set[str]:
         """The stages whose training data are not those the store (metadata ``old``) recorded: by their fingerprint,
@@ -657,8 +668,8 @@ class _Featurize:
                 stacklevel=2,
             )
             return Store.create(self.path, self.meta, overwrite=True)  # nothing of it read (``_kept``): not its basis
-        if after == "growth":
-            self._redo_growth(existing)
+        if after in ("growth", "stages"):
+            self._redo_changed(existing, after)
         if self.grow and _differing(existing.meta, self.meta) == ["trajectory"]:
             why = growth_refusal(existing.meta, self.trajectory)
             if why is not None:
@@ -685,25 +696,36 @@ class _Featurize:
             existing.update_meta(trajectory=self.meta["trajectory"])
         return existing
 
-    def _redo_growth(self, store: Store) -> None:
-        """Drop what a grown store took on since its latest growth (``_after_stop``: its featurize stopped there on a
-        gradient that was not finite, and the data were fixed where only that work read them), keeping the work it had
-        finished before: every array of the units it had not, the segmentation probe's, and a segmentation that probe
-        chose (``plan.py``); then the store records the fixed data, and the growth's work is done again on them. The
-        store must be of these settings and this model (``_refuse_other_settings``) before anything is dropped."""
+    def _redo_changed(self, store: Store, after: str) -> None:
+        """Drop the work of a store (``_after_stop``: its featurize stopped on a gradient that was not finite, and the
+        data were fixed) that read the changed data, keeping the rest: ``after`` ``"growth"``, what the grown store
+        took on since its latest growth (every array of the units it had not finished before, the segmentation probe's,
+        and a segmentation that probe chose, ``plan.py``); ``"stages"``, the arrays of the changed stages' units (and
+        of a probe that had not cut yet). Then the store records the fixed data, and what was dropped is done again
+        on them. The store must be of these settings and this model (``_refuse_other_settings``) before anything is
+        dropped."""
         fixed = {**store.meta, "fingerprint": {**store.meta["fingerprint"], "data": self._data_print()}}
         self._refuse_other_settings(fixed)
         try:
             units = _open_units(self._plan(store))
-        except NotPrepared:  # the growth's segmentation probe had not finished: it began no unit
+        except NotPrepared:  # the segmentation probe had not finished: it began no unit
             units = []
         changed = sorted(self._changed_stages(store.meta, store.meta["nonfinite"]))
-        warnings.warn(
-            f"The store at {self.path} stopped on a NaN or infinite gradient in what it took on as it grew, and the "
-            f"training data of stage(s) {changed} have changed since, which the work it had finished before it grew "
-            "did not read: keeping that work and featurizing the rest afresh.",
-            stacklevel=3,
-        )
+        if after == "stages":
+            units = [unit for unit in units if unit.stage in changed]
+            warnings.warn(
+                f"The store at {self.path} stopped on a NaN or infinite gradient, and the training data of stage(s) "
+                f"{changed} have changed since; its projection read no data, so it keeps the work of the other stages "
+                "and featurizes those stages afresh.",
+                stacklevel=3,
+            )
+        else:
+            warnings.warn(
+                f"The store at {self.path} stopped on a NaN or infinite gradient in what it took on as it grew, and "
+                f"the training data of stage(s) {changed} have changed since, which the work it had finished before it "
+                "grew did not read: keeping that work and featurizing the rest afresh.",
+                stacklevel=3,
+            )
         names = {name for unit in units for name, _, _ in self._arrays(unit)} | set(store.progress_arrays(PROBE))
         probed = (store.meta.get("segmentation") or {}).get("view") is not None  # cut where the probe's data said
         if probed:
@@ -1254,11 +1276,9 @@ def _check_factors(sums: ChunkFactors, first_row: int, where: str) -> None:
 
 
 # What featurize's refusal of a gradient that is not finite advises, after what to fix: a store whose featurize stopped
-# so is marked (``_Featurize._compute``), and starts afresh on other data, a grown store whose earlier work read none of
-# them its growth only (``_Featurize._after_stop``).
-_FIX = (
-    "and run featurize again, which starts this store (or only its latest growth) afresh once its training data changed"
-)
+# so is marked (``_Featurize._compute``), and on other data does again what read them: all of it, but the work a grown
+# store finished before its growth, or a random projection's stages they left alone (``_Featurize._after_stop``).
+_FIX = "and run featurize again, which does afresh what in this store read training data that changed since"
 
 
 class NonFiniteExample(NumericalError):
