@@ -93,7 +93,7 @@ def _python_names(code: str) -> set[str]:
 
 def _cli_uses(code: str) -> list[tuple[str, list[str]]]:
     uses = []
-    for line in code.splitlines():
+    for line in re.sub(r"\\\n\s*", " ", code).splitlines():  # a command continued with a backslash is one line
         command_part = re.split(r"\s#", line)[0]  # a comment may mention the command; its options count
         found = re.search(r"(?:source-proj|-m source_proj\.cli)\s+([a-z]+)(.*)", line)
         if found and found.start() < len(command_part):
@@ -110,13 +110,45 @@ def test_code_blocks_name_what_exists(page: Path) -> None:
         if language in ("bash", "python"):
             stale += [f"{s} (file)" for s in re.findall(r"\b((?:examples|benchmarks|tests)/[\w/]+\.py)", code)
                       if not (ROOT / s).is_file()]
-        for command, flags in _cli_uses(code) if language == "bash" else []:
-            if command not in cli.commands:  # type: ignore[attr-defined]
-                stale.append(f"source-proj {command} (command)")
-                continue
-            options = {o for p in cli.commands[command].params for o in p.opts}  # type: ignore[attr-defined]
-            stale += [f"source-proj {command} {f} (option)" for f in flags if f not in options | {"--help"}]
     assert not stale, f"{page.relative_to(ROOT)} shows names that do not exist: {stale}"
+
+
+def _inline_code(path: Path) -> list[str]:
+    """The prose's code spans (`source-proj fit STORE --segments 3`), outside the fenced blocks."""
+    return re.findall(r"`([^`\n]+)`", FENCE.sub("", path.read_text()))
+
+
+def _stale_cli_uses(texts: list[str]) -> list[str]:
+    stale = []
+    for command, flags in (use for text in texts for use in _cli_uses(text)):
+        if command not in cli.commands:  # type: ignore[attr-defined]
+            stale.append(f"source-proj {command} (command)")
+            continue
+        options = {o for p in cli.commands[command].params for o in p.opts}  # type: ignore[attr-defined]
+        stale += [f"source-proj {command} {f} (option)" for f in flags if f not in options | {"--help"}]
+    return stale
+
+
+@pytest.mark.parametrize("page", [ROOT / "README.md", ROOT / "BENCHMARKS.md", *PAGES],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_command_line_shown_names_commands_and_options_that_exist(page: Path) -> None:
+    """Every `source-proj` command line a page shows, in a shell block, an unlabelled block (an error message, a
+    command printed as output) or a code span of its prose, names a command that exists and only its options."""
+    texts = [code for language, code in _code_blocks(page) if language != "python"] + _inline_code(page)
+    stale = _stale_cli_uses(texts)
+    assert not stale, f"{page.relative_to(ROOT)} shows command lines that do not exist: {stale}"
+
+
+def test_a_renamed_option_anywhere_a_page_shows_a_command_is_found(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(
+        "Run `source-proj fit STORE --segment 3`, then\n\n```\nsource-proj query STORE --top-k 5 \\\n"
+        "    --queries 0:3 --topk 5\n```\n\n```bash\nsource-proj fitt STORE\n```\n"
+    )
+    texts = [code for language, code in _code_blocks(page) if language != "python"] + _inline_code(page)
+    assert _stale_cli_uses(texts) == [
+        "source-proj query --topk (option)", "source-proj fitt (command)", "source-proj fit --segment (option)",
+    ]
 
 
 def _public_object(dotted: str) -> object | None:
