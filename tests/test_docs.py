@@ -64,6 +64,28 @@ def test_site_builds_strictly_with_every_public_name_and_command(site: Path) -> 
     assert first_section and first_section.group(1) in benchmarks  # BENCHMARKS.md is included, not copied
 
 
+def _unlisted_public_names(overview: str) -> list[str]:
+    """The public names (``sp.__all__``, ``source_proj.integrations``) the API overview's table does not name;
+    the errors are listed there as ``SourceProjError`` and its subclasses."""
+    from source_proj import integrations
+
+    listed = set(re.findall(r"`(\w+)`", overview))
+    public = [n for n in sp.__all__ if n != "__version__"] + list(integrations.__all__)
+    return [n for n in public if n not in listed
+            and not (isinstance(getattr(sp, n, None), type) and issubclass(getattr(sp, n), sp.SourceProjError))
+            and not (isinstance(getattr(integrations, n, None), type) and issubclass(getattr(integrations, n),
+                                                                                      sp.SourceProjError))]
+
+
+def test_the_api_overview_names_every_public_name() -> None:
+    """docs/reference/api/index.md's table, the page a reader looks a name up in, names every public name (a name
+    added to the package and its reference page, but not to the overview, fails)."""
+    overview = (ROOT / "docs" / "reference" / "api" / "index.md").read_text()
+    unlisted = _unlisted_public_names(overview)
+    assert not unlisted, f"names the API overview leaves out: {unlisted}"
+    assert _unlisted_public_names(overview.replace("`GradientCapture`, ", "")) == ["GradientCapture"]
+
+
 def test_a_broken_link_a_stale_api_name_or_a_page_outside_the_nav_fails_the_build(tmp_path: Path) -> None:
     config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
     docs = tmp_path / "docs"
