@@ -272,3 +272,25 @@ def test_readme_links_point_at_files_that_exist() -> None:
     local = [t for t in targets if "://" not in t]
     assert local, "the README links into the docs"
     assert not [t for t in local if not (ROOT / t).exists()]
+
+
+def _broken_anchors(markdown: str) -> list[str]:
+    """Links of ``markdown`` to a section of a page (``docs/x.md#anchor``) whose page has no heading of that anchor
+    (mkdocs checks the site's own links; the README is not part of the site)."""
+    from markdown.extensions.toc import slugify
+
+    broken = []
+    for target, anchor in re.findall(r"\]\(([^)#\s:]+\.md)#([^)\s]+)\)", markdown):
+        headings = re.findall(r"^#+\s+(.+?)\s*$", FENCE.sub("", (ROOT / target).read_text()), re.MULTILINE)
+        if anchor not in {slugify(h, "-") for h in headings}:
+            broken.append(f"{target}#{anchor}")
+    return broken
+
+
+def test_readme_links_to_a_section_name_a_heading_that_exists() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "#" in "".join(re.findall(r"\]\(docs/[^)]+\)", readme)), "the README links to sections of the docs"
+    assert not _broken_anchors(readme), f"README links to sections that do not exist: {_broken_anchors(readme)}"
+    assert _broken_anchors("[a](docs/howto/scale.md#queries-against-billions-of-rows)") == [
+        "docs/howto/scale.md#queries-against-billions-of-rows"
+    ]
