@@ -274,6 +274,31 @@ def test_readme_links_point_at_files_that_exist() -> None:
     assert not [t for t in local if not (ROOT / t).exists()]
 
 
+def _unknown_benchmark_sections(markdown: str) -> list[str]:
+    """The sections of BENCHMARKS.md a page cites by their title in quotes (``BENCHMARKS.md, "The eigen basis from
+    sampled positions"``, ``[Benchmarks](../benchmarks.md), "A segment's average over its steps"``) that no heading
+    of BENCHMARKS.md holds: a section renamed or merged leaves the citation pointing nowhere."""
+    headings = [h.lower() for h in re.findall(r"^#+\s+(.+)$", (ROOT / "BENCHMARKS.md").read_text(), re.MULTILINE)]
+    text = re.sub(r"\s*\n\s*", " ", markdown)
+    cited = re.findall(r"(?:BENCHMARKS\.md|\[Benchmarks\]\([^)]*\)|Benchmarks)[,:]?\s*((?:(?:section\s+)?\"[^\"]+\""
+                       r"(?:,|\sand|\sor)?\s*)+)", text)
+    titles = [title for quoted in cited for title in re.findall(r"\"([^\"]+)\"", quoted)]
+    return [title for title in titles if not any(title.lower() in h for h in headings)]
+
+
+@pytest.mark.parametrize("page", [ROOT / "README.md", *PAGES], ids=lambda p: str(p.relative_to(ROOT)))
+def test_benchmark_sections_cited_by_title_exist(page: Path) -> None:
+    unknown = _unknown_benchmark_sections(page.read_text())
+    assert not unknown, f"{page.relative_to(ROOT)} cites BENCHMARKS.md sections that do not exist: {unknown}"
+
+
+def test_a_benchmark_section_cited_under_a_title_it_no_longer_has_is_found() -> None:
+    page = ('figures in BENCHMARKS.md, "The eigen basis from sampled positions" and "The eigen basis from\n'
+            'sampled rows"; [Benchmarks](../benchmarks.md), "A segment\'s average over its checkpoints".')
+    assert _unknown_benchmark_sections(page) == ["The eigen basis from sampled rows",
+                                                 "A segment's average over its checkpoints"]
+
+
 def _broken_anchors(markdown: str) -> list[str]:
     """Links of ``markdown`` to a section of a page (``docs/x.md#anchor``) whose page has no heading of that anchor
     (mkdocs checks the site's own links; the README is not part of the site)."""
