@@ -39,7 +39,7 @@ from typing import Protocol, TypeVar
 import torch
 import torch.distributed as dist
 
-from source_proj.errors import StoreError
+from source_proj.errors import StoreError, first_line
 from source_proj.store.locking import LockHeld
 from source_proj.store.writing import store_lock, writing
 
@@ -148,7 +148,17 @@ class Ranks:
         if self.coordinated:
             world = self.shard.world
             first = torch.tensor([self.shard.rank if error is not None else world], device=self._device())
-            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+            try:
+                dist.all_reduce(first, op=dist.ReduceOp.MIN)
+            except RuntimeError as lost:  # a rank ended without agreeing (killed, out of memory): its connection broke
+                if error is not None:
+                    raise error from None
+                why = first_line(lost).split("] ", 1)[-1].split(". ")[0]  # gloo's "[pair.cc:553] Connection closed ..."
+                raise RankFailed(
+                    f"Another of the {world} ranks ended without agreeing (killed, or out of memory: its output or the "
+                    f"launcher's says which), so rank {self.shard.rank} stops too ({why}); the finished chunks are "
+                    "kept: re-run the same command to resume."
+                ) from None
             failed = int(first.item())
             if error is None and failed < world:
                 raise RankFailed(
@@ -310,12 +320,26 @@ def run_sharded(
         pass  # another shard still writes; the last one to finish marks the store finished
 
 
+def together(step: Callable[[], T]) -> T:
+    """``step()`` on every rank of the initialised process group (if any), agreeing on its failure (``Ranks.agree``):
+    a rank that fails before the command's own agreements (loading its inputs) stops every rank with its error, where
+    the others would wait for it in their first agreement."""
+    group = ranks()
+    try:
+        result = step()
+    except BaseException as err:
+        group.agree(err)  # raises it, once every rank has learnt of it
+        raise
+    group.agree(None)
+    return result
+
+
 def _in_turn(group: Ranks, mine: bool, step: Callable[[], object]) -> None:
     error = None
     if mine:
         try:
             step()
-        except Exception as err:
+        except BaseException as err:  # an interrupt too: the other ranks learn of it instead of losing the connection
             error = err
     group.agree(error)
 

@@ -3,10 +3,12 @@ with stores bit-identical to a one-process run, and a killed shard re-run alone 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SPEC = """
 import os
+import signal
 import sys
 import time
 
@@ -37,7 +40,7 @@ from torch.utils.data import Dataset
 
 sys.path.insert(0, {root!r})
 import source_proj as sp
-from tests.crash_driver import build_model, data
+from tests.crash_driver import build_model as tiny_model, data
 
 
 class Slow(Dataset):
@@ -69,6 +72,54 @@ class FailsOnOneRank(Dataset):
         return self.base[i]
 
 
+def _for_a_chunk():
+    # Whether featurize reads this example for a chunk of its shard (not to check the data or estimate a basis first).
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_name != "_featurize_units":
+        frame = frame.f_back
+    return frame is not None
+
+
+class StopsMidShard(Dataset):
+    # Rank FAIL_RANK fails as MIDSHARD says (read, interrupt, kill) at the 6th example it reads for its chunks (in
+    # its second chunk) and leaves the file FAILED. Rank 0 begins its second chunk (example 4) only once FAILED is
+    # there, and should not begin its third (example 8): where it does, it waits there for two minutes.
+    def __init__(self, base):
+        self.base, self.reads = base, 0
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        failed = os.environ["FAILED"]
+        if not _for_a_chunk():
+            return self.base[i]
+        if os.environ.get("FAIL_RANK", "none") == os.environ.get("RANK"):
+            self.reads += 1
+            if self.reads == 6:
+                open(failed, "w").close()
+                how = os.environ.get("MIDSHARD")
+                if how == "read":
+                    raise ValueError(f"cannot decode example {{i}}")
+                if how == "interrupt":
+                    raise KeyboardInterrupt
+                if how == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+        elif i == 4:
+            deadline = time.monotonic() + 60
+            while not os.path.exists(failed) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        elif i == 8 and os.path.exists(failed):
+            time.sleep(120)
+        return self.base[i]
+
+
+def build_model():
+    if os.environ.get("BUILD_FAILS", "none") == os.environ.get("RANK"):
+        raise RuntimeError("no such layer: Linear")
+    return tiny_model()
+
+
 def build_task():
     if os.environ.get("ONLY_BIASES"):  # no layer the eigen projection can factor
         return sp.ClassificationTask(parameters=sp.ParameterSelection(include=["*bias"]))
@@ -76,6 +127,10 @@ def build_task():
 
 
 def train_data(stage):
+    if os.environ.get("DATA_FAILS", "none") == os.environ.get("RANK"):
+        raise FileNotFoundError("no such file: train.bin")
+    if os.environ.get("FAILED"):
+        return StopsMidShard(data())
     delay = float(os.environ.get("SLOW_EXAMPLE_SECONDS", "0"))
     if os.environ.get("FAIL_READ"):
         return FailsOnOneRank(data(), os.environ["FAIL_RANK"], os.environ["FAIL_READ"])
@@ -106,11 +161,31 @@ def _launch(ranks: int, script: Path, timeout: float) -> tuple[str, str]:
     try:
         stdout, stderr = launch.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(launch.pid, signal.SIGKILL)
+        for pid in [*_descendants(launch.pid), launch.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         stdout, stderr = launch.communicate()
         pytest.fail(f"the ranks hung: {stdout[-3000:]}")
     assert launch.returncode == 0, stdout[-2000:] + stderr[-4000:]
     return stdout, stderr
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes ``pid`` started, and theirs (torchrun starts each rank in a session of its own: killing torchrun's
+    process group leaves them running, holding its output open)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # it ended meanwhile
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        started = children.get(todo.pop(), [])
+        found.extend(started)
+        todo.extend(started)
+    return found
 
 
 def _in_process(*args: str) -> str:
@@ -619,3 +694,151 @@ def test_a_rank_failing_in_lock_step_stops_every_rank_and_the_store_resumes(
     assert "rank 1 refused: source-proj fit failed unexpectedly (ValueError: rank 1 cannot decompose)" in stdout
     assert stdout.count("rank 0 refused: Rank 1 of 2 failed") == 4, stdout
     assert not (tmp_path / "own-1.sp").exists()
+
+
+STOPS_MID_SHARD = """
+import errno
+import os
+
+import click
+import torch.distributed as dist
+
+import source_proj as sp
+from source_proj.cli.main import main
+from source_proj.store.store import Store
+from tests.crash_driver import featurize as tiny_featurize
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+
+
+def cli(*args):
+    try:
+        main(list(args), standalone_mode=False)
+    except click.ClickException as err:
+        print(f"rank {{rank}} refused: {{err.format_message()}}", flush=True)
+
+
+def pending(path):
+    if rank == 0:
+        store = sp.Store.open(path)
+        left = [len(store.pending_chunks(f"grads/main/step-0000000{{step}}")) for step in (0, 4, 8)]
+        print(f"{{path}}: featurized {{bool(store.meta.get('featurized'))}}, pending {{left}}", flush=True)
+
+
+featurize = ["featurize", "--ckpts", {run!r}, "--spec", {spec!r}, *{featurize!r}]
+os.environ["FAIL_RANK"] = "1"
+for how in ("read", "interrupt"):
+    os.environ.update(FAILED=f"failed-{{how}}", MIDSHARD=how)
+    cli(*featurize, "--out", f"{{how}}.sp")
+    dist.barrier()
+    pending(f"{{how}}.sp")
+    del os.environ["FAILED"], os.environ["MIDSHARD"]
+    cli(*featurize, "--out", f"{{how}}.sp")
+
+write = Store.write_chunk
+
+
+def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+if rank == 1:
+    Store.write_chunk = full
+cli(*featurize, "--out", "disk.sp")
+Store.write_chunk = write
+cli(*featurize, "--out", "disk.sp")
+try:  # in Python, rank 1 is given a run it does not find
+    tiny_featurize({run!r} if rank == 0 else "no-such-run", "api.sp")
+except sp.SourceProjError as err:
+    print(f"rank {{rank}} refused: {{err}}", flush=True)
+os.environ["BUILD_FAILS"] = "1"  # last: without an agreement rank 1 would go on alone
+cli(*featurize, "--out", "build.sp")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_failing_mid_shard_stops_every_rank_within_a_chunk_and_the_store_resumes(
+    tmp_path: Path, tiny_run: Path, spec: Path, one_process: Path
+) -> None:
+    """Unsharded parameters: rank 1 fails in its second chunk (an example it cannot read, an interrupt), while rank 0
+    has a chunk to go that it begins only after the failure (:class:`StopsMidShard`, where it would wait two minutes):
+    the ranks agree before each chunk, so rank 0 stops before it, where it would compute the rest of its shard (hours)
+    with rank 1 waiting for it. Rank 1 names the cause, rank 0 says rank 1 failed, the chunks written are kept and the
+    same command completes the one-process store. So too where rank 1's disk is full, and where rank 1 does not find
+    its run (in Python) or cannot build its model, before the ranks' first agreement (rank 0 waited for it there)."""
+    script = tmp_path / "ranks.py"
+    script.write_text(STOPS_MID_SHARD.format(run=str(tiny_run), spec=str(spec), featurize=FEATURIZE) + LEAVE)
+    stdout, _ = _launch(2, script, timeout=100)
+    assert "rank 1 refused: The dataset raised an error of its own reading training example 5 of stage 'main' " \
+           "(ValueError: cannot decode example 5)" in stdout, stdout  # fmt: skip
+    assert "rank 1 refused: source-proj featurize was interrupted; run the same command again" in stdout, stdout
+    assert "rank 1 refused: Writing chunk 0 of " in stdout and "failed because the disk is full" in stdout, stdout
+    assert "rank 1 refused: no-such-run is not a directory; pass the run directory" in stdout, stdout
+    assert "rank 1 refused: build_model() in " in stdout and "(RuntimeError: no such layer: Linear)" in stdout, stdout
+    assert stdout.count("rank 0 refused: Rank 1 of 2 failed (its error is in its output)") == 5, stdout
+    assert stdout.count("refused") == 10, stdout
+    # Rank 0 wrote its first two chunks of checkpoint 0, rank 1 its first of checkpoint 4: kept, and resumed.
+    assert "read.sp: featurized False, pending [1, 2, 3]" in stdout, stdout
+    assert "interrupt.sp: featurized False, pending [1, 2, 3]" in stdout, stdout
+    reference = files(one_process)
+    for store in ("read.sp", "interrupt.sp", "disk.sp"):
+        assert files(tmp_path / store) == reference, store
+    assert not (tmp_path / "api.sp").exists() and not (tmp_path / "build.sp").exists()
+
+
+def _ranks_on_their_own(command: list[str], timeout: float, **extra: str) -> list[tuple[int, str]]:
+    """(exit status, stderr) of each of two processes that run ``command`` as the ranks of the process group they join
+    themselves (``MASTER_ADDR``, ``RANK``, ...), with no launcher to stop the others where one ends (``srun``, a script
+    of one's own); fails the test where they hang."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = str(free.getsockname()[1])
+    group = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    procs = [subprocess.Popen([sys.executable, "-m", "source_proj.cli", *command], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True,
+                              env=_env(**group, **extra, RANK=str(rank), LOCAL_RANK=str(rank)))
+             for rank in range(2)]  # fmt: skip
+    deadline = time.monotonic() + timeout
+    ended = []
+    for proc in procs:
+        try:
+            _, stderr = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for each in procs:
+                each.kill()
+            pytest.fail(f"the ranks hung: {[each.communicate()[1][-2000:] for each in procs]}")
+        ended.append((proc.returncode, stderr))
+    return ended
+
+
+def _said(stderr: str) -> str:
+    """The one sentence a rank ended with (a traceback fails the test)."""
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("Error: ")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_ranks_without_a_launcher_end_together_where_one_fails_before_joining_or_is_killed(
+    tmp_path: Path, tiny_run: Path, spec: Path, one_process: Path
+) -> None:
+    """Rank 1 cannot load its training data: it loaded them before it joined the process group, and rank 0 waited for
+    it to join until the group's timeout (7 days). Each joins first, then both end. Then rank 1 is killed in its second
+    chunk: rank 0 says so in one sentence (not as a bug), and a re-run of both completes the one-process store."""
+    store = tmp_path / "s.sp"
+    command = _featurize(tiny_run, spec, store)
+    (zero, said_zero), (one, said_one) = _ranks_on_their_own(command, timeout=60, DATA_FAILS="1")
+    assert _said(said_one).startswith("Error: train_data('main') in ") and "no such file: train.bin" in said_one
+    assert _said(said_zero).startswith("Error: Rank 1 of 2 failed (its error is in its output)"), said_zero
+    assert zero == one == 1 and not store.exists()
+
+    killed = _ranks_on_their_own(command, timeout=60, FAILED=str(tmp_path / "killed"), MIDSHARD="kill", FAIL_RANK="1")
+    (zero, said_zero), (one, _) = killed
+    assert one == -signal.SIGKILL and zero == 1, killed
+    lost = "Error: Another of the 2 ranks ended without agreeing (killed, or out of memory: its output or the"
+    assert _said(said_zero).startswith(f"{lost} launcher's says which), so rank 0 stops too ("), said_zero
+    assert [status for status, _ in _ranks_on_their_own(command, timeout=60)] == [0, 0]
+    assert files(store) == files(one_process)

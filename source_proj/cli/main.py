@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 import source_proj as sp
 from source_proj import evaluation as ev
-from source_proj.distributed import Shard, launched
+from source_proj.distributed import Shard, launched, together
 from source_proj.errors import describe_out_of_memory, first_line, mention, out_of_memory
 from source_proj.evaluation.lds import MIN_SUBSETS
 from source_proj.figures import check_figure_path
@@ -479,16 +479,16 @@ def featurize(
         fisher_examples=_fisher_examples(fisher_examples),
     )
     part = Shard.parse(shard) if shard else None
-    spec = load_spec(spec_path)
-    trajectory = sp.Trajectory.load(run_dir)
-    data = {s.name: spec.train_data(s.name) for s in trajectory.stages}
-    before = _finished_meta(store_path) if not force else None
     command = _replay(click.get_current_context())
     with launched(device):
+        # Under torchrun each rank loads its inputs once it has joined the others: one that cannot stops them all,
+        # where they would wait for it to join until the process group's timeout (where no launcher stops them).
+        spec, trajectory, data, model, task = together(lambda: _featurize_inputs(spec_path, run_dir))
+        before = _finished_meta(store_path) if not force else None
         store = sp.featurize(
             trajectory,
-            spec.build_model(),
-            spec.build_task(),
+            model,
+            task,
             data,
             store_path,
             projection=projection_args,
@@ -522,6 +522,16 @@ def featurize(
         click.echo(f"segmentation fixed for this store: {_segmentation_text(recorded['arguments'])}")
         if recorded.get("view"):
             click.echo(sp.TrajectoryView.from_description(recorded["view"]).table())
+
+
+def _featurize_inputs(
+    spec_path: Path, run_dir: Path
+) -> tuple[Spec, sp.Trajectory, dict[str, Any], torch.nn.Module, sp.Task]:
+    """featurize's spec, run, training data by stage, model and task."""
+    spec = load_spec(spec_path)
+    trajectory = sp.Trajectory.load(run_dir)
+    data = {s.name: spec.train_data(s.name) for s in trajectory.stages}
+    return spec, trajectory, data, spec.build_model(), spec.build_task()
 
 
 def _finished_meta(path: str) -> str | None:

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm.auto import tqdm
 
 from source_proj import __version__
-from source_proj.distributed import Ranks, Shard, rank_device, ranks, run_sharded
+from source_proj.distributed import Ranks, Shard, rank_device, ranks, run_sharded, together
 from source_proj.errors import NumericalError, StoreError, TaskError, mention
 from source_proj.featurize.arguments import (
     FeaturizeArguments,
@@ -142,18 +142,20 @@ def featurize(
     chunks already written and recomputes damaged ones. If the call fails before it finishes a
     work unit of a new store, the store is removed.
     """
-    check_model_and_task(model, task)
-    if not isinstance(trajectory, Trajectory):
-        trajectory = Trajectory.load(trajectory)
-    model = unwrap_model(model)  # the recorder saved the model inside DataParallel, DDP or torch.compile's wrapper
-    if options.checkpoint_steps is not None:
-        trajectory = trajectory.select(options.checkpoint_steps)
-    if not trajectory.complete:
-        raise incomplete_run(trajectory.path)
+
+    def set_up() -> _Featurize:
+        check_model_and_task(model, task)
+        run = trajectory if isinstance(trajectory, Trajectory) else Trajectory.load(trajectory)
+        if options.checkpoint_steps is not None:
+            run = run.select(options.checkpoint_steps)
+        if not run.complete:
+            raise incomplete_run(run.path)
+        bare = unwrap_model(model)  # the recorder saved the model inside DataParallel, DDP or torch.compile's wrapper
+        path = str(store_path)
+        return _Featurize(run, bare, task, train_data, path, projection, options, spec, progress, group, grow)
+
     group = ranks(shard)
-    job = _Featurize(
-        trajectory, model, task, train_data, str(store_path), projection, options, spec, progress, group, grow
-    )
+    job = together(set_up)  # a rank whose run, model or device is refused stops every rank, not only itself
     job.overwrite, job.command = overwrite, command
     if job.lockstep is not None:
         job.set_up_together(group)
@@ -422,7 +424,7 @@ class _Featurize:
             error = None
             try:
                 step()
-            except Exception as err:  # every rank learns of it (``Ranks.agree``), none waits in a gather
+            except BaseException as err:  # every rank learns of it (``Ranks.agree``), none waits in a gather
                 error = err
             group.agree(error)
 
@@ -877,13 +879,15 @@ class _Featurize:
         units = {id(unit): unit for unit, _ in items}.values()
         pending = {name: set(store.pending_chunks(name)) for unit in units for name, _, _ in self._arrays(unit)}
         work = [(unit, chunk) for unit, chunk in items if any(chunk in pending[n] for n, _, _ in self._arrays(unit))]
-        progress = self.progress
+        progress, pace = self.progress, None
         if group is not None and group.coordinated:
             progress = group.busiest(len(work)) and self.show_work
+            if self.lockstep is None:  # (in lock step the ranks agree before each gather)
+                pace = (group, group.most(len(work)))
         try:
             _featurize_units(plan, work, self.grads_fn, self.projector, self.task, self.options, self.device,
                              self.work_model, progress, collector=self.collector, lockstep=self.lockstep,
-                             shards=self.shards)
+                             shards=self.shards, pace=pace)
         except NumericalError as err:  # a rerun with fixed data starts afresh (``_after_stop``)
             mark: dict[str, Any] = {"error": str(err)}
             if isinstance(err, NonFiniteExample) and err.stage is not None:
@@ -914,12 +918,16 @@ def _featurize_units(
     collector: FactorCollector | None = None,
     lockstep: Ranks | None = None,
     shards: ShardedParameters | None = None,
+    pace: tuple[Ranks, int] | None = None,
 ) -> None:
     """Compute and write the row chunks ``work`` of the plan's units (and their Kronecker factors when a
     ``collector`` is given).
 
     With ``lockstep`` (sharded parameters) every rank visits every unit and runs as many batches of it
     as the busiest rank, discarding the ones it has no rows for: the ranks gather each layer together.
+    With ``pace`` (the ranks of a process group, and the most chunks any of them computes) the ranks agree before
+    each chunk, and a rank with fewer chunks as often once it is done: a rank that fails stops the others within a
+    chunk, where they would otherwise compute the rest of their shards (hours) before they learnt of it.
     """
     store = plan.store
     final = ckpt_key(plan.trajectory.final_checkpoint.step)
@@ -956,6 +964,8 @@ def _featurize_units(
             # The sampled labels' key: example i's draws are those of (seed, point, stage, i) whatever its batch.
             key = FisherDraws.key_of([options.seed, *unit.seed, stage_index[unit.stage]])
             for chunk, (start, stop) in zip(chunks, spans, strict=True):
+                if pace is not None:
+                    pace[0].agree(None)
                 factors = collector if collector is not None and not unit.prefix else None
                 with saving():
                     try:
@@ -999,6 +1009,9 @@ def _featurize_units(
                         projected_fisher=projected_fisher_at(options.curvature, unit.prefix, unit.key, final),
                         shared_forward=False,
                     )
+    if pace is not None:
+        for _ in range(pace[1] - len(work)):
+            pace[0].agree(None)
 
 
 class _ChunkBatches(Sampler[list[int]]):
