@@ -249,6 +249,28 @@ def test_a_hand_built_ground_truth_of_the_wrong_layout_is_refused_when_built() -
     Counterfactuals(0.5, masks.astype(np.uint8), measurements)  # 0/1 masks are masks
 
 
+def test_a_brought_ground_truth_or_scores_not_of_real_numbers_or_too_few_subsets_are_refused_in_one_sentence() -> None:
+    """Measurements read from a text file as strings, or a ragged list, raised numpy's TypeError/ValueError; complex
+    scores lost their imaginary part with only a ComplexWarning; a ground truth of two subsets, or one labelled
+    alpha='half', was accepted and failed (or mislabelled) later."""
+    rng = np.random.default_rng(15)
+    masks, measurements = rng.random((6, 5)) < 0.5, rng.normal(size=(6, 2, 3))
+    for alpha, wrong_masks, wrong_measurements, match in (
+        (0.5, masks, measurements.astype(str), r"not a rectangular array of real numbers \(numpy reads them as <U"),
+        (0.5, masks, measurements.astype(object), "reads them as object entries"),
+        (0.5, masks[:1], [[[1.0, 2.0], [3.0]]], "reads them as a ragged nesting"),
+        (0.5, masks[:2], measurements[:2], "holds 2 subsets; a rank correlation over subsets needs at least 3"),
+        ("half", masks, measurements, "Counterfactuals.alpha is 'half'"),
+        (1.0, masks, measurements, "Counterfactuals.alpha is 1.0"),
+    ):
+        with pytest.raises(TaskError, match=match):
+            Counterfactuals(alpha, wrong_masks, wrong_measurements)
+    truth = Counterfactuals(0.5, masks, measurements.tolist())  # a nested list of numbers is an array
+    for scores, match in ((rng.normal(size=(3, 5)) + 1j, "complex128 entries"), (np.full((3, 5), "0.1"), "<U")):
+        with pytest.raises(TaskError, match=match):
+            lds(scores, truth, LDSArguments(resamples=20))
+
+
 def test_group_predictions_equal_in_exact_arithmetic_are_exactly_equal_so_their_ranks_tie() -> None:
     """A matrix product rounds a row differently depending on where it falls in its blocks: the same subset drawn
     twice, or a query scoring every row alike, got predictions a bit apart, and Spearman ranked rounding noise

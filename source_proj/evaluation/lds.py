@@ -78,6 +78,21 @@ class LDSArguments:
         check_bootstrap(self.resamples, self.confidence, "LDSArguments.")
 
 
+def _real_array(values: object, what: str) -> np.ndarray:
+    """``values`` as a float64 array, or one sentence where they are not real numbers in a rectangular layout (a
+    ragged list, strings, objects, complex numbers whose imaginary part a cast would drop)."""
+    try:
+        array = np.asarray(values)
+    except ValueError:  # a ragged nesting
+        array = None
+    if array is None or array.dtype.kind not in "biuf":
+        read = "a ragged nesting" if array is None else f"{array.dtype} entries"
+        raise TaskError(
+            f"The {what} are not a rectangular array of real numbers (numpy reads them as {read}); pass a float array."
+        )
+    return array.astype(np.float64)
+
+
 def sample_subsets(num_rows: int, num_subsets: int, alpha: float, seed: int = 0) -> np.ndarray:
     """M random subsets of ⌊α·N⌉ rows each, as a boolean mask ``[M, N]`` (reproducible from the seed).
 
@@ -121,7 +136,8 @@ class Counterfactuals:
     measurements: np.ndarray
 
     def __post_init__(self) -> None:
-        masks, measurements = np.asarray(self.masks), np.asarray(self.measurements)
+        check_real("Counterfactuals.alpha", self.alpha, 0.0, 1.0, closed=False)
+        masks, measurements = np.asarray(self.masks), _real_array(self.measurements, "measurements")
         if measurements.ndim != 3:
             raise TaskError(
                 f"Measurements of shape {measurements.shape} are not [M, R, Q] (subsets, repeats, queries); with one "
@@ -144,6 +160,11 @@ class Counterfactuals:
             )
         if not np.isfinite(measurements).all():
             raise TaskError("The measurements contain NaN or infinite values; drop or retrain those subsets.")
+        if masks.shape[0] < MIN_SUBSETS:
+            raise TaskError(
+                f"The ground truth holds {masks.shape[0]} subsets; a rank correlation over subsets needs at least "
+                f"{MIN_SUBSETS} (the SOURCE paper uses 100)."
+            )
         object.__setattr__(self, "masks", masks)
         object.__setattr__(self, "measurements", measurements)
 
@@ -208,7 +229,7 @@ def lds(scores: np.ndarray, truth: Counterfactuals, args: LDSArguments = LDSArgu
     Returns the mean per-query Spearman correlation with its bootstrap interval (over subsets, or
     over queries with ``args.resample == "queries"``) and the per-query values.
     """
-    scores = np.asarray(scores, dtype=np.float64)
+    scores = _real_array(scores, "scores")
     if scores.ndim != 2:
         raise TaskError(
             f"Scores of shape {scores.shape} are not [queries, training rows]; for a single query pass scores[None]."
