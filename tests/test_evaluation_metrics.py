@@ -21,6 +21,7 @@ from source_proj.evaluation import (
     format_table,
     group_predictions,
     lds,
+    lds_difference,
     plot_lds,
     query_interval,
     rank,
@@ -355,3 +356,95 @@ def test_the_lds_correlates_the_group_predictions_with_the_mean_over_the_repeats
     assert not np.allclose(expected, first)  # the case: one retrain is not the mean
     result = lds(scores, truth, LDSArguments(resamples=20))
     np.testing.assert_allclose(result.per_query, expected, rtol=1e-12)
+
+
+def _paired_truth(seed: int) -> tuple[np.ndarray, np.ndarray, Counterfactuals]:
+    """Two methods' scores [6, 15] and a ground truth of 12 subsets × 2 repeats with many tied measurements: a the
+    scores the measurements follow, b those scores blurred."""
+    rng = np.random.default_rng(seed)
+    masks = rng.random((12, 15)) < 0.5
+    a = rng.normal(size=(6, 15))
+    b = a + rng.normal(scale=1.5, size=a.shape)
+    measurements = np.round((masks @ a.T)[:, None, :] + rng.normal(scale=2.0, size=(12, 2, 6)))  # ties
+    return a, b, Counterfactuals(0.5, masks, measurements)
+
+
+def _scipy_mean_rho(predicted: np.ndarray, actual: np.ndarray, subsets: np.ndarray, queries: np.ndarray) -> float:
+    """Brute force: mean over the drawn queries of scipy's Spearman over the drawn subsets (undefined ones left out)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy warns of a constant input, whose correlation is NaN
+        rho = [stats.spearmanr(predicted[subsets, q], actual[subsets, q]).statistic for q in queries]
+    return float(np.nanmean(rho)) if np.isfinite(rho).any() else np.nan
+
+
+def _percentiles(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    finite = np.array([v for v in values if np.isfinite(v)])
+    tail = (1 - confidence) / 2
+    return float(np.quantile(finite, tail)), float(np.quantile(finite, 1 - tail))
+
+
+def test_the_paired_lds_difference_is_a_brute_force_paired_bootstrap_over_subsets_or_queries() -> None:
+    """Oracle: each resample draws one set of subsets (the generator of the seed, as every interval here) and scores
+    both methods on it with scipy; the interval is the percentiles of the differences."""
+    a, b, truth = _paired_truth(16)
+    args = LDSArguments(resamples=100, seed=3)  # one batch of draws
+    got = lds_difference(a, b, truth, args)
+    pa, pb = group_predictions(a, truth.masks), group_predictions(b, truth.masks)
+    everything, queries = np.arange(12), np.arange(6)
+    deltas = []
+    for subsets in np.random.default_rng(3).integers(0, 12, size=(100, 12)):
+        rho_a = [_scipy_mean_rho(pa, truth.mean, subsets, [q]) for q in queries]
+        rho_b = [_scipy_mean_rho(pb, truth.mean, subsets, [q]) for q in queries]
+        deltas.append(np.nanmean(np.subtract(rho_a, rho_b)) if np.isfinite(np.subtract(rho_a, rho_b)).any() else np.nan)
+    assert (got.low, got.high) == pytest.approx(_percentiles(deltas), abs=1e-12)
+    expected = [_scipy_mean_rho(pa, truth.mean, everything, [q]) - _scipy_mean_rho(pb, truth.mean, everything, [q])
+                for q in queries]  # fmt: skip
+    np.testing.assert_allclose(got.per_query, expected, rtol=1e-12)
+    assert got.mean == pytest.approx(lds(a, truth, args).mean - lds(b, truth, args).mean, abs=1e-12)
+    assert got.units == 12 and got.significant == (got.low > 0 or got.high < 0)
+    # over queries: the paired interval of the per-query differences
+    by_queries = lds_difference(a, b, truth, LDSArguments(resample="queries", resamples=100, seed=3))
+    assert (by_queries.low, by_queries.high) == query_interval(got.per_query, LDSArguments(resamples=100, seed=3))
+    # the order of the methods flips the sign of every value
+    flipped = lds_difference(b, a, truth, args)
+    assert (flipped.mean, flipped.low, flipped.high) == pytest.approx((-got.mean, -got.high, -got.low), abs=1e-12)
+
+
+def test_the_two_way_interval_resamples_subsets_and_queries_together_as_a_brute_force_bootstrap() -> None:
+    """Oracle: resample b draws subsets from the seed's generator and, independently, queries (among those with a
+    defined correlation) from the stream (seed, 1); the statistic is the mean of scipy's Spearman over both."""
+    a, b, truth = _paired_truth(17)
+    measurements = truth.measurements.copy()
+    measurements[:, :, 4] = 7.0  # a query without a correlation: left out before the queries are drawn
+    truth = Counterfactuals(0.5, truth.masks, measurements)
+    args = LDSArguments(resamples=100, seed=5, resample="both", confidence=0.9)
+    with pytest.warns(UserWarning, match="1 of 6 queries"):
+        got = lds(a, truth, args)
+    with pytest.warns(UserWarning, match="1 of 6 queries"):
+        difference = lds_difference(a, b, truth, args)
+    pa, pb = group_predictions(a, truth.masks), group_predictions(b, truth.masks)
+    defined = np.array([0, 1, 2, 3, 5])
+    subset_draws = np.random.default_rng(5).integers(0, 12, size=(100, 12))
+    query_draws = np.random.default_rng(np.random.SeedSequence([5, 1])).integers(0, 5, size=(100, 5))
+    draws = zip(subset_draws, query_draws, strict=True)
+    values, deltas = [], []
+    for subsets, picks in draws:
+        values.append(_scipy_mean_rho(pa, truth.mean, subsets, defined[picks]))
+        rho_a = [_scipy_mean_rho(pa, truth.mean, subsets, [q]) for q in defined[picks]]
+        rho_b = [_scipy_mean_rho(pb, truth.mean, subsets, [q]) for q in defined[picks]]
+        delta = np.subtract(rho_a, rho_b)
+        deltas.append(np.nanmean(delta) if np.isfinite(delta).any() else np.nan)
+    assert (got.low, got.high) == pytest.approx(_percentiles(values, 0.9), abs=1e-12)
+    assert (difference.low, difference.high) == pytest.approx(_percentiles(deltas, 0.9), abs=1e-12)
+    with pytest.warns(UserWarning, match="1 of 6 queries"):
+        assert got.mean == lds(a, truth, LDSArguments(resamples=20)).mean  # the interval changes, not the LDS
+
+
+def test_a_paired_difference_names_what_it_cannot_compare() -> None:
+    a, b, truth = _paired_truth(18)
+    with pytest.raises(TaskError, match=r"pass scores\.T"):
+        lds_difference(a, b.T, truth)
+    # b scores every row alike: on subsets of one size its every prediction is constant, so no query compares
+    same_size = Counterfactuals(0.5, sample_subsets(15, 12, 0.5), truth.measurements)
+    with pytest.raises(TaskError, match="No query has a defined correlation under both methods"):
+        lds_difference(a, np.ones_like(a), same_size, LDSArguments(resamples=20))

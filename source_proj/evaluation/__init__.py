@@ -16,10 +16,12 @@ from source_proj.evaluation.further_training import (
 )
 from source_proj.evaluation.lds import (
     Counterfactuals,
+    Difference,
     LDSArguments,
     compare,
     format_table,
     lds,
+    lds_difference,
     lds_ground_truth,
     plot_lds,
     query_interval,
@@ -52,6 +54,7 @@ __all__ = [
     "BatchedSGD",
     "Correlation",
     "Counterfactuals",
+    "Difference",
     "FurtherTraining",
     "FurtherTrainingArguments",
     "Job",
@@ -71,6 +74,7 @@ __all__ = [
     "group_predictions",
     "keep_from_mask",
     "lds",
+    "lds_difference",
     "lds_ground_truth",
     "plot_lds",
     "plot_removal",

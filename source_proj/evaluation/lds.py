@@ -5,7 +5,10 @@
    the ground truth is its mean over the R runs, ``[M, Q]``.
 3. For each query, the Spearman correlation over the M subsets between the group prediction
    Σ_{z∈S_m} score(q, z) and the ground truth; the LDS is its mean over queries, with a 95%
-   bootstrap interval that resamples the subsets.
+   bootstrap interval that resamples the subsets (or the queries, or both).
+
+Two methods are compared on one ground truth by ``lds_difference``: the per-query difference of their correlations,
+with a paired interval (the same resampled subsets and queries for both).
 
 The ground truth does not depend on the attribution method: compute it once and score every
 method (and ensemble) against it. Retrains are cached (see retrain.py), so an interrupted run resumes.
@@ -13,7 +16,8 @@ method (and ensemble) against it. Retrains are cached (see retrain.py), so an in
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -51,8 +55,9 @@ class LDSArguments:
         threads_per_worker: torch threads per worker process.
         resamples: bootstrap resamples of the confidence interval (at least 1).
         confidence: coverage of the interval.
-        resample: what the bootstrap resamples: ``"subsets"`` (the SOURCE paper's interval) or
-            ``"queries"`` (how much the LDS depends on which queries were drawn).
+        resample: what the bootstrap resamples: ``"subsets"`` (the SOURCE paper's interval), ``"queries"`` (how
+            much the LDS depends on which queries were drawn) or ``"both"`` (subsets and queries drawn independently
+            in every resample: both sources of variance, a slightly conservative interval).
 
     A field outside its range (a bootstrap setting the LDS cannot use, an α outside (0, 1), fewer than 3 subsets) is
     refused when the arguments are built, before any retrain.
@@ -66,7 +71,7 @@ class LDSArguments:
     threads_per_worker: int = 1
     resamples: int = 1000
     confidence: float = 0.95
-    resample: Literal["subsets", "queries"] = "subsets"
+    resample: Literal["subsets", "queries", "both"] = "subsets"
 
     def __post_init__(self) -> None:
         # Refused here, not in lds(): the same arguments usually run the retrains first, for hours.
@@ -74,7 +79,7 @@ class LDSArguments:
         check_whole("LDSArguments.num_subsets", self.num_subsets, MIN_SUBSETS)
         for field, minimum in (("repeats", 1), ("seed", 0), ("workers", 1), ("threads_per_worker", 1)):
             check_whole(f"LDSArguments.{field}", getattr(self, field), minimum)
-        check_choice("LDSArguments.resample", self.resample, ("subsets", "queries"))
+        check_choice("LDSArguments.resample", self.resample, ("subsets", "queries", "both"))
         check_bootstrap(self.resamples, self.confidence, "LDSArguments.")
 
 
@@ -222,13 +227,8 @@ def lds_ground_truth(
     return Counterfactuals(args.alpha, masks, values.reshape(args.num_subsets, args.repeats, -1))
 
 
-def lds(scores: np.ndarray, truth: Counterfactuals, args: LDSArguments = LDSArguments()) -> Correlation:
-    """The LDS of a score matrix ``[Q, N]`` (score = −Δf: positive = z raised the query's measurement) against a
-    ground truth.
-
-    Returns the mean per-query Spearman correlation with its bootstrap interval (over subsets, or
-    over queries with ``args.resample == "queries"``) and the per-query values.
-    """
+def _checked_scores(scores: object, truth: Counterfactuals) -> np.ndarray:
+    """``scores`` as a float64 ``[Q, N]`` matrix of the ground truth's queries, or one sentence saying what to pass."""
     scores = _real_array(scores, "scores")
     if scores.ndim != 2:
         raise TaskError(
@@ -244,16 +244,132 @@ def lds(scores: np.ndarray, truth: Counterfactuals, args: LDSArguments = LDSArgu
             f"The scores cover {scores.shape[0]} queries but the ground truth measures {truth.measurements.shape[2]}; "
             "score the same queries the retrain function measures."
         )
-    result = correlate(
-        group_predictions(scores, truth.masks),
-        truth.mean,
-        resamples=args.resamples,
-        confidence=args.confidence,
-        seed=args.seed,
-    )
+    return scores
+
+
+def lds(scores: np.ndarray, truth: Counterfactuals, args: LDSArguments = LDSArguments()) -> Correlation:
+    """The LDS of a score matrix ``[Q, N]`` (score = −Δf: positive = z raised the query's measurement) against a
+    ground truth.
+
+    Returns the mean per-query Spearman correlation with its bootstrap interval (over subsets, over queries or over
+    both, as ``args.resample`` says) and the per-query values.
+    """
+    predicted = group_predictions(_checked_scores(scores, truth), truth.masks)
+    actual = truth.mean
+    result = correlate(predicted, actual, resamples=args.resamples, confidence=args.confidence, seed=args.seed)
     if args.resample == "subsets":
         return result
-    return Correlation(result.mean, *query_interval(result.per_query, args), result.per_query, result.units)
+    if args.resample == "queries":
+        return Correlation(result.mean, *query_interval(result.per_query, args), result.per_query, result.units)
+    interval = _two_way_interval(
+        lambda idx: spearman(predicted[idx], actual[idx], axis=1), result.per_query, actual.shape[0], args
+    )
+    return Correlation(result.mean, *interval, result.per_query, result.units)
+
+
+@dataclass(frozen=True)
+class Difference:
+    """LDS(a) − LDS(b) on one ground truth, with a paired bootstrap interval.
+
+    Attributes:
+        mean: mean over queries of the per-query difference of the two Spearman correlations (over the queries
+            where both are defined; equal to the difference of the two LDS when no query is left out).
+        low: lower end of the paired bootstrap interval: each resample draws the same subsets (and queries) for
+            both methods, so what they share (a query's difficulty, a subset's noise) cancels.
+        high: upper end of that interval.
+        per_query: ``[Q]`` difference of each query's correlations (NaN where either is undefined).
+        units: number of subsets M.
+
+    The difference is significant at the interval's confidence where the interval excludes 0 (``significant``).
+    """
+
+    mean: float
+    low: float
+    high: float
+    per_query: np.ndarray
+    units: int
+
+    @property
+    def significant(self) -> bool:
+        """Whether the interval excludes 0."""
+        return self.low > 0.0 or self.high < 0.0
+
+    def __str__(self) -> str:
+        return f"{self.mean:+.3f} [{self.low:+.3f}, {self.high:+.3f}]"
+
+
+def lds_difference(
+    a: np.ndarray, b: np.ndarray, truth: Counterfactuals, args: LDSArguments = LDSArguments()
+) -> Difference:
+    """LDS(a) − LDS(b) of two score matrices ``[Q, N]`` (score = −Δf) on the same ground truth and queries, with a
+    paired bootstrap interval over what ``args.resample`` names (subsets, queries or both).
+
+    Unlike two separate intervals, the paired one answers whether a beats b on these subsets and queries: two
+    methods' LDS intervals may overlap while their difference is significant, or be disjoint while it is not.
+    """
+    actual = truth.mean
+    first = group_predictions(_checked_scores(a, truth), truth.masks)
+    second = group_predictions(_checked_scores(b, truth), truth.masks)
+
+    def per_resample(idx: np.ndarray) -> np.ndarray:
+        return spearman(first[idx], actual[idx], axis=1) - spearman(second[idx], actual[idx], axis=1)
+
+    per_query = spearman(first, actual, axis=0) - spearman(second, actual, axis=0)
+    if not np.isfinite(per_query).any():
+        raise TaskError(
+            "No query has a defined correlation under both methods (a constant prediction or ground truth), so "
+            "there is no difference to measure."
+        )
+    undefined = int(np.isnan(per_query).sum())
+    if undefined:
+        warnings.warn(
+            f"{undefined} of {per_query.size} queries have a constant prediction under one method or a constant "
+            f"ground truth, so no difference (NaN in per_query); the mean is over the other "
+            f"{per_query.size - undefined}.",
+            stacklevel=2,
+        )
+    if args.resample == "queries":
+        interval = query_interval(per_query, args)
+    elif args.resample == "both":
+        interval = _two_way_interval(per_resample, per_query, actual.shape[0], args)
+    else:
+        interval = bootstrap_ci(
+            lambda idx: _row_means(per_resample(idx)),
+            actual.shape[0],
+            resamples=args.resamples,
+            confidence=args.confidence,
+            seed=args.seed,
+        )
+    return Difference(float(np.nanmean(per_query)), *interval, per_query, actual.shape[0])
+
+
+def _row_means(values: np.ndarray) -> np.ndarray:
+    """The mean of each row of ``[B, Q]`` over its finite entries (NaN for a row without one, no warning)."""
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(np.where(np.isfinite(values), values, np.nan), axis=1)
+
+
+def _two_way_interval(
+    per_resample: Callable[[np.ndarray], np.ndarray], per_query: np.ndarray, subsets: int, args: LDSArguments
+) -> tuple[float, float]:
+    """Bootstrap interval of a mean over queries that resamples the subsets and, independently, the queries.
+
+    ``per_resample`` maps resampled subset indices ``[B, M]`` (M = ``subsets``) to per-query values ``[B, Q]``;
+    ``per_query`` is its value on all subsets, whose undefined (NaN) queries are left out before the queries are
+    drawn. Each resample draws the subsets with the stream of ``args.seed`` (as the subsets-only interval does) and
+    the queries with another stream of it.
+    """
+    defined = np.flatnonzero(np.isfinite(per_query))
+    if defined.size < 2:
+        raise TaskError("A bootstrap over queries needs at least two queries with a defined correlation.")
+    queries = np.random.default_rng(np.random.SeedSequence([args.seed, 1]))
+
+    def statistic(idx: np.ndarray) -> np.ndarray:
+        drawn = queries.integers(0, defined.size, size=(idx.shape[0], defined.size))
+        return _row_means(np.take_along_axis(per_resample(idx)[:, defined], drawn, axis=1))
+
+    return bootstrap_ci(statistic, subsets, resamples=args.resamples, confidence=args.confidence, seed=args.seed)
 
 
 def query_interval(per_query: np.ndarray, args: LDSArguments = LDSArguments()) -> tuple[float, float]:
