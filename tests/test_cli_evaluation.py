@@ -307,3 +307,47 @@ def test_compare_of_an_ensemble_at_several_alphas_is_the_library_lds_of_the_ense
             progress=False,
         ).select(range(6))
         assert str(ev.lds(ensemble.scores(queries), truth)) in line, (alpha, line)
+
+
+def test_compare_prints_the_noise_ceiling_and_each_methods_paired_difference_from_the_best(
+    fitted, tmp_path: Path
+) -> None:
+    """A reviewer asks whether the best method beats the others on these subsets and queries, and how high any LDS
+    could go on this ground truth: compare printed only each method's own interval. The lines are the library's
+    split_half_reliability and lds_difference, with the interval resampling what --resample says."""
+    spec_path, store = fitted
+    cache = tmp_path / "cache"
+    args = ["compare", str(store), "--subsets", "8", "--repeats", "3", "--queries", "0:10", "--cache", str(cache),
+            "--methods", "source,grad-dot,trak", "--resample", "both"]  # fmt: skip
+    out = CliRunner().invoke(main, args)
+    assert out.exit_code == 0, out.output
+    assert "intervals resample subsets and queries" in out.output
+
+    spec = load_spec(spec_path)
+    queries = torch.utils.data.Subset(spec.query_data(), range(10))
+    rows = sp.Attributor(store, spec.build_model(), spec.build_task()).rows
+    truth = ev.lds_ground_truth(
+        spec.retrainer(), rows, cache, ev.LDSArguments(num_subsets=8, repeats=3), progress=False
+    ).select(range(10))
+    r, ceiling = ev.split_half_reliability(truth)
+    assert f"α=0.5: ground truth split-half reliability r = {r:.3f}" in out.output
+    assert f"above about {ceiling:.3f} (the noise ceiling √ρ)" in out.output
+    both = ev.LDSArguments(resample="both")
+    scores = {m: sp.Attributor(store, spec.build_model(), spec.build_task(), method=m).scores(queries)
+              for m in ("source", "grad-dot", "trak")}  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a query constant on 8 subsets is counted in the output too
+        results = {m: ev.lds(s, truth, both) for m, s in scores.items()}
+        best = max(results, key=lambda m: results[m].mean)
+        for method in scores:
+            line = next(line for line in out.output.splitlines() if line.startswith(method + " "))
+            assert str(results[method]) in line, (method, line)
+            if method != best:
+                difference = ev.lds_difference(scores[best], scores[method], truth, both)
+                line = next(line for line in out.output.splitlines() if line.startswith(f"  {best} − {method} "))
+                assert line.endswith(f"{difference}{' *' if difference.significant else ''}"), line
+    assert f"paired difference from the best, {best!r}" in out.output
+
+    one = CliRunner().invoke(main, [*args[:5], "1", *args[6:]])  # --repeats 1: the same subsets, no ceiling
+    assert one.exit_code == 0, one.output
+    assert "α=0.5: no noise ceiling with one retrain per subset (--repeats 2 or more gives one)." in one.output

@@ -1216,6 +1216,10 @@ def _evaluation_options(fn: Any) -> Any:
                      help="Seed of the subsets and retrain seeds."),
         click.option("--workers", default=1, show_default=True, type=_Whole(min=1),
                      help="Parallel retraining processes."),
+        click.option("--resample", default="subsets", show_default=True,
+                     type=click.Choice(["subsets", "queries", "both"]),
+                     help="What the 95% bootstrap intervals resample: the subsets (the SOURCE paper's), the queries, "
+                          "or both at once."),
         click.option("--queries", "which", default=None, help="Query indices: 0:100, 3,5,8 (default: all)."),
         click.option("--cache", "cache", default=None, type=click.Path(path_type=Path),
                      help="Directory of finished retrains (default: FIRST_STORE.retrains); resumes."),
@@ -1272,6 +1276,7 @@ def _lds_table(
     repeats: int,
     seed: int,
     workers: int,
+    resample: str,
     which: str | None,
     cache: Path | None,
     spec_path: Path | None,
@@ -1279,7 +1284,8 @@ def _lds_table(
     device: str | None,
 ) -> tuple[dict[str, list[Any]], list[float]]:
     """The LDS of ``methods`` (``None``: every method fitted in the first store) at each ``--alpha``, printed (and
-    written to ``--out``); every option is checked before the store is read."""
+    written to ``--out``) with the ground truth's noise ceiling and, for several methods, each one's paired
+    difference from the best; every option is checked before the store is read."""
     try:
         levels = [float(a) for a in alphas.split(",")]
     except ValueError as err:
@@ -1331,7 +1337,8 @@ def _lds_table(
                 f"{len(queries)} examples; return one measurement per query_data() example."
             )
         truths.append(truth.select(indices))
-    results = ev.compare(scores, truths, ev.LDSArguments(seed=seed))
+    summary = ev.LDSArguments(seed=seed, resample=resample)  # type: ignore[arg-type]
+    results = ev.compare(scores, truths, summary)
     if out_path is not None:
         records = [
             {"method": m, "alpha": a, "query": indices[q], "spearman": _finite_or_none(r.per_query[q])}
@@ -1342,9 +1349,39 @@ def _lds_table(
         _write(records, out_path)
         click.echo(f"wrote {len(records)} rows to {out_path}")
     ensemble = f" (ensemble of {len(store_paths)} models)" if len(store_paths) > 1 else ""
-    click.echo(f"LDS over {len(indices)} queries, M={subsets} subsets, R={repeats} retrains each{ensemble}:")
+    over = {"subsets": "the subsets", "queries": "the queries", "both": "subsets and queries"}[resample]
+    click.echo(f"LDS over {len(indices)} queries, M={subsets} subsets, R={repeats} retrains each{ensemble}; "
+               f"intervals resample {over}:")  # fmt: skip
     click.echo(ev.format_table(results, levels))
+    for alpha, truth in zip(levels, truths, strict=True):
+        click.echo(_ceiling_line(alpha, truth))
+        if len(scores) > 1:
+            click.echo(_differences(scores, results, levels.index(alpha), truth, summary))
     return results, levels
+
+
+def _ceiling_line(alpha: float, truth: ev.Counterfactuals) -> str:
+    """The ground truth's split-half reliability and the LDS ceiling it implies, or why there is none."""
+    if truth.measurements.shape[1] < 2:
+        return f"α={alpha:g}: no noise ceiling with one retrain per subset (--repeats 2 or more gives one)."
+    r, ceiling = ev.split_half_reliability(truth)
+    return (f"α={alpha:g}: ground truth split-half reliability r = {r:.3f}, so no method's LDS is expected above "
+            f"about {ceiling:.3f} (the noise ceiling √ρ).")  # fmt: skip
+
+
+def _differences(
+    scores: dict[str, np.ndarray], results: dict[str, list[Any]], column: int, truth: ev.Counterfactuals,
+    args: ev.LDSArguments,
+) -> str:  # fmt: skip
+    """Each method's paired LDS difference from the best one at one α, as lines of text."""
+    best = max(results, key=lambda name: results[name][column].mean)
+    lines = [f"paired difference from the best, {best!r} (95% CI; * where it excludes 0):"]
+    width = max(len(name) for name in results)
+    for name in results:
+        if name != best:
+            difference = ev.lds_difference(scores[best], scores[name], truth, args)
+            lines.append(f"  {best} − {name.ljust(width)}  {difference}{' *' if difference.significant else ''}")
+    return "\n".join(lines)
 
 
 @main.command(cls=_Command)
