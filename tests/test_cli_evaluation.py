@@ -350,4 +350,4 @@ def test_compare_prints_the_noise_ceiling_and_each_methods_paired_difference_fro
 
     one = CliRunner().invoke(main, [*args[:5], "1", *args[6:]])  # --repeats 1: the same subsets, no ceiling
     assert one.exit_code == 0, one.output
-    assert "α=0.5: no noise ceiling with one retrain per subset (--repeats 2 or more gives one)." in one.output
+    assert "α=0.5: no noise ceiling with one retrain per subset (retrain each subset twice or more" in one.output

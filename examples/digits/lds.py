@@ -145,16 +145,11 @@ def main() -> None:
             )
             truths.append(ev.lds_ground_truth(settings.Retrain(name), rows, out / "retrains", lds_args))
         results = ev.compare(scores, truths)
-        table = ev.format_table(results, alphas)
-        # Noise ceiling: how well half of the repeats predicts the other half (Spearman over subsets).
-        ceiling = ", ".join(
-            f"α={t.alpha:g}: {ev.correlate(t.measurements[:, ::2].mean(1), t.measurements[:, 1::2].mean(1))}"
-            for t in truths
-        )
+        # Below the table: each ground truth's noise ceiling, each method's paired difference from the best.
+        table = ev.format_table(results, alphas) + "\n" + ev.format_comparison(scores, truths, results)
         header = (
             f"## {name}: N={sum(r.size for r in rows)} attributed, {len(s.queries)} queries, k={args.dim}, "
             f"M={args.subsets}, R={args.repeats}, models={args.models}\n"
-            f"ground truth split-half reliability (R/2 vs R/2 repeats): {ceiling}\n"
             f"(prepare: {prep_s:.0f}s, total {time.perf_counter() - t0:.0f}s)\n"
         )
         print(header + table + "\n", flush=True)

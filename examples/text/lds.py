@@ -130,12 +130,11 @@ def main() -> None:
         truth = ev.lds_ground_truth(retrain, rows, out / setting / "retrains", lds_args)
         table = ev.compare(scores, [truth])
         results[setting] = {m: r[0] for m, r in table.items()}
-        ceiling = ev.correlate(truth.measurements[:, ::2].mean(1), truth.measurements[:, 1::2].mean(1))
         text = (
             f"## {setting}: N={rows[0].size} sequences, {len(queries)} queries, k={args.dim}, "
             f"M={args.subsets}, R={args.repeats}\n"
-            f"ground truth split-half reliability (R/2 vs R/2 repeats): {ceiling}\n"
             f"(retrains: {time.perf_counter() - t1:.0f}s)\n\n" + ev.format_table(table, [0.5]) + "\n"
+            + ev.format_comparison(scores, [truth], table) + "\n"
         )
         print(text, flush=True)
         report.append(text)

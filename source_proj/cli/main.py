@@ -1353,35 +1353,8 @@ def _lds_table(
     click.echo(f"LDS over {len(indices)} queries, M={subsets} subsets, R={repeats} retrains each{ensemble}; "
                f"intervals resample {over}:")  # fmt: skip
     click.echo(ev.format_table(results, levels))
-    for alpha, truth in zip(levels, truths, strict=True):
-        click.echo(_ceiling_line(alpha, truth))
-        if len(scores) > 1:
-            click.echo(_differences(scores, results, levels.index(alpha), truth, summary))
+    click.echo(ev.format_comparison(scores, truths, results, summary))
     return results, levels
-
-
-def _ceiling_line(alpha: float, truth: ev.Counterfactuals) -> str:
-    """The ground truth's split-half reliability and the LDS ceiling it implies, or why there is none."""
-    if truth.measurements.shape[1] < 2:
-        return f"α={alpha:g}: no noise ceiling with one retrain per subset (--repeats 2 or more gives one)."
-    r, ceiling = ev.split_half_reliability(truth)
-    return (f"α={alpha:g}: ground truth split-half reliability r = {r:.3f}, so no method's LDS is expected above "
-            f"about {ceiling:.3f} (the noise ceiling √ρ).")  # fmt: skip
-
-
-def _differences(
-    scores: dict[str, np.ndarray], results: dict[str, list[Any]], column: int, truth: ev.Counterfactuals,
-    args: ev.LDSArguments,
-) -> str:  # fmt: skip
-    """Each method's paired LDS difference from the best one at one α, as lines of text."""
-    best = max(results, key=lambda name: results[name][column].mean)
-    lines = [f"paired difference from the best, {best!r} (95% CI; * where it excludes 0):"]
-    width = max(len(name) for name in results)
-    for name in results:
-        if name != best:
-            difference = ev.lds_difference(scores[best], scores[name], truth, args)
-            lines.append(f"  {best} − {name.ljust(width)}  {difference}{' *' if difference.significant else ''}")
-    return "\n".join(lines)
 
 
 @main.command(cls=_Command)

@@ -454,6 +454,46 @@ def format_table(results: Mapping[str, Sequence[Correlation]], alphas: Sequence[
     return "\n".join(lines)
 
 
+def format_comparison(
+    scores: Mapping[str, np.ndarray],
+    truths: Sequence[Counterfactuals],
+    results: Mapping[str, Sequence[Correlation]],
+    args: LDSArguments = LDSArguments(),
+) -> str:
+    """What a reviewer asks beside ``format_table``, one block per ground truth: its split-half noise ceiling (or why
+    there is none) and, for several methods, each one's paired LDS difference from the best (``lds_difference``),
+    marked ``*`` where its interval excludes 0.
+
+    Args:
+        scores: method name → ``[Q, N]`` scores, as given to ``compare``.
+        truths: the ground truths, one per α, as given to ``compare``.
+        results: what ``compare`` returned for them (the best method is the one of highest LDS).
+        args: the bootstrap settings of the paired intervals (``args.resample``: what they resample).
+    """
+    _check_alphas(results, [t.alpha for t in truths])
+    blocks = []
+    for column, truth in enumerate(truths):
+        if truth.measurements.shape[1] < 2:
+            lines = [f"α={truth.alpha:g}: no noise ceiling with one retrain per subset (retrain each subset twice "
+                     "or more for one)."]  # fmt: skip
+        else:
+            r, ceiling = split_half_reliability(truth)
+            lines = [f"α={truth.alpha:g}: ground truth split-half reliability r = {r:.3f}, so no method's LDS is "
+                     f"expected above about {ceiling:.3f} (the noise ceiling √ρ)."]  # fmt: skip
+        if len(results) > 1:
+            best = max(results, key=lambda name: results[name][column].mean)
+            width = max(len(name) for name in results)
+            lines.append(f"paired difference from the best, {best!r} ({args.confidence:.0%} CI; * where it excludes "
+                         "0):")  # fmt: skip
+            for name in results:
+                if name != best:
+                    difference = lds_difference(scores[best], scores[name], truth, args)
+                    mark = " *" if difference.significant else ""
+                    lines.append(f"  {best} − {name.ljust(width)}  {difference}{mark}")
+        blocks.append("\n".join(lines))
+    return "\n".join(blocks)
+
+
 def plot_lds(
     results: Mapping[str, Sequence[Correlation]], alphas: Sequence[float], path: str | Path, title: str = ""
 ) -> Path:
