@@ -351,3 +351,57 @@ def test_compare_prints_the_noise_ceiling_and_each_methods_paired_difference_fro
     one = CliRunner().invoke(main, [*args[:5], "1", *args[6:]])  # --repeats 1: the same subsets, no ceiling
     assert one.exit_code == 0, one.output
     assert "α=0.5: no noise ceiling with one retrain per subset (retrain each subset twice or more" in one.output
+
+
+def test_compare_scores_another_librarys_matrix_on_the_same_ground_truth_and_refuses_one_it_cannot_read(
+    fitted, tmp_path: Path
+) -> None:
+    """A peer library's scores (a .npy matrix) were comparable only from Python; --scores puts them in the same
+    table, scored by the library's lds on the same retrains, whether the file has a row per query_data() example or
+    per --queries one. A file it cannot use is refused in one sentence before any retrain."""
+    spec_path, store = fitted
+    spec = load_spec(spec_path)
+    everything = sp.Attributor(store, spec.build_model(), spec.build_task(), method="trak").scores(spec.query_data())
+    np.save(tmp_path / "all.npy", everything)  # [40, 40]: a row per query_data() example
+    np.save(tmp_path / "chosen.npy", everything[3:9])
+    cache = tmp_path / "cache"
+    common = ["compare", str(store), "--methods", "source", "--subsets", "6", "--repeats", "2", "--queries", "3:9",
+              "--cache", str(cache)]  # fmt: skip
+    out = CliRunner().invoke(main, [*common, "--scores", f"peer={tmp_path / 'all.npy'}",
+                                    "--scores", f"peer-chosen={tmp_path / 'chosen.npy'}"])  # fmt: skip
+    assert out.exit_code == 0, out.output
+    rows = sp.Attributor(store, spec.build_model(), spec.build_task()).rows
+    truth = ev.lds_ground_truth(spec.retrainer(), rows, cache, ev.LDSArguments(num_subsets=6, repeats=2),
+                                progress=False).select(range(3, 9))  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        expected = str(ev.lds(everything[3:9], truth))
+    for name in ("peer ", "peer-chosen "):
+        line = next(line for line in out.output.splitlines() if line.startswith(name))
+        assert expected in line, (name, line)
+    assert "paired difference from the best" in out.output
+
+    np.save(tmp_path / "turned.npy", everything[3:9].T.copy())  # [N, Q] of the 6 --queries: needs transposing
+    np.save(tmp_path / "narrow.npy", everything[:, :30])
+    np.save(tmp_path / "words.npy", np.full((40, 40), "x"))
+    np.save(tmp_path / "gaps.npy", np.where(everything > 0, np.nan, everything))
+    np.savez(tmp_path / "pair.npz", a=everything)
+    (tmp_path / "text.npy").write_text("not numpy")
+    fresh = tmp_path / "fresh-cache"
+    for value, match in (
+        (f"peer={tmp_path / 'turned.npy'}", "holds a matrix of shape (40, 6); that is [training rows, queries]: "
+                                            "save its transpose."),
+        (f"peer={tmp_path / 'narrow.npy'}", "give [40 query_data() examples (or the 6 of --queries), 40 training "
+                                            "rows]."),
+        (f"peer={tmp_path / 'words.npy'}", "not a [queries, training rows] matrix of finite real numbers"),
+        (f"peer={tmp_path / 'gaps.npy'}", "not a [queries, training rows] matrix of finite real numbers"),
+        (f"peer={tmp_path / 'pair.npz'}", "is an .npz archive; save the one matrix with numpy.save"),
+        (f"peer={tmp_path / 'text.npy'}", "is not a numpy .npy file"),
+        (f"peer={tmp_path / 'missing.npy'}", "is not a numpy .npy file"),
+        (f"source={tmp_path / 'all.npy'}", "--scores names 'source', a fitted method compared"),
+        (str(tmp_path / "all.npy"), "expected NAME=FILE.npy"),
+    ):
+        args = [*common[:-1], str(fresh), "--scores", value]
+        out = CliRunner().invoke(main, args)
+        assert out.exit_code != 0 and match in " ".join(out.output.split()), (value, out.output)
+        assert "Traceback" not in out.output and not list(fresh.glob("retrains/*.npy")), out.output

@@ -1282,10 +1282,12 @@ def _lds_table(
     spec_path: Path | None,
     out_path: Path | None,
     device: str | None,
+    external: dict[str, tuple[Path, np.ndarray]] | None = None,
 ) -> tuple[dict[str, list[Any]], list[float]]:
     """The LDS of ``methods`` (``None``: every method fitted in the first store) at each ``--alpha``, printed (and
     written to ``--out``) with the ground truth's noise ceiling and, for several methods, each one's paired
-    difference from the best; every option is checked before the store is read."""
+    difference from the best; ``external`` (name → its file and matrix) adds scores made elsewhere. Every option
+    is checked before the store is read, every external matrix before the retrains."""
     try:
         levels = [float(a) for a in alphas.split(",")]
     except ValueError as err:
@@ -1326,6 +1328,12 @@ def _lds_table(
                     raise click.BadParameter(str(err), param_hint="--alpha") from err
         rows = scorer.rows
         scores[method] = scorer.scores(subset)
+    assert rows is not None
+    for name, (path, matrix) in (external or {}).items():
+        if name in scores:
+            raise click.ClickException(f"--scores names {name!r}, a fitted method compared; give the file another "
+                                       "name.")  # fmt: skip
+        scores[name] = _external_scores(path, matrix, len(queries), indices, sum(r.size for r in rows))
     cache_dir = cache or Path(str(store_paths[0]).rstrip("/") + ".retrains")
     _claim_cache(cache_dir, spec)
     truths = []
@@ -1357,17 +1365,65 @@ def _lds_table(
     return results, levels
 
 
+def _external(values: tuple[str, ...]) -> dict[str, tuple[Path, np.ndarray]]:
+    """``--scores NAME=FILE.npy`` read into name → (path, matrix): each name once, each file a 2-D array of finite
+    real numbers (checked before the store is opened; its shape against the store's rows and queries later)."""
+    files: dict[str, tuple[Path, np.ndarray]] = {}
+    for value in values:
+        name, _, text = value.partition("=")
+        name, path = name.strip(), Path(text)
+        if not name or not text:
+            raise click.BadParameter(f"expected NAME=FILE.npy, got {value!r}", param_hint="--scores")
+        if name in files:
+            raise click.BadParameter(f"it names {name!r} twice; give each matrix its own name", param_hint="--scores")
+        try:
+            matrix = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise click.BadParameter(f"{path} is not a numpy .npy file ({first_line(err)})",
+                                     param_hint="--scores") from err  # fmt: skip
+        if not isinstance(matrix, np.ndarray):  # an .npz archive
+            matrix.close()
+            raise click.BadParameter(f"{path} is an .npz archive; save the one matrix with numpy.save",
+                                     param_hint="--scores")  # fmt: skip
+        if matrix.dtype.kind not in "biuf" or matrix.ndim != 2 or not np.isfinite(matrix).all():
+            raise click.BadParameter(
+                f"{path} holds {matrix.dtype} of shape {matrix.shape}, not a [queries, training rows] matrix of "
+                "finite real numbers",
+                param_hint="--scores",
+            )
+        files[name] = (path, matrix.astype(np.float64))
+    return files
+
+
+def _external_scores(path: Path, matrix: np.ndarray, queries: int, indices: list[int], rows: int) -> np.ndarray:
+    """The scores ``[Q, N]`` of the ``--queries`` a ``--scores`` matrix holds: it has a row per query_data() example
+    (restricted to ``indices``) or per selected query (taken as it is); one sentence for another shape."""
+    if matrix.shape[1] != rows or matrix.shape[0] not in (queries, len(indices)):
+        turned = matrix.shape[0] == rows and matrix.shape[1] in (queries, len(indices))
+        raise click.ClickException(
+            f"{path} holds a matrix of shape {matrix.shape}; "
+            + ("that is [training rows, queries]: save its transpose." if turned else
+               f"give [{queries} query_data() examples (or the {len(indices)} of --queries), {rows} training rows].")
+        )  # fmt: skip
+    return matrix[indices] if matrix.shape[0] == queries else matrix
+
+
 @main.command(cls=_Command)
 @_evaluation_options
 @click.option("--methods", default=None, help="Fitted methods to compare (default: every fitted method).")
-def compare(store_paths: tuple[str, ...], methods: str | None, **options: Any) -> None:
+@click.option("--scores", "external", multiple=True, metavar="NAME=FILE.npy",
+              help="Scores made elsewhere (another library), [queries, training rows] with this project's sign "
+                   "(positive = raised the measurement), compared on the same ground truth; repeatable.")
+def compare(store_paths: tuple[str, ...], methods: str | None, external: tuple[str, ...], **options: Any) -> None:
     """LDS of several fitted methods on the same retrained ground truth: a table of methods × LDS [95% CI].
 
     Several STOREs (one per independently trained model) evaluate the ensemble of each method. The methods must
-    attribute the same training rows (fitted on the same stages).
+    attribute the same training rows (fitted on the same stages). --scores adds score matrices made elsewhere
+    (one row per query_data() example, or per --queries one; one column per attributed training row).
     """
     chosen = _names(methods, "--methods")
-    _lds_table(store_paths, list(chosen) if chosen else None, **options)
+    files = _external(external)
+    _lds_table(store_paths, list(chosen) if chosen else None, **options, external=files)
 
 
 @main.command(cls=_Command)
