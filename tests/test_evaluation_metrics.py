@@ -448,3 +448,40 @@ def test_a_paired_difference_names_what_it_cannot_compare() -> None:
     same_size = Counterfactuals(0.5, sample_subsets(15, 12, 0.5), truth.measurements)
     with pytest.raises(TaskError, match="No query has a defined correlation under both methods"):
         lds_difference(a, np.ones_like(a), same_size, LDSArguments(resamples=20))
+
+
+def test_a_ground_truth_saved_to_a_file_loads_back_exactly_and_a_file_it_cannot_use_is_named(tmp_path) -> None:
+    """Ground truths made by one's own retraining code travel as .npz files: a save and a load give the same
+    arrays, a file with [M, Q] measurements and no alpha is one retrain per subset at the masks' mean kept fraction,
+    and a file without the arrays (or of something else) is one sentence, not numpy's KeyError or pickle advice."""
+    rng = np.random.default_rng(19)
+    masks, measurements = rng.random((5, 8)) < 0.5, rng.normal(size=(5, 2, 3))
+    truth = Counterfactuals(0.25, masks, measurements)
+    back = Counterfactuals.load(truth.save(tmp_path / "truth.npz"))
+    assert back.alpha == 0.25
+    np.testing.assert_array_equal(back.masks, masks)
+    np.testing.assert_array_equal(back.measurements, measurements)
+    np.savez(tmp_path / "own.npz", masks=masks.astype(np.uint8), measurements=measurements[:, 0])
+    own = Counterfactuals.load(tmp_path / "own.npz")
+    assert own.alpha == masks.mean() and own.measurements.shape == (5, 1, 3)
+    np.testing.assert_array_equal(own.mean, measurements[:, 0])
+
+    np.save(tmp_path / "one.npy", measurements)
+    np.savez(tmp_path / "keys.npz", m=masks, y=measurements)
+    np.savez(tmp_path / "objects.npz", masks=masks, measurements=np.array([None, 1.0], dtype=object))
+    np.savez(tmp_path / "alphas.npz", masks=masks, measurements=measurements, alpha=np.array([0.5, 0.5]))
+    np.savez(tmp_path / "nan.npz", masks=masks, measurements=np.full((5, 2, 3), np.nan))
+    (tmp_path / "text.npz").write_text("not numpy")
+    for name, match in (
+        ("one.npy", "holds one array, not an .npz archive of masks and measurements"),
+        ("keys.npz", r"holds \['m', 'y'\], not masks and measurements"),
+        ("objects.npz", "holds arrays numpy cannot read without pickle"),
+        ("alphas.npz", r"holds an alpha of shape \(2,\)"),
+        ("nan.npz", "NaN or infinite"),
+        ("text.npz", "is not a numpy .npz archive; save one with np.savez"),
+        ("missing.npz", "does not exist"),
+    ):
+        with pytest.raises(TaskError, match=match):
+            Counterfactuals.load(tmp_path / name)
+    with pytest.raises(TaskError, match=r"does not end in \.npz"):
+        truth.save(tmp_path / "truth.npy")

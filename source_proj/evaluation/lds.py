@@ -16,6 +16,7 @@ method (and ensemble) against it. Retrains are cached (see retrain.py), so an in
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from typing import Literal
 
 import numpy as np
 
-from source_proj.errors import TaskError, check_choice, check_real, check_whole
+from source_proj.errors import TaskError, check_choice, check_real, check_whole, first_line
 from source_proj.evaluation.batched import BatchedRetrain
 from source_proj.evaluation.metrics import (
     Correlation,
@@ -37,6 +38,7 @@ from source_proj.evaluation.metrics import (
 from source_proj.evaluation.retrain import Job, RetrainCache, RetrainFunction, keep_from_mask, run_retrains
 from source_proj.figures import pyplot, save_figure
 from source_proj.query.attributor import StageRows
+from source_proj.store.durable import atomic_write_bytes
 
 MIN_SUBSETS = 3
 """The fewest subsets the LDS ranks its predictions over."""
@@ -177,6 +179,53 @@ class Counterfactuals:
     def mean(self) -> np.ndarray:
         """``[M, Q]`` measurements averaged over the repeats."""
         return self.measurements.mean(axis=1)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the ground truth to an ``.npz`` file (``alpha``, ``masks``, ``measurements``), whole or not at all;
+        ``Counterfactuals.load`` reads it back, and so does numpy. Returns the path."""
+        path = Path(path)
+        if path.suffix != ".npz":
+            raise TaskError(f"{path.name} does not end in .npz; a ground truth is saved as a numpy .npz archive.")
+        buffer = io.BytesIO()
+        np.savez(buffer, alpha=np.float64(self.alpha), masks=self.masks, measurements=self.measurements)
+        atomic_write_bytes(path, buffer.getvalue())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Counterfactuals:
+        """A ground truth from an ``.npz`` file: ``masks`` ``[M, N]`` (True where a training row was kept),
+        ``measurements`` ``[M, R, Q]`` (or ``[M, Q]``: one retrain per subset) and, optionally, ``alpha`` (the mean
+        kept fraction of the masks where absent). ``save`` writes one; so may your own retraining code, with
+        ``np.savez``. A file without these arrays is refused in one sentence, and their contents as ``__init__``
+        refuses them."""
+        try:
+            archive = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            raise TaskError(f"{path} does not exist; give the .npz file of your ground truth.") from None
+        except (OSError, ValueError):  # not a file numpy wrote (numpy's own message speaks of pickles)
+            raise TaskError(f"{path} is not a numpy .npz archive; save one with np.savez.") from None
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise TaskError(f"{path} holds one array, not an .npz archive of masks and measurements; use np.savez.")
+        with archive:
+            missing = sorted({"masks", "measurements"} - set(archive.files))
+            if missing:
+                raise TaskError(
+                    f"{path} holds {sorted(archive.files) or 'no arrays'}, not {' and '.join(missing)}; a ground truth "
+                    "file holds masks [M, N] and measurements [M, R, Q] (np.savez(path, masks=…, measurements=…))."
+                )
+            try:
+                masks, measurements = archive["masks"], archive["measurements"]
+                alpha = archive["alpha"] if "alpha" in archive.files else None
+            except ValueError as err:  # an array of Python objects, which only a pickle could read
+                raise TaskError(f"{path} holds arrays numpy cannot read without pickle ({first_line(err)}); save "
+                                "numbers and booleans.") from None  # fmt: skip
+        if measurements.ndim == 2:
+            measurements = measurements[:, None, :]
+        if alpha is None:  # a label: the mean kept fraction (masks that are not numbers are refused below)
+            alpha = np.float64(masks.mean() if masks.dtype.kind in "biuf" and masks.size else 0.5)
+        if alpha.shape != () or alpha.dtype.kind not in "iuf":
+            raise TaskError(f"{path} holds an alpha of shape {alpha.shape} ({alpha.dtype}); save a single number.")
+        return cls(float(alpha), masks, measurements)
 
     def select(self, queries: Sequence[int]) -> Counterfactuals:
         """The same ground truth restricted to some queries (columns), each named once."""
