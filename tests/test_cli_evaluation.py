@@ -405,3 +405,44 @@ def test_compare_scores_another_librarys_matrix_on_the_same_ground_truth_and_ref
         out = CliRunner().invoke(main, args)
         assert out.exit_code != 0 and match in " ".join(out.output.split()), (value, out.output)
         assert "Traceback" not in out.output and not list(fresh.glob("retrains/*.npy")), out.output
+
+
+def test_compare_with_a_ground_truth_of_ones_own_scores_against_it_without_retraining(fitted, tmp_path: Path) -> None:
+    """A researcher's own retrains (subsets they chose, an .npz) could be used only from Python: --truth scores every
+    method against them, as the library's lds does, and retrains nothing; a file that does not fit the store's rows
+    or queries, or an option that describes retrains beside it, is one sentence."""
+    spec_path, store = fitted
+    spec = load_spec(spec_path)
+    rng = np.random.default_rng(20)
+    masks = rng.random((7, 40)) < 0.6  # subsets of several sizes, as one's own may be
+    retrain = spec.retrainer()
+    measurements = np.stack([[retrain({"main": np.flatnonzero(m)}, seed) for seed in (11, 12)] for m in masks])
+    np.savez(tmp_path / "own.npz", masks=masks, measurements=measurements)  # [7, 2, 40], no alpha
+    out = CliRunner().invoke(main, ["compare", str(store), "--methods", "source,trak", "--queries", "0:10",
+                                    "--truth", str(tmp_path / "own.npz")])  # fmt: skip
+    assert out.exit_code == 0, out.output
+    assert not Path(str(store) + ".retrains").exists()  # nothing retrained, no cache claimed
+    assert "M=7 subsets, R=2 retrains each" in out.output and f"ground truth: {tmp_path / 'own.npz'}" in out.output
+    truth = ev.Counterfactuals(float(masks.mean()), masks, measurements).select(range(10))
+    queries = torch.utils.data.Subset(spec.query_data(), range(10))
+    for method in ("source", "trak"):
+        scores = sp.Attributor(store, spec.build_model(), spec.build_task(), method=method).scores(queries)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            expected = str(ev.lds(scores, truth))
+        assert expected in next(line for line in out.output.splitlines() if line.startswith(method + " "))
+    assert "ground truth split-half reliability" in out.output
+
+    np.savez(tmp_path / "narrow.npz", masks=masks[:, :30], measurements=measurements)
+    np.savez(tmp_path / "few.npz", masks=masks, measurements=measurements[:, :, :7])
+    for extra, match in (
+        (["--truth", str(tmp_path / "narrow.npz")], "keeps subsets of 30 training rows, but the methods attribute 40"),
+        (["--truth", str(tmp_path / "few.npz")], "measures 7 queries; give a measurement per query_data() example (40) "
+                                                 "or per --queries one (10)."),
+        (["--truth", str(tmp_path / "missing.npz")], "missing.npz does not exist"),
+        (["--truth", str(tmp_path / "own.npz"), "--subsets", "9"], "--truth: it brings the ground truth, and "
+                                                                   "--subsets describes the retrains"),
+    ):
+        out = CliRunner().invoke(main, ["compare", str(store), "--queries", "0:10", *extra])
+        assert out.exit_code != 0 and match in " ".join(out.output.split()), (extra, out.output)
+        assert "Traceback" not in out.output

@@ -33,7 +33,7 @@ from source_proj.evaluation.lds import MIN_SUBSETS
 from source_proj.figures import check_figure_path
 from source_proj.methods.fit import store_view
 from source_proj.projection.factory import PROJECTION_KINDS
-from source_proj.query.attributor import method_meta
+from source_proj.query.attributor import StageRows, method_meta
 from source_proj.query.text_report import text_report
 from source_proj.query.topk import SEARCH_BACKENDS
 from source_proj.spec import Spec, load_spec
@@ -1223,6 +1223,9 @@ def _evaluation_options(fn: Any) -> Any:
         click.option("--queries", "which", default=None, help="Query indices: 0:100, 3,5,8 (default: all)."),
         click.option("--cache", "cache", default=None, type=click.Path(path_type=Path),
                      help="Directory of finished retrains (default: FIRST_STORE.retrains); resumes."),
+        click.option("--truth", "truth_path", default=None, type=click.Path(path_type=Path),
+                     help="Your own ground truth instead of retraining: an .npz of masks [M, N] and measurements "
+                          "[M, R, Q] (Counterfactuals.load), a measurement per query_data() or --queries example."),
         click.option("--spec", "spec_path", default=None, type=click.Path(path_type=Path),
                      help="Spec file with retrain(keep, seed) (default: the one recorded by featurize)."),
         click.option("--out", "out_path", default=None, type=click.Path(path_type=Path),
@@ -1279,6 +1282,7 @@ def _lds_table(
     resample: str,
     which: str | None,
     cache: Path | None,
+    truth_path: Path | None,
     spec_path: Path | None,
     out_path: Path | None,
     device: str | None,
@@ -1287,9 +1291,11 @@ def _lds_table(
     """The LDS of ``methods`` (``None``: every method fitted in the first store) at each ``--alpha``, printed (and
     written to ``--out``) with the ground truth's noise ceiling and, for several methods, each one's paired
     difference from the best; ``external`` (name → its file and matrix) adds scores made elsewhere. Every option
-    is checked before the store is read, every external matrix before the retrains."""
+    is checked before the store is read, every external matrix before the retrains. ``truth_path`` (``--truth``)
+    brings the ground truth instead of the retrains."""
+    brought = None if truth_path is None else _brought_truth(truth_path)
     try:
-        levels = [float(a) for a in alphas.split(",")]
+        levels = [float(a) for a in alphas.split(",")] if brought is None else [brought.alpha]
     except ValueError as err:
         raise click.BadParameter(f"expected comma-separated fractions, got {alphas!r}", param_hint="--alpha") from err
     arguments = [ev.LDSArguments(alpha=a, num_subsets=subsets, repeats=repeats, seed=seed, workers=workers)
@@ -1320,7 +1326,7 @@ def _lds_table(
                 f"({[(r.stage, r.size) for r in rows]} against {[(r.stage, r.size) for r in scorer.rows]}), and one "
                 "ground truth draws its subsets over one set of rows; compare methods fitted on the same stages."
             )
-        if rows is None:  # every α checked against the rows before the scores and the retrains (hours)
+        if rows is None and brought is None:  # every α checked against the rows before the scores and the retrains
             for alpha in levels:
                 try:
                     ev.sample_subsets(sum(r.size for r in scorer.rows), subsets, alpha, seed)
@@ -1334,10 +1340,11 @@ def _lds_table(
             raise click.ClickException(f"--scores names {name!r}, a fitted method compared; give the file another "
                                        "name.")  # fmt: skip
         scores[name] = _external_scores(path, matrix, len(queries), indices, sum(r.size for r in rows))
+    truths = [] if brought is None else [_fitted_truth(brought, truth_path, len(queries), indices, rows)]
     cache_dir = cache or Path(str(store_paths[0]).rstrip("/") + ".retrains")
-    _claim_cache(cache_dir, spec)
-    truths = []
-    for args in arguments:
+    if brought is None:
+        _claim_cache(cache_dir, spec)
+    for args in arguments if brought is None else []:
         truth = ev.lds_ground_truth(spec.retrainer(), rows, cache_dir, args)
         if truth.measurements.shape[2] != len(queries):
             raise click.ClickException(
@@ -1358,11 +1365,43 @@ def _lds_table(
         click.echo(f"wrote {len(records)} rows to {out_path}")
     ensemble = f" (ensemble of {len(store_paths)} models)" if len(store_paths) > 1 else ""
     over = {"subsets": "the subsets", "queries": "the queries", "both": "subsets and queries"}[resample]
-    click.echo(f"LDS over {len(indices)} queries, M={subsets} subsets, R={repeats} retrains each{ensemble}; "
-               f"intervals resample {over}:")  # fmt: skip
+    shape = f"M={truths[0].masks.shape[0]} subsets, R={truths[0].measurements.shape[1]} retrains each"
+    origin = "" if truth_path is None else f" (ground truth: {truth_path})"
+    click.echo(f"LDS over {len(indices)} queries, {shape}{ensemble}{origin}; intervals resample {over}:")
     click.echo(ev.format_table(results, levels))
     click.echo(ev.format_comparison(scores, truths, results, summary))
     return results, levels
+
+
+def _brought_truth(path: Path) -> ev.Counterfactuals:
+    """The ground truth of ``--truth``, refused where an option that describes the retrains it replaces is given."""
+    ctx = click.get_current_context()
+    for name, option in (("alphas", "--alpha"), ("subsets", "--subsets"), ("repeats", "--repeats"),
+                         ("workers", "--workers"), ("cache", "--cache")):  # fmt: skip
+        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
+            raise click.BadParameter(f"it brings the ground truth, and {option} describes the retrains that would "
+                                     "make one; leave it out", param_hint="--truth")  # fmt: skip
+    return ev.Counterfactuals.load(path)
+
+
+def _fitted_truth(
+    truth: ev.Counterfactuals, path: Path | None, queries: int, indices: list[int], rows: list[StageRows]
+) -> ev.Counterfactuals:
+    """A ``--truth`` ground truth restricted to the ``--queries``: it measures every query_data() example or the
+    selected ones (taken as they are), over the methods' training rows; one sentence otherwise."""
+    total = sum(r.size for r in rows)
+    if truth.masks.shape[1] != total:
+        raise click.ClickException(
+            f"The ground truth in {path} keeps subsets of {truth.masks.shape[1]} training rows, but the methods "
+            f"attribute {total} ({[(r.stage, r.size) for r in rows]}); its masks need a column per attributed row."
+        )
+    measured = truth.measurements.shape[2]
+    if measured not in (queries, len(indices)):
+        raise click.ClickException(
+            f"The ground truth in {path} measures {measured} queries; give a measurement per query_data() example "
+            f"({queries}) or per --queries one ({len(indices)})."
+        )
+    return truth.select(indices) if measured == queries else truth
 
 
 def _external(values: tuple[str, ...]) -> dict[str, tuple[Path, np.ndarray]]:
