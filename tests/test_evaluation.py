@@ -185,6 +185,10 @@ def test_subset_removal_refuses_scores_it_cannot_rank_before_training_anything(t
         ev.subset_removal({"nan": nan}, counting, ROWS, tmp_path, args, progress=False)
     with pytest.raises(TaskError, match="training rows"):
         ev.subset_removal({"narrow": EFFECTS[:, :-1]}, counting, ROWS, tmp_path, args, progress=False)
+    # another library's scores read as text, or complex ones, raised numpy's ValueError or lost their imaginary part
+    for name, wrong in (("text", EFFECTS.astype(str)), ("complex", EFFECTS + 1j)):
+        with pytest.raises(TaskError, match=f"The scores of '{name}' are not a rectangular array of real numbers"):
+            ev.subset_removal({name: wrong}, counting, ROWS, tmp_path, args, progress=False)
     assert trained == []
     listed = ev.subset_removal({"list": EFFECTS.tolist()}, linear_retrain, ROWS, tmp_path, args, progress=False)
     exact = ev.subset_removal({"exact": EFFECTS}, linear_retrain, ROWS, tmp_path, args, progress=False)
@@ -210,6 +214,9 @@ def test_agreement_refuses_scores_that_are_not_a_query_by_training_row_matrix(tm
     gold = ev.further_training_ground_truth(linear_retrain, ROWS, [3, 17, 25], tmp_path, args, progress=False)
     for wrong in (EFFECTS.T, EFFECTS[0], EFFECTS[:, :20]):
         with pytest.raises(TaskError, match=r"not \[queries, training rows\]"):
+            ev.agreement(wrong, gold, args)
+    for wrong in (EFFECTS.astype(str), EFFECTS + 1j, [[1.0, 2.0], [3.0]]):  # numpy's ValueError, or a silent cast
+        with pytest.raises(TaskError, match="The scores are not a rectangular array of real numbers"):
             ev.agreement(wrong, gold, args)
     assert ev.agreement(EFFECTS.tolist(), gold, args).cosine == pytest.approx(1.0)
 

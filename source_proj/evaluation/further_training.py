@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from source_proj.errors import TaskError, check_whole, check_wholes
-from source_proj.evaluation.metrics import Correlation, check_bootstrap, correlate, cosine
+from source_proj.evaluation.metrics import Correlation, check_bootstrap, correlate, cosine, real_array
 from source_proj.evaluation.retrain import Job, RetrainCache, RetrainFunction, keep_from_mask, run_retrains
 from source_proj.query.attributor import StageRows
 
@@ -133,7 +133,7 @@ def agreement(
 ) -> Agreement:
     """Compare a score matrix ``[Q, N]`` (finite at the left-out examples; N the gold standard's ``num_rows``) with
     the gold standard on them."""
-    scores = np.asarray(scores, dtype=np.float64)
+    scores = real_array(scores, "scores")
     if scores.ndim != 2 or scores.shape[1] <= truth.examples.max():
         raise TaskError(
             f"Scores of shape {scores.shape} are not [queries, training rows] reaching row {truth.examples.max()}, "

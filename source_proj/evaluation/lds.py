@@ -33,6 +33,7 @@ from source_proj.evaluation.metrics import (
     check_bootstrap,
     correlate,
     group_predictions,
+    real_array,
     spearman,
 )
 from source_proj.evaluation.retrain import Job, RetrainCache, RetrainFunction, keep_from_mask, run_retrains
@@ -85,21 +86,6 @@ class LDSArguments:
         check_bootstrap(self.resamples, self.confidence, "LDSArguments.")
 
 
-def _real_array(values: object, what: str) -> np.ndarray:
-    """``values`` as a float64 array, or one sentence where they are not real numbers in a rectangular layout (a
-    ragged list, strings, objects, complex numbers whose imaginary part a cast would drop)."""
-    try:
-        array = np.asarray(values)
-    except ValueError:  # a ragged nesting
-        array = None
-    if array is None or array.dtype.kind not in "biuf":
-        read = "a ragged nesting" if array is None else f"{array.dtype} entries"
-        raise TaskError(
-            f"The {what} are not a rectangular array of real numbers (numpy reads them as {read}); pass a float array."
-        )
-    return array.astype(np.float64)
-
-
 def sample_subsets(num_rows: int, num_subsets: int, alpha: float, seed: int = 0) -> np.ndarray:
     """M random subsets of ⌊α·N⌉ rows each, as a boolean mask ``[M, N]`` (reproducible from the seed).
 
@@ -144,7 +130,7 @@ class Counterfactuals:
 
     def __post_init__(self) -> None:
         check_real("Counterfactuals.alpha", self.alpha, 0.0, 1.0, closed=False)
-        masks, measurements = np.asarray(self.masks), _real_array(self.measurements, "measurements")
+        masks, measurements = np.asarray(self.masks), real_array(self.measurements, "measurements")
         if measurements.ndim != 3:
             raise TaskError(
                 f"Measurements of shape {measurements.shape} are not [M, R, Q] (subsets, repeats, queries); with one "
@@ -278,7 +264,7 @@ def lds_ground_truth(
 
 def _checked_scores(scores: object, truth: Counterfactuals) -> np.ndarray:
     """``scores`` as a float64 ``[Q, N]`` matrix of the ground truth's queries, or one sentence saying what to pass."""
-    scores = _real_array(scores, "scores")
+    scores = real_array(scores, "scores")
     if scores.ndim != 2:
         raise TaskError(
             f"Scores of shape {scores.shape} are not [queries, training rows]; for a single query pass scores[None]."

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from source_proj.errors import TaskError, check_real, check_whole
+from source_proj.errors import TaskError, check_real, check_whole, first_line
 
 
 def rank(values: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -78,7 +78,7 @@ def group_predictions(scores: np.ndarray, masks: np.ndarray) -> np.ndarray:
         ``[M, Q]``; predictions equal in exact arithmetic for a repeated subset, or for a query with one score
         for every row, are exactly equal (their ranks tie; a constant prediction has no correlation).
     """
-    scores = np.asarray(scores, dtype=np.float64)
+    scores = real_array(scores, "scores")
     masks = np.asarray(masks)
     if scores.ndim != 2 or masks.ndim != 2 or scores.shape[1] != masks.shape[1] or scores.shape[1] == 0:
         raise TaskError(
@@ -100,6 +100,24 @@ def group_predictions(scores: np.ndarray, masks: np.ndarray) -> np.ndarray:
     constant = (scores == scores[:, :1]).all(axis=1)
     predictions[:, constant] = kept.sum(axis=1, keepdims=True)[inverse] * scores[constant, 0]
     return predictions
+
+
+def real_array(values: object, what: str) -> np.ndarray:
+    """``values`` as a float64 array, or one sentence where they are not real numbers in a rectangular layout (a
+    ragged list, strings, objects, complex numbers whose imaginary part a cast would drop)."""
+    try:
+        array = np.asarray(values)
+    except ValueError:  # a ragged nesting
+        array = None
+    except TypeError as err:  # e.g. a tensor on a GPU
+        raise TaskError(f"numpy cannot read the {what} ({first_line(err)}); pass a float array (of a tensor: "
+                        ".cpu().numpy()).") from None  # fmt: skip
+    if array is None or array.dtype.kind not in "biuf":
+        read = "a ragged nesting" if array is None else f"{array.dtype} entries"
+        raise TaskError(
+            f"The {what} are not a rectangular array of real numbers (numpy reads them as {read}); pass a float array."
+        )
+    return array.astype(np.float64)
 
 
 def check_bootstrap(resamples: int, confidence: float, owner: str = "") -> None:

@@ -25,6 +25,7 @@ import numpy as np
 
 from source_proj.errors import TaskError, check_choice, check_real, check_whole, check_wholes
 from source_proj.evaluation.batched import BatchedRetrain
+from source_proj.evaluation.metrics import real_array
 from source_proj.evaluation.retrain import Job, RetrainCache, RetrainFunction, keep_from_mask, run_retrains
 from source_proj.figures import pyplot, save_figure
 from source_proj.query.attributor import StageRows
@@ -101,7 +102,7 @@ def subset_removal(
         raise TaskError(
             f"Removing k={ks[-1]} of {total} training rows leaves none to train on; keep every k below {total}."
         )
-    scores = {name: np.asarray(s, dtype=np.float64) for name, s in scores.items()}
+    scores = {name: real_array(s, f"scores of {name!r}") for name, s in scores.items()}
     for name, s in scores.items():
         if s.ndim != 2 or s.shape[1] != total:
             raise TaskError(f"Scores of {name!r} have shape {s.shape}; expected [queries, {total} training rows].")
