@@ -33,6 +33,9 @@ from source_proj.evaluation.metrics import (
     check_bootstrap,
     correlate,
     group_predictions,
+    pearson,
+    per_query_spearman,
+    rank,
     real_array,
     spearman,
 )
@@ -291,15 +294,16 @@ def lds(scores: np.ndarray, truth: Counterfactuals, args: LDSArguments = LDSArgu
     """
     predicted = group_predictions(_checked_scores(scores, truth), truth.masks)
     actual = truth.mean
-    result = correlate(predicted, actual, resamples=args.resamples, confidence=args.confidence, seed=args.seed)
     if args.resample == "subsets":
-        return result
+        return correlate(predicted, actual, resamples=args.resamples, confidence=args.confidence, seed=args.seed)
+    per_query = per_query_spearman(predicted, actual)
     if args.resample == "queries":
-        return Correlation(result.mean, *query_interval(result.per_query, args), result.per_query, result.units)
-    interval = _two_way_interval(
-        lambda idx: spearman(predicted[idx], actual[idx], axis=1), result.per_query, actual.shape[0], args
-    )
-    return Correlation(result.mean, *interval, result.per_query, result.units)
+        interval = query_interval(per_query, args)
+    else:
+        interval = _two_way_interval(
+            lambda idx: spearman(predicted[idx], actual[idx], axis=1), per_query, actual.shape[0], args
+        )
+    return Correlation(float(np.nanmean(per_query)), *interval, per_query, actual.shape[0])
 
 
 @dataclass(frozen=True)
@@ -347,7 +351,10 @@ def lds_difference(
     second = group_predictions(_checked_scores(b, truth), truth.masks)
 
     def per_resample(idx: np.ndarray) -> np.ndarray:
-        return spearman(first[idx], actual[idx], axis=1) - spearman(second[idx], actual[idx], axis=1)
+        truth_ranks = rank(actual[idx], axis=1)  # ranked once for both methods: Spearman is Pearson of the ranks
+        return pearson(rank(first[idx], axis=1), truth_ranks, axis=1) - pearson(
+            rank(second[idx], axis=1), truth_ranks, axis=1
+        )
 
     per_query = spearman(first, actual, axis=0) - spearman(second, actual, axis=0)
     if not np.isfinite(per_query).any():

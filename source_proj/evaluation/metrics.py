@@ -206,20 +206,9 @@ class Correlation:
         return f"{self.mean:.3f} [{self.low:.3f}, {self.high:.3f}]"
 
 
-def correlate(
-    predicted: np.ndarray,
-    actual: np.ndarray,
-    *,
-    resamples: int = 1000,
-    confidence: float = 0.95,
-    seed: int = 0,
-) -> Correlation:
-    """Per-query Spearman of ``predicted`` vs ``actual`` (both ``[units, Q]``), averaged, with a bootstrap CI.
-
-    The interval resamples the units (rows) with replacement, as the SOURCE paper's LDS does with
-    its data subsets. A query whose prediction or ground truth is constant has no correlation: it is
-    NaN in ``per_query``, left out of the mean, and counted in a ``UserWarning``.
-    """
+def per_query_spearman(predicted: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """``[Q]`` Spearman correlation of each query's ``predicted`` and ``actual`` (both ``[units, Q]``), NaN where
+    either is constant (counted in a ``UserWarning``); arrays no correlation can be drawn from are refused."""
     predicted = np.asarray(predicted, dtype=np.float64)
     actual = np.asarray(actual, dtype=np.float64)
     if predicted.shape != actual.shape or predicted.ndim != 2:
@@ -240,8 +229,28 @@ def correlate(
             f"{undefined} of {per_query.size} queries have a constant prediction or ground truth over the "
             f"{predicted.shape[0]} units, so no rank correlation (NaN in per_query); the mean is over the other "
             f"{per_query.size - undefined}.",
-            stacklevel=2,
+            stacklevel=3,
         )
+    return per_query
+
+
+def correlate(
+    predicted: np.ndarray,
+    actual: np.ndarray,
+    *,
+    resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Correlation:
+    """Per-query Spearman of ``predicted`` vs ``actual`` (both ``[units, Q]``), averaged, with a bootstrap CI.
+
+    The interval resamples the units (rows) with replacement, as the SOURCE paper's LDS does with
+    its data subsets. A query whose prediction or ground truth is constant has no correlation: it is
+    NaN in ``per_query``, left out of the mean, and counted in a ``UserWarning``.
+    """
+    predicted = np.asarray(predicted, dtype=np.float64)
+    actual = np.asarray(actual, dtype=np.float64)
+    per_query = per_query_spearman(predicted, actual)
 
     def statistic(idx: np.ndarray) -> np.ndarray:
         rho = spearman(predicted[idx], actual[idx], axis=1)
