@@ -174,7 +174,7 @@ def test_capture_arguments_refuse_bad_fields(fields: dict, expected: str) -> Non
         ({"num_subsets": 2}, "LDSArguments.num_subsets is 2; " + WHOLE.format(3)),
         ({"repeats": 2.0}, "LDSArguments.repeats is 2.0; " + WHOLE.format(1)),
         ({"workers": 0}, "LDSArguments.workers is 0; " + WHOLE.format(1)),
-        ({"resample": "rows"}, "LDSArguments.resample is 'rows'; use one of subsets, queries."),
+        ({"resample": "rows"}, "LDSArguments.resample is 'rows'; use one of subsets, queries, both."),
         ({"resamples": 100.0}, "LDSArguments.resamples is 100.0; " + WHOLE.format(1)),
         ({"confidence": 1.0}, "LDSArguments.confidence is 1.0; pass a number in (0, 1)."),
     ],
