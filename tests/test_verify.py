@@ -233,3 +233,42 @@ def test_the_printed_featurize_command_repeats_every_option_the_store_was_featur
     resumed = CliRunner().invoke(main, shlex.split(command)[1:])
     assert resumed.exit_code == 0, resumed.output
     assert files(store) == reference
+
+
+def test_the_featurize_command_rebuilt_for_a_store_without_one_asks_for_its_basis_arguments(
+    tmp_path: Path, tiny_run: Path
+) -> None:
+    """A store that records no command (made from Python with a spec, or by an earlier version) gets one rebuilt
+    from its settings: with the eigen basis's arguments the store recorded (``basis_arguments``), else featurize
+    refuses the store as other settings. Run, it recomputes the damaged chunk exactly."""
+    spec = tmp_path / "spec.py"
+    spec.write_text(SPEC.format(root=str(ROOT)))
+    store = tmp_path / "s.sp"
+    args = ["featurize", "--ckpts", str(tiny_run), "--spec", str(spec), "--out", str(store), "--dim", "23"]
+    args += ["--batch-size", "4", "--chunk-rows", "4", "--basis-examples", "8", "--basis-positions", "all"]
+    args += ["--basis-layer-positions", "5", "--basis-checkpoints", "1"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    sp.Store.open(store, writable=True).update_meta(command=None)
+    reference = files(store)
+    damage(store, "grads/main/step-00000004", 1, "flip")
+    out = CliRunner().invoke(main, ["verify", str(store), "--repair"])
+    command = shlex.split(out.stdout.splitlines()[-1])
+    context = main.commands["featurize"].make_context("featurize", command[2:])
+    asked = {name: context.params[name] for name in ('basis_examples', 'basis_positions', 'basis_layer_positions',
+                                                     'basis_checkpoints')}  # fmt: skip
+    assert asked == {"basis_examples": 8, "basis_positions": "all", "basis_layer_positions": "5",
+                     "basis_checkpoints": "1"}, command  # fmt: skip
+    resumed = CliRunner().invoke(main, command[1:])
+    assert resumed.exit_code == 0, resumed.output
+    assert files(store) == reference
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+def test_the_rebuilt_featurize_command_asks_for_the_adam_rank_the_store_was_featurized_with(rank: int) -> None:
+    meta = {"spec": "spec.py", "trajectory": {"path": "run", "fingerprint": "f"},
+            "projection": {"kind": "factored", "dim": 16, "seed": 2, **({"adam_rank": rank} if rank != 1 else {})},
+            "featurize": {"fisher": "sampled", "chunk_rows": 8}}  # fmt: skip
+    command = verify.featurize_command(SimpleNamespace(path="s.sp", meta=meta))  # type: ignore[arg-type]
+    context = main.commands["featurize"].make_context("featurize", shlex.split(command)[2:])
+    assert (context.params["adam_rank"], context.params["projection"]) == (rank, "factored"), command
+    assert (context.params["dim"], context.params["seed"]) == (16, 2)

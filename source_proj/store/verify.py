@@ -165,6 +165,9 @@ def featurize_command(store: Store) -> str:
         # The eigen projection records the k asked for as "k" and its blocks' total (which may be a little less) as
         # "dim"; featurize compares the k asked for, so the command must ask for that one.
         args += [f"--dim {proj.get('k', proj['dim'])}", f"--seed {proj['seed']}"]
+    if proj.get("adam_rank", 1) != 1:
+        args.append(f"--adam-rank {proj['adam_rank']}")
+    args += basis_options(meta.get("basis_arguments"))
     args += [f"--fisher {feat['fisher']}", f"--chunk-rows {feat['chunk_rows']}"]
     if feat.get("precision", "fp32") != "fp32":
         args.append(f"--precision {feat['precision']}")
@@ -183,6 +186,14 @@ def featurize_command(store: Store) -> str:
     if "batch_size" in provenance:
         args += [f"--batch-size {provenance['batch_size']}", f"--device {provenance['device']}"]
     return " ".join([*args, *(["--grow"] if growing else [])])
+
+
+def basis_options(recorded: dict[str, int | None] | None) -> list[str]:
+    """The eigen basis's arguments a store was featurized with (its ``meta["basis_arguments"]``, recorded as given)
+    as featurize's options (``["--basis-examples 8", …, "--basis-checkpoints all"]``); none where the store records
+    none (another projection, or featurized before they were recorded)."""
+    options = ((f"--{name.replace('_', '-')}", value) for name, value in (recorded or {}).items())
+    return [f"{option} {'all' if value is None else value}" for option, value in options]
 
 
 def fit_command(store: Store, method: str) -> str:
