@@ -275,6 +275,26 @@ def test_featurize_refuses_other_basis_options_before_the_basis_pass_naming_them
     assert sp.Store.open(store).meta == before
 
 
+def test_info_shows_the_eigen_basis_arguments_the_store_was_featurized_with(
+    tmp_path: Path, run: tuple[Path, Path]
+) -> None:
+    """featurize refuses a store of other --basis-* options, so info shows those the store was featurized with, as
+    typed ('all' where every one), under the projection; --json gives them as recorded (None for all)."""
+    run_dir, spec = run
+    store = tmp_path / "s.sp"
+    args = ["featurize", "--ckpts", str(run_dir), "--spec", str(spec), "--out", str(store), "--dim", "16"]
+    args += ["--basis-examples", "24", "--basis-positions", "all", "--basis-checkpoints", "2"]
+    cli = CliRunner()
+    assert cli.invoke(main, args).exit_code == 0
+    summary = json.loads(cli.invoke(main, ["info", str(store), "--json"]).output)
+    assert summary["basis_arguments"] == {"basis_examples": 24, "basis_positions": None,
+                                          "basis_layer_positions": 2048, "basis_checkpoints": 2}  # fmt: skip
+    lines = cli.invoke(main, ["info", str(store)]).output.splitlines()
+    shown = lines.index("  basis asked for with --basis-examples 24 --basis-positions all --basis-layer-positions "
+                        "2048 --basis-checkpoints 2")  # fmt: skip
+    assert lines[shown - 1].startswith("  basis of 2 layers from checkpoints"), lines
+
+
 def test_featurize_of_a_finished_store_says_it_computed_nothing(tmp_path: Path, run: tuple[Path, Path]) -> None:
     run_dir, spec = run
     store = tmp_path / "s.sp"

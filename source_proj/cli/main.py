@@ -41,7 +41,7 @@ from source_proj.store.durable import atomic_write_bytes
 from source_proj.store.info import segment_points, store_summary
 from source_proj.store.provenance import check_data
 from source_proj.store.store import is_store
-from source_proj.store.verify import method_command, verify_store
+from source_proj.store.verify import basis_options, method_command, verify_store
 from source_proj.tasks.data import training_examples
 
 
@@ -1084,6 +1084,8 @@ def info(store_path: str, as_json: bool) -> None:
             f"{basis['examples']} examples of each stage at each), keeps {basis['captured']:.0%} of their Fisher "
             "trace (raise --dim when that is low)"
         )
+        if summary["basis_arguments"]:  # absent from a store featurized before they were recorded
+            click.echo(f"  basis asked for with {' '.join(basis_options(summary['basis_arguments']))}")
     click.echo(f"trajectory  {traj['path']} ({traj['fingerprint']}…)")
     for s in traj["stages"]:
         click.echo(f"  stage {s['name']}: steps [{s['start_step']}, {s['end_step']}), {s['dataset_size']} examples")

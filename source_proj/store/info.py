@@ -45,6 +45,7 @@ def store_summary(store: Store) -> dict[str, Any]:
         "parameters": int(sum(np.prod(shape) for _, shape in meta["params"])),
         "parameter_tensors": len(meta["params"]),
         "projection": meta["projection"],
+        "basis_arguments": meta.get("basis_arguments"),  # the eigen basis's arguments as given (featurize records them)
         "task": meta["task"]["name"],
         "features": ("captured during training" if captured else "featurized from checkpoints")
         + ("" if meta.get("captured", True) else " (capture unfinished)")
