@@ -177,6 +177,48 @@ class ProjectionArguments:
         )
 
 
+BASIS_FIELDS = ("basis_examples", "basis_positions", "basis_layer_positions", "basis_checkpoints")
+"""The ``ProjectionArguments`` of the eigen basis pass, recorded as given in a store's ``meta["basis_arguments"]``:
+the basis records only what they estimated (its inputs' digest, the examples and checkpoints it took)."""
+
+
+def basis_arguments(projection: ProjectionArguments) -> dict[str, int | None]:
+    """What a store records of the eigen basis's arguments (``BASIS_FIELDS``), as given."""
+    return {name: getattr(projection, name) for name in BASIS_FIELDS}
+
+
+def projection_differences(projection: ProjectionArguments, old: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """The projection arguments asked for (``projection``) that differ from those a store (metadata ``old``) was
+    made with, each ``(field, the store's value, the value asked)``, the field as ``"ProjectionArguments.dim"``
+    (``mention`` writes it as typed in Python, the CLI as its option): another kind alone; else k and the seed, the
+    Adam rank and the layers' own k of the factored and eigen projections, the eigen basis's arguments as recorded
+    (none where they were not), or the k and seed of a store of the eigen projection's 'rademacher' fallback."""
+    desc = old.get("projection") or {}
+    kind = desc.get("kind")
+    if kind is None:
+        return []
+    if kind == "rademacher" and projection.kind == "eigen":  # the fallback of a model without Kronecker layers
+        pairs = [("dim", desc.get("dim"), projection.dim), ("seed", desc.get("seed"), projection.seed)]
+    elif kind != projection.kind or kind not in ("eigen", "factored"):
+        pairs = [("kind", kind, projection.kind)]
+    else:
+        dim = desc.get("k") if kind == "eigen" else desc.get("shared_dim", desc.get("dim"))
+        pairs = [("dim", dim, projection.dim), ("seed", desc.get("seed"), projection.seed),
+                 ("adam_rank", desc.get("adam_rank", 1), projection.adam_rank),
+                 ("module_dims", dict(desc.get("module_dims") or []), dict(projection.module_dims))]  # fmt: skip
+        recorded = old.get("basis_arguments") or {}  # none: a store made before they were recorded
+        pairs += [(name, recorded[name], getattr(projection, name)) for name in BASIS_FIELDS if name in recorded]
+    return [(f"ProjectionArguments.{name}", was, now) for name, was, now in pairs if was != now]
+
+
+def typed_text(typed: Sequence[tuple[str, Any, Any]]) -> tuple[str, list[tuple[str, object]]]:
+    """``"basis_examples=2048 there, basis_examples=16 here"``: arguments that differ from a store's (each ``(field,
+    the store's value, the value asked)``) as typed in Python, and the sentence's mentions, which the CLI writes as
+    its options (``--basis-examples 2048 there, …``)."""
+    parts = [f"{mention(field, was)} there, {mention(field, now)} here" for field, was, now in typed]
+    return "; ".join(parts), [pair for field, was, now in typed for pair in ((field, was), (field, now))]
+
+
 @dataclass(frozen=True)
 class FeaturizeArguments:
     """How featurize computes and stores gradients.

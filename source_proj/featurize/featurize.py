@@ -30,17 +30,20 @@ from tqdm.auto import tqdm
 
 from source_proj import __version__
 from source_proj.distributed import Ranks, Shard, rank_device, ranks, run_sharded, together
-from source_proj.errors import NumericalError, StoreError, TaskError, mention
+from source_proj.errors import NumericalError, StoreError, TaskError
 from source_proj.featurize.arguments import (
     FeaturizeArguments,
     FisherRows,
     ProjectionArguments,
     as_stage_datasets,
+    basis_arguments,
     default_device,
     fisher_block,
     projected_fisher_at,
+    projection_differences,
     resolve_curvature,
     resolve_fisher_examples,
+    typed_text,
 )
 from source_proj.featurize.basis import BasisPass, NoBasis, estimate_basis
 from source_proj.featurize.factors import (
@@ -308,7 +311,7 @@ class _Featurize:
                     "stages": [s.describe() for s in trajectory.stages],
                     "checkpoints": [c.step for c in trajectory.checkpoints],
                 },
-                **({} if self.basis is None else {"basis_arguments": _basis_arguments(self.projection)}),
+                **({} if self.basis is None else {"basis_arguments": basis_arguments(self.projection)}),
                 "spec": self.spec,
                 **({} if self.command is None else {"command": self.command}),
                 "provenance": describe_provenance(self.model, trajectory, self.device, options.batch_size),
@@ -505,7 +508,7 @@ class _Featurize:
         typed = self._typed_differences(old, ("projection", "featurize"))
         if not typed:
             return
-        details, mentions = _typed_text(typed)
+        details, mentions = typed_text(typed)
         if not same_run and not self.grow:
             raise self._from_another_run(old, details, mentions)
         raise self._other_settings(details, grow=self.grow, mentions=mentions)
@@ -514,25 +517,14 @@ class _Featurize:
         """The arguments asked for that differ from those the store (metadata ``old``) was featurized with, among the
         settings ``keys`` (``"projection"``, ``"featurize"``): each ``(field, the store's value, the value asked)``,
         the field as ``"ProjectionArguments.dim"`` (``mention`` writes it as typed in Python, the CLI as its option).
-        The eigen projection's (where it is asked for: its k, seed, Adam rank and basis arguments as recorded, or the
-        k and seed of a store of its 'rademacher' fallback, or another kind), and the featurize options the store
+        The eigen projection's where it is asked for (``projection_differences``: its k, seed, Adam rank and basis
+        arguments as recorded, or the k and seed of a store of its 'rademacher' fallback, or another kind), and the
+        featurize options the store
         records as given (``curvature`` and ``fisher_examples`` where they resolve to one value without the
         projector). Needs no projector: ``_refuse_before_basis`` names them before the basis pass."""
-        pairs: list[tuple[str, Any, Any]] = []
-        projection, desc = self.projection, old.get("projection") or {}
-        if "projection" in keys and projection.kind == "eigen":
-            kind = desc.get("kind")
-            if kind == "eigen":
-                recorded = old.get("basis_arguments") or {}  # none: a store featurized before they were recorded
-                pairs += [("dim", desc.get("k"), projection.dim), ("seed", desc.get("seed"), projection.seed),
-                          ("adam_rank", desc.get("adam_rank", 1), projection.adam_rank)]  # fmt: skip
-                pairs += [(name, recorded[name], getattr(projection, name)) for name in _BASIS_FIELDS
-                          if name in recorded]  # fmt: skip
-            elif kind == "rademacher":  # the fallback of a model without Kronecker layers keeps k and the seed
-                pairs += [("dim", desc.get("dim"), projection.dim), ("seed", desc.get("seed"), projection.seed)]
-            elif kind is not None:
-                pairs.append(("kind", kind, projection.kind))
-        differing = [(f"ProjectionArguments.{name}", was, now) for name, was, now in pairs if was != now]
+        projection = self.projection
+        eigen = "projection" in keys and projection.kind == "eigen"
+        differing = projection_differences(projection, old) if eigen else []
         recorded = old.get("featurize")
         if "featurize" not in keys or not recorded:
             return differing
@@ -564,7 +556,7 @@ class _Featurize:
     def _other_settings(self, details: str, *, grow: bool = False, mentions: Sequence[tuple[str, object]] = ()
                         ) -> StoreError:  # fmt: skip
         """The refusal of a store featurized with other settings than asked (``details``: as ``_detail`` or
-        ``_typed_text`` name them, the latter with the arguments it ``mentions``), to be grown (``grow``) or
+        ``typed_text`` name them, the latter with the arguments it ``mentions``), to be grown (``grow``) or
         resumed."""
         if grow:
             return _mentioning(StoreError(
@@ -791,7 +783,7 @@ class _Featurize:
         for key in keys:  # in the metadata's order
             own = [difference for difference in typed if _SETTING_OF[difference[0].partition(".")[0]] == key]
             if own:
-                text, said = _typed_text(own)
+                text, said = typed_text(own)
                 parts.append(text)
                 mentions += said
             else:
@@ -1091,25 +1083,8 @@ def _differing(old: dict[str, Any], meta: dict[str, Any]) -> list[str]:
     return [key for key in meta if key not in informative and setting(key, old.get(key)) != setting(key, meta[key])]
 
 
-_BASIS_FIELDS = ("basis_examples", "basis_positions", "basis_layer_positions", "basis_checkpoints")
-"""The ``ProjectionArguments`` of the eigen basis pass, recorded as given in a store's ``meta["basis_arguments"]``:
-the basis records only what they estimated (its inputs' digest, the examples and checkpoints it took)."""
-
 _SETTING_OF = {"ProjectionArguments": "projection", "FeaturizeArguments": "featurize"}
 """The store's setting (``meta`` key) each class of arguments is recorded in."""
-
-
-def _basis_arguments(projection: ProjectionArguments) -> dict[str, int | None]:
-    """What a store records of the eigen basis's arguments (``_BASIS_FIELDS``), as given."""
-    return {name: getattr(projection, name) for name in _BASIS_FIELDS}
-
-
-def _typed_text(typed: Sequence[tuple[str, Any, Any]]) -> tuple[str, list[tuple[str, object]]]:
-    """``"basis_examples=2048 there, basis_examples=16 here"``: the arguments that differ from a store's
-    (``_Featurize._typed_differences``) as typed in Python, and the sentence's mentions, which the CLI writes as its
-    options (``--basis-examples 2048 there, …``)."""
-    parts = [f"{mention(field, was)} there, {mention(field, now)} here" for field, was, now in typed]
-    return "; ".join(parts), [pair for field, was, now in typed for pair in ((field, was), (field, now))]
 
 
 def _mentioning(error: StoreError, mentions: Sequence[tuple[str, object]]) -> StoreError:
