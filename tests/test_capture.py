@@ -841,8 +841,8 @@ def test_a_store_captured_before_fisher_forward_existed_resumes_with_the_separat
         _train(tmp_path / "run", tmp_path / "s.sp", classification_data, crash_after=6, options=separate, **kwargs)
     store = sp.Store.open(tmp_path / "s.sp", writable=True)
     store.update_meta(capture={k: v for k, v in store.meta["capture"].items() if k != "fisher_forward"})
-    with pytest.raises(sp.StoreError, match=r"other settings or another run \(CaptureArguments: fisher_forward="
-                       r"'separate' there, 'training' here\); capture with the settings it was made with"):
+    with pytest.raises(sp.StoreError, match=r"other settings or another run \(fisher_forward='separate' there, "
+                       r"fisher_forward='training' here\); capture with the settings it was made with"):
         _train(tmp_path / "run", tmp_path / "s.sp", classification_data, resume=True,
                options=sp.CaptureArguments(chunk_rows=8), **kwargs)  # fmt: skip
     _train(tmp_path / "run", tmp_path / "s.sp", classification_data, resume=True, options=separate, **kwargs)
@@ -2187,7 +2187,7 @@ def test_capture_in_bf16_runs_its_own_passes_under_autocast_and_stays_close_to_f
         scale = np.abs(fp32[name]).max()
         assert scale > 0 and not np.array_equal(fp32[name], bf16[name]), name
         assert np.abs(fp32[name] - bf16[name]).max() <= 0.05 * scale, name
-    with pytest.raises(sp.StoreError, match=r"precision='bf16' there, 'fp32' here"):
+    with pytest.raises(sp.StoreError, match=r"precision='bf16' there, precision='fp32' here"):
         _train(tmp_path / "bf16-factored", tmp_path / "bf16-factored.sp", classification_data, resume=True,
                options=sp.CaptureArguments(chunk_rows=8), **kwargs)  # fmt: skip
 
@@ -2521,20 +2521,34 @@ def test_row_indices_that_are_not_whole_numbers_or_no_rows_at_all_are_refused_in
 def test_a_killed_run_resumed_with_other_settings_is_refused_naming_the_setting(
     tmp_path: Path, classification_data
 ) -> None:
-    """A resume whose projection or task differs from the killed run's is refused naming the setting and both values,
-    the store left as it was."""
-    kwargs = {"steps": 14, "batch": 8, "save_every": 4, "options": sp.CaptureArguments(chunk_rows=8),
-              "datasets": {"main": classification_data}}  # fmt: skip
+    """A resume whose projection, capture options or task differ from the killed run's is refused in one sentence
+    that names each argument that differs as typed, with both values (the eigen basis's arguments too, where it
+    named the digest of the basis inputs, and the Fisher once, where it also named 'featurize'), before training
+    resumes, the store left as it was."""
+    options = sp.CaptureArguments(chunk_rows=8)
+    kwargs = {"steps": 14, "batch": 8, "save_every": 4, "options": options, "datasets": {"main": classification_data}}
+    empirical = {"options": replace(options, fisher="empirical")}
+    fisher = "fisher='sampled' there, fisher='empirical' here"
     cases = {
         "factored": (_projection(), [
-            ({"projection": sp.ProjectionArguments(dim=32, kind="factored")},
-             "projection: dim=16 there, 32 here; factors=[4, 4] there, [8, 4] here"),
-            ({"projection": replace(_projection(), seed=5)}, "projection: seed=0 there, 5 here"),
-            ({"projection": _eigen_capture(24)}, "projection: kind='factored' there, 'eigen' here"),
+            ({"projection": sp.ProjectionArguments(dim=32, kind="factored")}, "dim=16 there, dim=32 here"),
+            ({"projection": replace(_projection(), seed=5)}, "seed=0 there, seed=5 here"),
+            ({"projection": _eigen_capture(24)}, "kind='factored' there, kind='eigen' here"),
             ({"task": sp.ClassificationTask(label_smoothing=0.1)}, "task: label_smoothing=None there, 0.1 here"),
+            (empirical, fisher),
+            ({**empirical, "projection": replace(_projection(), seed=5)}, f"seed=0 there, seed=5 here; {fisher}"),
         ]),
-        "eigen": (_eigen_capture(24), [({"projection": _eigen_capture(32)}, "projection: k=24 there, 32 here")]),
-    }
+        "eigen": (_eigen_capture(24), [
+            ({"projection": _eigen_capture(32)}, "dim=24 there, dim=32 here"),
+            ({"projection": replace(_eigen_capture(24), basis_examples=16)},
+             "basis_examples=2048 there, basis_examples=16 here"),
+            ({"projection": replace(_eigen_capture(24), basis_positions=None, basis_layer_positions=8)},
+             "basis_positions=64 there, basis_positions=None here; basis_layer_positions=2048 there, "
+             "basis_layer_positions=8 here"),
+            ({**empirical, "projection": replace(_eigen_capture(24), basis_examples=16)},
+             f"basis_examples=2048 there, basis_examples=16 here; {fisher}"),
+        ]),
+    }  # fmt: skip
     for kind, (projection, resumes) in cases.items():
         run, store = tmp_path / kind, tmp_path / f"{kind}.sp"
         with pytest.raises(_Killed):
@@ -2542,12 +2556,17 @@ def test_a_killed_run_resumed_with_other_settings_is_refused_naming_the_setting(
         killed = _files(store)
         for changed, said in resumes:
             with pytest.raises(sp.StoreError) as err:
-                _train(run, store, classification_data, resume=True, **{"projection": projection, **kwargs, **changed})
+                _train(run, store, classification_data, resume=True, on_start=_no_step,
+                       **{"projection": projection, **kwargs, **changed})  # fmt: skip
             assert str(err.value) == (
                 f"The store at {store} holds features of other settings or another run ({said}); capture with the "
                 "settings it was made with, pass overwrite=True to replace it, or use another store path."
             )
             assert _files(store) == killed
+
+
+def _no_step() -> None:
+    raise AssertionError("the capture was taken up, where the store should have been refused")
 
 
 class _Streamed(torch.utils.data.IterableDataset):

@@ -83,7 +83,7 @@ from tqdm.auto import tqdm
 from source_proj import __version__
 from source_proj.compiled import eager, hold_compiler_settings, release_compiler_settings
 from source_proj.errors import NumericalError, StoreError, TaskError, check_choice, check_real, check_whole
-from source_proj.featurize.arguments import ProjectionArguments
+from source_proj.featurize.arguments import ProjectionArguments, basis_arguments, projection_differences, typed_text
 from source_proj.featurize.basis import BasisPass, NoBasis, modes_kept, rank_one_sides
 from source_proj.featurize.grow import record_growth
 from source_proj.featurize.windows import (
@@ -467,6 +467,7 @@ class GradientCapture:
                 "stages": [],
                 "checkpoints": [],
             },
+            **({} if self._pass is None else {"basis_arguments": basis_arguments(projection)}),
             "spec": spec,
         }
         steps = recorder.checkpoint_steps
@@ -555,10 +556,17 @@ class GradientCapture:
                 old["capture"] = {**old["capture"], "precision": "fp32"}
             keys = ("params", "projection", "task", "featurize", "capture")
             differing = [k for k in keys if _identity(k, old.get(k)) != _identity(k, self._meta[k])]
-            if "capture" in differing and old.get("capture") is not None:  # say which option, and how to match it
+            typed: list[tuple[str, Any, Any]] = []  # the arguments that differ, as typed (errors.mention)
+            if "capture" in differing and old.get("capture") is not None:  # which option, and how to match it
                 was, now = old["capture"], self._meta["capture"]
-                options = [f"{k}={was.get(k)!r} there, {now.get(k)!r} here" for k in now if was.get(k) != now.get(k)]
-                differing[differing.index("capture")] = "CaptureArguments: " + "; ".join(options)
+                typed += [(f"CaptureArguments.{k}", was.get(k), now[k]) for k in now if was.get(k) != now[k]]
+                if typed:
+                    differing.remove("capture")
+                # featurize's settings are options of CaptureArguments: not named again where those name them all
+                ran_with, runs_with = old.get("featurize") or {}, self._meta["featurize"]
+                fields = {k for k in {*ran_with, *runs_with} if ran_with.get(k) != runs_with.get(k)} - {"fisher_draws"}
+                if "featurize" in differing and fields <= {field.partition(".")[2] for field, _, _ in typed}:
+                    differing.remove("featurize")
             if old.get("capture") is None:
                 differing.insert(0, "not captured")
             basis = ((old.get("projection") or {}).get("basis") or {}).get("inputs")
@@ -567,9 +575,13 @@ class GradientCapture:
                     "its eigen basis passes visit every one of basis_examples: resume it with "
                     "ProjectionArguments(basis_layer_positions=None)"
                 )
+            elif "projection" in differing and (own := projection_differences(self.projection, old)):
+                typed = own + typed  # none found (the basis arguments of a store captured before they were recorded):
+                differing.remove("projection")  # named by its settings below
             for key in ("projection", "task"):  # say which of their settings
                 if key in differing:
                     differing[differing.index(key)] = _setting_differs(key, old.get(key), self._meta[key])
+            details, mentions = typed_text(typed)
             ran, here = old.get("trajectory") or {}, self._meta["trajectory"]
             if self.recorder.checkpoint_steps and ran.get("run") is not None:  # a resumed run, wherever it lies now
                 other = ran["run"] != here["run"]
@@ -577,12 +589,15 @@ class GradientCapture:
                 other = ran.get("path") != here["path"]
             if other:
                 differing.append("trajectory")
-            if differing:
-                raise StoreError(
+            if differing or typed:
+                error = StoreError(
                     f"The store at {self.path} holds features of other settings or another run "
-                    f"({', '.join(differing)}); capture with the settings it was made with, pass overwrite=True to "
-                    "replace it, or use another store path."
+                    f"({'; '.join(filter(None, [details, ', '.join(differing)]))}); "
+                    "capture with the settings it was made with, pass overwrite=True to replace it, or use another "
+                    "store path."
                 )
+                error.mentions = tuple(mentions)
+                raise error
             steps = self.recorder.checkpoint_steps
             windows = _stored_windows(store)
             if not steps and windows:
