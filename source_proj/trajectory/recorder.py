@@ -21,6 +21,10 @@ so an interrupted training run leaves a readable, incomplete trajectory)::
                  "label_smoothing": 0.1}],               optional: the stage trained on smoothed labels
      "checkpoints": [{"step": 0, "file": "checkpoints/step-00000000.pt", "sha256": "..",
                       "optimizer_state": false}, ...],
+     "gradient_norms": [{"step": 0, "examples": 32,      optional: the step taken at each checkpoint's weights, the
+                         "squared": {"0.weight": ..}}],   examples its forwards saw (0: not seen) and each parameter's
+                                                   squared gradient norm before clipping, as of the mean loss
+                                                   (over step's scale); featurize checks the loss's scale with them
      "frozen": {"sha256": "..", "tensors": 292, "numel": 6738415616}}   optional (weights="trainable"): the
                                                    checkpoints hold the trained parameters and the buffers only;
                                                    this digests the frozen rest, which the model featurize is
@@ -270,8 +274,12 @@ class TrajectoryRecorder:
 
     SOURCE takes each step as the recorded learning rate times the gradient of the batch *mean* of the task's
     per-example loss. A loss summed over the batch (``reduction="sum"``) steps B times as far and would be
-    modelled B times too short; the recorder cannot tell (it sees neither the loss nor the examples), in-run
-    capture refuses it at its first batch, and featurize after training cannot tell either: train on the mean.
+    modelled B times too short: train on the mean. In-run capture refuses a summed loss at its first batch. For
+    featurize after training, the recorder keeps, for the step taken at each checkpoint's weights, the squared norm
+    of each parameter's gradient before clipping (over ``scale``², its loss scaler's scale taken out) and the
+    examples its forwards saw (``gradient_norms`` in ``trajectory.json``; not with ``watch_clipping=False``):
+    featurize compares them with the task's per-example gradients at that checkpoint and warns of a summed loss
+    (``featurize/loss_scale.py``).
 
     The recorder counts its optimiser's steps: a ``step()`` after none (a loss scaler's skipped step, or a call
     after every batch of a gradient accumulation) is recorded at learning rate 0, and warned of unless a loss
@@ -392,6 +400,10 @@ class TrajectoryRecorder:
         self._clipping = _ClipWatch(model, optimizer, grad_scaler) if watch_clipping else None
         if self._clipping is not None and averaged:  # warned of above: each process's factors part from the others'
             self._clipping.warned = True
+        # The squared gradient norms per parameter of the step at each checkpoint's weights (``gradient_norms``);
+        # not kept where each process sees its own gradients, before they are averaged.
+        self._gradient_norms: list[dict[str, Any]] = []
+        self._keep_norms = self._clipping is not None and not averaged
         self._scaler = grad_scaler
         self._taken = 0  # optimizer steps since the last step() call
         self._used: list[float] = []  # the learning rates of the last of them, per parameter group
@@ -514,6 +526,9 @@ class TrajectoryRecorder:
         recorder._stages = [dict(s) for s in stages if s["start_step"] <= step]
         recorder._stages[-1]["end_step"] = None
         recorder._checkpoints = list(checkpoints)
+        recorder._gradient_norms = [e for e in index.get("gradient_norms") or [] if e["step"] < step]
+        if recorder._keep_norms and recorder._clipping is not None:
+            recorder._clipping.arm(recorder.model)  # the next step is taken at the checkpoint's weights
         recorder._write_index()
         for checkpoint in dropped:  # after the index, which no longer names them
             if checkpoint["file"] not in {c["file"] for c in checkpoints}:
@@ -669,10 +684,13 @@ class TrajectoryRecorder:
                 f"Step {self.global_step} used learning rate {lr}; it must be finite and non-negative."
             )
         measured = self._clipping.take(self._taken > 0) if self._clipping is not None else None
+        sampled = self._clipping.take_sampled() if self._clipping is not None else None
         if clip is not None and not (math.isfinite(clip) and 0 <= clip <= 1):
             raise TrajectoryError(f"Step {self.global_step}'s clipping factor {clip} must lie in [0, 1].")
         if not (math.isfinite(scale) and 0 < scale <= 1):
             raise TrajectoryError(f"Step {self.global_step}'s gradient scale {scale} must lie in (0, 1].")
+        if sampled is not None and (self._taken_handle is None or self._taken == 1) and self._keep_norms:
+            self._keep_gradient_norms(*sampled, scale)
         taken, self._taken = self._taken, 0
         gradless, self._gradless = self._gradless, 0
         if self._taken_handle is not None and taken != 1:
@@ -686,6 +704,15 @@ class TrajectoryRecorder:
         self.global_step += 1
         if self.global_step % self.save_every == 0:
             self._save()
+
+    def _keep_gradient_norms(self, examples: int, squared: dict[str, torch.Tensor], scale: float) -> None:
+        """Keep the squared norm of each parameter's gradient of this step, taken at the last checkpoint's weights
+        before clipping, as the gradient of the mean loss (over ``scale``): featurize compares them with the task's
+        per-example gradients there (``featurize/loss_scale.py``). Left out where one is not finite (an fp16 loss
+        scaler's skipped step)."""
+        values = {name: float(value) / scale**2 for name, value in squared.items()}
+        if all(math.isfinite(v) for v in values.values()):
+            self._gradient_norms.append({"step": self.global_step, "examples": examples, "squared": values})
 
     def _reference_rate(self, used: list[float]) -> float:
         """The rate to record for a step whose groups used ``used``: the reference group's, refused where another
@@ -875,6 +902,8 @@ class TrajectoryRecorder:
                 "with clip_grad_norm_ to record its steps exactly.",
                 stacklevel=3,
             )
+        if self._keep_norms and self._clipping is not None:
+            self._clipping.arm(self.model)  # the next step is taken at this checkpoint's weights
         if self._checkpoints and self._checkpoints[-1]["step"] == self.global_step:
             self._write_index()
             return
@@ -958,6 +987,7 @@ class TrajectoryRecorder:
             "lr": self._lr,
             "clip": self._clip_factors(),
             **({"momentum": self._momentum} if self._momentum_moved else {}),
+            **({"gradient_norms": self._gradient_norms} if self._gradient_norms else {}),
             "stages": self._stages,
             "checkpoints": self._checkpoints,
             **({"frozen": self._frozen_info} if self._frozen_info is not None else {}),
@@ -1004,7 +1034,17 @@ class _ClipWatch:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_scaler: Any | None) -> None:
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}  # no reference to the model:
+        # the parameters' hooks hold this watch where the garbage collector does not look, and a run that raised
+        # must leave its model (and a capture listening) to be collected
         self.scaler = grad_scaler
+        # Armed as a checkpoint is saved: the next step's gradient, taken at the checkpoint's weights, is kept per
+        # parameter (``sampled``), with the examples its forwards saw (``examples``), for featurize's loss-scale check.
+        self.armed = False
+        self.examples = 0
+        self.sampled: tuple[int, dict[str, torch.Tensor]] | None = None
+        self.count_handles: list[Any] = []
+        self.depth = 0
         self.accumulated: dict[int, torch.Tensor] = {}
         self.factor: torch.Tensor | None = None
         # Whether a step rescaled parameters by different factors (clipping part of the model, clip_grad_value_):
@@ -1024,17 +1064,53 @@ class _ClipWatch:
         if param.grad is not None:
             self.accumulated[id(param)] = _squared_norm(param.grad)
 
+    def arm(self, model: nn.Module) -> None:
+        """Keep the next step's gradient per parameter (``sampled``) and count the examples of the forwards it takes:
+        the outermost calls of the model's modules made with gradients on, outside a backward (the first dimension of
+        the first tensor they are given), so that a loop calling a submodule (a LightningModule's network) is counted
+        too, and an evaluation under ``no_grad`` is not."""
+        self.disarm()
+        self.armed, self.examples, self.depth = True, 0, 0
+        for module in model.modules():
+            self.count_handles.append(module.register_forward_pre_hook(self._entered, with_kwargs=True))
+            self.count_handles.append(module.register_forward_hook(self._left, always_call=True))
+
+    def disarm(self) -> None:
+        for handle in self.count_handles:
+            handle.remove()
+        self.count_handles, self.armed = [], False
+
+    def _entered(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        # Not inside a backward: gradient checkpointing's recomputation forwards the same examples again.
+        if self.depth == 0 and torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
+            leaves = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            self.examples += int(leaves[0].shape[0]) if leaves and leaves[0].dim() else 0
+        self.depth += 1
+
+    def _left(self, *_: Any) -> None:
+        self.depth = max(self.depth - 1, 0)
+
+    def take_sampled(self) -> tuple[int, dict[str, torch.Tensor]] | None:
+        """The examples and the per-parameter squared gradient norms of the step after the last checkpoint (once;
+        ``None`` where no step was measured since it was armed); disarms."""
+        sampled, self.sampled = self.sampled, None
+        self.disarm()
+        return sampled
+
     def _measure(self) -> None:
         """The factor of the gradients backward accumulated since the last measure (none: the factor stays)."""
-        pairs = [(self.accumulated.pop(id(p)), _squared_norm(p.grad)) for p in self.params
+        pairs = [(self.accumulated.pop(id(p)), _squared_norm(p.grad), p) for p in self.params
                  if p.grad is not None and id(p) in self.accumulated]
         if not pairs:
             return
-        each_before = torch.stack([b.to(pairs[0][0].device) for b, _ in pairs])
-        each_after = torch.stack([a.to(pairs[0][0].device) for _, a in pairs])
+        each_before = torch.stack([b.to(pairs[0][0].device) for b, _, _ in pairs])
+        each_after = torch.stack([a.to(pairs[0][0].device) for _, a, _ in pairs])
         before, after = each_before.sum(), each_after.sum()
         self._compare(each_before, each_after)
         scale = float(self.scaler.get_scale()) if self.scaler is not None else 1.0
+        if self.armed:  # the gradient backward left, the loss scaler's scale taken out
+            self.sampled = (self.examples, {self.names[id(p)]: b / scale**2 for b, _, p in pairs})
+            self.disarm()
         self.factor = torch.where(before > 0, (after / before).sqrt() * scale, torch.ones_like(before))
         if self.scaler is not None:  # a fused optimizer is stepped on an inf gradient and skips the update itself
             finite = torch.isfinite(before) & torch.isfinite(after)
@@ -1069,6 +1145,7 @@ class _ClipWatch:
         return factor
 
     def remove(self) -> None:
+        self.disarm()
         for handle in [*self.handles, self.step_handle]:
             handle.remove()
 
@@ -1219,6 +1296,10 @@ class Trajectory:
         stage's momentum moved, times (1−β)/(1−β_k), β the momentum the stage began with: its optimizer's factor
         (1−d)/(1−β) applies to every step, so the product is the step's own (1−d)/(1−β_k))."""
         self.checkpoints = tuple(Checkpoint(**c) for c in index["checkpoints"])
+        self.gradient_norms: tuple[dict[str, Any], ...] = tuple(index.get("gradient_norms") or ())
+        """Where the recorder kept them: the step taken at a checkpoint's weights (``step``), the examples its forwards
+        saw (``examples``, 0: not seen) and the squared norm of each parameter's gradient of the mean loss, before
+        clipping (``squared``); featurize's loss-scale check reads them (``featurize/loss_scale.py``)."""
         self.frozen: dict[str, Any] | None = index.get("frozen")
         """Recorded with weights="trainable": the digest of the frozen weights the checkpoints do not hold."""
         self._index = index
@@ -1293,6 +1374,8 @@ class Trajectory:
         for key in ("clip", "momentum"):
             if index.get(key) is not None:
                 index[key] = index[key][:steps]
+        if index.get("gradient_norms") is not None:
+            index["gradient_norms"] = [e for e in index["gradient_norms"] if e["step"] < steps]
         return Trajectory(self.path, index)
 
     def fingerprint(self) -> str:
@@ -1470,6 +1553,16 @@ def _validate_index(index: Any, where: Path) -> None:
         or not all(v is None or (_is_number(v) and 0 <= v < 1) for v in momentum)
     ):
         raise bad("'momentum' must hold one momentum in [0, 1) or null per learning rate")
+    norms = index.get("gradient_norms")
+    if norms is not None and not (
+        isinstance(norms, list) and all(
+            isinstance(e, dict) and set(e) == {"step", "examples", "squared"} and _is_int(e["step"])
+            and 0 <= e["step"] < len(lr) and _is_int(e["examples"]) and e["examples"] >= 0
+            and isinstance(e["squared"], dict) and all(isinstance(k, str) and _is_number(v) and v >= 0
+                                                       for k, v in e["squared"].items())
+            for e in norms)
+    ):  # fmt: skip
+        raise bad("'gradient_norms' must list the step, the examples and the squared norm of each parameter's gradient")
     frozen = index.get("frozen")
     if frozen is not None and not (
         isinstance(frozen, dict) and set(frozen) == {"sha256", "tensors", "numel"} and isinstance(frozen["sha256"], str)
