@@ -55,6 +55,7 @@ from source_proj.featurize.factors import (
     kronecker_layers,
 )
 from source_proj.featurize.grow import finished_before_growth, growth_refusal, record_growth
+from source_proj.featurize.loss_scale import loss_scale_ratios, loss_scale_warning
 from source_proj.featurize.plan import PROBE, FeaturizePlan, NotPrepared, Unit, featurize_plan
 from source_proj.featurize.sharded import ShardedParameters
 from source_proj.featurize.windows import is_captured
@@ -439,6 +440,18 @@ class _Featurize:
             check_checkpoints(self.trajectory, whole, self.progress)
             self._checkpoints_checked = True
 
+    def _warn_loss_scale(self) -> None:
+        """Warn where the recorded steps' gradients were far larger than the batch mean of the task's loss gives
+        (``loss_scale.py``): a loss summed over the batch. Not with sharded parameters (placeholders between layers)."""
+        if self.shards is not None or not self.trajectory.gradient_norms:
+            return
+        with model_errors("the training data"):
+            ratios = loss_scale_ratios(self.trajectory, self.work_model, self.task, self.names, self.datasets,
+                                       self.device)  # fmt: skip
+        message = loss_scale_warning(ratios)
+        if message is not None:
+            warnings.warn(message, stacklevel=4)
+
     def _kept(self) -> Store | None:
         """The store this job resumes or grows, or ``None`` where it writes a new one: none there, ``overwrite``, or
         one that starts afresh (``_after_stop``)."""
@@ -574,6 +587,8 @@ class _Featurize:
 
     def prepare(self, overwrite: bool) -> None:
         self._check_checkpoints()
+        self._setup()
+        self._warn_loss_scale()
         store = self._open_or_create(overwrite)
         if self.basis is not None:
             for name, values in self.basis.arrays():
