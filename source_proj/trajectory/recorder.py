@@ -1297,9 +1297,9 @@ class Trajectory:
         (1−d)/(1−β) applies to every step, so the product is the step's own (1−d)/(1−β_k))."""
         self.checkpoints = tuple(Checkpoint(**c) for c in index["checkpoints"])
         self.gradient_norms: tuple[dict[str, Any], ...] = tuple(index.get("gradient_norms") or ())
-        """Where the recorder kept them: the step taken at a checkpoint's weights (``step``), the examples its forwards
-        saw (``examples``, 0: not seen) and the squared norm of each parameter's gradient of the mean loss, before
-        clipping (``squared``); featurize's loss-scale check reads them (``featurize/loss_scale.py``)."""
+        """For the step taken at each checkpoint's weights (``step``), where the recorder kept it: the examples its
+        forwards saw (``examples``, 0: not seen) and the squared norm of each parameter's gradient of the mean loss,
+        before clipping (``squared``); featurize's loss-scale check reads them (``featurize/loss_scale.py``)."""
         self.frozen: dict[str, Any] | None = index.get("frozen")
         """Recorded with weights="trainable": the digest of the frozen weights the checkpoints do not hold."""
         self._index = index
