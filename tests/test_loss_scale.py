@@ -334,3 +334,43 @@ def test_a_lightning_run_is_checked_through_its_callback(tmp_path: Path, summed:
     assert [(e["step"], e["examples"]) for e in kept] == [(0, 16), (3, 16), (6, 16)]
     found = _featurized_warnings_of(tmp_path / "run", Module(), sp.ClassificationTask(), data, tmp_path / "s.sp")
     assert len(found) == summed
+
+
+def test_a_model_the_check_cannot_run_is_featurized_unchecked_with_a_warning(tmp_path: Path) -> None:
+    """A model that checkpoints its forward reentrantly in training mode (where the check's pass runs; attribution's
+    own run in eval mode) gives ``autograd.grad`` no gradient of its parameters: featurize says it cannot check in
+    one sentence, not a ratio over part of the gradient, and writes the store."""
+
+    class Checkpointed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _mlp()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not self.training:
+                return self.net(x)
+            return checkpoint(self.net, x.detach().requires_grad_(), use_reentrant=True)  # an input that requires grad
+
+    data = _data()
+    model = Checkpointed()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = sp.TrajectoryRecorder(tmp_path / "run", model, opt, save_every=2)
+    rec.begin_stage("main", dataset_size=len(data))
+    x, y = data.tensors
+    for step in range(4):
+        opt.zero_grad()
+        F.cross_entropy(model(x[16 * step : 16 * step + 16]), y[16 * step : 16 * step + 16]).backward()
+        opt.step()
+        rec.step()
+    rec.close()
+    assert Trajectory.load(tmp_path / "run").gradient_norms
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sp.featurize(tmp_path / "run", Checkpointed(), sp.ClassificationTask(), data, tmp_path / "s.sp",
+                     projection=sp.ProjectionArguments(dim=16, kind="rademacher"), progress=False)  # fmt: skip
+    assert [str(w.message) for w in caught if "could not check" in str(w.message)] == [
+        "Featurize could not check that the run trained on the batch mean of the task's loss (RuntimeError: no "
+        "example's gradient of the task's loss reaches 'net.0.weight', which the training step's did (a forward that "
+        "checkpoints reentrantly in training mode?)), and goes on without the check."
+    ]
+    assert _featurized(tmp_path / "s.sp")

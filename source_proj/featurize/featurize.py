@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from source_proj import __version__
 from source_proj.distributed import Ranks, Shard, rank_device, ranks, run_sharded, together
-from source_proj.errors import NumericalError, StoreError, TaskError
+from source_proj.errors import NumericalError, StoreError, TaskError, first_line
 from source_proj.featurize.arguments import (
     FeaturizeArguments,
     FisherRows,
@@ -445,9 +445,18 @@ class _Featurize:
         (``loss_scale.py``): a loss summed over the batch. Not with sharded parameters (placeholders between layers)."""
         if self.shards is not None or not self.trajectory.gradient_norms:
             return
-        with model_errors("the training data"):
+        try:
             ratios = loss_scale_ratios(self.trajectory, self.work_model, self.task, self.names, self.datasets,
                                        self.device)  # fmt: skip
+        except Exception as err:  # a check, not featurize's work: a model its training-mode pass cannot run (reentrant
+            # gradient checkpointing there refuses autograd.grad) is featurized unchecked, and featurize's own passes
+            # report what is wrong with the examples
+            warnings.warn(
+                f"Featurize could not check that the run trained on the batch mean of the task's loss "
+                f"({type(err).__name__}: {first_line(err)}), and goes on without the check.",
+                stacklevel=4,
+            )
+            return
         message = loss_scale_warning(ratios)
         if message is not None:
             warnings.warn(message, stacklevel=4)

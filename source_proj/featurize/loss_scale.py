@@ -31,11 +31,9 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 from torch.utils.data import Dataset, Subset
 
 from source_proj.featurize.basis import modes_kept
@@ -85,7 +83,14 @@ def loss_scale_ratios(
             if not common:
                 continue
             trajectory.load_into(model, saved[entry["step"]])
-            reference = _mean_squared_gradient(model, task, common, examples, device, training)
+            each = _mean_squared_gradients(model, task, common, examples, device, training)
+            missing = [n for n in common if each[n] is None and entry["squared"][n] > 0]
+            if missing:
+                raise RuntimeError(
+                    f"no example's gradient of the task's loss reaches {missing[0]!r}, which the training step's did "
+                    "(a forward that checkpoints reentrantly in training mode?)"
+                )
+            reference = sum(v for v in each.values() if v is not None)
             if reference > 0:
                 found.append((entry["step"], entry["examples"], sum(entry["squared"][n] for n in common) / reference))
         if found:
@@ -93,40 +98,49 @@ def loss_scale_ratios(
     return ratios
 
 
-def _mean_squared_gradient(
+def _mean_squared_gradients(
     model: nn.Module, task: Task, names: Sequence[str], examples: Dataset, device: torch.device, training: bool
-) -> float:
-    """mean_i ‖∇ℓ(z_i)‖² over ``names``: each example's gradient of the task's loss alone, in training mode as the run
+) -> dict[str, float | None]:
+    """mean_i ‖∇ℓ(z_i)‖² of each of ``names`` (``None``: no example's gradient reaches it): each example's gradient
+    of the task's loss alone, in training mode as the run
     trained (dropout draws each example's mask, as it does in a training batch; batch norm in eval mode, whose
-    training mode would normalise an example by itself), with seeded masks and the random state left as it was."""
+    training mode would normalise an example by itself), with seeded masks and the random state left as it was.
+    Taken through the model's own parameters (not a functional copy): a forward that checkpoints in training mode
+    recomputes through them."""
     params = dict(model.named_parameters())
-    leaves = {n: params[n].detach().requires_grad_() for n in names}
-
-    def call(*args: Any, **kwargs: Any) -> Any:
-        return functional_call(model, leaves, args, kwargs, strict=False)
-
+    chosen = [params[n] for n in names]
+    flags = [p.requires_grad for p in chosen]
     bound = task.bind(model)
     devices = []
     if device.type == "cuda":
         devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    total, count = 0.0, 0
-    with modes_kept(model), torch.random.fork_rng(devices=devices), torch.enable_grad():
-        torch.manual_seed(0)  # the same masks at every featurize of the run
-        for i, one in enumerate(loader(examples, batch_size=1)):
-            one = move_batch(one, device)
-            if i == 0:  # the task's checks of the model (a text task's of its mask) see it in eval mode, once
-                model.eval()
-                with torch.no_grad():
-                    bound.forward(call, one)
-                model.train(training)
-                for module in model.modules():
-                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                        module.eval()
-            loss = bound.loss(bound.forward(call, one), one).sum()
-            grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-            total += sum(float(g.double().pow(2).sum()) for g in grads if g is not None)
-            count += 1
-    return total / max(count, 1)
+    totals: list[float | None] = [None] * len(chosen)
+    count = 0
+    try:
+        for p in chosen:
+            p.requires_grad_(True)
+        with modes_kept(model), torch.random.fork_rng(devices=devices), torch.enable_grad():
+            torch.manual_seed(0)  # the same masks at every featurize of the run
+            for i, one in enumerate(loader(examples, batch_size=1)):
+                one = move_batch(one, device)
+                if i == 0:  # the task's checks of the model (a text task's of its mask) see it in eval mode, once
+                    model.eval()
+                    with torch.no_grad():
+                        bound.forward(model, one)
+                    model.train(training)
+                    for module in model.modules():
+                        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                            module.eval()
+                loss = bound.loss(bound.forward(model, one), one).sum()
+                grads = torch.autograd.grad(loss, chosen, allow_unused=True)
+                for j, g in enumerate(grads):
+                    if g is not None:
+                        totals[j] = (totals[j] or 0.0) + float(g.double().pow(2).sum())
+                count += 1
+    finally:
+        for p, flag in zip(chosen, flags, strict=True):
+            p.requires_grad_(flag)
+    return {n: None if t is None else t / max(count, 1) for n, t in zip(names, totals, strict=True)}
 
 
 def loss_scale_warning(ratios: Mapping[str, list[tuple[int, int, float]]]) -> str | None:
