@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import source_proj as sp
 from source_proj.errors import TrajectoryError
+from source_proj.featurize import featurize as featurize_module
 from source_proj.featurize.loss_scale import BOUND, loss_scale_ratios, loss_scale_warning
 from source_proj.tasks.text import mean_predicted_tokens
 from source_proj.trajectory.recorder import Trajectory
@@ -79,6 +80,18 @@ def test_a_run_trained_on_the_summed_loss_is_warned_of_at_featurize(tmp_path: Pa
     found = _featurize_warnings(tmp_path / "run", data, tmp_path / "s.sp")
     assert len(found) == 1 and "Stage 'main'" in found[0] and f"batch size, {batch}," in found[0]
     assert _featurized(tmp_path / "s.sp")  # a warning: the store is featurized all the same
+
+
+def test_the_check_runs_once_per_store_not_again_where_featurize_resumes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = _train(tmp_path / "run", batch=8, summed=True)
+    calls = []
+    real = featurize_module.loss_scale_ratios
+    monkeypatch.setattr(featurize_module, "loss_scale_ratios", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert len(_featurize_warnings(tmp_path / "run", data, tmp_path / "s.sp")) == 1
+    assert len(_featurize_warnings(tmp_path / "run", data, tmp_path / "s.sp")) == 0  # the finished store, resumed
+    assert len(calls) == 1
 
 
 def _featurized(path: Path) -> bool:

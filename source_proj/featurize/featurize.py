@@ -442,9 +442,14 @@ class _Featurize:
 
     def _warn_loss_scale(self) -> None:
         """Warn where the recorded steps' gradients were far larger than the batch mean of the task's loss gives
-        (``loss_scale.py``): a loss summed over the batch. Not with sharded parameters (placeholders between layers)."""
+        (``loss_scale.py``): a loss summed over the batch. Once per store: not where featurize resumes one (the
+        featurize that began it checked), nor with sharded parameters (placeholders between layers)."""
         if self.shards is not None or not self.trajectory.gradient_norms:
             return
+        if not self.grow:
+            with contextlib.suppress(StoreError):
+                if self._kept() is not None:
+                    return  # a store this job resumes: the featurize that began it checked the run
         try:
             ratios = loss_scale_ratios(self.trajectory, self.work_model, self.task, self.names, self.datasets,
                                        self.device)  # fmt: skip
