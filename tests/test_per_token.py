@@ -193,3 +193,30 @@ def test_per_token_scores_put_each_positions_share_at_that_position(tmp_path: Pa
     np.testing.assert_allclose(source.tokens.sum(-1) + source.unplaced, source.scores, rtol=0, atol=1e-5 * scale)
     operator = store.read(store.meta["methods"]["source"]["train"]["terms"][0]["operator"])
     assert not np.allclose(operator, operator.T)  # the case: a transposed pull-back would be another one
+
+
+def test_token_scores_refuse_a_store_captured_during_training(tmp_path: Path) -> None:
+    """A captured store's features hold each sequence's gradients at the steps that visited it, which per-token scores
+    cannot recompute: they are refused in one sentence that says what to do, not as shares that miss the scores
+    (which blamed the training data)."""
+    train = sp.TextDataset([[1, 5, 2, 7, 3], [4, 2, 6], [7, 1, 9, 3, 11], [2, 8, 4, 12]])
+    task = sp.LanguageModelingTask(tokens_per_sequence=3.25, parameters=sp.ModuleSelection(blocks_only=False))
+    model = _Bigram()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
+    recorder = sp.TrajectoryRecorder(tmp_path / "run", model, optimizer, save_every=1)
+    capture = sp.GradientCapture(recorder, tmp_path / "cap.sp", task, datasets={"main": train},
+                                 projection=sp.ProjectionArguments(kind="factored", dim=16))  # fmt: skip
+    recorder.begin_stage("main", dataset_size=len(train))
+    for rows in ([0, 1], [2, 3], [1, 2]):
+        batch = {key: torch.stack([train[i][key] for i in rows]) for key in train[0]}
+        with capture.batch(batch, indices=torch.tensor(rows)) as inputs:
+            optimizer.zero_grad()
+            task.loss(task.forward(model, inputs), inputs).mean().backward()
+        optimizer.step()
+        recorder.step()
+    recorder.close()
+    sp.fit(tmp_path / "cap.sp", progress=False)
+    attributor = sp.Attributor(tmp_path / "cap.sp", _Bigram(), task)
+    assert attributor.scores(train).shape == (4, 4)
+    with pytest.raises(sp.TaskError, match=r"captured during training.*featurize the run into another store"):
+        sp.token_scores(attributor, train, train, [0, 1], progress=False)

@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 from source_proj.errors import TaskError
 from source_proj.featurize.arguments import as_stage_datasets
 from source_proj.featurize.plan import mean_state
+from source_proj.featurize.windows import is_captured
 from source_proj.projection.base import Projector
 from source_proj.projection.factored import FactoredProjector
 from source_proj.query.attributor import Attributor, check_batch_size, method_meta
@@ -183,6 +184,12 @@ def token_scores(
         raise TaskError(
             f"Method {attributor.method!r}{older} records no training recipe, so its scores cannot be split by token; "
             f"use {', '.join(splittable[:-1])} or {splittable[-1]}."
+        )
+    if is_captured(store.meta):
+        raise TaskError(
+            f"The store at {store.path} was captured during training, where each sequence's gradients were taken at "
+            "the steps that visited it, which per-token scores cannot recompute (they would not add up to its "
+            "scores); featurize the run into another store (sp.featurize) for per-token scores."
         )
     if store.meta["projection"]["kind"] == "fast_jl":
         raise TaskError(
