@@ -395,6 +395,22 @@ def test_token_sampling_is_the_float64_inverse_cdf_in_blocks_and_chunks(monkeypa
     assert len(set(got.flatten().tolist())) > 100  # the draws spread over the vocabulary
 
 
+@pytest.mark.parametrize("vocab", [5, 200, 256, 300])
+def test_token_sampling_never_draws_a_token_of_probability_zero_at_the_top_of_the_cdf(vocab: int) -> None:
+    """A uniform just below 1 lands past the float64 cumulative sum of a block's float32 weights, whose float32 total
+    can be the larger by rounding: it must still draw the last token of nonzero probability, not the block's last
+    (a −inf logit here) nor its padding's. Vocabularies under 256 (one block, padded), of one whole block, and with a
+    padded last block."""
+    from source_proj.tasks import text
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4000, vocab, generator=g)  # every other token of probability well above 1e-9
+    logits[:, -1] = float("-inf")  # the last token is impossible
+    uniform = 1 - 1e-9 * torch.rand(4000, generator=g, dtype=torch.float64)
+    got = text.sample_tokens(logits, uniform)
+    assert (got == vocab - 2).all()  # the last possible token: the inverse CDF at the top
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("block_rows", [None, 3])
 def test_token_nll_of_half_precision_logits_is_the_float32_path_without_a_float32_copy(

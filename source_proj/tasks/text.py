@@ -1395,12 +1395,22 @@ def sample_tokens(logits: Tensor, uniform: Tensor) -> Tensor:
         weights = (F.pad(weights, (0, pad)) if pad else weights).view(z.shape[0], -1, _SAMPLE_BLOCK)
         cdf = weights.sum(-1).double().cumsum(-1)  # [n, blocks]: 256-term float32 sums, then float64
         target = uniform[start : start + step] * cdf[:, -1]
-        block = torch.searchsorted(cdf, target[:, None], right=True).squeeze(-1).clamp_max(cdf.shape[1] - 1)
+        block = _inverse_cdf(cdf, target)
         before = torch.where(block > 0, cdf.gather(1, (block - 1).clamp_min(0)[:, None]).squeeze(-1), 0.0)
         inner = weights[torch.arange(z.shape[0], device=z.device), block].double().cumsum(-1)  # [n, 256]
-        token = torch.searchsorted(inner, (target - before)[:, None], right=True).squeeze(-1)
-        out[start : start + step] = (block * _SAMPLE_BLOCK + token.clamp_max(_SAMPLE_BLOCK - 1)).clamp_max(vocab - 1)
+        token = block * _SAMPLE_BLOCK + _inverse_cdf(inner, target - before)
+        out[start : start + step] = token.clamp_max(vocab - 1)  # NaN logits: a token all the same
     return out.view(shape)
+
+
+def _inverse_cdf(cdf: Tensor, target: Tensor) -> Tensor:
+    """The first index of each row of ``cdf`` ``[n, m]`` (non-decreasing) whose value exceeds ``target`` ``[n]``, or,
+    where rounding put ``target`` at or past the row's total (a block's float32 sum can exceed the float64 sum of
+    its terms), the last index that raised the sum to that total: never an entry of weight zero (a −inf logit,
+    the padding of a vocabulary to whole blocks)."""
+    first = torch.searchsorted(cdf, target[:, None], right=True)
+    last = torch.searchsorted(cdf, cdf[:, -1:].contiguous(), right=False)
+    return torch.minimum(first, last).squeeze(-1).clamp_max(cdf.shape[1] - 1)  # NaN weights: an index all the same
 
 
 def _upcast(logits: Tensor) -> Tensor:
