@@ -1667,6 +1667,35 @@ def test_capture_takes_the_eigen_projection_when_it_has_the_data_and_says_what_i
                            projection=sp.ProjectionArguments(dim=16, kind="rademacher"))
 
 
+def test_a_killed_run_resumed_with_datasets_that_read_differently_twice_says_so_once(
+    tmp_path: Path, classification_data
+) -> None:
+    """A resumed run checks the stage it goes on with as it takes the store up and again as the stage begins: data that
+    read differently twice (random augmentation) cannot be checked, which is said once for the stage, not at each
+    check."""
+
+    class Augmented(torch.utils.data.Dataset):
+        reads = 0  # each read shifts the examples anew, whatever the random state the runs seed
+
+        def __len__(self) -> int:
+            return len(classification_data)
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            x, y = classification_data[i]
+            self.reads += 1
+            return x + 1e-3 * self.reads, y
+
+    kwargs = dict(_fourteen_steps("factored"), datasets={"main": Augmented()})
+    with pytest.raises(_Killed):
+        _train(tmp_path / "b", tmp_path / "b.sp", classification_data, crash_after=6, **kwargs)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _train(tmp_path / "b", tmp_path / "b.sp", classification_data, resume=True, **kwargs)
+    said = [str(w.message) for w in seen if "read differently twice" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("The training data of stage 'main' given as datasets= read")
+    assert sp.Store.open(tmp_path / "b.sp").meta["captured"]
+
+
 def test_eigen_capture_of_adamw_takes_each_windows_factors_in_adams_coordinates_and_resumes_exactly(
     tmp_path: Path, classification_data
 ) -> None:

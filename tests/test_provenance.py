@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -285,6 +286,32 @@ def test_a_dataset_that_reads_differently_each_time_cannot_be_checked_and_says_s
         check_data(str(tiny_reference), meta, {"main": Augmented()})
     check_data(str(tiny_reference), meta, {"main": data()})  # the store's own data pass silently
     check_data(str(tiny_reference), meta, {"main": data()}, quick=True)
+
+
+def test_a_featurize_says_once_per_stage_that_its_data_read_differently_twice(
+    tmp_path: Path, tiny_run: Path, tiny_reference: Path
+) -> None:
+    """featurize checks a finished store's data as it opens it and again before its work: the warning that they cannot
+    be checked is said once per stage of that featurize, not at each check (and again by the next featurize)."""
+
+    class Augmented(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 12
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            x, y = data()[i]
+            return x + 0.01 * torch.randn(5), y
+
+    store = tmp_path / "s.sp"
+    shutil.copytree(tiny_reference, store)
+    for _ in range(2):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            sp.featurize(tiny_run, build_model(), sp.ClassificationTask(), Augmented(), store, progress=False,
+                         projection=sp.ProjectionArguments(dim=DIM, seed=3, kind="rademacher"),
+                         options=OPTIONS)  # fmt: skip
+        said = [str(w.message) for w in seen if "read differently twice" in str(w.message)]
+        assert len(said) == 1 and said[0].startswith("The training data of stage 'main' read differently twice")
 
 
 def test_a_store_written_before_fingerprints_opens_and_says_once_that_it_cannot_be_checked(

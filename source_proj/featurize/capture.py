@@ -480,6 +480,7 @@ class GradientCapture:
         self._trained: set[str] = set()
         self._data: dict[str, dict[str, Any]] = {}  # the data fingerprints of the stages this session trains
         self._fingerprints: dict[str, dict[str, Any]] = {}  # those of datasets= taken so far
+        self._unsteady: set[str] = set()  # stages whose datasets= read differently twice: warned of once
         self._open_store(overwrite)
         self._stage: tuple[str, int] | None = None
         self._closed = False
@@ -1077,12 +1078,14 @@ class GradientCapture:
         except OSError:
             again = None
         if again is None or again.get("sha256") != entry.get("sha256"):
-            warnings.warn(
-                f"The training data of stage {stage!r} given as datasets= read differently twice (random "
-                "augmentation?), so they cannot be checked against those the captured run trained on; capture with "
-                "deterministic examples.",
-                stacklevel=4,
-            )
+            if stage not in self._unsteady:
+                warnings.warn(
+                    f"The training data of stage {stage!r} given as datasets= read differently twice (random "
+                    "augmentation?), so they cannot be checked against those the captured run trained on; capture "
+                    "with deterministic examples.",
+                    stacklevel=4,
+                )
+            self._unsteady.add(stage)
             return
         same_size = recorded.get("size") == entry.get("size")
         what = "other contents or order" if same_size else f"{entry.get('size')} examples, not {recorded.get('size')}"

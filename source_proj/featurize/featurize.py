@@ -209,6 +209,7 @@ class _Featurize:
         self.command: str | None = None  # the command line that featurizes the store (meta["command"])
         self._checkpoints_checked = False
         self._data_fingerprint: dict[str, dict[str, Any]] | None = None
+        self._unsteady: set[str] = set()  # stages whose data read differently twice: warned of once per featurize
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -371,7 +372,8 @@ class _Featurize:
         printed = self._data_print()
         for name, entry in printed.items():
             try:
-                check_data(self.path, old, {name: self.datasets[name]}, fingerprint={name: entry})
+                check_data(self.path, old, {name: self.datasets[name]}, fingerprint={name: entry},
+                           warned=self._unsteady)
             except TaskError:
                 changed.add(name)
         return changed
@@ -763,7 +765,8 @@ class _Featurize:
         """Refuse to grow a store with other data for its stages, or a model that computes something else at its final
         checkpoint (the grown run's θ_T is a later one): the store's features were taken with its own."""
         recorded = store.meta
-        if not check_data(self.path, recorded, self.datasets, fingerprint=self.meta["fingerprint"]["data"]):
+        if not check_data(self.path, recorded, self.datasets, fingerprint=self.meta["fingerprint"]["data"],
+                          warned=self._unsteady):
             return
         model = (recorded.get("fingerprint") or {}).get("model")
         batch = load_reference_batch(store)
@@ -799,7 +802,7 @@ class _Featurize:
             details, mentions = self._settings_named(old, differing)
             raise self._other_settings(details, mentions=mentions)
         # The data first: the model's fingerprint is computed on a batch of them.
-        if check_data(self.path, old, self.datasets, fingerprint=meta["fingerprint"]["data"]):
+        if check_data(self.path, old, self.datasets, fingerprint=meta["fingerprint"]["data"], warned=self._unsteady):
             check_model_values(self.path, old, meta["fingerprint"]["model"]["values"])
 
     def _settings_named(self, old: Mapping[str, Any], keys: Sequence[str], detailed: bool = True

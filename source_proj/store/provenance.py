@@ -452,11 +452,13 @@ def check_data(
     *,
     quick: bool = False,
     fingerprint: Mapping[str, Mapping[str, Any]] | None = None,
+    warned: set[str] | None = None,
 ) -> bool:
     """Refuse training data whose fingerprint differs from the store's (``quick``: ``QUICK_ROWS``
     examples per stage; ``fingerprint``: theirs, if already computed). Returns whether they could be
     checked: not against a store written before fingerprints, nor a dataset that reads differently
-    every time (random augmentation), which is let through with a warning."""
+    every time (random augmentation), which is let through with a warning, once per stage of ``warned`` (the stages
+    one run has warned of already, added to in place)."""
     recorded = (meta.get("fingerprint") or {}).get("data")
     if recorded is None:
         _unchecked(path, meta, "data")
@@ -470,11 +472,14 @@ def check_data(
             continue
         again = data_fingerprint({stage: datasets[stage]}, quick=quick)[stage]
         if again.get(key) != entry.get(key):
-            warnings.warn(
-                f"The training data of stage {stage!r} read differently twice (random augmentation?), so they cannot "
-                "be checked against the store's; attribute with deterministic examples.",
-                stacklevel=2,
-            )
+            if warned is None or stage not in warned:
+                warnings.warn(
+                    f"The training data of stage {stage!r} read differently twice (random augmentation?), so they "
+                    "cannot be checked against the store's; attribute with deterministic examples.",
+                    stacklevel=2,
+                )
+            if warned is not None:
+                warned.add(stage)
             checked = False
             continue
         same_size = old.get("size") == entry["size"]
