@@ -220,3 +220,22 @@ def test_token_scores_refuse_a_store_captured_during_training(tmp_path: Path) ->
     assert attributor.scores(train).shape == (4, 4)
     with pytest.raises(sp.TaskError, match=r"captured during training.*featurize the run into another store"):
         sp.token_scores(attributor, train, train, [0, 1], progress=False)
+
+
+def test_queries_that_predict_no_token_are_named_in_a_warning(tmp_path: Path) -> None:
+    """A language-model query of one token, or whose labels are all −100, measures nothing: its every score is 0,
+    which is said (naming those queries), where a query that predicts a token passes silently."""
+    import warnings
+
+    train = sp.TextDataset([[1, 5, 2, 7, 3], [4, 2, 6], [7, 1, 9, 3, 11]])
+    task = sp.LanguageModelingTask(tokens_per_sequence=4.5, parameters=sp.ParameterSelection())
+    store = _identity_store(tmp_path, _Bigram, task, train)
+    sp.fit(store, progress=False)
+    attributor = sp.Attributor(store.path, _Bigram(), task)
+    queries = sp.TextDataset([[3, 9, 4, 2], [6], [6, 1, 5]], token_labels=[[3, 9, 4, 2], [6], [-100, -100, -100]])
+    with pytest.warns(UserWarning, match=r"^Queries \[1, 2\] have a measurement gradient of zero at every checkpoint"):
+        scores = attributor.scores(queries)
+    assert (scores[1:] == 0).all() and (scores[0] != 0).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attributor.scores(sp.TextDataset([[3, 9, 4, 2], [6, 1, 5]]))

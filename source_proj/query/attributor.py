@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import numbers
 import shlex
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,6 +188,19 @@ def check_queries(queries: Dataset | Sequence[Any]) -> None:
         raise TaskError("There are no queries to score; pass at least one query example.")
 
 
+def _warn_of_zero_queries(features: torch.Tensor) -> None:
+    """Say which queries (rows of ``features`` ``[Q, d]``) have a measurement gradient of zero at every checkpoint:
+    every score of theirs is 0, most likely because they measure nothing."""
+    zero = torch.nonzero(~features.any(dim=1)).flatten().tolist()
+    if zero:
+        which = f"Query {zero[0]} has" if len(zero) == 1 else f"Queries {zero[:10]}{'…' if len(zero) > 10 else ''} have"
+        warnings.warn(
+            f"{which} a measurement gradient of zero at every checkpoint, so every score is 0: a language-model query "
+            "of one token, or whose labels are all -100, predicts no token; give each query a token to predict.",
+            stacklevel=3,
+        )
+
+
 def _batches(queries: Dataset | Sequence[Any], batch_size: int) -> Iterator[Any]:
     yield from loader(Examples(_as_dataset(queries), "query {}"), batch_size=batch_size, shuffle=False)
 
@@ -324,7 +338,10 @@ class Attributor:
                 part = torch.nn.functional.normalize(part, dim=1)
             parts.append(part * weight)
         bar.close()
-        return torch.cat(parts, dim=1)
+        features = torch.cat(parts, dim=1)
+        if not representation:
+            _warn_of_zero_queries(features)
+        return features
 
     def _operator_features(self, queries: Dataset | Sequence[Any], step: int, scale_name: str | None) -> torch.Tensor:
         """Query features of a method whose operators act on the query gradient (``curvature="kfac"``):
