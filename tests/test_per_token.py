@@ -239,3 +239,17 @@ def test_queries_that_predict_no_token_are_named_in_a_warning(tmp_path: Path) ->
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         attributor.scores(sp.TextDataset([[3, 9, 4, 2], [6, 1, 5]]))
+
+
+def test_queries_of_different_lengths_without_a_collator_are_refused_in_one_sentence(tmp_path: Path) -> None:
+    """Queries batched by the default collate must have one length: ones that have not are refused as featurize
+    refuses such training data, naming the remedies (torch's collate raised its RuntimeError); padded, they score."""
+    train = sp.TextDataset([[1, 5, 2, 7, 3], [4, 2, 6], [7, 1, 9, 3, 11]])
+    task = sp.LanguageModelingTask(tokens_per_sequence=4.5, parameters=sp.ParameterSelection())
+    store = _identity_store(tmp_path, _Bigram, task, train)
+    sp.fit(store, progress=False)
+    attributor = sp.Attributor(store.path, _Bigram(), task)
+    ragged = [{"input_ids": torch.tensor(q)} for q in ([3, 9, 4, 2], [6, 1, 5])]
+    with pytest.raises(sp.TaskError, match=r"^The examples in the queries have different lengths .*CollatedDataset"):
+        attributor.top_k(ragged, 2)
+    assert attributor.scores(sp.TextDataset([[3, 9, 4, 2], [6, 1, 5]])).shape == (2, 3)

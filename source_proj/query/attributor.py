@@ -202,7 +202,16 @@ def _warn_of_zero_queries(features: torch.Tensor) -> None:
 
 
 def _batches(queries: Dataset | Sequence[Any], batch_size: int) -> Iterator[Any]:
-    yield from loader(Examples(_as_dataset(queries), "query {}"), batch_size=batch_size, shuffle=False)
+    """The queries in batches; examples that cannot be batched as they are (of different lengths) are refused as
+    featurize refuses training data."""
+    batches = iter(loader(Examples(_as_dataset(queries), "query {}"), batch_size=batch_size, shuffle=False))
+    end = object()
+    while True:
+        with model_errors("the queries"):
+            batch = next(batches, end)
+        if batch is end:
+            return
+        yield batch
 
 
 class Attributor:
