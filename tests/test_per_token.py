@@ -253,3 +253,20 @@ def test_queries_of_different_lengths_without_a_collator_are_refused_in_one_sent
     with pytest.raises(sp.TaskError, match=r"^The examples in the queries have different lengths .*CollatedDataset"):
         attributor.top_k(ragged, 2)
     assert attributor.scores(sp.TextDataset([[3, 9, 4, 2], [6, 1, 5]])).shape == (2, 3)
+
+
+def test_token_scores_refuse_training_data_of_different_lengths_without_a_collator_in_one_sentence(
+    tmp_path: Path,
+) -> None:
+    """Training sequences that the default collate cannot stack (of different lengths, as a tokenized dataset keeps
+    them) are refused by token_scores as featurize refuses them (torch's collate raised its RuntimeError)."""
+    train = sp.TextDataset([[1, 5, 2, 7, 3], [4, 2, 6], [7, 1, 9, 3, 11]])
+    task = sp.LanguageModelingTask(tokens_per_sequence=4.5, parameters=sp.ParameterSelection())
+    store = _identity_store(tmp_path, _Bigram, task, train)
+    sp.fit(store, progress=False)
+    attributor = sp.Attributor(store.path, _Bigram(), task)
+    queries = sp.TextDataset([[3, 9, 4, 2], [6, 1, 5]])
+    ragged = [{"input_ids": torch.tensor(s)} for s in ([1, 5, 2, 7, 3], [4, 2, 6], [7, 1, 9, 3, 11])]
+    with pytest.raises(sp.TaskError, match=r"^The examples in the training data have different lengths .*Collated"):
+        sp.token_scores(attributor, queries, ragged, [0, 1], progress=False)
+    assert sp.token_scores(attributor, queries, train, [0, 1], progress=False).tokens.shape == (2, 2, 5)

@@ -57,6 +57,7 @@ from source_proj.featurize.windows import is_captured
 from source_proj.projection.base import Projector
 from source_proj.projection.factored import FactoredProjector
 from source_proj.query.attributor import Attributor, check_batch_size, method_meta
+from source_proj.store.provenance import model_errors
 from source_proj.tasks.data import ChosenLabels, collate_of
 from source_proj.tasks.gradients import move_batch
 from source_proj.tasks.task import Batch, output_tensor
@@ -295,8 +296,10 @@ def _locate(attributor: Attributor, row: int) -> tuple[str, int]:
 
 
 def _stack(examples: Sequence[Any], collate: Callable[[list[Any]], Any]) -> dict[str, Tensor]:
-    """The examples as one batch, by their dataset's collate (``collate_of``)."""
-    batch = collate(list(examples)) if examples else None
+    """The examples as one batch, by their dataset's collate (``collate_of``); examples it cannot batch as they are (of
+    different lengths) are refused as featurize refuses them."""
+    with model_errors("the training data"):
+        batch = collate(list(examples)) if examples else None
     ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
     if not isinstance(ids, Tensor) or ids.dim() != 2:
         raise TaskError(
