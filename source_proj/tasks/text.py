@@ -1408,9 +1408,10 @@ def _inverse_cdf(cdf: Tensor, target: Tensor) -> Tensor:
     where rounding put ``target`` at or past the row's total (a block's float32 sum can exceed the float64 sum of
     its terms), the last index that raised the sum to that total: never an entry of weight zero (a −inf logit,
     the padding of a vocabulary to whole blocks)."""
-    first = torch.searchsorted(cdf, target[:, None], right=True)
-    last = torch.searchsorted(cdf, cdf[:, -1:].contiguous(), right=False)
-    return torch.minimum(first, last).squeeze(-1).clamp_max(cdf.shape[1] - 1)  # NaN weights: an index all the same
+    total = cdf[:, -1]
+    below = torch.minimum(target, torch.nextafter(total, torch.zeros_like(total)))  # the last value under the total
+    found = torch.searchsorted(cdf, below[:, None], right=True).squeeze(-1)
+    return found.clamp_max(cdf.shape[1] - 1)  # NaN weights: an index all the same
 
 
 def _upcast(logits: Tensor) -> Tensor:
