@@ -272,3 +272,125 @@ def test_the_rebuilt_featurize_command_asks_for_the_adam_rank_the_store_was_feat
     context = main.commands["featurize"].make_context("featurize", shlex.split(command)[2:])
     assert (context.params["adam_rank"], context.params["projection"]) == (rank, "factored"), command
     assert (context.params["dim"], context.params["seed"]) == (16, 2)
+
+
+_BASE_PROJECTION = sp.ProjectionArguments(dim=12, kind="rademacher")
+_BASE_OPTIONS = sp.FeaturizeArguments(batch_size=4, chunk_rows=4, device="cpu")
+_BASE_PARAMS = {"projection": "rademacher", "dim": 12, "batch_size": 4, "chunk_rows": 4, "device": "cpu"}
+"""What every store of the cases below is featurized with, and the featurize options that ask for it."""
+
+_REBUILT_CASES = {  # a setting of a store made from Python: (projection, options, the featurize options asking for it)
+    "seed": ({"seed": 3}, {}, {"seed": 3}),
+    "factored": ({"kind": "factored"}, {}, {"projection": "factored"}),
+    "identity": ({"kind": "identity"}, {}, {"projection": "identity", "dim": 1024}),  # k = p, whatever dim says
+    "module_dims": ({"kind": "factored", "module_dims": {"0": 4}}, {},
+                    {"projection": "factored", "module_dims": ("0=4",)}),
+    "adam_rank": ({"kind": "factored", "adam_rank": 2}, {}, {"projection": "factored", "adam_rank": 2}),
+    "eigen basis": ({"kind": "eigen", "dim": 23, "basis_examples": 8, "basis_positions": None,
+                     "basis_layer_positions": 5, "basis_checkpoints": 1}, {},
+                    {"projection": "eigen", "dim": 23, "basis_examples": 8, "basis_positions": "all",
+                     "basis_layer_positions": "5", "basis_checkpoints": "1"}),
+    "precision": ({}, {"precision": "bf16"}, {"precision": "bf16"}),
+    "fisher exact": ({}, {"fisher": "exact"}, {"fisher": "exact"}),
+    "fisher empirical": ({}, {"fisher": "empirical"}, {"fisher": "empirical"}),
+    "fisher_examples": ({}, {"fisher_examples": 4, "batch_size": 2}, {"fisher_examples": "4", "batch_size": 2}),
+    "curvature kfac": ({}, {"curvature": "kfac"}, {"curvature": "kfac"}),
+    "curvature both": ({}, {"curvature": "both"}, {"curvature": "both"}),
+    "checkpoints": ({}, {"checkpoint_steps": (4,)}, {"checkpoint_steps": "4"}),
+    "chunk_rows": ({}, {"chunk_rows": 8}, {"chunk_rows": 8}),
+    "shard_chunks": ({}, {"shard_chunks": 1}, {"shard_chunks": 1}),
+    "segments": ({}, {"segmentation": sp.SegmentationArguments(per_stage=2)}, {"segmentation": "2"}),
+    "segments at": ({}, {"segmentation": sp.SegmentationArguments(boundaries=(4,))}, {"segmentation": "at:4"}),
+    "segments auto": ({}, {"segmentation": sp.SegmentationArguments(auto=2)}, {"segmentation": "auto:2"}),
+    "fast": ({}, {"segment_means": True}, {"fast": True}),
+    "fast-only": ({}, {"segment_means": True, "checkpoints": False}, {"fast_only": True}),
+}  # fmt: skip
+
+_NOT_RECORDED = {  # featurize's options the rebuilt command leaves out, and why
+    "run_dir", "spec_path", "store_path",  # the paths, as the store has them now
+    "force", "grow", "shard",  # what would replace the store, grow it or pick one shard (--grow: a growth cut short)
+    "workers", "shard_parameters",  # how the work is spread, which changes no number the store holds
+}  # fmt: skip
+
+
+def _store_made_from_python(tmp_path: Path, tiny_run: Path, projection: dict, options: dict) -> Path:
+    """A store of the tiny run featurized from Python with the settings of the base and ``projection``,
+    ``options``: it records a spec but no command."""
+    from dataclasses import replace
+
+    spec = tmp_path / "spec.py"
+    spec.write_text(SPEC.format(root=str(ROOT)))
+    store = tmp_path / "s.sp"
+    featurize(tiny_run, store, projection=replace(_BASE_PROJECTION, **projection),
+              options=replace(_BASE_OPTIONS, **options), spec=str(spec))  # fmt: skip
+    assert "command" not in sp.Store.open(store).meta
+    return store
+
+
+def test_every_featurize_option_has_a_rebuilt_counterpart_or_is_not_recorded() -> None:
+    """A new featurize option fails here until the command verify rebuilds for a store without one asks for it (and
+    a case below shows it) or it is named as one the store does not record."""
+    options = {param.name for param in main.commands["featurize"].params}
+    covered = set(_BASE_PARAMS).union(*(params for _, _, params in _REBUILT_CASES.values()))
+    assert options - _NOT_RECORDED == covered
+
+
+@pytest.mark.parametrize("case", sorted(_REBUILT_CASES))
+def test_the_featurize_command_rebuilt_for_a_store_made_from_python_asks_for_its_settings_and_repairs_it(
+    case: str, tmp_path: Path, tiny_run: Path
+) -> None:
+    """A store made from Python with one setting other than the CLI's default: the featurize command verify --repair
+    rebuilds asks for exactly its settings (every other option at its default), and run, it recomputes the damaged
+    chunk back to the undamaged store's bytes (featurize refuses a store of other settings)."""
+    projection, options, asked = _REBUILT_CASES[case]
+    store = _store_made_from_python(tmp_path, tiny_run, projection, options)
+    reference = files(store)
+    damage(store, sp.Store.open(store).progress_arrays("grads/")[0], 0, "flip")
+    out = CliRunner().invoke(main, ["verify", str(store), "--repair"])
+    assert out.exit_code == 0, out.output
+    command = shlex.split(out.stdout.splitlines()[-1])
+    assert command[:2] == ["source-proj", "featurize"], out.stdout
+    context = main.commands["featurize"].make_context("featurize", command[2:])
+    defaults = main.commands["featurize"].make_context("featurize", ["--ckpts", "r", "--spec", "s", "--out", "o"])
+    expected = {**defaults.params, **_BASE_PARAMS, **asked, "run_dir": Path(tiny_run).resolve(),
+                "spec_path": tmp_path / "spec.py", "store_path": str(store)}  # fmt: skip
+    assert context.params == expected, command
+    resumed = CliRunner().invoke(main, command[1:])
+    assert resumed.exit_code == 0, resumed.output
+    assert files(store) == reference
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"measurement": False}, "FeaturizeArguments(measurement=False)"),
+        ({"seed": 5}, "FeaturizeArguments(seed=5)"),
+        ({"segmentation": sp.SegmentationArguments(auto=2, probe_rows=8)}, "SegmentationArguments(probe_rows=8)"),
+    ],
+)
+def test_a_store_made_with_a_setting_the_cli_cannot_express_is_sent_back_to_python(
+    options: dict, named: str, tmp_path: Path, tiny_run: Path
+) -> None:
+    """A featurize command without the setting would be refused as other settings: verify names the setting and asks
+    for the Python call instead, in one sentence."""
+    store = _store_made_from_python(tmp_path, tiny_run, {}, options)
+    damage(store, "grads/main/step-00000004", 0, "flip")
+    out = CliRunner().invoke(main, ["verify", str(store), "--repair"])
+    step = out.stdout.splitlines()[-1].strip()
+    assert step.startswith(f"the store was featurized with {named}, which the CLI has no option for: re-run "
+                           f"source_proj.featurize(...) into {store} with it and the settings the featurize options "
+                           "--projection rademacher --dim 12 "), step  # fmt: skip
+    assert "source-proj featurize" not in step
+
+
+def test_the_defaults_verify_leaves_out_are_the_featurize_options_defaults() -> None:
+    """The rebuilt command leaves out a setting at the arguments' default: it must be the option's default too."""
+    params = {param.name: param.default for param in main.commands["featurize"].params}
+    projection, options = sp.ProjectionArguments(), sp.FeaturizeArguments()
+    assert (params["dim"], params["seed"], params["adam_rank"]) == (projection.dim, projection.seed, 1)
+    assert (params["batch_size"], params["chunk_rows"]) == (options.batch_size, options.chunk_rows)
+    assert (params["fisher"], params["precision"]) == (options.fisher, options.precision)
+    assert params["basis_examples"] == projection.basis_examples
+    basis = {name: params[name] for name in ("basis_positions", "basis_layer_positions", "basis_checkpoints")}
+    assert basis == {name: "all" if getattr(projection, name) is None else str(getattr(projection, name))
+                     for name in basis}  # fmt: skip

@@ -35,7 +35,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from source_proj.errors import SourceProjError, StoreError
-from source_proj.featurize.arguments import FisherRows, checkpoint_stages, projected_fisher_at
+from source_proj.featurize.arguments import (
+    FeaturizeArguments,
+    FisherRows,
+    ProjectionArguments,
+    checkpoint_stages,
+    projected_fisher_at,
+    resolve_curvature,
+    resolve_fisher_examples,
+)
 from source_proj.featurize.plan import PROBE
 from source_proj.featurize.windows import PREFIX as CAPTURED
 from source_proj.featurize.windows import WINDOW_BASES, expected_windows, is_captured
@@ -44,9 +52,9 @@ from source_proj.projection.factory import projector_from_meta
 from source_proj.store import objectstore
 from source_proj.store.durable import PARTIAL_SUFFIX
 from source_proj.store.provenance import REFERENCE_BATCH
-from source_proj.store.store import STAGING, Store, ckpt_key, is_done, is_remote, local_path
+from source_proj.store.store import STAGING, Store, ckpt_key, is_done, is_remote, local_path, shard_chunks_for
 from source_proj.store.writing import writing
-from source_proj.trajectory.recorder import Checkpoint, Stage
+from source_proj.trajectory.recorder import Checkpoint, Stage, Trajectory
 from source_proj.trajectory.segments import Segment
 
 _REQUIRED_META = {
@@ -158,34 +166,110 @@ def featurize_command(store: Store) -> str:
     recorded, command = str(meta.get("command") or ""), "source-proj featurize"
     if recorded.startswith(command):  # the CLI's own options as they were given, the paths as the store has them now
         return " ".join([command, *paths]) + recorded[len(command) :] + (" --grow" if growing else "")
-    # A store made before the command was recorded: its settings, as far as they name the options.
+    # A store that records no command (made from Python, or by an earlier version): its settings as the options.
+    python_only = _python_only(meta)
+    if python_only:
+        options = " ".join(featurize_options(meta))
+        return (
+            f"the store was featurized with {', '.join(python_only)}, which the CLI has no option for: re-run "
+            f"source_proj.featurize(...) into {store.path} with {'them' if len(python_only) > 1 else 'it'}"
+            + (f" and the settings the featurize options {options} ask for" if options else "")
+            + (" and grow=True" if growing else "")
+        )
+    return " ".join([command, *paths, *featurize_options(meta), *(["--grow"] if growing else [])])
+
+
+_PROJECTION, _OPTIONS = ProjectionArguments(), FeaturizeArguments()
+"""The arguments' defaults, which are the featurize options' (a test holds them to it)."""
+
+
+def _python_only(meta: dict[str, Any]) -> list[str]:
+    """The settings a store (metadata ``meta``) was featurized with that no featurize option sets, as typed in
+    Python (``"FeaturizeArguments(measurement=False)"``); the command rebuilt without them would be refused."""
+    feat = meta["featurize"]
+    segmentation = (meta.get("segmentation") or {}).get("arguments") or {}
+    settings = [
+        ("FeaturizeArguments", "seed", feat.get("seed", 0), _OPTIONS.seed),
+        ("FeaturizeArguments", "measurement", feat.get("measurement", True), _OPTIONS.measurement),
+        ("SegmentationArguments", "probe_rows", segmentation.get("probe_rows", 256), 256),
+    ]
+    return [f"{owner}({name}={value!r})" for owner, name, value, default in settings if value != default]
+
+
+def featurize_options(meta: dict[str, Any]) -> list[str]:
+    """The featurize options (``["--projection factored", "--dim 16", …]``) that ask for the settings a store
+    (metadata ``meta``) was featurized with, those at the CLI's defaults left out: the projection's, the eigen
+    basis's, the featurize settings it compares (``_typed_differences``), the checkpoints it took, its layout and
+    the batch size and device it recorded for a bit-identical recomputation. Its settings that no option sets:
+    ``_python_only``."""
     proj, feat = meta["projection"], meta["featurize"]
-    args = [command, *paths, f"--projection {proj['kind']}"]
-    if proj["kind"] != "identity":
+    kind = proj["kind"]
+    args = [f"--projection {kind}"] if kind != "eigen" else []
+    if kind != "identity":
         # The eigen projection records the k asked for as "k" and its blocks' total (which may be a little less) as
-        # "dim"; featurize compares the k asked for, so the command must ask for that one.
-        args += [f"--dim {proj.get('k', proj['dim'])}", f"--seed {proj['seed']}"]
+        # "dim"; a factored one with layers of their own k records the shared k as "shared_dim" and the total as
+        # "dim". featurize compares the k asked for, so the command must ask for that one.
+        dim = proj.get("k", proj.get("shared_dim", proj["dim"]))
+        args += [f"--dim {dim}"] if dim != _PROJECTION.dim else []
+        args += [f"--seed {proj['seed']}"] if proj["seed"] != _PROJECTION.seed else []
+    args += [f"--module-dim {shlex.quote(f'{pattern}={k}')}" for pattern, k in proj.get("module_dims") or []]
     if proj.get("adam_rank", 1) != 1:
         args.append(f"--adam-rank {proj['adam_rank']}")
-    args += basis_options(meta.get("basis_arguments"))
-    args += [f"--fisher {feat['fisher']}", f"--chunk-rows {feat['chunk_rows']}"]
-    if feat.get("precision", "fp32") != "fp32":
+    args += basis_options({name: value for name, value in (meta.get("basis_arguments") or {}).items()
+                           if value != getattr(_PROJECTION, name)})  # fmt: skip
+    total = proj["dim"]  # the projector's k (p unprojected), which "auto" resolves by
+    if feat.get("curvature", "projected") != resolve_curvature("auto", kind, total):
+        args.append(f"--curvature {feat['curvature']}")
+    if feat["fisher"] != _OPTIONS.fisher:
+        args.append(f"--fisher {feat['fisher']}")
+    provenance = meta.get("provenance", {})
+    batch_size = provenance.get("batch_size", feat.get("batch_size", _OPTIONS.batch_size))
+    if feat["chunk_rows"] != _OPTIONS.chunk_rows:
+        args.append(f"--chunk-rows {feat['chunk_rows']}")
+    # A store resumed with fisher_examples="auto" takes the share it recorded; a new one would resolve it anew.
+    fresh = FeaturizeArguments(batch_size=batch_size, chunk_rows=feat["chunk_rows"], fisher=feat["fisher"])
+    sizes = [stage["dataset_size"] for stage in meta["trajectory"].get("stages", [])]
+    examples = feat.get("fisher_examples")
+    if examples != resolve_fisher_examples(fresh, total, sizes):
+        args.append(f"--fisher-examples {'all' if examples is None else examples}")
+    if feat.get("precision", _OPTIONS.precision) != _OPTIONS.precision:
         args.append(f"--precision {feat['precision']}")
+    steps = _chosen_checkpoints(meta)
+    if steps:
+        args.append(f"--checkpoints {','.join(map(str, steps))}")
     segmentation = (meta.get("segmentation") or {}).get("arguments")
     if segmentation:
         if "auto" in segmentation:
             args.append(f"--segments {_auto(segmentation['auto'])}")
         elif "boundaries" in segmentation:
             args.append(f"--segments at:{','.join(str(b) for b in segmentation['boundaries'])}")
-        else:
+        elif segmentation["per_stage"] != 1:  # one segment a stage: what featurize fixes where none is asked for
             args.append(f"--segments {segmentation['per_stage']}")
     products = meta.get("products") or {}
     if products.get("segment_means"):
         args.append("--fast" if products.get("checkpoints", True) else "--fast-only")
-    provenance = meta.get("provenance", {})
+    layout = (meta.get("layout") or {}).get("shard_chunks")
+    if layout is not None and layout != shard_chunks_for(4 * feat["chunk_rows"] * total):
+        args.append(f"--shard-chunks {layout}")
     if "batch_size" in provenance:
-        args += [f"--batch-size {provenance['batch_size']}", f"--device {provenance['device']}"]
-    return " ".join([*args, *(["--grow"] if growing else [])])
+        args += [f"--batch-size {batch_size}"] if batch_size != _OPTIONS.batch_size else []
+        args.append(f"--device {provenance['device']}")
+    return args
+
+
+def _chosen_checkpoints(meta: dict[str, Any]) -> list[int] | None:
+    """The checkpoints a store was featurized on where they are some of its run's (``--checkpoints``), its final one
+    left out (featurize always adds it); ``None`` where it took every one, or its run is not the one at its path
+    (moved, or trained further: a growth cut short)."""
+    trajectory = meta["trajectory"]
+    try:
+        run = Trajectory.load(trajectory["path"])
+    except SourceProjError:
+        return None
+    saved = [c.step for c in run.checkpoints]
+    if run.fingerprint() != trajectory.get("fingerprint") or trajectory["checkpoints"] == saved:
+        return None
+    return trajectory["checkpoints"][:-1]
 
 
 def basis_options(recorded: dict[str, int | None] | None) -> list[str]:
