@@ -296,7 +296,8 @@ _REBUILT_CASES = {  # a setting of a store made from Python: (projection, option
     "fisher_examples": ({}, {"fisher_examples": 4, "batch_size": 2}, {"fisher_examples": "4", "batch_size": 2}),
     "curvature kfac": ({}, {"curvature": "kfac"}, {"curvature": "kfac"}),
     "curvature both": ({}, {"curvature": "both"}, {"curvature": "both"}),
-    "checkpoints": ({}, {"checkpoint_steps": (4,)}, {"checkpoint_steps": "4"}),
+    "checkpoints": ({}, {"checkpoint_steps": (4,)}, {"checkpoint_steps": "4,8"}),  # the final one always added
+    "final checkpoint": ({}, {"checkpoint_steps": (8,)}, {"checkpoint_steps": "8"}),
     "chunk_rows": ({}, {"chunk_rows": 8}, {"chunk_rows": 8}),
     "shard_chunks": ({}, {"shard_chunks": 1}, {"shard_chunks": 1}),
     "segments": ({}, {"segmentation": sp.SegmentationArguments(per_stage=2)}, {"segmentation": "2"}),

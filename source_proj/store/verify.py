@@ -169,14 +169,14 @@ def featurize_command(store: Store) -> str:
     # A store that records no command (made from Python, or by an earlier version): its settings as the options.
     python_only = _python_only(meta)
     if python_only:
-        options = " ".join(featurize_options(meta))
+        options = " ".join(_featurize_options(meta))
         return (
             f"the store was featurized with {', '.join(python_only)}, which the CLI has no option for: re-run "
             f"source_proj.featurize(...) into {store.path} with {'them' if len(python_only) > 1 else 'it'}"
             + (f" and the settings the featurize options {options} ask for" if options else "")
             + (" and grow=True" if growing else "")
         )
-    return " ".join([command, *paths, *featurize_options(meta), *(["--grow"] if growing else [])])
+    return " ".join([command, *paths, *_featurize_options(meta), *(["--grow"] if growing else [])])
 
 
 _PROJECTION, _OPTIONS = ProjectionArguments(), FeaturizeArguments()
@@ -196,7 +196,7 @@ def _python_only(meta: dict[str, Any]) -> list[str]:
     return [f"{owner}({name}={value!r})" for owner, name, value, default in settings if value != default]
 
 
-def featurize_options(meta: dict[str, Any]) -> list[str]:
+def _featurize_options(meta: dict[str, Any]) -> list[str]:
     """The featurize options (``["--projection factored", "--dim 16", …]``) that ask for the settings a store
     (metadata ``meta``) was featurized with, those at the CLI's defaults left out: the projection's, the eigen
     basis's, the featurize settings it compares (``_typed_differences``), the checkpoints it took, its layout and
@@ -258,9 +258,9 @@ def featurize_options(meta: dict[str, Any]) -> list[str]:
 
 
 def _chosen_checkpoints(meta: dict[str, Any]) -> list[int] | None:
-    """The checkpoints a store was featurized on where they are some of its run's (``--checkpoints``), its final one
-    left out (featurize always adds it); ``None`` where it took every one, or its run is not the one at its path
-    (moved, or trained further: a growth cut short)."""
+    """The checkpoints a store was featurized on where they are some of its run's (``--checkpoints``; its final one
+    too, which may be the only one); ``None`` where it took every one, or its run is not the one at its path (moved,
+    or trained further: a growth cut short)."""
     trajectory = meta["trajectory"]
     try:
         run = Trajectory.load(trajectory["path"])
@@ -269,7 +269,7 @@ def _chosen_checkpoints(meta: dict[str, Any]) -> list[int] | None:
     saved = [c.step for c in run.checkpoints]
     if run.fingerprint() != trajectory.get("fingerprint") or trajectory["checkpoints"] == saved:
         return None
-    return trajectory["checkpoints"][:-1]
+    return trajectory["checkpoints"]
 
 
 def basis_options(recorded: dict[str, int | None] | None) -> list[str]:
