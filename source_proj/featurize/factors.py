@@ -10,6 +10,10 @@ weight w per example), one ordinary forward and backward pass accumulates::
 and, for the parameters no layer factors, the Fisher diagonal Σ_examples w g ⊙ g from their
 materialised per-example gradients. The model runs in ``eval()`` mode, so the examples of a batch do
 not interact and the summed loss's output gradients are exactly the per-example δ.
+
+A convolution's ā (its im2col patches, C_in·∏kernel floats per output position: 9 times its input for a 3 × 3
+kernel) enter A whatever the backward gives, so its product is taken in the forward hook and the patches dropped
+there; a token layer's rows wait for δ, which says which of them enter (``FactorCollector._accumulate``).
 """
 
 from __future__ import annotations
@@ -80,6 +84,32 @@ class ChunkFactors:
 
 TOKEN_LAYERS = ("linear", "hf_conv1d")
 """Layer kinds whose positions are tokens (``_accumulate`` keeps those that take part in the loss)."""
+
+
+@dataclass
+class _Taken:
+    """The ā of one use of a layer whose positions all enter A (a convolution's), taken in the forward hook: the
+    rows ``[count, d_in']`` the draw of positions kept, or their product āᵀā ``[d_in', d_in']`` (float32, as
+    ``_accumulate`` takes it) where that is smaller: a batch's patches are held as one factor, not until δ."""
+
+    value: Tensor
+    product: bool
+    count: int
+
+    @classmethod
+    def rows(cls, rows: Tensor) -> _Taken:
+        return cls(rows, False, int(rows.shape[0]))
+
+    @classmethod
+    def smaller(cls, rows: Tensor) -> _Taken:
+        """``rows``, or their product where it holds fewer floats."""
+        if rows.shape[0] <= rows.shape[1]:
+            return cls.rows(rows)
+        with torch.autocast(rows.device.type, enabled=False):  # the hook runs under the forward's autocast
+            return cls(rows.T @ rows, True, int(rows.shape[0]))
+
+    def gram(self) -> Tensor:
+        return self.value if self.product else self.value.T @ self.value
 
 
 class FactorCollector:
@@ -156,7 +186,7 @@ class FactorCollector:
         that forward's graph, where ``add`` runs a forward per target batch and the caller one more for
         the outputs."""
         size, device = batch_size(batch), self.grads_fn.device
-        with self._hooked(size) as (inputs, deltas, probe):
+        with self._hooked(size, True, draws) as (inputs, deltas, probe):
             with torch.enable_grad(), self.grads_fn.autocast():
                 outputs = self.grads_fn.task.forward(self.grads_fn._call(self.grads_fn.params), batch)
         targets = draw(outputs.detach())
@@ -175,7 +205,7 @@ class FactorCollector:
         self, sums: ChunkFactors, target_batch: Batch, weight: Tensor, inputs_too: bool, draws: FisherDraws | None
     ) -> None:
         w = weight.to(device=self.grads_fn.device, dtype=torch.float32)
-        with self._hooked(int(weight.shape[0])) as (inputs, deltas, probe):
+        with self._hooked(int(weight.shape[0]), inputs_too, draws) as (inputs, deltas, probe):
             values = self.grads_fn.values(target_batch, self.quantity)
             total = (values.float() * w.sqrt()).sum()  # δ scaled by √w: B collects w δ δᵀ
             if total.requires_grad:
@@ -185,16 +215,19 @@ class FactorCollector:
             self._add_diagonal(sums, target_batch, w)
 
     @contextmanager
-    def _hooked(self, size: int) -> Iterator[tuple[list[Tensor | None], list[Tensor | None], Tensor]]:
+    def _hooked(
+        self, size: int, inputs_too: bool, draws: FisherDraws | None
+    ) -> Iterator[tuple[list[list[Tensor | _Taken | None]], list[list[Tensor | None]], Tensor]]:
         """Forward hooks on every layer while the block runs: ``(inputs, deltas, probe)``, the lists the hooks
-        fill, per layer one entry per use (a layer the forward applies twice, a shared block, has two): its ā in
-        the forward, its δ in every backward through ``probe``."""
-        inputs: list[list[Tensor]] = [[] for _ in self.layers]
+        fill, per layer one entry per use (a layer the forward applies twice, a shared block, has two): in the
+        forward its ā at every position (a token layer's), the ā that enter A (a convolution's, ``_Taken``) or
+        ``None`` (not ``inputs_too``: A is not wanted), its δ in every backward through ``probe``."""
+        inputs: list[list[Tensor | _Taken | None]] = [[] for _ in self.layers]
         deltas: list[list[Tensor | None]] = [[] for _ in self.layers]
         probe = torch.zeros((), device=self.grads_fn.device, requires_grad=True)
         handles = [
             module.register_forward_hook(
-                eager_if_compiling(self._hook(i, size, inputs, deltas, probe)), with_kwargs=True
+                eager_if_compiling(self._hook(i, size, inputs, deltas, probe, inputs_too, draws)), with_kwargs=True
             )
             for i, module in enumerate(self.modules)
         ]
@@ -207,7 +240,7 @@ class FactorCollector:
     def _accumulate(
         self,
         sums: ChunkFactors,
-        inputs: Sequence[Sequence[Tensor]],
+        inputs: Sequence[Sequence[Tensor | _Taken | None]],
         deltas: Sequence[Sequence[Tensor | None]],
         inputs_too: bool,
         size: int,
@@ -222,7 +255,8 @@ class FactorCollector:
         where max pooling passed it over, which depends on the input, not on the batch's layout. An example whose
         weight is 0 (an exact Fisher's class of probability 0) has δ = 0 everywhere: its positions all enter.
         Each use of a layer (a shared block applied twice) adds its positions, as a sequence's tokens do; a use
-        without a δ (run under ``torch.no_grad``) adds nothing."""
+        without a δ (run under ``torch.no_grad``) adds nothing. A convolution's rows, which do not depend on δ, were
+        taken in the forward (``_Taken``: the same rows, and the same float32 product, as taken here)."""
         silent = None if weight is None else (weight == 0).view(-1, 1)
         lives, pairs = [], []
         for i, layer in enumerate(self.layers):
@@ -236,7 +270,7 @@ class FactorCollector:
         for i, _, d in pairs:
             layer = self.layers[i]
             if layer.kind not in TOKEN_LAYERS:
-                live = torch.ones(size, d.shape[0] // size, dtype=torch.bool, device=d.device)
+                live = _every(size, d.shape[0] // size, d.device)
             else:
                 low, high = torch.aminmax(d, dim=1)  # a row is 0 where both are: no [rows, d_out] temporary
                 live = ((low != 0) | (high != 0)).view(size, d.shape[0] // size)
@@ -247,9 +281,11 @@ class FactorCollector:
         for (i, a, d), live in zip(pairs, lives, strict=True):
             take, scale = self._take(live, keys.get(live.shape[1]))
             if inputs_too:
-                taken = a if take is None else a[take]
-                sums.a[i] += (taken.T @ taken).double()
-                sums.positions[i] += int(taken.shape[0])
+                assert a is not None  # the hooks keep inputs whenever they are wanted
+                if not isinstance(a, _Taken):  # a token layer's: its live rows, or those drawn
+                    a = _Taken.rows(a if take is None else a[take])
+                sums.a[i] += a.gram().double()
+                sums.positions[i] += a.count
             if take is not None:
                 d = d[take]
             if scale is not None:  # each example's live positions over those taken: B's sum stays unbiased
@@ -269,13 +305,20 @@ class FactorCollector:
             unions[per] = live if per not in unions else unions[per] | live
         keys = {}
         for per, union in unions.items():
-            if int(union.sum(1).max()) <= self.positions:
-                continue
-            if draws is None:
-                raise ValueError("positions are drawn from the batch's draws; pass them")
-            keys[per] = torch.where(union, draws.at(union, stream=_POSITIONS).to(union.device), -1.0)
-            self.sampled = True
+            drawn = self._drawn(union, draws)
+            if drawn is not None:
+                keys[per] = drawn
+                self.sampled = True
         return keys
+
+    def _drawn(self, union: Tensor, draws: FisherDraws | None) -> Tensor | None:
+        """The keys ``[size, T]`` of the positions ``union`` marks where an example has more than ``positions`` of
+        them (``_keys``); ``None`` where none has."""
+        if self.positions is None or int(union.sum(1).max()) <= self.positions:
+            return None
+        if draws is None:
+            raise ValueError("positions are drawn from the batch's draws; pass them")
+        return torch.where(union, draws.at(union, stream=_POSITIONS).to(union.device), -1.0)
 
     def _take(self, live: Tensor, keys: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
         """The rows (of ``[size·T]``, example-major) that enter the factors: each example's live positions, at most
@@ -299,7 +342,14 @@ class FactorCollector:
             sums.diagonal[name] += (g * g * w.view(-1, *[1] * (g.dim() - 1))).sum(0).double()
 
     def _hook(
-        self, index: int, size: int, inputs: list[Tensor | None], deltas: list[Tensor | None], probe: Tensor
+        self,
+        index: int,
+        size: int,
+        inputs: list[list[Tensor | _Taken | None]],
+        deltas: list[list[Tensor | None]],
+        probe: Tensor,
+        inputs_too: bool,
+        draws: FisherDraws | None,
     ) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Tensor], Tensor]:
         layer = self.layers[index]
 
@@ -311,7 +361,7 @@ class FactorCollector:
                     "Kronecker factors need examples along the first dimension of every layer's input; use "
                     "FeaturizeArguments(curvature='projected') for this model."
                 )
-            inputs[index].append(_positions(module, x.detach().float(), layer))
+            inputs[index].append(self._inputs(module, x, layer, size, draws) if inputs_too else None)
             deltas[index].append(None)
             use = len(deltas[index]) - 1
 
@@ -321,6 +371,24 @@ class FactorCollector:
             return OutputTap.apply(output, probe, record)
 
         return hook
+
+    def _inputs(
+        self, module: nn.Module, x: Tensor, layer: FactoredLayer, size: int, draws: FisherDraws | None
+    ) -> Tensor | _Taken:
+        """What a use's forward keeps for A: a token layer's ā at every position (δ says which enter); a
+        convolution's that enter, taken now, as ``_accumulate`` would take them (every patch live, so the keys of its
+        T positions are those of every position, whichever layers share T)."""
+        a = _positions(module, x.detach().float(), layer)
+        if layer.kind in TOKEN_LAYERS:
+            return a
+        live = _every(size, a.shape[0] // size, a.device)
+        take, _ = self._take(live, self._drawn(live, draws))
+        return _Taken.smaller(a if take is None else a[take])
+
+
+def _every(size: int, per: int, device: torch.device) -> Tensor:
+    """Every position live, bool ``[size, per]``: a convolution's (``_accumulate``)."""
+    return torch.ones(size, per, dtype=torch.bool, device=device)
 
 
 def _positions(module: nn.Module, x: Tensor, layer: FactoredLayer) -> Tensor:
