@@ -4,6 +4,8 @@ matrix functions fit builds from them, and SOURCE's query-side operators, agains
 from __future__ import annotations
 
 import shutil
+import sys
+import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -699,6 +701,132 @@ def test_a_layer_used_twice_enters_its_factors_with_both_uses_as_positions() -> 
         torch.testing.assert_close(sums[0].a[i], sums[1].a[i], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(sums[0].b[i], sums[1].b[i], rtol=1e-5, atol=1e-6)
         assert sums[0].positions[i] == sums[1].positions[i]
+
+
+class _ConvTwice(nn.Module):
+    """A Conv2d applied twice with gradients and once more under ``torch.no_grad`` (that use has no δ: it adds nothing),
+    then a Conv1d over its output, and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(2, 2, kernel_size=3, padding=1)
+        self.conv1d = nn.Conv1d(2, 3, kernel_size=3, bias=False)
+        self.head = nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, 2, 6, 6]
+        with torch.no_grad():
+            self.conv(x)
+        h = self.conv(torch.tanh(self.conv(x)))  # [B, 2, 6, 6]
+        h = torch.tanh(self.conv1d(h.flatten(2)))  # [B, 3, 34]
+        return self.head(h[:, :, :4].flatten(1))
+
+
+_SAMPLED_NETS = {**_CONV_NETS, "conv2d-twice": (_ConvTwice, (2, 6, 6), ["conv", "conv1d", "head"])}
+
+
+def _brute_force_factors(model: nn.Module, layers, x, y, weight, positions: int | None, key: int):
+    """A, B and the positions of each layer from one example at a time: each use's im2col patches (``conv_patches``)
+    and output gradients, the ``positions`` of each example of largest key (the example's own uniforms at its T
+    positions, stream 3) where it has more, B's terms scaled by T over those taken."""
+    modules = dict(model.named_modules())
+    a_total = [torch.zeros(layer.in_rows, layer.in_rows, dtype=torch.float64) for layer in layers]
+    b_total = [torch.zeros(layer.out_features, layer.out_features, dtype=torch.float64) for layer in layers]
+    counts = [0] * len(layers)
+    for n in range(len(x)):
+        seen: list[list[dict[str, torch.Tensor]]] = [[] for _ in layers]
+
+        def hook(uses: list[dict[str, torch.Tensor]]):
+            def fn(module, args, output):
+                if output.requires_grad:  # a use under torch.no_grad has no δ
+                    use = {"a": args[0].detach()}
+                    output.register_hook(lambda g, use=use: use.__setitem__("d", g.detach()))
+                    uses.append(use)
+
+            return fn
+
+        handles = [modules[layer.module].register_forward_hook(hook(seen[i])) for i, layer in enumerate(layers)]
+        F.cross_entropy(model(x[n : n + 1]), y[n : n + 1]).backward()
+        for handle in handles:
+            handle.remove()
+        for i, layer in enumerate(layers):
+            module = modules[layer.module]
+            for use in seen[i]:
+                a = conv_patches(module, use["a"]) if layer.kind == "conv" else use["a"].reshape(-1, layer.in_features)
+                if layer.bias:
+                    a = torch.cat([a, torch.ones(len(a), 1)], 1)
+                d = use["d"].movedim(1, -1).reshape(-1, layer.out_features)
+                rows, scale = torch.arange(len(a)), 1.0
+                if positions is not None and len(a) > positions:
+                    keys = FisherDraws(key, torch.tensor([n])).at(torch.ones(1, len(a), dtype=torch.bool), stream=3)
+                    rows, scale = keys[0].topk(positions).indices, len(a) / positions
+                a, d = a[rows].double(), d[rows].double()
+                a_total[i] += a.T @ a
+                b_total[i] += weight[n].double() * scale * d.T @ d
+                counts[i] += len(rows)
+    return a_total, b_total, counts
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["add", "add_shared"])
+@pytest.mark.parametrize("positions", [None, 2])
+@pytest.mark.parametrize("net", sorted(_SAMPLED_NETS))
+def test_convolution_factors_equal_brute_force_with_drawn_positions_and_layers_used_twice(
+    net: str, positions: int | None, shared: bool
+) -> None:
+    """A convolution's A is taken in the forward (its product, or its drawn rows), not from patches held until
+    the backward: A, B and the positions counted equal one example at a time by brute force, for Conv1d/2d/3d and
+    Linear layers, with every position and with 2 drawn of each example's, from ``add`` (a forward per target batch)
+    and ``add_shared`` (the outputs' forward), and for a convolution used twice (and once more without a δ)."""
+    build, shape, kronecker = _SAMPLED_NETS[net]
+    model = build().eval()
+    task = sp.ClassificationTask()
+    x, y = _conv_batch(shape)
+    names = [n for n, _ in model.named_parameters()]
+    layers, _ = kronecker_layers(model, names)
+    assert [layer.module for layer in layers] == kronecker
+    collector = FactorCollector(PerExampleGradients(model, task, names), layers, [], positions=positions)
+    sums = collector.empty()
+    weight, draws = torch.tensor([0.5, 1.0, 2.0, 0.25, 1.5]), FisherDraws(4, torch.arange(5))
+    if shared:
+        collector.add_shared(sums, (x, y), lambda outputs: [(weight, (x, y))], draws)
+    else:
+        collector.add(sums, [(weight, (x, y))], draws)
+    a_total, b_total, counts = _brute_force_factors(model, layers, x, y, weight, positions, key=4)
+    assert sums.positions == counts and collector.sampled == (positions is not None)
+    for i in range(len(layers)):
+        torch.testing.assert_close(sums.a[i], a_total[i], rtol=1e-5, atol=1e-6 * float(a_total[i].abs().max()))
+        torch.testing.assert_close(sums.b[i], b_total[i], rtol=1e-5, atol=1e-6 * float(b_total[i].abs().max()))
+
+
+def test_a_convolutions_patches_are_not_held_until_the_backward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The im2col patches of a convolution with more patches in the batch than floats in one (9 times its input
+    for a 3 × 3 kernel, every layer's at once) are released by the end of the forward, before the labels are drawn
+    and the backward runs; a token layer's inputs wait for δ. A target batch whose A is not wanted (``add``'s
+    second) takes no inputs at all."""
+    model = _ConvTwice().eval()
+    names = [n for n, _ in model.named_parameters()]
+    layers, _ = kronecker_layers(model, names)
+    collector = FactorCollector(PerExampleGradients(model, sp.ClassificationTask(), names), layers, [])
+    made: list[tuple[str, weakref.ref[torch.Tensor]]] = []
+
+    def recorded(module: nn.Module, x: torch.Tensor, layer: FactoredLayer) -> torch.Tensor:
+        a = _positions(module, x, layer)
+        made.append((layer.kind, weakref.ref(a)))
+        return a
+
+    monkeypatch.setattr(sys.modules[FactorCollector.__module__], "_positions", recorded)
+    x, y = _conv_batch()
+    alive: list[tuple[str, bool]] = []
+
+    def draw(outputs: torch.Tensor):
+        alive.extend((kind, ref() is not None) for kind, ref in made)
+        return [(torch.ones(5), (x, y))]
+
+    collector.add_shared(collector.empty(), (x, y), draw)
+    assert sorted(alive) == [("conv", False)] * 4 + [("linear", True)]  # conv's three uses, conv1d; the head
+    made.clear()
+    collector.add(collector.empty(), [(torch.ones(5), (x, y)), (torch.ones(5), (x, (y + 1) % 4))])
+    assert len(made) == 5  # the first target batch's forward only
 
 
 def _normed_classifier() -> nn.Module:
