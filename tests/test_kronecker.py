@@ -809,8 +809,8 @@ def test_a_convolutions_patches_are_not_held_until_the_backward(monkeypatch: pyt
     collector = FactorCollector(PerExampleGradients(model, sp.ClassificationTask(), names), layers, [])
     made: list[tuple[str, weakref.ref[torch.Tensor]]] = []
 
-    def recorded(module: nn.Module, x: torch.Tensor, layer: FactoredLayer) -> torch.Tensor:
-        a = _positions(module, x, layer)
+    def recorded(module: nn.Module, x: torch.Tensor, layer: FactoredLayer, rows=None) -> torch.Tensor:
+        a = _positions(module, x, layer, rows)
         made.append((layer.kind, weakref.ref(a)))
         return a
 

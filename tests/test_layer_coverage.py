@@ -282,7 +282,7 @@ def test_kronecker_factors_take_the_patches_a_convolution_sees_whatever_its_padd
     ``weight.reshape(C_out, -1)``. So a convolution whose weight is the identity (C_out = C_in·∏kernel) outputs them
     entry for entry, the layer's output is patches @ [W | b]ᵀ, and Σ_patches δ āᵀ is the weight's gradient. Such
     layers were refused, and featurize fell back to the dense Rademacher projection for the whole model; a Conv3d
-    took the Fisher diagonal."""
+    took the Fisher diagonal. The patches of some positions only (those drawn) are those rows of them."""
     torch.manual_seed(0)
     model = nn.Sequential(conv)
     names = [n for n, _ in model.named_parameters()]
@@ -291,6 +291,8 @@ def test_kronecker_factors_take_the_patches_a_convolution_sees_whatever_its_padd
     x = torch.randn(3, 2, *spatial)
     patches = _positions(conv, x, layer)  # [B·positions, d_in']
     torch.testing.assert_close(patches[:, : layer.in_features], conv_patches(conv, x))
+    rows = torch.randperm(len(patches), generator=torch.Generator().manual_seed(0))[: len(patches) // 3]
+    assert torch.equal(_positions(conv, x, layer, rows), patches[rows])  # drawn positions: those patches only
     output = conv(x)
     weight = conv.weight.reshape(conv.out_channels, -1)
     if conv.bias is not None:

@@ -361,7 +361,7 @@ class FactorCollector:
                     "Kronecker factors need examples along the first dimension of every layer's input; use "
                     "FeaturizeArguments(curvature='projected') for this model."
                 )
-            inputs[index].append(self._inputs(module, x, layer, size, draws) if inputs_too else None)
+            inputs[index].append(self._inputs(module, x, output, layer, size, draws) if inputs_too else None)
             deltas[index].append(None)
             use = len(deltas[index]) - 1
 
@@ -373,17 +373,16 @@ class FactorCollector:
         return hook
 
     def _inputs(
-        self, module: nn.Module, x: Tensor, layer: FactoredLayer, size: int, draws: FisherDraws | None
+        self, module: nn.Module, x: Tensor, output: Tensor, layer: FactoredLayer, size: int, draws: FisherDraws | None
     ) -> Tensor | _Taken:
         """What a use's forward keeps for A: a token layer's ā at every position (δ says which enter); a
         convolution's that enter, taken now, as ``_accumulate`` would take them (every patch live, so the keys of its
-        T positions are those of every position, whichever layers share T)."""
-        a = _positions(module, x.detach().float(), layer)
+        T positions are those of every position, whichever layers share T), and only those made."""
         if layer.kind in TOKEN_LAYERS:
-            return a
-        live = _every(size, a.shape[0] // size, a.device)
+            return _positions(module, x.detach().float(), layer)
+        live = _every(size, output.shape[2:].numel(), x.device)
         take, _ = self._take(live, self._drawn(live, draws))
-        return _Taken.smaller(a if take is None else a[take])
+        return _Taken.smaller(_positions(module, x.detach().float(), layer, take))
 
 
 def _every(size: int, per: int, device: torch.device) -> Tensor:
@@ -391,25 +390,32 @@ def _every(size: int, per: int, device: torch.device) -> Tensor:
     return torch.ones(size, per, dtype=torch.bool, device=device)
 
 
-def _positions(module: nn.Module, x: Tensor, layer: FactoredLayer) -> Tensor:
-    """ā at every position, ``[B·T, d_in']`` (convolutions: their im2col patches)."""
-    a = x.reshape(-1, layer.in_features) if layer.kind in ("linear", "hf_conv1d") else _patches(module, x)
+def _positions(module: nn.Module, x: Tensor, layer: FactoredLayer, rows: Tensor | None = None) -> Tensor:
+    """ā at every position, ``[B·T, d_in']`` (convolutions: their im2col patches); ``rows``: at those of the B·T
+    (example-major) only."""
+    if layer.kind in ("linear", "hf_conv1d"):
+        a = x.reshape(-1, layer.in_features)
+        a = a if rows is None else a[rows]
+    else:
+        a = _patches(module, x, rows)
     if layer.bias:
         a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
     return a
 
 
-def _patches(conv: nn.Module, x: Tensor) -> Tensor:
+def _patches(conv: nn.Module, x: Tensor, rows: Tensor | None = None) -> Tensor:
     """The im2col patches of a convolution's input ``x`` ``[B, C_in, *spatial]`` (1, 2 or 3 spatial dimensions):
     ``[B·T, C_in·∏kernel]``, T the output positions in the order of the output's flattened spatial dimensions, each
-    patch in the order of ``weight.reshape(C_out, -1)``: the inputs the weight multiplies, padded as the layer pads."""
+    patch in the order of ``weight.reshape(C_out, -1)``: the inputs the weight multiplies, padded as the layer pads.
+    ``rows``: only those of the B·T, copied from windows of ``x`` (the drawn positions of a batch, not all of its
+    patches)."""
     padding = tuple(conv.padding)
     if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
         # Padded as the layer pads ('same' may pad one side more; reflect, replicate, circular), then cut without
         # padding.
         mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
         x, padding = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode), (0,) * (x.dim() - 2)
-    if isinstance(conv, nn.Conv2d):
+    if isinstance(conv, nn.Conv2d) and rows is None:
         patches = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
         return patches.transpose(1, 2).reshape(-1, patches.shape[1])
     # F.unfold takes 2-d images only: each spatial dimension's windows as a strided view, [B, C_in, *T, *kernel].
@@ -418,6 +424,9 @@ def _patches(conv: nn.Module, x: Tensor) -> Tensor:
     spatial = x.dim() - 2
     for dim, (kernel, dilation, stride) in enumerate(zip(conv.kernel_size, conv.dilation, conv.stride, strict=True)):
         x = x.unfold(2 + dim, dilation * (kernel - 1) + 1, stride)[..., ::dilation]
+    if rows is not None:  # [B, C_in, *T, *kernel] at (example, *position) of each row: [rows, C_in, *kernel]
+        at = torch.unravel_index(rows, (x.shape[0], *x.shape[2 : 2 + spatial]))
+        return x[(at[0], slice(None), *at[1:])].reshape(rows.shape[0], -1)
     x = x.permute(0, *range(2, 2 + spatial), 1, *range(2 + spatial, 2 + 2 * spatial))  # [B, *T, C_in, *kernel]
     return x.reshape(-1, conv.weight[0].numel())
 
