@@ -268,8 +268,10 @@ class BasisPass:
             bar.update()
         a_visit, b_visit = [], []
         for i in range(len(self.layers)):
-            a = sums.a[i].cpu().numpy() / max(sums.positions[i], 1)  # once per visit: off the device
-            b = sums.b[i].cpu().numpy() / max(sums.examples, 1)
+            # once per visit: off the device, divided in place (on the CPU, in the sums' own memory: no copy)
+            a, b = sums.a[i].cpu().numpy(), sums.b[i].cpu().numpy()
+            a /= max(sums.positions[i], 1)
+            b /= max(sums.examples, 1)
             if sides is not None:
                 row, col = sides[i]
                 a, b = a * np.outer(col, col), b * np.outer(row, row)

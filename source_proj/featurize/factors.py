@@ -211,6 +211,7 @@ class FactorCollector:
             if total.requires_grad:
                 torch.autograd.grad(total, probe, allow_unused=True)
         self._accumulate(sums, inputs, deltas, inputs_too, size=int(weight.shape[0]), weight=w, draws=draws)
+        del inputs, deltas  # not held through the diagonal's per-example gradients
         if self.diagonal:
             self._add_diagonal(sums, target_batch, w)
 
