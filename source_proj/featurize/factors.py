@@ -394,42 +394,43 @@ def _every(size: int, per: int, device: torch.device) -> Tensor:
 def _positions(module: nn.Module, x: Tensor, layer: FactoredLayer, rows: Tensor | None = None) -> Tensor:
     """ā at every position, ``[B·T, d_in']`` (convolutions: their im2col patches); ``rows``: at those of the B·T
     (example-major) only."""
-    if layer.kind in ("linear", "hf_conv1d"):
-        a = x.reshape(-1, layer.in_features)
-        a = a if rows is None else a[rows]
-    else:
-        a = _patches(module, x, rows)
-    if layer.bias:
-        a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
-    return a
+    if layer.kind not in TOKEN_LAYERS:
+        return _patches(module, x, rows, ones=layer.bias)
+    a = x.reshape(-1, layer.in_features)
+    a = a if rows is None else a[rows]
+    return torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1) if layer.bias else a
 
 
-def _patches(conv: nn.Module, x: Tensor, rows: Tensor | None = None) -> Tensor:
+def _patches(conv: nn.Module, x: Tensor, rows: Tensor | None = None, ones: bool = False) -> Tensor:
     """The im2col patches of a convolution's input ``x`` ``[B, C_in, *spatial]`` (1, 2 or 3 spatial dimensions):
     ``[B·T, C_in·∏kernel]``, T the output positions in the order of the output's flattened spatial dimensions, each
     patch in the order of ``weight.reshape(C_out, -1)``: the inputs the weight multiplies, padded as the layer pads.
-    ``rows``: only those of the B·T, copied from windows of ``x`` (the drawn positions of a batch, not all of its
-    patches)."""
+    ``rows``: only those of the B·T (the drawn positions of a batch, not all of its patches). ``ones``: with a last
+    column of ones (a bias's input). Copied once, from a strided view of ``x``'s windows into the patches' own
+    buffer (``F.unfold`` and a transpose, then the column of ones, made two or three copies of the patches)."""
     padding = tuple(conv.padding)
     if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
         # Padded as the layer pads ('same' may pad one side more; reflect, replicate, circular), then cut without
         # padding.
         mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
         x, padding = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode), (0,) * (x.dim() - 2)
-    if isinstance(conv, nn.Conv2d) and rows is None:
-        patches = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
-        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
-    # F.unfold takes 2-d images only: each spatial dimension's windows as a strided view, [B, C_in, *T, *kernel].
     if any(padding):
         x = F.pad(x, [side for size in reversed(padding) for side in (size, size)])
-    spatial = x.dim() - 2
+    spatial, width = x.dim() - 2, conv.weight[0].numel()
     for dim, (kernel, dilation, stride) in enumerate(zip(conv.kernel_size, conv.dilation, conv.stride, strict=True)):
-        x = x.unfold(2 + dim, dilation * (kernel - 1) + 1, stride)[..., ::dilation]
-    if rows is not None:  # [B, C_in, *T, *kernel] at (example, *position) of each row: [rows, C_in, *kernel]
+        x = x.unfold(2 + dim, dilation * (kernel - 1) + 1, stride)[..., ::dilation]  # [B, C_in, *T, *kernel]
+    if rows is None:
+        windows = x.permute(0, *range(2, 2 + spatial), 1, *range(2 + spatial, 2 + 2 * spatial))  # [B, *T, C_in, *k]
+    else:  # at (example, *position) of each row: [rows, C_in, *kernel], a copy of the drawn windows only
         at = torch.unravel_index(rows, (x.shape[0], *x.shape[2 : 2 + spatial]))
-        return x[(at[0], slice(None), *at[1:])].reshape(rows.shape[0], -1)
-    x = x.permute(0, *range(2, 2 + spatial), 1, *range(2 + spatial, 2 + 2 * spatial))  # [B, *T, C_in, *kernel]
-    return x.reshape(-1, conv.weight[0].numel())
+        windows = x[(at[0], slice(None), *at[1:])]
+    count = windows.shape[: 1 + spatial].numel() if rows is None else rows.shape[0]
+    if not ones:
+        return windows.reshape(count, width)
+    patches = x.new_empty(count, width + 1)
+    patches[:, :width].view(windows.shape).copy_(windows)
+    patches[:, width] = 1
+    return patches
 
 
 def _output_positions(module: nn.Module, grad: Tensor, layer: FactoredLayer) -> Tensor:
