@@ -186,7 +186,7 @@ class FactorCollector:
         that forward's graph, where ``add`` runs a forward per target batch and the caller one more for
         the outputs."""
         size, device = batch_size(batch), self.grads_fn.device
-        with self._hooked(size, True, draws) as (inputs, deltas, probe):
+        with self._hooked(size, True, draws) as (inputs, deltas, probe, known):
             with torch.enable_grad(), self.grads_fn.autocast():
                 outputs = self.grads_fn.task.forward(self.grads_fn._call(self.grads_fn.params), batch)
         targets = draw(outputs.detach())
@@ -196,7 +196,7 @@ class FactorCollector:
                 total = (quantity_of(self.grads_fn.task, self.quantity)(outputs, target_batch).float() * w.sqrt()).sum()
             if total.requires_grad:
                 torch.autograd.grad(total, probe, retain_graph=index < len(targets) - 1, allow_unused=True)
-            self._accumulate(sums, inputs, deltas, inputs_too=index == 0, size=size, weight=w, draws=draws)
+            self._accumulate(sums, inputs, deltas, index == 0, size, w, draws, known)
             if self.diagonal:
                 self._add_diagonal(sums, target_batch, w)
         sums.examples += size
@@ -205,12 +205,12 @@ class FactorCollector:
         self, sums: ChunkFactors, target_batch: Batch, weight: Tensor, inputs_too: bool, draws: FisherDraws | None
     ) -> None:
         w = weight.to(device=self.grads_fn.device, dtype=torch.float32)
-        with self._hooked(int(weight.shape[0]), inputs_too, draws) as (inputs, deltas, probe):
+        with self._hooked(int(weight.shape[0]), inputs_too, draws) as (inputs, deltas, probe, known):
             values = self.grads_fn.values(target_batch, self.quantity)
             total = (values.float() * w.sqrt()).sum()  # δ scaled by √w: B collects w δ δᵀ
             if total.requires_grad:
                 torch.autograd.grad(total, probe, allow_unused=True)
-        self._accumulate(sums, inputs, deltas, inputs_too, size=int(weight.shape[0]), weight=w, draws=draws)
+        self._accumulate(sums, inputs, deltas, inputs_too, int(weight.shape[0]), w, draws, known)
         del inputs, deltas  # not held through the diagonal's per-example gradients
         if self.diagonal:
             self._add_diagonal(sums, target_batch, w)
@@ -218,22 +218,27 @@ class FactorCollector:
     @contextmanager
     def _hooked(
         self, size: int, inputs_too: bool, draws: FisherDraws | None
-    ) -> Iterator[tuple[list[list[Tensor | _Taken | None]], list[list[Tensor | None]], Tensor]]:
-        """Forward hooks on every layer while the block runs: ``(inputs, deltas, probe)``, the lists the hooks
+    ) -> Iterator[
+        tuple[list[list[Tensor | _Taken | None]], list[list[Tensor | None]], Tensor, dict[int, Tensor | None]]
+    ]:
+        """Forward hooks on every layer while the block runs: ``(inputs, deltas, probe, known)``, the lists the hooks
         fill, per layer one entry per use (a layer the forward applies twice, a shared block, has two): in the
         forward its ā at every position (a token layer's), the ā that enter A (a convolution's, ``_Taken``) or
-        ``None`` (not ``inputs_too``: A is not wanted), its δ in every backward through ``probe``."""
+        ``None`` (not ``inputs_too``: A is not wanted), its δ in every backward through ``probe``; and the keys the
+        forward drew for every position of a length T (``_drawn``: a convolution's), which ``_keys`` reuses."""
         inputs: list[list[Tensor | _Taken | None]] = [[] for _ in self.layers]
         deltas: list[list[Tensor | None]] = [[] for _ in self.layers]
+        known: dict[int, Tensor | None] = {}
         probe = torch.zeros((), device=self.grads_fn.device, requires_grad=True)
         handles = [
             module.register_forward_hook(
-                eager_if_compiling(self._hook(i, size, inputs, deltas, probe, inputs_too, draws)), with_kwargs=True
+                eager_if_compiling(self._hook(i, size, inputs, deltas, probe, inputs_too, draws, known)),
+                with_kwargs=True,
             )
             for i, module in enumerate(self.modules)
         ]
         try:
-            yield inputs, deltas, probe
+            yield inputs, deltas, probe, known
         finally:
             for handle in handles:
                 handle.remove()
@@ -247,6 +252,7 @@ class FactorCollector:
         size: int,
         weight: Tensor | None = None,
         draws: FisherDraws | None = None,
+        known: Mapping[int, Tensor | None] | None = None,
     ) -> None:
         """Add a target batch's layer products. Of a token layer (``TOKEN_LAYERS``), only positions that take part
         in the loss enter them: where a token's δ is 0 (padding, a causal language model's last token, the tokens
@@ -278,7 +284,7 @@ class FactorCollector:
                 if silent is not None:
                     live = live | silent.to(live.device)
             lives.append(live)
-        keys = self._keys(lives, draws)
+        keys = self._keys(lives, draws, known or {})
         for (i, a, d), live in zip(pairs, lives, strict=True):
             take, scale = self._take(live, keys.get(live.shape[1]))
             if inputs_too:
@@ -293,7 +299,9 @@ class FactorCollector:
                 d = d * scale.to(d).sqrt().unsqueeze(1)
             sums.b[i] += (d.T @ d).double()
 
-    def _keys(self, lives: Sequence[Tensor], draws: FisherDraws | None) -> dict[int, Tensor]:
+    def _keys(
+        self, lives: Sequence[Tensor], draws: FisherDraws | None, known: Mapping[int, Tensor | None]
+    ) -> dict[int, Tensor]:
         """The draw's keys ``[size, T]`` per length T whose live positions exceed ``positions`` in some example: one
         uniform draw at each position live in some layer of that length (-1 elsewhere), shared by those layers.
         Drawn from each example's ``draws`` at its live positions, numbered among them: a batch padded further, or
@@ -306,7 +314,8 @@ class FactorCollector:
             unions[per] = live if per not in unions else unions[per] | live
         keys = {}
         for per, union in unions.items():
-            drawn = self._drawn(union, draws)
+            # every position live (a convolution's length): the forward's draw, whatever the token layers of this T
+            drawn = known[per] if per in known and bool(union.all()) else self._drawn(union, draws)
             if drawn is not None:
                 keys[per] = drawn
                 self.sampled = True
@@ -351,6 +360,7 @@ class FactorCollector:
         probe: Tensor,
         inputs_too: bool,
         draws: FisherDraws | None,
+        known: dict[int, Tensor | None],
     ) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Tensor], Tensor]:
         layer = self.layers[index]
 
@@ -362,7 +372,7 @@ class FactorCollector:
                     "Kronecker factors need examples along the first dimension of every layer's input; use "
                     "FeaturizeArguments(curvature='projected') for this model."
                 )
-            inputs[index].append(self._inputs(module, x, output, layer, size, draws) if inputs_too else None)
+            inputs[index].append(self._inputs(module, x, output, layer, size, draws, known) if inputs_too else None)
             deltas[index].append(None)
             use = len(deltas[index]) - 1
 
@@ -374,15 +384,25 @@ class FactorCollector:
         return hook
 
     def _inputs(
-        self, module: nn.Module, x: Tensor, output: Tensor, layer: FactoredLayer, size: int, draws: FisherDraws | None
+        self,
+        module: nn.Module,
+        x: Tensor,
+        output: Tensor,
+        layer: FactoredLayer,
+        size: int,
+        draws: FisherDraws | None,
+        known: dict[int, Tensor | None],
     ) -> Tensor | _Taken:
         """What a use's forward keeps for A: a token layer's ā at every position (δ says which enter); a
         convolution's that enter, taken now, as ``_accumulate`` would take them (every patch live, so the keys of its
         T positions are those of every position, whichever layers share T), and only those made."""
         if layer.kind in TOKEN_LAYERS:
             return _positions(module, x.detach().float(), layer)
-        live = _every(size, output.shape[2:].numel(), x.device)
-        take, _ = self._take(live, self._drawn(live, draws))
+        per = output.shape[2:].numel()
+        live = _every(size, per, x.device)
+        if per not in known:  # drawn once for the layers (and uses) of this length
+            known[per] = self._drawn(live, draws)
+        take, _ = self._take(live, known[per])
         return _Taken.smaller(_positions(module, x.detach().float(), layer, take))
 
 
