@@ -7,6 +7,7 @@ effects, so the exact attribution is known in closed form.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -382,3 +383,24 @@ def test_subset_removal_of_an_exact_case_flips_at_the_threshold_and_reads_each_e
     np.testing.assert_array_equal(result.queries, [1, 2])
     np.testing.assert_array_equal(result.flipped_at, [2, 2])
     np.testing.assert_array_equal(result.fraction, [0.0, 1.0, 1.0])
+
+
+def test_the_lds_report_of_one_method_at_two_alphas_has_a_column_each_and_no_ceiling_from_one_retrain(
+    tmp_path: Path,
+) -> None:
+    """Each α's column holds that α's LDS as format_table prints it; with one retrain per subset there is no ceiling
+    and, with one method, no best and no difference."""
+    rng = np.random.default_rng(3)
+    weights = rng.normal(size=(6, 30))
+    truths = []
+    for alpha in (0.3, 0.7):
+        masks = rng.random((9, 30)) < alpha
+        truths.append(ev.Counterfactuals(alpha, masks, (masks @ weights.T)[:, None, :] + rng.normal(size=(9, 1, 6))))
+    scores = {"noisy": weights + rng.normal(size=weights.shape)}
+    results = ev.compare(scores, truths)
+    page = ev.lds_report(scores, truths, results, tmp_path / "r.html").read_text()
+    row = re.search(r"<tr><td>noisy</td>(.*?)</tr>", page).group(1)
+    first, second = (str(r) for r in results["noisy"])
+    assert re.findall(r"<td class='num'>(.*?)</td>", row) == [first, "", second, ""]
+    assert page.count("none: one retrain per subset") == 2 and ">best<" not in page
+    assert re.search(r"<td>α \(fraction kept\)</td><td>0.3, 0.7</td>", page)

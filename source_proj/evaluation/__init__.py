@@ -15,6 +15,7 @@ from source_proj.evaluation.further_training import (
     further_training_ground_truth,
 )
 from source_proj.evaluation.lds import (
+    Comparison,
     Counterfactuals,
     Difference,
     LDSArguments,
@@ -24,6 +25,7 @@ from source_proj.evaluation.lds import (
     lds,
     lds_difference,
     lds_ground_truth,
+    paired_comparison,
     plot_lds,
     query_interval,
     sample_subsets,
@@ -39,6 +41,7 @@ from source_proj.evaluation.metrics import (
     spearman,
 )
 from source_proj.evaluation.removal import RemovalArguments, RemovalResult, plot_removal, subset_removal
+from source_proj.evaluation.report import lds_report
 from source_proj.evaluation.retrain import (
     BatchedRetrainFunction,
     Job,
@@ -53,6 +56,7 @@ __all__ = [
     "BatchedRetrain",
     "BatchedRetrainFunction",
     "BatchedSGD",
+    "Comparison",
     "Correlation",
     "Counterfactuals",
     "Difference",
@@ -78,6 +82,8 @@ __all__ = [
     "lds",
     "lds_difference",
     "lds_ground_truth",
+    "lds_report",
+    "paired_comparison",
     "plot_lds",
     "plot_removal",
     "query_interval",

@@ -337,6 +337,11 @@ class Difference:
         return f"{self.mean:+.3f} [{self.low:+.3f}, {self.high:+.3f}]"
 
 
+Comparison = tuple[tuple[float, float] | None, str, dict[str, Difference]]
+"""One ground truth's noise ceiling ``(r, √ρ)`` (``None`` without one), best method, and each other method's paired
+difference from the best (``paired_comparison``)."""
+
+
 def lds_difference(
     a: np.ndarray, b: np.ndarray, truth: Counterfactuals, args: LDSArguments = LDSArguments()
 ) -> Difference:
@@ -501,6 +506,7 @@ def format_comparison(
     truths: Sequence[Counterfactuals],
     results: Mapping[str, Sequence[Correlation]],
     args: LDSArguments = LDSArguments(),
+    comparison: Sequence[Comparison] | None = None,
 ) -> str:
     """What a reviewer asks beside ``format_table``, one block per ground truth: its split-half noise ceiling (or why
     there is none) and, for several methods, each one's paired LDS difference from the best (``lds_difference``),
@@ -511,29 +517,47 @@ def format_comparison(
         truths: the ground truths, one per α, as given to ``compare``.
         results: what ``compare`` returned for them (the best method is the one of highest LDS).
         args: the bootstrap settings of the paired intervals (``args.resample``: what they resample).
+        comparison: what ``paired_comparison`` returned for the same arguments (default: computed here), so a
+            caller that also writes ``lds_report`` bootstraps the differences once.
     """
-    _check_alphas(results, [t.alpha for t in truths])
+    comparison = paired_comparison(scores, truths, results, args) if comparison is None else comparison
     blocks = []
-    for column, truth in enumerate(truths):
-        if truth.measurements.shape[1] < 2:
+    for truth, (ceiling, best, differences) in zip(truths, comparison, strict=True):
+        if ceiling is None:
             lines = [f"α={truth.alpha:g}: no noise ceiling with one retrain per subset (retrain each subset twice "
                      "or more for one)."]  # fmt: skip
         else:
-            r, ceiling = split_half_reliability(truth)
-            lines = [f"α={truth.alpha:g}: ground truth split-half reliability r = {r:.3f}, so no method's LDS is "
-                     f"expected above about {ceiling:.3f} (the noise ceiling √ρ)."]  # fmt: skip
-        if len(results) > 1:
-            best = max(results, key=lambda name: results[name][column].mean)
+            lines = [f"α={truth.alpha:g}: ground truth split-half reliability r = {ceiling[0]:.3f}, so no method's LDS "
+                     f"is expected above about {ceiling[1]:.3f} (the noise ceiling √ρ)."]  # fmt: skip
+        if differences:
             width = max(len(name) for name in results)
             lines.append(f"paired difference from the best, {best!r} ({args.confidence:.0%} CI; * where it excludes "
                          "0):")  # fmt: skip
-            for name in results:
-                if name != best:
-                    difference = lds_difference(scores[best], scores[name], truth, args)
-                    mark = " *" if difference.significant else ""
-                    lines.append(f"  {best} − {name.ljust(width)}  {difference}{mark}")
+            for name, difference in differences.items():
+                mark = " *" if difference.significant else ""
+                lines.append(f"  {best} − {name.ljust(width)}  {difference}{mark}")
         blocks.append("\n".join(lines))
     return "\n".join(blocks)
+
+
+def paired_comparison(
+    scores: Mapping[str, np.ndarray],
+    truths: Sequence[Counterfactuals],
+    results: Mapping[str, Sequence[Correlation]],
+    args: LDSArguments = LDSArguments(),
+) -> list[Comparison]:
+    """What ``format_comparison`` prints, as values: per ground truth, its ``split_half_reliability`` ``(r, √ρ)``
+    (``None`` with one retrain per subset), the best method (highest LDS) and every other method's paired difference
+    from it (``lds_difference(best, other)``; empty for one method). Arguments as ``format_comparison``'s."""
+    _check_alphas(results, [t.alpha for t in truths])
+    out = []
+    for column, truth in enumerate(truths):
+        ceiling = split_half_reliability(truth) if truth.measurements.shape[1] >= 2 else None
+        best = max(results, key=lambda name: results[name][column].mean)
+        differences = {name: lds_difference(scores[best], scores[name], truth, args)
+                       for name in results if name != best} if len(results) > 1 else {}  # fmt: skip
+        out.append((ceiling, best, differences))
+    return out
 
 
 def plot_lds(
