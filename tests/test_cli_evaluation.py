@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
 import warnings
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -446,3 +448,99 @@ def test_compare_with_a_ground_truth_of_ones_own_scores_against_it_without_retra
         out = CliRunner().invoke(main, ["compare", str(store), "--queries", "0:10", *extra])
         assert out.exit_code != 0 and match in " ".join(out.output.split()), (extra, out.output)
         assert "Traceback" not in out.output
+
+
+class _Page(HTMLParser):
+    """The rows of a page's tables (each cell's text, and whether it holds a ``sig`` mark) and its images' sources."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[list[tuple[str, bool]]] = []
+        self.images: list[str] = []
+        self.links: list[str] = []
+        self._cell: list[str] | None = None
+        self._marked = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = dict(attrs)
+        self.links += [v for k, v in attrs if k in ("href", "src") and v and not v.startswith("data:")]
+        if tag == "tr":
+            self.rows.append([])
+        elif tag in ("td", "th"):
+            self._cell, self._marked = [], False
+        elif tag == "span" and found.get("class") == "sig":
+            self._marked = True
+        elif tag == "img":
+            self.images.append(found.get("src") or "")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self._cell is not None:
+            self.rows[-1].append(("".join(self._cell).strip(), self._marked))
+            self._cell = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def test_compare_writes_an_html_report_with_the_printed_numbers_and_the_picture_inline(fitted, tmp_path: Path) -> None:
+    """--html writes one self-contained page whose table holds each method's LDS and paired difference from the best
+    exactly as the text table prints them (significant ones marked), the noise ceiling and the settings, and the
+    per-query picture as an inline PNG."""
+    spec_path, store = fitted
+    retrain = load_spec(spec_path).retrainer()
+    masks = np.random.default_rng(21).random((7, 40)) < 0.5
+    measurements = np.stack([[retrain({"main": np.flatnonzero(m)}, seed) for seed in (11, 12)] for m in masks])
+    np.savez(tmp_path / "own.npz", masks=masks, measurements=measurements)
+    report = tmp_path / "lds.html"
+    out = CliRunner().invoke(main, ["compare", str(store), "--methods", "source,trak,grad-dot", "--queries", "0:10",
+                                    "--truth", str(tmp_path / "own.npz"), "--html", str(report)])  # fmt: skip
+    assert out.exit_code == 0, out.output
+    page = _Page()
+    page.feed(report.read_text())
+    table = {row[0][0]: row[1:] for row in page.rows if row}
+    printed = re.compile(r"-?\d\.\d{3} \[-?\d\.\d{3}, -?\d\.\d{3}\]")
+    differences = {}
+    for line in out.output.splitlines():
+        if " − " in line:  # "  best − method  +0.100 [+0.050, +0.150] *"
+            best, _, rest = line.strip().partition(" − ")
+            name, shown = rest.split(maxsplit=1)
+            differences[name] = shown
+    assert len(differences) == 2, out.output
+    for method in ("source", "trak", "grad-dot"):
+        line = next(line for line in out.output.splitlines() if line.startswith(method + " "))
+        (lds_cell, _), (difference_cell, marked) = table[method]
+        assert lds_cell == printed.search(line).group(), (method, lds_cell, line)
+        if method == best:
+            assert difference_cell == "best"
+        else:
+            assert difference_cell == differences[method] and marked == differences[method].endswith("*")
+    r, ceiling = ev.split_half_reliability(ev.Counterfactuals(0.5, masks, measurements).select(range(10)))
+    assert table["noise ceiling"] == [(f"√ρ = {ceiling:.3f} (split-half r = {r:.3f})", False)]
+    settings = {row[0][0]: row[1][0] for row in page.rows if len(row) == 2}
+    assert settings["subsets M"] == "7" and settings["retrains per subset R"] == "2" and settings["queries"] == "10"
+    assert settings["ground truth"] == str(tmp_path / "own.npz") and settings["store"] == str(store)
+    assert settings["written"].endswith("UTC")
+    assert len(page.images) == 1 and page.images[0].startswith("data:image/png;base64,")
+    assert base64.b64decode(page.images[0].split(",", 1)[1]).startswith(b"\x89PNG\r\n\x1a\n")
+    assert not page.links  # nothing fetched from elsewhere
+
+
+@pytest.mark.parametrize("command", ["compare", "lds"])
+def test_an_html_path_that_cannot_be_written_is_refused_before_any_scoring_or_retraining(
+    fitted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    _, store = fitted
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("scored or retrained before the --html path was checked")
+
+    monkeypatch.setattr(ev, "lds_ground_truth", never)
+    monkeypatch.setattr(sp.Ensemble, "open", never)
+    missing = tmp_path / "missing" / "lds.html"
+    for path, match in ((tmp_path, "is a directory; give a file name such as"),
+                        (missing, "missing is not an existing folder; create it first")):  # fmt: skip
+        out = CliRunner().invoke(main, [command, str(store), "--subsets", "6", "--html", str(path)])
+        assert out.exit_code == 2 and match in " ".join(out.output.split()), (path, out.output)
+        assert "Traceback" not in out.output
+    assert not (tmp_path / "missing").exists()

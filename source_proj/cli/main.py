@@ -30,7 +30,7 @@ from source_proj import evaluation as ev
 from source_proj.distributed import Shard, launched, together
 from source_proj.errors import describe_out_of_memory, first_line, mention, out_of_memory
 from source_proj.evaluation.lds import MIN_SUBSETS
-from source_proj.figures import check_figure_path
+from source_proj.figures import check_figure_path, pyplot
 from source_proj.methods.fit import store_view
 from source_proj.projection.factory import PROJECTION_KINDS
 from source_proj.query.attributor import StageRows, method_meta
@@ -1232,6 +1232,10 @@ def _evaluation_options(fn: Any) -> Any:
                      help="Spec file with retrain(keep, seed) (default: the one recorded by featurize)."),
         click.option("--out", "out_path", default=None, type=click.Path(path_type=Path),
                      help="Write per-query correlations (.csv, .jsonl or .parquet)."),
+        click.option("--html", "html_path", default=None, type=click.Path(path_type=Path),
+                     help="Write an HTML report (one self-contained file): the table, the settings and a picture of "
+                          "each query's correlation under each method, the noise ceiling marked; an existing file is "
+                          "replaced."),
         click.option("--device", default=None,
                      help="Where query gradients are computed (default: cuda when available)."),
     ]
@@ -1287,6 +1291,7 @@ def _lds_table(
     truth_path: Path | None,
     spec_path: Path | None,
     out_path: Path | None,
+    html_path: Path | None,
     device: str | None,
     external: dict[str, tuple[Path, np.ndarray]] | None = None,
 ) -> tuple[dict[str, list[Any]], list[float]]:
@@ -1294,7 +1299,7 @@ def _lds_table(
     written to ``--out``) with the ground truth's noise ceiling and, for several methods, each one's paired
     difference from the best; ``external`` (name → its file and matrix) adds scores made elsewhere. Every option
     is checked before the store is read, every external matrix before the retrains. ``truth_path`` (``--truth``)
-    brings the ground truth instead of the retrains."""
+    brings the ground truth instead of the retrains; ``html_path`` (``--html``) writes ``ev.lds_report``."""
     brought = None if truth_path is None else _brought_truth(truth_path)
     try:
         levels = [float(a) for a in alphas.split(",")] if brought is None else [brought.alpha]
@@ -1303,6 +1308,7 @@ def _lds_table(
     arguments = [ev.LDSArguments(alpha=a, num_subsets=subsets, repeats=repeats, seed=seed, workers=workers)
                  for a in levels]  # fmt: skip
     _check_out(out_path)
+    _check_html(html_path)
     first = sp.Store.open(store_paths[0])
     methods = methods or sorted(first.meta.get("methods") or {})
     if not methods:
@@ -1371,8 +1377,32 @@ def _lds_table(
     origin = "" if truth_path is None else f" (ground truth: {truth_path})"
     click.echo(f"LDS over {len(indices)} queries, {shape}{ensemble}{origin}; intervals resample {over}:")
     click.echo(ev.format_table(results, levels))
-    click.echo(ev.format_comparison(scores, truths, results, summary))
+    comparison = ev.paired_comparison(scores, truths, results, summary)
+    click.echo(ev.format_comparison(scores, truths, results, summary, comparison))
+    if html_path is not None:
+        settings = {
+            "store" + ("s" if len(store_paths) > 1 else ""): ", ".join(str(s) for s in store_paths),
+            "queries chosen": which or "all",
+            "ground truth": str(truth_path) if truth_path is not None else f"retrains cached in {cache_dir}",
+        }
+        report = _save(html_path, lambda: ev.lds_report(scores, truths, results, html_path, args=summary,
+                                                        settings=settings, comparison=comparison))  # fmt: skip
+        click.echo(f"report: {report}")
     return results, levels
+
+
+def _check_html(path: Path | None) -> None:
+    """Refuse an ``--html`` path the report cannot be written to, or a report matplotlib cannot draw, before the work
+    that makes it."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise click.BadParameter(f"{path} is a directory; give a file name such as {path / 'lds.html'}",
+                                 param_hint="--html")  # fmt: skip
+    if not path.parent.is_dir():
+        raise click.BadParameter(f"{path.parent} is not an existing folder; create it first, or name a file in one",
+                                 param_hint="--html")  # fmt: skip
+    pyplot()
 
 
 def _brought_truth(path: Path) -> ev.Counterfactuals:
