@@ -485,3 +485,19 @@ def test_a_ground_truth_saved_to_a_file_loads_back_exactly_and_a_file_it_cannot_
             Counterfactuals.load(tmp_path / name)
     with pytest.raises(TaskError, match=r"does not end in \.npz"):
         truth.save(tmp_path / "truth.npy")
+
+
+@pytest.mark.parametrize("resample", ["subsets", "queries", "both"])
+def test_the_table_names_the_coverage_the_intervals_were_drawn_at(resample: str) -> None:
+    """The table's header said "95% CI" whatever LDSArguments.confidence was."""
+    rng = np.random.default_rng(4)
+    masks = rng.random((12, 8)) < 0.5
+    scores = rng.normal(size=(5, 8))
+    truth = Counterfactuals(0.5, masks, (masks @ scores.T + rng.normal(size=(12, 5)))[:, None, :])
+    narrow = lds(scores, truth, LDSArguments(resamples=50, confidence=0.8, resample=resample))
+    wide = lds(scores, truth, LDSArguments(resamples=50, resample=resample))
+    assert narrow.confidence == 0.8 and wide.confidence == 0.95
+    assert narrow.high - narrow.low < wide.high - wide.low
+    assert "[80% CI]" in format_table({"a": [narrow]}, [0.5]) and "95%" not in format_table({"a": [narrow]}, [0.5])
+    assert "[95% CI]" in format_table({"a": [wide]}, [0.5])
+    assert "[80%/95% CI]" in format_table({"a": [narrow], "b": [wide]}, [0.5])

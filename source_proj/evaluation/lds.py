@@ -303,7 +303,7 @@ def lds(scores: np.ndarray, truth: Counterfactuals, args: LDSArguments = LDSArgu
         interval = _two_way_interval(
             lambda idx: spearman(predicted[idx], actual[idx], axis=1), per_query, actual.shape[0], args
         )
-    return Correlation(float(np.nanmean(per_query)), *interval, per_query, actual.shape[0])
+    return Correlation(float(np.nanmean(per_query)), *interval, per_query, actual.shape[0], args.confidence)
 
 
 @dataclass(frozen=True)
@@ -490,10 +490,16 @@ def _check_alphas(results: Mapping[str, Sequence[Correlation]], alphas: Sequence
             )
 
 
+def _coverage(results: Mapping[str, Sequence[Correlation]]) -> str:
+    """``"95%"``: the intervals' coverage, or each one where the results were drawn at several (``"90%/95%"``)."""
+    levels = sorted({r.confidence for rs in results.values() for r in rs})
+    return "/".join(f"{c:.0%}" for c in levels) if levels else "95%"
+
+
 def format_table(results: Mapping[str, Sequence[Correlation]], alphas: Sequence[float]) -> str:
-    """A plain-text table: one row per method, one column per α, ``LDS [95% CI]``."""
+    """A plain-text table: one row per method, one column per α, ``LDS [95% CI]`` (the results' coverage)."""
     _check_alphas(results, alphas)
-    head = ["method", *(f"LDS α={a:g} [95% CI]" for a in alphas)]
+    head = ["method", *(f"LDS α={a:g} [{_coverage(results)} CI]" for a in alphas)]
     body = [[name, *(str(r) for r in rs)] for name, rs in results.items()]
     widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in [head, *body]]
@@ -573,7 +579,7 @@ def plot_lds(
         err = np.array([[r.mean - r.low for r in rs], [r.high - r.mean for r in rs]])
         ax.errorbar(alphas, mean, yerr=err, marker="o", capsize=3, label=name)
     ax.set_xlabel("α (fraction of training data kept)")
-    ax.set_ylabel("LDS (mean Spearman, 95% CI)")
+    ax.set_ylabel(f"LDS (mean Spearman, {_coverage(results)} CI)")
     ax.axhline(0.0, color="grey", lw=0.5)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))

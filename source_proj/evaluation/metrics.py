@@ -194,6 +194,7 @@ class Correlation:
         high: upper end of that interval.
         per_query: ``[Q]`` Spearman correlation of each query (NaN where undefined).
         units: number of units correlated over (subsets M, or left-out examples).
+        confidence: the interval's coverage (tables and plots name it).
     """
 
     mean: float
@@ -201,6 +202,7 @@ class Correlation:
     high: float
     per_query: np.ndarray
     units: int
+    confidence: float = 0.95
 
     def __str__(self) -> str:
         return f"{self.mean:.3f} [{self.low:.3f}, {self.high:.3f}]"
@@ -260,4 +262,4 @@ def correlate(
             return np.nanmean(np.where(np.isfinite(rho), rho, np.nan), axis=1)
 
     low, high = bootstrap_ci(statistic, predicted.shape[0], resamples=resamples, confidence=confidence, seed=seed)
-    return Correlation(float(np.nanmean(per_query)), low, high, per_query, predicted.shape[0])
+    return Correlation(float(np.nanmean(per_query)), low, high, per_query, predicted.shape[0], confidence)
