@@ -183,6 +183,21 @@ class Ranks:
         world, rank = self.shard.world, self.shard.rank
         return self.most(work * world + world - 1 - rank) % world == world - 1 - rank
 
+    def paced(self, items: Sequence[T]) -> Iterator[T]:
+        """``items``, the ranks of a process group agreeing (``agree``) before each, and a rank with fewer items as
+        often once it is done (the most any rank holds, a collective, first): a rank that fails on an item stops the
+        others within an item, where they would otherwise work through the rest of their shards (hours) before they
+        learnt of it. Independent ranks just take the items. Iterate to the end: the last agreements come then."""
+        if not self.coordinated:
+            yield from items
+            return
+        most = self.most(len(items))
+        for item in items:
+            self.agree(None)
+            yield item
+        for _ in range(most - len(items)):
+            self.agree(None)
+
     def broadcast(self, tensor: torch.Tensor, source: int) -> torch.Tensor:
         """``tensor`` as held by rank ``source``, on every rank (on ``tensor``'s device). The ranks agree first
         (see ``agree``): a rank that failed since the last broadcast stops the others here."""

@@ -793,6 +793,87 @@ def test_a_rank_failing_mid_shard_stops_every_rank_within_a_chunk_and_the_store_
     assert not (tmp_path / "api.sp").exists() and not (tmp_path / "build.sp").exists()
 
 
+FIT_STOPS_MID_SHARD = """
+import importlib
+import os
+import time
+
+import click
+import torch.distributed as dist
+
+import source_proj as sp
+from source_proj.cli.main import main
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+
+
+def cli(*args):
+    try:
+        main(list(args), standalone_mode=False)
+    except click.ClickException as err:
+        print(f"rank {{rank}} refused: {{err.format_message()}}", flush=True)
+
+
+# Each rank caches 3 of the 6 chunks. Rank 1 fails in its second chunk and leaves the file FAILED; rank 0 begins its
+# second chunk only once FAILED is there, and should not begin its third: where it does, it waits there two minutes.
+fitting = importlib.import_module("source_proj.methods.fit")  # the package's name is the function's
+means, begun = fitting._checkpoint_means, []
+
+
+def stops_mid_shard(*args, **kwargs):
+    begun.append(1)
+    if rank == 1 and len(begun) == 2:
+        open("FAILED", "w").close()
+        raise ValueError("rank 1 cannot read its chunk")
+    if rank == 0 and len(begun) == 2:
+        deadline = time.monotonic() + 60
+        while not os.path.exists("FAILED") and time.monotonic() < deadline:
+            time.sleep(0.01)
+    if rank == 0 and len(begun) == 3 and os.path.exists("FAILED"):
+        time.sleep(120)
+    return means(*args, **kwargs)
+
+
+fitting._checkpoint_means = stops_mid_shard
+cli("fit", "two.sp", "--segments", "2", "--curvature", {curvature!r})
+fitting._checkpoint_means = means
+dist.barrier()
+if rank == 0:
+    store = sp.Store.open("two.sp")
+    print(f"pending {{store.pending_chunks('methods/source/train/main')}}", flush=True)
+cli("fit", "two.sp", "--segments", "2", "--curvature", {curvature!r})
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("curvature", ["projected", "kfac"])
+def test_a_fit_rank_failing_mid_shard_stops_every_rank_within_a_chunk_and_the_store_resumes(
+    tmp_path: Path, tiny_run: Path, spec: Path, curvature: str
+) -> None:
+    """fit's cached features under a process group (6 chunks of 2 rows, one per shard file: 3 per rank): rank 1 fails
+    in its second chunk, while rank 0 has a chunk to go that it begins only after the failure (where it would wait two
+    minutes). The ranks agree before each chunk, so rank 0 stops before it, where it would compute the rest of its share
+    (hours) with rank 1 waiting for it. Rank 1 names the cause, rank 0 says rank 1 failed, the chunks written are kept
+    (rank 0's first two, rank 1's first) and the same command completes the store a one-process fit writes. So with
+    the projected curvature and with the Kronecker factors (their cached features are other blocks)."""
+    _in_process(*_featurize(tiny_run, spec, tmp_path / "one.sp", "--chunk-rows", "2", "--batch-size", "2",
+                            "--shard-chunks", "1", "--curvature", "both"))  # fmt: skip
+    shutil.copytree(tmp_path / "one.sp", tmp_path / "two.sp")
+    _in_process("fit", str(tmp_path / "one.sp"), "--segments", "2", "--curvature", curvature)
+    script = tmp_path / "ranks.py"
+    script.write_text(FIT_STOPS_MID_SHARD.format(curvature=curvature) + LEAVE)
+    stdout, _ = _launch(2, script, timeout=100)
+    assert "rank 1 refused: source-proj fit failed unexpectedly (ValueError: rank 1 cannot read its chunk)" in stdout
+    assert "rank 0 refused: Rank 1 of 2 failed (its error is in its output)" in stdout, stdout
+    assert stdout.count("refused") == 2, stdout
+    assert "pending [2, 4, 5]" in stdout, stdout
+    assert stdout.count("fitted 'source'") == 1, stdout  # the rerun's summary (rank 0's)
+    assert sp.Store.open(tmp_path / "one.sp").meta["methods"]["source"]["curvature"] == curvature
+    assert files(tmp_path / "two.sp") == files(tmp_path / "one.sp")
+
+
 def _ranks_on_their_own(command: list[str], timeout: float, **extra: str) -> list[tuple[int, str]]:
     """(exit status, stderr) of each of two processes that run ``command`` as the ranks of the process group they join
     themselves (``MASTER_ADDR``, ``RANK``, ...), with no launcher to stop the others where one ends (``srun``, a script

@@ -8,7 +8,7 @@ and one pass over the stored gradients folds every operator into T(z) (see sourc
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -624,6 +624,10 @@ class _Fit:
         sizes = {s["name"]: s["dataset_size"] for s in store.meta["trajectory"]["stages"]}
         if not work and group.single and self._refit_unchanged(store, description, segments):
             return
+
+        def chunks() -> Iterator[tuple[str, int]]:  # under a process group the ranks agree before each (``paced``)
+            return tqdm(group.paced(work), desc="fit", unit="chunk", total=len(work), disable=not progress)
+
         if description.get("curvature") == "kfac":
             points = described_points(description)
             self._curvatures = [
@@ -631,7 +635,7 @@ class _Fit:
                 for seg, own in zip(segments, points, strict=True)
             ]
             blocks = description["query"]["operators"]["blocks"]
-            for stage, chunk in tqdm(work, desc="fit", unit="chunk", disable=not progress):
+            for stage, chunk in chunks():
                 values = _segment_blocks(store, stage, chunk, sizes[stage], segments, points, blocks)
                 store.write_chunk(names[stage], chunk, values)
             return
@@ -658,7 +662,7 @@ class _Fit:
             )
             means = partial(_checkpoint_means, store, dict(zip(segments, points, strict=True)))
         folded = dict(zip(segments, fold(self._operators), strict=True))
-        for stage, chunk in tqdm(work, desc="fit", unit="chunk", disable=not progress):
+        for stage, chunk in chunks():
             own = [seg for seg in segments if seg.stage == stage]
             if not own:
                 raise TaskError(
