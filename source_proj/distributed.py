@@ -6,7 +6,7 @@ Two ways to run several processes:
   several ranks): the ranks meet through the process group (gloo on CPUs, NCCL on GPUs). Rank 0
   prepares the store (metadata, arrays, progress entries) under the exclusive lock, every rank
   writes its shard under the cooperative lock, and rank 0 marks the store finished; failures are
-  agreed on (featurize's ranks before each row chunk too, ``Ranks.agree``), so every rank stops with the error
+  agreed on (before each row chunk too, ``Ranks.agree`` and ``Ranks.paced``), so every rank stops with the error
   (docs/howto/distributed.md, "When a rank fails"). fit reduces its curvature across ranks.
 - **independent shards** (a SLURM array, or ``--shard i/n`` by hand): the processes never talk.
   Whichever process finds the store unprepared prepares it (the others wait for it), each writes

@@ -402,7 +402,8 @@ def fit(
     the checkpoints' curvatures are split between the ranks and broadcast in a fixed order, so
     every rank (and a one-process fit) sums exactly the same matrices in the same order: the
     result is bit-identical to a one-process fit. Independent shards each compute every curvature.
-    Every rank of the process group calls fit, with the same arguments.
+    Every rank of the process group calls fit, with the same arguments; the ranks agree before each cached chunk, so
+    a rank that fails stops the others within a chunk (docs/howto/distributed.md, "When a rank fails").
     """
     if not isinstance(args, FitArguments):
         raise TaskError(f"fit's args is {args!r}; pass a FitArguments (or leave it out for the defaults).")
