@@ -479,6 +479,25 @@ def test_independent_shards_refuse_overwrite(tmp_path: Path, tiny_run: Path) -> 
     assert not (tmp_path / "s.sp" / "zarr.json").exists()
 
 
+def test_fit_of_a_python_store_with_a_shard_missing_asks_for_the_python_call_in_plain_words(
+    tmp_path: Path, tiny_run: Path
+) -> None:
+    """A store featurized from Python (no spec: no command rebuilds it) with one of its two shards run: fit names the
+    Python call that finishes it and the shard argument, not a CLI command in backticks that is not one."""
+    from .crash_driver import featurize
+
+    store = tmp_path / "half.sp"
+    featurize(tiny_run, store, shard=Shard(0, 2))
+    with pytest.raises(sp.StoreError) as refused:
+        sp.fit(store, progress=False)
+    message = str(refused.value)
+    assert message.startswith(f"The store at {store} is not fully featurized (["), message
+    assert message.endswith("has run; finish it, then fit: re-run source_proj.featurize(...) with the arguments that "
+                            "created the store (each missing shard with its shard=source_proj.distributed.Shard(i, n))."
+                            ), message  # fmt: skip
+    assert "`" not in message and "--shard)" not in message
+
+
 def test_a_slurm_shard_says_which_shard_it_computed(
     tmp_path: Path, tiny_run: Path, spec: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

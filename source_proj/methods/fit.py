@@ -485,10 +485,13 @@ class _Fit:
             arrays = [f"{kind}/{name}" for name in names for kind in ("grads", "fisher")]
             unfinished = [name for name in arrays if store.has(name) and not store.is_complete(name)]
             if unfinished:
+                command = featurize_command(store)
+                finish = (f"finish it with `{command}` (each missing shard with its --shard), then fit"
+                          if command.startswith("source-proj") else f"finish it, then fit: {command} (each missing "
+                          "shard with its shard=source_proj.distributed.Shard(i, n))")  # fmt: skip
                 raise StoreError(
                     f"The store at {store.path} is not fully featurized ({unfinished[:2]} unfinished): a featurize "
-                    "was interrupted, or not every shard of a split one (--shard i/n) has run; finish it with "
-                    f"`{featurize_command(store)}` (each missing shard with its --shard), then fit."
+                    f"was interrupted, or not every shard of a split one (--shard i/n) has run; {finish}."
                 )
         curvature = self.args.resolve_curvature(meta)
         if curvature == "kfac":
