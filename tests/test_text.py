@@ -578,6 +578,28 @@ def test_bad_text_input_is_refused_with_a_sentence() -> None:
         sp.SequenceClassificationTask().loss(torch.zeros(3, 3), _batch(SEQUENCES))
 
 
+@pytest.mark.parametrize(
+    ("task", "helper"),
+    [(sp.LanguageModelingTask, "mean_predicted_tokens"), (sp.Seq2SeqTask, "mean_target_tokens"),
+     (sp.TokenClassificationTask, "mean_labelled_tokens")],
+)  # fmt: skip
+def test_a_token_task_without_tokens_per_sequence_or_with_a_non_number_is_one_sentence_naming_what_to_pass(
+    task: type, helper: str
+) -> None:
+    """tokens_per_sequence has no default (the loss scale depends on the training loop): left out, the task names it
+    and the helper that computes it, in a TaskError, not Python's TypeError of a missing argument; a list or a
+    tensor of several values is the positive-number sentence, not float()'s TypeError."""
+    for given in ({}, {"tokens_per_sequence": None}):
+        needs = rf"^{task.__name__} needs tokens_per_sequence: .*text\.{helper}\(train\)"
+        with pytest.raises(sp.TaskError, match=needs):
+            task(**given)
+    for wrong in ([3], torch.tensor([2.0, 3.0]), "many"):
+        with pytest.raises(sp.TaskError, match=rf"^tokens_per_sequence must be a positive number .*see {helper}"):
+            task(tokens_per_sequence=wrong)
+    assert task(tokens_per_sequence=2.5).tokens_per_sequence == 2.5
+    assert task(tokens_per_sequence="own").tokens_per_sequence == "own"
+
+
 @pytest.mark.parametrize("build", [_gpt2, _opt, _bert], ids=["gpt2-wpe", "opt-offset-2", "bert"])
 def test_sequences_beyond_the_position_table_are_refused_by_name_before_the_model_indexes_past_it(
     build: Callable[[], nn.Module],

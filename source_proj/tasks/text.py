@@ -774,13 +774,13 @@ class LanguageModelingTask(_TextTask):
     measurement stays the plain summed loss, and the Fisher that of the plain token likelihood.
 
     Attributes:
-        tokens_per_sequence: n̄ (a number) or ``"own"``, see above.
+        tokens_per_sequence: n̄ (a number) or ``"own"``, see above; required (no default fits every training loop).
         parameters: which parameters are attributed (default: the blocks' attention and MLP
             linear layers, [`ModuleSelection`][]).
         label_smoothing: ε of a run trained on smoothed labels (default 0: none).
     """
 
-    tokens_per_sequence: float | Literal["own"]
+    tokens_per_sequence: float | Literal["own"] | None = None  # required: None is refused in one sentence
     parameters: ModuleSelection | ParameterSelection = field(default_factory=ModuleSelection)
     name: str = "language-modeling"
     label_smoothing: float = 0.0
@@ -794,7 +794,7 @@ class LanguageModelingTask(_TextTask):
     positive_helps: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        _check_tokens_per_sequence(self.tokens_per_sequence, "predicted", "mean_predicted_tokens")
+        _check_tokens_per_sequence(self.tokens_per_sequence, "predicted", "mean_predicted_tokens", type(self).__name__)
         self.label_smoothing = check_label_smoothing(self.label_smoothing)
 
     def _resolve(self, model: nn.Module) -> ModelKind:
@@ -924,7 +924,7 @@ class Seq2SeqTask(_TextTask):
     ``decoder_start_token_id`` and ``pad_token_id``, which only a Hugging Face config holds).
 
     Attributes:
-        tokens_per_sequence: n̄ (a number) or ``"own"``, see above.
+        tokens_per_sequence: n̄ (a number) or ``"own"``, see above; required (no default fits every training loop).
         parameters: which parameters are attributed (default: the encoder's and decoder's blocks' linear layers:
             their self-attention, cross-attention and MLP projections, without the output head,
             [`ModuleSelection`][]).
@@ -933,7 +933,7 @@ class Seq2SeqTask(_TextTask):
         pad_token_id: the id read for −100 in the shifted target (default: the model config's).
     """
 
-    tokens_per_sequence: float | Literal["own"]
+    tokens_per_sequence: float | Literal["own"] | None = None  # required: None is refused in one sentence
     parameters: ModuleSelection | ParameterSelection = field(default_factory=ModuleSelection)
     name: str = "seq2seq"
     label_smoothing: float = 0.0
@@ -947,7 +947,7 @@ class Seq2SeqTask(_TextTask):
     positive_helps: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        _check_tokens_per_sequence(self.tokens_per_sequence, "target", "mean_target_tokens")
+        _check_tokens_per_sequence(self.tokens_per_sequence, "target", "mean_target_tokens", type(self).__name__)
         self.label_smoothing = check_label_smoothing(self.label_smoothing)
 
     def bind(self, model: nn.Module) -> Seq2SeqTask:
@@ -1171,8 +1171,23 @@ def _aligned_fisher_targets(
     return directions
 
 
-def _check_tokens_per_sequence(n: Any, what: str, helper: str) -> None:
-    if n != "own" and (isinstance(n, str) or not float(n) > 0):
+def _check_tokens_per_sequence(n: Any, what: str, helper: str, task: str) -> None:
+    """Refuse a ``tokens_per_sequence`` that is neither a positive number nor ``"own"``, or none at all (it has no
+    default: the loss scale depends on how the training loop averaged its token losses)."""
+    if n is None:
+        raise TaskError(
+            f"{task} needs tokens_per_sequence: the mean number of {what} tokens per training sequence (a run trained "
+            f"on Hugging Face's token-mean loss: source_proj.tasks.text.{helper}(train)), 1 for a loop that summed "
+            "its token losses, or 'own' for one that averaged each sequence's mean (docs/howto/language-models.md, "
+            "'The loss scale')."
+        )
+    if n == "own":
+        return
+    try:
+        positive = not isinstance(n, str) and float(n) > 0
+    except (TypeError, ValueError):
+        positive = False
+    if not positive:
         raise TaskError(
             f"tokens_per_sequence must be a positive number (the mean {what} tokens per training sequence, "
             f"see {helper}) or 'own', not {n!r}."
@@ -1199,14 +1214,14 @@ class TokenClassificationTask(_TextTask):
     Fisher targets draw a class for every labelled token from the model, weight n.
 
     Attributes:
-        tokens_per_sequence: n̄ (a number) or ``"own"``, see above.
+        tokens_per_sequence: n̄ (a number) or ``"own"``, see above; required (no default fits every training loop).
         parameters: which parameters are attributed (default: every linear layer, the head's
             too: ``ModuleSelection(blocks_only=False)``).
         attention: for Hugging Face models, how the mask is built (see [`SequenceClassificationTask`][]).
         label_smoothing: ε of a run trained on smoothed labels (default 0: none).
     """
 
-    tokens_per_sequence: float | Literal["own"]
+    tokens_per_sequence: float | Literal["own"] | None = None  # required: None is refused in one sentence
     parameters: ModuleSelection | ParameterSelection = field(default_factory=_with_head)
     name: str = "token-classification"
     attention: AttentionKind = "auto"
@@ -1219,7 +1234,7 @@ class TokenClassificationTask(_TextTask):
     )
 
     def __post_init__(self) -> None:
-        _check_tokens_per_sequence(self.tokens_per_sequence, "labelled", "mean_labelled_tokens")
+        _check_tokens_per_sequence(self.tokens_per_sequence, "labelled", "mean_labelled_tokens", type(self).__name__)
         self.label_smoothing = check_label_smoothing(self.label_smoothing)
 
     def _labelled(self, outputs: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
