@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -501,3 +503,22 @@ def test_the_table_names_the_coverage_the_intervals_were_drawn_at(resample: str)
     assert "[80% CI]" in format_table({"a": [narrow]}, [0.5]) and "95%" not in format_table({"a": [narrow]}, [0.5])
     assert "[95% CI]" in format_table({"a": [wide]}, [0.5])
     assert "[80%/95% CI]" in format_table({"a": [narrow], "b": [wide]}, [0.5])
+
+
+def test_a_ground_truth_is_saved_into_a_new_folder_and_an_unwritable_path_is_one_sentence(tmp_path: Path) -> None:
+    """save creates the folders it is asked to write into (as the library's other writers do, through
+    atomic_write_bytes), and a path it cannot write (a folder of that name, a file where a folder should be) is a
+    TaskError naming the path, not NotADirectoryError or IsADirectoryError, with nothing left beside it."""
+    rng = np.random.default_rng(7)
+    truth = Counterfactuals(0.5, rng.random((4, 6)) < 0.5, rng.normal(size=(4, 1, 2)))
+    deep = tmp_path / "new" / "deeper" / "truth.npz"
+    assert truth.save(deep) == deep
+    np.testing.assert_array_equal(Counterfactuals.load(deep).measurements, truth.measurements)
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "a-folder.npz").mkdir()
+    for path, reason in ((tmp_path / "a-file" / "truth.npz", "Not a directory"),
+                         (tmp_path / "a-folder.npz", "Is a directory")):  # fmt: skip
+        with pytest.raises(TaskError, match=rf"^Writing {re.escape(str(path))} failed \({reason}\); choose a path"):
+            truth.save(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "a-folder.npz", "new"]
+    assert list((tmp_path / "a-folder.npz").iterdir()) == []

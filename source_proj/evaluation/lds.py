@@ -170,14 +170,19 @@ class Counterfactuals:
         return self.measurements.mean(axis=1)
 
     def save(self, path: str | Path) -> Path:
-        """Write the ground truth to an ``.npz`` file (``alpha``, ``masks``, ``measurements``), whole or not at all;
-        ``Counterfactuals.load`` reads it back, and so does numpy. Returns the path."""
+        """Write the ground truth to an ``.npz`` file (``alpha``, ``masks``, ``measurements``), whole or not at all,
+        creating its folder as the library's other writers do; ``Counterfactuals.load`` reads it back, and so does
+        numpy. Returns the path. A path that cannot be written (a folder there, a file where a folder should be, no
+        permission) is one sentence."""
         path = Path(path)
         if path.suffix != ".npz":
             raise TaskError(f"{path.name} does not end in .npz; a ground truth is saved as a numpy .npz archive.")
         buffer = io.BytesIO()
         np.savez(buffer, alpha=np.float64(self.alpha), masks=self.masks, measurements=self.measurements)
-        atomic_write_bytes(path, buffer.getvalue())
+        try:
+            atomic_write_bytes(path, buffer.getvalue())
+        except OSError as err:
+            raise TaskError(f"Writing {path} failed ({err.strerror or err}); choose a path you can write to.") from None
         return path
 
     @classmethod
