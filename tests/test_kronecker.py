@@ -798,6 +798,46 @@ def test_convolution_factors_equal_brute_force_with_drawn_positions_and_layers_u
         torch.testing.assert_close(sums.b[i], b_total[i], rtol=1e-5, atol=1e-6 * float(b_total[i].abs().max()))
 
 
+class _SilentOnNegativeLabels(sp.ClassificationTask):
+    """A task whose Fisher loss does not depend on the outputs for a target batch of labels −1 (a custom task's
+    "this batch carries no loss"): its backward reaches no layer."""
+
+    def fisher_loss(self, outputs: torch.Tensor, batch) -> torch.Tensor:
+        if bool((batch[1] < 0).all()):
+            return outputs.detach().sum(1) * 0
+        return super().fisher_loss(outputs, batch)
+
+
+def test_add_shared_adds_each_target_batchs_own_deltas_as_a_forward_per_target_does() -> None:
+    """Several target batches through one forward (``add_shared``) give the A, B and positions of a forward per
+    target batch (``add``), and a target batch whose loss reaches no layer is refused as ``add`` refuses it: the
+    previous target's δ, recorded in the same lists, is not added to B a second time."""
+    model = _ConvTwice().eval()
+    names = [n for n, _ in model.named_parameters()]
+    layers, _ = kronecker_layers(model, names)
+    x, y = _conv_batch()
+    first, second = torch.tensor([0.5, 1.0, 2.0, 0.25, 1.5]), torch.tensor([1.0, 0.5, 0.75, 2.0, 1.0])
+    targets = [(first, (x, y)), (second, (x, (y + 1) % 4))]
+    sums = []
+    for shared in (False, True):
+        collector = FactorCollector(PerExampleGradients(model, _SilentOnNegativeLabels(), names), layers, [])
+        sums.append(collector.empty())
+        if shared:
+            collector.add_shared(sums[-1], (x, y), lambda outputs: targets)
+        else:
+            collector.add(sums[-1], targets)
+    assert sums[0].positions == sums[1].positions
+    for i in range(len(layers)):
+        torch.testing.assert_close(sums[1].a[i], sums[0].a[i], rtol=1e-5, atol=1e-6 * float(sums[0].a[i].abs().max()))
+        torch.testing.assert_close(sums[1].b[i], sums[0].b[i], rtol=1e-5, atol=1e-6 * float(sums[0].b[i].abs().max()))
+    silent = [(first, (x, y)), (second, (x, torch.full_like(y, -1)))]
+    collector = FactorCollector(PerExampleGradients(model, _SilentOnNegativeLabels(), names), layers, [])
+    with pytest.raises(sp.TaskError, match="Layer 'conv' took no part in the loss of a Fisher pseudo-target batch"):
+        collector.add(collector.empty(), silent)
+    with pytest.raises(sp.TaskError, match="Layer 'conv' took no part in the loss of a Fisher pseudo-target batch"):
+        collector.add_shared(collector.empty(), (x, y), lambda outputs: silent)
+
+
 def test_a_convolutions_patches_are_not_held_until_the_backward(monkeypatch: pytest.MonkeyPatch) -> None:
     """The im2col patches of a convolution with more patches in the batch than floats in one (9 times its input
     for a 3 × 3 kernel, every layer's at once) are released by the end of the forward, before the labels are drawn

@@ -191,6 +191,8 @@ class FactorCollector:
                 outputs = self.grads_fn.task.forward(self.grads_fn._call(self.grads_fn.params), batch)
         targets = draw(outputs.detach())
         for index, (weight, target_batch) in enumerate(targets):
+            for uses in deltas:  # this target's δ only: a loss that never reaches a use (one not of the outputs)
+                uses[:] = [None] * len(uses)  # would leave the previous target's there, added to B again
             w = weight.to(device=device, dtype=torch.float32)
             with torch.enable_grad(), self.grads_fn.autocast():
                 total = (quantity_of(self.grads_fn.task, self.quantity)(outputs, target_batch).float() * w.sqrt()).sum()
