@@ -26,6 +26,7 @@ from source_proj.cli.main import main
 from source_proj.distributed import Ranks, Shard, rank_device, ranks
 from source_proj.featurize.arguments import default_device
 from source_proj.featurize.sharded import ShardedParameters
+from source_proj.query.attributor import method_meta
 
 from .crash_driver import files
 
@@ -496,6 +497,10 @@ def test_fit_of_a_python_store_with_a_shard_missing_asks_for_the_python_call_in_
                             "created the store (each missing shard with its shard=source_proj.distributed.Shard(i, n))."
                             ), message  # fmt: skip
     assert "`" not in message and "--shard)" not in message
+    with pytest.raises(sp.StoreError) as refused:  # a query says it too, before the fit it would need
+        method_meta(sp.Store.open(store), "source")
+    assert "no fitted method 'source'; finish it (re-run source_proj.featurize(...) with the arguments that created " \
+        "the store" in str(refused.value), str(refused.value)
 
 
 def test_a_slurm_shard_says_which_shard_it_computed(

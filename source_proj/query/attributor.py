@@ -124,10 +124,10 @@ def method_meta(store: Store, method: str) -> dict[str, Any]:
                 f"sp.FitArguments(method={method!r})))"
         if not store.meta.get("featurized") and not is_captured(store.meta):  # a fit would refuse it: say so first
             resume = featurize_command(store)
-            resume = f"`{resume}`" if resume.startswith("source-proj") else resume
+            how = f"with `{resume}`" if resume.startswith("source-proj") else f"({resume})"
             raise StoreError(
                 f"The store at {store.path} is not fully featurized, so it has no fitted method {method!r}; finish it "
-                f"with {resume}, then run {hint}."
+                f"{how}, then run {hint}."
             )
         raise StoreError(
             f"The store at {store.path} has no fitted method {method!r} (it has {sorted(methods)}); run {hint} first."
