@@ -272,18 +272,21 @@ def test_training_data_changed_but_of_the_same_size_are_refused(
     assert files(store) == before
 
 
+class _Augmented(torch.utils.data.Dataset):
+    """The tiny run's 12 examples, read with fresh noise each time (random augmentation)."""
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = data()[i]
+        return x + 0.01 * torch.randn(5), y
+
+
 def test_a_dataset_that_reads_differently_each_time_cannot_be_checked_and_says_so(tiny_reference: Path) -> None:
-    class Augmented(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return 12
-
-        def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-            x, y = data()[i]
-            return x + 0.01 * torch.randn(5), y
-
     meta = sp.Store.open(tiny_reference).meta
     with pytest.warns(UserWarning, match=r"read differently twice \(random augmentation\?\)"):
-        check_data(str(tiny_reference), meta, {"main": Augmented()})
+        check_data(str(tiny_reference), meta, {"main": _Augmented()})
     check_data(str(tiny_reference), meta, {"main": data()})  # the store's own data pass silently
     check_data(str(tiny_reference), meta, {"main": data()}, quick=True)
 
@@ -294,20 +297,12 @@ def test_a_featurize_says_once_per_stage_that_its_data_read_differently_twice(
     """featurize checks a finished store's data as it opens it and again before its work: the warning that they cannot
     be checked is said once per stage of that featurize, not at each check (and again by the next featurize)."""
 
-    class Augmented(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return 12
-
-        def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-            x, y = data()[i]
-            return x + 0.01 * torch.randn(5), y
-
     store = tmp_path / "s.sp"
     shutil.copytree(tiny_reference, store)
     for _ in range(2):
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
-            sp.featurize(tiny_run, build_model(), sp.ClassificationTask(), Augmented(), store, progress=False,
+            sp.featurize(tiny_run, build_model(), sp.ClassificationTask(), _Augmented(), store, progress=False,
                          projection=sp.ProjectionArguments(dim=DIM, seed=3, kind="rademacher"),
                          options=OPTIONS)  # fmt: skip
         said = [str(w.message) for w in seen if "read differently twice" in str(w.message)]
