@@ -725,17 +725,12 @@ def test_a_rank_failing_in_lock_step_stops_every_rank_and_the_store_resumes(
     assert not (tmp_path / "own-1.sp").exists()
 
 
-STOPS_MID_SHARD = """
-import errno
-import os
-
+RANK_CLI = """
 import click
 import torch.distributed as dist
 
 import source_proj as sp
 from source_proj.cli.main import main
-from source_proj.store.store import Store
-from tests.crash_driver import featurize as tiny_featurize
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -747,6 +742,18 @@ def cli(*args):
     except click.ClickException as err:
         print(f"rank {{rank}} refused: {{err.format_message()}}", flush=True)
 
+"""
+"""The prelude of a gloo rank's script (a template for ``str.format``): the process group joined, ``rank``, and
+``cli(...)``, which prints a refusal as ``rank N refused: ...`` where the command would exit with it."""
+
+
+STOPS_MID_SHARD = """
+import errno
+import os
+
+from source_proj.store.store import Store
+from tests.crash_driver import featurize as tiny_featurize
+""" + RANK_CLI + """
 
 def pending(path):
     if rank == 0:
@@ -821,23 +828,7 @@ FIT_STOPS_MID_SHARD = """
 import importlib
 import os
 import time
-
-import click
-import torch.distributed as dist
-
-import source_proj as sp
-from source_proj.cli.main import main
-
-dist.init_process_group("gloo")
-rank = dist.get_rank()
-
-
-def cli(*args):
-    try:
-        main(list(args), standalone_mode=False)
-    except click.ClickException as err:
-        print(f"rank {{rank}} refused: {{err.format_message()}}", flush=True)
-
+""" + RANK_CLI + """
 
 # Each rank caches 3 of the 6 chunks. Rank 1 fails in its second chunk and leaves the file FAILED; rank 0 begins its
 # second chunk only once FAILED is there, and should not begin its third: where it does, it waits there two minutes.
